@@ -1,0 +1,1 @@
+//! Pre-copy live migration engine for VMMs that own their guest memory (work in progress).

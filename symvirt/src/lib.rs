@@ -1,0 +1,1 @@
+//! Coordination of a whole virtual cluster's migration (work in progress).
