@@ -1,0 +1,1 @@
+//! KVM pieces kvm-ioctls does not wrap: dirty log clearing and dirty ring harvesting.
