@@ -1,0 +1,285 @@
+//! Starting QEMU for tests: TCG, a QMP unix socket, a serial log, killed and cleaned up on drop.
+
+use crate::Fixtures;
+use std::fs;
+use std::io;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The QEMU binary tests start.
+pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+
+/// How a test QEMU is started. Build with [`QemuConfig::new`] and the setters.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    memory_mib: u32,
+    guest_run: Option<String>,
+    incoming: Option<String>,
+    args: Vec<String>,
+}
+
+impl QemuConfig {
+    /// A 256 MiB TCG guest booting the fixtures, running nothing but the init.
+    pub fn new(fixtures: &Fixtures) -> QemuConfig {
+        QemuConfig {
+            kernel: fixtures.kernel.clone(),
+            initramfs: fixtures.initramfs.clone(),
+            memory_mib: 256,
+            guest_run: None,
+            incoming: None,
+            args: Vec::new(),
+        }
+    }
+
+    /// Guest RAM size.
+    pub fn memory_mib(mut self, mib: u32) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// The command the guest's init runs, e.g. `/bin/ninja-guest-dirtier 4`. Arguments must not
+    /// contain commas (they travel on the kernel command line as `ninja.run=a,b,c`).
+    pub fn guest_run(mut self, command: &str) -> Self {
+        assert!(
+            !command.contains(','),
+            "guest_run: commas cannot be passed: {command}"
+        );
+        self.guest_run = Some(command.split_whitespace().collect::<Vec<_>>().join(","));
+        self
+    }
+
+    /// Start as a migration destination: `-incoming URI` (e.g. `tcp:127.0.0.1:4444` or `defer`).
+    pub fn incoming(mut self, uri: &str) -> Self {
+        self.incoming = Some(uri.to_owned());
+        self
+    }
+
+    /// One more QEMU command line argument (devices, chardevs, ...).
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Several more QEMU command line arguments.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+}
+
+/// A running QEMU process. Dropping it kills the process and removes its files.
+#[derive(Debug)]
+pub struct Qemu {
+    child: Child,
+    dir: PathBuf,
+    qmp: PathBuf,
+    serial: PathBuf,
+}
+
+fn unique_dir() -> io::Result<PathBuf> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("ninja-qemu-{}-{n}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+impl Qemu {
+    /// Starts QEMU and waits until its QMP socket accepts connections (not negotiated yet).
+    pub fn start(config: QemuConfig) -> io::Result<Qemu> {
+        let dir = unique_dir()?;
+        let qmp = dir.join("qmp.sock");
+        let serial = dir.join("serial.log");
+        let mut append = String::from("console=ttyS0 panic=-1 quiet");
+        if let Some(run) = &config.guest_run {
+            append.push_str(" ninja.run=");
+            append.push_str(run);
+        }
+        let mut cmd = Command::new(QEMU_BINARY);
+        cmd.args(["-accel", "tcg", "-machine", "pc"])
+            .args(["-m", &config.memory_mib.to_string()])
+            .args(["-nodefaults", "-no-user-config", "-display", "none"])
+            .arg("-kernel")
+            .arg(&config.kernel)
+            .arg("-initrd")
+            .arg(&config.initramfs)
+            .args(["-append", &append])
+            .arg("-chardev")
+            .arg(format!("file,id=ninja-serial,path={}", serial.display()))
+            .args(["-serial", "chardev:ninja-serial"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        if let Some(uri) = &config.incoming {
+            cmd.args(["-incoming", uri]);
+        }
+        cmd.args(&config.args);
+        let log = fs::File::create(dir.join("qemu.log"))?;
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd.spawn()?;
+        let mut vm = Qemu {
+            child,
+            dir,
+            qmp,
+            serial,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            // The QMP probe takes QMP's one client slot; QEMU frees it when we close it. An
+            // `-incoming tcp:` listener comes up after QMP, and probing it would start a migration,
+            // so it is looked for in /proc/net/tcp instead.
+            let incoming_ready = match config.incoming.as_deref().and_then(tcp_port_of) {
+                Some(port) => tcp_listening(port),
+                None => true,
+            };
+            if incoming_ready && std::os::unix::net::UnixStream::connect(&vm.qmp).is_ok() {
+                return Ok(vm);
+            }
+            if let Some(status) = vm.child.try_wait()? {
+                return Err(io::Error::other(format!(
+                    "qemu exited ({status}) before its QMP socket was ready: {}",
+                    vm.qemu_log()
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("qemu QMP socket not ready in 20 s: {}", vm.qemu_log()),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The QMP unix socket.
+    pub fn qmp_path(&self) -> &Path {
+        &self.qmp
+    }
+
+    /// The serial console log file.
+    pub fn serial_path(&self) -> &Path {
+        &self.serial
+    }
+
+    /// A directory that lives as long as this QEMU, for extra sockets and files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The QEMU process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the guest has printed on its serial console so far.
+    pub fn serial(&self) -> String {
+        fs::read(&self.serial)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// What QEMU itself printed (errors, warnings).
+    pub fn qemu_log(&self) -> String {
+        fs::read_to_string(self.dir.join("qemu.log")).unwrap_or_default()
+    }
+
+    /// Waits until the serial log contains `needle`; returns the log. The error says what the
+    /// guest printed last and whether QEMU died.
+    pub fn wait_serial(&mut self, needle: &str, timeout: Duration) -> Result<String, String> {
+        self.wait_serial_until(|log| log.contains(needle), timeout)
+            .map_err(|e| format!("waiting for {needle:?}: {e}"))
+    }
+
+    /// Waits until `done(serial log)` holds; returns the log.
+    pub fn wait_serial_until(
+        &mut self,
+        mut done: impl FnMut(&str) -> bool,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.serial();
+            if done(&log) {
+                return Ok(log);
+            }
+            if !self.is_running() {
+                return Err(format!(
+                    "qemu exited; qemu log: {}; serial tail: {}",
+                    self.qemu_log().trim(),
+                    tail(&log, 10)
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "timed out after {timeout:?}; serial tail: {}",
+                    tail(&log, 10)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the QEMU process is still alive.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Kills QEMU (SIGKILL) and reaps it. Idempotent.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        self.kill();
+        if std::env::var_os("NINJA_KEEP_TEMP").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The port of a `tcp:HOST:PORT` migration URI.
+fn tcp_port_of(uri: &str) -> Option<u16> {
+    uri.strip_prefix("tcp:")?.rsplit(':').next()?.parse().ok()
+}
+
+/// Whether some socket listens on `port` (IPv4 or IPv6), read from /proc/net/tcp{,6}.
+fn tcp_listening(port: u16) -> bool {
+    const LISTEN: &str = "0A";
+    let wanted = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        fs::read_to_string(table).is_ok_and(|text| {
+            text.lines().skip(1).any(|line| {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                cols.len() > 3 && cols[1].ends_with(&wanted) && cols[3] == LISTEN
+            })
+        })
+    })
+}
+
+/// The last `n` lines of `log`, joined with " | ".
+fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (the OS picked it).
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
