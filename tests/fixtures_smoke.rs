@@ -85,7 +85,7 @@ fn dirtying_guest_survives_qemu_live_migration() {
     );
     let first_dst_pass = log
         .lines()
-        .find_map(|l| last_pass(l))
+        .find_map(last_pass)
         .expect("destination printed passes");
     assert!(
         first_dst_pass >= src_pass,
