@@ -1,0 +1,114 @@
+//! The crate's single error type.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::types::ErrorClass;
+
+/// Everything a QMP call, a connection attempt or an event wait can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// QEMU executed the command and answered with an error.
+    #[error("QMP error {class}: {desc}")]
+    Qmp {
+        /// QEMU's error class (`GenericError`, `DeviceNotFound`, ...).
+        class: ErrorClass,
+        /// QEMU's human-readable description.
+        desc: String,
+    },
+    /// A socket operation failed.
+    #[error("I/O error while {context}")]
+    Io {
+        /// What the client was doing.
+        context: &'static str,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Nothing arrived in time.
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout {
+        /// What the client waited for (a command name, an event, the greeting).
+        what: String,
+        /// How long it waited.
+        after: Duration,
+    },
+    /// The peer broke the QMP protocol.
+    #[error("QMP protocol error: {0}")]
+    Protocol(ProtocolError),
+    /// The connection is gone (QEMU exited, the socket closed, or an earlier fatal error).
+    #[error("disconnected from QEMU: {reason}")]
+    Disconnected {
+        /// Why the connection ended.
+        reason: String,
+    },
+    /// A reply did not have the shape the typed command expects.
+    #[error("unexpected reply to {command}")]
+    Decode {
+        /// The command whose reply failed to decode.
+        command: String,
+        /// The decoding error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A migration ended in `failed` or `cancelled` while a helper waited for it.
+    #[error("migration ended with status {status}: {desc}")]
+    MigrationFailed {
+        /// The final status.
+        status: crate::types::MigrationStatus,
+        /// QEMU's `error-desc`, or a note when it gave none.
+        desc: String,
+    },
+}
+
+/// The ways a peer can violate QMP. Part of [`Error::Protocol`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// A line was not valid JSON (or not a JSON object).
+    MalformedJson {
+        /// The parser's message.
+        detail: String,
+    },
+    /// A line exceeded the configured maximum; the rest was not read.
+    LineTooLong {
+        /// The configured limit in bytes.
+        limit: usize,
+    },
+    /// The stream ended in the middle of a message.
+    Truncated {
+        /// How many bytes of the unfinished message had arrived.
+        bytes: usize,
+    },
+    /// The first message was not a QMP greeting, or the peer closed before sending one.
+    GreetingMissing {
+        /// What arrived instead.
+        detail: String,
+    },
+    /// An error reply without an `id`: QEMU could not parse a request, which this client never
+    /// sends malformed, so the stream is out of sync (the connection is closed).
+    ErrorWithoutId {
+        /// QEMU's error class.
+        class: ErrorClass,
+        /// QEMU's description.
+        desc: String,
+    },
+}
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::MalformedJson { detail } => write!(f, "malformed JSON: {detail}"),
+            Self::LineTooLong { limit } => write!(f, "message longer than {limit} bytes"),
+            Self::Truncated { bytes } => {
+                write!(f, "stream ended inside a message ({bytes} bytes received)")
+            }
+            Self::GreetingMissing { detail } => write!(f, "no QMP greeting: {detail}"),
+            Self::ErrorWithoutId { class, desc } => {
+                write!(f, "error reply without id ({class}: {desc})")
+            }
+        }
+    }
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
