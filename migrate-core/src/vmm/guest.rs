@@ -1,0 +1,315 @@
+//! The built-in guest: memory layout, page tables, GDT and a hand-assembled x86-64 program
+//! that dirties a working set and keeps a counter, a checksum and an error count per vCPU.
+//!
+//! Guest-physical layout (identity mapped with 2 MiB pages, up to [`MAX_MEMORY`]):
+//!
+//! | address          | content                                             |
+//! |------------------|-----------------------------------------------------|
+//! | `0x1000`         | GDT (null, 64-bit code, data, TSS descriptors)      |
+//! | `0x2000`         | PML4                                                |
+//! | `0x3000`         | PDPT                                                |
+//! | `0x4000..0x8000` | four page directories (2 MiB pages, 4 GiB)          |
+//! | `0x8000`         | status page: one [`VcpuBlock`] of 64 bytes per vCPU |
+//! | `0x10000`        | the program                                         |
+//! | `0x100000..`     | working sets, vCPU after vCPU                       |
+//!
+//! Each pass of the program over its working set: `c = counter + 1`; for every page, read
+//! its first word (it must equal `counter`, else `errors += 1`), fold it into the checksum,
+//! write `c`, spin `delay` times; then store the checksum and `counter = c`, and `out` to
+//! [`HEARTBEAT_PORT`] so the host sees a VM exit. A page left stale by a migration therefore
+//! shows up in the guest's own error count.
+
+use crate::dirty::PAGE_SIZE;
+use crate::vm::GuestMemory;
+use crate::{Error, Result};
+use vm_memory::{Bytes, GuestAddress};
+
+/// GDT address.
+pub const GDT_ADDR: u64 = 0x1000;
+/// PML4 address (CR3).
+pub const PML4_ADDR: u64 = 0x2000;
+/// PDPT address.
+pub const PDPT_ADDR: u64 = 0x3000;
+/// First page directory.
+pub const PD_ADDR: u64 = 0x4000;
+/// Page directories available (one per GiB).
+const PD_COUNT: u64 = 4;
+/// Status page: per-vCPU blocks.
+pub const STATUS_ADDR: u64 = 0x8000;
+/// Program start (RIP of every vCPU).
+pub const CODE_ADDR: u64 = 0x10000;
+/// First working-set page.
+pub const WORKING_SET_ADDR: u64 = 0x100000;
+/// Largest guest the page tables map.
+pub const MAX_MEMORY: u64 = PD_COUNT << 30;
+/// Bytes per vCPU block in the status page.
+pub const VCPU_BLOCK_SIZE: u64 = 64;
+/// Most vCPUs the status page holds.
+pub const MAX_VCPUS: u32 = 32;
+/// I/O port the program writes after each pass.
+pub const HEARTBEAT_PORT: u16 = 0x80;
+
+/// GDT selectors.
+pub const CODE_SELECTOR: u16 = 0x08;
+/// Data segment selector.
+pub const DATA_SELECTOR: u16 = 0x10;
+/// Task segment selector.
+pub const TSS_SELECTOR: u16 = 0x18;
+/// GDT entries: null, code (64-bit), data, TSS. Accessed bits preset so the CPU never writes.
+pub const GDT: [u64; 4] = [
+    0,
+    0x00af_9b00_0000_ffff,
+    0x00cf_9300_0000_ffff,
+    0x008f_8b00_0000_ffff,
+];
+
+// Offsets inside a vCPU block.
+const OFF_COUNTER: u64 = 0x00;
+const OFF_CHECKSUM: u64 = 0x08;
+const OFF_ERRORS: u64 = 0x10;
+const OFF_WS_BASE: u64 = 0x18;
+const OFF_WS_PAGES: u64 = 0x20;
+const OFF_DELAY: u64 = 0x28;
+
+/// Guest-physical address of vCPU `index`'s block (what its RDI holds).
+pub fn vcpu_block_addr(index: u32) -> u64 {
+    STATUS_ADDR + u64::from(index) * VCPU_BLOCK_SIZE
+}
+
+/// What one vCPU's program reports in guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VcpuBlock {
+    /// Completed passes over the working set.
+    pub counter: u64,
+    /// Running checksum of the values read (see [`expected_checksum`]).
+    pub checksum: u64,
+    /// Pages whose content was not what the program last wrote there.
+    pub errors: u64,
+    /// First working-set page (host-written).
+    pub ws_base: u64,
+    /// Working-set pages (host-written).
+    pub ws_pages: u64,
+    /// Spin iterations after each page (host-written; changeable while running).
+    pub delay: u64,
+}
+
+impl VcpuBlock {
+    /// Reads vCPU `index`'s block.
+    pub fn read(mem: &GuestMemory, index: u32) -> Result<Self> {
+        let base = vcpu_block_addr(index);
+        let get = |off: u64| -> Result<u64> {
+            mem.read_obj::<u64>(GuestAddress(base + off))
+                .map_err(|e| Error::Memory(format!("reading vCPU {index} status: {e}")))
+        };
+        Ok(VcpuBlock {
+            counter: get(OFF_COUNTER)?,
+            checksum: get(OFF_CHECKSUM)?,
+            errors: get(OFF_ERRORS)?,
+            ws_base: get(OFF_WS_BASE)?,
+            ws_pages: get(OFF_WS_PAGES)?,
+            delay: get(OFF_DELAY)?,
+        })
+    }
+
+    /// Whether the checksum matches the counter: the checksum is stored just before the
+    /// counter, so a vCPU paused between the two stores is one pass ahead in the checksum.
+    pub fn checksum_consistent(&self) -> bool {
+        self.checksum == expected_checksum(self.counter, self.ws_pages)
+            || self.checksum == expected_checksum(self.counter + 1, self.ws_pages)
+    }
+}
+
+/// The checksum the program holds after `counter` complete passes over `pages` pages.
+pub fn expected_checksum(counter: u64, pages: u64) -> u64 {
+    let mut sum = 0u64;
+    for pass in 1..=counter {
+        for _ in 0..pages {
+            sum = sum.rotate_left(5) ^ (pass - 1);
+        }
+    }
+    sum
+}
+
+/// Writes a host-controlled field of vCPU `index`'s block.
+pub fn write_delay(mem: &GuestMemory, index: u32, delay: u64) -> Result<()> {
+    mem.write_obj(delay, GuestAddress(vcpu_block_addr(index) + OFF_DELAY))
+        .map_err(|e| Error::Memory(format!("writing vCPU {index} delay: {e}")))
+}
+
+/// Checks that every page of vCPU `index`'s working set holds what the program wrote: a
+/// prefix holds `counter + 1` (the pass in progress), the rest `counter`.
+pub fn check_working_set(mem: &GuestMemory, index: u32) -> Result<VcpuBlock> {
+    let block = VcpuBlock::read(mem, index)?;
+    let mut in_prefix = true;
+    for page in 0..block.ws_pages {
+        let addr = block.ws_base + page * PAGE_SIZE;
+        let word: u64 = mem
+            .read_obj(GuestAddress(addr))
+            .map_err(|e| Error::Memory(format!("reading page {addr:#x}: {e}")))?;
+        let ok = if in_prefix && word == block.counter + 1 {
+            true
+        } else {
+            in_prefix = false;
+            word == block.counter
+        };
+        if !ok {
+            return Err(Error::Memory(format!(
+                "vCPU {index}: page {addr:#x} holds {word}, counter is {}",
+                block.counter
+            )));
+        }
+    }
+    Ok(block)
+}
+
+/// Tiny assembler for the program: raw bytes plus rel8 jumps to labels.
+struct Asm {
+    code: Vec<u8>,
+    labels: Vec<Option<usize>>,
+    fixups: Vec<(usize, usize)>,
+}
+
+impl Asm {
+    fn new() -> Self {
+        Asm {
+            code: Vec::new(),
+            labels: Vec::new(),
+            fixups: Vec::new(),
+        }
+    }
+    fn label(&mut self) -> usize {
+        self.labels.push(None);
+        self.labels.len() - 1
+    }
+    fn bind(&mut self, label: usize) {
+        self.labels[label] = Some(self.code.len());
+    }
+    fn emit(&mut self, bytes: &[u8]) {
+        self.code.extend_from_slice(bytes);
+    }
+    /// A short jump (`opcode rel8`) to `label`.
+    fn jump8(&mut self, opcode: u8, label: usize) {
+        self.code.push(opcode);
+        self.code.push(0);
+        self.fixups.push((self.code.len() - 1, label));
+    }
+    fn finish(mut self) -> Vec<u8> {
+        for (at, label) in self.fixups {
+            let target = self.labels[label].expect("unbound label in guest program") as isize;
+            let rel = target - (at as isize + 1);
+            let rel = i8::try_from(rel).expect("guest program jump out of rel8 range");
+            self.code[at] = rel as u8;
+        }
+        self.code
+    }
+}
+
+/// The program's machine code (position independent; RDI = this vCPU's block).
+pub fn program() -> Vec<u8> {
+    let mut a = Asm::new();
+    let outer = a.label();
+    let inner = a.label();
+    let page_ok = a.label();
+    let spin = a.label();
+    let next = a.label();
+    let done = a.label();
+
+    a.bind(outer);
+    a.emit(&[0x48, 0x8b, 0x07]); //             mov rax, [rdi]        ; rax = counter
+    a.emit(&[0x48, 0x8d, 0x58, 0x01]); //       lea rbx, [rax+1]      ; rbx = c = counter + 1
+    a.emit(&[0x48, 0x8b, 0x77, 0x18]); //       mov rsi, [rdi+0x18]   ; rsi = working-set base
+    a.emit(&[0x48, 0x8b, 0x4f, 0x20]); //       mov rcx, [rdi+0x20]   ; rcx = pages left
+    a.emit(&[0x48, 0x8b, 0x57, 0x08]); //       mov rdx, [rdi+0x08]   ; rdx = checksum
+    a.emit(&[0x48, 0x85, 0xc9]); //             test rcx, rcx
+    a.jump8(0x74, done); //                     jz done               ; empty working set
+    a.bind(inner);
+    a.emit(&[0x4c, 0x8b, 0x06]); //             mov r8, [rsi]         ; r8 = page's word
+    a.emit(&[0x49, 0x39, 0xc0]); //             cmp r8, rax           ; == counter?
+    a.jump8(0x74, page_ok); //                  je page_ok
+    a.emit(&[0x48, 0xff, 0x47, 0x10]); //       inc qword [rdi+0x10]  ; errors += 1
+    a.bind(page_ok);
+    a.emit(&[0x48, 0xc1, 0xc2, 0x05]); //       rol rdx, 5
+    a.emit(&[0x4c, 0x31, 0xc2]); //             xor rdx, r8           ; checksum = rol(cs,5) ^ word
+    a.emit(&[0x48, 0x89, 0x1e]); //             mov [rsi], rbx        ; page's word = c (dirties it)
+    a.emit(&[0x4c, 0x8b, 0x4f, 0x28]); //       mov r9, [rdi+0x28]    ; r9 = delay (host may change it)
+    a.bind(spin);
+    a.emit(&[0x4d, 0x85, 0xc9]); //             test r9, r9
+    a.jump8(0x74, next); //                     jz next
+    a.emit(&[0xf3, 0x90]); //                   pause
+    a.emit(&[0x49, 0xff, 0xc9]); //             dec r9
+    a.jump8(0xeb, spin); //                     jmp spin
+    a.bind(next);
+    a.emit(&[0x48, 0x81, 0xc6, 0x00, 0x10, 0x00, 0x00]); // add rsi, 4096 ; next page
+    a.emit(&[0x48, 0xff, 0xc9]); //             dec rcx
+    a.jump8(0x75, inner); //                    jnz inner
+    a.bind(done);
+    a.emit(&[0x48, 0x89, 0x57, 0x08]); //       mov [rdi+0x08], rdx   ; store checksum
+    a.emit(&[0x48, 0x89, 0x1f]); //             mov [rdi], rbx        ; counter = c
+    a.emit(&[0xe6, HEARTBEAT_PORT as u8]); //   out 0x80, al          ; heartbeat: a VM exit per pass
+    a.jump8(0xeb, outer); //                    jmp outer
+    a.finish()
+}
+
+/// Where vCPU `index`'s working set starts, for `pages_per_vcpu` pages each.
+pub fn working_set_base(index: u32, pages_per_vcpu: u64) -> u64 {
+    WORKING_SET_ADDR + u64::from(index) * pages_per_vcpu * PAGE_SIZE
+}
+
+/// Writes GDT, page tables, program and the vCPU blocks into fresh guest memory.
+pub fn install(mem: &GuestMemory, vcpus: u32, pages_per_vcpu: u64, delay: u64) -> Result<()> {
+    let w = |addr: u64, bytes: &[u8]| -> Result<()> {
+        mem.write_slice(bytes, GuestAddress(addr))
+            .map_err(|e| Error::Memory(format!("installing the guest at {addr:#x}: {e}")))
+    };
+    let words = |v: &[u64]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    w(GDT_ADDR, &words(&GDT))?;
+    // Present | writable, with accessed/dirty preset so the CPU never writes page tables.
+    const TABLE: u64 = 0x3 | 0x20;
+    const HUGE: u64 = 0x3 | 0x20 | 0x40 | 0x80;
+    w(PML4_ADDR, &words(&[PDPT_ADDR | TABLE]))?;
+    let pdpt: Vec<u64> = (0..PD_COUNT)
+        .map(|i| (PD_ADDR + i * 0x1000) | TABLE)
+        .collect();
+    w(PDPT_ADDR, &words(&pdpt))?;
+    let pds: Vec<u64> = (0..PD_COUNT * 512).map(|i| (i << 21) | HUGE).collect();
+    w(PD_ADDR, &words(&pds))?;
+    w(CODE_ADDR, &program())?;
+    for i in 0..vcpus {
+        let block = [
+            0,
+            0,
+            0,
+            working_set_base(i, pages_per_vcpu),
+            pages_per_vcpu,
+            delay,
+        ];
+        w(vcpu_block_addr(i), &words(&block))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn program_jumps_resolve_and_end_with_jump_to_start() {
+        let code = program();
+        // Last instruction: jmp rel8 back to offset 0.
+        let n = code.len();
+        assert_eq!(code[n - 2], 0xeb);
+        assert_eq!(n as isize + (code[n - 1] as i8) as isize, 0);
+    }
+
+    #[test]
+    fn checksum_model_matches_a_hand_computed_pass() {
+        // Two pages, two passes: pass 1 reads 0,0; pass 2 reads 1,1.
+        let mut s = 0u64;
+        s = s.rotate_left(5) ^ 0;
+        s = s.rotate_left(5) ^ 0;
+        s = s.rotate_left(5) ^ 1;
+        s = s.rotate_left(5) ^ 1;
+        assert_eq!(expected_checksum(2, 2), s);
+        assert_ne!(expected_checksum(3, 2), s);
+    }
+}

@@ -1,0 +1,51 @@
+//! Shared helpers for the KVM tests: skip where /dev/kvm is unusable, bounded waits.
+
+#![allow(dead_code)]
+
+use migrate_core::vmm::{ReferenceVm, kvm_usable};
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+/// Upper bound for any wait on the guest (the machine is slow and shared; this is a hang
+/// guard, not a performance assertion).
+pub const WAIT: Duration = Duration::from_secs(120);
+
+/// True if KVM works here. Otherwise prints `SKIPPED: <test>: <why>` and returns false, or
+/// panics when NINJA_REQUIRE contains "kvm" (CI).
+pub fn kvm_or_skip(test: &str) -> bool {
+    match kvm_usable() {
+        Ok(()) => true,
+        Err(why) => {
+            if std::env::var("NINJA_REQUIRE")
+                .unwrap_or_default()
+                .contains("kvm")
+            {
+                panic!("{test}: KVM required (NINJA_REQUIRE) but unusable: {why}");
+            }
+            let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {why}");
+            false
+        }
+    }
+}
+
+/// Polls `cond` until it holds; panics with `what` after [`WAIT`].
+pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until vCPU `index`'s counter exceeds `above`; panics if a vCPU failed.
+pub fn wait_counter_above(vm: &ReferenceVm, index: u32, above: u64) -> u64 {
+    let mut last = 0;
+    wait_for(&format!("vCPU {index} counter above {above}"), || {
+        if let Some(f) = vm.failure() {
+            panic!("vCPU failed: {f}");
+        }
+        last = vm.status(index).unwrap().counter;
+        last > above
+    });
+    last
+}
