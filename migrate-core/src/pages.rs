@@ -1,0 +1,506 @@
+//! Moving page bytes between guest memory and sockets without copies.
+//!
+//! The sender gathers a record header, a range table and up to
+//! [`MAX_DATA_PAGES_PER_BATCH`] page slices into one `sendmsg` (vectored write straight from guest
+//! memory). The receiver reads the header and the table, validates every range against the
+//! guest layout, then `readv`s the page bytes straight into guest memory.
+
+use crate::dirty::PAGE_SIZE;
+use crate::protocol::{
+    MAX_DATA_PAGES_PER_BATCH, MAX_RANGES_PER_BATCH, RANGE_ENTRY_LEN, RECORD_HEADER_LEN, RangeEntry,
+    Record, RecordHeader,
+};
+use crate::vm::GuestMemory;
+use crate::{Error, Result};
+use std::io;
+use std::marker::PhantomData;
+use std::os::fd::RawFd;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+#[derive(Debug, Clone, Copy)]
+struct HostRegion {
+    gpa: u64,
+    len: u64,
+    host: *mut u8,
+}
+
+/// Host addresses of every guest region, for vectored I/O. Borrows the memory, so the mappings
+/// outlive it.
+#[derive(Debug)]
+pub struct GuestPages<'a> {
+    regions: Vec<HostRegion>,
+    _mem: PhantomData<&'a GuestMemory>,
+}
+
+// SAFETY: the pointers refer to mmap'ed guest memory borrowed for 'a; the memory is shared by
+// design (guest and VMM threads access it concurrently) and every access through these pointers
+// is a volatile-style raw copy done by the kernel (readv/sendmsg) or by volatile reads.
+unsafe impl Send for GuestPages<'_> {}
+// SAFETY: see `Send`; `GuestPages` itself is immutable after construction.
+unsafe impl Sync for GuestPages<'_> {}
+
+impl<'a> GuestPages<'a> {
+    /// Maps every region of `mem`.
+    pub fn new(mem: &'a GuestMemory) -> Result<Self> {
+        let mut regions = Vec::new();
+        for r in mem.iter() {
+            let slice = r
+                .get_slice(MemoryRegionAddress(0), r.len() as usize)
+                .map_err(|e| Error::Memory(e.to_string()))?;
+            // The pointer stays valid while `mem` is borrowed: mmap regions are never remapped.
+            let host = slice.ptr_guard_mut().as_ptr();
+            regions.push(HostRegion {
+                gpa: r.start_addr().0,
+                len: r.len(),
+                host,
+            });
+        }
+        Ok(GuestPages {
+            regions,
+            _mem: PhantomData,
+        })
+    }
+
+    /// Host pointer for `pages` pages at `gpa`, if the whole range lies inside one region.
+    fn locate(&self, gpa: u64, pages: u64) -> Option<*mut u8> {
+        let len = pages.checked_mul(PAGE_SIZE)?;
+        let r = self
+            .regions
+            .iter()
+            .find(|r| gpa >= r.gpa && gpa - r.gpa < r.len)?;
+        let off = gpa - r.gpa;
+        if off.checked_add(len)? > r.len {
+            return None;
+        }
+        // SAFETY: off + len <= r.len, so the result stays inside the region's mapping.
+        Some(unsafe { r.host.add(off as usize) })
+    }
+
+    /// True if the page at `gpa` is all zero bytes. `gpa` must be a valid page address.
+    pub fn is_zero(&self, gpa: u64) -> bool {
+        match self.locate(gpa, 1) {
+            Some(p) => page_is_zero(p),
+            None => false,
+        }
+    }
+}
+
+fn page_is_zero(p: *const u8) -> bool {
+    let words = p.cast::<u64>();
+    let mut acc = 0u64;
+    for chunk in 0..(PAGE_SIZE as usize / 64) {
+        for i in 0..8 {
+            // SAFETY: `p` points to a whole, 4096-byte aligned guest page (checked by `locate`);
+            // volatile because the guest may write it concurrently.
+            acc |= unsafe { words.add(chunk * 8 + i).read_volatile() };
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    true
+}
+
+/// Per-page 64-bit hashes of all guest memory, region by region (for verification).
+pub fn page_hashes(mem: &GuestMemory) -> Result<Vec<u64>> {
+    let pages = GuestPages::new(mem)?;
+    let mut out = Vec::new();
+    for r in &pages.regions {
+        for i in 0..r.len / PAGE_SIZE {
+            // SAFETY: i * PAGE_SIZE < r.len: inside the region.
+            let p = unsafe { r.host.add((i * PAGE_SIZE) as usize) }.cast::<u64>();
+            let mut h = 0xcbf2_9ce4_8422_2325u64;
+            for w in 0..(PAGE_SIZE as usize / 8) {
+                // SAFETY: w < 512 words: inside the page.
+                let v = unsafe { p.add(w).read_volatile() };
+                h = (h ^ v).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29);
+            }
+            out.push(h);
+        }
+    }
+    Ok(out)
+}
+
+/// What a sender or receiver moved on one connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamCounters {
+    /// Pages sent with their bytes.
+    pub data_pages: u64,
+    /// Pages sent as zero markers.
+    pub zero_pages: u64,
+    /// Bytes on the wire (headers, tables, pages).
+    pub bytes: u64,
+}
+
+/// Builds batches and writes them to one socket.
+pub struct BatchWriter<'a> {
+    fd: RawFd,
+    pages: &'a GuestPages<'a>,
+    header: [u8; RECORD_HEADER_LEN],
+    table: Vec<u8>,
+    ranges: Vec<RangeEntry>,
+    data_pages: u64,
+    /// Totals since creation.
+    pub counters: StreamCounters,
+}
+
+impl<'a> BatchWriter<'a> {
+    /// A writer on `fd` (which must stay open while the writer lives).
+    pub fn new(fd: RawFd, pages: &'a GuestPages<'a>) -> Self {
+        BatchWriter {
+            fd,
+            pages,
+            header: [0; RECORD_HEADER_LEN],
+            table: Vec::with_capacity(MAX_RANGES_PER_BATCH as usize * RANGE_ENTRY_LEN),
+            ranges: Vec::with_capacity(MAX_RANGES_PER_BATCH as usize),
+            data_pages: 0,
+            counters: StreamCounters::default(),
+        }
+    }
+
+    /// Queues `pages` pages at `gpa` (inside one region), checking each for zero.
+    /// Zero pages are skipped if `skip_zero` (round 0: the destination starts zeroed), else
+    /// sent as zero markers.
+    pub fn push_run(&mut self, gpa: u64, pages: u64, skip_zero: bool) -> Result<()> {
+        let end = gpa + pages * PAGE_SIZE;
+        let mut at = gpa;
+        while at < end {
+            let zero = self.pages.is_zero(at);
+            let mut n = 1;
+            while at + n * PAGE_SIZE < end && self.pages.is_zero(at + n * PAGE_SIZE) == zero {
+                n += 1;
+                if !zero && n >= MAX_DATA_PAGES_PER_BATCH {
+                    break;
+                }
+            }
+            if !(zero && skip_zero) {
+                self.push_range(at, n, zero)?;
+            }
+            at += n * PAGE_SIZE;
+        }
+        Ok(())
+    }
+
+    fn push_range(&mut self, gpa: u64, pages: u64, zero: bool) -> Result<()> {
+        let mut gpa = gpa;
+        let mut pages = pages;
+        while pages > 0 {
+            if self.ranges.len() == MAX_RANGES_PER_BATCH as usize
+                || (!zero && self.data_pages == MAX_DATA_PAGES_PER_BATCH)
+            {
+                self.flush()?;
+            }
+            let room = if zero {
+                pages.min(u64::from(crate::protocol::MAX_PAGES_PER_RANGE))
+            } else {
+                pages.min(MAX_DATA_PAGES_PER_BATCH - self.data_pages)
+            };
+            // Extend the previous range when contiguous and of the same kind.
+            match self.ranges.last_mut() {
+                Some(last)
+                    if last.zero == zero
+                        && last.gpa + u64::from(last.pages) * PAGE_SIZE == gpa
+                        && u64::from(last.pages) + room
+                            <= u64::from(crate::protocol::MAX_PAGES_PER_RANGE) =>
+                {
+                    last.pages += room as u32
+                }
+                _ => self.ranges.push(RangeEntry {
+                    gpa,
+                    pages: room as u32,
+                    zero,
+                }),
+            }
+            if zero {
+                self.counters.zero_pages += room;
+            } else {
+                self.data_pages += room;
+                self.counters.data_pages += room;
+            }
+            gpa += room * PAGE_SIZE;
+            pages -= room;
+        }
+        Ok(())
+    }
+
+    /// Writes the queued batch, if any.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.ranges.is_empty() {
+            return Ok(());
+        }
+        self.header = RecordHeader::encode(&Record::Batch {
+            ranges: self.ranges.len() as u32,
+            data_pages: self.data_pages,
+        });
+        self.table.clear();
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(self.ranges.len() + 2);
+        iov.push(libc::iovec {
+            iov_base: self.header.as_ptr() as *mut libc::c_void,
+            iov_len: RECORD_HEADER_LEN,
+        });
+        for r in &self.ranges {
+            let mut e = [0u8; RANGE_ENTRY_LEN];
+            r.encode_into(&mut e);
+            self.table.extend_from_slice(&e);
+        }
+        iov.push(libc::iovec {
+            iov_base: self.table.as_ptr() as *mut libc::c_void,
+            iov_len: self.table.len(),
+        });
+        for r in self.ranges.iter().filter(|r| !r.zero) {
+            let host = self
+                .pages
+                .locate(r.gpa, u64::from(r.pages))
+                .ok_or_else(|| Error::Memory(format!("range {:#x} outside guest memory", r.gpa)))?;
+            iov.push(libc::iovec {
+                iov_base: host.cast(),
+                iov_len: r.pages as usize * PAGE_SIZE as usize,
+            });
+        }
+        let total: usize = iov.iter().map(|v| v.iov_len).sum();
+        send_all(self.fd, &mut iov)?;
+        self.counters.bytes += total as u64;
+        self.ranges.clear();
+        self.data_pages = 0;
+        Ok(())
+    }
+
+    /// Flushes, then writes a marker record.
+    pub fn marker(&mut self, r: Record) -> Result<()> {
+        self.flush()?;
+        let h = RecordHeader::encode(&r);
+        let mut iov = [libc::iovec {
+            iov_base: h.as_ptr() as *mut libc::c_void,
+            iov_len: h.len(),
+        }];
+        send_all(self.fd, &mut iov)?;
+        self.counters.bytes += h.len() as u64;
+        Ok(())
+    }
+}
+
+/// Writes every byte described by `iov`, advancing over partial writes.
+fn send_all(fd: RawFd, iov: &mut [libc::iovec]) -> Result<()> {
+    let mut start = 0;
+    while start < iov.len() {
+        let n = iov.len().min(start + 1024) - start; // IOV_MAX
+        let msg = libc::msghdr {
+            msg_name: std::ptr::null_mut(),
+            msg_namelen: 0,
+            msg_iov: iov[start..].as_mut_ptr(),
+            msg_iovlen: n,
+            msg_control: std::ptr::null_mut(),
+            msg_controllen: 0,
+            msg_flags: 0,
+        };
+        // SAFETY: every iovec points at live memory (our buffers or guest memory inside a
+        // region, checked by `locate`); MSG_NOSIGNAL turns a dead peer into EPIPE, not SIGPIPE.
+        let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(crate::codec::io_error(e));
+        }
+        advance(iov, &mut start, r as usize);
+    }
+    Ok(())
+}
+
+fn advance(iov: &mut [libc::iovec], start: &mut usize, mut done: usize) {
+    while done > 0 && *start < iov.len() {
+        let v = &mut iov[*start];
+        if done >= v.iov_len {
+            done -= v.iov_len;
+            *start += 1;
+        } else {
+            // SAFETY: done < iov_len, so the new base stays inside the same buffer.
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(done) }.cast();
+            v.iov_len -= done;
+            done = 0;
+        }
+    }
+    while *start < iov.len() && iov[*start].iov_len == 0 {
+        *start += 1;
+    }
+}
+
+/// Where the receiver gets bytes from: a socket (vectored reads) or, for tests and fuzzing, a
+/// byte slice.
+pub trait PageSource {
+    /// Fills `buf` completely.
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<()>;
+    /// Fills every iovec (guest memory validated by the caller) completely.
+    fn read_into(&mut self, iov: &mut [libc::iovec]) -> Result<()>;
+}
+
+/// A socket read with `readv`.
+pub struct FdSource(pub RawFd);
+
+impl PageSource for FdSource {
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<()> {
+        let mut iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        self.read_into(&mut iov)
+    }
+
+    fn read_into(&mut self, iov: &mut [libc::iovec]) -> Result<()> {
+        let mut start = 0;
+        while start < iov.len() {
+            let n = iov.len().min(start + 1024) - start;
+            // SAFETY: the iovecs point into `buf` or into validated guest memory.
+            let r = unsafe { libc::readv(self.0, iov[start..].as_ptr(), n as libc::c_int) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(crate::codec::io_error(e));
+            }
+            if r == 0 {
+                return Err(Error::Disconnected);
+            }
+            advance(iov, &mut start, r as usize);
+        }
+        Ok(())
+    }
+}
+
+impl PageSource for &[u8] {
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<()> {
+        if self.len() < buf.len() {
+            return Err(Error::Disconnected);
+        }
+        let (a, b) = self.split_at(buf.len());
+        buf.copy_from_slice(a);
+        *self = b;
+        Ok(())
+    }
+
+    fn read_into(&mut self, iov: &mut [libc::iovec]) -> Result<()> {
+        for v in iov.iter() {
+            if self.len() < v.iov_len {
+                return Err(Error::Disconnected);
+            }
+            let (a, b) = self.split_at(v.iov_len);
+            // SAFETY: the iovec was validated by the receiver to lie inside guest memory.
+            unsafe { std::ptr::copy_nonoverlapping(a.as_ptr(), v.iov_base.cast::<u8>(), a.len()) };
+            *self = b;
+        }
+        Ok(())
+    }
+}
+
+/// What a memory connection delivered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceivedCounters {
+    /// Pages written with bytes.
+    pub data_pages: u64,
+    /// Pages zeroed.
+    pub zero_pages: u64,
+    /// Bytes read.
+    pub bytes: u64,
+    /// End-of-round markers seen.
+    pub rounds: u64,
+}
+
+/// Reads one memory connection until END_OF_STREAM, writing pages into guest memory.
+/// Every header and range is validated before guest memory is touched; `on_progress` is
+/// called after each record (return false to stop with an error).
+pub fn receive_stream(
+    src: &mut impl PageSource,
+    pages: &GuestPages<'_>,
+    mut on_record: impl FnMut(&ReceivedCounters) -> Result<()>,
+) -> Result<ReceivedCounters> {
+    let mut c = ReceivedCounters::default();
+    let mut table = vec![0u8; MAX_RANGES_PER_BATCH as usize * RANGE_ENTRY_LEN];
+    let mut iov: Vec<libc::iovec> = Vec::with_capacity(MAX_RANGES_PER_BATCH as usize);
+    let mut ranges: Vec<(RangeEntry, *mut u8)> = Vec::with_capacity(MAX_RANGES_PER_BATCH as usize);
+    loop {
+        let mut h = [0u8; RECORD_HEADER_LEN];
+        src.read_exact(&mut h)?;
+        c.bytes += RECORD_HEADER_LEN as u64;
+        match RecordHeader::decode(&h)? {
+            Record::Batch {
+                ranges: n,
+                data_pages,
+            } => {
+                let tbl = &mut table[..n as usize * RANGE_ENTRY_LEN];
+                src.read_exact(tbl)?;
+                c.bytes += tbl.len() as u64;
+                ranges.clear();
+                let mut data = 0u64;
+                for e in tbl.chunks_exact(RANGE_ENTRY_LEN) {
+                    let r = RangeEntry::decode(e)?;
+                    let host = pages.locate(r.gpa, u64::from(r.pages)).ok_or_else(|| {
+                        Error::Protocol(format!(
+                            "range {:#x}+{} pages lies outside guest memory",
+                            r.gpa, r.pages
+                        ))
+                    })?;
+                    if !r.zero {
+                        data += u64::from(r.pages);
+                        if data > MAX_DATA_PAGES_PER_BATCH {
+                            return Err(Error::Protocol(format!(
+                                "batch ranges carry more than {MAX_DATA_PAGES_PER_BATCH} data pages"
+                            )));
+                        }
+                    }
+                    ranges.push((r, host));
+                }
+                if data != data_pages {
+                    return Err(Error::Protocol(format!(
+                        "batch header says {data_pages} data pages, its ranges hold {data}"
+                    )));
+                }
+                // Everything validated: now touch guest memory.
+                iov.clear();
+                for (r, host) in &ranges {
+                    let len = r.pages as usize * PAGE_SIZE as usize;
+                    if r.zero {
+                        // SAFETY: `locate` checked [host, host+len) lies inside guest memory.
+                        unsafe { std::ptr::write_bytes(*host, 0, len) };
+                        c.zero_pages += u64::from(r.pages);
+                    } else {
+                        iov.push(libc::iovec {
+                            iov_base: host.cast(),
+                            iov_len: len,
+                        });
+                    }
+                }
+                src.read_into(&mut iov)?;
+                c.data_pages += data;
+                c.bytes += data * PAGE_SIZE;
+            }
+            Record::EndOfRound { .. } => c.rounds += 1,
+            Record::EndOfStream { total_pages } => {
+                if total_pages != c.data_pages + c.zero_pages {
+                    return Err(Error::Protocol(format!(
+                        "stream ended claiming {total_pages} pages, {} arrived",
+                        c.data_pages + c.zero_pages
+                    )));
+                }
+                return Ok(c);
+            }
+        }
+        on_record(&c)?;
+    }
+}
+
+/// Decoder entry point for fuzzing and bad-input tests: feeds `data` as one memory stream into
+/// a small two-region guest (64 KiB at 0, 64 KiB at 1 MiB). Must never panic or write outside
+/// that memory.
+pub fn fuzz_memory_stream(data: &[u8]) -> Result<ReceivedCounters> {
+    use vm_memory::GuestAddress;
+    let mem = GuestMemory::from_ranges(&[
+        (GuestAddress(0), 0x10000),
+        (GuestAddress(0x10_0000), 0x10000),
+    ])
+    .map_err(|e| Error::Memory(e.to_string()))?;
+    let pages = GuestPages::new(&mem)?;
+    let mut src = data;
+    receive_stream(&mut src, &pages, |_| Ok(()))
+}

@@ -1,0 +1,476 @@
+//! Connections between source and destination: TCP, unix socket, or an in-process socket pair;
+//! always one control connection plus N memory connections.
+//!
+//! [`connect`] (source) and [`Listener::accept`] (destination) exchange the connection
+//! preamble (see [`crate::protocol`]), so a protocol-version mismatch fails here, before the
+//! handshake proper, with [`Error::Incompatible`] wrapped in [`Phase::Handshake`].
+
+use crate::protocol::{
+    MAX_MEMORY_CONNECTIONS, PREAMBLE_LEN, PREAMBLE_REPLY_LEN, PROTOCOL_VERSION, Preamble,
+    PreambleReply, Role, STATUS_MALFORMED, STATUS_OK, STATUS_VERSION_MISMATCH,
+};
+use crate::{Error, Phase, Result};
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Where a destination listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A unix socket path.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// One byte stream of a migration.
+#[derive(Debug)]
+pub enum Stream {
+    /// A TCP connection.
+    Tcp(TcpStream),
+    /// A unix socket (also used for in-process pairs).
+    Unix(UnixStream),
+}
+
+impl Stream {
+    /// Sets read and write timeouts (`None` = block forever).
+    pub fn set_timeouts(&self, t: Option<Duration>) -> Result<()> {
+        let r = match self {
+            Stream::Tcp(s) => s.set_read_timeout(t).and_then(|_| s.set_write_timeout(t)),
+            Stream::Unix(s) => s.set_read_timeout(t).and_then(|_| s.set_write_timeout(t)),
+        };
+        r.map_err(|e| io_err("setting socket timeouts", e))
+    }
+
+    /// Sets only the read timeout.
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> Result<()> {
+        let r = match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+        };
+        r.map_err(|e| io_err("setting socket timeout", e))
+    }
+
+    /// Closes both directions; a peer blocked on it sees EOF or a reset.
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    /// Another handle to the same socket.
+    pub fn try_clone(&self) -> Result<Stream> {
+        match self {
+            Stream::Tcp(s) => s.try_clone().map(Stream::Tcp),
+            Stream::Unix(s) => s.try_clone().map(Stream::Unix),
+        }
+        .map_err(|e| io_err("cloning socket", e))
+    }
+
+    fn tune(&self) {
+        if let Stream::Tcp(s) = self {
+            let _ = s.set_nodelay(true);
+        }
+        // Larger socket buffers keep the pipe full while the sender scans the next batch.
+        let size: libc::c_int = 4 << 20;
+        for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+            // SAFETY: setsockopt on a valid fd we own, with a pointer to a c_int and its size.
+            unsafe {
+                libc::setsockopt(
+                    self.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        }
+    }
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The connections of one migration, as seen from one side.
+#[derive(Debug)]
+pub struct Connections {
+    /// Structured messages (handshake, state, commit).
+    pub control: Stream,
+    /// Page streams, index order.
+    pub memory: Vec<Stream>,
+}
+
+impl Connections {
+    /// Shuts every connection down (used on failure so no peer waits forever).
+    pub fn shutdown_all(&self) {
+        self.control.shutdown();
+        for m in &self.memory {
+            m.shutdown();
+        }
+    }
+}
+
+/// Two connected ends in this process (socket pairs): `(source side, destination side)`.
+pub fn in_process(memory_connections: usize) -> Result<(Connections, Connections)> {
+    if memory_connections == 0 {
+        return Err(Error::Protocol(
+            "at least one memory connection is needed".into(),
+        ));
+    }
+    let pair = || -> Result<(Stream, Stream)> {
+        let (a, b) = UnixStream::pair().map_err(|e| io_err("socketpair", e))?;
+        let (a, b) = (Stream::Unix(a), Stream::Unix(b));
+        a.tune();
+        b.tune();
+        Ok((a, b))
+    };
+    let (cs, cd) = pair()?;
+    let mut ms = Vec::new();
+    let mut md = Vec::new();
+    for _ in 0..memory_connections {
+        let (s, d) = pair()?;
+        ms.push(s);
+        md.push(d);
+    }
+    Ok((
+        Connections {
+            control: cs,
+            memory: ms,
+        },
+        Connections {
+            control: cd,
+            memory: md,
+        },
+    ))
+}
+
+fn open(ep: &Endpoint) -> std::io::Result<Stream> {
+    let s = match ep {
+        Endpoint::Tcp(a) => Stream::Tcp(TcpStream::connect_timeout(a, Duration::from_secs(10))?),
+        Endpoint::Unix(p) => Stream::Unix(UnixStream::connect(p)?),
+    };
+    s.tune();
+    Ok(s)
+}
+
+fn handshake_err(e: Error) -> Error {
+    Error::Migration {
+        phase: Phase::Handshake,
+        source: Box::new(e),
+    }
+}
+
+/// Source side: opens the control and `memory_connections` memory connections to `ep` and
+/// exchanges the preamble. Errors are wrapped in [`Phase::Handshake`].
+pub fn connect(ep: &Endpoint, memory_connections: usize, timeout: Duration) -> Result<Connections> {
+    connect_with_version(ep, memory_connections, timeout, PROTOCOL_VERSION)
+}
+
+/// [`connect`] announcing an arbitrary protocol version: for testing a destination's refusal.
+#[doc(hidden)]
+pub fn connect_with_version(
+    ep: &Endpoint,
+    memory_connections: usize,
+    timeout: Duration,
+    version: u32,
+) -> Result<Connections> {
+    let run = || -> Result<Connections> {
+        if memory_connections == 0 || memory_connections > MAX_MEMORY_CONNECTIONS as usize {
+            return Err(Error::Protocol(format!(
+                "{memory_connections} memory connections requested (1..={MAX_MEMORY_CONNECTIONS})"
+            )));
+        }
+        let session = session_id();
+        let ctx = |e| io_err(&format!("connecting to {ep}"), e);
+        let mut control = open(ep).map_err(ctx)?;
+        control.set_timeouts(Some(timeout))?;
+        let pre = Preamble {
+            version,
+            role: Role::Control,
+            index: 0,
+            memory_count: memory_connections as u32,
+            session,
+        };
+        control
+            .write_all(&pre.encode())
+            .map_err(crate::codec::io_error)?;
+        let mut memory = Vec::new();
+        for i in 0..memory_connections {
+            let mut m = open(ep).map_err(ctx)?;
+            m.set_timeouts(Some(timeout))?;
+            let pre = Preamble {
+                role: Role::Memory,
+                index: i as u32,
+                ..pre
+            };
+            m.write_all(&pre.encode()).map_err(crate::codec::io_error)?;
+            memory.push(m);
+        }
+        let mut reply = [0u8; PREAMBLE_REPLY_LEN];
+        control
+            .read_exact(&mut reply)
+            .map_err(crate::codec::io_error)?;
+        let reply = PreambleReply::decode(&reply)?;
+        match reply.status {
+            STATUS_OK => {}
+            STATUS_VERSION_MISMATCH => {
+                return Err(Error::Incompatible(format!(
+                    "destination speaks protocol version {}, we speak {version}",
+                    reply.version
+                )));
+            }
+            s => {
+                return Err(Error::Protocol(format!(
+                    "destination refused the connection set (status {s})"
+                )));
+            }
+        }
+        if reply.version != version {
+            return Err(Error::Incompatible(format!(
+                "destination accepted but speaks protocol version {}, we speak {version}",
+                reply.version
+            )));
+        }
+        Ok(Connections { control, memory })
+    };
+    run().map_err(handshake_err)
+}
+
+fn session_id() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ (u64::from(std::process::id()) << 32) ^ 0x9e37_79b9_7f4a_7c15
+}
+
+/// Destination side: a listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    /// Listening on TCP.
+    Tcp(TcpListener),
+    /// Listening on a unix socket path (removed on drop).
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds to `ep` (TCP port 0 picks a free port; see [`Listener::endpoint`]).
+    pub fn bind(ep: &Endpoint) -> Result<Listener> {
+        match ep {
+            Endpoint::Tcp(a) => TcpListener::bind(a)
+                .map(Listener::Tcp)
+                .map_err(|e| io_err(&format!("binding {ep}"), e)),
+            Endpoint::Unix(p) => {
+                let _ = std::fs::remove_file(p);
+                UnixListener::bind(p)
+                    .map(|l| Listener::Unix(l, p.clone()))
+                    .map_err(|e| io_err(&format!("binding {ep}"), e))
+            }
+        }
+    }
+
+    /// The bound endpoint.
+    pub fn endpoint(&self) -> Result<Endpoint> {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(Endpoint::Tcp)
+                .map_err(|e| io_err("local address", e)),
+            Listener::Unix(_, p) => Ok(Endpoint::Unix(p.clone())),
+        }
+    }
+
+    fn accept_one(&self, deadline: Instant) -> Result<Stream> {
+        // Non-blocking accept polled until the deadline, so a source that never comes cannot
+        // hang the destination.
+        let set_nb = |nb: bool| match self {
+            Listener::Tcp(l) => l.set_nonblocking(nb),
+            Listener::Unix(l, _) => l.set_nonblocking(nb),
+        };
+        set_nb(true).map_err(|e| io_err("listener", e))?;
+        loop {
+            let r = match self {
+                Listener::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
+                Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+            };
+            match r {
+                Ok(s) => {
+                    match &s {
+                        Stream::Tcp(t) => t.set_nonblocking(false),
+                        Stream::Unix(u) => u.set_nonblocking(false),
+                    }
+                    .map_err(|e| io_err("accepted socket", e))?;
+                    s.tune();
+                    return Ok(s);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err(Error::Timeout("waiting for the source to connect".into()));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(io_err("accept", e)),
+            }
+        }
+    }
+
+    /// Accepts one migration's control and memory connections and answers the preamble.
+    /// A protocol-version mismatch is answered (so the source learns why) and returned as
+    /// [`Error::Incompatible`]. Errors are wrapped in [`Phase::Handshake`].
+    pub fn accept(&self, timeout: Duration) -> Result<Connections> {
+        let deadline = Instant::now() + timeout;
+        let run = || -> Result<Connections> {
+            let mut control: Option<(Stream, Preamble)> = None;
+            let mut memory: Vec<Option<Stream>> = Vec::new();
+            let mut pending: Vec<(Stream, Preamble)> = Vec::new();
+            loop {
+                let mut s = self.accept_one(deadline)?;
+                s.set_timeouts(Some(
+                    deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(10)),
+                ))?;
+                let mut b = [0u8; PREAMBLE_LEN];
+                s.read_exact(&mut b).map_err(crate::codec::io_error)?;
+                let p = Preamble::decode(&b)?;
+                if p.version != PROTOCOL_VERSION {
+                    let reply = PreambleReply {
+                        version: PROTOCOL_VERSION,
+                        status: STATUS_VERSION_MISMATCH,
+                    };
+                    let _ = s.write_all(&reply.encode());
+                    return Err(Error::Incompatible(format!(
+                        "source speaks protocol version {}, we speak {PROTOCOL_VERSION}",
+                        p.version
+                    )));
+                }
+                match p.role {
+                    Role::Control if control.is_none() => {
+                        if p.memory_count == 0 || p.memory_count > MAX_MEMORY_CONNECTIONS {
+                            let reply = PreambleReply {
+                                version: PROTOCOL_VERSION,
+                                status: STATUS_MALFORMED,
+                            };
+                            let _ = s.write_all(&reply.encode());
+                            return Err(Error::Protocol(format!(
+                                "source announced {} memory connections",
+                                p.memory_count
+                            )));
+                        }
+                        memory = (0..p.memory_count).map(|_| None).collect();
+                        control = Some((s, p));
+                        for (m, mp) in std::mem::take(&mut pending) {
+                            place(&mut memory, m, mp, &p)?;
+                        }
+                    }
+                    Role::Control => {
+                        return Err(Error::Protocol("second control connection".into()));
+                    }
+                    Role::Memory => match &control {
+                        Some((_, cp)) => {
+                            let cp = *cp;
+                            place(&mut memory, s, p, &cp)?
+                        }
+                        None if pending.len() < MAX_MEMORY_CONNECTIONS as usize => {
+                            pending.push((s, p))
+                        }
+                        None => return Err(Error::Protocol("too many connections".into())),
+                    },
+                }
+                if control.is_some() && memory.iter().all(Option::is_some) {
+                    break;
+                }
+            }
+            let (mut control, _) = control.expect("checked above");
+            let reply = PreambleReply {
+                version: PROTOCOL_VERSION,
+                status: STATUS_OK,
+            };
+            control
+                .write_all(&reply.encode())
+                .map_err(crate::codec::io_error)?;
+            Ok(Connections {
+                control,
+                memory: memory
+                    .into_iter()
+                    .map(|m| m.expect("checked above"))
+                    .collect(),
+            })
+        };
+        run().map_err(handshake_err)
+    }
+}
+
+fn place(memory: &mut [Option<Stream>], s: Stream, p: Preamble, control: &Preamble) -> Result<()> {
+    if p.session != control.session {
+        return Err(Error::Protocol(
+            "memory connection from another session".into(),
+        ));
+    }
+    let slot = memory.get_mut(p.index as usize).ok_or_else(|| {
+        Error::Protocol(format!("memory connection index {} out of range", p.index))
+    })?;
+    if slot.is_some() {
+        return Err(Error::Protocol(format!(
+            "duplicate memory connection {}",
+            p.index
+        )));
+    }
+    *slot = Some(s);
+    Ok(())
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn io_err(context: &str, source: std::io::Error) -> Error {
+    Error::Io {
+        context: context.to_string(),
+        source,
+    }
+}
