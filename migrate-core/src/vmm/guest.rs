@@ -305,8 +305,8 @@ mod tests {
     fn checksum_model_matches_a_hand_computed_pass() {
         // Two pages, two passes: pass 1 reads 0,0; pass 2 reads 1,1.
         let mut s = 0u64;
-        s = s.rotate_left(5) ^ 0;
-        s = s.rotate_left(5) ^ 0;
+        s = s.rotate_left(5); // ^ 0
+        s = s.rotate_left(5); // ^ 0
         s = s.rotate_left(5) ^ 1;
         s = s.rotate_left(5) ^ 1;
         assert_eq!(expected_checksum(2, 2), s);

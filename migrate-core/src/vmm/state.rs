@@ -37,9 +37,9 @@ const MAX_STATE_LEN: u64 = 16 << 20;
 /// Implementors are `repr(C)`, have no implicit padding (every byte is a field or an explicit
 /// pad field) and are valid for every bit pattern.
 unsafe trait Pod {}
-// SAFETY (all impls below): kernel UAPI structures made only of integers, integer arrays and
-// explicit pad fields (kvm-bindings derives zerocopy's IntoBytes/FromBytes for them, which
-// proves there is no implicit padding); unions in kvm_irqchip are byte arrays at their largest.
+// SAFETY: this and the impls below are kernel UAPI structures made only of integers, integer
+// arrays and explicit pad fields (kvm-bindings derives zerocopy's IntoBytes/FromBytes for them,
+// which proves there is no implicit padding); kvm_irqchip's union is a byte array at its largest.
 unsafe impl Pod for kvm_regs {}
 // SAFETY: see above.
 unsafe impl Pod for kvm_sregs {}
@@ -515,9 +515,11 @@ mod tests {
     use super::*;
 
     fn sample() -> VmState {
-        let mut regs = kvm_regs::default();
-        regs.rip = 0x10000;
-        regs.rdi = 0x8040;
+        let regs = kvm_regs {
+            rip: 0x10000,
+            rdi: 0x8040,
+            ..Default::default()
+        };
         VmState {
             mem_size: 64 << 20,
             irqchips: vec![kvm_irqchip {
