@@ -1,1 +1,42 @@
-//! Coordination of a whole virtual cluster's migration (work in progress).
+//! SymVirt: coordination between a migrating virtual cluster's host controller and its guests.
+//!
+//! This part holds the guest/host channel: the versioned wire [`protocol`] (newline-delimited
+//! JSON, bounded lines, strict parsing), the host's end of a guest's channel
+//! ([`host_channel::HostChannel`], with the per-guest state machine [`session::GuestSession`]),
+//! and the guest agent ([`agent::Agent`], the `symvirt-agent` binary) that relays between the
+//! host and the guest's MPI ranks ([`rank::RankClient`]).
+//!
+//! The flow of one epoch, from the host's side:
+//!
+//! ```no_run
+//! use symvirt::host_channel::{ChannelOptions, HostChannel};
+//! use symvirt::protocol::{GuestMessage, HostMessage, Interconnect};
+//! use std::time::{Duration, Instant};
+//! # fn main() -> symvirt::Result<()> {
+//! // QEMU: -chardev socket,id=sv0,path=/run/vm0/symvirt.sock,server=on,wait=off
+//! //       -device virtio-serial -device virtserialport,chardev=sv0,name=org.symvirt.0
+//! let chan = HostChannel::connect("/run/vm0/symvirt.sock", ChannelOptions::labelled("vm0"))?;
+//! chan.wait_hello(Instant::now() + Duration::from_secs(30))?;
+//! chan.send(&HostMessage::Prepare { epoch: 1, deadline_ms: 5000 })?;
+//! let deadline = Instant::now() + Duration::from_secs(5);
+//! match chan.wait_for(|m| matches!(m, GuestMessage::Quiesced { .. } | GuestMessage::Failed { .. }), deadline)? {
+//!     GuestMessage::Quiesced { .. } => {} // detach, migrate, attach ...
+//!     _ => return Ok(chan.send(&HostMessage::Abort { epoch: 1 })?),
+//! }
+//! let interconnect = Interconnect::Ethernet { mac: "52:54:00:12:34:56".into(), iface: None, pci: None };
+//! chan.send(&HostMessage::Resume { epoch: 1, interconnect })?;
+//! chan.wait_for(|m| matches!(m, GuestMessage::Resumed { .. }), Instant::now() + Duration::from_secs(30))?;
+//! # Ok(()) }
+//! ```
+
+pub mod agent;
+pub mod error;
+pub mod framing;
+pub mod guest_link;
+pub mod host_channel;
+pub mod protocol;
+pub mod rank;
+pub mod session;
+pub mod sysfs;
+
+pub use error::{Error, Result};

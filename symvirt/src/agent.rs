@@ -1,0 +1,615 @@
+//! The guest agent: relays between the host channel and the guest's MPI ranks.
+//!
+//! Threads: the host link ([`crate::guest_link`]), a listener on the rank socket, one reader
+//! per rank connection; all of them feed one event loop that owns the agent's state, so the
+//! protocol logic is single-threaded. The agent reports `quiesced` only when every expected
+//! rank has registered and reported `quiesced` for the epoch; it forwards `resume` (with the
+//! Ethernet interface name resolved from the MAC when the host did not give one) and reports
+//! `resumed` when every rank acknowledged. A rank that leaves during an epoch, or a deadline
+//! that passes, fails the epoch (`failed` to the host, `abort` to the ranks).
+//!
+//! ```no_run
+//! use symvirt::agent::{Agent, AgentConfig};
+//! use symvirt::guest_link::ChannelSpec;
+//! let config = AgentConfig {
+//!     channel: ChannelSpec::Unix("/tmp/host.sock".into()),
+//!     ranks: 0,
+//!     ..AgentConfig::default()
+//! };
+//! let agent = Agent::spawn(config).unwrap(); // runs until dropped or shut down
+//! # drop(agent);
+//! ```
+
+use crate::error::{Error, Result};
+use crate::framing::{Frame, LineReader};
+use crate::guest_link::{self, ChannelSpec, HostWriter, LinkEvent};
+use crate::protocol::{GuestMessage, HostMessage, Interconnect, MAX_LINE, PROTOCOL_VERSION};
+use crate::protocol::{decode, encode};
+use crate::rank::{AgentNotice, DEFAULT_RANK_SOCKET, RankRequest};
+use crate::sysfs;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The agent's version, as sent in `hello`.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How an agent is set up.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The VM's name, sent in `hello`.
+    pub vm: String,
+    /// How to reach the host.
+    pub channel: ChannelSpec,
+    /// The unix socket ranks connect to.
+    pub rank_socket: PathBuf,
+    /// How many ranks must quiesce (0: the agent alone, it quiesces at once).
+    pub ranks: u32,
+    /// Report the guest's PCI devices in `resumed`.
+    pub report_pci: bool,
+    /// Where PCI devices are listed (normally /sys/bus/pci/devices).
+    pub pci_dir: PathBuf,
+    /// Where network interfaces are listed (normally /sys/class/net).
+    pub net_dir: PathBuf,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            vm: "guest".into(),
+            channel: ChannelSpec::default(),
+            rank_socket: DEFAULT_RANK_SOCKET.into(),
+            ranks: 0,
+            report_pci: false,
+            pci_dir: sysfs::PCI_DEVICES_DIR.into(),
+            net_dir: sysfs::NET_DIR.into(),
+        }
+    }
+}
+
+/// Everything the event loop reacts to.
+enum Event {
+    Link(LinkEvent),
+    RankConnected(u64, UnixStream),
+    Rank(u64, Result<RankRequest>),
+    RankGone(u64),
+}
+
+/// A running agent. Dropping it stops every thread and removes the rank socket.
+#[derive(Debug)]
+pub struct Agent {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    main: Option<JoinHandle<Result<()>>>,
+    rank_socket: PathBuf,
+}
+
+impl Agent {
+    /// Binds the rank socket (creating its directory) and starts the agent's threads.
+    pub fn spawn(config: AgentConfig) -> Result<Agent> {
+        if let Some(dir) = config.rank_socket.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        }
+        // A socket file left by an agent that died is stale; nobody else owns this path.
+        let _ = std::fs::remove_file(&config.rank_socket);
+        let listener = UnixListener::bind(&config.rank_socket).map_err(|e| {
+            Error::io(
+                format!("bind rank socket {}", config.rank_socket.display()),
+                e,
+            )
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::io("set_nonblocking", e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = crossbeam_channel::bounded::<Event>(1024);
+        let writer: HostWriter = Arc::new(Mutex::new(None));
+        let mut threads = Vec::new();
+
+        let (link_tx, link_rx) = crossbeam_channel::bounded::<LinkEvent>(64);
+        let forward = tx.clone();
+        threads.push(spawn("symvirt-link-fwd", move || {
+            for e in link_rx {
+                if forward.send(Event::Link(e)).is_err() {
+                    break;
+                }
+            }
+        })?);
+        let (spec, s, w) = (config.channel.clone(), stop.clone(), writer.clone());
+        threads.push(spawn("symvirt-link", move || {
+            guest_link::run(spec, s, link_tx, w)
+        })?);
+        let (s, t) = (stop.clone(), tx.clone());
+        threads.push(spawn("symvirt-ranks", move || accept_ranks(listener, s, t))?);
+        drop(tx);
+
+        log::info!(
+            "agent {AGENT_VERSION} for vm {} starting: channel {:?}, ranks {}, rank socket {}",
+            config.vm,
+            config.channel,
+            config.ranks,
+            config.rank_socket.display()
+        );
+        let rank_socket = config.rank_socket.clone();
+        let s = stop.clone();
+        let main = std::thread::Builder::new()
+            .name("symvirt-agent".into())
+            .spawn(move || Core::new(config, writer).run(rx, s))
+            .map_err(|e| Error::io("spawn agent thread", e))?;
+        Ok(Agent {
+            stop,
+            threads,
+            main: Some(main),
+            rank_socket,
+        })
+    }
+
+    /// Runs until the agent stops by itself (it does not, unless a thread fails).
+    pub fn wait(mut self) -> Result<()> {
+        let r = match self.main.take() {
+            Some(m) => m
+                .join()
+                .unwrap_or_else(|_| Err(Error::Config("agent thread panicked".into()))),
+            None => Ok(()),
+        };
+        self.shutdown_threads();
+        r
+    }
+
+    fn shutdown_threads(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(m) = self.main.take() {
+            let _ = m.join();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.rank_socket);
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.shutdown_threads();
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|e| Error::io(format!("spawn {name}"), e))
+}
+
+fn accept_ranks(listener: UnixListener, stop: Arc<AtomicBool>, events: Sender<Event>) {
+    let mut next_id = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                next_id += 1;
+                let id = next_id;
+                let reader = match stream.set_nonblocking(false).and_then(|()| stream.try_clone())
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        log::warn!("rank connection: {e}");
+                        continue;
+                    }
+                };
+                if events.send(Event::RankConnected(id, stream)).is_err() {
+                    return;
+                }
+                let ev = events.clone();
+                let _ = spawn("symvirt-rank", move || read_rank(id, reader, ev));
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => {
+                log::warn!("rank socket accept: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Reads one rank connection until it ends (the event loop shuts it down on stop).
+fn read_rank(id: u64, mut stream: UnixStream, events: Sender<Event>) {
+    let mut lines = LineReader::new(MAX_LINE);
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        let mut frames = Vec::new();
+        lines.push(&buf[..n], |f| frames.push(f));
+        for frame in frames {
+            let request = match frame {
+                Frame::Line(l) => decode::<RankRequest>(&l),
+                Frame::Oversized { bytes } => Err(Error::LineTooLong {
+                    len: bytes,
+                    limit: MAX_LINE,
+                }),
+            };
+            if events.send(Event::Rank(id, request)).is_err() {
+                return;
+            }
+        }
+    }
+    let _ = events.send(Event::RankGone(id));
+}
+
+/// Where the agent is in the current epoch.
+#[derive(Debug)]
+enum Phase {
+    Running,
+    Preparing {
+        epoch: u64,
+        deadline: Instant,
+        quiesced: BTreeSet<u32>,
+    },
+    Quiesced {
+        epoch: u64,
+    },
+    Resuming {
+        epoch: u64,
+        interconnect: Interconnect,
+        acked: BTreeSet<u32>,
+    },
+}
+
+struct RankConn {
+    stream: UnixStream,
+    rank: Option<u32>,
+}
+
+/// The event loop's state.
+struct Core {
+    config: AgentConfig,
+    writer: HostWriter,
+    ranks: BTreeMap<u64, RankConn>,
+    phase: Phase,
+    last_epoch: u64,
+    /// A state report that could not be sent while the host was away; sent after `hello`.
+    unsent: Option<GuestMessage>,
+}
+
+impl Core {
+    fn new(config: AgentConfig, writer: HostWriter) -> Core {
+        Core {
+            config,
+            writer,
+            ranks: BTreeMap::new(),
+            phase: Phase::Running,
+            last_epoch: 0,
+            unsent: None,
+        }
+    }
+
+    fn run(mut self, events: Receiver<Event>, stop: Arc<AtomicBool>) -> Result<()> {
+        while !stop.load(Ordering::SeqCst) {
+            match events.recv_timeout(Duration::from_millis(50)) {
+                Ok(e) => self.handle(e),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            self.check_deadline();
+        }
+        for conn in self.ranks.values() {
+            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+        }
+        Ok(())
+    }
+
+    fn registered(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ranks.values().filter_map(|c| c.rank)
+    }
+
+    fn to_host(&mut self, message: GuestMessage) {
+        let line = match encode(&message) {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("cannot encode {}: {e}", message.describe());
+                return;
+            }
+        };
+        let sent = {
+            let mut slot = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            match slot.as_mut() {
+                Some(w) => w.write_all(&line).map_err(|e| e.to_string()),
+                None => Err("host not connected".into()),
+            }
+        };
+        match sent {
+            Ok(()) => log::info!("sent {}", message.describe()),
+            Err(why) => {
+                log::warn!("{} not sent ({why}); will send after reconnect", message.describe());
+                if !matches!(message, GuestMessage::Hello { .. }) {
+                    self.unsent = Some(message);
+                }
+            }
+        }
+    }
+
+    fn to_rank(&mut self, id: u64, notice: &AgentNotice) {
+        let Some(conn) = self.ranks.get_mut(&id) else {
+            return;
+        };
+        let ok = encode(notice)
+            .ok()
+            .is_some_and(|line| conn.stream.write_all(&line).is_ok());
+        if !ok {
+            // Its reader thread reports it gone.
+            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn to_all_ranks(&mut self, notice: &AgentNotice) {
+        let ids: Vec<u64> = self
+            .ranks
+            .iter()
+            .filter(|(_, c)| c.rank.is_some())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            self.to_rank(id, notice);
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Link(LinkEvent::Connected) => {
+                log::info!("host connected");
+                self.to_host(GuestMessage::Hello {
+                    vm: self.config.vm.clone(),
+                    agent_version: AGENT_VERSION.into(),
+                    protocol: PROTOCOL_VERSION,
+                    ranks: self.config.ranks,
+                });
+                if let Some(m) = self.unsent.take() {
+                    self.to_host(m);
+                }
+            }
+            Event::Link(LinkEvent::Disconnected) => log::info!("host disconnected"),
+            Event::Link(LinkEvent::Message(m)) => self.on_host(m),
+            Event::RankConnected(id, stream) => {
+                self.ranks.insert(id, RankConn { stream, rank: None });
+            }
+            Event::Rank(id, Ok(request)) => self.on_rank(id, request),
+            Event::Rank(id, Err(e)) => {
+                log::warn!("rank connection {id}: bad message: {e}; closing it");
+                if let Some(c) = self.ranks.get(&id) {
+                    let _ = c.stream.shutdown(std::net::Shutdown::Both);
+                }
+            }
+            Event::RankGone(id) => {
+                let Some(conn) = self.ranks.remove(&id) else {
+                    return;
+                };
+                if let Some(rank) = conn.rank {
+                    log::info!("rank {rank} left");
+                    if let Some(epoch) = self.epoch_in_progress() {
+                        self.fail(epoch, format!("rank {rank} left during epoch {epoch}"));
+                    }
+                }
+            }
+        }
+    }
+
+    fn epoch_in_progress(&self) -> Option<u64> {
+        match &self.phase {
+            Phase::Running => None,
+            Phase::Preparing { epoch, .. }
+            | Phase::Quiesced { epoch }
+            | Phase::Resuming { epoch, .. } => Some(*epoch),
+        }
+    }
+
+    /// Gives up on `epoch`: tells the host, releases the ranks.
+    fn fail(&mut self, epoch: u64, reason: String) {
+        log::warn!("epoch {epoch} failed: {reason}");
+        if !matches!(self.phase, Phase::Resuming { .. }) {
+            self.to_all_ranks(&AgentNotice::Abort { epoch });
+        }
+        self.phase = Phase::Running;
+        self.to_host(GuestMessage::Failed { epoch, reason });
+    }
+
+    fn on_host(&mut self, message: HostMessage) {
+        log::info!("host says {}", message.describe());
+        match message {
+            HostMessage::Prepare { epoch, deadline_ms } => {
+                if !matches!(self.phase, Phase::Running) || epoch <= self.last_epoch {
+                    log::warn!(
+                        "ignored prepare{{epoch={epoch}}}: {:?}, last epoch {}",
+                        self.phase,
+                        self.last_epoch
+                    );
+                    return;
+                }
+                self.last_epoch = epoch;
+                self.phase = Phase::Preparing {
+                    epoch,
+                    deadline: Instant::now() + Duration::from_millis(deadline_ms),
+                    quiesced: BTreeSet::new(),
+                };
+                self.to_all_ranks(&AgentNotice::Prepare { epoch, deadline_ms });
+                self.check_quiesced();
+            }
+            HostMessage::Resume {
+                epoch,
+                mut interconnect,
+            } => {
+                if !matches!(self.phase, Phase::Quiesced { epoch: e } if e == epoch) {
+                    log::warn!("ignored resume{{epoch={epoch}}} in {:?}", self.phase);
+                    return;
+                }
+                if let Interconnect::Ethernet { mac, iface, .. } = &mut interconnect {
+                    if iface.is_none() {
+                        *iface = sysfs::interface_with_mac(&self.config.net_dir, mac);
+                    }
+                }
+                self.to_all_ranks(&AgentNotice::Resume {
+                    epoch,
+                    interconnect: interconnect.clone(),
+                });
+                self.phase = Phase::Resuming {
+                    epoch,
+                    interconnect,
+                    acked: BTreeSet::new(),
+                };
+                self.check_resumed();
+            }
+            HostMessage::Abort { epoch } => match self.phase {
+                Phase::Preparing { epoch: e, .. } | Phase::Quiesced { epoch: e } if e == epoch => {
+                    self.to_all_ranks(&AgentNotice::Abort { epoch });
+                    self.phase = Phase::Running;
+                }
+                _ => log::warn!("ignored abort{{epoch={epoch}}} in {:?}", self.phase),
+            },
+        }
+    }
+
+    fn on_rank(&mut self, id: u64, request: RankRequest) {
+        let current = self.ranks.get(&id).and_then(|c| c.rank);
+        match (request, current) {
+            (RankRequest::Register { rank }, None) => {
+                let refuse = if self.registered().any(|r| r == rank) {
+                    Some(format!("rank {rank} is already registered"))
+                } else if self.registered().count() >= self.config.ranks as usize {
+                    Some(format!("this agent expects {} ranks", self.config.ranks))
+                } else {
+                    None
+                };
+                if let Some(reason) = refuse {
+                    log::warn!("refused rank {rank}: {reason}");
+                    self.to_rank(id, &AgentNotice::Refused { reason });
+                    return;
+                }
+                if let Some(c) = self.ranks.get_mut(&id) {
+                    c.rank = Some(rank);
+                }
+                log::info!("rank {rank} registered");
+                let expected = self.config.ranks;
+                self.to_rank(id, &AgentNotice::Registered { rank, expected });
+                // A rank that joins mid-epoch catches up.
+                match &self.phase {
+                    Phase::Preparing {
+                        epoch, deadline, ..
+                    } => {
+                        let notice = AgentNotice::Prepare {
+                            epoch: *epoch,
+                            deadline_ms: deadline
+                                .saturating_duration_since(Instant::now())
+                                .as_millis() as u64,
+                        };
+                        self.to_rank(id, &notice);
+                    }
+                    Phase::Resuming {
+                        epoch,
+                        interconnect,
+                        ..
+                    } => {
+                        let notice = AgentNotice::Resume {
+                            epoch: *epoch,
+                            interconnect: interconnect.clone(),
+                        };
+                        self.to_rank(id, &notice);
+                    }
+                    Phase::Running | Phase::Quiesced { .. } => {}
+                }
+            }
+            (RankRequest::Quiesced { epoch }, Some(rank)) => match &mut self.phase {
+                Phase::Preparing {
+                    epoch: e, quiesced, ..
+                } if *e == epoch => {
+                    quiesced.insert(rank);
+                    log::info!("rank {rank} quiesced for epoch {epoch}");
+                    self.check_quiesced();
+                }
+                _ => log::warn!("ignored quiesced{{epoch={epoch}}} from rank {rank}"),
+            },
+            (RankRequest::Resumed { epoch }, Some(rank)) => match &mut self.phase {
+                Phase::Resuming { epoch: e, acked, .. } if *e == epoch => {
+                    acked.insert(rank);
+                    log::info!("rank {rank} resumed for epoch {epoch}");
+                    self.check_resumed();
+                }
+                _ => log::warn!("ignored resumed{{epoch={epoch}}} from rank {rank}"),
+            },
+            (request, rank) => {
+                log::warn!("ignored {request:?} from connection {id} (rank {rank:?})")
+            }
+        }
+    }
+
+    /// Every expected rank registered and in `set`.
+    fn all_ranks_in(&self, set: &BTreeSet<u32>) -> bool {
+        let registered: BTreeSet<u32> = self.registered().collect();
+        registered.len() == self.config.ranks as usize && registered.is_subset(set)
+    }
+
+    fn check_quiesced(&mut self) {
+        if let Phase::Preparing {
+            epoch, quiesced, ..
+        } = &self.phase
+        {
+            if self.all_ranks_in(quiesced) {
+                let epoch = *epoch;
+                self.phase = Phase::Quiesced { epoch };
+                self.to_host(GuestMessage::Quiesced { epoch });
+            }
+        }
+    }
+
+    fn check_resumed(&mut self) {
+        if let Phase::Resuming {
+            epoch,
+            interconnect,
+            acked,
+        } = &self.phase
+        {
+            if self.all_ranks_in(acked) {
+                let message = GuestMessage::Resumed {
+                    epoch: *epoch,
+                    interconnect: interconnect.clone(),
+                    pci_devices: self
+                        .config
+                        .report_pci
+                        .then(|| sysfs::pci_devices(&self.config.pci_dir)),
+                };
+                self.phase = Phase::Running;
+                self.to_host(message);
+            }
+        }
+    }
+
+    fn check_deadline(&mut self) {
+        if let Phase::Preparing {
+            epoch,
+            deadline,
+            quiesced,
+        } = &self.phase
+        {
+            if Instant::now() >= *deadline {
+                let reason = format!(
+                    "deadline passed: {} of {} ranks quiesced ({} registered)",
+                    quiesced.len(),
+                    self.config.ranks,
+                    self.registered().count()
+                );
+                self.fail(*epoch, reason);
+            }
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! `symvirt-agent`: the SymVirt guest agent (a static binary for the guest's initramfs).
+//!
+//! ```text
+//! symvirt-agent [--channel virtio:NAME|unix:PATH|/dev/PATH] [--socket PATH] [--ranks N]
+//!               [--vm NAME] [--report-pci]
+//! ```
+//! Logs every step to stdout prefixed `symvirt-agent:` (the serial console in a test guest).
+
+use std::io::Write;
+use symvirt::agent::{Agent, AgentConfig};
+use symvirt::guest_link::ChannelSpec;
+use symvirt::{Error, Result};
+
+const USAGE: &str = "usage: symvirt-agent [--channel virtio:NAME|unix:PATH|/dev/PATH] \
+[--socket PATH] [--ranks N] [--vm NAME] [--report-pci]";
+
+/// Prints log records to stdout with the agent's prefix.
+struct StdoutLogger;
+
+impl log::Log for StdoutLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::Level::Info
+    }
+
+    fn log(&self, record: &log::Record) {
+        if self.enabled(record.metadata()) {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "symvirt-agent: {}", record.args());
+            let _ = out.flush();
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<AgentConfig> {
+    let mut config = AgentConfig {
+        vm: default_vm_name(),
+        ..AgentConfig::default()
+    };
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| {
+            args.next()
+                .ok_or_else(|| Error::Config(format!("{name} needs a value; {USAGE}")))
+        };
+        match arg.as_str() {
+            "--channel" => config.channel = ChannelSpec::parse(&value("--channel")?)?,
+            "--socket" => config.rank_socket = value("--socket")?.into(),
+            "--ranks" => {
+                let v = value("--ranks")?;
+                config.ranks = v
+                    .parse()
+                    .ok()
+                    .filter(|&n| n <= symvirt::protocol::MAX_RANKS)
+                    .ok_or_else(|| Error::Config(format!("--ranks {v:?}: not a rank count")))?;
+            }
+            "--vm" => config.vm = value("--vm")?,
+            "--report-pci" => config.report_pci = true,
+            "--help" | "-h" => return Err(Error::Config(USAGE.into())),
+            other => return Err(Error::Config(format!("unknown argument {other:?}; {USAGE}"))),
+        }
+    }
+    // The name travels in `hello`; refuse one the host would reject.
+    let probe = symvirt::protocol::GuestMessage::Hello {
+        vm: config.vm.clone(),
+        agent_version: "0".into(),
+        protocol: 1,
+        ranks: 0,
+    };
+    symvirt::protocol::Validate::validate(&probe)?;
+    Ok(config)
+}
+
+/// The kernel's host name when it is a usable VM name, else `guest`.
+fn default_vm_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| {
+            !h.is_empty()
+                && h.len() <= symvirt::protocol::MAX_NAME
+                && h.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        })
+        .unwrap_or_else(|| "guest".into())
+}
+
+fn main() {
+    let _ = log::set_logger(&StdoutLogger).map(|()| log::set_max_level(log::LevelFilter::Info));
+    let result = parse_args(std::env::args().skip(1)).and_then(|config| Agent::spawn(config)?.wait());
+    if let Err(e) = result {
+        let mut msg = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            msg.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        println!("symvirt-agent: error: {msg}");
+        std::process::exit(2);
+    }
+}

@@ -1,0 +1,314 @@
+//! The rank-side protocol between the guest agent and the MPI ranks of its guest, and
+//! [`RankClient`], the rank's end of it (what the MPI layer calls).
+//!
+//! Same framing as the host channel (newline-delimited JSON, [`crate::protocol::MAX_LINE`]) over
+//! a unix socket inside the guest (default [`DEFAULT_RANK_SOCKET`]):
+//!
+//! ```text
+//! rank  -> agent  {"type":"register","rank":R}        once, first
+//! agent -> rank   {"type":"registered","rank":R,"expected":N}  or  {"type":"refused","reason":...}
+//! agent -> rank   {"type":"prepare","epoch":E,"deadline_ms":D}
+//! rank  -> agent  {"type":"quiesced","epoch":E}        at the rank's quiescent point
+//! agent -> rank   {"type":"resume","epoch":E,"interconnect":I}  or  {"type":"abort","epoch":E}
+//! rank  -> agent  {"type":"resumed","epoch":E}         after reconnecting over I
+//! ```
+
+use crate::error::{Error, Result};
+use crate::framing::{Frame, LineReader};
+use crate::protocol::{Interconnect, MAX_LINE, MAX_REASON, Validate, decode, encode};
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Where the agent listens for ranks unless told otherwise.
+pub const DEFAULT_RANK_SOCKET: &str = "/run/symvirt/agent.sock";
+
+/// A message from a rank to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RankRequest {
+    /// The rank joins (first message on a connection).
+    Register {
+        /// The MPI rank (its id in MPI_COMM_WORLD).
+        rank: u32,
+    },
+    /// The rank is at its quiescent point for `epoch`.
+    Quiesced {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// The rank continued after `resume` for `epoch`.
+    Resumed {
+        /// The epoch.
+        epoch: u64,
+    },
+}
+
+/// A message from the agent to a rank.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AgentNotice {
+    /// Registration accepted.
+    Registered {
+        /// The rank.
+        rank: u32,
+        /// How many ranks the agent waits for.
+        expected: u32,
+    },
+    /// Registration refused.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+    /// Reach the quiescent point within `deadline_ms`.
+    Prepare {
+        /// The epoch.
+        epoch: u64,
+        /// Milliseconds left, counted from receipt.
+        deadline_ms: u64,
+    },
+    /// Continue over `interconnect`.
+    Resume {
+        /// The epoch.
+        epoch: u64,
+        /// The interconnect to reconnect over.
+        interconnect: Interconnect,
+    },
+    /// The epoch is cancelled; continue on the old interconnect.
+    Abort {
+        /// The epoch.
+        epoch: u64,
+    },
+}
+
+impl Validate for RankRequest {
+    fn validate(&self) -> Result<()> {
+        match self {
+            RankRequest::Register { .. } => Ok(()),
+            RankRequest::Quiesced { epoch } | RankRequest::Resumed { epoch } if *epoch == 0 => {
+                Err(Error::Invalid("epoch 0".into()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Validate for AgentNotice {
+    fn validate(&self) -> Result<()> {
+        match self {
+            AgentNotice::Refused { reason } if reason.len() > MAX_REASON => {
+                Err(Error::Invalid("reason too long".into()))
+            }
+            AgentNotice::Resume { interconnect, .. } => interconnect.validate(),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What a rank is told to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RankEvent {
+    /// Reach the quiescent point, then call [`RankClient::quiesced`].
+    Prepare {
+        /// The epoch.
+        epoch: u64,
+        /// When the agent gives up (rank's clock).
+        deadline: Instant,
+    },
+    /// Reconnect over `interconnect`, then call [`RankClient::resumed`].
+    Resume {
+        /// The epoch.
+        epoch: u64,
+        /// The interconnect.
+        interconnect: Interconnect,
+    },
+    /// Continue as before.
+    Abort {
+        /// The epoch.
+        epoch: u64,
+    },
+}
+
+/// A rank's connection to its guest's agent.
+#[derive(Debug)]
+pub struct RankClient {
+    stream: UnixStream,
+    lines: LineReader,
+    pending: VecDeque<AgentNotice>,
+    rank: u32,
+    expected: u32,
+}
+
+impl RankClient {
+    /// Connects to the agent at `path` and registers as `rank`; waits at most `timeout` for the
+    /// agent's answer.
+    pub fn connect(path: impl AsRef<Path>, rank: u32, timeout: Duration) -> Result<RankClient> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path)
+            .map_err(|e| Error::io(format!("connect to agent at {}", path.display()), e))?;
+        let mut client = RankClient {
+            stream,
+            lines: LineReader::new(MAX_LINE),
+            pending: VecDeque::new(),
+            rank,
+            expected: 0,
+        };
+        client.send(&RankRequest::Register { rank })?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match client.next_notice(Some(deadline))? {
+                Some(AgentNotice::Registered { expected, .. }) => {
+                    client.expected = expected;
+                    return Ok(client);
+                }
+                Some(AgentNotice::Refused { reason }) => return Err(Error::RankRefused(reason)),
+                Some(other) => client.pending.push_back(other),
+                None => return Err(Error::Timeout),
+            }
+        }
+    }
+
+    /// This rank's id.
+    pub fn rank(&self) -> u32 {
+        self.rank
+    }
+
+    /// How many ranks the agent waits for.
+    pub fn expected_ranks(&self) -> u32 {
+        self.expected
+    }
+
+    /// The next instruction, waiting up to `timeout` (`None`: forever). `Ok(None)` on timeout.
+    pub fn next_event(&mut self, timeout: Option<Duration>) -> Result<Option<RankEvent>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let notice = match self.pending.pop_front() {
+                Some(n) => n,
+                None => match self.next_notice(deadline)? {
+                    Some(n) => n,
+                    None => return Ok(None),
+                },
+            };
+            let event = match notice {
+                AgentNotice::Prepare { epoch, deadline_ms } => RankEvent::Prepare {
+                    epoch,
+                    deadline: Instant::now() + Duration::from_millis(deadline_ms),
+                },
+                AgentNotice::Resume {
+                    epoch,
+                    interconnect,
+                } => RankEvent::Resume {
+                    epoch,
+                    interconnect,
+                },
+                AgentNotice::Abort { epoch } => RankEvent::Abort { epoch },
+                AgentNotice::Registered { .. } | AgentNotice::Refused { .. } => continue,
+            };
+            return Ok(Some(event));
+        }
+    }
+
+    /// The next instruction if one has arrived; never blocks (for an MPI safe point).
+    pub fn try_event(&mut self) -> Result<Option<RankEvent>> {
+        self.next_event(Some(Duration::ZERO))
+    }
+
+    /// Reports that this rank is at its quiescent point for `epoch`.
+    pub fn quiesced(&mut self, epoch: u64) -> Result<()> {
+        self.send(&RankRequest::Quiesced { epoch })
+    }
+
+    /// Reports that this rank continued after `resume` for `epoch`.
+    pub fn resumed(&mut self, epoch: u64) -> Result<()> {
+        self.send(&RankRequest::Resumed { epoch })
+    }
+
+    fn send(&mut self, request: &RankRequest) -> Result<()> {
+        let line = encode(request)?;
+        self.stream
+            .write_all(&line)
+            .map_err(|e| Error::io("write to agent", e))
+    }
+
+    /// Reads until one notice is complete; `None` when `deadline` passes first.
+    fn next_notice(&mut self, deadline: Option<Instant>) -> Result<Option<AgentNotice>> {
+        let mut buf = [0u8; 4096];
+        loop {
+            let wait = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            // A zero timeout means "block" to set_read_timeout; poll without waiting instead.
+            let nonblocking = wait == Some(Duration::ZERO);
+            self.stream
+                .set_nonblocking(nonblocking)
+                .and_then(|()| self.stream.set_read_timeout(wait.filter(|w| !w.is_zero())))
+                .map_err(|e| Error::io("configure agent socket", e))?;
+            let n = match self.stream.read(&mut buf) {
+                Ok(0) => return Err(Error::Closed),
+                Ok(n) => n,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return Ok(None);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io("read from agent", e)),
+            };
+            let mut frames = Vec::new();
+            self.lines.push(&buf[..n], |f| frames.push(f));
+            for frame in frames {
+                match frame {
+                    Frame::Line(line) => self.pending.push_back(decode(&line)?),
+                    Frame::Oversized { bytes } => {
+                        return Err(Error::LineTooLong {
+                            len: bytes,
+                            limit: MAX_LINE,
+                        });
+                    }
+                }
+            }
+            if let Some(n) = self.pending.pop_front() {
+                return Ok(Some(n));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_protocol_golden_lines() {
+        let cases: [(RankRequest, &str); 3] = [
+            (
+                RankRequest::Register { rank: 3 },
+                r#"{"type":"register","rank":3}"#,
+            ),
+            (
+                RankRequest::Quiesced { epoch: 2 },
+                r#"{"type":"quiesced","epoch":2}"#,
+            ),
+            (
+                RankRequest::Resumed { epoch: 2 },
+                r#"{"type":"resumed","epoch":2}"#,
+            ),
+        ];
+        for (m, g) in cases {
+            assert_eq!(encode(&m).unwrap(), format!("{g}\n").into_bytes());
+            assert_eq!(decode::<RankRequest>(g.as_bytes()).unwrap(), m);
+        }
+        let notice = AgentNotice::Resume {
+            epoch: 2,
+            interconnect: Interconnect::Ethernet {
+                mac: "52:54:00:00:00:01".into(),
+                iface: Some("eth1".into()),
+                pci: None,
+            },
+        };
+        let g = r#"{"type":"resume","epoch":2,"interconnect":{"kind":"ethernet","mac":"52:54:00:00:00:01","iface":"eth1"}}"#;
+        assert_eq!(encode(&notice).unwrap(), format!("{g}\n").into_bytes());
+        assert_eq!(decode::<AgentNotice>(g.as_bytes()).unwrap(), notice);
+        assert!(decode::<RankRequest>(br#"{"type":"register","rank":1,"x":1}"#).is_err());
+        assert!(decode::<RankRequest>(br#"{"type":"quiesced","epoch":0}"#).is_err());
+    }
+}

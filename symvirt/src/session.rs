@@ -1,0 +1,543 @@
+//! The host's view of one guest: the per-epoch state machine and what it rejects.
+//!
+//! [`GuestSession`] is pure (no I/O): the host channel feeds it every message it sends
+//! ([`GuestSession::on_host`], which refuses transitions the protocol does not allow) and every
+//! parsed guest message ([`GuestSession::on_guest`], which returns a [`Rejection`] and keeps its
+//! state when the guest is wrong). See [`crate::protocol`] for the diagram.
+
+use crate::error::{Error, Result};
+use crate::protocol::{
+    GuestMessage, HostMessage, Interconnect, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+/// Where one guest is in the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionState {
+    /// No valid `hello` yet: the guest is not identified.
+    Idle,
+    /// Identified, no epoch in progress.
+    Running,
+    /// `prepare` sent; waiting for `quiesced` until `deadline`.
+    Preparing {
+        /// The epoch.
+        epoch: u64,
+        /// When the guest's time runs out (host clock).
+        deadline: Instant,
+    },
+    /// Every rank of the guest is at the quiescent point.
+    Quiesced {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// `resume` sent; waiting for `resumed`.
+    Resuming {
+        /// The epoch.
+        epoch: u64,
+        /// What the guest was told to use.
+        interconnect: Interconnect,
+    },
+    /// The guest reported `failed`; the host should `abort` (or roll back).
+    Failed {
+        /// The epoch.
+        epoch: u64,
+        /// The guest's reason.
+        reason: String,
+    },
+}
+
+impl SessionState {
+    /// The epoch in progress, if any.
+    pub fn epoch(&self) -> Option<u64> {
+        match self {
+            SessionState::Idle | SessionState::Running => None,
+            SessionState::Preparing { epoch, .. }
+            | SessionState::Quiesced { epoch }
+            | SessionState::Resuming { epoch, .. }
+            | SessionState::Failed { epoch, .. } => Some(*epoch),
+        }
+    }
+}
+
+impl fmt::Display for SessionState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SessionState::Idle => write!(f, "idle"),
+            SessionState::Running => write!(f, "running"),
+            SessionState::Preparing { epoch, .. } => write!(f, "preparing({epoch})"),
+            SessionState::Quiesced { epoch } => write!(f, "quiesced({epoch})"),
+            SessionState::Resuming { epoch, .. } => write!(f, "resuming({epoch})"),
+            SessionState::Failed { epoch, .. } => write!(f, "failed({epoch})"),
+        }
+    }
+}
+
+/// Who the guest said it is in its `hello`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestInfo {
+    /// The VM name.
+    pub vm: String,
+    /// The agent's version.
+    pub agent_version: String,
+    /// The protocol version.
+    pub protocol: u32,
+    /// Local MPI ranks.
+    pub ranks: u32,
+}
+
+/// Why a guest line was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectionKind {
+    /// Longer than the line limit.
+    Oversized,
+    /// Not UTF-8, not JSON, unknown type or fields.
+    Malformed,
+    /// Values out of range.
+    Invalid,
+    /// About an epoch other than the one in progress.
+    WrongEpoch,
+    /// Not expected in the current state (e.g. `quiesced` before `prepare`).
+    Unexpected,
+    /// A `hello` with an unsupported protocol version.
+    Version,
+    /// A `hello` naming a different VM than the first one did.
+    Identity,
+}
+
+impl RejectionKind {
+    /// Every kind, in counter order.
+    pub const ALL: [RejectionKind; 7] = [
+        RejectionKind::Oversized,
+        RejectionKind::Malformed,
+        RejectionKind::Invalid,
+        RejectionKind::WrongEpoch,
+        RejectionKind::Unexpected,
+        RejectionKind::Version,
+        RejectionKind::Identity,
+    ];
+
+    /// Index into [`RejectionKind::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One refused guest line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The category (counted).
+    pub kind: RejectionKind,
+    /// What exactly, for the log.
+    pub detail: String,
+}
+
+impl Rejection {
+    /// A rejection of `kind`.
+    pub fn new(kind: RejectionKind, detail: impl Into<String>) -> Rejection {
+        Rejection {
+            kind,
+            detail: detail.into(),
+        }
+    }
+
+    /// Classifies a decoding error.
+    pub fn from_decode_error(err: &Error) -> Rejection {
+        let kind = match err {
+            Error::LineTooLong { .. } => RejectionKind::Oversized,
+            Error::Invalid(_) => RejectionKind::Invalid,
+            _ => RejectionKind::Malformed,
+        };
+        let mut detail = err.to_string();
+        let mut source = std::error::Error::source(err);
+        while let Some(s) = source {
+            detail.push_str(": ");
+            detail.push_str(&s.to_string());
+            source = s.source();
+        }
+        Rejection::new(kind, detail)
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.kind, self.detail)
+    }
+}
+
+/// The protocol state of one guest, as the host sees it.
+#[derive(Debug, Clone)]
+pub struct GuestSession {
+    state: SessionState,
+    guest: Option<GuestInfo>,
+    hello_on_this_connection: bool,
+    last_epoch: u64,
+}
+
+impl Default for GuestSession {
+    fn default() -> Self {
+        GuestSession::new()
+    }
+}
+
+impl GuestSession {
+    /// A session with an unidentified guest.
+    pub fn new() -> GuestSession {
+        GuestSession {
+            state: SessionState::Idle,
+            guest: None,
+            hello_on_this_connection: false,
+            last_epoch: 0,
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> &SessionState {
+        &self.state
+    }
+
+    /// The guest's identity, once it said `hello`.
+    pub fn guest(&self) -> Option<&GuestInfo> {
+        self.guest.as_ref()
+    }
+
+    /// The highest epoch the host started.
+    pub fn last_epoch(&self) -> u64 {
+        self.last_epoch
+    }
+
+    /// A new connection to the guest's channel: the agent will say `hello` again.
+    pub fn connected(&mut self) {
+        self.hello_on_this_connection = false;
+    }
+
+    /// Whether the `prepare` deadline of the epoch in progress has passed at `now`.
+    pub fn deadline_passed(&self, now: Instant) -> bool {
+        matches!(self.state, SessionState::Preparing { deadline, .. } if now >= deadline)
+    }
+
+    /// Applies a message the host is about to send; refuses one the protocol does not allow
+    /// now. Returns the state before, so a failed send can be undone with [`GuestSession::undo`].
+    pub fn on_host(&mut self, message: &HostMessage, now: Instant) -> Result<SessionState> {
+        let refuse = |s: &SessionState| Error::Transition {
+            message: message.describe(),
+            state: s.to_string(),
+        };
+        let next = match (message, &self.state) {
+            (
+                HostMessage::Prepare { epoch, deadline_ms },
+                SessionState::Running,
+            ) if *epoch > self.last_epoch => SessionState::Preparing {
+                epoch: *epoch,
+                deadline: now + Duration::from_millis(*deadline_ms),
+            },
+            (HostMessage::Resume { epoch, interconnect }, SessionState::Quiesced { epoch: e })
+                if epoch == e =>
+            {
+                SessionState::Resuming {
+                    epoch: *epoch,
+                    interconnect: interconnect.clone(),
+                }
+            }
+            (
+                HostMessage::Abort { epoch },
+                SessionState::Preparing { epoch: e, .. }
+                | SessionState::Quiesced { epoch: e }
+                | SessionState::Failed { epoch: e, .. },
+            ) if epoch == e => SessionState::Running,
+            (_, state) => return Err(refuse(state)),
+        };
+        if let HostMessage::Prepare { epoch, .. } = message {
+            self.last_epoch = *epoch;
+        }
+        Ok(std::mem::replace(&mut self.state, next))
+    }
+
+    /// Undoes [`GuestSession::on_host`] after the message could not be sent, unless the state
+    /// moved on meanwhile.
+    pub fn undo(&mut self, applied: &SessionState, before: SessionState) {
+        if &self.state == applied {
+            self.state = before;
+        }
+    }
+
+    /// Applies a guest message, or rejects it and keeps the state.
+    pub fn on_guest(&mut self, message: &GuestMessage) -> std::result::Result<(), Rejection> {
+        use RejectionKind::*;
+        if let GuestMessage::Hello {
+            vm,
+            agent_version,
+            protocol,
+            ranks,
+        } = message
+        {
+            if self.hello_on_this_connection {
+                return Err(Rejection::new(
+                    Unexpected,
+                    "second hello on one connection",
+                ));
+            }
+            if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(protocol) {
+                return Err(Rejection::new(
+                    Version,
+                    format!(
+                        "protocol {protocol} not in {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}"
+                    ),
+                ));
+            }
+            if let Some(known) = &self.guest {
+                if &known.vm != vm {
+                    return Err(Rejection::new(
+                        Identity,
+                        format!("hello from vm {vm:?}, but this guest is {:?}", known.vm),
+                    ));
+                }
+            }
+            self.guest = Some(GuestInfo {
+                vm: vm.clone(),
+                agent_version: agent_version.clone(),
+                protocol: *protocol,
+                ranks: *ranks,
+            });
+            self.hello_on_this_connection = true;
+            if self.state == SessionState::Idle {
+                self.state = SessionState::Running;
+            }
+            return Ok(());
+        }
+        let what = message.describe();
+        if self.guest.is_none() {
+            return Err(Rejection::new(Unexpected, format!("{what} before hello")));
+        }
+        let got = message.epoch().unwrap_or(0);
+        match self.state.epoch() {
+            None => {
+                return Err(Rejection::new(
+                    Unexpected,
+                    format!("{what} with no epoch in progress"),
+                ));
+            }
+            Some(current) if current != got => {
+                return Err(Rejection::new(
+                    WrongEpoch,
+                    format!("{what}, but epoch {current} is in progress ({})", self.state),
+                ));
+            }
+            Some(_) => {}
+        }
+        let next = match (message, &self.state) {
+            (GuestMessage::Quiesced { epoch }, SessionState::Preparing { .. }) => {
+                SessionState::Quiesced { epoch: *epoch }
+            }
+            (
+                GuestMessage::Resumed {
+                    epoch,
+                    interconnect,
+                    ..
+                },
+                SessionState::Resuming {
+                    interconnect: sent, ..
+                },
+            ) => {
+                if interconnect.kind() != sent.kind() {
+                    return Err(Rejection::new(
+                        Invalid,
+                        format!(
+                            "resumed{{epoch={epoch}}} on {}, but the guest was given {}",
+                            interconnect.kind(),
+                            sent.kind()
+                        ),
+                    ));
+                }
+                SessionState::Running
+            }
+            (
+                GuestMessage::Failed { epoch, reason },
+                SessionState::Preparing { .. }
+                | SessionState::Quiesced { .. }
+                | SessionState::Resuming { .. },
+            ) => SessionState::Failed {
+                epoch: *epoch,
+                reason: reason.clone(),
+            },
+            (_, state) => {
+                return Err(Rejection::new(
+                    Unexpected,
+                    format!("{what} in state {state}"),
+                ));
+            }
+        };
+        self.state = next;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(vm: &str) -> GuestMessage {
+        GuestMessage::Hello {
+            vm: vm.into(),
+            agent_version: "1".into(),
+            protocol: PROTOCOL_VERSION,
+            ranks: 1,
+        }
+    }
+
+    fn eth() -> Interconnect {
+        Interconnect::Ethernet {
+            mac: "52:54:00:00:00:01".into(),
+            iface: None,
+            pci: None,
+        }
+    }
+
+    fn prepare(epoch: u64) -> HostMessage {
+        HostMessage::Prepare {
+            epoch,
+            deadline_ms: 1000,
+        }
+    }
+
+    fn kind(r: std::result::Result<(), Rejection>) -> RejectionKind {
+        r.unwrap_err().kind
+    }
+
+    #[test]
+    fn full_epoch_then_next_epoch() {
+        let now = Instant::now();
+        let mut s = GuestSession::new();
+        s.connected();
+        s.on_guest(&hello("vm0")).unwrap();
+        assert_eq!(s.state(), &SessionState::Running);
+        s.on_host(&prepare(1), now).unwrap();
+        assert!(!s.deadline_passed(now));
+        assert!(s.deadline_passed(now + Duration::from_secs(2)));
+        s.on_guest(&GuestMessage::Quiesced { epoch: 1 }).unwrap();
+        s.on_host(
+            &HostMessage::Resume {
+                epoch: 1,
+                interconnect: eth(),
+            },
+            now,
+        )
+        .unwrap();
+        s.on_guest(&GuestMessage::Resumed {
+            epoch: 1,
+            interconnect: eth(),
+            pci_devices: None,
+        })
+        .unwrap();
+        assert_eq!(s.state(), &SessionState::Running);
+        // Epochs only go up.
+        assert!(s.on_host(&prepare(1), now).is_err());
+        s.on_host(&prepare(2), now).unwrap();
+        s.on_guest(&GuestMessage::Failed {
+            epoch: 2,
+            reason: "x".into(),
+        })
+        .unwrap();
+        assert!(matches!(s.state(), SessionState::Failed { epoch: 2, .. }));
+        s.on_host(&HostMessage::Abort { epoch: 2 }, now).unwrap();
+        assert_eq!(s.state(), &SessionState::Running);
+    }
+
+    #[test]
+    fn guest_mistakes_are_rejected_without_changing_state() {
+        let now = Instant::now();
+        let mut s = GuestSession::new();
+        s.connected();
+        assert_eq!(
+            kind(s.on_guest(&GuestMessage::Quiesced { epoch: 1 })),
+            RejectionKind::Unexpected
+        );
+        assert_eq!(s.state(), &SessionState::Idle);
+        s.on_guest(&hello("vm0")).unwrap();
+        assert_eq!(kind(s.on_guest(&hello("vm0"))), RejectionKind::Unexpected);
+        // quiesced before prepare
+        assert_eq!(
+            kind(s.on_guest(&GuestMessage::Quiesced { epoch: 1 })),
+            RejectionKind::Unexpected
+        );
+        s.on_host(&prepare(5), now).unwrap();
+        let before = s.state().clone();
+        assert_eq!(
+            kind(s.on_guest(&GuestMessage::Quiesced { epoch: 4 })),
+            RejectionKind::WrongEpoch
+        );
+        assert_eq!(
+            kind(s.on_guest(&GuestMessage::Resumed {
+                epoch: 5,
+                interconnect: eth(),
+                pci_devices: None
+            })),
+            RejectionKind::Unexpected
+        );
+        assert_eq!(s.state(), &before);
+        s.on_guest(&GuestMessage::Quiesced { epoch: 5 }).unwrap();
+        assert_eq!(
+            kind(s.on_guest(&GuestMessage::Quiesced { epoch: 5 })),
+            RejectionKind::Unexpected
+        );
+        // A resumed on another interconnect than the one sent.
+        s.on_host(
+            &HostMessage::Resume {
+                epoch: 5,
+                interconnect: eth(),
+            },
+            now,
+        )
+        .unwrap();
+        let ib = Interconnect::Infiniband {
+            hca: "mlx5_0".into(),
+            port: 1,
+            pci: None,
+        };
+        assert_eq!(
+            kind(s.on_guest(&GuestMessage::Resumed {
+                epoch: 5,
+                interconnect: ib,
+                pci_devices: None
+            })),
+            RejectionKind::Invalid
+        );
+        assert!(matches!(s.state(), SessionState::Resuming { epoch: 5, .. }));
+        // Reconnection: a new hello is fine, a different VM is not, a bad version is not.
+        s.connected();
+        let bad_version = GuestMessage::Hello {
+            vm: "vm0".into(),
+            agent_version: "1".into(),
+            protocol: 99,
+            ranks: 1,
+        };
+        assert_eq!(kind(s.on_guest(&bad_version)), RejectionKind::Version);
+        assert_eq!(kind(s.on_guest(&hello("vm1"))), RejectionKind::Identity);
+        s.on_guest(&hello("vm0")).unwrap();
+        assert!(matches!(s.state(), SessionState::Resuming { epoch: 5, .. }));
+    }
+
+    #[test]
+    fn host_transitions_are_checked() {
+        let now = Instant::now();
+        let mut s = GuestSession::new();
+        // Not identified yet.
+        assert!(matches!(
+            s.on_host(&prepare(1), now),
+            Err(Error::Transition { .. })
+        ));
+        s.connected();
+        s.on_guest(&hello("vm0")).unwrap();
+        let resume = HostMessage::Resume {
+            epoch: 1,
+            interconnect: eth(),
+        };
+        assert!(s.on_host(&resume, now).is_err());
+        let before = s.on_host(&prepare(1), now).unwrap();
+        assert!(s.on_host(&resume, now).is_err(), "resume before quiesced");
+        assert!(s.on_host(&HostMessage::Abort { epoch: 2 }, now).is_err());
+        let applied = s.state().clone();
+        s.undo(&applied, before);
+        assert_eq!(s.state(), &SessionState::Running);
+    }
+}
