@@ -28,7 +28,11 @@ pub struct DeviceSpec {
 impl DeviceSpec {
     /// A device of model `driver` named `id`.
     pub fn new(driver: impl Into<String>, id: impl Into<String>) -> Self {
-        Self { driver: driver.into(), id: id.into(), properties: Map::new() }
+        Self {
+            driver: driver.into(),
+            id: id.into(),
+            properties: Map::new(),
+        }
     }
 
     /// Adds a property.
@@ -54,7 +58,11 @@ pub struct ObjectSpec {
 impl ObjectSpec {
     /// An object of type `qom_type` named `id`.
     pub fn new(qom_type: impl Into<String>, id: impl Into<String>) -> Self {
-        Self { qom_type: qom_type.into(), id: id.into(), properties: Map::new() }
+        Self {
+            qom_type: qom_type.into(),
+            id: id.into(),
+            properties: Map::new(),
+        }
     }
 
     /// Adds a property.
@@ -80,7 +88,11 @@ pub struct NetdevSpec {
 impl NetdevSpec {
     /// A netdev of type `kind` named `id`.
     pub fn new(kind: impl Into<String>, id: impl Into<String>) -> Self {
-        Self { kind: kind.into(), id: id.into(), properties: Map::new() }
+        Self {
+            kind: kind.into(),
+            id: id.into(),
+            properties: Map::new(),
+        }
     }
 
     /// Adds an option.
@@ -91,7 +103,10 @@ impl NetdevSpec {
 }
 
 fn to_args(value: &impl Serialize, command: &str) -> Result<Value> {
-    serde_json::to_value(value).map_err(|source| Error::Decode { command: command.to_owned(), source })
+    serde_json::to_value(value).map_err(|source| Error::Decode {
+        command: command.to_owned(),
+        source,
+    })
 }
 
 /// Run state, lifecycle and introspection.
@@ -131,13 +146,15 @@ impl Qmp {
 impl Qmp {
     /// `device_add`.
     pub fn device_add(&self, device: &DeviceSpec) -> Result<()> {
-        self.execute("device_add", Some(to_args(device, "device_add")?)).map(drop)
+        self.execute("device_add", Some(to_args(device, "device_add")?))
+            .map(drop)
     }
 
     /// `device_del`: only *requests* the unplug; the guest completes it and QEMU then emits
     /// `DEVICE_DELETED`. See [`Qmp::device_del_and_wait`].
     pub fn device_del(&self, id: &str) -> Result<()> {
-        self.execute("device_del", Some(json!({ "id": id }))).map(drop)
+        self.execute("device_del", Some(json!({ "id": id })))
+            .map(drop)
     }
 
     /// `device_del`, then waits up to `timeout` for the `DEVICE_DELETED` event naming `id`.
@@ -154,22 +171,26 @@ impl Qmp {
 
     /// `object-add`.
     pub fn object_add(&self, object: &ObjectSpec) -> Result<()> {
-        self.execute("object-add", Some(to_args(object, "object-add")?)).map(drop)
+        self.execute("object-add", Some(to_args(object, "object-add")?))
+            .map(drop)
     }
 
     /// `object-del`.
     pub fn object_del(&self, id: &str) -> Result<()> {
-        self.execute("object-del", Some(json!({ "id": id }))).map(drop)
+        self.execute("object-del", Some(json!({ "id": id })))
+            .map(drop)
     }
 
     /// `netdev_add`.
     pub fn netdev_add(&self, netdev: &NetdevSpec) -> Result<()> {
-        self.execute("netdev_add", Some(to_args(netdev, "netdev_add")?)).map(drop)
+        self.execute("netdev_add", Some(to_args(netdev, "netdev_add")?))
+            .map(drop)
     }
 
     /// `netdev_del`.
     pub fn netdev_del(&self, id: &str) -> Result<()> {
-        self.execute("netdev_del", Some(json!({ "id": id }))).map(drop)
+        self.execute("netdev_del", Some(json!({ "id": id })))
+            .map(drop)
     }
 
     /// `chardev-add` with a `ChardevBackend` object, e.g.
@@ -180,7 +201,8 @@ impl Qmp {
 
     /// `chardev-remove`.
     pub fn chardev_remove(&self, id: &str) -> Result<()> {
-        self.execute("chardev-remove", Some(json!({ "id": id }))).map(drop)
+        self.execute("chardev-remove", Some(json!({ "id": id })))
+            .map(drop)
     }
 }
 
@@ -189,16 +211,21 @@ impl Qmp {
     /// `migrate` to `uri` (e.g. `tcp:127.0.0.1:4444`). Returns once started; follow it with
     /// [`Qmp::query_migrate`] or [`crate::wait_for_migration`].
     pub fn migrate(&self, uri: &str) -> Result<()> {
-        self.execute("migrate", Some(json!({ "uri": uri }))).map(drop)
+        self.execute("migrate", Some(json!({ "uri": uri })))
+            .map(drop)
     }
 
     /// `migrate-incoming` on a destination started with `-incoming defer`.
     pub fn migrate_incoming(&self, uri: &str) -> Result<()> {
-        self.execute("migrate-incoming", Some(json!({ "uri": uri }))).map(drop)
+        self.execute("migrate-incoming", Some(json!({ "uri": uri })))
+            .map(drop)
     }
 
     /// `migrate-set-capabilities`.
-    pub fn migrate_set_capabilities(&self, capabilities: &[(MigrationCapability, bool)]) -> Result<()> {
+    pub fn migrate_set_capabilities(
+        &self,
+        capabilities: &[(MigrationCapability, bool)],
+    ) -> Result<()> {
         let list: Vec<MigrationCapabilityStatus> = capabilities
             .iter()
             .map(|(capability, state)| MigrationCapabilityStatus {
@@ -206,7 +233,11 @@ impl Qmp {
                 state: *state,
             })
             .collect();
-        self.execute("migrate-set-capabilities", Some(json!({ "capabilities": list }))).map(drop)
+        self.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": list })),
+        )
+        .map(drop)
     }
 
     /// `query-migrate-capabilities`.
@@ -237,6 +268,7 @@ impl Qmp {
 
     /// `migrate-continue` from `state` (normally [`MigrationStatus::PreSwitchover`]).
     pub fn migrate_continue(&self, state: MigrationStatus) -> Result<()> {
-        self.execute("migrate-continue", Some(json!({ "state": state }))).map(drop)
+        self.execute("migrate-continue", Some(json!({ "state": state })))
+            .map(drop)
     }
 }

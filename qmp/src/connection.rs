@@ -95,7 +95,8 @@ impl Stream {
         match endpoint {
             Endpoint::Unix(path) => UnixStream::connect(path).map(Self::Unix),
             Endpoint::Tcp(addr) => {
-                let mut last = io::Error::new(ErrorKind::InvalidInput, "address resolves to nothing");
+                let mut last =
+                    io::Error::new(ErrorKind::InvalidInput, "address resolves to nothing");
                 for sock in addr.to_socket_addrs()? {
                     match TcpStream::connect_timeout(&sock, timeout) {
                         Ok(s) => {
@@ -190,7 +191,9 @@ impl Fatal {
     fn pending_error(&self) -> Error {
         match self {
             Self::Protocol(p) => Error::Protocol(p.clone()),
-            other => Error::Disconnected { reason: other.to_string() },
+            other => Error::Disconnected {
+                reason: other.to_string(),
+            },
         }
     }
 }
@@ -219,7 +222,10 @@ impl Shared {
 
     /// Why the connection is dead (or a generic note if it is not).
     pub(crate) fn disconnect_reason(&self) -> String {
-        self.lock().dead.as_ref().map_or_else(|| "connection closed".to_owned(), Fatal::to_string)
+        self.lock()
+            .dead
+            .as_ref()
+            .map_or_else(|| "connection closed".to_owned(), Fatal::to_string)
     }
 
     /// Marks the connection dead and fails everything waiting on it. The first cause wins.
@@ -241,8 +247,14 @@ impl Shared {
         self.lock().subscribers.retain(|slot| slot.deliver(&event));
     }
 
-    fn route_reply(&self, id: Option<&Value>, result: Result<Value>) -> std::result::Result<(), ProtocolError> {
-        let waiter = id.and_then(Value::as_u64).and_then(|id| self.lock().pending.remove(&id));
+    fn route_reply(
+        &self,
+        id: Option<&Value>,
+        result: Result<Value>,
+    ) -> std::result::Result<(), ProtocolError> {
+        let waiter = id
+            .and_then(Value::as_u64)
+            .and_then(|id| self.lock().pending.remove(&id));
         match (waiter, id, result) {
             (Some(waiter), _, result) => {
                 // The caller may have timed out and gone; its reply is then dropped.
@@ -278,7 +290,10 @@ impl Shared {
             return self.route_reply(id.as_ref(), Err(qmp_error(&error)));
         }
         // Something a newer QEMU may send that this client does not know: not fatal.
-        log::warn!("ignoring unknown QMP message: {}", String::from_utf8_lossy(line));
+        log::warn!(
+            "ignoring unknown QMP message: {}",
+            String::from_utf8_lossy(line)
+        );
         Ok(())
     }
 }
@@ -289,7 +304,9 @@ fn parse_object(line: &[u8]) -> std::result::Result<Map<String, Value>, Protocol
         Ok(other) => Err(ProtocolError::MalformedJson {
             detail: format!("expected an object, got {}", kind_of(&other)),
         }),
-        Err(e) => Err(ProtocolError::MalformedJson { detail: e.to_string() }),
+        Err(e) => Err(ProtocolError::MalformedJson {
+            detail: e.to_string(),
+        }),
     }
 }
 
@@ -306,7 +323,10 @@ fn kind_of(v: &Value) -> &'static str {
 
 fn qmp_error(error: &Value) -> Error {
     let text = |key: &str| error.get(key).and_then(Value::as_str).unwrap_or_default();
-    Error::Qmp { class: ErrorClass::from(text("class")), desc: text("desc").to_owned() }
+    Error::Qmp {
+        class: ErrorClass::from(text("class")),
+        desc: text("desc").to_owned(),
+    }
 }
 
 fn is_disconnect(e: &io::Error) -> bool {
@@ -350,7 +370,10 @@ impl std::fmt::Debug for Qmp {
 impl Qmp {
     /// Connects to a unix socket with default options.
     pub fn connect_unix(path: impl AsRef<Path>) -> Result<Self> {
-        Self::connect(&Endpoint::Unix(path.as_ref().to_owned()), ConnectOptions::default())
+        Self::connect(
+            &Endpoint::Unix(path.as_ref().to_owned()),
+            ConnectOptions::default(),
+        )
     }
 
     /// Connects to a TCP address (`host:port`) with default options.
@@ -368,8 +391,10 @@ impl Qmp {
             .set_write_timeout(Some(options.command_timeout))
             .map_err(io("configuring the QMP socket"))?;
         let control = stream.try_clone().map_err(io("cloning the QMP socket"))?;
-        let mut reader =
-            LineReader::new(stream.try_clone().map_err(io("cloning the QMP socket"))?, options.max_line_len);
+        let mut reader = LineReader::new(
+            stream.try_clone().map_err(io("cloning the QMP socket"))?,
+            options.max_line_len,
+        );
         let deadline = Instant::now() + options.greeting_timeout;
 
         let greeting = read_greeting(&mut reader, &stream, deadline, options.greeting_timeout)?;
@@ -382,15 +407,20 @@ impl Qmp {
         )
         .map_err(io("negotiating QMP capabilities"))?;
         read_negotiation_reply(&mut reader, &writer, deadline, options.greeting_timeout)?;
-        writer.set_read_timeout(None).map_err(io("configuring the QMP socket"))?;
+        writer
+            .set_read_timeout(None)
+            .map_err(io("configuring the QMP socket"))?;
 
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             closing: AtomicBool::new(false),
             unmatched: AtomicU64::new(0),
         });
-        let (default_events, slot) =
-            Subscription::new(EventFilter::All, options.event_queue_capacity, Arc::clone(&shared));
+        let (default_events, slot) = Subscription::new(
+            EventFilter::All,
+            options.event_queue_capacity,
+            Arc::clone(&shared),
+        );
         shared.lock().subscribers.push(slot);
         let reader_control = control.try_clone().map_err(io("cloning the QMP socket"))?;
         let reader_shared = Arc::clone(&shared);
@@ -454,7 +484,9 @@ impl Qmp {
         {
             let mut state = self.shared.lock();
             if let Some(fatal) = &state.dead {
-                return Err(Error::Disconnected { reason: fatal.to_string() });
+                return Err(Error::Disconnected {
+                    reason: fatal.to_string(),
+                });
             }
             state.pending.insert(id, sender);
         }
@@ -471,9 +503,14 @@ impl Qmp {
         if let Err(source) = written {
             self.shared.lock().pending.remove(&id);
             if is_disconnect(&source) || !self.is_connected() {
-                return Err(Error::Disconnected { reason: format!("sending {command}: {source}") });
+                return Err(Error::Disconnected {
+                    reason: format!("sending {command}: {source}"),
+                });
             }
-            return Err(Error::Io { context: "sending a QMP command", source });
+            return Err(Error::Io {
+                context: "sending a QMP command",
+                source,
+            });
         }
         match receiver.recv_timeout(timeout) {
             Ok(result) => result,
@@ -481,12 +518,15 @@ impl Qmp {
                 self.shared.lock().pending.remove(&id);
                 // The reply may have been routed between the timeout and the removal.
                 receiver.try_recv().unwrap_or_else(|_| {
-                    Err(Error::Timeout { what: format!("reply to {command}"), after: timeout })
+                    Err(Error::Timeout {
+                        what: format!("reply to {command}"),
+                        after: timeout,
+                    })
                 })
             }
-            Err(RecvTimeoutError::Disconnected) => {
-                Err(Error::Disconnected { reason: self.shared.disconnect_reason() })
-            }
+            Err(RecvTimeoutError::Disconnected) => Err(Error::Disconnected {
+                reason: self.shared.disconnect_reason(),
+            }),
         }
     }
 
@@ -497,13 +537,19 @@ impl Qmp {
         arguments: Option<Value>,
     ) -> Result<T> {
         let value = self.execute(command, arguments)?;
-        T::deserialize(value).map_err(|source| Error::Decode { command: command.to_owned(), source })
+        T::deserialize(value).map_err(|source| Error::Decode {
+            command: command.to_owned(),
+            source,
+        })
     }
 
     /// A new subscription to the events matching `filter`, from now on.
     pub fn subscribe(&self, filter: EventFilter) -> Subscription {
-        let (subscription, slot) =
-            Subscription::new(filter, self.options.event_queue_capacity, Arc::clone(&self.shared));
+        let (subscription, slot) = Subscription::new(
+            filter,
+            self.options.event_queue_capacity,
+            Arc::clone(&self.shared),
+        );
         let mut state = self.shared.lock();
         if state.dead.is_none() {
             state.subscribers.push(slot);
@@ -527,14 +573,21 @@ impl Qmp {
 
     /// Events discarded from the connection's own queue because nobody consumed them.
     pub fn default_queue_dropped(&self) -> u64 {
-        self.default_events.lock().unwrap_or_else(PoisonError::into_inner).dropped()
+        self.default_events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .dropped()
     }
 
     /// Closes the connection: pending calls fail with [`Error::Disconnected`].
     pub fn close(&self) {
         self.shared.closing.store(true, Ordering::Release);
         self.control.shutdown();
-        let handle = self.reader.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let handle = self
+            .reader
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         if let Some(handle) = handle {
             let _ = handle.join();
         }
@@ -564,13 +617,19 @@ fn read_setup_line(
     what: &str,
 ) -> Result<Vec<u8>> {
     let remaining = deadline.saturating_duration_since(Instant::now());
-    let timeout = || Error::Timeout { what: what.to_owned(), after: total };
+    let timeout = || Error::Timeout {
+        what: what.to_owned(),
+        after: total,
+    };
     if remaining.is_zero() {
         return Err(timeout());
     }
     stream
         .set_read_timeout(Some(remaining))
-        .map_err(|source| Error::Io { context: "configuring the QMP socket", source })?;
+        .map_err(|source| Error::Io {
+            context: "configuring the QMP socket",
+            source,
+        })?;
     match reader.read_line() {
         Ok(Some(line)) => Ok(line),
         Ok(None) => Err(Error::Protocol(ProtocolError::GreetingMissing {
@@ -594,12 +653,16 @@ fn read_greeting(
 ) -> Result<Greeting> {
     let line = read_setup_line(reader, stream, deadline, total, "QMP greeting")?;
     let message = parse_object(&line).map_err(Error::Protocol)?;
-    let parsed: GreetingMessage = GreetingMessage::deserialize(Value::Object(message)).map_err(|e| {
-        Error::Protocol(ProtocolError::GreetingMissing {
-            detail: format!("first message is not a greeting ({e}): {}", preview(&line)),
-        })
-    })?;
-    Ok(Greeting { version: parsed.qmp.version, capabilities: parsed.qmp.capabilities })
+    let parsed: GreetingMessage =
+        GreetingMessage::deserialize(Value::Object(message)).map_err(|e| {
+            Error::Protocol(ProtocolError::GreetingMissing {
+                detail: format!("first message is not a greeting ({e}): {}", preview(&line)),
+            })
+        })?;
+    Ok(Greeting {
+        version: parsed.qmp.version,
+        capabilities: parsed.qmp.capabilities,
+    })
 }
 
 fn read_negotiation_reply(
@@ -612,13 +675,21 @@ fn read_negotiation_reply(
         let line = read_setup_line(reader, stream, deadline, total, "qmp_capabilities reply")?;
         let mut message = parse_object(&line).map_err(Error::Protocol)?;
         if message.contains_key("event") {
-            log::debug!("event before capability negotiation finished: {}", preview(&line));
+            log::debug!(
+                "event before capability negotiation finished: {}",
+                preview(&line)
+            );
             continue;
         }
         if message.get("id") != Some(&Value::from(0)) {
             if let Some(error) = message.get("error") {
-                let Error::Qmp { class, desc } = qmp_error(error) else { unreachable!() };
-                return Err(Error::Protocol(ProtocolError::ErrorWithoutId { class, desc }));
+                let Error::Qmp { class, desc } = qmp_error(error) else {
+                    unreachable!()
+                };
+                return Err(Error::Protocol(ProtocolError::ErrorWithoutId {
+                    class,
+                    desc,
+                }));
             }
             log::warn!("unexpected message during negotiation: {}", preview(&line));
             continue;
@@ -648,7 +719,11 @@ fn reader_loop(mut reader: LineReader<Stream>, shared: &Shared, control: &Stream
             Err(Error::Io { source, .. }) => Fatal::Io(source.to_string()),
             Err(e) => Fatal::Io(e.to_string()),
         };
-        let fatal = if shared.closing.load(Ordering::Acquire) { Fatal::Closed } else { fatal };
+        let fatal = if shared.closing.load(Ordering::Acquire) {
+            Fatal::Closed
+        } else {
+            fatal
+        };
         // Stop QEMU from writing into a stream we no longer read.
         control.shutdown();
         shared.fail_all(fatal);

@@ -118,8 +118,14 @@ impl Event {
     /// Builds an event from a QMP message object that has an `event` member.
     pub(crate) fn from_message(name: String, message: &mut serde_json::Map<String, Value>) -> Self {
         let data = message.remove("data").unwrap_or(Value::Null);
-        let timestamp = message.remove("timestamp").and_then(|t| serde_json::from_value(t).ok());
-        Self { name, data, timestamp }
+        let timestamp = message
+            .remove("timestamp")
+            .and_then(|t| serde_json::from_value(t).ok());
+        Self {
+            name,
+            data,
+            timestamp,
+        }
     }
 
     /// The typed view of this event.
@@ -132,15 +138,24 @@ impl Event {
                 .map(|d| EventKind::Migration { status: d.status }),
             MIGRATION_PASS => parse::<MigrationPassData>(&self.data)
                 .map(|d| EventKind::MigrationPass { pass: d.pass }),
-            DEVICE_DELETED => parse::<DeviceDeletedData>(&self.data)
-                .map(|d| EventKind::DeviceDeleted { device: d.device, path: d.path }),
+            DEVICE_DELETED => {
+                parse::<DeviceDeletedData>(&self.data).map(|d| EventKind::DeviceDeleted {
+                    device: d.device,
+                    path: d.path,
+                })
+            }
             STOP => Some(EventKind::Stop),
             RESUME => Some(EventKind::Resume),
-            SHUTDOWN => parse::<ShutdownData>(&self.data)
-                .map(|d| EventKind::Shutdown { guest: d.guest, reason: d.reason }),
+            SHUTDOWN => parse::<ShutdownData>(&self.data).map(|d| EventKind::Shutdown {
+                guest: d.guest,
+                reason: d.reason,
+            }),
             _ => None,
         };
-        typed.unwrap_or_else(|| EventKind::Other { name: self.name.clone(), data: self.data.clone() })
+        typed.unwrap_or_else(|| EventKind::Other {
+            name: self.name.clone(),
+            data: self.data.clone(),
+        })
     }
 }
 
@@ -201,7 +216,10 @@ impl SubscriberSlot {
                     event = back;
                     if let Ok(old) = self.oldest.try_recv() {
                         let n = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                        log::warn!("QMP subscriber is slow: dropped event {} ({n} so far)", old.name);
+                        log::warn!(
+                            "QMP subscriber is slow: dropped event {} ({n} so far)",
+                            old.name
+                        );
                     }
                 }
             }
@@ -235,8 +253,13 @@ impl Subscription {
             oldest: receiver.clone(),
             counters: Arc::clone(&counters),
         };
-        let subscription =
-            Self { receiver, stash: VecDeque::new(), capacity, counters, shared };
+        let subscription = Self {
+            receiver,
+            stash: VecDeque::new(),
+            capacity,
+            counters,
+            shared,
+        };
         (subscription, slot)
     }
 
@@ -247,7 +270,9 @@ impl Subscription {
 
     /// The next event without waiting, if one is queued.
     pub fn try_next(&mut self) -> Option<Event> {
-        self.stash.pop_front().or_else(|| self.receiver.try_recv().ok())
+        self.stash
+            .pop_front()
+            .or_else(|| self.receiver.try_recv().ok())
     }
 
     /// The next event, waiting at most `timeout`.
@@ -289,12 +314,13 @@ impl Subscription {
         let remaining = deadline.saturating_duration_since(Instant::now());
         match self.receiver.recv_timeout(remaining) {
             Ok(event) => Ok(event),
-            Err(RecvTimeoutError::Timeout) => {
-                Err(Error::Timeout { what: what.to_owned(), after: timeout })
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                Err(Error::Disconnected { reason: self.shared.disconnect_reason() })
-            }
+            Err(RecvTimeoutError::Timeout) => Err(Error::Timeout {
+                what: what.to_owned(),
+                after: timeout,
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(Error::Disconnected {
+                reason: self.shared.disconnect_reason(),
+            }),
         }
     }
 }

@@ -14,7 +14,11 @@ pub(crate) struct LineReader<R> {
 
 impl<R: Read> LineReader<R> {
     pub(crate) fn new(inner: R, max_len: usize) -> Self {
-        Self { inner: BufReader::with_capacity(64 * 1024, inner), max_len, partial: Vec::new() }
+        Self {
+            inner: BufReader::with_capacity(64 * 1024, inner),
+            max_len,
+            partial: Vec::new(),
+        }
     }
 
     /// The next line without its `\r\n`, or `None` at a clean end of stream.
@@ -27,13 +31,20 @@ impl<R: Read> LineReader<R> {
             let available = match self.inner.fill_buf() {
                 Ok(bytes) => bytes,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(source) => return Err(Error::Io { context: "reading from QMP socket", source }),
+                Err(source) => {
+                    return Err(Error::Io {
+                        context: "reading from QMP socket",
+                        source,
+                    });
+                }
             };
             if available.is_empty() {
                 return if self.partial.is_empty() {
                     Ok(None)
                 } else {
-                    Err(Error::Protocol(ProtocolError::Truncated { bytes: self.partial.len() }))
+                    Err(Error::Protocol(ProtocolError::Truncated {
+                        bytes: self.partial.len(),
+                    }))
                 };
             }
             let (take, complete) = match available.iter().position(|&b| b == b'\n') {
@@ -41,7 +52,9 @@ impl<R: Read> LineReader<R> {
                 None => (available.len(), false),
             };
             if self.partial.len() + take > self.max_len {
-                return Err(Error::Protocol(ProtocolError::LineTooLong { limit: self.max_len }));
+                return Err(Error::Protocol(ProtocolError::LineTooLong {
+                    limit: self.max_len,
+                }));
             }
             self.partial.extend_from_slice(&available[..take]);
             self.inner.consume(if complete { take + 1 } else { take });
@@ -95,6 +108,9 @@ mod tests {
     #[test]
     fn end_of_stream_inside_a_line_is_truncation() {
         let out = lines(b"{}\n{\"ret", 100);
-        assert!(matches!(out[1], Err(Error::Protocol(ProtocolError::Truncated { bytes: 5 }))));
+        assert!(matches!(
+            out[1],
+            Err(Error::Protocol(ProtocolError::Truncated { bytes: 5 }))
+        ));
     }
 }

@@ -32,12 +32,19 @@ impl Default for MigrationWait {
 impl MigrationWait {
     /// Wait for `completed` within `timeout`.
     pub fn completed_within(timeout: Duration) -> Self {
-        Self { timeout, ..Self::default() }
+        Self {
+            timeout,
+            ..Self::default()
+        }
     }
 
     /// Wait for `status` (e.g. `pre-switchover`) within `timeout`.
     pub fn status_within(status: MigrationStatus, timeout: Duration) -> Self {
-        Self { timeout, until: vec![status], ..Self::default() }
+        Self {
+            timeout,
+            until: vec![status],
+            ..Self::default()
+        }
     }
 }
 
@@ -62,14 +69,20 @@ pub fn wait_for_migration(
             return Ok(info);
         }
         if status.is_terminal() {
-            let desc = info.error_desc.clone().unwrap_or_else(|| "no error description".into());
+            let desc = info
+                .error_desc
+                .clone()
+                .unwrap_or_else(|| "no error description".into());
             return Err(Error::MigrationFailed { status, desc });
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             let targets: Vec<&str> = wait.until.iter().map(MigrationStatus::as_str).collect();
             return Err(Error::Timeout {
-                what: format!("migration to reach {} (last status {status})", targets.join("/")),
+                what: format!(
+                    "migration to reach {} (last status {status})",
+                    targets.join("/")
+                ),
                 after: wait.timeout,
             });
         }
