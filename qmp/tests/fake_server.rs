@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use qmp::types::QmpCapability;
 use qmp::{
     ConnectOptions, Endpoint, Error, ErrorClass, EventFilter, EventKind, MigrationStatus,
     MigrationWait, ProtocolError, Qmp, RunState, wait_for_migration,
@@ -156,6 +157,24 @@ fn greeting_is_parsed_and_oob_negotiated() {
     let status = qmp.query_status().unwrap();
     assert!(status.running);
     assert_eq!(status.status, RunState::Running);
+    drop(qmp);
+    server.finish();
+}
+
+#[test]
+fn greeting_with_unknown_capability_and_fields_is_accepted() {
+    let server = FakeServer::unix(|mut peer| {
+        peer.send(r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 1, "major": 12}, "package": "", "nano": 1}, "capabilities": ["oob", "teleport"], "motd": "hi"}}"#);
+        let caps = peer.recv().unwrap();
+        assert_eq!(caps["arguments"]["enable"], json!(["oob"]));
+        peer.reply(&caps, json!({}));
+        peer.drain();
+    });
+    let qmp = connect(&server);
+    assert_eq!(
+        qmp.greeting().capabilities,
+        [QmpCapability::Oob, QmpCapability::Other("teleport".into())]
+    );
     drop(qmp);
     server.finish();
 }
