@@ -507,6 +507,18 @@ impl Qmp {
                     reason: format!("sending {command}: {source}"),
                 });
             }
+            // Part of the request may be on the wire: the stream is no longer in sync.
+            self.control.shutdown();
+            if is_timeout(&source) {
+                let after = self.options.command_timeout;
+                let why = format!("QEMU stopped reading (write of {command} timed out)");
+                self.shared.fail_all(Fatal::Io(why));
+                return Err(Error::Timeout {
+                    what: format!("QEMU to accept {command}"),
+                    after,
+                });
+            }
+            self.shared.fail_all(Fatal::Io(source.to_string()));
             return Err(Error::Io {
                 context: "sending a QMP command",
                 source,

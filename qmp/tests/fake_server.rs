@@ -458,6 +458,31 @@ fn server_that_never_answers_times_out_and_late_reply_is_dropped() {
 }
 
 #[test]
+fn server_that_stops_reading_times_out_the_write_and_closes() {
+    let server = FakeServer::unix(|mut peer| {
+        peer.negotiate();
+        // Never read again; the client gives up long before this returns.
+        std::thread::sleep(Duration::from_secs(3));
+    });
+    let opts = ConnectOptions {
+        command_timeout: Duration::from_millis(300),
+        ..options()
+    };
+    let qmp = Qmp::connect(&server.endpoint(), opts).unwrap();
+    // Far more than a socket buffer holds.
+    let big = json!({ "blob": "x".repeat(16 << 20) });
+    match qmp.execute("x-big", Some(big)) {
+        Err(Error::Timeout { what, .. }) => assert!(what.contains("x-big"), "{what}"),
+        other => panic!("expected a write timeout, got {other:?}"),
+    }
+    // A half-written request leaves the stream unusable: the connection is closed.
+    assert!(!qmp.is_connected());
+    assert_disconnected(qmp.execute("query-status", None));
+    drop(qmp);
+    server.finish();
+}
+
+#[test]
 fn server_silent_before_greeting_times_out() {
     let server = FakeServer::unix(|mut peer| peer.drain());
     let opts = ConnectOptions {
