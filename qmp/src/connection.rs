@@ -321,12 +321,15 @@ fn kind_of(v: &Value) -> &'static str {
     }
 }
 
-fn qmp_error(error: &Value) -> Error {
+/// QEMU's error class and description from an `error` member.
+fn error_parts(error: &Value) -> (ErrorClass, String) {
     let text = |key: &str| error.get(key).and_then(Value::as_str).unwrap_or_default();
-    Error::Qmp {
-        class: ErrorClass::from(text("class")),
-        desc: text("desc").to_owned(),
-    }
+    (ErrorClass::from(text("class")), text("desc").to_owned())
+}
+
+fn qmp_error(error: &Value) -> Error {
+    let (class, desc) = error_parts(error);
+    Error::Qmp { class, desc }
 }
 
 fn is_disconnect(e: &io::Error) -> bool {
@@ -695,9 +698,7 @@ fn read_negotiation_reply(
         }
         if message.get("id") != Some(&Value::from(0)) {
             if let Some(error) = message.get("error") {
-                let Error::Qmp { class, desc } = qmp_error(error) else {
-                    unreachable!()
-                };
+                let (class, desc) = error_parts(error);
                 return Err(Error::Protocol(ProtocolError::ErrorWithoutId {
                     class,
                     desc,

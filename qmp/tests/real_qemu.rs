@@ -121,6 +121,32 @@ fn greeting_and_version_match_query_version() {
 }
 
 #[test]
+fn concurrent_calls_from_many_threads_get_their_own_replies() {
+    let Some(fixtures) = qemu_or_skip("concurrent_calls_from_many_threads_get_their_own_replies")
+    else {
+        return;
+    };
+    let vm = Qemu::start(QemuConfig::new(&fixtures).memory_mib(128)).unwrap();
+    let qmp = connect(&vm);
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let qmp = &qmp;
+            s.spawn(move || {
+                for i in 0..50 {
+                    // Alternate commands so a reply routed to the wrong caller fails to decode.
+                    if (t + i) % 2 == 0 {
+                        assert_eq!(qmp.query_status().unwrap().status, RunState::Running);
+                    } else {
+                        assert_eq!(qmp.query_version().unwrap(), qmp.greeting().version);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(qmp.unmatched_replies(), 0);
+}
+
+#[test]
 fn stop_and_cont_change_state_and_emit_events() {
     let Some(fixtures) = qemu_or_skip("stop_and_cont_change_state_and_emit_events") else {
         return;
@@ -178,6 +204,10 @@ fn virtio_net_hotplug_and_unplug_with_device_deleted() {
         other => panic!("expected DEVICE_DELETED, got {other:?}"),
     }
     assert!(!has_device(&qmp, "n0"));
+    match qmp.device_del("n0") {
+        Err(Error::Qmp { class, .. }) => assert_eq!(class, ErrorClass::DeviceNotFound),
+        other => panic!("expected DeviceNotFound, got {other:?}"),
+    }
     qmp.netdev_del("net0").unwrap();
     // Deleting it again names the error.
     assert!(matches!(qmp.netdev_del("net0"), Err(Error::Qmp { .. })));
