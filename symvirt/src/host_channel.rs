@@ -260,7 +260,8 @@ impl HostChannel {
         }
     }
 
-    /// Waits until the guest is identified (its `hello`), or `deadline`.
+    /// Waits until the guest is identified (its `hello`), or `deadline`. Consumes the events
+    /// queued before it.
     pub fn wait_hello(&self, deadline: Instant) -> Result<GuestInfo> {
         loop {
             if let Some(info) = self.guest() {

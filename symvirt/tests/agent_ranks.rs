@@ -1,0 +1,410 @@
+//! The guest agent with real ranks over unix sockets, the host channel listening for it: the
+//! whole guest side of the protocol in one process (and the agent binary as a child process).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use symvirt::agent::{Agent, AgentConfig};
+use symvirt::guest_link::ChannelSpec;
+use symvirt::host_channel::{ChannelOptions, HostChannel};
+use symvirt::protocol::{GuestMessage, HostMessage, Interconnect, PciDevice};
+use symvirt::rank::{RankClient, RankEvent};
+use symvirt::session::SessionState;
+use symvirt::{Error, sysfs};
+
+const PATIENCE: Duration = Duration::from_secs(60);
+const MAC: &str = "52:54:00:ab:cd:01";
+
+fn soon() -> Instant {
+    Instant::now() + PATIENCE
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let d = std::env::temp_dir().join(format!("symvirt-agent-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn write(path: PathBuf, text: &str) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, text).unwrap();
+}
+
+/// A fake sysfs: an ivshmem stand-in gone, a virtio-net NIC present with MAC on eth1.
+fn fake_sysfs(dir: &Path) {
+    let pci = dir.join("pci");
+    for (addr, dev, class) in [
+        ("0000:00:02.0", "0x1000", "0x020000"),
+        ("0000:00:03.0", "0x1003", "0x078000"),
+    ] {
+        write(pci.join(addr).join("vendor"), "0x1af4\n");
+        write(pci.join(addr).join("device"), &format!("{dev}\n"));
+        write(pci.join(addr).join("class"), &format!("{class}\n"));
+    }
+    write(dir.join("net/eth0/address"), "52:54:00:00:00:99\n");
+    write(dir.join("net/eth1/address"), &format!("{MAC}\n"));
+}
+
+/// Host channel listening + agent connected to it + the rank socket.
+struct Rig {
+    dir: TempDir,
+    host: HostChannel,
+    agent: Option<Agent>,
+}
+
+impl Rig {
+    fn new(tag: &str, ranks: u32) -> Rig {
+        let dir = TempDir::new(tag);
+        fake_sysfs(&dir.0);
+        let host_sock = dir.0.join("host.sock");
+        let host = HostChannel::listen(&host_sock, ChannelOptions::labelled(tag)).unwrap();
+        let agent = Agent::spawn(AgentConfig {
+            vm: format!("vm-{tag}"),
+            channel: ChannelSpec::Unix(host_sock),
+            rank_socket: dir.0.join("run/agent.sock"),
+            ranks,
+            report_pci: true,
+            pci_dir: dir.0.join("pci"),
+            net_dir: dir.0.join("net"),
+        })
+        .unwrap();
+        let info = host.wait_hello(soon()).unwrap();
+        assert_eq!(info.vm, format!("vm-{tag}"));
+        assert_eq!(info.ranks, ranks);
+        Rig {
+            dir,
+            host,
+            agent: Some(agent),
+        }
+    }
+
+    fn rank(&self, rank: u32) -> Result<RankClient, Error> {
+        RankClient::connect(self.dir.0.join("run/agent.sock"), rank, PATIENCE)
+    }
+
+    fn prepare(&self, epoch: u64, deadline_ms: u64) {
+        self.host
+            .send(&HostMessage::Prepare { epoch, deadline_ms })
+            .unwrap();
+    }
+
+    fn wait_outcome(&self) -> GuestMessage {
+        self.host
+            .wait_for(
+                |m| !matches!(m, GuestMessage::Hello { .. }),
+                soon(),
+            )
+            .unwrap()
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        // The agent first: it removes its socket from the directory.
+        self.agent.take();
+    }
+}
+
+fn expect_prepare(rank: &mut RankClient, epoch: u64) {
+    match rank.next_event(Some(PATIENCE)).unwrap() {
+        Some(RankEvent::Prepare { epoch: e, .. }) if e == epoch => {}
+        other => panic!("rank {}: expected prepare {epoch}, got {other:?}", rank.rank()),
+    }
+}
+
+fn ethernet() -> Interconnect {
+    Interconnect::Ethernet {
+        mac: MAC.into(),
+        iface: None,
+        pci: Some("0000:00:02.0".into()),
+    }
+}
+
+#[test]
+fn quiesced_only_after_the_last_rank_and_resume_reaches_every_rank() {
+    let rig = Rig::new("twoRanks", 2);
+    let mut r0 = rig.rank(0).unwrap();
+    let mut r1 = rig.rank(1).unwrap();
+    assert_eq!(r0.expected_ranks(), 2);
+
+    rig.prepare(1, 60_000);
+    expect_prepare(&mut r0, 1);
+    expect_prepare(&mut r1, 1);
+    r0.quiesced(1).unwrap();
+    // Rank 1 is not quiesced yet: nothing may come back.
+    let early = rig.host.wait_for(
+        |m| matches!(m, GuestMessage::Quiesced { .. }),
+        Instant::now() + Duration::from_millis(500),
+    );
+    assert!(matches!(early, Err(Error::Timeout)), "{early:?}");
+    assert!(matches!(rig.host.state(), SessionState::Preparing { epoch: 1, .. }));
+    r1.quiesced(1).unwrap();
+    assert_eq!(rig.wait_outcome(), GuestMessage::Quiesced { epoch: 1 });
+
+    rig.host
+        .send(&HostMessage::Resume {
+            epoch: 1,
+            interconnect: ethernet(),
+        })
+        .unwrap();
+    // Every rank is told the new interconnect, with the interface the MAC belongs to.
+    let told = Interconnect::Ethernet {
+        mac: MAC.into(),
+        iface: Some("eth1".into()),
+        pci: Some("0000:00:02.0".into()),
+    };
+    for r in [&mut r0, &mut r1] {
+        assert_eq!(
+            r.next_event(Some(PATIENCE)).unwrap(),
+            Some(RankEvent::Resume {
+                epoch: 1,
+                interconnect: told.clone()
+            })
+        );
+    }
+    r0.resumed(1).unwrap();
+    let early = rig.host.wait_for(
+        |m| matches!(m, GuestMessage::Resumed { .. }),
+        Instant::now() + Duration::from_millis(500),
+    );
+    assert!(matches!(early, Err(Error::Timeout)), "{early:?}");
+    r1.resumed(1).unwrap();
+    let expected_pci = vec![
+        PciDevice {
+            address: "0000:00:02.0".into(),
+            vendor: 0x1af4,
+            device: 0x1000,
+            class: 0x020000,
+        },
+        PciDevice {
+            address: "0000:00:03.0".into(),
+            vendor: 0x1af4,
+            device: 0x1003,
+            class: 0x078000,
+        },
+    ];
+    assert_eq!(
+        rig.wait_outcome(),
+        GuestMessage::Resumed {
+            epoch: 1,
+            interconnect: told,
+            pci_devices: Some(expected_pci),
+        }
+    );
+    assert_eq!(rig.host.state(), SessionState::Running);
+    assert_eq!(r0.try_event().unwrap(), None);
+}
+
+#[test]
+fn a_missed_deadline_fails_the_epoch_releases_the_ranks_and_the_next_epoch_works() {
+    let rig = Rig::new("deadline", 2);
+    let mut r0 = rig.rank(0).unwrap();
+    let mut r1 = rig.rank(1).unwrap();
+    rig.prepare(1, 300);
+    expect_prepare(&mut r0, 1);
+    expect_prepare(&mut r1, 1);
+    r0.quiesced(1).unwrap();
+    match rig.wait_outcome() {
+        GuestMessage::Failed { epoch: 1, reason } => {
+            assert!(reason.contains("1 of 2 ranks quiesced"), "{reason}")
+        }
+        other => panic!("expected failed, got {other:?}"),
+    }
+    assert_eq!(
+        r0.next_event(Some(PATIENCE)).unwrap(),
+        Some(RankEvent::Abort { epoch: 1 })
+    );
+    assert_eq!(
+        r1.next_event(Some(PATIENCE)).unwrap(),
+        Some(RankEvent::Abort { epoch: 1 })
+    );
+    rig.host.send(&HostMessage::Abort { epoch: 1 }).unwrap();
+    assert_eq!(rig.host.state(), SessionState::Running);
+
+    rig.prepare(2, 60_000);
+    expect_prepare(&mut r0, 2);
+    expect_prepare(&mut r1, 2);
+    r1.quiesced(2).unwrap();
+    r0.quiesced(2).unwrap();
+    assert_eq!(rig.wait_outcome(), GuestMessage::Quiesced { epoch: 2 });
+    // The host aborts a quiesced epoch (e.g. the migration could not start): ranks continue.
+    rig.host.send(&HostMessage::Abort { epoch: 2 }).unwrap();
+    assert_eq!(
+        r0.next_event(Some(PATIENCE)).unwrap(),
+        Some(RankEvent::Abort { epoch: 2 })
+    );
+}
+
+#[test]
+fn a_rank_leaving_mid_epoch_fails_it() {
+    let rig = Rig::new("leave", 2);
+    let mut r0 = rig.rank(0).unwrap();
+    let mut r1 = rig.rank(1).unwrap();
+    rig.prepare(1, 60_000);
+    expect_prepare(&mut r0, 1);
+    expect_prepare(&mut r1, 1);
+    r0.quiesced(1).unwrap();
+    drop(r1);
+    match rig.wait_outcome() {
+        GuestMessage::Failed { epoch: 1, reason } => {
+            assert!(reason.contains("rank 1 left"), "{reason}")
+        }
+        other => panic!("expected failed, got {other:?}"),
+    }
+    assert_eq!(
+        r0.next_event(Some(PATIENCE)).unwrap(),
+        Some(RankEvent::Abort { epoch: 1 })
+    );
+}
+
+#[test]
+fn rank_registration_is_checked_and_a_late_rank_catches_up() {
+    let rig = Rig::new("register", 2);
+    let r0 = rig.rank(0).unwrap();
+    match rig.rank(0) {
+        Err(Error::RankRefused(reason)) => assert!(reason.contains("already"), "{reason}"),
+        other => panic!("duplicate rank accepted: {other:?}"),
+    }
+    let mut r1 = rig.rank(1).unwrap();
+    match rig.rank(2) {
+        Err(Error::RankRefused(reason)) => assert!(reason.contains("expects 2"), "{reason}"),
+        other => panic!("third rank accepted: {other:?}"),
+    }
+    // Rank 0 restarts before the epoch; it registers again and gets the prepare it missed.
+    drop(r0);
+    let deadline = soon();
+    let mut r0 = loop {
+        match rig.rank(0) {
+            Ok(r) => break r,
+            Err(Error::RankRefused(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("rank 0 could not re-register: {e}"),
+        }
+    };
+    rig.prepare(1, 60_000);
+    expect_prepare(&mut r1, 1);
+    expect_prepare(&mut r0, 1);
+    r0.quiesced(1).unwrap();
+    r1.quiesced(1).unwrap();
+    assert_eq!(rig.wait_outcome(), GuestMessage::Quiesced { epoch: 1 });
+}
+
+#[test]
+fn the_agent_reconnects_to_a_new_host_and_says_hello_again() {
+    let mut rig = Rig::new("rehost", 0);
+    let host_sock = rig.dir.0.join("host.sock");
+    // The controller restarts: the old channel goes away, a new one listens on the same path.
+    let placeholder = HostChannel::connect(rig.dir.0.join("nowhere.sock"), ChannelOptions::default())
+        .unwrap();
+    drop(std::mem::replace(&mut rig.host, placeholder));
+    rig.host = HostChannel::listen(&host_sock, ChannelOptions::labelled("rehost2")).unwrap();
+    assert_eq!(rig.host.wait_hello(soon()).unwrap().vm, "vm-rehost");
+    rig.prepare(1, 60_000);
+    assert_eq!(rig.wait_outcome(), GuestMessage::Quiesced { epoch: 1 });
+}
+
+/// Kills and reaps the child on drop.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn agent_binary_with_no_ranks_quiesces_at_once_and_reports_pci_devices() {
+    let dir = TempDir::new("binary");
+    let host_sock = dir.0.join("host.sock");
+    let host = HostChannel::listen(&host_sock, ChannelOptions::labelled("binary")).unwrap();
+    let log = dir.0.join("agent.log");
+    let mut agent = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_symvirt-agent"))
+            .arg("--channel")
+            .arg(format!("unix:{}", host_sock.display()))
+            .arg("--socket")
+            .arg(dir.0.join("agent.sock"))
+            .args(["--ranks", "0", "--vm", "vm7", "--report-pci"])
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log).unwrap())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let info = host.wait_hello(soon()).unwrap();
+    assert_eq!((info.vm.as_str(), info.ranks, info.protocol), ("vm7", 0, 1));
+    host.send(&HostMessage::Prepare {
+        epoch: 1,
+        deadline_ms: 60_000,
+    })
+    .unwrap();
+    let quiesced = host
+        .wait_for(|m| !matches!(m, GuestMessage::Hello { .. }), soon())
+        .unwrap();
+    assert_eq!(quiesced, GuestMessage::Quiesced { epoch: 1 });
+    let ib = Interconnect::Infiniband {
+        hca: "mlx5_0".into(),
+        port: 1,
+        pci: None,
+    };
+    host.send(&HostMessage::Resume {
+        epoch: 1,
+        interconnect: ib.clone(),
+    })
+    .unwrap();
+    let resumed = host
+        .wait_for(|m| matches!(m, GuestMessage::Resumed { .. }), soon())
+        .unwrap();
+    let this_machine = sysfs::pci_devices(Path::new(sysfs::PCI_DEVICES_DIR));
+    assert_eq!(
+        resumed,
+        GuestMessage::Resumed {
+            epoch: 1,
+            interconnect: ib,
+            pci_devices: Some(this_machine),
+        }
+    );
+    assert!(agent.0.try_wait().unwrap().is_none(), "agent still running");
+    drop(agent);
+    let out = fs::read_to_string(&log).unwrap();
+    for needle in [
+        "symvirt-agent: host connected",
+        "symvirt-agent: sent quiesced{epoch=1}",
+        "symvirt-agent: sent resumed{epoch=1}",
+    ] {
+        assert!(out.contains(needle), "{needle:?} not in agent output:\n{out}");
+    }
+}
+
+#[test]
+fn agent_binary_refuses_bad_arguments() {
+    for args in [
+        &["--ranks", "many"][..],
+        &["--channel", "tcp:1.2.3.4:5"],
+        &["--vm", "bad name"],
+        &["--frobnicate"],
+        &["--socket"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_symvirt-agent"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.starts_with("symvirt-agent: error:"), "{args:?}: {text}");
+    }
+}
