@@ -187,3 +187,28 @@ fn guest_detects_a_page_it_did_not_write() {
         "the guest did not notice the stale page"
     );
 }
+
+#[test]
+fn dirty_rate_target_steers_the_spin_delay() {
+    if !kvm_or_skip("dirty_rate_target_steers_the_spin_delay") {
+        return;
+    }
+    // Far below what the guest does at full speed: the governor must make it spin.
+    let config = VmmConfig {
+        dirty_rate_mib_s: Some(2),
+        ..small(1)
+    };
+    let vm = ReferenceVm::new(config).unwrap();
+    vm.resume().unwrap();
+    kvm_common::wait_for("the governor to raise the delay", || {
+        vm.status(0).unwrap().delay > 10
+    });
+    let c = vm.status(0).unwrap().counter;
+    wait_counter_above(&vm, 0, c + 1);
+    vm.pause().unwrap();
+    // Paused, the governor leaves guest memory alone.
+    let before = vm.status(0).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(vm.status(0).unwrap(), before);
+    assert_eq!(vm.check_working_set(0).unwrap().errors, 0);
+}

@@ -15,7 +15,7 @@
 //!
 //! Each pass of the program over its working set: `c = counter + 1`; for every page, read
 //! its first word (it must equal `counter`, else `errors += 1`), fold it into the checksum,
-//! write `c`, spin `delay` times; then store the checksum and `counter = c`, and `out` to
+//! write `c`, count it in `pages_written`, spin `delay` times; then store the checksum and `counter = c`, and `out` to
 //! [`HEARTBEAT_PORT`] so the host sees a VM exit. A page left stale by a migration therefore
 //! shows up in the guest's own error count.
 
@@ -70,6 +70,7 @@ const OFF_ERRORS: u64 = 0x10;
 const OFF_WS_BASE: u64 = 0x18;
 const OFF_WS_PAGES: u64 = 0x20;
 const OFF_DELAY: u64 = 0x28;
+const OFF_PAGES_WRITTEN: u64 = 0x30;
 
 /// Guest-physical address of vCPU `index`'s block (what its RDI holds).
 pub fn vcpu_block_addr(index: u32) -> u64 {
@@ -91,6 +92,8 @@ pub struct VcpuBlock {
     pub ws_pages: u64,
     /// Spin iterations after each page (host-written; changeable while running).
     pub delay: u64,
+    /// Pages written since the start (a finer progress measure than `counter`).
+    pub pages_written: u64,
 }
 
 impl VcpuBlock {
@@ -108,6 +111,7 @@ impl VcpuBlock {
             ws_base: get(OFF_WS_BASE)?,
             ws_pages: get(OFF_WS_PAGES)?,
             delay: get(OFF_DELAY)?,
+            pages_written: get(OFF_PAGES_WRITTEN)?,
         })
     }
 
@@ -231,6 +235,7 @@ pub fn program() -> Vec<u8> {
     a.emit(&[0x48, 0xc1, 0xc2, 0x05]); //       rol rdx, 5
     a.emit(&[0x4c, 0x31, 0xc2]); //             xor rdx, r8           ; checksum = rol(cs,5) ^ word
     a.emit(&[0x48, 0x89, 0x1e]); //             mov [rsi], rbx        ; page's word = c (dirties it)
+    a.emit(&[0x48, 0xff, 0x47, 0x30]); //       inc qword [rdi+0x30]  ; pages_written += 1
     a.emit(&[0x4c, 0x8b, 0x4f, 0x28]); //       mov r9, [rdi+0x28]    ; r9 = delay (host may change it)
     a.bind(spin);
     a.emit(&[0x4d, 0x85, 0xc9]); //             test r9, r9
@@ -282,6 +287,7 @@ pub fn install(mem: &GuestMemory, vcpus: u32, pages_per_vcpu: u64, delay: u64) -
             working_set_base(i, pages_per_vcpu),
             pages_per_vcpu,
             delay,
+            0,
         ];
         w(vcpu_block_addr(i), &words(&block))?;
     }

@@ -23,6 +23,7 @@
 //! ```
 
 pub mod guest;
+mod rate;
 pub mod state;
 mod vcpu;
 
@@ -35,9 +36,10 @@ use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, Msrs, kvm_mp_state, kvm_msr_entry, kvm_segment,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
+use rate::RateGovernor;
 use state::{Features, VcpuState, VmState};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use vcpu::Vcpu;
 use vm_memory::GuestAddress;
 
@@ -54,6 +56,10 @@ pub struct VmmConfig {
     pub working_set_pages: u64,
     /// Spin iterations after each page write: 0 dirties as fast as the vCPU runs.
     pub dirty_delay: u64,
+    /// Target dirty rate over all vCPUs in MiB/s: a host thread steers the spin delay towards
+    /// it (starting from `dirty_delay`). None leaves the delay fixed.
+    #[serde(default)]
+    pub dirty_rate_mib_s: Option<u32>,
     /// How KVM reports dirtied pages.
     pub tracking: DirtyTracking,
 }
@@ -66,6 +72,7 @@ impl Default for VmmConfig {
             vcpus: 1,
             working_set_pages: 256,
             dirty_delay: 0,
+            dirty_rate_mib_s: None,
             tracking: DirtyTracking::DirtyLog,
         }
     }
@@ -135,6 +142,9 @@ pub struct ReferenceVm {
     features: Features,
     msr_indices: Arc<Vec<u32>>,
     paused: AtomicBool,
+    /// True while paused; held while pausing, resuming, and by the rate governor's writes.
+    gate: Arc<Mutex<bool>>,
+    _governor: Option<RateGovernor>,
     _kvm: Kvm,
 }
 
@@ -207,6 +217,22 @@ impl ReferenceVm {
             }
             vcpus.push(Vcpu::spawn(i, fd, vm.clone())?);
         }
+        let gate = Arc::new(Mutex::new(true));
+        let governor = match config.dirty_rate_mib_s {
+            Some(rate) => Some(
+                RateGovernor::start(
+                    vm.memory().clone(),
+                    config.vcpus,
+                    f64::from(rate),
+                    gate.clone(),
+                )
+                .map_err(|source| Error::Io {
+                    context: "spawning the dirty rate governor".into(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
         Ok(ReferenceVm {
             vcpus,
             vm,
@@ -214,6 +240,8 @@ impl ReferenceVm {
             features,
             msr_indices: msr_indices.unwrap_or_default(),
             paused: AtomicBool::new(true),
+            gate,
+            _governor: governor,
             _kvm: kvm,
         })
     }
@@ -225,20 +253,28 @@ impl ReferenceVm {
 
     /// Stops every vCPU; returns when none runs guest code. Idempotent.
     pub fn pause(&self) -> Result<()> {
+        let mut gate = self.lock_gate();
         for v in &self.vcpus {
             v.pause()?;
         }
+        *gate = true;
         self.paused.store(true, Ordering::SeqCst);
         Ok(())
     }
 
     /// Lets every vCPU run. Idempotent.
     pub fn resume(&self) -> Result<()> {
+        let mut gate = self.lock_gate();
+        *gate = false;
         self.paused.store(false, Ordering::SeqCst);
         for v in &self.vcpus {
             v.resume()?;
         }
         Ok(())
+    }
+
+    fn lock_gate(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.gate.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The configuration the VM was built with.
