@@ -318,6 +318,14 @@ fn passthrough_stand_in_blocks_migration_until_detached_then_loopback_migration_
     assert!(polls >= 1);
     assert_eq!(done.status(), MigrationStatus::Completed);
     let ram = done.ram.clone().expect("ram stats");
+    eprintln!(
+        "migration: total {:?} ms, downtime {:?} ms, {} MiB sent, {} passes, {} polls",
+        done.total_time,
+        done.downtime,
+        ram.transferred >> 20,
+        ram.dirty_sync_count,
+        polls
+    );
     assert!(ram.total >= 128 << 20, "{ram:?}");
     assert!(ram.transferred > 0 && ram.normal > 0, "{ram:?}");
     assert_eq!(ram.remaining, 0);
