@@ -16,7 +16,8 @@
 //! Each pass of the program over its working set: `c = counter + 1`; for every page, read
 //! its first word (it must equal `counter`, else `errors += 1`), fold it into the checksum,
 //! write `c`, count it in `pages_written`, spin `delay` times; then store the checksum and `counter = c`, and `out` to
-//! [`HEARTBEAT_PORT`] so the host sees a VM exit. A page left stale by a migration therefore
+//! [`HEARTBEAT_PORT`] so the host sees a VM exit; every 256 pages it also writes to
+//! [`TICK_PORT`], so a throttled vCPU can be slowed down within a long pass. A page left stale by a migration therefore
 //! shows up in the guest's own error count.
 
 use crate::dirty::PAGE_SIZE;
@@ -48,6 +49,8 @@ pub const VCPU_BLOCK_SIZE: u64 = 64;
 pub const MAX_VCPUS: u32 = 32;
 /// I/O port the program writes after each pass.
 pub const HEARTBEAT_PORT: u16 = 0x80;
+/// I/O port the program writes every 256 pages, so the host can throttle mid-pass.
+pub const TICK_PORT: u16 = 0x81;
 
 /// GDT selectors.
 pub const CODE_SELECTOR: u16 = 0x08;
@@ -216,6 +219,7 @@ pub fn program() -> Vec<u8> {
     let page_ok = a.label();
     let spin = a.label();
     let next = a.label();
+    let no_tick = a.label();
     let done = a.label();
 
     a.bind(outer);
@@ -244,6 +248,10 @@ pub fn program() -> Vec<u8> {
     a.emit(&[0x49, 0xff, 0xc9]); //             dec r9
     a.jump8(0xeb, spin); //                     jmp spin
     a.bind(next);
+    a.emit(&[0xf6, 0xc1, 0xff]); //             test cl, 0xff         ; every 256th page...
+    a.jump8(0x75, no_tick); //                  jnz no_tick
+    a.emit(&[0xe6, TICK_PORT as u8]); //        out 0x81, al          ; ...a VM exit (throttle point)
+    a.bind(no_tick);
     a.emit(&[0x48, 0x81, 0xc6, 0x00, 0x10, 0x00, 0x00]); // add rsi, 4096 ; next page
     a.emit(&[0x48, 0xff, 0xc9]); //             dec rcx
     a.jump8(0x75, inner); //                    jnz inner

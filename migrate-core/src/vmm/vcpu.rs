@@ -7,6 +7,7 @@
 //! it: none is lost. Work on the vCPU fd itself (save/restore) runs on the vCPU thread as
 //! queued commands while it is parked.
 
+use super::guest::HEARTBEAT_PORT;
 use crate::kvm::{DirtyTracking, KvmVm};
 use crate::{Error, Result};
 use kvm_bindings::{KVM_EXIT_DIRTY_RING_FULL, kvm_run};
@@ -291,8 +292,10 @@ fn vcpu_loop(mut fd: VcpuFd, shared: &Shared, vm: &KvmVm) {
         }
         let started = Instant::now();
         let failure = match fd.run() {
-            Ok(VcpuExit::IoOut(_, _)) => {
-                shared.heartbeats.fetch_add(1, Ordering::Relaxed);
+            Ok(VcpuExit::IoOut(port, _)) => {
+                if port == HEARTBEAT_PORT {
+                    shared.heartbeats.fetch_add(1, Ordering::Relaxed);
+                }
                 None
             }
             Ok(VcpuExit::Unsupported(reason)) if reason == KVM_EXIT_DIRTY_RING_FULL => {
