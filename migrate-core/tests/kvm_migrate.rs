@@ -86,7 +86,8 @@ fn migrate_running_guest(
             let (s, d) = transport::in_process(connections).unwrap();
             let (cfg, config) = (cfg.clone(), config.clone());
             let t = std::thread::spawn(move || {
-                destination::receive(d, &cfg, |_| {
+                destination::receive(d, &cfg, |layout| {
+                    config.check_layout(layout)?;
                     Ok(HashAtResume {
                         vm: ReferenceVm::new_incoming(config)?,
                         hashes: Mutex::new(None),
@@ -101,7 +102,8 @@ fn migrate_running_guest(
             let (cfg2, config) = (cfg.clone(), config.clone());
             let t = std::thread::spawn(move || {
                 let d = listener.accept(Duration::from_secs(30))?;
-                destination::receive(d, &cfg2, |_| {
+                destination::receive(d, &cfg2, |layout| {
+                    config.check_layout(layout)?;
                     Ok(HashAtResume {
                         vm: ReferenceVm::new_incoming(config)?,
                         hashes: Mutex::new(None),
@@ -194,12 +196,17 @@ fn refused_migration_leaves_the_kvm_guest_running_and_a_retry_succeeds() {
     wait_counter_above(&src, 0, 2);
     let cfg = migration_config();
 
-    // The destination cannot build the VM: the migration fails in the handshake.
     let (s, d) = transport::in_process(1).unwrap();
     let cfg2 = cfg.clone();
     let dst = std::thread::spawn(move || {
-        destination::receive(d, &cfg2, |_| -> migrate_core::Result<ReferenceVm> {
-            Err(Error::VmControl("no room for this guest".into()))
+        // The destination is set up for a guest of another size: it refuses the layout.
+        let wrong = VmmConfig {
+            mem_size: 32 << 20,
+            ..guest(DirtyTracking::DirtyLog)
+        };
+        destination::receive(d, &cfg2, move |layout| {
+            wrong.check_layout(layout)?;
+            ReferenceVm::new_incoming(wrong)
         })
     });
     let err = source::migrate(&src, s, &cfg, None).unwrap_err();
@@ -213,7 +220,18 @@ fn refused_migration_leaves_the_kvm_guest_running_and_a_retry_succeeds() {
         ),
         "{err:?}"
     );
-    assert!(dst.join().unwrap().is_err());
+    match dst.join().unwrap() {
+        Err(Error::Migration {
+            phase: Phase::Handshake,
+            source,
+        }) => {
+            assert!(matches!(*source, Error::Incompatible(_)), "{source}")
+        }
+        other => panic!(
+            "destination should refuse the layout: {:?}",
+            other.map(|_| ())
+        ),
+    }
     assert!(!src.is_paused());
     let c = src.status(0).unwrap().counter;
     wait_counter_above(&src, 0, c + 2);
@@ -222,7 +240,10 @@ fn refused_migration_leaves_the_kvm_guest_running_and_a_retry_succeeds() {
     let (s, d) = transport::in_process(1).unwrap();
     let cfg2 = cfg.clone();
     let dst = std::thread::spawn(move || {
-        destination::receive(d, &cfg2, |_| ReferenceVm::new_incoming(config))
+        destination::receive(d, &cfg2, |layout| {
+            config.check_layout(layout)?;
+            ReferenceVm::new_incoming(config)
+        })
     });
     source::migrate(&src, s, &cfg, None).unwrap();
     let (dvm, _) = dst.join().unwrap().unwrap();

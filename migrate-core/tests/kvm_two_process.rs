@@ -130,7 +130,8 @@ fn child_destination_process() {
     std::fs::write(dir.join("port.tmp"), addr.port().to_string()).unwrap();
     std::fs::rename(dir.join("port.tmp"), dir.join("port")).unwrap();
     let conn = listener.accept(Duration::from_secs(60)).unwrap();
-    let (dst, _) = destination::receive(conn, &migration_config(), |_| {
+    let (dst, _) = destination::receive(conn, &migration_config(), |layout| {
+        config().check_layout(layout)?;
         Ok(HashAtResume {
             vm: ReferenceVm::new_incoming(config())?,
             at_resume: Mutex::new(None),

@@ -108,6 +108,24 @@ impl VmmConfig {
         Ok(())
     }
 
+    /// Checks that a migration's announced memory layout is this configuration's, so a
+    /// destination refuses a guest of another shape before any page arrives.
+    pub fn check_layout(&self, layout: &crate::protocol::MemoryLayout) -> Result<()> {
+        let ours: Vec<(u64, u64)> = self
+            .regions()
+            .iter()
+            .map(|(g, l)| (g.0, *l as u64))
+            .collect();
+        let theirs: Vec<(u64, u64)> = layout.regions.iter().map(|r| (r.gpa, r.len)).collect();
+        if ours == theirs {
+            Ok(())
+        } else {
+            Err(Error::Incompatible(format!(
+                "source memory regions {theirs:x?} differ from this VM's {ours:x?}"
+            )))
+        }
+    }
+
     /// Regions (start, length) as registered with KVM.
     pub fn regions(&self) -> Vec<(GuestAddress, usize)> {
         let mut out = Vec::new();
@@ -489,5 +507,61 @@ impl IncomingVm for ReferenceVm {
 
     fn resume(&self) -> Result<()> {
         ReferenceVm::resume(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::MemoryLayout;
+
+    #[test]
+    fn layout_check_accepts_own_shape_and_names_a_mismatch() {
+        let cfg = VmmConfig {
+            mem_size: 6 << 20,
+            slot_size: 4 << 20,
+            ..Default::default()
+        };
+        let mem = GuestMemory::from_ranges(&cfg.regions()).unwrap();
+        cfg.check_layout(&MemoryLayout::of(&mem)).unwrap();
+        let other = VmmConfig {
+            slot_size: 2 << 20,
+            ..cfg.clone()
+        };
+        let e = other.check_layout(&MemoryLayout::of(&mem)).unwrap_err();
+        assert!(matches!(e, Error::Incompatible(_)), "{e}");
+    }
+
+    #[test]
+    fn bad_configs_are_refused_before_touching_kvm() {
+        for cfg in [
+            VmmConfig {
+                mem_size: 3 << 20,
+                ..Default::default()
+            },
+            VmmConfig {
+                mem_size: 8 << 30,
+                ..Default::default()
+            },
+            VmmConfig {
+                vcpus: 0,
+                ..Default::default()
+            },
+            VmmConfig {
+                vcpus: 33,
+                ..Default::default()
+            },
+            VmmConfig {
+                working_set_pages: 1 << 20,
+                ..Default::default()
+            },
+            VmmConfig {
+                slot_size: 100,
+                ..Default::default()
+            },
+        ] {
+            assert!(cfg.validate().is_err(), "{cfg:?} accepted");
+        }
+        VmmConfig::default().validate().unwrap();
     }
 }
