@@ -83,6 +83,11 @@ fn pattern(n: u64, out: &mut [u64; 512]) {
     }
 }
 
+/// The word a filled guest holds at `addr` before it writes there.
+fn fill_word(addr: u64) -> u64 {
+    (addr ^ 0x5a5a_5a5a_5a5a_5a5a) | 1
+}
+
 fn checksum_upto(n: u64) -> u64 {
     (1..=n).fold(0u64, |c, i| c.wrapping_add(mix(i)))
 }
@@ -151,7 +156,11 @@ impl SoftwareGuest {
                 off += len as u64;
             }
         }
-        Ok(())
+        // The header starts at step 0.
+        let header = self.cfg.layout.regions[0].gpa;
+        self.memory
+            .write_slice(&[0u8; 16], GuestAddress(header))
+            .map_err(|e| Error::Memory(e.to_string()))
     }
 
     fn spawn(&self) -> Result<()> {
@@ -170,6 +179,18 @@ impl SoftwareGuest {
             .map_err(|e| Error::VmControl(format!("spawning the guest thread: {e}")))?;
         *slot = Some(h);
         Ok(())
+    }
+
+    /// The guest memory (same as the trait methods, without naming a trait).
+    pub fn guest_memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// Addresses of the pages the guest writes: the header page, then the working set.
+    pub fn written_pages(&self) -> Vec<u64> {
+        let mut v = vec![self.cfg.layout.regions[0].gpa];
+        v.extend(working_set(&self.cfg.layout, self.cfg.working_set_pages));
+        v
     }
 
     /// The guest's step counter as stored in its memory.
@@ -198,6 +219,9 @@ fn read_header(mem: &GuestMemory, header: u64) -> (u64, u64) {
 /// page holds a complete pattern of a step not after the counter. Returns the counter.
 pub fn check_consistency(mem: &GuestMemory, cfg: &SoftwareGuestConfig) -> Result<u64> {
     let (counter, sum) = read_header(mem, cfg.layout.regions[0].gpa);
+    if counter > 1 << 36 {
+        return Err(Error::Memory(format!("implausible counter {counter}")));
+    }
     if sum != checksum_upto(counter) {
         return Err(Error::Memory(format!(
             "checksum wrong for counter {counter}"
@@ -212,7 +236,12 @@ pub fn check_consistency(mem: &GuestMemory, cfg: &SoftwareGuestConfig) -> Result
         if n == 0 && !cfg.fill && page.iter().all(|&w| w == 0) {
             continue; // never written
         }
-        if n == 0 {
+        if cfg.fill
+            && page
+                .iter()
+                .enumerate()
+                .all(|(i, &w)| w == fill_word(gpa + i as u64 * 8))
+        {
             continue; // filled, never stepped on
         }
         if n > counter {

@@ -1,0 +1,273 @@
+//! End-to-end migrations of the software guest: in-process, TCP (1 and 2 memory connections),
+//! unix socket. Each checks the destination's memory at resume equals the source's memory at
+//! switchover page by page, that the guest continues on the destination from its paused step,
+//! and that the source no longer runs.
+
+mod engine_common;
+
+use engine_common::{Recorded, within};
+use migrate_core::pages::page_hashes;
+use migrate_core::protocol::{MemoryLayout, RegionDesc};
+use migrate_core::software_guest::{SoftwareGuest, SoftwareGuestConfig};
+use migrate_core::transport::{self, Connections, Endpoint, Listener};
+use migrate_core::{MigrationConfig, Progress, destination, source};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// 48 MiB in two regions with a hole, like RAM below and above a PCI window.
+fn guest_config(fill: bool, rate_mib_s: f64) -> SoftwareGuestConfig {
+    SoftwareGuestConfig {
+        layout: MemoryLayout {
+            regions: vec![
+                RegionDesc {
+                    gpa: 0,
+                    len: 32 << 20,
+                },
+                RegionDesc {
+                    gpa: 1 << 32,
+                    len: 16 << 20,
+                },
+            ],
+        },
+        working_set_pages: 2048,
+        dirty_rate_mib_s: Some(rate_mib_s),
+        fill,
+    }
+}
+
+fn config() -> MigrationConfig {
+    MigrationConfig {
+        downtime_target: Duration::from_millis(50),
+        timeout: Duration::from_secs(20),
+        io_timeout: Duration::from_secs(20),
+        ..Default::default()
+    }
+}
+
+enum How {
+    InProcess(usize),
+    Network(Endpoint, usize),
+}
+
+fn migrate_and_verify(how: How, fill: bool) {
+    within(120, move || {
+        let gcfg = guest_config(fill, 100.0);
+        let src = SoftwareGuest::start(gcfg.clone()).unwrap();
+        // Let the guest write for a while so memory holds history.
+        std::thread::sleep(Duration::from_millis(100));
+        let cfg = config();
+        let resumed = Arc::new(AtomicBool::new(false));
+        let (src_conn, dst_thread) = match how {
+            How::InProcess(n) => {
+                let (s, d) = transport::in_process(n).unwrap();
+                (
+                    s,
+                    spawn_destination(Ok(d), cfg.clone(), gcfg.clone(), resumed.clone()),
+                )
+            }
+            How::Network(ep, n) => {
+                let l = Listener::bind(&ep).unwrap();
+                let ep = l.endpoint().unwrap();
+                let accepted = std::thread::spawn(move || l.accept(Duration::from_secs(20)));
+                let s = transport::connect(&ep, n, Duration::from_secs(10)).unwrap();
+                let d = accepted.join().unwrap();
+                (
+                    s,
+                    spawn_destination(d, cfg.clone(), gcfg.clone(), resumed.clone()),
+                )
+            }
+        };
+        let n = src_conn.memory.len();
+        let (ptx, prx) = crossbeam_channel::unbounded();
+        let report = source::migrate(&src, src_conn, &cfg, Some(ptx)).expect("migration");
+        // The source is paused for good: this is its memory at switchover.
+        assert!(!src.is_running(), "source still runs after commit");
+        let src_hashes = page_hashes(src.guest_memory()).unwrap();
+        let src_counter = src.counter();
+        src.check_consistency().expect("source memory consistent");
+
+        let (dst, recv_report) = dst_thread.join().unwrap().expect("receive");
+        assert!(resumed.load(Ordering::SeqCst));
+        let dst_hashes = dst.hashes_at_resume.lock().unwrap().take().unwrap();
+        assert_eq!(src_hashes.len(), dst_hashes.len());
+        let differing: Vec<usize> = (0..src_hashes.len())
+            .filter(|&i| src_hashes[i] != dst_hashes[i])
+            .collect();
+        assert!(
+            differing.is_empty(),
+            "{} pages differ, first {:?}",
+            differing.len(),
+            &differing[..differing.len().min(8)]
+        );
+        assert_eq!(dst.counter_at_resume.load(Ordering::SeqCst), src_counter);
+
+        // The guest keeps going on the destination from where it stopped...
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while dst.guest.counter() <= src_counter {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "destination guest does not advance"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        migrate_core::vm::MigratableVm::pause(&dst.guest).unwrap();
+        dst.guest
+            .check_consistency()
+            .expect("destination memory consistent");
+        // ...and the source does not.
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(src.counter(), src_counter, "source advanced after commit");
+
+        // Reports agree with each other and with what moved.
+        assert_eq!(report.connections, n);
+        assert!(
+            report.rounds.len() >= 2,
+            "a pre-copy round and the final round"
+        );
+        let sent: u64 = report
+            .rounds
+            .iter()
+            .map(|r| r.pages_sent + r.zero_pages)
+            .sum();
+        assert_eq!(sent, recv_report.data_pages + recv_report.zero_pages);
+        assert_eq!(report.bytes_sent, recv_report.bytes);
+        if fill {
+            // Round 0 of a filled guest sends every page.
+            assert_eq!(report.rounds[0].pages_sent, (48u64 << 20) / 4096);
+        } else {
+            // Round 0 skips zero pages: far fewer than all.
+            assert!(report.rounds[0].pages_sent < (48u64 << 20) / 4096 / 4);
+        }
+        let events: Vec<Progress> = prx.try_iter().collect();
+        assert!(
+            matches!(events.first(), Some(Progress::Started { .. })),
+            "{events:?}"
+        );
+        assert!(
+            matches!(events.last(), Some(Progress::Completed { .. })),
+            "{events:?}"
+        );
+        serde_json::to_string(&report).expect("report serializes");
+    });
+}
+
+fn spawn_destination(
+    conn: migrate_core::Result<Connections>,
+    cfg: MigrationConfig,
+    gcfg: SoftwareGuestConfig,
+    resumed: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<migrate_core::Result<(Recorded, migrate_core::ReceiveReport)>> {
+    std::thread::spawn(move || {
+        destination::receive(conn?, &cfg, |layout| {
+            assert_eq!(layout, &gcfg.layout);
+            Ok(Recorded::new(SoftwareGuest::incoming(gcfg)?, resumed))
+        })
+    })
+}
+
+#[test]
+fn in_process_one_connection_byte_exact() {
+    migrate_and_verify(How::InProcess(1), false);
+}
+
+#[test]
+fn in_process_filled_guest_two_connections_byte_exact() {
+    migrate_and_verify(How::InProcess(2), true);
+}
+
+#[test]
+fn tcp_one_connection_byte_exact() {
+    migrate_and_verify(
+        How::Network(Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), 1),
+        true,
+    );
+}
+
+#[test]
+fn tcp_two_connections_byte_exact() {
+    migrate_and_verify(
+        How::Network(Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), 2),
+        false,
+    );
+}
+
+#[test]
+fn unix_socket_byte_exact() {
+    let path = std::env::temp_dir().join(format!("ninja-engine-{}.sock", std::process::id()));
+    migrate_and_verify(How::Network(Endpoint::Unix(path), 2), true);
+}
+
+/// A guest dirtying 20 MiB/s over a link capped at 2 MiB/s can never meet a 1 ms target.
+fn unconvergeable(strategy: migrate_core::TimeoutStrategy) -> (SoftwareGuest, MigrationConfig) {
+    let mut gcfg = guest_config(false, 20.0);
+    gcfg.working_set_pages = 4096;
+    let src = SoftwareGuest::start(gcfg).unwrap();
+    let cfg = MigrationConfig {
+        downtime_target: Duration::from_millis(1),
+        timeout: Duration::from_secs(3),
+        on_timeout: strategy,
+        max_bandwidth: Some(2 << 20),
+        ..config()
+    };
+    (src, cfg)
+}
+
+#[test]
+fn timeout_strategy_force_switches_over_exactly() {
+    within(120, || {
+        let (src, cfg) = unconvergeable(migrate_core::TimeoutStrategy::Force);
+        let gcfg = guest_config(false, 20.0);
+        let gcfg = SoftwareGuestConfig {
+            working_set_pages: 4096,
+            ..gcfg
+        };
+        let (s, d) = transport::in_process(1).unwrap();
+        let dst = spawn_destination(Ok(d), cfg.clone(), gcfg, Arc::new(AtomicBool::new(false)));
+        let report = source::migrate(&src, s, &cfg, None).expect("forced migration");
+        assert_eq!(
+            report.switchover,
+            migrate_core::stats::SwitchoverReason::Forced,
+            "{report:?}"
+        );
+        let src_hashes = page_hashes(src.guest_memory()).unwrap();
+        let (dst, _) = dst.join().unwrap().unwrap();
+        assert_eq!(
+            src_hashes,
+            dst.hashes_at_resume.lock().unwrap().take().unwrap()
+        );
+    });
+}
+
+#[test]
+fn timeout_strategy_abort_keeps_source_running() {
+    within(120, || {
+        let (src, cfg) = unconvergeable(migrate_core::TimeoutStrategy::Abort);
+        let gcfg = SoftwareGuestConfig {
+            working_set_pages: 4096,
+            ..guest_config(false, 20.0)
+        };
+        let (s, d) = transport::in_process(1).unwrap();
+        let resumed = Arc::new(AtomicBool::new(false));
+        let dst = spawn_destination(Ok(d), cfg.clone(), gcfg, resumed.clone());
+        let err = source::migrate(&src, s, &cfg, None).expect_err("must not converge");
+        match &err {
+            migrate_core::Error::Migration { phase, source } => {
+                assert_eq!(*phase, migrate_core::Phase::PreCopy);
+                assert!(
+                    matches!(**source, migrate_core::Error::NotConverged(_)),
+                    "{source}"
+                );
+            }
+            e => panic!("unexpected error {e}"),
+        }
+        assert!(src.is_running());
+        let c = src.counter();
+        while src.counter() <= c {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let e = dst.join().unwrap().err().expect("destination must fail");
+        assert!(matches!(e, migrate_core::Error::Migration { .. }), "{e}");
+        assert!(!resumed.load(Ordering::SeqCst), "destination guest ran");
+    });
+}
