@@ -127,7 +127,9 @@ impl Agent {
             guest_link::run(spec, s, link_tx, w)
         })?);
         let (s, t) = (stop.clone(), tx.clone());
-        threads.push(spawn("symvirt-ranks", move || accept_ranks(listener, s, t))?);
+        threads.push(spawn("symvirt-ranks", move || {
+            accept_ranks(listener, s, t)
+        })?);
         drop(tx);
 
         log::info!(
@@ -195,7 +197,9 @@ fn accept_ranks(listener: UnixListener, stop: Arc<AtomicBool>, events: Sender<Ev
             Ok((stream, _)) => {
                 next_id += 1;
                 let id = next_id;
-                let reader = match stream.set_nonblocking(false).and_then(|()| stream.try_clone())
+                let reader = match stream
+                    .set_nonblocking(false)
+                    .and_then(|()| stream.try_clone())
                 {
                     Ok(r) => r,
                     Err(e) => {
@@ -315,7 +319,7 @@ impl Core {
         self.ranks.values().filter_map(|c| c.rank)
     }
 
-    fn to_host(&mut self, message: GuestMessage) {
+    fn tell_host(&mut self, message: GuestMessage) {
         let line = match encode(&message) {
             Ok(l) => l,
             Err(e) => {
@@ -333,7 +337,10 @@ impl Core {
         match sent {
             Ok(()) => log::info!("sent {}", message.describe()),
             Err(why) => {
-                log::warn!("{} not sent ({why}); will send after reconnect", message.describe());
+                log::warn!(
+                    "{} not sent ({why}); will send after reconnect",
+                    message.describe()
+                );
                 if !matches!(message, GuestMessage::Hello { .. }) {
                     self.unsent = Some(message);
                 }
@@ -341,7 +348,7 @@ impl Core {
         }
     }
 
-    fn to_rank(&mut self, id: u64, notice: &AgentNotice) {
+    fn tell_rank(&mut self, id: u64, notice: &AgentNotice) {
         let Some(conn) = self.ranks.get_mut(&id) else {
             return;
         };
@@ -354,7 +361,7 @@ impl Core {
         }
     }
 
-    fn to_all_ranks(&mut self, notice: &AgentNotice) {
+    fn tell_all_ranks(&mut self, notice: &AgentNotice) {
         let ids: Vec<u64> = self
             .ranks
             .iter()
@@ -362,7 +369,7 @@ impl Core {
             .map(|(&id, _)| id)
             .collect();
         for id in ids {
-            self.to_rank(id, notice);
+            self.tell_rank(id, notice);
         }
     }
 
@@ -370,14 +377,14 @@ impl Core {
         match event {
             Event::Link(LinkEvent::Connected) => {
                 log::info!("host connected");
-                self.to_host(GuestMessage::Hello {
+                self.tell_host(GuestMessage::Hello {
                     vm: self.config.vm.clone(),
                     agent_version: AGENT_VERSION.into(),
                     protocol: PROTOCOL_VERSION,
                     ranks: self.config.ranks,
                 });
                 if let Some(m) = self.unsent.take() {
-                    self.to_host(m);
+                    self.tell_host(m);
                 }
             }
             Event::Link(LinkEvent::Disconnected) => log::info!("host disconnected"),
@@ -419,10 +426,10 @@ impl Core {
     fn fail(&mut self, epoch: u64, reason: String) {
         log::warn!("epoch {epoch} failed: {reason}");
         if !matches!(self.phase, Phase::Resuming { .. }) {
-            self.to_all_ranks(&AgentNotice::Abort { epoch });
+            self.tell_all_ranks(&AgentNotice::Abort { epoch });
         }
         self.phase = Phase::Running;
-        self.to_host(GuestMessage::Failed { epoch, reason });
+        self.tell_host(GuestMessage::Failed { epoch, reason });
     }
 
     fn on_host(&mut self, message: HostMessage) {
@@ -443,7 +450,7 @@ impl Core {
                     deadline: Instant::now() + Duration::from_millis(deadline_ms),
                     quiesced: BTreeSet::new(),
                 };
-                self.to_all_ranks(&AgentNotice::Prepare { epoch, deadline_ms });
+                self.tell_all_ranks(&AgentNotice::Prepare { epoch, deadline_ms });
                 self.check_quiesced();
             }
             HostMessage::Resume {
@@ -459,7 +466,7 @@ impl Core {
                         *iface = sysfs::interface_with_mac(&self.config.net_dir, mac);
                     }
                 }
-                self.to_all_ranks(&AgentNotice::Resume {
+                self.tell_all_ranks(&AgentNotice::Resume {
                     epoch,
                     interconnect: interconnect.clone(),
                 });
@@ -472,7 +479,7 @@ impl Core {
             }
             HostMessage::Abort { epoch } => match self.phase {
                 Phase::Preparing { epoch: e, .. } | Phase::Quiesced { epoch: e } if e == epoch => {
-                    self.to_all_ranks(&AgentNotice::Abort { epoch });
+                    self.tell_all_ranks(&AgentNotice::Abort { epoch });
                     self.phase = Phase::Running;
                 }
                 _ => log::warn!("ignored abort{{epoch={epoch}}} in {:?}", self.phase),
@@ -493,7 +500,7 @@ impl Core {
                 };
                 if let Some(reason) = refuse {
                     log::warn!("refused rank {rank}: {reason}");
-                    self.to_rank(id, &AgentNotice::Refused { reason });
+                    self.tell_rank(id, &AgentNotice::Refused { reason });
                     return;
                 }
                 if let Some(c) = self.ranks.get_mut(&id) {
@@ -501,7 +508,7 @@ impl Core {
                 }
                 log::info!("rank {rank} registered");
                 let expected = self.config.ranks;
-                self.to_rank(id, &AgentNotice::Registered { rank, expected });
+                self.tell_rank(id, &AgentNotice::Registered { rank, expected });
                 // A rank that joins mid-epoch catches up.
                 match &self.phase {
                     Phase::Preparing {
@@ -513,7 +520,7 @@ impl Core {
                                 .saturating_duration_since(Instant::now())
                                 .as_millis() as u64,
                         };
-                        self.to_rank(id, &notice);
+                        self.tell_rank(id, &notice);
                     }
                     Phase::Resuming {
                         epoch,
@@ -524,7 +531,7 @@ impl Core {
                             epoch: *epoch,
                             interconnect: interconnect.clone(),
                         };
-                        self.to_rank(id, &notice);
+                        self.tell_rank(id, &notice);
                     }
                     Phase::Running | Phase::Quiesced { .. } => {}
                 }
@@ -540,7 +547,9 @@ impl Core {
                 _ => log::warn!("ignored quiesced{{epoch={epoch}}} from rank {rank}"),
             },
             (RankRequest::Resumed { epoch }, Some(rank)) => match &mut self.phase {
-                Phase::Resuming { epoch: e, acked, .. } if *e == epoch => {
+                Phase::Resuming {
+                    epoch: e, acked, ..
+                } if *e == epoch => {
                     acked.insert(rank);
                     log::info!("rank {rank} resumed for epoch {epoch}");
                     self.check_resumed();
@@ -567,7 +576,7 @@ impl Core {
             if self.all_ranks_in(quiesced) {
                 let epoch = *epoch;
                 self.phase = Phase::Quiesced { epoch };
-                self.to_host(GuestMessage::Quiesced { epoch });
+                self.tell_host(GuestMessage::Quiesced { epoch });
             }
         }
     }
@@ -589,7 +598,7 @@ impl Core {
                         .then(|| sysfs::pci_devices(&self.config.pci_dir)),
                 };
                 self.phase = Phase::Running;
-                self.to_host(message);
+                self.tell_host(message);
             }
         }
     }

@@ -4,7 +4,7 @@
 //! A virtio-serial port stays open across host connections. The kernel reports whether the
 //! host side (QEMU's chardev) is connected through `poll`: `POLLHUP` while it is not, and
 //! `read` then returns 0 at once. The link turns those transitions into
-//! [`LinkEvent::Connected`] / [`LinkEvent::Disconnected`] so the agent says `hello` to every
+//! `Connected` / `Disconnected` link events so the agent says `hello` to every
 //! new host connection. A unix socket is simply reconnected when it ends.
 
 use crate::error::{Error, Result};
@@ -270,7 +270,14 @@ mod tests {
             ChannelSpec::parse("/dev/vport1p1").unwrap(),
             ChannelSpec::Device("/dev/vport1p1".into())
         );
-        for bad in ["", "virtio:", "virtio:a/b", "unix:", "tcp:1.2.3.4:5", "relative"] {
+        for bad in [
+            "",
+            "virtio:",
+            "virtio:a/b",
+            "unix:",
+            "tcp:1.2.3.4:5",
+            "relative",
+        ] {
             assert!(ChannelSpec::parse(bad).is_err(), "{bad}");
         }
     }

@@ -171,11 +171,7 @@ impl HostChannel {
         listener
             .set_nonblocking(true)
             .map_err(|e| Error::io("set_nonblocking", e))?;
-        Self::start(
-            Endpoint::Listen(listener),
-            options,
-            Some(path),
-        )
+        Self::start(Endpoint::Listen(listener), options, Some(path))
     }
 
     fn start(
@@ -216,9 +212,9 @@ impl HostChannel {
             let mut writer = lock(&self.shared.writer);
             match writer.as_mut() {
                 None => Err(Error::NotConnected),
-                Some(w) => w.write_all(&line).map_err(|e| {
-                    Error::io(format!("send {} to the guest", message.describe()), e)
-                }),
+                Some(w) => w
+                    .write_all(&line)
+                    .map_err(|e| Error::io(format!("send {} to the guest", message.describe()), e)),
             }
         };
         if result.is_err() {

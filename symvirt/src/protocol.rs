@@ -527,7 +527,10 @@ mod tests {
             r#"{"type":"abort","epoch":7}"#,
         ];
         for (m, g) in all_host().iter().zip(golden_host) {
-            assert_eq!(String::from_utf8(encode(m).unwrap()).unwrap(), format!("{g}\n"));
+            assert_eq!(
+                String::from_utf8(encode(m).unwrap()).unwrap(),
+                format!("{g}\n")
+            );
             assert_eq!(&decode::<HostMessage>(g.as_bytes()).unwrap(), m);
         }
         let golden_guest = [
@@ -538,7 +541,10 @@ mod tests {
             r#"{"type":"failed","epoch":3,"reason":"rank 1 did not quiesce in 5000 ms"}"#,
         ];
         for (m, g) in all_guest().iter().zip(golden_guest) {
-            assert_eq!(String::from_utf8(encode(m).unwrap()).unwrap(), format!("{g}\n"));
+            assert_eq!(
+                String::from_utf8(encode(m).unwrap()).unwrap(),
+                format!("{g}\n")
+            );
             assert_eq!(&decode::<GuestMessage>(g.as_bytes()).unwrap(), m);
         }
     }
@@ -587,7 +593,10 @@ mod tests {
         }
         let err = decode::<GuestMessage>(b"{\"type\":\"quiesced\",\"epoch\":1\xff}").unwrap_err();
         assert!(matches!(err, Error::NotUtf8(_)), "{err:?}");
-        let long = format!(r#"{{"type":"failed","epoch":1,"reason":"{}"}}"#, "x".repeat(5000));
+        let long = format!(
+            r#"{{"type":"failed","epoch":1,"reason":"{}"}}"#,
+            "x".repeat(5000)
+        );
         let err = decode::<GuestMessage>(long.as_bytes()).unwrap_err();
         assert!(matches!(err, Error::LineTooLong { .. }), "{err:?}");
     }

@@ -224,21 +224,24 @@ impl GuestSession {
             state: s.to_string(),
         };
         let next = match (message, &self.state) {
-            (
-                HostMessage::Prepare { epoch, deadline_ms },
-                SessionState::Running,
-            ) if *epoch > self.last_epoch => SessionState::Preparing {
-                epoch: *epoch,
-                deadline: now + Duration::from_millis(*deadline_ms),
-            },
-            (HostMessage::Resume { epoch, interconnect }, SessionState::Quiesced { epoch: e })
-                if epoch == e =>
+            (HostMessage::Prepare { epoch, deadline_ms }, SessionState::Running)
+                if *epoch > self.last_epoch =>
             {
-                SessionState::Resuming {
+                SessionState::Preparing {
                     epoch: *epoch,
-                    interconnect: interconnect.clone(),
+                    deadline: now + Duration::from_millis(*deadline_ms),
                 }
             }
+            (
+                HostMessage::Resume {
+                    epoch,
+                    interconnect,
+                },
+                SessionState::Quiesced { epoch: e },
+            ) if epoch == e => SessionState::Resuming {
+                epoch: *epoch,
+                interconnect: interconnect.clone(),
+            },
             (
                 HostMessage::Abort { epoch },
                 SessionState::Preparing { epoch: e, .. }
@@ -272,10 +275,7 @@ impl GuestSession {
         } = message
         {
             if self.hello_on_this_connection {
-                return Err(Rejection::new(
-                    Unexpected,
-                    "second hello on one connection",
-                ));
+                return Err(Rejection::new(Unexpected, "second hello on one connection"));
             }
             if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(protocol) {
                 return Err(Rejection::new(
@@ -320,7 +320,10 @@ impl GuestSession {
             Some(current) if current != got => {
                 return Err(Rejection::new(
                     WrongEpoch,
-                    format!("{what}, but epoch {current} is in progress ({})", self.state),
+                    format!(
+                        "{what}, but epoch {current} is in progress ({})",
+                        self.state
+                    ),
                 ));
             }
             Some(_) => {}

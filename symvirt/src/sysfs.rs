@@ -143,7 +143,10 @@ mod tests {
             interface_with_mac(&d.join("net"), "52:54:00:00:00:02").as_deref(),
             Some("eth1")
         );
-        assert_eq!(interface_with_mac(&d.join("net"), "52:54:00:00:00:03"), None);
+        assert_eq!(
+            interface_with_mac(&d.join("net"), "52:54:00:00:00:03"),
+            None
+        );
 
         write(d.join("ports/vport1p1/name"), "org.other\n");
         write(d.join("ports/vport2p1/name"), "org.symvirt.0\n");

@@ -102,10 +102,7 @@ impl Rig {
 
     fn wait_outcome(&self) -> GuestMessage {
         self.host
-            .wait_for(
-                |m| !matches!(m, GuestMessage::Hello { .. }),
-                soon(),
-            )
+            .wait_for(|m| !matches!(m, GuestMessage::Hello { .. }), soon())
             .unwrap()
     }
 }
@@ -120,7 +117,10 @@ impl Drop for Rig {
 fn expect_prepare(rank: &mut RankClient, epoch: u64) {
     match rank.next_event(Some(PATIENCE)).unwrap() {
         Some(RankEvent::Prepare { epoch: e, .. }) if e == epoch => {}
-        other => panic!("rank {}: expected prepare {epoch}, got {other:?}", rank.rank()),
+        other => panic!(
+            "rank {}: expected prepare {epoch}, got {other:?}",
+            rank.rank()
+        ),
     }
 }
 
@@ -149,7 +149,10 @@ fn quiesced_only_after_the_last_rank_and_resume_reaches_every_rank() {
         Instant::now() + Duration::from_millis(500),
     );
     assert!(matches!(early, Err(Error::Timeout)), "{early:?}");
-    assert!(matches!(rig.host.state(), SessionState::Preparing { epoch: 1, .. }));
+    assert!(matches!(
+        rig.host.state(),
+        SessionState::Preparing { epoch: 1, .. }
+    ));
     r1.quiesced(1).unwrap();
     assert_eq!(rig.wait_outcome(), GuestMessage::Quiesced { epoch: 1 });
 
@@ -307,8 +310,8 @@ fn the_agent_reconnects_to_a_new_host_and_says_hello_again() {
     let mut rig = Rig::new("rehost", 0);
     let host_sock = rig.dir.0.join("host.sock");
     // The controller restarts: the old channel goes away, a new one listens on the same path.
-    let placeholder = HostChannel::connect(rig.dir.0.join("nowhere.sock"), ChannelOptions::default())
-        .unwrap();
+    let placeholder =
+        HostChannel::connect(rig.dir.0.join("nowhere.sock"), ChannelOptions::default()).unwrap();
     drop(std::mem::replace(&mut rig.host, placeholder));
     rig.host = HostChannel::listen(&host_sock, ChannelOptions::labelled("rehost2")).unwrap();
     assert_eq!(rig.host.wait_hello(soon()).unwrap().vm, "vm-rehost");
@@ -386,7 +389,10 @@ fn agent_binary_with_no_ranks_quiesces_at_once_and_reports_pci_devices() {
         "symvirt-agent: sent quiesced{epoch=1}",
         "symvirt-agent: sent resumed{epoch=1}",
     ] {
-        assert!(out.contains(needle), "{needle:?} not in agent output:\n{out}");
+        assert!(
+            out.contains(needle),
+            "{needle:?} not in agent output:\n{out}"
+        );
     }
 }
 
@@ -405,6 +411,9 @@ fn agent_binary_refuses_bad_arguments() {
             .unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.starts_with("symvirt-agent: error:"), "{args:?}: {text}");
+        assert!(
+            text.starts_with("symvirt-agent: error:"),
+            "{args:?}: {text}"
+        );
     }
 }

@@ -40,7 +40,10 @@ fn epoch(
     })
     .unwrap();
     let got = host
-        .wait_for(|m| !matches!(m, GuestMessage::Hello { .. }), Instant::now() + PATIENCE)
+        .wait_for(
+            |m| !matches!(m, GuestMessage::Hello { .. }),
+            Instant::now() + PATIENCE,
+        )
         .unwrap();
     assert_eq!(got, GuestMessage::Quiesced { epoch });
     between();
@@ -50,7 +53,10 @@ fn epoch(
     })
     .unwrap();
     match host
-        .wait_for(|m| !matches!(m, GuestMessage::Hello { .. }), Instant::now() + PATIENCE)
+        .wait_for(
+            |m| !matches!(m, GuestMessage::Hello { .. }),
+            Instant::now() + PATIENCE,
+        )
         .unwrap()
     {
         GuestMessage::Resumed {
@@ -70,7 +76,8 @@ fn has(devices: &[PciDevice], device: u16) -> bool {
 
 #[test]
 fn guest_agent_in_qemu_quiesces_and_resumes_over_virtio_serial() {
-    let Some(fixtures) = qemu_or_skip("guest_agent_in_qemu_quiesces_and_resumes_over_virtio_serial")
+    let Some(fixtures) =
+        qemu_or_skip("guest_agent_in_qemu_quiesces_and_resumes_over_virtio_serial")
     else {
         return;
     };
@@ -126,7 +133,10 @@ fn guest_agent_in_qemu_quiesces_and_resumes_over_virtio_serial() {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    assert!(has(&devices, IVSHMEM_DEVICE), "stand-in never seen: {devices:?}");
+    assert!(
+        has(&devices, IVSHMEM_DEVICE),
+        "stand-in never seen: {devices:?}"
+    );
 
     // Migration-style swap while the guest is quiesced: unplug the stand-in, plug a NIC.
     n += 1;
@@ -138,7 +148,8 @@ fn guest_agent_in_qemu_quiesces_and_resumes_over_virtio_serial() {
     let (mut told, mut devices) = epoch(&host, n, ethernet.clone(), || {
         qmp.execute("device_del", json!({"id": "hca0"})).unwrap();
         qmp.wait_event("DEVICE_DELETED", PATIENCE).unwrap();
-        qmp.execute("object-del", json!({"id": "hca0-mem"})).unwrap();
+        qmp.execute("object-del", json!({"id": "hca0-mem"}))
+            .unwrap();
         qmp.execute(
             "device_add",
             json!({"driver": "virtio-net-pci", "id": "n0", "mac": NIC_MAC}),
@@ -146,7 +157,10 @@ fn guest_agent_in_qemu_quiesces_and_resumes_over_virtio_serial() {
         .unwrap();
     });
     // The guest ejected the stand-in before DEVICE_DELETED; the NIC may take a moment longer.
-    assert!(!has(&devices, IVSHMEM_DEVICE), "stand-in still there: {devices:?}");
+    assert!(
+        !has(&devices, IVSHMEM_DEVICE),
+        "stand-in still there: {devices:?}"
+    );
     let swapped_at = Instant::now();
     while !(VIRTIO_NET_DEVICES.iter().any(|&d| has(&devices, d))
         && matches!(&told, Interconnect::Ethernet { iface: Some(_), .. }))
@@ -170,12 +184,18 @@ fn guest_agent_in_qemu_quiesces_and_resumes_over_virtio_serial() {
     match &told {
         Interconnect::Ethernet { mac, iface, .. } => {
             assert_eq!(mac, NIC_MAC);
-            assert!(iface.as_deref().is_some_and(|i| i.starts_with("eth")), "{told:?}");
+            assert!(
+                iface.as_deref().is_some_and(|i| i.starts_with("eth")),
+                "{told:?}"
+            );
         }
         other => panic!("{other:?}"),
     }
     // The virtio-serial controller itself is on the guest's bus (legacy or modern id).
-    assert!(has(&devices, 0x1003) || has(&devices, 0x1043), "{devices:?}");
+    assert!(
+        has(&devices, 0x1003) || has(&devices, 0x1043),
+        "{devices:?}"
+    );
     assert_eq!(host.stats().rejected_total(), 0);
 
     let serial = vm.serial();
@@ -184,7 +204,10 @@ fn guest_agent_in_qemu_quiesces_and_resumes_over_virtio_serial() {
         "symvirt-agent: sent quiesced{epoch=1}",
         &format!("symvirt-agent: sent resumed{{epoch={n}}}"),
     ] {
-        assert!(serial.contains(needle), "{needle:?} not on the console:\n{serial}");
+        assert!(
+            serial.contains(needle),
+            "{needle:?} not on the console:\n{serial}"
+        );
     }
     eprintln!("qemu agent: {n} epochs; guest PCI after swap: {devices:?}; interconnect {told:?}");
     vm.kill();

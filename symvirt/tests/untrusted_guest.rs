@@ -331,7 +331,9 @@ fn the_channel_reconnects_and_the_guest_says_hello_again() {
         ChannelEvent::Connected
     );
     // Another VM's agent cannot take over the channel; the right one can, epoch intact.
-    rig.guest_says(r#"{"type":"hello","vm":"intruder","agent_version":"1","protocol":1,"ranks":1}"#);
+    rig.guest_says(
+        r#"{"type":"hello","vm":"intruder","agent_version":"1","protocol":1,"ranks":1}"#,
+    );
     rig.guest_says(r#"{"type":"hello","vm":"vm0","agent_version":"0.1.0","protocol":2,"ranks":1}"#);
     rig.guest_says(r#"{"type":"hello","vm":"vm0","agent_version":"0.1.0","protocol":1,"ranks":1}"#);
     assert!(matches!(

@@ -57,7 +57,11 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<AgentConfig> {
             "--vm" => config.vm = value("--vm")?,
             "--report-pci" => config.report_pci = true,
             "--help" | "-h" => return Err(Error::Config(USAGE.into())),
-            other => return Err(Error::Config(format!("unknown argument {other:?}; {USAGE}"))),
+            other => {
+                return Err(Error::Config(format!(
+                    "unknown argument {other:?}; {USAGE}"
+                )));
+            }
         }
     }
     // The name travels in `hello`; refuse one the host would reject.
@@ -79,14 +83,16 @@ fn default_vm_name() -> String {
         .filter(|h| {
             !h.is_empty()
                 && h.len() <= symvirt::protocol::MAX_NAME
-                && h.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
         })
         .unwrap_or_else(|| "guest".into())
 }
 
 fn main() {
     let _ = log::set_logger(&StdoutLogger).map(|()| log::set_max_level(log::LevelFilter::Info));
-    let result = parse_args(std::env::args().skip(1)).and_then(|config| Agent::spawn(config)?.wait());
+    let result =
+        parse_args(std::env::args().skip(1)).and_then(|config| Agent::spawn(config)?.wait());
     if let Err(e) = result {
         let mut msg = e.to_string();
         let mut source = std::error::Error::source(&e);
