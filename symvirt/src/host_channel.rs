@@ -17,7 +17,7 @@
 use crate::error::{Error, Result};
 use crate::framing::{Frame, LineReader};
 use crate::protocol::{GuestMessage, HostMessage, MAX_LINE, decode, encode};
-use crate::session::{GuestInfo, GuestSession, Rejection, RejectionKind, SessionState};
+use crate::session::{Accepted, GuestInfo, GuestSession, Rejection, RejectionKind, SessionState};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
@@ -89,6 +89,8 @@ pub struct ChannelStats {
     pub rejected: [u64; RejectionKind::ALL.len()],
     /// Events dropped because the controller's queue was full.
     pub dropped: u64,
+    /// Repeated identical `hello`s not passed on.
+    pub coalesced: u64,
     /// Successful connections.
     pub connections: u64,
 }
@@ -116,6 +118,7 @@ struct Counters {
     delivered: AtomicU64,
     rejected: [AtomicU64; RejectionKind::ALL.len()],
     dropped: AtomicU64,
+    coalesced: AtomicU64,
     connections: AtomicU64,
 }
 
@@ -206,8 +209,11 @@ impl HostChannel {
     pub fn send(&self, message: &HostMessage) -> Result<()> {
         let line = encode(message)?;
         // The state changes before the write: the guest may answer before `write_all` returns.
-        let before = lock(&self.shared.session).on_host(message, Instant::now())?;
-        let applied = lock(&self.shared.session).state().clone();
+        let (before, applied) = {
+            let mut session = lock(&self.shared.session);
+            let before = session.on_host(message, Instant::now())?;
+            (before, session.state().clone())
+        };
         let result = {
             let mut writer = lock(&self.shared.writer);
             match writer.as_mut() {
@@ -296,6 +302,7 @@ impl HostChannel {
             delivered: get(&c.delivered),
             rejected: std::array::from_fn(|i| get(&c.rejected[i])),
             dropped: get(&c.dropped),
+            coalesced: get(&c.coalesced),
             connections: get(&c.connections),
         }
     }
@@ -427,10 +434,16 @@ impl Reader {
             )),
             Frame::Line(line) => decode::<GuestMessage>(&line)
                 .map_err(|e| Rejection::from_decode_error(&e))
-                .and_then(|m| lock(&self.shared.session).on_guest(&m).map(|()| m)),
+                .and_then(|m| lock(&self.shared.session).on_guest(&m).map(|a| (m, a))),
         };
         match message {
-            Ok(m) => {
+            Ok((_, Accepted::Duplicate)) => {
+                self.shared
+                    .counters
+                    .coalesced
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Ok((m, Accepted::Applied)) => {
                 log::debug!(
                     "symvirt channel {}: received {}",
                     self.shared.options.label,

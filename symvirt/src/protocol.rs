@@ -32,8 +32,10 @@
 //!   guest had. Not acknowledged.
 //!
 //! Guest to host ([`GuestMessage`]):
-//! - `{"type":"hello","vm":V,"agent_version":A,"protocol":1,"ranks":N}`: sent once per
-//!   connection, when the agent sees the host side open; `N` local MPI ranks take part.
+//! - `{"type":"hello","vm":V,"agent_version":A,"protocol":1,"ranks":N}`: sent when the agent
+//!   sees the host side open and when the agent starts; `N` local MPI ranks take part. A repeated
+//!   identical `hello` between epochs is coalesced; one during an epoch (the agent restarted and
+//!   lost it) is rejected; one naming another VM is always rejected.
 //! - `{"type":"quiesced","epoch":E}`: every local rank is at the quiescent point.
 //! - `{"type":"resumed","epoch":E,"interconnect":I,"pci_devices":[...]}`: every rank acknowledged
 //!   the resume; `pci_devices` (optional) is what the guest sees on its PCI bus now.
@@ -56,8 +58,8 @@
 //! Epochs start at 1 and increase strictly. Rejected (logged and counted, state unchanged): any
 //! line that is too long, not UTF-8, not JSON, of an unknown type, with unknown or missing
 //! fields or out-of-range values; a message with an epoch other than the current one; a message
-//! the current state does not expect (`quiesced` before `prepare`, a second `hello` on one
-//! connection, `resumed` before `resume`, ...).
+//! the current state does not expect (`quiesced` before `prepare`, `resumed` before `resume`,
+//! a second `hello` on one connection during an epoch, ...).
 
 use crate::error::{Error, Result};
 use serde::de::DeserializeOwned;

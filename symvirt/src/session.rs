@@ -165,6 +165,15 @@ impl fmt::Display for Rejection {
     }
 }
 
+/// How an accepted guest message affected the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// It changed the state or the guest's identity: pass it on.
+    Applied,
+    /// A repeated, identical `hello` between epochs: nothing new, not passed on.
+    Duplicate,
+}
+
 /// The protocol state of one guest, as the host sees it.
 #[derive(Debug, Clone)]
 pub struct GuestSession {
@@ -265,7 +274,7 @@ impl GuestSession {
     }
 
     /// Applies a guest message, or rejects it and keeps the state.
-    pub fn on_guest(&mut self, message: &GuestMessage) -> std::result::Result<(), Rejection> {
+    pub fn on_guest(&mut self, message: &GuestMessage) -> std::result::Result<Accepted, Rejection> {
         use RejectionKind::*;
         if let GuestMessage::Hello {
             vm,
@@ -274,9 +283,6 @@ impl GuestSession {
             ranks,
         } = message
         {
-            if self.hello_on_this_connection {
-                return Err(Rejection::new(Unexpected, "second hello on one connection"));
-            }
             if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(protocol) {
                 return Err(Rejection::new(
                     Version,
@@ -293,17 +299,32 @@ impl GuestSession {
                     ));
                 }
             }
-            self.guest = Some(GuestInfo {
+            let info = GuestInfo {
                 vm: vm.clone(),
                 agent_version: agent_version.clone(),
                 protocol: *protocol,
                 ranks: *ranks,
-            });
+            };
+            // A second hello on one connection means the agent restarted (a virtio-serial port
+            // can be reopened without the host's socket noticing). A restarted agent has lost
+            // the epoch in progress: refuse it then, and let the controller's deadline act.
+            if self.hello_on_this_connection {
+                if let Some(epoch) = self.state.epoch() {
+                    return Err(Rejection::new(
+                        Unexpected,
+                        format!("second hello on one connection during epoch {epoch}"),
+                    ));
+                }
+                if self.guest.as_ref() == Some(&info) {
+                    return Ok(Accepted::Duplicate);
+                }
+            }
+            self.guest = Some(info);
             self.hello_on_this_connection = true;
             if self.state == SessionState::Idle {
                 self.state = SessionState::Running;
             }
-            return Ok(());
+            return Ok(Accepted::Applied);
         }
         let what = message.describe();
         if self.guest.is_none() {
@@ -371,7 +392,7 @@ impl GuestSession {
             }
         };
         self.state = next;
-        Ok(())
+        Ok(Accepted::Applied)
     }
 }
 
@@ -403,7 +424,7 @@ mod tests {
         }
     }
 
-    fn kind(r: std::result::Result<(), Rejection>) -> RejectionKind {
+    fn kind(r: std::result::Result<Accepted, Rejection>) -> RejectionKind {
         r.unwrap_err().kind
     }
 
@@ -456,8 +477,18 @@ mod tests {
             RejectionKind::Unexpected
         );
         assert_eq!(s.state(), &SessionState::Idle);
-        s.on_guest(&hello("vm0")).unwrap();
-        assert_eq!(kind(s.on_guest(&hello("vm0"))), RejectionKind::Unexpected);
+        assert_eq!(s.on_guest(&hello("vm0")), Ok(Accepted::Applied));
+        // The agent restarted between epochs: an identical hello is a duplicate, a changed one
+        // is news.
+        assert_eq!(s.on_guest(&hello("vm0")), Ok(Accepted::Duplicate));
+        let more_ranks = GuestMessage::Hello {
+            vm: "vm0".into(),
+            agent_version: "1".into(),
+            protocol: PROTOCOL_VERSION,
+            ranks: 4,
+        };
+        assert_eq!(s.on_guest(&more_ranks), Ok(Accepted::Applied));
+        assert_eq!(s.guest().unwrap().ranks, 4);
         // quiesced before prepare
         assert_eq!(
             kind(s.on_guest(&GuestMessage::Quiesced { epoch: 1 })),
@@ -478,6 +509,8 @@ mod tests {
             RejectionKind::Unexpected
         );
         assert_eq!(s.state(), &before);
+        // An agent restart during the epoch is refused: the new agent knows nothing of it.
+        assert_eq!(kind(s.on_guest(&hello("vm0"))), RejectionKind::Unexpected);
         s.on_guest(&GuestMessage::Quiesced { epoch: 5 }).unwrap();
         assert_eq!(
             kind(s.on_guest(&GuestMessage::Quiesced { epoch: 5 })),

@@ -198,16 +198,13 @@ fn guest_agent_in_qemu_quiesces_and_resumes_over_virtio_serial() {
     );
     assert_eq!(host.stats().rejected_total(), 0);
 
-    let serial = vm.serial();
+    // The agent logs after it writes, and the console trails the channel: wait for the lines.
     for needle in [
-        "symvirt-agent: host connected",
-        "symvirt-agent: sent quiesced{epoch=1}",
-        &format!("symvirt-agent: sent resumed{{epoch={n}}}"),
+        "symvirt-agent: host connected".to_owned(),
+        "symvirt-agent: sent quiesced{epoch=1}".to_owned(),
+        format!("symvirt-agent: sent resumed{{epoch={n}}}"),
     ] {
-        assert!(
-            serial.contains(needle),
-            "{needle:?} not on the console:\n{serial}"
-        );
+        vm.wait_serial(&needle, PATIENCE).unwrap();
     }
     eprintln!("qemu agent: {n} epochs; guest PCI after swap: {devices:?}; interconnect {told:?}");
     vm.kill();

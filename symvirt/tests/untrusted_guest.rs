@@ -349,3 +349,35 @@ fn the_channel_reconnects_and_the_guest_says_hello_again() {
     assert_eq!(stats.rejected(RejectionKind::Version), 1);
     rig.sync_with_quiesced(1);
 }
+
+#[test]
+fn repeated_hellos_between_epochs_are_coalesced_not_queued() {
+    let mut rig = Rig::new("hellos", ChannelOptions::labelled("hellos"));
+    rig.hello();
+    let hello = r#"{"type":"hello","vm":"vm0","agent_version":"0.1.0","protocol":1,"ranks":1}"#;
+    let mut out = BufWriter::new(rig.guest.try_clone().unwrap());
+    for _ in 0..10_000 {
+        writeln!(out, "{hello}").unwrap();
+    }
+    // A restarted agent with a different rank count is news and gets through.
+    writeln!(
+        out,
+        r#"{{"type":"hello","vm":"vm0","agent_version":"0.1.1","protocol":1,"ranks":2}}"#
+    )
+    .unwrap();
+    out.flush().unwrap();
+    let got = rig
+        .host
+        .wait_for(|_| true, Instant::now() + PATIENCE)
+        .unwrap();
+    assert!(
+        matches!(&got, GuestMessage::Hello { ranks: 2, .. }),
+        "{got:?}"
+    );
+    assert_eq!(rig.host.guest().unwrap().agent_version, "0.1.1");
+    let stats = rig.host.stats();
+    assert_eq!(stats.coalesced, 10_000);
+    assert_eq!(stats.delivered, 2);
+    assert_eq!(stats.rejected_total(), 0);
+    assert_eq!(rig.host.state(), SessionState::Running);
+}
