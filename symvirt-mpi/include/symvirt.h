@@ -1,0 +1,63 @@
+/* SymVirt explicit safe points for MPI applications and runtimes.
+ *
+ * Link: -lsymvirt_mpi_openmpi or -lsymvirt_mpi_mpich (the build matching your mpicc), or the
+ * static .a plus -lpthread -ldl -lm -lrt -lgcc_s.
+ *
+ *   MPI_Init(&argc, &argv);
+ *   symvirt_init(MPI_COMM_WORLD);          // registers with the guest agent
+ *   for (;;) {
+ *       one_iteration();                   // its messages are matched within the iteration
+ *       symvirt_interconnect ic;
+ *       int r = symvirt_safe_point(MPI_COMM_WORLD, &ic);
+ *       if (r == SYMVIRT_RESUMED) { ... now on ic.kind / ic.device ... }
+ *   }
+ *   symvirt_finalize();
+ *   MPI_Finalize();
+ *
+ * symvirt_safe_point is collective over comm and cheap when nothing is pending (one posted
+ * MPI_Iallreduce of 8 bytes and one completed wait). When the agent asks for a migration, all
+ * ranks stop at the same iteration (agreement pipelined two iterations deep: a rank only
+ * waits for ranks two iterations behind it), run the quiesce hook, report quiesced through
+ * the agent, wait for resume, run the resume hook, report resumed, pass a barrier, and return
+ * SYMVIRT_RESUMED with the new interconnect (SYMVIRT_ABORTED when the migration was
+ * cancelled). CONTRACT: each iteration's messages are matched within the iteration.
+ *
+ * Resume hook: where a runtime re-selects its transport for the new interconnect (e.g.
+ * finalize and re-initialise an MPI Session where the runtime supports it). It runs on every
+ * rank before any rank leaves the safe point.
+ *
+ * Errors are negative (SYMVIRT_ERR_*); symvirt_last_error() says why. Without an agent
+ * (symvirt_init returned SYMVIRT_ERR_AGENT), or after the agent is lost, the safe point keeps
+ * working as a collective no-op, so ranks never disagree. */
+#ifndef SYMVIRT_H
+#define SYMVIRT_H
+
+#include <mpi.h>
+#include "symvirt_core.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Collective over comm. Returns SYMVIRT_CONTINUE, or SYMVIRT_ERR_AGENT when no agent could be
+ * reached (the safe point is set up anyway), or another error. */
+int symvirt_init(MPI_Comm comm);
+/* Collective over comm (the one given to symvirt_init); see above. ic may be NULL. */
+int symvirt_safe_point(MPI_Comm comm, symvirt_interconnect *ic);
+/* Hooks; call after symvirt_init. */
+int symvirt_on_quiesce(void (*hook)(uint64_t epoch, void *ctx), void *ctx);
+int symvirt_on_resume(void (*hook)(const symvirt_interconnect *ic, void *ctx), void *ctx);
+/* Collective; closes the agent connection. */
+int symvirt_finalize(void);
+
+/* Fortran (gfortran, trailing underscore): the same calls with Fortran handles.
+ *   call symvirt_init_f(comm, ierr); call symvirt_safe_point_f(comm, result, epoch, ierr)
+ *   call symvirt_finalize_f(ierr) */
+void symvirt_init_f_(MPI_Fint *comm, MPI_Fint *ierr);
+void symvirt_safe_point_f_(MPI_Fint *comm, MPI_Fint *result, int64_t *epoch, MPI_Fint *ierr);
+void symvirt_finalize_f_(MPI_Fint *ierr);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

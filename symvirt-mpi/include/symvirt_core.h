@@ -1,0 +1,68 @@
+/* SymVirt MPI-independent core (Rust, libsymvirt_mpi.a): the control plane and the
+ * safe-point state machine. Used by the per-implementation glue and by MPI runtimes that
+ * integrate SymVirt themselves. Status codes and symvirt_interconnect: see symvirt.h. */
+#ifndef SYMVIRT_CORE_H
+#define SYMVIRT_CORE_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SYMVIRT_CONTINUE 0
+#define SYMVIRT_RESUMED 1
+#define SYMVIRT_ABORTED 2
+#define SYMVIRT_ERR_STATE (-1)
+#define SYMVIRT_ERR_AGENT (-2)
+#define SYMVIRT_ERR_TIMEOUT (-3)
+#define SYMVIRT_ERR_MPI (-4)
+
+#define SYMVIRT_IC_NONE 0
+#define SYMVIRT_IC_INFINIBAND 1
+#define SYMVIRT_IC_ETHERNET 2
+
+/* The interconnect a rank has after a migration. */
+typedef struct symvirt_interconnect {
+    uint64_t epoch;   /* the migration's epoch */
+    int kind;         /* SYMVIRT_IC_* (NONE after an abort) */
+    int port;         /* InfiniBand port (1-based), else 0 */
+    char device[72];  /* HCA name, or Ethernet interface name ("" when unknown) */
+    char mac[24];     /* Ethernet MAC, else "" */
+    char pci[24];     /* PCI address in the guest, "" when unknown */
+    char json[1024];  /* the whole description as JSON */
+} symvirt_interconnect;
+
+/* The last error of the calling thread (valid until its next failing call). */
+const char *symvirt_last_error(void);
+
+/* Control plane: one per process. socket NULL: $SYMVIRT_AGENT_SOCKET or the default. */
+int symvirt_ctl_open(uint32_t rank, const char *socket, uint64_t timeout_ms);
+/* The epoch a migration is requested for, 0 when none: one atomic load. */
+uint64_t symvirt_ctl_requested(void);
+/* At the cut: report quiesced, wait for resume (SYMVIRT_RESUMED, *out filled) or abort. */
+int symvirt_ctl_quiesce(uint64_t epoch, uint64_t timeout_ms, symvirt_interconnect *out);
+/* After re-selecting the transport. */
+int symvirt_ctl_resumed(uint64_t epoch);
+void symvirt_ctl_close(void);
+
+/* Safe-point state machine over MPI operations provided by the caller (each returns an
+ * MPI error code). Takes over the control plane opened with symvirt_ctl_open, if any. */
+typedef struct symvirt_agreement_ops {
+    int (*start)(void *ctx, int slot, uint64_t value);      /* MAX-reduce, non-blocking */
+    int (*finish)(void *ctx, int slot, uint64_t *result);   /* complete it */
+    int (*barrier)(void *ctx);
+} symvirt_agreement_ops;
+#define SYMVIRT_SLOTS 3 /* reductions in flight at once (pipeline depth 2, plus one) */
+
+typedef struct CSafePoint symvirt_sp;
+symvirt_sp *symvirt_sp_new(const symvirt_agreement_ops *ops, void *ctx, uint64_t quiesce_timeout_ms);
+int symvirt_sp_on_quiesce(symvirt_sp *sp, void (*hook)(uint64_t epoch, void *ctx), void *ctx);
+int symvirt_sp_on_resume(symvirt_sp *sp, void (*hook)(const symvirt_interconnect *ic, void *ctx), void *ctx);
+int symvirt_sp_poll(symvirt_sp *sp, symvirt_interconnect *out);
+int symvirt_sp_free(symvirt_sp *sp);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

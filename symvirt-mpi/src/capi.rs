@@ -1,0 +1,426 @@
+//! The C ABI of the MPI-independent core (declared in `include/symvirt_core.h`), used by the
+//! per-implementation C glue (`csrc/`): the control plane (`symvirt_ctl_*`) and the safe-point
+//! state machine (`symvirt_sp_*`) driven through a table of MPI operations.
+//!
+//! Every function returns a status code (`SYMVIRT_*`, negative on error) and never unwinds;
+//! [`symvirt_last_error`] describes the last error of the calling thread.
+
+use crate::control::{self, Control, Outcome};
+use crate::error::{Error, Result};
+use crate::safepoint::{Agreement, SafePoint, SafePointResult};
+use std::cell::RefCell;
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+use symvirt::protocol::Interconnect;
+
+/// Nothing happened.
+pub const SYMVIRT_CONTINUE: c_int = 0;
+/// A cut was made, the job migrated and was released; the interconnect was filled in.
+pub const SYMVIRT_RESUMED: c_int = 1;
+/// A cut was made but the migration was cancelled.
+pub const SYMVIRT_ABORTED: c_int = 2;
+/// Used out of order (not initialised, initialised twice, null pointer).
+pub const SYMVIRT_ERR_STATE: c_int = -1;
+/// The agent could not be reached, refused the rank, or its connection was lost.
+pub const SYMVIRT_ERR_AGENT: c_int = -2;
+/// The agent did not answer in time.
+pub const SYMVIRT_ERR_TIMEOUT: c_int = -3;
+/// An MPI call failed.
+pub const SYMVIRT_ERR_MPI: c_int = -4;
+
+/// `symvirt_interconnect.kind`: no change / unknown.
+pub const SYMVIRT_IC_NONE: c_int = 0;
+/// `symvirt_interconnect.kind`: an InfiniBand HCA.
+pub const SYMVIRT_IC_INFINIBAND: c_int = 1;
+/// `symvirt_interconnect.kind`: an Ethernet NIC.
+pub const SYMVIRT_IC_ETHERNET: c_int = 2;
+
+/// The interconnect after a migration, as C sees it (`symvirt_interconnect`).
+#[repr(C)]
+#[derive(Debug)]
+pub struct CInterconnect {
+    /// The epoch of the migration.
+    pub epoch: u64,
+    /// `SYMVIRT_IC_*`.
+    pub kind: c_int,
+    /// InfiniBand port (1-based), else 0.
+    pub port: c_int,
+    /// HCA name (InfiniBand) or interface name (Ethernet, "" when unknown).
+    pub device: [c_char; 72],
+    /// MAC address (Ethernet), else "".
+    pub mac: [c_char; 24],
+    /// PCI address in the guest, "" when unknown.
+    pub pci: [c_char; 24],
+    /// The whole description as JSON.
+    pub json: [c_char; 1024],
+}
+
+fn copy_str(dst: &mut [c_char], s: &str) {
+    let n = s.len().min(dst.len() - 1);
+    for (d, b) in dst.iter_mut().zip(&s.as_bytes()[..n]) {
+        *d = *b as c_char;
+    }
+    dst[n] = 0;
+}
+
+impl CInterconnect {
+    fn fill(&mut self, epoch: u64, ic: &Interconnect) {
+        self.epoch = epoch;
+        self.port = 0;
+        copy_str(&mut self.device, "");
+        copy_str(&mut self.mac, "");
+        copy_str(&mut self.pci, "");
+        match ic {
+            Interconnect::Infiniband { hca, port, pci } => {
+                self.kind = SYMVIRT_IC_INFINIBAND;
+                self.port = c_int::from(*port);
+                copy_str(&mut self.device, hca);
+                copy_str(&mut self.pci, pci.as_deref().unwrap_or(""));
+            }
+            Interconnect::Ethernet { mac, iface, pci } => {
+                self.kind = SYMVIRT_IC_ETHERNET;
+                copy_str(&mut self.device, iface.as_deref().unwrap_or(""));
+                copy_str(&mut self.mac, mac);
+                copy_str(&mut self.pci, pci.as_deref().unwrap_or(""));
+            }
+        }
+        let json = serde_json::to_string(ic).unwrap_or_default();
+        copy_str(&mut self.json, &json);
+    }
+
+    fn clear(&mut self, epoch: u64) {
+        self.epoch = epoch;
+        self.kind = SYMVIRT_IC_NONE;
+        self.port = 0;
+        copy_str(&mut self.device, "");
+        copy_str(&mut self.mac, "");
+        copy_str(&mut self.pci, "");
+        copy_str(&mut self.json, "");
+    }
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn fail(e: &Error) -> c_int {
+    let text = CString::new(e.to_string().replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|l| *l.borrow_mut() = text);
+    match e {
+        Error::Agent { .. } | Error::AgentLost(_) => SYMVIRT_ERR_AGENT,
+        Error::Timeout(_) => SYMVIRT_ERR_TIMEOUT,
+        Error::Mpi { .. } => SYMVIRT_ERR_MPI,
+        Error::State(_) | Error::Build { .. } => SYMVIRT_ERR_STATE,
+    }
+}
+
+/// The last error of the calling thread, as a C string valid until its next failing call.
+#[unsafe(no_mangle)]
+pub extern "C" fn symvirt_last_error() -> *const c_char {
+    LAST_ERROR.with(|l| l.borrow().as_ptr())
+}
+
+/// The process's control plane, for the C glue (the safe point takes it over when created).
+static CONTROL: Mutex<Option<Control>> = Mutex::new(None);
+
+fn control_slot() -> std::sync::MutexGuard<'static, Option<Control>> {
+    CONTROL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reads an optional C string.
+///
+/// # Safety
+/// `s` is null or a NUL-terminated string.
+unsafe fn opt_str<'a>(s: *const c_char) -> Option<&'a str> {
+    if s.is_null() {
+        return None;
+    }
+    // SAFETY: the caller guarantees a NUL-terminated string.
+    unsafe { CStr::from_ptr(s) }.to_str().ok()
+}
+
+/// Registers `rank` with the guest agent at `socket` (NULL: `$SYMVIRT_AGENT_SOCKET`, else the
+/// agent's default path), waiting at most `timeout_ms`.
+///
+/// # Safety
+/// `socket` is null or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn symvirt_ctl_open(
+    rank: u32,
+    socket: *const c_char,
+    timeout_ms: u64,
+) -> c_int {
+    // SAFETY: forwarded caller guarantee.
+    let path = control::socket_path(unsafe { opt_str(socket) }.map(Path::new));
+    let mut slot = control_slot();
+    if slot.is_some() {
+        return fail(&Error::State("symvirt control plane opened twice".into()));
+    }
+    match Control::connect(&path, rank, Duration::from_millis(timeout_ms)) {
+        Ok(c) => {
+            *slot = Some(c);
+            SYMVIRT_CONTINUE
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// The epoch a migration is requested for, 0 when none (one atomic load).
+#[unsafe(no_mangle)]
+pub extern "C" fn symvirt_ctl_requested() -> u64 {
+    control::requested_epoch()
+}
+
+/// At the cut: reports quiesced for `epoch`, waits at most `timeout_ms` for resume or abort.
+/// Returns `SYMVIRT_RESUMED` (with `out` filled) or `SYMVIRT_ABORTED`, or an error.
+///
+/// # Safety
+/// `out` is null or points to a writable `symvirt_interconnect`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn symvirt_ctl_quiesce(
+    epoch: u64,
+    timeout_ms: u64,
+    out: *mut CInterconnect,
+) -> c_int {
+    let slot = control_slot();
+    let Some(c) = slot.as_ref() else {
+        return fail(&Error::State("no control plane open".into()));
+    };
+    let outcome = c.quiesce(epoch, Duration::from_millis(timeout_ms));
+    // SAFETY: the caller guarantees `out` is null or valid for writes.
+    let out = unsafe { out.as_mut() };
+    match outcome {
+        Ok(Outcome::Resumed {
+            epoch,
+            interconnect,
+        }) => {
+            if let Some(o) = out {
+                o.fill(epoch, &interconnect);
+            }
+            SYMVIRT_RESUMED
+        }
+        Ok(Outcome::Aborted { epoch }) => {
+            if let Some(o) = out {
+                o.clear(epoch);
+            }
+            SYMVIRT_ABORTED
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// After re-selecting the transport: reports this rank running again for `epoch`.
+#[unsafe(no_mangle)]
+pub extern "C" fn symvirt_ctl_resumed(epoch: u64) -> c_int {
+    let slot = control_slot();
+    let Some(c) = slot.as_ref() else {
+        return fail(&Error::State("no control plane open".into()));
+    };
+    match c.resumed(epoch) {
+        Ok(()) => SYMVIRT_CONTINUE,
+        Err(e) => fail(&e),
+    }
+}
+
+/// Closes the control plane (the agent sees the rank leave). Harmless when none is open.
+#[unsafe(no_mangle)]
+pub extern "C" fn symvirt_ctl_close() {
+    control_slot().take();
+}
+
+/// The MPI operations of a safe point, implemented by the C glue (`symvirt_agreement_ops`).
+/// Each returns an MPI error code (0: success).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct AgreementOps {
+    /// Start a MAX reduction of `value` in `slot`.
+    pub start: unsafe extern "C" fn(ctx: *mut c_void, slot: c_int, value: u64) -> c_int,
+    /// Complete `slot`, store the maximum in `*result`.
+    pub finish: unsafe extern "C" fn(ctx: *mut c_void, slot: c_int, result: *mut u64) -> c_int,
+    /// Barrier over the ranks.
+    pub barrier: unsafe extern "C" fn(ctx: *mut c_void) -> c_int,
+}
+
+struct COps {
+    ops: AgreementOps,
+    ctx: *mut c_void,
+}
+
+fn mpi(call: &str, code: c_int) -> Result<()> {
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(Error::Mpi {
+            call: call.into(),
+            code,
+        })
+    }
+}
+
+impl Agreement for COps {
+    fn start(&mut self, slot: usize, value: u64) -> Result<()> {
+        // SAFETY: the glue's function with the context it gave us (see symvirt_sp_new).
+        mpi("Iallreduce", unsafe {
+            (self.ops.start)(self.ctx, slot as c_int, value)
+        })
+    }
+    fn finish(&mut self, slot: usize) -> Result<u64> {
+        let mut r = 0u64;
+        // SAFETY: as in start; `r` is a valid u64 for the call's duration.
+        mpi("Wait", unsafe {
+            (self.ops.finish)(self.ctx, slot as c_int, &mut r)
+        })?;
+        Ok(r)
+    }
+    fn barrier(&mut self) -> Result<()> {
+        // SAFETY: as in start.
+        mpi("Barrier", unsafe { (self.ops.barrier)(self.ctx) })
+    }
+}
+
+/// A C callback and its context, carried into a hook closure.
+struct Callback<F> {
+    f: F,
+    ctx: *mut c_void,
+}
+// SAFETY: the hooks run on the thread that calls symvirt_sp_poll, the thread that installed
+// them (an MPI rank's main thread); the pointer is only handed back to the C callback.
+unsafe impl<F> Send for Callback<F> {}
+
+/// An explicit safe point (opaque to C).
+pub struct CSafePoint {
+    inner: SafePoint<COps>,
+}
+
+/// Creates a safe point over `ops`/`ctx`, taking over the control plane opened with
+/// [`symvirt_ctl_open`] (without one, it never stops but still takes part in the agreement).
+///
+/// # Safety
+/// `ops` points to a valid table; its functions accept `ctx` until [`symvirt_sp_free`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn symvirt_sp_new(
+    ops: *const AgreementOps,
+    ctx: *mut c_void,
+    quiesce_timeout_ms: u64,
+) -> *mut CSafePoint {
+    // SAFETY: the caller guarantees `ops` is null or valid.
+    let Some(ops) = (unsafe { ops.as_ref() }) else {
+        fail(&Error::State("null agreement table".into()));
+        return std::ptr::null_mut();
+    };
+    let mut inner = SafePoint::new(COps { ops: *ops, ctx }, control_slot().take());
+    inner.set_quiesce_timeout(Duration::from_millis(quiesce_timeout_ms));
+    Box::into_raw(Box::new(CSafePoint { inner }))
+}
+
+/// Installs the hook run at the cut before `quiesced` is reported.
+///
+/// # Safety
+/// `sp` comes from [`symvirt_sp_new`]; `f` accepts `ctx` for the safe point's lifetime.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn symvirt_sp_on_quiesce(
+    sp: *mut CSafePoint,
+    f: Option<unsafe extern "C" fn(epoch: u64, ctx: *mut c_void)>,
+    ctx: *mut c_void,
+) -> c_int {
+    // SAFETY: the caller guarantees `sp` is null or live.
+    let (Some(sp), Some(f)) = (unsafe { sp.as_mut() }, f) else {
+        return fail(&Error::State("null safe point or hook".into()));
+    };
+    let cb = Callback { f, ctx };
+    sp.inner.on_quiesce(Box::new(move |epoch| {
+        let cb = &cb;
+        // SAFETY: the caller's hook with its own context.
+        unsafe { (cb.f)(epoch, cb.ctx) }
+    }));
+    SYMVIRT_CONTINUE
+}
+
+/// Installs the hook run after resume, before `resumed` is reported: where the runtime
+/// re-selects its transport for the interconnect it is given.
+///
+/// # Safety
+/// As [`symvirt_sp_on_quiesce`]; the interconnect pointer is valid during the call only.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn symvirt_sp_on_resume(
+    sp: *mut CSafePoint,
+    f: Option<unsafe extern "C" fn(ic: *const CInterconnect, ctx: *mut c_void)>,
+    ctx: *mut c_void,
+) -> c_int {
+    // SAFETY: the caller guarantees `sp` is null or live.
+    let (Some(sp), Some(f)) = (unsafe { sp.as_mut() }, f) else {
+        return fail(&Error::State("null safe point or hook".into()));
+    };
+    let cb = Callback { f, ctx };
+    sp.inner.on_resume(Box::new(move |epoch, ic| {
+        let cb = &cb;
+        let mut c = Box::new(CInterconnect {
+            epoch: 0,
+            kind: 0,
+            port: 0,
+            device: [0; 72],
+            mac: [0; 24],
+            pci: [0; 24],
+            json: [0; 1024],
+        });
+        c.fill(epoch, ic);
+        // SAFETY: the caller's hook with its own context; `c` outlives the call.
+        unsafe { (cb.f)(&*c, cb.ctx) }
+    }));
+    SYMVIRT_CONTINUE
+}
+
+/// The safe point: collective, once per iteration. Returns `SYMVIRT_CONTINUE`,
+/// `SYMVIRT_RESUMED` (with `out` filled), `SYMVIRT_ABORTED`, or an error; after an error the
+/// safe point stays usable (a lost agent makes it a no-op that still takes part).
+///
+/// # Safety
+/// `sp` comes from [`symvirt_sp_new`]; `out` is null or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn symvirt_sp_poll(sp: *mut CSafePoint, out: *mut CInterconnect) -> c_int {
+    // SAFETY: the caller guarantees `sp` is null or live.
+    let Some(sp) = (unsafe { sp.as_mut() }) else {
+        return fail(&Error::State("null safe point".into()));
+    };
+    // SAFETY: the caller guarantees `out` is null or writable.
+    let out = unsafe { out.as_mut() };
+    match sp.inner.poll() {
+        Ok(SafePointResult::Continue) => SYMVIRT_CONTINUE,
+        Ok(SafePointResult::Resumed {
+            epoch,
+            interconnect,
+        }) => {
+            if let Some(o) = out {
+                o.fill(epoch, &interconnect);
+            }
+            SYMVIRT_RESUMED
+        }
+        Ok(SafePointResult::Aborted { epoch }) => {
+            if let Some(o) = out {
+                o.clear(epoch);
+            }
+            SYMVIRT_ABORTED
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// Ends a safe point: settles the reductions in flight (collective) and closes the agent
+/// connection. Returns an error code when the settling failed; `sp` is freed either way.
+///
+/// # Safety
+/// `sp` comes from [`symvirt_sp_new`] and is not used afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn symvirt_sp_free(sp: *mut CSafePoint) -> c_int {
+    if sp.is_null() {
+        return SYMVIRT_CONTINUE;
+    }
+    // SAFETY: the caller hands back ownership of a pointer from symvirt_sp_new.
+    let sp = unsafe { Box::from_raw(sp) };
+    match sp.inner.finish() {
+        Ok(_control) => SYMVIRT_CONTINUE, // dropped here: the agent sees the rank leave
+        Err(e) => fail(&e),
+    }
+}

@@ -1,0 +1,290 @@
+//! The control plane of one rank: its connection to the guest agent, watched by a thread.
+//!
+//! MPI code must learn about a migration request without a system call on its fast path, so a
+//! watcher thread owns the [`RankClient`] and publishes the requested epoch in an atomic
+//! ([`requested_epoch`]): checking it is one load. The thread never calls MPI. At the cut the
+//! rank calls [`Control::quiesce`], which reports `quiesced` and blocks until the agent says
+//! `resume` (with the new interconnect) or `abort`; after re-selecting its transport the rank
+//! calls [`Control::resumed`].
+//!
+//! One control plane per process (one process is one rank).
+
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use symvirt::protocol::Interconnect;
+use symvirt::rank::{RankClient, RankEvent};
+
+/// The environment variable naming the agent's rank socket.
+pub const SOCKET_ENV: &str = "SYMVIRT_AGENT_SOCKET";
+
+/// How often the watcher looks at the agent socket. Bounds the extra latency of a request.
+const WATCH_INTERVAL: Duration = Duration::from_millis(2);
+
+/// The epoch the agent asked this rank to reach a cut for (0: none). Read on MPI fast paths.
+static REQUESTED: AtomicU64 = AtomicU64::new(0);
+/// Whether a control plane is open in this process.
+static OPEN: AtomicBool = AtomicBool::new(false);
+
+/// The epoch a migration was requested for and not yet settled, 0 when none; one atomic load.
+pub fn requested_epoch() -> u64 {
+    REQUESTED.load(Ordering::Acquire)
+}
+
+/// How an epoch ended for this rank.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Migrated; continue over `interconnect` (then call [`Control::resumed`]).
+    Resumed {
+        /// The epoch.
+        epoch: u64,
+        /// The interconnect the guest has now.
+        interconnect: Interconnect,
+    },
+    /// The epoch was cancelled; the old interconnect is still in place.
+    Aborted {
+        /// The epoch.
+        epoch: u64,
+    },
+}
+
+/// What the watcher learnt from the agent.
+#[derive(Debug, Default)]
+struct State {
+    /// The last `prepare` epoch received.
+    prepared: u64,
+    /// The outcome of the last settled epoch.
+    settled: Option<Outcome>,
+    /// Why the agent connection ended, once it has.
+    lost: Option<String>,
+}
+
+impl State {
+    fn outcome_of(&self, epoch: u64) -> Option<Outcome> {
+        self.settled.clone().filter(|o| match o {
+            Outcome::Resumed { epoch: e, .. } | Outcome::Aborted { epoch: e } => *e == epoch,
+        })
+    }
+}
+
+struct Shared {
+    client: Mutex<RankClient>,
+    state: Mutex<State>,
+    changed: Condvar,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn client(&self) -> MutexGuard<'_, RankClient> {
+        self.client.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A rank's open control plane. Dropping it closes the agent connection (the agent then
+/// fails an epoch in progress: a rank that leaves cannot be part of a cut).
+pub struct Control {
+    shared: Arc<Shared>,
+    watcher: Option<JoinHandle<()>>,
+    rank: u32,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control").field("rank", &self.rank).finish()
+    }
+}
+
+/// The socket to use: `path`, else `$SYMVIRT_AGENT_SOCKET`, else the agent's default.
+pub fn socket_path(path: Option<&Path>) -> PathBuf {
+    match path {
+        Some(p) => p.to_path_buf(),
+        None => std::env::var_os(SOCKET_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| symvirt::rank::DEFAULT_RANK_SOCKET.into()),
+    }
+}
+
+impl Control {
+    /// Registers `rank` with the agent at `path` (see [`socket_path`]) and starts watching.
+    pub fn connect(path: &Path, rank: u32, timeout: Duration) -> Result<Control> {
+        if OPEN.swap(true, Ordering::AcqRel) {
+            return Err(Error::State("already open in this process".into()));
+        }
+        let client = match RankClient::connect(path, rank, timeout) {
+            Ok(c) => c,
+            Err(source) => {
+                OPEN.store(false, Ordering::Release);
+                return Err(Error::Agent {
+                    what: format!("register rank {rank} at {}", path.display()),
+                    source,
+                });
+            }
+        };
+        REQUESTED.store(0, Ordering::Release);
+        let shared = Arc::new(Shared {
+            client: Mutex::new(client),
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        let watcher = std::thread::Builder::new()
+            .name("symvirt-watch".into())
+            .spawn(move || watch(&s))
+            .map_err(|e| {
+                OPEN.store(false, Ordering::Release);
+                Error::State(format!("spawn watcher thread: {e}"))
+            })?;
+        Ok(Control {
+            shared,
+            watcher: Some(watcher),
+            rank,
+        })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> u32 {
+        self.rank
+    }
+
+    /// Why the agent connection ended, if it has.
+    pub fn lost(&self) -> Option<String> {
+        self.shared.state().lost.clone()
+    }
+
+    /// Reports this rank quiesced for `epoch` and waits (at most `timeout`) for its outcome.
+    ///
+    /// The ranks agree on `epoch` among themselves, so this rank's own `prepare` may still be
+    /// on its way: it is awaited first (a `quiesced` for an epoch the agent has not started
+    /// would be ignored).
+    pub fn quiesce(&self, epoch: u64, timeout: Duration) -> Result<Outcome> {
+        let deadline = Instant::now() + timeout;
+        let state = self.wait_until(deadline, "prepare", |s| {
+            s.prepared >= epoch || s.outcome_of(epoch).is_some()
+        })?;
+        if let Some(o) = state.outcome_of(epoch) {
+            return Ok(o); // aborted before this rank got here
+        }
+        drop(state);
+        self.shared
+            .client()
+            .quiesced(epoch)
+            .map_err(|source| Error::Agent {
+                what: format!("report quiesced for epoch {epoch}"),
+                source,
+            })?;
+        let state = self.wait_until(deadline, "resume or abort", |s| {
+            s.outcome_of(epoch).is_some()
+        })?;
+        Ok(state.outcome_of(epoch).expect("checked by wait_until"))
+    }
+
+    /// Reports that this rank continues after `resume` for `epoch`.
+    pub fn resumed(&self, epoch: u64) -> Result<()> {
+        self.shared
+            .client()
+            .resumed(epoch)
+            .map_err(|source| Error::Agent {
+                what: format!("report resumed for epoch {epoch}"),
+                source,
+            })
+    }
+
+    fn wait_until(
+        &self,
+        deadline: Instant,
+        what: &str,
+        done: impl Fn(&State) -> bool,
+    ) -> Result<MutexGuard<'_, State>> {
+        let mut state = self.shared.state();
+        loop {
+            if done(&state) {
+                return Ok(state);
+            }
+            if let Some(why) = &state.lost {
+                return Err(Error::AgentLost(why.clone()));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout(what.into()));
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(w) = self.watcher.take() {
+            let _ = w.join();
+        }
+        // The last reference to `shared` goes with `self`: dropping the RankClient closes the
+        // socket, which tells the agent this rank is gone.
+        REQUESTED.store(0, Ordering::Release);
+        OPEN.store(false, Ordering::Release);
+    }
+}
+
+/// The watcher: polls the agent, publishes requests and outcomes.
+fn watch(shared: &Shared) {
+    while !shared.stop.load(Ordering::Acquire) {
+        let event = shared.client().try_event();
+        match event {
+            Ok(None) => std::thread::sleep(WATCH_INTERVAL),
+            Ok(Some(event)) => {
+                let mut state = shared.state();
+                match event {
+                    RankEvent::Prepare { epoch, .. } => {
+                        state.prepared = state.prepared.max(epoch);
+                        REQUESTED.store(epoch, Ordering::Release);
+                    }
+                    RankEvent::Resume {
+                        epoch,
+                        interconnect,
+                    } => {
+                        state.settled = Some(Outcome::Resumed {
+                            epoch,
+                            interconnect,
+                        });
+                        let _ = REQUESTED.compare_exchange(
+                            epoch,
+                            0,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        );
+                    }
+                    RankEvent::Abort { epoch } => {
+                        state.settled = Some(Outcome::Aborted { epoch });
+                        let _ = REQUESTED.compare_exchange(
+                            epoch,
+                            0,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        );
+                    }
+                }
+                shared.changed.notify_all();
+            }
+            Err(e) => {
+                log::warn!("symvirt: agent connection lost: {e}");
+                shared.state().lost = Some(e.to_string());
+                REQUESTED.store(0, Ordering::Release);
+                shared.changed.notify_all();
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! The MPI side of SymVirt: bring a running MPI job to a consistent cut (every message sent has
+//! been received, every rank paused), report it to the guest agent, wait for the migration,
+//! and hand the new interconnect to the application or runtime.
+//!
+//! Two modes:
+//! - **explicit** (the supported one): every rank calls `symvirt_safe_point(comm, &ic)` once
+//!   per iteration of its main loop (C API in `include/symvirt.h`, library
+//!   `libsymvirt_mpi_<impl>.{so,a}`); the state machine is [`safepoint::SafePoint`].
+//! - **transparent**: `libsymvirt_pmpi_<impl>.so` under `LD_PRELOAD` wraps MPI calls (PMPI),
+//!   counts messages per peer, drains in-flight messages into its own buffers at a cut and
+//!   delivers them later (`csrc/symvirt_pmpi.c`).
+//!
+//! How the work is split, and why: everything that does not touch MPI (the agent connection
+//! and its watcher thread, [`control`]; the safe-point agreement state machine, [`safepoint`])
+//! is Rust, written once, and exported to C by [`capi`]. The MPI calls themselves are thin C
+//! glue in `csrc/`, compiled once per implementation with its own `mpicc` (Open MPI's handles
+//! are pointers, MPICH's are integers: one build each), and linked with this crate's
+//! staticlib into the per-implementation libraries by [`mpi_build`]. C glue rather than Rust
+//! over bindgen'd `mpi-sys`: it builds in a second per implementation without a second cargo
+//! target directory, and the PMPI wrappers must have exactly the C prototypes of `mpi.h`,
+//! which the C compiler checks for us.
+//!
+//! The flow of one epoch for a rank (explicit mode):
+//!
+//! ```text
+//! agent --prepare{E}--> watcher thread: requested_epoch() = E
+//! rank, safe point k:   start MAX-reduce(E) ... finish the reduce of k-2 -> E: cut here
+//!                       on_quiesce hook -> quiesced{E} -> wait -> resume{E, interconnect}
+//!                       on_resume hook (re-select transport) -> resumed{E} -> barrier
+//! ```
+//!
+//! From Rust the same state machine runs over any [`safepoint::Agreement`] (for example one
+//! written with the `mpi` crate's immediate collectives):
+//!
+//! ```no_run
+//! use symvirt_mpi::control::{socket_path, Control};
+//! use symvirt_mpi::safepoint::{Agreement, SafePoint, SafePointResult};
+//! # fn run<A: Agreement>(agreement: A, rank: u32, work: impl Fn()) -> symvirt_mpi::Result<()> {
+//! let control = Control::connect(&socket_path(None), rank, std::time::Duration::from_secs(10))?;
+//! let mut sp = SafePoint::new(agreement, Some(control));
+//! loop {
+//!     work(); // one iteration; its messages are matched within it
+//!     if let SafePointResult::Resumed { interconnect, .. } = sp.poll()? {
+//!         println!("now on {interconnect:?}");
+//!     }
+//! }
+//! # }
+//! ```
+
+pub mod capi;
+pub mod control;
+pub mod error;
+pub mod mpi_build;
+pub mod safepoint;
+
+pub use error::{Error, Result};

@@ -1,0 +1,264 @@
+//! Builds the per-implementation libraries and MPI programs (tests, benches, users' CI).
+//!
+//! For an [`MpiImpl`], [`build_libraries`] compiles the C glue in `csrc/` with that
+//! implementation's `mpicc` and links it with this crate's staticlib (`libsymvirt_mpi.a`,
+//! built by cargo) into:
+//! - `libsymvirt_mpi_<impl>.so` and `.a`: the explicit safe-point API (`include/symvirt.h`);
+//! - `libsymvirt_pmpi_<impl>.so`: the transparent layer, for `LD_PRELOAD`.
+//!
+//! Outputs are written under a temporary name and renamed, so a reader never sees half a file.
+
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// An MPI implementation as Debian installs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MpiImpl {
+    /// Open MPI (`mpicc.openmpi`, `mpirun.openmpi`).
+    OpenMpi,
+    /// MPICH (`mpicc.mpich`, `mpiexec.mpich`).
+    Mpich,
+}
+
+impl MpiImpl {
+    /// Both implementations.
+    pub const ALL: [MpiImpl; 2] = [MpiImpl::OpenMpi, MpiImpl::Mpich];
+
+    /// The suffix used in file names: `openmpi` or `mpich`.
+    pub fn name(self) -> &'static str {
+        match self {
+            MpiImpl::OpenMpi => "openmpi",
+            MpiImpl::Mpich => "mpich",
+        }
+    }
+
+    /// The C compiler wrapper.
+    pub fn mpicc(self) -> &'static str {
+        match self {
+            MpiImpl::OpenMpi => "mpicc.openmpi",
+            MpiImpl::Mpich => "mpicc.mpich",
+        }
+    }
+
+    /// The Fortran compiler wrapper.
+    pub fn mpif90(self) -> &'static str {
+        match self {
+            MpiImpl::OpenMpi => "mpif90.openmpi",
+            MpiImpl::Mpich => "mpif90.mpich",
+        }
+    }
+
+    /// A launcher command for `ranks` local ranks with extra environment `env` given to the
+    /// ranks only (not to the launcher), ready for the program and its arguments.
+    pub fn launcher(self, ranks: u32, env: &[(String, String)]) -> Command {
+        match self {
+            MpiImpl::OpenMpi => {
+                let mut c = Command::new("mpirun.openmpi");
+                c.args(["--allow-run-as-root", "--oversubscribe", "--bind-to", "none"]);
+                c.args(["-np", &ranks.to_string()]);
+                // Shared memory and self only: no network probing.
+                c.env("OMPI_MCA_btl", "self,vader");
+                c.env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
+                for (k, v) in env {
+                    c.arg("-x").arg(format!("{k}={v}"));
+                }
+                c
+            }
+            MpiImpl::Mpich => {
+                let mut c = Command::new("mpiexec.mpich");
+                c.args(["-n", &ranks.to_string()]);
+                for (k, v) in env {
+                    c.args(["-genv", k, v]);
+                }
+                c
+            }
+        }
+    }
+
+    /// Whether this implementation's Fortran bindings call `PMPI_*` directly (so the
+    /// transparent layer must wrap the Fortran entry points itself).
+    pub fn fortran_bypasses_c(self) -> bool {
+        self == MpiImpl::OpenMpi
+    }
+}
+
+/// The libraries built for one implementation.
+#[derive(Debug, Clone)]
+pub struct Libraries {
+    /// The implementation.
+    pub mpi: MpiImpl,
+    /// Directory holding the libraries.
+    pub dir: PathBuf,
+    /// `libsymvirt_mpi_<impl>.so`.
+    pub explicit_shared: PathBuf,
+    /// `libsymvirt_mpi_<impl>.a` (link also `-lpthread -ldl -lm`).
+    pub explicit_static: PathBuf,
+    /// `libsymvirt_pmpi_<impl>.so` for `LD_PRELOAD`.
+    pub transparent: PathBuf,
+}
+
+/// This crate's directory (sources, headers).
+pub fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The public headers' directory.
+pub fn include_dir() -> PathBuf {
+    crate_dir().join("include")
+}
+
+/// The libraries the Rust staticlib needs when linked into a C program or library.
+pub const CORE_LINK_LIBS: [&str; 5] = ["-lpthread", "-ldl", "-lm", "-lrt", "-lgcc_s"];
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd.output().map_err(|e| Error::Build {
+        what: format!("{what}: cannot run {:?}", cmd.get_program()),
+        source: Some(e),
+    })?;
+    if !out.status.success() {
+        return Err(Error::Build {
+            what: format!(
+                "{what}: {:?} failed ({}):\n{}{}",
+                cmd,
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            source: None,
+        });
+    }
+    Ok(())
+}
+
+fn rename(tmp: &Path, dst: &Path) -> Result<()> {
+    std::fs::rename(tmp, dst).map_err(|e| Error::Build {
+        what: format!("rename {} to {}", tmp.display(), dst.display()),
+        source: Some(e),
+    })
+}
+
+fn compile_object(mpi: MpiImpl, source: &str, out_dir: &Path) -> Result<PathBuf> {
+    let src = crate_dir().join("csrc").join(source);
+    let obj = out_dir.join(source.replace(".c", ".o"));
+    let tmp = obj.with_extension(format!("o.{}.tmp", std::process::id()));
+    run(
+        Command::new(mpi.mpicc())
+            .args(["-c", "-O2", "-g", "-fPIC", "-Wall", "-Wextra", "-std=gnu11"])
+            .arg(format!("-DSYMVIRT_MPI_IMPL_{}", mpi.name().to_uppercase()))
+            .arg("-I")
+            .arg(include_dir())
+            .arg(&src)
+            .arg("-o")
+            .arg(&tmp),
+        &format!("compile {source} for {}", mpi.name()),
+    )?;
+    rename(&tmp, &obj)?;
+    Ok(obj)
+}
+
+fn link_shared(mpi: MpiImpl, objs: &[PathBuf], core: &Path, out: &Path) -> Result<()> {
+    let tmp = out.with_extension(format!("so.{}.tmp", std::process::id()));
+    run(
+        Command::new(mpi.mpicc())
+            .args(["-shared", "-fPIC", "-Wl,--no-undefined"])
+            .args(objs)
+            .arg(core)
+            .args(CORE_LINK_LIBS)
+            .arg("-o")
+            .arg(&tmp),
+        &format!("link {}", out.display()),
+    )?;
+    rename(&tmp, out)
+}
+
+/// Builds the libraries for `mpi` in `out_dir` from `core` (this crate's `libsymvirt_mpi.a`).
+pub fn build_libraries(mpi: MpiImpl, core: &Path, out_dir: &Path) -> Result<Libraries> {
+    std::fs::create_dir_all(out_dir).map_err(|e| Error::Build {
+        what: format!("create {}", out_dir.display()),
+        source: Some(e),
+    })?;
+    let n = mpi.name();
+    let explicit = compile_object(mpi, "symvirt_explicit.c", out_dir)?;
+    let transparent = compile_object(mpi, "symvirt_pmpi.c", out_dir)?;
+
+    let explicit_shared = out_dir.join(format!("libsymvirt_mpi_{n}.so"));
+    link_shared(mpi, std::slice::from_ref(&explicit), core, &explicit_shared)?;
+    let transparent_so = out_dir.join(format!("libsymvirt_pmpi_{n}.so"));
+    link_shared(mpi, &[transparent], core, &transparent_so)?;
+
+    // The static library: one relocatable object holding the glue and the whole core
+    // staticlib (`ld -r`), archived with gcc-ar: it passes GCC's own LTO plugin, so binutils
+    // does not try other installed plugins (LLVMgold aborts on Rust's objects).
+    let explicit_static = out_dir.join(format!("libsymvirt_mpi_{n}.a"));
+    let combined = out_dir.join(format!("symvirt_mpi_{n}_all.{}.o", std::process::id()));
+    run(
+        Command::new("ld")
+            .arg("-r")
+            .arg("-o")
+            .arg(&combined)
+            .arg(&explicit)
+            .arg("--whole-archive")
+            .arg(core)
+            .arg("--no-whole-archive"),
+        &format!("combine objects for {}", explicit_static.display()),
+    )?;
+    let tmp = out_dir.join(format!("libsymvirt_mpi_{n}.a.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    run(
+        Command::new("gcc-ar").arg("rcs").arg(&tmp).arg(&combined),
+        &format!("archive {}", explicit_static.display()),
+    )?;
+    let _ = std::fs::remove_file(&combined);
+    rename(&tmp, &explicit_static)?;
+
+    Ok(Libraries {
+        mpi,
+        dir: out_dir.to_path_buf(),
+        explicit_shared,
+        explicit_static,
+        transparent: transparent_so,
+    })
+}
+
+/// How a program uses the layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Linkage {
+    /// Calls the explicit API; linked statically with `libsymvirt_mpi_<impl>.a`
+    /// (compiled with `-DSYMVIRT_EXPLICIT`).
+    Explicit,
+    /// Knows nothing of SymVirt (the transparent layer is preloaded at run time).
+    Plain,
+}
+
+/// Compiles an MPI program (`.c` with mpicc, `.f90` with mpif90) from `source` into `out`.
+pub fn build_program(
+    libs: &Libraries,
+    source: &Path,
+    linkage: Linkage,
+    out: &Path,
+) -> Result<PathBuf> {
+    let fortran = source.extension().is_some_and(|e| e == "f90");
+    let compiler = if fortran {
+        libs.mpi.mpif90()
+    } else {
+        libs.mpi.mpicc()
+    };
+    let tmp = out.with_extension(format!("{}.tmp", std::process::id()));
+    let mut cmd = Command::new(compiler);
+    cmd.args(["-O2", "-g"]);
+    if fortran {
+        cmd.arg("-cpp");
+    } else {
+        cmd.args(["-Wall", "-Wextra", "-std=gnu11"]);
+    }
+    cmd.arg("-I").arg(include_dir()).arg(source);
+    if linkage == Linkage::Explicit {
+        cmd.arg("-DSYMVIRT_EXPLICIT").arg(&libs.explicit_static);
+        cmd.args(CORE_LINK_LIBS);
+    }
+    cmd.arg("-o").arg(&tmp);
+    run(&mut cmd, &format!("build {}", source.display()))?;
+    rename(&tmp, out)?;
+    Ok(out.to_path_buf())
+}

@@ -1,0 +1,275 @@
+//! The explicit safe point: every rank calls [`SafePoint::poll`] once per iteration of its main
+//! loop; when a migration is requested, all ranks stop at the same iteration.
+//!
+//! Agreement without blocking the others (pipelined): at iteration `k` each rank starts a
+//! non-blocking MAX-reduction of its locally requested epoch (0: none) and completes the one it
+//! started at iteration `k - DEPTH`. Every rank gets the same result for `k - DEPTH` at its
+//! iteration `k`, so every rank stops at the same iteration. A rank only ever waits for ranks
+//! that are `DEPTH` iterations behind it.
+//!
+//! **Contract** (the explicit mode's assumption): each iteration's messages are matched within
+//! that iteration, i.e. no rank blocks in iteration `k` on a message its peer sends in a later
+//! iteration. Then a rank waiting for a peer that is `DEPTH` iterations behind never holds
+//! anything that peer needs, so there is no deadlock; and at the agreed iteration every message
+//! sent has been received: the cut is consistent.
+//!
+//! The MPI operations come from an [`Agreement`] (the C library implements it with
+//! `MPI_Iallreduce` on a private duplicate of the communicator); the state machine is here only.
+
+use crate::control::{self, Control, Outcome};
+use crate::error::Result;
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// How many iterations the reduction of a request lags behind.
+pub const DEPTH: usize = 2;
+/// Pipeline slots an [`Agreement`] must provide (requests in flight at once).
+pub const SLOTS: usize = DEPTH + 1;
+
+/// The collective operations the safe point needs, on a communicator private to it.
+pub trait Agreement {
+    /// Starts a MAX-reduction of `value` over all ranks in pipeline slot `slot` (< [`SLOTS`]).
+    fn start(&mut self, slot: usize, value: u64) -> Result<()>;
+    /// Completes the reduction in `slot` and returns the maximum.
+    fn finish(&mut self, slot: usize) -> Result<u64>;
+    /// Waits until every rank arrives (used once per cut, after resume).
+    fn barrier(&mut self) -> Result<()>;
+}
+
+/// What happened at a safe point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SafePointResult {
+    /// Nothing pending (the common case).
+    Continue,
+    /// The ranks stopped here, the cluster migrated, and the ranks were released.
+    Resumed {
+        /// The epoch.
+        epoch: u64,
+        /// The interconnect the guest has now (also given to the resume hook).
+        interconnect: symvirt::protocol::Interconnect,
+    },
+    /// The ranks stopped here but the migration was cancelled; nothing changed.
+    Aborted {
+        /// The epoch.
+        epoch: u64,
+    },
+}
+
+/// Called at the cut, before `quiesced` is reported (e.g. to record or flush state).
+pub type QuiesceHook = Box<dyn FnMut(u64) + Send>;
+/// Called after `resume`, before `resumed` is reported: where a runtime re-selects its
+/// transport (e.g. MPI Sessions finalize/re-init where the runtime supports it).
+pub type ResumeHook = Box<dyn FnMut(u64, &symvirt::protocol::Interconnect) + Send>;
+
+/// One rank's safe point.
+pub struct SafePoint<A: Agreement> {
+    agreement: A,
+    control: Option<Control>,
+    in_flight: VecDeque<usize>,
+    iteration: u64,
+    /// The last epoch a cut was made for; requests up to it are settled.
+    served: u64,
+    quiesce_timeout: Duration,
+    on_quiesce: Option<QuiesceHook>,
+    on_resume: Option<ResumeHook>,
+}
+
+impl<A: Agreement> std::fmt::Debug for SafePoint<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SafePoint")
+            .field("iteration", &self.iteration)
+            .field("served", &self.served)
+            .finish()
+    }
+}
+
+impl<A: Agreement> SafePoint<A> {
+    /// A safe point over `agreement`, reporting through `control` (`None`: no agent, the
+    /// safe point never stops; still collective, so every rank must make the same choice).
+    pub fn new(agreement: A, control: Option<Control>) -> SafePoint<A> {
+        SafePoint {
+            agreement,
+            control,
+            in_flight: VecDeque::with_capacity(SLOTS),
+            iteration: 0,
+            served: 0,
+            quiesce_timeout: Duration::from_secs(600),
+            on_quiesce: None,
+            on_resume: None,
+        }
+    }
+
+    /// How long a rank waits at the cut for its agent (prepare, then resume or abort).
+    pub fn set_quiesce_timeout(&mut self, timeout: Duration) {
+        self.quiesce_timeout = timeout;
+    }
+
+    /// Installs the hook run at the cut.
+    pub fn on_quiesce(&mut self, hook: QuiesceHook) {
+        self.on_quiesce = Some(hook);
+    }
+
+    /// Installs the hook run after resume (transport re-selection).
+    pub fn on_resume(&mut self, hook: ResumeHook) {
+        self.on_resume = Some(hook);
+    }
+
+    /// The control plane, if any.
+    pub fn control(&self) -> Option<&Control> {
+        self.control.as_ref()
+    }
+
+    /// Safe points passed so far.
+    pub fn iteration(&self) -> u64 {
+        self.iteration
+    }
+
+    /// The safe point proper; see the module documentation. Collective over the ranks.
+    pub fn poll(&mut self) -> Result<SafePointResult> {
+        let local = match &self.control {
+            Some(_) => control::requested_epoch(),
+            None => 0,
+        };
+        let local = if local > self.served { local } else { 0 };
+        let slot = (self.iteration % SLOTS as u64) as usize;
+        self.agreement.start(slot, local)?;
+        self.in_flight.push_back(slot);
+        self.iteration += 1;
+        if self.in_flight.len() <= DEPTH {
+            return Ok(SafePointResult::Continue);
+        }
+        let oldest = self.in_flight.pop_front().expect("len > DEPTH");
+        let agreed = self.agreement.finish(oldest)?;
+        if agreed <= self.served {
+            return Ok(SafePointResult::Continue);
+        }
+        self.cut(agreed)
+    }
+
+    /// Every rank is here, at the same iteration, for `epoch`.
+    fn cut(&mut self, epoch: u64) -> Result<SafePointResult> {
+        // Settle the reductions still in flight: no collective stays open across the cut
+        // (every rank started the same ones). Their values are this epoch or nothing new.
+        while let Some(slot) = self.in_flight.pop_front() {
+            self.agreement.finish(slot)?;
+        }
+        self.served = epoch;
+        if let Some(hook) = self.on_quiesce.as_mut() {
+            hook(epoch);
+        }
+        let outcome = match &self.control {
+            Some(c) => c.quiesce(epoch, self.quiesce_timeout),
+            None => Ok(Outcome::Aborted { epoch }),
+        };
+        let result = match outcome {
+            Ok(Outcome::Resumed {
+                epoch,
+                interconnect,
+            }) => {
+                if let Some(hook) = self.on_resume.as_mut() {
+                    hook(epoch, &interconnect);
+                }
+                let acked = match &self.control {
+                    Some(c) => c.resumed(epoch),
+                    None => Ok(()),
+                };
+                acked.map(|()| SafePointResult::Resumed {
+                    epoch,
+                    interconnect,
+                })
+            }
+            Ok(Outcome::Aborted { epoch }) => Ok(SafePointResult::Aborted { epoch }),
+            Err(e) => Err(e),
+        };
+        // Nobody sends on the (possibly new) transport before every rank is back.
+        self.agreement.barrier()?;
+        result
+    }
+
+    /// Ends the safe point, settling reductions still in flight (collective), and returns
+    /// the control plane (dropping it unregisters the rank).
+    pub fn finish(mut self) -> Result<Option<Control>> {
+        while let Some(slot) = self.in_flight.pop_front() {
+            self.agreement.finish(slot)?;
+        }
+        Ok(self.control.take())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Barrier, Mutex};
+
+    /// An in-process stand-in for MPI_Iallreduce among threads: slot values per round.
+    struct Threads {
+        rank: usize,
+        ranks: usize,
+        round: [u64; SLOTS],
+        next_round: u64,
+        board: Arc<Mutex<std::collections::HashMap<(u64, usize), u64>>>,
+        gate: Arc<Barrier>,
+    }
+
+    impl Agreement for Threads {
+        fn start(&mut self, slot: usize, value: u64) -> Result<()> {
+            self.round[slot] = self.next_round;
+            self.next_round += 1;
+            self.board
+                .lock()
+                .unwrap()
+                .insert((self.round[slot], self.rank), value);
+            Ok(())
+        }
+        fn finish(&mut self, slot: usize) -> Result<u64> {
+            let round = self.round[slot];
+            loop {
+                let board = self.board.lock().unwrap();
+                let vals: Vec<u64> = (0..self.ranks)
+                    .filter_map(|r| board.get(&(round, r)).copied())
+                    .collect();
+                if vals.len() == self.ranks {
+                    return Ok(vals.into_iter().max().unwrap_or(0));
+                }
+                drop(board);
+                std::thread::yield_now();
+            }
+        }
+        fn barrier(&mut self) -> Result<()> {
+            self.gate.wait();
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn without_an_agent_the_pipeline_never_stops_and_settles_at_the_end() {
+        let ranks = 3;
+        let board = Arc::new(Mutex::new(Default::default()));
+        let gate = Arc::new(Barrier::new(ranks));
+        let handles: Vec<_> = (0..ranks)
+            .map(|rank| {
+                let a = Threads {
+                    rank,
+                    ranks,
+                    round: [0; SLOTS],
+                    next_round: 0,
+                    board: board.clone(),
+                    gate: gate.clone(),
+                };
+                std::thread::spawn(move || {
+                    let mut sp = SafePoint::new(a, None);
+                    for _ in 0..50 {
+                        assert_eq!(sp.poll().unwrap(), SafePointResult::Continue);
+                    }
+                    assert_eq!(sp.iteration(), 50);
+                    sp.finish().unwrap().is_none()
+                })
+            })
+            .collect();
+        for h in handles {
+            assert!(h.join().unwrap());
+        }
+        // Every round that was started was completed by every rank.
+        assert_eq!(board.lock().unwrap().len(), 50 * ranks);
+    }
+}

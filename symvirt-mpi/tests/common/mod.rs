@@ -1,0 +1,289 @@
+//! Shared test rig: builds the per-MPI libraries and programs once per test process, runs an
+//! in-process guest agent with a fake host channel (a unix socket the test drives), launches
+//! 4-rank MPI jobs under a time limit and kills them (by process group id) when dropped.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use symvirt::agent::{Agent, AgentConfig};
+use symvirt::guest_link::ChannelSpec;
+use symvirt::host_channel::{ChannelOptions, HostChannel};
+use symvirt::protocol::{GuestMessage, HostMessage, Interconnect};
+use symvirt_mpi::mpi_build::{self, Libraries, Linkage, MpiImpl};
+
+/// Ranks per job (the requirement).
+pub const RANKS: u32 = 4;
+/// Upper bound for any single wait; a test never hangs longer.
+pub const PATIENCE: Duration = Duration::from_secs(120);
+
+pub fn soon() -> Instant {
+    Instant::now() + PATIENCE
+}
+
+/// The workspace's target directory (tests run from target/<profile>/deps/).
+fn target_profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+/// This crate's staticlib, built by cargo; rebuilt on demand when the test binary is newer.
+fn core_staticlib() -> PathBuf {
+    let lib = target_profile_dir().join("libsymvirt_mpi.a");
+    let exe = std::env::current_exe().unwrap();
+    let stale = match (fs::metadata(&lib), fs::metadata(&exe)) {
+        (Ok(l), Ok(e)) => l.modified().unwrap() < e.modified().unwrap() - Duration::from_secs(600),
+        _ => true,
+    };
+    if stale || !lib.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "-p", "symvirt-mpi", "--lib"])
+            .status()
+            .expect("run cargo build");
+        assert!(st.success(), "cargo build -p symvirt-mpi --lib failed");
+    }
+    assert!(lib.exists(), "{} missing", lib.display());
+    lib
+}
+
+static LIBS: OnceLock<Mutex<HashMap<MpiImpl, Libraries>>> = OnceLock::new();
+
+/// The libraries for `mpi`, built once per test process.
+pub fn libraries(mpi: MpiImpl) -> Libraries {
+    let mut map = LIBS.get_or_init(Default::default).lock().unwrap();
+    if let Some(l) = map.get(&mpi) {
+        return l.clone();
+    }
+    let dir = target_profile_dir()
+        .join("symvirt-mpi")
+        .join(mpi.name());
+    let libs = mpi_build::build_libraries(mpi, &core_staticlib(), &dir)
+        .unwrap_or_else(|e| panic!("{e}"));
+    map.insert(mpi, libs.clone());
+    libs
+}
+
+/// A test program from tests/programs, built for `mpi` (once per test process).
+pub fn program(mpi: MpiImpl, source: &str, linkage: Linkage) -> PathBuf {
+    static BUILT: OnceLock<Mutex<HashMap<(MpiImpl, String, bool), PathBuf>>> = OnceLock::new();
+    let libs = libraries(mpi);
+    let mut map = BUILT.get_or_init(Default::default).lock().unwrap();
+    let key = (mpi, source.to_string(), linkage == Linkage::Explicit);
+    if let Some(p) = map.get(&key) {
+        return p.clone();
+    }
+    let src = mpi_build::crate_dir().join("tests/programs").join(source);
+    let stem = Path::new(source).file_stem().unwrap().to_string_lossy();
+    let kind = if linkage == Linkage::Explicit {
+        "explicit"
+    } else {
+        "plain"
+    };
+    let out = libs.dir.join(format!("{stem}-{kind}"));
+    let p = mpi_build::build_program(&libs, &src, linkage, &out).unwrap_or_else(|e| panic!("{e}"));
+    map.insert(key, p.clone());
+    p
+}
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let d = std::env::temp_dir().join(format!("symvirt-mpi-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A guest agent for `RANKS` ranks, connected to a host channel the test drives.
+pub struct Rig {
+    pub dir: TempDir,
+    pub host: HostChannel,
+    pub agent: Option<Agent>,
+}
+
+impl Rig {
+    pub fn new(tag: &str) -> Rig {
+        let dir = TempDir::new(tag);
+        let host_sock = dir.0.join("host.sock");
+        let host = HostChannel::listen(&host_sock, ChannelOptions::labelled(tag)).unwrap();
+        let agent = Agent::spawn(AgentConfig {
+            vm: format!("vm-{tag}"),
+            channel: ChannelSpec::Unix(host_sock),
+            rank_socket: dir.0.join("agent.sock"),
+            ranks: RANKS,
+            ..AgentConfig::default()
+        })
+        .unwrap();
+        host.wait_hello(soon()).unwrap();
+        Rig {
+            dir,
+            host,
+            agent: Some(agent),
+        }
+    }
+
+    pub fn rank_socket(&self) -> PathBuf {
+        self.dir.0.join("agent.sock")
+    }
+
+    pub fn prepare(&self, epoch: u64) {
+        self.host
+            .send(&HostMessage::Prepare {
+                epoch,
+                deadline_ms: PATIENCE.as_millis() as u64,
+            })
+            .unwrap();
+    }
+
+    /// Waits for the next non-hello message from the guest.
+    pub fn outcome(&self) -> GuestMessage {
+        self.host
+            .wait_for(|m| !matches!(m, GuestMessage::Hello { .. }), soon())
+            .unwrap_or_else(|e| panic!("no answer from the guest agent: {e}"))
+    }
+
+    pub fn resume(&self, epoch: u64, interconnect: Interconnect) {
+        self.host
+            .send(&HostMessage::Resume {
+                epoch,
+                interconnect,
+            })
+            .unwrap();
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.agent.take();
+    }
+}
+
+/// A running MPI job; killed (its whole process group) when dropped.
+pub struct Job {
+    child: Option<Child>,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Job {
+    pub fn start(
+        mpi: MpiImpl,
+        program: &Path,
+        args: &[&str],
+        env: &[(String, String)],
+        logs: &Path,
+    ) -> Job {
+        let stdout = logs.join("stdout");
+        let stderr = logs.join("stderr");
+        let mut cmd = mpi.launcher(RANKS, env);
+        cmd.arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&stdout).unwrap())
+            .stderr(fs::File::create(&stderr).unwrap());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd.spawn().unwrap();
+        Job {
+            child: Some(child),
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        format!(
+            "--- stdout\n{}\n--- stderr\n{}",
+            fs::read_to_string(&self.stdout).unwrap_or_default(),
+            fs::read_to_string(&self.stderr).unwrap_or_default()
+        )
+    }
+
+    /// Waits for the job to end (at most `PATIENCE`); returns (success, stdout).
+    pub fn wait(&mut self) -> (bool, String) {
+        let deadline = soon();
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                self.child = None;
+                return (
+                    st.success(),
+                    fs::read_to_string(&self.stdout).unwrap_or_default(),
+                );
+            }
+            if Instant::now() > deadline {
+                let logs = self.logs();
+                self.kill();
+                panic!("MPI job did not finish in {PATIENCE:?}\n{logs}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on the process group this job created (process_group(0)).
+            unsafe {
+                libc::kill(-(c.id() as i32), libc::SIGKILL);
+            }
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Reads the cut records `DIR/<prefix>-<epoch>-<rank>`, waiting until all ranks wrote theirs.
+pub fn read_records(dir: &Path, prefix: &str, epoch: u64) -> Vec<String> {
+    let deadline = soon();
+    loop {
+        let recs: Vec<Option<String>> = (0..RANKS)
+            .map(|r| {
+                fs::read_to_string(dir.join(format!("{prefix}-{epoch}-{r}")))
+                    .ok()
+                    .filter(|s| s.ends_with('\n'))
+            })
+            .collect();
+        if recs.iter().all(Option::is_some) {
+            return recs.into_iter().map(Option::unwrap).collect();
+        }
+        assert!(Instant::now() < deadline, "{prefix} records for epoch {epoch} missing");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn ethernet(n: u8) -> Interconnect {
+    Interconnect::Ethernet {
+        mac: format!("52:54:00:00:00:{n:02x}"),
+        iface: Some(format!("eth{n}")),
+        pci: None,
+    }
+}
+
+pub fn infiniband() -> Interconnect {
+    Interconnect::Infiniband {
+        hca: "mlx5_1".into(),
+        port: 1,
+        pci: Some("0000:00:05.0".into()),
+    }
+}

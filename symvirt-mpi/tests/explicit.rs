@@ -1,0 +1,121 @@
+//! Explicit safe points with real MPI jobs (4 ranks, Open MPI and MPICH) and the real guest
+//! agent: several migration requests per run; at every cut all ranks stopped at the same
+//! iteration and the global sent count equals the received count (read while the ranks are
+//! paused, before the test sends resume); every rank is given the new interconnect; the
+//! program's own payload checks pass and it finishes.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::time::{Duration, Instant};
+use symvirt::protocol::{GuestMessage, Interconnect};
+use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
+
+/// Waits for the agent's next report, failing early with the job's logs if the job dies.
+fn outcome_while_running(rig: &Rig, job: &mut Job) -> GuestMessage {
+    let deadline = soon();
+    loop {
+        match rig.host.wait_for(
+            |m| !matches!(m, GuestMessage::Hello { .. }),
+            Instant::now() + Duration::from_millis(300),
+        ) {
+            Ok(m) => return m,
+            Err(symvirt::Error::Timeout) => {}
+            Err(e) => panic!("host channel: {e}"),
+        }
+        assert!(job.running(), "MPI job ended early\n{}", job.logs());
+        assert!(Instant::now() < deadline, "no report from the agent\n{}", job.logs());
+    }
+}
+
+/// The cut records of `epoch`: every rank at the same iteration, global sent == received.
+/// Returns the global sent count.
+fn check_cut(dir: &std::path::Path, epoch: u64) -> u64 {
+    let recs = read_records(dir, "cut", epoch);
+    let parsed: Vec<[u64; 3]> = recs
+        .iter()
+        .map(|r| {
+            let v: Vec<u64> = r.split_whitespace().map(|x| x.parse().unwrap()).collect();
+            [v[0], v[1], v[2]]
+        })
+        .collect();
+    let iteration = parsed[0][0];
+    assert!(
+        parsed.iter().all(|p| p[0] == iteration),
+        "epoch {epoch}: ranks stopped at different iterations: {recs:?}"
+    );
+    let sent: u64 = parsed.iter().map(|p| p[1]).sum();
+    let received: u64 = parsed.iter().map(|p| p[2]).sum();
+    assert_eq!(sent, received, "epoch {epoch}: cut not consistent: {recs:?}");
+    sent
+}
+
+fn run_explicit(mpi: MpiImpl, source: &str, modes: &str, tag: &str, epochs: u64) {
+    let rig = Rig::new(tag);
+    let prog = program(mpi, source, Linkage::Explicit);
+    let cuts = rig.dir.0.join("cuts");
+    fs::create_dir_all(&cuts).unwrap();
+    let env = [(
+        "SYMVIRT_AGENT_SOCKET".to_string(),
+        rig.rank_socket().display().to_string(),
+    )];
+    let mut job = Job::start(
+        mpi,
+        &prog,
+        &[modes, cuts.to_str().unwrap(), "16"],
+        &env,
+        &rig.dir.0,
+    );
+    let mut last_sent = 0;
+    for epoch in 1..=epochs {
+        rig.prepare(epoch);
+        match outcome_while_running(&rig, &mut job) {
+            GuestMessage::Quiesced { epoch: e } if e == epoch => {}
+            other => panic!("epoch {epoch}: expected quiesced, got {other:?}\n{}", job.logs()),
+        }
+        // The ranks are paused now: their records describe the cut.
+        let sent = check_cut(&cuts, epoch);
+        assert!(sent > last_sent, "no traffic between cuts");
+        last_sent = sent;
+        let ic: Interconnect = if epoch % 2 == 1 {
+            ethernet(epoch as u8)
+        } else {
+            infiniband()
+        };
+        rig.resume(epoch, ic.clone());
+        match outcome_while_running(&rig, &mut job) {
+            GuestMessage::Resumed {
+                epoch: e,
+                interconnect,
+                ..
+            } if e == epoch => assert_eq!(interconnect, ic),
+            other => panic!("epoch {epoch}: expected resumed, got {other:?}\n{}", job.logs()),
+        }
+        let json = serde_json::to_string(&ic).unwrap();
+        for rec in read_records(&cuts, "resumed", epoch) {
+            assert!(rec.starts_with("resumed "), "{rec}");
+            assert!(rec.trim_end().ends_with(&json), "rank saw {rec}, want {json}");
+        }
+    }
+    fs::write(cuts.join("stop"), "").unwrap();
+    let (ok, out) = job.wait();
+    assert!(ok, "MPI job failed\n{}", job.logs());
+    let oks: Vec<&str> = out.lines().filter(|l| l.contains(" OK rank ")).collect();
+    assert_eq!(oks.len(), RANKS as usize, "{out}");
+    for l in oks {
+        assert!(l.ends_with(&format!("cuts {epochs}")), "{l}");
+    }
+}
+
+const ALL_MODES: &str = "ring,ring_nb,alltoall,anysource,collective";
+
+#[test]
+fn explicit_openmpi_c_stress_consistent_at_every_cut() {
+    run_explicit(MpiImpl::OpenMpi, "stress.c", ALL_MODES, "exp-ompi", 3);
+}
+
+#[test]
+fn explicit_mpich_c_stress_consistent_at_every_cut() {
+    run_explicit(MpiImpl::Mpich, "stress.c", ALL_MODES, "exp-mpich", 3);
+}

@@ -1,0 +1,375 @@
+/* SymVirt stress program: point-to-point and collective traffic with checked payloads.
+ *
+ *   stress MODES DIR MIN_ITERS
+ *
+ * MODES: comma-separated list run in every iteration, in order:
+ *   ring       blocking send/recv around a ring (even ranks send first)
+ *   ring_nb    Irecv/Isend around a ring, completed by Waitall or a Test loop
+ *   alltoall   Irecv/Isend with every peer, completed by Waitany / Testsome
+ *   anysource  every rank sends to every peer, receives with MPI_ANY_SOURCE (Recv, Probe+Recv,
+ *              Iprobe+Recv, Irecv+Wait)
+ *   collective Allreduce, Bcast, Alltoall, Reduce, Allgather, Barrier, all checked
+ * Every message carries (source, destination, per-pair sequence number, tag) and a payload
+ * derived from them; the receiver checks all of it: a lost, duplicated, reordered or corrupted
+ * message fails the run. Some messages are large (rendezvous protocol).
+ * Runs at least MIN_ITERS iterations, then until DIR/stop exists (all ranks agree).
+ *
+ * With -DSYMVIRT_EXPLICIT the program calls symvirt_safe_point every iteration; its quiesce hook
+ * writes DIR/cut-E-R ("iteration sent received") and after a resume it writes DIR/resumed-E-R
+ * (the interconnect's JSON).
+ * Prints "stress OK rank R iterations N sent S received V cuts C" and exits 0 on success. */
+#include <mpi.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#ifdef SYMVIRT_EXPLICIT
+#include "symvirt.h"
+#endif
+
+#define SMALL 4
+#define LARGE (32 * 1024) /* 256 KiB: beyond the eager limit of both implementations */
+#define MAXP 64
+
+static int me, np;
+static const char *dir;
+static uint64_t *next_seq_to;   /* per destination */
+static uint64_t *next_seq_from; /* per source */
+static uint64_t sent, received, iteration, cuts;
+
+static void fail(const char *what, int peer)
+{
+    fprintf(stderr, "stress FAIL rank %d iteration %llu: %s (peer %d)\n", me,
+            (unsigned long long)iteration, what, peer);
+    fflush(stderr);
+    MPI_Abort(MPI_COMM_WORLD, 3);
+}
+
+static uint64_t word(uint64_t src, uint64_t dst, uint64_t seq, uint64_t i)
+{
+    uint64_t x = (src << 48) ^ (dst << 40) ^ (seq << 8) ^ i;
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    return x;
+}
+
+static int len_for(uint64_t seq)
+{
+    return (seq % 7 == 3) ? LARGE : SMALL;
+}
+
+/* Fills a message to dst; returns its length in words. */
+static int fill(uint64_t *buf, int dst, int tag)
+{
+    uint64_t seq = next_seq_to[dst]++;
+    int n = len_for(seq) + 4;
+    buf[0] = (uint64_t)me;
+    buf[1] = (uint64_t)dst;
+    buf[2] = seq;
+    buf[3] = (uint64_t)tag;
+    for (int i = 4; i < n; i++)
+        buf[i] = word((uint64_t)me, (uint64_t)dst, seq, (uint64_t)i);
+    sent++;
+    return n;
+}
+
+/* Checks a message received with status st; count in words from the status. */
+static void check(const uint64_t *buf, MPI_Status *st, int want_src)
+{
+    int count = 0;
+    MPI_Get_count(st, MPI_UINT64_T, &count);
+    int src = st->MPI_SOURCE;
+    if (want_src != MPI_ANY_SOURCE && src != want_src)
+        fail("message from the wrong source", src);
+    if (count < 4 || buf[0] != (uint64_t)src || buf[1] != (uint64_t)me)
+        fail("bad header", src);
+    if (buf[3] != (uint64_t)st->MPI_TAG)
+        fail("tag mismatch", src);
+    uint64_t seq = buf[2];
+    if (seq != next_seq_from[src])
+        fail(seq < next_seq_from[src] ? "duplicated or reordered message" : "lost message", src);
+    next_seq_from[src]++;
+    if (count != len_for(seq) + 4)
+        fail("bad length", src);
+    for (int i = 4; i < count; i++)
+        if (buf[i] != word((uint64_t)src, (uint64_t)me, seq, (uint64_t)i))
+            fail("corrupted payload", src);
+    received++;
+}
+
+static uint64_t *bufs[2 * MAXP];
+
+static void ring(void)
+{
+    int right = (me + 1) % np, left = (me + np - 1) % np;
+    MPI_Status st;
+    if (me % 2 == 0) {
+        int n = fill(bufs[0], right, 10);
+        MPI_Send(bufs[0], n, MPI_UINT64_T, right, 10, MPI_COMM_WORLD);
+        MPI_Recv(bufs[1], LARGE + 4, MPI_UINT64_T, left, 10, MPI_COMM_WORLD, &st);
+        check(bufs[1], &st, left);
+    } else {
+        MPI_Recv(bufs[1], LARGE + 4, MPI_UINT64_T, left, 10, MPI_COMM_WORLD, &st);
+        check(bufs[1], &st, left);
+        int n = fill(bufs[0], right, 10);
+        MPI_Send(bufs[0], n, MPI_UINT64_T, right, 10, MPI_COMM_WORLD);
+    }
+}
+
+static void ring_nb(void)
+{
+    int right = (me + 1) % np, left = (me + np - 1) % np;
+    MPI_Request rq[2];
+    MPI_Status st[2];
+    MPI_Irecv(bufs[1], LARGE + 4, MPI_UINT64_T, left, 11, MPI_COMM_WORLD, &rq[0]);
+    int n = fill(bufs[0], right, 11);
+    MPI_Isend(bufs[0], n, MPI_UINT64_T, right, 11, MPI_COMM_WORLD, &rq[1]);
+    if (iteration % 2 == 0) {
+        MPI_Waitall(2, rq, st);
+    } else {
+        int done = 0;
+        while (!done)
+            MPI_Testall(2, rq, &done, st);
+    }
+    check(bufs[1], &st[0], left);
+}
+
+static void alltoall(void)
+{
+    MPI_Request rq[2 * MAXP];
+    MPI_Status st[2 * MAXP];
+    int k = 0;
+    for (int p = 0; p < np; p++)
+        if (p != me)
+            MPI_Irecv(bufs[np + p], LARGE + 4, MPI_UINT64_T, p, 12, MPI_COMM_WORLD, &rq[k++]);
+    int nrecv = k;
+    for (int p = 0; p < np; p++)
+        if (p != me) {
+            int n = fill(bufs[p], p, 12);
+            MPI_Isend(bufs[p], n, MPI_UINT64_T, p, 12, MPI_COMM_WORLD, &rq[k++]);
+        }
+    /* Receives are checked as they complete; per-pair order is checked by sequence. */
+    int left = k;
+    if (iteration % 2 == 0) {
+        while (left > 0) {
+            int idx;
+            MPI_Status s;
+            MPI_Waitany(k, rq, &idx, &s);
+            if (idx == MPI_UNDEFINED)
+                break;
+            if (idx < nrecv)
+                check(bufs[np + s.MPI_SOURCE], &s, s.MPI_SOURCE);
+            left--;
+        }
+    } else {
+        int idx[2 * MAXP];
+        while (left > 0) {
+            int outcount = 0;
+            MPI_Testsome(k, rq, &outcount, idx, st);
+            if (outcount == MPI_UNDEFINED)
+                break;
+            for (int i = 0; i < outcount; i++) {
+                if (idx[i] < nrecv)
+                    check(bufs[np + st[i].MPI_SOURCE], &st[i], st[i].MPI_SOURCE);
+            }
+            left -= outcount;
+        }
+    }
+}
+
+static void anysource(void)
+{
+    enum { PER_PEER = 3 };
+    MPI_Request rq[PER_PEER * MAXP];
+    uint64_t *out[PER_PEER * MAXP];
+    int k = 0;
+    for (int r = 0; r < PER_PEER; r++)
+        for (int p = 0; p < np; p++)
+            if (p != me) {
+                out[k] = malloc((LARGE + 4) * sizeof(uint64_t));
+                int n = fill(out[k], p, 20 + r);
+                MPI_Isend(out[k], n, MPI_UINT64_T, p, 20 + r, MPI_COMM_WORLD, &rq[k]);
+                k++;
+            }
+    uint64_t *in = bufs[1];
+    for (int m = 0; m < PER_PEER * (np - 1); m++) {
+        MPI_Status st;
+        switch ((iteration + (uint64_t)m) % 4) {
+        case 0:
+            MPI_Recv(in, LARGE + 4, MPI_UINT64_T, MPI_ANY_SOURCE, MPI_ANY_TAG, MPI_COMM_WORLD, &st);
+            break;
+        case 1: {
+            int count;
+            MPI_Probe(MPI_ANY_SOURCE, MPI_ANY_TAG, MPI_COMM_WORLD, &st);
+            MPI_Get_count(&st, MPI_UINT64_T, &count);
+            MPI_Recv(in, count, MPI_UINT64_T, st.MPI_SOURCE, st.MPI_TAG, MPI_COMM_WORLD, &st);
+            break;
+        }
+        case 2: {
+            int flag = 0;
+            while (!flag)
+                MPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, MPI_COMM_WORLD, &flag, &st);
+            MPI_Recv(in, LARGE + 4, MPI_UINT64_T, st.MPI_SOURCE, st.MPI_TAG, MPI_COMM_WORLD, &st);
+            break;
+        }
+        default: {
+            MPI_Request r;
+            MPI_Irecv(in, LARGE + 4, MPI_UINT64_T, MPI_ANY_SOURCE, MPI_ANY_TAG, MPI_COMM_WORLD, &r);
+            MPI_Wait(&r, &st);
+            break;
+        }
+        }
+        check(in, &st, MPI_ANY_SOURCE);
+    }
+    MPI_Waitall(k, rq, MPI_STATUSES_IGNORE);
+    for (int i = 0; i < k; i++)
+        free(out[i]);
+}
+
+static void collective(void)
+{
+    enum { N = 64 };
+    uint64_t v[N], r[N], a[N * MAXP], b[N * MAXP];
+    for (int i = 0; i < N; i++)
+        v[i] = word((uint64_t)me, 0, iteration, (uint64_t)i) >> 8;
+    MPI_Allreduce(v, r, N, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD);
+    for (int i = 0; i < N; i++) {
+        uint64_t want = 0;
+        for (int p = 0; p < np; p++)
+            want += word((uint64_t)p, 0, iteration, (uint64_t)i) >> 8;
+        if (r[i] != want)
+            fail("Allreduce result", -1);
+    }
+    int root = (int)(iteration % (uint64_t)np);
+    for (int i = 0; i < N; i++)
+        r[i] = me == root ? word(99, (uint64_t)root, iteration, (uint64_t)i) : 0;
+    MPI_Bcast(r, N, MPI_UINT64_T, root, MPI_COMM_WORLD);
+    for (int i = 0; i < N; i++)
+        if (r[i] != word(99, (uint64_t)root, iteration, (uint64_t)i))
+            fail("Bcast result", root);
+    for (int p = 0; p < np; p++)
+        for (int i = 0; i < 4; i++)
+            a[p * 4 + i] = word((uint64_t)me, (uint64_t)p, iteration, (uint64_t)i);
+    MPI_Alltoall(a, 4, MPI_UINT64_T, b, 4, MPI_UINT64_T, MPI_COMM_WORLD);
+    for (int p = 0; p < np; p++)
+        for (int i = 0; i < 4; i++)
+            if (b[p * 4 + i] != word((uint64_t)p, (uint64_t)me, iteration, (uint64_t)i))
+                fail("Alltoall result", p);
+    uint64_t one = (uint64_t)me + 1, sum = 0;
+    MPI_Reduce(&one, &sum, 1, MPI_UINT64_T, MPI_SUM, root, MPI_COMM_WORLD);
+    if (me == root && sum != (uint64_t)np * (uint64_t)(np + 1) / 2)
+        fail("Reduce result", root);
+    MPI_Allgather(&one, 1, MPI_UINT64_T, a, 1, MPI_UINT64_T, MPI_COMM_WORLD);
+    for (int p = 0; p < np; p++)
+        if (a[p] != (uint64_t)p + 1)
+            fail("Allgather result", p);
+    MPI_Barrier(MPI_COMM_WORLD);
+}
+
+#ifdef SYMVIRT_EXPLICIT
+static void at_cut(uint64_t epoch, void *ctx)
+{
+    (void)ctx;
+    char path[4096];
+    snprintf(path, sizeof path, "%s/cut-%llu-%d", dir, (unsigned long long)epoch, me);
+    FILE *f = fopen(path, "w");
+    if (f == NULL)
+        fail("cannot write cut record", -1);
+    fprintf(f, "%llu %llu %llu\n", (unsigned long long)iteration, (unsigned long long)sent,
+            (unsigned long long)received);
+    fclose(f);
+}
+#endif
+
+static int stop_requested(void)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/stop", dir);
+    int mine = (me == 0 && access(path, F_OK) == 0), all = 0;
+    MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    return all;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc != 4) {
+        fprintf(stderr, "usage: stress MODES DIR MIN_ITERS\n");
+        return 2;
+    }
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &me);
+    MPI_Comm_size(MPI_COMM_WORLD, &np);
+    if (np > MAXP || np < 2)
+        fail("need 2..64 ranks", np);
+    dir = argv[2];
+    uint64_t min_iters = strtoull(argv[3], NULL, 10);
+    next_seq_to = calloc((size_t)np, sizeof(uint64_t));
+    next_seq_from = calloc((size_t)np, sizeof(uint64_t));
+    for (int i = 0; i < 2 * np; i++)
+        bufs[i] = malloc((LARGE + 4) * sizeof(uint64_t));
+#ifdef SYMVIRT_EXPLICIT
+    int rc = symvirt_init(MPI_COMM_WORLD);
+    if (rc != SYMVIRT_CONTINUE) {
+        fprintf(stderr, "symvirt_init: %d %s\n", rc, symvirt_last_error());
+        MPI_Abort(MPI_COMM_WORLD, 4);
+    }
+    symvirt_on_quiesce(at_cut, NULL);
+#endif
+    for (iteration = 0;; iteration++) {
+        char modes[256];
+        snprintf(modes, sizeof modes, "%s", argv[1]);
+        for (char *save = NULL, *m = strtok_r(modes, ",", &save); m; m = strtok_r(NULL, ",", &save)) {
+            if (strcmp(m, "ring") == 0)
+                ring();
+            else if (strcmp(m, "ring_nb") == 0)
+                ring_nb();
+            else if (strcmp(m, "alltoall") == 0)
+                alltoall();
+            else if (strcmp(m, "anysource") == 0)
+                anysource();
+            else if (strcmp(m, "collective") == 0)
+                collective();
+            else
+                fail("unknown mode", -1);
+        }
+#ifdef SYMVIRT_EXPLICIT
+        symvirt_interconnect ic;
+        rc = symvirt_safe_point(MPI_COMM_WORLD, &ic);
+        if (rc < 0) {
+            fprintf(stderr, "symvirt_safe_point: %d %s\n", rc, symvirt_last_error());
+            MPI_Abort(MPI_COMM_WORLD, 5);
+        }
+        if (rc == SYMVIRT_RESUMED || rc == SYMVIRT_ABORTED) {
+            cuts++;
+            char path[4096];
+            snprintf(path, sizeof path, "%s/resumed-%llu-%d", dir, (unsigned long long)ic.epoch, me);
+            FILE *f = fopen(path, "w");
+            if (f == NULL)
+                fail("cannot write resume record", -1);
+            fprintf(f, "%s %llu %s\n", rc == SYMVIRT_RESUMED ? "resumed" : "aborted",
+                    (unsigned long long)iteration, ic.json);
+            fclose(f);
+        }
+#endif
+        if (iteration + 1 >= min_iters && iteration % 8 == 7 && stop_requested())
+            break;
+    }
+    /* Everything sent was received: totals agree across ranks. */
+    uint64_t tot[2] = {sent, received}, all[2];
+    MPI_Allreduce(tot, all, 2, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD);
+    if (all[0] != all[1])
+        fail("global sent != received at the end", -1);
+#ifdef SYMVIRT_EXPLICIT
+    rc = symvirt_finalize();
+    if (rc != SYMVIRT_CONTINUE)
+        fprintf(stderr, "symvirt_finalize: %d %s\n", rc, symvirt_last_error());
+#endif
+    printf("stress OK rank %d iterations %llu sent %llu received %llu cuts %llu\n", me,
+           (unsigned long long)iteration + 1, (unsigned long long)sent,
+           (unsigned long long)received, (unsigned long long)cuts);
+    fflush(stdout);
+    MPI_Finalize();
+    return 0;
+}
