@@ -465,16 +465,22 @@ impl Reader {
             self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        // Counted before it is queued, so a controller that has received it also sees it counted.
+        if is_message {
+            self.shared
+                .counters
+                .delivered
+                .fetch_add(1, Ordering::Relaxed);
+        }
         match self.events.try_send(event) {
-            Ok(()) => {
+            Ok(()) => {}
+            Err(TrySendError::Full(e)) => {
                 if is_message {
                     self.shared
                         .counters
                         .delivered
-                        .fetch_add(1, Ordering::Relaxed);
+                        .fetch_sub(1, Ordering::Relaxed);
                 }
-            }
-            Err(TrySendError::Full(e)) => {
                 self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 log::error!(
                     "symvirt channel {}: controller queue full, dropped {e:?}",
