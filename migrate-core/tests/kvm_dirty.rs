@@ -5,7 +5,7 @@ mod kvm_common;
 
 use kvm_common::{kvm_or_skip, wait_counter_above};
 use migrate_core::dirty::{DirtyBitmap, PAGE_SIZE};
-use migrate_core::kvm::DirtyTracking;
+use migrate_core::kvm::{DirtyRingTracker, DirtyTracking};
 use migrate_core::vm::MigratableVm;
 use migrate_core::vmm::guest::{CODE_ADDR, PD_ADDR, STATUS_ADDR};
 use migrate_core::vmm::{ReferenceVm, VmmConfig};
@@ -160,4 +160,56 @@ fn dirty_ring_survives_more_pages_than_entries() {
     let b = vm.check_working_set(0).unwrap();
     assert_eq!(b.errors, 0);
     assert!(vm.failure().is_none(), "{:?}", vm.failure());
+}
+
+#[test]
+fn full_dirty_ring_is_collected_by_the_vcpu_or_fails_clearly() {
+    if !kvm_or_skip("full_dirty_ring_is_collected_by_the_vcpu_or_fails_clearly") {
+        return;
+    }
+    // A ring of 4096 entries, no background harvester, 8192 pages per pass: the ring fills.
+    // KVM stops the vCPU (KVM_EXIT_DIRTY_RING_FULL) and the vCPU collects the ring itself.
+    // kvm_pvm stops it too late: the ring overflows and wedges. Either way nothing may hang:
+    // the guest goes on, or the vCPU stops with an error that says what happened.
+    let config = VmmConfig {
+        mem_size: 48 << 20,
+        working_set_pages: 8192,
+        tracking: DirtyTracking::DirtyRing,
+        dirty_ring_entries: 4096,
+        ..Default::default()
+    };
+    let vm = ReferenceVm::new(config).unwrap();
+    let mut t: Box<dyn migrate_core::dirty::DirtyTracker> =
+        Box::new(DirtyRingTracker::start_with(vm.kvm_vm().clone(), None).unwrap());
+    vm.resume().unwrap();
+    kvm_common::wait_for("three passes or a vCPU failure", || {
+        vm.failure().is_some() || vm.status(0).unwrap().counter > 3
+    });
+    vm.pause().unwrap();
+    assert!(vm.kvm_vm().ring_full_exits() > 0, "the ring never filled");
+    let dirty = harvest(&mut t);
+    match vm.failure() {
+        None => {
+            let b = vm.check_working_set(0).unwrap();
+            assert_eq!(b.errors, 0);
+            let ws: BTreeSet<u64> = (0..8192).map(|i| b.ws_base + i * PAGE_SIZE).collect();
+            assert!(
+                ws.is_subset(&dirty),
+                "{} of 8192 pages reported",
+                ws.intersection(&dirty).count()
+            );
+        }
+        Some(f) => {
+            eprintln!("this KVM wedges an overflowing dirty ring: {f}");
+            assert!(f.contains("dirty ring overflowed"), "{f}");
+            assert!(vm.resume().is_err(), "a wedged vCPU must not be resumed");
+            assert!(vm.is_paused());
+            assert!(
+                dirty.len() >= 4000,
+                "pages collected before the overflow were lost: {}",
+                dirty.len()
+            );
+        }
+    }
+    t.stop().unwrap();
 }

@@ -23,8 +23,8 @@ fn guest(tracking: DirtyTracking) -> VmmConfig {
         vcpus: 2,
         working_set_pages: 512,
         dirty_delay: 0,
-        dirty_rate_mib_s: None,
         tracking,
+        ..Default::default()
     }
 }
 

@@ -29,8 +29,8 @@ fn config() -> VmmConfig {
         vcpus: 2,
         working_set_pages: 1024,
         dirty_delay: 0,
-        dirty_rate_mib_s: None,
         tracking: DirtyTracking::DirtyLog,
+        ..Default::default()
     }
 }
 

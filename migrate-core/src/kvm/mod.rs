@@ -19,7 +19,7 @@ use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use raw::DirtyRing;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
 
 /// Entries per vCPU dirty ring. 4096 overflowed and wedged harvesting on kvm_pvm; 65536 holds
@@ -35,7 +35,8 @@ pub enum DirtyTracking {
     /// Per-slot dirty bitmap (`KVM_GET_DIRTY_LOG`, manual protect, `KVM_CLEAR_DIRTY_LOG`).
     #[default]
     DirtyLog,
-    /// Per-vCPU dirty ring of [`DIRTY_RING_ENTRIES`] entries.
+    /// Per-vCPU dirty ring ([`DIRTY_RING_ENTRIES`] entries unless
+    /// [`KvmVm::with_ring_entries`] says otherwise).
     DirtyRing,
 }
 
@@ -78,6 +79,8 @@ pub struct KvmVm {
     manual_protect: bool,
     logging: AtomicBool,
     tracker_active: AtomicBool,
+    ring_entries: u32,
+    ring_full_exits: AtomicU64,
     rings: Mutex<RingState>,
 }
 
@@ -85,6 +88,17 @@ impl KvmVm {
     /// Creates a VM, sets up the chosen dirty tracking (before any vCPU exists, as the dirty
     /// ring requires) and registers every region of `memory` as a slot, logging off.
     pub fn new(kvm: &Kvm, memory: GuestMemory, tracking: DirtyTracking) -> Result<Self> {
+        Self::with_ring_entries(kvm, memory, tracking, DIRTY_RING_ENTRIES)
+    }
+
+    /// [`KvmVm::new`] with dirty rings of `ring_entries` entries (a power of two; ignored for
+    /// the dirty log). Small rings fill fast: for tests of the ring-full path.
+    pub fn with_ring_entries(
+        kvm: &Kvm,
+        memory: GuestMemory,
+        tracking: DirtyTracking,
+        ring_entries: u32,
+    ) -> Result<Self> {
         let fd = kvm.create_vm().map_err(|source| Error::Kvm {
             op: "KVM_CREATE_VM",
             source,
@@ -92,7 +106,7 @@ impl KvmVm {
         let mut manual_protect = false;
         match tracking {
             DirtyTracking::DirtyLog => manual_protect = raw::enable_manual_dirty_log_protect(&fd)?,
-            DirtyTracking::DirtyRing => raw::enable_dirty_ring(&fd, DIRTY_RING_ENTRIES)?,
+            DirtyTracking::DirtyRing => raw::enable_dirty_ring(&fd, ring_entries)?,
         }
         let slots: Vec<MemSlot> = memory
             .iter()
@@ -116,6 +130,8 @@ impl KvmVm {
             manual_protect,
             logging: AtomicBool::new(false),
             tracker_active: AtomicBool::new(false),
+            ring_entries,
+            ring_full_exits: AtomicU64::new(0),
             rings: Mutex::new(RingState {
                 rings: Vec::new(),
                 pending,
@@ -191,7 +207,7 @@ impl KvmVm {
             source,
         })?;
         if self.tracking == DirtyTracking::DirtyRing {
-            let ring = DirtyRing::map(raw::vcpu_raw_fd(&vcpu), DIRTY_RING_ENTRIES)?;
+            let ring = DirtyRing::map(raw::vcpu_raw_fd(&vcpu), self.ring_entries)?;
             self.lock_rings().rings.push(ring);
         }
         Ok(vcpu)
@@ -229,6 +245,17 @@ impl KvmVm {
             )));
         }
         Ok(total)
+    }
+
+    /// A vCPU found its ring full (`KVM_EXIT_DIRTY_RING_FULL`): collect, and count it.
+    pub fn on_ring_full(&self) -> Result<u64> {
+        self.ring_full_exits.fetch_add(1, Ordering::Relaxed);
+        self.collect_rings()
+    }
+
+    /// How often a vCPU stopped on a full dirty ring.
+    pub fn ring_full_exits(&self) -> u64 {
+        self.ring_full_exits.load(Ordering::Relaxed)
     }
 
     /// Takes the pages collected from the rings so far, leaving the pending set empty.

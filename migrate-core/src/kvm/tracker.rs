@@ -152,6 +152,12 @@ pub struct DirtyRingTracker {
 impl DirtyRingTracker {
     /// Turns logging on and starts the background harvester.
     pub fn start(vm: Arc<KvmVm>) -> Result<Self> {
+        Self::start_with(vm, Some(RING_HARVEST_INTERVAL))
+    }
+
+    /// Like [`DirtyRingTracker::start`] with the background harvester running every
+    /// `interval`, or not at all (then only harvests and full-ring exits empty the rings).
+    pub fn start_with(vm: Arc<KvmVm>, interval: Option<Duration>) -> Result<Self> {
         vm.claim_tracker()?;
         let quit = Arc::new(AtomicBool::new(false));
         let mut tracker = DirtyRingTracker {
@@ -167,6 +173,9 @@ impl DirtyRingTracker {
         }
         vm.take_ring_pending();
         reset_vmm_writes(&vm);
+        let Some(interval) = interval else {
+            return Ok(tracker);
+        };
         let spawned = std::thread::Builder::new()
             .name("dirty-ring".into())
             .spawn(move || {
@@ -174,7 +183,7 @@ impl DirtyRingTracker {
                     if let Err(e) = vm.collect_rings() {
                         log::error!("dirty ring harvest failed: {e}");
                     }
-                    std::thread::sleep(RING_HARVEST_INTERVAL);
+                    std::thread::sleep(interval);
                 }
             });
         match spawned {

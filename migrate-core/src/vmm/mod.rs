@@ -62,6 +62,13 @@ pub struct VmmConfig {
     pub dirty_rate_mib_s: Option<u32>,
     /// How KVM reports dirtied pages.
     pub tracking: DirtyTracking,
+    /// Entries per vCPU dirty ring (a power of two; dirty ring tracking only).
+    #[serde(default = "default_ring_entries")]
+    pub dirty_ring_entries: u32,
+}
+
+fn default_ring_entries() -> u32 {
+    crate::kvm::DIRTY_RING_ENTRIES
 }
 
 impl Default for VmmConfig {
@@ -74,6 +81,7 @@ impl Default for VmmConfig {
             dirty_delay: 0,
             dirty_rate_mib_s: None,
             tracking: DirtyTracking::DirtyLog,
+            dirty_ring_entries: crate::kvm::DIRTY_RING_ENTRIES,
         }
     }
 }
@@ -197,7 +205,12 @@ impl ReferenceVm {
         })?;
         let memory = GuestMemory::from_ranges(&config.regions())
             .map_err(|e| Error::Memory(format!("allocating {} bytes: {e}", config.mem_size)))?;
-        let vm = Arc::new(KvmVm::new(&kvm, memory, config.tracking)?);
+        let vm = Arc::new(KvmVm::with_ring_entries(
+            &kvm,
+            memory,
+            config.tracking,
+            config.dirty_ring_entries,
+        )?);
         let irqchip = match vm.fd().create_irq_chip() {
             Ok(()) => true,
             Err(e) => {
@@ -282,6 +295,11 @@ impl ReferenceVm {
 
     /// Lets every vCPU run. Idempotent.
     pub fn resume(&self) -> Result<()> {
+        if let Some(f) = self.failure() {
+            return Err(Error::VmControl(format!(
+                "cannot resume: a vCPU stopped: {f}"
+            )));
+        }
         let mut gate = self.lock_gate();
         *gate = false;
         self.paused.store(false, Ordering::SeqCst);

@@ -21,6 +21,8 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 /// How long a pause or a command may take before it is reported as stuck.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Consecutive full-ring exits with nothing to collect after which the ring counts as wedged.
+const WEDGED_RING_EXITS: u32 = 1000;
 /// Longest single throttle sleep, so the vCPU stays responsive.
 const MAX_THROTTLE_SLEEP: Duration = Duration::from_millis(100);
 
@@ -261,6 +263,7 @@ impl Drop for Vcpu {
 
 fn vcpu_loop(mut fd: VcpuFd, shared: &Shared, vm: &KvmVm) {
     shared.lock().kvm_run = fd.get_kvm_run() as *mut kvm_run as usize;
+    let mut empty_ring_full_exits = 0u32;
     loop {
         {
             let mut c = shared.lock();
@@ -300,9 +303,24 @@ fn vcpu_loop(mut fd: VcpuFd, shared: &Shared, vm: &KvmVm) {
             }
             Ok(VcpuExit::Unsupported(reason)) if reason == KVM_EXIT_DIRTY_RING_FULL => {
                 debug_assert_eq!(vm.tracking(), DirtyTracking::DirtyRing);
-                vm.collect_rings()
-                    .err()
-                    .map(|e| format!("dirty ring full, harvest failed: {e}"))
+                match vm.on_ring_full() {
+                    Err(e) => Some(format!("dirty ring full, harvest failed: {e}")),
+                    Ok(0) => {
+                        // Another thread may have just emptied the ring; but a ring KVM keeps
+                        // calling full while it holds nothing has overflowed (kvm_pvm does not
+                        // stop a vCPU at the soft limit in time) and cannot recover.
+                        empty_ring_full_exits += 1;
+                        (empty_ring_full_exits > WEDGED_RING_EXITS).then(|| {
+                            "dirty ring overflowed: KVM reports it full but it holds no entries; \
+                             use a larger ring and harvest more often"
+                                .to_string()
+                        })
+                    }
+                    Ok(_) => {
+                        empty_ring_full_exits = 0;
+                        None
+                    }
+                }
             }
             Ok(VcpuExit::Hlt) => Some("guest halted".to_string()),
             Ok(other) => Some(format!("unexpected VM exit {other:?}")),
