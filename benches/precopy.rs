@@ -136,6 +136,13 @@ fn engine_run(w: &dyn Workload, src: &dyn MigratableVm, s: &Scenario) -> Run {
     let conn = transport::connect(&ep, s.connections, Duration::from_secs(10)).unwrap();
     let rep = source::migrate(src, conn, &cfg, None).expect("migration");
     let (dvm, drep) = dst.join().unwrap().expect("receive");
+    if std::env::var_os("PRECOPY_DEBUG").is_some() {
+        eprintln!(
+            "{}\n{}",
+            serde_json::to_string(&rep).unwrap(),
+            serde_json::to_string(&drep).unwrap()
+        );
+    }
     let verified = page_hashes(src.memory()).unwrap() == page_hashes(dvm.memory()).unwrap();
     drop(dvm);
     src.resume().unwrap();

@@ -458,6 +458,7 @@ pub fn receive_stream(
                 }
                 // Everything validated: now touch guest memory.
                 iov.clear();
+                let first_round = c.rounds == 0;
                 for (r, host) in &ranges {
                     let len = r.pages as usize * PAGE_SIZE as usize;
                     if r.zero {
@@ -465,6 +466,9 @@ pub fn receive_stream(
                         unsafe { std::ptr::write_bytes(*host, 0, len) };
                         c.zero_pages += u64::from(r.pages);
                     } else {
+                        if first_round {
+                            populate(*host, len);
+                        }
                         iov.push(libc::iovec {
                             iov_base: host.cast(),
                             iov_len: len,
@@ -487,6 +491,20 @@ pub fn receive_stream(
             }
         }
         on_record(&c)?;
+    }
+}
+
+/// Faults in fresh destination pages in one call before the socket read fills them: much
+/// cheaper than one page fault per page inside `readv`. Best effort (needs Linux 5.14).
+fn populate(host: *mut u8, len: usize) {
+    // Only whole host pages can be advised; guest pages are host pages here (4 KiB).
+    if (host as usize) % PAGE_SIZE as usize != 0 {
+        return;
+    }
+    // SAFETY: [host, host+len) lies inside a guest memory mapping (validated by `locate`);
+    // MADV_POPULATE_WRITE only faults pages in, it never changes their contents.
+    unsafe {
+        libc::madvise(host.cast(), len, libc::MADV_POPULATE_WRITE);
     }
 }
 

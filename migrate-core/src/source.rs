@@ -62,6 +62,7 @@ pub fn migrate(
     match r {
         Ok(rep) => Ok(rep),
         Err((phase, e)) => {
+            let e = explain(&handles[0], phase, e);
             for h in &handles {
                 h.shutdown();
             }
@@ -79,6 +80,35 @@ pub fn migrate(
             })
         }
     }
+}
+
+/// After a failure: if the destination said why it gave up, use its reason; then tell the
+/// destination ours (best effort, bounded by short timeouts).
+fn explain(control: &Stream, phase: Phase, e: Error) -> Error {
+    let mut control = match control.try_clone() {
+        Ok(c) => c,
+        Err(_) => return e,
+    };
+    let _ = control.set_timeouts(Some(Duration::from_millis(200)));
+    let e = match e {
+        // A broken memory connection is usually the destination failing: it sends Abort first.
+        Error::Disconnected | Error::Io { .. }
+            if phase == Phase::PreCopy || phase == Phase::StopAndCopy =>
+        {
+            match read_message(&mut control) {
+                Ok(ControlMessage::Abort { reason }) => Error::Peer(reason),
+                _ => e,
+            }
+        }
+        e => e,
+    };
+    let _ = write_message(
+        &mut control,
+        &ControlMessage::Abort {
+            reason: format!("source failed in {phase}: {e}"),
+        },
+    );
+    e
 }
 
 fn run(

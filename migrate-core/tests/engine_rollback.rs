@@ -345,3 +345,61 @@ fn destination_times_out_when_commit_never_comes() {
         }
     });
 }
+
+/// A destination whose VMM refuses the state.
+struct RefusesState(SoftwareGuest);
+
+impl migrate_core::vm::IncomingVm for RefusesState {
+    fn memory(&self) -> &migrate_core::vm::GuestMemory {
+        self.0.guest_memory()
+    }
+    fn restore_state(&self, _: &[u8]) -> migrate_core::Result<()> {
+        Err(Error::VmControl("vCPU model not supported here".into()))
+    }
+    fn resume(&self) -> migrate_core::Result<()> {
+        panic!("must never run")
+    }
+}
+
+#[test]
+fn destination_error_reaches_the_source_with_its_reason() {
+    within(60, || {
+        let gcfg = guest_config();
+        let src = SoftwareGuest::start(gcfg.clone()).unwrap();
+        let before = page_hashes(src.guest_memory()).unwrap();
+        let (s, d) = transport::in_process(2).unwrap();
+        let cfg = MigrationConfig {
+            max_bandwidth: None,
+            ..config()
+        };
+        let dst = std::thread::spawn({
+            let cfg = cfg.clone();
+            move || {
+                destination::receive(d, &cfg, |_| {
+                    Ok(RefusesState(SoftwareGuest::incoming(gcfg)?))
+                })
+                .map(|_| ())
+            }
+        });
+        let err = source::migrate(&src, s, &cfg, None).expect_err("destination refuses the state");
+        assert_rolled_back(&src, &before, &err, Phase::Commit);
+        let Error::Migration { source, .. } = &err else {
+            unreachable!()
+        };
+        assert!(
+            matches!(&**source, Error::Peer(r) if r.contains("vCPU model not supported")),
+            "{source:?}"
+        );
+        let e = dst.join().unwrap().expect_err("destination fails");
+        assert!(
+            matches!(
+                e,
+                Error::Migration {
+                    phase: Phase::Receive,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    });
+}
