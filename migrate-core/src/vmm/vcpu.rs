@@ -14,7 +14,7 @@ use kvm_bindings::{KVM_EXIT_DIRTY_RING_FULL, kvm_run};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
@@ -69,15 +69,11 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
 }
 
 fn install_kick_handler() -> Result<()> {
-    static ONCE: Once = Once::new();
-    let mut result = Ok(());
-    ONCE.call_once(|| {
-        result = register_signal_handler(kick_signal(), on_kick).map_err(|source| Error::Kvm {
-            op: "sigaction(SIGRTMIN)",
-            source,
-        });
-    });
-    result
+    static INSTALLED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| register_signal_handler(kick_signal(), on_kick).map_err(|e| e.to_string()))
+        .clone()
+        .map_err(|e| Error::VmControl(format!("installing the vCPU kick signal handler: {e}")))
 }
 
 /// One vCPU thread.
