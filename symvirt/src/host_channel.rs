@@ -138,6 +138,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 enum Endpoint {
+    /// One stream, served once (no reconnection).
+    Stream(Option<UnixStream>),
     Connect(PathBuf),
     Listen(UnixListener),
 }
@@ -164,6 +166,12 @@ impl HostChannel {
     /// virtio-serial chardev, and reconnects whenever the connection is lost.
     pub fn connect(path: impl AsRef<Path>, options: ChannelOptions) -> Result<HostChannel> {
         Self::start(Endpoint::Connect(path.as_ref().to_owned()), options, None)
+    }
+
+    /// Serves one already connected stream, e.g. one end of a `UnixStream::pair` whose other
+    /// end a VMM's device model feeds ([`crate::portio::PortIoDevice`]). Not reconnected.
+    pub fn from_stream(stream: UnixStream, options: ChannelOptions) -> Result<HostChannel> {
+        Self::start(Endpoint::Stream(Some(stream)), options, None)
     }
 
     /// Listens on `path` for an agent that connects as a client (one connection at a time).
@@ -354,9 +362,10 @@ impl Reader {
         self.shared.stop.load(Ordering::SeqCst)
     }
 
-    fn run(mut self, endpoint: Endpoint) {
+    fn run(mut self, mut endpoint: Endpoint) {
         while !self.stopping() {
-            let stream = match &endpoint {
+            let stream = match &mut endpoint {
+                Endpoint::Stream(once) => once.take(),
                 Endpoint::Connect(path) => UnixStream::connect(path).ok(),
                 Endpoint::Listen(listener) => match listener.accept() {
                     Ok((s, _)) => s.set_nonblocking(false).ok().map(|_| s),
@@ -369,6 +378,10 @@ impl Reader {
             };
             if let Err(e) = self.serve(stream) {
                 log::warn!("symvirt channel {}: {e}", self.shared.options.label);
+            }
+            if matches!(endpoint, Endpoint::Stream(_)) {
+                // A one-shot stream ended: the controller sees Disconnected, then Closed.
+                break;
             }
         }
     }

@@ -34,6 +34,7 @@ pub mod error;
 pub mod framing;
 pub mod guest_link;
 pub mod host_channel;
+pub mod portio;
 pub mod protocol;
 pub mod rank;
 pub mod session;
