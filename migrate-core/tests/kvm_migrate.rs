@@ -7,13 +7,12 @@ mod kvm_common;
 use kvm_common::{kvm_or_skip, wait_counter_above};
 use migrate_core::dirty::PAGE_SIZE;
 use migrate_core::kvm::DirtyTracking;
+use migrate_core::pages::page_hashes;
 use migrate_core::vm::{GuestMemory, IncomingVm};
 use migrate_core::vmm::{ReferenceVm, VmmConfig};
 use migrate_core::{Error, MigrationConfig, Phase, destination, source, transport};
-use std::hash::Hasher;
 use std::sync::Mutex;
 use std::time::Duration;
-use vm_memory::{Bytes, GuestAddress};
 
 /// 64 MiB guest, 2 vCPUs each dirtying 2 MiB as fast as it runs.
 fn guest(tracking: DirtyTracking) -> VmmConfig {
@@ -36,20 +35,6 @@ fn migration_config() -> MigrationConfig {
     }
 }
 
-/// A hash of every page of `mem`.
-fn page_hashes(mem: &GuestMemory, size: u64) -> Vec<u64> {
-    let mut page = vec![0u8; PAGE_SIZE as usize];
-    (0..size / PAGE_SIZE)
-        .map(|i| {
-            mem.read_slice(&mut page, GuestAddress(i * PAGE_SIZE))
-                .unwrap();
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            h.write(&page);
-            h.finish()
-        })
-        .collect()
-}
-
 /// The destination VM, hashing its memory at the moment it is resumed (after the commit,
 /// before any guest instruction runs there).
 struct HashAtResume {
@@ -66,7 +51,7 @@ impl IncomingVm for HashAtResume {
     }
     fn resume(&self) -> migrate_core::Result<()> {
         *self.hashes.lock().unwrap() =
-            Some(page_hashes(self.vm.memory(), self.vm.config().mem_size));
+            Some(page_hashes(self.vm.memory()).expect("hash guest memory"));
         self.vm.resume()
     }
 }
@@ -133,7 +118,7 @@ fn migrate_running_guest(
     // The source stopped at switchover and stays stopped; its memory is the switchover image.
     assert!(src.is_paused());
     let at_pause = [src.status(0).unwrap(), src.status(1).unwrap()];
-    let src_hashes = page_hashes(src.memory(), config.mem_size);
+    let src_hashes = page_hashes(src.memory()).expect("hash guest memory");
     let dst_hashes = dst
         .hashes
         .lock()

@@ -10,15 +10,14 @@ mod kvm_common;
 use kvm_common::{kvm_or_skip, wait_counter_above, wait_for};
 use migrate_core::dirty::PAGE_SIZE;
 use migrate_core::kvm::DirtyTracking;
+use migrate_core::pages::page_hashes;
 use migrate_core::vm::{GuestMemory, IncomingVm};
 use migrate_core::vmm::{ReferenceVm, VmmConfig};
 use migrate_core::{MigrationConfig, destination, source, transport};
-use std::hash::Hasher;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Mutex;
 use std::time::Duration;
-use vm_memory::{Bytes, GuestAddress};
 
 const CHILD_ENV: &str = "NINJA_KVM_CHILD";
 
@@ -42,18 +41,6 @@ fn migration_config() -> MigrationConfig {
     }
 }
 
-fn page_hashes(mem: &GuestMemory, size: u64) -> Vec<u64> {
-    let mut page = vec![0u8; PAGE_SIZE as usize];
-    (0..size / PAGE_SIZE)
-        .map(|i| {
-            mem.read_slice(&mut page, GuestAddress(i * PAGE_SIZE))
-                .unwrap();
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            h.write(&page);
-            h.finish()
-        })
-        .collect()
-}
 
 fn write_u64s(path: &Path, v: &[u64]) {
     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -99,7 +86,7 @@ impl IncomingVm for HashAtResume {
         self.vm.restore_state(state)
     }
     fn resume(&self) -> migrate_core::Result<()> {
-        let hashes = page_hashes(self.vm.memory(), self.vm.config().mem_size);
+        let hashes = page_hashes(self.vm.memory()).expect("hash guest memory");
         let counters = (0..self.vm.config().vcpus)
             .map(|i| self.vm.status(i).map(|b| b.counter))
             .collect::<migrate_core::Result<_>>()?;
@@ -170,6 +157,9 @@ fn kvm_guest_migrates_between_two_processes() {
             "--test-threads=1",
         ])
         .env(CHILD_ENV, &dir)
+        // The child's harness summary would be counted as this binary's own results; its
+        // diagnostics go to stderr, which stays attached.
+        .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let mut guard = ChildGuard {
@@ -208,7 +198,7 @@ fn kvm_guest_migrates_between_two_processes() {
     wait_for("the destination's page hashes", || {
         dir.join("hashes").exists()
     });
-    let src_hashes = page_hashes(src.memory(), config().mem_size);
+    let src_hashes = page_hashes(src.memory()).expect("hash guest memory");
     let dst_hashes = read_u64s(&dir.join("hashes"));
     assert_eq!(src_hashes.len(), dst_hashes.len());
     let differing: Vec<u64> = (0..src_hashes.len())
