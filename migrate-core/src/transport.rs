@@ -35,6 +35,30 @@ impl std::fmt::Display for Endpoint {
     }
 }
 
+impl std::str::FromStr for Endpoint {
+    type Err = Error;
+
+    /// `tcp:HOST:PORT` (a name is resolved, first address wins), `unix:PATH`, or a bare
+    /// `HOST:PORT` meaning TCP.
+    fn from_str(s: &str) -> Result<Endpoint> {
+        use std::net::ToSocketAddrs;
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(Error::Protocol(format!(
+                    "endpoint {s:?}: empty unix socket path"
+                )));
+            }
+            return Ok(Endpoint::Unix(PathBuf::from(path)));
+        }
+        let addr = s.strip_prefix("tcp:").unwrap_or(s);
+        addr.to_socket_addrs()
+            .map_err(|e| Error::Protocol(format!("endpoint {s:?}: {e}")))?
+            .next()
+            .map(Endpoint::Tcp)
+            .ok_or_else(|| Error::Protocol(format!("endpoint {s:?}: no address")))
+    }
+}
+
 /// One byte stream of a migration.
 #[derive(Debug)]
 pub enum Stream {
@@ -472,5 +496,29 @@ fn io_err(context: &str, source: std::io::Error) -> Error {
     Error::Io {
         context: context.to_string(),
         source,
+    }
+}
+
+#[cfg(test)]
+mod endpoint_tests {
+    use super::Endpoint;
+
+    #[test]
+    fn endpoints_parse() {
+        assert_eq!(
+            "tcp:127.0.0.1:4444".parse::<Endpoint>().unwrap(),
+            Endpoint::Tcp("127.0.0.1:4444".parse().unwrap())
+        );
+        assert_eq!(
+            "127.0.0.1:5".parse::<Endpoint>().unwrap(),
+            Endpoint::Tcp("127.0.0.1:5".parse().unwrap())
+        );
+        assert_eq!(
+            "unix:/run/m.sock".parse::<Endpoint>().unwrap(),
+            Endpoint::Unix("/run/m.sock".into())
+        );
+        for bad in ["unix:", "tcp:nohostport", "tcp:127.0.0.1:99999", ""] {
+            assert!(bad.parse::<Endpoint>().is_err(), "{bad:?} accepted");
+        }
     }
 }

@@ -41,7 +41,6 @@ fn migration_config() -> MigrationConfig {
     }
 }
 
-
 fn write_u64s(path: &Path, v: &[u64]) {
     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
     let tmp = path.with_extension("tmp");
