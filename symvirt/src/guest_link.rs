@@ -114,12 +114,13 @@ pub(crate) fn run(
 
 fn open(spec: &ChannelSpec) -> Result<(File, bool)> {
     let device = |path: &Path| {
-        File::options()
+        let file = File::options()
             .read(true)
             .write(true)
             .open(path)
-            .map(|f| (f, false))
-            .map_err(|e| Error::io(format!("open {}", path.display()), e))
+            .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        log::info!("opened host channel {}", path.display());
+        Ok((file, false))
     };
     match spec {
         ChannelSpec::Unix(path) => UnixStream::connect(path)

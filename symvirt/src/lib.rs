@@ -4,7 +4,9 @@
 //! JSON, bounded lines, strict parsing), the host's end of a guest's channel
 //! ([`host_channel::HostChannel`], with the per-guest state machine [`session::GuestSession`]),
 //! and the guest agent ([`agent::Agent`], the `symvirt-agent` binary) that relays between the
-//! host and the guest's MPI ranks ([`rank::RankClient`]).
+//! host and the guest's MPI ranks ([`rank::RankClient`]). Transports: virtio-serial (QEMU),
+//! plain unix sockets (host processes, tests) and two I/O ports for VMMs that emulate their own
+//! devices ([`portio`]).
 //!
 //! The flow of one epoch, from the host's side:
 //!

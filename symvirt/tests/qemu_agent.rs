@@ -209,3 +209,63 @@ fn guest_agent_in_qemu_quiesces_and_resumes_over_virtio_serial() {
     eprintln!("qemu agent: {n} epochs; guest PCI after swap: {devices:?}; interconnect {told:?}");
     vm.kill();
 }
+
+#[test]
+fn guest_agent_finds_a_hot_plugged_port_by_name() {
+    let Some(fixtures) = qemu_or_skip("guest_agent_finds_a_hot_plugged_port_by_name") else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("symvirt-qemu-hot-{}", std::process::id()));
+    let _cleanup = Cleanup(vec![dir.clone()]);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("hot.sock");
+    // The port does not exist at boot, so the init makes no /dev/virtio-ports link for it.
+    let config = QemuConfig::new(&fixtures)
+        .memory_mib(128)
+        .guest_run("/bin/symvirt-agent --channel virtio:org.symvirt.hot --vm hot0")
+        .args(["-device", "virtio-serial,id=vs0"]);
+    let mut vm = Qemu::start(config).unwrap();
+    vm.wait_serial("symvirt-agent: host channel not available yet", PATIENCE)
+        .unwrap();
+    let mut qmp = RawQmp::connect(vm.qmp_path()).unwrap();
+    qmp.execute(
+        "chardev-add",
+        json!({"id": "svh", "backend": {"type": "socket", "data": {
+            "addr": {"type": "unix", "data": {"path": sock.to_str().unwrap()}},
+            "server": true, "wait": false}}}),
+    )
+    .unwrap();
+    qmp.execute(
+        "device_add",
+        json!({"driver": "virtserialport", "bus": "vs0.0", "chardev": "svh",
+               "name": "org.symvirt.hot", "id": "hotport"}),
+    )
+    .unwrap();
+    let host = HostChannel::connect(&sock, ChannelOptions::labelled("hot0")).unwrap();
+    let info = match host.wait_hello(Instant::now() + PATIENCE) {
+        Ok(info) => info,
+        Err(e) => panic!("no hello: {e}; serial:\n{}", vm.serial()),
+    };
+    assert_eq!(info.vm, "hot0");
+    host.send(&HostMessage::Prepare {
+        epoch: 1,
+        deadline_ms: 30_000,
+    })
+    .unwrap();
+    let got = host
+        .wait_for(
+            |m| !matches!(m, GuestMessage::Hello { .. }),
+            Instant::now() + PATIENCE,
+        )
+        .unwrap();
+    assert_eq!(got, GuestMessage::Quiesced { epoch: 1 });
+    // Found by scanning /sys/class/virtio-ports: the device node, not a link.
+    let log = vm
+        .wait_serial("symvirt-agent: opened host channel", PATIENCE)
+        .unwrap();
+    assert!(
+        log.contains("symvirt-agent: opened host channel /dev/vport"),
+        "{log}"
+    );
+    vm.kill();
+}
