@@ -97,7 +97,14 @@ impl Agent {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         }
-        // A socket file left by an agent that died is stale; nobody else owns this path.
+        // A socket file left by an agent that died is stale and removed; one that answers
+        // belongs to a running agent, which must not be robbed of its ranks.
+        if UnixStream::connect(&config.rank_socket).is_ok() {
+            return Err(Error::Config(format!(
+                "another agent is listening on {}",
+                config.rank_socket.display()
+            )));
+        }
         let _ = std::fs::remove_file(&config.rank_socket);
         let listener = UnixListener::bind(&config.rank_socket).map_err(|e| {
             Error::io(

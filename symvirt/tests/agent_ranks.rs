@@ -281,6 +281,16 @@ fn rank_registration_is_checked_and_a_late_rank_catches_up() {
         other => panic!("duplicate rank accepted: {other:?}"),
     }
     let mut r1 = rig.rank(1).unwrap();
+    // A second agent in the same guest cannot take the rank socket over.
+    let second = Agent::spawn(AgentConfig {
+        channel: ChannelSpec::Unix(rig.dir.0.join("nowhere.sock")),
+        rank_socket: rig.dir.0.join("run/agent.sock"),
+        ..AgentConfig::default()
+    });
+    match second {
+        Err(Error::Config(why)) => assert!(why.contains("another agent"), "{why}"),
+        other => panic!("second agent started: {other:?}"),
+    }
     match rig.rank(2) {
         Err(Error::RankRefused(reason)) => assert!(reason.contains("expects 2"), "{reason}"),
         other => panic!("third rank accepted: {other:?}"),
