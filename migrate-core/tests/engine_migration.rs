@@ -271,3 +271,90 @@ fn timeout_strategy_abort_keeps_source_running() {
         assert!(!resumed.load(Ordering::SeqCst), "destination guest ran");
     });
 }
+
+#[test]
+fn bandwidth_cap_is_respected() {
+    // An upper bound only: a slow machine can only make the measured rate lower.
+    within(120, || {
+        let gcfg = guest_config(true, 1.0);
+        let src = SoftwareGuest::start(gcfg.clone()).unwrap();
+        let cap = 32u64 << 20;
+        let cfg = MigrationConfig {
+            max_bandwidth: Some(cap),
+            ..config()
+        };
+        let (s, d) = transport::in_process(2).unwrap();
+        let dst = spawn_destination(Ok(d), cfg.clone(), gcfg, Arc::new(AtomicBool::new(false)));
+        let report = source::migrate(&src, s, &cfg, None).expect("migration");
+        dst.join().unwrap().unwrap();
+        let r0 = &report.rounds[0];
+        assert!(r0.bytes >= 48 << 20, "{r0:?}");
+        // One batch per connection (4 MiB) may go out before the limiter first sleeps.
+        let allowed = (cap as f64) * (r0.duration_ms / 1e3) + 2.0 * 4.0 * (1 << 20) as f64;
+        assert!(
+            (r0.bytes as f64) <= allowed,
+            "{} bytes in {} ms exceeds the cap",
+            r0.bytes,
+            r0.duration_ms
+        );
+    });
+}
+
+/// The VMM's own writes (through vm-memory) just before the pause, zeroing some pages that
+/// round 0 sent: the union tracker must catch them and the final round must carry zero markers.
+struct VmmWritesAtPause(SoftwareGuest);
+
+impl migrate_core::vm::MigratableVm for VmmWritesAtPause {
+    fn memory(&self) -> &migrate_core::vm::GuestMemory {
+        self.0.guest_memory()
+    }
+    fn dirty_tracker(&self) -> migrate_core::Result<Box<dyn migrate_core::dirty::DirtyTracker>> {
+        use migrate_core::dirty::{BitmapTracker, UnionTracker};
+        let guest = migrate_core::vm::MigratableVm::dirty_tracker(&self.0)?;
+        Ok(Box::new(UnionTracker::new(vec![
+            guest,
+            Box::new(BitmapTracker::new(self.0.guest_memory())),
+        ])))
+    }
+    fn pause(&self) -> migrate_core::Result<()> {
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = self.0.guest_memory();
+        for i in 0..100u64 {
+            mem.write_slice(&[0u8; 4096], GuestAddress((1 << 32) + i * 8192))
+                .unwrap();
+            mem.write_slice(&[0x77u8; 4096], GuestAddress((1 << 32) + i * 8192 + 4096))
+                .unwrap();
+        }
+        migrate_core::vm::MigratableVm::pause(&self.0)
+    }
+    fn resume(&self) -> migrate_core::Result<()> {
+        migrate_core::vm::MigratableVm::resume(&self.0)
+    }
+    fn save_state(&self) -> migrate_core::Result<Vec<u8>> {
+        self.0.save_state()
+    }
+    fn set_throttle(&self, p: u8) -> migrate_core::Result<()> {
+        self.0.set_throttle(p)
+    }
+}
+
+#[test]
+fn pages_zeroed_after_round_zero_arrive_as_zero_markers() {
+    within(120, || {
+        let gcfg = guest_config(true, 10.0);
+        let src = VmmWritesAtPause(SoftwareGuest::start(gcfg.clone()).unwrap());
+        let cfg = config();
+        let (s, d) = transport::in_process(2).unwrap();
+        let dst = spawn_destination(Ok(d), cfg.clone(), gcfg, Arc::new(AtomicBool::new(false)));
+        let report = source::migrate(&src, s, &cfg, None).expect("migration");
+        let src_hashes = page_hashes(src.0.guest_memory()).unwrap();
+        let (dst, _) = dst.join().unwrap().unwrap();
+        assert_eq!(
+            src_hashes,
+            dst.hashes_at_resume.lock().unwrap().take().unwrap()
+        );
+        let last = report.rounds.last().unwrap();
+        assert!(last.zero_pages >= 100, "final round: {last:?}");
+        assert!(last.pages_sent >= 100, "final round: {last:?}");
+    });
+}
