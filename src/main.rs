@@ -1,6 +1,61 @@
 //! `ninja-migrate`: the command line of Ninja.
+//!
+//! - `demo`: live-migrate a running reference-VMM guest from this process to a second one over
+//!   loopback TCP and verify it by the guest's memory.
+//! - `vmm listen` / `vmm migrate`: the destination and source halves, for two processes or hosts.
 
-fn main() {
-    eprintln!("ninja-migrate: no subcommands yet");
-    std::process::exit(2);
+mod cli;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ninja-migrate",
+    version,
+    about = "Live migration of virtual HPC clusters"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Migrate a running guest between two processes on loopback TCP and verify it.
+    Demo(cli::demo::DemoArgs),
+    /// Run one half of a reference-VMM migration.
+    #[command(subcommand)]
+    Vmm(VmmCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum VmmCommand {
+    /// Wait for an incoming migration, run the received guest, report.
+    Listen(cli::vmm::ListenArgs),
+    /// Run a guest and migrate it to a listening destination.
+    Migrate(cli::vmm::MigrateArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Demo(args) => cli::demo::demo(args).map(|r| r.verified),
+        Command::Vmm(VmmCommand::Listen(args)) => cli::vmm::listen(args).map(|_| true),
+        Command::Vmm(VmmCommand::Migrate(args)) => cli::vmm::migrate(args).map(|_| true),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            let mut msg = format!("ninja-migrate: error: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,5 @@
+//! The `ninja-migrate` subcommands.
+
+pub mod demo;
+pub mod guest;
+pub mod vmm;
