@@ -89,7 +89,8 @@ fn main() {
 
     let real = qemu_or_skip("bench qmp_latency (real QEMU scenarios)").map(|fixtures| {
         let mut vm = Qemu::start(QemuConfig::new(&fixtures).memory_mib(128)).expect("start QEMU");
-        vm.wait_serial("ninja-init: ready", Duration::from_secs(120)).expect("guest boots");
+        vm.wait_serial("ninja-init: ready", Duration::from_secs(120))
+            .expect("guest boots");
         let running = Qmp::connect(&Endpoint::Unix(vm.qmp_path().to_owned()), options.clone())
             .expect("connect QEMU");
         (vm, running)
@@ -123,8 +124,16 @@ fn main() {
         let version = format!("{}.{}.{}", v.major, v.minor, v.micro);
         let ratio = |s: &[f64]| (median(s) / fake_median * 10.0).round() / 10.0;
         let extra = |s: &[f64]| json!({"qemu": version, "oob": qmp.oob_enabled(), "median_vs_fake_server": ratio(s)});
-        report("qemu-running", running_samples.clone(), extra(&running_samples));
-        report("qemu-paused", paused_samples.clone(), extra(&paused_samples));
+        report(
+            "qemu-running",
+            running_samples.clone(),
+            extra(&running_samples),
+        );
+        report(
+            "qemu-paused",
+            paused_samples.clone(),
+            extra(&paused_samples),
+        );
     }
     report("fake-server", fake_samples, json!({}));
 

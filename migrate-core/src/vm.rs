@@ -3,9 +3,9 @@
 //! The source side implements [`MigratableVm`]; the destination side implements [`IncomingVm`].
 //! The reference VMM ([`crate::vmm`]) and the software guest implement both.
 
-use crate::dirty::DirtyTracker;
 use crate::Result;
-use vm_memory::{bitmap::AtomicBitmap, GuestMemoryMmap};
+use crate::dirty::DirtyTracker;
+use vm_memory::{GuestMemoryMmap, bitmap::AtomicBitmap};
 
 /// Guest memory as the engine sees it: vm-memory regions whose bitmap records the VMM's own writes.
 pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
