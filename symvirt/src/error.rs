@@ -54,10 +54,55 @@ pub enum Error {
     /// A bad command line or configuration value.
     #[error("configuration: {0}")]
     Config(String),
+    /// A migration plan with errors (every one, with its location).
+    #[error("{} error(s) in the plan, first: {}", .0.len(), .0.first().map(ToString::to_string).unwrap_or_default())]
+    Plan(Vec<crate::plan::PlanIssue>),
+    /// A QMP command or wait failed.
+    #[error("{what}")]
+    Qmp {
+        /// What was being done, e.g. `vm0 source: device_del hca0`.
+        what: String,
+        /// The cause.
+        #[source]
+        source: qmp::Error,
+    },
+    /// A precondition of the plan does not hold (e.g. the destination device is not free).
+    #[error("{0}")]
+    Refused(String),
+    /// One VM failed in one phase of a plan.
+    #[error("vm {vm}: {phase} failed")]
+    Vm {
+        /// The VM.
+        vm: String,
+        /// The phase (`reserve`, `quiesce`, ...).
+        phase: String,
+        /// The cause.
+        #[source]
+        source: Box<Error>,
+    },
 }
 
 impl Error {
     /// An [`Error::Io`] with a description of what failed.
+    pub(crate) fn qmp(what: impl Into<String>, source: qmp::Error) -> Error {
+        Error::Qmp {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// The message of this error and of every source below it, joined by `: `.
+    pub fn chain(&self) -> String {
+        let mut msg = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            source = s.source();
+        }
+        msg
+    }
+
     pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Error {
         Error::Io {
             what: what.into(),

@@ -168,6 +168,27 @@ impl HostChannel {
         Self::start(Endpoint::Connect(path.as_ref().to_owned()), options, None)
     }
 
+    /// Like [`HostChannel::connect`], continuing `session` (a snapshot of another channel's,
+    /// see [`HostChannel::session`]): after a migration the guest's channel is reached through
+    /// the destination's socket, in the middle of the epoch the source's channel started.
+    pub fn connect_continuing(
+        path: impl AsRef<Path>,
+        options: ChannelOptions,
+        session: GuestSession,
+    ) -> Result<HostChannel> {
+        Self::start_with(
+            Endpoint::Connect(path.as_ref().to_owned()),
+            options,
+            None,
+            session,
+        )
+    }
+
+    /// A snapshot of the guest's protocol session, to continue it on another channel.
+    pub fn session(&self) -> GuestSession {
+        lock(&self.shared.session).clone()
+    }
+
     /// Serves one already connected stream, e.g. one end of a `UnixStream::pair` whose other
     /// end a VMM's device model feeds ([`crate::portio::PortIoDevice`]). Not reconnected.
     pub fn from_stream(stream: UnixStream, options: ChannelOptions) -> Result<HostChannel> {
@@ -190,10 +211,19 @@ impl HostChannel {
         options: ChannelOptions,
         listen_path: Option<PathBuf>,
     ) -> Result<HostChannel> {
+        Self::start_with(endpoint, options, listen_path, GuestSession::new())
+    }
+
+    fn start_with(
+        endpoint: Endpoint,
+        options: ChannelOptions,
+        listen_path: Option<PathBuf>,
+        session: GuestSession,
+    ) -> Result<HostChannel> {
         let (tx, rx) = crossbeam_channel::bounded(options.queue.max(2));
         let shared = Arc::new(Shared {
             options,
-            session: Mutex::new(GuestSession::new()),
+            session: Mutex::new(session),
             writer: Mutex::new(None),
             counters: Counters::default(),
             recent: Mutex::new(VecDeque::with_capacity(RECENT_REJECTIONS)),

@@ -32,13 +32,16 @@
 //! ```
 
 pub mod agent;
+pub mod cluster;
 pub mod error;
 pub mod framing;
 pub mod guest_link;
 pub mod host_channel;
+pub mod plan;
 pub mod portio;
 pub mod protocol;
 pub mod rank;
+pub mod remote;
 pub mod session;
 pub mod sysfs;
 

@@ -1,0 +1,215 @@
+//! The virtual cluster a plan moves: its VMs, where each runs now and where it goes, the
+//! passthrough devices to detach at the source and the devices to attach at the destination.
+//!
+//! These are the validated, typed values the controller works on; [`crate::plan`] reads them
+//! from a TOML file and checks them first.
+
+use crate::protocol::Interconnect;
+use crate::remote::Address;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A device the controller plugs or unplugs over QMP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Device {
+    /// A real passthrough HCA (an SR-IOV VF): `vfio-pci,host=BDF`.
+    VfioPci {
+        /// The QEMU device id.
+        id: String,
+        /// The host PCI address, `DDDD:BB:DD.F`.
+        host: String,
+        /// More `device_add` properties (`addr`, `bus`, ...).
+        #[serde(default)]
+        properties: Map<String, Value>,
+    },
+    /// A STAND-IN for a passthrough HCA where no HCA exists: an `ivshmem-plain` device on a
+    /// shared `memory-backend-file`. Like a VFIO device without migration support it blocks
+    /// migration while attached. Real deployments use [`Device::VfioPci`].
+    HcaStandin {
+        /// The QEMU device id (the backend object is `<id>-mem`).
+        id: String,
+        /// The shared memory file (under /dev/shm); claimed when the device is reserved.
+        mem_path: PathBuf,
+        /// The region size in bytes (a power of two).
+        size: u64,
+        /// More `device_add` properties.
+        #[serde(default)]
+        properties: Map<String, Value>,
+    },
+    /// A paravirtual NIC: `virtio-net-pci` (migratable).
+    VirtioNet {
+        /// The QEMU device id.
+        id: String,
+        /// The MAC address, lower-case `xx:xx:xx:xx:xx:xx`.
+        mac: String,
+        /// A network backend to create first (`netdev_add` arguments: `type`, `id`, options).
+        #[serde(default)]
+        netdev: Option<Map<String, Value>>,
+        /// More `device_add` properties.
+        #[serde(default)]
+        properties: Map<String, Value>,
+    },
+}
+
+impl Device {
+    /// The QEMU device id.
+    pub fn id(&self) -> &str {
+        match self {
+            Device::VfioPci { id, .. }
+            | Device::HcaStandin { id, .. }
+            | Device::VirtioNet { id, .. } => id,
+        }
+    }
+
+    /// The id of the stand-in's memory backend object.
+    pub fn backend_object_id(&self) -> Option<String> {
+        match self {
+            Device::HcaStandin { id, .. } => Some(format!("{id}-mem")),
+            _ => None,
+        }
+    }
+
+    /// The id of a NIC's network backend.
+    pub fn netdev_id(&self) -> Option<String> {
+        match self {
+            Device::VirtioNet {
+                netdev: Some(n), ..
+            } => n.get("id").and_then(Value::as_str).map(str::to_owned),
+            _ => None,
+        }
+    }
+
+    /// A short description for events and logs, e.g. `hca-standin hca0`.
+    pub fn describe(&self) -> String {
+        match self {
+            Device::VfioPci { id, host, .. } => format!("vfio-pci {id} (host {host})"),
+            Device::HcaStandin { id, .. } => format!("hca-standin {id} (ivshmem-plain)"),
+            Device::VirtioNet { id, mac, .. } => format!("virtio-net-pci {id} ({mac})"),
+        }
+    }
+}
+
+/// Where a QEMU destination comes from when the controller starts it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchSpec {
+    /// Run it on this host through `ssh HOST` (absent: locally).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// The QEMU binary.
+    #[serde(default = "default_qemu")]
+    pub program: String,
+    /// The machine arguments, the same as the source's (devices that migrate, memory, CPUs,
+    /// the guest channel's chardev with the destination's socket path). The launcher adds
+    /// `-qmp` for the destination's QMP address and `-incoming defer`.
+    pub args: Vec<String>,
+}
+
+fn default_qemu() -> String {
+    "qemu-system-x86_64".into()
+}
+
+/// The source side of one VM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceSpec {
+    /// QEMU's QMP monitor.
+    pub qmp: Address,
+    /// The guest channel (QEMU's virtserialport chardev socket).
+    pub channel: Address,
+    /// The passthrough devices to detach before migrating (re-attached on rollback).
+    pub devices: Vec<Device>,
+    /// The interconnect the guest has now (told again on rollback).
+    pub interconnect: Interconnect,
+}
+
+/// The destination side of one VM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DestinationSpec {
+    /// The destination QEMU's QMP monitor.
+    pub qmp: Address,
+    /// The guest channel on the destination.
+    pub channel: Address,
+    /// The migration URI the destination listens on, `tcp:HOST:PORT` or `unix:PATH`.
+    pub migrate_uri: String,
+    /// Start the destination QEMU (absent: it runs already, started with `-incoming URI`).
+    pub launch: Option<LaunchSpec>,
+    /// The devices to attach after the migration.
+    pub devices: Vec<Device>,
+    /// The interconnect the guest gets there.
+    pub interconnect: Interconnect,
+}
+
+/// One VM of the virtual cluster and where it goes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmSpec {
+    /// Its name (unique in the plan; the name its agent gives in `hello`).
+    pub name: String,
+    /// Where it runs.
+    pub source: SourceSpec,
+    /// Where it goes.
+    pub destination: DestinationSpec,
+}
+
+/// How long each phase may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// Connecting to every monitor and guest channel, and every guest's `hello`.
+    pub connect: Duration,
+    /// Starting or checking the destinations and claiming their devices.
+    pub reserve: Duration,
+    /// Every guest quiesced (the barrier); also the `deadline_ms` sent in `prepare`.
+    pub quiesce: Duration,
+    /// Every passthrough device unplugged.
+    pub detach: Duration,
+    /// Every VM migrated (pre-copy, the synchronized switchover).
+    pub migrate: Duration,
+    /// Every destination device plugged.
+    pub attach: Duration,
+    /// Every guest's `resumed`.
+    pub resume: Duration,
+    /// Each VM's rollback.
+    pub rollback: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        let s = Duration::from_secs;
+        Deadlines {
+            connect: s(60),
+            reserve: s(30),
+            quiesce: s(30),
+            detach: s(15),
+            migrate: s(300),
+            attach: s(15),
+            resume: s(60),
+            rollback: s(60),
+        }
+    }
+}
+
+/// Tuning of the migration itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MigrationSettings {
+    /// VMs migrating (pre-copy) at once; 0 means all.
+    pub max_parallel: usize,
+    /// Bandwidth cap per migration in bytes/s (QEMU `max-bandwidth`).
+    pub max_bandwidth: Option<u64>,
+    /// Downtime target in ms (QEMU `downtime-limit`).
+    pub downtime_limit_ms: Option<u64>,
+}
+
+/// A whole migration plan: the cluster's VMs and how to move them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// The VMs, in plan order.
+    pub vms: Vec<VmSpec>,
+    /// Phase deadlines.
+    pub deadlines: Deadlines,
+    /// Migration tuning.
+    pub migration: MigrationSettings,
+    /// The `ssh` program used for remote endpoints and launches.
+    pub ssh_program: String,
+}

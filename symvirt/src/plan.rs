@@ -1,0 +1,676 @@
+//! Migration plans in TOML: reading, and checking with every error located (`LINE:COLUMN`).
+//!
+//! ```toml
+//! [settings]
+//! max_parallel = 2            # VMs in pre-copy at once (0: all)
+//! max_bandwidth = 1073741824  # bytes/s per migration (optional)
+//! [settings.deadlines_ms]     # any phase may be omitted (defaults in cluster::Deadlines)
+//! quiesce = 30000
+//!
+//! [[vm]]
+//! name = "vm0"
+//! [vm.source]
+//! qmp = "unix:/run/ninja/vm0/qmp.sock"        # or tcp:HOST:PORT, ssh:HOST:/PATH
+//! channel = "unix:/run/ninja/vm0/symvirt.sock"
+//! interconnect = { kind = "infiniband", hca = "mlx5_0", port = 1 }
+//! [[vm.source.devices]]                       # detached before, re-attached on rollback
+//! kind = "vfio-pci"
+//! id = "hca0"
+//! host = "0000:3b:00.1"
+//! [vm.destination]
+//! qmp = "ssh:node7:/run/ninja/vm0/qmp.sock"
+//! channel = "ssh:node7:/run/ninja/vm0/symvirt.sock"
+//! migrate_uri = "tcp:10.0.0.7:4444"
+//! interconnect = { kind = "ethernet", mac = "52:54:00:00:00:07" }
+//! launch = { host = "node7", args = ["-machine", "pc", "..."] }   # optional
+//! [[vm.destination.devices]]
+//! kind = "virtio-net"
+//! id = "net0"
+//! mac = "52:54:00:00:00:07"
+//! ```
+//!
+//! Device kinds: `vfio-pci` (a real HCA), `hca-standin` (`ivshmem-plain` on a shared memory
+//! file, the STAND-IN used where no HCA exists) and `virtio-net`.
+
+use crate::cluster::{
+    Deadlines, DestinationSpec, Device, LaunchSpec, MigrationSettings, Plan, SourceSpec, VmSpec,
+};
+use crate::error::{Error, Result};
+use crate::protocol::{Interconnect, Validate};
+use crate::remote::{Address, check_migrate_uri};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+use toml::Spanned;
+
+/// One problem in a plan, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanIssue {
+    /// 1-based line (0 when the file as a whole is meant).
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// Which value, e.g. `vm[1].destination.qmp`.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for PlanIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}:{}: {}", self.line, self.column, self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}: {}: {}",
+                self.line, self.column, self.path, self.message
+            )
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanFile {
+    #[serde(default)]
+    settings: Option<Spanned<SettingsFile>>,
+    #[serde(default)]
+    vm: Vec<Spanned<VmFile>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettingsFile {
+    #[serde(default)]
+    max_parallel: Option<Spanned<usize>>,
+    #[serde(default)]
+    max_bandwidth: Option<Spanned<u64>>,
+    #[serde(default)]
+    downtime_limit_ms: Option<Spanned<u64>>,
+    #[serde(default)]
+    ssh_program: Option<String>,
+    #[serde(default)]
+    deadlines_ms: Option<Spanned<BTreeMap<String, Spanned<u64>>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmFile {
+    name: Spanned<String>,
+    source: Spanned<SourceFile>,
+    destination: Spanned<DestinationFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourceFile {
+    qmp: Spanned<String>,
+    channel: Spanned<String>,
+    interconnect: Spanned<Interconnect>,
+    #[serde(default)]
+    devices: Vec<Spanned<Device>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DestinationFile {
+    qmp: Spanned<String>,
+    channel: Spanned<String>,
+    migrate_uri: Spanned<String>,
+    interconnect: Spanned<Interconnect>,
+    #[serde(default)]
+    launch: Option<Spanned<LaunchSpec>>,
+    #[serde(default)]
+    devices: Vec<Spanned<Device>>,
+}
+
+/// Turns byte offsets into line and column.
+struct Locator<'a> {
+    text: &'a str,
+}
+
+impl Locator<'_> {
+    fn at(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.chars().rev().take_while(|&c| c != '\n').count() + 1;
+        (line, column)
+    }
+}
+
+/// Collects issues while the plan is checked.
+struct Checker<'a> {
+    locator: Locator<'a>,
+    issues: Vec<PlanIssue>,
+}
+
+impl Checker<'_> {
+    fn issue(&mut self, span: Range<usize>, path: impl Into<String>, message: impl Into<String>) {
+        let (line, column) = self.locator.at(span.start);
+        self.issues.push(PlanIssue {
+            line,
+            column,
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn address(&mut self, value: &Spanned<String>, path: &str) -> Option<Address> {
+        match value.get_ref().parse::<Address>() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                self.issue(value.span(), path, e);
+                None
+            }
+        }
+    }
+
+    fn channel_address(&mut self, value: &Spanned<String>, path: &str) -> Option<Address> {
+        let a = self.address(value, path)?;
+        if let Address::Tcp(_) = a {
+            self.issue(
+                value.span(),
+                path,
+                "a guest channel is a unix socket (unix: or ssh:), not tcp:",
+            );
+            return None;
+        }
+        Some(a)
+    }
+
+    fn interconnect(&mut self, value: &Spanned<Interconnect>, path: &str) {
+        if let Err(e) = value.get_ref().validate() {
+            self.issue(value.span(), path, e.to_string());
+        }
+    }
+
+    fn devices(&mut self, devices: &[Spanned<Device>], path: &str) {
+        let mut ids: HashMap<String, usize> = HashMap::new();
+        for (i, d) in devices.iter().enumerate() {
+            let p = format!("{path}[{i}]");
+            let dev = d.get_ref();
+            if !valid_id(dev.id()) {
+                self.issue(
+                    d.span(),
+                    &p,
+                    format!(
+                        "device id {:?}: letters, digits, '-', '_' and '.', starting with a letter",
+                        dev.id()
+                    ),
+                );
+            }
+            if let Some(j) = ids.insert(dev.id().to_owned(), i) {
+                self.issue(
+                    d.span(),
+                    &p,
+                    format!("device id {:?} also used by {path}[{j}]", dev.id()),
+                );
+            }
+            match dev {
+                Device::VfioPci { host, .. } if !valid_bdf(host) => {
+                    self.issue(
+                        d.span(),
+                        &p,
+                        format!("host {host:?} is not a PCI address DDDD:BB:DD.F"),
+                    );
+                }
+                Device::HcaStandin { mem_path, size, .. } => {
+                    if !mem_path.is_absolute() {
+                        self.issue(d.span(), &p, "mem_path must be absolute");
+                    }
+                    if !size.is_power_of_two() || *size < 4096 {
+                        self.issue(
+                            d.span(),
+                            &p,
+                            format!("size {size}: ivshmem needs a power of two of at least 4096"),
+                        );
+                    }
+                }
+                Device::VirtioNet { mac, netdev, .. } => {
+                    if !valid_mac(mac) {
+                        self.issue(
+                            d.span(),
+                            &p,
+                            format!("mac {mac:?} is not lower-case xx:xx:xx:xx:xx:xx"),
+                        );
+                    }
+                    if let Some(n) = netdev {
+                        for key in ["type", "id"] {
+                            if !n.get(key).is_some_and(serde_json::Value::is_string) {
+                                self.issue(d.span(), &p, format!("netdev needs a string {key:?}"));
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    id.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+fn valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts.iter().all(|p| {
+            p.len() == 2
+                && p.chars()
+                    .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+        })
+}
+
+fn valid_bdf(bdf: &str) -> bool {
+    let hex = |s: &str, n: usize| s.len() == n && s.chars().all(|c| c.is_ascii_hexdigit());
+    let Some((dom, rest)) = bdf.split_once(':') else {
+        return false;
+    };
+    let Some((bus, rest)) = rest.split_once(':') else {
+        return false;
+    };
+    let Some((dev, func)) = rest.split_once('.') else {
+        return false;
+    };
+    hex(dom, 4)
+        && hex(bus, 2)
+        && hex(dev, 2)
+        && matches!(func, "0" | "1" | "2" | "3" | "4" | "5" | "6" | "7")
+}
+
+const PHASES: [&str; 8] = [
+    "connect", "reserve", "quiesce", "detach", "migrate", "attach", "resume", "rollback",
+];
+
+/// Parses and checks a plan; `Err(issues)` lists every problem found, located.
+pub fn parse(text: &str) -> std::result::Result<Plan, Vec<PlanIssue>> {
+    let locator = Locator { text };
+    let file: PlanFile = match toml::from_str(text) {
+        Ok(f) => f,
+        Err(e) => {
+            let (line, column) = e.span().map(|s| locator.at(s.start)).unwrap_or((0, 0));
+            return Err(vec![PlanIssue {
+                line,
+                column,
+                path: String::new(),
+                message: e.message().trim().to_owned(),
+            }]);
+        }
+    };
+    let mut c = Checker {
+        locator,
+        issues: Vec::new(),
+    };
+
+    let mut deadlines = Deadlines::default();
+    let mut migration = MigrationSettings::default();
+    let mut ssh_program = "ssh".to_owned();
+    if let Some(settings) = &file.settings {
+        let s = settings.get_ref();
+        if let Some(p) = &s.max_parallel {
+            migration.max_parallel = *p.get_ref();
+        }
+        if let Some(b) = &s.max_bandwidth {
+            if *b.get_ref() == 0 {
+                c.issue(
+                    b.span(),
+                    "settings.max_bandwidth",
+                    "0 bytes/s would never finish",
+                );
+            }
+            migration.max_bandwidth = Some(*b.get_ref());
+        }
+        migration.downtime_limit_ms = s.downtime_limit_ms.as_ref().map(|d| *d.get_ref());
+        if let Some(p) = &s.ssh_program {
+            ssh_program = p.clone();
+        }
+        if let Some(map) = &s.deadlines_ms {
+            for (phase, ms) in map.get_ref() {
+                let path = format!("settings.deadlines_ms.{phase}");
+                let d = Duration::from_millis(*ms.get_ref());
+                if *ms.get_ref() == 0 {
+                    c.issue(ms.span(), &path, "a deadline of 0 ms cannot be met");
+                }
+                let slot = match phase.as_str() {
+                    "connect" => &mut deadlines.connect,
+                    "reserve" => &mut deadlines.reserve,
+                    "quiesce" => &mut deadlines.quiesce,
+                    "detach" => &mut deadlines.detach,
+                    "migrate" => &mut deadlines.migrate,
+                    "attach" => &mut deadlines.attach,
+                    "resume" => &mut deadlines.resume,
+                    "rollback" => &mut deadlines.rollback,
+                    _ => {
+                        c.issue(
+                            map.span(),
+                            &path,
+                            format!("unknown phase; expected one of {}", PHASES.join(", ")),
+                        );
+                        continue;
+                    }
+                };
+                *slot = d;
+            }
+        }
+    }
+
+    if file.vm.is_empty() {
+        c.issue(0..0, "vm", "the plan has no [[vm]]");
+    }
+    let mut names: HashMap<String, usize> = HashMap::new();
+    // Endpoints two VMs must not share: (what, address) -> first VM index.
+    let mut taken: HashMap<(String, String), usize> = HashMap::new();
+    let mut vms = Vec::new();
+    for (i, vm) in file.vm.iter().enumerate() {
+        let v = vm.get_ref();
+        let base = format!("vm[{i}]");
+        let name = v.name.get_ref();
+        if !valid_id(name) {
+            c.issue(
+                v.name.span(),
+                format!("{base}.name"),
+                format!("{name:?}: letters, digits, '-', '_' and '.', starting with a letter"),
+            );
+        }
+        if let Some(j) = names.insert(name.clone(), i) {
+            c.issue(
+                v.name.span(),
+                format!("{base}.name"),
+                format!("{name:?} is also the name of vm[{j}]"),
+            );
+        }
+        let src = v.source.get_ref();
+        let dst = v.destination.get_ref();
+        let sq = c.address(&src.qmp, &format!("{base}.source.qmp"));
+        let sc = c.channel_address(&src.channel, &format!("{base}.source.channel"));
+        let dq = c.address(&dst.qmp, &format!("{base}.destination.qmp"));
+        let dc = c.channel_address(&dst.channel, &format!("{base}.destination.channel"));
+        if let Err(e) = check_migrate_uri(dst.migrate_uri.get_ref()) {
+            c.issue(
+                dst.migrate_uri.span(),
+                format!("{base}.destination.migrate_uri"),
+                e,
+            );
+        }
+        c.interconnect(&src.interconnect, &format!("{base}.source.interconnect"));
+        c.interconnect(
+            &dst.interconnect,
+            &format!("{base}.destination.interconnect"),
+        );
+        c.devices(&src.devices, &format!("{base}.source.devices"));
+        c.devices(&dst.devices, &format!("{base}.destination.devices"));
+        if let (Some(a), Some(b)) = (&sq, &dq) {
+            if a == b {
+                c.issue(
+                    dst.qmp.span(),
+                    format!("{base}.destination.qmp"),
+                    "the same monitor as the source",
+                );
+            }
+        }
+        for (what, value) in [
+            ("qmp", &src.qmp),
+            ("channel", &src.channel),
+            ("qmp", &dst.qmp),
+            ("channel", &dst.channel),
+            ("migrate_uri", &dst.migrate_uri),
+        ] {
+            let key = (what.to_owned(), value.get_ref().clone());
+            match taken.get(&key) {
+                Some(&j) if j != i => c.issue(
+                    value.span(),
+                    format!("{base}: {what}"),
+                    format!("{} is also used by vm[{j}]", value.get_ref()),
+                ),
+                _ => {
+                    taken.insert(key, i);
+                }
+            }
+        }
+        if let Interconnect::Ethernet { mac, .. } = dst.interconnect.get_ref() {
+            let has_nic = dst
+                .devices
+                .iter()
+                .any(|d| matches!(d.get_ref(), Device::VirtioNet { mac: m, .. } if m == mac));
+            if !has_nic {
+                c.issue(
+                    dst.interconnect.span(),
+                    format!("{base}.destination.interconnect"),
+                    format!("no destination virtio-net device has mac {mac}"),
+                );
+            }
+        }
+        if let Some(l) = &dst.launch {
+            let launch = l.get_ref();
+            for forbidden in ["-incoming", "-qmp", "-daemonize"] {
+                if launch.args.iter().any(|a| a == forbidden) {
+                    c.issue(
+                        l.span(),
+                        format!("{base}.destination.launch.args"),
+                        format!("{forbidden} is added by the launcher"),
+                    );
+                }
+            }
+            if matches!(dq, Some(Address::Ssh { .. })) != launch.host.is_some() {
+                c.issue(
+                    l.span(),
+                    format!("{base}.destination.launch.host"),
+                    "a launch host is needed exactly when the destination qmp is ssh:",
+                );
+            }
+        }
+        if let (Some(sq), Some(sc), Some(dq), Some(dc)) = (sq, sc, dq, dc) {
+            vms.push(VmSpec {
+                name: name.clone(),
+                source: SourceSpec {
+                    qmp: sq,
+                    channel: sc,
+                    devices: src.devices.iter().map(|d| d.get_ref().clone()).collect(),
+                    interconnect: src.interconnect.get_ref().clone(),
+                },
+                destination: DestinationSpec {
+                    qmp: dq,
+                    channel: dc,
+                    migrate_uri: dst.migrate_uri.get_ref().clone(),
+                    launch: dst.launch.as_ref().map(|l| l.get_ref().clone()),
+                    devices: dst.devices.iter().map(|d| d.get_ref().clone()).collect(),
+                    interconnect: dst.interconnect.get_ref().clone(),
+                },
+            });
+        }
+    }
+    if !c.issues.is_empty() {
+        c.issues.sort_by_key(|i| (i.line, i.column));
+        return Err(c.issues);
+    }
+    Ok(Plan {
+        vms,
+        deadlines,
+        migration,
+        ssh_program,
+    })
+}
+
+/// Reads and checks a plan file; errors name the file.
+pub fn load(path: &Path) -> Result<Plan> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("read plan {}", path.display()), e))?;
+    parse(&text).map_err(Error::Plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[settings]
+max_parallel = 1
+max_bandwidth = 1000000
+[settings.deadlines_ms]
+quiesce = 5000
+
+[[vm]]
+name = "vm0"
+[vm.source]
+qmp = "unix:/run/vm0/qmp.sock"
+channel = "unix:/run/vm0/sv.sock"
+interconnect = { kind = "infiniband", hca = "mlx5_0", port = 1 }
+[[vm.source.devices]]
+kind = "hca-standin"
+id = "hca0"
+mem_path = "/dev/shm/vm0-hca0"
+size = 1048576
+[vm.destination]
+qmp = "ssh:node7:/run/vm0/qmp.sock"
+channel = "ssh:node7:/run/vm0/sv.sock"
+migrate_uri = "tcp:10.0.0.7:4444"
+interconnect = { kind = "ethernet", mac = "52:54:00:00:00:07" }
+launch = { host = "node7", args = ["-machine", "pc"] }
+[[vm.destination.devices]]
+kind = "virtio-net"
+id = "net0"
+mac = "52:54:00:00:00:07"
+netdev = { type = "user", id = "n0" }
+
+[[vm]]
+name = "vm1"
+[vm.source]
+qmp = "tcp:127.0.0.1:5555"
+channel = "unix:/run/vm1/sv.sock"
+interconnect = { kind = "ethernet", mac = "52:54:00:00:00:08" }
+[vm.destination]
+qmp = "unix:/run/vm1d/qmp.sock"
+channel = "unix:/run/vm1d/sv.sock"
+migrate_uri = "unix:/run/vm1d/mig.sock"
+interconnect = { kind = "infiniband", hca = "mlx5_1", port = 1 }
+[[vm.destination.devices]]
+kind = "vfio-pci"
+id = "hca1"
+host = "0000:3b:00.2"
+"#;
+
+    #[test]
+    fn a_good_plan_reads_into_the_cluster_model() {
+        let plan = parse(GOOD).unwrap();
+        assert_eq!(plan.vms.len(), 2);
+        assert_eq!(plan.migration.max_parallel, 1);
+        assert_eq!(plan.migration.max_bandwidth, Some(1_000_000));
+        assert_eq!(plan.deadlines.quiesce, Duration::from_secs(5));
+        assert_eq!(plan.deadlines.detach, Deadlines::default().detach);
+        let vm0 = &plan.vms[0];
+        assert_eq!(
+            vm0.destination.qmp,
+            Address::Ssh {
+                host: "node7".into(),
+                path: "/run/vm0/qmp.sock".into()
+            }
+        );
+        assert_eq!(
+            vm0.source.devices[0].backend_object_id().unwrap(),
+            "hca0-mem"
+        );
+        assert_eq!(vm0.destination.devices[0].netdev_id().unwrap(), "n0");
+        assert!(matches!(
+            plan.vms[1].destination.devices[0],
+            Device::VfioPci { ref host, .. } if host == "0000:3b:00.2"
+        ));
+        assert_eq!(
+            plan.vms[1].source.qmp,
+            Address::Tcp("127.0.0.1:5555".into())
+        );
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_line() {
+        let bad = GOOD
+            .replace("name = \"vm1\"", "name = \"vm0\"")
+            .replace("tcp:10.0.0.7:4444", "tcp:10.0.0.7")
+            .replace("size = 1048576", "size = 1000")
+            .replace("host = \"0000:3b:00.2\"", "host = \"3b:00.2\"")
+            .replace(
+                "channel = \"unix:/run/vm1/sv.sock\"",
+                "channel = \"tcp:h:1\"",
+            )
+            .replace("quiesce = 5000", "quiesce = 0\nfrobnicate = 3");
+        let issues = parse(&bad).unwrap_err();
+        let text: Vec<String> = issues.iter().map(ToString::to_string).collect();
+        let line_of = |needle: &str| {
+            bad.lines()
+                .position(|l| l.contains(needle))
+                .map(|n| n + 1)
+                .unwrap()
+        };
+        let expect = [
+            ("vm[1].name", line_of("name = \"vm0\"")),
+            ("vm[0].destination.migrate_uri", line_of("tcp:10.0.0.7\"")),
+            // A device is located at its `[[...devices]]` header, the line before its kind.
+            (
+                "vm[0].source.devices[0]",
+                line_of("kind = \"hca-standin\"") - 1,
+            ),
+            (
+                "vm[1].destination.devices[0]",
+                line_of("kind = \"vfio-pci\"") - 1,
+            ),
+            ("vm[1].source.channel", line_of("tcp:h:1")),
+            ("settings.deadlines_ms.quiesce", line_of("quiesce = 0")),
+            ("settings.deadlines_ms.frobnicate", 0),
+        ];
+        for (path, line) in expect {
+            let found = issues.iter().find(|i| i.path == path);
+            let Some(found) = found else {
+                panic!("no issue for {path}: {text:#?}");
+            };
+            // The duplicate name is reported on the second VM's name line.
+            if path == "vm[1].name" {
+                assert!(found.line > line_of("name = \"vm0\""), "{found}");
+            } else if line > 0 {
+                assert_eq!(found.line, line, "{found}");
+            }
+        }
+        assert!(issues.len() >= expect.len(), "{text:#?}");
+    }
+
+    #[test]
+    fn syntax_and_unknown_fields_are_located() {
+        let issues = parse("[[vm]]\nname = \"a\"\nsourze = 1\n").unwrap_err();
+        assert_eq!(issues.len(), 1);
+        assert_eq!(issues[0].line, 3, "{}", issues[0]);
+        assert!(issues[0].message.contains("sourze"), "{}", issues[0]);
+        let issues = parse("[settings\n").unwrap_err();
+        assert_eq!(issues[0].line, 1, "{}", issues[0]);
+        let issues = parse("").unwrap_err();
+        assert!(issues[0].message.contains("no [[vm]]"));
+    }
+
+    #[test]
+    fn shared_endpoints_and_missing_nic_are_refused() {
+        let bad = GOOD
+            .replace("unix:/run/vm1d/mig.sock", "tcp:10.0.0.7:4444")
+            .replace(
+                "id = \"net0\"\nmac = \"52:54:00:00:00:07\"",
+                "id = \"net0\"\nmac = \"52:54:00:00:00:09\"",
+            );
+        let issues = parse(&bad).unwrap_err();
+        let text: Vec<String> = issues.iter().map(ToString::to_string).collect();
+        assert!(
+            text.iter()
+                .any(|t| t.contains("migrate_uri") && t.contains("also used by vm[0]")),
+            "{text:#?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.contains("no destination virtio-net device has mac")),
+            "{text:#?}"
+        );
+    }
+}
