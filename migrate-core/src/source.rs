@@ -42,6 +42,8 @@ impl<T> At<T> for Result<T> {
 /// Migrates `vm` over `conn`. On success the source guest stays paused (the destination owns
 /// it now). On any failure before the destination's commit acknowledgement the source guest is
 /// resumed, its memory untouched, and the error is [`Error::Migration`] naming the phase.
+/// Progress events go to `progress` with `try_send`: a full bounded channel drops events
+/// rather than stalling the migration.
 pub fn migrate(
     vm: &dyn MigratableVm,
     conn: Connections,
@@ -379,8 +381,9 @@ fn rounds(
 
     // Stop and copy.
     let pause_at = Instant::now();
-    vm.pause().at(Phase::StopAndCopy)?;
+    // Resume on failure even if the pause itself failed half-way (resume is idempotent).
     *paused = true;
+    vm.pause().at(Phase::StopAndCopy)?;
     tracker.harvest(&mut dirty).at(Phase::StopAndCopy)?;
     send(
         progress,
