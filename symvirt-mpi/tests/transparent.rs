@@ -1,0 +1,151 @@
+//! Transparent mode: the unmodified stress program (no SymVirt calls) with the PMPI layer
+//! preloaded, 4 ranks, Open MPI and MPICH, real guest agent. Several migration requests per
+//! run, arriving wherever the ranks are (inside blocking receives, waits, probes, collectives,
+//! between iterations); at every cut, read while the ranks are paused, every rank's count of
+//! messages sent to each peer equals that peer's count of messages received from it; every
+//! rank is released with the new interconnect; afterwards the program's own checks (no loss,
+//! duplication, reordering or corruption; collective results) pass.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use symvirt::protocol::{GuestMessage, Interconnect};
+use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
+
+fn outcome_while_running(rig: &Rig, job: &mut Job) -> GuestMessage {
+    let deadline = soon();
+    loop {
+        match rig.host.wait_for(
+            |m| !matches!(m, GuestMessage::Hello { .. }),
+            Instant::now() + Duration::from_millis(300),
+        ) {
+            Ok(m) => return m,
+            Err(symvirt::Error::Timeout) => {}
+            Err(e) => panic!("host channel: {e}"),
+        }
+        assert!(job.running(), "MPI job ended early\n{}", job.logs());
+        assert!(Instant::now() < deadline, "no report from the agent\n{}", job.logs());
+    }
+}
+
+/// Parses the layer's cut records: per rank, (sent to each peer, received from each peer).
+fn read_cut(dir: &Path, epoch: u64) -> Vec<(Vec<u64>, Vec<u64>)> {
+    read_records(dir, "cut", epoch)
+        .iter()
+        .map(|rec| {
+            let mut lines = rec.lines();
+            let mut row = |label: &str| -> Vec<u64> {
+                let l = lines.next().unwrap_or_else(|| panic!("short record {rec:?}"));
+                let mut w = l.split_whitespace();
+                assert_eq!(w.next(), Some(label), "{rec:?}");
+                w.map(|x| x.parse().unwrap()).collect()
+            };
+            (row("sent"), row("received"))
+        })
+        .collect()
+}
+
+/// Every pair: what i sent to j is what j received from i. Returns the global total.
+fn check_pairs(cut: &[(Vec<u64>, Vec<u64>)], epoch: u64) -> u64 {
+    let n = cut.len();
+    let mut total = 0;
+    for i in 0..n {
+        for j in 0..n {
+            assert_eq!(
+                cut[i].0[j], cut[j].1[i],
+                "epoch {epoch}: rank {i} sent {} messages to rank {j}, which received {}: {cut:?}",
+                cut[i].0[j], cut[j].1[i]
+            );
+            total += cut[i].0[j];
+        }
+    }
+    total
+}
+
+fn run_transparent(mpi: MpiImpl, modes: &str, tag: &str, epochs: u64) {
+    let rig = Rig::new(tag);
+    let libs = libraries(mpi);
+    let prog = program(mpi, "stress.c", Linkage::Plain);
+    let cuts = rig.dir.0.join("cuts");
+    fs::create_dir_all(&cuts).unwrap();
+    let env = [
+        (
+            "SYMVIRT_AGENT_SOCKET".to_string(),
+            rig.rank_socket().display().to_string(),
+        ),
+        ("SYMVIRT_CUT_LOG".to_string(), cuts.display().to_string()),
+        (
+            "LD_PRELOAD".to_string(),
+            libs.transparent.display().to_string(),
+        ),
+    ];
+    let mut job = Job::start(
+        mpi,
+        &prog,
+        &[modes, cuts.to_str().unwrap(), "16"],
+        &env,
+        &rig.dir.0,
+    );
+    let mut last_total = 0;
+    for epoch in 1..=epochs {
+        // Requests land wherever the ranks happen to be; vary the moment a little.
+        std::thread::sleep(Duration::from_millis(37 * epoch));
+        rig.prepare(epoch);
+        match outcome_while_running(&rig, &mut job) {
+            GuestMessage::Quiesced { epoch: e } if e == epoch => {}
+            other => panic!("epoch {epoch}: expected quiesced, got {other:?}\n{}", job.logs()),
+        }
+        let total = check_pairs(&read_cut(&cuts, epoch), epoch);
+        assert!(total >= last_total, "counts went backwards");
+        last_total = total;
+        let ic: Interconnect = if epoch % 2 == 1 {
+            ethernet(epoch as u8)
+        } else {
+            infiniband()
+        };
+        rig.resume(epoch, ic.clone());
+        match outcome_while_running(&rig, &mut job) {
+            GuestMessage::Resumed {
+                epoch: e,
+                interconnect,
+                ..
+            } if e == epoch => assert_eq!(interconnect, ic),
+            other => panic!("epoch {epoch}: expected resumed, got {other:?}\n{}", job.logs()),
+        }
+        let json = serde_json::to_string(&ic).unwrap();
+        for rec in read_records(&cuts, "resumed", epoch) {
+            assert_eq!(rec, format!("resumed {json}\n"));
+        }
+    }
+    assert!(last_total > 0, "no traffic observed");
+    fs::write(cuts.join("stop"), "").unwrap();
+    let (ok, out) = job.wait();
+    assert!(ok, "MPI job failed\n{}", job.logs());
+    let oks = out.lines().filter(|l| l.contains(" OK rank ")).count();
+    assert_eq!(oks, RANKS as usize, "{out}");
+}
+
+const P2P: &str = "ring,ring_nb,alltoall,anysource";
+
+#[test]
+fn transparent_openmpi_p2p_consistent_at_every_cut() {
+    run_transparent(MpiImpl::OpenMpi, P2P, "tr-p2p-ompi", 4);
+}
+
+#[test]
+fn transparent_mpich_p2p_consistent_at_every_cut() {
+    run_transparent(MpiImpl::Mpich, P2P, "tr-p2p-mpich", 4);
+}
+
+#[test]
+fn transparent_openmpi_collectives_and_p2p_consistent_at_every_cut() {
+    run_transparent(MpiImpl::OpenMpi, "collective,anysource,collective", "tr-coll-ompi", 4);
+}
+
+#[test]
+fn transparent_mpich_collectives_and_p2p_consistent_at_every_cut() {
+    run_transparent(MpiImpl::Mpich, "collective,anysource,collective", "tr-coll-mpich", 4);
+}
