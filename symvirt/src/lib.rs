@@ -32,7 +32,9 @@
 //! ```
 
 pub mod agent;
+pub mod backend;
 pub mod cluster;
+pub mod controller;
 pub mod error;
 pub mod framing;
 pub mod guest_link;

@@ -1,0 +1,90 @@
+//! What the controller needs from a VMM, per VM: reach the guest channel, reserve the
+//! destination, detach, migrate with a synchronized switchover, attach, commit or roll back.
+//!
+//! [`qemu::QemuVm`] implements it over QMP (and starts destination QEMUs with
+//! [`qemu::Launcher`]). Guest coordination (prepare, resume, abort) is the controller's, the
+//! same for every backend.
+
+pub mod qemu;
+
+use crate::error::Result;
+use crate::host_channel::HostChannel;
+use crate::session::GuestSession;
+use std::time::Instant;
+
+/// One progress report of a migration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MigrationProgress {
+    /// Bytes sent so far.
+    pub transferred: u64,
+    /// Bytes still to send (the dirty set).
+    pub remaining: u64,
+    /// Guest RAM in bytes.
+    pub total: u64,
+}
+
+/// How one VM's migration went.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MigrationResult {
+    /// Total time the VMM reports, in ms.
+    pub total_ms: Option<u64>,
+    /// The guest's downtime, in ms.
+    pub downtime_ms: Option<u64>,
+    /// Bytes transferred.
+    pub transferred: u64,
+}
+
+/// The per-VM operations of a migration plan, in the order the controller calls them. Every
+/// method is bounded by `deadline`. After any failure the controller calls
+/// [`VmBackend::rollback`], which must work from whatever point was reached.
+pub trait VmBackend: Send {
+    /// The VM's name.
+    fn name(&self) -> &str;
+
+    /// Connects to the source's monitor (once) and opens the guest channel there (a new one on
+    /// every call).
+    fn connect(&mut self, deadline: Instant) -> Result<HostChannel>;
+
+    /// Gets the destination ready (started or checked, listening) and claims its devices,
+    /// before the source lets go of anything; checks the source has what the plan detaches.
+    fn reserve(&mut self, deadline: Instant) -> Result<()>;
+
+    /// Unplugs the source's passthrough devices and removes their backing objects.
+    fn detach(&mut self, deadline: Instant) -> Result<()>;
+
+    /// Starts the migration; it pauses before switchover.
+    fn start_migration(&mut self) -> Result<()>;
+
+    /// Waits until the migration is ready to switch over (the source is paused).
+    fn wait_ready_to_switch(
+        &mut self,
+        deadline: Instant,
+        progress: &mut dyn FnMut(MigrationProgress),
+    ) -> Result<()>;
+
+    /// Switches over and waits until the destination runs.
+    fn switchover(&mut self, deadline: Instant) -> Result<MigrationResult>;
+
+    /// Plugs the destination's devices.
+    fn attach(&mut self, deadline: Instant) -> Result<()>;
+
+    /// Opens the guest channel at the destination, continuing the source's `session`.
+    fn destination_channel(
+        &mut self,
+        session: GuestSession,
+        deadline: Instant,
+    ) -> Result<HostChannel>;
+
+    /// The migration is done: releases the source (and its devices). The destination keeps
+    /// running.
+    fn commit(&mut self) -> Result<()>;
+
+    /// Undoes everything done so far: cancels the migration, tears the destination down,
+    /// continues the source and re-attaches its original devices.
+    fn rollback(&mut self, deadline: Instant) -> Result<()>;
+
+    /// The process id of a destination this backend started, if any.
+    fn destination_pid(&self) -> Option<u32> {
+        None
+    }
+}

@@ -1,0 +1,778 @@
+//! The QEMU backend: every step over QMP (the `qmp` crate), destinations started by
+//! [`Launcher`] with `-incoming defer`.
+//!
+//! Migration uses QEMU's `pause-before-switchover` capability: each source stops at
+//! `pre-switchover` with the guest paused, the controller waits for all of them, then sends
+//! `migrate-continue` to each, so the whole cluster switches over together.
+
+use crate::backend::{MigrationProgress, MigrationResult, VmBackend};
+use crate::cluster::{Device, LaunchSpec, MigrationSettings, VmSpec};
+use crate::error::{Error, Result};
+use crate::host_channel::{ChannelOptions, HostChannel};
+use crate::remote::{Address, Connector};
+use crate::session::GuestSession;
+use qmp::{
+    ConnectOptions, DeviceSpec, MigrationCapability, MigrationParameters, MigrationStatus,
+    MigrationWait, NetdevSpec, ObjectSpec, Qmp, RunState, wait_for_migration,
+};
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A destination QEMU process started by the controller.
+#[derive(Debug)]
+pub struct Launched {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Launched {
+    /// Its process id (of `ssh` for a remote launch).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// What it printed (QEMU's errors).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn exited(&mut self) -> Option<String> {
+        let child = self.child.as_mut()?;
+        match child.try_wait() {
+            Ok(Some(status)) => Some(format!("exited ({status}): {}", self.log().trim())),
+            _ => None,
+        }
+    }
+
+    /// Kills it (the destination is being torn down).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Leaves it running for good: it is the VM now.
+    pub fn release(&mut self) {
+        self.child.take();
+    }
+}
+
+impl Drop for Launched {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts destination QEMUs: the plan's machine arguments, `-qmp` on the destination's
+/// monitor address and `-incoming defer` (the controller then sends `migrate-incoming`).
+#[derive(Debug, Clone)]
+pub struct Launcher {
+    /// The `ssh` program for remote launches.
+    pub ssh_program: String,
+    /// Where logs of started QEMUs go.
+    pub log_dir: PathBuf,
+}
+
+/// Quotes one word for a remote shell (`ssh HOST CMD` runs CMD through the user's shell).
+fn shell_quote(word: &str) -> String {
+    if !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c))
+    {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+impl Launcher {
+    /// The full command line of a destination.
+    pub fn command(&self, spec: &LaunchSpec, qmp: &Address) -> Result<Command> {
+        let qmp_arg = match qmp {
+            Address::Unix(p) | Address::Ssh { path: p, .. } => {
+                format!("unix:{},server=on,wait=off", p.display())
+            }
+            Address::Tcp(a) => format!("tcp:{a},server=on,wait=off"),
+        };
+        let mut words = vec![spec.program.clone()];
+        words.extend(spec.args.iter().cloned());
+        words.extend(["-qmp".into(), qmp_arg, "-incoming".into(), "defer".into()]);
+        let mut cmd = match &spec.host {
+            None => {
+                let mut c = Command::new(&words[0]);
+                c.args(&words[1..]);
+                c
+            }
+            Some(host) => {
+                let mut c = Command::new(&self.ssh_program);
+                let remote: Vec<String> = words.iter().map(|w| shell_quote(w)).collect();
+                c.args(["-o", "BatchMode=yes", "--", host, &remote.join(" ")]);
+                c
+            }
+        };
+        // Its own process group: a Ctrl-C meant for the controller must not kill the VMs.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        Ok(cmd)
+    }
+
+    /// Starts a destination for `vm`.
+    pub fn launch(&self, vm: &str, spec: &LaunchSpec, qmp: &Address) -> Result<Launched> {
+        std::fs::create_dir_all(&self.log_dir)
+            .map_err(|e| Error::io(format!("create {}", self.log_dir.display()), e))?;
+        let log = self.log_dir.join(format!("{vm}-destination.log"));
+        let file = std::fs::File::create(&log)
+            .map_err(|e| Error::io(format!("create {}", log.display()), e))?;
+        let err = file
+            .try_clone()
+            .map_err(|e| Error::io("clone log file", e))?;
+        if let Address::Unix(p) = qmp {
+            // A stale socket file would make the first connection attempts fail confusingly.
+            let _ = std::fs::remove_file(p);
+        }
+        let child = self
+            .command(spec, qmp)?
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| Error::io(format!("start {} for {vm}", spec.program), e))?;
+        Ok(Launched {
+            child: Some(child),
+            log,
+        })
+    }
+}
+
+/// Where the migration of one VM is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MigrationState {
+    NotStarted,
+    Running,
+    Completed,
+}
+
+/// One VM on QEMU.
+#[derive(Debug)]
+pub struct QemuVm {
+    spec: VmSpec,
+    settings: MigrationSettings,
+    connector: Arc<Connector>,
+    launcher: Launcher,
+    source: Option<Qmp>,
+    destination: Option<Qmp>,
+    launched: Option<Launched>,
+    claimed: Vec<PathBuf>,
+    migration: MigrationState,
+    committed: bool,
+}
+
+fn qmp_options() -> ConnectOptions {
+    ConnectOptions::default()
+}
+
+fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+/// The ids of the children of a QOM container (`/machine/peripheral`, `/objects`).
+fn qom_children(qmp: &Qmp, path: &str) -> std::result::Result<BTreeSet<String>, qmp::Error> {
+    let list = qmp.execute("qom-list", Some(json!({ "path": path })))?;
+    Ok(list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            let ty = p.get("type")?.as_str()?;
+            ty.starts_with("child<")
+                .then(|| p.get("name")?.as_str().map(str::to_owned))
+                .flatten()
+        })
+        .collect())
+}
+
+fn device_spec(device: &Device) -> DeviceSpec {
+    let (driver, props) = match device {
+        Device::VfioPci {
+            host, properties, ..
+        } => {
+            let mut p = properties.clone();
+            p.insert("host".into(), Value::String(host.clone()));
+            ("vfio-pci", p)
+        }
+        Device::HcaStandin { properties, .. } => {
+            let mut p = properties.clone();
+            p.insert(
+                "memdev".into(),
+                Value::String(device.backend_object_id().unwrap_or_default()),
+            );
+            ("ivshmem-plain", p)
+        }
+        Device::VirtioNet {
+            mac, properties, ..
+        } => {
+            let mut p = properties.clone();
+            p.insert("mac".into(), Value::String(mac.clone()));
+            if let Some(n) = device.netdev_id() {
+                p.insert("netdev".into(), Value::String(n));
+            }
+            ("virtio-net-pci", p)
+        }
+    };
+    let mut spec = DeviceSpec::new(driver, device.id());
+    spec.properties = props;
+    spec
+}
+
+impl QemuVm {
+    /// A VM of `spec`, reaching remote endpoints through `connector`.
+    pub fn new(
+        spec: VmSpec,
+        settings: MigrationSettings,
+        connector: Arc<Connector>,
+        launcher: Launcher,
+    ) -> QemuVm {
+        QemuVm {
+            spec,
+            settings,
+            connector,
+            launcher,
+            source: None,
+            destination: None,
+            launched: None,
+            claimed: Vec::new(),
+            migration: MigrationState::NotStarted,
+            committed: false,
+        }
+    }
+
+    fn what(&self, side: &str, action: impl std::fmt::Display) -> String {
+        format!("{} {side}: {action}", self.spec.name)
+    }
+
+    fn source(&self) -> Result<&Qmp> {
+        self.source.as_ref().ok_or(Error::NotConnected)
+    }
+
+    fn destination(&self) -> Result<&Qmp> {
+        self.destination.as_ref().ok_or(Error::NotConnected)
+    }
+
+    /// Connects to a monitor, retrying until `deadline` (a just-started QEMU has no socket
+    /// yet); gives up early when the launched QEMU exits.
+    fn connect_monitor(&mut self, address: &Address, deadline: Instant) -> Result<Qmp> {
+        let endpoint = self.connector.qmp_endpoint(address, deadline)?;
+        loop {
+            match Qmp::connect(&endpoint, qmp_options()) {
+                Ok(q) => return Ok(q),
+                Err(e) => {
+                    if let Some(why) = self.launched.as_mut().and_then(Launched::exited) {
+                        return Err(Error::Refused(format!(
+                            "{}: destination QEMU {why}",
+                            self.spec.name
+                        )));
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(Error::qmp(
+                            format!("{}: connect to {address}", self.spec.name),
+                            e,
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    /// Claims a destination device before the source lets go of its own.
+    fn claim(&mut self, device: &Device, present: &BTreeSet<String>) -> Result<()> {
+        if present.contains(device.id()) {
+            return Err(Error::Refused(format!(
+                "{}: the destination already has a device {:?}",
+                self.spec.name,
+                device.id()
+            )));
+        }
+        match device {
+            Device::HcaStandin { mem_path, size, .. } => {
+                // The stand-in's "HCA" is its shared memory file: creating it exclusively is
+                // the reservation, as claiming a free VF would be.
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(mem_path)
+                    .map_err(|e| {
+                        Error::Refused(format!(
+                            "{}: stand-in HCA {} not available: {e}",
+                            self.spec.name,
+                            mem_path.display()
+                        ))
+                    })?;
+                self.claimed.push(mem_path.clone());
+                file.set_len(*size)
+                    .map_err(|e| Error::io(format!("size {}", mem_path.display()), e))?;
+            }
+            Device::VfioPci { host, .. } if self.destination_is_local() => {
+                let dev = Path::new("/sys/bus/pci/devices").join(host);
+                let driver = std::fs::read_link(dev.join("driver"))
+                    .ok()
+                    .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+                if driver.as_deref() != Some("vfio-pci") {
+                    return Err(Error::Refused(format!(
+                        "{}: host device {host} is {} (needs vfio-pci)",
+                        self.spec.name,
+                        match driver {
+                            Some(d) => format!("bound to {d}"),
+                            None if dev.exists() => "not bound to a driver".into(),
+                            None => "absent".into(),
+                        }
+                    )));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn destination_is_local(&self) -> bool {
+        match &self.spec.destination.launch {
+            Some(l) => l.host.is_none(),
+            None => matches!(self.spec.destination.qmp, Address::Unix(_)),
+        }
+    }
+
+    /// Plugs `device` (with its backend) through `qmp`.
+    fn plug(qmp: &Qmp, device: &Device) -> std::result::Result<(), qmp::Error> {
+        if let (Device::HcaStandin { mem_path, size, .. }, Some(obj)) =
+            (device, device.backend_object_id())
+        {
+            qmp.object_add(
+                &ObjectSpec::new("memory-backend-file", obj)
+                    .property("size", *size)
+                    .property("mem-path", mem_path.to_string_lossy().into_owned())
+                    .property("share", true),
+            )?;
+        }
+        if let Device::VirtioNet {
+            netdev: Some(n), ..
+        } = device
+        {
+            let mut spec = NetdevSpec::new(
+                n.get("type").and_then(Value::as_str).unwrap_or_default(),
+                n.get("id").and_then(Value::as_str).unwrap_or_default(),
+            );
+            spec.properties = n
+                .iter()
+                .filter(|(k, _)| *k != "type" && *k != "id")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            qmp.netdev_add(&spec)?;
+        }
+        qmp.device_add(&device_spec(device))
+    }
+
+    fn wait_running(&self, qmp: &Qmp, deadline: Instant) -> Result<()> {
+        loop {
+            let status = qmp
+                .query_status()
+                .map_err(|e| Error::qmp(self.what("destination", "query-status"), e))?;
+            if status.running {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Refused(format!(
+                    "{}: destination not running after the switchover ({})",
+                    self.spec.name,
+                    status.status.as_str()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl VmBackend for QemuVm {
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    fn connect(&mut self, deadline: Instant) -> Result<HostChannel> {
+        if self.source.is_none() {
+            let address = self.spec.source.qmp.clone();
+            self.source = Some(self.connect_monitor(&address, deadline)?);
+        }
+        let path = self
+            .connector
+            .local_path(&self.spec.source.channel, deadline)?;
+        HostChannel::connect(path, ChannelOptions::labelled(self.spec.name.clone()))
+    }
+
+    fn reserve(&mut self, deadline: Instant) -> Result<()> {
+        // The source has what the plan detaches, and is ready to pause before switchover.
+        {
+            let src = self.source()?;
+            let present = qom_children(src, "/machine/peripheral")
+                .map_err(|e| Error::qmp(self.what("source", "qom-list"), e))?;
+            for d in &self.spec.source.devices {
+                if !present.contains(d.id()) {
+                    return Err(Error::Refused(format!(
+                        "{}: the source has no device {:?} to detach",
+                        self.spec.name,
+                        d.id()
+                    )));
+                }
+            }
+            let mut caps = vec![
+                (MigrationCapability::PauseBeforeSwitchover, true),
+                (MigrationCapability::Events, true),
+            ];
+            caps.dedup();
+            src.migrate_set_capabilities(&caps)
+                .map_err(|e| Error::qmp(self.what("source", "migrate-set-capabilities"), e))?;
+            let params = MigrationParameters {
+                max_bandwidth: self.settings.max_bandwidth,
+                downtime_limit: self.settings.downtime_limit_ms,
+                ..MigrationParameters::default()
+            };
+            if params != MigrationParameters::default() {
+                src.migrate_set_parameters(&params)
+                    .map_err(|e| Error::qmp(self.what("source", "migrate-set-parameters"), e))?;
+            }
+        }
+        // The destination: started (or found) waiting for the migration, listening.
+        let address = self.spec.destination.qmp.clone();
+        if let Some(launch) = self.spec.destination.launch.clone() {
+            self.launched = Some(self.launcher.launch(&self.spec.name, &launch, &address)?);
+        }
+        let dst = self.connect_monitor(&address, deadline)?;
+        let status = dst
+            .query_status()
+            .map_err(|e| Error::qmp(self.what("destination", "query-status"), e))?;
+        if status.status != RunState::InMigrate {
+            return Err(Error::Refused(format!(
+                "{}: destination is {}, not waiting for a migration",
+                self.spec.name,
+                status.status.as_str()
+            )));
+        }
+        if self.launched.is_some() {
+            dst.migrate_incoming(&self.spec.destination.migrate_uri)
+                .map_err(|e| {
+                    Error::qmp(
+                        self.what(
+                            "destination",
+                            format!("migrate-incoming {}", self.spec.destination.migrate_uri),
+                        ),
+                        e,
+                    )
+                })?;
+        }
+        let present = qom_children(&dst, "/machine/peripheral")
+            .map_err(|e| Error::qmp(self.what("destination", "qom-list"), e))?;
+        self.destination = Some(dst);
+        for d in self.spec.destination.devices.clone() {
+            self.claim(&d, &present)?;
+        }
+        Ok(())
+    }
+
+    fn detach(&mut self, deadline: Instant) -> Result<()> {
+        let src = self.source()?;
+        for d in &self.spec.source.devices {
+            src.device_del_and_wait(d.id(), remaining(deadline))
+                .map_err(|e| {
+                    Error::qmp(self.what("source", format!("device_del {}", d.id())), e)
+                })?;
+            if let Some(obj) = d.backend_object_id() {
+                src.object_del(&obj)
+                    .map_err(|e| Error::qmp(self.what("source", format!("object-del {obj}")), e))?;
+            }
+            if let Some(n) = d.netdev_id() {
+                src.netdev_del(&n)
+                    .map_err(|e| Error::qmp(self.what("source", format!("netdev_del {n}")), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn start_migration(&mut self) -> Result<()> {
+        let uri = self.spec.destination.migrate_uri.clone();
+        self.source()?
+            .migrate(&uri)
+            .map_err(|e| Error::qmp(self.what("source", format!("migrate {uri}")), e))?;
+        self.migration = MigrationState::Running;
+        Ok(())
+    }
+
+    fn wait_ready_to_switch(
+        &mut self,
+        deadline: Instant,
+        progress: &mut dyn FnMut(MigrationProgress),
+    ) -> Result<()> {
+        let wait =
+            MigrationWait::status_within(MigrationStatus::PreSwitchover, remaining(deadline));
+        wait_for_migration(self.source()?, &wait, |info| {
+            if let Some(ram) = &info.ram {
+                progress(MigrationProgress {
+                    transferred: ram.transferred,
+                    remaining: ram.remaining,
+                    total: ram.total,
+                });
+            }
+        })
+        .map_err(|e| Error::qmp(self.what("source", "migration"), e))?;
+        Ok(())
+    }
+
+    fn switchover(&mut self, deadline: Instant) -> Result<MigrationResult> {
+        let src = self.source()?;
+        src.migrate_continue(MigrationStatus::PreSwitchover)
+            .map_err(|e| Error::qmp(self.what("source", "migrate-continue"), e))?;
+        let info = wait_for_migration(
+            src,
+            &MigrationWait::completed_within(remaining(deadline)),
+            |_| {},
+        )
+        .map_err(|e| Error::qmp(self.what("source", "switchover"), e))?;
+        self.migration = MigrationState::Completed;
+        self.wait_running(self.destination()?, deadline)?;
+        Ok(MigrationResult {
+            total_ms: info.total_time,
+            downtime_ms: info.downtime,
+            transferred: info.ram.map(|r| r.transferred).unwrap_or(0),
+        })
+    }
+
+    fn attach(&mut self, _deadline: Instant) -> Result<()> {
+        let dst = self.destination()?;
+        for d in &self.spec.destination.devices {
+            Self::plug(dst, d).map_err(|e| {
+                Error::qmp(
+                    self.what("destination", format!("attach {}", d.describe())),
+                    e,
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    fn destination_channel(
+        &mut self,
+        session: GuestSession,
+        deadline: Instant,
+    ) -> Result<HostChannel> {
+        let path = self
+            .connector
+            .local_path(&self.spec.destination.channel, deadline)?;
+        HostChannel::connect_continuing(
+            path,
+            ChannelOptions::labelled(format!("{}@destination", self.spec.name)),
+            session,
+        )
+    }
+
+    fn commit(&mut self) -> Result<()> {
+        self.committed = true;
+        if let Some(l) = self.launched.as_mut() {
+            l.release();
+        }
+        let result = self.source().and_then(|s| {
+            s.quit()
+                .map_err(|e| Error::qmp(self.what("source", "quit"), e))
+        });
+        // The source's stand-in "HCAs" are free again.
+        if matches!(self.spec.source.qmp, Address::Unix(_)) {
+            for d in &self.spec.source.devices {
+                if let Device::HcaStandin { mem_path, .. } = d {
+                    let _ = std::fs::remove_file(mem_path);
+                }
+            }
+        }
+        self.claimed.clear();
+        result
+    }
+
+    fn rollback(&mut self, deadline: Instant) -> Result<()> {
+        let mut errors: Vec<String> = Vec::new();
+        // 1. No migration may still be going when the source continues.
+        if self.migration == MigrationState::Running {
+            if let Some(src) = &self.source {
+                let _ = src.migrate_cancel();
+                let wait = MigrationWait {
+                    timeout: remaining(deadline),
+                    poll_interval: Duration::from_millis(50),
+                    until: vec![
+                        MigrationStatus::Cancelled,
+                        MigrationStatus::Failed,
+                        MigrationStatus::Completed,
+                        MigrationStatus::None,
+                    ],
+                };
+                if let Err(e) = wait_for_migration(src, &wait, |_| {}) {
+                    errors.push(format!("cancel: {e}"));
+                }
+            }
+        }
+        // 2. Tear the destination down before the source runs again: never two live copies.
+        if let Some(dst) = self.destination.take() {
+            let _ = dst.quit();
+        }
+        if let Some(mut l) = self.launched.take() {
+            l.kill();
+        }
+        for p in self.claimed.drain(..) {
+            let _ = std::fs::remove_file(p);
+        }
+        // 3. The source runs again, with its original devices.
+        match &self.source {
+            None => errors.push("no source monitor".into()),
+            Some(src) => {
+                match src.query_status() {
+                    Ok(s) if s.running => {}
+                    Ok(_) => {
+                        if let Err(e) = src.cont() {
+                            errors.push(format!("cont: {e}"));
+                        }
+                    }
+                    Err(e) => errors.push(format!("query-status: {e}")),
+                }
+                match qom_children(src, "/machine/peripheral") {
+                    Err(e) => errors.push(format!("qom-list: {e}")),
+                    Ok(present) => {
+                        let objects = qom_children(src, "/objects").unwrap_or_default();
+                        for d in &self.spec.source.devices {
+                            if present.contains(d.id()) {
+                                continue;
+                            }
+                            // A backend whose device_del timed out may still be there.
+                            if let Some(obj) = d.backend_object_id() {
+                                if objects.contains(&obj) {
+                                    let _ = src.object_del(&obj);
+                                }
+                            }
+                            if let Some(n) = d.netdev_id() {
+                                let _ = src.netdev_del(&n);
+                            }
+                            if let Err(e) = Self::plug(src, d) {
+                                errors.push(format!("re-attach {}: {e}", d.describe()));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.migration = MigrationState::NotStarted;
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Refused(format!(
+                "{}: rollback incomplete: {}",
+                self.spec.name,
+                errors.join("; ")
+            )))
+        }
+    }
+
+    fn destination_pid(&self) -> Option<u32> {
+        self.launched.as_ref().and_then(Launched::pid)
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        if !self.committed {
+            for p in self.claimed.drain(..) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launcher_adds_monitor_and_deferred_incoming() {
+        let l = Launcher {
+            ssh_program: "ssh".into(),
+            log_dir: "/tmp".into(),
+        };
+        let spec = LaunchSpec {
+            host: None,
+            program: "qemu-system-x86_64".into(),
+            args: vec!["-m".into(), "256".into()],
+        };
+        let cmd = l
+            .command(&spec, &Address::Unix("/run/d/qmp.sock".into()))
+            .unwrap();
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "-m",
+                "256",
+                "-qmp",
+                "unix:/run/d/qmp.sock,server=on,wait=off",
+                "-incoming",
+                "defer"
+            ]
+        );
+        let remote = LaunchSpec {
+            host: Some("node7".into()),
+            args: vec!["-append".into(), "console=ttyS0 quiet".into()],
+            ..spec
+        };
+        let cmd = l
+            .command(
+                &remote,
+                &Address::Ssh {
+                    host: "node7".into(),
+                    path: "/run/d/qmp.sock".into(),
+                },
+            )
+            .unwrap();
+        assert_eq!(cmd.get_program(), "ssh");
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(args[3], "node7");
+        assert_eq!(
+            args[4],
+            "qemu-system-x86_64 -append 'console=ttyS0 quiet' -qmp \
+             unix:/run/d/qmp.sock,server=on,wait=off -incoming defer"
+        );
+    }
+
+    #[test]
+    fn device_specs_carry_their_backends() {
+        let standin = Device::HcaStandin {
+            id: "hca0".into(),
+            mem_path: "/dev/shm/x".into(),
+            size: 1 << 20,
+            properties: Default::default(),
+        };
+        let s = device_spec(&standin);
+        assert_eq!(s.driver, "ivshmem-plain");
+        assert_eq!(s.properties["memdev"], "hca0-mem");
+        let vfio = Device::VfioPci {
+            id: "hca1".into(),
+            host: "0000:3b:00.1".into(),
+            properties: Default::default(),
+        };
+        let s = device_spec(&vfio);
+        assert_eq!(
+            (s.driver.as_str(), &s.properties["host"]),
+            ("vfio-pci", &json!("0000:3b:00.1"))
+        );
+    }
+}

@@ -1,0 +1,755 @@
+//! The host controller: runs a migration plan over a whole virtual cluster.
+//!
+//! Phases, each a barrier over every VM with its own deadline and timing:
+//! `connect` (monitors, guest channels, `hello`), `reserve` (destinations started and
+//! listening, their devices claimed, before the source lets go of anything), `quiesce`
+//! (`prepare` to every guest, wait for every `quiesced`), `detach`, `migrate` (pre-copy of all
+//! VMs, at most `max_parallel` at once, each pausing before switchover; then all switch over
+//! together), `attach`, `resume` (the new interconnect, through the destination's channel),
+//! `commit` (sources released). A failure before `resume` rolls every VM back: migrations
+//! cancelled, destinations torn down, sources continued with their original devices, and the
+//! guests told to resume on their old interconnect (`abort` if they had not quiesced).
+//!
+//! Events ([`Event`]) go to a sink as they happen, for progress displays and schedulers.
+
+use crate::backend::qemu::{Launcher, QemuVm};
+use crate::backend::{MigrationProgress, VmBackend};
+use crate::cluster::Plan;
+use crate::error::{Error, Result};
+use crate::host_channel::HostChannel;
+use crate::protocol::{GuestMessage, HostMessage, Interconnect, PciDevice};
+use crate::remote::Connector;
+use crate::session::SessionState;
+use serde::Serialize;
+use std::fmt;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// A phase of a plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Monitors, guest channels, `hello`.
+    Connect,
+    /// Destinations ready, their devices claimed.
+    Reserve,
+    /// Every guest at its quiescent point.
+    Quiesce,
+    /// Passthrough devices unplugged at the sources.
+    Detach,
+    /// Every VM migrated, switched over together.
+    Migrate,
+    /// Destination devices plugged.
+    Attach,
+    /// Guests resumed on the new interconnect.
+    Resume,
+    /// Sources released.
+    Commit,
+    /// Undoing a failed plan.
+    Rollback,
+}
+
+impl Phase {
+    /// Its name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Connect => "connect",
+            Phase::Reserve => "reserve",
+            Phase::Quiesce => "quiesce",
+            Phase::Detach => "detach",
+            Phase::Migrate => "migrate",
+            Phase::Attach => "attach",
+            Phase::Resume => "resume",
+            Phase::Commit => "commit",
+            Phase::Rollback => "rollback",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What happened, as it happens. Serialized as one JSON object with an `event` tag.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The plan starts.
+    PlanStarted {
+        /// The VMs, in plan order.
+        vms: Vec<String>,
+        /// The SymVirt epoch used with the guests.
+        epoch: u64,
+    },
+    /// A phase starts for every VM.
+    PhaseStarted {
+        /// The phase.
+        phase: Phase,
+    },
+    /// A phase ended for every VM.
+    PhaseFinished {
+        /// The phase.
+        phase: Phase,
+        /// How long it took.
+        ms: f64,
+        /// Whether every VM passed it.
+        ok: bool,
+    },
+    /// One VM moved on within a phase.
+    VmProgress {
+        /// The VM.
+        vm: String,
+        /// The phase.
+        phase: Phase,
+        /// What happened.
+        detail: String,
+        /// How far, 0 to 1, when known.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        fraction: Option<f64>,
+    },
+    /// One VM failed in a phase.
+    VmError {
+        /// The VM.
+        vm: String,
+        /// The phase.
+        phase: Phase,
+        /// The error and its causes.
+        error: String,
+    },
+    /// The plan is being rolled back.
+    RollbackStarted {
+        /// The phase that failed.
+        failed_phase: Phase,
+    },
+    /// The rollback ended.
+    RollbackFinished {
+        /// How long it took.
+        ms: f64,
+        /// Whether every VM was restored.
+        ok: bool,
+    },
+    /// The plan ended.
+    PlanFinished {
+        /// `completed`, `rolled_back` or `failed`.
+        outcome: String,
+        /// Total wall time.
+        total_ms: f64,
+    },
+}
+
+/// How a plan ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every VM runs at its destination, resumed on its new interconnect.
+    Completed,
+    /// The plan failed in `phase` and every VM was restored at its source.
+    RolledBack {
+        /// The phase that failed.
+        phase: Phase,
+        /// The first error.
+        error: String,
+    },
+    /// The plan failed and could not be fully undone (or failed after the point of no return,
+    /// the switchover and attach): see the errors.
+    Failed {
+        /// The phase that failed.
+        phase: Phase,
+        /// The first error.
+        error: String,
+    },
+}
+
+impl Outcome {
+    /// `completed`, `rolled_back` or `failed`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::RolledBack { .. } => "rolled_back",
+            Outcome::Failed { .. } => "failed",
+        }
+    }
+}
+
+/// What the guest was told when the plan ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestNotice {
+    /// Nothing (it was never reached).
+    Nothing,
+    /// `resume` with this interconnect, and the guest answered `resumed`.
+    Resumed {
+        /// The interconnect the guest confirmed (with the interface it found).
+        interconnect: Interconnect,
+        /// The PCI devices the guest reported.
+        pci_devices: Option<Vec<PciDevice>>,
+    },
+    /// `resume` sent but not confirmed.
+    ResumeUnconfirmed(String),
+    /// `abort` (the guest had not quiesced).
+    Aborted,
+}
+
+/// One VM's part of a [`Report`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmReport {
+    /// The VM.
+    pub name: String,
+    /// What its guest was told last.
+    pub guest: GuestNotice,
+    /// Migration time (VMM's count), ms.
+    pub migration_ms: Option<u64>,
+    /// Downtime, ms.
+    pub downtime_ms: Option<u64>,
+    /// Bytes migrated.
+    pub transferred: u64,
+    /// The destination process the controller started (now the VM, if completed).
+    pub destination_pid: Option<u32>,
+}
+
+/// How a plan went.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    /// The SymVirt epoch.
+    pub epoch: u64,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Each phase that ran and how long it took, in order.
+    pub phases: Vec<(Phase, Duration)>,
+    /// Per VM, in plan order.
+    pub vms: Vec<VmReport>,
+    /// Every error, with its VM and phase.
+    pub errors: Vec<String>,
+    /// Total wall time.
+    pub total: Duration,
+}
+
+impl Report {
+    /// The duration of `phase`, if it ran.
+    pub fn phase(&self, phase: Phase) -> Option<Duration> {
+        self.phases
+            .iter()
+            .find(|(p, _)| *p == phase)
+            .map(|(_, d)| *d)
+    }
+}
+
+/// One VM during a run.
+struct Member {
+    backend: Box<dyn VmBackend>,
+    channel: Option<HostChannel>,
+    report: VmReport,
+    source_interconnect: Interconnect,
+    target_interconnect: Interconnect,
+}
+
+/// A counting semaphore for the migration concurrency limit.
+struct Slots {
+    free: Mutex<usize>,
+    cv: Condvar,
+}
+
+impl Slots {
+    fn acquire(&self, deadline: Instant) -> Result<SlotGuard<'_>> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        while *free == 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout);
+            }
+            free = self
+                .cv
+                .wait_timeout(free, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *free -= 1;
+        Ok(SlotGuard(self))
+    }
+}
+
+struct SlotGuard<'a>(&'a Slots);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.0.cv.notify_one();
+    }
+}
+
+/// Where events go. Called from the controller's worker threads.
+pub type EventSink<'a> = &'a (dyn Fn(&Event) + Sync);
+
+/// Runs plans.
+pub struct Controller<'a> {
+    plan: Plan,
+    sink: EventSink<'a>,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// A SymVirt epoch for a new plan: the wall clock in ms, so that epochs keep increasing across
+/// plans run by different controller processes (an agent ignores an epoch it has seen).
+pub fn new_epoch() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(1)
+        .max(1)
+}
+
+impl<'a> Controller<'a> {
+    /// A controller for `plan`, reporting to `sink`.
+    pub fn new(plan: Plan, sink: EventSink<'a>) -> Controller<'a> {
+        Controller { plan, sink }
+    }
+
+    /// Runs the plan on QEMU backends; destination QEMUs log into `log_dir`.
+    pub fn run_qemu(&self, log_dir: &std::path::Path) -> Result<Report> {
+        let connector = Arc::new(Connector::new(self.plan.ssh_program.clone())?);
+        let launcher = Launcher {
+            ssh_program: self.plan.ssh_program.clone(),
+            log_dir: log_dir.to_owned(),
+        };
+        let backends: Vec<Box<dyn VmBackend>> = self
+            .plan
+            .vms
+            .iter()
+            .map(|vm| {
+                Box::new(QemuVm::new(
+                    vm.clone(),
+                    self.plan.migration,
+                    connector.clone(),
+                    launcher.clone(),
+                )) as Box<dyn VmBackend>
+            })
+            .collect();
+        Ok(self.run(backends))
+    }
+
+    fn emit(&self, event: Event) {
+        (self.sink)(&event);
+    }
+
+    /// Runs the plan with one backend per VM (in plan order).
+    pub fn run(&self, backends: Vec<Box<dyn VmBackend>>) -> Report {
+        let started = Instant::now();
+        let epoch = new_epoch();
+        let mut members: Vec<Member> = backends
+            .into_iter()
+            .zip(&self.plan.vms)
+            .map(|(backend, spec)| Member {
+                report: VmReport {
+                    name: spec.name.clone(),
+                    guest: GuestNotice::Nothing,
+                    migration_ms: None,
+                    downtime_ms: None,
+                    transferred: 0,
+                    destination_pid: None,
+                },
+                backend,
+                channel: None,
+                source_interconnect: spec.source.interconnect.clone(),
+                target_interconnect: spec.destination.interconnect.clone(),
+            })
+            .collect();
+        self.emit(Event::PlanStarted {
+            vms: members.iter().map(|m| m.report.name.clone()).collect(),
+            epoch,
+        });
+        let mut phases = Vec::new();
+        let mut errors = Vec::new();
+        let d = self.plan.deadlines;
+        let steps: [(Phase, Duration); 6] = [
+            (Phase::Connect, d.connect),
+            (Phase::Reserve, d.reserve),
+            (Phase::Quiesce, d.quiesce),
+            (Phase::Detach, d.detach),
+            (Phase::Migrate, d.migrate),
+            (Phase::Attach, d.attach),
+        ];
+        let mut failed: Option<(Phase, String)> = None;
+        for (phase, limit) in steps {
+            let deadline = Instant::now() + limit;
+            let errs = if phase == Phase::Migrate {
+                let t = Instant::now();
+                let errs = self.migrate(&mut members, deadline);
+                self.emit(Event::PhaseFinished {
+                    phase,
+                    ms: ms(t.elapsed()),
+                    ok: errs.is_empty(),
+                });
+                phases.push((phase, t.elapsed()));
+                errs
+            } else {
+                let (took, errs) = self.phase(phase, &mut members, |c, m| match phase {
+                    Phase::Connect => c.connect(m, deadline),
+                    Phase::Reserve => m.backend.reserve(deadline),
+                    Phase::Quiesce => c.quiesce(m, epoch, limit, deadline),
+                    Phase::Detach => m.backend.detach(deadline),
+                    _ => m.backend.attach(deadline),
+                });
+                phases.push((phase, took));
+                errs
+            };
+            if !errs.is_empty() {
+                failed = Some((phase, errs[0].clone()));
+                errors.extend(errs);
+                break;
+            }
+        }
+        for m in &mut members {
+            m.report.destination_pid = m.backend.destination_pid();
+        }
+        let outcome = match failed {
+            Some((phase, error)) => {
+                let t = Instant::now();
+                self.emit(Event::RollbackStarted {
+                    failed_phase: phase,
+                });
+                let rollback_errors = self.rollback(&mut members);
+                let ok = rollback_errors.is_empty();
+                self.emit(Event::RollbackFinished {
+                    ms: ms(t.elapsed()),
+                    ok,
+                });
+                phases.push((Phase::Rollback, t.elapsed()));
+                errors.extend(rollback_errors);
+                if ok {
+                    Outcome::RolledBack { phase, error }
+                } else {
+                    Outcome::Failed { phase, error }
+                }
+            }
+            None => {
+                // Past the point of no return: the guests run at their destinations.
+                let deadline = Instant::now() + d.resume;
+                let (took, errs) = self.phase(Phase::Resume, &mut members, |c, m| {
+                    c.resume_at_destination(m, epoch, deadline)
+                });
+                phases.push((Phase::Resume, took));
+                if errs.is_empty() {
+                    let (took, errs) = self.phase(Phase::Commit, &mut members, |_, m| {
+                        m.channel = None;
+                        m.backend.commit()
+                    });
+                    phases.push((Phase::Commit, took));
+                    // A source that did not quit cleanly is only noted: the VM is moved.
+                    errors.extend(errs);
+                    Outcome::Completed
+                } else {
+                    let error = errs[0].clone();
+                    errors.extend(errs);
+                    Outcome::Failed {
+                        phase: Phase::Resume,
+                        error,
+                    }
+                }
+            }
+        };
+        let total = started.elapsed();
+        self.emit(Event::PlanFinished {
+            outcome: outcome.as_str().into(),
+            total_ms: ms(total),
+        });
+        Report {
+            epoch,
+            outcome,
+            phases,
+            vms: members.into_iter().map(|m| m.report).collect(),
+            errors,
+            total,
+        }
+    }
+
+    /// Runs `step` for every member in parallel; returns the phase's time and its errors.
+    fn phase(
+        &self,
+        phase: Phase,
+        members: &mut [Member],
+        step: impl Fn(&Self, &mut Member) -> Result<()> + Sync,
+    ) -> (Duration, Vec<String>) {
+        let t = Instant::now();
+        self.emit(Event::PhaseStarted { phase });
+        let errors = self.each(phase, members, |m| step(self, m));
+        let took = t.elapsed();
+        self.emit(Event::PhaseFinished {
+            phase,
+            ms: ms(took),
+            ok: errors.is_empty(),
+        });
+        (took, errors)
+    }
+
+    /// `f` on every member in its own thread; errors reported as events and returned.
+    fn each(
+        &self,
+        phase: Phase,
+        members: &mut [Member],
+        f: impl Fn(&mut Member) -> Result<()> + Sync,
+    ) -> Vec<String> {
+        let results: Vec<(String, Result<()>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = members
+                .iter_mut()
+                .map(|m| {
+                    let f = &f;
+                    s.spawn(move || {
+                        let name = m.report.name.clone();
+                        let r = f(m);
+                        (name, r)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        (
+                            "?".into(),
+                            Err(Error::Refused("worker thread panicked".into())),
+                        )
+                    })
+                })
+                .collect()
+        });
+        let mut errors = Vec::new();
+        for (vm, r) in results {
+            match r {
+                Ok(()) => self.emit(Event::VmProgress {
+                    vm,
+                    phase,
+                    detail: "done".into(),
+                    fraction: Some(1.0),
+                }),
+                Err(e) => {
+                    let error = e.chain();
+                    errors.push(format!("{vm}: {phase}: {error}"));
+                    self.emit(Event::VmError { vm, phase, error });
+                }
+            }
+        }
+        errors
+    }
+
+    fn connect(&self, m: &mut Member, deadline: Instant) -> Result<()> {
+        // The agent says hello when it sees the host side open. A previous controller's
+        // channel that closed an instant before may make it miss the close and the open; the
+        // channel is then reopened after a pause the agent notices.
+        const HELLO_PATIENCE: Duration = Duration::from_secs(3);
+        let (channel, info) = loop {
+            let channel = m.backend.connect(deadline)?;
+            let wait_until = deadline.min(Instant::now() + HELLO_PATIENCE);
+            match channel.wait_hello(wait_until) {
+                Ok(info) => break (channel, info),
+                Err(Error::Timeout) if Instant::now() < deadline => {
+                    drop(channel);
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(Error::Timeout) => {
+                    return Err(Error::Refused(
+                        "the guest agent did not say hello in time".into(),
+                    ));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        if info.vm != m.report.name {
+            return Err(Error::Refused(format!(
+                "the guest agent says it is vm {:?}",
+                info.vm
+            )));
+        }
+        m.channel = Some(channel);
+        Ok(())
+    }
+
+    fn quiesce(
+        &self,
+        m: &mut Member,
+        epoch: u64,
+        limit: Duration,
+        deadline: Instant,
+    ) -> Result<()> {
+        let channel = m.channel.as_ref().ok_or(Error::NotConnected)?;
+        channel.send(&HostMessage::Prepare {
+            epoch,
+            deadline_ms: limit.as_millis() as u64,
+        })?;
+        let reply = channel
+            .wait_for(
+                |g| {
+                    matches!(
+                        g,
+                        GuestMessage::Quiesced { .. } | GuestMessage::Failed { .. }
+                    )
+                },
+                deadline,
+            )
+            .map_err(|e| match e {
+                Error::Timeout => Error::Refused(format!(
+                    "the guest did not quiesce within {} ms",
+                    limit.as_millis()
+                )),
+                e => e,
+            })?;
+        match reply {
+            GuestMessage::Failed { reason, .. } => Err(Error::Refused(format!(
+                "the guest cannot quiesce: {reason}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Pre-copy of every VM (at most `max_parallel` at once, each holding its slot until it is
+    /// ready to switch over), then the synchronized switchover.
+    fn migrate(&self, members: &mut [Member], deadline: Instant) -> Vec<String> {
+        let phase = Phase::Migrate;
+        self.emit(Event::PhaseStarted { phase });
+        let limit = match self.plan.migration.max_parallel {
+            0 => members.len().max(1),
+            n => n,
+        };
+        let slots = Slots {
+            free: Mutex::new(limit),
+            cv: Condvar::new(),
+        };
+        let errors = self.each(phase, members, |m| {
+            let _slot = slots.acquire(deadline)?;
+            m.backend.start_migration()?;
+            let vm = m.report.name.clone();
+            let mut last = Instant::now() - Duration::from_secs(1);
+            m.backend
+                .wait_ready_to_switch(deadline, &mut |p: MigrationProgress| {
+                    // One progress event per VM every 200 ms at most.
+                    if last.elapsed() >= Duration::from_millis(200) {
+                        last = Instant::now();
+                        let fraction = (p.total > 0)
+                            .then(|| 1.0 - (p.remaining as f64 / p.total as f64).clamp(0.0, 1.0));
+                        self.emit(Event::VmProgress {
+                            vm: vm.clone(),
+                            phase,
+                            detail: format!(
+                                "{} MiB sent, {} MiB remaining",
+                                p.transferred >> 20,
+                                p.remaining >> 20
+                            ),
+                            fraction,
+                        });
+                    }
+                })?;
+            self.emit(Event::VmProgress {
+                vm,
+                phase,
+                detail: "ready to switch over".into(),
+                fraction: Some(1.0),
+            });
+            Ok(())
+        });
+        if !errors.is_empty() {
+            return errors;
+        }
+        self.each(phase, members, |m| {
+            let r = m.backend.switchover(deadline)?;
+            m.report.migration_ms = r.total_ms;
+            m.report.downtime_ms = r.downtime_ms;
+            m.report.transferred = r.transferred;
+            Ok(())
+        })
+    }
+
+    fn resume_at_destination(&self, m: &mut Member, epoch: u64, deadline: Instant) -> Result<()> {
+        let session = m.channel.as_ref().ok_or(Error::NotConnected)?.session();
+        let channel = m.backend.destination_channel(session, deadline)?;
+        // The source's channel is done: the guest lives at the destination now.
+        m.channel = None;
+        let interconnect = m.target_interconnect.clone();
+        let result = tell_resume(&channel, epoch, interconnect, deadline);
+        m.report.guest = match result {
+            Ok(notice) => notice,
+            Err(e) => {
+                let why = e.chain();
+                m.report.guest = GuestNotice::ResumeUnconfirmed(why);
+                return Err(e);
+            }
+        };
+        m.channel = Some(channel);
+        Ok(())
+    }
+
+    fn rollback(&self, members: &mut [Member]) -> Vec<String> {
+        let deadline = Instant::now() + self.plan.deadlines.rollback;
+        self.each(Phase::Rollback, members, |m| {
+            let restored = m.backend.rollback(deadline);
+            // The guest is told in any case: it must not stay paused.
+            let told = match &m.channel {
+                None => Ok(GuestNotice::Nothing),
+                Some(channel) => match channel.state() {
+                    SessionState::Quiesced { epoch } => {
+                        tell_resume(channel, epoch, m.source_interconnect.clone(), deadline)
+                    }
+                    SessionState::Preparing { epoch, .. } | SessionState::Failed { epoch, .. } => {
+                        channel
+                            .send(&HostMessage::Abort { epoch })
+                            .map(|()| GuestNotice::Aborted)
+                    }
+                    _ => Ok(GuestNotice::Nothing),
+                },
+            };
+            match told {
+                Ok(n) => m.report.guest = n,
+                Err(e) => {
+                    m.report.guest = GuestNotice::ResumeUnconfirmed(e.chain());
+                    restored?;
+                    return Err(e);
+                }
+            }
+            restored
+        })
+    }
+}
+
+/// Sends `resume` and waits for `resumed`.
+fn tell_resume(
+    channel: &HostChannel,
+    epoch: u64,
+    interconnect: Interconnect,
+    deadline: Instant,
+) -> Result<GuestNotice> {
+    let resume = HostMessage::Resume {
+        epoch,
+        interconnect,
+    };
+    // A channel just opened (at the destination) connects in the background.
+    loop {
+        match channel.send(&resume) {
+            Err(Error::NotConnected) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => break other?,
+        }
+    }
+    match channel.wait_for(
+        |g| {
+            matches!(
+                g,
+                GuestMessage::Resumed { .. } | GuestMessage::Failed { .. }
+            )
+        },
+        deadline,
+    )? {
+        GuestMessage::Resumed {
+            interconnect,
+            pci_devices,
+            ..
+        } => Ok(GuestNotice::Resumed {
+            interconnect,
+            pci_devices,
+        }),
+        GuestMessage::Failed { reason, .. } => Err(Error::Refused(format!(
+            "the guest failed to resume: {reason}"
+        ))),
+        other => Err(Error::Refused(format!("unexpected {}", other.describe()))),
+    }
+}

@@ -1,0 +1,564 @@
+//! The controller against real QEMU: two TCG guests from the fixtures, each running the
+//! dirtier and the SymVirt agent, with the passthrough HCA STAND-IN (`ivshmem-plain` on a
+//! shared memory file, hot-added as a scheduler would assign a VF) that makes QEMU refuse a
+//! plain migration. Plans move them to fresh QEMUs started by the controller's launcher and
+//! back; rollback tests break one VM's migration in each phase.
+//!
+//! Tests in this file run one at a time (each has up to four QEMUs).
+
+use ninja_testkit::{Fixtures, Qemu, QemuConfig, RawQmp, free_tcp_port, qemu_or_skip};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use symvirt::controller::{Controller, Event, GuestNotice, Outcome, Phase, Report};
+use symvirt::host_channel::{ChannelOptions, HostChannel};
+use symvirt::protocol::{GuestMessage, HostMessage, Interconnect, PciDevice};
+
+const PATIENCE: Duration = Duration::from_secs(120);
+const VIRTIO_VENDOR: u16 = 0x1af4;
+const IVSHMEM_DEVICE: u16 = 0x1110;
+const VIRTIO_NET_DEVICES: [u16; 2] = [0x1000, 0x1041];
+const MEMORY_MIB: u32 = 192;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Files and processes this test creates outside testkit's QEMUs; removed/killed on drop.
+#[derive(Default)]
+struct Cleanup {
+    paths: Vec<PathBuf>,
+    pids: Mutex<Vec<u32>>,
+}
+
+impl Cleanup {
+    fn pid(&self, pid: Option<u32>) {
+        if let Some(p) = pid {
+            self.pids.lock().unwrap().push(p);
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for &pid in self.pids.lock().unwrap().iter() {
+            // SAFETY: kill(2) on a pid this test's controller started; no memory is involved.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+        for p in &self.paths {
+            let _ = std::fs::remove_dir_all(p).or_else(|_| std::fs::remove_file(p));
+        }
+    }
+}
+
+fn agent_command(vm: &str, ranks: u32) -> String {
+    // One program runs from the kernel command line; a shell starts both. ${IFS} is a space
+    // for that shell (the command line cannot carry spaces inside one argument).
+    format!(
+        "/bin/sh -c /bin/ninja-guest-dirtier${{IFS}}4&/bin/symvirt-agent${{IFS}}--ranks${{IFS}}{ranks}${{IFS}}--vm${{IFS}}{vm}${{IFS}}--report-pci"
+    )
+}
+
+/// The arguments of a destination with the same machine as the sources testkit starts.
+fn machine_args(fixtures: &Fixtures, vm: &str, ranks: u32, dir: &Path) -> Vec<String> {
+    let append = format!(
+        "console=ttyS0 panic=-1 quiet ninja.run={}",
+        agent_command(vm, ranks)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let mut a: Vec<String> = [
+        "-accel",
+        "tcg",
+        "-machine",
+        "pc",
+        "-m",
+        &MEMORY_MIB.to_string(),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend([
+        "-kernel".into(),
+        fixtures.kernel.display().to_string(),
+        "-initrd".into(),
+        fixtures.initramfs.display().to_string(),
+        "-append".into(),
+        append,
+        "-chardev".into(),
+        format!(
+            "file,id=ninja-serial,path={}",
+            dir.join("serial.log").display()
+        ),
+        "-serial".into(),
+        "chardev:ninja-serial".into(),
+    ]);
+    a.extend(channel_args(&dir.join("sv.sock")));
+    a
+}
+
+fn channel_args(sock: &Path) -> Vec<String> {
+    vec![
+        "-device".into(),
+        "virtio-serial".into(),
+        "-chardev".into(),
+        format!("socket,id=sv0,path={},server=on,wait=off", sock.display()),
+        "-device".into(),
+        "virtserialport,chardev=sv0,name=org.symvirt.0".into(),
+    ]
+}
+
+/// A source VM: booted, agent up, the stand-in HCA assigned.
+struct SourceVm {
+    name: String,
+    qemu: Qemu,
+    channel: PathBuf,
+    hca_mem: PathBuf,
+}
+
+fn start_source(fixtures: &Fixtures, name: &str, ranks: u32, tag: &str) -> SourceVm {
+    let config = QemuConfig::new(fixtures)
+        .memory_mib(MEMORY_MIB)
+        .guest_run(&agent_command(name, ranks));
+    // The channel socket lives in testkit's per-VM directory, known only after start: use a
+    // path of our own instead.
+    let channel = std::env::temp_dir().join(format!(
+        "symvirt-ctl-{}-{tag}-{name}.sock",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&channel);
+    let mut qemu = Qemu::start(config.args(channel_args(&channel))).unwrap();
+    qemu.wait_serial("symvirt-agent", PATIENCE).unwrap();
+    let hca_mem = PathBuf::from(format!(
+        "/dev/shm/symvirt-ctl-{}-{tag}-{name}-hca0",
+        std::process::id()
+    ));
+    let mut qmp = RawQmp::connect(qemu.qmp_path()).unwrap();
+    qmp.execute(
+        "object-add",
+        json!({"qom-type": "memory-backend-file", "id": "hca0-mem", "size": 1 << 20,
+               "mem-path": hca_mem.to_str().unwrap(), "share": true}),
+    )
+    .unwrap();
+    qmp.execute(
+        "device_add",
+        json!({"driver": "ivshmem-plain", "id": "hca0", "memdev": "hca0-mem"}),
+    )
+    .unwrap();
+    SourceVm {
+        name: name.into(),
+        qemu,
+        channel,
+        hca_mem,
+    }
+}
+
+fn mac_of(i: usize) -> String {
+    format!("52:54:00:00:10:{:02x}", i + 1)
+}
+
+/// How a VM's destination is described in a plan.
+enum Dest {
+    /// Launched by the controller into this directory.
+    Launch(PathBuf),
+    /// An already running QEMU: its monitor, channel and migration URI.
+    External {
+        qmp: PathBuf,
+        channel: PathBuf,
+        uri: String,
+    },
+}
+
+fn hca_standin_toml(table: &str, mem: &Path) -> String {
+    format!(
+        "[[{table}]]\nkind = \"hca-standin\"\nid = \"hca0\"\nmem_path = \"{}\"\nsize = 1048576\n",
+        mem.display()
+    )
+}
+
+fn nic_toml(table: &str, mac: &str, extra: &str) -> String {
+    format!("[[{table}]]\nkind = \"virtio-net\"\nid = \"net0\"\nmac = \"{mac}\"\n{extra}")
+}
+
+fn toml_list(args: &[String]) -> String {
+    let quoted: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// A plan moving `(name, source qmp, source channel, source devices toml, source interconnect)`
+/// to `dest` with `dest_devices` / `dest_interconnect`.
+struct VmPlan {
+    name: String,
+    source_qmp: PathBuf,
+    source_channel: PathBuf,
+    source_devices: String,
+    source_interconnect: String,
+    dest: Dest,
+    dest_devices: String,
+    dest_interconnect: String,
+    ranks: u32,
+}
+
+fn plan_toml(fixtures: &Fixtures, settings: &str, vms: &[VmPlan]) -> String {
+    let mut t = format!("[settings]\n{settings}\n");
+    for vm in vms {
+        let (qmp, channel, uri, launch) = match &vm.dest {
+            Dest::Launch(dir) => {
+                std::fs::create_dir_all(dir).unwrap();
+                (
+                    dir.join("qmp.sock"),
+                    dir.join("sv.sock"),
+                    format!("tcp:127.0.0.1:{}", free_tcp_port()),
+                    format!(
+                        "launch = {{ args = {} }}\n",
+                        toml_list(&machine_args(fixtures, &vm.name, vm.ranks, dir))
+                    ),
+                )
+            }
+            Dest::External { qmp, channel, uri } => {
+                (qmp.clone(), channel.clone(), uri.clone(), String::new())
+            }
+        };
+        t.push_str(&format!(
+            "\n[[vm]]\nname = \"{}\"\n[vm.source]\nqmp = \"unix:{}\"\nchannel = \"unix:{}\"\ninterconnect = {}\n{}\
+             [vm.destination]\nqmp = \"unix:{}\"\nchannel = \"unix:{}\"\nmigrate_uri = \"{uri}\"\ninterconnect = {}\n{launch}{}",
+            vm.name,
+            vm.source_qmp.display(),
+            vm.source_channel.display(),
+            vm.source_interconnect,
+            vm.source_devices.replace("[[T]]", "[[vm.source.devices]]"),
+            qmp.display(),
+            channel.display(),
+            vm.dest_interconnect,
+            vm.dest_devices.replace("[[T]]", "[[vm.destination.devices]]"),
+        ));
+    }
+    t
+}
+
+fn run(plan: &str, log_dir: &Path, on_event: impl Fn(&Event) + Sync) -> (Report, Vec<Event>) {
+    let plan = match symvirt::plan::parse(plan) {
+        Ok(p) => p,
+        Err(issues) => panic!("plan: {issues:#?}\n{plan}"),
+    };
+    let events = Mutex::new(Vec::new());
+    let sink = |e: &Event| {
+        eprintln!("event: {}", serde_json::to_string(e).unwrap());
+        on_event(e);
+        events.lock().unwrap().push(e.clone());
+    };
+    let report = Controller::new(plan, &sink).run_qemu(log_dir).unwrap();
+    eprintln!("report: {report:#?}");
+    (report, events.into_inner().unwrap())
+}
+
+fn has(devices: &[PciDevice], device: u16) -> bool {
+    devices
+        .iter()
+        .any(|d| d.vendor == VIRTIO_VENDOR && d.device == device)
+}
+
+fn has_nic(devices: &[PciDevice]) -> bool {
+    VIRTIO_NET_DEVICES.iter().any(|&d| has(devices, d))
+}
+
+/// Asks the guest behind `sock` (a new host connection) for its PCI devices, repeating epochs
+/// (after `after_epoch`) until `done` holds or patience runs out: hot-plug reaches a guest
+/// asynchronously. Returns the last report.
+fn guest_pci_until(
+    sock: &Path,
+    vm: &str,
+    after_epoch: u64,
+    interconnect: Interconnect,
+    done: impl Fn(&[PciDevice]) -> bool,
+) -> Vec<PciDevice> {
+    // A connection right after the controller's may go unnoticed by the agent (see the
+    // controller's connect): reopen after a pause until it says hello.
+    let started = Instant::now();
+    let (chan, info) = loop {
+        let chan = HostChannel::connect(sock, ChannelOptions::labelled(vm)).unwrap();
+        match chan.wait_hello(Instant::now() + Duration::from_secs(3)) {
+            Ok(i) => break (chan, i),
+            Err(e) if started.elapsed() > PATIENCE => {
+                let log = read(&sock.with_file_name("serial.log"));
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                panic!("{vm}: no hello: {e}; serial tail (newest first): {tail:#?}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    };
+    assert_eq!(info.vm, vm);
+    let started = Instant::now();
+    let mut epoch = after_epoch;
+    loop {
+        epoch += 1;
+        chan.send(&HostMessage::Prepare {
+            epoch,
+            deadline_ms: 30_000,
+        })
+        .unwrap();
+        let got = chan
+            .wait_for(
+                |m| !matches!(m, GuestMessage::Hello { .. }),
+                Instant::now() + PATIENCE,
+            )
+            .unwrap();
+        assert_eq!(got, GuestMessage::Quiesced { epoch });
+        chan.send(&HostMessage::Resume {
+            epoch,
+            interconnect: interconnect.clone(),
+        })
+        .unwrap();
+        let devices = match chan
+            .wait_for(
+                |m| !matches!(m, GuestMessage::Hello { .. }),
+                Instant::now() + PATIENCE,
+            )
+            .unwrap()
+        {
+            GuestMessage::Resumed {
+                pci_devices: Some(d),
+                ..
+            } => d,
+            other => panic!("{vm}: expected resumed, got {other:?}"),
+        };
+        if done(&devices) || started.elapsed() > PATIENCE {
+            return devices;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn passes(serial: &str) -> usize {
+    serial.matches("ninja-guest-dirtier: pass=").count()
+}
+
+/// Waits until the guest's dirtier printed more passes than `before` (the guest runs).
+fn wait_more_passes(serial: impl Fn() -> String, before: usize, what: &str) {
+    let started = Instant::now();
+    while passes(&serial()) <= before {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "{what}: the dirtier stopped at {before} passes"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn ib() -> &'static str {
+    r#"{ kind = "infiniband", hca = "hca0", port = 1 }"#
+}
+
+fn eth(mac: &str) -> String {
+    format!("{{ kind = \"ethernet\", mac = \"{mac}\" }}")
+}
+
+fn ethernet(mac: &str) -> Interconnect {
+    Interconnect::Ethernet {
+        mac: mac.into(),
+        iface: None,
+        pci: None,
+    }
+}
+
+fn infiniband() -> Interconnect {
+    Interconnect::Infiniband {
+        hca: "hca0".into(),
+        port: 1,
+        pci: None,
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn two_vms_move_from_hca_standin_to_ethernet_and_back() {
+    let Some(fixtures) = qemu_or_skip("two_vms_move_from_hca_standin_to_ethernet_and_back") else {
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let base = std::env::temp_dir().join(format!("symvirt-ctl-fwd-{}", std::process::id()));
+    let mut cleanup = Cleanup::default();
+    cleanup.paths.push(base.clone());
+    let mut sources: Vec<SourceVm> = ["vm0", "vm1"]
+        .iter()
+        .map(|n| start_source(&fixtures, n, 0, "fwd"))
+        .collect();
+    for s in &sources {
+        cleanup.paths.push(s.channel.clone());
+        cleanup.paths.push(s.hca_mem.clone());
+    }
+    // With the stand-in attached, QEMU refuses a plain migration, as with a VFIO HCA.
+    {
+        let mut qmp = RawQmp::connect(sources[0].qemu.qmp_path()).unwrap();
+        let port = free_tcp_port();
+        let refused = qmp.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+        let err = refused.expect_err("migrate with the stand-in attached must be refused");
+        assert!(err.to_string().contains("ivshmem"), "{err}");
+    }
+    let before: Vec<usize> = sources.iter().map(|s| passes(&s.qemu.serial())).collect();
+
+    // Forward: HCA stand-in -> Ethernet, into QEMUs the controller launches.
+    let dest_dirs: Vec<PathBuf> = sources
+        .iter()
+        .map(|s| base.join(format!("{}-eth", s.name)))
+        .collect();
+    let vms: Vec<VmPlan> = sources
+        .iter()
+        .enumerate()
+        .map(|(i, s)| VmPlan {
+            name: s.name.clone(),
+            source_qmp: s.qemu.qmp_path().to_owned(),
+            source_channel: s.channel.clone(),
+            source_devices: hca_standin_toml("T", &s.hca_mem),
+            source_interconnect: ib().into(),
+            dest: Dest::Launch(dest_dirs[i].clone()),
+            dest_devices: nic_toml("T", &mac_of(i), ""),
+            dest_interconnect: eth(&mac_of(i)),
+            ranks: 0,
+        })
+        .collect();
+    let plan = plan_toml(&fixtures, "max_parallel = 2", &vms);
+    let (report, events) = run(&plan, &base, |_| {});
+    for vm in &report.vms {
+        cleanup.pid(vm.destination_pid);
+    }
+    assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.errors);
+    for phase in [
+        Phase::Connect,
+        Phase::Reserve,
+        Phase::Quiesce,
+        Phase::Detach,
+        Phase::Migrate,
+        Phase::Attach,
+        Phase::Resume,
+        Phase::Commit,
+    ] {
+        assert!(report.phase(phase).is_some(), "no timing for {phase}");
+        assert!(
+            events.contains(&Event::PhaseStarted { phase }),
+            "no phase_started for {phase}"
+        );
+    }
+    for (i, vm) in report.vms.iter().enumerate() {
+        match &vm.guest {
+            GuestNotice::Resumed { interconnect, .. } => match interconnect {
+                Interconnect::Ethernet { mac, .. } => assert_eq!(mac, &mac_of(i)),
+                other => panic!("{}: resumed on {other:?}", vm.name),
+            },
+            other => panic!("{}: {other:?}", vm.name),
+        }
+        assert!(vm.transferred > 0);
+    }
+    // The sources were released; the guests run at the destinations: their agents answer,
+    // they see the NIC and not the stand-in, and the dirtier goes on.
+    for (i, s) in sources.iter_mut().enumerate() {
+        let started = Instant::now();
+        while s.qemu.is_running() && started.elapsed() < PATIENCE {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(
+            !s.qemu.is_running(),
+            "{}: source QEMU still running",
+            s.name
+        );
+        let dir = &dest_dirs[i];
+        let devices = guest_pci_until(
+            &dir.join("sv.sock"),
+            &s.name,
+            report.epoch,
+            ethernet(&mac_of(i)),
+            |d| has_nic(d) && !has(d, IVSHMEM_DEVICE),
+        );
+        assert!(has_nic(&devices), "{}: no virtio-net: {devices:?}", s.name);
+        assert!(
+            !has(&devices, IVSHMEM_DEVICE),
+            "{}: stand-in still there: {devices:?}",
+            s.name
+        );
+        let serial = dir.join("serial.log");
+        // The destination's console starts empty: new passes prove the migrated guest runs.
+        assert!(
+            before[i] > 0 || passes(&s.qemu.serial()) > 0,
+            "{}: the dirtier never ran",
+            s.name
+        );
+        wait_more_passes(|| read(&serial), passes(&read(&serial)), &s.name);
+    }
+
+    // Reverse: Ethernet -> HCA stand-in, again into fresh QEMUs.
+    let back_dirs: Vec<PathBuf> = sources
+        .iter()
+        .map(|s| base.join(format!("{}-hca", s.name)))
+        .collect();
+    let back_mem: Vec<PathBuf> = sources
+        .iter()
+        .map(|s| {
+            PathBuf::from(format!(
+                "/dev/shm/symvirt-ctl-{}-back-{}-hca0",
+                std::process::id(),
+                s.name
+            ))
+        })
+        .collect();
+    cleanup.paths.extend(back_mem.iter().cloned());
+    let vms: Vec<VmPlan> = sources
+        .iter()
+        .enumerate()
+        .map(|(i, s)| VmPlan {
+            name: s.name.clone(),
+            source_qmp: dest_dirs[i].join("qmp.sock"),
+            source_channel: dest_dirs[i].join("sv.sock"),
+            source_devices: nic_toml("T", &mac_of(i), ""),
+            source_interconnect: eth(&mac_of(i)),
+            dest: Dest::Launch(back_dirs[i].clone()),
+            dest_devices: hca_standin_toml("T", &back_mem[i]),
+            dest_interconnect: ib().into(),
+            ranks: 0,
+        })
+        .collect();
+    let plan = plan_toml(&fixtures, "max_parallel = 1", &vms);
+    let (back, _) = run(&plan, &base, |_| {});
+    for vm in &back.vms {
+        cleanup.pid(vm.destination_pid);
+    }
+    assert_eq!(back.outcome, Outcome::Completed, "{:?}", back.errors);
+    assert!(back.epoch > report.epoch);
+    for (i, s) in sources.iter().enumerate() {
+        match &back.vms[i].guest {
+            GuestNotice::Resumed { interconnect, .. } => {
+                assert_eq!(interconnect, &infiniband(), "{}", s.name)
+            }
+            other => panic!("{}: {other:?}", s.name),
+        }
+        let devices = guest_pci_until(
+            &back_dirs[i].join("sv.sock"),
+            &s.name,
+            back.epoch,
+            infiniband(),
+            |d| has(d, IVSHMEM_DEVICE) && !has_nic(d),
+        );
+        assert!(
+            has(&devices, IVSHMEM_DEVICE),
+            "{}: no stand-in HCA: {devices:?}",
+            s.name
+        );
+        assert!(
+            !has_nic(&devices),
+            "{}: NIC still there: {devices:?}",
+            s.name
+        );
+        let serial = back_dirs[i].join("serial.log");
+        wait_more_passes(|| read(&serial), passes(&read(&serial)), &s.name);
+    }
+}
