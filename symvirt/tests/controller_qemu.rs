@@ -562,3 +562,238 @@ fn two_vms_move_from_hca_standin_to_ethernet_and_back() {
         wait_more_passes(|| read(&serial), passes(&read(&serial)), &s.name);
     }
 }
+
+/// How a rollback test breaks vm1 (vm0 always has a good, launched destination).
+enum Break {
+    /// vm1's destination runs but never listens (`-incoming defer`, no `migrate-incoming`).
+    NotListening,
+    /// vm1's destination is killed once its migration is under way.
+    KilledMidMigration,
+    /// vm1's NIC cannot be plugged at the destination (its PCI slot is taken).
+    DeviceAddRefused,
+    /// vm1's guest never quiesces (its agent waits for an MPI rank that never registers).
+    NeverQuiesces,
+}
+
+fn qom_has_device(qmp: &mut RawQmp, id: &str) -> bool {
+    let list = qmp
+        .execute("qom-list", json!({"path": "/machine/peripheral"}))
+        .unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == json!(id))
+}
+
+fn rollback_case(test: &str, how: Break, expect_phase: Phase) {
+    let Some(fixtures) = qemu_or_skip(test) else {
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let tag = format!("rb{}", expect_phase.as_str());
+    let base = std::env::temp_dir().join(format!("symvirt-ctl-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&base).unwrap();
+    let mut cleanup = Cleanup::default();
+    cleanup.paths.push(base.clone());
+    let vm1_ranks = if matches!(how, Break::NeverQuiesces) {
+        1
+    } else {
+        0
+    };
+    let mut sources = vec![
+        start_source(&fixtures, "vm0", 0, &tag),
+        start_source(&fixtures, "vm1", vm1_ranks, &tag),
+    ];
+    for s in &sources {
+        cleanup.paths.push(s.channel.clone());
+        cleanup.paths.push(s.hca_mem.clone());
+    }
+    // vm1's destination, when the test itself starts it.
+    let external = match how {
+        Break::NotListening | Break::KilledMidMigration => {
+            let sock = base.join("vm1-external-sv.sock");
+            let port = free_tcp_port();
+            let incoming = match how {
+                Break::NotListening => "defer".to_owned(),
+                _ => format!("tcp:127.0.0.1:{port}"),
+            };
+            let config = QemuConfig::new(&fixtures)
+                .memory_mib(MEMORY_MIB)
+                .guest_run(&agent_command("vm1", vm1_ranks))
+                .incoming(&incoming)
+                .args(channel_args(&sock));
+            let q = Qemu::start(config).unwrap();
+            Some((q, sock, format!("tcp:127.0.0.1:{port}")))
+        }
+        _ => None,
+    };
+    let vms: Vec<VmPlan> = sources
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let dest = match (&external, i) {
+                (Some((q, sock, uri)), 1) => Dest::External {
+                    qmp: q.qmp_path().to_owned(),
+                    channel: sock.clone(),
+                    uri: uri.clone(),
+                },
+                _ => Dest::Launch(base.join(format!("{}-dest", s.name))),
+            };
+            let extra = match (&how, i) {
+                // Slot 1 is the PIIX3 bridge on the pc machine.
+                (Break::DeviceAddRefused, 1) => "properties = { addr = \"0x1\" }\n",
+                _ => "",
+            };
+            VmPlan {
+                name: s.name.clone(),
+                source_qmp: s.qemu.qmp_path().to_owned(),
+                source_channel: s.channel.clone(),
+                source_devices: hca_standin_toml("T", &s.hca_mem),
+                source_interconnect: ib().into(),
+                dest,
+                dest_devices: nic_toml("T", &mac_of(i), extra),
+                dest_interconnect: eth(&mac_of(i)),
+                ranks: if i == 1 { vm1_ranks } else { 0 },
+            }
+        })
+        .collect();
+    let settings = match how {
+        // Slow enough that the kill lands mid-migration.
+        Break::KilledMidMigration => "max_bandwidth = 20000000",
+        Break::NeverQuiesces => "[settings.deadlines_ms]\nquiesce = 5000",
+        _ => "",
+    };
+    let plan = plan_toml(&fixtures, settings, &vms);
+    let external = Mutex::new(external);
+    let killed = Mutex::new(false);
+    let before: Vec<usize> = sources.iter().map(|s| passes(&s.qemu.serial())).collect();
+    let (report, _events) = run(&plan, &base, |e| {
+        if let (
+            Break::KilledMidMigration,
+            Event::VmProgress {
+                vm,
+                phase: Phase::Migrate,
+                fraction: Some(f),
+                ..
+            },
+        ) = (&how, e)
+        {
+            let mut killed = killed.lock().unwrap();
+            if vm == "vm1" && *f < 1.0 && !*killed {
+                if let Some((q, _, _)) = external.lock().unwrap().as_mut() {
+                    q.kill();
+                    *killed = true;
+                }
+            }
+        }
+    });
+    for vm in &report.vms {
+        cleanup.pid(vm.destination_pid);
+    }
+    if matches!(how, Break::KilledMidMigration) {
+        assert!(*killed.lock().unwrap(), "the destination was never killed");
+    }
+    match &report.outcome {
+        Outcome::RolledBack { phase, error } => {
+            assert_eq!(*phase, expect_phase, "{error}");
+            assert!(error.starts_with("vm1"), "{error}");
+        }
+        other => panic!(
+            "expected a rollback from {expect_phase}: {other:?} {:?}",
+            report.errors
+        ),
+    }
+    // Destinations are gone.
+    for vm in &report.vms {
+        if let Some(pid) = vm.destination_pid {
+            assert!(
+                !Path::new(&format!("/proc/{pid}")).exists(),
+                "{}: destination {pid} still there",
+                vm.name
+            );
+        }
+    }
+    if let Some((q, _, _)) = external.lock().unwrap().as_mut() {
+        let started = Instant::now();
+        while q.is_running() && started.elapsed() < PATIENCE {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(!q.is_running(), "vm1's external destination still runs");
+    }
+    // Every source runs, with its stand-in HCA, and its guest was told to go on.
+    for (i, s) in sources.iter_mut().enumerate() {
+        let mut qmp = RawQmp::connect(s.qemu.qmp_path()).unwrap();
+        let status = qmp.execute("query-status", json!({})).unwrap();
+        assert_eq!(status["running"], json!(true), "{}: {status}", s.name);
+        assert!(
+            qom_has_device(&mut qmp, "hca0"),
+            "{}: stand-in not re-attached",
+            s.name
+        );
+        drop(qmp);
+        let never_quiesced = matches!(how, Break::NeverQuiesces) && i == 1;
+        if never_quiesced {
+            assert_eq!(report.vms[i].guest, GuestNotice::Aborted);
+            s.qemu
+                .wait_serial(
+                    &format!("host says abort{{epoch={}}}", report.epoch),
+                    PATIENCE,
+                )
+                .unwrap();
+        } else {
+            match &report.vms[i].guest {
+                GuestNotice::Resumed { interconnect, .. } => {
+                    assert_eq!(interconnect, &infiniband(), "{}", s.name)
+                }
+                other => panic!("{}: guest was not resumed: {other:?}", s.name),
+            }
+            let devices = guest_pci_until(&s.channel, &s.name, report.epoch, infiniband(), |d| {
+                has(d, IVSHMEM_DEVICE) && !has_nic(d)
+            });
+            assert!(
+                has(&devices, IVSHMEM_DEVICE),
+                "{}: guest lost its HCA: {devices:?}",
+                s.name
+            );
+            assert!(!has_nic(&devices), "{}: {devices:?}", s.name);
+        }
+        let serial = || s.qemu.serial();
+        wait_more_passes(serial, passes(&s.qemu.serial()).max(before[i]), &s.name);
+    }
+}
+
+#[test]
+fn rollback_when_the_destination_is_not_listening() {
+    rollback_case(
+        "rollback_when_the_destination_is_not_listening",
+        Break::NotListening,
+        Phase::Migrate,
+    );
+}
+
+#[test]
+fn rollback_when_the_destination_dies_mid_migration() {
+    rollback_case(
+        "rollback_when_the_destination_dies_mid_migration",
+        Break::KilledMidMigration,
+        Phase::Migrate,
+    );
+}
+
+#[test]
+fn rollback_when_device_add_is_refused_at_the_destination() {
+    rollback_case(
+        "rollback_when_device_add_is_refused_at_the_destination",
+        Break::DeviceAddRefused,
+        Phase::Attach,
+    );
+}
+
+#[test]
+fn rollback_when_a_guest_never_quiesces() {
+    rollback_case(
+        "rollback_when_a_guest_never_quiesces",
+        Break::NeverQuiesces,
+        Phase::Quiesce,
+    );
+}
