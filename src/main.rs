@@ -3,6 +3,7 @@
 //! - `demo`: live-migrate a running reference-VMM guest from this process to a second one over
 //!   loopback TCP and verify it by the guest's memory.
 //! - `vmm listen` / `vmm migrate`: the destination and source halves, for two processes or hosts.
+//! - `plan check` / `plan run`: validate or run a migration plan over a virtual cluster.
 
 mod cli;
 
@@ -27,6 +28,9 @@ enum Command {
     /// Run one half of a reference-VMM migration.
     #[command(subcommand)]
     Vmm(VmmCommand),
+    /// Check or run a migration plan over a virtual cluster.
+    #[command(subcommand)]
+    Plan(cli::plan::PlanCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -39,10 +43,14 @@ enum VmmCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Plan(plan) = &cli.command {
+        return cli::plan::main(plan);
+    }
     let result = match &cli.command {
         Command::Demo(args) => cli::demo::demo(args).map(|r| r.verified),
         Command::Vmm(VmmCommand::Listen(args)) => cli::vmm::listen(args).map(|_| true),
         Command::Vmm(VmmCommand::Migrate(args)) => cli::vmm::migrate(args).map(|_| true),
+        Command::Plan(_) => unreachable!("handled above"),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -2,4 +2,5 @@
 
 pub mod demo;
 pub mod guest;
+pub mod plan;
 pub mod vmm;
