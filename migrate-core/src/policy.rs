@@ -92,9 +92,10 @@ impl Policy {
         }
     }
 
-    /// Records a round that moved `bytes` in `secs` (rounds too small to measure are ignored).
+    /// Records a round that moved `bytes` in `secs`. Rounds too small and too quick to measure
+    /// are ignored; a small round that still took a while (a slow or capped link) counts.
     pub fn record_round(&mut self, bytes: u64, secs: f64) {
-        if bytes >= 4 << 20 && secs > 0.0 {
+        if bytes > 0 && (bytes >= 4 << 20 || secs >= 0.02) {
             let bw = bytes as f64 / secs;
             // Weight recent rounds, but do not forget the large round 0 entirely.
             self.bandwidth = Some(match self.bandwidth {
@@ -104,10 +105,14 @@ impl Policy {
         }
     }
 
-    /// Current bandwidth estimate in bytes per second.
+    /// Current bandwidth estimate in bytes per second, never above the configured cap.
     pub fn bandwidth(&self) -> f64 {
-        // Before anything large was measured, assume 1 GiB/s; tiny rounds fit any target.
-        self.bandwidth.unwrap_or(1024.0 * 1024.0 * 1024.0)
+        // Before anything was measured, assume 1 GiB/s; tiny rounds fit any target.
+        let estimate = self.bandwidth.unwrap_or(1024.0 * 1024.0 * 1024.0);
+        match self.cfg.max_bandwidth {
+            Some(cap) => estimate.min(cap as f64),
+            None => estimate,
+        }
     }
 
     /// Estimated time to send `dirty_pages` pages.
@@ -188,6 +193,37 @@ impl RateLimiter {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn bandwidth_never_exceeds_the_cap() {
+        let cfg = MigrationConfig {
+            max_bandwidth: Some(2 << 20),
+            downtime_target: Duration::from_millis(1),
+            ..MigrationConfig::default()
+        };
+        let mut p = Policy::new(&cfg);
+        assert_eq!(
+            p.bandwidth(),
+            (2 << 20) as f64,
+            "unmeasured: the cap, not 1 GiB/s"
+        );
+        // 272 dirty pages over 2 MiB/s take ~0.5 s: far from a 1 ms target.
+        assert_ne!(
+            p.decide(272, Duration::from_millis(10)),
+            Decision::Switchover(crate::stats::SwitchoverReason::Converged)
+        );
+        p.record_round(8 << 20, 0.001);
+        assert_eq!(p.bandwidth(), (2 << 20) as f64);
+    }
+
+    #[test]
+    fn a_small_slow_round_is_measured() {
+        let mut p = Policy::new(&MigrationConfig::default());
+        p.record_round(1 << 20, 0.5); // 2 MiB/s
+        assert!((p.bandwidth() - 2.0 * 1048576.0).abs() < 1.0);
+        p.record_round(4096, 0.001); // too small and quick to tell anything
+        assert!((p.bandwidth() - 2.0 * 1048576.0).abs() < 1.0);
+    }
     use super::*;
 
     #[test]

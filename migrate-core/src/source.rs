@@ -316,11 +316,9 @@ fn rounds(
     let reason = loop {
         let t0 = Instant::now();
         if round == 0 {
-            let all: Vec<(u64, u64)> = mem
-                .iter()
-                .map(|r| (r.start_addr().0, r.len() / PAGE_SIZE))
-                .collect();
-            ctx.dispatch(all.into_iter(), true).at(Phase::PreCopy)?;
+            // Dirty tracking is already on: what is written after this snapshot goes next round.
+            let touched = crate::pages::TouchedPages::snapshot(mem).runs();
+            ctx.dispatch(touched.into_iter(), true).at(Phase::PreCopy)?;
         } else {
             let mut runs = Vec::new();
             dirty.for_each_run(|g, n| runs.push((g, n)));

@@ -198,16 +198,33 @@ fn unix_socket_byte_exact() {
     migrate_and_verify(How::Network(Endpoint::Unix(path), 2), true);
 }
 
-/// A guest dirtying 20 MiB/s over a link capped at 2 MiB/s can never meet a 1 ms target.
+/// A guest that cannot converge, by construction rather than by timing: 16 MiB of filled
+/// memory behind an 8 MiB/s cap make round 0 last ~2 s, so the guest (dirtying 8 MiB without
+/// pause) has certainly run before the first decision, however loaded the machine; every later
+/// round then holds far more than fits a 1 ms target at 8 MiB/s. (A quick round 0 on a starved
+/// guest thread can rightly find nothing dirty and converge.)
+fn unconvergeable_guest() -> SoftwareGuestConfig {
+    SoftwareGuestConfig {
+        layout: MemoryLayout {
+            regions: vec![RegionDesc {
+                gpa: 0,
+                len: 16 << 20,
+            }],
+        },
+        working_set_pages: 2048,
+        dirty_rate_mib_s: None,
+        fill: true,
+    }
+}
+
+/// See [`unconvergeable_guest`].
 fn unconvergeable(strategy: migrate_core::TimeoutStrategy) -> (SoftwareGuest, MigrationConfig) {
-    let mut gcfg = guest_config(false, 20.0);
-    gcfg.working_set_pages = 4096;
-    let src = SoftwareGuest::start(gcfg).unwrap();
+    let src = SoftwareGuest::start(unconvergeable_guest()).unwrap();
     let cfg = MigrationConfig {
         downtime_target: Duration::from_millis(1),
         timeout: Duration::from_secs(3),
         on_timeout: strategy,
-        max_bandwidth: Some(2 << 20),
+        max_bandwidth: Some(8 << 20),
         ..config()
     };
     (src, cfg)
@@ -217,11 +234,7 @@ fn unconvergeable(strategy: migrate_core::TimeoutStrategy) -> (SoftwareGuest, Mi
 fn timeout_strategy_force_switches_over_exactly() {
     within(120, || {
         let (src, cfg) = unconvergeable(migrate_core::TimeoutStrategy::Force);
-        let gcfg = guest_config(false, 20.0);
-        let gcfg = SoftwareGuestConfig {
-            working_set_pages: 4096,
-            ..gcfg
-        };
+        let gcfg = unconvergeable_guest();
         let (s, d) = transport::in_process(1).unwrap();
         let dst = spawn_destination(Ok(d), cfg.clone(), gcfg, Arc::new(AtomicBool::new(false)));
         let report = source::migrate(&src, s, &cfg, None).expect("forced migration");
@@ -243,10 +256,7 @@ fn timeout_strategy_force_switches_over_exactly() {
 fn timeout_strategy_abort_keeps_source_running() {
     within(120, || {
         let (src, cfg) = unconvergeable(migrate_core::TimeoutStrategy::Abort);
-        let gcfg = SoftwareGuestConfig {
-            working_set_pages: 4096,
-            ..guest_config(false, 20.0)
-        };
+        let gcfg = unconvergeable_guest();
         let (s, d) = transport::in_process(1).unwrap();
         let resumed = Arc::new(AtomicBool::new(false));
         let dst = spawn_destination(Ok(d), cfg.clone(), gcfg, resumed.clone());
