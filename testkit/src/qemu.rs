@@ -276,10 +276,53 @@ fn tail(log: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago (the OS picked it).
+/// A TCP port on 127.0.0.1 that was free a moment ago, below the kernel's ephemeral range.
+///
+/// Tests hand the port to a process that binds it later (`-incoming`, `migrate-incoming`). An
+/// OS-assigned port (bind to port 0) comes from the ephemeral range, which outgoing connections
+/// also draw their local ports from, so one of those could take it in between; ports below the
+/// range are only ever taken by an explicit bind. Candidates are spread by process id and a
+/// counter so concurrent tests rarely try the same one, and each is checked by binding it.
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = (20000u32, ephemeral_start().clamp(20001, 32768));
+    let span = high - low;
+    let seed = std::process::id().wrapping_mul(2_654_435_761);
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = low + (seed.wrapping_add(n.wrapping_mul(7919)) % span);
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free TCP port in {low}..{high}");
+}
+
+/// The first port of the kernel's ephemeral range (32768 if it cannot be read).
+fn ephemeral_start() -> u32 {
+    fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_bindable_and_below_the_ephemeral_range() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..50 {
+            let port = free_tcp_port();
+            assert!(u32::from(port) < ephemeral_start(), "{port}");
+            assert!(TcpListener::bind(("127.0.0.1", port)).is_ok());
+            seen.insert(port);
+        }
+        assert!(
+            seen.len() > 40,
+            "ports should rarely repeat: {}",
+            seen.len()
+        );
+    }
 }
