@@ -55,7 +55,12 @@ impl MpiImpl {
         match self {
             MpiImpl::OpenMpi => {
                 let mut c = Command::new("mpirun.openmpi");
-                c.args(["--allow-run-as-root", "--oversubscribe", "--bind-to", "none"]);
+                c.args([
+                    "--allow-run-as-root",
+                    "--oversubscribe",
+                    "--bind-to",
+                    "none",
+                ]);
                 c.args(["-np", &ranks.to_string()]);
                 // Shared memory and self only: no network probing.
                 c.env("OMPI_MCA_btl", "self,vader");

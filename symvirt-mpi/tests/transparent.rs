@@ -27,7 +27,11 @@ fn outcome_while_running(rig: &Rig, job: &mut Job) -> GuestMessage {
             Err(e) => panic!("host channel: {e}"),
         }
         assert!(job.running(), "MPI job ended early\n{}", job.logs());
-        assert!(Instant::now() < deadline, "no report from the agent\n{}", job.logs());
+        assert!(
+            Instant::now() < deadline,
+            "no report from the agent\n{}",
+            job.logs()
+        );
     }
 }
 
@@ -38,7 +42,9 @@ fn read_cut(dir: &Path, epoch: u64) -> Vec<(Vec<u64>, Vec<u64>)> {
         .map(|rec| {
             let mut lines = rec.lines();
             let mut row = |label: &str| -> Vec<u64> {
-                let l = lines.next().unwrap_or_else(|| panic!("short record {rec:?}"));
+                let l = lines
+                    .next()
+                    .unwrap_or_else(|| panic!("short record {rec:?}"));
                 let mut w = l.split_whitespace();
                 assert_eq!(w.next(), Some(label), "{rec:?}");
                 w.map(|x| x.parse().unwrap()).collect()
@@ -65,10 +71,16 @@ fn check_pairs(cut: &[(Vec<u64>, Vec<u64>)], epoch: u64) -> u64 {
     total
 }
 
-fn run_transparent(mpi: MpiImpl, modes: &str, tag: &str, epochs: u64) {
+/// `modes`: the C program's first argument; `None` runs the Fortran program.
+fn run_transparent(mpi: MpiImpl, modes: Option<&str>, tag: &str, epochs: u64) {
     let rig = Rig::new(tag);
     let libs = libraries(mpi);
-    let prog = program(mpi, "stress.c", Linkage::Plain);
+    let source = if modes.is_some() {
+        "stress.c"
+    } else {
+        "stress_f.f90"
+    };
+    let prog = program(mpi, source, Linkage::Plain);
     let cuts = rig.dir.0.join("cuts");
     fs::create_dir_all(&cuts).unwrap();
     let env = [
@@ -82,13 +94,9 @@ fn run_transparent(mpi: MpiImpl, modes: &str, tag: &str, epochs: u64) {
             libs.transparent.display().to_string(),
         ),
     ];
-    let mut job = Job::start(
-        mpi,
-        &prog,
-        &[modes, cuts.to_str().unwrap(), "16"],
-        &env,
-        &rig.dir.0,
-    );
+    let mut args: Vec<&str> = modes.into_iter().collect();
+    args.extend([cuts.to_str().unwrap(), "16"]);
+    let mut job = Job::start(mpi, &prog, &args, &env, &rig.dir.0);
     let mut last_total = 0;
     for epoch in 1..=epochs {
         // Requests land wherever the ranks happen to be; vary the moment a little.
@@ -96,7 +104,10 @@ fn run_transparent(mpi: MpiImpl, modes: &str, tag: &str, epochs: u64) {
         rig.prepare(epoch);
         match outcome_while_running(&rig, &mut job) {
             GuestMessage::Quiesced { epoch: e } if e == epoch => {}
-            other => panic!("epoch {epoch}: expected quiesced, got {other:?}\n{}", job.logs()),
+            other => panic!(
+                "epoch {epoch}: expected quiesced, got {other:?}\n{}",
+                job.logs()
+            ),
         }
         let total = check_pairs(&read_cut(&cuts, epoch), epoch);
         assert!(total >= last_total, "counts went backwards");
@@ -113,7 +124,10 @@ fn run_transparent(mpi: MpiImpl, modes: &str, tag: &str, epochs: u64) {
                 interconnect,
                 ..
             } if e == epoch => assert_eq!(interconnect, ic),
-            other => panic!("epoch {epoch}: expected resumed, got {other:?}\n{}", job.logs()),
+            other => panic!(
+                "epoch {epoch}: expected resumed, got {other:?}\n{}",
+                job.logs()
+            ),
         }
         let json = serde_json::to_string(&ic).unwrap();
         for rec in read_records(&cuts, "resumed", epoch) {
@@ -129,23 +143,34 @@ fn run_transparent(mpi: MpiImpl, modes: &str, tag: &str, epochs: u64) {
 }
 
 const P2P: &str = "ring,ring_nb,alltoall,anysource";
+const COLL: &str = "collective,anysource,collective";
 
 #[test]
 fn transparent_openmpi_p2p_consistent_at_every_cut() {
-    run_transparent(MpiImpl::OpenMpi, P2P, "tr-p2p-ompi", 4);
+    run_transparent(MpiImpl::OpenMpi, Some(P2P), "tr-p2p-ompi", 4);
 }
 
 #[test]
 fn transparent_mpich_p2p_consistent_at_every_cut() {
-    run_transparent(MpiImpl::Mpich, P2P, "tr-p2p-mpich", 4);
+    run_transparent(MpiImpl::Mpich, Some(P2P), "tr-p2p-mpich", 4);
 }
 
 #[test]
 fn transparent_openmpi_collectives_and_p2p_consistent_at_every_cut() {
-    run_transparent(MpiImpl::OpenMpi, "collective,anysource,collective", "tr-coll-ompi", 4);
+    run_transparent(MpiImpl::OpenMpi, Some(COLL), "tr-coll-ompi", 4);
 }
 
 #[test]
 fn transparent_mpich_collectives_and_p2p_consistent_at_every_cut() {
-    run_transparent(MpiImpl::Mpich, "collective,anysource,collective", "tr-coll-mpich", 4);
+    run_transparent(MpiImpl::Mpich, Some(COLL), "tr-coll-mpich", 4);
+}
+
+#[test]
+fn transparent_openmpi_fortran_consistent_at_every_cut() {
+    run_transparent(MpiImpl::OpenMpi, None, "tr-f-ompi", 3);
+}
+
+#[test]
+fn transparent_mpich_fortran_consistent_at_every_cut() {
+    run_transparent(MpiImpl::Mpich, None, "tr-f-mpich", 3);
 }

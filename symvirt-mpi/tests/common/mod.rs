@@ -58,11 +58,9 @@ pub fn libraries(mpi: MpiImpl) -> Libraries {
     if let Some(l) = map.get(&mpi) {
         return l.clone();
     }
-    let dir = target_profile_dir()
-        .join("symvirt-mpi")
-        .join(mpi.name());
-    let libs = mpi_build::build_libraries(mpi, &core_staticlib(), &dir)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let dir = target_profile_dir().join("symvirt-mpi").join(mpi.name());
+    let libs =
+        mpi_build::build_libraries(mpi, &core_staticlib(), &dir).unwrap_or_else(|e| panic!("{e}"));
     map.insert(mpi, libs.clone());
     libs
 }
@@ -204,10 +202,44 @@ impl Job {
 
     pub fn logs(&self) -> String {
         format!(
-            "--- stdout\n{}\n--- stderr\n{}",
+            "--- stdout\n{}\n--- stderr\n{}{}",
             fs::read_to_string(&self.stdout).unwrap_or_default(),
-            fs::read_to_string(&self.stderr).unwrap_or_default()
+            fs::read_to_string(&self.stderr).unwrap_or_default(),
+            self.backtraces()
         )
+    }
+
+    /// Stacks of the job's ranks (gdb, when installed), to explain a hang.
+    pub fn backtraces(&self) -> String {
+        let Some(child) = self.child.as_ref() else {
+            return String::new();
+        };
+        let pgid = child.id() as i32;
+        let mut out = String::new();
+        for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            // SAFETY: getpgid(2) on a pid read from /proc; no memory is touched.
+            let in_job = unsafe { libc::getpgid(pid) } == pgid;
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if !in_job || comm.trim().starts_with("mpi") || comm.trim().starts_with("orted") {
+                continue;
+            }
+            let bt = Command::new("gdb")
+                .args(["-p", &pid.to_string(), "-batch", "-ex", "bt"])
+                .stdin(Stdio::null())
+                .output();
+            if let Ok(o) = bt {
+                let text = String::from_utf8_lossy(&o.stdout);
+                out.push_str(&format!("\n--- stack of {pid} {}\n", comm.trim()));
+                for l in text.lines().filter(|l| l.starts_with('#')) {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+        }
+        out
     }
 
     /// Waits for the job to end (at most `PATIENCE`); returns (success, stdout).
@@ -267,7 +299,10 @@ pub fn read_records(dir: &Path, prefix: &str, epoch: u64) -> Vec<String> {
         if recs.iter().all(Option::is_some) {
             return recs.into_iter().map(Option::unwrap).collect();
         }
-        assert!(Instant::now() < deadline, "{prefix} records for epoch {epoch} missing");
+        assert!(
+            Instant::now() < deadline,
+            "{prefix} records for epoch {epoch} missing"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -1,0 +1,226 @@
+! SymVirt Fortran stress program: the Fortran bindings' point-to-point and collectives with
+! checked payloads (same contract as stress.c).
+!
+!   stress_f DIR MIN_ITERS
+!
+! Every iteration: a blocking ring (even ranks send first), a non-blocking ring (Irecv, Isend,
+! Waitall), ANY_SOURCE receives on a duplicated communicator, and Allreduce + Bcast. Every
+! message carries (source, destination, per-pair sequence number) and a derived payload that
+! the receiver checks. Runs at least MIN_ITERS iterations, then until DIR/stop exists.
+! Built with -DSYMVIRT_EXPLICIT it calls symvirt_safe_point_f every iteration and registers a
+! quiesce hook (bind(c)) that writes DIR/cut-E-R ("iteration sent received"); after a resume
+! it writes DIR/resumed-E-R.
+module stress_state
+  use iso_c_binding
+  implicit none
+  integer, parameter :: small = 4, large = 32768
+  integer :: me, np
+  integer(8) :: sent = 0, received = 0, iteration = 0, cuts = 0
+  character(len=1024) :: dir
+  integer(8), allocatable :: seq_to(:), seq_from(:)
+contains
+  integer(8) function word(src, dst, seq, i)
+    integer, intent(in) :: src, dst, i
+    integer(8), intent(in) :: seq
+    word = int(src, 8) * 1000003_8 + int(dst, 8) * 10007_8 + seq * 101_8 + int(i, 8)
+  end function
+
+  integer function len_for(seq)
+    integer(8), intent(in) :: seq
+    if (mod(seq, 7_8) == 3_8) then
+      len_for = large + 3
+    else
+      len_for = small + 3
+    end if
+  end function
+
+  subroutine fill(buf, dst, n)
+    integer(8), intent(out) :: buf(:)
+    integer, intent(in) :: dst
+    integer, intent(out) :: n
+    integer :: i
+    integer(8) :: seq
+    seq = seq_to(dst)
+    seq_to(dst) = seq + 1
+    n = len_for(seq)
+    buf(1) = me
+    buf(2) = dst
+    buf(3) = seq
+    do i = 4, n
+      buf(i) = word(me, dst, seq, i)
+    end do
+    sent = sent + 1
+  end subroutine
+
+  subroutine check(buf, src, count)
+    use mpi
+    integer(8), intent(in) :: buf(:)
+    integer, intent(in) :: src, count
+    integer :: i, ierr
+    integer(8) :: seq
+    seq = buf(3)
+    if (buf(1) /= src .or. buf(2) /= me) call fail('bad header', src)
+    if (seq /= seq_from(src)) call fail('lost, duplicated or reordered message', src)
+    seq_from(src) = seq + 1
+    if (count /= len_for(seq)) call fail('bad length', src)
+    do i = 4, count
+      if (buf(i) /= word(src, me, seq, i)) call fail('corrupted payload', src)
+    end do
+    received = received + 1
+    ierr = 0
+  end subroutine
+
+  subroutine fail(what, peer)
+    use mpi
+    character(len=*), intent(in) :: what
+    integer, intent(in) :: peer
+    integer :: ierr
+    write (0, '(a,i0,a,i0,a,a,a,i0,a)') 'stress_f FAIL rank ', me, ' iteration ', iteration, &
+      ': ', what, ' (peer ', peer, ')'
+    call mpi_abort(MPI_COMM_WORLD, 3, ierr)
+  end subroutine
+
+  subroutine at_cut(epoch, ctx) bind(c)
+    integer(c_int64_t), value :: epoch
+    type(c_ptr), value :: ctx
+    character(len=1100) :: path
+    write (path, '(a,a,i0,a,i0)') trim(dir), '/cut-', epoch, '-', me
+    open (unit=21, file=trim(path), status='replace', action='write')
+    write (21, '(i0,1x,i0,1x,i0)') iteration, sent, received
+    close (21)
+  end subroutine
+end module
+
+program stress_f
+  use mpi
+  use stress_state
+  implicit none
+#ifdef SYMVIRT_EXPLICIT
+  interface
+    integer(c_int) function symvirt_on_quiesce(hook, ctx) bind(c, name='symvirt_on_quiesce')
+      import :: c_int, c_funptr, c_ptr
+      type(c_funptr), value :: hook
+      type(c_ptr), value :: ctx
+    end function
+  end interface
+  integer :: result, rc
+  integer(8) :: epoch
+  character(len=1100) :: path
+#endif
+  integer :: ierr, right, left, n, m, count, any_comm, root, p, mine, all
+  integer :: status(MPI_STATUS_SIZE), statuses(MPI_STATUS_SIZE, 2), req(2)
+  integer(8), allocatable :: sbuf(:), rbuf(:), many(:, :)
+  integer, allocatable :: mreq(:)
+  integer(8) :: v(16), r(16), min_iters, tot(2), gtot(2)
+  character(len=32) :: arg
+  logical :: stop_file
+
+  call mpi_init(ierr)
+  call mpi_comm_rank(MPI_COMM_WORLD, me, ierr)
+  call mpi_comm_size(MPI_COMM_WORLD, np, ierr)
+  call get_command_argument(1, dir)
+  call get_command_argument(2, arg)
+  read (arg, *) min_iters
+  allocate (seq_to(0:np - 1), seq_from(0:np - 1), sbuf(large + 3), rbuf(large + 3))
+  allocate (many(large + 3, 0:np - 1), mreq(0:np - 1))
+  seq_to = 0
+  seq_from = 0
+  call mpi_comm_dup(MPI_COMM_WORLD, any_comm, ierr)
+  right = mod(me + 1, np)
+  left = mod(me + np - 1, np)
+#ifdef SYMVIRT_EXPLICIT
+  call symvirt_init_f(MPI_COMM_WORLD, rc)
+  if (rc /= 0) call fail('symvirt_init_f', rc)
+  rc = symvirt_on_quiesce(c_funloc(at_cut), c_null_ptr)
+#endif
+
+  do
+    ! blocking ring
+    if (mod(me, 2) == 0) then
+      call fill(sbuf, right, n)
+      call mpi_send(sbuf, n, MPI_INTEGER8, right, 10, MPI_COMM_WORLD, ierr)
+      call mpi_recv(rbuf, large + 3, MPI_INTEGER8, left, 10, MPI_COMM_WORLD, status, ierr)
+      call mpi_get_count(status, MPI_INTEGER8, count, ierr)
+      call check(rbuf, left, count)
+    else
+      call mpi_recv(rbuf, large + 3, MPI_INTEGER8, left, 10, MPI_COMM_WORLD, status, ierr)
+      call mpi_get_count(status, MPI_INTEGER8, count, ierr)
+      call check(rbuf, left, count)
+      call fill(sbuf, right, n)
+      call mpi_send(sbuf, n, MPI_INTEGER8, right, 10, MPI_COMM_WORLD, ierr)
+    end if
+    ! non-blocking ring
+    call mpi_irecv(rbuf, large + 3, MPI_INTEGER8, left, 11, MPI_COMM_WORLD, req(1), ierr)
+    call fill(sbuf, right, n)
+    call mpi_isend(sbuf, n, MPI_INTEGER8, right, 11, MPI_COMM_WORLD, req(2), ierr)
+    call mpi_waitall(2, req, statuses, ierr)
+    call mpi_get_count(statuses(:, 1), MPI_INTEGER8, count, ierr)
+    call check(rbuf, left, count)
+    ! ANY_SOURCE on its own communicator
+    do p = 0, np - 1
+      if (p /= me) then
+        call fill(many(:, p), p, n)
+        call mpi_isend(many(:, p), n, MPI_INTEGER8, p, 20, any_comm, mreq(p), ierr)
+      else
+        mreq(p) = MPI_REQUEST_NULL
+      end if
+    end do
+    do m = 1, np - 1
+      call mpi_recv(rbuf, large + 3, MPI_INTEGER8, MPI_ANY_SOURCE, 20, any_comm, status, ierr)
+      call mpi_get_count(status, MPI_INTEGER8, count, ierr)
+      call check(rbuf, status(MPI_SOURCE), count)
+    end do
+    call mpi_waitall(np, mreq, MPI_STATUSES_IGNORE, ierr)
+    ! collectives
+    v = [(int(me, 8) * 100_8 + int(n, 8) + iteration, n = 1, 16)]
+    call mpi_allreduce(v, r, 16, MPI_INTEGER8, MPI_SUM, MPI_COMM_WORLD, ierr)
+    do n = 1, 16
+      if (r(n) /= int(np, 8) * (int(n, 8) + iteration) + 100_8 * int(np * (np - 1) / 2, 8)) &
+        call fail('Allreduce result', -1)
+    end do
+    root = int(mod(iteration, int(np, 8)))
+    if (me == root) then
+      v = [(iteration * 7_8 + int(n, 8), n = 1, 16)]
+    else
+      v = 0
+    end if
+    call mpi_bcast(v, 16, MPI_INTEGER8, root, MPI_COMM_WORLD, ierr)
+    do n = 1, 16
+      if (v(n) /= iteration * 7_8 + int(n, 8)) call fail('Bcast result', root)
+    end do
+#ifdef SYMVIRT_EXPLICIT
+    call symvirt_safe_point_f(MPI_COMM_WORLD, result, epoch, rc)
+    if (rc /= 0) call fail('symvirt_safe_point_f', rc)
+    if (result /= 0) then
+      cuts = cuts + 1
+      write (path, '(a,a,i0,a,i0)') trim(dir), '/resumed-', epoch, '-', me
+      open (unit=22, file=trim(path), status='replace', action='write')
+      if (result == 1) then
+        write (22, '(a,1x,i0)') 'resumed', iteration
+      else
+        write (22, '(a,1x,i0)') 'aborted', iteration
+      end if
+      close (22)
+    end if
+#endif
+    if (iteration + 1 >= min_iters .and. mod(iteration, 8_8) == 7_8) then
+      inquire (file=trim(dir)//'/stop', exist=stop_file)
+      mine = 0
+      if (me == 0 .and. stop_file) mine = 1
+      call mpi_allreduce(mine, all, 1, MPI_INTEGER, MPI_MAX, MPI_COMM_WORLD, ierr)
+      if (all /= 0) exit
+    end if
+    iteration = iteration + 1
+  end do
+
+  tot = [sent, received]
+  call mpi_allreduce(tot, gtot, 2, MPI_INTEGER8, MPI_SUM, MPI_COMM_WORLD, ierr)
+  if (gtot(1) /= gtot(2)) call fail('global sent /= received at the end', -1)
+#ifdef SYMVIRT_EXPLICIT
+  call symvirt_finalize_f(rc)
+#endif
+  call mpi_comm_free(any_comm, ierr)
+  write (*, '(a,i0,a,i0,a,i0,a,i0,a,i0)') 'stress_f OK rank ', me, ' iterations ', iteration + 1, &
+    ' sent ', sent, ' received ', received, ' cuts ', cuts
+  call mpi_finalize(ierr)
+end program
