@@ -288,3 +288,77 @@ fn watch(shared: &Shared) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+
+    /// A fake agent on a real unix socket: registers the rank, asks for epoch 3, then sends a
+    /// resume for epoch 2 (wrong) before the one for epoch 3.
+    #[test]
+    fn resume_for_another_epoch_is_ignored() {
+        let dir = std::env::temp_dir().join(format!("symvirt-mpi-ctl-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let agent = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut lines = BufReader::new(s.try_clone().unwrap()).lines();
+            assert_eq!(
+                lines.next().unwrap().unwrap(),
+                r#"{"type":"register","rank":5}"#
+            );
+            s.write_all(b"{\"type\":\"registered\",\"rank\":5,\"expected\":1}\n")
+                .unwrap();
+            s.write_all(b"{\"type\":\"prepare\",\"epoch\":3,\"deadline_ms\":60000}\n")
+                .unwrap();
+            assert_eq!(
+                lines.next().unwrap().unwrap(),
+                r#"{"type":"quiesced","epoch":3}"#
+            );
+            let ic = r#"{"kind":"infiniband","hca":"mlx5_0","port":1}"#;
+            s.write_all(
+                format!("{{\"type\":\"resume\",\"epoch\":2,\"interconnect\":{ic}}}\n").as_bytes(),
+            )
+            .unwrap();
+            let ic = r#"{"kind":"ethernet","mac":"52:54:00:00:00:03","iface":"eth3"}"#;
+            s.write_all(
+                format!("{{\"type\":\"resume\",\"epoch\":3,\"interconnect\":{ic}}}\n").as_bytes(),
+            )
+            .unwrap();
+            assert_eq!(
+                lines.next().unwrap().unwrap(),
+                r#"{"type":"resumed","epoch":3}"#
+            );
+        });
+        let control = Control::connect(&path, 5, Duration::from_secs(30)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while requested_epoch() != 3 {
+            assert!(Instant::now() < deadline, "prepare never published");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let outcome = control.quiesce(3, Duration::from_secs(30)).unwrap();
+        assert_eq!(
+            outcome,
+            Outcome::Resumed {
+                epoch: 3,
+                interconnect: Interconnect::Ethernet {
+                    mac: "52:54:00:00:00:03".into(),
+                    iface: Some("eth3".into()),
+                    pci: None,
+                },
+            }
+        );
+        control.resumed(3).unwrap();
+        agent.join().unwrap();
+        assert_eq!(requested_epoch(), 0);
+        // The fake agent hung up: the control plane notices, and a cut now fails clearly.
+        let err = control.quiesce(4, Duration::from_secs(30)).unwrap_err();
+        assert!(matches!(err, Error::AgentLost(_)), "{err}");
+        drop(control);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -8,30 +8,9 @@ mod common;
 
 use common::*;
 use std::fs;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use symvirt::protocol::{GuestMessage, Interconnect};
 use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
-
-/// Waits for the agent's next report, failing early with the job's logs if the job dies.
-fn outcome_while_running(rig: &Rig, job: &mut Job) -> GuestMessage {
-    let deadline = soon();
-    loop {
-        match rig.host.wait_for(
-            |m| !matches!(m, GuestMessage::Hello { .. }),
-            Instant::now() + Duration::from_millis(300),
-        ) {
-            Ok(m) => return m,
-            Err(symvirt::Error::Timeout) => {}
-            Err(e) => panic!("host channel: {e}"),
-        }
-        assert!(job.running(), "MPI job ended early\n{}", job.logs());
-        assert!(
-            Instant::now() < deadline,
-            "no report from the agent\n{}",
-            job.logs()
-        );
-    }
-}
 
 /// The cut records of `epoch`: every rank at the same iteration, global sent == received.
 /// Returns the global sent count.

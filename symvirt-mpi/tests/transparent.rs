@@ -11,29 +11,9 @@ mod common;
 use common::*;
 use std::fs;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use symvirt::protocol::{GuestMessage, Interconnect};
 use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
-
-fn outcome_while_running(rig: &Rig, job: &mut Job) -> GuestMessage {
-    let deadline = soon();
-    loop {
-        match rig.host.wait_for(
-            |m| !matches!(m, GuestMessage::Hello { .. }),
-            Instant::now() + Duration::from_millis(300),
-        ) {
-            Ok(m) => return m,
-            Err(symvirt::Error::Timeout) => {}
-            Err(e) => panic!("host channel: {e}"),
-        }
-        assert!(job.running(), "MPI job ended early\n{}", job.logs());
-        assert!(
-            Instant::now() < deadline,
-            "no report from the agent\n{}",
-            job.logs()
-        );
-    }
-}
 
 /// Parses the layer's cut records: per rank, (sent to each peer, received from each peer).
 fn read_cut(dir: &Path, epoch: u64) -> Vec<(Vec<u64>, Vec<u64>)> {
@@ -173,4 +153,17 @@ fn transparent_openmpi_fortran_consistent_at_every_cut() {
 #[test]
 fn transparent_mpich_fortran_consistent_at_every_cut() {
     run_transparent(MpiImpl::Mpich, None, "tr-f-mpich", 3);
+}
+
+/// Ranks mostly sit in a blocking receive from a computing rank, or in a barrier.
+const STALL: &str = "stall,ring,stall,collective";
+
+#[test]
+fn transparent_openmpi_requests_landing_in_receives_collectives_and_compute() {
+    run_transparent(MpiImpl::OpenMpi, Some(STALL), "tr-stall-ompi", 4);
+}
+
+#[test]
+fn transparent_mpich_requests_landing_in_receives_collectives_and_compute() {
+    run_transparent(MpiImpl::Mpich, Some(STALL), "tr-stall-mpich", 4);
 }

@@ -67,7 +67,8 @@ pub fn libraries(mpi: MpiImpl) -> Libraries {
 
 /// A test program from tests/programs, built for `mpi` (once per test process).
 pub fn program(mpi: MpiImpl, source: &str, linkage: Linkage) -> PathBuf {
-    static BUILT: OnceLock<Mutex<HashMap<(MpiImpl, String, bool), PathBuf>>> = OnceLock::new();
+    type Built = HashMap<(MpiImpl, String, bool), PathBuf>;
+    static BUILT: OnceLock<Mutex<Built>> = OnceLock::new();
     let libs = libraries(mpi);
     let mut map = BUILT.get_or_init(Default::default).lock().unwrap();
     let key = (mpi, source.to_string(), linkage == Linkage::Explicit);
@@ -320,5 +321,26 @@ pub fn infiniband() -> Interconnect {
         hca: "mlx5_1".into(),
         port: 1,
         pci: Some("0000:00:05.0".into()),
+    }
+}
+
+/// Waits for the agent's next report, failing early with the job's logs if the job dies.
+pub fn outcome_while_running(rig: &Rig, job: &mut Job) -> GuestMessage {
+    let deadline = soon();
+    loop {
+        match rig.host.wait_for(
+            |m| !matches!(m, GuestMessage::Hello { .. }),
+            Instant::now() + Duration::from_millis(300),
+        ) {
+            Ok(m) => return m,
+            Err(symvirt::Error::Timeout) => {}
+            Err(e) => panic!("host channel: {e}"),
+        }
+        assert!(job.running(), "MPI job ended early\n{}", job.logs());
+        assert!(
+            Instant::now() < deadline,
+            "no report from the agent\n{}",
+            job.logs()
+        );
     }
 }

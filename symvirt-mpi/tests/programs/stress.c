@@ -9,6 +9,9 @@
  *   anysource  every rank sends to every peer, receives with MPI_ANY_SOURCE (Recv, Probe+Recv,
  *              Iprobe+Recv, Irecv+Wait)
  *   collective Allreduce, Bcast, Alltoall, Reduce, Allgather, Barrier, all checked
+ *   stall      one rank (rotating) computes for 20 ms while the others wait in a blocking
+ *              receive from it, then everyone waits in a barrier: migration requests then
+ *              land while ranks sit in a receive, in a collective, or between MPI calls
  * Every message carries (source, destination, per-pair sequence number, tag) and a payload
  * derived from them; the receiver checks all of it: a lost, duplicated, reordered or corrupted
  * message fails the run. Some messages are large (rendezvous protocol).
@@ -17,7 +20,8 @@
  * With -DSYMVIRT_EXPLICIT the program calls symvirt_safe_point every iteration; its quiesce hook
  * writes DIR/cut-E-R ("iteration sent received") and after a resume it writes DIR/resumed-E-R
  * (the interconnect's JSON).
- * Prints "stress OK rank R iterations N sent S received V cuts C" and exits 0 on success. */
+ * Prints "stress OK rank R iterations N sent S received V agent_errors A cuts C" and exits 0 on
+ * success (an agent that went away is reported by the safe point and counted in A). */
 #include <mpi.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -36,7 +40,7 @@ static int me, np;
 static const char *dir;
 static uint64_t *next_seq_to;   /* per destination */
 static uint64_t *next_seq_from; /* per source */
-static uint64_t sent, received, iteration, cuts;
+static uint64_t sent, received, iteration, cuts, agent_errors;
 /* ANY_SOURCE/ANY_TAG traffic has its own communicator so it never takes another mode's
  * message (peers may be an iteration ahead). */
 static MPI_Comm any_comm;
@@ -231,6 +235,26 @@ static void anysource(void)
         free(out[i]);
 }
 
+static void stall(void)
+{
+    int slow = (int)(iteration % (uint64_t)np);
+    MPI_Status st;
+    if (me == slow) {
+        usleep(20000);
+        for (int p = 0; p < np; p++)
+            if (p != me) {
+                int n = fill(bufs[0], p, 30);
+                MPI_Send(bufs[0], n, MPI_UINT64_T, p, 30, MPI_COMM_WORLD);
+            }
+    } else {
+        MPI_Recv(bufs[1], LARGE + 4, MPI_UINT64_T, slow, 30, MPI_COMM_WORLD, &st);
+        check(bufs[1], &st, slow);
+    }
+    if (me == (slow + 1) % np)
+        usleep(20000);
+    MPI_Barrier(MPI_COMM_WORLD);
+}
+
 static void collective(void)
 {
     enum { N = 64 };
@@ -335,13 +359,19 @@ int main(int argc, char **argv)
                 anysource();
             else if (strcmp(m, "collective") == 0)
                 collective();
+            else if (strcmp(m, "stall") == 0)
+                stall();
             else
                 fail("unknown mode", -1);
         }
 #ifdef SYMVIRT_EXPLICIT
         symvirt_interconnect ic;
         rc = symvirt_safe_point(MPI_COMM_WORLD, &ic);
-        if (rc < 0) {
+        if (rc == SYMVIRT_ERR_AGENT) {
+            /* The agent went away: the safe point goes on as a no-op; so does the program. */
+            fprintf(stderr, "rank %d: symvirt_safe_point: %s\n", me, symvirt_last_error());
+            agent_errors++;
+        } else if (rc < 0) {
             fprintf(stderr, "symvirt_safe_point: %d %s\n", rc, symvirt_last_error());
             MPI_Abort(MPI_COMM_WORLD, 5);
         }
@@ -371,9 +401,10 @@ int main(int argc, char **argv)
         fprintf(stderr, "symvirt_finalize: %d %s\n", rc, symvirt_last_error());
 #endif
     MPI_Comm_free(&any_comm);
-    printf("stress OK rank %d iterations %llu sent %llu received %llu cuts %llu\n", me,
-           (unsigned long long)iteration + 1, (unsigned long long)sent,
-           (unsigned long long)received, (unsigned long long)cuts);
+    printf("stress OK rank %d iterations %llu sent %llu received %llu agent_errors %llu cuts %llu\n",
+           me, (unsigned long long)iteration + 1, (unsigned long long)sent,
+           (unsigned long long)received, (unsigned long long)agent_errors,
+           (unsigned long long)cuts);
     fflush(stdout);
     MPI_Finalize();
     return 0;

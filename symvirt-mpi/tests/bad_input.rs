@@ -1,0 +1,238 @@
+//! Bad input on the MPI side, real 4-rank jobs and the real agent: a resume for the wrong
+//! epoch, an agent that disappears (between epochs, and while the ranks wait at the cut), and a
+//! request that races MPI_Finalize. Each ends in a clear error or a safe no-op, the job's own
+//! checks pass, and nothing hangs (every wait is bounded; jobs are killed on drop).
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use symvirt::protocol::{GuestMessage, HostMessage};
+use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
+
+const MODES: &str = "ring,ring_nb,anysource,collective";
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Explicit,
+    Transparent,
+}
+
+/// Starts the stress program in `mode` against the rig's agent; returns the job and the
+/// records directory.
+fn start(rig: &Rig, mpi: MpiImpl, mode: Mode) -> (Job, PathBuf) {
+    let cuts = rig.dir.0.join("cuts");
+    fs::create_dir_all(&cuts).unwrap();
+    let mut env = vec![(
+        "SYMVIRT_AGENT_SOCKET".to_string(),
+        rig.rank_socket().display().to_string(),
+    )];
+    let linkage = match mode {
+        Mode::Explicit => Linkage::Explicit,
+        Mode::Transparent => {
+            env.push(("SYMVIRT_CUT_LOG".into(), cuts.display().to_string()));
+            env.push((
+                "LD_PRELOAD".into(),
+                libraries(mpi).transparent.display().to_string(),
+            ));
+            Linkage::Plain
+        }
+    };
+    let prog = program(mpi, "stress.c", linkage);
+    let job = Job::start(
+        mpi,
+        &prog,
+        &[MODES, cuts.to_str().unwrap(), "16"],
+        &env,
+        &rig.dir.0,
+    );
+    (job, cuts)
+}
+
+fn finish_ok(job: &mut Job, cuts: &std::path::Path) -> String {
+    fs::write(cuts.join("stop"), "").unwrap();
+    let (ok, out) = job.wait();
+    assert!(ok, "MPI job failed\n{}", job.logs());
+    assert_eq!(
+        out.lines().filter(|l| l.contains(" OK rank ")).count(),
+        RANKS as usize,
+        "{out}"
+    );
+    out
+}
+
+fn expect_quiesced(rig: &Rig, job: &mut Job, epoch: u64) {
+    match outcome_while_running(rig, job) {
+        GuestMessage::Quiesced { epoch: e } if e == epoch => {}
+        other => panic!("expected quiesced {epoch}, got {other:?}\n{}", job.logs()),
+    }
+}
+
+fn wrong_epoch_resume(mpi: MpiImpl, mode: Mode, tag: &str) {
+    let rig = Rig::new(tag);
+    let (mut job, cuts) = start(&rig, mpi, mode);
+    rig.prepare(1);
+    expect_quiesced(&rig, &mut job, 1);
+    // A resume for an epoch that is not the current one: refused with a clear error; the
+    // ranks stay paused. (A rank given such a resume by its agent ignores it too: see the
+    // control-plane unit test `resume_for_another_epoch_is_ignored`.)
+    let refused = rig.host.send(&HostMessage::Resume {
+        epoch: 7,
+        interconnect: ethernet(7),
+    });
+    assert!(
+        matches!(refused, Err(symvirt::Error::Transition { .. })),
+        "{refused:?}"
+    );
+    let early = rig.host.wait_for(
+        |m| matches!(m, GuestMessage::Resumed { .. }),
+        Instant::now() + Duration::from_millis(500),
+    );
+    assert!(
+        early.is_err(),
+        "a wrong-epoch resume released the ranks: {early:?}"
+    );
+    assert!(job.running(), "{}", job.logs());
+    rig.resume(1, ethernet(1));
+    match outcome_while_running(&rig, &mut job) {
+        GuestMessage::Resumed { epoch: 1, .. } => {}
+        other => panic!("expected resumed 1, got {other:?}\n{}", job.logs()),
+    }
+    let out = finish_ok(&mut job, &cuts);
+    if mode == Mode::Explicit {
+        assert!(out.contains("agent_errors 0 cuts 1"), "{out}");
+    }
+}
+
+#[test]
+fn wrong_epoch_resume_is_ignored_explicit_openmpi() {
+    wrong_epoch_resume(MpiImpl::OpenMpi, Mode::Explicit, "bad-epoch-exp-ompi");
+}
+
+#[test]
+fn wrong_epoch_resume_is_ignored_transparent_mpich() {
+    wrong_epoch_resume(MpiImpl::Mpich, Mode::Transparent, "bad-epoch-tr-mpich");
+}
+
+/// The agent goes away between epochs: the job runs on (no more migrations) and finishes.
+fn agent_gone_between_epochs(mpi: MpiImpl, mode: Mode, tag: &str) {
+    let mut rig = Rig::new(tag);
+    let (mut job, cuts) = start(&rig, mpi, mode);
+    rig.prepare(1);
+    expect_quiesced(&rig, &mut job, 1);
+    rig.resume(1, infiniband());
+    match outcome_while_running(&rig, &mut job) {
+        GuestMessage::Resumed { epoch: 1, .. } => {}
+        other => panic!("expected resumed 1, got {other:?}\n{}", job.logs()),
+    }
+    rig.agent.take(); // its socket disappears with it
+    assert!(!rig.rank_socket().exists());
+    std::thread::sleep(Duration::from_millis(200)); // let the ranks run without it
+    let out = finish_ok(&mut job, &cuts);
+    if mode == Mode::Explicit {
+        assert!(out.contains("agent_errors 0 cuts 1"), "{out}");
+    }
+}
+
+#[test]
+fn agent_gone_between_epochs_explicit_mpich() {
+    agent_gone_between_epochs(MpiImpl::Mpich, Mode::Explicit, "gone-exp-mpich");
+}
+
+#[test]
+fn agent_gone_between_epochs_transparent_openmpi() {
+    agent_gone_between_epochs(MpiImpl::OpenMpi, Mode::Transparent, "gone-tr-ompi");
+}
+
+/// The agent goes away while every rank waits at the cut: each rank gets a clear error (the
+/// explicit safe point returns SYMVIRT_ERR_AGENT; the transparent layer logs it), is released,
+/// and the job finishes correctly.
+fn agent_gone_at_the_cut(mpi: MpiImpl, mode: Mode, tag: &str) {
+    let mut rig = Rig::new(tag);
+    let (mut job, cuts) = start(&rig, mpi, mode);
+    rig.prepare(1);
+    expect_quiesced(&rig, &mut job, 1);
+    rig.agent.take();
+    let out = finish_ok(&mut job, &cuts);
+    let err = fs::read_to_string(&job.stderr).unwrap();
+    match mode {
+        Mode::Explicit => {
+            let lines = out.lines().filter(|l| l.contains("agent_errors 1 cuts 0"));
+            assert_eq!(lines.count(), RANKS as usize, "{out}\n{err}");
+            assert!(err.contains("agent connection lost"), "{err}");
+        }
+        Mode::Transparent => {
+            for rec in read_records(&cuts, "resumed", 1) {
+                assert!(rec.starts_with("error -2 "), "{rec}");
+            }
+        }
+    }
+}
+
+#[test]
+fn agent_gone_at_the_cut_explicit_openmpi() {
+    agent_gone_at_the_cut(MpiImpl::OpenMpi, Mode::Explicit, "cutgone-exp-ompi");
+}
+
+#[test]
+fn agent_gone_at_the_cut_transparent_mpich() {
+    agent_gone_at_the_cut(MpiImpl::Mpich, Mode::Transparent, "cutgone-tr-mpich");
+}
+
+/// A request sent as the job finishes: either every rank still reaches the cut (then it
+/// completes normally) or the ranks have left (the agent reports a failed epoch). Never a hang,
+/// never a broken job.
+fn request_during_finalize(mpi: MpiImpl, mode: Mode, tag: &str) {
+    let rig = Rig::new(tag);
+    let (mut job, cuts) = start(&rig, mpi, mode);
+    rig.prepare(1);
+    expect_quiesced(&rig, &mut job, 1);
+    rig.resume(1, ethernet(1));
+    match outcome_while_running(&rig, &mut job) {
+        GuestMessage::Resumed { epoch: 1, .. } => {}
+        other => panic!("expected resumed 1, got {other:?}\n{}", job.logs()),
+    }
+    fs::write(cuts.join("stop"), "").unwrap();
+    rig.host
+        .send(&HostMessage::Prepare {
+            epoch: 2,
+            deadline_ms: 30_000,
+        })
+        .unwrap();
+    match rig
+        .host
+        .wait_for(|m| !matches!(m, GuestMessage::Hello { .. }), soon())
+        .unwrap()
+    {
+        GuestMessage::Quiesced { epoch: 2 } => {
+            rig.resume(2, ethernet(2));
+            let m = rig
+                .host
+                .wait_for(|m| !matches!(m, GuestMessage::Hello { .. }), soon())
+                .unwrap();
+            assert!(matches!(m, GuestMessage::Resumed { epoch: 2, .. }), "{m:?}");
+        }
+        GuestMessage::Failed { epoch: 2, reason } => {
+            assert!(
+                reason.contains("left") || reason.contains("deadline"),
+                "{reason}"
+            )
+        }
+        other => panic!("unexpected {other:?}\n{}", job.logs()),
+    }
+    let (ok, out) = job.wait();
+    assert!(ok, "MPI job failed\n{}", job.logs());
+    assert_eq!(out.lines().filter(|l| l.contains(" OK rank ")).count(), 4);
+}
+
+#[test]
+fn request_during_finalize_explicit_mpich() {
+    request_during_finalize(MpiImpl::Mpich, Mode::Explicit, "fin-exp-mpich");
+}
+
+#[test]
+fn request_during_finalize_transparent_openmpi() {
+    request_during_finalize(MpiImpl::OpenMpi, Mode::Transparent, "fin-tr-ompi");
+}
