@@ -76,6 +76,45 @@ impl QemuConfig {
     }
 }
 
+impl QemuConfig {
+    /// The QEMU command line of this machine, without the monitor and `-incoming`: the guest
+    /// (kernel, initramfs, program), its memory, the serial log at `serial`, and the extra
+    /// arguments. A migration destination must be started with the same machine; tests that let
+    /// a controller launch destinations give it these arguments.
+    pub fn machine_args(&self, serial: &Path) -> Vec<String> {
+        let mut append = String::from("console=ttyS0 panic=-1 quiet");
+        if let Some(run) = &self.guest_run {
+            append.push_str(" ninja.run=");
+            append.push_str(run);
+        }
+        let mut args: Vec<String> = ["-accel", "tcg", "-machine", "pc", "-m"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        args.push(self.memory_mib.to_string());
+        args.extend(
+            [
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-kernel",
+            ]
+            .map(String::from),
+        );
+        args.push(self.kernel.display().to_string());
+        args.push("-initrd".into());
+        args.push(self.initramfs.display().to_string());
+        args.push("-append".into());
+        args.push(append);
+        args.push("-chardev".into());
+        args.push(format!("file,id=ninja-serial,path={}", serial.display()));
+        args.extend(["-serial", "chardev:ninja-serial"].map(String::from));
+        args.extend(self.args.iter().cloned());
+        args
+    }
+}
+
 /// A running QEMU process. Dropping it kills the process and removes its files.
 #[derive(Debug)]
 pub struct Qemu {
@@ -100,29 +139,13 @@ impl Qemu {
         let dir = unique_dir()?;
         let qmp = dir.join("qmp.sock");
         let serial = dir.join("serial.log");
-        let mut append = String::from("console=ttyS0 panic=-1 quiet");
-        if let Some(run) = &config.guest_run {
-            append.push_str(" ninja.run=");
-            append.push_str(run);
-        }
         let mut cmd = Command::new(QEMU_BINARY);
-        cmd.args(["-accel", "tcg", "-machine", "pc"])
-            .args(["-m", &config.memory_mib.to_string()])
-            .args(["-nodefaults", "-no-user-config", "-display", "none"])
-            .arg("-kernel")
-            .arg(&config.kernel)
-            .arg("-initrd")
-            .arg(&config.initramfs)
-            .args(["-append", &append])
-            .arg("-chardev")
-            .arg(format!("file,id=ninja-serial,path={}", serial.display()))
-            .args(["-serial", "chardev:ninja-serial"])
+        cmd.args(config.machine_args(&serial))
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()));
         if let Some(uri) = &config.incoming {
             cmd.args(["-incoming", uri]);
         }
-        cmd.args(&config.args);
         let log = fs::File::create(dir.join("qemu.log"))?;
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
