@@ -384,15 +384,7 @@ impl Core {
         match event {
             Event::Link(LinkEvent::Connected) => {
                 log::info!("host connected");
-                self.tell_host(GuestMessage::Hello {
-                    vm: self.config.vm.clone(),
-                    agent_version: AGENT_VERSION.into(),
-                    protocol: PROTOCOL_VERSION,
-                    ranks: self.config.ranks,
-                });
-                if let Some(m) = self.unsent.take() {
-                    self.tell_host(m);
-                }
+                self.introduce();
             }
             Event::Link(LinkEvent::Disconnected) => log::info!("host disconnected"),
             Event::Link(LinkEvent::Message(m)) => self.on_host(m),
@@ -420,6 +412,19 @@ impl Core {
         }
     }
 
+    /// Says `hello`, then what could not be sent while the host was away.
+    fn introduce(&mut self) {
+        self.tell_host(GuestMessage::Hello {
+            vm: self.config.vm.clone(),
+            agent_version: AGENT_VERSION.into(),
+            protocol: PROTOCOL_VERSION,
+            ranks: self.config.ranks,
+        });
+        if let Some(m) = self.unsent.take() {
+            self.tell_host(m);
+        }
+    }
+
     fn epoch_in_progress(&self) -> Option<u64> {
         match &self.phase {
             Phase::Running => None,
@@ -442,6 +447,8 @@ impl Core {
     fn on_host(&mut self, message: HostMessage) {
         log::info!("host says {}", message.describe());
         match message {
+            // A host connection this agent may not have seen open (see `crate::protocol`).
+            HostMessage::Hello => self.introduce(),
             HostMessage::Prepare { epoch, deadline_ms } => {
                 if !matches!(self.phase, Phase::Running) || epoch <= self.last_epoch {
                     log::warn!(

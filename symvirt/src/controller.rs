@@ -534,26 +534,17 @@ impl<'a> Controller<'a> {
     }
 
     fn connect(&self, m: &mut Member, deadline: Instant) -> Result<()> {
-        // The agent says hello when it sees the host side open. A previous controller's
-        // channel that closed an instant before may make it miss the close and the open; the
-        // channel is then reopened after a pause the agent notices.
-        const HELLO_PATIENCE: Duration = Duration::from_secs(3);
-        let (channel, info) = loop {
-            let channel = m.backend.connect(deadline)?;
-            let wait_until = deadline.min(Instant::now() + HELLO_PATIENCE);
-            match channel.wait_hello(wait_until) {
-                Ok(info) => break (channel, info),
-                Err(Error::Timeout) if Instant::now() < deadline => {
-                    drop(channel);
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-                Err(Error::Timeout) => {
-                    return Err(Error::Refused(
-                        "the guest agent did not say hello in time".into(),
-                    ));
-                }
-                Err(e) => return Err(e),
+        // The channel asks the agent for its hello on connecting (see `crate::protocol`), so a
+        // connection the agent did not see open is answered too.
+        let channel = m.backend.connect(deadline)?;
+        let info = match channel.wait_hello(deadline) {
+            Ok(info) => info,
+            Err(Error::Timeout) => {
+                return Err(Error::Refused(
+                    "the guest agent did not say hello in time".into(),
+                ));
             }
+            Err(e) => return Err(e),
         };
         if info.vm != m.report.name {
             return Err(Error::Refused(format!(

@@ -69,6 +69,9 @@ pub enum Error {
     /// A precondition of the plan does not hold (e.g. the destination device is not free).
     #[error("{0}")]
     Refused(String),
+    /// The reference VMM or the migration engine (`migrate-core`) failed.
+    #[error("reference VMM")]
+    Vmm(#[source] Box<migrate_core::Error>),
     /// One VM failed in one phase of a plan.
     #[error("vm {vm}: {phase} failed")]
     Vm {

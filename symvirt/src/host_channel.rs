@@ -437,6 +437,7 @@ impl Reader {
         log::info!("symvirt channel {label}: connected");
         self.deliver(ChannelEvent::Connected);
         self.lines.reset();
+        self.ask_hello();
         let mut buf = [0u8; 8192];
         let end = loop {
             if self.stopping() {
@@ -466,6 +467,27 @@ impl Reader {
             self.deliver(ChannelEvent::Disconnected);
         }
         end
+    }
+
+    /// Asks the agent to introduce itself: it may not have seen this connection open (a
+    /// virtio-serial port closed and reopened between two of its polls looks unchanged).
+    fn ask_hello(&self) {
+        let line = match encode(&HostMessage::Hello) {
+            Ok(l) => l,
+            Err(e) => return log::error!("cannot encode hello: {e}"),
+        };
+        if let Err(e) = lock(&self.shared.session).on_host(&HostMessage::Hello, Instant::now()) {
+            return log::error!("hello refused by the session: {e}");
+        }
+        if let Some(w) = lock(&self.shared.writer).as_mut() {
+            if let Err(e) = w.write_all(&line) {
+                // The reader sees the connection end and reconnects; nothing else to do.
+                log::warn!(
+                    "symvirt channel {}: sending hello: {e}",
+                    self.shared.options.label
+                );
+            }
+        }
     }
 
     fn handle(&mut self, frame: Frame) {

@@ -41,6 +41,7 @@ pub mod guest_link;
 pub mod host_channel;
 pub mod plan;
 pub mod portio;
+pub mod portio_agent;
 pub mod protocol;
 pub mod rank;
 pub mod remote;

@@ -10,7 +10,9 @@
 //! | `base + 1` | [`RESET`]: drop any partial line (agent restart) | [`STATUS_DATA`] when host bytes are waiting, ORed with [`STATUS_HOST`] |
 //!
 //! [`PortIoDevice`] is the VMM's device model: the VMM calls [`PortIoDevice::pio_write`] and
-//! [`PortIoDevice::pio_read`] on its port-I/O exits, and gives the other end of the device's
+//! [`PortIoDevice::pio_read`] on its port-I/O exits (the reference VMM does so through its
+//! I/O bus, [`migrate_core::vmm::io::IoBus`], where the device plugs in as an
+//! [`IoPortDevice`]), and gives the other end of the device's
 //! socket pair to [`crate::host_channel::HostChannel::from_stream`], so every check the host
 //! makes on virtio-serial applies unchanged. The device never blocks a vCPU: bytes for the host
 //! go out on a non-blocking socket (dropped and counted when the host does not keep up, which
@@ -18,6 +20,7 @@
 
 use crate::error::{Error, Result};
 use crate::protocol::MAX_LINE;
+use migrate_core::vmm::io::IoPortDevice;
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -60,6 +63,25 @@ impl PortIoDevice {
             dropped: 0,
         };
         Ok((device, host_end))
+    }
+
+    /// A new channel: the device's socket is replaced by a new pair, and the host's new end is
+    /// returned (the old host end sees the channel close). Bytes not yet read are dropped.
+    pub fn reconnect(&mut self) -> Result<UnixStream> {
+        let (device_end, host_end) =
+            UnixStream::pair().map_err(|e| Error::io("socketpair for port-I/O channel", e))?;
+        device_end
+            .set_nonblocking(true)
+            .map_err(|e| Error::io("set_nonblocking", e))?;
+        self.socket = device_end;
+        self.inbound.clear();
+        self.line_started = false;
+        Ok(host_end)
+    }
+
+    /// The two ports, `base` and `base + 1`.
+    pub fn ports(&self) -> [u16; 2] {
+        [self.base, self.base.wrapping_add(1)]
     }
 
     /// Whether `port` belongs to this device.
@@ -130,5 +152,19 @@ impl PortIoDevice {
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
             Err(_) => {}
         }
+    }
+}
+
+impl IoPortDevice for PortIoDevice {
+    fn handles(&self, port: u16) -> bool {
+        PortIoDevice::handles(self, port)
+    }
+
+    fn pio_write(&mut self, port: u16, data: &[u8]) {
+        PortIoDevice::pio_write(self, port, data)
+    }
+
+    fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+        PortIoDevice::pio_read(self, port, data)
     }
 }

@@ -24,6 +24,11 @@
 //! # Messages
 //!
 //! Host to guest ([`HostMessage`]):
+//! - `{"type":"hello"}`: the host opened its end of the channel; the agent answers with its
+//!   `hello`. Sent on every new connection, because the agent cannot always see one: a
+//!   virtio-serial port stays open in the guest, and a host end that closes and reopens between
+//!   two of the agent's polls leaves no trace there. Added without a version change: an agent
+//!   that predates it ignores the line as unknown, and the host accepts its unprompted `hello`.
 //! - `{"type":"prepare","epoch":E,"deadline_ms":D}`: reach the quiescent point for epoch `E`
 //!   within `D` ms of receipt. Relative time because host and guest clocks differ (and a guest's
 //!   clock jumps across a migration).
@@ -33,8 +38,9 @@
 //!
 //! Guest to host ([`GuestMessage`]):
 //! - `{"type":"hello","vm":V,"agent_version":A,"protocol":1,"ranks":N}`: sent when the agent
-//!   sees the host side open and when the agent starts; `N` local MPI ranks take part. A repeated
-//!   identical `hello` between epochs is coalesced; one during an epoch (the agent restarted and
+//!   sees the host side open, when the agent starts, and in answer to the host's `hello`; `N`
+//!   local MPI ranks take part. A repeated identical `hello` between epochs is coalesced, and so
+//!   is one the host asked for; an unasked second one during an epoch (the agent restarted and
 //!   lost it) is rejected; one naming another VM is always rejected.
 //! - `{"type":"quiesced","epoch":E}`: every local rank is at the quiescent point.
 //! - `{"type":"resumed","epoch":E,"interconnect":I,"pci_devices":[...]}`: every rank acknowledged
@@ -84,6 +90,8 @@ pub const MAX_RANKS: u32 = 4096;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum HostMessage {
+    /// The host opened its end: introduce yourself (answered with [`GuestMessage::Hello`]).
+    Hello,
     /// Reach the quiescent point for `epoch` within `deadline_ms` of receipt.
     Prepare {
         /// The migration epoch (starts at 1, strictly increasing).
@@ -297,6 +305,7 @@ impl Interconnect {
 impl Validate for HostMessage {
     fn validate(&self) -> Result<()> {
         match self {
+            HostMessage::Hello => Ok(()),
             HostMessage::Prepare { epoch, .. } | HostMessage::Abort { epoch } => {
                 check_epoch(*epoch)
             }
@@ -312,23 +321,25 @@ impl Validate for HostMessage {
 }
 
 impl HostMessage {
-    /// The epoch the message is about.
-    pub fn epoch(&self) -> u64 {
+    /// The epoch the message is about (`None` for `hello`).
+    pub fn epoch(&self) -> Option<u64> {
         match self {
+            HostMessage::Hello => None,
             HostMessage::Prepare { epoch, .. }
             | HostMessage::Resume { epoch, .. }
-            | HostMessage::Abort { epoch } => *epoch,
+            | HostMessage::Abort { epoch } => Some(*epoch),
         }
     }
 
     /// A short description for logs, e.g. `prepare{epoch=3}`.
     pub fn describe(&self) -> String {
         let name = match self {
+            HostMessage::Hello => return "hello".into(),
             HostMessage::Prepare { .. } => "prepare",
             HostMessage::Resume { .. } => "resume",
             HostMessage::Abort { .. } => "abort",
         };
-        format!("{name}{{epoch={}}}", self.epoch())
+        format!("{name}{{epoch={}}}", self.epoch().unwrap_or(0))
     }
 }
 
@@ -459,6 +470,7 @@ mod tests {
 
     fn all_host() -> Vec<HostMessage> {
         vec![
+            HostMessage::Hello,
             HostMessage::Prepare {
                 epoch: 1,
                 deadline_ms: 5000,
@@ -523,6 +535,7 @@ mod tests {
     #[test]
     fn golden_lines() {
         let golden_host = [
+            r#"{"type":"hello"}"#,
             r#"{"type":"prepare","epoch":1,"deadline_ms":5000}"#,
             r#"{"type":"resume","epoch":1,"interconnect":{"kind":"ethernet","mac":"52:54:00:12:34:56","pci":"0000:00:04.0"}}"#,
             r#"{"type":"resume","epoch":18446744073709551615,"interconnect":{"kind":"infiniband","hca":"mlx5_0","port":1}}"#,

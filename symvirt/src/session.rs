@@ -180,6 +180,10 @@ pub struct GuestSession {
     state: SessionState,
     guest: Option<GuestInfo>,
     hello_on_this_connection: bool,
+    /// `hello`s the host asked for on this connection: each excuses one repeated `hello` (the
+    /// agent may also have seen the connection open and said it unasked), until the guest says
+    /// anything else.
+    hellos_requested: u32,
     last_epoch: u64,
 }
 
@@ -196,6 +200,7 @@ impl GuestSession {
             state: SessionState::Idle,
             guest: None,
             hello_on_this_connection: false,
+            hellos_requested: 0,
             last_epoch: 0,
         }
     }
@@ -218,6 +223,7 @@ impl GuestSession {
     /// A new connection to the guest's channel: the agent will say `hello` again.
     pub fn connected(&mut self) {
         self.hello_on_this_connection = false;
+        self.hellos_requested = 0;
     }
 
     /// Whether the `prepare` deadline of the epoch in progress has passed at `now`.
@@ -233,6 +239,11 @@ impl GuestSession {
             state: s.to_string(),
         };
         let next = match (message, &self.state) {
+            (HostMessage::Hello, state) => {
+                // Allowed in every state; asks for an introduction, changes nothing else.
+                self.hellos_requested = self.hellos_requested.saturating_add(1);
+                return Ok(state.clone());
+            }
             (HostMessage::Prepare { epoch, deadline_ms }, SessionState::Running)
                 if *epoch > self.last_epoch =>
             {
@@ -309,6 +320,11 @@ impl GuestSession {
             // can be reopened without the host's socket noticing). A restarted agent has lost
             // the epoch in progress: refuse it then, and let the controller's deadline act.
             if self.hello_on_this_connection {
+                if self.hellos_requested > 0 && self.guest.as_ref() == Some(&info) {
+                    // The answer to the host's `hello`, after one the agent sent unasked.
+                    self.hellos_requested -= 1;
+                    return Ok(Accepted::Duplicate);
+                }
                 if let Some(epoch) = self.state.epoch() {
                     return Err(Rejection::new(
                         Unexpected,
@@ -326,6 +342,8 @@ impl GuestSession {
             }
             return Ok(Accepted::Applied);
         }
+        // The answer to the host's `hello` comes before anything else the agent says.
+        self.hellos_requested = 0;
         let what = message.describe();
         if self.guest.is_none() {
             return Err(Rejection::new(Unexpected, format!("{what} before hello")));
@@ -465,6 +483,33 @@ mod tests {
         assert!(matches!(s.state(), SessionState::Failed { epoch: 2, .. }));
         s.on_host(&HostMessage::Abort { epoch: 2 }, now).unwrap();
         assert_eq!(s.state(), &SessionState::Running);
+    }
+
+    #[test]
+    fn a_hello_the_host_asked_for_is_excused_once_during_an_epoch() {
+        let now = Instant::now();
+        let mut s = GuestSession::new();
+        s.connected();
+        s.on_guest(&hello("vm0")).unwrap();
+        s.on_host(&prepare(1), now).unwrap();
+        // A new connection mid-epoch (the destination's channel): the agent says hello when it
+        // sees the port open, and again in answer to the host's hello.
+        s.connected();
+        assert_eq!(
+            s.on_host(&HostMessage::Hello, now).unwrap(),
+            s.state().clone()
+        );
+        assert_eq!(s.on_guest(&hello("vm0")), Ok(Accepted::Applied));
+        assert_eq!(s.on_guest(&hello("vm0")), Ok(Accepted::Duplicate));
+        assert!(matches!(
+            s.state(),
+            SessionState::Preparing { epoch: 1, .. }
+        ));
+        // A third, unasked, is an agent that restarted and lost the epoch.
+        assert_eq!(kind(s.on_guest(&hello("vm0"))), RejectionKind::Unexpected);
+        // Asking never excuses another VM's hello.
+        s.on_host(&HostMessage::Hello, now).unwrap();
+        assert_eq!(kind(s.on_guest(&hello("vm1"))), RejectionKind::Identity);
     }
 
     #[test]

@@ -278,19 +278,14 @@ fn guest_pci_until(
     interconnect: Interconnect,
     done: impl Fn(&[PciDevice]) -> bool,
 ) -> Vec<PciDevice> {
-    // A connection right after the controller's may go unnoticed by the agent (see the
-    // controller's connect): reopen after a pause until it says hello.
-    let started = Instant::now();
-    let (chan, info) = loop {
-        let chan = HostChannel::connect(sock, ChannelOptions::labelled(vm)).unwrap();
-        match chan.wait_hello(Instant::now() + Duration::from_secs(3)) {
-            Ok(i) => break (chan, i),
-            Err(e) if started.elapsed() > PATIENCE => {
-                let log = read(&sock.with_file_name("serial.log"));
-                let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                panic!("{vm}: no hello: {e}; serial tail (newest first): {tail:#?}")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+    // Right after the controller's connection: the channel's hello request gets the answer.
+    let chan = HostChannel::connect(sock, ChannelOptions::labelled(vm)).unwrap();
+    let info = match chan.wait_hello(Instant::now() + PATIENCE) {
+        Ok(i) => i,
+        Err(e) => {
+            let log = read(&sock.with_file_name("serial.log"));
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            panic!("{vm}: no hello: {e}; serial tail (newest first): {tail:#?}")
         }
     };
     assert_eq!(info.vm, vm);

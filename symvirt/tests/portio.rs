@@ -49,7 +49,10 @@ fn a_guest_speaks_the_protocol_through_two_io_ports() {
     assert!(dev.handles(DATA) && dev.handles(STATUS));
     assert!(!dev.handles(DEFAULT_BASE + 2) && !dev.handles(DEFAULT_BASE - 1));
     let host = HostChannel::from_stream(host_end, ChannelOptions::labelled("pio")).unwrap();
-    assert_eq!(status(&mut dev), STATUS_HOST, "nothing waiting yet");
+    // The host's first words on a new channel: introduce yourself.
+    let asked: HostMessage = decode(in_line(&mut dev).as_bytes()).unwrap();
+    assert_eq!(asked, HostMessage::Hello);
+    assert_eq!(status(&mut dev), STATUS_HOST, "nothing else waiting yet");
 
     out_line(
         &mut dev,

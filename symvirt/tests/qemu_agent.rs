@@ -102,7 +102,10 @@ fn guest_agent_in_qemu_quiesces_and_resumes_over_virtio_serial() {
         Ok(info) => info,
         Err(e) => panic!("no hello: {e}; serial:\n{}", vm.serial()),
     };
-    assert_eq!((info.vm.as_str(), info.ranks, info.protocol), ("vm0", 0, 1));
+    assert_eq!(
+        (info.vm.as_str(), info.ranks, info.protocol),
+        ("vm0", 0, symvirt::protocol::PROTOCOL_VERSION)
+    );
     let booted_at = Instant::now();
 
     // The scheduler assigns the guest its "HCA" (the stand-in), as it would a VF.
@@ -268,4 +271,92 @@ fn guest_agent_finds_a_hot_plugged_port_by_name() {
         "{log}"
     );
     vm.kill();
+}
+
+/// A host end that closes and reopens faster than the agent polls its virtio-serial port
+/// (~100 ms) leaves no trace in the guest; the host's `hello` on every connection still gets
+/// the agent's answer. Each reopen here follows the close at once.
+#[test]
+fn a_host_channel_reopened_within_the_agents_poll_still_gets_hello() {
+    let Some(fixtures) =
+        qemu_or_skip("a_host_channel_reopened_within_the_agents_poll_still_gets_hello")
+    else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("symvirt-reopen-{}", std::process::id()));
+    let _cleanup = Cleanup(vec![dir.clone()]);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("symvirt.sock");
+    let config = QemuConfig::new(&fixtures)
+        .memory_mib(128)
+        .guest_run("/bin/symvirt-agent --ranks 0 --vm vm0")
+        .args(["-device", "virtio-serial"])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=sv0,path={},server=on,wait=off",
+            sock.display()
+        ))
+        .args(["-device", "virtserialport,chardev=sv0,name=org.symvirt.0"]);
+    let vm = Qemu::start(config).unwrap();
+    let mut host = HostChannel::connect(&sock, ChannelOptions::labelled("vm0")).unwrap();
+    if let Err(e) = host.wait_hello(Instant::now() + PATIENCE) {
+        panic!("no first hello: {e}; serial:\n{}", vm.serial());
+    }
+    for round in 1..=8u64 {
+        let closed = Instant::now();
+        drop(host);
+        host = HostChannel::connect(&sock, ChannelOptions::labelled("vm0")).unwrap();
+        let reopened_in = closed.elapsed();
+        let info = match host.wait_hello(Instant::now() + PATIENCE) {
+            Ok(info) => info,
+            Err(e) => panic!(
+                "round {round}: no hello after a reopen in {reopened_in:?}: {e}; serial:\n{}",
+                vm.serial()
+            ),
+        };
+        assert_eq!(info.vm, "vm0");
+        // The channel works, not just the greeting: a whole epoch through it.
+        let (told, _) = epoch_without_pci(&host, round);
+        assert_eq!(told.kind(), "ethernet");
+        assert_eq!(host.stats().rejected_total(), 0, "round {round}");
+    }
+}
+
+/// One epoch on Ethernet; for agents started without `--report-pci`.
+fn epoch_without_pci(host: &HostChannel, epoch: u64) -> (Interconnect, Option<Vec<PciDevice>>) {
+    host.send(&HostMessage::Prepare {
+        epoch,
+        deadline_ms: 30_000,
+    })
+    .unwrap();
+    let got = host
+        .wait_for(
+            |m| !matches!(m, GuestMessage::Hello { .. }),
+            Instant::now() + PATIENCE,
+        )
+        .unwrap();
+    assert_eq!(got, GuestMessage::Quiesced { epoch });
+    host.send(&HostMessage::Resume {
+        epoch,
+        interconnect: Interconnect::Ethernet {
+            mac: NIC_MAC.into(),
+            iface: None,
+            pci: None,
+        },
+    })
+    .unwrap();
+    match host
+        .wait_for(
+            |m| !matches!(m, GuestMessage::Hello { .. }),
+            Instant::now() + PATIENCE,
+        )
+        .unwrap()
+    {
+        GuestMessage::Resumed {
+            epoch: e,
+            interconnect,
+            pci_devices,
+        } if e == epoch => (interconnect, pci_devices),
+        other => panic!("epoch {epoch}: expected resumed, got {other:?}"),
+    }
 }

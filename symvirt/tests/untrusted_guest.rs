@@ -1,7 +1,7 @@
 //! The host channel against a hostile guest: the test plays QEMU's chardev socket (the server)
 //! and writes whatever a compromised guest could write into its virtio-serial port.
 
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufWriter, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -86,11 +86,21 @@ impl Rig {
         }
     }
 
-    /// What the guest reads next from the host, parsed.
+    /// What the guest reads next from the host, parsed, past the host's `hello` (sent on every
+    /// connection). Unbuffered, so no line after it is lost.
     fn guest_reads(&mut self) -> serde_json::Value {
-        let mut line = String::new();
-        BufReader::new(&self.guest).read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap()
+        loop {
+            let mut line = Vec::new();
+            let mut byte = [0u8];
+            while byte[0] != b'\n' {
+                assert_eq!((&self.guest).read(&mut byte).unwrap(), 1, "host hung up");
+                line.push(byte[0]);
+            }
+            let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
+            if value != serde_json::json!({"type": "hello"}) {
+                return value;
+            }
+        }
     }
 
     fn prepare(&mut self, epoch: u64) -> SessionState {

@@ -10,6 +10,9 @@
 //! | `0x3000`         | PDPT                                                |
 //! | `0x4000..0x8000` | four page directories (2 MiB pages, 4 GiB)          |
 //! | `0x8000`         | status page: one [`VcpuBlock`] of 64 bytes per vCPU |
+//! | `0x9000`         | SymVirt mailbox header (see [`mailbox`])            |
+//! | `0xa000`         | mailbox inbox ring (4 KiB, host to guest)           |
+//! | `0xb000`         | mailbox outbox ring (4 KiB, guest to host)          |
 //! | `0x10000`        | the program                                         |
 //! | `0x100000..`     | working sets, vCPU after vCPU                       |
 //!
@@ -19,6 +22,12 @@
 //! [`HEARTBEAT_PORT`] so the host sees a VM exit; every 256 pages it also writes to
 //! [`TICK_PORT`], so a throttled vCPU can be slowed down within a long pass. A page left stale by a migration therefore
 //! shows up in the guest's own error count.
+//!
+//! After each pass the program reaches its *pause point*, the SymVirt "wait/signal" of a
+//! guest without MPI (see [`mailbox`]): when the host enabled the channel, vCPU 0 moves bytes
+//! between the SymVirt I/O ports and the mailbox rings (`in`/`out`, one byte per access, so
+//! every byte is a VM exit of the running vCPU), and every vCPU parks there, servicing the
+//! channel, while the mailbox's wait word is set.
 
 use crate::dirty::PAGE_SIZE;
 use crate::vm::GuestMemory;
@@ -74,6 +83,7 @@ const OFF_WS_BASE: u64 = 0x18;
 const OFF_WS_PAGES: u64 = 0x20;
 const OFF_DELAY: u64 = 0x28;
 const OFF_PAGES_WRITTEN: u64 = 0x30;
+const OFF_WAITING: u64 = 0x38;
 
 /// Guest-physical address of vCPU `index`'s block (what its RDI holds).
 pub fn vcpu_block_addr(index: u32) -> u64 {
@@ -97,6 +107,9 @@ pub struct VcpuBlock {
     pub delay: u64,
     /// Pages written since the start (a finer progress measure than `counter`).
     pub pages_written: u64,
+    /// The mailbox wait word this vCPU saw at its last pause point: non-zero while it is parked
+    /// there (see [`mailbox`]).
+    pub waiting: u64,
 }
 
 impl VcpuBlock {
@@ -115,6 +128,7 @@ impl VcpuBlock {
             ws_pages: get(OFF_WS_PAGES)?,
             delay: get(OFF_DELAY)?,
             pages_written: get(OFF_PAGES_WRITTEN)?,
+            waiting: get(OFF_WAITING)?,
         })
     }
 
@@ -173,7 +187,8 @@ pub fn check_working_set(mem: &GuestMemory, index: u32) -> Result<VcpuBlock> {
 struct Asm {
     code: Vec<u8>,
     labels: Vec<Option<usize>>,
-    fixups: Vec<(usize, usize)>,
+    /// (offset of the displacement, label, displacement width in bytes: 1 or 4).
+    fixups: Vec<(usize, usize, usize)>,
 }
 
 impl Asm {
@@ -198,14 +213,25 @@ impl Asm {
     fn jump8(&mut self, opcode: u8, label: usize) {
         self.code.push(opcode);
         self.code.push(0);
-        self.fixups.push((self.code.len() - 1, label));
+        self.fixups.push((self.code.len() - 1, label, 1));
+    }
+    /// A near jump (`opcode... rel32`, e.g. `e9` or `0f 84`) to `label`.
+    fn jump32(&mut self, opcode: &[u8], label: usize) {
+        self.code.extend_from_slice(opcode);
+        self.code.extend_from_slice(&[0; 4]);
+        self.fixups.push((self.code.len() - 4, label, 4));
     }
     fn finish(mut self) -> Vec<u8> {
-        for (at, label) in self.fixups {
+        for (at, label, width) in self.fixups {
             let target = self.labels[label].expect("unbound label in guest program") as isize;
-            let rel = target - (at as isize + 1);
-            let rel = i8::try_from(rel).expect("guest program jump out of rel8 range");
-            self.code[at] = rel as u8;
+            let rel = target - (at as isize + width as isize);
+            if width == 1 {
+                let rel = i8::try_from(rel).expect("guest program jump out of rel8 range");
+                self.code[at] = rel as u8;
+            } else {
+                let rel = i32::try_from(rel).expect("guest program jump out of rel32 range");
+                self.code[at..at + 4].copy_from_slice(&rel.to_le_bytes());
+            }
         }
         self.code
     }
@@ -259,8 +285,219 @@ pub fn program() -> Vec<u8> {
     a.emit(&[0x48, 0x89, 0x57, 0x08]); //       mov [rdi+0x08], rdx   ; store checksum
     a.emit(&[0x48, 0x89, 0x1f]); //             mov [rdi], rbx        ; counter = c
     a.emit(&[0xe6, HEARTBEAT_PORT as u8]); //   out 0x80, al          ; heartbeat: a VM exit per pass
-    a.jump8(0xeb, outer); //                    jmp outer
+    pause_point(&mut a, outer);
     a.finish()
+}
+
+/// The pause point (SymVirt wait/signal), entered after each pass with RDI = this vCPU's block;
+/// ends with a jump to `outer`. R10 holds the mailbox address; DX the STATUS port.
+fn pause_point(a: &mut Asm, outer: usize) {
+    use mailbox::*;
+    let pause = a.label();
+    let recv = a.label();
+    let send = a.label();
+    let check_wait = a.label();
+    let to_outer = a.label();
+    let imm32 = |v: u64| (v as u32).to_le_bytes();
+    a.bind(pause);
+    a.emit(&[0x49, 0xc7, 0xc2]); //             mov r10, MAILBOX_ADDR
+    a.emit(&imm32(MAILBOX_ADDR));
+    a.emit(&[0x49, 0x83, 0x7a, OFF_ENABLED as u8, 0x00]); // cmp qword [r10+ENABLED], 0
+    a.jump32(&[0x0f, 0x84], to_outer); //       je to_outer           ; no channel: run on
+    a.emit(&[0x48, 0x81, 0xff]); //             cmp rdi, block of vCPU 0
+    a.emit(&imm32(STATUS_ADDR));
+    a.jump8(0x75, check_wait); //               jne check_wait        ; only vCPU 0 talks
+    a.emit(&[0x66, 0x41, 0x8b, 0x52, OFF_PORT as u8]); // mov dx, [r10+PORT] ; DATA port
+    a.emit(&[0x66, 0xff, 0xc2]); //             inc dx                ; STATUS port
+    a.bind(recv);
+    a.emit(&[0xec]); //                         in al, dx             ; STATUS (a VM exit)
+    a.emit(&[0xa8, 0x01]); //                   test al, STATUS_DATA
+    a.jump8(0x74, send); //                     jz send
+    a.emit(&[0x49, 0x8b, 0x4a, OFF_IN_HEAD as u8]); // mov rcx, [r10+IN_HEAD]
+    a.emit(&[0x48, 0x89, 0xc8]); //             mov rax, rcx
+    a.emit(&[0x49, 0x2b, 0x42, OFF_IN_TAIL as u8]); // sub rax, [r10+IN_TAIL]
+    a.emit(&[0x48, 0x3d]); //                   cmp rax, RING
+    a.emit(&imm32(RING_SIZE));
+    a.jump8(0x73, send); //                     jae send              ; inbox full: host drains it
+    a.emit(&[0x66, 0xff, 0xca]); //             dec dx                ; DATA port
+    a.emit(&[0xec]); //                         in al, dx             ; one host byte (a VM exit)
+    a.emit(&[0x66, 0xff, 0xc2]); //             inc dx                ; STATUS port
+    a.emit(&[0x48, 0x89, 0xcb]); //             mov rbx, rcx
+    a.emit(&[0x48, 0x81, 0xe3]); //             and rbx, RING - 1
+    a.emit(&imm32(RING_SIZE - 1));
+    a.emit(&[0x41, 0x88, 0x84, 0x1a]); //       mov [r10+rbx+INBOX], al
+    a.emit(&imm32(INBOX_ADDR - MAILBOX_ADDR));
+    a.emit(&[0x48, 0xff, 0xc1]); //             inc rcx
+    a.emit(&[0x49, 0x89, 0x4a, OFF_IN_HEAD as u8]); // mov [r10+IN_HEAD], rcx ; after the byte
+    a.jump8(0xeb, recv); //                     jmp recv
+    a.bind(send);
+    a.emit(&[0x49, 0x8b, 0x4a, OFF_OUT_TAIL as u8]); // mov rcx, [r10+OUT_TAIL]
+    a.emit(&[0x49, 0x3b, 0x4a, OFF_OUT_HEAD as u8]); // cmp rcx, [r10+OUT_HEAD]
+    a.jump8(0x73, check_wait); //               jae check_wait        ; nothing to send
+    a.emit(&[0x48, 0x89, 0xcb]); //             mov rbx, rcx
+    a.emit(&[0x48, 0x81, 0xe3]); //             and rbx, RING - 1
+    a.emit(&imm32(RING_SIZE - 1));
+    a.emit(&[0x41, 0x8a, 0x84, 0x1a]); //       mov al, [r10+rbx+OUTBOX]
+    a.emit(&imm32(OUTBOX_ADDR - MAILBOX_ADDR));
+    a.emit(&[0x66, 0xff, 0xca]); //             dec dx                ; DATA port
+    a.emit(&[0xee]); //                         out dx, al            ; one guest byte (a VM exit)
+    a.emit(&[0x66, 0xff, 0xc2]); //             inc dx                ; STATUS port
+    a.emit(&[0x48, 0xff, 0xc1]); //             inc rcx
+    a.emit(&[0x49, 0x89, 0x4a, OFF_OUT_TAIL as u8]); // mov [r10+OUT_TAIL], rcx
+    a.jump8(0xeb, send); //                     jmp send
+    a.bind(check_wait);
+    a.emit(&[0x49, 0x8b, 0x42, OFF_WAIT as u8]); // mov rax, [r10+WAIT]
+    a.emit(&[0x48, 0x89, 0x47, OFF_WAITING as u8]); // mov [rdi+WAITING], rax ; parked or not
+    a.emit(&[0x48, 0x85, 0xc0]); //             test rax, rax
+    a.jump8(0x74, to_outer); //                 jz to_outer           ; signalled: run on
+    a.emit(&[0xe6, TICK_PORT as u8]); //        out 0x81, al          ; wait: a VM exit per turn
+    a.jump32(&[0xe9], pause); //                jmp pause
+    a.bind(to_outer);
+    a.jump32(&[0xe9], outer); //                jmp outer
+}
+
+/// The SymVirt mailbox: how the program's pause point and the host's side of a guest without
+/// MPI (the VMM playing the in-guest agent, `symvirt::portio_agent`) share the channel.
+///
+/// Header at [`MAILBOX_ADDR`], little-endian `u64` words:
+///
+/// | offset | word       | written by | meaning                                              |
+/// |--------|------------|------------|------------------------------------------------------|
+/// | `0x00` | `enabled`  | host       | non-zero: vCPU 0 services the ports at pause points  |
+/// | `0x08` | `port`     | host       | the DATA port (STATUS is `port + 1`)                 |
+/// | `0x10` | `wait`     | host       | non-zero: every vCPU parks at its pause point (wait) |
+/// | `0x18` | `in_head`  | guest      | bytes received from the host into the inbox, total  |
+/// | `0x20` | `in_tail`  | host       | inbox bytes the host side consumed, total            |
+/// | `0x28` | `out_head` | host       | bytes queued in the outbox, total                    |
+/// | `0x30` | `out_tail` | guest      | outbox bytes sent to the host, total                 |
+/// | `0x40..0x80` | agent words | host | eight words of state for the host's agent role     |
+///
+/// The rings are single-producer single-consumer: the producer writes the bytes, then its head
+/// (x86 keeps stores in order); the consumer reads the head, then the bytes. Everything lives
+/// in guest memory, so it migrates with the guest: a destination's agent role continues where
+/// the source's stopped.
+pub mod mailbox {
+    use crate::vm::GuestMemory;
+    use crate::{Error, Result};
+    use std::sync::atomic::Ordering;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// The header's guest-physical address.
+    pub const MAILBOX_ADDR: u64 = 0x9000;
+    /// The inbox ring (host to guest).
+    pub const INBOX_ADDR: u64 = 0xa000;
+    /// The outbox ring (guest to host).
+    pub const OUTBOX_ADDR: u64 = 0xb000;
+    /// Bytes per ring.
+    pub const RING_SIZE: u64 = 4096;
+    /// Agent words available.
+    pub const AGENT_WORDS: usize = 8;
+
+    pub(super) const OFF_ENABLED: u64 = 0x00;
+    pub(super) const OFF_PORT: u64 = 0x08;
+    pub(super) const OFF_WAIT: u64 = 0x10;
+    pub(super) const OFF_IN_HEAD: u64 = 0x18;
+    pub(super) const OFF_IN_TAIL: u64 = 0x20;
+    pub(super) const OFF_OUT_HEAD: u64 = 0x28;
+    pub(super) const OFF_OUT_TAIL: u64 = 0x30;
+    const OFF_AGENT: u64 = 0x40;
+
+    fn load(mem: &GuestMemory, off: u64) -> Result<u64> {
+        mem.load::<u64>(GuestAddress(MAILBOX_ADDR + off), Ordering::Acquire)
+            .map_err(|e| Error::Memory(format!("reading the SymVirt mailbox: {e}")))
+    }
+
+    fn store(mem: &GuestMemory, off: u64, value: u64) -> Result<()> {
+        mem.store(value, GuestAddress(MAILBOX_ADDR + off), Ordering::Release)
+            .map_err(|e| Error::Memory(format!("writing the SymVirt mailbox: {e}")))
+    }
+
+    /// Turns the channel on: from the next pause point vCPU 0 services `port` and `port + 1`.
+    pub fn enable(mem: &GuestMemory, port: u16) -> Result<()> {
+        store(mem, OFF_PORT, u64::from(port))?;
+        store(mem, OFF_ENABLED, 1)
+    }
+
+    /// Whether the channel is on (it stays on across a migration: it is guest memory).
+    pub fn enabled(mem: &GuestMemory) -> Result<bool> {
+        Ok(load(mem, OFF_ENABLED)? != 0)
+    }
+
+    /// Sets the wait word: non-zero parks every vCPU at its pause point (wait), zero lets them
+    /// go on (signal).
+    pub fn set_wait(mem: &GuestMemory, value: u64) -> Result<()> {
+        store(mem, OFF_WAIT, value)
+    }
+
+    /// The wait word.
+    pub fn wait(mem: &GuestMemory) -> Result<u64> {
+        load(mem, OFF_WAIT)
+    }
+
+    /// Takes every byte the guest received from the host since the last call.
+    pub fn take_inbox(mem: &GuestMemory) -> Result<Vec<u8>> {
+        let head = load(mem, OFF_IN_HEAD)?;
+        let tail = load(mem, OFF_IN_TAIL)?;
+        if head < tail || head - tail > RING_SIZE {
+            return Err(Error::Memory(format!(
+                "SymVirt inbox corrupt: head {head}, tail {tail}"
+            )));
+        }
+        let mut bytes = vec![0u8; (head - tail) as usize];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            let at = INBOX_ADDR + (tail + i as u64) % RING_SIZE;
+            *b = mem
+                .read_obj(GuestAddress(at))
+                .map_err(|e| Error::Memory(format!("reading the SymVirt inbox: {e}")))?;
+        }
+        store(mem, OFF_IN_TAIL, head)?;
+        Ok(bytes)
+    }
+
+    /// Queues as much of `bytes` as the outbox has room for; returns how many.
+    pub fn put_outbox(mem: &GuestMemory, bytes: &[u8]) -> Result<usize> {
+        let head = load(mem, OFF_OUT_HEAD)?;
+        let tail = load(mem, OFF_OUT_TAIL)?;
+        if head < tail || head - tail > RING_SIZE {
+            return Err(Error::Memory(format!(
+                "SymVirt outbox corrupt: head {head}, tail {tail}"
+            )));
+        }
+        let n = bytes.len().min((RING_SIZE - (head - tail)) as usize);
+        for (i, b) in bytes[..n].iter().enumerate() {
+            let at = OUTBOX_ADDR + (head + i as u64) % RING_SIZE;
+            mem.write_obj(*b, GuestAddress(at))
+                .map_err(|e| Error::Memory(format!("writing the SymVirt outbox: {e}")))?;
+        }
+        store(mem, OFF_OUT_HEAD, head + n as u64)?;
+        Ok(n)
+    }
+
+    /// Outbox bytes the guest has not sent yet.
+    pub fn outbox_pending(mem: &GuestMemory) -> Result<u64> {
+        Ok(load(mem, OFF_OUT_HEAD)?.saturating_sub(load(mem, OFF_OUT_TAIL)?))
+    }
+
+    /// Agent word `i` (0..[`AGENT_WORDS`]).
+    pub fn agent_word(mem: &GuestMemory, i: usize) -> Result<u64> {
+        check_word(i)?;
+        load(mem, OFF_AGENT + 8 * i as u64)
+    }
+
+    /// Sets agent word `i`.
+    pub fn set_agent_word(mem: &GuestMemory, i: usize, value: u64) -> Result<()> {
+        check_word(i)?;
+        store(mem, OFF_AGENT + 8 * i as u64, value)
+    }
+
+    fn check_word(i: usize) -> Result<()> {
+        if i >= AGENT_WORDS {
+            return Err(Error::VmControl(format!(
+                "agent word {i} (there are {AGENT_WORDS})"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Where vCPU `index`'s working set starts, for `pages_per_vcpu` pages each.
@@ -295,6 +532,7 @@ pub fn install(mem: &GuestMemory, vcpus: u32, pages_per_vcpu: u64, delay: u64) -
             working_set_base(i, pages_per_vcpu),
             pages_per_vcpu,
             delay,
+            0,
             0,
         ];
         w(vcpu_block_addr(i), &words(&block))?;

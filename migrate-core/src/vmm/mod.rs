@@ -23,6 +23,7 @@
 //! ```
 
 pub mod guest;
+pub mod io;
 mod rate;
 pub mod state;
 mod vcpu;
@@ -32,6 +33,7 @@ use crate::kvm::{DirtyLogTracker, DirtyRingTracker, DirtyTracking, KvmVm};
 use crate::vm::{GuestMemory, IncomingVm, MigratableVm};
 use crate::{Error, Result};
 use guest::VcpuBlock;
+use io::IoBus;
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, Msrs, kvm_mp_state, kvm_msr_entry, kvm_segment,
 };
@@ -170,6 +172,7 @@ pub struct ReferenceVm {
     paused: AtomicBool,
     /// True while paused; held while pausing, resuming, and by the rate governor's writes.
     gate: Arc<Mutex<bool>>,
+    bus: Arc<IoBus>,
     _governor: Option<RateGovernor>,
     _kvm: Kvm,
 }
@@ -231,6 +234,7 @@ impl ReferenceVm {
             })?;
         let mut msr_indices = None;
         let mut vcpus = Vec::new();
+        let bus = Arc::new(IoBus::default());
         for i in 0..config.vcpus {
             let fd = vm.create_vcpu(u64::from(i))?;
             for e in cpuid.as_mut_slice() {
@@ -246,7 +250,7 @@ impl ReferenceVm {
             if msr_indices.is_none() {
                 msr_indices = Some(Arc::new(probe_msrs(&kvm, &fd)?));
             }
-            vcpus.push(Vcpu::spawn(i, fd, vm.clone())?);
+            vcpus.push(Vcpu::spawn(i, fd, vm.clone(), bus.clone())?);
         }
         let gate = Arc::new(Mutex::new(true));
         let governor = match config.dirty_rate_mib_s {
@@ -272,6 +276,7 @@ impl ReferenceVm {
             msr_indices: msr_indices.unwrap_or_default(),
             paused: AtomicBool::new(true),
             gate,
+            bus,
             _governor: governor,
             _kvm: kvm,
         })
@@ -311,6 +316,11 @@ impl ReferenceVm {
 
     fn lock_gate(&self) -> std::sync::MutexGuard<'_, bool> {
         self.gate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The devices on the guest's I/O ports (plug and unplug them here, also while running).
+    pub fn io_bus(&self) -> &Arc<IoBus> {
+        &self.bus
     }
 
     /// The configuration the VM was built with.
@@ -488,6 +498,11 @@ impl MigratableVm for ReferenceVm {
     }
 
     fn dirty_tracker(&self) -> Result<Box<dyn DirtyTracker>> {
+        // Called once at the start of every migration: the place to refuse one, as QEMU does
+        // while a device without migration support (a VFIO function) is plugged.
+        if let Some(why) = self.bus.migration_blocker() {
+            return Err(Error::VmControl(format!("migration is blocked by {why}")));
+        }
         Ok(match self.vm.tracking() {
             DirtyTracking::DirtyLog => Box::new(DirtyLogTracker::start(self.vm.clone())?),
             DirtyTracking::DirtyRing => Box::new(DirtyRingTracker::start(self.vm.clone())?),

@@ -7,7 +7,8 @@
 //! it: none is lost. Work on the vCPU fd itself (save/restore) runs on the vCPU thread as
 //! queued commands while it is parked.
 
-use super::guest::HEARTBEAT_PORT;
+use super::guest::{HEARTBEAT_PORT, TICK_PORT};
+use super::io::IoBus;
 use crate::kvm::{DirtyTracking, KvmVm};
 use crate::{Error, Result};
 use kvm_bindings::{KVM_EXIT_DIRTY_RING_FULL, kvm_run};
@@ -93,7 +94,7 @@ impl std::fmt::Debug for Vcpu {
 
 impl Vcpu {
     /// Starts the thread for `fd`, parked (not running guest code).
-    pub fn spawn(index: u32, fd: VcpuFd, vm: Arc<KvmVm>) -> Result<Self> {
+    pub fn spawn(index: u32, fd: VcpuFd, vm: Arc<KvmVm>, bus: Arc<IoBus>) -> Result<Self> {
         install_kick_handler()?;
         let shared = Arc::new(Shared {
             control: Mutex::new(Control {
@@ -111,7 +112,7 @@ impl Vcpu {
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || vcpu_loop(fd, &thread_shared, &vm))
+            .spawn(move || vcpu_loop(fd, &thread_shared, &vm, &bus))
             .map_err(|source| Error::Io {
                 context: format!("spawning vCPU {index}"),
                 source,
@@ -257,7 +258,7 @@ impl Drop for Vcpu {
     }
 }
 
-fn vcpu_loop(mut fd: VcpuFd, shared: &Shared, vm: &KvmVm) {
+fn vcpu_loop(mut fd: VcpuFd, shared: &Shared, vm: &KvmVm, bus: &IoBus) {
     shared.lock().kvm_run = fd.get_kvm_run() as *mut kvm_run as usize;
     let mut empty_ring_full_exits = 0u32;
     loop {
@@ -291,10 +292,17 @@ fn vcpu_loop(mut fd: VcpuFd, shared: &Shared, vm: &KvmVm) {
         }
         let started = Instant::now();
         let failure = match fd.run() {
-            Ok(VcpuExit::IoOut(port, _)) => {
+            Ok(VcpuExit::IoOut(port, data)) => {
                 if port == HEARTBEAT_PORT {
                     shared.heartbeats.fetch_add(1, Ordering::Relaxed);
+                } else if port != TICK_PORT {
+                    // A device's port, or nobody's (ignored, as on a PC).
+                    bus.write(port, data);
                 }
+                None
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                bus.read(port, data);
                 None
             }
             Ok(VcpuExit::Unsupported(reason)) if reason == KVM_EXIT_DIRTY_RING_FULL => {
