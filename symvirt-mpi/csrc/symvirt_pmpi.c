@@ -356,6 +356,37 @@ static void serve(void)
     serve_peers();
 }
 
+/* One idle turn of a wait loop. Cheap on the fast path: the local request is one atomic
+ * load; peers' COUNTS are probed every 64 turns; the CPU is yielded only after a while (ranks
+ * may share cores), so a message that arrives soon is seen at full speed. */
+static void idle(unsigned long *turns)
+{
+    ++*turns;
+    if (!g.ready || g.closed) {
+        if (*turns > 4096)
+            sched_yield();
+        return;
+    }
+    uint64_t e = symvirt_ctl_requested();
+    if (e > g.served) {
+        cut(e);
+        return;
+    }
+    if ((*turns & 63) == 0)
+        serve_peers();
+    if (*turns > 4096)
+        sched_yield();
+}
+
+/* For single-shot Test calls that found nothing: the same, with a process-wide turn count. */
+static void idle_test(void)
+{
+    static unsigned long turns;
+    idle(&turns);
+    if (turns > 4096)
+        turns = 0; /* no yield inside an application's own polling loop */
+}
+
 /* Diagnostics for a drain that does not finish (printed once per cut, to stderr). */
 static void dump_drain(uint64_t epoch, const int *have)
 {
@@ -495,13 +526,13 @@ static void cut(uint64_t epoch)
 /* Waits for one request, serving cuts meanwhile. */
 static int wait_serving(MPI_Request *req, MPI_Status *st)
 {
+    unsigned long turns = 0;
     for (;;) {
         int flag = 0;
         int rc = PMPI_Test(req, &flag, st);
         if (rc != MPI_SUCCESS || flag)
             return rc;
-        serve();
-        sched_yield();
+        idle(&turns);
     }
 }
 
@@ -513,13 +544,16 @@ static void align(void)
         uint64_t mine = want > g.served ? want : 0, agreed = 0;
         MPI_Request r;
         PMPI_Iallreduce(&mine, &agreed, 1, MPI_UINT64_T, MPI_MAX, g.align, &r);
-        for (;;) {
+        for (unsigned long turns = 1;; turns++) {
             int flag = 0;
             PMPI_Test(&r, &flag, MPI_STATUS_IGNORE);
             if (flag)
                 break;
-            serve_peers(); /* never start a cut here: peers may already be past this point */
-            sched_yield();
+            /* Never start a cut here (peers may already be past this point); answer one. */
+            if ((turns & 63) == 0)
+                serve_peers();
+            if (turns > 4096)
+                sched_yield();
         }
         /* Decide from the agreed value alone: identical on every rank. A rank may already
          * have made this cut (answering a peer while its reduction was pending); every rank
@@ -740,7 +774,7 @@ int MPI_Iprobe(int src, int tag, MPI_Comm comm, int *flag, MPI_Status *status)
     }
     int rc = PMPI_Iprobe(src, tag, comm, flag, status);
     if (rc == MPI_SUCCESS && !*flag && cid >= 0)
-        serve();
+        idle_test();
     return rc;
 }
 
@@ -755,7 +789,6 @@ int MPI_Probe(int src, int tag, MPI_Comm comm, MPI_Status *status)
         int rc = MPI_Iprobe(src, tag, comm, &flag, status);
         if (rc != MPI_SUCCESS || flag)
             return rc;
-        sched_yield();
     }
 }
 
@@ -788,7 +821,7 @@ int MPI_Test(MPI_Request *req, int *flag, MPI_Status *status)
     if (*flag)
         completed(handle, &local);
     else
-        serve();
+        idle_test();
     if (status != MPI_STATUS_IGNORE)
         *status = local;
     return rc;
@@ -843,19 +876,19 @@ int MPI_Testall(int n, MPI_Request *reqs, int *flag, MPI_Status *sts)
 {
     int rc = testall(n, reqs, flag, sts);
     if (!*flag)
-        serve();
+        idle_test();
     return rc;
 }
 
 int MPI_Waitall(int n, MPI_Request *reqs, MPI_Status *sts)
 {
+    unsigned long turns = 0;
     for (;;) {
         int flag = 0;
         int rc = testall(n, reqs, &flag, sts);
         if (rc != MPI_SUCCESS || flag)
             return rc;
-        serve();
-        sched_yield();
+        idle(&turns);
     }
 }
 
@@ -876,19 +909,19 @@ int MPI_Testany(int n, MPI_Request *reqs, int *idx, int *flag, MPI_Status *statu
 {
     int rc = testany(n, reqs, idx, flag, status);
     if (!*flag)
-        serve();
+        idle_test();
     return rc;
 }
 
 int MPI_Waitany(int n, MPI_Request *reqs, int *idx, MPI_Status *status)
 {
+    unsigned long turns = 0;
     for (;;) {
         int flag = 0;
         int rc = testany(n, reqs, idx, &flag, status);
         if (rc != MPI_SUCCESS || flag)
             return rc;
-        serve();
-        sched_yield();
+        idle(&turns);
     }
 }
 
@@ -911,18 +944,18 @@ int MPI_Testsome(int n, MPI_Request *reqs, int *outcount, int *idx, MPI_Status *
 {
     int rc = testsome(n, reqs, outcount, idx, sts);
     if (*outcount == 0)
-        serve();
+        idle_test();
     return rc;
 }
 
 int MPI_Waitsome(int n, MPI_Request *reqs, int *outcount, int *idx, MPI_Status *sts)
 {
+    unsigned long turns = 0;
     for (;;) {
         int rc = testsome(n, reqs, outcount, idx, sts);
         if (rc != MPI_SUCCESS || *outcount != 0)
             return rc;
-        serve();
-        sched_yield();
+        idle(&turns);
     }
 }
 

@@ -53,9 +53,13 @@ fn run_explicit(mpi: MpiImpl, source: &str, modes: Option<&str>, tag: &str, epoc
     let mut job = Job::start(mpi, &prog, &args, &env, &rig.dir.0);
     let mut last_sent = 0;
     for epoch in 1..=epochs {
+        let asked = std::time::Instant::now();
         rig.prepare(epoch);
         match outcome_while_running(&rig, &mut job) {
-            GuestMessage::Quiesced { epoch: e } if e == epoch => {}
+            GuestMessage::Quiesced { epoch: e } if e == epoch => {
+                // Informational only (no timed assertions): request to all ranks quiesced.
+                eprintln!("{tag}: epoch {epoch} quiesced in {:?}", asked.elapsed());
+            }
             other => panic!(
                 "epoch {epoch}: expected quiesced, got {other:?}\n{}",
                 job.logs()

@@ -81,9 +81,13 @@ fn run_transparent(mpi: MpiImpl, modes: Option<&str>, tag: &str, epochs: u64) {
     for epoch in 1..=epochs {
         // Requests land wherever the ranks happen to be; vary the moment a little.
         std::thread::sleep(Duration::from_millis(37 * epoch));
+        let asked = std::time::Instant::now();
         rig.prepare(epoch);
         match outcome_while_running(&rig, &mut job) {
-            GuestMessage::Quiesced { epoch: e } if e == epoch => {}
+            GuestMessage::Quiesced { epoch: e } if e == epoch => {
+                // Informational only (no timed assertions): request to all ranks quiesced.
+                eprintln!("{tag}: epoch {epoch} quiesced in {:?}", asked.elapsed());
+            }
             other => panic!(
                 "epoch {epoch}: expected quiesced, got {other:?}\n{}",
                 job.logs()
