@@ -195,6 +195,17 @@ impl HostChannel {
         Self::start(Endpoint::Stream(Some(stream)), options, None)
     }
 
+    /// Like [`HostChannel::from_stream`], continuing `session` (see
+    /// [`HostChannel::connect_continuing`]): a migrated guest's port-I/O channel at the
+    /// destination VMM.
+    pub fn from_stream_continuing(
+        stream: UnixStream,
+        options: ChannelOptions,
+        session: GuestSession,
+    ) -> Result<HostChannel> {
+        Self::start_with(Endpoint::Stream(Some(stream)), options, None, session)
+    }
+
     /// Listens on `path` for an agent that connects as a client (one connection at a time).
     pub fn listen(path: impl AsRef<Path>, options: ChannelOptions) -> Result<HostChannel> {
         let path = path.as_ref().to_owned();

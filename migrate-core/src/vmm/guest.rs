@@ -547,10 +547,14 @@ mod tests {
     #[test]
     fn program_jumps_resolve_and_end_with_jump_to_start() {
         let code = program();
-        // Last instruction: jmp rel8 back to offset 0.
+        // Last instruction (leaving the pause point): jmp rel32 back to offset 0.
         let n = code.len();
-        assert_eq!(code[n - 2], 0xeb);
-        assert_eq!(n as isize + (code[n - 1] as i8) as isize, 0);
+        assert_eq!(code[n - 5], 0xe9);
+        let rel = i32::from_le_bytes(code[n - 4..].try_into().unwrap());
+        assert_eq!(n as isize + rel as isize, 0);
+        // The pause point loads the mailbox address (mov r10, imm32).
+        let mov_r10 = [0x49, 0xc7, 0xc2, 0x00, 0x90, 0x00, 0x00];
+        assert!(code.windows(7).any(|w| w == mov_r10));
     }
 
     #[test]

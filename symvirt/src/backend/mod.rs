@@ -2,10 +2,12 @@
 //! destination, detach, migrate with a synchronized switchover, attach, commit or roll back.
 //!
 //! [`qemu::QemuVm`] implements it over QMP (and starts destination QEMUs with
-//! [`qemu::Launcher`]). Guest coordination (prepare, resume, abort) is the controller's, the
+//! [`qemu::Launcher`]); [`reference::ReferenceBackend`] for `migrate-core`'s reference KVM VMM,
+//! migrated by its pre-copy engine, with the port-I/O hypercall channel. Guest coordination (prepare, resume, abort) is the controller's, the
 //! same for every backend.
 
 pub mod qemu;
+pub mod reference;
 
 use crate::error::Result;
 use crate::host_channel::HostChannel;

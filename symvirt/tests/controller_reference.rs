@@ -1,0 +1,306 @@
+//! The controller on the reference-VMM backend: two KVM VMs of `migrate-core`'s reference VMM,
+//! each with a passthrough HCA STAND-IN (no HCA exists here) and the SymVirt port-I/O
+//! hypercall channel, moved to Ethernet and back by `migrate-core`'s engine, then a plan whose
+//! destination refuses the VM rolled back. The guests are checked by their own counters and
+//! memory: every page of their working sets holds what the guest last wrote.
+
+use migrate_core::vmm::{ReferenceVm, VmmConfig};
+use migrate_core::{MigrationConfig, destination, source, transport};
+use ninja_testkit::{free_tcp_port, kvm_or_skip};
+use serde_json::Map;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use symvirt::backend::VmBackend;
+use symvirt::backend::reference::{GuestHome, ReferenceBackend, ReferenceGuest};
+use symvirt::cluster::{
+    Deadlines, DestinationSpec, Device, MigrationSettings, Plan, SourceSpec, VmSpec,
+};
+use symvirt::controller::{Controller, Event, GuestNotice, Outcome, Phase, Report};
+use symvirt::protocol::Interconnect;
+use symvirt::remote::Address;
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// One test at a time: each runs two or three KVM guests on a 2-core machine.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn config() -> VmmConfig {
+    VmmConfig {
+        mem_size: 32 << 20,
+        vcpus: 1,
+        working_set_pages: 256,
+        ..VmmConfig::default()
+    }
+}
+
+fn hca(name: &str) -> Device {
+    Device::HcaStandin {
+        id: "hca0".into(),
+        mem_path: PathBuf::from(format!("/dev/shm/unused-{name}")),
+        size: 1 << 20,
+        properties: Map::new(),
+    }
+}
+
+fn mac_of(i: usize) -> String {
+    format!("52:54:00:00:20:{:02x}", i + 1)
+}
+
+fn nic(i: usize) -> Device {
+    Device::VirtioNet {
+        id: "n0".into(),
+        mac: mac_of(i),
+        netdev: None,
+        properties: Map::new(),
+    }
+}
+
+fn infiniband() -> Interconnect {
+    Interconnect::Infiniband {
+        hca: "hca0".into(),
+        port: 1,
+        pci: None,
+    }
+}
+
+fn ethernet(i: usize) -> Interconnect {
+    Interconnect::Ethernet {
+        mac: mac_of(i),
+        iface: None,
+        pci: None,
+    }
+}
+
+/// A VM of the plan; the monitor and channel addresses are not used by this backend.
+fn spec(name: &str, from: (Vec<Device>, Interconnect), to: (Vec<Device>, Interconnect)) -> VmSpec {
+    let unused = Address::Unix(PathBuf::from("in-process"));
+    VmSpec {
+        name: name.into(),
+        source: SourceSpec {
+            qmp: unused.clone(),
+            channel: unused.clone(),
+            devices: from.0,
+            interconnect: from.1,
+        },
+        destination: DestinationSpec {
+            qmp: unused.clone(),
+            channel: unused,
+            migrate_uri: format!("tcp:127.0.0.1:{}", free_tcp_port()),
+            launch: None,
+            devices: to.0,
+            interconnect: to.1,
+        },
+    }
+}
+
+fn run(vms: Vec<VmSpec>, homes: &[GuestHome], destination: VmmConfig) -> (Report, Vec<Event>) {
+    let plan = Plan {
+        vms: vms.clone(),
+        deadlines: Deadlines {
+            migrate: Duration::from_secs(120),
+            ..Deadlines::default()
+        },
+        migration: MigrationSettings {
+            max_parallel: 2,
+            ..MigrationSettings::default()
+        },
+        ssh_program: "ssh".into(),
+    };
+    let backends: Vec<Box<dyn VmBackend>> = vms
+        .into_iter()
+        .zip(homes)
+        .map(|(spec, home)| {
+            Box::new(ReferenceBackend::new(
+                spec,
+                home.clone(),
+                destination.clone(),
+                MigrationConfig::default(),
+            )) as Box<dyn VmBackend>
+        })
+        .collect();
+    let events = Mutex::new(Vec::new());
+    let sink = |e: &Event| events.lock().unwrap().push(e.clone());
+    let report = Controller::new(plan, &sink).run(backends);
+    (report, events.into_inner().unwrap())
+}
+
+fn vm_of(home: &GuestHome) -> Arc<ReferenceVm> {
+    home.lock().unwrap().vm().clone()
+}
+
+fn counter(vm: &ReferenceVm) -> u64 {
+    vm.status(0).unwrap().counter
+}
+
+/// Waits until the guest completes passes beyond `than` (it runs), then checks its memory.
+fn runs_on_intact(vm: &ReferenceVm, than: u64, what: &str) {
+    let started = Instant::now();
+    while counter(vm) <= than + 2 {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "{what}: the guest stopped at {} passes ({:?})",
+            counter(vm),
+            vm.failure()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vm.pause().unwrap();
+    let block = vm.check_working_set(0).unwrap();
+    assert_eq!(block.errors, 0, "{what}: the guest found stale pages");
+    assert!(block.checksum_consistent(), "{what}: {block:?}");
+    assert_eq!(block.waiting, 0, "{what}: still parked at its pause point");
+    vm.resume().unwrap();
+}
+
+fn start_sources() -> Vec<GuestHome> {
+    ["vm0", "vm1"]
+        .iter()
+        .map(|name| {
+            let guest = ReferenceGuest::start(name, config()).unwrap();
+            guest.plug(&hca(name), 0).unwrap();
+            Arc::new(Mutex::new(guest))
+        })
+        .collect()
+}
+
+#[test]
+fn two_reference_vms_move_from_hca_standin_to_ethernet_and_back() {
+    if !kvm_or_skip("two_reference_vms_move_from_hca_standin_to_ethernet_and_back") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let homes = start_sources();
+
+    // With the stand-in plugged, the engine refuses a plain migration, as with a VFIO HCA.
+    {
+        let vm = vm_of(&homes[0]);
+        let cfg = MigrationConfig::default();
+        let (src, dst) = transport::in_process(1).unwrap();
+        let receiver = std::thread::spawn({
+            let cfg = cfg.clone();
+            move || destination::receive(dst, &cfg, |_| ReferenceVm::new_incoming(config()))
+        });
+        let err = source::migrate(&*vm, src, &cfg, None).unwrap_err();
+        assert!(format!("{err:?}").contains("stand-in"), "{err:?}");
+        assert!(receiver.join().unwrap().is_err());
+        assert!(!vm.is_paused(), "the refused source runs on");
+    }
+
+    // Forward: HCA stand-in -> Ethernet.
+    let sources: Vec<Arc<ReferenceVm>> = homes.iter().map(vm_of).collect();
+    let vms: Vec<VmSpec> = (0..2)
+        .map(|i| {
+            spec(
+                &format!("vm{i}"),
+                (vec![hca(&format!("vm{i}"))], infiniband()),
+                (vec![nic(i)], ethernet(i)),
+            )
+        })
+        .collect();
+    let (report, events) = run(vms, &homes, config());
+    assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.errors);
+    for phase in [
+        Phase::Connect,
+        Phase::Reserve,
+        Phase::Quiesce,
+        Phase::Detach,
+        Phase::Migrate,
+        Phase::Attach,
+        Phase::Resume,
+        Phase::Commit,
+    ] {
+        assert!(report.phase(phase).is_some(), "no timing for {phase}");
+        assert!(events.contains(&Event::PhaseStarted { phase }));
+    }
+    for (i, home) in homes.iter().enumerate() {
+        let r = &report.vms[i];
+        match &r.guest {
+            GuestNotice::Resumed { interconnect, .. } => assert_eq!(interconnect, &ethernet(i)),
+            other => panic!("{}: {other:?}", r.name),
+        }
+        assert!(r.transferred > 0 && r.migration_ms.is_some());
+        let vm = vm_of(home);
+        assert!(!Arc::ptr_eq(&vm, &sources[i]), "vm{i} did not move");
+        assert!(sources[i].is_paused(), "vm{i}: the source still runs");
+        let guest = home.lock().unwrap();
+        assert!(guest.has_device("n0") && !guest.has_device("hca0"));
+        drop(guest);
+        // It continues from where the source stopped, with every page intact.
+        runs_on_intact(&vm, counter(&sources[i]), &format!("vm{i} forward"));
+    }
+    drop(sources);
+
+    // Back: Ethernet -> HCA stand-in.
+    let moved: Vec<Arc<ReferenceVm>> = homes.iter().map(vm_of).collect();
+    let vms: Vec<VmSpec> = (0..2)
+        .map(|i| {
+            spec(
+                &format!("vm{i}"),
+                (vec![nic(i)], ethernet(i)),
+                (vec![hca(&format!("vm{i}"))], infiniband()),
+            )
+        })
+        .collect();
+    let (report, _) = run(vms, &homes, config());
+    assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.errors);
+    for (i, home) in homes.iter().enumerate() {
+        match &report.vms[i].guest {
+            GuestNotice::Resumed { interconnect, .. } => assert_eq!(interconnect, &infiniband()),
+            other => panic!("vm{i}: {other:?}"),
+        }
+        let vm = vm_of(home);
+        assert!(!Arc::ptr_eq(&vm, &moved[i]));
+        assert!(home.lock().unwrap().has_device("hca0"));
+        runs_on_intact(&vm, counter(&moved[i]), &format!("vm{i} back"));
+    }
+}
+
+#[test]
+fn a_destination_that_refuses_the_vm_rolls_the_plan_back() {
+    if !kvm_or_skip("a_destination_that_refuses_the_vm_rolls_the_plan_back") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let homes = start_sources();
+    let sources: Vec<Arc<ReferenceVm>> = homes.iter().map(vm_of).collect();
+    let vms: Vec<VmSpec> = (0..2)
+        .map(|i| {
+            spec(
+                &format!("vm{i}"),
+                (vec![hca(&format!("vm{i}"))], infiniband()),
+                (vec![nic(i)], ethernet(i)),
+            )
+        })
+        .collect();
+    // The destinations are built for another memory size: they refuse at the handshake.
+    let other = VmmConfig {
+        mem_size: 64 << 20,
+        ..config()
+    };
+    let (report, events) = run(vms, &homes, other);
+    match &report.outcome {
+        Outcome::RolledBack { phase, error } => {
+            assert_eq!(*phase, Phase::Migrate);
+            assert!(error.contains("differ"), "{error}");
+        }
+        other => panic!("{other:?}: {:?}", report.errors),
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::RollbackFinished { ok: true, .. }))
+    );
+    for (i, home) in homes.iter().enumerate() {
+        // Told to go on over the interconnect it had, the stand-in plugged again, where it was.
+        match &report.vms[i].guest {
+            GuestNotice::Resumed { interconnect, .. } => assert_eq!(interconnect, &infiniband()),
+            other => panic!("vm{i}: {other:?}"),
+        }
+        let vm = vm_of(home);
+        assert!(Arc::ptr_eq(&vm, &sources[i]), "vm{i} moved");
+        assert!(home.lock().unwrap().has_device("hca0"));
+        let now = counter(&vm);
+        runs_on_intact(&vm, now, &format!("vm{i} after rollback"));
+    }
+}
