@@ -72,6 +72,16 @@ pub enum Error {
     /// The reference VMM or the migration engine (`migrate-core`) failed.
     #[error("reference VMM")]
     Vmm(#[source] Box<migrate_core::Error>),
+    /// A VFIO operation failed (`vfio` feature).
+    #[cfg(feature = "vfio")]
+    #[error("{what}")]
+    Vfio {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: vfio_ioctls::VfioError,
+    },
     /// One VM failed in one phase of a plan.
     #[error("vm {vm}: {phase} failed")]
     Vm {

@@ -47,5 +47,6 @@ pub mod rank;
 pub mod remote;
 pub mod session;
 pub mod sysfs;
+pub mod vfio;
 
 pub use error::{Error, Result};
