@@ -152,6 +152,10 @@ pub unsafe extern "C" fn symvirt_ctl_open(
     socket: *const c_char,
     timeout_ms: u64,
 ) -> c_int {
+    // The fallback trigger works with or without an agent.
+    if let Err(e) = control::install_signal_trigger() {
+        log::warn!("symvirt: no SIGUSR1 trigger: {e}");
+    }
     // SAFETY: forwarded caller guarantee.
     let path = control::socket_path(unsafe { opt_str(socket) }.map(Path::new));
     let mut slot = control_slot();
@@ -185,10 +189,12 @@ pub unsafe extern "C" fn symvirt_ctl_quiesce(
     out: *mut CInterconnect,
 ) -> c_int {
     let slot = control_slot();
-    let Some(c) = slot.as_ref() else {
-        return fail(&Error::State("no control plane open".into()));
+    let timeout = Duration::from_millis(timeout_ms);
+    let outcome = match slot.as_ref() {
+        _ if control::is_signal_epoch(epoch) => control::wait_signal_release(epoch, timeout),
+        Some(c) => c.quiesce(epoch, timeout),
+        None => return fail(&Error::State("no control plane open".into())),
     };
-    let outcome = c.quiesce(epoch, Duration::from_millis(timeout_ms));
     // SAFETY: the caller guarantees `out` is null or valid for writes.
     let out = unsafe { out.as_mut() };
     match outcome {
@@ -214,6 +220,9 @@ pub unsafe extern "C" fn symvirt_ctl_quiesce(
 /// After re-selecting the transport: reports this rank running again for `epoch`.
 #[unsafe(no_mangle)]
 pub extern "C" fn symvirt_ctl_resumed(epoch: u64) -> c_int {
+    if control::is_signal_epoch(epoch) {
+        return SYMVIRT_CONTINUE; // nobody to tell
+    }
     let slot = control_slot();
     let Some(c) = slot.as_ref() else {
         return fail(&Error::State("no control plane open".into()));

@@ -29,9 +29,104 @@ static REQUESTED: AtomicU64 = AtomicU64::new(0);
 /// Whether a control plane is open in this process.
 static OPEN: AtomicBool = AtomicBool::new(false);
 
-/// The epoch a migration was requested for and not yet settled, 0 when none; one atomic load.
+/// SIGUSR1s received (the fallback trigger; see [`install_signal_trigger`]).
+static SIGNALS: AtomicU64 = AtomicU64::new(0);
+
+/// Cuts requested by SIGUSR1 have epochs above this (the agent's epochs count from 1).
+pub const SIGNAL_EPOCH_BASE: u64 = 1 << 48;
+
+/// The epoch a cut was requested for and not yet settled, 0 when none: the agent's request,
+/// else one made by SIGUSR1. One or two atomic loads.
 pub fn requested_epoch() -> u64 {
-    REQUESTED.load(Ordering::Acquire)
+    match REQUESTED.load(Ordering::Acquire) {
+        0 => signal_epoch(),
+        e => e,
+    }
+}
+
+/// The SIGUSR1 handler that was installed before ours (MPICH installs one), called after ours.
+static PREVIOUS: AtomicU64 = AtomicU64::new(0);
+static PREVIOUS_SIGINFO: AtomicBool = AtomicBool::new(false);
+
+/// The fallback trigger, for jobs whose ranks cannot reach an agent: `mpirun`/`mpiexec`
+/// forward SIGUSR1 to every rank. An odd signal requests a cut (epoch
+/// `SIGNAL_EPOCH_BASE + k` for the k-th one, the same on every rank); the ranks agree, reach
+/// it and wait there; the next signal releases them with nothing changed. A handler installed
+/// earlier (MPICH has one, for process-failure notices) is chained: it still runs.
+pub fn install_signal_trigger() -> Result<()> {
+    extern "C" fn on_sigusr1(
+        sig: libc::c_int,
+        info: *mut libc::siginfo_t,
+        context: *mut libc::c_void,
+    ) {
+        // Async-signal-safe: atomics, and a call to the chained handler.
+        SIGNALS.fetch_add(1, Ordering::AcqRel);
+        let previous = PREVIOUS.load(Ordering::Acquire) as usize;
+        if previous == libc::SIG_DFL || previous == libc::SIG_IGN {
+            return;
+        }
+        if PREVIOUS_SIGINFO.load(Ordering::Acquire) {
+            // SAFETY: the address sigaction(2) reported for an SA_SIGINFO handler.
+            let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                unsafe { std::mem::transmute(previous) };
+            f(sig, info, context);
+        } else {
+            // SAFETY: the address sigaction(2) reported for a plain handler.
+            let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(previous) };
+            f(sig);
+        }
+    }
+    static INSTALLED: AtomicBool = AtomicBool::new(false);
+    if INSTALLED.swap(true, Ordering::AcqRel) {
+        return Ok(());
+    }
+    // SAFETY: zeroed sigaction structs are valid arguments; sigaction(2) only reads and writes
+    // the structs we pass.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(libc::SIGUSR1, std::ptr::null(), &mut old) != 0 {
+            return Err(Error::State("sigaction(SIGUSR1) query failed".into()));
+        }
+        PREVIOUS.store(old.sa_sigaction as u64, Ordering::Release);
+        PREVIOUS_SIGINFO.store(old.sa_flags & libc::SA_SIGINFO != 0, Ordering::Release);
+        let mut new: libc::sigaction = std::mem::zeroed();
+        new.sa_sigaction = on_sigusr1
+            as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void)
+            as usize;
+        new.sa_flags = libc::SA_RESTART | libc::SA_SIGINFO;
+        libc::sigemptyset(&mut new.sa_mask);
+        if libc::sigaction(libc::SIGUSR1, &new, std::ptr::null_mut()) != 0 {
+            return Err(Error::State("sigaction(SIGUSR1) install failed".into()));
+        }
+    }
+    Ok(())
+}
+
+fn signal_epoch() -> u64 {
+    let n = SIGNALS.load(Ordering::Acquire);
+    if n % 2 == 1 {
+        SIGNAL_EPOCH_BASE + n.div_ceil(2)
+    } else {
+        0
+    }
+}
+
+/// Whether `epoch` was requested by SIGUSR1.
+pub fn is_signal_epoch(epoch: u64) -> bool {
+    epoch > SIGNAL_EPOCH_BASE
+}
+
+/// At a signal-requested cut: waits (at most `timeout`) for the SIGUSR1 that releases it.
+pub fn wait_signal_release(epoch: u64, timeout: Duration) -> Result<Outcome> {
+    let deadline = Instant::now() + timeout;
+    let released_at = 2 * (epoch - SIGNAL_EPOCH_BASE);
+    while SIGNALS.load(Ordering::Acquire) < released_at {
+        if Instant::now() >= deadline {
+            return Err(Error::Timeout("the SIGUSR1 that releases the cut".into()));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(Outcome::Aborted { epoch })
 }
 
 /// How an epoch ended for this rank.
@@ -44,7 +139,8 @@ pub enum Outcome {
         /// The interconnect the guest has now.
         interconnect: Interconnect,
     },
-    /// The epoch was cancelled; the old interconnect is still in place.
+    /// The epoch was cancelled, or it was a SIGUSR1 cut that was released: the old
+    /// interconnect is still in place.
     Aborted {
         /// The epoch.
         epoch: u64,

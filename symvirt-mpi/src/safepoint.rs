@@ -126,10 +126,8 @@ impl<A: Agreement> SafePoint<A> {
 
     /// The safe point proper; see the module documentation. Collective over the ranks.
     pub fn poll(&mut self) -> Result<SafePointResult> {
-        let local = match &self.control {
-            Some(_) => control::requested_epoch(),
-            None => 0,
-        };
+        // The agent's request or a SIGUSR1 one (0 without either).
+        let local = control::requested_epoch();
         let local = if local > self.served { local } else { 0 };
         let slot = (self.iteration % SLOTS as u64) as usize;
         self.agreement.start(slot, local)?;
@@ -158,6 +156,9 @@ impl<A: Agreement> SafePoint<A> {
             hook(epoch);
         }
         let outcome = match &self.control {
+            _ if control::is_signal_epoch(epoch) => {
+                control::wait_signal_release(epoch, self.quiesce_timeout)
+            }
             Some(c) => c.quiesce(epoch, self.quiesce_timeout),
             None => Ok(Outcome::Aborted { epoch }),
         };

@@ -8,7 +8,6 @@ mod common;
 
 use common::*;
 use std::fs;
-use std::time::Duration;
 use symvirt::protocol::{GuestMessage, Interconnect};
 use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
 

@@ -264,6 +264,13 @@ impl Job {
         }
     }
 
+    /// Sends `sig` to the launcher (mpirun/mpiexec forward SIGUSR1 to every rank).
+    pub fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("job running").id() as i32;
+        // SAFETY: kill(2) on the launcher this job started.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    }
+
     /// Whether it is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))

@@ -1,0 +1,102 @@
+//! The fallback trigger: no agent at all; SIGUSR1 sent to mpirun/mpiexec (which forward it to
+//! every rank) brings the job to a cut where every rank waits; the next SIGUSR1 releases it.
+//! Checked with the transparent layer's per-peer counts (consistent at every cut) and with the
+//! explicit safe point (every rank at the same iteration); the job then finishes correctly.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::time::Duration;
+use symvirt_mpi::control::SIGNAL_EPOCH_BASE;
+use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
+
+fn run(mpi: MpiImpl, linkage: Linkage, tag: &str) {
+    let dir = TempDir::new(tag);
+    let cuts = dir.0.join("cuts");
+    fs::create_dir_all(&cuts).unwrap();
+    let mut env = vec![
+        // No agent: the socket does not exist.
+        (
+            "SYMVIRT_AGENT_SOCKET".to_string(),
+            dir.0.join("no-agent.sock").display().to_string(),
+        ),
+        ("SYMVIRT_CONNECT_TIMEOUT_MS".into(), "100".into()),
+    ];
+    if linkage == Linkage::Plain {
+        env.push(("SYMVIRT_CUT_LOG".into(), cuts.display().to_string()));
+        env.push((
+            "LD_PRELOAD".into(),
+            libraries(mpi).transparent.display().to_string(),
+        ));
+    }
+    let prog = program(mpi, "stress.c", linkage);
+    let modes = "ring,anysource,collective";
+    let mut job = Job::start(
+        mpi,
+        &prog,
+        &[modes, cuts.to_str().unwrap(), "16"],
+        &env,
+        &dir.0,
+    );
+    // Every rank must have installed its handler (after MPI_Init) before the first signal.
+    let deadline = soon();
+    while !fs::read_to_string(&job.stderr)
+        .unwrap_or_default()
+        .contains("rank 3")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", job.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for k in 1..=2u64 {
+        let epoch = SIGNAL_EPOCH_BASE + k;
+        job.signal(libc::SIGUSR1);
+        let recs = read_records(&cuts, "cut", epoch);
+        assert!(job.running(), "{}", job.logs());
+        if linkage == Linkage::Plain {
+            let rows: Vec<(Vec<u64>, Vec<u64>)> = recs
+                .iter()
+                .map(|r| {
+                    let mut l = r.lines().map(|l| {
+                        l.split_whitespace()
+                            .skip(1)
+                            .map(|x| x.parse::<u64>().unwrap())
+                            .collect::<Vec<_>>()
+                    });
+                    (l.next().unwrap(), l.next().unwrap())
+                })
+                .collect();
+            for i in 0..rows.len() {
+                for j in 0..rows.len() {
+                    assert_eq!(rows[i].0[j], rows[j].1[i], "cut {k}: {recs:?}");
+                }
+            }
+        } else {
+            let iters: Vec<&str> = recs.iter().map(|r| r.split(' ').next().unwrap()).collect();
+            assert!(iters.iter().all(|i| *i == iters[0]), "cut {k}: {recs:?}");
+        }
+        job.signal(libc::SIGUSR1); // release
+        for rec in read_records(&cuts, "resumed", epoch) {
+            assert!(rec.starts_with("aborted"), "{rec}");
+        }
+    }
+    fs::write(cuts.join("stop"), "").unwrap();
+    let (ok, out) = job.wait();
+    assert!(ok, "MPI job failed\n{}", job.logs());
+    assert_eq!(
+        out.lines().filter(|l| l.contains(" OK rank ")).count(),
+        4,
+        "{out}"
+    );
+}
+
+#[test]
+fn sigusr1_cut_and_release_transparent_openmpi() {
+    run(MpiImpl::OpenMpi, Linkage::Plain, "sig-tr-ompi");
+}
+
+#[test]
+fn sigusr1_cut_and_release_explicit_mpich() {
+    run(MpiImpl::Mpich, Linkage::Explicit, "sig-exp-mpich");
+}
