@@ -1,0 +1,322 @@
+//! What SymVirt's coordination costs on top of the migration itself, for 1, 2 and 4 TCG VMs.
+//!
+//! Per repetition and cluster size, interleaved (so both numbers come from one window on this
+//! noisy 2-core machine): N source QEMUs (128 MiB, running `symvirt-agent`) boot; first they are
+//! migrated plainly, all at once, into N destination QEMUs (`migrate`, no SymVirt: the
+//! reference time); then a passthrough HCA stand-in (`ivshmem-plain`, no HCA here) is hot-added
+//! to those same VMs and the controller runs a plan moving them from the stand-in to Ethernet
+//! (connect, reserve, quiesce, detach, migrate, attach, resume, commit) into destinations it
+//! launches. At most 2N QEMUs run at once.
+//!
+//! One JSON line per cluster size, medians over the repetitions (ms): each phase, the plan's
+//! total, the plain migration, and `coordination_overhead_ms`, the median of the per-repetition
+//! difference `total - plain migration`: the number to shrink. Failed runs print an error line
+//! and are left out. Run: `cargo bench --bench symvirt` (`NINJA_BENCH_REPS`, default 3).
+
+use ninja_testkit::{Fixtures, Qemu, QemuConfig, RawQmp, free_tcp_port, qemu_or_skip};
+use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use symvirt::cluster::{
+    Deadlines, DestinationSpec, Device, LaunchSpec, MigrationSettings, Plan, SourceSpec, VmSpec,
+};
+use symvirt::controller::{Controller, Event, Outcome, Phase};
+use symvirt::protocol::Interconnect;
+use symvirt::remote::Address;
+
+const MEMORY_MIB: u32 = 128;
+const SIZES: [usize; 3] = [1, 2, 4];
+const PATIENCE: Duration = Duration::from_secs(120);
+/// Pause after the agents start, before the plain migration.
+const SETTLE: Duration = Duration::from_secs(3);
+
+fn channel_args(sock: &Path) -> Vec<String> {
+    vec![
+        "-device".into(),
+        "virtio-serial".into(),
+        "-chardev".into(),
+        format!("socket,id=sv0,path={},server=on,wait=off", sock.display()),
+        "-device".into(),
+        "virtserialport,chardev=sv0,name=org.symvirt.0".into(),
+    ]
+}
+
+fn machine(fixtures: &Fixtures, vm: &str, sock: &Path) -> QemuConfig {
+    QemuConfig::new(fixtures)
+        .memory_mib(MEMORY_MIB)
+        .guest_run(&format!("/bin/symvirt-agent --ranks 0 --vm {vm}"))
+        .args(channel_args(sock))
+}
+
+/// Removes what a run left behind (files, launched destinations) on drop.
+#[derive(Default)]
+struct Leftovers {
+    paths: Vec<PathBuf>,
+    pids: Vec<u32>,
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        for pid in &self.pids {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+        }
+        for p in &self.paths {
+            let _ = std::fs::remove_dir_all(p).or_else(|_| std::fs::remove_file(p));
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Migrates every `(source, destination)` at once with QEMU's own migration; wall time until
+/// the last one completed.
+fn plain_migration(pairs: &[(&Qemu, &str)]) -> Result<Duration, String> {
+    let mut monitors: Vec<RawQmp> = pairs
+        .iter()
+        .map(|(q, _)| RawQmp::connect(q.qmp_path()))
+        .collect::<Result<_, _>>()?;
+    let started = Instant::now();
+    for (qmp, (_, uri)) in monitors.iter_mut().zip(pairs) {
+        qmp.execute("migrate", json!({ "uri": uri }))?;
+    }
+    let mut done = vec![false; pairs.len()];
+    while done.iter().any(|d| !d) {
+        if started.elapsed() > PATIENCE {
+            return Err("plain migration did not complete".into());
+        }
+        for (i, qmp) in monitors.iter_mut().enumerate() {
+            if done[i] {
+                continue;
+            }
+            let status = qmp.execute("query-migrate", json!({}))?;
+            match status["status"].as_str() {
+                Some("completed") => done[i] = true,
+                Some("failed") | Some("cancelled") => {
+                    return Err(format!("plain migration failed: {status}"));
+                }
+                _ => {}
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(started.elapsed())
+}
+
+/// One repetition for `n` VMs: (plain migration, plan report phases and total).
+fn one_run(
+    fixtures: &Fixtures,
+    n: usize,
+    rep: usize,
+) -> Result<(Duration, symvirt::controller::Report), String> {
+    let base = std::env::temp_dir().join(format!(
+        "ninja-bench-symvirt-{}-{n}-{rep}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).map_err(|e| e.to_string())?;
+    let mut left = Leftovers::default();
+    left.paths.push(base.clone());
+    let names: Vec<String> = (0..n).map(|i| format!("vm{i}")).collect();
+
+    // Boot the sources and their plain-migration destinations.
+    let mut sources = Vec::new();
+    let mut middles = Vec::new();
+    let mut uris = Vec::new();
+    for name in &names {
+        let src = Qemu::start(machine(
+            fixtures,
+            name,
+            &base.join(format!("{name}-a.sock")),
+        ))
+        .map_err(|e| format!("start source: {e}"))?;
+        sources.push(src);
+        let uri = format!("tcp:127.0.0.1:{}", free_tcp_port());
+        let mid = Qemu::start(
+            machine(fixtures, name, &base.join(format!("{name}-b.sock"))).incoming(&uri),
+        )
+        .map_err(|e| format!("start destination: {e}"))?;
+        middles.push(mid);
+        uris.push(uri);
+    }
+    for s in &mut sources {
+        s.wait_serial("symvirt-agent", PATIENCE)?;
+    }
+    // Let the guests finish booting, so both migrations see the same idle guests.
+    std::thread::sleep(SETTLE);
+    let pairs: Vec<(&Qemu, &str)> = sources
+        .iter()
+        .zip(&uris)
+        .map(|(q, u)| (q, u.as_str()))
+        .collect();
+    let plain = plain_migration(&pairs)?;
+    drop(pairs);
+    drop(sources);
+
+    // The same VMs get their "HCA" (the stand-in) and are moved by the controller.
+    let mut vms = Vec::new();
+    for (i, (name, mid)) in names.iter().zip(&middles).enumerate() {
+        let mem = PathBuf::from(format!(
+            "/dev/shm/ninja-bench-{}-{n}-{rep}-{name}",
+            std::process::id()
+        ));
+        left.paths.push(mem.clone());
+        let mut qmp = RawQmp::connect(mid.qmp_path())?;
+        qmp.execute(
+            "object-add",
+            json!({"qom-type": "memory-backend-file", "id": "hca0-mem", "size": 1 << 20,
+                   "mem-path": mem.to_str().unwrap(), "share": true}),
+        )?;
+        qmp.execute(
+            "device_add",
+            json!({"driver": "ivshmem-plain", "id": "hca0", "memdev": "hca0-mem"}),
+        )?;
+        let dir = base.join(format!("{name}-c"));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let mac = format!("52:54:00:00:30:{:02x}", i + 1);
+        vms.push(VmSpec {
+            name: name.clone(),
+            source: SourceSpec {
+                qmp: Address::Unix(mid.qmp_path().to_owned()),
+                channel: Address::Unix(base.join(format!("{name}-b.sock"))),
+                devices: vec![Device::HcaStandin {
+                    id: "hca0".into(),
+                    mem_path: mem,
+                    size: 1 << 20,
+                    properties: Map::new(),
+                }],
+                interconnect: Interconnect::Infiniband {
+                    hca: "hca0".into(),
+                    port: 1,
+                    pci: None,
+                },
+            },
+            destination: DestinationSpec {
+                qmp: Address::Unix(dir.join("qmp.sock")),
+                channel: Address::Unix(dir.join("sv.sock")),
+                migrate_uri: format!("tcp:127.0.0.1:{}", free_tcp_port()),
+                launch: Some(LaunchSpec {
+                    host: None,
+                    program: "qemu-system-x86_64".into(),
+                    args: machine(fixtures, name, &dir.join("sv.sock"))
+                        .machine_args(&dir.join("serial.log")),
+                }),
+                devices: vec![Device::VirtioNet {
+                    id: "net0".into(),
+                    mac: mac.clone(),
+                    netdev: None,
+                    properties: Map::new(),
+                }],
+                interconnect: Interconnect::Ethernet {
+                    mac,
+                    iface: None,
+                    pci: None,
+                },
+            },
+        });
+    }
+    let plan = Plan {
+        vms,
+        deadlines: Deadlines::default(),
+        migration: MigrationSettings::default(),
+        ssh_program: "ssh".into(),
+    };
+    let sink = |_: &Event| {};
+    let report = Controller::new(plan, &sink)
+        .run_qemu(&base)
+        .map_err(|e| e.chain())?;
+    left.pids
+        .extend(report.vms.iter().filter_map(|v| v.destination_pid));
+    drop(middles);
+    if report.outcome != Outcome::Completed {
+        return Err(format!("plan {:?}: {:?}", report.outcome, report.errors));
+    }
+    Ok((plain, report))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let m = if v.is_empty() {
+        f64::NAN
+    } else if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    (m * 10.0).round() / 10.0
+}
+
+fn main() {
+    let Some(fixtures) = qemu_or_skip("bench symvirt") else {
+        return;
+    };
+    let reps: usize = std::env::var("NINJA_BENCH_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let phases = [
+        Phase::Connect,
+        Phase::Reserve,
+        Phase::Quiesce,
+        Phase::Detach,
+        Phase::Migrate,
+        Phase::Attach,
+        Phase::Resume,
+        Phase::Commit,
+    ];
+    // samples[n][field] -> values
+    let mut samples: BTreeMap<usize, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
+    for rep in 0..reps {
+        for n in SIZES {
+            match one_run(&fixtures, n, rep) {
+                Ok((plain, report)) => {
+                    let s = samples.entry(n).or_default();
+                    for p in phases {
+                        if let Some(d) = report.phase(p) {
+                            s.entry(format!("{p}_ms")).or_default().push(ms(d));
+                        }
+                    }
+                    let total = ms(report.total);
+                    s.entry("total_ms".into()).or_default().push(total);
+                    s.entry("plain_migration_ms".into())
+                        .or_default()
+                        .push(ms(plain));
+                    s.entry("coordination_overhead_ms".into())
+                        .or_default()
+                        .push(total - ms(plain));
+                    let downtime: Vec<f64> = report
+                        .vms
+                        .iter()
+                        .filter_map(|v| v.downtime_ms.map(|d| d as f64))
+                        .collect();
+                    if let Some(max) = downtime.iter().copied().reduce(f64::max) {
+                        s.entry("max_downtime_ms".into()).or_default().push(max);
+                    }
+                }
+                Err(e) => println!(
+                    "{}",
+                    json!({"bench": "symvirt", "vms": n, "rep": rep, "error": e})
+                ),
+            }
+        }
+    }
+    for (n, fields) in samples {
+        let mut line = json!({
+            "bench": "symvirt",
+            "backend": "qemu-tcg",
+            "vms": n,
+            "memory_mib": MEMORY_MIB,
+            "runs": fields.get("total_ms").map_or(0, Vec::len),
+        });
+        if let Value::Object(o) = &mut line {
+            for (k, v) in fields {
+                o.insert(k, json!(median(v)));
+            }
+        }
+        println!("{line}");
+    }
+}
