@@ -8,10 +8,15 @@
 //! (connect, reserve, quiesce, detach, migrate, attach, resume, commit) into destinations it
 //! launches. At most 2N QEMUs run at once.
 //!
-//! One JSON line per cluster size, medians over the repetitions (ms): each phase, the plan's
-//! total, the plain migration, and `coordination_overhead_ms`, the median of the per-repetition
-//! difference `total - plain migration`: the number to shrink. Failed runs print an error line
-//! and are left out. Run: `cargo bench --bench symvirt` (`NINJA_BENCH_REPS`, default 3).
+//! The same for the reference KVM VMM (`backend: "reference-kvm"`, 32 MiB VMs in this process,
+//! when /dev/kvm works): the plain migration is `migrate-core`'s engine alone, the plan runs on
+//! the reference backend with the port-I/O hypercall channel and an HCA stand-in.
+//!
+//! One JSON line per backend and cluster size, medians over the repetitions (ms): each phase,
+//! the plan's total, the plain migration, and `coordination_overhead_ms`, the median of the
+//! per-repetition difference `total - plain migration`: the number to shrink. Failed runs print
+//! an error line and are left out. Run: `cargo bench --bench symvirt` (`NINJA_BENCH_REPS`,
+//! default 3).
 
 use ninja_testkit::{Fixtures, Qemu, QemuConfig, RawQmp, free_tcp_port, qemu_or_skip};
 use serde_json::{Map, Value, json};
@@ -238,6 +243,136 @@ fn one_run(
     Ok((plain, report))
 }
 
+/// The reference-VMM counterpart of [`one_run`].
+fn reference_run(n: usize) -> Result<(Duration, symvirt::controller::Report), String> {
+    use migrate_core::vmm::{ReferenceVm, VmmConfig};
+    use migrate_core::{MigrationConfig, destination, source, transport};
+    use std::sync::{Arc, Mutex};
+    use symvirt::backend::VmBackend;
+    use symvirt::backend::reference::{GuestHome, ReferenceBackend, ReferenceGuest};
+    let config = VmmConfig {
+        mem_size: 32 << 20,
+        working_set_pages: 256,
+        ..VmmConfig::default()
+    };
+    let cfg = MigrationConfig::default();
+    let err = |e: symvirt::Error| e.chain();
+    let hca = Device::HcaStandin {
+        id: "hca0".into(),
+        mem_path: PathBuf::from("/dev/shm/unused"),
+        size: 1 << 20,
+        properties: Map::new(),
+    };
+    let homes: Vec<GuestHome> = (0..n)
+        .map(|i| {
+            let g = ReferenceGuest::start(&format!("vm{i}"), config.clone()).map_err(err)?;
+            Ok(Arc::new(Mutex::new(g)))
+        })
+        .collect::<Result<_, String>>()?;
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Plain: the engine alone, every VM at once; the sources then run on.
+    let vms: Vec<Arc<ReferenceVm>> = homes
+        .iter()
+        .map(|h| h.lock().unwrap().vm().clone())
+        .collect();
+    let started = Instant::now();
+    let results: Vec<Result<(), String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = vms
+            .iter()
+            .map(|vm| {
+                let (cfg, config) = (cfg.clone(), config.clone());
+                s.spawn(move || {
+                    let (src, dst) = transport::in_process(2).map_err(|e| e.to_string())?;
+                    let receiver = std::thread::spawn({
+                        let cfg = cfg.clone();
+                        move || {
+                            destination::receive(dst, &cfg, |_| ReferenceVm::new_incoming(config))
+                        }
+                    });
+                    source::migrate(&**vm, src, &cfg, None).map_err(|e| e.to_string())?;
+                    let received = receiver
+                        .join()
+                        .map_err(|_| "receiver panicked".to_string())?;
+                    drop(received.map_err(|e| e.to_string())?);
+                    Ok(())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let plain = started.elapsed();
+    for (r, vm) in results.into_iter().zip(&vms) {
+        r?;
+        vm.resume().map_err(|e| e.to_string())?;
+    }
+    drop(vms);
+
+    for h in &homes {
+        h.lock().unwrap().plug(&hca, 0).map_err(err)?;
+    }
+    let unused = Address::Unix(PathBuf::from("in-process"));
+    let specs: Vec<VmSpec> = (0..n)
+        .map(|i| {
+            let mac = format!("52:54:00:00:40:{:02x}", i + 1);
+            VmSpec {
+                name: format!("vm{i}"),
+                source: SourceSpec {
+                    qmp: unused.clone(),
+                    channel: unused.clone(),
+                    devices: vec![hca.clone()],
+                    interconnect: Interconnect::Infiniband {
+                        hca: "hca0".into(),
+                        port: 1,
+                        pci: None,
+                    },
+                },
+                destination: DestinationSpec {
+                    qmp: unused.clone(),
+                    channel: unused.clone(),
+                    migrate_uri: format!("tcp:127.0.0.1:{}", free_tcp_port()),
+                    launch: None,
+                    devices: vec![Device::VirtioNet {
+                        id: "n0".into(),
+                        mac: mac.clone(),
+                        netdev: None,
+                        properties: Map::new(),
+                    }],
+                    interconnect: Interconnect::Ethernet {
+                        mac,
+                        iface: None,
+                        pci: None,
+                    },
+                },
+            }
+        })
+        .collect();
+    let backends: Vec<Box<dyn VmBackend>> = specs
+        .iter()
+        .zip(&homes)
+        .map(|(spec, home)| {
+            Box::new(ReferenceBackend::new(
+                spec.clone(),
+                home.clone(),
+                config.clone(),
+                cfg.clone(),
+            )) as Box<dyn VmBackend>
+        })
+        .collect();
+    let plan = Plan {
+        vms: specs,
+        deadlines: Deadlines::default(),
+        migration: MigrationSettings::default(),
+        ssh_program: "ssh".into(),
+    };
+    let sink = |_: &Event| {};
+    let report = Controller::new(plan, &sink).run(backends);
+    if report.outcome != Outcome::Completed {
+        return Err(format!("plan {:?}: {:?}", report.outcome, report.errors));
+    }
+    Ok((plain, report))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let m = if v.is_empty() {
@@ -250,66 +385,88 @@ fn median(mut v: Vec<f64>) -> f64 {
     (m * 10.0).round() / 10.0
 }
 
+type Samples = BTreeMap<(&'static str, usize), BTreeMap<String, Vec<f64>>>;
+
+/// Records one run's numbers under `(backend, n)`, or prints why it failed.
+fn record(
+    samples: &mut Samples,
+    key: (&'static str, usize),
+    rep: usize,
+    run: Result<(Duration, symvirt::controller::Report), String>,
+) {
+    let (plain, report) = match run {
+        Ok(r) => r,
+        Err(e) => {
+            let line =
+                json!({"bench": "symvirt", "backend": key.0, "vms": key.1, "rep": rep, "error": e});
+            println!("{line}");
+            return;
+        }
+    };
+    let s = samples.entry(key).or_default();
+    for p in PHASES {
+        if let Some(d) = report.phase(p) {
+            s.entry(format!("{p}_ms")).or_default().push(ms(d));
+        }
+    }
+    let total = ms(report.total);
+    s.entry("total_ms".into()).or_default().push(total);
+    s.entry("plain_migration_ms".into())
+        .or_default()
+        .push(ms(plain));
+    s.entry("coordination_overhead_ms".into())
+        .or_default()
+        .push(total - ms(plain));
+    let downtime = report
+        .vms
+        .iter()
+        .filter_map(|v| v.downtime_ms.map(|d| d as f64));
+    if let Some(max) = downtime.reduce(f64::max) {
+        s.entry("max_downtime_ms".into()).or_default().push(max);
+    }
+}
+
+const PHASES: [Phase; 8] = [
+    Phase::Connect,
+    Phase::Reserve,
+    Phase::Quiesce,
+    Phase::Detach,
+    Phase::Migrate,
+    Phase::Attach,
+    Phase::Resume,
+    Phase::Commit,
+];
+
 fn main() {
-    let Some(fixtures) = qemu_or_skip("bench symvirt") else {
-        return;
+    let fixtures = qemu_or_skip("bench symvirt (QEMU)");
+    let kvm = match migrate_core::vmm::kvm_usable() {
+        Ok(()) => true,
+        Err(why) => {
+            eprintln!("SKIPPED: bench symvirt (reference VMM): {why}");
+            false
+        }
     };
     let reps: usize = std::env::var("NINJA_BENCH_REPS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
-    let phases = [
-        Phase::Connect,
-        Phase::Reserve,
-        Phase::Quiesce,
-        Phase::Detach,
-        Phase::Migrate,
-        Phase::Attach,
-        Phase::Resume,
-        Phase::Commit,
-    ];
-    // samples[n][field] -> values
-    let mut samples: BTreeMap<usize, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
+    let mut samples = Samples::new();
     for rep in 0..reps {
         for n in SIZES {
-            match one_run(&fixtures, n, rep) {
-                Ok((plain, report)) => {
-                    let s = samples.entry(n).or_default();
-                    for p in phases {
-                        if let Some(d) = report.phase(p) {
-                            s.entry(format!("{p}_ms")).or_default().push(ms(d));
-                        }
-                    }
-                    let total = ms(report.total);
-                    s.entry("total_ms".into()).or_default().push(total);
-                    s.entry("plain_migration_ms".into())
-                        .or_default()
-                        .push(ms(plain));
-                    s.entry("coordination_overhead_ms".into())
-                        .or_default()
-                        .push(total - ms(plain));
-                    let downtime: Vec<f64> = report
-                        .vms
-                        .iter()
-                        .filter_map(|v| v.downtime_ms.map(|d| d as f64))
-                        .collect();
-                    if let Some(max) = downtime.iter().copied().reduce(f64::max) {
-                        s.entry("max_downtime_ms".into()).or_default().push(max);
-                    }
-                }
-                Err(e) => println!(
-                    "{}",
-                    json!({"bench": "symvirt", "vms": n, "rep": rep, "error": e})
-                ),
+            if let Some(f) = &fixtures {
+                record(&mut samples, ("qemu-tcg", n), rep, one_run(f, n, rep));
+            }
+            if kvm {
+                record(&mut samples, ("reference-kvm", n), rep, reference_run(n));
             }
         }
     }
-    for (n, fields) in samples {
+    for ((backend, n), fields) in samples {
         let mut line = json!({
             "bench": "symvirt",
-            "backend": "qemu-tcg",
+            "backend": backend,
             "vms": n,
-            "memory_mib": MEMORY_MIB,
+            "memory_mib": if backend == "qemu-tcg" { MEMORY_MIB } else { 32 },
             "runs": fields.get("total_ms").map_or(0, Vec::len),
         });
         if let Value::Object(o) = &mut line {

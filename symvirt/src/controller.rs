@@ -9,6 +9,9 @@
 //! `commit` (sources released). A failure before `resume` rolls every VM back: migrations
 //! cancelled, destinations torn down, sources continued with their original devices, and the
 //! guests told to resume on their old interconnect (`abort` if they had not quiesced).
+//! Past the switchover and attach there is no automatic rollback: a failure in `resume`
+//! leaves the VMs at their destinations with their sources paused (not released, so an
+//! operator can still choose either side) and the outcome [`Outcome::Failed`].
 //!
 //! Events ([`Event`]) go to a sink as they happen, for progress displays and schedulers.
 

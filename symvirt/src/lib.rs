@@ -6,7 +6,13 @@
 //! and the guest agent ([`agent::Agent`], the `symvirt-agent` binary) that relays between the
 //! host and the guest's MPI ranks ([`rank::RankClient`]). Transports: virtio-serial (QEMU),
 //! plain unix sockets (host processes, tests) and two I/O ports for VMMs that emulate their own
-//! devices ([`portio`]).
+//! devices ([`portio`]: the SymVirt hypercall, answered in a reference-VMM guest by
+//! [`portio_agent`]).
+//!
+//! The host [`controller`] runs a migration [`plan`] over a whole virtual cluster through a
+//! [`backend`] per VM: QEMU over QMP ([`backend::qemu`]) or `migrate-core`'s reference KVM VMM
+//! and pre-copy engine ([`backend::reference`]). Passthrough functions for custom VMMs: [`vfio`]
+//! (opening them needs the `vfio` feature).
 //!
 //! The flow of one epoch, from the host's side:
 //!

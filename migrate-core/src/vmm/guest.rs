@@ -27,7 +27,8 @@
 //! guest without MPI (see [`mailbox`]): when the host enabled the channel, vCPU 0 moves bytes
 //! between the SymVirt I/O ports and the mailbox rings (`in`/`out`, one byte per access, so
 //! every byte is a VM exit of the running vCPU), and every vCPU parks there, servicing the
-//! channel, while the mailbox's wait word is set.
+//! channel, while the mailbox's wait word is set; each turn of that wait is an `out` to
+//! [`WAIT_PORT`], where the VMM blocks the vCPU for a moment instead of letting it spin.
 
 use crate::dirty::PAGE_SIZE;
 use crate::vm::GuestMemory;
@@ -60,6 +61,9 @@ pub const MAX_VCPUS: u32 = 32;
 pub const HEARTBEAT_PORT: u16 = 0x80;
 /// I/O port the program writes every 256 pages, so the host can throttle mid-pass.
 pub const TICK_PORT: u16 = 0x81;
+/// I/O port the program writes on each turn of its wait at the pause point: the VMM blocks
+/// the vCPU there for a moment (the SymVirt wait), so a parked guest does not spin a host core.
+pub const WAIT_PORT: u16 = 0x82;
 
 /// GDT selectors.
 pub const CODE_SELECTOR: u16 = 0x08;
@@ -350,7 +354,7 @@ fn pause_point(a: &mut Asm, outer: usize) {
     a.emit(&[0x48, 0x89, 0x47, OFF_WAITING as u8]); // mov [rdi+WAITING], rax ; parked or not
     a.emit(&[0x48, 0x85, 0xc0]); //             test rax, rax
     a.jump8(0x74, to_outer); //                 jz to_outer           ; signalled: run on
-    a.emit(&[0xe6, TICK_PORT as u8]); //        out 0x81, al          ; wait: a VM exit per turn
+    a.emit(&[0xe6, WAIT_PORT as u8]); //        out 0x82, al          ; wait: the VMM blocks us a while
     a.jump32(&[0xe9], pause); //                jmp pause
     a.bind(to_outer);
     a.jump32(&[0xe9], outer); //                jmp outer

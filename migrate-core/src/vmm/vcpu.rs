@@ -7,7 +7,7 @@
 //! it: none is lost. Work on the vCPU fd itself (save/restore) runs on the vCPU thread as
 //! queued commands while it is parked.
 
-use super::guest::{HEARTBEAT_PORT, TICK_PORT};
+use super::guest::{HEARTBEAT_PORT, TICK_PORT, WAIT_PORT};
 use super::io::IoBus;
 use crate::kvm::{DirtyTracking, KvmVm};
 use crate::{Error, Result};
@@ -26,6 +26,9 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 const WEDGED_RING_EXITS: u32 = 1000;
 /// Longest single throttle sleep, so the vCPU stays responsive.
 const MAX_THROTTLE_SLEEP: Duration = Duration::from_millis(100);
+/// How long one turn of the guest's SymVirt wait blocks the vCPU (the guest then looks at its
+/// channel and its wait word again).
+const WAIT_TURN: Duration = Duration::from_millis(1);
 
 type Command = Box<dyn FnOnce(&mut VcpuFd) + Send>;
 
@@ -295,6 +298,8 @@ fn vcpu_loop(mut fd: VcpuFd, shared: &Shared, vm: &KvmVm, bus: &IoBus) {
             Ok(VcpuExit::IoOut(port, data)) => {
                 if port == HEARTBEAT_PORT {
                     shared.heartbeats.fetch_add(1, Ordering::Relaxed);
+                } else if port == WAIT_PORT {
+                    wait_turn(shared);
                 } else if port != TICK_PORT {
                     // A device's port, or nobody's (ignored, as on a PC).
                     bus.write(port, data);
@@ -338,6 +343,15 @@ fn vcpu_loop(mut fd: VcpuFd, shared: &Shared, vm: &KvmVm, bus: &IoBus) {
         }
         throttle(shared, started.elapsed());
     }
+}
+
+/// Blocks the vCPU for one turn of the guest's wait, unless a pause or exit comes first.
+fn wait_turn(shared: &Shared) {
+    let c = shared.lock();
+    let _ = shared
+        .changed
+        .wait_timeout_while(c, WAIT_TURN, |c| c.want == Want::Run)
+        .unwrap_or_else(|p| p.into_inner());
 }
 
 /// Sleeps in proportion to the time spent running, unless a pause or exit comes first.
