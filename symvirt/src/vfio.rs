@@ -3,7 +3,7 @@
 //! What a VMM needs before it can hand an HCA's virtual function to a guest: its address
 //! ([`Bdf`]), where the kernel lists it (its IOMMU group, its driver: it must be bound to
 //! `vfio-pci`), and then, with the `vfio` feature, the VFIO container, group and device
-//! opened through `vfio-ioctls` ([`VfioPassthrough`]), reset between owners, and detached and
+//! opened through `vfio-ioctls` (`VfioPassthrough`), reset between owners, and detached and
 //! attached around a migration as the controller's plan says. The address and sysfs parts are
 //! always built (plans are checked with them on hosts without VFIO); opening needs the feature
 //! and, at run time, /dev/vfio (an IOMMU and the vfio-pci driver).

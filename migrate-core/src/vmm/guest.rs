@@ -363,7 +363,7 @@ fn pause_point(a: &mut Asm, outer: usize) {
 /// The SymVirt mailbox: how the program's pause point and the host's side of a guest without
 /// MPI (the VMM playing the in-guest agent, `symvirt::portio_agent`) share the channel.
 ///
-/// Header at [`MAILBOX_ADDR`], little-endian `u64` words:
+/// Header at [`mailbox::MAILBOX_ADDR`], little-endian `u64` words:
 ///
 /// | offset | word       | written by | meaning                                              |
 /// |--------|------------|------------|------------------------------------------------------|
