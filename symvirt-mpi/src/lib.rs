@@ -20,6 +20,19 @@
 //! target directory, and the PMPI wrappers must have exactly the C prototypes of `mpi.h`,
 //! which the C compiler checks for us.
 //!
+//! Triggers: the guest agent's rank socket ([`control::Control`], `$SYMVIRT_AGENT_SOCKET`), and
+//! SIGUSR1 forwarded by `mpirun`/`mpiexec` as a fallback for ranks without an agent (an odd
+//! signal requests a cut, the next one releases it; [`control::install_signal_trigger`]).
+//!
+//! After resume, the runtime's transport hook runs on every rank before any rank continues:
+//! `symvirt_on_resume` (explicit mode) or a `symvirt_transport_reselect` function the runtime
+//! defines (transparent mode); that is where MPI Sessions finalize/re-init would go where the
+//! runtime supports it. The interconnect (kind, device, MAC, PCI address, JSON) is handed over.
+//!
+//! Entry points for benches and end-to-end tests: [`mpi_build::build_libraries`],
+//! [`mpi_build::build_program`], [`mpi_build::MpiImpl::launcher`]; programs in
+//! `tests/programs/` (`stress.c`, `stress_f.f90`, `pingpong.c`).
+//!
 //! The flow of one epoch for a rank (explicit mode):
 //!
 //! ```text

@@ -30,22 +30,16 @@ fn target_profile_dir() -> PathBuf {
     exe.parent().unwrap().parent().unwrap().to_path_buf()
 }
 
-/// This crate's staticlib, built by cargo; rebuilt on demand when the test binary is newer.
+/// This crate's staticlib (`libsymvirt_mpi.a`), brought up to date with the sources by a
+/// nested `cargo build` (a no-op when fresh; `cargo test` does not always emit the staticlib).
 fn core_staticlib() -> PathBuf {
     let lib = target_profile_dir().join("libsymvirt_mpi.a");
-    let exe = std::env::current_exe().unwrap();
-    let stale = match (fs::metadata(&lib), fs::metadata(&exe)) {
-        (Ok(l), Ok(e)) => l.modified().unwrap() < e.modified().unwrap() - Duration::from_secs(600),
-        _ => true,
-    };
-    if stale || !lib.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["build", "-p", "symvirt-mpi", "--lib"])
-            .status()
-            .expect("run cargo build");
-        assert!(st.success(), "cargo build -p symvirt-mpi --lib failed");
-    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .args(["build", "-q", "-p", "symvirt-mpi", "--lib"])
+        .status()
+        .expect("run cargo build");
+    assert!(st.success(), "cargo build -p symvirt-mpi --lib failed");
     assert!(lib.exists(), "{} missing", lib.display());
     lib
 }
