@@ -78,6 +78,7 @@ static struct {
     int nrecvs, caprecvs;
     buffered *head, **tail;
     uint64_t served; /* last epoch a cut was made for */
+    uint64_t drained; /* messages taken into the buffer during the current cut */
     uint64_t *early; /* per peer: a COUNTS message received before its cut: epoch, counts... */
     int *have_early;
     const char *log_dir;
@@ -207,6 +208,7 @@ static void drain_one(int cid, const MPI_Status *probed)
         MPI_SUCCESS)
         die("draining a message failed");
     count_recv(cid, &st);
+    g.drained++;
     *g.tail = m;
     g.tail = &m->next;
 }
@@ -286,7 +288,7 @@ static void write_log(const char *kind, uint64_t epoch, const char *text)
 
 static void log_cut(uint64_t epoch)
 {
-    size_t cap = (size_t)g.np * 48 + 64;
+    size_t cap = (size_t)g.np * 48 + 96;
     char *text = malloc(cap);
     if (text == NULL)
         return;
@@ -301,6 +303,7 @@ static void log_cut(uint64_t epoch)
         }
         n += (size_t)snprintf(text + n, cap - n, "\n");
     }
+    n += (size_t)snprintf(text + n, cap - n, "drained %llu\n", (unsigned long long)g.drained);
     write_log("cut", epoch, text);
     free(text);
 }
@@ -423,6 +426,7 @@ static void cut(uint64_t epoch)
     }
     /* 2. drain until every peer's count is met */
     have[g.me] = 1;
+    g.drained = 0;
     unsigned long spins = 0;
     for (;;) {
         for (int p = 0; p < g.np; p++) {

@@ -100,3 +100,68 @@ fn sigusr1_cut_and_release_transparent_openmpi() {
 fn sigusr1_cut_and_release_explicit_mpich() {
     run(MpiImpl::Mpich, Linkage::Explicit, "sig-exp-mpich");
 }
+
+/// A deterministic drain: every rank raises SIGUSR1 itself right after rank 0 has sent three
+/// messages that rank 1 receives only after the following barrier, so the cut falls in that
+/// barrier with the messages in flight. The layer drains them into its buffer (its cut record
+/// says so); after the release rank 1 probes and receives them from the buffer, checking
+/// non-overtaking, tag matching and payloads.
+fn drained_then_delivered(mpi: MpiImpl, tag: &str) {
+    let dir = TempDir::new(tag);
+    let cuts = dir.0.join("cuts");
+    fs::create_dir_all(&cuts).unwrap();
+    let env = vec![
+        (
+            "SYMVIRT_AGENT_SOCKET".to_string(),
+            dir.0.join("no-agent.sock").display().to_string(),
+        ),
+        ("SYMVIRT_CONNECT_TIMEOUT_MS".into(), "100".into()),
+        ("SYMVIRT_CUT_LOG".into(), cuts.display().to_string()),
+        ("STRESS_RAISE_SIGUSR1".into(), "1".into()),
+        (
+            "LD_PRELOAD".into(),
+            libraries(mpi).transparent.display().to_string(),
+        ),
+    ];
+    let prog = program(mpi, "stress.c", Linkage::Plain);
+    let mut job = Job::start(
+        mpi,
+        &prog,
+        &["ring,handoff,collective", cuts.to_str().unwrap(), "8"],
+        &env,
+        &dir.0,
+    );
+    let epoch = SIGNAL_EPOCH_BASE + 1;
+    let recs = read_records(&cuts, "cut", epoch);
+    assert!(job.running(), "{}", job.logs());
+    let drained = |rec: &str| -> u64 {
+        rec.lines()
+            .find_map(|l| l.strip_prefix("drained "))
+            .unwrap_or_else(|| panic!("no drained count in {rec:?}"))
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        drained(&recs[1]) >= 3,
+        "rank 1 drained too little: {recs:?}"
+    );
+    job.signal(libc::SIGUSR1); // release
+    fs::write(cuts.join("stop"), "").unwrap();
+    let (ok, out) = job.wait();
+    assert!(ok, "MPI job failed\n{}", job.logs());
+    assert_eq!(
+        out.lines().filter(|l| l.contains(" OK rank ")).count(),
+        4,
+        "{out}"
+    );
+}
+
+#[test]
+fn drained_messages_are_delivered_from_the_buffer_openmpi() {
+    drained_then_delivered(MpiImpl::OpenMpi, "drain-ompi");
+}
+
+#[test]
+fn drained_messages_are_delivered_from_the_buffer_mpich() {
+    drained_then_delivered(MpiImpl::Mpich, "drain-mpich");
+}

@@ -9,6 +9,11 @@
  *   anysource  every rank sends to every peer, receives with MPI_ANY_SOURCE (Recv, Probe+Recv,
  *              Iprobe+Recv, Irecv+Wait)
  *   collective Allreduce, Bcast, Alltoall, Reduce, Allgather, Barrier, all checked
+ *   handoff    once (iteration 3): rank 0 sends three messages (tags 40, 41, 42) that rank 1
+ *              receives only after a barrier; with STRESS_RAISE_SIGUSR1 set (transparent mode
+ *              only: the layer's handler must be installed) every rank raises SIGUSR1 first,
+ *              so the cut falls in that barrier and the messages are drained into the layer's
+ *              buffer; rank 1 then checks probe order, tag matching and payloads from it
  *   stall      one rank (rotating) computes for 20 ms while the others wait in a blocking
  *              receive from it, then everyone waits in a barrier: migration requests then
  *              land while ranks sit in a receive, in a collective, or between MPI calls
@@ -23,6 +28,7 @@
  * Prints "stress OK rank R iterations N sent S received V agent_errors A cuts C" and exits 0 on
  * success (an agent that went away is reported by the safe point and counted in A). */
 #include <mpi.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -235,6 +241,50 @@ static void anysource(void)
         free(out[i]);
 }
 
+static void handoff(void)
+{
+    if (iteration != 3 || np < 2)
+        return;
+    MPI_Request rq[3];
+    uint64_t *out[3] = {0};
+    if (me == 0)
+        for (int t = 0; t < 3; t++) {
+            out[t] = malloc((LARGE + 4) * sizeof(uint64_t));
+            int n = fill(out[t], 1, 40 + t);
+            MPI_Isend(out[t], n, MPI_UINT64_T, 1, 40 + t, MPI_COMM_WORLD, &rq[t]);
+        }
+    if (getenv("STRESS_RAISE_SIGUSR1") != NULL)
+        raise(SIGUSR1);
+    MPI_Barrier(MPI_COMM_WORLD);
+    if (me == 1) {
+        MPI_Status st;
+        int flag = 0;
+        /* Non-overtaking: the first message from rank 0 is tag 40. */
+        MPI_Probe(0, MPI_ANY_TAG, MPI_COMM_WORLD, &st);
+        if (st.MPI_TAG != 40)
+            fail("probe did not report the first message", 0);
+        while (!flag)
+            MPI_Iprobe(0, 42, MPI_COMM_WORLD, &flag, &st);
+        if (st.MPI_TAG != 42)
+            fail("iprobe did not find tag 42", 0);
+        MPI_Request r;
+        MPI_Irecv(bufs[1], LARGE + 4, MPI_UINT64_T, 0, 40, MPI_COMM_WORLD, &r);
+        MPI_Wait(&r, &st);
+        check(bufs[1], &st, 0);
+        MPI_Recv(bufs[1], LARGE + 4, MPI_UINT64_T, 0, MPI_ANY_TAG, MPI_COMM_WORLD, &st);
+        if (st.MPI_TAG != 41)
+            fail("ANY_TAG receive overtook", 0);
+        check(bufs[1], &st, 0);
+        MPI_Recv(bufs[1], LARGE + 4, MPI_UINT64_T, MPI_ANY_SOURCE, 42, MPI_COMM_WORLD, &st);
+        check(bufs[1], &st, 0);
+    }
+    if (me == 0) {
+        MPI_Waitall(3, rq, MPI_STATUSES_IGNORE);
+        for (int t = 0; t < 3; t++)
+            free(out[t]);
+    }
+}
+
 static void stall(void)
 {
     int slow = (int)(iteration % (uint64_t)np);
@@ -364,6 +414,8 @@ int main(int argc, char **argv)
                 collective();
             else if (strcmp(m, "stall") == 0)
                 stall();
+            else if (strcmp(m, "handoff") == 0)
+                handoff();
             else
                 fail("unknown mode", -1);
         }
