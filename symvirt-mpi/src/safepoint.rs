@@ -72,6 +72,8 @@ pub struct SafePoint<A: Agreement> {
     quiesce_timeout: Duration,
     on_quiesce: Option<QuiesceHook>,
     on_resume: Option<ResumeHook>,
+    /// Where this rank's request comes from (the process-wide control plane).
+    requests: fn() -> u64,
 }
 
 impl<A: Agreement> std::fmt::Debug for SafePoint<A> {
@@ -96,6 +98,7 @@ impl<A: Agreement> SafePoint<A> {
             quiesce_timeout: Duration::from_secs(600),
             on_quiesce: None,
             on_resume: None,
+            requests: control::requested_epoch,
         }
     }
 
@@ -127,7 +130,7 @@ impl<A: Agreement> SafePoint<A> {
     /// The safe point proper; see the module documentation. Collective over the ranks.
     pub fn poll(&mut self) -> Result<SafePointResult> {
         // The agent's request or a SIGUSR1 one (0 without either).
-        let local = control::requested_epoch();
+        let local = (self.requests)();
         let local = if local > self.served { local } else { 0 };
         let slot = (self.iteration % SLOTS as u64) as usize;
         self.agreement.start(slot, local)?;
@@ -259,6 +262,8 @@ mod tests {
                 };
                 std::thread::spawn(move || {
                     let mut sp = SafePoint::new(a, None);
+                    // Isolated from the process-wide control plane other unit tests drive.
+                    sp.requests = || 0;
                     for _ in 0..50 {
                         assert_eq!(sp.poll().unwrap(), SafePointResult::Continue);
                     }
