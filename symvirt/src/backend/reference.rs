@@ -40,6 +40,8 @@ use std::time::{Duration, Instant};
 
 /// First I/O port of the stand-in devices (four ports each, in plan order).
 pub const STANDIN_PORTS: u16 = 0x0f40;
+/// How long an in-process destination waits for its source.
+const ACCEPT_PATIENCE: Duration = Duration::from_secs(600);
 /// What an [`HcaStandin`] reads as on every port.
 pub const HCA_STANDIN_SIGNATURE: u8 = 0xb1;
 
@@ -333,17 +335,12 @@ impl Destination {
         let thread = std::thread::Builder::new()
             .name(format!("symvirt-dst-{name}"))
             .spawn(move || {
-                let conn = loop {
-                    match listener.accept(Duration::from_millis(500)) {
-                        Ok(c) if !thread_stop.load(Ordering::SeqCst) => break c,
-                        Ok(_) => return Err(Error::Refused("destination torn down".into())),
-                        Err(e) if thread_stop.load(Ordering::SeqCst) => return Err(vmm(e)),
-                        Err(migrate_core::Error::Migration { ref source, .. })
-                            if matches!(**source, migrate_core::Error::Timeout(_)) => {}
-                        Err(migrate_core::Error::Timeout(_)) => {}
-                        Err(e) => return Err(vmm(e)),
-                    }
-                };
+                // One accept: a migration's connections arrive together, and tearing down
+                // wakes it with a connection of its own (see `tear_down`).
+                let conn = listener.accept(ACCEPT_PATIENCE).map_err(vmm)?;
+                if thread_stop.load(Ordering::SeqCst) {
+                    return Err(Error::Refused("destination torn down".into()));
+                }
                 let (mut guest, _) = destination::receive(conn, &migration, |layout| {
                     config.check_layout(layout)?;
                     ReferenceGuest::incoming(&name, config.clone())
