@@ -438,13 +438,18 @@ pub mod mailbox {
         load(mem, OFF_WAIT)
     }
 
-    /// Takes every byte the guest received from the host since the last call.
+    /// Takes every byte the guest received from the host since the last call. A head the
+    /// guest corrupted is an error once: the ring restarts at it.
     pub fn take_inbox(mem: &GuestMemory) -> Result<Vec<u8>> {
         let head = load(mem, OFF_IN_HEAD)?;
         let tail = load(mem, OFF_IN_TAIL)?;
+        if head == tail {
+            return Ok(Vec::new());
+        }
         if head < tail || head - tail > RING_SIZE {
+            store(mem, OFF_IN_TAIL, head)?;
             return Err(Error::Memory(format!(
-                "SymVirt inbox corrupt: head {head}, tail {tail}"
+                "SymVirt inbox corrupt (head {head}, tail {tail}): bytes dropped"
             )));
         }
         let mut bytes = vec![0u8; (head - tail) as usize];
@@ -459,12 +464,14 @@ pub mod mailbox {
     }
 
     /// Queues as much of `bytes` as the outbox has room for; returns how many.
+    /// A tail the guest corrupted is an error once: the ring restarts at it.
     pub fn put_outbox(mem: &GuestMemory, bytes: &[u8]) -> Result<usize> {
         let head = load(mem, OFF_OUT_HEAD)?;
         let tail = load(mem, OFF_OUT_TAIL)?;
         if head < tail || head - tail > RING_SIZE {
+            store(mem, OFF_OUT_HEAD, tail)?;
             return Err(Error::Memory(format!(
-                "SymVirt outbox corrupt: head {head}, tail {tail}"
+                "SymVirt outbox corrupt (head {head}, tail {tail}): bytes dropped"
             )));
         }
         let n = bytes.len().min((RING_SIZE - (head - tail)) as usize);
@@ -559,6 +566,47 @@ mod tests {
         // The pause point loads the mailbox address (mov r10, imm32).
         let mov_r10 = [0x49, 0xc7, 0xc2, 0x00, 0x90, 0x00, 0x00];
         assert!(code.windows(7).any(|w| w == mov_r10));
+    }
+
+    #[test]
+    fn mailbox_rings_wrap_and_recover_from_a_corrupt_guest() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        // The guest's side of the inbox, as its program does it: byte, then head.
+        let guest_puts = |bytes: &[u8]| {
+            let head: u64 = mem
+                .read_obj(GuestAddress(mailbox::MAILBOX_ADDR + 0x18))
+                .unwrap();
+            for (i, b) in bytes.iter().enumerate() {
+                let at = mailbox::INBOX_ADDR + (head + i as u64) % mailbox::RING_SIZE;
+                mem.write_obj(*b, GuestAddress(at)).unwrap();
+            }
+            mem.write_obj(
+                head + bytes.len() as u64,
+                GuestAddress(mailbox::MAILBOX_ADDR + 0x18),
+            )
+            .unwrap();
+        };
+        for round in 0..3u8 {
+            let line = vec![round; 3000];
+            guest_puts(&line);
+            assert_eq!(mailbox::take_inbox(&mem).unwrap(), line, "round {round}");
+        }
+        assert!(mailbox::take_inbox(&mem).unwrap().is_empty());
+        assert_eq!(
+            mailbox::put_outbox(&mem, &[1; 5000]).unwrap(),
+            4096,
+            "full ring"
+        );
+        assert_eq!(mailbox::outbox_pending(&mem).unwrap(), 4096);
+        // A guest writes nonsense into its counters: one error, then the rings work again.
+        mem.write_obj(u64::MAX, GuestAddress(mailbox::MAILBOX_ADDR + 0x18))
+            .unwrap();
+        assert!(mailbox::take_inbox(&mem).is_err());
+        assert!(mailbox::take_inbox(&mem).unwrap().is_empty());
+        mem.write_obj(1u64 << 40, GuestAddress(mailbox::MAILBOX_ADDR + 0x30))
+            .unwrap();
+        assert!(mailbox::put_outbox(&mem, b"x").is_err());
+        assert_eq!(mailbox::put_outbox(&mem, b"x").unwrap(), 1);
     }
 
     #[test]
