@@ -459,10 +459,12 @@ fn server_that_never_answers_times_out_and_late_reply_is_dropped() {
 
 #[test]
 fn server_that_stops_reading_times_out_the_write_and_closes() {
-    let server = FakeServer::unix(|mut peer| {
+    // The server keeps the connection open, never reading, until the client has given up:
+    // closing it after a fixed time would race a client starved of CPU on a loaded machine.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let server = FakeServer::unix(move |mut peer| {
         peer.negotiate();
-        // Never read again; the client gives up long before this returns.
-        std::thread::sleep(Duration::from_secs(3));
+        let _ = done_rx.recv_timeout(Duration::from_secs(60));
     });
     let opts = ConnectOptions {
         command_timeout: Duration::from_millis(300),
@@ -479,6 +481,7 @@ fn server_that_stops_reading_times_out_the_write_and_closes() {
     assert!(!qmp.is_connected());
     assert_disconnected(qmp.execute("query-status", None));
     drop(qmp);
+    let _ = done_tx.send(());
     server.finish();
 }
 
