@@ -133,7 +133,7 @@ mac = "{mac}"
         String::from_utf8_lossy(&check.stderr)
     );
 
-    let _quit_dst = QuitOnDrop(dst_qmp.clone());
+    let quit_dst = QuitOnDrop(dst_qmp.clone());
     let run = Command::new(ninja)
         .args(["plan", "run", "--json", "--log-dir"])
         .arg(dir.join("logs"))
@@ -186,6 +186,8 @@ mac = "{mac}"
         "the guest at the destination never confirmed resume for epoch {epoch}: {}",
         read()
     );
+    // Quit the destination while its monitor socket still exists, then clean up.
+    drop(quit_dst);
     let _ = std::fs::remove_file(&hca_mem);
     let _ = std::fs::remove_dir_all(&dir);
 }
