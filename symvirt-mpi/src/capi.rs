@@ -177,6 +177,28 @@ pub extern "C" fn symvirt_ctl_requested() -> u64 {
     control::requested_epoch()
 }
 
+/// How an epoch ended, for C: fills `out` (if given) and returns `SYMVIRT_RESUMED` or
+/// `SYMVIRT_ABORTED`.
+fn deliver(out: Option<&mut CInterconnect>, outcome: Outcome) -> c_int {
+    match outcome {
+        Outcome::Resumed {
+            epoch,
+            interconnect,
+        } => {
+            if let Some(o) = out {
+                o.fill(epoch, &interconnect);
+            }
+            SYMVIRT_RESUMED
+        }
+        Outcome::Aborted { epoch } => {
+            if let Some(o) = out {
+                o.clear(epoch);
+            }
+            SYMVIRT_ABORTED
+        }
+    }
+}
+
 /// At the cut: reports quiesced for `epoch`, waits at most `timeout_ms` for resume or abort.
 /// Returns `SYMVIRT_RESUMED` (with `out` filled) or `SYMVIRT_ABORTED`, or an error.
 ///
@@ -198,21 +220,7 @@ pub unsafe extern "C" fn symvirt_ctl_quiesce(
     // SAFETY: the caller guarantees `out` is null or valid for writes.
     let out = unsafe { out.as_mut() };
     match outcome {
-        Ok(Outcome::Resumed {
-            epoch,
-            interconnect,
-        }) => {
-            if let Some(o) = out {
-                o.fill(epoch, &interconnect);
-            }
-            SYMVIRT_RESUMED
-        }
-        Ok(Outcome::Aborted { epoch }) => {
-            if let Some(o) = out {
-                o.clear(epoch);
-            }
-            SYMVIRT_ABORTED
-        }
+        Ok(outcome) => deliver(out, outcome),
         Err(e) => fail(&e),
     }
 }
@@ -400,18 +408,14 @@ pub unsafe extern "C" fn symvirt_sp_poll(sp: *mut CSafePoint, out: *mut CInterco
         Ok(SafePointResult::Resumed {
             epoch,
             interconnect,
-        }) => {
-            if let Some(o) = out {
-                o.fill(epoch, &interconnect);
-            }
-            SYMVIRT_RESUMED
-        }
-        Ok(SafePointResult::Aborted { epoch }) => {
-            if let Some(o) = out {
-                o.clear(epoch);
-            }
-            SYMVIRT_ABORTED
-        }
+        }) => deliver(
+            out,
+            Outcome::Resumed {
+                epoch,
+                interconnect,
+            },
+        ),
+        Ok(SafePointResult::Aborted { epoch }) => deliver(out, Outcome::Aborted { epoch }),
         Err(e) => fail(&e),
     }
 }
