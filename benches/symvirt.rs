@@ -27,6 +27,7 @@ use symvirt::cluster::{
     Deadlines, DestinationSpec, Device, LaunchSpec, MigrationSettings, Plan, SourceSpec, VmSpec,
 };
 use symvirt::controller::{Controller, Event, Outcome, Phase};
+use symvirt::host_channel::qemu_channel_args;
 use symvirt::protocol::Interconnect;
 use symvirt::remote::Address;
 
@@ -36,22 +37,11 @@ const PATIENCE: Duration = Duration::from_secs(120);
 /// Pause after the agents start, before the plain migration.
 const SETTLE: Duration = Duration::from_secs(3);
 
-fn channel_args(sock: &Path) -> Vec<String> {
-    vec![
-        "-device".into(),
-        "virtio-serial".into(),
-        "-chardev".into(),
-        format!("socket,id=sv0,path={},server=on,wait=off", sock.display()),
-        "-device".into(),
-        "virtserialport,chardev=sv0,name=org.symvirt.0".into(),
-    ]
-}
-
 fn machine(fixtures: &Fixtures, vm: &str, sock: &Path) -> QemuConfig {
     QemuConfig::new(fixtures)
         .memory_mib(MEMORY_MIB)
         .guest_run(&format!("/bin/symvirt-agent --ranks 0 --vm {vm}"))
-        .args(channel_args(sock))
+        .args(qemu_channel_args(sock))
 }
 
 /// Removes what a run left behind (files, launched destinations) on drop.

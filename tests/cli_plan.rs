@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use symvirt::host_channel::qemu_channel_args;
 
 const MEMORY_MIB: u32 = 128;
 
@@ -23,12 +24,7 @@ fn machine(fixtures: &ninja_testkit::Fixtures, channel: &Path) -> QemuConfig {
     QemuConfig::new(fixtures)
         .memory_mib(MEMORY_MIB)
         .guest_run(&guest_command("vm0"))
-        .args(["-device", "virtio-serial", "-chardev"])
-        .arg(format!(
-            "socket,id=sv0,path={},server=on,wait=off",
-            channel.display()
-        ))
-        .args(["-device", "virtserialport,chardev=sv0,name=org.symvirt.0"])
+        .args(qemu_channel_args(channel))
 }
 
 /// Quits the QEMU the plan launched (it outlives `plan run`, as it should).

@@ -144,6 +144,28 @@ enum Endpoint {
     Listen(UnixListener),
 }
 
+/// The QEMU arguments that give a guest its SymVirt channel: a virtio-serial port named
+/// [`DEFAULT_PORT_NAME`](crate::guest_link::DEFAULT_PORT_NAME) (the guest agent opens
+/// `/dev/virtio-ports/org.symvirt.0`), backed by a unix socket at `socket` on which QEMU listens
+/// and [`HostChannel::connect`] connects. Source and destination QEMUs of a migration need the
+/// same arguments (paths may differ).
+pub fn qemu_channel_args(socket: &Path) -> Vec<String> {
+    vec![
+        "-device".into(),
+        "virtio-serial".into(),
+        "-chardev".into(),
+        format!(
+            "socket,id=symvirt0,path={},server=on,wait=off",
+            socket.display()
+        ),
+        "-device".into(),
+        format!(
+            "virtserialport,chardev=symvirt0,name={}",
+            crate::guest_link::DEFAULT_PORT_NAME
+        ),
+    ]
+}
+
 /// The host's end of one guest's channel. Dropping it stops the reader thread.
 pub struct HostChannel {
     shared: Arc<Shared>,

@@ -21,8 +21,7 @@
 //! use symvirt::protocol::{GuestMessage, HostMessage, Interconnect};
 //! use std::time::{Duration, Instant};
 //! # fn main() -> symvirt::Result<()> {
-//! // QEMU: -chardev socket,id=sv0,path=/run/vm0/symvirt.sock,server=on,wait=off
-//! //       -device virtio-serial -device virtserialport,chardev=sv0,name=org.symvirt.0
+//! // QEMU was started with host_channel::qemu_channel_args("/run/vm0/symvirt.sock").
 //! let chan = HostChannel::connect("/run/vm0/symvirt.sock", ChannelOptions::labelled("vm0"))?;
 //! chan.wait_hello(Instant::now() + Duration::from_secs(30))?;
 //! chan.send(&HostMessage::Prepare { epoch: 1, deadline_ms: 5000 })?;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use symvirt::controller::{Controller, Event, GuestNotice, Outcome, Phase, Report};
-use symvirt::host_channel::{ChannelOptions, HostChannel};
+use symvirt::host_channel::{ChannelOptions, HostChannel, qemu_channel_args};
 use symvirt::protocol::{GuestMessage, HostMessage, Interconnect, PciDevice};
 
 const PATIENCE: Duration = Duration::from_secs(120);
@@ -62,56 +62,11 @@ fn agent_command(vm: &str, ranks: u32) -> String {
 
 /// The arguments of a destination with the same machine as the sources testkit starts.
 fn machine_args(fixtures: &Fixtures, vm: &str, ranks: u32, dir: &Path) -> Vec<String> {
-    let append = format!(
-        "console=ttyS0 panic=-1 quiet ninja.run={}",
-        agent_command(vm, ranks)
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(",")
-    );
-    let mut a: Vec<String> = [
-        "-accel",
-        "tcg",
-        "-machine",
-        "pc",
-        "-m",
-        &MEMORY_MIB.to_string(),
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.extend([
-        "-kernel".into(),
-        fixtures.kernel.display().to_string(),
-        "-initrd".into(),
-        fixtures.initramfs.display().to_string(),
-        "-append".into(),
-        append,
-        "-chardev".into(),
-        format!(
-            "file,id=ninja-serial,path={}",
-            dir.join("serial.log").display()
-        ),
-        "-serial".into(),
-        "chardev:ninja-serial".into(),
-    ]);
-    a.extend(channel_args(&dir.join("sv.sock")));
-    a
-}
-
-fn channel_args(sock: &Path) -> Vec<String> {
-    vec![
-        "-device".into(),
-        "virtio-serial".into(),
-        "-chardev".into(),
-        format!("socket,id=sv0,path={},server=on,wait=off", sock.display()),
-        "-device".into(),
-        "virtserialport,chardev=sv0,name=org.symvirt.0".into(),
-    ]
+    QemuConfig::new(fixtures)
+        .memory_mib(MEMORY_MIB)
+        .guest_run(&agent_command(vm, ranks))
+        .args(qemu_channel_args(&dir.join("sv.sock")))
+        .machine_args(&dir.join("serial.log"))
 }
 
 /// A source VM: booted, agent up, the stand-in HCA assigned.
@@ -133,7 +88,7 @@ fn start_source(fixtures: &Fixtures, name: &str, ranks: u32, tag: &str) -> Sourc
         std::process::id()
     ));
     let _ = std::fs::remove_file(&channel);
-    let mut qemu = Qemu::start(config.args(channel_args(&channel))).unwrap();
+    let mut qemu = Qemu::start(config.args(qemu_channel_args(&channel))).unwrap();
     qemu.wait_serial("symvirt-agent", PATIENCE).unwrap();
     let hca_mem = PathBuf::from(format!(
         "/dev/shm/symvirt-ctl-{}-{tag}-{name}-hca0",
@@ -616,7 +571,7 @@ fn rollback_case(test: &str, how: Break, expect_phase: Phase) {
                 .memory_mib(MEMORY_MIB)
                 .guest_run(&agent_command("vm1", vm1_ranks))
                 .incoming(&incoming)
-                .args(channel_args(&sock));
+                .args(qemu_channel_args(&sock));
             let q = Qemu::start(config).unwrap();
             Some((q, sock, format!("tcp:127.0.0.1:{port}")))
         }

@@ -7,7 +7,7 @@ use ninja_testkit::{Qemu, QemuConfig, RawQmp, qemu_or_skip};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use symvirt::host_channel::{ChannelOptions, HostChannel};
+use symvirt::host_channel::{ChannelOptions, HostChannel, qemu_channel_args};
 use symvirt::protocol::{GuestMessage, HostMessage, Interconnect, PciDevice};
 
 const PATIENCE: Duration = Duration::from_secs(90);
@@ -89,13 +89,7 @@ fn guest_agent_in_qemu_quiesces_and_resumes_over_virtio_serial() {
     let config = QemuConfig::new(&fixtures)
         .memory_mib(256)
         .guest_run("/bin/symvirt-agent --ranks 0 --vm vm0 --report-pci")
-        .args(["-device", "virtio-serial"])
-        .arg("-chardev")
-        .arg(format!(
-            "socket,id=sv0,path={},server=on,wait=off",
-            sock.display()
-        ))
-        .args(["-device", "virtserialport,chardev=sv0,name=org.symvirt.0"]);
+        .args(qemu_channel_args(&sock));
     let mut vm = Qemu::start(config).unwrap();
     let host = HostChannel::connect(&sock, ChannelOptions::labelled("vm0")).unwrap();
     let info = match host.wait_hello(Instant::now() + PATIENCE) {
@@ -290,13 +284,7 @@ fn a_host_channel_reopened_within_the_agents_poll_still_gets_hello() {
     let config = QemuConfig::new(&fixtures)
         .memory_mib(128)
         .guest_run("/bin/symvirt-agent --ranks 0 --vm vm0")
-        .args(["-device", "virtio-serial"])
-        .arg("-chardev")
-        .arg(format!(
-            "socket,id=sv0,path={},server=on,wait=off",
-            sock.display()
-        ))
-        .args(["-device", "virtserialport,chardev=sv0,name=org.symvirt.0"]);
+        .args(qemu_channel_args(&sock));
     let vm = Qemu::start(config).unwrap();
     let mut host = HostChannel::connect(&sock, ChannelOptions::labelled("vm0")).unwrap();
     if let Err(e) = host.wait_hello(Instant::now() + PATIENCE) {
