@@ -4,14 +4,12 @@
 
 mod kvm_common;
 
-use kvm_common::{kvm_or_skip, wait_counter_above};
+use kvm_common::{HashAtResume, kvm_or_skip, wait_counter_above};
 use migrate_core::dirty::PAGE_SIZE;
 use migrate_core::kvm::DirtyTracking;
 use migrate_core::pages::page_hashes;
-use migrate_core::vm::{GuestMemory, IncomingVm};
 use migrate_core::vmm::{ReferenceVm, VmmConfig};
 use migrate_core::{Error, MigrationConfig, Phase, destination, source, transport};
-use std::sync::Mutex;
 use std::time::Duration;
 
 /// 64 MiB guest, 2 vCPUs each dirtying 2 MiB as fast as it runs.
@@ -35,27 +33,6 @@ fn migration_config() -> MigrationConfig {
     }
 }
 
-/// The destination VM, hashing its memory at the moment it is resumed (after the commit,
-/// before any guest instruction runs there).
-struct HashAtResume {
-    vm: ReferenceVm,
-    hashes: Mutex<Option<Vec<u64>>>,
-}
-
-impl IncomingVm for HashAtResume {
-    fn memory(&self) -> &GuestMemory {
-        self.vm.memory()
-    }
-    fn restore_state(&self, state: &[u8]) -> migrate_core::Result<()> {
-        self.vm.restore_state(state)
-    }
-    fn resume(&self) -> migrate_core::Result<()> {
-        *self.hashes.lock().unwrap() =
-            Some(page_hashes(self.vm.memory()).expect("hash guest memory"));
-        self.vm.resume()
-    }
-}
-
 fn migrate_running_guest(
     tracking: DirtyTracking,
     endpoint: Option<transport::Endpoint>,
@@ -73,10 +50,7 @@ fn migrate_running_guest(
             let t = std::thread::spawn(move || {
                 destination::receive(d, &cfg, |layout| {
                     config.check_layout(layout)?;
-                    Ok(HashAtResume {
-                        vm: ReferenceVm::new_incoming(config)?,
-                        hashes: Mutex::new(None),
-                    })
+                    Ok(HashAtResume::new(ReferenceVm::new_incoming(config)?))
                 })
             });
             (s, t)
@@ -89,10 +63,7 @@ fn migrate_running_guest(
                 let d = listener.accept(Duration::from_secs(30))?;
                 destination::receive(d, &cfg2, |layout| {
                     config.check_layout(layout)?;
-                    Ok(HashAtResume {
-                        vm: ReferenceVm::new_incoming(config)?,
-                        hashes: Mutex::new(None),
-                    })
+                    Ok(HashAtResume::new(ReferenceVm::new_incoming(config)?))
                 })
             });
             (
@@ -119,12 +90,7 @@ fn migrate_running_guest(
     assert!(src.is_paused());
     let at_pause = [src.status(0).unwrap(), src.status(1).unwrap()];
     let src_hashes = page_hashes(src.memory()).expect("hash guest memory");
-    let dst_hashes = dst
-        .hashes
-        .lock()
-        .unwrap()
-        .take()
-        .expect("destination never resumed");
+    let dst_hashes = dst.take().hashes;
     let differing: Vec<u64> = (0..src_hashes.len())
         .filter(|&i| src_hashes[i] != dst_hashes[i])
         .map(|i| i as u64 * PAGE_SIZE)

@@ -7,16 +7,14 @@
 
 mod kvm_common;
 
-use kvm_common::{kvm_or_skip, wait_counter_above, wait_for};
+use kvm_common::{HashAtResume, kvm_or_skip, wait_counter_above, wait_for};
 use migrate_core::dirty::PAGE_SIZE;
 use migrate_core::kvm::DirtyTracking;
 use migrate_core::pages::page_hashes;
-use migrate_core::vm::{GuestMemory, IncomingVm};
 use migrate_core::vmm::{ReferenceVm, VmmConfig};
 use migrate_core::{MigrationConfig, destination, source, transport};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::Mutex;
 use std::time::Duration;
 
 const CHILD_ENV: &str = "NINJA_KVM_CHILD";
@@ -70,30 +68,6 @@ impl Drop for ChildGuard {
     }
 }
 
-/// The destination VM, hashing its memory and reading the counters when resumed (after the
-/// commit, before any guest instruction runs there).
-struct HashAtResume {
-    vm: ReferenceVm,
-    at_resume: Mutex<Option<(Vec<u64>, Vec<u64>)>>,
-}
-
-impl IncomingVm for HashAtResume {
-    fn memory(&self) -> &GuestMemory {
-        self.vm.memory()
-    }
-    fn restore_state(&self, state: &[u8]) -> migrate_core::Result<()> {
-        self.vm.restore_state(state)
-    }
-    fn resume(&self) -> migrate_core::Result<()> {
-        let hashes = page_hashes(self.vm.memory()).expect("hash guest memory");
-        let counters = (0..self.vm.config().vcpus)
-            .map(|i| self.vm.status(i).map(|b| b.counter))
-            .collect::<migrate_core::Result<_>>()?;
-        *self.at_resume.lock().unwrap() = Some((hashes, counters));
-        self.vm.resume()
-    }
-}
-
 #[test]
 #[ignore = "destination half of kvm_guest_migrates_between_two_processes (run by it)"]
 fn child_destination_process() {
@@ -118,13 +92,13 @@ fn child_destination_process() {
     let conn = listener.accept(Duration::from_secs(60)).unwrap();
     let (dst, _) = destination::receive(conn, &migration_config(), |layout| {
         config().check_layout(layout)?;
-        Ok(HashAtResume {
-            vm: ReferenceVm::new_incoming(config())?,
-            at_resume: Mutex::new(None),
-        })
+        Ok(HashAtResume::new(ReferenceVm::new_incoming(config())?))
     })
     .unwrap();
-    let (hashes, at_arrival) = dst.at_resume.lock().unwrap().take().unwrap();
+    let kvm_common::AtResume {
+        hashes,
+        counters: at_arrival,
+    } = dst.take();
     write_u64s(&dir.join("hashes"), &hashes);
     // Wait until the guest has counted past where it arrived, then stop it and report.
     let mut result = Vec::new();

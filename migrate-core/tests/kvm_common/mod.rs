@@ -1,9 +1,13 @@
-//! Shared helpers for the KVM tests: skip where /dev/kvm is unusable, bounded waits.
+//! Shared helpers for the KVM tests: skip where /dev/kvm is unusable, bounded waits, a
+//! destination VM that records what the migration delivered.
 
 #![allow(dead_code)]
 
+use migrate_core::pages::page_hashes;
+use migrate_core::vm::{GuestMemory, IncomingVm, MigratableVm};
 use migrate_core::vmm::{ReferenceVm, kvm_usable};
 use std::io::Write;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Upper bound for any wait on the guest (the machine is slow and shared; this is a hang
@@ -48,4 +52,52 @@ pub fn wait_counter_above(vm: &ReferenceVm, index: u32, above: u64) -> u64 {
         last > above
     });
     last
+}
+
+/// What a destination held when it was resumed: a hash of every page and each vCPU's counter.
+pub struct AtResume {
+    pub hashes: Vec<u64>,
+    pub counters: Vec<u64>,
+}
+
+/// The destination VM, recording [`AtResume`] at the moment it is resumed (after the commit,
+/// before any guest instruction runs there): exactly what the migration delivered.
+pub struct HashAtResume {
+    pub vm: ReferenceVm,
+    at_resume: Mutex<Option<AtResume>>,
+}
+
+impl HashAtResume {
+    pub fn new(vm: ReferenceVm) -> HashAtResume {
+        HashAtResume {
+            vm,
+            at_resume: Mutex::new(None),
+        }
+    }
+
+    /// What was recorded; panics if the VM was never resumed.
+    pub fn take(&self) -> AtResume {
+        self.at_resume
+            .lock()
+            .unwrap()
+            .take()
+            .expect("destination never resumed")
+    }
+}
+
+impl IncomingVm for HashAtResume {
+    fn memory(&self) -> &GuestMemory {
+        MigratableVm::memory(&self.vm)
+    }
+    fn restore_state(&self, state: &[u8]) -> migrate_core::Result<()> {
+        self.vm.restore_state(state)
+    }
+    fn resume(&self) -> migrate_core::Result<()> {
+        let hashes = page_hashes(MigratableVm::memory(&self.vm)).expect("hash guest memory");
+        let counters = (0..self.vm.config().vcpus)
+            .map(|i| self.vm.status(i).map(|b| b.counter))
+            .collect::<migrate_core::Result<_>>()?;
+        *self.at_resume.lock().unwrap() = Some(AtResume { hashes, counters });
+        IncomingVm::resume(&self.vm)
+    }
 }
