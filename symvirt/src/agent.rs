@@ -3,9 +3,11 @@
 //! Threads: the host link ([`crate::guest_link`]), a listener on the rank socket, one reader
 //! per rank connection; all of them feed one event loop that owns the agent's state, so the
 //! protocol logic is single-threaded. The agent reports `quiesced` only when every expected
-//! rank has registered and reported `quiesced` for the epoch; it forwards `resume` (with the
-//! Ethernet interface name resolved from the MAC when the host did not give one) and reports
-//! `resumed` when every rank acknowledged. A rank that leaves during an epoch, or a deadline
+//! rank has registered and reported `quiesced` for the epoch. On `resume` it waits (bounded)
+//! until the guest sees the new interconnect ([`sysfs::find_interconnect`]; the Ethernet
+//! interface name is resolved from the MAC when the host did not give one), forwards it to the
+//! ranks and reports `resumed` when every rank acknowledged; if the interconnect never
+//! appears it reports `failed` and keeps the ranks paused, for the host to roll back. A rank that leaves during an epoch, or a deadline
 //! that passes, fails the epoch (`failed` to the host, `abort` to the ranks).
 //!
 //! ```no_run
@@ -26,7 +28,7 @@ use crate::guest_link::{self, ChannelSpec, HostWriter, LinkEvent};
 use crate::protocol::{GuestMessage, HostMessage, Interconnect, MAX_LINE, PROTOCOL_VERSION};
 use crate::protocol::{decode, encode};
 use crate::rank::{AgentNotice, DEFAULT_RANK_SOCKET, RankRequest};
-use crate::sysfs;
+use crate::sysfs::{self, SysDirs};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{ErrorKind, Read, Write};
@@ -39,6 +41,9 @@ use std::time::{Duration, Instant};
 
 /// The agent's version, as sent in `hello`.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How long the `symvirt-agent` binary waits for a new interconnect unless told otherwise.
+pub const DEFAULT_INTERCONNECT_WAIT: Duration = Duration::from_secs(20);
 
 /// How an agent is set up.
 #[derive(Debug, Clone)]
@@ -53,10 +58,14 @@ pub struct AgentConfig {
     pub ranks: u32,
     /// Report the guest's PCI devices in `resumed`.
     pub report_pci: bool,
-    /// Where PCI devices are listed (normally /sys/bus/pci/devices).
-    pub pci_dir: PathBuf,
-    /// Where network interfaces are listed (normally /sys/class/net).
-    pub net_dir: PathBuf,
+    /// Where the guest's PCI devices, interfaces and verbs devices are listed.
+    pub sys: SysDirs,
+    /// How long `resume` waits for the guest to see the new interconnect (a device plugged
+    /// just before takes a moment to be probed) before the agent reports `failed`, keeping
+    /// its ranks paused so the host can roll back. `None`: the interconnect is passed on as
+    /// the host names it (for agents outside a guest, whose sysfs says nothing about it); an
+    /// Ethernet interface name is still filled in from the MAC when one matches.
+    pub interconnect_wait: Option<Duration>,
 }
 
 impl Default for AgentConfig {
@@ -67,8 +76,8 @@ impl Default for AgentConfig {
             rank_socket: DEFAULT_RANK_SOCKET.into(),
             ranks: 0,
             report_pci: false,
-            pci_dir: sysfs::PCI_DEVICES_DIR.into(),
-            net_dir: sysfs::NET_DIR.into(),
+            sys: SysDirs::default(),
+            interconnect_wait: None,
         }
     }
 }
@@ -272,6 +281,12 @@ enum Phase {
     Quiesced {
         epoch: u64,
     },
+    /// `resume` arrived; the guest does not see the new interconnect yet.
+    AwaitingInterconnect {
+        epoch: u64,
+        interconnect: Interconnect,
+        until: Instant,
+    },
     Resuming {
         epoch: u64,
         interconnect: Interconnect,
@@ -315,6 +330,7 @@ impl Core {
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             self.check_deadline();
+            self.check_interconnect();
         }
         for conn in self.ranks.values() {
             let _ = conn.stream.shutdown(std::net::Shutdown::Both);
@@ -430,6 +446,7 @@ impl Core {
             Phase::Running => None,
             Phase::Preparing { epoch, .. }
             | Phase::Quiesced { epoch }
+            | Phase::AwaitingInterconnect { epoch, .. }
             | Phase::Resuming { epoch, .. } => Some(*epoch),
         }
     }
@@ -469,30 +486,25 @@ impl Core {
             }
             HostMessage::Resume {
                 epoch,
-                mut interconnect,
+                interconnect,
             } => {
                 if !matches!(self.phase, Phase::Quiesced { epoch: e } if e == epoch) {
                     log::warn!("ignored resume{{epoch={epoch}}} in {:?}", self.phase);
                     return;
                 }
-                if let Interconnect::Ethernet { mac, iface, .. } = &mut interconnect {
-                    if iface.is_none() {
-                        *iface = sysfs::interface_with_mac(&self.config.net_dir, mac);
-                    }
-                }
-                self.tell_all_ranks(&AgentNotice::Resume {
-                    epoch,
-                    interconnect: interconnect.clone(),
-                });
-                self.phase = Phase::Resuming {
+                self.phase = Phase::AwaitingInterconnect {
                     epoch,
                     interconnect,
-                    acked: BTreeSet::new(),
+                    until: Instant::now() + self.config.interconnect_wait.unwrap_or_default(),
                 };
-                self.check_resumed();
+                self.check_interconnect();
             }
             HostMessage::Abort { epoch } => match self.phase {
-                Phase::Preparing { epoch: e, .. } | Phase::Quiesced { epoch: e } if e == epoch => {
+                Phase::Preparing { epoch: e, .. }
+                | Phase::Quiesced { epoch: e }
+                | Phase::AwaitingInterconnect { epoch: e, .. }
+                    if e == epoch =>
+                {
                     self.tell_all_ranks(&AgentNotice::Abort { epoch });
                     self.phase = Phase::Running;
                 }
@@ -547,7 +559,9 @@ impl Core {
                         };
                         self.tell_rank(id, &notice);
                     }
-                    Phase::Running | Phase::Quiesced { .. } => {}
+                    Phase::Running
+                    | Phase::Quiesced { .. }
+                    | Phase::AwaitingInterconnect { .. } => {}
                 }
             }
             (RankRequest::Quiesced { epoch }, Some(rank)) => match &mut self.phase {
@@ -609,11 +623,53 @@ impl Core {
                     pci_devices: self
                         .config
                         .report_pci
-                        .then(|| sysfs::pci_devices(&self.config.pci_dir)),
+                        .then(|| sysfs::pci_devices(&self.config.sys.pci)),
                 };
                 self.phase = Phase::Running;
                 self.tell_host(message);
             }
+        }
+    }
+
+    /// Releases the ranks once the guest sees the interconnect `resume` named; reports
+    /// `failed` if it does not appear in time. The ranks stay paused then: the host rolls the
+    /// VM back to where they can go on, or aborts the epoch.
+    fn check_interconnect(&mut self) {
+        let Phase::AwaitingInterconnect {
+            epoch,
+            interconnect,
+            until,
+        } = &mut self.phase
+        else {
+            return;
+        };
+        let (epoch, until) = (*epoch, *until);
+        let found = sysfs::find_interconnect(interconnect, &self.config.sys);
+        match found.or_else(|e| self.config.interconnect_wait.map_or(Ok(()), |_| Err(e))) {
+            Ok(()) => {
+                let interconnect = interconnect.clone();
+                self.tell_all_ranks(&AgentNotice::Resume {
+                    epoch,
+                    interconnect: interconnect.clone(),
+                });
+                self.phase = Phase::Resuming {
+                    epoch,
+                    interconnect,
+                    acked: BTreeSet::new(),
+                };
+                self.check_resumed();
+            }
+            Err(missing) if Instant::now() >= until => {
+                let waited = self.config.interconnect_wait.unwrap_or_default();
+                let reason = format!(
+                    "the guest does not see its new interconnect after {} ms: {missing}",
+                    waited.as_millis()
+                );
+                log::warn!("resume{{epoch={epoch}}} failed: {reason}");
+                self.phase = Phase::Quiesced { epoch };
+                self.tell_host(GuestMessage::Failed { epoch, reason });
+            }
+            Err(_) => {}
         }
     }
 

@@ -1,8 +1,9 @@
 //! What the guest agent reads from sysfs: its PCI devices, the interface that has a MAC
-//! address, and the device node of a named virtio-serial port. Each function takes the sysfs
+//! address, whether the interconnect the host names is there, and the device node of a named
+//! virtio-serial port. Each function takes the sysfs
 //! directory it reads so tests can point it at a fake tree.
 
-use crate::protocol::{MAX_PCI_DEVICES, PciDevice, is_pci_address};
+use crate::protocol::{Interconnect, MAX_PCI_DEVICES, PciDevice, is_pci_address};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -10,6 +11,8 @@ use std::path::{Path, PathBuf};
 pub const PCI_DEVICES_DIR: &str = "/sys/bus/pci/devices";
 /// Where the kernel lists network interfaces.
 pub const NET_DIR: &str = "/sys/class/net";
+/// Where the kernel lists verbs (InfiniBand) devices, once a verbs driver is loaded.
+pub const INFINIBAND_DIR: &str = "/sys/class/infiniband";
 /// Where the kernel lists virtio-serial ports.
 pub const VIRTIO_PORTS_DIR: &str = "/sys/class/virtio-ports";
 /// Where udev (or the fixtures' init) links named virtio-serial ports.
@@ -56,6 +59,68 @@ pub fn interface_with_mac(dir: &Path, mac: &str) -> Option<String> {
             .then(|| e.file_name().into_string().ok())
             .flatten()
     })
+}
+
+/// The sysfs directories [`find_interconnect`] looks in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SysDirs {
+    /// Normally [`PCI_DEVICES_DIR`].
+    pub pci: PathBuf,
+    /// Normally [`NET_DIR`].
+    pub net: PathBuf,
+    /// Normally [`INFINIBAND_DIR`].
+    pub infiniband: PathBuf,
+}
+
+impl Default for SysDirs {
+    fn default() -> Self {
+        SysDirs {
+            pci: PCI_DEVICES_DIR.into(),
+            net: NET_DIR.into(),
+            infiniband: INFINIBAND_DIR.into(),
+        }
+    }
+}
+
+/// Checks that the guest sees `interconnect`, filling in an Ethernet interface name from its
+/// MAC; `Err` says what is missing. A hot-plugged device appears some time after the host
+/// plugged it, so callers retry for a while.
+///
+/// What is checked: the PCI address when one is given; for Ethernet, the interface (by name,
+/// or the one with the MAC); for InfiniBand, the verbs device, when the guest has a verbs
+/// stack at all (without one, [`INFINIBAND_DIR`] is absent and the HCA name cannot be checked).
+pub fn find_interconnect(
+    interconnect: &mut Interconnect,
+    dirs: &SysDirs,
+) -> std::result::Result<(), String> {
+    let pci = match interconnect {
+        Interconnect::Ethernet { pci, .. } | Interconnect::Infiniband { pci, .. } => pci.clone(),
+    };
+    if let Some(address) = pci {
+        if !dirs.pci.join(&address).exists() {
+            return Err(format!("no PCI device {address}"));
+        }
+    }
+    match interconnect {
+        Interconnect::Ethernet { mac, iface, .. } => match iface {
+            Some(name) if dirs.net.join(name.as_str()).exists() => Ok(()),
+            Some(name) => Err(format!("no network interface {name}")),
+            None => {
+                *iface = interface_with_mac(&dirs.net, mac);
+                iface
+                    .as_ref()
+                    .map(|_| ())
+                    .ok_or_else(|| format!("no network interface has mac {mac}"))
+            }
+        },
+        Interconnect::Infiniband { hca, .. } => {
+            if dirs.infiniband.is_dir() && !dirs.infiniband.join(hca.as_str()).exists() {
+                Err(format!("no verbs device {hca}"))
+            } else {
+                Ok(())
+            }
+        }
+    }
 }
 
 /// The device node of the virtio-serial port called `name`: the link in `links`
@@ -161,6 +226,57 @@ mod tests {
             Some(links.join("org.symvirt.0"))
         );
         assert_eq!(virtio_port("org.none", &links, &ports, &dev), None);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn an_interconnect_is_found_only_when_the_guest_sees_it() {
+        let d = temp_dir("ic");
+        let dirs = SysDirs {
+            pci: d.join("pci"),
+            net: d.join("net"),
+            infiniband: d.join("infiniband"),
+        };
+        let mut eth = Interconnect::Ethernet {
+            mac: "52:54:00:00:00:02".into(),
+            iface: None,
+            pci: None,
+        };
+        assert_eq!(
+            find_interconnect(&mut eth, &dirs),
+            Err("no network interface has mac 52:54:00:00:00:02".into())
+        );
+        // The NIC's driver bound: the interface appears and its name is filled in.
+        write(d.join("net/eth1/address"), "52:54:00:00:00:02\n");
+        assert_eq!(find_interconnect(&mut eth, &dirs), Ok(()));
+        assert!(matches!(&eth, Interconnect::Ethernet { iface: Some(i), .. } if i == "eth1"));
+        // A name the host gave must exist; so must a PCI address.
+        let mut named = Interconnect::Ethernet {
+            mac: "52:54:00:00:00:02".into(),
+            iface: Some("eth7".into()),
+            pci: None,
+        };
+        assert!(find_interconnect(&mut named, &dirs).is_err());
+        let mut ib = Interconnect::Infiniband {
+            hca: "mlx5_0".into(),
+            port: 1,
+            pci: Some("0000:00:05.0".into()),
+        };
+        assert_eq!(
+            find_interconnect(&mut ib, &dirs),
+            Err("no PCI device 0000:00:05.0".into())
+        );
+        write(d.join("pci/0000:00:05.0/vendor"), "0x15b3\n");
+        // No verbs stack in the guest: the HCA name cannot be checked, the device is there.
+        assert_eq!(find_interconnect(&mut ib, &dirs), Ok(()));
+        // With one, the verbs device must be listed.
+        fs::create_dir_all(d.join("infiniband/mlx5_1")).unwrap();
+        assert_eq!(
+            find_interconnect(&mut ib, &dirs),
+            Err("no verbs device mlx5_0".into())
+        );
+        fs::create_dir_all(d.join("infiniband/mlx5_0")).unwrap();
+        assert_eq!(find_interconnect(&mut ib, &dirs), Ok(()));
         let _ = fs::remove_dir_all(&d);
     }
 }

@@ -11,6 +11,7 @@ use symvirt::host_channel::{ChannelOptions, HostChannel};
 use symvirt::protocol::{GuestMessage, HostMessage, Interconnect, PciDevice};
 use symvirt::rank::{RankClient, RankEvent};
 use symvirt::session::SessionState;
+use symvirt::sysfs::SysDirs;
 use symvirt::{Error, sysfs};
 
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -66,6 +67,11 @@ struct Rig {
 
 impl Rig {
     fn new(tag: &str, ranks: u32) -> Rig {
+        Rig::waiting(tag, ranks, PATIENCE)
+    }
+
+    /// A rig whose agent waits `interconnect_wait` for a new interconnect to appear.
+    fn waiting(tag: &str, ranks: u32, interconnect_wait: Duration) -> Rig {
         let dir = TempDir::new(tag);
         fake_sysfs(&dir.0);
         let host_sock = dir.0.join("host.sock");
@@ -76,8 +82,12 @@ impl Rig {
             rank_socket: dir.0.join("run/agent.sock"),
             ranks,
             report_pci: true,
-            pci_dir: dir.0.join("pci"),
-            net_dir: dir.0.join("net"),
+            sys: SysDirs {
+                pci: dir.0.join("pci"),
+                net: dir.0.join("net"),
+                infiniband: dir.0.join("infiniband"),
+            },
+            interconnect_wait: Some(interconnect_wait),
         })
         .unwrap();
         let info = host.wait_hello(soon()).unwrap();
@@ -208,6 +218,82 @@ fn quiesced_only_after_the_last_rank_and_resume_reaches_every_rank() {
     );
     assert_eq!(rig.host.state(), SessionState::Running);
     assert_eq!(r0.try_event().unwrap(), None);
+}
+
+/// Brings `ranks` through prepare to quiesced for `epoch`.
+fn quiesce(rig: &Rig, ranks: &mut [&mut RankClient], epoch: u64) {
+    rig.prepare(epoch, 60_000);
+    for r in ranks.iter_mut() {
+        expect_prepare(r, epoch);
+        r.quiesced(epoch).unwrap();
+    }
+    assert_eq!(rig.wait_outcome(), GuestMessage::Quiesced { epoch });
+}
+
+#[test]
+fn resume_waits_for_the_new_nic_and_fails_keeping_ranks_paused_when_it_never_comes() {
+    let rig = Rig::waiting("nicWait", 1, Duration::from_millis(1500));
+    let mut r0 = rig.rank(0).unwrap();
+    let late_mac = "52:54:00:ab:cd:02";
+    let late = Interconnect::Ethernet {
+        mac: late_mac.into(),
+        iface: None,
+        pci: None,
+    };
+    // The NIC is probed while the agent waits: the rank is resumed on it.
+    quiesce(&rig, &mut [&mut r0], 1);
+    rig.host
+        .send(&HostMessage::Resume {
+            epoch: 1,
+            interconnect: late.clone(),
+        })
+        .unwrap();
+    assert_eq!(
+        r0.next_event(Some(Duration::from_millis(300))).unwrap(),
+        None
+    );
+    write(rig.dir.0.join("net/eth2/address"), &format!("{late_mac}\n"));
+    match r0.next_event(Some(PATIENCE)).unwrap() {
+        Some(RankEvent::Resume {
+            epoch: 1,
+            interconnect: Interconnect::Ethernet { iface, .. },
+        }) => assert_eq!(iface.as_deref(), Some("eth2")),
+        other => panic!("expected resume on eth2, got {other:?}"),
+    }
+    r0.resumed(1).unwrap();
+    assert!(matches!(
+        rig.wait_outcome(),
+        GuestMessage::Resumed { epoch: 1, .. }
+    ));
+
+    // A NIC that never appears: `failed`, and the rank is neither resumed nor aborted, since
+    // the host will move the VM back to where the rank can go on.
+    quiesce(&rig, &mut [&mut r0], 2);
+    let missing = Interconnect::Ethernet {
+        mac: "52:54:00:ab:cd:03".into(),
+        iface: None,
+        pci: None,
+    };
+    rig.host
+        .send(&HostMessage::Resume {
+            epoch: 2,
+            interconnect: missing,
+        })
+        .unwrap();
+    match rig.wait_outcome() {
+        GuestMessage::Failed { epoch: 2, reason } => assert!(
+            reason.contains("no network interface has mac 52:54:00:ab:cd:03"),
+            "{reason}"
+        ),
+        other => panic!("expected failed, got {other:?}"),
+    }
+    assert_eq!(r0.try_event().unwrap(), None);
+    // Still quiesced: the host can abort the epoch (the ranks go on where they are).
+    rig.host.send(&HostMessage::Abort { epoch: 2 }).unwrap();
+    assert_eq!(
+        r0.next_event(Some(PATIENCE)).unwrap(),
+        Some(RankEvent::Abort { epoch: 2 })
+    );
 }
 
 #[test]
@@ -392,6 +478,15 @@ fn agent_binary_with_no_ranks_quiesces_at_once_and_reports_pci_devices() {
         }
     );
     assert!(agent.0.try_wait().unwrap().is_none(), "agent still running");
+    // The agent logs a message after sending it: give the last line time to land.
+    let started = Instant::now();
+    while !fs::read_to_string(&log)
+        .unwrap()
+        .contains("sent resumed{epoch=1}")
+        && started.elapsed() < PATIENCE
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     drop(agent);
     let out = fs::read_to_string(&log).unwrap();
     for needle in [

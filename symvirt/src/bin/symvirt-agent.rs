@@ -2,8 +2,10 @@
 //!
 //! ```text
 //! symvirt-agent [--channel virtio:NAME|unix:PATH|/dev/PATH] [--socket PATH] [--ranks N]
-//!               [--vm NAME] [--report-pci]
+//!               [--vm NAME] [--report-pci] [--interconnect-wait-ms MS]
 //! ```
+//! `--interconnect-wait-ms`: how long `resume` waits for the guest to see the new
+//! interconnect before reporting `failed` (default 20000; 0 passes it on unchecked).
 //! Logs every step to stdout prefixed `symvirt-agent:` (the serial console in a test guest).
 
 use std::io::Write;
@@ -12,7 +14,7 @@ use symvirt::guest_link::ChannelSpec;
 use symvirt::{Error, Result};
 
 const USAGE: &str = "usage: symvirt-agent [--channel virtio:NAME|unix:PATH|/dev/PATH] \
-[--socket PATH] [--ranks N] [--vm NAME] [--report-pci]";
+[--socket PATH] [--ranks N] [--vm NAME] [--report-pci] [--interconnect-wait-ms MS]";
 
 /// Prints log records to stdout with the agent's prefix.
 struct StdoutLogger;
@@ -36,6 +38,7 @@ impl log::Log for StdoutLogger {
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<AgentConfig> {
     let mut config = AgentConfig {
         vm: default_vm_name(),
+        interconnect_wait: Some(symvirt::agent::DEFAULT_INTERCONNECT_WAIT),
         ..AgentConfig::default()
     };
     while let Some(arg) = args.next() {
@@ -55,6 +58,13 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<AgentConfig> {
                     .ok_or_else(|| Error::Config(format!("--ranks {v:?}: not a rank count")))?;
             }
             "--vm" => config.vm = value("--vm")?,
+            "--interconnect-wait-ms" => {
+                let v = value("--interconnect-wait-ms")?;
+                let ms: u64 = v.parse().map_err(|_| {
+                    Error::Config(format!("--interconnect-wait-ms {v:?}: not a number of ms"))
+                })?;
+                config.interconnect_wait = (ms > 0).then(|| std::time::Duration::from_millis(ms));
+            }
             "--report-pci" => config.report_pci = true,
             "--help" | "-h" => return Err(Error::Config(USAGE.into())),
             other => {
