@@ -7,7 +7,8 @@
 //!   forwarding (`ssh -N -L LOCAL:REMOTE HOST`), the tool operators already trust.
 //!
 //! [`Connector::local_path`] turns an address into a local socket path, starting the forward
-//! when needed; the forward lives as long as the connector.
+//! when needed; the forward lives as long as the connector (dropping it ends every forward).
+//! `symvirt/tests/controller_ssh.rs` runs these forwards against a private sshd on loopback.
 
 use crate::error::{Error, Result};
 use std::fmt;
@@ -116,8 +117,25 @@ pub fn check_migrate_uri(uri: &str) -> std::result::Result<(), String> {
 /// A running `ssh -N -L` forward; killed on drop.
 #[derive(Debug)]
 struct Forward {
+    host: String,
+    remote: PathBuf,
     child: Child,
     local: PathBuf,
+    log: PathBuf,
+}
+
+impl Forward {
+    /// Whether its ssh still runs.
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// What ssh said (its errors: refused connection, failed authentication, ...).
+    fn said(&self) -> String {
+        std::fs::read(&self.log)
+            .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+            .unwrap_or_default()
+    }
 }
 
 impl Drop for Forward {
@@ -125,6 +143,7 @@ impl Drop for Forward {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.local);
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
@@ -145,11 +164,33 @@ pub fn forward_command(ssh: &str, host: &str, local: &Path, remote: &Path) -> Co
     cmd
 }
 
+/// Whether a unix socket is bound at `path` and listening, from the kernel's socket table.
+///
+/// Probing by connecting would open a connection to the remote socket through the forward
+/// (a QMP session, or a guest channel connection the guest sees come and go); the table shows
+/// the listening socket without touching the far end. `None` when the table is unreadable.
+fn listening(path: &Path) -> Option<bool> {
+    const SO_ACCEPTCON: u32 = 0x0001_0000;
+    let table = std::fs::read_to_string("/proc/net/unix").ok()?;
+    let wanted = path.to_string_lossy();
+    Some(table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // Num RefCount Protocol Flags Type St Inode Path
+        fields.len() >= 8
+            && fields[7] == wanted
+            && u32::from_str_radix(fields[3], 16).is_ok_and(|f| f & SO_ACCEPTCON != 0)
+    }))
+}
+
 /// Resolves addresses to local sockets, owning the ssh forwards it starts.
+///
+/// One forward per remote socket, shared by every connection to it; a forward whose ssh died
+/// is replaced by the next [`Connector::local_path`] for that address.
 #[derive(Debug)]
 pub struct Connector {
     ssh_program: String,
     dir: PathBuf,
+    next: AtomicU32,
     forwards: Mutex<Vec<Forward>>,
 }
 
@@ -168,13 +209,14 @@ impl Connector {
         Ok(Connector {
             ssh_program: ssh_program.into(),
             dir,
+            next: AtomicU32::new(0),
             forwards: Mutex::new(Vec::new()),
         })
     }
 
-    /// A local unix socket path for `address`: the path itself, or the local end of a new ssh
-    /// forward (waiting until it accepts connections, at most until `deadline`). TCP
-    /// addresses have no path: [`Error::Config`].
+    /// A local unix socket path for `address`: the path itself, or the local end of an ssh
+    /// forward (started when none runs for it, waiting until it listens, at most until
+    /// `deadline`). TCP addresses have no path: [`Error::Config`].
     pub fn local_path(&self, address: &Address, deadline: Instant) -> Result<PathBuf> {
         match address {
             Address::Unix(p) => Ok(p.clone()),
@@ -193,41 +235,87 @@ impl Connector {
         }
     }
 
-    fn forward(&self, host: &str, remote: &Path, deadline: Instant) -> Result<PathBuf> {
+    /// The process ids of the forwards' ssh clients still running.
+    pub fn forward_pids(&self) -> Vec<u32> {
         let mut forwards = self.forwards.lock().unwrap_or_else(|p| p.into_inner());
-        let local = self.dir.join(format!("fwd-{}.sock", forwards.len()));
-        let mut cmd = forward_command(&self.ssh_program, host, &local, remote);
-        let child = cmd
+        forwards
+            .iter_mut()
+            .filter_map(|f| f.alive().then(|| f.child.id()))
+            .collect()
+    }
+
+    fn forward(&self, host: &str, remote: &Path, deadline: Instant) -> Result<PathBuf> {
+        {
+            let mut forwards = self.forwards.lock().unwrap_or_else(|p| p.into_inner());
+            // Dead forwards go (their sockets refuse every connection); a live one is reused.
+            forwards.retain_mut(Forward::alive);
+            if let Some(f) = forwards
+                .iter()
+                .find(|f| f.host == host && f.remote == remote)
+            {
+                return Ok(f.local.clone());
+            }
+        }
+        // Started without the lock held: several VMs' forwards come up in parallel.
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let local = self.dir.join(format!("fwd-{n}.sock"));
+        let log = self.dir.join(format!("fwd-{n}.log"));
+        let log_file = std::fs::File::create(&log)
+            .map_err(|e| Error::io(format!("create {}", log.display()), e))?;
+        let what = format!("ssh forward to {host}:{}", remote.display());
+        // ssh's messages go to a file: a pipe nobody drains would stall a long-lived forward
+        // once full (ssh reports every refused remote connection).
+        let child = forward_command(&self.ssh_program, host, &local, remote)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(log_file)
             .spawn()
-            .map_err(|e| Error::io(format!("start {} for {host}", self.ssh_program), e))?;
+            .map_err(|e| Error::io(format!("{what}: start {}", self.ssh_program), e))?;
         let mut forward = Forward {
+            host: host.to_owned(),
+            remote: remote.to_owned(),
             child,
             local: local.clone(),
+            log,
         };
         loop {
-            // The local socket accepts once ssh has bound it; the remote end is tried per
-            // connection, so a missing remote socket shows up as a closed connection later.
-            if UnixStream::connect(&local).is_ok() {
+            // The local end listens once ssh has logged in and bound it; the remote end is
+            // tried per connection, so a missing remote socket shows up as a closed
+            // connection later (and in ssh's log).
+            let up = match listening(&local) {
+                Some(up) => up,
+                None => UnixStream::connect(&local).is_ok(),
+            };
+            if up {
+                let mut forwards = self.forwards.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(f) = forwards
+                    .iter_mut()
+                    .find(|f| f.host == host && f.remote == remote)
+                {
+                    // Another thread's forward came up first: use that one, drop ours.
+                    if f.alive() {
+                        return Ok(f.local.clone());
+                    }
+                }
                 forwards.push(forward);
                 return Ok(local);
             }
             if let Ok(Some(status)) = forward.child.try_wait() {
-                let mut stderr = String::new();
-                if let Some(mut e) = forward.child.stderr.take() {
-                    use std::io::Read;
-                    let _ = e.read_to_string(&mut stderr);
-                }
                 return Err(Error::Refused(format!(
-                    "ssh forward to {host}:{} exited ({status}): {}",
-                    remote.display(),
-                    stderr.trim()
+                    "{what}: ssh exited ({status}): {}",
+                    forward.said()
                 )));
             }
-            if Instant::now() > deadline {
-                return Err(Error::Timeout);
+            if Instant::now() >= deadline {
+                let said = forward.said();
+                return Err(Error::Refused(format!(
+                    "{what}: not up by the deadline{}",
+                    if said.is_empty() {
+                        " (ssh said nothing)".to_owned()
+                    } else {
+                        format!(": {said}")
+                    }
+                )));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -300,8 +388,8 @@ mod tests {
         assert!(args.contains(&"ExitOnForwardFailure=yes".to_owned()));
     }
 
-    /// The remote path end to end, with a stand-in `ssh` that forwards locally with socat-like
-    /// behaviour is not available here; a forward whose ssh exits is reported, not awaited.
+    /// A forward whose ssh exits is reported, not awaited (the real sshd cases are in
+    /// `tests/controller_ssh.rs`).
     #[test]
     fn failing_ssh_is_reported() {
         let c = Connector::new("false").unwrap();

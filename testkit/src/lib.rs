@@ -17,4 +17,6 @@ mod skip;
 
 pub use qemu::{Qemu, QemuConfig, free_tcp_port};
 pub use raw_qmp::RawQmp;
-pub use skip::{Fixtures, Requirement, kvm_or_skip, mpi_or_skip, qemu_or_skip, skip};
+pub use skip::{
+    Fixtures, Requirement, SSHD_BINARY, kvm_or_skip, mpi_or_skip, qemu_or_skip, skip, sshd_or_skip,
+};

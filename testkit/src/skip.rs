@@ -2,7 +2,7 @@
 //!
 //! A test that needs a missing component prints `SKIPPED: <test>: <why>` straight to the process's
 //! stderr (not through the test harness's capture, so it shows in CI logs) and returns. When the
-//! environment variable `NINJA_REQUIRE` names the component (`qemu`, `kvm`, `mpi`; comma separated,
+//! environment variable `NINJA_REQUIRE` names the component (`qemu`, `kvm`, `mpi`, `ssh`; comma separated,
 //! or `all`), the test panics instead: `scripts/test` sets it for every component the machine has,
 //! so a machine that has QEMU cannot silently skip the QEMU tests.
 
@@ -19,6 +19,8 @@ pub enum Requirement {
     Kvm,
     /// Open MPI and MPICH (`mpirun`, `mpiexec.mpich`, compilers).
     Mpi,
+    /// OpenSSH's server and client (`sshd`, `ssh`, `ssh-keygen`), for a private sshd on loopback.
+    Ssh,
 }
 
 impl Requirement {
@@ -27,6 +29,7 @@ impl Requirement {
             Requirement::Qemu => "qemu",
             Requirement::Kvm => "kvm",
             Requirement::Mpi => "mpi",
+            Requirement::Ssh => "ssh",
         }
     }
 
@@ -162,5 +165,34 @@ pub fn mpi_or_skip(test: &str) -> bool {
             &format!("not installed: {}", missing.join(", ")),
         );
         false
+    }
+}
+
+/// Where `sshd` is installed (Debian puts it in /usr/sbin, often not on a user's PATH).
+pub const SSHD_BINARY: &str = "/usr/sbin/sshd";
+
+/// The `sshd` binary, if OpenSSH's server and client are installed; otherwise skips (see
+/// [`skip`]) and returns None.
+pub fn sshd_or_skip(test: &str) -> Option<PathBuf> {
+    let sshd = PathBuf::from(SSHD_BINARY);
+    let mut missing: Vec<&str> = Vec::new();
+    if !sshd.is_file() {
+        missing.push(SSHD_BINARY);
+    }
+    for client in ["ssh", "ssh-keygen"] {
+        // `ssh -V` and `ssh-keygen -?` both exit non-zero; being runnable is what counts.
+        if Command::new(client).arg("-V").output().is_err() {
+            missing.push(client);
+        }
+    }
+    if missing.is_empty() {
+        Some(sshd)
+    } else {
+        skip(
+            Requirement::Ssh,
+            test,
+            &format!("not installed: {} (openssh-server)", missing.join(", ")),
+        );
+        None
     }
 }

@@ -27,6 +27,30 @@ use std::time::{Duration, Instant};
 pub struct Launched {
     child: Option<Child>,
     log: PathBuf,
+    remote: Option<RemoteLaunch>,
+}
+
+/// How to stop a QEMU started through `ssh HOST`: killing the local ssh client does not (the
+/// remote command has no terminal, so nothing hangs it up), so its pid, printed first by the
+/// remote shell (see [`Launcher::command`]), is signalled through another ssh.
+#[derive(Debug)]
+struct RemoteLaunch {
+    ssh_program: String,
+    host: String,
+    /// Its `-qmp` argument: the remote kill checks the pid still is this QEMU.
+    qmp_arg: String,
+}
+
+/// The first line a remote launch prints: the pid of the remote shell, which `exec`s QEMU.
+const REMOTE_PID_PREFIX: &str = "ninja-launch-pid=";
+
+/// Waits for `child` to exit, killing it at `deadline`.
+fn wait_or_kill(child: &mut Child, deadline: Instant) {
+    while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 impl Launched {
@@ -48,12 +72,51 @@ impl Launched {
         }
     }
 
-    /// Kills it (the destination is being torn down).
+    /// Kills it (the destination is being torn down); a remote QEMU through its host's ssh.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if let Some(remote) = &self.remote {
+                self.stop_remote(remote, &mut c);
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Sends SIGTERM to the remote QEMU while its session (`client`) still runs, then waits a
+    /// moment for the session to end with it. Bounded: a host ssh cannot reach is left to the
+    /// operator (the log names the pid).
+    fn stop_remote(&self, remote: &RemoteLaunch, client: &mut Child) {
+        let patience = Instant::now() + Duration::from_secs(10);
+        let pid = loop {
+            // A session that ended took QEMU with it (QEMU was its command).
+            if !matches!(client.try_wait(), Ok(None)) {
+                return;
+            }
+            let pid = self.log().lines().find_map(|l| {
+                l.strip_prefix(REMOTE_PID_PREFIX)
+                    .and_then(|p| p.trim().parse::<u32>().ok())
+            });
+            match pid {
+                Some(pid) => break pid,
+                None if Instant::now() >= patience => return,
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let script = format!(
+            "grep -qsF -- {} /proc/{pid}/cmdline && kill -TERM {pid}",
+            shell_quote(&remote.qmp_arg)
+        );
+        let killer = Command::new(&remote.ssh_program)
+            .args(["-o", "BatchMode=yes", "--", &remote.host, &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        if let Ok(mut k) = killer {
+            wait_or_kill(&mut k, patience);
+        }
+        wait_or_kill(client, Instant::now() + Duration::from_secs(5));
     }
 
     /// Leaves it running for good: it is the VM now.
@@ -91,15 +154,20 @@ fn shell_quote(word: &str) -> String {
     }
 }
 
+/// QEMU's `-qmp` argument for a monitor at `qmp` (a path on QEMU's own host for `ssh:`).
+fn qmp_monitor_arg(qmp: &Address) -> String {
+    match qmp {
+        Address::Unix(p) | Address::Ssh { path: p, .. } => {
+            format!("unix:{},server=on,wait=off", p.display())
+        }
+        Address::Tcp(a) => format!("tcp:{a},server=on,wait=off"),
+    }
+}
+
 impl Launcher {
     /// The full command line of a destination.
     pub fn command(&self, spec: &LaunchSpec, qmp: &Address) -> Result<Command> {
-        let qmp_arg = match qmp {
-            Address::Unix(p) | Address::Ssh { path: p, .. } => {
-                format!("unix:{},server=on,wait=off", p.display())
-            }
-            Address::Tcp(a) => format!("tcp:{a},server=on,wait=off"),
-        };
+        let qmp_arg = qmp_monitor_arg(qmp);
         let mut words = vec![spec.program.clone()];
         words.extend(spec.args.iter().cloned());
         words.extend(["-qmp".into(), qmp_arg, "-incoming".into(), "defer".into()]);
@@ -112,7 +180,9 @@ impl Launcher {
             Some(host) => {
                 let mut c = Command::new(&self.ssh_program);
                 let remote: Vec<String> = words.iter().map(|w| shell_quote(w)).collect();
-                c.args(["-o", "BatchMode=yes", "--", host, &remote.join(" ")]);
+                // The shell prints its pid and becomes QEMU: Launched::kill signals that pid.
+                let script = format!("echo {REMOTE_PID_PREFIX}$$; exec {}", remote.join(" "));
+                c.args(["-o", "BatchMode=yes", "--", host, &script]);
                 c
             }
         };
@@ -142,9 +212,15 @@ impl Launcher {
             .stderr(err)
             .spawn()
             .map_err(|e| Error::io(format!("start {} for {vm}", spec.program), e))?;
+        let remote = spec.host.as_ref().map(|host| RemoteLaunch {
+            ssh_program: self.ssh_program.clone(),
+            host: host.clone(),
+            qmp_arg: qmp_monitor_arg(qmp),
+        });
         Ok(Launched {
             child: Some(child),
             log,
+            remote,
         })
     }
 }
@@ -435,7 +511,11 @@ impl VmBackend for QemuVm {
         &self.spec.name
     }
 
-    fn connect(&mut self, deadline: Instant) -> Result<HostChannel> {
+    fn connect(
+        &mut self,
+        continuing: Option<GuestSession>,
+        deadline: Instant,
+    ) -> Result<HostChannel> {
         if self.source.is_none() {
             let address = self.spec.source.qmp.clone();
             self.source = Some(self.connect_monitor(&address, deadline)?);
@@ -443,7 +523,11 @@ impl VmBackend for QemuVm {
         let path = self
             .connector
             .local_path(&self.spec.source.channel, deadline)?;
-        HostChannel::connect(path, ChannelOptions::labelled(self.spec.name.clone()))
+        let options = ChannelOptions::labelled(self.spec.name.clone());
+        match continuing {
+            None => HostChannel::connect(path, options),
+            Some(session) => HostChannel::connect_continuing(path, options, session),
+        }
     }
 
     fn reserve(&mut self, deadline: Instant) -> Result<()> {
@@ -789,7 +873,7 @@ mod tests {
         assert_eq!(args[3], "node7");
         assert_eq!(
             args[4],
-            "qemu-system-x86_64 -append 'console=ttyS0 quiet' -qmp \
+            "echo ninja-launch-pid=$$; exec qemu-system-x86_64 -append 'console=ttyS0 quiet' -qmp \
              unix:/run/d/qmp.sock,server=on,wait=off -incoming defer"
         );
     }

@@ -1,0 +1,617 @@
+//! `ssh:` endpoints against a real OpenSSH server: a private sshd on loopback (see
+//! `common/sshd.rs`), reached through the plan's `ssh_program`. Every monitor and guest channel
+//! of a plan is `ssh:HOST:/path` and the destination QEMU is launched through `ssh HOST`, so the
+//! code path is the one a remote host takes; only the host is this one.
+//!
+//! The plans move a TCG guest from the passthrough HCA STAND-IN (`ivshmem-plain`, hot-added as
+//! a scheduler assigns a VF) to Ethernet (`virtio-net`), judged as `controller_qemu.rs` judges:
+//! by the guest's own PCI report through its agent. Failure cases: an sshd that cannot be
+//! reached, and a forward whose ssh dies mid-plan.
+//!
+//! Tests in this file run one at a time (QEMUs and sshds are not cheap on two cores).
+
+#[path = "common/sshd.rs"]
+mod sshd;
+
+use ninja_testkit::{
+    Fixtures, Qemu, QemuConfig, RawQmp, free_tcp_port, qemu_or_skip, sshd_or_skip,
+};
+use serde_json::json;
+use sshd::{Sshd, kill_processes_mentioning, processes_mentioning};
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use symvirt::controller::{Controller, Event, GuestNotice, Outcome, Phase, Report};
+use symvirt::host_channel::{ChannelOptions, HostChannel, qemu_channel_args};
+use symvirt::protocol::{GuestMessage, HostMessage, Interconnect, PciDevice};
+use symvirt::remote::{Address, Connector};
+
+const PATIENCE: Duration = Duration::from_secs(120);
+const VIRTIO_VENDOR: u16 = 0x1af4;
+const IVSHMEM_DEVICE: u16 = 0x1110;
+const VIRTIO_NET_DEVICES: [u16; 2] = [0x1000, 0x1041];
+const MEMORY_MIB: u32 = 192;
+const MAC: &str = "52:54:00:00:20:01";
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// The sshd, if this machine has QEMU's fixtures (when `qemu`) and OpenSSH's server.
+fn sshd_for(test: &str, tag: &str) -> Option<Sshd> {
+    let binary = sshd_or_skip(test)?;
+    match Sshd::start(&binary, tag) {
+        Ok(s) => Some(s),
+        Err(why) => {
+            ninja_testkit::skip(ninja_testkit::Requirement::Ssh, test, &why);
+            None
+        }
+    }
+}
+
+/// Paths and processes a test creates; removed / killed (by pid, found by the private
+/// directory in their command lines) on drop.
+struct Cleanup {
+    dir: PathBuf,
+    files: Vec<PathBuf>,
+}
+
+impl Cleanup {
+    fn new(tag: &str) -> Cleanup {
+        let dir = std::env::temp_dir().join(format!("symvirt-ssh-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Cleanup {
+            dir,
+            files: Vec::new(),
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        // Destination QEMUs launched through ssh are children of sshd's session, not ours.
+        kill_processes_mentioning(&self.dir.display().to_string());
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits until `check` holds (processes take a moment to exit after a kill).
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < Duration::from_secs(30), "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---- The Connector alone: forwards through the real sshd ----
+
+/// A unix socket server answering each line with the line upper-cased.
+fn upper_case_server(path: &Path) -> std::thread::JoinHandle<()> {
+    let listener = UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 256];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || buf[..n] == *b"quit\n" {
+                        return;
+                    }
+                    let _ = conn.write_all(&buf[..n].to_ascii_uppercase());
+                }
+            });
+        }
+    })
+}
+
+fn round_trip(local: &Path, text: &str) -> String {
+    let mut s = UnixStream::connect(local).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(text.as_bytes()).unwrap();
+    let mut buf = vec![0u8; text.len()];
+    s.read_exact(&mut buf).unwrap();
+    String::from_utf8(buf).unwrap()
+}
+
+#[test]
+fn forwards_through_sshd_are_shared_replaced_when_dead_and_gone_after_drop() {
+    let test = "forwards_through_sshd_are_shared_replaced_when_dead_and_gone_after_drop";
+    let Some(sshd) = sshd_for(test, "fwd") else {
+        return;
+    };
+    let cleanup = Cleanup::new("fwd");
+    let remote = cleanup.dir.join("upper.sock");
+    let _server = upper_case_server(&remote);
+    let address: Address = format!("ssh:{}:{}", sshd.alias(), remote.display())
+        .parse()
+        .unwrap();
+    let deadline = || Instant::now() + Duration::from_secs(60);
+
+    let connector = Connector::new(sshd.ssh_program().to_string_lossy()).unwrap();
+    let local = connector.local_path(&address, deadline()).unwrap();
+    assert_ne!(local, remote, "an ssh: address must go through a forward");
+    assert_eq!(round_trip(&local, "hello\n"), "HELLO\n");
+    // The same remote socket shares one forward (one ssh per endpoint, not per connection).
+    assert_eq!(connector.local_path(&address, deadline()).unwrap(), local);
+    let pids = connector.forward_pids();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    assert_eq!(sshd.clients(), pids, "the forward is the only client");
+
+    // Its ssh dies: the next resolution starts a new one that works.
+    // SAFETY: kill(2) on the pid of the forward this test's connector started.
+    unsafe {
+        libc::kill(pids[0] as i32, libc::SIGKILL);
+    }
+    eventually("the killed forward is still listed", || {
+        connector.forward_pids().is_empty()
+    });
+    let again = connector.local_path(&address, deadline()).unwrap();
+    assert_eq!(round_trip(&again, "again\n"), "AGAIN\n");
+    let new_pids = connector.forward_pids();
+    assert_eq!(new_pids.len(), 1);
+    assert_ne!(new_pids, pids);
+
+    // A server on another port that nobody runs: a clear error, and no ssh left behind.
+    let closed: Address = format!("ssh:{}:{}", sshd.closed_alias(), remote.display())
+        .parse()
+        .unwrap();
+    let err = connector.local_path(&closed, deadline()).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(sshd.closed_alias()) && text.contains("Connection refused"),
+        "{text}"
+    );
+
+    drop(connector);
+    eventually("forwards outlived their connector", || {
+        sshd.clients().is_empty()
+    });
+    assert!(!again.exists(), "the forward's socket was left behind");
+}
+
+// ---- Plans over ssh with real QEMU ----
+
+fn agent_command(vm: &str) -> String {
+    format!(
+        "/bin/sh -c /bin/ninja-guest-dirtier${{IFS}}4&/bin/symvirt-agent${{IFS}}--ranks${{IFS}}0${{IFS}}--vm${{IFS}}{vm}${{IFS}}--report-pci"
+    )
+}
+
+/// A source VM: booted, agent up, the stand-in HCA assigned.
+struct SourceVm {
+    qemu: Qemu,
+    channel: PathBuf,
+    hca_mem: PathBuf,
+}
+
+fn start_source(fixtures: &Fixtures, cleanup: &mut Cleanup, tag: &str) -> SourceVm {
+    let channel = cleanup.dir.join("source-sv.sock");
+    let config = QemuConfig::new(fixtures)
+        .memory_mib(MEMORY_MIB)
+        .guest_run(&agent_command("vm0"))
+        .args(qemu_channel_args(&channel));
+    let mut qemu = Qemu::start(config).unwrap();
+    qemu.wait_serial("symvirt-agent", PATIENCE).unwrap();
+    let hca_mem = PathBuf::from(format!(
+        "/dev/shm/symvirt-ssh-{}-{tag}-hca0",
+        std::process::id()
+    ));
+    cleanup.files.push(hca_mem.clone());
+    let mut qmp = RawQmp::connect(qemu.qmp_path()).unwrap();
+    qmp.execute(
+        "object-add",
+        json!({"qom-type": "memory-backend-file", "id": "hca0-mem", "size": 1 << 20,
+               "mem-path": hca_mem.to_str().unwrap(), "share": true}),
+    )
+    .unwrap();
+    qmp.execute(
+        "device_add",
+        json!({"driver": "ivshmem-plain", "id": "hca0", "memdev": "hca0-mem"}),
+    )
+    .unwrap();
+    SourceVm {
+        qemu,
+        channel,
+        hca_mem,
+    }
+}
+
+fn toml_list(args: &[String]) -> String {
+    let quoted: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// A one-VM plan whose every endpoint is `ssh:HOST:` (the source's through `source_host`,
+/// the destination's through `sshd`'s alias) and whose destination is launched through ssh
+/// into `dest_dir`.
+fn ssh_plan(
+    fixtures: &Fixtures,
+    sshd: &Sshd,
+    source_host: &str,
+    source: &SourceVm,
+    dest_dir: &Path,
+    settings: &str,
+) -> String {
+    std::fs::create_dir_all(dest_dir).unwrap();
+    let host = sshd.alias();
+    let args = QemuConfig::new(fixtures)
+        .memory_mib(MEMORY_MIB)
+        .guest_run(&agent_command("vm0"))
+        .args(qemu_channel_args(&dest_dir.join("sv.sock")))
+        .machine_args(&dest_dir.join("serial.log"));
+    format!(
+        r#"[settings]
+ssh_program = "{ssh}"
+{settings}
+
+[[vm]]
+name = "vm0"
+[vm.source]
+qmp = "ssh:{source_host}:{sq}"
+channel = "ssh:{source_host}:{sc}"
+interconnect = {{ kind = "infiniband", hca = "hca0", port = 1 }}
+[[vm.source.devices]]
+kind = "hca-standin"
+id = "hca0"
+mem_path = "{mem}"
+size = 1048576
+[vm.destination]
+qmp = "ssh:{host}:{d}/qmp.sock"
+channel = "ssh:{host}:{d}/sv.sock"
+migrate_uri = "tcp:127.0.0.1:{port}"
+interconnect = {{ kind = "ethernet", mac = "{MAC}" }}
+launch = {{ host = "{host}", args = {args} }}
+[[vm.destination.devices]]
+kind = "virtio-net"
+id = "net0"
+mac = "{MAC}"
+"#,
+        ssh = sshd.ssh_program().display(),
+        sq = source.qemu.qmp_path().display(),
+        sc = source.channel.display(),
+        mem = source.hca_mem.display(),
+        d = dest_dir.display(),
+        port = free_tcp_port(),
+        args = toml_list(&args),
+    )
+}
+
+fn run(plan: &str, log_dir: &Path, on_event: impl Fn(&Event) + Sync) -> Report {
+    let plan = match symvirt::plan::parse(plan) {
+        Ok(p) => p,
+        Err(issues) => panic!("plan: {issues:#?}\n{plan}"),
+    };
+    let sink = |e: &Event| {
+        eprintln!("event: {}", serde_json::to_string(e).unwrap());
+        on_event(e);
+    };
+    let report = Controller::new(plan, &sink).run_qemu(log_dir).unwrap();
+    eprintln!("report: {report:#?}");
+    report
+}
+
+fn has(devices: &[PciDevice], device: u16) -> bool {
+    devices
+        .iter()
+        .any(|d| d.vendor == VIRTIO_VENDOR && d.device == device)
+}
+
+fn has_nic(devices: &[PciDevice]) -> bool {
+    VIRTIO_NET_DEVICES.iter().any(|&d| has(devices, d))
+}
+
+/// Asks the guest behind `sock` for its PCI devices (epochs after `after_epoch`) until `done`
+/// holds or patience runs out: hot-plug reaches a guest asynchronously.
+fn guest_pci_until(
+    sock: &Path,
+    after_epoch: u64,
+    interconnect: Interconnect,
+    done: impl Fn(&[PciDevice]) -> bool,
+) -> Vec<PciDevice> {
+    let chan = HostChannel::connect(sock, ChannelOptions::labelled("vm0")).unwrap();
+    let info = chan.wait_hello(Instant::now() + PATIENCE).unwrap();
+    assert_eq!(info.vm, "vm0");
+    let started = Instant::now();
+    let mut epoch = after_epoch;
+    loop {
+        epoch += 1;
+        chan.send(&HostMessage::Prepare {
+            epoch,
+            deadline_ms: 30_000,
+        })
+        .unwrap();
+        let got = chan
+            .wait_for(
+                |m| !matches!(m, GuestMessage::Hello { .. }),
+                Instant::now() + PATIENCE,
+            )
+            .unwrap();
+        assert_eq!(got, GuestMessage::Quiesced { epoch });
+        chan.send(&HostMessage::Resume {
+            epoch,
+            interconnect: interconnect.clone(),
+        })
+        .unwrap();
+        let devices = match chan
+            .wait_for(
+                |m| !matches!(m, GuestMessage::Hello { .. }),
+                Instant::now() + PATIENCE,
+            )
+            .unwrap()
+        {
+            GuestMessage::Resumed {
+                pci_devices: Some(d),
+                ..
+            } => d,
+            other => panic!("expected resumed, got {other:?}"),
+        };
+        if done(&devices) || started.elapsed() > PATIENCE {
+            return devices;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn passes(serial: &str) -> usize {
+    serial.matches("ninja-guest-dirtier: pass=").count()
+}
+
+fn wait_more_passes(serial: impl Fn() -> String, before: usize, what: &str) {
+    let started = Instant::now();
+    while passes(&serial()) <= before {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "{what}: the dirtier stopped at {before} passes"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+fn infiniband() -> Interconnect {
+    Interconnect::Infiniband {
+        hca: "hca0".into(),
+        port: 1,
+        pci: None,
+    }
+}
+
+fn ethernet() -> Interconnect {
+    Interconnect::Ethernet {
+        mac: MAC.into(),
+        iface: None,
+        pci: None,
+    }
+}
+
+/// The forwards (`ssh -N`) started through `sshd`'s wrapper that still run.
+fn forwards_left(sshd: &Sshd) -> Vec<u32> {
+    sshd.clients()
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == b"-N"))
+        })
+        .collect()
+}
+
+/// The source runs with its stand-in HCA and its guest works on InfiniBand (after a rollback).
+fn assert_source_runs_with_its_hca(source: &mut SourceVm, epoch: u64, before: usize) {
+    let mut qmp = RawQmp::connect(source.qemu.qmp_path()).unwrap();
+    let status = qmp.execute("query-status", json!({})).unwrap();
+    assert_eq!(status["running"], json!(true), "{status}");
+    let peripherals = qmp
+        .execute("qom-list", json!({"path": "/machine/peripheral"}))
+        .unwrap();
+    assert!(
+        peripherals
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == json!("hca0")),
+        "stand-in not re-attached: {peripherals}"
+    );
+    drop(qmp);
+    let devices = guest_pci_until(&source.channel, epoch, infiniband(), |d| {
+        has(d, IVSHMEM_DEVICE) && !has_nic(d)
+    });
+    assert!(
+        has(&devices, IVSHMEM_DEVICE),
+        "guest lost its HCA: {devices:?}"
+    );
+    assert!(!has_nic(&devices), "{devices:?}");
+    wait_more_passes(
+        || source.qemu.serial(),
+        passes(&source.qemu.serial()).max(before),
+        "source",
+    );
+}
+
+#[test]
+fn plan_over_ssh_moves_a_vm_from_hca_standin_to_ethernet() {
+    let test = "plan_over_ssh_moves_a_vm_from_hca_standin_to_ethernet";
+    let Some(fixtures) = qemu_or_skip(test) else {
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(sshd) = sshd_for(test, "move") else {
+        return;
+    };
+    let mut cleanup = Cleanup::new("move");
+    let mut source = start_source(&fixtures, &mut cleanup, "move");
+    let before = passes(&source.qemu.serial());
+    let dest_dir = cleanup.dir.join("dest");
+    let plan = ssh_plan(&fixtures, &sshd, sshd.alias(), &source, &dest_dir, "");
+    let forwards_seen = Mutex::new(0usize);
+    let report = run(&plan, &cleanup.dir, |e| {
+        // While the plan runs, its endpoints really go through ssh forwards.
+        if let Event::PhaseStarted {
+            phase: Phase::Attach,
+        } = e
+        {
+            *forwards_seen.lock().unwrap() = forwards_left(&sshd).len();
+        }
+    });
+    assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.errors);
+    // Source monitor and channel, destination monitor and channel: four forwards.
+    assert_eq!(*forwards_seen.lock().unwrap(), 4);
+    match &report.vms[0].guest {
+        GuestNotice::Resumed { interconnect, .. } => assert_eq!(interconnect, &ethernet()),
+        other => panic!("{other:?}"),
+    }
+    assert!(report.vms[0].transferred > 0);
+    // The destination was launched through ssh: the controller's child is the ssh client.
+    let launcher = report.vms[0]
+        .destination_pid
+        .expect("a launched destination");
+    let launcher_cmdline = read(Path::new(&format!("/proc/{launcher}/cmdline")));
+    assert!(
+        launcher_cmdline.contains("ssh_config") && launcher_cmdline.contains(sshd.alias()),
+        "{launcher_cmdline:?}"
+    );
+    // The plan's forwards ended with the plan.
+    eventually("forwards outlived the plan", || {
+        forwards_left(&sshd).is_empty()
+    });
+
+    // The source let go; the guest runs at the destination, sees the NIC and not the
+    // stand-in (asked through a forward of the test's own), and the dirtier goes on.
+    eventually("the source QEMU still runs", || !source.qemu.is_running());
+    let connector = Connector::new(sshd.ssh_program().to_string_lossy()).unwrap();
+    let channel: Address = format!("ssh:{}:{}/sv.sock", sshd.alias(), dest_dir.display())
+        .parse()
+        .unwrap();
+    let local = connector
+        .local_path(&channel, Instant::now() + PATIENCE)
+        .unwrap();
+    let devices = guest_pci_until(&local, report.epoch, ethernet(), |d| {
+        has_nic(d) && !has(d, IVSHMEM_DEVICE)
+    });
+    assert!(has_nic(&devices), "no virtio-net: {devices:?}");
+    assert!(
+        !has(&devices, IVSHMEM_DEVICE),
+        "stand-in still there: {devices:?}"
+    );
+    assert!(
+        before > 0 || passes(&source.qemu.serial()) > 0,
+        "the dirtier never ran"
+    );
+    let serial = dest_dir.join("serial.log");
+    wait_more_passes(|| read(&serial), passes(&read(&serial)), "destination");
+}
+
+#[test]
+fn unreachable_sshd_fails_in_connect_and_the_vm_keeps_running() {
+    let test = "unreachable_sshd_fails_in_connect_and_the_vm_keeps_running";
+    let Some(fixtures) = qemu_or_skip(test) else {
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(sshd) = sshd_for(test, "closed") else {
+        return;
+    };
+    let mut cleanup = Cleanup::new("closed");
+    let source = start_source(&fixtures, &mut cleanup, "closed");
+    let before = passes(&source.qemu.serial());
+    let dest_dir = cleanup.dir.join("dest");
+    // The source host's sshd "is down": its alias names a port where nothing listens.
+    let plan = ssh_plan(
+        &fixtures,
+        &sshd,
+        sshd.closed_alias(),
+        &source,
+        &dest_dir,
+        "",
+    );
+    let report = run(&plan, &cleanup.dir, |_| {});
+    match &report.outcome {
+        Outcome::RolledBack { phase, error } => {
+            assert_eq!(*phase, Phase::Connect, "{error}");
+            assert!(
+                error.contains(sshd.closed_alias()) && error.contains("Connection refused"),
+                "{error}"
+            );
+        }
+        other => panic!("expected a rollback from connect: {other:?}"),
+    }
+    assert_eq!(report.vms[0].destination_pid, None, "nothing launched");
+    assert!(sshd.clients().is_empty(), "ssh left: {:?}", sshd.clients());
+    // Untouched: running, stand-in attached, the dirtier goes on.
+    let mut qmp = RawQmp::connect(source.qemu.qmp_path()).unwrap();
+    let status = qmp.execute("query-status", json!({})).unwrap();
+    assert_eq!(status["running"], json!(true), "{status}");
+    drop(qmp);
+    wait_more_passes(|| source.qemu.serial(), before, "source");
+}
+
+#[test]
+fn forward_killed_mid_plan_rolls_back_and_leaves_no_ssh_or_destination() {
+    let test = "forward_killed_mid_plan_rolls_back_and_leaves_no_ssh_or_destination";
+    let Some(fixtures) = qemu_or_skip(test) else {
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(sshd) = sshd_for(test, "cut") else {
+        return;
+    };
+    let mut cleanup = Cleanup::new("cut");
+    let mut source = start_source(&fixtures, &mut cleanup, "cut");
+    let before = passes(&source.qemu.serial());
+    let dest_dir = cleanup.dir.join("dest");
+    let plan = ssh_plan(&fixtures, &sshd, sshd.alias(), &source, &dest_dir, "");
+    let dest_qmp = format!("{}/qmp.sock", dest_dir.display());
+    let killed = Mutex::new(Vec::new());
+    // The switchover is done; before the NIC is plugged, the destination monitor's forward
+    // dies (its ssh is killed, as a dropped connection would end it).
+    let report = run(&plan, &cleanup.dir, |e| {
+        if let Event::PhaseStarted {
+            phase: Phase::Attach,
+        } = e
+        {
+            for pid in forwards_left(&sshd) {
+                let cmdline = read(Path::new(&format!("/proc/{pid}/cmdline")));
+                if cmdline.contains(&dest_qmp) {
+                    // SAFETY: kill(2) on the pid of an ssh forward this test's plan started.
+                    unsafe {
+                        libc::kill(pid as i32, libc::SIGKILL);
+                    }
+                    killed.lock().unwrap().push(pid);
+                }
+            }
+        }
+    });
+    assert_eq!(killed.lock().unwrap().len(), 1, "one forward to kill");
+    match &report.outcome {
+        Outcome::RolledBack { phase, error } => {
+            assert_eq!(*phase, Phase::Attach, "{error}");
+            assert!(error.starts_with("vm0 destination"), "{error}");
+        }
+        other => panic!(
+            "expected a rollback from attach: {other:?} {:?}",
+            report.errors
+        ),
+    }
+    // No ssh of the plan is left, and the destination QEMU (launched through ssh, so not
+    // the controller's child) is gone: never two copies of the guest.
+    eventually("ssh clients outlived the plan", || {
+        sshd.clients().is_empty()
+    });
+    eventually("the destination QEMU outlived the rollback", || {
+        processes_mentioning(&dest_qmp).is_empty()
+    });
+    match &report.vms[0].guest {
+        GuestNotice::Resumed { interconnect, .. } => assert_eq!(interconnect, &infiniband()),
+        other => panic!("guest was not resumed: {other:?}"),
+    }
+    assert_source_runs_with_its_hca(&mut source, report.epoch, before);
+}
