@@ -32,13 +32,18 @@ fn target_profile_dir() -> PathBuf {
 
 /// This crate's staticlib (`libsymvirt_mpi.a`), brought up to date with the sources by a
 /// nested `cargo build` (a no-op when fresh; `cargo test` does not always emit the staticlib).
+/// In the release profile (benches/mpi_overhead.rs includes this module) it is built with
+/// `--release`, so the layer a bench measures is optimized.
 fn core_staticlib() -> PathBuf {
-    let lib = target_profile_dir().join("libsymvirt_mpi.a");
+    let profile = target_profile_dir();
+    let lib = profile.join("libsymvirt_mpi.a");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "-q", "-p", "symvirt-mpi", "--lib"])
-        .status()
-        .expect("run cargo build");
+    let mut build = Command::new(cargo);
+    build.args(["build", "-q", "-p", "symvirt-mpi", "--lib"]);
+    if profile.file_name().is_some_and(|n| n == "release") {
+        build.arg("--release");
+    }
+    let st = build.status().expect("run cargo build");
     assert!(st.success(), "cargo build -p symvirt-mpi --lib failed");
     assert!(lib.exists(), "{} missing", lib.display());
     lib
@@ -178,9 +183,21 @@ impl Job {
         env: &[(String, String)],
         logs: &Path,
     ) -> Job {
+        Job::start_ranks(mpi, RANKS, program, args, env, logs)
+    }
+
+    /// Like [`Job::start`] with `ranks` ranks instead of `RANKS`.
+    pub fn start_ranks(
+        mpi: MpiImpl,
+        ranks: u32,
+        program: &Path,
+        args: &[&str],
+        env: &[(String, String)],
+        logs: &Path,
+    ) -> Job {
         let stdout = logs.join("stdout");
         let stderr = logs.join("stderr");
-        let mut cmd = mpi.launcher(RANKS, env);
+        let mut cmd = mpi.launcher(ranks, env);
         cmd.arg(program)
             .args(args)
             .stdin(Stdio::null())

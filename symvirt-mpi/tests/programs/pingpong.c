@@ -1,52 +1,113 @@
 /* Ping-pong between ranks 0 and 1 (other ranks wait in a barrier): the normal-run cost of the
- * transparent layer (run with and without LD_PRELOAD, interleaved).
+ * transparent layer (benches/mpi_overhead.rs runs it with and without LD_PRELOAD, interleaved).
  *
- *   pingpong BYTES ROUNDS
+ *   pingpong SAMPLES LAT_BYTES LAT_ROUNDS BW_BYTES BW_ROUNDS
  *
- * Rank 0 prints one line: "pingpong bytes=B rounds=R seconds=S" (S: wall time of the timed
- * rounds, after ROUNDS/10 warm-up rounds). Payload checked on the last round. */
+ * After untimed warm-up rounds of both sizes, every sample times LAT_ROUNDS round trips of
+ * LAT_BYTES, then BW_ROUNDS round trips of BW_BYTES, each with MPI_Wtime between two barriers
+ * (so only the ping-pong itself is timed). Rank 0 prints one line per timed phase:
+ *
+ *   sample N latency|bandwidth bytes=B rounds=R seconds=S
+ *
+ * Every round checks the first and last byte of the payload (the peer increments both), so a
+ * layer that lost or truncated a message fails the run (exit through MPI_Abort). */
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-int main(int argc, char **argv)
+static int me;
+
+/* `rounds` round trips of `bytes` between ranks 0 and 1; `seq` numbers the rounds across calls
+ * so every round's payload differs from the last one's. */
+static void rounds_of(unsigned char *buf, int bytes, int rounds, unsigned *seq)
 {
-    MPI_Init(&argc, &argv);
-    int me, np;
-    MPI_Comm_rank(MPI_COMM_WORLD, &me);
-    MPI_Comm_size(MPI_COMM_WORLD, &np);
-    if (argc != 3 || np < 2) {
-        if (me == 0)
-            fprintf(stderr, "usage: pingpong BYTES ROUNDS (2+ ranks)\n");
-        MPI_Abort(MPI_COMM_WORLD, 2);
-    }
-    int bytes = atoi(argv[1]), rounds = atoi(argv[2]), warm = rounds / 10;
-    unsigned char *buf = malloc((size_t)bytes + 1);
-    memset(buf, me, (size_t)bytes + 1);
-    double start = 0;
-    for (int i = 0; i < warm + rounds; i++) {
-        if (i == warm) {
-            MPI_Barrier(MPI_COMM_WORLD);
-            start = MPI_Wtime();
-        }
+    int last = bytes > 0 ? bytes - 1 : 0;
+    for (int i = 0; i < rounds; i++, (*seq)++) {
+        unsigned char mark = (unsigned char)*seq;
         if (me == 0) {
-            buf[0] = (unsigned char)i;
+            if (bytes > 0)
+                buf[0] = buf[last] = mark;
             MPI_Send(buf, bytes, MPI_BYTE, 1, 1, MPI_COMM_WORLD);
             MPI_Recv(buf, bytes, MPI_BYTE, 1, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-            if (bytes > 0 && buf[0] != (unsigned char)(i + 1))
+            if (bytes > 0 &&
+                (buf[0] != (unsigned char)(mark + 1) || buf[last] != (unsigned char)(mark + 1))) {
+                fprintf(stderr, "pingpong: round %u of %d bytes came back wrong\n", *seq, bytes);
                 MPI_Abort(MPI_COMM_WORLD, 3);
+            }
         } else if (me == 1) {
             MPI_Recv(buf, bytes, MPI_BYTE, 0, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-            if (bytes > 0)
+            if (bytes > 0) {
                 buf[0] = (unsigned char)(buf[0] + 1);
+                if (last > 0)
+                    buf[last] = (unsigned char)(buf[last] + 1);
+            }
             MPI_Send(buf, bytes, MPI_BYTE, 0, 1, MPI_COMM_WORLD);
         }
     }
+}
+
+static double timed(unsigned char *buf, int bytes, int rounds, unsigned *seq)
+{
+    MPI_Barrier(MPI_COMM_WORLD);
+    double start = MPI_Wtime();
+    rounds_of(buf, bytes, rounds, seq);
     double seconds = MPI_Wtime() - start;
     MPI_Barrier(MPI_COMM_WORLD);
-    if (me == 0)
-        printf("pingpong bytes=%d rounds=%d seconds=%.9f\n", bytes, rounds, seconds);
+    return seconds;
+}
+
+static int positive(const char *arg, int allow_zero)
+{
+    char *end = NULL;
+    long v = strtol(arg, &end, 10);
+    if (end == arg || *end != '\0' || v < (allow_zero ? 0 : 1) || v > (1L << 30))
+        return -1;
+    return (int)v;
+}
+
+int main(int argc, char **argv)
+{
+    MPI_Init(&argc, &argv);
+    int np;
+    MPI_Comm_rank(MPI_COMM_WORLD, &me);
+    MPI_Comm_size(MPI_COMM_WORLD, &np);
+    int samples = argc == 6 ? positive(argv[1], 0) : -1;
+    int lat_bytes = argc == 6 ? positive(argv[2], 1) : -1;
+    int lat_rounds = argc == 6 ? positive(argv[3], 0) : -1;
+    int bw_bytes = argc == 6 ? positive(argv[4], 1) : -1;
+    int bw_rounds = argc == 6 ? positive(argv[5], 0) : -1;
+    if (samples < 0 || lat_bytes < 0 || lat_rounds < 0 || bw_bytes < 0 || bw_rounds < 0 ||
+        np < 2) {
+        if (me == 0)
+            fprintf(stderr, "usage: pingpong SAMPLES LAT_BYTES LAT_ROUNDS BW_BYTES BW_ROUNDS "
+                            "(positive integers, 2+ ranks)\n");
+        MPI_Abort(MPI_COMM_WORLD, 2);
+    }
+    size_t size = (size_t)(lat_bytes > bw_bytes ? lat_bytes : bw_bytes) + 1;
+    unsigned char *buf = malloc(size);
+    if (buf == NULL) {
+        fprintf(stderr, "pingpong: cannot allocate %zu bytes\n", size);
+        MPI_Abort(MPI_COMM_WORLD, 2);
+    }
+    memset(buf, me, size);
+    unsigned seq = 0;
+
+    /* Warm-up, untimed: connections, eager/rendezvous paths, caches, page faults. */
+    rounds_of(buf, lat_bytes, lat_rounds / 10 > 100 ? lat_rounds / 10 : 100, &seq);
+    rounds_of(buf, bw_bytes, bw_rounds / 10 > 2 ? bw_rounds / 10 : 2, &seq);
+
+    for (int s = 0; s < samples; s++) {
+        double lat = timed(buf, lat_bytes, lat_rounds, &seq);
+        double bw = timed(buf, bw_bytes, bw_rounds, &seq);
+        if (me == 0) {
+            printf("sample %d latency bytes=%d rounds=%d seconds=%.9f\n", s, lat_bytes, lat_rounds,
+                   lat);
+            printf("sample %d bandwidth bytes=%d rounds=%d seconds=%.9f\n", s, bw_bytes, bw_rounds,
+                   bw);
+            fflush(stdout);
+        }
+    }
     free(buf);
     MPI_Finalize();
     return 0;

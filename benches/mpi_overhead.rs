@@ -1,0 +1,347 @@
+//! What the transparent SymVirt layer (`libsymvirt_pmpi_<impl>.so`, LD_PRELOAD) costs an MPI job,
+//! per MPI implementation installed (Open MPI, MPICH).
+//!
+//! - `pingpong`: 2 ranks, `symvirt-mpi/tests/programs/pingpong.c`: one-way latency of
+//!   `LAT_BYTES` (8 B) and ping-pong bandwidth of `BW_BYTES` (1 MiB), timed with `MPI_Wtime`
+//!   inside the program after untimed warm-up rounds. Launches without and with the layer
+//!   alternate (A B, B A, A B, ...: drift on this shared machine hits both alike), each launch
+//!   timing several samples. Reported: medians with min/max of both, `latency_ratio` and
+//!   `bandwidth_ratio` (median with / median without), the same ratio per pair of launches
+//!   (median, min, max), and whether the targets hold (latency ratio <= 1.05,
+//!   bandwidth ratio >= 0.98).
+//! - `quiesce`: 4 ranks run `stress.c` (point-to-point and collectives) under the layer with a
+//!   real guest agent; the bench sends migration requests (`prepare`) on the agent's host
+//!   channel, as the tests do, at varying moments; `quiesce_ms` is request to the agent's
+//!   report that all 4 ranks are quiesced (median, min, max); the ranks are resumed each time
+//!   and the program's own payload checks must pass at the end.
+//!
+//! One JSON line per (mpi, scenario); a failed scenario prints a line with `error`. An MPI
+//! implementation that is not installed prints `SKIPPED: ...`.
+//!
+//! Run: `cargo bench --bench mpi_overhead` (`-- --quick` or `NINJA_BENCH_QUICK=1`: a smoke
+//! run well under a minute). Knobs: `NINJA_MPI_IMPLS` (`openmpi,mpich`), `NINJA_MPI_PAIRS`,
+//! `NINJA_MPI_SAMPLES` (per launch), `NINJA_MPI_LAT_BYTES`, `NINJA_MPI_LAT_ROUNDS`,
+//! `NINJA_MPI_BW_BYTES`, `NINJA_MPI_BW_ROUNDS`, `NINJA_MPI_QUIESCE_REQUESTS`,
+//! `NINJA_MPI_STRESS_MODES`.
+
+// The symvirt-mpi tests' rig (library and program builds, guest agent with a host channel,
+// MPI jobs killed on drop): one copy, used by those tests and by this bench.
+#[path = "../symvirt-mpi/tests/common/mod.rs"]
+mod common;
+
+use common::{Job, RANKS, Rig, ethernet, libraries, outcome_while_running, program};
+use serde_json::{Value, json};
+use std::panic::AssertUnwindSafe;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use symvirt::protocol::GuestMessage;
+use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
+
+/// The targets for the normal-run overhead.
+const LATENCY_RATIO_MAX: f64 = 1.05;
+const BANDWIDTH_RATIO_MIN: f64 = 0.98;
+
+#[derive(Debug, Clone)]
+struct Settings {
+    quick: bool,
+    impls: Vec<MpiImpl>,
+    pairs: usize,
+    samples: usize,
+    lat_bytes: usize,
+    lat_rounds: usize,
+    bw_bytes: usize,
+    bw_rounds: usize,
+    quiesce_requests: u64,
+    stress_modes: String,
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, fallback: T) -> T {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v.trim().parse().unwrap_or_else(|_| {
+            eprintln!("mpi_overhead: ignoring {name}={v:?} (not a number)");
+            fallback
+        }),
+        _ => fallback,
+    }
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        let quick = std::env::args().any(|a| a == "--quick")
+            || std::env::var("NINJA_BENCH_QUICK").is_ok_and(|v| v == "1");
+        let pick = |full: usize, smoke: usize| if quick { smoke } else { full };
+        let impls = match std::env::var("NINJA_MPI_IMPLS") {
+            Ok(list) => MpiImpl::ALL
+                .into_iter()
+                .filter(|m| list.split(',').any(|n| n.trim() == m.name()))
+                .collect(),
+            Err(_) => MpiImpl::ALL.to_vec(),
+        };
+        Settings {
+            quick,
+            impls,
+            pairs: env_or("NINJA_MPI_PAIRS", pick(9, 3)).max(1),
+            samples: env_or("NINJA_MPI_SAMPLES", pick(5, 3)).max(1),
+            lat_bytes: env_or("NINJA_MPI_LAT_BYTES", 8),
+            lat_rounds: env_or("NINJA_MPI_LAT_ROUNDS", pick(100_000, 20_000)).max(1),
+            bw_bytes: env_or("NINJA_MPI_BW_BYTES", 1 << 20).max(1),
+            bw_rounds: env_or("NINJA_MPI_BW_ROUNDS", pick(300, 60)).max(1),
+            quiesce_requests: env_or("NINJA_MPI_QUIESCE_REQUESTS", pick(15, 4) as u64).max(1),
+            stress_modes: std::env::var("NINJA_MPI_STRESS_MODES")
+                .unwrap_or_else(|_| "ring,ring_nb,alltoall,anysource,collective".into()),
+        }
+    }
+}
+
+/// Why `mpi` cannot run here, if it cannot.
+fn missing(mpi: MpiImpl) -> Option<String> {
+    let launcher = mpi.launcher(1, &[]).get_program().to_owned();
+    for tool in [std::ffi::OsString::from(mpi.mpicc()), launcher] {
+        let ok = Command::new(&tool)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            return Some(format!("{} not installed", tool.to_string_lossy()));
+        }
+    }
+    None
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// Median, min and max, rounded for the JSON line.
+fn spread(v: &[f64]) -> Value {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    json!({"median": round(median(v)), "min": round(min), "max": round(max), "n": v.len()})
+}
+
+fn round(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
+}
+
+/// One launch's samples: one-way latency (µs) and bandwidth (MiB/s, bytes moved both ways).
+#[derive(Default)]
+struct Launch {
+    latency_us: Vec<f64>,
+    bandwidth_mib_s: Vec<f64>,
+}
+
+/// Parses `sample N latency|bandwidth bytes=B rounds=R seconds=S` lines.
+fn parse_samples(stdout: &str) -> Result<Launch, String> {
+    let mut out = Launch::default();
+    for line in stdout.lines().filter(|l| l.starts_with("sample ")) {
+        let field = |key: &str| -> Result<f64, String> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("no {key}= in {line:?}"))
+        };
+        let (bytes, rounds, seconds) = (field("bytes")?, field("rounds")?, field("seconds")?);
+        if seconds <= 0.0 {
+            return Err(format!("non-positive time in {line:?}"));
+        }
+        if line.contains(" latency ") {
+            out.latency_us.push(seconds / rounds / 2.0 * 1e6);
+        } else if line.contains(" bandwidth ") {
+            out.bandwidth_mib_s
+                .push(2.0 * bytes * rounds / seconds / (1u64 << 20) as f64);
+        }
+    }
+    if out.latency_us.is_empty() || out.bandwidth_mib_s.is_empty() {
+        return Err(format!("no samples in the output:\n{stdout}"));
+    }
+    Ok(out)
+}
+
+/// Runs the 2-rank ping-pong once, with or without the layer preloaded.
+fn pingpong_launch(mpi: MpiImpl, s: &Settings, rig: &Rig, preload: bool) -> Result<Launch, String> {
+    let libs = libraries(mpi);
+    let prog = program(mpi, "pingpong.c", Linkage::Plain);
+    let mut env = vec![(
+        "SYMVIRT_AGENT_SOCKET".to_string(),
+        rig.rank_socket().display().to_string(),
+    )];
+    if preload {
+        env.push((
+            "LD_PRELOAD".to_string(),
+            libs.transparent.display().to_string(),
+        ));
+    }
+    let args = [
+        s.samples,
+        s.lat_bytes,
+        s.lat_rounds,
+        s.bw_bytes,
+        s.bw_rounds,
+    ]
+    .map(|n| n.to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut job = Job::start_ranks(mpi, 2, &prog, &args, &env, &rig.dir.0);
+    let (ok, stdout) = job.wait();
+    if !ok {
+        return Err(format!("pingpong failed\n{}", job.logs()));
+    }
+    parse_samples(&stdout)
+}
+
+fn pingpong(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
+    let rig = Rig::new(&format!("bench-pp-{}", mpi.name()));
+    let (mut lat, mut bw) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    let (mut lat_pairs, mut bw_pairs) = (Vec::new(), Vec::new());
+    for pair in 0..s.pairs {
+        // A B, B A, ...: neither variant always runs first.
+        let order = if pair % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        let mut pair_median = [(0.0, 0.0); 2];
+        for preload in order {
+            let run = pingpong_launch(mpi, s, &rig, preload)?;
+            let i = preload as usize;
+            pair_median[i] = (median(&run.latency_us), median(&run.bandwidth_mib_s));
+            lat[i].extend(run.latency_us);
+            bw[i].extend(run.bandwidth_mib_s);
+        }
+        lat_pairs.push(pair_median[1].0 / pair_median[0].0);
+        bw_pairs.push(pair_median[1].1 / pair_median[0].1);
+    }
+    let latency_ratio = median(&lat[1]) / median(&lat[0]);
+    let bandwidth_ratio = median(&bw[1]) / median(&bw[0]);
+    Ok(json!({
+        "bench": "mpi_overhead",
+        "mpi": mpi.name(),
+        "scenario": "pingpong",
+        "quick": s.quick,
+        "pairs": s.pairs,
+        "samples_per_launch": s.samples,
+        "latency_bytes": s.lat_bytes,
+        "latency_rounds": s.lat_rounds,
+        "bandwidth_bytes": s.bw_bytes,
+        "bandwidth_rounds": s.bw_rounds,
+        "latency_us_without": spread(&lat[0]),
+        "latency_us_with": spread(&lat[1]),
+        "bandwidth_mib_s_without": spread(&bw[0]),
+        "bandwidth_mib_s_with": spread(&bw[1]),
+        "latency_ratio": round(latency_ratio),
+        "bandwidth_ratio": round(bandwidth_ratio),
+        "latency_ratio_per_pair": spread(&lat_pairs),
+        "bandwidth_ratio_per_pair": spread(&bw_pairs),
+        "latency_ratio_target_max": LATENCY_RATIO_MAX,
+        "bandwidth_ratio_target_min": BANDWIDTH_RATIO_MIN,
+        "within_targets": latency_ratio <= LATENCY_RATIO_MAX && bandwidth_ratio >= BANDWIDTH_RATIO_MIN,
+    }))
+}
+
+/// Sends `prepare` for `epoch` and waits for the agent's answer; returns the time to it.
+fn quiesce_once(rig: &Rig, job: &mut Job, epoch: u64) -> Result<Duration, String> {
+    let asked = Instant::now();
+    rig.prepare(epoch);
+    let took = match outcome_while_running(rig, job) {
+        GuestMessage::Quiesced { epoch: e } if e == epoch => asked.elapsed(),
+        other => return Err(format!("epoch {epoch}: expected quiesced, got {other:?}")),
+    };
+    let ic = ethernet((epoch % 250) as u8);
+    rig.resume(epoch, ic);
+    match outcome_while_running(rig, job) {
+        GuestMessage::Resumed { epoch: e, .. } if e == epoch => Ok(took),
+        other => Err(format!("epoch {epoch}: expected resumed, got {other:?}")),
+    }
+}
+
+fn quiesce(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
+    let rig = Rig::new(&format!("bench-q-{}", mpi.name()));
+    let libs = libraries(mpi);
+    let prog = program(mpi, "stress.c", Linkage::Plain);
+    let work = rig.dir.0.join("work");
+    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    let env = [
+        (
+            "SYMVIRT_AGENT_SOCKET".to_string(),
+            rig.rank_socket().display().to_string(),
+        ),
+        (
+            "LD_PRELOAD".to_string(),
+            libs.transparent.display().to_string(),
+        ),
+    ];
+    let work_arg = work.display().to_string();
+    let args = [s.stress_modes.as_str(), work_arg.as_str(), "16"];
+    let mut job = Job::start(mpi, &prog, &args, &env, &rig.dir.0);
+    // Epoch 1 is a warm-up, untimed: it also waits until every rank has connected.
+    quiesce_once(&rig, &mut job, 1)?;
+    let mut times = Vec::new();
+    for epoch in 2..2 + s.quiesce_requests {
+        // Requests land wherever the ranks are: vary the moment.
+        std::thread::sleep(Duration::from_millis(20 + 37 * (epoch % 5)));
+        let took =
+            quiesce_once(&rig, &mut job, epoch).map_err(|e| format!("{e}\n{}", job.logs()))?;
+        times.push(took.as_secs_f64() * 1000.0);
+    }
+    std::fs::write(work.join("stop"), "").map_err(|e| format!("stop file: {e}"))?;
+    let (ok, out) = job.wait();
+    let oks = out.lines().filter(|l| l.contains(" OK rank ")).count();
+    if !ok || oks != RANKS as usize {
+        return Err(format!("stress program failed its checks\n{}", job.logs()));
+    }
+    Ok(json!({
+        "bench": "mpi_overhead",
+        "mpi": mpi.name(),
+        "scenario": "quiesce",
+        "quick": s.quick,
+        "ranks": RANKS,
+        "stress_modes": s.stress_modes,
+        "requests": s.quiesce_requests,
+        "quiesce_ms": spread(&times),
+    }))
+}
+
+/// Runs one scenario; a failure (error or panic inside the rig) becomes an `error` line.
+fn report(mpi: MpiImpl, scenario: &str, run: impl FnOnce() -> Result<Value, String>) {
+    let line = match std::panic::catch_unwind(AssertUnwindSafe(run)) {
+        Ok(Ok(line)) => line,
+        Ok(Err(e)) => {
+            json!({"bench": "mpi_overhead", "mpi": mpi.name(), "scenario": scenario, "error": e})
+        }
+        Err(panic) => {
+            let e = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into());
+            json!({"bench": "mpi_overhead", "mpi": mpi.name(), "scenario": scenario, "error": e})
+        }
+    };
+    println!("{line}");
+}
+
+fn main() {
+    let s = Settings::from_env();
+    let mut ran = 0;
+    for mpi in s.impls.clone() {
+        if let Some(why) = missing(mpi) {
+            println!("SKIPPED: bench mpi_overhead ({}): {why}", mpi.name());
+            continue;
+        }
+        ran += 1;
+        report(mpi, "pingpong", || pingpong(mpi, &s));
+        report(mpi, "quiesce", || quiesce(mpi, &s));
+    }
+    if ran == 0 {
+        println!("SKIPPED: bench mpi_overhead: no MPI implementation to run");
+    }
+}
