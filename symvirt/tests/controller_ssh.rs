@@ -452,19 +452,37 @@ fn plan_over_ssh_moves_a_vm_from_hca_standin_to_ethernet() {
     let before = passes(&source.qemu.serial());
     let dest_dir = cleanup.dir.join("dest");
     let plan = ssh_plan(&fixtures, &sshd, sshd.alias(), &source, &dest_dir, "");
-    let forwards_seen = Mutex::new(0usize);
-    let report = run(&plan, &cleanup.dir, |e| {
-        // While the plan runs, its endpoints really go through ssh forwards.
-        if let Event::PhaseStarted {
-            phase: Phase::Attach,
-        } = e
-        {
-            *forwards_seen.lock().unwrap() = forwards_left(&sshd).len();
+    // While the plan runs, its endpoints really go through ssh forwards: note the remote
+    // socket of every forward seen at each event.
+    let forwarded = Mutex::new(std::collections::BTreeSet::new());
+    let report = run(&plan, &cleanup.dir, |_| {
+        for pid in forwards_left(&sshd) {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<String> = cmdline
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            if let Some(spec) = args
+                .iter()
+                .position(|a| a == "-L")
+                .and_then(|i| args.get(i + 1))
+            {
+                let remote = spec.rsplit_once(':').map(|(_, r)| r.to_owned());
+                forwarded.lock().unwrap().extend(remote);
+            }
         }
     });
     assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.errors);
-    // Source monitor and channel, destination monitor and channel: four forwards.
-    assert_eq!(*forwards_seen.lock().unwrap(), 4);
+    let expected: std::collections::BTreeSet<String> = [
+        source.qemu.qmp_path().to_owned(),
+        source.channel.clone(),
+        dest_dir.join("qmp.sock"),
+        dest_dir.join("sv.sock"),
+    ]
+    .iter()
+    .map(|p| p.display().to_string())
+    .collect();
+    assert_eq!(*forwarded.lock().unwrap(), expected);
     match &report.vms[0].guest {
         GuestNotice::Resumed { interconnect, .. } => assert_eq!(interconnect, &ethernet()),
         other => panic!("{other:?}"),
@@ -594,7 +612,10 @@ fn forward_killed_mid_plan_rolls_back_and_leaves_no_ssh_or_destination() {
     match &report.outcome {
         Outcome::RolledBack { phase, error } => {
             assert_eq!(*phase, Phase::Attach, "{error}");
-            assert!(error.starts_with("vm0 destination"), "{error}");
+            assert!(
+                error.contains("vm0 destination") && error.contains("closed the connection"),
+                "{error}"
+            );
         }
         other => panic!(
             "expected a rollback from attach: {other:?} {:?}",

@@ -755,6 +755,9 @@ impl VmBackend for QemuVm {
         }
         // 3. The source runs again, with its original devices.
         match &self.source {
+            // Never connected (the source's monitor is the first thing connect reaches): the
+            // plan did nothing to this source, so there is nothing to undo.
+            None if self.migration == MigrationState::NotStarted => {}
             None => errors.push("no source monitor".into()),
             Some(src) => {
                 match src.query_status() {
