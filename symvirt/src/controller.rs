@@ -9,9 +9,15 @@
 //! `commit` (sources released). A failure before `resume` rolls every VM back: migrations
 //! cancelled, destinations torn down, sources continued with their original devices, and the
 //! guests told to resume on their old interconnect (`abort` if they had not quiesced).
-//! Past the switchover and attach there is no automatic rollback: a failure in `resume`
-//! leaves the VMs at their destinations with their sources paused (not released, so an
-//! operator can still choose either side) and the outcome [`Outcome::Failed`].
+//!
+//! The sources stay authoritative until `commit`: they are paused at the switchover, holding
+//! the cut every guest quiesced at. So a failure in `resume` (a destination that died after
+//! the switchover, a guest that does not see its new interconnect) rolls back too: every
+//! destination is torn down, including those whose guests had already resumed, and every
+//! source continues from the cut and is told to resume on its old interconnect. The job loses
+//! what its ranks did at the destinations since the resume (it is done again at the sources),
+//! which is consistent because every rank goes back to the same cut; effects outside the
+//! virtual cluster in that window (files on shared storage, say) may happen twice.
 //!
 //! Events ([`Event`]) go to a sink as they happen, for progress displays and schedulers.
 
@@ -22,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::host_channel::HostChannel;
 use crate::protocol::{GuestMessage, HostMessage, Interconnect, PciDevice};
 use crate::remote::Connector;
-use crate::session::SessionState;
+use crate::session::{GuestSession, SessionState};
 use serde::Serialize;
 use std::fmt;
 use std::sync::{Arc, Condvar, Mutex};
@@ -112,6 +118,19 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         fraction: Option<f64>,
     },
+    /// A guest confirmed `resume`: the interconnect its ranks use now, and (when its agent
+    /// reports them) the PCI devices it sees.
+    GuestResumed {
+        /// The VM.
+        vm: String,
+        /// `destination`, or `source` after a rollback.
+        at: String,
+        /// The interconnect as the guest confirmed it (with the interface it found).
+        interconnect: Interconnect,
+        /// The guest's PCI devices.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pci_devices: Option<Vec<PciDevice>>,
+    },
     /// One VM failed in a phase.
     VmError {
         /// The VM.
@@ -154,8 +173,7 @@ pub enum Outcome {
         /// The first error.
         error: String,
     },
-    /// The plan failed and could not be fully undone (or failed after the point of no return,
-    /// the switchover and attach): see the errors.
+    /// The plan failed and could not be fully undone: see the errors.
     Failed {
         /// The phase that failed.
         phase: Phase,
@@ -244,6 +262,9 @@ struct Member {
     report: VmReport,
     source_interconnect: Interconnect,
     target_interconnect: Interconnect,
+    /// The guest session as it was at the source when the channel moved to the destination:
+    /// where a rollback picks the guest up again.
+    source_session: Option<GuestSession>,
 }
 
 /// A counting semaphore for the migration concurrency limit.
@@ -356,6 +377,7 @@ impl<'a> Controller<'a> {
                 channel: None,
                 source_interconnect: spec.source.interconnect.clone(),
                 target_interconnect: spec.destination.interconnect.clone(),
+                source_session: None,
             })
             .collect();
         self.emit(Event::PlanStarted {
@@ -403,6 +425,17 @@ impl<'a> Controller<'a> {
                 break;
             }
         }
+        if failed.is_none() {
+            let deadline = Instant::now() + d.resume;
+            let (took, errs) = self.phase(Phase::Resume, &mut members, |c, m| {
+                c.resume_at_destination(m, epoch, deadline)
+            });
+            phases.push((Phase::Resume, took));
+            if !errs.is_empty() {
+                failed = Some((Phase::Resume, errs[0].clone()));
+                errors.extend(errs);
+            }
+        }
         for m in &mut members {
             m.report.destination_pid = m.backend.destination_pid();
         }
@@ -427,29 +460,14 @@ impl<'a> Controller<'a> {
                 }
             }
             None => {
-                // Past the point of no return: the guests run at their destinations.
-                let deadline = Instant::now() + d.resume;
-                let (took, errs) = self.phase(Phase::Resume, &mut members, |c, m| {
-                    c.resume_at_destination(m, epoch, deadline)
+                let (took, errs) = self.phase(Phase::Commit, &mut members, |_, m| {
+                    m.channel = None;
+                    m.backend.commit()
                 });
-                phases.push((Phase::Resume, took));
-                if errs.is_empty() {
-                    let (took, errs) = self.phase(Phase::Commit, &mut members, |_, m| {
-                        m.channel = None;
-                        m.backend.commit()
-                    });
-                    phases.push((Phase::Commit, took));
-                    // A source that did not quit cleanly is only noted: the VM is moved.
-                    errors.extend(errs);
-                    Outcome::Completed
-                } else {
-                    let error = errs[0].clone();
-                    errors.extend(errs);
-                    Outcome::Failed {
-                        phase: Phase::Resume,
-                        error,
-                    }
-                }
+                phases.push((Phase::Commit, took));
+                // A source that did not quit cleanly is only noted: the VM is moved.
+                errors.extend(errs);
+                Outcome::Completed
             }
         };
         let total = started.elapsed();
@@ -539,7 +557,7 @@ impl<'a> Controller<'a> {
     fn connect(&self, m: &mut Member, deadline: Instant) -> Result<()> {
         // The channel asks the agent for its hello on connecting (see `crate::protocol`), so a
         // connection the agent did not see open is answered too.
-        let channel = m.backend.connect(deadline)?;
+        let channel = m.backend.connect(None, deadline)?;
         let info = match channel.wait_hello(deadline) {
             Ok(info) => info,
             Err(Error::Timeout) => {
@@ -655,27 +673,59 @@ impl<'a> Controller<'a> {
 
     fn resume_at_destination(&self, m: &mut Member, epoch: u64, deadline: Instant) -> Result<()> {
         let session = m.channel.as_ref().ok_or(Error::NotConnected)?.session();
-        let channel = m.backend.destination_channel(session, deadline)?;
         // The source's channel is done: the guest lives at the destination now.
         m.channel = None;
+        m.source_session = Some(session.clone());
+        let channel = m.backend.destination_channel(session, deadline)?;
         let interconnect = m.target_interconnect.clone();
         let result = tell_resume(&channel, epoch, interconnect, deadline);
-        m.report.guest = match result {
-            Ok(notice) => notice,
-            Err(e) => {
-                let why = e.chain();
-                m.report.guest = GuestNotice::ResumeUnconfirmed(why);
-                return Err(e);
-            }
-        };
         m.channel = Some(channel);
-        Ok(())
+        self.note_resume(m, "destination", result)
+    }
+
+    /// Records what the guest answered to `resume`, as an event and in the report.
+    fn note_resume(&self, m: &mut Member, at: &str, result: Result<GuestNotice>) -> Result<()> {
+        match result {
+            Ok(notice) => {
+                if let GuestNotice::Resumed {
+                    interconnect,
+                    pci_devices,
+                } = &notice
+                {
+                    self.emit(Event::GuestResumed {
+                        vm: m.report.name.clone(),
+                        at: at.into(),
+                        interconnect: interconnect.clone(),
+                        pci_devices: pci_devices.clone(),
+                    });
+                }
+                m.report.guest = notice;
+                Ok(())
+            }
+            Err(e) => {
+                m.report.guest = GuestNotice::ResumeUnconfirmed(e.chain());
+                Err(e)
+            }
+        }
     }
 
     fn rollback(&self, members: &mut [Member]) -> Vec<String> {
         let deadline = Instant::now() + self.plan.deadlines.rollback;
         self.each(Phase::Rollback, members, |m| {
             let restored = m.backend.rollback(deadline);
+            // A guest whose channel had moved to its (now torn down) destination is back at the
+            // source, in the session it had there at the switchover: quiesced.
+            if let Some(session) = m.source_session.take() {
+                m.channel = None;
+                match m.backend.connect(Some(session), deadline) {
+                    Ok(channel) => m.channel = Some(channel),
+                    Err(e) => {
+                        m.report.guest = GuestNotice::ResumeUnconfirmed(e.chain());
+                        restored?;
+                        return Err(e);
+                    }
+                }
+            }
             // The guest is told in any case: it must not stay paused.
             let told = match &m.channel {
                 None => Ok(GuestNotice::Nothing),
@@ -691,15 +741,8 @@ impl<'a> Controller<'a> {
                     _ => Ok(GuestNotice::Nothing),
                 },
             };
-            match told {
-                Ok(n) => m.report.guest = n,
-                Err(e) => {
-                    m.report.guest = GuestNotice::ResumeUnconfirmed(e.chain());
-                    restored?;
-                    return Err(e);
-                }
-            }
-            restored
+            let told = self.note_resume(m, "source", told);
+            restored.and(told)
         })
     }
 }
@@ -720,6 +763,11 @@ fn tell_resume(
         match channel.send(&resume) {
             Err(Error::NotConnected) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(Error::NotConnected) => {
+                return Err(Error::Refused(
+                    "the guest channel did not connect before the deadline".into(),
+                ));
             }
             other => break other?,
         }

@@ -519,6 +519,9 @@ enum Break {
     NotListening,
     /// vm1's destination is killed once its migration is under way.
     KilledMidMigration,
+    /// vm1's destination is killed after the switchover and attach, as the guests are told to
+    /// resume: vm0's guest resumes at its destination and must come back to its source too.
+    KilledAfterSwitchover,
     /// vm1's NIC cannot be plugged at the destination (its PCI slot is taken).
     DeviceAddRefused,
     /// vm1's guest never quiesces (its agent waits for an MPI rank that never registers).
@@ -560,7 +563,7 @@ fn rollback_case(test: &str, how: Break, expect_phase: Phase) {
     }
     // vm1's destination, when the test itself starts it.
     let external = match how {
-        Break::NotListening | Break::KilledMidMigration => {
+        Break::NotListening | Break::KilledMidMigration | Break::KilledAfterSwitchover => {
             let sock = base.join("vm1-external-sv.sock");
             let port = free_tcp_port();
             let incoming = match how {
@@ -617,31 +620,51 @@ fn rollback_case(test: &str, how: Break, expect_phase: Phase) {
     let external = Mutex::new(external);
     let killed = Mutex::new(false);
     let before: Vec<usize> = sources.iter().map(|s| passes(&s.qemu.serial())).collect();
-    let (report, _events) = run(&plan, &base, |e| {
-        if let (
-            Break::KilledMidMigration,
-            Event::VmProgress {
-                vm,
-                phase: Phase::Migrate,
-                fraction: Some(f),
-                ..
-            },
-        ) = (&how, e)
-        {
-            let mut killed = killed.lock().unwrap();
-            if vm == "vm1" && *f < 1.0 && !*killed {
-                if let Some((q, _, _)) = external.lock().unwrap().as_mut() {
-                    q.kill();
-                    *killed = true;
-                }
+    let (report, events) = run(&plan, &base, |e| {
+        let now = match (&how, e) {
+            (
+                Break::KilledMidMigration,
+                Event::VmProgress {
+                    vm,
+                    phase: Phase::Migrate,
+                    fraction: Some(f),
+                    ..
+                },
+            ) => vm == "vm1" && *f < 1.0,
+            (
+                Break::KilledAfterSwitchover,
+                Event::PhaseStarted {
+                    phase: Phase::Resume,
+                },
+            ) => true,
+            _ => false,
+        };
+        let mut killed = killed.lock().unwrap();
+        if now && !*killed {
+            if let Some((q, _, _)) = external.lock().unwrap().as_mut() {
+                q.kill();
+                *killed = true;
             }
         }
     });
     for vm in &report.vms {
         cleanup.pid(vm.destination_pid);
     }
-    if matches!(how, Break::KilledMidMigration) {
+    if matches!(
+        how,
+        Break::KilledMidMigration | Break::KilledAfterSwitchover
+    ) {
         assert!(*killed.lock().unwrap(), "the destination was never killed");
+    }
+    let resumed_at = |vm: &str, at: &str| {
+        events
+            .iter()
+            .any(|e| matches!(e, Event::GuestResumed { vm: v, at: a, .. } if v == vm && a == at))
+    };
+    if matches!(how, Break::KilledAfterSwitchover) {
+        // vm0's guest ran on at its destination (with the NIC), then came back.
+        assert!(resumed_at("vm0", "destination"), "{events:?}");
+        assert!(!resumed_at("vm1", "destination"), "{events:?}");
     }
     match &report.outcome {
         Outcome::RolledBack { phase, error } => {
@@ -697,6 +720,7 @@ fn rollback_case(test: &str, how: Break, expect_phase: Phase) {
                 }
                 other => panic!("{}: guest was not resumed: {other:?}", s.name),
             }
+            assert!(resumed_at(&s.name, "source"), "{}: {events:?}", s.name);
             let devices = guest_pci_until(&s.channel, &s.name, report.epoch, infiniband(), |d| {
                 has(d, IVSHMEM_DEVICE) && !has_nic(d)
             });
@@ -727,6 +751,15 @@ fn rollback_when_the_destination_dies_mid_migration() {
         "rollback_when_the_destination_dies_mid_migration",
         Break::KilledMidMigration,
         Phase::Migrate,
+    );
+}
+
+#[test]
+fn rollback_when_a_destination_dies_after_the_switchover() {
+    rollback_case(
+        "rollback_when_a_destination_dies_after_the_switchover",
+        Break::KilledAfterSwitchover,
+        Phase::Resume,
     );
 }
 

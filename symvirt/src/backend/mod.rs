@@ -44,8 +44,13 @@ pub trait VmBackend: Send {
     fn name(&self) -> &str;
 
     /// Connects to the source's monitor (once) and opens the guest channel there (a new one on
-    /// every call).
-    fn connect(&mut self, deadline: Instant) -> Result<HostChannel>;
+    /// every call), continuing `session` when given: after a failure past the switchover the
+    /// guest is back at the source, in the epoch its destination channel was in.
+    fn connect(
+        &mut self,
+        continuing: Option<GuestSession>,
+        deadline: Instant,
+    ) -> Result<HostChannel>;
 
     /// Gets the destination ready (started or checked, listening) and claims its devices,
     /// before the source lets go of anything; checks the source has what the plan detaches.

@@ -473,8 +473,12 @@ impl VmBackend for ReferenceBackend {
         &self.spec.name
     }
 
-    fn connect(&mut self, _deadline: Instant) -> Result<HostChannel> {
-        lock(&self.home).channel(None)
+    fn connect(
+        &mut self,
+        continuing: Option<GuestSession>,
+        _deadline: Instant,
+    ) -> Result<HostChannel> {
+        lock(&self.home).channel(continuing)
     }
 
     fn reserve(&mut self, _deadline: Instant) -> Result<()> {
