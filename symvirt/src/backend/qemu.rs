@@ -691,6 +691,18 @@ impl VmBackend for QemuVm {
         session: GuestSession,
         deadline: Instant,
     ) -> Result<HostChannel> {
+        // A destination that died after the switchover would leave the channel connecting in
+        // vain until the resume deadline: ask its monitor first.
+        let status = self
+            .destination()?
+            .query_status()
+            .map_err(|e| Error::qmp(self.what("destination", "query-status"), e))?;
+        if !status.running {
+            return Err(Error::Refused(format!(
+                "{}: the destination is not running after the switchover ({})",
+                self.spec.name, status.status
+            )));
+        }
         let path = self
             .connector
             .local_path(&self.spec.destination.channel, deadline)?;
