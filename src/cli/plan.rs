@@ -133,6 +133,18 @@ fn human(e: &Event) -> String {
             "  {vm:<12} {phase:<8} {} {detail}",
             bar(fraction.unwrap_or(0.0))
         ),
+        Event::GuestResumed {
+            vm,
+            at,
+            interconnect,
+            pci_devices,
+        } => {
+            let pci = pci_devices
+                .as_ref()
+                .map(|d| format!(", {} PCI devices", d.len()))
+                .unwrap_or_default();
+            format!("  {vm:<12} resumed at the {at} on {interconnect}{pci}")
+        }
         Event::VmError { vm, phase, error } => format!("  {vm:<12} {phase:<8} ERROR {error}"),
         Event::RollbackStarted { failed_phase } => {
             format!("!! rolling back (failed in {failed_phase})")

@@ -292,6 +292,19 @@ impl Validate for Interconnect {
     }
 }
 
+/// For people: `infiniband mlx5_0 port 1`, `ethernet eth1 (52:54:00:12:34:56)`.
+impl std::fmt::Display for Interconnect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Interconnect::Infiniband { hca, port, .. } => write!(f, "infiniband {hca} port {port}"),
+            Interconnect::Ethernet { mac, iface, .. } => match iface {
+                Some(i) => write!(f, "ethernet {i} ({mac})"),
+                None => write!(f, "ethernet {mac}"),
+            },
+        }
+    }
+}
+
 impl Interconnect {
     /// `infiniband` or `ethernet`.
     pub fn kind(&self) -> &'static str {
