@@ -572,58 +572,92 @@ fn unreachable_sshd_fails_in_connect_and_the_vm_keeps_running() {
     wait_more_passes(|| source.qemu.serial(), before, "source");
 }
 
-#[test]
-fn forward_killed_mid_plan_rolls_back_and_leaves_no_ssh_or_destination() {
-    let test = "forward_killed_mid_plan_rolls_back_and_leaves_no_ssh_or_destination";
+/// Which forward a test kills, and when.
+enum Cut {
+    /// The destination monitor's, once the switchover is done (attach starts).
+    DestinationMonitorBeforeAttach,
+    /// The source monitor's, while the pre-copy runs.
+    SourceMonitorMidMigration,
+}
+
+/// Runs a plan over ssh, kills one of its forwards (its ssh client, as a dropped connection
+/// would end it) and checks the rollback: the failed phase and side in a clear error, no ssh
+/// of the plan left, the destination QEMU (launched through ssh, so not the controller's
+/// child) gone, and the source running with its stand-in HCA, its guest resumed on it.
+fn forward_killed_case(test: &str, tag: &str, cut: Cut) {
     let Some(fixtures) = qemu_or_skip(test) else {
         return;
     };
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(sshd) = sshd_for(test, "cut") else {
+    let Some(sshd) = sshd_for(test, tag) else {
         return;
     };
-    let mut cleanup = Cleanup::new("cut");
-    let mut source = start_source(&fixtures, &mut cleanup, "cut");
+    let mut cleanup = Cleanup::new(tag);
+    let mut source = start_source(&fixtures, &mut cleanup, tag);
     let before = passes(&source.qemu.serial());
     let dest_dir = cleanup.dir.join("dest");
-    let plan = ssh_plan(&fixtures, &sshd, sshd.alias(), &source, &dest_dir, "");
     let dest_qmp = format!("{}/qmp.sock", dest_dir.display());
+    let (settings, victim, expect_phase, expect_side) = match cut {
+        Cut::DestinationMonitorBeforeAttach => {
+            ("", dest_qmp.clone(), Phase::Attach, "vm0 destination")
+        }
+        // Slow enough that the kill lands while the pre-copy runs.
+        Cut::SourceMonitorMidMigration => (
+            "max_bandwidth = 20000000",
+            source.qemu.qmp_path().display().to_string(),
+            Phase::Migrate,
+            "vm0 source",
+        ),
+    };
+    let plan = ssh_plan(&fixtures, &sshd, sshd.alias(), &source, &dest_dir, settings);
     let killed = Mutex::new(Vec::new());
-    // The switchover is done; before the NIC is plugged, the destination monitor's forward
-    // dies (its ssh is killed, as a dropped connection would end it).
     let report = run(&plan, &cleanup.dir, |e| {
-        if let Event::PhaseStarted {
-            phase: Phase::Attach,
-        } = e
-        {
-            for pid in forwards_left(&sshd) {
-                let cmdline = read(Path::new(&format!("/proc/{pid}/cmdline")));
-                if cmdline.contains(&dest_qmp) {
-                    // SAFETY: kill(2) on the pid of an ssh forward this test's plan started.
-                    unsafe {
-                        libc::kill(pid as i32, libc::SIGKILL);
-                    }
-                    killed.lock().unwrap().push(pid);
+        let now = match (&cut, e) {
+            (
+                Cut::DestinationMonitorBeforeAttach,
+                Event::PhaseStarted {
+                    phase: Phase::Attach,
+                },
+            ) => true,
+            (
+                Cut::SourceMonitorMidMigration,
+                Event::VmProgress {
+                    phase: Phase::Migrate,
+                    fraction: Some(f),
+                    ..
+                },
+            ) => *f < 1.0,
+            _ => false,
+        };
+        if !now || !killed.lock().unwrap().is_empty() {
+            return;
+        }
+        for pid in forwards_left(&sshd) {
+            let cmdline = read(Path::new(&format!("/proc/{pid}/cmdline")));
+            if cmdline.contains(&format!(":{victim}\0")) {
+                // SAFETY: kill(2) on the pid of an ssh forward this test's plan started.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGKILL);
                 }
+                killed.lock().unwrap().push(pid);
             }
         }
     });
     assert_eq!(killed.lock().unwrap().len(), 1, "one forward to kill");
     match &report.outcome {
         Outcome::RolledBack { phase, error } => {
-            assert_eq!(*phase, Phase::Attach, "{error}");
+            assert_eq!(*phase, expect_phase, "{error}");
             assert!(
-                error.contains("vm0 destination") && error.contains("closed the connection"),
+                error.contains(expect_side) && error.contains("closed the connection"),
                 "{error}"
             );
         }
         other => panic!(
-            "expected a rollback from attach: {other:?} {:?}",
+            "expected a rollback from {expect_phase}: {other:?} {:?}",
             report.errors
         ),
     }
-    // No ssh of the plan is left, and the destination QEMU (launched through ssh, so not
-    // the controller's child) is gone: never two copies of the guest.
+    // No ssh of the plan is left, and never two copies of the guest.
     eventually("ssh clients outlived the plan", || {
         sshd.clients().is_empty()
     });
@@ -635,4 +669,22 @@ fn forward_killed_mid_plan_rolls_back_and_leaves_no_ssh_or_destination() {
         other => panic!("guest was not resumed: {other:?}"),
     }
     assert_source_runs_with_its_hca(&mut source, report.epoch, before);
+}
+
+#[test]
+fn destination_monitor_forward_killed_before_attach_rolls_back() {
+    forward_killed_case(
+        "destination_monitor_forward_killed_before_attach_rolls_back",
+        "cutdst",
+        Cut::DestinationMonitorBeforeAttach,
+    );
+}
+
+#[test]
+fn source_monitor_forward_killed_mid_migration_rolls_back() {
+    forward_killed_case(
+        "source_monitor_forward_killed_mid_migration_rolls_back",
+        "cutsrc",
+        Cut::SourceMonitorMidMigration,
+    );
 }

@@ -736,6 +736,18 @@ impl VmBackend for QemuVm {
 
     fn rollback(&mut self, deadline: Instant) -> Result<()> {
         let mut errors: Vec<String> = Vec::new();
+        // 0. A source monitor lost mid-plan (an ssh forward that died, a dropped TCP
+        // connection) is reached again: the source can only be restored through it.
+        if self.source.as_ref().is_some_and(|s| !s.is_connected()) {
+            // Not the launched destination's exit that connect_monitor watches for.
+            let launched = self.launched.take();
+            let address = self.spec.source.qmp.clone();
+            match self.connect_monitor(&address, deadline) {
+                Ok(q) => self.source = Some(q),
+                Err(e) => errors.push(format!("reconnect to the source monitor: {e}")),
+            }
+            self.launched = launched;
+        }
         // 1. No migration may still be going when the source continues.
         if self.migration == MigrationState::Running {
             if let Some(src) = &self.source {
