@@ -5,7 +5,9 @@
 //! host side (QEMU's chardev) is connected through `poll`: `POLLHUP` while it is not, and
 //! `read` then returns 0 at once. The link turns those transitions into
 //! `Connected` / `Disconnected` link events so the agent says `hello` to every
-//! new host connection. A unix socket is simply reconnected when it ends.
+//! new host connection. A unix socket is simply reconnected when it ends; an agent that
+//! listens (a host process standing for a guest, which the controller reaches like QEMU's
+//! chardev socket) serves one host connection at a time and takes the next when it ends.
 
 use crate::error::{Error, Result};
 use crate::framing::{Frame, LineReader};
@@ -15,7 +17,7 @@ use crossbeam_channel::Sender;
 use std::fs::File;
 use std::io::{ErrorKind, Read};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,11 +36,22 @@ pub enum ChannelSpec {
     Device(PathBuf),
     /// A unix socket the host listens on.
     Unix(PathBuf),
+    /// A unix socket the agent listens on and the host connects to, as it connects to QEMU's
+    /// chardev socket for a guest.
+    Listen(PathBuf),
 }
 
 impl ChannelSpec {
-    /// Parses `virtio:NAME`, `unix:PATH` or a device path.
+    /// Parses `virtio:NAME`, `unix:PATH`, `listen:PATH` or a device path.
     pub fn parse(spec: &str) -> Result<ChannelSpec> {
+        if let Some(path) = spec.strip_prefix("listen:") {
+            if !path.starts_with('/') {
+                return Err(Error::Config(format!(
+                    "listen: needs an absolute socket path, not {path:?}"
+                )));
+            }
+            return Ok(ChannelSpec::Listen(path.into()));
+        }
         if let Some(name) = spec.strip_prefix("virtio:") {
             if name.is_empty() || name.contains('/') {
                 return Err(Error::Config(format!("bad virtio port name {name:?}")));
@@ -53,7 +66,7 @@ impl ChannelSpec {
             Ok(ChannelSpec::Device(spec.into()))
         } else {
             Err(Error::Config(format!(
-                "channel {spec:?}: want virtio:NAME, unix:PATH or /dev/PATH"
+                "channel {spec:?}: want virtio:NAME, unix:PATH, listen:PATH or /dev/PATH"
             )))
         }
     }
@@ -81,6 +94,8 @@ pub(crate) type HostWriter = Arc<Mutex<Option<File>>>;
 
 const RETRY: Duration = Duration::from_millis(100);
 const POLL_MS: i32 = 100;
+/// How often an agent that listens checks for a host connection.
+const ACCEPT_POLL: Duration = Duration::from_millis(10);
 
 /// Runs the link until `stop`: opens, reads, reports, reopens.
 pub(crate) fn run(
@@ -89,6 +104,13 @@ pub(crate) fn run(
     events: Sender<LinkEvent>,
     writer: HostWriter,
 ) {
+    if let ChannelSpec::Listen(path) = &spec {
+        if let Err(e) = listen(path, &stop, &events, &writer) {
+            log::warn!("host channel: {e}");
+        }
+        writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        return;
+    }
     let mut warned = false;
     while !stop.load(Ordering::SeqCst) {
         let opened = open(&spec);
@@ -112,6 +134,49 @@ pub(crate) fn run(
     writer.lock().unwrap_or_else(|p| p.into_inner()).take();
 }
 
+/// Serves host connections on a socket at `path`, one after the other, until `stop`.
+fn listen(
+    path: &Path,
+    stop: &AtomicBool,
+    events: &Sender<LinkEvent>,
+    writer: &HostWriter,
+) -> Result<()> {
+    // A socket file nobody answers on was left by an agent that died.
+    if UnixStream::connect(path).is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    let listener =
+        UnixListener::bind(path).map_err(|e| Error::io(format!("bind {}", path.display()), e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io("set_nonblocking", e))?;
+    log::info!("listening for the host on {}", path.display());
+    let result = loop {
+        if stop.load(Ordering::SeqCst) {
+            break Ok(());
+        }
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let served = stream
+                    .set_nonblocking(false)
+                    .map_err(|e| Error::io("set_blocking", e))
+                    .and_then(|()| {
+                        let file = File::from(std::os::fd::OwnedFd::from(stream));
+                        serve(file, true, stop, events, writer)
+                    });
+                if let Err(e) = served {
+                    log::warn!("host channel: {e}");
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(ACCEPT_POLL),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => break Err(Error::io(format!("accept on {}", path.display()), e)),
+        }
+    };
+    let _ = std::fs::remove_file(path);
+    result
+}
+
 fn open(spec: &ChannelSpec) -> Result<(File, bool)> {
     let device = |path: &Path| {
         let file = File::options()
@@ -127,6 +192,10 @@ fn open(spec: &ChannelSpec) -> Result<(File, bool)> {
             .map(|s| (File::from(std::os::fd::OwnedFd::from(s)), true))
             .map_err(|e| Error::io(format!("connect {}", path.display()), e)),
         ChannelSpec::Device(path) => device(path),
+        ChannelSpec::Listen(path) => Err(Error::Config(format!(
+            "{} is listened on, not opened",
+            path.display()
+        ))),
         ChannelSpec::VirtioPort(name) => {
             let path = sysfs::virtio_port(
                 name,
@@ -268,6 +337,10 @@ mod tests {
             ChannelSpec::Unix("/tmp/x.sock".into())
         );
         assert_eq!(
+            ChannelSpec::parse("listen:/run/sv.sock").unwrap(),
+            ChannelSpec::Listen("/run/sv.sock".into())
+        );
+        assert_eq!(
             ChannelSpec::parse("/dev/vport1p1").unwrap(),
             ChannelSpec::Device("/dev/vport1p1".into())
         );
@@ -276,6 +349,8 @@ mod tests {
             "virtio:",
             "virtio:a/b",
             "unix:",
+            "listen:",
+            "listen:relative.sock",
             "tcp:1.2.3.4:5",
             "relative",
         ] {

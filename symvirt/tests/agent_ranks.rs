@@ -522,3 +522,75 @@ fn agent_binary_refuses_bad_arguments() {
         );
     }
 }
+
+#[test]
+fn an_agent_that_listens_is_reached_like_a_guest_and_survives_the_host_reconnecting() {
+    let dir = TempDir::new("listen");
+    let channel = dir.0.join("sv.sock");
+    let agent = Agent::spawn(AgentConfig {
+        vm: "vm-listen".into(),
+        channel: ChannelSpec::Listen(channel.clone()),
+        rank_socket: dir.0.join("run/agent.sock"),
+        ranks: 1,
+        ..AgentConfig::default()
+    })
+    .unwrap();
+    let started = Instant::now();
+    let host = loop {
+        match HostChannel::connect(&channel, ChannelOptions::labelled("listen")) {
+            Ok(h)
+                if h.wait_hello(Instant::now() + Duration::from_secs(1))
+                    .is_ok() =>
+            {
+                break h;
+            }
+            _ => {
+                assert!(started.elapsed() < PATIENCE, "the agent never answered");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    let mut r0 = RankClient::connect(dir.0.join("run/agent.sock"), 0, PATIENCE).unwrap();
+    host.send(&HostMessage::Prepare {
+        epoch: 1,
+        deadline_ms: 60_000,
+    })
+    .unwrap();
+    expect_prepare(&mut r0, 1);
+    r0.quiesced(1).unwrap();
+    assert_eq!(
+        host.wait_for(|m| !matches!(m, GuestMessage::Hello { .. }), soon())
+            .unwrap(),
+        GuestMessage::Quiesced { epoch: 1 }
+    );
+    // The controller moves on to another connection (as it does to a migrated guest's), in
+    // the middle of the epoch: the agent takes it and the epoch goes on.
+    let session = host.session();
+    drop(host);
+    let host =
+        HostChannel::connect_continuing(&channel, ChannelOptions::labelled("listen2"), session)
+            .unwrap();
+    // It connects in the background.
+    let started = Instant::now();
+    while !host.is_connected() {
+        assert!(started.elapsed() < PATIENCE, "never reconnected");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    host.send(&HostMessage::Resume {
+        epoch: 1,
+        interconnect: ethernet(),
+    })
+    .unwrap();
+    assert!(matches!(
+        r0.next_event(Some(PATIENCE)).unwrap(),
+        Some(RankEvent::Resume { epoch: 1, .. })
+    ));
+    r0.resumed(1).unwrap();
+    assert!(matches!(
+        host.wait_for(|m| matches!(m, GuestMessage::Resumed { .. }), soon())
+            .unwrap(),
+        GuestMessage::Resumed { epoch: 1, .. }
+    ));
+    drop(agent);
+    assert!(!channel.exists(), "the agent left its socket behind");
+}

@@ -1,7 +1,7 @@
 //! `symvirt-agent`: the SymVirt guest agent (a static binary for the guest's initramfs).
 //!
 //! ```text
-//! symvirt-agent [--channel virtio:NAME|unix:PATH|/dev/PATH] [--socket PATH] [--ranks N]
+//! symvirt-agent [--channel virtio:NAME|unix:PATH|listen:PATH|/dev/PATH] [--socket PATH] [--ranks N]
 //!               [--vm NAME] [--report-pci] [--interconnect-wait-ms MS]
 //! ```
 //! `--interconnect-wait-ms`: how long `resume` waits for the guest to see the new
@@ -13,7 +13,7 @@ use symvirt::agent::{Agent, AgentConfig};
 use symvirt::guest_link::ChannelSpec;
 use symvirt::{Error, Result};
 
-const USAGE: &str = "usage: symvirt-agent [--channel virtio:NAME|unix:PATH|/dev/PATH] \
+const USAGE: &str = "usage: symvirt-agent [--channel virtio:NAME|unix:PATH|listen:PATH|/dev/PATH] \
 [--socket PATH] [--ranks N] [--vm NAME] [--report-pci] [--interconnect-wait-ms MS]";
 
 /// Prints log records to stdout with the agent's prefix.
