@@ -244,6 +244,25 @@ impl Connector {
             .collect()
     }
 
+    /// Why the connection to `address` is gone, when that is its ssh forward ending (its exit
+    /// and what ssh said), for errors that would otherwise blame the far end.
+    pub fn forward_failure(&self, address: &Address) -> Option<String> {
+        let Address::Ssh { host, path } = address else {
+            return None;
+        };
+        let mut forwards = self.forwards.lock().unwrap_or_else(|p| p.into_inner());
+        let f = forwards
+            .iter_mut()
+            .find(|f| &f.host == host && &f.remote == path)?;
+        let status = f.child.try_wait().ok().flatten()?;
+        let said = f.said();
+        Some(format!(
+            "ssh forward to {host}:{} ended ({status}){}{said}",
+            path.display(),
+            if said.is_empty() { "" } else { ": " }
+        ))
+    }
+
     fn forward(&self, host: &str, remote: &Path, deadline: Instant) -> Result<PathBuf> {
         {
             let mut forwards = self.forwards.lock().unwrap_or_else(|p| p.into_inner());

@@ -150,7 +150,12 @@ fn forwards_through_sshd_are_shared_replaced_when_dead_and_gone_after_drop() {
     eventually("the killed forward is still listed", || {
         connector.forward_pids().is_empty()
     });
+    let why = connector
+        .forward_failure(&address)
+        .expect("a dead forward is explained");
+    assert!(why.contains("ended") && why.contains("signal"), "{why}");
     let again = connector.local_path(&address, deadline()).unwrap();
+    assert_eq!(connector.forward_failure(&address), None, "replaced");
     assert_eq!(round_trip(&again, "again\n"), "AGAIN\n");
     let new_pids = connector.forward_pids();
     assert_eq!(new_pids.len(), 1);
@@ -484,7 +489,10 @@ fn plan_over_ssh_moves_a_vm_from_hca_standin_to_ethernet() {
     .collect();
     assert_eq!(*forwarded.lock().unwrap(), expected);
     match &report.vms[0].guest {
-        GuestNotice::Resumed { interconnect, .. } => assert_eq!(interconnect, &ethernet()),
+        GuestNotice::Resumed { interconnect, .. } => match interconnect {
+            Interconnect::Ethernet { mac, .. } => assert_eq!(mac, MAC),
+            other => panic!("resumed on {other:?}"),
+        },
         other => panic!("{other:?}"),
     }
     assert!(report.vms[0].transferred > 0);
@@ -647,8 +655,10 @@ fn forward_killed_case(test: &str, tag: &str, cut: Cut) {
     match &report.outcome {
         Outcome::RolledBack { phase, error } => {
             assert_eq!(*phase, expect_phase, "{error}");
+            // The error names the side and blames the forward, not QEMU.
+            let forward = format!("ssh forward to {}:{victim} ended", sshd.alias());
             assert!(
-                error.contains(expect_side) && error.contains("closed the connection"),
+                error.contains(expect_side) && error.contains(&forward),
                 "{error}"
             );
         }
@@ -665,7 +675,10 @@ fn forward_killed_case(test: &str, tag: &str, cut: Cut) {
         processes_mentioning(&dest_qmp).is_empty()
     });
     match &report.vms[0].guest {
-        GuestNotice::Resumed { interconnect, .. } => assert_eq!(interconnect, &infiniband()),
+        GuestNotice::Resumed { interconnect, .. } => match interconnect {
+            Interconnect::Infiniband { hca, .. } => assert_eq!(hca, "hca0"),
+            other => panic!("resumed on {other:?}"),
+        },
         other => panic!("guest was not resumed: {other:?}"),
     }
     assert_source_runs_with_its_hca(&mut source, report.epoch, before);

@@ -362,7 +362,16 @@ impl QemuVm {
     }
 
     fn what(&self, side: &str, action: impl std::fmt::Display) -> String {
-        format!("{} {side}: {action}", self.spec.name)
+        // A monitor reached through an ssh forward that died: say so, not only "QEMU closed
+        // the connection".
+        let monitor = match side {
+            "source" => &self.spec.source.qmp,
+            _ => &self.spec.destination.qmp,
+        };
+        match self.connector.forward_failure(monitor) {
+            Some(why) => format!("{} {side}: {action} ({why})", self.spec.name),
+            None => format!("{} {side}: {action}", self.spec.name),
+        }
     }
 
     fn source(&self) -> Result<&Qmp> {
