@@ -1,34 +1,61 @@
 /* SymVirt transparent mode: a PMPI interposition library (LD_PRELOAD) that brings an
  * unmodified MPI application to a consistent cut when the guest agent asks for one.
  *
- * Counting: every send on a tracked communicator (MPI_COMM_WORLD and its duplicates) counts
- * sent[comm][dest] when it is started; every receive counts received[comm][source] when it
- * completes (or, during a drain, when MPI_Request_get_status sees it complete, without freeing
- * the application's request).
+ * Counting is per MPI_COMM_WORLD peer, whatever the communicator: every communicator the
+ * application uses has a slot with its ranks translated to WORLD ranks once (remote group for
+ * intercommunicators). Slots are made when a communicator is created through a wrapped call
+ * (MPI_Comm_dup/_with_info, split, split_type, create, create_group, Cart_create, Cart_sub,
+ * Graph_create, Dist_graph_create(_adjacent), Intercomm_create/_merge), or on first use for
+ * any other; an attribute's delete callback releases the slot when the communicator is freed,
+ * by any path. Every send counts sent[world peer] when it is started; every receive counts
+ * received[world peer] when it completes (or, during a drain, when MPI_Request_get_status
+ * sees it complete, without freeing the application's request).
  *
  * The cut for epoch E, entered from any wrapper's progress loop when the agent requested E
  * (watcher thread, one atomic load) or when a peer's COUNTS message arrives:
- *   1. send COUNTS{E, sent[c][p] for every tracked c} to every peer p (private communicator);
- *   2. until every peer's COUNTS arrived and received[c][p] == its sent count: complete the
- *      application's pending receives (get_status), and receive every unexpected message on the
- *      tracked communicators into the layer's buffer (delivered later, in arrival order, exactly
- *      once: a receive, probe or Irecv first looks in the buffer, honouring MPI matching rules:
- *      ANY_SOURCE, ANY_TAG, and non-overtaking per source);
+ *   1. send COUNTS{E, sent[p]} to every peer p (private communicator);
+ *   2. until every peer's COUNTS arrived and received[p] == its sent count, and every
+ *      non-blocking collective this rank started has completed: complete the application's
+ *      pending receives (get_status), receive every unexpected message on every communicator
+ *      into the layer's buffer (delivered later, in arrival order, exactly once: a receive,
+ *      probe, matched probe, Irecv or a persistent receive's Start first looks in the buffer,
+ *      honouring MPI matching rules: ANY_SOURCE, ANY_TAG, and non-overtaking per source), and
+ *      receive into it too the messages a matched probe (MPI_Mprobe) handed to the
+ *      application but that it has not received yet;
  *   3. report quiesced through the agent, wait for resume or abort, run the transport hook,
  *      report resumed, barrier.
  * Blocking calls are turned into non-blocking ones plus a progress loop that serves cuts, so no
  * rank sits in an MPI call that a quiescing peer would have to complete.
  *
- * Collectives on tracked communicators are aligned first: an MPI_Iallreduce(MAX) of "cut
- * requested" on a private communicator, whose progress loop answers cuts started by peers that
- * are not in the collective yet. When the agreed value asks for a cut, every rank makes it
- * before entering the real collective; otherwise every rank is at the collective and enters it.
- * MPI_Finalize is aligned the same way, then the agent connection is closed (a request that
- * arrives later fails the epoch at the agent: a clear error for the host, never a hang).
+ * Collectives (blocking and non-blocking, and communicator creation) are aligned first on
+ * their communicator: an MPI_Iallreduce(MAX) of "cut requested" (on a private duplicate for
+ * MPI_COMM_WORLD, on the communicator itself otherwise; twice on an intercommunicator, so both
+ * groups agree), whose progress loop answers cuts started by peers that are not in the
+ * collective yet. When the agreed value asks for a cut, every member makes it before entering
+ * the real collective; otherwise every member is at the collective and enters it. So every
+ * outstanding non-blocking collective was started by all its members and completes while they
+ * drain. MPI_Finalize is aligned the same way, then the agent connection is closed (a request
+ * that arrives later fails the epoch at the agent: a clear error for the host, never a hang).
  *
- * Not covered (documented limits): communicators other than MPI_COMM_WORLD duplicates
- * (messages and collectives there pass through unobserved), matched probes (MPI_Mprobe),
- * persistent requests, non-blocking collectives, one-sided communication.
+ * Persistent requests: a send counts at each MPI_Start; a receive's Start is served from the
+ * buffer when a drained message matches (the request then completes in the test/wait call
+ * with that message's status), else it is a pending receive like an Irecv.
+ * Matched probes: a drained message is handed out through a real message handle (a zero-byte
+ * message to self on a private communicator, held until MPI_Mrecv/Imrecv) so the application's
+ * handle stays valid.
+ * MPI_Cancel: a receive is cancelled only if MPI says so (a message served from the buffer is
+ * already complete and is delivered); cancelling a send is refused with an error (its count
+ * could not be taken back).
+ *
+ * Not covered (documented limits): one-sided communication; MPI_Comm_idup (refused with an
+ * error); MPI_Comm_create_group and intercommunicator creation are not aligned (their
+ * communicators are tracked); non-blocking collectives start only when every member has
+ * started them (the alignment), so a program whose progress depends on a non-blocking
+ * collective not synchronizing at its start (e.g. the NBX pattern: Ibarrier while still
+ * receiving) deadlocks; neighborhood and the v/w non-blocking collectives pass through
+ * unaligned; a drained message matched by MPI_Mprobe that the application had not received at
+ * a cut is kept under its handle only if MPI hands the same handle back (else the rank stops
+ * with a clear error); the mpi_f08 bindings; processes outside MPI_COMM_WORLD (spawn).
  *
  * Environment: SYMVIRT_AGENT_SOCKET (agent's rank socket), SYMVIRT_CUT_LOG (a directory: each
  * rank writes cut-E-R with its per-peer sent and received counts at the cut, and resumed-E-R),
@@ -42,24 +69,44 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_COMMS 32
+#define MAX_COMMS 256
 #define TAG_COUNTS 1
+#define TAG_HOLD 2 /* zero-byte self messages that stand for held (drained) messages */
 
 /* A runtime may define this to re-select its transport after a migration (transparent mode's
  * resume hook); it runs on every rank before the rank reports resumed. */
 void symvirt_transport_reselect(const symvirt_interconnect *ic) __attribute__((weak));
 
+/* A communicator the layer observes. */
 typedef struct {
-    MPI_Comm comm;
-    uint64_t *sent; /* per peer (rank in comm) */
-    uint64_t *recv;
+    MPI_Comm comm; /* MPI_COMM_NULL: free, or freed while requests still name the slot */
+    int size;      /* ranks point-to-point calls address (the remote group's, for inter) */
+    int *world;    /* rank in comm (remote group) -> rank in MPI_COMM_WORLD */
+    int inter;
 } tracked_comm;
 
+/* A request the layer watches until it completes. */
+enum { REQ_RECV, REQ_COLL };
 typedef struct {
     MPI_Request req;
     int cid;
-    int counted;
-} tracked_recv;
+    int kind;    /* REQ_RECV: counted on completion; REQ_COLL: a cut waits for it */
+    int counted; /* completed (and counted) during a cut, not yet seen by the application */
+} tracked_req;
+
+/* A persistent request on a tracked communicator. */
+typedef struct {
+    MPI_Request req;
+    int cid, is_recv, peer, tag, count;
+    void *buf;
+    MPI_Datatype dt;
+} persistent;
+
+/* A persistent receive served from the buffer: the next test/wait returns this status. */
+typedef struct {
+    MPI_Request req;
+    MPI_Status st;
+} substitute;
 
 typedef struct buffered {
     struct buffered *next;
@@ -67,23 +114,56 @@ typedef struct buffered {
     char data[];
 } buffered;
 
+/* A message handed out by a matched probe: a real self message standing for a buffered one
+ * (m != NULL), or a real message on an application communicator (m == NULL). */
+typedef struct {
+    MPI_Message msg;
+    int cid;
+    buffered *m;
+    int nbytes, src, tag; /* of a real message (for draining it at a cut) */
+} matched;
+
+#define LIST(type, name)                                                                       \
+    struct {                                                                                   \
+        type *v;                                                                               \
+        int n, cap;                                                                            \
+    } name
+
 static struct {
     int ready, closed;
     int me, np;
-    MPI_Comm ctl;   /* COUNTS messages */
-    MPI_Comm align; /* alignment reductions and the post-resume barrier */
+    MPI_Comm ctl;   /* COUNTS messages, post-drain and post-resume barriers */
+    MPI_Comm align; /* alignment reductions on MPI_COMM_WORLD */
+    MPI_Comm self;  /* held messages (see matched) */
+    int keyval;     /* attribute whose delete callback releases a communicator's slot */
     tracked_comm comms[MAX_COMMS];
-    int ncomms;
-    tracked_recv *recvs;
-    int nrecvs, caprecvs;
+    int ncomms; /* slots in use are below this */
+    uint64_t *sent, *recv; /* per WORLD peer */
+    LIST(tracked_req, reqs);
+    LIST(persistent, pers);
+    LIST(substitute, subst);
+    LIST(matched, matches);
     buffered *head, **tail;
-    uint64_t served; /* last epoch a cut was made for */
+    uint64_t served;  /* last epoch a cut was made for */
     uint64_t drained; /* messages taken into the buffer during the current cut */
-    uint64_t *early; /* per peer: a COUNTS message received before its cut: epoch, counts... */
-    int *have_early;
-    const char *log_dir;
-    uint64_t quiesce_timeout_ms;
 } g = {.tail = &g.head};
+
+/* Per peer: the last COUNTS message received {epoch, sent to me}, and whether it is there. */
+static uint64_t *early;
+static int *have_early;
+static const char *log_dir;
+static uint64_t quiesce_timeout_ms;
+
+#define GROW(list)                                                                             \
+    do {                                                                                       \
+        if ((list).n == (list).cap) {                                                          \
+            (list).cap = (list).cap ? 2 * (list).cap : 32;                                     \
+            void *p_ = realloc((list).v, (size_t)(list).cap * sizeof *(list).v);               \
+            if (p_ == NULL)                                                                    \
+                die("out of memory");                                                          \
+            (list).v = p_;                                                                     \
+        }                                                                                      \
+    } while (0)
 
 static uint64_t env_ms(const char *name, uint64_t fallback)
 {
@@ -102,77 +182,183 @@ static void die(const char *what)
     PMPI_Abort(MPI_COMM_WORLD, 70);
 }
 
+/* Refuses a call the layer cannot make correct: a clear error at the call. */
+static int refuse(const char *call, const char *why)
+{
+    fprintf(stderr, "symvirt-pmpi rank %d: %s refused: %s\n", g.me, call, why);
+    fflush(stderr);
+    return MPI_ERR_UNSUPPORTED_OPERATION;
+}
+
+/* ---- communicators ---------------------------------------------------------------------- */
+
+static void untrack_slot(int cid);
+
+static int on_comm_delete(MPI_Comm c, int keyval, void *val, void *extra)
+{
+    (void)c;
+    (void)keyval;
+    (void)extra;
+    untrack_slot((int)(intptr_t)val);
+    return MPI_SUCCESS;
+}
+
+/* Whether a pending request still names slot cid (then its table must stay). */
+static int slot_referenced(int cid)
+{
+    for (int i = 0; i < g.reqs.n; i++)
+        if (g.reqs.v[i].cid == cid)
+            return 1;
+    for (int i = 0; i < g.pers.n; i++)
+        if (g.pers.v[i].cid == cid)
+            return 1;
+    for (int i = 0; i < g.matches.n; i++)
+        if (g.matches.v[i].cid == cid)
+            return 1;
+    return 0;
+}
+
+/* Starts observing c: its ranks translated to WORLD ranks once. Returns its slot, or -1 (a
+ * communicator reaching outside MPI_COMM_WORLD, or the table is full: warned once). */
+static int track_comm(MPI_Comm c)
+{
+    if (c == MPI_COMM_NULL)
+        return -1;
+    for (int i = 0; i < g.ncomms; i++)
+        if (g.comms[i].comm == c)
+            return i;
+    int cid = -1;
+    for (int i = 0; i < g.ncomms && cid < 0; i++)
+        if (g.comms[i].comm == MPI_COMM_NULL && !slot_referenced(i))
+            cid = i;
+    if (cid < 0) {
+        static int warned;
+        if (g.ncomms == MAX_COMMS) {
+            if (!warned++)
+                fprintf(stderr, "symvirt-pmpi rank %d: more than %d communicators at once; "
+                                "the others pass through unobserved\n", g.me, MAX_COMMS);
+            return -1;
+        }
+        cid = g.ncomms++;
+    }
+    tracked_comm *t = &g.comms[cid];
+    free(t->world);
+    int inter = 0;
+    PMPI_Comm_test_inter(c, &inter);
+    MPI_Group grp, wgrp;
+    if (inter)
+        PMPI_Comm_remote_group(c, &grp);
+    else
+        PMPI_Comm_group(c, &grp);
+    PMPI_Comm_group(MPI_COMM_WORLD, &wgrp);
+    int size = 0;
+    PMPI_Group_size(grp, &size);
+    int *ranks = malloc((size_t)(size > 0 ? size : 1) * sizeof(int));
+    t->world = malloc((size_t)(size > 0 ? size : 1) * sizeof(int));
+    if (ranks == NULL || t->world == NULL)
+        die("out of memory");
+    for (int i = 0; i < size; i++)
+        ranks[i] = i;
+    PMPI_Group_translate_ranks(grp, size, ranks, wgrp, t->world);
+    free(ranks);
+    PMPI_Group_free(&grp);
+    PMPI_Group_free(&wgrp);
+    for (int i = 0; i < size; i++)
+        if (t->world[i] == MPI_UNDEFINED) {
+            static int warned;
+            if (!warned++)
+                fprintf(stderr, "symvirt-pmpi rank %d: a communicator reaches processes "
+                                "outside MPI_COMM_WORLD; it passes through unobserved\n", g.me);
+            if (cid == g.ncomms - 1)
+                g.ncomms--;
+            return -1;
+        }
+    t->size = size;
+    t->inter = inter;
+    t->comm = c;
+    PMPI_Comm_set_attr(c, g.keyval, (void *)(intptr_t)cid);
+    return cid;
+}
+
+/* The slot of c, made on first use for communicators created by unwrapped calls. */
 static int comm_id(MPI_Comm c)
 {
     for (int i = 0; i < g.ncomms; i++)
         if (g.comms[i].comm == c)
             return i;
-    return -1;
+    return track_comm(c);
 }
 
-static void track_comm(MPI_Comm c)
-{
-    if (g.ncomms == MAX_COMMS)
-        return; /* passes through unobserved; documented */
-    tracked_comm *t = &g.comms[g.ncomms++];
-    t->comm = c;
-    t->sent = calloc((size_t)g.np, sizeof(uint64_t));
-    t->recv = calloc((size_t)g.np, sizeof(uint64_t));
-    if (t->sent == NULL || t->recv == NULL)
-        die("out of memory");
-}
+#define CID(comm) (g.ready && !g.closed ? comm_id(comm) : -1)
 
-/* ---- pending receives ------------------------------------------------------------------ */
-
-static void track_recv(MPI_Request r, int cid)
+static void count_send(int cid, int dest)
 {
-    if (g.nrecvs == g.caprecvs) {
-        g.caprecvs = g.caprecvs ? 2 * g.caprecvs : 64;
-        g.recvs = realloc(g.recvs, (size_t)g.caprecvs * sizeof *g.recvs);
-        if (g.recvs == NULL)
-            die("out of memory");
-    }
-    g.recvs[g.nrecvs++] = (tracked_recv){r, cid, 0};
+    if (cid >= 0 && dest >= 0 && dest < g.comms[cid].size)
+        g.sent[g.comms[cid].world[dest]]++;
 }
 
 static void count_recv(int cid, const MPI_Status *st)
 {
-    if (st->MPI_SOURCE >= 0 && st->MPI_SOURCE < g.np)
-        g.comms[cid].recv[st->MPI_SOURCE]++;
+    if (st->MPI_SOURCE >= 0 && st->MPI_SOURCE < g.comms[cid].size)
+        g.recv[g.comms[cid].world[st->MPI_SOURCE]]++;
+}
+
+/* ---- pending requests ------------------------------------------------------------------- */
+
+static void track_req(MPI_Request r, int cid, int kind)
+{
+    GROW(g.reqs);
+    g.reqs.v[g.reqs.n++] = (tracked_req){r, cid, kind, 0};
 }
 
 /* The request that was `handle` completed with `st`: count it unless already counted. */
 static void completed(MPI_Request handle, const MPI_Status *st)
 {
-    for (int i = 0; i < g.nrecvs; i++) {
-        if (g.recvs[i].req != handle)
+    for (int i = 0; i < g.reqs.n; i++) {
+        tracked_req *t = &g.reqs.v[i];
+        if (t->req != handle)
             continue;
         int cancelled = 0;
         PMPI_Test_cancelled(st, &cancelled);
-        if (!g.recvs[i].counted && !cancelled)
-            count_recv(g.recvs[i].cid, st);
-        g.recvs[i] = g.recvs[--g.nrecvs];
+        if (t->kind == REQ_RECV && !t->counted && !cancelled)
+            count_recv(t->cid, st);
+        *t = g.reqs.v[--g.reqs.n];
         return;
     }
 }
 
-/* During a drain: counts pending receives that have completed, without freeing them. */
-static void count_finished_recvs(void)
+/* During a drain: counts pending receives that have completed, without freeing them.
+ * Returns how many watched requests (receives and collectives) are still incomplete. */
+static int poll_pending(void)
 {
-    for (int i = 0; i < g.nrecvs; i++) {
-        if (g.recvs[i].counted)
+    int open = 0;
+    for (int i = 0; i < g.reqs.n; i++) {
+        tracked_req *t = &g.reqs.v[i];
+        if (t->counted)
             continue;
         int flag = 0;
         MPI_Status st;
-        PMPI_Request_get_status(g.recvs[i].req, &flag, &st);
-        if (flag) {
-            int cancelled = 0;
-            PMPI_Test_cancelled(&st, &cancelled);
-            if (!cancelled)
-                count_recv(g.recvs[i].cid, &st);
-            g.recvs[i].counted = 1;
+        PMPI_Request_get_status(t->req, &flag, &st);
+        if (!flag) {
+            open += t->kind == REQ_COLL;
+            continue;
         }
+        int cancelled = 0;
+        PMPI_Test_cancelled(&st, &cancelled);
+        if (t->kind == REQ_RECV && !cancelled)
+            count_recv(t->cid, &st);
+        t->counted = 1;
     }
+    return open;
+}
+
+static void forget_req(MPI_Request handle)
+{
+    for (int i = 0; i < g.reqs.n; i++)
+        if (g.reqs.v[i].req == handle) {
+            g.reqs.v[i] = g.reqs.v[--g.reqs.n];
+            return;
+        }
 }
 
 /* ---- the layer's buffer of drained messages --------------------------------------------- */
@@ -191,18 +377,20 @@ static buffered *find_buffered(int cid, int src, int tag, buffered ***link)
     return NULL;
 }
 
+static buffered *new_buffered(int cid, int src, int tag, int nbytes)
+{
+    buffered *m = malloc(sizeof *m + (size_t)nbytes);
+    if (m == NULL)
+        die("out of memory for a drained message");
+    *m = (buffered){NULL, cid, src, tag, nbytes};
+    return m;
+}
+
 static void drain_one(int cid, const MPI_Status *probed)
 {
     int nbytes = 0;
     PMPI_Get_count(probed, MPI_BYTE, &nbytes);
-    buffered *m = malloc(sizeof *m + (size_t)nbytes);
-    if (m == NULL)
-        die("out of memory for a drained message");
-    m->next = NULL;
-    m->cid = cid;
-    m->src = probed->MPI_SOURCE;
-    m->tag = probed->MPI_TAG;
-    m->nbytes = nbytes;
+    buffered *m = new_buffered(cid, probed->MPI_SOURCE, probed->MPI_TAG, nbytes);
     MPI_Status st;
     if (PMPI_Recv(m->data, nbytes, MPI_BYTE, m->src, m->tag, g.comms[cid].comm, &st) !=
         MPI_SUCCESS)
@@ -213,13 +401,14 @@ static void drain_one(int cid, const MPI_Status *probed)
     g.tail = &m->next;
 }
 
-static void unlink_buffered(buffered **link)
+/* Takes a buffered message out of the list (the caller owns it). */
+static buffered *unlink_buffered(buffered **link)
 {
     buffered *m = *link;
     *link = m->next;
     if (g.tail == &m->next)
         g.tail = link;
-    free(m);
+    return m;
 }
 
 static void fill_status(MPI_Status *st, const buffered *m, MPI_Datatype dt, int elems, int err)
@@ -231,10 +420,9 @@ static void fill_status(MPI_Status *st, const buffered *m, MPI_Datatype dt, int 
     PMPI_Status_set_cancelled(st, 0);
 }
 
-/* Copies a buffered message into the application's buffer and removes it. */
-static int deliver(buffered **link, void *buf, int count, MPI_Datatype dt, MPI_Status *st)
+/* Copies a buffered message into the application's buffer and frees it. */
+static int deliver_msg(buffered *m, void *buf, int count, MPI_Datatype dt, MPI_Status *st)
 {
-    buffered *m = *link;
     int tsize = 0, rc = MPI_SUCCESS;
     PMPI_Type_size(dt, &tsize);
     int elems = tsize > 0 ? m->nbytes / tsize : 0;
@@ -244,11 +432,36 @@ static int deliver(buffered **link, void *buf, int count, MPI_Datatype dt, MPI_S
     }
     int pos = 0;
     if (elems > 0)
-        PMPI_Unpack(m->data, m->nbytes, &pos, buf, elems, dt, g.comms[m->cid].comm);
+        PMPI_Unpack(m->data, m->nbytes, &pos, buf, elems, dt, MPI_COMM_SELF);
     MPI_Status local;
     fill_status(st == MPI_STATUS_IGNORE ? &local : st, m, dt, elems, rc);
-    unlink_buffered(link);
+    free(m);
     return rc;
+}
+
+static int deliver(buffered **link, void *buf, int count, MPI_Datatype dt, MPI_Status *st)
+{
+    return deliver_msg(unlink_buffered(link), buf, count, dt, st);
+}
+
+/* A slot's communicator was freed: drop what it can no longer deliver. */
+static void untrack_slot(int cid)
+{
+    if (cid < 0 || cid >= g.ncomms || g.comms[cid].comm == MPI_COMM_NULL)
+        return;
+    g.comms[cid].comm = MPI_COMM_NULL;
+    int dropped = 0;
+    for (buffered **l = &g.head; *l != NULL;) {
+        if ((*l)->cid == cid) {
+            free(unlink_buffered(l));
+            dropped++;
+        } else {
+            l = &(*l)->next;
+        }
+    }
+    if (dropped)
+        fprintf(stderr, "symvirt-pmpi rank %d: a communicator was freed with %d drained "
+                        "messages the application never received; dropped\n", g.me, dropped);
 }
 
 /* A generalized request that is already complete, carrying a status (Irecv from the buffer). */
@@ -269,14 +482,124 @@ static int gq_cancel(void *extra, int complete)
     return MPI_SUCCESS;
 }
 
+/* Delivers a buffered message and returns a complete generalized request for it. */
+static int deliver_request(buffered *m, void *buf, int count, MPI_Datatype dt, MPI_Request *req)
+{
+    MPI_Status *st = malloc(sizeof *st);
+    if (st == NULL)
+        die("out of memory");
+    deliver_msg(m, buf, count, dt, st);
+    int rc = PMPI_Grequest_start(gq_query, gq_free, gq_cancel, st, req);
+    if (rc == MPI_SUCCESS)
+        rc = PMPI_Grequest_complete(*req);
+    return rc;
+}
+
+/* ---- held messages (matched probes) ----------------------------------------------------- */
+
+/* A real message handle standing for buffered message m: a zero-byte message to self. */
+static MPI_Message hold_handle(void)
+{
+    MPI_Message h;
+    PMPI_Send(NULL, 0, MPI_BYTE, 0, TAG_HOLD, g.self);
+    PMPI_Mprobe(0, TAG_HOLD, g.self, &h, MPI_STATUS_IGNORE);
+    return h;
+}
+
+static void add_match(MPI_Message msg, int cid, buffered *m, const MPI_Status *st)
+{
+    GROW(g.matches);
+    matched x = {msg, cid, m, 0, 0, 0};
+    if (st != NULL) {
+        PMPI_Get_count(st, MPI_BYTE, &x.nbytes);
+        x.src = st->MPI_SOURCE;
+        x.tag = st->MPI_TAG;
+    }
+    g.matches.v[g.matches.n++] = x;
+}
+
+static int find_match(MPI_Message msg)
+{
+    for (int i = 0; i < g.matches.n; i++)
+        if (g.matches.v[i].msg == msg)
+            return i;
+    return -1;
+}
+
+/* During a cut: messages matched by the application's Mprobe but not received yet are
+ * received into the buffer and held under the same handle (a self message MPI hands back
+ * with the handle's value; see the header comment for when it does not). */
+static void drain_matched(void)
+{
+    for (int i = 0; i < g.matches.n; i++) {
+        matched *x = &g.matches.v[i];
+        if (x->m != NULL)
+            continue;
+        MPI_Message app = x->msg, h = x->msg;
+        buffered *m = new_buffered(x->cid, x->src, x->tag, x->nbytes);
+        MPI_Status st;
+        if (PMPI_Mrecv(m->data, x->nbytes, MPI_BYTE, &h, &st) != MPI_SUCCESS)
+            die("draining a matched message failed");
+        count_recv(x->cid, &st);
+        g.drained++;
+        MPI_Message spare[16];
+        int nspare = 0;
+        for (;;) {
+            MPI_Message k = hold_handle();
+            if (k == app)
+                break;
+            if (nspare == 16)
+                die("a message matched by MPI_Mprobe was not received yet at a cut and MPI "
+                    "did not hand its handle back: cannot keep it valid");
+            spare[nspare++] = k;
+        }
+        for (int s = 0; s < nspare; s++)
+            PMPI_Mrecv(NULL, 0, MPI_BYTE, &spare[s], MPI_STATUS_IGNORE);
+        x->m = m;
+    }
+}
+
+/* ---- persistent requests served from the buffer ------------------------------------------ */
+
+static int take_substitute(MPI_Request h, MPI_Status *st)
+{
+    for (int i = 0; i < g.subst.n; i++)
+        if (g.subst.v[i].req == h) {
+            if (st != MPI_STATUS_IGNORE)
+                *st = g.subst.v[i].st;
+            g.subst.v[i] = g.subst.v[--g.subst.n];
+            return 1;
+        }
+    return 0;
+}
+
+static int find_substitute(int n, const MPI_Request *reqs)
+{
+    if (g.subst.n == 0)
+        return -1;
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < g.subst.n; j++)
+            if (reqs[i] != MPI_REQUEST_NULL && reqs[i] == g.subst.v[j].req)
+                return i;
+    return -1;
+}
+
+static int find_persistent(MPI_Request h)
+{
+    for (int i = 0; i < g.pers.n; i++)
+        if (g.pers.v[i].req == h)
+            return i;
+    return -1;
+}
+
 /* ---- the cut ---------------------------------------------------------------------------- */
 
 static void write_log(const char *kind, uint64_t epoch, const char *text)
 {
-    if (g.log_dir == NULL)
+    if (log_dir == NULL)
         return;
     char path[4096], tmp[4200];
-    snprintf(path, sizeof path, "%s/%s-%llu-%d", g.log_dir, kind, (unsigned long long)epoch, g.me);
+    snprintf(path, sizeof path, "%s/%s-%llu-%d", log_dir, kind, (unsigned long long)epoch, g.me);
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
     FILE *f = fopen(tmp, "w");
     if (f == NULL)
@@ -295,12 +618,9 @@ static void log_cut(uint64_t epoch)
     size_t n = 0;
     for (int pass = 0; pass < 2; pass++) {
         n += (size_t)snprintf(text + n, cap - n, pass == 0 ? "sent" : "received");
-        for (int p = 0; p < g.np; p++) {
-            uint64_t v = 0;
-            for (int c = 0; c < g.ncomms; c++)
-                v += pass == 0 ? g.comms[c].sent[p] : g.comms[c].recv[p];
-            n += (size_t)snprintf(text + n, cap - n, " %llu", (unsigned long long)v);
-        }
+        for (int p = 0; p < g.np; p++)
+            n += (size_t)snprintf(text + n, cap - n, " %llu",
+                                  (unsigned long long)(pass == 0 ? g.sent[p] : g.recv[p]));
         n += (size_t)snprintf(text + n, cap - n, "\n");
     }
     n += (size_t)snprintf(text + n, cap - n, "drained %llu\n", (unsigned long long)g.drained);
@@ -308,24 +628,18 @@ static void log_cut(uint64_t epoch)
     free(text);
 }
 
-static size_t counts_len(void)
-{
-    return 2 + (size_t)g.ncomms;
-}
-
-/* The slot holding the last COUNTS message from peer p (fixed stride: comms may be added). */
+/* The last COUNTS message from peer p: {epoch, messages p sent to this rank}. */
 static uint64_t *early_slot(int p)
 {
-    return &g.early[(size_t)p * (2 + MAX_COMMS)];
+    return &early[(size_t)p * 2];
 }
 
 /* Receives one COUNTS message (already probed) into the early slot of its sender. */
 static void take_counts(const MPI_Status *probed)
 {
     int p = probed->MPI_SOURCE;
-    PMPI_Recv(early_slot(p), 2 + MAX_COMMS, MPI_UINT64_T, p, TAG_COUNTS, g.ctl,
-              MPI_STATUS_IGNORE);
-    g.have_early[p] = 1;
+    PMPI_Recv(early_slot(p), 2, MPI_UINT64_T, p, TAG_COUNTS, g.ctl, MPI_STATUS_IGNORE);
+    have_early[p] = 1;
 }
 
 static void cut(uint64_t epoch);
@@ -343,20 +657,7 @@ static void serve_peers(void)
     if (epoch > g.served)
         cut(epoch);
     else
-        g.have_early[st.MPI_SOURCE] = 0; /* stale */
-}
-
-/* Serves whatever is pending: a local request or a peer's cut. */
-static void serve(void)
-{
-    if (!g.ready || g.closed)
-        return;
-    uint64_t e = symvirt_ctl_requested();
-    if (e > g.served) {
-        cut(e);
-        return;
-    }
-    serve_peers();
+        have_early[st.MPI_SOURCE] = 0; /* stale */
 }
 
 /* One idle turn of a wait loop. Cheap on the fast path: the local request is one atomic
@@ -391,24 +692,24 @@ static void idle_test(void)
 }
 
 /* Diagnostics for a drain that does not finish (printed once per cut, to stderr). */
-static void dump_drain(uint64_t epoch, const int *have)
+static void dump_drain(uint64_t epoch, const int *have, int open_colls)
 {
-    fprintf(stderr, "symvirt-pmpi rank %d: epoch %llu drain still waiting; %d pending receives\n",
-            g.me, (unsigned long long)epoch, g.nrecvs);
+    fprintf(stderr,
+            "symvirt-pmpi rank %d: epoch %llu drain still waiting; %d pending requests, %d "
+            "non-blocking collectives open\n",
+            g.me, (unsigned long long)epoch, g.reqs.n, open_colls);
     for (int p = 0; p < g.np; p++)
-        for (int c = 0; c < g.ncomms; c++)
-            fprintf(stderr, "  peer %d comm %d: counts %s, want %llu, received %llu\n", p, c,
-                    have[p] ? "in" : "missing",
-                    (unsigned long long)(p == g.me ? g.comms[c].sent[g.me] : early_slot(p)[2 + c]),
-                    (unsigned long long)g.comms[c].recv[p]);
+        fprintf(stderr, "  peer %d: counts %s, want %llu, received %llu\n", p,
+                have[p] ? "in" : "missing",
+                (unsigned long long)(p == g.me ? g.sent[g.me] : early_slot(p)[1]),
+                (unsigned long long)g.recv[p]);
     fflush(stderr);
 }
 
 static void cut(uint64_t epoch)
 {
-    size_t len = counts_len();
     /* 1. my counts to every peer */
-    uint64_t *out = malloc((size_t)g.np * len * sizeof(uint64_t));
+    uint64_t *out = malloc((size_t)g.np * 2 * sizeof(uint64_t));
     MPI_Request *rq = malloc((size_t)g.np * sizeof(MPI_Request));
     int *have = calloc((size_t)g.np, sizeof(int));
     if (out == NULL || rq == NULL || have == NULL)
@@ -417,34 +718,30 @@ static void cut(uint64_t epoch)
     for (int p = 0; p < g.np; p++) {
         if (p == g.me)
             continue;
-        uint64_t *o = &out[(size_t)p * len];
-        o[0] = epoch;
-        o[1] = (uint64_t)g.ncomms;
-        for (int c = 0; c < g.ncomms; c++)
-            o[2 + c] = g.comms[c].sent[p];
-        PMPI_Isend(o, (int)len, MPI_UINT64_T, p, TAG_COUNTS, g.ctl, &rq[nrq++]);
+        out[2 * p] = epoch;
+        out[2 * p + 1] = g.sent[p];
+        PMPI_Isend(&out[2 * p], 2, MPI_UINT64_T, p, TAG_COUNTS, g.ctl, &rq[nrq++]);
     }
-    /* 2. drain until every peer's count is met */
+    /* 2. drain until every peer's count is met and my collectives are complete */
     have[g.me] = 1;
     g.drained = 0;
+    drain_matched();
     unsigned long spins = 0;
     for (;;) {
         for (int p = 0; p < g.np; p++) {
-            if (have[p] || !g.have_early[p])
+            if (have[p] || !have_early[p])
                 continue;
             uint64_t *e = early_slot(p);
-            g.have_early[p] = 0;
+            have_early[p] = 0;
             if (e[0] == epoch)
                 have[p] = 1;
             else if (e[0] < epoch)
                 continue; /* stale */
             else
                 die("COUNTS for a later epoch during a cut");
-            if (e[1] != (uint64_t)g.ncomms)
-                die("ranks track different communicators");
-            g.have_early[p] = 1; /* keep the counts in the slot for the check below */
+            have_early[p] = 1; /* keep the counts in the slot for the check below */
         }
-        count_finished_recvs();
+        int open_colls = poll_pending();
         for (int c = 0; c < g.ncomms; c++) {
             for (;;) {
                 int flag = 0;
@@ -457,24 +754,22 @@ static void cut(uint64_t epoch)
                 drain_one(c, &st);
             }
         }
-        int done = 1;
-        for (int p = 0; p < g.np && done; p++) {
+        int done = open_colls == 0;
+        for (int p = 0; p < g.np; p++) {
             if (!have[p]) {
                 done = 0;
-                break;
+                continue;
             }
-            for (int c = 0; c < g.ncomms; c++) {
-                uint64_t want = p == g.me ? g.comms[c].sent[g.me] : early_slot(p)[2 + c];
-                if (g.comms[c].recv[p] < want)
-                    done = 0;
-                else if (g.comms[c].recv[p] > want)
-                    die("received more messages than were sent: counting is broken");
-            }
+            uint64_t want = p == g.me ? g.sent[g.me] : early_slot(p)[1];
+            if (g.recv[p] < want)
+                done = 0;
+            else if (g.recv[p] > want)
+                die("received more messages than were sent: counting is broken");
         }
         if (done)
             break;
         if (++spins == 2000000)
-            dump_drain(epoch, have);
+            dump_drain(epoch, have, open_colls);
         int flag = 0;
         MPI_Status st;
         PMPI_Iprobe(MPI_ANY_SOURCE, TAG_COUNTS, g.ctl, &flag, &st);
@@ -484,7 +779,7 @@ static void cut(uint64_t epoch)
             sched_yield();
     }
     for (int p = 0; p < g.np; p++)
-        g.have_early[p] = 0;
+        have_early[p] = 0;
     /* Keep progressing until every rank has drained: a receiver may still need this rank's
      * help to finish a large (rendezvous) transfer it has already matched. */
     MPI_Request drained;
@@ -494,7 +789,7 @@ static void cut(uint64_t epoch)
         PMPI_Test(&drained, &flag, MPI_STATUS_IGNORE);
         if (flag)
             break;
-        count_finished_recvs();
+        poll_pending();
         sched_yield();
     }
     PMPI_Waitall(nrq, rq, MPI_STATUSES_IGNORE);
@@ -507,7 +802,7 @@ static void cut(uint64_t epoch)
     log_cut(epoch);
     symvirt_interconnect ic;
     memset(&ic, 0, sizeof ic);
-    int r = symvirt_ctl_quiesce(epoch, g.quiesce_timeout_ms, &ic);
+    int r = symvirt_ctl_quiesce(epoch, quiesce_timeout_ms, &ic);
     char text[1200];
     if (r == SYMVIRT_RESUMED) {
         if (symvirt_transport_reselect)
@@ -523,7 +818,7 @@ static void cut(uint64_t epoch)
     }
     write_log("resumed", epoch, text);
     /* Nobody sends on the (possibly new) transport before every rank is back. On the COUNTS
-     * communicator: an alignment reduction may be pending on g.align (cut served from align). */
+     * communicator: an alignment reduction may be pending (cut served from align). */
     PMPI_Barrier(g.ctl);
 }
 
@@ -540,27 +835,41 @@ static int wait_serving(MPI_Request *req, MPI_Status *st)
     }
 }
 
-/* Agreement before a collective (or finalize) on a tracked communicator; see the top. */
-static void align(void)
+/* MAX of v over comm, answering peers' cuts while it is pending. */
+static uint64_t reduce_max(MPI_Comm comm, uint64_t v)
 {
+    uint64_t agreed = 0;
+    MPI_Request r;
+    PMPI_Iallreduce(&v, &agreed, 1, MPI_UINT64_T, MPI_MAX, comm, &r);
+    for (unsigned long turns = 1;; turns++) {
+        int flag = 0;
+        PMPI_Test(&r, &flag, MPI_STATUS_IGNORE);
+        if (flag)
+            return agreed;
+        /* Never start a cut here (peers may already be past this point); answer one. */
+        if ((turns & 63) == 0)
+            serve_peers();
+        if (turns > 4096)
+            sched_yield();
+    }
+}
+
+/* Agreement before a collective (or finalize) on the communicator in slot cid; see the top. */
+static void align(int cid)
+{
+    if (cid < 0)
+        return;
+    MPI_Comm comm = cid == 0 ? g.align : g.comms[cid].comm;
     for (;;) {
         uint64_t want = symvirt_ctl_requested();
-        uint64_t mine = want > g.served ? want : 0, agreed = 0;
-        MPI_Request r;
-        PMPI_Iallreduce(&mine, &agreed, 1, MPI_UINT64_T, MPI_MAX, g.align, &r);
-        for (unsigned long turns = 1;; turns++) {
-            int flag = 0;
-            PMPI_Test(&r, &flag, MPI_STATUS_IGNORE);
-            if (flag)
-                break;
-            /* Never start a cut here (peers may already be past this point); answer one. */
-            if ((turns & 63) == 0)
-                serve_peers();
-            if (turns > 4096)
-                sched_yield();
-        }
-        /* Decide from the agreed value alone: identical on every rank. A rank may already
-         * have made this cut (answering a peer while its reduction was pending); every rank
+        uint64_t mine = want > g.served ? want : 0;
+        uint64_t agreed = reduce_max(comm, mine);
+        /* On an intercommunicator each group gets the other's maximum: a second round gives
+         * both groups the maximum of all. */
+        if (g.comms[cid].inter)
+            agreed = reduce_max(comm, agreed > mine ? agreed : mine);
+        /* Decide from the agreed value alone: identical on every member. A rank may already
+         * have made this cut (answering a peer while its reduction was pending); every member
          * then aligns again, so all leave through the same round. */
         if (agreed == 0)
             return;
@@ -577,13 +886,18 @@ static void setup(void)
     PMPI_Comm_size(MPI_COMM_WORLD, &g.np);
     PMPI_Comm_dup(MPI_COMM_WORLD, &g.ctl);
     PMPI_Comm_dup(MPI_COMM_WORLD, &g.align);
-    track_comm(MPI_COMM_WORLD);
-    g.early = calloc((size_t)g.np * (2 + MAX_COMMS), sizeof(uint64_t));
-    g.have_early = calloc((size_t)g.np, sizeof(int));
-    if (g.early == NULL || g.have_early == NULL)
+    PMPI_Comm_dup(MPI_COMM_SELF, &g.self);
+    PMPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, on_comm_delete, &g.keyval, NULL);
+    g.sent = calloc((size_t)g.np, sizeof(uint64_t));
+    g.recv = calloc((size_t)g.np, sizeof(uint64_t));
+    early = calloc((size_t)g.np * 2, sizeof(uint64_t));
+    have_early = calloc((size_t)g.np, sizeof(int));
+    if (g.sent == NULL || g.recv == NULL || early == NULL || have_early == NULL)
         die("out of memory");
-    g.log_dir = getenv("SYMVIRT_CUT_LOG");
-    g.quiesce_timeout_ms = env_ms("SYMVIRT_QUIESCE_TIMEOUT_MS", 600000);
+    if (track_comm(MPI_COMM_WORLD) != 0)
+        die("cannot track MPI_COMM_WORLD");
+    log_dir = getenv("SYMVIRT_CUT_LOG");
+    quiesce_timeout_ms = env_ms("SYMVIRT_QUIESCE_TIMEOUT_MS", 600000);
     int rc = symvirt_ctl_open((uint32_t)g.me, NULL, env_ms("SYMVIRT_CONNECT_TIMEOUT_MS", 10000));
     if (rc != SYMVIRT_CONTINUE)
         fprintf(stderr, "symvirt-pmpi rank %d: no guest agent (%s); running without migration\n",
@@ -610,48 +924,136 @@ int MPI_Init_thread(int *argc, char ***argv, int required, int *provided)
 int MPI_Finalize(void)
 {
     if (g.ready && !g.closed) {
-        align();
+        align(0);
         /* From here no rank serves cuts: a request now fails the epoch at the agent. */
         g.closed = 1;
         symvirt_ctl_close();
         PMPI_Comm_free(&g.ctl);
         PMPI_Comm_free(&g.align);
+        PMPI_Comm_free(&g.self);
     }
     return PMPI_Finalize();
 }
 
+/* ---- communicator creation: aligned on the parent, the new one tracked at once ------------
+ * At once, so a message sent on it is drained even before this rank first uses it. */
+
+#define CREATED(parent, call, out)                                                             \
+    do {                                                                                       \
+        align(CID(parent));                                                                    \
+        int rc_ = call;                                                                        \
+        if (rc_ == MPI_SUCCESS && g.ready && !g.closed)                                        \
+            track_comm(*(out));                                                                \
+        return rc_;                                                                            \
+    } while (0)
+
 int MPI_Comm_dup(MPI_Comm comm, MPI_Comm *newcomm)
 {
-    int tracked = g.ready && comm_id(comm) >= 0;
-    if (tracked)
-        align(); /* collective */
-    int rc = PMPI_Comm_dup(comm, newcomm);
-    if (rc == MPI_SUCCESS && tracked)
+    CREATED(comm, PMPI_Comm_dup(comm, newcomm), newcomm);
+}
+
+int MPI_Comm_dup_with_info(MPI_Comm comm, MPI_Info info, MPI_Comm *newcomm)
+{
+    CREATED(comm, PMPI_Comm_dup_with_info(comm, info, newcomm), newcomm);
+}
+
+int MPI_Comm_split(MPI_Comm comm, int color, int key, MPI_Comm *newcomm)
+{
+    CREATED(comm, PMPI_Comm_split(comm, color, key, newcomm), newcomm);
+}
+
+int MPI_Comm_split_type(MPI_Comm comm, int type, int key, MPI_Info info, MPI_Comm *newcomm)
+{
+    CREATED(comm, PMPI_Comm_split_type(comm, type, key, info, newcomm), newcomm);
+}
+
+int MPI_Comm_create(MPI_Comm comm, MPI_Group group, MPI_Comm *newcomm)
+{
+    CREATED(comm, PMPI_Comm_create(comm, group, newcomm), newcomm);
+}
+
+int MPI_Cart_create(MPI_Comm comm, int ndims, const int dims[], const int periods[],
+                    int reorder, MPI_Comm *newcomm)
+{
+    CREATED(comm, PMPI_Cart_create(comm, ndims, dims, periods, reorder, newcomm), newcomm);
+}
+
+int MPI_Cart_sub(MPI_Comm comm, const int remain[], MPI_Comm *newcomm)
+{
+    CREATED(comm, PMPI_Cart_sub(comm, remain, newcomm), newcomm);
+}
+
+int MPI_Graph_create(MPI_Comm comm, int nnodes, const int index[], const int edges[],
+                     int reorder, MPI_Comm *newcomm)
+{
+    CREATED(comm, PMPI_Graph_create(comm, nnodes, index, edges, reorder, newcomm), newcomm);
+}
+
+int MPI_Dist_graph_create_adjacent(MPI_Comm comm, int indeg, const int srcs[],
+                                   const int sw[], int outdeg, const int dsts[],
+                                   const int dw[], MPI_Info info, int reorder,
+                                   MPI_Comm *newcomm)
+{
+    CREATED(comm,
+            PMPI_Dist_graph_create_adjacent(comm, indeg, srcs, sw, outdeg, dsts, dw, info,
+                                            reorder, newcomm),
+            newcomm);
+}
+
+int MPI_Dist_graph_create(MPI_Comm comm, int n, const int srcs[], const int degrees[],
+                          const int dsts[], const int weights[], MPI_Info info, int reorder,
+                          MPI_Comm *newcomm)
+{
+    CREATED(comm,
+            PMPI_Dist_graph_create(comm, n, srcs, degrees, dsts, weights, info, reorder,
+                                   newcomm),
+            newcomm);
+}
+
+int MPI_Intercomm_merge(MPI_Comm comm, int high, MPI_Comm *newcomm)
+{
+    CREATED(comm, PMPI_Intercomm_merge(comm, high, newcomm), newcomm);
+}
+
+/* Collective over a group only, or over two groups: not aligned (documented). */
+int MPI_Comm_create_group(MPI_Comm comm, MPI_Group group, int tag, MPI_Comm *newcomm)
+{
+    int rc = PMPI_Comm_create_group(comm, group, tag, newcomm);
+    if (rc == MPI_SUCCESS && g.ready && !g.closed)
         track_comm(*newcomm);
     return rc;
 }
 
+int MPI_Intercomm_create(MPI_Comm local, int lleader, MPI_Comm peer, int rleader, int tag,
+                         MPI_Comm *newcomm)
+{
+    int rc = PMPI_Intercomm_create(local, lleader, peer, rleader, tag, newcomm);
+    if (rc == MPI_SUCCESS && g.ready && !g.closed)
+        track_comm(*newcomm);
+    return rc;
+}
+
+int MPI_Comm_idup(MPI_Comm comm, MPI_Comm *newcomm, MPI_Request *req)
+{
+    if (CID(comm) < 0)
+        return PMPI_Comm_idup(comm, newcomm, req);
+    (void)newcomm;
+    (void)req;
+    return refuse("MPI_Comm_idup", "a communicator that exists only once the request "
+                                   "completes cannot be tracked; use MPI_Comm_dup");
+}
+
 int MPI_Comm_free(MPI_Comm *comm)
 {
-    int cid = g.ready ? comm_id(*comm) : -1;
-    if (cid > 0) {
-        /* Its counts stay (ranks free it collectively, so they stay comparable); it is no
-         * longer drained. */
-        align();
-        g.comms[cid].comm = MPI_COMM_NULL;
-    }
+    /* Collective: aligned. The slot is released by the attribute's delete callback (which
+     * also runs when the communicator is freed by a path that is not wrapped). */
+    int cid = CID(*comm);
+    if (cid > 0)
+        align(cid);
     return PMPI_Comm_free(comm);
 }
 
 /* ---- point to point --------------------------------------------------------------------- */
-
-static void count_send(int cid, int dest)
-{
-    if (cid >= 0 && dest >= 0 && dest < g.np)
-        g.comms[cid].sent[dest]++;
-}
-
-#define CID(comm) (g.ready && !g.closed ? comm_id(comm) : -1)
 
 int MPI_Isend(const void *buf, int count, MPI_Datatype dt, int dest, int tag, MPI_Comm comm,
               MPI_Request *req)
@@ -725,19 +1127,11 @@ int MPI_Irecv(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_Comm 
     if (cid < 0 || src == MPI_PROC_NULL)
         return PMPI_Irecv(buf, count, dt, src, tag, comm, req);
     buffered **link;
-    if (find_buffered(cid, src, tag, &link) != NULL) {
-        MPI_Status *st = malloc(sizeof *st);
-        if (st == NULL)
-            die("out of memory");
-        deliver(link, buf, count, dt, st);
-        int rc = PMPI_Grequest_start(gq_query, gq_free, gq_cancel, st, req);
-        if (rc == MPI_SUCCESS)
-            rc = PMPI_Grequest_complete(*req);
-        return rc;
-    }
+    if (find_buffered(cid, src, tag, &link) != NULL)
+        return deliver_request(unlink_buffered(link), buf, count, dt, req);
     int rc = PMPI_Irecv(buf, count, dt, src, tag, comm, req);
     if (rc == MPI_SUCCESS)
-        track_recv(*req, cid);
+        track_req(*req, cid, REQ_RECV);
     return rc;
 }
 
@@ -754,7 +1148,7 @@ int MPI_Recv(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_Comm c
     int rc = PMPI_Irecv(buf, count, dt, src, tag, comm, &r);
     if (rc != MPI_SUCCESS)
         return rc;
-    track_recv(r, cid);
+    track_req(r, cid, REQ_RECV);
     MPI_Request handle = r;
     MPI_Status local;
     rc = wait_serving(&r, &local);
@@ -815,10 +1209,225 @@ int MPI_Sendrecv(const void *sbuf, int scount, MPI_Datatype sdt, int dest, int s
     return rc;
 }
 
-/* ---- completion: test and wait families -------------------------------------------------- */
+
+/* ---- persistent requests ---------------------------------------------------------------- */
+
+static void add_persistent(MPI_Request r, int cid, int is_recv, int peer, int tag, void *buf,
+                           int count, MPI_Datatype dt)
+{
+    GROW(g.pers);
+    g.pers.v[g.pers.n++] = (persistent){r, cid, is_recv, peer, tag, count, buf, dt};
+}
+
+#define SEND_INIT(name, pname)                                                                 \
+    int name(const void *buf, int count, MPI_Datatype dt, int dest, int tag, MPI_Comm comm,    \
+             MPI_Request *req)                                                                 \
+    {                                                                                          \
+        int cid = CID(comm);                                                                   \
+        int rc = pname(buf, count, dt, dest, tag, comm, req);                                  \
+        if (rc == MPI_SUCCESS && cid >= 0)                                                     \
+            add_persistent(*req, cid, 0, dest, tag, (void *)buf, count, dt);                   \
+        return rc;                                                                             \
+    }
+SEND_INIT(MPI_Send_init, PMPI_Send_init)
+SEND_INIT(MPI_Ssend_init, PMPI_Ssend_init)
+SEND_INIT(MPI_Rsend_init, PMPI_Rsend_init)
+SEND_INIT(MPI_Bsend_init, PMPI_Bsend_init)
+
+int MPI_Recv_init(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_Comm comm,
+                  MPI_Request *req)
+{
+    int cid = CID(comm);
+    int rc = PMPI_Recv_init(buf, count, dt, src, tag, comm, req);
+    if (rc == MPI_SUCCESS && cid >= 0)
+        add_persistent(*req, cid, 1, src, tag, buf, count, dt);
+    return rc;
+}
+
+int MPI_Start(MPI_Request *req)
+{
+    int i = g.ready && !g.closed ? find_persistent(*req) : -1;
+    if (i < 0)
+        return PMPI_Start(req);
+    persistent *p = &g.pers.v[i];
+    if (!p->is_recv) {
+        count_send(p->cid, p->peer);
+        return PMPI_Start(req);
+    }
+    buffered **link;
+    if (p->peer != MPI_PROC_NULL && find_buffered(p->cid, p->peer, p->tag, &link) != NULL) {
+        /* Served from the buffer: the real request stays inactive; the next test or wait on
+         * it returns this message's status. */
+        GROW(g.subst);
+        substitute *s = &g.subst.v[g.subst.n++];
+        s->req = *req;
+        deliver(link, p->buf, p->count, p->dt, &s->st);
+        return MPI_SUCCESS;
+    }
+    int rc = PMPI_Start(req);
+    if (rc == MPI_SUCCESS)
+        track_req(*req, p->cid, REQ_RECV);
+    return rc;
+}
+
+int MPI_Startall(int n, MPI_Request reqs[])
+{
+    for (int i = 0; i < n; i++) {
+        int rc = MPI_Start(&reqs[i]);
+        if (rc != MPI_SUCCESS)
+            return rc;
+    }
+    return MPI_SUCCESS;
+}
+
+int MPI_Request_free(MPI_Request *req)
+{
+    /* A freed receive can no longer be observed; stop tracking it (documented: it is then
+     * not counted, so freeing a pending receive makes a cut wait for its deadline). */
+    MPI_Request handle = *req;
+    forget_req(handle);
+    take_substitute(handle, MPI_STATUS_IGNORE);
+    int i = find_persistent(handle);
+    if (i >= 0)
+        g.pers.v[i] = g.pers.v[--g.pers.n];
+    return PMPI_Request_free(req);
+}
+
+int MPI_Cancel(MPI_Request *req)
+{
+    /* A receive served from the buffer is already complete: cancelling it has no effect and
+     * the message is delivered. A real pending receive is cancelled only if MPI says so in
+     * its status (then it is not counted). A send's count cannot be taken back. */
+    MPI_Request h = *req;
+    for (int i = 0; i < g.subst.n; i++)
+        if (g.subst.v[i].req == h)
+            return MPI_SUCCESS;
+    for (int i = 0; i < g.reqs.n; i++)
+        if (g.reqs.v[i].req == h)
+            return g.reqs.v[i].kind == REQ_RECV
+                       ? PMPI_Cancel(req)
+                       : refuse("MPI_Cancel", "a non-blocking collective cannot be cancelled");
+    int p = find_persistent(h);
+    if (p >= 0 && g.pers.v[p].is_recv)
+        return PMPI_Cancel(req); /* inactive: MPI decides */
+    if (p >= 0)
+        return refuse("MPI_Cancel", "cancelling a send is not supported (already counted)");
+    if (!g.ready || g.closed)
+        return PMPI_Cancel(req);
+    /* Unknown to the layer: a send (counted when started), a complete generalized request
+     * from the buffer, or a request on a communicator that is not observed. */
+    int flag = 0;
+    PMPI_Request_get_status(h, &flag, MPI_STATUS_IGNORE);
+    if (flag)
+        return MPI_SUCCESS; /* complete: nothing to cancel */
+    return refuse("MPI_Cancel", "cancelling a send is not supported (already counted)");
+}
+
+/* ---- matched probes --------------------------------------------------------------------- */
+
+/* One attempt: a buffered message first, else MPI's. */
+static int improbe(int cid, int src, int tag, MPI_Comm comm, int *flag, MPI_Message *msg,
+                   MPI_Status *status)
+{
+    buffered **link;
+    buffered *m = find_buffered(cid, src, tag, &link);
+    if (m != NULL) {
+        unlink_buffered(link);
+        *msg = hold_handle();
+        add_match(*msg, cid, m, NULL);
+        *flag = 1;
+        if (status != MPI_STATUS_IGNORE)
+            fill_status(status, m, MPI_BYTE, m->nbytes, MPI_SUCCESS);
+        return MPI_SUCCESS;
+    }
+    MPI_Status local;
+    int rc = PMPI_Improbe(src, tag, comm, flag, msg, &local);
+    if (rc == MPI_SUCCESS && *flag) {
+        add_match(*msg, cid, NULL, &local);
+        if (status != MPI_STATUS_IGNORE)
+            *status = local;
+    }
+    return rc;
+}
+
+int MPI_Improbe(int src, int tag, MPI_Comm comm, int *flag, MPI_Message *msg,
+                MPI_Status *status)
+{
+    int cid = CID(comm);
+    if (cid < 0 || src == MPI_PROC_NULL)
+        return PMPI_Improbe(src, tag, comm, flag, msg, status);
+    int rc = improbe(cid, src, tag, comm, flag, msg, status);
+    if (rc == MPI_SUCCESS && !*flag)
+        idle_test();
+    return rc;
+}
+
+int MPI_Mprobe(int src, int tag, MPI_Comm comm, MPI_Message *msg, MPI_Status *status)
+{
+    int cid = CID(comm);
+    if (cid < 0 || src == MPI_PROC_NULL)
+        return PMPI_Mprobe(src, tag, comm, msg, status);
+    unsigned long turns = 0;
+    for (;;) {
+        /* A cut served inside may have buffered the message: look there again each time. */
+        int flag = 0;
+        int rc = improbe(cid, src, tag, comm, &flag, msg, status);
+        if (rc != MPI_SUCCESS || flag)
+            return rc;
+        idle(&turns);
+    }
+}
+
+int MPI_Imrecv(void *buf, int count, MPI_Datatype dt, MPI_Message *msg, MPI_Request *req)
+{
+    int i = find_match(*msg);
+    if (i < 0)
+        return PMPI_Imrecv(buf, count, dt, msg, req);
+    matched x = g.matches.v[i];
+    g.matches.v[i] = g.matches.v[--g.matches.n];
+    if (x.m != NULL) {
+        PMPI_Mrecv(NULL, 0, MPI_BYTE, msg, MPI_STATUS_IGNORE); /* the stand-in self message */
+        return deliver_request(x.m, buf, count, dt, req);
+    }
+    int rc = PMPI_Imrecv(buf, count, dt, msg, req);
+    if (rc == MPI_SUCCESS)
+        track_req(*req, x.cid, REQ_RECV);
+    return rc;
+}
+
+int MPI_Mrecv(void *buf, int count, MPI_Datatype dt, MPI_Message *msg, MPI_Status *status)
+{
+    int i = find_match(*msg);
+    if (i < 0)
+        return PMPI_Mrecv(buf, count, dt, msg, status);
+    if (g.matches.v[i].m != NULL) {
+        buffered *m = g.matches.v[i].m;
+        g.matches.v[i] = g.matches.v[--g.matches.n];
+        PMPI_Mrecv(NULL, 0, MPI_BYTE, msg, MPI_STATUS_IGNORE);
+        return deliver_msg(m, buf, count, dt, status);
+    }
+    MPI_Request r;
+    int rc = MPI_Imrecv(buf, count, dt, msg, &r);
+    if (rc != MPI_SUCCESS)
+        return rc;
+    MPI_Request handle = r;
+    MPI_Status local;
+    rc = wait_serving(&r, &local);
+    completed(handle, &local);
+    if (status != MPI_STATUS_IGNORE)
+        *status = local;
+    return rc;
+}
+
+/* ---- completion: test and wait families --------------------------------------------------
+ * Persistent receives served from the buffer (substitutes) complete here without MPI. */
 
 int MPI_Test(MPI_Request *req, int *flag, MPI_Status *status)
 {
+    if (g.subst.n && take_substitute(*req, status)) {
+        *flag = 1;
+        return MPI_SUCCESS;
+    }
     MPI_Request handle = *req;
     MPI_Status local;
     int rc = PMPI_Test(req, flag, &local);
@@ -833,12 +1442,29 @@ int MPI_Test(MPI_Request *req, int *flag, MPI_Status *status)
 
 int MPI_Wait(MPI_Request *req, MPI_Status *status)
 {
+    if (g.subst.n && take_substitute(*req, status))
+        return MPI_SUCCESS;
     MPI_Request handle = *req;
     MPI_Status local;
     int rc = wait_serving(req, &local);
     completed(handle, &local);
     if (status != MPI_STATUS_IGNORE)
         *status = local;
+    return rc;
+}
+
+int MPI_Request_get_status(MPI_Request req, int *flag, MPI_Status *status)
+{
+    for (int i = 0; i < g.subst.n; i++)
+        if (g.subst.v[i].req == req) {
+            *flag = 1;
+            if (status != MPI_STATUS_IGNORE)
+                *status = g.subst.v[i].st;
+            return MPI_SUCCESS;
+        }
+    int rc = PMPI_Request_get_status(req, flag, status);
+    if (rc == MPI_SUCCESS && !*flag)
+        idle_test();
     return rc;
 }
 
@@ -860,15 +1486,38 @@ static MPI_Status *statuses(int n)
     return s;
 }
 
+static int is_substitute(MPI_Request h)
+{
+    for (int j = 0; j < g.subst.n; j++)
+        if (h != MPI_REQUEST_NULL && h == g.subst.v[j].req)
+            return 1;
+    return 0;
+}
+
 static int testall(int n, MPI_Request *reqs, int *flag, MPI_Status *sts)
 {
     MPI_Request *h = snapshot(n, reqs);
     MPI_Status *local = statuses(n);
-    int rc = PMPI_Testall(n, reqs, flag, local);
-    if (*flag || rc == MPI_ERR_IN_STATUS)
+    /* Substitutes are complete: MPI tests the others (their slots read as null). */
+    int nsub = 0;
+    if (find_substitute(n, reqs) >= 0)
         for (int i = 0; i < n; i++)
-            if (reqs[i] == MPI_REQUEST_NULL && h[i] != MPI_REQUEST_NULL)
-                completed(h[i], &local[i]);
+            if (is_substitute(reqs[i])) {
+                reqs[i] = MPI_REQUEST_NULL;
+                nsub++;
+            }
+    int rc = PMPI_Testall(n, reqs, flag, local);
+    for (int i = 0; i < n; i++) {
+        if (h[i] == MPI_REQUEST_NULL)
+            continue;
+        if (nsub && is_substitute(h[i])) {
+            reqs[i] = h[i]; /* persistent: the handle stays */
+            if (*flag)
+                take_substitute(h[i], &local[i]);
+        } else if (*flag || (rc == MPI_ERR_IN_STATUS && reqs[i] == MPI_REQUEST_NULL)) {
+            completed(h[i], &local[i]); /* persistent handles stay non-null */
+        }
+    }
     if (sts != MPI_STATUSES_IGNORE)
         memcpy(sts, local, (size_t)n * sizeof *local);
     free(h);
@@ -898,6 +1547,13 @@ int MPI_Waitall(int n, MPI_Request *reqs, MPI_Status *sts)
 
 static int testany(int n, MPI_Request *reqs, int *idx, int *flag, MPI_Status *status)
 {
+    int s = find_substitute(n, reqs);
+    if (s >= 0) {
+        *idx = s;
+        *flag = 1;
+        take_substitute(reqs[s], status);
+        return MPI_SUCCESS;
+    }
     MPI_Request *h = snapshot(n, reqs);
     MPI_Status local;
     int rc = PMPI_Testany(n, reqs, idx, flag, &local);
@@ -931,6 +1587,18 @@ int MPI_Waitany(int n, MPI_Request *reqs, int *idx, MPI_Status *status)
 
 static int testsome(int n, MPI_Request *reqs, int *outcount, int *idx, MPI_Status *sts)
 {
+    if (find_substitute(n, reqs) >= 0) {
+        int k = 0;
+        for (int i = 0; i < n; i++)
+            if (is_substitute(reqs[i])) {
+                idx[k] = i;
+                take_substitute(reqs[i], sts == MPI_STATUSES_IGNORE ? MPI_STATUS_IGNORE
+                                                                    : &sts[k]);
+                k++;
+            }
+        *outcount = k;
+        return MPI_SUCCESS;
+    }
     MPI_Request *h = snapshot(n, reqs);
     MPI_Status *local = statuses(n);
     int rc = PMPI_Testsome(n, reqs, outcount, idx, local);
@@ -963,27 +1631,85 @@ int MPI_Waitsome(int n, MPI_Request *reqs, int *outcount, int *idx, MPI_Status *
     }
 }
 
-int MPI_Request_free(MPI_Request *req)
-{
-    /* A freed receive can no longer be observed; stop tracking it (documented: it is then
-     * not counted, so freeing a pending receive makes a cut wait for its deadline). */
-    MPI_Request handle = *req;
-    for (int i = 0; i < g.nrecvs; i++)
-        if (g.recvs[i].req == handle) {
-            g.recvs[i] = g.recvs[--g.nrecvs];
-            break;
-        }
-    return PMPI_Request_free(req);
-}
-
-/* ---- collectives: aligned first on tracked communicators --------------------------------- */
+/* ---- collectives: aligned first on their communicator ------------------------------------ */
 
 #define ALIGNED(comm, call)                                                                    \
     do {                                                                                       \
-        if (CID(comm) >= 0)                                                                    \
-            align();                                                                           \
+        align(CID(comm));                                                                      \
         return call;                                                                           \
     } while (0)
+
+/* Non-blocking: aligned at the start (so every member starts it), then watched: a cut waits
+ * until it completes. */
+#define ALIGNED_NB(comm, call, req)                                                            \
+    do {                                                                                       \
+        int cid_ = CID(comm);                                                                  \
+        align(cid_);                                                                           \
+        int rc_ = call;                                                                        \
+        if (rc_ == MPI_SUCCESS && cid_ >= 0)                                                   \
+            track_req(*(req), cid_, REQ_COLL);                                                 \
+        return rc_;                                                                            \
+    } while (0)
+
+int MPI_Ibarrier(MPI_Comm comm, MPI_Request *req)
+{
+    ALIGNED_NB(comm, PMPI_Ibarrier(comm, req), req);
+}
+
+int MPI_Ibcast(void *buf, int count, MPI_Datatype dt, int root, MPI_Comm comm,
+               MPI_Request *req)
+{
+    ALIGNED_NB(comm, PMPI_Ibcast(buf, count, dt, root, comm, req), req);
+}
+
+int MPI_Iallreduce(const void *s, void *r, int count, MPI_Datatype dt, MPI_Op op,
+                   MPI_Comm comm, MPI_Request *req)
+{
+    ALIGNED_NB(comm, PMPI_Iallreduce(s, r, count, dt, op, comm, req), req);
+}
+
+int MPI_Ireduce(const void *s, void *r, int count, MPI_Datatype dt, MPI_Op op, int root,
+                MPI_Comm comm, MPI_Request *req)
+{
+    ALIGNED_NB(comm, PMPI_Ireduce(s, r, count, dt, op, root, comm, req), req);
+}
+
+int MPI_Iallgather(const void *s, int sc, MPI_Datatype sdt, void *r, int rc,
+                   MPI_Datatype rdt, MPI_Comm comm, MPI_Request *req)
+{
+    ALIGNED_NB(comm, PMPI_Iallgather(s, sc, sdt, r, rc, rdt, comm, req), req);
+}
+
+int MPI_Ialltoall(const void *s, int sc, MPI_Datatype sdt, void *r, int rc, MPI_Datatype rdt,
+                  MPI_Comm comm, MPI_Request *req)
+{
+    ALIGNED_NB(comm, PMPI_Ialltoall(s, sc, sdt, r, rc, rdt, comm, req), req);
+}
+
+int MPI_Igather(const void *s, int sc, MPI_Datatype sdt, void *r, int rc, MPI_Datatype rdt,
+                int root, MPI_Comm comm, MPI_Request *req)
+{
+    ALIGNED_NB(comm, PMPI_Igather(s, sc, sdt, r, rc, rdt, root, comm, req), req);
+}
+
+int MPI_Iscatter(const void *s, int sc, MPI_Datatype sdt, void *r, int rc, MPI_Datatype rdt,
+                 int root, MPI_Comm comm, MPI_Request *req)
+{
+    ALIGNED_NB(comm, PMPI_Iscatter(s, sc, sdt, r, rc, rdt, root, comm, req), req);
+}
+
+int MPI_Iscan(const void *s, void *r, int count, MPI_Datatype dt, MPI_Op op, MPI_Comm comm,
+              MPI_Request *req)
+{
+    ALIGNED_NB(comm, PMPI_Iscan(s, r, count, dt, op, comm, req), req);
+}
+
+int MPI_Ireduce_scatter_block(const void *s, void *r, int rc, MPI_Datatype dt, MPI_Op op,
+                              MPI_Comm comm, MPI_Request *req)
+{
+    ALIGNED_NB(comm, PMPI_Ireduce_scatter_block(s, r, rc, dt, op, comm, req), req);
+}
+
 
 int MPI_Barrier(MPI_Comm comm)
 {
@@ -1340,5 +2066,195 @@ FGATHERLIKE(mpi_allgather_, MPI_Allgather)
     }
 FROOTED(mpi_gather_, MPI_Gather)
 FROOTED(mpi_scatter_, MPI_Scatter)
+
+
+void mpi_comm_split_(MPI_Fint *comm, MPI_Fint *color, MPI_Fint *key, MPI_Fint *newcomm,
+                     MPI_Fint *ierr)
+{
+    MPI_Comm c;
+    *ierr = MPI_Comm_split(PMPI_Comm_f2c(*comm), *color, *key, &c);
+    if (*ierr == MPI_SUCCESS)
+        *newcomm = PMPI_Comm_c2f(c);
+}
+
+void mpi_comm_create_(MPI_Fint *comm, MPI_Fint *group, MPI_Fint *newcomm, MPI_Fint *ierr)
+{
+    MPI_Comm c;
+    *ierr = MPI_Comm_create(PMPI_Comm_f2c(*comm), PMPI_Group_f2c(*group), &c);
+    if (*ierr == MPI_SUCCESS)
+        *newcomm = PMPI_Comm_c2f(c);
+}
+
+void mpi_cart_create_(MPI_Fint *comm, MPI_Fint *ndims, MPI_Fint *dims, MPI_Fint *periods,
+                      MPI_Fint *reorder, MPI_Fint *newcomm, MPI_Fint *ierr)
+{
+    int n = *ndims, d[64], p[64];
+    if (n < 0 || n > 64) {
+        *ierr = MPI_ERR_DIMS;
+        return;
+    }
+    for (int i = 0; i < n; i++) {
+        d[i] = dims[i];
+        p[i] = periods[i] != 0;
+    }
+    MPI_Comm c;
+    *ierr = MPI_Cart_create(PMPI_Comm_f2c(*comm), n, d, p, *reorder != 0, &c);
+    if (*ierr == MPI_SUCCESS)
+        *newcomm = PMPI_Comm_c2f(c);
+}
+
+#define FPINIT(fname, cname)                                                                   \
+    void fname(void *buf, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *peer, MPI_Fint *tag,        \
+               MPI_Fint *comm, MPI_Fint *req, MPI_Fint *ierr)                                  \
+    {                                                                                          \
+        MPI_Request r;                                                                         \
+        *ierr = cname(fbuf(buf), *count, PMPI_Type_f2c(*dt), *peer, *tag,                      \
+                      PMPI_Comm_f2c(*comm), &r);                                               \
+        if (*ierr == MPI_SUCCESS)                                                              \
+            *req = PMPI_Request_c2f(r);                                                        \
+    }
+FPINIT(mpi_send_init_, MPI_Send_init)
+FPINIT(mpi_ssend_init_, MPI_Ssend_init)
+FPINIT(mpi_rsend_init_, MPI_Rsend_init)
+FPINIT(mpi_bsend_init_, MPI_Bsend_init)
+FPINIT(mpi_recv_init_, MPI_Recv_init)
+
+void mpi_start_(MPI_Fint *req, MPI_Fint *ierr)
+{
+    MPI_Request r = PMPI_Request_f2c(*req);
+    *ierr = MPI_Start(&r);
+    *req = PMPI_Request_c2f(r);
+}
+
+void mpi_startall_(MPI_Fint *n, MPI_Fint *reqs, MPI_Fint *ierr)
+{
+    MPI_Request *r = creqs(*n, reqs);
+    *ierr = MPI_Startall(*n, r);
+    freqs(*n, r, reqs);
+    free(r);
+}
+
+void mpi_cancel_(MPI_Fint *req, MPI_Fint *ierr)
+{
+    MPI_Request r = PMPI_Request_f2c(*req);
+    *ierr = MPI_Cancel(&r);
+}
+
+void mpi_testany_(MPI_Fint *n, MPI_Fint *reqs, MPI_Fint *idx, MPI_Fint *flag, MPI_Fint *status,
+                  MPI_Fint *ierr)
+{
+    MPI_Request *r = creqs(*n, reqs);
+    MPI_Status c;
+    int i = 0, f = 0;
+    *ierr = MPI_Testany(*n, r, &i, &f, FSTATUS(status, &c));
+    freqs(*n, r, reqs);
+    *flag = f;
+    *idx = i == MPI_UNDEFINED ? MPI_UNDEFINED : i + 1;
+    if (*ierr == MPI_SUCCESS && f && i != MPI_UNDEFINED)
+        status_out(&c, status);
+    free(r);
+}
+
+#define FSOME(fname, cname)                                                                    \
+    void fname(MPI_Fint *n, MPI_Fint *reqs, MPI_Fint *outcount, MPI_Fint *idx, MPI_Fint *sts,  \
+               MPI_Fint *ierr)                                                                 \
+    {                                                                                          \
+        MPI_Request *r = creqs(*n, reqs);                                                      \
+        MPI_Status *c = statuses(*n);                                                          \
+        int *ci = malloc((size_t)(*n > 0 ? *n : 1) * sizeof(int));                             \
+        int out = 0;                                                                           \
+        if (ci == NULL)                                                                        \
+            die("out of memory");                                                              \
+        *ierr = cname(*n, r, &out, ci, c);                                                     \
+        freqs(*n, r, reqs);                                                                    \
+        *outcount = out;                                                                       \
+        for (int i = 0; out != MPI_UNDEFINED && i < out; i++) {                                \
+            idx[i] = ci[i] + 1;                                                                \
+            if (!statuses_ignored(sts))                                                        \
+                PMPI_Status_c2f(&c[i], &sts[i * (int)(sizeof(MPI_Status) / sizeof(int))]);     \
+        }                                                                                      \
+        free(r);                                                                               \
+        free(c);                                                                               \
+        free(ci);                                                                              \
+    }
+FSOME(mpi_testsome_, MPI_Testsome)
+FSOME(mpi_waitsome_, MPI_Waitsome)
+
+void mpi_improbe_(MPI_Fint *src, MPI_Fint *tag, MPI_Fint *comm, MPI_Fint *flag,
+                  MPI_Fint *msg, MPI_Fint *status, MPI_Fint *ierr)
+{
+    MPI_Status c;
+    MPI_Message m;
+    int f = 0;
+    *ierr = MPI_Improbe(*src, *tag, PMPI_Comm_f2c(*comm), &f, &m, FSTATUS(status, &c));
+    *flag = f;
+    if (*ierr == MPI_SUCCESS && f) {
+        *msg = PMPI_Message_c2f(m);
+        status_out(&c, status);
+    }
+}
+
+void mpi_mprobe_(MPI_Fint *src, MPI_Fint *tag, MPI_Fint *comm, MPI_Fint *msg, MPI_Fint *status,
+                 MPI_Fint *ierr)
+{
+    MPI_Status c;
+    MPI_Message m;
+    *ierr = MPI_Mprobe(*src, *tag, PMPI_Comm_f2c(*comm), &m, FSTATUS(status, &c));
+    if (*ierr == MPI_SUCCESS) {
+        *msg = PMPI_Message_c2f(m);
+        status_out(&c, status);
+    }
+}
+
+void mpi_mrecv_(void *buf, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *msg, MPI_Fint *status,
+                MPI_Fint *ierr)
+{
+    MPI_Status c;
+    MPI_Message m = PMPI_Message_f2c(*msg);
+    *ierr = MPI_Mrecv(fbuf(buf), *count, PMPI_Type_f2c(*dt), &m, FSTATUS(status, &c));
+    if (*ierr == MPI_SUCCESS) {
+        *msg = PMPI_Message_c2f(m);
+        status_out(&c, status);
+    }
+}
+
+void mpi_imrecv_(void *buf, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *msg, MPI_Fint *req,
+                 MPI_Fint *ierr)
+{
+    MPI_Request r;
+    MPI_Message m = PMPI_Message_f2c(*msg);
+    *ierr = MPI_Imrecv(fbuf(buf), *count, PMPI_Type_f2c(*dt), &m, &r);
+    if (*ierr == MPI_SUCCESS) {
+        *msg = PMPI_Message_c2f(m);
+        *req = PMPI_Request_c2f(r);
+    }
+}
+
+void mpi_ibarrier_(MPI_Fint *comm, MPI_Fint *req, MPI_Fint *ierr)
+{
+    MPI_Request r;
+    *ierr = MPI_Ibarrier(PMPI_Comm_f2c(*comm), &r);
+    if (*ierr == MPI_SUCCESS)
+        *req = PMPI_Request_c2f(r);
+}
+
+void mpi_ibcast_(void *buf, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *root, MPI_Fint *comm,
+                 MPI_Fint *req, MPI_Fint *ierr)
+{
+    MPI_Request r;
+    *ierr = MPI_Ibcast(fbuf(buf), *count, PMPI_Type_f2c(*dt), *root, PMPI_Comm_f2c(*comm), &r);
+    if (*ierr == MPI_SUCCESS)
+        *req = PMPI_Request_c2f(r);
+}
+
+void mpi_iallreduce_(void *s, void *r, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *op,
+                     MPI_Fint *comm, MPI_Fint *req, MPI_Fint *ierr)
+{
+    MPI_Request q;
+    *ierr = MPI_Iallreduce(fbuf(s), fbuf(r), *count, PMPI_Type_f2c(*dt), PMPI_Op_f2c(*op),
+                           PMPI_Comm_f2c(*comm), &q);
+    if (*ierr == MPI_SUCCESS)
+        *req = PMPI_Request_c2f(q);
+}
 
 #endif /* SYMVIRT_MPI_IMPL_OPENMPI */

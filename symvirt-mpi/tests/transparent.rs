@@ -171,3 +171,60 @@ fn transparent_openmpi_requests_landing_in_receives_collectives_and_compute() {
 fn transparent_mpich_requests_landing_in_receives_collectives_and_compute() {
     run_transparent(MpiImpl::Mpich, Some(STALL), "tr-stall-mpich", 4);
 }
+
+/// Sub-communicators: MPI_Comm_split into halves (remade and freed every few iterations), a
+/// ring and collectives on each half while the other half does something else, WORLD traffic
+/// in between: counts are per WORLD peer whatever the communicator, so the cut checks cover it.
+const SUBCOMM: &str = "split,ring,split,collective";
+
+#[test]
+fn transparent_openmpi_sub_communicators_consistent_at_every_cut() {
+    run_transparent(MpiImpl::OpenMpi, Some(SUBCOMM), "tr-split-ompi", 4);
+}
+
+#[test]
+fn transparent_mpich_sub_communicators_consistent_at_every_cut() {
+    run_transparent(MpiImpl::Mpich, Some(SUBCOMM), "tr-split-mpich", 4);
+}
+
+/// Persistent requests (Send_init, Recv_init, Startall; a receive started after a cut drained
+/// its message is served from the layer's buffer) next to non-blocking ring traffic.
+const PERSIST: &str = "persist,ring_nb,persist";
+
+#[test]
+fn transparent_openmpi_persistent_requests_consistent_at_every_cut() {
+    run_transparent(MpiImpl::OpenMpi, Some(PERSIST), "tr-pers-ompi", 4);
+}
+
+#[test]
+fn transparent_mpich_persistent_requests_consistent_at_every_cut() {
+    run_transparent(MpiImpl::Mpich, Some(PERSIST), "tr-pers-mpich", 4);
+}
+
+/// Matched probes (Mprobe/Improbe with Mrecv/Imrecv, ANY_SOURCE and ANY_TAG) next to
+/// ordinary ANY_SOURCE traffic.
+const MPROBE: &str = "mprobe,anysource,mprobe";
+
+#[test]
+fn transparent_openmpi_matched_probes_consistent_at_every_cut() {
+    run_transparent(MpiImpl::OpenMpi, Some(MPROBE), "tr-mprobe-ompi", 4);
+}
+
+#[test]
+fn transparent_mpich_matched_probes_consistent_at_every_cut() {
+    run_transparent(MpiImpl::Mpich, Some(MPROBE), "tr-mprobe-mpich", 4);
+}
+
+/// Non-blocking collectives outstanding while point-to-point traffic goes on, and cancelled
+/// receives (one that nothing matches, one whose message a cut may have drained).
+const NBCOLL: &str = "nbcoll,cancel,split";
+
+#[test]
+fn transparent_openmpi_nonblocking_collectives_and_cancel_consistent_at_every_cut() {
+    run_transparent(MpiImpl::OpenMpi, Some(NBCOLL), "tr-nbc-ompi", 4);
+}
+
+#[test]
+fn transparent_mpich_nonblocking_collectives_and_cancel_consistent_at_every_cut() {
+    run_transparent(MpiImpl::Mpich, Some(NBCOLL), "tr-nbc-mpich", 4);
+}

@@ -17,6 +17,17 @@
  *   stall      one rank (rotating) computes for 20 ms while the others wait in a blocking
  *              receive from it, then everyone waits in a barrier: migration requests then
  *              land while ranks sit in a receive, in a collective, or between MPI calls
+ *   split      MPI_Comm_split into two halves (remade every 4 iterations, sometimes from a
+ *              duplicate): a ring on each half (blocking, then ANY_SOURCE Irecv + Waitall), an
+ *              Allreduce and a Bcast on the halves
+ *   persist    persistent sends and receives to both ring neighbours (Send_init, Recv_init,
+ *              Startall; sometimes a barrier between starting the sends and the receives;
+ *              completed by Waitall, Testall or Waitany)
+ *   mprobe     every rank sends to every peer; received with ANY_SOURCE/ANY_TAG through
+ *              Mprobe+Mrecv, Improbe+Imrecv+Wait, or Mprobe, other MPI calls, then Mrecv
+ *   nbcoll     Iallreduce on WORLD and Ibcast on a half completed after ring traffic; Ibarrier
+ *   cancel     a receive nothing matches is cancelled; a message sent before a barrier is
+ *              received by an Irecv that is then cancelled: delivered, or received again
  * Every message carries (source, destination, per-pair sequence number, tag) and a payload
  * derived from them; the receiver checks all of it: a lost, duplicated, reordered or corrupted
  * message fails the run. Some messages are large (rendezvous protocol).
@@ -88,12 +99,13 @@ static int fill(uint64_t *buf, int dst, int tag)
     return n;
 }
 
-/* Checks a message received with status st; count in words from the status. */
-static void check(const uint64_t *buf, MPI_Status *st, int want_src)
+/* Checks a message received with status st on a communicator whose ranks map to WORLD ranks
+ * through `world` (NULL: WORLD itself); want_src is a WORLD rank or MPI_ANY_SOURCE. */
+static void check_on(const uint64_t *buf, MPI_Status *st, int want_src, const int *world)
 {
     int count = 0;
     MPI_Get_count(st, MPI_UINT64_T, &count);
-    int src = st->MPI_SOURCE;
+    int src = world != NULL ? world[st->MPI_SOURCE] : st->MPI_SOURCE;
     if (want_src != MPI_ANY_SOURCE && src != want_src)
         fail("message from the wrong source", src);
     if (count < 4 || buf[0] != (uint64_t)src || buf[1] != (uint64_t)me)
@@ -110,6 +122,12 @@ static void check(const uint64_t *buf, MPI_Status *st, int want_src)
         if (buf[i] != word((uint64_t)src, (uint64_t)me, seq, (uint64_t)i))
             fail("corrupted payload", src);
     received++;
+}
+
+/* Checks a message received on MPI_COMM_WORLD or a duplicate of it. */
+static void check(const uint64_t *buf, MPI_Status *st, int want_src)
+{
+    check_on(buf, st, want_src, NULL);
 }
 
 static uint64_t *bufs[2 * MAXP];
@@ -345,6 +363,291 @@ static void collective(void)
     MPI_Barrier(MPI_COMM_WORLD);
 }
 
+/* ---- sub-communicators, persistent requests, matched probes, non-blocking collectives,
+ * cancel: the transparent layer's wider coverage ------------------------------------------ */
+
+static MPI_Comm half = MPI_COMM_NULL; /* MPI_Comm_split into two halves, remade now and then */
+static int half_world[MAXP], half_rank, half_size;
+
+static void make_half(void)
+{
+    if (half != MPI_COMM_NULL)
+        MPI_Comm_free(&half);
+    MPI_Comm parent;
+    /* Sometimes split a duplicate (a communicator made from a tracked one), sometimes WORLD. */
+    if (iteration % 8 == 4) {
+        MPI_Comm_dup(MPI_COMM_WORLD, &parent);
+    } else {
+        parent = MPI_COMM_WORLD;
+    }
+    MPI_Comm_split(parent, me < np / 2, me, &half);
+    if (parent != MPI_COMM_WORLD)
+        MPI_Comm_free(&parent);
+    MPI_Comm_rank(half, &half_rank);
+    MPI_Comm_size(half, &half_size);
+    MPI_Group hg, wg;
+    MPI_Comm_group(half, &hg);
+    MPI_Comm_group(MPI_COMM_WORLD, &wg);
+    int ranks[MAXP];
+    for (int i = 0; i < half_size; i++)
+        ranks[i] = i;
+    MPI_Group_translate_ranks(hg, half_size, ranks, wg, half_world);
+    MPI_Group_free(&hg);
+    MPI_Group_free(&wg);
+}
+
+/* split: a ring on each half (blocking, then Irecv/Isend/Waitall), an Allreduce and a Bcast
+ * on the halves; the halves are remade (freed and split again) every 4 iterations. */
+static void split(void)
+{
+    if (half == MPI_COMM_NULL || iteration % 4 == 0)
+        make_half();
+    int right = (half_rank + 1) % half_size, left = (half_rank + half_size - 1) % half_size;
+    MPI_Status st;
+    if (half_size > 1) {
+        if (half_rank % 2 == 0) {
+            int n = fill(bufs[0], half_world[right], 50);
+            MPI_Send(bufs[0], n, MPI_UINT64_T, right, 50, half);
+            MPI_Recv(bufs[1], LARGE + 4, MPI_UINT64_T, left, 50, half, &st);
+        } else {
+            MPI_Recv(bufs[1], LARGE + 4, MPI_UINT64_T, left, 50, half, &st);
+            int n = fill(bufs[0], half_world[right], 50);
+            MPI_Send(bufs[0], n, MPI_UINT64_T, right, 50, half);
+        }
+        check_on(bufs[1], &st, half_world[left], half_world);
+        MPI_Request rq[2];
+        MPI_Status sts[2];
+        MPI_Irecv(bufs[1], LARGE + 4, MPI_UINT64_T, MPI_ANY_SOURCE, 51, half, &rq[0]);
+        int n = fill(bufs[0], half_world[right], 51);
+        MPI_Isend(bufs[0], n, MPI_UINT64_T, right, 51, half, &rq[1]);
+        MPI_Waitall(2, rq, sts);
+        check_on(bufs[1], &sts[0], half_world[left], half_world);
+    }
+    uint64_t mine = (uint64_t)me + 1 + iteration, sum = 0, want = 0;
+    MPI_Allreduce(&mine, &sum, 1, MPI_UINT64_T, MPI_SUM, half);
+    for (int i = 0; i < half_size; i++)
+        want += (uint64_t)half_world[i] + 1 + iteration;
+    if (sum != want)
+        fail("Allreduce on a half", -1);
+    uint64_t b = half_rank == 0 ? word(7, (uint64_t)half_world[0], iteration, 1) : 0;
+    MPI_Bcast(&b, 1, MPI_UINT64_T, 0, half);
+    if (b != word(7, (uint64_t)half_world[0], iteration, 1))
+        fail("Bcast on a half", half_world[0]);
+}
+
+/* persist: persistent sends and receives to both ring neighbours, made once on a duplicate of
+ * WORLD; each iteration starts the sends, sometimes waits in a barrier (a cut there drains
+ * the neighbours' messages, so the receives' Start must find them in the layer's buffer),
+ * starts the receives, completes all with Waitall, Testall, Waitany or Wait. */
+static MPI_Comm pers_comm;
+static MPI_Request pers_req[4];
+static uint64_t *pers_buf[4];
+
+static void persist(void)
+{
+    int right = (me + 1) % np, left = (me + np - 1) % np;
+    int peer[2] = {left, right};
+    if (pers_buf[0] == NULL) {
+        MPI_Comm_dup(MPI_COMM_WORLD, &pers_comm);
+        for (int i = 0; i < 4; i++)
+            pers_buf[i] = malloc((LARGE + 4) * sizeof(uint64_t));
+        /* receives 0, 1 from left and right (tag 60 + direction); sends 2, 3 to them */
+        for (int d = 0; d < 2; d++) {
+            MPI_Recv_init(pers_buf[d], LARGE + 4, MPI_UINT64_T, peer[d], 60 + d, pers_comm,
+                          &pers_req[d]);
+            MPI_Send_init(pers_buf[2 + d], LARGE + 4, MPI_UINT64_T, peer[d], 61 - d, pers_comm,
+                          &pers_req[2 + d]);
+        }
+    }
+    /* A persistent send always sends its full count: the payload's length is fixed here. */
+    for (int d = 0; d < 2; d++) {
+        uint64_t *b = pers_buf[2 + d];
+        uint64_t seq = next_seq_to[peer[d]]++;
+        b[0] = (uint64_t)me;
+        b[1] = (uint64_t)peer[d];
+        b[2] = seq;
+        b[3] = (uint64_t)(61 - d);
+        for (int i = 4; i < LARGE + 4; i++)
+            b[i] = word((uint64_t)me, (uint64_t)peer[d], seq, (uint64_t)i);
+        sent++;
+    }
+    MPI_Startall(2, &pers_req[2]);
+    if (iteration % 2 == 0)
+        MPI_Barrier(MPI_COMM_WORLD);
+    MPI_Startall(2, &pers_req[0]);
+    MPI_Status st[4];
+    switch (iteration % 4) {
+    case 0:
+    case 1:
+        MPI_Waitall(4, pers_req, st);
+        break;
+    case 2: {
+        int done = 0;
+        while (!done)
+            MPI_Testall(4, pers_req, &done, st);
+        break;
+    }
+    default:
+        for (int k = 0; k < 4; k++) {
+            int idx;
+            MPI_Status s;
+            MPI_Waitany(4, pers_req, &idx, &s);
+            if (idx == MPI_UNDEFINED)
+                fail("Waitany found no active persistent request", -1);
+            st[idx] = s;
+        }
+    }
+    for (int d = 0; d < 2; d++) {
+        uint64_t *b = pers_buf[d];
+        int count = 0;
+        MPI_Get_count(&st[d], MPI_UINT64_T, &count);
+        if (st[d].MPI_SOURCE != peer[d] || st[d].MPI_TAG != 60 + d || count != LARGE + 4)
+            fail("persistent receive status", peer[d]);
+        if (b[0] != (uint64_t)peer[d] || b[1] != (uint64_t)me || b[3] != (uint64_t)(60 + d))
+            fail("persistent receive header", peer[d]);
+        if (b[2] != next_seq_from[peer[d]])
+            fail(b[2] < next_seq_from[peer[d]] ? "duplicated or reordered message"
+                                               : "lost message",
+                 peer[d]);
+        next_seq_from[peer[d]]++;
+        for (int i = 4; i < LARGE + 4; i++)
+            if (b[i] != word((uint64_t)peer[d], (uint64_t)me, b[2], (uint64_t)i))
+                fail("corrupted persistent payload", peer[d]);
+        received++;
+    }
+}
+
+static void persist_free(void)
+{
+    if (pers_buf[0] == NULL)
+        return;
+    for (int i = 0; i < 4; i++) {
+        MPI_Request_free(&pers_req[i]);
+        free(pers_buf[i]);
+    }
+    MPI_Comm_free(&pers_comm);
+}
+
+/* mprobe: every rank sends to every peer (tags 70..72), receives with ANY_SOURCE/ANY_TAG
+ * through Mprobe+Mrecv, Improbe+Imrecv+Wait, or Mprobe, another MPI call (where a cut may
+ * land: the matched message is then drained under its handle), Mrecv. */
+static MPI_Comm mp_comm;
+
+static void mprobe(void)
+{
+    enum { PER_PEER = 3 };
+    if (mp_comm == MPI_COMM_NULL)
+        MPI_Comm_dup(MPI_COMM_WORLD, &mp_comm);
+    MPI_Request rq[PER_PEER * MAXP];
+    uint64_t *out[PER_PEER * MAXP];
+    int k = 0;
+    for (int r = 0; r < PER_PEER; r++)
+        for (int p = 0; p < np; p++)
+            if (p != me) {
+                out[k] = malloc((LARGE + 4) * sizeof(uint64_t));
+                int n = fill(out[k], p, 70 + r);
+                MPI_Isend(out[k], n, MPI_UINT64_T, p, 70 + r, mp_comm, &rq[k]);
+                k++;
+            }
+    uint64_t *in = bufs[1];
+    for (int m = 0; m < PER_PEER * (np - 1); m++) {
+        MPI_Status st;
+        MPI_Message msg;
+        int count = 0;
+        switch ((iteration + (uint64_t)m) % 3) {
+        case 0:
+            MPI_Mprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, mp_comm, &msg, &st);
+            MPI_Get_count(&st, MPI_UINT64_T, &count);
+            MPI_Mrecv(in, count, MPI_UINT64_T, &msg, &st);
+            break;
+        case 1: {
+            int flag = 0;
+            while (!flag)
+                MPI_Improbe(MPI_ANY_SOURCE, MPI_ANY_TAG, mp_comm, &flag, &msg, &st);
+            MPI_Request r;
+            MPI_Imrecv(in, LARGE + 4, MPI_UINT64_T, &msg, &r);
+            MPI_Wait(&r, &st);
+            break;
+        }
+        default: {
+            MPI_Mprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, mp_comm, &msg, &st);
+            int src = st.MPI_SOURCE, tag = st.MPI_TAG;
+            /* progress calls between the probe and the receive; a cut may land here */
+            for (int i = 0; i < 50; i++) {
+                int flag = 0;
+                MPI_Iprobe(MPI_ANY_SOURCE, 99, MPI_COMM_WORLD, &flag, MPI_STATUS_IGNORE);
+                if (flag)
+                    fail("a message nobody sent", -1);
+            }
+            MPI_Mrecv(in, LARGE + 4, MPI_UINT64_T, &msg, &st);
+            if (st.MPI_SOURCE != src || st.MPI_TAG != tag)
+                fail("Mrecv received another message than Mprobe matched", src);
+            if (msg != MPI_MESSAGE_NULL)
+                fail("Mrecv left the message handle set", src);
+        }
+        }
+        check_on(in, &st, MPI_ANY_SOURCE, NULL);
+    }
+    MPI_Waitall(k, rq, MPI_STATUSES_IGNORE);
+    for (int i = 0; i < k; i++)
+        free(out[i]);
+}
+
+/* nbcoll: Iallreduce on WORLD and Ibcast on a half, completed while ring traffic goes on;
+ * Ibarrier completed by a Test loop. */
+static void nbcoll(void)
+{
+    if (half == MPI_COMM_NULL)
+        make_half();
+    uint64_t v = word((uint64_t)me, 1, iteration, 2) >> 8, sum = 0, want = 0;
+    MPI_Request c[2];
+    MPI_Iallreduce(&v, &sum, 1, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD, &c[0]);
+    uint64_t b = half_rank == 0 ? word(8, (uint64_t)half_world[0], iteration, 3) : 0;
+    MPI_Ibcast(&b, 1, MPI_UINT64_T, 0, half, &c[1]);
+    ring_nb();
+    MPI_Waitall(2, c, MPI_STATUSES_IGNORE);
+    for (int p = 0; p < np; p++)
+        want += word((uint64_t)p, 1, iteration, 2) >> 8;
+    if (sum != want)
+        fail("Iallreduce result", -1);
+    if (b != word(8, (uint64_t)half_world[0], iteration, 3))
+        fail("Ibcast result", half_world[0]);
+    MPI_Request r;
+    int done = 0;
+    MPI_Ibarrier(MPI_COMM_WORLD, &r);
+    while (!done)
+        MPI_Test(&r, &done, MPI_STATUS_IGNORE);
+}
+
+/* cancel: a receive that nothing matches is cancelled (MPI_Test_cancelled says so); a message
+ * sent before a barrier (a cut there drains it) is received by an Irecv that is then cancelled:
+ * it is either delivered (not cancelled) or received again, never lost or duplicated. */
+static void cancel(void)
+{
+    int right = (me + 1) % np, left = (me + np - 1) % np;
+    MPI_Request r;
+    MPI_Status st;
+    int cancelled = 0;
+    MPI_Irecv(bufs[1], 4, MPI_UINT64_T, left, 81, MPI_COMM_WORLD, &r);
+    MPI_Cancel(&r);
+    MPI_Wait(&r, &st);
+    MPI_Test_cancelled(&st, &cancelled);
+    if (!cancelled)
+        fail("a receive nothing matches was not cancelled", left);
+    int n = fill(bufs[0], right, 80);
+    MPI_Request s;
+    MPI_Isend(bufs[0], n, MPI_UINT64_T, right, 80, MPI_COMM_WORLD, &s);
+    MPI_Barrier(MPI_COMM_WORLD);
+    MPI_Irecv(bufs[1], LARGE + 4, MPI_UINT64_T, left, 80, MPI_COMM_WORLD, &r);
+    MPI_Cancel(&r);
+    MPI_Wait(&r, &st);
+    MPI_Test_cancelled(&st, &cancelled);
+    if (cancelled)
+        MPI_Recv(bufs[1], LARGE + 4, MPI_UINT64_T, left, 80, MPI_COMM_WORLD, &st);
+    check(bufs[1], &st, left);
+    MPI_Wait(&s, MPI_STATUS_IGNORE);
+}
+
 #ifdef SYMVIRT_EXPLICIT
 static void at_cut(uint64_t epoch, void *ctx)
 {
@@ -382,6 +685,7 @@ int main(int argc, char **argv)
         fail("need 2..64 ranks", np);
     dir = argv[2];
     MPI_Comm_dup(MPI_COMM_WORLD, &any_comm);
+    mp_comm = MPI_COMM_NULL;
     uint64_t min_iters = strtoull(argv[3], NULL, 10);
     next_seq_to = calloc((size_t)np, sizeof(uint64_t));
     next_seq_from = calloc((size_t)np, sizeof(uint64_t));
@@ -416,6 +720,16 @@ int main(int argc, char **argv)
                 stall();
             else if (strcmp(m, "handoff") == 0)
                 handoff();
+            else if (strcmp(m, "split") == 0)
+                split();
+            else if (strcmp(m, "persist") == 0)
+                persist();
+            else if (strcmp(m, "mprobe") == 0)
+                mprobe();
+            else if (strcmp(m, "nbcoll") == 0)
+                nbcoll();
+            else if (strcmp(m, "cancel") == 0)
+                cancel();
             else
                 fail("unknown mode", -1);
         }
@@ -456,6 +770,11 @@ int main(int argc, char **argv)
         fprintf(stderr, "symvirt_finalize: %d %s\n", rc, symvirt_last_error());
 #endif
     MPI_Comm_free(&any_comm);
+    persist_free();
+    if (mp_comm != MPI_COMM_NULL)
+        MPI_Comm_free(&mp_comm);
+    if (half != MPI_COMM_NULL)
+        MPI_Comm_free(&half);
     printf("stress OK rank %d iterations %llu sent %llu received %llu agent_errors %llu cuts %llu\n",
            me, (unsigned long long)iteration + 1, (unsigned long long)sent,
            (unsigned long long)received, (unsigned long long)agent_errors,
