@@ -3,6 +3,8 @@
 //! 4-rank MPI jobs under a time limit and kills them (by process group id) when dropped.
 #![allow(dead_code)]
 
+pub mod cut;
+
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
