@@ -263,6 +263,24 @@ impl Connector {
         ))
     }
 
+    /// What the ssh of `address`'s forward said last (e.g. `channel 2: open failed: ...` when
+    /// the remote socket refused a connection), or why it ended.
+    pub fn forward_message(&self, address: &Address) -> Option<String> {
+        if let Some(ended) = self.forward_failure(address) {
+            return Some(ended);
+        }
+        let Address::Ssh { host, path } = address else {
+            return None;
+        };
+        let forwards = self.forwards.lock().unwrap_or_else(|p| p.into_inner());
+        let f = forwards
+            .iter()
+            .find(|f| &f.host == host && &f.remote == path)?;
+        let said = f.said();
+        let last = said.lines().last()?;
+        Some(format!("ssh forward to {host}:{}: {last}", path.display()))
+    }
+
     fn forward(&self, host: &str, remote: &Path, deadline: Instant) -> Result<PathBuf> {
         {
             let mut forwards = self.forwards.lock().unwrap_or_else(|p| p.into_inner());

@@ -701,3 +701,52 @@ fn source_monitor_forward_killed_mid_migration_rolls_back() {
         Cut::SourceMonitorMidMigration,
     );
 }
+
+#[test]
+fn missing_remote_monitor_socket_fails_in_reserve_with_what_ssh_said() {
+    let test = "missing_remote_monitor_socket_fails_in_reserve_with_what_ssh_said";
+    let Some(fixtures) = qemu_or_skip(test) else {
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(sshd) = sshd_for(test, "absent") else {
+        return;
+    };
+    let mut cleanup = Cleanup::new("absent");
+    let source = start_source(&fixtures, &mut cleanup, "absent");
+    let before = passes(&source.qemu.serial());
+    let dest_dir = cleanup.dir.join("dest");
+    // An already running destination is named, but nothing listens at its remote path.
+    let absent = format!("{}/absent-qmp.sock", dest_dir.display());
+    let plan: String = ssh_plan(
+        &fixtures,
+        &sshd,
+        sshd.alias(),
+        &source,
+        &dest_dir,
+        "[settings.deadlines_ms]\nreserve = 3000",
+    )
+    .lines()
+    .filter(|l| !l.starts_with("launch = "))
+    .map(|l| l.replace(&format!("{}/qmp.sock", dest_dir.display()), &absent) + "\n")
+    .collect();
+    let report = run(&plan, &cleanup.dir, |_| {});
+    match &report.outcome {
+        Outcome::RolledBack { phase, error } => {
+            assert_eq!(*phase, Phase::Reserve, "{error}");
+            assert!(
+                error.contains(&absent) && error.contains("open failed"),
+                "{error}"
+            );
+        }
+        other => panic!("expected a rollback from reserve: {other:?}"),
+    }
+    eventually("ssh clients outlived the plan", || {
+        sshd.clients().is_empty()
+    });
+    let mut qmp = RawQmp::connect(source.qemu.qmp_path()).unwrap();
+    let status = qmp.execute("query-status", json!({})).unwrap();
+    assert_eq!(status["running"], json!(true), "{status}");
+    drop(qmp);
+    wait_more_passes(|| source.qemu.serial(), before, "source");
+}

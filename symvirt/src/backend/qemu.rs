@@ -385,8 +385,9 @@ impl QemuVm {
     /// Connects to a monitor, retrying until `deadline` (a just-started QEMU has no socket
     /// yet); gives up early when the launched QEMU exits.
     fn connect_monitor(&mut self, address: &Address, deadline: Instant) -> Result<Qmp> {
-        let endpoint = self.connector.qmp_endpoint(address, deadline)?;
         loop {
+            // Resolved per attempt: an ssh forward that died meanwhile is started again.
+            let endpoint = self.connector.qmp_endpoint(address, deadline)?;
             match Qmp::connect(&endpoint, qmp_options()) {
                 Ok(q) => return Ok(q),
                 Err(e) => {
@@ -397,8 +398,15 @@ impl QemuVm {
                         )));
                     }
                     if Instant::now() >= deadline {
+                        // Through ssh, what ssh said last tells a missing remote socket
+                        // ("open failed") from a QEMU that does not answer.
+                        let note = self
+                            .connector
+                            .forward_message(address)
+                            .map(|m| format!(" ({m})"))
+                            .unwrap_or_default();
                         return Err(Error::qmp(
-                            format!("{}: connect to {address}", self.spec.name),
+                            format!("{}: connect to {address}{note}", self.spec.name),
                             e,
                         ));
                     }

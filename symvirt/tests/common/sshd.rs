@@ -123,7 +123,7 @@ impl Sshd {
             format!(
                 "Host {alias}\n  HostName 127.0.0.1\n  Port {port}\n  IdentityFile {d}/client_key\n  \
                  IdentitiesOnly yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  \
-                 BatchMode yes\n  ConnectTimeout 10\n  LogLevel ERROR\n"
+                 BatchMode yes\n  ConnectTimeout 10\n  LogLevel INFO\n"
             )
         };
         write_file(
