@@ -41,8 +41,10 @@
  * buffer when a drained message matches (the request then completes in the test/wait call
  * with that message's status), else it is a pending receive like an Irecv.
  * Matched probes: a drained message is handed out through a real message handle (a zero-byte
- * message to self on a private communicator, held until MPI_Mrecv/Imrecv) so the application's
- * handle stays valid.
+ * message to self on a private communicator, held until MPI_Mrecv/Imrecv); a message the
+ * application matched but has not received at a cut is received into the buffer and its
+ * handle keeps naming it (should MPI hand out the same handle value again for another message
+ * meanwhile, that message too goes through the buffer under a fresh handle).
  * MPI_Cancel: a receive is cancelled only if MPI says so (a message served from the buffer is
  * already complete and is delivered); cancelling a send is refused with an error (its count
  * could not be taken back).
@@ -53,9 +55,7 @@
  * started them (the alignment), so a program whose progress depends on a non-blocking
  * collective not synchronizing at its start (e.g. the NBX pattern: Ibarrier while still
  * receiving) deadlocks; neighborhood and the v/w non-blocking collectives pass through
- * unaligned; a drained message matched by MPI_Mprobe that the application had not received at
- * a cut is kept under its handle only if MPI hands the same handle back (else the rank stops
- * with a clear error); the mpi_f08 bindings; processes outside MPI_COMM_WORLD (spawn).
+ * unaligned; the mpi_f08 bindings; processes outside MPI_COMM_WORLD (spawn).
  *
  * Environment: SYMVIRT_AGENT_SOCKET (agent's rank socket), SYMVIRT_CUT_LOG (a directory: each
  * rank writes cut-E-R with its per-peer sent and received counts at the cut, and resumed-E-R),
@@ -114,13 +114,16 @@ typedef struct buffered {
     char data[];
 } buffered;
 
-/* A message handed out by a matched probe: a real self message standing for a buffered one
- * (m != NULL), or a real message on an application communicator (m == NULL). */
+/* A message handed out by a matched probe, under the handle the application holds (key):
+ * a real message on an application communicator (m == NULL), or a message in the layer's
+ * buffer (m != NULL: served from the buffer, or received by a cut or to avoid a clash of
+ * handles), then standin is a live zero-byte self message whose handle the application was
+ * given (MPI_MESSAGE_NULL when the application holds the handle of a message received since). */
 typedef struct {
-    MPI_Message msg;
+    MPI_Message key, standin;
     int cid;
     buffered *m;
-    int nbytes, src, tag; /* of a real message (for draining it at a cut) */
+    int nbytes, src, tag; /* of a real message (for receiving it into the buffer) */
 } matched;
 
 #define LIST(type, name)                                                                       \
@@ -497,19 +500,51 @@ static int deliver_request(buffered *m, void *buf, int count, MPI_Datatype dt, M
 
 /* ---- held messages (matched probes) ----------------------------------------------------- */
 
-/* A real message handle standing for buffered message m: a zero-byte message to self. */
+/* A live zero-byte message to self: its handle stands for a buffered message. */
 static MPI_Message hold_handle(void)
 {
     MPI_Message h;
-    PMPI_Send(NULL, 0, MPI_BYTE, 0, TAG_HOLD, g.self);
+    MPI_Request r;
+    /* Non-blocking: MPICH's send to self over UCX completes only when it is received. */
+    PMPI_Isend(NULL, 0, MPI_BYTE, 0, TAG_HOLD, g.self, &r);
     PMPI_Mprobe(0, TAG_HOLD, g.self, &h, MPI_STATUS_IGNORE);
+    PMPI_Request_free(&r);
     return h;
 }
 
-static void add_match(MPI_Message msg, int cid, buffered *m, const MPI_Status *st)
+static int find_match(MPI_Message msg)
+{
+    for (int i = 0; i < g.matches.n; i++)
+        if (g.matches.v[i].key == msg)
+            return i;
+    return -1;
+}
+
+/* A stand-in handle the application does not hold already: MPI may reuse the value of a
+ * handle whose message the layer received while the application still holds it. Handles
+ * tried meanwhile stay live, so each try differs; at most one try per held handle fails. */
+static MPI_Message fresh_standin(void)
+{
+    MPI_Message spare[8], k;
+    int n = 0;
+    while (find_match(k = hold_handle()) >= 0) {
+        if (n == 8) {
+            for (int i = 0; i < n; i++)
+                PMPI_Mrecv(NULL, 0, MPI_BYTE, &spare[i], MPI_STATUS_IGNORE);
+            n = 0;
+        }
+        spare[n++] = k;
+    }
+    for (int i = 0; i < n; i++)
+        PMPI_Mrecv(NULL, 0, MPI_BYTE, &spare[i], MPI_STATUS_IGNORE);
+    return k;
+}
+
+static void add_match(MPI_Message key, MPI_Message standin, int cid, buffered *m,
+                      const MPI_Status *st)
 {
     GROW(g.matches);
-    matched x = {msg, cid, m, 0, 0, 0};
+    matched x = {key, standin, cid, m, 0, 0, 0};
     if (st != NULL) {
         PMPI_Get_count(st, MPI_BYTE, &x.nbytes);
         x.src = st->MPI_SOURCE;
@@ -518,44 +553,34 @@ static void add_match(MPI_Message msg, int cid, buffered *m, const MPI_Status *s
     g.matches.v[g.matches.n++] = x;
 }
 
-static int find_match(MPI_Message msg)
+/* Receives the real message of a match into a buffered one (counted as drained). */
+static buffered *receive_matched(MPI_Message *msg, int cid, const MPI_Status *probed)
 {
-    for (int i = 0; i < g.matches.n; i++)
-        if (g.matches.v[i].msg == msg)
-            return i;
-    return -1;
+    int nbytes = 0;
+    PMPI_Get_count(probed, MPI_BYTE, &nbytes);
+    buffered *m = new_buffered(cid, probed->MPI_SOURCE, probed->MPI_TAG, nbytes);
+    MPI_Status st;
+    if (PMPI_Mrecv(m->data, nbytes, MPI_BYTE, msg, &st) != MPI_SUCCESS)
+        die("receiving a matched message failed");
+    count_recv(cid, &st);
+    return m;
 }
 
 /* During a cut: messages matched by the application's Mprobe but not received yet are
- * received into the buffer and held under the same handle (a self message MPI hands back
- * with the handle's value; see the header comment for when it does not). */
+ * received into the buffer; the application's handle keeps naming them. */
 static void drain_matched(void)
 {
     for (int i = 0; i < g.matches.n; i++) {
         matched *x = &g.matches.v[i];
         if (x->m != NULL)
             continue;
-        MPI_Message app = x->msg, h = x->msg;
-        buffered *m = new_buffered(x->cid, x->src, x->tag, x->nbytes);
-        MPI_Status st;
-        if (PMPI_Mrecv(m->data, x->nbytes, MPI_BYTE, &h, &st) != MPI_SUCCESS)
-            die("draining a matched message failed");
-        count_recv(x->cid, &st);
+        MPI_Status probed;
+        probed.MPI_SOURCE = x->src;
+        probed.MPI_TAG = x->tag;
+        PMPI_Status_set_elements(&probed, MPI_BYTE, x->nbytes);
+        MPI_Message h = x->key;
+        x->m = receive_matched(&h, x->cid, &probed);
         g.drained++;
-        MPI_Message spare[16];
-        int nspare = 0;
-        for (;;) {
-            MPI_Message k = hold_handle();
-            if (k == app)
-                break;
-            if (nspare == 16)
-                die("a message matched by MPI_Mprobe was not received yet at a cut and MPI "
-                    "did not hand its handle back: cannot keep it valid");
-            spare[nspare++] = k;
-        }
-        for (int s = 0; s < nspare; s++)
-            PMPI_Mrecv(NULL, 0, MPI_BYTE, &spare[s], MPI_STATUS_IGNORE);
-        x->m = m;
     }
 }
 
@@ -1333,8 +1358,8 @@ static int improbe(int cid, int src, int tag, MPI_Comm comm, int *flag, MPI_Mess
     buffered *m = find_buffered(cid, src, tag, &link);
     if (m != NULL) {
         unlink_buffered(link);
-        *msg = hold_handle();
-        add_match(*msg, cid, m, NULL);
+        *msg = fresh_standin();
+        add_match(*msg, *msg, cid, m, NULL);
         *flag = 1;
         if (status != MPI_STATUS_IGNORE)
             fill_status(status, m, MPI_BYTE, m->nbytes, MPI_SUCCESS);
@@ -1343,7 +1368,15 @@ static int improbe(int cid, int src, int tag, MPI_Comm comm, int *flag, MPI_Mess
     MPI_Status local;
     int rc = PMPI_Improbe(src, tag, comm, flag, msg, &local);
     if (rc == MPI_SUCCESS && *flag) {
-        add_match(*msg, cid, NULL, &local);
+        if (find_match(*msg) >= 0) {
+            /* MPI reused the value of a handle the application still holds (its message is
+             * in the buffer): take this one into the buffer too, under a fresh handle. */
+            m = receive_matched(msg, cid, &local);
+            *msg = fresh_standin();
+            add_match(*msg, *msg, cid, m, NULL);
+        } else {
+            add_match(*msg, MPI_MESSAGE_NULL, cid, NULL, &local);
+        }
         if (status != MPI_STATUS_IGNORE)
             *status = local;
     }
@@ -1386,7 +1419,9 @@ int MPI_Imrecv(void *buf, int count, MPI_Datatype dt, MPI_Message *msg, MPI_Requ
     matched x = g.matches.v[i];
     g.matches.v[i] = g.matches.v[--g.matches.n];
     if (x.m != NULL) {
-        PMPI_Mrecv(NULL, 0, MPI_BYTE, msg, MPI_STATUS_IGNORE); /* the stand-in self message */
+        if (x.standin != MPI_MESSAGE_NULL)
+            PMPI_Mrecv(NULL, 0, MPI_BYTE, &x.standin, MPI_STATUS_IGNORE);
+        *msg = MPI_MESSAGE_NULL;
         return deliver_request(x.m, buf, count, dt, req);
     }
     int rc = PMPI_Imrecv(buf, count, dt, msg, req);
@@ -1401,10 +1436,12 @@ int MPI_Mrecv(void *buf, int count, MPI_Datatype dt, MPI_Message *msg, MPI_Statu
     if (i < 0)
         return PMPI_Mrecv(buf, count, dt, msg, status);
     if (g.matches.v[i].m != NULL) {
-        buffered *m = g.matches.v[i].m;
+        matched x = g.matches.v[i];
         g.matches.v[i] = g.matches.v[--g.matches.n];
-        PMPI_Mrecv(NULL, 0, MPI_BYTE, msg, MPI_STATUS_IGNORE);
-        return deliver_msg(m, buf, count, dt, status);
+        if (x.standin != MPI_MESSAGE_NULL)
+            PMPI_Mrecv(NULL, 0, MPI_BYTE, &x.standin, MPI_STATUS_IGNORE);
+        *msg = MPI_MESSAGE_NULL;
+        return deliver_msg(x.m, buf, count, dt, status);
     }
     MPI_Request r;
     int rc = MPI_Imrecv(buf, count, dt, msg, &r);
