@@ -10,6 +10,7 @@
 //! One control plane per process (one process is one rank).
 
 use crate::error::{Error, Result};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -21,8 +22,9 @@ use symvirt::rank::{RankClient, RankEvent};
 /// The environment variable naming the agent's rank socket.
 pub const SOCKET_ENV: &str = "SYMVIRT_AGENT_SOCKET";
 
-/// How often the watcher looks at the agent socket. Bounds the extra latency of a request.
-const WATCH_INTERVAL: Duration = Duration::from_millis(2);
+/// How long the watcher blocks on the agent socket before it looks at its stop flag again
+/// (dropping a [`Control`] also wakes it at once by shutting the socket's read side).
+const WATCH_TIMEOUT_MS: i32 = 500;
 
 /// The epoch the agent asked this rank to reach a cut for (0: none). Read on MPI fast paths.
 static REQUESTED: AtomicU64 = AtomicU64::new(0);
@@ -324,6 +326,12 @@ impl Control {
 impl Drop for Control {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
+        let fd = self.shared.client().as_raw_fd();
+        // SAFETY: shutdown(2) on the fd of the RankClient `shared` owns, alive until `self`
+        // goes; it changes no memory, and wakes the watcher blocked in poll on that fd.
+        unsafe {
+            libc::shutdown(fd, libc::SHUT_RD);
+        }
         if let Some(w) = self.watcher.take() {
             let _ = w.join();
         }
@@ -334,12 +342,28 @@ impl Drop for Control {
     }
 }
 
-/// The watcher: polls the agent, publishes requests and outcomes.
+/// Blocks until `fd` is readable (or hung up), at most [`WATCH_TIMEOUT_MS`].
+fn wait_readable(fd: RawFd) {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid pollfd that lives across the call; the count passed is 1.
+    unsafe {
+        libc::poll(&mut pfd, 1, WATCH_TIMEOUT_MS);
+    }
+}
+
+/// The watcher: waits for the agent (blocked in `poll`, not the client's lock, which the rank
+/// needs to report), publishes requests and outcomes.
 fn watch(shared: &Shared) {
+    let fd = shared.client().as_raw_fd();
     while !shared.stop.load(Ordering::Acquire) {
         let event = shared.client().try_event();
         match event {
-            Ok(None) => std::thread::sleep(WATCH_INTERVAL),
+            // Everything buffered was taken: nothing more until the socket is readable.
+            Ok(None) => wait_readable(fd),
             Ok(Some(event)) => {
                 let mut state = shared.state();
                 match event {
@@ -374,6 +398,7 @@ fn watch(shared: &Shared) {
                 }
                 shared.changed.notify_all();
             }
+            Err(_) if shared.stop.load(Ordering::Acquire) => return,
             Err(e) => {
                 log::warn!("symvirt: agent connection lost: {e}");
                 shared.state().lost = Some(e.to_string());

@@ -142,6 +142,15 @@ pub struct RankClient {
     expected: u32,
 }
 
+/// The agent connection's fd, so a thread can wait for the agent (with `poll`) without
+/// holding the client. The client buffers what it read: call [`RankClient::try_event`] until it
+/// returns `None` before waiting.
+impl std::os::fd::AsRawFd for RankClient {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.stream.as_raw_fd()
+    }
+}
+
 impl RankClient {
     /// Connects to the agent at `path` and registers as `rank`; waits at most `timeout` for the
     /// agent's answer.
