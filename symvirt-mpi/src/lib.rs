@@ -64,6 +64,8 @@ pub mod capi;
 pub mod control;
 pub mod error;
 pub mod mpi_build;
+#[cfg(feature = "rsmpi")]
+pub mod rsmpi;
 pub mod safepoint;
 
 pub use error::{Error, Result};

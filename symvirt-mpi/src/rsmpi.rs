@@ -1,0 +1,350 @@
+//! The explicit safe point for Rust MPI programs written with the `mpi` crate (feature `rsmpi`).
+//!
+//! [`SymVirt`] is the API in Rust: [`SymVirt::init`] once after MPI is initialized,
+//! [`SymVirt::safe_point`] once per iteration of the main loop on every rank,
+//! [`SymVirt::finalize`] before MPI is finalized. [`MpiAgreement`] is the
+//! [`Agreement`] underneath: a MAX-reduction per pipeline slot with
+//! `immediate_all_reduce_into` and a barrier, on a private duplicate of the user's communicator
+//! (the same operations as the C glue's `MPI_Iallreduce`).
+//!
+//! Requests live across calls (started at one safe point, completed two later), which the
+//! `mpi` crate's scoped requests cannot express safely: its `scope` must end before the call
+//! returns. So the buffers are a heap allocation owned by the [`MpiAgreement`] through a raw
+//! pointer, the requests are `'static`-scoped, and the allocation is freed only when no request
+//! is left in flight (otherwise leaked, never freed under MPI).
+//!
+//! MPI errors abort the job (the `mpi` crate keeps MPI's default error handler and does not
+//! report return codes), so the [`Agreement`] methods here only fail on misuse.
+
+use crate::control::{self, Control, SOCKET_ENV};
+use crate::error::{Error, Result};
+pub use crate::safepoint::SafePointResult;
+use crate::safepoint::{Agreement, SLOTS, SafePoint};
+use mpi::collective::SystemOperation;
+use mpi::request::{Request, StaticScope};
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::{Communicator, CommunicatorCollectives};
+use std::mem::ManuallyDrop;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+pub use symvirt::protocol::Interconnect;
+
+/// One pipeline slot's buffers: MPI reads `send` and writes `recv` while its reduction runs.
+#[derive(Default)]
+struct Slot {
+    send: u64,
+    recv: u64,
+}
+
+/// The safe-point agreement over the `mpi` crate: one immediate MAX all-reduce per pipeline
+/// slot, and a barrier, on a private duplicate of a communicator.
+pub struct MpiAgreement {
+    /// The duplicate; freed on drop unless MPI is already finalized.
+    comm: ManuallyDrop<SimpleCommunicator>,
+    /// `SLOTS` slots from `Box::into_raw`; the requests borrow into it (see [`Drop`]).
+    slots: NonNull<Slot>,
+    requests: [Option<Request<'static, u64, StaticScope>>; SLOTS],
+}
+
+impl std::fmt::Debug for MpiAgreement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let in_flight: Vec<usize> = (0..SLOTS).filter(|&s| self.requests[s].is_some()).collect();
+        f.debug_struct("MpiAgreement")
+            .field("in_flight", &in_flight)
+            .finish()
+    }
+}
+
+impl MpiAgreement {
+    /// An agreement on a duplicate of `comm` (collective over `comm`: every rank calls it).
+    pub fn new<C: Communicator>(comm: &C) -> MpiAgreement {
+        let slots: Box<[Slot; SLOTS]> = Box::default();
+        let slots = NonNull::from(Box::leak(slots)).cast::<Slot>();
+        MpiAgreement {
+            comm: ManuallyDrop::new(comm.duplicate()),
+            slots,
+            requests: Default::default(),
+        }
+    }
+
+    /// The private communicator (for a collective that must not mix with the user's traffic).
+    pub fn communicator(&self) -> &SimpleCommunicator {
+        &self.comm
+    }
+
+    fn check(&self, slot: usize) -> Result<()> {
+        if slot < SLOTS {
+            Ok(())
+        } else {
+            Err(Error::State(format!(
+                "pipeline slot {slot} out of range (0..{SLOTS})"
+            )))
+        }
+    }
+}
+
+impl Agreement for MpiAgreement {
+    fn start(&mut self, slot: usize, value: u64) -> Result<()> {
+        self.check(slot)?;
+        if self.requests[slot].is_some() {
+            return Err(Error::State(format!(
+                "pipeline slot {slot} still has a reduction in flight"
+            )));
+        }
+        // SAFETY: `slot < SLOTS`, so the pointer stays inside the allocation made in `new`,
+        // which lives until `drop` and is freed there only when no request is in flight. No
+        // request uses this slot (checked above), so nothing else refers to its fields: the
+        // write and the two borrows below are exclusive. The borrows are 'static as far as
+        // the type system knows; they end when `finish` completes the request, before the
+        // slot is touched again, and the allocation outlives them (leaked if a request is
+        // still in flight at drop).
+        let (send, recv): (&'static u64, &'static mut u64) = unsafe {
+            let p = self.slots.as_ptr().add(slot);
+            (*p).send = value;
+            (&(*p).send, &mut (*p).recv)
+        };
+        let request =
+            self.comm
+                .immediate_all_reduce_into(StaticScope, send, recv, SystemOperation::max());
+        self.requests[slot] = Some(request);
+        Ok(())
+    }
+
+    fn finish(&mut self, slot: usize) -> Result<u64> {
+        self.check(slot)?;
+        let request = self.requests[slot].take().ok_or_else(|| {
+            Error::State(format!("no reduction in flight in pipeline slot {slot}"))
+        })?;
+        Ok(*request.wait_for_data())
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        self.comm.barrier();
+        Ok(())
+    }
+}
+
+impl Drop for MpiAgreement {
+    fn drop(&mut self) {
+        let mut in_flight = false;
+        for request in self.requests.iter_mut().filter_map(Option::take) {
+            // Completing would block on ranks that may never start the same reduction (this
+            // drop follows an error): leave the request to MPI and keep its buffers alive.
+            // SAFETY: the request's buffers are in `slots`, which is leaked below, so they
+            // outlive it.
+            let _ = unsafe { request.into_raw() };
+            in_flight = true;
+        }
+        if !in_flight {
+            // SAFETY: `slots` came from `Box::leak` of a `Box<[Slot; SLOTS]>` in `new`, and no
+            // request refers to it any more: this is the only owner.
+            drop(unsafe { Box::from_raw(self.slots.cast::<[Slot; SLOTS]>().as_ptr()) });
+        }
+        if !mpi::environment::is_finalized() {
+            // SAFETY: dropped once, here; the field is not used afterwards. Pending operations
+            // on a freed communicator still complete (MPI defers the deallocation).
+            unsafe { ManuallyDrop::drop(&mut self.comm) };
+        }
+        // After MPI_Finalize a communicator must not be freed: it is forgotten with `self`.
+    }
+}
+
+/// How [`SymVirt::init_with`] finds its agent and how long it waits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// The agent's rank socket; `None`: no agent (the safe point never stops for the agent).
+    pub socket: Option<PathBuf>,
+    /// How long registering with the agent may take.
+    pub connect_timeout: Duration,
+    /// How long a rank waits at a cut for the agent's `resume` or `abort`.
+    pub quiesce_timeout: Duration,
+    /// Install the SIGUSR1 fallback trigger ([`control::install_signal_trigger`]).
+    pub signal_trigger: bool,
+}
+
+impl Options {
+    /// As the C library does: the socket from `$SYMVIRT_AGENT_SOCKET`, else the agent's
+    /// default socket if it exists, else none; timeouts from `$SYMVIRT_CONNECT_TIMEOUT_MS`
+    /// (10 s) and `$SYMVIRT_QUIESCE_TIMEOUT_MS` (600 s); the SIGUSR1 trigger installed.
+    pub fn from_env() -> Options {
+        let socket = match std::env::var_os(SOCKET_ENV) {
+            Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+            _ => {
+                let default = control::socket_path(None);
+                default.exists().then_some(default)
+            }
+        };
+        Options {
+            socket,
+            connect_timeout: env_ms("SYMVIRT_CONNECT_TIMEOUT_MS", 10_000),
+            quiesce_timeout: env_ms("SYMVIRT_QUIESCE_TIMEOUT_MS", 600_000),
+            signal_trigger: true,
+        }
+    }
+}
+
+fn env_ms(name: &str, fallback: u64) -> Duration {
+    let ms = std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(fallback);
+    Duration::from_millis(ms)
+}
+
+/// One `SymVirt` per process (the control plane and the request flag are process-wide).
+static OPEN: AtomicBool = AtomicBool::new(false);
+
+/// A rank's explicit safe point: the issue's `symvirt_init` / `symvirt_safe_point` /
+/// `symvirt_finalize` for Rust.
+pub struct SymVirt {
+    sp: Option<SafePoint<MpiAgreement>>,
+}
+
+impl std::fmt::Debug for SymVirt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SymVirt").field("sp", &self.sp).finish()
+    }
+}
+
+impl SymVirt {
+    /// Sets up the safe point on `comm` with [`Options::from_env`]. Collective over `comm`.
+    pub fn init<C: Communicator>(comm: &C) -> Result<SymVirt> {
+        SymVirt::init_with(comm, Options::from_env())
+    }
+
+    /// Sets up the safe point on `comm`. Collective over `comm`: registers this rank (its
+    /// rank in `MPI_COMM_WORLD`, as the agent counts them) with the agent, then the ranks
+    /// agree that all of them have an agent or none has. If any rank could not reach its
+    /// agent, or only some ranks have one, every rank gets the error (none is left waiting in
+    /// a safe point the others never enter).
+    pub fn init_with<C: Communicator>(comm: &C, options: Options) -> Result<SymVirt> {
+        if OPEN.swap(true, Ordering::AcqRel) {
+            return Err(Error::State(
+                "SymVirt already initialized in this process".into(),
+            ));
+        }
+        let result = SymVirt::open(comm, options);
+        if result.is_err() {
+            OPEN.store(false, Ordering::Release);
+        }
+        result
+    }
+
+    fn open<C: Communicator>(comm: &C, options: Options) -> Result<SymVirt> {
+        if options.signal_trigger {
+            if let Err(e) = control::install_signal_trigger() {
+                log::warn!("symvirt: no SIGUSR1 trigger: {e}");
+            }
+        }
+        let agreement = MpiAgreement::new(comm);
+        let rank = SimpleCommunicator::world().rank();
+        let connected = options
+            .socket
+            .as_deref()
+            .map(|path| connect(path, rank, &options));
+        // [failed, with an agent, without one], maximum over the ranks.
+        let mine: [u8; 3] = [
+            matches!(connected, Some(Err(_))) as u8,
+            matches!(connected, Some(Ok(_))) as u8,
+            connected.is_none() as u8,
+        ];
+        let mut all = [0u8; 3];
+        agreement
+            .communicator()
+            .all_reduce_into(&mine[..], &mut all[..], SystemOperation::max());
+        let control = match connected {
+            Some(Err(e)) => return Err(e),
+            _ if all[0] != 0 => {
+                return Err(Error::State(
+                    "another rank could not reach its guest agent".into(),
+                ));
+            }
+            _ if all[1] != 0 && all[2] != 0 => {
+                return Err(Error::State(
+                    "some ranks have a guest agent and some have none".into(),
+                ));
+            }
+            Some(Ok(c)) => Some(c),
+            None => None,
+        };
+        let mut sp = SafePoint::new(agreement, control);
+        sp.set_quiesce_timeout(options.quiesce_timeout);
+        Ok(SymVirt { sp: Some(sp) })
+    }
+
+    /// The safe point: call it once per iteration of the main loop, on every rank of the
+    /// communicator given to [`SymVirt::init`], after the iteration's messages are matched.
+    /// Nothing pending: returns [`SafePointResult::Continue`] after starting one non-blocking
+    /// reduction and completing one started two safe points earlier. When a migration was
+    /// requested, every rank stops at the same safe point, the quiesce hook runs, the agent is
+    /// told, and the call returns after resume (with the new interconnect) or abort.
+    pub fn safe_point(&mut self) -> Result<SafePointResult> {
+        self.state()?.poll()
+    }
+
+    /// Runs `hook(epoch)` at every cut, before the agent is told this rank is quiesced (record
+    /// or flush state here; every rank is at the same safe point).
+    pub fn on_quiesce(&mut self, hook: impl FnMut(u64) + Send + 'static) -> Result<()> {
+        self.state()?.on_quiesce(Box::new(hook));
+        Ok(())
+    }
+
+    /// Runs `hook(epoch, interconnect)` after a resume, before the agent is told this rank
+    /// continues (re-select the transport here); no rank sends before all ran it.
+    pub fn on_resume(
+        &mut self,
+        hook: impl FnMut(u64, &Interconnect) + Send + 'static,
+    ) -> Result<()> {
+        self.state()?.on_resume(Box::new(hook));
+        Ok(())
+    }
+
+    /// Whether this rank reports to a guest agent (else a cut comes only from SIGUSR1).
+    pub fn has_agent(&self) -> bool {
+        self.sp.as_ref().is_some_and(|sp| sp.control().is_some())
+    }
+
+    /// Safe points passed so far.
+    pub fn iteration(&self) -> u64 {
+        self.sp.as_ref().map_or(0, SafePoint::iteration)
+    }
+
+    /// Settles the reductions still in flight, frees the private communicator and
+    /// unregisters from the agent. Collective; call it before MPI is finalized.
+    pub fn finalize(mut self) -> Result<()> {
+        self.close()
+    }
+
+    fn close(&mut self) -> Result<()> {
+        let Some(sp) = self.sp.take() else {
+            return Ok(());
+        };
+        let control = sp.finish();
+        OPEN.store(false, Ordering::Release);
+        control.map(drop)
+    }
+
+    fn state(&mut self) -> Result<&mut SafePoint<MpiAgreement>> {
+        self.sp
+            .as_mut()
+            .ok_or_else(|| Error::State("SymVirt already finalized".into()))
+    }
+}
+
+impl Drop for SymVirt {
+    /// Without [`SymVirt::finalize`] (an error path): nothing collective is waited for;
+    /// reductions in flight are left to MPI.
+    fn drop(&mut self) {
+        if self.sp.take().is_some() {
+            OPEN.store(false, Ordering::Release);
+        }
+    }
+}
+
+fn connect(path: &Path, rank: i32, options: &Options) -> Result<Control> {
+    let rank = u32::try_from(rank)
+        .map_err(|_| Error::State(format!("MPI rank {rank} is not a valid rank")))?;
+    Control::connect(path, rank, options.connect_timeout)
+}
