@@ -11,14 +11,16 @@ use serde_json::Map;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use symvirt::backend::VmBackend;
 use symvirt::backend::reference::{GuestHome, ReferenceBackend, ReferenceGuest};
+use symvirt::backend::{MigrationProgress, MigrationResult, VmBackend};
 use symvirt::cluster::{
     Deadlines, DestinationSpec, Device, MigrationSettings, Plan, SourceSpec, VmSpec,
 };
 use symvirt::controller::{Controller, Event, GuestNotice, Outcome, Phase, Report};
+use symvirt::host_channel::HostChannel;
 use symvirt::protocol::Interconnect;
 use symvirt::remote::Address;
+use symvirt::session::GuestSession;
 
 const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -95,6 +97,16 @@ fn spec(name: &str, from: (Vec<Device>, Interconnect), to: (Vec<Device>, Interco
 }
 
 fn run(vms: Vec<VmSpec>, homes: &[GuestHome], destination: VmmConfig) -> (Report, Vec<Event>) {
+    run_with(vms, homes, destination, |_, b| b)
+}
+
+/// [`run`], with each VM's backend passed through `wrap` (to inject a fault).
+fn run_with(
+    vms: Vec<VmSpec>,
+    homes: &[GuestHome],
+    destination: VmmConfig,
+    wrap: impl Fn(usize, Box<dyn VmBackend>) -> Box<dyn VmBackend>,
+) -> (Report, Vec<Event>) {
     let plan = Plan {
         vms: vms.clone(),
         deadlines: Deadlines {
@@ -110,13 +122,17 @@ fn run(vms: Vec<VmSpec>, homes: &[GuestHome], destination: VmmConfig) -> (Report
     let backends: Vec<Box<dyn VmBackend>> = vms
         .into_iter()
         .zip(homes)
-        .map(|(spec, home)| {
-            Box::new(ReferenceBackend::new(
-                spec,
-                home.clone(),
-                destination.clone(),
-                MigrationConfig::default(),
-            )) as Box<dyn VmBackend>
+        .enumerate()
+        .map(|(i, (spec, home))| {
+            wrap(
+                i,
+                Box::new(ReferenceBackend::new(
+                    spec,
+                    home.clone(),
+                    destination.clone(),
+                    MigrationConfig::default(),
+                )),
+            )
         })
         .collect();
     let events = Mutex::new(Vec::new());
@@ -300,6 +316,115 @@ fn a_destination_that_refuses_the_vm_rolls_the_plan_back() {
         let vm = vm_of(home);
         assert!(Arc::ptr_eq(&vm, &sources[i]), "vm{i} moved");
         assert!(home.lock().unwrap().has_device("hca0"));
+        let now = counter(&vm);
+        runs_on_intact(&vm, now, &format!("vm{i} after rollback"));
+    }
+}
+
+/// A backend whose destination is lost right after the switchover: its guest channel there
+/// cannot be opened (as when the destination host goes down). Everything else is the real one.
+struct DestinationLostAfterSwitchover(Box<dyn VmBackend>);
+
+impl VmBackend for DestinationLostAfterSwitchover {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn connect(
+        &mut self,
+        continuing: Option<GuestSession>,
+        deadline: Instant,
+    ) -> symvirt::Result<HostChannel> {
+        self.0.connect(continuing, deadline)
+    }
+    fn reserve(&mut self, deadline: Instant) -> symvirt::Result<()> {
+        self.0.reserve(deadline)
+    }
+    fn detach(&mut self, deadline: Instant) -> symvirt::Result<()> {
+        self.0.detach(deadline)
+    }
+    fn start_migration(&mut self) -> symvirt::Result<()> {
+        self.0.start_migration()
+    }
+    fn wait_ready_to_switch(
+        &mut self,
+        deadline: Instant,
+        progress: &mut dyn FnMut(MigrationProgress),
+    ) -> symvirt::Result<()> {
+        self.0.wait_ready_to_switch(deadline, progress)
+    }
+    fn switchover(&mut self, deadline: Instant) -> symvirt::Result<MigrationResult> {
+        self.0.switchover(deadline)
+    }
+    fn attach(&mut self, deadline: Instant) -> symvirt::Result<()> {
+        self.0.attach(deadline)
+    }
+    fn destination_channel(
+        &mut self,
+        _session: GuestSession,
+        _deadline: Instant,
+    ) -> symvirt::Result<HostChannel> {
+        Err(symvirt::Error::Refused(
+            "injected: the destination host is gone".into(),
+        ))
+    }
+    fn commit(&mut self) -> symvirt::Result<()> {
+        self.0.commit()
+    }
+    fn rollback(&mut self, deadline: Instant) -> symvirt::Result<()> {
+        self.0.rollback(deadline)
+    }
+}
+
+#[test]
+fn a_destination_lost_after_the_switchover_rolls_every_vm_back_to_its_source() {
+    if !kvm_or_skip("a_destination_lost_after_the_switchover_rolls_every_vm_back_to_its_source") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let homes = start_sources();
+    let sources: Vec<Arc<ReferenceVm>> = homes.iter().map(vm_of).collect();
+    let vms: Vec<VmSpec> = (0..2)
+        .map(|i| {
+            spec(
+                &format!("vm{i}"),
+                (vec![hca(&format!("vm{i}"))], infiniband()),
+                (vec![nic(i)], ethernet(i)),
+            )
+        })
+        .collect();
+    let (report, events) = run_with(vms, &homes, config(), |i, b| {
+        if i == 1 {
+            Box::new(DestinationLostAfterSwitchover(b))
+        } else {
+            b
+        }
+    });
+    match &report.outcome {
+        Outcome::RolledBack { phase, error } => {
+            assert_eq!(*phase, Phase::Resume);
+            assert!(error.contains("destination host is gone"), "{error}");
+        }
+        other => panic!("{other:?}: {:?}", report.errors),
+    }
+    // Both migrated; vm0's guest resumed at its destination before vm1's failure was known.
+    assert!(report.vms.iter().all(|v| v.transferred > 0));
+    let resumed_at = |vm: &str, at: &str| {
+        events
+            .iter()
+            .any(|e| matches!(e, Event::GuestResumed { vm: v, at: a, .. } if v == vm && a == at))
+    };
+    assert!(resumed_at("vm0", "destination"), "{events:?}");
+    for (i, home) in homes.iter().enumerate() {
+        // Back where it was, from the cut its source held, with its stand-in plugged again.
+        assert!(resumed_at(&format!("vm{i}"), "source"), "{events:?}");
+        match &report.vms[i].guest {
+            GuestNotice::Resumed { interconnect, .. } => assert_eq!(interconnect, &infiniband()),
+            other => panic!("vm{i}: {other:?}"),
+        }
+        let vm = vm_of(home);
+        assert!(Arc::ptr_eq(&vm, &sources[i]), "vm{i} moved");
+        assert!(home.lock().unwrap().has_device("hca0"));
+        assert!(!home.lock().unwrap().has_device("net0"));
         let now = counter(&vm);
         runs_on_intact(&vm, now, &format!("vm{i} after rollback"));
     }
