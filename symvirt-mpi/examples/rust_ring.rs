@@ -150,6 +150,8 @@ fn run(world: &SimpleCommunicator, dir: &Path, min_iters: u64) -> ExitCode {
             return ExitCode::from(4);
         }
     };
+    // Tells a test that the SIGUSR1 trigger is installed on this rank.
+    eprintln!("rust_ring: rank {me} ready, agent: {}", sv.has_agent());
     let (c, d) = (counts.clone(), dir.to_path_buf());
     sv.on_quiesce(move |epoch| {
         let text = format!(

@@ -42,8 +42,40 @@
 //!                       on_resume hook (re-select transport) -> resumed{E} -> barrier
 //! ```
 //!
-//! From Rust the same state machine runs over any [`safepoint::Agreement`] (for example one
-//! written with the `mpi` crate's immediate collectives):
+//! **Rust programs** written with the `mpi` crate (0.8) enable the feature `rsmpi` and use
+//! `symvirt_mpi::rsmpi::SymVirt`, the issue's API: `SymVirt::init(&comm)` (collective; connects
+//! to the agent at `$SYMVIRT_AGENT_SOCKET`, else the agent's default socket if it exists; with
+//! no agent a safe point is a cheap no-op that still takes part, and SIGUSR1 can still cut),
+//! `safe_point()` every iteration, `finalize()` before MPI is finalized; hooks with
+//! `on_quiesce` / `on_resume`. Underneath, `rsmpi::MpiAgreement` runs the agreement with
+//! `immediate_all_reduce_into` on a duplicate of `comm`. The program links whichever MPI
+//! `mpi-sys` found at build time (`$MPI_PKG_CONFIG`, else `$MPICC`, else `mpicc`: Open MPI on
+//! Debian with both installed); run it with that MPI's launcher (`examples/rust_ring.rs`):
+//!
+//! ```no_run
+//! # #[cfg(feature = "rsmpi")]
+//! # fn run() -> symvirt_mpi::Result<()> {
+//! use mpi::traits::*;
+//! use symvirt_mpi::rsmpi::{SafePointResult, SymVirt};
+//!
+//! // Funneled: SymVirt's watcher thread never calls MPI.
+//! let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Funneled).unwrap();
+//! let world = universe.world();
+//! let mut sv = SymVirt::init(&world)?;
+//! sv.on_quiesce(|epoch| eprintln!("paused for epoch {epoch}"))?;
+//! for _ in 0..1000 {
+//!     // ... one iteration; its messages are matched within it ...
+//!     if let SafePointResult::Resumed { interconnect, .. } = sv.safe_point()? {
+//!         eprintln!("now on {interconnect}"); // re-select the transport here
+//!     }
+//! }
+//! sv.finalize()?; // before `universe` is dropped (MPI_Finalize)
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Other Rust MPI bindings run the same state machine over their own
+//! [`safepoint::Agreement`]:
 //!
 //! ```no_run
 //! use symvirt_mpi::control::{socket_path, Control};

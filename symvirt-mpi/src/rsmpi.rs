@@ -13,8 +13,11 @@
 //! pointer, the requests are `'static`-scoped, and the allocation is freed only when no request
 //! is left in flight (otherwise leaked, never freed under MPI).
 //!
-//! MPI errors abort the job (the `mpi` crate keeps MPI's default error handler and does not
-//! report return codes), so the [`Agreement`] methods here only fail on misuse.
+//! Limits: MPI errors abort the job (the `mpi` crate keeps MPI's default error handler and
+//! does not report return codes), so the [`Agreement`] methods here only fail on misuse. One
+//! `SymVirt` per process. The explicit mode's contract holds (each iteration's messages are
+//! matched within it; see [`crate::safepoint`]). MPI itself keeps its transport: a resume
+//! hands the new interconnect to the program's hook, which is where it would re-select one.
 
 use crate::control::{self, Control, SOCKET_ENV};
 use crate::error::{Error, Result};

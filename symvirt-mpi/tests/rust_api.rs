@@ -1,1 +1,247 @@
-//! placeholder
+//! The Rust API (feature `rsmpi`): `examples/rust_ring.rs`, a checked ring written with the
+//! `mpi` crate that calls `SymVirt::safe_point` every iteration, run as a real 4-rank job
+//! under the launcher of the MPI the `mpi` crate linked (read from the binary), with the real
+//! guest agent. Several migration requests: at every cut all ranks stopped at the same
+//! iteration and what each rank sent to each peer is what that peer received (read while the
+//! ranks are paused, before resume); every rank's resume hook and safe point see the new
+//! interconnect; an aborted epoch returns with nothing changed; the job's own payload checks
+//! pass and it finishes. Also: no agent (a SIGUSR1 cut), and an agent socket that does not
+//! exist (every rank fails `init` with the cause, the job ends).
+
+mod common;
+
+use common::cut::{check_pairs, read_cut};
+use common::*;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+use symvirt::protocol::{GuestMessage, Interconnect};
+use symvirt_mpi::control::SIGNAL_EPOCH_BASE;
+use symvirt_mpi::mpi_build::MpiImpl;
+
+/// `rust_ring`, built (once per test process) with the profile of this test.
+fn rust_ring() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        // target/<profile>/deps/rust_api-<hash> -> target/<profile>
+        let exe = std::env::current_exe().unwrap();
+        let profile = exe.parent().unwrap().parent().unwrap();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args([
+            "build",
+            "-q",
+            "-p",
+            "symvirt-mpi",
+            "--features",
+            "rsmpi",
+            "--example",
+            "rust_ring",
+        ]);
+        if profile.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let st = build.status().expect("run cargo build");
+        assert!(st.success(), "cargo build --example rust_ring failed");
+        let bin = profile.join("examples/rust_ring");
+        assert!(bin.exists(), "{} missing", bin.display());
+        bin
+    })
+}
+
+/// The MPI `bin` is linked against (mpi-sys binds to whichever `mpicc` named at build time).
+fn linked_mpi(bin: &Path) -> MpiImpl {
+    let out = Command::new("ldd").arg(bin).output().expect("run ldd");
+    let libs = String::from_utf8_lossy(&out.stdout);
+    if libs.contains("libmpich") {
+        MpiImpl::Mpich
+    } else if libs.contains("libmpi.so") {
+        MpiImpl::OpenMpi
+    } else {
+        panic!("{} links no known MPI:\n{libs}", bin.display())
+    }
+}
+
+/// The iteration each rank recorded at the cut of `epoch` (third line of its record).
+fn cut_iterations(dir: &Path, epoch: u64) -> Vec<u64> {
+    read_records(dir, "cut", epoch)
+        .iter()
+        .map(|r| {
+            let line = r.lines().nth(2).unwrap_or_else(|| panic!("short {r:?}"));
+            let n = line
+                .strip_prefix("iteration ")
+                .unwrap_or_else(|| panic!("{r:?}"));
+            n.parse().unwrap()
+        })
+        .collect()
+}
+
+/// Checks the cut of `epoch` (same iteration everywhere, every pair consistent); returns the
+/// number of messages sent before it.
+fn check_cut(dir: &Path, epoch: u64) -> u64 {
+    let iters = cut_iterations(dir, epoch);
+    assert!(
+        iters.iter().all(|&i| i == iters[0]),
+        "epoch {epoch}: ranks stopped at different iterations: {iters:?}"
+    );
+    check_pairs(&read_cut(dir, epoch), epoch)
+}
+
+/// Waits until every rank printed that it is set up.
+fn wait_ready(job: &Job) {
+    let deadline = soon();
+    loop {
+        let err = fs::read_to_string(&job.stderr).unwrap_or_default();
+        if err.matches(" ready, agent: ").count() == RANKS as usize {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", job.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn ended_ok(job: &mut Job, cuts: u64) {
+    let (ok, out) = job.wait();
+    assert!(ok, "MPI job failed\n{}", job.logs());
+    let oks: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("rust_ring OK rank "))
+        .collect();
+    assert_eq!(oks.len(), RANKS as usize, "{out}");
+    for l in oks {
+        assert!(l.ends_with(&format!("cuts {cuts}")), "{l}");
+    }
+}
+
+#[test]
+fn rust_ring_consistent_at_every_cut_resumed_with_the_interconnect() {
+    let prog = rust_ring();
+    let mpi = linked_mpi(prog);
+    eprintln!("rust_ring links {}", mpi.name());
+    let rig = Rig::new("rsmpi-agent");
+    let cuts = rig.dir.0.join("cuts");
+    fs::create_dir_all(&cuts).unwrap();
+    let env = [(
+        "SYMVIRT_AGENT_SOCKET".to_string(),
+        rig.rank_socket().display().to_string(),
+    )];
+    let mut job = Job::start(mpi, prog, &[cuts.to_str().unwrap(), "16"], &env, &rig.dir.0);
+    let epochs = 4;
+    let aborted = 3;
+    let mut last_sent = 0;
+    for epoch in 1..=epochs {
+        rig.prepare(epoch);
+        match outcome_while_running(&rig, &mut job) {
+            GuestMessage::Quiesced { epoch: e } if e == epoch => {}
+            other => panic!(
+                "epoch {epoch}: expected quiesced, got {other:?}\n{}",
+                job.logs()
+            ),
+        }
+        // The ranks are paused: their records describe the cut.
+        let sent = check_cut(&cuts, epoch);
+        assert!(
+            sent > last_sent,
+            "no traffic between cuts {last_sent} {sent}"
+        );
+        last_sent = sent;
+        let iteration = cut_iterations(&cuts, epoch)[0];
+        if epoch == aborted {
+            rig.host
+                .send(&symvirt::protocol::HostMessage::Abort { epoch })
+                .unwrap();
+            for rec in read_records(&cuts, "resumed", epoch) {
+                assert_eq!(rec, format!("aborted {iteration}\n"));
+            }
+            continue;
+        }
+        let ic: Interconnect = if epoch % 2 == 1 {
+            ethernet(epoch as u8)
+        } else {
+            infiniband()
+        };
+        rig.resume(epoch, ic.clone());
+        match outcome_while_running(&rig, &mut job) {
+            GuestMessage::Resumed {
+                epoch: e,
+                interconnect,
+                ..
+            } if e == epoch => assert_eq!(interconnect, ic),
+            other => panic!(
+                "epoch {epoch}: expected resumed, got {other:?}\n{}",
+                job.logs()
+            ),
+        }
+        let json = serde_json::to_string(&ic).unwrap();
+        for rec in read_records(&cuts, "hook", epoch) {
+            assert_eq!(rec, format!("{json}\n"), "resume hook");
+        }
+        for rec in read_records(&cuts, "resumed", epoch) {
+            assert_eq!(rec, format!("resumed {iteration} {json}\n"));
+        }
+    }
+    // The aborted epoch never reached the resume hook.
+    assert!(!cuts.join(format!("hook-{aborted}-0")).exists());
+    fs::write(cuts.join("stop"), "").unwrap();
+    ended_ok(&mut job, epochs);
+}
+
+#[test]
+fn rust_ring_without_an_agent_stops_on_sigusr1() {
+    let prog = rust_ring();
+    let mpi = linked_mpi(prog);
+    let dir = TempDir::new("rsmpi-signal");
+    let cuts = dir.0.join("cuts");
+    fs::create_dir_all(&cuts).unwrap();
+    let mut job = Job::start(mpi, prog, &[cuts.to_str().unwrap(), "16"], &[], &dir.0);
+    wait_ready(&job);
+    let err = fs::read_to_string(&job.stderr).unwrap();
+    assert_eq!(err.matches("agent: false").count(), RANKS as usize, "{err}");
+    // Forwarded by the launcher to every rank: each must have its handler (installed before
+    // "ready") by then; the pause lets the launcher's own setup finish too.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut last_sent = 0;
+    for k in 1..=2u64 {
+        let epoch = SIGNAL_EPOCH_BASE + k;
+        job.signal(libc::SIGUSR1);
+        let sent = check_cut(&cuts, epoch);
+        assert!(sent > last_sent, "no traffic between cuts");
+        last_sent = sent;
+        let iteration = cut_iterations(&cuts, epoch)[0];
+        assert!(job.running(), "{}", job.logs());
+        job.signal(libc::SIGUSR1); // releases the cut
+        for rec in read_records(&cuts, "resumed", epoch) {
+            assert_eq!(rec, format!("aborted {iteration}\n"));
+        }
+    }
+    fs::write(cuts.join("stop"), "").unwrap();
+    ended_ok(&mut job, 2);
+}
+
+#[test]
+fn rust_ring_with_a_missing_agent_socket_fails_init_on_every_rank() {
+    let prog = rust_ring();
+    let mpi = linked_mpi(prog);
+    let dir = TempDir::new("rsmpi-nosock");
+    let missing = dir.0.join("no-agent.sock");
+    let env = [
+        (
+            "SYMVIRT_AGENT_SOCKET".to_string(),
+            missing.display().to_string(),
+        ),
+        ("SYMVIRT_CONNECT_TIMEOUT_MS".into(), "200".into()),
+    ];
+    let mut job = Job::start(mpi, prog, &[dir.0.to_str().unwrap(), "16"], &env, &dir.0);
+    let (ok, out) = job.wait();
+    assert!(!ok, "the job should fail\n{}", job.logs());
+    assert!(!out.contains(" OK rank "), "{out}");
+    let err = fs::read_to_string(&job.stderr).unwrap();
+    let why = format!("at {}", missing.display());
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains(": SymVirt::init: ") && l.contains(&why))
+        .collect();
+    assert_eq!(lines.len(), RANKS as usize, "{err}");
+}
