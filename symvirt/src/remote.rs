@@ -7,7 +7,9 @@
 //!   forwarding (`ssh -N -L LOCAL:REMOTE HOST`), the tool operators already trust.
 //!
 //! [`Connector::local_path`] turns an address into a local socket path, starting the forward
-//! when needed; the forward lives as long as the connector (dropping it ends every forward).
+//! when needed; the forward lives as long as the connector (dropping it ends every forward),
+//! restarted at the same path when its ssh dies, and errors through a forward that died say so
+//! ([`Connector::forward_failure`]).
 //! `symvirt/tests/controller_ssh.rs` runs these forwards against a private sshd on loopback.
 
 use crate::error::{Error, Result};
@@ -16,8 +18,10 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Where a socket is.
@@ -114,14 +118,18 @@ pub fn check_migrate_uri(uri: &str) -> std::result::Result<(), String> {
     }
 }
 
-/// A running `ssh -N -L` forward; killed on drop.
+/// An `ssh -N -L` forward: its current ssh client, restarted at the same local path when it
+/// dies; killed on drop.
 #[derive(Debug)]
 struct Forward {
     host: String,
     remote: PathBuf,
-    child: Child,
     local: PathBuf,
     log: PathBuf,
+    child: Child,
+    started: Instant,
+    /// How its last ssh ended (status and ssh's last words), once one has.
+    ended: Option<String>,
 }
 
 impl Forward {
@@ -136,6 +144,49 @@ impl Forward {
             .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
             .unwrap_or_default()
     }
+
+    /// Starts ssh for this forward (its messages appended to the log).
+    fn spawn(ssh: &str, host: &str, remote: &Path, local: &Path, log: &Path) -> Result<Child> {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| Error::io(format!("open {}", log.display()), e))?;
+        // ssh's messages go to a file: a pipe nobody drains would stall a long-lived forward
+        // once full (ssh reports every refused remote connection).
+        forward_command(ssh, host, local, remote)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .map_err(|e| {
+                Error::io(
+                    format!("ssh forward to {host}:{}: start {ssh}", remote.display()),
+                    e,
+                )
+            })
+    }
+
+    /// If its ssh died, records how and starts another (at most once per
+    /// [`RESTART_INTERVAL`], so a host that is down costs one ssh attempt per interval).
+    fn keep_alive(&mut self, ssh: &str) {
+        let Ok(Some(status)) = self.child.try_wait() else {
+            return;
+        };
+        if self.started.elapsed() < RESTART_INTERVAL {
+            return;
+        }
+        let said = self.said();
+        let last = said.lines().last().unwrap_or_default();
+        self.ended = Some(format!(
+            "{status}{}{last}",
+            if last.is_empty() { "" } else { ": " }
+        ));
+        if let Ok(child) = Forward::spawn(ssh, &self.host, &self.remote, &self.local, &self.log) {
+            self.child = child;
+        }
+        self.started = Instant::now();
+    }
 }
 
 impl Drop for Forward {
@@ -146,6 +197,9 @@ impl Drop for Forward {
         let _ = std::fs::remove_file(&self.log);
     }
 }
+
+/// How often dead forwards are looked for, and restarted at most.
+const RESTART_INTERVAL: Duration = Duration::from_millis(500);
 
 /// The command line of a stream-local forward from `local` to `remote` on `host`.
 pub fn forward_command(ssh: &str, host: &str, local: &Path, remote: &Path) -> Command {
@@ -182,16 +236,56 @@ fn listening(path: &Path) -> Option<bool> {
     }))
 }
 
+/// Whether process `pid` is exiting (`PF_EXITING` in /proc/PID/stat): it has begun closing
+/// its files but may not be reapable yet.
+fn exiting(pid: u32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // After "PID (COMM) ": state ppid pgrp session tty_nr tpgid flags ...
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.split_whitespace().nth(6)?.parse::<u64>().ok()
+        })
+        .is_some_and(|flags| flags & PF_EXITING != 0)
+}
+
+fn up(local: &Path) -> bool {
+    listening(local).unwrap_or_else(|| UnixStream::connect(local).is_ok())
+}
+
+/// The forwards and what keeps them alive, shared with the keeper thread.
+#[derive(Debug)]
+struct Forwards {
+    ssh_program: String,
+    list: Mutex<Vec<Forward>>,
+}
+
+impl Forwards {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Forward>> {
+        self.list.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// Resolves addresses to local sockets, owning the ssh forwards it starts.
 ///
-/// One forward per remote socket, shared by every connection to it; a forward whose ssh died
-/// is replaced by the next [`Connector::local_path`] for that address.
+/// One forward per remote socket, shared by every connection to it. A forward that came up
+/// once is kept up: when its ssh dies (a dropped connection, a restarted sshd), a keeper
+/// thread starts another at the same local path, so whoever reconnects by path (a guest
+/// channel, a monitor reached again for a rollback) gets through once the host answers.
 #[derive(Debug)]
 pub struct Connector {
-    ssh_program: String,
     dir: PathBuf,
     next: AtomicU32,
-    forwards: Mutex<Vec<Forward>>,
+    forwards: Arc<Forwards>,
+    keeper: Mutex<Option<Keeper>>,
+}
+
+/// The thread restarting dead forwards; stops when `stop` is dropped.
+#[derive(Debug)]
+struct Keeper {
+    stop: Sender<()>,
+    thread: JoinHandle<()>,
 }
 
 impl Connector {
@@ -207,10 +301,13 @@ impl Connector {
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         Ok(Connector {
-            ssh_program: ssh_program.into(),
             dir,
             next: AtomicU32::new(0),
-            forwards: Mutex::new(Vec::new()),
+            forwards: Arc::new(Forwards {
+                ssh_program: ssh_program.into(),
+                list: Mutex::new(Vec::new()),
+            }),
+            keeper: Mutex::new(None),
         })
     }
 
@@ -235,108 +332,125 @@ impl Connector {
         }
     }
 
-    /// The process ids of the forwards' ssh clients still running.
+    /// The process ids of the forwards' ssh clients now running.
     pub fn forward_pids(&self) -> Vec<u32> {
-        let mut forwards = self.forwards.lock().unwrap_or_else(|p| p.into_inner());
-        forwards
+        self.forwards
+            .lock()
             .iter_mut()
             .filter_map(|f| f.alive().then(|| f.child.id()))
             .collect()
     }
 
-    /// Why the connection to `address` is gone, when that is its ssh forward ending (its exit
-    /// and what ssh said), for errors that would otherwise blame the far end.
+    /// Why connections to `address` broke, when that is its ssh forward ending (now down, or
+    /// restarted since), for errors that would otherwise blame the far end.
     pub fn forward_failure(&self, address: &Address) -> Option<String> {
         let Address::Ssh { host, path } = address else {
             return None;
         };
-        let mut forwards = self.forwards.lock().unwrap_or_else(|p| p.into_inner());
+        let mut forwards = self.forwards.lock();
         let f = forwards
             .iter_mut()
             .find(|f| &f.host == host && &f.remote == path)?;
-        let status = f.child.try_wait().ok().flatten()?;
-        let said = f.said();
-        Some(format!(
-            "ssh forward to {host}:{} ended ({status}){}{said}",
-            path.display(),
-            if said.is_empty() { "" } else { ": " }
-        ))
+        let what = format!("ssh forward to {host}:{}", path.display());
+        // A connection through a dying ssh closes before the process can be reaped.
+        if exiting(f.child.id()) {
+            let _ = f.child.wait();
+        }
+        match f.child.try_wait() {
+            Ok(Some(status)) => {
+                let said = f.said();
+                let last = said.lines().last().unwrap_or_default();
+                Some(format!(
+                    "{what} ended ({status}){}{last}; restarting",
+                    if last.is_empty() { "" } else { ": " }
+                ))
+            }
+            _ => f
+                .ended
+                .as_ref()
+                .map(|e| format!("{what} ended ({e}); restarted")),
+        }
     }
 
     /// What the ssh of `address`'s forward said last (e.g. `channel 2: open failed: ...` when
     /// the remote socket refused a connection), or why it ended.
     pub fn forward_message(&self, address: &Address) -> Option<String> {
-        if let Some(ended) = self.forward_failure(address) {
-            return Some(ended);
-        }
         let Address::Ssh { host, path } = address else {
             return None;
         };
-        let forwards = self.forwards.lock().unwrap_or_else(|p| p.into_inner());
+        let mut forwards = self.forwards.lock();
         let f = forwards
-            .iter()
+            .iter_mut()
             .find(|f| &f.host == host && &f.remote == path)?;
+        let alive = f.alive();
         let said = f.said();
         let last = said.lines().last()?;
-        Some(format!("ssh forward to {host}:{}: {last}", path.display()))
+        Some(format!(
+            "ssh forward to {host}:{}{}: {last}",
+            path.display(),
+            if alive { "" } else { " (down)" }
+        ))
     }
 
     fn forward(&self, host: &str, remote: &Path, deadline: Instant) -> Result<PathBuf> {
-        {
-            let mut forwards = self.forwards.lock().unwrap_or_else(|p| p.into_inner());
-            // Dead forwards go (their sockets refuse every connection); a live one is reused.
-            forwards.retain_mut(Forward::alive);
-            if let Some(f) = forwards
-                .iter()
-                .find(|f| f.host == host && f.remote == remote)
-            {
-                return Ok(f.local.clone());
+        let what = format!("ssh forward to {host}:{}", remote.display());
+        let known = self
+            .forwards
+            .lock()
+            .iter()
+            .find(|f| f.host == host && f.remote == remote)
+            .map(|f| f.local.clone());
+        if let Some(local) = known {
+            // Kept up by the keeper: wait for it to listen (again).
+            loop {
+                if up(&local) {
+                    return Ok(local);
+                }
+                if Instant::now() >= deadline {
+                    let said = self
+                        .forward_failure(&Address::Ssh {
+                            host: host.to_owned(),
+                            path: remote.to_owned(),
+                        })
+                        .unwrap_or_else(|| format!("{what}: not listening"));
+                    return Err(Error::Refused(format!("{said} (at the deadline)")));
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
-        // Started without the lock held: several VMs' forwards come up in parallel.
+        // A new forward, started without the lock held: several VMs' come up in parallel.
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let local = self.dir.join(format!("fwd-{n}.sock"));
         let log = self.dir.join(format!("fwd-{n}.log"));
-        let log_file = std::fs::File::create(&log)
-            .map_err(|e| Error::io(format!("create {}", log.display()), e))?;
-        let what = format!("ssh forward to {host}:{}", remote.display());
-        // ssh's messages go to a file: a pipe nobody drains would stall a long-lived forward
-        // once full (ssh reports every refused remote connection).
-        let child = forward_command(&self.ssh_program, host, &local, remote)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .map_err(|e| Error::io(format!("{what}: start {}", self.ssh_program), e))?;
+        let child = Forward::spawn(&self.forwards.ssh_program, host, remote, &local, &log)?;
         let mut forward = Forward {
             host: host.to_owned(),
             remote: remote.to_owned(),
-            child,
             local: local.clone(),
             log,
+            child,
+            started: Instant::now(),
+            ended: None,
         };
         loop {
             // The local end listens once ssh has logged in and bound it; the remote end is
             // tried per connection, so a missing remote socket shows up as a closed
             // connection later (and in ssh's log).
-            let up = match listening(&local) {
-                Some(up) => up,
-                None => UnixStream::connect(&local).is_ok(),
-            };
-            if up {
-                let mut forwards = self.forwards.lock().unwrap_or_else(|p| p.into_inner());
+            if up(&local) {
+                let mut forwards = self.forwards.lock();
                 if let Some(f) = forwards
-                    .iter_mut()
+                    .iter()
                     .find(|f| f.host == host && f.remote == remote)
                 {
                     // Another thread's forward came up first: use that one, drop ours.
-                    if f.alive() {
-                        return Ok(f.local.clone());
-                    }
+                    return Ok(f.local.clone());
                 }
                 forwards.push(forward);
+                drop(forwards);
+                self.start_keeper();
                 return Ok(local);
             }
+            // Until it came up once, a failing ssh is the caller's error, not retried.
             if let Ok(Some(status)) = forward.child.try_wait() {
                 return Err(Error::Refused(format!(
                     "{what}: ssh exited ({status}): {}",
@@ -357,14 +471,39 @@ impl Connector {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    fn start_keeper(&self) {
+        let mut keeper = self.keeper.lock().unwrap_or_else(|p| p.into_inner());
+        if keeper.is_some() {
+            return;
+        }
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let forwards = Arc::clone(&self.forwards);
+        let thread = std::thread::Builder::new()
+            .name("ssh-forwards".into())
+            .spawn(move || {
+                // Ends when the connector drops its sender.
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(RESTART_INTERVAL) {
+                    for f in forwards.lock().iter_mut() {
+                        f.keep_alive(&forwards.ssh_program);
+                    }
+                }
+            });
+        // Without the keeper, forwards still work; a dead one then stays down.
+        if let Ok(thread) = thread {
+            *keeper = Some(Keeper { stop, thread });
+        }
+    }
 }
 
 impl Drop for Connector {
     fn drop(&mut self) {
-        self.forwards
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        let keeper = self.keeper.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(Keeper { stop, thread }) = keeper {
+            drop(stop);
+            let _ = thread.join();
+        }
+        self.forwards.lock().clear();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

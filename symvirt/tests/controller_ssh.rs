@@ -119,8 +119,8 @@ fn round_trip(local: &Path, text: &str) -> String {
 }
 
 #[test]
-fn forwards_through_sshd_are_shared_replaced_when_dead_and_gone_after_drop() {
-    let test = "forwards_through_sshd_are_shared_replaced_when_dead_and_gone_after_drop";
+fn forwards_through_sshd_are_shared_restarted_when_dead_and_gone_after_drop() {
+    let test = "forwards_through_sshd_are_shared_restarted_when_dead_and_gone_after_drop";
     let Some(sshd) = sshd_for(test, "fwd") else {
         return;
     };
@@ -142,24 +142,23 @@ fn forwards_through_sshd_are_shared_replaced_when_dead_and_gone_after_drop() {
     assert_eq!(pids.len(), 1, "{pids:?}");
     assert_eq!(sshd.clients(), pids, "the forward is the only client");
 
-    // Its ssh dies: the next resolution starts a new one that works.
+    // Its ssh dies (a dropped connection): another is started at the same local path, so a
+    // client that reconnects by path gets through again.
     // SAFETY: kill(2) on the pid of the forward this test's connector started.
     unsafe {
         libc::kill(pids[0] as i32, libc::SIGKILL);
     }
-    eventually("the killed forward is still listed", || {
-        connector.forward_pids().is_empty()
+    eventually("the forward was not restarted", || {
+        let now = connector.forward_pids();
+        now.len() == 1 && now != pids
     });
     let why = connector
         .forward_failure(&address)
-        .expect("a dead forward is explained");
+        .expect("a forward that died is explained");
     assert!(why.contains("ended") && why.contains("signal"), "{why}");
-    let again = connector.local_path(&address, deadline()).unwrap();
-    assert_eq!(connector.forward_failure(&address), None, "replaced");
-    assert_eq!(round_trip(&again, "again\n"), "AGAIN\n");
-    let new_pids = connector.forward_pids();
-    assert_eq!(new_pids.len(), 1);
-    assert_ne!(new_pids, pids);
+    assert_eq!(connector.local_path(&address, deadline()).unwrap(), local);
+    assert_eq!(round_trip(&local, "again\n"), "AGAIN\n");
+    assert_eq!(sshd.clients(), connector.forward_pids());
 
     // A server on another port that nobody runs: a clear error, and no ssh left behind.
     let closed: Address = format!("ssh:{}:{}", sshd.closed_alias(), remote.display())
@@ -176,7 +175,7 @@ fn forwards_through_sshd_are_shared_replaced_when_dead_and_gone_after_drop() {
     eventually("forwards outlived their connector", || {
         sshd.clients().is_empty()
     });
-    assert!(!again.exists(), "the forward's socket was left behind");
+    assert!(!local.exists(), "the forward's socket was left behind");
 }
 
 // ---- Plans over ssh with real QEMU ----
@@ -586,6 +585,10 @@ enum Cut {
     DestinationMonitorBeforeAttach,
     /// The source monitor's, while the pre-copy runs.
     SourceMonitorMidMigration,
+    /// The source guest channel's, once the guest quiesced (detach starts); the plan then
+    /// fails at attach (the NIC's PCI slot is taken), so the rollback must still reach the
+    /// guest to resume it.
+    SourceChannelAfterQuiesce,
 }
 
 /// Runs a plan over ssh, kills one of its forwards (its ssh client, as a dropped connection
@@ -605,19 +608,38 @@ fn forward_killed_case(test: &str, tag: &str, cut: Cut) {
     let before = passes(&source.qemu.serial());
     let dest_dir = cleanup.dir.join("dest");
     let dest_qmp = format!("{}/qmp.sock", dest_dir.display());
-    let (settings, victim, expect_phase, expect_side) = match cut {
-        Cut::DestinationMonitorBeforeAttach => {
-            ("", dest_qmp.clone(), Phase::Attach, "vm0 destination")
-        }
+    let forward_ended = |victim: &str| format!("ssh forward to {}:{victim} ", sshd.alias());
+    // Which forward, the plan's settings, and the phase and error words expected.
+    let (victim, settings, expect_phase, expect_error) = match cut {
+        // The error names the side and blames the forward, not QEMU.
+        Cut::DestinationMonitorBeforeAttach => (
+            dest_qmp.clone(),
+            "",
+            Phase::Attach,
+            vec!["vm0 destination".to_owned(), forward_ended(&dest_qmp)],
+        ),
         // Slow enough that the kill lands while the pre-copy runs.
-        Cut::SourceMonitorMidMigration => (
-            "max_bandwidth = 20000000",
-            source.qemu.qmp_path().display().to_string(),
-            Phase::Migrate,
-            "vm0 source",
+        Cut::SourceMonitorMidMigration => {
+            let qmp = source.qemu.qmp_path().display().to_string();
+            (
+                qmp.clone(),
+                "max_bandwidth = 20000000",
+                Phase::Migrate,
+                vec!["vm0 source".to_owned(), forward_ended(&qmp)],
+            )
+        }
+        Cut::SourceChannelAfterQuiesce => (
+            source.channel.display().to_string(),
+            "",
+            Phase::Attach,
+            vec!["vm0 destination: attach".to_owned()],
         ),
     };
-    let plan = ssh_plan(&fixtures, &sshd, sshd.alias(), &source, &dest_dir, settings);
+    let mut plan = ssh_plan(&fixtures, &sshd, sshd.alias(), &source, &dest_dir, settings);
+    if let Cut::SourceChannelAfterQuiesce = cut {
+        // Slot 1 is the PIIX3 bridge on the pc machine: the NIC cannot be plugged.
+        plan.push_str("properties = { addr = \"0x1\" }\n");
+    }
     let killed = Mutex::new(Vec::new());
     let report = run(&plan, &cleanup.dir, |e| {
         let now = match (&cut, e) {
@@ -625,6 +647,12 @@ fn forward_killed_case(test: &str, tag: &str, cut: Cut) {
                 Cut::DestinationMonitorBeforeAttach,
                 Event::PhaseStarted {
                     phase: Phase::Attach,
+                },
+            ) => true,
+            (
+                Cut::SourceChannelAfterQuiesce,
+                Event::PhaseStarted {
+                    phase: Phase::Detach,
                 },
             ) => true,
             (
@@ -655,12 +683,9 @@ fn forward_killed_case(test: &str, tag: &str, cut: Cut) {
     match &report.outcome {
         Outcome::RolledBack { phase, error } => {
             assert_eq!(*phase, expect_phase, "{error}");
-            // The error names the side and blames the forward, not QEMU.
-            let forward = format!("ssh forward to {}:{victim} ended", sshd.alias());
-            assert!(
-                error.contains(expect_side) && error.contains(&forward),
-                "{error}"
-            );
+            for words in &expect_error {
+                assert!(error.contains(words.as_str()), "{words:?} not in {error}");
+            }
         }
         other => panic!(
             "expected a rollback from {expect_phase}: {other:?} {:?}",
@@ -749,4 +774,13 @@ fn missing_remote_monitor_socket_fails_in_reserve_with_what_ssh_said() {
     assert_eq!(status["running"], json!(true), "{status}");
     drop(qmp);
     wait_more_passes(|| source.qemu.serial(), before, "source");
+}
+
+#[test]
+fn source_channel_forward_killed_after_quiesce_still_resumes_the_guest_on_rollback() {
+    forward_killed_case(
+        "source_channel_forward_killed_after_quiesce_still_resumes_the_guest_on_rollback",
+        "cutchan",
+        Cut::SourceChannelAfterQuiesce,
+    );
 }
