@@ -668,6 +668,7 @@ static void take_counts(const MPI_Status *probed)
 }
 
 static void cut(uint64_t epoch);
+static void finish_alignment(void);
 
 /* Answers cuts started by peers (a COUNTS message is waiting). */
 static void serve_peers(void)
@@ -766,6 +767,7 @@ static void cut(uint64_t epoch)
                 die("COUNTS for a later epoch during a cut");
             have_early[p] = 1; /* keep the counts in the slot for the check below */
         }
+        finish_alignment();
         int open_colls = poll_pending();
         for (int c = 0; c < g.ncomms; c++) {
             for (;;) {
@@ -814,6 +816,7 @@ static void cut(uint64_t epoch)
         PMPI_Test(&drained, &flag, MPI_STATUS_IGNORE);
         if (flag)
             break;
+        finish_alignment();
         poll_pending();
         sched_yield();
     }
@@ -860,46 +863,115 @@ static int wait_serving(MPI_Request *req, MPI_Status *st)
     }
 }
 
-/* MAX of v over comm, answering peers' cuts while it is pending. */
-static uint64_t reduce_max(MPI_Comm comm, uint64_t v)
+/* A collective (or communicator creation or free) to run once its members agreed: its
+ * arguments and a function that calls PMPI with them. It may run inside a cut (see align). */
+typedef struct coll {
+    int (*run)(struct coll *);
+    int cid; /* its communicator's slot */
+    const void *s;
+    void *r;
+    int i1, i2, i3, root;
+    MPI_Datatype t1, t2;
+    MPI_Op op;
+    const int *v1, *v2, *v3, *v4;
+    MPI_Comm comm, *newcomm; /* newcomm: a communicator it makes (tracked), or frees */
+    MPI_Info info;
+    MPI_Group group;
+    MPI_Request *req; /* non-blocking: watched once started */
+} coll;
+
+/* Runs c and observes what it made: a communicator, or a collective a cut must wait for. */
+static int perform(coll *c)
 {
-    uint64_t agreed = 0;
-    MPI_Request r;
-    PMPI_Iallreduce(&v, &agreed, 1, MPI_UINT64_T, MPI_MAX, comm, &r);
-    for (unsigned long turns = 1;; turns++) {
-        int flag = 0;
-        PMPI_Test(&r, &flag, MPI_STATUS_IGNORE);
-        if (flag)
-            return agreed;
-        /* Never start a cut here (peers may already be past this point); answer one. */
-        if ((turns & 63) == 0)
-            serve_peers();
-        if (turns > 4096)
-            sched_yield();
-    }
+    int rc = c->run(c);
+    if (rc != MPI_SUCCESS || !g.ready || g.closed)
+        return rc;
+    if (c->newcomm != NULL && *c->newcomm != MPI_COMM_NULL)
+        track_comm(*c->newcomm);
+    if (c->req != NULL && c->cid >= 0)
+        track_req(*c->req, c->cid, REQ_COLL);
+    return rc;
 }
 
-/* Agreement before a collective (or finalize) on the communicator in slot cid; see the top. */
-static void align(int cid)
+/* The alignment in progress on this rank (at most one: collectives are called one at a time),
+ * so that a cut answered while it is pending can finish it: when the members agree on "no
+ * cut" during the cut, some may already be inside the collective, so this rank runs it there
+ * (its members all agreed, so all of them run it, inside the cut or not). */
+typedef struct {
+    MPI_Request req;
+    MPI_Comm comm;
+    int inter, round, resolved, ran, rc;
+    uint64_t mine, second, agreed;
+    coll *c;
+} pending_align;
+
+static pending_align *aligning;
+
+/* Advances an alignment; 1 once its agreed value is known. */
+static int align_step(pending_align *p)
+{
+    if (p->resolved)
+        return 1;
+    int flag = 0;
+    PMPI_Test(&p->req, &flag, MPI_STATUS_IGNORE);
+    if (!flag)
+        return 0;
+    /* On an intercommunicator each group gets the other's maximum: a second round gives both
+     * groups the maximum of all. */
+    if (p->inter && p->round == 1) {
+        p->round = 2;
+        p->second = p->agreed > p->mine ? p->agreed : p->mine;
+        PMPI_Iallreduce(&p->second, &p->agreed, 1, MPI_UINT64_T, MPI_MAX, p->comm, &p->req);
+        return 0;
+    }
+    p->resolved = 1;
+    return 1;
+}
+
+/* Inside a cut: finishes the pending alignment's collective if its members agreed on it. */
+static void finish_alignment(void)
+{
+    pending_align *p = aligning;
+    if (p == NULL || p->ran || !align_step(p) || p->agreed != 0 || p->c == NULL)
+        return;
+    p->ran = 1;
+    p->rc = perform(p->c);
+}
+
+/* Agreement before a collective (or finalize: c NULL) on the communicator in slot cid, then
+ * the collective; see the top. */
+static int align(int cid, coll *c)
 {
     if (cid < 0)
-        return;
-    MPI_Comm comm = cid == 0 ? g.align : g.comms[cid].comm;
+        return c != NULL ? perform(c) : MPI_SUCCESS;
+    if (aligning != NULL)
+        die("collective called while another one is being aligned (threads?)");
     for (;;) {
+        pending_align p = {.comm = cid == 0 ? g.align : g.comms[cid].comm,
+                           .inter = g.comms[cid].inter,
+                           .round = 1,
+                           .c = c};
         uint64_t want = symvirt_ctl_requested();
-        uint64_t mine = want > g.served ? want : 0;
-        uint64_t agreed = reduce_max(comm, mine);
-        /* On an intercommunicator each group gets the other's maximum: a second round gives
-         * both groups the maximum of all. */
-        if (g.comms[cid].inter)
-            agreed = reduce_max(comm, agreed > mine ? agreed : mine);
+        p.mine = want > g.served ? want : 0;
+        PMPI_Iallreduce(&p.mine, &p.agreed, 1, MPI_UINT64_T, MPI_MAX, p.comm, &p.req);
+        aligning = &p;
+        for (unsigned long turns = 1; !align_step(&p); turns++) {
+            /* Never start a cut here (peers may already be past this point); answer one. */
+            if ((turns & 63) == 0)
+                serve_peers();
+            if (turns > 4096)
+                sched_yield();
+        }
+        aligning = NULL;
+        if (p.ran)
+            return p.rc;
         /* Decide from the agreed value alone: identical on every member. A rank may already
          * have made this cut (answering a peer while its reduction was pending); every member
          * then aligns again, so all leave through the same round. */
-        if (agreed == 0)
-            return;
-        if (agreed > g.served)
-            cut(agreed);
+        if (p.agreed == 0)
+            return c != NULL ? perform(c) : MPI_SUCCESS;
+        if (p.agreed > g.served)
+            cut(p.agreed);
     }
 }
 
@@ -949,7 +1021,7 @@ int MPI_Init_thread(int *argc, char ***argv, int required, int *provided)
 int MPI_Finalize(void)
 {
     if (g.ready && !g.closed) {
-        align(0);
+        align(0, NULL);
         /* From here no rank serves cuts: a request now fails the epoch at the agent. */
         g.closed = 1;
         symvirt_ctl_close();
@@ -963,55 +1035,76 @@ int MPI_Finalize(void)
 /* ---- communicator creation: aligned on the parent, the new one tracked at once ------------
  * At once, so a message sent on it is drained even before this rank first uses it. */
 
-#define CREATED(parent, call, out)                                                             \
+#define RUN(name, expr)                                                                        \
+    static int name(coll *c)                                                                   \
+    {                                                                                          \
+        return expr;                                                                           \
+    }
+
+/* Aligns on comm, then runs `run` with the arguments set in the initializer list. */
+#define COLLECTIVE(comm_, run_, ...)                                                           \
     do {                                                                                       \
-        align(CID(parent));                                                                    \
-        int rc_ = call;                                                                        \
-        if (rc_ == MPI_SUCCESS && g.ready && !g.closed)                                        \
-            track_comm(*(out));                                                                \
-        return rc_;                                                                            \
+        coll c_ = {.run = run_, .comm = comm_, __VA_ARGS__};                                   \
+        c_.cid = CID(comm_);                                                                   \
+        return align(c_.cid, &c_);                                                             \
     } while (0)
+
+RUN(run_dup, PMPI_Comm_dup(c->comm, c->newcomm))
+RUN(run_dup_info, PMPI_Comm_dup_with_info(c->comm, c->info, c->newcomm))
+RUN(run_split, PMPI_Comm_split(c->comm, c->i1, c->i2, c->newcomm))
+RUN(run_split_type, PMPI_Comm_split_type(c->comm, c->i1, c->i2, c->info, c->newcomm))
+RUN(run_create, PMPI_Comm_create(c->comm, c->group, c->newcomm))
+RUN(run_cart, PMPI_Cart_create(c->comm, c->i1, c->v1, c->v2, c->i2, c->newcomm))
+RUN(run_cart_sub, PMPI_Cart_sub(c->comm, c->v1, c->newcomm))
+RUN(run_graph, PMPI_Graph_create(c->comm, c->i1, c->v1, c->v2, c->i2, c->newcomm))
+RUN(run_dist_adj, PMPI_Dist_graph_create_adjacent(c->comm, c->i1, c->v1, c->v2, c->i2, c->v3,
+                                                  c->v4, c->info, c->i3, c->newcomm))
+RUN(run_dist, PMPI_Dist_graph_create(c->comm, c->i1, c->v1, c->v2, c->v3, c->v4, c->info, c->i2,
+                                     c->newcomm))
+RUN(run_merge, PMPI_Intercomm_merge(c->comm, c->i1, c->newcomm))
 
 int MPI_Comm_dup(MPI_Comm comm, MPI_Comm *newcomm)
 {
-    CREATED(comm, PMPI_Comm_dup(comm, newcomm), newcomm);
+    COLLECTIVE(comm, run_dup, .newcomm = newcomm);
 }
 
 int MPI_Comm_dup_with_info(MPI_Comm comm, MPI_Info info, MPI_Comm *newcomm)
 {
-    CREATED(comm, PMPI_Comm_dup_with_info(comm, info, newcomm), newcomm);
+    COLLECTIVE(comm, run_dup_info, .info = info, .newcomm = newcomm);
 }
 
 int MPI_Comm_split(MPI_Comm comm, int color, int key, MPI_Comm *newcomm)
 {
-    CREATED(comm, PMPI_Comm_split(comm, color, key, newcomm), newcomm);
+    COLLECTIVE(comm, run_split, .i1 = color, .i2 = key, .newcomm = newcomm);
 }
 
 int MPI_Comm_split_type(MPI_Comm comm, int type, int key, MPI_Info info, MPI_Comm *newcomm)
 {
-    CREATED(comm, PMPI_Comm_split_type(comm, type, key, info, newcomm), newcomm);
+    COLLECTIVE(comm, run_split_type, .i1 = type, .i2 = key, .info = info, .newcomm = newcomm);
 }
 
 int MPI_Comm_create(MPI_Comm comm, MPI_Group group, MPI_Comm *newcomm)
 {
-    CREATED(comm, PMPI_Comm_create(comm, group, newcomm), newcomm);
+    COLLECTIVE(comm, run_create, .group = group, .newcomm = newcomm);
 }
 
 int MPI_Cart_create(MPI_Comm comm, int ndims, const int dims[], const int periods[],
                     int reorder, MPI_Comm *newcomm)
 {
-    CREATED(comm, PMPI_Cart_create(comm, ndims, dims, periods, reorder, newcomm), newcomm);
+    COLLECTIVE(comm, run_cart, .i1 = ndims, .v1 = dims, .v2 = periods, .i2 = reorder,
+               .newcomm = newcomm);
 }
 
 int MPI_Cart_sub(MPI_Comm comm, const int remain[], MPI_Comm *newcomm)
 {
-    CREATED(comm, PMPI_Cart_sub(comm, remain, newcomm), newcomm);
+    COLLECTIVE(comm, run_cart_sub, .v1 = remain, .newcomm = newcomm);
 }
 
 int MPI_Graph_create(MPI_Comm comm, int nnodes, const int index[], const int edges[],
                      int reorder, MPI_Comm *newcomm)
 {
-    CREATED(comm, PMPI_Graph_create(comm, nnodes, index, edges, reorder, newcomm), newcomm);
+    COLLECTIVE(comm, run_graph, .i1 = nnodes, .v1 = index, .v2 = edges, .i2 = reorder,
+               .newcomm = newcomm);
 }
 
 int MPI_Dist_graph_create_adjacent(MPI_Comm comm, int indeg, const int srcs[],
@@ -1019,25 +1112,21 @@ int MPI_Dist_graph_create_adjacent(MPI_Comm comm, int indeg, const int srcs[],
                                    const int dw[], MPI_Info info, int reorder,
                                    MPI_Comm *newcomm)
 {
-    CREATED(comm,
-            PMPI_Dist_graph_create_adjacent(comm, indeg, srcs, sw, outdeg, dsts, dw, info,
-                                            reorder, newcomm),
-            newcomm);
+    COLLECTIVE(comm, run_dist_adj, .i1 = indeg, .v1 = srcs, .v2 = sw, .i2 = outdeg,
+               .v3 = dsts, .v4 = dw, .info = info, .i3 = reorder, .newcomm = newcomm);
 }
 
 int MPI_Dist_graph_create(MPI_Comm comm, int n, const int srcs[], const int degrees[],
                           const int dsts[], const int weights[], MPI_Info info, int reorder,
                           MPI_Comm *newcomm)
 {
-    CREATED(comm,
-            PMPI_Dist_graph_create(comm, n, srcs, degrees, dsts, weights, info, reorder,
-                                   newcomm),
-            newcomm);
+    COLLECTIVE(comm, run_dist, .i1 = n, .v1 = srcs, .v2 = degrees, .v3 = dsts, .v4 = weights,
+               .info = info, .i2 = reorder, .newcomm = newcomm);
 }
 
 int MPI_Intercomm_merge(MPI_Comm comm, int high, MPI_Comm *newcomm)
 {
-    CREATED(comm, PMPI_Intercomm_merge(comm, high, newcomm), newcomm);
+    COLLECTIVE(comm, run_merge, .i1 = high, .newcomm = newcomm);
 }
 
 /* Collective over a group only, or over two groups: not aligned (documented). */
@@ -1068,14 +1157,19 @@ int MPI_Comm_idup(MPI_Comm comm, MPI_Comm *newcomm, MPI_Request *req)
                                    "completes cannot be tracked; use MPI_Comm_dup");
 }
 
+static int run_free(coll *c)
+{
+    return PMPI_Comm_free(c->newcomm);
+}
+
 int MPI_Comm_free(MPI_Comm *comm)
 {
-    /* Collective: aligned. The slot is released by the attribute's delete callback (which
-     * also runs when the communicator is freed by a path that is not wrapped). */
-    int cid = CID(*comm);
-    if (cid > 0)
-        align(cid);
-    return PMPI_Comm_free(comm);
+    /* Collective: aligned (but not on WORLD, which cannot be freed: MPI reports that). The
+     * slot is released by the attribute's delete callback (which also runs when the
+     * communicator is freed by a path that is not wrapped). */
+    coll c = {.run = run_free, .comm = *comm, .newcomm = comm};
+    c.cid = CID(*comm);
+    return align(c.cid > 0 ? c.cid : -1, &c);
 }
 
 /* ---- point to point --------------------------------------------------------------------- */
@@ -1668,164 +1762,194 @@ int MPI_Waitsome(int n, MPI_Request *reqs, int *outcount, int *idx, MPI_Status *
     }
 }
 
-/* ---- collectives: aligned first on their communicator ------------------------------------ */
+/* ---- collectives: aligned first on their communicator ------------------------------------
+ * Non-blocking ones too: aligned at the start (so every member starts it), then watched: a
+ * cut waits until it completes. */
 
-#define ALIGNED(comm, call)                                                                    \
-    do {                                                                                       \
-        align(CID(comm));                                                                      \
-        return call;                                                                           \
-    } while (0)
-
-/* Non-blocking: aligned at the start (so every member starts it), then watched: a cut waits
- * until it completes. */
-#define ALIGNED_NB(comm, call, req)                                                            \
-    do {                                                                                       \
-        int cid_ = CID(comm);                                                                  \
-        align(cid_);                                                                           \
-        int rc_ = call;                                                                        \
-        if (rc_ == MPI_SUCCESS && cid_ >= 0)                                                   \
-            track_req(*(req), cid_, REQ_COLL);                                                 \
-        return rc_;                                                                            \
-    } while (0)
+RUN(run_ibarrier, PMPI_Ibarrier(c->comm, c->req))
+RUN(run_ibcast, PMPI_Ibcast(c->r, c->i1, c->t1, c->root, c->comm, c->req))
+RUN(run_iallreduce, PMPI_Iallreduce(c->s, c->r, c->i1, c->t1, c->op, c->comm, c->req))
+RUN(run_ireduce, PMPI_Ireduce(c->s, c->r, c->i1, c->t1, c->op, c->root, c->comm, c->req))
+RUN(run_iallgather,
+    PMPI_Iallgather(c->s, c->i1, c->t1, c->r, c->i2, c->t2, c->comm, c->req))
+RUN(run_ialltoall, PMPI_Ialltoall(c->s, c->i1, c->t1, c->r, c->i2, c->t2, c->comm, c->req))
+RUN(run_igather,
+    PMPI_Igather(c->s, c->i1, c->t1, c->r, c->i2, c->t2, c->root, c->comm, c->req))
+RUN(run_iscatter,
+    PMPI_Iscatter(c->s, c->i1, c->t1, c->r, c->i2, c->t2, c->root, c->comm, c->req))
+RUN(run_iscan, PMPI_Iscan(c->s, c->r, c->i1, c->t1, c->op, c->comm, c->req))
+RUN(run_ireduce_scatter_block,
+    PMPI_Ireduce_scatter_block(c->s, c->r, c->i1, c->t1, c->op, c->comm, c->req))
 
 int MPI_Ibarrier(MPI_Comm comm, MPI_Request *req)
 {
-    ALIGNED_NB(comm, PMPI_Ibarrier(comm, req), req);
+    COLLECTIVE(comm, run_ibarrier, .req = req);
 }
 
 int MPI_Ibcast(void *buf, int count, MPI_Datatype dt, int root, MPI_Comm comm,
                MPI_Request *req)
 {
-    ALIGNED_NB(comm, PMPI_Ibcast(buf, count, dt, root, comm, req), req);
+    COLLECTIVE(comm, run_ibcast, .r = buf, .i1 = count, .t1 = dt, .root = root, .req = req);
 }
 
 int MPI_Iallreduce(const void *s, void *r, int count, MPI_Datatype dt, MPI_Op op,
                    MPI_Comm comm, MPI_Request *req)
 {
-    ALIGNED_NB(comm, PMPI_Iallreduce(s, r, count, dt, op, comm, req), req);
+    COLLECTIVE(comm, run_iallreduce, .s = s, .r = r, .i1 = count, .t1 = dt, .op = op,
+               .req = req);
 }
 
 int MPI_Ireduce(const void *s, void *r, int count, MPI_Datatype dt, MPI_Op op, int root,
                 MPI_Comm comm, MPI_Request *req)
 {
-    ALIGNED_NB(comm, PMPI_Ireduce(s, r, count, dt, op, root, comm, req), req);
+    COLLECTIVE(comm, run_ireduce, .s = s, .r = r, .i1 = count, .t1 = dt, .op = op,
+               .root = root, .req = req);
 }
 
 int MPI_Iallgather(const void *s, int sc, MPI_Datatype sdt, void *r, int rc,
                    MPI_Datatype rdt, MPI_Comm comm, MPI_Request *req)
 {
-    ALIGNED_NB(comm, PMPI_Iallgather(s, sc, sdt, r, rc, rdt, comm, req), req);
+    COLLECTIVE(comm, run_iallgather, .s = s, .i1 = sc, .t1 = sdt, .r = r, .i2 = rc, .t2 = rdt,
+               .req = req);
 }
 
 int MPI_Ialltoall(const void *s, int sc, MPI_Datatype sdt, void *r, int rc, MPI_Datatype rdt,
                   MPI_Comm comm, MPI_Request *req)
 {
-    ALIGNED_NB(comm, PMPI_Ialltoall(s, sc, sdt, r, rc, rdt, comm, req), req);
+    COLLECTIVE(comm, run_ialltoall, .s = s, .i1 = sc, .t1 = sdt, .r = r, .i2 = rc, .t2 = rdt,
+               .req = req);
 }
 
 int MPI_Igather(const void *s, int sc, MPI_Datatype sdt, void *r, int rc, MPI_Datatype rdt,
                 int root, MPI_Comm comm, MPI_Request *req)
 {
-    ALIGNED_NB(comm, PMPI_Igather(s, sc, sdt, r, rc, rdt, root, comm, req), req);
+    COLLECTIVE(comm, run_igather, .s = s, .i1 = sc, .t1 = sdt, .r = r, .i2 = rc, .t2 = rdt,
+               .root = root, .req = req);
 }
 
 int MPI_Iscatter(const void *s, int sc, MPI_Datatype sdt, void *r, int rc, MPI_Datatype rdt,
                  int root, MPI_Comm comm, MPI_Request *req)
 {
-    ALIGNED_NB(comm, PMPI_Iscatter(s, sc, sdt, r, rc, rdt, root, comm, req), req);
+    COLLECTIVE(comm, run_iscatter, .s = s, .i1 = sc, .t1 = sdt, .r = r, .i2 = rc, .t2 = rdt,
+               .root = root, .req = req);
 }
 
 int MPI_Iscan(const void *s, void *r, int count, MPI_Datatype dt, MPI_Op op, MPI_Comm comm,
               MPI_Request *req)
 {
-    ALIGNED_NB(comm, PMPI_Iscan(s, r, count, dt, op, comm, req), req);
+    COLLECTIVE(comm, run_iscan, .s = s, .r = r, .i1 = count, .t1 = dt, .op = op, .req = req);
 }
 
 int MPI_Ireduce_scatter_block(const void *s, void *r, int rc, MPI_Datatype dt, MPI_Op op,
                               MPI_Comm comm, MPI_Request *req)
 {
-    ALIGNED_NB(comm, PMPI_Ireduce_scatter_block(s, r, rc, dt, op, comm, req), req);
+    COLLECTIVE(comm, run_ireduce_scatter_block, .s = s, .r = r, .i1 = rc, .t1 = dt, .op = op,
+               .req = req);
 }
 
+RUN(run_barrier, PMPI_Barrier(c->comm))
+RUN(run_bcast, PMPI_Bcast(c->r, c->i1, c->t1, c->root, c->comm))
+RUN(run_reduce, PMPI_Reduce(c->s, c->r, c->i1, c->t1, c->op, c->root, c->comm))
+RUN(run_allreduce, PMPI_Allreduce(c->s, c->r, c->i1, c->t1, c->op, c->comm))
+RUN(run_alltoall, PMPI_Alltoall(c->s, c->i1, c->t1, c->r, c->i2, c->t2, c->comm))
+RUN(run_alltoallv,
+    PMPI_Alltoallv(c->s, c->v1, c->v2, c->t1, c->r, c->v3, c->v4, c->t2, c->comm))
+RUN(run_allgather, PMPI_Allgather(c->s, c->i1, c->t1, c->r, c->i2, c->t2, c->comm))
+RUN(run_allgatherv, PMPI_Allgatherv(c->s, c->i1, c->t1, c->r, c->v1, c->v2, c->t2, c->comm))
+RUN(run_gather, PMPI_Gather(c->s, c->i1, c->t1, c->r, c->i2, c->t2, c->root, c->comm))
+RUN(run_gatherv,
+    PMPI_Gatherv(c->s, c->i1, c->t1, c->r, c->v1, c->v2, c->t2, c->root, c->comm))
+RUN(run_scatter, PMPI_Scatter(c->s, c->i1, c->t1, c->r, c->i2, c->t2, c->root, c->comm))
+RUN(run_scatterv,
+    PMPI_Scatterv(c->s, c->v1, c->v2, c->t1, c->r, c->i2, c->t2, c->root, c->comm))
+RUN(run_reduce_scatter_block,
+    PMPI_Reduce_scatter_block(c->s, c->r, c->i1, c->t1, c->op, c->comm))
+RUN(run_scan, PMPI_Scan(c->s, c->r, c->i1, c->t1, c->op, c->comm))
 
 int MPI_Barrier(MPI_Comm comm)
 {
-    ALIGNED(comm, PMPI_Barrier(comm));
+    COLLECTIVE(comm, run_barrier);
 }
 
 int MPI_Bcast(void *buf, int count, MPI_Datatype dt, int root, MPI_Comm comm)
 {
-    ALIGNED(comm, PMPI_Bcast(buf, count, dt, root, comm));
+    COLLECTIVE(comm, run_bcast, .r = buf, .i1 = count, .t1 = dt, .root = root);
 }
 
 int MPI_Reduce(const void *s, void *r, int count, MPI_Datatype dt, MPI_Op op, int root,
                MPI_Comm comm)
 {
-    ALIGNED(comm, PMPI_Reduce(s, r, count, dt, op, root, comm));
+    COLLECTIVE(comm, run_reduce, .s = s, .r = r, .i1 = count, .t1 = dt, .op = op, .root = root);
 }
 
 int MPI_Allreduce(const void *s, void *r, int count, MPI_Datatype dt, MPI_Op op, MPI_Comm comm)
 {
-    ALIGNED(comm, PMPI_Allreduce(s, r, count, dt, op, comm));
+    COLLECTIVE(comm, run_allreduce, .s = s, .r = r, .i1 = count, .t1 = dt, .op = op);
 }
 
 int MPI_Alltoall(const void *s, int sc, MPI_Datatype sdt, void *r, int rc, MPI_Datatype rdt,
                  MPI_Comm comm)
 {
-    ALIGNED(comm, PMPI_Alltoall(s, sc, sdt, r, rc, rdt, comm));
+    COLLECTIVE(comm, run_alltoall, .s = s, .i1 = sc, .t1 = sdt, .r = r, .i2 = rc, .t2 = rdt);
 }
 
 int MPI_Alltoallv(const void *s, const int sc[], const int sd[], MPI_Datatype sdt, void *r,
                   const int rc[], const int rd[], MPI_Datatype rdt, MPI_Comm comm)
 {
-    ALIGNED(comm, PMPI_Alltoallv(s, sc, sd, sdt, r, rc, rd, rdt, comm));
+    COLLECTIVE(comm, run_alltoallv, .s = s, .v1 = sc, .v2 = sd, .t1 = sdt, .r = r, .v3 = rc,
+               .v4 = rd, .t2 = rdt);
 }
 
 int MPI_Allgather(const void *s, int sc, MPI_Datatype sdt, void *r, int rc, MPI_Datatype rdt,
                   MPI_Comm comm)
 {
-    ALIGNED(comm, PMPI_Allgather(s, sc, sdt, r, rc, rdt, comm));
+    COLLECTIVE(comm, run_allgather, .s = s, .i1 = sc, .t1 = sdt, .r = r, .i2 = rc, .t2 = rdt);
 }
 
 int MPI_Allgatherv(const void *s, int sc, MPI_Datatype sdt, void *r, const int rc[],
                    const int rd[], MPI_Datatype rdt, MPI_Comm comm)
 {
-    ALIGNED(comm, PMPI_Allgatherv(s, sc, sdt, r, rc, rd, rdt, comm));
+    COLLECTIVE(comm, run_allgatherv, .s = s, .i1 = sc, .t1 = sdt, .r = r, .v1 = rc, .v2 = rd,
+               .t2 = rdt);
 }
 
 int MPI_Gather(const void *s, int sc, MPI_Datatype sdt, void *r, int rc, MPI_Datatype rdt,
                int root, MPI_Comm comm)
 {
-    ALIGNED(comm, PMPI_Gather(s, sc, sdt, r, rc, rdt, root, comm));
+    COLLECTIVE(comm, run_gather, .s = s, .i1 = sc, .t1 = sdt, .r = r, .i2 = rc, .t2 = rdt,
+               .root = root);
 }
 
 int MPI_Gatherv(const void *s, int sc, MPI_Datatype sdt, void *r, const int rc[],
                 const int rd[], MPI_Datatype rdt, int root, MPI_Comm comm)
 {
-    ALIGNED(comm, PMPI_Gatherv(s, sc, sdt, r, rc, rd, rdt, root, comm));
+    COLLECTIVE(comm, run_gatherv, .s = s, .i1 = sc, .t1 = sdt, .r = r, .v1 = rc, .v2 = rd,
+               .t2 = rdt, .root = root);
 }
 
 int MPI_Scatter(const void *s, int sc, MPI_Datatype sdt, void *r, int rc, MPI_Datatype rdt,
                 int root, MPI_Comm comm)
 {
-    ALIGNED(comm, PMPI_Scatter(s, sc, sdt, r, rc, rdt, root, comm));
+    COLLECTIVE(comm, run_scatter, .s = s, .i1 = sc, .t1 = sdt, .r = r, .i2 = rc, .t2 = rdt,
+               .root = root);
 }
 
 int MPI_Scatterv(const void *s, const int sc[], const int sd[], MPI_Datatype sdt, void *r,
                  int rc, MPI_Datatype rdt, int root, MPI_Comm comm)
 {
-    ALIGNED(comm, PMPI_Scatterv(s, sc, sd, sdt, r, rc, rdt, root, comm));
+    COLLECTIVE(comm, run_scatterv, .s = s, .v1 = sc, .v2 = sd, .t1 = sdt, .r = r, .i2 = rc,
+               .t2 = rdt, .root = root);
 }
 
 int MPI_Reduce_scatter_block(const void *s, void *r, int rc, MPI_Datatype dt, MPI_Op op,
                              MPI_Comm comm)
 {
-    ALIGNED(comm, PMPI_Reduce_scatter_block(s, r, rc, dt, op, comm));
+    COLLECTIVE(comm, run_reduce_scatter_block, .s = s, .r = r, .i1 = rc, .t1 = dt, .op = op);
 }
 
 int MPI_Scan(const void *s, void *r, int count, MPI_Datatype dt, MPI_Op op, MPI_Comm comm)
 {
-    ALIGNED(comm, PMPI_Scan(s, r, count, dt, op, comm));
+    COLLECTIVE(comm, run_scan, .s = s, .r = r, .i1 = count, .t1 = dt, .op = op);
 }
 
 /* ---- Fortran entry points (Open MPI) ------------------------------------------------------
