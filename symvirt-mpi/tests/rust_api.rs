@@ -245,3 +245,117 @@ fn rust_ring_with_a_missing_agent_socket_fails_init_on_every_rank() {
         .collect();
     assert_eq!(lines.len(), RANKS as usize, "{err}");
 }
+
+/// Runs [`singleton_checks`] in a process of its own (MPI_Init as a singleton changes the
+/// process's environment, which the other tests' launchers would inherit), bounded in time.
+#[test]
+fn singleton_misuse_is_an_error_and_init_can_be_repeated() {
+    let exe = std::env::current_exe().unwrap();
+    let dir = TempDir::new("rsmpi-singleton-run");
+    let out = dir.0.join("out");
+    let child = Command::new(exe)
+        .args([
+            "--exact",
+            "singleton_checks",
+            "--include-ignored",
+            "--nocapture",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(fs::File::create(&out).unwrap())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let deadline = soon();
+    let status = loop {
+        if let Some(st) = child.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "singleton_checks hung"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = fs::read_to_string(&out).unwrap();
+    assert!(status.success(), "{text}");
+    assert!(text.contains("test result: ok. 1 passed"), "{text}");
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// As an MPI singleton (no launcher): misuse of the agreement and of `SymVirt` is an error,
+/// not a panic or a hang, and the set-up can be repeated. Ignored in the normal run: it
+/// initializes MPI in the test process; the test above runs it alone in a child process.
+#[test]
+#[ignore = "run in a child process by singleton_misuse_is_an_error_and_init_can_be_repeated"]
+fn singleton_checks() {
+    use mpi::traits::*;
+    use symvirt_mpi::Error;
+    use symvirt_mpi::rsmpi::{MpiAgreement, Options, SafePointResult, SymVirt};
+    use symvirt_mpi::safepoint::{Agreement, SLOTS, SafePoint};
+
+    let (universe, _) =
+        mpi::initialize_with_threading(mpi::Threading::Funneled).expect("MPI initialized once");
+    let world = universe.world();
+    assert_eq!(world.size(), 1);
+
+    let mut a = MpiAgreement::new(&world);
+    assert!(matches!(a.start(SLOTS, 1), Err(Error::State(_))));
+    assert!(matches!(a.finish(0), Err(Error::State(_))));
+    a.start(0, 7).unwrap();
+    assert!(matches!(a.start(0, 8), Err(Error::State(_))), "slot busy");
+    a.start(1, 9).unwrap();
+    assert_eq!(a.finish(1).unwrap(), 9);
+    assert_eq!(a.finish(0).unwrap(), 7);
+    a.barrier().unwrap();
+    a.start(2, 3).unwrap();
+    drop(a); // a reduction in flight: left to MPI, no wait, no panic
+
+    let mut sp = SafePoint::new(MpiAgreement::new(&world), None);
+    for _ in 0..50 {
+        assert_eq!(sp.poll().unwrap(), SafePointResult::Continue);
+    }
+    assert!(sp.finish().unwrap().is_none());
+
+    let dir = TempDir::new("rsmpi-singleton");
+    let no_agent = Options {
+        socket: None,
+        connect_timeout: Duration::from_millis(200),
+        quiesce_timeout: Duration::from_secs(10),
+        signal_trigger: false,
+    };
+    let missing = Options {
+        socket: Some(dir.0.join("no-agent.sock")),
+        ..no_agent.clone()
+    };
+    let err = SymVirt::init_with(&world, missing).unwrap_err();
+    assert!(matches!(err, Error::Agent { .. }), "{err}");
+    // The failed init left nothing open.
+    let mut sv = SymVirt::init_with(&world, no_agent.clone()).unwrap();
+    assert!(!sv.has_agent());
+    let again = SymVirt::init_with(&world, no_agent.clone()).unwrap_err();
+    assert!(matches!(again, Error::State(_)), "{again}");
+    for _ in 0..20 {
+        assert_eq!(sv.safe_point().unwrap(), SafePointResult::Continue);
+    }
+    assert_eq!(sv.iteration(), 20);
+    sv.finalize().unwrap();
+    // After finalize, and after a drop without finalize, init works again.
+    let mut sv = SymVirt::init_with(&world, no_agent.clone()).unwrap();
+    sv.safe_point().unwrap();
+    drop(sv);
+    SymVirt::init_with(&world, no_agent)
+        .unwrap()
+        .finalize()
+        .unwrap();
+    drop(world);
+    drop(universe);
+}
