@@ -60,19 +60,7 @@ fn plan_run_moves_a_vm_from_the_hca_standin_to_ethernet() {
     let mut src = Qemu::start(machine(&fixtures, &src_channel)).expect("start source");
     src.wait_serial("symvirt-agent", Duration::from_secs(120))
         .expect("agent up in the source guest");
-    let mut qmp = RawQmp::connect(src.qmp_path()).unwrap();
-    qmp.execute(
-        "object-add",
-        json!({"qom-type": "memory-backend-file", "id": "hca0-mem", "size": 1 << 20,
-               "mem-path": hca_mem.to_str().unwrap(), "share": true}),
-    )
-    .unwrap();
-    qmp.execute(
-        "device_add",
-        json!({"driver": "ivshmem-plain", "id": "hca0", "memdev": "hca0-mem"}),
-    )
-    .unwrap();
-    drop(qmp); // the controller needs QMP's one client slot
+    src.add_hca_standin(&hca_mem).unwrap();
 
     let dst_qmp = dir.join("dst/qmp.sock");
     let dst_serial = dir.join("dst/serial.log");

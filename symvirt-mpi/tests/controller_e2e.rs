@@ -15,8 +15,7 @@ mod common;
 
 use common::cut::{check_pairs, read_cut};
 use common::*;
-use ninja_testkit::{Fixtures, Qemu, QemuConfig, RawQmp, free_tcp_port, mpi_or_skip, qemu_or_skip};
-use serde_json::json;
+use ninja_testkit::{Fixtures, Qemu, QemuConfig, free_tcp_port, mpi_or_skip, qemu_or_skip};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -53,18 +52,7 @@ fn start_source(fixtures: &Fixtures, hca_mem: &Path) -> Qemu {
     let mut q = Qemu::start(machine(fixtures)).unwrap();
     q.wait_serial("ninja-guest-dirtier: pass=", PATIENCE)
         .unwrap();
-    let mut qmp = RawQmp::connect(q.qmp_path()).unwrap();
-    qmp.execute(
-        "object-add",
-        json!({"qom-type": "memory-backend-file", "id": "hca0-mem", "size": 1 << 20,
-               "mem-path": hca_mem.to_str().unwrap(), "share": true}),
-    )
-    .unwrap();
-    qmp.execute(
-        "device_add",
-        json!({"driver": "ivshmem-plain", "id": "hca0", "memdev": "hca0-mem"}),
-    )
-    .unwrap();
+    q.add_hca_standin(hca_mem).unwrap();
     q
 }
 

@@ -307,8 +307,13 @@ fn a_destination_that_refuses_the_vm_rolls_the_plan_back() {
             .iter()
             .any(|e| matches!(e, Event::RollbackFinished { ok: true, .. }))
     );
+    assert_back_at_sources(&report, &homes, &sources);
+}
+
+/// Every VM runs where it was, from where it stopped, with its stand-in plugged again (and
+/// not the destination's NIC), and its guest was told to go on over the interconnect it had.
+fn assert_back_at_sources(report: &Report, homes: &[GuestHome], sources: &[Arc<ReferenceVm>]) {
     for (i, home) in homes.iter().enumerate() {
-        // Told to go on over the interconnect it had, the stand-in plugged again, where it was.
         match &report.vms[i].guest {
             GuestNotice::Resumed { interconnect, .. } => assert_eq!(interconnect, &infiniband()),
             other => panic!("vm{i}: {other:?}"),
@@ -316,6 +321,7 @@ fn a_destination_that_refuses_the_vm_rolls_the_plan_back() {
         let vm = vm_of(home);
         assert!(Arc::ptr_eq(&vm, &sources[i]), "vm{i} moved");
         assert!(home.lock().unwrap().has_device("hca0"));
+        assert!(!home.lock().unwrap().has_device("net0"));
         let now = counter(&vm);
         runs_on_intact(&vm, now, &format!("vm{i} after rollback"));
     }
@@ -414,18 +420,9 @@ fn a_destination_lost_after_the_switchover_rolls_every_vm_back_to_its_source() {
             .any(|e| matches!(e, Event::GuestResumed { vm: v, at: a, .. } if v == vm && a == at))
     };
     assert!(resumed_at("vm0", "destination"), "{events:?}");
-    for (i, home) in homes.iter().enumerate() {
-        // Back where it was, from the cut its source held, with its stand-in plugged again.
+    for i in 0..homes.len() {
         assert!(resumed_at(&format!("vm{i}"), "source"), "{events:?}");
-        match &report.vms[i].guest {
-            GuestNotice::Resumed { interconnect, .. } => assert_eq!(interconnect, &infiniband()),
-            other => panic!("vm{i}: {other:?}"),
-        }
-        let vm = vm_of(home);
-        assert!(Arc::ptr_eq(&vm, &sources[i]), "vm{i} moved");
-        assert!(home.lock().unwrap().has_device("hca0"));
-        assert!(!home.lock().unwrap().has_device("net0"));
-        let now = counter(&vm);
-        runs_on_intact(&vm, now, &format!("vm{i} after rollback"));
     }
+    // Back where they were, from the cut their sources held.
+    assert_back_at_sources(&report, &homes, &sources);
 }

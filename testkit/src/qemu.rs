@@ -263,6 +263,25 @@ impl Qemu {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Hot-adds the passthrough HCA STAND-IN as a scheduler would assign a VF: an
+    /// `ivshmem-plain` device `hca0` on a 1 MiB shared `memory-backend-file` `hca0-mem` at
+    /// `mem_path` (under /dev/shm; the caller removes it). While it is attached QEMU refuses to
+    /// migrate, as with a VFIO device. Opens and closes its own QMP connection (QMP serves one
+    /// client at a time).
+    pub fn add_hca_standin(&self, mem_path: &Path) -> Result<(), String> {
+        let mut qmp = crate::RawQmp::connect(self.qmp_path())?;
+        qmp.execute(
+            "object-add",
+            serde_json::json!({"qom-type": "memory-backend-file", "id": "hca0-mem",
+                "size": 1 << 20, "mem-path": mem_path, "share": true}),
+        )?;
+        qmp.execute(
+            "device_add",
+            serde_json::json!({"driver": "ivshmem-plain", "id": "hca0", "memdev": "hca0-mem"}),
+        )?;
+        Ok(())
+    }
 }
 
 impl Drop for Qemu {
