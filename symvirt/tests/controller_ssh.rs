@@ -188,21 +188,31 @@ fn agent_command(vm: &str) -> String {
 
 /// A source VM: booted, agent up, the stand-in HCA assigned.
 struct SourceVm {
+    name: String,
     qemu: Qemu,
     channel: PathBuf,
     hca_mem: PathBuf,
 }
 
 fn start_source(fixtures: &Fixtures, cleanup: &mut Cleanup, tag: &str) -> SourceVm {
-    let channel = cleanup.dir.join("source-sv.sock");
+    start_named_source(fixtures, cleanup, tag, "vm0")
+}
+
+fn start_named_source(
+    fixtures: &Fixtures,
+    cleanup: &mut Cleanup,
+    tag: &str,
+    name: &str,
+) -> SourceVm {
+    let channel = cleanup.dir.join(format!("{name}-source-sv.sock"));
     let config = QemuConfig::new(fixtures)
         .memory_mib(MEMORY_MIB)
-        .guest_run(&agent_command("vm0"))
+        .guest_run(&agent_command(name))
         .args(qemu_channel_args(&channel));
     let mut qemu = Qemu::start(config).unwrap();
     qemu.wait_serial("symvirt-agent", PATIENCE).unwrap();
     let hca_mem = PathBuf::from(format!(
-        "/dev/shm/symvirt-ssh-{}-{tag}-hca0",
+        "/dev/shm/symvirt-ssh-{}-{tag}-{name}-hca0",
         std::process::id()
     ));
     cleanup.files.push(hca_mem.clone());
@@ -219,6 +229,7 @@ fn start_source(fixtures: &Fixtures, cleanup: &mut Cleanup, tag: &str) -> Source
     )
     .unwrap();
     SourceVm {
+        name: name.into(),
         qemu,
         channel,
         hca_mem,
@@ -241,20 +252,40 @@ fn ssh_plan(
     dest_dir: &Path,
     settings: &str,
 ) -> String {
+    format!(
+        "{}{}",
+        plan_settings(sshd, settings),
+        vm_toml(fixtures, sshd, source_host, source, dest_dir, MAC)
+    )
+}
+
+fn plan_settings(sshd: &Sshd, settings: &str) -> String {
+    format!(
+        "[settings]\nssh_program = \"{}\"\n{settings}\n",
+        sshd.ssh_program().display()
+    )
+}
+
+/// One `[[vm]]` of an ssh plan (see [`ssh_plan`]), its destination NIC with `mac`.
+fn vm_toml(
+    fixtures: &Fixtures,
+    sshd: &Sshd,
+    source_host: &str,
+    source: &SourceVm,
+    dest_dir: &Path,
+    mac: &str,
+) -> String {
     std::fs::create_dir_all(dest_dir).unwrap();
     let host = sshd.alias();
     let args = QemuConfig::new(fixtures)
         .memory_mib(MEMORY_MIB)
-        .guest_run(&agent_command("vm0"))
+        .guest_run(&agent_command(&source.name))
         .args(qemu_channel_args(&dest_dir.join("sv.sock")))
         .machine_args(&dest_dir.join("serial.log"));
     format!(
-        r#"[settings]
-ssh_program = "{ssh}"
-{settings}
-
+        r#"
 [[vm]]
-name = "vm0"
+name = "{name}"
 [vm.source]
 qmp = "ssh:{source_host}:{sq}"
 channel = "ssh:{source_host}:{sc}"
@@ -268,14 +299,14 @@ size = 1048576
 qmp = "ssh:{host}:{d}/qmp.sock"
 channel = "ssh:{host}:{d}/sv.sock"
 migrate_uri = "tcp:127.0.0.1:{port}"
-interconnect = {{ kind = "ethernet", mac = "{MAC}" }}
+interconnect = {{ kind = "ethernet", mac = "{mac}" }}
 launch = {{ host = "{host}", args = {args} }}
 [[vm.destination.devices]]
 kind = "virtio-net"
 id = "net0"
-mac = "{MAC}"
+mac = "{mac}"
 "#,
-        ssh = sshd.ssh_program().display(),
+        name = source.name,
         sq = source.qemu.qmp_path().display(),
         sc = source.channel.display(),
         mem = source.hca_mem.display(),
@@ -313,13 +344,14 @@ fn has_nic(devices: &[PciDevice]) -> bool {
 /// holds or patience runs out: hot-plug reaches a guest asynchronously.
 fn guest_pci_until(
     sock: &Path,
+    vm: &str,
     after_epoch: u64,
     interconnect: Interconnect,
     done: impl Fn(&[PciDevice]) -> bool,
 ) -> Vec<PciDevice> {
-    let chan = HostChannel::connect(sock, ChannelOptions::labelled("vm0")).unwrap();
+    let chan = HostChannel::connect(sock, ChannelOptions::labelled(vm)).unwrap();
     let info = chan.wait_hello(Instant::now() + PATIENCE).unwrap();
-    assert_eq!(info.vm, "vm0");
+    assert_eq!(info.vm, vm);
     let started = Instant::now();
     let mut epoch = after_epoch;
     loop {
@@ -390,14 +422,6 @@ fn infiniband() -> Interconnect {
     }
 }
 
-fn ethernet() -> Interconnect {
-    Interconnect::Ethernet {
-        mac: MAC.into(),
-        iface: None,
-        pci: None,
-    }
-}
-
 /// The forwards (`ssh -N`) started through `sshd`'s wrapper that still run.
 fn forwards_left(sshd: &Sshd) -> Vec<u32> {
     sshd.clients()
@@ -426,7 +450,7 @@ fn assert_source_runs_with_its_hca(source: &mut SourceVm, epoch: u64, before: us
         "stand-in not re-attached: {peripherals}"
     );
     drop(qmp);
-    let devices = guest_pci_until(&source.channel, epoch, infiniband(), |d| {
+    let devices = guest_pci_until(&source.channel, &source.name, epoch, infiniband(), |d| {
         has(d, IVSHMEM_DEVICE) && !has_nic(d)
     });
     assert!(
@@ -441,9 +465,14 @@ fn assert_source_runs_with_its_hca(source: &mut SourceVm, epoch: u64, before: us
     );
 }
 
+fn mac_of(i: usize) -> String {
+    format!("52:54:00:00:21:{:02x}", i + 1)
+}
+
+/// Two VMs at once (`max_parallel = 2`): their forwards and ssh launches run side by side.
 #[test]
-fn plan_over_ssh_moves_a_vm_from_hca_standin_to_ethernet() {
-    let test = "plan_over_ssh_moves_a_vm_from_hca_standin_to_ethernet";
+fn plan_over_ssh_moves_two_vms_from_hca_standin_to_ethernet() {
+    let test = "plan_over_ssh_moves_two_vms_from_hca_standin_to_ethernet";
     let Some(fixtures) = qemu_or_skip(test) else {
         return;
     };
@@ -452,10 +481,26 @@ fn plan_over_ssh_moves_a_vm_from_hca_standin_to_ethernet() {
         return;
     };
     let mut cleanup = Cleanup::new("move");
-    let mut source = start_source(&fixtures, &mut cleanup, "move");
-    let before = passes(&source.qemu.serial());
-    let dest_dir = cleanup.dir.join("dest");
-    let plan = ssh_plan(&fixtures, &sshd, sshd.alias(), &source, &dest_dir, "");
+    let mut sources: Vec<SourceVm> = ["vm0", "vm1"]
+        .iter()
+        .map(|n| start_named_source(&fixtures, &mut cleanup, "move", n))
+        .collect();
+    let before: Vec<usize> = sources.iter().map(|s| passes(&s.qemu.serial())).collect();
+    let dest_dirs: Vec<PathBuf> = sources
+        .iter()
+        .map(|s| cleanup.dir.join(format!("{}-dest", s.name)))
+        .collect();
+    let mut plan = plan_settings(&sshd, "max_parallel = 2");
+    for (i, s) in sources.iter().enumerate() {
+        plan.push_str(&vm_toml(
+            &fixtures,
+            &sshd,
+            sshd.alias(),
+            s,
+            &dest_dirs[i],
+            &mac_of(i),
+        ));
+    }
     // While the plan runs, its endpoints really go through ssh forwards: note the remote
     // socket of every forward seen at each event.
     let forwarded = Mutex::new(std::collections::BTreeSet::new());
@@ -477,62 +522,73 @@ fn plan_over_ssh_moves_a_vm_from_hca_standin_to_ethernet() {
         }
     });
     assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.errors);
-    let expected: std::collections::BTreeSet<String> = [
-        source.qemu.qmp_path().to_owned(),
-        source.channel.clone(),
-        dest_dir.join("qmp.sock"),
-        dest_dir.join("sv.sock"),
-    ]
-    .iter()
-    .map(|p| p.display().to_string())
-    .collect();
-    assert_eq!(*forwarded.lock().unwrap(), expected);
-    match &report.vms[0].guest {
-        GuestNotice::Resumed { interconnect, .. } => match interconnect {
-            Interconnect::Ethernet { mac, .. } => assert_eq!(mac, MAC),
-            other => panic!("resumed on {other:?}"),
-        },
-        other => panic!("{other:?}"),
+    let mut expected = std::collections::BTreeSet::new();
+    for (s, d) in sources.iter().zip(&dest_dirs) {
+        for p in [
+            s.qemu.qmp_path().to_owned(),
+            s.channel.clone(),
+            d.join("qmp.sock"),
+            d.join("sv.sock"),
+        ] {
+            expected.insert(p.display().to_string());
+        }
     }
-    assert!(report.vms[0].transferred > 0);
-    // The destination was launched through ssh: the controller's child is the ssh client.
-    let launcher = report.vms[0]
-        .destination_pid
-        .expect("a launched destination");
-    let launcher_cmdline = read(Path::new(&format!("/proc/{launcher}/cmdline")));
-    assert!(
-        launcher_cmdline.contains("ssh_config") && launcher_cmdline.contains(sshd.alias()),
-        "{launcher_cmdline:?}"
-    );
+    assert_eq!(*forwarded.lock().unwrap(), expected);
     // The plan's forwards ended with the plan.
     eventually("forwards outlived the plan", || {
         forwards_left(&sshd).is_empty()
     });
 
-    // The source let go; the guest runs at the destination, sees the NIC and not the
-    // stand-in (asked through a forward of the test's own), and the dirtier goes on.
-    eventually("the source QEMU still runs", || !source.qemu.is_running());
+    // Asked through a forward of the test's own.
     let connector = Connector::new(sshd.ssh_program().to_string_lossy()).unwrap();
-    let channel: Address = format!("ssh:{}:{}/sv.sock", sshd.alias(), dest_dir.display())
-        .parse()
-        .unwrap();
-    let local = connector
-        .local_path(&channel, Instant::now() + PATIENCE)
-        .unwrap();
-    let devices = guest_pci_until(&local, report.epoch, ethernet(), |d| {
-        has_nic(d) && !has(d, IVSHMEM_DEVICE)
-    });
-    assert!(has_nic(&devices), "no virtio-net: {devices:?}");
-    assert!(
-        !has(&devices, IVSHMEM_DEVICE),
-        "stand-in still there: {devices:?}"
-    );
-    assert!(
-        before > 0 || passes(&source.qemu.serial()) > 0,
-        "the dirtier never ran"
-    );
-    let serial = dest_dir.join("serial.log");
-    wait_more_passes(|| read(&serial), passes(&read(&serial)), "destination");
+    for (i, s) in sources.iter_mut().enumerate() {
+        let vm = &report.vms[i];
+        match &vm.guest {
+            GuestNotice::Resumed { interconnect, .. } => match interconnect {
+                Interconnect::Ethernet { mac, .. } => assert_eq!(mac, &mac_of(i)),
+                other => panic!("{}: resumed on {other:?}", s.name),
+            },
+            other => panic!("{}: {other:?}", s.name),
+        }
+        assert!(vm.transferred > 0);
+        // The destination was launched through ssh: the controller's child is the ssh client.
+        let launcher = vm.destination_pid.expect("a launched destination");
+        let launcher_cmdline = read(Path::new(&format!("/proc/{launcher}/cmdline")));
+        assert!(
+            launcher_cmdline.contains("ssh_config") && launcher_cmdline.contains(sshd.alias()),
+            "{launcher_cmdline:?}"
+        );
+        // The source let go; the guest runs at the destination, sees the NIC and not the
+        // stand-in, and the dirtier goes on.
+        eventually("the source QEMU still runs", || !s.qemu.is_running());
+        let channel: Address = format!("ssh:{}:{}/sv.sock", sshd.alias(), dest_dirs[i].display())
+            .parse()
+            .unwrap();
+        let local = connector
+            .local_path(&channel, Instant::now() + PATIENCE)
+            .unwrap();
+        let nic = Interconnect::Ethernet {
+            mac: mac_of(i),
+            iface: None,
+            pci: None,
+        };
+        let devices = guest_pci_until(&local, &s.name, report.epoch, nic, |d| {
+            has_nic(d) && !has(d, IVSHMEM_DEVICE)
+        });
+        assert!(has_nic(&devices), "{}: no virtio-net: {devices:?}", s.name);
+        assert!(
+            !has(&devices, IVSHMEM_DEVICE),
+            "{}: stand-in still there: {devices:?}",
+            s.name
+        );
+        assert!(
+            before[i] > 0 || passes(&s.qemu.serial()) > 0,
+            "{}: the dirtier never ran",
+            s.name
+        );
+        let serial = dest_dirs[i].join("serial.log");
+        wait_more_passes(|| read(&serial), passes(&read(&serial)), &s.name);
+    }
 }
 
 #[test]
