@@ -216,18 +216,7 @@ fn start_named_source(
         std::process::id()
     ));
     cleanup.files.push(hca_mem.clone());
-    let mut qmp = RawQmp::connect(qemu.qmp_path()).unwrap();
-    qmp.execute(
-        "object-add",
-        json!({"qom-type": "memory-backend-file", "id": "hca0-mem", "size": 1 << 20,
-               "mem-path": hca_mem.to_str().unwrap(), "share": true}),
-    )
-    .unwrap();
-    qmp.execute(
-        "device_add",
-        json!({"driver": "ivshmem-plain", "id": "hca0", "memdev": "hca0-mem"}),
-    )
-    .unwrap();
+    qemu.add_hca_standin(&hca_mem).unwrap();
     SourceVm {
         name: name.into(),
         qemu,
