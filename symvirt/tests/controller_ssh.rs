@@ -829,3 +829,42 @@ fn source_channel_forward_killed_after_quiesce_still_resumes_the_guest_on_rollba
         Cut::SourceChannelAfterQuiesce,
     );
 }
+
+#[test]
+fn destination_that_fails_to_start_remotely_is_reported_with_qemus_words() {
+    let test = "destination_that_fails_to_start_remotely_is_reported_with_qemus_words";
+    let Some(fixtures) = qemu_or_skip(test) else {
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(sshd) = sshd_for(test, "nostart") else {
+        return;
+    };
+    let mut cleanup = Cleanup::new("nostart");
+    let source = start_source(&fixtures, &mut cleanup, "nostart");
+    let before = passes(&source.qemu.serial());
+    // The destination's directory does not exist on its host: QEMU cannot bind its sockets.
+    let dest_dir = cleanup.dir.join("dest");
+    let plan = ssh_plan(&fixtures, &sshd, sshd.alias(), &source, &dest_dir, "");
+    std::fs::remove_dir_all(&dest_dir).unwrap();
+    let report = run(&plan, &cleanup.dir, |_| {});
+    match &report.outcome {
+        Outcome::RolledBack { phase, error } => {
+            assert_eq!(*phase, Phase::Reserve, "{error}");
+            assert!(
+                error.contains("destination QEMU exited") && error.contains("qemu-system-x86_64:"),
+                "{error}"
+            );
+            assert!(!error.contains("ninja-launch-pid"), "{error}");
+        }
+        other => panic!("expected a rollback from reserve: {other:?}"),
+    }
+    eventually("ssh clients outlived the plan", || {
+        sshd.clients().is_empty()
+    });
+    let mut qmp = RawQmp::connect(source.qemu.qmp_path()).unwrap();
+    let status = qmp.execute("query-status", json!({})).unwrap();
+    assert_eq!(status["running"], json!(true), "{status}");
+    drop(qmp);
+    wait_more_passes(|| source.qemu.serial(), before, "source");
+}

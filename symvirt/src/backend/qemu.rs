@@ -67,7 +67,15 @@ impl Launched {
     fn exited(&mut self) -> Option<String> {
         let child = self.child.as_mut()?;
         match child.try_wait() {
-            Ok(Some(status)) => Some(format!("exited ({status}): {}", self.log().trim())),
+            Ok(Some(status)) => {
+                // QEMU's own words, without the remote shell's pid line.
+                let log = self.log();
+                let said: Vec<&str> = log
+                    .lines()
+                    .filter(|l| !l.starts_with(REMOTE_PID_PREFIX))
+                    .collect();
+                Some(format!("exited ({status}): {}", said.join("\n").trim()))
+            }
             _ => None,
         }
     }
