@@ -78,9 +78,12 @@ impl Sshd {
         let dir = std::env::temp_dir().join(format!("ninja-sshd-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        // sshd refuses to start without its privilege separation directory.
+        // Run as root, sshd refuses to start without its privilege separation directory
+        // (as another user it needs none).
         let privsep = Path::new("/run/sshd");
-        if !privsep.is_dir() {
+        // SAFETY: geteuid(2) has no preconditions and touches no memory of ours.
+        let root = unsafe { libc::geteuid() } == 0;
+        if root && !privsep.is_dir() {
             std::fs::create_dir_all(privsep)
                 .and_then(|()| {
                     std::fs::set_permissions(privsep, std::fs::Permissions::from_mode(0o755))
