@@ -223,6 +223,11 @@ impl SymVirt {
     /// agent, or only some ranks have one, every rank gets the error (none is left waiting in
     /// a safe point the others never enter).
     pub fn init_with<C: Communicator>(comm: &C, options: Options) -> Result<SymVirt> {
+        if !mpi::environment::is_initialized() || mpi::environment::is_finalized() {
+            return Err(Error::State(
+                "SymVirt::init needs MPI initialized and not yet finalized".into(),
+            ));
+        }
         if OPEN.swap(true, Ordering::AcqRel) {
             return Err(Error::State(
                 "SymVirt already initialized in this process".into(),
@@ -321,6 +326,7 @@ impl SymVirt {
     }
 
     fn close(&mut self) -> Result<()> {
+        self.state()?;
         let Some(sp) = self.sp.take() else {
             return Ok(());
         };
@@ -330,6 +336,13 @@ impl SymVirt {
     }
 
     fn state(&mut self) -> Result<&mut SafePoint<MpiAgreement>> {
+        // One flag read in the MPI library: a clear error instead of an MPI call after
+        // MPI_Finalize (which aborts).
+        if mpi::environment::is_finalized() {
+            return Err(Error::State(
+                "MPI is finalized: call SymVirt::finalize before dropping the Universe".into(),
+            ));
+        }
         self.sp
             .as_mut()
             .ok_or_else(|| Error::State("SymVirt already finalized".into()))

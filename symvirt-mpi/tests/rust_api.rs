@@ -306,6 +306,8 @@ fn singleton_checks() {
     use symvirt_mpi::rsmpi::{MpiAgreement, Options, SafePointResult, SymVirt};
     use symvirt_mpi::safepoint::{Agreement, SLOTS, SafePoint};
 
+    let before = SymVirt::init(&mpi::topology::SimpleCommunicator::world()).unwrap_err();
+    assert!(matches!(before, Error::State(_)), "{before}");
     let (universe, _) =
         mpi::initialize_with_threading(mpi::Threading::Funneled).expect("MPI initialized once");
     let world = universe.world();
@@ -356,10 +358,15 @@ fn singleton_checks() {
     let mut sv = SymVirt::init_with(&world, no_agent.clone()).unwrap();
     sv.safe_point().unwrap();
     drop(sv);
-    SymVirt::init_with(&world, no_agent)
+    SymVirt::init_with(&world, no_agent.clone())
         .unwrap()
         .finalize()
         .unwrap();
+    // Used after MPI_Finalize: errors, no MPI call (which would abort the process).
+    let mut sv = SymVirt::init_with(&world, no_agent).unwrap();
+    sv.safe_point().unwrap();
     drop(world);
     drop(universe);
+    assert!(matches!(sv.safe_point(), Err(Error::State(_))));
+    assert!(matches!(sv.finalize(), Err(Error::State(_))));
 }
