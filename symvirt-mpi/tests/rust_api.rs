@@ -370,3 +370,63 @@ fn singleton_checks() {
     assert!(matches!(sv.safe_point(), Err(Error::State(_))));
     assert!(matches!(sv.finalize(), Err(Error::State(_))));
 }
+
+/// Rank 1 alone is given `rank1_socket` instead of the agent's socket (a shell wrapper sets
+/// its environment): every rank's `init` fails, the job ends, no rank waits in a safe point.
+fn one_rank_differs(tag: &str, rank1_socket: &str, rank1_says: &str, others_say: &str) {
+    let prog = rust_ring();
+    let mpi = linked_mpi(prog);
+    let rig = Rig::new(tag);
+    let env = [
+        (
+            "SYMVIRT_AGENT_SOCKET".to_string(),
+            rig.rank_socket().display().to_string(),
+        ),
+        ("SYMVIRT_CONNECT_TIMEOUT_MS".into(), "2000".into()),
+        ("RANK1_SOCKET".into(), rank1_socket.into()),
+    ];
+    let script = r#"rank=${OMPI_COMM_WORLD_RANK:-$PMI_RANK}
+if [ "$rank" = 1 ]; then export SYMVIRT_AGENT_SOCKET="$RANK1_SOCKET"; fi
+exec "$0" "$@""#;
+    let dir = rig.dir.0.to_str().unwrap();
+    let args = ["-c", script, prog.to_str().unwrap(), dir, "16"];
+    let mut job = Job::start(mpi, Path::new("/bin/sh"), &args, &env, &rig.dir.0);
+    let (ok, out) = job.wait();
+    assert!(!ok, "the job should fail\n{}", job.logs());
+    assert!(!out.contains(" OK rank "), "{out}");
+    let err = fs::read_to_string(&job.stderr).unwrap();
+    let init_errors: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains(": SymVirt::init: "))
+        .collect();
+    assert_eq!(init_errors.len(), RANKS as usize, "{err}");
+    for l in init_errors {
+        let want = if l.contains("rank 1:") {
+            rank1_says
+        } else {
+            others_say
+        };
+        assert!(l.contains(want), "{l}\nwant {want:?}\n{err}");
+    }
+}
+
+#[test]
+fn one_rank_without_its_agent_fails_init_on_every_rank() {
+    one_rank_differs(
+        "rsmpi-one-missing",
+        "/nonexistent/symvirt-agent.sock",
+        "register rank 1 at /nonexistent/symvirt-agent.sock",
+        "another rank could not reach its guest agent",
+    );
+}
+
+#[test]
+fn one_rank_with_no_agent_configured_fails_init_on_every_rank() {
+    // An empty socket variable: no agent for rank 1 (the default socket does not exist here).
+    one_rank_differs(
+        "rsmpi-one-none",
+        "",
+        "some ranks have a guest agent and some have none",
+        "some ranks have a guest agent and some have none",
+    );
+}
