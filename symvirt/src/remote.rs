@@ -130,6 +130,8 @@ struct Forward {
     started: Instant,
     /// How its last ssh ended (status and ssh's last words), once one has.
     ended: Option<String>,
+    /// Restarts in a row whose ssh ended soon after starting (the host is down).
+    failures: u32,
 }
 
 impl Forward {
@@ -167,14 +169,20 @@ impl Forward {
             })
     }
 
-    /// If its ssh died, records how and starts another (at most once per
-    /// [`RESTART_INTERVAL`], so a host that is down costs one ssh attempt per interval).
+    /// If its ssh died, records how and starts another: at once after a forward that ran a
+    /// while, then backing off (a host that is down costs an ssh attempt per
+    /// [`RESTART_INTERVAL`], doubling up to 64 times that).
     fn keep_alive(&mut self, ssh: &str) {
         let Ok(Some(status)) = self.child.try_wait() else {
             return;
         };
-        if self.started.elapsed() < RESTART_INTERVAL {
+        let ran = self.started.elapsed();
+        if ran >= HEALTHY_RUN {
+            self.failures = 0;
+        } else if ran < RESTART_INTERVAL * (1 << self.failures.min(6)) {
             return;
+        } else {
+            self.failures += 1;
         }
         let said = self.said();
         let last = said.lines().last().unwrap_or_default();
@@ -201,6 +209,9 @@ impl Drop for Forward {
 /// How often dead forwards are looked for, and restarted at most.
 const RESTART_INTERVAL: Duration = Duration::from_millis(500);
 
+/// An ssh that ran this long was a working forward: its end restarts it without delay.
+const HEALTHY_RUN: Duration = Duration::from_secs(30);
+
 /// The command line of a stream-local forward from `local` to `remote` on `host`.
 pub fn forward_command(ssh: &str, host: &str, local: &Path, remote: &Path) -> Command {
     let mut cmd = Command::new(ssh);
@@ -225,8 +236,12 @@ pub fn forward_command(ssh: &str, host: &str, local: &Path, remote: &Path) -> Co
 /// the listening socket without touching the far end. `None` when the table is unreadable.
 fn listening(path: &Path) -> Option<bool> {
     const SO_ACCEPTCON: u32 = 0x0001_0000;
-    let table = std::fs::read_to_string("/proc/net/unix").ok()?;
     let wanted = path.to_string_lossy();
+    if wanted.contains(char::is_whitespace) {
+        // The table separates its columns by spaces.
+        return None;
+    }
+    let table = std::fs::read_to_string("/proc/net/unix").ok()?;
     Some(table.lines().skip(1).any(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
         // Num RefCount Protocol Flags Type St Inode Path
@@ -431,6 +446,7 @@ impl Connector {
             child,
             started: Instant::now(),
             ended: None,
+            failures: 0,
         };
         loop {
             // The local end listens once ssh has logged in and bound it; the remote end is
