@@ -6,7 +6,9 @@
 //! The plans move a TCG guest from the passthrough HCA STAND-IN (`ivshmem-plain`, hot-added as
 //! a scheduler assigns a VF) to Ethernet (`virtio-net`), judged as `controller_qemu.rs` judges:
 //! by the guest's own PCI report through its agent. Failure cases: an sshd that cannot be
-//! reached, and a forward whose ssh dies mid-plan.
+//! reached, a remote socket that is not there, a destination that fails to start on its host,
+//! and forwards whose ssh dies mid-plan (source monitor, destination monitor, guest channel):
+//! each ends in a clear error and a rollback that leaves no ssh and no destination behind.
 //!
 //! Tests in this file run one at a time (QEMUs and sshds are not cheap on two cores).
 
