@@ -46,7 +46,8 @@ struct Slot {
 pub struct MpiAgreement {
     /// The duplicate; freed on drop unless MPI is already finalized.
     comm: ManuallyDrop<SimpleCommunicator>,
-    /// `SLOTS` slots from `Box::into_raw`; the requests borrow into it (see [`Drop`]).
+    /// `SLOTS` slots from a leaked `Box`; requests borrow into it; freed by `drop` when none is
+    /// in flight.
     slots: NonNull<Slot>,
     requests: [Option<Request<'static, u64, StaticScope>>; SLOTS],
 }
