@@ -4,7 +4,9 @@
 !   stress_f DIR MIN_ITERS
 !
 ! Every iteration: a blocking ring (even ranks send first), a non-blocking ring (Irecv, Isend,
-! Waitall), ANY_SOURCE receives on a duplicated communicator, and Allreduce + Bcast. Every
+! Waitall), ANY_SOURCE receives on a duplicated communicator, a ring and an Allreduce on each
+! half of an MPI_Comm_split, persistent requests (Recv_init, Send_init, Startall, Waitall,
+! Request_free), a matched probe (Mprobe + Mrecv), and Allreduce + Bcast. Every
 ! message carries (source, destination, per-pair sequence number) and a derived payload that
 ! the receiver checks. Runs at least MIN_ITERS iterations, then until DIR/stop exists.
 ! Built with -DSYMVIRT_EXPLICIT it calls symvirt_safe_point_f every iteration and registers a
@@ -108,6 +110,7 @@ program stress_f
   character(len=1100) :: path
 #endif
   integer :: ierr, right, left, n, m, count, any_comm, root, p, mine, all
+  integer :: half_comm, hr, hsize, base, pcomm, preq(2), msg
   integer :: status(MPI_STATUS_SIZE), statuses(MPI_STATUS_SIZE, 2), req(2)
   integer(8), allocatable :: sbuf(:), rbuf(:), many(:, :)
   integer, allocatable :: mreq(:)
@@ -126,6 +129,12 @@ program stress_f
   seq_to = 0
   seq_from = 0
   call mpi_comm_dup(MPI_COMM_WORLD, any_comm, ierr)
+  call mpi_comm_dup(MPI_COMM_WORLD, pcomm, ierr)
+  ! two halves, ranks in WORLD order: WORLD rank = base + rank in the half
+  call mpi_comm_split(MPI_COMM_WORLD, merge(1, 0, me < np / 2), me, half_comm, ierr)
+  call mpi_comm_rank(half_comm, hr, ierr)
+  call mpi_comm_size(half_comm, hsize, ierr)
+  base = me - hr
   right = mod(me + 1, np)
   left = mod(me + np - 1, np)
 #ifdef SYMVIRT_EXPLICIT
@@ -171,6 +180,37 @@ program stress_f
       call check(rbuf, status(MPI_SOURCE), count)
     end do
     call mpi_waitall(np, mreq, MPI_STATUSES_IGNORE, ierr)
+    ! a ring on each half of an MPI_Comm_split, then an Allreduce on the half
+    if (hsize > 1) then
+      call fill(sbuf, base + mod(hr + 1, hsize), n)
+      call mpi_isend(sbuf, n, MPI_INTEGER8, mod(hr + 1, hsize), 30, half_comm, req(2), ierr)
+      call mpi_recv(rbuf, large + 3, MPI_INTEGER8, mod(hr + hsize - 1, hsize), 30, half_comm, &
+        status, ierr)
+      call mpi_get_count(status, MPI_INTEGER8, count, ierr)
+      call check(rbuf, base + status(MPI_SOURCE), count)
+      call mpi_wait(req(2), MPI_STATUS_IGNORE, ierr)
+    end if
+    mine = me + 1
+    call mpi_allreduce(mine, all, 1, MPI_INTEGER, MPI_SUM, half_comm, ierr)
+    if (all /= hsize * (base + 1) + hsize * (hsize - 1) / 2) call fail('Allreduce on a half', -1)
+    ! persistent requests (made, started, completed and freed every iteration)
+    call fill(sbuf, right, n)
+    call mpi_recv_init(rbuf, large + 3, MPI_INTEGER8, left, 31, pcomm, preq(1), ierr)
+    call mpi_send_init(sbuf, n, MPI_INTEGER8, right, 31, pcomm, preq(2), ierr)
+    call mpi_startall(2, preq, ierr)
+    call mpi_waitall(2, preq, statuses, ierr)
+    call mpi_get_count(statuses(:, 1), MPI_INTEGER8, count, ierr)
+    call check(rbuf, left, count)
+    call mpi_request_free(preq(1), ierr)
+    call mpi_request_free(preq(2), ierr)
+    ! matched probe
+    call fill(sbuf, right, n)
+    call mpi_isend(sbuf, n, MPI_INTEGER8, right, 32, pcomm, req(2), ierr)
+    call mpi_mprobe(left, 32, pcomm, msg, status, ierr)
+    call mpi_get_count(status, MPI_INTEGER8, count, ierr)
+    call mpi_mrecv(rbuf, count, MPI_INTEGER8, msg, status, ierr)
+    call check(rbuf, status(MPI_SOURCE), count)
+    call mpi_wait(req(2), MPI_STATUS_IGNORE, ierr)
     ! collectives
     v = [(int(me, 8) * 100_8 + int(n, 8) + iteration, n = 1, 16)]
     call mpi_allreduce(v, r, 16, MPI_INTEGER8, MPI_SUM, MPI_COMM_WORLD, ierr)
@@ -220,6 +260,8 @@ program stress_f
   call symvirt_finalize_f(rc)
 #endif
   call mpi_comm_free(any_comm, ierr)
+  call mpi_comm_free(pcomm, ierr)
+  call mpi_comm_free(half_comm, ierr)
   write (*, '(a,i0,a,i0,a,i0,a,i0,a,i0)') 'stress_f OK rank ', me, ' iterations ', iteration + 1, &
     ' sent ', sent, ' received ', received, ' cuts ', cuts
   call mpi_finalize(ierr)
