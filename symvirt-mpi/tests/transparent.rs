@@ -228,3 +228,18 @@ fn transparent_openmpi_nonblocking_collectives_and_cancel_consistent_at_every_cu
 fn transparent_mpich_nonblocking_collectives_and_cancel_consistent_at_every_cut() {
     run_transparent(MpiImpl::Mpich, Some(NBCOLL), "tr-nbc-mpich", 4);
 }
+
+/// An intercommunicator between the halves (point to point with ANY_SOURCE, counted per
+/// WORLD peer through the remote group; Allreduce and Barrier aligned in two rounds so both
+/// groups agree) next to a sub-communicator ring.
+const INTER: &str = "inter,split,inter,ring";
+
+#[test]
+fn transparent_openmpi_intercommunicator_consistent_at_every_cut() {
+    run_transparent(MpiImpl::OpenMpi, Some(INTER), "tr-inter-ompi", 4);
+}
+
+#[test]
+fn transparent_mpich_intercommunicator_consistent_at_every_cut() {
+    run_transparent(MpiImpl::Mpich, Some(INTER), "tr-inter-mpich", 4);
+}

@@ -28,6 +28,9 @@
  *   nbcoll     Iallreduce on WORLD and Ibcast on a half completed after ring traffic; Ibarrier
  *   cancel     a receive nothing matches is cancelled; a message sent before a barrier is
  *              received by an Irecv that is then cancelled: delivered, or received again
+ *   inter      an intercommunicator between the halves (Intercomm_create, merged once): a
+ *              message to the remote rank with the same index, ANY_SOURCE receive, an Allreduce
+ *              and a Barrier on it
  * Every message carries (source, destination, per-pair sequence number, tag) and a payload
  * derived from them; the receiver checks all of it: a lost, duplicated, reordered or corrupted
  * message fails the run. Some messages are large (rendezvous protocol).
@@ -648,6 +651,60 @@ static void cancel(void)
     MPI_Wait(&s, MPI_STATUS_IGNORE);
 }
 
+/* inter: an intercommunicator between the two halves (made once, and merged once): each rank
+ * sends to the remote rank with its own index and receives with ANY_SOURCE; an Allreduce (each
+ * group gets the other's sum) and a Barrier on the intercommunicator. */
+static MPI_Comm inter = MPI_COMM_NULL, inter_local;
+static int inter_remote[MAXP], inter_rsize, inter_lrank;
+
+static void intercomm(void)
+{
+    if (np % 2 != 0)
+        fail("inter needs an even number of ranks", np);
+    if (inter == MPI_COMM_NULL) {
+        MPI_Comm_split(MPI_COMM_WORLD, me < np / 2, me, &inter_local);
+        MPI_Comm_rank(inter_local, &inter_lrank);
+        MPI_Intercomm_create(inter_local, 0, MPI_COMM_WORLD, me < np / 2 ? np / 2 : 0, 90,
+                             &inter);
+        MPI_Comm_remote_size(inter, &inter_rsize);
+        MPI_Group rg, wg;
+        MPI_Comm_remote_group(inter, &rg);
+        MPI_Comm_group(MPI_COMM_WORLD, &wg);
+        int ranks[MAXP];
+        for (int i = 0; i < inter_rsize; i++)
+            ranks[i] = i;
+        MPI_Group_translate_ranks(rg, inter_rsize, ranks, wg, inter_remote);
+        MPI_Group_free(&rg);
+        MPI_Group_free(&wg);
+        /* merged: the low half first */
+        MPI_Comm merged;
+        int mrank = -1, one = 1, sum = 0;
+        MPI_Intercomm_merge(inter, me >= np / 2, &merged);
+        MPI_Comm_rank(merged, &mrank);
+        if (mrank != me)
+            fail("Intercomm_merge order", mrank);
+        MPI_Allreduce(&one, &sum, 1, MPI_INT, MPI_SUM, merged);
+        if (sum != np)
+            fail("Allreduce on the merged communicator", sum);
+        MPI_Comm_free(&merged);
+    }
+    MPI_Request s;
+    MPI_Status st;
+    int peer = inter_lrank % inter_rsize;
+    int n = fill(bufs[0], inter_remote[peer], 91);
+    MPI_Isend(bufs[0], n, MPI_UINT64_T, peer, 91, inter, &s);
+    MPI_Recv(bufs[1], LARGE + 4, MPI_UINT64_T, MPI_ANY_SOURCE, 91, inter, &st);
+    check_on(bufs[1], &st, MPI_ANY_SOURCE, inter_remote);
+    MPI_Wait(&s, MPI_STATUS_IGNORE);
+    uint64_t mine = (uint64_t)me + 1 + iteration, sum = 0, want = 0;
+    MPI_Allreduce(&mine, &sum, 1, MPI_UINT64_T, MPI_SUM, inter);
+    for (int i = 0; i < inter_rsize; i++)
+        want += (uint64_t)inter_remote[i] + 1 + iteration;
+    if (sum != want)
+        fail("Allreduce on the intercommunicator", -1);
+    MPI_Barrier(inter);
+}
+
 #ifdef SYMVIRT_EXPLICIT
 static void at_cut(uint64_t epoch, void *ctx)
 {
@@ -730,6 +787,8 @@ int main(int argc, char **argv)
                 nbcoll();
             else if (strcmp(m, "cancel") == 0)
                 cancel();
+            else if (strcmp(m, "inter") == 0)
+                intercomm();
             else
                 fail("unknown mode", -1);
         }
@@ -775,6 +834,10 @@ int main(int argc, char **argv)
         MPI_Comm_free(&mp_comm);
     if (half != MPI_COMM_NULL)
         MPI_Comm_free(&half);
+    if (inter != MPI_COMM_NULL) {
+        MPI_Comm_free(&inter);
+        MPI_Comm_free(&inter_local);
+    }
     printf("stress OK rank %d iterations %llu sent %llu received %llu agent_errors %llu cuts %llu\n",
            me, (unsigned long long)iteration + 1, (unsigned long long)sent,
            (unsigned long long)received, (unsigned long long)agent_errors,
