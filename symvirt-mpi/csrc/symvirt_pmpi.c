@@ -317,7 +317,8 @@ static void track_req(MPI_Request r, int cid, int kind)
 /* The request that was `handle` completed with `st`: count it unless already counted. */
 static void completed(MPI_Request handle, const MPI_Status *st)
 {
-    for (int i = 0; i < g.reqs.n; i++) {
+    /* Newest first: a blocking call's own request is the last one tracked. */
+    for (int i = g.reqs.n - 1; i >= 0; i--) {
         tracked_req *t = &g.reqs.v[i];
         if (t->req != handle)
             continue;
@@ -856,9 +857,20 @@ static int wait_serving(MPI_Request *req, MPI_Status *st)
     unsigned long turns = 0;
     for (;;) {
         int flag = 0;
+#ifdef SYMVIRT_MPI_IMPL_MPICH
+        /* MPICH's MPI_Test runs its progress engine even for a complete request (~470
+         * instructions, more than a whole blocking send); MPI_Request_get_status looks first,
+         * and MPI_Wait frees a complete request without progress. */
+        int rc = PMPI_Request_get_status(*req, &flag, MPI_STATUS_IGNORE);
+        if (rc != MPI_SUCCESS)
+            return rc;
+        if (flag)
+            return PMPI_Wait(req, st);
+#else
         int rc = PMPI_Test(req, &flag, st);
         if (rc != MPI_SUCCESS || flag)
             return rc;
+#endif
         idle(&turns);
     }
 }
@@ -1325,6 +1337,40 @@ int MPI_Sendrecv(const void *sbuf, int scount, MPI_Datatype sdt, int dest, int s
         rc = MPI_Waitall(2, rq, st);
     if (status != MPI_STATUS_IGNORE)
         *status = st[0];
+    return rc;
+}
+
+/* Through a packed copy of the incoming message, so the send may leave buf first. */
+int MPI_Sendrecv_replace(void *buf, int count, MPI_Datatype dt, int dest, int stag, int src,
+                         int rtag, MPI_Comm comm, MPI_Status *status)
+{
+    if (CID(comm) < 0)
+        return PMPI_Sendrecv_replace(buf, count, dt, dest, stag, src, rtag, comm, status);
+    int psize = 0, tsize = 0;
+    PMPI_Pack_size(count, dt, comm, &psize);
+    PMPI_Type_size(dt, &tsize);
+    char *tmp = malloc((size_t)(psize > 0 ? psize : 1));
+    if (tmp == NULL)
+        die("out of memory");
+    MPI_Request rq[2];
+    MPI_Status st[2];
+    int rc = MPI_Irecv(tmp, psize, MPI_BYTE, src, rtag, comm, &rq[0]);
+    if (rc == MPI_SUCCESS)
+        rc = MPI_Isend(buf, count, dt, dest, stag, comm, &rq[1]);
+    if (rc == MPI_SUCCESS)
+        rc = MPI_Waitall(2, rq, st);
+    if (rc == MPI_SUCCESS) {
+        int nbytes = 0, pos = 0;
+        PMPI_Get_count(&st[0], MPI_BYTE, &nbytes);
+        int elems = tsize > 0 ? nbytes / tsize : 0;
+        if (elems > 0 && src != MPI_PROC_NULL)
+            PMPI_Unpack(tmp, nbytes, &pos, buf, elems, dt, comm);
+        if (status != MPI_STATUS_IGNORE) {
+            *status = st[0];
+            PMPI_Status_set_elements(status, dt, elems);
+        }
+    }
+    free(tmp);
     return rc;
 }
 
@@ -1952,6 +1998,44 @@ int MPI_Scan(const void *s, void *r, int count, MPI_Datatype dt, MPI_Op op, MPI_
     COLLECTIVE(comm, run_scan, .s = s, .r = r, .i1 = count, .t1 = dt, .op = op);
 }
 
+RUN(run_exscan, PMPI_Exscan(c->s, c->r, c->i1, c->t1, c->op, c->comm))
+RUN(run_reduce_scatter, PMPI_Reduce_scatter(c->s, c->r, c->v1, c->t1, c->op, c->comm))
+
+int MPI_Exscan(const void *s, void *r, int count, MPI_Datatype dt, MPI_Op op, MPI_Comm comm)
+{
+    COLLECTIVE(comm, run_exscan, .s = s, .r = r, .i1 = count, .t1 = dt, .op = op);
+}
+
+int MPI_Reduce_scatter(const void *s, void *r, const int rcounts[], MPI_Datatype dt, MPI_Op op,
+                       MPI_Comm comm)
+{
+    COLLECTIVE(comm, run_reduce_scatter, .s = s, .r = r, .v1 = rcounts, .t1 = dt, .op = op);
+}
+
+/* Alltoallw has per-peer datatypes: its own record. */
+typedef struct {
+    coll c;
+    const MPI_Datatype *st, *rt;
+} coll_w;
+
+static int run_alltoallw(coll *c)
+{
+    const coll_w *w = (const coll_w *)c;
+    return PMPI_Alltoallw(c->s, c->v1, c->v2, w->st, c->r, c->v3, c->v4, w->rt, c->comm);
+}
+
+int MPI_Alltoallw(const void *s, const int sc[], const int sd[], const MPI_Datatype st[],
+                  void *r, const int rc[], const int rd[], const MPI_Datatype rt[],
+                  MPI_Comm comm)
+{
+    coll_w w = {.c = {.run = run_alltoallw, .comm = comm, .s = s, .v1 = sc, .v2 = sd, .r = r,
+                      .v3 = rc, .v4 = rd},
+                .st = st,
+                .rt = rt};
+    w.c.cid = CID(comm);
+    return align(w.c.cid, &w.c);
+}
+
 /* ---- Fortran entry points (Open MPI) ------------------------------------------------------
  * Open MPI's Fortran bindings (mpif.h and `use mpi`) call PMPI_* directly, so the C wrappers
  * above never see Fortran traffic: wrap the gfortran symbols (mpi_send_ ...) and forward to
@@ -2416,6 +2500,60 @@ void mpi_iallreduce_(void *s, void *r, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *
                            PMPI_Comm_f2c(*comm), &q);
     if (*ierr == MPI_SUCCESS)
         *req = PMPI_Request_c2f(q);
+}
+
+void mpi_sendrecv_replace_(void *buf, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *dest,
+                           MPI_Fint *stag, MPI_Fint *src, MPI_Fint *rtag, MPI_Fint *comm,
+                           MPI_Fint *status, MPI_Fint *ierr)
+{
+    MPI_Status c;
+    *ierr = MPI_Sendrecv_replace(fbuf(buf), *count, PMPI_Type_f2c(*dt), *dest, *stag, *src,
+                                 *rtag, PMPI_Comm_f2c(*comm), FSTATUS(status, &c));
+    if (*ierr == MPI_SUCCESS)
+        status_out(&c, status);
+}
+
+void mpi_alltoallv_(void *s, MPI_Fint *sc, MPI_Fint *sd, MPI_Fint *sdt, void *r, MPI_Fint *rc,
+                    MPI_Fint *rd, MPI_Fint *rdt, MPI_Fint *comm, MPI_Fint *ierr)
+{
+    /* MPI_Fint is int with gfortran's default integer: the count arrays pass through. */
+    *ierr = MPI_Alltoallv(fbuf(s), sc, sd, PMPI_Type_f2c(*sdt), fbuf(r), rc, rd,
+                          PMPI_Type_f2c(*rdt), PMPI_Comm_f2c(*comm));
+}
+
+void mpi_allgatherv_(void *s, MPI_Fint *sc, MPI_Fint *sdt, void *r, MPI_Fint *rc, MPI_Fint *rd,
+                     MPI_Fint *rdt, MPI_Fint *comm, MPI_Fint *ierr)
+{
+    *ierr = MPI_Allgatherv(fbuf(s), *sc, PMPI_Type_f2c(*sdt), fbuf(r), rc, rd,
+                           PMPI_Type_f2c(*rdt), PMPI_Comm_f2c(*comm));
+}
+
+void mpi_gatherv_(void *s, MPI_Fint *sc, MPI_Fint *sdt, void *r, MPI_Fint *rc, MPI_Fint *rd,
+                  MPI_Fint *rdt, MPI_Fint *root, MPI_Fint *comm, MPI_Fint *ierr)
+{
+    *ierr = MPI_Gatherv(fbuf(s), *sc, PMPI_Type_f2c(*sdt), fbuf(r), rc, rd, PMPI_Type_f2c(*rdt),
+                        *root, PMPI_Comm_f2c(*comm));
+}
+
+void mpi_scatterv_(void *s, MPI_Fint *sc, MPI_Fint *sd, MPI_Fint *sdt, void *r, MPI_Fint *rc,
+                   MPI_Fint *rdt, MPI_Fint *root, MPI_Fint *comm, MPI_Fint *ierr)
+{
+    *ierr = MPI_Scatterv(fbuf(s), sc, sd, PMPI_Type_f2c(*sdt), fbuf(r), *rc, PMPI_Type_f2c(*rdt),
+                         *root, PMPI_Comm_f2c(*comm));
+}
+
+void mpi_scan_(void *s, void *r, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *op, MPI_Fint *comm,
+               MPI_Fint *ierr)
+{
+    *ierr = MPI_Scan(fbuf(s), fbuf(r), *count, PMPI_Type_f2c(*dt), PMPI_Op_f2c(*op),
+                     PMPI_Comm_f2c(*comm));
+}
+
+void mpi_reduce_scatter_(void *s, void *r, MPI_Fint *rc, MPI_Fint *dt, MPI_Fint *op,
+                         MPI_Fint *comm, MPI_Fint *ierr)
+{
+    *ierr = MPI_Reduce_scatter(fbuf(s), fbuf(r), rc, PMPI_Type_f2c(*dt), PMPI_Op_f2c(*op),
+                               PMPI_Comm_f2c(*comm));
 }
 
 #endif /* SYMVIRT_MPI_IMPL_OPENMPI */

@@ -188,8 +188,9 @@ fn transparent_mpich_sub_communicators_consistent_at_every_cut() {
 }
 
 /// Persistent requests (Send_init, Recv_init, Startall; a receive started after a cut drained
-/// its message is served from the layer's buffer) next to non-blocking ring traffic.
-const PERSIST: &str = "persist,ring_nb,persist";
+/// its message is served from the layer's buffer) next to non-blocking ring traffic and
+/// MPI_Sendrecv_replace.
+const PERSIST: &str = "persist,ring_nb,replace,persist";
 
 #[test]
 fn transparent_openmpi_persistent_requests_consistent_at_every_cut() {

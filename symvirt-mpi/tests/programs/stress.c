@@ -28,6 +28,7 @@
  *   nbcoll     Iallreduce on WORLD and Ibcast on a half completed after ring traffic; Ibarrier
  *   cancel     a receive nothing matches is cancelled; a message sent before a barrier is
  *              received by an Irecv that is then cancelled: delivered, or received again
+ *   replace    MPI_Sendrecv_replace around the ring
  *   inter      an intercommunicator between the halves (Intercomm_create, merged once): a
  *              message to the remote rank with the same index, ANY_SOURCE receive, an Allreduce
  *              and a Barrier on it
@@ -438,6 +439,48 @@ static void split(void)
         fail("Bcast on a half", half_world[0]);
 }
 
+/* A message of a fixed length (`words`, header included) to dst, for calls whose count the
+ * sender and the receiver fix in advance (persistent requests, Sendrecv_replace). */
+static void fill_fixed(uint64_t *b, int dst, int tag, int words)
+{
+    uint64_t seq = next_seq_to[dst]++;
+    b[0] = (uint64_t)me;
+    b[1] = (uint64_t)dst;
+    b[2] = seq;
+    b[3] = (uint64_t)tag;
+    for (int i = 4; i < words; i++)
+        b[i] = word((uint64_t)me, (uint64_t)dst, seq, (uint64_t)i);
+    sent++;
+}
+
+static void check_fixed(const uint64_t *b, MPI_Status *st, int src, int tag, int words)
+{
+    int count = 0;
+    MPI_Get_count(st, MPI_UINT64_T, &count);
+    if (st->MPI_SOURCE != src || st->MPI_TAG != tag || count != words)
+        fail("receive status", src);
+    if (b[0] != (uint64_t)src || b[1] != (uint64_t)me || b[3] != (uint64_t)tag)
+        fail("bad header", src);
+    if (b[2] != next_seq_from[src])
+        fail(b[2] < next_seq_from[src] ? "duplicated or reordered message" : "lost message", src);
+    next_seq_from[src]++;
+    for (int i = 4; i < words; i++)
+        if (b[i] != word((uint64_t)src, (uint64_t)me, b[2], (uint64_t)i))
+            fail("corrupted payload", src);
+    received++;
+}
+
+/* replace: MPI_Sendrecv_replace around the ring (large messages every other iteration). */
+static void replace(void)
+{
+    int right = (me + 1) % np, left = (me + np - 1) % np;
+    int words = iteration % 2 ? LARGE + 4 : SMALL + 4;
+    MPI_Status st;
+    fill_fixed(bufs[2], right, 53, words);
+    MPI_Sendrecv_replace(bufs[2], words, MPI_UINT64_T, right, 53, left, 53, MPI_COMM_WORLD, &st);
+    check_fixed(bufs[2], &st, left, 53, words);
+}
+
 /* persist: persistent sends and receives to both ring neighbours, made once on a duplicate of
  * WORLD; each iteration starts the sends, sometimes waits in a barrier (a cut there drains
  * the neighbours' messages, so the receives' Start must find them in the layer's buffer),
@@ -463,17 +506,8 @@ static void persist(void)
         }
     }
     /* A persistent send always sends its full count: the payload's length is fixed here. */
-    for (int d = 0; d < 2; d++) {
-        uint64_t *b = pers_buf[2 + d];
-        uint64_t seq = next_seq_to[peer[d]]++;
-        b[0] = (uint64_t)me;
-        b[1] = (uint64_t)peer[d];
-        b[2] = seq;
-        b[3] = (uint64_t)(61 - d);
-        for (int i = 4; i < LARGE + 4; i++)
-            b[i] = word((uint64_t)me, (uint64_t)peer[d], seq, (uint64_t)i);
-        sent++;
-    }
+    for (int d = 0; d < 2; d++)
+        fill_fixed(pers_buf[2 + d], peer[d], 61 - d, LARGE + 4);
     MPI_Startall(2, &pers_req[2]);
     if (iteration % 2 == 0)
         MPI_Barrier(MPI_COMM_WORLD);
@@ -500,24 +534,8 @@ static void persist(void)
             st[idx] = s;
         }
     }
-    for (int d = 0; d < 2; d++) {
-        uint64_t *b = pers_buf[d];
-        int count = 0;
-        MPI_Get_count(&st[d], MPI_UINT64_T, &count);
-        if (st[d].MPI_SOURCE != peer[d] || st[d].MPI_TAG != 60 + d || count != LARGE + 4)
-            fail("persistent receive status", peer[d]);
-        if (b[0] != (uint64_t)peer[d] || b[1] != (uint64_t)me || b[3] != (uint64_t)(60 + d))
-            fail("persistent receive header", peer[d]);
-        if (b[2] != next_seq_from[peer[d]])
-            fail(b[2] < next_seq_from[peer[d]] ? "duplicated or reordered message"
-                                               : "lost message",
-                 peer[d]);
-        next_seq_from[peer[d]]++;
-        for (int i = 4; i < LARGE + 4; i++)
-            if (b[i] != word((uint64_t)peer[d], (uint64_t)me, b[2], (uint64_t)i))
-                fail("corrupted persistent payload", peer[d]);
-        received++;
-    }
+    for (int d = 0; d < 2; d++)
+        check_fixed(pers_buf[d], &st[d], peer[d], 60 + d, LARGE + 4);
 }
 
 static void persist_free(void)
@@ -789,6 +807,8 @@ int main(int argc, char **argv)
                 cancel();
             else if (strcmp(m, "inter") == 0)
                 intercomm();
+            else if (strcmp(m, "replace") == 0)
+                replace();
             else
                 fail("unknown mode", -1);
         }
