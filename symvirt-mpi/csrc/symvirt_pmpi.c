@@ -34,7 +34,10 @@
  * collective yet. When the agreed value asks for a cut, every member makes it before entering
  * the real collective; otherwise every member is at the collective and enters it. So every
  * outstanding non-blocking collective was started by all its members and completes while they
- * drain. MPI_Finalize is aligned the same way, then the agent connection is closed (a request
+ * drain. A member that answers a peer's cut while its alignment is pending may learn inside
+ * that cut that the members agreed on the collective (others may already be in it, waiting for
+ * this rank): it then runs the collective there (a record of its arguments, see coll).
+ * MPI_Finalize is aligned the same way, then the agent connection is closed (a request
  * that arrives later fails the epoch at the agent: a clear error for the host, never a hang).
  *
  * Persistent requests: a send counts at each MPI_Start; a receive's Start is served from the
@@ -46,16 +49,18 @@
  * handle keeps naming it (should MPI hand out the same handle value again for another message
  * meanwhile, that message too goes through the buffer under a fresh handle).
  * MPI_Cancel: a receive is cancelled only if MPI says so (a message served from the buffer is
- * already complete and is delivered); cancelling a send is refused with an error (its count
- * could not be taken back).
+ * already complete and is delivered); cancelling a send is refused (its count could not be
+ * taken back). Refusals print why and raise MPI_ERR_UNSUPPORTED_OPERATION through the error
+ * handler, as MPI raises its own errors.
  *
- * Not covered (documented limits): one-sided communication; MPI_Comm_idup (refused with an
- * error); MPI_Comm_create_group and intercommunicator creation are not aligned (their
- * communicators are tracked); non-blocking collectives start only when every member has
+ * Not covered (documented limits, also in symvirt-mpi/README.md): one-sided communication;
+ * MPI_Comm_idup (refused); MPI_Comm_create_group and intercommunicator creation are not aligned
+ * (their communicators are tracked); non-blocking collectives start only when every member has
  * started them (the alignment), so a program whose progress depends on a non-blocking
  * collective not synchronizing at its start (e.g. the NBX pattern: Ibarrier while still
  * receiving) deadlocks; neighborhood and the v/w non-blocking collectives pass through
- * unaligned; the mpi_f08 bindings; processes outside MPI_COMM_WORLD (spawn).
+ * unaligned; Open MPI Fortran entry points other than those wrapped below; the mpi_f08
+ * bindings; processes outside MPI_COMM_WORLD (spawn); MPI_THREAD_MULTIPLE.
  *
  * Environment: SYMVIRT_AGENT_SOCKET (agent's rank socket), SYMVIRT_CUT_LOG (a directory: each
  * rank writes cut-E-R with its per-peer sent and received counts at the cut, and resumed-E-R),
@@ -185,11 +190,13 @@ static void die(const char *what)
     PMPI_Abort(MPI_COMM_WORLD, 70);
 }
 
-/* Refuses a call the layer cannot make correct: a clear error at the call. */
-static int refuse(const char *call, const char *why)
+/* Refuses a call the layer cannot make correct: a clear error at the call, raised through
+ * comm's error handler as MPI raises its own (fatal unless the program chose to get codes). */
+static int refuse(MPI_Comm comm, const char *call, const char *why)
 {
     fprintf(stderr, "symvirt-pmpi rank %d: %s refused: %s\n", g.me, call, why);
     fflush(stderr);
+    PMPI_Comm_call_errhandler(comm, MPI_ERR_UNSUPPORTED_OPERATION);
     return MPI_ERR_UNSUPPORTED_OPERATION;
 }
 
@@ -1165,7 +1172,7 @@ int MPI_Comm_idup(MPI_Comm comm, MPI_Comm *newcomm, MPI_Request *req)
         return PMPI_Comm_idup(comm, newcomm, req);
     (void)newcomm;
     (void)req;
-    return refuse("MPI_Comm_idup", "a communicator that exists only once the request "
+    return refuse(comm, "MPI_Comm_idup", "a communicator that exists only once the request "
                                    "completes cannot be tracked; use MPI_Comm_dup");
 }
 
@@ -1458,6 +1465,8 @@ int MPI_Request_free(MPI_Request *req)
     return PMPI_Request_free(req);
 }
 
+#define SEND_CANCEL "cancelling a send is not supported (its count was taken when it started)"
+
 int MPI_Cancel(MPI_Request *req)
 {
     /* A receive served from the buffer is already complete: cancelling it has no effect and
@@ -1471,12 +1480,13 @@ int MPI_Cancel(MPI_Request *req)
         if (g.reqs.v[i].req == h)
             return g.reqs.v[i].kind == REQ_RECV
                        ? PMPI_Cancel(req)
-                       : refuse("MPI_Cancel", "a non-blocking collective cannot be cancelled");
+                       : refuse(MPI_COMM_SELF, "MPI_Cancel",
+                                "a non-blocking collective cannot be cancelled");
     int p = find_persistent(h);
     if (p >= 0 && g.pers.v[p].is_recv)
         return PMPI_Cancel(req); /* inactive: MPI decides */
     if (p >= 0)
-        return refuse("MPI_Cancel", "cancelling a send is not supported (already counted)");
+        return refuse(MPI_COMM_SELF, "MPI_Cancel", SEND_CANCEL);
     if (!g.ready || g.closed)
         return PMPI_Cancel(req);
     /* Unknown to the layer: a send (counted when started), a complete generalized request
@@ -1485,7 +1495,7 @@ int MPI_Cancel(MPI_Request *req)
     PMPI_Request_get_status(h, &flag, MPI_STATUS_IGNORE);
     if (flag)
         return MPI_SUCCESS; /* complete: nothing to cancel */
-    return refuse("MPI_Cancel", "cancelling a send is not supported (already counted)");
+    return refuse(MPI_COMM_SELF, "MPI_Cancel", SEND_CANCEL);
 }
 
 /* ---- matched probes --------------------------------------------------------------------- */

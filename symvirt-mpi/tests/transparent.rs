@@ -244,3 +244,43 @@ fn transparent_openmpi_intercommunicator_consistent_at_every_cut() {
 fn transparent_mpich_intercommunicator_consistent_at_every_cut() {
     run_transparent(MpiImpl::Mpich, Some(INTER), "tr-inter-mpich", 4);
 }
+
+/// Calls the layer cannot make correct fail at the call with MPI_ERR_UNSUPPORTED_OPERATION
+/// and a message (MPI_Comm_idup; MPI_Cancel of a pending send), and the program goes on.
+fn refuses(mpi: MpiImpl, tag: &str) {
+    let rig = Rig::new(tag);
+    let prog = program(mpi, "refusals.c", Linkage::Plain);
+    let env = [
+        (
+            "SYMVIRT_AGENT_SOCKET".to_string(),
+            rig.rank_socket().display().to_string(),
+        ),
+        (
+            "LD_PRELOAD".to_string(),
+            libraries(mpi).transparent.display().to_string(),
+        ),
+    ];
+    let mut job = Job::start(mpi, &prog, &[], &env, &rig.dir.0);
+    let (ok, out) = job.wait();
+    assert!(ok, "refusals failed\n{}", job.logs());
+    let oks = out
+        .lines()
+        .filter(|l| l.starts_with("refusals OK rank "))
+        .count();
+    assert_eq!(oks, RANKS as usize, "{out}");
+    let err = fs::read_to_string(&job.stderr).unwrap();
+    for call in ["MPI_Comm_idup refused", "MPI_Cancel refused"] {
+        let n = err.lines().filter(|l| l.contains(call)).count();
+        assert_eq!(n, RANKS as usize, "{call}: {err}");
+    }
+}
+
+#[test]
+fn transparent_openmpi_refuses_calls_it_cannot_make_correct() {
+    refuses(MpiImpl::OpenMpi, "tr-refuse-ompi");
+}
+
+#[test]
+fn transparent_mpich_refuses_calls_it_cannot_make_correct() {
+    refuses(MpiImpl::Mpich, "tr-refuse-mpich");
+}

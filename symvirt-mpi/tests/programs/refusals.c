@@ -1,0 +1,66 @@
+/* Under the transparent layer, calls it cannot make correct fail at the call, through the
+ * error handler, with MPI_ERR_UNSUPPORTED_OPERATION: MPI_Comm_idup, and MPI_Cancel of a pending
+ * send (its count was taken when it started). The program then goes on: the send still
+ * completes and is received intact. Prints "refusals OK rank R".
+ *
+ *   refusals */
+#include <mpi.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#define WORDS (32 * 1024) /* rendezvous in both implementations */
+
+static int me;
+
+static void fail(const char *what, int rc)
+{
+    fprintf(stderr, "refusals FAIL rank %d: %s (code %d)\n", me, what, rc);
+    fflush(stderr);
+    MPI_Abort(MPI_COMM_WORLD, 3);
+}
+
+int main(int argc, char **argv)
+{
+    int np;
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &me);
+    MPI_Comm_size(MPI_COMM_WORLD, &np);
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+    MPI_Comm_set_errhandler(MPI_COMM_SELF, MPI_ERRORS_RETURN);
+
+    MPI_Comm dup;
+    MPI_Request r;
+    int rc = MPI_Comm_idup(MPI_COMM_WORLD, &dup, &r);
+    if (rc != MPI_ERR_UNSUPPORTED_OPERATION)
+        fail("MPI_Comm_idup was not refused", rc);
+
+    /* A synchronous send cannot complete before the barrier: the peer receives after it. */
+    int right = (me + 1) % np, left = (me + np - 1) % np;
+    uint64_t *out = malloc(WORDS * sizeof *out), *in = malloc(WORDS * sizeof *in);
+    for (int i = 0; i < WORDS; i++)
+        out[i] = ((uint64_t)me << 32) | (uint64_t)i;
+    MPI_Request s;
+    MPI_Issend(out, WORDS, MPI_UINT64_T, right, 5, MPI_COMM_WORLD, &s);
+    rc = MPI_Cancel(&s);
+    if (rc != MPI_ERR_UNSUPPORTED_OPERATION)
+        fail("MPI_Cancel of a pending send was not refused", rc);
+    MPI_Barrier(MPI_COMM_WORLD);
+    MPI_Status st;
+    MPI_Recv(in, WORDS, MPI_UINT64_T, left, 5, MPI_COMM_WORLD, &st);
+    MPI_Wait(&s, &st);
+    int cancelled = 1;
+    MPI_Test_cancelled(&st, &cancelled);
+    if (cancelled)
+        fail("the send was cancelled", 0);
+    for (int i = 0; i < WORDS; i++)
+        if (in[i] != (((uint64_t)left << 32) | (uint64_t)i))
+            fail("payload", i);
+    MPI_Barrier(MPI_COMM_WORLD);
+    printf("refusals OK rank %d\n", me);
+    fflush(stdout);
+    free(out);
+    free(in);
+    MPI_Finalize();
+    return 0;
+}
