@@ -6,7 +6,8 @@
 ! Every iteration: a blocking ring (even ranks send first), a non-blocking ring (Irecv, Isend,
 ! Waitall), ANY_SOURCE receives on a duplicated communicator, a ring and an Allreduce on each
 ! half of an MPI_Comm_split, persistent requests (Recv_init, Send_init, Startall, Waitall,
-! Request_free), a matched probe (Mprobe + Mrecv), and Allreduce + Bcast. Every
+! Request_free), a matched probe (Mprobe + Mrecv), Sendrecv_replace, Iallreduce + Ibarrier,
+! and Allreduce + Bcast. Every
 ! message carries (source, destination, per-pair sequence number) and a derived payload that
 ! the receiver checks. Runs at least MIN_ITERS iterations, then until DIR/stop exists.
 ! Built with -DSYMVIRT_EXPLICIT it calls symvirt_safe_point_f every iteration and registers a
@@ -54,17 +55,40 @@ contains
     sent = sent + 1
   end subroutine
 
-  subroutine check(buf, src, count)
+  ! A message of the full buffer's length (for calls whose count both sides fix in advance).
+  subroutine fill_full(buf, dst)
+    integer(8), intent(out) :: buf(:)
+    integer, intent(in) :: dst
+    integer :: i
+    integer(8) :: seq
+    seq = seq_to(dst)
+    seq_to(dst) = seq + 1
+    buf(1) = me
+    buf(2) = dst
+    buf(3) = seq
+    do i = 4, large + 3
+      buf(i) = word(me, dst, seq, i)
+    end do
+    sent = sent + 1
+  end subroutine
+
+  ! full: the message was made by fill_full (its length does not follow len_for).
+  subroutine check(buf, src, count, full)
     use mpi
     integer(8), intent(in) :: buf(:)
     integer, intent(in) :: src, count
+    logical, intent(in), optional :: full
     integer :: i, ierr
     integer(8) :: seq
     seq = buf(3)
     if (buf(1) /= src .or. buf(2) /= me) call fail('bad header', src)
     if (seq /= seq_from(src)) call fail('lost, duplicated or reordered message', src)
     seq_from(src) = seq + 1
-    if (count /= len_for(seq)) call fail('bad length', src)
+    if (present(full)) then
+      if (count /= large + 3) call fail('bad length', src)
+    else if (count /= len_for(seq)) then
+      call fail('bad length', src)
+    end if
     do i = 4, count
       if (buf(i) /= word(src, me, seq, i)) call fail('corrupted payload', src)
     end do
@@ -211,6 +235,17 @@ program stress_f
     call mpi_mrecv(rbuf, count, MPI_INTEGER8, msg, status, ierr)
     call check(rbuf, status(MPI_SOURCE), count)
     call mpi_wait(req(2), MPI_STATUS_IGNORE, ierr)
+    ! Sendrecv_replace around the ring; non-blocking collectives completed together
+    call fill_full(sbuf, right)
+    call mpi_sendrecv_replace(sbuf, large + 3, MPI_INTEGER8, right, 33, left, 33, pcomm, &
+      status, ierr)
+    call mpi_get_count(status, MPI_INTEGER8, count, ierr)
+    call check(sbuf, left, count, .true.)
+    mine = me + 1
+    call mpi_iallreduce(mine, all, 1, MPI_INTEGER, MPI_SUM, half_comm, req(1), ierr)
+    call mpi_ibarrier(MPI_COMM_WORLD, req(2), ierr)
+    call mpi_waitall(2, req, statuses, ierr)
+    if (all /= hsize * (base + 1) + hsize * (hsize - 1) / 2) call fail('Iallreduce on a half', -1)
     ! collectives
     v = [(int(me, 8) * 100_8 + int(n, 8) + iteration, n = 1, 16)]
     call mpi_allreduce(v, r, 16, MPI_INTEGER8, MPI_SUM, MPI_COMM_WORLD, ierr)
