@@ -22,7 +22,9 @@
 //! run well under a minute). Knobs: `NINJA_MPI_IMPLS` (`openmpi,mpich`), `NINJA_MPI_PAIRS`,
 //! `NINJA_MPI_SAMPLES` (per launch), `NINJA_MPI_LAT_BYTES`, `NINJA_MPI_LAT_ROUNDS`,
 //! `NINJA_MPI_BW_BYTES`, `NINJA_MPI_BW_ROUNDS`, `NINJA_MPI_QUIESCE_REQUESTS`,
-//! `NINJA_MPI_STRESS_MODES`.
+//! `NINJA_MPI_STRESS_MODES`, `NINJA_MPI_QUIET_WAIT_S` (default 60, 0 in quick mode: before each
+//! pair of launches, wait at most this long for the shared CPUs to be idle;
+//! `pairs_started_quiet` in the line says how many pairs got such a window).
 
 // The symvirt-mpi tests' rig (library and program builds, guest agent with a host channel,
 // MPI jobs killed on drop): one copy, used by those tests and by this bench.
@@ -53,6 +55,7 @@ struct Settings {
     bw_rounds: usize,
     quiesce_requests: u64,
     stress_modes: String,
+    quiet_wait: Duration,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, fallback: T) -> T {
@@ -89,6 +92,7 @@ impl Settings {
             quiesce_requests: env_or("NINJA_MPI_QUIESCE_REQUESTS", pick(15, 4) as u64).max(1),
             stress_modes: std::env::var("NINJA_MPI_STRESS_MODES")
                 .unwrap_or_else(|_| "ring,ring_nb,alltoall,anysource,collective".into()),
+            quiet_wait: Duration::from_secs(env_or("NINJA_MPI_QUIET_WAIT_S", pick(60, 0) as u64)),
         }
     }
 }
@@ -131,6 +135,40 @@ fn spread(v: &[f64]) -> Value {
 
 fn round(x: f64) -> f64 {
     (x * 10_000.0).round() / 10_000.0
+}
+
+/// Busy and total jiffies of all CPUs so far (`/proc/stat`).
+fn cpu_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3)? + v.get(4).unwrap_or(&0);
+    Some((total - idle, total))
+}
+
+/// Waits (at most `max`) for a window of 300 ms in which the CPUs were at least 90% idle: this
+/// machine is shared, and a ping-pong that loses its core to another process for a moment
+/// measures the scheduler, not the layer. Returns whether such a window came.
+fn wait_quiet(max: Duration) -> bool {
+    let end = Instant::now() + max;
+    loop {
+        let Some(a) = cpu_jiffies() else { return false };
+        std::thread::sleep(Duration::from_millis(300));
+        let Some(b) = cpu_jiffies() else { return false };
+        let busy = (b.0 - a.0) as f64 / (b.1 - a.1).max(1) as f64;
+        if busy <= 0.10 {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+    }
 }
 
 /// One launch's samples: one-way latency (µs) and bandwidth (MiB/s, bytes moved both ways).
@@ -202,7 +240,9 @@ fn pingpong(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
     let rig = Rig::new(&format!("bench-pp-{}", mpi.name()));
     let (mut lat, mut bw) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
     let (mut lat_pairs, mut bw_pairs) = (Vec::new(), Vec::new());
+    let mut quiet_pairs = 0;
     for pair in 0..s.pairs {
+        quiet_pairs += wait_quiet(s.quiet_wait) as usize;
         // A B, B A, ...: neither variant always runs first.
         let order = if pair % 2 == 0 {
             [false, true]
@@ -228,6 +268,7 @@ fn pingpong(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
         "scenario": "pingpong",
         "quick": s.quick,
         "pairs": s.pairs,
+        "pairs_started_quiet": quiet_pairs,
         "samples_per_launch": s.samples,
         "latency_bytes": s.lat_bytes,
         "latency_rounds": s.lat_rounds,
