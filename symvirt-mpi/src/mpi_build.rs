@@ -254,8 +254,14 @@ pub fn build_program(
     let tmp = out.with_extension(format!("{}.tmp", std::process::id()));
     let mut cmd = Command::new(compiler);
     cmd.args(["-O2", "-g"]);
+    // Fortran module files go next to the output, not into the working directory.
+    let modules = out.with_extension(format!("{}.mod.d", std::process::id()));
     if fortran {
-        cmd.arg("-cpp");
+        std::fs::create_dir_all(&modules).map_err(|e| Error::Build {
+            what: format!("create {}", modules.display()),
+            source: Some(e),
+        })?;
+        cmd.arg("-cpp").arg("-J").arg(&modules);
     } else {
         cmd.args(["-Wall", "-Wextra", "-std=gnu11"])
             // MPICH marks MPI_STATUSES_IGNORE arguments as arrays: a false positive.
@@ -267,7 +273,9 @@ pub fn build_program(
         cmd.args(CORE_LINK_LIBS);
     }
     cmd.arg("-o").arg(&tmp);
-    run(&mut cmd, &format!("build {}", source.display()))?;
+    let built = run(&mut cmd, &format!("build {}", source.display()));
+    let _ = std::fs::remove_dir_all(&modules);
+    built?;
     rename(&tmp, out)?;
     Ok(out.to_path_buf())
 }
