@@ -144,8 +144,7 @@ static struct {
     MPI_Comm align; /* alignment reductions on MPI_COMM_WORLD */
     MPI_Comm self;  /* held messages (see matched) */
     int keyval;     /* attribute whose delete callback releases a communicator's slot */
-    tracked_comm comms[MAX_COMMS];
-    int ncomms; /* slots in use are below this */
+    int ncomms;     /* slots in use are below this */
     uint64_t *sent, *recv; /* per WORLD peer */
     LIST(tracked_req, reqs);
     LIST(persistent, pers);
@@ -154,6 +153,8 @@ static struct {
     buffered *head, **tail;
     uint64_t served;  /* last epoch a cut was made for */
     uint64_t drained; /* messages taken into the buffer during the current cut */
+    /* Last: the hot fields above share a few cache lines. */
+    tracked_comm comms[MAX_COMMS];
 } g = {.tail = &g.head};
 
 /* Per peer: the last COUNTS message received {epoch, sent to me}, and whether it is there. */
