@@ -8,48 +8,12 @@
 
 mod common;
 
+use common::cut::{check_pairs, read_cut};
 use common::*;
 use std::fs;
-use std::path::Path;
 use std::time::Duration;
 use symvirt::protocol::{GuestMessage, Interconnect};
 use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
-
-/// Parses the layer's cut records: per rank, (sent to each peer, received from each peer).
-fn read_cut(dir: &Path, epoch: u64) -> Vec<(Vec<u64>, Vec<u64>)> {
-    read_records(dir, "cut", epoch)
-        .iter()
-        .map(|rec| {
-            let mut lines = rec.lines();
-            let mut row = |label: &str| -> Vec<u64> {
-                let l = lines
-                    .next()
-                    .unwrap_or_else(|| panic!("short record {rec:?}"));
-                let mut w = l.split_whitespace();
-                assert_eq!(w.next(), Some(label), "{rec:?}");
-                w.map(|x| x.parse().unwrap()).collect()
-            };
-            (row("sent"), row("received"))
-        })
-        .collect()
-}
-
-/// Every pair: what i sent to j is what j received from i. Returns the global total.
-fn check_pairs(cut: &[(Vec<u64>, Vec<u64>)], epoch: u64) -> u64 {
-    let n = cut.len();
-    let mut total = 0;
-    for i in 0..n {
-        for j in 0..n {
-            assert_eq!(
-                cut[i].0[j], cut[j].1[i],
-                "epoch {epoch}: rank {i} sent {} messages to rank {j}, which received {}: {cut:?}",
-                cut[i].0[j], cut[j].1[i]
-            );
-            total += cut[i].0[j];
-        }
-    }
-    total
-}
 
 /// `modes`: the C program's first argument; `None` runs the Fortran program.
 fn run_transparent(mpi: MpiImpl, modes: Option<&str>, tag: &str, epochs: u64) {
