@@ -194,9 +194,8 @@ fn run(
             paused,
             start,
         );
-        if r.is_err() {
-            control.shutdown();
-        }
+        // On an error the control connection stays open: `migrate` tells the destination why
+        // (an `Abort` with the reason) before it shuts every connection down.
         drop(ctx);
         let worker_cpu: f64 = workers.into_iter().map(|w| w.join().unwrap_or(0.0)).sum();
         r.map(|mut rep| {
