@@ -24,8 +24,10 @@
  *      application but that it has not received yet;
  *   3. report quiesced through the agent, wait for resume or abort, run the transport hook,
  *      report resumed, barrier.
- * Blocking calls are turned into non-blocking ones plus a progress loop that serves cuts, so no
- * rank sits in an MPI call that a quiescing peer would have to complete.
+ * Blocking receives, probes, waits and collectives are turned into non-blocking ones plus a
+ * progress loop that serves cuts, so no rank sits in an MPI call that a quiescing peer would
+ * have to complete. Blocking sends stay blocking: a peer in a cut completes them by draining
+ * (see send_counted).
  *
  * Collectives (blocking and non-blocking, and communicator creation) are aligned first on
  * their communicator: an MPI_Iallreduce(MAX) of "cut requested" (on a private duplicate for
@@ -1228,35 +1230,32 @@ int MPI_Bsend(const void *buf, int count, MPI_Datatype dt, int dest, int tag, MP
     return PMPI_Bsend(buf, count, dt, dest, tag, comm); /* completes locally */
 }
 
-static int send_serving(const void *buf, int count, MPI_Datatype dt, int dest, int tag,
+/* A blocking send stays blocking (no request, no progress loop: the layer's cost on the
+ * latency path). It cannot hold up a cut: it only waits for its receiver to match it, and a
+ * receiver in a cut receives every unexpected message on every communicator into the buffer
+ * (step 2 above), which completes the send; the sender then joins the cut at its next MPI
+ * call, as it would had the request come while it computed. */
+static int send_counted(const void *buf, int count, MPI_Datatype dt, int dest, int tag,
                         MPI_Comm comm, int synchronous)
 {
-    int cid = CID(comm);
-    if (cid < 0)
-        return synchronous ? PMPI_Ssend(buf, count, dt, dest, tag, comm)
-                           : PMPI_Send(buf, count, dt, dest, tag, comm);
-    count_send(cid, dest);
-    MPI_Request r;
-    int rc = synchronous ? PMPI_Issend(buf, count, dt, dest, tag, comm, &r)
-                         : PMPI_Isend(buf, count, dt, dest, tag, comm, &r);
-    if (rc != MPI_SUCCESS)
-        return rc;
-    return wait_serving(&r, MPI_STATUS_IGNORE);
+    count_send(CID(comm), dest);
+    return synchronous ? PMPI_Ssend(buf, count, dt, dest, tag, comm)
+                       : PMPI_Send(buf, count, dt, dest, tag, comm);
 }
 
 int MPI_Send(const void *buf, int count, MPI_Datatype dt, int dest, int tag, MPI_Comm comm)
 {
-    return send_serving(buf, count, dt, dest, tag, comm, 0);
+    return send_counted(buf, count, dt, dest, tag, comm, 0);
 }
 
 int MPI_Ssend(const void *buf, int count, MPI_Datatype dt, int dest, int tag, MPI_Comm comm)
 {
-    return send_serving(buf, count, dt, dest, tag, comm, 1);
+    return send_counted(buf, count, dt, dest, tag, comm, 1);
 }
 
 int MPI_Rsend(const void *buf, int count, MPI_Datatype dt, int dest, int tag, MPI_Comm comm)
 {
-    return send_serving(buf, count, dt, dest, tag, comm, 0);
+    return send_counted(buf, count, dt, dest, tag, comm, 0);
 }
 
 int MPI_Irecv(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_Comm comm,
