@@ -324,7 +324,13 @@ impl Core {
 
     fn run(mut self, events: Receiver<Event>, stop: Arc<AtomicBool>) -> Result<()> {
         while !stop.load(Ordering::SeqCst) {
-            match events.recv_timeout(Duration::from_millis(50)) {
+            // Waiting for a device to appear, the ranks are paused: look again soon.
+            let tick = if matches!(self.phase, Phase::AwaitingInterconnect { .. }) {
+                Duration::from_millis(5)
+            } else {
+                Duration::from_millis(50)
+            };
+            match events.recv_timeout(tick) {
                 Ok(e) => self.handle(e),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
