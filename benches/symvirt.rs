@@ -160,16 +160,7 @@ fn one_run(
             std::process::id()
         ));
         left.paths.push(mem.clone());
-        let mut qmp = RawQmp::connect(mid.qmp_path())?;
-        qmp.execute(
-            "object-add",
-            json!({"qom-type": "memory-backend-file", "id": "hca0-mem", "size": 1 << 20,
-                   "mem-path": mem.to_str().unwrap(), "share": true}),
-        )?;
-        qmp.execute(
-            "device_add",
-            json!({"driver": "ivshmem-plain", "id": "hca0", "memdev": "hca0-mem"}),
-        )?;
+        mid.add_hca_standin(&mem)?;
         let dir = base.join(format!("{name}-c"));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let mac = format!("52:54:00:00:30:{:02x}", i + 1);
