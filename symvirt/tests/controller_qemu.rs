@@ -6,19 +6,19 @@
 //!
 //! Tests in this file run one at a time (each has up to four QEMUs).
 
+#[path = "common/guest.rs"]
+mod guest;
+
+use guest::*;
 use ninja_testkit::{Fixtures, Qemu, QemuConfig, RawQmp, free_tcp_port, qemu_or_skip};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use symvirt::controller::{Controller, Event, GuestNotice, Outcome, Phase, Report};
-use symvirt::host_channel::{ChannelOptions, HostChannel, qemu_channel_args};
-use symvirt::protocol::{GuestMessage, HostMessage, Interconnect, PciDevice};
+use symvirt::host_channel::qemu_channel_args;
+use symvirt::protocol::Interconnect;
 
-const PATIENCE: Duration = Duration::from_secs(120);
-const VIRTIO_VENDOR: u16 = 0x1af4;
-const IVSHMEM_DEVICE: u16 = 0x1110;
-const VIRTIO_NET_DEVICES: [u16; 2] = [0x1000, 0x1041];
 const MEMORY_MIB: u32 = 192;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -202,94 +202,6 @@ fn run(plan: &str, log_dir: &Path, on_event: impl Fn(&Event) + Sync) -> (Report,
     (report, events.into_inner().unwrap())
 }
 
-fn has(devices: &[PciDevice], device: u16) -> bool {
-    devices
-        .iter()
-        .any(|d| d.vendor == VIRTIO_VENDOR && d.device == device)
-}
-
-fn has_nic(devices: &[PciDevice]) -> bool {
-    VIRTIO_NET_DEVICES.iter().any(|&d| has(devices, d))
-}
-
-/// Asks the guest behind `sock` (a new host connection) for its PCI devices, repeating epochs
-/// (after `after_epoch`) until `done` holds or patience runs out: hot-plug reaches a guest
-/// asynchronously. Returns the last report.
-fn guest_pci_until(
-    sock: &Path,
-    vm: &str,
-    after_epoch: u64,
-    interconnect: Interconnect,
-    done: impl Fn(&[PciDevice]) -> bool,
-) -> Vec<PciDevice> {
-    // Right after the controller's connection: the channel's hello request gets the answer.
-    let chan = HostChannel::connect(sock, ChannelOptions::labelled(vm)).unwrap();
-    let info = match chan.wait_hello(Instant::now() + PATIENCE) {
-        Ok(i) => i,
-        Err(e) => {
-            let log = read(&sock.with_file_name("serial.log"));
-            let tail: Vec<&str> = log.lines().rev().take(15).collect();
-            panic!("{vm}: no hello: {e}; serial tail (newest first): {tail:#?}")
-        }
-    };
-    assert_eq!(info.vm, vm);
-    let started = Instant::now();
-    let mut epoch = after_epoch;
-    loop {
-        epoch += 1;
-        chan.send(&HostMessage::Prepare {
-            epoch,
-            deadline_ms: 30_000,
-        })
-        .unwrap();
-        let got = chan
-            .wait_for(
-                |m| !matches!(m, GuestMessage::Hello { .. }),
-                Instant::now() + PATIENCE,
-            )
-            .unwrap();
-        assert_eq!(got, GuestMessage::Quiesced { epoch });
-        chan.send(&HostMessage::Resume {
-            epoch,
-            interconnect: interconnect.clone(),
-        })
-        .unwrap();
-        let devices = match chan
-            .wait_for(
-                |m| !matches!(m, GuestMessage::Hello { .. }),
-                Instant::now() + PATIENCE,
-            )
-            .unwrap()
-        {
-            GuestMessage::Resumed {
-                pci_devices: Some(d),
-                ..
-            } => d,
-            other => panic!("{vm}: expected resumed, got {other:?}"),
-        };
-        if done(&devices) || started.elapsed() > PATIENCE {
-            return devices;
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
-fn passes(serial: &str) -> usize {
-    serial.matches("ninja-guest-dirtier: pass=").count()
-}
-
-/// Waits until the guest's dirtier printed more passes than `before` (the guest runs).
-fn wait_more_passes(serial: impl Fn() -> String, before: usize, what: &str) {
-    let started = Instant::now();
-    while passes(&serial()) <= before {
-        assert!(
-            started.elapsed() < PATIENCE,
-            "{what}: the dirtier stopped at {before} passes"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn ib() -> &'static str {
     r#"{ kind = "infiniband", hca = "hca0", port = 1 }"#
 }
@@ -312,12 +224,6 @@ fn infiniband() -> Interconnect {
         port: 1,
         pci: None,
     }
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
 }
 
 #[test]
