@@ -105,7 +105,14 @@ fn report(what: &str, e: &dyn std::error::Error) {
         msg.push_str(&format!(": {c}"));
         cause = c.source();
     }
-    eprintln!("{msg}");
+    say(&msg);
+}
+
+/// One line to stderr in one write: ranks share the launcher's stderr, and `eprintln!` writes
+/// the text and its newline separately, so lines of different ranks could run together.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
 fn main() -> ExitCode {
@@ -139,7 +146,7 @@ fn run(world: &SimpleCommunicator, dir: &Path, min_iters: u64) -> ExitCode {
     let me = world.rank();
     let np = world.size();
     let fail = |what: String| -> ! {
-        eprintln!("rust_ring: rank {me}: {what}");
+        say(&format!("rust_ring: rank {me}: {what}"));
         world.abort(6)
     };
     let counts = Arc::new(Counts::new(np as usize));

@@ -395,12 +395,16 @@ exec "$0" "$@""#;
     assert!(!ok, "the job should fail\n{}", job.logs());
     assert!(!out.contains(" OK rank "), "{out}");
     let err = fs::read_to_string(&job.stderr).unwrap();
-    let init_errors: Vec<&str> = err
-        .lines()
+    // One report per rank, each up to its line's end (split on the prefix, not on newlines:
+    // the ranks share one stderr).
+    let init_errors: Vec<String> = err
+        .split("rust_ring: rank ")
+        .filter_map(|r| r.lines().next())
         .filter(|l| l.contains(": SymVirt::init: "))
+        .map(|l| format!("rank {l}"))
         .collect();
     assert_eq!(init_errors.len(), RANKS as usize, "{err}");
-    for l in init_errors {
+    for l in &init_errors {
         let want = if l.contains("rank 1:") {
             rank1_says
         } else {
