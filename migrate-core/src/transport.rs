@@ -260,44 +260,63 @@ pub fn connect_with_version(
             .map_err(crate::codec::io_error)?;
         let mut memory = Vec::new();
         for i in 0..memory_connections {
-            let mut m = open(ep).map_err(ctx)?;
-            m.set_timeouts(Some(timeout))?;
-            let pre = Preamble {
-                role: Role::Memory,
-                index: i as u32,
-                ..pre
-            };
-            m.write_all(&pre.encode()).map_err(crate::codec::io_error)?;
-            memory.push(m);
-        }
-        let mut reply = [0u8; PREAMBLE_REPLY_LEN];
-        control
-            .read_exact(&mut reply)
-            .map_err(crate::codec::io_error)?;
-        let reply = PreambleReply::decode(&reply)?;
-        match reply.status {
-            STATUS_OK => {}
-            STATUS_VERSION_MISMATCH => {
-                return Err(Error::Incompatible(format!(
-                    "destination speaks protocol version {}, we speak {version}",
-                    reply.version
-                )));
-            }
-            s => {
-                return Err(Error::Protocol(format!(
-                    "destination refused the connection set (status {s})"
-                )));
+            let opened = open(ep).map_err(ctx).and_then(|mut m| {
+                m.set_timeouts(Some(timeout))?;
+                let pre = Preamble {
+                    role: Role::Memory,
+                    index: i as u32,
+                    ..pre
+                };
+                m.write_all(&pre.encode()).map_err(crate::codec::io_error)?;
+                Ok(m)
+            });
+            match opened {
+                Ok(m) => memory.push(m),
+                Err(e) => {
+                    // A destination that refused the control connection's preamble stops
+                    // listening at once: its verdict explains the failed connect better.
+                    control.set_timeouts(Some(timeout.min(Duration::from_secs(1))))?;
+                    return Err(match read_verdict(&mut control, version) {
+                        Err(refusal @ (Error::Incompatible(_) | Error::Protocol(_))) => refusal,
+                        _ => e,
+                    });
+                }
             }
         }
-        if reply.version != version {
-            return Err(Error::Incompatible(format!(
-                "destination accepted but speaks protocol version {}, we speak {version}",
-                reply.version
-            )));
-        }
+        read_verdict(&mut control, version)?;
         Ok(Connections { control, memory })
     };
     run().map_err(handshake_err)
+}
+
+/// Reads the destination's answer to the preamble: `Ok` when it accepted our `version`.
+fn read_verdict(control: &mut Stream, version: u32) -> Result<()> {
+    let mut reply = [0u8; PREAMBLE_REPLY_LEN];
+    control
+        .read_exact(&mut reply)
+        .map_err(crate::codec::io_error)?;
+    let reply = PreambleReply::decode(&reply)?;
+    match reply.status {
+        STATUS_OK => {}
+        STATUS_VERSION_MISMATCH => {
+            return Err(Error::Incompatible(format!(
+                "destination speaks protocol version {}, we speak {version}",
+                reply.version
+            )));
+        }
+        s => {
+            return Err(Error::Protocol(format!(
+                "destination refused the connection set (status {s})"
+            )));
+        }
+    }
+    if reply.version != version {
+        return Err(Error::Incompatible(format!(
+            "destination accepted but speaks protocol version {}, we speak {version}",
+            reply.version
+        )));
+    }
+    Ok(())
 }
 
 fn session_id() -> u64 {
