@@ -314,7 +314,12 @@ fn a_host_channel_reopened_within_the_agents_poll_still_gets_hello() {
             matches!(&told, Interconnect::Ethernet { iface: Some(_), .. }),
             "{told:?}"
         );
-        assert_eq!(host.stats().rejected_total(), 0, "round {round}");
+        assert_eq!(
+            host.stats().rejected_total(),
+            0,
+            "round {round}: {:?}",
+            host.recent_rejections()
+        );
     }
 }
 
