@@ -314,11 +314,21 @@ fn a_host_channel_reopened_within_the_agents_poll_still_gets_hello() {
             matches!(&told, Interconnect::Ethernet { iface: Some(_), .. }),
             "{told:?}"
         );
+        // Nothing the agent said was refused, except possibly a repeated hello: an answer to
+        // the previous connection's request, written as this one opened, arrives here besides
+        // this connection's own (a race of the guest's boot with the first reopen). It is
+        // refused during an epoch and changes nothing.
+        let rejections = host.recent_rejections();
+        assert!(
+            rejections
+                .iter()
+                .all(|r| r.detail.starts_with("second hello on one connection")),
+            "round {round}: {rejections:?}"
+        );
         assert_eq!(
             host.stats().rejected_total(),
-            0,
-            "round {round}: {:?}",
-            host.recent_rejections()
+            rejections.len() as u64,
+            "round {round}"
         );
     }
 }
