@@ -96,6 +96,29 @@ fn spec(name: &str, from: (Vec<Device>, Interconnect), to: (Vec<Device>, Interco
     }
 }
 
+/// Which way [`two_vms`] moves the cluster.
+enum Direction {
+    /// From the HCA stand-in to a NIC.
+    ToEthernet,
+    /// Back.
+    ToHca,
+}
+
+/// The plan's VMs `vm0` and `vm1`, moving between the HCA stand-in and a NIC.
+fn two_vms(direction: Direction) -> Vec<VmSpec> {
+    (0..2)
+        .map(|i| {
+            let hca_side = (vec![hca(&format!("vm{i}"))], infiniband());
+            let nic_side = (vec![nic(i)], ethernet(i));
+            let name = format!("vm{i}");
+            match direction {
+                Direction::ToEthernet => spec(&name, hca_side, nic_side),
+                Direction::ToHca => spec(&name, nic_side, hca_side),
+            }
+        })
+        .collect()
+}
+
 fn run(vms: Vec<VmSpec>, homes: &[GuestHome], destination: VmmConfig) -> (Report, Vec<Event>) {
     run_with(vms, homes, destination, |_, b| b)
 }
@@ -205,15 +228,7 @@ fn two_reference_vms_move_from_hca_standin_to_ethernet_and_back() {
 
     // Forward: HCA stand-in -> Ethernet.
     let sources: Vec<Arc<ReferenceVm>> = homes.iter().map(vm_of).collect();
-    let vms: Vec<VmSpec> = (0..2)
-        .map(|i| {
-            spec(
-                &format!("vm{i}"),
-                (vec![hca(&format!("vm{i}"))], infiniband()),
-                (vec![nic(i)], ethernet(i)),
-            )
-        })
-        .collect();
+    let vms = two_vms(Direction::ToEthernet);
     let (report, events) = run(vms, &homes, config());
     assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.errors);
     for phase in [
@@ -249,15 +264,7 @@ fn two_reference_vms_move_from_hca_standin_to_ethernet_and_back() {
 
     // Back: Ethernet -> HCA stand-in.
     let moved: Vec<Arc<ReferenceVm>> = homes.iter().map(vm_of).collect();
-    let vms: Vec<VmSpec> = (0..2)
-        .map(|i| {
-            spec(
-                &format!("vm{i}"),
-                (vec![nic(i)], ethernet(i)),
-                (vec![hca(&format!("vm{i}"))], infiniband()),
-            )
-        })
-        .collect();
+    let vms = two_vms(Direction::ToHca);
     let (report, _) = run(vms, &homes, config());
     assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.errors);
     for (i, home) in homes.iter().enumerate() {
@@ -280,15 +287,7 @@ fn a_destination_that_refuses_the_vm_rolls_the_plan_back() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let homes = start_sources();
     let sources: Vec<Arc<ReferenceVm>> = homes.iter().map(vm_of).collect();
-    let vms: Vec<VmSpec> = (0..2)
-        .map(|i| {
-            spec(
-                &format!("vm{i}"),
-                (vec![hca(&format!("vm{i}"))], infiniband()),
-                (vec![nic(i)], ethernet(i)),
-            )
-        })
-        .collect();
+    let vms = two_vms(Direction::ToEthernet);
     // The destinations are built for another memory size: they refuse at the handshake.
     let other = VmmConfig {
         mem_size: 64 << 20,
@@ -389,15 +388,7 @@ fn a_destination_lost_after_the_switchover_rolls_every_vm_back_to_its_source() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let homes = start_sources();
     let sources: Vec<Arc<ReferenceVm>> = homes.iter().map(vm_of).collect();
-    let vms: Vec<VmSpec> = (0..2)
-        .map(|i| {
-            spec(
-                &format!("vm{i}"),
-                (vec![hca(&format!("vm{i}"))], infiniband()),
-                (vec![nic(i)], ethernet(i)),
-            )
-        })
-        .collect();
+    let vms = two_vms(Direction::ToEthernet);
     let (report, events) = run_with(vms, &homes, config(), |i, b| {
         if i == 1 {
             Box::new(DestinationLostAfterSwitchover(b))
