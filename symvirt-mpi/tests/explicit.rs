@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use std::fs;
-use symvirt::protocol::{GuestMessage, Interconnect};
+use symvirt::protocol::GuestMessage;
 use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
 
 /// The cut records of `epoch`: every rank at the same iteration, global sent == received.
@@ -68,23 +68,8 @@ fn run_explicit(mpi: MpiImpl, source: &str, modes: Option<&str>, tag: &str, epoc
         let sent = check_cut(&cuts, epoch);
         assert!(sent > last_sent, "no traffic between cuts");
         last_sent = sent;
-        let ic: Interconnect = if epoch % 2 == 1 {
-            ethernet(epoch as u8)
-        } else {
-            infiniband()
-        };
-        rig.resume(epoch, ic.clone());
-        match outcome_while_running(&rig, &mut job) {
-            GuestMessage::Resumed {
-                epoch: e,
-                interconnect,
-                ..
-            } if e == epoch => assert_eq!(interconnect, ic),
-            other => panic!(
-                "epoch {epoch}: expected resumed, got {other:?}\n{}",
-                job.logs()
-            ),
-        }
+        let ic = interconnect_for(epoch);
+        resume_and_confirm(&rig, &mut job, epoch, &ic);
         let json = serde_json::to_string(&ic).unwrap();
         for rec in read_records(&cuts, "resumed", epoch) {
             assert!(rec.starts_with("resumed "), "{rec}");

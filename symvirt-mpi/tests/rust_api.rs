@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
-use symvirt::protocol::{GuestMessage, Interconnect};
+use symvirt::protocol::GuestMessage;
 use symvirt_mpi::control::SIGNAL_EPOCH_BASE;
 use symvirt_mpi::mpi_build::MpiImpl;
 
@@ -161,23 +161,8 @@ fn rust_ring_consistent_at_every_cut_resumed_with_the_interconnect() {
             }
             continue;
         }
-        let ic: Interconnect = if epoch % 2 == 1 {
-            ethernet(epoch as u8)
-        } else {
-            infiniband()
-        };
-        rig.resume(epoch, ic.clone());
-        match outcome_while_running(&rig, &mut job) {
-            GuestMessage::Resumed {
-                epoch: e,
-                interconnect,
-                ..
-            } if e == epoch => assert_eq!(interconnect, ic),
-            other => panic!(
-                "epoch {epoch}: expected resumed, got {other:?}\n{}",
-                job.logs()
-            ),
-        }
+        let ic = interconnect_for(epoch);
+        resume_and_confirm(&rig, &mut job, epoch, &ic);
         let json = serde_json::to_string(&ic).unwrap();
         for rec in read_records(&cuts, "hook", epoch) {
             assert_eq!(rec, format!("{json}\n"), "resume hook");

@@ -12,7 +12,7 @@ use common::cut::{check_pairs, read_cut};
 use common::*;
 use std::fs;
 use std::time::Duration;
-use symvirt::protocol::{GuestMessage, Interconnect};
+use symvirt::protocol::GuestMessage;
 use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
 
 /// `modes`: the C program's first argument; `None` runs the Fortran program.
@@ -60,23 +60,8 @@ fn run_transparent(mpi: MpiImpl, modes: Option<&str>, tag: &str, epochs: u64) {
         let total = check_pairs(&read_cut(&cuts, epoch), epoch);
         assert!(total >= last_total, "counts went backwards");
         last_total = total;
-        let ic: Interconnect = if epoch % 2 == 1 {
-            ethernet(epoch as u8)
-        } else {
-            infiniband()
-        };
-        rig.resume(epoch, ic.clone());
-        match outcome_while_running(&rig, &mut job) {
-            GuestMessage::Resumed {
-                epoch: e,
-                interconnect,
-                ..
-            } if e == epoch => assert_eq!(interconnect, ic),
-            other => panic!(
-                "epoch {epoch}: expected resumed, got {other:?}\n{}",
-                job.logs()
-            ),
-        }
+        let ic = interconnect_for(epoch);
+        resume_and_confirm(&rig, &mut job, epoch, &ic);
         let json = serde_json::to_string(&ic).unwrap();
         for rec in read_records(&cuts, "resumed", epoch) {
             assert_eq!(rec, format!("resumed {json}\n"));

@@ -344,6 +344,33 @@ pub fn infiniband() -> Interconnect {
     }
 }
 
+/// The interconnect epoch `epoch` resumes on: Ethernet for odd epochs, InfiniBand for even
+/// ones, so every run switches both ways.
+pub fn interconnect_for(epoch: u64) -> Interconnect {
+    if epoch % 2 == 1 {
+        ethernet(epoch as u8)
+    } else {
+        infiniband()
+    }
+}
+
+/// Resumes the quiesced ranks of `epoch` on `ic` and waits until the agent reports them
+/// resumed on it.
+pub fn resume_and_confirm(rig: &Rig, job: &mut Job, epoch: u64, ic: &Interconnect) {
+    rig.resume(epoch, ic.clone());
+    match outcome_while_running(rig, job) {
+        GuestMessage::Resumed {
+            epoch: e,
+            interconnect,
+            ..
+        } if e == epoch => assert_eq!(&interconnect, ic),
+        other => panic!(
+            "epoch {epoch}: expected resumed, got {other:?}\n{}",
+            job.logs()
+        ),
+    }
+}
+
 /// Waits for the agent's next report, failing early with the job's logs if the job dies.
 pub fn outcome_while_running(rig: &Rig, job: &mut Job) -> GuestMessage {
     let deadline = soon();
