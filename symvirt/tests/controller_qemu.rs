@@ -296,13 +296,7 @@ fn two_vms_move_from_hca_standin_to_ethernet_and_back() {
         );
     }
     for (i, vm) in report.vms.iter().enumerate() {
-        match &vm.guest {
-            GuestNotice::Resumed { interconnect, .. } => match interconnect {
-                Interconnect::Ethernet { mac, .. } => assert_eq!(mac, &mac_of(i)),
-                other => panic!("{}: resumed on {other:?}", vm.name),
-            },
-            other => panic!("{}: {other:?}", vm.name),
-        }
+        assert_resumed_on_mac(vm, &mac_of(i));
         assert!(vm.transferred > 0);
     }
     // The sources were released; the guests run at the destinations: their agents answer,

@@ -450,13 +450,7 @@ fn plan_over_ssh_moves_two_vms_from_hca_standin_to_ethernet() {
     let connector = Connector::new(sshd.ssh_program().to_string_lossy()).unwrap();
     for (i, s) in sources.iter_mut().enumerate() {
         let vm = &report.vms[i];
-        match &vm.guest {
-            GuestNotice::Resumed { interconnect, .. } => match interconnect {
-                Interconnect::Ethernet { mac, .. } => assert_eq!(mac, &mac_of(i)),
-                other => panic!("{}: resumed on {other:?}", s.name),
-            },
-            other => panic!("{}: {other:?}", s.name),
-        }
+        assert_resumed_on_mac(vm, &mac_of(i));
         assert!(vm.transferred > 0);
         // The destination was launched through ssh: the controller's child is the ssh client.
         let launcher = vm.destination_pid.expect("a launched destination");

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 use std::time::{Duration, Instant};
+use symvirt::controller::{GuestNotice, VmReport};
 use symvirt::host_channel::{ChannelOptions, HostChannel};
 use symvirt::protocol::{GuestMessage, HostMessage, Interconnect, PciDevice};
 
@@ -108,4 +109,15 @@ pub fn read(path: &Path) -> String {
     std::fs::read(path)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default()
+}
+
+/// The plan told `vm`'s guest to resume on Ethernet with `mac`, and the guest confirmed it.
+pub fn assert_resumed_on_mac(vm: &VmReport, mac: &str) {
+    match &vm.guest {
+        GuestNotice::Resumed {
+            interconnect: Interconnect::Ethernet { mac: m, .. },
+            ..
+        } => assert_eq!(m, mac, "{}", vm.name),
+        other => panic!("{}: not resumed on Ethernet: {other:?}", vm.name),
+    }
 }
