@@ -4,7 +4,7 @@
 //! `NINJA_REQUIRE` includes `qemu`. Every QEMU is killed by its `Qemu` guard's Drop.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ninja_testkit::{Qemu, QemuConfig, free_tcp_port, qemu_or_skip};
 use qmp::types::QmpCapability;
@@ -337,7 +337,15 @@ fn passthrough_stand_in_blocks_migration_until_detached_then_loopback_migration_
     migration_events
         .wait_for_event("MIGRATION", |e| e.data["status"] == "completed", EVENT)
         .unwrap();
-    assert_eq!(src.query_status().unwrap().status, RunState::PostMigrate);
+    // QEMU reports `completed` before its migration thread's cleanup moves the source from
+    // finish-migrate to postmigrate: wait (bounded) for that step.
+    let asked = Instant::now();
+    let mut state = src.query_status().unwrap().status;
+    while state == RunState::FinishMigrate && asked.elapsed() < EVENT {
+        std::thread::sleep(Duration::from_millis(10));
+        state = src.query_status().unwrap().status;
+    }
+    assert_eq!(state, RunState::PostMigrate);
 
     // The guest goes on at the destination with its memory intact.
     dst_vm
