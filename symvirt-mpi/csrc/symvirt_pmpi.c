@@ -29,11 +29,11 @@
  * have to complete. Blocking sends stay blocking: a peer in a cut completes them by draining
  * (see send_counted).
  *
- * Collectives (blocking and non-blocking, and communicator creation) are aligned first on
- * their communicator: an MPI_Iallreduce(MAX) of "cut requested" (on a private duplicate for
- * MPI_COMM_WORLD, on the communicator itself otherwise; twice on an intercommunicator, so both
- * groups agree), whose progress loop answers cuts started by peers that are not in the
- * collective yet. When the agreed value asks for a cut, every member makes it before entering
+ * Collectives (blocking and non-blocking, and communicator creation) are aligned first among
+ * their communicator's members: a maximum of "cut requested" (point to point, over a private
+ * duplicate of MPI_COMM_WORLD: see agreement; an MPI_Iallreduce on an intercommunicator itself,
+ * twice, so both groups agree), whose progress loop answers cuts started by peers that are not
+ * in the collective yet. When the agreed value asks for a cut, every member makes it before entering
  * the real collective; otherwise every member is at the collective and enters it. So every
  * outstanding non-blocking collective was started by all its members and completes while they
  * drain. A member that answers a peer's cut while its alignment is pending may learn inside
@@ -76,9 +76,20 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef SYMVIRT_MPI_IMPL_OPENMPI
+/* Open MPI's own headers (shipped by its -dev package, on mpicc's include path): the blocking
+ * waits poll a request's completion flag between progress turns, as Open MPI's own MPI_Wait
+ * does, instead of paying MPI_Test's argument checks and bookkeeping every turn. The library
+ * is built against the installed Open MPI, so the layout matches. */
+#include "ompi/request/request.h"
+#include "opal/runtime/opal_progress.h"
+#endif
+
 #define MAX_COMMS 256
 #define TAG_COUNTS 1
-#define TAG_HOLD 2 /* zero-byte self messages that stand for held (drained) messages */
+#define TAG_HOLD 2    /* zero-byte self messages that stand for held (drained) messages */
+#define TAG_DRAINED 8 /* the post-drain barrier on the COUNTS communicator (rounds add) */
+#define TAG_ALIGN 64  /* alignments on the private MPI_COMM_WORLD duplicate (see agreement) */
 
 /* A runtime may define this to re-select its transport after a migration (transparent mode's
  * resume hook); it runs on every rank before the rank reports resumed. */
@@ -90,6 +101,8 @@ typedef struct {
     int size;      /* ranks point-to-point calls address (the remote group's, for inter) */
     int *world;    /* rank in comm (remote group) -> rank in MPI_COMM_WORLD */
     int inter;
+    int me;        /* this rank in comm (local group) */
+    int tag;       /* base tag of its alignments (from its members: see agreement) */
 } tracked_comm;
 
 /* A request the layer watches until it completes. */
@@ -288,6 +301,14 @@ static int track_comm(MPI_Comm c)
         }
     t->size = size;
     t->inter = inter;
+    PMPI_Comm_rank(c, &t->me);
+    /* Alignment tags from the membership (FNV-1a over the WORLD ranks, below 32767, the least
+     * MPI_TAG_UB an implementation may have): alignments on communicators with other members
+     * never match each other's messages, even in a program that orders them differently. */
+    uint32_t h = 2166136261u;
+    for (int i = 0; i < size; i++)
+        h = (h ^ (uint32_t)t->world[i]) * 16777619u;
+    t->tag = TAG_ALIGN + 32 * (int)(h % 1000);
     t->comm = c;
     PMPI_Comm_set_attr(c, g.keyval, (void *)(intptr_t)cid);
     return cid;
@@ -341,11 +362,28 @@ static void completed(MPI_Request handle, const MPI_Status *st)
     }
 }
 
+/* The request of the blocking receive in progress (MPI_Recv): the application never sees it,
+ * so it is neither cancelled nor looked up, and a slot of its own keeps the list above off
+ * the latency path. A cut counts it if it completes meanwhile. */
+static struct {
+    MPI_Request req; /* MPI_REQUEST_NULL when no blocking receive waits */
+    int cid, counted;
+} blocking;
+
 /* During a drain: counts pending receives that have completed, without freeing them.
  * Returns how many watched requests (receives and collectives) are still incomplete. */
 static int poll_pending(void)
 {
     int open = 0;
+    if (blocking.req != MPI_REQUEST_NULL && !blocking.counted) {
+        int flag = 0;
+        MPI_Status st;
+        PMPI_Request_get_status(blocking.req, &flag, &st);
+        if (flag) {
+            count_recv(blocking.cid, &st);
+            blocking.counted = 1;
+        }
+    }
     for (int i = 0; i < g.reqs.n; i++) {
         tracked_req *t = &g.reqs.v[i];
         if (t->counted)
@@ -697,26 +735,30 @@ static void serve_peers(void)
         have_early[st.MPI_SOURCE] = 0; /* stale */
 }
 
-/* One idle turn of a wait loop. Cheap on the fast path: the local request is one atomic
- * load; peers' COUNTS are probed every 64 turns; the CPU is yielded only after a while (ranks
- * may share cores), so a message that arrives soon is seen at full speed. */
-static void idle(unsigned long *turns)
+/* One idle turn of a wait loop. Cheap on the fast path, which is most turns of a receive that
+ * waits a microsecond: the agent's request (an atomic load) is looked at every 8 turns and
+ * peers' COUNTS probed every 64; the CPU is yielded only after a while (ranks may share
+ * cores), so a message that arrives soon is seen at full speed. */
+static void idle_check(unsigned long t);
+
+static inline void idle(unsigned long *turns)
 {
-    ++*turns;
-    if (!g.ready || g.closed) {
-        if (*turns > 4096)
-            sched_yield();
-        return;
-    }
-    uint64_t e = symvirt_ctl_requested();
-    if (e > g.served) {
-        cut(e);
-        return;
-    }
-    if ((*turns & 63) == 0)
-        serve_peers();
-    if (*turns > 4096)
+    unsigned long t = ++*turns;
+    if ((t & 7) == 0)
+        idle_check(t);
+}
+
+static __attribute__((noinline)) void idle_check(unsigned long t)
+{
+    if (t > 4096)
         sched_yield();
+    if (!g.ready || g.closed)
+        return;
+    uint64_t e = symvirt_ctl_requested();
+    if (e > g.served)
+        cut(e);
+    else if ((t & 63) == 0)
+        serve_peers();
 }
 
 /* For single-shot Test calls that found nothing: the same, with a process-wide turn count. */
@@ -726,6 +768,62 @@ static void idle_test(void)
     idle(&turns);
     if (turns > 4096)
         turns = 0; /* no yield inside an application's own polling loop */
+}
+
+/* ---- agreement among a communicator's members, point to point ------------------------------
+ * The maximum of one value per member, by dissemination: in round k each member sends what it
+ * knows to the member 2^k above it and takes the maximum with what the member 2^k below it
+ * sent; after ceil(log2 n) rounds every member knows the maximum of all. Messages go over
+ * the layer's private communicators (g.align, g.ctl) to the members' ranks there, so
+ * nothing of the application's can match them. Not MPI_Iallreduce: Open MPI hooks its
+ * non-blocking collective engine into the progress loop on a communicator's first
+ * non-blocking collective and keeps it there, which every later MPI call of the application
+ * would pay (about 20 instructions a progress turn). */
+typedef struct {
+    MPI_Comm comm;    /* g.align or g.ctl */
+    const int *world; /* member -> rank in comm; NULL: the members are comm's ranks */
+    int n, me, tag, round, posted;
+    uint64_t value, out, in;
+    MPI_Request sreq, rreq;
+} agreement;
+
+static agreement agreement_of(MPI_Comm comm, const int *world, int n, int me, int tag,
+                              uint64_t value)
+{
+    return (agreement){.comm = comm, .world = world, .n = n, .me = me, .tag = tag,
+                       .value = value, .sreq = MPI_REQUEST_NULL, .rreq = MPI_REQUEST_NULL};
+}
+
+/* Advances a; 1 once a.value is the maximum over all members. */
+static int agree_step(agreement *a)
+{
+    for (;;) {
+        if ((1L << a->round) >= a->n)
+            return 1;
+        if (!a->posted) {
+            int dist = 1 << a->round;
+            int to = (a->me + dist) % a->n, from = (a->me - dist % a->n + a->n) % a->n;
+            if (a->world != NULL) {
+                to = a->world[to];
+                from = a->world[from];
+            }
+            a->out = a->value;
+            PMPI_Irecv(&a->in, 1, MPI_UINT64_T, from, a->tag + a->round, a->comm, &a->rreq);
+            PMPI_Isend(&a->out, 1, MPI_UINT64_T, to, a->tag + a->round, a->comm, &a->sreq);
+            a->posted = 1;
+        }
+        int done = 0;
+        if (a->rreq != MPI_REQUEST_NULL)
+            PMPI_Test(&a->rreq, &done, MPI_STATUS_IGNORE);
+        if (a->sreq != MPI_REQUEST_NULL)
+            PMPI_Test(&a->sreq, &done, MPI_STATUS_IGNORE);
+        if (a->rreq != MPI_REQUEST_NULL || a->sreq != MPI_REQUEST_NULL)
+            return 0;
+        if (a->in > a->value)
+            a->value = a->in;
+        a->round++;
+        a->posted = 0;
+    }
 }
 
 /* Diagnostics for a drain that does not finish (printed once per cut, to stderr). */
@@ -820,13 +918,8 @@ static void cut(uint64_t epoch)
         have_early[p] = 0;
     /* Keep progressing until every rank has drained: a receiver may still need this rank's
      * help to finish a large (rendezvous) transfer it has already matched. */
-    MPI_Request drained;
-    PMPI_Ibarrier(g.ctl, &drained);
-    for (;;) {
-        int flag = 0;
-        PMPI_Test(&drained, &flag, MPI_STATUS_IGNORE);
-        if (flag)
-            break;
+    agreement drained = agreement_of(g.ctl, NULL, g.np, g.me, TAG_DRAINED, 0);
+    while (!agree_step(&drained)) {
         finish_alignment();
         poll_pending();
         sched_yield();
@@ -861,28 +954,72 @@ static void cut(uint64_t epoch)
     PMPI_Barrier(g.ctl);
 }
 
-/* Waits for one request, serving cuts meanwhile. */
-static int wait_serving(MPI_Request *req, MPI_Status *st)
+#ifdef SYMVIRT_MPI_IMPL_OPENMPI
+/* Open MPI's own wait loop (progress until the request's completion flag is set), serving
+ * cuts between turns. */
+static void progress_until_complete(ompi_request_t *r)
 {
     unsigned long turns = 0;
+    while (!REQUEST_COMPLETE(r)) {
+        opal_progress();
+        idle(&turns);
+    }
+}
+#endif
+
+/* Waits for one request, serving cuts meanwhile: each implementation's own wait loop, plus
+ * one turn of idle(). */
+static int wait_serving(MPI_Request *req, MPI_Status *st)
+{
+#if defined(SYMVIRT_MPI_IMPL_OPENMPI)
+    /* An inactive persistent request, or the null request, completes at once in PMPI_Wait. */
+    ompi_request_t *r = *req;
+    if (r != MPI_REQUEST_NULL && r->req_state != OMPI_REQUEST_INACTIVE)
+        progress_until_complete(r);
+    return PMPI_Wait(req, st);
+#elif defined(SYMVIRT_MPI_IMPL_MPICH)
+    unsigned long turns = 0;
+    /* MPICH's MPI_Test runs its progress engine even for a complete request (~470
+     * instructions, more than a whole blocking send); MPI_Request_get_status looks first,
+     * and MPI_Wait frees a complete request without progress. */
     for (;;) {
         int flag = 0;
-#ifdef SYMVIRT_MPI_IMPL_MPICH
-        /* MPICH's MPI_Test runs its progress engine even for a complete request (~470
-         * instructions, more than a whole blocking send); MPI_Request_get_status looks first,
-         * and MPI_Wait frees a complete request without progress. */
         int rc = PMPI_Request_get_status(*req, &flag, MPI_STATUS_IGNORE);
         if (rc != MPI_SUCCESS)
             return rc;
         if (flag)
             return PMPI_Wait(req, st);
+        idle(&turns);
+    }
 #else
+    unsigned long turns = 0;
+    for (;;) {
+        int flag = 0;
         int rc = PMPI_Test(req, &flag, st);
         if (rc != MPI_SUCCESS || flag)
             return rc;
-#endif
         idle(&turns);
     }
+#endif
+}
+
+/* Waits for the layer's own receive request (the blocking receive's, a plain point-to-point
+ * receive that is neither persistent nor generalized) and frees it. */
+static int wait_own_receive(MPI_Request *req, MPI_Status *st)
+{
+#if defined(SYMVIRT_MPI_IMPL_OPENMPI)
+    /* What Open MPI's MPI_Wait does for such a request once complete, without its argument
+     * checks and dispatch (about 80 instructions a message); an error still goes through
+     * PMPI_Wait, which raises it through the communicator's error handler. */
+    ompi_request_t *r = *req;
+    progress_until_complete(r);
+    if (r->req_status.MPI_ERROR != MPI_SUCCESS)
+        return PMPI_Wait(req, st);
+    *st = r->req_status;
+    return ompi_request_free(req);
+#else
+    return wait_serving(req, st);
+#endif
 }
 
 /* A collective (or communicator creation or free) to run once its members agreed: its
@@ -920,7 +1057,8 @@ static int perform(coll *c)
  * cut" during the cut, some may already be inside the collective, so this rank runs it there
  * (its members all agreed, so all of them run it, inside the cut or not). */
 typedef struct {
-    MPI_Request req;
+    agreement a;      /* intracommunicators */
+    MPI_Request req;  /* intercommunicators: MPI_Iallreduce on the communicator itself */
     MPI_Comm comm;
     int inter, round, resolved, ran, rc;
     uint64_t mine, second, agreed;
@@ -934,6 +1072,13 @@ static int align_step(pending_align *p)
 {
     if (p->resolved)
         return 1;
+    if (!p->inter) {
+        if (!agree_step(&p->a))
+            return 0;
+        p->agreed = p->a.value;
+        p->resolved = 1;
+        return 1;
+    }
     int flag = 0;
     PMPI_Test(&p->req, &flag, MPI_STATUS_IGNORE);
     if (!flag)
@@ -969,13 +1114,14 @@ static int align(int cid, coll *c)
     if (aligning != NULL)
         die("collective called while another one is being aligned (threads?)");
     for (;;) {
-        pending_align p = {.comm = cid == 0 ? g.align : g.comms[cid].comm,
-                           .inter = g.comms[cid].inter,
-                           .round = 1,
-                           .c = c};
+        tracked_comm *t = &g.comms[cid];
+        pending_align p = {.comm = t->comm, .inter = t->inter, .round = 1, .c = c};
         uint64_t want = symvirt_ctl_requested();
         p.mine = want > g.served ? want : 0;
-        PMPI_Iallreduce(&p.mine, &p.agreed, 1, MPI_UINT64_T, MPI_MAX, p.comm, &p.req);
+        if (t->inter)
+            PMPI_Iallreduce(&p.mine, &p.agreed, 1, MPI_UINT64_T, MPI_MAX, p.comm, &p.req);
+        else
+            p.a = agreement_of(g.align, t->world, t->size, t->me, t->tag, p.mine);
         aligning = &p;
         for (unsigned long turns = 1; !align_step(&p); turns++) {
             /* Never start a cut here (peers may already be past this point); answer one. */
@@ -1003,10 +1149,19 @@ static void setup(void)
 {
     PMPI_Comm_rank(MPI_COMM_WORLD, &g.me);
     PMPI_Comm_size(MPI_COMM_WORLD, &g.np);
-    PMPI_Comm_dup(MPI_COMM_WORLD, &g.ctl);
-    PMPI_Comm_dup(MPI_COMM_WORLD, &g.align);
+    /* The private communicators span MPI_COMM_WORLD. Made with MPI_Comm_create_group, not
+     * MPI_Comm_dup: Open MPI's dup agrees on the new context with a non-blocking allreduce on
+     * MPI_COMM_WORLD, which hooks its non-blocking collective engine into every later
+     * progress turn of the application (about 20 instructions each); create_group agrees
+     * point to point. Its tag cannot meet the application's messages: none exist yet. */
+    MPI_Group world;
+    PMPI_Comm_group(MPI_COMM_WORLD, &world);
+    PMPI_Comm_create_group(MPI_COMM_WORLD, world, 1, &g.ctl);
+    PMPI_Comm_create_group(MPI_COMM_WORLD, world, 2, &g.align);
+    PMPI_Group_free(&world);
     PMPI_Comm_dup(MPI_COMM_SELF, &g.self);
     PMPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, on_comm_delete, &g.keyval, NULL);
+    blocking.req = MPI_REQUEST_NULL;
     g.sent = calloc((size_t)g.np, sizeof(uint64_t));
     g.recv = calloc((size_t)g.np, sizeof(uint64_t));
     early = calloc((size_t)g.np * 2, sizeof(uint64_t));
@@ -1286,13 +1441,17 @@ int MPI_Recv(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_Comm c
     int rc = PMPI_Irecv(buf, count, dt, src, tag, comm, &r);
     if (rc != MPI_SUCCESS)
         return rc;
-    track_req(r, cid, REQ_RECV);
-    MPI_Request handle = r;
+    if (blocking.req != MPI_REQUEST_NULL)
+        die("blocking receive called while another one waits (threads?)");
+    blocking.req = r;
+    blocking.cid = cid;
+    blocking.counted = 0;
     MPI_Status local;
-    rc = wait_serving(&r, &local);
-    completed(handle, &local);
-    if (status != MPI_STATUS_IGNORE)
-        *status = local;
+    MPI_Status *st = status == MPI_STATUS_IGNORE ? &local : status;
+    rc = wait_own_receive(&r, st);
+    if (rc == MPI_SUCCESS && !blocking.counted)
+        count_recv(cid, st);
+    blocking.req = MPI_REQUEST_NULL;
     return rc;
 }
 

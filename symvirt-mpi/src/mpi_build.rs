@@ -41,6 +41,15 @@ impl MpiImpl {
         }
     }
 
+    /// Libraries the transparent layer calls beyond what `mpicc` links: Open MPI's progress
+    /// engine (`opal_progress`, in `libopen-pal`), polled directly by the layer's waits.
+    fn transparent_link_libs(self) -> &'static [&'static str] {
+        match self {
+            MpiImpl::OpenMpi => &["-lopen-pal"],
+            MpiImpl::Mpich => &[],
+        }
+    }
+
     /// The Fortran compiler wrapper.
     pub fn mpif90(self) -> &'static str {
         match self {
@@ -164,7 +173,13 @@ fn compile_object(mpi: MpiImpl, source: &str, out_dir: &Path) -> Result<PathBuf>
     Ok(obj)
 }
 
-fn link_shared(mpi: MpiImpl, objs: &[PathBuf], core: &Path, out: &Path) -> Result<()> {
+fn link_shared(
+    mpi: MpiImpl,
+    objs: &[PathBuf],
+    core: &Path,
+    extra_libs: &[&str],
+    out: &Path,
+) -> Result<()> {
     let tmp = out.with_extension(format!("so.{}.tmp", std::process::id()));
     run(
         Command::new(mpi.mpicc())
@@ -172,6 +187,7 @@ fn link_shared(mpi: MpiImpl, objs: &[PathBuf], core: &Path, out: &Path) -> Resul
             .args(objs)
             .arg(core)
             .args(CORE_LINK_LIBS)
+            .args(extra_libs)
             .arg("-o")
             .arg(&tmp),
         &format!("link {}", out.display()),
@@ -190,9 +206,21 @@ pub fn build_libraries(mpi: MpiImpl, core: &Path, out_dir: &Path) -> Result<Libr
     let transparent = compile_object(mpi, "symvirt_pmpi.c", out_dir)?;
 
     let explicit_shared = out_dir.join(format!("libsymvirt_mpi_{n}.so"));
-    link_shared(mpi, std::slice::from_ref(&explicit), core, &explicit_shared)?;
+    link_shared(
+        mpi,
+        std::slice::from_ref(&explicit),
+        core,
+        &[],
+        &explicit_shared,
+    )?;
     let transparent_so = out_dir.join(format!("libsymvirt_pmpi_{n}.so"));
-    link_shared(mpi, &[transparent], core, &transparent_so)?;
+    link_shared(
+        mpi,
+        &[transparent],
+        core,
+        mpi.transparent_link_libs(),
+        &transparent_so,
+    )?;
 
     // The static library: one relocatable object holding the glue and the whole core
     // staticlib (`ld -r`), archived with gcc-ar: it passes GCC's own LTO plugin, so binutils
