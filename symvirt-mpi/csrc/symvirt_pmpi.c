@@ -29,16 +29,20 @@
  * have to complete. Blocking sends stay blocking: a peer in a cut completes them by draining
  * (see send_counted).
  *
- * Collectives (blocking and non-blocking, and communicator creation) are aligned first among
- * their communicator's members: a maximum of "cut requested" (point to point, over a private
- * duplicate of MPI_COMM_WORLD: see agreement; an MPI_Iallreduce on an intercommunicator itself,
- * twice, so both groups agree), whose progress loop answers cuts started by peers that are not
- * in the collective yet. When the agreed value asks for a cut, every member makes it before entering
- * the real collective; otherwise every member is at the collective and enters it. So every
- * outstanding non-blocking collective was started by all its members and completes while they
- * drain. A member that answers a peer's cut while its alignment is pending may learn inside
- * that cut that the members agreed on the collective (others may already be in it, waiting for
- * this rank): it then runs the collective there (a record of its arguments, see coll).
+ * Blocking collectives (and communicator creation and free) are aligned first among their
+ * communicator's members: a maximum of "cut requested" (point to point, over a private
+ * duplicate of MPI_COMM_WORLD: see agreement; an MPI_Iallreduce on an intercommunicator
+ * itself, twice, so both groups agree), whose progress loop answers cuts started by peers
+ * that are not in the collective yet. When the agreed value asks for a cut, every member
+ * makes it before entering the real collective; otherwise every member is at the collective
+ * and enters it. A member that answers a peer's cut while its alignment is pending may learn
+ * inside that cut that the members agreed on the collective (others may already be in it,
+ * waiting for this rank): it then runs the collective there (a record of its arguments, see
+ * coll).
+ * Non-blocking collectives return at once with a request of the layer's; the real one starts
+ * once every member has called it (see deferred), so every real non-blocking collective in
+ * flight was started by all its members and completes while they drain, and a rank never
+ * waits at the start of one (the NBX pattern works).
  * MPI_Finalize is aligned the same way, then the agent connection is closed (a request
  * that arrives later fails the epoch at the agent: a clear error for the host, never a hang).
  *
@@ -57,12 +61,11 @@
  *
  * Not covered (documented limits, also in symvirt-mpi/README.md): one-sided communication;
  * MPI_Comm_idup (refused); MPI_Comm_create_group and intercommunicator creation are not aligned
- * (their communicators are tracked); non-blocking collectives start only when every member has
- * started them (the alignment), so a program whose progress depends on a non-blocking
- * collective not synchronizing at its start (e.g. the NBX pattern: Ibarrier while still
- * receiving) deadlocks; neighborhood and the v/w non-blocking collectives pass through
- * unaligned; Open MPI Fortran entry points other than those wrapped below; the mpi_f08
- * bindings; processes outside MPI_COMM_WORLD (spawn); MPI_THREAD_MULTIPLE.
+ * (their communicators are tracked); non-blocking collectives on intercommunicators are
+ * aligned at their start like blocking ones (a rank waits there for its peers); neighborhood
+ * and the v/w non-blocking collectives pass through unaligned; Open MPI Fortran entry points
+ * other than those wrapped below; the mpi_f08 bindings; processes outside MPI_COMM_WORLD
+ * (spawn); MPI_THREAD_MULTIPLE.
  *
  * Environment: SYMVIRT_AGENT_SOCKET (agent's rank socket), SYMVIRT_CUT_LOG (a directory: each
  * rank writes cut-E-R with its per-peer sent and received counts at the cut, and resumed-E-R),
@@ -102,7 +105,12 @@ typedef struct {
     int *world;    /* rank in comm (remote group) -> rank in MPI_COMM_WORLD */
     int inter;
     int me;        /* this rank in comm (local group) */
-    int tag;       /* base tag of its alignments (from its members: see agreement) */
+    /* Its alignments' messages (see agreement): an identity the members share, the same on
+     * every member (from the parent's for a communicator made through a wrapped call,
+     * else from the members), how many communicators were made from it, how many
+     * alignments it had. */
+    uint32_t id;
+    unsigned children, seq;
 } tracked_comm;
 
 /* A request the layer watches until it completes. */
@@ -229,6 +237,8 @@ static int on_comm_delete(MPI_Comm c, int keyval, void *val, void *extra)
     return MPI_SUCCESS;
 }
 
+static int deferred_names(int cid);
+
 /* Whether a pending request still names slot cid (then its table must stay). */
 static int slot_referenced(int cid)
 {
@@ -241,7 +251,36 @@ static int slot_referenced(int cid)
     for (int i = 0; i < g.matches.n; i++)
         if (g.matches.v[i].cid == cid)
             return 1;
-    return 0;
+    return deferred_names(cid);
+}
+
+static uint32_t hash_ranks(const int *ranks, int n)
+{
+    uint32_t h = 2166136261u;
+    for (int i = 0; i < n; i++)
+        h = (h ^ (uint32_t)ranks[i]) * 16777619u;
+    return h;
+}
+
+/* The hash of the WORLD ranks of c's local group. */
+static uint32_t hash_group(MPI_Comm c)
+{
+    MPI_Group grp, wgrp;
+    PMPI_Comm_group(c, &grp);
+    PMPI_Comm_group(MPI_COMM_WORLD, &wgrp);
+    int size = 0;
+    PMPI_Group_size(grp, &size);
+    int *ranks = malloc((size_t)(size > 0 ? size : 1) * 2 * sizeof(int));
+    if (ranks == NULL)
+        die("out of memory");
+    for (int i = 0; i < size; i++)
+        ranks[i] = i;
+    PMPI_Group_translate_ranks(grp, size, ranks, wgrp, ranks + size);
+    uint32_t h = hash_ranks(ranks + size, size);
+    free(ranks);
+    PMPI_Group_free(&grp);
+    PMPI_Group_free(&wgrp);
+    return h;
 }
 
 /* Starts observing c: its ranks translated to WORLD ranks once. Returns its slot, or -1 (a
@@ -302,13 +341,12 @@ static int track_comm(MPI_Comm c)
     t->size = size;
     t->inter = inter;
     PMPI_Comm_rank(c, &t->me);
-    /* Alignment tags from the membership (FNV-1a over the WORLD ranks, below 32767, the least
-     * MPI_TAG_UB an implementation may have): alignments on communicators with other members
-     * never match each other's messages, even in a program that orders them differently. */
-    uint32_t h = 2166136261u;
-    for (int i = 0; i < size; i++)
-        h = (h ^ (uint32_t)t->world[i]) * 16777619u;
-    t->tag = TAG_ALIGN + 32 * (int)(h % 1000);
+    /* Until perform() names it from its parent: from the members' WORLD ranks (FNV-1a), for
+     * an intercommunicator both groups' (combined alike on both sides). */
+    t->id = hash_ranks(t->world, size);
+    if (inter)
+        t->id ^= hash_group(c);
+    t->children = t->seq = 0;
     t->comm = c;
     PMPI_Comm_set_attr(c, g.keyval, (void *)(intptr_t)cid);
     return cid;
@@ -741,6 +779,10 @@ static void serve_peers(void)
  * cores), so a message that arrives soon is seen at full speed. */
 static void idle_check(unsigned long t);
 
+/* Non-blocking collectives the application called that have not completed (see deferred). */
+static int ndeferred;
+static void progress_deferred(void);
+
 static inline void idle(unsigned long *turns)
 {
     unsigned long t = ++*turns;
@@ -754,6 +796,8 @@ static __attribute__((noinline)) void idle_check(unsigned long t)
         sched_yield();
     if (!g.ready || g.closed)
         return;
+    if (ndeferred)
+        progress_deferred();
     uint64_t e = symvirt_ctl_requested();
     if (e > g.served)
         cut(e);
@@ -786,6 +830,24 @@ typedef struct {
     uint64_t value, out, in;
     MPI_Request sreq, rreq;
 } agreement;
+
+static agreement agreement_of(MPI_Comm comm, const int *world, int n, int me, int tag,
+                              uint64_t value);
+
+/* Bits of a communicator's identity in its alignment tags: as many as MPI_TAG_UB leaves. */
+static uint32_t id_mask;
+
+/* The next alignment among t's members, over g.align. Its tag names the communicator and the
+ * alignment's number on it (both the same on every member), with 5 bits left for the round:
+ * alignments in flight at once (non-blocking collectives, several communicators, in any
+ * order across communicators) never take each other's messages, unless 32 are in flight on
+ * one communicator or two communicators' identities share their low bits. */
+static agreement alignment_of(tracked_comm *t, uint64_t value)
+{
+    unsigned seq = t->seq++;
+    int tag = TAG_ALIGN + (int)(((t->id & id_mask) << 10) | ((seq & 31u) << 5));
+    return agreement_of(g.align, t->world, t->size, t->me, tag, value);
+}
 
 static agreement agreement_of(MPI_Comm comm, const int *world, int n, int me, int tag,
                               uint64_t value)
@@ -877,6 +939,8 @@ static void cut(uint64_t epoch)
             have_early[p] = 1; /* keep the counts in the slot for the check below */
         }
         finish_alignment();
+        if (ndeferred)
+            progress_deferred();
         int open_colls = poll_pending();
         for (int c = 0; c < g.ncomms; c++) {
             for (;;) {
@@ -921,6 +985,8 @@ static void cut(uint64_t epoch)
     agreement drained = agreement_of(g.ctl, NULL, g.np, g.me, TAG_DRAINED, 0);
     while (!agree_step(&drained)) {
         finish_alignment();
+        if (ndeferred)
+            progress_deferred();
         poll_pending();
         sched_yield();
     }
@@ -1040,13 +1106,24 @@ typedef struct coll {
 } coll;
 
 /* Runs c and observes what it made: a communicator, or a collective a cut must wait for. */
+static int run_free(coll *c);
+
 static int perform(coll *c)
 {
     int rc = c->run(c);
     if (rc != MPI_SUCCESS || !g.ready || g.closed)
         return rc;
-    if (c->newcomm != NULL && *c->newcomm != MPI_COMM_NULL)
+    if (c->newcomm != NULL && c->run != run_free && c->cid >= 0) {
+        /* Every member of the parent counts the child, also one that got MPI_COMM_NULL, so
+         * the members of a new communicator name it alike. */
+        tracked_comm *parent = &g.comms[c->cid];
+        uint32_t id = (parent->id * 16777619u) ^ (2654435761u * ++parent->children);
+        int nc = track_comm(*c->newcomm);
+        if (nc >= 0)
+            g.comms[nc].id = id;
+    } else if (c->newcomm != NULL && *c->newcomm != MPI_COMM_NULL) {
         track_comm(*c->newcomm);
+    }
     if (c->req != NULL && c->cid >= 0)
         track_req(*c->req, c->cid, REQ_COLL);
     return rc;
@@ -1105,6 +1182,8 @@ static void finish_alignment(void)
     p->rc = perform(p->c);
 }
 
+static void start_deferred_on(int cid);
+
 /* Agreement before a collective (or finalize: c NULL) on the communicator in slot cid, then
  * the collective; see the top. */
 static int align(int cid, coll *c)
@@ -1113,6 +1192,7 @@ static int align(int cid, coll *c)
         return c != NULL ? perform(c) : MPI_SUCCESS;
     if (aligning != NULL)
         die("collective called while another one is being aligned (threads?)");
+    start_deferred_on(cid);
     for (;;) {
         tracked_comm *t = &g.comms[cid];
         pending_align p = {.comm = t->comm, .inter = t->inter, .round = 1, .c = c};
@@ -1121,10 +1201,12 @@ static int align(int cid, coll *c)
         if (t->inter)
             PMPI_Iallreduce(&p.mine, &p.agreed, 1, MPI_UINT64_T, MPI_MAX, p.comm, &p.req);
         else
-            p.a = agreement_of(g.align, t->world, t->size, t->me, t->tag, p.mine);
+            p.a = alignment_of(t, p.mine);
         aligning = &p;
         for (unsigned long turns = 1; !align_step(&p); turns++) {
-            /* Never start a cut here (peers may already be past this point); answer one. */
+            /* Never start a cut here (peers may already be past this point); answer one. A
+             * peer may be waiting for a non-blocking collective this rank has to start. */
+            progress_deferred();
             if ((turns & 63) == 0)
                 serve_peers();
             if (turns > 4096)
@@ -1140,6 +1222,152 @@ static int align(int cid, coll *c)
             return c != NULL ? perform(c) : MPI_SUCCESS;
         if (p.agreed > g.served)
             cut(p.agreed);
+    }
+}
+
+/* ---- non-blocking collectives: started once every member has called them -----------------
+ * A non-blocking collective on an intracommunicator returns at once with a generalized
+ * request. The layer starts the real collective when every member has called it (an
+ * alignment with nothing to agree on, progressed wherever the layer progresses: wait loops,
+ * test calls, alignments, cuts), in the order the members called collectives on that
+ * communicator, and completes the application's request with the real one's status. So no
+ * rank waits at the start of a non-blocking collective (a program may keep receiving while
+ * it is pending: the NBX pattern), and a cut only ever waits for collectives that every
+ * member has started: each member in a cut starts those that became ready. */
+typedef struct deferred {
+    struct deferred *next; /* in the order the application called them */
+    coll c;                /* its arguments; c.req points at real once started */
+    MPI_Request app;       /* the generalized request the application holds */
+    MPI_Request real;
+    MPI_Status *st;        /* the real one's status, for the application's request */
+    agreement a;
+    int started;
+} deferred;
+
+static deferred *deferred_head;
+static deferred **deferred_tail = &deferred_head;
+
+static int deferred_query(void *extra, MPI_Status *st)
+{
+    *st = *(MPI_Status *)extra;
+    return st->MPI_ERROR;
+}
+
+/* Whether a non-blocking collective called on slot cid before d (or at all, d NULL) has not
+ * started yet. */
+static int unstarted_before(int cid, const deferred *d)
+{
+    for (const deferred *e = deferred_head; e != NULL && e != d; e = e->next)
+        if (!e->started && e->c.cid == cid)
+            return 1;
+    return 0;
+}
+
+static void finish_deferred(deferred *d, int err)
+{
+    d->st->MPI_ERROR = err;
+    PMPI_Grequest_complete(d->app);
+}
+
+/* Starts the collectives every member has called, completes those MPI has completed. */
+static void progress_deferred(void)
+{
+    static int busy; /* perform() and PMPI calls never come back here; be sure */
+    if (busy)
+        return;
+    busy = 1;
+    deferred **link = &deferred_head;
+    while (*link != NULL) {
+        deferred *d = *link;
+        if (!d->started && agree_step(&d->a) && !unstarted_before(d->c.cid, d)) {
+            d->started = 1;
+            d->c.req = &d->real;
+            int rc = perform(&d->c);
+            if (rc != MPI_SUCCESS) {
+                d->real = MPI_REQUEST_NULL;
+                finish_deferred(d, rc);
+            }
+        }
+        if (d->started && d->real != MPI_REQUEST_NULL) {
+            int flag = 0;
+            MPI_Request h = d->real;
+            int rc = PMPI_Test(&d->real, &flag, d->st);
+            if (rc != MPI_SUCCESS || flag) {
+                forget_req(h);
+                d->real = MPI_REQUEST_NULL;
+                finish_deferred(d, rc != MPI_SUCCESS ? rc : d->st->MPI_ERROR);
+            }
+        }
+        if (d->started && d->real == MPI_REQUEST_NULL) {
+            *link = d->next;
+            if (deferred_tail == &d->next)
+                deferred_tail = link;
+            free(d);
+            ndeferred--;
+            continue;
+        }
+        link = &d->next;
+    }
+    busy = 0;
+}
+
+static int deferred_names(int cid)
+{
+    for (const deferred *d = deferred_head; d != NULL; d = d->next)
+        if (d->c.cid == cid)
+            return 1;
+    return 0;
+}
+
+static int is_deferred(MPI_Request h)
+{
+    for (const deferred *d = deferred_head; d != NULL; d = d->next)
+        if (d->app == h)
+            return 1;
+    return 0;
+}
+
+/* A non-blocking collective: deferred on a tracked intracommunicator, else aligned and started
+ * at once (intercommunicators, communicators the layer does not observe). */
+static int nonblocking(coll *c, MPI_Request *req)
+{
+    c->cid = CID(c->comm);
+    if (c->cid < 0 || g.comms[c->cid].inter) {
+        c->req = req;
+        return align(c->cid, c);
+    }
+    deferred *d = calloc(1, sizeof *d);
+    MPI_Status *st = calloc(1, sizeof *st);
+    if (d == NULL || st == NULL)
+        die("out of memory");
+    d->c = *c;
+    d->real = MPI_REQUEST_NULL;
+    d->st = st;
+    d->a = alignment_of(&g.comms[c->cid], 0);
+    int rc = PMPI_Grequest_start(deferred_query, gq_free, gq_cancel, st, &d->app);
+    if (rc != MPI_SUCCESS) {
+        free(d);
+        free(st);
+        return rc;
+    }
+    *req = d->app;
+    *deferred_tail = d;
+    deferred_tail = &d->next;
+    ndeferred++;
+    progress_deferred();
+    return MPI_SUCCESS;
+}
+
+/* Before a blocking collective on slot cid: the non-blocking ones called on it earlier start
+ * first (collectives start in the same order on every member). Answers cuts meanwhile. */
+static void start_deferred_on(int cid)
+{
+    for (unsigned long turns = 1; unstarted_before(cid, NULL); turns++) {
+        progress_deferred();
+        if ((turns & 63) == 0)
+            serve_peers();
+        if (turns > 4096)
+            sched_yield();
     }
 }
 
@@ -1170,6 +1398,13 @@ static void setup(void)
         die("out of memory");
     if (track_comm(MPI_COMM_WORLD) != 0)
         die("cannot track MPI_COMM_WORLD");
+    g.comms[0].id = 1;
+    int *tag_ub = NULL, has_ub = 0;
+    PMPI_Comm_get_attr(MPI_COMM_WORLD, MPI_TAG_UB, &tag_ub, &has_ub);
+    long ub = has_ub && tag_ub != NULL ? *tag_ub : 32767;
+    id_mask = 0;
+    while (TAG_ALIGN + (((long)id_mask << 1 | 1) << 10) + 1023 <= ub && id_mask < 0xffffu)
+        id_mask = id_mask << 1 | 1;
     log_dir = getenv("SYMVIRT_CUT_LOG");
     quiesce_timeout_ms = env_ms("SYMVIRT_QUIESCE_TIMEOUT_MS", 600000);
     int rc = symvirt_ctl_open((uint32_t)g.me, NULL, env_ms("SYMVIRT_CONNECT_TIMEOUT_MS", 10000));
@@ -1217,6 +1452,13 @@ int MPI_Finalize(void)
     {                                                                                          \
         return expr;                                                                           \
     }
+
+/* A non-blocking collective on comm (see deferred), its request returned in req. */
+#define NONBLOCKING(comm_, ...)                                                                \
+    do {                                                                                       \
+        coll c_ = {.run = __VA_ARGS__, .comm = comm_};                                         \
+        return nonblocking(&c_, req);                                                          \
+    } while (0)
 
 /* Aligns on comm, then runs `run` with the arguments set in the initializer list. */
 #define COLLECTIVE(comm_, run_, ...)                                                           \
@@ -1635,6 +1877,8 @@ int MPI_Cancel(MPI_Request *req)
     for (int i = 0; i < g.subst.n; i++)
         if (g.subst.v[i].req == h)
             return MPI_SUCCESS;
+    if (ndeferred && is_deferred(h))
+        return refuse(MPI_COMM_SELF, "MPI_Cancel", "a non-blocking collective cannot be cancelled");
     for (int i = 0; i < g.reqs.n; i++)
         if (g.reqs.v[i].req == h)
             return g.reqs.v[i].kind == REQ_RECV
@@ -1770,6 +2014,8 @@ int MPI_Mrecv(void *buf, int count, MPI_Datatype dt, MPI_Message *msg, MPI_Statu
 
 int MPI_Test(MPI_Request *req, int *flag, MPI_Status *status)
 {
+    if (ndeferred)
+        progress_deferred();
     if (g.subst.n && take_substitute(*req, status)) {
         *flag = 1;
         return MPI_SUCCESS;
@@ -1801,6 +2047,8 @@ int MPI_Wait(MPI_Request *req, MPI_Status *status)
 
 int MPI_Request_get_status(MPI_Request req, int *flag, MPI_Status *status)
 {
+    if (ndeferred)
+        progress_deferred();
     for (int i = 0; i < g.subst.n; i++)
         if (g.subst.v[i].req == req) {
             *flag = 1;
@@ -1842,6 +2090,8 @@ static int is_substitute(MPI_Request h)
 
 static int testall(int n, MPI_Request *reqs, int *flag, MPI_Status *sts)
 {
+    if (ndeferred)
+        progress_deferred();
     MPI_Request *h = snapshot(n, reqs);
     MPI_Status *local = statuses(n);
     /* Substitutes are complete: MPI tests the others (their slots read as null). */
@@ -1893,6 +2143,8 @@ int MPI_Waitall(int n, MPI_Request *reqs, MPI_Status *sts)
 
 static int testany(int n, MPI_Request *reqs, int *idx, int *flag, MPI_Status *status)
 {
+    if (ndeferred)
+        progress_deferred();
     int s = find_substitute(n, reqs);
     if (s >= 0) {
         *idx = s;
@@ -1933,6 +2185,8 @@ int MPI_Waitany(int n, MPI_Request *reqs, int *idx, MPI_Status *status)
 
 static int testsome(int n, MPI_Request *reqs, int *outcount, int *idx, MPI_Status *sts)
 {
+    if (ndeferred)
+        progress_deferred();
     if (find_substitute(n, reqs) >= 0) {
         int k = 0;
         for (int i = 0; i < n; i++)
@@ -1978,8 +2232,8 @@ int MPI_Waitsome(int n, MPI_Request *reqs, int *outcount, int *idx, MPI_Status *
 }
 
 /* ---- collectives: aligned first on their communicator ------------------------------------
- * Non-blocking ones too: aligned at the start (so every member starts it), then watched: a
- * cut waits until it completes. */
+ * Non-blocking ones: started once every member has called them (see deferred), then
+ * watched: a cut waits until they complete. */
 
 RUN(run_ibarrier, PMPI_Ibarrier(c->comm, c->req))
 RUN(run_ibcast, PMPI_Ibcast(c->r, c->i1, c->t1, c->root, c->comm, c->req))
@@ -1998,68 +2252,64 @@ RUN(run_ireduce_scatter_block,
 
 int MPI_Ibarrier(MPI_Comm comm, MPI_Request *req)
 {
-    COLLECTIVE(comm, run_ibarrier, .req = req);
+    NONBLOCKING(comm, run_ibarrier);
 }
 
 int MPI_Ibcast(void *buf, int count, MPI_Datatype dt, int root, MPI_Comm comm,
                MPI_Request *req)
 {
-    COLLECTIVE(comm, run_ibcast, .r = buf, .i1 = count, .t1 = dt, .root = root, .req = req);
+    NONBLOCKING(comm, run_ibcast, .r = buf, .i1 = count, .t1 = dt, .root = root);
 }
 
 int MPI_Iallreduce(const void *s, void *r, int count, MPI_Datatype dt, MPI_Op op,
                    MPI_Comm comm, MPI_Request *req)
 {
-    COLLECTIVE(comm, run_iallreduce, .s = s, .r = r, .i1 = count, .t1 = dt, .op = op,
-               .req = req);
+    NONBLOCKING(comm, run_iallreduce, .s = s, .r = r, .i1 = count, .t1 = dt, .op = op);
 }
 
 int MPI_Ireduce(const void *s, void *r, int count, MPI_Datatype dt, MPI_Op op, int root,
                 MPI_Comm comm, MPI_Request *req)
 {
-    COLLECTIVE(comm, run_ireduce, .s = s, .r = r, .i1 = count, .t1 = dt, .op = op,
-               .root = root, .req = req);
+    NONBLOCKING(comm, run_ireduce, .s = s, .r = r, .i1 = count, .t1 = dt, .op = op,
+               .root = root);
 }
 
 int MPI_Iallgather(const void *s, int sc, MPI_Datatype sdt, void *r, int rc,
                    MPI_Datatype rdt, MPI_Comm comm, MPI_Request *req)
 {
-    COLLECTIVE(comm, run_iallgather, .s = s, .i1 = sc, .t1 = sdt, .r = r, .i2 = rc, .t2 = rdt,
-               .req = req);
+    NONBLOCKING(comm, run_iallgather, .s = s, .i1 = sc, .t1 = sdt, .r = r, .i2 = rc, .t2 = rdt);
 }
 
 int MPI_Ialltoall(const void *s, int sc, MPI_Datatype sdt, void *r, int rc, MPI_Datatype rdt,
                   MPI_Comm comm, MPI_Request *req)
 {
-    COLLECTIVE(comm, run_ialltoall, .s = s, .i1 = sc, .t1 = sdt, .r = r, .i2 = rc, .t2 = rdt,
-               .req = req);
+    NONBLOCKING(comm, run_ialltoall, .s = s, .i1 = sc, .t1 = sdt, .r = r, .i2 = rc, .t2 = rdt);
 }
 
 int MPI_Igather(const void *s, int sc, MPI_Datatype sdt, void *r, int rc, MPI_Datatype rdt,
                 int root, MPI_Comm comm, MPI_Request *req)
 {
-    COLLECTIVE(comm, run_igather, .s = s, .i1 = sc, .t1 = sdt, .r = r, .i2 = rc, .t2 = rdt,
-               .root = root, .req = req);
+    NONBLOCKING(comm, run_igather, .s = s, .i1 = sc, .t1 = sdt, .r = r, .i2 = rc, .t2 = rdt,
+               .root = root);
 }
 
 int MPI_Iscatter(const void *s, int sc, MPI_Datatype sdt, void *r, int rc, MPI_Datatype rdt,
                  int root, MPI_Comm comm, MPI_Request *req)
 {
-    COLLECTIVE(comm, run_iscatter, .s = s, .i1 = sc, .t1 = sdt, .r = r, .i2 = rc, .t2 = rdt,
-               .root = root, .req = req);
+    NONBLOCKING(comm, run_iscatter, .s = s, .i1 = sc, .t1 = sdt, .r = r, .i2 = rc, .t2 = rdt,
+               .root = root);
 }
 
 int MPI_Iscan(const void *s, void *r, int count, MPI_Datatype dt, MPI_Op op, MPI_Comm comm,
               MPI_Request *req)
 {
-    COLLECTIVE(comm, run_iscan, .s = s, .r = r, .i1 = count, .t1 = dt, .op = op, .req = req);
+    NONBLOCKING(comm, run_iscan, .s = s, .r = r, .i1 = count, .t1 = dt, .op = op);
 }
 
 int MPI_Ireduce_scatter_block(const void *s, void *r, int rc, MPI_Datatype dt, MPI_Op op,
                               MPI_Comm comm, MPI_Request *req)
 {
-    COLLECTIVE(comm, run_ireduce_scatter_block, .s = s, .r = r, .i1 = rc, .t1 = dt, .op = op,
-               .req = req);
+    NONBLOCKING(comm, run_ireduce_scatter_block, .s = s, .r = r, .i1 = rc, .t1 = dt, .op = op);
 }
 
 RUN(run_barrier, PMPI_Barrier(c->comm))

@@ -179,6 +179,21 @@ fn transparent_mpich_nonblocking_collectives_and_cancel_consistent_at_every_cut(
     run_transparent(MpiImpl::Mpich, Some(NBCOLL), "tr-nbc-mpich", 4);
 }
 
+/// Dynamic sparse data exchange (NBX: Issend, receive until the sends are matched, Ibarrier,
+/// receive until it completes) next to blocking collectives and ANY_SOURCE traffic: a rank
+/// keeps receiving while its Ibarrier is pending, so the layer must not hold it there.
+const NBX: &str = "nbx,collective,nbx,anysource";
+
+#[test]
+fn transparent_openmpi_nbx_consistent_at_every_cut() {
+    run_transparent(MpiImpl::OpenMpi, Some(NBX), "tr-nbx-ompi", 4);
+}
+
+#[test]
+fn transparent_mpich_nbx_consistent_at_every_cut() {
+    run_transparent(MpiImpl::Mpich, Some(NBX), "tr-nbx-mpich", 4);
+}
+
 /// An intercommunicator between the halves (point to point with ANY_SOURCE, counted per
 /// WORLD peer through the remote group; Allreduce and Barrier aligned in two rounds so both
 /// groups agree) next to a sub-communicator ring.

@@ -26,6 +26,10 @@
  *   mprobe     every rank sends to every peer; received with ANY_SOURCE/ANY_TAG through
  *              Mprobe+Mrecv, Improbe+Imrecv+Wait, or Mprobe, other MPI calls, then Mrecv
  *   nbcoll     Iallreduce on WORLD and Ibcast on a half completed after ring traffic; Ibarrier
+ *   nbx        dynamic sparse data exchange (the NBX pattern): Issend to a varying subset of
+ *              peers, receive whatever arrives (Iprobe ANY_SOURCE + Recv) until the own sends
+ *              are matched, then Ibarrier and go on receiving until it completes; no rank
+ *              knows how many messages it gets, so a rank must not wait at its Ibarrier
  *   cancel     a receive nothing matches is cancelled; a message sent before a barrier is
  *              received by an Irecv that is then cancelled: delivered, or received again
  *   replace    MPI_Sendrecv_replace around the ring
@@ -65,6 +69,8 @@ static uint64_t sent, received, iteration, cuts, agent_errors;
 /* ANY_SOURCE/ANY_TAG traffic has its own communicator so it never takes another mode's
  * message (peers may be an iteration ahead). */
 static MPI_Comm any_comm;
+/* The NBX mode's own communicator, for the same reason (it probes with ANY_SOURCE). */
+static MPI_Comm nbx_comm;
 
 static void fail(const char *what, int peer)
 {
@@ -640,6 +646,46 @@ static void nbcoll(void)
         MPI_Test(&r, &done, MPI_STATUS_IGNORE);
 }
 
+/* nbx: see the top. Every NBX message is received before any rank leaves the Ibarrier, but a
+ * rank may start the next exchange while a peer is still in another mode: nbx_comm. */
+static void nbx(void)
+{
+    MPI_Request sends[MAXP];
+    uint64_t *out[MAXP];
+    int k = 0;
+    for (int p = 0; p < np; p++)
+        if (p != me && word((uint64_t)me, (uint64_t)p, iteration, 9) % 3 != 0) {
+            out[k] = malloc((LARGE + 4) * sizeof(uint64_t));
+            int n = fill(out[k], p, 50);
+            MPI_Issend(out[k], n, MPI_UINT64_T, p, 50, nbx_comm, &sends[k]);
+            k++;
+        }
+    uint64_t *in = bufs[1];
+    MPI_Request barrier = MPI_REQUEST_NULL;
+    int in_barrier = 0, done = 0;
+    while (!done) {
+        int flag = 0;
+        MPI_Status st;
+        MPI_Iprobe(MPI_ANY_SOURCE, 50, nbx_comm, &flag, &st);
+        if (flag) {
+            MPI_Recv(in, LARGE + 4, MPI_UINT64_T, st.MPI_SOURCE, 50, nbx_comm, &st);
+            check(in, &st, st.MPI_SOURCE);
+        }
+        if (in_barrier) {
+            MPI_Test(&barrier, &done, MPI_STATUS_IGNORE);
+        } else {
+            int all = 0;
+            MPI_Testall(k, sends, &all, MPI_STATUSES_IGNORE);
+            if (all) {
+                MPI_Ibarrier(nbx_comm, &barrier);
+                in_barrier = 1;
+            }
+        }
+    }
+    for (int i = 0; i < k; i++)
+        free(out[i]);
+}
+
 /* cancel: a receive that nothing matches is cancelled (MPI_Test_cancelled says so); a message
  * sent before a barrier (a cut there drains it) is received by an Irecv that is then cancelled:
  * it is either delivered (not cancelled) or received again, never lost or duplicated. */
@@ -760,6 +806,7 @@ int main(int argc, char **argv)
         fail("need 2..64 ranks", np);
     dir = argv[2];
     MPI_Comm_dup(MPI_COMM_WORLD, &any_comm);
+    MPI_Comm_dup(MPI_COMM_WORLD, &nbx_comm);
     mp_comm = MPI_COMM_NULL;
     uint64_t min_iters = strtoull(argv[3], NULL, 10);
     next_seq_to = calloc((size_t)np, sizeof(uint64_t));
@@ -803,6 +850,8 @@ int main(int argc, char **argv)
                 mprobe();
             else if (strcmp(m, "nbcoll") == 0)
                 nbcoll();
+            else if (strcmp(m, "nbx") == 0)
+                nbx();
             else if (strcmp(m, "cancel") == 0)
                 cancel();
             else if (strcmp(m, "inter") == 0)
@@ -849,6 +898,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "symvirt_finalize: %d %s\n", rc, symvirt_last_error());
 #endif
     MPI_Comm_free(&any_comm);
+    MPI_Comm_free(&nbx_comm);
     persist_free();
     if (mp_comm != MPI_COMM_NULL)
         MPI_Comm_free(&mp_comm);
