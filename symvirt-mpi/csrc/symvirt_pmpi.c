@@ -62,10 +62,9 @@
  * Not covered (documented limits, also in symvirt-mpi/README.md): one-sided communication;
  * MPI_Comm_idup (refused); MPI_Comm_create_group and intercommunicator creation are not aligned
  * (their communicators are tracked); non-blocking collectives on intercommunicators are
- * aligned at their start like blocking ones (a rank waits there for its peers); neighborhood
- * and the v/w non-blocking collectives pass through unaligned; Open MPI Fortran entry points
- * other than those wrapped below; the mpi_f08 bindings; processes outside MPI_COMM_WORLD
- * (spawn); MPI_THREAD_MULTIPLE.
+ * aligned at their start like blocking ones (a rank waits there for its peers); persistent
+ * collectives (MPI 4); Open MPI Fortran entry points other than those wrapped below; the
+ * mpi_f08 bindings; processes outside MPI_COMM_WORLD (spawn); MPI_THREAD_MULTIPLE.
  *
  * Environment: SYMVIRT_AGENT_SOCKET (agent's rank socket), SYMVIRT_CUT_LOG (a directory: each
  * rank writes cut-E-R with its per-peer sent and received counts at the cut, and resumed-E-R),
@@ -1099,6 +1098,8 @@ typedef struct coll {
     MPI_Datatype t1, t2;
     MPI_Op op;
     const int *v1, *v2, *v3, *v4;
+    const MPI_Datatype *w1, *w2; /* per-peer datatypes (the w variants) */
+    const MPI_Aint *a1, *a2;     /* byte displacements (neighborhood w variants) */
     MPI_Comm comm, *newcomm; /* newcomm: a communicator it makes (tracked), or frees */
     MPI_Info info;
     MPI_Group group;
@@ -2431,28 +2432,177 @@ int MPI_Reduce_scatter(const void *s, void *r, const int rcounts[], MPI_Datatype
     COLLECTIVE(comm, run_reduce_scatter, .s = s, .r = r, .v1 = rcounts, .t1 = dt, .op = op);
 }
 
-/* Alltoallw has per-peer datatypes: its own record. */
-typedef struct {
-    coll c;
-    const MPI_Datatype *st, *rt;
-} coll_w;
-
-static int run_alltoallw(coll *c)
-{
-    const coll_w *w = (const coll_w *)c;
-    return PMPI_Alltoallw(c->s, c->v1, c->v2, w->st, c->r, c->v3, c->v4, w->rt, c->comm);
-}
+RUN(run_alltoallw,
+    PMPI_Alltoallw(c->s, c->v1, c->v2, c->w1, c->r, c->v3, c->v4, c->w2, c->comm))
 
 int MPI_Alltoallw(const void *s, const int sc[], const int sd[], const MPI_Datatype st[],
                   void *r, const int rc[], const int rd[], const MPI_Datatype rt[],
                   MPI_Comm comm)
 {
-    coll_w w = {.c = {.run = run_alltoallw, .comm = comm, .s = s, .v1 = sc, .v2 = sd, .r = r,
-                      .v3 = rc, .v4 = rd},
-                .st = st,
-                .rt = rt};
-    w.c.cid = CID(comm);
-    return align(w.c.cid, &w.c);
+    COLLECTIVE(comm, run_alltoallw, .s = s, .v1 = sc, .v2 = sd, .w1 = st, .r = r, .v3 = rc,
+               .v4 = rd, .w2 = rt);
+}
+
+/* Neighborhood collectives (on cartesian and graph communicators): aligned among all the
+ * communicator's members like any collective. */
+RUN(run_nb_allgather,
+    PMPI_Neighbor_allgather(c->s, c->i1, c->t1, c->r, c->i2, c->t2, c->comm))
+RUN(run_nb_allgatherv,
+    PMPI_Neighbor_allgatherv(c->s, c->i1, c->t1, c->r, c->v1, c->v2, c->t2, c->comm))
+RUN(run_nb_alltoall, PMPI_Neighbor_alltoall(c->s, c->i1, c->t1, c->r, c->i2, c->t2, c->comm))
+RUN(run_nb_alltoallv, PMPI_Neighbor_alltoallv(c->s, c->v1, c->v2, c->t1, c->r, c->v3, c->v4,
+                                              c->t2, c->comm))
+RUN(run_nb_alltoallw, PMPI_Neighbor_alltoallw(c->s, c->v1, c->a1, c->w1, c->r, c->v3, c->a2,
+                                              c->w2, c->comm))
+
+int MPI_Neighbor_allgather(const void *s, int sc, MPI_Datatype sdt, void *r, int rc,
+                           MPI_Datatype rdt, MPI_Comm comm)
+{
+    COLLECTIVE(comm, run_nb_allgather, .s = s, .i1 = sc, .t1 = sdt, .r = r, .i2 = rc,
+               .t2 = rdt);
+}
+
+int MPI_Neighbor_allgatherv(const void *s, int sc, MPI_Datatype sdt, void *r, const int rc[],
+                            const int rd[], MPI_Datatype rdt, MPI_Comm comm)
+{
+    COLLECTIVE(comm, run_nb_allgatherv, .s = s, .i1 = sc, .t1 = sdt, .r = r, .v1 = rc,
+               .v2 = rd, .t2 = rdt);
+}
+
+int MPI_Neighbor_alltoall(const void *s, int sc, MPI_Datatype sdt, void *r, int rc,
+                          MPI_Datatype rdt, MPI_Comm comm)
+{
+    COLLECTIVE(comm, run_nb_alltoall, .s = s, .i1 = sc, .t1 = sdt, .r = r, .i2 = rc,
+               .t2 = rdt);
+}
+
+int MPI_Neighbor_alltoallv(const void *s, const int sc[], const int sd[], MPI_Datatype sdt,
+                           void *r, const int rc[], const int rd[], MPI_Datatype rdt,
+                           MPI_Comm comm)
+{
+    COLLECTIVE(comm, run_nb_alltoallv, .s = s, .v1 = sc, .v2 = sd, .t1 = sdt, .r = r, .v3 = rc,
+               .v4 = rd, .t2 = rdt);
+}
+
+int MPI_Neighbor_alltoallw(const void *s, const int sc[], const MPI_Aint sd[],
+                           const MPI_Datatype st[], void *r, const int rc[],
+                           const MPI_Aint rd[], const MPI_Datatype rt[], MPI_Comm comm)
+{
+    COLLECTIVE(comm, run_nb_alltoallw, .s = s, .v1 = sc, .a1 = sd, .w1 = st, .r = r, .v3 = rc,
+               .a2 = rd, .w2 = rt);
+}
+
+/* The v/w non-blocking collectives, Iexscan and the non-blocking neighborhood collectives:
+ * deferred like the others (see deferred). */
+RUN(run_ialltoallv, PMPI_Ialltoallv(c->s, c->v1, c->v2, c->t1, c->r, c->v3, c->v4, c->t2,
+                                    c->comm, c->req))
+RUN(run_ialltoallw, PMPI_Ialltoallw(c->s, c->v1, c->v2, c->w1, c->r, c->v3, c->v4, c->w2,
+                                    c->comm, c->req))
+RUN(run_iallgatherv, PMPI_Iallgatherv(c->s, c->i1, c->t1, c->r, c->v1, c->v2, c->t2, c->comm,
+                                      c->req))
+RUN(run_igatherv, PMPI_Igatherv(c->s, c->i1, c->t1, c->r, c->v1, c->v2, c->t2, c->root,
+                                c->comm, c->req))
+RUN(run_iscatterv, PMPI_Iscatterv(c->s, c->v1, c->v2, c->t1, c->r, c->i2, c->t2, c->root,
+                                  c->comm, c->req))
+RUN(run_ireduce_scatter,
+    PMPI_Ireduce_scatter(c->s, c->r, c->v1, c->t1, c->op, c->comm, c->req))
+RUN(run_iexscan, PMPI_Iexscan(c->s, c->r, c->i1, c->t1, c->op, c->comm, c->req))
+RUN(run_inb_allgather, PMPI_Ineighbor_allgather(c->s, c->i1, c->t1, c->r, c->i2, c->t2,
+                                                c->comm, c->req))
+RUN(run_inb_allgatherv, PMPI_Ineighbor_allgatherv(c->s, c->i1, c->t1, c->r, c->v1, c->v2,
+                                                  c->t2, c->comm, c->req))
+RUN(run_inb_alltoall, PMPI_Ineighbor_alltoall(c->s, c->i1, c->t1, c->r, c->i2, c->t2, c->comm,
+                                              c->req))
+RUN(run_inb_alltoallv, PMPI_Ineighbor_alltoallv(c->s, c->v1, c->v2, c->t1, c->r, c->v3, c->v4,
+                                                c->t2, c->comm, c->req))
+RUN(run_inb_alltoallw, PMPI_Ineighbor_alltoallw(c->s, c->v1, c->a1, c->w1, c->r, c->v3, c->a2,
+                                                c->w2, c->comm, c->req))
+
+int MPI_Ialltoallv(const void *s, const int sc[], const int sd[], MPI_Datatype sdt, void *r,
+                   const int rc[], const int rd[], MPI_Datatype rdt, MPI_Comm comm,
+                   MPI_Request *req)
+{
+    NONBLOCKING(comm, run_ialltoallv, .s = s, .v1 = sc, .v2 = sd, .t1 = sdt, .r = r, .v3 = rc,
+                .v4 = rd, .t2 = rdt);
+}
+
+int MPI_Ialltoallw(const void *s, const int sc[], const int sd[], const MPI_Datatype st[],
+                   void *r, const int rc[], const int rd[], const MPI_Datatype rt[],
+                   MPI_Comm comm, MPI_Request *req)
+{
+    NONBLOCKING(comm, run_ialltoallw, .s = s, .v1 = sc, .v2 = sd, .w1 = st, .r = r, .v3 = rc,
+                .v4 = rd, .w2 = rt);
+}
+
+int MPI_Iallgatherv(const void *s, int sc, MPI_Datatype sdt, void *r, const int rc[],
+                    const int rd[], MPI_Datatype rdt, MPI_Comm comm, MPI_Request *req)
+{
+    NONBLOCKING(comm, run_iallgatherv, .s = s, .i1 = sc, .t1 = sdt, .r = r, .v1 = rc, .v2 = rd,
+                .t2 = rdt);
+}
+
+int MPI_Igatherv(const void *s, int sc, MPI_Datatype sdt, void *r, const int rc[],
+                 const int rd[], MPI_Datatype rdt, int root, MPI_Comm comm, MPI_Request *req)
+{
+    NONBLOCKING(comm, run_igatherv, .s = s, .i1 = sc, .t1 = sdt, .r = r, .v1 = rc, .v2 = rd,
+                .t2 = rdt, .root = root);
+}
+
+int MPI_Iscatterv(const void *s, const int sc[], const int sd[], MPI_Datatype sdt, void *r,
+                  int rc, MPI_Datatype rdt, int root, MPI_Comm comm, MPI_Request *req)
+{
+    NONBLOCKING(comm, run_iscatterv, .s = s, .v1 = sc, .v2 = sd, .t1 = sdt, .r = r, .i2 = rc,
+                .t2 = rdt, .root = root);
+}
+
+int MPI_Ireduce_scatter(const void *s, void *r, const int rcounts[], MPI_Datatype dt,
+                        MPI_Op op, MPI_Comm comm, MPI_Request *req)
+{
+    NONBLOCKING(comm, run_ireduce_scatter, .s = s, .r = r, .v1 = rcounts, .t1 = dt, .op = op);
+}
+
+int MPI_Iexscan(const void *s, void *r, int count, MPI_Datatype dt, MPI_Op op, MPI_Comm comm,
+                MPI_Request *req)
+{
+    NONBLOCKING(comm, run_iexscan, .s = s, .r = r, .i1 = count, .t1 = dt, .op = op);
+}
+
+int MPI_Ineighbor_allgather(const void *s, int sc, MPI_Datatype sdt, void *r, int rc,
+                            MPI_Datatype rdt, MPI_Comm comm, MPI_Request *req)
+{
+    NONBLOCKING(comm, run_inb_allgather, .s = s, .i1 = sc, .t1 = sdt, .r = r, .i2 = rc,
+                .t2 = rdt);
+}
+
+int MPI_Ineighbor_allgatherv(const void *s, int sc, MPI_Datatype sdt, void *r, const int rc[],
+                             const int rd[], MPI_Datatype rdt, MPI_Comm comm, MPI_Request *req)
+{
+    NONBLOCKING(comm, run_inb_allgatherv, .s = s, .i1 = sc, .t1 = sdt, .r = r, .v1 = rc,
+                .v2 = rd, .t2 = rdt);
+}
+
+int MPI_Ineighbor_alltoall(const void *s, int sc, MPI_Datatype sdt, void *r, int rc,
+                           MPI_Datatype rdt, MPI_Comm comm, MPI_Request *req)
+{
+    NONBLOCKING(comm, run_inb_alltoall, .s = s, .i1 = sc, .t1 = sdt, .r = r, .i2 = rc,
+                .t2 = rdt);
+}
+
+int MPI_Ineighbor_alltoallv(const void *s, const int sc[], const int sd[], MPI_Datatype sdt,
+                            void *r, const int rc[], const int rd[], MPI_Datatype rdt,
+                            MPI_Comm comm, MPI_Request *req)
+{
+    NONBLOCKING(comm, run_inb_alltoallv, .s = s, .v1 = sc, .v2 = sd, .t1 = sdt, .r = r,
+                .v3 = rc, .v4 = rd, .t2 = rdt);
+}
+
+int MPI_Ineighbor_alltoallw(const void *s, const int sc[], const MPI_Aint sd[],
+                            const MPI_Datatype st[], void *r, const int rc[],
+                            const MPI_Aint rd[], const MPI_Datatype rt[], MPI_Comm comm,
+                            MPI_Request *req)
+{
+    NONBLOCKING(comm, run_inb_alltoallw, .s = s, .v1 = sc, .a1 = sd, .w1 = st, .r = r,
+                .v3 = rc, .a2 = rd, .w2 = rt);
 }
 
 /* ---- Fortran entry points (Open MPI) ------------------------------------------------------

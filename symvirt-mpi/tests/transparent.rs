@@ -194,6 +194,20 @@ fn transparent_mpich_nbx_consistent_at_every_cut() {
     run_transparent(MpiImpl::Mpich, Some(NBX), "tr-nbx-mpich", 4);
 }
 
+/// Neighborhood collectives on a cartesian ring (blocking and non-blocking) and the v
+/// variants of the non-blocking collectives, outstanding while ring traffic goes on.
+const VCOLL: &str = "vcoll,ring,vcoll,split";
+
+#[test]
+fn transparent_openmpi_neighborhood_and_v_collectives_consistent_at_every_cut() {
+    run_transparent(MpiImpl::OpenMpi, Some(VCOLL), "tr-vcoll-ompi", 4);
+}
+
+#[test]
+fn transparent_mpich_neighborhood_and_v_collectives_consistent_at_every_cut() {
+    run_transparent(MpiImpl::Mpich, Some(VCOLL), "tr-vcoll-mpich", 4);
+}
+
 /// An intercommunicator between the halves (point to point with ANY_SOURCE, counted per
 /// WORLD peer through the remote group; Allreduce and Barrier aligned in two rounds so both
 /// groups agree) next to a sub-communicator ring.

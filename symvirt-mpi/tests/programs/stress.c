@@ -30,6 +30,10 @@
  *              peers, receive whatever arrives (Iprobe ANY_SOURCE + Recv) until the own sends
  *              are matched, then Ibarrier and go on receiving until it completes; no rank
  *              knows how many messages it gets, so a rank must not wait at its Ibarrier
+ *   vcoll      on a periodic 1-D cartesian communicator: Neighbor_allgather, Neighbor_alltoall
+ *              (blocking), Ineighbor_alltoall; on WORLD: Ialltoallv, Iallgatherv, Igatherv,
+ *              Iscatterv, Ireduce_scatter, Iexscan; the non-blocking ones completed by one
+ *              Waitall after ring traffic; every result checked
  *   cancel     a receive nothing matches is cancelled; a message sent before a barrier is
  *              received by an Irecv that is then cancelled: delivered, or received again
  *   replace    MPI_Sendrecv_replace around the ring
@@ -686,6 +690,116 @@ static void nbx(void)
         free(out[i]);
 }
 
+/* vcoll: see the top. Values are word(source, destination or kind, iteration, k) so every
+ * rank can compute what it must receive. */
+static MPI_Comm cart = MPI_COMM_NULL;
+
+static uint64_t val(int src, int dst, int k)
+{
+    return word((uint64_t)src, (uint64_t)dst, iteration, (uint64_t)k) >> 8;
+}
+
+static void expect(uint64_t got, uint64_t want, const char *what, int peer)
+{
+    if (got != want)
+        fail(what, peer);
+}
+
+static void vcoll(void)
+{
+    if (cart == MPI_COMM_NULL) {
+        int dims[1] = {np}, periods[1] = {1};
+        MPI_Cart_create(MPI_COMM_WORLD, 1, dims, periods, 0, &cart);
+    }
+    int left = (me + np - 1) % np, right = (me + 1) % np; /* no reordering: WORLD ranks */
+    /* Neighbors of a 1-D cartesian communicator: left (-1) first, then right (+1). */
+    uint64_t mine = val(me, 0, 1), got[2];
+    MPI_Neighbor_allgather(&mine, 1, MPI_UINT64_T, got, 1, MPI_UINT64_T, cart);
+    expect(got[0], val(left, 0, 1), "Neighbor_allgather from the left", left);
+    expect(got[1], val(right, 0, 1), "Neighbor_allgather from the right", right);
+    uint64_t out[2] = {val(me, 0, 2), val(me, 1, 2)}, in[2];
+    MPI_Neighbor_alltoall(out, 1, MPI_UINT64_T, in, 1, MPI_UINT64_T, cart);
+    expect(in[0], val(left, 1, 2), "Neighbor_alltoall from the left", left);
+    expect(in[1], val(right, 0, 2), "Neighbor_alltoall from the right", right);
+
+    enum { K = 7 };
+    MPI_Request rq[K];
+    uint64_t nout[2] = {val(me, 0, 3), val(me, 1, 3)}, nin[2];
+    MPI_Ineighbor_alltoall(nout, 1, MPI_UINT64_T, nin, 1, MPI_UINT64_T, cart, &rq[0]);
+    /* Ialltoallv: 1 or 2 words between each pair */
+    int sc[MAXP], sd[MAXP], rc[MAXP], rd[MAXP], n_out = 0, n_in = 0;
+    for (int p = 0; p < np; p++) {
+        sc[p] = rc[p] = 1 + (me + p) % 2;
+        sd[p] = n_out;
+        rd[p] = n_in;
+        n_out += sc[p];
+        n_in += rc[p];
+    }
+    uint64_t a_out[2 * MAXP], a_in[2 * MAXP];
+    for (int p = 0; p < np; p++)
+        for (int j = 0; j < sc[p]; j++)
+            a_out[sd[p] + j] = val(me, p, 10 + j);
+    MPI_Ialltoallv(a_out, sc, sd, MPI_UINT64_T, a_in, rc, rd, MPI_UINT64_T, MPI_COMM_WORLD,
+                   &rq[1]);
+    /* Iallgatherv: rank p gives p % 3 + 1 words */
+    int gc[MAXP], gd[MAXP], total = 0;
+    for (int p = 0; p < np; p++) {
+        gc[p] = p % 3 + 1;
+        gd[p] = total;
+        total += gc[p];
+    }
+    uint64_t g_out[3], g_in[3 * MAXP];
+    for (int j = 0; j < gc[me]; j++)
+        g_out[j] = val(me, 0, 20 + j);
+    MPI_Iallgatherv(g_out, gc[me], MPI_UINT64_T, g_in, gc, gd, MPI_UINT64_T, MPI_COMM_WORLD,
+                    &rq[2]);
+    /* Igatherv to rank 0 and Iscatterv from rank np - 1, same layout */
+    uint64_t v_in[3 * MAXP];
+    MPI_Igatherv(g_out, gc[me], MPI_UINT64_T, v_in, gc, gd, MPI_UINT64_T, 0, MPI_COMM_WORLD,
+                 &rq[3]);
+    uint64_t s_out[3 * MAXP], s_in[3];
+    if (me == np - 1)
+        for (int p = 0; p < np; p++)
+            for (int j = 0; j < gc[p]; j++)
+                s_out[gd[p] + j] = val(me, p, 30 + j);
+    MPI_Iscatterv(s_out, gc, gd, MPI_UINT64_T, s_in, gc[me], MPI_UINT64_T, np - 1,
+                  MPI_COMM_WORLD, &rq[4]);
+    /* Ireduce_scatter: one word per rank, summed; Iexscan: sum over lower ranks */
+    int ones[MAXP];
+    uint64_t r_out[MAXP], r_in, x_out = val(me, 0, 40), x_in = 0;
+    for (int p = 0; p < np; p++) {
+        ones[p] = 1;
+        r_out[p] = val(me, p, 41);
+    }
+    MPI_Ireduce_scatter(r_out, &r_in, ones, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD, &rq[5]);
+    MPI_Iexscan(&x_out, &x_in, 1, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD, &rq[6]);
+    ring_nb();
+    MPI_Waitall(K, rq, MPI_STATUSES_IGNORE);
+
+    expect(nin[0], val(left, 1, 3), "Ineighbor_alltoall from the left", left);
+    expect(nin[1], val(right, 0, 3), "Ineighbor_alltoall from the right", right);
+    for (int p = 0; p < np; p++)
+        for (int j = 0; j < rc[p]; j++)
+            expect(a_in[rd[p] + j], val(p, me, 10 + j), "Ialltoallv", p);
+    for (int p = 0; p < np; p++)
+        for (int j = 0; j < gc[p]; j++) {
+            expect(g_in[gd[p] + j], val(p, 0, 20 + j), "Iallgatherv", p);
+            if (me == 0)
+                expect(v_in[gd[p] + j], val(p, 0, 20 + j), "Igatherv", p);
+        }
+    for (int j = 0; j < gc[me]; j++)
+        expect(s_in[j], val(np - 1, me, 30 + j), "Iscatterv", np - 1);
+    uint64_t sum = 0, below = 0;
+    for (int p = 0; p < np; p++) {
+        sum += val(p, me, 41);
+        if (p < me)
+            below += val(p, 0, 40);
+    }
+    expect(r_in, sum, "Ireduce_scatter", -1);
+    if (me > 0)
+        expect(x_in, below, "Iexscan", -1);
+}
+
 /* cancel: a receive that nothing matches is cancelled (MPI_Test_cancelled says so); a message
  * sent before a barrier (a cut there drains it) is received by an Irecv that is then cancelled:
  * it is either delivered (not cancelled) or received again, never lost or duplicated. */
@@ -850,6 +964,8 @@ int main(int argc, char **argv)
                 mprobe();
             else if (strcmp(m, "nbcoll") == 0)
                 nbcoll();
+            else if (strcmp(m, "vcoll") == 0)
+                vcoll();
             else if (strcmp(m, "nbx") == 0)
                 nbx();
             else if (strcmp(m, "cancel") == 0)
@@ -899,6 +1015,8 @@ int main(int argc, char **argv)
 #endif
     MPI_Comm_free(&any_comm);
     MPI_Comm_free(&nbx_comm);
+    if (cart != MPI_COMM_NULL)
+        MPI_Comm_free(&cart);
     persist_free();
     if (mp_comm != MPI_COMM_NULL)
         MPI_Comm_free(&mp_comm);
