@@ -60,7 +60,7 @@
  * handler, as MPI raises its own errors.
  *
  * Not covered (documented limits, also in symvirt-mpi/README.md): one-sided communication;
- * MPI_Comm_idup (refused); MPI_Comm_create_group and intercommunicator creation are not aligned
+ * MPI_Comm_create_group and intercommunicator creation are not aligned
  * (their communicators are tracked); non-blocking collectives on intercommunicators are
  * aligned at their start like blocking ones (a rank waits there for its peers); persistent
  * collectives (MPI 4); Open MPI Fortran entry points other than those wrapped below; the
@@ -1104,27 +1104,38 @@ typedef struct coll {
     MPI_Info info;
     MPI_Group group;
     MPI_Request *req; /* non-blocking: watched once started */
+    uint32_t child_id; /* MPI_Comm_idup: the identity its communicator gets on completion */
 } coll;
 
 /* Runs c and observes what it made: a communicator, or a collective a cut must wait for. */
 static int run_free(coll *c);
 
+/* Starts observing a communicator made from slot parent (-1: not observed) under identity id
+ * (see tracked_comm). */
+static void adopt(MPI_Comm made, int parent, uint32_t id)
+{
+    int nc = track_comm(made);
+    if (nc >= 0 && parent >= 0)
+        g.comms[nc].id = id;
+}
+
 static int perform(coll *c)
 {
+    /* Every member of the parent counts the child when the call starts, also one that gets
+     * MPI_COMM_NULL, so the members of a new communicator name it alike. */
+    int makes = c->newcomm != NULL && c->run != run_free;
+    uint32_t id = 0;
+    if (makes && c->cid >= 0) {
+        tracked_comm *parent = &g.comms[c->cid];
+        id = (parent->id * 16777619u) ^ (2654435761u * ++parent->children);
+    }
     int rc = c->run(c);
     if (rc != MPI_SUCCESS || !g.ready || g.closed)
         return rc;
-    if (c->newcomm != NULL && c->run != run_free && c->cid >= 0) {
-        /* Every member of the parent counts the child, also one that got MPI_COMM_NULL, so
-         * the members of a new communicator name it alike. */
-        tracked_comm *parent = &g.comms[c->cid];
-        uint32_t id = (parent->id * 16777619u) ^ (2654435761u * ++parent->children);
-        int nc = track_comm(*c->newcomm);
-        if (nc >= 0)
-            g.comms[nc].id = id;
-    } else if (c->newcomm != NULL && *c->newcomm != MPI_COMM_NULL) {
-        track_comm(*c->newcomm);
-    }
+    if (makes && c->req == NULL)
+        adopt(*c->newcomm, c->cid, id);
+    else if (makes)
+        c->child_id = id; /* MPI_Comm_idup: the communicator exists once the request completes */
     if (c->req != NULL && c->cid >= 0)
         track_req(*c->req, c->cid, REQ_COLL);
     return rc;
@@ -1296,6 +1307,8 @@ static void progress_deferred(void)
             if (rc != MPI_SUCCESS || flag) {
                 forget_req(h);
                 d->real = MPI_REQUEST_NULL;
+                if (rc == MPI_SUCCESS && d->c.newcomm != NULL)
+                    adopt(*d->c.newcomm, d->c.cid, d->c.child_id); /* before the app sees it */
                 finish_deferred(d, rc != MPI_SUCCESS ? rc : d->st->MPI_ERROR);
             }
         }
@@ -1567,14 +1580,13 @@ int MPI_Intercomm_create(MPI_Comm local, int lleader, MPI_Comm peer, int rleader
     return rc;
 }
 
+RUN(run_idup, PMPI_Comm_idup(c->comm, c->newcomm, c->req))
+
+/* Non-blocking like the collectives (see deferred); the communicator is observed once the
+ * request completes, before the application can use it. */
 int MPI_Comm_idup(MPI_Comm comm, MPI_Comm *newcomm, MPI_Request *req)
 {
-    if (CID(comm) < 0)
-        return PMPI_Comm_idup(comm, newcomm, req);
-    (void)newcomm;
-    (void)req;
-    return refuse(comm, "MPI_Comm_idup", "a communicator that exists only once the request "
-                                   "completes cannot be tracked; use MPI_Comm_dup");
+    NONBLOCKING(comm, run_idup, .newcomm = newcomm);
 }
 
 static int run_free(coll *c)

@@ -25,7 +25,8 @@
  *              completed by Waitall, Testall or Waitany)
  *   mprobe     every rank sends to every peer; received with ANY_SOURCE/ANY_TAG through
  *              Mprobe+Mrecv, Improbe+Imrecv+Wait, or Mprobe, other MPI calls, then Mrecv
- *   nbcoll     Iallreduce on WORLD and Ibcast on a half completed after ring traffic; Ibarrier
+ *   nbcoll     Iallreduce on WORLD, Ibcast on a half and Comm_idup of WORLD completed after ring
+ *              traffic; a ring on the new communicator, then it is freed; Ibarrier
  *   nbx        dynamic sparse data exchange (the NBX pattern): Issend to a varying subset of
  *              peers, receive whatever arrives (Iprobe ANY_SOURCE + Recv) until the own sends
  *              are matched, then Ibarrier and go on receiving until it completes; no rank
@@ -631,12 +632,24 @@ static void nbcoll(void)
     if (half == MPI_COMM_NULL)
         make_half();
     uint64_t v = word((uint64_t)me, 1, iteration, 2) >> 8, sum = 0, want = 0;
-    MPI_Request c[2];
+    MPI_Request c[3];
     MPI_Iallreduce(&v, &sum, 1, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD, &c[0]);
     uint64_t b = half_rank == 0 ? word(8, (uint64_t)half_world[0], iteration, 3) : 0;
     MPI_Ibcast(&b, 1, MPI_UINT64_T, 0, half, &c[1]);
+    MPI_Comm dup;
+    MPI_Comm_idup(MPI_COMM_WORLD, &dup, &c[2]);
     ring_nb();
-    MPI_Waitall(2, c, MPI_STATUSES_IGNORE);
+    MPI_Waitall(3, c, MPI_STATUSES_IGNORE);
+    /* The new communicator carries counted, checked messages like any other. */
+    int right = (me + 1) % np, left = (me + np - 1) % np;
+    MPI_Request rq[2];
+    MPI_Status st[2];
+    MPI_Irecv(bufs[1], LARGE + 4, MPI_UINT64_T, left, 12, dup, &rq[0]);
+    int n = fill(bufs[0], right, 12);
+    MPI_Isend(bufs[0], n, MPI_UINT64_T, right, 12, dup, &rq[1]);
+    MPI_Waitall(2, rq, st);
+    check(bufs[1], &st[0], left);
+    MPI_Comm_free(&dup);
     for (int p = 0; p < np; p++)
         want += word((uint64_t)p, 1, iteration, 2) >> 8;
     if (sum != want)
