@@ -4,7 +4,8 @@
 //! implementation's `mpicc` and links it with this crate's staticlib (`libsymvirt_mpi.a`,
 //! built by cargo) into:
 //! - `libsymvirt_mpi_<impl>.so` and `.a`: the explicit safe-point API (`include/symvirt.h`);
-//! - `libsymvirt_pmpi_<impl>.so`: the transparent layer, for `LD_PRELOAD`.
+//! - `libsymvirt_pmpi_<impl>.so`: the transparent layer, for `LD_PRELOAD` (`symvirt_pmpi.c`,
+//!   plus `symvirt_pmpi_fortran.c`: Open MPI's Fortran entry points).
 //!
 //! Outputs are written under a temporary name and renamed, so a reader never sees half a file.
 
@@ -204,6 +205,7 @@ pub fn build_libraries(mpi: MpiImpl, core: &Path, out_dir: &Path) -> Result<Libr
     let n = mpi.name();
     let explicit = compile_object(mpi, "symvirt_explicit.c", out_dir)?;
     let transparent = compile_object(mpi, "symvirt_pmpi.c", out_dir)?;
+    let fortran = compile_object(mpi, "symvirt_pmpi_fortran.c", out_dir)?;
 
     let explicit_shared = out_dir.join(format!("libsymvirt_mpi_{n}.so"));
     link_shared(
@@ -216,7 +218,7 @@ pub fn build_libraries(mpi: MpiImpl, core: &Path, out_dir: &Path) -> Result<Libr
     let transparent_so = out_dir.join(format!("libsymvirt_pmpi_{n}.so"));
     link_shared(
         mpi,
-        &[transparent],
+        &[transparent, fortran],
         core,
         mpi.transparent_link_libs(),
         &transparent_so,
