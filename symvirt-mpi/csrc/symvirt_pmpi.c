@@ -60,12 +60,11 @@
  * handler, as MPI raises its own errors.
  *
  * Not covered (documented limits, also in symvirt-mpi/README.md): one-sided communication;
- * MPI_Comm_create_group and intercommunicator creation are not aligned
- * (their communicators are tracked); non-blocking collectives on intercommunicators are
- * aligned at their start like blocking ones (a rank waits there for its peers); persistent
- * collectives (MPI 4); Open MPI Fortran entry points other than those in
- * symvirt_pmpi_fortran.c; the
- * mpi_f08 bindings; processes outside MPI_COMM_WORLD (spawn); MPI_THREAD_MULTIPLE.
+ * MPI_Comm_create_group and intercommunicator creation are not aligned (their communicators
+ * are tracked); non-blocking collectives on intercommunicators are aligned at their start
+ * like blocking ones (a rank waits there for its peers); persistent collectives (MPI 4);
+ * Open MPI Fortran entry points other than those in symvirt_pmpi_fortran.c; the mpi_f08
+ * bindings; processes outside MPI_COMM_WORLD (spawn); MPI_THREAD_MULTIPLE.
  *
  * Environment: SYMVIRT_AGENT_SOCKET (agent's rank socket), SYMVIRT_CUT_LOG (a directory: each
  * rank writes cut-E-R with its per-peer sent and received counts at the cut, and resumed-E-R),
