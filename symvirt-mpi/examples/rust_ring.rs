@@ -1,6 +1,10 @@
 //! A checked ring over the `mpi` crate with an explicit SymVirt safe point every iteration.
 //!
 //!   mpirun -np 4 rust_ring DIR MIN_ITERS
+//!   rust_ring --mpi-library
+//!
+//! The second form prints the linked MPI library's own description (`MPI_Get_library_version`,
+//! callable before `MPI_Init`) and exits: a test reads it to pick the matching launcher.
 //!
 //! Each iteration every rank sends one message to its right neighbour (blocking send-receive;
 //! every fourth one 256 KiB, beyond the eager limit) and one to its left neighbour
@@ -118,6 +122,22 @@ fn say(line: &str) {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let (dir, min_iters) = match args.as_slice() {
+        [_, flag] if flag == "--mpi-library" => {
+            return match mpi::environment::library_version() {
+                Ok(v) => {
+                    // Open MPI counts the terminating NUL in the length.
+                    println!(
+                        "{}",
+                        v.trim_end_matches(|c: char| c == '\0' || c.is_whitespace())
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("rust_ring: the MPI library version is not UTF-8: {e}");
+                    ExitCode::from(3)
+                }
+            };
+        }
         [_, dir, n] => match n.parse::<u64>() {
             Ok(n) => (PathBuf::from(dir), n),
             Err(_) => {
@@ -126,7 +146,7 @@ fn main() -> ExitCode {
             }
         },
         _ => {
-            eprintln!("usage: rust_ring DIR MIN_ITERS");
+            eprintln!("usage: rust_ring DIR MIN_ITERS | rust_ring --mpi-library");
             return ExitCode::from(2);
         }
     };

@@ -1,6 +1,7 @@
 //! The Rust API (feature `rsmpi`): `examples/rust_ring.rs`, a checked ring written with the
 //! `mpi` crate that calls `SymVirt::safe_point` every iteration, run as a real 4-rank job
-//! under the launcher of the MPI the `mpi` crate linked (read from the binary), with the real
+//! under the launcher of the MPI the `mpi` crate linked (read from the library at run time:
+//! Open MPI or MPICH, the same assertions under both), with the real
 //! guest agent. Several migration requests: at every cut all ranks stopped at the same
 //! iteration and what each rank sent to each peer is what that peer received (read while the
 //! ranks are paused, before resume); every rank's resume hook and safe point see the new
@@ -21,13 +22,21 @@ use symvirt::protocol::GuestMessage;
 use symvirt_mpi::control::SIGNAL_EPOCH_BASE;
 use symvirt_mpi::mpi_build::MpiImpl;
 
-/// `rust_ring`, built (once per test process) with the profile of this test.
+/// Names the MPI this run must test (`openmpi` or `mpich`), when set: scripts/test runs this
+/// test once per MPI, each build in its own target directory, and sets it for each, so a build
+/// that bound the other MPI fails instead of testing that one twice.
+const EXPECT_MPI_ENV: &str = "NINJA_RSMPI_EXPECT_MPI";
+
+/// `rust_ring`, built (once per test process) with the profile of this test, into this test's
+/// target directory (an MPICH build lives in a directory of its own; `$CARGO_TARGET_DIR`,
+/// when relative, would name another directory from the package directory tests run in).
 fn rust_ring() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
-        // target/<profile>/deps/rust_api-<hash> -> target/<profile>
+        // <target dir>/<profile>/deps/rust_api-<hash> -> <target dir>/<profile>
         let exe = std::env::current_exe().unwrap();
         let profile = exe.parent().unwrap().parent().unwrap();
+        let target_dir = profile.parent().unwrap();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
         build.args([
@@ -40,6 +49,7 @@ fn rust_ring() -> &'static Path {
             "--example",
             "rust_ring",
         ]);
+        build.arg("--target-dir").arg(target_dir);
         if profile.file_name().is_some_and(|n| n == "release") {
             build.arg("--release");
         }
@@ -51,17 +61,77 @@ fn rust_ring() -> &'static Path {
     })
 }
 
-/// The MPI `bin` is linked against (mpi-sys binds to whichever `mpicc` named at build time).
-fn linked_mpi(bin: &Path) -> MpiImpl {
-    let out = Command::new("ldd").arg(bin).output().expect("run ldd");
-    let libs = String::from_utf8_lossy(&out.stdout);
-    if libs.contains("libmpich") {
-        MpiImpl::Mpich
-    } else if libs.contains("libmpi.so") {
-        MpiImpl::OpenMpi
-    } else {
-        panic!("{} links no known MPI:\n{libs}", bin.display())
-    }
+/// The MPI `rust_ring` is linked against, whose launcher must start it (mpi-sys binds to the
+/// MPI its build found). Read from the library itself: `rust_ring --mpi-library` prints
+/// `MPI_Get_library_version`. The dynamic linker's choice (`ldd`) must agree, and so must
+/// `$NINJA_RSMPI_EXPECT_MPI` when set.
+fn rust_ring_mpi() -> MpiImpl {
+    static FOUND: OnceLock<MpiImpl> = OnceLock::new();
+    *FOUND.get_or_init(|| {
+        let bin = rust_ring();
+        let full = bounded_output(Command::new(bin).arg("--mpi-library"));
+        // MPICH's first line names its version; the rest is its build configuration.
+        let version = full.lines().next().unwrap_or_default().to_string();
+        let says = if version.starts_with("Open MPI") {
+            MpiImpl::OpenMpi
+        } else if version.starts_with("MPICH") {
+            MpiImpl::Mpich
+        } else {
+            panic!(
+                "{} reports an MPI library this test does not know: {version:?}",
+                bin.display()
+            )
+        };
+        let libs = bounded_output(Command::new("ldd").arg(bin));
+        let loads: Vec<MpiImpl> = [
+            (MpiImpl::Mpich, "libmpich.so"),
+            (MpiImpl::OpenMpi, "libmpi.so"),
+        ]
+        .into_iter()
+        .filter(|(_, lib)| libs.contains(lib))
+        .map(|(mpi, _)| mpi)
+        .collect();
+        assert_eq!(
+            loads,
+            [says],
+            "{} reports {version:?} but the dynamic linker loads:\n{libs}",
+            bin.display()
+        );
+        if let Ok(want) = std::env::var(EXPECT_MPI_ENV) {
+            assert_eq!(
+                says.name(),
+                want,
+                "{EXPECT_MPI_ENV}={want} (openmpi or mpich) but {} links {version:?}",
+                bin.display()
+            );
+        }
+        eprintln!("rust_ring links {}: {version}", says.name());
+        says
+    })
+}
+
+/// What `cmd` prints on stdout; it must succeed within [`PATIENCE`].
+fn bounded_output(cmd: &mut Command) -> String {
+    let dir = TempDir::new("rsmpi-output");
+    let out = dir.0.join("out");
+    let child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(fs::File::create(&out).unwrap())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let mut child = KillOnDrop(child);
+    let deadline = soon();
+    let status = loop {
+        if let Some(st) = child.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "{cmd:?} hung");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = fs::read_to_string(&out).unwrap();
+    assert!(status.success(), "{cmd:?}: {status}\n{text}");
+    text
 }
 
 /// The iteration each rank recorded at the cut of `epoch` (third line of its record).
@@ -109,17 +179,33 @@ fn ended_ok(job: &mut Job, cuts: u64) {
         .lines()
         .filter(|l| l.starts_with("rust_ring OK rank "))
         .collect();
-    assert_eq!(oks.len(), RANKS as usize, "{out}");
+    // One line per rank of one job (under the wrong launcher every process would be a
+    // singleton "rank 0").
+    let mut ranks: Vec<u32> = oks
+        .iter()
+        .map(|l| {
+            let rank = l["rust_ring OK rank ".len()..].split(' ').next().unwrap();
+            rank.parse().unwrap_or_else(|_| panic!("{l}"))
+        })
+        .collect();
+    ranks.sort_unstable();
+    assert_eq!(ranks, (0..RANKS).collect::<Vec<_>>(), "{out}");
     for l in oks {
         assert!(l.ends_with(&format!("cuts {cuts}")), "{l}");
     }
 }
 
 #[test]
+fn rust_ring_reports_the_mpi_it_links_and_the_run_expects() {
+    // The checks are in `rust_ring_mpi`; every job below starts under the launcher it picks.
+    let mpi = rust_ring_mpi();
+    assert!(MpiImpl::ALL.contains(&mpi));
+}
+
+#[test]
 fn rust_ring_consistent_at_every_cut_resumed_with_the_interconnect() {
     let prog = rust_ring();
-    let mpi = linked_mpi(prog);
-    eprintln!("rust_ring links {}", mpi.name());
+    let mpi = rust_ring_mpi();
     let rig = Rig::new("rsmpi-agent");
     let cuts = rig.dir.0.join("cuts");
     fs::create_dir_all(&cuts).unwrap();
@@ -180,7 +266,7 @@ fn rust_ring_consistent_at_every_cut_resumed_with_the_interconnect() {
 #[test]
 fn rust_ring_without_an_agent_stops_on_sigusr1() {
     let prog = rust_ring();
-    let mpi = linked_mpi(prog);
+    let mpi = rust_ring_mpi();
     let dir = TempDir::new("rsmpi-signal");
     let cuts = dir.0.join("cuts");
     fs::create_dir_all(&cuts).unwrap();
@@ -212,7 +298,7 @@ fn rust_ring_without_an_agent_stops_on_sigusr1() {
 #[test]
 fn rust_ring_with_a_missing_agent_socket_fails_init_on_every_rank() {
     let prog = rust_ring();
-    let mpi = linked_mpi(prog);
+    let mpi = rust_ring_mpi();
     let dir = TempDir::new("rsmpi-nosock");
     let missing = dir.0.join("no-agent.sock");
     let env = [
@@ -360,7 +446,7 @@ fn singleton_checks() {
 /// its environment): every rank's `init` fails, the job ends, no rank waits in a safe point.
 fn one_rank_differs(tag: &str, rank1_socket: &str, rank1_says: &str, others_say: &str) {
     let prog = rust_ring();
-    let mpi = linked_mpi(prog);
+    let mpi = rust_ring_mpi();
     let rig = Rig::new(tag);
     let env = [
         (
