@@ -59,8 +59,13 @@
  * taken back). Refusals print why and raise MPI_ERR_UNSUPPORTED_OPERATION through the error
  * handler, as MPI raises its own errors.
  *
- * Not covered (documented limits, also in symvirt-mpi/README.md): one-sided communication;
- * MPI_Comm_create_group and intercommunicator creation are not aligned (their communicators
+ * One-sided communication is not covered: its operations are not counted. Windows are
+ * observed (creation, MPI_Win_fence and MPI_Win_free aligned like collectives), and while one
+ * is open the rank answers a cut with "unable" (symvirt_ctl_unable): the agent fails the
+ * epoch with that reason and the host keeps the job where it is.
+ *
+ * Not covered (documented limits, also in symvirt-mpi/README.md): one-sided operations
+ * (see above; PSCW and passive-target synchronization are not aligned); MPI_Comm_create_group and intercommunicator creation are not aligned (their communicators
  * are tracked); non-blocking collectives on intercommunicators are aligned at their start
  * like blocking ones (a rank waits there for its peers); persistent collectives (MPI 4);
  * Open MPI Fortran entry points other than those in symvirt_pmpi_fortran.c; the mpi_f08
@@ -902,6 +907,15 @@ static void dump_drain(uint64_t epoch, const int *have, int open_colls)
     fflush(stderr);
 }
 
+/* Windows for one-sided communication that are alive, with the slot of the communicator they
+ * were made on (MPI_Win_free is collective over it). While there is one, cuts are refused. */
+typedef struct {
+    MPI_Win win;
+    int cid;
+    MPI_Comm comm; /* to see that the slot still holds it */
+} window;
+static LIST(window, windows);
+
 static void cut(uint64_t epoch)
 {
     /* 1. my counts to every peer */
@@ -999,7 +1013,20 @@ static void cut(uint64_t epoch)
     log_cut(epoch);
     symvirt_interconnect ic;
     memset(&ic, 0, sizeof ic);
-    int r = symvirt_ctl_quiesce(epoch, quiesce_timeout_ms, &ic);
+    int r;
+    if (windows.n > 0) {
+        /* One-sided operations are not counted: a cut with a window open may leave some in
+         * flight, so this rank tells the agent it cannot be migrated (the host sees the epoch
+         * fail, with this reason, and keeps the job where it is). */
+        char why[200];
+        snprintf(why, sizeof why,
+                 "MPI one-sided communication is not covered by the transparent layer (%d "
+                 "window%s open)",
+                 windows.n, windows.n == 1 ? "" : "s");
+        r = symvirt_ctl_unable(epoch, why, quiesce_timeout_ms, &ic);
+    } else {
+        r = symvirt_ctl_quiesce(epoch, quiesce_timeout_ms, &ic);
+    }
     char text[1200];
     if (r == SYMVIRT_RESUMED) {
         if (symvirt_transport_reselect)
@@ -1105,6 +1132,9 @@ typedef struct coll {
     MPI_Group group;
     MPI_Request *req; /* non-blocking: watched once started */
     uint32_t child_id; /* MPI_Comm_idup: the identity its communicator gets on completion */
+    MPI_Aint size;      /* window creation */
+    void *baseptr;
+    MPI_Win *win; /* a window it makes, or frees */
 } coll;
 
 /* Runs c and observes what it made: a communicator, or a collective a cut must wait for. */
@@ -1592,6 +1622,96 @@ int MPI_Comm_idup(MPI_Comm comm, MPI_Comm *newcomm, MPI_Request *req)
 static int run_free(coll *c)
 {
     return PMPI_Comm_free(c->newcomm);
+}
+
+/* ---- one-sided communication: windows are observed, not their operations -----------------
+ * Creating and freeing a window and MPI_Win_fence are collective, so aligned like other
+ * collectives (a rank never waits in one for a peer that is in a cut); while a window is alive
+ * this rank refuses cuts (see cut). */
+
+/* The slot a window's collectives align on: its communicator's, while that one is observed. */
+static int window_slot(MPI_Win win, int *index)
+{
+    for (int i = 0; i < windows.n; i++)
+        if (windows.v[i].win == win) {
+            *index = i;
+            int cid = windows.v[i].cid;
+            return cid >= 0 && g.comms[cid].comm == windows.v[i].comm ? cid : -1;
+        }
+    *index = -1;
+    return -1;
+}
+
+static int make_window(coll *c)
+{
+    int rc = align(c->cid, c);
+    if (rc == MPI_SUCCESS && *c->win != MPI_WIN_NULL && g.ready && !g.closed) {
+        GROW(windows);
+        windows.v[windows.n++] = (window){*c->win, c->cid, c->comm};
+    }
+    return rc;
+}
+
+RUN(run_win_create, PMPI_Win_create(c->r, c->size, c->i1, c->info, c->comm, c->win))
+RUN(run_win_allocate, PMPI_Win_allocate(c->size, c->i1, c->info, c->comm, c->baseptr, c->win))
+RUN(run_win_allocate_shared,
+    PMPI_Win_allocate_shared(c->size, c->i1, c->info, c->comm, c->baseptr, c->win))
+RUN(run_win_create_dynamic, PMPI_Win_create_dynamic(c->info, c->comm, c->win))
+RUN(run_win_free, PMPI_Win_free(c->win))
+RUN(run_win_fence, PMPI_Win_fence(c->i1, *c->win))
+
+int MPI_Win_create(void *base, MPI_Aint size, int disp_unit, MPI_Info info, MPI_Comm comm,
+                   MPI_Win *win)
+{
+    coll c = {.run = run_win_create, .comm = comm, .r = base, .size = size, .i1 = disp_unit,
+              .info = info, .win = win};
+    c.cid = CID(comm);
+    return make_window(&c);
+}
+
+int MPI_Win_allocate(MPI_Aint size, int disp_unit, MPI_Info info, MPI_Comm comm, void *baseptr,
+                     MPI_Win *win)
+{
+    coll c = {.run = run_win_allocate, .comm = comm, .size = size, .i1 = disp_unit,
+              .info = info, .baseptr = baseptr, .win = win};
+    c.cid = CID(comm);
+    return make_window(&c);
+}
+
+int MPI_Win_allocate_shared(MPI_Aint size, int disp_unit, MPI_Info info, MPI_Comm comm,
+                            void *baseptr, MPI_Win *win)
+{
+    coll c = {.run = run_win_allocate_shared, .comm = comm, .size = size, .i1 = disp_unit,
+              .info = info, .baseptr = baseptr, .win = win};
+    c.cid = CID(comm);
+    return make_window(&c);
+}
+
+int MPI_Win_create_dynamic(MPI_Info info, MPI_Comm comm, MPI_Win *win)
+{
+    coll c = {.run = run_win_create_dynamic, .comm = comm, .info = info, .win = win};
+    c.cid = CID(comm);
+    return make_window(&c);
+}
+
+int MPI_Win_free(MPI_Win *win)
+{
+    int i;
+    coll c = {.run = run_win_free, .win = win, .cid = window_slot(*win, &i)};
+    if (i < 0)
+        return PMPI_Win_free(win);
+    MPI_Win freed = *win;
+    int rc = align(c.cid, &c); /* a cut meanwhile still sees the window */
+    if (rc == MPI_SUCCESS && window_slot(freed, &i) >= -1 && i >= 0)
+        windows.v[i] = windows.v[--windows.n];
+    return rc;
+}
+
+int MPI_Win_fence(int assert_, MPI_Win win)
+{
+    int i;
+    coll c = {.run = run_win_fence, .win = &win, .i1 = assert_, .cid = window_slot(win, &i)};
+    return align(c.cid, &c);
 }
 
 int MPI_Comm_free(MPI_Comm *comm)

@@ -42,6 +42,10 @@ int symvirt_ctl_open(uint32_t rank, const char *socket, uint64_t timeout_ms);
 uint64_t symvirt_ctl_requested(void);
 /* At the cut: report quiesced, wait for resume (SYMVIRT_RESUMED, *out filled) or abort. */
 int symvirt_ctl_quiesce(uint64_t epoch, uint64_t timeout_ms, symvirt_interconnect *out);
+/* At the cut, instead of symvirt_ctl_quiesce: this rank cannot be migrated for epoch (reason
+ * goes to the host, which then sees the epoch fail); waits for the outcome (SYMVIRT_ABORTED). */
+int symvirt_ctl_unable(uint64_t epoch, const char *reason, uint64_t timeout_ms,
+                       symvirt_interconnect *out);
 /* After re-selecting the transport. */
 int symvirt_ctl_resumed(uint64_t epoch);
 void symvirt_ctl_close(void);

@@ -225,6 +225,47 @@ pub unsafe extern "C" fn symvirt_ctl_quiesce(
     }
 }
 
+/// At the cut, instead of [`symvirt_ctl_quiesce`]: reports that this rank cannot be migrated
+/// for `epoch` (`reason`, a C string, goes to the host) and waits for the outcome, normally
+/// `SYMVIRT_ABORTED`. For an epoch requested by SIGUSR1 (no agent) the reason goes to stderr
+/// and the rank waits for the releasing signal like the others.
+///
+/// # Safety
+/// `reason` is null or a NUL-terminated string; `out` is null or points to a writable
+/// `symvirt_interconnect`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn symvirt_ctl_unable(
+    epoch: u64,
+    reason: *const c_char,
+    timeout_ms: u64,
+    out: *mut CInterconnect,
+) -> c_int {
+    let reason = if reason.is_null() {
+        String::from("no reason given")
+    } else {
+        // SAFETY: the caller guarantees a NUL-terminated string.
+        unsafe { CStr::from_ptr(reason) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    let slot = control_slot();
+    let timeout = Duration::from_millis(timeout_ms);
+    let outcome = match slot.as_ref() {
+        _ if control::is_signal_epoch(epoch) => {
+            eprintln!("symvirt: epoch {epoch}: this rank cannot be migrated: {reason}");
+            control::wait_signal_release(epoch, timeout)
+        }
+        Some(c) => c.unable(epoch, &reason, timeout),
+        None => return fail(&Error::State("no control plane open".into())),
+    };
+    // SAFETY: the caller guarantees `out` is null or valid for writes.
+    let out = unsafe { out.as_mut() };
+    match outcome {
+        Ok(outcome) => deliver(out, outcome),
+        Err(e) => fail(&e),
+    }
+}
+
 /// After re-selecting the transport: reports this rank running again for `epoch`.
 #[unsafe(no_mangle)]
 pub extern "C" fn symvirt_ctl_resumed(epoch: u64) -> c_int {

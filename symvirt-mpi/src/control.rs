@@ -263,6 +263,23 @@ impl Control {
     /// on its way: it is awaited first (a `quiesced` for an epoch the agent has not started
     /// would be ignored).
     pub fn quiesce(&self, epoch: u64, timeout: Duration) -> Result<Outcome> {
+        self.report_and_wait(epoch, timeout, "quiesced", |c| c.quiesced(epoch))
+    }
+
+    /// Reports that this rank cannot reach a quiescent point for `epoch`, and why, then waits
+    /// (at most `timeout`) for the outcome: the agent fails the epoch, so an abort.
+    pub fn unable(&self, epoch: u64, reason: &str, timeout: Duration) -> Result<Outcome> {
+        self.report_and_wait(epoch, timeout, "unable", |c| c.unable(epoch, reason))
+    }
+
+    /// Waits for this rank's `prepare` for `epoch`, reports with `send`, waits for the outcome.
+    fn report_and_wait(
+        &self,
+        epoch: u64,
+        timeout: Duration,
+        what: &str,
+        send: impl FnOnce(&mut RankClient) -> symvirt::Result<()>,
+    ) -> Result<Outcome> {
         let deadline = Instant::now() + timeout;
         let state = self.wait_until(deadline, "prepare", |s| {
             s.prepared >= epoch || s.outcome_of(epoch).is_some()
@@ -271,13 +288,10 @@ impl Control {
             return Ok(o); // aborted before this rank got here
         }
         drop(state);
-        self.shared
-            .client()
-            .quiesced(epoch)
-            .map_err(|source| Error::Agent {
-                what: format!("report quiesced for epoch {epoch}"),
-                source,
-            })?;
+        send(&mut self.shared.client()).map_err(|source| Error::Agent {
+            what: format!("report {what} for epoch {epoch}"),
+            source,
+        })?;
         let state = self.wait_until(deadline, "resume or abort", |s| {
             s.outcome_of(epoch).is_some()
         })?;

@@ -236,3 +236,69 @@ fn request_during_finalize_explicit_mpich() {
 fn request_during_finalize_transparent_openmpi() {
     request_during_finalize(MpiImpl::OpenMpi, Mode::Transparent, "fin-tr-ompi");
 }
+
+/// One-sided communication is not covered by the transparent layer: while a window is open a
+/// migration request fails the epoch with a reason that names it (the host keeps the job where
+/// it is) and the job goes on, its own checks passing; once the window is freed a request is
+/// served.
+fn one_sided_windows_refuse_migration(mpi: MpiImpl, tag: &str) {
+    let rig = Rig::new(tag);
+    let prog = program(mpi, "rma.c", Linkage::Plain);
+    let work = rig.dir.0.join("work");
+    fs::create_dir_all(&work).unwrap();
+    let env = [
+        (
+            "SYMVIRT_AGENT_SOCKET".to_string(),
+            rig.rank_socket().display().to_string(),
+        ),
+        (
+            "LD_PRELOAD".to_string(),
+            libraries(mpi).transparent.display().to_string(),
+        ),
+    ];
+    let mut job = Job::start(mpi, &prog, &[work.to_str().unwrap()], &env, &rig.dir.0);
+    rig.prepare(1);
+    match outcome_while_running(&rig, &mut job) {
+        GuestMessage::Failed { epoch: 1, reason } => assert!(
+            reason.contains("cannot quiesce")
+                && reason.contains("one-sided communication is not covered")
+                && reason.contains("1 window open"),
+            "{reason}"
+        ),
+        other => panic!("expected failed, got {other:?}\n{}", job.logs()),
+    }
+    rig.host.send(&HostMessage::Abort { epoch: 1 }).unwrap();
+
+    fs::write(work.join("phase2"), "").unwrap();
+    let freed = work.join("freed");
+    let until = Instant::now() + Duration::from_secs(60);
+    while !freed.exists() {
+        assert!(job.running(), "job ended early\n{}", job.logs());
+        assert!(Instant::now() < until, "window never freed\n{}", job.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    rig.prepare(2);
+    match outcome_while_running(&rig, &mut job) {
+        GuestMessage::Quiesced { epoch: 2 } => {}
+        other => panic!("expected quiesced, got {other:?}\n{}", job.logs()),
+    }
+    resume_and_confirm(&rig, &mut job, 2, &interconnect_for(2));
+    fs::write(work.join("stop"), "").unwrap();
+    let (ok, out) = job.wait();
+    assert!(ok, "rma job failed\n{}", job.logs());
+    let oks = out
+        .lines()
+        .filter(|l| l.starts_with("rma OK rank "))
+        .count();
+    assert_eq!(oks, RANKS as usize, "{out}");
+}
+
+#[test]
+fn openmpi_one_sided_windows_refuse_migration_until_freed() {
+    one_sided_windows_refuse_migration(MpiImpl::OpenMpi, "bad-rma-ompi");
+}
+
+#[test]
+fn mpich_one_sided_windows_refuse_migration_until_freed() {
+    one_sided_windows_refuse_migration(MpiImpl::Mpich, "bad-rma-mpich");
+}

@@ -7,8 +7,10 @@
 //! until the guest sees the new interconnect ([`sysfs::find_interconnect`]; the Ethernet
 //! interface name is resolved from the MAC when the host did not give one), forwards it to the
 //! ranks and reports `resumed` when every rank acknowledged; if the interconnect never
-//! appears it reports `failed` and keeps the ranks paused, for the host to roll back. A rank that leaves during an epoch, or a deadline
-//! that passes, fails the epoch (`failed` to the host, `abort` to the ranks).
+//! appears it reports `failed` and keeps the ranks paused, for the host to roll back. A rank
+//! that leaves during an epoch, one that reports it cannot quiesce (`unable`, with a reason
+//! passed on), or a deadline that passes, fails the epoch (`failed` to the host, `abort` to the
+//! ranks).
 //!
 //! ```no_run
 //! use symvirt::agent::{Agent, AgentConfig};
@@ -589,6 +591,12 @@ impl Core {
                     self.check_resumed();
                 }
                 _ => log::warn!("ignored resumed{{epoch={epoch}}} from rank {rank}"),
+            },
+            (RankRequest::Unable { epoch, reason }, Some(rank)) => match &self.phase {
+                Phase::Preparing { epoch: e, .. } if *e == epoch => {
+                    self.fail(epoch, format!("rank {rank} cannot quiesce: {reason}"));
+                }
+                _ => log::warn!("ignored unable{{epoch={epoch}}} from rank {rank}: {reason}"),
             },
             (request, rank) => {
                 log::warn!("ignored {request:?} from connection {id} (rank {rank:?})")

@@ -45,7 +45,19 @@ pub enum RankRequest {
         /// The epoch.
         epoch: u64,
     },
+    /// The rank cannot reach a quiescent point for `epoch` (e.g. it uses communication its
+    /// MPI layer cannot bring to a cut): the agent fails the epoch with `reason`.
+    Unable {
+        /// The epoch.
+        epoch: u64,
+        /// Why, for the host: at most [`MAX_UNABLE_REASON`] bytes, no control characters.
+        reason: String,
+    },
 }
+
+/// The longest `reason` in [`RankRequest::Unable`]: the agent passes it on inside its own
+/// `failed` reason, which the host accepts up to [`MAX_REASON`] bytes.
+pub const MAX_UNABLE_REASON: usize = MAX_REASON / 2;
 
 /// A message from the agent to a rank.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,8 +100,19 @@ impl Validate for RankRequest {
     fn validate(&self) -> Result<()> {
         match self {
             RankRequest::Register { .. } => Ok(()),
-            RankRequest::Quiesced { epoch } | RankRequest::Resumed { epoch } if *epoch == 0 => {
+            RankRequest::Quiesced { epoch }
+            | RankRequest::Resumed { epoch }
+            | RankRequest::Unable { epoch, .. }
+                if *epoch == 0 =>
+            {
                 Err(Error::Invalid("epoch 0".into()))
+            }
+            RankRequest::Unable { reason, .. }
+                if reason.len() > MAX_UNABLE_REASON || reason.chars().any(char::is_control) =>
+            {
+                Err(Error::Invalid(format!(
+                    "reason: want at most {MAX_UNABLE_REASON} bytes without control characters"
+                )))
             }
             _ => Ok(()),
         }
@@ -233,6 +256,21 @@ impl RankClient {
     /// Reports that this rank continued after `resume` for `epoch`.
     pub fn resumed(&mut self, epoch: u64) -> Result<()> {
         self.send(&RankRequest::Resumed { epoch })
+    }
+
+    /// Reports that this rank cannot reach a quiescent point for `epoch`, and why (control
+    /// characters become spaces; a reason over [`MAX_UNABLE_REASON`] bytes is cut).
+    pub fn unable(&mut self, epoch: u64, reason: &str) -> Result<()> {
+        let mut reason: String = reason
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        let mut end = reason.len().min(MAX_UNABLE_REASON);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        self.send(&RankRequest::Unable { epoch, reason })
     }
 
     fn send(&mut self, request: &RankRequest) -> Result<()> {

@@ -337,6 +337,49 @@ fn a_missed_deadline_fails_the_epoch_releases_the_ranks_and_the_next_epoch_works
 }
 
 #[test]
+fn a_rank_that_cannot_quiesce_fails_the_epoch_with_its_reason_and_the_next_epoch_works() {
+    let rig = Rig::new("unable", 2);
+    let mut r0 = rig.rank(0).unwrap();
+    let mut r1 = rig.rank(1).unwrap();
+    rig.prepare(1, 60_000);
+    expect_prepare(&mut r0, 1);
+    expect_prepare(&mut r1, 1);
+    r0.quiesced(1).unwrap();
+    // A reason longer than the protocol allows is cut, not refused.
+    let long = format!("one-sided windows are open {}", "é".repeat(400));
+    r1.unable(1, &long).unwrap();
+    match rig.wait_outcome() {
+        GuestMessage::Failed { epoch: 1, reason } => {
+            assert!(
+                reason.starts_with("rank 1 cannot quiesce: one-sided windows are open"),
+                "{reason}"
+            );
+            assert!(
+                reason.len() <= symvirt::protocol::MAX_REASON,
+                "{} bytes",
+                reason.len()
+            );
+        }
+        other => panic!("expected failed, got {other:?}"),
+    }
+    for r in [&mut r0, &mut r1] {
+        assert_eq!(
+            r.next_event(Some(PATIENCE)).unwrap(),
+            Some(RankEvent::Abort { epoch: 1 })
+        );
+    }
+    rig.host.send(&HostMessage::Abort { epoch: 1 }).unwrap();
+    // An `unable` for an epoch that is not being prepared changes nothing.
+    r1.unable(1, "late").unwrap();
+    rig.prepare(2, 60_000);
+    expect_prepare(&mut r0, 2);
+    expect_prepare(&mut r1, 2);
+    r0.quiesced(2).unwrap();
+    r1.quiesced(2).unwrap();
+    assert_eq!(rig.wait_outcome(), GuestMessage::Quiesced { epoch: 2 });
+}
+
+#[test]
 fn a_rank_leaving_mid_epoch_fails_it() {
     let rig = Rig::new("leave", 2);
     let mut r0 = rig.rank(0).unwrap();
