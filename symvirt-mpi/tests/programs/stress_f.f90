@@ -7,9 +7,15 @@
 ! Waitall), ANY_SOURCE receives on a duplicated communicator, a ring and an Allreduce on each
 ! half of an MPI_Comm_split, persistent requests (Recv_init, Send_init, Startall, Waitall,
 ! Request_free), a matched probe (Mprobe + Mrecv), Sendrecv_replace, Iallreduce + Ibarrier,
-! and Allreduce + Bcast. Every
-! message carries (source, destination, per-pair sequence number) and a derived payload that
-! the receiver checks. Runs at least MIN_ITERS iterations, then until DIR/stop exists.
+! Allreduce + Bcast; then MPI-3 calls: Ialltoall, Ialltoallw, Iallgather on the shared-memory
+! node (Comm_split_type; the tests run every rank on one machine), Ireduce on a row of a 2-D
+! cartesian grid (Cart_sub), Iscan, Ineighbor_allgather and Ineighbor_alltoallw on a periodic
+! 1-D cartesian ring and an MPI_Comm_idup (every 4 iterations; the communicators every 8),
+! all outstanding together; a ring on the idup'd
+! communicator (its receive polled with Request_get_status), on the row and on the node;
+! Exscan and Neighbor_alltoall. Every message carries (source, destination, per-pair sequence
+! number) and a derived payload that the receiver checks; every collective result is checked.
+! Runs at least MIN_ITERS iterations, then until DIR/stop exists.
 ! Built with -DSYMVIRT_EXPLICIT it calls symvirt_safe_point_f every iteration and registers a
 ! quiesce hook (bind(c)) that writes DIR/cut-E-R ("iteration sent received"); after a resume
 ! it writes DIR/resumed-E-R.
@@ -96,6 +102,22 @@ contains
     ierr = 0
   end subroutine
 
+  ! A ring on comm, whose rank r (of size) is WORLD rank base + r: send right, receive left.
+  subroutine ring_on(comm, r, size, base, tag, sbuf, rbuf)
+    use mpi
+    integer, intent(in) :: comm, r, size, base, tag
+    integer(8), intent(inout) :: sbuf(:), rbuf(:)
+    integer :: n, count, req, ierr, status(MPI_STATUS_SIZE)
+    if (size < 2) return
+    call fill(sbuf, base + mod(r + 1, size), n)
+    call mpi_isend(sbuf, n, MPI_INTEGER8, mod(r + 1, size), tag, comm, req, ierr)
+    call mpi_recv(rbuf, large + 3, MPI_INTEGER8, mod(r + size - 1, size), tag, comm, status, &
+      ierr)
+    call mpi_get_count(status, MPI_INTEGER8, count, ierr)
+    call check(rbuf, base + status(MPI_SOURCE), count)
+    call mpi_wait(req, MPI_STATUS_IGNORE, ierr)
+  end subroutine
+
   subroutine fail(what, peer)
     use mpi
     character(len=*), intent(in) :: what
@@ -135,6 +157,13 @@ program stress_f
 #endif
   integer :: ierr, right, left, n, m, count, any_comm, root, p, mine, all
   integer :: half_comm, hr, hsize, base, pcomm, preq(2), msg
+  integer :: node_comm, nr, nsz, cart2, row_comm, rr, rsz, rbase, ring_comm, dup_comm, new_dup, q
+  integer :: dims(2), nbreq(8), scan_in, scanned, ones(2), ntypes(2)
+  integer(kind=MPI_ADDRESS_KIND) :: ndispls(2)
+  logical :: periods(2), remain(2), flag
+  integer(8) :: gval, red, expected, nb_g(2), nb_s(2), nb_r(2), nb_ws(2), nb_wr(2)
+  integer(8), allocatable :: a2a_s(:), a2a_r(:), w_s(:), w_r(:), gath(:)
+  integer, allocatable :: wcounts(:), wdispls(:), wtypes(:)
   integer :: status(MPI_STATUS_SIZE), statuses(MPI_STATUS_SIZE, 2), req(2)
   integer(8), allocatable :: sbuf(:), rbuf(:), many(:, :)
   integer, allocatable :: mreq(:)
@@ -161,6 +190,14 @@ program stress_f
   base = me - hr
   right = mod(me + 1, np)
   left = mod(me + np - 1, np)
+  allocate (a2a_s(0:np - 1), a2a_r(0:np - 1), w_s(0:np - 1), w_r(0:np - 1), gath(0:np - 1))
+  allocate (wcounts(0:np - 1), wdispls(0:np - 1), wtypes(0:np - 1))
+  wcounts = 1
+  wdispls = [(8 * q, q = 0, np - 1)]
+  wtypes = MPI_INTEGER8
+  ones = 1
+  ndispls = [0_MPI_ADDRESS_KIND, 8_MPI_ADDRESS_KIND]
+  ntypes = MPI_INTEGER8
 #ifdef SYMVIRT_EXPLICIT
   call symvirt_init_f(MPI_COMM_WORLD, rc)
   if (rc /= 0) call fail('symvirt_init_f', rc)
@@ -205,15 +242,7 @@ program stress_f
     end do
     call mpi_waitall(np, mreq, MPI_STATUSES_IGNORE, ierr)
     ! a ring on each half of an MPI_Comm_split, then an Allreduce on the half
-    if (hsize > 1) then
-      call fill(sbuf, base + mod(hr + 1, hsize), n)
-      call mpi_isend(sbuf, n, MPI_INTEGER8, mod(hr + 1, hsize), 30, half_comm, req(2), ierr)
-      call mpi_recv(rbuf, large + 3, MPI_INTEGER8, mod(hr + hsize - 1, hsize), 30, half_comm, &
-        status, ierr)
-      call mpi_get_count(status, MPI_INTEGER8, count, ierr)
-      call check(rbuf, base + status(MPI_SOURCE), count)
-      call mpi_wait(req(2), MPI_STATUS_IGNORE, ierr)
-    end if
+    call ring_on(half_comm, hr, hsize, base, 30, sbuf, rbuf)
     mine = me + 1
     call mpi_allreduce(mine, all, 1, MPI_INTEGER, MPI_SUM, half_comm, ierr)
     if (all /= hsize * (base + 1) + hsize * (hsize - 1) / 2) call fail('Allreduce on a half', -1)
@@ -263,6 +292,73 @@ program stress_f
     do n = 1, 16
       if (v(n) /= iteration * 7_8 + int(n, 8)) call fail('Bcast result', root)
     end do
+    ! MPI-3 non-blocking collectives and (every 4 iterations) an MPI_Comm_idup, outstanding
+    ! together
+    if (mod(iteration, 8_8) == 0) call make_mpi3_comms()
+    do p = 0, np - 1
+      a2a_s(p) = word(me, p, iteration, 1)
+      w_s(p) = word(me, p, iteration, 2)
+    end do
+    gval = int(me, 8) * 3_8 + iteration
+    scan_in = me + 1
+    nb_ws = [word(me, left, iteration, 3), word(me, right, iteration, 4)]
+    call mpi_ialltoall(a2a_s, 1, MPI_INTEGER8, a2a_r, 1, MPI_INTEGER8, MPI_COMM_WORLD, &
+      nbreq(1), ierr)
+    call mpi_ialltoallw(w_s, wcounts, wdispls, wtypes, w_r, wcounts, wdispls, wtypes, &
+      MPI_COMM_WORLD, nbreq(2), ierr)
+    call mpi_iallgather(gval, 1, MPI_INTEGER8, gath, 1, MPI_INTEGER8, node_comm, nbreq(3), ierr)
+    call mpi_ireduce(gval, red, 1, MPI_INTEGER8, MPI_SUM, 0, row_comm, nbreq(4), ierr)
+    call mpi_iscan(scan_in, scanned, 1, MPI_INTEGER, MPI_SUM, MPI_COMM_WORLD, nbreq(5), ierr)
+    nbreq(6) = MPI_REQUEST_NULL
+    if (mod(iteration, 4_8) == 0) call mpi_comm_idup(MPI_COMM_WORLD, new_dup, nbreq(6), ierr)
+    call mpi_ineighbor_allgather(gval, 1, MPI_INTEGER8, nb_g, 1, MPI_INTEGER8, ring_comm, &
+      nbreq(7), ierr)
+    call mpi_ineighbor_alltoallw(nb_ws, ones, ndispls, ntypes, nb_wr, ones, ndispls, ntypes, &
+      ring_comm, nbreq(8), ierr)
+    call mpi_waitall(8, nbreq, MPI_STATUSES_IGNORE, ierr)
+    do p = 0, np - 1
+      if (a2a_r(p) /= word(p, me, iteration, 1)) call fail('Ialltoall result', p)
+      if (w_r(p) /= word(p, me, iteration, 2)) call fail('Ialltoallw result', p)
+      if (gath(p) /= int(p, 8) * 3_8 + iteration) call fail('Iallgather result on the node', p)
+    end do
+    if (rr == 0) then
+      expected = 0
+      do p = rbase, rbase + rsz - 1
+        expected = expected + int(p, 8) * 3_8 + iteration
+      end do
+      if (red /= expected) call fail('Ireduce result on a cartesian row', rbase)
+    end if
+    if (scanned /= (me + 1) * (me + 2) / 2) call fail('Iscan result', -1)
+    if (nb_g(1) /= int(left, 8) * 3_8 + iteration) call fail('Ineighbor_allgather result', left)
+    if (nb_g(2) /= int(right, 8) * 3_8 + iteration) call fail('Ineighbor_allgather result', right)
+    if (nb_wr(1) /= word(left, me, iteration, 4)) call fail('Ineighbor_alltoallw result', left)
+    if (nb_wr(2) /= word(right, me, iteration, 3)) call fail('Ineighbor_alltoallw result', right)
+    if (mod(iteration, 4_8) == 0) then
+      if (iteration > 0) call mpi_comm_free(dup_comm, ierr)
+      dup_comm = new_dup
+    end if
+    ! point to point on the communicators those calls made (counted per WORLD peer at a cut):
+    ! a ring on the idup'd one, its receive polled with Request_get_status, then on the row
+    ! and on the node
+    call mpi_irecv(rbuf, large + 3, MPI_INTEGER8, left, 40, dup_comm, req(1), ierr)
+    call fill(sbuf, right, n)
+    call mpi_isend(sbuf, n, MPI_INTEGER8, right, 40, dup_comm, req(2), ierr)
+    flag = .false.
+    do while (.not. flag)
+      call mpi_request_get_status(req(1), flag, status, ierr)
+    end do
+    call mpi_get_count(status, MPI_INTEGER8, count, ierr)
+    call check(rbuf, status(MPI_SOURCE), count)
+    call mpi_waitall(2, req, MPI_STATUSES_IGNORE, ierr)
+    call ring_on(row_comm, rr, rsz, rbase, 41, sbuf, rbuf)
+    call ring_on(node_comm, nr, nsz, 0, 42, sbuf, rbuf)
+    ! blocking MPI-3 collectives
+    call mpi_exscan(scan_in, scanned, 1, MPI_INTEGER, MPI_SUM, MPI_COMM_WORLD, ierr)
+    if (me > 0 .and. scanned /= me * (me + 1) / 2) call fail('Exscan result', -1)
+    nb_s = [word(me, left, iteration, 5), word(me, right, iteration, 6)]
+    call mpi_neighbor_alltoall(nb_s, 1, MPI_INTEGER8, nb_r, 1, MPI_INTEGER8, ring_comm, ierr)
+    if (nb_r(1) /= word(left, me, iteration, 6)) call fail('Neighbor_alltoall result', left)
+    if (nb_r(2) /= word(right, me, iteration, 5)) call fail('Neighbor_alltoall result', right)
 #ifdef SYMVIRT_EXPLICIT
     call symvirt_safe_point_f(MPI_COMM_WORLD, result, epoch, rc)
     if (rc /= 0) call fail('symvirt_safe_point_f', rc)
@@ -297,7 +393,41 @@ program stress_f
   call mpi_comm_free(any_comm, ierr)
   call mpi_comm_free(pcomm, ierr)
   call mpi_comm_free(half_comm, ierr)
+  call free_mpi3_comms()
+  call mpi_comm_free(dup_comm, ierr)
   write (*, '(a,i0,a,i0,a,i0,a,i0,a,i0)') 'stress_f OK rank ', me, ' iterations ', iteration + 1, &
     ' sent ', sent, ' received ', received, ' cuts ', cuts
   call mpi_finalize(ierr)
+contains
+  ! The MPI-3 communicators, (re)made every few iterations so that cuts land in their
+  ! creation too; the previous ones are freed.
+  subroutine make_mpi3_comms()
+    if (iteration > 0) call free_mpi3_comms()
+    ! the shared-memory node (key: WORLD rank, so node ranks are WORLD ranks when every rank
+    ! is on this machine), a row of a 2-D cartesian grid (row-major, not reordered: WORLD
+    ! rank = rbase + rank in the row), a periodic 1-D cartesian ring
+    call mpi_comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, me, MPI_INFO_NULL, node_comm, &
+      ierr)
+    call mpi_comm_rank(node_comm, nr, ierr)
+    call mpi_comm_size(node_comm, nsz, ierr)
+    if (nsz /= np .or. nr /= me) call fail('Comm_split_type: not every rank on this node', nsz)
+    dims = 0
+    call mpi_dims_create(np, 2, dims, ierr)
+    periods = .false.
+    call mpi_cart_create(MPI_COMM_WORLD, 2, dims, periods, .false., cart2, ierr)
+    remain = [.false., .true.]
+    call mpi_cart_sub(cart2, remain, row_comm, ierr)
+    call mpi_comm_rank(row_comm, rr, ierr)
+    call mpi_comm_size(row_comm, rsz, ierr)
+    if (rsz /= dims(2) .or. rr /= mod(me, dims(2))) call fail('Cart_sub: not a row', rsz)
+    rbase = me - rr
+    call mpi_cart_create(MPI_COMM_WORLD, 1, [np], [.true.], .false., ring_comm, ierr)
+  end subroutine
+
+  subroutine free_mpi3_comms()
+    call mpi_comm_free(node_comm, ierr)
+    call mpi_comm_free(row_comm, ierr)
+    call mpi_comm_free(cart2, ierr)
+    call mpi_comm_free(ring_comm, ierr)
+  end subroutine
 end program
