@@ -10,10 +10,10 @@
 ! Allreduce + Bcast; then MPI-3 calls: Ialltoall, Ialltoallw, Iallgather on the shared-memory
 ! node (Comm_split_type; the tests run every rank on one machine), Ireduce on a row of a 2-D
 ! cartesian grid (Cart_sub), Iscan, Ineighbor_allgather and Ineighbor_alltoallw on a periodic
-! 1-D cartesian ring and an MPI_Comm_idup (every 4 iterations; the communicators every 8),
-! all outstanding together; a ring on the idup'd
-! communicator (its receive polled with Request_get_status), on the row and on the node;
-! Exscan and Neighbor_alltoall. Every message carries (source, destination, per-pair sequence
+! 1-D cartesian ring and an MPI_Comm_idup (every 4 iterations), all outstanding together; a
+! ring on the idup'd communicator (its receive polled with Request_get_status), on the row and
+! on the node; Exscan and Neighbor_alltoall. The MPI-3 communicators are remade every 8
+! iterations, after the first iteration's traffic (so cuts land in their creation too). Every message carries (source, destination, per-pair sequence
 ! number) and a derived payload that the receiver checks; every collective result is checked.
 ! Runs at least MIN_ITERS iterations, then until DIR/stop exists.
 ! Built with -DSYMVIRT_EXPLICIT it calls symvirt_safe_point_f every iteration and registers a
