@@ -2,6 +2,11 @@
 //!
 //!   mpirun -np 4 rsmpi_overhead [ITERS] [PAIRS]
 //!
+//! Under the launcher of the MPI it links (mpi-sys binds to the MPI `$MPICC` names when it is
+//! first built in a target directory: `MPICC=mpicc.mpich CARGO_TARGET_DIR=target/rsmpi-mpich`
+//! builds it for `mpiexec.mpich`). MPICH's ranks poll without yielding: with more ranks than
+//! cores each message waits for a time slice, so compare the two MPIs with as many ranks as cores.
+//!
 //! Per pair of samples, in alternating order (A B, B A, ...: drift on a shared machine hits
 //! both alike): A = ITERS iterations of an 8-byte ring (send-receive to the right), B = the
 //! same with a safe point after each iteration; plus C = ITERS safe points alone. Times are

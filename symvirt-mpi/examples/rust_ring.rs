@@ -3,6 +3,8 @@
 //!   mpirun -np 4 rust_ring DIR MIN_ITERS
 //!   rust_ring --mpi-library
 //!
+//! `mpirun` stands for the launcher of the MPI it links (`mpirun.openmpi` or `mpiexec.mpich`).
+//!
 //! The second form prints the linked MPI library's own description (`MPI_Get_library_version`,
 //! callable before `MPI_Init`) and exits: a test reads it to pick the matching launcher.
 //!
