@@ -250,6 +250,8 @@ FSEND(mpi_ssend_, MPI_Ssend)
 FSEND(mpi_rsend_, MPI_Rsend)
 FSEND(mpi_bsend_, MPI_Bsend)
 
+/* Calls shaped (buf, count, datatype, peer, tag, comm, request): the non-blocking sends and
+ * receive, and the persistent ones. */
 #define FISEND(fname, cname)                                                                   \
     void fname(void *buf, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *dest, MPI_Fint *tag,        \
                MPI_Fint *comm, MPI_Fint *req, MPI_Fint *ierr)                                  \
@@ -486,21 +488,11 @@ void mpi_cart_create_(MPI_Fint *comm, MPI_Fint *ndims, MPI_Fint *dims, MPI_Fint 
     free(p);
 }
 
-#define FPINIT(fname, cname)                                                                   \
-    void fname(void *buf, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *peer, MPI_Fint *tag,        \
-               MPI_Fint *comm, MPI_Fint *req, MPI_Fint *ierr)                                  \
-    {                                                                                          \
-        MPI_Request r;                                                                         \
-        *ierr = cname(fbuf(buf), *count, PMPI_Type_f2c(*dt), *peer, *tag,                      \
-                      PMPI_Comm_f2c(*comm), &r);                                               \
-        if (*ierr == MPI_SUCCESS)                                                              \
-            *req = PMPI_Request_c2f(r);                                                        \
-    }
-FPINIT(mpi_send_init_, MPI_Send_init)
-FPINIT(mpi_ssend_init_, MPI_Ssend_init)
-FPINIT(mpi_rsend_init_, MPI_Rsend_init)
-FPINIT(mpi_bsend_init_, MPI_Bsend_init)
-FPINIT(mpi_recv_init_, MPI_Recv_init)
+FISEND(mpi_send_init_, MPI_Send_init)
+FISEND(mpi_ssend_init_, MPI_Ssend_init)
+FISEND(mpi_rsend_init_, MPI_Rsend_init)
+FISEND(mpi_bsend_init_, MPI_Bsend_init)
+FISEND(mpi_recv_init_, MPI_Recv_init)
 
 void mpi_start_(MPI_Fint *req, MPI_Fint *ierr)
 {

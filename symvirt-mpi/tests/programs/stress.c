@@ -164,14 +164,15 @@ static void ring(void)
     }
 }
 
-static void ring_nb(void)
+/* Irecv/Isend around the ring on comm (a duplicate of WORLD's ranks), tag. */
+static void ring_nb_on(MPI_Comm comm, int tag)
 {
     int right = (me + 1) % np, left = (me + np - 1) % np;
     MPI_Request rq[2];
     MPI_Status st[2];
-    MPI_Irecv(bufs[1], LARGE + 4, MPI_UINT64_T, left, 11, MPI_COMM_WORLD, &rq[0]);
-    int n = fill(bufs[0], right, 11);
-    MPI_Isend(bufs[0], n, MPI_UINT64_T, right, 11, MPI_COMM_WORLD, &rq[1]);
+    MPI_Irecv(bufs[1], LARGE + 4, MPI_UINT64_T, left, tag, comm, &rq[0]);
+    int n = fill(bufs[0], right, tag);
+    MPI_Isend(bufs[0], n, MPI_UINT64_T, right, tag, comm, &rq[1]);
     if (iteration % 2 == 0) {
         MPI_Waitall(2, rq, st);
     } else {
@@ -180,6 +181,11 @@ static void ring_nb(void)
             MPI_Testall(2, rq, &done, st);
     }
     check(bufs[1], &st[0], left);
+}
+
+static void ring_nb(void)
+{
+    ring_nb_on(MPI_COMM_WORLD, 11);
 }
 
 static void alltoall(void)
@@ -641,14 +647,7 @@ static void nbcoll(void)
     ring_nb();
     MPI_Waitall(3, c, MPI_STATUSES_IGNORE);
     /* The new communicator carries counted, checked messages like any other. */
-    int right = (me + 1) % np, left = (me + np - 1) % np;
-    MPI_Request rq[2];
-    MPI_Status st[2];
-    MPI_Irecv(bufs[1], LARGE + 4, MPI_UINT64_T, left, 12, dup, &rq[0]);
-    int n = fill(bufs[0], right, 12);
-    MPI_Isend(bufs[0], n, MPI_UINT64_T, right, 12, dup, &rq[1]);
-    MPI_Waitall(2, rq, st);
-    check(bufs[1], &st[0], left);
+    ring_nb_on(dup, 12);
     MPI_Comm_free(&dup);
     for (int p = 0; p < np; p++)
         want += word((uint64_t)p, 1, iteration, 2) >> 8;
