@@ -237,6 +237,21 @@ fn request_during_finalize_transparent_openmpi() {
     request_during_finalize(MpiImpl::OpenMpi, Mode::Transparent, "fin-tr-ompi");
 }
 
+/// Waits (at most a minute) for the job to create `path`.
+fn wait_for_file(job: &mut Job, path: &std::path::Path) {
+    let until = Instant::now() + Duration::from_secs(60);
+    while !path.exists() {
+        assert!(job.running(), "job ended early\n{}", job.logs());
+        assert!(
+            Instant::now() < until,
+            "{} never came\n{}",
+            path.display(),
+            job.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// One-sided communication is not covered by the transparent layer: while a window is open a
 /// migration request fails the epoch with a reason that names it (the host keeps the job where
 /// it is) and the job goes on, its own checks passing; once the window is freed a request is
@@ -257,6 +272,8 @@ fn one_sided_windows_refuse_migration(mpi: MpiImpl, tag: &str) {
         ),
     ];
     let mut job = Job::start(mpi, &prog, &[work.to_str().unwrap()], &env, &rig.dir.0);
+    // A request before the window exists is served (the window's creation is aligned).
+    wait_for_file(&mut job, &work.join("open"));
     rig.prepare(1);
     match outcome_while_running(&rig, &mut job) {
         GuestMessage::Failed { epoch: 1, reason } => assert!(
@@ -270,13 +287,7 @@ fn one_sided_windows_refuse_migration(mpi: MpiImpl, tag: &str) {
     rig.host.send(&HostMessage::Abort { epoch: 1 }).unwrap();
 
     fs::write(work.join("phase2"), "").unwrap();
-    let freed = work.join("freed");
-    let until = Instant::now() + Duration::from_secs(60);
-    while !freed.exists() {
-        assert!(job.running(), "job ended early\n{}", job.logs());
-        assert!(Instant::now() < until, "window never freed\n{}", job.logs());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_file(&mut job, &work.join("freed"));
     rig.prepare(2);
     match outcome_while_running(&rig, &mut job) {
         GuestMessage::Quiesced { epoch: 2 } => {}
