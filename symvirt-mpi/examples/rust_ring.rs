@@ -180,7 +180,10 @@ fn run(world: &SimpleCommunicator, dir: &Path, min_iters: u64) -> ExitCode {
         }
     };
     // Tells a test that the SIGUSR1 trigger is installed on this rank.
-    eprintln!("rust_ring: rank {me} ready, agent: {}", sv.has_agent());
+    say(&format!(
+        "rust_ring: rank {me} ready, agent: {}",
+        sv.has_agent()
+    ));
     let (c, d) = (counts.clone(), dir.to_path_buf());
     sv.on_quiesce(move |epoch| {
         let text = format!(

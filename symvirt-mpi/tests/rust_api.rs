@@ -164,7 +164,12 @@ fn wait_ready(job: &Job) {
     let deadline = soon();
     loop {
         let err = fs::read_to_string(&job.stderr).unwrap_or_default();
-        if err.matches(" ready, agent: ").count() == RANKS as usize {
+        // Whole lines only: a rank's line may be half written when the file is read.
+        let ready = err
+            .lines()
+            .filter(|l| l.contains(" ready, agent: "))
+            .count();
+        if ready == RANKS as usize && err.ends_with('\n') {
             return;
         }
         assert!(std::time::Instant::now() < deadline, "{}", job.logs());
