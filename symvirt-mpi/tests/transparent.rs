@@ -225,7 +225,8 @@ fn transparent_mpich_intercommunicator_consistent_at_every_cut() {
 
 /// Calls the layer cannot make correct fail at the call with MPI_ERR_UNSUPPORTED_OPERATION
 /// and a message (MPI_Cancel of a pending non-blocking collective, of a pending send), and the
-/// program goes on.
+/// program goes on; a receive too small for its message fails with MPI_ERR_TRUNCATE through the
+/// layer's own receive path.
 fn refuses(mpi: MpiImpl, tag: &str) {
     let rig = Rig::new(tag);
     let prog = program(mpi, "refusals.c", Linkage::Plain);

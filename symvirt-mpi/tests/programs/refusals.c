@@ -1,7 +1,8 @@
 /* Under the transparent layer, calls it cannot make correct fail at the call, through the
  * error handler, with MPI_ERR_UNSUPPORTED_OPERATION: MPI_Cancel of a pending non-blocking
  * collective, and of a pending send (its count was taken when it started). The program then
- * goes on: the collective and the send still complete, the message is received intact.
+ * goes on: the collective and the send still complete, the message is received intact. A
+ * receive too small for its message fails with MPI_ERR_TRUNCATE, as without the layer.
  * Prints "refusals OK rank R".
  *
  *   refusals */
@@ -66,6 +67,21 @@ int main(int argc, char **argv)
     for (int i = 0; i < WORDS; i++)
         if (in[i] != (((uint64_t)left << 32) | (uint64_t)i))
             fail("payload", i);
+    /* A receive too small for its message fails as MPI makes it fail (the layer's own receive
+     * path must pass the error on), and the next message arrives intact. */
+    uint64_t big[4] = {1, 2, 3, (uint64_t)me}, small[2] = {0, 0};
+    MPI_Send(big, 4, MPI_UINT64_T, right, 6, MPI_COMM_WORLD);
+    MPI_Send(&big[3], 1, MPI_UINT64_T, right, 6, MPI_COMM_WORLD);
+    rc = MPI_Recv(small, 2, MPI_UINT64_T, left, 6, MPI_COMM_WORLD, &st);
+    int klass = 0;
+    MPI_Error_class(rc, &klass);
+    if (klass != MPI_ERR_TRUNCATE)
+        fail("a truncated receive did not fail with MPI_ERR_TRUNCATE", rc);
+    rc = MPI_Recv(small, 2, MPI_UINT64_T, left, 6, MPI_COMM_WORLD, &st);
+    int n = 0;
+    MPI_Get_count(&st, MPI_UINT64_T, &n);
+    if (rc != MPI_SUCCESS || n != 1 || small[0] != (uint64_t)left)
+        fail("the message after a truncated one", rc);
     MPI_Barrier(MPI_COMM_WORLD);
     printf("refusals OK rank %d\n", me);
     fflush(stdout);
