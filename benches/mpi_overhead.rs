@@ -311,20 +311,10 @@ fn quiesce_once(rig: &Rig, job: &mut Job, epoch: u64) -> Result<Duration, String
 
 fn quiesce(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
     let rig = Rig::new(&format!("bench-q-{}", mpi.name()));
-    let libs = libraries(mpi);
     let prog = program(mpi, "stress.c", Linkage::Plain);
     let work = rig.dir.0.join("work");
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
-    let env = [
-        (
-            "SYMVIRT_AGENT_SOCKET".to_string(),
-            rig.rank_socket().display().to_string(),
-        ),
-        (
-            "LD_PRELOAD".to_string(),
-            libs.transparent.display().to_string(),
-        ),
-    ];
+    let env = rig.transparent_env(mpi);
     let work_arg = work.display().to_string();
     let args = [s.stress_modes.as_str(), work_arg.as_str(), "16"];
     let mut job = Job::start(mpi, &prog, &args, &env, &rig.dir.0);

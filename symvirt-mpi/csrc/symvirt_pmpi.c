@@ -836,7 +836,11 @@ typedef struct {
 } agreement;
 
 static agreement agreement_of(MPI_Comm comm, const int *world, int n, int me, int tag,
-                              uint64_t value);
+                              uint64_t value)
+{
+    return (agreement){.comm = comm, .world = world, .n = n, .me = me, .tag = tag,
+                       .value = value, .sreq = MPI_REQUEST_NULL, .rreq = MPI_REQUEST_NULL};
+}
 
 /* Bits of a communicator's identity in its alignment tags: as many as MPI_TAG_UB leaves. */
 static uint32_t id_mask;
@@ -851,13 +855,6 @@ static agreement alignment_of(tracked_comm *t, uint64_t value)
     unsigned seq = t->seq++;
     int tag = TAG_ALIGN + (int)(((t->id & id_mask) << 10) | ((seq & 31u) << 5));
     return agreement_of(g.align, t->world, t->size, t->me, tag, value);
-}
-
-static agreement agreement_of(MPI_Comm comm, const int *world, int n, int me, int tag,
-                              uint64_t value)
-{
-    return (agreement){.comm = comm, .world = world, .n = n, .me = me, .tag = tag,
-                       .value = value, .sreq = MPI_REQUEST_NULL, .rreq = MPI_REQUEST_NULL};
 }
 
 /* Advances a; 1 once a.value is the maximum over all members. */
@@ -1667,17 +1664,21 @@ static int run_free(coll *c)
  * collectives (a rank never waits in one for a peer that is in a cut); while a window is alive
  * this rank refuses cuts (see cut). */
 
-/* The slot a window's collectives align on: its communicator's, while that one is observed. */
-static int window_slot(MPI_Win win, int *index)
+/* Where win is in the list, -1 if the layer did not see it made. */
+static int window_index(MPI_Win win)
 {
     for (int i = 0; i < windows.n; i++)
-        if (windows.v[i].win == win) {
-            *index = i;
-            int cid = windows.v[i].cid;
-            return cid >= 0 && g.comms[cid].comm == windows.v[i].comm ? cid : -1;
-        }
-    *index = -1;
+        if (windows.v[i].win == win)
+            return i;
     return -1;
+}
+
+/* The slot a known window's collectives align on: its communicator's, while that one is
+ * observed (else -1: not aligned). */
+static int window_slot(int index)
+{
+    const window *w = &windows.v[index];
+    return w->cid >= 0 && g.comms[w->cid].comm == w->comm ? w->cid : -1;
 }
 
 static int make_window(coll *c)
@@ -1734,21 +1735,22 @@ int MPI_Win_create_dynamic(MPI_Info info, MPI_Comm comm, MPI_Win *win)
 
 int MPI_Win_free(MPI_Win *win)
 {
-    int i;
-    coll c = {.run = run_win_free, .win = win, .cid = window_slot(*win, &i)};
+    MPI_Win freed = *win;
+    int i = window_index(freed);
     if (i < 0)
         return PMPI_Win_free(win);
-    MPI_Win freed = *win;
-    int rc = align(c.cid, &c); /* a cut meanwhile still sees the window */
-    if (rc == MPI_SUCCESS && window_slot(freed, &i) >= -1 && i >= 0)
+    coll c = {.run = run_win_free, .win = win, .cid = window_slot(i)};
+    int rc = align(c.cid, &c); /* a cut meanwhile still sees the window open */
+    i = window_index(freed);
+    if (rc == MPI_SUCCESS && i >= 0)
         windows.v[i] = windows.v[--windows.n];
     return rc;
 }
 
 int MPI_Win_fence(int assert_, MPI_Win win)
 {
-    int i;
-    coll c = {.run = run_win_fence, .win = &win, .i1 = assert_, .cid = window_slot(win, &i)};
+    int i = window_index(win);
+    coll c = {.run = run_win_fence, .win = &win, .i1 = assert_, .cid = i < 0 ? -1 : window_slot(i)};
     return align(c.cid, &c);
 }
 

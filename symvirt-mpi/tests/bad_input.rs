@@ -261,16 +261,7 @@ fn one_sided_windows_refuse_migration(mpi: MpiImpl, tag: &str) {
     let prog = program(mpi, "rma.c", Linkage::Plain);
     let work = rig.dir.0.join("work");
     fs::create_dir_all(&work).unwrap();
-    let env = [
-        (
-            "SYMVIRT_AGENT_SOCKET".to_string(),
-            rig.rank_socket().display().to_string(),
-        ),
-        (
-            "LD_PRELOAD".to_string(),
-            libraries(mpi).transparent.display().to_string(),
-        ),
-    ];
+    let env = rig.transparent_env(mpi);
     let mut job = Job::start(mpi, &prog, &[work.to_str().unwrap()], &env, &rig.dir.0);
     // A request before the window exists is served (the window's creation is aligned).
     wait_for_file(&mut job, &work.join("open"));

@@ -18,7 +18,6 @@ use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
 /// `modes`: the C program's first argument; `None` runs the Fortran program.
 fn run_transparent(mpi: MpiImpl, modes: Option<&str>, tag: &str, epochs: u64) {
     let rig = Rig::new(tag);
-    let libs = libraries(mpi);
     let source = if modes.is_some() {
         "stress.c"
     } else {
@@ -27,17 +26,8 @@ fn run_transparent(mpi: MpiImpl, modes: Option<&str>, tag: &str, epochs: u64) {
     let prog = program(mpi, source, Linkage::Plain);
     let cuts = rig.dir.0.join("cuts");
     fs::create_dir_all(&cuts).unwrap();
-    let env = [
-        (
-            "SYMVIRT_AGENT_SOCKET".to_string(),
-            rig.rank_socket().display().to_string(),
-        ),
-        ("SYMVIRT_CUT_LOG".to_string(), cuts.display().to_string()),
-        (
-            "LD_PRELOAD".to_string(),
-            libs.transparent.display().to_string(),
-        ),
-    ];
+    let mut env = rig.transparent_env(mpi);
+    env.push(("SYMVIRT_CUT_LOG".to_string(), cuts.display().to_string()));
     let mut args: Vec<&str> = modes.into_iter().collect();
     args.extend([cuts.to_str().unwrap(), "16"]);
     let mut job = Job::start(mpi, &prog, &args, &env, &rig.dir.0);
@@ -230,16 +220,7 @@ fn transparent_mpich_intercommunicator_consistent_at_every_cut() {
 fn refuses(mpi: MpiImpl, tag: &str) {
     let rig = Rig::new(tag);
     let prog = program(mpi, "refusals.c", Linkage::Plain);
-    let env = [
-        (
-            "SYMVIRT_AGENT_SOCKET".to_string(),
-            rig.rank_socket().display().to_string(),
-        ),
-        (
-            "LD_PRELOAD".to_string(),
-            libraries(mpi).transparent.display().to_string(),
-        ),
-    ];
+    let env = rig.transparent_env(mpi);
     let mut job = Job::start(mpi, &prog, &[], &env, &rig.dir.0);
     let (ok, out) = job.wait();
     assert!(ok, "refusals failed\n{}", job.logs());

@@ -134,6 +134,20 @@ impl Rig {
         }
     }
 
+    /// The ranks' environment for the transparent layer of `mpi` against this rig's agent.
+    pub fn transparent_env(&self, mpi: MpiImpl) -> Vec<(String, String)> {
+        vec![
+            (
+                "SYMVIRT_AGENT_SOCKET".to_string(),
+                self.rank_socket().display().to_string(),
+            ),
+            (
+                "LD_PRELOAD".to_string(),
+                libraries(mpi).transparent.display().to_string(),
+            ),
+        ]
+    }
+
     pub fn rank_socket(&self) -> PathBuf {
         self.dir.0.join("agent.sock")
     }
