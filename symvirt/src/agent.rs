@@ -24,6 +24,7 @@
 //! # drop(agent);
 //! ```
 
+use crate::data_net::DataNetwork;
 use crate::error::{Error, Result};
 use crate::framing::{Frame, LineReader};
 use crate::guest_link::{self, ChannelSpec, HostWriter, LinkEvent};
@@ -68,6 +69,9 @@ pub struct AgentConfig {
     /// the host names it (for agents outside a guest, whose sysfs says nothing about it); an
     /// Ethernet interface name is still filled in from the MAC when one matches.
     pub interconnect_wait: Option<Duration>,
+    /// The VM's data address, re-routed through the new fabric's NIC on every `resume` before
+    /// the ranks are released ([`crate::data_net`]). `None`: the agent leaves the network alone.
+    pub data_network: Option<DataNetwork>,
 }
 
 impl Default for AgentConfig {
@@ -80,6 +84,7 @@ impl Default for AgentConfig {
             report_pci: false,
             sys: SysDirs::default(),
             interconnect_wait: None,
+            data_network: None,
         }
     }
 }
@@ -484,6 +489,14 @@ impl Core {
                     return;
                 }
                 self.last_epoch = epoch;
+                // A job whose data address is gone could not carry on after the move: refuse
+                // the cut before any rank pauses, so the job keeps running where it is.
+                if let Some(Err(e)) = self.config.data_network.as_ref().map(DataNetwork::check) {
+                    let reason = format!("the guest's data network is not ready: {e}");
+                    log::warn!("prepare{{epoch={epoch}}} refused: {reason}");
+                    self.tell_host(GuestMessage::Failed { epoch, reason });
+                    return;
+                }
                 self.phase = Phase::Preparing {
                     epoch,
                     deadline: Instant::now() + Duration::from_millis(deadline_ms),
@@ -662,6 +675,12 @@ impl Core {
         match found.or_else(|e| self.config.interconnect_wait.map_or(Ok(()), |_| Err(e))) {
             Ok(()) => {
                 let interconnect = interconnect.clone();
+                if let Err(reason) = self.replumb(&interconnect) {
+                    log::warn!("resume{{epoch={epoch}}} failed: {reason}");
+                    self.phase = Phase::Quiesced { epoch };
+                    self.tell_host(GuestMessage::Failed { epoch, reason });
+                    return;
+                }
                 self.tell_all_ranks(&AgentNotice::Resume {
                     epoch,
                     interconnect: interconnect.clone(),
@@ -684,6 +703,29 @@ impl Core {
                 self.tell_host(GuestMessage::Failed { epoch, reason });
             }
             Err(_) => {}
+        }
+    }
+
+    /// The network step: the data subnet follows the VM to the new fabric's NIC.
+    fn replumb(&self, interconnect: &Interconnect) -> std::result::Result<(), String> {
+        let Some(data) = &self.config.data_network else {
+            return Ok(());
+        };
+        match interconnect {
+            Interconnect::Ethernet {
+                iface: Some(iface), ..
+            } => data
+                .route_via(iface)
+                .map_err(|e| format!("cannot route the data network through {iface}: {e}")),
+            Interconnect::Ethernet {
+                iface: None, mac, ..
+            } => Err(format!(
+                "cannot route the data network: no interface with mac {mac}"
+            )),
+            Interconnect::Infiniband { hca, .. } => Err(format!(
+                "cannot route the data network through verbs device {hca}: name its IPoIB \
+                 interface as an ethernet interconnect"
+            )),
         }
     }
 

@@ -40,6 +40,7 @@ pub mod agent;
 pub mod backend;
 pub mod cluster;
 pub mod controller;
+pub mod data_net;
 pub mod error;
 pub mod framing;
 pub mod guest_link;

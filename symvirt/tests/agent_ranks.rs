@@ -88,6 +88,7 @@ impl Rig {
                 infiniband: dir.0.join("infiniband"),
             },
             interconnect_wait: Some(interconnect_wait),
+            data_network: None,
         })
         .unwrap();
         let info = host.wait_hello(soon()).unwrap();

@@ -11,6 +11,7 @@
 //! // vm.qmp_path() is the QMP unix socket; dropping `vm` kills QEMU and removes its files.
 //! ```
 
+pub mod cluster;
 mod qemu;
 mod raw_qmp;
 mod skip;

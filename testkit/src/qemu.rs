@@ -21,6 +21,8 @@ pub struct QemuConfig {
     guest_run: Option<String>,
     incoming: Option<String>,
     args: Vec<String>,
+    kernel_args: Vec<String>,
+    netns: Option<String>,
 }
 
 impl QemuConfig {
@@ -33,6 +35,8 @@ impl QemuConfig {
             guest_run: None,
             incoming: None,
             args: Vec::new(),
+            kernel_args: Vec::new(),
+            netns: None,
         }
     }
 
@@ -65,6 +69,35 @@ impl QemuConfig {
         self
     }
 
+    /// One more word on the guest kernel's command line (e.g. `ninja.vm=vm0`).
+    pub fn kernel_arg(mut self, arg: impl Into<String>) -> Self {
+        let arg = arg.into();
+        assert!(
+            !arg.contains(char::is_whitespace),
+            "kernel_arg: one word: {arg}"
+        );
+        self.kernel_args.push(arg);
+        self
+    }
+
+    /// Run QEMU inside the network namespace `ns` (`ip netns exec`, which becomes QEMU), so its
+    /// tap devices are that namespace's.
+    pub fn netns(mut self, ns: &str) -> Self {
+        self.netns = Some(ns.to_owned());
+        self
+    }
+
+    /// The program and the leading arguments that start QEMU (in the network namespace when
+    /// one is set); [`QemuConfig::machine_args`] follow them.
+    pub fn program(&self) -> Vec<String> {
+        let mut words = Vec::new();
+        if let Some(ns) = &self.netns {
+            words.extend(["ip", "netns", "exec", ns].map(String::from));
+        }
+        words.push(QEMU_BINARY.into());
+        words
+    }
+
     /// Several more QEMU command line arguments.
     pub fn args<I, S>(mut self, args: I) -> Self
     where
@@ -86,6 +119,10 @@ impl QemuConfig {
         if let Some(run) = &self.guest_run {
             append.push_str(" ninja.run=");
             append.push_str(run);
+        }
+        for arg in &self.kernel_args {
+            append.push(' ');
+            append.push_str(arg);
         }
         let mut args: Vec<String> = ["-accel", "tcg", "-machine", "pc", "-m"]
             .into_iter()
@@ -139,8 +176,10 @@ impl Qemu {
         let dir = unique_dir()?;
         let qmp = dir.join("qmp.sock");
         let serial = dir.join("serial.log");
-        let mut cmd = Command::new(QEMU_BINARY);
-        cmd.args(config.machine_args(&serial))
+        let program = config.program();
+        let mut cmd = Command::new(&program[0]);
+        cmd.args(&program[1..])
+            .args(config.machine_args(&serial))
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()));
         if let Some(uri) = &config.incoming {

@@ -2,8 +2,16 @@
 //!
 //! ```text
 //! symvirt-agent [--channel virtio:NAME|unix:PATH|listen:PATH|/dev/PATH] [--socket PATH] [--ranks N]
-//!               [--vm NAME] [--report-pci] [--interconnect-wait-ms MS]
+//!               [--vm NAME] [--report-pci] [--interconnect-wait-ms MS] [--data-address CIDR]
 //! ```
+//!
+//! `symvirt-agent route-data --data-address ADDR/PREFIX --mac MAC` routes the data subnet through
+//! the NIC with that MAC once (waiting up to 20 s for it to appear) and exits: what a site runs
+//! when it first gives a VM its fabric NIC.
+//!
+//! `--data-address ADDR/PREFIX`: the VM's data address (on a dummy interface); on every resume
+//! the data subnet is routed through the new fabric's NIC before the ranks go on
+//! (`symvirt::data_net`).
 //! `--interconnect-wait-ms`: how long `resume` waits for the guest to see the new
 //! interconnect before reporting `failed` (default 20000; 0 passes it on unchecked).
 //! Logs every step to stdout prefixed `symvirt-agent:` (the serial console in a test guest).
@@ -14,7 +22,8 @@ use symvirt::guest_link::ChannelSpec;
 use symvirt::{Error, Result};
 
 const USAGE: &str = "usage: symvirt-agent [--channel virtio:NAME|unix:PATH|listen:PATH|/dev/PATH] \
-[--socket PATH] [--ranks N] [--vm NAME] [--report-pci] [--interconnect-wait-ms MS]";
+[--socket PATH] [--ranks N] [--vm NAME] [--report-pci] [--interconnect-wait-ms MS] \
+[--data-address ADDR/PREFIX]";
 
 /// Prints log records to stdout with the agent's prefix.
 struct StdoutLogger;
@@ -66,6 +75,11 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<AgentConfig> {
                 config.interconnect_wait = (ms > 0).then(|| std::time::Duration::from_millis(ms));
             }
             "--report-pci" => config.report_pci = true,
+            "--data-address" => {
+                config.data_network = Some(symvirt::data_net::DataNetwork::parse(&value(
+                    "--data-address",
+                )?)?)
+            }
             "--help" | "-h" => return Err(Error::Config(USAGE.into())),
             other => {
                 return Err(Error::Config(format!(
@@ -99,10 +113,59 @@ fn default_vm_name() -> String {
         .unwrap_or_else(|| "guest".into())
 }
 
+/// `route-data --data-address ADDR/PREFIX --mac MAC`: the network step once, for a VM's first
+/// fabric NIC.
+fn route_data(mut args: impl Iterator<Item = String>) -> Result<()> {
+    const ROUTE_USAGE: &str =
+        "usage: symvirt-agent route-data --data-address ADDR/PREFIX --mac MAC";
+    let (mut data, mut mac) = (None, None);
+    while let Some(arg) = args.next() {
+        let value = args
+            .next()
+            .ok_or_else(|| Error::Config(format!("{arg} needs a value; {ROUTE_USAGE}")))?;
+        match arg.as_str() {
+            "--data-address" => data = Some(symvirt::data_net::DataNetwork::parse(&value)?),
+            "--mac" => mac = Some(value),
+            other => {
+                return Err(Error::Config(format!(
+                    "unknown argument {other:?}; {ROUTE_USAGE}"
+                )));
+            }
+        }
+    }
+    let (Some(data), Some(mac)) = (data, mac) else {
+        return Err(Error::Config(ROUTE_USAGE.into()));
+    };
+    let mut nic = symvirt::protocol::Interconnect::Ethernet {
+        mac,
+        iface: None,
+        pci: None,
+    };
+    let dirs = symvirt::sysfs::SysDirs::default();
+    let until = std::time::Instant::now() + symvirt::agent::DEFAULT_INTERCONNECT_WAIT;
+    while let Err(missing) = symvirt::sysfs::find_interconnect(&mut nic, &dirs) {
+        if std::time::Instant::now() >= until {
+            return Err(Error::Refused(missing));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let symvirt::protocol::Interconnect::Ethernet {
+        iface: Some(iface), ..
+    } = &nic
+    else {
+        unreachable!("find_interconnect names the interface it found");
+    };
+    data.route_via(iface)
+}
+
 fn main() {
     let _ = log::set_logger(&StdoutLogger).map(|()| log::set_max_level(log::LevelFilter::Info));
-    let result =
-        parse_args(std::env::args().skip(1)).and_then(|config| Agent::spawn(config)?.wait());
+    let mut args = std::env::args().skip(1).peekable();
+    let result = if args.peek().is_some_and(|a| a == "route-data") {
+        route_data(args.skip(1))
+    } else {
+        parse_args(args).and_then(|config| Agent::spawn(config)?.wait())
+    };
     if let Err(e) = result {
         let mut msg = e.to_string();
         let mut source = std::error::Error::source(&e);
