@@ -62,7 +62,9 @@
  * One-sided communication is not covered: its operations are not counted. Windows are
  * observed (creation, MPI_Win_fence and MPI_Win_free aligned like collectives), and while one
  * is open the rank answers a cut with "unable" (symvirt_ctl_unable): the agent fails the
- * epoch with that reason and the host keeps the job where it is.
+ * epoch with that reason and the host keeps the job where it is. So does a rank whose MPI uses
+ * RDMA verbs (a verbs device open), checked by symvirt_ctl_quiesce at the cut (Rust core,
+ * src/verbs.rs), nowhere on the MPI calls' paths.
  *
  * Not covered (documented limits, also in symvirt-mpi/README.md): one-sided operations
  * (see above; PSCW and passive-target synchronization are not aligned); MPI_Comm_create_group and intercommunicator creation are not aligned (their communicators
@@ -73,7 +75,8 @@
  *
  * Environment: SYMVIRT_AGENT_SOCKET (agent's rank socket), SYMVIRT_CUT_LOG (a directory: each
  * rank writes cut-E-R with its per-peer sent and received counts at the cut, and resumed-E-R),
- * SYMVIRT_CONNECT_TIMEOUT_MS, SYMVIRT_QUIESCE_TIMEOUT_MS. */
+ * SYMVIRT_CONNECT_TIMEOUT_MS, SYMVIRT_QUIESCE_TIMEOUT_MS, SYMVIRT_VERBS_DEVICE_DIR (test hook: a
+ * directory standing in for /dev/infiniband/). */
 #include "symvirt_core.h"
 
 #include <mpi.h>

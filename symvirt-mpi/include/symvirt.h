@@ -20,7 +20,9 @@
  * waits for ranks two iterations behind it), run the quiesce hook, report quiesced through
  * the agent, wait for resume, run the resume hook, report resumed, pass a barrier, and return
  * SYMVIRT_RESUMED with the new interconnect (SYMVIRT_ABORTED when the migration was
- * cancelled). CONTRACT: each iteration's messages are matched within the iteration.
+ * cancelled, or refused: a rank whose MPI uses RDMA verbs reports unable instead of quiesced,
+ * as its verbs endpoints would not survive the device swap). CONTRACT: each iteration's
+ * messages are matched within the iteration.
  *
  * Resume hook: where a runtime re-selects its transport for the new interconnect (e.g.
  * finalize and re-initialise an MPI Session where the runtime supports it). It runs on every

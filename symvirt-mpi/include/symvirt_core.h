@@ -40,7 +40,10 @@ const char *symvirt_last_error(void);
 int symvirt_ctl_open(uint32_t rank, const char *socket, uint64_t timeout_ms);
 /* The epoch a migration is requested for, 0 when none: one atomic load. */
 uint64_t symvirt_ctl_requested(void);
-/* At the cut: report quiesced, wait for resume (SYMVIRT_RESUMED, *out filled) or abort. */
+/* At the cut: report quiesced, wait for resume (SYMVIRT_RESUMED, *out filled) or abort. A rank
+ * whose MPI uses RDMA verbs (a file under /dev/infiniband/ open; SYMVIRT_VERBS_DEVICE_DIR
+ * replaces that directory, a test hook read at symvirt_ctl_open) reports unable instead and
+ * gets SYMVIRT_ABORTED: its verbs endpoints would not survive the device swap. */
 int symvirt_ctl_quiesce(uint64_t epoch, uint64_t timeout_ms, symvirt_interconnect *out);
 /* At the cut, instead of symvirt_ctl_quiesce: this rank cannot be migrated for epoch (reason
  * goes to the host, which then sees the epoch fail); waits for the outcome (SYMVIRT_ABORTED). */

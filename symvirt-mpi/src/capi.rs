@@ -200,7 +200,8 @@ fn deliver(out: Option<&mut CInterconnect>, outcome: Outcome) -> c_int {
 }
 
 /// At the cut: reports quiesced for `epoch`, waits at most `timeout_ms` for resume or abort.
-/// Returns `SYMVIRT_RESUMED` (with `out` filled) or `SYMVIRT_ABORTED`, or an error.
+/// Returns `SYMVIRT_RESUMED` (with `out` filled) or `SYMVIRT_ABORTED`, or an error. A rank whose
+/// MPI uses RDMA verbs reports unable instead (see [`Control::quiesce`]): an abort.
 ///
 /// # Safety
 /// `out` is null or points to a writable `symvirt_interconnect`.

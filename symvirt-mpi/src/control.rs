@@ -10,6 +10,7 @@
 //! One control plane per process (one process is one rank).
 
 use crate::error::{Error, Result};
+use crate::verbs;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -78,6 +79,7 @@ pub fn install_signal_trigger() -> Result<()> {
             f(sig);
         }
     }
+    verbs::device_dir(); // its environment is read at init, not at a cut
     static INSTALLED: AtomicBool = AtomicBool::new(false);
     if INSTALLED.swap(true, Ordering::AcqRel) {
         return Ok(());
@@ -118,8 +120,12 @@ pub fn is_signal_epoch(epoch: u64) -> bool {
     epoch > SIGNAL_EPOCH_BASE
 }
 
-/// At a signal-requested cut: waits (at most `timeout`) for the SIGUSR1 that releases it.
+/// At a signal-requested cut: waits (at most `timeout`) for the SIGUSR1 that releases it. With
+/// no agent to refuse the cut to, a rank whose MPI uses RDMA verbs says so on stderr.
 pub fn wait_signal_release(epoch: u64, timeout: Duration) -> Result<Outcome> {
+    if let Some(why) = verbs::refusal() {
+        eprintln!("symvirt: epoch {epoch}: this rank cannot be migrated: {why}");
+    }
     let deadline = Instant::now() + timeout;
     let released_at = 2 * (epoch - SIGNAL_EPOCH_BASE);
     while SIGNALS.load(Ordering::Acquire) < released_at {
@@ -215,6 +221,7 @@ impl Control {
         if OPEN.swap(true, Ordering::AcqRel) {
             return Err(Error::State("already open in this process".into()));
         }
+        verbs::device_dir(); // its environment is read at init, not at a cut
         let client = match RankClient::connect(path, rank, timeout) {
             Ok(c) => c,
             Err(source) => {
@@ -262,7 +269,19 @@ impl Control {
     /// The ranks agree on `epoch` among themselves, so this rank's own `prepare` may still be
     /// on its way: it is awaited first (a `quiesced` for an epoch the agent has not started
     /// would be ignored).
+    ///
+    /// A rank whose MPI uses RDMA verbs (a verbs device open, see [`crate::verbs`]) cannot be
+    /// migrated: it reports `unable` with that reason instead (the agent fails the epoch, so
+    /// the outcome is an abort). Explicit safe points and the transparent layer both report
+    /// quiesced through here.
     pub fn quiesce(&self, epoch: u64, timeout: Duration) -> Result<Outcome> {
+        if let Some(why) = verbs::refusal() {
+            log::warn!(
+                "symvirt: epoch {epoch}: rank {} refuses the cut: {why}",
+                self.rank
+            );
+            return self.unable(epoch, &why, timeout);
+        }
         self.report_and_wait(epoch, timeout, "quiesced", |c| c.quiesced(epoch))
     }
 

@@ -24,6 +24,10 @@
 //! SIGUSR1 forwarded by `mpirun`/`mpiexec` as a fallback for ranks without an agent (an odd
 //! signal requests a cut, the next one releases it; [`control::install_signal_trigger`]).
 //!
+//! Refusals: a rank whose MPI uses RDMA verbs (a verbs device node open, [`verbs`]) answers
+//! every cut with `unable`, in both modes (checked in [`control::Control::quiesce`], at the cut
+//! only); the transparent layer does the same while an RMA window is open.
+//!
 //! After resume, the runtime's transport hook runs on every rank before any rank continues:
 //! `symvirt_on_resume` (explicit mode) or a `symvirt_transport_reselect` function the runtime
 //! defines (transparent mode); that is where MPI Sessions finalize/re-init would go where the
@@ -99,5 +103,6 @@ pub mod mpi_build;
 #[cfg(feature = "rsmpi")]
 pub mod rsmpi;
 pub mod safepoint;
+pub mod verbs;
 
 pub use error::{Error, Result};
