@@ -23,12 +23,22 @@ enum Mode {
 /// Starts the stress program in `mode` against the rig's agent; returns the job and the
 /// records directory.
 fn start(rig: &Rig, mpi: MpiImpl, mode: Mode) -> (Job, PathBuf) {
+    start_with(rig, mpi, mode, Vec::new())
+}
+
+/// [`start`] with more environment for the ranks.
+fn start_with(
+    rig: &Rig,
+    mpi: MpiImpl,
+    mode: Mode,
+    mut env: Vec<(String, String)>,
+) -> (Job, PathBuf) {
     let cuts = rig.dir.0.join("cuts");
     fs::create_dir_all(&cuts).unwrap();
-    let mut env = vec![(
+    env.push((
         "SYMVIRT_AGENT_SOCKET".to_string(),
         rig.rank_socket().display().to_string(),
-    )];
+    ));
     let linkage = match mode {
         Mode::Explicit => Linkage::Explicit,
         Mode::Transparent => {
@@ -303,4 +313,77 @@ fn openmpi_one_sided_windows_refuse_migration_until_freed() {
 #[test]
 fn mpich_one_sided_windows_refuse_migration_until_freed() {
     one_sided_windows_refuse_migration(MpiImpl::Mpich, "bad-rma-mpich");
+}
+
+/// A rank whose MPI uses RDMA verbs cannot be migrated (its endpoints would not survive the
+/// device swap): while it holds a verbs device node open, a migration request fails the epoch
+/// with a reason naming verbs and the device, every rank is released, and the job goes on and
+/// finishes with its own checks passing. No InfiniBand here: the device node is a STAND-IN, a
+/// plain file in a temporary directory that SYMVIRT_VERBS_DEVICE_DIR names in place of
+/// /dev/infiniband/, held open by every rank (stress.c's STRESS_HOLD_OPEN). A job holding
+/// nothing is served normally: every other test here.
+fn verbs_standin_refuses_migration(mpi: MpiImpl, mode: Mode, tag: &str) {
+    let rig = Rig::new(tag);
+    let standin_dir = rig.dir.0.join("standin-infiniband");
+    fs::create_dir_all(&standin_dir).unwrap();
+    let standin = standin_dir.join("uverbs0");
+    fs::write(&standin, "").unwrap();
+    let env = vec![
+        (
+            "SYMVIRT_VERBS_DEVICE_DIR".to_string(),
+            standin_dir.display().to_string(),
+        ),
+        (
+            "STRESS_HOLD_OPEN".to_string(),
+            standin.display().to_string(),
+        ),
+    ];
+    let (mut job, cuts) = start_with(&rig, mpi, mode, env);
+    let named = format!("({} open)", standin.canonicalize().unwrap().display());
+    // Twice: a refused cut leaves the job able to answer (and refuse) the next one.
+    for epoch in 1..=2 {
+        rig.prepare(epoch);
+        match outcome_while_running(&rig, &mut job) {
+            GuestMessage::Failed { epoch: e, reason } if e == epoch => assert!(
+                reason.contains("cannot quiesce")
+                    && reason.contains("RDMA verbs")
+                    && reason.contains(&named)
+                    && reason.contains("cannot survive the device swap"),
+                "{reason}"
+            ),
+            other => panic!(
+                "epoch {epoch}: expected failed, got {other:?}\n{}",
+                job.logs()
+            ),
+        }
+        rig.host.send(&HostMessage::Abort { epoch }).unwrap();
+        for rec in read_records(&cuts, "resumed", epoch) {
+            assert!(rec.starts_with("aborted"), "epoch {epoch}: {rec}");
+        }
+    }
+    let out = finish_ok(&mut job, &cuts);
+    if mode == Mode::Explicit {
+        let lines = out.lines().filter(|l| l.contains("agent_errors 0 cuts 2"));
+        assert_eq!(lines.count(), RANKS as usize, "{out}");
+    }
+}
+
+#[test]
+fn verbs_standin_device_open_refuses_migration_explicit_openmpi() {
+    verbs_standin_refuses_migration(MpiImpl::OpenMpi, Mode::Explicit, "verbs-exp-ompi");
+}
+
+#[test]
+fn verbs_standin_device_open_refuses_migration_explicit_mpich() {
+    verbs_standin_refuses_migration(MpiImpl::Mpich, Mode::Explicit, "verbs-exp-mpich");
+}
+
+#[test]
+fn verbs_standin_device_open_refuses_migration_transparent_openmpi() {
+    verbs_standin_refuses_migration(MpiImpl::OpenMpi, Mode::Transparent, "verbs-tr-ompi");
+}
+
+#[test]
+fn verbs_standin_device_open_refuses_migration_transparent_mpich() {
+    verbs_standin_refuses_migration(MpiImpl::Mpich, Mode::Transparent, "verbs-tr-mpich");
 }

@@ -50,7 +50,10 @@
  * writes DIR/cut-E-R ("iteration sent received") and after a resume it writes DIR/resumed-E-R
  * (the interconnect's JSON).
  * Prints "stress OK rank R iterations N sent S received V agent_errors A cuts C" and exits 0 on
- * success (an agent that went away is reported by the safe point and counted in A). */
+ * success (an agent that went away is reported by the safe point and counted in A).
+ * With STRESS_HOLD_OPEN=PATH every rank opens PATH before MPI_Init and keeps it open (a STAND-IN
+ * for the verbs device node an MPI over InfiniBand holds open, see src/verbs.rs). */
+#include <fcntl.h>
 #include <mpi.h>
 #include <signal.h>
 #include <stdint.h>
@@ -924,6 +927,11 @@ int main(int argc, char **argv)
     if (argc != 4) {
         fprintf(stderr, "usage: stress MODES DIR MIN_ITERS\n");
         return 2;
+    }
+    const char *hold = getenv("STRESS_HOLD_OPEN");
+    if (hold != NULL && open(hold, O_RDONLY | O_CLOEXEC) < 0) {
+        perror(hold);
+        return 3;
     }
     MPI_Init(&argc, &argv);
     MPI_Comm_rank(MPI_COMM_WORLD, &me);
