@@ -20,9 +20,10 @@ mod mpi_common;
 
 use mpi_common::cut::{check_pairs, read_cut};
 use ninja_testkit::cluster::{
-    ClusterFixtures, Fabrics, Net, data_address, guest_machine, management_ip, pack_disk,
+    ClusterFixtures, Fabrics, Net, cluster_or_skip, data_address, guest_machine, management_ip,
+    pack_disk,
 };
-use ninja_testkit::{Qemu, RawQmp, mpi_or_skip, qemu_or_skip};
+use ninja_testkit::{Qemu, RawQmp};
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -87,8 +88,9 @@ struct VirtualCluster {
     fabrics: Fabrics,
     dir: PathBuf,
     job_disk: PathBuf,
-    /// Whether the agents re-plumb the data address on resume (`--data-address`).
-    data_step: bool,
+    /// Per VM, the data address its agent re-plumbs on resume (`--data-address`); `None`: the
+    /// agent's network step is off.
+    agent_data: Vec<Option<String>>,
     sources: Vec<Qemu>,
     at: Vec<Placement>,
     moves: usize,
@@ -119,14 +121,16 @@ fn toml_list(words: &[String]) -> String {
 }
 
 impl VirtualCluster {
-    /// Boots the guests on fabric A, their agents expecting 2 ranks each and, with `data_step`,
-    /// re-plumbing the data address on resume; `None` when the test skips.
-    fn boot(test: &str, tag: &str, mpi: MpiImpl, data_step: bool) -> Option<VirtualCluster> {
-        qemu_or_skip(test)?;
-        if !mpi_or_skip(test) {
-            return None;
-        }
-        let fixtures = ClusterFixtures::find().unwrap_or_else(|e| panic!("{test}: {e}"));
+    /// Boots the guests on fabric A, their agents expecting 2 ranks each and re-plumbing the
+    /// data address `agent_data[vm]` on resume (none: no network step); `None` when the test
+    /// skips.
+    fn boot(
+        test: &str,
+        tag: &str,
+        mpi: MpiImpl,
+        agent_data: Vec<Option<String>>,
+    ) -> Option<VirtualCluster> {
+        let fixtures = cluster_or_skip(test)?;
         let dir = std::env::temp_dir().join(format!("ninja-vc-{}-{tag}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
@@ -162,7 +166,7 @@ impl VirtualCluster {
             fabrics,
             dir,
             job_disk,
-            data_step,
+            agent_data,
             sources: Vec::new(),
             at: Vec::new(),
             moves: 0,
@@ -191,8 +195,8 @@ impl VirtualCluster {
 
     fn machine(&self, vm: usize, mgmt_tap: &str, channel: &Path) -> ninja_testkit::QemuConfig {
         let mut agent = format!("--ranks {RANKS_PER_VM} --report-pci");
-        if self.data_step {
-            agent.push_str(&format!(" --data-address {}", data_address(vm)));
+        if let Some(data) = &self.agent_data[vm] {
+            agent.push_str(&format!(" --data-address {data}"));
         }
         guest_machine(
             &self.fixtures,
@@ -335,12 +339,16 @@ impl VirtualCluster {
 
     /// Waits until `fabric` carries at least `bytes` more than it does now: the job talks there.
     fn wait_traffic(&self, fabric: Fabric, bytes: u64) -> Result<(), String> {
+        self.wait_traffic_for(fabric, bytes, Duration::from_secs(60))
+    }
+
+    fn wait_traffic_for(&self, fabric: Fabric, bytes: u64, limit: Duration) -> Result<(), String> {
         let start = self.fabric_bytes(fabric);
         let t = Instant::now();
         while self.fabric_bytes(fabric) < start + bytes {
-            if t.elapsed() > Duration::from_secs(60) {
+            if t.elapsed() > limit {
                 return Err(format!(
-                    "fabric {fabric:?} carried {} bytes in 60 s; job: {}",
+                    "fabric {fabric:?} carried {} bytes in {limit:?}; job: {}",
                     self.fabric_bytes(fabric) - start,
                     self.job_output()
                 ));
@@ -453,6 +461,20 @@ impl VirtualCluster {
         )
     }
 
+    /// Tries to move every VM to the other fabric; the plan must roll back (exit 3), leaving
+    /// every VM where it is. Returns the plan's stderr and events, for the reason.
+    fn move_rolled_back(&mut self) -> String {
+        let (plan, _) = self.plan_to_other_fabric();
+        let (code, events, stderr) = self.run_plan(&plan);
+        let all = format!("{stderr}\nevents: {events:#?}");
+        assert_eq!(code, 3, "{}: the move must roll back: {all}", self.test);
+        for e in events.iter().filter(|e| e["type"] == "guest_resumed") {
+            assert_eq!(e["at"], "source", "{e}");
+        }
+        self.moves += 1;
+        all
+    }
+
     /// Moves every VM to the other fabric with a plan; the plan's epoch.
     fn move_to_other_fabric(&mut self) -> u64 {
         let (plan, next) = self.plan_to_other_fabric();
@@ -539,9 +561,14 @@ fn assert_migration_refused(q: &Qemu) {
 }
 
 /// The job on fabric A, moved to B and back to A, judged by counters, PIDs, cuts and results.
+/// Every VM's agent re-plumbs its own data address.
+fn own_data_addresses() -> Vec<Option<String>> {
+    (0..VMS).map(|vm| Some(data_address(vm))).collect()
+}
+
 fn a_to_b_to_a(mpi: MpiImpl, tag: &str, test: &str) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(mut c) = VirtualCluster::boot(test, tag, mpi, true) else {
+    let Some(mut c) = VirtualCluster::boot(test, tag, mpi, own_data_addresses()) else {
         return;
     };
     assert_migration_refused(&c.sources[0]);
@@ -599,5 +626,85 @@ fn mpich_job_in_the_guests_moves_from_fabric_a_to_b_and_back() {
         MpiImpl::Mpich,
         "aba-mpich",
         "mpich_job_in_the_guests_moves_from_fabric_a_to_b_and_back",
+    );
+}
+
+/// The negative control: the same move with the agents' network step off. The ranks resume
+/// with their data subnet routed nowhere (the fabric-A NICs are gone) and the job stalls: no
+/// traffic on fabric B, no end when asked to stop. Proves the A-to-B test can fail.
+#[test]
+fn without_the_network_step_the_moved_job_stalls() {
+    let test = "without_the_network_step_the_moved_job_stalls";
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(mut c) = VirtualCluster::boot(test, "nostep", MpiImpl::OpenMpi, vec![None; VMS])
+    else {
+        return;
+    };
+    c.start_job("ring,anysource,collective");
+    c.wait_traffic(Fabric::A, 1 << 20).unwrap();
+    c.move_to_other_fabric();
+    let stalled = c.wait_traffic_for(Fabric::B, 1 << 20, Duration::from_secs(20));
+    assert!(stalled.is_err(), "the job ran on without the network step");
+    c.run(0, "touch /tmp/job/stop");
+    std::thread::sleep(Duration::from_secs(10));
+    assert!(
+        !c.ssh(0, "cat /tmp/job/status").status.success(),
+        "the job ended: {}",
+        c.job_output()
+    );
+}
+
+/// A guest whose agent names a data address the guest does not have: the cut is refused with
+/// that reason, the plan rolls back, and the job runs on over fabric A, same processes.
+#[test]
+fn a_misconfigured_data_address_rolls_back_and_the_job_stays_on_fabric_a() {
+    let test = "a_misconfigured_data_address_rolls_back_and_the_job_stays_on_fabric_a";
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut data = own_data_addresses();
+    data[1] = Some("10.99.0.42/24".into());
+    let Some(mut c) = VirtualCluster::boot(test, "baddata", MpiImpl::OpenMpi, data) else {
+        return;
+    };
+    c.start_job("ring,anysource,collective");
+    c.wait_traffic(Fabric::A, 1 << 20).unwrap();
+    let pids = c.rank_pids();
+    let why = c.move_rolled_back();
+    assert!(
+        why.contains("data address 10.99.0.42/24 is not configured"),
+        "{why}"
+    );
+    c.wait_traffic(Fabric::A, 1 << 20).unwrap();
+    assert_eq!(c.rank_pids(), pids);
+    let out = c.finish_job();
+    assert_eq!(
+        out.matches("stress OK rank").count(),
+        VMS * RANKS_PER_VM,
+        "{out}"
+    );
+}
+
+/// Fabric B is down (its bridge removed) when the VMs resume there: no peer answers on the new
+/// NICs, the agents report it, the plan rolls every VM back to fabric A and the job runs on.
+#[test]
+fn a_dead_destination_fabric_rolls_back_to_fabric_a() {
+    let test = "a_dead_destination_fabric_rolls_back_to_fabric_a";
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(mut c) = VirtualCluster::boot(test, "deadb", MpiImpl::Mpich, own_data_addresses())
+    else {
+        return;
+    };
+    c.start_job("ring,anysource,collective");
+    c.wait_traffic(Fabric::A, 1 << 20).unwrap();
+    let pids = c.rank_pids();
+    c.fabrics.remove_bridge(Net::FabricB).unwrap();
+    let why = c.move_rolled_back();
+    assert!(why.contains("do not answer"), "{why}");
+    c.wait_traffic(Fabric::A, 1 << 20).unwrap();
+    assert_eq!(c.rank_pids(), pids);
+    let out = c.finish_job();
+    assert_eq!(
+        out.matches("stress OK rank").count(),
+        VMS * RANKS_PER_VM,
+        "{out}"
     );
 }

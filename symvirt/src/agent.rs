@@ -315,6 +315,8 @@ struct Core {
     last_epoch: u64,
     /// A state report that could not be sent while the host was away; sent after `hello`.
     unsent: Option<GuestMessage>,
+    /// The data-network peers noted at the last `prepare`, probed on the new NIC at resume.
+    data_peers: Vec<std::net::Ipv4Addr>,
 }
 
 impl Core {
@@ -326,6 +328,7 @@ impl Core {
             phase: Phase::Running,
             last_epoch: 0,
             unsent: None,
+            data_peers: Vec::new(),
         }
     }
 
@@ -491,11 +494,19 @@ impl Core {
                 self.last_epoch = epoch;
                 // A job whose data address is gone could not carry on after the move: refuse
                 // the cut before any rank pauses, so the job keeps running where it is.
-                if let Some(Err(e)) = self.config.data_network.as_ref().map(DataNetwork::check) {
-                    let reason = format!("the guest's data network is not ready: {e}");
-                    log::warn!("prepare{{epoch={epoch}}} refused: {reason}");
-                    self.tell_host(GuestMessage::Failed { epoch, reason });
-                    return;
+                if let Some(data) = &self.config.data_network {
+                    match data.check().and_then(|()| data.peers()) {
+                        Ok(peers) => self.data_peers = peers,
+                        Err(e) => {
+                            let reason = format!("the guest's data network is not ready: {e}");
+                            log::warn!("prepare{{epoch={epoch}}} refused: {reason}");
+                            // Ranks elsewhere may already pull these ranks into the cut; an
+                            // abort lets them go on rather than wait for a prepare.
+                            self.tell_all_ranks(&AgentNotice::Abort { epoch });
+                            self.tell_host(GuestMessage::Failed { epoch, reason });
+                            return;
+                        }
+                    }
                 }
                 self.phase = Phase::Preparing {
                     epoch,
@@ -528,6 +539,11 @@ impl Core {
                 {
                     self.tell_all_ranks(&AgentNotice::Abort { epoch });
                     self.phase = Phase::Running;
+                }
+                // An epoch this agent already failed: its ranks may have been pulled into the
+                // cut by their peers since; release them.
+                Phase::Running if epoch == self.last_epoch => {
+                    self.tell_all_ranks(&AgentNotice::Abort { epoch });
                 }
                 _ => log::warn!("ignored abort{{epoch={epoch}}} in {:?}", self.phase),
             },
@@ -716,6 +732,7 @@ impl Core {
                 iface: Some(iface), ..
             } => data
                 .route_via(iface)
+                .and_then(|()| data.probe_peers(iface, &self.data_peers))
                 .map_err(|e| format!("cannot route the data network through {iface}: {e}")),
             Interconnect::Ethernet {
                 iface: None, mac, ..

@@ -22,13 +22,18 @@
 //! `UCX_NET_DEVICES=data0` for MPICH over UCX). What the agent changes on `resume` with an
 //! Ethernet interconnect whose interface is `IFACE`: `ip link set IFACE up`, `ip route replace
 //! SUBNET dev IFACE src ADDRESS`, `ip neigh flush to SUBNET` (entries learned on the old NIC).
-//! Before a cut it checks that the data address is still configured; if it is not, the epoch
-//! fails with that reason and the job stays where it is.
+//! Before a cut it checks that the data address is still configured (if it is not, the epoch
+//! fails with that reason and the job stays where it is) and notes the data-subnet peers the
+//! guest talks to (its neighbour table). After re-plumbing, every one of them must answer ARP on
+//! the new NIC (`arping`; a peer answers for its data address while its own job is paused):
+//! a fabric that is down, or a peer that is not on it, fails the resume and the host rolls the
+//! job back to where it was, instead of releasing ranks onto a dead wire.
 
 use crate::error::{Error, Result};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 /// The VM's data address and how the agent changes routes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +44,10 @@ pub struct DataNetwork {
     pub prefix: u8,
     /// The iproute2 `ip` program (absolute, or found on `PATH`).
     pub ip_program: PathBuf,
+    /// The `arping` program (busybox's or iputils'), for the peer probe.
+    pub arping_program: PathBuf,
+    /// How long every peer has to answer on the new NIC.
+    pub probe_timeout: Duration,
 }
 
 impl DataNetwork {
@@ -56,6 +65,8 @@ impl DataNetwork {
             address,
             prefix,
             ip_program: "ip".into(),
+            arping_program: "arping".into(),
+            probe_timeout: Duration::from_secs(5),
         })
     }
 
@@ -107,13 +118,64 @@ impl DataNetwork {
         Ok(())
     }
 
-    fn ip(&self, args: &[&str]) -> Result<()> {
+    /// The data-subnet peers in the guest's neighbour table (the job's other VMs, once the
+    /// ranks have talked): every entry but failed and incomplete ones.
+    pub fn peers(&self) -> Result<Vec<Ipv4Addr>> {
+        let text = self.ip(&["-j", "-4", "neigh", "show", "to", &self.subnet()])?;
+        let entries: Vec<serde_json::Value> = serde_json::from_str(text.trim())
+            .map_err(|e| Error::Refused(format!("ip -j neigh: {e}: {text}")))?;
+        let mut peers: Vec<Ipv4Addr> = entries
+            .iter()
+            .filter(|n| {
+                !n["state"].as_array().is_some_and(|s| {
+                    s.iter()
+                        .any(|x| x == "FAILED" || x == "INCOMPLETE" || x == "NOARP")
+                })
+            })
+            .filter_map(|n| n["dst"].as_str()?.parse().ok())
+            .filter(|&a| a != self.address)
+            .collect();
+        peers.sort();
+        peers.dedup();
+        Ok(peers)
+    }
+
+    /// Waits (up to [`DataNetwork::probe_timeout`]) until every one of `peers` answers ARP on
+    /// `iface`; names those that never do.
+    pub fn probe_peers(&self, iface: &str, peers: &[Ipv4Addr]) -> Result<()> {
+        let until = Instant::now() + self.probe_timeout;
+        let mut silent: Vec<Ipv4Addr> = peers.to_vec();
+        while !silent.is_empty() {
+            silent.retain(|peer| {
+                let answered = Command::new(&self.arping_program)
+                    .args(["-q", "-f", "-c", "1", "-w", "1", "-I", iface, "-s"])
+                    .arg(self.address.to_string())
+                    .arg(peer.to_string())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                !answered
+            });
+            if !silent.is_empty() && Instant::now() >= until {
+                let names: Vec<String> = silent.iter().map(ToString::to_string).collect();
+                return Err(Error::Refused(format!(
+                    "data-network peer(s) {} do not answer on {iface} within {} ms: the \
+                     fabric is down or they are not on it",
+                    names.join(", "),
+                    self.probe_timeout.as_millis()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `ip ARGS`; its standard output.
+    fn ip(&self, args: &[&str]) -> Result<String> {
         let out = Command::new(&self.ip_program)
             .args(args)
             .output()
             .map_err(|e| Error::io(format!("run {}", self.ip_program.display()), e))?;
         if out.status.success() {
-            Ok(())
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
             Err(Error::Refused(format!(
                 "ip {}: {} ({})",

@@ -8,7 +8,7 @@
 //! QEMU NIC has a tap of its own on one bridge; the taps' byte counters tell where the job's
 //! traffic went. Nothing in the namespace reaches outside it.
 
-use crate::{Fixtures, QemuConfig};
+use crate::{Fixtures, QemuConfig, Requirement, mpi_or_skip, qemu_or_skip, skip};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -45,6 +45,31 @@ impl ClusterFixtures {
         }
         Ok(f)
     }
+}
+
+/// The cluster fixtures, if QEMU, both MPIs, the cluster root and network namespaces are all
+/// there; otherwise skips (see [`skip`]) and returns None.
+pub fn cluster_or_skip(test: &str) -> Option<ClusterFixtures> {
+    qemu_or_skip(test)?;
+    if !mpi_or_skip(test) {
+        return None;
+    }
+    let fixtures = match ClusterFixtures::find() {
+        Ok(f) => f,
+        Err(why) => {
+            skip(Requirement::Qemu, test, &why);
+            return None;
+        }
+    };
+    if let Err(e) = Fabrics::create() {
+        skip(
+            Requirement::Netns,
+            test,
+            &format!("cannot make a network namespace with bridges (root and iproute2): {e}"),
+        );
+        return None;
+    }
+    Some(fixtures)
 }
 
 /// One of the cluster's networks.

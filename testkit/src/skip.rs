@@ -21,6 +21,8 @@ pub enum Requirement {
     Mpi,
     /// OpenSSH's server and client (`sshd`, `ssh`, `ssh-keygen`), for a private sshd on loopback.
     Ssh,
+    /// Network namespaces, bridges and taps (root and iproute2), for the virtual-cluster tests.
+    Netns,
 }
 
 impl Requirement {
@@ -30,6 +32,7 @@ impl Requirement {
             Requirement::Kvm => "kvm",
             Requirement::Mpi => "mpi",
             Requirement::Ssh => "ssh",
+            Requirement::Netns => "netns",
         }
     }
 
