@@ -6,35 +6,11 @@
 
 mod common;
 
+use common::cut::check_iterations;
 use common::*;
 use std::fs;
 use symvirt::protocol::GuestMessage;
 use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
-
-/// The cut records of `epoch`: every rank at the same iteration, global sent == received.
-/// Returns the global sent count.
-fn check_cut(dir: &std::path::Path, epoch: u64) -> u64 {
-    let recs = read_records(dir, "cut", epoch);
-    let parsed: Vec<[u64; 3]> = recs
-        .iter()
-        .map(|r| {
-            let v: Vec<u64> = r.split_whitespace().map(|x| x.parse().unwrap()).collect();
-            [v[0], v[1], v[2]]
-        })
-        .collect();
-    let iteration = parsed[0][0];
-    assert!(
-        parsed.iter().all(|p| p[0] == iteration),
-        "epoch {epoch}: ranks stopped at different iterations: {recs:?}"
-    );
-    let sent: u64 = parsed.iter().map(|p| p[1]).sum();
-    let received: u64 = parsed.iter().map(|p| p[2]).sum();
-    assert_eq!(
-        sent, received,
-        "epoch {epoch}: cut not consistent: {recs:?}"
-    );
-    sent
-}
 
 /// `modes`: the C program's first argument; `None` for the Fortran program (no modes, and its
 /// resume record carries no interconnect JSON).
@@ -65,7 +41,7 @@ fn run_explicit(mpi: MpiImpl, source: &str, modes: Option<&str>, tag: &str, epoc
             ),
         }
         // The ranks are paused now: their records describe the cut.
-        let sent = check_cut(&cuts, epoch);
+        let sent = check_iterations(&cuts, epoch);
         assert!(sent > last_sent, "no traffic between cuts");
         last_sent = sent;
         let ic = interconnect_for(epoch);

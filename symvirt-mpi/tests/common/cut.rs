@@ -39,3 +39,29 @@ pub fn check_pairs(cut: &[(Vec<u64>, Vec<u64>)], epoch: u64) -> u64 {
     }
     total
 }
+
+/// The explicit safe point's cut records of `epoch` (`iteration sent received`, written by the
+/// stress program's quiesce hook): every rank at the same iteration, global sent == received.
+/// Returns the global sent count.
+pub fn check_iterations(dir: &Path, epoch: u64) -> u64 {
+    let recs = read_records(dir, "cut", epoch);
+    let parsed: Vec<[u64; 3]> = recs
+        .iter()
+        .map(|r| {
+            let v: Vec<u64> = r.split_whitespace().map(|x| x.parse().unwrap()).collect();
+            [v[0], v[1], v[2]]
+        })
+        .collect();
+    let iteration = parsed[0][0];
+    assert!(
+        parsed.iter().all(|p| p[0] == iteration),
+        "epoch {epoch}: ranks stopped at different iterations: {recs:?}"
+    );
+    let sent: u64 = parsed.iter().map(|p| p[1]).sum();
+    let received: u64 = parsed.iter().map(|p| p[2]).sum();
+    assert_eq!(
+        sent, received,
+        "epoch {epoch}: cut not consistent: {recs:?}"
+    );
+    sent
+}

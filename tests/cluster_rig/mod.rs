@@ -1,0 +1,603 @@
+//! The virtual-cluster rig shared by `tests/virtual_cluster.rs` and `benches/virtual_cluster.rs`:
+//! guests booted on fabric A in a namespace of their own, an MPI job started in vm0, plans
+//! written and run with `ninja-migrate plan run`, and the job judged by counters, PIDs, cuts
+//! and its own checks. Everything it starts is killed, and its files removed, on drop.
+#![allow(dead_code)]
+
+#[path = "../../symvirt-mpi/tests/common/mod.rs"]
+#[allow(unused_imports)]
+pub mod mpi_common;
+
+use mpi_common::cut::{check_iterations, check_pairs, read_cut};
+use ninja_testkit::cluster::{
+    ClusterFixtures, Fabrics, Net, cluster_or_skip, data_address, guest_machine, management_ip,
+    pack_disk,
+};
+use ninja_testkit::{Qemu, RawQmp};
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
+
+/// VMs in the tests' cluster.
+pub const VMS: usize = 2;
+/// Ranks each guest runs.
+pub const RANKS_PER_VM: usize = 2;
+/// Upper bound for any one wait.
+pub const PATIENCE: Duration = Duration::from_secs(120);
+
+/// Two guests, their migrations and an MPI job: one test at a time.
+pub static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Which fabric a VM is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fabric {
+    A,
+    B,
+}
+
+impl Fabric {
+    pub fn mac(self, vm: usize) -> String {
+        match self {
+            Fabric::A => format!("52:54:00:aa:00:{:02x}", vm + 1),
+            Fabric::B => format!("52:54:00:bb:00:{:02x}", vm + 1),
+        }
+    }
+
+    pub fn tap(self, vm: usize) -> String {
+        match self {
+            Fabric::A => format!("a{vm}"),
+            Fabric::B => format!("b{vm}"),
+        }
+    }
+
+    pub fn other(self) -> Fabric {
+        match self {
+            Fabric::A => Fabric::B,
+            Fabric::B => Fabric::A,
+        }
+    }
+}
+
+/// How the cluster is built.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// The MPI the job uses.
+    pub mpi: MpiImpl,
+    /// Transparent layer preloaded (`Plain`) or the explicit safe-point API linked in.
+    pub linkage: Linkage,
+    /// Per VM, the data address its agent re-plumbs on resume (`--data-address`); `None`: the
+    /// agent's network step is off. Its length is the number of VMs.
+    pub agent_data: Vec<Option<String>>,
+    /// Guest RAM.
+    pub memory_mib: u32,
+}
+
+impl Setup {
+    /// `vms` VMs of 256 MiB, the transparent layer, every agent re-plumbing its own address.
+    pub fn new(mpi: MpiImpl, vms: usize) -> Setup {
+        Setup {
+            mpi,
+            linkage: Linkage::Plain,
+            agent_data: (0..vms).map(|vm| Some(data_address(vm))).collect(),
+            memory_mib: 256,
+        }
+    }
+
+    fn vms(&self) -> usize {
+        self.agent_data.len()
+    }
+}
+
+/// Where one VM runs now: its QMP monitor and SymVirt channel, and its fabric.
+pub struct Placement {
+    qmp: PathBuf,
+    channel: PathBuf,
+    fabric: Fabric,
+    /// The fabric-A stand-in's shared memory file while the VM is on A.
+    hca_mem: Option<PathBuf>,
+}
+
+pub struct VirtualCluster {
+    test: String,
+    /// Short: it names the test directory, which unix socket paths (108 bytes) start with.
+    tag: String,
+    fixtures: ClusterFixtures,
+    /// The namespace with the three bridges.
+    pub fabrics: Fabrics,
+    dir: PathBuf,
+    job_disk: PathBuf,
+    /// The source QEMUs the rig started (the plans' destinations are not its children).
+    pub sources: Vec<Qemu>,
+    at: Vec<Placement>,
+    setup: Setup,
+    moves: usize,
+}
+
+impl Drop for VirtualCluster {
+    fn drop(&mut self) {
+        // Destinations the plans launched are not this process's children: find them by the
+        // test directory on their command lines.
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f"])
+            .arg(format!("qemu-system-x86_64 .*{}", self.dir.display()))
+            .status();
+        for p in &self.at {
+            if let Some(m) = &p.hca_mem {
+                let _ = fs::remove_file(m);
+            }
+        }
+        if std::env::var_os("NINJA_KEEP_TEMP").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn toml_list(words: &[String]) -> String {
+    let quoted: Vec<String> = words.iter().map(|w| format!("{w:?}")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+impl VirtualCluster {
+    /// Boots the guests of `setup` on fabric A, their agents expecting 2 ranks each; `None`
+    /// when the test skips.
+    pub fn boot(test: &str, tag: &str, setup: Setup) -> Option<VirtualCluster> {
+        let mpi = setup.mpi;
+        let fixtures = cluster_or_skip(test)?;
+        let dir = std::env::temp_dir().join(format!("ninja-vc-{}-{tag}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+
+        // The job's disk: the transparent layer and the stress program for this MPI.
+        let libs = mpi_common::libraries(mpi);
+        let job = dir.join("job");
+        fs::create_dir_all(&job).unwrap();
+        fs::copy(&libs.transparent, job.join("libsymvirt_pmpi.so")).unwrap();
+        let stress = mpi_common::program(mpi, "stress.c", setup.linkage);
+        fs::copy(stress, job.join("stress")).unwrap();
+        let job_disk = dir.join("job.ext4");
+        pack_disk(&job, &job_disk).unwrap();
+
+        let fabrics = Fabrics::create().unwrap();
+        for vm in 0..setup.vms() {
+            fabrics
+                .add_tap(&format!("m{vm}s"), Net::Management)
+                .unwrap();
+            for mv in 0..2 {
+                fabrics
+                    .add_tap(&format!("m{vm}d{mv}"), Net::Management)
+                    .unwrap();
+            }
+            fabrics.add_tap(&Fabric::A.tap(vm), Net::FabricA).unwrap();
+            fabrics.add_tap(&Fabric::B.tap(vm), Net::FabricB).unwrap();
+        }
+        let mut cluster = VirtualCluster {
+            test: test.into(),
+            tag: tag.into(),
+            fixtures,
+            fabrics,
+            dir,
+            job_disk,
+            sources: Vec::new(),
+            at: Vec::new(),
+            setup,
+            moves: 0,
+        };
+        for vm in 0..cluster.vms() {
+            let channel = cluster.dir.join(format!("vm{vm}-s.sock"));
+            let machine = cluster.machine(vm, &format!("m{vm}s"), &channel);
+            let q = Qemu::start(machine).unwrap();
+            cluster.at.push(Placement {
+                qmp: q.qmp_path().to_path_buf(),
+                channel,
+                fabric: Fabric::A,
+                hca_mem: None,
+            });
+            cluster.sources.push(q);
+        }
+        for vm in 0..cluster.vms() {
+            cluster.sources[vm]
+                .wait_serial("cluster-init: ready", PATIENCE)
+                .unwrap_or_else(|e| panic!("vm{vm}: {e}"));
+            cluster.wait_ssh(vm);
+            cluster.give_fabric_a(vm);
+        }
+        Some(cluster)
+    }
+
+    pub fn machine(&self, vm: usize, mgmt_tap: &str, channel: &Path) -> ninja_testkit::QemuConfig {
+        let mut agent = format!("--ranks {RANKS_PER_VM} --report-pci");
+        if let Some(data) = &self.setup.agent_data[vm] {
+            agent.push_str(&format!(" --data-address {data}"));
+        }
+        guest_machine(
+            &self.fixtures,
+            &self.fabrics,
+            vm,
+            Some(&self.job_disk),
+            mgmt_tap,
+            channel,
+            &agent,
+        )
+        .memory_mib(self.setup.memory_mib)
+        .arg("-name")
+        .arg(format!("vm{vm},debug-threads=on"))
+    }
+
+    /// How many VMs.
+    pub fn vms(&self) -> usize {
+        self.setup.vms()
+    }
+
+    pub fn ssh(&self, vm: usize, script: &str) -> std::process::Output {
+        self.fabrics
+            .ssh(&self.fixtures.key, &management_ip(vm), script)
+            .unwrap()
+    }
+
+    /// Runs `script` on `vm`; its stdout, or a panic with what went wrong.
+    pub fn run(&self, vm: usize, script: &str) -> String {
+        let out = self.ssh(vm, script);
+        assert!(
+            out.status.success(),
+            "{}: vm{vm}: {script}: {}\n{}",
+            self.test,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn wait_ssh(&self, vm: usize) {
+        let t = Instant::now();
+        loop {
+            if self.ssh(vm, "true").status.success() {
+                return;
+            }
+            assert!(t.elapsed() < PATIENCE, "vm{vm}: no ssh login");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// Hot-adds vm's fabric-A NIC as a scheduler assigns an HCA: the NIC on tap a<vm> next to
+    /// the ivshmem STAND-IN that makes it unmigratable, then routes the data subnet through it.
+    pub fn give_fabric_a(&mut self, vm: usize) {
+        let mem = PathBuf::from(format!(
+            "/dev/shm/ninja-vc-{}-{}-vm{vm}-hca0",
+            std::process::id(),
+            self.tag
+        ));
+        self.sources[vm].add_hca_standin(&mem).unwrap();
+        let mut qmp = RawQmp::connect(self.sources[vm].qmp_path()).unwrap();
+        qmp.execute(
+            "netdev_add",
+            serde_json::json!({"type": "tap", "id": "fa0n", "ifname": Fabric::A.tap(vm),
+                "script": "no", "downscript": "no"}),
+        )
+        .unwrap();
+        qmp.execute(
+            "device_add",
+            serde_json::json!({"driver": "virtio-net-pci", "id": "fa0", "netdev": "fa0n",
+                "mac": Fabric::A.mac(vm)}),
+        )
+        .unwrap();
+        drop(qmp);
+        self.at[vm].hca_mem = Some(mem);
+        self.run(
+            vm,
+            &format!(
+                "symvirt-agent route-data --data-address {} --mac {}",
+                data_address(vm),
+                Fabric::A.mac(vm)
+            ),
+        );
+    }
+
+    /// The command that starts the job in vm0 (2 ranks per guest, TCP between the data
+    /// addresses, the transparent layer preloaded into the ranks or the explicit API linked in;
+    /// cut records in /tmp/cuts or, explicit, /tmp/job).
+    pub fn launcher(&self, modes: &str) -> String {
+        let hosts: Vec<String> = (0..self.vms())
+            .map(|vm| format!("{}:{RANKS_PER_VM}", management_ip(vm)))
+            .collect();
+        let hosts = hosts.join(",");
+        let program = format!("/job/stress {modes} /tmp/job 10");
+        // The explicit API is linked into the program; the transparent layer is preloaded.
+        let mut env = vec![("SYMVIRT_CUT_LOG", "/tmp/cuts")];
+        if self.setup.linkage == Linkage::Plain {
+            env.push(("LD_PRELOAD", "/job/libsymvirt_pmpi.so"));
+        }
+        let ranks = self.vms() * RANKS_PER_VM;
+        match self.setup.mpi {
+            MpiImpl::OpenMpi => {
+                let env: Vec<String> = env.iter().map(|(k, v)| format!("-x {k}={v}")).collect();
+                format!(
+                    "mpirun.openmpi --allow-run-as-root --oversubscribe --bind-to none -np {ranks} \
+                     -host {hosts} --mca pml ob1 --mca btl self,vader,tcp \
+                     --mca btl_vader_single_copy_mechanism none --mca btl_tcp_if_include data0 \
+                     --mca oob_tcp_if_include eth0 {} {program}",
+                    env.join(" ")
+                )
+            }
+            MpiImpl::Mpich => {
+                let env: Vec<String> = env.iter().map(|(k, v)| format!("-genv {k} {v}")).collect();
+                format!(
+                    "mpiexec.mpich -launcher ssh -hosts {hosts} -n {ranks} -genv UCX_TLS tcp,self \
+                     -genv UCX_NET_DEVICES data0 {} {program}",
+                    env.join(" ")
+                )
+            }
+        }
+    }
+
+    /// Starts the job in the background of vm0; its output goes to /tmp/job/out there.
+    pub fn start_job(&self, modes: &str) {
+        for vm in 0..self.vms() {
+            self.run(vm, "mkdir -p /tmp/job /tmp/cuts");
+        }
+        let script = format!(
+            "setsid sh -c '{} >/tmp/job/out 2>&1; echo $? >/tmp/job/status' \
+             </dev/null >/dev/null 2>&1 &",
+            self.launcher(modes)
+        );
+        self.run(0, &script);
+    }
+
+    /// The PIDs of the ranks in every guest.
+    pub fn rank_pids(&self) -> Vec<BTreeSet<u32>> {
+        (0..self.vms())
+            .map(|vm| {
+                let t = Instant::now();
+                loop {
+                    let out = self.ssh(vm, "pidof stress");
+                    let pids: BTreeSet<u32> = String::from_utf8_lossy(&out.stdout)
+                        .split_whitespace()
+                        .filter_map(|p| p.parse().ok())
+                        .collect();
+                    if pids.len() == RANKS_PER_VM {
+                        return pids;
+                    }
+                    assert!(t.elapsed() < PATIENCE, "vm{vm}: ranks {pids:?}");
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            })
+            .collect()
+    }
+
+    /// Bytes on the taps of `fabric`, all VMs.
+    pub fn fabric_bytes(&self, fabric: Fabric) -> u64 {
+        (0..self.vms())
+            .map(|vm| self.fabrics.tap_bytes(&fabric.tap(vm)).unwrap())
+            .sum()
+    }
+
+    /// Waits until `fabric` carries at least `bytes` more than it does now: the job talks there.
+    pub fn wait_traffic(&self, fabric: Fabric, bytes: u64) -> Result<(), String> {
+        self.wait_traffic_for(fabric, bytes, Duration::from_secs(60))
+    }
+
+    pub fn wait_traffic_for(
+        &self,
+        fabric: Fabric,
+        bytes: u64,
+        limit: Duration,
+    ) -> Result<(), String> {
+        let start = self.fabric_bytes(fabric);
+        let t = Instant::now();
+        while self.fabric_bytes(fabric) < start + bytes {
+            if t.elapsed() > limit {
+                return Err(format!(
+                    "fabric {fabric:?} carried {} bytes in {limit:?}; job: {}",
+                    self.fabric_bytes(fabric) - start,
+                    self.job_output()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    }
+
+    pub fn job_output(&self) -> String {
+        String::from_utf8_lossy(&self.ssh(0, "cat /tmp/job/out /tmp/job/status").stdout)
+            .into_owned()
+    }
+
+    pub fn fabric_devices(&self, vm: usize, fabric: Fabric, hca_mem: Option<&Path>) -> String {
+        let mut s = String::new();
+        if let Some(mem) = hca_mem {
+            s.push_str(&format!(
+                "[[DEVICES]]\nkind = \"hca-standin\"\nid = \"hca0\"\nmem_path = \"{}\"\nsize = 1048576\n",
+                mem.display()
+            ));
+        }
+        let (id, netdev) = match fabric {
+            Fabric::A => ("fa0", "fa0n"),
+            Fabric::B => ("fb0", "fb0n"),
+        };
+        s.push_str(&format!(
+            "[[DEVICES]]\nkind = \"virtio-net\"\nid = \"{id}\"\nmac = \"{}\"\n\
+             netdev = {{ type = \"tap\", id = \"{netdev}\", ifname = \"{}\", script = \"no\", downscript = \"no\" }}\n",
+            fabric.mac(vm),
+            fabric.tap(vm)
+        ));
+        s
+    }
+
+    /// Writes the plan that moves every VM to the other fabric, at a destination QEMU the plan
+    /// launches in the namespace; returns its path and where the VMs will be.
+    pub fn plan_to_other_fabric(&self) -> (PathBuf, Vec<Placement>) {
+        let mv = self.moves;
+        let mut plan = String::from(
+            "[settings]\nmax_parallel = 2\n[settings.deadlines_ms]\nquiesce = 60000\nresume = 60000\n",
+        );
+        let mut next = Vec::new();
+        for vm in 0..self.vms() {
+            let here = &self.at[vm];
+            let to = here.fabric.other();
+            let d = self.dir.join(format!("vm{vm}-d{mv}"));
+            fs::create_dir_all(&d).unwrap();
+            let channel = d.join("channel.sock");
+            let machine = self.machine(vm, &format!("m{vm}d{mv}"), &channel);
+            let mut launch = machine.program();
+            launch.extend(machine.machine_args(&d.join("serial.log")));
+            let hca_mem = (to == Fabric::A).then(|| {
+                PathBuf::from(format!(
+                    "/dev/shm/ninja-vc-{}-{}-vm{vm}-d{mv}-hca0",
+                    std::process::id(),
+                    self.tag
+                ))
+            });
+            plan.push_str(&format!(
+                "\n[[vm]]\nname = \"vm{vm}\"\n\
+                 [vm.source]\nqmp = \"unix:{}\"\nchannel = \"unix:{}\"\n\
+                 interconnect = {{ kind = \"ethernet\", mac = \"{}\" }}\n{}\
+                 [vm.destination]\nqmp = \"unix:{}\"\nchannel = \"unix:{}\"\n\
+                 migrate_uri = \"unix:{}\"\n\
+                 interconnect = {{ kind = \"ethernet\", mac = \"{}\" }}\n\
+                 launch = {{ program = {:?}, args = {} }}\n{}",
+                here.qmp.display(),
+                here.channel.display(),
+                here.fabric.mac(vm),
+                self.fabric_devices(vm, here.fabric, here.hca_mem.as_deref())
+                    .replace("[[DEVICES]]", "[[vm.source.devices]]"),
+                d.join("qmp.sock").display(),
+                channel.display(),
+                d.join("migrate.sock").display(),
+                to.mac(vm),
+                launch[0],
+                toml_list(&launch[1..]),
+                self.fabric_devices(vm, to, hca_mem.as_deref())
+                    .replace("[[DEVICES]]", "[[vm.destination.devices]]"),
+            ));
+            next.push(Placement {
+                qmp: d.join("qmp.sock"),
+                channel,
+                fabric: to,
+                hca_mem,
+            });
+        }
+        let path = self.dir.join(format!("plan-{mv}.toml"));
+        fs::write(&path, plan).unwrap();
+        (path, next)
+    }
+
+    /// Runs `ninja-migrate plan run --json` on the plan; its exit code and events.
+    pub fn run_plan(&self, plan: &Path) -> (i32, Vec<serde_json::Value>, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_ninja-migrate"))
+            .args(["plan", "run", "--json", "--log-dir"])
+            .arg(self.dir.join("logs"))
+            .arg(plan)
+            .output()
+            .unwrap();
+        let events = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        (
+            out.status.code().unwrap_or(-1),
+            events,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Tries to move every VM to the other fabric; the plan must roll back (exit 3), leaving
+    /// every VM where it is. Returns the plan's stderr and events, for the reason.
+    pub fn move_rolled_back(&mut self) -> String {
+        let (plan, _) = self.plan_to_other_fabric();
+        let (code, events, stderr) = self.run_plan(&plan);
+        let all = format!("{stderr}\nevents: {events:#?}");
+        assert_eq!(code, 3, "{}: the move must roll back: {all}", self.test);
+        for e in events.iter().filter(|e| e["type"] == "guest_resumed") {
+            assert_eq!(e["at"], "source", "{e}");
+        }
+        self.moves += 1;
+        all
+    }
+
+    /// Moves every VM to the other fabric with a plan; the plan's epoch.
+    pub fn move_to_other_fabric(&mut self) -> u64 {
+        let (plan, next) = self.plan_to_other_fabric();
+        let (code, events, stderr) = self.run_plan(&plan);
+        let epoch = events
+            .iter()
+            .find_map(|e| e["epoch"].as_u64())
+            .unwrap_or_else(|| panic!("no plan_started event: {events:?}\n{stderr}"));
+        assert_eq!(
+            code,
+            0,
+            "{}: move {} failed: {stderr}\nevents: {events:#?}\njob: {}",
+            self.test,
+            self.moves,
+            self.job_output()
+        );
+        for (vm, e) in events
+            .iter()
+            .filter(|e| e["type"] == "guest_resumed")
+            .enumerate()
+        {
+            assert!(vm < self.vms(), "{events:?}");
+            assert_eq!(e["at"], "destination", "{e}");
+        }
+        for p in &self.at {
+            if let Some(m) = &p.hca_mem {
+                let _ = fs::remove_file(m);
+            }
+        }
+        self.at = next;
+        self.moves += 1;
+        epoch
+    }
+
+    /// Checks the cut of `epoch` from every guest's records, copied to a local directory: pair
+    /// by pair (transparent layer) or every rank at one iteration (explicit API). Returns the
+    /// messages delivered before it. For a job of `mpi_common::RANKS` ranks.
+    pub fn check_cut(&self, epoch: u64) -> u64 {
+        assert_eq!(self.vms() * RANKS_PER_VM, mpi_common::RANKS as usize);
+        let (remote, local) = match self.setup.linkage {
+            Linkage::Plain => ("/tmp/cuts", self.dir.join(format!("cuts-{epoch}"))),
+            Linkage::Explicit => ("/tmp/job", self.dir.join(format!("explicit-cuts-{epoch}"))),
+        };
+        fs::create_dir_all(&local).unwrap();
+        for vm in 0..self.vms() {
+            let listing = self.run(
+                vm,
+                &format!(
+                    "cd {remote} && for f in cut-{epoch}-*; do echo \"== $f\"; cat \"$f\"; done"
+                ),
+            );
+            for part in listing.split("== ").filter(|p| !p.is_empty()) {
+                let (name, body) = part.split_once('\n').unwrap();
+                fs::write(local.join(name.trim()), body).unwrap();
+            }
+        }
+        match self.setup.linkage {
+            Linkage::Plain => check_pairs(&read_cut(&local, epoch), epoch),
+            Linkage::Explicit => check_iterations(&local, epoch),
+        }
+    }
+
+    /// Asks the job to stop, waits for it, returns its output.
+    pub fn finish_job(&self) -> String {
+        self.run(0, "touch /tmp/job/stop");
+        let t = Instant::now();
+        loop {
+            let status = self.ssh(0, "cat /tmp/job/status");
+            if status.status.success() {
+                let code = String::from_utf8_lossy(&status.stdout).trim().to_owned();
+                let out = self.job_output();
+                assert_eq!(code, "0", "{}: the job failed:\n{out}", self.test);
+                return out;
+            }
+            assert!(
+                t.elapsed() < PATIENCE,
+                "{}: the job did not stop: {}",
+                self.test,
+                self.job_output()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
