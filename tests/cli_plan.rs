@@ -175,3 +175,29 @@ mac = "{mac}"
     let _ = std::fs::remove_file(&hca_mem);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every plan shipped in examples/plans is one `plan check` accepts.
+#[test]
+fn the_example_plans_check() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/plans");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_ninja-migrate"))
+            .args(["plan", "check"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        checked += 1;
+    }
+    assert!(checked >= 2, "{checked} plans in {}", dir.display());
+}

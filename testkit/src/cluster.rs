@@ -149,6 +149,12 @@ impl Fabrics {
         Ok(fabrics)
     }
 
+    /// Takes charge of an existing namespace made by [`Fabrics::create`] (another process's,
+    /// left running on purpose); dropping the result deletes it.
+    pub fn attach(ns: &str) -> Fabrics {
+        Fabrics { ns: ns.to_owned() }
+    }
+
     /// The namespace's name.
     pub fn ns(&self) -> &str {
         &self.ns

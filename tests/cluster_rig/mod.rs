@@ -486,7 +486,9 @@ impl VirtualCluster {
 
     /// Runs `ninja-migrate plan run --json` on the plan; its exit code and events.
     pub fn run_plan(&self, plan: &Path) -> (i32, Vec<serde_json::Value>, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_ninja-migrate"))
+        // Tests and benches get the binary cargo built; elsewhere the one on PATH.
+        let program = option_env!("CARGO_BIN_EXE_ninja-migrate").unwrap_or("ninja-migrate");
+        let out = Command::new(program)
             .args(["plan", "run", "--json", "--log-dir"])
             .arg(self.dir.join("logs"))
             .arg(plan)
@@ -501,6 +503,30 @@ impl VirtualCluster {
             events,
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+
+    /// Writes the plans of a round trip, to the other fabric and back, without running them
+    /// (for a person to run with `ninja-migrate plan run`); afterwards the rig believes the VMs
+    /// made both moves.
+    pub fn write_round_trip_plans(&mut self) -> [PathBuf; 2] {
+        let mut plans = Vec::new();
+        for _ in 0..2 {
+            let (plan, next) = self.plan_to_other_fabric();
+            self.at = next;
+            self.moves += 1;
+            plans.push(plan);
+        }
+        [plans[0].clone(), plans[1].clone()]
+    }
+
+    /// The directory holding the cluster's sockets, logs and plans.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The private key that logs in on every guest.
+    pub fn key(&self) -> &Path {
+        &self.fixtures.key
     }
 
     /// Tries to move every VM to the other fabric; the plan must roll back (exit 3), leaving
