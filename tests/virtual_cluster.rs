@@ -46,7 +46,8 @@ fn a_to_b_to_a(setup: Setup, tag: &str, test: &str) {
     // A -> B.
     let epoch1 = c.move_to_other_fabric();
     let a_after_detach = c.fabric_bytes(Fabric::A);
-    c.wait_traffic(Fabric::B, 1 << 20).unwrap();
+    let restart = c.wait_traffic(Fabric::B, 1 << 20).unwrap();
+    eprintln!("{test}: 1 MiB of the job's traffic on fabric B {restart:?} after the plan ended");
     assert!(c.fabric_bytes(Fabric::B) > b_before);
     assert_eq!(
         c.fabric_bytes(Fabric::A),
@@ -62,7 +63,8 @@ fn a_to_b_to_a(setup: Setup, tag: &str, test: &str) {
     let epoch2 = c.move_to_other_fabric();
     let b_after_detach = c.fabric_bytes(Fabric::B);
     assert!(b_after_detach >= b_after_first);
-    c.wait_traffic(Fabric::A, 1 << 20).unwrap();
+    let restart = c.wait_traffic(Fabric::A, 1 << 20).unwrap();
+    eprintln!("{test}: 1 MiB of the job's traffic on fabric A {restart:?} after the plan ended");
     assert_eq!(
         c.fabric_bytes(Fabric::B),
         b_after_detach,

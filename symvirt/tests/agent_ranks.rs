@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use symvirt::agent::{Agent, AgentConfig};
+use symvirt::data_net::DataNetwork;
 use symvirt::guest_link::ChannelSpec;
 use symvirt::host_channel::{ChannelOptions, HostChannel};
 use symvirt::protocol::{GuestMessage, HostMessage, Interconnect, PciDevice};
@@ -72,6 +73,21 @@ impl Rig {
 
     /// A rig whose agent waits `interconnect_wait` for a new interconnect to appear.
     fn waiting(tag: &str, ranks: u32, interconnect_wait: Duration) -> Rig {
+        Rig::build(tag, ranks, interconnect_wait, None)
+    }
+
+    /// A rig whose agent has a data network to check (never re-plumbed here: that would change
+    /// this machine's routes).
+    fn with_data(tag: &str, ranks: u32, data: DataNetwork) -> Rig {
+        Rig::build(tag, ranks, PATIENCE, Some(data))
+    }
+
+    fn build(
+        tag: &str,
+        ranks: u32,
+        interconnect_wait: Duration,
+        data_network: Option<DataNetwork>,
+    ) -> Rig {
         let dir = TempDir::new(tag);
         fake_sysfs(&dir.0);
         let host_sock = dir.0.join("host.sock");
@@ -88,7 +104,7 @@ impl Rig {
                 infiniband: dir.0.join("infiniband"),
             },
             interconnect_wait: Some(interconnect_wait),
-            data_network: None,
+            data_network,
         })
         .unwrap();
         let info = host.wait_hello(soon()).unwrap();
@@ -378,6 +394,48 @@ fn a_rank_that_cannot_quiesce_fails_the_epoch_with_its_reason_and_the_next_epoch
     r0.quiesced(2).unwrap();
     r1.quiesced(2).unwrap();
     assert_eq!(rig.wait_outcome(), GuestMessage::Quiesced { epoch: 2 });
+}
+
+#[test]
+fn a_missing_data_address_refuses_the_cut_and_releases_ranks_pulled_into_it() {
+    // 192.0.2.0/24 is reserved for documentation: no interface here has it.
+    let rig = Rig::with_data("noData", 1, DataNetwork::parse("192.0.2.55/24").unwrap());
+    let mut r0 = rig.rank(0).unwrap();
+    rig.prepare(1, 60_000);
+    match rig.wait_outcome() {
+        GuestMessage::Failed { epoch: 1, reason } => assert!(
+            reason.contains("data address 192.0.2.55/24 is not configured"),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // No prepare reaches the rank, but an abort does: its peers elsewhere may pull it into the
+    // cut, and it must not wait for a prepare that never comes.
+    assert_eq!(
+        r0.next_event(Some(PATIENCE)).unwrap(),
+        Some(RankEvent::Abort { epoch: 1 })
+    );
+    // The host's abort of that epoch releases the ranks again; the next epoch is refused too.
+    rig.host.send(&HostMessage::Abort { epoch: 1 }).unwrap();
+    assert_eq!(
+        r0.next_event(Some(PATIENCE)).unwrap(),
+        Some(RankEvent::Abort { epoch: 1 })
+    );
+    rig.prepare(2, 60_000);
+    assert!(matches!(
+        rig.wait_outcome(),
+        GuestMessage::Failed { epoch: 2, .. }
+    ));
+}
+
+#[test]
+fn a_configured_data_address_lets_the_cut_proceed() {
+    let rig = Rig::with_data("withData", 1, DataNetwork::parse("127.0.0.1/8").unwrap());
+    let mut r0 = rig.rank(0).unwrap();
+    rig.prepare(1, 60_000);
+    expect_prepare(&mut r0, 1);
+    r0.quiesced(1).unwrap();
+    assert_eq!(rig.wait_outcome(), GuestMessage::Quiesced { epoch: 1 });
 }
 
 #[test]

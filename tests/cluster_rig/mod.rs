@@ -14,11 +14,13 @@ use ninja_testkit::cluster::{
     pack_disk,
 };
 use ninja_testkit::{Qemu, RawQmp};
+use qmp::{MigrationCapability, MigrationInfo, MigrationWait, Qmp, RunState, wait_for_migration};
 use std::collections::BTreeSet;
 use std::fs;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Mutex;
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
 
@@ -74,6 +76,9 @@ pub struct Setup {
     pub agent_data: Vec<Option<String>>,
     /// Guest RAM.
     pub memory_mib: u32,
+    /// More programs for the job disk: sources in `symvirt-mpi/tests/programs`, built for this
+    /// MPI and linkage, at `/job/<stem>` (`pingpong.c` is `/job/pingpong`).
+    pub programs: Vec<&'static str>,
 }
 
 impl Setup {
@@ -84,6 +89,7 @@ impl Setup {
             linkage: Linkage::Plain,
             agent_data: (0..vms).map(|vm| Some(data_address(vm))).collect(),
             memory_mib: 256,
+            programs: Vec::new(),
         }
     }
 
@@ -158,6 +164,11 @@ impl VirtualCluster {
         fs::copy(&libs.transparent, job.join("libsymvirt_pmpi.so")).unwrap();
         let stress = mpi_common::program(mpi, "stress.c", setup.linkage);
         fs::copy(stress, job.join("stress")).unwrap();
+        for source in &setup.programs {
+            let built = mpi_common::program(mpi, source, setup.linkage);
+            let stem = Path::new(source).file_stem().unwrap();
+            fs::copy(built, job.join(stem)).unwrap();
+        }
         let job_disk = dir.join("job.ext4");
         pack_disk(&job, &job_disk).unwrap();
 
@@ -300,17 +311,23 @@ impl VirtualCluster {
     /// addresses, the transparent layer preloaded into the ranks or the explicit API linked in;
     /// cut records in /tmp/cuts or, explicit, /tmp/job).
     pub fn launcher(&self, modes: &str) -> String {
-        let hosts: Vec<String> = (0..self.vms())
-            .map(|vm| format!("{}:{RANKS_PER_VM}", management_ip(vm)))
-            .collect();
-        let hosts = hosts.join(",");
         let program = format!("/job/stress {modes} /tmp/job 10");
         // The explicit API is linked into the program; the transparent layer is preloaded.
         let mut env = vec![("SYMVIRT_CUT_LOG", "/tmp/cuts")];
         if self.setup.linkage == Linkage::Plain {
             env.push(("LD_PRELOAD", "/job/libsymvirt_pmpi.so"));
         }
-        let ranks = self.vms() * RANKS_PER_VM;
+        self.mpi_command(RANKS_PER_VM, &env, &program)
+    }
+
+    /// The launcher command (run in vm0) of `program` with `per_vm` ranks in every guest, TCP
+    /// between the data addresses, `env` set in every rank.
+    pub fn mpi_command(&self, per_vm: usize, env: &[(&str, &str)], program: &str) -> String {
+        let hosts: Vec<String> = (0..self.vms())
+            .map(|vm| format!("{}:{per_vm}", management_ip(vm)))
+            .collect();
+        let hosts = hosts.join(",");
+        let ranks = self.vms() * per_vm;
         match self.setup.mpi {
             MpiImpl::OpenMpi => {
                 let env: Vec<String> = env.iter().map(|(k, v)| format!("-x {k}={v}")).collect();
@@ -375,16 +392,18 @@ impl VirtualCluster {
     }
 
     /// Waits until `fabric` carries at least `bytes` more than it does now: the job talks there.
-    pub fn wait_traffic(&self, fabric: Fabric, bytes: u64) -> Result<(), String> {
+    /// Returns how long that took.
+    pub fn wait_traffic(&self, fabric: Fabric, bytes: u64) -> Result<Duration, String> {
         self.wait_traffic_for(fabric, bytes, Duration::from_secs(60))
     }
 
+    /// [`VirtualCluster::wait_traffic`] with a time limit.
     pub fn wait_traffic_for(
         &self,
         fabric: Fabric,
         bytes: u64,
         limit: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<Duration, String> {
         let start = self.fabric_bytes(fabric);
         let t = Instant::now();
         while self.fabric_bytes(fabric) < start + bytes {
@@ -395,9 +414,9 @@ impl VirtualCluster {
                     self.job_output()
                 ));
             }
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(())
+        Ok(t.elapsed())
     }
 
     pub fn job_output(&self) -> String {
@@ -567,6 +586,12 @@ impl VirtualCluster {
             assert!(vm < self.vms(), "{events:?}");
             assert_eq!(e["at"], "destination", "{e}");
         }
+        self.arrive(next);
+        epoch
+    }
+
+    /// The VMs live at `next` now: the sources' stand-in memory files go.
+    fn arrive(&mut self, next: Vec<Placement>) {
         for p in &self.at {
             if let Some(m) = &p.hca_mem {
                 let _ = fs::remove_file(m);
@@ -574,7 +599,6 @@ impl VirtualCluster {
         }
         self.at = next;
         self.moves += 1;
-        epoch
     }
 
     /// Checks the cut of `epoch` from every guest's records, copied to a local directory: pair
@@ -625,5 +649,357 @@ impl VirtualCluster {
             );
             std::thread::sleep(Duration::from_millis(500));
         }
+    }
+}
+
+/// A plan run whose JSON events carry the time their line arrived.
+pub struct TimedPlan {
+    /// `ninja-migrate`'s exit code.
+    pub code: i32,
+    /// Every event, with the milliseconds from the start of `ninja-migrate` to its line.
+    pub events: Vec<(f64, serde_json::Value)>,
+    pub stderr: String,
+}
+
+impl TimedPlan {
+    /// When the first `event` (of `phase`, when given) arrived, in ms.
+    pub fn at(&self, event: &str, phase: Option<&str>) -> Option<f64> {
+        self.events
+            .iter()
+            .find(|(_, e)| e["event"] == event && phase.is_none_or(|p| e["phase"] == p))
+            .map(|(t, _)| *t)
+    }
+
+    /// Each finished phase and its own duration (`phase_finished`'s `ms`), in plan order.
+    pub fn phase_ms(&self) -> Vec<(String, f64)> {
+        self.events
+            .iter()
+            .filter(|(_, e)| e["event"] == "phase_finished")
+            .filter_map(|(_, e)| Some((e["phase"].as_str()?.to_owned(), e["ms"].as_f64()?)))
+            .collect()
+    }
+
+    /// The plan's own total (`plan_finished`'s `total_ms`).
+    pub fn total_ms(&self) -> Option<f64> {
+        let finished = self
+            .events
+            .iter()
+            .find(|(_, e)| e["event"] == "plan_finished");
+        finished.and_then(|(_, e)| e["total_ms"].as_f64())
+    }
+
+    fn describe(&self) -> String {
+        let events: Vec<String> = self
+            .events
+            .iter()
+            .map(|(t, e)| format!("{t:9.1} ms {e}"))
+            .collect();
+        format!(
+            "exit code {}: {}\nevents:\n{}",
+            self.code,
+            self.stderr.trim(),
+            events.join("\n")
+        )
+    }
+}
+
+/// A plain migration of every VM: the wall time and QEMU's own numbers per VM.
+pub struct PlainMigration {
+    /// From the first `migrate` command to the last source's `completed`.
+    pub wall: Duration,
+    /// Per VM, QEMU's `total-time` (ms).
+    pub total_ms: Vec<u64>,
+    /// Per VM, QEMU's `downtime` (ms).
+    pub downtime_ms: Vec<u64>,
+    /// Per VM, RAM bytes sent.
+    pub transferred: Vec<u64>,
+}
+
+/// Timed moves and plain migrations, for `benches/virtual_cluster.rs`: bounded, and returning
+/// failures instead of panicking.
+impl VirtualCluster {
+    /// The fabric the VMs are on.
+    pub fn fabric(&self) -> Fabric {
+        self.at[0].fabric
+    }
+
+    /// [`VirtualCluster::run_plan`] with every event stamped as its line arrives; `ninja-migrate`
+    /// is killed after `limit`.
+    pub fn run_plan_timed(&self, plan: &Path, limit: Duration) -> Result<TimedPlan, String> {
+        let started = Instant::now();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ninja-migrate"))
+            .args(["plan", "run", "--json", "--log-dir"])
+            .arg(self.dir.join("logs"))
+            .arg(plan)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("ninja-migrate: {e}"))?;
+        let (line_tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = line_tx.send((started.elapsed(), line));
+            }
+        });
+        let (err_tx, err_rx) = mpsc::channel();
+        let mut stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            let _ = err_tx.send(text);
+        });
+        let code = loop {
+            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                break status.code().unwrap_or(-1);
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                break -1;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // The pipes close with ninja-migrate (its QEMUs log elsewhere); a little grace anyway.
+        let grace = Instant::now() + Duration::from_secs(5);
+        let mut events = Vec::new();
+        while let Ok((t, line)) =
+            lines.recv_timeout(grace.saturating_duration_since(Instant::now()))
+        {
+            if let Ok(v) = serde_json::from_str(&line) {
+                events.push((t.as_secs_f64() * 1000.0, v));
+            }
+        }
+        let stderr = err_rx
+            .recv_timeout(grace.saturating_duration_since(Instant::now()))
+            .unwrap_or_default();
+        let run = TimedPlan {
+            code,
+            events,
+            stderr,
+        };
+        if started.elapsed() > limit {
+            return Err(format!(
+                "the plan did not end in {limit:?}: {}",
+                run.describe()
+            ));
+        }
+        Ok(run)
+    }
+
+    /// Creates tap `name` on `net` unless it exists (boot makes the taps of two moves).
+    fn tap(&self, name: &str, net: Net) -> Result<(), String> {
+        if self.fabrics.ip(&["link", "show", name]).is_ok() {
+            return Ok(());
+        }
+        self.fabrics.add_tap(name, net).map_err(|e| e.to_string())
+    }
+
+    /// [`VirtualCluster::move_to_other_fabric`], any number of times, bounded by `limit`, its
+    /// events timed; a plan that did not complete is an error (after a rollback the VMs are
+    /// where they were).
+    pub fn try_move_to_other_fabric(&mut self, limit: Duration) -> Result<TimedPlan, String> {
+        for vm in 0..self.vms() {
+            self.tap(&format!("m{vm}d{}", self.moves), Net::Management)?;
+        }
+        let (plan, next) = self.plan_to_other_fabric();
+        let run = self.run_plan_timed(&plan, limit);
+        let run = match run {
+            Ok(run) if run.code == 0 => run,
+            Ok(run) => {
+                self.moves += 1;
+                return Err(format!("move {}: {}", self.moves - 1, run.describe()));
+            }
+            Err(e) => {
+                self.moves += 1;
+                return Err(e);
+            }
+        };
+        self.arrive(next);
+        let resumed: Vec<&serde_json::Value> = run
+            .events
+            .iter()
+            .filter(|(_, e)| e["event"] == "guest_resumed")
+            .map(|(_, e)| &e["at"])
+            .collect();
+        if resumed.len() != self.vms() || resumed.iter().any(|at| *at != "destination") {
+            return Err(format!("guests resumed at {resumed:?}: {}", run.describe()));
+        }
+        Ok(run)
+    }
+
+    /// Migrates every VM plainly (QEMU's migration alone: no quiesce, no device swap), all at
+    /// once over unix sockets, into destinations this rig launches in the namespace with
+    /// `-incoming defer`: the same machine, with the fabric-B NIC on the command line at the
+    /// PCI address it has at the source, on fresh taps. The VMs must be on fabric B (fabric A's
+    /// stand-in blocks migration). Afterwards the VMs live at those destinations, the sources
+    /// have quit, and the job runs on. Bounded by `limit` (then cancelled: the VMs stay).
+    pub fn plain_migration(&mut self, limit: Duration) -> Result<PlainMigration, String> {
+        let mv = self.moves;
+        let mut sources = Vec::new();
+        for (vm, p) in self.at.iter().enumerate() {
+            if p.fabric != Fabric::B {
+                return Err(format!(
+                    "vm{vm} is on fabric {:?}: not migratable",
+                    p.fabric
+                ));
+            }
+            let q = Qmp::connect_unix(&p.qmp).map_err(|e| format!("vm{vm} source: {e}"))?;
+            let pci = q
+                .query_pci()
+                .map_err(|e| format!("vm{vm} query-pci: {e}"))?;
+            let nic = pci
+                .iter()
+                .flat_map(|b| &b.devices)
+                .find(|d| d.qdev_id == "fb0");
+            let slot = nic.ok_or(format!("vm{vm}: no device fb0"))?.slot;
+            sources.push((q, slot));
+        }
+        let mut destinations = Vec::new();
+        let mut next = Vec::new();
+        for (vm, (_, slot)) in sources.iter().enumerate() {
+            let (mgmt, tap) = (format!("m{vm}d{mv}"), format!("b{vm}d{mv}"));
+            self.tap(&mgmt, Net::Management)?;
+            self.tap(&tap, Net::FabricB)?;
+            let d = self.dir.join(format!("vm{vm}-d{mv}"));
+            fs::create_dir_all(&d).map_err(|e| e.to_string())?;
+            let channel = d.join("channel.sock");
+            let config = self
+                .machine(vm, &mgmt, &channel)
+                .arg("-netdev")
+                .arg(format!("tap,id=fb0n,ifname={tap},script=no,downscript=no"))
+                .arg("-device")
+                .arg(format!(
+                    "virtio-net-pci,id=fb0,netdev=fb0n,mac={},addr={slot:#x}",
+                    Fabric::B.mac(vm)
+                ))
+                .incoming("defer");
+            let q = Qemu::start(config).map_err(|e| format!("vm{vm} destination: {e}"))?;
+            let monitor = Qmp::connect_unix(q.qmp_path()).map_err(|e| e.to_string())?;
+            let uri = format!("unix:{}", d.join("migrate.sock").display());
+            monitor
+                .migrate_incoming(&uri)
+                .map_err(|e| format!("vm{vm} migrate-incoming: {e}"))?;
+            next.push(Placement {
+                qmp: q.qmp_path().to_path_buf(),
+                channel,
+                fabric: Fabric::B,
+                hca_mem: None,
+            });
+            destinations.push((q, monitor, uri));
+        }
+        let caps = [
+            (MigrationCapability::PauseBeforeSwitchover, false),
+            (MigrationCapability::Events, true),
+        ];
+        for (q, _) in &sources {
+            q.migrate_set_capabilities(&caps)
+                .map_err(|e| format!("migrate-set-capabilities: {e}"))?;
+        }
+        let t0 = Instant::now();
+        let migrated: Vec<Result<(Duration, MigrationInfo), String>> = std::thread::scope(|s| {
+            let waits: Vec<_> = sources
+                .iter()
+                .zip(&destinations)
+                .map(|((q, _), (_, _, uri))| {
+                    q.migrate(uri).map_err(|e| format!("migrate {uri}: {e}"))?;
+                    Ok(s.spawn(move || {
+                        let wait = MigrationWait::completed_within(limit);
+                        let info = wait_for_migration(q, &wait, |_| {});
+                        info.map(|i| (t0.elapsed(), i)).map_err(|e| e.to_string())
+                    }))
+                })
+                .collect();
+            waits
+                .into_iter()
+                .map(|w: Result<_, String>| w?.join().map_err(|_| "waiter panicked".to_string())?)
+                .collect()
+        });
+        let migrated: Result<Vec<_>, String> = migrated.into_iter().collect();
+        let migrated = match migrated {
+            Ok(m) => m,
+            Err(e) => {
+                // The VMs stay at their sources; the destinations die with `destinations`.
+                for (q, _) in &sources {
+                    let _ = q.migrate_cancel();
+                    let _ = q.cont();
+                }
+                return Err(format!("plain migration: {e}"));
+            }
+        };
+        for (vm, (_, monitor, _)) in destinations.iter().enumerate() {
+            let t = Instant::now();
+            while !monitor
+                .query_status()
+                .is_ok_and(|s| s.status == RunState::Running)
+            {
+                if t.elapsed() > PATIENCE {
+                    return Err(format!("vm{vm}: the destination does not run"));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        for (q, _) in &sources {
+            let _ = q.quit();
+        }
+        for (q, _, _) in destinations {
+            self.sources.push(q);
+        }
+        self.arrive(next);
+        Ok(PlainMigration {
+            wall: migrated.iter().map(|(t, _)| *t).max().unwrap_or_default(),
+            total_ms: migrated
+                .iter()
+                .map(|(_, i)| i.total_time.unwrap_or(0))
+                .collect(),
+            downtime_ms: migrated
+                .iter()
+                .map(|(_, i)| i.downtime.unwrap_or(0))
+                .collect(),
+            transferred: migrated
+                .iter()
+                .map(|(_, i)| i.ram.as_ref().map_or(0, |r| r.transferred))
+                .collect(),
+        })
+    }
+
+    /// Bytes through every port of the bridge of `net` so far, both directions.
+    pub fn bridge_bytes(&self, net: Net) -> Result<u64, String> {
+        let out = self
+            .fabrics
+            .command("ip")
+            .args(["-j", "-s", "link", "show", "master", net.bridge()])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let ports: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("ports of {}: {e}", net.bridge()))?;
+        let bytes = |p: &serde_json::Value, dir: &str| p["stats64"][dir]["bytes"].as_u64();
+        let ports = ports.as_array().map(Vec::as_slice).unwrap_or_default();
+        Ok(ports
+            .iter()
+            .map(|p| bytes(p, "rx").unwrap_or(0) + bytes(p, "tx").unwrap_or(0))
+            .sum())
+    }
+
+    /// Waits (at most `limit`) until the job moved `bytes` over the fabric the VMs are on,
+    /// whichever taps their NICs use.
+    pub fn wait_job_traffic(&self, bytes: u64, limit: Duration) -> Result<(), String> {
+        let net = match self.at[0].fabric {
+            Fabric::A => Net::FabricA,
+            Fabric::B => Net::FabricB,
+        };
+        let start = self.bridge_bytes(net)?;
+        let t = Instant::now();
+        while self.bridge_bytes(net)? < start + bytes {
+            if t.elapsed() > limit {
+                let job = self.job_output();
+                return Err(format!(
+                    "no job traffic on {net:?} in {limit:?}; job: {job}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
     }
 }
