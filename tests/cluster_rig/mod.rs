@@ -142,6 +142,12 @@ impl Drop for VirtualCluster {
     }
 }
 
+/// The `ninja-migrate` program: the one cargo built for tests and benches, elsewhere (the
+/// example) the one on `PATH`.
+fn ninja_migrate() -> &'static str {
+    option_env!("CARGO_BIN_EXE_ninja-migrate").unwrap_or("ninja-migrate")
+}
+
 fn toml_list(words: &[String]) -> String {
     let quoted: Vec<String> = words.iter().map(|w| format!("{w:?}")).collect();
     format!("[{}]", quoted.join(", "))
@@ -505,9 +511,7 @@ impl VirtualCluster {
 
     /// Runs `ninja-migrate plan run --json` on the plan; its exit code and events.
     pub fn run_plan(&self, plan: &Path) -> (i32, Vec<serde_json::Value>, String) {
-        // Tests and benches get the binary cargo built; elsewhere the one on PATH.
-        let program = option_env!("CARGO_BIN_EXE_ninja-migrate").unwrap_or("ninja-migrate");
-        let out = Command::new(program)
+        let out = Command::new(ninja_migrate())
             .args(["plan", "run", "--json", "--log-dir"])
             .arg(self.dir.join("logs"))
             .arg(plan)
@@ -727,7 +731,7 @@ impl VirtualCluster {
     /// is killed after `limit`.
     pub fn run_plan_timed(&self, plan: &Path, limit: Duration) -> Result<TimedPlan, String> {
         let started = Instant::now();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ninja-migrate"))
+        let mut child = Command::new(ninja_migrate())
             .args(["plan", "run", "--json", "--log-dir"])
             .arg(self.dir.join("logs"))
             .arg(plan)
