@@ -12,6 +12,34 @@
 //! passed on), or a deadline that passes, fails the epoch (`failed` to the host, `abort` to the
 //! ranks).
 //!
+//! # Limits
+//!
+//! One rank cannot stall the others. Ranks are told things in rank order, each write bounded by
+//! [`RANK_WRITE_TIMEOUT`]: a rank whose notice cannot be written in that time (it stopped
+//! reading and its socket buffer is full) or at all is dropped, its connection shut down, and
+//! an epoch in progress fails with a reason naming it, as if it had left (a `prepare` is then
+//! not passed on to the ranks after it: they only see the `abort`). At most
+//! [`AgentConfig::rank_connection_limit`] rank connections are served at once, each with its
+//! reader thread; one more is answered `refused` and closed, without a thread.
+//!
+//! # Stale epochs
+//!
+//! A host that dies in the middle of an epoch must not leave the ranks paused for good. The
+//! agent leaves an epoch in progress, its ranks told `abort` (unless they were already told to
+//! resume), when
+//! - a `prepare` for a newer epoch arrives: the host that sends it has given the old one up
+//!   (its session allows `prepare` only between epochs); the new epoch then starts;
+//! - the host's `abort` for it arrives, on this connection or a later one (a controller that
+//!   continues the epoch's session);
+//! - no host has been connected for [`AgentConfig::stale_epoch_after`]. The agent then reports
+//!   `failed` for the epoch to the next host that connects: one continuing the session (it
+//!   thinks the guest quiesced, or resuming) goes to `failed` and aborts or rolls back instead
+//!   of moving a guest whose ranks run on; a new controller's fresh session rejects the stale
+//!   report (counted, harmless) and starts its own epoch.
+//!
+//! While a host is connected, only its own messages end an epoch: a quiesced, resuming or
+//! waiting-for-interconnect guest stays so for as long as the host takes to finish it.
+//!
 //! ```no_run
 //! use symvirt::agent::{Agent, AgentConfig};
 //! use symvirt::guest_link::ChannelSpec;
@@ -33,11 +61,11 @@ use crate::protocol::{decode, encode};
 use crate::rank::{AgentNotice, DEFAULT_RANK_SOCKET, RankRequest};
 use crate::sysfs::{self, SysDirs};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -47,6 +75,36 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// How long the `symvirt-agent` binary waits for a new interconnect unless told otherwise.
 pub const DEFAULT_INTERCONNECT_WAIT: Duration = Duration::from_secs(20);
+
+/// How long one write to a rank may block. A rank reads its notices at its safe points, a few
+/// lines an epoch, so a write that cannot finish within this time means the rank stopped reading
+/// and its socket buffer is full: the agent drops it rather than stall every other rank and the
+/// host behind it. Short enough that the host's deadlines (seconds to minutes) still hold.
+pub const RANK_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How many rank connections an agent serves at once unless told otherwise
+/// ([`AgentConfig::max_rank_connections`]). Each one has a reader thread; a guest's ranks need
+/// one each (one per core, typically far fewer than this), and the rest is room for ranks that
+/// restart and for tools that connect.
+pub const MAX_RANK_CONNECTIONS: usize = 1024;
+
+/// Connections the agent always allows beyond its expected ranks: a restarted rank may connect
+/// again before its old connection is gone.
+const RANK_CONNECTION_SPARE: usize = 16;
+
+/// How long an epoch may stay in progress with no host connected, unless told otherwise
+/// ([`AgentConfig::stale_epoch_after`]). A live controller is away from a guest only between the
+/// switchover and reaching the guest at the destination, or while a rollback reaches it back
+/// at the source, each bounded by the plan's `resume` and `rollback` deadlines (60 s by
+/// default); five minutes is well beyond both, so a guest the controller is still moving is
+/// never released under it, while a guest whose controller died is released within minutes.
+pub const DEFAULT_STALE_EPOCH_AFTER: Duration = Duration::from_secs(300);
+
+/// How long a refused rank connection stays open (write side shut) before it is closed, so the
+/// rank has sent its `register` and can read `refused` rather than a reset connection.
+const REFUSED_LINGER: Duration = Duration::from_secs(1);
+/// Refused connections kept lingering at most (older ones are closed at once).
+const REFUSED_LINGERING: usize = 64;
 
 /// How an agent is set up.
 #[derive(Debug, Clone)]
@@ -72,6 +130,25 @@ pub struct AgentConfig {
     /// The VM's data address, re-routed through the new fabric's NIC on every `resume` before
     /// the ranks are released ([`crate::data_net`]). `None`: the agent leaves the network alone.
     pub data_network: Option<DataNetwork>,
+    /// How many rank connections are served at once (each has a reader thread); one more is
+    /// refused. Never fewer than [`AgentConfig::ranks`] and a few spare: see
+    /// [`AgentConfig::rank_connection_limit`]. Default [`MAX_RANK_CONNECTIONS`].
+    pub max_rank_connections: usize,
+    /// How long an epoch may stay in progress with no host connected before the agent gives it
+    /// up: it tells its ranks `abort` (unless they were told to resume) and reports `failed`
+    /// to the next host. `None`: never (the ranks wait for a host however long it takes).
+    /// Default [`DEFAULT_STALE_EPOCH_AFTER`].
+    pub stale_epoch_after: Option<Duration>,
+}
+
+impl AgentConfig {
+    /// How many rank connections the agent serves at once: [`AgentConfig::max_rank_connections`],
+    /// raised when needed to the expected ranks plus a few spare, so that every rank can
+    /// always connect.
+    pub fn rank_connection_limit(&self) -> usize {
+        self.max_rank_connections
+            .max(self.ranks as usize + RANK_CONNECTION_SPARE)
+    }
 }
 
 impl Default for AgentConfig {
@@ -85,6 +162,8 @@ impl Default for AgentConfig {
             sys: SysDirs::default(),
             interconnect_wait: None,
             data_network: None,
+            max_rank_connections: MAX_RANK_CONNECTIONS,
+            stale_epoch_after: Some(DEFAULT_STALE_EPOCH_AFTER),
         }
     }
 }
@@ -150,8 +229,9 @@ impl Agent {
             guest_link::run(spec, s, link_tx, w)
         })?);
         let (s, t) = (stop.clone(), tx.clone());
+        let limit = config.rank_connection_limit();
         threads.push(spawn("symvirt-ranks", move || {
-            accept_ranks(listener, s, t)
+            accept_ranks(listener, limit, s, t)
         })?);
         drop(tx);
 
@@ -213,36 +293,119 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
         .map_err(|e| Error::io(format!("spawn {name}"), e))
 }
 
-fn accept_ranks(listener: UnixListener, stop: Arc<AtomicBool>, events: Sender<Event>) {
+/// Accepts rank connections, each served by a [`read_rank`] thread while fewer than `limit`
+/// are open; refuses the others without a thread.
+fn accept_ranks(
+    listener: UnixListener,
+    limit: usize,
+    stop: Arc<AtomicBool>,
+    events: Sender<Event>,
+) {
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut refused = Refusals::default();
     let mut next_id = 0u64;
     while !stop.load(Ordering::SeqCst) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                next_id += 1;
-                let id = next_id;
-                let reader = match stream
-                    .set_nonblocking(false)
-                    .and_then(|()| stream.try_clone())
-                {
-                    Ok(r) => r,
-                    Err(e) => {
-                        log::warn!("rank connection: {e}");
-                        continue;
-                    }
-                };
-                if events.send(Event::RankConnected(id, stream)).is_err() {
-                    return;
-                }
-                let ev = events.clone();
-                let _ = spawn("symvirt-rank", move || read_rank(id, reader, ev));
-            }
+        refused.close_expired();
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(20))
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
             }
             Err(e) => {
                 log::warn!("rank socket accept: {e}");
                 std::thread::sleep(Duration::from_millis(100));
+                continue;
             }
+        };
+        if open.load(Ordering::SeqCst) >= limit {
+            refused.refuse(stream, limit);
+            continue;
+        }
+        refused.refusing = false;
+        let reader = match stream
+            .set_nonblocking(false)
+            .and_then(|()| stream.set_write_timeout(Some(RANK_WRITE_TIMEOUT)))
+            .and_then(|()| stream.try_clone())
+        {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("rank connection: {e}");
+                continue;
+            }
+        };
+        next_id += 1;
+        let id = next_id;
+        if events.send(Event::RankConnected(id, stream)).is_err() {
+            return;
+        }
+        open.fetch_add(1, Ordering::SeqCst);
+        let (ev, count) = (events.clone(), OpenConnection(open.clone()));
+        let spawned = spawn("symvirt-rank", move || {
+            let _count = count;
+            read_rank(id, reader, ev)
+        });
+        if let Err(e) = spawned {
+            // The closure, and with it the count, is gone: the connection is not served.
+            log::warn!("rank connection {id}: {e}");
+            if events.send(Event::RankGone(id)).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// One open rank connection, counted while its reader thread runs.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Rank connections refused for the connection limit, kept open (write side shut) a moment.
+#[derive(Default)]
+struct Refusals {
+    lingering: VecDeque<(Instant, UnixStream)>,
+    /// Refusing since the last accepted connection (logged once per run of refusals).
+    refusing: bool,
+    count: u64,
+}
+
+impl Refusals {
+    /// Answers `refused` (best effort, never blocking) and lets the connection linger.
+    fn refuse(&mut self, stream: UnixStream, limit: usize) {
+        self.count += 1;
+        let reason = format!("the agent serves {limit} rank connections at most");
+        if !self.refusing {
+            log::warn!(
+                "refused a rank connection: {reason} ({} refused so far)",
+                self.count
+            );
+            self.refusing = true;
+        }
+        if let Ok(line) = encode(&AgentNotice::Refused { reason }) {
+            let _ = stream
+                .set_nonblocking(true)
+                .and_then(|()| (&stream).write_all(&line));
+        }
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        if self.lingering.len() >= REFUSED_LINGERING {
+            self.lingering.pop_front();
+        }
+        self.lingering
+            .push_back((Instant::now() + REFUSED_LINGER, stream));
+    }
+
+    fn close_expired(&mut self) {
+        let now = Instant::now();
+        while self
+            .lingering
+            .front()
+            .is_some_and(|(until, _)| *until <= now)
+        {
+            self.lingering.pop_front();
         }
     }
 }
@@ -317,6 +480,11 @@ struct Core {
     unsent: Option<GuestMessage>,
     /// The data-network peers noted at the last `prepare`, probed on the new NIC at resume.
     data_peers: Vec<std::net::Ipv4Addr>,
+    /// Ranks dropped because a notice could not be written to them, and why; an epoch in
+    /// progress fails for them once the event at hand is handled ([`Core::settle_dropped`]).
+    dropped: VecDeque<(u32, String)>,
+    /// Since when no host has been connected (`None`: one is).
+    host_away_since: Option<Instant>,
 }
 
 impl Core {
@@ -329,6 +497,8 @@ impl Core {
             last_epoch: 0,
             unsent: None,
             data_peers: Vec::new(),
+            dropped: VecDeque::new(),
+            host_away_since: Some(Instant::now()),
         }
     }
 
@@ -347,6 +517,8 @@ impl Core {
             }
             self.check_deadline();
             self.check_interconnect();
+            self.check_stale();
+            self.settle_dropped();
         }
         for conn in self.ranks.values() {
             let _ = conn.stream.shutdown(std::net::Shutdown::Both);
@@ -387,28 +559,65 @@ impl Core {
         }
     }
 
+    /// Writes `notice` to connection `id`, within [`RANK_WRITE_TIMEOUT`]. A connection that
+    /// cannot take it is shut down and forgotten at once (its reader's `RankGone` finds nothing);
+    /// a registered rank is noted in `dropped`, for [`Core::settle_dropped`].
     fn tell_rank(&mut self, id: u64, notice: &AgentNotice) {
         let Some(conn) = self.ranks.get_mut(&id) else {
             return;
         };
-        let ok = encode(notice)
-            .ok()
-            .is_some_and(|line| conn.stream.write_all(&line).is_ok());
-        if !ok {
-            // Its reader thread reports it gone.
-            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+        let written = encode(notice).map_err(|e| e.to_string()).and_then(|line| {
+            conn.stream.write_all(&line).map_err(|e| match e.kind() {
+                ErrorKind::WouldBlock | ErrorKind::TimedOut => format!(
+                    "it stopped reading (a notice could not be written within {} ms)",
+                    RANK_WRITE_TIMEOUT.as_millis()
+                ),
+                _ => format!("a notice could not be written to it: {e}"),
+            })
+        });
+        let Err(why) = written else {
+            return;
+        };
+        let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+        let rank = conn.rank;
+        self.ranks.remove(&id);
+        match rank {
+            Some(rank) => {
+                log::warn!("rank {rank} dropped: {why}");
+                self.dropped.push_back((rank, why));
+            }
+            None => log::warn!("rank connection {id} closed: {why}"),
         }
     }
 
+    /// Tells every registered rank, in rank order. A rank dropped on the way dooms the epoch:
+    /// a `prepare` then goes no further (the ranks after it get only the `abort`); any other
+    /// notice still reaches every rank that can take it.
     fn tell_all_ranks(&mut self, notice: &AgentNotice) {
-        let ids: Vec<u64> = self
+        let mut ranks: Vec<(u32, u64)> = self
             .ranks
             .iter()
-            .filter(|(_, c)| c.rank.is_some())
-            .map(|(&id, _)| id)
+            .filter_map(|(&id, c)| c.rank.map(|r| (r, id)))
             .collect();
-        for id in ids {
+        ranks.sort_unstable();
+        let dropped = self.dropped.len();
+        for (_, id) in ranks {
             self.tell_rank(id, notice);
+            if self.dropped.len() > dropped && matches!(notice, AgentNotice::Prepare { .. }) {
+                break;
+            }
+        }
+    }
+
+    /// Fails the epoch in progress, if any, for every rank dropped since the last call.
+    fn settle_dropped(&mut self) {
+        while let Some((rank, why)) = self.dropped.pop_front() {
+            if let Some(epoch) = self.epoch_in_progress() {
+                self.fail(
+                    epoch,
+                    format!("rank {rank} dropped during epoch {epoch}: {why}"),
+                );
+            }
         }
     }
 
@@ -416,9 +625,13 @@ impl Core {
         match event {
             Event::Link(LinkEvent::Connected) => {
                 log::info!("host connected");
+                self.host_away_since = None;
                 self.introduce();
             }
-            Event::Link(LinkEvent::Disconnected) => log::info!("host disconnected"),
+            Event::Link(LinkEvent::Disconnected) => {
+                log::info!("host disconnected");
+                self.host_away_since = Some(Instant::now());
+            }
             Event::Link(LinkEvent::Message(m)) => self.on_host(m),
             Event::RankConnected(id, stream) => {
                 self.ranks.insert(id, RankConn { stream, rank: None });
@@ -470,11 +683,37 @@ impl Core {
     /// Gives up on `epoch`: tells the host, releases the ranks.
     fn fail(&mut self, epoch: u64, reason: String) {
         log::warn!("epoch {epoch} failed: {reason}");
+        self.leave(epoch);
+        self.tell_host(GuestMessage::Failed { epoch, reason });
+    }
+
+    /// Ends `epoch`, the one in progress: its ranks are told `abort`, unless they were already
+    /// told to resume (they run on then, and an `abort` would mean nothing to them).
+    fn leave(&mut self, epoch: u64) {
         if !matches!(self.phase, Phase::Resuming { .. }) {
             self.tell_all_ranks(&AgentNotice::Abort { epoch });
         }
         self.phase = Phase::Running;
-        self.tell_host(GuestMessage::Failed { epoch, reason });
+    }
+
+    /// Gives the epoch in progress up after [`AgentConfig::stale_epoch_after`] with no host:
+    /// the one that started it is gone. `failed` waits in `unsent` for the next host.
+    fn check_stale(&mut self) {
+        let (Some(limit), Some(since), Some(epoch)) = (
+            self.config.stale_epoch_after,
+            self.host_away_since,
+            self.epoch_in_progress(),
+        ) else {
+            return;
+        };
+        if since.elapsed() >= limit {
+            let reason = format!(
+                "no host for {} ms during epoch {epoch}: the agent gave it up, its ranks go on \
+                 where they are",
+                limit.as_millis()
+            );
+            self.fail(epoch, reason);
+        }
     }
 
     fn on_host(&mut self, message: HostMessage) {
@@ -483,7 +722,7 @@ impl Core {
             // A host connection this agent may not have seen open (see `crate::protocol`).
             HostMessage::Hello => self.introduce(),
             HostMessage::Prepare { epoch, deadline_ms } => {
-                if !matches!(self.phase, Phase::Running) || epoch <= self.last_epoch {
+                if epoch <= self.last_epoch {
                     log::warn!(
                         "ignored prepare{{epoch={epoch}}}: {:?}, last epoch {}",
                         self.phase,
@@ -491,6 +730,17 @@ impl Core {
                     );
                     return;
                 }
+                // The host prepares only between epochs (see `crate::session`): one still in
+                // progress here was given up by a host that went away (its controller died).
+                if let Some(old) = self.epoch_in_progress() {
+                    log::warn!(
+                        "prepare{{epoch={epoch}}} in {:?}: the host gave epoch {old} up; leaving it",
+                        self.phase
+                    );
+                    self.leave(old);
+                }
+                // Whatever waited for a host is about an older epoch, given up as well.
+                self.unsent = None;
                 self.last_epoch = epoch;
                 // A job whose data address is gone could not carry on after the move: refuse
                 // the cut before any rank pauses, so the job keeps running where it is.
@@ -537,8 +787,7 @@ impl Core {
                 | Phase::AwaitingInterconnect { epoch: e, .. }
                     if e == epoch =>
                 {
-                    self.tell_all_ranks(&AgentNotice::Abort { epoch });
-                    self.phase = Phase::Running;
+                    self.leave(epoch)
                 }
                 // An epoch this agent already failed: its ranks may have been pulled into the
                 // cut by their peers since; release them.

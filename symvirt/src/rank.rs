@@ -12,6 +12,11 @@
 //! agent -> rank   {"type":"resume","epoch":E,"interconnect":I}  or  {"type":"abort","epoch":E}
 //! rank  -> agent  {"type":"resumed","epoch":E}         after reconnecting over I
 //! ```
+//!
+//! An agent at its connection limit answers `refused` before reading anything and closes the
+//! connection. A rank must read what the agent sends (at its safe points is enough): the agent
+//! drops a rank it cannot write to within [`crate::agent::RANK_WRITE_TIMEOUT`], failing the
+//! epoch in progress.
 
 use crate::error::{Error, Result};
 use crate::framing::{Frame, LineReader};

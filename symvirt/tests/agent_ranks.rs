@@ -2,6 +2,10 @@
 //! whole guest side of the protocol in one process (and the agent binary as a child process).
 
 use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,7 +15,7 @@ use symvirt::guest_link::ChannelSpec;
 use symvirt::host_channel::{ChannelOptions, HostChannel};
 use symvirt::protocol::{GuestMessage, HostMessage, Interconnect, PciDevice};
 use symvirt::rank::{RankClient, RankEvent};
-use symvirt::session::SessionState;
+use symvirt::session::{GuestSession, SessionState};
 use symvirt::sysfs::SysDirs;
 use symvirt::{Error, sysfs};
 
@@ -59,42 +63,51 @@ fn fake_sysfs(dir: &Path) {
     write(dir.join("net/eth1/address"), &format!("{MAC}\n"));
 }
 
-/// Host channel listening + agent connected to it + the rank socket.
+/// Host channel + agent connected to it + the rank socket.
 struct Rig {
     dir: TempDir,
     host: HostChannel,
     agent: Option<Agent>,
+    /// The agent listens on its channel and the host connects (as to a guest's virtio-serial
+    /// port), rather than the other way round.
+    listens: bool,
 }
 
 impl Rig {
     fn new(tag: &str, ranks: u32) -> Rig {
-        Rig::waiting(tag, ranks, PATIENCE)
+        Rig::build(tag, ranks, false, |_| {})
     }
 
     /// A rig whose agent waits `interconnect_wait` for a new interconnect to appear.
     fn waiting(tag: &str, ranks: u32, interconnect_wait: Duration) -> Rig {
-        Rig::build(tag, ranks, interconnect_wait, None)
+        Rig::build(tag, ranks, false, |c| {
+            c.interconnect_wait = Some(interconnect_wait)
+        })
     }
 
     /// A rig whose agent has a data network to check (never re-plumbed here: that would change
     /// this machine's routes).
     fn with_data(tag: &str, ranks: u32, data: DataNetwork) -> Rig {
-        Rig::build(tag, ranks, PATIENCE, Some(data))
+        Rig::build(tag, ranks, false, |c| c.data_network = Some(data))
     }
 
-    fn build(
-        tag: &str,
-        ranks: u32,
-        interconnect_wait: Duration,
-        data_network: Option<DataNetwork>,
-    ) -> Rig {
+    /// A rig whose agent listens on its channel, as a guest's agent sits at its end of a
+    /// virtio-serial port: hosts come and go ([`Rig::host_gone`], [`Rig::host_back`]).
+    fn listening(tag: &str, ranks: u32, tune: impl FnOnce(&mut AgentConfig)) -> Rig {
+        Rig::build(tag, ranks, true, tune)
+    }
+
+    fn build(tag: &str, ranks: u32, listens: bool, tune: impl FnOnce(&mut AgentConfig)) -> Rig {
         let dir = TempDir::new(tag);
         fake_sysfs(&dir.0);
         let host_sock = dir.0.join("host.sock");
-        let host = HostChannel::listen(&host_sock, ChannelOptions::labelled(tag)).unwrap();
-        let agent = Agent::spawn(AgentConfig {
+        let mut config = AgentConfig {
             vm: format!("vm-{tag}"),
-            channel: ChannelSpec::Unix(host_sock),
+            channel: if listens {
+                ChannelSpec::Listen(host_sock.clone())
+            } else {
+                ChannelSpec::Unix(host_sock.clone())
+            },
             rank_socket: dir.0.join("run/agent.sock"),
             ranks,
             report_pci: true,
@@ -103,22 +116,83 @@ impl Rig {
                 net: dir.0.join("net"),
                 infiniband: dir.0.join("infiniband"),
             },
-            interconnect_wait: Some(interconnect_wait),
-            data_network,
-        })
-        .unwrap();
-        let info = host.wait_hello(soon()).unwrap();
-        assert_eq!(info.vm, format!("vm-{tag}"));
-        assert_eq!(info.ranks, ranks);
-        Rig {
+            interconnect_wait: Some(PATIENCE),
+            ..AgentConfig::default()
+        };
+        tune(&mut config);
+        let host = if listens {
+            nowhere(&dir)
+        } else {
+            HostChannel::listen(&host_sock, ChannelOptions::labelled(tag)).unwrap()
+        };
+        let mut rig = Rig {
             dir,
             host,
-            agent: Some(agent),
+            agent: Some(Agent::spawn(config).unwrap()),
+            listens,
+        };
+        if listens {
+            rig.host_back(None);
+        }
+        let info = rig.host.wait_hello(soon()).unwrap();
+        assert_eq!(info.vm, format!("vm-{tag}"));
+        assert_eq!(info.ranks, ranks);
+        rig
+    }
+
+    /// The host goes away (its controller died, or moved on): returns its session.
+    fn host_gone(&mut self) -> GuestSession {
+        let placeholder = nowhere(&self.dir);
+        let gone = std::mem::replace(&mut self.host, placeholder);
+        gone.session()
+    }
+
+    /// A host comes (back): a new controller (`None`), or one continuing `session`. Returns
+    /// once it is connected, and for a new one, once the agent said `hello`.
+    fn host_back(&mut self, session: Option<GuestSession>) {
+        let label = ChannelOptions::labelled("back");
+        let path = self.dir.0.join("host.sock");
+        let fresh = session.is_none();
+        self.host = match (self.listens, session) {
+            (true, None) => HostChannel::connect(&path, label).unwrap(),
+            (true, Some(s)) => HostChannel::connect_continuing(&path, label, s).unwrap(),
+            (false, None) => HostChannel::listen(&path, label).unwrap(),
+            (false, Some(_)) => panic!("a listening host cannot continue a session"),
+        };
+        let started = Instant::now();
+        while !self.host.is_connected() {
+            assert!(
+                started.elapsed() < PATIENCE,
+                "the host never reached the agent"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if fresh {
+            self.host.wait_hello(soon()).unwrap();
         }
     }
 
     fn rank(&self, rank: u32) -> Result<RankClient, Error> {
-        RankClient::connect(self.dir.0.join("run/agent.sock"), rank, PATIENCE)
+        RankClient::connect(self.rank_socket(), rank, PATIENCE)
+    }
+
+    /// Registers `rank` again, once the agent has let go of its old connection (or freed a
+    /// connection slot).
+    fn rank_again(&self, rank: u32) -> RankClient {
+        let deadline = soon();
+        loop {
+            match self.rank(rank) {
+                Ok(r) => return r,
+                Err(Error::RankRefused(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("rank {rank} could not register again: {e}"),
+            }
+        }
+    }
+
+    fn rank_socket(&self) -> PathBuf {
+        self.dir.0.join("run/agent.sock")
     }
 
     fn prepare(&self, epoch: u64, deadline_ms: u64) {
@@ -132,6 +206,14 @@ impl Rig {
             .wait_for(|m| !matches!(m, GuestMessage::Hello { .. }), soon())
             .unwrap()
     }
+
+    /// Waits for the outcome, which must be `failed` for `epoch`: returns its reason.
+    fn failure(&self, epoch: u64) -> String {
+        match self.wait_outcome() {
+            GuestMessage::Failed { epoch: e, reason } if e == epoch => reason,
+            other => panic!("expected failed{{epoch={epoch}}}, got {other:?}"),
+        }
+    }
 }
 
 impl Drop for Rig {
@@ -141,13 +223,40 @@ impl Drop for Rig {
     }
 }
 
+/// A host channel that never connects: what a rig holds while no host is there.
+fn nowhere(dir: &TempDir) -> HostChannel {
+    HostChannel::connect(dir.0.join("nowhere.sock"), ChannelOptions::default()).unwrap()
+}
+
 fn expect_prepare(rank: &mut RankClient, epoch: u64) {
-    match rank.next_event(Some(PATIENCE)).unwrap() {
-        Some(RankEvent::Prepare { epoch: e, .. }) if e == epoch => {}
+    match next_for(rank, epoch) {
+        RankEvent::Prepare { epoch: e, .. } if e == epoch => {}
         other => panic!(
             "rank {}: expected prepare {epoch}, got {other:?}",
             rank.rank()
         ),
+    }
+}
+
+/// The next notice must be `abort` for `epoch`.
+fn expect_abort(rank: &mut RankClient, epoch: u64) {
+    assert_eq!(
+        rank.next_event(Some(PATIENCE)).unwrap(),
+        Some(RankEvent::Abort { epoch }),
+        "rank {}",
+        rank.rank()
+    );
+}
+
+/// The next notice for `epoch`, skipping repeated aborts of earlier epochs (the host's abort of
+/// an epoch the agent had failed already reaches the ranks again).
+fn next_for(rank: &mut RankClient, epoch: u64) -> RankEvent {
+    loop {
+        match rank.next_event(Some(PATIENCE)).unwrap() {
+            Some(RankEvent::Abort { epoch: e }) if e < epoch => {}
+            Some(event) => return event,
+            None => panic!("rank {}: nothing for epoch {epoch}", rank.rank()),
+        }
     }
 }
 
@@ -297,20 +406,15 @@ fn resume_waits_for_the_new_nic_and_fails_keeping_ranks_paused_when_it_never_com
             interconnect: missing,
         })
         .unwrap();
-    match rig.wait_outcome() {
-        GuestMessage::Failed { epoch: 2, reason } => assert!(
-            reason.contains("no network interface has mac 52:54:00:ab:cd:03"),
-            "{reason}"
-        ),
-        other => panic!("expected failed, got {other:?}"),
-    }
+    let reason = rig.failure(2);
+    assert!(
+        reason.contains("no network interface has mac 52:54:00:ab:cd:03"),
+        "{reason}"
+    );
     assert_eq!(r0.try_event().unwrap(), None);
     // Still quiesced: the host can abort the epoch (the ranks go on where they are).
     rig.host.send(&HostMessage::Abort { epoch: 2 }).unwrap();
-    assert_eq!(
-        r0.next_event(Some(PATIENCE)).unwrap(),
-        Some(RankEvent::Abort { epoch: 2 })
-    );
+    expect_abort(&mut r0, 2);
 }
 
 #[test]
@@ -322,20 +426,10 @@ fn a_missed_deadline_fails_the_epoch_releases_the_ranks_and_the_next_epoch_works
     expect_prepare(&mut r0, 1);
     expect_prepare(&mut r1, 1);
     r0.quiesced(1).unwrap();
-    match rig.wait_outcome() {
-        GuestMessage::Failed { epoch: 1, reason } => {
-            assert!(reason.contains("1 of 2 ranks quiesced"), "{reason}")
-        }
-        other => panic!("expected failed, got {other:?}"),
-    }
-    assert_eq!(
-        r0.next_event(Some(PATIENCE)).unwrap(),
-        Some(RankEvent::Abort { epoch: 1 })
-    );
-    assert_eq!(
-        r1.next_event(Some(PATIENCE)).unwrap(),
-        Some(RankEvent::Abort { epoch: 1 })
-    );
+    let reason = rig.failure(1);
+    assert!(reason.contains("1 of 2 ranks quiesced"), "{reason}");
+    expect_abort(&mut r0, 1);
+    expect_abort(&mut r1, 1);
     rig.host.send(&HostMessage::Abort { epoch: 1 }).unwrap();
     assert_eq!(rig.host.state(), SessionState::Running);
 
@@ -347,10 +441,7 @@ fn a_missed_deadline_fails_the_epoch_releases_the_ranks_and_the_next_epoch_works
     assert_eq!(rig.wait_outcome(), GuestMessage::Quiesced { epoch: 2 });
     // The host aborts a quiesced epoch (e.g. the migration could not start): ranks continue.
     rig.host.send(&HostMessage::Abort { epoch: 2 }).unwrap();
-    assert_eq!(
-        r0.next_event(Some(PATIENCE)).unwrap(),
-        Some(RankEvent::Abort { epoch: 2 })
-    );
+    expect_abort(&mut r0, 2);
 }
 
 #[test]
@@ -365,25 +456,18 @@ fn a_rank_that_cannot_quiesce_fails_the_epoch_with_its_reason_and_the_next_epoch
     // A reason longer than the protocol allows is cut, not refused.
     let long = format!("one-sided windows are open {}", "é".repeat(400));
     r1.unable(1, &long).unwrap();
-    match rig.wait_outcome() {
-        GuestMessage::Failed { epoch: 1, reason } => {
-            assert!(
-                reason.starts_with("rank 1 cannot quiesce: one-sided windows are open"),
-                "{reason}"
-            );
-            assert!(
-                reason.len() <= symvirt::protocol::MAX_REASON,
-                "{} bytes",
-                reason.len()
-            );
-        }
-        other => panic!("expected failed, got {other:?}"),
-    }
+    let reason = rig.failure(1);
+    assert!(
+        reason.starts_with("rank 1 cannot quiesce: one-sided windows are open"),
+        "{reason}"
+    );
+    assert!(
+        reason.len() <= symvirt::protocol::MAX_REASON,
+        "{} bytes",
+        reason.len()
+    );
     for r in [&mut r0, &mut r1] {
-        assert_eq!(
-            r.next_event(Some(PATIENCE)).unwrap(),
-            Some(RankEvent::Abort { epoch: 1 })
-        );
+        expect_abort(r, 1);
     }
     rig.host.send(&HostMessage::Abort { epoch: 1 }).unwrap();
     // An `unable` for an epoch that is not being prepared changes nothing.
@@ -402,30 +486,19 @@ fn a_missing_data_address_refuses_the_cut_and_releases_ranks_pulled_into_it() {
     let rig = Rig::with_data("noData", 1, DataNetwork::parse("192.0.2.55/24").unwrap());
     let mut r0 = rig.rank(0).unwrap();
     rig.prepare(1, 60_000);
-    match rig.wait_outcome() {
-        GuestMessage::Failed { epoch: 1, reason } => assert!(
-            reason.contains("data address 192.0.2.55/24 is not configured"),
-            "{reason}"
-        ),
-        other => panic!("{other:?}"),
-    }
+    let reason = rig.failure(1);
+    assert!(
+        reason.contains("data address 192.0.2.55/24 is not configured"),
+        "{reason}"
+    );
     // No prepare reaches the rank, but an abort does: its peers elsewhere may pull it into the
     // cut, and it must not wait for a prepare that never comes.
-    assert_eq!(
-        r0.next_event(Some(PATIENCE)).unwrap(),
-        Some(RankEvent::Abort { epoch: 1 })
-    );
+    expect_abort(&mut r0, 1);
     // The host's abort of that epoch releases the ranks again; the next epoch is refused too.
     rig.host.send(&HostMessage::Abort { epoch: 1 }).unwrap();
-    assert_eq!(
-        r0.next_event(Some(PATIENCE)).unwrap(),
-        Some(RankEvent::Abort { epoch: 1 })
-    );
+    expect_abort(&mut r0, 1);
     rig.prepare(2, 60_000);
-    assert!(matches!(
-        rig.wait_outcome(),
-        GuestMessage::Failed { epoch: 2, .. }
-    ));
+    rig.failure(2);
 }
 
 #[test]
@@ -448,16 +521,9 @@ fn a_rank_leaving_mid_epoch_fails_it() {
     expect_prepare(&mut r1, 1);
     r0.quiesced(1).unwrap();
     drop(r1);
-    match rig.wait_outcome() {
-        GuestMessage::Failed { epoch: 1, reason } => {
-            assert!(reason.contains("rank 1 left"), "{reason}")
-        }
-        other => panic!("expected failed, got {other:?}"),
-    }
-    assert_eq!(
-        r0.next_event(Some(PATIENCE)).unwrap(),
-        Some(RankEvent::Abort { epoch: 1 })
-    );
+    let reason = rig.failure(1);
+    assert!(reason.contains("rank 1 left"), "{reason}");
+    expect_abort(&mut r0, 1);
 }
 
 #[test]
@@ -485,16 +551,7 @@ fn rank_registration_is_checked_and_a_late_rank_catches_up() {
     }
     // Rank 0 restarts before the epoch; it registers again and gets the prepare it missed.
     drop(r0);
-    let deadline = soon();
-    let mut r0 = loop {
-        match rig.rank(0) {
-            Ok(r) => break r,
-            Err(Error::RankRefused(_)) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
-            Err(e) => panic!("rank 0 could not re-register: {e}"),
-        }
-    };
+    let mut r0 = rig.rank_again(0);
     rig.prepare(1, 60_000);
     expect_prepare(&mut r1, 1);
     expect_prepare(&mut r0, 1);
@@ -506,13 +563,10 @@ fn rank_registration_is_checked_and_a_late_rank_catches_up() {
 #[test]
 fn the_agent_reconnects_to_a_new_host_and_says_hello_again() {
     let mut rig = Rig::new("rehost", 0);
-    let host_sock = rig.dir.0.join("host.sock");
     // The controller restarts: the old channel goes away, a new one listens on the same path.
-    let placeholder =
-        HostChannel::connect(rig.dir.0.join("nowhere.sock"), ChannelOptions::default()).unwrap();
-    drop(std::mem::replace(&mut rig.host, placeholder));
-    rig.host = HostChannel::listen(&host_sock, ChannelOptions::labelled("rehost2")).unwrap();
-    assert_eq!(rig.host.wait_hello(soon()).unwrap().vm, "vm-rehost");
+    rig.host_gone();
+    rig.host_back(None);
+    assert_eq!(rig.host.guest().unwrap().vm, "vm-rehost");
     rig.prepare(1, 60_000);
     assert_eq!(rig.wait_outcome(), GuestMessage::Quiesced { epoch: 1 });
 }
@@ -611,6 +665,7 @@ fn agent_binary_refuses_bad_arguments() {
         &["--vm", "bad name"],
         &["--frobnicate"],
         &["--socket"],
+        &["--stale-epoch-ms", "soon"],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_symvirt-agent"))
             .args(args)
@@ -627,72 +682,266 @@ fn agent_binary_refuses_bad_arguments() {
 
 #[test]
 fn an_agent_that_listens_is_reached_like_a_guest_and_survives_the_host_reconnecting() {
-    let dir = TempDir::new("listen");
-    let channel = dir.0.join("sv.sock");
-    let agent = Agent::spawn(AgentConfig {
-        vm: "vm-listen".into(),
-        channel: ChannelSpec::Listen(channel.clone()),
-        rank_socket: dir.0.join("run/agent.sock"),
-        ranks: 1,
-        ..AgentConfig::default()
-    })
-    .unwrap();
-    let started = Instant::now();
-    let host = loop {
-        match HostChannel::connect(&channel, ChannelOptions::labelled("listen")) {
-            Ok(h)
-                if h.wait_hello(Instant::now() + Duration::from_secs(1))
-                    .is_ok() =>
-            {
-                break h;
-            }
-            _ => {
-                assert!(started.elapsed() < PATIENCE, "the agent never answered");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    };
-    let mut r0 = RankClient::connect(dir.0.join("run/agent.sock"), 0, PATIENCE).unwrap();
-    host.send(&HostMessage::Prepare {
-        epoch: 1,
-        deadline_ms: 60_000,
-    })
-    .unwrap();
+    let mut rig = Rig::listening("listen", 1, |_| {});
+    let mut r0 = rig.rank(0).unwrap();
+    rig.prepare(1, 60_000);
     expect_prepare(&mut r0, 1);
     r0.quiesced(1).unwrap();
-    assert_eq!(
-        host.wait_for(|m| !matches!(m, GuestMessage::Hello { .. }), soon())
-            .unwrap(),
-        GuestMessage::Quiesced { epoch: 1 }
-    );
+    assert_eq!(rig.wait_outcome(), GuestMessage::Quiesced { epoch: 1 });
     // The controller moves on to another connection (as it does to a migrated guest's), in
     // the middle of the epoch: the agent takes it and the epoch goes on.
-    let session = host.session();
-    drop(host);
-    let host =
-        HostChannel::connect_continuing(&channel, ChannelOptions::labelled("listen2"), session)
-            .unwrap();
-    // It connects in the background.
-    let started = Instant::now();
-    while !host.is_connected() {
-        assert!(started.elapsed() < PATIENCE, "never reconnected");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    host.send(&HostMessage::Resume {
-        epoch: 1,
-        interconnect: ethernet(),
-    })
-    .unwrap();
+    let session = rig.host_gone();
+    rig.host_back(Some(session));
+    rig.host
+        .send(&HostMessage::Resume {
+            epoch: 1,
+            interconnect: ethernet(),
+        })
+        .unwrap();
     assert!(matches!(
         r0.next_event(Some(PATIENCE)).unwrap(),
         Some(RankEvent::Resume { epoch: 1, .. })
     ));
     r0.resumed(1).unwrap();
     assert!(matches!(
-        host.wait_for(|m| matches!(m, GuestMessage::Resumed { .. }), soon())
-            .unwrap(),
+        rig.wait_outcome(),
         GuestMessage::Resumed { epoch: 1, .. }
     ));
-    drop(agent);
+    let channel = rig.dir.0.join("host.sock");
+    rig.agent.take();
     assert!(!channel.exists(), "the agent left its socket behind");
+}
+
+/// Whether the agent has shut its end of `rank`'s connection (it dropped the rank).
+fn hung_up(rank: &RankClient) -> bool {
+    let mut fds = libc::pollfd {
+        fd: rank.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: `fds` is one valid pollfd that lives across the call; the count passed is 1.
+    let n = unsafe { libc::poll(&mut fds, 1, 0) };
+    n > 0 && fds.revents & (libc::POLLHUP | libc::POLLRDHUP) != 0
+}
+
+#[test]
+fn a_rank_that_stops_reading_is_dropped_and_never_wedges_the_agent() {
+    // Rank 0 registers and never reads again; rank 1 reads everything. Each cycle writes two
+    // notices to rank 0; about 700 cycles fill its socket buffer, and the agent drops it on
+    // the write that times out. The test then registers a new rank 0 that does not read
+    // either: 5,000 cycles overflow a rank's buffer several times, and the agent stalls at
+    // most `RANK_WRITE_TIMEOUT` for each.
+    const CYCLES: u64 = 5_000;
+    let rig = Rig::new("stuck", 2);
+    let mut stuck = rig.rank(0).unwrap();
+    let mut r1 = rig.rank(1).unwrap();
+    let (mut drops, mut failed) = (0, 0);
+    let started = Instant::now();
+    for epoch in 1..=CYCLES {
+        rig.prepare(epoch, 60_000);
+        match next_for(&mut r1, epoch) {
+            RankEvent::Prepare { epoch: e, .. } if e == epoch => {
+                rig.host.send(&HostMessage::Abort { epoch }).unwrap();
+                assert_eq!(next_for(&mut r1, epoch), RankEvent::Abort { epoch });
+            }
+            // Rank 0, told first, could not take the prepare: the epoch failed before rank 1
+            // heard of it, with a reason naming rank 0.
+            RankEvent::Abort { epoch: e } if e == epoch => {
+                let reason = rig.failure(epoch);
+                let expected = format!("rank 0 dropped during epoch {epoch}: it stopped reading");
+                assert!(reason.starts_with(&expected), "{reason}");
+                rig.host.send(&HostMessage::Abort { epoch }).unwrap();
+                failed += 1;
+            }
+            other => panic!("epoch {epoch}: rank 1 got {other:?}"),
+        }
+        if hung_up(&stuck) {
+            drops += 1;
+            stuck = rig.rank(0).unwrap();
+        }
+    }
+    eprintln!(
+        "{CYCLES} cycles in {:.1} s: the rank that does not read was dropped {drops} times, \
+         {failed} of them during an epoch",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(drops >= 3, "rank 0 dropped only {drops} times");
+    // The agent still completes an epoch, with a rank 0 that reads.
+    drop(stuck);
+    let mut r0 = rig.rank_again(0);
+    let epoch = CYCLES + 1;
+    rig.prepare(epoch, 60_000);
+    for r in [&mut r0, &mut r1] {
+        expect_prepare(r, epoch);
+        r.quiesced(epoch).unwrap();
+    }
+    assert_eq!(rig.wait_outcome(), GuestMessage::Quiesced { epoch });
+}
+
+#[test]
+fn a_rank_that_cannot_be_written_to_is_dropped_and_fails_the_epoch_naming_it() {
+    let rig = Rig::new("unwritable", 2);
+    let mut r0 = rig.rank(0).unwrap();
+    // Rank 1 registers, then shuts its reading side: nothing can be written to it any more.
+    let r1 = UnixStream::connect(rig.rank_socket()).unwrap();
+    (&r1)
+        .write_all(b"{\"type\":\"register\",\"rank\":1}\n")
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(&r1).read_line(&mut line).unwrap();
+    assert!(line.contains("registered"), "{line}");
+    r1.shutdown(Shutdown::Read).unwrap();
+    rig.prepare(1, 60_000);
+    expect_prepare(&mut r0, 1);
+    let reason = rig.failure(1);
+    assert!(
+        reason.starts_with("rank 1 dropped during epoch 1: a notice could not be written"),
+        "{reason}"
+    );
+    expect_abort(&mut r0, 1);
+    // The host aborts; a rank 1 that reads takes the dropped one's place.
+    rig.host.send(&HostMessage::Abort { epoch: 1 }).unwrap();
+    let mut r1 = rig.rank(1).unwrap();
+    rig.prepare(2, 60_000);
+    for r in [&mut r0, &mut r1] {
+        assert!(matches!(
+            next_for(r, 2),
+            RankEvent::Prepare { epoch: 2, .. }
+        ));
+        r.quiesced(2).unwrap();
+    }
+    assert_eq!(rig.wait_outcome(), GuestMessage::Quiesced { epoch: 2 });
+}
+
+/// The threads of this process.
+fn threads() -> usize {
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn rank_connections_beyond_the_limit_are_refused_without_a_thread() {
+    const FLOOD: usize = 400;
+    let tune = |c: &mut AgentConfig| c.max_rank_connections = 8;
+    let rig = Rig::build("cap", 2, false, tune);
+    let mut config = AgentConfig {
+        ranks: 2,
+        ..AgentConfig::default()
+    };
+    tune(&mut config);
+    // Two ranks and 16 spare.
+    let limit = config.rank_connection_limit();
+    assert_eq!(limit, 18);
+    let mut r0 = rig.rank(0).unwrap();
+    let before = threads();
+    // Connections that never say anything: the first ones get a reader thread each, the rest
+    // are refused at once.
+    let idle: Vec<UnixStream> = (0..FLOOD)
+        .map(|_| UnixStream::connect(rig.rank_socket()).unwrap())
+        .collect();
+    match rig.rank(1) {
+        Err(Error::RankRefused(reason)) => assert_eq!(
+            reason,
+            format!("the agent serves {limit} rank connections at most")
+        ),
+        other => panic!("a connection over the limit was served: {other:?}"),
+    }
+    let grown = threads().saturating_sub(before);
+    // Other tests in this process start and stop a few threads meanwhile.
+    assert!(
+        grown <= limit + 32,
+        "{grown} more threads for {FLOOD} connections (limit {limit})"
+    );
+    idle[FLOOD - 1].set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut refusal = String::new();
+    BufReader::new(&idle[FLOOD - 1])
+        .read_line(&mut refusal)
+        .unwrap();
+    assert!(refusal.starts_with("{\"type\":\"refused\""), "{refusal}");
+    // The rank that was there is still served; once the idle connections are gone, rank 1 gets
+    // in and the epoch completes.
+    rig.prepare(1, 60_000);
+    expect_prepare(&mut r0, 1);
+    drop(idle);
+    let mut r1 = rig.rank_again(1);
+    expect_prepare(&mut r1, 1);
+    r0.quiesced(1).unwrap();
+    r1.quiesced(1).unwrap();
+    assert_eq!(rig.wait_outcome(), GuestMessage::Quiesced { epoch: 1 });
+}
+
+/// A rig whose agent is quiesced for epoch 1 with rank 0 registered.
+fn quiesced_rig(tag: &str, tune: impl FnOnce(&mut AgentConfig)) -> (Rig, RankClient) {
+    let rig = Rig::listening(tag, 1, tune);
+    let mut r0 = rig.rank(0).unwrap();
+    rig.prepare(1, 60_000);
+    expect_prepare(&mut r0, 1);
+    r0.quiesced(1).unwrap();
+    assert_eq!(rig.wait_outcome(), GuestMessage::Quiesced { epoch: 1 });
+    (rig, r0)
+}
+
+/// Epoch `epoch` completes its quiesce with rank `r0` alone.
+fn quiesce_alone(rig: &Rig, r0: &mut RankClient, epoch: u64) {
+    rig.prepare(epoch, 60_000);
+    expect_prepare(r0, epoch);
+    r0.quiesced(epoch).unwrap();
+    assert_eq!(rig.wait_outcome(), GuestMessage::Quiesced { epoch });
+}
+
+#[test]
+fn a_new_hosts_prepare_ends_the_epoch_a_dead_host_left() {
+    let (mut rig, mut r0) = quiesced_rig("newer", |_| {});
+    // The controller dies with the guest quiesced; a new one starts its own epoch.
+    rig.host_gone();
+    rig.host_back(None);
+    rig.prepare(2, 60_000);
+    expect_abort(&mut r0, 1);
+    expect_prepare(&mut r0, 2);
+    r0.quiesced(2).unwrap();
+    assert_eq!(rig.wait_outcome(), GuestMessage::Quiesced { epoch: 2 });
+}
+
+#[test]
+fn a_hosts_abort_after_a_reconnect_ends_the_epoch() {
+    let (mut rig, mut r0) = quiesced_rig("reabort", |_| {});
+    // A controller that continues the session (it recovered it) aborts the epoch.
+    let session = rig.host_gone();
+    rig.host_back(Some(session));
+    rig.host.send(&HostMessage::Abort { epoch: 1 }).unwrap();
+    expect_abort(&mut r0, 1);
+    quiesce_alone(&rig, &mut r0, 2);
+}
+
+#[test]
+fn with_no_host_for_too_long_the_agent_gives_the_epoch_up_and_the_next_host_learns_it_failed() {
+    const STALE: Duration = Duration::from_millis(1000);
+    let (mut rig, mut r0) = quiesced_rig("stale", |c| c.stale_epoch_after = Some(STALE));
+    // A connected host keeps the guest quiesced however long it takes.
+    assert_eq!(r0.next_event(Some(STALE * 2)).unwrap(), None);
+    // The controller dies: after a while with no host, the ranks go on where they are.
+    let session = rig.host_gone();
+    let gone = Instant::now();
+    expect_abort(&mut r0, 1);
+    assert!(gone.elapsed() >= STALE, "{:?}", gone.elapsed());
+    // A host that continues the session, thinking the guest quiesced, learns it failed.
+    rig.host_back(Some(session));
+    let reason = rig.failure(1);
+    assert!(reason.starts_with("no host for 1000 ms"), "{reason}");
+    assert!(matches!(
+        rig.host.state(),
+        SessionState::Failed { epoch: 1, .. }
+    ));
+    rig.host.send(&HostMessage::Abort { epoch: 1 }).unwrap();
+    quiesce_alone(&rig, &mut r0, 2);
+    // A new controller after another stale epoch: the late `failed` is no epoch of its
+    // session, so it rejects it, and its own epoch goes ahead.
+    rig.host_gone();
+    assert_eq!(next_for(&mut r0, 2), RankEvent::Abort { epoch: 2 });
+    rig.host_back(None);
+    quiesce_alone(&rig, &mut r0, 3);
 }

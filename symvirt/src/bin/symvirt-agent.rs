@@ -3,6 +3,7 @@
 //! ```text
 //! symvirt-agent [--channel virtio:NAME|unix:PATH|listen:PATH|/dev/PATH] [--socket PATH] [--ranks N]
 //!               [--vm NAME] [--report-pci] [--interconnect-wait-ms MS] [--data-address CIDR]
+//!               [--stale-epoch-ms MS]
 //! ```
 //!
 //! `symvirt-agent route-data --data-address ADDR/PREFIX --mac MAC` routes the data subnet through
@@ -14,6 +15,9 @@
 //! (`symvirt::data_net`).
 //! `--interconnect-wait-ms`: how long `resume` waits for the guest to see the new
 //! interconnect before reporting `failed` (default 20000; 0 passes it on unchecked).
+//! `--stale-epoch-ms`: how long an epoch may stay in progress with no host connected before the
+//! agent gives it up, releases its ranks and reports `failed` to the next host (default 300000;
+//! 0: never; `symvirt::agent::DEFAULT_STALE_EPOCH_AFTER`).
 //! Logs every step to stdout prefixed `symvirt-agent:` (the serial console in a test guest).
 
 use std::io::Write;
@@ -23,7 +27,7 @@ use symvirt::{Error, Result};
 
 const USAGE: &str = "usage: symvirt-agent [--channel virtio:NAME|unix:PATH|listen:PATH|/dev/PATH] \
 [--socket PATH] [--ranks N] [--vm NAME] [--report-pci] [--interconnect-wait-ms MS] \
-[--data-address ADDR/PREFIX]";
+[--data-address ADDR/PREFIX] [--stale-epoch-ms MS]";
 
 /// Prints log records to stdout with the agent's prefix.
 struct StdoutLogger;
@@ -68,11 +72,10 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<AgentConfig> {
             }
             "--vm" => config.vm = value("--vm")?,
             "--interconnect-wait-ms" => {
-                let v = value("--interconnect-wait-ms")?;
-                let ms: u64 = v.parse().map_err(|_| {
-                    Error::Config(format!("--interconnect-wait-ms {v:?}: not a number of ms"))
-                })?;
-                config.interconnect_wait = (ms > 0).then(|| std::time::Duration::from_millis(ms));
+                config.interconnect_wait = millis("--interconnect-wait-ms", &value(&arg)?)?
+            }
+            "--stale-epoch-ms" => {
+                config.stale_epoch_after = millis("--stale-epoch-ms", &value(&arg)?)?
             }
             "--report-pci" => config.report_pci = true,
             "--data-address" => {
@@ -97,6 +100,14 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<AgentConfig> {
     };
     symvirt::protocol::Validate::validate(&probe)?;
     Ok(config)
+}
+
+/// A duration in ms; 0 is `None`.
+fn millis(name: &str, v: &str) -> Result<Option<std::time::Duration>> {
+    let ms: u64 = v
+        .parse()
+        .map_err(|_| Error::Config(format!("{name} {v:?}: not a number of ms")))?;
+    Ok((ms > 0).then(|| std::time::Duration::from_millis(ms)))
 }
 
 /// The kernel's host name when it is a usable VM name, else `guest`.
