@@ -74,9 +74,7 @@ fn a_to_b_to_a(setup: Setup, tag: &str, test: &str) {
     let total2 = c.check_cut(epoch2);
     assert!(total2 > total, "the job advanced between the cuts");
 
-    let out = c.finish_job();
-    let oks = out.lines().filter(|l| l.contains("stress OK rank")).count();
-    assert_eq!(oks, VMS * RANKS_PER_VM, "{out}");
+    finish_with_every_rank_ok(&c);
 }
 
 #[test]
@@ -95,6 +93,26 @@ fn mpich_job_in_the_guests_moves_from_fabric_a_to_b_and_back() {
         "aba-mpich",
         "mpich_job_in_the_guests_moves_from_fabric_a_to_b_and_back",
     );
+}
+
+/// The job started on fabric A, a move that must roll back with a reason containing `reason`,
+/// then the job on fabric A still, same processes, finishing with every rank's checks passed.
+fn rollback_leaves_the_job_on_fabric_a(c: &mut VirtualCluster, reason: &str) {
+    c.start_job("ring,anysource,collective");
+    c.wait_traffic(Fabric::A, 1 << 20).unwrap();
+    let pids = c.rank_pids();
+    let why = c.move_rolled_back();
+    assert!(why.contains(reason), "{why}");
+    c.wait_traffic(Fabric::A, 1 << 20).unwrap();
+    assert_eq!(c.rank_pids(), pids);
+    finish_with_every_rank_ok(c);
+}
+
+/// Stops the job; every rank printed its OK (the program's own checks passed).
+fn finish_with_every_rank_ok(c: &VirtualCluster) {
+    let out = c.finish_job();
+    let oks = out.lines().filter(|l| l.contains("stress OK rank")).count();
+    assert_eq!(oks, c.vms() * RANKS_PER_VM, "{out}");
 }
 
 /// The negative control: the same move with the agents' network step off. The ranks resume
@@ -139,22 +157,7 @@ fn a_misconfigured_data_address_rolls_back_and_the_job_stays_on_fabric_a() {
     let Some(mut c) = VirtualCluster::boot(test, "baddata", setup) else {
         return;
     };
-    c.start_job("ring,anysource,collective");
-    c.wait_traffic(Fabric::A, 1 << 20).unwrap();
-    let pids = c.rank_pids();
-    let why = c.move_rolled_back();
-    assert!(
-        why.contains("data address 10.99.0.42/24 is not configured"),
-        "{why}"
-    );
-    c.wait_traffic(Fabric::A, 1 << 20).unwrap();
-    assert_eq!(c.rank_pids(), pids);
-    let out = c.finish_job();
-    assert_eq!(
-        out.matches("stress OK rank").count(),
-        VMS * RANKS_PER_VM,
-        "{out}"
-    );
+    rollback_leaves_the_job_on_fabric_a(&mut c, "data address 10.99.0.42/24 is not configured");
 }
 
 /// Fabric B is down (its bridge removed) when the VMs resume there: no peer answers on the new
@@ -166,20 +169,8 @@ fn a_dead_destination_fabric_rolls_back_to_fabric_a() {
     let Some(mut c) = VirtualCluster::boot(test, "deadb", Setup::new(MpiImpl::Mpich, VMS)) else {
         return;
     };
-    c.start_job("ring,anysource,collective");
-    c.wait_traffic(Fabric::A, 1 << 20).unwrap();
-    let pids = c.rank_pids();
     c.fabrics.remove_bridge(Net::FabricB).unwrap();
-    let why = c.move_rolled_back();
-    assert!(why.contains("do not answer"), "{why}");
-    c.wait_traffic(Fabric::A, 1 << 20).unwrap();
-    assert_eq!(c.rank_pids(), pids);
-    let out = c.finish_job();
-    assert_eq!(
-        out.matches("stress OK rank").count(),
-        VMS * RANKS_PER_VM,
-        "{out}"
-    );
+    rollback_leaves_the_job_on_fabric_a(&mut c, "do not answer");
 }
 
 #[test]
