@@ -940,6 +940,14 @@ impl Core {
         match found.or_else(|e| self.config.interconnect_wait.map_or(Ok(()), |_| Err(e))) {
             Ok(()) => {
                 let interconnect = interconnect.clone();
+                if let Some(wait) = self.config.interconnect_wait {
+                    let waited =
+                        wait.saturating_sub(until.saturating_duration_since(Instant::now()));
+                    log::info!(
+                        "resume{{epoch={epoch}}}: the guest saw its interconnect after {} ms",
+                        waited.as_millis()
+                    );
+                }
                 if let Err(reason) = self.replumb(&interconnect) {
                     log::warn!("resume{{epoch={epoch}}} failed: {reason}");
                     self.phase = Phase::Quiesced { epoch };
@@ -979,10 +987,18 @@ impl Core {
         match interconnect {
             Interconnect::Ethernet {
                 iface: Some(iface), ..
-            } => data
-                .route_via(iface)
-                .and_then(|()| data.probe_peers(iface, &self.data_peers))
-                .map_err(|e| format!("cannot route the data network through {iface}: {e}")),
+            } => {
+                let started = Instant::now();
+                data.route_via(iface)
+                    .and_then(|()| data.probe_peers(iface, &self.data_peers))
+                    .map_err(|e| format!("cannot route the data network through {iface}: {e}"))?;
+                log::info!(
+                    "data network on {iface}, {} peer(s) answering, in {} ms",
+                    self.data_peers.len(),
+                    started.elapsed().as_millis()
+                );
+                Ok(())
+            }
             Interconnect::Ethernet {
                 iface: None, mac, ..
             } => Err(format!(

@@ -32,8 +32,11 @@
 use crate::error::{Error, Result};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// How long one ARP probe of a peer may take before it is sent again.
+const PROBE_ATTEMPT: Duration = Duration::from_millis(200);
 
 /// The VM's data address and how the agent changes routes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,15 +149,56 @@ impl DataNetwork {
         let until = Instant::now() + self.probe_timeout;
         let mut silent: Vec<Ipv4Addr> = peers.to_vec();
         while !silent.is_empty() {
-            silent.retain(|peer| {
-                let answered = Command::new(&self.arping_program)
-                    .args(["-q", "-f", "-c", "1", "-w", "1", "-I", iface, "-s"])
-                    .arg(self.address.to_string())
-                    .arg(peer.to_string())
-                    .status()
-                    .is_ok_and(|s| s.success());
-                !answered
-            });
+            // Every silent peer at once, each attempt cut short: a peer whose own new NIC is
+            // not up yet answers a moment later, and arping's own wait is a whole second.
+            let round = Instant::now() + PROBE_ATTEMPT;
+            let mut probes: Vec<(Ipv4Addr, Option<std::process::Child>)> = silent
+                .iter()
+                .map(|&peer| {
+                    let child = Command::new(&self.arping_program)
+                        .args(["-q", "-f", "-c", "1", "-w", "1", "-I", iface, "-s"])
+                        .arg(self.address.to_string())
+                        .arg(peer.to_string())
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .ok();
+                    (peer, child)
+                })
+                .collect();
+            let mut answered = Vec::new();
+            while Instant::now() < round && answered.len() < probes.len() {
+                for (peer, child) in &mut probes {
+                    if let Some(c) = child {
+                        match c.try_wait() {
+                            Ok(Some(status)) => {
+                                if status.success() {
+                                    answered.push(*peer);
+                                }
+                                *child = None;
+                            }
+                            Ok(None) => {}
+                            Err(_) => *child = None,
+                        }
+                    }
+                }
+                if probes.iter().all(|(_, c)| c.is_none()) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            for (_, child) in &mut probes {
+                if let Some(c) = child {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
+            silent.retain(|p| !answered.contains(p));
+            if !silent.is_empty() {
+                // A probe that failed at once (no such interface yet) is not sent in a loop.
+                std::thread::sleep(round.saturating_duration_since(Instant::now()));
+            }
             if !silent.is_empty() && Instant::now() >= until {
                 let names: Vec<String> = silent.iter().map(ToString::to_string).collect();
                 return Err(Error::Refused(format!(
@@ -223,6 +267,51 @@ mod tests {
         let e = d.check().unwrap_err().to_string();
         assert!(e.contains("192.0.2.55/24 is not configured"), "{e}");
         assert!(d.route_via("lo").is_err());
+    }
+
+    /// A probe whose `arping` is `program`, with a 600 ms limit.
+    fn probe_with(program: &str) -> (Result<()>, Duration) {
+        let mut d = DataNetwork::parse("127.0.0.1/8").unwrap();
+        d.arping_program = program.into();
+        d.probe_timeout = Duration::from_millis(600);
+        let t = Instant::now();
+        let peers = [Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3)];
+        (d.probe_peers("lo", &peers), t.elapsed())
+    }
+
+    #[test]
+    fn peers_that_answer_pass_the_probe_at_once() {
+        let (r, took) = probe_with("true");
+        r.unwrap();
+        assert!(took < Duration::from_millis(500), "{took:?}");
+    }
+
+    #[test]
+    fn silent_peers_are_named_once_the_probe_times_out() {
+        let (r, took) = probe_with("false");
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.contains("127.0.0.2, 127.0.0.3 do not answer on lo within 600 ms"),
+            "{e}"
+        );
+        assert!(took >= Duration::from_millis(600), "{took:?}");
+    }
+
+    #[test]
+    fn a_probe_that_hangs_is_cut_short_and_sent_again() {
+        let dir = std::env::temp_dir().join(format!("symvirt-arping-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("arping");
+        std::fs::write(&script, "#!/bin/sh\nexec sleep 5\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let (r, took) = probe_with(script.to_str().unwrap());
+        assert!(r.is_err());
+        assert!(
+            took < Duration::from_secs(2),
+            "each attempt is cut short: {took:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
