@@ -132,6 +132,18 @@ fn down() -> Result<(), String> {
         .args(["-KILL", "-f"])
         .arg(format!("qemu-system-x86_64 .*{}", state.dir.display()))
         .status();
+    // The stand-ins' shared memory files are named after the cluster's directory.
+    if let Some(prefix) = state.dir.file_name().and_then(|n| n.to_str()) {
+        for entry in std::fs::read_dir("/dev/shm")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if entry.file_name().to_string_lossy().starts_with(prefix) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
     let _ = std::fs::remove_dir_all(&state.dir);
     let _ = std::fs::remove_file(STATE);
     drop(fabrics);
