@@ -41,37 +41,10 @@ fn a_to_b_to_a(setup: Setup, tag: &str, test: &str) {
     c.start_job("ring,anysource,collective");
     c.wait_traffic(Fabric::A, 1 << 20).unwrap();
     let pids = c.rank_pids();
-    let b_before = c.fabric_bytes(Fabric::B);
 
-    // A -> B.
-    let epoch1 = c.move_to_other_fabric();
-    let a_after_detach = c.fabric_bytes(Fabric::A);
-    let restart = c.wait_traffic(Fabric::B, 1 << 20).unwrap();
-    eprintln!("{test}: 1 MiB of the job's traffic on fabric B {restart:?} after the plan ended");
-    assert!(c.fabric_bytes(Fabric::B) > b_before);
-    assert_eq!(
-        c.fabric_bytes(Fabric::A),
-        a_after_detach,
-        "fabric A carried traffic after its NICs were detached"
-    );
-    assert_eq!(c.rank_pids(), pids, "the ranks are the same processes");
-    let total = c.check_cut(epoch1);
-    eprintln!("{test}: cut 1 (A->B) after {total} messages");
-
-    // B -> A: the fallback-and-recovery return.
-    let b_after_first = c.fabric_bytes(Fabric::B);
-    let epoch2 = c.move_to_other_fabric();
-    let b_after_detach = c.fabric_bytes(Fabric::B);
-    assert!(b_after_detach >= b_after_first);
-    let restart = c.wait_traffic(Fabric::A, 1 << 20).unwrap();
-    eprintln!("{test}: 1 MiB of the job's traffic on fabric A {restart:?} after the plan ended");
-    assert_eq!(
-        c.fabric_bytes(Fabric::B),
-        b_after_detach,
-        "fabric B carried traffic after its NICs were detached"
-    );
-    assert_eq!(c.rank_pids(), pids, "the ranks are the same processes");
-    let total2 = c.check_cut(epoch2);
+    // A -> B, then B -> A: the fallback-and-recovery return.
+    let total = moved_and_carried_on(&mut c, Fabric::B, &pids, test);
+    let total2 = moved_and_carried_on(&mut c, Fabric::A, &pids, test);
     assert!(total2 > total, "the job advanced between the cuts");
 
     finish_with_every_rank_ok(&c);
@@ -93,6 +66,36 @@ fn mpich_job_in_the_guests_moves_from_fabric_a_to_b_and_back() {
         "aba-mpich",
         "mpich_job_in_the_guests_moves_from_fabric_a_to_b_and_back",
     );
+}
+
+/// Moves every VM to fabric `to` and checks the job there: its traffic on `to`, none more on
+/// the fabric it left once the plan detached those NICs, the same rank processes, a consistent
+/// cut. Returns the messages delivered before the cut.
+fn moved_and_carried_on(
+    c: &mut VirtualCluster,
+    to: Fabric,
+    pids: &[std::collections::BTreeSet<u32>],
+    test: &str,
+) -> u64 {
+    let from = to.other();
+    let (from_before, to_before) = (c.fabric_bytes(from), c.fabric_bytes(to));
+    let epoch = c.move_to_other_fabric();
+    let from_after_detach = c.fabric_bytes(from);
+    assert!(from_after_detach >= from_before);
+    let restart = c.wait_traffic(to, 1 << 20).unwrap();
+    eprintln!(
+        "{test}: 1 MiB of the job's traffic on fabric {to:?} {restart:?} after the plan ended"
+    );
+    assert!(c.fabric_bytes(to) > to_before);
+    assert_eq!(
+        c.fabric_bytes(from),
+        from_after_detach,
+        "fabric {from:?} carried traffic after its NICs were detached"
+    );
+    assert_eq!(c.rank_pids(), pids, "the ranks are the same processes");
+    let total = c.check_cut(epoch);
+    eprintln!("{test}: cut of the move to {to:?} after {total} messages");
+    total
 }
 
 /// The job started on fabric A, a move that must roll back with a reason containing `reason`,

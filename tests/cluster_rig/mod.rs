@@ -509,23 +509,14 @@ impl VirtualCluster {
         (path, next)
     }
 
-    /// Runs `ninja-migrate plan run --json` on the plan; its exit code and events.
+    /// Runs `ninja-migrate plan run --json` on the plan (killed after 10 minutes); its exit code
+    /// and events.
     pub fn run_plan(&self, plan: &Path) -> (i32, Vec<serde_json::Value>, String) {
-        let out = Command::new(ninja_migrate())
-            .args(["plan", "run", "--json", "--log-dir"])
-            .arg(self.dir.join("logs"))
-            .arg(plan)
-            .output()
-            .unwrap();
-        let events = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
-        (
-            out.status.code().unwrap_or(-1),
-            events,
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let run = self
+            .run_plan_timed(plan, Duration::from_secs(600))
+            .unwrap_or_else(|e| panic!("{}: {e}", self.test));
+        let events = run.events.into_iter().map(|(_, e)| e).collect();
+        (run.code, events, run.stderr)
     }
 
     /// Writes the plans of a round trip, to the other fabric and back, without running them
