@@ -485,6 +485,8 @@ struct Core {
     dropped: VecDeque<(u32, String)>,
     /// Since when no host has been connected (`None`: one is).
     host_away_since: Option<Instant>,
+    /// When the last `resume` arrived: the agent logs how long the guest took to go on.
+    resume_arrived: Instant,
 }
 
 impl Core {
@@ -499,6 +501,7 @@ impl Core {
             data_peers: Vec::new(),
             dropped: VecDeque::new(),
             host_away_since: Some(Instant::now()),
+            resume_arrived: Instant::now(),
         }
     }
 
@@ -774,6 +777,7 @@ impl Core {
                     log::warn!("ignored resume{{epoch={epoch}}} in {:?}", self.phase);
                     return;
                 }
+                self.resume_arrived = Instant::now();
                 self.phase = Phase::AwaitingInterconnect {
                     epoch,
                     interconnect,
@@ -917,6 +921,10 @@ impl Core {
                         .report_pci
                         .then(|| sysfs::pci_devices(&self.config.sys.pci)),
                 };
+                log::info!(
+                    "resume{{epoch={epoch}}}: every rank went on {} ms after the host's resume",
+                    self.resume_arrived.elapsed().as_millis()
+                );
                 self.phase = Phase::Running;
                 self.tell_host(message);
             }

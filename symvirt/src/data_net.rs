@@ -20,35 +20,36 @@
 //! ```
 //! and the ranks' TCP transport bound to it (`--mca btl_tcp_if_include data0` for Open MPI,
 //! `UCX_NET_DEVICES=data0` for MPICH over UCX). What the agent changes on `resume` with an
-//! Ethernet interconnect whose interface is `IFACE`: `ip link set IFACE up`, `ip route replace
-//! SUBNET dev IFACE src ADDRESS`, `ip neigh flush to SUBNET` (entries learned on the old NIC).
+//! Ethernet interconnect whose interface is `IFACE`: it sets `IFACE` up and replaces the data
+//! subnet's route (`ip route replace SUBNET dev IFACE src ADDRESS`); neighbour entries are per
+//! interface, so the new NIC starts with none and those of a removed NIC went with it.
 //! Before a cut it checks that the data address is still configured (if it is not, the epoch
 //! fails with that reason and the job stays where it is) and notes the data-subnet peers the
 //! guest talks to (its neighbour table). After re-plumbing, every one of them must answer ARP on
-//! the new NIC (`arping`; a peer answers for its data address while its own job is paused):
-//! a fabric that is down, or a peer that is not on it, fails the resume and the host rolls the
-//! job back to where it was, instead of releasing ranks onto a dead wire.
+//! the new NIC (a peer answers for its data address while its own job is paused; its own probe
+//! of us counts too) and its address is entered in the neighbour table: a fabric that is down,
+//! or a peer that is not on it, fails the resume and the host rolls the job back to where it
+//! was, instead of releasing ranks onto a dead wire. All of it is done in-process (rtnetlink and
+//! a packet socket, see `netlink`): no program is started while the job is paused.
 
 use crate::error::{Error, Result};
+use crate::netlink::{Arp, ArpSocket, Rtnl, interface_index, interface_mac};
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// How long one ARP probe of a peer may take before it is sent again.
+/// How long the agent waits for a peer's ARP answer before asking again.
 const PROBE_ATTEMPT: Duration = Duration::from_millis(200);
 
-/// The VM's data address and how the agent changes routes.
+/// Neighbour states that say nothing about a live peer.
+const DEAD_NEIGHBOUR: u16 = libc::NUD_FAILED | libc::NUD_INCOMPLETE | libc::NUD_NOARP;
+
+/// The VM's data address and how long peers have to answer after a move.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataNetwork {
     /// The VM's own data address.
     pub address: Ipv4Addr,
     /// The data subnet's prefix length (every VM of the job is in it).
     pub prefix: u8,
-    /// The iproute2 `ip` program (absolute, or found on `PATH`).
-    pub ip_program: PathBuf,
-    /// The `arping` program (busybox's or iputils'), for the peer probe.
-    pub arping_program: PathBuf,
     /// How long every peer has to answer on the new NIC.
     pub probe_timeout: Duration,
 }
@@ -67,19 +68,28 @@ impl DataNetwork {
         Ok(DataNetwork {
             address,
             prefix,
-            ip_program: "ip".into(),
-            arping_program: "arping".into(),
             probe_timeout: Duration::from_secs(5),
         })
     }
 
+    fn mask(&self) -> u32 {
+        u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0)
+    }
+
+    fn network(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.address) & self.mask())
+    }
+
+    /// Whether `a` is in the data subnet.
+    fn contains(&self, a: Ipv4Addr) -> bool {
+        u32::from(a) & self.mask() == u32::from(self.network())
+    }
+
     /// The data subnet, `NETWORK/PREFIX`.
     pub fn subnet(&self) -> String {
-        let mask = u32::MAX
-            .checked_shl(32 - u32::from(self.prefix))
-            .unwrap_or(0);
-        let network = Ipv4Addr::from(u32::from(self.address) & mask);
-        format!("{network}/{}", self.prefix)
+        format!("{}/{}", self.network(), self.prefix)
     }
 
     /// Checks that the data address is configured on an interface that is up.
@@ -112,31 +122,31 @@ impl DataNetwork {
     /// Routes the data subnet through `iface` (the new fabric's NIC), from the data address.
     pub fn route_via(&self, iface: &str) -> Result<()> {
         self.check()?;
-        let subnet = self.subnet();
-        let src = self.address.to_string();
-        self.ip(&["link", "set", iface, "up"])?;
-        self.ip(&["route", "replace", &subnet, "dev", iface, "src", &src])?;
-        self.ip(&["neigh", "flush", "to", &subnet])?;
-        log::info!("data subnet {subnet} now routed through {iface} from {src}");
+        let failed = |what: &str, e| Error::io(format!("{what} {iface}"), e);
+        let ifindex = interface_index(iface).map_err(|e| failed("find", e))?;
+        let mut rtnl = Rtnl::open().map_err(|e| Error::io("open route netlink", e))?;
+        rtnl.set_up(ifindex).map_err(|e| failed("set up", e))?;
+        rtnl.replace_route(self.network(), self.prefix, ifindex, self.address)
+            .map_err(|e| failed(&format!("route {} through", self.subnet()), e))?;
+        log::info!(
+            "data subnet {} now routed through {iface} from {}",
+            self.subnet(),
+            self.address
+        );
         Ok(())
     }
 
     /// The data-subnet peers in the guest's neighbour table (the job's other VMs, once the
-    /// ranks have talked): every entry but failed and incomplete ones.
+    /// ranks have talked): every entry but failed, incomplete and no-ARP ones.
     pub fn peers(&self) -> Result<Vec<Ipv4Addr>> {
-        let text = self.ip(&["-j", "-4", "neigh", "show", "to", &self.subnet()])?;
-        let entries: Vec<serde_json::Value> = serde_json::from_str(text.trim())
-            .map_err(|e| Error::Refused(format!("ip -j neigh: {e}: {text}")))?;
-        let mut peers: Vec<Ipv4Addr> = entries
-            .iter()
-            .filter(|n| {
-                !n["state"].as_array().is_some_and(|s| {
-                    s.iter()
-                        .any(|x| x == "FAILED" || x == "INCOMPLETE" || x == "NOARP")
-                })
-            })
-            .filter_map(|n| n["dst"].as_str()?.parse().ok())
-            .filter(|&a| a != self.address)
+        let table = Rtnl::open()
+            .and_then(|mut r| r.neighbours())
+            .map_err(|e| Error::io("read the neighbour table", e))?;
+        let mut peers: Vec<Ipv4Addr> = table
+            .into_iter()
+            .filter(|n| n.state & DEAD_NEIGHBOUR == 0 && n.state != 0)
+            .map(|n| n.address)
+            .filter(|&a| a != self.address && self.contains(a))
             .collect();
         peers.sort();
         peers.dedup();
@@ -144,90 +154,66 @@ impl DataNetwork {
     }
 
     /// Waits (up to [`DataNetwork::probe_timeout`]) until every one of `peers` answers ARP on
-    /// `iface`; names those that never do.
+    /// `iface` (or asks for us there), and enters each one's MAC in the neighbour table; names
+    /// those that never do.
     pub fn probe_peers(&self, iface: &str, peers: &[Ipv4Addr]) -> Result<()> {
+        if peers.is_empty() {
+            return Ok(());
+        }
+        let failed = |what: &str, e| Error::io(format!("{what} on {iface}"), e);
+        let ifindex = interface_index(iface).map_err(|e| failed("find the interface", e))?;
+        let mac = interface_mac(iface).map_err(|e| failed("read the MAC", e))?;
+        let socket = ArpSocket::open(ifindex).map_err(|e| failed("open an ARP socket", e))?;
+        let mut rtnl = Rtnl::open().map_err(|e| Error::io("open route netlink", e))?;
         let until = Instant::now() + self.probe_timeout;
         let mut silent: Vec<Ipv4Addr> = peers.to_vec();
-        while !silent.is_empty() {
-            // Every silent peer at once, each attempt cut short: a peer whose own new NIC is
-            // not up yet answers a moment later, and arping's own wait is a whole second.
-            let round = Instant::now() + PROBE_ATTEMPT;
-            let mut probes: Vec<(Ipv4Addr, Option<std::process::Child>)> = silent
-                .iter()
-                .map(|&peer| {
-                    let child = Command::new(&self.arping_program)
-                        .args(["-q", "-f", "-c", "1", "-w", "1", "-I", iface, "-s"])
-                        .arg(self.address.to_string())
-                        .arg(peer.to_string())
-                        .stdin(Stdio::null())
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .spawn()
-                        .ok();
-                    (peer, child)
-                })
-                .collect();
-            let mut answered = Vec::new();
-            while Instant::now() < round && answered.len() < probes.len() {
-                for (peer, child) in &mut probes {
-                    if let Some(c) = child {
-                        match c.try_wait() {
-                            Ok(Some(status)) => {
-                                if status.success() {
-                                    answered.push(*peer);
-                                }
-                                *child = None;
-                            }
-                            Ok(None) => {}
-                            Err(_) => *child = None,
-                        }
-                    }
+        let mut send_error = None;
+        while !silent.is_empty() && Instant::now() < until {
+            // Every silent peer asked at once, again each attempt: a peer whose own new NIC
+            // is not up yet answers a moment later.
+            for &peer in &silent {
+                let request = Arp {
+                    reply: false,
+                    sender_mac: mac,
+                    sender: self.address,
+                    target_mac: [0; 6],
+                    target: peer,
+                };
+                // A NIC without carrier refuses to send: the peer stays silent, and the
+                // carrier may come back before the limit.
+                if let Err(e) = socket.broadcast(&request) {
+                    send_error = Some(e);
                 }
-                if probes.iter().all(|(_, c)| c.is_none()) {
+            }
+            let round = (Instant::now() + PROBE_ATTEMPT).min(until);
+            while !silent.is_empty() {
+                let Some(arp) = socket
+                    .receive(round)
+                    .map_err(|e| failed("receive ARP", e))?
+                else {
                     break;
+                };
+                let for_us = !arp.reply || arp.target == self.address;
+                if arp.sender_mac != mac && for_us && silent.contains(&arp.sender) {
+                    silent.retain(|&p| p != arp.sender);
+                    rtnl.set_neighbour(ifindex, arp.sender, arp.sender_mac)
+                        .map_err(|e| failed(&format!("enter neighbour {}", arp.sender), e))?;
                 }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            for (_, child) in &mut probes {
-                if let Some(c) = child {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                }
-            }
-            silent.retain(|p| !answered.contains(p));
-            if !silent.is_empty() {
-                // A probe that failed at once (no such interface yet) is not sent in a loop.
-                std::thread::sleep(round.saturating_duration_since(Instant::now()));
-            }
-            if !silent.is_empty() && Instant::now() >= until {
-                let names: Vec<String> = silent.iter().map(ToString::to_string).collect();
-                return Err(Error::Refused(format!(
-                    "data-network peer(s) {} do not answer on {iface} within {} ms: the \
-                     fabric is down or they are not on it",
-                    names.join(", "),
-                    self.probe_timeout.as_millis()
-                )));
             }
         }
-        Ok(())
-    }
-
-    /// Runs `ip ARGS`; its standard output.
-    fn ip(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(&self.ip_program)
-            .args(args)
-            .output()
-            .map_err(|e| Error::io(format!("run {}", self.ip_program.display()), e))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(Error::Refused(format!(
-                "ip {}: {} ({})",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim(),
-                out.status
-            )))
+        if silent.is_empty() {
+            return Ok(());
         }
+        let names: Vec<String> = silent.iter().map(ToString::to_string).collect();
+        let why = match send_error {
+            Some(e) => format!("{iface} cannot send ({e})"),
+            None => "the fabric is down or they are not on it".into(),
+        };
+        Err(Error::Refused(format!(
+            "data-network peer(s) {} do not answer on {iface} within {} ms: {why}",
+            names.join(", "),
+            self.probe_timeout.as_millis()
+        )))
     }
 }
 
@@ -267,51 +253,6 @@ mod tests {
         let e = d.check().unwrap_err().to_string();
         assert!(e.contains("192.0.2.55/24 is not configured"), "{e}");
         assert!(d.route_via("lo").is_err());
-    }
-
-    /// A probe whose `arping` is `program`, with a 600 ms limit.
-    fn probe_with(program: &str) -> (Result<()>, Duration) {
-        let mut d = DataNetwork::parse("127.0.0.1/8").unwrap();
-        d.arping_program = program.into();
-        d.probe_timeout = Duration::from_millis(600);
-        let t = Instant::now();
-        let peers = [Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3)];
-        (d.probe_peers("lo", &peers), t.elapsed())
-    }
-
-    #[test]
-    fn peers_that_answer_pass_the_probe_at_once() {
-        let (r, took) = probe_with("true");
-        r.unwrap();
-        assert!(took < Duration::from_millis(500), "{took:?}");
-    }
-
-    #[test]
-    fn silent_peers_are_named_once_the_probe_times_out() {
-        let (r, took) = probe_with("false");
-        let e = r.unwrap_err().to_string();
-        assert!(
-            e.contains("127.0.0.2, 127.0.0.3 do not answer on lo within 600 ms"),
-            "{e}"
-        );
-        assert!(took >= Duration::from_millis(600), "{took:?}");
-    }
-
-    #[test]
-    fn a_probe_that_hangs_is_cut_short_and_sent_again() {
-        let dir = std::env::temp_dir().join(format!("symvirt-arping-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let script = dir.join("arping");
-        std::fs::write(&script, "#!/bin/sh\nexec sleep 5\n").unwrap();
-        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let (r, took) = probe_with(script.to_str().unwrap());
-        assert!(r.is_err());
-        assert!(
-            took < Duration::from_secs(2),
-            "each attempt is cut short: {took:?}"
-        );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The default virtio-serial port name.
 pub const DEFAULT_PORT_NAME: &str = "org.symvirt.0";
@@ -94,6 +94,12 @@ pub(crate) type HostWriter = Arc<Mutex<Option<File>>>;
 
 const RETRY: Duration = Duration::from_millis(100);
 const POLL_MS: i32 = 100;
+/// A virtio port whose host side is away cannot be waited on (`poll` says hang-up at once), so
+/// the agent looks again: often for a while after the host left, since a migration's
+/// destination connects within a second of the switchover and the job waits for it; then at
+/// [`RETRY`], not to wake an idle guest a hundred times a second.
+const HOST_RETURN_WINDOW: Duration = Duration::from_secs(10);
+const HOST_RETURN_POLL: Duration = Duration::from_millis(5);
 /// How often an agent that listens checks for a host connection.
 const ACCEPT_POLL: Duration = Duration::from_millis(10);
 
@@ -265,6 +271,8 @@ fn serve(
 ) -> Result<()> {
     let mut lines = LineReader::new(MAX_LINE);
     let mut connected = false;
+    // Since when the host side of a virtio port is away.
+    let mut away_since: Option<Instant> = None;
     if is_socket {
         set_connected(&mut connected, true, &file, events, writer)?;
     }
@@ -290,11 +298,19 @@ fn serve(
         if n == 0 {
             // A socket ended; a virtio port's host side is not connected (the port stays open).
             lines.reset();
+            if connected || away_since.is_none() {
+                away_since = Some(Instant::now());
+            }
             set_connected(&mut connected, false, &file, events, writer)?;
             if is_socket {
                 break Ok(());
             }
-            std::thread::sleep(RETRY);
+            let away = away_since.map_or(Duration::MAX, |t| t.elapsed());
+            std::thread::sleep(if away < HOST_RETURN_WINDOW {
+                HOST_RETURN_POLL
+            } else {
+                RETRY
+            });
             continue;
         }
         let mut frames = Vec::new();

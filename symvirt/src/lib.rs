@@ -45,6 +45,7 @@ pub mod error;
 pub mod framing;
 pub mod guest_link;
 pub mod host_channel;
+mod netlink;
 pub mod plan;
 pub mod portio;
 pub mod portio_agent;
