@@ -121,6 +121,8 @@ mac = "{mac}"
     let run = Command::new(ninja)
         .args(["plan", "run", "--json", "--log-dir"])
         .arg(dir.join("logs"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
         .arg(&plan_path)
         .stderr(Stdio::inherit())
         .output()

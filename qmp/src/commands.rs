@@ -169,6 +169,33 @@ impl Qmp {
         )
     }
 
+    /// `device_del` of every one of `ids` at once, then waits up to `timeout` until each has its
+    /// `DEVICE_DELETED`: the guest ejects them together instead of one after another.
+    pub fn device_del_all_and_wait(&self, ids: &[&str], timeout: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut events = self.subscribe(EventFilter::names(&[DEVICE_DELETED]));
+        for id in ids {
+            self.device_del(id)?;
+        }
+        let mut pending: Vec<&str> = ids.to_vec();
+        while !pending.is_empty() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let event = events.wait_for_event(
+                DEVICE_DELETED,
+                |e| {
+                    e.data
+                        .get("device")
+                        .and_then(Value::as_str)
+                        .is_some_and(|d| pending.contains(&d))
+                },
+                left,
+            )?;
+            let gone = event.data.get("device").and_then(Value::as_str);
+            pending.retain(|id| Some(*id) != gone);
+        }
+        Ok(())
+    }
+
     /// `object-add`.
     pub fn object_add(&self, object: &ObjectSpec) -> Result<()> {
         self.execute("object-add", Some(to_args(object, "object-add")?))

@@ -1,11 +1,15 @@
-//! `ninja-migrate plan check|run PLAN.toml`: validate a migration plan, or run it.
+//! `ninja-migrate plan check|run PLAN.toml` and `plan recover`: validate a migration plan, run
+//! it (journaled, interruptible), or finish a run whose controller died.
 
 use clap::{Args, Subcommand};
+use nix::sys::signal::{SigSet, Signal};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Mutex;
-use symvirt::controller::{Controller, Event, Outcome};
+use std::sync::atomic::{AtomicBool, Ordering};
+use symvirt::controller::{Controller, Event, Outcome, Report, new_epoch};
+use symvirt::journal::StateDir;
 
 /// The `plan` subcommands.
 #[derive(Debug, Subcommand)]
@@ -14,6 +18,21 @@ pub enum PlanCommand {
     Check(CheckArgs),
     /// Run a plan: quiesce, detach, migrate, attach, resume (or roll back).
     Run(RunArgs),
+    /// Finish every interrupted run in the state directory: roll back before its decision to
+    /// keep the destinations, forward after it; one running copy of every VM.
+    Recover(RecoverArgs),
+}
+
+/// `plan recover`.
+#[derive(Debug, Args)]
+pub struct RecoverArgs {
+    /// Emit one JSON event per line on stdout instead of progress lines.
+    #[arg(long)]
+    pub json: bool,
+    /// The private state directory of the runs (journals, logs) [default: $NINJA_STATE_DIR,
+    /// else $XDG_STATE_HOME/ninja-migrate, else ~/.local/state/ninja-migrate].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// `plan check`.
@@ -31,9 +50,161 @@ pub struct RunArgs {
     /// Emit one JSON event per line on stdout (for schedulers) instead of progress lines.
     #[arg(long)]
     pub json: bool,
-    /// Where the logs of destination QEMUs started by the plan go.
-    #[arg(long, default_value = "/tmp/ninja-migrate")]
-    pub log_dir: PathBuf,
+    /// Where the logs of destination QEMUs started by the plan go [default: STATE_DIR/logs/RUN].
+    #[arg(long)]
+    pub log_dir: Option<PathBuf>,
+    /// The private state directory of the runs (journals, logs) [default: $NINJA_STATE_DIR,
+    /// else $XDG_STATE_HOME/ninja-migrate, else ~/.local/state/ninja-migrate].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Opens the state directory named, or the default one.
+fn state_dir(named: &Option<PathBuf>) -> Result<StateDir, ExitCode> {
+    let path = named.clone().unwrap_or_else(StateDir::default_path);
+    StateDir::open(&path).map_err(|e| {
+        eprintln!(
+            "ninja-migrate: state directory {}: {}",
+            path.display(),
+            e.chain()
+        );
+        ExitCode::from(2)
+    })
+}
+
+/// SIGINT and SIGTERM set the returned flag instead of killing the process: the run rolls
+/// back in order. Blocked here, before any thread starts, so every thread inherits the mask
+/// and one thread waits for them.
+fn interrupt_flag() -> &'static AtomicBool {
+    static FLAG: AtomicBool = AtomicBool::new(false);
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    if signals.thread_block().is_ok() {
+        std::thread::spawn(move || {
+            let mut told = false;
+            while let Ok(signal) = signals.wait() {
+                FLAG.store(true, Ordering::SeqCst);
+                if told {
+                    eprintln!(
+                        "ninja-migrate: {signal} again: still rolling back (SIGKILL leaves the \
+                         run to `ninja-migrate plan recover`)"
+                    );
+                } else {
+                    eprintln!(
+                        "ninja-migrate: {signal}: stopping at the next step and rolling back"
+                    );
+                    told = true;
+                }
+            }
+        });
+    }
+    &FLAG
+}
+
+/// The event printer of `run` and `recover`.
+fn printer(json: bool) -> impl Fn(&Event) + Sync {
+    let out = Mutex::new(std::io::stdout());
+    move |e: &Event| {
+        let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
+        let line = if json {
+            serde_json::to_string(e).unwrap_or_default()
+        } else {
+            human(e)
+        };
+        if !line.is_empty() {
+            let _ = writeln!(out, "{line}");
+        }
+    }
+}
+
+fn exit_code(report: &Report) -> ExitCode {
+    for e in &report.errors {
+        eprintln!("ninja-migrate: {e}");
+    }
+    match report.outcome {
+        Outcome::Completed => ExitCode::SUCCESS,
+        Outcome::RolledBack { .. } => ExitCode::from(3),
+        Outcome::Failed { .. } => ExitCode::from(4),
+    }
+}
+
+/// `plan recover`: every unfinished run whose controller is gone, oldest first.
+fn recover(args: &RecoverArgs) -> ExitCode {
+    let state = match state_dir(&args.state_dir) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let found = match state.unfinished() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("ninja-migrate: {}", e.chain());
+            return ExitCode::from(2);
+        }
+    };
+    let sink = printer(args.json);
+    let mut code = ExitCode::SUCCESS;
+    let mut recovered = 0;
+    for f in found {
+        if f.live {
+            eprintln!(
+                "ninja-migrate: run {} (pid {}) is still going; not touching it",
+                f.record.run, f.record.pid
+            );
+            continue;
+        }
+        let plan = match symvirt::plan::parse(&f.record.plan) {
+            Ok(p) => p,
+            Err(issues) => {
+                eprintln!(
+                    "ninja-migrate: run {}: its plan no longer parses ({} issue(s))",
+                    f.record.run,
+                    issues.len()
+                );
+                code = ExitCode::from(4);
+                continue;
+            }
+        };
+        let journal = match state.adopt(&f.path) {
+            Ok(j) => j,
+            Err(e) => {
+                eprintln!("ninja-migrate: {}", e.chain());
+                code = ExitCode::from(4);
+                continue;
+            }
+        };
+        let log_dir = match state.log_dir(&f.record.run) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("ninja-migrate: {}", e.chain());
+                return ExitCode::from(2);
+            }
+        };
+        recovered += 1;
+        match Controller::new(plan, &sink).recover_qemu(&journal, &log_dir) {
+            Ok(report) => {
+                if !matches!(
+                    report.outcome,
+                    Outcome::Completed | Outcome::RolledBack { .. }
+                ) {
+                    code = exit_code(&report);
+                } else {
+                    exit_code(&report);
+                }
+            }
+            Err(e) => {
+                eprintln!("ninja-migrate: {}", e.chain());
+                code = ExitCode::from(4);
+            }
+        }
+    }
+    if recovered == 0 {
+        println!(
+            "ninja-migrate: nothing to recover in {}",
+            state.path().display()
+        );
+    }
+    code
 }
 
 /// Reads and checks a plan; prints every issue as `FILE:LINE:COLUMN: PATH: MESSAGE`.
@@ -64,38 +235,47 @@ pub fn main(command: &PlanCommand) -> ExitCode {
             }
             Err(code) => code,
         },
+        PlanCommand::Recover(args) => recover(args),
         PlanCommand::Run(args) => {
+            let interrupt = interrupt_flag();
             let plan = match load(&args.plan) {
                 Ok(p) => p,
                 Err(code) => return code,
             };
-            let out = Mutex::new(std::io::stdout());
-            let json = args.json;
-            let sink = |e: &Event| {
-                let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
-                let line = if json {
-                    serde_json::to_string(e).unwrap_or_default()
-                } else {
-                    human(e)
-                };
-                if !line.is_empty() {
-                    let _ = writeln!(out, "{line}");
-                }
+            let state = match state_dir(&args.state_dir) {
+                Ok(s) => s,
+                Err(code) => return code,
             };
-            let report = match Controller::new(plan, &sink).run_qemu(&args.log_dir) {
-                Ok(r) => r,
+            let text = std::fs::read_to_string(&args.plan).unwrap_or_default();
+            let journal = match state.begin(&text, &plan, new_epoch()) {
+                Ok(j) => j,
                 Err(e) => {
                     eprintln!("ninja-migrate: {}", e.chain());
-                    return ExitCode::FAILURE;
+                    return ExitCode::from(2);
                 }
             };
-            for e in &report.errors {
-                eprintln!("ninja-migrate: {e}");
-            }
-            match report.outcome {
-                Outcome::Completed => ExitCode::SUCCESS,
-                Outcome::RolledBack { .. } => ExitCode::from(3),
-                Outcome::Failed { .. } => ExitCode::from(4),
+            let log_dir = match &args.log_dir {
+                Some(d) => d.clone(),
+                None => match state.log_dir(&journal.record().run) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        eprintln!("ninja-migrate: {}", e.chain());
+                        return ExitCode::from(2);
+                    }
+                },
+            };
+            let sink = printer(args.json);
+            let controller = Controller::new(plan, &sink)
+                .journaled(&journal)
+                .interruptible(interrupt);
+            match controller.run_qemu(&log_dir) {
+                Ok(report) => exit_code(&report),
+                Err(e) => {
+                    eprintln!("ninja-migrate: {}", e.chain());
+                    // Nothing was touched: the journal has no phase yet.
+                    let _ = journal.finish("failed_to_start");
+                    ExitCode::FAILURE
+                }
             }
         }
     }
@@ -153,6 +333,9 @@ fn human(e: &Event) -> String {
             "!! rollback {} in {ms:.0} ms",
             if *ok { "complete" } else { "INCOMPLETE" }
         ),
+        Event::RecoveryStarted { run, vms, why, .. } => {
+            format!("recover: run {run} ({}): {why}", vms.join(", "))
+        }
         Event::PlanFinished { outcome, total_ms } => {
             format!("plan {outcome} in {total_ms:.0} ms")
         }

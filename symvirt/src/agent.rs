@@ -487,6 +487,9 @@ struct Core {
     host_away_since: Option<Instant>,
     /// When the last `resume` arrived: the agent logs how long the guest took to go on.
     resume_arrived: Instant,
+    /// The `resumed` of the last epoch that completed: sent again to a host that asks for it
+    /// once more (a controller recovering an interrupted run cannot know it was sent).
+    last_resumed: Option<GuestMessage>,
 }
 
 impl Core {
@@ -502,6 +505,7 @@ impl Core {
             dropped: VecDeque::new(),
             host_away_since: Some(Instant::now()),
             resume_arrived: Instant::now(),
+            last_resumed: None,
         }
     }
 
@@ -773,6 +777,14 @@ impl Core {
                 epoch,
                 interconnect,
             } => {
+                if let (Phase::Running, Some(done)) = (&self.phase, &self.last_resumed) {
+                    if done.epoch() == Some(epoch) {
+                        log::info!("resume{{epoch={epoch}}} again: it is done, saying so again");
+                        let done = done.clone();
+                        self.tell_host(done);
+                        return;
+                    }
+                }
                 if !matches!(self.phase, Phase::Quiesced { epoch: e } if e == epoch) {
                     log::warn!("ignored resume{{epoch={epoch}}} in {:?}", self.phase);
                     return;
@@ -926,6 +938,7 @@ impl Core {
                     self.resume_arrived.elapsed().as_millis()
                 );
                 self.phase = Phase::Running;
+                self.last_resumed = Some(message.clone());
                 self.tell_host(message);
             }
         }

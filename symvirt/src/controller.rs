@@ -26,16 +26,18 @@ use crate::backend::{MigrationProgress, VmBackend};
 use crate::cluster::Plan;
 use crate::error::{Error, Result};
 use crate::host_channel::HostChannel;
+use crate::journal::{Journal, Record};
 use crate::protocol::{GuestMessage, HostMessage, Interconnect, PciDevice};
 use crate::remote::Connector;
 use crate::session::{GuestSession, SessionState};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// A phase of a plan.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// Monitors, guest channels, `hello`.
@@ -151,6 +153,20 @@ pub enum Event {
         ms: f64,
         /// Whether every VM was restored.
         ok: bool,
+    },
+    /// A recovery of an interrupted run starts ([`Controller::recover`]).
+    RecoveryStarted {
+        /// The interrupted run.
+        run: String,
+        /// Its VMs.
+        vms: Vec<String>,
+        /// The phase it had entered last.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        interrupted_in: Option<Phase>,
+        /// Whether it had decided to keep the destinations (the recovery rolls forward).
+        forward: bool,
+        /// What the recovery does, and why.
+        why: String,
     },
     /// The plan ended.
     PlanFinished {
@@ -308,6 +324,8 @@ pub type EventSink<'a> = &'a (dyn Fn(&Event) + Sync);
 pub struct Controller<'a> {
     plan: Plan,
     sink: EventSink<'a>,
+    journal: Option<&'a Journal>,
+    interrupt: Option<&'a AtomicBool>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -327,11 +345,60 @@ pub fn new_epoch() -> u64 {
 impl<'a> Controller<'a> {
     /// A controller for `plan`, reporting to `sink`.
     pub fn new(plan: Plan, sink: EventSink<'a>) -> Controller<'a> {
-        Controller { plan, sink }
+        Controller {
+            plan,
+            sink,
+            journal: None,
+            interrupt: None,
+        }
+    }
+
+    /// Records the run in `journal` (see [`crate::journal`]) before each irreversible step:
+    /// the phase entered, the destinations started, the decision to keep the destinations,
+    /// the end. The run uses the journal's epoch. A journal that cannot be written stops the
+    /// run before the step (and rolls back what was done).
+    pub fn journaled(mut self, journal: &'a Journal) -> Controller<'a> {
+        self.journal = Some(journal);
+        self
+    }
+
+    /// Watches `flag` (set by a SIGINT or SIGTERM handler): once set, the run stops at the
+    /// next phase, or within a quarter second while migrating, and rolls back. After the
+    /// decision to keep the destinations the run finishes instead: that is the quicker way to
+    /// one copy of every VM.
+    pub fn interruptible(mut self, flag: &'a AtomicBool) -> Controller<'a> {
+        self.interrupt = Some(flag);
+        self
+    }
+
+    fn interrupted(&self) -> bool {
+        self.interrupt.is_some_and(|f| f.load(Ordering::SeqCst))
+    }
+
+    fn record(&self, change: impl FnOnce(&mut Record)) -> Result<()> {
+        match self.journal {
+            Some(j) => j
+                .update(change)
+                .map_err(|e| Error::Refused(format!("cannot write the journal: {}", e.chain()))),
+            None => Ok(()),
+        }
+    }
+
+    /// Before `phase`: stops if interrupted, else journals that the run enters it.
+    fn enter(&self, phase: Phase) -> Result<()> {
+        if self.interrupted() {
+            return Err(Error::Interrupted);
+        }
+        self.record(|r| r.phase = Some(phase))
     }
 
     /// Runs the plan on QEMU backends; destination QEMUs log into `log_dir`.
     pub fn run_qemu(&self, log_dir: &std::path::Path) -> Result<Report> {
+        Ok(self.run(self.qemu_backends(log_dir)?))
+    }
+
+    /// One QEMU backend per VM of the plan.
+    fn qemu_backends(&self, log_dir: &std::path::Path) -> Result<Vec<Box<dyn VmBackend>>> {
         let connector = Arc::new(Connector::new(self.plan.ssh_program.clone())?);
         let launcher = Launcher {
             ssh_program: self.plan.ssh_program.clone(),
@@ -350,18 +417,12 @@ impl<'a> Controller<'a> {
                 )) as Box<dyn VmBackend>
             })
             .collect();
-        Ok(self.run(backends))
+        Ok(backends)
     }
 
-    fn emit(&self, event: Event) {
-        (self.sink)(&event);
-    }
-
-    /// Runs the plan with one backend per VM (in plan order).
-    pub fn run(&self, backends: Vec<Box<dyn VmBackend>>) -> Report {
-        let started = Instant::now();
-        let epoch = new_epoch();
-        let mut members: Vec<Member> = backends
+    /// One member per VM, in plan order.
+    fn members(&self, backends: Vec<Box<dyn VmBackend>>) -> Vec<Member> {
+        backends
             .into_iter()
             .zip(&self.plan.vms)
             .map(|(backend, spec)| Member {
@@ -379,7 +440,18 @@ impl<'a> Controller<'a> {
                 target_interconnect: spec.destination.interconnect.clone(),
                 source_session: None,
             })
-            .collect();
+            .collect()
+    }
+
+    fn emit(&self, event: Event) {
+        (self.sink)(&event);
+    }
+
+    /// Runs the plan with one backend per VM (in plan order).
+    pub fn run(&self, backends: Vec<Box<dyn VmBackend>>) -> Report {
+        let started = Instant::now();
+        let epoch = self.journal.map_or_else(new_epoch, |j| j.record().epoch);
+        let mut members = self.members(backends);
         self.emit(Event::PlanStarted {
             vms: members.iter().map(|m| m.report.name.clone()).collect(),
             epoch,
@@ -397,6 +469,11 @@ impl<'a> Controller<'a> {
         ];
         let mut failed: Option<(Phase, String)> = None;
         for (phase, limit) in steps {
+            if let Err(e) = self.enter(phase) {
+                errors.push(format!("{phase}: {}", e.chain()));
+                failed = Some((phase, e.chain()));
+                break;
+            }
             let deadline = Instant::now() + limit;
             let errs = if phase == Phase::Migrate {
                 let t = Instant::now();
@@ -424,6 +501,20 @@ impl<'a> Controller<'a> {
                 errors.extend(errs);
                 break;
             }
+            if phase == Phase::Reserve {
+                let left = members.iter().map(|m| m.backend.leftovers()).collect();
+                if let Err(e) = self.record(|r| r.leftovers = left) {
+                    errors.push(format!("{phase}: {}", e.chain()));
+                    failed = Some((phase, e.chain()));
+                    break;
+                }
+            }
+        }
+        if failed.is_none() {
+            if let Err(e) = self.enter(Phase::Resume) {
+                errors.push(format!("resume: {}", e.chain()));
+                failed = Some((Phase::Resume, e.chain()));
+            }
         }
         if failed.is_none() {
             let deadline = Instant::now() + d.resume;
@@ -434,6 +525,22 @@ impl<'a> Controller<'a> {
             if !errs.is_empty() {
                 failed = Some((Phase::Resume, errs[0].clone()));
                 errors.extend(errs);
+            }
+        }
+        // The decision: from here on the destinations are the VMs. Journaled first; a run
+        // interrupted before it rolls back.
+        if failed.is_none() {
+            let decided = if self.interrupted() {
+                Err(Error::Interrupted)
+            } else {
+                self.record(|r| {
+                    r.forward = true;
+                    r.phase = Some(Phase::Commit);
+                })
+            };
+            if let Err(e) = decided {
+                errors.push(format!("commit: {}", e.chain()));
+                failed = Some((Phase::Commit, e.chain()));
             }
         }
         for m in &mut members {
@@ -470,6 +577,7 @@ impl<'a> Controller<'a> {
                 Outcome::Completed
             }
         };
+        self.close_journal(&outcome, &mut errors);
         let total = started.elapsed();
         self.emit(Event::PlanFinished {
             outcome: outcome.as_str().into(),
@@ -482,6 +590,134 @@ impl<'a> Controller<'a> {
             vms: members.into_iter().map(|m| m.report).collect(),
             errors,
             total,
+        }
+    }
+
+    /// Recovers the interrupted run of `journal` (whose plan this controller has) on QEMU
+    /// backends; QEMUs it starts log into `log_dir`.
+    pub fn recover_qemu(&self, journal: &Journal, log_dir: &std::path::Path) -> Result<Report> {
+        Ok(self.recover(journal, self.qemu_backends(log_dir)?))
+    }
+
+    /// Brings every VM of the interrupted run that `journal` records to exactly one running
+    /// copy, with its devices, and its guest released. Before the run's decision to keep the
+    /// destinations it rolls back: migrations cancelled, destinations stopped and verified gone
+    /// (a destination that still answers keeps its source paused), sources continued with
+    /// their devices, guests told `abort` (interrupted in quiesce) or `resume` on their old
+    /// interconnect. After the decision it rolls forward: destinations checked running and
+    /// given their devices, sources stopped and verified gone, guests told `resume` on the new
+    /// interconnect (an agent that had done so says `resumed` again). The journal is closed
+    /// when every VM is settled; otherwise it stays, for another attempt.
+    pub fn recover(&self, journal: &Journal, backends: Vec<Box<dyn VmBackend>>) -> Report {
+        let started = Instant::now();
+        let record = journal.record();
+        let epoch = record.epoch;
+        let reached = record.phase;
+        let forward = record.forward;
+        let mut members = self.members(backends);
+        let why = match reached {
+            None => "before its first phase".to_owned(),
+            Some(p) => format!("in {p}"),
+        };
+        self.emit(Event::RecoveryStarted {
+            run: record.run.clone(),
+            vms: record.vms.clone(),
+            interrupted_in: reached,
+            forward,
+            why: if forward {
+                format!(
+                    "the run was interrupted {why}, after it decided to keep the destinations: \
+                     finishing it"
+                )
+            } else {
+                format!(
+                    "the run was interrupted {why}, before it decided to keep the destinations: \
+                     the sources are the VMs, rolling back"
+                )
+            },
+        });
+        let deadline = Instant::now() + self.plan.deadlines.rollback;
+        let phase = if forward {
+            Phase::Commit
+        } else {
+            Phase::Rollback
+        };
+        let left = record.leftovers.clone();
+        let (took, errors) = self.phase(phase, &mut members, |c, m| {
+            let index = c.plan.vms.iter().position(|v| v.name == m.report.name);
+            let leftovers = index.and_then(|i| left.get(i)).cloned().unwrap_or_default();
+            m.backend.adopt(&leftovers, deadline)?;
+            if forward {
+                m.backend.roll_forward(deadline)?;
+                let channel = m
+                    .backend
+                    .destination_channel(GuestSession::quiesced(epoch), deadline)?;
+                let told = tell_resume(&channel, epoch, m.target_interconnect.clone(), deadline);
+                m.channel = Some(channel);
+                c.note_resume(m, "destination", told)
+            } else {
+                m.backend.rollback(deadline)?;
+                if reached.is_none_or(|p| p < Phase::Quiesce) {
+                    return Ok(()); // no prepare was sent: the guest runs on
+                }
+                let channel = m
+                    .backend
+                    .connect(Some(GuestSession::quiesced(epoch)), deadline)?;
+                let told = if reached == Some(Phase::Quiesce) {
+                    // Devices untouched; ranks quiesced or on their way: abort the epoch.
+                    send_when_connected(&channel, &HostMessage::Abort { epoch }, deadline)
+                        .map(|()| GuestNotice::Aborted)
+                } else {
+                    tell_resume(&channel, epoch, m.source_interconnect.clone(), deadline)
+                };
+                m.channel = Some(channel);
+                c.note_resume(m, "source", told)
+            }
+        });
+        let outcome = match errors.first() {
+            Some(e) => Outcome::Failed {
+                phase,
+                error: e.clone(),
+            },
+            None if forward => Outcome::Completed,
+            None => Outcome::RolledBack {
+                phase: reached.unwrap_or(Phase::Connect),
+                error: format!("recovered: the run was interrupted {why}"),
+            },
+        };
+        let mut errors = errors;
+        if errors.is_empty() {
+            if let Err(e) = journal.finish(&format!("recovered_{}", outcome.as_str())) {
+                errors.push(format!("journal: {}", e.chain()));
+            }
+        }
+        let total = started.elapsed();
+        self.emit(Event::PlanFinished {
+            outcome: outcome.as_str().into(),
+            total_ms: ms(total),
+        });
+        Report {
+            epoch,
+            outcome,
+            phases: vec![(phase, took)],
+            vms: members.into_iter().map(|m| m.report).collect(),
+            errors,
+            total,
+        }
+    }
+
+    /// Marks the journal finished, unless the run left something to recover (a rollback that
+    /// did not complete).
+    fn close_journal(&self, outcome: &Outcome, errors: &mut Vec<String>) {
+        let Some(journal) = self.journal else {
+            return;
+        };
+        let closed = match outcome {
+            Outcome::Failed { .. } => journal.update(|r| r.phase = Some(Phase::Rollback)),
+            done => journal.finish(done.as_str()),
+        };
+        if let Err(e) = closed {
+            errors.push(format!("journal: {}", e.chain()));
         }
     }
 
@@ -632,8 +868,10 @@ impl<'a> Controller<'a> {
             m.backend.start_migration()?;
             let vm = m.report.name.clone();
             let mut last = Instant::now() - Duration::from_secs(1);
-            m.backend
-                .wait_ready_to_switch(deadline, &mut |p: MigrationProgress| {
+            let stop = || self.interrupted();
+            m.backend.wait_ready_to_switch(
+                deadline,
+                &mut |p: MigrationProgress| {
                     // One progress event per VM every 200 ms at most.
                     if last.elapsed() >= Duration::from_millis(200) {
                         last = Instant::now();
@@ -650,7 +888,9 @@ impl<'a> Controller<'a> {
                             fraction,
                         });
                     }
-                })?;
+                },
+                &stop,
+            )?;
             self.emit(Event::VmProgress {
                 vm,
                 phase,
@@ -747,6 +987,28 @@ impl<'a> Controller<'a> {
     }
 }
 
+/// Sends `message` once the channel is connected (a channel just opened connects in the
+/// background).
+fn send_when_connected(
+    channel: &HostChannel,
+    message: &HostMessage,
+    deadline: Instant,
+) -> Result<()> {
+    loop {
+        match channel.send(message) {
+            Err(Error::NotConnected) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(Error::NotConnected) => {
+                return Err(Error::Refused(
+                    "the guest channel did not connect before the deadline".into(),
+                ));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Sends `resume` and waits for `resumed`.
 fn tell_resume(
     channel: &HostChannel,
@@ -758,20 +1020,7 @@ fn tell_resume(
         epoch,
         interconnect,
     };
-    // A channel just opened (at the destination) connects in the background.
-    loop {
-        match channel.send(&resume) {
-            Err(Error::NotConnected) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(Error::NotConnected) => {
-                return Err(Error::Refused(
-                    "the guest channel did not connect before the deadline".into(),
-                ));
-            }
-            other => break other?,
-        }
-    }
+    send_when_connected(channel, &resume, deadline)?;
     match channel.wait_for(
         |g| {
             matches!(

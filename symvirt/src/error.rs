@@ -45,6 +45,9 @@ pub enum Error {
     /// A deadline passed.
     #[error("timed out")]
     Timeout,
+    /// The operator interrupted the run (SIGINT or SIGTERM).
+    #[error("interrupted by the operator")]
+    Interrupted,
     /// The channel was shut down.
     #[error("channel closed")]
     Closed,

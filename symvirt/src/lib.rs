@@ -11,8 +11,12 @@
 //!
 //! The host [`controller`] runs a migration [`plan`] over a whole virtual cluster through a
 //! [`backend`] per VM: QEMU over QMP ([`backend::qemu`]) or `migrate-core`'s reference KVM VMM
-//! and pre-copy engine ([`backend::reference`]). Passthrough functions for custom VMMs: [`vfio`]
-//! (opening them needs the `vfio` feature).
+//! and pre-copy engine ([`backend::reference`]). A run's [`journal`] (in a private state
+//! directory, written before each irreversible step) lets
+//! [`controller::Controller::recover`] finish a run whose controller died: back to the sources
+//! before the run decided to keep the destinations, forward after. Inside the guest, the agent's
+//! network step ([`data_net`]) moves the VM's data address to the new fabric's NIC. Passthrough
+//! functions for custom VMMs: [`vfio`] (opening them needs the `vfio` feature).
 //!
 //! The flow of one epoch, from the host's side:
 //!
@@ -45,6 +49,7 @@ pub mod error;
 pub mod framing;
 pub mod guest_link;
 pub mod host_channel;
+pub mod journal;
 mod netlink;
 pub mod plan;
 pub mod portio;

@@ -205,6 +205,18 @@ impl GuestSession {
         }
     }
 
+    /// A session taken up by a controller that did not see its start (a recovery): the guest
+    /// is quiesced in `epoch` as far as the journal of the interrupted run knows. Its `hello`
+    /// identifies it on the new connection; the agent answers a `resume` of an epoch it already
+    /// completed with its `resumed` again.
+    pub fn quiesced(epoch: u64) -> GuestSession {
+        GuestSession {
+            state: SessionState::Quiesced { epoch },
+            last_epoch: epoch,
+            ..GuestSession::new()
+        }
+    }
+
     /// The current state.
     pub fn state(&self) -> &SessionState {
         &self.state

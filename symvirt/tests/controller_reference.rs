@@ -354,8 +354,9 @@ impl VmBackend for DestinationLostAfterSwitchover {
         &mut self,
         deadline: Instant,
         progress: &mut dyn FnMut(MigrationProgress),
+        stop: &dyn Fn() -> bool,
     ) -> symvirt::Result<()> {
-        self.0.wait_ready_to_switch(deadline, progress)
+        self.0.wait_ready_to_switch(deadline, progress, stop)
     }
     fn switchover(&mut self, deadline: Instant) -> symvirt::Result<MigrationResult> {
         self.0.switchover(deadline)

@@ -16,7 +16,7 @@ mod qemu;
 mod raw_qmp;
 mod skip;
 
-pub use qemu::{Qemu, QemuConfig, free_tcp_port};
+pub use qemu::{QEMU_BINARY, Qemu, QemuConfig, free_tcp_port};
 pub use raw_qmp::RawQmp;
 pub use skip::{
     Fixtures, Requirement, SSHD_BINARY, kvm_or_skip, mpi_or_skip, qemu_or_skip, skip, sshd_or_skip,

@@ -727,6 +727,8 @@ impl VirtualCluster {
         let mut child = Command::new(ninja_migrate())
             .args(["plan", "run", "--json", "--log-dir"])
             .arg(self.dir.join("logs"))
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
             .arg(plan)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

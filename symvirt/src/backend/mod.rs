@@ -25,6 +25,17 @@ pub struct MigrationProgress {
     pub total: u64,
 }
 
+/// What a run made for one VM (as its journal keeps it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Leftovers {
+    /// The destination QEMU the run started on this host, if any: a recovery kills it (after
+    /// checking it still is that QEMU) when it rolls back.
+    pub destination_pid: Option<u32>,
+    /// Files the run created exclusively (stand-in HCA memory at the destination): removed
+    /// on rollback, and only those.
+    pub claimed: Vec<std::path::PathBuf>,
+}
+
 /// How one VM's migration went.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct MigrationResult {
@@ -62,11 +73,14 @@ pub trait VmBackend: Send {
     /// Starts the migration; it pauses before switchover.
     fn start_migration(&mut self) -> Result<()>;
 
-    /// Waits until the migration is ready to switch over (the source is paused).
+    /// Waits until the migration is ready to switch over (the source is paused). Gives up
+    /// with [`crate::Error::Interrupted`] soon after `stop` says so (the operator interrupted
+    /// the run).
     fn wait_ready_to_switch(
         &mut self,
         deadline: Instant,
         progress: &mut dyn FnMut(MigrationProgress),
+        stop: &dyn Fn() -> bool,
     ) -> Result<()>;
 
     /// Switches over and waits until the destination runs.
@@ -93,5 +107,33 @@ pub trait VmBackend: Send {
     /// The process id of a destination this backend started, if any.
     fn destination_pid(&self) -> Option<u32> {
         None
+    }
+
+    /// What the run made for this VM and a recovery must undo or keep: journaled once the
+    /// destination is reserved.
+    fn leftovers(&self) -> Leftovers {
+        Leftovers::default()
+    }
+
+    /// Takes charge of what an interrupted run left of this VM (see
+    /// [`crate::controller::Controller::recover`]): reaches whichever of source and destination
+    /// still answer, and learns where the migration stands, so that [`VmBackend::rollback`]
+    /// or [`VmBackend::roll_forward`] can finish the job.
+    fn adopt(&mut self, left: &Leftovers, deadline: Instant) -> Result<()> {
+        let _ = (left, deadline);
+        Err(crate::Error::Refused(format!(
+            "{}: this backend cannot take over an interrupted run",
+            self.name()
+        )))
+    }
+
+    /// Finishes a run that had decided to keep the destination: makes sure it runs with its
+    /// devices and the source is gone (verified). The guest is the controller's.
+    fn roll_forward(&mut self, deadline: Instant) -> Result<()> {
+        let _ = deadline;
+        Err(crate::Error::Refused(format!(
+            "{}: this backend cannot take over an interrupted run",
+            self.name()
+        )))
     }
 }

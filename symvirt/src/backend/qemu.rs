@@ -5,7 +5,7 @@
 //! `pre-switchover` with the guest paused, the controller waits for all of them, then sends
 //! `migrate-continue` to each, so the whole cluster switches over together.
 
-use crate::backend::{MigrationProgress, MigrationResult, VmBackend};
+use crate::backend::{Leftovers, MigrationProgress, MigrationResult, VmBackend};
 use crate::cluster::{Device, LaunchSpec, MigrationSettings, VmSpec};
 use crate::error::{Error, Result};
 use crate::host_channel::{ChannelOptions, HostChannel};
@@ -233,6 +233,30 @@ impl Launcher {
     }
 }
 
+/// How long a recovery waits for a monitor that may be gone.
+const GONE_CHECK: Duration = Duration::from_secs(3);
+
+/// Whether process `pid` runs and its command line contains `marker` (a QEMU started for a
+/// monitor: a reused pid does not match).
+fn process_matches(pid: u32, marker: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.split(|&b| b == 0).any(|w| w == marker.as_bytes()))
+}
+
+/// Kills the destination QEMU `pid` an interrupted run left (only while it still is that QEMU:
+/// `marker` is its `-qmp` argument) and waits until it is gone.
+fn kill_orphan(pid: u32, marker: &str, deadline: Instant) -> std::result::Result<(), String> {
+    while process_matches(pid, marker) {
+        if Instant::now() >= deadline {
+            return Err(format!("destination process {pid} still runs"));
+        }
+        // SAFETY: kill(2) with a pid just checked to be that QEMU; no memory is involved.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// Where the migration of one VM is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum MigrationState {
@@ -254,6 +278,8 @@ pub struct QemuVm {
     claimed: Vec<PathBuf>,
     migration: MigrationState,
     committed: bool,
+    /// A destination an interrupted run started here, taken over by a recovery.
+    orphan: Option<u32>,
 }
 
 fn qmp_options() -> ConnectOptions {
@@ -277,18 +303,7 @@ fn wait_ramblock_gone(
     deadline: Instant,
 ) -> std::result::Result<(), Option<qmp::Error>> {
     loop {
-        let out = qmp
-            .execute(
-                "human-monitor-command",
-                Some(json!({ "command-line": "info ramblock" })),
-            )
-            .map_err(Some)?;
-        let listed = out.as_str().unwrap_or_default().lines().any(|line| {
-            line.split_whitespace()
-                .next()
-                .is_some_and(|block| block == obj || block.ends_with(&format!("/{obj}")))
-        });
-        if !listed {
+        if ramblock_offset(qmp, obj).map_err(Some)?.is_none() {
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -296,6 +311,25 @@ fn wait_ramblock_gone(
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// The offset of the RAM block of backend object `obj` in QEMU's RAM address space (`info
+/// ramblock`), if it has one.
+fn ramblock_offset(qmp: &Qmp, obj: &str) -> std::result::Result<Option<u64>, qmp::Error> {
+    let out = qmp.execute(
+        "human-monitor-command",
+        Some(json!({ "command-line": "info ramblock" })),
+    )?;
+    Ok(out.as_str().unwrap_or_default().lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        let block = words.next()?;
+        if block != obj && !block.ends_with(&format!("/{obj}")) {
+            return None;
+        }
+        // Block Name, PSize (two words: "4 KiB"), Offset.
+        let offset = words.nth(2)?;
+        u64::from_str_radix(offset.trim_start_matches("0x"), 16).ok()
+    }))
 }
 
 /// The ids of the children of a QOM container (`/machine/peripheral`, `/objects`).
@@ -366,6 +400,7 @@ impl QemuVm {
             claimed: Vec::new(),
             migration: MigrationState::NotStarted,
             committed: false,
+            orphan: None,
         }
     }
 
@@ -388,6 +423,83 @@ impl QemuVm {
 
     fn destination(&self) -> Result<&Qmp> {
         self.destination.as_ref().ok_or(Error::NotConnected)
+    }
+
+    /// Refuses a destination that is not running (after the switchover it must).
+    fn check_destination_runs(&self) -> Result<()> {
+        let status = self
+            .destination()?
+            .query_status()
+            .map_err(|e| Error::qmp(self.what("destination", "query-status"), e))?;
+        if status.running {
+            Ok(())
+        } else {
+            Err(Error::Refused(format!(
+                "{}: the destination is not running after the switchover ({})",
+                self.spec.name, status.status
+            )))
+        }
+    }
+
+    /// The source is gone: its stand-in "HCAs" are free again.
+    fn release_source_standins(&self) {
+        if matches!(self.spec.source.qmp, Address::Unix(_)) {
+            for d in &self.spec.source.devices {
+                if let Device::HcaStandin { mem_path, .. } = d {
+                    let _ = std::fs::remove_file(mem_path);
+                }
+            }
+        }
+    }
+
+    /// The monitor at `address` if a QEMU answers there now (one connection, a greeting
+    /// within a second): what a recovery finds, without waiting for what is gone.
+    fn connect_once(&self, address: &Address, deadline: Instant) -> Option<Qmp> {
+        let endpoint = self.connector.qmp_endpoint(address, deadline).ok()?;
+        let options = ConnectOptions {
+            greeting_timeout: Duration::from_secs(1),
+            ..qmp_options()
+        };
+        Qmp::connect(&endpoint, options).ok()
+    }
+
+    /// Whether a QEMU answers at `address` now.
+    fn answers(&self, address: &Address, deadline: Instant) -> bool {
+        self.connect_once(address, deadline).is_some()
+    }
+
+    /// Fencing: the destination is torn down and verified gone (its process reaped or killed,
+    /// its monitor silent) before the source may run again.
+    fn fence_destination(&mut self, deadline: Instant) -> std::result::Result<(), String> {
+        // A destination this run never reached, for a migration that never started, holds no
+        // copy of the VM.
+        let reached =
+            self.destination.is_some() || self.launched.is_some() || self.orphan.is_some();
+        if !reached && self.migration == MigrationState::NotStarted {
+            return Ok(());
+        }
+        if let Some(dst) = self.destination.take() {
+            let _ = dst.quit();
+        }
+        if let Some(mut l) = self.launched.take() {
+            l.kill();
+        }
+        let address = self.spec.destination.qmp.clone();
+        if let Some(pid) = self.orphan.take() {
+            kill_orphan(pid, &qmp_monitor_arg(&address), deadline)?;
+        }
+        // One that was never ours, or is remote: its monitor must not answer any more.
+        let until = Instant::now() + GONE_CHECK;
+        while self.answers(&address, deadline) {
+            if Instant::now() >= until {
+                return Err(format!(
+                    "the destination at {address} still answers after quit: the source is \
+                     left paused (stop the destination, then run the recovery again)"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
     }
 
     /// Connects to a monitor, retrying until `deadline` (a just-started QEMU has no socket
@@ -569,6 +681,22 @@ impl VmBackend for QemuVm {
                         d.id()
                     )));
                 }
+                // QEMU 10.0 (TCG) aborts the source with "Bad ram offset 0" when it migrates
+                // after the RAM block at offset 0 was removed: a memory backend given on the
+                // command line comes before the guest's RAM. Refused before anything is touched.
+                if let Some(obj) = d.backend_object_id() {
+                    let offset = ramblock_offset(src, &obj)
+                        .map_err(|e| Error::qmp(self.what("source", "info ramblock"), e))?;
+                    if offset == Some(0) {
+                        return Err(Error::Refused(format!(
+                            "{}: the memory of {:?} is QEMU's first RAM block (given on the \
+                             command line); QEMU crashes migrating once it is removed: \
+                             hot-plug the device after boot instead",
+                            self.spec.name,
+                            d.id()
+                        )));
+                    }
+                }
             }
             let mut caps = vec![
                 (MigrationCapability::PauseBeforeSwitchover, true),
@@ -626,11 +754,19 @@ impl VmBackend for QemuVm {
 
     fn detach(&mut self, deadline: Instant) -> Result<()> {
         let src = self.source()?;
-        for d in &self.spec.source.devices {
-            src.device_del_and_wait(d.id(), remaining(deadline))
+        // All at once: the guest ejects them in one hot-plug round (each takes it 0.1 s or
+        // more under TCG, and the job is paused).
+        let ids: Vec<&str> = self.spec.source.devices.iter().map(|d| d.id()).collect();
+        if !ids.is_empty() {
+            src.device_del_all_and_wait(&ids, remaining(deadline))
                 .map_err(|e| {
-                    Error::qmp(self.what("source", format!("device_del {}", d.id())), e)
+                    Error::qmp(
+                        self.what("source", format!("device_del {}", ids.join(", "))),
+                        e,
+                    )
                 })?;
+        }
+        for d in &self.spec.source.devices {
             if let Some(obj) = d.backend_object_id() {
                 src.object_del(&obj)
                     .map_err(|e| Error::qmp(self.what("source", format!("object-del {obj}")), e))?;
@@ -663,20 +799,30 @@ impl VmBackend for QemuVm {
         &mut self,
         deadline: Instant,
         progress: &mut dyn FnMut(MigrationProgress),
+        stop: &dyn Fn() -> bool,
     ) -> Result<()> {
-        let wait =
-            MigrationWait::status_within(MigrationStatus::PreSwitchover, remaining(deadline));
-        wait_for_migration(self.source()?, &wait, |info| {
-            if let Some(ram) = &info.ram {
-                progress(MigrationProgress {
-                    transferred: ram.transferred,
-                    remaining: ram.remaining,
-                    total: ram.total,
-                });
+        // In slices, to look at `stop` between them.
+        loop {
+            if stop() {
+                return Err(Error::Interrupted);
             }
-        })
-        .map_err(|e| Error::qmp(self.what("source", "migration"), e))?;
-        Ok(())
+            let slice = remaining(deadline).min(Duration::from_millis(250));
+            let wait = MigrationWait::status_within(MigrationStatus::PreSwitchover, slice);
+            let waited = wait_for_migration(self.source()?, &wait, |info| {
+                if let Some(ram) = &info.ram {
+                    progress(MigrationProgress {
+                        transferred: ram.transferred,
+                        remaining: ram.remaining,
+                        total: ram.total,
+                    });
+                }
+            });
+            match waited {
+                Ok(_) => return Ok(()),
+                Err(qmp::Error::Timeout { .. }) if !remaining(deadline).is_zero() => {}
+                Err(e) => return Err(Error::qmp(self.what("source", "migration"), e)),
+            }
+        }
     }
 
     fn switchover(&mut self, deadline: Instant) -> Result<MigrationResult> {
@@ -718,16 +864,7 @@ impl VmBackend for QemuVm {
     ) -> Result<HostChannel> {
         // A destination that died after the switchover would leave the channel connecting in
         // vain until the resume deadline: ask its monitor first.
-        let status = self
-            .destination()?
-            .query_status()
-            .map_err(|e| Error::qmp(self.what("destination", "query-status"), e))?;
-        if !status.running {
-            return Err(Error::Refused(format!(
-                "{}: the destination is not running after the switchover ({})",
-                self.spec.name, status.status
-            )));
-        }
+        self.check_destination_runs()?;
         let path = self
             .connector
             .local_path(&self.spec.destination.channel, deadline)?;
@@ -747,14 +884,7 @@ impl VmBackend for QemuVm {
             s.quit()
                 .map_err(|e| Error::qmp(self.what("source", "quit"), e))
         });
-        // The source's stand-in "HCAs" are free again.
-        if matches!(self.spec.source.qmp, Address::Unix(_)) {
-            for d in &self.spec.source.devices {
-                if let Device::HcaStandin { mem_path, .. } = d {
-                    let _ = std::fs::remove_file(mem_path);
-                }
-            }
-        }
+        self.release_source_standins();
         self.claimed.clear();
         result
     }
@@ -793,14 +923,18 @@ impl VmBackend for QemuVm {
             }
         }
         // 2. Tear the destination down before the source runs again: never two live copies.
-        if let Some(dst) = self.destination.take() {
-            let _ = dst.quit();
-        }
-        if let Some(mut l) = self.launched.take() {
-            l.kill();
-        }
+        // A destination not verified gone keeps the source paused.
+        let fenced = self.fence_destination(deadline);
         for p in self.claimed.drain(..) {
             let _ = std::fs::remove_file(p);
+        }
+        if let Err(e) = fenced {
+            errors.push(e);
+            return Err(Error::Refused(format!(
+                "{}: rollback incomplete: {}",
+                self.spec.name,
+                errors.join("; ")
+            )));
         }
         // 3. The source runs again, with its original devices.
         match &self.source {
@@ -857,6 +991,83 @@ impl VmBackend for QemuVm {
 
     fn destination_pid(&self) -> Option<u32> {
         self.launched.as_ref().and_then(Launched::pid)
+    }
+
+    fn leftovers(&self) -> Leftovers {
+        Leftovers {
+            destination_pid: self
+                .launched
+                .as_ref()
+                .filter(|l| l.remote.is_none())
+                .and_then(Launched::pid),
+            claimed: self.claimed.clone(),
+        }
+    }
+
+    fn adopt(&mut self, left: &Leftovers, deadline: Instant) -> Result<()> {
+        self.source = self.connect_once(&self.spec.source.qmp, deadline);
+        self.destination = self.connect_once(&self.spec.destination.qmp, deadline);
+        self.orphan = left.destination_pid;
+        self.claimed = left.claimed.clone();
+        self.migration = match &self.source {
+            None => MigrationState::NotStarted,
+            Some(src) => {
+                let status = src
+                    .query_migrate()
+                    .map_err(|e| Error::qmp(self.what("source", "query-migrate"), e))?
+                    .status();
+                match status {
+                    MigrationStatus::None
+                    | MigrationStatus::Cancelled
+                    | MigrationStatus::Failed => MigrationState::NotStarted,
+                    MigrationStatus::Completed => MigrationState::Completed,
+                    _ => MigrationState::Running,
+                }
+            }
+        };
+        Ok(())
+    }
+
+    fn roll_forward(&mut self, deadline: Instant) -> Result<()> {
+        // The destination must run before the source goes: it is the only copy after.
+        let dst = self.destination().map_err(|_| {
+            Error::Refused(format!(
+                "{}: the destination does not answer; the source is left as it is",
+                self.spec.name
+            ))
+        })?;
+        self.check_destination_runs()?;
+        let present = qom_children(dst, "/machine/peripheral")
+            .map_err(|e| Error::qmp(self.what("destination", "qom-list"), e))?;
+        for d in &self.spec.destination.devices {
+            if !present.contains(d.id()) {
+                Self::plug(dst, d).map_err(|e| {
+                    Error::qmp(
+                        self.what("destination", format!("attach {}", d.describe())),
+                        e,
+                    )
+                })?;
+            }
+        }
+        // The source goes, verified: a copy that answers still could be continued by hand.
+        if let Some(src) = self.source.take() {
+            let _ = src.quit();
+        }
+        let source = self.spec.source.qmp.clone();
+        let until = Instant::now() + GONE_CHECK;
+        while self.answers(&source, deadline) {
+            if Instant::now() >= until {
+                return Err(Error::Refused(format!(
+                    "{}: the source at {source} still answers after quit",
+                    self.spec.name
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.committed = true;
+        self.claimed.clear();
+        self.release_source_standins();
+        Ok(())
     }
 }
 

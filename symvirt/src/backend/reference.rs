@@ -546,9 +546,13 @@ impl VmBackend for ReferenceBackend {
         &mut self,
         deadline: Instant,
         progress: &mut dyn FnMut(MigrationProgress),
+        stop: &dyn Fn() -> bool,
     ) -> Result<()> {
         let mut transferred = 0u64;
         loop {
+            if stop() {
+                return Err(Error::Interrupted);
+            }
             if let Some(rx) = &self.progress {
                 while let Ok(p) = rx.try_recv() {
                     if let Progress::Round(r) = p {
