@@ -649,9 +649,7 @@ impl<'a> Controller<'a> {
             m.backend.adopt(&leftovers, deadline)?;
             if forward {
                 m.backend.roll_forward(deadline)?;
-                let channel = m
-                    .backend
-                    .destination_channel(GuestSession::quiesced(epoch), deadline)?;
+                let channel = open_channel(m, Some(GuestSession::quiesced(epoch)), true, deadline)?;
                 let told = tell_resume(&channel, epoch, m.target_interconnect.clone(), deadline);
                 m.channel = Some(channel);
                 c.note_resume(m, "destination", told)
@@ -660,9 +658,8 @@ impl<'a> Controller<'a> {
                 if reached.is_none_or(|p| p < Phase::Quiesce) {
                     return Ok(()); // no prepare was sent: the guest runs on
                 }
-                let channel = m
-                    .backend
-                    .connect(Some(GuestSession::quiesced(epoch)), deadline)?;
+                let channel =
+                    open_channel(m, Some(GuestSession::quiesced(epoch)), false, deadline)?;
                 let told = if reached == Some(Phase::Quiesce) {
                     // Devices untouched; ranks quiesced or on their way: abort the epoch.
                     send_when_connected(&channel, &HostMessage::Abort { epoch }, deadline)
@@ -793,23 +790,7 @@ impl<'a> Controller<'a> {
     fn connect(&self, m: &mut Member, deadline: Instant) -> Result<()> {
         // The channel asks the agent for its hello on connecting (see `crate::protocol`), so a
         // connection the agent did not see open is answered too.
-        let channel = m.backend.connect(None, deadline)?;
-        let info = match channel.wait_hello(deadline) {
-            Ok(info) => info,
-            Err(Error::Timeout) => {
-                return Err(Error::Refused(
-                    "the guest agent did not say hello in time".into(),
-                ));
-            }
-            Err(e) => return Err(e),
-        };
-        if info.vm != m.report.name {
-            return Err(Error::Refused(format!(
-                "the guest agent says it is vm {:?}",
-                info.vm
-            )));
-        }
-        m.channel = Some(channel);
+        m.channel = Some(open_channel(m, None, false, deadline)?);
         Ok(())
     }
 
@@ -985,6 +966,64 @@ impl<'a> Controller<'a> {
             restored.and(told)
         })
     }
+}
+
+/// How long one connection waits for the agent's `hello` before it is opened again.
+const HELLO_ATTEMPT: Duration = Duration::from_secs(5);
+
+/// Opens the guest channel of `m` (at its source, or at its destination, continuing
+/// `session`) and waits for the agent's `hello`. A connection that gets none within
+/// [`HELLO_ATTEMPT`] is closed and opened again: QEMU tells a virtio-serial guest that the host
+/// end opened through a control queue that drops the notice when the guest has no buffer
+/// posted (seen under load right after a rollback), and the agent then never sees the host; a
+/// new connection sends a new notice.
+fn open_channel(
+    m: &mut Member,
+    session: Option<GuestSession>,
+    at_destination: bool,
+    deadline: Instant,
+) -> Result<HostChannel> {
+    loop {
+        let channel = if at_destination {
+            m.backend
+                .destination_channel(session.clone().unwrap_or_default(), deadline)?
+        } else {
+            m.backend.connect(session.clone(), deadline)?
+        };
+        let attempt = (Instant::now() + HELLO_ATTEMPT).min(deadline);
+        match expect_hello(&channel, &m.report.name, attempt) {
+            Err(_) if Instant::now() < deadline && channel.guest().is_none() => {
+                log::warn!(
+                    "{}: no hello from the guest agent in {} ms; opening the channel again",
+                    m.report.name,
+                    HELLO_ATTEMPT.as_millis()
+                );
+            }
+            result => return result.map(|()| channel),
+        }
+    }
+}
+
+/// Waits for the agent's `hello` on `channel` and checks it is `vm`'s. A session taken up
+/// without one (a recovery) must have it before anything else: the guest's answers count
+/// only once it is identified.
+fn expect_hello(channel: &HostChannel, vm: &str, deadline: Instant) -> Result<()> {
+    let info = match channel.wait_hello(deadline) {
+        Ok(info) => info,
+        Err(Error::Timeout) => {
+            return Err(Error::Refused(
+                "the guest agent did not say hello in time".into(),
+            ));
+        }
+        Err(e) => return Err(e),
+    };
+    if info.vm != vm {
+        return Err(Error::Refused(format!(
+            "the guest agent says it is vm {:?}",
+            info.vm
+        )));
+    }
+    Ok(())
 }
 
 /// Sends `message` once the channel is connected (a channel just opened connects in the
