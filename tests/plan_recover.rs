@@ -369,6 +369,52 @@ impl Rig {
         self.at = side;
     }
 
+    /// Plans that would harm what is not theirs are refused and nothing is touched: a
+    /// destination monitor path where another VM's monitor listens, a stand-in whose
+    /// `mem_path` is not the file its memory uses.
+    fn refuses_what_is_not_its_own(&mut self) {
+        let plan = std::fs::read_to_string(self.plan(self.at)).unwrap();
+        let unrelated = format!("/dev/shm/ninja-unrelated-{}", std::process::id());
+        std::fs::write(&unrelated, "keep").unwrap();
+        // vm1's live monitor, by another spelling of its path (`plan check` does not resolve
+        // aliases yet): the launcher must not take it over.
+        let bystander = self
+            .side_dir(self.at, 1)
+            .join(".//qmp.sock")
+            .display()
+            .to_string();
+        let cases = [
+            (
+                plan.replacen(
+                    &self.qmp(self.at.other(), 0).display().to_string(),
+                    &bystander,
+                    1,
+                ),
+                "something is listening",
+            ),
+            (
+                plan.replacen(&self.hca_mem(0).display().to_string(), &unrelated, 1),
+                "but the source's hca0-mem uses",
+            ),
+        ];
+        for (text, said) in cases {
+            let path = self.dir.join("plan-harm.toml");
+            std::fs::write(&path, text).unwrap();
+            let run = self
+                .ninja()
+                .args(["plan", "run", "--json"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&run.stderr);
+            assert_eq!(run.status.code(), Some(3), "{said}: {stderr}");
+            assert!(stderr.contains(said), "{said}: {stderr}");
+            self.check_settled(self.at, said);
+        }
+        assert_eq!(std::fs::read_to_string(&unrelated).unwrap(), "keep");
+        let _ = std::fs::remove_file(&unrelated);
+    }
+
     /// Kills (or interrupts) a move at every point, recovering after each.
     fn every_point(&mut self, signal: i32, name: &str) {
         for point in &KILL_POINTS {
@@ -545,5 +591,6 @@ fn sigint_at_every_phase_rolls_back_in_order() {
     let Some(mut rig) = Rig::boot("sigint_at_every_phase_rolls_back_in_order", "int", false) else {
         return;
     };
+    rig.refuses_what_is_not_its_own();
     rig.every_point(libc::SIGINT, "SIGINT");
 }

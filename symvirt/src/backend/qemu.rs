@@ -17,6 +17,7 @@ use qmp::{
 };
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -204,14 +205,20 @@ impl Launcher {
         std::fs::create_dir_all(&self.log_dir)
             .map_err(|e| Error::io(format!("create {}", self.log_dir.display()), e))?;
         let log = self.log_dir.join(format!("{vm}-destination.log"));
-        let file = std::fs::File::create(&log)
+        // Never through a symlink planted at the log's name.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&log)
             .map_err(|e| Error::io(format!("create {}", log.display()), e))?;
         let err = file
             .try_clone()
             .map_err(|e| Error::io("clone log file", e))?;
         if let Address::Unix(p) = qmp {
-            // A stale socket file would make the first connection attempts fail confusingly.
-            let _ = std::fs::remove_file(p);
+            clear_dead_socket(vm, p)?;
         }
         let child = self
             .command(spec, qmp)?
@@ -230,6 +237,35 @@ impl Launcher {
             log,
             remote,
         })
+    }
+}
+
+/// Makes way for a destination's monitor socket at `path`: nothing there is fine; a dead
+/// socket (no listener: a QEMU that was killed) is removed; anything else is refused, above all
+/// a live socket (another VM's monitor would be taken over) or a file that is not a socket.
+fn clear_dead_socket(vm: &str, path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(format!("inspect {}", path.display()), e)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(Error::Refused(format!(
+            "{vm}: the destination monitor path {} holds something that is not a socket; not \
+             removing it",
+            path.display()
+        )));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(Error::Refused(format!(
+            "{vm}: something is listening at the destination monitor path {} (another VM?); \
+             not taking it over",
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => std::fs::remove_file(path)
+            .map_err(|e| Error::io(format!("remove the dead socket {}", path.display()), e)),
+        Err(e) => Err(Error::io(format!("probe {}", path.display()), e)),
     }
 }
 
@@ -684,6 +720,25 @@ impl VmBackend for QemuVm {
                 // QEMU 10.0 (TCG) aborts the source with "Bad ram offset 0" when it migrates
                 // after the RAM block at offset 0 was removed: a memory backend given on the
                 // command line comes before the guest's RAM. Refused before anything is touched.
+                // The file commit removes must be the one this stand-in's memory uses.
+                if let (Device::HcaStandin { mem_path, .. }, Some(obj)) = (d, d.backend_object_id())
+                {
+                    let used = src
+                        .execute(
+                            "qom-get",
+                            Some(json!({ "path": format!("/objects/{obj}"), "property": "mem-path" })),
+                        )
+                        .map_err(|e| Error::qmp(self.what("source", format!("qom-get {obj}")), e))?;
+                    if used.as_str() != Some(&*mem_path.to_string_lossy()) {
+                        return Err(Error::Refused(format!(
+                            "{}: the plan says stand-in {:?} uses {}, but the source's {obj} uses \
+                             {used}",
+                            self.spec.name,
+                            d.id(),
+                            mem_path.display()
+                        )));
+                    }
+                }
                 if let Some(obj) = d.backend_object_id() {
                     let offset = ramblock_offset(src, &obj)
                         .map_err(|e| Error::qmp(self.what("source", "info ramblock"), e))?;
@@ -1084,6 +1139,59 @@ impl Drop for QemuVm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ninja-launch-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn only_a_dead_socket_is_cleared_for_a_destination_monitor() {
+        let dir = scratch("sock");
+        // Nothing there.
+        clear_dead_socket("vm0", &dir.join("none.sock")).unwrap();
+        // A live monitor (a bystander VM's): refused, left alone.
+        let live = dir.join("live.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+        let e = clear_dead_socket("vm0", &live).unwrap_err().to_string();
+        assert!(e.contains("something is listening"), "{e}");
+        assert!(live.exists());
+        // A dead one (its QEMU was killed): removed.
+        let dead = dir.join("dead.sock");
+        drop(std::os::unix::net::UnixListener::bind(&dead).unwrap());
+        clear_dead_socket("vm0", &dead).unwrap();
+        assert!(!dead.exists());
+        // A file that is not a socket: refused, intact.
+        let file = dir.join("notes.txt");
+        std::fs::write(&file, "keep").unwrap();
+        let e = clear_dead_socket("vm0", &file).unwrap_err().to_string();
+        assert!(e.contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_symlink_at_the_log_path_is_not_followed() {
+        let dir = scratch("log");
+        let target = dir.join("precious");
+        std::fs::write(&target, "keep").unwrap();
+        std::os::unix::fs::symlink(&target, dir.join("vm0-destination.log")).unwrap();
+        let launcher = Launcher {
+            ssh_program: "ssh".into(),
+            log_dir: dir.clone(),
+        };
+        let spec = LaunchSpec {
+            host: None,
+            program: "true".into(),
+            args: Vec::new(),
+        };
+        let r = launcher.launch("vm0", &spec, &Address::Unix(dir.join("q.sock")));
+        assert!(r.is_err(), "launched through a symlinked log");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn launcher_adds_monitor_and_deferred_incoming() {
