@@ -578,6 +578,19 @@ impl<'a> Controller<'a> {
             }
         };
         self.close_journal(&outcome, &mut errors);
+        self.finished(epoch, outcome, phases, members, errors, started)
+    }
+
+    /// Announces the end and puts the report together.
+    fn finished(
+        &self,
+        epoch: u64,
+        outcome: Outcome,
+        phases: Vec<(Phase, Duration)>,
+        members: Vec<Member>,
+        errors: Vec<String>,
+        started: Instant,
+    ) -> Report {
         let total = started.elapsed();
         self.emit(Event::PlanFinished {
             outcome: outcome.as_str().into(),
@@ -688,19 +701,14 @@ impl<'a> Controller<'a> {
                 errors.push(format!("journal: {}", e.chain()));
             }
         }
-        let total = started.elapsed();
-        self.emit(Event::PlanFinished {
-            outcome: outcome.as_str().into(),
-            total_ms: ms(total),
-        });
-        Report {
+        self.finished(
             epoch,
             outcome,
-            phases: vec![(phase, took)],
-            vms: members.into_iter().map(|m| m.report).collect(),
+            vec![(phase, took)],
+            members,
             errors,
-            total,
-        }
+            started,
+        )
     }
 
     /// Marks the journal finished, unless the run left something to recover (a rollback that
