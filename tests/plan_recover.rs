@@ -10,6 +10,7 @@
 use ninja_testkit::{QemuConfig, RawQmp, free_tcp_port, qemu_or_skip};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -358,8 +359,16 @@ impl Rig {
             .unwrap();
         let count = String::from_utf8_lossy(&qemus.stdout).lines().count();
         assert_eq!(count, VMS, "{what}: QEMU processes of this test");
-        for entry in std::fs::read_dir(self.state().join("runs")).unwrap() {
+        for entry in std::fs::read_dir(self.state().join("runs"))
+            .into_iter()
+            .flatten()
+        {
             let path = entry.unwrap().path();
+            assert!(
+                path.extension().is_none_or(|e| e != "fwd"),
+                "{what}: a run's forward directory was left: {}",
+                path.display()
+            );
             if path.extension().is_some_and(|e| e == "json") {
                 let record: Value =
                     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -376,28 +385,36 @@ impl Rig {
         let plan = std::fs::read_to_string(self.plan(self.at)).unwrap();
         let unrelated = format!("/dev/shm/ninja-unrelated-{}", std::process::id());
         std::fs::write(&unrelated, "keep").unwrap();
-        // vm1's live monitor, by another spelling of its path (`plan check` does not resolve
-        // aliases yet): the launcher must not take it over.
-        let bystander = self
+        // vm1's live monitor by another spelling of its path: `plan check` sees it is vm1's.
+        let alias = self
             .side_dir(self.at, 1)
             .join(".//qmp.sock")
             .display()
             .to_string();
+        // By a hard link, which no check of the plan can see: the launcher must not take
+        // over (or remove) what listens there.
+        let bystander = self.dir.join("bystander.sock");
+        let _ = std::fs::remove_file(&bystander);
+        std::fs::hard_link(self.qmp(self.at, 1), &bystander).unwrap();
+        let destination_qmp = self.qmp(self.at.other(), 0).display().to_string();
         let cases = [
             (
-                plan.replacen(
-                    &self.qmp(self.at.other(), 0).display().to_string(),
-                    &bystander,
-                    1,
-                ),
+                plan.replacen(&destination_qmp, &alias, 1),
+                1,
+                "is the same socket as vm[0].destination.qmp",
+            ),
+            (
+                plan.replacen(&destination_qmp, &bystander.display().to_string(), 1),
+                3,
                 "something is listening",
             ),
             (
                 plan.replacen(&self.hca_mem(0).display().to_string(), &unrelated, 1),
+                3,
                 "but the source's hca0-mem uses",
             ),
         ];
-        for (text, said) in cases {
+        for (text, code, said) in cases {
             let path = self.dir.join("plan-harm.toml");
             std::fs::write(&path, text).unwrap();
             let run = self
@@ -407,10 +424,15 @@ impl Rig {
                 .output()
                 .unwrap();
             let stderr = String::from_utf8_lossy(&run.stderr);
-            assert_eq!(run.status.code(), Some(3), "{said}: {stderr}");
+            assert_eq!(run.status.code(), Some(code), "{said}: {stderr}");
             assert!(stderr.contains(said), "{said}: {stderr}");
             self.check_settled(self.at, said);
         }
+        assert!(
+            std::fs::symlink_metadata(&bystander).is_ok_and(|m| m.file_type().is_socket()),
+            "the bystander's socket was removed"
+        );
+        let _ = std::fs::remove_file(&bystander);
         assert_eq!(std::fs::read_to_string(&unrelated).unwrap(), "keep");
         let _ = std::fs::remove_file(&unrelated);
     }

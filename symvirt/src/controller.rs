@@ -394,12 +394,22 @@ impl<'a> Controller<'a> {
 
     /// Runs the plan on QEMU backends; destination QEMUs log into `log_dir`.
     pub fn run_qemu(&self, log_dir: &std::path::Path) -> Result<Report> {
-        Ok(self.run(self.qemu_backends(log_dir)?))
+        let forwards = self.journal.map(Journal::forward_dir);
+        Ok(self.run(self.qemu_backends(log_dir, forwards)?))
     }
 
-    /// One QEMU backend per VM of the plan.
-    fn qemu_backends(&self, log_dir: &std::path::Path) -> Result<Vec<Box<dyn VmBackend>>> {
-        let connector = Arc::new(Connector::new(self.plan.ssh_program.clone())?);
+    /// One QEMU backend per VM of the plan; ssh forwards in `forward_dir` (default: a fresh
+    /// temporary directory).
+    fn qemu_backends(
+        &self,
+        log_dir: &std::path::Path,
+        forward_dir: Option<std::path::PathBuf>,
+    ) -> Result<Vec<Box<dyn VmBackend>>> {
+        let ssh = self.plan.ssh_program.clone();
+        let connector = Arc::new(match forward_dir {
+            Some(dir) => Connector::in_dir(ssh, dir)?,
+            None => Connector::new(ssh)?,
+        });
         let launcher = Launcher {
             ssh_program: self.plan.ssh_program.clone(),
             log_dir: log_dir.to_owned(),
@@ -609,7 +619,10 @@ impl<'a> Controller<'a> {
     /// Recovers the interrupted run of `journal` (whose plan this controller has) on QEMU
     /// backends; QEMUs it starts log into `log_dir`.
     pub fn recover_qemu(&self, journal: &Journal, log_dir: &std::path::Path) -> Result<Report> {
-        Ok(self.recover(journal, self.qemu_backends(log_dir)?))
+        // The dead run's ssh forwards would hold its sockets: end them, and reuse the place.
+        let forwards = journal.forward_dir();
+        crate::remote::clear_forwards(&forwards, Instant::now() + self.plan.deadlines.connect)?;
+        Ok(self.recover(journal, self.qemu_backends(log_dir, Some(forwards))?))
     }
 
     /// Brings every VM of the interrupted run that `journal` records to exactly one running

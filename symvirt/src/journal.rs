@@ -351,6 +351,12 @@ impl Journal {
         &self.path
     }
 
+    /// Where the run's ssh forwards keep their sockets (`runs/RUN.fwd`): a recovery ends what
+    /// is left there ([`crate::remote::clear_forwards`]).
+    pub fn forward_dir(&self) -> PathBuf {
+        self.path.with_extension("fwd")
+    }
+
     fn save(&self) -> Result<()> {
         let record = self.record();
         let text = serde_json::to_vec_pretty(&record)

@@ -37,7 +37,7 @@ use crate::cluster::{
 };
 use crate::error::{Error, Result};
 use crate::protocol::{Interconnect, Validate};
-use crate::remote::{Address, check_migrate_uri};
+use crate::remote::{Address, check_migrate_uri, valid_host};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -252,6 +252,19 @@ impl Checker<'_> {
     }
 }
 
+/// QEMU's largest `downtime-limit`.
+const MAX_DOWNTIME_LIMIT_MS: u64 = 2_000_000;
+
+/// Options the destination launcher adds itself (or that would keep QEMU from waiting for the
+/// migration on the plan's monitor).
+const LAUNCHER_OWNS: [&str; 5] = [
+    "-incoming",
+    "-qmp",
+    "-qmp-pretty",
+    "-daemonize",
+    "-preconfig",
+];
+
 fn valid_id(id: &str) -> bool {
     id.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
         && id.len() <= 64
@@ -329,7 +342,16 @@ pub fn parse(text: &str) -> std::result::Result<Plan, Vec<PlanIssue>> {
             }
             migration.max_bandwidth = Some(*b.get_ref());
         }
-        migration.downtime_limit_ms = s.downtime_limit_ms.as_ref().map(|d| *d.get_ref());
+        if let Some(d) = &s.downtime_limit_ms {
+            if *d.get_ref() > MAX_DOWNTIME_LIMIT_MS {
+                c.issue(
+                    d.span(),
+                    "settings.downtime_limit_ms",
+                    format!("QEMU accepts at most {MAX_DOWNTIME_LIMIT_MS} ms (2000 s)"),
+                );
+            }
+            migration.downtime_limit_ms = Some(*d.get_ref());
+        }
         if let Some(p) = &s.ssh_program {
             ssh_program = p.clone();
         }
@@ -367,8 +389,8 @@ pub fn parse(text: &str) -> std::result::Result<Plan, Vec<PlanIssue>> {
         c.issue(0..0, "vm", "the plan has no [[vm]]");
     }
     let mut names: HashMap<String, usize> = HashMap::new();
-    // Endpoints two VMs must not share: (what, address) -> first VM index.
-    let mut taken: HashMap<(String, String), usize> = HashMap::new();
+    // Every socket and port the plan names, by identity: no two may be the same.
+    let mut taken: HashMap<String, String> = HashMap::new();
     let mut vms = Vec::new();
     for (i, vm) in file.vm.iter().enumerate() {
         let v = vm.get_ref();
@@ -408,31 +430,24 @@ pub fn parse(text: &str) -> std::result::Result<Plan, Vec<PlanIssue>> {
         );
         c.devices(&src.devices, &format!("{base}.source.devices"));
         c.devices(&dst.devices, &format!("{base}.destination.devices"));
-        if let (Some(a), Some(b)) = (&sq, &dq) {
-            if a == b {
-                c.issue(
-                    dst.qmp.span(),
-                    format!("{base}.destination.qmp"),
-                    "the same monitor as the source",
-                );
-            }
-        }
-        for (what, value) in [
-            ("qmp", &src.qmp),
-            ("channel", &src.channel),
-            ("qmp", &dst.qmp),
-            ("channel", &dst.channel),
-            ("migrate_uri", &dst.migrate_uri),
+        let uri = dst.migrate_uri.get_ref().parse::<Address>().ok();
+        for (what, value, address) in [
+            ("source.qmp", &src.qmp, &sq),
+            ("source.channel", &src.channel, &sc),
+            ("destination.qmp", &dst.qmp, &dq),
+            ("destination.channel", &dst.channel, &dc),
+            ("destination.migrate_uri", &dst.migrate_uri, &uri),
         ] {
-            let key = (what.to_owned(), value.get_ref().clone());
-            match taken.get(&key) {
-                Some(&j) if j != i => c.issue(
+            let Some(address) = address else { continue };
+            let here = format!("{base}.{what}");
+            match taken.get(&address.identity()) {
+                Some(other) => c.issue(
                     value.span(),
-                    format!("{base}: {what}"),
-                    format!("{} is also used by vm[{j}]", value.get_ref()),
+                    &here,
+                    format!("{} is the same socket as {other}", value.get_ref()),
                 ),
-                _ => {
-                    taken.insert(key, i);
+                None => {
+                    taken.insert(address.identity(), here);
                 }
             }
         }
@@ -451,14 +466,45 @@ pub fn parse(text: &str) -> std::result::Result<Plan, Vec<PlanIssue>> {
         }
         if let Some(l) = &dst.launch {
             let launch = l.get_ref();
-            for forbidden in ["-incoming", "-qmp", "-daemonize"] {
-                if launch.args.iter().any(|a| a == forbidden) {
+            for arg in &launch.args {
+                // QEMU takes `--opt` as `-opt`.
+                let option = arg.strip_prefix('-').filter(|a| a.starts_with('-'));
+                if let Some(owned) = LAUNCHER_OWNS.iter().find(|o| **o == option.unwrap_or(arg)) {
                     c.issue(
                         l.span(),
                         format!("{base}.destination.launch.args"),
-                        format!("{forbidden} is added by the launcher"),
+                        format!("{arg}: {owned} is the launcher's own (it waits for the migration on the plan's monitor)"),
                     );
                 }
+                if arg.contains('\0') {
+                    c.issue(
+                        l.span(),
+                        format!("{base}.destination.launch.args"),
+                        format!("{arg:?} holds a NUL"),
+                    );
+                }
+            }
+            if launch.program.is_empty() || launch.program.contains('\0') {
+                c.issue(
+                    l.span(),
+                    format!("{base}.destination.launch.program"),
+                    format!("{:?} is not a program", launch.program),
+                );
+            }
+            if let Some(host) = launch.host.as_deref().filter(|h| !valid_host(h)) {
+                c.issue(
+                    l.span(),
+                    format!("{base}.destination.launch.host"),
+                    format!("bad host {host:?}"),
+                );
+            }
+            if dq.as_ref().is_some_and(|q| q.to_string().contains(',')) {
+                // QEMU's -qmp option would split the path at the comma.
+                c.issue(
+                    dst.qmp.span(),
+                    format!("{base}.destination.qmp"),
+                    "a launched destination's monitor path cannot hold ','",
+                );
             }
             if matches!(dq, Some(Address::Ssh { .. })) != launch.host.is_some() {
                 c.issue(
@@ -664,7 +710,8 @@ host = "0000:3b:00.2"
         let text: Vec<String> = issues.iter().map(ToString::to_string).collect();
         assert!(
             text.iter()
-                .any(|t| t.contains("migrate_uri") && t.contains("also used by vm[0]")),
+                .any(|t| t.contains("vm[1].destination.migrate_uri")
+                    && t.contains("the same socket as vm[0].destination.migrate_uri")),
             "{text:#?}"
         );
         assert!(
@@ -672,5 +719,112 @@ host = "0000:3b:00.2"
                 .any(|t| t.contains("no destination virtio-net device has mac")),
             "{text:#?}"
         );
+    }
+
+    /// The issues `parse` finds in `text`, as text.
+    fn issues_of(text: &str) -> Vec<String> {
+        parse(text)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    fn has(issues: &[String], path: &str, words: &str) -> bool {
+        issues
+            .iter()
+            .any(|t| t.contains(&format!("{path}: ")) && t.contains(words))
+    }
+
+    #[test]
+    fn aliases_of_one_socket_are_refused() {
+        // Two spellings of one path; one channel for source and destination; one port by two
+        // names of this host; user@host against host.
+        let bad = GOOD
+            .replace("unix:/run/vm1d/qmp.sock", "unix:/run//vm0/./sv.sock")
+            .replace("unix:/run/vm1d/sv.sock", "unix:/run/vm1/sv.sock")
+            .replace("unix:/run/vm1d/mig.sock", "tcp:localhost:5555")
+            .replace(
+                "ssh:node7:/run/vm0/sv.sock",
+                "ssh:root@NODE7:/run/vm0/qmp.sock",
+            );
+        let issues = issues_of(&bad);
+        for (path, other) in [
+            ("vm[1].destination.qmp", "vm[0].source.channel"),
+            ("vm[1].destination.channel", "vm[1].source.channel"),
+            ("vm[1].destination.migrate_uri", "vm[1].source.qmp"),
+            ("vm[0].destination.channel", "vm[0].destination.qmp"),
+        ] {
+            assert!(
+                has(&issues, path, &format!("the same socket as {other}")),
+                "{path}: {issues:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_symlinked_directory_is_the_same_socket() {
+        let dir = std::env::temp_dir().join(format!("plan-alias-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("real")).unwrap();
+        std::os::unix::fs::symlink(dir.join("real"), dir.join("link")).unwrap();
+        let bad = GOOD
+            .replace(
+                "unix:/run/vm1d/qmp.sock",
+                &format!("unix:{}/real/q.sock", dir.display()),
+            )
+            .replace(
+                "unix:/run/vm1d/sv.sock",
+                &format!("unix:{}/link/q.sock", dir.display()),
+            );
+        let issues = issues_of(&bad);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            has(
+                &issues,
+                "vm[1].destination.channel",
+                "the same socket as vm[1].destination.qmp"
+            ),
+            "{issues:#?}"
+        );
+    }
+
+    #[test]
+    fn paths_names_and_numbers_outside_what_sockets_and_qemu_take_are_refused() {
+        let long = format!("unix:/{}", "x".repeat(10 << 20));
+        let bad = GOOD
+            .replace("unix:/run/vm1d/qmp.sock", &long)
+            .replace("unix:/run/vm1d/sv.sock", "unix:/run/vm1d/s\\u0000v.sock")
+            .replace("unix:/run/vm1d/mig.sock", "unix:/run/../vm1d/mig.sock")
+            .replace("max_bandwidth = 1000000", "max_bandwidth = 1000000\ndowntime_limit_ms = 9200000000000000000")
+            .replace(
+                "args = [\"-machine\", \"pc\"]",
+                "args = [\"-machine\", \"pc\", \"--incoming\", \"tcp:0:1\", \"-daemonize\"], program = \"\"",
+            )
+            .replace("launch = { host = \"node7\"", "launch = { host = \"-oProxyCommand=x\"");
+        let issues = issues_of(&bad);
+        for (path, words) in [
+            (
+                "vm[1].destination.qmp",
+                "a unix socket path holds at most 107",
+            ),
+            ("vm[1].destination.channel", "control character"),
+            ("vm[1].destination.migrate_uri", "holds '..'"),
+            ("settings.downtime_limit_ms", "at most 2000000 ms"),
+            (
+                "vm[0].destination.launch.args",
+                "--incoming: -incoming is the launcher's own",
+            ),
+            (
+                "vm[0].destination.launch.args",
+                "-daemonize: -daemonize is the launcher's own",
+            ),
+            ("vm[0].destination.launch.program", "is not a program"),
+            ("vm[0].destination.launch.host", "bad host"),
+        ] {
+            assert!(has(&issues, path, words), "{path}: {words}: {issues:#?}");
+        }
+        // The 10 MB path is not echoed back whole.
+        assert!(issues.iter().all(|t| t.len() < 1000), "{issues:#?}");
     }
 }

@@ -14,8 +14,10 @@
 
 use crate::error::{Error, Result};
 use std::fmt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -50,12 +52,79 @@ impl fmt::Display for Address {
     }
 }
 
-fn valid_host(host: &str) -> bool {
+/// Whether `host` is a host name or address `ssh` takes (no option, no shell word).
+pub fn valid_host(host: &str) -> bool {
     !host.is_empty()
         && !host.starts_with('-')
         && host
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-._@[]:".contains(c))
+}
+
+/// A socket path as written in a plan, in its lexical normal form (`/a/.//b` is `/a/b`), or
+/// why it cannot name a unix socket.
+fn socket_path(path: &str) -> std::result::Result<PathBuf, String> {
+    if !path.starts_with('/') {
+        return Err(format!("unix socket path {path:?} must be absolute"));
+    }
+    if path.contains(|c: char| c.is_control()) {
+        return Err(format!(
+            "unix socket path {path:?} holds a control character (NUL, newline, ...)"
+        ));
+    }
+    if path.ends_with('/') {
+        return Err(format!("unix socket path {path:?} names a directory"));
+    }
+    let p = Path::new(path);
+    // Where `..` leads depends on symlinks: two spellings could name one socket unseen.
+    if p.components().any(|c| c == Component::ParentDir) {
+        return Err(format!("unix socket path {path:?} holds '..'"));
+    }
+    let normal: PathBuf = p.components().collect();
+    check_socket_path_len(&normal)?;
+    Ok(normal)
+}
+
+impl Address {
+    /// What two addresses share when they reach the same socket: the path with its existing
+    /// parent directory resolved (symlinks), a host name without its `user@` and case, and
+    /// every name of this host's loopback (`localhost`, `127.0.0.1`, `[::1]`) as one.
+    pub fn identity(&self) -> String {
+        match self {
+            Address::Unix(p) => format!("unix:{}", resolved(p).display()),
+            Address::Tcp(a) => {
+                let (host, port) = a.rsplit_once(':').unwrap_or((a, ""));
+                format!("tcp:{}:{port}", host_identity(host))
+            }
+            Address::Ssh { host, path } => {
+                let host = host.rsplit_once('@').map_or(host.as_str(), |(_, h)| h);
+                format!("ssh:{}:{}", host_identity(host), path.display())
+            }
+        }
+    }
+}
+
+/// `path` with its parent directory's symlinks resolved, when that directory exists here.
+fn resolved(path: &Path) -> PathBuf {
+    match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(dir)
+            .map(|d| d.join(name))
+            .unwrap_or_else(|_| path.to_owned()),
+        _ => path.to_owned(),
+    }
+}
+
+fn host_identity(host: &str) -> String {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let local = bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified());
+    if local {
+        "loopback".into()
+    } else {
+        bare.to_ascii_lowercase()
+    }
 }
 
 /// Checks `HOST:PORT` (the host may be a bracketed IPv6 address).
@@ -77,10 +146,7 @@ impl FromStr for Address {
 
     fn from_str(s: &str) -> std::result::Result<Address, String> {
         if let Some(path) = s.strip_prefix("unix:") {
-            if !path.starts_with('/') {
-                return Err(format!("unix socket path {path:?} must be absolute"));
-            }
-            Ok(Address::Unix(path.into()))
+            Ok(Address::Unix(socket_path(path)?))
         } else if let Some(addr) = s.strip_prefix("tcp:") {
             check_host_port(addr)?;
             Ok(Address::Tcp(addr.into()))
@@ -93,7 +159,7 @@ impl FromStr for Address {
             }
             Ok(Address::Ssh {
                 host: host.into(),
-                path: PathBuf::from(format!("/{path}")),
+                path: socket_path(&format!("/{path}"))?,
             })
         } else {
             Err(format!(
@@ -108,11 +174,7 @@ pub fn check_migrate_uri(uri: &str) -> std::result::Result<(), String> {
     if let Some(addr) = uri.strip_prefix("tcp:") {
         check_host_port(addr)
     } else if let Some(path) = uri.strip_prefix("unix:") {
-        if path.starts_with('/') {
-            Ok(())
-        } else {
-            Err(format!("unix socket path {path:?} must be absolute"))
-        }
+        socket_path(path).map(drop)
     } else {
         Err(format!("{uri:?}: expected tcp:HOST:PORT or unix:/PATH"))
     }
@@ -212,6 +274,66 @@ const RESTART_INTERVAL: Duration = Duration::from_millis(500);
 /// An ssh that ran this long was a working forward: its end restarts it without delay.
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
 
+/// Ends what a dead run's connector left in `dir`: the ssh clients of its forwards (processes
+/// of this user whose `-L` argument has its local end in `dir`; they outlive a controller
+/// killed with SIGKILL) and the directory itself. Returns how many processes it ended.
+pub fn clear_forwards(dir: &Path, deadline: Instant) -> Result<usize> {
+    let mut prefix = dir.as_os_str().as_bytes().to_vec();
+    prefix.extend_from_slice(b"/fwd-");
+    let left: Vec<u32> = std::fs::read_dir("/proc")
+        .map_err(|e| Error::io("list /proc", e))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| forwards_into(pid, &prefix))
+        .collect();
+    for &pid in &left {
+        // SAFETY: kill(2) on a pid just seen to be one of this run's ssh forwards.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    }
+    for &pid in &left {
+        while forwards_into(pid, &prefix) {
+            if Instant::now() >= deadline {
+                return Err(Error::Refused(format!(
+                    "ssh forward {pid} of {} does not end",
+                    dir.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::io(format!("remove {}", dir.display()), e))
+        }
+        _ => Ok(left.len()),
+    }
+}
+
+/// Whether live process `pid` is an ssh forward whose local end starts with `prefix`.
+fn forwards_into(pid: u32, prefix: &[u8]) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let mut words = cmdline.split(|&b| b == 0);
+    // A zombie has an empty command line and is gone for our purposes.
+    words.any(|w| w == b"-L") && words.next().is_some_and(|w| w.starts_with(prefix))
+}
+
+/// Longest unix socket path: `sun_path` holds 108 bytes with the terminating NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Whether a unix socket can be bound or reached at `path`.
+pub fn check_socket_path_len(path: &Path) -> std::result::Result<(), String> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        // Not the path itself: it may be megabytes.
+        return Err(format!(
+            "{len} bytes long, a unix socket path holds at most {MAX_SOCKET_PATH}"
+        ));
+    }
+    Ok(())
+}
+
 /// The command line of a stream-local forward from `local` to `remote` on `host`.
 pub fn forward_command(ssh: &str, host: &str, local: &Path, remote: &Path) -> Command {
     let mut cmd = Command::new(ssh);
@@ -305,7 +427,7 @@ struct Keeper {
 
 impl Connector {
     /// A connector that runs `ssh_program` for remote addresses and puts forwarded sockets in
-    /// a fresh private directory.
+    /// a fresh private directory under the temporary directory.
     pub fn new(ssh_program: impl Into<String>) -> Result<Connector> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -313,7 +435,16 @@ impl Connector {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        std::fs::create_dir_all(&dir)
+        Connector::in_dir(ssh_program, dir)
+    }
+
+    /// A connector whose forwards live in `dir`, which it creates (mode 0700; it must not
+    /// exist) and removes when dropped. A run journals `dir`, so that after the run's death
+    /// [`clear_forwards`] can end what it left.
+    pub fn in_dir(ssh_program: impl Into<String>, dir: PathBuf) -> Result<Connector> {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
             .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         Ok(Connector {
             dir,
@@ -436,6 +567,8 @@ impl Connector {
         // A new forward, started without the lock held: several VMs' come up in parallel.
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let local = self.dir.join(format!("fwd-{n}.sock"));
+        check_socket_path_len(&local)
+            .map_err(|e| Error::Config(format!("{what}: local end: {e}")))?;
         let log = self.dir.join(format!("fwd-{n}.log"));
         let child = Forward::spawn(&self.forwards.ssh_program, host, remote, &local, &log)?;
         let mut forward = Forward {

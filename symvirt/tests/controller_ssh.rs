@@ -180,6 +180,55 @@ fn forwards_through_sshd_are_shared_restarted_when_dead_and_gone_after_drop() {
     assert!(!local.exists(), "the forward's socket was left behind");
 }
 
+#[test]
+fn a_dead_runs_forwards_are_ended_and_nobody_elses() {
+    let test = "a_dead_runs_forwards_are_ended_and_nobody_elses";
+    let Some(sshd) = sshd_for(test, "deadfwd") else {
+        return;
+    };
+    let cleanup = Cleanup::new("deadfwd");
+    let remote = cleanup.dir.join("upper.sock");
+    let _server = upper_case_server(&remote);
+    let address: Address = format!("ssh:{}:{}", sshd.alias(), remote.display())
+        .parse()
+        .unwrap();
+    let deadline = || Instant::now() + Duration::from_secs(60);
+    let ssh = sshd.ssh_program().to_string_lossy().into_owned();
+
+    let dead_dir = cleanup.dir.join("run.fwd");
+    let dead = Connector::in_dir(ssh.clone(), dead_dir.clone()).unwrap();
+    let local = dead.local_path(&address, deadline()).unwrap();
+    assert!(local.starts_with(&dead_dir), "{}", local.display());
+    let dead_pids = dead.forward_pids();
+    // Its controller dies: nothing of it runs its drop, its ssh client stays.
+    std::mem::forget(dead);
+    let other = Connector::in_dir(ssh, cleanup.dir.join("other.fwd")).unwrap();
+    other.local_path(&address, deadline()).unwrap();
+    let other_pids = other.forward_pids();
+    assert!(
+        Connector::in_dir("ssh", dead_dir.clone()).is_err(),
+        "the dead run's place is taken"
+    );
+
+    let ended = symvirt::remote::clear_forwards(&dead_dir, deadline()).unwrap();
+    assert_eq!(ended, 1);
+    assert!(
+        !dead_dir.exists(),
+        "the dead run's forward directory was left"
+    );
+    eventually("the dead run's ssh outlived clear_forwards", || {
+        sshd.clients() == other_pids
+    });
+    assert!(dead_pids.iter().all(|p| !other_pids.contains(p)));
+    // Clearing again finds nothing; the live connector's forward still works.
+    assert_eq!(
+        symvirt::remote::clear_forwards(&dead_dir, deadline()).unwrap(),
+        0
+    );
+    let live = other.local_path(&address, deadline()).unwrap();
+    assert_eq!(round_trip(&live, "still\n"), "STILL\n");
+}
+
 // ---- Plans over ssh with real QEMU ----
 
 fn agent_command(vm: &str) -> String {
