@@ -5,6 +5,14 @@
 //! under a fresh id before its request is written; the reader routes `return`/`error` replies
 //! by id and events to subscriptions. When the stream ends or breaks, the reader fails every
 //! pending call at once and marks the connection dead, so later calls fail without I/O.
+//!
+//! Writes: one call at a time holds the [`WriteGate`] and writes its whole request, bounded
+//! by the call's deadline (the socket's send timeout is set to the time left before every
+//! write). A call waiting for the gate gives up at its own deadline. A write that stops part
+//! way leaves a half-sent request in the stream, so the connection is then closed.
+//!
+//! Whoever ends the connection records why ([`Shared::fail_all`]) *before* shutting the socket
+//! down, so the reason, not the reader's view of the shutdown, is what every later call sees.
 
 use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read, Write};
@@ -12,7 +20,7 @@ use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -21,7 +29,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::error::{Error, ProtocolError, Result};
-use crate::events::{Event, EventFilter, SubscriberSlot, Subscription};
+use crate::events::{Event, EventFilter, EventQueue, SubscriberSlot, Subscription, deadline_after};
 use crate::framing::LineReader;
 use crate::types::{ErrorClass, QmpCapability, VersionInfo};
 
@@ -39,7 +47,8 @@ pub enum Endpoint {
 pub struct ConnectOptions {
     /// How long to wait for the greeting and the `qmp_capabilities` reply.
     pub greeting_timeout: Duration,
-    /// Timeout of calls made without an explicit one (also bounds each socket write).
+    /// Timeout of calls made without an explicit one. A call's timeout bounds all its waiting:
+    /// for its turn to write, for QEMU to read the request and for the reply.
     pub command_timeout: Duration,
     /// Longest message accepted, in bytes; a longer one is a protocol error.
     pub max_line_len: usize,
@@ -139,6 +148,87 @@ impl Stream {
             Self::Tcp(s) => s.set_write_timeout(t),
         }
     }
+
+    /// One `write` through a shared reference (`Write` is implemented for `&UnixStream` and
+    /// `&TcpStream`; the [`WriteGate`] makes the writing exclusive).
+    fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Unix(s) => (&mut &*s).write(buf),
+            Self::Tcp(s) => (&mut &*s).write(buf),
+        }
+    }
+
+    /// Writes all of `bytes` unless `deadline` passes first: the send timeout is set to the
+    /// time left before each `write`, so a peer that stops reading cannot hold the caller
+    /// longer. On failure, also says how many bytes went out.
+    fn write_all_before(
+        &self,
+        bytes: &[u8],
+        deadline: Instant,
+    ) -> std::result::Result<(), (usize, io::Error)> {
+        let mut sent = 0;
+        while sent < bytes.len() {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err((sent, ErrorKind::TimedOut.into()));
+            }
+            self.set_write_timeout(Some(remaining))
+                .map_err(|e| (sent, e))?;
+            match self.send(&bytes[sent..]) {
+                Ok(0) => return Err((sent, ErrorKind::WriteZero.into())),
+                Ok(n) => sent += n,
+                // A timeout may fire a little early; the deadline check above decides.
+                Err(e) if e.kind() == ErrorKind::Interrupted || is_timeout(&e) => {}
+                Err(e) => return Err((sent, e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The right to write to the socket, one call at a time, taken with a deadline (a plain
+/// mutex would queue every caller behind a write that QEMU does not read).
+#[derive(Default)]
+struct WriteGate {
+    busy: Mutex<bool>,
+    freed: Condvar,
+}
+
+/// A call's turn to write; the gate opens again when it is dropped.
+struct WriteTurn<'a>(&'a WriteGate);
+
+impl WriteGate {
+    fn lock(&self) -> MutexGuard<'_, bool> {
+        self.busy.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits for the turn to write until `deadline`; `None` if it did not come in time.
+    fn enter(&self, deadline: Instant) -> Option<WriteTurn<'_>> {
+        let mut busy = self.lock();
+        loop {
+            if !*busy {
+                *busy = true;
+                return Some(WriteTurn(self));
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return None;
+            }
+            busy = self
+                .freed
+                .wait_timeout(busy, remaining)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+impl Drop for WriteTurn<'_> {
+    fn drop(&mut self) {
+        *self.0.lock() = false;
+        // Every waiter re-checks; one whose deadline passed must not swallow the wake-up.
+        self.0.freed.notify_all();
+    }
 }
 
 impl Read for Stream {
@@ -173,6 +263,14 @@ enum Fatal {
     Eof,
     Io(String),
     Protocol(ProtocolError),
+    /// A request was only partly written before its call's deadline: the rest of the stream
+    /// would be misread, so the client closed the connection.
+    WriteTimedOut {
+        command: String,
+        after: Duration,
+        sent: usize,
+        len: usize,
+    },
 }
 
 impl std::fmt::Display for Fatal {
@@ -182,6 +280,17 @@ impl std::fmt::Display for Fatal {
             Self::Eof => f.write_str("QEMU closed the connection"),
             Self::Io(e) => write!(f, "socket error: {e}"),
             Self::Protocol(p) => write!(f, "protocol error: {p}"),
+            Self::WriteTimedOut {
+                command,
+                after,
+                sent,
+                len,
+            } => write!(
+                f,
+                "write of command {command} timed out after {after:?} ({sent} of {len} bytes \
+                 sent: QEMU stopped reading); the client closed the connection, whose stream \
+                 held a half-written command"
+            ),
         }
     }
 }
@@ -198,11 +307,22 @@ impl Fatal {
     }
 }
 
-type ReplySender = Sender<Result<Value>>;
+/// A call waiting for its reply.
+struct Pending {
+    /// The command, named in a QMP error reply.
+    command: String,
+    reply: Sender<Result<Value>>,
+}
+
+/// A reply as QEMU sent it, before it is matched to a call.
+enum Reply {
+    Return(Value),
+    Error { class: ErrorClass, desc: String },
+}
 
 #[derive(Default)]
 struct State {
-    pending: HashMap<u64, ReplySender>,
+    pending: HashMap<u64, Pending>,
     subscribers: Vec<SubscriberSlot>,
     dead: Option<Fatal>,
 }
@@ -228,7 +348,15 @@ impl Shared {
             .map_or_else(|| "connection closed".to_owned(), Fatal::to_string)
     }
 
+    /// The error of a call that finds the connection dead, if it is.
+    fn dead_error(&self) -> Option<Error> {
+        self.lock().dead.as_ref().map(|fatal| Error::Disconnected {
+            reason: fatal.to_string(),
+        })
+    }
+
     /// Marks the connection dead and fails everything waiting on it. The first cause wins.
+    /// Call it *before* shutting the socket down, or the reader's view of the shutdown wins.
     fn fail_all(&self, fatal: Fatal) {
         let mut state = self.lock();
         if state.dead.is_some() {
@@ -236,7 +364,7 @@ impl Shared {
         }
         log::debug!("QMP connection ended: {fatal}");
         for (_, waiter) in state.pending.drain() {
-            let _ = waiter.send(Err(fatal.pending_error()));
+            let _ = waiter.reply.send(Err(fatal.pending_error()));
         }
         // Dropping the senders wakes every subscription with "disconnected".
         state.subscribers.clear();
@@ -250,18 +378,26 @@ impl Shared {
     fn route_reply(
         &self,
         id: Option<&Value>,
-        result: Result<Value>,
+        reply: Reply,
     ) -> std::result::Result<(), ProtocolError> {
         let waiter = id
             .and_then(Value::as_u64)
             .and_then(|id| self.lock().pending.remove(&id));
-        match (waiter, id, result) {
-            (Some(waiter), _, result) => {
+        match (waiter, id, reply) {
+            (Some(waiter), _, reply) => {
+                let result = match reply {
+                    Reply::Return(value) => Ok(value),
+                    Reply::Error { class, desc } => Err(Error::Qmp {
+                        command: waiter.command,
+                        class,
+                        desc,
+                    }),
+                };
                 // The caller may have timed out and gone; its reply is then dropped.
-                let _ = waiter.send(result);
+                let _ = waiter.reply.send(result);
                 Ok(())
             }
-            (None, None, Err(Error::Qmp { class, desc })) => {
+            (None, None, Reply::Error { class, desc }) => {
                 Err(ProtocolError::ErrorWithoutId { class, desc })
             }
             (None, id, _) => {
@@ -284,10 +420,11 @@ impl Shared {
         }
         let id = message.remove("id");
         if let Some(value) = message.remove("return") {
-            return self.route_reply(id.as_ref(), Ok(value));
+            return self.route_reply(id.as_ref(), Reply::Return(value));
         }
         if let Some(error) = message.remove("error") {
-            return self.route_reply(id.as_ref(), Err(qmp_error(&error)));
+            let (class, desc) = error_parts(&error);
+            return self.route_reply(id.as_ref(), Reply::Error { class, desc });
         }
         // Something a newer QEMU may send that this client does not know: not fatal.
         log::warn!(
@@ -327,11 +464,6 @@ fn error_parts(error: &Value) -> (ErrorClass, String) {
     (ErrorClass::from(text("class")), text("desc").to_owned())
 }
 
-fn qmp_error(error: &Value) -> Error {
-    let (class, desc) = error_parts(error);
-    Error::Qmp { class, desc }
-}
-
 fn is_disconnect(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -350,13 +482,15 @@ fn is_timeout(e: &io::Error) -> bool {
 /// A QMP client connection. Calls may be made from several threads at once.
 pub struct Qmp {
     shared: Arc<Shared>,
-    writer: Mutex<Stream>,
+    /// Written only by the holder of `gate`'s turn.
+    writer: Stream,
+    gate: WriteGate,
     control: Stream,
     greeting: Greeting,
     oob: bool,
     next_id: AtomicU64,
     options: ConnectOptions,
-    default_events: Mutex<Subscription>,
+    default_events: Arc<EventQueue>,
     reader: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -390,25 +524,29 @@ impl Qmp {
         let io = |context| move |source| Error::Io { context, source };
         let stream = Stream::connect(endpoint, options.greeting_timeout)
             .map_err(io("connecting to the QMP socket"))?;
-        stream
-            .set_write_timeout(Some(options.command_timeout))
-            .map_err(io("configuring the QMP socket"))?;
         let control = stream.try_clone().map_err(io("cloning the QMP socket"))?;
         let mut reader = LineReader::new(
             stream.try_clone().map_err(io("cloning the QMP socket"))?,
             options.max_line_len,
         );
-        let deadline = Instant::now() + options.greeting_timeout;
+        let deadline = deadline_after(options.greeting_timeout);
 
         let greeting = read_greeting(&mut reader, &stream, deadline, options.greeting_timeout)?;
         let oob = options.enable_oob && greeting.capabilities.contains(&QmpCapability::Oob);
-        let mut writer = stream;
+        let writer = stream;
         let enable = if oob { json!(["oob"]) } else { json!([]) };
-        write_line(
-            &mut writer,
-            &json!({"execute": "qmp_capabilities", "arguments": {"enable": enable}, "id": 0}),
-        )
-        .map_err(io("negotiating QMP capabilities"))?;
+        let negotiate =
+            json!({"execute": "qmp_capabilities", "arguments": {"enable": enable}, "id": 0});
+        match writer.write_all_before(&encode(&negotiate), deadline) {
+            Ok(()) => {}
+            Err((_, source)) if is_timeout(&source) => {
+                return Err(Error::Timeout {
+                    what: "QEMU to accept qmp_capabilities".to_owned(),
+                    after: options.greeting_timeout,
+                });
+            }
+            Err((_, source)) => return Err(io("negotiating QMP capabilities")(source)),
+        }
         read_negotiation_reply(&mut reader, &writer, deadline, options.greeting_timeout)?;
         writer
             .set_read_timeout(None)
@@ -419,11 +557,7 @@ impl Qmp {
             closing: AtomicBool::new(false),
             unmatched: AtomicU64::new(0),
         });
-        let (default_events, slot) = Subscription::new(
-            EventFilter::All,
-            options.event_queue_capacity,
-            Arc::clone(&shared),
-        );
+        let (default_events, slot) = EventQueue::new(options.event_queue_capacity);
         shared.lock().subscribers.push(slot);
         let reader_control = control.try_clone().map_err(io("cloning the QMP socket"))?;
         let reader_shared = Arc::clone(&shared);
@@ -433,13 +567,14 @@ impl Qmp {
             .map_err(io("spawning the QMP reader thread"))?;
         Ok(Self {
             shared,
-            writer: Mutex::new(writer),
+            writer,
+            gate: WriteGate::default(),
             control,
             greeting,
             oob,
             next_id: AtomicU64::new(1),
             options,
-            default_events: Mutex::new(default_events),
+            default_events,
             reader: Mutex::new(Some(handle)),
         })
     }
@@ -476,6 +611,11 @@ impl Qmp {
     }
 
     /// Runs `command` and waits at most `timeout` for its reply.
+    ///
+    /// `timeout` bounds all the call's waiting: for other calls' writes, for QEMU to read this
+    /// request and for the reply. A call that times out before any of its request is written
+    /// leaves the connection usable; one that times out part way through the write closes it
+    /// (later calls fail with [`Error::Disconnected`] saying so).
     pub fn execute_with_timeout(
         &self,
         command: &str,
@@ -491,7 +631,11 @@ impl Qmp {
                     reason: fatal.to_string(),
                 });
             }
-            state.pending.insert(id, sender);
+            let pending = Pending {
+                command: command.to_owned(),
+                reply: sender,
+            };
+            state.pending.insert(id, pending);
         }
         let mut request = Map::new();
         request.insert("execute".into(), Value::String(command.to_owned()));
@@ -499,35 +643,15 @@ impl Qmp {
             request.insert("arguments".into(), arguments);
         }
         request.insert("id".into(), Value::from(id));
-        let written = {
-            let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-            write_line(&mut *writer, &Value::Object(request))
-        };
-        if let Err(source) = written {
+        let bytes = encode(&Value::Object(request));
+        // From here on the call waits (for its turn, for QEMU to read, for the reply); encoding
+        // a large request is not waiting, and would otherwise eat a short timeout.
+        let deadline = deadline_after(timeout);
+        if let Err(e) = self.send_request(command, &bytes, deadline, timeout) {
             self.shared.lock().pending.remove(&id);
-            if is_disconnect(&source) || !self.is_connected() {
-                return Err(Error::Disconnected {
-                    reason: format!("sending {command}: {source}"),
-                });
-            }
-            // Part of the request may be on the wire: the stream is no longer in sync.
-            self.control.shutdown();
-            if is_timeout(&source) {
-                let after = self.options.command_timeout;
-                let why = format!("QEMU stopped reading (write of {command} timed out)");
-                self.shared.fail_all(Fatal::Io(why));
-                return Err(Error::Timeout {
-                    what: format!("QEMU to accept {command}"),
-                    after,
-                });
-            }
-            self.shared.fail_all(Fatal::Io(source.to_string()));
-            return Err(Error::Io {
-                context: "sending a QMP command",
-                source,
-            });
+            return Err(e);
         }
-        match receiver.recv_timeout(timeout) {
+        match receiver.recv_deadline(deadline) {
             Ok(result) => result,
             Err(RecvTimeoutError::Timeout) => {
                 self.shared.lock().pending.remove(&id);
@@ -543,6 +667,78 @@ impl Qmp {
                 reason: self.shared.disconnect_reason(),
             }),
         }
+    }
+
+    /// Writes one encoded request in its turn, both before `deadline`. A failure part way
+    /// closes the connection, recording why before the socket is shut down.
+    fn send_request(
+        &self,
+        command: &str,
+        bytes: &[u8],
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<()> {
+        let Some(turn) = self.gate.enter(deadline) else {
+            // Nothing of this request was written: the connection is still in sync.
+            return Err(self.shared.dead_error().unwrap_or_else(|| Error::Timeout {
+                what: format!("QEMU to accept {command} (an earlier command's write is stuck)"),
+                after: timeout,
+            }));
+        };
+        // The write that held the turn before may have failed and closed the connection.
+        if let Some(e) = self.shared.dead_error() {
+            return Err(e);
+        }
+        let Err((sent, source)) = self.writer.write_all_before(bytes, deadline) else {
+            return Ok(());
+        };
+        if let Some(e) = self.shared.dead_error() {
+            // Closed under the write (by `close`, or by the reader): that reason stands.
+            return Err(e);
+        }
+        if is_disconnect(&source) {
+            // QEMU hung up; the reader reports it (after any replies it sent before).
+            return Err(Error::Disconnected {
+                reason: format!("{} (sending {command}: {source})", Fatal::Eof),
+            });
+        }
+        let timed_out = is_timeout(&source);
+        if timed_out && sent == 0 {
+            return Err(Error::Timeout {
+                what: format!("QEMU to accept {command}"),
+                after: timeout,
+            });
+        }
+        // Part of the request may be on the wire: the stream is no longer in sync.
+        let (fatal, error) = if timed_out {
+            let fatal = Fatal::WriteTimedOut {
+                command: command.to_owned(),
+                after: timeout,
+                sent,
+                len: bytes.len(),
+            };
+            let error = Error::Timeout {
+                what: format!(
+                    "QEMU to accept {command} (it stopped reading part way; the connection is \
+                     closed)"
+                ),
+                after: timeout,
+            };
+            (fatal, error)
+        } else {
+            let fatal = Fatal::Io(format!("sending {command}: {source}"));
+            let error = Error::Io {
+                context: "sending a QMP command",
+                source,
+            };
+            (fatal, error)
+        };
+        log::warn!("closing the QMP connection: {fatal}");
+        self.shared.fail_all(fatal);
+        self.control.shutdown();
+        // Only now may the next writer look: it finds the connection dead, with the reason.
+        drop(turn);
+        Err(error)
     }
 
     /// Runs `command` and decodes its reply as `T`.
@@ -574,6 +770,9 @@ impl Qmp {
 
     /// Waits for an event on the connection's own queue, which holds every event since
     /// connecting (up to the queue capacity) that no earlier wait consumed.
+    ///
+    /// Several threads may wait at once, each for its own event: none holds the queue while
+    /// it waits, and the predicate runs without any of the connection's locks held.
     pub fn wait_for_event(
         &self,
         name: &str,
@@ -581,22 +780,19 @@ impl Qmp {
         timeout: Duration,
     ) -> Result<Event> {
         self.default_events
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .wait_for_event(name, predicate, timeout)
+            .wait_for_event(name, predicate, timeout, &self.shared)
     }
 
     /// Events discarded from the connection's own queue because nobody consumed them.
     pub fn default_queue_dropped(&self) -> u64 {
-        self.default_events
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .dropped()
+        self.default_events.dropped()
     }
 
     /// Closes the connection: pending calls fail with [`Error::Disconnected`].
     pub fn close(&self) {
         self.shared.closing.store(true, Ordering::Release);
+        // Recorded first: a call whose write the shutdown breaks reports this, not the break.
+        self.shared.fail_all(Fatal::Closed);
         self.control.shutdown();
         let handle = self
             .reader
@@ -606,7 +802,6 @@ impl Qmp {
         if let Some(handle) = handle {
             let _ = handle.join();
         }
-        self.shared.fail_all(Fatal::Closed);
     }
 }
 
@@ -616,11 +811,11 @@ impl Drop for Qmp {
     }
 }
 
-fn write_line(writer: &mut impl Write, message: &Value) -> io::Result<()> {
-    let mut bytes = serde_json::to_vec(message).map_err(io::Error::other)?;
+/// One request as it goes on the wire: a line of JSON.
+fn encode(message: &Value) -> Vec<u8> {
+    let mut bytes = message.to_string().into_bytes();
     bytes.push(b'\n');
-    writer.write_all(&bytes)?;
-    writer.flush()
+    bytes
 }
 
 /// Reads one line before `deadline` during connection set-up.
@@ -708,7 +903,12 @@ fn read_negotiation_reply(
             continue;
         }
         if let Some(error) = message.remove("error") {
-            return Err(qmp_error(&error));
+            let (class, desc) = error_parts(&error);
+            return Err(Error::Qmp {
+                command: "qmp_capabilities".to_owned(),
+                class,
+                desc,
+            });
         }
         return Ok(());
     }
@@ -737,9 +937,10 @@ fn reader_loop(mut reader: LineReader<Stream>, shared: &Shared, control: &Stream
         } else {
             fatal
         };
+        // The reason first, then the shutdown (which a writer may notice before this returns).
+        shared.fail_all(fatal);
         // Stop QEMU from writing into a stream we no longer read.
         control.shutdown();
-        shared.fail_all(fatal);
         return;
     }
 }

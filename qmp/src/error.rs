@@ -6,27 +6,30 @@ use std::time::Duration;
 use crate::types::ErrorClass;
 
 /// Everything a QMP call, a connection attempt or an event wait can fail with.
-#[derive(Debug, thiserror::Error)]
+///
+/// `Display` gives one line; an error's [`source`](std::error::Error::source) is only what
+/// that line does not already say (the I/O error under [`Error::Io`]), so printing the chain
+/// never repeats a reason.
+#[derive(Debug)]
 pub enum Error {
-    /// QEMU executed the command and answered with an error.
-    #[error("QMP error {class}: {desc}")]
+    /// QEMU executed the command and answered with an error, e.g.
+    /// `device_add: Duplicate device ID 'n0' for device`.
     Qmp {
+        /// The command QEMU refused (`device_add`, `migrate`, ...).
+        command: String,
         /// QEMU's error class (`GenericError`, `DeviceNotFound`, ...).
         class: ErrorClass,
         /// QEMU's human-readable description.
         desc: String,
     },
     /// A socket operation failed.
-    #[error("I/O error while {context}")]
     Io {
         /// What the client was doing.
         context: &'static str,
-        /// The underlying error.
-        #[source]
+        /// The underlying error (the error's `source`).
         source: std::io::Error,
     },
     /// Nothing arrived in time.
-    #[error("timed out after {after:?} waiting for {what}")]
     Timeout {
         /// What the client waited for (a command name, an event, the greeting).
         what: String,
@@ -34,31 +37,69 @@ pub enum Error {
         after: Duration,
     },
     /// The peer broke the QMP protocol.
-    #[error("QMP protocol error: {0}")]
     Protocol(ProtocolError),
     /// The connection is gone (QEMU exited, the socket closed, or an earlier fatal error).
-    #[error("disconnected from QEMU: {reason}")]
     Disconnected {
         /// Why the connection ended.
         reason: String,
     },
-    /// A reply did not have the shape the typed command expects.
-    #[error("unexpected reply to {command}")]
+    /// A reply did not have the shape the typed command expects (or typed arguments did not
+    /// serialize), e.g. `unexpected reply to query-status: invalid type: string "yes",
+    /// expected a boolean`.
     Decode {
         /// The command whose reply failed to decode.
         command: String,
-        /// The decoding error.
-        #[source]
+        /// The decoding error. It is part of this error's message, so `source()` does not
+        /// return it again.
         source: serde_json::Error,
     },
     /// A migration ended in `failed` or `cancelled` while a helper waited for it.
-    #[error("migration ended with status {status}: {desc}")]
     MigrationFailed {
         /// The final status.
         status: crate::types::MigrationStatus,
         /// QEMU's `error-desc`, or a note when it gave none.
         desc: String,
     },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            // The class is noise when it is the generic one, as it is for most errors.
+            Self::Qmp {
+                command,
+                class: ErrorClass::GenericError,
+                desc,
+            } => write!(f, "{command}: {desc}"),
+            Self::Qmp {
+                command,
+                class,
+                desc,
+            } => write!(f, "{command}: {desc} ({class})"),
+            Self::Io { context, .. } => write!(f, "I/O error while {context}"),
+            Self::Timeout { what, after } => {
+                write!(f, "timed out after {after:?} waiting for {what}")
+            }
+            Self::Protocol(p) => write!(f, "QMP protocol error: {p}"),
+            Self::Disconnected { reason } => write!(f, "disconnected from QEMU: {reason}"),
+            Self::Decode { command, source } => {
+                write!(f, "unexpected reply to {command}: {source}")
+            }
+            Self::MigrationFailed { status, desc } => {
+                write!(f, "migration ended with status {status}: {desc}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Io { source, .. } => Some(source),
+            // Decode's reason is already in its message; the rest carry no inner error.
+            _ => None,
+        }
+    }
 }
 
 /// The ways a peer can violate QMP. Part of [`Error::Protocol`].

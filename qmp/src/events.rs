@@ -3,10 +3,14 @@
 //! Overflow policy: each subscription queues at most `capacity` events. When a subscriber falls
 //! behind, the reader thread discards the *oldest* queued event, counts it
 //! ([`Subscription::dropped`]) and logs a warning; it never blocks on a slow subscriber.
+//!
+//! The connection's own queue ([`crate::Qmp::wait_for_event`]) is shared by every thread that
+//! waits on it, so it is an `EventQueue`: waiters sleep on a condition variable, not on a
+//! lock, and each takes only the event it wants.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
@@ -182,6 +186,13 @@ impl EventFilter {
     }
 }
 
+/// `Instant::now() + timeout`, saturating at a far future instead of overflowing.
+pub(crate) fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
 /// Counters shared between the reader thread and a [`Subscription`].
 #[derive(Debug, Default)]
 struct SubscriberCounters {
@@ -189,19 +200,50 @@ struct SubscriberCounters {
     closed: AtomicBool,
 }
 
-/// The reader thread's end of a subscription.
+/// The reader thread's end of a subscription or of an [`EventQueue`]. Dropping it (when the
+/// connection ends) tells the other end that no more events will come.
 pub(crate) struct SubscriberSlot {
     filter: EventFilter,
-    sender: Sender<Event>,
-    /// A clone of the subscriber's receiver, used only to discard the oldest event on overflow.
-    oldest: Receiver<Event>,
-    counters: Arc<SubscriberCounters>,
+    sink: Sink,
+}
+
+enum Sink {
+    Channel {
+        sender: Sender<Event>,
+        /// A clone of the subscriber's receiver, used only to discard the oldest event on
+        /// overflow.
+        oldest: Receiver<Event>,
+        counters: Arc<SubscriberCounters>,
+    },
+    Queue(QueueSink),
+}
+
+/// Marks its queue closed when dropped.
+struct QueueSink(Arc<EventQueue>);
+
+impl Drop for QueueSink {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 impl SubscriberSlot {
     /// Queues `event` if it matches; returns false when the subscription is gone.
     pub(crate) fn deliver(&self, event: &Event) -> bool {
-        if self.counters.closed.load(Ordering::Acquire) {
+        let (sender, oldest, counters) = match &self.sink {
+            Sink::Channel {
+                sender,
+                oldest,
+                counters,
+            } => (sender, oldest, counters),
+            Sink::Queue(queue) => {
+                if self.filter.matches(&event.name) {
+                    queue.0.push(event.clone());
+                }
+                return true;
+            }
+        };
+        if counters.closed.load(Ordering::Acquire) {
             return false;
         }
         if !self.filter.matches(&event.name) {
@@ -209,19 +251,156 @@ impl SubscriberSlot {
         }
         let mut event = event.clone();
         loop {
-            match self.sender.try_send(event) {
+            match sender.try_send(event) {
                 Ok(()) => return true,
                 Err(TrySendError::Disconnected(_)) => return false,
                 Err(TrySendError::Full(back)) => {
                     event = back;
-                    if let Ok(old) = self.oldest.try_recv() {
-                        let n = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                    if let Ok(old) = oldest.try_recv() {
+                        let n = counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                         log::warn!(
                             "QMP subscriber is slow: dropped event {} ({n} so far)",
                             old.name
                         );
                     }
                 }
+            }
+        }
+    }
+}
+
+/// A queue of every event, shared by any number of waiting threads. Each event is taken by
+/// at most one wait; events nobody wants stay queued (up to the capacity, then the oldest is
+/// discarded and counted).
+pub(crate) struct EventQueue {
+    state: Mutex<QueueState>,
+    /// Signalled when an event arrives and when the connection ends.
+    changed: Condvar,
+    capacity: usize,
+    dropped: AtomicU64,
+}
+
+struct QueueState {
+    /// Queued events, each with its arrival number.
+    events: VecDeque<(u64, Event)>,
+    /// The arrival number of the next event.
+    next_seq: u64,
+    /// False once the connection ended: no more events will arrive.
+    open: bool,
+}
+
+impl EventQueue {
+    /// A queue receiving every event, and the reader thread's end of it.
+    pub(crate) fn new(capacity: usize) -> (Arc<Self>, SubscriberSlot) {
+        let queue = Arc::new(Self {
+            state: Mutex::new(QueueState {
+                events: VecDeque::new(),
+                next_seq: 0,
+                open: true,
+            }),
+            changed: Condvar::new(),
+            capacity: capacity.max(1),
+            dropped: AtomicU64::new(0),
+        });
+        let slot = SubscriberSlot {
+            filter: EventFilter::All,
+            sink: Sink::Queue(QueueSink(Arc::clone(&queue))),
+        };
+        (queue, slot)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// How many events were discarded because the queue was full.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    fn push(&self, event: Event) {
+        let mut state = self.lock();
+        if state.events.len() >= self.capacity {
+            if let Some((_, old)) = state.events.pop_front() {
+                let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                log::warn!(
+                    "QMP event queue is full: dropped event {} ({n} so far)",
+                    old.name
+                );
+            }
+        }
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        state.events.push_back((seq, event));
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    fn close(&self) {
+        self.lock().open = false;
+        self.changed.notify_all();
+    }
+
+    /// Waits for an event named `name` for which `predicate` holds and takes it from the
+    /// queue. The queue's lock is held only to look and to take, never across the wait or
+    /// while `predicate` runs (it may call into the connection).
+    pub(crate) fn wait_for_event(
+        &self,
+        name: &str,
+        mut predicate: impl FnMut(&Event) -> bool,
+        timeout: Duration,
+        shared: &Shared,
+    ) -> Result<Event> {
+        let deadline = deadline_after(timeout);
+        // Events numbered below this were already offered to `predicate`.
+        let mut seen = 0;
+        loop {
+            let candidates: Vec<(u64, Event)> = {
+                let mut state = self.lock();
+                while state.next_seq == seen {
+                    if !state.open {
+                        drop(state);
+                        return Err(Error::Disconnected {
+                            reason: shared.disconnect_reason(),
+                        });
+                    }
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    if remaining.is_zero() {
+                        return Err(Error::Timeout {
+                            what: format!("event {name}"),
+                            after: timeout,
+                        });
+                    }
+                    state = self
+                        .changed
+                        .wait_timeout(state, remaining)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+                let fresh = state
+                    .events
+                    .iter()
+                    .filter(|(seq, event)| *seq >= seen && event.name == name)
+                    .cloned()
+                    .collect();
+                seen = state.next_seq;
+                fresh
+            };
+            for (seq, event) in candidates {
+                if predicate(&event) {
+                    let mut state = self.lock();
+                    // Another waiter may have taken it (or overflow discarded it) meanwhile.
+                    if let Some(pos) = state.events.iter().position(|(s, _)| *s == seq) {
+                        state.events.remove(pos);
+                        return Ok(event);
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    what: format!("event {name}"),
+                    after: timeout,
+                });
             }
         }
     }
@@ -249,9 +428,11 @@ impl Subscription {
         let counters = Arc::new(SubscriberCounters::default());
         let slot = SubscriberSlot {
             filter,
-            sender,
-            oldest: receiver.clone(),
-            counters: Arc::clone(&counters),
+            sink: Sink::Channel {
+                sender,
+                oldest: receiver.clone(),
+                counters: Arc::clone(&counters),
+            },
         };
         let subscription = Self {
             receiver,
@@ -280,7 +461,7 @@ impl Subscription {
         if let Some(event) = self.stash.pop_front() {
             return Ok(event);
         }
-        self.recv_until(Instant::now() + timeout, "any event", timeout)
+        self.recv_until(deadline_after(timeout), "any event", timeout)
     }
 
     /// Waits for an event named `name` for which `predicate` holds. Events that do not match
@@ -291,7 +472,7 @@ impl Subscription {
         mut predicate: impl FnMut(&Event) -> bool,
         timeout: Duration,
     ) -> Result<Event> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         let mut wanted = |e: &Event| e.name == name && predicate(e);
         if let Some(pos) = self.stash.iter().position(&mut wanted) {
             return Ok(self.stash.remove(pos).expect("position is in range"));

@@ -2,12 +2,14 @@
 //! misbehaviour real QEMU will not produce on demand. Every case must end in a clear error,
 //! never a panic or a hang.
 
+use std::error::Error as _;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::sync::mpsc;
+use std::thread::{JoinHandle, Scope};
+use std::time::{Duration, Instant};
 
 use qmp::types::QmpCapability;
 use qmp::{
@@ -62,6 +64,13 @@ impl Peer {
     /// Reads until the client hangs up.
     fn drain(&mut self) {
         while self.recv().is_some() {}
+    }
+
+    /// Waits for the first bytes of the next request and reads no further: QEMU frozen in
+    /// the middle of reading it. Returns once the client is certainly writing.
+    fn freeze_on_next_request(&mut self) {
+        let first = self.reader.fill_buf().expect("a request arrives");
+        assert!(!first.is_empty(), "the client hung up instead of writing");
     }
 }
 
@@ -134,6 +143,41 @@ fn assert_disconnected(result: qmp::Result<Value>) {
         matches!(result, Err(Error::Disconnected { .. })),
         "expected disconnected, got {result:?}"
     );
+}
+
+/// Bounds a test of calls that might hang: unless the returned sender is dropped (or sent to)
+/// within `limit`, the connection is closed, which ends every call on it. The test then
+/// fails on the calls' results or durations instead of hanging.
+fn watchdog<'scope>(
+    s: &'scope Scope<'scope, '_>,
+    qmp: &'scope Qmp,
+    limit: Duration,
+) -> mpsc::Sender<()> {
+    let (done, finished) = mpsc::channel::<()>();
+    s.spawn(move || {
+        if let Err(mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(limit) {
+            qmp.close();
+        }
+    });
+    done
+}
+
+/// `f`'s result and how long it took.
+fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let start = Instant::now();
+    let out = f();
+    (out, start.elapsed())
+}
+
+/// A server that negotiates, then reads the first bytes of the next request and stops reading
+/// until `release` is signalled (or a minute passes): QEMU frozen mid-command.
+fn frozen_server(started: mpsc::Sender<()>, release: mpsc::Receiver<()>) -> FakeServer {
+    FakeServer::unix(move |mut peer| {
+        peer.negotiate();
+        peer.freeze_on_next_request();
+        let _ = started.send(());
+        let _ = release.recv_timeout(Duration::from_secs(60));
+    })
 }
 
 #[test]
@@ -238,7 +282,12 @@ fn qmp_error_reply_is_typed() {
     });
     let qmp = connect(&server);
     match qmp.device_del("nope") {
-        Err(Error::Qmp { class, desc }) => {
+        Err(Error::Qmp {
+            command,
+            class,
+            desc,
+        }) => {
+            assert_eq!(command, "device_del");
             assert_eq!(class, ErrorClass::DeviceNotFound);
             assert_eq!(desc, "Device 'nope' not found");
         }
@@ -253,6 +302,58 @@ fn qmp_error_reply_is_typed() {
     // A QMP error is not fatal for the connection.
     assert!(qmp.is_connected());
     drop(qmp);
+    server.finish();
+}
+
+#[test]
+fn qmp_error_names_the_command_that_failed() {
+    let server = FakeServer::unix(|mut peer| {
+        peer.negotiate();
+        for (class, desc) in [
+            ("GenericError", "Duplicate device ID 'n0' for device"),
+            ("DeviceNotFound", "Device 'n1' not found"),
+        ] {
+            let req = peer.recv().unwrap();
+            let err = json!({"error": {"class": class, "desc": desc}, "id": req["id"]});
+            peer.send(&err.to_string());
+        }
+        peer.drain();
+    });
+    let qmp = connect(&server);
+    let dup = qmp
+        .device_add(&qmp::DeviceSpec::new("virtio-net-pci", "n0"))
+        .unwrap_err();
+    assert!(
+        matches!(&dup, Error::Qmp { command, .. } if command == "device_add"),
+        "{dup:?}"
+    );
+    assert_eq!(
+        dup.to_string(),
+        "device_add: Duplicate device ID 'n0' for device"
+    );
+    let missing = qmp.device_del("n1").unwrap_err();
+    assert_eq!(
+        missing.to_string(),
+        "device_del: Device 'n1' not found (DeviceNotFound)"
+    );
+    drop(qmp);
+    server.finish();
+}
+
+#[test]
+fn qmp_error_during_negotiation_names_qmp_capabilities() {
+    let server = FakeServer::unix(|mut peer| {
+        peer.send(GREETING);
+        let caps = peer.recv().unwrap();
+        let err =
+            json!({"error": {"class": "GenericError", "desc": "no oob today"}, "id": caps["id"]});
+        peer.send(&err.to_string());
+        peer.drain();
+    });
+    match Qmp::connect(&server.endpoint(), options()) {
+        Err(e @ Error::Qmp { .. }) => assert_eq!(e.to_string(), "qmp_capabilities: no oob today"),
+        other => panic!("expected a QMP error, got {other:?}"),
+    }
     server.finish();
 }
 
@@ -486,6 +587,123 @@ fn server_that_stops_reading_times_out_the_write_and_closes() {
 }
 
 #[test]
+fn frozen_server_write_ends_at_the_call_timeout_and_later_calls_say_why() {
+    let (started_tx, started) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel();
+    let server = frozen_server(started_tx, release_rx);
+    // A long default timeout, as in production: it must not stretch a call's own one.
+    let opts = ConnectOptions {
+        command_timeout: Duration::from_secs(30),
+        ..options()
+    };
+    let qmp = Qmp::connect(&server.endpoint(), opts).unwrap();
+    let mut events = qmp.subscribe(EventFilter::All);
+    // Well over what a socket buffer holds.
+    let big = json!({ "blob": "x".repeat(1 << 20) });
+    let ((big_result, big_took), (queued_result, queued_took)) = std::thread::scope(|s| {
+        let done = watchdog(s, &qmp, Duration::from_secs(20));
+        let big_call = s.spawn(|| {
+            timed(|| qmp.execute_with_timeout("x-big", Some(big), Duration::from_secs(1)))
+        });
+        started
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the big command reaches the server");
+        // Queued behind the stuck write.
+        let queued = s.spawn(|| {
+            timed(|| qmp.execute_with_timeout("query-status", None, Duration::from_secs(8)))
+        });
+        let out = (big_call.join().unwrap(), queued.join().unwrap());
+        drop(done);
+        out
+    });
+    match big_result {
+        Err(Error::Timeout { what, after }) => {
+            assert!(what.contains("x-big"), "{what}");
+            assert_eq!(after, Duration::from_secs(1));
+        }
+        other => panic!("expected a write timeout, got {other:?}"),
+    }
+    // One second, give or take a busy machine: not the default timeout (30 s), nor twice it.
+    assert!(big_took < Duration::from_secs(10), "took {big_took:?}");
+    // The queued call learns at once why the connection went, without a write of its own.
+    assert!(
+        queued_took < Duration::from_secs(10),
+        "took {queued_took:?}"
+    );
+    let reason_ok = |reason: &str| reason.contains("x-big") && reason.contains("timed out");
+    match &queued_result {
+        Err(Error::Disconnected { reason }) if reason_ok(reason) => {}
+        other => panic!("expected disconnected naming the stuck write, got {other:?}"),
+    }
+    // Every later call, and every event wait, gives the same reason.
+    assert!(!qmp.is_connected());
+    for result in [
+        qmp.execute("query-status", None).map(drop),
+        events
+            .wait_for_event("STOP", |_| true, Duration::from_secs(5))
+            .map(drop),
+        qmp.wait_for_event("STOP", |_| true, Duration::from_secs(5))
+            .map(drop),
+    ] {
+        match result {
+            Err(Error::Disconnected { reason }) if reason_ok(&reason) => {}
+            other => panic!("expected disconnected naming the stuck write, got {other:?}"),
+        }
+    }
+    drop(qmp);
+    let _ = release.send(());
+    server.finish();
+}
+
+#[test]
+fn call_queued_behind_a_stuck_write_gives_up_at_its_own_deadline() {
+    let (started_tx, started) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel();
+    let server = frozen_server(started_tx, release_rx);
+    let qmp = connect(&server);
+    let big = json!({ "blob": "x".repeat(1 << 20) });
+    let (big_result, (queued_result, queued_took), connected) = std::thread::scope(|s| {
+        let done = watchdog(s, &qmp, Duration::from_secs(20));
+        let big_call =
+            s.spawn(|| qmp.execute_with_timeout("x-big", Some(big), Duration::from_secs(60)));
+        started
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the big command reaches the server");
+        let queued =
+            timed(|| qmp.execute_with_timeout("query-status", None, Duration::from_millis(300)));
+        // Nothing of the queued call was written: the stream is still in sync.
+        let connected = qmp.is_connected();
+        // Ends the stuck write.
+        qmp.close();
+        let out = (big_call.join().unwrap(), queued, connected);
+        drop(done);
+        out
+    });
+    match queued_result {
+        Err(Error::Timeout { what, after }) => {
+            assert!(what.contains("query-status"), "{what}");
+            assert_eq!(after, Duration::from_millis(300));
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    // 300 ms, give or take a busy machine: not the stuck write's 60 s or the socket's 5 s.
+    assert!(queued_took < Duration::from_secs(4), "took {queued_took:?}");
+    assert!(
+        connected,
+        "a call that wrote nothing must not close the connection"
+    );
+    // The write that close() broke reports the close, not the broken pipe.
+    match big_result {
+        Err(Error::Disconnected { reason }) => {
+            assert!(reason.contains("closed by the client"), "{reason}")
+        }
+        other => panic!("expected disconnected by close, got {other:?}"),
+    }
+    let _ = release.send(());
+    server.finish();
+}
+
+#[test]
 fn server_silent_before_greeting_times_out() {
     let server = FakeServer::unix(|mut peer| peer.drain());
     let opts = ConnectOptions {
@@ -654,6 +872,119 @@ fn events_during_a_call_are_queued_typed_and_filtered() {
 }
 
 #[test]
+fn waits_on_the_connection_queue_do_not_block_each_other() {
+    // `emit` sends the event named in its arguments, then replies.
+    let server = FakeServer::unix(|mut peer| {
+        peer.negotiate();
+        while let Some(req) = peer.recv() {
+            assert_eq!(req["execute"], "emit");
+            let name = req["arguments"]["event"].as_str().unwrap().to_owned();
+            peer.send(&json!({ "event": name }).to_string());
+            peer.reply(&req, json!({}));
+        }
+    });
+    let qmp = connect(&server);
+    let emit = |name: &str| {
+        qmp.execute("emit", Some(json!({ "event": name }))).unwrap();
+    };
+    std::thread::scope(|s| {
+        let done = watchdog(s, &qmp, Duration::from_secs(20));
+        let late = s.spawn(|| {
+            let result = qmp.wait_for_event("LATE", |_| true, Duration::from_secs(5));
+            (result, Instant::now())
+        });
+        // Let it start waiting (the outcome must be the same if it has not yet).
+        std::thread::sleep(Duration::from_millis(200));
+        emit("NOW");
+        let now = s.spawn(|| timed(|| qmp.wait_for_event("NOW", |_| true, Duration::from_secs(5))));
+        let dropped = s.spawn(|| timed(|| qmp.default_queue_dropped()));
+        let (now, now_took) = now.join().unwrap();
+        let (dropped, dropped_took) = dropped.join().unwrap();
+        assert_eq!(now.unwrap().name, "NOW");
+        assert_eq!(dropped, 0);
+        // Their event had arrived (or there was nothing to wait for): not the other
+        // waiter's 5 s.
+        assert!(now_took < Duration::from_secs(2), "took {now_took:?}");
+        assert!(
+            dropped_took < Duration::from_secs(2),
+            "took {dropped_took:?}"
+        );
+
+        let emitted = Instant::now();
+        emit("LATE");
+        let (late, returned) = late.join().unwrap();
+        assert_eq!(late.unwrap().name, "LATE");
+        let late_took = returned.saturating_duration_since(emitted);
+        assert!(late_took < Duration::from_secs(2), "took {late_took:?}");
+        drop(done);
+    });
+    drop(qmp);
+    server.finish();
+}
+
+#[test]
+fn two_waiters_for_the_same_event_each_take_one() {
+    let server = FakeServer::unix(|mut peer| {
+        peer.negotiate();
+        let req = peer.recv().unwrap();
+        for n in 0..2 {
+            peer.send(&json!({"event": "MIGRATION_PASS", "data": {"pass": n}}).to_string());
+        }
+        peer.reply(&req, json!({}));
+        peer.drain();
+    });
+    let qmp = connect(&server);
+    let passes: Vec<u64> = std::thread::scope(|s| {
+        let done = watchdog(s, &qmp, Duration::from_secs(20));
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| qmp.wait_for_event("MIGRATION_PASS", |_| true, Duration::from_secs(5)))
+            })
+            .collect();
+        qmp.execute("x", None).unwrap();
+        let mut passes: Vec<u64> = waiters
+            .into_iter()
+            .map(|w| w.join().unwrap().unwrap().data["pass"].as_u64().unwrap())
+            .collect();
+        passes.sort_unstable();
+        drop(done);
+        passes
+    });
+    assert_eq!(passes, [0, 1]);
+    // Both were taken: nothing is left for a third wait.
+    let third = qmp.wait_for_event("MIGRATION_PASS", |_| true, Duration::from_millis(100));
+    assert!(matches!(third, Err(Error::Timeout { .. })), "got {third:?}");
+    drop(qmp);
+    server.finish();
+}
+
+#[test]
+fn event_wait_predicate_may_call_into_the_connection() {
+    let server = FakeServer::unix(|mut peer| {
+        peer.negotiate();
+        let req = peer.recv().unwrap();
+        peer.send(r#"{"event": "STOP"}"#);
+        peer.reply(&req, json!({}));
+        // The predicate's own call.
+        let req = peer.recv().unwrap();
+        peer.reply(&req, json!({"running": false, "status": "paused"}));
+        peer.drain();
+    });
+    let qmp = connect(&server);
+    qmp.execute("stop", None).unwrap();
+    let stop = qmp
+        .wait_for_event(
+            "STOP",
+            |_| !qmp.query_status().unwrap().running,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    assert_eq!(stop.kind(), EventKind::Stop);
+    drop(qmp);
+    server.finish();
+}
+
+#[test]
 fn slow_subscriber_loses_oldest_events_and_counts_them() {
     let server = FakeServer::unix(|mut peer| {
         peer.negotiate();
@@ -772,6 +1103,34 @@ fn typed_reply_of_wrong_shape_is_a_decode_error() {
         matches!(&result, Err(Error::Decode { command, .. }) if command == "query-status"),
         "got {result:?}"
     );
+    drop(qmp);
+    server.finish();
+}
+
+#[test]
+fn decode_error_message_gives_the_reason_once() {
+    let server = FakeServer::unix(|mut peer| {
+        peer.negotiate();
+        let req = peer.recv().unwrap();
+        peer.reply(&req, json!({"running": "yes"}));
+        peer.drain();
+    });
+    let qmp = connect(&server);
+    let err = qmp.query_status().unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.starts_with("unexpected reply to query-status: "),
+        "{message}"
+    );
+    assert!(message.contains("expected a boolean"), "{message}");
+    // The way the workspace prints errors (message, then each source) says it once.
+    let mut chain = message.clone();
+    let mut source = err.source();
+    while let Some(s) = source {
+        chain.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    assert_eq!(chain.matches("expected a boolean").count(), 1, "{chain}");
     drop(qmp);
     server.finish();
 }

@@ -192,8 +192,15 @@ fn virtio_net_hotplug_and_unplug_with_device_deleted() {
         .unwrap();
     assert!(has_device(&qmp, "n0"));
     // A duplicate id is refused with QEMU's error.
-    let dup = qmp.device_add(&DeviceSpec::new("virtio-net-pci", "n0"));
-    assert!(matches!(dup, Err(Error::Qmp { .. })), "got {dup:?}");
+    match qmp.device_add(&DeviceSpec::new("virtio-net-pci", "n0")) {
+        Err(e @ Error::Qmp { .. }) => {
+            // The message names the command, then QEMU's description.
+            let message = e.to_string();
+            assert!(message.starts_with("device_add: "), "{message}");
+            assert!(message.contains("'n0'"), "{message}");
+        }
+        other => panic!("expected a QMP error, got {other:?}"),
+    }
 
     let deleted = qmp.device_del_and_wait("n0", EVENT).unwrap();
     match deleted.kind() {
@@ -267,7 +274,12 @@ fn passthrough_stand_in_blocks_migration_until_detached_then_loopback_migration_
     let shm = ShmFile::new("hca");
     attach_hca_stand_in(&src, &shm);
     match src.migrate(&uri) {
-        Err(Error::Qmp { class, desc }) => {
+        Err(Error::Qmp {
+            command,
+            class,
+            desc,
+        }) => {
+            assert_eq!(command, "migrate");
             assert_eq!(class, ErrorClass::GenericError);
             assert!(desc.contains("ivshmem"), "{desc}");
         }
@@ -451,6 +463,76 @@ fn killing_qemu_mid_call_fails_pending_call_with_disconnected() {
         qmp.query_status(),
         Err(Error::Disconnected { .. })
     ));
+}
+
+#[test]
+fn frozen_qemu_write_ends_at_the_call_timeout_and_later_calls_say_why() {
+    let Some(fixtures) =
+        qemu_or_skip("frozen_qemu_write_ends_at_the_call_timeout_and_later_calls_say_why")
+    else {
+        return;
+    };
+    let mut vm = Qemu::start(QemuConfig::new(&fixtures).memory_mib(128)).unwrap();
+    // The default timeout is 60 s: it must not stretch the call's own 1 s.
+    let qmp = connect(&vm);
+    qmp.query_status().unwrap();
+    let pid = vm.pid() as libc::pid_t;
+    // SAFETY: plain kill(2) on the QEMU child this test started; SIGSTOP freezes it, so it
+    // reads nothing from its QMP socket. The `Qemu` guard kills it (stopped or not) on drop.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    // More than the socket buffer holds.
+    let line = "x".repeat(256 << 10);
+    let command = "human-monitor-command";
+    let timed = |timeout: Duration, arguments| {
+        let start = Instant::now();
+        let result = qmp.execute_with_timeout(command, arguments, timeout);
+        (result, start.elapsed())
+    };
+    let ((result, took), (queued, queued_took)) = std::thread::scope(|s| {
+        // Should the write hang, closing the connection ends it (and the test fails below).
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let watched = &qmp;
+        s.spawn(move || {
+            if finished.recv_timeout(Duration::from_secs(30)).is_err() {
+                watched.close();
+            }
+        });
+        let big = s.spawn(|| {
+            timed(
+                Duration::from_secs(1),
+                Some(json!({ "command-line": line })),
+            )
+        });
+        // Give it time to start writing (the outcome is the same if it has not yet).
+        std::thread::sleep(Duration::from_millis(300));
+        let queued = s.spawn(|| timed(Duration::from_secs(8), Some(json!({ "command-line": "" }))));
+        let out = (big.join().unwrap(), queued.join().unwrap());
+        let _ = done.send(());
+        out
+    });
+    match result {
+        Err(Error::Timeout { what, after }) => {
+            assert!(what.contains(command), "{what}");
+            assert_eq!(after, Duration::from_secs(1));
+        }
+        other => panic!("expected a write timeout, got {other:?}"),
+    }
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert!(
+        queued_took < Duration::from_secs(10),
+        "took {queued_took:?}"
+    );
+    let reason_ok = |reason: &str| reason.contains(command) && reason.contains("timed out");
+    match &queued {
+        Err(Error::Disconnected { reason }) if reason_ok(reason) => {}
+        other => panic!("expected disconnected naming the stuck write, got {other:?}"),
+    }
+    assert!(!qmp.is_connected());
+    match qmp.query_status() {
+        Err(Error::Disconnected { reason }) if reason_ok(&reason) => {}
+        other => panic!("expected disconnected naming the stuck write, got {other:?}"),
+    }
+    vm.kill();
 }
 
 #[test]
