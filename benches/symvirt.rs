@@ -347,7 +347,9 @@ fn reference_run(n: usize) -> Result<(Duration, symvirt::controller::Report), St
         ssh_program: "ssh".into(),
     };
     let sink = |_: &Event| {};
-    let report = Controller::new(plan, &sink).run(backends);
+    let report = Controller::new(plan, &sink)
+        .run(backends)
+        .map_err(|e| e.chain())?;
     if report.outcome != Outcome::Completed {
         return Err(format!("plan {:?}: {:?}", report.outcome, report.errors));
     }

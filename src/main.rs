@@ -42,6 +42,11 @@ enum VmmCommand {
 }
 
 fn main() -> ExitCode {
+    // The libraries' log records (e.g. a source resumed after a failed migration) go to
+    // stderr; `NINJA_LOG=info` (or `debug`, or `symvirt=debug`) shows more than warnings.
+    env_logger::Builder::from_env(env_logger::Env::new().filter_or("NINJA_LOG", "warn"))
+        .format_timestamp_millis()
+        .init();
     let cli = Cli::parse();
     if let Command::Plan(plan) = &cli.command {
         return cli::plan::main(plan);

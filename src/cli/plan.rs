@@ -125,7 +125,7 @@ fn exit_code(report: &Report) -> ExitCode {
     match report.outcome {
         Outcome::Completed => ExitCode::SUCCESS,
         Outcome::RolledBack { .. } => ExitCode::from(3),
-        Outcome::Failed { .. } => ExitCode::from(4),
+        _ => ExitCode::from(4),
     }
 }
 
@@ -325,7 +325,12 @@ fn human(e: &Event) -> String {
                 .unwrap_or_default();
             format!("  {vm:<12} resumed at the {at} on {interconnect}{pci}")
         }
-        Event::VmError { vm, phase, error } => format!("  {vm:<12} {phase:<8} ERROR {error}"),
+        Event::VmError {
+            vm,
+            phase,
+            kind,
+            error,
+        } => format!("  {vm:<12} {phase:<8} ERROR ({kind}) {error}"),
         Event::RollbackStarted { failed_phase } => {
             format!("!! rolling back (failed in {failed_phase})")
         }
@@ -339,6 +344,8 @@ fn human(e: &Event) -> String {
         Event::PlanFinished { outcome, total_ms } => {
             format!("plan {outcome} in {total_ms:.0} ms")
         }
+        // A newer library's event: in the JSON lines only.
+        _ => String::new(),
     }
 }
 

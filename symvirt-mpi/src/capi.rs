@@ -13,7 +13,7 @@ use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
-use symvirt::protocol::Interconnect;
+use symvirt_proto::protocol::Interconnect;
 
 /// Nothing happened.
 pub const SYMVIRT_CONTINUE: c_int = 0;

@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use symvirt::protocol::Interconnect;
-use symvirt::rank::{RankClient, RankEvent};
+use symvirt_proto::protocol::Interconnect;
+use symvirt_proto::rank::{RankClient, RankEvent};
 
 /// The environment variable naming the agent's rank socket.
 pub const SOCKET_ENV: &str = "SYMVIRT_AGENT_SOCKET";
@@ -211,7 +211,7 @@ pub fn socket_path(path: Option<&Path>) -> PathBuf {
         Some(p) => p.to_path_buf(),
         None => std::env::var_os(SOCKET_ENV)
             .map(PathBuf::from)
-            .unwrap_or_else(|| symvirt::rank::DEFAULT_RANK_SOCKET.into()),
+            .unwrap_or_else(|| symvirt_proto::rank::DEFAULT_RANK_SOCKET.into()),
     }
 }
 
@@ -297,7 +297,7 @@ impl Control {
         epoch: u64,
         timeout: Duration,
         what: &str,
-        send: impl FnOnce(&mut RankClient) -> symvirt::Result<()>,
+        send: impl FnOnce(&mut RankClient) -> symvirt_proto::Result<()>,
     ) -> Result<Outcome> {
         let deadline = Instant::now() + timeout;
         let state = self.wait_until(deadline, "prepare", |s| {

@@ -12,7 +12,7 @@ pub enum Error {
         what: String,
         /// The cause.
         #[source]
-        source: symvirt::Error,
+        source: symvirt_proto::Error,
     },
     /// The agent connection ended (the agent stopped or its socket disappeared).
     #[error("guest agent connection lost: {0}")]

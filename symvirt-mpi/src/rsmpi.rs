@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-pub use symvirt::protocol::Interconnect;
+pub use symvirt_proto::protocol::Interconnect;
 
 /// One pipeline slot's buffers: MPI reads `send` and writes `recv` while its reduction runs.
 #[derive(Default)]

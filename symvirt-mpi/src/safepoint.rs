@@ -46,7 +46,7 @@ pub enum SafePointResult {
         /// The epoch.
         epoch: u64,
         /// The interconnect the guest has now (also given to the resume hook).
-        interconnect: symvirt::protocol::Interconnect,
+        interconnect: symvirt_proto::protocol::Interconnect,
     },
     /// The ranks stopped here but the migration was cancelled; nothing changed.
     Aborted {
@@ -59,7 +59,7 @@ pub enum SafePointResult {
 pub type QuiesceHook = Box<dyn FnMut(u64) + Send>;
 /// Called after `resume`, before `resumed` is reported: where a runtime re-selects its
 /// transport (e.g. MPI Sessions finalize/re-init where the runtime supports it).
-pub type ResumeHook = Box<dyn FnMut(u64, &symvirt::protocol::Interconnect) + Send>;
+pub type ResumeHook = Box<dyn FnMut(u64, &symvirt_proto::protocol::Interconnect) + Send>;
 
 /// One rank's safe point.
 pub struct SafePoint<A: Agreement> {

@@ -20,10 +20,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
-use symvirt::agent::{Agent, AgentConfig};
 use symvirt::controller::{Controller, Event, GuestNotice, Outcome, Phase};
-use symvirt::guest_link::ChannelSpec;
 use symvirt::protocol::Interconnect;
+use symvirt_agent::agent::{Agent, AgentConfig};
+use symvirt_agent::guest_link::ChannelSpec;
 use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
 
 const VMS: usize = 2;

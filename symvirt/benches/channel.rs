@@ -12,11 +12,11 @@ use serde_json::json;
 use std::io::{BufWriter, Write};
 use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
-use symvirt::agent::{Agent, AgentConfig};
-use symvirt::guest_link::ChannelSpec;
 use symvirt::host_channel::{ChannelOptions, HostChannel};
 use symvirt::protocol::{GuestMessage, HostMessage, Interconnect, MAX_LINE};
 use symvirt::rank::{RankClient, RankEvent};
+use symvirt_agent::agent::{Agent, AgentConfig};
+use symvirt_agent::guest_link::ChannelSpec;
 
 const EPOCHS: u64 = 300;
 const ROUNDS: usize = 7;

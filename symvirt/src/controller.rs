@@ -24,7 +24,7 @@
 use crate::backend::qemu::{Launcher, QemuVm};
 use crate::backend::{MigrationProgress, VmBackend};
 use crate::cluster::Plan;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::host_channel::HostChannel;
 use crate::journal::{Journal, Record};
 use crate::protocol::{GuestMessage, HostMessage, Interconnect, PciDevice};
@@ -86,6 +86,7 @@ impl fmt::Display for Phase {
 /// What happened, as it happens. Serialized as one JSON object with an `event` tag.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Event {
     /// The plan starts.
     PlanStarted {
@@ -139,6 +140,8 @@ pub enum Event {
         vm: String,
         /// The phase.
         phase: Phase,
+        /// What kind of failure.
+        kind: ErrorKind,
         /// The error and its causes.
         error: String,
     },
@@ -177,8 +180,56 @@ pub enum Event {
     },
 }
 
+/// One failure of a run: which VM (none: the run as a whole, e.g. its journal), in which
+/// phase, what kind, and the error with its causes.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The VM, if one VM failed.
+    pub vm: Option<String>,
+    /// The phase it failed in.
+    pub phase: Phase,
+    /// What kind of failure.
+    pub kind: ErrorKind,
+    /// The error (shared: a report is cloned, an error is not).
+    pub source: Arc<Error>,
+}
+
+impl Failure {
+    fn new(vm: Option<&str>, phase: Phase, error: Error) -> Failure {
+        Failure {
+            vm: vm.map(str::to_owned),
+            phase,
+            kind: error.kind(),
+            source: Arc::new(error),
+        }
+    }
+
+    /// The error's message and its causes.
+    pub fn message(&self) -> String {
+        self.source.chain()
+    }
+}
+
+impl PartialEq for Failure {
+    fn eq(&self, other: &Failure) -> bool {
+        (&self.vm, self.phase, self.kind, self.message())
+            == (&other.vm, other.phase, other.kind, other.message())
+    }
+}
+
+impl std::fmt::Display for Failure {
+    /// `vm0: quiesce: the guest did not quiesce within 5000 ms`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(vm) = &self.vm {
+            write!(f, "{vm}: ")?;
+        }
+        write!(f, "{}: {}", self.phase, self.message())
+    }
+}
+
 /// How a plan ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Outcome {
     /// Every VM runs at its destination, resumed on its new interconnect.
     Completed,
@@ -186,15 +237,15 @@ pub enum Outcome {
     RolledBack {
         /// The phase that failed.
         phase: Phase,
-        /// The first error.
-        error: String,
+        /// The first failure.
+        error: Failure,
     },
     /// The plan failed and could not be fully undone: see the errors.
     Failed {
         /// The phase that failed.
         phase: Phase,
-        /// The first error.
-        error: String,
+        /// The first failure.
+        error: Failure,
     },
 }
 
@@ -211,6 +262,7 @@ impl Outcome {
 
 /// What the guest was told when the plan ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum GuestNotice {
     /// Nothing (it was never reached).
     Nothing,
@@ -255,8 +307,8 @@ pub struct Report {
     pub phases: Vec<(Phase, Duration)>,
     /// Per VM, in plan order.
     pub vms: Vec<VmReport>,
-    /// Every error, with its VM and phase.
-    pub errors: Vec<String>,
+    /// Every failure, with its VM, phase and kind (the first one failed the run).
+    pub errors: Vec<Failure>,
     /// Total wall time.
     pub total: Duration,
 }
@@ -395,7 +447,7 @@ impl<'a> Controller<'a> {
     /// Runs the plan on QEMU backends; destination QEMUs log into `log_dir`.
     pub fn run_qemu(&self, log_dir: &std::path::Path) -> Result<Report> {
         let forwards = self.journal.map(Journal::forward_dir);
-        Ok(self.run(self.qemu_backends(log_dir, forwards)?))
+        self.run(self.qemu_backends(log_dir, forwards)?)
     }
 
     /// One QEMU backend per VM of the plan; ssh forwards in `forward_dir` (default: a fresh
@@ -430,9 +482,16 @@ impl<'a> Controller<'a> {
         Ok(backends)
     }
 
-    /// One member per VM, in plan order.
-    fn members(&self, backends: Vec<Box<dyn VmBackend>>) -> Vec<Member> {
-        backends
+    /// One member per VM, in plan order; exactly one backend per VM.
+    fn members(&self, backends: Vec<Box<dyn VmBackend>>) -> Result<Vec<Member>> {
+        if backends.len() != self.plan.vms.len() {
+            return Err(Error::Config(format!(
+                "{} backends for the plan's {} VMs",
+                backends.len(),
+                self.plan.vms.len()
+            )));
+        }
+        Ok(backends
             .into_iter()
             .zip(&self.plan.vms)
             .map(|(backend, spec)| Member {
@@ -450,18 +509,19 @@ impl<'a> Controller<'a> {
                 target_interconnect: spec.destination.interconnect.clone(),
                 source_session: None,
             })
-            .collect()
+            .collect())
     }
 
     fn emit(&self, event: Event) {
         (self.sink)(&event);
     }
 
-    /// Runs the plan with one backend per VM (in plan order).
-    pub fn run(&self, backends: Vec<Box<dyn VmBackend>>) -> Report {
+    /// Runs the plan with one backend per VM (in plan order). `Err` only when the backends
+    /// do not match the plan (nothing was done); how the run went is in the report.
+    pub fn run(&self, backends: Vec<Box<dyn VmBackend>>) -> Result<Report> {
         let started = Instant::now();
         let epoch = self.journal.map_or_else(new_epoch, |j| j.record().epoch);
-        let mut members = self.members(backends);
+        let mut members = self.members(backends)?;
         self.emit(Event::PlanStarted {
             vms: members.iter().map(|m| m.report.name.clone()).collect(),
             epoch,
@@ -477,11 +537,10 @@ impl<'a> Controller<'a> {
             (Phase::Migrate, d.migrate),
             (Phase::Attach, d.attach),
         ];
-        let mut failed: Option<(Phase, String)> = None;
+        let mut failed: Option<Failure> = None;
         for (phase, limit) in steps {
             if let Err(e) = self.enter(phase) {
-                errors.push(format!("{phase}: {}", e.chain()));
-                failed = Some((phase, e.chain()));
+                failed = Some(Failure::new(None, phase, e));
                 break;
             }
             let deadline = Instant::now() + limit;
@@ -506,24 +565,22 @@ impl<'a> Controller<'a> {
                 phases.push((phase, took));
                 errs
             };
-            if !errs.is_empty() {
-                failed = Some((phase, errs[0].clone()));
+            if let Some(first) = errs.first() {
+                failed = Some(first.clone());
                 errors.extend(errs);
                 break;
             }
             if phase == Phase::Reserve {
                 let left = members.iter().map(|m| m.backend.leftovers()).collect();
                 if let Err(e) = self.record(|r| r.leftovers = left) {
-                    errors.push(format!("{phase}: {}", e.chain()));
-                    failed = Some((phase, e.chain()));
+                    failed = Some(Failure::new(None, phase, e));
                     break;
                 }
             }
         }
         if failed.is_none() {
             if let Err(e) = self.enter(Phase::Resume) {
-                errors.push(format!("resume: {}", e.chain()));
-                failed = Some((Phase::Resume, e.chain()));
+                failed = Some(Failure::new(None, Phase::Resume, e));
             }
         }
         if failed.is_none() {
@@ -532,8 +589,8 @@ impl<'a> Controller<'a> {
                 c.resume_at_destination(m, epoch, deadline)
             });
             phases.push((Phase::Resume, took));
-            if !errs.is_empty() {
-                failed = Some((Phase::Resume, errs[0].clone()));
+            if let Some(first) = errs.first() {
+                failed = Some(first.clone());
                 errors.extend(errs);
             }
         }
@@ -549,15 +606,19 @@ impl<'a> Controller<'a> {
                 })
             };
             if let Err(e) = decided {
-                errors.push(format!("commit: {}", e.chain()));
-                failed = Some((Phase::Commit, e.chain()));
+                failed = Some(Failure::new(None, Phase::Commit, e));
             }
         }
         for m in &mut members {
             m.report.destination_pid = m.backend.destination_pid();
         }
         let outcome = match failed {
-            Some((phase, error)) => {
+            Some(error) => {
+                let phase = error.phase;
+                if error.vm.is_none() {
+                    // A VM's failure is in `errors` already.
+                    errors.push(error.clone());
+                }
                 let t = Instant::now();
                 self.emit(Event::RollbackStarted {
                     failed_phase: phase,
@@ -588,7 +649,7 @@ impl<'a> Controller<'a> {
             }
         };
         self.close_journal(&outcome, &mut errors);
-        self.finished(epoch, outcome, phases, members, errors, started)
+        Ok(self.finished(epoch, outcome, phases, members, errors, started))
     }
 
     /// Announces the end and puts the report together.
@@ -598,7 +659,7 @@ impl<'a> Controller<'a> {
         outcome: Outcome,
         phases: Vec<(Phase, Duration)>,
         members: Vec<Member>,
-        errors: Vec<String>,
+        errors: Vec<Failure>,
         started: Instant,
     ) -> Report {
         let total = started.elapsed();
@@ -622,7 +683,7 @@ impl<'a> Controller<'a> {
         // The dead run's ssh forwards would hold its sockets: end them, and reuse the place.
         let forwards = journal.forward_dir();
         crate::remote::clear_forwards(&forwards, Instant::now() + self.plan.deadlines.connect)?;
-        Ok(self.recover(journal, self.qemu_backends(log_dir, Some(forwards))?))
+        self.recover(journal, self.qemu_backends(log_dir, Some(forwards))?)
     }
 
     /// Brings every VM of the interrupted run that `journal` records to exactly one running
@@ -633,14 +694,15 @@ impl<'a> Controller<'a> {
     /// interconnect. After the decision it rolls forward: destinations checked running and
     /// given their devices, sources stopped and verified gone, guests told `resume` on the new
     /// interconnect (an agent that had done so says `resumed` again). The journal is closed
-    /// when every VM is settled; otherwise it stays, for another attempt.
-    pub fn recover(&self, journal: &Journal, backends: Vec<Box<dyn VmBackend>>) -> Report {
+    /// when every VM is settled; otherwise it stays, for another attempt. `Err` only when the
+    /// backends do not match the plan.
+    pub fn recover(&self, journal: &Journal, backends: Vec<Box<dyn VmBackend>>) -> Result<Report> {
         let started = Instant::now();
         let record = journal.record();
         let epoch = record.epoch;
         let reached = record.phase;
         let forward = record.forward;
-        let mut members = self.members(backends);
+        let mut members = self.members(backends)?;
         let why = match reached {
             None => "before its first phase".to_owned(),
             Some(p) => format!("in {p}"),
@@ -705,37 +767,45 @@ impl<'a> Controller<'a> {
             None if forward => Outcome::Completed,
             None => Outcome::RolledBack {
                 phase: reached.unwrap_or(Phase::Connect),
-                error: format!("recovered: the run was interrupted {why}"),
+                error: Failure::new(
+                    None,
+                    reached.unwrap_or(Phase::Connect),
+                    Error::RunInterrupted(format!("recovered: the run was interrupted {why}")),
+                ),
             },
         };
         let mut errors = errors;
         if errors.is_empty() {
             if let Err(e) = journal.finish(&format!("recovered_{}", outcome.as_str())) {
-                errors.push(format!("journal: {}", e.chain()));
+                errors.push(Failure::new(None, phase, e));
             }
         }
-        self.finished(
+        Ok(self.finished(
             epoch,
             outcome,
             vec![(phase, took)],
             members,
             errors,
             started,
-        )
+        ))
     }
 
     /// Marks the journal finished, unless the run left something to recover (a rollback that
     /// did not complete).
-    fn close_journal(&self, outcome: &Outcome, errors: &mut Vec<String>) {
+    fn close_journal(&self, outcome: &Outcome, errors: &mut Vec<Failure>) {
         let Some(journal) = self.journal else {
             return;
         };
-        let closed = match outcome {
-            Outcome::Failed { .. } => journal.update(|r| r.phase = Some(Phase::Rollback)),
-            done => journal.finish(done.as_str()),
+        let (phase, closed) = match outcome {
+            Outcome::Failed { .. } => (
+                Phase::Rollback,
+                journal.update(|r| r.phase = Some(Phase::Rollback)),
+            ),
+            Outcome::Completed => (Phase::Commit, journal.finish(outcome.as_str())),
+            _ => (Phase::Rollback, journal.finish(outcome.as_str())),
         };
         if let Err(e) = closed {
-            errors.push(format!("journal: {}", e.chain()));
+            errors.push(Failure::new(None, phase, e));
         }
     }
 
@@ -745,7 +815,7 @@ impl<'a> Controller<'a> {
         phase: Phase,
         members: &mut [Member],
         step: impl Fn(&Self, &mut Member) -> Result<()> + Sync,
-    ) -> (Duration, Vec<String>) {
+    ) -> (Duration, Vec<Failure>) {
         let t = Instant::now();
         self.emit(Event::PhaseStarted { phase });
         let errors = self.each(phase, members, |m| step(self, m));
@@ -764,7 +834,7 @@ impl<'a> Controller<'a> {
         phase: Phase,
         members: &mut [Member],
         f: impl Fn(&mut Member) -> Result<()> + Sync,
-    ) -> Vec<String> {
+    ) -> Vec<Failure> {
         let results: Vec<(String, Result<()>)> = std::thread::scope(|s| {
             let handles: Vec<_> = members
                 .iter_mut()
@@ -783,7 +853,7 @@ impl<'a> Controller<'a> {
                     h.join().unwrap_or_else(|_| {
                         (
                             "?".into(),
-                            Err(Error::Refused("worker thread panicked".into())),
+                            Err(Error::Internal(format!("a {phase} thread panicked"))),
                         )
                     })
                 })
@@ -799,9 +869,14 @@ impl<'a> Controller<'a> {
                     fraction: Some(1.0),
                 }),
                 Err(e) => {
-                    let error = e.chain();
-                    errors.push(format!("{vm}: {phase}: {error}"));
-                    self.emit(Event::VmError { vm, phase, error });
+                    let failure = Failure::new(Some(&vm), phase, e);
+                    self.emit(Event::VmError {
+                        vm,
+                        phase,
+                        kind: failure.kind,
+                        error: failure.message(),
+                    });
+                    errors.push(failure);
                 }
             }
         }
@@ -838,23 +913,23 @@ impl<'a> Controller<'a> {
                 deadline,
             )
             .map_err(|e| match e {
-                Error::Timeout => Error::Refused(format!(
+                Error::Timeout => Error::Deadline(format!(
                     "the guest did not quiesce within {} ms",
                     limit.as_millis()
                 )),
                 e => e,
             })?;
         match reply {
-            GuestMessage::Failed { reason, .. } => Err(Error::Refused(format!(
-                "the guest cannot quiesce: {reason}"
-            ))),
+            GuestMessage::Failed { reason, .. } => {
+                Err(Error::Guest(format!("the guest cannot quiesce: {reason}")))
+            }
             _ => Ok(()),
         }
     }
 
     /// Pre-copy of every VM (at most `max_parallel` at once, each holding its slot until it is
     /// ready to switch over), then the synchronized switchover.
-    fn migrate(&self, members: &mut [Member], deadline: Instant) -> Vec<String> {
+    fn migrate(&self, members: &mut [Member], deadline: Instant) -> Vec<Failure> {
         let phase = Phase::Migrate;
         self.emit(Event::PhaseStarted { phase });
         let limit = match self.plan.migration.max_parallel {
@@ -951,7 +1026,7 @@ impl<'a> Controller<'a> {
         }
     }
 
-    fn rollback(&self, members: &mut [Member]) -> Vec<String> {
+    fn rollback(&self, members: &mut [Member]) -> Vec<Failure> {
         let deadline = Instant::now() + self.plan.deadlines.rollback;
         self.each(Phase::Rollback, members, |m| {
             let restored = m.backend.rollback(deadline);
@@ -1032,14 +1107,14 @@ fn expect_hello(channel: &HostChannel, vm: &str, deadline: Instant) -> Result<()
     let info = match channel.wait_hello(deadline) {
         Ok(info) => info,
         Err(Error::Timeout) => {
-            return Err(Error::Refused(
+            return Err(Error::Deadline(
                 "the guest agent did not say hello in time".into(),
             ));
         }
         Err(e) => return Err(e),
     };
     if info.vm != vm {
-        return Err(Error::Refused(format!(
+        return Err(Error::Guest(format!(
             "the guest agent says it is vm {:?}",
             info.vm
         )));
@@ -1060,7 +1135,7 @@ fn send_when_connected(
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(Error::NotConnected) => {
-                return Err(Error::Refused(
+                return Err(Error::Deadline(
                     "the guest channel did not connect before the deadline".into(),
                 ));
             }
@@ -1098,9 +1173,9 @@ fn tell_resume(
             interconnect,
             pci_devices,
         }),
-        GuestMessage::Failed { reason, .. } => Err(Error::Refused(format!(
+        GuestMessage::Failed { reason, .. } => Err(Error::Guest(format!(
             "the guest failed to resume: {reason}"
         ))),
-        other => Err(Error::Refused(format!("unexpected {}", other.describe()))),
+        other => Err(Error::Guest(format!("unexpected {}", other.describe()))),
     }
 }

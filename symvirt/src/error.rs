@@ -4,24 +4,11 @@ use std::io;
 
 /// Everything that can go wrong in symvirt.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
-    /// A line (one message) was longer than the protocol allows; it was discarded unread.
-    #[error("message of {len} bytes exceeds the {limit}-byte line limit")]
-    LineTooLong {
-        /// Bytes seen before the end of the line (or the encoded size when sending).
-        len: usize,
-        /// The limit.
-        limit: usize,
-    },
-    /// A line that is not valid UTF-8.
-    #[error("message is not UTF-8")]
-    NotUtf8(#[source] std::str::Utf8Error),
-    /// A line that is not one of the protocol's messages (syntax, unknown type or field).
-    #[error("malformed message")]
-    Malformed(#[source] serde_json::Error),
-    /// A well-formed message whose values are out of range.
-    #[error("invalid message: {0}")]
-    Invalid(String),
+    /// A message to or from a guest (see [`symvirt_proto::Error`]).
+    #[error(transparent)]
+    Protocol(#[from] symvirt_proto::Error),
     /// A message that the per-epoch state machine does not allow now.
     #[error("{message} not allowed in state {state}")]
     Transition {
@@ -45,15 +32,24 @@ pub enum Error {
     /// A deadline passed.
     #[error("timed out")]
     Timeout,
+    /// Something did not happen before its deadline (what, and which deadline).
+    #[error("{0}")]
+    Deadline(String),
+    /// The guest's agent reported a failure or answered what it must not (the reason is its).
+    #[error("{0}")]
+    Guest(String),
+    /// A bug: a controller thread panicked.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The operator interrupted the run (SIGINT or SIGTERM).
     #[error("interrupted by the operator")]
     Interrupted,
+    /// A run that was interrupted (its controller died or was stopped), as its recovery found it.
+    #[error("{0}")]
+    RunInterrupted(String),
     /// The channel was shut down.
     #[error("channel closed")]
     Closed,
-    /// The agent refused a rank's registration.
-    #[error("agent refused rank registration: {0}")]
-    RankRefused(String),
     /// A bad command line or configuration value.
     #[error("configuration: {0}")]
     Config(String),
@@ -72,6 +68,9 @@ pub enum Error {
     /// A precondition of the plan does not hold (e.g. the destination device is not free).
     #[error("{0}")]
     Refused(String),
+    /// A QEMU process did not do what it must (it exited, or kept running when told to quit).
+    #[error("{0}")]
+    Qemu(String),
     /// The reference VMM or the migration engine (`migrate-core`) failed.
     #[error("reference VMM")]
     Vmm(#[source] Box<migrate_core::Error>),
@@ -98,7 +97,75 @@ pub enum Error {
     },
 }
 
+/// What kind of failure an [`Error`] is: what a scheduler acts on without reading the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A deadline passed (a phase's, or one within it): retry later, or with more time.
+    Timeout,
+    /// The run was cancelled (SIGINT, SIGTERM, or [`crate::controller::Controller::interruptible`]).
+    Cancelled,
+    /// The guest said no: its agent reported `failed` (a rank that cannot quiesce, a verbs job,
+    /// an interconnect it never saw) or broke the protocol.
+    Guest,
+    /// The guest's channel is not there or went away (no agent, a closed socket).
+    GuestUnreachable,
+    /// QEMU, the reference VMM or VFIO refused or failed a command, or died.
+    Vmm,
+    /// The plan cannot be carried out as written: a precondition does not hold (a destination
+    /// monitor in use, a stand-in that is not the source's), or the plan or configuration is
+    /// wrong. Nothing was changed for it.
+    Refused,
+    /// An I/O error on this host (a socket, a file, an ssh forward).
+    Io,
+    /// A bug in the controller.
+    Internal,
+}
+
+impl ErrorKind {
+    /// The name in events and JSON (`timeout`, `guest_unreachable`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Guest => "guest",
+            ErrorKind::GuestUnreachable => "guest_unreachable",
+            ErrorKind::Vmm => "vmm",
+            ErrorKind::Refused => "refused",
+            ErrorKind::Io => "io",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl Error {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Timeout | Error::Deadline(_) => ErrorKind::Timeout,
+            Error::Interrupted | Error::RunInterrupted(_) => ErrorKind::Cancelled,
+            Error::Guest(_) | Error::Transition { .. } | Error::Protocol(_) => ErrorKind::Guest,
+            Error::NotConnected | Error::Closed => ErrorKind::GuestUnreachable,
+            Error::Qmp { source, .. } if matches!(source, qmp::Error::Timeout { .. }) => {
+                ErrorKind::Timeout
+            }
+            Error::Qmp { .. } | Error::Qemu(_) | Error::Vmm(_) => ErrorKind::Vmm,
+            #[cfg(feature = "vfio")]
+            Error::Vfio { .. } => ErrorKind::Vmm,
+            Error::Refused(_) | Error::Config(_) | Error::Plan(_) => ErrorKind::Refused,
+            Error::Io { .. } => ErrorKind::Io,
+            Error::Internal(_) => ErrorKind::Internal,
+            Error::Vm { source, .. } => source.kind(),
+        }
+    }
+
     /// An [`Error::Io`] with a description of what failed.
     pub(crate) fn qmp(what: impl Into<String>, source: qmp::Error) -> Error {
         Error::Qmp {
@@ -109,14 +176,7 @@ impl Error {
 
     /// The message of this error and of every source below it, joined by `: `.
     pub fn chain(&self) -> String {
-        let mut msg = self.to_string();
-        let mut source = std::error::Error::source(self);
-        while let Some(s) = source {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            source = s.source();
-        }
-        msg
+        symvirt_proto::error::chain(self)
     }
 
     pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Error {

@@ -145,7 +145,7 @@ enum Endpoint {
 }
 
 /// The QEMU arguments that give a guest its SymVirt channel: a virtio-serial port named
-/// [`DEFAULT_PORT_NAME`](crate::guest_link::DEFAULT_PORT_NAME) (the guest agent opens
+/// [`DEFAULT_PORT_NAME`](crate::protocol::DEFAULT_PORT_NAME) (the guest agent opens
 /// `/dev/virtio-ports/org.symvirt.0`), backed by a unix socket at `socket` on which QEMU listens
 /// and [`HostChannel::connect`] connects. Source and destination QEMUs of a migration need the
 /// same arguments (paths may differ).
@@ -161,7 +161,7 @@ pub fn qemu_channel_args(socket: &Path) -> Vec<String> {
         "-device".into(),
         format!(
             "virtserialport,chardev=symvirt0,name={}",
-            crate::guest_link::DEFAULT_PORT_NAME
+            crate::protocol::DEFAULT_PORT_NAME
         ),
     ]
 }

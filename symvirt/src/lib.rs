@@ -1,22 +1,23 @@
-//! SymVirt: coordination between a migrating virtual cluster's host controller and its guests.
+//! SymVirt, host side: moves a whole virtual cluster, its MPI job running, from one set of
+//! hosts (and fabric) to another.
 //!
-//! This part holds the guest/host channel: the versioned wire [`protocol`] (newline-delimited
-//! JSON, bounded lines, strict parsing), the host's end of a guest's channel
-//! ([`host_channel::HostChannel`], with the per-guest state machine [`session::GuestSession`]),
-//! and the guest agent ([`agent::Agent`], the `symvirt-agent` binary) that relays between the
-//! host and the guest's MPI ranks ([`rank::RankClient`]). Transports: virtio-serial (QEMU),
-//! plain unix sockets (host processes, tests) and two I/O ports for VMMs that emulate their own
-//! devices ([`portio`]: the SymVirt hypercall, answered in a reference-VMM guest by
-//! [`portio_agent`]).
+//! The [`controller`] runs a migration [`plan`] (TOML, checked with every error located) over
+//! every VM at once: connect, reserve, quiesce (every guest's MPI ranks reach a cut with no
+//! message in flight), detach the passthrough devices, migrate, attach the destination's
+//! interconnect, resume, commit; on any failure it rolls back so the job keeps running where it
+//! was, and its [`controller::Report`] says per VM and phase what failed and what kind of
+//! failure it was ([`error::ErrorKind`]). Each VM is driven through a [`backend`]: QEMU over QMP
+//! ([`backend::qemu`], endpoints on any host through [`remote`]) or `migrate-core`'s reference
+//! KVM VMM ([`backend::reference`]). A run's [`journal`] (a private state directory, written
+//! before each irreversible step) lets [`controller::Controller::recover`] finish a run whose
+//! controller died.
 //!
-//! The host [`controller`] runs a migration [`plan`] over a whole virtual cluster through a
-//! [`backend`] per VM: QEMU over QMP ([`backend::qemu`]) or `migrate-core`'s reference KVM VMM
-//! and pre-copy engine ([`backend::reference`]). A run's [`journal`] (in a private state
-//! directory, written before each irreversible step) lets
-//! [`controller::Controller::recover`] finish a run whose controller died: back to the sources
-//! before the run decided to keep the destinations, forward after. Inside the guest, the agent's
-//! network step ([`data_net`]) moves the VM's data address to the new fabric's NIC. Passthrough
-//! functions for custom VMMs: [`vfio`] (opening them needs the `vfio` feature).
+//! The host talks to each guest's agent over a channel ([`host_channel::HostChannel`], with the
+//! per-guest state machine [`session::GuestSession`]): virtio-serial for QEMU, unix sockets,
+//! or two I/O ports for VMMs that emulate their own devices ([`portio`], answered in a
+//! reference-VMM guest by [`portio_agent`]). Passthrough functions for custom VMMs: [`vfio`]
+//! (opening them needs the `vfio` feature). The wire formats are `symvirt-proto`'s (re-exported
+//! here as [`protocol`], [`framing`], [`rank`]); the guest agent is the `symvirt-agent` crate.
 //!
 //! The flow of one epoch, from the host's side:
 //!
@@ -40,25 +41,19 @@
 //! # Ok(()) }
 //! ```
 
-pub mod agent;
 pub mod backend;
 pub mod cluster;
 pub mod controller;
-pub mod data_net;
 pub mod error;
-pub mod framing;
-pub mod guest_link;
 pub mod host_channel;
 pub mod journal;
-mod netlink;
 pub mod plan;
 pub mod portio;
 pub mod portio_agent;
-pub mod protocol;
-pub mod rank;
 pub mod remote;
 pub mod session;
-pub mod sysfs;
 pub mod vfio;
+
+pub use symvirt_proto::{framing, protocol, rank};
 
 pub use error::{Error, Result};

@@ -36,7 +36,7 @@ use crate::cluster::{
     Deadlines, DestinationSpec, Device, LaunchSpec, MigrationSettings, Plan, SourceSpec, VmSpec,
 };
 use crate::error::{Error, Result};
-use crate::protocol::{Interconnect, Validate};
+use crate::protocol::{Interconnect, Validate, is_mac_address};
 use crate::remote::{Address, check_migrate_uri, valid_host};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
@@ -44,6 +44,7 @@ use std::fmt;
 use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
+use symvirt_proto::addr::Bdf;
 use toml::Spanned;
 
 /// One problem in a plan, with where it is.
@@ -211,12 +212,10 @@ impl Checker<'_> {
                 );
             }
             match dev {
-                Device::VfioPci { host, .. } if !valid_bdf(host) => {
-                    self.issue(
-                        d.span(),
-                        &p,
-                        format!("host {host:?} is not a PCI address DDDD:BB:DD.F"),
-                    );
+                Device::VfioPci { host, .. } => {
+                    if let Err(e) = host.parse::<Bdf>() {
+                        self.issue(d.span(), &p, format!("host: {e}"));
+                    }
                 }
                 Device::HcaStandin { mem_path, size, .. } => {
                     if !mem_path.is_absolute() {
@@ -231,7 +230,7 @@ impl Checker<'_> {
                     }
                 }
                 Device::VirtioNet { mac, netdev, .. } => {
-                    if !valid_mac(mac) {
+                    if !is_mac_address(mac) {
                         self.issue(
                             d.span(),
                             &p,
@@ -246,7 +245,6 @@ impl Checker<'_> {
                         }
                     }
                 }
-                _ => {}
             }
         }
     }
@@ -271,33 +269,6 @@ fn valid_id(id: &str) -> bool {
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-}
-
-fn valid_mac(mac: &str) -> bool {
-    let parts: Vec<&str> = mac.split(':').collect();
-    parts.len() == 6
-        && parts.iter().all(|p| {
-            p.len() == 2
-                && p.chars()
-                    .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
-        })
-}
-
-fn valid_bdf(bdf: &str) -> bool {
-    let hex = |s: &str, n: usize| s.len() == n && s.chars().all(|c| c.is_ascii_hexdigit());
-    let Some((dom, rest)) = bdf.split_once(':') else {
-        return false;
-    };
-    let Some((bus, rest)) = rest.split_once(':') else {
-        return false;
-    };
-    let Some((dev, func)) = rest.split_once('.') else {
-        return false;
-    };
-    hex(dom, 4)
-        && hex(bus, 2)
-        && hex(dev, 2)
-        && matches!(func, "0" | "1" | "2" | "3" | "4" | "5" | "6" | "7")
 }
 
 const PHASES: [&str; 8] = [
@@ -641,7 +612,7 @@ host = "0000:3b:00.2"
             .replace("name = \"vm1\"", "name = \"vm0\"")
             .replace("tcp:10.0.0.7:4444", "tcp:10.0.0.7")
             .replace("size = 1048576", "size = 1000")
-            .replace("host = \"0000:3b:00.2\"", "host = \"3b:00.2\"")
+            .replace("host = \"0000:3b:00.2\"", "host = \"0000:3b:00.9\"")
             .replace(
                 "channel = \"unix:/run/vm1/sv.sock\"",
                 "channel = \"tcp:h:1\"",

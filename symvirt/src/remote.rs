@@ -559,7 +559,7 @@ impl Connector {
                             path: remote.to_owned(),
                         })
                         .unwrap_or_else(|| format!("{what}: not listening"));
-                    return Err(Error::Refused(format!("{said} (at the deadline)")));
+                    return Err(Error::Deadline(format!("{said} (at the deadline)")));
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -608,7 +608,7 @@ impl Connector {
             }
             if Instant::now() >= deadline {
                 let said = forward.said();
-                return Err(Error::Refused(format!(
+                return Err(Error::Deadline(format!(
                     "{what}: not up by the deadline{}",
                     if said.is_empty() {
                         " (ssh said nothing)".to_owned()

@@ -142,20 +142,13 @@ impl Rejection {
     }
 
     /// Classifies a decoding error.
-    pub fn from_decode_error(err: &Error) -> Rejection {
+    pub fn from_decode_error(err: &symvirt_proto::Error) -> Rejection {
         let kind = match err {
-            Error::LineTooLong { .. } => RejectionKind::Oversized,
-            Error::Invalid(_) => RejectionKind::Invalid,
+            symvirt_proto::Error::LineTooLong { .. } => RejectionKind::Oversized,
+            symvirt_proto::Error::Invalid(_) => RejectionKind::Invalid,
             _ => RejectionKind::Malformed,
         };
-        let mut detail = err.to_string();
-        let mut source = std::error::Error::source(err);
-        while let Some(s) = source {
-            detail.push_str(": ");
-            detail.push_str(&s.to_string());
-            source = s.source();
-        }
-        Rejection::new(kind, detail)
+        Rejection::new(kind, err.chain())
     }
 }
 

@@ -9,78 +9,14 @@
 //! and, at run time, /dev/vfio (an IOMMU and the vfio-pci driver).
 
 use crate::error::{Error, Result};
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 /// Where the kernel lists PCI devices (under a sysfs root).
 pub const PCI_DEVICES: &str = "bus/pci/devices";
 /// The driver a passthrough function must be bound to.
 pub const VFIO_DRIVER: &str = "vfio-pci";
 
-/// A PCI address: domain, bus, device, function (`DDDD:BB:DD.F`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Bdf {
-    /// PCI domain (segment).
-    pub domain: u16,
-    /// Bus.
-    pub bus: u8,
-    /// Device (0..32).
-    pub device: u8,
-    /// Function (0..8).
-    pub function: u8,
-}
-
-impl FromStr for Bdf {
-    type Err = Error;
-
-    /// `DDDD:BB:DD.F`, or `BB:DD.F` in domain 0; hex, either case.
-    fn from_str(s: &str) -> Result<Bdf> {
-        let bad = |why: &str| {
-            Error::Config(format!(
-                "PCI address {s:?}: {why} (want DDDD:BB:DD.F, e.g. 0000:3b:00.1)"
-            ))
-        };
-        let hex = |part: &str, digits: usize, what: &str| -> Result<u32> {
-            if part.len() != digits || !part.chars().all(|c| c.is_ascii_hexdigit()) {
-                return Err(bad(&format!("{what} must be {digits} hex digits")));
-            }
-            u32::from_str_radix(part, 16).map_err(|_| bad(what))
-        };
-        let (rest, function) = s.rsplit_once('.').ok_or_else(|| bad("no function"))?;
-        let parts: Vec<&str> = rest.split(':').collect();
-        let (domain, bus, device) = match parts.as_slice() {
-            [d, b, dev] => (hex(d, 4, "domain")?, *b, *dev),
-            [b, dev] => (0, *b, *dev),
-            _ => return Err(bad("wrong number of ':'")),
-        };
-        let bus = hex(bus, 2, "bus")?;
-        let device = hex(device, 2, "device")?;
-        let function = hex(function, 1, "function")?;
-        if device >= 32 {
-            return Err(bad("device must be below 0x20"));
-        }
-        if function >= 8 {
-            return Err(bad("function must be below 8"));
-        }
-        Ok(Bdf {
-            domain: domain as u16,
-            bus: bus as u8,
-            device: device as u8,
-            function: function as u8,
-        })
-    }
-}
-
-impl fmt::Display for Bdf {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:04x}:{:02x}:{:02x}.{:x}",
-            self.domain, self.bus, self.device, self.function
-        )
-    }
-}
+pub use symvirt_proto::addr::Bdf;
 
 /// A PCI function as sysfs describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -290,41 +226,6 @@ mod open {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pci_addresses_parse_print_and_refuse_clearly() {
-        let b: Bdf = "0000:3b:00.1".parse().unwrap();
-        assert_eq!(
-            b,
-            Bdf {
-                domain: 0,
-                bus: 0x3b,
-                device: 0,
-                function: 1
-            }
-        );
-        assert_eq!(b.to_string(), "0000:3b:00.1");
-        assert_eq!(
-            "3B:1f.7".parse::<Bdf>().unwrap().to_string(),
-            "0000:3b:1f.7"
-        );
-        assert_eq!("ffff:ff:1f.7".parse::<Bdf>().unwrap().domain, 0xffff);
-        for bad in [
-            "",
-            "3b:00",
-            "0000:3b:00.8",
-            "0000:3b:20.0",
-            "0000:3b:0.1",
-            "00000:3b:00.1",
-            "0000:3g:00.1",
-            "0000:3b:00.1.2",
-            "a:b:c:d.1",
-            "0000:3b:00.+1",
-        ] {
-            let e = bad.parse::<Bdf>().unwrap_err().to_string();
-            assert!(e.contains("DDDD:BB:DD.F"), "{bad:?}: {e}");
-        }
-    }
 
     struct Tree(PathBuf);
 

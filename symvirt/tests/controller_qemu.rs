@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use symvirt::controller::{Controller, Event, GuestNotice, Outcome, Phase, Report};
+use symvirt::error::ErrorKind;
 use symvirt::host_channel::qemu_channel_args;
 use symvirt::protocol::Interconnect;
 
@@ -558,7 +559,25 @@ fn rollback_case(test: &str, how: Break, expect_phase: Phase) {
     match &report.outcome {
         Outcome::RolledBack { phase, error } => {
             assert_eq!(*phase, expect_phase, "{error}");
-            assert!(error.starts_with("vm1"), "{error}");
+            assert_eq!(error.vm.as_deref(), Some("vm1"), "{error}");
+            // What a scheduler acts on, without reading the message.
+            let expect_kind = match how {
+                Break::NeverQuiesces => ErrorKind::Timeout,
+                // A QEMU that died, one that never listens, one that refuses a device.
+                Break::NotListening
+                | Break::KilledMidMigration
+                | Break::KilledAfterSwitchover
+                | Break::DeviceAddRefused => ErrorKind::Vmm,
+            };
+            assert_eq!(error.kind, expect_kind, "{error}");
+            let reported = events.iter().any(|e| {
+                matches!(e, Event::VmError { vm, phase: p, kind, .. }
+                    if vm == "vm1" && p == phase && *kind == expect_kind)
+            });
+            assert!(
+                reported,
+                "no vm_error event of kind {expect_kind}: {events:?}"
+            );
         }
         other => panic!(
             "expected a rollback from {expect_phase}: {other:?} {:?}",

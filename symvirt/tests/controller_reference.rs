@@ -160,7 +160,7 @@ fn run_with(
         .collect();
     let events = Mutex::new(Vec::new());
     let sink = |e: &Event| events.lock().unwrap().push(e.clone());
-    let report = Controller::new(plan, &sink).run(backends);
+    let report = Controller::new(plan, &sink).run(backends).unwrap();
     (report, events.into_inner().unwrap())
 }
 
@@ -297,7 +297,8 @@ fn a_destination_that_refuses_the_vm_rolls_the_plan_back() {
     match &report.outcome {
         Outcome::RolledBack { phase, error } => {
             assert_eq!(*phase, Phase::Migrate);
-            assert!(error.contains("differ"), "{error}");
+            assert!(error.message().contains("differ"), "{error}");
+            assert_eq!(error.kind, symvirt::error::ErrorKind::Vmm, "{error}");
         }
         other => panic!("{other:?}: {:?}", report.errors),
     }
@@ -400,7 +401,10 @@ fn a_destination_lost_after_the_switchover_rolls_every_vm_back_to_its_source() {
     match &report.outcome {
         Outcome::RolledBack { phase, error } => {
             assert_eq!(*phase, Phase::Resume);
-            assert!(error.contains("destination host is gone"), "{error}");
+            assert!(
+                error.message().contains("destination host is gone"),
+                "{error}"
+            );
         }
         other => panic!("{other:?}: {:?}", report.errors),
     }

@@ -567,6 +567,7 @@ fn unreachable_sshd_fails_in_connect_and_the_vm_keeps_running() {
     let report = run(&plan, &cleanup.dir, |_| {});
     match &report.outcome {
         Outcome::RolledBack { phase, error } => {
+            let error = error.to_string();
             assert_eq!(*phase, Phase::Connect, "{error}");
             assert!(
                 error.contains(sshd.closed_alias()) && error.contains("Connection refused"),
@@ -688,6 +689,7 @@ fn forward_killed_case(test: &str, tag: &str, cut: Cut) {
     assert_eq!(killed.lock().unwrap().len(), 1, "one forward to kill");
     match &report.outcome {
         Outcome::RolledBack { phase, error } => {
+            let error = error.to_string();
             assert_eq!(*phase, expect_phase, "{error}");
             for words in &expect_error {
                 assert!(error.contains(words.as_str()), "{words:?} not in {error}");
@@ -764,6 +766,7 @@ fn missing_remote_monitor_socket_fails_in_reserve_with_what_ssh_said() {
     let report = run(&plan, &cleanup.dir, |_| {});
     match &report.outcome {
         Outcome::RolledBack { phase, error } => {
+            let error = error.to_string();
             assert_eq!(*phase, Phase::Reserve, "{error}");
             assert!(
                 error.contains(&absent) && error.contains("open failed"),
@@ -811,6 +814,7 @@ fn destination_that_fails_to_start_remotely_is_reported_with_qemus_words() {
     let report = run(&plan, &cleanup.dir, |_| {});
     match &report.outcome {
         Outcome::RolledBack { phase, error } => {
+            let error = error.to_string();
             assert_eq!(*phase, Phase::Reserve, "{error}");
             assert!(
                 error.contains("destination QEMU exited") && error.contains("qemu-system-x86_64:"),

@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use symvirt::agent::{Agent, AgentConfig};
-use symvirt::guest_link::ChannelSpec;
 use symvirt::host_channel::{ChannelOptions, HostChannel};
 use symvirt::protocol::{GuestMessage, HostMessage, Interconnect};
+use symvirt_agent::agent::{Agent, AgentConfig};
+use symvirt_agent::guest_link::ChannelSpec;
 use symvirt_mpi::mpi_build::{self, Libraries, Linkage, MpiImpl};
 
 /// Ranks per job (the requirement).

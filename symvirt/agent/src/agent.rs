@@ -41,8 +41,8 @@
 //! waiting-for-interconnect guest stays so for as long as the host takes to finish it.
 //!
 //! ```no_run
-//! use symvirt::agent::{Agent, AgentConfig};
-//! use symvirt::guest_link::ChannelSpec;
+//! use symvirt_agent::agent::{Agent, AgentConfig};
+//! use symvirt_agent::guest_link::ChannelSpec;
 //! let config = AgentConfig {
 //!     channel: ChannelSpec::Unix("/tmp/host.sock".into()),
 //!     ranks: 0,
@@ -54,11 +54,7 @@
 
 use crate::data_net::DataNetwork;
 use crate::error::{Error, Result};
-use crate::framing::{Frame, LineReader};
 use crate::guest_link::{self, ChannelSpec, HostWriter, LinkEvent};
-use crate::protocol::{GuestMessage, HostMessage, Interconnect, MAX_LINE, PROTOCOL_VERSION};
-use crate::protocol::{decode, encode};
-use crate::rank::{AgentNotice, DEFAULT_RANK_SOCKET, RankRequest};
 use crate::sysfs::{self, SysDirs};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -69,6 +65,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use symvirt_proto::framing::{Frame, LineReader};
+use symvirt_proto::protocol::{
+    GuestMessage, HostMessage, Interconnect, MAX_LINE, PROTOCOL_VERSION,
+};
+use symvirt_proto::protocol::{decode, encode};
+use symvirt_proto::rank::{AgentNotice, DEFAULT_RANK_SOCKET, RankRequest};
 
 /// The agent's version, as sent in `hello`.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -172,7 +174,7 @@ impl Default for AgentConfig {
 enum Event {
     Link(LinkEvent),
     RankConnected(u64, UnixStream),
-    Rank(u64, Result<RankRequest>),
+    Rank(u64, symvirt_proto::Result<RankRequest>),
     RankGone(u64),
 }
 
@@ -426,7 +428,7 @@ fn read_rank(id: u64, mut stream: UnixStream, events: Sender<Event>) {
         for frame in frames {
             let request = match frame {
                 Frame::Line(l) => decode::<RankRequest>(&l),
-                Frame::Oversized { bytes } => Err(Error::LineTooLong {
+                Frame::Oversized { bytes } => Err(symvirt_proto::Error::LineTooLong {
                     len: bytes,
                     limit: MAX_LINE,
                 }),
@@ -726,7 +728,7 @@ impl Core {
     fn on_host(&mut self, message: HostMessage) {
         log::info!("host says {}", message.describe());
         match message {
-            // A host connection this agent may not have seen open (see `crate::protocol`).
+            // A host connection this agent may not have seen open (see `symvirt_proto::protocol`).
             HostMessage::Hello => self.introduce(),
             HostMessage::Prepare { epoch, deadline_ms } => {
                 if epoch <= self.last_epoch {
@@ -737,7 +739,7 @@ impl Core {
                     );
                     return;
                 }
-                // The host prepares only between epochs (see `crate::session`): one still in
+                // The host prepares only between epochs (see the host's `symvirt::session`): one still in
                 // progress here was given up by a host that went away (its controller died).
                 if let Some(old) = self.epoch_in_progress() {
                     log::warn!(

@@ -10,8 +10,6 @@
 //! chardev socket) serves one host connection at a time and takes the next when it ends.
 
 use crate::error::{Error, Result};
-use crate::framing::{Frame, LineReader};
-use crate::protocol::{HostMessage, MAX_LINE, decode};
 use crate::sysfs;
 use crossbeam_channel::Sender;
 use std::fs::File;
@@ -22,9 +20,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use symvirt_proto::framing::{Frame, LineReader};
+use symvirt_proto::protocol::{HostMessage, MAX_LINE, decode};
 
-/// The default virtio-serial port name.
-pub const DEFAULT_PORT_NAME: &str = "org.symvirt.0";
+pub use symvirt_proto::protocol::DEFAULT_PORT_NAME;
 
 /// How the agent reaches the host.
 #[derive(Debug, Clone, PartialEq, Eq)]

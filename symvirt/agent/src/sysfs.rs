@@ -3,9 +3,9 @@
 //! virtio-serial port. Each function takes the sysfs
 //! directory it reads so tests can point it at a fake tree.
 
-use crate::protocol::{Interconnect, MAX_PCI_DEVICES, PciDevice, is_pci_address};
 use std::fs;
 use std::path::{Path, PathBuf};
+use symvirt_proto::protocol::{Interconnect, MAX_PCI_DEVICES, PciDevice, is_pci_address};
 
 /// Where the kernel lists PCI functions.
 pub const PCI_DEVICES_DIR: &str = "/sys/bus/pci/devices";

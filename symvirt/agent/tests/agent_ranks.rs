@@ -9,15 +9,16 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use symvirt::agent::{Agent, AgentConfig};
-use symvirt::data_net::DataNetwork;
-use symvirt::guest_link::ChannelSpec;
 use symvirt::host_channel::{ChannelOptions, HostChannel};
 use symvirt::protocol::{GuestMessage, HostMessage, Interconnect, PciDevice};
 use symvirt::rank::{RankClient, RankEvent};
 use symvirt::session::{GuestSession, SessionState};
-use symvirt::sysfs::SysDirs;
-use symvirt::{Error, sysfs};
+use symvirt_agent::agent::{Agent, AgentConfig};
+use symvirt_agent::data_net::DataNetwork;
+use symvirt_agent::guest_link::ChannelSpec;
+use symvirt_agent::sysfs;
+use symvirt_agent::sysfs::SysDirs;
+use symvirt_proto::Error;
 
 const PATIENCE: Duration = Duration::from_secs(60);
 const MAC: &str = "52:54:00:ab:cd:01";
@@ -284,7 +285,7 @@ fn quiesced_only_after_the_last_rank_and_resume_reaches_every_rank() {
         |m| matches!(m, GuestMessage::Quiesced { .. }),
         Instant::now() + Duration::from_millis(500),
     );
-    assert!(matches!(early, Err(Error::Timeout)), "{early:?}");
+    assert!(matches!(early, Err(symvirt::Error::Timeout)), "{early:?}");
     assert!(matches!(
         rig.host.state(),
         SessionState::Preparing { epoch: 1, .. }
@@ -318,7 +319,7 @@ fn quiesced_only_after_the_last_rank_and_resume_reaches_every_rank() {
         |m| matches!(m, GuestMessage::Resumed { .. }),
         Instant::now() + Duration::from_millis(500),
     );
-    assert!(matches!(early, Err(Error::Timeout)), "{early:?}");
+    assert!(matches!(early, Err(symvirt::Error::Timeout)), "{early:?}");
     r1.resumed(1).unwrap();
     let expected_pci = vec![
         PciDevice {
@@ -542,7 +543,7 @@ fn rank_registration_is_checked_and_a_late_rank_catches_up() {
         ..AgentConfig::default()
     });
     match second {
-        Err(Error::Config(why)) => assert!(why.contains("another agent"), "{why}"),
+        Err(symvirt_agent::Error::Config(why)) => assert!(why.contains("another agent"), "{why}"),
         other => panic!("second agent started: {other:?}"),
     }
     match rig.rank(2) {

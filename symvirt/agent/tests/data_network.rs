@@ -6,7 +6,7 @@ use ninja_testkit::{Requirement, skip};
 use std::net::Ipv4Addr;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use symvirt::data_net::DataNetwork;
+use symvirt_agent::data_net::DataNetwork;
 
 /// Runs `f` on a thread inside namespace `ns` (a namespace is per thread: the test's own thread
 /// stays where it is).

@@ -52,7 +52,7 @@
 //! what an MPI runtime needs to reconnect (the HCA device name and port for verbs/UCX; the
 //! interface for TCP, which the agent resolves from the MAC the host assigned when it is absent).
 //!
-//! # State machine (per guest, see [`crate::session::GuestSession`])
+//! # State machine (per guest; the host keeps it in `symvirt::session::GuestSession`)
 //!
 //! ```text
 //!  Idle --hello--> Running --prepare(E)--> Preparing(E) --quiesced(E)--> Quiesced(E)
@@ -85,6 +85,8 @@ pub const MAX_REASON: usize = 512;
 pub const MAX_PCI_DEVICES: usize = 40;
 /// The most ranks one guest may declare.
 pub const MAX_RANKS: u32 = 4096;
+/// The virtio-serial port name of the channel unless configured otherwise.
+pub const DEFAULT_PORT_NAME: &str = "org.symvirt.0";
 
 /// A message from the host (controller) to the guest agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,27 +224,7 @@ fn check_name(field: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
-/// A PCI address `DDDD:BB:DD.F` in lower-case hex.
-pub fn is_pci_address(s: &str) -> bool {
-    let b = s.as_bytes();
-    let hex = |c: u8| c.is_ascii_digit() || (b'a'..=b'f').contains(&c);
-    b.len() == 12
-        && b.iter().enumerate().all(|(i, &c)| match i {
-            4 | 7 => c == b':',
-            10 => c == b'.',
-            _ => hex(c),
-        })
-}
-
-/// A MAC address `xx:xx:xx:xx:xx:xx` in lower-case hex.
-pub fn is_mac_address(s: &str) -> bool {
-    let b = s.as_bytes();
-    let hex = |c: u8| c.is_ascii_digit() || (b'a'..=b'f').contains(&c);
-    b.len() == 17
-        && b.iter()
-            .enumerate()
-            .all(|(i, &c)| if i % 3 == 2 { c == b':' } else { hex(c) })
-}
+pub use crate::addr::{is_mac_address, is_pci_address};
 
 fn check_pci(field: &str, value: &Option<String>) -> Result<()> {
     match value {
@@ -642,7 +624,7 @@ mod tests {
             pci_devices: Some(
                 (0..MAX_PCI_DEVICES)
                     .map(|i| PciDevice {
-                        address: format!("ffff:ff:{:02x}.7", i),
+                        address: format!("ffff:{i:02x}:1f.7"),
                         vendor: u16::MAX,
                         device: u16::MAX,
                         class: u32::MAX,

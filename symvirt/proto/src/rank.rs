@@ -15,7 +15,7 @@
 //!
 //! An agent at its connection limit answers `refused` before reading anything and closes the
 //! connection. A rank must read what the agent sends (at its safe points is enough): the agent
-//! drops a rank it cannot write to within [`crate::agent::RANK_WRITE_TIMEOUT`], failing the
+//! drops a rank it cannot write to within `symvirt_agent::agent::RANK_WRITE_TIMEOUT`, failing the
 //! epoch in progress.
 
 use crate::error::{Error, Result};

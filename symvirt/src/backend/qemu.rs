@@ -470,7 +470,7 @@ impl QemuVm {
         if status.running {
             Ok(())
         } else {
-            Err(Error::Refused(format!(
+            Err(Error::Qemu(format!(
                 "{}: the destination is not running after the switchover ({})",
                 self.spec.name, status.status
             )))
@@ -548,7 +548,7 @@ impl QemuVm {
                 Ok(q) => return Ok(q),
                 Err(e) => {
                     if let Some(why) = self.launched.as_mut().and_then(Launched::exited) {
-                        return Err(Error::Refused(format!(
+                        return Err(Error::Qemu(format!(
                             "{}: destination QEMU {why}",
                             self.spec.name
                         )));
@@ -668,7 +668,7 @@ impl QemuVm {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                return Err(Error::Refused(format!(
+                return Err(Error::Qemu(format!(
                     "{}: destination not running after the switchover ({})",
                     self.spec.name,
                     status.status.as_str()
@@ -827,7 +827,7 @@ impl VmBackend for QemuVm {
                     .map_err(|e| Error::qmp(self.what("source", format!("object-del {obj}")), e))?;
                 wait_ramblock_gone(src, &obj, deadline).map_err(|e| match e {
                     Some(e) => Error::qmp(self.what("source", "info ramblock"), e),
-                    None => Error::Refused(self.what(
+                    None => Error::Qemu(self.what(
                         "source",
                         format!("memory of {obj} still registered after object-del"),
                     )),
@@ -985,7 +985,7 @@ impl VmBackend for QemuVm {
         }
         if let Err(e) = fenced {
             errors.push(e);
-            return Err(Error::Refused(format!(
+            return Err(Error::Qemu(format!(
                 "{}: rollback incomplete: {}",
                 self.spec.name,
                 errors.join("; ")
@@ -1036,7 +1036,7 @@ impl VmBackend for QemuVm {
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(Error::Refused(format!(
+            Err(Error::Qemu(format!(
                 "{}: rollback incomplete: {}",
                 self.spec.name,
                 errors.join("; ")
@@ -1086,7 +1086,7 @@ impl VmBackend for QemuVm {
     fn roll_forward(&mut self, deadline: Instant) -> Result<()> {
         // The destination must run before the source goes: it is the only copy after.
         let dst = self.destination().map_err(|_| {
-            Error::Refused(format!(
+            Error::Qemu(format!(
                 "{}: the destination does not answer; the source is left as it is",
                 self.spec.name
             ))
@@ -1112,7 +1112,7 @@ impl VmBackend for QemuVm {
         let until = Instant::now() + GONE_CHECK;
         while self.answers(&source, deadline) {
             if Instant::now() >= until {
-                return Err(Error::Refused(format!(
+                return Err(Error::Qemu(format!(
                     "{}: the source at {source} still answers after quit",
                     self.spec.name
                 )));

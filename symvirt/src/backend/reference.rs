@@ -94,15 +94,10 @@ impl IoPortDevice for NicStandin {
     }
 }
 
-fn parse_mac(mac: &str) -> Result<[u8; 6]> {
-    let bytes: Vec<u8> = mac
-        .split(':')
-        .map(|h| u8::from_str_radix(h, 16))
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|_| Error::Config(format!("bad MAC address {mac:?}")))?;
-    bytes
-        .try_into()
-        .map_err(|_| Error::Config(format!("bad MAC address {mac:?}")))
+/// A plan's address (checked when the plan was read) as this backend takes it.
+fn parse_addr<T: std::str::FromStr<Err = symvirt_proto::Error>>(s: &str) -> Result<T> {
+    s.parse()
+        .map_err(|e: symvirt_proto::Error| Error::Config(e.to_string()))
 }
 
 /// One reference VM as a custom VMM runs it: the KVM VM, its SymVirt port-I/O channel and the
@@ -193,11 +188,11 @@ impl ReferenceGuest {
             Device::HcaStandin { .. } => Box::new(HcaStandin { base }),
             Device::VirtioNet { mac, .. } => Box::new(NicStandin {
                 base,
-                mac: parse_mac(mac)?,
+                mac: parse_addr::<symvirt_proto::addr::MacAddr>(mac)?.0,
             }),
             #[cfg(feature = "vfio")]
             Device::VfioPci { host, .. } => Box::new(crate::vfio::VfioPassthrough::open(
-                host.parse()?,
+                parse_addr(host)?,
                 std::path::Path::new("/sys"),
                 std::path::Path::new("/dev"),
             )?),

@@ -12,18 +12,18 @@
 //!
 //! `--data-address ADDR/PREFIX`: the VM's data address (on a dummy interface); on every resume
 //! the data subnet is routed through the new fabric's NIC before the ranks go on
-//! (`symvirt::data_net`).
+//! (`symvirt_agent::data_net`).
 //! `--interconnect-wait-ms`: how long `resume` waits for the guest to see the new
 //! interconnect before reporting `failed` (default 20000; 0 passes it on unchecked).
 //! `--stale-epoch-ms`: how long an epoch may stay in progress with no host connected before the
 //! agent gives it up, releases its ranks and reports `failed` to the next host (default 300000;
-//! 0: never; `symvirt::agent::DEFAULT_STALE_EPOCH_AFTER`).
+//! 0: never; `symvirt_agent::agent::DEFAULT_STALE_EPOCH_AFTER`).
 //! Logs every step to stdout prefixed `symvirt-agent:` (the serial console in a test guest).
 
 use std::io::Write;
-use symvirt::agent::{Agent, AgentConfig};
-use symvirt::guest_link::ChannelSpec;
-use symvirt::{Error, Result};
+use symvirt_agent::agent::{Agent, AgentConfig};
+use symvirt_agent::guest_link::ChannelSpec;
+use symvirt_agent::{Error, Result};
 
 const USAGE: &str = "usage: symvirt-agent [--channel virtio:NAME|unix:PATH|listen:PATH|/dev/PATH] \
 [--socket PATH] [--ranks N] [--vm NAME] [--report-pci] [--interconnect-wait-ms MS] \
@@ -51,7 +51,7 @@ impl log::Log for StdoutLogger {
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<AgentConfig> {
     let mut config = AgentConfig {
         vm: default_vm_name(),
-        interconnect_wait: Some(symvirt::agent::DEFAULT_INTERCONNECT_WAIT),
+        interconnect_wait: Some(symvirt_agent::agent::DEFAULT_INTERCONNECT_WAIT),
         ..AgentConfig::default()
     };
     while let Some(arg) = args.next() {
@@ -67,7 +67,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<AgentConfig> {
                 config.ranks = v
                     .parse()
                     .ok()
-                    .filter(|&n| n <= symvirt::protocol::MAX_RANKS)
+                    .filter(|&n| n <= symvirt_proto::protocol::MAX_RANKS)
                     .ok_or_else(|| Error::Config(format!("--ranks {v:?}: not a rank count")))?;
             }
             "--vm" => config.vm = value("--vm")?,
@@ -79,7 +79,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<AgentConfig> {
             }
             "--report-pci" => config.report_pci = true,
             "--data-address" => {
-                config.data_network = Some(symvirt::data_net::DataNetwork::parse(&value(
+                config.data_network = Some(symvirt_agent::data_net::DataNetwork::parse(&value(
                     "--data-address",
                 )?)?)
             }
@@ -92,13 +92,13 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<AgentConfig> {
         }
     }
     // The name travels in `hello`; refuse one the host would reject.
-    let probe = symvirt::protocol::GuestMessage::Hello {
+    let probe = symvirt_proto::protocol::GuestMessage::Hello {
         vm: config.vm.clone(),
         agent_version: "0".into(),
         protocol: 1,
         ranks: 0,
     };
-    symvirt::protocol::Validate::validate(&probe)?;
+    symvirt_proto::protocol::Validate::validate(&probe)?;
     Ok(config)
 }
 
@@ -117,7 +117,7 @@ fn default_vm_name() -> String {
         .map(|h| h.trim().to_owned())
         .filter(|h| {
             !h.is_empty()
-                && h.len() <= symvirt::protocol::MAX_NAME
+                && h.len() <= symvirt_proto::protocol::MAX_NAME
                 && h.chars()
                     .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
         })
@@ -135,7 +135,7 @@ fn route_data(mut args: impl Iterator<Item = String>) -> Result<()> {
             .next()
             .ok_or_else(|| Error::Config(format!("{arg} needs a value; {ROUTE_USAGE}")))?;
         match arg.as_str() {
-            "--data-address" => data = Some(symvirt::data_net::DataNetwork::parse(&value)?),
+            "--data-address" => data = Some(symvirt_agent::data_net::DataNetwork::parse(&value)?),
             "--mac" => mac = Some(value),
             other => {
                 return Err(Error::Config(format!(
@@ -147,20 +147,20 @@ fn route_data(mut args: impl Iterator<Item = String>) -> Result<()> {
     let (Some(data), Some(mac)) = (data, mac) else {
         return Err(Error::Config(ROUTE_USAGE.into()));
     };
-    let mut nic = symvirt::protocol::Interconnect::Ethernet {
+    let mut nic = symvirt_proto::protocol::Interconnect::Ethernet {
         mac,
         iface: None,
         pci: None,
     };
-    let dirs = symvirt::sysfs::SysDirs::default();
-    let until = std::time::Instant::now() + symvirt::agent::DEFAULT_INTERCONNECT_WAIT;
-    while let Err(missing) = symvirt::sysfs::find_interconnect(&mut nic, &dirs) {
+    let dirs = symvirt_agent::sysfs::SysDirs::default();
+    let until = std::time::Instant::now() + symvirt_agent::agent::DEFAULT_INTERCONNECT_WAIT;
+    while let Err(missing) = symvirt_agent::sysfs::find_interconnect(&mut nic, &dirs) {
         if std::time::Instant::now() >= until {
             return Err(Error::Refused(missing));
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let symvirt::protocol::Interconnect::Ethernet {
+    let symvirt_proto::protocol::Interconnect::Ethernet {
         iface: Some(iface), ..
     } = &nic
     else {
@@ -178,13 +178,7 @@ fn main() {
         parse_args(args).and_then(|config| Agent::spawn(config)?.wait())
     };
     if let Err(e) = result {
-        let mut msg = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            msg.push_str(&format!(": {s}"));
-            source = s.source();
-        }
-        println!("symvirt-agent: error: {msg}");
+        println!("symvirt-agent: error: {}", e.chain());
         std::process::exit(2);
     }
 }
