@@ -9,6 +9,7 @@ use migrate_core::{MigrationConfig, destination, source, transport};
 use ninja_testkit::{free_tcp_port, kvm_or_skip};
 use serde_json::Map;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use symvirt::backend::reference::{GuestHome, ReferenceBackend, ReferenceGuest};
@@ -120,15 +121,17 @@ fn two_vms(direction: Direction) -> Vec<VmSpec> {
 }
 
 fn run(vms: Vec<VmSpec>, homes: &[GuestHome], destination: VmmConfig) -> (Report, Vec<Event>) {
-    run_with(vms, homes, destination, |_, b| b)
+    run_with(vms, homes, destination, |_, b| b, None)
 }
 
-/// [`run`], with each VM's backend passed through `wrap` (to inject a fault).
+/// [`run`], with each VM's backend passed through `wrap` (to inject a fault), cancelled from
+/// the library as `cancel_at` starts.
 fn run_with(
     vms: Vec<VmSpec>,
     homes: &[GuestHome],
     destination: VmmConfig,
     wrap: impl Fn(usize, Box<dyn VmBackend>) -> Box<dyn VmBackend>,
+    cancel_at: Option<Phase>,
 ) -> (Report, Vec<Event>) {
     let plan = Plan {
         vms: vms.clone(),
@@ -159,8 +162,17 @@ fn run_with(
         })
         .collect();
     let events = Mutex::new(Vec::new());
-    let sink = |e: &Event| events.lock().unwrap().push(e.clone());
-    let report = Controller::new(plan, &sink).run(backends).unwrap();
+    let cancel = AtomicBool::new(false);
+    let sink = |e: &Event| {
+        if matches!(e, Event::PhaseStarted { phase } if Some(*phase) == cancel_at) {
+            cancel.store(true, Ordering::SeqCst);
+        }
+        events.lock().unwrap().push(e.clone());
+    };
+    let report = Controller::new(plan, &sink)
+        .interruptible(&cancel)
+        .run(backends)
+        .unwrap();
     (report, events.into_inner().unwrap())
 }
 
@@ -310,6 +322,38 @@ fn a_destination_that_refuses_the_vm_rolls_the_plan_back() {
     assert_back_at_sources(&report, &homes, &sources);
 }
 
+#[test]
+fn a_plan_cancelled_from_the_library_rolls_back() {
+    if !kvm_or_skip("a_plan_cancelled_from_the_library_rolls_back") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let homes = start_sources();
+    let sources: Vec<Arc<ReferenceVm>> = homes.iter().map(vm_of).collect();
+    let vms = two_vms(Direction::ToEthernet);
+    // Cancelled while the devices are detached: the run stops before migrating.
+    let (report, events) = run_with(vms, &homes, config(), |_, b| b, Some(Phase::Detach));
+    match &report.outcome {
+        Outcome::RolledBack { phase, error } => {
+            assert_eq!(*phase, Phase::Migrate, "{error}");
+            assert_eq!(error.kind, symvirt::error::ErrorKind::Cancelled, "{error}");
+            assert_eq!(error.vm, None, "the run was cancelled, not a VM: {error}");
+        }
+        other => panic!("{other:?}: {:?}", report.errors),
+    }
+    assert!(
+        !events.iter().any(|e| matches!(
+            e,
+            Event::PhaseStarted {
+                phase: Phase::Migrate
+            }
+        )),
+        "migrated after the cancel: {events:?}"
+    );
+    assert!(report.vms.iter().all(|v| v.transferred == 0));
+    assert_back_at_sources(&report, &homes, &sources);
+}
+
 /// Every VM runs where it was, from where it stopped, with its stand-in plugged again (and
 /// not the destination's NIC), and its guest was told to go on over the interconnect it had.
 fn assert_back_at_sources(report: &Report, homes: &[GuestHome], sources: &[Arc<ReferenceVm>]) {
@@ -391,13 +435,14 @@ fn a_destination_lost_after_the_switchover_rolls_every_vm_back_to_its_source() {
     let homes = start_sources();
     let sources: Vec<Arc<ReferenceVm>> = homes.iter().map(vm_of).collect();
     let vms = two_vms(Direction::ToEthernet);
-    let (report, events) = run_with(vms, &homes, config(), |i, b| {
+    let lose_vm1 = |i, b| {
         if i == 1 {
-            Box::new(DestinationLostAfterSwitchover(b))
+            Box::new(DestinationLostAfterSwitchover(b)) as Box<dyn VmBackend>
         } else {
             b
         }
-    });
+    };
+    let (report, events) = run_with(vms, &homes, config(), lose_vm1, None);
     match &report.outcome {
         Outcome::RolledBack { phase, error } => {
             assert_eq!(*phase, Phase::Resume);
