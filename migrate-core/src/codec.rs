@@ -71,7 +71,7 @@ pub fn read_message(r: &mut impl Read) -> Result<ControlMessage> {
 }
 
 /// Maps a socket error to the crate error: EOF is a disconnect, a read/write timeout a timeout.
-pub fn io_error(e: std::io::Error) -> Error {
+pub(crate) fn io_error(e: std::io::Error) -> Error {
     use std::io::ErrorKind::*;
     match e.kind() {
         UnexpectedEof | ConnectionReset | BrokenPipe | ConnectionAborted => Error::Disconnected,

@@ -3,7 +3,7 @@
 
 use crate::codec::{read_message, write_message};
 use crate::dirty::PAGE_SIZE;
-use crate::pages::{FdSource, GuestPages, ReceivedCounters, receive_stream};
+use crate::pages::{GuestPages, ReceivedCounters, receive_stream};
 use crate::policy::MigrationConfig;
 use crate::protocol::{ControlMessage, FEATURES, MemoryLayout};
 use crate::stats::{ReceiveReport, thread_cpu_seconds};
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 /// commit; on success it is returned running. On failure it is dropped without ever running and
 /// the error is [`Error::Migration`] naming the phase.
 pub fn receive<V: IncomingVm>(
-    conn: Connections,
+    mut conn: Connections,
     cfg: &MigrationConfig,
     make_vm: impl FnOnce(&MemoryLayout) -> Result<V>,
 ) -> Result<(V, ReceiveReport)> {
@@ -64,17 +64,16 @@ pub fn receive<V: IncomingVm>(
     let mut rounds = 0u32;
     let received = std::thread::scope(|s| {
         let (tx, rx) = crossbeam_channel::unbounded::<(usize, Result<ReceivedCounters>, f64)>();
-        for (i, m) in conn.memory.iter().enumerate() {
+        for (i, m) in conn.memory.iter_mut().enumerate() {
             let tx = tx.clone();
             let pages = &pages;
             let failed = &failed;
             let activity = &activity;
             let handles = &handles;
-            let fd = m.as_raw_fd();
             let _ = m.set_timeouts(Some(cfg.io_timeout));
             s.spawn(move || {
                 let c0 = thread_cpu_seconds();
-                let r = receive_stream(&mut FdSource(fd), pages, |c| {
+                let r = receive_stream(m, pages, |c| {
                     activity.fetch_add(1, Ordering::Relaxed);
                     if failed.load(Ordering::Relaxed) {
                         return Err(Error::Protocol("another connection failed".into()));

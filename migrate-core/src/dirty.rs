@@ -8,6 +8,33 @@ use crate::Result;
 /// Size of a guest page as tracked and sent. KVM tracks 4 KiB pages on x86-64.
 pub const PAGE_SIZE: u64 = 4096;
 
+/// A run of contiguous guest pages: `pages` pages starting at the page-aligned guest-physical
+/// address `gpa`. Dirty tracking reports runs and the sender moves them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRun {
+    /// Guest-physical address of the first page.
+    pub gpa: u64,
+    /// Number of pages.
+    pub pages: u64,
+}
+
+impl PageRun {
+    /// `pages` pages starting at `gpa`.
+    pub const fn new(gpa: u64, pages: u64) -> Self {
+        PageRun { gpa, pages }
+    }
+
+    /// The guest-physical address just past the run.
+    pub const fn end(&self) -> u64 {
+        self.gpa + self.pages * PAGE_SIZE
+    }
+
+    /// True if the page at `gpa` lies in the run.
+    pub const fn contains(&self, gpa: u64) -> bool {
+        gpa >= self.gpa && gpa < self.end()
+    }
+}
+
 /// A set of dirty pages: one bit per 4 KiB page for each memory region, in region order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DirtyBitmap {
@@ -72,14 +99,14 @@ impl DirtyBitmap {
         Ok(())
     }
 
-    /// Calls `f(gpa, pages)` for every run of contiguous dirty pages, region by region.
-    pub fn for_each_run(&self, mut f: impl FnMut(u64, u64)) {
+    /// Calls `f` for every run of contiguous dirty pages, region by region.
+    pub fn for_each_run(&self, mut f: impl FnMut(PageRun)) {
         for (start, words) in &self.regions {
-            let mut run: Option<(u64, u64)> = None;
+            let mut run: Option<PageRun> = None;
             for (wi, &w) in words.iter().enumerate() {
                 if w == 0 {
-                    if let Some((s, n)) = run.take() {
-                        f(s, n);
+                    if let Some(r) = run.take() {
+                        f(r);
                     }
                     continue;
                 }
@@ -88,20 +115,27 @@ impl DirtyBitmap {
                     if w & (1 << bit) != 0 {
                         let gpa = start + page * PAGE_SIZE;
                         run = match run {
-                            Some((s, n)) if s + n * PAGE_SIZE == gpa => Some((s, n + 1)),
-                            Some((s, n)) => {
-                                f(s, n);
-                                Some((gpa, 1))
+                            Some(r) if r.end() == gpa => Some(PageRun::new(r.gpa, r.pages + 1)),
+                            Some(r) => {
+                                f(r);
+                                Some(PageRun::new(gpa, 1))
                             }
-                            None => Some((gpa, 1)),
+                            None => Some(PageRun::new(gpa, 1)),
                         };
                     }
                 }
             }
-            if let Some((s, n)) = run {
-                f(s, n);
+            if let Some(r) = run {
+                f(r);
             }
         }
+    }
+
+    /// Every run of contiguous dirty pages, region by region (see [`DirtyBitmap::for_each_run`]).
+    pub fn runs(&self) -> Vec<PageRun> {
+        let mut runs = Vec::new();
+        self.for_each_run(|r| runs.push(r));
+        runs
     }
 }
 
@@ -195,9 +229,10 @@ mod tests {
         m.write_slice(&[1u8; 8192], GuestAddress(0x101000)).unwrap();
         let mut b = DirtyBitmap::for_memory(&m);
         t.harvest(&mut b).unwrap();
-        let mut runs = Vec::new();
-        b.for_each_run(|g, n| runs.push((g, n)));
-        assert_eq!(runs, vec![(0x3000, 1), (0x101000, 2)]);
+        assert_eq!(
+            b.runs(),
+            vec![PageRun::new(0x3000, 1), PageRun::new(0x101000, 2)]
+        );
         let mut b2 = DirtyBitmap::for_memory(&m);
         t.harvest(&mut b2).unwrap();
         assert_eq!(b2.count(), 0);

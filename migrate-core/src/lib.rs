@@ -7,6 +7,14 @@
 //! last round fits the downtime target. The source stays authoritative until the destination
 //! has committed; any earlier failure resumes the source untouched.
 //!
+//! The pieces: [`source::migrate`] runs the handshake, the pre-copy rounds, stop-and-copy and
+//! the commit (or the rollback); [`destination::receive`] is its counterpart. Dirty pages come
+//! from a [`dirty::DirtyTracker`] as [`dirty::PageRun`]s; [`pages`] moves them between guest
+//! memory and the memory connections; [`protocol`] owns the bytes on the wire (and [`codec`]
+//! the control messages); [`transport`] owns the connections and their socket I/O; [`policy`]
+//! decides when to throttle and when to switch over. Progress reaches the caller through a
+//! callback.
+//!
 //! The main flow, here with the [software guest](software_guest) over the in-process transport
 //! (TCP and unix sockets work the same through [`transport::connect`] and
 //! [`transport::Listener::accept`]):
@@ -23,7 +31,8 @@
 //!     let cfg = cfg.clone();
 //!     move || destination::receive(dst_conn, &cfg, |_layout| SoftwareGuest::incoming(guest_cfg))
 //! });
-//! let report = source::migrate(&src, src_conn, &cfg, None)?;
+//! let on_progress = |p: &migrate_core::Progress| log::debug!("{p:?}");
+//! let report = source::migrate(&src, src_conn, &cfg, Some(&on_progress))?;
 //! let (guest, _) = dst.join().unwrap()?; // running on the destination now
 //! assert!(guest.counter() >= src.counter()); // it continues from where the source paused
 //! println!("{} rounds, downtime {:.1} ms", report.rounds.len(), report.downtime_ms);

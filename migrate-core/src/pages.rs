@@ -1,20 +1,20 @@
 //! Moving page bytes between guest memory and sockets without copies.
 //!
-//! The sender gathers a record header, a range table and up to
-//! [`MAX_DATA_PAGES_PER_BATCH`] page slices into one `sendmsg` (vectored write straight from guest
-//! memory). The receiver reads the header and the table, validates every range against the
-//! guest layout, then `readv`s the page bytes straight into guest memory.
+//! The sender gathers a batch head (record header and range table, encoded by
+//! [`crate::protocol`]) and up to [`MAX_DATA_PAGES_PER_BATCH`] page slices into one vectored
+//! write straight from guest memory (the socket I/O is [`crate::transport`]'s). The receiver
+//! reads the head, validates every range against the guest layout, then reads the page bytes
+//! straight into guest memory ([`PageSource`]).
 
-use crate::dirty::PAGE_SIZE;
+use crate::dirty::{PAGE_SIZE, PageRun};
 use crate::protocol::{
-    MAX_DATA_PAGES_PER_BATCH, MAX_RANGES_PER_BATCH, RANGE_ENTRY_LEN, RECORD_HEADER_LEN, RangeEntry,
-    Record, RecordHeader,
+    MAX_DATA_PAGES_PER_BATCH, MAX_PAGES_PER_RANGE, MAX_RANGES_PER_BATCH, RANGE_ENTRY_LEN,
+    RECORD_HEADER_LEN, RangeEntry, Record, RecordHeader, decode_range_table, encode_batch_head,
 };
+use crate::transport::{PageSource, Stream};
 use crate::vm::GuestMemory;
 use crate::{Error, Result};
-use std::io;
 use std::marker::PhantomData;
-use std::os::fd::RawFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 #[derive(Debug, Clone, Copy)]
@@ -93,7 +93,7 @@ impl<'a> GuestPages<'a> {
 /// registered), which made round 0 of a mostly-empty 1 GiB guest take seconds. Regions that are
 /// not private anonymous, or a pagemap that cannot be read, count as touched everywhere.
 #[derive(Debug)]
-pub struct TouchedPages {
+pub(crate) struct TouchedPages {
     /// Per region, in memory order: (gpa, pages, per-page "may hold data"; None = all).
     regions: Vec<(u64, u64, Option<Vec<bool>>)>,
 }
@@ -136,12 +136,12 @@ impl TouchedPages {
         TouchedPages { regions }
     }
 
-    /// Runs `(gpa, pages)` of pages that may hold data, in memory order.
-    pub fn runs(&self) -> Vec<(u64, u64)> {
+    /// Runs of pages that may hold data, in memory order.
+    pub fn runs(&self) -> Vec<PageRun> {
         let mut runs = Vec::new();
         for (gpa, pages, map) in &self.regions {
             let Some(map) = map else {
-                runs.push((*gpa, *pages));
+                runs.push(PageRun::new(*gpa, *pages));
                 continue;
             };
             let mut start = None;
@@ -149,14 +149,14 @@ impl TouchedPages {
                 match (touched, start) {
                     (true, None) => start = Some(i as u64),
                     (false, Some(s)) => {
-                        runs.push((gpa + s * PAGE_SIZE, i as u64 - s));
+                        runs.push(PageRun::new(gpa + s * PAGE_SIZE, i as u64 - s));
                         start = None;
                     }
                     _ => {}
                 }
             }
             if let Some(s) = start {
-                runs.push((gpa + s * PAGE_SIZE, pages - s));
+                runs.push(PageRun::new(gpa + s * PAGE_SIZE, pages - s));
             }
         }
         runs
@@ -180,7 +180,7 @@ fn page_is_zero(p: *const u8) -> bool {
 }
 
 /// Per-page 64-bit hashes of all guest memory, region by region (for verification). Pages the
-/// kernel says were never touched hash as zero pages without being read (see [`TouchedPages`]).
+/// kernel says were never touched hash as zero pages without being read (see `TouchedPages`).
 pub fn page_hashes(mem: &GuestMemory) -> Result<Vec<u64>> {
     fn hash_page(p: *const u64) -> u64 {
         let mut h = 0xcbf2_9ce4_8422_2325u64;
@@ -212,7 +212,7 @@ pub fn page_hashes(mem: &GuestMemory) -> Result<Vec<u64>> {
 
 /// What a sender or receiver moved on one connection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StreamCounters {
+pub(crate) struct StreamCounters {
     /// Pages sent with their bytes.
     pub data_pages: u64,
     /// Pages sent as zero markers.
@@ -222,11 +222,11 @@ pub struct StreamCounters {
 }
 
 /// Builds batches and writes them to one socket.
-pub struct BatchWriter<'a> {
-    fd: RawFd,
+pub(crate) struct BatchWriter<'a> {
+    stream: &'a Stream,
     pages: &'a GuestPages<'a>,
-    header: [u8; RECORD_HEADER_LEN],
-    table: Vec<u8>,
+    /// The encoded head (record header and range table) of the batch being written.
+    head: Vec<u8>,
     ranges: Vec<RangeEntry>,
     data_pages: u64,
     /// Totals since creation.
@@ -234,25 +234,26 @@ pub struct BatchWriter<'a> {
 }
 
 impl<'a> BatchWriter<'a> {
-    /// A writer on `fd` (which must stay open while the writer lives).
-    pub fn new(fd: RawFd, pages: &'a GuestPages<'a>) -> Self {
+    /// A writer on `stream`.
+    pub fn new(stream: &'a Stream, pages: &'a GuestPages<'a>) -> Self {
         BatchWriter {
-            fd,
+            stream,
             pages,
-            header: [0; RECORD_HEADER_LEN],
-            table: Vec::with_capacity(MAX_RANGES_PER_BATCH as usize * RANGE_ENTRY_LEN),
+            head: Vec::with_capacity(
+                RECORD_HEADER_LEN + MAX_RANGES_PER_BATCH as usize * RANGE_ENTRY_LEN,
+            ),
             ranges: Vec::with_capacity(MAX_RANGES_PER_BATCH as usize),
             data_pages: 0,
             counters: StreamCounters::default(),
         }
     }
 
-    /// Queues `pages` pages at `gpa` (inside one region), checking each for zero.
+    /// Queues the pages of `run` (inside one region), checking each for zero.
     /// Zero pages are skipped if `skip_zero` (round 0: the destination starts zeroed), else
     /// sent as zero markers.
-    pub fn push_run(&mut self, gpa: u64, pages: u64, skip_zero: bool) -> Result<()> {
-        let end = gpa + pages * PAGE_SIZE;
-        let mut at = gpa;
+    pub fn push_run(&mut self, run: PageRun, skip_zero: bool) -> Result<()> {
+        let end = run.end();
+        let mut at = run.gpa;
         while at < end {
             let zero = self.pages.is_zero(at);
             let mut n = 1;
@@ -280,7 +281,7 @@ impl<'a> BatchWriter<'a> {
                 self.flush()?;
             }
             let room = if zero {
-                pages.min(u64::from(crate::protocol::MAX_PAGES_PER_RANGE))
+                pages.min(u64::from(MAX_PAGES_PER_RANGE))
             } else {
                 pages.min(MAX_DATA_PAGES_PER_BATCH - self.data_pages)
             };
@@ -289,8 +290,7 @@ impl<'a> BatchWriter<'a> {
                 Some(last)
                     if last.zero == zero
                         && last.gpa + u64::from(last.pages) * PAGE_SIZE == gpa
-                        && u64::from(last.pages) + room
-                            <= u64::from(crate::protocol::MAX_PAGES_PER_RANGE) =>
+                        && u64::from(last.pages) + room <= u64::from(MAX_PAGES_PER_RANGE) =>
                 {
                     last.pages += room as u32
                 }
@@ -317,24 +317,11 @@ impl<'a> BatchWriter<'a> {
         if self.ranges.is_empty() {
             return Ok(());
         }
-        self.header = RecordHeader::encode(&Record::Batch {
-            ranges: self.ranges.len() as u32,
-            data_pages: self.data_pages,
-        });
-        self.table.clear();
-        let mut iov: Vec<libc::iovec> = Vec::with_capacity(self.ranges.len() + 2);
+        encode_batch_head(&self.ranges, &mut self.head);
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(self.ranges.len() + 1);
         iov.push(libc::iovec {
-            iov_base: self.header.as_ptr() as *mut libc::c_void,
-            iov_len: RECORD_HEADER_LEN,
-        });
-        for r in &self.ranges {
-            let mut e = [0u8; RANGE_ENTRY_LEN];
-            r.encode_into(&mut e);
-            self.table.extend_from_slice(&e);
-        }
-        iov.push(libc::iovec {
-            iov_base: self.table.as_ptr() as *mut libc::c_void,
-            iov_len: self.table.len(),
+            iov_base: self.head.as_ptr() as *mut libc::c_void,
+            iov_len: self.head.len(),
         });
         for r in self.ranges.iter().filter(|r| !r.zero) {
             let host = self
@@ -347,7 +334,7 @@ impl<'a> BatchWriter<'a> {
             });
         }
         let total: usize = iov.iter().map(|v| v.iov_len).sum();
-        send_all(self.fd, &mut iov)?;
+        self.stream.send_vectored_all(&mut iov)?;
         self.counters.bytes += total as u64;
         self.ranges.clear();
         self.data_pages = 0;
@@ -362,123 +349,8 @@ impl<'a> BatchWriter<'a> {
             iov_base: h.as_ptr() as *mut libc::c_void,
             iov_len: h.len(),
         }];
-        send_all(self.fd, &mut iov)?;
+        self.stream.send_vectored_all(&mut iov)?;
         self.counters.bytes += h.len() as u64;
-        Ok(())
-    }
-}
-
-/// Writes every byte described by `iov`, advancing over partial writes.
-fn send_all(fd: RawFd, iov: &mut [libc::iovec]) -> Result<()> {
-    let mut start = 0;
-    while start < iov.len() {
-        let n = iov.len().min(start + 1024) - start; // IOV_MAX
-        let msg = libc::msghdr {
-            msg_name: std::ptr::null_mut(),
-            msg_namelen: 0,
-            msg_iov: iov[start..].as_mut_ptr(),
-            msg_iovlen: n,
-            msg_control: std::ptr::null_mut(),
-            msg_controllen: 0,
-            msg_flags: 0,
-        };
-        // SAFETY: every iovec points at live memory (our buffers or guest memory inside a
-        // region, checked by `locate`); MSG_NOSIGNAL turns a dead peer into EPIPE, not SIGPIPE.
-        let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(crate::codec::io_error(e));
-        }
-        advance(iov, &mut start, r as usize);
-    }
-    Ok(())
-}
-
-fn advance(iov: &mut [libc::iovec], start: &mut usize, mut done: usize) {
-    while done > 0 && *start < iov.len() {
-        let v = &mut iov[*start];
-        if done >= v.iov_len {
-            done -= v.iov_len;
-            *start += 1;
-        } else {
-            // SAFETY: done < iov_len, so the new base stays inside the same buffer.
-            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(done) }.cast();
-            v.iov_len -= done;
-            done = 0;
-        }
-    }
-    while *start < iov.len() && iov[*start].iov_len == 0 {
-        *start += 1;
-    }
-}
-
-/// Where the receiver gets bytes from: a socket (vectored reads) or, for tests and fuzzing, a
-/// byte slice.
-pub trait PageSource {
-    /// Fills `buf` completely.
-    fn read_exact(&mut self, buf: &mut [u8]) -> Result<()>;
-    /// Fills every iovec (guest memory validated by the caller) completely.
-    fn read_into(&mut self, iov: &mut [libc::iovec]) -> Result<()>;
-}
-
-/// A socket read with `readv`.
-pub struct FdSource(pub RawFd);
-
-impl PageSource for FdSource {
-    fn read_exact(&mut self, buf: &mut [u8]) -> Result<()> {
-        let mut iov = [libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }];
-        self.read_into(&mut iov)
-    }
-
-    fn read_into(&mut self, iov: &mut [libc::iovec]) -> Result<()> {
-        let mut start = 0;
-        while start < iov.len() {
-            let n = iov.len().min(start + 1024) - start;
-            // SAFETY: the iovecs point into `buf` or into validated guest memory.
-            let r = unsafe { libc::readv(self.0, iov[start..].as_ptr(), n as libc::c_int) };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(crate::codec::io_error(e));
-            }
-            if r == 0 {
-                return Err(Error::Disconnected);
-            }
-            advance(iov, &mut start, r as usize);
-        }
-        Ok(())
-    }
-}
-
-impl PageSource for &[u8] {
-    fn read_exact(&mut self, buf: &mut [u8]) -> Result<()> {
-        if self.len() < buf.len() {
-            return Err(Error::Disconnected);
-        }
-        let (a, b) = self.split_at(buf.len());
-        buf.copy_from_slice(a);
-        *self = b;
-        Ok(())
-    }
-
-    fn read_into(&mut self, iov: &mut [libc::iovec]) -> Result<()> {
-        for v in iov.iter() {
-            if self.len() < v.iov_len {
-                return Err(Error::Disconnected);
-            }
-            let (a, b) = self.split_at(v.iov_len);
-            // SAFETY: the iovec was validated by the receiver to lie inside guest memory.
-            unsafe { std::ptr::copy_nonoverlapping(a.as_ptr(), v.iov_base.cast::<u8>(), a.len()) };
-            *self = b;
-        }
         Ok(())
     }
 }
@@ -507,10 +379,11 @@ pub fn receive_stream(
     let mut c = ReceivedCounters::default();
     let mut table = vec![0u8; MAX_RANGES_PER_BATCH as usize * RANGE_ENTRY_LEN];
     let mut iov: Vec<libc::iovec> = Vec::with_capacity(MAX_RANGES_PER_BATCH as usize);
-    let mut ranges: Vec<(RangeEntry, *mut u8)> = Vec::with_capacity(MAX_RANGES_PER_BATCH as usize);
+    let mut entries: Vec<RangeEntry> = Vec::with_capacity(MAX_RANGES_PER_BATCH as usize);
+    let mut hosts: Vec<*mut u8> = Vec::with_capacity(MAX_RANGES_PER_BATCH as usize);
     loop {
         let mut h = [0u8; RECORD_HEADER_LEN];
-        src.read_exact(&mut h)?;
+        src.read_bytes(&mut h)?;
         c.bytes += RECORD_HEADER_LEN as u64;
         match RecordHeader::decode(&h)? {
             Record::Batch {
@@ -518,37 +391,23 @@ pub fn receive_stream(
                 data_pages,
             } => {
                 let tbl = &mut table[..n as usize * RANGE_ENTRY_LEN];
-                src.read_exact(tbl)?;
+                src.read_bytes(tbl)?;
                 c.bytes += tbl.len() as u64;
-                ranges.clear();
-                let mut data = 0u64;
-                for e in tbl.chunks_exact(RANGE_ENTRY_LEN) {
-                    let r = RangeEntry::decode(e)?;
+                decode_range_table(tbl, data_pages, &mut entries)?;
+                hosts.clear();
+                for r in &entries {
                     let host = pages.locate(r.gpa, u64::from(r.pages)).ok_or_else(|| {
                         Error::Protocol(format!(
                             "range {:#x}+{} pages lies outside guest memory",
                             r.gpa, r.pages
                         ))
                     })?;
-                    if !r.zero {
-                        data += u64::from(r.pages);
-                        if data > MAX_DATA_PAGES_PER_BATCH {
-                            return Err(Error::Protocol(format!(
-                                "batch ranges carry more than {MAX_DATA_PAGES_PER_BATCH} data pages"
-                            )));
-                        }
-                    }
-                    ranges.push((r, host));
-                }
-                if data != data_pages {
-                    return Err(Error::Protocol(format!(
-                        "batch header says {data_pages} data pages, its ranges hold {data}"
-                    )));
+                    hosts.push(host);
                 }
                 // Everything validated: now touch guest memory.
                 iov.clear();
                 let first_round = c.rounds == 0;
-                for (r, host) in &ranges {
+                for (r, host) in entries.iter().zip(&hosts) {
                     let len = r.pages as usize * PAGE_SIZE as usize;
                     if r.zero {
                         // SAFETY: `locate` checked [host, host+len) lies inside guest memory.
@@ -565,8 +424,8 @@ pub fn receive_stream(
                     }
                 }
                 src.read_into(&mut iov)?;
-                c.data_pages += data;
-                c.bytes += data * PAGE_SIZE;
+                c.data_pages += data_pages;
+                c.bytes += data_pages * PAGE_SIZE;
             }
             Record::EndOfRound { .. } => c.rounds += 1,
             Record::EndOfStream { total_pages } => {
@@ -631,11 +490,10 @@ mod tests {
             mem.write_obj(0xdead_beef_u64, GuestAddress(gpa)).unwrap();
         }
         let runs = TouchedPages::snapshot(&mem).runs();
-        let covered: u64 = runs.iter().map(|r| r.1).sum();
+        let covered: u64 = runs.iter().map(|r| r.pages).sum();
         for &gpa in &written {
             assert!(
-                runs.iter()
-                    .any(|&(g, n)| gpa >= g && gpa < g + n * PAGE_SIZE),
+                runs.iter().any(|r| r.contains(gpa)),
                 "written page {gpa:#x} missing from {runs:x?}"
             );
         }
@@ -664,6 +522,9 @@ mod tests {
             Some(FileOffset::new(file, 0)),
         )])
         .unwrap();
-        assert_eq!(TouchedPages::snapshot(&mem).runs(), vec![(0, 1024)]);
+        assert_eq!(
+            TouchedPages::snapshot(&mem).runs(),
+            vec![PageRun::new(0, 1024)]
+        );
     }
 }

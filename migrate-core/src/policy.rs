@@ -59,7 +59,7 @@ impl Default for MigrationConfig {
 
 /// The decision after a round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Send another round.
     Continue,
     /// Send another round with this throttle.
@@ -72,7 +72,7 @@ pub enum Decision {
 
 /// Tracks bandwidth and dirty rate across rounds and decides when to switch over.
 #[derive(Debug, Clone)]
-pub struct Policy {
+pub(crate) struct Policy {
     cfg: MigrationConfig,
     bandwidth: Option<f64>,
     throttle: u8,
@@ -163,7 +163,7 @@ impl Policy {
 
 /// Paces a sender to a byte rate.
 #[derive(Debug)]
-pub struct RateLimiter {
+pub(crate) struct RateLimiter {
     rate: Option<f64>,
     start: std::time::Instant,
     bytes: u64,

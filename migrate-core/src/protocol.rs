@@ -49,6 +49,10 @@
 //! * `END_OF_STREAM`: `arg` is the number of pages (data + zero) this connection carried in the
 //!   whole migration. Nothing follows.
 //!
+//! This module owns these bytes: [`RecordHeader`] and [`RangeEntry`] encode and decode them,
+//! [`encode_batch_head`] and [`decode_range_table`] a whole batch head. Moving the page bytes
+//! between sockets and guest memory is [`crate::pages`] and [`crate::transport`]'s job.
+//!
 //! A page always travels on the same memory connection (connection = `(gpa / STRIPE_BYTES) % N`),
 //! so a page resent in a later round can never overtake its older copy.
 //!
@@ -318,6 +322,60 @@ impl RangeEntry {
     }
 }
 
+/// Pages whose bytes follow in a batch with these ranges (the non-zero ranges' pages).
+pub fn data_pages(ranges: &[RangeEntry]) -> u64 {
+    ranges
+        .iter()
+        .filter(|r| !r.zero)
+        .map(|r| u64::from(r.pages))
+        .sum()
+}
+
+/// Encodes the head of a batch: its [`RecordHeader`] and range table, every byte that precedes
+/// the page data (which goes on the wire straight from guest memory). `out` is cleared first.
+pub fn encode_batch_head(ranges: &[RangeEntry], out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&RecordHeader::encode(&Record::Batch {
+        ranges: ranges.len() as u32,
+        data_pages: data_pages(ranges),
+    }));
+    for r in ranges {
+        let mut e = [0u8; RANGE_ENTRY_LEN];
+        r.encode_into(&mut e);
+        out.extend_from_slice(&e);
+    }
+}
+
+/// Decodes a batch's range table (the entries announced by [`Record::Batch`]) into `out`
+/// (cleared first). Every entry is checked by [`RangeEntry::decode`]; the data pages must stay
+/// within [`MAX_DATA_PAGES_PER_BATCH`] and match the header's `data_pages`. Whether the ranges
+/// lie inside guest memory is for the receiver to check against its layout.
+pub fn decode_range_table(table: &[u8], data_pages: u64, out: &mut Vec<RangeEntry>) -> Result<()> {
+    if table.len() % RANGE_ENTRY_LEN != 0 {
+        return Err(Error::Protocol("truncated range entry".into()));
+    }
+    out.clear();
+    let mut data = 0u64;
+    for e in table.chunks_exact(RANGE_ENTRY_LEN) {
+        let r = RangeEntry::decode(e)?;
+        if !r.zero {
+            data += u64::from(r.pages);
+            if data > MAX_DATA_PAGES_PER_BATCH {
+                return Err(Error::Protocol(format!(
+                    "batch ranges carry more than {MAX_DATA_PAGES_PER_BATCH} data pages"
+                )));
+            }
+        }
+        out.push(r);
+    }
+    if data != data_pages {
+        return Err(Error::Protocol(format!(
+            "batch header says {data_pages} data pages, its ranges hold {data}"
+        )));
+    }
+    Ok(())
+}
+
 /// One guest memory region as announced in the handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegionDesc {
@@ -522,6 +580,88 @@ mod tests {
         b[0] = 0;
         b[12] = 2;
         assert!(RangeEntry::decode(&b).is_err());
+    }
+
+    #[test]
+    fn preamble_reply_golden_bytes() {
+        let r = PreambleReply {
+            version: 1,
+            status: STATUS_VERSION_MISMATCH,
+        };
+        let b = r.encode();
+        assert_eq!(&b[0..8], b"NINJAMIG");
+        assert_eq!(&b[8..16], &[1, 0, 0, 0, 1, 0, 0, 0]);
+        assert_eq!(PreambleReply::decode(&b).unwrap(), r);
+    }
+
+    #[test]
+    fn marker_headers_golden_bytes() {
+        let r = Record::EndOfRound { round: 0x0102 };
+        let b = RecordHeader::encode(&r);
+        assert_eq!(b, [2, 0, 0, 0, 0, 0, 0, 0, 2, 1, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(RecordHeader::decode(&b).unwrap(), r);
+        let r = Record::EndOfStream { total_pages: 7 };
+        let b = RecordHeader::encode(&r);
+        assert_eq!(b, [3, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(RecordHeader::decode(&b).unwrap(), r);
+    }
+
+    #[test]
+    fn range_entry_golden_bytes_and_round_trip() {
+        let e = RangeEntry {
+            gpa: 0x0123_4000,
+            pages: 3,
+            zero: true,
+        };
+        let mut b = [0u8; RANGE_ENTRY_LEN];
+        e.encode_into(&mut b);
+        assert_eq!(b, [0, 0x40, 0x23, 0x01, 0, 0, 0, 0, 3, 0, 0, 0, 1, 0, 0, 0]);
+        assert_eq!(RangeEntry::decode(&b).unwrap(), e);
+        let e = RangeEntry { zero: false, ..e };
+        e.encode_into(&mut b);
+        assert_eq!(&b[12..16], &[0, 0, 0, 0]);
+        assert_eq!(RangeEntry::decode(&b).unwrap(), e);
+    }
+
+    #[test]
+    fn batch_head_golden_bytes_and_round_trip() {
+        let ranges = [
+            RangeEntry {
+                gpa: 0x1000,
+                pages: 2,
+                zero: false,
+            },
+            RangeEntry {
+                gpa: 0x8000,
+                pages: 5,
+                zero: true,
+            },
+        ];
+        let mut b = Vec::new();
+        encode_batch_head(&ranges, &mut b);
+        #[rustfmt::skip]
+        let want: Vec<u8> = vec![
+            1, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, // BATCH, 2 ranges, 2 data pages
+            0, 0x10, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, // 0x1000, 2 pages
+            0, 0x80, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 1, 0, 0, 0, // 0x8000, 5 pages, ZERO
+        ];
+        assert_eq!(b, want);
+        let h: [u8; RECORD_HEADER_LEN] = b[..RECORD_HEADER_LEN].try_into().unwrap();
+        let Record::Batch {
+            ranges: n,
+            data_pages,
+        } = RecordHeader::decode(&h).unwrap()
+        else {
+            panic!("not a batch");
+        };
+        assert_eq!(n, 2);
+        let mut got = Vec::new();
+        decode_range_table(&b[RECORD_HEADER_LEN..], data_pages, &mut got).unwrap();
+        assert_eq!(got, ranges);
+        // The header's data page count must match the table.
+        let err = decode_range_table(&b[RECORD_HEADER_LEN..], 3, &mut got).unwrap_err();
+        assert!(err.to_string().contains("data pages"), "{err}");
+        assert!(decode_range_table(&b[RECORD_HEADER_LEN..40], 2, &mut got).is_err());
     }
 
     #[test]

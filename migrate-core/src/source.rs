@@ -2,19 +2,21 @@
 //!
 //! One worker thread per memory connection writes batches straight from guest memory; the
 //! calling thread harvests dirty pages, splits them into stripes (a page always goes to the same
-//! connection, see [`crate::protocol`]) and runs the policy and the control connection.
+//! connection, see [`crate::protocol`]) and runs the policy and the control connection. What
+//! the calling thread carries from round to round (policy, dirty set, round statistics, whether
+//! the guest is paused and tracking runs) is one `Migration` value: its methods are the phases
+//! (handshake, pre-copy round, stop-and-copy, commit) and the rollback.
 
 use crate::codec::{read_message, write_message};
-use crate::dirty::{DirtyBitmap, DirtyTracker, PAGE_SIZE};
+use crate::dirty::{DirtyBitmap, DirtyTracker, PAGE_SIZE, PageRun};
 use crate::pages::{BatchWriter, GuestPages, StreamCounters};
 use crate::policy::{Decision, MigrationConfig, Policy, RateLimiter};
 use crate::protocol::{ControlMessage, FEATURES, MemoryLayout, Record, STRIPE_BYTES};
-use crate::stats::{MigrationReport, Progress, RoundStats, thread_cpu_seconds};
+use crate::stats::{MigrationReport, Progress, RoundStats, SwitchoverReason, thread_cpu_seconds};
 use crate::transport::{Connections, Stream};
 use crate::vm::MigratableVm;
 use crate::{Error, Phase, Result};
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -22,19 +24,22 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 const JOB_PAGES: u64 = 1024;
 
 enum Cmd {
-    Runs(Vec<(u64, u64)>, bool),
+    Runs(Vec<PageRun>, bool),
     EndRound(u64),
     EndStream,
 }
 
 type Reply = (usize, Result<StreamCounters>);
 
+/// A result whose error names the phase it happened in.
+type PhaseResult<T> = std::result::Result<T, (Phase, Error)>;
+
 trait At<T> {
-    fn at(self, phase: Phase) -> std::result::Result<T, (Phase, Error)>;
+    fn at(self, phase: Phase) -> PhaseResult<T>;
 }
 
 impl<T> At<T> for Result<T> {
-    fn at(self, phase: Phase) -> std::result::Result<T, (Phase, Error)> {
+    fn at(self, phase: Phase) -> PhaseResult<T> {
         self.map_err(|e| (phase, e))
     }
 }
@@ -42,46 +47,22 @@ impl<T> At<T> for Result<T> {
 /// Migrates `vm` over `conn`. On success the source guest stays paused (the destination owns
 /// it now). On any failure before the destination's commit acknowledgement the source guest is
 /// resumed, its memory untouched, and the error is [`Error::Migration`] naming the phase.
-/// Progress events go to `progress` with `try_send`: a full bounded channel drops events
-/// rather than stalling the migration.
+/// `progress` is called with each progress event, on the calling thread, between rounds: it
+/// should return quickly (a slow callback delays the migration; to hand events to another
+/// thread, `try_send` them on a channel).
 pub fn migrate(
     vm: &dyn MigratableVm,
     conn: Connections,
     cfg: &MigrationConfig,
-    progress: Option<Sender<Progress>>,
+    progress: Option<&dyn Fn(&Progress)>,
 ) -> Result<MigrationReport> {
     let handles: Vec<Stream> = std::iter::once(conn.control.try_clone())
         .chain(conn.memory.iter().map(Stream::try_clone))
         .collect::<Result<_>>()?;
-    let mut paused = false;
-    let mut tracker: Option<Box<dyn DirtyTracker>> = None;
-    let r = run(vm, conn, cfg, progress.as_ref(), &mut paused, &mut tracker);
-    if let Some(t) = tracker.as_mut() {
-        if let Err(e) = t.stop() {
-            log::warn!("stopping dirty tracking: {e}");
-        }
-    }
-    match r {
-        Ok(rep) => Ok(rep),
-        Err((phase, e)) => {
-            let e = explain(&handles[0], phase, e);
-            for h in &handles {
-                h.shutdown();
-            }
-            if let Err(t) = vm.set_throttle(0) {
-                log::warn!("removing throttle after failed migration: {t}");
-            }
-            if paused {
-                if let Err(re) = vm.resume() {
-                    log::error!("resuming the source after failed migration: {re}");
-                }
-            }
-            Err(Error::Migration {
-                phase,
-                source: Box::new(e),
-            })
-        }
-    }
+    let mut m = Migration::new(vm, cfg, progress);
+    let r = m.run(conn);
+    m.stop_tracking();
+    r.map_err(|(phase, e)| m.roll_back(&handles, phase, e))
 }
 
 /// After a failure: if the destination said why it gave up, use its reason; then tell the
@@ -113,96 +94,322 @@ fn explain(control: &Stream, phase: Phase, e: Error) -> Error {
     e
 }
 
-fn run(
-    vm: &dyn MigratableVm,
-    conn: Connections,
-    cfg: &MigrationConfig,
-    progress: Option<&Sender<Progress>>,
-    paused: &mut bool,
-    tracker_slot: &mut Option<Box<dyn DirtyTracker>>,
-) -> std::result::Result<MigrationReport, (Phase, Error)> {
-    let start = Instant::now();
-    let cpu0 = thread_cpu_seconds();
-    let mem = vm.memory();
-    let layout = MemoryLayout::of(mem);
-    let n = conn.memory.len();
-    let mut control = conn.control;
+/// One outgoing migration: what the pre-copy loop carries from round to round, and what a
+/// rollback must know (whether the guest was paused, whether dirty tracking runs).
+struct Migration<'a> {
+    vm: &'a dyn MigratableVm,
+    cfg: &'a MigrationConfig,
+    progress: Option<&'a dyn Fn(&Progress)>,
+    start: Instant,
+    /// Set before the guest is paused (even half-way): a rollback resumes it.
+    paused: bool,
+    /// Dirty tracking, once started; stopped when the migration ends either way.
+    tracker: Option<Box<dyn DirtyTracker>>,
+    policy: Policy,
+    /// Pages dirtied and not yet sent.
+    dirty: DirtyBitmap,
+    /// Number of the next pre-copy round.
+    round: u32,
+    precopy_start: Instant,
+    last_harvest: Instant,
+    stats: Vec<RoundStats>,
+}
 
-    // Handshake.
-    control
-        .set_timeouts(Some(cfg.handshake_timeout))
-        .at(Phase::Handshake)?;
-    write_message(
-        &mut control,
-        &ControlMessage::Hello {
-            page_size: PAGE_SIZE as u32,
-            layout: layout.clone(),
-            features: FEATURES,
-        },
-    )
-    .at(Phase::Handshake)?;
-    match read_message(&mut control).at(Phase::Handshake)? {
-        ControlMessage::HelloReply { refused: None } => {}
-        ControlMessage::HelloReply {
-            refused: Some(reason),
-        } => return Err((Phase::Handshake, Error::Incompatible(reason))),
-        ControlMessage::Abort { reason } => return Err((Phase::Handshake, Error::Peer(reason))),
-        m => return Err((Phase::Handshake, unexpected(&m))),
-    }
-    control
-        .set_timeouts(Some(cfg.io_timeout))
-        .at(Phase::PreCopy)?;
-    for m in &conn.memory {
-        m.set_timeouts(Some(cfg.io_timeout)).at(Phase::PreCopy)?;
-    }
-    send(
-        progress,
-        Progress::Started {
-            memory_bytes: layout.total_bytes(),
-        },
-    );
-
-    let tracker = tracker_slot.insert(vm.dirty_tracker().at(Phase::PreCopy)?);
-    let pages = GuestPages::new(mem).at(Phase::PreCopy)?;
-    let rate = cfg.max_bandwidth.map(|b| b as f64 / n as f64);
-
-    std::thread::scope(|s| {
-        let (reply_tx, reply_rx) = unbounded::<Reply>();
-        let mut senders = Vec::new();
-        let mut workers = Vec::new();
-        for (i, stream) in conn.memory.into_iter().enumerate() {
-            let (tx, rx) = bounded::<Cmd>(4);
-            let reply_tx = reply_tx.clone();
-            let pages = &pages;
-            senders.push(tx);
-            workers.push(s.spawn(move || worker(i, stream, pages, rx, reply_tx, rate)));
-        }
-        drop(reply_tx);
-        let mut ctx = Ctx {
-            senders,
-            replies: reply_rx,
-            totals: vec![StreamCounters::default(); n],
-            io_timeout: cfg.io_timeout,
-        };
-        let r = rounds(
+impl<'a> Migration<'a> {
+    fn new(
+        vm: &'a dyn MigratableVm,
+        cfg: &'a MigrationConfig,
+        progress: Option<&'a dyn Fn(&Progress)>,
+    ) -> Self {
+        let now = Instant::now();
+        Migration {
             vm,
-            &mut ctx,
-            tracker.as_mut(),
-            &mut control,
             cfg,
             progress,
-            paused,
-            start,
-        );
-        // On an error the control connection stays open: `migrate` tells the destination why
-        // (an `Abort` with the reason) before it shuts every connection down.
-        drop(ctx);
-        let worker_cpu: f64 = workers.into_iter().map(|w| w.join().unwrap_or(0.0)).sum();
-        r.map(|mut rep| {
-            rep.cpu_s = thread_cpu_seconds() - cpu0 + worker_cpu;
-            rep
+            start: now,
+            paused: false,
+            tracker: None,
+            policy: Policy::new(cfg),
+            dirty: DirtyBitmap::for_memory(vm.memory()),
+            round: 0,
+            precopy_start: now,
+            last_harvest: now,
+            stats: Vec::new(),
+        }
+    }
+
+    fn notify(&self, p: Progress) {
+        if let Some(f) = self.progress {
+            f(&p);
+        }
+    }
+
+    /// ORs what was dirtied since the last harvest into `self.dirty`.
+    fn harvest(&mut self) -> Result<()> {
+        match self.tracker.as_mut() {
+            Some(t) => t.harvest(&mut self.dirty),
+            None => Err(Error::Protocol("dirty tracking is not running".into())),
+        }
+    }
+
+    fn stop_tracking(&mut self) {
+        if let Some(t) = self.tracker.as_mut() {
+            if let Err(e) = t.stop() {
+                log::warn!("stopping dirty tracking: {e}");
+            }
+        }
+    }
+
+    /// After a failure: tells the destination, shuts every connection down, removes the
+    /// throttle and resumes the guest if it was paused. Returns the error to report.
+    fn roll_back(&mut self, handles: &[Stream], phase: Phase, e: Error) -> Error {
+        let e = explain(&handles[0], phase, e);
+        for h in handles {
+            h.shutdown();
+        }
+        if let Err(t) = self.vm.set_throttle(0) {
+            log::warn!("removing throttle after failed migration: {t}");
+        }
+        if self.paused {
+            if let Err(re) = self.vm.resume() {
+                log::error!("resuming the source after failed migration: {re}");
+            }
+        }
+        Error::Migration {
+            phase,
+            source: Box::new(e),
+        }
+    }
+
+    /// Handshake, then memory over worker threads (one per memory connection), then commit.
+    fn run(&mut self, conn: Connections) -> PhaseResult<MigrationReport> {
+        let cpu0 = thread_cpu_seconds();
+        let cfg = self.cfg;
+        let mem = self.vm.memory();
+        let n = conn.memory.len();
+        let mut control = conn.control;
+        let layout = MemoryLayout::of(mem);
+        let memory_bytes = layout.total_bytes();
+        self.handshake(&mut control, layout)?;
+        for m in &conn.memory {
+            m.set_timeouts(Some(cfg.io_timeout)).at(Phase::PreCopy)?;
+        }
+        self.notify(Progress::Started { memory_bytes });
+        self.tracker = Some(self.vm.dirty_tracker().at(Phase::PreCopy)?);
+        let pages = GuestPages::new(mem).at(Phase::PreCopy)?;
+        let rate = cfg.max_bandwidth.map(|b| b as f64 / n as f64);
+
+        std::thread::scope(|s| {
+            let (reply_tx, reply_rx) = unbounded::<Reply>();
+            let mut senders = Vec::new();
+            let mut workers = Vec::new();
+            for (i, stream) in conn.memory.into_iter().enumerate() {
+                let (tx, rx) = bounded::<Cmd>(4);
+                let reply_tx = reply_tx.clone();
+                let pages = &pages;
+                senders.push(tx);
+                workers.push(s.spawn(move || worker(i, stream, pages, rx, reply_tx, rate)));
+            }
+            drop(reply_tx);
+            let mut ctx = Ctx {
+                senders,
+                replies: reply_rx,
+                totals: vec![StreamCounters::default(); n],
+                io_timeout: cfg.io_timeout,
+            };
+            let r = self.transfer(&mut ctx, &mut control);
+            // On an error the control connection stays open: `migrate` tells the destination
+            // why (an `Abort` with the reason) before it shuts every connection down.
+            drop(ctx);
+            let worker_cpu: f64 = workers.into_iter().map(|w| w.join().unwrap_or(0.0)).sum();
+            r.map(|mut rep| {
+                rep.cpu_s = thread_cpu_seconds() - cpu0 + worker_cpu;
+                rep
+            })
         })
-    })
+    }
+
+    fn handshake(&self, control: &mut Stream, layout: MemoryLayout) -> PhaseResult<()> {
+        control
+            .set_timeouts(Some(self.cfg.handshake_timeout))
+            .at(Phase::Handshake)?;
+        write_message(
+            control,
+            &ControlMessage::Hello {
+                page_size: PAGE_SIZE as u32,
+                layout,
+                features: FEATURES,
+            },
+        )
+        .at(Phase::Handshake)?;
+        match read_message(control).at(Phase::Handshake)? {
+            ControlMessage::HelloReply { refused: None } => {}
+            ControlMessage::HelloReply {
+                refused: Some(reason),
+            } => return Err((Phase::Handshake, Error::Incompatible(reason))),
+            ControlMessage::Abort { reason } => {
+                return Err((Phase::Handshake, Error::Peer(reason)));
+            }
+            m => return Err((Phase::Handshake, unexpected(&m))),
+        }
+        control
+            .set_timeouts(Some(self.cfg.io_timeout))
+            .at(Phase::PreCopy)
+    }
+
+    /// Pre-copy rounds until the policy switches over, then stop-and-copy and commit.
+    fn transfer(&mut self, ctx: &mut Ctx, control: &mut Stream) -> PhaseResult<MigrationReport> {
+        self.precopy_start = Instant::now();
+        self.last_harvest = self.precopy_start;
+        let switchover = loop {
+            if let Some(reason) = self.precopy_round(ctx, control)? {
+                break reason;
+            }
+            self.round += 1;
+        };
+        let pause_at = Instant::now();
+        let state_bytes = self.stop_and_copy(ctx, control)?;
+        self.commit(control)?;
+        let downtime_ms = pause_at.elapsed().as_secs_f64() * 1e3;
+        self.notify(Progress::Completed { downtime_ms });
+        Ok(MigrationReport {
+            memory_bytes: self.vm.memory().iter().map(|r| r.len()).sum(),
+            connections: ctx.senders.len(),
+            bytes_sent: self.stats.iter().map(|r| r.bytes).sum(),
+            rounds: std::mem::take(&mut self.stats),
+            switchover,
+            total_ms: self.start.elapsed().as_secs_f64() * 1e3,
+            downtime_ms,
+            state_bytes,
+            cpu_s: 0.0,
+        })
+    }
+
+    /// One pre-copy round: sends what is dirty (round 0: everything that may hold data),
+    /// harvests, and asks the policy. Returns why to switch over, or `None` to go on.
+    fn precopy_round(
+        &mut self,
+        ctx: &mut Ctx,
+        control: &mut Stream,
+    ) -> PhaseResult<Option<SwitchoverReason>> {
+        let round = self.round;
+        let t0 = Instant::now();
+        if round == 0 {
+            // Dirty tracking is already on: what is written after this snapshot goes next round.
+            let touched = crate::pages::TouchedPages::snapshot(self.vm.memory()).runs();
+            ctx.dispatch(touched, true).at(Phase::PreCopy)?;
+        } else {
+            let runs = self.dirty.runs();
+            self.dirty.clear();
+            ctx.dispatch(runs, false).at(Phase::PreCopy)?;
+        }
+        let d = ctx.finish(false, u64::from(round)).at(Phase::PreCopy)?;
+        let secs = t0.elapsed().as_secs_f64();
+        self.policy.record_round(d.bytes, secs);
+        self.harvest().at(Phase::PreCopy)?;
+        let found = self.dirty.count();
+        let now = Instant::now();
+        let rate =
+            found as f64 * PAGE_SIZE as f64 / (now - self.last_harvest).as_secs_f64().max(1e-6);
+        self.last_harvest = now;
+        write_message(
+            control,
+            &ControlMessage::RoundEnd {
+                round,
+                pages: d.data_pages + d.zero_pages,
+            },
+        )
+        .at(Phase::PreCopy)?;
+        let rs = RoundStats {
+            round,
+            pages_sent: d.data_pages,
+            zero_pages: d.zero_pages,
+            bytes: d.bytes,
+            duration_ms: secs * 1e3,
+            dirty_pages_found: found,
+            bandwidth_bytes_s: d.bytes as f64 / secs.max(1e-9),
+            dirty_rate_bytes_s: rate,
+            throttle_percent: self.policy.throttle(),
+        };
+        self.notify(Progress::Round(rs.clone()));
+        self.stats.push(rs);
+        match self.policy.decide(found, self.precopy_start.elapsed()) {
+            Decision::Switchover(r) => return Ok(Some(r)),
+            Decision::Continue => {}
+            Decision::Throttle(p) => {
+                self.vm.set_throttle(p).at(Phase::PreCopy)?;
+                self.notify(Progress::Throttled { percent: p });
+            }
+            Decision::Abort => {
+                return Err((
+                    Phase::PreCopy,
+                    Error::NotConverged(format!(
+                        "{found} dirty pages after {} rounds in {:.1} s; estimated final round {:.0} ms exceeds the {} ms target",
+                        round + 1,
+                        self.precopy_start.elapsed().as_secs_f64(),
+                        self.policy.estimate(found).as_secs_f64() * 1e3,
+                        self.cfg.downtime_target.as_millis()
+                    )),
+                ));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Pauses the guest, sends the last dirty pages, ends every memory stream and sends the
+    /// state. Returns the state's size.
+    fn stop_and_copy(&mut self, ctx: &mut Ctx, control: &mut Stream) -> PhaseResult<u64> {
+        // Resume on failure even if the pause itself failed half-way (resume is idempotent).
+        self.paused = true;
+        self.vm.pause().at(Phase::StopAndCopy)?;
+        self.harvest().at(Phase::StopAndCopy)?;
+        let found = self.dirty.count();
+        self.notify(Progress::Switchover { dirty_pages: found });
+        let t0 = Instant::now();
+        ctx.dispatch(self.dirty.runs(), false)
+            .at(Phase::StopAndCopy)?;
+        let d = ctx.finish(true, 0).at(Phase::StopAndCopy)?;
+        let state = self.vm.save_state().at(Phase::StopAndCopy)?;
+        let state_bytes = state.len() as u64;
+        write_message(
+            control,
+            &ControlMessage::State {
+                state,
+                pages_per_connection: ctx
+                    .totals
+                    .iter()
+                    .map(|c| c.data_pages + c.zero_pages)
+                    .collect(),
+            },
+        )
+        .at(Phase::StopAndCopy)?;
+        let secs = t0.elapsed().as_secs_f64();
+        self.stats.push(RoundStats {
+            round: self.round + 1,
+            pages_sent: d.data_pages,
+            zero_pages: d.zero_pages,
+            bytes: d.bytes,
+            duration_ms: secs * 1e3,
+            dirty_pages_found: found,
+            bandwidth_bytes_s: d.bytes as f64 / secs.max(1e-9),
+            dirty_rate_bytes_s: 0.0,
+            throttle_percent: self.policy.throttle(),
+        });
+        Ok(state_bytes)
+    }
+
+    /// The source stays authoritative until the destination's CommitAck.
+    fn commit(&self, control: &mut Stream) -> PhaseResult<()> {
+        control
+            .set_timeouts(Some(self.cfg.commit_timeout))
+            .at(Phase::Commit)?;
+        expect(control, "Ready", |m| matches!(m, ControlMessage::Ready)).at(Phase::Commit)?;
+        write_message(control, &ControlMessage::Commit).at(Phase::Commit)?;
+        expect(control, "CommitAck", |m| {
+            matches!(m, ControlMessage::CommitAck)
+        })
+        .at(Phase::Commit)
+    }
 }
 
 struct Ctx {
@@ -225,10 +432,11 @@ impl Ctx {
     }
 
     /// Splits runs into stripes and hands them to the owning workers.
-    fn dispatch(&self, runs: impl Iterator<Item = (u64, u64)>, skip_zero: bool) -> Result<()> {
+    fn dispatch(&self, runs: Vec<PageRun>, skip_zero: bool) -> Result<()> {
         let n = self.senders.len() as u64;
-        let mut pending: Vec<(Vec<(u64, u64)>, u64)> = (0..n).map(|_| (Vec::new(), 0)).collect();
-        for (mut gpa, mut count) in runs {
+        let mut pending: Vec<(Vec<PageRun>, u64)> = (0..n).map(|_| (Vec::new(), 0)).collect();
+        for run in runs {
+            let (mut gpa, mut count) = (run.gpa, run.pages);
             while count > 0 {
                 let stripe = gpa / STRIPE_BYTES;
                 let stripe_end = (stripe + 1) * STRIPE_BYTES;
@@ -236,8 +444,8 @@ impl Ctx {
                 let c = (stripe % n) as usize;
                 let (list, pages) = &mut pending[c];
                 match list.last_mut() {
-                    Some((g, k)) if *g + *k * PAGE_SIZE == gpa => *k += take,
-                    _ => list.push((gpa, take)),
+                    Some(last) if last.end() == gpa => last.pages += take,
+                    _ => list.push(PageRun::new(gpa, take)),
                 }
                 *pages += take;
                 if *pages >= JOB_PAGES {
@@ -293,160 +501,6 @@ fn annotate(i: usize, e: Error) -> Error {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn rounds(
-    vm: &dyn MigratableVm,
-    ctx: &mut Ctx,
-    tracker: &mut dyn DirtyTracker,
-    control: &mut Stream,
-    cfg: &MigrationConfig,
-    progress: Option<&Sender<Progress>>,
-    paused: &mut bool,
-    start: Instant,
-) -> std::result::Result<MigrationReport, (Phase, Error)> {
-    let mem = vm.memory();
-    let memory_bytes: u64 = mem.iter().map(|r| r.len()).sum();
-    let mut policy = Policy::new(cfg);
-    let mut dirty = DirtyBitmap::for_memory(mem);
-    let precopy_start = Instant::now();
-    let mut last_harvest = precopy_start;
-    let mut stats: Vec<RoundStats> = Vec::new();
-    let mut round = 0u32;
-    let reason = loop {
-        let t0 = Instant::now();
-        if round == 0 {
-            // Dirty tracking is already on: what is written after this snapshot goes next round.
-            let touched = crate::pages::TouchedPages::snapshot(mem).runs();
-            ctx.dispatch(touched.into_iter(), true).at(Phase::PreCopy)?;
-        } else {
-            let mut runs = Vec::new();
-            dirty.for_each_run(|g, n| runs.push((g, n)));
-            dirty.clear();
-            ctx.dispatch(runs.into_iter(), false).at(Phase::PreCopy)?;
-        }
-        let d = ctx.finish(false, u64::from(round)).at(Phase::PreCopy)?;
-        let secs = t0.elapsed().as_secs_f64();
-        policy.record_round(d.bytes, secs);
-        tracker.harvest(&mut dirty).at(Phase::PreCopy)?;
-        let found = dirty.count();
-        let now = Instant::now();
-        let rate = found as f64 * PAGE_SIZE as f64 / (now - last_harvest).as_secs_f64().max(1e-6);
-        last_harvest = now;
-        write_message(
-            control,
-            &ControlMessage::RoundEnd {
-                round,
-                pages: d.data_pages + d.zero_pages,
-            },
-        )
-        .at(Phase::PreCopy)?;
-        let rs = RoundStats {
-            round,
-            pages_sent: d.data_pages,
-            zero_pages: d.zero_pages,
-            bytes: d.bytes,
-            duration_ms: secs * 1e3,
-            dirty_pages_found: found,
-            bandwidth_bytes_s: d.bytes as f64 / secs.max(1e-9),
-            dirty_rate_bytes_s: rate,
-            throttle_percent: policy.throttle(),
-        };
-        send(progress, Progress::Round(rs.clone()));
-        stats.push(rs);
-        match policy.decide(found, precopy_start.elapsed()) {
-            Decision::Switchover(r) => break r,
-            Decision::Continue => {}
-            Decision::Throttle(p) => {
-                vm.set_throttle(p).at(Phase::PreCopy)?;
-                send(progress, Progress::Throttled { percent: p });
-            }
-            Decision::Abort => {
-                return Err((
-                    Phase::PreCopy,
-                    Error::NotConverged(format!(
-                        "{found} dirty pages after {} rounds in {:.1} s; estimated final round {:.0} ms exceeds the {} ms target",
-                        round + 1,
-                        precopy_start.elapsed().as_secs_f64(),
-                        policy.estimate(found).as_secs_f64() * 1e3,
-                        cfg.downtime_target.as_millis()
-                    )),
-                ));
-            }
-        }
-        round += 1;
-    };
-
-    // Stop and copy.
-    let pause_at = Instant::now();
-    // Resume on failure even if the pause itself failed half-way (resume is idempotent).
-    *paused = true;
-    vm.pause().at(Phase::StopAndCopy)?;
-    tracker.harvest(&mut dirty).at(Phase::StopAndCopy)?;
-    send(
-        progress,
-        Progress::Switchover {
-            dirty_pages: dirty.count(),
-        },
-    );
-    let t0 = Instant::now();
-    let found = dirty.count();
-    let mut runs = Vec::new();
-    dirty.for_each_run(|g, n| runs.push((g, n)));
-    ctx.dispatch(runs.into_iter(), false)
-        .at(Phase::StopAndCopy)?;
-    let d = ctx.finish(true, 0).at(Phase::StopAndCopy)?;
-    let state = vm.save_state().at(Phase::StopAndCopy)?;
-    let state_bytes = state.len() as u64;
-    write_message(
-        control,
-        &ControlMessage::State {
-            state,
-            pages_per_connection: ctx
-                .totals
-                .iter()
-                .map(|c| c.data_pages + c.zero_pages)
-                .collect(),
-        },
-    )
-    .at(Phase::StopAndCopy)?;
-    let secs = t0.elapsed().as_secs_f64();
-    stats.push(RoundStats {
-        round: round + 1,
-        pages_sent: d.data_pages,
-        zero_pages: d.zero_pages,
-        bytes: d.bytes,
-        duration_ms: secs * 1e3,
-        dirty_pages_found: found,
-        bandwidth_bytes_s: d.bytes as f64 / secs.max(1e-9),
-        dirty_rate_bytes_s: 0.0,
-        throttle_percent: policy.throttle(),
-    });
-
-    // Commit: the source stays authoritative until CommitAck.
-    control
-        .set_timeouts(Some(cfg.commit_timeout))
-        .at(Phase::Commit)?;
-    expect(control, "Ready", |m| matches!(m, ControlMessage::Ready)).at(Phase::Commit)?;
-    write_message(control, &ControlMessage::Commit).at(Phase::Commit)?;
-    expect(control, "CommitAck", |m| {
-        matches!(m, ControlMessage::CommitAck)
-    })
-    .at(Phase::Commit)?;
-    let downtime_ms = pause_at.elapsed().as_secs_f64() * 1e3;
-    send(progress, Progress::Completed { downtime_ms });
-    Ok(MigrationReport {
-        memory_bytes,
-        connections: ctx.senders.len(),
-        bytes_sent: stats.iter().map(|r| r.bytes).sum(),
-        rounds: stats,
-        switchover: reason,
-        total_ms: start.elapsed().as_secs_f64() * 1e3,
-        downtime_ms,
-        state_bytes,
-        cpu_s: 0.0,
-    })
-}
-
 fn expect(control: &mut Stream, what: &str, ok: impl Fn(&ControlMessage) -> bool) -> Result<()> {
     let m = read_message(control).map_err(|e| match e {
         Error::Timeout(_) => Error::Timeout(format!("waiting for the destination's {what}")),
@@ -467,12 +521,6 @@ fn unexpected(m: &ControlMessage) -> Error {
     Error::Protocol(format!("unexpected control message {name}"))
 }
 
-fn send(progress: Option<&Sender<Progress>>, p: Progress) {
-    if let Some(tx) = progress {
-        let _ = tx.try_send(p);
-    }
-}
-
 fn worker(
     index: usize,
     stream: Stream,
@@ -482,15 +530,15 @@ fn worker(
     rate: Option<f64>,
 ) -> f64 {
     let cpu0 = thread_cpu_seconds();
-    let mut w = BatchWriter::new(stream.as_raw_fd(), pages);
+    let mut w = BatchWriter::new(&stream, pages);
     let mut limiter = RateLimiter::new(rate);
     let mut accounted = 0;
     for cmd in rx {
         let r = match cmd {
             Cmd::Runs(runs, skip_zero) => {
                 let mut r = Ok(());
-                for (g, n) in runs {
-                    r = w.push_run(g, n, skip_zero);
+                for run in runs {
+                    r = w.push_run(run, skip_zero);
                     if r.is_err() {
                         break;
                     }

@@ -102,7 +102,7 @@ pub enum Progress {
 }
 
 /// CPU time consumed by the calling thread so far, in seconds.
-pub fn thread_cpu_seconds() -> f64 {
+pub(crate) fn thread_cpu_seconds() -> f64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

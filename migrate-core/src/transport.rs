@@ -4,6 +4,10 @@
 //! [`connect`] (source) and [`Listener::accept`] (destination) exchange the connection
 //! preamble (see [`crate::protocol`]), so a protocol-version mismatch fails here, before the
 //! handshake proper, with [`Error::Incompatible`] wrapped in [`Phase::Handshake`].
+//!
+//! The socket I/O of page batches lives here too: [`Stream`] gathers a batch from guest memory
+//! into one `sendmsg` and scatters received pages into guest memory with `readv`
+//! ([`PageSource`]); what the bytes mean is [`crate::protocol`]'s business.
 
 use crate::protocol::{
     MAX_MEMORY_CONNECTIONS, PREAMBLE_LEN, PREAMBLE_REPLY_LEN, PROTOCOL_VERSION, Preamble,
@@ -122,6 +126,129 @@ impl Stream {
                 );
             }
         }
+    }
+}
+
+/// Most iovecs passed to one `sendmsg` or `readv` (IOV_MAX).
+const IOV_MAX: usize = 1024;
+
+impl Stream {
+    /// Writes every byte described by `iov` with `sendmsg`, advancing over partial writes.
+    /// Every iovec must point at memory that stays valid for the call (our buffers, or guest
+    /// memory checked to lie inside a region).
+    pub(crate) fn send_vectored_all(&self, iov: &mut [libc::iovec]) -> Result<()> {
+        let fd = self.as_raw_fd();
+        let mut start = 0;
+        while start < iov.len() {
+            let n = iov.len().min(start + IOV_MAX) - start;
+            let msg = libc::msghdr {
+                msg_name: std::ptr::null_mut(),
+                msg_namelen: 0,
+                msg_iov: iov[start..].as_mut_ptr(),
+                msg_iovlen: n,
+                msg_control: std::ptr::null_mut(),
+                msg_controllen: 0,
+                msg_flags: 0,
+            };
+            // SAFETY: every iovec points at live memory (our buffers or guest memory inside a
+            // region, checked by the caller); MSG_NOSIGNAL turns a dead peer into EPIPE, not
+            // SIGPIPE.
+            let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(crate::codec::io_error(e));
+            }
+            advance(iov, &mut start, r as usize);
+        }
+        Ok(())
+    }
+}
+
+/// Where the receiver of a memory stream gets its bytes: a socket (vectored reads) or, for
+/// tests and fuzzing, a byte slice.
+pub trait PageSource {
+    /// Fills `buf` completely.
+    fn read_bytes(&mut self, buf: &mut [u8]) -> Result<()>;
+    /// Fills every iovec (guest memory validated by the caller) completely.
+    fn read_into(&mut self, iov: &mut [libc::iovec]) -> Result<()>;
+}
+
+impl PageSource for Stream {
+    fn read_bytes(&mut self, buf: &mut [u8]) -> Result<()> {
+        let mut iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        self.read_into(&mut iov)
+    }
+
+    fn read_into(&mut self, iov: &mut [libc::iovec]) -> Result<()> {
+        let fd = self.as_raw_fd();
+        let mut start = 0;
+        while start < iov.len() {
+            let n = iov.len().min(start + IOV_MAX) - start;
+            // SAFETY: the iovecs point into `buf` or into validated guest memory.
+            let r = unsafe { libc::readv(fd, iov[start..].as_ptr(), n as libc::c_int) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(crate::codec::io_error(e));
+            }
+            if r == 0 {
+                return Err(Error::Disconnected);
+            }
+            advance(iov, &mut start, r as usize);
+        }
+        Ok(())
+    }
+}
+
+impl PageSource for &[u8] {
+    fn read_bytes(&mut self, buf: &mut [u8]) -> Result<()> {
+        if self.len() < buf.len() {
+            return Err(Error::Disconnected);
+        }
+        let (a, b) = self.split_at(buf.len());
+        buf.copy_from_slice(a);
+        *self = b;
+        Ok(())
+    }
+
+    fn read_into(&mut self, iov: &mut [libc::iovec]) -> Result<()> {
+        for v in iov.iter() {
+            if self.len() < v.iov_len {
+                return Err(Error::Disconnected);
+            }
+            let (a, b) = self.split_at(v.iov_len);
+            // SAFETY: the iovec was validated by the receiver to lie inside guest memory.
+            unsafe { std::ptr::copy_nonoverlapping(a.as_ptr(), v.iov_base.cast::<u8>(), a.len()) };
+            *self = b;
+        }
+        Ok(())
+    }
+}
+
+/// Moves past `done` transferred bytes: skips finished iovecs, shortens a partial one.
+fn advance(iov: &mut [libc::iovec], start: &mut usize, mut done: usize) {
+    while done > 0 && *start < iov.len() {
+        let v = &mut iov[*start];
+        if done >= v.iov_len {
+            done -= v.iov_len;
+            *start += 1;
+        } else {
+            // SAFETY: done < iov_len, so the new base stays inside the same buffer.
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(done) }.cast();
+            v.iov_len -= done;
+            done = 0;
+        }
+    }
+    while *start < iov.len() && iov[*start].iov_len == 0 {
+        *start += 1;
     }
 }
 

@@ -80,7 +80,8 @@ fn migrate_and_verify(how: How, fill: bool) {
         };
         let n = src_conn.memory.len();
         let (ptx, prx) = crossbeam_channel::unbounded();
-        let report = source::migrate(&src, src_conn, &cfg, Some(ptx)).expect("migration");
+        let on_progress = |p: &Progress| ptx.send(p.clone()).unwrap();
+        let report = source::migrate(&src, src_conn, &cfg, Some(&on_progress)).expect("migration");
         // The source is paused for good: this is its memory at switchover.
         assert!(!src.is_running(), "source still runs after commit");
         let src_hashes = page_hashes(src.guest_memory()).unwrap();

@@ -255,7 +255,12 @@ pub fn migrate_guest(
             }
         }
     });
-    let result = source::migrate(guest.vm(), conns, &cfg, Some(tx));
+    let on_progress = move |p: &Progress| {
+        let _ = tx.send(p.clone());
+    };
+    // The callback owns the sender: the printer ends once it is dropped.
+    let result = source::migrate(guest.vm(), conns, &cfg, Some(&on_progress));
+    drop(on_progress);
     let _ = printer.join();
     let report = result?;
     let at_pause = guest.progress()?;

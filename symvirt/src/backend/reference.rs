@@ -530,7 +530,10 @@ impl VmBackend for ReferenceBackend {
                 .spawn(move || {
                     let conn =
                         transport::connect(&endpoint, connections, migration.handshake_timeout)?;
-                    source::migrate(&source, conn, &migration, Some(tx))
+                    let on_progress = |p: &Progress| {
+                        let _ = tx.try_send(p.clone());
+                    };
+                    source::migrate(&source, conn, &migration, Some(&on_progress))
                 })
                 .map_err(|e| Error::io("spawn the migration", e))?,
         );
