@@ -17,6 +17,8 @@ use common::cut::{check_pairs, read_cut};
 use common::*;
 use ninja_testkit::{Fixtures, Qemu, QemuConfig, free_tcp_port, mpi_or_skip, qemu_or_skip};
 use std::fs;
+use std::net::Shutdown;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -160,6 +162,8 @@ fn run_plan_with_mpi_ranks(mpi: MpiImpl, tag: &str, test: &str) {
         let dest = dir.0.join(format!("vm{i}-dest"));
         fs::create_dir_all(&dest).unwrap();
         let channel = dir.0.join(format!("vm{i}-channel.sock"));
+        let dest_channel = dest.join("channel.sock");
+        relay(&dest_channel, channel.clone());
         plan.push_str(&format!(
             "\n[[vm]]\nname = \"vm{i}\"\n\
              [vm.source]\nqmp = \"unix:{}\"\nchannel = \"unix:{}\"\n\
@@ -174,7 +178,7 @@ fn run_plan_with_mpi_ranks(mpi: MpiImpl, tag: &str, test: &str) {
             channel.display(),
             hca_mems[i].display(),
             dest.join("qmp.sock").display(),
-            channel.display(),
+            dest_channel.display(),
             free_tcp_port(),
             mac_of(i),
             toml_list(&machine(&fixtures).machine_args(&dest.join("serial.log"))),
@@ -280,4 +284,29 @@ fn a_plan_moves_two_vms_while_their_mpich_ranks_quiesce_and_resume() {
         "e2e-mpich",
         "a_plan_moves_two_vms_while_their_mpich_ranks_quiesce_and_resume",
     );
+}
+
+/// The agent's channel at a second path, as a moved guest's channel appears at a new path on
+/// its destination host (the agent here is a host process and does not move): every
+/// connection there is relayed to the agent's socket.
+fn relay(from: &Path, to: PathBuf) {
+    let listener = UnixListener::bind(from).unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(host) = conn else { return };
+            let Ok(agent) = UnixStream::connect(&to) else {
+                continue;
+            };
+            let pairs = [
+                (host.try_clone().unwrap(), agent.try_clone().unwrap()),
+                (agent, host),
+            ];
+            for (mut from, mut to) in pairs {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(Shutdown::Both);
+                });
+            }
+        }
+    });
 }

@@ -739,6 +739,9 @@ host = "0000:3b:00.2"
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("real")).unwrap();
         std::os::unix::fs::symlink(dir.join("real"), dir.join("link")).unwrap();
+        // A symlink to the socket itself, where the socket exists.
+        std::fs::write(dir.join("real/live.sock"), "").unwrap();
+        std::os::unix::fs::symlink(dir.join("real/live.sock"), dir.join("alias.sock")).unwrap();
         let bad = GOOD
             .replace(
                 "unix:/run/vm1d/qmp.sock",
@@ -747,6 +750,14 @@ host = "0000:3b:00.2"
             .replace(
                 "unix:/run/vm1d/sv.sock",
                 &format!("unix:{}/link/q.sock", dir.display()),
+            )
+            .replace(
+                "unix:/run/vm1/sv.sock",
+                &format!("unix:{}/real/live.sock", dir.display()),
+            )
+            .replace(
+                "unix:/run/vm1d/mig.sock",
+                &format!("unix:{}/alias.sock", dir.display()),
             );
         let issues = issues_of(&bad);
         let _ = std::fs::remove_dir_all(&dir);
@@ -755,6 +766,14 @@ host = "0000:3b:00.2"
                 &issues,
                 "vm[1].destination.channel",
                 "the same socket as vm[1].destination.qmp"
+            ),
+            "{issues:#?}"
+        );
+        assert!(
+            has(
+                &issues,
+                "vm[1].destination.migrate_uri",
+                "the same socket as vm[1].source.channel"
             ),
             "{issues:#?}"
         );

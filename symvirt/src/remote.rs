@@ -104,8 +104,12 @@ impl Address {
     }
 }
 
-/// `path` with its parent directory's symlinks resolved, when that directory exists here.
+/// `path` with its symlinks resolved as far as it exists here (the socket itself, else its
+/// parent directory).
 fn resolved(path: &Path) -> PathBuf {
+    if let Ok(whole) = std::fs::canonicalize(path) {
+        return whole;
+    }
     match (path.parent(), path.file_name()) {
         (Some(dir), Some(name)) => std::fs::canonicalize(dir)
             .map(|d| d.join(name))
