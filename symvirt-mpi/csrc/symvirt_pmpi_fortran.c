@@ -1,5 +1,5 @@
 /* SymVirt transparent mode, Open MPI's Fortran entry points: part of libsymvirt_pmpi_openmpi.so
- * (see symvirt_pmpi.c for the layer itself).
+ * (see pmpi/pmpi_internal.h for the layer itself).
  *
  * Open MPI's Fortran bindings (mpif.h and `use mpi`) call PMPI_* directly, so the layer's C
  * wrappers never see Fortran traffic: this file wraps the gfortran symbols (mpi_send_ ...) and
@@ -14,7 +14,7 @@
  * INTEGER(KIND=MPI_ADDRESS_KIND) arrays as MPI_Aint arrays. What a non-blocking call's C
  * arguments need beyond the Fortran ones (converted datatype arrays, MPI_Comm_idup's new
  * communicator) lives until its request completes: the layer starts the real collective later
- * (see "deferred" in symvirt_pmpi.c), so it cannot live on the wrapper's stack (see held). */
+ * (see pmpi/deferred.c), so it cannot live on the wrapper's stack (see held). */
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>

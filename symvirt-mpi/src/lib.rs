@@ -8,7 +8,7 @@
 //!   `libsymvirt_mpi_<impl>.{so,a}`); the state machine is [`safepoint::SafePoint`].
 //! - **transparent**: `libsymvirt_pmpi_<impl>.so` under `LD_PRELOAD` wraps MPI calls (PMPI),
 //!   counts messages per peer, drains in-flight messages into its own buffers at a cut and
-//!   delivers them later (`csrc/symvirt_pmpi.c`).
+//!   delivers them later (`csrc/pmpi/`).
 //!
 //! How the work is split, and why: everything that does not touch MPI (the agent connection
 //! and its watcher thread, [`control`]; the safe-point agreement state machine, [`safepoint`])

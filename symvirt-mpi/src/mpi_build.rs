@@ -3,15 +3,23 @@
 //! For an [`MpiImpl`], [`build_libraries`] compiles the C glue in `csrc/` with that
 //! implementation's `mpicc` and links it with this crate's staticlib (`libsymvirt_mpi.a`,
 //! built by cargo) into:
-//! - `libsymvirt_mpi_<impl>.so` and `.a`: the explicit safe-point API (`include/symvirt.h`);
-//! - `libsymvirt_pmpi_<impl>.so`: the transparent layer, for `LD_PRELOAD` (`symvirt_pmpi.c`,
-//!   plus `symvirt_pmpi_fortran.c`: Open MPI's Fortran entry points).
+//! - `libsymvirt_mpi_<impl>.so` and `.a`: the explicit safe-point API (`include/symvirt.h`,
+//!   `symvirt_explicit.c`);
+//! - `libsymvirt_pmpi_<impl>.so`: the transparent layer, for `LD_PRELOAD`: every `.c` file in
+//!   `csrc/pmpi/` (one per part of the layer; what they share is declared, hidden, in
+//!   `csrc/pmpi/pmpi_internal.h`, whose header comment describes the design), plus
+//!   `symvirt_pmpi_fortran.c`: Open MPI's Fortran entry points. Of the layer's own symbols
+//!   only the `MPI_*` and `mpi_*_` wrappers are exported (besides what the core exports).
 //!
-//! Outputs are written under a temporary name and renamed, so a reader never sees half a file.
+//! The transparent layer's files are compiled in parallel (as many `mpicc` at once as there
+//! are CPUs). Outputs are written under a temporary name and renamed, so a reader never sees
+//! half a file.
 
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 /// An MPI implementation as Debian installs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -153,9 +161,37 @@ fn rename(tmp: &Path, dst: &Path) -> Result<()> {
     })
 }
 
+/// The transparent layer's sources, as paths under `csrc/`: every `.c` file in `csrc/pmpi/`
+/// (sorted), then `symvirt_pmpi_fortran.c`.
+fn transparent_sources() -> Result<Vec<String>> {
+    let dir = crate_dir().join("csrc").join("pmpi");
+    let listing_failed = |e| Error::Build {
+        what: format!("list {}", dir.display()),
+        source: Some(e),
+    };
+    let mut sources = Vec::new();
+    for entry in std::fs::read_dir(&dir).map_err(listing_failed)? {
+        let name = entry.map_err(listing_failed)?.file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".c") {
+            sources.push(format!("pmpi/{name}"));
+        }
+    }
+    if sources.is_empty() {
+        return Err(Error::Build {
+            what: format!("no C sources in {}", dir.display()),
+            source: None,
+        });
+    }
+    sources.sort();
+    sources.push("symvirt_pmpi_fortran.c".to_string());
+    Ok(sources)
+}
+
+/// Compiles `source` (a path under `csrc/`) into `out_dir`, as `pmpi_cut.o` for `pmpi/cut.c`.
 fn compile_object(mpi: MpiImpl, source: &str, out_dir: &Path) -> Result<PathBuf> {
     let src = crate_dir().join("csrc").join(source);
-    let obj = out_dir.join(source.replace(".c", ".o"));
+    let obj = out_dir.join(source.replace('/', "_").replace(".c", ".o"));
     let tmp = obj.with_extension(format!("o.{}.tmp", std::process::id()));
     run(
         Command::new(mpi.mpicc())
@@ -172,6 +208,35 @@ fn compile_object(mpi: MpiImpl, source: &str, out_dir: &Path) -> Result<PathBuf>
     )?;
     rename(&tmp, &obj)?;
     Ok(obj)
+}
+
+/// Compiles `sources` like [`compile_object`], as many at once as there are CPUs; the objects
+/// in the order of `sources`, or the first source's error.
+fn compile_objects(mpi: MpiImpl, sources: &[String], out_dir: &Path) -> Result<Vec<PathBuf>> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, sources.len().max(1));
+    let next = AtomicUsize::new(0);
+    let done = Mutex::new(Vec::with_capacity(sources.len()));
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(source) = sources.get(i) else {
+                        break;
+                    };
+                    let obj = compile_object(mpi, source, out_dir);
+                    done.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push((i, obj));
+                }
+            });
+        }
+    });
+    let mut done = done.into_inner().unwrap_or_else(PoisonError::into_inner);
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, obj)| obj).collect()
 }
 
 fn link_shared(
@@ -204,8 +269,7 @@ pub fn build_libraries(mpi: MpiImpl, core: &Path, out_dir: &Path) -> Result<Libr
     })?;
     let n = mpi.name();
     let explicit = compile_object(mpi, "symvirt_explicit.c", out_dir)?;
-    let transparent = compile_object(mpi, "symvirt_pmpi.c", out_dir)?;
-    let fortran = compile_object(mpi, "symvirt_pmpi_fortran.c", out_dir)?;
+    let transparent = compile_objects(mpi, &transparent_sources()?, out_dir)?;
 
     let explicit_shared = out_dir.join(format!("libsymvirt_mpi_{n}.so"));
     link_shared(
@@ -218,7 +282,7 @@ pub fn build_libraries(mpi: MpiImpl, core: &Path, out_dir: &Path) -> Result<Libr
     let transparent_so = out_dir.join(format!("libsymvirt_pmpi_{n}.so"));
     link_shared(
         mpi,
-        &[transparent, fortran],
+        &transparent,
         core,
         mpi.transparent_link_libs(),
         &transparent_so,
@@ -308,4 +372,27 @@ pub fn build_program(
     built?;
     rename(&tmp, out)?;
     Ok(out.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transparent_sources_are_the_layer_files_then_fortran() {
+        let sources = transparent_sources().unwrap();
+        let (fortran, layer) = sources.split_last().unwrap();
+        assert_eq!(fortran, "symvirt_pmpi_fortran.c");
+        assert!(layer.iter().any(|s| s == "pmpi/init.c"), "{layer:?}");
+        assert!(layer.iter().any(|s| s == "pmpi/collectives.c"), "{layer:?}");
+        assert!(
+            layer
+                .iter()
+                .all(|s| s.starts_with("pmpi/") && s.ends_with(".c"))
+        );
+        assert!(layer.windows(2).all(|w| w[0] < w[1]), "sorted: {layer:?}");
+        for s in &sources {
+            assert!(crate_dir().join("csrc").join(s).is_file(), "{s}");
+        }
+    }
 }

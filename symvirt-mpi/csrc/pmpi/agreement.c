@@ -1,0 +1,198 @@
+/* Agreement among a communicator's members, and collectives aligned by it before they run
+ * (see the top of pmpi_internal.h). */
+#include "pmpi_internal.h"
+
+/* ---- agreement among a communicator's members, point to point ------------------------------
+ * The maximum of one value per member, by dissemination: in round k each member sends what it
+ * knows to the member 2^k above it and takes the maximum with what the member 2^k below it
+ * sent; after ceil(log2 n) rounds every member knows the maximum of all. Messages go over
+ * the layer's private communicators (svp.align, svp.ctl) to the members' ranks there, so
+ * nothing of the application's can match them. Not MPI_Iallreduce: Open MPI hooks its
+ * non-blocking collective engine into the progress loop on a communicator's first
+ * non-blocking collective and keeps it there, which every later MPI call of the application
+ * would pay (about 20 instructions a progress turn). */
+
+agreement svp_agreement_of(MPI_Comm comm, const int *world, int n, int me, int tag,
+                           uint64_t value)
+{
+    return (agreement){.comm = comm, .world = world, .n = n, .me = me, .tag = tag,
+                       .value = value, .sreq = MPI_REQUEST_NULL, .rreq = MPI_REQUEST_NULL};
+}
+
+/* Bits of a communicator's identity in its alignment tags: as many as MPI_TAG_UB leaves. */
+static uint32_t id_mask;
+
+void svp_agreement_setup(void)
+{
+    int *tag_ub = NULL, has_ub = 0;
+    PMPI_Comm_get_attr(MPI_COMM_WORLD, MPI_TAG_UB, &tag_ub, &has_ub);
+    long ub = has_ub && tag_ub != NULL ? *tag_ub : 32767;
+    id_mask = 0;
+    while (TAG_ALIGN + (((long)id_mask << 1 | 1) << 10) + 1023 <= ub && id_mask < 0xffffu)
+        id_mask = id_mask << 1 | 1;
+}
+
+/* Its tag names the communicator and the alignment's number on it (both the same on every
+ * member), with 5 bits left for the round: alignments in flight at once (non-blocking
+ * collectives, several communicators, in any order across communicators) never take each
+ * other's messages, unless 32 are in flight on one communicator or two communicators'
+ * identities share their low bits. */
+agreement svp_alignment_of(tracked_comm *t, uint64_t value)
+{
+    unsigned seq = t->seq++;
+    int tag = TAG_ALIGN + (int)(((t->id & id_mask) << 10) | ((seq & 31u) << 5));
+    return svp_agreement_of(svp.align, t->world, t->size, t->me, tag, value);
+}
+
+int svp_agree_step(agreement *a)
+{
+    for (;;) {
+        if ((1L << a->round) >= a->n)
+            return 1;
+        if (!a->posted) {
+            int dist = 1 << a->round;
+            int to = (a->me + dist) % a->n, from = (a->me - dist % a->n + a->n) % a->n;
+            if (a->world != NULL) {
+                to = a->world[to];
+                from = a->world[from];
+            }
+            a->out = a->value;
+            PMPI_Irecv(&a->in, 1, MPI_UINT64_T, from, a->tag + a->round, a->comm, &a->rreq);
+            PMPI_Isend(&a->out, 1, MPI_UINT64_T, to, a->tag + a->round, a->comm, &a->sreq);
+            a->posted = 1;
+        }
+        int done = 0;
+        if (a->rreq != MPI_REQUEST_NULL)
+            PMPI_Test(&a->rreq, &done, MPI_STATUS_IGNORE);
+        if (a->sreq != MPI_REQUEST_NULL)
+            PMPI_Test(&a->sreq, &done, MPI_STATUS_IGNORE);
+        if (a->rreq != MPI_REQUEST_NULL || a->sreq != MPI_REQUEST_NULL)
+            return 0;
+        if (a->in > a->value)
+            a->value = a->in;
+        a->round++;
+        a->posted = 0;
+    }
+}
+
+/* ---- collectives aligned, then run ---------------------------------------------------------- */
+
+void svp_adopt(MPI_Comm made, int parent, uint32_t id)
+{
+    int nc = svp_track_comm(made);
+    if (nc >= 0 && parent >= 0)
+        svp.comms[nc].id = id;
+}
+
+int svp_perform(coll *c)
+{
+    /* Every member of the parent counts the child when the call starts, also one that gets
+     * MPI_COMM_NULL, so the members of a new communicator name it alike. */
+    int makes = c->newcomm != NULL && c->run != svp_run_comm_free;
+    uint32_t id = 0;
+    if (makes && c->cid >= 0) {
+        tracked_comm *parent = &svp.comms[c->cid];
+        id = (parent->id * 16777619u) ^ (2654435761u * ++parent->children);
+    }
+    int rc = c->run(c);
+    if (rc != MPI_SUCCESS || !svp.ready || svp.closed)
+        return rc;
+    if (makes && c->req == NULL)
+        svp_adopt(*c->newcomm, c->cid, id);
+    else if (makes)
+        c->child_id = id; /* MPI_Comm_idup: the communicator exists once the request completes */
+    if (c->req != NULL && c->cid >= 0)
+        svp_track_req(*c->req, c->cid, REQ_COLL);
+    return rc;
+}
+
+/* The alignment in progress on this rank (at most one: collectives are called one at a time),
+ * so that a cut answered while it is pending can finish it: when the members agree on "no
+ * cut" during the cut, some may already be inside the collective, so this rank runs it there
+ * (its members all agreed, so all of them run it, inside the cut or not). */
+typedef struct {
+    agreement a;      /* intracommunicators */
+    MPI_Request req;  /* intercommunicators: MPI_Iallreduce on the communicator itself */
+    MPI_Comm comm;
+    int inter, round, resolved, ran, rc;
+    uint64_t mine, second, agreed;
+    coll *c;
+} pending_align;
+
+static pending_align *aligning;
+
+/* Advances an alignment; 1 once its agreed value is known. */
+static int align_step(pending_align *p)
+{
+    if (p->resolved)
+        return 1;
+    if (!p->inter) {
+        if (!svp_agree_step(&p->a))
+            return 0;
+        p->agreed = p->a.value;
+        p->resolved = 1;
+        return 1;
+    }
+    int flag = 0;
+    PMPI_Test(&p->req, &flag, MPI_STATUS_IGNORE);
+    if (!flag)
+        return 0;
+    /* On an intercommunicator each group gets the other's maximum: a second round gives both
+     * groups the maximum of all. */
+    if (p->inter && p->round == 1) {
+        p->round = 2;
+        p->second = p->agreed > p->mine ? p->agreed : p->mine;
+        PMPI_Iallreduce(&p->second, &p->agreed, 1, MPI_UINT64_T, MPI_MAX, p->comm, &p->req);
+        return 0;
+    }
+    p->resolved = 1;
+    return 1;
+}
+
+void svp_finish_alignment(void)
+{
+    pending_align *p = aligning;
+    if (p == NULL || p->ran || !align_step(p) || p->agreed != 0 || p->c == NULL)
+        return;
+    p->ran = 1;
+    p->rc = svp_perform(p->c);
+}
+
+int svp_align(int cid, coll *c)
+{
+    if (cid < 0)
+        return c != NULL ? svp_perform(c) : MPI_SUCCESS;
+    if (aligning != NULL)
+        svp_die("collective called while another one is being aligned (threads?)");
+    svp_start_deferred_on(cid);
+    for (;;) {
+        tracked_comm *t = &svp.comms[cid];
+        pending_align p = {.comm = t->comm, .inter = t->inter, .round = 1, .c = c};
+        uint64_t want = symvirt_ctl_requested();
+        p.mine = want > svp.served ? want : 0;
+        if (t->inter)
+            PMPI_Iallreduce(&p.mine, &p.agreed, 1, MPI_UINT64_T, MPI_MAX, p.comm, &p.req);
+        else
+            p.a = svp_alignment_of(t, p.mine);
+        aligning = &p;
+        for (unsigned long turns = 1; !align_step(&p); turns++) {
+            /* Never start a cut here (peers may already be past this point); answer one. A
+             * peer may be waiting for a non-blocking collective this rank has to start. */
+            svp_progress_deferred();
+            if ((turns & 63) == 0)
+                svp_serve_peers();
+            if (turns > 4096)
+                sched_yield();
+        }
+        aligning = NULL;
+        if (p.ran)
+            return p.rc;
+        /* Decide from the agreed value alone: identical on every member. A rank may already
+         * have made this cut (answering a peer while its reduction was pending); every member
+         * then aligns again, so all leave through the same round. */
+        if (p.agreed == 0)
+            return c != NULL ? svp_perform(c) : MPI_SUCCESS;
+        if (p.agreed > svp.served)
+            svp_cut(p.agreed);
+    }
+}

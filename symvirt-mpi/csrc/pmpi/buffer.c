@@ -1,0 +1,118 @@
+/* The layer's buffer of drained messages: filled by cuts, in arrival order, and delivered
+ * later, exactly once, to the receives, probes and matched probes that match them (the lookup,
+ * svp_find_buffered, is inline in pmpi_internal.h). */
+#include "pmpi_internal.h"
+
+buffered *svp_new_buffered(int cid, int src, int tag, int nbytes)
+{
+    buffered *m = malloc(sizeof *m + (size_t)nbytes);
+    if (m == NULL)
+        svp_die("out of memory for a drained message");
+    *m = (buffered){NULL, cid, src, tag, nbytes};
+    return m;
+}
+
+void svp_drain_one(int cid, const MPI_Status *probed)
+{
+    int nbytes = 0;
+    PMPI_Get_count(probed, MPI_BYTE, &nbytes);
+    buffered *m = svp_new_buffered(cid, probed->MPI_SOURCE, probed->MPI_TAG, nbytes);
+    MPI_Status st;
+    if (PMPI_Recv(m->data, nbytes, MPI_BYTE, m->src, m->tag, svp.comms[cid].comm, &st) !=
+        MPI_SUCCESS)
+        svp_die("draining a message failed");
+    svp_count_recv(cid, &st);
+    svp.drained++;
+    *svp.tail = m;
+    svp.tail = &m->next;
+}
+
+buffered *svp_unlink_buffered(buffered **link)
+{
+    buffered *m = *link;
+    *link = m->next;
+    if (svp.tail == &m->next)
+        svp.tail = link;
+    return m;
+}
+
+void svp_fill_status(MPI_Status *st, const buffered *m, MPI_Datatype dt, int elems, int err)
+{
+    st->MPI_SOURCE = m->src;
+    st->MPI_TAG = m->tag;
+    st->MPI_ERROR = err;
+    PMPI_Status_set_elements(st, dt, elems);
+    PMPI_Status_set_cancelled(st, 0);
+}
+
+int svp_deliver_msg(buffered *m, void *buf, int count, MPI_Datatype dt, MPI_Status *st)
+{
+    int tsize = 0, rc = MPI_SUCCESS;
+    PMPI_Type_size(dt, &tsize);
+    int elems = tsize > 0 ? m->nbytes / tsize : 0;
+    if (elems > count) {
+        elems = count;
+        rc = MPI_ERR_TRUNCATE;
+    }
+    int pos = 0;
+    if (elems > 0)
+        PMPI_Unpack(m->data, m->nbytes, &pos, buf, elems, dt, MPI_COMM_SELF);
+    MPI_Status local;
+    svp_fill_status(st == MPI_STATUS_IGNORE ? &local : st, m, dt, elems, rc);
+    free(m);
+    return rc;
+}
+
+int svp_deliver(buffered **link, void *buf, int count, MPI_Datatype dt, MPI_Status *st)
+{
+    return svp_deliver_msg(svp_unlink_buffered(link), buf, count, dt, st);
+}
+
+void svp_untrack_slot(int cid)
+{
+    if (cid < 0 || cid >= svp.ncomms || svp.comms[cid].comm == MPI_COMM_NULL)
+        return;
+    svp.comms[cid].comm = MPI_COMM_NULL;
+    int dropped = 0;
+    for (buffered **l = &svp.head; *l != NULL;) {
+        if ((*l)->cid == cid) {
+            free(svp_unlink_buffered(l));
+            dropped++;
+        } else {
+            l = &(*l)->next;
+        }
+    }
+    if (dropped)
+        fprintf(stderr, "symvirt-pmpi rank %d: a communicator was freed with %d drained "
+                        "messages the application never received; dropped\n", svp.me, dropped);
+}
+
+/* A generalized request that is already complete, carrying a status (Irecv from the buffer). */
+static int gq_query(void *extra, MPI_Status *st)
+{
+    *st = *(MPI_Status *)extra;
+    return MPI_SUCCESS;
+}
+int svp_gq_free(void *extra)
+{
+    free(extra);
+    return MPI_SUCCESS;
+}
+int svp_gq_cancel(void *extra, int complete)
+{
+    (void)extra;
+    (void)complete;
+    return MPI_SUCCESS;
+}
+
+int svp_deliver_request(buffered *m, void *buf, int count, MPI_Datatype dt, MPI_Request *req)
+{
+    MPI_Status *st = malloc(sizeof *st);
+    if (st == NULL)
+        svp_die("out of memory");
+    svp_deliver_msg(m, buf, count, dt, st);
+    int rc = PMPI_Grequest_start(gq_query, svp_gq_free, svp_gq_cancel, st, req);
+    if (rc == MPI_SUCCESS)
+        rc = PMPI_Grequest_complete(*req);
+    return rc;
+}

@@ -1,0 +1,152 @@
+/* The layer's state, its errors, and the communicators it observes: a slot each, with the
+ * members' WORLD ranks and the identity their alignments are named by. */
+#include "pmpi_internal.h"
+
+svp_state svp = {.tail = &svp.head};
+
+uint64_t svp_env_ms(const char *name, uint64_t fallback)
+{
+    const char *v = getenv(name);
+    if (v == NULL || *v == '\0')
+        return fallback;
+    char *end = NULL;
+    unsigned long long ms = strtoull(v, &end, 10);
+    return (end != NULL && *end == '\0') ? (uint64_t)ms : fallback;
+}
+
+void svp_die(const char *what)
+{
+    fprintf(stderr, "symvirt-pmpi rank %d: %s\n", svp.me, what);
+    fflush(stderr);
+    PMPI_Abort(MPI_COMM_WORLD, 70);
+}
+
+int svp_refuse(MPI_Comm comm, const char *call, const char *why)
+{
+    fprintf(stderr, "symvirt-pmpi rank %d: %s refused: %s\n", svp.me, call, why);
+    fflush(stderr);
+    PMPI_Comm_call_errhandler(comm, MPI_ERR_UNSUPPORTED_OPERATION);
+    return MPI_ERR_UNSUPPORTED_OPERATION;
+}
+
+/* ---- communicators ---------------------------------------------------------------------- */
+
+int svp_on_comm_delete(MPI_Comm c, int keyval, void *val, void *extra)
+{
+    (void)c;
+    (void)keyval;
+    (void)extra;
+    svp_untrack_slot((int)(intptr_t)val);
+    return MPI_SUCCESS;
+}
+
+/* Whether a pending request still names slot cid (then its table must stay). */
+static int slot_referenced(int cid)
+{
+    for (int i = 0; i < svp.reqs.n; i++)
+        if (svp.reqs.v[i].cid == cid)
+            return 1;
+    for (int i = 0; i < svp.pers.n; i++)
+        if (svp.pers.v[i].cid == cid)
+            return 1;
+    for (int i = 0; i < svp.matches.n; i++)
+        if (svp.matches.v[i].cid == cid)
+            return 1;
+    return svp_deferred_names(cid);
+}
+
+static uint32_t hash_ranks(const int *ranks, int n)
+{
+    uint32_t h = 2166136261u;
+    for (int i = 0; i < n; i++)
+        h = (h ^ (uint32_t)ranks[i]) * 16777619u;
+    return h;
+}
+
+/* The hash of the WORLD ranks of c's local group. */
+static uint32_t hash_group(MPI_Comm c)
+{
+    MPI_Group grp, wgrp;
+    PMPI_Comm_group(c, &grp);
+    PMPI_Comm_group(MPI_COMM_WORLD, &wgrp);
+    int size = 0;
+    PMPI_Group_size(grp, &size);
+    int *ranks = malloc((size_t)(size > 0 ? size : 1) * 2 * sizeof(int));
+    if (ranks == NULL)
+        svp_die("out of memory");
+    for (int i = 0; i < size; i++)
+        ranks[i] = i;
+    PMPI_Group_translate_ranks(grp, size, ranks, wgrp, ranks + size);
+    uint32_t h = hash_ranks(ranks + size, size);
+    free(ranks);
+    PMPI_Group_free(&grp);
+    PMPI_Group_free(&wgrp);
+    return h;
+}
+
+int svp_track_comm(MPI_Comm c)
+{
+    if (c == MPI_COMM_NULL)
+        return -1;
+    for (int i = 0; i < svp.ncomms; i++)
+        if (svp.comms[i].comm == c)
+            return i;
+    int cid = -1;
+    for (int i = 0; i < svp.ncomms && cid < 0; i++)
+        if (svp.comms[i].comm == MPI_COMM_NULL && !slot_referenced(i))
+            cid = i;
+    if (cid < 0) {
+        static int warned;
+        if (svp.ncomms == MAX_COMMS) {
+            if (!warned++)
+                fprintf(stderr, "symvirt-pmpi rank %d: more than %d communicators at once; "
+                                "the others pass through unobserved\n", svp.me, MAX_COMMS);
+            return -1;
+        }
+        cid = svp.ncomms++;
+    }
+    tracked_comm *t = &svp.comms[cid];
+    free(t->world);
+    int inter = 0;
+    PMPI_Comm_test_inter(c, &inter);
+    MPI_Group grp, wgrp;
+    if (inter)
+        PMPI_Comm_remote_group(c, &grp);
+    else
+        PMPI_Comm_group(c, &grp);
+    PMPI_Comm_group(MPI_COMM_WORLD, &wgrp);
+    int size = 0;
+    PMPI_Group_size(grp, &size);
+    int *ranks = malloc((size_t)(size > 0 ? size : 1) * sizeof(int));
+    t->world = malloc((size_t)(size > 0 ? size : 1) * sizeof(int));
+    if (ranks == NULL || t->world == NULL)
+        svp_die("out of memory");
+    for (int i = 0; i < size; i++)
+        ranks[i] = i;
+    PMPI_Group_translate_ranks(grp, size, ranks, wgrp, t->world);
+    free(ranks);
+    PMPI_Group_free(&grp);
+    PMPI_Group_free(&wgrp);
+    for (int i = 0; i < size; i++)
+        if (t->world[i] == MPI_UNDEFINED) {
+            static int warned;
+            if (!warned++)
+                fprintf(stderr, "symvirt-pmpi rank %d: a communicator reaches processes "
+                                "outside MPI_COMM_WORLD; it passes through unobserved\n", svp.me);
+            if (cid == svp.ncomms - 1)
+                svp.ncomms--;
+            return -1;
+        }
+    t->size = size;
+    t->inter = inter;
+    PMPI_Comm_rank(c, &t->me);
+    /* Until perform() names it from its parent: from the members' WORLD ranks (FNV-1a), for
+     * an intercommunicator both groups' (combined alike on both sides). */
+    t->id = hash_ranks(t->world, size);
+    if (inter)
+        t->id ^= hash_group(c);
+    t->children = t->seq = 0;
+    t->comm = c;
+    PMPI_Comm_set_attr(c, svp.keyval, (void *)(intptr_t)cid);
+    return cid;
+}

@@ -1,0 +1,258 @@
+/* The cut (see the top of pmpi_internal.h): counts exchanged, drained, reported, resumed; and
+ * the idle turns of the layer's wait loops, which enter a requested cut or answer a peer's. */
+#include "pmpi_internal.h"
+
+/* A runtime may define this to re-select its transport after a migration (transparent mode's
+ * resume hook); it runs on every rank before the rank reports resumed. */
+void symvirt_transport_reselect(const symvirt_interconnect *ic) __attribute__((weak));
+
+/* Per peer: the last COUNTS message received {epoch, sent to me}, and whether it is there. */
+static uint64_t *early;
+static int *have_early;
+static const char *log_dir;
+static uint64_t quiesce_timeout_ms;
+
+void svp_cut_setup(void)
+{
+    early = calloc((size_t)svp.np * 2, sizeof(uint64_t));
+    have_early = calloc((size_t)svp.np, sizeof(int));
+    if (early == NULL || have_early == NULL)
+        svp_die("out of memory");
+    log_dir = getenv("SYMVIRT_CUT_LOG");
+    quiesce_timeout_ms = svp_env_ms("SYMVIRT_QUIESCE_TIMEOUT_MS", 600000);
+}
+
+/* ---- the cut ---------------------------------------------------------------------------- */
+
+static void write_log(const char *kind, uint64_t epoch, const char *text)
+{
+    if (log_dir == NULL)
+        return;
+    char path[4096], tmp[4200];
+    snprintf(path, sizeof path, "%s/%s-%llu-%d", log_dir, kind, (unsigned long long)epoch,
+             svp.me);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    if (f == NULL)
+        return;
+    fputs(text, f);
+    fclose(f);
+    rename(tmp, path);
+}
+
+static void log_cut(uint64_t epoch)
+{
+    size_t cap = (size_t)svp.np * 48 + 96;
+    char *text = malloc(cap);
+    if (text == NULL)
+        return;
+    size_t n = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        n += (size_t)snprintf(text + n, cap - n, pass == 0 ? "sent" : "received");
+        for (int p = 0; p < svp.np; p++)
+            n += (size_t)snprintf(text + n, cap - n, " %llu",
+                                  (unsigned long long)(pass == 0 ? svp.sent[p] : svp.recv[p]));
+        n += (size_t)snprintf(text + n, cap - n, "\n");
+    }
+    n += (size_t)snprintf(text + n, cap - n, "drained %llu\n", (unsigned long long)svp.drained);
+    write_log("cut", epoch, text);
+    free(text);
+}
+
+/* The last COUNTS message from peer p: {epoch, messages p sent to this rank}. */
+static uint64_t *early_slot(int p)
+{
+    return &early[(size_t)p * 2];
+}
+
+/* Receives one COUNTS message (already probed) into the early slot of its sender. */
+static void take_counts(const MPI_Status *probed)
+{
+    int p = probed->MPI_SOURCE;
+    PMPI_Recv(early_slot(p), 2, MPI_UINT64_T, p, TAG_COUNTS, svp.ctl, MPI_STATUS_IGNORE);
+    have_early[p] = 1;
+}
+
+void svp_serve_peers(void)
+{
+    int flag = 0;
+    MPI_Status st;
+    PMPI_Iprobe(MPI_ANY_SOURCE, TAG_COUNTS, svp.ctl, &flag, &st);
+    if (!flag)
+        return;
+    take_counts(&st);
+    uint64_t epoch = early_slot(st.MPI_SOURCE)[0];
+    if (epoch > svp.served)
+        svp_cut(epoch);
+    else
+        have_early[st.MPI_SOURCE] = 0; /* stale */
+}
+
+/* See svp_idle (pmpi_internal.h). */
+__attribute__((noinline)) void svp_idle_check(unsigned long t)
+{
+    if (t > 4096)
+        sched_yield();
+    if (!svp.ready || svp.closed)
+        return;
+    if (svp_ndeferred)
+        svp_progress_deferred();
+    uint64_t e = symvirt_ctl_requested();
+    if (e > svp.served)
+        svp_cut(e);
+    else if ((t & 63) == 0)
+        svp_serve_peers();
+}
+
+void svp_idle_test(void)
+{
+    static unsigned long turns;
+    svp_idle(&turns);
+    if (turns > 4096)
+        turns = 0; /* no yield inside an application's own polling loop */
+}
+
+/* Diagnostics for a drain that does not finish (printed once per cut, to stderr). */
+static void dump_drain(uint64_t epoch, const int *have, int open_colls)
+{
+    fprintf(stderr,
+            "symvirt-pmpi rank %d: epoch %llu drain still waiting; %d pending requests, %d "
+            "non-blocking collectives open\n",
+            svp.me, (unsigned long long)epoch, svp.reqs.n, open_colls);
+    for (int p = 0; p < svp.np; p++)
+        fprintf(stderr, "  peer %d: counts %s, want %llu, received %llu\n", p,
+                have[p] ? "in" : "missing",
+                (unsigned long long)(p == svp.me ? svp.sent[svp.me] : early_slot(p)[1]),
+                (unsigned long long)svp.recv[p]);
+    fflush(stderr);
+}
+
+void svp_cut(uint64_t epoch)
+{
+    /* 1. my counts to every peer */
+    uint64_t *out = malloc((size_t)svp.np * 2 * sizeof(uint64_t));
+    MPI_Request *rq = malloc((size_t)svp.np * sizeof(MPI_Request));
+    int *have = calloc((size_t)svp.np, sizeof(int));
+    if (out == NULL || rq == NULL || have == NULL)
+        svp_die("out of memory");
+    int nrq = 0;
+    for (int p = 0; p < svp.np; p++) {
+        if (p == svp.me)
+            continue;
+        out[2 * p] = epoch;
+        out[2 * p + 1] = svp.sent[p];
+        PMPI_Isend(&out[2 * p], 2, MPI_UINT64_T, p, TAG_COUNTS, svp.ctl, &rq[nrq++]);
+    }
+    /* 2. drain until every peer's count is met and my collectives are complete */
+    have[svp.me] = 1;
+    svp.drained = 0;
+    svp_drain_matched();
+    unsigned long spins = 0;
+    for (;;) {
+        for (int p = 0; p < svp.np; p++) {
+            if (have[p] || !have_early[p])
+                continue;
+            uint64_t *e = early_slot(p);
+            have_early[p] = 0;
+            if (e[0] == epoch)
+                have[p] = 1;
+            else if (e[0] < epoch)
+                continue; /* stale */
+            else
+                svp_die("COUNTS for a later epoch during a cut");
+            have_early[p] = 1; /* keep the counts in the slot for the check below */
+        }
+        svp_finish_alignment();
+        if (svp_ndeferred)
+            svp_progress_deferred();
+        int open_colls = svp_poll_pending();
+        for (int c = 0; c < svp.ncomms; c++) {
+            for (;;) {
+                int flag = 0;
+                MPI_Status st;
+                if (svp.comms[c].comm == MPI_COMM_NULL)
+                    break; /* freed */
+                PMPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, svp.comms[c].comm, &flag, &st);
+                if (!flag)
+                    break;
+                svp_drain_one(c, &st);
+            }
+        }
+        int done = open_colls == 0;
+        for (int p = 0; p < svp.np; p++) {
+            if (!have[p]) {
+                done = 0;
+                continue;
+            }
+            uint64_t want = p == svp.me ? svp.sent[svp.me] : early_slot(p)[1];
+            if (svp.recv[p] < want)
+                done = 0;
+            else if (svp.recv[p] > want)
+                svp_die("received more messages than were sent: counting is broken");
+        }
+        if (done)
+            break;
+        if (++spins == 2000000)
+            dump_drain(epoch, have, open_colls);
+        int flag = 0;
+        MPI_Status st;
+        PMPI_Iprobe(MPI_ANY_SOURCE, TAG_COUNTS, svp.ctl, &flag, &st);
+        if (flag)
+            take_counts(&st);
+        else
+            sched_yield();
+    }
+    for (int p = 0; p < svp.np; p++)
+        have_early[p] = 0;
+    /* Keep progressing until every rank has drained: a receiver may still need this rank's
+     * help to finish a large (rendezvous) transfer it has already matched. */
+    agreement drained = svp_agreement_of(svp.ctl, NULL, svp.np, svp.me, TAG_DRAINED, 0);
+    while (!svp_agree_step(&drained)) {
+        svp_finish_alignment();
+        if (svp_ndeferred)
+            svp_progress_deferred();
+        svp_poll_pending();
+        sched_yield();
+    }
+    PMPI_Waitall(nrq, rq, MPI_STATUSES_IGNORE);
+    free(out);
+    free(rq);
+    free(have);
+    svp.served = epoch;
+
+    /* 3. report, wait, resume */
+    log_cut(epoch);
+    symvirt_interconnect ic;
+    memset(&ic, 0, sizeof ic);
+    int r;
+    if (svp.windows.n > 0) {
+        /* One-sided operations are not counted: a cut with a window open may leave some in
+         * flight, so this rank tells the agent it cannot be migrated (the host sees the epoch
+         * fail, with this reason, and keeps the job where it is). */
+        char why[200];
+        snprintf(why, sizeof why,
+                 "MPI one-sided communication is not covered by the transparent layer (%d "
+                 "window%s open)",
+                 svp.windows.n, svp.windows.n == 1 ? "" : "s");
+        r = symvirt_ctl_unable(epoch, why, quiesce_timeout_ms, &ic);
+    } else {
+        r = symvirt_ctl_quiesce(epoch, quiesce_timeout_ms, &ic);
+    }
+    char text[1200];
+    if (r == SYMVIRT_RESUMED) {
+        if (symvirt_transport_reselect)
+            symvirt_transport_reselect(&ic);
+        symvirt_ctl_resumed(epoch);
+        snprintf(text, sizeof text, "resumed %s\n", ic.json);
+    } else if (r == SYMVIRT_ABORTED) {
+        snprintf(text, sizeof text, "aborted\n");
+    } else {
+        snprintf(text, sizeof text, "error %d %s\n", r, symvirt_last_error());
+        fprintf(stderr, "symvirt-pmpi rank %d: epoch %llu: %s", svp.me,
+                (unsigned long long)epoch, text);
+    }
+    write_log("resumed", epoch, text);
+    /* Nobody sends on the (possibly new) transport before every rank is back. On the COUNTS
+     * communicator: an alignment reduction may be pending (cut served from align). */
+    PMPI_Barrier(svp.ctl);
+}

@@ -1,0 +1,146 @@
+/* ---- non-blocking collectives: started once every member has called them -----------------
+ * A non-blocking collective on an intracommunicator returns at once with a generalized
+ * request. The layer starts the real collective when every member has called it (an
+ * alignment with nothing to agree on, progressed wherever the layer progresses: wait loops,
+ * test calls, alignments, cuts), in the order the members called collectives on that
+ * communicator, and completes the application's request with the real one's status. So no
+ * rank waits at the start of a non-blocking collective (a program may keep receiving while
+ * it is pending: the NBX pattern), and a cut only ever waits for collectives that every
+ * member has started: each member in a cut starts those that became ready. */
+#include "pmpi_internal.h"
+
+typedef struct deferred {
+    struct deferred *next; /* in the order the application called them */
+    coll c;                /* its arguments; c.req points at real once started */
+    MPI_Request app;       /* the generalized request the application holds */
+    MPI_Request real;
+    MPI_Status *st;        /* the real one's status, for the application's request */
+    agreement a;
+    int started;
+} deferred;
+
+static deferred *deferred_head;
+static deferred **deferred_tail = &deferred_head;
+int svp_ndeferred;
+
+static int deferred_query(void *extra, MPI_Status *st)
+{
+    *st = *(MPI_Status *)extra;
+    return st->MPI_ERROR;
+}
+
+/* Whether a non-blocking collective called on slot cid before d (or at all, d NULL) has not
+ * started yet. */
+static int unstarted_before(int cid, const deferred *d)
+{
+    for (const deferred *e = deferred_head; e != NULL && e != d; e = e->next)
+        if (!e->started && e->c.cid == cid)
+            return 1;
+    return 0;
+}
+
+static void finish_deferred(deferred *d, int err)
+{
+    d->st->MPI_ERROR = err;
+    PMPI_Grequest_complete(d->app);
+}
+
+void svp_progress_deferred(void)
+{
+    static int busy; /* perform() and PMPI calls never come back here; be sure */
+    if (busy)
+        return;
+    busy = 1;
+    deferred **link = &deferred_head;
+    while (*link != NULL) {
+        deferred *d = *link;
+        if (!d->started && svp_agree_step(&d->a) && !unstarted_before(d->c.cid, d)) {
+            d->started = 1;
+            d->c.req = &d->real;
+            int rc = svp_perform(&d->c);
+            if (rc != MPI_SUCCESS) {
+                d->real = MPI_REQUEST_NULL;
+                finish_deferred(d, rc);
+            }
+        }
+        if (d->started && d->real != MPI_REQUEST_NULL) {
+            int flag = 0;
+            MPI_Request h = d->real;
+            int rc = PMPI_Test(&d->real, &flag, d->st);
+            if (rc != MPI_SUCCESS || flag) {
+                svp_forget_req(h);
+                d->real = MPI_REQUEST_NULL;
+                if (rc == MPI_SUCCESS && d->c.newcomm != NULL)
+                    svp_adopt(*d->c.newcomm, d->c.cid, d->c.child_id); /* before the app sees it */
+                finish_deferred(d, rc != MPI_SUCCESS ? rc : d->st->MPI_ERROR);
+            }
+        }
+        if (d->started && d->real == MPI_REQUEST_NULL) {
+            *link = d->next;
+            if (deferred_tail == &d->next)
+                deferred_tail = link;
+            free(d);
+            svp_ndeferred--;
+            continue;
+        }
+        link = &d->next;
+    }
+    busy = 0;
+}
+
+int svp_deferred_names(int cid)
+{
+    for (const deferred *d = deferred_head; d != NULL; d = d->next)
+        if (d->c.cid == cid)
+            return 1;
+    return 0;
+}
+
+int svp_is_deferred(MPI_Request h)
+{
+    for (const deferred *d = deferred_head; d != NULL; d = d->next)
+        if (d->app == h)
+            return 1;
+    return 0;
+}
+
+int svp_nonblocking(coll *c, MPI_Request *req)
+{
+    c->cid = CID(c->comm);
+    if (c->cid < 0 || svp.comms[c->cid].inter) {
+        c->req = req;
+        return svp_align(c->cid, c);
+    }
+    deferred *d = calloc(1, sizeof *d);
+    MPI_Status *st = calloc(1, sizeof *st);
+    if (d == NULL || st == NULL)
+        svp_die("out of memory");
+    d->c = *c;
+    d->real = MPI_REQUEST_NULL;
+    d->st = st;
+    d->a = svp_alignment_of(&svp.comms[c->cid], 0);
+    int rc = PMPI_Grequest_start(deferred_query, svp_gq_free, svp_gq_cancel, st, &d->app);
+    if (rc != MPI_SUCCESS) {
+        free(d);
+        free(st);
+        return rc;
+    }
+    *req = d->app;
+    *deferred_tail = d;
+    deferred_tail = &d->next;
+    svp_ndeferred++;
+    svp_progress_deferred();
+    return MPI_SUCCESS;
+}
+
+/* Collectives start in the same order on every member. */
+void svp_start_deferred_on(int cid)
+{
+    for (unsigned long turns = 1; unstarted_before(cid, NULL); turns++) {
+        svp_progress_deferred();
+        if ((turns & 63) == 0)
+            svp_serve_peers();
+        if (turns > 4096)
+            sched_yield();
+    }
+}

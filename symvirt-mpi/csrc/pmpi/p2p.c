@@ -1,0 +1,137 @@
+/* ---- point to point ---------------------------------------------------------------------
+ * Sends are counted when they start; receives when they complete, after looking in the
+ * layer's buffer first. */
+#include "pmpi_internal.h"
+
+/* The sends: one wrapper per (MPI call, PMPI function it goes out through). A blocking send
+ * stays blocking (no request, no progress loop: the layer's cost on the latency path). It
+ * cannot hold up a cut: it only waits for its receiver to match it, and a receiver in a cut
+ * receives every unexpected message on every communicator into the buffer (step 2 of the
+ * cut), which completes the send; the sender then joins the cut at its next MPI call, as it
+ * would had the request come while it computed. MPI_Bsend completes locally. MPI_Rsend goes
+ * out as a standard send (PMPI_Send), which MPI allows for a ready send. */
+#define SENDS(X)                                                                               \
+    X(Send, PMPI_Send)                                                                         \
+    X(Ssend, PMPI_Ssend)                                                                       \
+    X(Rsend, PMPI_Send)                                                                        \
+    X(Bsend, PMPI_Bsend)
+
+#define ISENDS(X)                                                                              \
+    X(Isend, PMPI_Isend)                                                                       \
+    X(Issend, PMPI_Issend)                                                                     \
+    X(Irsend, PMPI_Irsend)                                                                     \
+    X(Ibsend, PMPI_Ibsend)
+
+#define SEND_WRAPPER(name, pmpi)                                                               \
+    int MPI_##name(const void *buf, int count, MPI_Datatype dt, int dest, int tag,             \
+                   MPI_Comm comm)                                                              \
+    {                                                                                          \
+        svp_count_send(CID(comm), dest);                                                       \
+        return pmpi(buf, count, dt, dest, tag, comm);                                          \
+    }
+
+#define ISEND_WRAPPER(name, pmpi)                                                              \
+    int MPI_##name(const void *buf, int count, MPI_Datatype dt, int dest, int tag,             \
+                   MPI_Comm comm, MPI_Request *req)                                            \
+    {                                                                                          \
+        svp_count_send(CID(comm), dest);                                                       \
+        return pmpi(buf, count, dt, dest, tag, comm, req);                                     \
+    }
+
+SENDS(SEND_WRAPPER)
+ISENDS(ISEND_WRAPPER)
+
+int MPI_Irecv(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_Comm comm,
+              MPI_Request *req)
+{
+    int cid = CID(comm);
+    if (cid < 0 || src == MPI_PROC_NULL)
+        return PMPI_Irecv(buf, count, dt, src, tag, comm, req);
+    buffered **link;
+    if (svp_find_buffered(cid, src, tag, &link) != NULL)
+        return svp_deliver_request(svp_unlink_buffered(link), buf, count, dt, req);
+    int rc = PMPI_Irecv(buf, count, dt, src, tag, comm, req);
+    if (rc == MPI_SUCCESS)
+        svp_track_req(*req, cid, REQ_RECV);
+    return rc;
+}
+
+int MPI_Recv(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_Comm comm,
+             MPI_Status *status)
+{
+    int cid = CID(comm);
+    if (cid < 0 || src == MPI_PROC_NULL)
+        return PMPI_Recv(buf, count, dt, src, tag, comm, status);
+    buffered **link;
+    if (svp_find_buffered(cid, src, tag, &link) != NULL)
+        return svp_deliver(link, buf, count, dt, status);
+    MPI_Request r;
+    int rc = PMPI_Irecv(buf, count, dt, src, tag, comm, &r);
+    if (rc != MPI_SUCCESS)
+        return rc;
+    if (svp_blocking.req != MPI_REQUEST_NULL)
+        svp_die("blocking receive called while another one waits (threads?)");
+    svp_blocking.req = r;
+    svp_blocking.cid = cid;
+    svp_blocking.counted = 0;
+    MPI_Status local;
+    MPI_Status *st = status == MPI_STATUS_IGNORE ? &local : status;
+    rc = svp_wait_own_receive(&r, st);
+    if (rc == MPI_SUCCESS && !svp_blocking.counted)
+        svp_count_recv(cid, st);
+    svp_blocking.req = MPI_REQUEST_NULL;
+    return rc;
+}
+
+int MPI_Sendrecv(const void *sbuf, int scount, MPI_Datatype sdt, int dest, int stag, void *rbuf,
+                 int rcount, MPI_Datatype rdt, int src, int rtag, MPI_Comm comm,
+                 MPI_Status *status)
+{
+    if (CID(comm) < 0)
+        return PMPI_Sendrecv(sbuf, scount, sdt, dest, stag, rbuf, rcount, rdt, src, rtag, comm,
+                             status);
+    MPI_Request rq[2];
+    MPI_Status st[2];
+    int rc = MPI_Irecv(rbuf, rcount, rdt, src, rtag, comm, &rq[0]);
+    if (rc == MPI_SUCCESS)
+        rc = MPI_Isend(sbuf, scount, sdt, dest, stag, comm, &rq[1]);
+    if (rc == MPI_SUCCESS)
+        rc = MPI_Waitall(2, rq, st);
+    if (status != MPI_STATUS_IGNORE)
+        *status = st[0];
+    return rc;
+}
+
+/* Through a packed copy of the incoming message, so the send may leave buf first. */
+int MPI_Sendrecv_replace(void *buf, int count, MPI_Datatype dt, int dest, int stag, int src,
+                         int rtag, MPI_Comm comm, MPI_Status *status)
+{
+    if (CID(comm) < 0)
+        return PMPI_Sendrecv_replace(buf, count, dt, dest, stag, src, rtag, comm, status);
+    int psize = 0, tsize = 0;
+    PMPI_Pack_size(count, dt, comm, &psize);
+    PMPI_Type_size(dt, &tsize);
+    char *tmp = malloc((size_t)(psize > 0 ? psize : 1));
+    if (tmp == NULL)
+        svp_die("out of memory");
+    MPI_Request rq[2];
+    MPI_Status st[2];
+    int rc = MPI_Irecv(tmp, psize, MPI_BYTE, src, rtag, comm, &rq[0]);
+    if (rc == MPI_SUCCESS)
+        rc = MPI_Isend(buf, count, dt, dest, stag, comm, &rq[1]);
+    if (rc == MPI_SUCCESS)
+        rc = MPI_Waitall(2, rq, st);
+    if (rc == MPI_SUCCESS) {
+        int nbytes = 0, pos = 0;
+        PMPI_Get_count(&st[0], MPI_BYTE, &nbytes);
+        int elems = tsize > 0 ? nbytes / tsize : 0;
+        if (elems > 0 && src != MPI_PROC_NULL)
+            PMPI_Unpack(tmp, nbytes, &pos, buf, elems, dt, comm);
+        if (status != MPI_STATUS_IGNORE) {
+            *status = st[0];
+            PMPI_Status_set_elements(status, dt, elems);
+        }
+    }
+    free(tmp);
+    return rc;
+}

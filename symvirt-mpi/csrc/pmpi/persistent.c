@@ -1,0 +1,157 @@
+/* ---- persistent requests ----------------------------------------------------------------
+ * A send counts at each MPI_Start; a receive's Start is served from the buffer when a drained
+ * message matches (a substitute: the next test or wait returns its status), else it is a
+ * pending receive like an Irecv. Also MPI_Request_free and MPI_Cancel. */
+#include "pmpi_internal.h"
+
+/* ---- persistent requests served from the buffer ------------------------------------------ */
+
+int svp_take_substitute(MPI_Request h, MPI_Status *st)
+{
+    for (int i = 0; i < svp.subst.n; i++)
+        if (svp.subst.v[i].req == h) {
+            if (st != MPI_STATUS_IGNORE)
+                *st = svp.subst.v[i].st;
+            svp.subst.v[i] = svp.subst.v[--svp.subst.n];
+            return 1;
+        }
+    return 0;
+}
+
+int svp_find_substitute(int n, const MPI_Request *reqs)
+{
+    if (svp.subst.n == 0)
+        return -1;
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < svp.subst.n; j++)
+            if (reqs[i] != MPI_REQUEST_NULL && reqs[i] == svp.subst.v[j].req)
+                return i;
+    return -1;
+}
+
+static int find_persistent(MPI_Request h)
+{
+    for (int i = 0; i < svp.pers.n; i++)
+        if (svp.pers.v[i].req == h)
+            return i;
+    return -1;
+}
+
+/* ---- the wrappers ------------------------------------------------------------------------ */
+
+static void add_persistent(MPI_Request r, int cid, int is_recv, int peer, int tag, void *buf,
+                           int count, MPI_Datatype dt)
+{
+    GROW(svp.pers);
+    svp.pers.v[svp.pers.n++] = (persistent){r, cid, is_recv, peer, tag, count, buf, dt};
+}
+
+#define SEND_INIT(name, pname)                                                                 \
+    int name(const void *buf, int count, MPI_Datatype dt, int dest, int tag, MPI_Comm comm,    \
+             MPI_Request *req)                                                                 \
+    {                                                                                          \
+        int cid = CID(comm);                                                                   \
+        int rc = pname(buf, count, dt, dest, tag, comm, req);                                  \
+        if (rc == MPI_SUCCESS && cid >= 0)                                                     \
+            add_persistent(*req, cid, 0, dest, tag, (void *)buf, count, dt);                   \
+        return rc;                                                                             \
+    }
+SEND_INIT(MPI_Send_init, PMPI_Send_init)
+SEND_INIT(MPI_Ssend_init, PMPI_Ssend_init)
+SEND_INIT(MPI_Rsend_init, PMPI_Rsend_init)
+SEND_INIT(MPI_Bsend_init, PMPI_Bsend_init)
+
+int MPI_Recv_init(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_Comm comm,
+                  MPI_Request *req)
+{
+    int cid = CID(comm);
+    int rc = PMPI_Recv_init(buf, count, dt, src, tag, comm, req);
+    if (rc == MPI_SUCCESS && cid >= 0)
+        add_persistent(*req, cid, 1, src, tag, buf, count, dt);
+    return rc;
+}
+
+int MPI_Start(MPI_Request *req)
+{
+    int i = svp.ready && !svp.closed ? find_persistent(*req) : -1;
+    if (i < 0)
+        return PMPI_Start(req);
+    persistent *p = &svp.pers.v[i];
+    if (!p->is_recv) {
+        svp_count_send(p->cid, p->peer);
+        return PMPI_Start(req);
+    }
+    buffered **link;
+    if (p->peer != MPI_PROC_NULL && svp_find_buffered(p->cid, p->peer, p->tag, &link) != NULL) {
+        /* Served from the buffer: the real request stays inactive; the next test or wait on
+         * it returns this message's status. */
+        GROW(svp.subst);
+        substitute *s = &svp.subst.v[svp.subst.n++];
+        s->req = *req;
+        svp_deliver(link, p->buf, p->count, p->dt, &s->st);
+        return MPI_SUCCESS;
+    }
+    int rc = PMPI_Start(req);
+    if (rc == MPI_SUCCESS)
+        svp_track_req(*req, p->cid, REQ_RECV);
+    return rc;
+}
+
+int MPI_Startall(int n, MPI_Request reqs[])
+{
+    for (int i = 0; i < n; i++) {
+        int rc = MPI_Start(&reqs[i]);
+        if (rc != MPI_SUCCESS)
+            return rc;
+    }
+    return MPI_SUCCESS;
+}
+
+int MPI_Request_free(MPI_Request *req)
+{
+    /* A freed receive can no longer be observed; stop tracking it (documented: it is then
+     * not counted, so freeing a pending receive makes a cut wait for its deadline). */
+    MPI_Request handle = *req;
+    svp_forget_req(handle);
+    svp_take_substitute(handle, MPI_STATUS_IGNORE);
+    int i = find_persistent(handle);
+    if (i >= 0)
+        svp.pers.v[i] = svp.pers.v[--svp.pers.n];
+    return PMPI_Request_free(req);
+}
+
+#define SEND_CANCEL "cancelling a send is not supported (its count was taken when it started)"
+
+int MPI_Cancel(MPI_Request *req)
+{
+    /* A receive served from the buffer is already complete: cancelling it has no effect and
+     * the message is delivered. A real pending receive is cancelled only if MPI says so in
+     * its status (then it is not counted). A send's count cannot be taken back. */
+    MPI_Request h = *req;
+    for (int i = 0; i < svp.subst.n; i++)
+        if (svp.subst.v[i].req == h)
+            return MPI_SUCCESS;
+    if (svp_ndeferred && svp_is_deferred(h))
+        return svp_refuse(MPI_COMM_SELF, "MPI_Cancel",
+                          "a non-blocking collective cannot be cancelled");
+    for (int i = 0; i < svp.reqs.n; i++)
+        if (svp.reqs.v[i].req == h)
+            return svp.reqs.v[i].kind == REQ_RECV
+                       ? PMPI_Cancel(req)
+                       : svp_refuse(MPI_COMM_SELF, "MPI_Cancel",
+                                    "a non-blocking collective cannot be cancelled");
+    int p = find_persistent(h);
+    if (p >= 0 && svp.pers.v[p].is_recv)
+        return PMPI_Cancel(req); /* inactive: MPI decides */
+    if (p >= 0)
+        return svp_refuse(MPI_COMM_SELF, "MPI_Cancel", SEND_CANCEL);
+    if (!svp.ready || svp.closed)
+        return PMPI_Cancel(req);
+    /* Unknown to the layer: a send (counted when started), a complete generalized request
+     * from the buffer, or a request on a communicator that is not observed. */
+    int flag = 0;
+    PMPI_Request_get_status(h, &flag, MPI_STATUS_IGNORE);
+    if (flag)
+        return MPI_SUCCESS; /* complete: nothing to cancel */
+    return svp_refuse(MPI_COMM_SELF, "MPI_Cancel", SEND_CANCEL);
+}

@@ -1,0 +1,489 @@
+/* SymVirt transparent mode: a PMPI interposition library (LD_PRELOAD) that brings an
+ * unmodified MPI application to a consistent cut when the guest agent asks for one.
+ *
+ * Counting is per MPI_COMM_WORLD peer, whatever the communicator: every communicator the
+ * application uses has a slot with its ranks translated to WORLD ranks once (remote group for
+ * intercommunicators). Slots are made when a communicator is created through a wrapped call
+ * (MPI_Comm_dup/_with_info, split, split_type, create, create_group, Cart_create, Cart_sub,
+ * Graph_create, Dist_graph_create(_adjacent), Intercomm_create/_merge), or on first use for
+ * any other; an attribute's delete callback releases the slot when the communicator is freed,
+ * by any path. Every send counts sent[world peer] when it is started; every receive counts
+ * received[world peer] when it completes (or, during a drain, when MPI_Request_get_status
+ * sees it complete, without freeing the application's request).
+ *
+ * The cut for epoch E, entered from any wrapper's progress loop when the agent requested E
+ * (watcher thread, one atomic load) or when a peer's COUNTS message arrives:
+ *   1. send COUNTS{E, sent[p]} to every peer p (private communicator);
+ *   2. until every peer's COUNTS arrived and received[p] == its sent count, and every
+ *      non-blocking collective this rank started has completed: complete the application's
+ *      pending receives (get_status), receive every unexpected message on every communicator
+ *      into the layer's buffer (delivered later, in arrival order, exactly once: a receive,
+ *      probe, matched probe, Irecv or a persistent receive's Start first looks in the buffer,
+ *      honouring MPI matching rules: ANY_SOURCE, ANY_TAG, and non-overtaking per source), and
+ *      receive into it too the messages a matched probe (MPI_Mprobe) handed to the
+ *      application but that it has not received yet;
+ *   3. report quiesced through the agent, wait for resume or abort, run the transport hook,
+ *      report resumed, barrier.
+ * Blocking receives, probes, waits and collectives are turned into non-blocking ones plus a
+ * progress loop that serves cuts, so no rank sits in an MPI call that a quiescing peer would
+ * have to complete. Blocking sends stay blocking: a peer in a cut completes them by draining
+ * (see the blocking sends in p2p.c).
+ *
+ * Blocking collectives (and communicator creation and free) are aligned first among their
+ * communicator's members: a maximum of "cut requested" (point to point, over a private
+ * duplicate of MPI_COMM_WORLD: see agreement.c; an MPI_Iallreduce on an intercommunicator
+ * itself, twice, so both groups agree), whose progress loop answers cuts started by peers
+ * that are not in the collective yet. When the agreed value asks for a cut, every member
+ * makes it before entering the real collective; otherwise every member is at the collective
+ * and enters it. A member that answers a peer's cut while its alignment is pending may learn
+ * inside that cut that the members agreed on the collective (others may already be in it,
+ * waiting for this rank): it then runs the collective there (a record of its arguments, see
+ * coll below).
+ * Non-blocking collectives return at once with a request of the layer's; the real one starts
+ * once every member has called it (see deferred.c), so every real non-blocking collective in
+ * flight was started by all its members and completes while they drain, and a rank never
+ * waits at the start of one (the NBX pattern works).
+ * MPI_Finalize is aligned the same way, then the agent connection is closed (a request
+ * that arrives later fails the epoch at the agent: a clear error for the host, never a hang).
+ *
+ * Persistent requests: a send counts at each MPI_Start; a receive's Start is served from the
+ * buffer when a drained message matches (the request then completes in the test/wait call
+ * with that message's status), else it is a pending receive like an Irecv.
+ * Matched probes: a drained message is handed out through a real message handle (a zero-byte
+ * message to self on a private communicator, held until MPI_Mrecv/Imrecv); a message the
+ * application matched but has not received at a cut is received into the buffer and its
+ * handle keeps naming it (should MPI hand out the same handle value again for another message
+ * meanwhile, that message too goes through the buffer under a fresh handle).
+ * MPI_Cancel: a receive is cancelled only if MPI says so (a message served from the buffer is
+ * already complete and is delivered); cancelling a send is refused (its count could not be
+ * taken back). Refusals print why and raise MPI_ERR_UNSUPPORTED_OPERATION through the error
+ * handler, as MPI raises its own errors.
+ *
+ * One-sided communication is not covered: its operations are not counted. Windows are
+ * observed (creation, MPI_Win_fence and MPI_Win_free aligned like collectives), and while one
+ * is open the rank answers a cut with "unable" (symvirt_ctl_unable): the agent fails the
+ * epoch with that reason and the host keeps the job where it is. So does a rank whose MPI uses
+ * RDMA verbs (a verbs device open), checked by symvirt_ctl_quiesce at the cut (Rust core,
+ * src/verbs.rs), nowhere on the MPI calls' paths.
+ *
+ * Not covered (documented limits, also in symvirt-mpi/README.md): one-sided operations
+ * (see above; PSCW and passive-target synchronization are not aligned); MPI_Comm_create_group
+ * and intercommunicator creation are not aligned (their communicators are tracked);
+ * non-blocking collectives on intercommunicators are aligned at their start like blocking
+ * ones (a rank waits there for its peers); persistent collectives (MPI 4); Open MPI Fortran
+ * entry points other than those in ../symvirt_pmpi_fortran.c; the mpi_f08 bindings; processes
+ * outside MPI_COMM_WORLD (spawn); MPI_THREAD_MULTIPLE.
+ *
+ * Environment: SYMVIRT_AGENT_SOCKET (agent's rank socket), SYMVIRT_CUT_LOG (a directory: each
+ * rank writes cut-E-R with its per-peer sent and received counts at the cut, and resumed-E-R),
+ * SYMVIRT_CONNECT_TIMEOUT_MS, SYMVIRT_QUIESCE_TIMEOUT_MS, SYMVIRT_VERBS_DEVICE_DIR (test hook: a
+ * directory standing in for /dev/infiniband/).
+ *
+ * The files (one room each; this header declares what they share):
+ *   comms.c        the layer's state, errors, communicators (slots, WORLD ranks, identities)
+ *   requests.c     pending requests the layer watches, and its waits for one request
+ *   buffer.c       the layer's buffer of drained messages, and delivering from it
+ *   cut.c          the cut, and the idle turns of every wait loop that enter or answer one
+ *   agreement.c    agreement among a communicator's members; collectives aligned, then run
+ *   deferred.c     non-blocking collectives, started once every member has called them
+ *   init.c         MPI_Init(_thread), MPI_Finalize
+ *   comm_create.c  communicator creation and MPI_Comm_free
+ *   onesided.c     windows (observed, not their operations)
+ *   p2p.c          sends, receives, Sendrecv(_replace)
+ *   persistent.c   persistent requests, MPI_Request_free, MPI_Cancel
+ *   probes.c       probes, matched probes and the held messages behind them
+ *   completion.c   the test and wait families
+ *   collectives.c  blocking and non-blocking collectives (generated from one table)
+ *
+ * Everything the files share is declared below, hidden: internal to the library, neither
+ * exported from it nor bound to a symbol of the application's (prefix svp_). Everything else
+ * is static to its file. The MPI_* wrappers are the library's interface (declared by mpi.h). */
+#ifndef SYMVIRT_PMPI_INTERNAL_H
+#define SYMVIRT_PMPI_INTERNAL_H
+
+#include "symvirt_core.h"
+
+#include <mpi.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#pragma GCC visibility push(hidden)
+
+#define MAX_COMMS 256
+#define TAG_COUNTS 1
+#define TAG_HOLD 2    /* zero-byte self messages that stand for held (drained) messages */
+#define TAG_DRAINED 8 /* the post-drain barrier on the COUNTS communicator (rounds add) */
+#define TAG_ALIGN 64  /* alignments on the private MPI_COMM_WORLD duplicate (see agreement) */
+
+/* ---- the layer's state ------------------------------------------------------------------ */
+
+/* A communicator the layer observes. */
+typedef struct {
+    MPI_Comm comm; /* MPI_COMM_NULL: free, or freed while requests still name the slot */
+    int size;      /* ranks point-to-point calls address (the remote group's, for inter) */
+    int *world;    /* rank in comm (remote group) -> rank in MPI_COMM_WORLD */
+    int inter;
+    int me;        /* this rank in comm (local group) */
+    /* Its alignments' messages (see agreement): an identity the members share, the same on
+     * every member (from the parent's for a communicator made through a wrapped call,
+     * else from the members), how many communicators were made from it, how many
+     * alignments it had. */
+    uint32_t id;
+    unsigned children, seq;
+} tracked_comm;
+
+/* A request the layer watches until it completes. */
+enum { REQ_RECV, REQ_COLL };
+typedef struct {
+    MPI_Request req;
+    int cid;
+    int kind;    /* REQ_RECV: counted on completion; REQ_COLL: a cut waits for it */
+    int counted; /* completed (and counted) during a cut, not yet seen by the application */
+} tracked_req;
+
+/* A persistent request on a tracked communicator. */
+typedef struct {
+    MPI_Request req;
+    int cid, is_recv, peer, tag, count;
+    void *buf;
+    MPI_Datatype dt;
+} persistent;
+
+/* A persistent receive served from the buffer: the next test/wait returns this status. */
+typedef struct {
+    MPI_Request req;
+    MPI_Status st;
+} substitute;
+
+typedef struct buffered {
+    struct buffered *next;
+    int cid, src, tag, nbytes;
+    char data[];
+} buffered;
+
+/* A message handed out by a matched probe, under the handle the application holds (key):
+ * a real message on an application communicator (m == NULL), or a message in the layer's
+ * buffer (m != NULL: served from the buffer, or received by a cut or to avoid a clash of
+ * handles), then standin is a live zero-byte self message whose handle the application was
+ * given (MPI_MESSAGE_NULL when the application holds the handle of a message received since). */
+typedef struct {
+    MPI_Message key, standin;
+    int cid;
+    buffered *m;
+    int nbytes, src, tag; /* of a real message (for receiving it into the buffer) */
+} matched;
+
+/* A window for one-sided communication that is alive, with the slot of the communicator it
+ * was made on (MPI_Win_free is collective over it). While there is one, cuts are refused. */
+typedef struct {
+    MPI_Win win;
+    int cid;
+    MPI_Comm comm; /* to see that the slot still holds it */
+} window;
+
+#define LIST(type, name)                                                                       \
+    struct {                                                                                   \
+        type *v;                                                                               \
+        int n, cap;                                                                            \
+    } name
+
+typedef struct {
+    int ready, closed;
+    int me, np;
+    MPI_Comm ctl;   /* COUNTS messages, post-drain and post-resume barriers */
+    MPI_Comm align; /* alignment reductions on MPI_COMM_WORLD */
+    MPI_Comm self;  /* held messages (see matched) */
+    int keyval;     /* attribute whose delete callback releases a communicator's slot */
+    int ncomms;     /* slots in use are below this */
+    uint64_t *sent, *recv; /* per WORLD peer */
+    LIST(tracked_req, reqs);
+    LIST(persistent, pers);
+    LIST(substitute, subst);
+    LIST(matched, matches);
+    buffered *head, **tail;
+    uint64_t served;  /* last epoch a cut was made for */
+    uint64_t drained; /* messages taken into the buffer during the current cut */
+    LIST(window, windows); /* alive (see onesided.c) */
+    /* Last: the hot fields above share a few cache lines. */
+    tracked_comm comms[MAX_COMMS];
+} svp_state;
+
+extern svp_state svp; /* comms.c */
+
+/* The request of the blocking receive in progress (MPI_Recv): the application never sees it,
+ * so it is neither cancelled nor looked up, and a slot of its own keeps the list of pending
+ * requests off the latency path. A cut counts it if it completes meanwhile. */
+typedef struct {
+    MPI_Request req; /* MPI_REQUEST_NULL when no blocking receive waits */
+    int cid, counted;
+} blocking_recv;
+
+extern blocking_recv svp_blocking; /* requests.c */
+
+/* Non-blocking collectives the application called that have not completed (deferred.c). */
+extern int svp_ndeferred;
+
+#define GROW(list)                                                                             \
+    do {                                                                                       \
+        if ((list).n == (list).cap) {                                                          \
+            (list).cap = (list).cap ? 2 * (list).cap : 32;                                     \
+            void *p_ = realloc((list).v, (size_t)(list).cap * sizeof *(list).v);               \
+            if (p_ == NULL)                                                                    \
+                svp_die("out of memory");                                                      \
+            (list).v = p_;                                                                     \
+        }                                                                                      \
+    } while (0)
+
+/* ---- comms.c: errors and communicators --------------------------------------------------- */
+
+uint64_t svp_env_ms(const char *name, uint64_t fallback);
+void svp_die(const char *what);
+/* Refuses a call the layer cannot make correct: a clear error at the call, raised through
+ * comm's error handler as MPI raises its own (fatal unless the program chose to get codes). */
+int svp_refuse(MPI_Comm comm, const char *call, const char *why);
+/* The delete callback of the attribute svp.keyval: releases the communicator's slot. */
+int svp_on_comm_delete(MPI_Comm c, int keyval, void *val, void *extra);
+/* Starts observing c: its ranks translated to WORLD ranks once. Returns its slot, or -1 (a
+ * communicator reaching outside MPI_COMM_WORLD, or the table is full: warned once). */
+int svp_track_comm(MPI_Comm c);
+
+/* The wrappers' fast path (every call looks up its communicator, every message is counted):
+ * inline, as it was when the layer was one file. */
+
+/* The slot of c, made on first use for communicators created by unwrapped calls. */
+static inline int svp_comm_id(MPI_Comm c)
+{
+    for (int i = 0; i < svp.ncomms; i++)
+        if (svp.comms[i].comm == c)
+            return i;
+    return svp_track_comm(c);
+}
+
+#define CID(comm) (svp.ready && !svp.closed ? svp_comm_id(comm) : -1)
+
+static inline void svp_count_send(int cid, int dest)
+{
+    if (cid >= 0 && dest >= 0 && dest < svp.comms[cid].size)
+        svp.sent[svp.comms[cid].world[dest]]++;
+}
+
+static inline void svp_count_recv(int cid, const MPI_Status *st)
+{
+    if (st->MPI_SOURCE >= 0 && st->MPI_SOURCE < svp.comms[cid].size)
+        svp.recv[svp.comms[cid].world[st->MPI_SOURCE]]++;
+}
+
+/* ---- requests.c: pending requests, and waiting for one ------------------------------------ */
+
+static inline void svp_track_req(MPI_Request r, int cid, int kind)
+{
+    GROW(svp.reqs);
+    svp.reqs.v[svp.reqs.n++] = (tracked_req){r, cid, kind, 0};
+}
+
+/* The request that was `handle` completed with `st`: count it unless already counted. */
+void svp_completed(MPI_Request handle, const MPI_Status *st);
+/* During a drain: counts pending receives that have completed, without freeing them.
+ * Returns how many watched requests (receives and collectives) are still incomplete. */
+int svp_poll_pending(void);
+void svp_forget_req(MPI_Request handle);
+/* Waits for one request, serving cuts meanwhile. */
+int svp_wait_serving(MPI_Request *req, MPI_Status *st);
+/* Waits for the layer's own receive request (the blocking receive's, a plain point-to-point
+ * receive that is neither persistent nor generalized) and frees it. */
+int svp_wait_own_receive(MPI_Request *req, MPI_Status *st);
+#ifdef SYMVIRT_MPI_IMPL_MPICH
+/* Frees the complete requests of the layer's own receives not freed yet. */
+void svp_free_spent(void);
+#endif
+
+/* ---- buffer.c: the layer's buffer of drained messages ------------------------------------- */
+
+/* The oldest buffered message on slot cid that a receive of (src, tag) matches, and the link
+ * that holds it. Inline: every receive and probe looks here first. */
+static inline buffered *svp_find_buffered(int cid, int src, int tag, buffered ***link)
+{
+    for (buffered **l = &svp.head; *l != NULL; l = &(*l)->next) {
+        buffered *m = *l;
+        if (m->cid == cid && (src == MPI_ANY_SOURCE || src == m->src) &&
+            (tag == MPI_ANY_TAG || tag == m->tag)) {
+            if (link)
+                *link = l;
+            return m;
+        }
+    }
+    return NULL;
+}
+
+buffered *svp_new_buffered(int cid, int src, int tag, int nbytes);
+/* Receives a probed message on slot cid into the buffer (counted, and counted as drained). */
+void svp_drain_one(int cid, const MPI_Status *probed);
+/* Takes a buffered message out of the list (the caller owns it). */
+buffered *svp_unlink_buffered(buffered **link);
+void svp_fill_status(MPI_Status *st, const buffered *m, MPI_Datatype dt, int elems, int err);
+/* Copies a buffered message into the application's buffer and frees it. */
+int svp_deliver_msg(buffered *m, void *buf, int count, MPI_Datatype dt, MPI_Status *st);
+/* The same for the message at link, which it unlinks. */
+int svp_deliver(buffered **link, void *buf, int count, MPI_Datatype dt, MPI_Status *st);
+/* Delivers a buffered message and returns a complete generalized request for it. */
+int svp_deliver_request(buffered *m, void *buf, int count, MPI_Datatype dt, MPI_Request *req);
+/* A slot's communicator was freed: drop what it can no longer deliver. */
+void svp_untrack_slot(int cid);
+/* Generalized requests' free and cancel functions: the extra state is a malloc'd status. */
+int svp_gq_free(void *extra);
+int svp_gq_cancel(void *extra, int complete);
+
+/* ---- cut.c: the cut, and the idle turns of wait loops ------------------------------------- */
+
+/* At MPI_Init: the per-peer COUNTS slots, the cut log directory and the quiesce timeout. */
+void svp_cut_setup(void);
+void svp_cut(uint64_t epoch);
+/* Answers cuts started by peers (a COUNTS message is waiting). */
+void svp_serve_peers(void);
+/* The slow part of idle(): a requested cut, peers' COUNTS, deferred collectives, yielding. */
+void svp_idle_check(unsigned long t);
+/* For single-shot Test calls that found nothing: idle() with a process-wide turn count. */
+void svp_idle_test(void);
+
+/* One idle turn of a wait loop. Cheap on the fast path, which is most turns of a receive that
+ * waits a microsecond: the agent's request (an atomic load) is looked at every 8 turns and
+ * peers' COUNTS probed every 64; the CPU is yielded only after a while (ranks may share
+ * cores), so a message that arrives soon is seen at full speed. */
+static inline void svp_idle(unsigned long *turns)
+{
+    unsigned long t = ++*turns;
+    if ((t & 7) == 0)
+        svp_idle_check(t);
+}
+
+/* ---- agreement.c: agreement among members; collectives aligned, then run ------------------- */
+
+/* The maximum of one value per member, point to point (see agreement.c). */
+typedef struct {
+    MPI_Comm comm;    /* svp.align or svp.ctl */
+    const int *world; /* member -> rank in comm; NULL: the members are comm's ranks */
+    int n, me, tag, round, posted;
+    uint64_t value, out, in;
+    MPI_Request sreq, rreq;
+} agreement;
+
+/* A collective (or communicator creation or free, or a window's collective) to run once its
+ * members agreed: its arguments, each field named after the MPI parameter it holds, and a
+ * function that calls PMPI with them. It may run inside a cut (see svp_align). Fields a call
+ * does not take stay zero. */
+typedef struct coll {
+    int (*run)(struct coll *);
+    int cid; /* its communicator's slot */
+    MPI_Comm comm;
+    MPI_Request *req; /* non-blocking: watched once started */
+    /* Collectives. */
+    const void *sendbuf;
+    void *recvbuf;
+    void *buffer; /* MPI_Bcast's */
+    int count, sendcount, recvcount, root;
+    MPI_Datatype datatype, sendtype, recvtype;
+    MPI_Op op;
+    const int *sendcounts, *recvcounts; /* per peer: the v and w variants, Reduce_scatter */
+    const int *displs;                  /* Allgatherv, Gatherv, Scatterv */
+    const int *sdispls, *rdispls;       /* Alltoallv, Alltoallw, Neighbor_alltoallv */
+    const MPI_Aint *sdispls_aint, *rdispls_aint; /* Neighbor_alltoallw's (bytes, MPI_Aint) */
+    const MPI_Datatype *sendtypes, *recvtypes;   /* per peer: the w variants */
+    /* Communicator creation and free. */
+    MPI_Comm *newcomm;  /* a communicator it makes (tracked), or frees */
+    uint32_t child_id;  /* MPI_Comm_idup: the identity its communicator gets on completion */
+    MPI_Info info;      /* also window creation's */
+    MPI_Group group;    /* MPI_Comm_create */
+    int color, key;     /* MPI_Comm_split(_type) */
+    int split_type;     /* MPI_Comm_split_type */
+    int high;           /* MPI_Intercomm_merge */
+    int reorder;        /* the topology constructors */
+    int ndims;          /* MPI_Cart_create */
+    const int *dims, *periods;
+    const int *remain_dims; /* MPI_Cart_sub */
+    int nnodes;         /* MPI_Graph_create */
+    const int *index, *edges;
+    int n, indegree, outdegree; /* MPI_Dist_graph_create, _adjacent */
+    const int *sources, *degrees, *destinations, *weights, *sourceweights, *destweights;
+    /* Windows. */
+    void *base;      /* MPI_Win_create */
+    MPI_Aint size;
+    int disp_unit;
+    void *baseptr;   /* MPI_Win_allocate(_shared) */
+    int assert_;     /* MPI_Win_fence's assert */
+    MPI_Win *win;    /* a window it makes, frees or fences */
+} coll;
+
+/* At MPI_Init: how many bits of a communicator's identity alignment tags can hold. */
+void svp_agreement_setup(void);
+agreement svp_agreement_of(MPI_Comm comm, const int *world, int n, int me, int tag,
+                           uint64_t value);
+/* The next alignment among t's members, over svp.align. */
+agreement svp_alignment_of(tracked_comm *t, uint64_t value);
+/* Advances a; 1 once a.value is the maximum over all members. */
+int svp_agree_step(agreement *a);
+/* Starts observing a communicator made from slot parent (-1: not observed) under identity id
+ * (see tracked_comm). */
+void svp_adopt(MPI_Comm made, int parent, uint32_t id);
+/* Runs c and observes what it made: a communicator, or a collective a cut must wait for. */
+int svp_perform(coll *c);
+/* Inside a cut: finishes the pending alignment's collective if its members agreed on it. */
+void svp_finish_alignment(void);
+/* Agreement before a collective (or finalize: c NULL) on the communicator in slot cid, then
+ * the collective; see the top. */
+int svp_align(int cid, coll *c);
+
+/* ---- deferred.c: non-blocking collectives --------------------------------------------------- */
+
+/* Starts the collectives every member has called, completes those MPI has completed. */
+void svp_progress_deferred(void);
+/* Whether a non-blocking collective not yet completed names slot cid. */
+int svp_deferred_names(int cid);
+/* Whether h is the request of a non-blocking collective not yet completed. */
+int svp_is_deferred(MPI_Request h);
+/* A non-blocking collective: deferred on a tracked intracommunicator, else aligned and started
+ * at once (intercommunicators, communicators the layer does not observe). */
+int svp_nonblocking(coll *c, MPI_Request *req);
+/* Before a blocking collective on slot cid: the non-blocking ones called on it earlier start
+ * first. Answers cuts meanwhile. */
+void svp_start_deferred_on(int cid);
+
+/* ---- the wrappers' shared pieces ----------------------------------------------------------- */
+
+/* MPI_Comm_free's run function (comm_create.c): perform() tells a free from a creation. */
+int svp_run_comm_free(coll *c);
+/* persistent.c: persistent receives served from the buffer (substitutes). */
+int svp_take_substitute(MPI_Request h, MPI_Status *st);
+int svp_find_substitute(int n, const MPI_Request *reqs);
+/* probes.c: during a cut, messages matched by the application's Mprobe but not received yet
+ * are received into the buffer; the application's handle keeps naming them. */
+void svp_drain_matched(void);
+
+/* A run function: calls PMPI with the record's fields. */
+#define RUN(name, expr)                                                                        \
+    static int name(coll *c)                                                                   \
+    {                                                                                          \
+        return expr;                                                                           \
+    }
+
+/* A non-blocking collective on comm (see deferred.c), its request returned in req_: run_ with
+ * the arguments set in the initializer list. */
+#define NONBLOCKING(comm_, req_, run_, ...)                                                    \
+    do {                                                                                       \
+        coll c_ = {.run = run_, .comm = comm_, __VA_ARGS__};                                   \
+        return svp_nonblocking(&c_, req_);                                                     \
+    } while (0)
+
+/* Aligns on comm, then runs `run` with the arguments set in the initializer list. */
+#define COLLECTIVE(comm_, run_, ...)                                                           \
+    do {                                                                                       \
+        coll c_ = {.run = run_, .comm = comm_, __VA_ARGS__};                                   \
+        c_.cid = CID(comm_);                                                                   \
+        return svp_align(c_.cid, &c_);                                                         \
+    } while (0)
+
+#pragma GCC visibility pop
+
+#endif

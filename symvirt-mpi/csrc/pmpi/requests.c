@@ -1,0 +1,175 @@
+/* Requests the layer watches until they complete (receives are counted on completion, a cut
+ * waits for collectives), and the layer's waits for one request. */
+#include "pmpi_internal.h"
+
+#ifdef SYMVIRT_MPI_IMPL_OPENMPI
+/* Open MPI's own headers (shipped by its -dev package, on mpicc's include path): the blocking
+ * waits poll a request's completion flag between progress turns, as Open MPI's own MPI_Wait
+ * does, instead of paying MPI_Test's argument checks and bookkeeping every turn. The library
+ * is built against the installed Open MPI, so the layout matches. */
+#include "ompi/request/request.h"
+#include "opal/runtime/opal_progress.h"
+#endif
+
+/* ---- pending requests ------------------------------------------------------------------- */
+
+void svp_completed(MPI_Request handle, const MPI_Status *st)
+{
+    /* Newest first: a blocking call's own request is the last one tracked. */
+    for (int i = svp.reqs.n - 1; i >= 0; i--) {
+        tracked_req *t = &svp.reqs.v[i];
+        if (t->req != handle)
+            continue;
+        int cancelled = 0;
+        PMPI_Test_cancelled(st, &cancelled);
+        if (t->kind == REQ_RECV && !t->counted && !cancelled)
+            svp_count_recv(t->cid, st);
+        *t = svp.reqs.v[--svp.reqs.n];
+        return;
+    }
+}
+
+blocking_recv svp_blocking;
+
+int svp_poll_pending(void)
+{
+    int open = 0;
+    if (svp_blocking.req != MPI_REQUEST_NULL && !svp_blocking.counted) {
+        int flag = 0;
+        MPI_Status st;
+        PMPI_Request_get_status(svp_blocking.req, &flag, &st);
+        if (flag) {
+            svp_count_recv(svp_blocking.cid, &st);
+            svp_blocking.counted = 1;
+        }
+    }
+    for (int i = 0; i < svp.reqs.n; i++) {
+        tracked_req *t = &svp.reqs.v[i];
+        if (t->counted)
+            continue;
+        int flag = 0;
+        MPI_Status st;
+        PMPI_Request_get_status(t->req, &flag, &st);
+        if (!flag) {
+            open += t->kind == REQ_COLL;
+            continue;
+        }
+        int cancelled = 0;
+        PMPI_Test_cancelled(&st, &cancelled);
+        if (t->kind == REQ_RECV && !cancelled)
+            svp_count_recv(t->cid, &st);
+        t->counted = 1;
+    }
+    return open;
+}
+
+void svp_forget_req(MPI_Request handle)
+{
+    for (int i = 0; i < svp.reqs.n; i++)
+        if (svp.reqs.v[i].req == handle) {
+            svp.reqs.v[i] = svp.reqs.v[--svp.reqs.n];
+            return;
+        }
+}
+
+/* ---- waiting for one request ------------------------------------------------------------ */
+
+#ifdef SYMVIRT_MPI_IMPL_OPENMPI
+/* Open MPI's own wait loop (progress until the request's completion flag is set), serving
+ * cuts between turns. */
+static void progress_until_complete(ompi_request_t *r)
+{
+    unsigned long turns = 0;
+    while (!REQUEST_COMPLETE(r)) {
+        opal_progress();
+        svp_idle(&turns);
+    }
+}
+#endif
+
+/* Each implementation's own wait loop, plus one turn of svp_idle(). */
+int svp_wait_serving(MPI_Request *req, MPI_Status *st)
+{
+#if defined(SYMVIRT_MPI_IMPL_OPENMPI)
+    /* An inactive persistent request, or the null request, completes at once in PMPI_Wait. */
+    ompi_request_t *r = *req;
+    if (r != MPI_REQUEST_NULL && r->req_state != OMPI_REQUEST_INACTIVE)
+        progress_until_complete(r);
+    return PMPI_Wait(req, st);
+#elif defined(SYMVIRT_MPI_IMPL_MPICH)
+    unsigned long turns = 0;
+    /* MPICH's MPI_Test runs its progress engine even for a complete request (~470
+     * instructions, more than a whole blocking send); MPI_Request_get_status looks first,
+     * and MPI_Wait frees a complete request without progress. */
+    for (;;) {
+        int flag = 0;
+        int rc = PMPI_Request_get_status(*req, &flag, MPI_STATUS_IGNORE);
+        if (rc != MPI_SUCCESS)
+            return rc;
+        if (flag)
+            return PMPI_Wait(req, st);
+        svp_idle(&turns);
+    }
+#else
+    unsigned long turns = 0;
+    for (;;) {
+        int flag = 0;
+        int rc = PMPI_Test(req, &flag, st);
+        if (rc != MPI_SUCCESS || flag)
+            return rc;
+        svp_idle(&turns);
+    }
+#endif
+}
+
+#ifdef SYMVIRT_MPI_IMPL_MPICH
+/* Complete requests of the layer's own receives, not freed yet (see svp_wait_own_receive). */
+#define SPENT_BATCH 64
+static struct {
+    MPI_Request v[SPENT_BATCH];
+    int n;
+} spent;
+
+void svp_free_spent(void)
+{
+    if (spent.n > 0)
+        PMPI_Waitall(spent.n, spent.v, MPI_STATUSES_IGNORE);
+    spent.n = 0;
+}
+#endif
+
+int svp_wait_own_receive(MPI_Request *req, MPI_Status *st)
+{
+#if defined(SYMVIRT_MPI_IMPL_OPENMPI)
+    /* What Open MPI's MPI_Wait does for such a request once complete, without its argument
+     * checks and dispatch (about 80 instructions a message); an error still goes through
+     * PMPI_Wait, which raises it through the communicator's error handler. */
+    ompi_request_t *r = *req;
+    progress_until_complete(r);
+    if (r->req_status.MPI_ERROR != MPI_SUCCESS)
+        return PMPI_Wait(req, st);
+    *st = r->req_status;
+    return ompi_request_free(req);
+#elif defined(SYMVIRT_MPI_IMPL_MPICH)
+    /* MPI_Request_get_status gives a complete request's status (an error as its return code)
+     * without freeing it, and MPICH 4.0's MPI_Wait on it then costs about 200 instructions:
+     * complete requests are freed in batches, by one MPI_Waitall (see svp_free_spent). An
+     * error goes through PMPI_Wait, which raises it and frees the request. */
+    unsigned long turns = 0;
+    for (;;) {
+        int flag = 0;
+        if (PMPI_Request_get_status(*req, &flag, st) != MPI_SUCCESS)
+            return PMPI_Wait(req, st);
+        if (flag)
+            break;
+        svp_idle(&turns);
+    }
+    spent.v[spent.n++] = *req;
+    *req = MPI_REQUEST_NULL;
+    if (spent.n == SPENT_BATCH)
+        svp_free_spent();
+    return MPI_SUCCESS;
+#else
+    return svp_wait_serving(req, st);
+#endif
+}
