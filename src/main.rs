@@ -3,7 +3,9 @@
 //! - `demo`: live-migrate a running reference-VMM guest from this process to a second one over
 //!   loopback TCP and verify it by the guest's memory.
 //! - `vmm listen` / `vmm migrate`: the destination and source halves, for two processes or hosts.
-//! - `plan check` / `plan run`: validate or run a migration plan over a virtual cluster.
+//! - `plan check` / `plan run` / `plan recover`: validate or run a migration plan over a virtual
+//!   cluster, or finish a run whose controller died.
+//! - `mpi build`: the MPI layer's libraries for the MPIs installed here.
 
 mod cli;
 
@@ -31,6 +33,9 @@ enum Command {
     /// Check or run a migration plan over a virtual cluster.
     #[command(subcommand)]
     Plan(cli::plan::PlanCommand),
+    /// Build the MPI layer's libraries for the MPIs installed here.
+    #[command(subcommand)]
+    Mpi(cli::mpi::MpiCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -48,14 +53,16 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
     let cli = Cli::parse();
-    if let Command::Plan(plan) = &cli.command {
-        return cli::plan::main(plan);
+    match &cli.command {
+        Command::Plan(plan) => return cli::plan::main(plan),
+        Command::Mpi(cli::mpi::MpiCommand::Build(args)) => return cli::mpi::build(args),
+        _ => {}
     }
     let result = match &cli.command {
         Command::Demo(args) => cli::demo::demo(args).map(|r| r.verified),
         Command::Vmm(VmmCommand::Listen(args)) => cli::vmm::listen(args).map(|_| true),
         Command::Vmm(VmmCommand::Migrate(args)) => cli::vmm::migrate(args).map(|_| true),
-        Command::Plan(_) => unreachable!("handled above"),
+        Command::Plan(_) | Command::Mpi(_) => unreachable!("handled above"),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

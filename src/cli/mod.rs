@@ -2,5 +2,6 @@
 
 pub mod demo;
 pub mod guest;
+pub mod mpi;
 pub mod plan;
 pub mod vmm;

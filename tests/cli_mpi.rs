@@ -1,0 +1,118 @@
+//! `ninja-migrate mpi build`, as a harness author uses it: build the layer for both MPIs
+//! installed here, then run a real MPI job with the transparent layer preloaded the way the
+//! command says.
+
+use ninja_testkit::mpi_or_skip;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use symvirt_mpi::mpi_build::MpiImpl;
+
+/// A 2-rank ring: each rank passes a token it adds its rank to; rank 0 checks the sum.
+const RING: &str = r#"
+#include <mpi.h>
+#include <stdio.h>
+int main(int argc, char **argv) {
+    MPI_Init(&argc, &argv);
+    int rank, size, token = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    for (int lap = 0; lap < 100; lap++) {
+        if (rank == 0) {
+            MPI_Send(&token, 1, MPI_INT, 1, 7, MPI_COMM_WORLD);
+            MPI_Recv(&token, 1, MPI_INT, size - 1, 7, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+        } else {
+            MPI_Recv(&token, 1, MPI_INT, rank - 1, 7, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+            token += rank;
+            MPI_Send(&token, 1, MPI_INT, (rank + 1) % size, 7, MPI_COMM_WORLD);
+        }
+    }
+    if (rank == 0) printf("ring %s %d\n", token == 100 * (size - 1) ? "ok" : "BAD", token);
+    MPI_Finalize();
+    return 0;
+}
+"#;
+
+fn mpi_of(name: &str) -> MpiImpl {
+    MpiImpl::ALL.into_iter().find(|m| m.name() == name).unwrap()
+}
+
+fn ring_program(mpi: MpiImpl, dir: &Path) -> PathBuf {
+    let src = dir.join("ring.c");
+    std::fs::write(&src, RING).unwrap();
+    let exe = dir.join(format!("ring-{}", mpi.name()));
+    let out = Command::new(mpi.mpicc())
+        .arg(&src)
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    exe
+}
+
+#[test]
+fn mpi_build_makes_the_layer_for_every_installed_mpi_and_a_job_runs_under_it() {
+    if !mpi_or_skip("mpi_build_makes_the_layer_for_every_installed_mpi_and_a_job_runs_under_it") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ninja-cli-mpi-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ninja-migrate"))
+        .args(["mpi", "build", "--json", "--out"])
+        .arg(dir.join("libs"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let built: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = built.iter().map(|b| b["mpi"].as_str().unwrap()).collect();
+    assert_eq!(names, ["openmpi", "mpich"], "{stdout}");
+    for b in &built {
+        let mpi = mpi_of(b["mpi"].as_str().unwrap());
+        for key in ["transparent", "explicit_shared", "explicit_static"] {
+            let path = Path::new(b[key].as_str().unwrap());
+            assert!(path.is_file(), "{key}: {}", path.display());
+            assert!(path.starts_with(dir.join("libs").join(mpi.name())));
+        }
+        let so = b["transparent"].as_str().unwrap();
+        assert!(b["preload"].as_str().unwrap().contains(so), "{b}");
+        // The job, with the layer preloaded as the command says (-x / -genv LD_PRELOAD).
+        let exe = ring_program(mpi, &dir);
+        let run = mpi
+            .launcher(2, &[("LD_PRELOAD".into(), so.into())])
+            .arg(&exe)
+            .output()
+            .unwrap();
+        let (job_out, job_err) = (
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr),
+        );
+        assert!(run.status.success(), "{}: {job_out}{job_err}", mpi.name());
+        assert!(
+            job_out.contains("ring ok 100"),
+            "{}: {job_out}{job_err}",
+            mpi.name()
+        );
+        // The layer was in the job: each rank says it runs without an agent.
+        assert_eq!(
+            job_err.matches("symvirt-pmpi rank").count(),
+            2,
+            "{}: {job_err}",
+            mpi.name()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
