@@ -6,6 +6,7 @@
 //! - `plan check` / `plan run` / `plan recover`: validate or run a migration plan over a virtual
 //!   cluster, or finish a run whose controller died.
 //! - `mpi build`: the MPI layer's libraries for the MPIs installed here.
+//! - `cut status` / `cut cycle`: cuts of a running MPI job through its guest agent.
 
 mod cli;
 
@@ -36,6 +37,17 @@ enum Command {
     /// Build the MPI layer's libraries for the MPIs installed here.
     #[command(subcommand)]
     Mpi(cli::mpi::MpiCommand),
+    /// Take cuts of a running MPI job through its guest agent (nothing moves).
+    #[command(subcommand)]
+    Cut(CutCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CutCommand {
+    /// Ask the agent who it is and how many ranks take part.
+    Status(cli::cut::AgentArgs),
+    /// Quiesce the job at a consistent cut, hold, resume; --count times.
+    Cycle(cli::cut::CycleArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -56,13 +68,15 @@ fn main() -> ExitCode {
     match &cli.command {
         Command::Plan(plan) => return cli::plan::main(plan),
         Command::Mpi(cli::mpi::MpiCommand::Build(args)) => return cli::mpi::build(args),
+        Command::Cut(CutCommand::Status(args)) => return cli::cut::status(args),
+        Command::Cut(CutCommand::Cycle(args)) => return cli::cut::cycle(args),
         _ => {}
     }
     let result = match &cli.command {
         Command::Demo(args) => cli::demo::demo(args).map(|r| r.verified),
         Command::Vmm(VmmCommand::Listen(args)) => cli::vmm::listen(args).map(|_| true),
         Command::Vmm(VmmCommand::Migrate(args)) => cli::vmm::migrate(args).map(|_| true),
-        Command::Plan(_) | Command::Mpi(_) => unreachable!("handled above"),
+        Command::Plan(_) | Command::Mpi(_) | Command::Cut(_) => unreachable!("handled above"),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

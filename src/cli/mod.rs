@@ -1,5 +1,6 @@
 //! The `ninja-migrate` subcommands.
 
+pub mod cut;
 pub mod demo;
 pub mod guest;
 pub mod mpi;

@@ -1,0 +1,201 @@
+//! `ninja-migrate cut`, as a benchmark harness uses it: a real MPI job (both MPIs, 2 ranks)
+//! with the transparent layer preloaded and a guest agent beside it; `cut status`, then
+//! `cut cycle` takes cuts while the job runs, and the job's own check passes. Bad cases: no
+//! agent, a bad interconnect.
+
+use ninja_testkit::mpi_or_skip;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+use symvirt_agent::agent::{Agent, AgentConfig};
+use symvirt_agent::guest_link::ChannelSpec;
+use symvirt_mpi::mpi_build::MpiImpl;
+
+/// A 2-rank ring that runs for seconds (a token passed 3000 times, 1 ms apart); rank 0
+/// checks the sum.
+const RING: &str = r#"
+#include <mpi.h>
+#include <stdio.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    MPI_Init(&argc, &argv);
+    int rank, size, token = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    for (int lap = 0; lap < 3000; lap++) {
+        if (rank == 0) {
+            MPI_Send(&token, 1, MPI_INT, 1, 7, MPI_COMM_WORLD);
+            MPI_Recv(&token, 1, MPI_INT, size - 1, 7, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+        } else {
+            MPI_Recv(&token, 1, MPI_INT, rank - 1, 7, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+            token += rank;
+            MPI_Send(&token, 1, MPI_INT, (rank + 1) % size, 7, MPI_COMM_WORLD);
+        }
+        usleep(1000);
+    }
+    if (rank == 0) printf("ring %s %d\n", token == 3000 * (size - 1) ? "ok" : "BAD", token);
+    MPI_Finalize();
+    return 0;
+}
+"#;
+
+const INTERCONNECT: &str = r#"{"kind":"ethernet","mac":"52:54:00:00:00:01"}"#;
+
+fn ninja(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ninja-migrate"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The transparent layer for `mpi`, through `mpi build`.
+fn layer(mpi: MpiImpl, dir: &Path) -> String {
+    let out = dir.join("libs");
+    let built = ninja(&[
+        "mpi",
+        "build",
+        "--json",
+        "--mpi",
+        mpi.name(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(built.status.success(), "{}", text(&built));
+    let line: Value = serde_json::from_slice(&built.stdout).unwrap();
+    line["transparent"].as_str().unwrap().to_owned()
+}
+
+fn ring(mpi: MpiImpl, dir: &Path) -> PathBuf {
+    let src = dir.join("ring.c");
+    std::fs::write(&src, RING).unwrap();
+    let exe = dir.join(format!("ring-{}", mpi.name()));
+    let out = Command::new(mpi.mpicc())
+        .arg(&src)
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    exe
+}
+
+#[test]
+fn cut_cycle_takes_cuts_of_a_running_job_under_both_mpis() {
+    if !mpi_or_skip("cut_cycle_takes_cuts_of_a_running_job_under_both_mpis") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ninja-cli-cut-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for mpi in MpiImpl::ALL {
+        let channel = dir.join(format!("{}-channel.sock", mpi.name()));
+        let ranks = dir.join(format!("{}-ranks.sock", mpi.name()));
+        let agent = Agent::spawn(AgentConfig {
+            vm: format!("cut-{}", mpi.name()),
+            channel: ChannelSpec::Listen(channel.clone()),
+            rank_socket: ranks.clone(),
+            ranks: 2,
+            ..AgentConfig::default()
+        })
+        .unwrap();
+        let channel_arg = channel.to_str().unwrap();
+        let status = ninja(&["cut", "status", "--json", "--channel", channel_arg]);
+        assert!(status.status.success(), "{}", text(&status));
+        let info: Value = serde_json::from_slice(&status.stdout).unwrap();
+        assert_eq!(info["ranks"], 2, "{info}");
+        assert_eq!(info["vm"], format!("cut-{}", mpi.name()), "{info}");
+
+        let env = [
+            ("LD_PRELOAD".to_string(), layer(mpi, &dir)),
+            (
+                "SYMVIRT_AGENT_SOCKET".to_string(),
+                ranks.display().to_string(),
+            ),
+        ];
+        let job = mpi.launcher(2, &env).arg(ring(mpi, &dir)).spawn_output();
+        std::thread::sleep(Duration::from_millis(500));
+        let cuts = ninja(&[
+            "cut",
+            "cycle",
+            "--json",
+            "--channel",
+            channel_arg,
+            "--count",
+            "3",
+            "--every",
+            "0.3",
+            "--hold-ms",
+            "50",
+            "--interconnect",
+            INTERCONNECT,
+        ]);
+        assert!(cuts.status.success(), "{}: {}", mpi.name(), text(&cuts));
+        let lines: Vec<Value> = String::from_utf8_lossy(&cuts.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3, "{}", text(&cuts));
+        for (i, l) in lines.iter().enumerate() {
+            assert_eq!(l["cut"], i + 1, "{l}");
+            assert_eq!(l["ranks"], 2, "{l}");
+            assert!(l["quiesce_ms"].as_f64().unwrap() > 0.0, "{l}");
+        }
+        let done = job.join().unwrap();
+        assert!(done.status.success(), "{}: {}", mpi.name(), text(&done));
+        let out = String::from_utf8_lossy(&done.stdout);
+        assert!(
+            out.contains("ring ok 3000"),
+            "{}: {}",
+            mpi.name(),
+            text(&done)
+        );
+        drop(agent);
+    }
+
+    // No agent there: a clear error at once, no hang.
+    let absent = dir.join("nobody.sock");
+    let none = ninja(&["cut", "status", "--channel", absent.to_str().unwrap()]);
+    assert!(!none.status.success());
+    assert!(
+        text(&none).contains("no agent channel at"),
+        "{}",
+        text(&none)
+    );
+    // An interconnect the protocol does not have.
+    let bad = ninja(&[
+        "cut",
+        "cycle",
+        "--channel",
+        absent.to_str().unwrap(),
+        "--interconnect",
+        r#"{"kind":"token-ring"}"#,
+    ]);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
+    assert!(text(&bad).contains("--interconnect"), "{}", text(&bad));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs a command to completion on a thread of its own.
+trait SpawnOutput {
+    fn spawn_output(&mut self) -> std::thread::JoinHandle<Output>;
+}
+
+impl SpawnOutput for Command {
+    fn spawn_output(&mut self) -> std::thread::JoinHandle<Output> {
+        let child = self
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::spawn(move || child.wait_with_output().unwrap())
+    }
+}
