@@ -3,42 +3,17 @@
 //! `cut cycle` takes cuts while the job runs, and the job's own check passes. Bad cases: no
 //! agent, a bad interconnect.
 
+mod mpi_ring;
+
+use mpi_ring::text;
 use ninja_testkit::mpi_or_skip;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 use symvirt_agent::agent::{Agent, AgentConfig};
 use symvirt_agent::guest_link::ChannelSpec;
 use symvirt_mpi::mpi_build::MpiImpl;
-
-/// A 2-rank ring that runs for seconds (a token passed 3000 times, 1 ms apart); rank 0
-/// checks the sum.
-const RING: &str = r#"
-#include <mpi.h>
-#include <stdio.h>
-#include <unistd.h>
-int main(int argc, char **argv) {
-    MPI_Init(&argc, &argv);
-    int rank, size, token = 0;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &size);
-    for (int lap = 0; lap < 3000; lap++) {
-        if (rank == 0) {
-            MPI_Send(&token, 1, MPI_INT, 1, 7, MPI_COMM_WORLD);
-            MPI_Recv(&token, 1, MPI_INT, size - 1, 7, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-        } else {
-            MPI_Recv(&token, 1, MPI_INT, rank - 1, 7, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-            token += rank;
-            MPI_Send(&token, 1, MPI_INT, (rank + 1) % size, 7, MPI_COMM_WORLD);
-        }
-        usleep(1000);
-    }
-    if (rank == 0) printf("ring %s %d\n", token == 3000 * (size - 1) ? "ok" : "BAD", token);
-    MPI_Finalize();
-    return 0;
-}
-"#;
 
 const INTERCONNECT: &str = r#"{"kind":"ethernet","mac":"52:54:00:00:00:01"}"#;
 
@@ -47,14 +22,6 @@ fn ninja(args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// The transparent layer for `mpi`, through `mpi build`.
@@ -72,20 +39,6 @@ fn layer(mpi: MpiImpl, dir: &Path) -> String {
     assert!(built.status.success(), "{}", text(&built));
     let line: Value = serde_json::from_slice(&built.stdout).unwrap();
     line["transparent"].as_str().unwrap().to_owned()
-}
-
-fn ring(mpi: MpiImpl, dir: &Path) -> PathBuf {
-    let src = dir.join("ring.c");
-    std::fs::write(&src, RING).unwrap();
-    let exe = dir.join(format!("ring-{}", mpi.name()));
-    let out = Command::new(mpi.mpicc())
-        .arg(&src)
-        .arg("-o")
-        .arg(&exe)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    exe
 }
 
 #[test]
@@ -121,7 +74,10 @@ fn cut_cycle_takes_cuts_of_a_running_job_under_both_mpis() {
                 ranks.display().to_string(),
             ),
         ];
-        let job = mpi.launcher(2, &env).arg(ring(mpi, &dir)).spawn_output();
+        let job = mpi
+            .launcher(2, &env)
+            .arg(mpi_ring::build(mpi, &dir, 3000, 1000))
+            .spawn_output();
         std::thread::sleep(Duration::from_millis(500));
         let cuts = ninja(&[
             "cut",

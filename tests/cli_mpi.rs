@@ -2,57 +2,16 @@
 //! installed here, then run a real MPI job with the transparent layer preloaded the way the
 //! command says.
 
+mod mpi_ring;
+
 use ninja_testkit::mpi_or_skip;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use symvirt_mpi::mpi_build::MpiImpl;
 
-/// A 2-rank ring: each rank passes a token it adds its rank to; rank 0 checks the sum.
-const RING: &str = r#"
-#include <mpi.h>
-#include <stdio.h>
-int main(int argc, char **argv) {
-    MPI_Init(&argc, &argv);
-    int rank, size, token = 0;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &size);
-    for (int lap = 0; lap < 100; lap++) {
-        if (rank == 0) {
-            MPI_Send(&token, 1, MPI_INT, 1, 7, MPI_COMM_WORLD);
-            MPI_Recv(&token, 1, MPI_INT, size - 1, 7, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-        } else {
-            MPI_Recv(&token, 1, MPI_INT, rank - 1, 7, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-            token += rank;
-            MPI_Send(&token, 1, MPI_INT, (rank + 1) % size, 7, MPI_COMM_WORLD);
-        }
-    }
-    if (rank == 0) printf("ring %s %d\n", token == 100 * (size - 1) ? "ok" : "BAD", token);
-    MPI_Finalize();
-    return 0;
-}
-"#;
-
 fn mpi_of(name: &str) -> MpiImpl {
     MpiImpl::ALL.into_iter().find(|m| m.name() == name).unwrap()
-}
-
-fn ring_program(mpi: MpiImpl, dir: &Path) -> PathBuf {
-    let src = dir.join("ring.c");
-    std::fs::write(&src, RING).unwrap();
-    let exe = dir.join(format!("ring-{}", mpi.name()));
-    let out = Command::new(mpi.mpicc())
-        .arg(&src)
-        .arg("-o")
-        .arg(&exe)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    exe
 }
 
 #[test]
@@ -90,7 +49,7 @@ fn mpi_build_makes_the_layer_for_every_installed_mpi_and_a_job_runs_under_it() {
         let so = b["transparent"].as_str().unwrap();
         assert!(b["preload"].as_str().unwrap().contains(so), "{b}");
         // The job, with the layer preloaded as the command says (-x / -genv LD_PRELOAD).
-        let exe = ring_program(mpi, &dir);
+        let exe = mpi_ring::build(mpi, &dir, 100, 0);
         let run = mpi
             .launcher(2, &[("LD_PRELOAD".into(), so.into())])
             .arg(&exe)
