@@ -331,6 +331,9 @@ struct State {
 pub(crate) struct Shared {
     state: Mutex<State>,
     closing: AtomicBool,
+    /// A write found QEMU gone before the reader did: the connection is over, though the
+    /// reader may still deliver replies QEMU sent before it hung up.
+    hung_up: AtomicBool,
     unmatched: AtomicU64,
 }
 
@@ -555,6 +558,7 @@ impl Qmp {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             closing: AtomicBool::new(false),
+            hung_up: AtomicBool::new(false),
             unmatched: AtomicU64::new(0),
         });
         let (default_events, slot) = EventQueue::new(options.event_queue_capacity);
@@ -594,9 +598,10 @@ impl Qmp {
         &self.options
     }
 
-    /// False once the connection has ended; calls then fail with [`Error::Disconnected`].
+    /// False once the connection has ended (seen by the reader or by a write); calls then fail
+    /// with [`Error::Disconnected`].
     pub fn is_connected(&self) -> bool {
-        self.shared.lock().dead.is_none()
+        self.shared.lock().dead.is_none() && !self.shared.hung_up.load(Ordering::Acquire)
     }
 
     /// Replies that matched no pending call (late replies after a timeout, unknown ids):
@@ -697,7 +702,9 @@ impl Qmp {
             return Err(e);
         }
         if is_disconnect(&source) {
-            // QEMU hung up; the reader reports it (after any replies it sent before).
+            // QEMU hung up; the reader reports it (after any replies it sent before). Until it
+            // has, the connection must not look alive to a caller deciding to reconnect.
+            self.shared.hung_up.store(true, Ordering::Release);
             return Err(Error::Disconnected {
                 reason: format!("{} (sending {command}: {source})", Fatal::Eof),
             });

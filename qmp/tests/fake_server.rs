@@ -24,6 +24,8 @@ const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, 
 struct Peer {
     reader: BufReader<Box<dyn std::io::Read + Send>>,
     writer: Box<dyn Write + Send>,
+    /// The unix socket itself, for shutdowns.
+    socket: Option<std::os::unix::net::UnixStream>,
 }
 
 impl Peer {
@@ -59,6 +61,13 @@ impl Peer {
         assert_eq!(caps["execute"], "qmp_capabilities");
         self.reply(&caps, json!({}));
         caps
+    }
+
+    /// Stops reading without closing: the client's writes fail (`EPIPE`) while its reader
+    /// sees no end of stream, as when a dying peer's socket is half torn down.
+    fn stop_reading(&self) {
+        let socket = self.socket.as_ref().expect("a unix socket");
+        socket.shutdown(std::net::Shutdown::Read).unwrap();
     }
 
     /// Reads until the client hangs up.
@@ -99,6 +108,7 @@ impl FakeServer {
             let reader: Box<dyn std::io::Read + Send> = Box::new(stream.try_clone().unwrap());
             script(Peer {
                 reader: BufReader::new(reader),
+                socket: Some(stream.try_clone().unwrap()),
                 writer: Box::new(stream),
             });
         });
@@ -1148,6 +1158,7 @@ fn tcp_endpoint_works() {
         let mut peer = Peer {
             reader: BufReader::new(reader),
             writer: Box::new(stream),
+            socket: None,
         };
         peer.negotiate();
         let req = peer.recv().unwrap();
@@ -1168,4 +1179,28 @@ fn connecting_to_nothing_is_an_io_error() {
     let path = std::env::temp_dir().join(format!("qmp-absent-{}.sock", std::process::id()));
     let result = Qmp::connect_unix(&path);
     assert!(matches!(result, Err(Error::Io { .. })), "got {result:?}");
+}
+
+/// A write that finds QEMU gone ends the connection for the caller at once, even while the
+/// reader has not seen the end of the stream: a caller that reconnects when `is_connected()`
+/// is false (the controller's rollback does) must not keep using a dead monitor.
+#[test]
+fn a_write_that_finds_qemu_gone_ends_the_connection() {
+    let (stopped, stop) = mpsc::channel::<()>();
+    let (release, released) = mpsc::channel::<()>();
+    let server = FakeServer::unix(move |mut peer| {
+        peer.negotiate();
+        peer.stop_reading();
+        stopped.send(()).unwrap();
+        // Keep the socket open (no end of stream for the reader) until the test is done.
+        let _ = released.recv_timeout(Duration::from_secs(20));
+    });
+    let qmp = connect(&server);
+    stop.recv().unwrap();
+    assert_disconnected(qmp.execute("query-status", None));
+    assert!(!qmp.is_connected(), "a dead connection looks alive");
+    assert_disconnected(qmp.execute("query-status", None));
+    release.send(()).unwrap();
+    drop(qmp);
+    server.finish();
 }

@@ -434,12 +434,25 @@ impl Connector {
     /// a fresh private directory under the temporary directory.
     pub fn new(ssh_program: impl Into<String>) -> Result<Connector> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "symvirt-fwd-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        Connector::in_dir(ssh_program, dir)
+        let ssh_program = ssh_program.into();
+        let mut skipped = 0;
+        loop {
+            let dir = std::env::temp_dir().join(format!(
+                "symvirt-fwd-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            match Connector::in_dir(ssh_program.clone(), dir) {
+                // Taken by a killed process that had this pid: skip such leftovers (never
+                // touching them), a bounded number of times.
+                Err(Error::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::AlreadyExists && skipped < 1024 =>
+                {
+                    skipped += 1;
+                }
+                made => return made,
+            }
+        }
     }
 
     /// A connector whose forwards live in `dir`, which it creates (mode 0700; it must not
@@ -715,6 +728,34 @@ mod tests {
         assert!(args.contains(&"/tmp/l.sock:/run/q.sock".to_owned()));
         assert!(args.contains(&"-N".to_owned()));
         assert!(args.contains(&"ExitOnForwardFailure=yes".to_owned()));
+    }
+
+    /// A directory left by a killed process that had this pid is skipped, and left alone.
+    #[test]
+    fn a_leftover_forward_directory_is_skipped() {
+        let first = Connector::new("false").unwrap();
+        let taken = first.dir.clone();
+        std::mem::forget(first);
+        // The next names, as a dead process with this pid would have left them.
+        let (prefix, n) = taken.to_str().unwrap().rsplit_once('-').unwrap();
+        let n: u32 = n.parse().unwrap();
+        let left: Vec<PathBuf> = (1..=3)
+            .map(|i| PathBuf::from(format!("{prefix}-{}", n + i)))
+            .collect();
+        for d in &left {
+            std::fs::create_dir(d).unwrap();
+            std::fs::write(d.join("mine"), "x").unwrap();
+        }
+        let c = Connector::new("false").unwrap();
+        assert!(
+            !left.contains(&c.dir) && c.dir != taken,
+            "{}",
+            c.dir.display()
+        );
+        for d in left.iter().chain([&taken]) {
+            let _ = std::fs::remove_file(d.join("mine"));
+            std::fs::remove_dir(d).unwrap();
+        }
     }
 
     /// A forward whose ssh exits is reported, not awaited (the real sshd cases are in

@@ -695,9 +695,16 @@ fn forward_killed_case(test: &str, tag: &str, cut: Cut) {
                 assert!(error.contains(words.as_str()), "{words:?} not in {error}");
             }
         }
+        // The whole outcome, and every failure with its causes (a `failed` outcome's reason is
+        // in the rollback's errors, not in the outcome's first error).
         other => panic!(
-            "expected a rollback from {expect_phase}: {other:?} {:?}",
-            report.errors
+            "expected a rollback from {expect_phase}, the plan ended {}: {other:#?}\nerrors:\n{}",
+            other.as_str(),
+            report
+                .errors
+                .iter()
+                .map(|e| format!("  {e}\n"))
+                .collect::<String>()
         ),
     }
     // No ssh of the plan is left, and never two copies of the guest.
