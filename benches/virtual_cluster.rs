@@ -31,9 +31,13 @@
 //! with `error` (and whatever it measured before). Every line carries the host's load average
 //! at its start and end (`load_start`, `load_end`): the machine is shared.
 //!
+//! Fabric B's NIC is on standby (`standby-nic`: the plan switches its link) unless a scenario
+//! ends in `-hot` (hot-plugged by the plan, `virtio-net`); `fabric_b_nic` says which. Memory
+//! scaling compares standby scenarios.
+//!
 //! Run: `cargo bench --bench virtual_cluster` (`-- --quick` or `NINJA_BENCH_QUICK=1`: 2 VMs of
-//! 256 MiB, one repetition, 2 ping-pong pairs, Open MPI only). Knobs: `NINJA_VC_REPS` (3),
-//! `NINJA_VC_SCENARIOS` (`2x256,2x512,4x256,4x512`), `NINJA_VC_PAIRS` (6), `NINJA_VC_MPIS`
+//! 256 MiB, standby and hot-plugged, one repetition each, 2 ping-pong pairs, Open MPI only).
+//! Knobs: `NINJA_VC_REPS` (3), `NINJA_VC_SCENARIOS` (`2x256,2x256-hot,2x512,4x256,4x512`), `NINJA_VC_PAIRS` (6), `NINJA_VC_MPIS`
 //! (`openmpi,mpich`), `NINJA_VC_LAT_ROUNDS` (400), `NINJA_VC_BUDGET_S` (1500: a ping-pong
 //! scenario that would, by the last one's time, end after it is skipped with a `SKIPPED:` line),
 //! `NINJA_VC_EVENTS=1` (every move's events, with their arrival times, on stderr).
@@ -42,7 +46,7 @@
 #[path = "../tests/cluster_rig/mod.rs"]
 mod cluster_rig;
 
-use cluster_rig::{Fabric, RANKS_PER_VM, Setup, TimedPlan, VirtualCluster};
+use cluster_rig::{Fabric, FabricBNic, RANKS_PER_VM, Setup, TimedPlan, VirtualCluster};
 use serde_json::{Map, Value, json};
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
@@ -64,7 +68,7 @@ const LAUNCH_LIMIT_S: u64 = 300;
 struct Settings {
     quick: bool,
     reps: usize,
-    scenarios: Vec<(usize, u32)>,
+    scenarios: Vec<(usize, u32, FabricBNic)>,
     pairs: usize,
     mpis: Vec<MpiImpl>,
     lat_rounds: usize,
@@ -84,17 +88,22 @@ impl Settings {
             || std::env::var("NINJA_BENCH_QUICK").is_ok_and(|v| v == "1");
         let scenarios = std::env::var("NINJA_VC_SCENARIOS").unwrap_or_else(|_| {
             if quick {
-                "2x256"
+                "2x256,2x256-hot"
             } else {
-                "2x256,2x512,4x256,4x512"
+                "2x256,2x256-hot,2x512,4x256,4x512"
             }
             .into()
         });
         let scenarios = scenarios
             .split(',')
             .filter_map(|s| {
-                let (vms, mib) = s.trim().split_once('x')?;
-                Some((vms.parse().ok()?, mib.parse().ok()?))
+                let (size, nic) = match s.trim().split_once('-') {
+                    Some((size, "hot")) => (size, FabricBNic::HotPlugged),
+                    Some(_) => return None,
+                    None => (s.trim(), FabricBNic::Standby),
+                };
+                let (vms, mib) = size.split_once('x')?;
+                Some((vms.parse().ok()?, mib.parse().ok()?, nic))
             })
             .collect();
         let mpis = std::env::var("NINJA_VC_MPIS")
@@ -291,10 +300,15 @@ fn one_plain(c: &mut VirtualCluster, m: &mut Measured) -> Result<f64, String> {
     Ok(wall)
 }
 
-fn migration(s: &Settings, vms: usize, mib: u32, m: &mut Measured) -> Result<(), String> {
-    let test = format!("bench virtual_cluster {vms}x{mib}");
+fn migration(
+    s: &Settings,
+    (vms, mib, fabric_b): (usize, u32, FabricBNic),
+    m: &mut Measured,
+) -> Result<(), String> {
+    let test = format!("bench virtual_cluster {vms}x{mib} {fabric_b:?}");
     let setup = Setup {
         memory_mib: mib,
+        fabric_b,
         ..Setup::new(MpiImpl::OpenMpi, vms)
     };
     let Some(mut c) = VirtualCluster::boot(&test, &format!("b{vms}x{mib}"), setup) else {
@@ -512,18 +526,25 @@ fn main() {
     let s = Settings::from_env();
     let started = Instant::now();
     let mut by_scenario = Vec::new();
-    for &(vms, mib) in &s.scenarios {
+    for &(vms, mib, fabric_b) in &s.scenarios {
+        let nic = match fabric_b {
+            FabricBNic::Standby => "standby",
+            FabricBNic::HotPlugged => "hot-plugged",
+        };
         let head = json!({
             "bench": "virtual_cluster", "scenario": "migration", "quick": s.quick, "mpi": "openmpi",
-            "vms": vms, "memory_mib": mib, "ranks": vms * RANKS_PER_VM, "repetitions": s.reps,
+            "vms": vms, "memory_mib": mib, "fabric_b_nic": nic, "ranks": vms * RANKS_PER_VM,
+            "repetitions": s.reps,
             "target": format!("job_visible_pause_ms <= plain_migration_ms + {TARGET_SLACK_MS} (2 VMs)"),
         });
         let m = scenario(
             head,
-            |m| migration(&s, vms, mib, m),
+            |m| migration(&s, (vms, mib, fabric_b), m),
             |m| migration_summary(vms, m),
         );
-        by_scenario.push(((vms, mib), m));
+        if fabric_b == FabricBNic::Standby {
+            by_scenario.push(((vms, mib), m));
+        }
     }
     for ((vms, mib), small) in &by_scenario {
         let large = by_scenario.iter().find(|(k, _)| *k == (*vms, 512));

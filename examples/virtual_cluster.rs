@@ -13,7 +13,8 @@
 //! `up` (as root, after `scripts/build-fixtures`) builds the layout the tests use
 //! (`tests/cluster_rig`): a network namespace with three bridges, two TCG guests booting the
 //! shared cluster root with their fabric-A NIC hot-added next to the `ivshmem` stand-in that
-//! blocks plain migration, and a 4-rank stress job (2 ranks per guest, the transparent layer
+//! blocks plain migration, fabric B's NIC on standby (in every QEMU of the VM, its link down
+//! off fabric B; the plans switch it), and a 4-rank stress job (2 ranks per guest, the transparent layer
 //! preloaded) started by `mpirun` in vm0. It writes the two plans and leaves everything
 //! running. `status` prints the bytes each fabric carried and the ranks' PIDs; `down` stops the
 //! job, prints its own verdict, and removes everything.

@@ -6,7 +6,9 @@
 //! built for the MPI under test. They sit on three Linux bridges in a network namespace of the
 //! test's own ([`ninja_testkit::cluster`]): management, fabric A (the source cluster's HCA
 //! network, whose NICs are hot-added as the passthrough STAND-IN, next to the `ivshmem` device
-//! that makes them unmigratable as a VFIO device is) and fabric B (the destination's Ethernet).
+//! that makes them unmigratable as a VFIO device is) and fabric B (the destination's Ethernet,
+//! whose NIC is either in the VM from boot with its link switched by the plan, `standby-nic`,
+//! or hot-plugged by the plan, `virtio-net`: half the A -> B -> A tests each).
 //! `mpirun` in vm0 starts 4 ranks (2 per guest) over ssh; they talk TCP between the guests'
 //! data addresses, which the agents route through whichever fabric NIC the guest has.
 //!
@@ -59,10 +61,14 @@ fn open_mpi_job_in_the_guests_moves_from_fabric_a_to_b_and_back() {
     );
 }
 
+/// Fabric B's NIC hot-plugged by the plan instead of on standby.
 #[test]
 fn mpich_job_in_the_guests_moves_from_fabric_a_to_b_and_back() {
     a_to_b_to_a(
-        Setup::new(MpiImpl::Mpich, VMS),
+        Setup {
+            fabric_b: FabricBNic::HotPlugged,
+            ..Setup::new(MpiImpl::Mpich, VMS)
+        },
         "aba-mpich",
         "mpich_job_in_the_guests_moves_from_fabric_a_to_b_and_back",
     );
@@ -176,11 +182,13 @@ fn a_dead_destination_fabric_rolls_back_to_fabric_a() {
     rollback_leaves_the_job_on_fabric_a(&mut c, "do not answer");
 }
 
+/// Fabric B's NIC hot-plugged by the plan instead of on standby.
 #[test]
 fn explicit_api_open_mpi_job_moves_from_fabric_a_to_b_and_back() {
     a_to_b_to_a(
         Setup {
             linkage: Linkage::Explicit,
+            fabric_b: FabricBNic::HotPlugged,
             ..Setup::new(MpiImpl::OpenMpi, VMS)
         },
         "aba-ompi-x",

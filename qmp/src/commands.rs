@@ -220,6 +220,13 @@ impl Qmp {
             .map(drop)
     }
 
+    /// `set_link`: a NIC's link (by device id) or a network backend's, up or down. The guest
+    /// sees the carrier change at once; nothing is plugged.
+    pub fn set_link(&self, name: &str, up: bool) -> Result<()> {
+        self.execute("set_link", Some(json!({ "name": name, "up": up })))
+            .map(drop)
+    }
+
     /// `chardev-add` with a `ChardevBackend` object, e.g.
     /// `{"type": "socket", "data": {"addr": {...}, "server": true, "wait": false}}`.
     pub fn chardev_add(&self, id: &str, backend: Value) -> Result<ChardevReturn> {

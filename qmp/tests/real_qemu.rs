@@ -202,6 +202,15 @@ fn virtio_net_hotplug_and_unplug_with_device_deleted() {
         other => panic!("expected a QMP error, got {other:?}"),
     }
 
+    // The NIC's link goes down and up by its device id (QMP cannot show a NIC's link state:
+    // the guest sees it, judged in tests/virtual_cluster.rs); an unknown name is refused.
+    qmp.set_link("n0", false).unwrap();
+    qmp.set_link("n0", true).unwrap();
+    match qmp.set_link("nothing0", true) {
+        Err(Error::Qmp { class, .. }) => assert_eq!(class, ErrorClass::DeviceNotFound),
+        other => panic!("expected DeviceNotFound, got {other:?}"),
+    }
+
     let deleted = qmp.device_del_and_wait("n0", EVENT).unwrap();
     match deleted.kind() {
         EventKind::DeviceDeleted { device, path } => {

@@ -30,7 +30,9 @@
 //! ```
 //!
 //! Device kinds: `vfio-pci` (a real HCA), `hca-standin` (`ivshmem-plain` on a shared memory
-//! file, the STAND-IN used where no HCA exists) and `virtio-net`.
+//! file, the STAND-IN used where no HCA exists), `virtio-net` (plugged with its backend) and
+//! `standby-nic` (a NIC the VM has from boot; only its link is switched, see
+//! [`Device::StandbyNic`]).
 
 use crate::cluster::{
     Deadlines, DestinationSpec, Device, LaunchSpec, MigrationSettings, Plan, SourceSpec, VmSpec,
@@ -226,6 +228,15 @@ impl Checker<'_> {
                             d.span(),
                             &p,
                             format!("size {size}: ivshmem needs a power of two of at least 4096"),
+                        );
+                    }
+                }
+                Device::StandbyNic { mac, .. } => {
+                    if !is_mac_address(mac) {
+                        self.issue(
+                            d.span(),
+                            &p,
+                            format!("mac {mac:?} is not lower-case xx:xx:xx:xx:xx:xx"),
                         );
                     }
                 }
@@ -426,12 +437,12 @@ pub fn parse(text: &str) -> std::result::Result<Plan, Vec<PlanIssue>> {
             let has_nic = dst
                 .devices
                 .iter()
-                .any(|d| matches!(d.get_ref(), Device::VirtioNet { mac: m, .. } if m == mac));
+                .any(|d| d.get_ref().mac() == Some(mac.as_str()));
             if !has_nic {
                 c.issue(
                     dst.interconnect.span(),
                     format!("{base}.destination.interconnect"),
-                    format!("no destination virtio-net device has mac {mac}"),
+                    format!("no destination virtio-net or standby-nic device has mac {mac}"),
                 );
             }
         }
@@ -687,8 +698,36 @@ host = "0000:3b:00.2"
         );
         assert!(
             text.iter()
-                .any(|t| t.contains("no destination virtio-net device has mac")),
+                .any(|t| t.contains("no destination virtio-net or standby-nic device has mac")),
             "{text:#?}"
+        );
+    }
+
+    #[test]
+    fn a_standby_nic_is_a_destination_nic_with_its_mac_checked_and_nothing_else() {
+        let standby = GOOD.replace(
+            "kind = \"virtio-net\"\nid = \"net0\"\nmac = \"52:54:00:00:00:07\"\nnetdev = { type = \"user\", id = \"n0\" }",
+            "kind = \"standby-nic\"\nid = \"net0\"\nmac = \"52:54:00:00:00:07\"",
+        );
+        assert_ne!(standby, GOOD);
+        let plan = parse(&standby).unwrap();
+        let nic = &plan.vms[0].destination.devices[0];
+        assert!(nic.is_standby());
+        assert_eq!(nic.mac(), Some("52:54:00:00:00:07"));
+        assert_eq!(nic.netdev_id(), None);
+        // Its backend is on each host's command line, not in the plan.
+        let issues = issues_of(&standby.replace(
+            "mac = \"52:54:00:00:00:07\"\n\n",
+            "mac = \"52:54:00:00:00:07\"\nnetdev = { type = \"user\", id = \"n0\" }\n\n",
+        ));
+        assert!(issues.iter().any(|t| t.contains("netdev")), "{issues:#?}");
+        let issues = issues_of(&standby.replace(
+            "id = \"net0\"\nmac = \"52:54:00:00:00:07\"",
+            "id = \"net0\"\nmac = \"52:54:00:00:00:0G\"",
+        ));
+        assert!(
+            has(&issues, "vm[0].destination.devices[0]", "is not lower-case"),
+            "{issues:#?}"
         );
     }
 

@@ -79,9 +79,21 @@ struct SourceVm {
 }
 
 fn start_source(fixtures: &Fixtures, name: &str, ranks: u32, tag: &str) -> SourceVm {
+    start_source_with(fixtures, name, ranks, tag, &[])
+}
+
+/// [`start_source`] with more machine arguments.
+fn start_source_with(
+    fixtures: &Fixtures,
+    name: &str,
+    ranks: u32,
+    tag: &str,
+    extra: &[String],
+) -> SourceVm {
     let config = QemuConfig::new(fixtures)
         .memory_mib(MEMORY_MIB)
-        .guest_run(&agent_command(name, ranks));
+        .guest_run(&agent_command(name, ranks))
+        .args(extra.iter().cloned());
     // The channel socket lives in testkit's per-VM directory, known only after start: use a
     // path of our own instead.
     let channel = std::env::temp_dir().join(format!(
@@ -686,5 +698,124 @@ fn rollback_when_a_guest_never_quiesces() {
         "rollback_when_a_guest_never_quiesces",
         Break::NeverQuiesces,
         Phase::Quiesce,
+    );
+}
+
+/// The arguments of a standby NIC `fb0` with `mac` (on a user-mode backend, the same kind on
+/// both sides: the guest's negotiated features must be offered at the destination too).
+fn standby_nic_args(mac: &str) -> Vec<String> {
+    [
+        "-netdev".to_owned(),
+        "user,id=fb0n".to_owned(),
+        "-device".to_owned(),
+        format!("virtio-net-pci,id=fb0,netdev=fb0n,mac={mac},addr=0x10"),
+    ]
+    .to_vec()
+}
+
+/// A standby NIC (`kind = "standby-nic"`): a destination whose NIC has another MAC is refused
+/// before anything moves; one that has it gets the VM, its link switched on, and the guest
+/// finds its new interconnect on that NIC without a hot-plug (that the link carries the job's
+/// traffic there, and only there, is judged in tests/virtual_cluster.rs by the taps' counters).
+#[test]
+fn a_standby_nic_is_checked_at_the_destination_and_switched_on_there() {
+    let test = "a_standby_nic_is_checked_at_the_destination_and_switched_on_there";
+    let Some(fixtures) = qemu_or_skip(test) else {
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let tag = "standby";
+    let base = std::env::temp_dir().join(format!("symvirt-ctl-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&base).unwrap();
+    let mut cleanup = Cleanup::default();
+    cleanup.paths.push(base.clone());
+    let mac = mac_of(0);
+    let source = start_source_with(&fixtures, "vm0", 0, tag, &standby_nic_args(&mac));
+    cleanup.paths.push(source.channel.clone());
+    cleanup.paths.push(source.hca_mem.clone());
+    // Off its fabric: no link.
+    let mut qmp = RawQmp::connect(source.qemu.qmp_path()).unwrap();
+    qmp.execute("set_link", json!({"name": "fb0", "up": false}))
+        .unwrap();
+    drop(qmp);
+    let plan_with = |dest_mac: &str, dir: &str| {
+        let vm = VmPlan {
+            name: "vm0".into(),
+            source_qmp: source.qemu.qmp_path().to_owned(),
+            source_channel: source.channel.clone(),
+            source_devices: hca_standin_toml("T", &source.hca_mem),
+            source_interconnect: ib().into(),
+            dest: Dest::Launch(base.join(dir)),
+            dest_devices: format!("[[T]]\nkind = \"standby-nic\"\nid = \"fb0\"\nmac = \"{mac}\"\n"),
+            dest_interconnect: eth(&mac),
+            ranks: 0,
+        };
+        let plan = plan_toml(&fixtures, "", &[vm]);
+        let nic = toml_list(&standby_nic_args(dest_mac));
+        plan.replace(
+            "launch = { args = [",
+            &format!("launch = {{ args = [{}, ", nic.trim_matches(['[', ']'])),
+        )
+    };
+
+    // The destination's NIC has another MAC: refused, the source keeps its HCA and runs.
+    let (report, _) = run(&plan_with(&mac_of(7), "wrong"), &base, |_| {});
+    for vm in &report.vms {
+        cleanup.pid(vm.destination_pid);
+    }
+    match &report.outcome {
+        Outcome::RolledBack { error, .. } => {
+            let text = error.to_string();
+            assert!(
+                text.contains("standby NIC \"fb0\" has mac") && text.contains(&mac_of(7)),
+                "{text}"
+            );
+            assert_eq!(error.kind, ErrorKind::Refused, "{text}");
+        }
+        other => panic!("expected a rollback: {other:?}"),
+    }
+    let mut qmp = RawQmp::connect(source.qemu.qmp_path()).unwrap();
+    assert!(qom_has_device(&mut qmp, "hca0"), "stand-in not re-attached");
+    drop(qmp);
+
+    // The right one: moved, the link switched on there, the guest on its new interconnect.
+    let before = passes(&source.qemu.serial());
+    let (report, events) = run(&plan_with(&mac, "right"), &base, |_| {});
+    for vm in &report.vms {
+        cleanup.pid(vm.destination_pid);
+    }
+    assert!(
+        matches!(report.outcome, Outcome::Completed),
+        "{:?} {events:?}",
+        report.outcome
+    );
+    match &report.vms[0].guest {
+        GuestNotice::Resumed { interconnect, .. } => match interconnect {
+            Interconnect::Ethernet { mac: m, iface, .. } => {
+                assert_eq!(m, &mac);
+                assert!(
+                    iface.is_some(),
+                    "the guest found no interface: {interconnect:?}"
+                );
+            }
+            other => panic!("resumed on {other:?}"),
+        },
+        other => panic!("guest was not resumed: {other:?}"),
+    }
+    let attach = events.iter().any(|e| {
+        matches!(
+            e,
+            Event::PhaseFinished {
+                phase: Phase::Attach,
+                ..
+            }
+        )
+    });
+    assert!(attach, "{events:?}");
+    let dest_serial = base.join("right").join("serial.log");
+    wait_more_passes(
+        || std::fs::read_to_string(&dest_serial).unwrap_or_default(),
+        before,
+        "destination",
     );
 }

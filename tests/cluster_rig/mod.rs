@@ -64,6 +64,22 @@ impl Fabric {
     }
 }
 
+/// How a VM gets its fabric-B NIC (`fb0`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FabricBNic {
+    /// The plan hot-plugs it, with its tap, at the destination (`kind = "virtio-net"`).
+    HotPlugged,
+    /// The VM has it from boot wherever it runs, at PCI slot [`STANDBY_SLOT`], on its tap when
+    /// on fabric B, elsewhere on a tap on no bridge (a backend is needed: the guest negotiated
+    /// the tap's offloads, and a NIC without one refuses the incoming stream); the plan switches
+    /// its link (`kind = "standby-nic"`): a carrier change for the guest instead of a PCI
+    /// hot-plug.
+    Standby,
+}
+
+/// The standby fabric-B NIC's PCI slot, the same in every QEMU of a VM (migration needs it).
+pub const STANDBY_SLOT: u8 = 0x10;
+
 /// How the cluster is built.
 #[derive(Debug, Clone)]
 pub struct Setup {
@@ -79,10 +95,13 @@ pub struct Setup {
     /// More programs for the job disk: sources in `symvirt-mpi/tests/programs`, built for this
     /// MPI and linkage, at `/job/<stem>` (`pingpong.c` is `/job/pingpong`).
     pub programs: Vec<&'static str>,
+    /// How the fabric-B NIC arrives.
+    pub fabric_b: FabricBNic,
 }
 
 impl Setup {
-    /// `vms` VMs of 256 MiB, the transparent layer, every agent re-plumbing its own address.
+    /// `vms` VMs of 256 MiB, the transparent layer, every agent re-plumbing its own address,
+    /// fabric B's NIC on standby.
     pub fn new(mpi: MpiImpl, vms: usize) -> Setup {
         Setup {
             mpi,
@@ -90,6 +109,7 @@ impl Setup {
             agent_data: (0..vms).map(|vm| Some(data_address(vm))).collect(),
             memory_mib: 256,
             programs: Vec::new(),
+            fabric_b: FabricBNic::Standby,
         }
     }
 
@@ -205,8 +225,14 @@ impl VirtualCluster {
         };
         for vm in 0..cluster.vms() {
             let channel = cluster.dir.join(format!("vm{vm}-s.sock"));
-            let machine = cluster.machine(vm, &format!("m{vm}s"), &channel);
+            let machine = cluster.machine(vm, &format!("m{vm}s"), &channel, None);
             let q = Qemu::start(machine).unwrap();
+            if cluster.setup.fabric_b == FabricBNic::Standby {
+                // Off fabric B, no link (the guest sees a NIC without carrier).
+                let mut qmp = RawQmp::connect(q.qmp_path()).unwrap();
+                qmp.execute("set_link", serde_json::json!({"name": "fb0", "up": false}))
+                    .unwrap();
+            }
             cluster.at.push(Placement {
                 qmp: q.qmp_path().to_path_buf(),
                 channel,
@@ -225,12 +251,21 @@ impl VirtualCluster {
         Some(cluster)
     }
 
-    pub fn machine(&self, vm: usize, mgmt_tap: &str, channel: &Path) -> ninja_testkit::QemuConfig {
+    /// The machine of `vm` (the same in every QEMU it runs in); with a standby fabric-B NIC,
+    /// that NIC on `fabric_b_tap` if given (the QEMU is on fabric B), else on a tap of its own
+    /// on no bridge (QEMU creates it, named after the management tap: `m0d1` gives `n0d1`).
+    pub fn machine(
+        &self,
+        vm: usize,
+        mgmt_tap: &str,
+        channel: &Path,
+        fabric_b_tap: Option<&str>,
+    ) -> ninja_testkit::QemuConfig {
         let mut agent = format!("--ranks {RANKS_PER_VM} --report-pci");
         if let Some(data) = &self.setup.agent_data[vm] {
             agent.push_str(&format!(" --data-address {data}"));
         }
-        guest_machine(
+        let config = guest_machine(
             &self.fixtures,
             &self.fabrics,
             vm,
@@ -241,7 +276,20 @@ impl VirtualCluster {
         )
         .memory_mib(self.setup.memory_mib)
         .arg("-name")
-        .arg(format!("vm{vm},debug-threads=on"))
+        .arg(format!("vm{vm},debug-threads=on"));
+        if self.setup.fabric_b == FabricBNic::HotPlugged {
+            return config;
+        }
+        let nowhere = format!("n{}", &mgmt_tap[1..]);
+        let tap = fabric_b_tap.unwrap_or(&nowhere);
+        config
+            .arg("-netdev")
+            .arg(format!("tap,id=fb0n,ifname={tap},script=no,downscript=no"))
+            .arg("-device")
+            .arg(format!(
+                "virtio-net-pci,id=fb0,netdev=fb0n,mac={},addr={STANDBY_SLOT:#x}",
+                Fabric::B.mac(vm)
+            ))
     }
 
     /// How many VMs.
@@ -442,6 +490,13 @@ impl VirtualCluster {
             Fabric::A => ("fa0", "fa0n"),
             Fabric::B => ("fb0", "fb0n"),
         };
+        if fabric == Fabric::B && self.setup.fabric_b == FabricBNic::Standby {
+            s.push_str(&format!(
+                "[[DEVICES]]\nkind = \"standby-nic\"\nid = \"fb0\"\nmac = \"{}\"\n",
+                fabric.mac(vm)
+            ));
+            return s;
+        }
         s.push_str(&format!(
             "[[DEVICES]]\nkind = \"virtio-net\"\nid = \"{id}\"\nmac = \"{}\"\n\
              netdev = {{ type = \"tap\", id = \"{netdev}\", ifname = \"{}\", script = \"no\", downscript = \"no\" }}\n",
@@ -465,7 +520,13 @@ impl VirtualCluster {
             let d = self.dir.join(format!("vm{vm}-d{mv}"));
             fs::create_dir_all(&d).unwrap();
             let channel = d.join("channel.sock");
-            let machine = self.machine(vm, &format!("m{vm}d{mv}"), &channel);
+            let tap = Fabric::B.tap(vm);
+            let machine = self.machine(
+                vm,
+                &format!("m{vm}d{mv}"),
+                &channel,
+                (to == Fabric::B).then_some(tap.as_str()),
+            );
             let mut launch = machine.program();
             launch.extend(machine.machine_args(&d.join("serial.log")));
             let hca_mem = (to == Fabric::A).then(|| {
@@ -864,16 +925,18 @@ impl VirtualCluster {
             let d = self.dir.join(format!("vm{vm}-d{mv}"));
             fs::create_dir_all(&d).map_err(|e| e.to_string())?;
             let channel = d.join("channel.sock");
-            let config = self
-                .machine(vm, &mgmt, &channel)
-                .arg("-netdev")
-                .arg(format!("tap,id=fb0n,ifname={tap},script=no,downscript=no"))
-                .arg("-device")
-                .arg(format!(
-                    "virtio-net-pci,id=fb0,netdev=fb0n,mac={},addr={slot:#x}",
-                    Fabric::B.mac(vm)
-                ))
-                .incoming("defer");
+            let mut config = self.machine(vm, &mgmt, &channel, Some(&tap));
+            if self.setup.fabric_b == FabricBNic::HotPlugged {
+                config = config
+                    .arg("-netdev")
+                    .arg(format!("tap,id=fb0n,ifname={tap},script=no,downscript=no"))
+                    .arg("-device")
+                    .arg(format!(
+                        "virtio-net-pci,id=fb0,netdev=fb0n,mac={},addr={slot:#x}",
+                        Fabric::B.mac(vm)
+                    ));
+            }
+            let config = config.incoming("defer");
             let q = Qemu::start(config).map_err(|e| format!("vm{vm} destination: {e}"))?;
             let monitor = Qmp::connect_unix(q.qmp_path()).map_err(|e| e.to_string())?;
             let uri = format!("unix:{}", d.join("migrate.sock").display());

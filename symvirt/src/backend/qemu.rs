@@ -384,6 +384,20 @@ fn qom_children(qmp: &Qmp, path: &str) -> std::result::Result<BTreeSet<String>, 
         .collect())
 }
 
+/// Checks that the NIC `id` of a VM has `mac` (`qom-get` of its `mac` property).
+fn check_nic_mac(
+    qmp: &Qmp,
+    id: &str,
+    mac: &str,
+) -> std::result::Result<Option<String>, qmp::Error> {
+    let has = qmp.execute(
+        "qom-get",
+        Some(json!({ "path": format!("/machine/peripheral/{id}"), "property": "mac" })),
+    )?;
+    let has = has.as_str().unwrap_or_default().to_ascii_lowercase();
+    Ok((has != mac).then_some(has))
+}
+
 fn device_spec(device: &Device) -> DeviceSpec {
     let (driver, props) = match device {
         Device::VfioPci {
@@ -409,6 +423,12 @@ fn device_spec(device: &Device) -> DeviceSpec {
             if let Some(n) = device.netdev_id() {
                 p.insert("netdev".into(), Value::String(n));
             }
+            ("virtio-net-pci", p)
+        }
+        // Never plugged (its link is switched), described for completeness.
+        Device::StandbyNic { mac, .. } => {
+            let mut p = serde_json::Map::new();
+            p.insert("mac".into(), Value::String(mac.clone()));
             ("virtio-net-pci", p)
         }
     };
@@ -574,6 +594,27 @@ impl QemuVm {
 
     /// Claims a destination device before the source lets go of its own.
     fn claim(&mut self, device: &Device, present: &BTreeSet<String>) -> Result<()> {
+        if let Device::StandbyNic { id, mac } = device {
+            // It arrives with the VM: the destination's command line must have it, with the
+            // host's backend, at the source's PCI address (else the migration fails).
+            if !present.contains(id) {
+                return Err(Error::Refused(format!(
+                    "{}: the destination has no standby NIC {id:?} (its command line must \
+                     have -device virtio-net-pci,id={id},mac={mac},... as the source has)",
+                    self.spec.name
+                )));
+            }
+            let dst = self.destination()?;
+            if let Some(has) = check_nic_mac(dst, id, mac)
+                .map_err(|e| Error::qmp(self.what("destination", format!("qom-get {id}")), e))?
+            {
+                return Err(Error::Refused(format!(
+                    "{}: the destination's standby NIC {id:?} has mac {has}, the plan says {mac}",
+                    self.spec.name
+                )));
+            }
+            return Ok(());
+        }
         if present.contains(device.id()) {
             return Err(Error::Refused(format!(
                 "{}: the destination already has a device {:?}",
@@ -629,8 +670,11 @@ impl QemuVm {
         }
     }
 
-    /// Plugs `device` (with its backend) through `qmp`.
+    /// Plugs `device` (with its backend) through `qmp`; a standby NIC's link goes up.
     fn plug(qmp: &Qmp, device: &Device) -> std::result::Result<(), qmp::Error> {
+        if device.is_standby() {
+            return qmp.set_link(device.id(), true);
+        }
         if let (Device::HcaStandin { mem_path, size, .. }, Some(obj)) =
             (device, device.backend_object_id())
         {
@@ -716,6 +760,16 @@ impl VmBackend for QemuVm {
                         self.spec.name,
                         d.id()
                     )));
+                }
+                if let Device::StandbyNic { id, mac } = d {
+                    if let Some(has) = check_nic_mac(src, id, mac)
+                        .map_err(|e| Error::qmp(self.what("source", format!("qom-get {id}")), e))?
+                    {
+                        return Err(Error::Refused(format!(
+                            "{}: the source's standby NIC {id:?} has mac {has}, the plan says {mac}",
+                            self.spec.name
+                        )));
+                    }
                 }
                 // QEMU 10.0 (TCG) aborts the source with "Bad ram offset 0" when it migrates
                 // after the RAM block at offset 0 was removed: a memory backend given on the
@@ -809,9 +863,22 @@ impl VmBackend for QemuVm {
 
     fn detach(&mut self, deadline: Instant) -> Result<()> {
         let src = self.source()?;
+        // A standby NIC stays, without a link: the destination inherits it down.
+        for d in self.spec.source.devices.iter().filter(|d| d.is_standby()) {
+            src.set_link(d.id(), false).map_err(|e| {
+                Error::qmp(self.what("source", format!("set_link {} off", d.id())), e)
+            })?;
+        }
         // All at once: the guest ejects them in one hot-plug round (each takes it 0.1 s or
         // more under TCG, and the job is paused).
-        let ids: Vec<&str> = self.spec.source.devices.iter().map(|d| d.id()).collect();
+        let ids: Vec<&str> = self
+            .spec
+            .source
+            .devices
+            .iter()
+            .filter(|d| !d.is_standby())
+            .map(|d| d.id())
+            .collect();
         if !ids.is_empty() {
             src.device_del_all_and_wait(&ids, remaining(deadline))
                 .map_err(|e| {
@@ -1012,7 +1079,7 @@ impl VmBackend for QemuVm {
                     Ok(present) => {
                         let objects = qom_children(src, "/objects").unwrap_or_default();
                         for d in &self.spec.source.devices {
-                            if present.contains(d.id()) {
+                            if present.contains(d.id()) && !d.is_standby() {
                                 continue;
                             }
                             // A backend whose device_del timed out may still be there.
@@ -1095,7 +1162,7 @@ impl VmBackend for QemuVm {
         let present = qom_children(dst, "/machine/peripheral")
             .map_err(|e| Error::qmp(self.what("destination", "qom-list"), e))?;
         for d in &self.spec.destination.devices {
-            if !present.contains(d.id()) {
+            if d.is_standby() || !present.contains(d.id()) {
                 Self::plug(dst, d).map_err(|e| {
                     Error::qmp(
                         self.what("destination", format!("attach {}", d.describe())),

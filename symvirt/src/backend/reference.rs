@@ -190,6 +190,12 @@ impl ReferenceGuest {
                 base,
                 mac: parse_addr::<symvirt_proto::addr::MacAddr>(mac)?.0,
             }),
+            Device::StandbyNic { id, .. } => {
+                return Err(Error::Refused(format!(
+                    "standby NIC {id}: the reference VMM has no NIC whose link can be switched \
+                     (list it as a virtio-net device: a port-I/O stand-in is plugged)"
+                )));
+            }
             #[cfg(feature = "vfio")]
             Device::VfioPci { host, .. } => Box::new(crate::vfio::VfioPassthrough::open(
                 parse_addr(host)?,
