@@ -6,7 +6,8 @@
 //! - `plan check` / `plan run` / `plan recover`: validate or run a migration plan over a virtual
 //!   cluster, or finish a run whose controller died.
 //! - `mpi build`: the MPI layer's libraries for the MPIs installed here.
-//! - `cut status` / `cut cycle`: cuts of a running MPI job through its guest agent.
+//! - `cut status` / `cycle` / `pause` / `resume`: cuts of a running MPI job through its guest
+//!   agent.
 
 mod cli;
 
@@ -48,6 +49,10 @@ enum CutCommand {
     Status(cli::cut::AgentArgs),
     /// Quiesce the job at a consistent cut, hold, resume; --count times.
     Cycle(cli::cut::CycleArgs),
+    /// Quiesce the job and leave it at the cut (prints the epoch for `cut resume`).
+    Pause(cli::cut::AgentArgs),
+    /// Release the cut `cut pause` took.
+    Resume(cli::cut::ResumeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -70,6 +75,8 @@ fn main() -> ExitCode {
         Command::Mpi(cli::mpi::MpiCommand::Build(args)) => return cli::mpi::build(args),
         Command::Cut(CutCommand::Status(args)) => return cli::cut::status(args),
         Command::Cut(CutCommand::Cycle(args)) => return cli::cut::cycle(args),
+        Command::Cut(CutCommand::Pause(args)) => return cli::cut::pause(args),
+        Command::Cut(CutCommand::Resume(args)) => return cli::cut::resume(args),
         _ => {}
     }
     let result = match &cli.command {

@@ -1,6 +1,7 @@
 //! `ninja-migrate cut`, as a benchmark harness uses it: a real MPI job (both MPIs, 2 ranks)
 //! with the transparent layer preloaded and a guest agent beside it; `cut status`, then
-//! `cut cycle` takes cuts while the job runs, and the job's own check passes. Bad cases: no
+//! `cut cycle` takes cuts while the job runs, `cut pause` holds it across processes until
+//! `cut resume`, and the job's own check passes. Bad cases: no
 //! agent, a bad interconnect.
 
 mod mpi_ring;
@@ -105,6 +106,35 @@ fn cut_cycle_takes_cuts_of_a_running_job_under_both_mpis() {
             assert_eq!(l["ranks"], 2, "{l}");
             assert!(l["quiesce_ms"].as_f64().unwrap() > 0.0, "{l}");
         }
+        // A cut held across processes: pause, the job stays at the cut (its remaining laps
+        // take under 3 s: it would have ended), resume, the job ends well.
+        let paused = ninja(&["cut", "pause", "--json", "--channel", channel_arg]);
+        assert!(paused.status.success(), "{}: {}", mpi.name(), text(&paused));
+        let paused: Value = serde_json::from_slice(&paused.stdout).unwrap();
+        let epoch = paused["epoch"].as_u64().unwrap().to_string();
+        std::thread::sleep(Duration::from_secs(4));
+        assert!(
+            !job.is_finished(),
+            "{}: the job ran on through the pause",
+            mpi.name()
+        );
+        let resumed = ninja(&[
+            "cut",
+            "resume",
+            "--json",
+            "--channel",
+            channel_arg,
+            "--epoch",
+            &epoch,
+            "--interconnect",
+            INTERCONNECT,
+        ]);
+        assert!(
+            resumed.status.success(),
+            "{}: {}",
+            mpi.name(),
+            text(&resumed)
+        );
         let done = job.join().unwrap();
         assert!(done.status.success(), "{}: {}", mpi.name(), text(&done));
         let out = String::from_utf8_lossy(&done.stdout);

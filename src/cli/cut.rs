@@ -1,7 +1,9 @@
 //! `ninja-migrate cut`: cuts of a running MPI job through its guest agent, without moving
 //! anything (for benchmark harnesses): `status` asks the agent who it is; `cycle` quiesces the
 //! job (every rank at a consistent cut, no message in flight), holds it, resumes it, and
-//! repeats.
+//! repeats; `pause` leaves the job at a cut and `resume` releases it, from another process
+//! (the agent releases a cut on its own after its stale-epoch time with no host connected:
+//! 5 minutes unless `symvirt-agent --stale-epoch-ms` says otherwise).
 //!
 //! The agent is reached at the host end of its channel: the socket it listens on when started
 //! with `symvirt-agent --channel listen:PATH`, or a VM's channel socket.
@@ -14,7 +16,7 @@ use std::time::{Duration, Instant};
 use symvirt::controller::new_epoch;
 use symvirt::host_channel::{ChannelOptions, HostChannel};
 use symvirt::protocol::{GuestMessage, HostMessage, Interconnect};
-use symvirt::session::GuestInfo;
+use symvirt::session::{GuestInfo, GuestSession};
 
 /// What every `cut` subcommand takes.
 #[derive(Debug, Args)]
@@ -101,19 +103,13 @@ pub fn status(args: &AgentArgs) -> ExitCode {
     }
 }
 
-/// One cut: prepare, quiesced, hold, resume, resumed. Returns (quiesce, resume) times.
-fn one_cut(
-    channel: &HostChannel,
-    epoch: u64,
-    args: &CycleArgs,
-    interconnect: &Interconnect,
-) -> Result<(Duration, Duration), String> {
-    let limit = Duration::from_millis(args.agent.timeout_ms);
+/// Asks for a cut in `epoch` and waits until every rank is at it; returns how long it took.
+fn quiesce(channel: &HostChannel, epoch: u64, timeout_ms: u64) -> Result<Duration, String> {
     let t = Instant::now();
     channel
         .send(&HostMessage::Prepare {
             epoch,
-            deadline_ms: args.agent.timeout_ms,
+            deadline_ms: timeout_ms,
         })
         .map_err(|e| format!("prepare: {}", e.chain()))?;
     let answer = channel
@@ -124,14 +120,22 @@ fn one_cut(
                     GuestMessage::Quiesced { .. } | GuestMessage::Failed { .. }
                 )
             },
-            t + limit,
+            t + Duration::from_millis(timeout_ms),
         )
         .map_err(|e| format!("waiting for the cut: {}", e.chain()))?;
     if let GuestMessage::Failed { reason, .. } = answer {
         return Err(format!("the job did not reach the cut: {reason}"));
     }
-    let quiesce = t.elapsed();
-    std::thread::sleep(Duration::from_millis(args.hold_ms));
+    Ok(t.elapsed())
+}
+
+/// Releases the cut of `epoch` on `interconnect`; returns how long the ranks took to go on.
+fn release(
+    channel: &HostChannel,
+    epoch: u64,
+    interconnect: &Interconnect,
+    timeout_ms: u64,
+) -> Result<Duration, String> {
     let t = Instant::now();
     channel
         .send(&HostMessage::Resume {
@@ -147,23 +151,116 @@ fn one_cut(
                     GuestMessage::Resumed { .. } | GuestMessage::Failed { .. }
                 )
             },
-            t + limit,
+            t + Duration::from_millis(timeout_ms),
         )
         .map_err(|e| format!("waiting for the resume: {}", e.chain()))?;
     if let GuestMessage::Failed { reason, .. } = answer {
         return Err(format!("the job did not resume: {reason}"));
     }
-    Ok((quiesce, t.elapsed()))
+    Ok(t.elapsed())
+}
+
+fn parse_interconnect(text: &str) -> Result<Interconnect, ExitCode> {
+    serde_json::from_str(text).map_err(|e| {
+        eprintln!("ninja-migrate: --interconnect: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn fail(what: impl std::fmt::Display) -> ExitCode {
+    eprintln!("ninja-migrate: {what}");
+    ExitCode::FAILURE
+}
+
+/// Runs `cut pause`: the job stays at the cut when it returns.
+pub fn pause(args: &AgentArgs) -> ExitCode {
+    let (channel, info) = match open(args) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let epoch = new_epoch();
+    match quiesce(&channel, epoch, args.timeout_ms) {
+        Ok(took) if args.json => println!(
+            "{}",
+            json!({"epoch": epoch, "vm": info.vm, "ranks": info.ranks,
+                   "quiesce_ms": took.as_secs_f64() * 1e3})
+        ),
+        Ok(took) => println!(
+            "epoch {epoch}: {} ranks quiesced in {:.1} ms; held until `ninja-migrate cut resume \
+             --epoch {epoch}`",
+            info.ranks,
+            took.as_secs_f64() * 1e3
+        ),
+        Err(e) => return fail(e),
+    }
+    ExitCode::SUCCESS
+}
+
+/// `cut resume` arguments.
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    #[command(flatten)]
+    agent: AgentArgs,
+    /// The epoch `cut pause` printed.
+    #[arg(long)]
+    epoch: u64,
+    /// The interconnect the ranks resume on (as for `cut cycle`).
+    #[arg(long)]
+    interconnect: String,
+}
+
+/// Runs `cut resume`: releases the cut `cut pause` took.
+pub fn resume(args: &ResumeArgs) -> ExitCode {
+    let interconnect = match parse_interconnect(&args.interconnect) {
+        Ok(i) => i,
+        Err(code) => return code,
+    };
+    let path = &args.agent.channel;
+    if !path.exists() {
+        return fail(format!("no agent channel at {}", path.display()));
+    }
+    // This connection continues the session `cut pause` started.
+    let channel = match HostChannel::connect_continuing(
+        path,
+        ChannelOptions::labelled("cut"),
+        GuestSession::quiesced(args.epoch),
+    ) {
+        Ok(c) => c,
+        Err(e) => return fail(format!("{}: {}", path.display(), e.chain())),
+    };
+    let deadline = Instant::now() + Duration::from_millis(args.agent.timeout_ms);
+    if let Err(e) = channel.wait_hello(deadline) {
+        return fail(format!(
+            "no agent answered at {}: {}",
+            path.display(),
+            e.chain()
+        ));
+    }
+    match release(&channel, args.epoch, &interconnect, args.agent.timeout_ms) {
+        Ok(took) if args.agent.json => {
+            println!(
+                "{}",
+                json!({"epoch": args.epoch, "resume_ms": took.as_secs_f64() * 1e3})
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(took) => {
+            println!(
+                "epoch {}: resumed in {:.1} ms",
+                args.epoch,
+                took.as_secs_f64() * 1e3
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
 }
 
 /// Runs `cut cycle`.
 pub fn cycle(args: &CycleArgs) -> ExitCode {
-    let interconnect: Interconnect = match serde_json::from_str(&args.interconnect) {
+    let interconnect = match parse_interconnect(&args.interconnect) {
         Ok(i) => i,
-        Err(e) => {
-            eprintln!("ninja-migrate: --interconnect: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     if !args.every.is_finite() || args.every < 0.0 {
         eprintln!(
@@ -174,18 +271,20 @@ pub fn cycle(args: &CycleArgs) -> ExitCode {
     }
     let (channel, info) = match open(&args.agent) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("ninja-migrate: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(e),
     };
+    let timeout = args.agent.timeout_ms;
     let first = new_epoch();
     for n in 0..args.count {
         if n > 0 {
             std::thread::sleep(Duration::from_secs_f64(args.every));
         }
         let epoch = first + u64::from(n);
-        match one_cut(&channel, epoch, args, &interconnect) {
+        let cut = quiesce(&channel, epoch, timeout).and_then(|q| {
+            std::thread::sleep(Duration::from_millis(args.hold_ms));
+            release(&channel, epoch, &interconnect, timeout).map(|r| (q, r))
+        });
+        match cut {
             Ok((quiesce, resume)) if args.agent.json => println!(
                 "{}",
                 json!({"cut": n + 1, "epoch": epoch, "vm": info.vm, "ranks": info.ranks,
@@ -199,10 +298,7 @@ pub fn cycle(args: &CycleArgs) -> ExitCode {
                 quiesce.as_secs_f64() * 1e3,
                 resume.as_secs_f64() * 1e3
             ),
-            Err(e) => {
-                eprintln!("ninja-migrate: cut {}: {e}", n + 1);
-                return ExitCode::FAILURE;
-            }
+            Err(e) => return fail(format!("cut {}: {e}", n + 1)),
         }
     }
     ExitCode::SUCCESS
