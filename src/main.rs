@@ -5,7 +5,8 @@
 //! - `vmm listen` / `vmm migrate`: the destination and source halves, for two processes or hosts.
 //! - `plan check` / `plan run` / `plan recover`: validate or run a migration plan over a virtual
 //!   cluster, or finish a run whose controller died.
-//! - `mpi build`: the MPI layer's libraries for the MPIs installed here.
+//! - `mpi build` / `env` / `run`: the MPI layer's libraries for the MPIs installed here, the
+//!   variables that preload it, a job run under it with an agent beside it.
 //! - `cut status` / `cycle` / `pause` / `resume`: cuts of a running MPI job through its guest
 //!   agent.
 
@@ -73,6 +74,8 @@ fn main() -> ExitCode {
     match &cli.command {
         Command::Plan(plan) => return cli::plan::main(plan),
         Command::Mpi(cli::mpi::MpiCommand::Build(args)) => return cli::mpi::build(args),
+        Command::Mpi(cli::mpi::MpiCommand::Env(args)) => return cli::mpi::env(args),
+        Command::Mpi(cli::mpi::MpiCommand::Run(args)) => return cli::mpi::run(args),
         Command::Cut(CutCommand::Status(args)) => return cli::cut::status(args),
         Command::Cut(CutCommand::Cycle(args)) => return cli::cut::cycle(args),
         Command::Cut(CutCommand::Pause(args)) => return cli::cut::pause(args),
