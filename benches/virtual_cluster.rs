@@ -41,7 +41,7 @@
 //! (`openmpi,mpich`), `NINJA_VC_LAT_ROUNDS` (400), `NINJA_VC_BUDGET_S` (1500: a ping-pong
 //! scenario that would, by the last one's time, end after it is skipped with a `SKIPPED:` line),
 //! `NINJA_VC_EVENTS=1` (every move's events, with their arrival times, on stderr).
-//! The full run takes about 20 minutes on a 2-core machine; `--quick` about 3.
+//! The full run takes about 25 minutes on a 2-core machine; `--quick` about 4.
 
 #[path = "../tests/cluster_rig/mod.rs"]
 mod cluster_rig;

@@ -65,9 +65,15 @@ fn mpi_build_makes_the_layer_for_every_installed_mpi_and_a_job_runs_under_it() {
             "{}: {job_out}{job_err}",
             mpi.name()
         );
-        // The layer was in the job: each rank says it runs without an agent.
+        // The layer was in the job: each rank says it runs without an agent, and what is
+        // true then (no migration, cuts by SIGUSR1).
         assert_eq!(
-            job_err.matches("symvirt-pmpi rank").count(),
+            job_err
+                .matches("no guest agent")
+                .zip(job_err.matches(
+                    "the job cannot be migrated; SIGUSR1 through the launcher still takes cuts"
+                ))
+                .count(),
             2,
             "{}: {job_err}",
             mpi.name()

@@ -38,6 +38,9 @@ const char *symvirt_last_error(void);
 
 /* Control plane: one per process. socket NULL: $SYMVIRT_AGENT_SOCKET or the default. */
 int symvirt_ctl_open(uint32_t rank, const char *socket, uint64_t timeout_ms);
+/* 1 when SIGUSR1 through the launcher cuts this process (odd signals cut, the next releases),
+ * else 0; set by symvirt_ctl_open, agent or not. */
+int symvirt_ctl_signal_cuts(void);
 /* The epoch a migration is requested for, 0 when none: one atomic load. */
 uint64_t symvirt_ctl_requested(void);
 /* At the cut: report quiesced, wait for resume (SYMVIRT_RESUMED, *out filled) or abort. A rank

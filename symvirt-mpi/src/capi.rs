@@ -171,6 +171,13 @@ pub unsafe extern "C" fn symvirt_ctl_open(
     }
 }
 
+/// 1 when SIGUSR1 (through the launcher) cuts this process, else 0: what a rank without an
+/// agent can still be cut by. Set by [`symvirt_ctl_open`], agent or not.
+#[unsafe(no_mangle)]
+pub extern "C" fn symvirt_ctl_signal_cuts() -> c_int {
+    c_int::from(control::signal_trigger_ready())
+}
+
 /// The epoch a migration is requested for, 0 when none (one atomic load).
 #[unsafe(no_mangle)]
 pub extern "C" fn symvirt_ctl_requested() -> u64 {

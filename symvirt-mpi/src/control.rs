@@ -103,7 +103,16 @@ pub fn install_signal_trigger() -> Result<()> {
             return Err(Error::State("sigaction(SIGUSR1) install failed".into()));
         }
     }
+    TRIGGER_READY.store(true, Ordering::Release);
     Ok(())
+}
+
+/// Whether SIGUSR1 cuts this process ([`install_signal_trigger`] succeeded).
+static TRIGGER_READY: AtomicBool = AtomicBool::new(false);
+
+/// Whether SIGUSR1 cuts this process: what a rank without an agent can still be cut by.
+pub fn signal_trigger_ready() -> bool {
+    TRIGGER_READY.load(Ordering::Acquire)
 }
 
 fn signal_epoch() -> u64 {

@@ -30,8 +30,10 @@ static void setup(void)
     int rc = symvirt_ctl_open((uint32_t)svp.me, NULL,
                               svp_env_ms("SYMVIRT_CONNECT_TIMEOUT_MS", 10000));
     if (rc != SYMVIRT_CONTINUE)
-        fprintf(stderr, "symvirt-pmpi rank %d: no guest agent (%s); running without migration\n",
-                svp.me, symvirt_last_error());
+        fprintf(stderr, "symvirt-pmpi rank %d: no guest agent (%s): the job cannot be migrated%s\n",
+                svp.me, symvirt_last_error(),
+                symvirt_ctl_signal_cuts() ? "; SIGUSR1 through the launcher still takes cuts"
+                                          : " or cut");
     svp.ready = 1;
 }
 
