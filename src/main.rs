@@ -47,7 +47,7 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum CutCommand {
     /// Ask the agent who it is and how many ranks take part.
-    Status(cli::cut::AgentArgs),
+    Status(cli::cut::StatusArgs),
     /// Quiesce the job at a consistent cut, hold, resume; --count times.
     Cycle(cli::cut::CycleArgs),
     /// Quiesce the job and leave it at the cut (prints the epoch for `cut resume`).

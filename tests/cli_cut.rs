@@ -67,6 +67,9 @@ fn cut_cycle_takes_cuts_of_a_running_job_under_both_mpis() {
         let info: Value = serde_json::from_slice(&status.stdout).unwrap();
         assert_eq!(info["ranks"], 2, "{info}");
         assert_eq!(info["vm"], format!("cut-{}", mpi.name()), "{info}");
+        // No job yet: nobody registered.
+        assert_eq!(info["registered"], 0, "{info}");
+        assert_eq!(info["phase"], "running", "{info}");
 
         let env = [
             ("LD_PRELOAD".to_string(), layer(mpi, &dir)),
@@ -79,7 +82,18 @@ fn cut_cycle_takes_cuts_of_a_running_job_under_both_mpis() {
             .launcher(2, &env)
             .arg(mpi_ring::build(mpi, &dir, 3000, 1000))
             .spawn_output();
-        std::thread::sleep(Duration::from_millis(500));
+        // Ready to be cut once both ranks registered.
+        let ready = ninja(&[
+            "cut",
+            "status",
+            "--json",
+            "--wait-registered",
+            "--channel",
+            channel_arg,
+        ]);
+        assert!(ready.status.success(), "{}: {}", mpi.name(), text(&ready));
+        let ready: Value = serde_json::from_slice(&ready.stdout).unwrap();
+        assert_eq!(ready["registered"], 2, "{ready}");
         let cuts = ninja(&[
             "cut",
             "cycle",

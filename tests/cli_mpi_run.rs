@@ -153,10 +153,18 @@ fn cuts_of_a_job_under_mpi_run(mpi: MpiImpl, libs: &Libraries, source: &str, dir
         std::thread::sleep(Duration::from_millis(50));
     }
     let channel = control.to_str().unwrap();
-    let status = ninja(&["cut", "status", "--json", "--channel", channel]);
+    let status = ninja(&[
+        "cut",
+        "status",
+        "--json",
+        "--wait-registered",
+        "--channel",
+        channel,
+    ]);
     assert!(status.status.success(), "{what}: {}", text(&status));
     let info: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(info["ranks"], RANKS, "{what}: {info}");
+    assert_eq!(info["registered"], RANKS, "{what}: {info}");
 
     let cuts = ninja(&[
         "cut",

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use symvirt::controller::new_epoch;
 use symvirt::host_channel::{ChannelOptions, HostChannel};
-use symvirt::protocol::{GuestMessage, HostMessage, Interconnect};
+use symvirt::protocol::{AgentPhase, GuestMessage, HostMessage, Interconnect};
 use symvirt::session::{GuestInfo, GuestSession};
 
 /// What every `cut` subcommand takes.
@@ -30,6 +30,17 @@ pub struct AgentArgs {
     /// One JSON object per line instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// `cut status` arguments.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    agent: AgentArgs,
+    /// Wait (up to --timeout-ms) until every rank has registered with the agent: how a harness
+    /// knows the job is ready to be cut.
+    #[arg(long)]
+    wait_registered: bool,
 }
 
 /// `cut cycle` arguments.
@@ -78,19 +89,80 @@ fn open(args: &AgentArgs) -> Result<(HostChannel, GuestInfo), String> {
     Ok((channel, info))
 }
 
+/// What the agent's `status` says: (last epoch, phase, registered ranks); `None` from an
+/// agent that predates `status` (it ignores the request).
+fn agent_status(
+    channel: &HostChannel,
+    deadline: Instant,
+) -> Result<Option<(u64, AgentPhase, u32)>, String> {
+    channel
+        .send(&HostMessage::Status)
+        .map_err(|e| format!("status: {}", e.chain()))?;
+    let answer = channel.wait_for(|m| matches!(m, GuestMessage::Status { .. }), deadline);
+    match answer {
+        Ok(GuestMessage::Status {
+            epoch,
+            phase,
+            registered,
+            ..
+        }) => Ok(Some((epoch, phase, registered))),
+        Ok(_) => unreachable!("only status is waited for"),
+        Err(symvirt::error::Error::Timeout) => Ok(None),
+        Err(e) => Err(format!("status: {}", e.chain())),
+    }
+}
+
 /// Runs `cut status`.
-pub fn status(args: &AgentArgs) -> ExitCode {
-    match open(args) {
-        Ok((_, info)) => {
-            if args.json {
+pub fn status(args: &StatusArgs) -> ExitCode {
+    let result = open(&args.agent).and_then(|(channel, info)| {
+        let until = Instant::now() + Duration::from_millis(args.agent.timeout_ms);
+        loop {
+            // An agent that predates `status` stays silent: a short wait, then unknown.
+            let ask = (Instant::now() + Duration::from_secs(2)).min(until);
+            let status = agent_status(&channel, ask)?;
+            let ready = status.is_some_and(|(_, _, r)| r >= info.ranks);
+            if !args.wait_registered || ready {
+                return Ok((info, status));
+            }
+            if status.is_none() {
+                return Err(
+                    "the agent does not report its registered ranks (it predates \
+                            `status`): --wait-registered cannot tell"
+                        .into(),
+                );
+            }
+            if Instant::now() >= until {
+                let registered = status.map_or(0, |(_, _, r)| r);
+                return Err(format!(
+                    "{registered} of {} ranks registered after {} ms",
+                    info.ranks, args.agent.timeout_ms
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    match result {
+        Ok((info, status)) => {
+            let (epoch, phase, registered) = match status {
+                Some((e, p, r)) => (Some(e), Some(p), Some(r)),
+                None => (None, None, None),
+            };
+            if args.agent.json {
                 println!(
                     "{}",
                     json!({"vm": info.vm, "agent_version": info.agent_version,
-                           "protocol": info.protocol, "ranks": info.ranks})
+                           "protocol": info.protocol, "ranks": info.ranks,
+                           "registered": registered, "epoch": epoch, "phase": phase})
                 );
             } else {
+                let now = match (registered, epoch, phase) {
+                    (Some(r), Some(e), Some(p)) => {
+                        format!("{r} registered now; last epoch {e}, {p:?}").to_lowercase()
+                    }
+                    _ => "registered ranks unknown (the agent predates status)".into(),
+                };
                 println!(
-                    "agent of {} (symvirt-agent {}, protocol {}): {} ranks take part",
+                    "agent of {} (symvirt-agent {}, protocol {}): {} ranks take part, {now}",
                     info.vm, info.agent_version, info.protocol, info.ranks
                 );
             }

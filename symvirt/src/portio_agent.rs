@@ -14,7 +14,9 @@
 
 use crate::error::{Error, Result};
 use crate::framing::{Frame, LineReader};
-use crate::protocol::{GuestMessage, HostMessage, MAX_LINE, PROTOCOL_VERSION, decode, encode};
+use crate::protocol::{
+    AgentPhase, GuestMessage, HostMessage, MAX_LINE, PROTOCOL_VERSION, decode, encode,
+};
 use migrate_core::vmm::ReferenceVm;
 use migrate_core::vmm::guest::mailbox;
 use std::collections::VecDeque;
@@ -220,6 +222,16 @@ impl Core {
                 mailbox::set_wait(mem, 0).map_err(vmm)?;
                 self.set_word(WORD_PHASE, PHASE_RUNNING)?;
             }
+            HostMessage::Status => self.say(GuestMessage::Status {
+                epoch: self.word(WORD_LAST_EPOCH)?,
+                phase: match phase {
+                    PHASE_PREPARING => AgentPhase::Preparing,
+                    PHASE_QUIESCED => AgentPhase::Quiesced,
+                    _ => AgentPhase::Running,
+                },
+                ranks: 0,
+                registered: 0,
+            }),
         }
         Ok(())
     }

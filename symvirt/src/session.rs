@@ -249,6 +249,8 @@ impl GuestSession {
                 self.hellos_requested = self.hellos_requested.saturating_add(1);
                 return Ok(state.clone());
             }
+            // Allowed in every state; the answer changes nothing.
+            (HostMessage::Status, state) => return Ok(state.clone()),
             (HostMessage::Prepare { epoch, deadline_ms }, SessionState::Running)
                 if *epoch > self.last_epoch =>
             {
@@ -353,6 +355,17 @@ impl GuestSession {
         if self.guest.is_none() {
             return Err(Rejection::new(Unexpected, format!("{what} before hello")));
         }
+        if let GuestMessage::Status { ranks, .. } = message {
+            // Information, in any state; it must agree with the agent's hello.
+            let said = self.guest.as_ref().map_or(0, |g| g.ranks);
+            if *ranks != said {
+                return Err(Rejection::new(
+                    Invalid,
+                    format!("{what} for {ranks} ranks, but the agent's hello said {said}"),
+                ));
+            }
+            return Ok(Accepted::Applied);
+        }
         let got = message.epoch().unwrap_or(0);
         match self.state.epoch() {
             None => {
@@ -422,6 +435,35 @@ impl GuestSession {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_is_answered_in_any_state_and_changes_nothing() {
+        let mut s = GuestSession::default();
+        let status = |ranks| GuestMessage::Status {
+            epoch: 1,
+            phase: crate::protocol::AgentPhase::Quiesced,
+            ranks,
+            registered: 1,
+        };
+        assert!(s.on_guest(&status(1)).is_err(), "status before hello");
+        s.on_guest(&hello("vm0")).unwrap();
+        s.on_host(
+            &HostMessage::Prepare {
+                epoch: 1,
+                deadline_ms: 1000,
+            },
+            Instant::now(),
+        )
+        .unwrap();
+        s.on_guest(&GuestMessage::Quiesced { epoch: 1 }).unwrap();
+        let before = s.state().clone();
+        s.on_host(&HostMessage::Status, Instant::now()).unwrap();
+        assert_eq!(s.on_guest(&status(1)), Ok(Accepted::Applied));
+        assert_eq!(s.state(), &before);
+        // Ranks other than the hello's are a lie.
+        assert!(s.on_guest(&status(3)).is_err());
+        assert_eq!(s.state(), &before);
+    }
 
     fn hello(vm: &str) -> GuestMessage {
         GuestMessage::Hello {

@@ -67,7 +67,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use symvirt_proto::framing::{Frame, LineReader};
 use symvirt_proto::protocol::{
-    GuestMessage, HostMessage, Interconnect, MAX_LINE, PROTOCOL_VERSION,
+    AgentPhase, GuestMessage, HostMessage, Interconnect, MAX_LINE, PROTOCOL_VERSION,
 };
 use symvirt_proto::protocol::{decode, encode};
 use symvirt_proto::rank::{AgentNotice, DEFAULT_RANK_SOCKET, RankRequest};
@@ -814,6 +814,23 @@ impl Core {
                 }
                 _ => log::warn!("ignored abort{{epoch={epoch}}} in {:?}", self.phase),
             },
+            HostMessage::Status => {
+                let phase = match self.phase {
+                    Phase::Running => AgentPhase::Running,
+                    Phase::Preparing { .. } => AgentPhase::Preparing,
+                    Phase::Quiesced { .. } => AgentPhase::Quiesced,
+                    Phase::AwaitingInterconnect { .. } | Phase::Resuming { .. } => {
+                        AgentPhase::Resuming
+                    }
+                };
+                let registered = u32::try_from(self.registered().count()).unwrap_or(u32::MAX);
+                self.tell_host(GuestMessage::Status {
+                    epoch: self.last_epoch,
+                    phase,
+                    ranks: self.config.ranks,
+                    registered,
+                });
+            }
         }
     }
 

@@ -35,6 +35,9 @@
 //! - `{"type":"resume","epoch":E,"interconnect":I}`: continue, now over interconnect `I`.
 //! - `{"type":"abort","epoch":E}`: epoch `E` is cancelled; continue on the interconnect the
 //!   guest had. Not acknowledged.
+//! - `{"type":"status"}`: say where you are (answered with `status`), in any state. Added
+//!   without a version change, as `hello` was: an agent that predates it ignores the line, and
+//!   the host, hearing nothing, reports the status unknown.
 //!
 //! Guest to host ([`GuestMessage`]):
 //! - `{"type":"hello","vm":V,"agent_version":A,"protocol":1,"ranks":N}`: sent when the agent
@@ -46,6 +49,9 @@
 //! - `{"type":"resumed","epoch":E,"interconnect":I,"pci_devices":[...]}`: every rank acknowledged
 //!   the resume; `pci_devices` (optional) is what the guest sees on its PCI bus now.
 //! - `{"type":"failed","epoch":E,"reason":R}`: the guest cannot complete epoch `E`.
+//! - `{"type":"status","epoch":E,"phase":P,"ranks":N,"registered":R}`: the answer to the host's
+//!   `status`: the last epoch the agent heard of (0: none), where it stands (`running`,
+//!   `preparing`, `quiesced`, `resuming`), and how many of its `N` ranks have registered now.
 //!
 //! [`Interconnect`] is `{"kind":"infiniband","hca":"mlx5_0","port":1,"pci":"0000:00:05.0"}` or
 //! `{"kind":"ethernet","mac":"52:54:00:12:34:56","iface":"eth1","pci":"0000:00:04.0"}`:
@@ -113,6 +119,22 @@ pub enum HostMessage {
         /// The epoch being cancelled.
         epoch: u64,
     },
+    /// Say where you are (answered with [`GuestMessage::Status`]).
+    Status,
+}
+
+/// Where a guest agent stands, as its `status` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentPhase {
+    /// Between epochs: the ranks run.
+    Running,
+    /// Bringing the ranks to the cut.
+    Preparing,
+    /// Every rank at the cut, waiting for `resume` or `abort`.
+    Quiesced,
+    /// Releasing the ranks.
+    Resuming,
 }
 
 /// A message from the guest agent to the host.
@@ -151,6 +173,17 @@ pub enum GuestMessage {
         epoch: u64,
         /// Why, for the operator.
         reason: String,
+    },
+    /// The answer to the host's `status`.
+    Status {
+        /// The last epoch the agent heard of (0: none yet).
+        epoch: u64,
+        /// Where it stands.
+        phase: AgentPhase,
+        /// How many local ranks take part.
+        ranks: u32,
+        /// How many of them have registered with the agent now.
+        registered: u32,
     },
 }
 
@@ -300,7 +333,7 @@ impl Interconnect {
 impl Validate for HostMessage {
     fn validate(&self) -> Result<()> {
         match self {
-            HostMessage::Hello => Ok(()),
+            HostMessage::Hello | HostMessage::Status => Ok(()),
             HostMessage::Prepare { epoch, .. } | HostMessage::Abort { epoch } => {
                 check_epoch(*epoch)
             }
@@ -319,7 +352,7 @@ impl HostMessage {
     /// The epoch the message is about (`None` for `hello`).
     pub fn epoch(&self) -> Option<u64> {
         match self {
-            HostMessage::Hello => None,
+            HostMessage::Hello | HostMessage::Status => None,
             HostMessage::Prepare { epoch, .. }
             | HostMessage::Resume { epoch, .. }
             | HostMessage::Abort { epoch } => Some(*epoch),
@@ -330,6 +363,7 @@ impl HostMessage {
     pub fn describe(&self) -> String {
         let name = match self {
             HostMessage::Hello => return "hello".into(),
+            HostMessage::Status => return "status".into(),
             HostMessage::Prepare { .. } => "prepare",
             HostMessage::Resume { .. } => "resume",
             HostMessage::Abort { .. } => "abort",
@@ -389,15 +423,25 @@ impl Validate for GuestMessage {
                 }
                 Ok(())
             }
+            GuestMessage::Status {
+                ranks, registered, ..
+            } => {
+                if *ranks > MAX_RANKS || registered > ranks {
+                    return Err(invalid(format!(
+                        "status: {registered} of {ranks} ranks registered (at most {MAX_RANKS})"
+                    )));
+                }
+                Ok(())
+            }
         }
     }
 }
 
 impl GuestMessage {
-    /// The epoch the message is about (`None` for `hello`).
+    /// The epoch the message is about (`None` for `hello` and `status`).
     pub fn epoch(&self) -> Option<u64> {
         match self {
-            GuestMessage::Hello { .. } => None,
+            GuestMessage::Hello { .. } | GuestMessage::Status { .. } => None,
             GuestMessage::Quiesced { epoch }
             | GuestMessage::Resumed { epoch, .. }
             | GuestMessage::Failed { epoch, .. } => Some(*epoch),
@@ -411,6 +455,9 @@ impl GuestMessage {
             GuestMessage::Quiesced { epoch } => format!("quiesced{{epoch={epoch}}}"),
             GuestMessage::Resumed { epoch, .. } => format!("resumed{{epoch={epoch}}}"),
             GuestMessage::Failed { epoch, .. } => format!("failed{{epoch={epoch}}}"),
+            GuestMessage::Status { epoch, phase, .. } => {
+                format!("status{{epoch={epoch}, {phase:?}}}")
+            }
         }
     }
 }
@@ -479,6 +526,7 @@ mod tests {
                 interconnect: ib(),
             },
             HostMessage::Abort { epoch: 7 },
+            HostMessage::Status,
         ]
     }
 
@@ -510,6 +558,12 @@ mod tests {
                 epoch: 3,
                 reason: "rank 1 did not quiesce in 5000 ms".into(),
             },
+            GuestMessage::Status {
+                epoch: 3,
+                phase: AgentPhase::Quiesced,
+                ranks: 4,
+                registered: 3,
+            },
         ]
     }
 
@@ -535,6 +589,7 @@ mod tests {
             r#"{"type":"resume","epoch":1,"interconnect":{"kind":"ethernet","mac":"52:54:00:12:34:56","pci":"0000:00:04.0"}}"#,
             r#"{"type":"resume","epoch":18446744073709551615,"interconnect":{"kind":"infiniband","hca":"mlx5_0","port":1}}"#,
             r#"{"type":"abort","epoch":7}"#,
+            r#"{"type":"status"}"#,
         ];
         for (m, g) in all_host().iter().zip(golden_host) {
             assert_eq!(
@@ -549,6 +604,7 @@ mod tests {
             r#"{"type":"resumed","epoch":1,"interconnect":{"kind":"ethernet","mac":"52:54:00:12:34:56","pci":"0000:00:04.0"}}"#,
             r#"{"type":"resumed","epoch":2,"interconnect":{"kind":"infiniband","hca":"mlx5_0","port":1},"pci_devices":[{"address":"0000:00:03.0","vendor":6900,"device":4096,"class":131072}]}"#,
             r#"{"type":"failed","epoch":3,"reason":"rank 1 did not quiesce in 5000 ms"}"#,
+            r#"{"type":"status","epoch":3,"phase":"quiesced","ranks":4,"registered":3}"#,
         ];
         for (m, g) in all_guest().iter().zip(golden_guest) {
             assert_eq!(
@@ -571,6 +627,7 @@ mod tests {
             r#"{"type":"prepare","epoch":1,"deadline_ms":5}"#, // host message from the guest
             r#"{"type":"quiesced"}"#,
             r#"{"type":"quiesced","epoch":1,"extra":true}"#,
+            r#"{"type":"status","epoch":1,"phase":"asleep","ranks":2,"registered":1}"#,
             r#"{"type":"quiesced","epoch":-1}"#,
             r#"{"type":"quiesced","epoch":1.5}"#,
             r#"{"type":"quiesced","epoch":"1"}"#,
@@ -592,6 +649,7 @@ mod tests {
             r#"{"type":"hello","vm":"a b","agent_version":"1","protocol":1,"ranks":1}"#,
             r#"{"type":"hello","vm":"a","agent_version":"1","protocol":1,"ranks":4097}"#,
             r#"{"type":"failed","epoch":1,"reason":"a\nb"}"#,
+            r#"{"type":"status","epoch":1,"phase":"running","ranks":2,"registered":3}"#,
             r#"{"type":"resumed","epoch":1,"interconnect":{"kind":"ethernet","mac":"52:54:00:12:34"}}"#,
             r#"{"type":"resumed","epoch":1,"interconnect":{"kind":"ethernet","mac":"52:54:00:12:34:5G"}}"#,
             r#"{"type":"resumed","epoch":1,"interconnect":{"kind":"infiniband","hca":"mlx5_0","port":0}}"#,
