@@ -7,8 +7,8 @@
 //!   cluster, or finish a run whose controller died.
 //! - `mpi build` / `env` / `run`: the MPI layer's libraries for the MPIs installed here, the
 //!   variables that preload it, a job run under it with an agent beside it.
-//! - `cut status` / `cycle` / `pause` / `resume`: cuts of a running MPI job through its guest
-//!   agent.
+//! - `cut status` / `cycle` / `pause` / `resume` / `report`: cuts of a running MPI job through
+//!   its guest agent, and the ranks' records of them checked.
 
 mod cli;
 
@@ -54,6 +54,8 @@ enum CutCommand {
     Pause(cli::cut::AgentArgs),
     /// Release the cut `cut pause` took.
     Resume(cli::cut::ResumeArgs),
+    /// Check the cuts the ranks recorded (--cut-log), pair by pair.
+    Report(cli::cut::ReportArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,6 +82,7 @@ fn main() -> ExitCode {
         Command::Cut(CutCommand::Cycle(args)) => return cli::cut::cycle(args),
         Command::Cut(CutCommand::Pause(args)) => return cli::cut::pause(args),
         Command::Cut(CutCommand::Resume(args)) => return cli::cut::resume(args),
+        Command::Cut(CutCommand::Report(args)) => return cli::cut::report(args),
         _ => {}
     }
     let result = match &cli.command {

@@ -2,7 +2,8 @@
 //! Fortran, 4 ranks, both MPIs) started through the wrapper, which builds nothing by hand,
 //! preloads the layer through the launcher and puts an agent beside the job; `cut status` and
 //! `cut cycle` through the control socket it prints; every cut consistent pair by pair (the
-//! ranks' cut records), the program's own checks passing. Bad cases: a program that is not an
+//! ranks' cut records, read directly and through `cut report`, which also catches a record
+//! altered to lie), the program's own checks passing. Bad cases: a program that is not an
 //! MPI launcher, a launcher of the other MPI, no rank count.
 
 #[path = "../symvirt-mpi/tests/common/mod.rs"]
@@ -200,7 +201,7 @@ fn cuts_of_a_job_under_mpi_run(mpi: MpiImpl, libs: &Libraries, source: &str, dir
         assert_eq!(l["ranks"], RANKS, "{what}: {l}");
         let epoch = l["epoch"].as_u64().unwrap();
         let cut = read_cut(&cut_log, epoch);
-        assert_eq!(cut.len(), RANKS as usize, "{what}: epoch {epoch}");
+        assert_eq!(cut.ranks.len(), RANKS as usize, "{what}: epoch {epoch}");
         let total = check_pairs(&cut, epoch);
         assert!(
             total >= last,
@@ -209,6 +210,63 @@ fn cuts_of_a_job_under_mpi_run(mpi: MpiImpl, libs: &Libraries, source: &str, dir
         last = total;
     }
     assert!(last > 0, "{what}: no message before the last cut");
+    // The same through `cut report`, as a harness reads it.
+    let report = ninja(&[
+        "cut",
+        "report",
+        "--json",
+        "--cut-log",
+        cut_log.to_str().unwrap(),
+    ]);
+    assert!(report.status.success(), "{what}: {}", text(&report));
+    let epochs: Vec<Value> = String::from_utf8_lossy(&report.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(epochs.len(), lines.len(), "{what}: {}", text(&report));
+    for (e, l) in epochs.iter().zip(&lines) {
+        assert_eq!(e["epoch"], l["epoch"], "{what}: {e}");
+        assert_eq!(
+            (e["ranks"].as_u64(), e["consistent"].as_bool()),
+            (Some(4), Some(true)),
+            "{e}"
+        );
+    }
+    assert_eq!(epochs.last().unwrap()["messages"], last, "{what}");
+    // A record that lies is caught, and named.
+    let epoch = lines[0]["epoch"].as_u64().unwrap();
+    let record = cut_log.join(format!("cut-{epoch}-1"));
+    let text_of = std::fs::read_to_string(&record).unwrap();
+    let mut rows: Vec<String> = text_of.lines().map(str::to_owned).collect();
+    let mut sent: Vec<u64> = rows[0]
+        .split_whitespace()
+        .skip(1)
+        .map(|w| w.parse().unwrap())
+        .collect();
+    sent[2] += 1;
+    rows[0] = format!(
+        "sent {}",
+        sent.iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    std::fs::write(&record, rows.join("\n") + "\n").unwrap();
+    let epoch_arg = epoch.to_string();
+    let bad = ninja(&[
+        "cut",
+        "report",
+        "--cut-log",
+        cut_log.to_str().unwrap(),
+        "--epoch",
+        &epoch_arg,
+    ]);
+    assert_eq!(bad.status.code(), Some(1), "{what}: {}", text(&bad));
+    let said = String::from_utf8_lossy(&bad.stdout);
+    assert!(
+        said.contains("INCONSISTENT: rank 1 sent") && said.contains("to rank 2"),
+        "{what}: {said}"
+    );
     // The wrapper removed its agent's sockets.
     assert!(!control.exists(), "{what}: control socket left behind");
 }

@@ -3,7 +3,8 @@
 //! job (every rank at a consistent cut, no message in flight), holds it, resumes it, and
 //! repeats; `pause` leaves the job at a cut and `resume` releases it, from another process
 //! (the agent releases a cut on its own after its stale-epoch time with no host connected:
-//! 5 minutes unless `symvirt-agent --stale-epoch-ms` says otherwise).
+//! 5 minutes unless `symvirt-agent --stale-epoch-ms` says otherwise); `report` checks the cuts
+//! the ranks recorded (`SYMVIRT_CUT_LOG`), pair by pair.
 //!
 //! The agent is reached at the host end of its channel: the socket it listens on when started
 //! with `symvirt-agent --channel listen:PATH`, or a VM's channel socket.
@@ -17,6 +18,7 @@ use symvirt::controller::new_epoch;
 use symvirt::host_channel::{ChannelOptions, HostChannel};
 use symvirt::protocol::{AgentPhase, GuestMessage, HostMessage, Interconnect};
 use symvirt::session::{GuestInfo, GuestSession};
+use symvirt_mpi::cut_log::CutReport;
 
 /// What every `cut` subcommand takes.
 #[derive(Debug, Args)]
@@ -374,4 +376,87 @@ pub fn cycle(args: &CycleArgs) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// `cut report` arguments.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The directory the ranks write their cut records to (`SYMVIRT_CUT_LOG`, `mpi run
+    /// --cut-log`).
+    #[arg(long)]
+    cut_log: PathBuf,
+    /// Only this epoch (default: every epoch with records).
+    #[arg(long)]
+    epoch: Option<u64>,
+    /// One JSON object per epoch instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `cut report`: per epoch, the ranks' records checked pair by pair. Fails (exit 1) if a
+/// cut is inconsistent or a record is missing or malformed.
+pub fn report(args: &ReportArgs) -> ExitCode {
+    let epochs = match args.epoch {
+        Some(e) => Ok(vec![e]),
+        None => CutReport::epochs(&args.cut_log),
+    };
+    let epochs = match epochs {
+        Ok(e) if e.is_empty() => {
+            return fail(format!("no cut records in {}", args.cut_log.display()));
+        }
+        Ok(e) => e,
+        Err(e) => return fail(e.to_string()),
+    };
+    let mut code = ExitCode::SUCCESS;
+    for epoch in epochs {
+        let cut = match CutReport::read(&args.cut_log, epoch) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("ninja-migrate: epoch {epoch}: {e}");
+                code = ExitCode::FAILURE;
+                continue;
+            }
+        };
+        let broken = cut.mismatches();
+        if !broken.is_empty() {
+            code = ExitCode::FAILURE;
+        }
+        if args.json {
+            let pairs: Vec<_> = broken
+                .iter()
+                .map(
+                    |m| json!({"from": m.from, "to": m.to, "sent": m.sent, "received": m.received}),
+                )
+                .collect();
+            println!(
+                "{}",
+                json!({"epoch": epoch, "ranks": cut.ranks.len(), "messages": cut.messages(),
+                       "drained": cut.drained(), "consistent": broken.is_empty(),
+                       "mismatches": pairs})
+            );
+        } else {
+            let verdict = if broken.is_empty() {
+                "consistent".to_owned()
+            } else {
+                let pairs: Vec<String> = broken
+                    .iter()
+                    .map(|m| {
+                        format!(
+                            "rank {} sent {} to rank {}, which received {}",
+                            m.from, m.sent, m.to, m.received
+                        )
+                    })
+                    .collect();
+                format!("INCONSISTENT: {}", pairs.join("; "))
+            };
+            println!(
+                "epoch {epoch}: {} ranks, {} messages before the cut, {} drained by the layer: \
+                 {verdict}",
+                cut.ranks.len(),
+                cut.messages(),
+                cut.drained()
+            );
+        }
+    }
+    code
 }

@@ -112,7 +112,7 @@ fn fail(e: &Error) -> c_int {
         Error::Agent { .. } | Error::AgentLost(_) => SYMVIRT_ERR_AGENT,
         Error::Timeout(_) => SYMVIRT_ERR_TIMEOUT,
         Error::Mpi { .. } => SYMVIRT_ERR_MPI,
-        Error::State(_) | Error::Build { .. } => SYMVIRT_ERR_STATE,
+        Error::State(_) | Error::Build { .. } | Error::CutLog { .. } => SYMVIRT_ERR_STATE,
     }
 }
 

@@ -31,6 +31,17 @@ pub enum Error {
         /// The MPI error code.
         code: i32,
     },
+    /// A cut record (`SYMVIRT_CUT_LOG`) is missing, unreadable or malformed.
+    #[error("cut record {path}: {what}")]
+    CutLog {
+        /// The record file (or the directory).
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        what: String,
+        /// The I/O cause, when it could not be read.
+        #[source]
+        source: Option<io::Error>,
+    },
     /// Building a per-implementation library or program failed.
     #[error("build: {what}")]
     Build {

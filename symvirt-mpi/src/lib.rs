@@ -98,6 +98,7 @@
 
 pub mod capi;
 pub mod control;
+pub mod cut_log;
 pub mod error;
 pub mod mpi_build;
 #[cfg(feature = "rsmpi")]

@@ -208,7 +208,7 @@ fn run_plan_with_mpi_ranks(mpi: MpiImpl, tag: &str, test: &str) {
 
     // The quiesce phase waited for the ranks: all 4 paused at one consistent cut.
     let cut = read_cut(&cuts, report.epoch);
-    assert_eq!(cut.len(), RANKS as usize);
+    assert_eq!(cut.ranks.len(), RANKS as usize);
     let total = check_pairs(&cut, report.epoch);
     eprintln!("{test}: {total} messages delivered before the cut");
     // Each VM's ranks were resumed with that VM's new interconnect, through its agent.

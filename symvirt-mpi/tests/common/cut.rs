@@ -3,41 +3,24 @@
 
 use super::read_records;
 use std::path::Path;
+use symvirt_mpi::cut_log::CutReport;
 
-/// Per rank: (sent to each peer, received from each peer) at the cut of `epoch`.
-pub fn read_cut(dir: &Path, epoch: u64) -> Vec<(Vec<u64>, Vec<u64>)> {
-    read_records(dir, "cut", epoch)
-        .iter()
-        .map(|rec| {
-            let mut lines = rec.lines();
-            let mut row = |label: &str| -> Vec<u64> {
-                let l = lines
-                    .next()
-                    .unwrap_or_else(|| panic!("short record {rec:?}"));
-                let mut w = l.split_whitespace();
-                assert_eq!(w.next(), Some(label), "{rec:?}");
-                w.map(|x| x.parse().unwrap()).collect()
-            };
-            (row("sent"), row("received"))
-        })
-        .collect()
+/// The cut of `epoch`, once every rank has written its record.
+pub fn read_cut(dir: &Path, epoch: u64) -> CutReport {
+    // Waits for every record, then reads them with the library's reader.
+    read_records(dir, "cut", epoch);
+    CutReport::read(dir, epoch).unwrap_or_else(|e| panic!("epoch {epoch}: {e}"))
 }
 
 /// Every pair: what i sent to j is what j received from i. Returns the global total.
-pub fn check_pairs(cut: &[(Vec<u64>, Vec<u64>)], epoch: u64) -> u64 {
-    let n = cut.len();
-    let mut total = 0;
-    for i in 0..n {
-        for j in 0..n {
-            assert_eq!(
-                cut[i].0[j], cut[j].1[i],
-                "epoch {epoch}: rank {i} sent {} messages to rank {j}, which received {}: {cut:?}",
-                cut[i].0[j], cut[j].1[i]
-            );
-            total += cut[i].0[j];
-        }
-    }
-    total
+pub fn check_pairs(cut: &CutReport, epoch: u64) -> u64 {
+    let broken = cut.mismatches();
+    assert!(
+        broken.is_empty(),
+        "epoch {epoch}: pairs that disagree (rank from sent to rank to, which received): \
+         {broken:?}; records: {cut:?}"
+    );
+    cut.messages()
 }
 
 /// The explicit safe point's cut records of `epoch` (`iteration sent received`, written by the
