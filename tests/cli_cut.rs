@@ -70,6 +70,16 @@ fn cut_cycle_takes_cuts_of_a_running_job_under_both_mpis() {
         // No job yet: nobody registered.
         assert_eq!(info["registered"], 0, "{info}");
         assert_eq!(info["phase"], "running", "{info}");
+        // A cut with no job there: refused at once, not after the deadline.
+        let t = std::time::Instant::now();
+        let lonely = ninja(&["cut", "pause", "--channel", channel_arg]);
+        assert_eq!(lonely.status.code(), Some(1), "{}", text(&lonely));
+        assert!(
+            text(&lonely).contains("only 0 of the 2 ranks the agent expects have registered"),
+            "{}",
+            text(&lonely)
+        );
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
 
         let env = [
             ("LD_PRELOAD".to_string(), layer(mpi, &dir)),

@@ -178,7 +178,30 @@ pub fn status(args: &StatusArgs) -> ExitCode {
 }
 
 /// Asks for a cut in `epoch` and waits until every rank is at it; returns how long it took.
-fn quiesce(channel: &HostChannel, epoch: u64, timeout_ms: u64) -> Result<Duration, String> {
+fn quiesce(
+    channel: &HostChannel,
+    info: &GuestInfo,
+    epoch: u64,
+    timeout_ms: u64,
+) -> Result<Duration, String> {
+    // A cut of a job whose ranks are not all there would wait out the deadline: say so now.
+    let ask = Instant::now() + Duration::from_millis(timeout_ms.min(2000));
+    if let Some((last, phase, registered)) = agent_status(channel, ask)? {
+        if registered < info.ranks {
+            return Err(format!(
+                "only {registered} of the {} ranks the agent expects have registered: no job \
+                 there, or not all of its ranks yet (`cut status --wait-registered` waits for \
+                 them)",
+                info.ranks
+            ));
+        }
+        if phase != AgentPhase::Running {
+            return Err(format!(
+                "the agent is in epoch {last} already ({phase:?}): another host holds a cut"
+            )
+            .to_lowercase());
+        }
+    }
     let t = Instant::now();
     channel
         .send(&HostMessage::Prepare {
@@ -253,7 +276,7 @@ pub fn pause(args: &AgentArgs) -> ExitCode {
         Err(e) => return fail(e),
     };
     let epoch = new_epoch();
-    match quiesce(&channel, epoch, args.timeout_ms) {
+    match quiesce(&channel, &info, epoch, args.timeout_ms) {
         Ok(took) if args.json => println!(
             "{}",
             json!({"epoch": epoch, "vm": info.vm, "ranks": info.ranks,
@@ -354,7 +377,7 @@ pub fn cycle(args: &CycleArgs) -> ExitCode {
             std::thread::sleep(Duration::from_secs_f64(args.every));
         }
         let epoch = first + u64::from(n);
-        let cut = quiesce(&channel, epoch, timeout).and_then(|q| {
+        let cut = quiesce(&channel, &info, epoch, timeout).and_then(|q| {
             std::thread::sleep(Duration::from_millis(args.hold_ms));
             release(&channel, epoch, &interconnect, timeout).map(|r| (q, r))
         });
