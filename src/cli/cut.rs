@@ -7,17 +7,17 @@
 //! the ranks recorded (`SYMVIRT_CUT_LOG`), pair by pair.
 //!
 //! The agent is reached at the host end of its channel: the socket it listens on when started
-//! with `symvirt-agent --channel listen:PATH`, or a VM's channel socket.
+//! with `symvirt-agent --channel listen:PATH`, or a VM's channel socket. The work is
+//! `symvirt::cut::JobCuts`; this is its command line.
 
 use clap::Args;
 use serde_json::json;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use symvirt::controller::new_epoch;
-use symvirt::host_channel::{ChannelOptions, HostChannel};
-use symvirt::protocol::{AgentPhase, GuestMessage, HostMessage, Interconnect};
-use symvirt::session::{GuestInfo, GuestSession};
+use symvirt::cut::JobCuts;
+use symvirt::protocol::Interconnect;
 use symvirt_mpi::cut_log::CutReport;
 
 /// What every `cut` subcommand takes.
@@ -66,195 +66,56 @@ pub struct CycleArgs {
     interconnect: String,
 }
 
-/// Connects and waits for the agent's hello.
-fn open(args: &AgentArgs) -> Result<(HostChannel, GuestInfo), String> {
-    let path = &args.channel;
-    if !path.exists() {
-        return Err(format!(
-            "no agent channel at {} (start symvirt-agent with --channel listen:{})",
-            path.display(),
-            path.display()
-        ));
-    }
-    let channel = HostChannel::connect(path, ChannelOptions::labelled("cut"))
-        .map_err(|e| format!("{}: {}", path.display(), e.chain()))?;
-    let info = channel
-        .wait_hello(Instant::now() + Duration::from_millis(args.timeout_ms))
-        .map_err(|e| {
-            format!(
-                "no agent answered at {} within {} ms: {}",
-                path.display(),
-                args.timeout_ms,
-                e.chain()
-            )
-        })?;
-    Ok((channel, info))
+/// Connects to the agent and waits for its hello.
+fn open(args: &AgentArgs) -> Result<JobCuts, String> {
+    JobCuts::connect(&args.channel, Duration::from_millis(args.timeout_ms)).map_err(|e| e.chain())
 }
 
-/// What the agent's `status` says: (last epoch, phase, registered ranks); `None` from an
-/// agent that predates `status` (it ignores the request).
-fn agent_status(
-    channel: &HostChannel,
-    deadline: Instant,
-) -> Result<Option<(u64, AgentPhase, u32)>, String> {
-    channel
-        .send(&HostMessage::Status)
-        .map_err(|e| format!("status: {}", e.chain()))?;
-    let answer = channel.wait_for(|m| matches!(m, GuestMessage::Status { .. }), deadline);
-    match answer {
-        Ok(GuestMessage::Status {
-            epoch,
-            phase,
-            registered,
-            ..
-        }) => Ok(Some((epoch, phase, registered))),
-        Ok(_) => unreachable!("only status is waited for"),
-        Err(symvirt::error::Error::Timeout) => Ok(None),
-        Err(e) => Err(format!("status: {}", e.chain())),
-    }
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 /// Runs `cut status`.
 pub fn status(args: &StatusArgs) -> ExitCode {
-    let result = open(&args.agent).and_then(|(channel, info)| {
-        let until = Instant::now() + Duration::from_millis(args.agent.timeout_ms);
-        loop {
-            // An agent that predates `status` stays silent: a short wait, then unknown.
-            let ask = (Instant::now() + Duration::from_secs(2)).min(until);
-            let status = agent_status(&channel, ask)?;
-            let ready = status.is_some_and(|(_, _, r)| r >= info.ranks);
-            if !args.wait_registered || ready {
-                return Ok((info, status));
-            }
-            if status.is_none() {
-                return Err(
-                    "the agent does not report its registered ranks (it predates \
-                            `status`): --wait-registered cannot tell"
-                        .into(),
-                );
-            }
-            if Instant::now() >= until {
-                let registered = status.map_or(0, |(_, _, r)| r);
-                return Err(format!(
-                    "{registered} of {} ranks registered after {} ms",
-                    info.ranks, args.agent.timeout_ms
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    let result = open(&args.agent).and_then(|job| {
+        let status = if args.wait_registered {
+            job.wait_registered(Duration::from_millis(args.agent.timeout_ms))
+                .map(Some)
+        } else {
+            job.status()
+        };
+        status.map(|s| (job, s)).map_err(|e| e.chain())
     });
-    match result {
-        Ok((info, status)) => {
-            let (epoch, phase, registered) = match status {
-                Some((e, p, r)) => (Some(e), Some(p), Some(r)),
-                None => (None, None, None),
-            };
-            if args.agent.json {
-                println!(
-                    "{}",
-                    json!({"vm": info.vm, "agent_version": info.agent_version,
-                           "protocol": info.protocol, "ranks": info.ranks,
-                           "registered": registered, "epoch": epoch, "phase": phase})
-                );
-            } else {
-                let now = match (registered, epoch, phase) {
-                    (Some(r), Some(e), Some(p)) => {
-                        format!("{r} registered now; last epoch {e}, {p:?}").to_lowercase()
-                    }
-                    _ => "registered ranks unknown (the agent predates status)".into(),
-                };
-                println!(
-                    "agent of {} (symvirt-agent {}, protocol {}): {} ranks take part, {now}",
-                    info.vm, info.agent_version, info.protocol, info.ranks
-                );
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("ninja-migrate: {e}");
-            ExitCode::FAILURE
-        }
+    let (job, status) = match result {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    let info = job.info();
+    if args.agent.json {
+        println!(
+            "{}",
+            json!({"vm": info.vm, "agent_version": info.agent_version,
+                   "protocol": info.protocol, "ranks": info.ranks,
+                   "registered": status.map(|s| s.registered),
+                   "epoch": status.map(|s| s.epoch),
+                   "phase": status.map(|s| s.phase)})
+        );
+    } else {
+        let now = match status {
+            Some(s) => format!(
+                "{} registered now; last epoch {}, {}",
+                s.registered,
+                s.epoch,
+                format!("{:?}", s.phase).to_lowercase()
+            ),
+            None => "registered ranks unknown (the agent predates status)".into(),
+        };
+        println!(
+            "agent of {} (symvirt-agent {}, protocol {}): {} ranks take part, {now}",
+            info.vm, info.agent_version, info.protocol, info.ranks
+        );
     }
-}
-
-/// Asks for a cut in `epoch` and waits until every rank is at it; returns how long it took.
-fn quiesce(
-    channel: &HostChannel,
-    info: &GuestInfo,
-    epoch: u64,
-    timeout_ms: u64,
-) -> Result<Duration, String> {
-    // A cut of a job whose ranks are not all there would wait out the deadline: say so now.
-    let ask = Instant::now() + Duration::from_millis(timeout_ms.min(2000));
-    if let Some((last, phase, registered)) = agent_status(channel, ask)? {
-        if registered < info.ranks {
-            return Err(format!(
-                "only {registered} of the {} ranks the agent expects have registered: no job \
-                 there, or not all of its ranks yet (`cut status --wait-registered` waits for \
-                 them)",
-                info.ranks
-            ));
-        }
-        if phase != AgentPhase::Running {
-            return Err(format!(
-                "the agent is in epoch {last} already ({phase:?}): another host holds a cut"
-            )
-            .to_lowercase());
-        }
-    }
-    let t = Instant::now();
-    channel
-        .send(&HostMessage::Prepare {
-            epoch,
-            deadline_ms: timeout_ms,
-        })
-        .map_err(|e| format!("prepare: {}", e.chain()))?;
-    let answer = channel
-        .wait_for(
-            |m| {
-                matches!(
-                    m,
-                    GuestMessage::Quiesced { .. } | GuestMessage::Failed { .. }
-                )
-            },
-            t + Duration::from_millis(timeout_ms),
-        )
-        .map_err(|e| format!("waiting for the cut: {}", e.chain()))?;
-    if let GuestMessage::Failed { reason, .. } = answer {
-        return Err(format!("the job did not reach the cut: {reason}"));
-    }
-    Ok(t.elapsed())
-}
-
-/// Releases the cut of `epoch` on `interconnect`; returns how long the ranks took to go on.
-fn release(
-    channel: &HostChannel,
-    epoch: u64,
-    interconnect: &Interconnect,
-    timeout_ms: u64,
-) -> Result<Duration, String> {
-    let t = Instant::now();
-    channel
-        .send(&HostMessage::Resume {
-            epoch,
-            interconnect: interconnect.clone(),
-        })
-        .map_err(|e| format!("resume: {}", e.chain()))?;
-    let answer = channel
-        .wait_for(
-            |m| {
-                matches!(
-                    m,
-                    GuestMessage::Resumed { .. } | GuestMessage::Failed { .. }
-                )
-            },
-            t + Duration::from_millis(timeout_ms),
-        )
-        .map_err(|e| format!("waiting for the resume: {}", e.chain()))?;
-    if let GuestMessage::Failed { reason, .. } = answer {
-        return Err(format!("the job did not resume: {reason}"));
-    }
-    Ok(t.elapsed())
+    ExitCode::SUCCESS
 }
 
 fn parse_interconnect(text: &str) -> Result<Interconnect, ExitCode> {
@@ -271,24 +132,24 @@ fn fail(what: impl std::fmt::Display) -> ExitCode {
 
 /// Runs `cut pause`: the job stays at the cut when it returns.
 pub fn pause(args: &AgentArgs) -> ExitCode {
-    let (channel, info) = match open(args) {
-        Ok(c) => c,
+    let job = match open(args) {
+        Ok(j) => j,
         Err(e) => return fail(e),
     };
     let epoch = new_epoch();
-    match quiesce(&channel, &info, epoch, args.timeout_ms) {
+    let info = job.info();
+    match job.quiesce(epoch, Duration::from_millis(args.timeout_ms)) {
         Ok(took) if args.json => println!(
             "{}",
-            json!({"epoch": epoch, "vm": info.vm, "ranks": info.ranks,
-                   "quiesce_ms": took.as_secs_f64() * 1e3})
+            json!({"epoch": epoch, "vm": info.vm, "ranks": info.ranks, "quiesce_ms": ms(took)})
         ),
         Ok(took) => println!(
             "epoch {epoch}: {} ranks quiesced in {:.1} ms; held until `ninja-migrate cut resume \
              --epoch {epoch}`",
             info.ranks,
-            took.as_secs_f64() * 1e3
+            ms(took)
         ),
-        Err(e) => return fail(e),
+        Err(e) => return fail(e.chain()),
     }
     ExitCode::SUCCESS
 }
@@ -312,44 +173,20 @@ pub fn resume(args: &ResumeArgs) -> ExitCode {
         Ok(i) => i,
         Err(code) => return code,
     };
-    let path = &args.agent.channel;
-    if !path.exists() {
-        return fail(format!("no agent channel at {}", path.display()));
-    }
+    let timeout = Duration::from_millis(args.agent.timeout_ms);
     // This connection continues the session `cut pause` started.
-    let channel = match HostChannel::connect_continuing(
-        path,
-        ChannelOptions::labelled("cut"),
-        GuestSession::quiesced(args.epoch),
-    ) {
-        Ok(c) => c,
-        Err(e) => return fail(format!("{}: {}", path.display(), e.chain())),
-    };
-    let deadline = Instant::now() + Duration::from_millis(args.agent.timeout_ms);
-    if let Err(e) = channel.wait_hello(deadline) {
-        return fail(format!(
-            "no agent answered at {}: {}",
-            path.display(),
-            e.chain()
-        ));
-    }
-    match release(&channel, args.epoch, &interconnect, args.agent.timeout_ms) {
+    let resumed = JobCuts::continuing(&args.agent.channel, args.epoch, timeout)
+        .and_then(|job| job.resume(args.epoch, &interconnect, timeout));
+    match resumed {
         Ok(took) if args.agent.json => {
-            println!(
-                "{}",
-                json!({"epoch": args.epoch, "resume_ms": took.as_secs_f64() * 1e3})
-            );
+            println!("{}", json!({"epoch": args.epoch, "resume_ms": ms(took)}));
             ExitCode::SUCCESS
         }
         Ok(took) => {
-            println!(
-                "epoch {}: resumed in {:.1} ms",
-                args.epoch,
-                took.as_secs_f64() * 1e3
-            );
+            println!("epoch {}: resumed in {:.1} ms", args.epoch, ms(took));
             ExitCode::SUCCESS
         }
-        Err(e) => fail(e),
+        Err(e) => fail(e.chain()),
     }
 }
 
@@ -366,36 +203,36 @@ pub fn cycle(args: &CycleArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    let (channel, info) = match open(&args.agent) {
-        Ok(c) => c,
+    let job = match open(&args.agent) {
+        Ok(j) => j,
         Err(e) => return fail(e),
     };
-    let timeout = args.agent.timeout_ms;
+    let info = job.info();
+    let timeout = Duration::from_millis(args.agent.timeout_ms);
     let first = new_epoch();
     for n in 0..args.count {
         if n > 0 {
             std::thread::sleep(Duration::from_secs_f64(args.every));
         }
         let epoch = first + u64::from(n);
-        let cut = quiesce(&channel, &info, epoch, timeout).and_then(|q| {
+        let cut = job.quiesce(epoch, timeout).and_then(|q| {
             std::thread::sleep(Duration::from_millis(args.hold_ms));
-            release(&channel, epoch, &interconnect, timeout).map(|r| (q, r))
+            job.resume(epoch, &interconnect, timeout).map(|r| (q, r))
         });
         match cut {
             Ok((quiesce, resume)) if args.agent.json => println!(
                 "{}",
                 json!({"cut": n + 1, "epoch": epoch, "vm": info.vm, "ranks": info.ranks,
-                       "quiesce_ms": quiesce.as_secs_f64() * 1e3,
-                       "resume_ms": resume.as_secs_f64() * 1e3})
+                       "quiesce_ms": ms(quiesce), "resume_ms": ms(resume)})
             ),
             Ok((quiesce, resume)) => println!(
                 "cut {}: {} ranks quiesced in {:.1} ms, resumed in {:.1} ms",
                 n + 1,
                 info.ranks,
-                quiesce.as_secs_f64() * 1e3,
-                resume.as_secs_f64() * 1e3
+                ms(quiesce),
+                ms(resume)
             ),
-            Err(e) => return fail(format!("cut {}: {e}", n + 1)),
+            Err(e) => return fail(format!("cut {}: {}", n + 1, e.chain())),
         }
     }
     ExitCode::SUCCESS

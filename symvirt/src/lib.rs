@@ -44,6 +44,7 @@
 pub mod backend;
 pub mod cluster;
 pub mod controller;
+pub mod cut;
 pub mod error;
 pub mod host_channel;
 pub mod journal;
