@@ -1,8 +1,8 @@
 //! `ninja-migrate cut`, as a benchmark harness uses it: a real MPI job (both MPIs, 2 ranks)
 //! with the transparent layer preloaded and a guest agent beside it; `cut status`, then
 //! `cut cycle` takes cuts while the job runs, `cut pause` holds it across processes until
-//! `cut resume`, and the job's own check passes. Bad cases: no
-//! agent, a bad interconnect.
+//! `cut resume`, and the job's own check passes. Bad cases: no agent, no job at the agent, a job
+//! that ends while cuts keep coming, a bad interconnect.
 
 mod mpi_ring;
 
@@ -164,6 +164,59 @@ fn cut_cycle_takes_cuts_of_a_running_job_under_both_mpis() {
         let out = String::from_utf8_lossy(&done.stdout);
         assert!(
             out.contains("ring ok 3000"),
+            "{}: {}",
+            mpi.name(),
+            text(&done)
+        );
+
+        // A job that ends while cuts keep coming: the cycle stops with the reason, in
+        // bounded time, and the job itself ends well.
+        let short = mpi
+            .launcher(2, &env)
+            .arg(mpi_ring::build(mpi, &dir, 400, 1000))
+            .spawn_output();
+        let ready = ninja(&[
+            "cut",
+            "status",
+            "--wait-registered",
+            "--channel",
+            channel_arg,
+        ]);
+        assert!(ready.status.success(), "{}: {}", mpi.name(), text(&ready));
+        let t = std::time::Instant::now();
+        let cuts = ninja(&[
+            "cut",
+            "cycle",
+            "--channel",
+            channel_arg,
+            "--count",
+            "1000",
+            "--every",
+            "0.01",
+            "--timeout-ms",
+            "20000",
+            "--interconnect",
+            INTERCONNECT,
+        ]);
+        assert_eq!(
+            cuts.status.code(),
+            Some(1),
+            "{}: {}",
+            mpi.name(),
+            text(&cuts)
+        );
+        let why = text(&cuts);
+        assert!(
+            why.contains("have registered: no job there") || why.contains("did not reach the cut"),
+            "{}: {why}",
+            mpi.name()
+        );
+        eprintln!("{}: a cycle over a job that ended: {why}", mpi.name());
+        assert!(t.elapsed() < Duration::from_secs(40), "{:?}", t.elapsed());
+        let done = short.join().unwrap();
+        assert!(done.status.success(), "{}: {}", mpi.name(), text(&done));
+        assert!(
+            String::from_utf8_lossy(&done.stdout).contains("ring ok 400"),
             "{}: {}",
             mpi.name(),
             text(&done)
