@@ -486,7 +486,7 @@ impl QemuVm {
         let status = self
             .destination()?
             .query_status()
-            .map_err(|e| Error::qmp(self.what("destination", "query-status"), e))?;
+            .map_err(|e| Error::qmp(self.what("destination", "run state"), e))?;
         if status.running {
             Ok(())
         } else {
@@ -606,7 +606,7 @@ impl QemuVm {
             }
             let dst = self.destination()?;
             if let Some(has) = check_nic_mac(dst, id, mac)
-                .map_err(|e| Error::qmp(self.what("destination", format!("qom-get {id}")), e))?
+                .map_err(|e| Error::qmp(self.what("destination", format!("MAC of {id}")), e))?
             {
                 return Err(Error::Refused(format!(
                     "{}: the destination's standby NIC {id:?} has mac {has}, the plan says {mac}",
@@ -707,7 +707,7 @@ impl QemuVm {
         loop {
             let status = qmp
                 .query_status()
-                .map_err(|e| Error::qmp(self.what("destination", "query-status"), e))?;
+                .map_err(|e| Error::qmp(self.what("destination", "run state"), e))?;
             if status.running {
                 return Ok(());
             }
@@ -752,7 +752,7 @@ impl VmBackend for QemuVm {
         {
             let src = self.source()?;
             let present = qom_children(src, "/machine/peripheral")
-                .map_err(|e| Error::qmp(self.what("source", "qom-list"), e))?;
+                .map_err(|e| Error::qmp(self.what("source", "devices"), e))?;
             for d in &self.spec.source.devices {
                 if !present.contains(d.id()) {
                     return Err(Error::Refused(format!(
@@ -763,7 +763,7 @@ impl VmBackend for QemuVm {
                 }
                 if let Device::StandbyNic { id, mac } = d {
                     if let Some(has) = check_nic_mac(src, id, mac)
-                        .map_err(|e| Error::qmp(self.what("source", format!("qom-get {id}")), e))?
+                        .map_err(|e| Error::qmp(self.what("source", format!("MAC of {id}")), e))?
                     {
                         return Err(Error::Refused(format!(
                             "{}: the source's standby NIC {id:?} has mac {has}, the plan says {mac}",
@@ -782,7 +782,7 @@ impl VmBackend for QemuVm {
                             "qom-get",
                             Some(json!({ "path": format!("/objects/{obj}"), "property": "mem-path" })),
                         )
-                        .map_err(|e| Error::qmp(self.what("source", format!("qom-get {obj}")), e))?;
+                        .map_err(|e| Error::qmp(self.what("source", format!("memory file of {obj}")), e))?;
                     if used.as_str() != Some(&*mem_path.to_string_lossy()) {
                         return Err(Error::Refused(format!(
                             "{}: the plan says stand-in {:?} uses {}, but the source's {obj} uses \
@@ -795,7 +795,7 @@ impl VmBackend for QemuVm {
                 }
                 if let Some(obj) = d.backend_object_id() {
                     let offset = ramblock_offset(src, &obj)
-                        .map_err(|e| Error::qmp(self.what("source", "info ramblock"), e))?;
+                        .map_err(|e| Error::qmp(self.what("source", "RAM blocks"), e))?;
                     if offset == Some(0) {
                         return Err(Error::Refused(format!(
                             "{}: the memory of {:?} is QEMU's first RAM block (given on the \
@@ -813,7 +813,7 @@ impl VmBackend for QemuVm {
             ];
             caps.dedup();
             src.migrate_set_capabilities(&caps)
-                .map_err(|e| Error::qmp(self.what("source", "migrate-set-capabilities"), e))?;
+                .map_err(|e| Error::qmp(self.what("source", "migration capabilities"), e))?;
             let params = MigrationParameters {
                 max_bandwidth: self.settings.max_bandwidth,
                 downtime_limit: self.settings.downtime_limit_ms,
@@ -821,7 +821,7 @@ impl VmBackend for QemuVm {
             };
             if params != MigrationParameters::default() {
                 src.migrate_set_parameters(&params)
-                    .map_err(|e| Error::qmp(self.what("source", "migrate-set-parameters"), e))?;
+                    .map_err(|e| Error::qmp(self.what("source", "migration parameters"), e))?;
             }
         }
         // The destination: started (or found) waiting for the migration, listening.
@@ -832,7 +832,7 @@ impl VmBackend for QemuVm {
         let dst = self.connect_monitor(&address, deadline)?;
         let status = dst
             .query_status()
-            .map_err(|e| Error::qmp(self.what("destination", "query-status"), e))?;
+            .map_err(|e| Error::qmp(self.what("destination", "run state"), e))?;
         if status.status != RunState::InMigrate {
             return Err(Error::Refused(format!(
                 "{}: destination is {}, not waiting for a migration",
@@ -846,14 +846,17 @@ impl VmBackend for QemuVm {
                     Error::qmp(
                         self.what(
                             "destination",
-                            format!("migrate-incoming {}", self.spec.destination.migrate_uri),
+                            format!(
+                                "listen for the migration on {}",
+                                self.spec.destination.migrate_uri
+                            ),
                         ),
                         e,
                     )
                 })?;
         }
         let present = qom_children(&dst, "/machine/peripheral")
-            .map_err(|e| Error::qmp(self.what("destination", "qom-list"), e))?;
+            .map_err(|e| Error::qmp(self.what("destination", "devices"), e))?;
         self.destination = Some(dst);
         for d in self.spec.destination.devices.clone() {
             self.claim(&d, &present)?;
@@ -866,7 +869,7 @@ impl VmBackend for QemuVm {
         // A standby NIC stays, without a link: the destination inherits it down.
         for d in self.spec.source.devices.iter().filter(|d| d.is_standby()) {
             src.set_link(d.id(), false).map_err(|e| {
-                Error::qmp(self.what("source", format!("set_link {} off", d.id())), e)
+                Error::qmp(self.what("source", format!("link of {} down", d.id())), e)
             })?;
         }
         // All at once: the guest ejects them in one hot-plug round (each takes it 0.1 s or
@@ -882,18 +885,15 @@ impl VmBackend for QemuVm {
         if !ids.is_empty() {
             src.device_del_all_and_wait(&ids, remaining(deadline))
                 .map_err(|e| {
-                    Error::qmp(
-                        self.what("source", format!("device_del {}", ids.join(", "))),
-                        e,
-                    )
+                    Error::qmp(self.what("source", format!("detach {}", ids.join(", "))), e)
                 })?;
         }
         for d in &self.spec.source.devices {
             if let Some(obj) = d.backend_object_id() {
                 src.object_del(&obj)
-                    .map_err(|e| Error::qmp(self.what("source", format!("object-del {obj}")), e))?;
+                    .map_err(|e| Error::qmp(self.what("source", format!("remove {obj}")), e))?;
                 wait_ramblock_gone(src, &obj, deadline).map_err(|e| match e {
-                    Some(e) => Error::qmp(self.what("source", "info ramblock"), e),
+                    Some(e) => Error::qmp(self.what("source", "RAM blocks"), e),
                     None => Error::Qemu(self.what(
                         "source",
                         format!("memory of {obj} still registered after object-del"),
@@ -901,8 +901,12 @@ impl VmBackend for QemuVm {
                 })?;
             }
             if let Some(n) = d.netdev_id() {
-                src.netdev_del(&n)
-                    .map_err(|e| Error::qmp(self.what("source", format!("netdev_del {n}")), e))?;
+                src.netdev_del(&n).map_err(|e| {
+                    Error::qmp(
+                        self.what("source", format!("remove network backend {n}")),
+                        e,
+                    )
+                })?;
             }
         }
         Ok(())
@@ -910,9 +914,12 @@ impl VmBackend for QemuVm {
 
     fn start_migration(&mut self) -> Result<()> {
         let uri = self.spec.destination.migrate_uri.clone();
-        self.source()?
-            .migrate(&uri)
-            .map_err(|e| Error::qmp(self.what("source", format!("migrate {uri}")), e))?;
+        self.source()?.migrate(&uri).map_err(|e| {
+            Error::qmp(
+                self.what("source", format!("start the migration to {uri}")),
+                e,
+            )
+        })?;
         self.migration = MigrationState::Running;
         Ok(())
     }
@@ -950,7 +957,7 @@ impl VmBackend for QemuVm {
     fn switchover(&mut self, deadline: Instant) -> Result<MigrationResult> {
         let src = self.source()?;
         src.migrate_continue(MigrationStatus::PreSwitchover)
-            .map_err(|e| Error::qmp(self.what("source", "migrate-continue"), e))?;
+            .map_err(|e| Error::qmp(self.what("source", "switch over"), e))?;
         let info = wait_for_migration(
             src,
             &MigrationWait::completed_within(remaining(deadline)),
@@ -1004,7 +1011,7 @@ impl VmBackend for QemuVm {
         }
         let result = self.source().and_then(|s| {
             s.quit()
-                .map_err(|e| Error::qmp(self.what("source", "quit"), e))
+                .map_err(|e| Error::qmp(self.what("source", "stop it"), e))
         });
         self.release_source_standins();
         self.claimed.clear();
@@ -1136,7 +1143,7 @@ impl VmBackend for QemuVm {
             Some(src) => {
                 let status = src
                     .query_migrate()
-                    .map_err(|e| Error::qmp(self.what("source", "query-migrate"), e))?
+                    .map_err(|e| Error::qmp(self.what("source", "migration state"), e))?
                     .status();
                 match status {
                     MigrationStatus::None
@@ -1160,7 +1167,7 @@ impl VmBackend for QemuVm {
         })?;
         self.check_destination_runs()?;
         let present = qom_children(dst, "/machine/peripheral")
-            .map_err(|e| Error::qmp(self.what("destination", "qom-list"), e))?;
+            .map_err(|e| Error::qmp(self.what("destination", "devices"), e))?;
         for d in &self.spec.destination.devices {
             if d.is_standby() || !present.contains(d.id()) {
                 Self::plug(dst, d).map_err(|e| {
