@@ -61,13 +61,35 @@ impl<'a> GuestPages<'a> {
         })
     }
 
+    /// The region holding the byte at `gpa`, if any. Regions are sorted and disjoint
+    /// (vm-memory keeps them so).
+    fn region(&self, gpa: u64) -> Option<&HostRegion> {
+        let i = self
+            .regions
+            .partition_point(|r| r.gpa <= gpa)
+            .checked_sub(1)?;
+        let r = &self.regions[i];
+        (gpa - r.gpa < r.len).then_some(r)
+    }
+
+    /// The guest-physical address just past the region holding `gpa`, if any.
+    ///
+    /// Regions adjacent in guest-physical address space are still separate host mappings
+    /// (separate KVM memory slots): a range of pages must never run past this address.
+    pub(crate) fn region_end(&self, gpa: u64) -> Option<u64> {
+        self.region(gpa).map(|r| r.gpa + r.len)
+    }
+
+    /// Guest-physical start address of every region, ascending.
+    pub(crate) fn region_starts(&self) -> Vec<u64> {
+        self.regions.iter().map(|r| r.gpa).collect()
+    }
+
     /// Host pointer for `pages` pages at `gpa`, if the whole range lies inside one region.
+    /// A range running on into an adjacent region is refused: the two are separate mappings.
     fn locate(&self, gpa: u64, pages: u64) -> Option<*mut u8> {
         let len = pages.checked_mul(PAGE_SIZE)?;
-        let r = self
-            .regions
-            .iter()
-            .find(|r| gpa >= r.gpa && gpa - r.gpa < r.len)?;
+        let r = self.region(gpa)?;
         let off = gpa - r.gpa;
         if off.checked_add(len)? > r.len {
             return None;
@@ -248,12 +270,30 @@ impl<'a> BatchWriter<'a> {
         }
     }
 
-    /// Queues the pages of `run` (inside one region), checking each for zero.
+    /// Queues the pages of `run`, checking each for zero. A run spanning regions that are
+    /// adjacent in guest-physical address space is split at each region's end (every range
+    /// on the wire lies inside one region); a page outside guest memory is an error.
     /// Zero pages are skipped if `skip_zero` (round 0: the destination starts zeroed), else
     /// sent as zero markers.
     pub fn push_run(&mut self, run: PageRun, skip_zero: bool) -> Result<()> {
         let end = run.end();
         let mut at = run.gpa;
+        while at < end {
+            let region_end = self.pages.region_end(at).ok_or_else(|| {
+                Error::Memory(format!(
+                    "page {at:#x} of run {:#x}+{} pages lies outside guest memory",
+                    run.gpa, run.pages
+                ))
+            })?;
+            self.push_in_region(at, end.min(region_end), skip_zero)?;
+            at = end.min(region_end);
+        }
+        Ok(())
+    }
+
+    /// Queues the pages in `[start, end)`, which lies inside one region.
+    fn push_in_region(&mut self, start: u64, end: u64, skip_zero: bool) -> Result<()> {
+        let mut at = start;
         while at < end {
             let zero = self.pages.is_zero(at);
             let mut n = 1;
@@ -285,11 +325,14 @@ impl<'a> BatchWriter<'a> {
             } else {
                 pages.min(MAX_DATA_PAGES_PER_BATCH - self.data_pages)
             };
-            // Extend the previous range when contiguous and of the same kind.
+            // Extend the previous range when contiguous, of the same kind and in the same
+            // region (`gpa` starting the next, adjacent region ends the range).
+            let same_region = self.pages.region_end(gpa.saturating_sub(1)) > Some(gpa);
             match self.ranges.last_mut() {
                 Some(last)
                     if last.zero == zero
                         && last.gpa + u64::from(last.pages) * PAGE_SIZE == gpa
+                        && same_region
                         && u64::from(last.pages) + room <= u64::from(MAX_PAGES_PER_RANGE) =>
                 {
                     last.pages += room as u32
@@ -507,6 +550,100 @@ mod tests {
             let was_written = written.contains(&(i as u64 * PAGE_SIZE));
             assert_eq!(*h != zero, was_written, "page {i}");
         }
+    }
+
+    /// Three regions adjacent in guest-physical address space (like KVM memory slots).
+    fn adjacent_regions() -> GuestMemory {
+        GuestMemory::from_ranges(&[
+            (GuestAddress(0), 0x10000),
+            (GuestAddress(0x10000), 0x10000),
+            (GuestAddress(0x20000), 0x10000),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn runs_across_adjacent_regions_travel_as_ranges_inside_one_region() {
+        let src = adjacent_regions();
+        for gpa in (0..0x30000).step_by(PAGE_SIZE as usize) {
+            let page: Vec<u8> = (0..PAGE_SIZE)
+                .map(|i| ((gpa + i) % 251) as u8 | 1)
+                .collect();
+            src.write_slice(&page, GuestAddress(gpa)).unwrap();
+        }
+        // Zero one page right after the second boundary: zero markers must split there too.
+        src.write_slice(&[0u8; PAGE_SIZE as usize], GuestAddress(0x20000))
+            .unwrap();
+        let (mut s, mut d) = crate::transport::in_process(1).unwrap();
+        let (s, mut d) = (s.memory.remove(0), d.memory.remove(0));
+        let src_pages = GuestPages::new(&src).unwrap();
+        let sender = std::thread::scope(|scope| {
+            let src_pages = &src_pages;
+            // The stream moves into the sender: if it fails, the receiver sees it close.
+            let h = scope.spawn(move || {
+                let mut w = BatchWriter::new(&s, src_pages);
+                // Runs crossing each boundary, and runs that touch at a boundary.
+                w.push_run(PageRun::new(0xc000, 8), false).unwrap();
+                w.push_run(PageRun::new(0x14000, 12), false).unwrap();
+                w.push_run(PageRun::new(0x20000, 4), false).unwrap();
+                w.push_run(PageRun::new(0x1f000, 1), false).unwrap();
+                w.flush().unwrap();
+                w.marker(Record::EndOfStream {
+                    total_pages: w.counters.data_pages + w.counters.zero_pages,
+                })
+                .unwrap();
+                w.counters
+            });
+            let dst = adjacent_regions();
+            dst.write_slice(&[0xeeu8; PAGE_SIZE as usize], GuestAddress(0x20000))
+                .unwrap();
+            let got = receive_stream(&mut d, &GuestPages::new(&dst).unwrap(), |_| Ok(())).unwrap();
+            let sent = h.join().unwrap();
+            assert_eq!(got.data_pages, sent.data_pages);
+            assert_eq!(got.zero_pages, 1);
+            for gpa in (0xc000..0x24000).step_by(PAGE_SIZE as usize) {
+                let (mut a, mut b) = ([0u8; PAGE_SIZE as usize], [0u8; PAGE_SIZE as usize]);
+                src.read_slice(&mut a, GuestAddress(gpa)).unwrap();
+                dst.read_slice(&mut b, GuestAddress(gpa)).unwrap();
+                assert_eq!(a, b, "page {gpa:#x}");
+            }
+            sent
+        });
+        assert_eq!(sender.data_pages + sender.zero_pages, 8 + 12 + 4 + 1);
+    }
+
+    #[test]
+    fn run_outside_guest_memory_is_an_error() {
+        let mem = adjacent_regions();
+        let pages = GuestPages::new(&mem).unwrap();
+        let (s, _d) = crate::transport::in_process(1).unwrap();
+        let mut w = BatchWriter::new(&s.memory[0], &pages);
+        let e = w.push_run(PageRun::new(0x2e000, 4), false).unwrap_err();
+        assert!(matches!(e, Error::Memory(_)), "{e}");
+    }
+
+    #[test]
+    fn received_range_spanning_adjacent_regions_is_refused() {
+        let mem = adjacent_regions();
+        let pages = GuestPages::new(&mem).unwrap();
+        for zero in [false, true] {
+            let mut stream = Vec::new();
+            encode_batch_head(
+                &[RangeEntry {
+                    gpa: 0xf000,
+                    pages: 2,
+                    zero,
+                }],
+                &mut stream,
+            );
+            if !zero {
+                stream.extend_from_slice(&[0xabu8; 2 * PAGE_SIZE as usize]);
+            }
+            let e = receive_stream(&mut stream.as_slice(), &pages, |_| Ok(())).unwrap_err();
+            assert!(matches!(e, Error::Protocol(_)), "{e}");
+        }
+        let hashes = page_hashes(&mem).unwrap();
+        assert!(hashes.iter().all(|&h| h == hashes[0]), "memory untouched");
     }
 
     #[test]

@@ -216,6 +216,7 @@ impl<'a> Migration<'a> {
                 replies: reply_rx,
                 totals: vec![StreamCounters::default(); n],
                 io_timeout: cfg.io_timeout,
+                region_starts: pages.region_starts(),
             };
             let r = self.transfer(&mut ctx, &mut control);
             // On an error the control connection stays open: `migrate` tells the destination
@@ -417,6 +418,9 @@ struct Ctx {
     replies: Receiver<Reply>,
     totals: Vec<StreamCounters>,
     io_timeout: Duration,
+    /// Guest-physical start of every memory region, ascending: runs are never joined across
+    /// one (adjacent regions are separate mappings).
+    region_starts: Vec<u64>,
 }
 
 impl Ctx {
@@ -431,7 +435,10 @@ impl Ctx {
         self.senders[i].send(cmd).map_err(|_| self.worker_failure())
     }
 
-    /// Splits runs into stripes and hands them to the owning workers.
+    /// Splits runs into stripes and hands them to the owning workers. Runs that touch are
+    /// joined, except across the start of a region: with one connection (or a region boundary
+    /// inside a stripe) the pages on both sides of a boundary between adjacent regions go to
+    /// the same worker, and a joined run would span two host mappings.
     fn dispatch(&self, runs: Vec<PageRun>, skip_zero: bool) -> Result<()> {
         let n = self.senders.len() as u64;
         let mut pending: Vec<(Vec<PageRun>, u64)> = (0..n).map(|_| (Vec::new(), 0)).collect();
@@ -443,8 +450,9 @@ impl Ctx {
                 let take = count.min((stripe_end - gpa) / PAGE_SIZE);
                 let c = (stripe % n) as usize;
                 let (list, pages) = &mut pending[c];
+                let starts_region = self.region_starts.binary_search(&gpa).is_ok();
                 match list.last_mut() {
-                    Some(last) if last.end() == gpa => last.pages += take,
+                    Some(last) if last.end() == gpa && !starts_region => last.pages += take,
                     _ => list.push(PageRun::new(gpa, take)),
                 }
                 *pages += take;
