@@ -16,7 +16,8 @@ use crate::protocol::{
 use crate::{Error, Phase, Result};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -491,8 +492,9 @@ impl Listener {
     }
 
     fn accept_one(&self, deadline: Instant) -> Result<Stream> {
-        // Non-blocking accept polled until the deadline, so a source that never comes cannot
-        // hang the destination.
+        // Non-blocking accept after poll(2) says a connection waits, until the deadline: a
+        // source that never comes cannot hang the destination, and a waiting destination
+        // sleeps in the kernel instead of retrying accept.
         let set_nb = |nb: bool| match self {
             Listener::Tcp(l) => l.set_nonblocking(nb),
             Listener::Unix(l, _) => l.set_nonblocking(nb),
@@ -514,10 +516,20 @@ impl Listener {
                     return Ok(s);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
                         return Err(Error::Timeout("waiting for the source to connect".into()));
                     }
-                    std::thread::sleep(Duration::from_millis(5));
+                    let millis = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+                    let fd = match self {
+                        Listener::Tcp(l) => l.as_fd(),
+                        Listener::Unix(l, _) => l.as_fd(),
+                    };
+                    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+                    match poll(&mut fds, PollTimeout::from(millis)) {
+                        Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                        Err(e) => return Err(io_err("poll the listener", e.into())),
+                    }
                 }
                 Err(e) => return Err(io_err("accept", e)),
             }
