@@ -14,9 +14,9 @@ use crate::protocol::{
     PreambleReply, Role, STATUS_MALFORMED, STATUS_OK, STATUS_VERSION_MISMATCH,
 };
 use crate::{Error, Phase, Result};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
