@@ -7,7 +7,7 @@ use migrate_core::stats::{MigrationReport, Progress, ReceiveReport};
 use migrate_core::transport::{self, Endpoint, Listener};
 use migrate_core::{MigrationConfig, Result, TimeoutStrategy, destination, source};
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What to do when pre-copy does not converge in time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -70,7 +70,9 @@ pub struct ListenArgs {
     /// Migration settings (timeouts apply on this side too).
     #[command(flatten)]
     pub migration: MigrationArgs,
-    /// How long to run the received guest before reporting and exiting.
+    /// How long to run the received guest before reporting and exiting: at least this long,
+    /// and longer (up to 60 s more) until its pass counter has advanced, since a guest
+    /// rewriting a large working set needs longer for one pass.
     #[arg(long, default_value_t = 1000)]
     pub run_after_ms: u64,
     /// How long to wait for the source to connect.
@@ -177,6 +179,9 @@ pub fn print_progress(p: &Progress) {
 }
 
 /// Binds, announces the endpoint (the `listening` line), receives, runs, reports.
+/// How much longer than `--run-after-ms` a received guest may take to show a new pass.
+const AFTER_RUN_PATIENCE: Duration = Duration::from_secs(60);
+
 pub fn listen(args: &ListenArgs) -> Result<Received> {
     let listener = Listener::bind(&args.listen)?;
     let endpoint = listener.endpoint()?;
@@ -193,13 +198,23 @@ pub fn listen(args: &ListenArgs) -> Result<Received> {
         Guest::incoming(&args.guest, layout).map(|g| Incoming::new(g, verify))
     })?;
     let at_resume = incoming.at_resume().unwrap_or_default();
+    let started = Instant::now();
     std::thread::sleep(Duration::from_millis(args.run_after_ms));
+    let mut after_run = incoming.guest.progress()?;
+    let patience = started + Duration::from_millis(args.run_after_ms) + AFTER_RUN_PATIENCE;
+    while after_run.counter <= at_resume.progress.counter
+        && after_run.errors == 0
+        && Instant::now() < patience
+    {
+        std::thread::sleep(Duration::from_millis(100));
+        after_run = incoming.guest.progress()?;
+    }
     let received = Received {
         guest: incoming.guest.kind().into(),
         report,
         at_resume,
-        after_run: incoming.guest.progress()?,
-        run_ms: args.run_after_ms,
+        after_run,
+        run_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
     };
     emit(args.json, "received", &received, || {
         format!(
