@@ -138,6 +138,29 @@ impl<'a> Migration<'a> {
         }
     }
 
+    /// The statistics of a round that sent `d` in `secs` and left `found` pages dirty, at an
+    /// estimated dirty rate of `rate` bytes per second.
+    fn round_stats(
+        &self,
+        round: u32,
+        d: &StreamCounters,
+        secs: f64,
+        found: u64,
+        rate: f64,
+    ) -> RoundStats {
+        RoundStats {
+            round,
+            pages_sent: d.data_pages,
+            zero_pages: d.zero_pages,
+            bytes: d.bytes,
+            duration_ms: secs * 1e3,
+            dirty_pages_found: found,
+            bandwidth_bytes_s: d.bytes as f64 / secs.max(1e-9),
+            dirty_rate_bytes_s: rate,
+            throttle_percent: self.policy.throttle(),
+        }
+    }
+
     fn notify(&self, p: Progress) {
         if let Some(f) = self.progress {
             f(&p);
@@ -321,17 +344,7 @@ impl<'a> Migration<'a> {
             },
         )
         .at(Phase::PreCopy)?;
-        let rs = RoundStats {
-            round,
-            pages_sent: d.data_pages,
-            zero_pages: d.zero_pages,
-            bytes: d.bytes,
-            duration_ms: secs * 1e3,
-            dirty_pages_found: found,
-            bandwidth_bytes_s: d.bytes as f64 / secs.max(1e-9),
-            dirty_rate_bytes_s: rate,
-            throttle_percent: self.policy.throttle(),
-        };
+        let rs = self.round_stats(round, &d, secs, found, rate);
         self.notify(Progress::Round(rs.clone()));
         self.stats.push(rs);
         match self.policy.decide(found, self.precopy_start.elapsed()) {
@@ -385,17 +398,8 @@ impl<'a> Migration<'a> {
         )
         .at(Phase::StopAndCopy)?;
         let secs = t0.elapsed().as_secs_f64();
-        self.stats.push(RoundStats {
-            round: self.round + 1,
-            pages_sent: d.data_pages,
-            zero_pages: d.zero_pages,
-            bytes: d.bytes,
-            duration_ms: secs * 1e3,
-            dirty_pages_found: found,
-            bandwidth_bytes_s: d.bytes as f64 / secs.max(1e-9),
-            dirty_rate_bytes_s: 0.0,
-            throttle_percent: self.policy.throttle(),
-        });
+        let rs = self.round_stats(self.round + 1, &d, secs, found, 0.0);
+        self.stats.push(rs);
         Ok(state_bytes)
     }
 
