@@ -6,10 +6,9 @@
 
 mod mpi_ring;
 
-use mpi_ring::text;
+use mpi_ring::{built, ninja, text};
 use ninja_testkit::mpi_or_skip;
 use serde_json::Value;
-use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 use symvirt_agent::agent::{Agent, AgentConfig};
@@ -17,30 +16,6 @@ use symvirt_agent::guest_link::ChannelSpec;
 use symvirt_mpi::mpi_build::MpiImpl;
 
 const INTERCONNECT: &str = r#"{"kind":"ethernet","mac":"52:54:00:00:00:01"}"#;
-
-fn ninja(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ninja-migrate"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-/// The transparent layer for `mpi`, through `mpi build`.
-fn layer(mpi: MpiImpl, dir: &Path) -> String {
-    let out = dir.join("libs");
-    let built = ninja(&[
-        "mpi",
-        "build",
-        "--json",
-        "--mpi",
-        mpi.name(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(built.status.success(), "{}", text(&built));
-    let line: Value = serde_json::from_slice(&built.stdout).unwrap();
-    line["transparent"].as_str().unwrap().to_owned()
-}
 
 #[test]
 fn cut_cycle_takes_cuts_of_a_running_job_under_both_mpis() {
@@ -82,7 +57,13 @@ fn cut_cycle_takes_cuts_of_a_running_job_under_both_mpis() {
         assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
 
         let env = [
-            ("LD_PRELOAD".to_string(), layer(mpi, &dir)),
+            (
+                "LD_PRELOAD".to_string(),
+                built(mpi, &dir.join("libs"))
+                    .transparent
+                    .display()
+                    .to_string(),
+            ),
             (
                 "SYMVIRT_AGENT_SOCKET".to_string(),
                 ranks.display().to_string(),

@@ -7,7 +7,6 @@ mod mpi_ring;
 use ninja_testkit::mpi_or_skip;
 use serde_json::Value;
 use std::path::Path;
-use std::process::Command;
 use symvirt_mpi::mpi_build::MpiImpl;
 
 fn mpi_of(name: &str) -> MpiImpl {
@@ -22,11 +21,8 @@ fn mpi_build_makes_the_layer_for_every_installed_mpi_and_a_job_runs_under_it() {
     let dir = std::env::temp_dir().join(format!("ninja-cli-mpi-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_ninja-migrate"))
-        .args(["mpi", "build", "--json", "--out"])
-        .arg(dir.join("libs"))
-        .output()
-        .unwrap();
+    let libs = dir.join("libs");
+    let out = mpi_ring::ninja(&["mpi", "build", "--json", "--out", libs.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -9,14 +9,13 @@
 #[path = "../symvirt-mpi/tests/common/mod.rs"]
 #[allow(unused_imports)]
 mod mpi_common;
-#[allow(dead_code)]
 mod mpi_ring;
 
 use mpi_common::cut::{check_pairs, read_cut};
-use mpi_ring::text;
+use mpi_ring::{built, ninja, text};
 use ninja_testkit::mpi_or_skip;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use symvirt_mpi::mpi_build::{self, Libraries, Linkage, MpiImpl};
@@ -25,60 +24,6 @@ const INTERCONNECT: &str = r#"{"kind":"ethernet","mac":"52:54:00:00:00:01"}"#;
 const RANKS: u32 = 4;
 /// Bound on any wait.
 const PATIENCE: Duration = Duration::from_secs(120);
-
-fn ninja(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ninja-migrate"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-/// The libraries for `mpi`, through `mpi build --json`.
-fn built(mpi: MpiImpl, out: &Path) -> Libraries {
-    let done = ninja(&[
-        "mpi",
-        "build",
-        "--json",
-        "--mpi",
-        mpi.name(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(done.status.success(), "{}", text(&done));
-    let l: Value = serde_json::from_slice(&done.stdout).unwrap();
-    let path = |k: &str| PathBuf::from(l[k].as_str().unwrap());
-    Libraries {
-        mpi,
-        dir: out.join(mpi.name()),
-        explicit_shared: path("explicit_shared"),
-        explicit_static: path("explicit_static"),
-        transparent: path("transparent"),
-    }
-}
-
-/// The launcher's words for `RANKS` local ranks (shared memory between them).
-fn launcher(mpi: MpiImpl) -> Vec<String> {
-    let words: &[&str] = match mpi {
-        MpiImpl::OpenMpi => &[
-            "mpirun.openmpi",
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "--bind-to",
-            "none",
-            "--mca",
-            "btl",
-            "self,vader",
-            "--mca",
-            "btl_vader_single_copy_mechanism",
-            "none",
-            "-np",
-        ],
-        MpiImpl::Mpich => &["mpiexec.mpich", "-n"],
-    };
-    let mut v: Vec<String> = words.iter().map(|w| w.to_string()).collect();
-    v.push(RANKS.to_string());
-    v
-}
 
 /// Kills the wrapper (and so its launcher) if a test fails before it ended.
 struct Job(Option<Child>);
@@ -134,7 +79,14 @@ fn cuts_of_a_job_under_mpi_run(mpi: MpiImpl, libs: &Libraries, source: &str, dir
     .iter()
     .map(|w| w.to_string())
     .collect();
-    words.extend(launcher(mpi));
+    // The launcher the project's MPI tests use, for RANKS local ranks, its words after `--`.
+    let launcher = mpi.launcher(RANKS, &[]);
+    words.push(launcher.get_program().to_string_lossy().into_owned());
+    words.extend(
+        launcher
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned()),
+    );
     words.push(exe.display().to_string());
     if source.ends_with(".c") {
         words.push("ring,anysource,collective".into());
@@ -143,6 +95,8 @@ fn cuts_of_a_job_under_mpi_run(mpi: MpiImpl, libs: &Libraries, source: &str, dir
     let job = Job(Some(
         Command::new(env!("CARGO_BIN_EXE_ninja-migrate"))
             .args(&words)
+            // Its environment (Open MPI's transport choice) reaches the launcher through us.
+            .envs(launcher.get_envs().filter_map(|(k, v)| Some((k, v?))))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

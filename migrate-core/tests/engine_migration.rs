@@ -91,16 +91,7 @@ fn migrate_and_verify(how: How, fill: bool) {
         let (dst, recv_report) = dst_thread.join().unwrap().expect("receive");
         assert!(resumed.load(Ordering::SeqCst));
         let dst_hashes = dst.hashes_at_resume.lock().unwrap().take().unwrap();
-        assert_eq!(src_hashes.len(), dst_hashes.len());
-        let differing: Vec<usize> = (0..src_hashes.len())
-            .filter(|&i| src_hashes[i] != dst_hashes[i])
-            .collect();
-        assert!(
-            differing.is_empty(),
-            "{} pages differ, first {:?}",
-            differing.len(),
-            &differing[..differing.len().min(8)]
-        );
+        assert_same_pages(&src_hashes, &dst_hashes);
         assert_eq!(dst.counter_at_resume.load(Ordering::SeqCst), src_counter);
 
         // The guest keeps going on the destination from where it stopped...
@@ -165,6 +156,20 @@ fn spawn_destination(
             Ok(Recorded::new(SoftwareGuest::incoming(gcfg)?, resumed))
         })
     })
+}
+
+/// Every page of the destination at resume equals the source's at switchover (by hash).
+fn assert_same_pages(src_hashes: &[u64], dst_hashes: &[u64]) {
+    assert_eq!(src_hashes.len(), dst_hashes.len());
+    let differing: Vec<usize> = (0..src_hashes.len())
+        .filter(|&i| src_hashes[i] != dst_hashes[i])
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "{} pages differ, first {:?}",
+        differing.len(),
+        &differing[..differing.len().min(8)]
+    );
 }
 
 #[test]
@@ -457,16 +462,7 @@ fn adjacent_regions_byte_exact(region_lens: &[u64], connections: usize) {
             src_hashes.iter().all(|&h| h != zero_hash),
             "every source page holds data"
         );
-        assert_eq!(src_hashes.len(), dst_hashes.len());
-        let differing: Vec<usize> = (0..src_hashes.len())
-            .filter(|&i| src_hashes[i] != dst_hashes[i])
-            .collect();
-        assert!(
-            differing.is_empty(),
-            "{} pages differ, first {:?}",
-            differing.len(),
-            &differing[..differing.len().min(8)]
-        );
+        assert_same_pages(&src_hashes, &dst_hashes);
         assert_eq!(report.rounds[0].pages_sent, total_pages);
         let last = report.rounds.last().unwrap();
         assert!(last.pages_sent >= 6, "final round: {last:?}");

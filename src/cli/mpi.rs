@@ -156,8 +156,7 @@ fn default_libs() -> PathBuf {
 
 /// The transparent layer for `mpi` under `libs` (as `mpi build --out libs` leaves it).
 fn transparent_layer(mpi: MpiImpl, libs: &Path) -> PathBuf {
-    libs.join(mpi.name())
-        .join(format!("libsymvirt_pmpi_{}.so", mpi.name()))
+    mpi_build::transparent_path(mpi, &libs.join(mpi.name()))
 }
 
 /// The variables a rank needs, in order.
@@ -173,17 +172,6 @@ fn rank_env(layer: &Path, agent_socket: &Path, cut_log: Option<&Path>) -> Vec<(S
         env.push(("SYMVIRT_CUT_LOG".to_owned(), dir.display().to_string()));
     }
     env
-}
-
-/// `env` as `mpi`'s launcher sets it in every rank: `-x NAME=VALUE` (Open MPI), `-genv NAME
-/// VALUE` (MPICH's Hydra).
-fn launcher_env_args(mpi: MpiImpl, env: &[(String, String)]) -> Vec<String> {
-    env.iter()
-        .flat_map(|(k, v)| match mpi {
-            MpiImpl::OpenMpi => vec!["-x".to_owned(), format!("{k}={v}")],
-            MpiImpl::Mpich => vec!["-genv".to_owned(), k.clone(), v.clone()],
-        })
-        .collect()
 }
 
 /// Runs `mpi env`.
@@ -205,7 +193,7 @@ pub fn env(args: &EnvArgs) -> ExitCode {
     }
     let env = rank_env(&layer, &args.agent_socket, args.cut_log.as_deref());
     if args.launcher_args {
-        println!("{}", launcher_env_args(mpi, &env).join(" "));
+        println!("{}", mpi.env_args(&env).join(" "));
     } else {
         for (k, v) in env {
             println!("export {k}={v}");
@@ -326,9 +314,7 @@ fn run_job(args: &RunArgs) -> Result<ExitCode, String> {
 
     let env = rank_env(&layer, &rank_socket, args.cut_log.as_deref());
     let mut launcher = Command::new(program);
-    launcher
-        .args(launcher_env_args(mpi, &env))
-        .args(launcher_args);
+    launcher.args(mpi.env_args(&env)).args(launcher_args);
     // SIGINT and SIGTERM go to the launcher, which stops its ranks; this process then ends
     // with it (and removes the agent's sockets).
     let mut signals = SigSet::empty();

@@ -83,20 +83,27 @@ impl MpiImpl {
                 // Shared memory and self only: no network probing.
                 c.env("OMPI_MCA_btl", "self,vader");
                 c.env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
-                for (k, v) in env {
-                    c.arg("-x").arg(format!("{k}={v}"));
-                }
+                c.args(self.env_args(env));
                 c
             }
             MpiImpl::Mpich => {
                 let mut c = Command::new("mpiexec.mpich");
                 c.args(["-n", &ranks.to_string()]);
-                for (k, v) in env {
-                    c.args(["-genv", k, v]);
-                }
+                c.args(self.env_args(env));
                 c
             }
         }
+    }
+
+    /// The launcher arguments that set `env` in every rank (not in the launcher):
+    /// `-x NAME=VALUE` (Open MPI), `-genv NAME VALUE` (MPICH's Hydra).
+    pub fn env_args(self, env: &[(String, String)]) -> Vec<String> {
+        env.iter()
+            .flat_map(|(k, v)| match self {
+                MpiImpl::OpenMpi => vec!["-x".to_owned(), format!("{k}={v}")],
+                MpiImpl::Mpich => vec!["-genv".to_owned(), k.clone(), v.clone()],
+            })
+            .collect()
     }
 
     /// Whether this implementation's Fortran bindings call `PMPI_*` directly (so the
@@ -261,6 +268,11 @@ fn link_shared(
     rename(&tmp, out)
 }
 
+/// Where [`build_libraries`] puts `mpi`'s transparent layer in `out_dir`.
+pub fn transparent_path(mpi: MpiImpl, out_dir: &Path) -> PathBuf {
+    out_dir.join(format!("libsymvirt_pmpi_{}.so", mpi.name()))
+}
+
 /// Builds the libraries for `mpi` in `out_dir` from `core` (this crate's `libsymvirt_mpi.a`).
 pub fn build_libraries(mpi: MpiImpl, core: &Path, out_dir: &Path) -> Result<Libraries> {
     std::fs::create_dir_all(out_dir).map_err(|e| Error::Build {
@@ -279,7 +291,7 @@ pub fn build_libraries(mpi: MpiImpl, core: &Path, out_dir: &Path) -> Result<Libr
         &[],
         &explicit_shared,
     )?;
-    let transparent_so = out_dir.join(format!("libsymvirt_pmpi_{n}.so"));
+    let transparent_so = transparent_path(mpi, out_dir);
     link_shared(
         mpi,
         &transparent,

@@ -159,29 +159,13 @@ impl JobCuts {
                 )));
             }
         }
-        let t = Instant::now();
-        self.channel.send(&HostMessage::Prepare {
+        let prepare = HostMessage::Prepare {
             epoch,
             deadline_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-        })?;
-        let answer = self
-            .channel
-            .wait_for(
-                |m| {
-                    matches!(
-                        m,
-                        GuestMessage::Quiesced { .. } | GuestMessage::Failed { .. }
-                    )
-                },
-                t + timeout,
-            )
-            .map_err(|e| Error::Deadline(format!("waiting for the cut: {}", e.chain())))?;
-        if let GuestMessage::Failed { reason, .. } = answer {
-            return Err(Error::Guest(format!(
-                "the job did not reach the cut: {reason}"
-            )));
-        }
-        Ok(t.elapsed())
+        };
+        self.exchange(&prepare, "the cut", "reach the cut", timeout, |m| {
+            matches!(m, GuestMessage::Quiesced { .. })
+        })
     }
 
     /// Releases the cut of `epoch`, the ranks going on over `interconnect`, within `timeout`;
@@ -192,25 +176,38 @@ impl JobCuts {
         interconnect: &Interconnect,
         timeout: Duration,
     ) -> Result<Duration> {
-        let t = Instant::now();
-        self.channel.send(&HostMessage::Resume {
+        let resume = HostMessage::Resume {
             epoch,
             interconnect: interconnect.clone(),
-        })?;
+        };
+        self.exchange(&resume, "the resume", "resume", timeout, |m| {
+            matches!(m, GuestMessage::Resumed { .. })
+        })
+    }
+
+    /// Sends `message` and waits (up to `timeout`) for the answer `done` accepts, or the
+    /// agent's `failed` ("the job did not `failed_to`: reason"); returns how long it took.
+    fn exchange(
+        &self,
+        message: &HostMessage,
+        what: &str,
+        failed_to: &str,
+        timeout: Duration,
+        done: impl Fn(&GuestMessage) -> bool,
+    ) -> Result<Duration> {
+        let t = Instant::now();
+        self.channel.send(message)?;
         let answer = self
             .channel
             .wait_for(
-                |m| {
-                    matches!(
-                        m,
-                        GuestMessage::Resumed { .. } | GuestMessage::Failed { .. }
-                    )
-                },
+                |m| done(m) || matches!(m, GuestMessage::Failed { .. }),
                 t + timeout,
             )
-            .map_err(|e| Error::Deadline(format!("waiting for the resume: {}", e.chain())))?;
+            .map_err(|e| Error::Deadline(format!("waiting for {what}: {}", e.chain())))?;
         if let GuestMessage::Failed { reason, .. } = answer {
-            return Err(Error::Guest(format!("the job did not resume: {reason}")));
+            return Err(Error::Guest(format!(
+                "the job did not {failed_to}: {reason}"
+            )));
         }
         Ok(t.elapsed())
     }

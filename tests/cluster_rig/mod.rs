@@ -281,15 +281,12 @@ impl VirtualCluster {
             return config;
         }
         let nowhere = format!("n{}", &mgmt_tap[1..]);
-        let tap = fabric_b_tap.unwrap_or(&nowhere);
-        config
-            .arg("-netdev")
-            .arg(format!("tap,id=fb0n,ifname={tap},script=no,downscript=no"))
-            .arg("-device")
-            .arg(format!(
-                "virtio-net-pci,id=fb0,netdev=fb0n,mac={},addr={STANDBY_SLOT:#x}",
-                Fabric::B.mac(vm)
-            ))
+        with_fabric_b_nic(
+            config,
+            vm,
+            fabric_b_tap.unwrap_or(&nowhere),
+            i64::from(STANDBY_SLOT),
+        )
     }
 
     /// How many VMs.
@@ -927,14 +924,7 @@ impl VirtualCluster {
             let channel = d.join("channel.sock");
             let mut config = self.machine(vm, &mgmt, &channel, Some(&tap));
             if self.setup.fabric_b == FabricBNic::HotPlugged {
-                config = config
-                    .arg("-netdev")
-                    .arg(format!("tap,id=fb0n,ifname={tap},script=no,downscript=no"))
-                    .arg("-device")
-                    .arg(format!(
-                        "virtio-net-pci,id=fb0,netdev=fb0n,mac={},addr={slot:#x}",
-                        Fabric::B.mac(vm)
-                    ));
+                config = with_fabric_b_nic(config, vm, &tap, *slot);
             }
             let config = config.incoming("defer");
             let q = Qemu::start(config).map_err(|e| format!("vm{vm} destination: {e}"))?;
@@ -1064,4 +1054,21 @@ impl VirtualCluster {
         }
         Ok(())
     }
+}
+
+/// `config` with vm's fabric-B NIC `fb0` on tap `tap` at PCI slot `slot`.
+fn with_fabric_b_nic(
+    config: ninja_testkit::QemuConfig,
+    vm: usize,
+    tap: &str,
+    slot: i64,
+) -> ninja_testkit::QemuConfig {
+    config
+        .arg("-netdev")
+        .arg(format!("tap,id=fb0n,ifname={tap},script=no,downscript=no"))
+        .arg("-device")
+        .arg(format!(
+            "virtio-net-pci,id=fb0,netdev=fb0n,mac={},addr={slot:#x}",
+            Fabric::B.mac(vm)
+        ))
 }

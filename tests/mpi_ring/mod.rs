@@ -1,10 +1,14 @@
-//! The ring job of the command-line MPI tests: a token passed around the ranks `LAPS` times,
+//! What the command-line MPI tests share: `ninja-migrate` itself, the layer's libraries built
+//! through `mpi build`, and the ring job: a token passed around the ranks `LAPS` times,
 //! `PAUSE_US` apart; each rank but 0 adds its rank, and rank 0 prints `ring ok SUM` (or
 //! `ring BAD SUM`).
 
+// Each test binary that includes this module uses part of it.
+#![allow(dead_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use symvirt_mpi::mpi_build::MpiImpl;
+use symvirt_mpi::mpi_build::{Libraries, MpiImpl};
 
 const RING: &str = r#"
 #include <mpi.h>
@@ -58,4 +62,35 @@ pub fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
+}
+
+/// `ninja-migrate ARGS`, run to its end.
+pub fn ninja(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ninja-migrate"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The layer's libraries for `mpi` in `out`, through `mpi build --json`.
+pub fn built(mpi: MpiImpl, out: &Path) -> Libraries {
+    let done = ninja(&[
+        "mpi",
+        "build",
+        "--json",
+        "--mpi",
+        mpi.name(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(done.status.success(), "{}", text(&done));
+    let l: serde_json::Value = serde_json::from_slice(&done.stdout).unwrap();
+    let path = |k: &str| PathBuf::from(l[k].as_str().unwrap());
+    Libraries {
+        mpi,
+        dir: out.join(mpi.name()),
+        explicit_shared: path("explicit_shared"),
+        explicit_static: path("explicit_static"),
+        transparent: path("transparent"),
+    }
 }

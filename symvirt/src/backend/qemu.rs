@@ -384,20 +384,6 @@ fn qom_children(qmp: &Qmp, path: &str) -> std::result::Result<BTreeSet<String>, 
         .collect())
 }
 
-/// Checks that the NIC `id` of a VM has `mac` (`qom-get` of its `mac` property).
-fn check_nic_mac(
-    qmp: &Qmp,
-    id: &str,
-    mac: &str,
-) -> std::result::Result<Option<String>, qmp::Error> {
-    let has = qmp.execute(
-        "qom-get",
-        Some(json!({ "path": format!("/machine/peripheral/{id}"), "property": "mac" })),
-    )?;
-    let has = has.as_str().unwrap_or_default().to_ascii_lowercase();
-    Ok((has != mac).then_some(has))
-}
-
 fn device_spec(device: &Device) -> DeviceSpec {
     let (driver, props) = match device {
         Device::VfioPci {
@@ -592,6 +578,25 @@ impl QemuVm {
         }
     }
 
+    /// Refuses a standby NIC `id` of the `side` VM that does not have the plan's `mac`
+    /// (`qom-get` of its `mac` property).
+    fn check_nic_mac(&self, qmp: &Qmp, side: &str, id: &str, mac: &str) -> Result<()> {
+        let has = qmp
+            .execute(
+                "qom-get",
+                Some(json!({ "path": format!("/machine/peripheral/{id}"), "property": "mac" })),
+            )
+            .map_err(|e| Error::qmp(self.what(side, format!("MAC of {id}")), e))?;
+        let has = has.as_str().unwrap_or_default().to_ascii_lowercase();
+        if has != mac {
+            return Err(Error::Refused(format!(
+                "{}: the {side}'s standby NIC {id:?} has mac {has}, the plan says {mac}",
+                self.spec.name
+            )));
+        }
+        Ok(())
+    }
+
     /// Claims a destination device before the source lets go of its own.
     fn claim(&mut self, device: &Device, present: &BTreeSet<String>) -> Result<()> {
         if let Device::StandbyNic { id, mac } = device {
@@ -604,16 +609,7 @@ impl QemuVm {
                     self.spec.name
                 )));
             }
-            let dst = self.destination()?;
-            if let Some(has) = check_nic_mac(dst, id, mac)
-                .map_err(|e| Error::qmp(self.what("destination", format!("MAC of {id}")), e))?
-            {
-                return Err(Error::Refused(format!(
-                    "{}: the destination's standby NIC {id:?} has mac {has}, the plan says {mac}",
-                    self.spec.name
-                )));
-            }
-            return Ok(());
+            return self.check_nic_mac(self.destination()?, "destination", id, mac);
         }
         if present.contains(device.id()) {
             return Err(Error::Refused(format!(
@@ -762,14 +758,7 @@ impl VmBackend for QemuVm {
                     )));
                 }
                 if let Device::StandbyNic { id, mac } = d {
-                    if let Some(has) = check_nic_mac(src, id, mac)
-                        .map_err(|e| Error::qmp(self.what("source", format!("MAC of {id}")), e))?
-                    {
-                        return Err(Error::Refused(format!(
-                            "{}: the source's standby NIC {id:?} has mac {has}, the plan says {mac}",
-                            self.spec.name
-                        )));
-                    }
+                    self.check_nic_mac(src, "source", id, mac)?;
                 }
                 // QEMU 10.0 (TCG) aborts the source with "Bad ram offset 0" when it migrates
                 // after the RAM block at offset 0 was removed: a memory backend given on the
