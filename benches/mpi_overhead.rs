@@ -1,7 +1,7 @@
 //! What the transparent SymVirt layer (`libsymvirt_pmpi_<impl>.so`, LD_PRELOAD) costs an MPI job,
 //! per MPI implementation installed (Open MPI, MPICH).
 //!
-//! - `pingpong`: 2 ranks, `symvirt-mpi/tests/programs/pingpong.c`: one-way latency of
+//! - `pingpong`: 2 ranks, `symvirt/mpi/tests/programs/pingpong.c`: one-way latency of
 //!   `LAT_BYTES` (8 B) and ping-pong bandwidth of `BW_BYTES` (1 MiB), timed with `MPI_Wtime`
 //!   inside the program after untimed warm-up rounds. Launches without and with the layer
 //!   alternate (A B, B A, A B, ...: drift on this shared machine hits both alike), each launch
@@ -31,7 +31,7 @@
 
 // The symvirt-mpi tests' rig (library and program builds, guest agent with a host channel,
 // MPI jobs killed on drop): one copy, used by those tests and by this bench.
-#[path = "../symvirt-mpi/tests/common/mod.rs"]
+#[path = "../symvirt/mpi/tests/common/mod.rs"]
 mod common;
 
 use common::{Job, RANKS, Rig, ethernet, libraries, outcome_while_running, program};

@@ -1,15 +1,17 @@
 //! Pre-copy engine vs a raw loopback TCP stream, one JSON line per scenario.
 //!
-//! Each scenario runs the engine (source and destination in this process, loopback TCP) and a
-//! raw TCP baseline (the guest's size streamed from a region into a fresh region of that size,
-//! no protocol) alternately, `PRECOPY_REPS` times (default 3), and prints medians. The
+//! Each scenario runs the engine (source and destination in this process, loopback TCP) and two
+//! raw TCP baselines (the guest's size streamed from a region into a region of that size, no
+//! protocol: fresh memory, as the engine's destination gets, `ratio_to_tcp`; and memory whose
+//! pages were faulted in beforehand, `ratio_to_tcp_prefaulted`) in turn, `PRECOPY_REPS` times
+//! (default 3), and prints medians. The
 //! destination VM is "held": it receives memory and state and is resumed, but its vCPU is not
 //! restarted, so its memory can be compared with the paused source afterwards (`verified`).
 //!
 //! The VM is pluggable ([`Workload`]); the software guest is the one used here.
 //! `PRECOPY_SCENARIOS=name,name` selects scenarios.
 
-use migrate_core::pages::{GuestPages, page_hashes};
+use migrate_core::pages::page_hashes;
 use migrate_core::protocol::{MemoryLayout, RegionDesc};
 use migrate_core::software_guest::{SoftwareGuest, SoftwareGuestConfig};
 use migrate_core::transport::{self, Endpoint, Listener};
@@ -110,6 +112,7 @@ struct Run {
     bytes_sent: f64,
     throughput: f64,
     baseline: f64,
+    prefaulted_baseline: f64,
     converged: bool,
     src_cpu: f64,
     dst_cpu: f64,
@@ -163,19 +166,27 @@ fn engine_run(w: &dyn Workload, src: &dyn MigratableVm, s: &Scenario) -> Run {
     }
 }
 
-/// Raw loopback TCP: `bytes` from the source guest's memory into a fresh region, 1 MiB writes.
-fn tcp_baseline(src: &GuestMemory, bytes: u64) -> f64 {
+/// Raw loopback TCP: `bytes` from the source guest's memory into a fresh region (`prefaulted`:
+/// one whose pages were all faulted in before the clock starts, as memory a VMM had touched
+/// already would be), 1 MiB writes.
+fn tcp_baseline(src: &GuestMemory, bytes: u64, prefaulted: bool) -> f64 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
+    let (ready_tx, ready) = std::sync::mpsc::channel();
     let recv = std::thread::spawn(move || {
         let dst =
             GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), bytes as usize)]).unwrap();
-        let (mut c, _) = l.accept().unwrap();
         let r = dst.iter().next().unwrap();
         let slice = r
             .get_slice(MemoryRegionAddress(0), r.len() as usize)
             .unwrap();
         let base = slice.ptr_guard_mut().as_ptr();
+        if prefaulted {
+            // SAFETY: the whole fresh region, which this thread owns exclusively.
+            unsafe { std::ptr::write_bytes(base, 1, bytes as usize) };
+        }
+        ready_tx.send(()).unwrap();
+        let (mut c, _) = l.accept().unwrap();
         let mut off = 0usize;
         while off < bytes as usize {
             let n = (bytes as usize - off).min(1 << 20);
@@ -187,8 +198,7 @@ fn tcp_baseline(src: &GuestMemory, bytes: u64) -> f64 {
         }
         c.write_all(&[1]).unwrap();
     });
-    let pages = GuestPages::new(src).unwrap();
-    let _ = pages;
+    ready.recv().unwrap();
     let r = src.iter().next().unwrap();
     let slice = r.get_slice(MemoryRegionAddress(0), bytes as usize).unwrap();
     let base = slice.ptr_guard().as_ptr();
@@ -242,6 +252,12 @@ fn main() {
             dirty: None,
         },
         Scenario {
+            name: "idle_full_2g_1c",
+            mem: 2 * GIB,
+            connections: 1,
+            dirty: None,
+        },
+        Scenario {
             name: "idle_full_4g_1c",
             mem: 4 * GIB,
             connections: 1,
@@ -285,7 +301,8 @@ fn main() {
             let mut r = engine_run(&w, src.as_ref(), s);
             // Interleaved: the baseline runs right after, in the same window, guest paused.
             src.pause().unwrap();
-            r.baseline = tcp_baseline(src.memory(), s.mem);
+            r.baseline = tcp_baseline(src.memory(), s.mem, false);
+            r.prefaulted_baseline = tcp_baseline(src.memory(), s.mem, true);
             src.resume().unwrap();
             runs.push(r);
         }
@@ -294,6 +311,7 @@ fn main() {
         let m = |f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
         let throughput = m(|r| r.throughput);
         let baseline = m(|r| r.baseline);
+        let prefaulted = m(|r| r.prefaulted_baseline);
         let line = serde_json::json!({
             "scenario": s.name,
             "mem_bytes": s.mem,
@@ -307,6 +325,8 @@ fn main() {
             "throughput_gib_s": throughput,
             "tcp_baseline_gib_s": baseline,
             "ratio_to_tcp": throughput / baseline,
+            "tcp_prefaulted_gib_s": prefaulted,
+            "ratio_to_tcp_prefaulted": throughput / prefaulted,
             "converged": runs.iter().all(|r| r.converged),
             "src_cpu_s": m(|r| r.src_cpu),
             "dst_cpu_s": m(|r| r.dst_cpu),

@@ -19,6 +19,7 @@
 //! default 3).
 
 use ninja_testkit::{Fixtures, Qemu, QemuConfig, RawQmp, free_tcp_port, qemu_or_skip};
+use qmp::Endpoint;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -167,8 +168,8 @@ fn one_run(
         vms.push(VmSpec {
             name: name.clone(),
             source: SourceSpec {
-                qmp: Address::Unix(mid.qmp_path().to_owned()),
-                channel: Address::Unix(base.join(format!("{name}-b.sock"))),
+                qmp: Address::Local(Endpoint::Unix(mid.qmp_path().to_owned())),
+                channel: Address::Local(Endpoint::Unix(base.join(format!("{name}-b.sock")))),
                 devices: vec![Device::HcaStandin {
                     id: "hca0".into(),
                     mem_path: mem,
@@ -182,8 +183,8 @@ fn one_run(
                 },
             },
             destination: DestinationSpec {
-                qmp: Address::Unix(dir.join("qmp.sock")),
-                channel: Address::Unix(dir.join("sv.sock")),
+                qmp: Address::Local(Endpoint::Unix(dir.join("qmp.sock"))),
+                channel: Address::Local(Endpoint::Unix(dir.join("sv.sock"))),
                 migrate_uri: format!("tcp:127.0.0.1:{}", free_tcp_port()),
                 launch: Some(LaunchSpec {
                     host: None,
@@ -292,7 +293,7 @@ fn reference_run(n: usize) -> Result<(Duration, symvirt::controller::Report), St
     for h in &homes {
         h.lock().unwrap().plug(&hca, 0).map_err(err)?;
     }
-    let unused = Address::Unix(PathBuf::from("in-process"));
+    let unused = Address::Local(Endpoint::Unix(PathBuf::from("in-process")));
     let specs: Vec<VmSpec> = (0..n)
         .map(|i| {
             let mac = format!("52:54:00:00:40:{:02x}", i + 1);

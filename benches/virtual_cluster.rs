@@ -21,7 +21,7 @@
 //!   says whether it is at most `TARGET_SLACK_MS`.
 //! - `memory_scaling`, per cluster size with both memory sizes: the ratios of the 512 MiB
 //!   medians to the 256 MiB ones, and whether they are near 2 (within `PROPORTIONAL_TOLERANCE`).
-//! - `pingpong`, per MPI: a 2-rank ping-pong (`symvirt-mpi/tests/programs/pingpong.c` on the
+//! - `pingpong`, per MPI: a 2-rank ping-pong (`symvirt/mpi/tests/programs/pingpong.c` on the
 //!   job disk), one rank in each of 2 guests over their data addresses, with and without the
 //!   transparent layer preloaded, launches interleaved (A B, B A, ...): `latency_ratio` and
 //!   `bandwidth_ratio` are medians of per-pair ratios of launch medians, as in

@@ -85,6 +85,19 @@ fn main() -> ExitCode {
         Command::Cut(CutCommand::Report(args)) => return cli::cut::report(args),
         _ => {}
     }
+    let exposure = match &cli.command {
+        Command::Vmm(VmmCommand::Listen(args)) => {
+            cli::vmm::check_exposure(&args.listen, args.insecure)
+        }
+        Command::Vmm(VmmCommand::Migrate(args)) => {
+            cli::vmm::check_exposure(&args.to, args.insecure)
+        }
+        _ => Ok(()),
+    };
+    if let Err(why) = exposure {
+        eprintln!("ninja-migrate: refused: {why}");
+        return ExitCode::from(2);
+    }
     let result = match &cli.command {
         Command::Demo(args) => cli::demo::demo(args).map(|r| r.verified),
         Command::Vmm(VmmCommand::Listen(args)) => cli::vmm::listen(args).map(|_| true),

@@ -34,6 +34,16 @@ fn assert_verified(r: &Value) {
     );
     assert_eq!(r["source_stopped"], true, "{r}");
     assert_eq!(r["verified"], true, "{r}");
+    // The migration's downtime and the demo's verification are reported apart: together they
+    // are the pause the source measured.
+    let (downtime, verify) = (r["downtime_ms"].as_f64(), r["verify_ms"].as_f64());
+    let paused = r["source"]["report"]["downtime_ms"].as_f64();
+    assert!(verify > Some(0.0), "{r}");
+    let sum = downtime.zip(verify).map(|(d, v)| d + v);
+    assert!(
+        sum.zip(paused).is_some_and(|(s, p)| (s - p).abs() < 0.01),
+        "{r}"
+    );
 }
 
 #[test]
@@ -126,4 +136,41 @@ fn mismatched_guests_are_refused_at_the_handshake() {
         "error should name the phase: {err}"
     );
     assert!(!dst.wait().unwrap().success());
+}
+
+#[test]
+fn a_cleartext_stream_off_loopback_is_refused_unless_insecure() {
+    // 192.0.2.0/24 is reserved for documentation: nothing answers there, nothing is tried.
+    for args in [
+        &["vmm", "listen", "--listen=tcp:0.0.0.0:0"][..],
+        &["vmm", "migrate", "--to=tcp:192.0.2.1:9"][..],
+    ] {
+        let out = ninja()
+            .args(args)
+            .args(["--guest=software", "--mem-mib=32"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("not a loopback address") && err.contains("--insecure"),
+            "{args:?}: {err}"
+        );
+    }
+    // Asked for explicitly, the listener opens (and gives up when no source comes).
+    let out = ninja()
+        .args([
+            "vmm",
+            "listen",
+            "--json",
+            "--listen=tcp:0.0.0.0:0",
+            "--insecure",
+        ])
+        .args(["--guest=software", "--mem-mib=32", "--accept-timeout-s=1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("\"listening\""), "{text}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("source to connect"), "{err}");
 }

@@ -77,3 +77,20 @@ fn mpi_build_makes_the_layer_for_every_installed_mpi_and_a_job_runs_under_it() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_default_library_directory_is_the_workspace_target() {
+    // Built or not, `mpi env` names the layer where `mpi build` puts it by default.
+    let out = mpi_ring::ninja(&["mpi", "env", "--mpi", "openmpi"]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ninja-mpi/openmpi");
+    assert!(
+        said.contains(default.to_str().unwrap()),
+        "{said} (expected under {})",
+        default.display()
+    );
+}

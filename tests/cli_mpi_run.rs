@@ -2,11 +2,12 @@
 //! Fortran, 4 ranks, both MPIs) started through the wrapper, which builds nothing by hand,
 //! preloads the layer through the launcher and puts an agent beside the job; `cut status` and
 //! `cut cycle` through the control socket it prints; every cut consistent pair by pair (the
-//! ranks' cut records, read directly and through `cut report`, which also catches a record
+//! agent's report the cycle prints, the same counts as the ranks' cut records, read directly
+//! and through `cut report`, from the agent and from the records, which also catches a record
 //! altered to lie), the program's own checks passing. Bad cases: a program that is not an
 //! MPI launcher, a launcher of the other MPI, no rank count.
 
-#[path = "../symvirt-mpi/tests/common/mod.rs"]
+#[path = "../symvirt/mpi/tests/common/mod.rs"]
 #[allow(unused_imports)]
 mod mpi_common;
 mod mpi_ring;
@@ -142,6 +143,19 @@ fn cuts_of_a_job_under_mpi_run(mpi: MpiImpl, libs: &Libraries, source: &str, dir
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 5, "{what}: {}", text(&cuts));
+    // The last cut's report again, from the agent, as a harness asks for it afterwards.
+    let from_agent = ninja(&["cut", "report", "--json", "--channel", channel]);
+    assert!(from_agent.status.success(), "{what}: {}", text(&from_agent));
+    let from_agent: Value = serde_json::from_slice(&from_agent.stdout).unwrap();
+    assert_eq!(
+        (&from_agent["epoch"], &from_agent["messages"]),
+        (&lines[4]["epoch"], &lines[4]["messages"]),
+        "{what}: {from_agent}"
+    );
+    assert!(
+        from_agent["slowest_quiesce_ms"].is_u64(),
+        "{what}: {from_agent}"
+    );
 
     std::fs::write(job_dir.join("stop"), "").unwrap();
     let done = job.finish();
@@ -157,6 +171,13 @@ fn cuts_of_a_job_under_mpi_run(mpi: MpiImpl, libs: &Libraries, source: &str, dir
         let cut = read_cut(&cut_log, epoch);
         assert_eq!(cut.ranks.len(), RANKS as usize, "{what}: epoch {epoch}");
         let total = check_pairs(&cut, epoch);
+        // The agent's report, printed by the cycle, counts what the records count.
+        assert_eq!(
+            (l["consistent"].as_bool(), l["messages"].as_u64()),
+            (Some(true), Some(total)),
+            "{what}: {l}"
+        );
+        assert_eq!(l["drained"].as_u64(), Some(cut.drained()), "{what}: {l}");
         assert!(
             total >= last,
             "{what}: epoch {epoch} has fewer messages than the one before"

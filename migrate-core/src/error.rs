@@ -32,6 +32,7 @@ impl std::fmt::Display for Phase {
 
 /// Everything that can go wrong in migrate-core.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A KVM ioctl failed.
     #[error("kvm: {op}")]

@@ -98,6 +98,19 @@ impl<'a> GuestPages<'a> {
         Some(unsafe { r.host.add(off as usize) })
     }
 
+    /// Asks for transparent huge pages behind every region (best effort): memory that is about
+    /// to be filled costs a 2 MiB fault and clear instead of 512 small ones. For a destination's
+    /// fresh memory; a mapping the kernel cannot back with huge pages is left as it is.
+    pub(crate) fn advise_huge_pages(&self) {
+        for r in &self.regions {
+            // SAFETY: [host, host+len) is one guest memory mapping; MADV_HUGEPAGE only changes
+            // how the kernel backs it, never its contents.
+            unsafe {
+                libc::madvise(r.host.cast(), r.len as usize, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+
     /// True if the page at `gpa` is all zero bytes. `gpa` must be a valid page address.
     pub fn is_zero(&self, gpa: u64) -> bool {
         match self.locate(gpa, 1) {
@@ -424,6 +437,7 @@ pub fn receive_stream(
     let mut iov: Vec<libc::iovec> = Vec::with_capacity(MAX_RANGES_PER_BATCH as usize);
     let mut entries: Vec<RangeEntry> = Vec::with_capacity(MAX_RANGES_PER_BATCH as usize);
     let mut hosts: Vec<*mut u8> = Vec::with_capacity(MAX_RANGES_PER_BATCH as usize);
+    pages.advise_huge_pages();
     loop {
         let mut h = [0u8; RECORD_HEADER_LEN];
         src.read_bytes(&mut h)?;

@@ -76,6 +76,7 @@ pub struct ReceiveReport {
 
 /// Progress events from the source.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum Progress {
     /// Handshake done; pre-copy starts.
     Started {

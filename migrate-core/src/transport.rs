@@ -556,11 +556,7 @@ impl Listener {
                 s.read_exact(&mut b).map_err(crate::codec::io_error)?;
                 let p = Preamble::decode(&b)?;
                 if p.version != PROTOCOL_VERSION {
-                    let reply = PreambleReply {
-                        version: PROTOCOL_VERSION,
-                        status: STATUS_VERSION_MISMATCH,
-                    };
-                    let _ = s.write_all(&reply.encode());
+                    refuse(&mut s, STATUS_VERSION_MISMATCH);
                     return Err(Error::Incompatible(format!(
                         "source speaks protocol version {}, we speak {PROTOCOL_VERSION}",
                         p.version
@@ -569,11 +565,7 @@ impl Listener {
                 match p.role {
                     Role::Control if control.is_none() => {
                         if p.memory_count == 0 || p.memory_count > MAX_MEMORY_CONNECTIONS {
-                            let reply = PreambleReply {
-                                version: PROTOCOL_VERSION,
-                                status: STATUS_MALFORMED,
-                            };
-                            let _ = s.write_all(&reply.encode());
+                            refuse(&mut s, STATUS_MALFORMED);
                             return Err(Error::Protocol(format!(
                                 "source announced {} memory connections",
                                 p.memory_count
@@ -621,6 +613,15 @@ impl Listener {
         };
         run().map_err(handshake_err)
     }
+}
+
+/// Tells a source why its connection is refused (best effort: the error is ours to return).
+fn refuse(s: &mut Stream, status: u32) {
+    let reply = PreambleReply {
+        version: PROTOCOL_VERSION,
+        status,
+    };
+    let _ = s.write_all(&reply.encode());
 }
 
 fn place(memory: &mut [Option<Stream>], s: Stream, p: Preamble, control: &Preamble) -> Result<()> {

@@ -34,12 +34,22 @@ use crate::framing::LineReader;
 use crate::types::{ErrorClass, QmpCapability, VersionInfo};
 
 /// Where QEMU's QMP monitor listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Endpoint {
     /// A unix socket path (`-qmp unix:PATH,server=on,wait=off`).
     Unix(PathBuf),
     /// A TCP address, `host:port` (`-qmp tcp:HOST:PORT,server=on,wait=off`).
     Tcp(String),
+}
+
+/// `unix:PATH` or `tcp:HOST:PORT`, as QEMU's `-qmp` takes it.
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+            Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
 }
 
 /// Connection settings. `Default` suits a local QEMU.
@@ -949,5 +959,22 @@ fn reader_loop(mut reader: LineReader<Stream>, shared: &Shared, control: &Stream
         // Stop QEMU from writing into a stream we no longer read.
         control.shutdown();
         return;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Endpoint;
+
+    #[test]
+    fn endpoints_print_as_qemu_takes_them() {
+        assert_eq!(
+            Endpoint::Unix("/run/q.sock".into()).to_string(),
+            "unix:/run/q.sock"
+        );
+        assert_eq!(
+            Endpoint::Tcp("[::1]:4444".into()).to_string(),
+            "tcp:[::1]:4444"
+        );
     }
 }

@@ -11,6 +11,7 @@ use crate::types::ErrorClass;
 /// that line does not already say (the I/O error under [`Error::Io`]), so printing the chain
 /// never repeats a reason.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Error {
     /// QEMU executed the command and answered with an error, e.g.
     /// `device_add: Duplicate device ID 'n0' for device`.

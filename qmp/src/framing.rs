@@ -1,23 +1,35 @@
 //! Line framing with a length bound: QMP sends one JSON object per line, and a peer that
-//! sends an endless line must cost an error, not memory.
+//! sends an endless line must cost an error, not memory. The splitting is `ninja-framing`'s
+//! (the guest channel's too); this adds the pull from a socket and QMP's policy: a line over
+//! the limit ends the stream at once, since QEMU never sends one.
 
-use std::io::{BufRead, BufReader, ErrorKind, Read};
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read};
 
 use crate::error::{Error, ProtocolError, Result};
+use ninja_framing::Frame;
 
 /// Reads `\n`-terminated lines of at most `max_len` bytes (terminator excluded).
 pub(crate) struct LineReader<R> {
-    inner: BufReader<R>,
+    inner: R,
     max_len: usize,
-    partial: Vec<u8>,
+    lines: ninja_framing::LineReader,
+    ready: VecDeque<Vec<u8>>,
+    /// A line went over the limit: the lines before it are still handed out, then the error.
+    over: bool,
+    buf: Box<[u8]>,
 }
 
 impl<R: Read> LineReader<R> {
     pub(crate) fn new(inner: R, max_len: usize) -> Self {
         Self {
-            inner: BufReader::with_capacity(64 * 1024, inner),
+            inner,
             max_len,
-            partial: Vec::new(),
+            // The splitter's limit counts the newline.
+            lines: ninja_framing::LineReader::new(max_len.saturating_add(1)),
+            ready: VecDeque::new(),
+            over: false,
+            buf: vec![0; 64 * 1024].into_boxed_slice(),
         }
     }
 
@@ -28,8 +40,19 @@ impl<R: Read> LineReader<R> {
     /// timeouts, are returned as [`Error::Io`] and keep the partial line for a retry.
     pub(crate) fn read_line(&mut self) -> Result<Option<Vec<u8>>> {
         loop {
-            let available = match self.inner.fill_buf() {
-                Ok(bytes) => bytes,
+            if let Some(mut line) = self.ready.pop_front() {
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                return Ok(Some(line));
+            }
+            if self.over {
+                return Err(Error::Protocol(ProtocolError::LineTooLong {
+                    limit: self.max_len,
+                }));
+            }
+            let n = match self.inner.read(&mut self.buf) {
+                Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(source) => {
                     return Err(Error::Io {
@@ -38,33 +61,19 @@ impl<R: Read> LineReader<R> {
                     });
                 }
             };
-            if available.is_empty() {
-                return if self.partial.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(Error::Protocol(ProtocolError::Truncated {
-                        bytes: self.partial.len(),
-                    }))
+            if n == 0 {
+                return match self.lines.buffered() {
+                    0 => Ok(None),
+                    bytes => Err(Error::Protocol(ProtocolError::Truncated { bytes })),
                 };
             }
-            let (take, complete) = match available.iter().position(|&b| b == b'\n') {
-                Some(end) => (end, true),
-                None => (available.len(), false),
-            };
-            if self.partial.len() + take > self.max_len {
-                return Err(Error::Protocol(ProtocolError::LineTooLong {
-                    limit: self.max_len,
-                }));
-            }
-            self.partial.extend_from_slice(&available[..take]);
-            self.inner.consume(if complete { take + 1 } else { take });
-            if complete {
-                let mut line = std::mem::take(&mut self.partial);
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
-                return Ok(Some(line));
-            }
+            let (ready, over) = (&mut self.ready, &mut self.over);
+            self.lines.push(&self.buf[..n], |frame| match frame {
+                Frame::Line(line) if !*over => ready.push_back(line),
+                Frame::Line(_) => {}
+                Frame::Oversized { .. } => *over = true,
+            });
+            self.over |= self.lines.discarding().is_some();
         }
     }
 }
@@ -101,6 +110,23 @@ mod tests {
         let too_long = lines(b"123456\n", 5);
         assert!(matches!(
             too_long[0],
+            Err(Error::Protocol(ProtocolError::LineTooLong { limit: 5 }))
+        ));
+    }
+
+    #[test]
+    fn lines_before_an_over_long_one_come_first_and_nothing_after() {
+        let out = lines(b"{}\n123456789\n{}\n", 5);
+        assert_eq!(out[0].as_ref().unwrap().as_deref(), Some(&b"{}"[..]));
+        assert!(matches!(
+            out[1],
+            Err(Error::Protocol(ProtocolError::LineTooLong { limit: 5 }))
+        ));
+        assert_eq!(out.len(), 2);
+        // An endless line fails before its end arrives.
+        let endless = lines(&[b'x'; 100_000], 5);
+        assert!(matches!(
+            endless[0],
             Err(Error::Protocol(ProtocolError::LineTooLong { limit: 5 }))
         ));
     }

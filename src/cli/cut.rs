@@ -3,8 +3,9 @@
 //! job (every rank at a consistent cut, no message in flight), holds it, resumes it, and
 //! repeats; `pause` leaves the job at a cut and `resume` releases it, from another process
 //! (the agent releases a cut on its own after its stale-epoch time with no host connected:
-//! 5 minutes unless `symvirt-agent --stale-epoch-ms` says otherwise); `report` checks the cuts
-//! the ranks recorded (`SYMVIRT_CUT_LOG`), pair by pair.
+//! 5 minutes unless `symvirt-agent --stale-epoch-ms` says otherwise); `report` checks a cut
+//! pair by pair, from what the ranks told their agents or from the records they wrote
+//! (`SYMVIRT_CUT_LOG`). `cycle` checks every cut it takes that way.
 //!
 //! The agent is reached at the host end of its channel: the socket it listens on when started
 //! with `symvirt-agent --channel listen:PATH`, or a VM's channel socket. The work is
@@ -16,9 +17,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use symvirt::controller::new_epoch;
+use symvirt::cut::CutReport;
 use symvirt::cut::JobCuts;
 use symvirt::protocol::Interconnect;
-use symvirt_mpi::cut_log::CutReport;
+use symvirt_mpi::cut_log;
 
 /// What every `cut` subcommand takes.
 #[derive(Debug, Args)]
@@ -210,6 +212,7 @@ pub fn cycle(args: &CycleArgs) -> ExitCode {
     let info = job.info();
     let timeout = Duration::from_millis(args.agent.timeout_ms);
     let first = new_epoch();
+    let mut code = ExitCode::SUCCESS;
     for n in 0..args.count {
         if n > 0 {
             std::thread::sleep(Duration::from_secs_f64(args.every));
@@ -219,104 +222,181 @@ pub fn cycle(args: &CycleArgs) -> ExitCode {
             std::thread::sleep(Duration::from_millis(args.hold_ms));
             job.resume(epoch, &interconnect, timeout).map(|r| (q, r))
         });
-        match cut {
-            Ok((quiesce, resume)) if args.agent.json => println!(
-                "{}",
-                json!({"cut": n + 1, "epoch": epoch, "vm": info.vm, "ranks": info.ranks,
-                       "quiesce_ms": ms(quiesce), "resume_ms": ms(resume)})
-            ),
-            Ok((quiesce, resume)) => println!(
-                "cut {}: {} ranks quiesced in {:.1} ms, resumed in {:.1} ms",
+        let (quiesce, resume) = match cut {
+            Ok(times) => times,
+            Err(e) => return fail(format!("cut {}: {}", n + 1, e.chain())),
+        };
+        // What every rank counted at this cut (the agent keeps it after the resume).
+        let report =
+            symvirt::cut::job_report(std::slice::from_ref(&job), epoch).map_err(|e| e.chain());
+        let consistent = report.as_ref().map(|r| r.mismatches().is_empty());
+        if consistent == Ok(false) {
+            code = ExitCode::FAILURE;
+        }
+        if args.agent.json {
+            let mut line = json!({"cut": n + 1, "epoch": epoch, "vm": info.vm,
+                                  "ranks": info.ranks, "quiesce_ms": ms(quiesce),
+                                  "resume_ms": ms(resume)});
+            match report {
+                Ok(r) => {
+                    line["messages"] = json!(r.messages());
+                    line["drained"] = json!(r.drained());
+                    line["consistent"] = json!(r.mismatches().is_empty());
+                    line["slowest_quiesce_ms"] = json!(r.slowest().map(|s| s.1));
+                }
+                Err(e) => line["report_error"] = json!(e),
+            }
+            println!("{line}");
+        } else {
+            let counted = match &report {
+                Ok(r) => format!(
+                    "; {} messages before the cut, {} drained: {}",
+                    r.messages(),
+                    r.drained(),
+                    if r.mismatches().is_empty() {
+                        "consistent"
+                    } else {
+                        "INCONSISTENT (see `cut report`)"
+                    }
+                ),
+                Err(e) => format!("; no report: {e}"),
+            };
+            println!(
+                "cut {}: {} ranks quiesced in {:.1} ms, resumed in {:.1} ms{counted}",
                 n + 1,
                 info.ranks,
                 ms(quiesce),
                 ms(resume)
-            ),
-            Err(e) => return fail(format!("cut {}: {}", n + 1, e.chain())),
+            );
         }
     }
-    ExitCode::SUCCESS
+    code
 }
 
 /// `cut report` arguments.
 #[derive(Debug, Args)]
 pub struct ReportArgs {
-    /// The directory the ranks write their cut records to (`SYMVIRT_CUT_LOG`, `mpi run
-    /// --cut-log`).
-    #[arg(long)]
-    cut_log: PathBuf,
-    /// Only this epoch (default: every epoch with records).
+    /// The agent's channel socket; once per guest for a job spread over several.
+    #[arg(long, required_unless_present = "cut_log")]
+    channel: Vec<PathBuf>,
+    /// Instead of agents: the directory the ranks write their cut records to
+    /// (`SYMVIRT_CUT_LOG`, `mpi run --cut-log`).
+    #[arg(long, conflicts_with = "channel")]
+    cut_log: Option<PathBuf>,
+    /// Only this epoch (default: from agents, the last cut; from records, every epoch).
     #[arg(long)]
     epoch: Option<u64>,
+    /// How long an agent may take to answer (ms).
+    #[arg(long, default_value_t = 30_000)]
+    timeout_ms: u64,
     /// One JSON object per epoch instead of text.
     #[arg(long)]
     json: bool,
 }
 
-/// Runs `cut report`: per epoch, the ranks' records checked pair by pair. Fails (exit 1) if a
-/// cut is inconsistent or a record is missing or malformed.
+/// Prints one epoch's report; returns whether the cut was consistent.
+fn print_report(cut: &CutReport, json: bool) -> bool {
+    let broken = cut.mismatches();
+    let slowest = cut.slowest();
+    if json {
+        let pairs: Vec<_> = broken
+            .iter()
+            .map(|m| json!({"from": m.from, "to": m.to, "sent": m.sent, "received": m.received}))
+            .collect();
+        println!(
+            "{}",
+            json!({"epoch": cut.epoch, "ranks": cut.ranks.len(), "messages": cut.messages(),
+                   "drained": cut.drained(), "consistent": broken.is_empty(),
+                   "mismatches": pairs, "slowest_rank": slowest.map(|s| s.0),
+                   "slowest_quiesce_ms": slowest.map(|s| s.1)})
+        );
+    } else {
+        let verdict = if broken.is_empty() {
+            "consistent".to_owned()
+        } else {
+            let pairs: Vec<String> = broken
+                .iter()
+                .map(|m| {
+                    format!(
+                        "rank {} sent {} to rank {}, which received {}",
+                        m.from, m.sent, m.to, m.received
+                    )
+                })
+                .collect();
+            format!("INCONSISTENT: {}", pairs.join("; "))
+        };
+        let last = slowest
+            .map(|(rank, ms)| format!(", rank {rank} last at the cut after {ms} ms"))
+            .unwrap_or_default();
+        println!(
+            "epoch {}: {} ranks, {} messages before the cut, {} drained by the layer{last}: \
+             {verdict}",
+            cut.epoch,
+            cut.ranks.len(),
+            cut.messages(),
+            cut.drained()
+        );
+    }
+    broken.is_empty()
+}
+
+/// Runs `cut report`: per epoch, what every rank counted at the cut, checked pair by pair.
+/// Fails (exit 1) if a cut is inconsistent or a report is missing or malformed.
 pub fn report(args: &ReportArgs) -> ExitCode {
-    let epochs = match args.epoch {
-        Some(e) => Ok(vec![e]),
-        None => CutReport::epochs(&args.cut_log),
-    };
-    let epochs = match epochs {
-        Ok(e) if e.is_empty() => {
-            return fail(format!("no cut records in {}", args.cut_log.display()));
+    let reports: Vec<Result<CutReport, String>> = match &args.cut_log {
+        Some(dir) => {
+            let epochs = match args.epoch {
+                Some(e) => Ok(vec![e]),
+                None => cut_log::epochs(dir),
+            };
+            match epochs {
+                Ok(e) if e.is_empty() => {
+                    return fail(format!("no cut records in {}", dir.display()));
+                }
+                Ok(e) => e
+                    .into_iter()
+                    .map(|epoch| {
+                        cut_log::read(dir, epoch).map_err(|e| format!("epoch {epoch}: {e}"))
+                    })
+                    .collect(),
+                Err(e) => return fail(e),
+            }
         }
-        Ok(e) => e,
-        Err(e) => return fail(e.to_string()),
+        None => match agents_report(args) {
+            Ok(r) => vec![Ok(r)],
+            Err(e) => return fail(e),
+        },
     };
     let mut code = ExitCode::SUCCESS;
-    for epoch in epochs {
-        let cut = match CutReport::read(&args.cut_log, epoch) {
-            Ok(c) => c,
+    for report in reports {
+        match report {
+            Ok(cut) if print_report(&cut, args.json) => {}
+            Ok(_) => code = ExitCode::FAILURE,
             Err(e) => {
-                eprintln!("ninja-migrate: epoch {epoch}: {e}");
+                eprintln!("ninja-migrate: {e}");
                 code = ExitCode::FAILURE;
-                continue;
             }
-        };
-        let broken = cut.mismatches();
-        if !broken.is_empty() {
-            code = ExitCode::FAILURE;
-        }
-        if args.json {
-            let pairs: Vec<_> = broken
-                .iter()
-                .map(
-                    |m| json!({"from": m.from, "to": m.to, "sent": m.sent, "received": m.received}),
-                )
-                .collect();
-            println!(
-                "{}",
-                json!({"epoch": epoch, "ranks": cut.ranks.len(), "messages": cut.messages(),
-                       "drained": cut.drained(), "consistent": broken.is_empty(),
-                       "mismatches": pairs})
-            );
-        } else {
-            let verdict = if broken.is_empty() {
-                "consistent".to_owned()
-            } else {
-                let pairs: Vec<String> = broken
-                    .iter()
-                    .map(|m| {
-                        format!(
-                            "rank {} sent {} to rank {}, which received {}",
-                            m.from, m.sent, m.to, m.received
-                        )
-                    })
-                    .collect();
-                format!("INCONSISTENT: {}", pairs.join("; "))
-            };
-            println!(
-                "epoch {epoch}: {} ranks, {} messages before the cut, {} drained by the layer: \
-                 {verdict}",
-                cut.ranks.len(),
-                cut.messages(),
-                cut.drained()
-            );
         }
     }
     code
+}
+
+/// The report of `--epoch` (default: the first agent's last epoch) from every `--channel`.
+fn agents_report(args: &ReportArgs) -> Result<CutReport, String> {
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let agents = args
+        .channel
+        .iter()
+        .map(|path| JobCuts::connect(path, timeout))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.chain())?;
+    let epoch = match args.epoch {
+        Some(e) => e,
+        None => match agents[0].status().map_err(|e| e.chain())? {
+            Some(s) if s.epoch > 0 => s.epoch,
+            Some(_) => return Err("the agent has seen no cut yet".into()),
+            None => return Err("the agent predates `status`: give --epoch".into()),
+        },
+    };
+    symvirt::cut::job_report(&agents, epoch).map_err(|e| e.chain())
 }

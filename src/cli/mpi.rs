@@ -112,12 +112,10 @@ pub struct BuildArgs {
     json: bool,
 }
 
-/// The workspace this binary was built from: the layer is compiled from its sources.
+/// The workspace this binary was built from (the root package's directory): the layer is
+/// compiled from its sources there, into its `target`.
 fn workspace() -> PathBuf {
-    let crate_dir = mpi_build::crate_dir();
-    crate_dir
-        .parent()
-        .map_or(crate_dir.clone(), Path::to_path_buf)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn installed(mpi: MpiImpl) -> bool {

@@ -81,6 +81,10 @@ pub struct ListenArgs {
     /// Skip hashing guest memory at resume (the hash adds to downtime).
     #[arg(long)]
     pub no_verify: bool,
+    /// Listen on an address other than loopback although the stream is neither authenticated
+    /// nor encrypted: anyone who reaches the port can hand this VMM a guest to run.
+    #[arg(long)]
+    pub insecure: bool,
     /// Print JSON lines instead of text.
     #[arg(long)]
     pub json: bool,
@@ -92,6 +96,10 @@ pub struct MigrateArgs {
     /// The destination: tcp:HOST:PORT or unix:PATH.
     #[arg(long)]
     pub to: Endpoint,
+    /// Send to an address other than loopback although the stream is neither authenticated
+    /// nor encrypted: the guest's memory crosses the network readable, to whoever answers.
+    #[arg(long)]
+    pub insecure: bool,
     /// The guest (must match the destination's).
     #[command(flatten)]
     pub guest: GuestArgs,
@@ -173,8 +181,23 @@ pub fn print_progress(p: &Progress) {
             println!("  switchover: guest paused, {dirty_pages} dirty pages left")
         }
         Progress::Completed { downtime_ms } => {
-            println!("  committed: downtime {downtime_ms:.1} ms")
+            println!("  committed: guest paused {downtime_ms:.1} ms")
         }
+        other => println!("  {other:?}"),
+    }
+}
+
+/// Refuses a migration stream that would leave this host in clear text unless `insecure`:
+/// the stream has no authentication or encryption yet, so only loopback and unix sockets are
+/// safe by default.
+pub fn check_exposure(endpoint: &Endpoint, insecure: bool) -> std::result::Result<(), String> {
+    match endpoint {
+        Endpoint::Tcp(addr) if !addr.ip().is_loopback() && !insecure => Err(format!(
+            "{endpoint} is not a loopback address, and the migration stream is neither \
+             authenticated nor encrypted: use 127.0.0.1 or a unix socket (with an ssh tunnel \
+             between hosts), or pass --insecure on a network you trust"
+        )),
+        _ => Ok(()),
     }
 }
 

@@ -13,6 +13,8 @@
 //! let quiesced_in = job.quiesce(epoch, Duration::from_secs(30))?;
 //! let here = Interconnect::Ethernet { mac: "52:54:00:00:00:01".into(), iface: None, pci: None };
 //! let resumed_in = job.resume(epoch, &here, Duration::from_secs(30))?;
+//! let report = symvirt::cut::job_report(&[job], epoch)?; // what every rank counted
+//! assert!(report.mismatches().is_empty(), "a message was in flight at the cut");
 //! # Ok(()) }
 //! ```
 //!
@@ -24,8 +26,11 @@ use crate::error::{Error, Result};
 use crate::host_channel::{ChannelOptions, HostChannel};
 use crate::protocol::{AgentPhase, GuestMessage, HostMessage, Interconnect};
 use crate::session::{GuestInfo, GuestSession};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
+use symvirt_proto::cut_report::RankCounts;
+pub use symvirt_proto::cut_report::{CutReport, Mismatch, RankCut};
 
 /// How long an agent that predates `status` is given to answer it.
 const STATUS_WAIT: Duration = Duration::from_secs(2);
@@ -185,6 +190,87 @@ impl JobCuts {
         })
     }
 
+    /// What this agent's ranks counted at the cut of `epoch` (one of the agent's last
+    /// [`crate::protocol::REPORTED_EPOCHS`]), read part by part; [`job_report`] puts the
+    /// agents of a job together. Fails with the agent's reason when it has no report (ranks of
+    /// the explicit API count nothing).
+    pub fn report(&self, epoch: u64) -> Result<Vec<RankCut>> {
+        let mut ranks: BTreeMap<u32, (RankCounts, Option<u64>)> = BTreeMap::new();
+        let mut cursor = Some(0);
+        while let Some(c) = cursor {
+            self.channel
+                .send(&HostMessage::Report { epoch, cursor: c })?;
+            let answer = self.channel.wait_for(
+                |m| match m {
+                    GuestMessage::Report {
+                        epoch: e,
+                        cursor: k,
+                        ..
+                    } => *e == epoch && *k == c,
+                    GuestMessage::NoReport { epoch: e, .. } => *e == epoch,
+                    _ => false,
+                },
+                Instant::now() + STATUS_WAIT,
+            );
+            let (rank, quiesce_ms, counts, next) = match answer {
+                Ok(GuestMessage::Report {
+                    rank,
+                    quiesce_ms,
+                    counts,
+                    next,
+                    ..
+                }) => (rank, quiesce_ms, counts, next),
+                Ok(GuestMessage::NoReport { reason, .. }) => {
+                    return Err(Error::Guest(format!(
+                        "no cut report of epoch {epoch} from {}: {reason}",
+                        self.info.vm
+                    )));
+                }
+                Ok(_) => {
+                    return Err(Error::Internal(
+                        "a report wait returned another message".into(),
+                    ));
+                }
+                Err(Error::Timeout) if c == 0 => {
+                    return Err(Error::Refused(format!(
+                        "the agent of {} gives no cut reports (it predates `report`)",
+                        self.info.vm
+                    )));
+                }
+                Err(e) => return Err(e),
+            };
+            // Each part adds peers not counted before (RankCounts refuses repeats) to one of
+            // at most the agent's ranks: a lying agent cannot keep this loop going.
+            let known = ranks.len();
+            match ranks.get_mut(&rank) {
+                Some((acc, _)) => acc.add(&counts)?,
+                None if known < self.info.ranks as usize => {
+                    ranks.insert(rank, (RankCounts::new(&counts)?, quiesce_ms));
+                }
+                None => {
+                    return Err(Error::Guest(format!(
+                        "the cut report of epoch {epoch} from {} names more than its {} ranks",
+                        self.info.vm, self.info.ranks
+                    )));
+                }
+            }
+            cursor = next;
+        }
+        let records = ranks
+            .into_iter()
+            .map(|(rank, (counts, ms))| counts.finish(rank, ms))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        if records.len() != self.info.ranks as usize {
+            return Err(Error::Guest(format!(
+                "the cut report of epoch {epoch} from {} has {} of its {} ranks",
+                self.info.vm,
+                records.len(),
+                self.info.ranks
+            )));
+        }
+        Ok(records)
+    }
+
     /// Sends `message` and waits (up to `timeout`) for the answer `done` accepts, or the
     /// agent's `failed` ("the job did not `failed_to`: reason"); returns how long it took.
     fn exchange(
@@ -211,4 +297,15 @@ impl JobCuts {
         }
         Ok(t.elapsed())
     }
+}
+
+/// The cut report of `epoch` of a job whose ranks are spread over `agents` (one per guest):
+/// every rank's counts, checked to cover the job once ([`CutReport::assemble`]); a harness
+/// then asks [`CutReport::mismatches`] whether any message was in flight.
+pub fn job_report(agents: &[JobCuts], epoch: u64) -> Result<CutReport> {
+    let mut records = Vec::new();
+    for agent in agents {
+        records.extend(agent.report(epoch)?);
+    }
+    Ok(CutReport::assemble(epoch, records)?)
 }

@@ -174,7 +174,7 @@ impl Checker<'_> {
 
     fn channel_address(&mut self, value: &Spanned<String>, path: &str) -> Option<Address> {
         let a = self.address(value, path)?;
-        if let Address::Tcp(_) = a {
+        if let Address::Local(qmp::Endpoint::Tcp(_)) = a {
             self.issue(
                 value.span(),
                 path,
@@ -587,6 +587,18 @@ host = "0000:3b:00.2"
 "#;
 
     #[test]
+    fn a_run_with_another_number_of_backends_than_vms_is_refused() {
+        let events = std::sync::atomic::AtomicUsize::new(0);
+        let sink = |_: &crate::controller::Event| {
+            events.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        };
+        let controller = crate::controller::Controller::new(parse(GOOD).unwrap(), &sink);
+        let e = controller.run(Vec::new()).unwrap_err().to_string();
+        assert!(e.contains("0 backends for the plan's 2 VMs"), "{e}");
+        assert_eq!(events.into_inner(), 0, "nothing may start");
+    }
+
+    #[test]
     fn a_good_plan_reads_into_the_cluster_model() {
         let plan = parse(GOOD).unwrap();
         assert_eq!(plan.vms.len(), 2);
@@ -613,7 +625,7 @@ host = "0000:3b:00.2"
         ));
         assert_eq!(
             plan.vms[1].source.qmp,
-            Address::Tcp("127.0.0.1:5555".into())
+            Address::Local(qmp::Endpoint::Tcp("127.0.0.1:5555".into()))
         );
     }
 

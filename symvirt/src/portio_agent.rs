@@ -232,6 +232,10 @@ impl Core {
                 ranks: 0,
                 registered: 0,
             }),
+            HostMessage::Report { epoch, .. } => self.say(GuestMessage::NoReport {
+                epoch,
+                reason: "this guest runs no MPI ranks: nothing is counted at its cuts".into(),
+            }),
         }
         Ok(())
     }

@@ -13,6 +13,7 @@
 //! `symvirt/tests/controller_ssh.rs` runs these forwards against a private sshd on loopback.
 
 use crate::error::{Error, Result};
+use qmp::Endpoint;
 use std::fmt;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
@@ -29,10 +30,8 @@ use std::time::{Duration, Instant};
 /// Where a socket is.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Address {
-    /// A unix socket on this host.
-    Unix(PathBuf),
-    /// `host:port`.
-    Tcp(String),
+    /// Reached directly from this host: a unix socket here, or `host:port`.
+    Local(Endpoint),
     /// A unix socket on `host`, reached through `ssh`.
     Ssh {
         /// The host, as `ssh` takes it (`node7`, `user@node7`).
@@ -45,8 +44,7 @@ pub enum Address {
 impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Address::Unix(p) => write!(f, "unix:{}", p.display()),
-            Address::Tcp(a) => write!(f, "tcp:{a}"),
+            Address::Local(e) => write!(f, "{e}"),
             Address::Ssh { host, path } => write!(f, "ssh:{host}:{}", path.display()),
         }
     }
@@ -85,14 +83,20 @@ fn socket_path(path: &str) -> std::result::Result<PathBuf, String> {
     Ok(normal)
 }
 
+impl From<Endpoint> for Address {
+    fn from(e: Endpoint) -> Address {
+        Address::Local(e)
+    }
+}
+
 impl Address {
     /// What two addresses share when they reach the same socket: the path with its existing
     /// parent directory resolved (symlinks), a host name without its `user@` and case, and
     /// every name of this host's loopback (`localhost`, `127.0.0.1`, `[::1]`) as one.
     pub fn identity(&self) -> String {
         match self {
-            Address::Unix(p) => format!("unix:{}", resolved(p).display()),
-            Address::Tcp(a) => {
+            Address::Local(Endpoint::Unix(p)) => format!("unix:{}", resolved(p).display()),
+            Address::Local(Endpoint::Tcp(a)) => {
                 let (host, port) = a.rsplit_once(':').unwrap_or((a, ""));
                 format!("tcp:{}:{port}", host_identity(host))
             }
@@ -150,10 +154,10 @@ impl FromStr for Address {
 
     fn from_str(s: &str) -> std::result::Result<Address, String> {
         if let Some(path) = s.strip_prefix("unix:") {
-            Ok(Address::Unix(socket_path(path)?))
+            Ok(Endpoint::Unix(socket_path(path)?).into())
         } else if let Some(addr) = s.strip_prefix("tcp:") {
             check_host_port(addr)?;
-            Ok(Address::Tcp(addr.into()))
+            Ok(Endpoint::Tcp(addr.into()).into())
         } else if let Some(rest) = s.strip_prefix("ssh:") {
             let (host, path) = rest
                 .split_once(":/")
@@ -479,8 +483,8 @@ impl Connector {
     /// `deadline`). TCP addresses have no path: [`Error::Config`].
     pub fn local_path(&self, address: &Address, deadline: Instant) -> Result<PathBuf> {
         match address {
-            Address::Unix(p) => Ok(p.clone()),
-            Address::Tcp(a) => Err(Error::Config(format!(
+            Address::Local(Endpoint::Unix(p)) => Ok(p.clone()),
+            Address::Local(Endpoint::Tcp(a)) => Err(Error::Config(format!(
                 "tcp:{a} cannot be used as a unix socket"
             ))),
             Address::Ssh { host, path } => self.forward(host, path, deadline),
@@ -488,10 +492,10 @@ impl Connector {
     }
 
     /// A QMP endpoint for `address`.
-    pub fn qmp_endpoint(&self, address: &Address, deadline: Instant) -> Result<qmp::Endpoint> {
+    pub fn qmp_endpoint(&self, address: &Address, deadline: Instant) -> Result<Endpoint> {
         match address {
-            Address::Tcp(a) => Ok(qmp::Endpoint::Tcp(a.clone())),
-            other => self.local_path(other, deadline).map(qmp::Endpoint::Unix),
+            Address::Local(e) => Ok(e.clone()),
+            Address::Ssh { host, path } => self.forward(host, path, deadline).map(Endpoint::Unix),
         }
     }
 
@@ -507,37 +511,51 @@ impl Connector {
     /// Why connections to `address` broke, when that is its ssh forward ending (now down, or
     /// restarted since), for errors that would otherwise blame the far end.
     pub fn forward_failure(&self, address: &Address) -> Option<String> {
-        let Address::Ssh { host, path } = address else {
-            return None;
-        };
-        let mut forwards = self.forwards.lock();
-        let f = forwards
-            .iter_mut()
-            .find(|f| &f.host == host && &f.remote == path)?;
-        let what = format!("ssh forward to {host}:{}", path.display());
-        // A connection through a dying ssh closes before the process can be reaped.
-        if exiting(f.child.id()) {
-            let _ = f.child.wait();
-        }
-        match f.child.try_wait() {
-            Ok(Some(status)) => {
-                let said = f.said();
-                let last = said.lines().last().unwrap_or_default();
-                Some(format!(
-                    "{what} ended ({status}){}{last}; restarting",
-                    if last.is_empty() { "" } else { ": " }
-                ))
+        self.with_forward(address, |f| {
+            let what = format!("ssh forward to {}:{}", f.host, f.remote.display());
+            // A connection through a dying ssh closes before the process can be reaped.
+            if exiting(f.child.id()) {
+                let _ = f.child.wait();
             }
-            _ => f
-                .ended
-                .as_ref()
-                .map(|e| format!("{what} ended ({e}); restarted")),
-        }
+            match f.child.try_wait() {
+                Ok(Some(status)) => {
+                    let said = f.said();
+                    let last = said.lines().last().unwrap_or_default();
+                    Some(format!(
+                        "{what} ended ({status}){}{last}; restarting",
+                        if last.is_empty() { "" } else { ": " }
+                    ))
+                }
+                _ => f
+                    .ended
+                    .as_ref()
+                    .map(|e| format!("{what} ended ({e}); restarted")),
+            }
+        })
     }
 
     /// What the ssh of `address`'s forward said last (e.g. `channel 2: open failed: ...` when
     /// the remote socket refused a connection), or why it ended.
     pub fn forward_message(&self, address: &Address) -> Option<String> {
+        self.with_forward(address, |f| {
+            let alive = f.alive();
+            let said = f.said();
+            let last = said.lines().last()?;
+            Some(format!(
+                "ssh forward to {}:{}{}: {last}",
+                f.host,
+                f.remote.display(),
+                if alive { "" } else { " (down)" }
+            ))
+        })
+    }
+
+    /// Runs `look` on the forward of an `ssh:` address, if there is one.
+    fn with_forward<T>(
+        &self,
+        address: &Address,
+        look: impl FnOnce(&mut Forward) -> Option<T>,
+    ) -> Option<T> {
         let Address::Ssh { host, path } = address else {
             return None;
         };
@@ -545,14 +563,7 @@ impl Connector {
         let f = forwards
             .iter_mut()
             .find(|f| &f.host == host && &f.remote == path)?;
-        let alive = f.alive();
-        let said = f.said();
-        let last = said.lines().last()?;
-        Some(format!(
-            "ssh forward to {host}:{}{}: {last}",
-            path.display(),
-            if alive { "" } else { " (down)" }
-        ))
+        look(f)
     }
 
     fn forward(&self, host: &str, remote: &Path, deadline: Instant) -> Result<PathBuf> {

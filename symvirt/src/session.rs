@@ -250,7 +250,7 @@ impl GuestSession {
                 return Ok(state.clone());
             }
             // Allowed in every state; the answer changes nothing.
-            (HostMessage::Status, state) => return Ok(state.clone()),
+            (HostMessage::Status | HostMessage::Report { .. }, state) => return Ok(state.clone()),
             (HostMessage::Prepare { epoch, deadline_ms }, SessionState::Running)
                 if *epoch > self.last_epoch =>
             {
@@ -364,6 +364,13 @@ impl GuestSession {
                     format!("{what} for {ranks} ranks, but the agent's hello said {said}"),
                 ));
             }
+            return Ok(Accepted::Applied);
+        }
+        if matches!(
+            message,
+            GuestMessage::Report { .. } | GuestMessage::NoReport { .. }
+        ) {
+            // An answer about a past cut, in any state.
             return Ok(Accepted::Applied);
         }
         let got = message.epoch().unwrap_or(0);

@@ -7,6 +7,7 @@
 use migrate_core::vmm::{ReferenceVm, VmmConfig};
 use migrate_core::{MigrationConfig, destination, source, transport};
 use ninja_testkit::{free_tcp_port, kvm_or_skip};
+use qmp::Endpoint;
 use serde_json::Map;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,7 +78,7 @@ fn ethernet(i: usize) -> Interconnect {
 
 /// A VM of the plan; the monitor and channel addresses are not used by this backend.
 fn spec(name: &str, from: (Vec<Device>, Interconnect), to: (Vec<Device>, Interconnect)) -> VmSpec {
-    let unused = Address::Unix(PathBuf::from("in-process"));
+    let unused = Address::Local(Endpoint::Unix(PathBuf::from("in-process")));
     VmSpec {
         name: name.into(),
         source: SourceSpec {

@@ -4,7 +4,7 @@
 //! and its own checks. Everything it starts is killed, and its files removed, on drop.
 #![allow(dead_code)]
 
-#[path = "../../symvirt-mpi/tests/common/mod.rs"]
+#[path = "../../symvirt/mpi/tests/common/mod.rs"]
 #[allow(unused_imports)]
 pub mod mpi_common;
 
@@ -92,7 +92,7 @@ pub struct Setup {
     pub agent_data: Vec<Option<String>>,
     /// Guest RAM.
     pub memory_mib: u32,
-    /// More programs for the job disk: sources in `symvirt-mpi/tests/programs`, built for this
+    /// More programs for the job disk: sources in `symvirt/mpi/tests/programs`, built for this
     /// MPI and linkage, at `/job/<stem>` (`pingpong.c` is `/job/pingpong`).
     pub programs: Vec<&'static str>,
     /// How the fabric-B NIC arrives.

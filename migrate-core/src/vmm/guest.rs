@@ -15,6 +15,7 @@
 //! | `0xb000`         | mailbox outbox ring (4 KiB, guest to host)          |
 //! | `0x10000`        | the program                                         |
 //! | `0x100000..`     | working sets, vCPU after vCPU                       |
+//! | `0xfec00000..`   | IOAPIC and local APIC (KVM's): no working set here  |
 //!
 //! Each pass of the program over its working set: `c = counter + 1`; for every page, read
 //! its first word (it must equal `counter`, else `errors += 1`), fold it into the checksum,
@@ -53,6 +54,11 @@ pub const CODE_ADDR: u64 = 0x10000;
 pub const WORKING_SET_ADDR: u64 = 0x100000;
 /// Largest guest the page tables map.
 pub const MAX_MEMORY: u64 = PD_COUNT << 30;
+/// Where x86's interrupt controllers sit in guest-physical space: KVM's in-kernel IOAPIC at
+/// `0xfec0_0000` and local APIC at `0xfee0_0000` answer accesses there, not memory. The
+/// working sets must end below it (a guest of 4 GiB that rewrote those pages read back
+/// register values and counted 2 errors); memory above it is still the guest's and migrates.
+pub const INTERRUPT_CONTROLLERS_ADDR: u64 = 0xfec0_0000;
 /// Bytes per vCPU block in the status page.
 pub const VCPU_BLOCK_SIZE: u64 = 64;
 /// Most vCPUs the status page holds.

@@ -115,6 +115,14 @@ impl VmmConfig {
                 self.mem_size
             ));
         }
+        if end > guest::INTERRUPT_CONTROLLERS_ADDR {
+            return bad(format!(
+                "working sets end at {end:#x}, past {:#x} where the interrupt controllers \
+                 answer instead of memory: at most {} MiB of working set",
+                guest::INTERRUPT_CONTROLLERS_ADDR,
+                (guest::INTERRUPT_CONTROLLERS_ADDR - guest::WORKING_SET_ADDR) >> 20
+            ));
+        }
         Ok(())
     }
 
@@ -596,5 +604,17 @@ mod tests {
             assert!(cfg.validate().is_err(), "{cfg:?} accepted");
         }
         VmmConfig::default().validate().unwrap();
+        // A 4 GiB guest may rewrite everything below the interrupt controllers, not them.
+        let four = |mib: u64| VmmConfig {
+            mem_size: 4 << 30,
+            working_set_pages: (mib << 20) / PAGE_SIZE,
+            ..Default::default()
+        };
+        four(4075).validate().unwrap();
+        let e = four(4080).validate().unwrap_err().to_string();
+        assert!(
+            e.contains("interrupt controllers") && e.contains("4075 MiB"),
+            "{e}"
+        );
     }
 }

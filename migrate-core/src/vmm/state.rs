@@ -21,7 +21,8 @@ use kvm_bindings::{
     kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
-use std::mem::{MaybeUninit, size_of};
+use std::mem::size_of;
+use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 /// First bytes of a saved state.
 pub const STATE_MAGIC: [u8; 8] = *b"NINJAVMS";
@@ -31,59 +32,63 @@ const HEADER_LEN: usize = 8 + 4 + 8 + 4;
 /// Largest accepted state (a guard against absurd lengths in corrupt input).
 const MAX_STATE_LEN: u64 = 16 << 20;
 
-/// Plain KVM ABI structures that may be viewed as bytes and rebuilt from any bytes.
-///
-/// # Safety
-/// Implementors are `repr(C)`, have no implicit padding (every byte is a field or an explicit
-/// pad field) and are valid for every bit pattern.
-unsafe trait Pod {}
-// SAFETY: this and the impls below are kernel UAPI structures made only of integers, integer
-// arrays and explicit pad fields (kvm-bindings derives zerocopy's IntoBytes/FromBytes for them,
-// which proves there is no implicit padding); kvm_irqchip's union is a byte array at its largest.
-unsafe impl Pod for kvm_regs {}
-// SAFETY: see above.
-unsafe impl Pod for kvm_sregs {}
-// SAFETY: see above; kvm_fpu's pad1/pad2 are explicit fields.
-unsafe impl Pod for kvm_fpu {}
-// SAFETY: see above; the trailing flexible array is zero-sized.
-unsafe impl Pod for kvm_xsave {}
-// SAFETY: see above.
-unsafe impl Pod for kvm_xcrs {}
-// SAFETY: see above.
-unsafe impl Pod for kvm_debugregs {}
-// SAFETY: see above.
-unsafe impl Pod for kvm_mp_state {}
-// SAFETY: see above.
-unsafe impl Pod for kvm_vcpu_events {}
-// SAFETY: see above.
-unsafe impl Pod for kvm_lapic_state {}
-// SAFETY: see above.
-unsafe impl Pod for kvm_irqchip {}
-// SAFETY: see above.
-unsafe impl Pod for kvm_clock_data {}
-
-fn pod_bytes<T: Pod>(v: &T) -> &[u8] {
-    // SAFETY: T: Pod has no padding, so all size_of::<T>() bytes are initialized; the slice
-    // borrows `v` and cannot outlive it.
-    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
-}
-
-fn pod_from<T: Pod>(bytes: &[u8], what: &str) -> Result<T> {
-    if bytes.len() != size_of::<T>() {
-        return Err(Error::VmControl(format!(
+/// A KVM structure from its kernel ABI bytes. kvm-bindings derives zerocopy's traits for the
+/// structures (`as_bytes` gives the bytes), which proves they have no implicit padding and are
+/// valid for any bytes.
+fn abi_from<T: FromBytes>(bytes: &[u8], what: &str) -> Result<T> {
+    T::read_from_bytes(bytes).map_err(|_| {
+        Error::VmControl(format!(
             "state: {what} is {} bytes, expected {}",
             bytes.len(),
             size_of::<T>()
+        ))
+    })
+}
+
+/// `kvm_fpu`'s ABI bytes, field by field (kvm-bindings derives no zerocopy traits for it; its
+/// fields are laid out without padding: pad1 and pad2 are explicit).
+fn fpu_bytes(f: &kvm_fpu) -> Vec<u8> {
+    let mut b = Vec::with_capacity(FPU_LEN);
+    f.fpr.iter().for_each(|r| b.extend_from_slice(r));
+    b.extend_from_slice(&f.fcw.to_le_bytes());
+    b.extend_from_slice(&f.fsw.to_le_bytes());
+    b.extend_from_slice(&[f.ftwx, f.pad1]);
+    b.extend_from_slice(&f.last_opcode.to_le_bytes());
+    b.extend_from_slice(&f.last_ip.to_le_bytes());
+    b.extend_from_slice(&f.last_dp.to_le_bytes());
+    f.xmm.iter().for_each(|r| b.extend_from_slice(r));
+    b.extend_from_slice(&f.mxcsr.to_le_bytes());
+    b.extend_from_slice(&f.pad2.to_le_bytes());
+    b
+}
+
+const FPU_LEN: usize = size_of::<kvm_fpu>();
+const _: () = assert!(FPU_LEN == 8 * 16 + 2 + 2 + 1 + 1 + 2 + 8 + 8 + 16 * 16 + 4 + 4);
+
+fn fpu_from(bytes: &[u8]) -> Result<kvm_fpu> {
+    if bytes.len() != FPU_LEN {
+        return Err(Error::VmControl(format!(
+            "state: fpu is {} bytes, expected {FPU_LEN}",
+            bytes.len()
         )));
     }
-    let mut v = MaybeUninit::<T>::zeroed();
-    // SAFETY: copies exactly size_of::<T>() bytes into the zeroed MaybeUninit<T>; the source
-    // length was checked above and the regions cannot overlap.
-    unsafe {
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr().cast::<u8>(), bytes.len())
+    let mut at = 0;
+    let mut take = |n: usize| {
+        at += n;
+        &bytes[at - n..at]
     };
-    // SAFETY: every byte is initialized and T: Pod is valid for every bit pattern.
-    Ok(unsafe { v.assume_init() })
+    let mut f = kvm_fpu::default();
+    f.fpr.iter_mut().for_each(|r| r.copy_from_slice(take(16)));
+    f.fcw = u16::from_le_bytes(take(2).try_into().expect("2 bytes"));
+    f.fsw = u16::from_le_bytes(take(2).try_into().expect("2 bytes"));
+    (f.ftwx, f.pad1) = (take(1)[0], take(1)[0]);
+    f.last_opcode = u16::from_le_bytes(take(2).try_into().expect("2 bytes"));
+    f.last_ip = u64::from_le_bytes(take(8).try_into().expect("8 bytes"));
+    f.last_dp = u64::from_le_bytes(take(8).try_into().expect("8 bytes"));
+    f.xmm.iter_mut().for_each(|r| r.copy_from_slice(take(16)));
+    f.mxcsr = u32::from_le_bytes(take(4).try_into().expect("4 bytes"));
+    f.pad2 = u32::from_le_bytes(take(4).try_into().expect("4 bytes"));
+    Ok(f)
 }
 
 /// Everything KVM holds for one vCPU.
@@ -164,7 +169,12 @@ impl VcpuState {
             sregs: vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
             fpu: vcpu.get_fpu().map_err(kvm("KVM_GET_FPU"))?,
             xsave: if features.xsave {
-                Some(pod_bytes(&vcpu.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?).to_vec())
+                Some(
+                    vcpu.get_xsave()
+                        .map_err(kvm("KVM_GET_XSAVE"))?
+                        .as_bytes()
+                        .to_vec(),
+                )
             } else {
                 None
             },
@@ -195,7 +205,7 @@ impl VcpuState {
         vcpu.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
         vcpu.set_fpu(&self.fpu).map_err(kvm("KVM_SET_FPU"))?;
         if let Some(xsave) = &self.xsave {
-            set_xsave(vcpu, &pod_from::<kvm_xsave>(xsave, "xsave")?)?;
+            set_xsave(vcpu, &abi_from::<kvm_xsave>(xsave, "xsave")?)?;
         }
         if let Some(xcrs) = &self.xcrs {
             vcpu.set_xcrs(xcrs).map_err(kvm("KVM_SET_XCRS"))?;
@@ -310,20 +320,9 @@ pub fn restore_vm_devices(vm: &VmFd, state: &VmState) -> Result<()> {
     Ok(())
 }
 
+/// CRC-32 (IEEE 802.3), as Firecracker's snapshots and zlib use.
 fn crc32(data: &[u8]) -> u32 {
-    // IEEE 802.3 polynomial, bitwise: the state is a few KiB, table-free is fast enough.
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
+    crc32fast::hash(data)
 }
 
 struct Writer(Vec<u8>);
@@ -334,9 +333,9 @@ impl Writer {
             .extend_from_slice(&(bytes.len() as u32).to_le_bytes());
         self.0.extend_from_slice(bytes);
     }
-    fn opt<T: Pod>(&mut self, v: &Option<T>) {
+    fn opt<T: IntoBytes + Immutable>(&mut self, v: &Option<T>) {
         match v {
-            Some(v) => self.blob(pod_bytes(v)),
+            Some(v) => self.blob(v.as_bytes()),
             None => self.blob(&[]),
         }
     }
@@ -353,15 +352,15 @@ impl<'a> Reader<'a> {
         self.0 = &self.0[4 + len..];
         Ok(bytes)
     }
-    fn pod<T: Pod>(&mut self, what: &str) -> Result<T> {
-        pod_from(self.blob(what)?, what)
+    fn abi<T: FromBytes>(&mut self, what: &str) -> Result<T> {
+        abi_from(self.blob(what)?, what)
     }
-    fn opt<T: Pod>(&mut self, what: &str) -> Result<Option<T>> {
+    fn opt<T: FromBytes>(&mut self, what: &str) -> Result<Option<T>> {
         let b = self.blob(what)?;
         if b.is_empty() {
             Ok(None)
         } else {
-            pod_from(b, what).map(Some)
+            abi_from(b, what).map(Some)
         }
     }
 }
@@ -376,18 +375,18 @@ impl VmState {
         head.extend_from_slice(&(self.irqchips.len() as u32).to_le_bytes());
         w.blob(&head);
         for chip in &self.irqchips {
-            w.blob(pod_bytes(chip));
+            w.blob(chip.as_bytes());
         }
         w.opt(&self.clock);
         for v in &self.vcpus {
-            w.blob(pod_bytes(&v.regs));
-            w.blob(pod_bytes(&v.sregs));
-            w.blob(pod_bytes(&v.fpu));
+            w.blob(v.regs.as_bytes());
+            w.blob(v.sregs.as_bytes());
+            w.blob(&fpu_bytes(&v.fpu));
             w.blob(v.xsave.as_deref().unwrap_or(&[]));
             w.opt(&v.xcrs);
-            w.blob(pod_bytes(&v.debugregs));
-            w.blob(pod_bytes(&v.mp_state));
-            w.blob(pod_bytes(&v.events));
+            w.blob(v.debugregs.as_bytes());
+            w.blob(v.mp_state.as_bytes());
+            w.blob(v.events.as_bytes());
             w.opt(&v.lapic);
             let msrs: Vec<u8> = v
                 .msrs
@@ -458,19 +457,19 @@ impl VmState {
             )));
         }
         let irqchips = (0..nchips)
-            .map(|_| r.pod("irqchip"))
+            .map(|_| r.abi("irqchip"))
             .collect::<Result<_>>()?;
         let clock = r.opt("clock")?;
         let mut vcpus = Vec::new();
         for _ in 0..nvcpus {
-            let regs = r.pod("regs")?;
-            let sregs = r.pod("sregs")?;
-            let fpu = r.pod("fpu")?;
-            let xsave = r.opt::<kvm_xsave>("xsave")?.map(|x| pod_bytes(&x).to_vec());
+            let regs = r.abi("regs")?;
+            let sregs = r.abi("sregs")?;
+            let fpu = fpu_from(r.blob("fpu")?)?;
+            let xsave = r.opt::<kvm_xsave>("xsave")?.map(|x| x.as_bytes().to_vec());
             let xcrs = r.opt("xcrs")?;
-            let debugregs = r.pod("debugregs")?;
-            let mp_state = r.pod("mp_state")?;
-            let events = r.pod("vcpu_events")?;
+            let debugregs = r.abi("debugregs")?;
+            let mp_state = r.abi("mp_state")?;
+            let events = r.abi("vcpu_events")?;
             let lapic = r.opt("lapic")?;
             let raw = r.blob("msrs")?;
             if raw.len() % 16 != 0 {
@@ -514,6 +513,9 @@ impl VmState {
 mod tests {
     use super::*;
 
+    const GOLDEN_LEN: usize = 2152;
+    const GOLDEN_CRC: u32 = 0x61ed_75f2;
+
     fn sample() -> VmState {
         let regs = kvm_regs {
             rip: 0x10000,
@@ -540,6 +542,48 @@ mod tests {
                 msrs: vec![(0x10, 1234), (0xc000_0080, 0x500)],
             }],
         }
+    }
+
+    /// Every field of the FPU state set, so its bytes are checked in place.
+    fn fpu() -> kvm_fpu {
+        let mut fpu = kvm_fpu {
+            fcw: 0x037f,
+            fsw: 0x1234,
+            ftwx: 0xa5,
+            pad1: 0x5a,
+            last_opcode: 0x0bcd,
+            last_ip: 0x1122_3344_5566_7788,
+            last_dp: 0x99aa_bbcc_ddee_ff00,
+            mxcsr: 0x1f80,
+            pad2: 0xdead_beef,
+            ..Default::default()
+        };
+        for (i, row) in fpu.fpr.iter_mut().chain(fpu.xmm.iter_mut()).enumerate() {
+            for (j, b) in row.iter_mut().enumerate() {
+                *b = (i * 16 + j) as u8;
+            }
+        }
+        fpu
+    }
+
+    /// Version 1 is these bytes: a change here breaks reading saved states.
+    #[test]
+    fn the_format_is_the_one_version_1_wrote() {
+        let mut s = sample();
+        s.vcpus[0].fpu = fpu();
+        s.clock = Some(kvm_clock_data {
+            clock: 0x0102_0304_0506_0708,
+            flags: 2,
+            ..Default::default()
+        });
+        let bytes = s.encode();
+        assert_eq!(bytes.len(), GOLDEN_LEN);
+        assert_eq!(&bytes[..12], b"NINJAVMS\x01\0\0\0");
+        let whole = crc32(&bytes);
+        assert_eq!(whole, GOLDEN_CRC, "{whole:#010x}");
+        let back = VmState::decode(&bytes).unwrap();
+        assert_eq!(back.vcpus[0].fpu, fpu());
+        assert_eq!(back.clock.unwrap().clock, 0x0102_0304_0506_0708);
     }
 
     #[test]

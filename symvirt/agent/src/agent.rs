@@ -52,6 +52,7 @@
 //! # drop(agent);
 //! ```
 
+use crate::cut_reports::CutReports;
 use crate::data_net::DataNetwork;
 use crate::error::{Error, Result};
 use crate::guest_link::{self, ChannelSpec, HostWriter, LinkEvent};
@@ -492,6 +493,8 @@ struct Core {
     /// The `resumed` of the last epoch that completed: sent again to a host that asks for it
     /// once more (a controller recovering an interrupted run cannot know it was sent).
     last_resumed: Option<GuestMessage>,
+    /// What the ranks counted at the last cuts, for the host's `report`.
+    reports: CutReports,
 }
 
 impl Core {
@@ -508,6 +511,7 @@ impl Core {
             host_away_since: Some(Instant::now()),
             resume_arrived: Instant::now(),
             last_resumed: None,
+            reports: CutReports::default(),
         }
     }
 
@@ -561,7 +565,14 @@ impl Core {
                     "{} not sent ({why}); will send after reconnect",
                     message.describe()
                 );
-                if !matches!(message, GuestMessage::Hello { .. }) {
+                // Only a change of the epoch's state waits for the host; answers to its
+                // questions (status, report parts) it asks again.
+                if matches!(
+                    message,
+                    GuestMessage::Quiesced { .. }
+                        | GuestMessage::Resumed { .. }
+                        | GuestMessage::Failed { .. }
+                ) {
                     self.unsent = Some(message);
                 }
             }
@@ -772,6 +783,7 @@ impl Core {
                     deadline: Instant::now() + Duration::from_millis(deadline_ms),
                     quiesced: BTreeSet::new(),
                 };
+                self.reports.begin(epoch, self.config.ranks);
                 self.tell_all_ranks(&AgentNotice::Prepare { epoch, deadline_ms });
                 self.check_quiesced();
             }
@@ -830,6 +842,10 @@ impl Core {
                     ranks: self.config.ranks,
                     registered,
                 });
+            }
+            HostMessage::Report { epoch, cursor } => {
+                let part = self.reports.part(epoch, cursor);
+                self.tell_host(part);
             }
         }
     }
@@ -890,10 +906,17 @@ impl Core {
                     epoch: e, quiesced, ..
                 } if *e == epoch => {
                     quiesced.insert(rank);
+                    self.reports.quiesced(epoch, rank);
                     log::info!("rank {rank} quiesced for epoch {epoch}");
                     self.check_quiesced();
                 }
                 _ => log::warn!("ignored quiesced{{epoch={epoch}}} from rank {rank}"),
+            },
+            (RankRequest::Counts { epoch, counts }, Some(rank)) => match &self.phase {
+                Phase::Preparing { epoch: e, .. } if *e == epoch => {
+                    self.reports.counts(epoch, rank, &counts)
+                }
+                _ => log::warn!("ignored counts{{epoch={epoch}}} from rank {rank}"),
             },
             (RankRequest::Resumed { epoch }, Some(rank)) => match &mut self.phase {
                 Phase::Resuming {

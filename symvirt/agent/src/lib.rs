@@ -3,6 +3,7 @@
 //! moves the VM's data address onto the new fabric's NIC before the ranks go on.
 //!
 //! - [`agent`]: the event loop (host link, rank socket, epochs, limits, stale epochs);
+//! - `cut_reports`: what the ranks counted at the last cuts, kept for the host's `report`;
 //! - [`guest_link`]: the agent's end of the host channel (virtio-serial port or unix socket);
 //! - [`data_net`]: the network step (route and neighbours of the data address, in-process
 //!   rtnetlink and ARP);
@@ -24,6 +25,7 @@
 //! ```
 
 pub mod agent;
+mod cut_reports;
 pub mod data_net;
 pub mod error;
 pub mod guest_link;

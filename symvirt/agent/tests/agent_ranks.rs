@@ -946,3 +946,119 @@ fn with_no_host_for_too_long_the_agent_gives_the_epoch_up_and_the_next_host_lear
     rig.host_back(None);
     quiesce_alone(&rig, &mut r0, 3);
 }
+
+/// Takes the cut of `epoch` through the rig's host, every rank sending `counts(rank)` (sent,
+/// received, drained; `None`: no counts, as a rank of the explicit API), and resumes it.
+fn counted_cut(
+    rig: &Rig,
+    ranks: &mut [RankClient],
+    epoch: u64,
+    counts: impl Fn(u32) -> Option<(Vec<u64>, Vec<u64>, u64)>,
+) {
+    rig.prepare(epoch, 60_000);
+    for r in ranks.iter_mut() {
+        expect_prepare(r, epoch);
+        if let Some((sent, received, drained)) = counts(r.rank()) {
+            r.counts(epoch, &sent, &received, drained).unwrap();
+        }
+        r.quiesced(epoch).unwrap();
+    }
+    assert_eq!(rig.wait_outcome(), GuestMessage::Quiesced { epoch });
+    let resume = HostMessage::Resume {
+        epoch,
+        interconnect: ethernet(),
+    };
+    rig.host.send(&resume).unwrap();
+    for r in ranks.iter_mut() {
+        assert!(matches!(next_for(r, epoch), RankEvent::Resume { .. }));
+        r.resumed(epoch).unwrap();
+    }
+    assert!(matches!(
+        rig.wait_outcome(),
+        GuestMessage::Resumed { epoch: e, .. } if e == epoch
+    ));
+}
+
+/// Consistent counts of a job of `world` ranks: rank i sent i * 1000 + j messages to j.
+fn consistent(world: u32) -> impl Fn(u32) -> Option<(Vec<u64>, Vec<u64>, u64)> {
+    move |i| {
+        let sent = (0..world).map(|j| u64::from(i * 1000 + j)).collect();
+        let received = (0..world).map(|j| u64::from(j * 1000 + i)).collect();
+        Some((sent, received, u64::from(i)))
+    }
+}
+
+#[test]
+fn the_host_reads_what_every_rank_counted_at_a_cut_part_by_part() {
+    // More ranks than one part holds peers: a report of several parts per rank.
+    let world = symvirt_proto::cut_report::COUNTS_CHUNK as u32 + 6;
+    let mut rig = Rig::listening("report", world, |_| {});
+    let mut ranks: Vec<RankClient> = (0..world).map(|r| rig.rank(r).unwrap()).collect();
+    counted_cut(&rig, &mut ranks, 1, consistent(world));
+    // Epoch 2: rank 5 says it sent one message more to rank 7 than rank 7 received.
+    counted_cut(&rig, &mut ranks, 2, |i| {
+        let (mut sent, received, drained) = consistent(world)(i)?;
+        if i == 5 {
+            sent[7] += 1;
+        }
+        Some((sent, received, drained))
+    });
+    counted_cut(&rig, &mut ranks, 3, |i| {
+        consistent(world)(i).filter(|_| i != 0)
+    });
+
+    // A harness connects afterwards, as `ninja-migrate cut report` does.
+    rig.host_gone();
+    let channel = rig.dir.0.join("host.sock");
+    let job = symvirt::cut::JobCuts::connect(&channel, PATIENCE).unwrap();
+    let report = symvirt::cut::job_report(std::slice::from_ref(&job), 1).unwrap();
+    assert_eq!(report.ranks.len(), world as usize);
+    assert!(report.mismatches().is_empty(), "{:?}", report.mismatches());
+    let n = u64::from(world);
+    assert_eq!(report.messages(), 1001 * n * n * (n - 1) / 2);
+    assert_eq!(report.drained(), n * (n - 1) / 2);
+    assert!(report.slowest().is_some());
+    assert_eq!(report.ranks[9].sent, consistent(world)(9).unwrap().0);
+
+    let lying = symvirt::cut::job_report(std::slice::from_ref(&job), 2).unwrap();
+    assert_eq!(
+        lying.mismatches(),
+        vec![symvirt::cut::Mismatch {
+            from: 5,
+            to: 7,
+            sent: 5008,
+            received: 5007
+        }]
+    );
+    let uncounted = job.report(3).unwrap_err().to_string();
+    assert!(uncounted.contains("rank 0 sent no counts"), "{uncounted}");
+    let unknown = job.report(9).unwrap_err().to_string();
+    assert!(unknown.contains("epoch 9 is not one of them"), "{unknown}");
+}
+
+#[test]
+fn a_job_over_two_agents_is_reported_whole_and_a_missing_agent_is_named() {
+    let mut rigs = [
+        Rig::listening("reportA", 1, |_| {}),
+        Rig::listening("reportB", 1, |_| {}),
+    ];
+    for (i, rig) in rigs.iter().enumerate() {
+        let mut ranks = vec![rig.rank(i as u32).unwrap()];
+        counted_cut(rig, &mut ranks, 4, consistent(2));
+    }
+    let jobs: Vec<_> = rigs
+        .iter_mut()
+        .map(|rig| {
+            rig.host_gone();
+            symvirt::cut::JobCuts::connect(&rig.dir.0.join("host.sock"), PATIENCE).unwrap()
+        })
+        .collect();
+    let whole = symvirt::cut::job_report(&jobs, 4).unwrap();
+    assert_eq!(whole.ranks.len(), 2);
+    assert!(whole.mismatches().is_empty());
+    assert_eq!(whole.messages(), 1 + 1000 + 1001);
+    let half = symvirt::cut::job_report(&jobs[1..], 4)
+        .unwrap_err()
+        .to_string();
+    assert!(half.contains("no record of rank 0"), "{half}");
+}

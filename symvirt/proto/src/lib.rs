@@ -4,8 +4,10 @@
 //!
 //! - [`protocol`]: the guest/host channel, version 1 (newline-delimited JSON, bounded lines,
 //!   strict parsing), and the [`protocol::Interconnect`] a guest runs on;
-//! - [`framing`]: the bounded line reader both ends use;
+//! - [`framing`]: the bounded line reader both ends use (the project's one line codec,
+//!   `ninja-framing`, which the QMP client reads with too);
 //! - [`addr`]: PCI and MAC addresses, checked in one place;
+//! - [`cut_report`]: what a cut was (per-pair message counts), as ranks and agents report it;
 //! - [`rank`]: the agent/rank messages and [`rank::RankClient`], a rank's connection to its
 //!   guest's agent.
 //!
@@ -19,8 +21,12 @@
 //! ```
 
 pub mod addr;
+pub mod cut_report;
 pub mod error;
-pub mod framing;
+/// The bounded line reader both ends of every channel use.
+pub mod framing {
+    pub use ninja_framing::{Frame, LineReader};
+}
 pub mod protocol;
 pub mod rank;
 

@@ -38,6 +38,9 @@
 //! - `{"type":"status"}`: say where you are (answered with `status`), in any state. Added
 //!   without a version change, as `hello` was: an agent that predates it ignores the line, and
 //!   the host, hearing nothing, reports the status unknown.
+//! - `{"type":"report","epoch":E,"cursor":C}`: send part `C` (from 0) of the cut report of
+//!   epoch `E` (answered with `report` or `no_report`), in any state. Added without a version
+//!   change, as `status` was.
 //!
 //! Guest to host ([`GuestMessage`]):
 //! - `{"type":"hello","vm":V,"agent_version":A,"protocol":1,"ranks":N}`: sent when the agent
@@ -52,6 +55,13 @@
 //! - `{"type":"status","epoch":E,"phase":P,"ranks":N,"registered":R}`: the answer to the host's
 //!   `status`: the last epoch the agent heard of (0: none), where it stands (`running`,
 //!   `preparing`, `quiesced`, `resuming`), and how many of its `N` ranks have registered now.
+//! - `{"type":"report","epoch":E,"cursor":C,"next":C2,"rank":R,"quiesce_ms":Q,"counts":K}`:
+//!   part `C` of the cut report of epoch `E`: rank `R`'s counts for some peers
+//!   ([`crate::cut_report::CountsChunk`]) and how long it took to reach the cut after `prepare`;
+//!   `next` is the part to ask for next, absent after the last. A report is one part per
+//!   [`crate::cut_report::COUNTS_CHUNK`] peers of every local rank, so any job fits the line limit.
+//! - `{"type":"no_report","epoch":E,"reason":R}`: the agent holds no report of epoch `E` (it
+//!   keeps the last [`REPORTED_EPOCHS`]; ranks of the explicit API send no counts).
 //!
 //! [`Interconnect`] is `{"kind":"infiniband","hca":"mlx5_0","port":1,"pci":"0000:00:05.0"}` or
 //! `{"kind":"ethernet","mac":"52:54:00:12:34:56","iface":"eth1","pci":"0000:00:04.0"}`:
@@ -73,6 +83,7 @@
 //! the current state does not expect (`quiesced` before `prepare`, `resumed` before `resume`,
 //! a second `hello` on one connection during an epoch, ...).
 
+use crate::cut_report::CountsChunk;
 use crate::error::{Error, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -91,6 +102,8 @@ pub const MAX_REASON: usize = 512;
 pub const MAX_PCI_DEVICES: usize = 40;
 /// The most ranks one guest may declare.
 pub const MAX_RANKS: u32 = 4096;
+/// How many epochs' cut reports an agent keeps.
+pub const REPORTED_EPOCHS: usize = 16;
 /// The virtio-serial port name of the channel unless configured otherwise.
 pub const DEFAULT_PORT_NAME: &str = "org.symvirt.0";
 
@@ -121,6 +134,14 @@ pub enum HostMessage {
     },
     /// Say where you are (answered with [`GuestMessage::Status`]).
     Status,
+    /// Send part `cursor` of the cut report of `epoch` (answered with [`GuestMessage::Report`]
+    /// or [`GuestMessage::NoReport`]).
+    Report {
+        /// The epoch.
+        epoch: u64,
+        /// Which part: 0 first, then the `next` of the previous answer.
+        cursor: u64,
+    },
 }
 
 /// Where a guest agent stands, as its `status` says.
@@ -184,6 +205,30 @@ pub enum GuestMessage {
         ranks: u32,
         /// How many of them have registered with the agent now.
         registered: u32,
+    },
+    /// Part `cursor` of the cut report of `epoch`: one local rank's counts for some peers.
+    Report {
+        /// The epoch.
+        epoch: u64,
+        /// Which part this is.
+        cursor: u64,
+        /// The part to ask for next; `None` after the last.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<u64>,
+        /// The rank (in `MPI_COMM_WORLD`).
+        rank: u32,
+        /// How long the rank took to reach the cut after the agent's `prepare`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quiesce_ms: Option<u64>,
+        /// Its counts for the peers this part covers.
+        counts: CountsChunk,
+    },
+    /// The agent holds no cut report of `epoch`.
+    NoReport {
+        /// The epoch.
+        epoch: u64,
+        /// Why, for the operator.
+        reason: String,
     },
 }
 
@@ -334,9 +379,9 @@ impl Validate for HostMessage {
     fn validate(&self) -> Result<()> {
         match self {
             HostMessage::Hello | HostMessage::Status => Ok(()),
-            HostMessage::Prepare { epoch, .. } | HostMessage::Abort { epoch } => {
-                check_epoch(*epoch)
-            }
+            HostMessage::Prepare { epoch, .. }
+            | HostMessage::Abort { epoch }
+            | HostMessage::Report { epoch, .. } => check_epoch(*epoch),
             HostMessage::Resume {
                 epoch,
                 interconnect,
@@ -355,7 +400,8 @@ impl HostMessage {
             HostMessage::Hello | HostMessage::Status => None,
             HostMessage::Prepare { epoch, .. }
             | HostMessage::Resume { epoch, .. }
-            | HostMessage::Abort { epoch } => Some(*epoch),
+            | HostMessage::Abort { epoch }
+            | HostMessage::Report { epoch, .. } => Some(*epoch),
         }
     }
 
@@ -367,6 +413,12 @@ impl HostMessage {
             HostMessage::Prepare { .. } => "prepare",
             HostMessage::Resume { .. } => "resume",
             HostMessage::Abort { .. } => "abort",
+            HostMessage::Report { cursor, .. } => {
+                return format!(
+                    "report{{epoch={}, part {cursor}}}",
+                    self.epoch().unwrap_or(0)
+                );
+            }
         };
         format!("{name}{{epoch={}}}", self.epoch().unwrap_or(0))
     }
@@ -414,7 +466,7 @@ impl Validate for GuestMessage {
                 }
                 Ok(())
             }
-            GuestMessage::Failed { epoch, reason } => {
+            GuestMessage::Failed { epoch, reason } | GuestMessage::NoReport { epoch, reason } => {
                 check_epoch(*epoch)?;
                 if reason.len() > MAX_REASON || reason.chars().any(char::is_control) {
                     return Err(invalid(format!(
@@ -422,6 +474,21 @@ impl Validate for GuestMessage {
                     )));
                 }
                 Ok(())
+            }
+            GuestMessage::Report {
+                epoch,
+                cursor,
+                next,
+                counts,
+                ..
+            } => {
+                check_epoch(*epoch)?;
+                if next.is_some_and(|n| n <= *cursor) {
+                    return Err(invalid(format!(
+                        "report: next part {next:?} after {cursor}"
+                    )));
+                }
+                counts.validate()
             }
             GuestMessage::Status {
                 ranks, registered, ..
@@ -444,7 +511,9 @@ impl GuestMessage {
             GuestMessage::Hello { .. } | GuestMessage::Status { .. } => None,
             GuestMessage::Quiesced { epoch }
             | GuestMessage::Resumed { epoch, .. }
-            | GuestMessage::Failed { epoch, .. } => Some(*epoch),
+            | GuestMessage::Failed { epoch, .. }
+            | GuestMessage::Report { epoch, .. }
+            | GuestMessage::NoReport { epoch, .. } => Some(*epoch),
         }
     }
 
@@ -455,6 +524,13 @@ impl GuestMessage {
             GuestMessage::Quiesced { epoch } => format!("quiesced{{epoch={epoch}}}"),
             GuestMessage::Resumed { epoch, .. } => format!("resumed{{epoch={epoch}}}"),
             GuestMessage::Failed { epoch, .. } => format!("failed{{epoch={epoch}}}"),
+            GuestMessage::Report {
+                epoch,
+                cursor,
+                rank,
+                ..
+            } => format!("report{{epoch={epoch}, part {cursor}, rank {rank}}}"),
+            GuestMessage::NoReport { epoch, .. } => format!("no_report{{epoch={epoch}}}"),
             GuestMessage::Status { epoch, phase, .. } => {
                 format!("status{{epoch={epoch}, {phase:?}}}")
             }
@@ -527,6 +603,10 @@ mod tests {
             },
             HostMessage::Abort { epoch: 7 },
             HostMessage::Status,
+            HostMessage::Report {
+                epoch: 7,
+                cursor: 1,
+            },
         ]
     }
 
@@ -564,6 +644,24 @@ mod tests {
                 ranks: 4,
                 registered: 3,
             },
+            GuestMessage::Report {
+                epoch: 3,
+                cursor: 1,
+                next: Some(2),
+                rank: 1,
+                quiesce_ms: Some(4),
+                counts: CountsChunk {
+                    world: 2,
+                    first: 0,
+                    sent: vec![5, 0],
+                    received: vec![4, 0],
+                    drained: 1,
+                },
+            },
+            GuestMessage::NoReport {
+                epoch: 2,
+                reason: "no cut report of epoch 2 here".into(),
+            },
         ]
     }
 
@@ -590,6 +688,7 @@ mod tests {
             r#"{"type":"resume","epoch":18446744073709551615,"interconnect":{"kind":"infiniband","hca":"mlx5_0","port":1}}"#,
             r#"{"type":"abort","epoch":7}"#,
             r#"{"type":"status"}"#,
+            r#"{"type":"report","epoch":7,"cursor":1}"#,
         ];
         for (m, g) in all_host().iter().zip(golden_host) {
             assert_eq!(
@@ -605,6 +704,8 @@ mod tests {
             r#"{"type":"resumed","epoch":2,"interconnect":{"kind":"infiniband","hca":"mlx5_0","port":1},"pci_devices":[{"address":"0000:00:03.0","vendor":6900,"device":4096,"class":131072}]}"#,
             r#"{"type":"failed","epoch":3,"reason":"rank 1 did not quiesce in 5000 ms"}"#,
             r#"{"type":"status","epoch":3,"phase":"quiesced","ranks":4,"registered":3}"#,
+            r#"{"type":"report","epoch":3,"cursor":1,"next":2,"rank":1,"quiesce_ms":4,"counts":{"world":2,"first":0,"sent":[5,0],"received":[4,0],"drained":1}}"#,
+            r#"{"type":"no_report","epoch":2,"reason":"no cut report of epoch 2 here"}"#,
         ];
         for (m, g) in all_guest().iter().zip(golden_guest) {
             assert_eq!(
@@ -613,6 +714,22 @@ mod tests {
             );
             assert_eq!(&decode::<GuestMessage>(g.as_bytes()).unwrap(), m);
         }
+    }
+
+    #[test]
+    fn the_largest_report_part_fits_a_line_and_a_backward_cursor_is_refused() {
+        let largest = GuestMessage::Report {
+            epoch: u64::MAX,
+            cursor: u64::MAX - 1,
+            next: Some(u64::MAX),
+            rank: u32::MAX,
+            quiesce_ms: Some(u64::MAX),
+            counts: CountsChunk::largest(),
+        };
+        encode(&largest).unwrap();
+        let back = br#"{"type":"report","epoch":3,"cursor":2,"next":2,"rank":1,"counts":{"world":1,"first":0,"sent":[0],"received":[0],"drained":0}}"#;
+        let e = decode::<GuestMessage>(back).unwrap_err().to_string();
+        assert!(e.contains("next part Some(2) after 2"), "{e}");
     }
 
     #[test]

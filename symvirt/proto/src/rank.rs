@@ -8,16 +8,22 @@
 //! rank  -> agent  {"type":"register","rank":R}        once, first
 //! agent -> rank   {"type":"registered","rank":R,"expected":N}  or  {"type":"refused","reason":...}
 //! agent -> rank   {"type":"prepare","epoch":E,"deadline_ms":D}
+//! rank  -> agent  {"type":"counts","epoch":E,"counts":C}  0 or more, at the quiescent point
 //! rank  -> agent  {"type":"quiesced","epoch":E}        at the rank's quiescent point
 //! agent -> rank   {"type":"resume","epoch":E,"interconnect":I}  or  {"type":"abort","epoch":E}
 //! rank  -> agent  {"type":"resumed","epoch":E}         after reconnecting over I
 //! ```
+//!
+//! `counts` ([`CountsChunk`]s, in any order) carry what the rank had sent to and received from
+//! every rank at the cut, for the host's cut report ([`crate::cut_report`]); a rank of the
+//! transparent layer sends them, one of the explicit API has none to send.
 //!
 //! An agent at its connection limit answers `refused` before reading anything and closes the
 //! connection. A rank must read what the agent sends (at its safe points is enough): the agent
 //! drops a rank it cannot write to within `symvirt_agent::agent::RANK_WRITE_TIMEOUT`, failing the
 //! epoch in progress.
 
+use crate::cut_report::CountsChunk;
 use crate::error::{Error, Result};
 use crate::framing::{Frame, LineReader};
 use crate::protocol::{Interconnect, MAX_LINE, MAX_REASON, Validate, decode, encode};
@@ -39,6 +45,13 @@ pub enum RankRequest {
     Register {
         /// The MPI rank (its id in MPI_COMM_WORLD).
         rank: u32,
+    },
+    /// Part of what the rank had sent and received at the cut of `epoch` (before `quiesced`).
+    Counts {
+        /// The epoch.
+        epoch: u64,
+        /// The peers this message counts.
+        counts: CountsChunk,
     },
     /// The rank is at its quiescent point for `epoch`.
     Quiesced {
@@ -108,6 +121,7 @@ impl Validate for RankRequest {
             RankRequest::Quiesced { epoch }
             | RankRequest::Resumed { epoch }
             | RankRequest::Unable { epoch, .. }
+            | RankRequest::Counts { epoch, .. }
                 if *epoch == 0 =>
             {
                 Err(Error::Invalid("epoch 0".into()))
@@ -119,6 +133,7 @@ impl Validate for RankRequest {
                     "reason: want at most {MAX_UNABLE_REASON} bytes without control characters"
                 )))
             }
+            RankRequest::Counts { counts, .. } => counts.validate(),
             _ => Ok(()),
         }
     }
@@ -258,6 +273,22 @@ impl RankClient {
         self.send(&RankRequest::Quiesced { epoch })
     }
 
+    /// Sends what this rank had sent to (`sent[p]`) and received from (`received[p]`) every
+    /// rank `p` at the cut of `epoch`, and how many messages it drained to get there; before
+    /// [`RankClient::quiesced`].
+    pub fn counts(
+        &mut self,
+        epoch: u64,
+        sent: &[u64],
+        received: &[u64],
+        drained: u64,
+    ) -> Result<()> {
+        for counts in CountsChunk::split(sent, received, drained)? {
+            self.send(&RankRequest::Counts { epoch, counts })?;
+        }
+        Ok(())
+    }
+
     /// Reports that this rank continued after `resume` for `epoch`.
     pub fn resumed(&mut self, epoch: u64) -> Result<()> {
         self.send(&RankRequest::Resumed { epoch })
@@ -362,5 +393,30 @@ mod tests {
         assert_eq!(decode::<AgentNotice>(g.as_bytes()).unwrap(), notice);
         assert!(decode::<RankRequest>(br#"{"type":"register","rank":1,"x":1}"#).is_err());
         assert!(decode::<RankRequest>(br#"{"type":"quiesced","epoch":0}"#).is_err());
+    }
+
+    #[test]
+    fn counts_golden_line_and_the_largest_fits_a_line() {
+        let m = RankRequest::Counts {
+            epoch: 2,
+            counts: CountsChunk {
+                world: 2,
+                first: 0,
+                sent: vec![0, 5],
+                received: vec![0, 4],
+                drained: 1,
+            },
+        };
+        let g = r#"{"type":"counts","epoch":2,"counts":{"world":2,"first":0,"sent":[0,5],"received":[0,4],"drained":1}}"#;
+        assert_eq!(encode(&m).unwrap(), format!("{g}\n").into_bytes());
+        assert_eq!(decode::<RankRequest>(g.as_bytes()).unwrap(), m);
+        let largest = RankRequest::Counts {
+            epoch: u64::MAX,
+            counts: CountsChunk::largest(),
+        };
+        encode(&largest).unwrap();
+        let beyond = br#"{"type":"counts","epoch":2,"counts":{"world":2,"first":1,"sent":[0,5],"received":[0,4],"drained":1}}"#;
+        let e = decode::<RankRequest>(beyond).unwrap_err().to_string();
+        assert!(e.contains("peers 1..3 of a job of 2"), "{e}");
     }
 }

@@ -12,8 +12,8 @@ use crate::host_channel::{ChannelOptions, HostChannel};
 use crate::remote::{Address, Connector};
 use crate::session::GuestSession;
 use qmp::{
-    ConnectOptions, DeviceSpec, MigrationCapability, MigrationParameters, MigrationStatus,
-    MigrationWait, NetdevSpec, ObjectSpec, Qmp, RunState, wait_for_migration,
+    ConnectOptions, DeviceSpec, Endpoint, MigrationCapability, MigrationParameters,
+    MigrationStatus, MigrationWait, NetdevSpec, ObjectSpec, Qmp, RunState, wait_for_migration,
 };
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
@@ -166,10 +166,8 @@ fn shell_quote(word: &str) -> String {
 /// QEMU's `-qmp` argument for a monitor at `qmp` (a path on QEMU's own host for `ssh:`).
 fn qmp_monitor_arg(qmp: &Address) -> String {
     match qmp {
-        Address::Unix(p) | Address::Ssh { path: p, .. } => {
-            format!("unix:{},server=on,wait=off", p.display())
-        }
-        Address::Tcp(a) => format!("tcp:{a},server=on,wait=off"),
+        Address::Local(e) => format!("{e},server=on,wait=off"),
+        Address::Ssh { path, .. } => format!("unix:{},server=on,wait=off", path.display()),
     }
 }
 
@@ -217,7 +215,7 @@ impl Launcher {
         let err = file
             .try_clone()
             .map_err(|e| Error::io("clone log file", e))?;
-        if let Address::Unix(p) = qmp {
+        if let Address::Local(Endpoint::Unix(p)) = qmp {
             clear_dead_socket(vm, p)?;
         }
         let child = self
@@ -485,7 +483,7 @@ impl QemuVm {
 
     /// The source is gone: its stand-in "HCAs" are free again.
     fn release_source_standins(&self) {
-        if matches!(self.spec.source.qmp, Address::Unix(_)) {
+        if matches!(self.spec.source.qmp, Address::Local(Endpoint::Unix(_))) {
             for d in &self.spec.source.devices {
                 if let Device::HcaStandin { mem_path, .. } = d {
                     let _ = std::fs::remove_file(mem_path);
@@ -662,7 +660,7 @@ impl QemuVm {
     fn destination_is_local(&self) -> bool {
         match &self.spec.destination.launch {
             Some(l) => l.host.is_none(),
-            None => matches!(self.spec.destination.qmp, Address::Unix(_)),
+            None => matches!(self.spec.destination.qmp, Address::Local(Endpoint::Unix(_))),
         }
     }
 
@@ -1250,7 +1248,11 @@ mod tests {
             program: "true".into(),
             args: Vec::new(),
         };
-        let r = launcher.launch("vm0", &spec, &Address::Unix(dir.join("q.sock")));
+        let r = launcher.launch(
+            "vm0",
+            &spec,
+            &Address::Local(Endpoint::Unix(dir.join("q.sock"))),
+        );
         assert!(r.is_err(), "launched through a symlinked log");
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
         let _ = std::fs::remove_dir_all(&dir);
@@ -1268,7 +1270,10 @@ mod tests {
             args: vec!["-m".into(), "256".into()],
         };
         let cmd = l
-            .command(&spec, &Address::Unix("/run/d/qmp.sock".into()))
+            .command(
+                &spec,
+                &Address::Local(Endpoint::Unix("/run/d/qmp.sock".into())),
+            )
             .unwrap();
         let args: Vec<String> = cmd
             .get_args()

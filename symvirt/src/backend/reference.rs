@@ -363,7 +363,7 @@ impl Destination {
         match self.thread.take() {
             Some(t) => t
                 .join()
-                .unwrap_or_else(|_| Err(Error::Refused("destination thread panicked".into()))),
+                .unwrap_or_else(|_| Err(Error::Internal("the destination thread panicked".into()))),
             None => Err(Error::Refused("destination already gone".into())),
         }
     }
@@ -579,7 +579,7 @@ impl VmBackend for ReferenceBackend {
                     Ok(Ok(_)) => Err(Error::Refused(
                         "the migration ended without waiting for the switchover".into(),
                     )),
-                    Err(_) => Err(Error::Refused("the migration thread panicked".into())),
+                    Err(_) => Err(Error::Internal("the migration thread panicked".into())),
                 };
             }
             if Instant::now() >= deadline {
@@ -597,7 +597,7 @@ impl VmBackend for ReferenceBackend {
         self.gate.set(Switch::Go);
         let report = t
             .join()
-            .map_err(|_| Error::Refused("the migration thread panicked".into()))?
+            .map_err(|_| Error::Internal("the migration thread panicked".into()))?
             .map_err(vmm)?;
         let arrived = self
             .destination

@@ -3,13 +3,13 @@
 
 use super::read_records;
 use std::path::Path;
-use symvirt_mpi::cut_log::CutReport;
+use symvirt_mpi::cut_log::{self, CutReport};
 
 /// The cut of `epoch`, once every rank has written its record.
 pub fn read_cut(dir: &Path, epoch: u64) -> CutReport {
     // Waits for every record, then reads them with the library's reader.
     read_records(dir, "cut", epoch);
-    CutReport::read(dir, epoch).unwrap_or_else(|e| panic!("epoch {epoch}: {e}"))
+    cut_log::read(dir, epoch).unwrap_or_else(|e| panic!("epoch {epoch}: {e}"))
 }
 
 /// Every pair: what i sent to j is what j received from i. Returns the global total.

@@ -4,16 +4,6 @@
 
 svp_state svp = {.tail = &svp.head};
 
-uint64_t svp_env_ms(const char *name, uint64_t fallback)
-{
-    const char *v = getenv(name);
-    if (v == NULL || *v == '\0')
-        return fallback;
-    char *end = NULL;
-    unsigned long long ms = strtoull(v, &end, 10);
-    return (end != NULL && *end == '\0') ? (uint64_t)ms : fallback;
-}
-
 void svp_die(const char *what)
 {
     fprintf(stderr, "symvirt-pmpi rank %d: %s\n", svp.me, what);

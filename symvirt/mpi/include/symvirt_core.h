@@ -48,10 +48,16 @@ uint64_t symvirt_ctl_requested(void);
  * replaces that directory, a test hook read at symvirt_ctl_open) reports unable instead and
  * gets SYMVIRT_ABORTED: its verbs endpoints would not survive the device swap. */
 int symvirt_ctl_quiesce(uint64_t epoch, uint64_t timeout_ms, symvirt_interconnect *out);
+/* At the cut, before symvirt_ctl_quiesce: the messages this rank had sent to and received from
+ * each of the np ranks, and how many it drained; sent with its quiesced, for the cut report. */
+int symvirt_ctl_counts(uint64_t epoch, int np, const uint64_t *sent, const uint64_t *received,
+                       uint64_t drained);
 /* At the cut, instead of symvirt_ctl_quiesce: this rank cannot be migrated for epoch (reason
  * goes to the host, which then sees the epoch fail); waits for the outcome (SYMVIRT_ABORTED). */
 int symvirt_ctl_unable(uint64_t epoch, const char *reason, uint64_t timeout_ms,
                        symvirt_interconnect *out);
+/* Milliseconds from the environment variable name (decimal digits), else fallback. */
+uint64_t symvirt_env_ms(const char *name, uint64_t fallback);
 /* After re-selecting the transport. */
 int symvirt_ctl_resumed(uint64_t epoch);
 void symvirt_ctl_close(void);

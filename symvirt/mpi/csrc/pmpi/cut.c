@@ -19,7 +19,7 @@ void svp_cut_setup(void)
     if (early == NULL || have_early == NULL)
         svp_die("out of memory");
     log_dir = getenv("SYMVIRT_CUT_LOG");
-    quiesce_timeout_ms = svp_env_ms("SYMVIRT_QUIESCE_TIMEOUT_MS", 600000);
+    quiesce_timeout_ms = symvirt_env_ms("SYMVIRT_QUIESCE_TIMEOUT_MS", 600000);
 }
 
 /* ---- the cut ---------------------------------------------------------------------------- */
@@ -236,6 +236,7 @@ void svp_cut(uint64_t epoch)
                  svp.windows.n, svp.windows.n == 1 ? "" : "s");
         r = symvirt_ctl_unable(epoch, why, quiesce_timeout_ms, &ic);
     } else {
+        symvirt_ctl_counts(epoch, svp.np, svp.sent, svp.recv, svp.drained);
         r = symvirt_ctl_quiesce(epoch, quiesce_timeout_ms, &ic);
     }
     char text[1200];

@@ -1,8 +1,21 @@
-//! Splitting an untrusted byte stream into bounded lines.
+//! Splitting a byte stream into bounded lines: the one line codec of the project. QEMU's QMP
+//! socket and the SymVirt guest channel both carry one JSON message per line, and a peer that
+//! sends an endless line must cost an error, not memory.
 //!
 //! [`LineReader`] never holds more than `limit` bytes: a line that grows past the limit is
 //! dropped, the rest of it up to the next `\n` is skipped as it arrives, and one
-//! [`Frame::Oversized`] reports it. Memory stays bounded whatever the peer sends.
+//! [`Frame::Oversized`] reports it. An untrusted guest's channel resynchronises at the next
+//! newline; a QMP client, whose peer should never do this, gives the stream up as soon as
+//! [`LineReader::discarding`] says a line went over.
+//!
+//! ```
+//! use ninja_framing::{Frame, LineReader};
+//! let mut lines = LineReader::new(8);
+//! let mut got = Vec::new();
+//! lines.push(b"ok\nfar too long\nab", |f| got.push(f));
+//! assert_eq!(got, [Frame::Line(b"ok".to_vec()), Frame::Oversized { bytes: 12 }]);
+//! assert_eq!(lines.buffered(), 2); // "ab" waits for its newline
+//! ```
 
 /// What [`LineReader::push`] produces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +87,11 @@ impl LineReader {
     /// Bytes of the current partial line held in memory.
     pub fn buffered(&self) -> usize {
         self.buf.len()
+    }
+
+    /// Inside a line that went over the limit: how many of its bytes were dropped so far.
+    pub fn discarding(&self) -> Option<usize> {
+        self.discarding
     }
 }
 

@@ -15,16 +15,6 @@ static struct {
     symvirt_sp *sp;
 } g = {.comm = MPI_COMM_NULL};
 
-static uint64_t env_ms(const char *name, uint64_t fallback)
-{
-    const char *v = getenv(name);
-    if (v == NULL || *v == '\0')
-        return fallback;
-    char *end = NULL;
-    unsigned long long ms = strtoull(v, &end, 10);
-    return (end != NULL && *end == '\0') ? (uint64_t)ms : fallback;
-}
-
 static int op_start(void *ctx, int slot, uint64_t value)
 {
     (void)ctx;
@@ -62,8 +52,8 @@ int symvirt_init(MPI_Comm comm)
     /* Connecting may fail (no agent): the safe point is set up anyway so that every rank
      * takes part in the same collectives. */
     int agent = symvirt_ctl_open((uint32_t)rank, NULL,
-                                 env_ms("SYMVIRT_CONNECT_TIMEOUT_MS", 10000));
-    g.sp = symvirt_sp_new(&OPS, NULL, env_ms("SYMVIRT_QUIESCE_TIMEOUT_MS", 600000));
+                                 symvirt_env_ms("SYMVIRT_CONNECT_TIMEOUT_MS", 10000));
+    g.sp = symvirt_sp_new(&OPS, NULL, symvirt_env_ms("SYMVIRT_QUIESCE_TIMEOUT_MS", 600000));
     if (g.sp == NULL)
         return SYMVIRT_ERR_STATE;
     return agent < 0 ? agent : SYMVIRT_CONTINUE;

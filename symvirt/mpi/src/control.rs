@@ -183,9 +183,20 @@ impl State {
     }
 }
 
+/// What this rank had sent and received at a cut, sent to the agent with its `quiesced`.
+#[derive(Debug, Clone)]
+struct Counts {
+    epoch: u64,
+    sent: Vec<u64>,
+    received: Vec<u64>,
+    drained: u64,
+}
+
 struct Shared {
     client: Mutex<RankClient>,
     state: Mutex<State>,
+    /// The counts of the cut this rank is at, for its report ([`Control::set_counts`]).
+    counts: Mutex<Option<Counts>>,
     changed: Condvar,
     stop: AtomicBool,
 }
@@ -245,6 +256,7 @@ impl Control {
         let shared = Arc::new(Shared {
             client: Mutex::new(client),
             state: Mutex::new(State::default()),
+            counts: Mutex::new(None),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
         });
@@ -291,7 +303,31 @@ impl Control {
             );
             return self.unable(epoch, &why, timeout);
         }
-        self.report_and_wait(epoch, timeout, "quiesced", |c| c.quiesced(epoch))
+        let counts = self
+            .shared
+            .counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .filter(|c| c.epoch == epoch);
+        self.report_and_wait(epoch, timeout, "quiesced", |c| {
+            if let Some(k) = &counts {
+                c.counts(epoch, &k.sent, &k.received, k.drained)?;
+            }
+            c.quiesced(epoch)
+        })
+    }
+
+    /// Records what this rank had sent to (`sent[p]`) and received from (`received[p]`) every
+    /// rank `p` at the cut of `epoch`, and how many messages it drained to get there: the next
+    /// [`Control::quiesce`] for `epoch` sends them to the agent, for the host's cut report.
+    pub fn set_counts(&self, epoch: u64, sent: &[u64], received: &[u64], drained: u64) {
+        *self.shared.counts.lock().unwrap_or_else(|p| p.into_inner()) = Some(Counts {
+            epoch,
+            sent: sent.to_vec(),
+            received: received.to_vec(),
+            drained,
+        });
     }
 
     /// Reports that this rank cannot reach a quiescent point for `epoch`, and why, then waits

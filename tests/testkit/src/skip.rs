@@ -72,7 +72,7 @@ impl Fixtures {
         if let Some(d) = std::env::var_os("NINJA_FIXTURES_DIR") {
             return PathBuf::from(d);
         }
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fixtures")
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/fixtures")
     }
 
     /// The fixtures if both files exist.

@@ -28,7 +28,7 @@ static void setup(void)
     svp.comms[0].id = 1;
     svp_agreement_setup();
     int rc = symvirt_ctl_open((uint32_t)svp.me, NULL,
-                              svp_env_ms("SYMVIRT_CONNECT_TIMEOUT_MS", 10000));
+                              symvirt_env_ms("SYMVIRT_CONNECT_TIMEOUT_MS", 10000));
     if (rc != SYMVIRT_CONTINUE)
         fprintf(stderr, "symvirt-pmpi rank %d: no guest agent (%s): the job cannot be migrated%s\n",
                 svp.me, symvirt_last_error(),

@@ -66,7 +66,7 @@
  * RDMA verbs (a verbs device open), checked by symvirt_ctl_quiesce at the cut (Rust core,
  * src/verbs.rs), nowhere on the MPI calls' paths.
  *
- * Not covered (documented limits, also in symvirt-mpi/README.md): one-sided operations
+ * Not covered (documented limits, also in symvirt/mpi/README.md): one-sided operations
  * (see above; PSCW and passive-target synchronization are not aligned); MPI_Comm_create_group
  * and intercommunicator creation are not aligned (their communicators are tracked);
  * non-blocking collectives on intercommunicators are aligned at their start like blocking
@@ -239,7 +239,6 @@ extern int svp_ndeferred;
 
 /* ---- comms.c: errors and communicators --------------------------------------------------- */
 
-uint64_t svp_env_ms(const char *name, uint64_t fallback);
 void svp_die(const char *what);
 /* Refuses a call the layer cannot make correct: a clear error at the call, raised through
  * comm's error handler as MPI raises its own (fatal unless the program chose to get codes). */

@@ -171,6 +171,20 @@ pub unsafe extern "C" fn symvirt_ctl_open(
     }
 }
 
+/// Milliseconds from the environment variable `name` (decimal digits), else `fallback`: the
+/// C glue's timeouts (`SYMVIRT_CONNECT_TIMEOUT_MS`, `SYMVIRT_QUIESCE_TIMEOUT_MS`).
+///
+/// # Safety
+/// `name` is null or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn symvirt_env_ms(name: *const c_char, fallback: u64) -> u64 {
+    // SAFETY: forwarded caller guarantee.
+    unsafe { opt_str(name) }
+        .and_then(|n| std::env::var(n).ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(fallback)
+}
+
 /// 1 when SIGUSR1 (through the launcher) cuts this process, else 0: what a rank without an
 /// agent can still be cut by. Set by [`symvirt_ctl_open`], agent or not.
 #[unsafe(no_mangle)]
@@ -206,6 +220,56 @@ fn deliver(out: Option<&mut CInterconnect>, outcome: Outcome) -> c_int {
     }
 }
 
+/// An epoch's outcome (or the error waiting for it), for C: see [`deliver`] and [`fail`].
+///
+/// # Safety
+/// `out` is null or points to a writable `symvirt_interconnect`.
+unsafe fn settle(out: *mut CInterconnect, outcome: Result<Outcome>) -> c_int {
+    // SAFETY: the caller guarantees `out` is null or valid for writes.
+    let out = unsafe { out.as_mut() };
+    match outcome {
+        Ok(outcome) => deliver(out, outcome),
+        Err(e) => fail(&e),
+    }
+}
+
+/// At the cut, before [`symvirt_ctl_quiesce`]: what this rank had sent to (`sent[p]`) and
+/// received from (`received[p]`) each of the `np` ranks, and how many messages it drained to
+/// get there; the agent keeps them for the host's cut report. Ignored for a SIGUSR1 cut.
+///
+/// # Safety
+/// `sent` and `received` are null or point to `np` readable counts each.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn symvirt_ctl_counts(
+    epoch: u64,
+    np: c_int,
+    sent: *const u64,
+    received: *const u64,
+    drained: u64,
+) -> c_int {
+    if control::is_signal_epoch(epoch) {
+        return SYMVIRT_CONTINUE;
+    }
+    let n = match usize::try_from(np) {
+        Ok(n) if n > 0 && !sent.is_null() && !received.is_null() => n,
+        _ => return fail(&Error::State(format!("counts of {np} ranks"))),
+    };
+    // SAFETY: the caller guarantees `np` readable counts behind each non-null pointer.
+    let (sent, received) = unsafe {
+        (
+            std::slice::from_raw_parts(sent, n),
+            std::slice::from_raw_parts(received, n),
+        )
+    };
+    match control_slot().as_ref() {
+        Some(c) => {
+            c.set_counts(epoch, sent, received, drained);
+            SYMVIRT_CONTINUE
+        }
+        None => fail(&Error::State("no control plane open".into())),
+    }
+}
+
 /// At the cut: reports quiesced for `epoch`, waits at most `timeout_ms` for resume or abort.
 /// Returns `SYMVIRT_RESUMED` (with `out` filled) or `SYMVIRT_ABORTED`, or an error. A rank whose
 /// MPI uses RDMA verbs reports unable instead (see [`Control::quiesce`]): an abort.
@@ -226,11 +290,7 @@ pub unsafe extern "C" fn symvirt_ctl_quiesce(
         None => return fail(&Error::State("no control plane open".into())),
     };
     // SAFETY: the caller guarantees `out` is null or valid for writes.
-    let out = unsafe { out.as_mut() };
-    match outcome {
-        Ok(outcome) => deliver(out, outcome),
-        Err(e) => fail(&e),
-    }
+    unsafe { settle(out, outcome) }
 }
 
 /// At the cut, instead of [`symvirt_ctl_quiesce`]: reports that this rank cannot be migrated
@@ -267,11 +327,7 @@ pub unsafe extern "C" fn symvirt_ctl_unable(
         None => return fail(&Error::State("no control plane open".into())),
     };
     // SAFETY: the caller guarantees `out` is null or valid for writes.
-    let out = unsafe { out.as_mut() };
-    match outcome {
-        Ok(outcome) => deliver(out, outcome),
-        Err(e) => fail(&e),
-    }
+    unsafe { settle(out, outcome) }
 }
 
 /// After re-selecting the transport: reports this rank running again for `epoch`.

@@ -640,21 +640,6 @@ void mpi_sendrecv_replace_(void *buf, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *d
         status_out(&c, status);
 }
 
-void mpi_alltoallv_(void *s, MPI_Fint *sc, MPI_Fint *sd, MPI_Fint *sdt, void *r, MPI_Fint *rc,
-                    MPI_Fint *rd, MPI_Fint *rdt, MPI_Fint *comm, MPI_Fint *ierr)
-{
-    /* MPI_Fint is int with gfortran's default integer: the count arrays pass through. */
-    *ierr = MPI_Alltoallv(fbuf(s), sc, sd, PMPI_Type_f2c(*sdt), fbuf(r), rc, rd,
-                          PMPI_Type_f2c(*rdt), PMPI_Comm_f2c(*comm));
-}
-
-void mpi_allgatherv_(void *s, MPI_Fint *sc, MPI_Fint *sdt, void *r, MPI_Fint *rc, MPI_Fint *rd,
-                     MPI_Fint *rdt, MPI_Fint *comm, MPI_Fint *ierr)
-{
-    *ierr = MPI_Allgatherv(fbuf(s), *sc, PMPI_Type_f2c(*sdt), fbuf(r), rc, rd,
-                           PMPI_Type_f2c(*rdt), PMPI_Comm_f2c(*comm));
-}
-
 void mpi_gatherv_(void *s, MPI_Fint *sc, MPI_Fint *sdt, void *r, MPI_Fint *rc, MPI_Fint *rd,
                   MPI_Fint *rdt, MPI_Fint *root, MPI_Fint *comm, MPI_Fint *ierr)
 {
@@ -728,12 +713,14 @@ FIROOTED(mpi_iscatter_, MPI_Iscatter)
         REQ_OUT(cname(fbuf(s), *sc, PMPI_Type_f2c(*sdt), fbuf(r), rc, rd, PMPI_Type_f2c(*rdt), \
                       PMPI_Comm_f2c(*comm), &q_));                                             \
     }
+FGATHERV(mpi_allgatherv_, MPI_Allgatherv)
 FGATHERV(mpi_neighbor_allgatherv_, MPI_Neighbor_allgatherv)
 FIGATHERV(mpi_iallgatherv_, MPI_Iallgatherv)
 FIGATHERV(mpi_ineighbor_allgatherv_, MPI_Ineighbor_allgatherv)
 
 /* (sbuf, counts[], displs[], type, rbuf, counts[], displs[], type, comm): Alltoallv and
  * Neighbor_alltoallv, and their non-blocking forms. */
+/* MPI_Fint is int with gfortran's default integer: the count arrays pass through. */
 #define FALLTOALLV(fname, cname)                                                               \
     void fname(void *s, MPI_Fint *sc, MPI_Fint *sd, MPI_Fint *sdt, void *r, MPI_Fint *rc,      \
                MPI_Fint *rd, MPI_Fint *rdt, MPI_Fint *comm, MPI_Fint *ierr)                    \
@@ -748,6 +735,7 @@ FIGATHERV(mpi_ineighbor_allgatherv_, MPI_Ineighbor_allgatherv)
         REQ_OUT(cname(fbuf(s), sc, sd, PMPI_Type_f2c(*sdt), fbuf(r), rc, rd,                   \
                       PMPI_Type_f2c(*rdt), PMPI_Comm_f2c(*comm), &q_));                        \
     }
+FALLTOALLV(mpi_alltoallv_, MPI_Alltoallv)
 FALLTOALLV(mpi_neighbor_alltoallv_, MPI_Neighbor_alltoallv)
 FIALLTOALLV(mpi_ialltoallv_, MPI_Ialltoallv)
 FIALLTOALLV(mpi_ineighbor_alltoallv_, MPI_Ineighbor_alltoallv)
