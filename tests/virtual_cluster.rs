@@ -207,3 +207,35 @@ fn explicit_api_mpich_job_moves_from_fabric_a_to_b_and_back() {
         "explicit_api_mpich_job_moves_from_fabric_a_to_b_and_back",
     );
 }
+
+/// The job checkpointed on fabric A with every VM stopped (`plan checkpoint --stop`), then
+/// restored from the files on fabric B (`plan restore`): the same rank processes go on from
+/// the cut, over fabric B only, and finish with every check of the program passed.
+#[test]
+fn open_mpi_job_is_checkpointed_on_fabric_a_and_restored_on_fabric_b() {
+    let test = "open_mpi_job_is_checkpointed_on_fabric_a_and_restored_on_fabric_b";
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(mut c) = VirtualCluster::boot(test, "ckpt-ompi", Setup::new(MpiImpl::OpenMpi, VMS))
+    else {
+        return;
+    };
+    c.start_job("ring,anysource,collective");
+    c.wait_traffic(Fabric::A, 1 << 20).unwrap();
+    let pids = c.rank_pids();
+    let ckpt = c.dir().join("checkpoint");
+    let (epoch, next) = c.checkpoint_and_stop(&ckpt);
+    let (a_stopped, b_before) = (c.fabric_bytes(Fabric::A), c.fabric_bytes(Fabric::B));
+    c.restore(&ckpt, next);
+    let restart = c.wait_traffic(Fabric::B, 1 << 20).unwrap();
+    eprintln!("{test}: 1 MiB of the job's traffic on fabric B {restart:?} after the restore");
+    assert!(c.fabric_bytes(Fabric::B) > b_before);
+    assert_eq!(
+        c.fabric_bytes(Fabric::A),
+        a_stopped,
+        "fabric A carried traffic after the checkpoint"
+    );
+    assert_eq!(c.rank_pids(), pids, "the ranks are the same processes");
+    let total = c.check_cut(epoch);
+    eprintln!("{test}: cut of the checkpoint after {total} messages");
+    finish_with_every_rank_ok(&c);
+}

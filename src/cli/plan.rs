@@ -1,5 +1,6 @@
 //! `ninja-migrate plan check|run PLAN.toml` and `plan recover`: validate a migration plan, run
-//! it (journaled, interruptible), or finish a run whose controller died.
+//! it (journaled, interruptible), or finish a run whose controller died. `plan checkpoint` and
+//! `plan restore`: save a whole virtual cluster at one cut, and bring it back.
 
 use clap::{Args, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
@@ -8,7 +9,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use symvirt::controller::{Controller, Event, Outcome, Report, new_epoch};
+use std::time::Duration;
+use symvirt::controller::{AfterCheckpoint, Controller, Event, Outcome, Report, new_epoch};
+use symvirt::guard::{GuardEnd, GuardSettings, guard_qemu};
 use symvirt::journal::StateDir;
 
 /// The `plan` subcommands.
@@ -21,6 +24,80 @@ pub enum PlanCommand {
     /// Finish every interrupted run in the state directory: roll back before its decision to
     /// keep the destinations, forward after it; one running copy of every VM.
     Recover(RecoverArgs),
+    /// Save every VM of the plan's sources at one cut into a new directory (a checkpoint),
+    /// then let the job go on (or stop it).
+    Checkpoint(CheckpointArgs),
+    /// Start every VM of a checkpoint at the plan's destinations and resume the job from its
+    /// cut.
+    Restore(RestoreArgs),
+    /// Checkpoint the plan's sources periodically; when one is lost, stop the others and
+    /// restore the newest checkpoint that restores at the plan's destinations.
+    Guard(GuardArgs),
+}
+
+/// `plan guard`.
+#[derive(Debug, Args)]
+pub struct GuardArgs {
+    /// The plan file (TOML): sources guarded, destinations where a restore goes.
+    pub plan: PathBuf,
+    /// Where the checkpoints go (DIR/ckpt-MS).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Seconds from one checkpoint to the next.
+    #[arg(long, default_value_t = 600)]
+    pub every: u64,
+    /// Complete checkpoints kept.
+    #[arg(long, default_value_t = 2)]
+    pub keep: usize,
+    /// How often every source is asked whether it runs, in ms.
+    #[arg(long, default_value_t = 1000)]
+    pub poll_ms: u64,
+    /// Emit one JSON event per line on stdout instead of progress lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Where the logs of the QEMUs of a restore go [default: STATE_DIR/logs/guard-MS].
+    #[arg(long)]
+    pub log_dir: Option<PathBuf>,
+    /// The private state directory (logs) [default: as for `plan run`].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// `plan checkpoint`.
+#[derive(Debug, Args)]
+pub struct CheckpointArgs {
+    /// The plan file (TOML): its sources are the VMs saved.
+    pub plan: PathBuf,
+    /// The checkpoint directory to create (it must not exist; on the VMs' host, or storage
+    /// every host shares).
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Stop every VM once saved, instead of letting the job go on.
+    #[arg(long)]
+    pub stop: bool,
+    /// Emit one JSON event per line on stdout instead of progress lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `plan restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The checkpoint directory.
+    pub checkpoint: PathBuf,
+    /// Restore at this plan's destinations [default: the destinations of the plan the
+    /// checkpoint was taken with].
+    #[arg(long)]
+    pub plan: Option<PathBuf>,
+    /// Emit one JSON event per line on stdout instead of progress lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Where the logs of the QEMUs it starts go [default: STATE_DIR/logs/restore-MS].
+    #[arg(long)]
+    pub log_dir: Option<PathBuf>,
+    /// The private state directory (logs) [default: as for `plan run`].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// `plan recover`.
@@ -207,6 +284,135 @@ fn recover(args: &RecoverArgs) -> ExitCode {
     code
 }
 
+/// `plan checkpoint`.
+fn checkpoint(args: &CheckpointArgs) -> ExitCode {
+    let interrupt = interrupt_flag();
+    let plan = match load(&args.plan) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let text = std::fs::read_to_string(&args.plan).unwrap_or_default();
+    let after = if args.stop {
+        AfterCheckpoint::Stop
+    } else {
+        AfterCheckpoint::Continue
+    };
+    let sink = printer(args.json);
+    let controller = Controller::new(plan, &sink).interruptible(interrupt);
+    match controller.checkpoint_qemu(&text, &args.to, after) {
+        Ok(report) => {
+            if report.outcome == Outcome::Completed {
+                println!("ninja-migrate: checkpoint {} complete", args.to.display());
+            }
+            exit_code(&report)
+        }
+        Err(e) => {
+            eprintln!("ninja-migrate: {}", e.chain());
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `plan restore`.
+fn restore(args: &RestoreArgs) -> ExitCode {
+    let interrupt = interrupt_flag();
+    // The checkpoint is checked whole before anything starts.
+    let manifest = match symvirt::checkpoint::read(&args.checkpoint) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("ninja-migrate: {}", e.chain());
+            return ExitCode::from(2);
+        }
+    };
+    let plan = match &args.plan {
+        Some(path) => match load(path) {
+            Ok(p) => p,
+            Err(code) => return code,
+        },
+        None => match symvirt::plan::parse(&manifest.plan) {
+            Ok(p) => p,
+            Err(issues) => {
+                eprintln!(
+                    "ninja-migrate: the checkpoint's plan no longer parses ({} issue(s)); name \
+                     one with --plan",
+                    issues.len()
+                );
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let log_dir = match log_dir(&args.log_dir, &args.state_dir, "restore") {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    let sink = printer(args.json);
+    let controller = Controller::new(plan, &sink).interruptible(interrupt);
+    match controller.restore_qemu(&args.checkpoint, &log_dir) {
+        Ok(report) => exit_code(&report),
+        Err(e) => {
+            eprintln!("ninja-migrate: {}", e.chain());
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The log directory named, else `STATE_DIR/logs/WHAT-MS`.
+fn log_dir(
+    named: &Option<PathBuf>,
+    state: &Option<PathBuf>,
+    what: &str,
+) -> Result<PathBuf, ExitCode> {
+    if let Some(d) = named {
+        return Ok(d.clone());
+    }
+    state_dir(state)?
+        .log_dir(&format!("{what}-{}", new_epoch()))
+        .map_err(|e| {
+            eprintln!("ninja-migrate: {}", e.chain());
+            ExitCode::from(2)
+        })
+}
+
+/// `plan guard`.
+fn guard(args: &GuardArgs) -> ExitCode {
+    let interrupt = interrupt_flag();
+    let plan = match load(&args.plan) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let text = std::fs::read_to_string(&args.plan).unwrap_or_default();
+    let log_dir = match log_dir(&args.log_dir, &args.state_dir, "guard") {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    let settings = GuardSettings {
+        dir: args.dir.clone(),
+        every: Duration::from_secs(args.every),
+        keep: args.keep,
+        poll: Duration::from_millis(args.poll_ms.max(10)),
+        log_dir,
+    };
+    let sink = printer(args.json);
+    let controller = Controller::new(plan, &sink).interruptible(interrupt);
+    match guard_qemu(&controller, &text, &settings) {
+        Ok(GuardEnd::Recovered {
+            lost, checkpoint, ..
+        }) => {
+            eprintln!(
+                "ninja-migrate: lost {}; the cluster runs again from {}",
+                lost.join(", "),
+                checkpoint.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ninja-migrate: {}", e.chain());
+            ExitCode::from(4)
+        }
+    }
+}
+
 /// Reads and checks a plan; prints every issue as `FILE:LINE:COLUMN: PATH: MESSAGE`.
 fn load(path: &PathBuf) -> Result<symvirt::cluster::Plan, ExitCode> {
     let text = match std::fs::read_to_string(path) {
@@ -236,6 +442,9 @@ pub fn main(command: &PlanCommand) -> ExitCode {
             Err(code) => code,
         },
         PlanCommand::Recover(args) => recover(args),
+        PlanCommand::Checkpoint(args) => checkpoint(args),
+        PlanCommand::Restore(args) => restore(args),
+        PlanCommand::Guard(args) => guard(args),
         PlanCommand::Run(args) => {
             let interrupt = interrupt_flag();
             let plan = match load(&args.plan) {
@@ -344,6 +553,28 @@ fn human(e: &Event) -> String {
         Event::PlanFinished { outcome, total_ms } => {
             format!("plan {outcome} in {total_ms:.0} ms")
         }
+        Event::CheckpointTaken {
+            dir,
+            epoch,
+            ms,
+            bytes,
+        } => format!(
+            "guard: checkpoint {} (epoch {epoch}, {} MiB) in {ms:.0} ms",
+            dir.display(),
+            bytes >> 20
+        ),
+        Event::CheckpointFailed { error } => format!("guard: checkpoint FAILED: {error}"),
+        Event::VmLost { vm, error } => format!("guard: {vm} LOST: {error}"),
+        Event::RestoreStarted { dir, epoch } => {
+            format!("guard: restoring {} (epoch {epoch})", dir.display())
+        }
+        Event::RestoreFailed { dir, error } => {
+            format!("guard: restore of {} FAILED: {error}", dir.display())
+        }
+        Event::Recovered { dir, ms } => format!(
+            "guard: the cluster runs again from {}, {ms:.0} ms after the loss was noticed",
+            dir.display()
+        ),
         // A newer library's event: in the JSON lines only.
         _ => String::new(),
     }

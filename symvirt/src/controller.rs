@@ -23,6 +23,7 @@
 
 use crate::backend::qemu::{Launcher, QemuVm};
 use crate::backend::{MigrationProgress, VmBackend};
+use crate::checkpoint::{self, Partial, StateFormat};
 use crate::cluster::Plan;
 use crate::error::{Error, ErrorKind, Result};
 use crate::host_channel::HostChannel;
@@ -59,6 +60,10 @@ pub enum Phase {
     Commit,
     /// Undoing a failed plan.
     Rollback,
+    /// Every VM saved to a file at the cut (a checkpoint).
+    Save,
+    /// Every VM started from its file (a restore).
+    Restore,
 }
 
 impl Phase {
@@ -74,6 +79,8 @@ impl Phase {
             Phase::Resume => "resume",
             Phase::Commit => "commit",
             Phase::Rollback => "rollback",
+            Phase::Save => "save",
+            Phase::Restore => "restore",
         }
     }
 }
@@ -171,6 +178,50 @@ pub enum Event {
         forward: bool,
         /// What the recovery does, and why.
         why: String,
+    },
+    /// A guard's checkpoint is complete ([`crate::guard`]).
+    CheckpointTaken {
+        /// Its directory.
+        dir: std::path::PathBuf,
+        /// The cut's epoch.
+        epoch: u64,
+        /// How long the job was held (the checkpoint's run, connect to resume), ms.
+        ms: f64,
+        /// Bytes of VM state written.
+        bytes: u64,
+    },
+    /// A guard's checkpoint failed; the job goes on and the older checkpoints are kept.
+    CheckpointFailed {
+        /// Why.
+        error: String,
+    },
+    /// A guard found a VM gone at its source.
+    VmLost {
+        /// The VM.
+        vm: String,
+        /// What the guard saw.
+        error: String,
+    },
+    /// A guard restores the cluster from a checkpoint.
+    RestoreStarted {
+        /// The checkpoint.
+        dir: std::path::PathBuf,
+        /// Its cut's epoch.
+        epoch: u64,
+    },
+    /// A checkpoint could not be restored; the guard goes on with the one before it.
+    RestoreFailed {
+        /// The checkpoint.
+        dir: std::path::PathBuf,
+        /// Why.
+        error: String,
+    },
+    /// The cluster runs again, restored by a guard.
+    Recovered {
+        /// The checkpoint it came from.
+        dir: std::path::PathBuf,
+        /// From the loss being noticed to every guest resumed, ms.
+        ms: f64,
     },
     /// The plan ended.
     PlanFinished {
@@ -334,6 +385,8 @@ struct Member {
     /// The guest session as it was at the source when the channel moved to the destination:
     /// where a rollback picks the guest up again.
     source_session: Option<GuestSession>,
+    /// How a checkpoint saved this VM.
+    saved: Option<StateFormat>,
 }
 
 /// A counting semaphore for the migration concurrency limit.
@@ -372,6 +425,16 @@ impl Drop for SlotGuard<'_> {
 
 /// Where events go. Called from the controller's worker threads.
 pub type EventSink<'a> = &'a (dyn Fn(&Event) + Sync);
+
+/// What a checkpoint does with the job once every VM is saved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AfterCheckpoint {
+    /// The job goes on where it is, with its devices.
+    #[default]
+    Continue,
+    /// Every VM is stopped (its QEMU ends): the checkpoint is the job now.
+    Stop,
+}
 
 /// Runs plans.
 pub struct Controller<'a> {
@@ -424,7 +487,7 @@ impl<'a> Controller<'a> {
         self
     }
 
-    fn interrupted(&self) -> bool {
+    pub(crate) fn interrupted(&self) -> bool {
         self.interrupt.is_some_and(|f| f.load(Ordering::SeqCst))
     }
 
@@ -453,7 +516,7 @@ impl<'a> Controller<'a> {
 
     /// One QEMU backend per VM of the plan; ssh forwards in `forward_dir` (default: a fresh
     /// temporary directory).
-    fn qemu_backends(
+    pub(crate) fn qemu_backends(
         &self,
         log_dir: &std::path::Path,
         forward_dir: Option<std::path::PathBuf>,
@@ -509,11 +572,17 @@ impl<'a> Controller<'a> {
                 source_interconnect: spec.source.interconnect.clone(),
                 target_interconnect: spec.destination.interconnect.clone(),
                 source_session: None,
+                saved: None,
             })
             .collect())
     }
 
-    fn emit(&self, event: Event) {
+    /// The plan it runs.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub(crate) fn emit(&self, event: Event) {
         (self.sink)(&event);
     }
 
@@ -615,28 +684,11 @@ impl<'a> Controller<'a> {
         }
         let outcome = match failed {
             Some(error) => {
-                let phase = error.phase;
                 if error.vm.is_none() {
                     // A VM's failure is in `errors` already.
                     errors.push(error.clone());
                 }
-                let t = Instant::now();
-                self.emit(Event::RollbackStarted {
-                    failed_phase: phase,
-                });
-                let rollback_errors = self.rollback(&mut members);
-                let ok = rollback_errors.is_empty();
-                self.emit(Event::RollbackFinished {
-                    ms: ms(t.elapsed()),
-                    ok,
-                });
-                phases.push((Phase::Rollback, t.elapsed()));
-                errors.extend(rollback_errors);
-                if ok {
-                    Outcome::RolledBack { phase, error }
-                } else {
-                    Outcome::Failed { phase, error }
-                }
+                self.rolled_back(error, &mut members, &mut phases, &mut errors)
             }
             None => {
                 let (took, errs) = self.phase(Phase::Commit, &mut members, |_, m| {
@@ -793,6 +845,275 @@ impl<'a> Controller<'a> {
 
     /// Marks the journal finished, unless the run left something to recover (a rollback that
     /// did not complete).
+    /// Checkpoints the virtual cluster on QEMU backends: see [`Controller::checkpoint`].
+    pub fn checkpoint_qemu(
+        &self,
+        plan_text: &str,
+        to: &std::path::Path,
+        after: AfterCheckpoint,
+    ) -> Result<Report> {
+        let backends = self.qemu_backends(&std::env::temp_dir(), None)?;
+        self.checkpoint(backends, plan_text, to, after)
+    }
+
+    /// Checkpoints the virtual cluster at the plan's sources into the directory `to` (see
+    /// [`crate::checkpoint`]): `connect`, `quiesce` (one cut for every guest), `detach`,
+    /// `save` (every VM stopped and written to its file, then the manifest, the checkpoint
+    /// moved to `to`), then `resume` (sources continued with their devices, guests resumed on
+    /// the interconnect they had) or, with [`AfterCheckpoint::Stop`], `commit` (sources
+    /// stopped). The outcome is `Completed` when `to` holds a complete checkpoint; any failure
+    /// before that rolls back as a plan does (the job goes on where it was, with its devices)
+    /// and leaves nothing at `to`. `plan_text` is stored in the manifest. `Err` only when
+    /// nothing was done (the backends do not match the plan, `to` exists).
+    pub fn checkpoint(
+        &self,
+        backends: Vec<Box<dyn VmBackend>>,
+        plan_text: &str,
+        to: &std::path::Path,
+        after: AfterCheckpoint,
+    ) -> Result<Report> {
+        let started = Instant::now();
+        let epoch = new_epoch();
+        let mut members = self.members(backends)?;
+        let partial = Partial::begin(to)?;
+        self.emit(Event::PlanStarted {
+            vms: members.iter().map(|m| m.report.name.clone()).collect(),
+            epoch,
+        });
+        let d = self.plan.deadlines;
+        let mut phases = Vec::new();
+        let mut errors = Vec::new();
+        let mut failed: Option<Failure> = None;
+        let steps: [(Phase, Duration); 4] = [
+            (Phase::Connect, d.connect),
+            (Phase::Quiesce, d.quiesce),
+            (Phase::Detach, d.detach),
+            (Phase::Save, d.migrate),
+        ];
+        for (phase, limit) in steps {
+            if self.interrupted() {
+                failed = Some(Failure::new(None, phase, Error::Interrupted));
+                break;
+            }
+            let deadline = Instant::now() + limit;
+            let (took, errs) = self.phase(phase, &mut members, |c, m| match phase {
+                Phase::Connect => c.connect(m, deadline),
+                Phase::Quiesce => c.quiesce(m, epoch, limit, deadline),
+                Phase::Detach => m.backend.detach(deadline),
+                _ => {
+                    let path = partial.state_path(&m.report.name);
+                    let t = Instant::now();
+                    m.saved = Some(m.backend.save(&path, deadline)?);
+                    m.report.migration_ms = Some(t.elapsed().as_millis() as u64);
+                    m.report.transferred = std::fs::metadata(&path).map_or(0, |f| f.len());
+                    Ok(())
+                }
+            });
+            phases.push((phase, took));
+            if let Some(first) = errs.first() {
+                failed = Some(first.clone());
+                errors.extend(errs);
+                break;
+            }
+        }
+        if failed.is_none() {
+            let vms = members
+                .iter()
+                .map(|m| {
+                    (
+                        m.report.name.clone(),
+                        m.saved.clone().unwrap_or_else(|| StateFormat {
+                            writer: String::new(),
+                            capabilities: Vec::new(),
+                        }),
+                        m.source_interconnect.clone(),
+                    )
+                })
+                .collect();
+            if let Err(e) = partial.complete(epoch, plan_text, vms) {
+                failed = Some(Failure::new(None, Phase::Save, e));
+            }
+        } else {
+            drop(partial);
+        }
+        let outcome = match failed {
+            Some(error) => {
+                if error.vm.is_none() {
+                    errors.push(error.clone());
+                }
+                self.rolled_back(error, &mut members, &mut phases, &mut errors)
+            }
+            None => {
+                let (phase, result) = match after {
+                    AfterCheckpoint::Continue => {
+                        let deadline = Instant::now() + d.resume;
+                        (
+                            Phase::Resume,
+                            self.phase(Phase::Resume, &mut members, |c, m| {
+                                c.back_at_source(m, deadline)
+                            }),
+                        )
+                    }
+                    AfterCheckpoint::Stop => (
+                        Phase::Commit,
+                        self.phase(Phase::Commit, &mut members, |_, m| {
+                            m.channel = None;
+                            m.backend.commit()
+                        }),
+                    ),
+                };
+                let (took, errs) = result;
+                phases.push((phase, took));
+                // The checkpoint is complete either way; a job that did not go on is failed.
+                let outcome = match errs.first() {
+                    Some(first) if phase == Phase::Resume => Outcome::Failed {
+                        phase,
+                        error: first.clone(),
+                    },
+                    _ => Outcome::Completed,
+                };
+                errors.extend(errs);
+                outcome
+            }
+        };
+        Ok(self.finished(epoch, outcome, phases, members, errors, started))
+    }
+
+    /// Rolls every member back after `error`; the outcome says whether that worked.
+    fn rolled_back(
+        &self,
+        error: Failure,
+        members: &mut [Member],
+        phases: &mut Vec<(Phase, Duration)>,
+        errors: &mut Vec<Failure>,
+    ) -> Outcome {
+        let phase = error.phase;
+        let t = Instant::now();
+        self.emit(Event::RollbackStarted {
+            failed_phase: phase,
+        });
+        let rollback_errors = self.rollback(members);
+        let ok = rollback_errors.is_empty();
+        self.emit(Event::RollbackFinished {
+            ms: ms(t.elapsed()),
+            ok,
+        });
+        phases.push((Phase::Rollback, t.elapsed()));
+        errors.extend(rollback_errors);
+        if ok {
+            Outcome::RolledBack { phase, error }
+        } else {
+            Outcome::Failed { phase, error }
+        }
+    }
+
+    /// Restores a checkpoint on QEMU backends: see [`Controller::restore`]. QEMUs it starts
+    /// log into `log_dir`.
+    pub fn restore_qemu(
+        &self,
+        from: &std::path::Path,
+        log_dir: &std::path::Path,
+    ) -> Result<Report> {
+        self.restore(self.qemu_backends(log_dir, None)?, from)
+    }
+
+    /// Brings the virtual cluster checkpointed in `from` back at the plan's destinations
+    /// (which may have another interconnect than the checkpoint's): `restore` (every VM
+    /// started from its file), `attach`, `resume` (every guest resumed from the cut, on the
+    /// destination's interconnect), `commit`. Any failure tears every restored VM down
+    /// (outcome `RolledBack`: nothing runs). `Err` when nothing was started: the checkpoint
+    /// is damaged or incomplete, or holds other VMs than the plan
+    /// ([`Error::Checkpoint`]), or the backends do not match the plan.
+    pub fn restore(
+        &self,
+        backends: Vec<Box<dyn VmBackend>>,
+        from: &std::path::Path,
+    ) -> Result<Report> {
+        let started = Instant::now();
+        let manifest = checkpoint::read(from)?;
+        let theirs: Vec<&str> = manifest.vms.iter().map(|v| v.name.as_str()).collect();
+        let ours: Vec<&str> = self.plan.vms.iter().map(|v| v.name.as_str()).collect();
+        if theirs != ours {
+            return Err(Error::Checkpoint {
+                path: from.join(checkpoint::MANIFEST),
+                problem: format!("holds the VMs {theirs:?}, the plan has {ours:?}"),
+            });
+        }
+        let epoch = manifest.epoch;
+        let mut members = self.members(backends)?;
+        self.emit(Event::PlanStarted {
+            vms: ours.iter().map(|v| v.to_string()).collect(),
+            epoch,
+        });
+        let d = self.plan.deadlines;
+        let mut phases = Vec::new();
+        let mut errors = Vec::new();
+        let mut failed: Option<Failure> = None;
+        let steps: [(Phase, Duration); 3] = [
+            (Phase::Restore, d.migrate),
+            (Phase::Attach, d.attach),
+            (Phase::Resume, d.resume),
+        ];
+        for (phase, limit) in steps {
+            if self.interrupted() {
+                failed = Some(Failure::new(None, phase, Error::Interrupted));
+                break;
+            }
+            let deadline = Instant::now() + limit;
+            let (took, errs) = self.phase(phase, &mut members, |c, m| match phase {
+                Phase::Restore => {
+                    let saved = manifest
+                        .vms
+                        .iter()
+                        .find(|v| v.name == m.report.name)
+                        .ok_or_else(|| Error::Internal("a VM without its state".into()))?;
+                    let t = Instant::now();
+                    m.backend
+                        .restore(&saved.format, &from.join(&saved.file), deadline)?;
+                    m.report.migration_ms = Some(t.elapsed().as_millis() as u64);
+                    m.report.transferred = saved.bytes;
+                    Ok(())
+                }
+                Phase::Attach => m.backend.attach(deadline),
+                _ => {
+                    let session = GuestSession::quiesced(epoch);
+                    let channel = open_channel(m, Some(session), true, deadline)?;
+                    let result =
+                        tell_resume(&channel, epoch, m.target_interconnect.clone(), deadline);
+                    m.channel = Some(channel);
+                    c.note_resume(m, "destination", result)
+                }
+            });
+            phases.push((phase, took));
+            if let Some(first) = errs.first() {
+                failed = Some(first.clone());
+                errors.extend(errs);
+                break;
+            }
+        }
+        for m in &mut members {
+            m.report.destination_pid = m.backend.destination_pid();
+        }
+        let outcome = match failed {
+            Some(error) => {
+                if error.vm.is_none() {
+                    errors.push(error.clone());
+                }
+                self.rolled_back(error, &mut members, &mut phases, &mut errors)
+            }
+            None => {
+                let (took, errs) = self.phase(Phase::Commit, &mut members, |_, m| {
+                    m.channel = None;
+                    m.backend.commit()
+                });
+                phases.push((Phase::Commit, took));
+                errors.extend(errs);
+                Outcome::Completed
+            }
+        };
+        Ok(self.finished(epoch, outcome, phases, members, errors, started))
+    }
+
     fn close_journal(&self, outcome: &Outcome, errors: &mut Vec<Failure>) {
         let Some(journal) = self.journal else {
             return;
@@ -1030,38 +1351,43 @@ impl<'a> Controller<'a> {
     fn rollback(&self, members: &mut [Member]) -> Vec<Failure> {
         let deadline = Instant::now() + self.plan.deadlines.rollback;
         self.each(Phase::Rollback, members, |m| {
-            let restored = m.backend.rollback(deadline);
-            // A guest whose channel had moved to its (now torn down) destination is back at the
-            // source, in the session it had there at the switchover: quiesced.
-            if let Some(session) = m.source_session.take() {
-                m.channel = None;
-                match m.backend.connect(Some(session), deadline) {
-                    Ok(channel) => m.channel = Some(channel),
-                    Err(e) => {
-                        m.report.guest = GuestNotice::ResumeUnconfirmed(e.chain());
-                        restored?;
-                        return Err(e);
-                    }
+            self.back_at_source(m, deadline)
+        })
+    }
+
+    /// `m` runs at its source again, with its devices, its guest told to go on there.
+    fn back_at_source(&self, m: &mut Member, deadline: Instant) -> Result<()> {
+        let restored = m.backend.rollback(deadline);
+        // A guest whose channel had moved to its (now torn down) destination is back at the
+        // source, in the session it had there at the switchover: quiesced.
+        if let Some(session) = m.source_session.take() {
+            m.channel = None;
+            match m.backend.connect(Some(session), deadline) {
+                Ok(channel) => m.channel = Some(channel),
+                Err(e) => {
+                    m.report.guest = GuestNotice::ResumeUnconfirmed(e.chain());
+                    restored?;
+                    return Err(e);
                 }
             }
-            // The guest is told in any case: it must not stay paused.
-            let told = match &m.channel {
-                None => Ok(GuestNotice::Nothing),
-                Some(channel) => match channel.state() {
-                    SessionState::Quiesced { epoch } => {
-                        tell_resume(channel, epoch, m.source_interconnect.clone(), deadline)
-                    }
-                    SessionState::Preparing { epoch, .. } | SessionState::Failed { epoch, .. } => {
-                        channel
-                            .send(&HostMessage::Abort { epoch })
-                            .map(|()| GuestNotice::Aborted)
-                    }
-                    _ => Ok(GuestNotice::Nothing),
-                },
-            };
-            let told = self.note_resume(m, "source", told);
-            restored.and(told)
-        })
+        }
+        // The guest is told in any case: it must not stay paused.
+        let told = match &m.channel {
+            None => Ok(GuestNotice::Nothing),
+            Some(channel) => match channel.state() {
+                SessionState::Quiesced { epoch } => {
+                    tell_resume(channel, epoch, m.source_interconnect.clone(), deadline)
+                }
+                SessionState::Preparing { epoch, .. } | SessionState::Failed { epoch, .. } => {
+                    channel
+                        .send(&HostMessage::Abort { epoch })
+                        .map(|()| GuestNotice::Aborted)
+                }
+                _ => Ok(GuestNotice::Nothing),
+            },
+        };
+        let told = self.note_resume(m, "source", told);
+        restored.and(told)
     }
 }
 

@@ -84,6 +84,15 @@ pub enum Error {
         #[source]
         source: vfio_ioctls::VfioError,
     },
+    /// A checkpoint that is damaged, incomplete, or not for this plan: the file, and what is
+    /// wrong with it.
+    #[error("{}: {problem}", path.display())]
+    Checkpoint {
+        /// The file (or directory) at fault.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
     /// One VM failed in one phase of a plan.
     #[error("vm {vm}: {phase} failed")]
     Vm {
@@ -119,6 +128,8 @@ pub enum ErrorKind {
     Refused,
     /// An I/O error on this host (a socket, a file, an ssh forward).
     Io,
+    /// A checkpoint is damaged, incomplete, or not for this plan: use another one.
+    Checkpoint,
     /// A bug in the controller.
     Internal,
 }
@@ -134,6 +145,7 @@ impl ErrorKind {
             ErrorKind::Vmm => "vmm",
             ErrorKind::Refused => "refused",
             ErrorKind::Io => "io",
+            ErrorKind::Checkpoint => "checkpoint",
             ErrorKind::Internal => "internal",
         }
     }
@@ -162,6 +174,7 @@ impl Error {
             Error::Refused(_) | Error::Config(_) | Error::Plan(_) => ErrorKind::Refused,
             Error::Io { .. } => ErrorKind::Io,
             Error::Internal(_) => ErrorKind::Internal,
+            Error::Checkpoint { .. } => ErrorKind::Checkpoint,
             Error::Vm { source, .. } => source.kind(),
         }
     }

@@ -10,7 +10,10 @@
 //! ([`backend::qemu`], endpoints on any host through [`remote`]) or `migrate-core`'s reference
 //! KVM VMM ([`backend::reference`]). A run's [`journal`] (a private state directory, written
 //! before each irreversible step) lets [`controller::Controller::recover`] finish a run whose
-//! controller died.
+//! controller died. [`checkpoint`]: the controller also saves every VM at one cut into a
+//! checkpoint directory and restores it at other hosts ([`controller::Controller::checkpoint`],
+//! [`controller::Controller::restore`]); a [`guard`] takes checkpoints periodically and
+//! restores the cluster by itself when one of its VMs is lost.
 //!
 //! The host talks to each guest's agent over a channel ([`host_channel::HostChannel`], with the
 //! per-guest state machine [`session::GuestSession`]): virtio-serial for QEMU, unix sockets,
@@ -42,10 +45,12 @@
 //! ```
 
 pub mod backend;
+pub mod checkpoint;
 pub mod cluster;
 pub mod controller;
 pub mod cut;
 pub mod error;
+pub mod guard;
 pub mod host_channel;
 pub mod journal;
 pub mod plan;

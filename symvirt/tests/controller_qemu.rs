@@ -15,7 +15,9 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use symvirt::controller::{Controller, Event, GuestNotice, Outcome, Phase, Report};
+use symvirt::controller::{
+    AfterCheckpoint, Controller, Event, GuestNotice, Outcome, Phase, Report,
+};
 use symvirt::error::ErrorKind;
 use symvirt::host_channel::qemu_channel_args;
 use symvirt::protocol::Interconnect;
@@ -818,4 +820,472 @@ fn a_standby_nic_is_checked_at_the_destination_and_switched_on_there() {
         before,
         "destination",
     );
+}
+
+/// The pass numbers the dirtier printed on `serial`, in order.
+fn pass_numbers(serial: &str) -> Vec<u64> {
+    serial
+        .lines()
+        .filter_map(|l| l.split("ninja-guest-dirtier: pass=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// Two sources with their stand-in HCAs, and a plan moving them to Ethernet in QEMUs the
+/// controller launches under `base` (the destinations a restore uses).
+fn checkpoint_setup(
+    fixtures: &Fixtures,
+    tag: &str,
+    vm1_ranks: u32,
+    settings: &str,
+) -> (PathBuf, Cleanup, Vec<SourceVm>, String) {
+    let base = std::env::temp_dir().join(format!("symvirt-ctl-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let mut cleanup = Cleanup::default();
+    cleanup.paths.push(base.clone());
+    let sources = vec![
+        start_source(fixtures, "vm0", 0, tag),
+        start_source(fixtures, "vm1", vm1_ranks, tag),
+    ];
+    for s in &sources {
+        cleanup.paths.push(s.channel.clone());
+        cleanup.paths.push(s.hca_mem.clone());
+    }
+    let vms: Vec<VmPlan> = sources
+        .iter()
+        .enumerate()
+        .map(|(i, s)| VmPlan {
+            name: s.name.clone(),
+            source_qmp: s.qemu.qmp_path().to_owned(),
+            source_channel: s.channel.clone(),
+            source_devices: hca_standin_toml("T", &s.hca_mem),
+            source_interconnect: ib().into(),
+            dest: Dest::Launch(base.join(format!("{}-restored", s.name))),
+            dest_devices: nic_toml("T", &mac_of(i), ""),
+            dest_interconnect: eth(&mac_of(i)),
+            ranks: if i == 1 { vm1_ranks } else { 0 },
+        })
+        .collect();
+    let plan = plan_toml(fixtures, settings, &vms);
+    (base, cleanup, sources, plan)
+}
+
+fn checkpoint(plan: &str, to: &Path, after: AfterCheckpoint) -> (Report, Vec<Event>) {
+    let parsed = symvirt::plan::parse(plan).unwrap();
+    let events = Mutex::new(Vec::new());
+    let sink = |e: &Event| {
+        eprintln!("event: {}", serde_json::to_string(e).unwrap());
+        events.lock().unwrap().push(e.clone());
+    };
+    let report = Controller::new(parsed, &sink)
+        .checkpoint_qemu(plan, to, after)
+        .unwrap();
+    eprintln!("report: {report:#?}");
+    (report, events.into_inner().unwrap())
+}
+
+/// The source runs, with its stand-in HCA, and its dirtier goes on past `passes_before`.
+fn runs_at_source_with_its_hca(s: &SourceVm, passes_before: usize) {
+    let mut qmp = RawQmp::connect(s.qemu.qmp_path()).unwrap();
+    let status = qmp.execute("query-status", json!({})).unwrap();
+    assert_eq!(status["running"], json!(true), "{}: {status}", s.name);
+    assert!(qom_has_device(&mut qmp, "hca0"), "{}: no stand-in", s.name);
+    drop(qmp);
+    wait_more_passes(|| s.qemu.serial(), passes_before, &s.name);
+}
+
+/// A checkpoint while the job goes on, then the sources die (a lost host) and the cluster is
+/// restored from the checkpoint onto Ethernet: every guest's own counter continues from the
+/// cut (not from a reboot, not from where the dead sources had got to), its memory checks
+/// pass, and it sees its new NIC and not the HCA. A damaged state file is refused first, with
+/// nothing started.
+#[test]
+fn a_checkpointed_cluster_is_restored_on_ethernet_from_its_cut() {
+    let test = "a_checkpointed_cluster_is_restored_on_ethernet_from_its_cut";
+    let Some(fixtures) = qemu_or_skip(test) else {
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let (base, cleanup, mut sources, plan) = checkpoint_setup(&fixtures, "ckpt", 0, "");
+    for s in &sources {
+        wait_more_passes(|| s.qemu.serial(), 1, &s.name);
+    }
+    let before: Vec<u64> = sources
+        .iter()
+        .map(|s| *pass_numbers(&s.qemu.serial()).last().unwrap())
+        .collect();
+    let ckpt = base.join("ckpt");
+    let (report, events) = checkpoint(&plan, &ckpt, AfterCheckpoint::Continue);
+    assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.errors);
+    let at_end: Vec<u64> = sources
+        .iter()
+        .map(|s| *pass_numbers(&s.qemu.serial()).last().unwrap())
+        .collect();
+    for phase in [
+        Phase::Connect,
+        Phase::Quiesce,
+        Phase::Detach,
+        Phase::Save,
+        Phase::Resume,
+    ] {
+        assert!(report.phase(phase).is_some(), "no timing for {phase}");
+        assert!(events.contains(&Event::PhaseStarted { phase }), "{phase}");
+    }
+    let manifest = symvirt::checkpoint::read(&ckpt).unwrap();
+    assert_eq!(manifest.epoch, report.epoch);
+    for (i, vm) in manifest.vms.iter().enumerate() {
+        assert_eq!(vm.name, sources[i].name);
+        assert_eq!(vm.interconnect, infiniband());
+        assert_eq!(report.vms[i].transferred, vm.bytes);
+        assert!(vm.bytes >= u64::from(MEMORY_MIB) << 20, "{vm:?}");
+        assert!(
+            vm.format.capabilities.contains(&"mapped-ram".into()),
+            "{vm:?}"
+        );
+    }
+    // The job went on at the sources, with their HCAs, told so on their interconnect.
+    for (i, s) in sources.iter().enumerate() {
+        match &report.vms[i].guest {
+            GuestNotice::Resumed { interconnect, .. } => {
+                assert_eq!(interconnect, &infiniband(), "{}", s.name)
+            }
+            other => panic!("{}: {other:?}", s.name),
+        }
+        runs_at_source_with_its_hca(s, passes(&s.qemu.serial()));
+    }
+    // A live migration of these sources still works after the save (its capabilities were
+    // put back): QEMU refuses mapped-ram on a socket.
+    {
+        let mut qmp = RawQmp::connect(sources[0].qemu.qmp_path()).unwrap();
+        let caps = qmp
+            .execute("query-migrate-capabilities", json!({}))
+            .unwrap();
+        let on: Vec<&serde_json::Value> = caps
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["state"] == json!(true))
+            .map(|c| &c["capability"])
+            .collect();
+        assert!(!on.contains(&&json!("mapped-ram")), "{caps}");
+    }
+    // The hosts die later: the sources go, their counters some seconds on from the cut.
+    let dead_at: Vec<u64> = sources
+        .iter_mut()
+        .map(|s| {
+            wait_more_passes(|| s.qemu.serial(), passes(&s.qemu.serial()) + 10, &s.name);
+            let last = *pass_numbers(&s.qemu.serial()).last().unwrap();
+            s.qemu.kill();
+            last
+        })
+        .collect();
+
+    // A flipped byte in vm1's file: refused, naming it, nothing started.
+    let vm1_file = ckpt.join(&manifest.vms[1].file);
+    let flip = |path: &Path| {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.seek(SeekFrom::Start(4096)).unwrap();
+        f.read_exact(&mut b).unwrap();
+        f.seek(SeekFrom::Start(4096)).unwrap();
+        f.write_all(&[b[0] ^ 0x40]).unwrap();
+    };
+    flip(&vm1_file);
+    let parsed = symvirt::plan::parse(&plan).unwrap();
+    let sink = |_: &Event| {};
+    let e = Controller::new(parsed.clone(), &sink)
+        .restore_qemu(&ckpt, &base)
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Checkpoint, "{e}");
+    assert!(e.to_string().contains("vm1.state"), "{e}");
+    for s in &sources {
+        let qmp = base.join(format!("{}-restored/qmp.sock", s.name));
+        assert!(!qmp.exists(), "a QEMU was started for a damaged checkpoint");
+    }
+    flip(&vm1_file);
+
+    let events = Mutex::new(Vec::new());
+    let sink = |e: &Event| {
+        eprintln!("event: {}", serde_json::to_string(e).unwrap());
+        events.lock().unwrap().push(e.clone());
+    };
+    let restored = Controller::new(parsed, &sink)
+        .restore_qemu(&ckpt, &base)
+        .unwrap();
+    eprintln!("restore: {restored:#?}");
+    for vm in &restored.vms {
+        cleanup.pid(vm.destination_pid);
+    }
+    assert_eq!(
+        restored.outcome,
+        Outcome::Completed,
+        "{:?}",
+        restored.errors
+    );
+    assert_eq!(restored.epoch, report.epoch);
+    for (i, s) in sources.iter().enumerate() {
+        assert_resumed_on_mac(&restored.vms[i], &mac_of(i));
+        let dir = base.join(format!("{}-restored", s.name));
+        let devices = guest_pci_until(
+            &dir.join("sv.sock"),
+            &s.name,
+            restored.epoch,
+            ethernet(&mac_of(i)),
+            |d| has_nic(d) && !has(d, IVSHMEM_DEVICE),
+        );
+        assert!(
+            has_nic(&devices) && !has(&devices, IVSHMEM_DEVICE),
+            "{devices:?}"
+        );
+        let serial = dir.join("serial.log");
+        wait_more_passes(|| read(&serial), 1, &s.name);
+        let text = read(&serial);
+        assert!(!text.contains("MISMATCH"), "{}: {text}", s.name);
+        // The guest's counter continues from the cut: after what it had printed before the
+        // checkpoint, and well before where the source had got to when it died. (The console
+        // lags the guest by some passes: a line the source had not printed yet at the end of
+        // the checkpoint may be the restored guest's first.)
+        let first = pass_numbers(&text)[0];
+        let cut_at_most = at_end[i] + (dead_at[i] - at_end[i]) / 2;
+        eprintln!(
+            "{}: pass {} before the checkpoint, {} at its end, {} at the death, {first} \
+             first after the restore",
+            s.name, before[i], at_end[i], dead_at[i]
+        );
+        assert!(
+            first > before[i] && first <= cut_at_most,
+            "{}: restored at pass {first}, the cut was after {} and the source died at {}",
+            s.name,
+            before[i],
+            dead_at[i]
+        );
+    }
+    drop(cleanup);
+}
+
+/// A checkpoint that cannot quiesce every guest fails: nothing is left that reads as a
+/// checkpoint, and the job goes on where it was, with its devices.
+#[test]
+fn a_checkpoint_whose_guest_never_quiesces_leaves_the_job_running() {
+    let test = "a_checkpoint_whose_guest_never_quiesces_leaves_the_job_running";
+    let Some(fixtures) = qemu_or_skip(test) else {
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let settings = "[settings.deadlines_ms]\nquiesce = 5000";
+    let (base, _cleanup, sources, plan) = checkpoint_setup(&fixtures, "ckptq", 1, settings);
+    let before: Vec<usize> = sources.iter().map(|s| passes(&s.qemu.serial())).collect();
+    let ckpt = base.join("ckpt");
+    let (report, _) = checkpoint(&plan, &ckpt, AfterCheckpoint::Stop);
+    match &report.outcome {
+        Outcome::RolledBack { phase, error } => {
+            assert_eq!(*phase, Phase::Quiesce, "{error}");
+            assert_eq!(error.kind, ErrorKind::Timeout, "{error}");
+        }
+        other => panic!("expected a rollback: {other:?}"),
+    }
+    assert!(!ckpt.exists());
+    assert!(!base.join(".ckpt.partial").exists());
+    for (i, s) in sources.iter().enumerate() {
+        runs_at_source_with_its_hca(s, before[i]);
+    }
+}
+
+/// Mounts a tmpfs of `mib` MiB at `dir` (root only); `false` when that is not possible here.
+fn mount_tmpfs(dir: &Path, mib: u64) -> bool {
+    std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={mib}m,mode=0700"),
+            "tmpfs",
+        ])
+        .arg(dir)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A disk that fills up during a checkpoint: the checkpoint fails with the reason, the job
+/// goes on with its devices, nothing partial is left, and the older checkpoint on the same
+/// disk still reads back whole. Then `--stop` on a disk with room: the sources end.
+#[test]
+fn a_full_disk_fails_the_checkpoint_and_keeps_the_job_and_the_older_one() {
+    let test = "a_full_disk_fails_the_checkpoint_and_keeps_the_job_and_the_older_one";
+    let Some(fixtures) = qemu_or_skip(test) else {
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let (base, _cleanup, mut sources, plan) = checkpoint_setup(&fixtures, "ckptfull", 0, "");
+    let disk = base.join("disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    if !mount_tmpfs(&disk, 1024) {
+        println!("SKIPPED: {test}: cannot mount a tmpfs (needs root)");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(disk.clone());
+    let (first, _) = checkpoint(&plan, &disk.join("first"), AfterCheckpoint::Continue);
+    assert_eq!(first.outcome, Outcome::Completed, "{:?}", first.errors);
+    let used = nix::sys::statvfs::statvfs(&disk).unwrap();
+    let used_mib = ((used.blocks() - used.blocks_free()) * used.fragment_size()) >> 20;
+    // Room for half another one.
+    let size = used_mib + used_mib / 2 + 1;
+    let remounted = std::process::Command::new("mount")
+        .args(["-o", &format!("remount,size={size}m"), "tmpfs"])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(remounted.success());
+    let before: Vec<usize> = sources.iter().map(|s| passes(&s.qemu.serial())).collect();
+    let (second, _) = checkpoint(&plan, &disk.join("second"), AfterCheckpoint::Stop);
+    match &second.outcome {
+        Outcome::RolledBack { phase, error } => {
+            assert_eq!(*phase, Phase::Save, "{error}");
+            let text = error.to_string() + &format!("{:?}", error.source);
+            assert!(
+                text.contains("No space left") || text.contains("ENOSPC"),
+                "{text}"
+            );
+        }
+        other => panic!("expected a rollback: {other:?} {:?}", second.errors),
+    }
+    let left: Vec<String> = std::fs::read_dir(&disk)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["first"], "only the complete checkpoint is left");
+    symvirt::checkpoint::read(&disk.join("first")).unwrap();
+    for (i, s) in sources.iter().enumerate() {
+        runs_at_source_with_its_hca(s, before[i]);
+    }
+
+    // Room again: `--stop` saves and ends every source.
+    std::fs::remove_dir_all(disk.join("first")).unwrap();
+    let (third, _) = checkpoint(&plan, &disk.join("third"), AfterCheckpoint::Stop);
+    assert_eq!(third.outcome, Outcome::Completed, "{:?}", third.errors);
+    assert!(third.phase(Phase::Commit).is_some());
+    symvirt::checkpoint::read(&disk.join("third")).unwrap();
+    for s in &mut sources {
+        let started = Instant::now();
+        while s.qemu.is_running() && started.elapsed() < PATIENCE {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(
+            !s.qemu.is_running(),
+            "{}: still running after --stop",
+            s.name
+        );
+    }
+}
+
+/// A guard checkpoints the running cluster; vm1's QEMU is killed (a lost host) right after
+/// the second checkpoint, whose vm0 file is also damaged: the guard notices, stops vm0's
+/// source, finds the newest checkpoint damaged and restores the one before it at the
+/// destinations, where both guests run on with their memory intact.
+#[test]
+fn a_guard_restores_the_cluster_from_the_last_good_checkpoint_when_a_vm_dies() {
+    let test = "a_guard_restores_the_cluster_from_the_last_good_checkpoint_when_a_vm_dies";
+    let Some(fixtures) = qemu_or_skip(test) else {
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let (base, cleanup, mut sources, plan) = checkpoint_setup(&fixtures, "guard", 0, "");
+    let vm1_pid = sources[1].qemu.pid();
+    let taken = Mutex::new(Vec::<PathBuf>::new());
+    let killed_at = Mutex::new(None::<Instant>);
+    let events = Mutex::new(Vec::new());
+    let sink = |e: &Event| {
+        eprintln!("event: {}", serde_json::to_string(e).unwrap());
+        events.lock().unwrap().push((Instant::now(), e.clone()));
+        if let Event::CheckpointTaken { dir, .. } = e {
+            let mut taken = taken.lock().unwrap();
+            taken.push(dir.clone());
+            if taken.len() == 2 {
+                let state = dir.join("vm0.state");
+                let mut bytes = std::fs::read(&state).unwrap();
+                bytes[8192] ^= 0x01;
+                std::fs::write(&state, bytes).unwrap();
+                // SAFETY: kill(2) on the QEMU this test started; no memory is involved.
+                unsafe {
+                    libc::kill(vm1_pid as i32, libc::SIGKILL);
+                }
+                *killed_at.lock().unwrap() = Some(Instant::now());
+            }
+        }
+    };
+    let settings = symvirt::guard::GuardSettings {
+        dir: base.join("guarded"),
+        every: Duration::from_secs(1),
+        keep: 2,
+        poll: Duration::from_millis(200),
+        log_dir: base.clone(),
+    };
+    let parsed = symvirt::plan::parse(&plan).unwrap();
+    let controller = Controller::new(parsed, &sink);
+    let end = symvirt::guard::guard_qemu(&controller, &plan, &settings).unwrap();
+    let (lost, checkpoint, report) = match end {
+        symvirt::guard::GuardEnd::Recovered {
+            lost,
+            checkpoint,
+            report,
+            took,
+        } => {
+            eprintln!("{test}: recovered {took:?} after the loss was noticed");
+            (lost, checkpoint, report)
+        }
+        other => panic!("{other:?}"),
+    };
+    for vm in &report.vms {
+        cleanup.pid(vm.destination_pid);
+    }
+    let taken = taken.into_inner().unwrap();
+    assert_eq!(lost, ["vm1"]);
+    assert_eq!(checkpoint, taken[0], "the older, intact checkpoint");
+    let events = events.into_inner().unwrap();
+    let refused = events.iter().any(|(_, e)| {
+        matches!(e, Event::RestoreFailed { dir, error }
+            if *dir == taken[1] && error.contains("vm0.state") && error.contains("checksum"))
+    });
+    assert!(
+        refused,
+        "the damaged checkpoint was not refused: {events:?}"
+    );
+    let killed = killed_at.into_inner().unwrap().unwrap();
+    let back = events
+        .iter()
+        .find(|(_, e)| matches!(e, Event::Recovered { .. }))
+        .map(|(t, _)| *t)
+        .unwrap();
+    eprintln!(
+        "{test}: from vm1's death to the cluster running again: {:?}",
+        back - killed
+    );
+    // vm0's source was stopped: one copy of each VM.
+    let t = Instant::now();
+    while sources[0].qemu.is_running() && t.elapsed() < PATIENCE {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!sources[0].qemu.is_running(), "vm0's source still runs");
+    for (i, s) in sources.iter().enumerate() {
+        assert_resumed_on_mac(&report.vms[i], &mac_of(i));
+        let serial = base.join(format!("{}-restored/serial.log", s.name));
+        wait_more_passes(|| read(&serial), 1, &s.name);
+        assert!(!read(&serial).contains("MISMATCH"), "{}", s.name);
+    }
+    drop(cleanup);
 }

@@ -645,6 +645,64 @@ impl VirtualCluster {
         epoch
     }
 
+    /// Checkpoints every VM into `to` with `plan checkpoint --stop`, taken with the plan that
+    /// moves them to the other fabric (whose destinations [`VirtualCluster::restore`] uses);
+    /// every source QEMU ends. The cut's epoch, and where a restore puts the VMs.
+    pub fn checkpoint_and_stop(&mut self, to: &Path) -> (u64, Vec<Placement>) {
+        let (plan, next) = self.plan_to_other_fabric();
+        let args: [std::ffi::OsString; _] = [
+            "plan".into(),
+            "checkpoint".into(),
+            "--json".into(),
+            "--stop".into(),
+            "--to".into(),
+            to.as_os_str().to_owned(),
+            plan.into_os_string(),
+        ];
+        let run = self
+            .ninja_timed(&args, Duration::from_secs(600))
+            .unwrap_or_else(|e| panic!("{}: {e}", self.test));
+        assert_eq!(run.code, 0, "{}: checkpoint: {}", self.test, run.describe());
+        let epoch = run
+            .events
+            .iter()
+            .find_map(|(_, e)| e["epoch"].as_u64())
+            .unwrap();
+        for (vm, q) in self.sources.iter_mut().enumerate() {
+            let t = Instant::now();
+            while q.is_running() {
+                assert!(t.elapsed() < PATIENCE, "vm{vm} still runs after --stop");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        (epoch, next)
+    }
+
+    /// Restores the checkpoint in `from` with `plan restore` at `next` (as
+    /// [`VirtualCluster::checkpoint_and_stop`] returned it): every guest resumed there.
+    pub fn restore(&mut self, from: &Path, next: Vec<Placement>) {
+        let args: [std::ffi::OsString; _] = [
+            "plan".into(),
+            "restore".into(),
+            "--json".into(),
+            "--log-dir".into(),
+            self.dir.join("logs").into_os_string(),
+            from.as_os_str().to_owned(),
+        ];
+        let run = self
+            .ninja_timed(&args, Duration::from_secs(600))
+            .unwrap_or_else(|e| panic!("{}: {e}", self.test));
+        assert_eq!(run.code, 0, "{}: restore: {}", self.test, run.describe());
+        let resumed: Vec<&serde_json::Value> = run
+            .events
+            .iter()
+            .map(|(_, e)| e)
+            .filter(|e| e["event"] == "guest_resumed" && e["at"] == "destination")
+            .collect();
+        assert_eq!(resumed.len(), self.vms(), "{}", run.describe());
+        self.arrive(next);
+    }
+
     /// The VMs live at `next` now: the sources' stand-in memory files go.
     fn arrive(&mut self, next: Vec<Placement>) {
         for p in &self.at {
@@ -781,13 +839,29 @@ impl VirtualCluster {
     /// [`VirtualCluster::run_plan`] with every event stamped as its line arrives; `ninja-migrate`
     /// is killed after `limit`.
     pub fn run_plan_timed(&self, plan: &Path, limit: Duration) -> Result<TimedPlan, String> {
+        let args: [std::ffi::OsString; _] = [
+            "plan".into(),
+            "run".into(),
+            "--json".into(),
+            "--log-dir".into(),
+            self.dir.join("logs").into_os_string(),
+            "--state-dir".into(),
+            self.dir.join("state").into_os_string(),
+            plan.as_os_str().to_owned(),
+        ];
+        self.ninja_timed(&args, limit)
+    }
+
+    /// Runs `ninja-migrate ARGS` (with `--json`, killed after `limit`): its exit code, its
+    /// events with the time each arrived, its stderr.
+    fn ninja_timed(
+        &self,
+        args: &[std::ffi::OsString],
+        limit: Duration,
+    ) -> Result<TimedPlan, String> {
         let started = Instant::now();
         let mut child = Command::new(ninja_migrate())
-            .args(["plan", "run", "--json", "--log-dir"])
-            .arg(self.dir.join("logs"))
-            .arg("--state-dir")
-            .arg(self.dir.join("state"))
-            .arg(plan)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

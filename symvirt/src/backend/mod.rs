@@ -9,9 +9,11 @@
 pub mod qemu;
 pub mod reference;
 
+use crate::checkpoint::StateFormat;
 use crate::error::Result;
 use crate::host_channel::HostChannel;
 use crate::session::GuestSession;
+use std::path::Path;
 use std::time::Instant;
 
 /// One progress report of a migration.
@@ -103,6 +105,47 @@ pub trait VmBackend: Send {
     /// Undoes everything done so far: cancels the migration, tears the destination down,
     /// continues the source and re-attaches its original devices.
     fn rollback(&mut self, deadline: Instant) -> Result<()>;
+
+    /// Saves the whole VM (memory and device state) to the file `path` at the cut: the VM is
+    /// stopped first and stays stopped. Afterwards [`VmBackend::rollback`] continues it where
+    /// it was, with its devices, and [`VmBackend::commit`] ends it. Returns how the state was
+    /// saved, which [`VmBackend::restore`] needs.
+    fn save(&mut self, path: &Path, deadline: Instant) -> Result<StateFormat> {
+        let _ = (path, deadline);
+        Err(crate::Error::Refused(format!(
+            "{}: this backend cannot save a VM to a file",
+            self.name()
+        )))
+    }
+
+    /// Starts the VM at its destination from the state `save` wrote to `path` and lets it run
+    /// (its guest quiesced, as it was saved). Then [`VmBackend::attach`] and
+    /// [`VmBackend::destination_channel`] go on as after a migration; [`VmBackend::rollback`]
+    /// tears the restored VM down, [`VmBackend::commit`] keeps it.
+    fn restore(&mut self, format: &StateFormat, path: &Path, deadline: Instant) -> Result<()> {
+        let _ = (format, path, deadline);
+        Err(crate::Error::Refused(format!(
+            "{}: this backend cannot restore a VM from a file",
+            self.name()
+        )))
+    }
+
+    /// Whether the VM still runs at its source: `Err` when its VMM, or the host it is on, is
+    /// gone, or the VM stopped for good (see [`crate::guard`]).
+    fn check_source(&mut self, deadline: Instant) -> Result<()> {
+        let _ = deadline;
+        Ok(())
+    }
+
+    /// Ends the VM at its source if it still runs there, and makes sure it is gone: a guard
+    /// stops the survivors of a lost host before it restores the whole cluster elsewhere.
+    fn stop_source(&mut self, deadline: Instant) -> Result<()> {
+        let _ = deadline;
+        Err(crate::Error::Refused(format!(
+            "{}: this backend cannot stop a VM at its source",
+            self.name()
+        )))
+    }
 
     /// The process id of a destination this backend started, if any.
     fn destination_pid(&self) -> Option<u32> {

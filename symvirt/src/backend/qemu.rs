@@ -6,6 +6,7 @@
 //! `migrate-continue` to each, so the whole cluster switches over together.
 
 use crate::backend::{Leftovers, MigrationProgress, MigrationResult, VmBackend};
+use crate::checkpoint::StateFormat;
 use crate::cluster::{Device, LaunchSpec, MigrationSettings, VmSpec};
 use crate::error::{Error, Result};
 use crate::host_channel::{ChannelOptions, HostChannel};
@@ -311,9 +312,33 @@ pub struct QemuVm {
     launched: Option<Launched>,
     claimed: Vec<PathBuf>,
     migration: MigrationState,
+    /// A save to a file was started (see [`VmBackend::save`]): a rollback cancels it.
+    saving: bool,
     committed: bool,
     /// A destination an interrupted run started here, taken over by a recovery.
     orphan: Option<u32>,
+}
+
+/// What [`QemuVm::save`] names as the writer of its files.
+const QEMU_STATE_WRITER: &str = "qemu-migration";
+
+/// The capabilities of a save to a file, when QEMU has `mapped-ram`.
+const FILE_CAPABILITIES: [MigrationCapability; 2] =
+    [MigrationCapability::MappedRam, MigrationCapability::Multifd];
+
+/// The bandwidth limit of a save (bytes/s): none that a disk reaches.
+const SAVE_BANDWIDTH: u64 = 1 << 40;
+
+/// QEMU's `file:` URI of `path` (absolute; a comma would start QEMU's options).
+fn file_uri(path: &Path) -> Result<String> {
+    let text = path.to_str().filter(|t| !t.contains(','));
+    match text {
+        Some(t) if path.is_absolute() => Ok(format!("file:{t}")),
+        _ => Err(Error::Config(format!(
+            "{}: a VM's state file needs an absolute path in UTF-8 without commas",
+            path.display()
+        ))),
+    }
 }
 
 fn qmp_options() -> ConnectOptions {
@@ -439,6 +464,7 @@ impl QemuVm {
             launched: None,
             claimed: Vec::new(),
             migration: MigrationState::NotStarted,
+            saving: false,
             committed: false,
             orphan: None,
         }
@@ -596,6 +622,33 @@ impl QemuVm {
     }
 
     /// Claims a destination device before the source lets go of its own.
+    /// Claims every device the plan attaches at the destination (connected already).
+    fn claim_destination_devices(&mut self) -> Result<()> {
+        let present = qom_children(self.destination()?, "/machine/peripheral")
+            .map_err(|e| Error::qmp(self.what("destination", "devices"), e))?;
+        for d in self.spec.destination.devices.clone() {
+            self.claim(&d, &present)?;
+        }
+        Ok(())
+    }
+
+    /// Sets the capabilities of a save to, or a restore from, a file.
+    fn set_file_capabilities(
+        &self,
+        qmp: &Qmp,
+        side: &str,
+        on: &[MigrationCapability],
+    ) -> Result<()> {
+        let mut caps: Vec<(MigrationCapability, bool)> = FILE_CAPABILITIES
+            .iter()
+            .map(|c| (c.clone(), on.contains(c)))
+            .collect();
+        caps.push((MigrationCapability::PauseBeforeSwitchover, false));
+        caps.push((MigrationCapability::Events, true));
+        qmp.migrate_set_capabilities(&caps)
+            .map_err(|e| Error::qmp(self.what(side, "migration capabilities"), e))
+    }
+
     fn claim(&mut self, device: &Device, present: &BTreeSet<String>) -> Result<()> {
         if let Device::StandbyNic { id, mac } = device {
             // It arrives with the VM: the destination's command line must have it, with the
@@ -842,13 +895,8 @@ impl VmBackend for QemuVm {
                     )
                 })?;
         }
-        let present = qom_children(&dst, "/machine/peripheral")
-            .map_err(|e| Error::qmp(self.what("destination", "devices"), e))?;
         self.destination = Some(dst);
-        for d in self.spec.destination.devices.clone() {
-            self.claim(&d, &present)?;
-        }
-        Ok(())
+        self.claim_destination_devices()
     }
 
     fn detach(&mut self, deadline: Instant) -> Result<()> {
@@ -996,10 +1044,13 @@ impl VmBackend for QemuVm {
         if let Some(l) = self.launched.as_mut() {
             l.release();
         }
-        let result = self.source().and_then(|s| {
-            s.quit()
-                .map_err(|e| Error::qmp(self.what("source", "stop it"), e))
-        });
+        // A restored VM has no source.
+        let result = match &self.source {
+            None => Ok(()),
+            Some(s) => s
+                .quit()
+                .map_err(|e| Error::qmp(self.what("source", "stop it"), e)),
+        };
         self.release_source_standins();
         self.claimed.clear();
         result
@@ -1019,8 +1070,8 @@ impl VmBackend for QemuVm {
             }
             self.launched = launched;
         }
-        // 1. No migration may still be going when the source continues.
-        if self.migration == MigrationState::Running {
+        // 1. No migration (nor save) may still be going when the source continues.
+        if self.migration == MigrationState::Running || std::mem::take(&mut self.saving) {
             if let Some(src) = &self.source {
                 let _ = src.migrate_cancel();
                 let wait = MigrationWait {
@@ -1103,6 +1154,182 @@ impl VmBackend for QemuVm {
                 errors.join("; ")
             )))
         }
+    }
+
+    fn save(&mut self, path: &Path, deadline: Instant) -> Result<StateFormat> {
+        let uri = file_uri(path)?;
+        let src = self.source()?;
+        // Stopped first: one pass over memory, at the cut (the job waits in any case).
+        src.stop()
+            .map_err(|e| Error::qmp(self.what("source", "stop"), e))?;
+        let supported: Vec<MigrationCapability> = src
+            .query_migrate_capabilities()
+            .map_err(|e| Error::qmp(self.what("source", "migration capabilities"), e))?
+            .into_iter()
+            .map(|c| c.capability)
+            .collect();
+        // mapped-ram (QEMU 9.0 on) puts each page at a fixed offset of the file, written by
+        // multifd's threads in parallel; without it the stream is written as it would be sent.
+        let on: Vec<MigrationCapability> = if supported.contains(&MigrationCapability::MappedRam) {
+            FILE_CAPABILITIES.to_vec()
+        } else {
+            Vec::new()
+        };
+        let settings_before = src
+            .query_migrate_parameters()
+            .map_err(|e| Error::qmp(self.what("source", "migration parameters"), e))?;
+        self.set_file_capabilities(src, "source", &on)?;
+        // A plan's bandwidth limit is for the network; a save goes as fast as the disk.
+        src.migrate_set_parameters(&MigrationParameters {
+            max_bandwidth: Some(SAVE_BANDWIDTH),
+            ..MigrationParameters::default()
+        })
+        .map_err(|e| Error::qmp(self.what("source", "migration parameters"), e))?;
+        self.saving = true;
+        let src = self.source()?;
+        let saved = src
+            .migrate(&uri)
+            .and_then(|()| {
+                wait_for_migration(
+                    src,
+                    &MigrationWait::completed_within(remaining(deadline)),
+                    |_| {},
+                )
+            })
+            .map_err(|e| {
+                Error::qmp(
+                    self.what("source", format!("save to {}", path.display())),
+                    e,
+                )
+            });
+        // Back to what a live migration needs (mapped-ram refuses a socket), with the
+        // plan's bandwidth, whatever happened.
+        let restored = self
+            .set_file_capabilities(src, "source", &[])
+            .and_then(|()| {
+                src.migrate_set_parameters(&MigrationParameters {
+                    max_bandwidth: settings_before.max_bandwidth,
+                    ..MigrationParameters::default()
+                })
+                .map_err(|e| Error::qmp(self.what("source", "migration parameters"), e))
+            });
+        self.saving = saved.is_err();
+        saved?;
+        restored?;
+        Ok(StateFormat {
+            writer: QEMU_STATE_WRITER.into(),
+            capabilities: on.iter().map(|c| c.as_str().to_owned()).collect(),
+        })
+    }
+
+    fn restore(&mut self, format: &StateFormat, path: &Path, deadline: Instant) -> Result<()> {
+        if format.writer != QEMU_STATE_WRITER {
+            return Err(Error::Checkpoint {
+                path: path.to_owned(),
+                problem: format!("saved by {:?}, which QEMU cannot read", format.writer),
+            });
+        }
+        let uri = file_uri(path)?;
+        let address = self.spec.destination.qmp.clone();
+        if let Some(launch) = self.spec.destination.launch.clone() {
+            self.launched = Some(self.launcher.launch(&self.spec.name, &launch, &address)?);
+        }
+        let dst = self.connect_monitor(&address, deadline)?;
+        let status = dst
+            .query_status()
+            .map_err(|e| Error::qmp(self.what("destination", "run state"), e))?;
+        if status.status != RunState::InMigrate {
+            return Err(Error::Refused(format!(
+                "{}: destination is {}, not waiting for a VM (-incoming defer)",
+                self.spec.name,
+                status.status.as_str()
+            )));
+        }
+        self.destination = Some(dst);
+        self.claim_destination_devices()?;
+        let dst = self.destination()?;
+        let on: Vec<MigrationCapability> = format
+            .capabilities
+            .iter()
+            .map(|c| MigrationCapability::from(c.as_str()))
+            .collect();
+        self.set_file_capabilities(dst, "destination", &on)?;
+        dst.migrate_incoming(&uri)
+            .and_then(|()| {
+                wait_for_migration(
+                    dst,
+                    &MigrationWait::completed_within(remaining(deadline)),
+                    |_| {},
+                )
+            })
+            .map_err(|e| {
+                Error::qmp(
+                    self.what("destination", format!("restore from {}", path.display())),
+                    e,
+                )
+            })?;
+        // Saved stopped, so restored paused: it runs once loaded, as a migrated VM does.
+        dst.cont()
+            .map_err(|e| Error::qmp(self.what("destination", "cont"), e))?;
+        self.wait_running(dst, deadline)
+    }
+
+    fn check_source(&mut self, deadline: Instant) -> Result<()> {
+        // One connection per check, closed after it: QEMU serves one monitor client at a
+        // time, and a watcher must not keep the operator's tools (or a checkpoint) out.
+        let address = self.spec.source.qmp.clone();
+        let endpoint = self.connector.qmp_endpoint(&address, deadline)?;
+        let options = ConnectOptions {
+            greeting_timeout: remaining(deadline).max(Duration::from_secs(1)),
+            ..qmp_options()
+        };
+        let qmp = match Qmp::connect(&endpoint, options) {
+            Ok(q) => q,
+            // Connected, but no greeting: another client holds the monitor. Busy, not lost.
+            Err(qmp::Error::Timeout { .. }) => return Ok(()),
+            Err(e) => {
+                return Err(Error::qmp(
+                    self.what("source", format!("connect to {address}")),
+                    e,
+                ));
+            }
+        };
+        let status = qmp
+            .query_status()
+            .map_err(|e| Error::qmp(self.what("source", "run state"), e))?;
+        match status.status {
+            RunState::Shutdown
+            | RunState::GuestPanicked
+            | RunState::InternalError
+            | RunState::IoError => Err(Error::Qemu(format!(
+                "{}: the source is {}",
+                self.spec.name,
+                status.status.as_str()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn stop_source(&mut self, deadline: Instant) -> Result<()> {
+        let address = self.spec.source.qmp.clone();
+        if self.source.as_ref().is_none_or(|s| !s.is_connected()) {
+            self.source = self.connect_once(&address, deadline);
+        }
+        if let Some(src) = self.source.take() {
+            let _ = src.quit();
+        }
+        self.release_source_standins();
+        let until = Instant::now() + GONE_CHECK;
+        while self.answers(&address, deadline) {
+            if Instant::now() >= until {
+                return Err(Error::Qemu(format!(
+                    "{}: the source at {address} still answers after quit",
+                    self.spec.name
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
     }
 
     fn destination_pid(&self) -> Option<u32> {
