@@ -203,3 +203,20 @@ fn the_example_plans_check() {
     }
     assert!(checked >= 2, "{checked} plans in {}", dir.display());
 }
+
+/// `plan evacuate` of a host none of the plan's sources is on: refused, nothing touched.
+#[test]
+fn evacuating_a_host_without_vms_is_refused() {
+    let plan = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/plans/hca-to-ethernet.toml");
+    let state = std::env::temp_dir().join(format!("ninja-evacuate-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_ninja-migrate"))
+        .args(["plan", "evacuate", "no-such-host", "--state-dir"])
+        .arg(&state)
+        .arg(&plan)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&state);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("has its source on no-such-host"), "{err}");
+}

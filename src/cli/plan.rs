@@ -21,6 +21,9 @@ pub enum PlanCommand {
     Check(CheckArgs),
     /// Run a plan: quiesce, detach, migrate, attach, resume (or roll back).
     Run(RunArgs),
+    /// Move every VM whose source is on HOST as the plan says; the plan's other VMs take part
+    /// in the cut and stay where they are (proactive fault tolerance).
+    Evacuate(EvacuateArgs),
     /// Finish every interrupted run in the state directory: roll back before its decision to
     /// keep the destinations, forward after it; one running copy of every VM.
     Recover(RecoverArgs),
@@ -61,6 +64,17 @@ pub struct GuardArgs {
     /// The private state directory (logs) [default: as for `plan run`].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+}
+
+/// `plan evacuate`.
+#[derive(Debug, Args)]
+pub struct EvacuateArgs {
+    /// The host to empty, as the plan names it (`user@` and case ignored; `localhost` for
+    /// `unix:` and loopback endpoints).
+    pub host: String,
+    /// The rest, as for `plan run`.
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 /// `plan checkpoint`.
@@ -445,47 +459,64 @@ pub fn main(command: &PlanCommand) -> ExitCode {
         PlanCommand::Checkpoint(args) => checkpoint(args),
         PlanCommand::Restore(args) => restore(args),
         PlanCommand::Guard(args) => guard(args),
-        PlanCommand::Run(args) => {
-            let interrupt = interrupt_flag();
-            let plan = match load(&args.plan) {
-                Ok(p) => p,
-                Err(code) => return code,
-            };
-            let state = match state_dir(&args.state_dir) {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
-            let text = std::fs::read_to_string(&args.plan).unwrap_or_default();
-            let journal = match state.begin(&text, &plan, new_epoch()) {
-                Ok(j) => j,
-                Err(e) => {
-                    eprintln!("ninja-migrate: {}", e.chain());
-                    return ExitCode::from(2);
-                }
-            };
-            let log_dir = match &args.log_dir {
-                Some(d) => d.clone(),
-                None => match state.log_dir(&journal.record().run) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        eprintln!("ninja-migrate: {}", e.chain());
-                        return ExitCode::from(2);
-                    }
-                },
-            };
-            let sink = printer(args.json);
-            let controller = Controller::new(plan, &sink)
-                .journaled(&journal)
-                .interruptible(interrupt);
-            match controller.run_qemu(&log_dir) {
-                Ok(report) => exit_code(&report),
-                Err(e) => {
-                    eprintln!("ninja-migrate: {}", e.chain());
-                    // Nothing was touched: the journal has no phase yet.
-                    let _ = journal.finish("failed_to_start");
-                    ExitCode::FAILURE
-                }
+        PlanCommand::Run(args) => run(args, None),
+        PlanCommand::Evacuate(args) => run(&args.run, Some(&args.host)),
+    }
+}
+
+/// `plan run`, and `plan evacuate` (`host`: the VMs whose source is elsewhere stay).
+fn run(args: &RunArgs, host: Option<&str>) -> ExitCode {
+    let interrupt = interrupt_flag();
+    let plan = match load(&args.plan) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let state = match state_dir(&args.state_dir) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let mut staying = Vec::new();
+    if let Some(host) = host {
+        let (on, off): (Vec<_>, Vec<_>) = plan.vms.iter().partition(|v| v.source.qmp.is_on(host));
+        if on.is_empty() {
+            eprintln!(
+                "ninja-migrate: no VM of {} has its source on {host}",
+                args.plan.display()
+            );
+            return ExitCode::from(2);
+        }
+        staying = off.iter().map(|v| v.name.clone()).collect();
+    }
+    let text = std::fs::read_to_string(&args.plan).unwrap_or_default();
+    let journal = match state.begin(&text, &plan, new_epoch()) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("ninja-migrate: {}", e.chain());
+            return ExitCode::from(2);
+        }
+    };
+    let log_dir = match &args.log_dir {
+        Some(d) => d.clone(),
+        None => match state.log_dir(&journal.record().run) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("ninja-migrate: {}", e.chain());
+                return ExitCode::from(2);
             }
+        },
+    };
+    let sink = printer(args.json);
+    let controller = Controller::new(plan, &sink)
+        .journaled(&journal)
+        .interruptible(interrupt)
+        .staying(staying);
+    match controller.run_qemu(&log_dir) {
+        Ok(report) => exit_code(&report),
+        Err(e) => {
+            eprintln!("ninja-migrate: {}", e.chain());
+            // Nothing was touched: the journal has no phase yet.
+            let _ = journal.finish("failed_to_start");
+            ExitCode::FAILURE
         }
     }
 }

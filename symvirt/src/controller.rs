@@ -387,6 +387,8 @@ struct Member {
     source_session: Option<GuestSession>,
     /// How a checkpoint saved this VM.
     saved: Option<StateFormat>,
+    /// It quiesces with the others but does not move ([`Controller::staying`]).
+    stays: bool,
 }
 
 /// A counting semaphore for the migration concurrency limit.
@@ -442,6 +444,7 @@ pub struct Controller<'a> {
     sink: EventSink<'a>,
     journal: Option<&'a Journal>,
     interrupt: Option<&'a AtomicBool>,
+    staying: Vec<String>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -466,7 +469,16 @@ impl<'a> Controller<'a> {
             sink,
             journal: None,
             interrupt: None,
+            staying: Vec::new(),
         }
+    }
+
+    /// VMs of the plan that take part in the cut but stay where they are: they quiesce with
+    /// the others and are resumed at their source, on their interconnect, once the others
+    /// run at their destinations. Evacuating one host moves its VMs and keeps the rest.
+    pub fn staying(mut self, vms: impl IntoIterator<Item = String>) -> Controller<'a> {
+        self.staying = vms.into_iter().collect();
+        self
     }
 
     /// Records the run in `journal` (see [`crate::journal`]) before each irreversible step:
@@ -555,6 +567,15 @@ impl<'a> Controller<'a> {
                 self.plan.vms.len()
             )));
         }
+        if let Some(unknown) = self
+            .staying
+            .iter()
+            .find(|s| !self.plan.vms.iter().any(|v| &v.name == *s))
+        {
+            return Err(Error::Config(format!(
+                "{unknown:?} is to stay, but the plan has no such VM"
+            )));
+        }
         Ok(backends
             .into_iter()
             .zip(&self.plan.vms)
@@ -573,6 +594,7 @@ impl<'a> Controller<'a> {
                 target_interconnect: spec.destination.interconnect.clone(),
                 source_session: None,
                 saved: None,
+                stays: self.staying.contains(&spec.name),
             })
             .collect())
     }
@@ -608,7 +630,15 @@ impl<'a> Controller<'a> {
             (Phase::Attach, d.attach),
         ];
         let mut failed: Option<Failure> = None;
+        if !self.staying.is_empty() {
+            if let Err(e) = self.record(|r| r.staying = self.staying.clone()) {
+                failed = Some(Failure::new(None, Phase::Connect, e));
+            }
+        }
         for (phase, limit) in steps {
+            if failed.is_some() {
+                break;
+            }
             if let Err(e) = self.enter(phase) {
                 failed = Some(Failure::new(None, phase, e));
                 break;
@@ -627,8 +657,9 @@ impl<'a> Controller<'a> {
             } else {
                 let (took, errs) = self.phase(phase, &mut members, |c, m| match phase {
                     Phase::Connect => c.connect(m, deadline),
-                    Phase::Reserve => m.backend.reserve(deadline),
                     Phase::Quiesce => c.quiesce(m, epoch, limit, deadline),
+                    _ if m.stays => Ok(()),
+                    Phase::Reserve => m.backend.reserve(deadline),
                     Phase::Detach => m.backend.detach(deadline),
                     _ => m.backend.attach(deadline),
                 });
@@ -656,7 +687,11 @@ impl<'a> Controller<'a> {
         if failed.is_none() {
             let deadline = Instant::now() + d.resume;
             let (took, errs) = self.phase(Phase::Resume, &mut members, |c, m| {
-                c.resume_at_destination(m, epoch, deadline)
+                if m.stays {
+                    c.resume_at_source(m, epoch, deadline)
+                } else {
+                    c.resume_at_destination(m, epoch, deadline)
+                }
             });
             phases.push((Phase::Resume, took));
             if let Some(first) = errs.first() {
@@ -693,6 +728,9 @@ impl<'a> Controller<'a> {
             None => {
                 let (took, errs) = self.phase(Phase::Commit, &mut members, |_, m| {
                     m.channel = None;
+                    if m.stays {
+                        return Ok(());
+                    }
                     m.backend.commit()
                 });
                 phases.push((Phase::Commit, took));
@@ -788,7 +826,8 @@ impl<'a> Controller<'a> {
             let index = c.plan.vms.iter().position(|v| v.name == m.report.name);
             let leftovers = index.and_then(|i| left.get(i)).cloned().unwrap_or_default();
             m.backend.adopt(&leftovers, deadline)?;
-            if forward {
+            // A VM that stays never had a destination: it goes on at its source either way.
+            if forward && !record.staying.contains(&m.report.name) {
                 m.backend.roll_forward(deadline)?;
                 let channel = open_channel(m, Some(GuestSession::quiesced(epoch)), true, deadline)?;
                 let told = tell_resume(&channel, epoch, m.target_interconnect.clone(), deadline);
@@ -843,8 +882,6 @@ impl<'a> Controller<'a> {
         ))
     }
 
-    /// Marks the journal finished, unless the run left something to recover (a rollback that
-    /// did not complete).
     /// Checkpoints the virtual cluster on QEMU backends: see [`Controller::checkpoint`].
     pub fn checkpoint_qemu(
         &self,
@@ -1114,6 +1151,8 @@ impl<'a> Controller<'a> {
         Ok(self.finished(epoch, outcome, phases, members, errors, started))
     }
 
+    /// Marks the journal finished, unless the run left something to recover (a rollback that
+    /// did not complete).
     fn close_journal(&self, outcome: &Outcome, errors: &mut Vec<Failure>) {
         let Some(journal) = self.journal else {
             return;
@@ -1263,6 +1302,9 @@ impl<'a> Controller<'a> {
             cv: Condvar::new(),
         };
         let errors = self.each(phase, members, |m| {
+            if m.stays {
+                return Ok(());
+            }
             let _slot = slots.acquire(deadline)?;
             m.backend.start_migration()?;
             let vm = m.report.name.clone();
@@ -1302,6 +1344,9 @@ impl<'a> Controller<'a> {
             return errors;
         }
         self.each(phase, members, |m| {
+            if m.stays {
+                return Ok(());
+            }
             let r = m.backend.switchover(deadline)?;
             m.report.migration_ms = r.total_ms;
             m.report.downtime_ms = r.downtime_ms;
@@ -1320,6 +1365,13 @@ impl<'a> Controller<'a> {
         let result = tell_resume(&channel, epoch, interconnect, deadline);
         m.channel = Some(channel);
         self.note_resume(m, "destination", result)
+    }
+
+    /// A VM that stays: its guest goes on at the source, on its interconnect.
+    fn resume_at_source(&self, m: &mut Member, epoch: u64, deadline: Instant) -> Result<()> {
+        let channel = m.channel.as_ref().ok_or(Error::NotConnected)?;
+        let result = tell_resume(channel, epoch, m.source_interconnect.clone(), deadline);
+        self.note_resume(m, "source", result)
     }
 
     /// Records what the guest answered to `resume`, as an event and in the report.

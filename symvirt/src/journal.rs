@@ -56,6 +56,9 @@ pub struct Record {
     pub leftovers: Vec<Leftovers>,
     /// The run decided to keep the destinations: from here on, recovery goes forward.
     pub forward: bool,
+    /// VMs that took part in the cut but did not move (an evacuation's other VMs).
+    #[serde(default)]
+    pub staying: Vec<String>,
     /// How the run ended (`None`: it did not, as far as the journal knows).
     pub finished: Option<String>,
 }
@@ -264,6 +267,7 @@ impl StateDir {
             phase: None,
             leftovers: vec![Leftovers::default(); plan.vms.len()],
             forward: false,
+            staying: Vec::new(),
             finished: None,
         };
         let journal = Journal {

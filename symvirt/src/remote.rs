@@ -108,6 +108,23 @@ impl Address {
     }
 }
 
+impl Address {
+    /// Whether this address is on `host` (a name as an operator gives it: `user@` and case
+    /// ignored, every name of this host's loopback one host; a `unix:` path is on this host).
+    pub fn is_on(&self, host: &str) -> bool {
+        let here = match self {
+            Address::Local(Endpoint::Unix(_)) => host_identity("localhost"),
+            Address::Local(Endpoint::Tcp(a)) => {
+                host_identity(a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h))
+            }
+            Address::Ssh { host, .. } => {
+                host_identity(host.rsplit_once('@').map_or(host.as_str(), |(_, h)| h))
+            }
+        };
+        here == host_identity(host.rsplit_once('@').map_or(host, |(_, h)| h))
+    }
+}
+
 /// `path` with its symlinks resolved as far as it exists here (the socket itself, else its
 /// parent directory).
 fn resolved(path: &Path) -> PathBuf {
@@ -688,6 +705,19 @@ impl Drop for Connector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_address_is_on_the_host_an_operator_names() {
+        let ssh: Address = "ssh:root@Node7:/run/q.sock".parse().unwrap();
+        assert!(ssh.is_on("node7") && ssh.is_on("admin@NODE7"));
+        assert!(!ssh.is_on("node8") && !ssh.is_on("localhost"));
+        let unix: Address = "unix:/run/q.sock".parse().unwrap();
+        assert!(unix.is_on("localhost") && unix.is_on("127.0.0.1") && !unix.is_on("node7"));
+        let tcp: Address = "tcp:[::1]:4444".parse().unwrap();
+        assert!(tcp.is_on("localhost"));
+        let tcp: Address = "tcp:10.0.0.7:4444".parse().unwrap();
+        assert!(tcp.is_on("10.0.0.7") && !tcp.is_on("10.0.0.70"));
+    }
 
     #[test]
     fn addresses_parse_and_print_back() {

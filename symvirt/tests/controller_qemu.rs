@@ -1289,3 +1289,64 @@ fn a_guard_restores_the_cluster_from_the_last_good_checkpoint_when_a_vm_dies() {
     }
     drop(cleanup);
 }
+
+/// Evacuation: vm1 leaves its host, vm0 takes part in the cut and stays. vm1 runs at its
+/// destination on Ethernet, its source gone; vm0's guest was resumed at its source on its
+/// HCA, which it still has, and no destination was started for it.
+#[test]
+fn an_evacuation_moves_one_vm_and_the_other_stays_in_the_cut() {
+    let test = "an_evacuation_moves_one_vm_and_the_other_stays_in_the_cut";
+    let Some(fixtures) = qemu_or_skip(test) else {
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let (base, cleanup, mut sources, plan) = checkpoint_setup(&fixtures, "evac", 0, "");
+    let parsed = symvirt::plan::parse(&plan).unwrap();
+    let events = Mutex::new(Vec::new());
+    let sink = |e: &Event| {
+        eprintln!("event: {}", serde_json::to_string(e).unwrap());
+        events.lock().unwrap().push(e.clone());
+    };
+    let before = passes(&sources[0].qemu.serial());
+    let report = Controller::new(parsed, &sink)
+        .staying(["vm0".to_owned()])
+        .run_qemu(&base)
+        .unwrap();
+    for vm in &report.vms {
+        cleanup.pid(vm.destination_pid);
+    }
+    assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.errors);
+    let events = events.into_inner().unwrap();
+    let resumed = |vm: &str, at: &str| {
+        events
+            .iter()
+            .any(|e| matches!(e, Event::GuestResumed { vm: v, at: a, .. } if v == vm && a == at))
+    };
+    assert!(resumed("vm0", "source") && !resumed("vm0", "destination"));
+    assert!(resumed("vm1", "destination"));
+    match &report.vms[0].guest {
+        GuestNotice::Resumed { interconnect, .. } => assert_eq!(interconnect, &infiniband()),
+        other => panic!("vm0: {other:?}"),
+    }
+    assert_resumed_on_mac(&report.vms[1], &mac_of(1));
+    assert!(report.vms[0].destination_pid.is_none());
+    assert!(!base.join("vm0-restored/qmp.sock").exists());
+    runs_at_source_with_its_hca(&sources[0], before);
+    let t = Instant::now();
+    while sources[1].qemu.is_running() && t.elapsed() < PATIENCE {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!sources[1].qemu.is_running(), "vm1's source still runs");
+    let devices = guest_pci_until(
+        &base.join("vm1-restored/sv.sock"),
+        "vm1",
+        report.epoch,
+        ethernet(&mac_of(1)),
+        |d| has_nic(d) && !has(d, IVSHMEM_DEVICE),
+    );
+    assert!(
+        has_nic(&devices) && !has(&devices, IVSHMEM_DEVICE),
+        "{devices:?}"
+    );
+    drop(cleanup);
+}
