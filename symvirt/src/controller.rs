@@ -920,39 +920,26 @@ impl<'a> Controller<'a> {
         let d = self.plan.deadlines;
         let mut phases = Vec::new();
         let mut errors = Vec::new();
-        let mut failed: Option<Failure> = None;
-        let steps: [(Phase, Duration); 4] = [
+        let steps = [
             (Phase::Connect, d.connect),
             (Phase::Quiesce, d.quiesce),
             (Phase::Detach, d.detach),
             (Phase::Save, d.migrate),
         ];
-        for (phase, limit) in steps {
-            if self.interrupted() {
-                failed = Some(Failure::new(None, phase, Error::Interrupted));
-                break;
+        let step = |c: &Self, m: &mut Member, phase, limit, deadline| match phase {
+            Phase::Connect => c.connect(m, deadline),
+            Phase::Quiesce => c.quiesce(m, epoch, limit, deadline),
+            Phase::Detach => m.backend.detach(deadline),
+            _ => {
+                let path = partial.state_path(&m.report.name);
+                let t = Instant::now();
+                m.saved = Some(m.backend.save(&path, deadline)?);
+                m.report.migration_ms = Some(t.elapsed().as_millis() as u64);
+                m.report.transferred = std::fs::metadata(&path).map_or(0, |f| f.len());
+                Ok(())
             }
-            let deadline = Instant::now() + limit;
-            let (took, errs) = self.phase(phase, &mut members, |c, m| match phase {
-                Phase::Connect => c.connect(m, deadline),
-                Phase::Quiesce => c.quiesce(m, epoch, limit, deadline),
-                Phase::Detach => m.backend.detach(deadline),
-                _ => {
-                    let path = partial.state_path(&m.report.name);
-                    let t = Instant::now();
-                    m.saved = Some(m.backend.save(&path, deadline)?);
-                    m.report.migration_ms = Some(t.elapsed().as_millis() as u64);
-                    m.report.transferred = std::fs::metadata(&path).map_or(0, |f| f.len());
-                    Ok(())
-                }
-            });
-            phases.push((phase, took));
-            if let Some(first) = errs.first() {
-                failed = Some(first.clone());
-                errors.extend(errs);
-                break;
-            }
-        }
+        };
+        let mut failed = self.run_steps(&mut members, &steps, step, &mut phases, &mut errors);
         if failed.is_none() {
             let vms = members
                 .iter()
@@ -1014,6 +1001,32 @@ impl<'a> Controller<'a> {
             }
         };
         Ok(self.finished(epoch, outcome, phases, members, errors, started))
+    }
+
+    /// Runs `steps` in order, each a phase over every member with its own deadline, until one
+    /// fails or the run is interrupted: that failure (every VM's is in `errors`).
+    fn run_steps(
+        &self,
+        members: &mut [Member],
+        steps: &[(Phase, Duration)],
+        step: impl Fn(&Self, &mut Member, Phase, Duration, Instant) -> Result<()> + Sync,
+        phases: &mut Vec<(Phase, Duration)>,
+        errors: &mut Vec<Failure>,
+    ) -> Option<Failure> {
+        for &(phase, limit) in steps {
+            if self.interrupted() {
+                return Some(Failure::new(None, phase, Error::Interrupted));
+            }
+            let deadline = Instant::now() + limit;
+            let (took, errs) =
+                self.phase(phase, members, |c, m| step(c, m, phase, limit, deadline));
+            phases.push((phase, took));
+            if let Some(first) = errs.first().cloned() {
+                errors.extend(errs);
+                return Some(first);
+            }
+        }
+        None
     }
 
     /// Rolls every member back after `error`; the outcome says whether that worked.
@@ -1085,49 +1098,35 @@ impl<'a> Controller<'a> {
         let d = self.plan.deadlines;
         let mut phases = Vec::new();
         let mut errors = Vec::new();
-        let mut failed: Option<Failure> = None;
-        let steps: [(Phase, Duration); 3] = [
+        let steps = [
             (Phase::Restore, d.migrate),
             (Phase::Attach, d.attach),
             (Phase::Resume, d.resume),
         ];
-        for (phase, limit) in steps {
-            if self.interrupted() {
-                failed = Some(Failure::new(None, phase, Error::Interrupted));
-                break;
+        let step = |c: &Self, m: &mut Member, phase, _limit, deadline| match phase {
+            Phase::Restore => {
+                let saved = manifest
+                    .vms
+                    .iter()
+                    .find(|v| v.name == m.report.name)
+                    .ok_or_else(|| Error::Internal("a VM without its state".into()))?;
+                let t = Instant::now();
+                m.backend
+                    .restore(&saved.format, &from.join(&saved.file), deadline)?;
+                m.report.migration_ms = Some(t.elapsed().as_millis() as u64);
+                m.report.transferred = saved.bytes;
+                Ok(())
             }
-            let deadline = Instant::now() + limit;
-            let (took, errs) = self.phase(phase, &mut members, |c, m| match phase {
-                Phase::Restore => {
-                    let saved = manifest
-                        .vms
-                        .iter()
-                        .find(|v| v.name == m.report.name)
-                        .ok_or_else(|| Error::Internal("a VM without its state".into()))?;
-                    let t = Instant::now();
-                    m.backend
-                        .restore(&saved.format, &from.join(&saved.file), deadline)?;
-                    m.report.migration_ms = Some(t.elapsed().as_millis() as u64);
-                    m.report.transferred = saved.bytes;
-                    Ok(())
-                }
-                Phase::Attach => m.backend.attach(deadline),
-                _ => {
-                    let session = GuestSession::quiesced(epoch);
-                    let channel = open_channel(m, Some(session), true, deadline)?;
-                    let result =
-                        tell_resume(&channel, epoch, m.target_interconnect.clone(), deadline);
-                    m.channel = Some(channel);
-                    c.note_resume(m, "destination", result)
-                }
-            });
-            phases.push((phase, took));
-            if let Some(first) = errs.first() {
-                failed = Some(first.clone());
-                errors.extend(errs);
-                break;
+            Phase::Attach => m.backend.attach(deadline),
+            _ => {
+                let session = GuestSession::quiesced(epoch);
+                let channel = open_channel(m, Some(session), true, deadline)?;
+                let result = tell_resume(&channel, epoch, m.target_interconnect.clone(), deadline);
+                m.channel = Some(channel);
+                c.note_resume(m, "destination", result)
             }
-        }
+        };
+        let failed = self.run_steps(&mut members, &steps, step, &mut phases, &mut errors);
         for m in &mut members {
             m.report.destination_pid = m.backend.destination_pid();
         }

@@ -622,6 +622,27 @@ impl QemuVm {
     }
 
     /// Claims a destination device before the source lets go of its own.
+    /// The destination's monitor: the QEMU launched as the plan says (or found), waiting for
+    /// an incoming VM.
+    fn waiting_destination(&mut self, deadline: Instant) -> Result<Qmp> {
+        let address = self.spec.destination.qmp.clone();
+        if let Some(launch) = self.spec.destination.launch.clone() {
+            self.launched = Some(self.launcher.launch(&self.spec.name, &launch, &address)?);
+        }
+        let dst = self.connect_monitor(&address, deadline)?;
+        let status = dst
+            .query_status()
+            .map_err(|e| Error::qmp(self.what("destination", "run state"), e))?;
+        if status.status != RunState::InMigrate {
+            return Err(Error::Refused(format!(
+                "{}: destination is {}, not waiting for a migration",
+                self.spec.name,
+                status.status.as_str()
+            )));
+        }
+        Ok(dst)
+    }
+
     /// Claims every device the plan attaches at the destination (connected already).
     fn claim_destination_devices(&mut self) -> Result<()> {
         let present = qom_children(self.destination()?, "/machine/peripheral")
@@ -865,21 +886,7 @@ impl VmBackend for QemuVm {
             }
         }
         // The destination: started (or found) waiting for the migration, listening.
-        let address = self.spec.destination.qmp.clone();
-        if let Some(launch) = self.spec.destination.launch.clone() {
-            self.launched = Some(self.launcher.launch(&self.spec.name, &launch, &address)?);
-        }
-        let dst = self.connect_monitor(&address, deadline)?;
-        let status = dst
-            .query_status()
-            .map_err(|e| Error::qmp(self.what("destination", "run state"), e))?;
-        if status.status != RunState::InMigrate {
-            return Err(Error::Refused(format!(
-                "{}: destination is {}, not waiting for a migration",
-                self.spec.name,
-                status.status.as_str()
-            )));
-        }
+        let dst = self.waiting_destination(deadline)?;
         if self.launched.is_some() {
             dst.migrate_incoming(&self.spec.destination.migrate_uri)
                 .map_err(|e| {
@@ -1230,21 +1237,7 @@ impl VmBackend for QemuVm {
             });
         }
         let uri = file_uri(path)?;
-        let address = self.spec.destination.qmp.clone();
-        if let Some(launch) = self.spec.destination.launch.clone() {
-            self.launched = Some(self.launcher.launch(&self.spec.name, &launch, &address)?);
-        }
-        let dst = self.connect_monitor(&address, deadline)?;
-        let status = dst
-            .query_status()
-            .map_err(|e| Error::qmp(self.what("destination", "run state"), e))?;
-        if status.status != RunState::InMigrate {
-            return Err(Error::Refused(format!(
-                "{}: destination is {}, not waiting for a VM (-incoming defer)",
-                self.spec.name,
-                status.status.as_str()
-            )));
-        }
+        let dst = self.waiting_destination(deadline)?;
         self.destination = Some(dst);
         self.claim_destination_devices()?;
         let dst = self.destination()?;
