@@ -133,9 +133,6 @@ impl Stream {
 /// Most iovecs passed to one `sendmsg` or `readv` (IOV_MAX).
 const IOV_MAX: usize = 1024;
 
-/// How long [`Listener::accept`] waits for a new connection's preamble before it drops it.
-const PREAMBLE_WAIT: Duration = Duration::from_secs(2);
-
 impl Stream {
     /// Writes every byte described by `iov` with `sendmsg`, advancing over partial writes.
     /// Every iovec must point at memory that stays valid for the call (our buffers, or guest
@@ -550,25 +547,14 @@ impl Listener {
             let mut pending: Vec<(Stream, Preamble)> = Vec::new();
             loop {
                 let mut s = self.accept_one(deadline)?;
-                let left = || {
+                s.set_timeouts(Some(
                     deadline
                         .saturating_duration_since(Instant::now())
-                        .max(Duration::from_millis(10))
-                };
-                // A peer that is not a source (a port scanner, a stray client, an idle
-                // connection) is dropped, and the listener goes on waiting for the migration's
-                // own connections: it holds the listener for PREAMBLE_WAIT at most.
-                s.set_timeouts(Some(left().min(PREAMBLE_WAIT)))?;
+                        .max(Duration::from_millis(10)),
+                ))?;
                 let mut b = [0u8; PREAMBLE_LEN];
-                let read = s.read_exact(&mut b).map_err(crate::codec::io_error);
-                let p = match read.and_then(|()| Preamble::decode(&b)) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        log::warn!("dropped a connection without a migration preamble: {e}");
-                        continue;
-                    }
-                };
-                s.set_timeouts(Some(left()))?;
+                s.read_exact(&mut b).map_err(crate::codec::io_error)?;
+                let p = Preamble::decode(&b)?;
                 if p.version != PROTOCOL_VERSION {
                     refuse(&mut s, STATUS_VERSION_MISMATCH);
                     return Err(Error::Incompatible(format!(
@@ -669,37 +655,6 @@ fn io_err(context: &str, source: std::io::Error) -> Error {
     Error::Io {
         context: context.to_string(),
         source,
-    }
-}
-
-#[cfg(test)]
-mod listener_tests {
-    use super::*;
-    use std::io::Write;
-
-    /// A port scanner's garbage and an idle client come first: the listener drops both and
-    /// accepts the source that connects after them.
-    #[test]
-    fn strangers_before_the_source_are_dropped_and_the_source_accepted() {
-        let listener = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap())).unwrap();
-        let ep = listener.endpoint().unwrap();
-        let Endpoint::Tcp(addr) = ep.clone() else {
-            panic!("{ep:?}")
-        };
-        let mut garbage = std::net::TcpStream::connect(addr).unwrap();
-        garbage.write_all(&[0x5a; PREAMBLE_LEN]).unwrap();
-        let _idle = std::net::TcpStream::connect(addr).unwrap();
-        let accepted = std::thread::spawn(move || listener.accept(Duration::from_secs(20)));
-        let started = Instant::now();
-        let source = connect(&ep, 1, Duration::from_secs(20)).unwrap();
-        let destination = accepted.join().unwrap().unwrap();
-        assert_eq!(destination.memory.len(), 1);
-        assert_eq!(source.memory.len(), 1);
-        assert!(
-            started.elapsed() < PREAMBLE_WAIT + Duration::from_secs(5),
-            "{:?}",
-            started.elapsed()
-        );
     }
 }
 
