@@ -215,17 +215,66 @@ fn explicit_api_mpich_job_moves_from_fabric_a_to_b_and_back() {
 fn open_mpi_job_is_checkpointed_on_fabric_a_and_restored_on_fabric_b() {
     let test = "open_mpi_job_is_checkpointed_on_fabric_a_and_restored_on_fabric_b";
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(mut c) = VirtualCluster::boot(test, "ckpt-ompi", Setup::new(MpiImpl::OpenMpi, VMS))
-    else {
+    let setup = Setup {
+        scratch_disk: true,
+        ..Setup::new(MpiImpl::OpenMpi, VMS)
+    };
+    let Some(mut c) = VirtualCluster::boot(test, "ckpt-ompi", setup) else {
         return;
     };
     c.start_job("ring,anysource,collective");
     c.wait_traffic(Fabric::A, 1 << 20).unwrap();
     let pids = c.rank_pids();
+    // Each guest writes its own mark on its disk before the cut, past its cache.
+    let devices: Vec<String> = (0..c.vms()).map(|vm| c.scratch_device(vm)).collect();
+    for (vm, device) in devices.iter().enumerate() {
+        c.run(
+            vm,
+            &format!(
+                "printf 'mark of vm{vm}' | dd of={device} bs=4096 conv=sync,fsync oflag=direct"
+            ),
+        );
+    }
     let ckpt = c.dir().join("checkpoint");
     let (epoch, next) = c.checkpoint_and_stop(&ckpt);
+    let manifest = symvirt::checkpoint::read(&ckpt).unwrap();
+    for (vm, saved) in manifest.vms.iter().enumerate() {
+        let disks: Vec<(&str, &str)> = saved
+            .disks
+            .iter()
+            .map(|d| (d.copy.device.as_str(), d.copy.format.as_str()))
+            .collect();
+        assert_eq!(
+            disks,
+            [("scratch", scratch_format(vm))],
+            "vm{vm}: {saved:?}"
+        );
+        assert_eq!(
+            saved.disks[0].copy.image,
+            c.scratch_image(vm).display().to_string()
+        );
+        // The disk goes on after the cut (as a source that kept running would write it).
+        let later = std::process::Command::new("qemu-io")
+            .args(["-f", scratch_format(vm), "-c", "write -P 0x66 0 64k"])
+            .arg(c.scratch_image(vm))
+            .output()
+            .unwrap();
+        assert!(later.status.success(), "{later:?}");
+    }
     let (a_stopped, b_before) = (c.fabric_bytes(Fabric::A), c.fabric_bytes(Fabric::B));
     c.restore(&ckpt, next);
+    // The guests' disks are as they were at the cut, read past their caches.
+    for (vm, device) in devices.iter().enumerate() {
+        let mark = c.run(
+            vm,
+            &format!("dd if={device} bs=4096 count=1 iflag=direct 2>/dev/null | head -c 11"),
+        );
+        assert_eq!(
+            mark,
+            format!("mark of vm{vm}"),
+            "vm{vm}'s disk after the restore"
+        );
+    }
     let restart = c.wait_traffic(Fabric::B, 1 << 20).unwrap();
     eprintln!("{test}: 1 MiB of the job's traffic on fabric B {restart:?} after the restore");
     assert!(c.fabric_bytes(Fabric::B) > b_before);

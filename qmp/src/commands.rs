@@ -9,8 +9,8 @@ use crate::connection::Qmp;
 use crate::error::{Error, Result};
 use crate::events::{DEVICE_DELETED, Event, EventFilter};
 use crate::types::{
-    ChardevReturn, MigrationCapability, MigrationCapabilityStatus, MigrationInfo,
-    MigrationParameters, MigrationStatus, PciInfo, StatusInfo, VersionInfo,
+    BlockInfo, ChardevReturn, JobInfo, JobStatus, MigrationCapability, MigrationCapabilityStatus,
+    MigrationInfo, MigrationParameters, MigrationStatus, PciInfo, StatusInfo, VersionInfo,
 };
 
 /// `device_add` arguments: a driver, an id, and any driver properties.
@@ -304,5 +304,98 @@ impl Qmp {
     pub fn migrate_continue(&self, state: MigrationStatus) -> Result<()> {
         self.execute("migrate-continue", Some(json!({ "state": state })))
             .map(drop)
+    }
+}
+
+/// Block devices and their background jobs.
+impl Qmp {
+    /// `query-block`: every block backend and its medium.
+    pub fn query_block(&self) -> Result<Vec<BlockInfo>> {
+        self.call("query-block", None)
+    }
+
+    /// `blockdev-add` of the node `options` describes (its `driver`, `node-name`, ...).
+    pub fn blockdev_add(&self, options: Value) -> Result<()> {
+        self.execute("blockdev-add", Some(options)).map(drop)
+    }
+
+    /// `blockdev-del` of a node no device uses.
+    pub fn blockdev_del(&self, node_name: &str) -> Result<()> {
+        self.execute("blockdev-del", Some(json!({ "node-name": node_name })))
+            .map(drop)
+    }
+
+    /// `blockdev-create`: starts the job `job_id` that creates the image `options` describes.
+    pub fn blockdev_create(&self, job_id: &str, options: Value) -> Result<()> {
+        self.execute(
+            "blockdev-create",
+            Some(json!({ "job-id": job_id, "options": options })),
+        )
+        .map(drop)
+    }
+
+    /// `blockdev-backup` with `sync: full`: starts the job `job_id` copying the node `device`
+    /// as it is at this instant into `target` (copy-before-write keeps the point in time while
+    /// the guest goes on writing). The job stays concluded until dismissed, so its error can
+    /// be read.
+    pub fn blockdev_backup(&self, job_id: &str, device: &str, target: &str) -> Result<()> {
+        self.execute(
+            "blockdev-backup",
+            Some(json!({
+                "job-id": job_id, "device": device, "target": target, "sync": "full",
+                "auto-dismiss": false,
+            })),
+        )
+        .map(drop)
+    }
+
+    /// `query-jobs`.
+    pub fn query_jobs(&self) -> Result<Vec<JobInfo>> {
+        self.call("query-jobs", None)
+    }
+
+    /// `job-cancel`.
+    pub fn job_cancel(&self, id: &str) -> Result<()> {
+        self.execute("job-cancel", Some(json!({ "id": id })))
+            .map(drop)
+    }
+
+    /// `job-dismiss` of a concluded job.
+    pub fn job_dismiss(&self, id: &str) -> Result<()> {
+        self.execute("job-dismiss", Some(json!({ "id": id })))
+            .map(drop)
+    }
+
+    /// Waits up to `timeout` for the job `id` to conclude, dismisses it and returns how it
+    /// ended: `Ok` with its last progress, or [`Error::Job`] with QEMU's reason.
+    pub fn wait_job(&self, id: &str, timeout: Duration) -> Result<JobInfo> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let job = self
+                .query_jobs()?
+                .into_iter()
+                .find(|j| j.id == id)
+                .ok_or_else(|| Error::Job {
+                    id: id.to_owned(),
+                    reason: "no such job".into(),
+                })?;
+            if job.status == JobStatus::Concluded {
+                self.job_dismiss(id)?;
+                return match job.error {
+                    Some(reason) => Err(Error::Job {
+                        id: id.to_owned(),
+                        reason,
+                    }),
+                    None => Ok(job),
+                };
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    what: format!("job {id}"),
+                    after: timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

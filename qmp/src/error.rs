@@ -61,6 +61,13 @@ pub enum Error {
         /// QEMU's `error-desc`, or a note when it gave none.
         desc: String,
     },
+    /// A background job (`blockdev-backup`, `blockdev-create`, ...) ended with an error.
+    Job {
+        /// The job's id.
+        id: String,
+        /// QEMU's reason.
+        reason: String,
+    },
 }
 
 impl fmt::Display for Error {
@@ -89,6 +96,7 @@ impl fmt::Display for Error {
             Self::MigrationFailed { status, desc } => {
                 write!(f, "migration ended with status {status}: {desc}")
             }
+            Self::Job { id, reason } => write!(f, "job {id} failed: {reason}"),
         }
     }
 }

@@ -38,6 +38,6 @@ pub use error::{Error, ProtocolError, Result};
 pub use events::{Event, EventFilter, EventKind, Subscription};
 pub use migration::{MigrationWait, wait_for_migration};
 pub use types::{
-    ErrorClass, MigrationCapability, MigrationInfo, MigrationParameters, MigrationStatus, RamStats,
-    RunState, StatusInfo, VersionInfo,
+    BlockInfo, ErrorClass, JobInfo, JobStatus, MigrationCapability, MigrationInfo,
+    MigrationParameters, MigrationStatus, RamStats, RunState, StatusInfo, VersionInfo,
 };

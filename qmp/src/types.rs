@@ -444,3 +444,89 @@ pub struct MigrationCapabilityStatus {
     /// Enabled or not.
     pub state: bool,
 }
+
+/// One block backend in the `query-block` reply (`BlockInfo`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlockInfo {
+    /// The backend's name (`-drive id=`); empty for a `-blockdev` node used by a device.
+    pub device: String,
+    /// The device's qdev path or id, when a device uses it.
+    #[serde(default)]
+    pub qdev: Option<String>,
+    /// The medium, absent for an empty drive.
+    #[serde(default)]
+    pub inserted: Option<BlockDeviceInfo>,
+}
+
+/// The medium of a block backend (`BlockDeviceInfo`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlockDeviceInfo {
+    /// The top image's file name as QEMU opened it.
+    pub file: String,
+    /// The top node's name (QEMU makes one up, `#blockNNN`, when none was given).
+    #[serde(rename = "node-name", default)]
+    pub node_name: Option<String>,
+    /// Read-only.
+    pub ro: bool,
+    /// The format driver (`qcow2`, `raw`, ...).
+    pub drv: String,
+    /// The image's size and format.
+    pub image: ImageInfo,
+}
+
+/// An image's facts (`ImageInfo`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    /// The format.
+    pub format: String,
+    /// The size the guest sees, in bytes.
+    #[serde(rename = "virtual-size")]
+    pub virtual_size: u64,
+}
+
+qapi_enum! {
+    /// A background job's state (`JobStatus`).
+    JobStatus {
+        /// Created, not started.
+        Created = "created",
+        /// Running.
+        Running = "running",
+        /// Paused.
+        Paused = "paused",
+        /// Ready to complete (mirror, commit).
+        Ready = "ready",
+        /// Paused while ready.
+        Standby = "standby",
+        /// Waiting for other jobs of its transaction.
+        Waiting = "waiting",
+        /// Waiting to be finalized.
+        Pending = "pending",
+        /// Being cancelled or failing.
+        Aborting = "aborting",
+        /// Finished (with or without an error), waiting to be dismissed.
+        Concluded = "concluded",
+        /// Gone.
+        Null = "null",
+    }
+}
+
+/// One background job in the `query-jobs` reply (`JobInfo`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobInfo {
+    /// The job's id.
+    pub id: String,
+    /// What kind of job (`backup`, `create`, ...).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Its state.
+    pub status: JobStatus,
+    /// Progress so far, in the job's own unit (bytes for a backup).
+    #[serde(rename = "current-progress", default)]
+    pub current_progress: u64,
+    /// The progress at completion, as far as known.
+    #[serde(rename = "total-progress", default)]
+    pub total_progress: u64,
+    /// Why the job failed, once concluded.
+    #[serde(default)]
+    pub error: Option<String>,
+}

@@ -572,3 +572,85 @@ fn quit_emits_shutdown_and_later_calls_fail_fast() {
         Err(Error::Disconnected { .. })
     ));
 }
+
+/// A writable drive is found by `query-block`, copied by a backup job into an image made with
+/// `blockdev-create` (byte for byte, as it was when the job started), and a failing job says
+/// why in a typed error.
+#[test]
+fn a_backup_job_copies_a_drive_and_a_failed_job_says_why() {
+    let Some(fixtures) = qemu_or_skip("a_backup_job_copies_a_drive_and_a_failed_job_says_why")
+    else {
+        return;
+    };
+    let dir = tempdir("backup");
+    let disk = dir.join("disk.raw");
+    let content: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(&disk, &content).unwrap();
+    let config = QemuConfig::new(&fixtures)
+        .memory_mib(128)
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=virtio,id=d0",
+            disk.display()
+        ));
+    let vm = Qemu::start(config).unwrap();
+    let qmp = connect(&vm);
+    qmp.stop().unwrap();
+    let blocks = qmp.query_block().unwrap();
+    let d0 = blocks.iter().find(|b| b.device == "d0").expect("drive d0");
+    let medium = d0.inserted.as_ref().unwrap();
+    assert!(!medium.ro);
+    assert_eq!(
+        (medium.drv.as_str(), medium.image.virtual_size),
+        ("raw", 4 << 20)
+    );
+    assert_eq!(medium.file, disk.to_str().unwrap());
+    let node = medium.node_name.clone().unwrap();
+
+    let copy = dir.join("copy.raw");
+    let create = json!({"driver": "file", "filename": copy.to_str().unwrap(), "size": 4 << 20});
+    qmp.blockdev_create("create", create).unwrap();
+    qmp.wait_job("create", EVENT).unwrap();
+    qmp.blockdev_add(
+        json!({"driver": "file", "node-name": "cf", "filename": copy.to_str().unwrap()}),
+    )
+    .unwrap();
+    qmp.blockdev_add(json!({"driver": "raw", "node-name": "c", "file": "cf"}))
+        .unwrap();
+    qmp.blockdev_backup("bk", &node, "c").unwrap();
+    let done = qmp.wait_job("bk", EVENT).unwrap();
+    assert_eq!(done.total_progress, 4 << 20);
+    assert!(
+        qmp.query_jobs().unwrap().is_empty(),
+        "the job was dismissed"
+    );
+    qmp.blockdev_del("c").unwrap();
+    qmp.blockdev_del("cf").unwrap();
+    assert!(std::fs::read(&copy).unwrap() == content, "the copy differs");
+
+    // A job that fails: a file in a directory that does not exist.
+    let nowhere = dir.join("no/such/dir/x.raw");
+    let create = json!({"driver": "file", "filename": nowhere.to_str().unwrap(), "size": 0});
+    qmp.blockdev_create("bad", create).unwrap();
+    match qmp.wait_job("bad", EVENT) {
+        Err(Error::Job { id, reason }) => {
+            assert_eq!(id, "bad");
+            assert!(reason.contains("No such file"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        qmp.wait_job("never", EVENT),
+        Err(Error::Job { .. })
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ninja-qmp-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}

@@ -5,6 +5,8 @@
 //! ```text
 //! DIR/MANIFEST     "ninja-checkpoint 1 crc32=8HEX\n", then the manifest as JSON
 //! DIR/vm0.state    each VM's saved state (for QEMU: its migration stream, written by QEMU)
+//! DIR/vm0.disk0.qcow2   each writable disk of the VM as it was at the cut (QEMU: a backup
+//!                   job's copy, same format as the disk)
 //! ```
 //!
 //! The first line names the format and its version and carries the CRC-32 of the JSON after
@@ -15,7 +17,9 @@
 //! crash or a full disk leaves is a `.partial` directory that nothing reads as a checkpoint.
 //!
 //! [`read`] checks the manifest line and checksum, and every VM file's presence, size and
-//! checksum, and names the file and what is wrong when one does not hold.
+//! checksum, and names the file and what is wrong when one does not hold. A restore writes
+//! each disk copy back over the image the VM had ([`write_back`]) before the VM starts, so the
+//! disk matches the memory it is restored with.
 
 use crate::error::{Error, Result};
 use crate::protocol::Interconnect;
@@ -41,6 +45,49 @@ pub struct StateFormat {
     pub capabilities: Vec<String>,
 }
 
+/// A writable disk of a VM, copied at the cut.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskCopy {
+    /// The block device: the drive's id, or the device's for a `-blockdev` node.
+    pub device: String,
+    /// The image the VM had open (a path on its host): a restore writes the copy back there.
+    pub image: String,
+    /// The image's format, which the copy has too (`qcow2`, `raw`).
+    pub format: String,
+    /// The copy, relative to the checkpoint directory.
+    pub file: String,
+}
+
+/// A disk copy in a checkpoint, with its size and checksum.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedDisk {
+    /// What was copied, and where from.
+    #[serde(flatten)]
+    pub copy: DiskCopy,
+    /// The copy's size in bytes.
+    pub bytes: u64,
+    /// The copy's CRC-32 (IEEE).
+    pub crc32: u32,
+}
+
+/// What a backend's save wrote beside the VM's state file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedState {
+    /// How the state file was written.
+    pub format: StateFormat,
+    /// The VM's writable disks at the cut (none for a VM without one).
+    pub disks: Vec<DiskCopy>,
+}
+
+/// Where a backend writes the copy of the `n`th writable disk of the VM whose state goes to
+/// `state` (`vm0.state` -> `vm0.disk0.qcow2`).
+pub fn disk_path(state: &Path, n: usize, format: &str) -> PathBuf {
+    let stem = state
+        .file_stem()
+        .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+    state.with_file_name(format!("{stem}.disk{n}.{format}"))
+}
+
 /// One VM in a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedVm {
@@ -56,6 +103,9 @@ pub struct SavedVm {
     pub format: StateFormat,
     /// The interconnect its guest used at the cut.
     pub interconnect: Interconnect,
+    /// Its writable disks at the cut.
+    #[serde(default)]
+    pub disks: Vec<SavedDisk>,
 }
 
 /// What a checkpoint holds.
@@ -152,14 +202,17 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<Manifest> {
     let manifest: Manifest =
         serde_json::from_slice(json).map_err(|e| damaged(path, format!("unreadable: {e}")))?;
     for vm in &manifest.vms {
-        if !valid_file_name(&vm.file) {
-            return Err(damaged(
-                path,
-                format!(
-                    "VM {:?} names the file {:?}, not one in the checkpoint",
-                    vm.name, vm.file
-                ),
-            ));
+        let files = std::iter::once(&vm.file).chain(vm.disks.iter().map(|d| &d.copy.file));
+        for file in files {
+            if !valid_file_name(file) {
+                return Err(damaged(
+                    path,
+                    format!(
+                        "VM {:?} names the file {file:?}, not one in the checkpoint",
+                        vm.name
+                    ),
+                ));
+            }
         }
     }
     Ok(manifest)
@@ -179,32 +232,59 @@ fn valid_file_name(name: &str) -> bool {
 pub fn read(dir: &Path) -> Result<Manifest> {
     let manifest = read_manifest(dir)?;
     for vm in &manifest.vms {
-        let path = dir.join(&vm.file);
-        let meta = std::fs::metadata(&path)
-            .map_err(|e| damaged(&path, format!("VM {:?}: missing ({e})", vm.name)))?;
-        if meta.len() != vm.bytes {
-            return Err(damaged(
-                &path,
-                format!(
-                    "VM {:?}: {} bytes, the manifest says {} (truncated or replaced)",
-                    vm.name,
-                    meta.len(),
-                    vm.bytes
-                ),
-            ));
-        }
-        let (_, crc) = file_checksum(&path)?;
-        if crc != vm.crc32 {
-            return Err(damaged(
-                &path,
-                format!(
-                    "VM {:?}: checksum {crc:08x}, the manifest says {:08x} (the file changed)",
-                    vm.name, vm.crc32
-                ),
-            ));
+        check_file(dir, &vm.name, &vm.file, vm.bytes, vm.crc32)?;
+        for disk in &vm.disks {
+            check_file(dir, &vm.name, &disk.copy.file, disk.bytes, disk.crc32)?;
         }
     }
     Ok(manifest)
+}
+
+/// Checks that VM `vm`'s `file` in `dir` has `bytes` bytes and the CRC-32 `crc32`.
+fn check_file(dir: &Path, vm: &str, file: &str, bytes: u64, crc32: u32) -> Result<()> {
+    let path = dir.join(file);
+    let meta = std::fs::metadata(&path)
+        .map_err(|e| damaged(&path, format!("VM {vm:?}: missing ({e})")))?;
+    if meta.len() != bytes {
+        return Err(damaged(
+            &path,
+            format!(
+                "VM {vm:?}: {} bytes, the manifest says {bytes} (truncated or replaced)",
+                meta.len()
+            ),
+        ));
+    }
+    let (_, crc) = file_checksum(&path)?;
+    if crc != crc32 {
+        return Err(damaged(
+            &path,
+            format!(
+                "VM {vm:?}: checksum {crc:08x}, the manifest says {crc32:08x} (the file changed)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Writes the copy of `disk` in the checkpoint `dir` back over the image the VM had, in place
+/// (a VMM already waiting with the image open sees the new contents when it activates it),
+/// and `fsync`s it. Nothing else may be writing that image: its VM is gone or stopped.
+pub fn write_back(dir: &Path, disk: &SavedDisk) -> Result<()> {
+    let from = dir.join(&disk.copy.file);
+    let to = Path::new(&disk.copy.image);
+    let io = |what: &str, e| Error::io(format!("{what} {}", to.display()), e);
+    let mut src =
+        File::open(&from).map_err(|e| Error::io(format!("open {}", from.display()), e))?;
+    let mut dst = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(to)
+        .map_err(|e| io("open", e))?;
+    std::io::copy(&mut src, &mut dst).map_err(|e| io("write", e))?;
+    dst.set_len(disk.bytes).map_err(|e| io("truncate", e))?;
+    dst.sync_all().map_err(|e| io("sync", e))
 }
 
 /// Reads and checks the manifest of `dir` only (not the VM files).
@@ -276,20 +356,28 @@ impl Partial {
         mut self,
         epoch: u64,
         plan: &str,
-        vms: Vec<(String, StateFormat, Interconnect)>,
+        vms: Vec<(String, SavedState, Interconnect)>,
     ) -> Result<Manifest> {
         let mut saved = Vec::with_capacity(vms.len());
-        for (name, format, interconnect) in vms {
+        for (name, state, interconnect) in vms {
             let path = self.state_path(&name);
             sync_file(&path)?;
             let (bytes, crc32) = file_checksum(&path)?;
+            let mut disks = Vec::with_capacity(state.disks.len());
+            for copy in state.disks {
+                let path = self.dir.join(&copy.file);
+                sync_file(&path)?;
+                let (bytes, crc32) = file_checksum(&path)?;
+                disks.push(SavedDisk { copy, bytes, crc32 });
+            }
             saved.push(SavedVm {
                 file: state_file_name(&name),
                 name,
                 bytes,
                 crc32,
-                format,
+                format: state.format,
                 interconnect,
+                disks,
             });
         }
         let manifest = Manifest {
@@ -384,15 +472,36 @@ mod tests {
 
     /// A complete checkpoint of two VMs with `size`-byte states, at `base/ckpt`.
     fn written(base: &Path, size: usize) -> PathBuf {
+        std::fs::create_dir_all(base).unwrap();
         let target = base.join("ckpt");
         let partial = Partial::begin(&target).unwrap();
         for (i, vm) in ["vm0", "vm1"].iter().enumerate() {
             let bytes: Vec<u8> = (0..size).map(|b| (b * 7 + i) as u8).collect();
             std::fs::write(partial.state_path(vm), bytes).unwrap();
         }
+        // vm1 has a writable disk, copied beside its state.
+        let disk = disk_path(&partial.state_path("vm1"), 0, "raw");
+        assert!(disk.ends_with("vm1.disk0.raw"), "{}", disk.display());
+        std::fs::write(&disk, vec![0xd1; size / 2]).unwrap();
         let vms = ["vm0", "vm1"]
             .iter()
-            .map(|v| (v.to_string(), format(), eth()))
+            .map(|v| {
+                let disks = if *v == "vm1" {
+                    vec![DiskCopy {
+                        device: "scratch".into(),
+                        image: base.join("scratch.raw").display().to_string(),
+                        format: "raw".into(),
+                        file: "vm1.disk0.raw".into(),
+                    }]
+                } else {
+                    Vec::new()
+                };
+                let state = SavedState {
+                    format: format(),
+                    disks,
+                };
+                (v.to_string(), state, eth())
+            })
             .collect();
         let m = partial.complete(42, "[[vm]]\n", vms).unwrap();
         assert_eq!(m.vms.len(), 2);
@@ -471,6 +580,35 @@ mod tests {
         std::fs::remove_file(&vm1).unwrap();
         let e = refused(&target);
         assert!(e.contains("vm1.state") && e.contains("missing"), "{e}");
+
+        // A disk copy is checked as a state file is.
+        let target = written(&base.join("again"), 50_000);
+        let disk = target.join("vm1.disk0.raw");
+        let mut bytes = std::fs::read(&disk).unwrap();
+        bytes[7] ^= 0x80;
+        std::fs::write(&disk, &bytes).unwrap();
+        let e = refused(&target);
+        assert!(e.contains("vm1.disk0.raw") && e.contains("checksum"), "{e}");
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn a_disk_copy_is_written_back_over_the_image_in_place() {
+        let base = scratch("writeback");
+        let target = written(&base, 10_000);
+        let m = read(&target).unwrap();
+        let disk = &m.vms[1].disks[0];
+        assert_eq!((disk.copy.device.as_str(), disk.bytes), ("scratch", 5_000));
+        // The image went on changing after the cut, and grew.
+        let image = base.join("scratch.raw");
+        std::fs::write(&image, vec![0x77; 9_000]).unwrap();
+        let open_before = File::open(&image).unwrap();
+        write_back(&target, disk).unwrap();
+        assert_eq!(std::fs::read(&image).unwrap(), vec![0xd1; 5_000]);
+        // Same file (a VMM holding it open reads the copy), not a new one in its place.
+        let mut seen = Vec::new();
+        (&open_before).read_to_end(&mut seen).unwrap();
+        assert_eq!(seen, vec![0xd1; 5_000]);
         let _ = std::fs::remove_dir_all(&base);
     }
 

@@ -23,7 +23,7 @@
 
 use crate::backend::qemu::{Launcher, QemuVm};
 use crate::backend::{MigrationProgress, VmBackend};
-use crate::checkpoint::{self, Partial, StateFormat};
+use crate::checkpoint::{self, Partial, SavedState, StateFormat};
 use crate::cluster::Plan;
 use crate::error::{Error, ErrorKind, Result};
 use crate::host_channel::HostChannel;
@@ -386,7 +386,7 @@ struct Member {
     /// where a rollback picks the guest up again.
     source_session: Option<GuestSession>,
     /// How a checkpoint saved this VM.
-    saved: Option<StateFormat>,
+    saved: Option<SavedState>,
     /// It quiesces with the others but does not move ([`Controller::staying`]).
     stays: bool,
 }
@@ -933,9 +933,14 @@ impl<'a> Controller<'a> {
             _ => {
                 let path = partial.state_path(&m.report.name);
                 let t = Instant::now();
-                m.saved = Some(m.backend.save(&path, deadline)?);
+                let saved = m.backend.save(&path, deadline)?;
                 m.report.migration_ms = Some(t.elapsed().as_millis() as u64);
-                m.report.transferred = std::fs::metadata(&path).map_or(0, |f| f.len());
+                let disks = saved.disks.iter().map(|d| path.with_file_name(&d.file));
+                m.report.transferred = std::iter::once(path.clone())
+                    .chain(disks)
+                    .map(|p| std::fs::metadata(p).map_or(0, |f| f.len()))
+                    .sum();
+                m.saved = Some(saved);
                 Ok(())
             }
         };
@@ -946,9 +951,12 @@ impl<'a> Controller<'a> {
                 .map(|m| {
                     (
                         m.report.name.clone(),
-                        m.saved.clone().unwrap_or_else(|| StateFormat {
-                            writer: String::new(),
-                            capabilities: Vec::new(),
+                        m.saved.clone().unwrap_or_else(|| SavedState {
+                            format: StateFormat {
+                                writer: String::new(),
+                                capabilities: Vec::new(),
+                            },
+                            disks: Vec::new(),
                         }),
                         m.source_interconnect.clone(),
                     )
@@ -1111,10 +1119,15 @@ impl<'a> Controller<'a> {
                     .find(|v| v.name == m.report.name)
                     .ok_or_else(|| Error::Internal("a VM without its state".into()))?;
                 let t = Instant::now();
+                // The disks as they were at the cut, before the VM opens them.
+                for disk in &saved.disks {
+                    checkpoint::write_back(from, disk)?;
+                }
                 m.backend
                     .restore(&saved.format, &from.join(&saved.file), deadline)?;
                 m.report.migration_ms = Some(t.elapsed().as_millis() as u64);
-                m.report.transferred = saved.bytes;
+                m.report.transferred =
+                    saved.bytes + saved.disks.iter().map(|d| d.bytes).sum::<u64>();
                 Ok(())
             }
             Phase::Attach => m.backend.attach(deadline),

@@ -97,6 +97,10 @@ pub struct Setup {
     pub programs: Vec<&'static str>,
     /// How the fabric-B NIC arrives.
     pub fabric_b: FabricBNic,
+    /// Every VM also has a writable 16 MiB disk of its own (drive `scratch`; qcow2 for vm0,
+    /// raw for the others), at the same path wherever the VM runs (the hosts' shared storage):
+    /// [`VirtualCluster::scratch_image`].
+    pub scratch_disk: bool,
 }
 
 impl Setup {
@@ -110,6 +114,7 @@ impl Setup {
             memory_mib: 256,
             programs: Vec::new(),
             fabric_b: FabricBNic::Standby,
+            scratch_disk: false,
         }
     }
 
@@ -197,6 +202,18 @@ impl VirtualCluster {
         }
         let job_disk = dir.join("job.ext4");
         pack_disk(&job, &job_disk).unwrap();
+        if setup.scratch_disk {
+            for vm in 0..setup.vms() {
+                let format = scratch_format(vm);
+                let image = dir.join(format!("scratch-vm{vm}.{format}"));
+                let made = std::process::Command::new("qemu-img")
+                    .args(["create", "-q", "-f", format])
+                    .arg(&image)
+                    .arg("16M")
+                    .status();
+                assert!(made.is_ok_and(|s| s.success()), "qemu-img create {image:?}");
+            }
+        }
 
         let fabrics = Fabrics::create().unwrap();
         for vm in 0..setup.vms() {
@@ -277,6 +294,15 @@ impl VirtualCluster {
         .memory_mib(self.setup.memory_mib)
         .arg("-name")
         .arg(format!("vm{vm},debug-threads=on"));
+        let config = if self.setup.scratch_disk {
+            config.arg("-drive").arg(format!(
+                "file={},format={},if=virtio,id=scratch",
+                self.scratch_image(vm).display(),
+                scratch_format(vm)
+            ))
+        } else {
+            config
+        };
         if self.setup.fabric_b == FabricBNic::HotPlugged {
             return config;
         }
@@ -287,6 +313,26 @@ impl VirtualCluster {
             fabric_b_tap.unwrap_or(&nowhere),
             i64::from(STANDBY_SLOT),
         )
+    }
+
+    /// VM `vm`'s writable disk ([`Setup::scratch_disk`]) on the host.
+    pub fn scratch_image(&self, vm: usize) -> PathBuf {
+        self.dir
+            .join(format!("scratch-vm{vm}.{}", scratch_format(vm)))
+    }
+
+    /// The guest device of VM `vm`'s writable disk: the one of 16 MiB.
+    pub fn scratch_device(&self, vm: usize) -> String {
+        let found = self.run(
+            vm,
+            "for d in /sys/block/vd*; do [ \"$(cat $d/size)\" = 32768 ] && echo /dev/${d##*/}; done",
+        );
+        let device = found.trim().to_owned();
+        assert!(
+            device.starts_with("/dev/vd"),
+            "vm{vm}: no 16 MiB disk: {found:?}"
+        );
+        device
     }
 
     /// How many VMs.
@@ -756,13 +802,34 @@ impl VirtualCluster {
             }
             assert!(
                 t.elapsed() < PATIENCE,
-                "{}: the job did not stop: {}",
+                "{}: the job did not stop: {}\n{}",
                 self.test,
-                self.job_output()
+                self.job_output(),
+                self.processes()
             );
             std::thread::sleep(Duration::from_millis(500));
         }
     }
+
+    /// What every guest still runs of the job, and its sockets: for a job that does not end.
+    pub fn processes(&self) -> String {
+        (0..self.vms())
+            .map(|vm| {
+                let out = self.ssh(
+                    vm,
+                    "for p in /proc/[0-9]*; do c=$(tr '\\0' ' ' <$p/cmdline 2>/dev/null); \
+                     [ -n \"$c\" ] && echo \"${p#/proc/} $(cat $p/wchan 2>/dev/null) $c\"; \
+                     done; ss -tanpi 2>/dev/null | head -80; ip -s link; ip route; ip neigh",
+                );
+                format!("== vm{vm}\n{}", String::from_utf8_lossy(&out.stdout))
+            })
+            .collect()
+    }
+}
+
+/// The image format of VM `vm`'s writable disk ([`Setup::scratch_disk`]).
+pub fn scratch_format(vm: usize) -> &'static str {
+    if vm == 0 { "qcow2" } else { "raw" }
 }
 
 /// A plan run whose JSON events carry the time their line arrived.

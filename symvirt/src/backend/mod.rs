@@ -9,7 +9,7 @@
 pub mod qemu;
 pub mod reference;
 
-use crate::checkpoint::StateFormat;
+use crate::checkpoint::{SavedState, StateFormat};
 use crate::error::Result;
 use crate::host_channel::HostChannel;
 use crate::session::GuestSession;
@@ -109,8 +109,9 @@ pub trait VmBackend: Send {
     /// Saves the whole VM (memory and device state) to the file `path` at the cut: the VM is
     /// stopped first and stays stopped. Afterwards [`VmBackend::rollback`] continues it where
     /// it was, with its devices, and [`VmBackend::commit`] ends it. Returns how the state was
-    /// saved, which [`VmBackend::restore`] needs.
-    fn save(&mut self, path: &Path, deadline: Instant) -> Result<StateFormat> {
+    /// saved, which [`VmBackend::restore`] needs, and the copies of its writable disks at the
+    /// cut, written beside `path` ([`crate::checkpoint::disk_path`]).
+    fn save(&mut self, path: &Path, deadline: Instant) -> Result<SavedState> {
         let _ = (path, deadline);
         Err(crate::Error::Refused(format!(
             "{}: this backend cannot save a VM to a file",

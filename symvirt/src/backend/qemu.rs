@@ -6,7 +6,7 @@
 //! `migrate-continue` to each, so the whole cluster switches over together.
 
 use crate::backend::{Leftovers, MigrationProgress, MigrationResult, VmBackend};
-use crate::checkpoint::StateFormat;
+use crate::checkpoint::{self, DiskCopy, SavedState, StateFormat};
 use crate::cluster::{Device, LaunchSpec, MigrationSettings, VmSpec};
 use crate::error::{Error, Result};
 use crate::host_channel::{ChannelOptions, HostChannel};
@@ -349,6 +349,49 @@ fn remaining(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
 }
 
+/// Copies the block node `node` as it is now into a new image of `format` and `size` bytes at
+/// `file` (on QEMU's host): `blockdev-create` of the file (and the qcow2 on it), the nodes
+/// added, a `blockdev-backup` job waited for, the nodes removed again whatever happened.
+fn backup_disk(
+    qmp: &Qmp,
+    node: &str,
+    file: &str,
+    format: &str,
+    size: u64,
+    deadline: Instant,
+) -> qmp::Result<()> {
+    const FILE_NODE: &str = "ninja-ckpt-file";
+    const IMAGE_NODE: &str = "ninja-ckpt-image";
+    const CREATE: &str = "ninja-ckpt-create";
+    const BACKUP: &str = "ninja-ckpt-backup";
+    let copied = (|| {
+        // A raw image is the file itself, of the disk's size (sparse); qcow2 grows its own.
+        let file_size = if format == "raw" { size } else { 0 };
+        let create = json!({ "driver": "file", "filename": file, "size": file_size });
+        qmp.blockdev_create(CREATE, create)?;
+        qmp.wait_job(CREATE, remaining(deadline))?;
+        qmp.blockdev_add(json!({ "driver": "file", "node-name": FILE_NODE, "filename": file }))?;
+        if format == "qcow2" {
+            let create = json!({ "driver": "qcow2", "file": FILE_NODE, "size": size });
+            qmp.blockdev_create(CREATE, create)?;
+            qmp.wait_job(CREATE, remaining(deadline))?;
+        }
+        qmp.blockdev_add(json!({ "driver": format, "node-name": IMAGE_NODE, "file": FILE_NODE }))?;
+        qmp.blockdev_backup(BACKUP, node, IMAGE_NODE)?;
+        qmp.wait_job(BACKUP, remaining(deadline)).map(drop)
+    })();
+    if copied.is_err() {
+        // A job left running holds the nodes: cancelled, and gone before they are removed.
+        for job in [CREATE, BACKUP] {
+            let _ = qmp.job_cancel(job);
+            let _ = qmp.wait_job(job, Duration::from_secs(5));
+        }
+    }
+    let _ = qmp.blockdev_del(IMAGE_NODE);
+    let _ = qmp.blockdev_del(FILE_NODE);
+    copied
+}
+
 /// Waits until no RAM block of the backend object `obj` is left in QEMU's RAM list.
 ///
 /// `object-del` returns before QEMU has dropped the RAM block of a device's memory backend (the
@@ -468,6 +511,69 @@ impl QemuVm {
             committed: false,
             orphan: None,
         }
+    }
+
+    /// Copies every writable disk of the stopped source beside the state file `state` (see
+    /// [`checkpoint::disk_path`]), each by a QEMU backup job: QEMU reads its own images,
+    /// whichever host it is on, through any backing chain. Done before the memory, while the
+    /// guest is stopped: QEMU cannot end a migration while a block job runs (it must
+    /// deactivate the images), so the copy is part of the checkpoint's pause.
+    fn copy_disks(&self, state: &Path, deadline: Instant) -> Result<Vec<DiskCopy>> {
+        let src = self.source()?;
+        let blocks = src
+            .query_block()
+            .map_err(|e| Error::qmp(self.what("source", "query-block"), e))?;
+        let writable = blocks.into_iter().filter_map(|b| {
+            let medium = b.inserted.filter(|m| !m.ro)?;
+            let device = match b.device.as_str() {
+                "" => b.qdev.unwrap_or_default(),
+                name => name.to_owned(),
+            };
+            Some((device, medium))
+        });
+        let mut copies = Vec::new();
+        for (n, (device, medium)) in writable.enumerate() {
+            let format = medium.image.format.clone();
+            let refused =
+                |why: String| Error::Refused(format!("{}: disk {device}: {why}", self.spec.name));
+            if format != "qcow2" && format != "raw" {
+                return Err(refused(format!(
+                    "a {format} image; a checkpoint copies qcow2 and raw disks"
+                )));
+            }
+            let node = medium
+                .node_name
+                .ok_or_else(|| refused("QEMU names no node for it".into()))?;
+            let target = checkpoint::disk_path(state, n, &format);
+            let name = target
+                .to_str()
+                .filter(|t| target.is_absolute() && !t.is_empty());
+            let name =
+                name.ok_or_else(|| refused("the copy needs an absolute UTF-8 path".into()))?;
+            backup_disk(
+                src,
+                &node,
+                name,
+                &format,
+                medium.image.virtual_size,
+                deadline,
+            )
+            .map_err(|e| {
+                Error::qmp(
+                    self.what("source", format!("copy disk {device} to {name}")),
+                    e,
+                )
+            })?;
+            copies.push(DiskCopy {
+                device,
+                image: medium.file,
+                format,
+                file: target
+                    .file_name()
+                    .map_or_else(String::new, |f| f.to_string_lossy().into_owned()),
+            });
+        }
+        Ok(copies)
     }
 
     fn what(&self, side: &str, action: impl std::fmt::Display) -> String {
@@ -1163,12 +1269,14 @@ impl VmBackend for QemuVm {
         }
     }
 
-    fn save(&mut self, path: &Path, deadline: Instant) -> Result<StateFormat> {
+    fn save(&mut self, path: &Path, deadline: Instant) -> Result<SavedState> {
         let uri = file_uri(path)?;
         let src = self.source()?;
         // Stopped first: one pass over memory, at the cut (the job waits in any case).
         src.stop()
             .map_err(|e| Error::qmp(self.what("source", "stop"), e))?;
+        let disks = self.copy_disks(path, deadline)?;
+        let src = self.source()?;
         let supported: Vec<MigrationCapability> = src
             .query_migrate_capabilities()
             .map_err(|e| Error::qmp(self.what("source", "migration capabilities"), e))?
@@ -1223,9 +1331,12 @@ impl VmBackend for QemuVm {
         self.saving = saved.is_err();
         saved?;
         restored?;
-        Ok(StateFormat {
-            writer: QEMU_STATE_WRITER.into(),
-            capabilities: on.iter().map(|c| c.as_str().to_owned()).collect(),
+        Ok(SavedState {
+            format: StateFormat {
+                writer: QEMU_STATE_WRITER.into(),
+                capabilities: on.iter().map(|c| c.as_str().to_owned()).collect(),
+            },
+            disks,
         })
     }
 
