@@ -88,6 +88,14 @@ pub enum Error {
     /// The connection was closed by the peer.
     #[error("connection closed by peer")]
     Disconnected,
+    /// A snapshot file is damaged, foreign or does not fit the VM ([`crate::snapshot`]).
+    #[error("snapshot {}: {problem}", path.display())]
+    Snapshot {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
 }
 
 /// Result with the crate's [`Error`].

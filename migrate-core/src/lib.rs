@@ -13,7 +13,8 @@
 //! memory and the memory connections; [`protocol`] owns the bytes on the wire (and [`codec`]
 //! the control messages); [`transport`] owns the connections and their socket I/O; [`policy`]
 //! decides when to throttle and when to switch over. Progress reaches the caller through a
-//! callback.
+//! callback. [`snapshot`] writes a paused VM to a file and builds it back from one (checkpoint
+//! and restart).
 //!
 //! The main flow, here with the [software guest](software_guest) over the in-process transport
 //! (TCP and unix sockets work the same through [`transport::connect`] and
@@ -49,6 +50,7 @@ pub mod kvm;
 pub mod pages;
 pub mod policy;
 pub mod protocol;
+pub mod snapshot;
 pub mod software_guest;
 pub mod source;
 pub mod stats;

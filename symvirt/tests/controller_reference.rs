@@ -18,7 +18,9 @@ use symvirt::backend::{MigrationProgress, MigrationResult, VmBackend};
 use symvirt::cluster::{
     Deadlines, DestinationSpec, Device, MigrationSettings, Plan, SourceSpec, VmSpec,
 };
-use symvirt::controller::{Controller, Event, GuestNotice, Outcome, Phase, Report};
+use symvirt::controller::{
+    AfterCheckpoint, Controller, Event, GuestNotice, Outcome, Phase, Report,
+};
 use symvirt::host_channel::HostChannel;
 use symvirt::protocol::Interconnect;
 use symvirt::remote::Address;
@@ -125,17 +127,10 @@ fn run(vms: Vec<VmSpec>, homes: &[GuestHome], destination: VmmConfig) -> (Report
     run_with(vms, homes, destination, |_, b| b, None)
 }
 
-/// [`run`], with each VM's backend passed through `wrap` (to inject a fault), cancelled from
-/// the library as `cancel_at` starts.
-fn run_with(
-    vms: Vec<VmSpec>,
-    homes: &[GuestHome],
-    destination: VmmConfig,
-    wrap: impl Fn(usize, Box<dyn VmBackend>) -> Box<dyn VmBackend>,
-    cancel_at: Option<Phase>,
-) -> (Report, Vec<Event>) {
-    let plan = Plan {
-        vms: vms.clone(),
+/// The plan of `vms`: 2 VMs at once, 120 s to migrate.
+fn plan_of(vms: Vec<VmSpec>) -> Plan {
+    Plan {
+        vms,
         deadlines: Deadlines {
             migrate: Duration::from_secs(120),
             ..Deadlines::default()
@@ -145,22 +140,42 @@ fn run_with(
             ..MigrationSettings::default()
         },
         ssh_program: "ssh".into(),
-    };
-    let backends: Vec<Box<dyn VmBackend>> = vms
-        .into_iter()
+    }
+}
+
+/// A backend per VM of `vms`, living in `homes`, its destination built with `destination`.
+fn backends_of(
+    vms: Vec<VmSpec>,
+    homes: &[GuestHome],
+    destination: VmmConfig,
+) -> Vec<Box<dyn VmBackend>> {
+    vms.into_iter()
         .zip(homes)
-        .enumerate()
-        .map(|(i, (spec, home))| {
-            wrap(
-                i,
-                Box::new(ReferenceBackend::new(
-                    spec,
-                    home.clone(),
-                    destination.clone(),
-                    MigrationConfig::default(),
-                )),
-            )
+        .map(|(spec, home)| {
+            Box::new(ReferenceBackend::new(
+                spec,
+                home.clone(),
+                destination.clone(),
+                MigrationConfig::default(),
+            )) as Box<dyn VmBackend>
         })
+        .collect()
+}
+
+/// [`run`], with each VM's backend passed through `wrap` (to inject a fault), cancelled from
+/// the library as `cancel_at` starts.
+fn run_with(
+    vms: Vec<VmSpec>,
+    homes: &[GuestHome],
+    destination: VmmConfig,
+    wrap: impl Fn(usize, Box<dyn VmBackend>) -> Box<dyn VmBackend>,
+    cancel_at: Option<Phase>,
+) -> (Report, Vec<Event>) {
+    let plan = plan_of(vms.clone());
+    let backends: Vec<Box<dyn VmBackend>> = backends_of(vms, homes, destination)
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| wrap(i, b))
         .collect();
     let events = Mutex::new(Vec::new());
     let cancel = AtomicBool::new(false);
@@ -467,4 +482,86 @@ fn a_destination_lost_after_the_switchover_rolls_every_vm_back_to_its_source() {
     }
     // Back where they were, from the cut their sources held.
     assert_back_at_sources(&report, &homes, &sources);
+}
+
+/// A checkpoint of both reference VMs while their job goes on (`migrate-core`'s snapshot
+/// files), then the sources lost, and the cluster restored from the files onto Ethernet: each
+/// guest continues from the cut (not from where its lost source had got to), with every page
+/// of its working set intact and its new NIC plugged.
+#[test]
+fn two_reference_vms_are_checkpointed_and_restored_on_ethernet_from_the_cut() {
+    if !kvm_or_skip("two_reference_vms_are_checkpointed_and_restored_on_ethernet_from_the_cut") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let homes = start_sources();
+    let sources: Vec<Arc<ReferenceVm>> = homes.iter().map(vm_of).collect();
+    let dir = std::env::temp_dir().join(format!("symvirt-ref-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ckpt = dir.join("ckpt");
+    let sink = |_: &Event| {};
+
+    for vm in &sources {
+        runs_on_intact(vm, 3, "at its source");
+    }
+    let before_cut: Vec<u64> = sources.iter().map(|vm| counter(vm)).collect();
+    let vms = two_vms(Direction::ToEthernet);
+    let report = Controller::new(plan_of(vms.clone()), &sink)
+        .checkpoint(
+            backends_of(vms.clone(), &homes, config()),
+            "",
+            &ckpt,
+            AfterCheckpoint::Continue,
+        )
+        .unwrap();
+    assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.errors);
+    let after_cut: Vec<u64> = sources.iter().map(|vm| counter(vm)).collect();
+    let manifest = symvirt::checkpoint::read(&ckpt).unwrap();
+    for (i, saved) in manifest.vms.iter().enumerate() {
+        assert_eq!(saved.format.writer, "ninja-snapshot", "{saved:?}");
+        // Sparse: the guest's 32 MiB are mostly zero pages.
+        assert!(saved.bytes > 32 << 20, "{saved:?}");
+        assert_eq!(report.vms[i].transferred, saved.bytes);
+        // The job went on at the source, with its HCA stand-in.
+        assert!(homes[i].lock().unwrap().has_device("hca0"));
+        runs_on_intact(&sources[i], after_cut[i], &format!("vm{i} at its source"));
+    }
+
+    // The hosts die some seconds later: the sources stop where they had got to.
+    std::thread::sleep(Duration::from_secs(3));
+    let at_death: Vec<u64> = sources
+        .iter()
+        .map(|vm| {
+            vm.pause().unwrap();
+            counter(vm)
+        })
+        .collect();
+
+    let report = Controller::new(plan_of(vms.clone()), &sink)
+        .restore(backends_of(vms, &homes, config()), &ckpt)
+        .unwrap();
+    assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.errors);
+    for (i, home) in homes.iter().enumerate() {
+        match &report.vms[i].guest {
+            GuestNotice::Resumed { interconnect, .. } => assert_eq!(interconnect, &ethernet(i)),
+            other => panic!("vm{i}: {other:?}"),
+        }
+        let vm = vm_of(home);
+        assert!(!Arc::ptr_eq(&vm, &sources[i]), "vm{i} was not restored");
+        let from = counter(&vm);
+        eprintln!(
+            "vm{i}: passes {} before the cut, {} after it, {} at the death, {from} restored",
+            before_cut[i], after_cut[i], at_death[i]
+        );
+        assert!(
+            (before_cut[i]..at_death[i]).contains(&from),
+            "vm{i} restored at pass {from}: not from the cut"
+        );
+        let guest = home.lock().unwrap();
+        assert!(guest.has_device("n0") && !guest.has_device("hca0"));
+        drop(guest);
+        runs_on_intact(&vm, from, &format!("vm{i} restored"));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

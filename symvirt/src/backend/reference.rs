@@ -19,6 +19,7 @@
 //! in-process.
 
 use crate::backend::{MigrationProgress, MigrationResult, VmBackend};
+use crate::checkpoint::{SavedState, StateFormat};
 use crate::cluster::{Device, VmSpec};
 use crate::error::{Error, Result};
 use crate::host_channel::{ChannelOptions, HostChannel};
@@ -31,7 +32,7 @@ use migrate_core::transport::{self, Endpoint, Listener};
 use migrate_core::vm::{GuestMemory, IncomingVm, MigratableVm};
 use migrate_core::vmm::io::IoPortDevice;
 use migrate_core::vmm::{ReferenceVm, VmmConfig};
-use migrate_core::{MigrationConfig, MigrationReport, Progress, destination, source};
+use migrate_core::{MigrationConfig, MigrationReport, Progress, destination, snapshot, source};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -407,7 +408,12 @@ pub struct ReferenceBackend {
     memory_bytes: u64,
     arrived: Option<ReferenceGuest>,
     detached: bool,
+    /// The source was saved to a file (and stays paused until a rollback or the end).
+    saved: bool,
 }
+
+/// What [`ReferenceBackend`]'s save names as the writer of its files.
+const SNAPSHOT_WRITER: &str = "ninja-snapshot";
 
 impl std::fmt::Debug for ReferenceBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -439,6 +445,7 @@ impl ReferenceBackend {
             memory_bytes: 0,
             arrived: None,
             detached: false,
+            saved: false,
         }
     }
 
@@ -631,7 +638,53 @@ impl VmBackend for ReferenceBackend {
             .channel(Some(session))
     }
 
+    fn save(&mut self, path: &std::path::Path, _deadline: Instant) -> Result<SavedState> {
+        let vm = lock(&self.home).vm.clone();
+        self.saved = true;
+        snapshot::save(&*vm, path).map_err(vmm)?;
+        Ok(SavedState {
+            format: StateFormat {
+                writer: SNAPSHOT_WRITER.into(),
+                capabilities: Vec::new(),
+            },
+            disks: Vec::new(),
+        })
+    }
+
+    fn restore(
+        &mut self,
+        format: &StateFormat,
+        path: &std::path::Path,
+        _deadline: Instant,
+    ) -> Result<()> {
+        if format.writer != SNAPSHOT_WRITER {
+            return Err(Error::Checkpoint {
+                path: path.to_owned(),
+                problem: format!(
+                    "saved by {:?}, which the reference VMM cannot read",
+                    format.writer
+                ),
+            });
+        }
+        let config = self.destination_config.clone();
+        let name = self.spec.name.clone();
+        let mut guest = snapshot::restore(path, |layout| {
+            config.check_layout(layout)?;
+            ReferenceGuest::incoming(&name, config.clone())
+        })
+        .map_err(vmm)?;
+        guest.start_agent()?;
+        guest.vm.resume().map_err(vmm)?;
+        self.arrived = Some(guest);
+        Ok(())
+    }
+
     fn commit(&mut self) -> Result<()> {
+        if self.saved && self.arrived.is_none() {
+            // A checkpoint that stops the job: the saved source stays paused, with nothing
+            // plugged, until its owner drops it.
+            return Ok(());
+        }
         let arrived = self
             .arrived
             .take()
@@ -644,6 +697,7 @@ impl VmBackend for ReferenceBackend {
     }
 
     fn rollback(&mut self, _deadline: Instant) -> Result<()> {
+        self.saved = false;
         let mut problems = Vec::new();
         if let Some(p) = self.cancel_migration() {
             problems.push(p);
