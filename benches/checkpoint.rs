@@ -284,6 +284,7 @@ fn guard_run(fixtures: &Fixtures, mib: u32, rep: usize) -> Result<(f64, f64), St
         keep: 2,
         poll: Duration::from_millis(500),
         log_dir: base.clone(),
+        journals: None,
     };
     let controller = Controller::new(plan, &sink);
     let end = symvirt::guard::guard_qemu(&controller, "", &settings).map_err(|e| e.chain())?;

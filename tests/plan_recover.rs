@@ -616,3 +616,164 @@ fn sigint_at_every_phase_rolls_back_in_order() {
     rig.refuses_what_is_not_its_own();
     rig.every_point(libc::SIGINT, "SIGINT");
 }
+
+/// Where a checkpoint is killed. A checkpoint that lets the job go on never decides to leave
+/// the sources: a recovery always continues them.
+const CHECKPOINT_KILL_POINTS: [KillPoint; 6] = [
+    KillPoint {
+        label: "after connect",
+        matches: |e| finished(e, "connect"),
+        decided: Decided::Before,
+    },
+    KillPoint {
+        label: "after quiesce",
+        matches: |e| finished(e, "quiesce"),
+        decided: Decided::Before,
+    },
+    KillPoint {
+        label: "after detach",
+        matches: |e| finished(e, "detach"),
+        decided: Decided::Before,
+    },
+    KillPoint {
+        label: "in save",
+        matches: |e| e["event"] == "phase_started" && e["phase"] == "save",
+        decided: Decided::Before,
+    },
+    KillPoint {
+        label: "after save",
+        matches: |e| finished(e, "save"),
+        decided: Decided::Before,
+    },
+    KillPoint {
+        label: "in resume",
+        matches: |e| e["event"] == "phase_started" && e["phase"] == "resume",
+        decided: Decided::Before,
+    },
+];
+
+impl Rig {
+    /// `plan checkpoint` of the VMs where they are into `to` (`--stop` if `stop`), killed
+    /// (SIGKILL) once an event `kill_at` matches went by; whether it was.
+    fn checkpoint_killed(&self, to: &Path, stop: bool, kill_at: fn(&Value) -> bool) -> bool {
+        let mut cmd = self.ninja();
+        cmd.args(["plan", "checkpoint", "--json", "--to"]).arg(to);
+        if stop {
+            cmd.arg("--stop");
+        }
+        let mut child = cmd
+            .arg(self.plan(self.at))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut killed = false;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let event: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+            if !killed && kill_at(&event) {
+                // SAFETY: kill(2) on our own child's pid; no memory is involved.
+                unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+                killed = true;
+            }
+        }
+        let _ = child.wait();
+        killed
+    }
+
+    /// No VM of the rig has mapped-ram on: a live migration over a socket would refuse it.
+    fn no_file_capabilities(&self, side: Side, what: &str) {
+        for vm in 0..VMS {
+            let mut q = RawQmp::connect(&self.qmp(side, vm)).unwrap();
+            let caps = q.execute("query-migrate-capabilities", json!({})).unwrap();
+            let on = caps
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["capability"] == "mapped-ram" && c["state"] == true);
+            assert!(!on, "{what}: vm{vm} keeps mapped-ram on: {caps}");
+        }
+    }
+}
+
+/// A controller that dies in the middle of a checkpoint: `plan checkpoint` killed at every
+/// phase, then `plan recover` continues every source with its device and releases its guest
+/// (a whole move goes through afterwards); a checkpoint directory left behind is complete or
+/// absent. Then `plan checkpoint --stop` killed once the checkpoint is complete: the recovery
+/// finishes it, stopping the sources, and the checkpoint reads back complete.
+#[test]
+fn a_checkpoint_killed_at_every_phase_is_recovered() {
+    let test = "a_checkpoint_killed_at_every_phase_is_recovered";
+    let Some(mut rig) = Rig::boot(test, "ckpt", false) else {
+        return;
+    };
+    for (i, point) in CHECKPOINT_KILL_POINTS.iter().enumerate() {
+        let what = format!("checkpoint killed {}", point.label);
+        let to = rig.dir.join(format!("ckpt-{i}"));
+        if point.label == "in save" {
+            // What a save killed once it turned the file capabilities on leaves (the kill
+            // below may land before or after that moment): the recovery turns them off.
+            let mut q = RawQmp::connect(&rig.qmp(Side::A, 0)).unwrap();
+            q.execute(
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "mapped-ram", "state": true},
+                    {"capability": "multifd", "state": true}]}),
+            )
+            .unwrap();
+        }
+        assert!(
+            rig.checkpoint_killed(&to, false, point.matches),
+            "{what}: never came"
+        );
+        let recovered = rig.recover();
+        let out = String::from_utf8_lossy(&recovered.stdout).into_owned();
+        assert!(
+            recovered.status.success(),
+            "{what}: recover: {out}\n{}",
+            String::from_utf8_lossy(&recovered.stderr)
+        );
+        assert!(
+            out.contains("continuing them with their devices"),
+            "{what}: recover: {out}"
+        );
+        if to.exists() {
+            symvirt::checkpoint::read(&to).unwrap_or_else(|e| panic!("{what}: {e}"));
+        }
+        rig.check_settled(Side::A, &what);
+        rig.no_file_capabilities(Side::A, &what);
+    }
+    let (run, _) = rig.run_until(
+        &KillPoint {
+            label: "never",
+            matches: |_| false,
+            decided: Decided::After,
+        },
+        0,
+    );
+    assert!(
+        run.status.success(),
+        "a move after the recoveries: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    rig.check_settled(Side::B, "a move after the recoveries");
+
+    // --stop, killed at its commit: the checkpoint is complete, the recovery stops the VMs.
+    let to = rig.dir.join("ckpt-stop");
+    let at_commit = |e: &Value| e["event"] == "phase_started" && e["phase"] == "commit";
+    assert!(rig.checkpoint_killed(&to, true, at_commit));
+    let recovered = rig.recover();
+    let out = String::from_utf8_lossy(&recovered.stdout).into_owned();
+    assert!(recovered.status.success(), "--stop: recover: {out}");
+    assert!(out.contains("stopping them"), "--stop: recover: {out}");
+    let manifest = symvirt::checkpoint::read(&to).unwrap();
+    assert_eq!(manifest.vms.len(), VMS);
+    for vm in 0..VMS {
+        for side in [Side::A, Side::B] {
+            assert!(
+                RawQmp::connect(&rig.qmp(side, vm)).is_err(),
+                "--stop: vm{vm} still answers on side {side:?}"
+            );
+        }
+    }
+}

@@ -61,7 +61,8 @@ pub struct GuardArgs {
     /// Where the logs of the QEMUs of a restore go [default: STATE_DIR/logs/guard-MS].
     #[arg(long)]
     pub log_dir: Option<PathBuf>,
-    /// The private state directory (logs) [default: as for `plan run`].
+    /// The private state directory (each checkpoint's journal, logs) [default: as for
+    /// `plan run`].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
 }
@@ -92,6 +93,9 @@ pub struct CheckpointArgs {
     /// Emit one JSON event per line on stdout instead of progress lines.
     #[arg(long)]
     pub json: bool,
+    /// The private state directory (the checkpoint's journal) [default: as for `plan run`].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// `plan restore`.
@@ -311,8 +315,21 @@ fn checkpoint(args: &CheckpointArgs) -> ExitCode {
     } else {
         AfterCheckpoint::Continue
     };
+    let state = match state_dir(&args.state_dir) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let journal = match state.begin(&text, &plan, new_epoch()) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("ninja-migrate: {}", e.chain());
+            return ExitCode::from(2);
+        }
+    };
     let sink = printer(args.json);
-    let controller = Controller::new(plan, &sink).interruptible(interrupt);
+    let controller = Controller::new(plan, &sink)
+        .journaled(&journal)
+        .interruptible(interrupt);
     match controller.checkpoint_qemu(&text, &args.to, after) {
         Ok(report) => {
             if report.outcome == Outcome::Completed {
@@ -322,6 +339,8 @@ fn checkpoint(args: &CheckpointArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("ninja-migrate: {}", e.chain());
+            // Nothing was touched: the journal has no phase yet.
+            let _ = journal.finish("failed_to_start");
             ExitCode::from(2)
         }
     }
@@ -399,7 +418,12 @@ fn guard(args: &GuardArgs) -> ExitCode {
         Ok(d) => d,
         Err(code) => return code,
     };
+    let journals = match state_dir(&args.state_dir) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     let settings = GuardSettings {
+        journals: Some(journals),
         dir: args.dir.clone(),
         every: Duration::from_secs(args.every),
         keep: args.keep,

@@ -490,6 +490,17 @@ impl<'a> Controller<'a> {
         self
     }
 
+    /// The same controller, journaling into `journal` (a guard journals each checkpoint).
+    pub fn journaled_by<'b>(&'b self, journal: &'b Journal) -> Controller<'b> {
+        Controller {
+            plan: self.plan.clone(),
+            sink: self.sink,
+            journal: Some(journal),
+            interrupt: self.interrupt,
+            staying: self.staying.clone(),
+        }
+    }
+
     /// Watches `flag` (set by a SIGINT or SIGTERM handler): once set, the run stops at the
     /// next phase, or within a quarter second while migrating, and rolls back. After the
     /// decision to keep the destinations the run finishes instead: that is the quicker way to
@@ -803,7 +814,19 @@ impl<'a> Controller<'a> {
             vms: record.vms.clone(),
             interrupted_in: reached,
             forward,
-            why: if forward {
+            why: if let Some(dir) = &record.checkpoint {
+                if forward {
+                    format!(
+                        "the checkpoint into {dir} was interrupted {why}, complete, before the \
+                         sources were stopped: stopping them"
+                    )
+                } else {
+                    format!(
+                        "the checkpoint into {dir} was interrupted {why}: the sources are the \
+                         VMs, continuing them with their devices"
+                    )
+                }
+            } else if forward {
                 format!(
                     "the run was interrupted {why}, after it decided to keep the destinations: \
                      finishing it"
@@ -822,12 +845,19 @@ impl<'a> Controller<'a> {
             Phase::Rollback
         };
         let left = record.leftovers.clone();
+        let checkpoint = record.checkpoint.is_some();
         let (took, errors) = self.phase(phase, &mut members, |c, m| {
             let index = c.plan.vms.iter().position(|v| v.name == m.report.name);
-            let leftovers = index.and_then(|i| left.get(i)).cloned().unwrap_or_default();
+            let mut leftovers = index.and_then(|i| left.get(i)).cloned().unwrap_or_default();
+            let stays = record.staying.contains(&m.report.name);
+            leftovers.source_only |= checkpoint || stays;
             m.backend.adopt(&leftovers, deadline)?;
+            if forward && checkpoint {
+                // A complete checkpoint of a job that was to stop: the sources end.
+                return m.backend.stop_source(deadline);
+            }
             // A VM that stays never had a destination: it goes on at its source either way.
-            if forward && !record.staying.contains(&m.report.name) {
+            if forward && !stays {
                 m.backend.roll_forward(deadline)?;
                 let channel = open_channel(m, Some(GuestSession::quiesced(epoch)), true, deadline)?;
                 let told = tell_resume(&channel, epoch, m.target_interconnect.clone(), deadline);
@@ -910,7 +940,7 @@ impl<'a> Controller<'a> {
         after: AfterCheckpoint,
     ) -> Result<Report> {
         let started = Instant::now();
-        let epoch = new_epoch();
+        let epoch = self.journal.map_or_else(new_epoch, |j| j.record().epoch);
         let mut members = self.members(backends)?;
         let partial = Partial::begin(to)?;
         self.emit(Event::PlanStarted {
@@ -944,7 +974,14 @@ impl<'a> Controller<'a> {
                 Ok(())
             }
         };
-        let mut failed = self.run_steps(&mut members, &steps, step, &mut phases, &mut errors);
+        let target = to.display().to_string();
+        let mut failed = self
+            .record(|r| r.checkpoint = Some(target))
+            .err()
+            .map(|e| Failure::new(None, Phase::Connect, e));
+        if failed.is_none() {
+            failed = self.run_steps(&mut members, &steps, step, &mut phases, &mut errors);
+        }
         if failed.is_none() {
             let vms = members
                 .iter()
@@ -967,6 +1004,20 @@ impl<'a> Controller<'a> {
             }
         } else {
             drop(partial);
+        }
+        // The checkpoint is complete: a recovery goes on to what was asked, stopping the
+        // sources (the decision) or letting them run.
+        if failed.is_none() {
+            let decided = self.record(|r| match after {
+                AfterCheckpoint::Stop => {
+                    r.forward = true;
+                    r.phase = Some(Phase::Commit);
+                }
+                AfterCheckpoint::Continue => r.phase = Some(Phase::Resume),
+            });
+            if let Err(e) = decided {
+                failed = Some(Failure::new(None, Phase::Save, e));
+            }
         }
         let outcome = match failed {
             Some(error) => {
@@ -1008,6 +1059,7 @@ impl<'a> Controller<'a> {
                 outcome
             }
         };
+        self.close_journal(&outcome, &mut errors);
         Ok(self.finished(epoch, outcome, phases, members, errors, started))
     }
 
@@ -1022,8 +1074,8 @@ impl<'a> Controller<'a> {
         errors: &mut Vec<Failure>,
     ) -> Option<Failure> {
         for &(phase, limit) in steps {
-            if self.interrupted() {
-                return Some(Failure::new(None, phase, Error::Interrupted));
+            if let Err(e) = self.enter(phase) {
+                return Some(Failure::new(None, phase, e));
             }
             let deadline = Instant::now() + limit;
             let (took, errs) =

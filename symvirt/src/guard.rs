@@ -12,8 +12,9 @@
 
 use crate::backend::VmBackend;
 use crate::checkpoint;
-use crate::controller::{AfterCheckpoint, Controller, Event, Outcome, Report};
+use crate::controller::{AfterCheckpoint, Controller, Event, Outcome, Report, new_epoch};
 use crate::error::{Error, Result};
+use crate::journal::StateDir;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,9 @@ pub struct GuardSettings {
     pub poll: Duration,
     /// Where the QEMUs of a restore log.
     pub log_dir: PathBuf,
+    /// Where each checkpoint is journaled (see [`crate::journal`]), so that `plan recover`
+    /// continues the sources of a guard that died in the middle of one; `None`: not journaled.
+    pub journals: Option<StateDir>,
 }
 
 /// How a guard ended.
@@ -106,7 +110,20 @@ fn take_checkpoint(controller: &Controller<'_>, plan_text: &str, settings: &Guar
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
     let dir = settings.dir.join(format!("ckpt-{stamp:016}"));
-    let result = controller.checkpoint_qemu(plan_text, &dir, AfterCheckpoint::Continue);
+    let result = match &settings.journals {
+        None => controller.checkpoint_qemu(plan_text, &dir, AfterCheckpoint::Continue),
+        Some(state) => state
+            .begin(plan_text, controller.plan(), new_epoch())
+            .and_then(|journal| {
+                let journaled = controller.journaled_by(&journal);
+                let result = journaled.checkpoint_qemu(plan_text, &dir, AfterCheckpoint::Continue);
+                if result.is_err() {
+                    // Nothing was touched: the journal has no phase yet.
+                    let _ = journal.finish("failed_to_start");
+                }
+                result
+            }),
+    };
     match result {
         Ok(report) if report.outcome == Outcome::Completed => {
             controller.emit(Event::CheckpointTaken {

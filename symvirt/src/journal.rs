@@ -59,6 +59,11 @@ pub struct Record {
     /// VMs that took part in the cut but did not move (an evacuation's other VMs).
     #[serde(default)]
     pub staying: Vec<String>,
+    /// The run is a checkpoint into this directory, not a migration: it never touches a
+    /// destination. A recovery continues every source with its devices; after the decision
+    /// (the checkpoint is complete and the job was to stop) it stops them.
+    #[serde(default)]
+    pub checkpoint: Option<String>,
     /// How the run ended (`None`: it did not, as far as the journal knows).
     pub finished: Option<String>,
 }
@@ -268,6 +273,7 @@ impl StateDir {
             leftovers: vec![Leftovers::default(); plan.vms.len()],
             forward: false,
             staying: Vec::new(),
+            checkpoint: None,
             finished: None,
         };
         let journal = Journal {

@@ -1234,6 +1234,7 @@ fn a_guard_restores_the_cluster_from_the_last_good_checkpoint_when_a_vm_dies() {
         keep: 2,
         poll: Duration::from_millis(200),
         log_dir: base.clone(),
+        journals: Some(symvirt::journal::StateDir::open(&base.join("state")).unwrap()),
     };
     let parsed = symvirt::plan::parse(&plan).unwrap();
     let controller = Controller::new(parsed, &sink);
@@ -1256,6 +1257,18 @@ fn a_guard_restores_the_cluster_from_the_last_good_checkpoint_when_a_vm_dies() {
     let taken = taken.into_inner().unwrap();
     assert_eq!(lost, ["vm1"]);
     assert_eq!(checkpoint, taken[0], "the older, intact checkpoint");
+    // Every checkpoint was journaled, and every journal closed: nothing for `plan recover`.
+    let state = settings.journals.as_ref().unwrap();
+    assert!(state.unfinished().unwrap().is_empty());
+    let journals = std::fs::read_dir(state.path().join("runs")).unwrap();
+    let journaled = journals
+        .filter(|e| e.as_ref().unwrap().path().extension() == Some("json".as_ref()))
+        .count();
+    assert!(
+        journaled >= taken.len(),
+        "{journaled} journals for {} checkpoints",
+        taken.len()
+    );
     let events = events.into_inner().unwrap();
     let refused = events.iter().any(|(_, e)| {
         matches!(e, Event::RestoreFailed { dir, error }

@@ -36,6 +36,10 @@ pub struct Leftovers {
     /// Files the run created exclusively (stand-in HCA memory at the destination): removed
     /// on rollback, and only those.
     pub claimed: Vec<std::path::PathBuf>,
+    /// The run used no destination for this VM (a checkpoint, a VM that stays): a recovery
+    /// leaves whatever answers at the plan's destination alone.
+    #[serde(default)]
+    pub source_only: bool,
 }
 
 /// How one VM's migration went.

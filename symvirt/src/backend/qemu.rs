@@ -314,6 +314,8 @@ pub struct QemuVm {
     migration: MigrationState,
     /// A save to a file was started (see [`VmBackend::save`]): a rollback cancels it.
     saving: bool,
+    /// Adopted from a run that used no destination (see [`Leftovers::source_only`]).
+    source_only: bool,
     committed: bool,
     /// A destination an interrupted run started here, taken over by a recovery.
     orphan: Option<u32>,
@@ -508,6 +510,7 @@ impl QemuVm {
             claimed: Vec::new(),
             migration: MigrationState::NotStarted,
             saving: false,
+            source_only: false,
             committed: false,
             orphan: None,
         }
@@ -644,10 +647,10 @@ impl QemuVm {
     /// its monitor silent) before the source may run again.
     fn fence_destination(&mut self, deadline: Instant) -> std::result::Result<(), String> {
         // A destination this run never reached, for a migration that never started, holds no
-        // copy of the VM.
+        // copy of the VM; nor does any for a run that used none (its migration went to a file).
         let reached =
             self.destination.is_some() || self.launched.is_some() || self.orphan.is_some();
-        if !reached && self.migration == MigrationState::NotStarted {
+        if !reached && (self.migration == MigrationState::NotStarted || self.source_only) {
             return Ok(());
         }
         if let Some(dst) = self.destination.take() {
@@ -1202,6 +1205,13 @@ impl VmBackend for QemuVm {
                 }
             }
         }
+        // A save its dead controller never finished left the file capabilities on, which a
+        // live migration over a socket refuses (best effort: an older QEMU has none of them).
+        if self.source_only {
+            if let Some(src) = &self.source {
+                let _ = self.set_file_capabilities(src, "source", &[]);
+            }
+        }
         // 2. Tear the destination down before the source runs again: never two live copies.
         // A destination not verified gone keeps the source paused.
         let fenced = self.fence_destination(deadline);
@@ -1448,12 +1458,18 @@ impl VmBackend for QemuVm {
                 .filter(|l| l.remote.is_none())
                 .and_then(Launched::pid),
             claimed: self.claimed.clone(),
+            source_only: false,
         }
     }
 
     fn adopt(&mut self, left: &Leftovers, deadline: Instant) -> Result<()> {
         self.source = self.connect_once(&self.spec.source.qmp, deadline);
-        self.destination = self.connect_once(&self.spec.destination.qmp, deadline);
+        self.source_only = left.source_only;
+        self.destination = if left.source_only {
+            None
+        } else {
+            self.connect_once(&self.spec.destination.qmp, deadline)
+        };
         self.orphan = left.destination_pid;
         self.claimed = left.claimed.clone();
         self.migration = match &self.source {
