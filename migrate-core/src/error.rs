@@ -79,6 +79,9 @@ pub enum Error {
     /// A deadline passed.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The caller gave the wait up (see [`crate::transport::Listener::accept_unless`]).
+    #[error("cancelled")]
+    Cancelled,
     /// Convergence policy gave up (strategy "abort").
     #[error("did not converge: {0}")]
     NotConverged(String),

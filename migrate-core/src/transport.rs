@@ -20,6 +20,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Where a destination listens.
@@ -132,6 +133,11 @@ impl Stream {
 
 /// Most iovecs passed to one `sendmsg` or `readv` (IOV_MAX).
 const IOV_MAX: usize = 1024;
+
+/// How long [`Listener::accept`] waits for a new connection's preamble before it drops it.
+const PREAMBLE_WAIT: Duration = Duration::from_secs(2);
+/// How often a waiting [`Listener::accept_unless`] looks at its cancel flag.
+const CANCEL_CHECK: Duration = Duration::from_millis(100);
 
 impl Stream {
     /// Writes every byte described by `iov` with `sendmsg`, advancing over partial writes.
@@ -491,7 +497,7 @@ impl Listener {
         }
     }
 
-    fn accept_one(&self, deadline: Instant) -> Result<Stream> {
+    fn accept_one(&self, deadline: Instant, cancel: &AtomicBool) -> Result<Stream> {
         // Non-blocking accept after poll(2) says a connection waits, until the deadline: a
         // source that never comes cannot hang the destination, and a waiting destination
         // sleeps in the kernel instead of retrying accept.
@@ -516,10 +522,15 @@ impl Listener {
                     return Ok(s);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if cancel.load(Ordering::SeqCst) {
+                        return Err(Error::Cancelled);
+                    }
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         return Err(Error::Timeout("waiting for the source to connect".into()));
                     }
+                    // Woken now and then to see whether the wait was cancelled.
+                    let left = left.min(CANCEL_CHECK);
                     let millis = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
                     let fd = match self {
                         Listener::Tcp(l) => l.as_fd(),
@@ -540,21 +551,38 @@ impl Listener {
     /// A protocol-version mismatch is answered (so the source learns why) and returned as
     /// [`Error::Incompatible`]. Errors are wrapped in [`Phase::Handshake`].
     pub fn accept(&self, timeout: Duration) -> Result<Connections> {
+        self.accept_unless(timeout, &AtomicBool::new(false))
+    }
+
+    /// [`Listener::accept`], given up with [`Error::Cancelled`] once `cancel` is set (seen
+    /// within 0.1 s while no connection is open, within the preamble wait while one is).
+    pub fn accept_unless(&self, timeout: Duration, cancel: &AtomicBool) -> Result<Connections> {
         let deadline = Instant::now() + timeout;
         let run = || -> Result<Connections> {
             let mut control: Option<(Stream, Preamble)> = None;
             let mut memory: Vec<Option<Stream>> = Vec::new();
             let mut pending: Vec<(Stream, Preamble)> = Vec::new();
             loop {
-                let mut s = self.accept_one(deadline)?;
-                s.set_timeouts(Some(
+                let mut s = self.accept_one(deadline, cancel)?;
+                let left = || {
                     deadline
                         .saturating_duration_since(Instant::now())
-                        .max(Duration::from_millis(10)),
-                ))?;
+                        .max(Duration::from_millis(10))
+                };
+                // A peer that is not a source (a port scanner, a stray client, an idle
+                // connection) is dropped, and the listener goes on waiting for the migration's
+                // own connections: it holds the listener for PREAMBLE_WAIT at most.
+                s.set_timeouts(Some(left().min(PREAMBLE_WAIT)))?;
                 let mut b = [0u8; PREAMBLE_LEN];
-                s.read_exact(&mut b).map_err(crate::codec::io_error)?;
-                let p = Preamble::decode(&b)?;
+                let read = s.read_exact(&mut b).map_err(crate::codec::io_error);
+                let p = match read.and_then(|()| Preamble::decode(&b)) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        log::warn!("dropped a connection without a migration preamble: {e}");
+                        continue;
+                    }
+                };
+                s.set_timeouts(Some(left()))?;
                 if p.version != PROTOCOL_VERSION {
                     refuse(&mut s, STATUS_VERSION_MISMATCH);
                     return Err(Error::Incompatible(format!(
@@ -655,6 +683,65 @@ fn io_err(context: &str, source: std::io::Error) -> Error {
     Error::Io {
         context: context.to_string(),
         source,
+    }
+}
+
+#[cfg(test)]
+mod listener_tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A port scanner's garbage and an idle client come first: the listener drops both and
+    /// accepts the source that connects after them.
+    #[test]
+    fn strangers_before_the_source_are_dropped_and_the_source_accepted() {
+        let listener = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap())).unwrap();
+        let ep = listener.endpoint().unwrap();
+        let Endpoint::Tcp(addr) = ep.clone() else {
+            panic!("{ep:?}")
+        };
+        let mut garbage = std::net::TcpStream::connect(addr).unwrap();
+        garbage.write_all(&[0x5a; PREAMBLE_LEN]).unwrap();
+        let _idle = std::net::TcpStream::connect(addr).unwrap();
+        let accepted = std::thread::spawn(move || listener.accept(Duration::from_secs(20)));
+        let started = Instant::now();
+        let source = connect(&ep, 1, Duration::from_secs(20)).unwrap();
+        let destination = accepted.join().unwrap().unwrap();
+        assert_eq!(destination.memory.len(), 1);
+        assert_eq!(source.memory.len(), 1);
+        assert!(
+            started.elapsed() < PREAMBLE_WAIT + Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[cfg(test)]
+mod cancel_tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// A destination torn down while it waits for a source that never comes: the wait ends
+    /// at once with `Cancelled`, not at its timeout.
+    #[test]
+    fn a_cancelled_accept_ends_with_cancelled() {
+        let listener = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap())).unwrap();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let waiting = std::thread::spawn({
+            let cancel = cancel.clone();
+            move || listener.accept_unless(Duration::from_secs(60), &cancel)
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let t = Instant::now();
+        cancel.store(true, Ordering::SeqCst);
+        match waiting.join().unwrap() {
+            Err(Error::Migration { source, .. }) => {
+                assert!(matches!(*source, Error::Cancelled), "{source}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     }
 }
 

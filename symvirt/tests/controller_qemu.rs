@@ -1234,7 +1234,7 @@ fn a_guard_restores_the_cluster_from_the_last_good_checkpoint_when_a_vm_dies() {
         keep: 2,
         poll: Duration::from_millis(200),
         log_dir: base.clone(),
-        journals: Some(symvirt::journal::StateDir::open(&base.join("state")).unwrap()),
+        journals: Some(symvirt::journal::StateDir::open(base.join("state")).unwrap()),
     };
     let parsed = symvirt::plan::parse(&plan).unwrap();
     let controller = Controller::new(parsed, &sink);

@@ -337,9 +337,16 @@ impl Destination {
         let thread = std::thread::Builder::new()
             .name(format!("symvirt-dst-{name}"))
             .spawn(move || {
-                // One accept: a migration's connections arrive together, and tearing down
-                // wakes it with a connection of its own (see `tear_down`).
-                let conn = listener.accept(ACCEPT_PATIENCE).map_err(vmm)?;
+                // One accept: a migration's connections arrive together; tearing down
+                // cancels it (see `tear_down`).
+                let conn = match listener.accept_unless(ACCEPT_PATIENCE, &thread_stop) {
+                    Err(migrate_core::Error::Migration { source, .. })
+                        if matches!(*source, migrate_core::Error::Cancelled) =>
+                    {
+                        return Err(Error::Refused("destination torn down".into()));
+                    }
+                    other => other.map_err(vmm)?,
+                };
                 if thread_stop.load(Ordering::SeqCst) {
                     return Err(Error::Refused("destination torn down".into()));
                 }
@@ -371,15 +378,9 @@ impl Destination {
 
     /// Stops listening (or receiving) and drops whatever arrived.
     fn tear_down(&mut self) {
+        // An accept waiting for a source that will not come sees the flag and ends.
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
-            // Wake an accept that waits for a source that will not come.
-            let _ = match &self.endpoint {
-                Endpoint::Tcp(a) => {
-                    std::net::TcpStream::connect_timeout(a, Duration::from_secs(1)).map(drop)
-                }
-                Endpoint::Unix(p) => UnixStream::connect(p).map(drop),
-            };
             let _ = t.join();
         }
         if let Endpoint::Unix(p) = &self.endpoint {
