@@ -16,8 +16,12 @@
 //! For 2 VMs of 256 MiB, a guard (`symvirt::guard`) also runs: one checkpoint, then one source
 //! is killed; the time from the kill to every guest resumed from the checkpoint.
 //!
+//! Then the disk scenario: 1 VM of 256 MiB with a writable raw disk of 0, 256 and 1024 MiB of
+//! data, at one path for source and destination; its copy is part of the pause.
+//!
 //! One JSON line per configuration, medians over the repetitions. Run:
-//! `cargo bench --bench checkpoint` (`NINJA_BENCH_REPS`, default 3).
+//! `cargo bench --bench checkpoint` (`NINJA_BENCH_REPS`, default 3; `NINJA_BENCH_ONLY=disk`
+//! for the disk scenario alone).
 
 use ninja_testkit::{Fixtures, Qemu, QemuConfig, free_tcp_port, qemu_or_skip};
 use qmp::Endpoint;
@@ -37,10 +41,25 @@ use symvirt::remote::Address;
 
 const MEMORY_MIB: [u32; 2] = [256, 1024];
 const VMS: [usize; 3] = [1, 2, 4];
+/// Writable disk sizes of the disk scenario (1 VM of 256 MiB): its data is copied in the pause.
+const DISK_MIB: [u32; 3] = [0, 256, 1024];
 const PATIENCE: Duration = Duration::from_secs(300);
 
-fn machine(fixtures: &Fixtures, vm: &str, mib: u32, sock: &Path) -> QemuConfig {
-    QemuConfig::new(fixtures)
+fn machine(
+    fixtures: &Fixtures,
+    vm: &str,
+    mib: u32,
+    sock: &Path,
+    disk: Option<&Path>,
+) -> QemuConfig {
+    let config = match disk {
+        Some(d) => QemuConfig::new(fixtures).arg("-drive").arg(format!(
+            "file={},format=raw,if=virtio,id=scratch",
+            d.display()
+        )),
+        None => QemuConfig::new(fixtures),
+    };
+    config
         .memory_mib(mib)
         .guest_run(&format!(
             "/bin/sh -c /bin/ninja-guest-dirtier${{IFS}}{}&/bin/symvirt-agent${{IFS}}--ranks${{IFS}}0${{IFS}}--vm${{IFS}}{vm}",
@@ -100,6 +119,7 @@ fn cluster(
     base: &Path,
     n: usize,
     mib: u32,
+    disk_mib: u32,
     left: &mut Leftovers,
 ) -> Result<(Vec<Qemu>, Plan), String> {
     let mut sources = Vec::new();
@@ -107,7 +127,18 @@ fn cluster(
     for i in 0..n {
         let name = format!("vm{i}");
         let sock = base.join(format!("{name}-s.sock"));
-        let mut q = Qemu::start(machine(fixtures, &name, mib, &sock))
+        // A raw disk full of data (nothing sparse to skip), at one path for both sides.
+        let disk = (disk_mib > 0).then(|| base.join(format!("{name}-disk.raw")));
+        if let Some(d) = &disk {
+            let block: Vec<u8> = (0..1u32 << 20)
+                .map(|b| (b.wrapping_mul(2_654_435_761) >> 13) as u8 | 1)
+                .collect();
+            let mut f = std::fs::File::create(d).map_err(|e| e.to_string())?;
+            for _ in 0..disk_mib {
+                std::io::Write::write_all(&mut f, &block).map_err(|e| e.to_string())?;
+            }
+        }
+        let mut q = Qemu::start(machine(fixtures, &name, mib, &sock, disk.as_deref()))
             .map_err(|e| format!("start source: {e}"))?;
         q.wait_serial("ninja-guest-dirtier: pass=", PATIENCE)?;
         let mem = base.join(format!("{name}-hca0"));
@@ -140,7 +171,7 @@ fn cluster(
                 launch: Some(LaunchSpec {
                     host: None,
                     program: "qemu-system-x86_64".into(),
-                    args: machine(fixtures, &name, mib, &dir.join("sv.sock"))
+                    args: machine(fixtures, &name, mib, &dir.join("sv.sock"), disk.as_deref())
                         .machine_args(&dir.join("serial.log")),
                 }),
                 devices: vec![Device::VirtioNet {
@@ -188,16 +219,22 @@ struct Run {
     restore_ms: f64,
 }
 
-fn one_run(fixtures: &Fixtures, n: usize, mib: u32, rep: usize) -> Result<Run, String> {
+fn one_run(
+    fixtures: &Fixtures,
+    n: usize,
+    mib: u32,
+    disk_mib: u32,
+    rep: usize,
+) -> Result<Run, String> {
     let base = std::env::temp_dir().join(format!(
-        "ninja-bench-ckpt-{}-{n}-{mib}-{rep}",
+        "ninja-bench-ckpt-{}-{n}-{mib}-{disk_mib}-{rep}",
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).map_err(|e| e.to_string())?;
     let mut left = Leftovers::default();
     left.paths.push(base.clone());
-    let (mut sources, plan) = cluster(fixtures, &base, n, mib, &mut left)?;
+    let (mut sources, plan) = cluster(fixtures, &base, n, mib, disk_mib, &mut left)?;
 
     let timeline = Timeline(Mutex::new(Vec::new()));
     let sink = |e: &Event| timeline.0.lock().unwrap().push((Instant::now(), e.clone()));
@@ -220,8 +257,9 @@ fn one_run(fixtures: &Fixtures, n: usize, mib: u32, rep: usize) -> Result<Run, S
     let allocated_bytes = manifest
         .vms
         .iter()
-        .map(|v| {
-            std::fs::metadata(ckpt.join(&v.file))
+        .flat_map(|v| std::iter::once(&v.file).chain(v.disks.iter().map(|d| &d.copy.file)))
+        .map(|file| {
+            std::fs::metadata(ckpt.join(file))
                 .map(|m| m.blocks() * 512)
                 .unwrap_or(0)
         })
@@ -264,7 +302,7 @@ fn guard_run(fixtures: &Fixtures, mib: u32, rep: usize) -> Result<(f64, f64), St
     std::fs::create_dir_all(&base).map_err(|e| e.to_string())?;
     let mut left = Leftovers::default();
     left.paths.push(base.clone());
-    let (sources, plan) = cluster(fixtures, &base, 2, mib, &mut left)?;
+    let (sources, plan) = cluster(fixtures, &base, 2, mib, 0, &mut left)?;
     let victim = sources[1].pid();
     let killed = Mutex::new(None::<Instant>);
     let sink = |e: &Event| {
@@ -300,6 +338,55 @@ fn guard_run(fixtures: &Fixtures, mib: u32, rep: usize) -> Result<(f64, f64), St
     }
 }
 
+/// The JSON line of one configuration's runs (medians).
+fn line(n: usize, mib: u32, disk_mib: u32, runs: &[Run]) -> serde_json::Value {
+    let rate: Vec<f64> = runs
+        .iter()
+        .map(|r| r.state_bytes as f64 / (r.save_ms / 1000.0))
+        .collect();
+    let allocated_rate: Vec<f64> = runs
+        .iter()
+        .map(|r| r.allocated_bytes as f64 / (r.save_ms / 1000.0))
+        .collect();
+    let ratio: Vec<f64> = runs
+        .iter()
+        .map(|r| r.allocated_bytes as f64 / (r.save_ms / 1000.0) / r.disk_bytes_per_s)
+        .collect();
+    json!({
+        "bench": "checkpoint",
+        "vms": n,
+        "memory_mib": mib,
+        "disk_mib": disk_mib,
+        "reps": runs.len(),
+        "pause_ms": median(runs.iter().map(|r| r.pause_ms).collect()),
+        "save_ms": median(runs.iter().map(|r| r.save_ms).collect()),
+        "state_mib": median(runs.iter().map(|r| r.state_bytes as f64 / 1048576.0).collect()),
+        "allocated_mib": median(runs.iter().map(|r| r.allocated_bytes as f64 / 1048576.0).collect()),
+        "state_mib_s": median(rate) / 1048576.0,
+        "written_mib_s": median(allocated_rate) / 1048576.0,
+        "disk_mib_s": median(runs.iter().map(|r| r.disk_bytes_per_s / 1048576.0).collect()),
+        "written_to_disk_ratio": median(ratio),
+        "restore_ms": median(runs.iter().map(|r| r.restore_ms).collect()),
+    })
+}
+
+/// `reps` runs of a configuration; each failure is printed as its own line.
+fn runs(fixtures: &Fixtures, n: usize, mib: u32, disk_mib: u32, reps: usize) -> Vec<Run> {
+    (0..reps)
+        .filter_map(|rep| match one_run(fixtures, n, mib, disk_mib, rep) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                println!(
+                    "{}",
+                    json!({"bench": "checkpoint", "vms": n, "memory_mib": mib,
+                        "disk_mib": disk_mib, "error": e})
+                );
+                None
+            }
+        })
+        .collect()
+}
+
 fn main() {
     let Some(fixtures) = qemu_or_skip("checkpoint bench") else {
         return;
@@ -308,48 +395,15 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    for mib in MEMORY_MIB {
+    // NINJA_BENCH_ONLY=disk: only the disk scenario.
+    let only_disks = std::env::var("NINJA_BENCH_ONLY").is_ok_and(|o| o == "disk");
+    for mib in MEMORY_MIB.iter().copied().filter(|_| !only_disks) {
         for n in VMS {
-            let mut runs = Vec::new();
-            for rep in 0..reps {
-                match one_run(&fixtures, n, mib, rep) {
-                    Ok(r) => runs.push(r),
-                    Err(e) => println!(
-                        "{}",
-                        json!({"bench": "checkpoint", "vms": n, "memory_mib": mib, "error": e})
-                    ),
-                }
-            }
+            let runs = runs(&fixtures, n, mib, 0, reps);
             if runs.is_empty() {
                 continue;
             }
-            let rate: Vec<f64> = runs
-                .iter()
-                .map(|r| r.state_bytes as f64 / (r.save_ms / 1000.0))
-                .collect();
-            let allocated_rate: Vec<f64> = runs
-                .iter()
-                .map(|r| r.allocated_bytes as f64 / (r.save_ms / 1000.0))
-                .collect();
-            let ratio: Vec<f64> = runs
-                .iter()
-                .map(|r| r.allocated_bytes as f64 / (r.save_ms / 1000.0) / r.disk_bytes_per_s)
-                .collect();
-            let mut line = json!({
-                "bench": "checkpoint",
-                "vms": n,
-                "memory_mib": mib,
-                "reps": runs.len(),
-                "pause_ms": median(runs.iter().map(|r| r.pause_ms).collect()),
-                "save_ms": median(runs.iter().map(|r| r.save_ms).collect()),
-                "state_mib": median(runs.iter().map(|r| r.state_bytes as f64 / 1048576.0).collect()),
-                "allocated_mib": median(runs.iter().map(|r| r.allocated_bytes as f64 / 1048576.0).collect()),
-                "state_mib_s": median(rate) / 1048576.0,
-                "written_mib_s": median(allocated_rate) / 1048576.0,
-                "disk_mib_s": median(runs.iter().map(|r| r.disk_bytes_per_s / 1048576.0).collect()),
-                "written_to_disk_ratio": median(ratio),
-                "restore_ms": median(runs.iter().map(|r| r.restore_ms).collect()),
-            });
+            let mut line = line(n, mib, 0, &runs);
             if n == 2 && mib == 256 {
                 let guarded: Vec<(f64, f64)> = (0..reps)
                     .filter_map(|rep| match guard_run(&fixtures, mib, rep) {
@@ -368,6 +422,13 @@ fn main() {
                 }
             }
             println!("{line}");
+        }
+    }
+    // A writable disk: copied while the VM is stopped, so the pause grows with it.
+    for disk_mib in DISK_MIB {
+        let runs = runs(&fixtures, 1, 256, disk_mib, reps);
+        if !runs.is_empty() {
+            println!("{}", line(1, 256, disk_mib, &runs));
         }
     }
 }
