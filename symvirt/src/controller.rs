@@ -725,31 +725,7 @@ impl<'a> Controller<'a> {
                 failed = Some(Failure::new(None, Phase::Commit, e));
             }
         }
-        for m in &mut members {
-            m.report.destination_pid = m.backend.destination_pid();
-        }
-        let outcome = match failed {
-            Some(error) => {
-                if error.vm.is_none() {
-                    // A VM's failure is in `errors` already.
-                    errors.push(error.clone());
-                }
-                self.rolled_back(error, &mut members, &mut phases, &mut errors)
-            }
-            None => {
-                let (took, errs) = self.phase(Phase::Commit, &mut members, |_, m| {
-                    m.channel = None;
-                    if m.stays {
-                        return Ok(());
-                    }
-                    m.backend.commit()
-                });
-                phases.push((Phase::Commit, took));
-                // A source that did not quit cleanly is only noted: the VM is moved.
-                errors.extend(errs);
-                Outcome::Completed
-            }
-        };
+        let outcome = self.settled(failed, &mut members, &mut phases, &mut errors);
         self.close_journal(&outcome, &mut errors);
         Ok(self.finished(epoch, outcome, phases, members, errors, started))
     }
@@ -1020,12 +996,7 @@ impl<'a> Controller<'a> {
             }
         }
         let outcome = match failed {
-            Some(error) => {
-                if error.vm.is_none() {
-                    errors.push(error.clone());
-                }
-                self.rolled_back(error, &mut members, &mut phases, &mut errors)
-            }
+            Some(error) => self.rolled_back(error, &mut members, &mut phases, &mut errors),
             None => {
                 let (phase, result) = match after {
                     AfterCheckpoint::Continue => {
@@ -1089,7 +1060,36 @@ impl<'a> Controller<'a> {
         None
     }
 
-    /// Rolls every member back after `error`; the outcome says whether that worked.
+    /// The end of a run or a restore: after `failed`, every member rolled back; else every VM
+    /// committed where it runs now (a VM that stays keeps its source as it is).
+    fn settled(
+        &self,
+        failed: Option<Failure>,
+        members: &mut [Member],
+        phases: &mut Vec<(Phase, Duration)>,
+        errors: &mut Vec<Failure>,
+    ) -> Outcome {
+        for m in members.iter_mut() {
+            m.report.destination_pid = m.backend.destination_pid();
+        }
+        if let Some(error) = failed {
+            return self.rolled_back(error, members, phases, errors);
+        }
+        let (took, errs) = self.phase(Phase::Commit, members, |_, m| {
+            m.channel = None;
+            if m.stays {
+                return Ok(());
+            }
+            m.backend.commit()
+        });
+        phases.push((Phase::Commit, took));
+        // A source that did not quit cleanly is only noted: the VM is moved.
+        errors.extend(errs);
+        Outcome::Completed
+    }
+
+    /// Rolls every member back after `error` (added to `errors` when it is the run's own, not
+    /// a VM's, which is there already); the outcome says whether that worked.
     fn rolled_back(
         &self,
         error: Failure,
@@ -1097,6 +1097,9 @@ impl<'a> Controller<'a> {
         phases: &mut Vec<(Phase, Duration)>,
         errors: &mut Vec<Failure>,
     ) -> Outcome {
+        if error.vm.is_none() {
+            errors.push(error.clone());
+        }
         let phase = error.phase;
         let t = Instant::now();
         self.emit(Event::RollbackStarted {
@@ -1192,26 +1195,7 @@ impl<'a> Controller<'a> {
             }
         };
         let failed = self.run_steps(&mut members, &steps, step, &mut phases, &mut errors);
-        for m in &mut members {
-            m.report.destination_pid = m.backend.destination_pid();
-        }
-        let outcome = match failed {
-            Some(error) => {
-                if error.vm.is_none() {
-                    errors.push(error.clone());
-                }
-                self.rolled_back(error, &mut members, &mut phases, &mut errors)
-            }
-            None => {
-                let (took, errs) = self.phase(Phase::Commit, &mut members, |_, m| {
-                    m.channel = None;
-                    m.backend.commit()
-                });
-                phases.push((Phase::Commit, took));
-                errors.extend(errs);
-                Outcome::Completed
-            }
-        };
+        let outcome = self.settled(failed, &mut members, &mut phases, &mut errors);
         Ok(self.finished(epoch, outcome, phases, members, errors, started))
     }
 
