@@ -102,6 +102,42 @@ struct GreetingBody {
     capabilities: Vec<QmpCapability>,
 }
 
+/// Connects to the unix socket at `path` within `timeout`. A listener whose backlog is full
+/// (QEMU's monitor queues one client while it serves another) makes a blocking `connect`
+/// wait without end; a non-blocking one says `EAGAIN`, retried until the timeout (`TimedOut`).
+fn connect_unix(path: &std::path::Path, timeout: Duration) -> io::Result<UnixStream> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + timeout;
+    let addr = UnixAddr::new(path).map_err(io::Error::from)?;
+    loop {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        match connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => {
+                let stream = UnixStream::from(fd);
+                stream.set_nonblocking(false)?;
+                return Ok(stream);
+            }
+            Err(Errno::EAGAIN) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(Errno::EAGAIN) => {
+                return Err(io::Error::new(
+                    ErrorKind::TimedOut,
+                    "the socket's backlog stayed full",
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// The socket, unix or TCP.
 #[derive(Debug)]
 enum Stream {
@@ -112,7 +148,7 @@ enum Stream {
 impl Stream {
     fn connect(endpoint: &Endpoint, timeout: Duration) -> io::Result<Self> {
         match endpoint {
-            Endpoint::Unix(path) => UnixStream::connect(path).map(Self::Unix),
+            Endpoint::Unix(path) => connect_unix(path, timeout).map(Self::Unix),
             Endpoint::Tcp(addr) => {
                 let mut last =
                     io::Error::new(ErrorKind::InvalidInput, "address resolves to nothing");
@@ -535,8 +571,18 @@ impl Qmp {
     /// enabled in `options`).
     pub fn connect(endpoint: &Endpoint, options: ConnectOptions) -> Result<Self> {
         let io = |context| move |source| Error::Io { context, source };
-        let stream = Stream::connect(endpoint, options.greeting_timeout)
-            .map_err(io("connecting to the QMP socket"))?;
+        let stream = match Stream::connect(endpoint, options.greeting_timeout) {
+            Ok(s) => s,
+            // A unix socket that listens but takes no one (a full backlog): as a missing
+            // greeting. (A TCP connect that times out may be a host that is gone: an I/O error.)
+            Err(e) if e.kind() == ErrorKind::TimedOut && matches!(endpoint, Endpoint::Unix(_)) => {
+                return Err(Error::Timeout {
+                    what: "QEMU to accept the connection".to_owned(),
+                    after: options.greeting_timeout,
+                });
+            }
+            Err(e) => return Err(io("connecting to the QMP socket")(e)),
+        };
         let control = stream.try_clone().map_err(io("cloning the QMP socket"))?;
         let mut reader = LineReader::new(
             stream.try_clone().map_err(io("cloning the QMP socket"))?,
@@ -964,7 +1010,46 @@ fn reader_loop(mut reader: LineReader<Stream>, shared: &Shared, control: &Stream
 
 #[cfg(test)]
 mod tests {
-    use super::Endpoint;
+    use super::*;
+
+    /// A monitor that takes no one (QEMU serving another client, its one-slot backlog full):
+    /// the connect ends at the greeting timeout as a `Timeout`, where a blocking connect would
+    /// wait without end.
+    #[test]
+    fn a_unix_socket_with_a_full_backlog_times_out() {
+        use nix::sys::socket::{
+            AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket,
+        };
+        use std::os::fd::AsRawFd;
+        let path = std::env::temp_dir().join(format!("qmp-backlog-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        bind(fd.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+        listen(&fd, Backlog::new(0).unwrap()).unwrap();
+        // Queued, never accepted, until connecting blocks.
+        let mut queued = Vec::new();
+        while let Ok(s) = connect_unix(&path, Duration::from_millis(50)) {
+            queued.push(s);
+            assert!(queued.len() < 64, "the backlog never filled");
+        }
+        let options = ConnectOptions {
+            greeting_timeout: Duration::from_millis(300),
+            ..ConnectOptions::default()
+        };
+        let t = Instant::now();
+        let e = Qmp::connect(&Endpoint::Unix(path.clone()), options)
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::Timeout { .. }), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn endpoints_print_as_qemu_takes_them() {

@@ -1303,6 +1303,60 @@ fn a_guard_restores_the_cluster_from_the_last_good_checkpoint_when_a_vm_dies() {
     drop(cleanup);
 }
 
+/// A survivor the guard cannot stop (its monitor held by another client, as a hung QEMU's
+/// would be) when another VM is lost: nothing is restored, since two copies of a VM must never
+/// run. The guard fails naming it, and the survivor runs on, alone.
+#[test]
+fn a_guard_restores_nothing_while_a_survivor_may_still_run() {
+    let test = "a_guard_restores_nothing_while_a_survivor_may_still_run";
+    let Some(fixtures) = qemu_or_skip(test) else {
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let (base, cleanup, mut sources, plan) = checkpoint_setup(&fixtures, "guard-busy", 0, "");
+    let vm1_pid = sources[1].qemu.pid();
+    let vm0_monitor = sources[0].qemu.qmp_path().to_owned();
+    let holder = Mutex::new(None::<RawQmp>);
+    let events = Mutex::new(Vec::new());
+    let sink = |e: &Event| {
+        eprintln!("event: {}", serde_json::to_string(e).unwrap());
+        events.lock().unwrap().push(e.clone());
+        if matches!(e, Event::CheckpointTaken { .. }) {
+            // vm0's monitor taken by another client, then vm1's host dies.
+            *holder.lock().unwrap() = Some(RawQmp::connect(&vm0_monitor).unwrap());
+            // SAFETY: kill(2) on the QEMU this test started; no memory is involved.
+            unsafe {
+                libc::kill(vm1_pid as i32, libc::SIGKILL);
+            }
+        }
+    };
+    let settings = symvirt::guard::GuardSettings {
+        dir: base.join("guarded"),
+        every: Duration::from_secs(3600),
+        keep: 2,
+        poll: Duration::from_millis(200),
+        log_dir: base.clone(),
+        journals: None,
+    };
+    let parsed = symvirt::plan::parse(&plan).unwrap();
+    let controller = Controller::new(parsed, &sink);
+    let e = symvirt::guard::guard_qemu(&controller, &plan, &settings)
+        .expect_err("restored while vm0 may still run")
+        .chain();
+    assert!(e.contains("vm0") && e.contains("still answers"), "{e}");
+    let events = events.into_inner().unwrap();
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::RestoreStarted { .. })),
+        "{events:?}"
+    );
+    assert!(sources[0].qemu.is_running(), "vm0's only copy was stopped");
+    assert!(!base.join("vm0-restored/serial.log").exists());
+    drop(holder);
+    drop(cleanup);
+}
+
 /// Evacuation: vm1 leaves its host, vm0 takes part in the cut and stays. vm1 runs at its
 /// destination on Ethernet, its source gone; vm0's guest was resumed at its source on its
 /// HCA, which it still has, and no destination was started for it.

@@ -638,9 +638,22 @@ impl QemuVm {
         Qmp::connect(&endpoint, options).ok()
     }
 
-    /// Whether a QEMU answers at `address` now.
+    /// Whether a QEMU may still run at `address`: its monitor greets, or accepts without a
+    /// greeting (busy with another client, or hung). Only a socket that refuses or is gone
+    /// (locally, or at the end of an ssh forward) means no QEMU: fencing never takes a QEMU it
+    /// could not reach for one that is gone.
     fn answers(&self, address: &Address, deadline: Instant) -> bool {
-        self.connect_once(address, deadline).is_some()
+        let Ok(endpoint) = self.connector.qmp_endpoint(address, deadline) else {
+            return false;
+        };
+        let options = ConnectOptions {
+            greeting_timeout: Duration::from_secs(1),
+            ..qmp_options()
+        };
+        matches!(
+            Qmp::connect(&endpoint, options),
+            Ok(_) | Err(qmp::Error::Timeout { .. })
+        )
     }
 
     /// Fencing: the destination is torn down and verified gone (its process reaped or killed,
