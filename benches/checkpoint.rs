@@ -152,6 +152,7 @@ fn cluster(
             source: SourceSpec {
                 qmp: Address::Local(Endpoint::Unix(q.qmp_path().to_owned())),
                 channel: Address::Local(Endpoint::Unix(sock)),
+                libvirt: None,
                 devices: vec![Device::HcaStandin {
                     id: "hca0".into(),
                     mem_path: mem,
@@ -167,6 +168,7 @@ fn cluster(
             destination: DestinationSpec {
                 qmp: Address::Local(Endpoint::Unix(dir.join("qmp.sock"))),
                 channel: Address::Local(Endpoint::Unix(dir.join("sv.sock"))),
+                libvirt: None,
                 migrate_uri: format!("tcp:127.0.0.1:{}", free_tcp_port()),
                 launch: Some(LaunchSpec {
                     host: None,

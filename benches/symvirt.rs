@@ -170,6 +170,7 @@ fn one_run(
             source: SourceSpec {
                 qmp: Address::Local(Endpoint::Unix(mid.qmp_path().to_owned())),
                 channel: Address::Local(Endpoint::Unix(base.join(format!("{name}-b.sock")))),
+                libvirt: None,
                 devices: vec![Device::HcaStandin {
                     id: "hca0".into(),
                     mem_path: mem,
@@ -185,6 +186,7 @@ fn one_run(
             destination: DestinationSpec {
                 qmp: Address::Local(Endpoint::Unix(dir.join("qmp.sock"))),
                 channel: Address::Local(Endpoint::Unix(dir.join("sv.sock"))),
+                libvirt: None,
                 migrate_uri: format!("tcp:127.0.0.1:{}", free_tcp_port()),
                 launch: Some(LaunchSpec {
                     host: None,
@@ -302,6 +304,7 @@ fn reference_run(n: usize) -> Result<(Duration, symvirt::controller::Report), St
                 source: SourceSpec {
                     qmp: unused.clone(),
                     channel: unused.clone(),
+                    libvirt: None,
                     devices: vec![hca.clone()],
                     interconnect: Interconnect::Infiniband {
                         hca: "hca0".into(),
@@ -312,6 +315,7 @@ fn reference_run(n: usize) -> Result<(Duration, symvirt::controller::Report), St
                 destination: DestinationSpec {
                     qmp: unused.clone(),
                     channel: unused.clone(),
+                    libvirt: None,
                     migrate_uri: format!("tcp:127.0.0.1:{}", free_tcp_port()),
                     launch: None,
                     devices: vec![Device::VirtioNet {

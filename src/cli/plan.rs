@@ -501,6 +501,10 @@ fn run(args: &RunArgs, host: Option<&str>) -> ExitCode {
     };
     let mut staying = Vec::new();
     if let Some(host) = host {
+        if let Some(vm) = plan.first_libvirt_vm() {
+            eprintln!("ninja-migrate: {vm} is a libvirt domain: plan evacuate moves QEMU VMs only");
+            return ExitCode::from(2);
+        }
         let (on, off): (Vec<_>, Vec<_>) = plan.vms.iter().partition(|v| v.source.qmp.is_on(host));
         if on.is_empty() {
             eprintln!(

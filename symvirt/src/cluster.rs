@@ -139,13 +139,32 @@ fn default_qemu() -> String {
     "qemu-system-x86_64".into()
 }
 
+/// A VM that libvirt manages: a domain of the libvirt daemon at `uri` (any URI libvirt takes:
+/// `qemu:///system`, `qemu+ssh://node7/system`, `qemu+tls://node7/system`,
+/// `qemu+unix:///system?socket=PATH`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LibvirtDomain {
+    /// The daemon's connection URI, as this host reaches it (and, for the destination, as the
+    /// source's daemon reaches it: the migration is peer to peer).
+    pub uri: String,
+    /// The domain's name.
+    pub domain: String,
+    /// Where a migration into this daemon's host connects, `tcp:HOST:PORT` (libvirt's
+    /// `migrate_uri`; absent: libvirt picks a port on the host's name). A source's is used
+    /// when a rollback migrates the VM back.
+    pub migrate_uri: Option<String>,
+}
+
 /// The source side of one VM.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SourceSpec {
-    /// QEMU's QMP monitor.
+    /// QEMU's QMP monitor (unused for a libvirt domain).
     pub qmp: Address,
-    /// The guest channel (QEMU's virtserialport chardev socket).
+    /// The guest channel, QEMU's virtserialport chardev socket (unused for a libvirt domain:
+    /// the channel is opened through libvirt).
     pub channel: Address,
+    /// The VM is this libvirt domain, driven through libvirt instead of QMP.
+    pub libvirt: Option<LibvirtDomain>,
     /// The passthrough devices to detach before migrating (re-attached on rollback).
     pub devices: Vec<Device>,
     /// The interconnect the guest has now (told again on rollback).
@@ -155,12 +174,16 @@ pub struct SourceSpec {
 /// The destination side of one VM.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DestinationSpec {
-    /// The destination QEMU's QMP monitor.
+    /// The destination QEMU's QMP monitor (unused for a libvirt domain).
     pub qmp: Address,
-    /// The guest channel on the destination.
+    /// The guest channel on the destination (unused for a libvirt domain).
     pub channel: Address,
-    /// The migration URI the destination listens on, `tcp:HOST:PORT` or `unix:PATH`.
+    /// The migration URI the destination listens on, `tcp:HOST:PORT` or `unix:PATH`; for a
+    /// libvirt domain, where its QEMU listens (empty: libvirt picks).
     pub migrate_uri: String,
+    /// The libvirt daemon the domain moves to (the same domain name), when the source is a
+    /// libvirt domain.
+    pub libvirt: Option<LibvirtDomain>,
     /// Start the destination QEMU (absent: it runs already, started with `-incoming URI`).
     pub launch: Option<LaunchSpec>,
     /// The devices to attach after the migration.
@@ -239,4 +262,14 @@ pub struct Plan {
     pub migration: MigrationSettings,
     /// The `ssh` program used for remote endpoints and launches.
     pub ssh_program: String,
+}
+
+impl Plan {
+    /// The first VM that is a libvirt domain, for the commands that drive QEMU VMs only.
+    pub fn first_libvirt_vm(&self) -> Option<&str> {
+        self.vms
+            .iter()
+            .find(|v| v.source.libvirt.is_some())
+            .map(|v| v.name.as_str())
+    }
 }

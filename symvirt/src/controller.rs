@@ -24,7 +24,7 @@
 use crate::backend::qemu::{Launcher, QemuVm};
 use crate::backend::{MigrationProgress, VmBackend};
 use crate::checkpoint::{self, Partial, SavedState, StateFormat};
-use crate::cluster::Plan;
+use crate::cluster::{MigrationSettings, Plan, VmSpec};
 use crate::error::{Error, ErrorKind, Result};
 use crate::host_channel::HostChannel;
 use crate::journal::{Journal, Record};
@@ -531,15 +531,17 @@ impl<'a> Controller<'a> {
         self.record(|r| r.phase = Some(phase))
     }
 
-    /// Runs the plan on QEMU backends; destination QEMUs log into `log_dir`.
+    /// Runs the plan on its VMs' backends: QEMU over QMP, or libvirt for a VM that is a
+    /// libvirt domain (feature `libvirt`); destination QEMUs the run starts log into `log_dir`.
     pub fn run_qemu(&self, log_dir: &std::path::Path) -> Result<Report> {
         let forwards = self.journal.map(Journal::forward_dir);
-        self.run(self.qemu_backends(log_dir, forwards)?)
+        self.run(self.plan_backends(log_dir, forwards)?)
     }
 
-    /// One QEMU backend per VM of the plan; ssh forwards in `forward_dir` (default: a fresh
-    /// temporary directory).
-    pub(crate) fn qemu_backends(
+    /// One backend per VM of the plan: a libvirt domain's is [`crate::backend::libvirt`]
+    /// (feature `libvirt`), every other's is QEMU over QMP; ssh forwards in `forward_dir`
+    /// (default: a fresh temporary directory).
+    pub(crate) fn plan_backends(
         &self,
         log_dir: &std::path::Path,
         forward_dir: Option<std::path::PathBuf>,
@@ -558,14 +560,17 @@ impl<'a> Controller<'a> {
             .vms
             .iter()
             .map(|vm| {
-                Box::new(QemuVm::new(
+                if vm.source.libvirt.is_some() {
+                    return libvirt_backend(vm, self.plan.migration);
+                }
+                Ok(Box::new(QemuVm::new(
                     vm.clone(),
                     self.plan.migration,
                     connector.clone(),
                     launcher.clone(),
-                )) as Box<dyn VmBackend>
+                )) as Box<dyn VmBackend>)
             })
-            .collect();
+            .collect::<Result<_>>()?;
         Ok(backends)
     }
 
@@ -761,7 +766,7 @@ impl<'a> Controller<'a> {
         // The dead run's ssh forwards would hold its sockets: end them, and reuse the place.
         let forwards = journal.forward_dir();
         crate::remote::clear_forwards(&forwards, Instant::now() + self.plan.deadlines.connect)?;
-        self.recover(journal, self.qemu_backends(log_dir, Some(forwards))?)
+        self.recover(journal, self.plan_backends(log_dir, Some(forwards))?)
     }
 
     /// Brings every VM of the interrupted run that `journal` records to exactly one running
@@ -895,7 +900,7 @@ impl<'a> Controller<'a> {
         to: &std::path::Path,
         after: AfterCheckpoint,
     ) -> Result<Report> {
-        let backends = self.qemu_backends(&std::env::temp_dir(), None)?;
+        let backends = self.plan_backends(&std::env::temp_dir(), None)?;
         self.checkpoint(backends, plan_text, to, after)
     }
 
@@ -1127,7 +1132,7 @@ impl<'a> Controller<'a> {
         from: &std::path::Path,
         log_dir: &std::path::Path,
     ) -> Result<Report> {
-        self.restore(self.qemu_backends(log_dir, None)?, from)
+        self.restore(self.plan_backends(log_dir, None)?, from)
     }
 
     /// Brings the virtual cluster checkpointed in `from` back at the plan's destinations
@@ -1459,8 +1464,15 @@ impl<'a> Controller<'a> {
     fn back_at_source(&self, m: &mut Member, deadline: Instant) -> Result<()> {
         let restored = m.backend.rollback(deadline);
         // A guest whose channel had moved to its (now torn down) destination is back at the
-        // source, in the session it had there at the switchover: quiesced.
-        if let Some(session) = m.source_session.take() {
+        // source, in the session it had there at the switchover: quiesced. A source channel
+        // that cannot reconnect itself (libvirt's, whose QEMU a rollback may have replaced)
+        // is opened again, in its session.
+        let lost = m
+            .channel
+            .as_ref()
+            .filter(|c| c.is_lost())
+            .map(HostChannel::session);
+        if let Some(session) = m.source_session.take().or(lost) {
             m.channel = None;
             match m.backend.connect(Some(session), deadline) {
                 Ok(channel) => m.channel = Some(channel),
@@ -1605,4 +1617,22 @@ fn tell_resume(
         ))),
         other => Err(Error::Guest(format!("unexpected {}", other.describe()))),
     }
+}
+
+/// The backend of a VM that is a libvirt domain.
+#[cfg(feature = "libvirt")]
+fn libvirt_backend(vm: &VmSpec, settings: MigrationSettings) -> Result<Box<dyn VmBackend>> {
+    Ok(Box::new(crate::backend::libvirt::LibvirtVm::new(
+        vm.clone(),
+        settings,
+    )?))
+}
+
+/// Without the `libvirt` feature a libvirt domain cannot be driven.
+#[cfg(not(feature = "libvirt"))]
+fn libvirt_backend(vm: &VmSpec, _settings: MigrationSettings) -> Result<Box<dyn VmBackend>> {
+    Err(Error::Config(format!(
+        "{} is a libvirt domain: this build has no libvirt support (cargo feature `libvirt`)",
+        vm.name
+    )))
 }

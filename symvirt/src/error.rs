@@ -84,6 +84,16 @@ pub enum Error {
         #[source]
         source: vfio_ioctls::VfioError,
     },
+    /// A libvirt call failed (`libvirt` feature).
+    #[cfg(feature = "libvirt")]
+    #[error("{what}")]
+    Libvirt {
+        /// What was being done, e.g. `vm0 at qemu:///system: detach ua-hca0`.
+        what: String,
+        /// libvirt's error.
+        #[source]
+        source: virt::error::Error,
+    },
     /// A checkpoint that is damaged, incomplete, or not for this plan: the file, and what is
     /// wrong with it.
     #[error("{}: {problem}", path.display())]
@@ -171,6 +181,8 @@ impl Error {
             Error::Qmp { .. } | Error::Qemu(_) | Error::Vmm(_) => ErrorKind::Vmm,
             #[cfg(feature = "vfio")]
             Error::Vfio { .. } => ErrorKind::Vmm,
+            #[cfg(feature = "libvirt")]
+            Error::Libvirt { .. } => ErrorKind::Vmm,
             Error::Refused(_) | Error::Config(_) | Error::Plan(_) => ErrorKind::Refused,
             Error::Io { .. } => ErrorKind::Io,
             Error::Internal(_) => ErrorKind::Internal,

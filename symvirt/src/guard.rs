@@ -78,9 +78,14 @@ pub fn guard_qemu(
     plan_text: &str,
     settings: &GuardSettings,
 ) -> Result<GuardEnd> {
+    if let Some(vm) = controller.plan().first_libvirt_vm() {
+        return Err(Error::Refused(format!(
+            "{vm} is a libvirt domain: the guard watches QEMU VMs only"
+        )));
+    }
     std::fs::create_dir_all(&settings.dir)
         .map_err(|e| Error::io(format!("create {}", settings.dir.display()), e))?;
-    let mut watched = controller.qemu_backends(&settings.log_dir, None)?;
+    let mut watched = controller.plan_backends(&settings.log_dir, None)?;
     loop {
         take_checkpoint(controller, plan_text, settings);
         let next = Instant::now() + settings.every;

@@ -172,6 +172,8 @@ pub struct HostChannel {
     events: Receiver<ChannelEvent>,
     thread: Option<JoinHandle<()>>,
     listen_path: Option<PathBuf>,
+    /// Served once: a lost connection is not made again (see [`HostChannel::from_stream`]).
+    one_shot: bool,
 }
 
 impl std::fmt::Debug for HostChannel {
@@ -254,6 +256,7 @@ impl HostChannel {
         session: GuestSession,
     ) -> Result<HostChannel> {
         let (tx, rx) = crossbeam_channel::bounded(options.queue.max(2));
+        let one_shot = matches!(endpoint, Endpoint::Stream(_));
         let shared = Arc::new(Shared {
             options,
             session: Mutex::new(session),
@@ -272,6 +275,7 @@ impl HostChannel {
             events: rx,
             thread: Some(thread),
             listen_path,
+            one_shot,
         })
     }
 
@@ -358,7 +362,14 @@ impl HostChannel {
         lock(&self.shared.session).guest().cloned()
     }
 
-    /// Whether the socket is connected now.
+    /// Whether the connection is lost for good: a one-shot stream that ended. Such a channel
+    /// is opened again by whoever made it (a connecting or listening channel reconnects
+    /// itself).
+    pub fn is_lost(&self) -> bool {
+        self.one_shot && !self.is_connected()
+    }
+
+    /// Whether the guest's channel is connected now.
     pub fn is_connected(&self) -> bool {
         lock(&self.shared.writer).is_some()
     }

@@ -35,7 +35,8 @@
 //! [`Device::StandbyNic`]).
 
 use crate::cluster::{
-    Deadlines, DestinationSpec, Device, LaunchSpec, MigrationSettings, Plan, SourceSpec, VmSpec,
+    Deadlines, DestinationSpec, Device, LaunchSpec, LibvirtDomain, MigrationSettings, Plan,
+    SourceSpec, VmSpec,
 };
 use crate::error::{Error, Result};
 use crate::protocol::{Interconnect, Validate, is_mac_address};
@@ -111,8 +112,16 @@ struct VmFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SourceFile {
-    qmp: Spanned<String>,
-    channel: Spanned<String>,
+    #[serde(default)]
+    qmp: Option<Spanned<String>>,
+    #[serde(default)]
+    channel: Option<Spanned<String>>,
+    #[serde(default)]
+    libvirt: Option<Spanned<String>>,
+    #[serde(default)]
+    domain: Option<Spanned<String>>,
+    #[serde(default)]
+    migrate_uri: Option<Spanned<String>>,
     interconnect: Spanned<Interconnect>,
     #[serde(default)]
     devices: Vec<Spanned<Device>>,
@@ -121,14 +130,33 @@ struct SourceFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DestinationFile {
-    qmp: Spanned<String>,
-    channel: Spanned<String>,
-    migrate_uri: Spanned<String>,
+    #[serde(default)]
+    qmp: Option<Spanned<String>>,
+    #[serde(default)]
+    channel: Option<Spanned<String>>,
+    #[serde(default)]
+    migrate_uri: Option<Spanned<String>>,
+    #[serde(default)]
+    libvirt: Option<Spanned<String>>,
     interconnect: Spanned<Interconnect>,
     #[serde(default)]
     launch: Option<Spanned<LaunchSpec>>,
     #[serde(default)]
     devices: Vec<Spanned<Device>>,
+}
+
+/// A libvirt connection URI: `DRIVER[+TRANSPORT]://[HOST]/PATH[?PARAMS]` (or `DRIVER:///...`).
+fn check_libvirt_uri(uri: &str) -> std::result::Result<(), String> {
+    let Some((scheme, _)) = uri.split_once("://") else {
+        return Err(format!(
+            "{uri:?} is not a libvirt URI (qemu:///system, qemu+ssh://HOST/system, ...)"
+        ));
+    };
+    let valid = |c: char| c.is_ascii_alphanumeric() || c == '+' || c == '-';
+    if scheme.is_empty() || !scheme.chars().all(valid) || uri.chars().any(char::is_control) {
+        return Err(format!("{uri:?} is not a libvirt URI"));
+    }
+    Ok(())
 }
 
 /// Turns byte offsets into line and column.
@@ -183,6 +211,120 @@ impl Checker<'_> {
             return None;
         }
         Some(a)
+    }
+
+    /// A VM given as a libvirt domain: source and destination daemons (both, or neither), no
+    /// QMP or channel sockets, no launch (libvirt makes the destination from the source's XML).
+    fn libvirt(
+        &mut self,
+        vm: &VmFile,
+        name: &str,
+        base: &str,
+    ) -> Option<(LibvirtDomain, LibvirtDomain)> {
+        let (src, dst) = (vm.source.get_ref(), vm.destination.get_ref());
+        let (source, destination) = match (&src.libvirt, &dst.libvirt) {
+            (None, None) => {
+                for (value, path) in [(&src.domain, "domain"), (&src.migrate_uri, "migrate_uri")] {
+                    if let Some(v) = value {
+                        self.issue(
+                            v.span(),
+                            format!("{base}.source.{path}"),
+                            "only for a libvirt source (source.libvirt)",
+                        );
+                    }
+                }
+                return None;
+            }
+            (Some(s), Some(d)) => (s, d),
+            (Some(s), None) => {
+                self.issue(
+                    s.span(),
+                    format!("{base}.destination.libvirt"),
+                    "missing: a libvirt domain moves to another libvirt daemon",
+                );
+                return None;
+            }
+            (None, Some(d)) => {
+                self.issue(
+                    d.span(),
+                    format!("{base}.source.libvirt"),
+                    "missing: only a libvirt domain moves to a libvirt daemon",
+                );
+                return None;
+            }
+        };
+        let mut ok = true;
+        for (value, path) in [
+            (source, "source.libvirt"),
+            (destination, "destination.libvirt"),
+        ] {
+            if let Err(e) = check_libvirt_uri(value.get_ref()) {
+                self.issue(value.span(), format!("{base}.{path}"), e);
+                ok = false;
+            }
+        }
+        let sockets = [
+            (&src.qmp, "source.qmp"),
+            (&src.channel, "source.channel"),
+            (&dst.qmp, "destination.qmp"),
+            (&dst.channel, "destination.channel"),
+        ];
+        for (value, path) in sockets {
+            if let Some(v) = value {
+                self.issue(
+                    v.span(),
+                    format!("{base}.{path}"),
+                    "a libvirt domain is reached through libvirt: leave it out",
+                );
+                ok = false;
+            }
+        }
+        if let Some(l) = &dst.launch {
+            self.issue(
+                l.span(),
+                format!("{base}.destination.launch"),
+                "libvirt makes the destination from the source's XML: leave it out",
+            );
+            ok = false;
+        }
+        let domain = src.domain.as_ref().map_or(name, |d| d.get_ref().as_str());
+        if domain.is_empty() || domain.contains(['\0', '/']) {
+            let span = src.domain.as_ref().map_or(vm.name.span(), |d| d.span());
+            self.issue(
+                span,
+                format!("{base}.source.domain"),
+                format!("{domain:?} is not a domain name"),
+            );
+            ok = false;
+        }
+        for (i, d) in src.devices.iter().chain(&dst.devices).enumerate() {
+            if let Err(e) = crate::backend::libvirt_xml::device_xml(d.get_ref()) {
+                let side = if i < src.devices.len() {
+                    "source"
+                } else {
+                    "destination"
+                };
+                self.issue(d.span(), format!("{base}.{side}.devices"), e);
+                ok = false;
+            }
+        }
+        if let Some(uri) = &src.migrate_uri {
+            if let Err(e) = check_migrate_uri(uri.get_ref()) {
+                self.issue(uri.span(), format!("{base}.source.migrate_uri"), e);
+                ok = false;
+            }
+        }
+        ok.then(|| {
+            let at = |uri: &Spanned<String>, migrate_uri: &Option<Spanned<String>>| LibvirtDomain {
+                uri: uri.get_ref().clone(),
+                domain: domain.to_owned(),
+                migrate_uri: migrate_uri.as_ref().map(|u| u.get_ref().clone()),
+            };
+            (
+                at(source, &src.migrate_uri),
+                at(destination, &dst.migrate_uri),
+            )
+        })
     }
 
     fn interconnect(&mut self, value: &Spanned<Interconnect>, path: &str) {
@@ -394,16 +536,47 @@ pub fn parse(text: &str) -> std::result::Result<Plan, Vec<PlanIssue>> {
         }
         let src = v.source.get_ref();
         let dst = v.destination.get_ref();
-        let sq = c.address(&src.qmp, &format!("{base}.source.qmp"));
-        let sc = c.channel_address(&src.channel, &format!("{base}.source.channel"));
-        let dq = c.address(&dst.qmp, &format!("{base}.destination.qmp"));
-        let dc = c.channel_address(&dst.channel, &format!("{base}.destination.channel"));
-        if let Err(e) = check_migrate_uri(dst.migrate_uri.get_ref()) {
-            c.issue(
-                dst.migrate_uri.span(),
+        let libvirt = c.libvirt(v, name, &base);
+        // A libvirt domain has no monitor or channel socket of its own in the plan.
+        let unused = || Some(Address::Local(qmp::Endpoint::Unix("libvirt".into())));
+        let (sq, sc, dq, dc) = if libvirt.is_some() {
+            (unused(), unused(), unused(), unused())
+        } else {
+            let mut required =
+                |value: &Option<Spanned<String>>, span: &Range<usize>, what: &str| {
+                    let path = format!("{base}.{what}");
+                    match value {
+                        Some(v) if what.ends_with("channel") => c.channel_address(v, &path),
+                        Some(v) => c.address(v, &path),
+                        None => {
+                            c.issue(
+                                span.clone(),
+                                path,
+                                "missing (or give source.libvirt and destination.libvirt)",
+                            );
+                            None
+                        }
+                    }
+                };
+            (
+                required(&src.qmp, &v.source.span(), "source.qmp"),
+                required(&src.channel, &v.source.span(), "source.channel"),
+                required(&dst.qmp, &v.destination.span(), "destination.qmp"),
+                required(&dst.channel, &v.destination.span(), "destination.channel"),
+            )
+        };
+        match &dst.migrate_uri {
+            Some(uri) => {
+                if let Err(e) = check_migrate_uri(uri.get_ref()) {
+                    c.issue(uri.span(), format!("{base}.destination.migrate_uri"), e);
+                }
+            }
+            None if libvirt.is_none() => c.issue(
+                v.destination.span(),
                 format!("{base}.destination.migrate_uri"),
-                e,
-            );
+                "missing",
+            ),
+            None => {}
         }
         c.interconnect(&src.interconnect, &format!("{base}.source.interconnect"));
         c.interconnect(
@@ -412,7 +585,10 @@ pub fn parse(text: &str) -> std::result::Result<Plan, Vec<PlanIssue>> {
         );
         c.devices(&src.devices, &format!("{base}.source.devices"));
         c.devices(&dst.devices, &format!("{base}.destination.devices"));
-        let uri = dst.migrate_uri.get_ref().parse::<Address>().ok();
+        let uri = dst
+            .migrate_uri
+            .as_ref()
+            .and_then(|u| u.get_ref().parse::<Address>().ok());
         for (what, value, address) in [
             ("source.qmp", &src.qmp, &sq),
             ("source.channel", &src.channel, &sc),
@@ -420,7 +596,9 @@ pub fn parse(text: &str) -> std::result::Result<Plan, Vec<PlanIssue>> {
             ("destination.channel", &dst.channel, &dc),
             ("destination.migrate_uri", &dst.migrate_uri, &uri),
         ] {
-            let Some(address) = address else { continue };
+            let (Some(value), Some(address)) = (value, address) else {
+                continue;
+            };
             let here = format!("{base}.{what}");
             match taken.get(&address.identity()) {
                 Some(other) => c.issue(
@@ -480,10 +658,10 @@ pub fn parse(text: &str) -> std::result::Result<Plan, Vec<PlanIssue>> {
                     format!("bad host {host:?}"),
                 );
             }
-            if dq.as_ref().is_some_and(|q| q.to_string().contains(',')) {
+            if let Some(qmp) = dst.qmp.as_ref().filter(|q| q.get_ref().contains(',')) {
                 // QEMU's -qmp option would split the path at the comma.
                 c.issue(
-                    dst.qmp.span(),
+                    qmp.span(),
                     format!("{base}.destination.qmp"),
                     "a launched destination's monitor path cannot hold ','",
                 );
@@ -502,13 +680,19 @@ pub fn parse(text: &str) -> std::result::Result<Plan, Vec<PlanIssue>> {
                 source: SourceSpec {
                     qmp: sq,
                     channel: sc,
+                    libvirt: libvirt.as_ref().map(|(source, _)| source.clone()),
                     devices: src.devices.iter().map(|d| d.get_ref().clone()).collect(),
                     interconnect: src.interconnect.get_ref().clone(),
                 },
                 destination: DestinationSpec {
                     qmp: dq,
                     channel: dc,
-                    migrate_uri: dst.migrate_uri.get_ref().clone(),
+                    migrate_uri: dst
+                        .migrate_uri
+                        .as_ref()
+                        .map(|u| u.get_ref().clone())
+                        .unwrap_or_default(),
+                    libvirt: libvirt.map(|(_, destination)| destination),
                     launch: dst.launch.as_ref().map(|l| l.get_ref().clone()),
                     devices: dst.devices.iter().map(|d| d.get_ref().clone()).collect(),
                     interconnect: dst.interconnect.get_ref().clone(),
@@ -867,5 +1051,91 @@ host = "0000:3b:00.2"
         }
         // The 10 MB path is not echoed back whole.
         assert!(issues.iter().all(|t| t.len() < 1000), "{issues:#?}");
+    }
+
+    const LIBVIRT: &str = r#"
+[[vm]]
+name = "vm0"
+[vm.source]
+libvirt = "qemu+ssh://node1/system"
+domain = "job7-vm0"
+migrate_uri = "tcp:10.0.0.1:49152"
+interconnect = { kind = "infiniband", hca = "mlx5_0", port = 1 }
+[[vm.source.devices]]
+kind = "vfio-pci"
+id = "hca0"
+host = "0000:3b:00.1"
+[vm.destination]
+libvirt = "qemu+ssh://node7/system"
+migrate_uri = "tcp:10.0.0.7:49152"
+interconnect = { kind = "ethernet", mac = "52:54:00:00:00:07" }
+[[vm.destination.devices]]
+kind = "virtio-net"
+id = "net0"
+mac = "52:54:00:00:00:07"
+"#;
+
+    #[test]
+    fn a_libvirt_domain_is_named_by_daemon_uri_and_domain() {
+        let plan = parse(LIBVIRT).unwrap();
+        let vm = &plan.vms[0];
+        assert_eq!(
+            vm.source.libvirt,
+            Some(LibvirtDomain {
+                uri: "qemu+ssh://node1/system".into(),
+                domain: "job7-vm0".into(),
+                migrate_uri: Some("tcp:10.0.0.1:49152".into()),
+            })
+        );
+        let destination = vm.destination.libvirt.as_ref().unwrap();
+        assert_eq!(destination.uri, "qemu+ssh://node7/system");
+        // The destination domain keeps the source's name.
+        assert_eq!(destination.domain, "job7-vm0");
+        assert_eq!(
+            destination.migrate_uri.as_deref(),
+            Some("tcp:10.0.0.7:49152")
+        );
+        // Without `domain`, the VM's name is the domain's.
+        let plain = parse(&LIBVIRT.replace("domain = \"job7-vm0\"\n", "")).unwrap();
+        assert_eq!(plain.vms[0].source.libvirt.as_ref().unwrap().domain, "vm0");
+    }
+
+    #[test]
+    fn a_libvirt_plan_with_what_libvirt_does_not_take_is_refused() {
+        let sockets = issues_of(&LIBVIRT.replace(
+            "migrate_uri = \"tcp:10.0.0.1:49152\"",
+            "qmp = \"unix:/run/vm0/qmp.sock\"",
+        ));
+        assert!(
+            has(&sockets, "vm[0].source.qmp", "leave it out"),
+            "{sockets:?}"
+        );
+        let one_sided = issues_of(&LIBVIRT.replace("libvirt = \"qemu+ssh://node7/system\"\n", ""));
+        assert!(
+            has(&one_sided, "vm[0].destination.libvirt", "missing"),
+            "{one_sided:?}"
+        );
+        let bad_uri = issues_of(&LIBVIRT.replace("qemu+ssh://node7/system", "node7"));
+        assert!(
+            has(&bad_uri, "vm[0].destination.libvirt", "not a libvirt URI"),
+            "{bad_uri:?}"
+        );
+        let standby =
+            issues_of(&LIBVIRT.replace("kind = \"virtio-net\"", "kind = \"standby-nic\""));
+        assert!(
+            has(&standby, "vm[0].destination.devices", "standby-nic"),
+            "{standby:?}"
+        );
+        // A QEMU VM still needs its sockets.
+        let qemu = issues_of(
+            &LIBVIRT
+                .replace("libvirt = \"qemu+ssh://node1/system\"\n", "")
+                .replace("libvirt = \"qemu+ssh://node7/system\"\n", ""),
+        );
+        assert!(has(&qemu, "vm[0].source.qmp", "missing"), "{qemu:?}");
+        assert!(
+            has(&qemu, "vm[0].source.domain", "only for a libvirt source"),
+            "{qemu:?}"
+        );
     }
 }

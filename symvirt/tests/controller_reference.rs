@@ -86,12 +86,14 @@ fn spec(name: &str, from: (Vec<Device>, Interconnect), to: (Vec<Device>, Interco
         source: SourceSpec {
             qmp: unused.clone(),
             channel: unused.clone(),
+            libvirt: None,
             devices: from.0,
             interconnect: from.1,
         },
         destination: DestinationSpec {
             qmp: unused.clone(),
             channel: unused,
+            libvirt: None,
             migrate_uri: format!("tcp:127.0.0.1:{}", free_tcp_port()),
             launch: None,
             devices: to.0,

@@ -6,6 +6,9 @@
 //! migrated by its pre-copy engine, with the port-I/O hypercall channel. Guest coordination (prepare, resume, abort) is the controller's, the
 //! same for every backend.
 
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
+pub mod libvirt_xml;
 pub mod qemu;
 pub mod reference;
 

@@ -37,12 +37,25 @@ pub fn guest_pci_until(
     interconnect: Interconnect,
     done: impl Fn(&[PciDevice]) -> bool,
 ) -> Vec<PciDevice> {
-    // Right after the controller's connection: the channel's hello request gets the answer.
     let chan = HostChannel::connect(sock, ChannelOptions::labelled(vm)).unwrap();
+    let serial = sock.with_file_name("serial.log");
+    guest_pci_until_on(&chan, &serial, vm, after_epoch, interconnect, done)
+}
+
+/// [`guest_pci_until`] on an open channel (its guest's console log in `serial`).
+pub fn guest_pci_until_on(
+    chan: &HostChannel,
+    serial: &Path,
+    vm: &str,
+    after_epoch: u64,
+    interconnect: Interconnect,
+    done: impl Fn(&[PciDevice]) -> bool,
+) -> Vec<PciDevice> {
+    // Right after the controller's connection: the channel's hello request gets the answer.
     let info = match chan.wait_hello(Instant::now() + PATIENCE) {
         Ok(i) => i,
         Err(e) => {
-            let log = read(&sock.with_file_name("serial.log"));
+            let log = read(serial);
             let tail: Vec<&str> = log.lines().rev().take(15).collect();
             panic!("{vm}: no hello: {e}; serial tail (newest first): {tail:#?}")
         }

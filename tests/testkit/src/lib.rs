@@ -12,6 +12,7 @@
 //! ```
 
 pub mod cluster;
+pub mod libvirt;
 mod qemu;
 mod raw_qmp;
 mod skip;

@@ -115,15 +115,7 @@ impl QemuConfig {
     /// arguments. A migration destination must be started with the same machine; tests that let
     /// a controller launch destinations give it these arguments.
     pub fn machine_args(&self, serial: &Path) -> Vec<String> {
-        let mut append = String::from("console=ttyS0 panic=-1 quiet");
-        if let Some(run) = &self.guest_run {
-            append.push_str(" ninja.run=");
-            append.push_str(run);
-        }
-        for arg in &self.kernel_args {
-            append.push(' ');
-            append.push_str(arg);
-        }
+        let append = self.kernel_cmdline();
         let mut args: Vec<String> = ["-accel", "tcg", "-machine", "pc", "-m"]
             .into_iter()
             .map(String::from)
@@ -151,6 +143,69 @@ impl QemuConfig {
         args
     }
 }
+
+impl QemuConfig {
+    /// The guest kernel's command line: the serial console, what the guest runs, the extra
+    /// kernel arguments.
+    pub fn kernel_cmdline(&self) -> String {
+        let mut append = String::from("console=ttyS0 panic=-1 quiet");
+        if let Some(run) = &self.guest_run {
+            append.push_str(" ninja.run=");
+            append.push_str(run);
+        }
+        for arg in &self.kernel_args {
+            append.push(' ');
+            append.push_str(arg);
+        }
+        append
+    }
+
+    /// The same machine as a transient libvirt domain `name` (TCG, `pc`, the fixtures booted
+    /// directly, the serial console appended to `serial`, the SymVirt virtio-serial channel as
+    /// libvirt's own unix socket), with `devices` (device XML) added. QEMU arguments given
+    /// with [`QemuConfig::args`] are not carried over.
+    pub fn libvirt_domain_xml(&self, name: &str, serial: &Path, devices: &str) -> String {
+        let esc = |s: &str| {
+            s.replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;")
+        };
+        format!(
+            "<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>{memory}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>{cmdline}</cmdline>
+  </os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>{emulator}</emulator>
+    <serial type='file'><source path='{serial}' append='on'/><target port='0'/></serial>
+    <channel type='unix'><source mode='bind'/><target type='virtio' name='org.symvirt.0'/></channel>
+    <memballoon model='none'/>
+    {devices}
+  </devices>
+</domain>
+",
+            memory = self.memory_mib,
+            kernel = esc(&self.kernel.display().to_string()),
+            initrd = esc(&self.initramfs.display().to_string()),
+            cmdline = esc(&self.kernel_cmdline()),
+            emulator = QEMU_PATH,
+            serial = esc(&serial.display().to_string()),
+        )
+    }
+}
+
+/// Where libvirt finds QEMU (it wants a path).
+const QEMU_PATH: &str = "/usr/bin/qemu-system-x86_64";
 
 /// A running QEMU process. Dropping it kills the process and removes its files.
 #[derive(Debug)]

@@ -23,6 +23,8 @@ pub enum Requirement {
     Ssh,
     /// Network namespaces, bridges and taps (root and iproute2), for the virtual-cluster tests.
     Netns,
+    /// libvirt's daemon and `virsh`, for the libvirt backend's tests.
+    Libvirt,
 }
 
 impl Requirement {
@@ -33,6 +35,7 @@ impl Requirement {
             Requirement::Mpi => "mpi",
             Requirement::Ssh => "ssh",
             Requirement::Netns => "netns",
+            Requirement::Libvirt => "libvirt",
         }
     }
 

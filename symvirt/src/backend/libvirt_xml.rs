@@ -1,0 +1,304 @@
+//! libvirt's side of a plan's devices: the device XML a libvirt domain gets for each
+//! [`Device`], and what the controller reads in a domain's XML (a device by its alias, the
+//! passthrough devices that would keep libvirt from migrating it).
+//!
+//! A plan device `id` is the libvirt user alias `ua-ID` (libvirt only keeps aliases that start
+//! with `ua-`), so the controller finds what it plugged, and what the site plugged under that
+//! alias, in the live XML. Compiled without the `libvirt` feature too: `plan check` uses it.
+
+use crate::cluster::Device;
+use serde_json::Value;
+use std::path::Path;
+
+/// The libvirt alias of a plan device id.
+pub fn alias(id: &str) -> String {
+    if id.starts_with("ua-") {
+        id.to_owned()
+    } else {
+        format!("ua-{id}")
+    }
+}
+
+/// Escapes text for an XML attribute in single quotes.
+fn attr(value: &str) -> String {
+    value
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
+}
+
+/// The XML that plugs `device` into a libvirt domain (no `<address>`: libvirt picks a free
+/// slot). `Err` says why the device cannot be a libvirt one.
+pub fn device_xml(device: &Device) -> Result<String, String> {
+    let alias = attr(&alias(device.id()));
+    let no_properties = |properties: &serde_json::Map<String, Value>| {
+        if properties.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}: properties are QEMU device options; a libvirt domain's device is XML",
+                device.id()
+            ))
+        }
+    };
+    match device {
+        Device::VfioPci {
+            host, properties, ..
+        } => {
+            no_properties(properties)?;
+            let b: symvirt_proto::addr::Bdf =
+                host.parse().map_err(|e| format!("host {host:?}: {e}"))?;
+            Ok(format!(
+                "<hostdev mode='subsystem' type='pci' managed='yes'><source>\
+                 <address domain='{:#06x}' bus='{:#04x}' slot='{:#04x}' function='{:#x}'/>\
+                 </source><alias name='{alias}'/></hostdev>",
+                b.domain, b.bus, b.device, b.function
+            ))
+        }
+        Device::HcaStandin {
+            mem_path,
+            size,
+            properties,
+            ..
+        } => {
+            no_properties(properties)?;
+            let name = shmem_name(mem_path)?;
+            Ok(format!(
+                "<shmem name='{}'><model type='ivshmem-plain'/><size unit='bytes'>{size}</size>\
+                 <alias name='{alias}'/></shmem>",
+                attr(name)
+            ))
+        }
+        Device::VirtioNet {
+            mac,
+            netdev,
+            properties,
+            ..
+        } => {
+            no_properties(properties)?;
+            let backend = match netdev {
+                None => "type='user'>".to_owned(),
+                Some(n) => {
+                    let get = |k: &str| n.get(k).and_then(Value::as_str);
+                    match (get("type"), get("bridge"), get("network")) {
+                        (Some("user"), None, None) => "type='user'>".to_owned(),
+                        (Some("bridge"), Some(b), None) => {
+                            format!("type='bridge'><source bridge='{}'/>", attr(b))
+                        }
+                        (Some("network"), None, Some(net)) => {
+                            format!("type='network'><source network='{}'/>", attr(net))
+                        }
+                        _ => {
+                            return Err(format!(
+                                "{}: a libvirt NIC's netdev is {{type=\"user\"}}, \
+                                 {{type=\"bridge\", bridge=NAME}} or {{type=\"network\", network=NAME}}",
+                                device.id()
+                            ));
+                        }
+                    }
+                }
+            };
+            Ok(format!(
+                "<interface {backend}<mac address='{}'/><model type='virtio'/>\
+                 <alias name='{alias}'/></interface>",
+                attr(mac)
+            ))
+        }
+        Device::StandbyNic { id, .. } => Err(format!(
+            "{id}: standby-nic is not supported for libvirt domains yet (use virtio-net)"
+        )),
+    }
+}
+
+/// libvirt backs an ivshmem device with `/dev/shm/NAME`: the stand-in's file must be there.
+fn shmem_name(mem_path: &Path) -> Result<&str, String> {
+    match (
+        mem_path.parent(),
+        mem_path.file_name().and_then(|n| n.to_str()),
+    ) {
+        (Some(dir), Some(name)) if dir == Path::new("/dev/shm") && !name.is_empty() => Ok(name),
+        _ => Err(format!(
+            "mem_path {}: libvirt backs ivshmem with /dev/shm/NAME",
+            mem_path.display()
+        )),
+    }
+}
+
+fn parse(xml: &str) -> Result<roxmltree::Document<'_>, String> {
+    roxmltree::Document::parse(xml).map_err(|e| format!("domain XML: {e}"))
+}
+
+fn devices<'a, 'i>(
+    doc: &'a roxmltree::Document<'i>,
+) -> impl Iterator<Item = roxmltree::Node<'a, 'i>> {
+    doc.root_element()
+        .children()
+        .filter(|n| n.has_tag_name("devices"))
+        .flat_map(|d| d.children().filter(roxmltree::Node::is_element))
+}
+
+fn alias_of<'a>(node: roxmltree::Node<'a, '_>) -> Option<&'a str> {
+    node.children()
+        .find(|c| c.has_tag_name("alias"))
+        .and_then(|a| a.attribute("name"))
+}
+
+/// The XML element of the device whose alias is `alias` in a domain's XML, as libvirt wrote
+/// it (with its address: given back to `detach` or to a re-attach at the same slot).
+pub fn find_device(domain_xml: &str, alias: &str) -> Result<Option<String>, String> {
+    let doc = parse(domain_xml)?;
+    Ok(devices(&doc)
+        .find(|n| alias_of(*n) == Some(alias))
+        .map(|n| domain_xml[n.range()].to_owned()))
+}
+
+/// The devices of a domain that keep libvirt (and QEMU) from migrating it: host devices and
+/// ivshmem regions, other than those the plan detaches first (`detached`: plan device ids).
+pub fn blocking_devices(domain_xml: &str, detached: &[&str]) -> Result<Vec<String>, String> {
+    let doc = parse(domain_xml)?;
+    let detached: Vec<String> = detached.iter().map(|id| alias(id)).collect();
+    Ok(devices(&doc)
+        .filter(|n| n.has_tag_name("hostdev") || n.has_tag_name("shmem"))
+        .filter(|n| alias_of(*n).is_none_or(|a| !detached.iter().any(|d| d == a)))
+        .map(|n| {
+            let what = n.tag_name().name();
+            match (alias_of(n), n.attribute("name")) {
+                (Some(a), _) => format!("{what} {a}"),
+                (None, Some(name)) => format!("{what} {name}"),
+                (None, None) => what.to_owned(),
+            }
+        })
+        .collect())
+}
+
+/// `element` without its `<address .../>` child: the device is plugged where the domain has
+/// room (at a destination, the source's slot may be taken).
+pub fn without_address(element: &str) -> Result<String, String> {
+    let doc = roxmltree::Document::parse(element).map_err(|e| format!("device XML: {e}"))?;
+    let Some(address) = doc
+        .root_element()
+        .children()
+        .find(|c| c.has_tag_name("address"))
+    else {
+        return Ok(element.to_owned());
+    };
+    let range = address.range();
+    Ok(format!(
+        "{}{}",
+        &element[..range.start],
+        &element[range.end..]
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const DOMAIN: &str = "<domain type='qemu' id='1'>
+  <name>vm0</name>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <shmem name='ninja-hca0'>
+      <model type='ivshmem-plain'/>
+      <size unit='M'>1</size>
+      <alias name='ua-hca0'/>
+      <address type='pci' domain='0x0000' bus='0x00' slot='0x03' function='0x0'/>
+    </shmem>
+    <hostdev mode='subsystem' type='pci' managed='yes'>
+      <source><address domain='0x0000' bus='0x3b' slot='0x00' function='0x1'/></source>
+      <alias name='hostdev0'/>
+    </hostdev>
+  </devices>
+</domain>";
+
+    fn device(value: serde_json::Value) -> Device {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn plan_devices_become_libvirt_device_xml() {
+        let hca = device(json!({"kind": "hca-standin", "id": "hca0",
+            "mem_path": "/dev/shm/ninja-hca0", "size": 1048576}));
+        assert_eq!(
+            device_xml(&hca).unwrap(),
+            "<shmem name='ninja-hca0'><model type='ivshmem-plain'/><size unit='bytes'>1048576</size>\
+             <alias name='ua-hca0'/></shmem>"
+        );
+        let vf = device(json!({"kind": "vfio-pci", "id": "hca1", "host": "0000:3b:00.1"}));
+        assert_eq!(
+            device_xml(&vf).unwrap(),
+            "<hostdev mode='subsystem' type='pci' managed='yes'><source>\
+             <address domain='0x0000' bus='0x3b' slot='0x00' function='0x1'/>\
+             </source><alias name='ua-hca1'/></hostdev>"
+        );
+        let nic = device(
+            json!({"kind": "virtio-net", "id": "net0", "mac": "52:54:00:00:00:07",
+            "netdev": {"type": "bridge", "bridge": "br'0"}}),
+        );
+        assert_eq!(
+            device_xml(&nic).unwrap(),
+            "<interface type='bridge'><source bridge='br&apos;0'/><mac address='52:54:00:00:00:07'/>\
+             <model type='virtio'/><alias name='ua-net0'/></interface>"
+        );
+        let user =
+            device(json!({"kind": "virtio-net", "id": "ua-net1", "mac": "52:54:00:00:00:08"}));
+        assert!(
+            device_xml(&user)
+                .unwrap()
+                .starts_with("<interface type='user'><mac")
+        );
+        assert!(
+            device_xml(&user)
+                .unwrap()
+                .contains("<alias name='ua-net1'/>")
+        );
+    }
+
+    #[test]
+    fn devices_libvirt_cannot_express_are_refused() {
+        let elsewhere = device(json!({"kind": "hca-standin", "id": "hca0",
+            "mem_path": "/tmp/hca0", "size": 1048576}));
+        assert!(
+            device_xml(&elsewhere)
+                .unwrap_err()
+                .contains("/dev/shm/NAME")
+        );
+        let options = device(
+            json!({"kind": "vfio-pci", "id": "hca1", "host": "0000:3b:00.1",
+            "properties": {"addr": "5"}}),
+        );
+        assert!(device_xml(&options).unwrap_err().contains("properties"));
+        let tap = device(
+            json!({"kind": "virtio-net", "id": "net0", "mac": "52:54:00:00:00:07",
+            "netdev": {"type": "tap", "id": "n0"}}),
+        );
+        assert!(device_xml(&tap).unwrap_err().contains("bridge"));
+    }
+
+    #[test]
+    fn a_device_is_found_by_its_alias_with_its_address() {
+        let found = find_device(DOMAIN, "ua-hca0").unwrap().unwrap();
+        assert!(found.starts_with("<shmem name='ninja-hca0'>"), "{found}");
+        assert!(found.ends_with("</shmem>"), "{found}");
+        assert!(found.contains("slot='0x03'"));
+        assert_eq!(find_device(DOMAIN, "ua-net0").unwrap(), None);
+        assert!(find_device("<domain", "x").is_err());
+        let bare = without_address(&found).unwrap();
+        assert!(!bare.contains("<address"), "{bare}");
+        assert!(bare.contains("<alias name='ua-hca0'/>"));
+    }
+
+    #[test]
+    fn passthrough_devices_the_plan_leaves_attached_block_the_migration() {
+        assert_eq!(
+            blocking_devices(DOMAIN, &["hca0"]).unwrap(),
+            vec!["hostdev hostdev0".to_owned()]
+        );
+        assert_eq!(
+            blocking_devices(DOMAIN, &[]).unwrap(),
+            vec!["shmem ua-hca0".to_owned(), "hostdev hostdev0".to_owned()]
+        );
+    }
+}
