@@ -12,11 +12,17 @@
 //! when /dev/kvm works): the plain migration is `migrate-core`'s engine alone, the plan runs on
 //! the reference backend with the port-I/O hypercall channel and an HCA stand-in.
 //!
+//! With the `libvirt` feature (`cargo bench --bench symvirt --features libvirt`), the same for
+//! libvirt domains (`backend: "libvirt-tcg"`, 128 MiB, the same guest) between two private
+//! libvirt daemons on this machine: the plain migration is libvirt's own (`virsh migrate --live
+//! --p2p`, all at once), then the stand-in is plugged as `<shmem>` and the plan runs through
+//! the libvirt backend, back to the first daemon.
+//!
 //! One JSON line per backend and cluster size, medians over the repetitions (ms): each phase,
 //! the plan's total, the plain migration, and `coordination_overhead_ms`, the median of the
 //! per-repetition difference `total - plain migration`: the number to shrink. Failed runs print
 //! an error line and are left out. Run: `cargo bench --bench symvirt` (`NINJA_BENCH_REPS`,
-//! default 3).
+//! default 3; `NINJA_BENCH_SIZES`, default `1,2,4`).
 
 use ninja_testkit::{Fixtures, Qemu, QemuConfig, RawQmp, free_tcp_port, qemu_or_skip};
 use qmp::Endpoint;
@@ -438,11 +444,26 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
+    let sizes: Vec<usize> = std::env::var("NINJA_BENCH_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| SIZES.to_vec());
+    #[cfg(feature = "libvirt")]
+    let hosts = fixtures.as_ref().and_then(|_| libvirt::hosts());
     let mut samples = Samples::new();
     for rep in 0..reps {
-        for n in SIZES {
+        for &n in &sizes {
             if let Some(f) = &fixtures {
                 record(&mut samples, ("qemu-tcg", n), rep, one_run(f, n, rep));
+                #[cfg(feature = "libvirt")]
+                if let Some(h) = &hosts {
+                    record(
+                        &mut samples,
+                        ("libvirt-tcg", n),
+                        rep,
+                        libvirt::run(f, h, n, rep),
+                    );
+                }
             }
             if kvm {
                 record(&mut samples, ("reference-kvm", n), rep, reference_run(n));
@@ -454,7 +475,7 @@ fn main() {
             "bench": "symvirt",
             "backend": backend,
             "vms": n,
-            "memory_mib": if backend == "qemu-tcg" { MEMORY_MIB } else { 32 },
+            "memory_mib": if backend == "reference-kvm" { 32 } else { MEMORY_MIB },
             "runs": fields.get("total_ms").map_or(0, Vec::len),
         });
         if let Value::Object(o) = &mut line {
@@ -463,5 +484,192 @@ fn main() {
             }
         }
         println!("{line}");
+    }
+}
+
+/// The libvirt counterpart of [`one_run`].
+#[cfg(feature = "libvirt")]
+mod libvirt {
+    use super::*;
+    use ninja_testkit::libvirt::{LibvirtHost, libvirt_or_skip};
+
+    /// Two daemons standing for two hosts, for every repetition.
+    pub fn hosts() -> Option<(LibvirtHost, LibvirtHost)> {
+        if !libvirt_or_skip("bench symvirt (libvirt)") {
+            return None;
+        }
+        match (LibvirtHost::start("bench-a"), LibvirtHost::start("bench-b")) {
+            (Ok(a), Ok(b)) => Some((a, b)),
+            (a, b) => {
+                eprintln!(
+                    "SKIPPED: bench symvirt (libvirt): {:?} {:?}",
+                    a.err(),
+                    b.err()
+                );
+                None
+            }
+        }
+    }
+
+    fn destroy(host: &LibvirtHost, names: &[String]) {
+        for name in names {
+            let _ = host.virsh(&["destroy", name]);
+        }
+    }
+
+    /// `n` domains boot at a, migrate plainly to b (the reference time), get their stand-in
+    /// there, and the plan moves them back to a onto Ethernet.
+    pub fn run(
+        fixtures: &Fixtures,
+        (a, b): &(LibvirtHost, LibvirtHost),
+        n: usize,
+        rep: usize,
+    ) -> Result<(Duration, symvirt::controller::Report), String> {
+        let tag = format!("{}-{n}-{rep}", std::process::id());
+        let base = std::env::temp_dir().join(format!("ninja-bench-lv-{tag}"));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).map_err(|e| e.to_string())?;
+        let mut left = Leftovers::default();
+        left.paths.push(base.clone());
+        let names: Vec<String> = (0..n).map(|i| format!("lv{i}")).collect();
+        // Whatever happens, no domain of this run outlives it.
+        struct Destroy<'a>(&'a LibvirtHost, &'a LibvirtHost, &'a [String]);
+        impl Drop for Destroy<'_> {
+            fn drop(&mut self) {
+                destroy(self.0, self.2);
+                destroy(self.1, self.2);
+            }
+        }
+        let _destroy = Destroy(a, b, &names);
+        for name in &names {
+            let serial = base.join(format!("{name}-serial.log"));
+            let xml = QemuConfig::new(fixtures)
+                .memory_mib(MEMORY_MIB)
+                .guest_run(&format!("/bin/symvirt-agent --ranks 0 --vm {name}"))
+                .libvirt_domain_xml(name, &serial, "");
+            a.create(&xml).map_err(|e| e.to_string())?;
+        }
+        for name in &names {
+            let serial = base.join(format!("{name}-serial.log"));
+            let started = Instant::now();
+            while !std::fs::read_to_string(&serial)
+                .unwrap_or_default()
+                .contains("symvirt-agent")
+            {
+                if started.elapsed() > PATIENCE {
+                    return Err(format!("{name}: no agent"));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        std::thread::sleep(SETTLE);
+        // The plain migration: libvirt's own, every domain at once.
+        let started = Instant::now();
+        let plain: Vec<Result<(), String>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = names
+                .iter()
+                .map(|name| {
+                    scope.spawn(move || {
+                        let uri = format!("tcp://127.0.0.1:{}", free_tcp_port());
+                        a.virsh_ok(&[
+                            "migrate",
+                            name,
+                            b.uri(),
+                            "--live",
+                            "--p2p",
+                            "--migrateuri",
+                            &uri,
+                        ])
+                        .map(drop)
+                        .map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let plain_took = started.elapsed();
+        plain.into_iter().collect::<Result<Vec<()>, String>>()?;
+
+        // At b they get their "HCA", and the plan moves them back to a, onto Ethernet.
+        let mut vms = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let shm = format!("ninja-bench-lv-{tag}-{name}");
+            left.paths.push(PathBuf::from("/dev/shm").join(&shm));
+            let device = base.join(format!("{name}-hca.xml"));
+            std::fs::write(
+                &device,
+                format!(
+                    "<shmem name='{shm}'><model type='ivshmem-plain'/><size unit='bytes'>1048576</size><alias name='ua-hca0'/></shmem>"
+                ),
+            )
+            .map_err(|e| e.to_string())?;
+            b.virsh_ok(&[
+                "attach-device",
+                name,
+                &device.display().to_string(),
+                "--live",
+            ])
+            .map_err(|e| e.to_string())?;
+            let mac = format!("52:54:00:00:32:{:02x}", i + 1);
+            let at = |host: &LibvirtHost| symvirt::cluster::LibvirtDomain {
+                uri: host.uri().into(),
+                domain: name.clone(),
+                migrate_uri: Some(format!("tcp:127.0.0.1:{}", free_tcp_port())),
+                persistent: false,
+                undefine_source: false,
+            };
+            let unused = Address::Local(Endpoint::Unix("libvirt".into()));
+            vms.push(VmSpec {
+                name: name.clone(),
+                source: SourceSpec {
+                    qmp: unused.clone(),
+                    channel: unused.clone(),
+                    libvirt: Some(at(b)),
+                    devices: vec![Device::HcaStandin {
+                        id: "hca0".into(),
+                        mem_path: PathBuf::from("/dev/shm").join(&shm),
+                        size: 1 << 20,
+                        properties: Map::new(),
+                    }],
+                    interconnect: Interconnect::Infiniband {
+                        hca: "hca0".into(),
+                        port: 1,
+                        pci: None,
+                    },
+                },
+                destination: DestinationSpec {
+                    qmp: unused.clone(),
+                    channel: unused,
+                    libvirt: Some(at(a)),
+                    migrate_uri: String::new(),
+                    launch: None,
+                    devices: vec![Device::VirtioNet {
+                        id: "net0".into(),
+                        mac: mac.clone(),
+                        netdev: None,
+                        properties: Map::new(),
+                    }],
+                    interconnect: Interconnect::Ethernet {
+                        mac,
+                        iface: None,
+                        pci: None,
+                    },
+                },
+            });
+        }
+        let plan = Plan {
+            vms,
+            deadlines: Deadlines::default(),
+            migration: MigrationSettings::default(),
+            ssh_program: "ssh".into(),
+        };
+        let sink = |_: &Event| {};
+        let report = Controller::new(plan, &sink)
+            .run_qemu(&base)
+            .map_err(|e| e.chain())?;
+        if report.outcome != Outcome::Completed {
+            return Err(format!("plan {:?}: {:?}", report.outcome, report.errors));
+        }
+        Ok((plain_took, report))
     }
 }

@@ -153,6 +153,13 @@ pub struct LibvirtDomain {
     /// `migrate_uri`; absent: libvirt picks a port on the host's name). A source's is used
     /// when a rollback migrates the VM back.
     pub migrate_uri: Option<String>,
+    /// Destination only: the domain is defined (persistent) there after the move, with the
+    /// source's definition less the devices the plan detaches, plus those it attaches
+    /// (`VIR_MIGRATE_PERSIST_DEST`).
+    pub persistent: bool,
+    /// Destination only: the source's definition is removed after the move
+    /// (`VIR_MIGRATE_UNDEFINE_SOURCE`).
+    pub undefine_source: bool,
 }
 
 /// The source side of one VM.

@@ -138,6 +138,10 @@ struct DestinationFile {
     migrate_uri: Option<Spanned<String>>,
     #[serde(default)]
     libvirt: Option<Spanned<String>>,
+    #[serde(default)]
+    persistent: Option<Spanned<bool>>,
+    #[serde(default)]
+    undefine_source: Option<Spanned<bool>>,
     interconnect: Spanned<Interconnect>,
     #[serde(default)]
     launch: Option<Spanned<LaunchSpec>>,
@@ -233,6 +237,19 @@ impl Checker<'_> {
                         );
                     }
                 }
+                let flags = [
+                    (&dst.persistent, "persistent"),
+                    (&dst.undefine_source, "undefine_source"),
+                ];
+                for (value, path) in flags {
+                    if let Some(v) = value {
+                        self.issue(
+                            v.span(),
+                            format!("{base}.destination.{path}"),
+                            "only for a libvirt destination (destination.libvirt)",
+                        );
+                    }
+                }
                 return None;
             }
             (Some(s), Some(d)) => (s, d),
@@ -314,16 +331,21 @@ impl Checker<'_> {
                 ok = false;
             }
         }
+        let flag = |v: &Option<Spanned<bool>>| v.as_ref().is_some_and(|b| *b.get_ref());
         ok.then(|| {
             let at = |uri: &Spanned<String>, migrate_uri: &Option<Spanned<String>>| LibvirtDomain {
                 uri: uri.get_ref().clone(),
                 domain: domain.to_owned(),
                 migrate_uri: migrate_uri.as_ref().map(|u| u.get_ref().clone()),
+                persistent: false,
+                undefine_source: false,
             };
-            (
-                at(source, &src.migrate_uri),
-                at(destination, &dst.migrate_uri),
-            )
+            let there = LibvirtDomain {
+                persistent: flag(&dst.persistent),
+                undefine_source: flag(&dst.undefine_source),
+                ..at(destination, &dst.migrate_uri)
+            };
+            (at(source, &src.migrate_uri), there)
         })
     }
 
@@ -1068,6 +1090,7 @@ host = "0000:3b:00.1"
 [vm.destination]
 libvirt = "qemu+ssh://node7/system"
 migrate_uri = "tcp:10.0.0.7:49152"
+persistent = true
 interconnect = { kind = "ethernet", mac = "52:54:00:00:00:07" }
 [[vm.destination.devices]]
 kind = "virtio-net"
@@ -1085,6 +1108,8 @@ mac = "52:54:00:00:00:07"
                 uri: "qemu+ssh://node1/system".into(),
                 domain: "job7-vm0".into(),
                 migrate_uri: Some("tcp:10.0.0.1:49152".into()),
+                persistent: false,
+                undefine_source: false,
             })
         );
         let destination = vm.destination.libvirt.as_ref().unwrap();

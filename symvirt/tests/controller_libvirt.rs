@@ -23,6 +23,8 @@ use symvirt::protocol::Interconnect;
 
 const MEMORY_MIB: u32 = 128;
 const HCA_SIZE: u64 = 1 << 20;
+/// The definition moves with the domain.
+const PERSIST: &str = "persistent = true\nundefine_source = true\n";
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -81,9 +83,14 @@ impl Rig {
         self.dir.join(format!("{vm}-serial.log"))
     }
 
-    /// Starts `vm` as a domain of host a with its stand-in HCA (and `extra` device XML), and
-    /// waits for its agent.
+    /// Starts `vm` as a transient domain of host a with its stand-in HCA (and `extra` device
+    /// XML), and waits for its agent.
     fn start(&self, vm: &str, ranks: u32, extra: &str) {
+        self.start_as(vm, ranks, extra, false);
+    }
+
+    /// [`Rig::start`], as a persistent (defined) domain when `persistent`.
+    fn start_as(&self, vm: &str, ranks: u32, extra: &str, persistent: bool) {
         let hca = format!(
             "<shmem name='{}'><model type='ivshmem-plain'/><size unit='bytes'>{HCA_SIZE}</size>\
              <alias name='ua-hca0'/></shmem>{extra}",
@@ -93,7 +100,13 @@ impl Rig {
             .memory_mib(MEMORY_MIB)
             .guest_run(&agent_command(vm, ranks))
             .libvirt_domain_xml(vm, &self.serial(vm), &hca);
-        self.a.create(&xml).expect("create the domain");
+        if persistent {
+            self.a
+                .define_and_start(&xml, vm)
+                .expect("define and start the domain");
+        } else {
+            self.a.create(&xml).expect("create the domain");
+        }
         let started = Instant::now();
         while !read(&self.serial(vm)).contains("symvirt-agent") {
             assert!(
@@ -121,6 +134,8 @@ struct VmPlan<'a> {
     to: &'a LibvirtHost,
     source: (String, String),
     destination: (String, String),
+    /// More destination settings (`persistent = true`, ...).
+    flags: &'a str,
 }
 
 fn hca_toml(table: &str, mem: &Path) -> String {
@@ -151,7 +166,7 @@ fn plan_toml(settings: &str, vms: &[VmPlan]) -> String {
             "[[vm]]\nname = \"{name}\"\n[vm.source]\nlibvirt = \"{from}\"\n\
              migrate_uri = \"tcp:127.0.0.1:{back}\"\ninterconnect = {sic}\n{sdev}\
              [vm.destination]\nlibvirt = \"{to}\"\nmigrate_uri = \"tcp:127.0.0.1:{port}\"\n\
-             interconnect = {dic}\n{ddev}",
+             {flags}interconnect = {dic}\n{ddev}",
             name = vm.name,
             from = vm.from.uri(),
             to = vm.to.uri(),
@@ -161,6 +176,7 @@ fn plan_toml(settings: &str, vms: &[VmPlan]) -> String {
             sdev = vm.source.0,
             dic = vm.destination.1,
             ddev = vm.destination.0,
+            flags = vm.flags,
         ));
     }
     plan
@@ -232,8 +248,9 @@ fn two_domains_move_from_the_hca_standin_to_ethernet_and_back_through_libvirt() 
     let test = "two_domains_move_through_libvirt";
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let Some(rig) = rig(test) else { return };
+    // Defined domains: their definitions move with them.
     for vm in ["vm0", "vm1"] {
-        rig.start(vm, 0, "");
+        rig.start_as(vm, 0, "", true);
     }
     // With the stand-in attached, libvirt refuses to migrate the domain, as with a VFIO HCA.
     let refused = rig.a.virsh(&[
@@ -262,6 +279,7 @@ fn two_domains_move_from_the_hca_standin_to_ethernet_and_back_through_libvirt() 
             to: &rig.b,
             source: (hca_toml("source", &rig.hca_mem(name)), ib()),
             destination: (nic_toml("destination", &mac_of(i), ""), eth(&mac_of(i))),
+            flags: PERSIST,
         })
         .collect();
     // And back, later: the NIC unplugged at b, the stand-in plugged at a.
@@ -274,6 +292,7 @@ fn two_domains_move_from_the_hca_standin_to_ethernet_and_back_through_libvirt() 
             to: &rig.a,
             source: (nic_toml("source", &mac_of(i), ""), eth(&mac_of(i))),
             destination: (hca_toml("destination", &rig.hca_mem(name)), ib()),
+            flags: PERSIST,
         })
         .collect();
     let (forward, back) = (
@@ -318,6 +337,11 @@ fn two_domains_move_from_the_hca_standin_to_ethernet_and_back_through_libvirt() 
         assert_eq!(rig.a.domain_state(vm), None, "{vm} still at a");
         assert!(has_device(&rig.b, vm, "ua-net0"), "{vm}: no NIC at b");
         assert!(!has_device(&rig.b, vm, "ua-hca0"), "{vm}: HCA went along");
+        // Its definition moved too, with the NIC and without the HCA.
+        assert!(rig.b.is_defined(vm) && !rig.a.is_defined(vm), "{vm}");
+        let defined = rig.b.virsh_ok(&["dumpxml", "--inactive", vm]).unwrap();
+        assert!(defined.contains("<alias name='ua-net0'/>"), "{defined}");
+        assert!(!defined.contains("ua-hca0"), "{defined}");
         let serial = read(&rig.serial(vm));
         assert!(
             serial.contains(&format!(
@@ -356,6 +380,10 @@ fn two_domains_move_from_the_hca_standin_to_ethernet_and_back_through_libvirt() 
         assert_eq!(rig.b.domain_state(vm), None, "{vm} still at b");
         assert!(has_device(&rig.a, vm, "ua-hca0"), "{vm}: no HCA at a");
         assert!(!has_device(&rig.a, vm, "ua-net0"), "{vm}: NIC went along");
+        assert!(rig.a.is_defined(vm) && !rig.b.is_defined(vm), "{vm}");
+        let defined = rig.a.virsh_ok(&["dumpxml", "--inactive", vm]).unwrap();
+        assert!(defined.contains("<alias name='ua-hca0'/>"), "{defined}");
+        assert!(!defined.contains("ua-net0"), "{defined}");
         rig.wait_more_passes(vm, rig.passes(vm));
         assert!(!read(&rig.serial(vm)).contains("MISMATCH"), "{vm}");
         let devices = guest_pci(&rig, &forward, i, report.epoch, infiniband(), |d| {
@@ -383,8 +411,10 @@ fn rollback_case(test: &str, how: Break, expect_phase: Phase) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let Some(mut rig) = rig(test) else { return };
     let vm1_ranks = u32::from(matches!(how, Break::NeverQuiesces));
-    rig.start("vm0", 0, "");
-    rig.start("vm1", vm1_ranks, "");
+    // Defined domains where both move and come back: their definitions come back too.
+    let persistent = matches!(how, Break::DeviceRefused);
+    rig.start_as("vm0", 0, "", persistent);
+    rig.start_as("vm1", vm1_ranks, "", persistent);
     let vms: Vec<VmPlan> = ["vm0", "vm1"]
         .iter()
         .enumerate()
@@ -400,6 +430,7 @@ fn rollback_case(test: &str, how: Break, expect_phase: Phase) {
                 to: &rig.b,
                 source: (hca_toml("source", &rig.hca_mem(name)), ib()),
                 destination: (nic_toml("destination", &mac_of(i), netdev), eth(&mac_of(i))),
+                flags: if persistent { PERSIST } else { "" },
             }
         })
         .collect();
@@ -466,6 +497,9 @@ fn rollback_case(test: &str, how: Break, expect_phase: Phase) {
         if matches!(how, Break::DeviceRefused) {
             // Both had moved: both came back from b.
             assert_eq!(rig.b.domain_state(vm), None, "{vm} left at b");
+            assert!(rig.a.is_defined(vm) && !rig.b.is_defined(vm), "{vm}");
+            let defined = rig.a.virsh_ok(&["dumpxml", "--inactive", vm]).unwrap();
+            assert!(defined.contains("<alias name='ua-hca0'/>"), "{defined}");
             assert!(resumed_at(&events, vm, "destination").is_none());
         }
         let never_quiesced = matches!(how, Break::NeverQuiesces) && i == 1;
@@ -536,6 +570,7 @@ fn a_domain_libvirt_cannot_migrate_is_refused_before_anything_is_detached() {
             to: &rig.b,
             source: (hca_toml("source", &rig.hca_mem(name)), ib()),
             destination: (nic_toml("destination", &mac_of(i), ""), eth(&mac_of(i))),
+            flags: "",
         })
         .collect();
     let (report, events) = run(&plan_toml("", &vms), &rig.dir, |_| {});

@@ -21,7 +21,9 @@
 //! the rollback: a VM whose migration completed has no source any more, so rolling it back
 //! migrates it back (paused, so a single pass) and re-attaches its devices there.
 
-use super::libvirt_xml::{alias, blocking_devices, device_xml, find_device, without_address};
+use super::libvirt_xml::{
+    alias, blocking_devices, device_xml, find_device, without_address, without_devices,
+};
 use super::{MigrationProgress, MigrationResult, VmBackend};
 use crate::cluster::{LibvirtDomain, MigrationSettings, VmSpec};
 use crate::error::{Error, Result};
@@ -57,6 +59,9 @@ pub struct LibvirtVm {
     moved: bool,
     /// Aliases of the devices plugged at the destination.
     attached: Vec<String>,
+    /// The source's persistent definition before the move, if it had one: a rollback that
+    /// migrates the VM back defines it there again.
+    source_definition: Option<String>,
     result: MigrationResult,
 }
 
@@ -96,6 +101,7 @@ impl LibvirtVm {
             migration: None,
             moved: false,
             attached: Vec::new(),
+            source_definition: None,
             result: MigrationResult::default(),
         })
     }
@@ -237,12 +243,21 @@ impl LibvirtVm {
         if self.state(&at, &domain)? == sys::VIR_DOMAIN_RUNNING {
             domain.suspend().map_err(|e| self.err(&at, "pause", e))?;
         }
+        let mut flags = self.flags();
+        if self.destination.persistent {
+            // The definition made there goes.
+            flags |= sys::VIR_MIGRATE_UNDEFINE_SOURCE;
+        }
+        if self.source_definition.is_some() {
+            flags |= sys::VIR_MIGRATE_PERSIST_DEST;
+        }
         let params = MigrateParameters {
             uri: self.source.migrate_uri.as_deref().and_then(migration_uri),
+            persist_xml: self.source_definition.clone(),
             ..Default::default()
         };
         domain
-            .migrate_to_uri3(Some(&self.source.uri), params, self.flags())
+            .migrate_to_uri3(Some(&self.source.uri), params, flags)
             .map_err(|e| self.err(&at, "migrate back to the source", e))?;
         self.moved = false;
         Ok(())
@@ -439,6 +454,40 @@ impl VmBackend for LibvirtVm {
                 .migrate_set_max_downtime(ms, 0)
                 .map_err(|e| self.err(&at, "set the downtime limit", e))?;
         }
+        if domain.is_persistent().unwrap_or(false) {
+            let flags = sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_MIGRATABLE;
+            let definition = domain
+                .get_xml_desc(flags)
+                .map_err(|e| self.err(&at, "read the domain's definition", e))?;
+            self.source_definition = Some(definition);
+        }
+        let mut flags = self.flags();
+        let mut persist_xml = None;
+        if self.destination.persistent {
+            flags |= sys::VIR_MIGRATE_PERSIST_DEST;
+            // The definition the destination keeps: the source's (or, for a transient domain,
+            // what runs) without the devices the plan detached.
+            let definition = match &self.source_definition {
+                Some(d) => d.clone(),
+                None => domain
+                    .get_xml_desc(sys::VIR_DOMAIN_XML_MIGRATABLE)
+                    .map_err(|e| self.err(&at, "read the domain XML", e))?,
+            };
+            let detached: Vec<String> = self
+                .spec
+                .source
+                .devices
+                .iter()
+                .map(|d| alias(d.id()))
+                .collect();
+            persist_xml = Some(
+                without_devices(&definition, &detached)
+                    .map_err(|e| Error::Refused(format!("{}: {e}", self.spec.name)))?,
+            );
+        }
+        if self.destination.undefine_source {
+            flags |= sys::VIR_MIGRATE_UNDEFINE_SOURCE;
+        }
         let params = MigrateParameters {
             uri: self
                 .destination
@@ -447,9 +496,9 @@ impl VmBackend for LibvirtVm {
                 .and_then(migration_uri),
             // libvirt takes MiB/s.
             bandwidth: self.settings.max_bandwidth.map(|b| (b >> 20).max(1)),
+            persist_xml,
             ..Default::default()
         };
-        let flags = self.flags();
         let to = self.destination.uri.clone();
         let thread = std::thread::Builder::new()
             .name(format!("lv-migrate-{}", self.spec.name))
@@ -532,8 +581,14 @@ impl VmBackend for LibvirtVm {
         for d in self.spec.destination.devices.clone() {
             let xml =
                 device_xml(&d).map_err(|e| Error::Refused(format!("{}: {e}", self.spec.name)))?;
+            // A domain defined there keeps the device in its definition too.
+            let config = if self.destination.persistent {
+                sys::VIR_DOMAIN_AFFECT_CONFIG
+            } else {
+                0
+            };
             domain
-                .attach_device_flags(&xml, sys::VIR_DOMAIN_AFFECT_LIVE)
+                .attach_device_flags(&xml, sys::VIR_DOMAIN_AFFECT_LIVE | config)
                 .map_err(|e| self.err(&at, &format!("attach {}", d.describe()), e))?;
             self.attached.push(alias(d.id()));
         }

@@ -172,6 +172,25 @@ pub fn blocking_devices(domain_xml: &str, detached: &[&str]) -> Result<Vec<Strin
         .collect())
 }
 
+/// A domain's XML without the devices aliased `aliases` (a persistent definition that moves
+/// without the passthrough devices the plan detaches).
+pub fn without_devices(domain_xml: &str, aliases: &[String]) -> Result<String, String> {
+    let doc = parse(domain_xml)?;
+    let mut ranges: Vec<std::ops::Range<usize>> = devices(&doc)
+        .filter(|n| alias_of(*n).is_some_and(|a| aliases.iter().any(|x| x == a)))
+        .map(|n| n.range())
+        .collect();
+    ranges.sort_by_key(|r| r.start);
+    let mut out = String::with_capacity(domain_xml.len());
+    let mut at = 0;
+    for r in ranges {
+        out.push_str(&domain_xml[at..r.start]);
+        at = r.end;
+    }
+    out.push_str(&domain_xml[at..]);
+    Ok(out)
+}
+
 /// `element` without its `<address .../>` child: the device is plugged where the domain has
 /// room (at a destination, the source's slot may be taken).
 pub fn without_address(element: &str) -> Result<String, String> {
@@ -288,6 +307,15 @@ mod tests {
         let bare = without_address(&found).unwrap();
         assert!(!bare.contains("<address"), "{bare}");
         assert!(bare.contains("<alias name='ua-hca0'/>"));
+    }
+
+    #[test]
+    fn a_definition_moves_without_the_detached_devices() {
+        let moved = without_devices(DOMAIN, &["ua-hca0".into()]).unwrap();
+        assert!(!moved.contains("ua-hca0"), "{moved}");
+        assert!(moved.contains("<alias name='hostdev0'/>"));
+        assert!(moved.contains("<emulator>"));
+        assert_eq!(without_devices(DOMAIN, &[]).unwrap(), DOMAIN);
     }
 
     #[test]

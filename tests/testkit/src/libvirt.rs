@@ -187,6 +187,23 @@ impl LibvirtHost {
             .map(drop)
     }
 
+    /// Defines a persistent domain from `xml` and starts it.
+    pub fn define_and_start(&self, xml: &str, name: &str) -> io::Result<()> {
+        let file = self.dir.join(format!(
+            "domain-{}.xml",
+            NEXT_FILE.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::write(&file, xml)?;
+        self.virsh_ok(&["define", &file.display().to_string()])?;
+        self.virsh_ok(&["start", name]).map(drop)
+    }
+
+    /// Whether the daemon has a persistent definition of `domain`.
+    pub fn is_defined(&self, domain: &str) -> bool {
+        self.virsh_ok(&["list", "--all", "--persistent", "--name"])
+            .is_ok_and(|names| names.lines().any(|l| l.trim() == domain))
+    }
+
     /// The state `virsh domstate` gives (`running`, `paused`, ...), or None if the daemon has
     /// no such domain.
     pub fn domain_state(&self, domain: &str) -> Option<String> {
