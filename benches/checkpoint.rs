@@ -196,6 +196,7 @@ fn cluster(
         deadlines: Deadlines::default(),
         migration: MigrationSettings::default(),
         ssh_program: "ssh".into(),
+        tls: None,
     };
     Ok((sources, plan))
 }

@@ -219,6 +219,7 @@ fn one_run(
         deadlines: Deadlines::default(),
         migration: MigrationSettings::default(),
         ssh_program: "ssh".into(),
+        tls: None,
     };
     let sink = |_: &Event| {};
     let report = Controller::new(plan, &sink)
@@ -356,6 +357,7 @@ fn reference_run(n: usize) -> Result<(Duration, symvirt::controller::Report), St
         deadlines: Deadlines::default(),
         migration: MigrationSettings::default(),
         ssh_program: "ssh".into(),
+        tls: None,
     };
     let sink = |_: &Event| {};
     let report = Controller::new(plan, &sink)
@@ -662,6 +664,7 @@ mod libvirt {
             deadlines: Deadlines::default(),
             migration: MigrationSettings::default(),
             ssh_program: "ssh".into(),
+            tls: None,
         };
         let sink = |_: &Event| {};
         let report = Controller::new(plan, &sink)

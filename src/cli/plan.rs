@@ -460,13 +460,22 @@ fn load(path: &PathBuf) -> Result<symvirt::cluster::Plan, ExitCode> {
             return Err(ExitCode::from(2));
         }
     };
-    symvirt::plan::parse(&text).map_err(|issues| {
+    let plan = symvirt::plan::parse(&text).map_err(|issues| {
         for issue in &issues {
             eprintln!("{}:{issue}", path.display());
         }
         eprintln!("{}: {} error(s)", path.display(), issues.len());
         ExitCode::FAILURE
-    })
+    })?;
+    // What would cross hosts unprotected: said every time ([settings.tls] require = true
+    // makes it an error).
+    for what in plan.cleartext_endpoints() {
+        eprintln!(
+            "{}: warning: clear text between hosts: {what}",
+            path.display()
+        );
+    }
+    Ok(plan)
 }
 
 /// Runs a `plan` subcommand.

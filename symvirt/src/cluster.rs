@@ -258,6 +258,22 @@ pub struct MigrationSettings {
     pub downtime_limit_ms: Option<u64>,
 }
 
+/// TLS for the migration streams of a plan. A QEMU VM's migration uses QEMU's own
+/// (`tls-creds-x509` objects, created over QMP at both ends, and `tls-creds`), with mutual
+/// authentication: every certificate is checked against the site's CA, the destination's name
+/// against the migration URI's host. A libvirt domain migrates with `VIR_MIGRATE_TLS`, with the
+/// certificates the site gave its libvirt daemons.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// The credentials directory, the same path on every QEMU host: `ca-cert.pem`; where a
+    /// destination runs `server-cert.pem` and `server-key.pem`; where a source runs
+    /// `client-cert.pem` and `client-key.pem`.
+    pub creds_dir: PathBuf,
+}
+
+/// The id of the TLS credentials object Ninja creates in a QEMU.
+pub const TLS_CREDS_ID: &str = "ninja-tls";
+
 /// A whole migration plan: the cluster's VMs and how to move them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
@@ -269,9 +285,54 @@ pub struct Plan {
     pub migration: MigrationSettings,
     /// The `ssh` program used for remote endpoints and launches.
     pub ssh_program: String,
+    /// TLS for the migration streams (absent: clear text, see [`Plan::cleartext_endpoints`]).
+    pub tls: Option<TlsSettings>,
 }
 
 impl Plan {
+    /// What of the plan would cross between hosts in clear text: `tcp:` monitors and
+    /// migration streams on an address other than this host's loopback (without `[settings.tls]`),
+    /// `qemu+tcp://` libvirt connections, libvirt migrations between two hosts without TLS.
+    /// `ssh:` endpoints and unix sockets are not listed.
+    pub fn cleartext_endpoints(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for vm in &self.vms {
+            let name = &vm.name;
+            if let (Some(from), Some(to)) = (&vm.source.libvirt, &vm.destination.libvirt) {
+                for (what, d) in [("source", from), ("destination", to)] {
+                    if d.uri
+                        .split_once("://")
+                        .is_some_and(|(s, _)| s.ends_with("+tcp"))
+                    {
+                        found.push(format!("{name}: {what}.libvirt {} (no TLS)", d.uri));
+                    }
+                }
+                if self.tls.is_none() && uri_host(&from.uri) != uri_host(&to.uri) {
+                    found.push(format!(
+                        "{name}: the migration from {} to {} (no [settings.tls])",
+                        from.uri, to.uri
+                    ));
+                }
+                continue;
+            }
+            for (what, address) in [
+                ("source.qmp", &vm.source.qmp),
+                ("destination.qmp", &vm.destination.qmp),
+            ] {
+                if address.crosses_hosts() {
+                    found.push(format!("{name}: {what} {address} (QMP in clear text)"));
+                }
+            }
+            let uri = &vm.destination.migrate_uri;
+            if self.tls.is_none() && uri.parse::<Address>().is_ok_and(|a| a.crosses_hosts()) {
+                found.push(format!(
+                    "{name}: destination.migrate_uri {uri} (no [settings.tls])"
+                ));
+            }
+        }
+        found
+    }
+
     /// The first VM that is a libvirt domain, for the commands that drive QEMU VMs only.
     pub fn first_libvirt_vm(&self) -> Option<&str> {
         self.vms
@@ -279,4 +340,11 @@ impl Plan {
             .find(|v| v.source.libvirt.is_some())
             .map(|v| v.name.as_str())
     }
+}
+
+/// The host of a libvirt URI (empty for this host's daemon).
+fn uri_host(uri: &str) -> &str {
+    let rest = uri.split_once("://").map_or("", |(_, r)| r);
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    authority.rsplit_once('@').map_or(authority, |(_, h)| h)
 }

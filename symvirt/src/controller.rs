@@ -561,14 +561,15 @@ impl<'a> Controller<'a> {
             .iter()
             .map(|vm| {
                 if vm.source.libvirt.is_some() {
-                    return libvirt_backend(vm, self.plan.migration);
+                    return libvirt_backend(vm, self.plan.migration, self.plan.tls.is_some());
                 }
-                Ok(Box::new(QemuVm::new(
+                let qemu = QemuVm::new(
                     vm.clone(),
                     self.plan.migration,
                     connector.clone(),
                     launcher.clone(),
-                )) as Box<dyn VmBackend>)
+                );
+                Ok(Box::new(qemu.with_tls(self.plan.tls.clone())) as Box<dyn VmBackend>)
             })
             .collect::<Result<_>>()?;
         Ok(backends)
@@ -1621,16 +1622,22 @@ fn tell_resume(
 
 /// The backend of a VM that is a libvirt domain.
 #[cfg(feature = "libvirt")]
-fn libvirt_backend(vm: &VmSpec, settings: MigrationSettings) -> Result<Box<dyn VmBackend>> {
-    Ok(Box::new(crate::backend::libvirt::LibvirtVm::new(
-        vm.clone(),
-        settings,
-    )?))
+fn libvirt_backend(
+    vm: &VmSpec,
+    settings: MigrationSettings,
+    tls: bool,
+) -> Result<Box<dyn VmBackend>> {
+    let vm = crate::backend::libvirt::LibvirtVm::new(vm.clone(), settings)?;
+    Ok(Box::new(vm.with_tls(tls)))
 }
 
 /// Without the `libvirt` feature a libvirt domain cannot be driven.
 #[cfg(not(feature = "libvirt"))]
-fn libvirt_backend(vm: &VmSpec, _settings: MigrationSettings) -> Result<Box<dyn VmBackend>> {
+fn libvirt_backend(
+    vm: &VmSpec,
+    _settings: MigrationSettings,
+    _tls: bool,
+) -> Result<Box<dyn VmBackend>> {
     Err(Error::Config(format!(
         "{} is a libvirt domain: this build has no libvirt support (cargo feature `libvirt`)",
         vm.name

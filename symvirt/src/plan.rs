@@ -36,7 +36,7 @@
 
 use crate::cluster::{
     Deadlines, DestinationSpec, Device, LaunchSpec, LibvirtDomain, MigrationSettings, Plan,
-    SourceSpec, VmSpec,
+    SourceSpec, TlsSettings, VmSpec,
 };
 use crate::error::{Error, Result};
 use crate::protocol::{Interconnect, Validate, is_mac_address};
@@ -81,7 +81,9 @@ impl fmt::Display for PlanIssue {
 #[serde(deny_unknown_fields)]
 struct PlanFile {
     #[serde(default)]
-    settings: Option<Spanned<SettingsFile>>,
+    // Not spanned: a table made only by its sub-tables (`[settings.tls]` without `[settings]`)
+    // has no span the toml crate can give.
+    settings: Option<SettingsFile>,
     #[serde(default)]
     vm: Vec<Spanned<VmFile>>,
 }
@@ -99,6 +101,17 @@ struct SettingsFile {
     ssh_program: Option<String>,
     #[serde(default)]
     deadlines_ms: Option<Spanned<BTreeMap<String, Spanned<u64>>>>,
+    #[serde(default)]
+    tls: Option<Spanned<TlsFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFile {
+    #[serde(default)]
+    creds_dir: Option<Spanned<std::path::PathBuf>>,
+    #[serde(default)]
+    require: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -349,6 +362,30 @@ impl Checker<'_> {
         })
     }
 
+    /// `[settings.tls]`: a credentials directory QEMU can take (absolute, a path QEMU's option
+    /// syntax keeps whole), needed when the plan has a QEMU VM.
+    fn tls(&mut self, tls: &Spanned<TlsFile>, vms: &[VmSpec]) -> Option<TlsSettings> {
+        let path = "settings.tls.creds_dir";
+        let Some(dir) = &tls.get_ref().creds_dir else {
+            if vms.iter().any(|v| v.source.libvirt.is_none()) {
+                self.issue(tls.span(), path, "missing: QEMU's credentials directory");
+                return None;
+            }
+            // libvirt domains only: their daemons have their own certificates.
+            return Some(TlsSettings {
+                creds_dir: std::path::PathBuf::new(),
+            });
+        };
+        let text = dir.get_ref().to_str().unwrap_or(",");
+        if !dir.get_ref().is_absolute() || text.contains(',') {
+            self.issue(dir.span(), path, "an absolute path without ','");
+            return None;
+        }
+        Some(TlsSettings {
+            creds_dir: dir.get_ref().clone(),
+        })
+    }
+
     fn interconnect(&mut self, value: &Spanned<Interconnect>, path: &str) {
         if let Err(e) = value.get_ref().validate() {
             self.issue(value.span(), path, e.to_string());
@@ -473,8 +510,7 @@ pub fn parse(text: &str) -> std::result::Result<Plan, Vec<PlanIssue>> {
     let mut deadlines = Deadlines::default();
     let mut migration = MigrationSettings::default();
     let mut ssh_program = "ssh".to_owned();
-    if let Some(settings) = &file.settings {
-        let s = settings.get_ref();
+    if let Some(s) = &file.settings {
         if let Some(p) = &s.max_parallel {
             migration.max_parallel = *p.get_ref();
         }
@@ -722,16 +758,30 @@ pub fn parse(text: &str) -> std::result::Result<Plan, Vec<PlanIssue>> {
             });
         }
     }
-    if !c.issues.is_empty() {
-        c.issues.sort_by_key(|i| (i.line, i.column));
-        return Err(c.issues);
-    }
-    Ok(Plan {
+    let tls_file = file.settings.as_ref().and_then(|s| s.tls.as_ref());
+    let tls = tls_file.and_then(|t| c.tls(t, &vms));
+    let plan = Plan {
         vms,
         deadlines,
         migration,
         ssh_program,
-    })
+        tls,
+    };
+    if let Some(t) = tls_file.filter(|t| t.get_ref().require) {
+        // Under `require`, what would cross hosts in clear text is an error.
+        for what in plan.cleartext_endpoints() {
+            c.issue(
+                t.span(),
+                "settings.tls.require",
+                format!("{what}: not protected"),
+            );
+        }
+    }
+    if !c.issues.is_empty() {
+        c.issues.sort_by_key(|i| (i.line, i.column));
+        return Err(c.issues);
+    }
+    Ok(plan)
 }
 
 /// Reads and checks a plan file; errors name the file.
@@ -1161,6 +1211,70 @@ mac = "52:54:00:00:00:07"
         assert!(
             has(&qemu, "vm[0].source.domain", "only for a libvirt source"),
             "{qemu:?}"
+        );
+    }
+
+    #[test]
+    fn cleartext_between_hosts_is_listed_and_refused_under_require() {
+        let plan = parse(GOOD).unwrap();
+        let clear = plan.cleartext_endpoints();
+        assert!(
+            clear
+                .iter()
+                .any(|c| c.contains("destination.migrate_uri tcp:10.0.0.7:4444")),
+            "{clear:?}"
+        );
+        // ssh: and unix: endpoints, loopback TCP: not listed.
+        assert!(
+            !clear
+                .iter()
+                .any(|c| c.contains("ssh:") || c.contains("unix:")),
+            "{clear:?}"
+        );
+        let with_tls = GOOD.replace(
+            "[settings.deadlines_ms]",
+            "[settings.tls]\ncreds_dir = \"/etc/ninja/pki\"\n[settings.deadlines_ms]",
+        );
+        let plan = parse(&with_tls).unwrap();
+        assert_eq!(
+            plan.tls.as_ref().unwrap().creds_dir,
+            Path::new("/etc/ninja/pki")
+        );
+        assert!(
+            !plan
+                .cleartext_endpoints()
+                .iter()
+                .any(|c| c.contains("migrate_uri")),
+            "{:?}",
+            plan.cleartext_endpoints()
+        );
+        let required = GOOD.replace(
+            "[settings.deadlines_ms]",
+            "[settings.tls]\nrequire = true\ncreds_dir = \"pki\"\n[settings.deadlines_ms]",
+        );
+        let issues = issues_of(&required);
+        assert!(
+            has(&issues, "settings.tls.creds_dir", "absolute"),
+            "{issues:?}"
+        );
+        assert!(
+            has(&issues, "settings.tls.require", "not protected"),
+            "{issues:?}"
+        );
+        // Libvirt domains only: the daemons have their certificates; TLS needs no directory.
+        let libvirt = LIBVIRT.replacen(
+            "[[vm]]",
+            "[settings]\n[settings.tls]\nrequire = true\n\n[[vm]]",
+            1,
+        );
+        let plan = parse(&libvirt).unwrap();
+        assert!(plan.tls.is_some() && plan.cleartext_endpoints().is_empty());
+        let plain = parse(LIBVIRT).unwrap();
+        assert_eq!(
+            plain.cleartext_endpoints().len(),
+            1,
+            "{:?}",
+            plain.cleartext_endpoints()
         );
     }
 }

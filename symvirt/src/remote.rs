@@ -109,6 +109,12 @@ impl Address {
 }
 
 impl Address {
+    /// Whether reaching this address leaves this host unprotected: `tcp:` to a host other than
+    /// this one's loopback (`ssh:` is ssh's, `unix:` is local).
+    pub fn crosses_hosts(&self) -> bool {
+        matches!(self, Address::Local(Endpoint::Tcp(_))) && !self.is_on("localhost")
+    }
+
     /// Whether this address is on `host` (a name as an operator gives it: `user@` and case
     /// ignored, every name of this host's loopback one host; a `unix:` path is on this host).
     pub fn is_on(&self, host: &str) -> bool {

@@ -142,6 +142,7 @@ fn plan_of(vms: Vec<VmSpec>) -> Plan {
             ..MigrationSettings::default()
         },
         ssh_program: "ssh".into(),
+        tls: None,
     }
 }
 

@@ -62,6 +62,8 @@ pub struct LibvirtVm {
     /// The source's persistent definition before the move, if it had one: a rollback that
     /// migrates the VM back defines it there again.
     source_definition: Option<String>,
+    /// Migrate over TLS (`VIR_MIGRATE_TLS`, the daemons' own certificates).
+    tls: bool,
     result: MigrationResult,
 }
 
@@ -102,8 +104,16 @@ impl LibvirtVm {
             moved: false,
             attached: Vec::new(),
             source_definition: None,
+            tls: false,
             result: MigrationResult::default(),
         })
+    }
+
+    /// Migrates over TLS (`VIR_MIGRATE_TLS`): with the certificates the site gave the libvirt
+    /// daemons (`migrate_tls_x509_cert_dir` in their `qemu.conf`).
+    pub fn with_tls(mut self, tls: bool) -> LibvirtVm {
+        self.tls = tls;
+        self
     }
 
     fn err(&self, at: &LibvirtDomain, what: &str, source: virt::error::Error) -> Error {
@@ -264,7 +274,8 @@ impl LibvirtVm {
     }
 
     fn flags(&self) -> u32 {
-        sys::VIR_MIGRATE_LIVE | sys::VIR_MIGRATE_PEER2PEER | sys::VIR_MIGRATE_PAUSED
+        let tls = if self.tls { sys::VIR_MIGRATE_TLS } else { 0 };
+        sys::VIR_MIGRATE_LIVE | sys::VIR_MIGRATE_PEER2PEER | sys::VIR_MIGRATE_PAUSED | tls
     }
 
     fn progress(&self, domain: &Domain) -> Option<MigrationProgress> {

@@ -7,7 +7,7 @@
 
 use crate::backend::{Leftovers, MigrationProgress, MigrationResult, VmBackend};
 use crate::checkpoint::{self, DiskCopy, SavedState, StateFormat};
-use crate::cluster::{Device, LaunchSpec, MigrationSettings, VmSpec};
+use crate::cluster::{Device, LaunchSpec, MigrationSettings, TLS_CREDS_ID, TlsSettings, VmSpec};
 use crate::error::{Error, Result};
 use crate::host_channel::{ChannelOptions, HostChannel};
 use crate::remote::{Address, Connector};
@@ -319,6 +319,8 @@ pub struct QemuVm {
     committed: bool,
     /// A destination an interrupted run started here, taken over by a recovery.
     orphan: Option<u32>,
+    /// The migration goes over QEMU's TLS with these credentials.
+    tls: Option<TlsSettings>,
 }
 
 /// What [`QemuVm::save`] names as the writer of its files.
@@ -513,7 +515,39 @@ impl QemuVm {
             source_only: false,
             committed: false,
             orphan: None,
+            tls: None,
         }
+    }
+
+    /// Migrates over QEMU's TLS with `tls`'s credentials (see [`TlsSettings`]).
+    pub fn with_tls(mut self, tls: Option<TlsSettings>) -> QemuVm {
+        self.tls = tls;
+        self
+    }
+
+    /// Creates (again) the TLS credentials object for `endpoint` (`client` at the source,
+    /// `server` at the destination), both ends verifying the other's certificate.
+    fn add_tls_creds(&self, qmp: &Qmp, side: &str, endpoint: &str) -> Result<()> {
+        let Some(tls) = &self.tls else {
+            return Ok(());
+        };
+        // Left by an earlier run: made anew, in case the credentials changed.
+        let _ = qmp.object_del(TLS_CREDS_ID);
+        qmp.object_add(
+            &ObjectSpec::new("tls-creds-x509", TLS_CREDS_ID)
+                .property("dir", tls.creds_dir.to_string_lossy().into_owned())
+                .property("endpoint", endpoint)
+                .property("verify-peer", true),
+        )
+        .map_err(|e| {
+            Error::qmp(
+                self.what(
+                    side,
+                    format!("TLS credentials in {}", tls.creds_dir.display()),
+                ),
+                e,
+            )
+        })
     }
 
     /// Copies every writable disk of the stopped source beside the state file `state` (see
@@ -997,11 +1031,15 @@ impl VmBackend for QemuVm {
             caps.dedup();
             src.migrate_set_capabilities(&caps)
                 .map_err(|e| Error::qmp(self.what("source", "migration capabilities"), e))?;
-            let params = MigrationParameters {
+            let mut params = MigrationParameters {
                 max_bandwidth: self.settings.max_bandwidth,
                 downtime_limit: self.settings.downtime_limit_ms,
                 ..MigrationParameters::default()
             };
+            if self.tls.is_some() {
+                self.add_tls_creds(src, "source", "client")?;
+                params.extra.insert("tls-creds".into(), TLS_CREDS_ID.into());
+            }
             if params != MigrationParameters::default() {
                 src.migrate_set_parameters(&params)
                     .map_err(|e| Error::qmp(self.what("source", "migration parameters"), e))?;
@@ -1009,6 +1047,32 @@ impl VmBackend for QemuVm {
         }
         // The destination: started (or found) waiting for the migration, listening.
         let dst = self.waiting_destination(deadline)?;
+        if self.tls.is_some() {
+            if self.launched.is_some() {
+                self.add_tls_creds(&dst, "destination", "server")?;
+                let params = MigrationParameters {
+                    extra: [("tls-creds".to_owned(), TLS_CREDS_ID.into())]
+                        .into_iter()
+                        .collect(),
+                    ..MigrationParameters::default()
+                };
+                dst.migrate_set_parameters(&params)
+                    .map_err(|e| Error::qmp(self.what("destination", "migration parameters"), e))?;
+            } else {
+                // Started by the site, listening already: with TLS, or not used.
+                let params = dst
+                    .query_migrate_parameters()
+                    .map_err(|e| Error::qmp(self.what("destination", "migration parameters"), e))?;
+                let creds = params.extra.get("tls-creds").and_then(Value::as_str);
+                if creds.is_none_or(str::is_empty) {
+                    return Err(Error::Refused(format!(
+                        "{}: the plan asks for TLS but the destination listens without \
+                         (start it with -incoming defer; the plan's launch does the rest)",
+                        self.spec.name
+                    )));
+                }
+            }
+        }
         if self.launched.is_some() {
             dst.migrate_incoming(&self.spec.destination.migrate_uri)
                 .map_err(|e| {
@@ -1216,6 +1280,17 @@ impl VmBackend for QemuVm {
                 if let Err(e) = wait_for_migration(src, &wait, |_| {}) {
                     errors.push(format!("cancel: {e}"));
                 }
+            }
+        }
+        // The source's next migration is not forced onto this plan's TLS.
+        if self.tls.is_some() {
+            if let Some(src) = &self.source {
+                let params = MigrationParameters {
+                    extra: [("tls-creds".to_owned(), "".into())].into_iter().collect(),
+                    ..MigrationParameters::default()
+                };
+                let _ = src.migrate_set_parameters(&params);
+                let _ = src.object_del(TLS_CREDS_ID);
             }
         }
         // A save its dead controller never finished left the file capabilities on, which a

@@ -16,6 +16,7 @@ pub mod libvirt;
 mod qemu;
 mod raw_qmp;
 mod skip;
+pub mod tls;
 
 pub use qemu::{QEMU_BINARY, Qemu, QemuConfig, free_tcp_port};
 pub use raw_qmp::RawQmp;

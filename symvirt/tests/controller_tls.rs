@@ -1,0 +1,230 @@
+//! A plan over QEMU's TLS (`[settings.tls]`): the controller creates the `tls-creds-x509`
+//! objects and sets `tls-creds` at both ends over QMP. One TCG guest (the dirtier and the
+//! agent) moves through a recording TCP proxy: in clear text its memory is readable on the
+//! wire (the control), over TLS it is not; a destination whose certificate another CA signed is
+//! refused, and the guest goes on at its source.
+
+#[path = "common/guest.rs"]
+mod guest;
+
+use guest::*;
+use ninja_testkit::{Fixtures, Qemu, QemuConfig, RawQmp, free_tcp_port, qemu_or_skip};
+use serde_json::json;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use symvirt::controller::{Controller, Event, Outcome, Report};
+use symvirt::host_channel::qemu_channel_args;
+
+const MEMORY_MIB: u32 = 128;
+/// In the guest's memory (its kernel command line, its initramfs): readable in a clear-text
+/// migration stream.
+const MARKER: &[u8] = b"ninja-guest-dirtier";
+/// At most this much of a stream is kept.
+const CAPTURE_LIMIT: usize = 512 << 20;
+
+fn machine(fixtures: &Fixtures, channel: &Path) -> QemuConfig {
+    QemuConfig::new(fixtures)
+        .memory_mib(MEMORY_MIB)
+        .guest_run(
+            "/bin/sh -c /bin/ninja-guest-dirtier${IFS}4&/bin/symvirt-agent${IFS}--ranks${IFS}0${IFS}--vm${IFS}vm0${IFS}--interconnect-wait-ms${IFS}0",
+        )
+        .args(qemu_channel_args(channel))
+}
+
+/// A TCP proxy on loopback that forwards one connection at a time to `to` and keeps what the
+/// client sent (the migration stream, source to destination).
+struct Recorder {
+    port: u16,
+    sent: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Recorder {
+    fn start(to: u16) -> Recorder {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let keep = sent.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                let Ok(mut server) = TcpStream::connect(("127.0.0.1", to)) else {
+                    continue;
+                };
+                let (mut back_from, mut back_to) =
+                    (server.try_clone().unwrap(), client.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut back_from, &mut back_to);
+                });
+                let keep = keep.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while let Ok(n @ 1..) = client.read(&mut buf) {
+                        {
+                            let mut k = keep.lock().unwrap();
+                            if k.len() < CAPTURE_LIMIT {
+                                k.extend_from_slice(&buf[..n]);
+                            }
+                        }
+                        if server.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = server.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Recorder { port, sent }
+    }
+
+    fn sent(&self) -> Vec<u8> {
+        self.sent.lock().unwrap().clone()
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A destination QEMU waiting for the migration on `port`, with TLS credentials from
+/// `creds` when given (as a site starts one: the object on the command line, `tls-creds` and
+/// the listening port set over QMP).
+fn destination(fixtures: &Fixtures, channel: &Path, creds: Option<&Path>, port: u16) -> Qemu {
+    let mut config = machine(fixtures, channel).incoming("defer");
+    if let Some(dir) = creds {
+        config = config.args([
+            "-object".to_owned(),
+            format!(
+                "tls-creds-x509,id=ninja-tls,dir={},endpoint=server,verify-peer=on",
+                dir.display()
+            ),
+        ]);
+    }
+    let q = Qemu::start(config).expect("start the destination");
+    let mut qmp = RawQmp::connect(q.qmp_path()).unwrap();
+    if creds.is_some() {
+        qmp.execute("migrate-set-parameters", json!({"tls-creds": "ninja-tls"}))
+            .unwrap();
+    }
+    qmp.execute(
+        "migrate-incoming",
+        json!({"uri": format!("tcp:127.0.0.1:{port}")}),
+    )
+    .unwrap();
+    q
+}
+
+fn plan(from: (&Qemu, &Path), to: (&Qemu, &Path), port: u16, creds: Option<&Path>) -> String {
+    let tls = creds.map_or(String::new(), |d| {
+        format!("[settings.tls]\ncreds_dir = \"{}\"\n", d.display())
+    });
+    let ib = r#"{ kind = "infiniband", hca = "hca0", port = 1 }"#;
+    format!(
+        "[settings]\n{tls}[settings.deadlines_ms]\nmigrate = 60000\n\n[[vm]]\nname = \"vm0\"\n\
+         [vm.source]\nqmp = \"unix:{}\"\nchannel = \"unix:{}\"\ninterconnect = {ib}\n\
+         [vm.destination]\nqmp = \"unix:{}\"\nchannel = \"unix:{}\"\n\
+         migrate_uri = \"tcp:127.0.0.1:{port}\"\ninterconnect = {ib}\n",
+        from.0.qmp_path().display(),
+        from.1.display(),
+        to.0.qmp_path().display(),
+        to.1.display(),
+    )
+}
+
+fn run(plan: &str, dir: &Path) -> Report {
+    let plan = symvirt::plan::parse(plan).unwrap_or_else(|e| panic!("{e:#?}\n{plan}"));
+    let sink = |e: &Event| eprintln!("event: {}", serde_json::to_string(e).unwrap());
+    let report = Controller::new(plan, &sink).run_qemu(dir).unwrap();
+    eprintln!("report: {report:#?}");
+    report
+}
+
+#[test]
+fn a_plan_over_tls_cannot_be_read_on_the_wire_and_a_foreign_destination_is_refused() {
+    let Some(fixtures) = qemu_or_skip("a_plan_over_tls") else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("symvirt-ctl-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (site, foreign) = (dir.join("site"), dir.join("foreign"));
+    ninja_testkit::tls::site_credentials(&site, "Ninja test site CA", &["127.0.0.1"])
+        .expect("openssl");
+    ninja_testkit::tls::site_credentials(&foreign, "Another CA", &["127.0.0.1"]).unwrap();
+    let channel = |name: &str| -> PathBuf { dir.join(format!("{name}-sv.sock")) };
+
+    let mut a = Qemu::start(machine(&fixtures, &channel("a"))).expect("start the source");
+    a.wait_serial("symvirt-agent", PATIENCE).unwrap();
+    let serial_of = |q: &Qemu| q.serial();
+
+    // The control: in clear text, the guest's memory crosses the wire readable.
+    let port = free_tcp_port();
+    let b = destination(&fixtures, &channel("b"), None, port);
+    let wire = Recorder::start(port);
+    let report = run(
+        &plan((&a, &channel("a")), (&b, &channel("b")), wire.port, None),
+        &dir,
+    );
+    assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.errors);
+    let clear = wire.sent();
+    assert!(
+        contains(&clear, MARKER),
+        "the control stream ({} bytes) shows no guest memory",
+        clear.len()
+    );
+    drop(a);
+
+    // Over TLS: the same guest moves on, and the wire shows none of its memory.
+    let port = free_tcp_port();
+    let c = destination(&fixtures, &channel("c"), Some(&site), port);
+    let wire = Recorder::start(port);
+    let report = run(
+        &plan(
+            (&b, &channel("b")),
+            (&c, &channel("c")),
+            wire.port,
+            Some(&site),
+        ),
+        &dir,
+    );
+    assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.errors);
+    let sealed = wire.sent();
+    assert!(
+        sealed.len() > 1 << 20,
+        "only {} bytes crossed",
+        sealed.len()
+    );
+    assert!(
+        !contains(&sealed, MARKER),
+        "guest memory readable in the TLS stream"
+    );
+    // TLS 1.3 records (content type 23, version 3.3) carry it.
+    assert!(
+        contains(&sealed, &[0x17, 0x03, 0x03]),
+        "no TLS application data records"
+    );
+    wait_more_passes(|| serial_of(&c), passes(&c.serial()), "vm0 at c");
+    drop(b);
+
+    // A destination whose certificate another CA signed: refused, the guest goes on at c.
+    let port = free_tcp_port();
+    let d = destination(&fixtures, &channel("d"), Some(&foreign), port);
+    let report = run(
+        &plan((&c, &channel("c")), (&d, &channel("d")), port, Some(&site)),
+        &dir,
+    );
+    match &report.outcome {
+        Outcome::RolledBack { error, .. } => eprintln!("refused: {}", error.source.chain()),
+        other => panic!("a foreign destination was not refused: {other:?}"),
+    }
+    let mut qmp = RawQmp::connect(c.qmp_path()).unwrap();
+    let status = qmp.execute("query-status", json!({})).unwrap();
+    assert_eq!(status["running"], json!(true), "{status}");
+    drop(qmp);
+    wait_more_passes(|| serial_of(&c), passes(&c.serial()), "vm0 back at c");
+    assert!(!c.serial().contains("MISMATCH"));
+    drop((c, d));
+    std::thread::sleep(Duration::from_millis(100));
+    let _ = std::fs::remove_dir_all(&dir);
+}
