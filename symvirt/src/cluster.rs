@@ -269,10 +269,17 @@ pub struct TlsSettings {
     /// destination runs `server-cert.pem` and `server-key.pem`; where a source runs
     /// `client-cert.pem` and `client-key.pem`.
     pub creds_dir: PathBuf,
+    /// The distinguished names of the source certificates a destination accepts, as GnuTLS
+    /// writes them (`CN=node1`, `CN=node1,O=Site`); empty: any the site CA signed. QEMU's
+    /// `tls-authz` (an `authz-list`) at destinations the plan launches.
+    pub allowed_sources: Vec<String>,
 }
 
 /// The id of the TLS credentials object Ninja creates in a QEMU.
 pub const TLS_CREDS_ID: &str = "ninja-tls";
+
+/// The id of the `authz-list` Ninja creates in a destination QEMU.
+pub const TLS_AUTHZ_ID: &str = "ninja-tls-authz";
 
 /// A whole migration plan: the cluster's VMs and how to move them.
 #[derive(Debug, Clone, PartialEq)]

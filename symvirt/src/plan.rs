@@ -112,6 +112,8 @@ struct TlsFile {
     creds_dir: Option<Spanned<std::path::PathBuf>>,
     #[serde(default)]
     require: bool,
+    #[serde(default)]
+    allowed_sources: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -374,6 +376,7 @@ impl Checker<'_> {
             // libvirt domains only: their daemons have their own certificates.
             return Some(TlsSettings {
                 creds_dir: std::path::PathBuf::new(),
+                allowed_sources: Vec::new(),
             });
         };
         let text = dir.get_ref().to_str().unwrap_or(",");
@@ -381,8 +384,21 @@ impl Checker<'_> {
             self.issue(dir.span(), path, "an absolute path without ','");
             return None;
         }
+        let allowed_sources = tls.get_ref().allowed_sources.clone();
+        if allowed_sources
+            .iter()
+            .any(|dn| dn.is_empty() || !dn.contains('='))
+        {
+            self.issue(
+                tls.span(),
+                "settings.tls.allowed_sources",
+                "distinguished names, e.g. \"CN=node1\"",
+            );
+            return None;
+        }
         Some(TlsSettings {
             creds_dir: dir.get_ref().clone(),
+            allowed_sources,
         })
     }
 
@@ -1239,6 +1255,21 @@ mac = "52:54:00:00:00:07"
         assert_eq!(
             plan.tls.as_ref().unwrap().creds_dir,
             Path::new("/etc/ninja/pki")
+        );
+        assert!(plan.tls.as_ref().unwrap().allowed_sources.is_empty());
+        let authz = with_tls.replace(
+            "creds_dir = ",
+            "allowed_sources = [\"CN=node1\", \"CN=node2,O=Site\"]\ncreds_dir = ",
+        );
+        let allowed = parse(&authz).unwrap().tls.unwrap().allowed_sources;
+        assert_eq!(allowed, ["CN=node1", "CN=node2,O=Site"]);
+        let bad = issues_of(&with_tls.replace(
+            "creds_dir = ",
+            "allowed_sources = [\"node1\"]\ncreds_dir = ",
+        ));
+        assert!(
+            has(&bad, "settings.tls.allowed_sources", "distinguished"),
+            "{bad:?}"
         );
         assert!(
             !plan

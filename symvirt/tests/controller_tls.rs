@@ -133,6 +133,44 @@ fn plan(from: (&Qemu, &Path), to: (&Qemu, &Path), port: u16, creds: Option<&Path
     )
 }
 
+/// A plan to a destination the controller launches in `to` (QMP, channel, console there),
+/// accepting only sources whose certificate has one of the distinguished names `allowed`.
+fn launched_plan(
+    fixtures: &Fixtures,
+    from: (&Qemu, &Path),
+    to: &Path,
+    creds: &Path,
+    allowed: &[&str],
+) -> String {
+    let ib = r#"{ kind = "infiniband", hca = "hca0", port = 1 }"#;
+    let args = machine(fixtures, &to.join("sv.sock")).machine_args(&to.join("serial.log"));
+    format!(
+        "[settings.tls]\ncreds_dir = \"{}\"\nallowed_sources = {allowed:?}\n\n[[vm]]\nname = \"vm0\"\n\
+         [vm.source]\nqmp = \"unix:{}\"\nchannel = \"unix:{}\"\ninterconnect = {ib}\n\
+         [vm.destination]\nqmp = \"unix:{}\"\nchannel = \"unix:{}\"\n\
+         migrate_uri = \"tcp:127.0.0.1:{}\"\ninterconnect = {ib}\nlaunch = {{ args = {args:?} }}\n",
+        creds.display(),
+        from.0.qmp_path().display(),
+        from.1.display(),
+        to.join("qmp.sock").display(),
+        to.join("sv.sock").display(),
+        free_tcp_port(),
+    )
+}
+
+/// Kills the destinations a plan launched (they outlive it, as they should).
+struct KillLaunched(Vec<u32>);
+
+impl Drop for KillLaunched {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
 fn run(plan: &str, dir: &Path) -> Report {
     let plan = symvirt::plan::parse(plan).unwrap_or_else(|e| panic!("{e:#?}\n{plan}"));
     let sink = |e: &Event| eprintln!("event: {}", serde_json::to_string(e).unwrap());
@@ -224,7 +262,57 @@ fn a_plan_over_tls_cannot_be_read_on_the_wire_and_a_foreign_destination_is_refus
     drop(qmp);
     wait_more_passes(|| serial_of(&c), passes(&c.serial()), "vm0 back at c");
     assert!(!c.serial().contains("MISMATCH"));
-    drop((c, d));
+    drop(d);
+
+    // tls-authz: a destination that accepts only another source's certificate refuses this
+    // one; one that names it takes the guest.
+    let mut launched = KillLaunched(Vec::new());
+    let (e, f) = (dir.join("e"), dir.join("f"));
+    for d in [&e, &f] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let report = run(
+        &launched_plan(
+            &fixtures,
+            (&c, &channel("c")),
+            &e,
+            &site,
+            &["CN=another-source"],
+        ),
+        &dir,
+    );
+    launched
+        .0
+        .extend(report.vms.iter().filter_map(|v| v.destination_pid));
+    match &report.outcome {
+        Outcome::RolledBack { error, .. } => eprintln!("refused: {}", error.source.chain()),
+        other => panic!("a source the destination does not allow got through: {other:?}"),
+    }
+    // The destination said why (its log is the launcher's).
+    let log = read(&dir.join("vm0-destination.log"));
+    assert!(
+        log.contains("CN=ninja-source") && log.contains("denied"),
+        "the destination's log does not show the refusal: {log}"
+    );
+    wait_more_passes(|| serial_of(&c), passes(&c.serial()), "vm0 still at c");
+    let report = run(
+        &launched_plan(
+            &fixtures,
+            (&c, &channel("c")),
+            &f,
+            &site,
+            &["CN=ninja-source"],
+        ),
+        &dir,
+    );
+    launched
+        .0
+        .extend(report.vms.iter().filter_map(|v| v.destination_pid));
+    assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.errors);
+    let at_f = || read(&f.join("serial.log"));
+    wait_more_passes(at_f, passes(&at_f()), "vm0 at f");
+    assert!(!at_f().contains("MISMATCH"));
+    drop((c, launched));
     std::thread::sleep(Duration::from_millis(100));
     let _ = std::fs::remove_dir_all(&dir);
 }

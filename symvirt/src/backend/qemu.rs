@@ -7,7 +7,9 @@
 
 use crate::backend::{Leftovers, MigrationProgress, MigrationResult, VmBackend};
 use crate::checkpoint::{self, DiskCopy, SavedState, StateFormat};
-use crate::cluster::{Device, LaunchSpec, MigrationSettings, TLS_CREDS_ID, TlsSettings, VmSpec};
+use crate::cluster::{
+    Device, LaunchSpec, MigrationSettings, TLS_AUTHZ_ID, TLS_CREDS_ID, TlsSettings, VmSpec,
+};
 use crate::error::{Error, Result};
 use crate::host_channel::{ChannelOptions, HostChannel};
 use crate::remote::{Address, Connector};
@@ -523,6 +525,30 @@ impl QemuVm {
     pub fn with_tls(mut self, tls: Option<TlsSettings>) -> QemuVm {
         self.tls = tls;
         self
+    }
+
+    /// At a destination, when the plan names the sources it accepts: an `authz-list` that
+    /// allows exactly their certificates' distinguished names and denies every other. Returns
+    /// its id.
+    fn add_tls_authz(&self, qmp: &Qmp) -> Result<Option<&'static str>> {
+        let Some(allowed) = self.tls.as_ref().map(|t| &t.allowed_sources) else {
+            return Ok(None);
+        };
+        if allowed.is_empty() {
+            return Ok(None);
+        }
+        let rules: Vec<Value> = allowed
+            .iter()
+            .map(|dn| json!({"match": dn, "policy": "allow", "format": "exact"}))
+            .collect();
+        let _ = qmp.object_del(TLS_AUTHZ_ID);
+        qmp.object_add(
+            &ObjectSpec::new("authz-list", TLS_AUTHZ_ID)
+                .property("policy", "deny")
+                .property("rules", Value::Array(rules)),
+        )
+        .map_err(|e| Error::qmp(self.what("destination", "TLS authorization"), e))?;
+        Ok(Some(TLS_AUTHZ_ID))
     }
 
     /// Creates (again) the TLS credentials object for `endpoint` (`client` at the source,
@@ -1050,12 +1076,11 @@ impl VmBackend for QemuVm {
         if self.tls.is_some() {
             if self.launched.is_some() {
                 self.add_tls_creds(&dst, "destination", "server")?;
-                let params = MigrationParameters {
-                    extra: [("tls-creds".to_owned(), TLS_CREDS_ID.into())]
-                        .into_iter()
-                        .collect(),
-                    ..MigrationParameters::default()
-                };
+                let mut params = MigrationParameters::default();
+                params.extra.insert("tls-creds".into(), TLS_CREDS_ID.into());
+                if let Some(authz) = self.add_tls_authz(&dst)? {
+                    params.extra.insert("tls-authz".into(), authz.into());
+                }
                 dst.migrate_set_parameters(&params)
                     .map_err(|e| Error::qmp(self.what("destination", "migration parameters"), e))?;
             } else {
