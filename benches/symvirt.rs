@@ -109,6 +109,37 @@ fn plain_migration(pairs: &[(&Qemu, &str)]) -> Result<Duration, String> {
     Ok(started.elapsed())
 }
 
+/// Both ends of a move from the HCA stand-in (its memory in `mem`) to a NIC with `mac`: the
+/// devices and the interconnect of each.
+fn standin_to_nic(
+    mem: PathBuf,
+    mac: &str,
+) -> ((Vec<Device>, Interconnect), (Vec<Device>, Interconnect)) {
+    let hca = Device::HcaStandin {
+        id: "hca0".into(),
+        mem_path: mem,
+        size: 1 << 20,
+        properties: Map::new(),
+    };
+    let ib = Interconnect::Infiniband {
+        hca: "hca0".into(),
+        port: 1,
+        pci: None,
+    };
+    let nic = Device::VirtioNet {
+        id: "net0".into(),
+        mac: mac.into(),
+        netdev: None,
+        properties: Map::new(),
+    };
+    let eth = Interconnect::Ethernet {
+        mac: mac.into(),
+        iface: None,
+        pci: None,
+    };
+    ((vec![hca], ib), (vec![nic], eth))
+}
+
 /// One repetition for `n` VMs: (plain migration, plan report phases and total).
 fn one_run(
     fixtures: &Fixtures,
@@ -171,23 +202,15 @@ fn one_run(
         let dir = base.join(format!("{name}-c"));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let mac = format!("52:54:00:00:30:{:02x}", i + 1);
+        let ((hca, ib), (nic, eth)) = standin_to_nic(mem, &mac);
         vms.push(VmSpec {
             name: name.clone(),
             source: SourceSpec {
                 qmp: Address::Local(Endpoint::Unix(mid.qmp_path().to_owned())),
                 channel: Address::Local(Endpoint::Unix(base.join(format!("{name}-b.sock")))),
                 libvirt: None,
-                devices: vec![Device::HcaStandin {
-                    id: "hca0".into(),
-                    mem_path: mem,
-                    size: 1 << 20,
-                    properties: Map::new(),
-                }],
-                interconnect: Interconnect::Infiniband {
-                    hca: "hca0".into(),
-                    port: 1,
-                    pci: None,
-                },
+                devices: hca,
+                interconnect: ib,
             },
             destination: DestinationSpec {
                 qmp: Address::Local(Endpoint::Unix(dir.join("qmp.sock"))),
@@ -200,17 +223,8 @@ fn one_run(
                     args: machine(fixtures, name, &dir.join("sv.sock"))
                         .machine_args(&dir.join("serial.log")),
                 }),
-                devices: vec![Device::VirtioNet {
-                    id: "net0".into(),
-                    mac: mac.clone(),
-                    netdev: None,
-                    properties: Map::new(),
-                }],
-                interconnect: Interconnect::Ethernet {
-                    mac,
-                    iface: None,
-                    pci: None,
-                },
+                devices: nic,
+                interconnect: eth,
             },
         });
     }
@@ -621,23 +635,16 @@ mod libvirt {
                 undefine_source: false,
             };
             let unused = Address::Local(Endpoint::Unix("libvirt".into()));
+            let ((hca, ib), (nic, eth)) =
+                standin_to_nic(PathBuf::from("/dev/shm").join(&shm), &mac);
             vms.push(VmSpec {
                 name: name.clone(),
                 source: SourceSpec {
                     qmp: unused.clone(),
                     channel: unused.clone(),
                     libvirt: Some(at(b)),
-                    devices: vec![Device::HcaStandin {
-                        id: "hca0".into(),
-                        mem_path: PathBuf::from("/dev/shm").join(&shm),
-                        size: 1 << 20,
-                        properties: Map::new(),
-                    }],
-                    interconnect: Interconnect::Infiniband {
-                        hca: "hca0".into(),
-                        port: 1,
-                        pci: None,
-                    },
+                    devices: hca,
+                    interconnect: ib,
                 },
                 destination: DestinationSpec {
                     qmp: unused.clone(),
@@ -645,17 +652,8 @@ mod libvirt {
                     libvirt: Some(at(a)),
                     migrate_uri: String::new(),
                     launch: None,
-                    devices: vec![Device::VirtioNet {
-                        id: "net0".into(),
-                        mac: mac.clone(),
-                        netdev: None,
-                        properties: Map::new(),
-                    }],
-                    interconnect: Interconnect::Ethernet {
-                        mac,
-                        iface: None,
-                        pci: None,
-                    },
+                    devices: nic,
+                    interconnect: eth,
                 },
             });
         }

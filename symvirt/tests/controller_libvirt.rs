@@ -8,16 +8,19 @@
 
 #[path = "common/guest.rs"]
 mod guest;
+#[path = "common/plans.rs"]
+mod plans;
 
 use guest::*;
 use ninja_testkit::libvirt::{LibvirtHost, libvirt_or_skip};
 use ninja_testkit::{Fixtures, QemuConfig, free_tcp_port, qemu_or_skip};
+use plans::*;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use symvirt::backend::VmBackend;
 use symvirt::backend::libvirt::LibvirtVm;
-use symvirt::controller::{Controller, Event, GuestNotice, Outcome, Phase, Report};
+use symvirt::controller::{Event, GuestNotice, Outcome, Phase};
 use symvirt::error::ErrorKind;
 use symvirt::protocol::Interconnect;
 
@@ -118,6 +121,30 @@ impl Rig {
         }
     }
 
+    /// vm0 and vm1 moving from a (their stand-in HCA) to b (a NIC, with `netdev(i)` for vm
+    /// `i`), with destination settings `flags`.
+    fn to_ethernet<'a>(
+        &'a self,
+        flags: &'a str,
+        netdev: impl Fn(usize) -> &'a str,
+    ) -> Vec<VmPlan<'a>> {
+        ["vm0", "vm1"]
+            .into_iter()
+            .enumerate()
+            .map(|(i, name)| VmPlan {
+                name,
+                from: &self.a,
+                to: &self.b,
+                source: (hca_toml("source", &self.hca_mem(name)), ib().into()),
+                destination: (
+                    nic_toml("destination", &mac_of(i), netdev(i)),
+                    eth(&mac_of(i)),
+                ),
+                flags,
+            })
+            .collect()
+    }
+
     fn passes(&self, vm: &str) -> usize {
         passes(&read(&self.serial(vm)))
     }
@@ -151,14 +178,6 @@ fn nic_toml(table: &str, mac: &str, netdev: &str) -> String {
     )
 }
 
-fn ib() -> String {
-    r#"{ kind = "infiniband", hca = "hca0", port = 1 }"#.into()
-}
-
-fn eth(mac: &str) -> String {
-    format!("{{ kind = \"ethernet\", mac = \"{mac}\" }}")
-}
-
 fn plan_toml(settings: &str, vms: &[VmPlan]) -> String {
     let mut plan = format!("[settings]\n{settings}\n");
     for vm in vms {
@@ -182,22 +201,6 @@ fn plan_toml(settings: &str, vms: &[VmPlan]) -> String {
     plan
 }
 
-fn run(plan: &str, dir: &Path, on_event: impl Fn(&Event) + Sync) -> (Report, Vec<Event>) {
-    let plan = match symvirt::plan::parse(plan) {
-        Ok(p) => p,
-        Err(issues) => panic!("plan: {issues:#?}\n{plan}"),
-    };
-    let events = Mutex::new(Vec::new());
-    let sink = |e: &Event| {
-        eprintln!("event: {}", serde_json::to_string(e).unwrap());
-        on_event(e);
-        events.lock().unwrap().push(e.clone());
-    };
-    let report = Controller::new(plan, &sink).run_qemu(dir).unwrap();
-    eprintln!("report: {report:#?}");
-    (report, events.into_inner().unwrap())
-}
-
 fn resumed_at(events: &[Event], vm: &str, at: &str) -> Option<Vec<symvirt::protocol::PciDevice>> {
     events.iter().find_map(|e| match e {
         Event::GuestResumed {
@@ -208,14 +211,6 @@ fn resumed_at(events: &[Event], vm: &str, at: &str) -> Option<Vec<symvirt::proto
         } if v == vm && a == at => Some(pci_devices.clone().unwrap_or_default()),
         _ => None,
     })
-}
-
-fn infiniband() -> Interconnect {
-    Interconnect::Infiniband {
-        hca: "hca0".into(),
-        port: 1,
-        pci: None,
-    }
 }
 
 /// The PCI devices the guest of the plan's `i`th VM reports through a channel opened through
@@ -270,18 +265,7 @@ fn two_domains_move_from_the_hca_standin_to_ethernet_and_back_through_libvirt() 
     assert!(rig.a.domain_state("vm0").as_deref() == Some("running"));
 
     let before: Vec<usize> = ["vm0", "vm1"].iter().map(|v| rig.passes(v)).collect();
-    let forward: Vec<VmPlan> = ["vm0", "vm1"]
-        .iter()
-        .enumerate()
-        .map(|(i, name)| VmPlan {
-            name,
-            from: &rig.a,
-            to: &rig.b,
-            source: (hca_toml("source", &rig.hca_mem(name)), ib()),
-            destination: (nic_toml("destination", &mac_of(i), ""), eth(&mac_of(i))),
-            flags: PERSIST,
-        })
-        .collect();
+    let forward = rig.to_ethernet(PERSIST, |_| "");
     // And back, later: the NIC unplugged at b, the stand-in plugged at a.
     let back: Vec<VmPlan> = ["vm0", "vm1"]
         .iter()
@@ -291,7 +275,7 @@ fn two_domains_move_from_the_hca_standin_to_ethernet_and_back_through_libvirt() 
             from: &rig.b,
             to: &rig.a,
             source: (nic_toml("source", &mac_of(i), ""), eth(&mac_of(i))),
-            destination: (hca_toml("destination", &rig.hca_mem(name)), ib()),
+            destination: (hca_toml("destination", &rig.hca_mem(name)), ib().into()),
             flags: PERSIST,
         })
         .collect();
@@ -415,25 +399,13 @@ fn rollback_case(test: &str, how: Break, expect_phase: Phase) {
     let persistent = matches!(how, Break::DeviceRefused);
     rig.start_as("vm0", 0, "", persistent);
     rig.start_as("vm1", vm1_ranks, "", persistent);
-    let vms: Vec<VmPlan> = ["vm0", "vm1"]
-        .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            let netdev = if i == 1 && matches!(how, Break::DeviceRefused) {
-                "netdev = { type = \"bridge\", id = \"n1\", bridge = \"ninja-nobr0\" }\n"
-            } else {
-                ""
-            };
-            VmPlan {
-                name,
-                from: &rig.a,
-                to: &rig.b,
-                source: (hca_toml("source", &rig.hca_mem(name)), ib()),
-                destination: (nic_toml("destination", &mac_of(i), netdev), eth(&mac_of(i))),
-                flags: if persistent { PERSIST } else { "" },
-            }
-        })
-        .collect();
+    let vms = rig.to_ethernet(if persistent { PERSIST } else { "" }, |i| {
+        if i == 1 && matches!(how, Break::DeviceRefused) {
+            "netdev = { type = \"bridge\", id = \"n1\", bridge = \"ninja-nobr0\" }\n"
+        } else {
+            ""
+        }
+    });
     let settings = match how {
         Break::NeverQuiesces => "[settings.deadlines_ms]\nquiesce = 5000",
         // Slowly (8 MiB/s), so that b's daemon dies under the migrations.
@@ -561,18 +533,7 @@ fn a_domain_libvirt_cannot_migrate_is_refused_before_anything_is_detached() {
         rig.tag
     );
     rig.start("vm1", 0, &extra);
-    let vms: Vec<VmPlan> = ["vm0", "vm1"]
-        .iter()
-        .enumerate()
-        .map(|(i, name)| VmPlan {
-            name,
-            from: &rig.a,
-            to: &rig.b,
-            source: (hca_toml("source", &rig.hca_mem(name)), ib()),
-            destination: (nic_toml("destination", &mac_of(i), ""), eth(&mac_of(i))),
-            flags: "",
-        })
-        .collect();
+    let vms = rig.to_ethernet("", |_| "");
     let (report, events) = run(&plan_toml("", &vms), &rig.dir, |_| {});
     match &report.outcome {
         Outcome::RolledBack { phase, error } => {

@@ -8,9 +8,12 @@
 
 #[path = "common/guest.rs"]
 mod guest;
+#[path = "common/plans.rs"]
+mod plans;
 
 use guest::*;
 use ninja_testkit::{Fixtures, Qemu, QemuConfig, RawQmp, free_tcp_port, qemu_or_skip};
+use plans::*;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -199,46 +202,6 @@ fn plan_toml(fixtures: &Fixtures, settings: &str, vms: &[VmPlan]) -> String {
         ));
     }
     t
-}
-
-fn run(plan: &str, log_dir: &Path, on_event: impl Fn(&Event) + Sync) -> (Report, Vec<Event>) {
-    let plan = match symvirt::plan::parse(plan) {
-        Ok(p) => p,
-        Err(issues) => panic!("plan: {issues:#?}\n{plan}"),
-    };
-    let events = Mutex::new(Vec::new());
-    let sink = |e: &Event| {
-        eprintln!("event: {}", serde_json::to_string(e).unwrap());
-        on_event(e);
-        events.lock().unwrap().push(e.clone());
-    };
-    let report = Controller::new(plan, &sink).run_qemu(log_dir).unwrap();
-    eprintln!("report: {report:#?}");
-    (report, events.into_inner().unwrap())
-}
-
-fn ib() -> &'static str {
-    r#"{ kind = "infiniband", hca = "hca0", port = 1 }"#
-}
-
-fn eth(mac: &str) -> String {
-    format!("{{ kind = \"ethernet\", mac = \"{mac}\" }}")
-}
-
-fn ethernet(mac: &str) -> Interconnect {
-    Interconnect::Ethernet {
-        mac: mac.into(),
-        iface: None,
-        pci: None,
-    }
-}
-
-fn infiniband() -> Interconnect {
-    Interconnect::Infiniband {
-        hca: "hca0".into(),
-        port: 1,
-        pci: None,
-    }
 }
 
 #[test]

@@ -6,16 +6,19 @@
 
 #[path = "common/guest.rs"]
 mod guest;
+#[path = "common/plans.rs"]
+mod plans;
 
 use guest::*;
 use ninja_testkit::{Fixtures, Qemu, QemuConfig, RawQmp, free_tcp_port, qemu_or_skip};
+use plans::*;
 use serde_json::json;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use symvirt::controller::{Controller, Event, Outcome, Report};
+use symvirt::controller::Outcome;
 use symvirt::host_channel::qemu_channel_args;
 
 const MEMORY_MIB: u32 = 128;
@@ -120,7 +123,7 @@ fn plan(from: (&Qemu, &Path), to: (&Qemu, &Path), port: u16, creds: Option<&Path
     let tls = creds.map_or(String::new(), |d| {
         format!("[settings.tls]\ncreds_dir = \"{}\"\n", d.display())
     });
-    let ib = r#"{ kind = "infiniband", hca = "hca0", port = 1 }"#;
+    let ib = ib();
     format!(
         "[settings]\n{tls}[settings.deadlines_ms]\nmigrate = 60000\n\n[[vm]]\nname = \"vm0\"\n\
          [vm.source]\nqmp = \"unix:{}\"\nchannel = \"unix:{}\"\ninterconnect = {ib}\n\
@@ -142,7 +145,7 @@ fn launched_plan(
     creds: &Path,
     allowed: &[&str],
 ) -> String {
-    let ib = r#"{ kind = "infiniband", hca = "hca0", port = 1 }"#;
+    let ib = ib();
     let args = machine(fixtures, &to.join("sv.sock")).machine_args(&to.join("serial.log"));
     format!(
         "[settings.tls]\ncreds_dir = \"{}\"\nallowed_sources = {allowed:?}\n\n[[vm]]\nname = \"vm0\"\n\
@@ -171,14 +174,6 @@ impl Drop for KillLaunched {
     }
 }
 
-fn run(plan: &str, dir: &Path) -> Report {
-    let plan = symvirt::plan::parse(plan).unwrap_or_else(|e| panic!("{e:#?}\n{plan}"));
-    let sink = |e: &Event| eprintln!("event: {}", serde_json::to_string(e).unwrap());
-    let report = Controller::new(plan, &sink).run_qemu(dir).unwrap();
-    eprintln!("report: {report:#?}");
-    report
-}
-
 #[test]
 fn a_plan_over_tls_cannot_be_read_on_the_wire_and_a_foreign_destination_is_refused() {
     let Some(fixtures) = qemu_or_skip("a_plan_over_tls") else {
@@ -200,9 +195,10 @@ fn a_plan_over_tls_cannot_be_read_on_the_wire_and_a_foreign_destination_is_refus
     let port = free_tcp_port();
     let b = destination(&fixtures, &channel("b"), None, port);
     let wire = Recorder::start(port);
-    let report = run(
+    let (report, _) = run(
         &plan((&a, &channel("a")), (&b, &channel("b")), wire.port, None),
         &dir,
+        |_| {},
     );
     assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.errors);
     let clear = wire.sent();
@@ -217,7 +213,7 @@ fn a_plan_over_tls_cannot_be_read_on_the_wire_and_a_foreign_destination_is_refus
     let port = free_tcp_port();
     let c = destination(&fixtures, &channel("c"), Some(&site), port);
     let wire = Recorder::start(port);
-    let report = run(
+    let (report, _) = run(
         &plan(
             (&b, &channel("b")),
             (&c, &channel("c")),
@@ -225,6 +221,7 @@ fn a_plan_over_tls_cannot_be_read_on_the_wire_and_a_foreign_destination_is_refus
             Some(&site),
         ),
         &dir,
+        |_| {},
     );
     assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.errors);
     let sealed = wire.sent();
@@ -248,9 +245,10 @@ fn a_plan_over_tls_cannot_be_read_on_the_wire_and_a_foreign_destination_is_refus
     // A destination whose certificate another CA signed: refused, the guest goes on at c.
     let port = free_tcp_port();
     let d = destination(&fixtures, &channel("d"), Some(&foreign), port);
-    let report = run(
+    let (report, _) = run(
         &plan((&c, &channel("c")), (&d, &channel("d")), port, Some(&site)),
         &dir,
+        |_| {},
     );
     match &report.outcome {
         Outcome::RolledBack { error, .. } => eprintln!("refused: {}", error.source.chain()),
@@ -271,7 +269,7 @@ fn a_plan_over_tls_cannot_be_read_on_the_wire_and_a_foreign_destination_is_refus
     for d in [&e, &f] {
         std::fs::create_dir_all(d).unwrap();
     }
-    let report = run(
+    let (report, _) = run(
         &launched_plan(
             &fixtures,
             (&c, &channel("c")),
@@ -280,6 +278,7 @@ fn a_plan_over_tls_cannot_be_read_on_the_wire_and_a_foreign_destination_is_refus
             &["CN=another-source"],
         ),
         &dir,
+        |_| {},
     );
     launched
         .0
@@ -295,7 +294,7 @@ fn a_plan_over_tls_cannot_be_read_on_the_wire_and_a_foreign_destination_is_refus
         "the destination's log does not show the refusal: {log}"
     );
     wait_more_passes(|| serial_of(&c), passes(&c.serial()), "vm0 still at c");
-    let report = run(
+    let (report, _) = run(
         &launched_plan(
             &fixtures,
             (&c, &channel("c")),
@@ -304,6 +303,7 @@ fn a_plan_over_tls_cannot_be_read_on_the_wire_and_a_foreign_destination_is_refus
             &["CN=ninja-source"],
         ),
         &dir,
+        |_| {},
     );
     launched
         .0
