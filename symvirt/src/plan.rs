@@ -330,7 +330,7 @@ impl Checker<'_> {
             ok = false;
         }
         for (i, d) in src.devices.iter().chain(&dst.devices).enumerate() {
-            if let Err(e) = crate::backend::libvirt_xml::device_xml(d.get_ref()) {
+            if let Err(e) = crate::backend::libvirt_xml::check_device(d.get_ref()) {
                 let side = if i < src.devices.len() {
                     "source"
                 } else {
@@ -1211,12 +1211,16 @@ mac = "52:54:00:00:00:07"
             has(&bad_uri, "vm[0].destination.libvirt", "not a libvirt URI"),
             "{bad_uri:?}"
         );
-        let standby =
-            issues_of(&LIBVIRT.replace("kind = \"virtio-net\"", "kind = \"standby-nic\""));
+        let options = issues_of(&LIBVIRT.replace(
+            "host = \"0000:3b:00.1\"",
+            "host = \"0000:3b:00.1\"\nproperties = { addr = \"5\" }",
+        ));
         assert!(
-            has(&standby, "vm[0].destination.devices", "standby-nic"),
-            "{standby:?}"
+            has(&options, "vm[0].source.devices", "properties"),
+            "{options:?}"
         );
+        // A standby NIC is the domain's own: its link is switched.
+        parse(&LIBVIRT.replace("kind = \"virtio-net\"", "kind = \"standby-nic\"")).unwrap();
         // A QEMU VM still needs its sockets.
         let qemu = issues_of(
             &LIBVIRT

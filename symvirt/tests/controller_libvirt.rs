@@ -563,3 +563,37 @@ fn a_domain_libvirt_cannot_migrate_is_refused_before_anything_is_detached() {
     }
     let _ = std::fs::remove_file(format!("/dev/shm/ninja-lv-{}-extra", rig.tag));
 }
+
+#[test]
+fn a_standby_nic_is_switched_on_at_the_destination_through_libvirt() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(rig) = rig("lv_standby_nic") else {
+        return;
+    };
+    // The fabric-B NIC is the domain's from boot, its link down until the move.
+    let mac = mac_of(0);
+    let standby = format!(
+        "<interface type='user'><mac address='{mac}'/><model type='virtio'/>\
+         <link state='down'/><alias name='ua-fab0'/></interface>"
+    );
+    rig.start("vm0", 0, &standby);
+    let standby_toml = format!(
+        "[[vm.destination.devices]]\nkind = \"standby-nic\"\nid = \"fab0\"\nmac = \"{mac}\"\n"
+    );
+    let vm = VmPlan {
+        name: "vm0",
+        from: &rig.a,
+        to: &rig.b,
+        source: (hca_toml("source", &rig.hca_mem("vm0")), ib().into()),
+        destination: (standby_toml, eth(&mac)),
+        flags: "",
+    };
+    let (report, _) = run(&plan_toml("", &[vm]), &rig.dir, |_| {});
+    assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.errors);
+    // The guest confirmed Ethernet on that NIC, whose link is up at b.
+    assert_resumed_on_mac(&report.vms[0], &mac);
+    let nic = rig.b.dumpxml("vm0").unwrap();
+    assert!(nic.contains("<link state='up'/>"), "{nic}");
+    assert!(!has_device(&rig.b, "vm0", "ua-hca0"));
+    rig.wait_more_passes("vm0", rig.passes("vm0"));
+}

@@ -22,7 +22,8 @@
 //! migrates it back (paused, so a single pass) and re-attaches its devices there.
 
 use super::libvirt_xml::{
-    alias, blocking_devices, device_xml, find_device, without_address, without_devices,
+    alias, blocking_devices, check_device, device_xml, find_device, mac_of, with_link,
+    without_address, without_devices,
 };
 use super::{MigrationProgress, MigrationResult, VmBackend};
 use crate::cluster::{LibvirtDomain, MigrationSettings, VmSpec};
@@ -59,6 +60,10 @@ pub struct LibvirtVm {
     moved: bool,
     /// Aliases of the devices plugged at the destination.
     attached: Vec<String>,
+    /// Aliases of the source's standby NICs whose link this run took down.
+    links_down: Vec<String>,
+    /// Aliases of the destination's standby NICs whose link this run brought up.
+    links_up: Vec<String>,
     /// The source's persistent definition before the move, if it had one: a rollback that
     /// migrates the VM back defines it there again.
     source_definition: Option<String>,
@@ -103,6 +108,8 @@ impl LibvirtVm {
             migration: None,
             moved: false,
             attached: Vec::new(),
+            links_down: Vec::new(),
+            links_up: Vec::new(),
             source_definition: None,
             tls: false,
             result: MigrationResult::default(),
@@ -190,6 +197,23 @@ impl LibvirtVm {
         Ok(())
     }
 
+    /// Switches the link of the standby NIC aliased `alias` (the domain's from boot).
+    fn set_link(&self, at: &LibvirtDomain, domain: &Domain, alias: &str, up: bool) -> Result<()> {
+        let element = self.find(at, domain, alias)?.ok_or_else(|| {
+            Error::Refused(format!(
+                "{}: no NIC aliased {alias:?} at {}",
+                self.spec.name, at.uri
+            ))
+        })?;
+        let xml = with_link(&element, up)
+            .map_err(|e| Error::Refused(format!("{}: {alias}: {e}", self.spec.name)))?;
+        let state = if up { "up" } else { "down" };
+        domain
+            .update_device_flags(&xml, sys::VIR_DOMAIN_AFFECT_LIVE)
+            .map_err(|e| self.err(at, &format!("link {state} on {alias}"), e))?;
+        Ok(())
+    }
+
     fn state(&self, at: &LibvirtDomain, domain: &Domain) -> Result<sys::virDomainState> {
         domain
             .get_state()
@@ -249,6 +273,9 @@ impl LibvirtVm {
             if let Some(element) = self.find(&at, &domain, &alias)? {
                 self.unplug(&at, &domain, &alias, &element, deadline)?;
             }
+        }
+        for alias in std::mem::take(&mut self.links_up) {
+            self.set_link(&at, &domain, &alias, false)?;
         }
         if self.state(&at, &domain)? == sys::VIR_DOMAIN_RUNNING {
             domain.suspend().map_err(|e| self.err(&at, "pause", e))?;
@@ -430,7 +457,28 @@ impl VmBackend for LibvirtVm {
             )));
         }
         for d in &self.spec.destination.devices {
-            device_xml(d).map_err(|e| Error::Refused(format!("{}: {e}", self.spec.name)))?;
+            check_device(d).map_err(|e| Error::Refused(format!("{}: {e}", self.spec.name)))?;
+        }
+        // A standby NIC migrates with the domain: it is in the source's XML, with its MAC.
+        let standby = self
+            .spec
+            .source
+            .devices
+            .iter()
+            .chain(&self.spec.destination.devices);
+        for d in standby.filter(|d| d.is_standby()) {
+            let a = alias(d.id());
+            let element = find_device(&xml, &a)
+                .map_err(|e| Error::Refused(format!("{}: {e}", self.spec.name)))?;
+            let has = element.as_deref().and_then(mac_of);
+            if has.as_deref() != d.mac() {
+                return Err(Error::Refused(format!(
+                    "{}: the domain's standby NIC {a:?} has mac {}, the plan says {}",
+                    self.spec.name,
+                    has.as_deref().unwrap_or("none"),
+                    d.mac().unwrap_or_default()
+                )));
+            }
         }
         if let Some(there) = self.destination_domain()? {
             if there.is_active().unwrap_or(true) {
@@ -448,6 +496,11 @@ impl VmBackend for LibvirtVm {
         let at = self.source.clone();
         for d in self.spec.source.devices.clone() {
             let a = alias(d.id());
+            if d.is_standby() {
+                self.set_link(&at, &domain, &a, false)?;
+                self.links_down.push(a);
+                continue;
+            }
             let Some(element) = self.find(&at, &domain, &a)? else {
                 continue;
             };
@@ -590,6 +643,12 @@ impl VmBackend for LibvirtVm {
         let at = self.destination.clone();
         let domain = self.destination_domain()?.ok_or(Error::NotConnected)?;
         for d in self.spec.destination.devices.clone() {
+            if d.is_standby() {
+                let a = alias(d.id());
+                self.set_link(&at, &domain, &a, true)?;
+                self.links_up.push(a);
+                continue;
+            }
             let xml =
                 device_xml(&d).map_err(|e| Error::Refused(format!("{}: {e}", self.spec.name)))?;
             // A domain defined there keeps the device in its definition too.
@@ -664,6 +723,9 @@ impl VmBackend for LibvirtVm {
                     .attach_device_flags(&bare, sys::VIR_DOMAIN_AFFECT_LIVE)
                     .map_err(|e| self.err(&at, &format!("re-attach {a}"), e))?;
             }
+        }
+        for a in std::mem::take(&mut self.links_down) {
+            self.set_link(&at, &domain, &a, true)?;
         }
         self.resume(&at, &domain)
     }
