@@ -83,6 +83,17 @@ impl std::fmt::Debug for LibvirtVm {
     }
 }
 
+impl Drop for LibvirtVm {
+    fn drop(&mut self) {
+        // virt's connections are reference-counted by hand: ours end with the backend (domains
+        // and channel streams still in use hold their own references).
+        let conns = [self.source_conn.take(), self.destination_conn.take()];
+        for mut conn in conns.into_iter().flatten() {
+            let _ = conn.close();
+        }
+    }
+}
+
 impl LibvirtVm {
     /// The backend of `spec`, whose source and destination must be libvirt domains.
     pub fn new(spec: VmSpec, settings: MigrationSettings) -> Result<LibvirtVm> {
@@ -537,11 +548,13 @@ impl VmBackend for LibvirtVm {
                     .get_xml_desc(sys::VIR_DOMAIN_XML_MIGRATABLE)
                     .map_err(|e| self.err(&at, "read the domain XML", e))?,
             };
+            // A standby NIC stays: only its link was switched.
             let detached: Vec<String> = self
                 .spec
                 .source
                 .devices
                 .iter()
+                .filter(|d| !d.is_standby())
                 .map(|d| alias(d.id()))
                 .collect();
             persist_xml = Some(
