@@ -452,9 +452,11 @@ impl VirtualCluster {
         for vm in 0..self.vms() {
             self.run(vm, "mkdir -p /tmp/job /tmp/cuts");
         }
+        // The status appears whole (renamed into place): `finish_job` polls for it, and a
+        // plain `echo >status` let it read the file created but still empty.
         let script = format!(
-            "setsid sh -c '{} >/tmp/job/out 2>&1; echo $? >/tmp/job/status' \
-             </dev/null >/dev/null 2>&1 &",
+            "setsid sh -c '{} >/tmp/job/out 2>&1; echo $? >/tmp/job/status.new; \
+             mv /tmp/job/status.new /tmp/job/status' </dev/null >/dev/null 2>&1 &",
             self.launcher(modes)
         );
         self.run(0, &script);
