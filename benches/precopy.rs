@@ -8,12 +8,20 @@
 //! destination VM is "held": it receives memory and state and is resumed, but its vCPU is not
 //! restarted, so its memory can be compared with the paused source afterwards (`verified`).
 //!
+//! Scenarios marked `tls` also run the engine over TLS 1.3 (mutual authentication, every
+//! connection encrypted) and in clear text once more in each repetition, both into destination
+//! memory faulted in before the clock starts, in alternating order: `tls_ratio` is the median
+//! of the per-repetition ratios of TLS to clear-text throughput. Pre-faulted, because on these
+//! machines (VMs whose host takes back memory the guest kernel reports free) what fresh memory
+//! costs varies fivefold from run to run, and would decide the ratio instead of TLS.
+//!
 //! The VM is pluggable ([`Workload`]); the software guest is the one used here.
 //! `PRECOPY_SCENARIOS=name,name` selects scenarios.
 
 use migrate_core::pages::page_hashes;
 use migrate_core::protocol::{MemoryLayout, RegionDesc};
 use migrate_core::software_guest::{SoftwareGuest, SoftwareGuestConfig};
+use migrate_core::tls::{Credentials, DestinationTls, SourceTls};
 use migrate_core::transport::{self, Endpoint, Listener};
 use migrate_core::vm::{GuestMemory, IncomingVm, MigratableVm};
 use migrate_core::{MigrationConfig, TimeoutStrategy, destination, source};
@@ -102,6 +110,29 @@ struct Scenario {
     mem: u64,
     connections: usize,
     dirty: Option<f64>,
+    /// Also run over TLS.
+    tls: bool,
+}
+
+/// Both ends' TLS settings, from credentials made with `openssl` in a scratch directory.
+struct Tls {
+    source: SourceTls,
+    destination: DestinationTls,
+}
+
+impl Tls {
+    fn site() -> Tls {
+        let dir = std::env::temp_dir().join(format!("ninja-precopy-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        ninja_testkit::tls::site_credentials(&dir, "precopy bench CA", &["127.0.0.1"])
+            .expect("openssl");
+        let tls = Tls {
+            source: SourceTls::new(&Credentials::source_in(&dir), "127.0.0.1").unwrap(),
+            destination: DestinationTls::new(&Credentials::destination_in(&dir), &[]).unwrap(),
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        tls
+    }
 }
 
 #[derive(Default)]
@@ -120,23 +151,61 @@ struct Run {
     measured_dirty: f64,
 }
 
-fn engine_run(w: &dyn Workload, src: &dyn MigratableVm, s: &Scenario) -> Run {
+/// Faults every page of `memory` in (outside any measured time).
+fn prefault(memory: &GuestMemory) {
+    for r in memory.iter() {
+        let slice = r
+            .get_slice(MemoryRegionAddress(0), r.len() as usize)
+            .unwrap();
+        // SAFETY: one whole guest memory mapping; MADV_POPULATE_WRITE only faults pages in.
+        let rc = unsafe {
+            libc::madvise(
+                slice.ptr_guard_mut().as_ptr().cast(),
+                r.len() as usize,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        assert_eq!(rc, 0, "MADV_POPULATE_WRITE");
+    }
+}
+
+/// One migration of `src`; `tls` runs it over TLS, `prefaulted` faults the destination's
+/// memory in first.
+fn engine_run(
+    w: &dyn Workload,
+    src: &dyn MigratableVm,
+    s: &Scenario,
+    tls: Option<&Tls>,
+    prefaulted: bool,
+) -> Run {
     let cfg = MigrationConfig {
         downtime_target: Duration::from_millis(50),
         timeout: Duration::from_secs(20),
         on_timeout: TimeoutStrategy::Force,
         ..Default::default()
     };
-    let l = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap())).unwrap();
+    let any = Endpoint::Tcp("127.0.0.1:0".parse().unwrap());
+    let l = match tls {
+        Some(t) => Listener::bind_tls(&any, t.destination.clone()).unwrap(),
+        None => Listener::bind(&any).unwrap(),
+    };
     let ep = l.endpoint().unwrap();
     let lay = MemoryLayout::of(src.memory());
     let dst_vm = w.destination(&lay).unwrap();
+    if prefaulted {
+        prefault(dst_vm.memory());
+    }
     let dcfg = cfg.clone();
     let dst = std::thread::spawn(move || {
         let c = l.accept(Duration::from_secs(30))?;
         destination::receive(c, &dcfg, move |_| Ok(DynVm(dst_vm)))
     });
-    let conn = transport::connect(&ep, s.connections, Duration::from_secs(10)).unwrap();
+    let t = Duration::from_secs(10);
+    let conn = match tls {
+        Some(tls) => transport::connect_tls(&ep, s.connections, t, &tls.source),
+        None => transport::connect(&ep, s.connections, t),
+    }
+    .unwrap();
     let rep = source::migrate(src, conn, &cfg, None).expect("migration");
     let (dvm, drep) = dst.join().unwrap().expect("receive");
     if std::env::var_os("PRECOPY_DEBUG").is_some() {
@@ -244,61 +313,85 @@ fn main() {
             mem: GIB,
             connections: 1,
             dirty: None,
+            tls: true,
         },
         Scenario {
             name: "idle_full_1g_2c",
             mem: GIB,
             connections: 2,
             dirty: None,
+            tls: true,
         },
         Scenario {
             name: "idle_full_2g_1c",
             mem: 2 * GIB,
             connections: 1,
             dirty: None,
+            tls: false,
         },
         Scenario {
             name: "idle_full_4g_1c",
             mem: 4 * GIB,
             connections: 1,
             dirty: None,
+            tls: false,
         },
         Scenario {
             name: "idle_full_4g_2c",
             mem: 4 * GIB,
             connections: 2,
             dirty: None,
+            tls: false,
         },
         Scenario {
             name: "dirty_1g_100mib_s",
             mem: GIB,
             connections: 1,
             dirty: Some(100.0),
+            tls: false,
         },
         Scenario {
             name: "dirty_1g_400mib_s",
             mem: GIB,
             connections: 1,
             dirty: Some(400.0),
+            tls: false,
         },
         Scenario {
             name: "dirty_1g_1000mib_s",
             mem: GIB,
             connections: 1,
             dirty: Some(1000.0),
+            tls: false,
         },
     ];
     let w = Software;
+    let mut tls: Option<Tls> = None;
     for s in &scenarios {
         if let Some(only) = &only {
             if !only.iter().any(|o| o == s.name) {
                 continue;
             }
         }
+        if s.tls && tls.is_none() {
+            tls = Some(Tls::site());
+        }
         let src = w.source(s.mem, s.dirty).unwrap();
         let mut runs = Vec::new();
-        for _ in 0..reps {
-            let mut r = engine_run(&w, src.as_ref(), s);
+        // (clear text, TLS), both into pre-faulted memory.
+        let mut tls_pairs: Vec<(Run, Run)> = Vec::new();
+        for rep in 0..reps {
+            let mut r = engine_run(&w, src.as_ref(), s, None, false);
+            if s.tls {
+                let (clear, secure) = if rep % 2 == 0 {
+                    let c = engine_run(&w, src.as_ref(), s, None, true);
+                    (c, engine_run(&w, src.as_ref(), s, tls.as_ref(), true))
+                } else {
+                    let t = engine_run(&w, src.as_ref(), s, tls.as_ref(), true);
+                    (engine_run(&w, src.as_ref(), s, None, true), t)
+                };
+                tls_pairs.push((clear, secure));
+            }
             // Interleaved: the baseline runs right after, in the same window, guest paused.
             src.pause().unwrap();
             r.baseline = tcp_baseline(src.memory(), s.mem, false);
@@ -312,7 +405,7 @@ fn main() {
         let throughput = m(|r| r.throughput);
         let baseline = m(|r| r.baseline);
         let prefaulted = m(|r| r.prefaulted_baseline);
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "scenario": s.name,
             "mem_bytes": s.mem,
             "connections": s.connections,
@@ -333,6 +426,26 @@ fn main() {
             "verified": runs.iter().all(|r| r.verified),
             "reps": reps,
         });
+        if s.tls {
+            let cm = |f: fn(&Run) -> f64| median(tls_pairs.iter().map(|(c, _)| f(c)).collect());
+            let tm = |f: fn(&Run) -> f64| median(tls_pairs.iter().map(|(_, t)| f(t)).collect());
+            let ratios = tls_pairs.iter().map(|(c, t)| t.throughput / c.throughput);
+            let extra = serde_json::json!({
+                "prefaulted_throughput_gib_s": cm(|r| r.throughput),
+                "prefaulted_src_cpu_s": cm(|r| r.src_cpu),
+                "prefaulted_dst_cpu_s": cm(|r| r.dst_cpu),
+                "tls_throughput_gib_s": tm(|r| r.throughput),
+                "tls_ratio": median(ratios.collect()),
+                "tls_total_ms": tm(|r| r.total_ms),
+                "tls_downtime_ms": tm(|r| r.downtime_ms),
+                "tls_src_cpu_s": tm(|r| r.src_cpu),
+                "tls_dst_cpu_s": tm(|r| r.dst_cpu),
+                "tls_verified": tls_pairs.iter().all(|(c, t)| c.verified && t.verified),
+            });
+            for (k, v) in extra.as_object().unwrap() {
+                line[k] = v.clone();
+            }
+        }
         println!("{line}");
     }
 }

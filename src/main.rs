@@ -87,10 +87,10 @@ fn main() -> ExitCode {
     }
     let exposure = match &cli.command {
         Command::Vmm(VmmCommand::Listen(args)) => {
-            cli::vmm::check_exposure(&args.listen, args.insecure)
+            cli::vmm::check_exposure(&args.listen, args.tls_creds.is_some(), args.insecure)
         }
         Command::Vmm(VmmCommand::Migrate(args)) => {
-            cli::vmm::check_exposure(&args.to, args.insecure)
+            cli::vmm::check_exposure(&args.to, args.tls_creds.is_some(), args.insecure)
         }
         _ => Ok(()),
     };
@@ -108,13 +108,7 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            let mut msg = format!("ninja-migrate: error: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                msg.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            eprintln!("{msg}");
+            eprintln!("ninja-migrate: error: {}", symvirt_proto::error::chain(&e));
             ExitCode::FAILURE
         }
     }

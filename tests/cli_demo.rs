@@ -3,7 +3,8 @@
 
 use ninja_testkit::kvm_or_skip;
 use serde_json::Value;
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
 
 fn ninja() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ninja-migrate"))
@@ -64,6 +65,44 @@ fn demo_migrates_the_software_guest() {
     assert_verified(&r);
 }
 
+/// `vmm listen --json` with `args`, up to its `listening` line (returned parsed).
+fn listen(args: &[&str]) -> (Child, BufReader<ChildStdout>, Value) {
+    let mut dst = ninja()
+        .args(["vmm", "listen", "--json", "--run-after-ms=200"])
+        .args(["--accept-timeout-s=60"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start destination");
+    // The destination announces itself before accepting.
+    let mut stdout = BufReader::new(dst.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let listening: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(listening["event"], "listening", "{line}");
+    (dst, stdout, listening)
+}
+
+/// A source that succeeded and the destination that received its guest: the memory digests
+/// agree and the source stayed stopped.
+fn assert_received(src: Output, mut dst: Child, mut stdout: BufReader<ChildStdout>) {
+    let src_text = String::from_utf8_lossy(&src.stdout);
+    assert!(
+        src.status.success(),
+        "source failed: {src_text} {}",
+        String::from_utf8_lossy(&src.stderr)
+    );
+    let migrated: Value = serde_json::from_str(src_text.lines().last().unwrap()).unwrap();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert!(dst.wait().unwrap().success(), "destination failed: {rest}");
+    let received: Value = serde_json::from_str(rest.lines().last().unwrap()).unwrap();
+    assert_eq!(migrated["event"], "migrated");
+    assert_eq!(received["event"], "received");
+    assert_eq!(migrated["digest"], received["at_resume"]["digest"]);
+    assert_eq!(migrated["source_stopped"], true);
+}
+
 #[test]
 fn listen_and_migrate_over_a_unix_socket() {
     let dir = std::env::temp_dir().join(format!("ninja-cli-{}", std::process::id()));
@@ -71,42 +110,14 @@ fn listen_and_migrate_over_a_unix_socket() {
     let sock = dir.join("mig.sock");
     let endpoint = format!("unix:{}", sock.display());
     let guest = ["--guest=software", "--mem-mib=32", "--working-set-mib=4"];
-    let mut dst = ninja()
-        .args([
-            "vmm",
-            "listen",
-            "--json",
-            "--run-after-ms=200",
-            "--accept-timeout-s=60",
-        ])
-        .args(["--listen", &endpoint])
-        .args(guest)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start destination");
-    // The destination announces itself before accepting.
-    let mut stdout = std::io::BufReader::new(dst.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
-    assert!(line.contains("\"listening\""), "{line}");
-
+    let (dst, stdout, _) = listen(&[&["--listen", &endpoint][..], &guest].concat());
     let src = ninja()
         .args(["vmm", "migrate", "--json", "--run-before-ms=200"])
         .args(["--to", &endpoint])
         .args(guest)
         .output()
         .expect("run source");
-    let src_text = String::from_utf8_lossy(&src.stdout);
-    assert!(src.status.success(), "source failed: {src_text}");
-    let migrated: Value = serde_json::from_str(src_text.lines().last().unwrap()).unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
-    assert!(dst.wait().unwrap().success(), "destination failed: {rest}");
-    let received: Value = serde_json::from_str(rest.lines().last().unwrap()).unwrap();
-    assert_eq!(migrated["event"], "migrated");
-    assert_eq!(received["event"], "received");
-    assert_eq!(migrated["digest"], received["at_resume"]["digest"]);
-    assert_eq!(migrated["source_stopped"], true);
+    assert_received(src, dst, stdout);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -173,4 +184,63 @@ fn a_cleartext_stream_off_loopback_is_refused_unless_insecure() {
     assert!(text.contains("\"listening\""), "{text}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("source to connect"), "{err}");
+}
+
+#[test]
+fn listen_and_migrate_over_tls_off_loopback_after_a_failed_attempt() {
+    let dir = std::env::temp_dir().join(format!("ninja-cli-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    ninja_testkit::tls::site_credentials(&dir, "Ninja test site CA", &["127.0.0.1"])
+        .expect("openssl");
+    let creds = format!("--tls-creds={}", dir.display());
+    let guest = ["--guest=software", "--mem-mib=32", "--working-set-mib=4"];
+    // Any address, not only loopback: TLS makes it safe without --insecure.
+    let listen_args = ["--listen=tcp:0.0.0.0:0", "--attempts=2", &creds];
+    let (dst, mut stdout, listening) =
+        listen(&[&listen_args[..], &["--tls-allow=ninja-source"], &guest].concat());
+    assert_eq!(listening["tls"], true, "{listening}");
+    let port = listening["endpoint"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let to = format!("--to=tcp:127.0.0.1:{port}");
+
+    // A clear-text source gets nowhere (and costs the destination no attempt).
+    let plain = ninja()
+        .args(["vmm", "migrate", "--run-before-ms=100", &to])
+        .args(guest)
+        .output()
+        .unwrap();
+    assert!(!plain.status.success());
+    // An authenticated source with the wrong guest: attempt 1 fails at the handshake.
+    let wrong = ninja()
+        .args(["vmm", "migrate", "--run-before-ms=100", &to, &creds])
+        .args(["--guest=software", "--mem-mib=16"])
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let failed: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(failed["event"], "failed", "{line}");
+    assert_eq!(failed["attempt"], 1, "{line}");
+
+    // Attempt 2: the genuine source.
+    let src = ninja()
+        .args([
+            "vmm",
+            "migrate",
+            "--json",
+            "--run-before-ms=200",
+            &to,
+            &creds,
+        ])
+        .args(guest)
+        .output()
+        .unwrap();
+    assert_received(src, dst, stdout);
+    let _ = std::fs::remove_dir_all(&dir);
 }

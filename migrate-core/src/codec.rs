@@ -73,6 +73,9 @@ pub fn read_message(r: &mut impl Read) -> Result<ControlMessage> {
 /// Maps a socket error to the crate error: EOF is a disconnect, a read/write timeout a timeout.
 pub(crate) fn io_error(e: std::io::Error) -> Error {
     use std::io::ErrorKind::*;
+    if let Some(tls) = crate::tls::from_io(&e) {
+        return tls;
+    }
     match e.kind() {
         UnexpectedEof | ConnectionReset | BrokenPipe | ConnectionAborted => Error::Disconnected,
         WouldBlock | TimedOut => Error::Timeout("socket read or write".into()),

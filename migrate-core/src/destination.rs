@@ -10,7 +10,6 @@ use crate::stats::{ReceiveReport, thread_cpu_seconds};
 use crate::transport::{Connections, Stream};
 use crate::vm::IncomingVm;
 use crate::{Error, Phase, Result};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -59,6 +58,7 @@ pub fn receive<V: IncomingVm>(
         Ok(p) => p,
         Err(e) => return Err(fail(Phase::Receive, e, &mut control)),
     };
+    pages.advise_huge_pages();
     let failed = AtomicBool::new(false);
     let activity = AtomicU64::new(0);
     let mut rounds = 0u32;
@@ -105,7 +105,10 @@ pub fn receive<V: IncomingVm>(
                     if let Err(me) = r {
                         if !matches!(me, Error::Protocol(ref m) if m == "another connection failed")
                         {
-                            cause = Error::Protocol(format!("memory connection {i}: {me}"));
+                            cause = Error::MemoryConnection {
+                                index: i,
+                                source: Box::new(me),
+                            };
                             break;
                         }
                     }
@@ -119,7 +122,10 @@ pub fn receive<V: IncomingVm>(
             let (i, r, c) = rx
                 .recv_timeout(cfg.io_timeout)
                 .map_err(|_| Error::Timeout("memory connections did not finish".into()))?;
-            totals[i] = r.map_err(|e| Error::Protocol(format!("memory connection {i}: {e}")))?;
+            totals[i] = r.map_err(|e| Error::MemoryConnection {
+                index: i,
+                source: Box::new(e),
+            })?;
             cpu += c;
         }
         Ok((state, totals, cpu))
@@ -256,7 +262,7 @@ fn control_loop(
         if failed.load(Ordering::SeqCst) {
             return Err(Error::Protocol("a memory connection failed".into()));
         }
-        if poll_readable(control.as_raw_fd(), 100)? {
+        if control.wait_readable(100)? {
             match read_message(control)? {
                 ControlMessage::RoundEnd { .. } => *rounds += 1,
                 ControlMessage::State {
@@ -283,25 +289,4 @@ fn control_loop(
             }
         }
     }
-}
-
-fn poll_readable(fd: std::os::fd::RawFd, ms: i32) -> Result<bool> {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, count 1.
-    let r = unsafe { libc::poll(&mut p, 1, ms) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() == std::io::ErrorKind::Interrupted {
-            return Ok(false);
-        }
-        return Err(Error::Io {
-            context: "poll control connection".into(),
-            source: e,
-        });
-    }
-    Ok(r > 0)
 }

@@ -67,6 +67,15 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// One memory connection failed: which, and why.
+    #[error("memory connection {index}")]
+    MemoryConnection {
+        /// Its index (0-based).
+        index: usize,
+        /// Why.
+        #[source]
+        source: Box<Error>,
+    },
     /// The peer sent something that violates the wire protocol.
     #[error("protocol: {0}")]
     Protocol(String),
@@ -91,6 +100,16 @@ pub enum Error {
     /// The connection was closed by the peer.
     #[error("connection closed by peer")]
     Disconnected,
+    /// TLS: credentials that do not load, a peer that fails authentication, a damaged or
+    /// forged record ([`crate::tls`]).
+    #[error("tls: {context}")]
+    Tls {
+        /// What was being done.
+        context: String,
+        /// What rustls, webpki or the file system said.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A snapshot file is damaged, foreign or does not fit the VM ([`crate::snapshot`]).
     #[error("snapshot {}: {problem}", path.display())]
     Snapshot {

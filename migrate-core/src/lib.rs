@@ -54,6 +54,7 @@ pub mod snapshot;
 pub mod software_guest;
 pub mod source;
 pub mod stats;
+pub mod tls;
 pub mod transport;
 pub mod vm;
 pub mod vmm;

@@ -437,7 +437,6 @@ pub fn receive_stream(
     let mut iov: Vec<libc::iovec> = Vec::with_capacity(MAX_RANGES_PER_BATCH as usize);
     let mut entries: Vec<RangeEntry> = Vec::with_capacity(MAX_RANGES_PER_BATCH as usize);
     let mut hosts: Vec<*mut u8> = Vec::with_capacity(MAX_RANGES_PER_BATCH as usize);
-    pages.advise_huge_pages();
     loop {
         let mut h = [0u8; RECORD_HEADER_LEN];
         src.read_bytes(&mut h)?;

@@ -509,7 +509,10 @@ impl Ctx {
 fn annotate(i: usize, e: Error) -> Error {
     match e {
         Error::Disconnected | Error::Timeout(_) | Error::Io { .. } => e,
-        other => Error::Protocol(format!("memory connection {i}: {other}")),
+        other => Error::MemoryConnection {
+            index: i,
+            source: Box::new(other),
+        },
     }
 }
 

@@ -13,14 +13,16 @@ use crate::protocol::{
     MAX_MEMORY_CONNECTIONS, PREAMBLE_LEN, PREAMBLE_REPLY_LEN, PROTOCOL_VERSION, Preamble,
     PreambleReply, Role, STATUS_MALFORMED, STATUS_OK, STATUS_VERSION_MISMATCH,
 };
+use crate::tls::{DestinationTls, SourceTls, tls_error};
 use crate::{Error, Phase, Result};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Where a destination listens.
@@ -65,53 +67,252 @@ impl std::str::FromStr for Endpoint {
     }
 }
 
-/// One byte stream of a migration.
+/// A connected socket.
 #[derive(Debug)]
-pub enum Stream {
-    /// A TCP connection.
+enum Socket {
     Tcp(TcpStream),
-    /// A unix socket (also used for in-process pairs).
     Unix(UnixStream),
 }
 
+impl Socket {
+    fn try_clone(&self) -> std::io::Result<Socket> {
+        match self {
+            Socket::Tcp(s) => s.try_clone().map(Socket::Tcp),
+            Socket::Unix(s) => s.try_clone().map(Socket::Unix),
+        }
+    }
+
+    fn set_nonblocking(&self, nb: bool) -> std::io::Result<()> {
+        match self {
+            Socket::Tcp(s) => s.set_nonblocking(nb),
+            Socket::Unix(s) => s.set_nonblocking(nb),
+        }
+    }
+}
+
+impl AsFd for Socket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Socket::Tcp(s) => s.as_fd(),
+            Socket::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
+impl Read for &Socket {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Socket::Tcp(s) => (&*s).read(buf),
+            Socket::Unix(s) => (&*s).read(buf),
+        }
+    }
+}
+
+impl Write for &Socket {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Socket::Tcp(s) => (&*s).write(buf),
+            Socket::Unix(s) => (&*s).write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Socket::Tcp(s) => (&*s).write_vectored(bufs),
+            Socket::Unix(s) => (&*s).write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One byte stream of a migration: a socket, in clear text or inside a TLS session
+/// ([`crate::tls`]). Clones ([`Stream::try_clone`]) share the socket and the session.
+#[derive(Debug)]
+pub struct Stream {
+    socket: Socket,
+    tls: Option<Arc<Mutex<Session>>>,
+}
+
+/// A TLS session over a stream's socket.
+struct Session {
+    conn: rustls::Connection,
+    /// Ciphertext read ahead of rustls: one read(2) takes up to [`READ_AHEAD`] bytes where
+    /// rustls alone reads at most one record.
+    ahead: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+/// How much ciphertext one read(2) of a TLS stream takes.
+const READ_AHEAD: usize = 1 << 20;
+/// How much ciphertext a TLS stream queues before writing it (one writev per fill).
+const WRITE_BEHIND: usize = 1 << 20;
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("cipher_suite", &self.conn.negotiated_cipher_suite())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    fn new(mut conn: rustls::Connection) -> Session {
+        conn.set_buffer_limit(Some(WRITE_BEHIND));
+        Session {
+            conn,
+            ahead: vec![0; READ_AHEAD],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Writes out every record the session has queued (data, alerts, key updates).
+    fn flush(&mut self, mut socket: &Socket) -> std::io::Result<()> {
+        while self.conn.wants_write() {
+            self.conn.write_tls(&mut socket)?;
+        }
+        Ok(())
+    }
+
+    /// Encrypts all of `data`, writing records out whenever the queue is full.
+    fn send(&mut self, socket: &Socket, mut data: &[u8]) -> std::io::Result<()> {
+        while !data.is_empty() {
+            let n = self.conn.writer().write(data)?;
+            data = &data[n..];
+            if n == 0 {
+                self.flush(socket)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads plaintext (0 at a clean close); a damaged, forged or truncated record is an
+    /// error carrying the [`rustls::Error`].
+    fn recv(&mut self, mut socket: &Socket, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.conn.reader().read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                r => return r,
+            }
+            self.flush(socket)?;
+            if self.start == self.end {
+                let n = loop {
+                    match socket.read(&mut self.ahead) {
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        r => break r?,
+                    }
+                };
+                (self.start, self.end) = (0, n);
+                if n == 0 {
+                    // End of stream: rustls then tells a close_notify from a truncation.
+                    self.conn.read_tls(&mut &[][..])?;
+                }
+            }
+            if self.start < self.end {
+                self.start += self.conn.read_tls(&mut &self.ahead[self.start..self.end])?;
+            }
+            if let Err(e) = self.conn.process_new_packets() {
+                let _ = self.flush(socket); // the alert that tells the peer why
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+            }
+        }
+    }
+
+    fn recv_exact(&mut self, socket: &Socket, mut buf: &mut [u8]) -> std::io::Result<()> {
+        while !buf.is_empty() {
+            match self.recv(socket, buf)? {
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                n => buf = &mut buf[n..],
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether plaintext (or ciphertext not yet decrypted) waits in the session.
+    fn has_buffered(&mut self) -> bool {
+        self.start < self.end
+            || self
+                .conn
+                .process_new_packets()
+                .is_ok_and(|s| s.plaintext_bytes_to_read() > 0)
+    }
+}
+
 impl Stream {
+    fn plain(socket: Socket) -> Stream {
+        Stream { socket, tls: None }
+    }
+
+    fn session(&self) -> Option<std::sync::MutexGuard<'_, Session>> {
+        // A thread that panicked mid-record leaves the session unusable either way; the next
+        // read or write fails on its own.
+        self.tls
+            .as_ref()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Whether the stream is inside a TLS session.
+    pub fn is_encrypted(&self) -> bool {
+        self.tls.is_some()
+    }
+
     /// Sets read and write timeouts (`None` = block forever).
     pub fn set_timeouts(&self, t: Option<Duration>) -> Result<()> {
-        let r = match self {
-            Stream::Tcp(s) => s.set_read_timeout(t).and_then(|_| s.set_write_timeout(t)),
-            Stream::Unix(s) => s.set_read_timeout(t).and_then(|_| s.set_write_timeout(t)),
+        let r = match &self.socket {
+            Socket::Tcp(s) => s.set_read_timeout(t).and_then(|_| s.set_write_timeout(t)),
+            Socket::Unix(s) => s.set_read_timeout(t).and_then(|_| s.set_write_timeout(t)),
         };
         r.map_err(|e| io_err("setting socket timeouts", e))
     }
 
     /// Sets only the read timeout.
     pub fn set_read_timeout(&self, t: Option<Duration>) -> Result<()> {
-        let r = match self {
-            Stream::Tcp(s) => s.set_read_timeout(t),
-            Stream::Unix(s) => s.set_read_timeout(t),
+        let r = match &self.socket {
+            Socket::Tcp(s) => s.set_read_timeout(t),
+            Socket::Unix(s) => s.set_read_timeout(t),
         };
         r.map_err(|e| io_err("setting socket timeout", e))
     }
 
     /// Closes both directions; a peer blocked on it sees EOF or a reset.
     pub fn shutdown(&self) {
-        let _ = match self {
-            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
-            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+        let _ = match &self.socket {
+            Socket::Tcp(s) => s.shutdown(Shutdown::Both),
+            Socket::Unix(s) => s.shutdown(Shutdown::Both),
         };
     }
 
-    /// Another handle to the same socket.
+    /// Another handle to the same socket (and TLS session).
     pub fn try_clone(&self) -> Result<Stream> {
-        match self {
-            Stream::Tcp(s) => s.try_clone().map(Stream::Tcp),
-            Stream::Unix(s) => s.try_clone().map(Stream::Unix),
-        }
-        .map_err(|e| io_err("cloning socket", e))
+        Ok(Stream {
+            socket: self
+                .socket
+                .try_clone()
+                .map_err(|e| io_err("cloning socket", e))?,
+            tls: self.tls.clone(),
+        })
     }
 
-    fn tune(&self) {
-        if let Stream::Tcp(s) = self {
+    /// Waits up to `ms` milliseconds for something to read (plaintext a TLS session already
+    /// holds counts).
+    pub fn wait_readable(&self, ms: u16) -> Result<bool> {
+        if self.session().is_some_and(|mut s| s.has_buffered()) {
+            return Ok(true);
+        }
+        let mut fds = [PollFd::new(self.socket.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(n) => Ok(n > 0),
+            Err(nix::errno::Errno::EINTR) => Ok(false),
+            Err(e) => Err(io_err("poll", e.into())),
+        }
+    }
+
+    fn tune(socket: &Socket) {
+        if let Socket::Tcp(s) = socket {
             let _ = s.set_nodelay(true);
         }
         // Larger socket buffers keep the pipe full while the sender scans the next batch.
@@ -120,7 +321,7 @@ impl Stream {
             // SAFETY: setsockopt on a valid fd we own, with a pointer to a c_int and its size.
             unsafe {
                 libc::setsockopt(
-                    self.as_raw_fd(),
+                    socket.as_fd().as_raw_fd(),
                     libc::SOL_SOCKET,
                     opt,
                     (&size as *const libc::c_int).cast(),
@@ -134,17 +335,38 @@ impl Stream {
 /// Most iovecs passed to one `sendmsg` or `readv` (IOV_MAX).
 const IOV_MAX: usize = 1024;
 
-/// How long [`Listener::accept`] waits for a new connection's preamble before it drops it.
-const PREAMBLE_WAIT: Duration = Duration::from_secs(2);
+/// How long an accepted connection has to complete its TLS handshake and send its preamble
+/// before the listener drops it (a slow or idle peer holds one pending slot, nothing more).
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(5);
+/// How many accepted connections may be in their handshake at once; past it the oldest is
+/// dropped, so strangers cannot fill the listener and a genuine source still gets in.
+pub const DEFAULT_MAX_PENDING: usize = 128;
 /// How often a waiting [`Listener::accept_unless`] looks at its cancel flag.
 const CANCEL_CHECK: Duration = Duration::from_millis(100);
 
+/// The slices an iovec array describes.
+///
+/// # Safety
+/// The iovec must point at `iov_len` bytes that stay valid for `'a`.
+unsafe fn iov_slice<'a>(v: &libc::iovec) -> &'a [u8] {
+    // SAFETY: the caller vouches for the memory (see above).
+    unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) }
+}
+
 impl Stream {
-    /// Writes every byte described by `iov` with `sendmsg`, advancing over partial writes.
-    /// Every iovec must point at memory that stays valid for the call (our buffers, or guest
-    /// memory checked to lie inside a region).
+    /// Writes every byte described by `iov` with `sendmsg` (or through the TLS session),
+    /// advancing over partial writes. Every iovec must point at memory that stays valid for
+    /// the call (our buffers, or guest memory checked to lie inside a region).
     pub(crate) fn send_vectored_all(&self, iov: &mut [libc::iovec]) -> Result<()> {
-        let fd = self.as_raw_fd();
+        if let Some(mut session) = self.session() {
+            let sent = iov
+                .iter()
+                // SAFETY: as this function requires, each iovec points at live memory.
+                .try_for_each(|v| session.send(&self.socket, unsafe { iov_slice(v) }))
+                .and_then(|()| session.flush(&self.socket));
+            return sent.map_err(crate::codec::io_error);
+        }
+        let fd = self.socket.as_fd().as_raw_fd();
         let mut start = 0;
         while start < iov.len() {
             let n = iov.len().min(start + IOV_MAX) - start;
@@ -193,7 +415,19 @@ impl PageSource for Stream {
     }
 
     fn read_into(&mut self, iov: &mut [libc::iovec]) -> Result<()> {
-        let fd = self.as_raw_fd();
+        if let Some(mut session) = self.session() {
+            for v in iov.iter() {
+                // SAFETY: the iovecs point into our buffer or into validated guest memory,
+                // which nothing else touches while a batch is received.
+                let buf =
+                    unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) };
+                session
+                    .recv_exact(&self.socket, buf)
+                    .map_err(crate::codec::io_error)?;
+            }
+            return Ok(());
+        }
+        let fd = self.socket.as_fd().as_raw_fd();
         let mut start = 0;
         while start < iov.len() {
             let n = iov.len().min(start + IOV_MAX) - start;
@@ -261,27 +495,28 @@ fn advance(iov: &mut [libc::iovec], start: &mut usize, mut done: usize) {
 
 impl AsRawFd for Stream {
     fn as_raw_fd(&self) -> RawFd {
-        match self {
-            Stream::Tcp(s) => s.as_raw_fd(),
-            Stream::Unix(s) => s.as_raw_fd(),
-        }
+        self.socket.as_fd().as_raw_fd()
     }
 }
 
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
+        match self.session() {
+            Some(mut session) => session.recv(&self.socket, buf),
+            None => (&self.socket).read(buf),
         }
     }
 }
 
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.write(buf),
-            Stream::Unix(s) => s.write(buf),
+        match self.session() {
+            Some(mut session) => {
+                session.send(&self.socket, buf)?;
+                session.flush(&self.socket)?;
+                Ok(buf.len())
+            }
+            None => (&self.socket).write(buf),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -317,10 +552,10 @@ pub fn in_process(memory_connections: usize) -> Result<(Connections, Connections
     }
     let pair = || -> Result<(Stream, Stream)> {
         let (a, b) = UnixStream::pair().map_err(|e| io_err("socketpair", e))?;
-        let (a, b) = (Stream::Unix(a), Stream::Unix(b));
-        a.tune();
-        b.tune();
-        Ok((a, b))
+        let (a, b) = (Socket::Unix(a), Socket::Unix(b));
+        Stream::tune(&a);
+        Stream::tune(&b);
+        Ok((Stream::plain(a), Stream::plain(b)))
     };
     let (cs, cd) = pair()?;
     let mut ms = Vec::new();
@@ -342,13 +577,29 @@ pub fn in_process(memory_connections: usize) -> Result<(Connections, Connections
     ))
 }
 
-fn open(ep: &Endpoint) -> std::io::Result<Stream> {
+fn open(ep: &Endpoint) -> std::io::Result<Socket> {
     let s = match ep {
-        Endpoint::Tcp(a) => Stream::Tcp(TcpStream::connect_timeout(a, Duration::from_secs(10))?),
-        Endpoint::Unix(p) => Stream::Unix(UnixStream::connect(p)?),
+        Endpoint::Tcp(a) => Socket::Tcp(TcpStream::connect_timeout(a, Duration::from_secs(10))?),
+        Endpoint::Unix(p) => Socket::Unix(UnixStream::connect(p)?),
     };
-    s.tune();
+    Stream::tune(&s);
     Ok(s)
+}
+
+/// Runs a source's TLS handshake on a blocking socket (its timeouts bound each step).
+fn client_handshake(socket: Socket, tls: &SourceTls, ep: &Endpoint) -> Result<Stream> {
+    let mut conn = tls.session()?;
+    let failed = |e: std::io::Error| match crate::tls::from_io(&e) {
+        Some(Error::Tls { source, .. }) => tls_error(format!("handshake with {ep}"), source),
+        _ => crate::codec::io_error(e),
+    };
+    while conn.is_handshaking() {
+        conn.complete_io(&mut &socket).map_err(failed)?;
+    }
+    Ok(Stream {
+        socket,
+        tls: Some(Arc::new(Mutex::new(Session::new(conn)))),
+    })
 }
 
 fn handshake_err(e: Error) -> Error {
@@ -359,9 +610,20 @@ fn handshake_err(e: Error) -> Error {
 }
 
 /// Source side: opens the control and `memory_connections` memory connections to `ep` and
-/// exchanges the preamble. Errors are wrapped in [`Phase::Handshake`].
+/// exchanges the preamble, in clear text. Errors are wrapped in [`Phase::Handshake`].
 pub fn connect(ep: &Endpoint, memory_connections: usize, timeout: Duration) -> Result<Connections> {
-    connect_with_version(ep, memory_connections, timeout, PROTOCOL_VERSION)
+    connect_with(ep, memory_connections, timeout, PROTOCOL_VERSION, None)
+}
+
+/// [`connect`] with every connection inside its own TLS session: the destination must show a
+/// certificate from the site's CA valid for `tls`'s destination name, and gets ours.
+pub fn connect_tls(
+    ep: &Endpoint,
+    memory_connections: usize,
+    timeout: Duration,
+    tls: &SourceTls,
+) -> Result<Connections> {
+    connect_with(ep, memory_connections, timeout, PROTOCOL_VERSION, Some(tls))
 }
 
 /// [`connect`] announcing an arbitrary protocol version: for testing a destination's refusal.
@@ -372,6 +634,16 @@ pub fn connect_with_version(
     timeout: Duration,
     version: u32,
 ) -> Result<Connections> {
+    connect_with(ep, memory_connections, timeout, version, None)
+}
+
+fn connect_with(
+    ep: &Endpoint,
+    memory_connections: usize,
+    timeout: Duration,
+    version: u32,
+    tls: Option<&SourceTls>,
+) -> Result<Connections> {
     let run = || -> Result<Connections> {
         if memory_connections == 0 || memory_connections > MAX_MEMORY_CONNECTIONS as usize {
             return Err(Error::Protocol(format!(
@@ -379,9 +651,16 @@ pub fn connect_with_version(
             )));
         }
         let session = session_id();
-        let ctx = |e| io_err(&format!("connecting to {ep}"), e);
-        let mut control = open(ep).map_err(ctx)?;
-        control.set_timeouts(Some(timeout))?;
+        let dial = |pre: Preamble| -> Result<Stream> {
+            let socket = open(ep).map_err(|e| io_err(&format!("connecting to {ep}"), e))?;
+            let mut s = Stream::plain(socket);
+            s.set_timeouts(Some(timeout))?;
+            if let Some(tls) = tls {
+                s = client_handshake(s.socket, tls, ep)?;
+            }
+            s.write_all(&pre.encode()).map_err(crate::codec::io_error)?;
+            Ok(s)
+        };
         let pre = Preamble {
             version,
             role: Role::Control,
@@ -389,29 +668,26 @@ pub fn connect_with_version(
             memory_count: memory_connections as u32,
             session,
         };
-        control
-            .write_all(&pre.encode())
-            .map_err(crate::codec::io_error)?;
+        let mut control = dial(pre)?;
         let mut memory = Vec::new();
         for i in 0..memory_connections {
-            let opened = open(ep).map_err(ctx).and_then(|mut m| {
-                m.set_timeouts(Some(timeout))?;
-                let pre = Preamble {
-                    role: Role::Memory,
-                    index: i as u32,
-                    ..pre
-                };
-                m.write_all(&pre.encode()).map_err(crate::codec::io_error)?;
-                Ok(m)
-            });
-            match opened {
+            match dial(Preamble {
+                role: Role::Memory,
+                index: i as u32,
+                ..pre
+            }) {
                 Ok(m) => memory.push(m),
                 Err(e) => {
-                    // A destination that refused the control connection's preamble stops
-                    // listening at once: its verdict explains the failed connect better.
+                    // A destination that refused the control connection (its preamble, or our
+                    // certificate) stops listening at once: its verdict explains the failed
+                    // connect better.
                     control.set_timeouts(Some(timeout.min(Duration::from_secs(1))))?;
                     return Err(match read_verdict(&mut control, version) {
-                        Err(refusal @ (Error::Incompatible(_) | Error::Protocol(_))) => refusal,
+                        Err(
+                            refusal @ (Error::Incompatible(_)
+                            | Error::Protocol(_)
+                            | Error::Tls { .. }),
+                        ) => refusal,
                         _ => e,
                     });
                 }
@@ -461,90 +737,223 @@ fn session_id() -> u64 {
     t ^ (u64::from(std::process::id()) << 32) ^ 0x9e37_79b9_7f4a_7c15
 }
 
-/// Destination side: a listening socket.
+/// A listening socket.
 #[derive(Debug)]
-pub enum Listener {
-    /// Listening on TCP.
+enum ListenSocket {
     Tcp(TcpListener),
-    /// Listening on a unix socket path (removed on drop).
+    /// The path is removed on drop.
     Unix(UnixListener, PathBuf),
 }
 
+/// Destination side: a listening socket, in clear text or requiring TLS from every connection.
+///
+/// Strangers cannot take it down: each accepted connection has 5 s to finish
+/// its TLS handshake and send its preamble, all of them progress side by side (an idle or slow
+/// peer holds one slot, not the listener), at most [`Listener::set_max_pending`] wait at once
+/// (the oldest is dropped past it), and one that fails authentication or sends garbage is
+/// dropped while the listener goes on waiting for the migration's own connections.
+#[derive(Debug)]
+pub struct Listener {
+    socket: ListenSocket,
+    tls: Option<DestinationTls>,
+    max_pending: usize,
+}
+
+/// An accepted connection on its way to a preamble.
+struct Pending {
+    socket: Socket,
+    tls: Option<rustls::Connection>,
+    preamble: [u8; PREAMBLE_LEN],
+    got: usize,
+    since: Instant,
+    peer: String,
+}
+
+enum Step {
+    /// Needs the socket readable (or writable, when `write`).
+    Wait {
+        write: bool,
+    },
+    Done(Preamble),
+    Failed(Error),
+}
+
+impl Pending {
+    /// Moves the handshake on as far as the non-blocking socket allows.
+    fn advance(&mut self) -> Step {
+        use std::io::ErrorKind::{Interrupted, WouldBlock};
+        let io = |e: std::io::Error| Step::Failed(crate::codec::io_error(e));
+        let Some(tls) = &mut self.tls else {
+            loop {
+                match (&self.socket).read(&mut self.preamble[self.got..]) {
+                    Ok(0) => return Step::Failed(Error::Disconnected),
+                    Ok(n) => {
+                        self.got += n;
+                        if self.got == PREAMBLE_LEN {
+                            return self.decoded();
+                        }
+                    }
+                    Err(e) if e.kind() == WouldBlock => return Step::Wait { write: false },
+                    Err(e) if e.kind() == Interrupted => {}
+                    Err(e) => return io(e),
+                }
+            }
+        };
+        loop {
+            while tls.wants_write() {
+                match tls.write_tls(&mut &self.socket) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == WouldBlock => return Step::Wait { write: true },
+                    Err(e) if e.kind() == Interrupted => {}
+                    Err(e) => return io(e),
+                }
+            }
+            if !tls.is_handshaking() {
+                match tls.reader().read(&mut self.preamble[self.got..]) {
+                    Ok(0) => return Step::Failed(Error::Disconnected),
+                    Ok(n) => {
+                        self.got += n;
+                        if self.got == PREAMBLE_LEN {
+                            return self.decoded();
+                        }
+                        continue;
+                    }
+                    Err(e) if e.kind() == WouldBlock => {}
+                    Err(e) => return io(e),
+                }
+            }
+            match tls.read_tls(&mut &self.socket) {
+                Ok(0) => return Step::Failed(Error::Disconnected),
+                Ok(_) => {
+                    if let Err(e) = tls.process_new_packets() {
+                        let _ = tls.write_tls(&mut &self.socket); // the alert: why
+                        return Step::Failed(tls_error(format!("handshake with {}", self.peer), e));
+                    }
+                }
+                Err(e) if e.kind() == WouldBlock => return Step::Wait { write: false },
+                Err(e) if e.kind() == Interrupted => {}
+                Err(e) => return io(e),
+            }
+        }
+    }
+
+    fn decoded(&self) -> Step {
+        match Preamble::decode(&self.preamble) {
+            Ok(p) => Step::Done(p),
+            Err(e) => Step::Failed(e),
+        }
+    }
+
+    /// The connection as a blocking stream, once its preamble is in.
+    fn into_stream(self) -> Result<Stream> {
+        self.socket
+            .set_nonblocking(false)
+            .map_err(|e| io_err("accepted socket", e))?;
+        Ok(Stream {
+            socket: self.socket,
+            tls: self.tls.map(|c| Arc::new(Mutex::new(Session::new(c)))),
+        })
+    }
+}
+
 impl Listener {
-    /// Binds to `ep` (TCP port 0 picks a free port; see [`Listener::endpoint`]).
+    /// Binds to `ep` for clear-text migrations (TCP port 0 picks a free port; see
+    /// [`Listener::endpoint`]).
     pub fn bind(ep: &Endpoint) -> Result<Listener> {
-        match ep {
+        let socket = match ep {
             Endpoint::Tcp(a) => TcpListener::bind(a)
-                .map(Listener::Tcp)
-                .map_err(|e| io_err(&format!("binding {ep}"), e)),
+                .map(ListenSocket::Tcp)
+                .map_err(|e| io_err(&format!("binding {ep}"), e))?,
             Endpoint::Unix(p) => {
                 let _ = std::fs::remove_file(p);
                 UnixListener::bind(p)
-                    .map(|l| Listener::Unix(l, p.clone()))
-                    .map_err(|e| io_err(&format!("binding {ep}"), e))
+                    .map(|l| ListenSocket::Unix(l, p.clone()))
+                    .map_err(|e| io_err(&format!("binding {ep}"), e))?
             }
-        }
+        };
+        let set_nb = match &socket {
+            ListenSocket::Tcp(l) => l.set_nonblocking(true),
+            ListenSocket::Unix(l, _) => l.set_nonblocking(true),
+        };
+        set_nb.map_err(|e| io_err("listener", e))?;
+        Ok(Listener {
+            socket,
+            tls: None,
+            max_pending: DEFAULT_MAX_PENDING,
+        })
+    }
+
+    /// Binds to `ep`; every connection must complete a TLS handshake with a source `tls`
+    /// accepts before its preamble is read.
+    pub fn bind_tls(ep: &Endpoint, tls: DestinationTls) -> Result<Listener> {
+        let mut l = Listener::bind(ep)?;
+        l.tls = Some(tls);
+        Ok(l)
+    }
+
+    /// How many accepted connections may be mid-handshake at once (default
+    /// [`DEFAULT_MAX_PENDING`], at least 2).
+    pub fn set_max_pending(&mut self, n: usize) {
+        self.max_pending = n.max(2);
+    }
+
+    /// Whether connections must use TLS.
+    pub fn is_encrypted(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// The bound endpoint.
     pub fn endpoint(&self) -> Result<Endpoint> {
-        match self {
-            Listener::Tcp(l) => l
+        match &self.socket {
+            ListenSocket::Tcp(l) => l
                 .local_addr()
                 .map(Endpoint::Tcp)
                 .map_err(|e| io_err("local address", e)),
-            Listener::Unix(_, p) => Ok(Endpoint::Unix(p.clone())),
+            ListenSocket::Unix(_, p) => Ok(Endpoint::Unix(p.clone())),
         }
     }
 
-    fn accept_one(&self, deadline: Instant, cancel: &AtomicBool) -> Result<Stream> {
-        // Non-blocking accept after poll(2) says a connection waits, until the deadline: a
-        // source that never comes cannot hang the destination, and a waiting destination
-        // sleeps in the kernel instead of retrying accept.
-        let set_nb = |nb: bool| match self {
-            Listener::Tcp(l) => l.set_nonblocking(nb),
-            Listener::Unix(l, _) => l.set_nonblocking(nb),
-        };
-        set_nb(true).map_err(|e| io_err("listener", e))?;
-        loop {
-            let r = match self {
-                Listener::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
-                Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
-            };
-            match r {
-                Ok(s) => {
-                    match &s {
-                        Stream::Tcp(t) => t.set_nonblocking(false),
-                        Stream::Unix(u) => u.set_nonblocking(false),
-                    }
-                    .map_err(|e| io_err("accepted socket", e))?;
-                    s.tune();
-                    return Ok(s);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if cancel.load(Ordering::SeqCst) {
-                        return Err(Error::Cancelled);
-                    }
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(Error::Timeout("waiting for the source to connect".into()));
-                    }
-                    // Woken now and then to see whether the wait was cancelled.
-                    let left = left.min(CANCEL_CHECK);
-                    let millis = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
-                    let fd = match self {
-                        Listener::Tcp(l) => l.as_fd(),
-                        Listener::Unix(l, _) => l.as_fd(),
-                    };
-                    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-                    match poll(&mut fds, PollTimeout::from(millis)) {
-                        Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                        Err(e) => return Err(io_err("poll the listener", e.into())),
-                    }
-                }
-                Err(e) => return Err(io_err("accept", e)),
-            }
+    fn fd(&self) -> BorrowedFd<'_> {
+        match &self.socket {
+            ListenSocket::Tcp(l) => l.as_fd(),
+            ListenSocket::Unix(l, _) => l.as_fd(),
         }
+    }
+
+    /// One waiting connection, non-blocking, or `None` when none waits.
+    fn accept_pending(&self) -> Result<Option<Pending>> {
+        let accepted = match &self.socket {
+            ListenSocket::Tcp(l) => l
+                .accept()
+                .map(|(s, a)| (Socket::Tcp(s), format!("tcp:{a}"))),
+            ListenSocket::Unix(l, p) => l
+                .accept()
+                .map(|(s, _)| (Socket::Unix(s), format!("unix:{}", p.display()))),
+        };
+        let (socket, peer) = match accepted {
+            Ok(a) => a,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::Interrupted =>
+            {
+                return Ok(None);
+            }
+            // The peer gave up between SYN and accept: nothing to do with us.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => return Ok(None),
+            Err(e) => return Err(io_err("accept", e)),
+        };
+        socket
+            .set_nonblocking(true)
+            .map_err(|e| io_err("accepted socket", e))?;
+        Stream::tune(&socket);
+        Ok(Some(Pending {
+            socket,
+            tls: self.tls.as_ref().map(DestinationTls::session).transpose()?,
+            preamble: [0; PREAMBLE_LEN],
+            got: 0,
+            since: Instant::now(),
+            peer,
+        }))
     }
 
     /// Accepts one migration's control and memory connections and answers the preamble.
@@ -555,91 +964,173 @@ impl Listener {
     }
 
     /// [`Listener::accept`], given up with [`Error::Cancelled`] once `cancel` is set (seen
-    /// within 0.1 s while no connection is open, within the preamble wait while one is).
+    /// within 0.1 s).
     pub fn accept_unless(&self, timeout: Duration, cancel: &AtomicBool) -> Result<Connections> {
         let deadline = Instant::now() + timeout;
         let run = || -> Result<Connections> {
-            let mut control: Option<(Stream, Preamble)> = None;
-            let mut memory: Vec<Option<Stream>> = Vec::new();
-            let mut pending: Vec<(Stream, Preamble)> = Vec::new();
+            let mut set = ConnectionSet::default();
+            let mut pending: std::collections::VecDeque<Pending> = Default::default();
+            let mut wants_write: Vec<bool> = Vec::new();
             loop {
-                let mut s = self.accept_one(deadline, cancel)?;
-                let left = || {
-                    deadline
-                        .saturating_duration_since(Instant::now())
-                        .max(Duration::from_millis(10))
-                };
-                // A peer that is not a source (a port scanner, a stray client, an idle
-                // connection) is dropped, and the listener goes on waiting for the migration's
-                // own connections: it holds the listener for PREAMBLE_WAIT at most.
-                s.set_timeouts(Some(left().min(PREAMBLE_WAIT)))?;
-                let mut b = [0u8; PREAMBLE_LEN];
-                let read = s.read_exact(&mut b).map_err(crate::codec::io_error);
-                let p = match read.and_then(|()| Preamble::decode(&b)) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        log::warn!("dropped a connection without a migration preamble: {e}");
-                        continue;
-                    }
-                };
-                s.set_timeouts(Some(left()))?;
-                if p.version != PROTOCOL_VERSION {
-                    refuse(&mut s, STATUS_VERSION_MISMATCH);
-                    return Err(Error::Incompatible(format!(
-                        "source speaks protocol version {}, we speak {PROTOCOL_VERSION}",
-                        p.version
-                    )));
+                if cancel.load(Ordering::SeqCst) {
+                    return Err(Error::Cancelled);
                 }
-                match p.role {
-                    Role::Control if control.is_none() => {
-                        if p.memory_count == 0 || p.memory_count > MAX_MEMORY_CONNECTIONS {
-                            refuse(&mut s, STATUS_MALFORMED);
-                            return Err(Error::Protocol(format!(
-                                "source announced {} memory connections",
-                                p.memory_count
-                            )));
-                        }
-                        memory = (0..p.memory_count).map(|_| None).collect();
-                        control = Some((s, p));
-                        for (m, mp) in std::mem::take(&mut pending) {
-                            place(&mut memory, m, mp, &p)?;
-                        }
-                    }
-                    Role::Control => {
-                        return Err(Error::Protocol("second control connection".into()));
-                    }
-                    Role::Memory => match &control {
-                        Some((_, cp)) => {
-                            let cp = *cp;
-                            place(&mut memory, s, p, &cp)?
-                        }
-                        None if pending.len() < MAX_MEMORY_CONNECTIONS as usize => {
-                            pending.push((s, p))
-                        }
-                        None => return Err(Error::Protocol("too many connections".into())),
-                    },
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(Error::Timeout("waiting for the source to connect".into()));
                 }
-                if control.is_some() && memory.iter().all(Option::is_some) {
-                    break;
+                // Sleep in the kernel until a connection or a pending peer moves, a pending
+                // peer's time is up, or it is time to look at the cancel flag.
+                let wake = pending
+                    .iter()
+                    .map(|p| p.since + HANDSHAKE_WAIT)
+                    .min()
+                    .unwrap_or(deadline)
+                    .min(deadline)
+                    .min(now + CANCEL_CHECK);
+                let millis = wake.saturating_duration_since(now).as_millis().max(1);
+                let mut fds = Vec::with_capacity(1 + pending.len());
+                fds.push(PollFd::new(self.fd(), PollFlags::POLLIN));
+                for (p, w) in pending.iter().zip(&wants_write) {
+                    let events = if *w {
+                        PollFlags::POLLIN | PollFlags::POLLOUT
+                    } else {
+                        PollFlags::POLLIN
+                    };
+                    fds.push(PollFd::new(p.socket.as_fd(), events));
+                }
+                match poll(
+                    &mut fds,
+                    PollTimeout::from(u16::try_from(millis).unwrap_or(u16::MAX)),
+                ) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => return Err(io_err("poll the listener", e.into())),
+                }
+                let ready: Vec<bool> = fds
+                    .iter()
+                    .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+                    .collect();
+                drop(fds);
+
+                // Move every peer that has something on; drop the failed and the late.
+                let now = Instant::now();
+                let mut kept = std::collections::VecDeque::with_capacity(pending.len());
+                wants_write.clear();
+                for (mut p, ready) in pending.drain(..).zip(ready[1..].iter().copied()) {
+                    let step = if ready {
+                        p.advance()
+                    } else if now >= p.since + HANDSHAKE_WAIT {
+                        Step::Failed(Error::Timeout(format!(
+                            "no handshake and preamble within {} s",
+                            HANDSHAKE_WAIT.as_secs()
+                        )))
+                    } else {
+                        Step::Wait { write: false }
+                    };
+                    match step {
+                        Step::Wait { write } => {
+                            kept.push_back(p);
+                            wants_write.push(write);
+                        }
+                        Step::Failed(e) => log::warn!("dropped a connection from {}: {e}", p.peer),
+                        Step::Done(preamble) => {
+                            if set.add(p.into_stream()?, preamble)? {
+                                return set.finish();
+                            }
+                        }
+                    }
+                }
+                pending = kept;
+
+                if ready[0] {
+                    while let Some(p) = self.accept_pending()? {
+                        if pending.len() >= self.max_pending {
+                            if let Some(old) = pending.pop_front() {
+                                wants_write.remove(0);
+                                log::warn!(
+                                    "dropped a connection from {}: more than {} connections in their handshake",
+                                    old.peer,
+                                    self.max_pending
+                                );
+                            }
+                        }
+                        pending.push_back(p);
+                        wants_write.push(false);
+                    }
                 }
             }
-            let (mut control, _) = control.expect("checked above");
-            let reply = PreambleReply {
-                version: PROTOCOL_VERSION,
-                status: STATUS_OK,
-            };
-            control
-                .write_all(&reply.encode())
-                .map_err(crate::codec::io_error)?;
-            Ok(Connections {
-                control,
-                memory: memory
-                    .into_iter()
-                    .map(|m| m.expect("checked above"))
-                    .collect(),
-            })
         };
         run().map_err(handshake_err)
+    }
+}
+
+/// The connections of a migration as they come in, in any order.
+#[derive(Default)]
+struct ConnectionSet {
+    control: Option<(Stream, Preamble)>,
+    memory: Vec<Option<Stream>>,
+    /// Memory connections that came before the control connection.
+    early: Vec<(Stream, Preamble)>,
+}
+
+impl ConnectionSet {
+    /// Takes one connection; `true` once the set is complete.
+    fn add(&mut self, mut s: Stream, p: Preamble) -> Result<bool> {
+        if p.version != PROTOCOL_VERSION {
+            refuse(&mut s, STATUS_VERSION_MISMATCH);
+            return Err(Error::Incompatible(format!(
+                "source speaks protocol version {}, we speak {PROTOCOL_VERSION}",
+                p.version
+            )));
+        }
+        match p.role {
+            Role::Control if self.control.is_none() => {
+                if p.memory_count == 0 || p.memory_count > MAX_MEMORY_CONNECTIONS {
+                    refuse(&mut s, STATUS_MALFORMED);
+                    return Err(Error::Protocol(format!(
+                        "source announced {} memory connections",
+                        p.memory_count
+                    )));
+                }
+                self.memory = (0..p.memory_count).map(|_| None).collect();
+                self.control = Some((s, p));
+                for (m, mp) in std::mem::take(&mut self.early) {
+                    place(&mut self.memory, m, mp, &p)?;
+                }
+            }
+            Role::Control => return Err(Error::Protocol("second control connection".into())),
+            Role::Memory => match &self.control {
+                Some((_, cp)) => {
+                    let cp = *cp;
+                    place(&mut self.memory, s, p, &cp)?
+                }
+                None if self.early.len() < MAX_MEMORY_CONNECTIONS as usize => {
+                    self.early.push((s, p))
+                }
+                None => return Err(Error::Protocol("too many connections".into())),
+            },
+        }
+        Ok(self.control.is_some() && self.memory.iter().all(Option::is_some))
+    }
+
+    /// Accepts the complete set (answers the preamble).
+    fn finish(self) -> Result<Connections> {
+        let (mut control, _) = self.control.expect("complete set");
+        let reply = PreambleReply {
+            version: PROTOCOL_VERSION,
+            status: STATUS_OK,
+        };
+        control
+            .write_all(&reply.encode())
+            .map_err(crate::codec::io_error)?;
+        Ok(Connections {
+            control,
+            memory: self
+                .memory
+                .into_iter()
+                .map(|m| m.expect("complete set"))
+                .collect(),
+        })
     }
 }
 
@@ -673,7 +1164,7 @@ fn place(memory: &mut [Option<Stream>], s: Stream, p: Preamble, control: &Preamb
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, p) = self {
+        if let ListenSocket::Unix(_, p) = &self.socket {
             let _ = std::fs::remove_file(p);
         }
     }
@@ -710,10 +1201,37 @@ mod listener_tests {
         assert_eq!(destination.memory.len(), 1);
         assert_eq!(source.memory.len(), 1);
         assert!(
-            started.elapsed() < PREAMBLE_WAIT + Duration::from_secs(5),
+            started.elapsed() < HANDSHAKE_WAIT,
             "{:?}",
             started.elapsed()
         );
+    }
+
+    /// More idle peers than the listener keeps: the oldest are dropped, the source that comes
+    /// after them gets in.
+    #[test]
+    fn a_full_listener_drops_its_oldest_peer_for_a_new_one() {
+        let mut listener = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap())).unwrap();
+        listener.set_max_pending(4);
+        let ep = listener.endpoint().unwrap();
+        let Endpoint::Tcp(addr) = ep.clone() else {
+            panic!("{ep:?}")
+        };
+        let idle: Vec<_> = (0..10)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let accepted = std::thread::spawn(move || listener.accept(Duration::from_secs(20)));
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        let source = connect(&ep, 2, Duration::from_secs(20)).unwrap();
+        let destination = accepted.join().unwrap().unwrap();
+        assert_eq!((source.memory.len(), destination.memory.len()), (2, 2));
+        assert!(
+            started.elapsed() < HANDSHAKE_WAIT,
+            "{:?}",
+            started.elapsed()
+        );
+        drop(idle);
     }
 }
 

@@ -202,7 +202,7 @@ pub fn demo(args: &DemoArgs) -> Result<DemoReport> {
         );
     }
     std::thread::sleep(Duration::from_millis(args.run_before_ms));
-    let source = migrate_guest(&guest, &endpoint, &args.migration, args.json)?;
+    let source = migrate_guest(&guest, &endpoint, None, &args.migration, args.json)?;
     let received = next_event(
         "received",
         Duration::from_millis(args.run_after_ms) + Duration::from_secs(120),

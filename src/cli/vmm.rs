@@ -4,9 +4,11 @@
 use super::guest::{AtResume, Guest, GuestArgs, GuestProgress, Incoming};
 use clap::{Args, ValueEnum};
 use migrate_core::stats::{MigrationReport, Progress, ReceiveReport};
+use migrate_core::tls::{Credentials, DestinationTls, SourceTls};
 use migrate_core::transport::{self, Endpoint, Listener};
 use migrate_core::{MigrationConfig, Result, TimeoutStrategy, destination, source};
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// What to do when pre-copy does not converge in time.
@@ -81,8 +83,23 @@ pub struct ListenArgs {
     /// Skip hashing guest memory at resume (the hash adds to downtime).
     #[arg(long)]
     pub no_verify: bool,
+    /// TLS 1.3 with mutual authentication: a directory with the site's `ca-cert.pem` and this
+    /// host's `server-cert.pem` and `server-key.pem` (the layout QEMU's tls-creds-x509 reads).
+    /// Every connection must then show a certificate from that CA.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// Take only sources whose certificate is valid for this name (DNS name or IP address;
+    /// repeatable). Without it, any certificate from the CA gets in.
+    #[arg(long, value_name = "NAME", requires = "tls_creds")]
+    pub tls_allow: Vec<String>,
+    /// How many incoming migrations to try: after a failed one (a cut connection, a forged
+    /// record, a source that gave up) the guest it brought is discarded and the listener takes
+    /// the next, until one succeeds, the attempts are used up, or the accept timeout passes.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub attempts: u32,
     /// Listen on an address other than loopback although the stream is neither authenticated
-    /// nor encrypted: anyone who reaches the port can hand this VMM a guest to run.
+    /// nor encrypted (no --tls-creds): anyone who reaches the port can hand this VMM a guest
+    /// to run.
     #[arg(long)]
     pub insecure: bool,
     /// Print JSON lines instead of text.
@@ -96,8 +113,17 @@ pub struct MigrateArgs {
     /// The destination: tcp:HOST:PORT or unix:PATH.
     #[arg(long)]
     pub to: Endpoint,
+    /// TLS 1.3 with mutual authentication: a directory with the site's `ca-cert.pem` and this
+    /// host's `client-cert.pem` and `client-key.pem` (the layout QEMU's tls-creds-x509 reads).
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// The name the destination's certificate must carry (DNS name or IP address); default:
+    /// the address in --to.
+    #[arg(long, value_name = "NAME", requires = "tls_creds")]
+    pub tls_name: Option<String>,
     /// Send to an address other than loopback although the stream is neither authenticated
-    /// nor encrypted: the guest's memory crosses the network readable, to whoever answers.
+    /// nor encrypted (no --tls-creds): the guest's memory crosses the network readable, to
+    /// whoever answers.
     #[arg(long)]
     pub insecure: bool,
     /// The guest (must match the destination's).
@@ -188,17 +214,39 @@ pub fn print_progress(p: &Progress) {
 }
 
 /// Refuses a migration stream that would leave this host in clear text unless `insecure`:
-/// the stream has no authentication or encryption yet, so only loopback and unix sockets are
-/// safe by default.
-pub fn check_exposure(endpoint: &Endpoint, insecure: bool) -> std::result::Result<(), String> {
+/// without TLS only loopback and unix sockets are safe by default.
+pub fn check_exposure(
+    endpoint: &Endpoint,
+    tls: bool,
+    insecure: bool,
+) -> std::result::Result<(), String> {
     match endpoint {
-        Endpoint::Tcp(addr) if !addr.ip().is_loopback() && !insecure => Err(format!(
-            "{endpoint} is not a loopback address, and the migration stream is neither \
-             authenticated nor encrypted: use 127.0.0.1 or a unix socket (with an ssh tunnel \
-             between hosts), or pass --insecure on a network you trust"
+        Endpoint::Tcp(addr) if !addr.ip().is_loopback() && !tls && !insecure => Err(format!(
+            "{endpoint} is not a loopback address, and without --tls-creds the migration \
+             stream is neither authenticated nor encrypted: give --tls-creds, use 127.0.0.1 \
+             or a unix socket, or pass --insecure on a network you trust"
         )),
         _ => Ok(()),
     }
+}
+
+/// The source's TLS settings from `--tls-creds` and `--tls-name`.
+fn source_tls(args: &MigrateArgs) -> Result<Option<SourceTls>> {
+    let Some(dir) = &args.tls_creds else {
+        return Ok(None);
+    };
+    let name = match (&args.tls_name, &args.to) {
+        (Some(n), _) => n.clone(),
+        (None, Endpoint::Tcp(a)) => a.ip().to_string(),
+        (None, Endpoint::Unix(_)) => {
+            return Err(migrate_core::Error::Protocol(
+                "--tls-name is needed for a unix socket (no address to check the certificate \
+                 against)"
+                    .into(),
+            ));
+        }
+    };
+    SourceTls::new(&Credentials::source_in(dir), &name).map(Some)
 }
 
 /// Binds, announces the endpoint (the `listening` line), receives, runs, reports.
@@ -206,20 +254,54 @@ pub fn check_exposure(endpoint: &Endpoint, insecure: bool) -> std::result::Resul
 const AFTER_RUN_PATIENCE: Duration = Duration::from_secs(60);
 
 pub fn listen(args: &ListenArgs) -> Result<Received> {
-    let listener = Listener::bind(&args.listen)?;
+    let listener = match &args.tls_creds {
+        Some(dir) => {
+            let tls = DestinationTls::new(&Credentials::destination_in(dir), &args.tls_allow)?;
+            Listener::bind_tls(&args.listen, tls)?
+        }
+        None => Listener::bind(&args.listen)?,
+    };
     let endpoint = listener.endpoint()?;
     emit(
         args.json,
         "listening",
-        &serde_json::json!({ "endpoint": endpoint.to_string() }),
-        || format!("listening on {endpoint}"),
+        &serde_json::json!({ "endpoint": endpoint.to_string(), "tls": listener.is_encrypted() }),
+        || {
+            let tls = if listener.is_encrypted() {
+                " (TLS)"
+            } else {
+                ""
+            };
+            format!("listening on {endpoint}{tls}")
+        },
     );
-    let conns = listener.accept(Duration::from_secs(args.accept_timeout_s))?;
     let cfg = args.migration.config();
     let verify = !args.no_verify;
-    let (incoming, report) = destination::receive(conns, &cfg, |layout| {
-        Guest::incoming(&args.guest, layout).map(|g| Incoming::new(g, verify))
-    })?;
+    let deadline = Instant::now() + Duration::from_secs(args.accept_timeout_s);
+    let mut attempt = 1;
+    let (incoming, report) = loop {
+        let received = listener
+            .accept(deadline.saturating_duration_since(Instant::now()))
+            .and_then(|conns| {
+                destination::receive(conns, &cfg, |layout| {
+                    Guest::incoming(&args.guest, layout).map(|g| Incoming::new(g, verify))
+                })
+            });
+        match received {
+            Ok(r) => break r,
+            Err(e) if attempt < args.attempts && Instant::now() < deadline => {
+                let why = symvirt_proto::error::chain(&e);
+                emit(
+                    args.json,
+                    "failed",
+                    &serde_json::json!({ "attempt": attempt, "error": why }),
+                    || format!("attempt {attempt} failed, guest discarded: {why}"),
+                );
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let at_resume = incoming.at_resume().unwrap_or_default();
     let started = Instant::now();
     std::thread::sleep(Duration::from_millis(args.run_after_ms));
@@ -258,9 +340,10 @@ pub fn listen(args: &ListenArgs) -> Result<Received> {
 
 /// Starts a guest, lets it run, migrates it to `args.to`, reports.
 pub fn migrate(args: &MigrateArgs) -> Result<Migrated> {
+    let tls = source_tls(args)?;
     let guest = Guest::start(&args.guest)?;
     std::thread::sleep(Duration::from_millis(args.run_before_ms));
-    let migrated = migrate_guest(&guest, &args.to, &args.migration, args.json)?;
+    let migrated = migrate_guest(&guest, &args.to, tls.as_ref(), &args.migration, args.json)?;
     emit(args.json, "migrated", &migrated, || {
         format!(
             "migrated {} guest: {} rounds, downtime {:.1} ms, total {:.1} ms, {:.1} MiB sent; counter {} at pause; digest {:#018x}",
@@ -276,15 +359,21 @@ pub fn migrate(args: &MigrateArgs) -> Result<Migrated> {
     Ok(migrated)
 }
 
-/// Migrates a running guest to `to`; on success the guest is stopped here for good.
+/// Migrates a running guest to `to` (over TLS when `tls` is given); on success the guest is
+/// stopped here for good.
 pub fn migrate_guest(
     guest: &Guest,
     to: &Endpoint,
+    tls: Option<&SourceTls>,
     migration: &MigrationArgs,
     json: bool,
 ) -> Result<Migrated> {
     let cfg = migration.config();
-    let conns = transport::connect(to, migration.connections, cfg.handshake_timeout)?;
+    let n = migration.connections;
+    let conns = match tls {
+        Some(tls) => transport::connect_tls(to, n, cfg.handshake_timeout, tls)?,
+        None => transport::connect(to, n, cfg.handshake_timeout)?,
+    };
     let (tx, rx) = crossbeam_channel::unbounded();
     let printer = std::thread::spawn(move || {
         for p in rx {

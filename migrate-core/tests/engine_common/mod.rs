@@ -84,6 +84,8 @@ pub enum Fault {
     /// Forward only the first `after` bytes destination->source on connection `conn`; swallow
     /// the rest, keeping the connection open (replies "never arrive").
     SwallowReplies { conn: usize, after: u64 },
+    /// Invert one byte source->destination on connection `conn`, `after` bytes into it.
+    FlipByte { conn: usize, after: u64 },
 }
 
 /// A TCP proxy in front of a destination, injecting one fault.
@@ -91,6 +93,8 @@ pub struct Proxy {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
     all: Arc<Mutex<Vec<TcpStream>>>,
+    /// Every byte sent source->destination, all connections (what a wiretap sees).
+    pub seen: Arc<Mutex<Vec<u8>>>,
 }
 
 impl Proxy {
@@ -100,7 +104,8 @@ impl Proxy {
         l.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let all: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (stop2, all2) = (stop.clone(), all.clone());
+        let seen: Arc<Mutex<Vec<u8>>> = Arc::default();
+        let (stop2, all2, seen2) = (stop.clone(), all.clone(), seen.clone());
         std::thread::spawn(move || {
             let mut index = 0;
             while !stop2.load(Ordering::SeqCst) {
@@ -115,14 +120,19 @@ impl Proxy {
                             a.push(c.try_clone().unwrap());
                             a.push(d.try_clone().unwrap());
                         }
-                        pump(index, c, d, fault, all2.clone());
+                        pump(index, c, d, fault, all2.clone(), seen2.clone());
                         index += 1;
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
             }
         });
-        Proxy { addr, stop, all }
+        Proxy {
+            addr,
+            stop,
+            all,
+            seen,
+        }
     }
 
     fn kill_all(all: &Mutex<Vec<TcpStream>>) {
@@ -145,9 +155,10 @@ fn pump(
     dest: TcpStream,
     fault: Fault,
     all: Arc<Mutex<Vec<TcpStream>>>,
+    seen: Arc<Mutex<Vec<u8>>>,
 ) {
     let dir = |mut from: TcpStream, mut to: TcpStream, upstream: bool| {
-        let all = all.clone();
+        let (all, seen) = (all.clone(), seen.clone());
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 256 * 1024];
             let mut moved = 0u64;
@@ -174,7 +185,17 @@ fn pump(
                     Fault::SwallowReplies { conn, after } if !upstream && conn == index => {
                         fwd = (after.saturating_sub(moved)).min(n as u64) as usize;
                     }
+                    Fault::FlipByte { conn, after }
+                        if upstream
+                            && conn == index
+                            && (moved..moved + n as u64).contains(&after) =>
+                    {
+                        buf[(after - moved) as usize] ^= 0xff;
+                    }
                     _ => {}
+                }
+                if upstream {
+                    seen.lock().unwrap().extend_from_slice(&buf[..fwd]);
                 }
                 moved += n as u64;
                 if fwd > 0 && to.write_all(&buf[..fwd]).is_err() {
