@@ -106,6 +106,20 @@ fn peer_name(name: &str) -> Result<ServerName<'static>> {
     ServerName::try_from(name.to_owned()).map_err(|e| tls_error(format!("peer name {name:?}"), e))
 }
 
+/// A TLS 1.3 client configuration from `creds`: the CA a server's certificate must lead to,
+/// and this end's certificate for servers that ask for one (a migration destination, QEMU's
+/// TLS chardev with `verify-peer=on`).
+pub fn client_config(creds: &Credentials) -> Result<Arc<ClientConfig>> {
+    let loaded = creds.load()?;
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| tls_error("protocol versions", e))?
+        .with_root_certificates(loaded.roots)
+        .with_client_auth_cert(loaded.chain, loaded.key)
+        .map_err(|e| tls_error(format!("client key {}", creds.key.display()), e))?;
+    Ok(Arc::new(config))
+}
+
 /// The source's end: its identity, and the name the destination's certificate must carry.
 #[derive(Debug, Clone)]
 pub struct SourceTls {
@@ -117,15 +131,8 @@ impl SourceTls {
     /// Loads `creds` (the source's certificate) for migrations to a destination whose
     /// certificate is valid for `destination_name` (a DNS name or an IP address).
     pub fn new(creds: &Credentials, destination_name: &str) -> Result<SourceTls> {
-        let loaded = creds.load()?;
-        let config = ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| tls_error("protocol versions", e))?
-            .with_root_certificates(loaded.roots)
-            .with_client_auth_cert(loaded.chain, loaded.key)
-            .map_err(|e| tls_error(format!("source key {}", creds.key.display()), e))?;
         Ok(SourceTls {
-            config: Arc::new(config),
+            config: client_config(creds)?,
             destination: peer_name(destination_name)?,
         })
     }

@@ -40,16 +40,32 @@ pub enum Endpoint {
     Unix(PathBuf),
     /// A TCP address, `host:port` (`-qmp tcp:HOST:PORT,server=on,wait=off`).
     Tcp(String),
+    /// A TCP address, `host:port`, of a monitor on QEMU's TLS chardev (`-chardev
+    /// socket,id=ID,host=HOST,port=PORT,server=on,wait=off,tls-creds=CREDS -mon
+    /// chardev=ID,mode=control`); needs [`ConnectOptions::tls`].
+    Tls(String),
 }
 
-/// `unix:PATH` or `tcp:HOST:PORT`, as QEMU's `-qmp` takes it.
+/// `unix:PATH` or `tcp:HOST:PORT`, as QEMU's `-qmp` takes it; `tls:HOST:PORT` for a TLS
+/// chardev.
 impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
             Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
+            Endpoint::Tls(a) => write!(f, "tls:{a}"),
         }
     }
+}
+
+/// TLS for [`Endpoint::Tls`]: the client side of QEMU's `tls-creds-x509` chardev.
+#[derive(Debug, Clone)]
+pub struct TlsClient {
+    /// The CA the monitor's certificate must lead to, and our certificate (which QEMU checks
+    /// when its credentials say `verify-peer=on`).
+    pub config: Arc<rustls::ClientConfig>,
+    /// The name the monitor's certificate must carry; `None`: the endpoint's host.
+    pub server_name: Option<String>,
 }
 
 /// Connection settings. `Default` suits a local QEMU.
@@ -66,6 +82,8 @@ pub struct ConnectOptions {
     pub event_queue_capacity: usize,
     /// Enable the `oob` capability when QEMU offers it.
     pub enable_oob: bool,
+    /// TLS settings, needed for [`Endpoint::Tls`].
+    pub tls: Option<TlsClient>,
 }
 
 impl Default for ConnectOptions {
@@ -76,6 +94,7 @@ impl Default for ConnectOptions {
             max_line_len: 1 << 20,
             event_queue_capacity: 1024,
             enable_oob: true,
+            tls: None,
         }
     }
 }
@@ -138,30 +157,72 @@ fn connect_unix(path: &std::path::Path, timeout: Duration) -> io::Result<UnixStr
     }
 }
 
-/// The socket, unix or TCP.
+/// The socket, unix or TCP, or TCP inside a TLS session.
 #[derive(Debug)]
 enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
+    Tls(TcpStream, Arc<Mutex<rustls::ClientConnection>>),
+}
+
+fn connect_tcp(addr: &str, timeout: Duration) -> io::Result<TcpStream> {
+    let mut last = io::Error::new(ErrorKind::InvalidInput, "address resolves to nothing");
+    for sock in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&sock, timeout) {
+            Ok(s) => {
+                s.set_nodelay(true)?;
+                return Ok(s);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Runs the TLS handshake on `socket` within `timeout` (the socket's timeouts bound each step).
+fn tls_handshake(
+    socket: &TcpStream,
+    addr: &str,
+    tls: &TlsClient,
+    timeout: Duration,
+) -> io::Result<rustls::ClientConnection> {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let name = tls.server_name.clone().unwrap_or_else(|| {
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned()
+    });
+    let name = rustls::pki_types::ServerName::try_from(name)
+        .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
+    let mut conn = rustls::ClientConnection::new(tls.config.clone(), name)
+        .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.set_write_timeout(Some(timeout))?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut &*socket)?;
+    }
+    Ok(conn)
 }
 
 impl Stream {
-    fn connect(endpoint: &Endpoint, timeout: Duration) -> io::Result<Self> {
+    fn connect(
+        endpoint: &Endpoint,
+        timeout: Duration,
+        tls: Option<&TlsClient>,
+    ) -> io::Result<Self> {
         match endpoint {
             Endpoint::Unix(path) => connect_unix(path, timeout).map(Self::Unix),
-            Endpoint::Tcp(addr) => {
-                let mut last =
-                    io::Error::new(ErrorKind::InvalidInput, "address resolves to nothing");
-                for sock in addr.to_socket_addrs()? {
-                    match TcpStream::connect_timeout(&sock, timeout) {
-                        Ok(s) => {
-                            s.set_nodelay(true)?;
-                            return Ok(Self::Tcp(s));
-                        }
-                        Err(e) => last = e,
-                    }
-                }
-                Err(last)
+            Endpoint::Tcp(addr) => connect_tcp(addr, timeout).map(Self::Tcp),
+            Endpoint::Tls(addr) => {
+                let tls = tls.ok_or_else(|| {
+                    io::Error::new(
+                        ErrorKind::InvalidInput,
+                        "a tls: endpoint needs TLS settings (ConnectOptions::tls)",
+                    )
+                })?;
+                let socket = connect_tcp(addr, timeout)?;
+                let session = tls_handshake(&socket, addr, tls, timeout)?;
+                Ok(Self::Tls(socket, Arc::new(Mutex::new(session))))
             }
         }
     }
@@ -170,6 +231,7 @@ impl Stream {
         match self {
             Self::Unix(s) => s.try_clone().map(Self::Unix),
             Self::Tcp(s) => s.try_clone().map(Self::Tcp),
+            Self::Tls(s, session) => Ok(Self::Tls(s.try_clone()?, session.clone())),
         }
     }
 
@@ -177,37 +239,66 @@ impl Stream {
         // Errors only mean the socket is already gone, which is the goal.
         let _ = match self {
             Self::Unix(s) => s.shutdown(Shutdown::Both),
-            Self::Tcp(s) => s.shutdown(Shutdown::Both),
+            Self::Tcp(s) | Self::Tls(s, _) => s.shutdown(Shutdown::Both),
         };
     }
 
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Self::Unix(s) => s.set_read_timeout(t),
-            Self::Tcp(s) => s.set_read_timeout(t),
+            Self::Tcp(s) | Self::Tls(s, _) => s.set_read_timeout(t),
         }
     }
 
     fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Self::Unix(s) => s.set_write_timeout(t),
-            Self::Tcp(s) => s.set_write_timeout(t),
+            Self::Tcp(s) | Self::Tls(s, _) => s.set_write_timeout(t),
         }
     }
 
-    /// One `write` through a shared reference (`Write` is implemented for `&UnixStream` and
-    /// `&TcpStream`; the [`WriteGate`] makes the writing exclusive).
+    /// One `write` of raw bytes (ciphertext, for TLS) through a shared reference (`Write` is
+    /// implemented for `&UnixStream` and `&TcpStream`; the [`WriteGate`] makes the writing
+    /// exclusive).
     fn send(&self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Self::Unix(s) => (&mut &*s).write(buf),
-            Self::Tcp(s) => (&mut &*s).write(buf),
+            Self::Tcp(s) | Self::Tls(s, _) => (&mut &*s).write(buf),
         }
     }
 
     /// Writes all of `bytes` unless `deadline` passes first: the send timeout is set to the
     /// time left before each `write`, so a peer that stops reading cannot hold the caller
-    /// longer. On failure, also says how many bytes went out.
+    /// longer. On failure, also says how many bytes went out (for TLS: at least 1 once any
+    /// record was sealed, since its sequence number is spent and the stream must close).
     fn write_all_before(
+        &self,
+        bytes: &[u8],
+        deadline: Instant,
+    ) -> std::result::Result<(), (usize, io::Error)> {
+        let Self::Tls(_, session) = self else {
+            return self.write_raw_before(bytes, deadline);
+        };
+        if Instant::now() >= deadline {
+            return Err((0, ErrorKind::TimedOut.into()));
+        }
+        let sealed = {
+            let mut session = session.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut out = Vec::with_capacity(bytes.len() + 64);
+            let sealed = session.writer().write_all(bytes).and_then(|()| {
+                while session.wants_write() {
+                    session.write_tls(&mut out)?;
+                }
+                Ok(())
+            });
+            sealed.map(|()| out)
+        };
+        let sealed = sealed.map_err(|e| (1, e))?;
+        self.write_raw_before(&sealed, deadline)
+            .map_err(|(sent, e)| ((sent * bytes.len() / sealed.len()).max(1), e))
+    }
+
+    fn write_raw_before(
         &self,
         bytes: &[u8],
         deadline: Instant,
@@ -282,22 +373,37 @@ impl Read for Stream {
         match self {
             Self::Unix(s) => s.read(buf),
             Self::Tcp(s) => s.read(buf),
+            Self::Tls(s, session) => tls_read(s, session, buf),
         }
     }
 }
 
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Self::Unix(s) => s.write(buf),
-            Self::Tcp(s) => s.write(buf),
+/// Plaintext from a TLS session. The socket is read without holding the session, so a
+/// writer never waits behind the reader thread's blocking read.
+fn tls_read(
+    socket: &TcpStream,
+    session: &Mutex<rustls::ClientConnection>,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    let lock = || session.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut raw = vec![0u8; 32 << 10];
+    loop {
+        match lock().reader().read(buf) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            r => return r,
         }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Self::Unix(s) => s.flush(),
-            Self::Tcp(s) => s.flush(),
+        let n = (&mut &*socket).read(&mut raw)?;
+        let mut session = lock();
+        let mut rest = &raw[..n];
+        loop {
+            // At the end of the stream rustls learns it (a clean close or a truncation).
+            session.read_tls(&mut rest)?;
+            session
+                .process_new_packets()
+                .map_err(|e| io::Error::new(ErrorKind::InvalidData, e))?;
+            if rest.is_empty() {
+                break;
+            }
         }
     }
 }
@@ -571,7 +677,8 @@ impl Qmp {
     /// enabled in `options`).
     pub fn connect(endpoint: &Endpoint, options: ConnectOptions) -> Result<Self> {
         let io = |context| move |source| Error::Io { context, source };
-        let stream = match Stream::connect(endpoint, options.greeting_timeout) {
+        let stream = match Stream::connect(endpoint, options.greeting_timeout, options.tls.as_ref())
+        {
             Ok(s) => s,
             // A unix socket that listens but takes no one (a full backlog): as a missing
             // greeting. (A TCP connect that times out may be a host that is gone: an I/O error.)

@@ -33,7 +33,7 @@ mod migration;
 pub mod types;
 
 pub use commands::{DeviceSpec, NetdevSpec, ObjectSpec};
-pub use connection::{ConnectOptions, Endpoint, Greeting, Qmp};
+pub use connection::{ConnectOptions, Endpoint, Greeting, Qmp, TlsClient};
 pub use error::{Error, ProtocolError, Result};
 pub use events::{Event, EventFilter, EventKind, Subscription};
 pub use migration::{MigrationWait, wait_for_migration};

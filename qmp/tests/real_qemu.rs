@@ -654,3 +654,100 @@ fn tempdir(tag: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// A directory of test credentials, removed on drop.
+struct CredsDir(PathBuf);
+
+impl CredsDir {
+    fn new(tag: &str, ca: &str) -> CredsDir {
+        let d = std::env::temp_dir().join(format!("ninja-qmp-tls-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        ninja_testkit::tls::site_credentials(&d, ca, &["127.0.0.1"]).expect("openssl");
+        CredsDir(d)
+    }
+}
+
+impl Drop for CredsDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tls_options(creds: &migrate_core::tls::Credentials, name: Option<&str>) -> ConnectOptions {
+    ConnectOptions {
+        greeting_timeout: Duration::from_secs(5),
+        tls: Some(qmp::TlsClient {
+            config: migrate_core::tls::client_config(creds).unwrap(),
+            server_name: name.map(str::to_owned),
+        }),
+        ..ConnectOptions::default()
+    }
+}
+
+/// A monitor on QEMU's TLS chardev (`verify-peer=on`): a stranger with another CA's
+/// certificate, a client expecting another name and a clear-text client are all refused,
+/// and the client the site CA signed then controls the VM.
+#[test]
+fn a_tls_monitor_takes_only_the_client_its_ca_signed() {
+    let Some(fixtures) = qemu_or_skip("a_tls_monitor_takes_only_the_client_its_ca_signed") else {
+        return;
+    };
+    let site = CredsDir::new("site", "Ninja test site CA");
+    let foreign = CredsDir::new("foreign", "Another CA");
+    let port = free_tcp_port();
+    let vm = Qemu::start(QemuConfig::new(&fixtures).args([
+        "-object".to_owned(),
+        format!(
+            "tls-creds-x509,id=montls,dir={},endpoint=server,verify-peer=on",
+            site.0.display()
+        ),
+        "-chardev".to_owned(),
+        format!("socket,id=montls0,host=127.0.0.1,port={port},server=on,wait=off,tls-creds=montls"),
+        "-mon".to_owned(),
+        "chardev=montls0,mode=control".to_owned(),
+    ]))
+    .expect("start QEMU");
+    let ep = Endpoint::Tls(format!("127.0.0.1:{port}"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "TLS monitor never listened: {}",
+            vm.qemu_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ours = migrate_core::tls::Credentials::source_in(&site.0);
+
+    // Another CA's client certificate (the stranger trusts our CA: it still gets nothing).
+    let stranger = migrate_core::tls::Credentials {
+        ca: ours.ca.clone(),
+        ..migrate_core::tls::Credentials::source_in(&foreign.0)
+    };
+    let refused = Qmp::connect(&ep, tls_options(&stranger, None)).err();
+    assert!(refused.is_some(), "a foreign certificate got a QMP session");
+    // Our client, expecting a name the monitor's certificate does not carry.
+    let e = Qmp::connect(&ep, tls_options(&ours, Some("other-host"))).err();
+    assert!(
+        format!("{e:?}").contains("NotValidForName"),
+        "wrong name: {e:?}"
+    );
+    // Clear text on the TLS port: no greeting.
+    let plain = ConnectOptions {
+        greeting_timeout: Duration::from_secs(3),
+        ..ConnectOptions::default()
+    };
+    assert!(Qmp::connect(&Endpoint::Tcp(format!("127.0.0.1:{port}")), plain).is_err());
+    // A tls: endpoint without TLS settings is an error, not a clear-text connection.
+    assert!(Qmp::connect(&ep, ConnectOptions::default()).is_err());
+
+    let qmp = Qmp::connect(&ep, tls_options(&ours, None)).expect("the site's client connects");
+    assert!(qmp.greeting().version.qemu.major >= 7);
+    let status = qmp.query_status().expect("query-status over TLS");
+    assert!(
+        matches!(status.status, RunState::Running | RunState::Prelaunch),
+        "{status:?}"
+    );
+    qmp.stop().expect("stop over TLS");
+    assert_eq!(qmp.query_status().unwrap().status, RunState::Paused);
+}

@@ -271,7 +271,8 @@ pub struct TlsSettings {
     pub creds_dir: PathBuf,
     /// The distinguished names of the source certificates a destination accepts, as GnuTLS
     /// writes them (`CN=node1`, `CN=node1,O=Site`); empty: any the site CA signed. QEMU's
-    /// `tls-authz` (an `authz-list`) at destinations the plan launches.
+    /// `tls-authz` (an `authz-list`) at every QEMU destination: one the plan launches, or one
+    /// the site started (set over QMP before the source connects).
     pub allowed_sources: Vec<String>,
 }
 

@@ -221,11 +221,11 @@ impl Checker<'_> {
 
     fn channel_address(&mut self, value: &Spanned<String>, path: &str) -> Option<Address> {
         let a = self.address(value, path)?;
-        if let Address::Local(qmp::Endpoint::Tcp(_)) = a {
+        if let Address::Local(qmp::Endpoint::Tcp(_) | qmp::Endpoint::Tls(_)) = a {
             self.issue(
                 value.span(),
                 path,
-                "a guest channel is a unix socket (unix: or ssh:), not tcp:",
+                "a guest channel is a unix socket (unix: or ssh:), not tcp: or tls:",
             );
             return None;
         }
@@ -589,6 +589,11 @@ pub fn parse(text: &str) -> std::result::Result<Plan, Vec<PlanIssue>> {
     let mut names: HashMap<String, usize> = HashMap::new();
     // Every socket and port the plan names, by identity: no two may be the same.
     let mut taken: HashMap<String, String> = HashMap::new();
+    let tls_given = file
+        .settings
+        .as_ref()
+        .and_then(|s| s.tls.as_ref())
+        .is_some();
     let mut vms = Vec::new();
     for (i, vm) in file.vm.iter().enumerate() {
         let v = vm.get_ref();
@@ -683,6 +688,29 @@ pub fn parse(text: &str) -> std::result::Result<Plan, Vec<PlanIssue>> {
                 None => {
                     taken.insert(address.identity(), here);
                 }
+            }
+        }
+        for (what, value, address) in [
+            ("source.qmp", &src.qmp, &sq),
+            ("destination.qmp", &dst.qmp, &dq),
+        ] {
+            let (Some(value), Some(Address::Local(qmp::Endpoint::Tls(_)))) = (value, address)
+            else {
+                continue;
+            };
+            if !tls_given {
+                c.issue(
+                    value.span(),
+                    format!("{base}.{what}"),
+                    "a tls: monitor needs [settings.tls] (its creds_dir holds the client certificate)",
+                );
+            }
+            if what == "destination.qmp" && dst.launch.is_some() {
+                c.issue(
+                    value.span(),
+                    format!("{base}.{what}"),
+                    "a launched destination's monitor is unix: or ssh: (tls: is for a QEMU the site started)",
+                );
             }
         }
         if let Interconnect::Ethernet { mac, .. } = dst.interconnect.get_ref() {
@@ -1232,6 +1260,63 @@ mac = "52:54:00:00:00:07"
             has(&qemu, "vm[0].source.domain", "only for a libvirt source"),
             "{qemu:?}"
         );
+    }
+
+    #[test]
+    fn tls_monitors_need_the_plans_credentials_and_are_not_cleartext() {
+        let tcp = GOOD.replace(
+            "qmp = \"tcp:127.0.0.1:5555\"",
+            "qmp = \"tcp:10.0.0.9:5555\"",
+        );
+        assert!(
+            parse(&tcp)
+                .unwrap()
+                .cleartext_endpoints()
+                .iter()
+                .any(|c| c.contains("source.qmp tcp:10.0.0.9:5555")),
+        );
+        let tls = GOOD.replace(
+            "qmp = \"tcp:127.0.0.1:5555\"",
+            "qmp = \"tls:10.0.0.9:5555\"",
+        );
+        let issues = issues_of(&tls);
+        assert!(
+            has(&issues, "vm[1].source.qmp", "[settings.tls]"),
+            "{issues:?}"
+        );
+        let with_tls = tls.replace(
+            "[settings.deadlines_ms]",
+            "[settings.tls]\ncreds_dir = \"/etc/ninja/pki\"\n[settings.deadlines_ms]",
+        );
+        let plan = parse(&with_tls).unwrap();
+        assert_eq!(
+            plan.vms[1].source.qmp,
+            Address::Local(qmp::Endpoint::Tls("10.0.0.9:5555".into()))
+        );
+        assert!(
+            !plan
+                .cleartext_endpoints()
+                .iter()
+                .any(|c| c.contains("5555")),
+            "{:?}",
+            plan.cleartext_endpoints()
+        );
+        // A destination the plan launches gets its monitor where the launcher puts it.
+        let launched = with_tls.replace(
+            "qmp = \"ssh:node7:/run/vm0/qmp.sock\"",
+            "qmp = \"tls:10.0.0.7:5556\"",
+        );
+        let issues = issues_of(&launched);
+        assert!(
+            has(&issues, "vm[0].destination.qmp", "launched destination"),
+            "{issues:?}"
+        );
+        // Nor is a guest channel TLS.
+        let channel = with_tls.replace(
+            "channel = \"unix:/run/vm0/sv.sock\"",
+            "channel = \"tls:10.0.0.9:5557\"",
+        );
+        assert!(has(&issues_of(&channel), "vm[0].source.channel", "tls:"));
     }
 
     #[test]

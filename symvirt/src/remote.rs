@@ -96,7 +96,7 @@ impl Address {
     pub fn identity(&self) -> String {
         match self {
             Address::Local(Endpoint::Unix(p)) => format!("unix:{}", resolved(p).display()),
-            Address::Local(Endpoint::Tcp(a)) => {
+            Address::Local(Endpoint::Tcp(a) | Endpoint::Tls(a)) => {
                 let (host, port) = a.rsplit_once(':').unwrap_or((a, ""));
                 format!("tcp:{}:{port}", host_identity(host))
             }
@@ -120,7 +120,7 @@ impl Address {
     pub fn is_on(&self, host: &str) -> bool {
         let here = match self {
             Address::Local(Endpoint::Unix(_)) => host_identity("localhost"),
-            Address::Local(Endpoint::Tcp(a)) => {
+            Address::Local(Endpoint::Tcp(a) | Endpoint::Tls(a)) => {
                 host_identity(a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h))
             }
             Address::Ssh { host, .. } => {
@@ -181,6 +181,9 @@ impl FromStr for Address {
         } else if let Some(addr) = s.strip_prefix("tcp:") {
             check_host_port(addr)?;
             Ok(Endpoint::Tcp(addr.into()).into())
+        } else if let Some(addr) = s.strip_prefix("tls:") {
+            check_host_port(addr)?;
+            Ok(Endpoint::Tls(addr.into()).into())
         } else if let Some(rest) = s.strip_prefix("ssh:") {
             let (host, path) = rest
                 .split_once(":/")
@@ -194,7 +197,7 @@ impl FromStr for Address {
             })
         } else {
             Err(format!(
-                "{s:?}: expected unix:/PATH, tcp:HOST:PORT or ssh:HOST:/PATH"
+                "{s:?}: expected unix:/PATH, tcp:HOST:PORT, tls:HOST:PORT or ssh:HOST:/PATH"
             ))
         }
     }
@@ -507,9 +510,9 @@ impl Connector {
     pub fn local_path(&self, address: &Address, deadline: Instant) -> Result<PathBuf> {
         match address {
             Address::Local(Endpoint::Unix(p)) => Ok(p.clone()),
-            Address::Local(Endpoint::Tcp(a)) => Err(Error::Config(format!(
-                "tcp:{a} cannot be used as a unix socket"
-            ))),
+            Address::Local(e @ (Endpoint::Tcp(_) | Endpoint::Tls(_))) => Err(Error::Config(
+                format!("{e} cannot be used as a unix socket"),
+            )),
             Address::Ssh { host, path } => self.forward(host, path, deadline),
         }
     }

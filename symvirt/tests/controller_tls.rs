@@ -1,7 +1,8 @@
 //! A plan over QEMU's TLS (`[settings.tls]`): the controller creates the `tls-creds-x509`
 //! objects and sets `tls-creds` at both ends over QMP. One TCG guest (the dirtier and the
 //! agent) moves through a recording TCP proxy: in clear text its memory is readable on the
-//! wire (the control), over TLS it is not; a destination whose certificate another CA signed is
+//! wire (the control), over TLS it is not (the controller reaching that destination's monitor
+//! over QEMU's TLS chardev, `tls:`); a destination whose certificate another CA signed is
 //! refused, and the guest goes on at its source.
 
 #[path = "common/guest.rs"]
@@ -93,8 +94,15 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 /// A destination QEMU waiting for the migration on `port`, with TLS credentials from
 /// `creds` when given (as a site starts one: the object on the command line, `tls-creds` and
-/// the listening port set over QMP).
-fn destination(fixtures: &Fixtures, channel: &Path, creds: Option<&Path>, port: u16) -> Qemu {
+/// the listening port set over QMP), and then also a second monitor on a TLS chardev at
+/// `tls_monitor`.
+fn destination(
+    fixtures: &Fixtures,
+    channel: &Path,
+    creds: Option<&Path>,
+    port: u16,
+    tls_monitor: Option<u16>,
+) -> Qemu {
     let mut config = machine(fixtures, channel).incoming("defer");
     if let Some(dir) = creds {
         config = config.args([
@@ -104,6 +112,14 @@ fn destination(fixtures: &Fixtures, channel: &Path, creds: Option<&Path>, port: 
                 dir.display()
             ),
         ]);
+        if let Some(m) = tls_monitor {
+            config = config.args([
+                "-chardev".to_owned(),
+                format!("socket,id=montls,host=127.0.0.1,port={m},server=on,wait=off,tls-creds=ninja-tls"),
+                "-mon".to_owned(),
+                "chardev=montls,mode=control".to_owned(),
+            ]);
+        }
     }
     let q = Qemu::start(config).expect("start the destination");
     let mut qmp = RawQmp::connect(q.qmp_path()).unwrap();
@@ -119,19 +135,51 @@ fn destination(fixtures: &Fixtures, channel: &Path, creds: Option<&Path>, port: 
     q
 }
 
-fn plan(from: (&Qemu, &Path), to: (&Qemu, &Path), port: u16, creds: Option<&Path>) -> String {
-    let tls = creds.map_or(String::new(), |d| {
-        format!("[settings.tls]\ncreds_dir = \"{}\"\n", d.display())
+/// Runs `plan`, which must roll back (`why`: what should refuse it), and checks the guest
+/// goes on at `at`.
+fn assert_rolled_back(plan: &str, dir: &Path, at: &Qemu, why: &str) -> symvirt::controller::Report {
+    let (report, _) = run(plan, dir, |_| {});
+    match &report.outcome {
+        Outcome::RolledBack { error, .. } => eprintln!("refused: {}", error.source.chain()),
+        other => panic!("{why} did not refuse: {other:?}"),
+    }
+    wait_more_passes(
+        || at.serial(),
+        passes(&at.serial()),
+        &format!("vm0 still at its source after {why}"),
+    );
+    assert!(!at.serial().contains("MISMATCH"));
+    report
+}
+
+/// A plan from `from` to `to` (each a QEMU with its channel), migrating to `port`, over TLS
+/// with the credentials directory and allowed source names in `tls`; the destination's
+/// monitor is `to_qmp` when given, else its unix socket.
+fn plan(
+    from: (&Qemu, &Path),
+    to: (&Qemu, &Path),
+    port: u16,
+    tls: Option<(&Path, &[&str])>,
+    to_qmp: Option<&str>,
+) -> String {
+    let tls = tls.map_or(String::new(), |(d, allowed)| {
+        format!(
+            "[settings.tls]\ncreds_dir = \"{}\"\nallowed_sources = {allowed:?}\n",
+            d.display()
+        )
     });
     let ib = ib();
+    let to_qmp = to_qmp.map_or_else(
+        || format!("unix:{}", to.0.qmp_path().display()),
+        str::to_owned,
+    );
     format!(
         "[settings]\n{tls}[settings.deadlines_ms]\nmigrate = 60000\n\n[[vm]]\nname = \"vm0\"\n\
          [vm.source]\nqmp = \"unix:{}\"\nchannel = \"unix:{}\"\ninterconnect = {ib}\n\
-         [vm.destination]\nqmp = \"unix:{}\"\nchannel = \"unix:{}\"\n\
+         [vm.destination]\nqmp = \"{to_qmp}\"\nchannel = \"unix:{}\"\n\
          migrate_uri = \"tcp:127.0.0.1:{port}\"\ninterconnect = {ib}\n",
         from.0.qmp_path().display(),
         from.1.display(),
-        to.0.qmp_path().display(),
         to.1.display(),
     )
 }
@@ -193,10 +241,16 @@ fn a_plan_over_tls_cannot_be_read_on_the_wire_and_a_foreign_destination_is_refus
 
     // The control: in clear text, the guest's memory crosses the wire readable.
     let port = free_tcp_port();
-    let b = destination(&fixtures, &channel("b"), None, port);
+    let b = destination(&fixtures, &channel("b"), None, port, None);
     let wire = Recorder::start(port);
     let (report, _) = run(
-        &plan((&a, &channel("a")), (&b, &channel("b")), wire.port, None),
+        &plan(
+            (&a, &channel("a")),
+            (&b, &channel("b")),
+            wire.port,
+            None,
+            None,
+        ),
         &dir,
         |_| {},
     );
@@ -209,16 +263,19 @@ fn a_plan_over_tls_cannot_be_read_on_the_wire_and_a_foreign_destination_is_refus
     );
     drop(a);
 
-    // Over TLS: the same guest moves on, and the wire shows none of its memory.
+    // Over TLS: the same guest moves on, and the wire shows none of its memory. The
+    // controller drives the destination through its TLS monitor (tls:).
     let port = free_tcp_port();
-    let c = destination(&fixtures, &channel("c"), Some(&site), port);
+    let monitor = free_tcp_port();
+    let c = destination(&fixtures, &channel("c"), Some(&site), port, Some(monitor));
     let wire = Recorder::start(port);
     let (report, _) = run(
         &plan(
             (&b, &channel("b")),
             (&c, &channel("c")),
             wire.port,
-            Some(&site),
+            Some((&site, &["CN=ninja-source"])),
+            Some(&format!("tls:127.0.0.1:{monitor}")),
         ),
         &dir,
         |_| {},
@@ -244,23 +301,45 @@ fn a_plan_over_tls_cannot_be_read_on_the_wire_and_a_foreign_destination_is_refus
 
     // A destination whose certificate another CA signed: refused, the guest goes on at c.
     let port = free_tcp_port();
-    let d = destination(&fixtures, &channel("d"), Some(&foreign), port);
-    let (report, _) = run(
-        &plan((&c, &channel("c")), (&d, &channel("d")), port, Some(&site)),
-        &dir,
-        |_| {},
+    let d = destination(&fixtures, &channel("d"), Some(&foreign), port, None);
+    let to_d = plan(
+        (&c, &channel("c")),
+        (&d, &channel("d")),
+        port,
+        Some((&site, &[])),
+        None,
     );
-    match &report.outcome {
-        Outcome::RolledBack { error, .. } => eprintln!("refused: {}", error.source.chain()),
-        other => panic!("a foreign destination was not refused: {other:?}"),
-    }
+    assert_rolled_back(&to_d, &dir, &c, "a foreign destination");
     let mut qmp = RawQmp::connect(c.qmp_path()).unwrap();
     let status = qmp.execute("query-status", json!({})).unwrap();
     assert_eq!(status["running"], json!(true), "{status}");
     drop(qmp);
-    wait_more_passes(|| serial_of(&c), passes(&c.serial()), "vm0 back at c");
-    assert!(!c.serial().contains("MISMATCH"));
     drop(d);
+
+    // A destination the site started, listening already: the plan's allowed_sources still
+    // reach it (tls-authz set over QMP before the source connects), and this source is not
+    // among them.
+    let port = free_tcp_port();
+    let g = destination(&fixtures, &channel("g"), Some(&site), port, None);
+    let to_g = plan(
+        (&c, &channel("c")),
+        (&g, &channel("g")),
+        port,
+        Some((&site, &["CN=another-source"])),
+        None,
+    );
+    assert_rolled_back(
+        &to_g,
+        &dir,
+        &c,
+        "a site's destination allowing another source",
+    );
+    assert!(
+        g.qemu_log().contains("CN=ninja-source") && g.qemu_log().contains("denied"),
+        "the site's destination does not show the refusal: {}",
+        g.qemu_log()
+    );
+    drop(g);
 
     // tls-authz: a destination that accepts only another source's certificate refuses this
     // one; one that names it takes the guest.
@@ -269,31 +348,28 @@ fn a_plan_over_tls_cannot_be_read_on_the_wire_and_a_foreign_destination_is_refus
     for d in [&e, &f] {
         std::fs::create_dir_all(d).unwrap();
     }
-    let (report, _) = run(
-        &launched_plan(
-            &fixtures,
-            (&c, &channel("c")),
-            &e,
-            &site,
-            &["CN=another-source"],
-        ),
+    let to_e = launched_plan(
+        &fixtures,
+        (&c, &channel("c")),
+        &e,
+        &site,
+        &["CN=another-source"],
+    );
+    let report = assert_rolled_back(
+        &to_e,
         &dir,
-        |_| {},
+        &c,
+        "a launched destination allowing another source",
     );
     launched
         .0
         .extend(report.vms.iter().filter_map(|v| v.destination_pid));
-    match &report.outcome {
-        Outcome::RolledBack { error, .. } => eprintln!("refused: {}", error.source.chain()),
-        other => panic!("a source the destination does not allow got through: {other:?}"),
-    }
     // The destination said why (its log is the launcher's).
     let log = read(&dir.join("vm0-destination.log"));
     assert!(
         log.contains("CN=ninja-source") && log.contains("denied"),
         "the destination's log does not show the refusal: {log}"
     );
-    wait_more_passes(|| serial_of(&c), passes(&c.serial()), "vm0 still at c");
     let (report, _) = run(
         &launched_plan(
             &fixtures,

@@ -347,10 +347,6 @@ fn file_uri(path: &Path) -> Result<String> {
     }
 }
 
-fn qmp_options() -> ConnectOptions {
-    ConnectOptions::default()
-}
-
 fn remaining(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
 }
@@ -519,6 +515,33 @@ impl QemuVm {
             orphan: None,
             tls: None,
         }
+    }
+
+    /// How to reach a monitor at `endpoint`: a `tls:` one with the client certificate in the
+    /// plan's credentials directory (`client-cert.pem`, `client-key.pem`, `ca-cert.pem`).
+    fn qmp_options(&self, endpoint: &Endpoint) -> Result<ConnectOptions> {
+        let tls = match (endpoint, &self.tls) {
+            (Endpoint::Tls(_), Some(t)) => {
+                let creds = migrate_core::tls::Credentials::source_in(&t.creds_dir);
+                let config = migrate_core::tls::client_config(&creds).map_err(|e| {
+                    Error::Config(format!("{endpoint}: {}", symvirt_proto::error::chain(&e)))
+                })?;
+                Some(qmp::TlsClient {
+                    config,
+                    server_name: None,
+                })
+            }
+            (Endpoint::Tls(_), None) => {
+                return Err(Error::Config(format!(
+                    "{endpoint}: a TLS monitor needs the plan's [settings.tls] credentials"
+                )));
+            }
+            _ => None,
+        };
+        Ok(ConnectOptions {
+            tls,
+            ..ConnectOptions::default()
+        })
     }
 
     /// Migrates over QEMU's TLS with `tls`'s credentials (see [`TlsSettings`]).
@@ -693,7 +716,7 @@ impl QemuVm {
         let endpoint = self.connector.qmp_endpoint(address, deadline).ok()?;
         let options = ConnectOptions {
             greeting_timeout: Duration::from_secs(1),
-            ..qmp_options()
+            ..self.qmp_options(&endpoint).ok()?
         };
         Qmp::connect(&endpoint, options).ok()
     }
@@ -706,9 +729,12 @@ impl QemuVm {
         let Ok(endpoint) = self.connector.qmp_endpoint(address, deadline) else {
             return false;
         };
+        let Ok(options) = self.qmp_options(&endpoint) else {
+            return false;
+        };
         let options = ConnectOptions {
             greeting_timeout: Duration::from_secs(1),
-            ..qmp_options()
+            ..options
         };
         matches!(
             Qmp::connect(&endpoint, options),
@@ -756,7 +782,7 @@ impl QemuVm {
         loop {
             // Resolved per attempt: an ssh forward that died meanwhile is started again.
             let endpoint = self.connector.qmp_endpoint(address, deadline)?;
-            match Qmp::connect(&endpoint, qmp_options()) {
+            match Qmp::connect(&endpoint, self.qmp_options(&endpoint)?) {
                 Ok(q) => return Ok(q),
                 Err(e) => {
                     if let Some(why) = self.launched.as_mut().and_then(Launched::exited) {
@@ -1095,6 +1121,14 @@ impl VmBackend for QemuVm {
                          (start it with -incoming defer; the plan's launch does the rest)",
                         self.spec.name
                     )));
+                }
+                // QEMU reads tls-authz when the source connects: set now, it still applies.
+                if let Some(authz) = self.add_tls_authz(&dst)? {
+                    let mut params = MigrationParameters::default();
+                    params.extra.insert("tls-authz".into(), authz.into());
+                    dst.migrate_set_parameters(&params).map_err(|e| {
+                        Error::qmp(self.what("destination", "migration parameters"), e)
+                    })?;
                 }
             }
         }
@@ -1508,7 +1542,7 @@ impl VmBackend for QemuVm {
         let endpoint = self.connector.qmp_endpoint(&address, deadline)?;
         let options = ConnectOptions {
             greeting_timeout: remaining(deadline).max(Duration::from_secs(1)),
-            ..qmp_options()
+            ..self.qmp_options(&endpoint)?
         };
         let qmp = match Qmp::connect(&endpoint, options) {
             Ok(q) => q,
