@@ -24,11 +24,13 @@ use migrate_core::software_guest::{SoftwareGuest, SoftwareGuestConfig};
 use migrate_core::tls::{Credentials, DestinationTls, SourceTls};
 use migrate_core::transport::{self, Endpoint, Listener};
 use migrate_core::vm::{GuestMemory, IncomingVm, MigratableVm};
+use migrate_core::vmm::guest::WORKING_SET_ADDR;
+use migrate_core::vmm::{ReferenceVm, VmmConfig};
 use migrate_core::{MigrationConfig, TimeoutStrategy, destination, source};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 /// Something the bench can migrate: a running source and a destination for a layout.
 trait Workload {
@@ -57,32 +59,72 @@ impl Workload for Software {
         })?))
     }
     fn destination(&self, layout: &MemoryLayout) -> migrate_core::Result<Box<dyn IncomingVm>> {
-        Ok(Box::new(Held(SoftwareGuest::incoming(
+        Ok(Box::new(Held(Box::new(SoftwareGuest::incoming(
             SoftwareGuestConfig {
                 layout: layout.clone(),
                 working_set_pages: 0,
                 dirty_rate_mib_s: None,
                 fill: false,
             },
-        )?)))
+        )?))))
     }
 }
 
 /// A destination guest whose vCPU is not restarted (so its memory stays as received).
-struct Held(SoftwareGuest);
+struct Held(Box<dyn IncomingVm>);
 
 impl IncomingVm for Held {
     fn memory(&self) -> &GuestMemory {
-        self.0.guest_memory()
+        self.0.memory()
     }
     fn restore_state(&self, s: &[u8]) -> migrate_core::Result<()> {
-        // The software guest's state is only a consistency check of memory; skip the check
-        // for the held wrapper (it has another working set size).
+        // The state would restart the guest (or, for the software guest, check memory against
+        // a working set it does not have here): only memory is compared.
         let _ = s;
         Ok(())
     }
     fn resume(&self) -> migrate_core::Result<()> {
         Ok(())
+    }
+}
+
+/// The reference VMM's KVM guest, idle and filled: its program rewrites one working-set page;
+/// every page above it the host wrote once before the guest started.
+struct Kvm;
+
+fn kvm_config(bytes: u64) -> VmmConfig {
+    VmmConfig {
+        mem_size: bytes,
+        working_set_pages: 1,
+        ..VmmConfig::default()
+    }
+}
+
+impl Workload for Kvm {
+    fn source(
+        &self,
+        bytes: u64,
+        dirty: Option<f64>,
+    ) -> migrate_core::Result<Box<dyn MigratableVm>> {
+        assert!(dirty.is_none(), "the KVM scenarios are idle");
+        let vm = ReferenceVm::new(kvm_config(bytes))?;
+        let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 | 1).collect();
+        let mut at = WORKING_SET_ADDR + 4096;
+        while at < bytes {
+            let n = (bytes - at).min(chunk.len() as u64) as usize;
+            vm.memory()
+                .write_slice(&chunk[..n], vm_memory::GuestAddress(at))
+                .map_err(|e| migrate_core::Error::Memory(e.to_string()))?;
+            at += n as u64;
+        }
+        MigratableVm::resume(&vm)?;
+        Ok(Box::new(vm))
+    }
+    fn destination(&self, layout: &MemoryLayout) -> migrate_core::Result<Box<dyn IncomingVm>> {
+        let bytes = layout.regions.iter().map(|r| r.len).sum();
+        Ok(Box::new(Held(Box::new(ReferenceVm::new_incoming(
+            kvm_config(bytes),
+        )?))))
     }
 }
 
@@ -112,6 +154,8 @@ struct Scenario {
     dirty: Option<f64>,
     /// Also run over TLS.
     tls: bool,
+    /// The reference VMM's KVM guest instead of the software guest.
+    kvm: bool,
 }
 
 /// Both ends' TLS settings, from credentials made with `openssl` in a scratch directory.
@@ -314,6 +358,7 @@ fn main() {
             connections: 1,
             dirty: None,
             tls: true,
+            kvm: false,
         },
         Scenario {
             name: "idle_full_1g_2c",
@@ -321,6 +366,23 @@ fn main() {
             connections: 2,
             dirty: None,
             tls: true,
+            kvm: false,
+        },
+        Scenario {
+            name: "kvm_idle_full_1g_1c",
+            mem: GIB,
+            connections: 1,
+            dirty: None,
+            tls: false,
+            kvm: true,
+        },
+        Scenario {
+            name: "kvm_idle_full_1g_2c",
+            mem: GIB,
+            connections: 2,
+            dirty: None,
+            tls: false,
+            kvm: true,
         },
         Scenario {
             name: "idle_full_2g_1c",
@@ -328,6 +390,7 @@ fn main() {
             connections: 1,
             dirty: None,
             tls: false,
+            kvm: false,
         },
         Scenario {
             name: "idle_full_4g_1c",
@@ -335,6 +398,7 @@ fn main() {
             connections: 1,
             dirty: None,
             tls: false,
+            kvm: false,
         },
         Scenario {
             name: "idle_full_4g_2c",
@@ -342,6 +406,7 @@ fn main() {
             connections: 2,
             dirty: None,
             tls: false,
+            kvm: false,
         },
         Scenario {
             name: "dirty_1g_100mib_s",
@@ -349,6 +414,7 @@ fn main() {
             connections: 1,
             dirty: Some(100.0),
             tls: false,
+            kvm: false,
         },
         Scenario {
             name: "dirty_1g_400mib_s",
@@ -356,6 +422,7 @@ fn main() {
             connections: 1,
             dirty: Some(400.0),
             tls: false,
+            kvm: false,
         },
         Scenario {
             name: "dirty_1g_1000mib_s",
@@ -363,13 +430,20 @@ fn main() {
             connections: 1,
             dirty: Some(1000.0),
             tls: false,
+            kvm: false,
         },
     ];
-    let w = Software;
     let mut tls: Option<Tls> = None;
     for s in &scenarios {
         if let Some(only) = &only {
             if !only.iter().any(|o| o == s.name) {
+                continue;
+            }
+        }
+        let w: &dyn Workload = if s.kvm { &Kvm } else { &Software };
+        if s.kvm {
+            if let Err(why) = migrate_core::vmm::kvm_usable() {
+                eprintln!("SKIPPED: {}: {why}", s.name);
                 continue;
             }
         }
@@ -381,14 +455,14 @@ fn main() {
         // (clear text, TLS), both into pre-faulted memory.
         let mut tls_pairs: Vec<(Run, Run)> = Vec::new();
         for rep in 0..reps {
-            let mut r = engine_run(&w, src.as_ref(), s, None, false);
+            let mut r = engine_run(w, src.as_ref(), s, None, false);
             if s.tls {
                 let (clear, secure) = if rep % 2 == 0 {
-                    let c = engine_run(&w, src.as_ref(), s, None, true);
-                    (c, engine_run(&w, src.as_ref(), s, tls.as_ref(), true))
+                    let c = engine_run(w, src.as_ref(), s, None, true);
+                    (c, engine_run(w, src.as_ref(), s, tls.as_ref(), true))
                 } else {
-                    let t = engine_run(&w, src.as_ref(), s, tls.as_ref(), true);
-                    (engine_run(&w, src.as_ref(), s, None, true), t)
+                    let t = engine_run(w, src.as_ref(), s, tls.as_ref(), true);
+                    (engine_run(w, src.as_ref(), s, None, true), t)
                 };
                 tls_pairs.push((clear, secure));
             }
