@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use symvirt::cluster::{
     Deadlines, DestinationSpec, Device, LaunchSpec, MigrationSettings, Plan, SourceSpec, VmSpec,
 };
-use symvirt::controller::{Controller, Event, Outcome, Phase};
+use symvirt::controller::{Controller, Event, Outcome, Phase, Report};
 use symvirt::host_channel::qemu_channel_args;
 use symvirt::protocol::Interconnect;
 use symvirt::remote::Address;
@@ -141,11 +141,7 @@ fn standin_to_nic(
 }
 
 /// One repetition for `n` VMs: (plain migration, plan report phases and total).
-fn one_run(
-    fixtures: &Fixtures,
-    n: usize,
-    rep: usize,
-) -> Result<(Duration, symvirt::controller::Report), String> {
+fn one_run(fixtures: &Fixtures, n: usize, rep: usize) -> Result<(Duration, Report), String> {
     let base = std::env::temp_dir().join(format!(
         "ninja-bench-symvirt-{}-{n}-{rep}",
         std::process::id()
@@ -228,28 +224,46 @@ fn one_run(
             },
         });
     }
-    let plan = Plan {
+    let report = run_plan(vms, &base, |r| {
+        left.pids
+            .extend(r.vms.iter().filter_map(|v| v.destination_pid))
+    });
+    drop(middles);
+    Ok((plain, report?))
+}
+
+/// A plan of `vms` with default settings.
+fn plan_of(vms: Vec<VmSpec>) -> Plan {
+    Plan {
         vms,
         deadlines: Deadlines::default(),
         migration: MigrationSettings::default(),
         ssh_program: "ssh".into(),
         tls: None,
-    };
-    let sink = |_: &Event| {};
-    let report = Controller::new(plan, &sink)
-        .run_qemu(&base)
-        .map_err(|e| e.chain())?;
-    left.pids
-        .extend(report.vms.iter().filter_map(|v| v.destination_pid));
-    drop(middles);
+    }
+}
+
+/// The report of a plan that completed; any other outcome is an error.
+fn completed(report: Report) -> Result<Report, String> {
     if report.outcome != Outcome::Completed {
         return Err(format!("plan {:?}: {:?}", report.outcome, report.errors));
     }
-    Ok((plain, report))
+    Ok(report)
+}
+
+/// Runs a plan of QEMU or libvirt VMs (logs under `base`); `seen` gets the report whatever
+/// its outcome (to clean up what the plan launched) before an incomplete one is an error.
+fn run_plan(vms: Vec<VmSpec>, base: &Path, seen: impl FnOnce(&Report)) -> Result<Report, String> {
+    let sink = |_: &Event| {};
+    let report = Controller::new(plan_of(vms), &sink)
+        .run_qemu(base)
+        .map_err(|e| e.chain())?;
+    seen(&report);
+    completed(report)
 }
 
 /// The reference-VMM counterpart of [`one_run`].
-fn reference_run(n: usize) -> Result<(Duration, symvirt::controller::Report), String> {
+fn reference_run(n: usize) -> Result<(Duration, Report), String> {
     use migrate_core::vmm::{ReferenceVm, VmmConfig};
     use migrate_core::{MigrationConfig, destination, source, transport};
     use std::sync::{Arc, Mutex};
@@ -366,21 +380,11 @@ fn reference_run(n: usize) -> Result<(Duration, symvirt::controller::Report), St
             )) as Box<dyn VmBackend>
         })
         .collect();
-    let plan = Plan {
-        vms: specs,
-        deadlines: Deadlines::default(),
-        migration: MigrationSettings::default(),
-        ssh_program: "ssh".into(),
-        tls: None,
-    };
     let sink = |_: &Event| {};
-    let report = Controller::new(plan, &sink)
+    let report = Controller::new(plan_of(specs), &sink)
         .run(backends)
         .map_err(|e| e.chain())?;
-    if report.outcome != Outcome::Completed {
-        return Err(format!("plan {:?}: {:?}", report.outcome, report.errors));
-    }
-    Ok((plain, report))
+    Ok((plain, completed(report)?))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -402,7 +406,7 @@ fn record(
     samples: &mut Samples,
     key: (&'static str, usize),
     rep: usize,
-    run: Result<(Duration, symvirt::controller::Report), String>,
+    run: Result<(Duration, Report), String>,
 ) {
     let (plain, report) = match run {
         Ok(r) => r,
@@ -540,7 +544,7 @@ mod libvirt {
         (a, b): &(LibvirtHost, LibvirtHost),
         n: usize,
         rep: usize,
-    ) -> Result<(Duration, symvirt::controller::Report), String> {
+    ) -> Result<(Duration, Report), String> {
         let tag = format!("{}-{n}-{rep}", std::process::id());
         let base = std::env::temp_dir().join(format!("ninja-bench-lv-{tag}"));
         let _ = std::fs::remove_dir_all(&base);
@@ -657,20 +661,6 @@ mod libvirt {
                 },
             });
         }
-        let plan = Plan {
-            vms,
-            deadlines: Deadlines::default(),
-            migration: MigrationSettings::default(),
-            ssh_program: "ssh".into(),
-            tls: None,
-        };
-        let sink = |_: &Event| {};
-        let report = Controller::new(plan, &sink)
-            .run_qemu(&base)
-            .map_err(|e| e.chain())?;
-        if report.outcome != Outcome::Completed {
-            return Err(format!("plan {:?}: {:?}", report.outcome, report.errors));
-        }
-        Ok((plain_took, report))
+        Ok((plain_took, super::run_plan(vms, &base, |_| {})?))
     }
 }
