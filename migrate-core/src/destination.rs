@@ -63,7 +63,9 @@ pub fn receive<V: IncomingVm>(
     let activity = AtomicU64::new(0);
     let mut rounds = 0u32;
     let received = std::thread::scope(|s| {
-        let (tx, rx) = crossbeam_channel::unbounded::<(usize, Result<ReceivedCounters>, f64)>();
+        // (connection, result, CPU seconds, whether it was the first to fail)
+        let (tx, rx) =
+            crossbeam_channel::unbounded::<(usize, Result<ReceivedCounters>, f64, bool)>();
         for (i, m) in conn.memory.iter_mut().enumerate() {
             let tx = tx.clone();
             let pages = &pages;
@@ -81,13 +83,14 @@ pub fn receive<V: IncomingVm>(
                     let _ = c;
                     Ok(())
                 });
-                if r.is_err() && !failed.swap(true, Ordering::SeqCst) {
+                let first = r.is_err() && !failed.swap(true, Ordering::SeqCst);
+                if first {
                     // Wake the control loop and the other receivers.
                     for h in handles.iter().skip(1) {
                         h.shutdown();
                     }
                 }
-                let _ = tx.send((i, r, thread_cpu_seconds() - c0));
+                let _ = tx.send((i, r, thread_cpu_seconds() - c0, first));
             });
         }
         drop(tx);
@@ -99,29 +102,38 @@ pub fn receive<V: IncomingVm>(
                 for h in handles.iter().skip(1) {
                     h.shutdown();
                 }
-                // Prefer a memory connection's error: it is the cause, the control's the effect.
-                let mut cause = e;
-                for (i, r, _) in rx.iter() {
-                    if let Err(me) = r {
-                        if !matches!(me, Error::Protocol(ref m) if m == "another connection failed")
-                        {
-                            cause = Error::MemoryConnection {
-                                index: i,
-                                source: Box::new(me),
-                            };
+                // Prefer a memory connection's error: it is the cause, the control's the effect;
+                // and of those the first, not what the shutdown it caused did to the others.
+                let mut cause = None;
+                for (i, r, _, first) in rx.iter() {
+                    let Err(me) = r else { continue };
+                    if matches!(me, Error::Protocol(ref m) if m == "another connection failed") {
+                        continue;
+                    }
+                    if first || cause.is_none() {
+                        cause = Some(Error::MemoryConnection {
+                            index: i,
+                            source: Box::new(me),
+                        });
+                        if first {
                             break;
                         }
                     }
                 }
-                return Err(cause);
+                return Err(cause.unwrap_or(e));
             }
         };
+        let mut results = (0..n)
+            .map(|_| {
+                rx.recv_timeout(cfg.io_timeout)
+                    .map_err(|_| Error::Timeout("memory connections did not finish".into()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Errors first, the first connection to fail ahead of the others: it names the cause.
+        results.sort_by_key(|(_, r, _, first)| (r.is_ok(), !first));
         let mut totals = vec![ReceivedCounters::default(); n];
         let mut cpu = 0.0;
-        for _ in 0..n {
-            let (i, r, c) = rx
-                .recv_timeout(cfg.io_timeout)
-                .map_err(|_| Error::Timeout("memory connections did not finish".into()))?;
+        for (i, r, c, _) in results {
             totals[i] = r.map_err(|e| Error::MemoryConnection {
                 index: i,
                 source: Box::new(e),

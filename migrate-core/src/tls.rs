@@ -7,6 +7,12 @@
 //! TLS session, set up before the connection preamble: a peer that fails authentication never
 //! reaches the protocol, and the protocol inside is unchanged (see [`crate::transport`]).
 //!
+//! rustls runs the handshake and carries the preamble; then its traffic keys go to this
+//! module's record layer (`Records`), which seals and opens standard TLS 1.3 records in place
+//! in the stream's own buffers (what kernel TLS does), since rustls's buffers cost as much CPU
+//! as the cipher at a migration's rates. Records keep their sequence numbers, so a forged,
+//! replayed, reordered or cut record fails the stream.
+//!
 //! The files are PEM, in the layout QEMU's `tls-creds-x509` reads ([`Credentials::source_in`],
 //! [`Credentials::destination_in`]), so one directory per host serves QEMU and this engine.
 //! Crypto comes from `ring`; AES-128-GCM is preferred, the fastest suite with AES-NI.
@@ -20,6 +26,7 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
     ServerConfig, SignatureScheme,
 };
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -117,6 +124,9 @@ pub fn client_config(creds: &Credentials) -> Result<Arc<ClientConfig>> {
         .with_root_certificates(loaded.roots)
         .with_client_auth_cert(loaded.chain, loaded.key)
         .map_err(|e| tls_error(format!("client key {}", creds.key.display()), e))?;
+    let mut config = config;
+    // The engine's own record layer takes over after the handshake (see `Records`).
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 
@@ -183,6 +193,8 @@ impl DestinationTls {
             .map_err(|e| tls_error(format!("destination key {}", creds.key.display()), e))?;
         // Every connection is a full handshake: tickets would only cost a record each.
         config.send_tls13_tickets = 0;
+        // The engine's own record layer takes over after the handshake (see `Records`).
+        config.enable_secret_extraction = true;
         Ok(DestinationTls {
             config: Arc::new(config),
         })
@@ -274,4 +286,393 @@ pub(crate) fn tls_error(
 pub(crate) fn from_io(e: &std::io::Error) -> Option<Error> {
     let tls = e.get_ref()?.downcast_ref::<rustls::Error>()?;
     Some(tls_error("connection", tls.clone()))
+}
+
+/// Most plaintext bytes in one record (RFC 8446 §5.1).
+const MAX_PLAINTEXT: usize = 1 << 14;
+/// Most bytes after a record's header: plaintext, content type, padding and tag (§5.2).
+const MAX_SEALED: usize = MAX_PLAINTEXT + 256;
+const HEADER: usize = 5;
+const TAG: usize = 16;
+const APPLICATION_DATA: u8 = 23;
+const ALERT: u8 = 21;
+/// Records one key may seal: AES-GCM's bound for full-size records is 2^24.5 (RFC 8446
+/// §5.5). Rekeying needs the traffic secret, which rustls does not hand over: a connection
+/// that reaches this (256 GiB of full records one way) fails instead.
+const RECORDS_PER_KEY: u64 = 1 << 24;
+
+/// One direction's key, IV and record sequence number.
+struct Direction {
+    key: ring::aead::LessSafeKey,
+    iv: [u8; 12],
+    seq: u64,
+}
+
+impl Direction {
+    fn new((seq, secrets): (u64, rustls::ConnectionTrafficSecrets)) -> Result<Direction> {
+        use rustls::ConnectionTrafficSecrets as S;
+        let (algorithm, key, iv) = match &secrets {
+            S::Aes128Gcm { key, iv } => (&ring::aead::AES_128_GCM, key, iv),
+            S::Aes256Gcm { key, iv } => (&ring::aead::AES_256_GCM, key, iv),
+            S::Chacha20Poly1305 { key, iv } => (&ring::aead::CHACHA20_POLY1305, key, iv),
+            _ => return Err(tls_error("record layer", "unsupported cipher suite")),
+        };
+        let key = ring::aead::UnboundKey::new(algorithm, key.as_ref())
+            .map_err(|_| tls_error("record layer", "bad traffic key"))?;
+        Ok(Direction {
+            key: ring::aead::LessSafeKey::new(key),
+            iv: iv
+                .as_ref()
+                .try_into()
+                .map_err(|_| tls_error("record layer", "bad traffic IV"))?,
+            seq,
+        })
+    }
+
+    /// The next record's nonce: the IV XOR the sequence number (§5.3).
+    fn nonce(&mut self) -> std::io::Result<ring::aead::Nonce> {
+        if self.seq >= RECORDS_PER_KEY {
+            return Err(std::io::Error::other(
+                "TLS: this connection's key sealed as many records as it safely can",
+            ));
+        }
+        let mut n = self.iv;
+        for (b, s) in n[4..].iter_mut().zip(self.seq.to_be_bytes()) {
+            *b ^= s;
+        }
+        self.seq += 1;
+        Ok(ring::aead::Nonce::assume_unique_for_key(n))
+    }
+}
+
+/// TLS 1.3 application-data records (RFC 8446 §5.2), sealed and opened in place with the
+/// traffic keys the handshake agreed on: once the handshake and the connection preamble are
+/// done, this is what kernel TLS would do. rustls's own buffers copy each record in and out
+/// once more and allocate per record; at the rates of a migration that is as much CPU as the
+/// cipher. Both ends are this engine; the records are standard TLS 1.3 all the same.
+pub(crate) struct Records {
+    tx: Direction,
+    rx: Direction,
+    /// Ciphertext from the socket: `[start, end)` is not opened yet.
+    inbuf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// The opened plaintext of the current record not handed out yet (inside `inbuf`).
+    plain: std::ops::Range<usize>,
+    /// Sealed records not written yet.
+    out: Vec<u8>,
+    /// The peer's close_notify arrived.
+    closed: bool,
+}
+
+/// How much ciphertext one read(2) takes, and how much sealed output waits for one write.
+const RECORD_BUFFER: usize = 1 << 20;
+
+impl Records {
+    /// Takes over `conn` after its handshake; `unread` is ciphertext already read from the
+    /// socket that rustls has not seen. Refuses when rustls holds plaintext not read yet.
+    pub(crate) fn take_over(mut conn: rustls::Connection, unread: &[u8]) -> Result<Records> {
+        let pending = conn
+            .process_new_packets()
+            .map_err(|e| tls_error("record layer", e))?;
+        if pending.plaintext_bytes_to_read() > 0 || conn.wants_write() {
+            return Err(tls_error(
+                "record layer",
+                "data pending in the handshake's session",
+            ));
+        }
+        let secrets = conn
+            .dangerous_extract_secrets()
+            .map_err(|e| tls_error("record layer", e))?;
+        let mut inbuf = vec![0; RECORD_BUFFER.max(unread.len())];
+        inbuf[..unread.len()].copy_from_slice(unread);
+        Ok(Records {
+            tx: Direction::new(secrets.tx)?,
+            rx: Direction::new(secrets.rx)?,
+            inbuf,
+            start: 0,
+            end: unread.len(),
+            plain: 0..0,
+            out: Vec::with_capacity(RECORD_BUFFER + MAX_SEALED + HEADER),
+            closed: false,
+        })
+    }
+
+    /// Seals `data` into records, writing them out whenever a buffer's worth is ready.
+    pub(crate) fn send(&mut self, mut socket: impl Write, mut data: &[u8]) -> std::io::Result<()> {
+        while !data.is_empty() {
+            let n = data.len().min(MAX_PLAINTEXT);
+            let sealed_len = n + 1 + TAG;
+            let at = self.out.len();
+            self.out.extend_from_slice(&[
+                APPLICATION_DATA,
+                3,
+                3,
+                (sealed_len >> 8) as u8,
+                sealed_len as u8,
+            ]);
+            self.out.extend_from_slice(&data[..n]);
+            self.out.push(APPLICATION_DATA);
+            let nonce = self.tx.nonce()?;
+            let (header, body) = self.out[at..].split_at_mut(HEADER);
+            let tag = self
+                .tx
+                .key
+                .seal_in_place_separate_tag(nonce, ring::aead::Aad::from(&*header), body)
+                .map_err(|_| std::io::Error::other("TLS: sealing a record failed"))?;
+            self.out.extend_from_slice(tag.as_ref());
+            data = &data[n..];
+            if self.out.len() >= RECORD_BUFFER {
+                self.flush(&mut socket)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes out every sealed record.
+    pub(crate) fn flush(&mut self, mut socket: impl Write) -> std::io::Result<()> {
+        socket.write_all(&self.out)?;
+        self.out.clear();
+        Ok(())
+    }
+
+    /// Reads plaintext: 0 after the peer's close_notify; a damaged, forged, reordered or
+    /// truncated record is an `InvalidData` error carrying the [`rustls::Error`] rustls would
+    /// have given.
+    pub(crate) fn recv(&mut self, mut socket: impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if !self.plain.is_empty() {
+                let n = buf.len().min(self.plain.len());
+                buf[..n].copy_from_slice(&self.inbuf[self.plain.start..self.plain.start + n]);
+                self.plain.start += n;
+                return Ok(n);
+            }
+            if self.closed {
+                return Ok(0);
+            }
+            // A whole record in the buffer, or read more.
+            let have = self.end - self.start;
+            let need = if have >= HEADER {
+                let h = &self.inbuf[self.start..self.start + HEADER];
+                let len = usize::from(h[3]) << 8 | usize::from(h[4]);
+                if h[0] != APPLICATION_DATA
+                    || h[1] != 3
+                    || h[2] != 3
+                    || len > MAX_SEALED
+                    || len <= TAG
+                {
+                    return Err(bad(rustls::Error::InvalidMessage(
+                        rustls::InvalidMessage::InvalidContentType,
+                    )));
+                }
+                HEADER + len
+            } else {
+                HEADER
+            };
+            if have < need {
+                if self.start > 0 && self.start + need > self.inbuf.len() {
+                    self.inbuf.copy_within(self.start..self.end, 0);
+                    (self.start, self.end) = (0, have);
+                }
+                let n = loop {
+                    match socket.read(&mut self.inbuf[self.end..]) {
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        r => break r?,
+                    }
+                };
+                if n == 0 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "TLS: peer closed connection without sending TLS close_notify",
+                    ));
+                }
+                self.end += n;
+                continue;
+            }
+            // Open it in place.
+            let nonce = self.rx.nonce()?;
+            let (header, rest) = self.inbuf[self.start..].split_at_mut(HEADER);
+            let opened = self
+                .rx
+                .key
+                .open_in_place(
+                    nonce,
+                    ring::aead::Aad::from(&*header),
+                    &mut rest[..need - HEADER],
+                )
+                .map_err(|_| bad(rustls::Error::DecryptError))?;
+            // The content type is the last non-zero byte; zeros after it are padding.
+            let Some(type_at) = opened.iter().rposition(|&b| b != 0) else {
+                return Err(bad(rustls::Error::InvalidMessage(
+                    rustls::InvalidMessage::InvalidContentType,
+                )));
+            };
+            let content = self.start + HEADER..self.start + HEADER + type_at;
+            let kind = opened[type_at];
+            self.start += need;
+            match kind {
+                APPLICATION_DATA => self.plain = content,
+                ALERT if content.len() == 2 && self.inbuf[content.start + 1] == 0 => {
+                    self.closed = true; // close_notify
+                }
+                ALERT => {
+                    let description = self.inbuf.get(content.start + 1).copied().unwrap_or(0);
+                    return Err(bad(rustls::Error::AlertReceived(
+                        rustls::AlertDescription::from(description),
+                    )));
+                }
+                // A post-handshake message (a key update, a ticket): neither end sends one.
+                _ => {
+                    return Err(bad(rustls::Error::InappropriateMessage {
+                        expect_types: vec![rustls::ContentType::ApplicationData],
+                        got_type: rustls::ContentType::from(kind),
+                    }));
+                }
+            }
+            if self.start == self.end {
+                (self.start, self.end) = (0, 0);
+            }
+        }
+    }
+
+    /// Whether plaintext, or ciphertext not opened yet, waits in the buffer.
+    pub(crate) fn has_buffered(&self) -> bool {
+        !self.plain.is_empty() || self.start < self.end
+    }
+}
+
+fn bad(e: rustls::Error) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+}
+
+#[cfg(test)]
+mod record_tests {
+    use super::*;
+
+    fn direction(key: u8) -> Direction {
+        let unbound = ring::aead::UnboundKey::new(&ring::aead::AES_128_GCM, &[key; 16]).unwrap();
+        Direction {
+            key: ring::aead::LessSafeKey::new(unbound),
+            iv: [key; 12],
+            seq: 7,
+        }
+    }
+
+    /// Two ends of one connection: what `a` seals, `b` opens.
+    fn pair() -> (Records, Records) {
+        let end = |tx, rx| Records {
+            tx: direction(tx),
+            rx: direction(rx),
+            inbuf: vec![0; RECORD_BUFFER],
+            start: 0,
+            end: 0,
+            plain: 0..0,
+            out: Vec::new(),
+            closed: false,
+        };
+        (end(1, 2), end(2, 1))
+    }
+
+    fn read_all(r: &mut Records, mut wire: &[u8], len: usize) -> std::io::Result<Vec<u8>> {
+        let mut got = vec![0; len];
+        let mut at = 0;
+        while at < len {
+            match r.recv(&mut wire, &mut got[at..])? {
+                0 => break,
+                n => at += n,
+            }
+        }
+        got.truncate(at);
+        Ok(got)
+    }
+
+    fn tls_error_of(e: std::io::Error) -> rustls::Error {
+        e.get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+            .cloned()
+            .unwrap_or_else(|| panic!("not a TLS error: {e}"))
+    }
+
+    #[test]
+    fn records_round_trip_in_standard_tls13_framing() {
+        let (mut a, mut b) = pair();
+        let data: Vec<u8> = (0..40_000u32).map(|i| (i * 7) as u8).collect();
+        let mut wire = Vec::new();
+        a.send(&mut wire, &data).unwrap();
+        a.flush(&mut wire).unwrap();
+        // Three records (16 KiB, 16 KiB, the rest), each: type 23, version 3.3, length =
+        // plaintext + content type + tag.
+        assert_eq!(wire.len(), data.len() + 3 * (HEADER + 1 + TAG));
+        assert_eq!(&wire[..5], &[23, 3, 3, 0x40, 0x11]);
+        assert_eq!(read_all(&mut b, &wire, data.len()).unwrap(), data);
+        assert!(!b.has_buffered());
+    }
+
+    #[test]
+    fn a_changed_reordered_or_cut_record_is_refused() {
+        let (mut a, _) = pair();
+        let mut wire = Vec::new();
+        a.send(&mut wire, &[5u8; 100]).unwrap();
+        a.send(&mut wire, &[6u8; 100]).unwrap();
+        a.flush(&mut wire).unwrap();
+        let one = HEADER + 100 + 1 + TAG;
+
+        let mut flipped = wire.clone();
+        flipped[HEADER + 50] ^= 1;
+        let e = read_all(&mut pair().1, &flipped, 200).unwrap_err();
+        assert_eq!(tls_error_of(e), rustls::Error::DecryptError);
+
+        let mut swapped = wire[one..].to_vec();
+        swapped.extend_from_slice(&wire[..one]);
+        let e = read_all(&mut pair().1, &swapped, 200).unwrap_err();
+        assert_eq!(tls_error_of(e), rustls::Error::DecryptError);
+
+        let e = read_all(&mut pair().1, &wire[..one + 10], 200).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+
+        let mut not_data = wire.clone();
+        not_data[0] = 22;
+        assert!(read_all(&mut pair().1, &not_data, 200).is_err());
+        let mut too_long = wire.clone();
+        too_long[3] = 0x48;
+        assert!(read_all(&mut pair().1, &too_long, 200).is_err());
+    }
+
+    /// Seals a record of `content_type` (for the peer's alerts).
+    fn sealed(a: &mut Records, content: &[u8], content_type: u8) -> Vec<u8> {
+        let len = content.len() + 1 + TAG;
+        let mut rec = vec![23, 3, 3, (len >> 8) as u8, len as u8];
+        rec.extend_from_slice(content);
+        rec.push(content_type);
+        let nonce = a.tx.nonce().unwrap();
+        let (h, body) = rec.split_at_mut(HEADER);
+        let tag =
+            a.tx.key
+                .seal_in_place_separate_tag(nonce, ring::aead::Aad::from(&*h), body)
+                .unwrap();
+        rec.extend_from_slice(tag.as_ref());
+        rec
+    }
+
+    #[test]
+    fn close_notify_ends_the_stream_and_other_alerts_are_errors() {
+        let (mut a, mut b) = pair();
+        let mut wire = Vec::new();
+        a.send(&mut wire, b"last words").unwrap();
+        a.flush(&mut wire).unwrap();
+        wire.extend(sealed(&mut a, &[1, 0], ALERT)); // warning, close_notify
+        assert_eq!(read_all(&mut b, &wire, 100).unwrap(), b"last words");
+
+        let (mut a, mut b) = pair();
+        let wire = sealed(&mut a, &[2, 20], ALERT); // fatal, bad_record_mac
+        let e = read_all(&mut b, &wire, 10).unwrap_err();
+        assert_eq!(
+            tls_error_of(e),
+            rustls::Error::AlertReceived(rustls::AlertDescription::BadRecordMac)
+        );
+        // A post-handshake handshake message (a key update) is not taken.
+        let (mut a, mut b) = pair();
+        let wire = sealed(&mut a, &[24, 0, 0, 1, 0], 22);
+        assert!(read_all(&mut b, &wire, 10).is_err());
+    }
 }

@@ -13,7 +13,7 @@ use crate::protocol::{
     MAX_MEMORY_CONNECTIONS, PREAMBLE_LEN, PREAMBLE_REPLY_LEN, PROTOCOL_VERSION, Preamble,
     PreambleReply, Role, STATUS_MALFORMED, STATUS_OK, STATUS_VERSION_MISMATCH,
 };
-use crate::tls::{DestinationTls, SourceTls, tls_error};
+use crate::tls::{DestinationTls, Records, SourceTls, tls_error};
 use crate::{Error, Phase, Result};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use std::io::{Read, Write};
@@ -136,8 +136,21 @@ pub struct Stream {
     tls: Option<Arc<Mutex<Session>>>,
 }
 
-/// A TLS session over a stream's socket.
-struct Session {
+/// A TLS session over a stream's socket: rustls's until the connection preamble is through,
+/// then the engine's own record layer on the same keys ([`Records`]).
+enum Session {
+    Handshake(Handshake),
+    Records(Records),
+    /// A take-over that failed: the stream is unusable.
+    Broken,
+}
+
+fn broken() -> std::io::Error {
+    std::io::Error::other("TLS: the record layer could not take the session over")
+}
+
+/// rustls's buffered session, for the handshake and the preamble.
+struct Handshake {
     conn: rustls::Connection,
     /// Ciphertext read ahead of rustls: one read(2) takes up to [`READ_AHEAD`] bytes where
     /// rustls alone reads at most one record.
@@ -153,23 +166,82 @@ const WRITE_BEHIND: usize = 1 << 20;
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session")
-            .field("cipher_suite", &self.conn.negotiated_cipher_suite())
-            .finish_non_exhaustive()
+        f.write_str(match self {
+            Session::Handshake(_) => "Session::Handshake",
+            Session::Records(_) => "Session::Records",
+            Session::Broken => "Session::Broken",
+        })
     }
 }
 
 impl Session {
     fn new(mut conn: rustls::Connection) -> Session {
         conn.set_buffer_limit(Some(WRITE_BEHIND));
-        Session {
+        Session::Handshake(Handshake {
             conn,
             ahead: vec![0; READ_AHEAD],
             start: 0,
             end: 0,
+        })
+    }
+
+    /// Hands the session's traffic keys to the engine's record layer (once the preamble is
+    /// through: nothing may be left in rustls's buffers).
+    fn take_over(&mut self) -> Result<()> {
+        if !matches!(self, Session::Handshake(_)) {
+            return Ok(());
+        }
+        let Session::Handshake(h) = std::mem::replace(self, Session::Broken) else {
+            unreachable!("checked above")
+        };
+        *self = Session::Records(Records::take_over(h.conn, &h.ahead[h.start..h.end])?);
+        Ok(())
+    }
+
+    fn flush(&mut self, socket: &Socket) -> std::io::Result<()> {
+        match self {
+            Session::Handshake(h) => h.flush(socket),
+            Session::Records(r) => r.flush(socket),
+            Session::Broken => Err(broken()),
         }
     }
 
+    fn send(&mut self, socket: &Socket, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Session::Handshake(h) => h.send(socket, data),
+            Session::Records(r) => r.send(socket, data),
+            Session::Broken => Err(broken()),
+        }
+    }
+
+    fn recv(&mut self, socket: &Socket, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Session::Handshake(h) => h.recv(socket, buf),
+            Session::Records(r) => r.recv(socket, buf),
+            Session::Broken => Err(broken()),
+        }
+    }
+
+    fn recv_exact(&mut self, socket: &Socket, mut buf: &mut [u8]) -> std::io::Result<()> {
+        while !buf.is_empty() {
+            match self.recv(socket, buf)? {
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                n => buf = &mut buf[n..],
+            }
+        }
+        Ok(())
+    }
+
+    fn has_buffered(&mut self) -> bool {
+        match self {
+            Session::Handshake(h) => h.has_buffered(),
+            Session::Records(r) => r.has_buffered(),
+            Session::Broken => false,
+        }
+    }
+}
+
+impl Handshake {
     /// Writes out every record the session has queued (data, alerts, key updates).
     fn flush(&mut self, mut socket: &Socket) -> std::io::Result<()> {
         while self.conn.wants_write() {
@@ -222,16 +294,6 @@ impl Session {
         }
     }
 
-    fn recv_exact(&mut self, socket: &Socket, mut buf: &mut [u8]) -> std::io::Result<()> {
-        while !buf.is_empty() {
-            match self.recv(socket, buf)? {
-                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                n => buf = &mut buf[n..],
-            }
-        }
-        Ok(())
-    }
-
     /// Whether plaintext (or ciphertext not yet decrypted) waits in the session.
     fn has_buffered(&mut self) -> bool {
         self.start < self.end
@@ -253,6 +315,15 @@ impl Stream {
         self.tls
             .as_ref()
             .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Hands a TLS stream's keys from rustls to the engine's record layer (after the
+    /// preamble; see [`Records`]).
+    fn take_over_tls(&self) -> Result<()> {
+        match self.session() {
+            Some(mut s) => s.take_over(),
+            None => Ok(()),
+        }
     }
 
     /// Whether the stream is inside a TLS session.
@@ -659,6 +730,11 @@ fn connect_with(
                 s = client_handshake(s.socket, tls, ep)?;
             }
             s.write_all(&pre.encode()).map_err(crate::codec::io_error)?;
+            // A memory connection's TLS is the record layer's from here; the control
+            // connection's once the verdict is read.
+            if pre.role == Role::Memory {
+                s.take_over_tls()?;
+            }
             Ok(s)
         };
         let pre = Preamble {
@@ -694,6 +770,7 @@ fn connect_with(
             }
         }
         read_verdict(&mut control, version)?;
+        control.take_over_tls()?;
         Ok(Connections { control, memory })
     };
     run().map_err(handshake_err)
@@ -844,15 +921,18 @@ impl Pending {
         }
     }
 
-    /// The connection as a blocking stream, once its preamble is in.
+    /// The connection as a blocking stream, once its preamble is in (a TLS one handed to the
+    /// engine's record layer).
     fn into_stream(self) -> Result<Stream> {
         self.socket
             .set_nonblocking(false)
             .map_err(|e| io_err("accepted socket", e))?;
-        Ok(Stream {
+        let s = Stream {
             socket: self.socket,
             tls: self.tls.map(|c| Arc::new(Mutex::new(Session::new(c)))),
-        })
+        };
+        s.take_over_tls()?;
+        Ok(s)
     }
 }
 
@@ -1034,8 +1114,14 @@ impl Listener {
                         }
                         Step::Failed(e) => log::warn!("dropped a connection from {}: {e}", p.peer),
                         Step::Done(preamble) => {
-                            if set.add(p.into_stream()?, preamble)? {
-                                return set.finish();
+                            let peer = p.peer.clone();
+                            match p.into_stream() {
+                                Ok(stream) => {
+                                    if set.add(stream, preamble)? {
+                                        return set.finish();
+                                    }
+                                }
+                                Err(e) => log::warn!("dropped a connection from {peer}: {e}"),
                             }
                         }
                     }
