@@ -11,10 +11,10 @@
 //! the commit (or the rollback); [`destination::receive`] is its counterpart. Dirty pages come
 //! from a [`dirty::DirtyTracker`] as [`dirty::PageRun`]s; [`pages`] moves them between guest
 //! memory and the memory connections; [`protocol`] owns the bytes on the wire (and [`codec`]
-//! the control messages); [`transport`] owns the connections and their socket I/O; [`policy`]
-//! decides when to throttle and when to switch over. Progress reaches the caller through a
-//! callback. [`snapshot`] writes a paused VM to a file and builds it back from one (checkpoint
-//! and restart).
+//! the control messages); [`transport`] owns the connections and their socket I/O, and [`tls`]
+//! their authentication and encryption between hosts; [`policy`] decides when to throttle and
+//! when to switch over. Progress reaches the caller through a callback. [`snapshot`] writes a
+//! paused VM to a file and builds it back from one (checkpoint and restart).
 //!
 //! The main flow, here with the [software guest](software_guest) over the in-process transport
 //! (TCP and unix sockets work the same through [`transport::connect`] and

@@ -1,13 +1,19 @@
 //! Connections between source and destination: TCP, unix socket, or an in-process socket pair;
-//! always one control connection plus N memory connections.
+//! always one control connection plus N memory connections, each in clear text or in its own
+//! TLS 1.3 session ([`connect_tls`], [`Listener::bind_tls`]; see [`crate::tls`]).
 //!
 //! [`connect`] (source) and [`Listener::accept`] (destination) exchange the connection
 //! preamble (see [`crate::protocol`]), so a protocol-version mismatch fails here, before the
 //! handshake proper, with [`Error::Incompatible`] wrapped in [`Phase::Handshake`].
 //!
 //! The socket I/O of page batches lives here too: [`Stream`] gathers a batch from guest memory
-//! into one `sendmsg` and scatters received pages into guest memory with `readv`
-//! ([`PageSource`]); what the bytes mean is [`crate::protocol`]'s business.
+//! into one `sendmsg` and scatters received pages into guest memory with `readv` (through the
+//! TLS record layer when the stream is encrypted) ([`PageSource`]); what the bytes mean is
+//! [`crate::protocol`]'s business.
+//!
+//! A [`Listener`] serves every accepted connection's handshake and preamble side by side on one
+//! `poll` loop, with a deadline each and a bound on how many wait: idle, slow, garbage or
+//! unauthenticated peers are dropped while the genuine source gets through.
 
 use crate::protocol::{
     MAX_MEMORY_CONNECTIONS, PREAMBLE_LEN, PREAMBLE_REPLY_LEN, PROTOCOL_VERSION, Preamble,
