@@ -158,17 +158,16 @@ fn broken() -> std::io::Error {
 /// rustls's buffered session, for the handshake and the preamble.
 struct Handshake {
     conn: rustls::Connection,
-    /// Ciphertext read ahead of rustls: one read(2) takes up to [`READ_AHEAD`] bytes where
-    /// rustls alone reads at most one record.
+    /// Ciphertext read from the socket that rustls has not taken yet: whatever is left here
+    /// at the take-over goes to the record layer, not lost inside rustls.
     ahead: Vec<u8>,
     start: usize,
     end: usize,
 }
 
-/// How much ciphertext one read(2) of a TLS stream takes.
-const READ_AHEAD: usize = 1 << 20;
-/// How much ciphertext a TLS stream queues before writing it (one writev per fill).
-const WRITE_BEHIND: usize = 1 << 20;
+/// How much ciphertext one read(2) takes during the handshake and the preamble (a few small
+/// records; the record layer has its own buffer for the traffic after them).
+const READ_AHEAD: usize = 16 << 10;
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -181,8 +180,7 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
-    fn new(mut conn: rustls::Connection) -> Session {
-        conn.set_buffer_limit(Some(WRITE_BEHIND));
+    fn new(conn: rustls::Connection) -> Session {
         Session::Handshake(Handshake {
             conn,
             ahead: vec![0; READ_AHEAD],

@@ -3,7 +3,7 @@
 
 mod engine_common;
 
-use engine_common::{Fault, Proxy, Recorded, within};
+use engine_common::{Fault, Proxy, Recorded, assert_runs, within};
 use migrate_core::codec::{read_message, write_message};
 use migrate_core::pages::page_hashes;
 use migrate_core::protocol::{ControlMessage, MemoryLayout, Record, RecordHeader, RegionDesc};
@@ -61,16 +61,7 @@ fn assert_rolled_back_in(src: &SoftwareGuest, before: &[u64], err: &Error, phase
         err.to_string().contains(&phase.to_string()),
         "message names the phase: {err}"
     );
-    assert!(src.is_running(), "source not resumed");
-    let c = src.counter();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while src.counter() <= c {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "source guest does not advance"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    assert_runs(src);
     src.pause().unwrap();
     src.check_consistency().expect("source memory consistent");
     let after = page_hashes(src.guest_memory()).unwrap();

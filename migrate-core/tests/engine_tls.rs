@@ -5,7 +5,7 @@
 
 mod engine_common;
 
-use engine_common::{Fault, Proxy, within};
+use engine_common::{Fault, Proxy, assert_runs, within};
 use migrate_core::software_guest::{SoftwareGuest, SoftwareGuestConfig};
 use migrate_core::tls::{Credentials, DestinationTls, SourceTls};
 use migrate_core::transport::{self, Connections, Endpoint, Listener};
@@ -199,17 +199,6 @@ fn assert_refused(r: migrate_core::Result<Connections>, why: &str) {
     );
     let chain = format!("{:?}", root(&e));
     assert!(chain.contains(why), "expected {why:?} in {chain}");
-}
-
-/// The guest keeps running on the source.
-fn assert_runs(src: &SoftwareGuest) {
-    assert!(src.is_running());
-    let c = src.counter();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while src.counter() <= c {
-        assert!(Instant::now() < deadline, "source guest does not advance");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// The guest arrived whole and went on from where the source stopped.

@@ -386,7 +386,7 @@ fn tls_read(
     buf: &mut [u8],
 ) -> io::Result<usize> {
     let lock = || session.lock().unwrap_or_else(PoisonError::into_inner);
-    let mut raw = vec![0u8; 32 << 10];
+    let mut raw = [0u8; 16 << 10];
     loop {
         match lock().reader().read(buf) {
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}

@@ -34,6 +34,20 @@ pub fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'stat
     }
 }
 
+/// The source guest was resumed and runs: its counter advances within 20 s.
+pub fn assert_runs(src: &SoftwareGuest) {
+    assert!(src.is_running(), "source not resumed");
+    let c = src.counter();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while src.counter() <= c {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "source guest does not advance"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// A destination guest that records a hash of every page at the moment it is resumed
 /// (i.e. exactly what migration delivered), and whether it was ever resumed.
 pub struct Recorded {
