@@ -15,8 +15,15 @@
 //! - `quiesce`: 4 ranks run `stress.c` (point-to-point and collectives) under the layer with a
 //!   real guest agent; the bench sends migration requests (`prepare`) on the agent's host
 //!   channel, as the tests do, at varying moments; `quiesce_ms` is request to the agent's
-//!   report that all 4 ranks are quiesced (median, min, max); the ranks are resumed each time
-//!   and the program's own payload checks must pass at the end.
+//!   report that all 4 ranks are quiesced (median, p95, min, max); the ranks are resumed each
+//!   time and the program's own payload checks must pass at the end.
+//! - `quiesce_compute`: the same for a compute-bound program (`stress.c` modes
+//!   `compute,collective`: every rank computes 2/3 to 4/3 of `NINJA_MPI_COMPUTE_MS`, default
+//!   5000, without an MPI call, then an Allreduce and friends), requests at random moments:
+//!   `quiesce_ms` with the layer's progress thread (`NINJA_MPI_COMPUTE_REQUESTS`, default 20;
+//!   target p95 <= 50 ms), and `quiesce_ms_without_progress_thread` (`SYMVIRT_PROGRESS_THREAD=0`,
+//!   `NINJA_MPI_COMPUTE_REQUESTS_WITHOUT`, default 5: what a cut cost before, the rest of the
+//!   slowest rank's compute phase).
 //!
 //! One JSON line per (mpi, scenario); a failed scenario prints a line with `error`. An MPI
 //! implementation that is not installed prints `SKIPPED: ...`.
@@ -25,7 +32,9 @@
 //! run well under a minute). Knobs: `NINJA_MPI_IMPLS` (`openmpi,mpich`), `NINJA_MPI_PAIRS`,
 //! `NINJA_MPI_SAMPLES` (per launch), `NINJA_MPI_LAT_BYTES`, `NINJA_MPI_LAT_ROUNDS`,
 //! `NINJA_MPI_BW_BYTES`, `NINJA_MPI_BW_ROUNDS`, `NINJA_MPI_QUIESCE_REQUESTS`,
-//! `NINJA_MPI_STRESS_MODES`, `NINJA_MPI_QUIET_WAIT_S` (default 60, 0 in quick mode: before each
+//! `NINJA_MPI_STRESS_MODES`, `NINJA_MPI_COMPUTE_MS`, `NINJA_MPI_COMPUTE_REQUESTS`,
+//! `NINJA_MPI_COMPUTE_REQUESTS_WITHOUT`, `NINJA_MPI_SCENARIOS` (`pingpong,quiesce,quiesce_compute`),
+//! `NINJA_MPI_QUIET_WAIT_S` (default 60, 0 in quick mode: before each
 //! pair of launches, wait at most this long for the shared CPUs to be idle;
 //! `pairs_started_quiet` in the line says how many pairs got such a window).
 
@@ -45,6 +54,8 @@ use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
 /// The targets for the normal-run overhead.
 const LATENCY_RATIO_MAX: f64 = 1.05;
 const BANDWIDTH_RATIO_MIN: f64 = 0.98;
+/// The target for a cut of ranks that compute (p95 of `quiesce_ms`).
+const COMPUTE_QUIESCE_P95_MAX_MS: f64 = 50.0;
 
 #[derive(Debug, Clone)]
 struct Settings {
@@ -58,6 +69,10 @@ struct Settings {
     bw_rounds: usize,
     quiesce_requests: u64,
     stress_modes: String,
+    compute_ms: u64,
+    compute_requests: u64,
+    compute_requests_without: u64,
+    scenarios: Vec<String>,
     quiet_wait: Duration,
 }
 
@@ -95,6 +110,17 @@ impl Settings {
             quiesce_requests: env_or("NINJA_MPI_QUIESCE_REQUESTS", pick(15, 4) as u64).max(1),
             stress_modes: std::env::var("NINJA_MPI_STRESS_MODES")
                 .unwrap_or_else(|_| "ring,ring_nb,alltoall,anysource,collective".into()),
+            compute_ms: env_or("NINJA_MPI_COMPUTE_MS", pick(5000, 1000) as u64).max(1),
+            compute_requests: env_or("NINJA_MPI_COMPUTE_REQUESTS", pick(20, 4) as u64).max(1),
+            compute_requests_without: env_or(
+                "NINJA_MPI_COMPUTE_REQUESTS_WITHOUT",
+                pick(5, 2) as u64,
+            ),
+            scenarios: std::env::var("NINJA_MPI_SCENARIOS")
+                .unwrap_or_else(|_| "pingpong,quiesce,quiesce_compute".into())
+                .split(',')
+                .map(|x| x.trim().to_string())
+                .collect(),
             quiet_wait: Duration::from_secs(env_or("NINJA_MPI_QUIET_WAIT_S", pick(60, 0) as u64)),
         }
     }
@@ -129,11 +155,21 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// Median, min and max, rounded for the JSON line.
+/// The nearest-rank 95th percentile.
+fn p95(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => f64::NAN,
+        n => s[((n as f64 * 0.95).ceil() as usize).clamp(1, n) - 1],
+    }
+}
+
+/// Median, p95, min and max, rounded for the JSON line.
 fn spread(v: &[f64]) -> Value {
     let min = v.iter().copied().fold(f64::INFINITY, f64::min);
     let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    json!({"median": round(median(v)), "min": round(min), "max": round(max), "n": v.len()})
+    json!({"median": round(median(v)), "p95": round(p95(v)), "min": round(min), "max": round(max), "n": v.len()})
 }
 
 fn round(x: f64) -> f64 {
@@ -309,21 +345,31 @@ fn quiesce_once(rig: &Rig, job: &mut Job, epoch: u64) -> Result<Duration, String
     }
 }
 
-fn quiesce(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
-    let rig = Rig::new(&format!("bench-q-{}", mpi.name()));
+/// Runs the stress program with `modes` (and `extra_env`) under the layer, sends `requests`
+/// migration requests after the pauses `gap` picks, and returns the request-to-quiesced times
+/// in milliseconds; the program's own checks must pass at the end.
+fn quiesce_times(
+    mpi: MpiImpl,
+    label: &str,
+    modes: &str,
+    extra_env: &[(&str, String)],
+    requests: u64,
+    mut gap: impl FnMut(u64) -> Duration,
+) -> Result<Vec<f64>, String> {
+    let rig = Rig::new(&format!("bench-{label}-{}", mpi.name()));
     let prog = program(mpi, "stress.c", Linkage::Plain);
     let work = rig.dir.0.join("work");
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
-    let env = rig.transparent_env(mpi);
+    let mut env = rig.transparent_env(mpi);
+    env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.clone())));
     let work_arg = work.display().to_string();
-    let args = [s.stress_modes.as_str(), work_arg.as_str(), "16"];
+    let args = [modes, work_arg.as_str(), "2"];
     let mut job = Job::start(mpi, &prog, &args, &env, &rig.dir.0);
     // Epoch 1 is a warm-up, untimed: it also waits until every rank has connected.
     quiesce_once(&rig, &mut job, 1)?;
     let mut times = Vec::new();
-    for epoch in 2..2 + s.quiesce_requests {
-        // Requests land wherever the ranks are: vary the moment.
-        std::thread::sleep(Duration::from_millis(20 + 37 * (epoch % 5)));
+    for epoch in 2..2 + requests {
+        std::thread::sleep(gap(epoch));
         let took =
             quiesce_once(&rig, &mut job, epoch).map_err(|e| format!("{e}\n{}", job.logs()))?;
         times.push(took.as_secs_f64() * 1000.0);
@@ -334,6 +380,19 @@ fn quiesce(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
     if !ok || oks != RANKS as usize {
         return Err(format!("stress program failed its checks\n{}", job.logs()));
     }
+    Ok(times)
+}
+
+fn quiesce(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
+    // Requests land wherever the ranks are: vary the moment.
+    let times = quiesce_times(
+        mpi,
+        "q",
+        &s.stress_modes,
+        &[],
+        s.quiesce_requests,
+        |epoch| Duration::from_millis(20 + 37 * (epoch % 5)),
+    )?;
     Ok(json!({
         "bench": "mpi_overhead",
         "mpi": mpi.name(),
@@ -343,6 +402,55 @@ fn quiesce(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
         "stress_modes": s.stress_modes,
         "requests": s.quiesce_requests,
         "quiesce_ms": spread(&times),
+    }))
+}
+
+fn quiesce_compute(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
+    const MODES: &str = "compute,collective";
+    // Moments spread over the compute phases (a fixed pseudo-random sequence).
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut random_gap = move |_| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        Duration::from_millis(300 + (seed >> 33) % 2700)
+    };
+    let compute = ("STRESS_COMPUTE_MS", s.compute_ms.to_string());
+    let with = quiesce_times(
+        mpi,
+        "qc",
+        MODES,
+        std::slice::from_ref(&compute),
+        s.compute_requests,
+        &mut random_gap,
+    )?;
+    let without = if s.compute_requests_without > 0 {
+        let off = ("SYMVIRT_PROGRESS_THREAD", "0".to_string());
+        let times = quiesce_times(
+            mpi,
+            "qc0",
+            MODES,
+            &[compute, off],
+            s.compute_requests_without,
+            &mut random_gap,
+        )?;
+        spread(&times)
+    } else {
+        Value::Null
+    };
+    Ok(json!({
+        "bench": "mpi_overhead",
+        "mpi": mpi.name(),
+        "scenario": "quiesce_compute",
+        "quick": s.quick,
+        "ranks": RANKS,
+        "stress_modes": MODES,
+        "compute_ms": s.compute_ms,
+        "requests": s.compute_requests,
+        "quiesce_ms": spread(&with),
+        "quiesce_ms_without_progress_thread": without,
+        "p95_target_max_ms": COMPUTE_QUIESCE_P95_MAX_MS,
+        "within_target": p95(&with) <= COMPUTE_QUIESCE_P95_MAX_MS,
     }))
 }
 
@@ -374,8 +482,16 @@ fn main() {
             continue;
         }
         ran += 1;
-        report(mpi, "pingpong", || pingpong(mpi, &s));
-        report(mpi, "quiesce", || quiesce(mpi, &s));
+        let wanted = |name: &str| s.scenarios.iter().any(|x| x == name);
+        if wanted("pingpong") {
+            report(mpi, "pingpong", || pingpong(mpi, &s));
+        }
+        if wanted("quiesce") {
+            report(mpi, "quiesce", || quiesce(mpi, &s));
+        }
+        if wanted("quiesce_compute") {
+            report(mpi, "quiesce_compute", || quiesce_compute(mpi, &s));
+        }
     }
     if ran == 0 {
         println!("SKIPPED: bench mpi_overhead: no MPI implementation to run");

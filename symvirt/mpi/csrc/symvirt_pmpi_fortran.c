@@ -15,6 +15,8 @@
  * arguments need beyond the Fortran ones (converted datatype arrays, MPI_Comm_idup's new
  * communicator) lives until its request completes: the layer starts the real collective later
  * (see pmpi/deferred.c), so it cannot live on the wrapper's stack (see held). */
+#include "pmpi/pmpi_internal.h"
+
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -225,6 +227,7 @@ void mpi_finalize_(MPI_Fint *ierr)
 
 void mpi_comm_dup_(MPI_Fint *comm, MPI_Fint *newcomm, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Comm c;
     *ierr = MPI_Comm_dup(PMPI_Comm_f2c(*comm), &c);
     comm_out(*ierr, c, newcomm);
@@ -232,6 +235,7 @@ void mpi_comm_dup_(MPI_Fint *comm, MPI_Fint *newcomm, MPI_Fint *ierr)
 
 void mpi_comm_free_(MPI_Fint *comm, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Comm c = PMPI_Comm_f2c(*comm);
     *ierr = MPI_Comm_free(&c);
     if (*ierr == MPI_SUCCESS)
@@ -242,6 +246,7 @@ void mpi_comm_free_(MPI_Fint *comm, MPI_Fint *ierr)
     void fname(void *buf, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *dest, MPI_Fint *tag,        \
                MPI_Fint *comm, MPI_Fint *ierr)                                                 \
     {                                                                                          \
+        GUARD();                                                                               \
         *ierr = cname(fbuf(buf), *count, PMPI_Type_f2c(*dt), *dest, *tag,                     \
                       PMPI_Comm_f2c(*comm));                                                  \
     }
@@ -256,6 +261,7 @@ FSEND(mpi_bsend_, MPI_Bsend)
     void fname(void *buf, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *dest, MPI_Fint *tag,        \
                MPI_Fint *comm, MPI_Fint *req, MPI_Fint *ierr)                                  \
     {                                                                                          \
+        GUARD();                                                                               \
         MPI_Request r;                                                                         \
         *ierr = cname(fbuf(buf), *count, PMPI_Type_f2c(*dt), *dest, *tag,                     \
                       PMPI_Comm_f2c(*comm), &r);                                              \
@@ -271,6 +277,7 @@ FISEND(mpi_irecv_, MPI_Irecv)
 void mpi_recv_(void *buf, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *src, MPI_Fint *tag,
                MPI_Fint *comm, MPI_Fint *status, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Status c;
     *ierr = MPI_Recv(fbuf(buf), *count, PMPI_Type_f2c(*dt), *src, *tag, PMPI_Comm_f2c(*comm),
                      FSTATUS(status, &c));
@@ -282,6 +289,7 @@ void mpi_sendrecv_(void *sbuf, MPI_Fint *scount, MPI_Fint *sdt, MPI_Fint *dest, 
                    void *rbuf, MPI_Fint *rcount, MPI_Fint *rdt, MPI_Fint *src, MPI_Fint *rtag,
                    MPI_Fint *comm, MPI_Fint *status, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Status c;
     *ierr = MPI_Sendrecv(fbuf(sbuf), *scount, PMPI_Type_f2c(*sdt), *dest, *stag, fbuf(rbuf),
                          *rcount, PMPI_Type_f2c(*rdt), *src, *rtag, PMPI_Comm_f2c(*comm),
@@ -292,6 +300,7 @@ void mpi_sendrecv_(void *sbuf, MPI_Fint *scount, MPI_Fint *sdt, MPI_Fint *dest, 
 
 void mpi_probe_(MPI_Fint *src, MPI_Fint *tag, MPI_Fint *comm, MPI_Fint *status, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Status c;
     *ierr = MPI_Probe(*src, *tag, PMPI_Comm_f2c(*comm), FSTATUS(status, &c));
     if (*ierr == MPI_SUCCESS)
@@ -301,6 +310,7 @@ void mpi_probe_(MPI_Fint *src, MPI_Fint *tag, MPI_Fint *comm, MPI_Fint *status, 
 void mpi_iprobe_(MPI_Fint *src, MPI_Fint *tag, MPI_Fint *comm, MPI_Fint *flag, MPI_Fint *status,
                  MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Status c;
     int f = 0;
     *ierr = MPI_Iprobe(*src, *tag, PMPI_Comm_f2c(*comm), &f, FSTATUS(status, &c));
@@ -333,6 +343,7 @@ static void freqs(int n, const MPI_Request *r, MPI_Fint *f)
 
 void mpi_wait_(MPI_Fint *req, MPI_Fint *status, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Request r = PMPI_Request_f2c(*req);
     MPI_Status c;
     *ierr = MPI_Wait(&r, FSTATUS(status, &c));
@@ -344,6 +355,7 @@ void mpi_wait_(MPI_Fint *req, MPI_Fint *status, MPI_Fint *ierr)
 
 void mpi_test_(MPI_Fint *req, MPI_Fint *flag, MPI_Fint *status, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Request r = PMPI_Request_f2c(*req);
     MPI_Status c;
     int f = 0;
@@ -362,6 +374,7 @@ static int statuses_ignored(MPI_Fint *f)
 
 void mpi_waitall_(MPI_Fint *n, MPI_Fint *reqs, MPI_Fint *sts, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Request *r = creqs(*n, reqs);
     MPI_Status *c = statuses(*n);
     *ierr = MPI_Waitall(*n, r, c);
@@ -375,6 +388,7 @@ void mpi_waitall_(MPI_Fint *n, MPI_Fint *reqs, MPI_Fint *sts, MPI_Fint *ierr)
 
 void mpi_testall_(MPI_Fint *n, MPI_Fint *reqs, MPI_Fint *flag, MPI_Fint *sts, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Request *r = creqs(*n, reqs);
     MPI_Status *c = statuses(*n);
     int f = 0;
@@ -390,6 +404,7 @@ void mpi_testall_(MPI_Fint *n, MPI_Fint *reqs, MPI_Fint *flag, MPI_Fint *sts, MP
 
 void mpi_waitany_(MPI_Fint *n, MPI_Fint *reqs, MPI_Fint *idx, MPI_Fint *status, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Request *r = creqs(*n, reqs);
     MPI_Status c;
     int i = 0;
@@ -403,6 +418,7 @@ void mpi_waitany_(MPI_Fint *n, MPI_Fint *reqs, MPI_Fint *idx, MPI_Fint *status, 
 
 void mpi_request_free_(MPI_Fint *req, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Request r = PMPI_Request_f2c(*req);
     *ierr = MPI_Request_free(&r);
     if (*ierr == MPI_SUCCESS)
@@ -411,18 +427,21 @@ void mpi_request_free_(MPI_Fint *req, MPI_Fint *ierr)
 
 void mpi_barrier_(MPI_Fint *comm, MPI_Fint *ierr)
 {
+    GUARD();
     *ierr = MPI_Barrier(PMPI_Comm_f2c(*comm));
 }
 
 void mpi_bcast_(void *buf, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *root, MPI_Fint *comm,
                 MPI_Fint *ierr)
 {
+    GUARD();
     *ierr = MPI_Bcast(fbuf(buf), *count, PMPI_Type_f2c(*dt), *root, PMPI_Comm_f2c(*comm));
 }
 
 void mpi_reduce_(void *s, void *r, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *op, MPI_Fint *root,
                  MPI_Fint *comm, MPI_Fint *ierr)
 {
+    GUARD();
     *ierr = MPI_Reduce(fbuf(s), fbuf(r), *count, PMPI_Type_f2c(*dt), PMPI_Op_f2c(*op), *root,
                        PMPI_Comm_f2c(*comm));
 }
@@ -432,6 +451,7 @@ void mpi_reduce_(void *s, void *r, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *op, 
     void fname(void *s, void *r, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *op, MPI_Fint *comm,  \
                MPI_Fint *ierr)                                                                 \
     {                                                                                          \
+        GUARD();                                                                               \
         *ierr = cname(fbuf(s), fbuf(r), *count, PMPI_Type_f2c(*dt), PMPI_Op_f2c(*op),          \
                       PMPI_Comm_f2c(*comm));                                                   \
     }
@@ -444,6 +464,7 @@ FREDUCELIKE(mpi_reduce_scatter_block_, MPI_Reduce_scatter_block)
     void fname(void *s, MPI_Fint *sc, MPI_Fint *sdt, void *r, MPI_Fint *rc, MPI_Fint *rdt,     \
                MPI_Fint *comm, MPI_Fint *ierr)                                                 \
     {                                                                                          \
+        GUARD();                                                                               \
         *ierr = cname(fbuf(s), *sc, PMPI_Type_f2c(*sdt), fbuf(r), *rc, PMPI_Type_f2c(*rdt),    \
                       PMPI_Comm_f2c(*comm));                                                  \
     }
@@ -456,6 +477,7 @@ FGATHERLIKE(mpi_neighbor_alltoall_, MPI_Neighbor_alltoall)
     void fname(void *s, MPI_Fint *sc, MPI_Fint *sdt, void *r, MPI_Fint *rc, MPI_Fint *rdt,     \
                MPI_Fint *root, MPI_Fint *comm, MPI_Fint *ierr)                                 \
     {                                                                                          \
+        GUARD();                                                                               \
         *ierr = cname(fbuf(s), *sc, PMPI_Type_f2c(*sdt), fbuf(r), *rc, PMPI_Type_f2c(*rdt),    \
                       *root, PMPI_Comm_f2c(*comm));                                           \
     }
@@ -466,6 +488,7 @@ FROOTED(mpi_scatter_, MPI_Scatter)
 void mpi_comm_split_(MPI_Fint *comm, MPI_Fint *color, MPI_Fint *key, MPI_Fint *newcomm,
                      MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Comm c;
     *ierr = MPI_Comm_split(PMPI_Comm_f2c(*comm), *color, *key, &c);
     comm_out(*ierr, c, newcomm);
@@ -473,6 +496,7 @@ void mpi_comm_split_(MPI_Fint *comm, MPI_Fint *color, MPI_Fint *key, MPI_Fint *n
 
 void mpi_comm_create_(MPI_Fint *comm, MPI_Fint *group, MPI_Fint *newcomm, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Comm c;
     *ierr = MPI_Comm_create(PMPI_Comm_f2c(*comm), PMPI_Group_f2c(*group), &c);
     comm_out(*ierr, c, newcomm);
@@ -481,6 +505,7 @@ void mpi_comm_create_(MPI_Fint *comm, MPI_Fint *group, MPI_Fint *newcomm, MPI_Fi
 void mpi_cart_create_(MPI_Fint *comm, MPI_Fint *ndims, MPI_Fint *dims, MPI_Fint *periods,
                       MPI_Fint *reorder, MPI_Fint *newcomm, MPI_Fint *ierr)
 {
+    GUARD();
     int *p = logicals(periods, *ndims);
     MPI_Comm c;
     *ierr = MPI_Cart_create(PMPI_Comm_f2c(*comm), *ndims, dims, p, *reorder != 0, &c);
@@ -496,6 +521,7 @@ FISEND(mpi_recv_init_, MPI_Recv_init)
 
 void mpi_start_(MPI_Fint *req, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Request r = PMPI_Request_f2c(*req);
     *ierr = MPI_Start(&r);
     *req = PMPI_Request_c2f(r);
@@ -503,6 +529,7 @@ void mpi_start_(MPI_Fint *req, MPI_Fint *ierr)
 
 void mpi_startall_(MPI_Fint *n, MPI_Fint *reqs, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Request *r = creqs(*n, reqs);
     *ierr = MPI_Startall(*n, r);
     freqs(*n, r, reqs);
@@ -511,6 +538,7 @@ void mpi_startall_(MPI_Fint *n, MPI_Fint *reqs, MPI_Fint *ierr)
 
 void mpi_cancel_(MPI_Fint *req, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Request r = PMPI_Request_f2c(*req);
     *ierr = MPI_Cancel(&r);
 }
@@ -518,6 +546,7 @@ void mpi_cancel_(MPI_Fint *req, MPI_Fint *ierr)
 void mpi_testany_(MPI_Fint *n, MPI_Fint *reqs, MPI_Fint *idx, MPI_Fint *flag, MPI_Fint *status,
                   MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Request *r = creqs(*n, reqs);
     MPI_Status c;
     int i = 0, f = 0;
@@ -534,6 +563,7 @@ void mpi_testany_(MPI_Fint *n, MPI_Fint *reqs, MPI_Fint *idx, MPI_Fint *flag, MP
     void fname(MPI_Fint *n, MPI_Fint *reqs, MPI_Fint *outcount, MPI_Fint *idx, MPI_Fint *sts,  \
                MPI_Fint *ierr)                                                                 \
     {                                                                                          \
+        GUARD();                                                                               \
         MPI_Request *r = creqs(*n, reqs);                                                      \
         MPI_Status *c = statuses(*n);                                                          \
         int *ci = malloc((size_t)(*n > 0 ? *n : 1) * sizeof(int));                             \
@@ -558,6 +588,7 @@ FSOME(mpi_waitsome_, MPI_Waitsome)
 void mpi_improbe_(MPI_Fint *src, MPI_Fint *tag, MPI_Fint *comm, MPI_Fint *flag,
                   MPI_Fint *msg, MPI_Fint *status, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Status c;
     MPI_Message m;
     int f = 0;
@@ -572,6 +603,7 @@ void mpi_improbe_(MPI_Fint *src, MPI_Fint *tag, MPI_Fint *comm, MPI_Fint *flag,
 void mpi_mprobe_(MPI_Fint *src, MPI_Fint *tag, MPI_Fint *comm, MPI_Fint *msg, MPI_Fint *status,
                  MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Status c;
     MPI_Message m;
     *ierr = MPI_Mprobe(*src, *tag, PMPI_Comm_f2c(*comm), &m, FSTATUS(status, &c));
@@ -584,6 +616,7 @@ void mpi_mprobe_(MPI_Fint *src, MPI_Fint *tag, MPI_Fint *comm, MPI_Fint *msg, MP
 void mpi_mrecv_(void *buf, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *msg, MPI_Fint *status,
                 MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Status c;
     MPI_Message m = PMPI_Message_f2c(*msg);
     *ierr = MPI_Mrecv(fbuf(buf), *count, PMPI_Type_f2c(*dt), &m, FSTATUS(status, &c));
@@ -596,6 +629,7 @@ void mpi_mrecv_(void *buf, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *msg, MPI_Fin
 void mpi_imrecv_(void *buf, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *msg, MPI_Fint *req,
                  MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Request r;
     MPI_Message m = PMPI_Message_f2c(*msg);
     *ierr = MPI_Imrecv(fbuf(buf), *count, PMPI_Type_f2c(*dt), &m, &r);
@@ -607,12 +641,14 @@ void mpi_imrecv_(void *buf, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *msg, MPI_Fi
 
 void mpi_ibarrier_(MPI_Fint *comm, MPI_Fint *req, MPI_Fint *ierr)
 {
+    GUARD();
     REQ_OUT(MPI_Ibarrier(PMPI_Comm_f2c(*comm), &q_));
 }
 
 void mpi_ibcast_(void *buf, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *root, MPI_Fint *comm,
                  MPI_Fint *req, MPI_Fint *ierr)
 {
+    GUARD();
     REQ_OUT(MPI_Ibcast(fbuf(buf), *count, PMPI_Type_f2c(*dt), *root, PMPI_Comm_f2c(*comm),
                        &q_));
 }
@@ -621,6 +657,7 @@ void mpi_ibcast_(void *buf, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *root, MPI_F
     void fname(void *s, void *r, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *op, MPI_Fint *comm,  \
                MPI_Fint *req, MPI_Fint *ierr)                                                  \
     {                                                                                          \
+        GUARD();                                                                               \
         REQ_OUT(cname(fbuf(s), fbuf(r), *count, PMPI_Type_f2c(*dt), PMPI_Op_f2c(*op),          \
                       PMPI_Comm_f2c(*comm), &q_));                                             \
     }
@@ -633,6 +670,7 @@ void mpi_sendrecv_replace_(void *buf, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *d
                            MPI_Fint *stag, MPI_Fint *src, MPI_Fint *rtag, MPI_Fint *comm,
                            MPI_Fint *status, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Status c;
     *ierr = MPI_Sendrecv_replace(fbuf(buf), *count, PMPI_Type_f2c(*dt), *dest, *stag, *src,
                                  *rtag, PMPI_Comm_f2c(*comm), FSTATUS(status, &c));
@@ -643,6 +681,7 @@ void mpi_sendrecv_replace_(void *buf, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *d
 void mpi_gatherv_(void *s, MPI_Fint *sc, MPI_Fint *sdt, void *r, MPI_Fint *rc, MPI_Fint *rd,
                   MPI_Fint *rdt, MPI_Fint *root, MPI_Fint *comm, MPI_Fint *ierr)
 {
+    GUARD();
     *ierr = MPI_Gatherv(fbuf(s), *sc, PMPI_Type_f2c(*sdt), fbuf(r), rc, rd, PMPI_Type_f2c(*rdt),
                         *root, PMPI_Comm_f2c(*comm));
 }
@@ -650,6 +689,7 @@ void mpi_gatherv_(void *s, MPI_Fint *sc, MPI_Fint *sdt, void *r, MPI_Fint *rc, M
 void mpi_scatterv_(void *s, MPI_Fint *sc, MPI_Fint *sd, MPI_Fint *sdt, void *r, MPI_Fint *rc,
                    MPI_Fint *rdt, MPI_Fint *root, MPI_Fint *comm, MPI_Fint *ierr)
 {
+    GUARD();
     *ierr = MPI_Scatterv(fbuf(s), sc, sd, PMPI_Type_f2c(*sdt), fbuf(r), *rc, PMPI_Type_f2c(*rdt),
                          *root, PMPI_Comm_f2c(*comm));
 }
@@ -657,6 +697,7 @@ void mpi_scatterv_(void *s, MPI_Fint *sc, MPI_Fint *sd, MPI_Fint *sdt, void *r, 
 void mpi_reduce_scatter_(void *s, void *r, MPI_Fint *rc, MPI_Fint *dt, MPI_Fint *op,
                          MPI_Fint *comm, MPI_Fint *ierr)
 {
+    GUARD();
     *ierr = MPI_Reduce_scatter(fbuf(s), fbuf(r), rc, PMPI_Type_f2c(*dt), PMPI_Op_f2c(*op),
                                PMPI_Comm_f2c(*comm));
 }
@@ -664,6 +705,7 @@ void mpi_reduce_scatter_(void *s, void *r, MPI_Fint *rc, MPI_Fint *dt, MPI_Fint 
 void mpi_ireduce_(void *s, void *r, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *op, MPI_Fint *root,
                   MPI_Fint *comm, MPI_Fint *req, MPI_Fint *ierr)
 {
+    GUARD();
     REQ_OUT(MPI_Ireduce(fbuf(s), fbuf(r), *count, PMPI_Type_f2c(*dt), PMPI_Op_f2c(*op), *root,
                         PMPI_Comm_f2c(*comm), &q_));
 }
@@ -671,6 +713,7 @@ void mpi_ireduce_(void *s, void *r, MPI_Fint *count, MPI_Fint *dt, MPI_Fint *op,
 void mpi_ireduce_scatter_(void *s, void *r, MPI_Fint *rc, MPI_Fint *dt, MPI_Fint *op,
                           MPI_Fint *comm, MPI_Fint *req, MPI_Fint *ierr)
 {
+    GUARD();
     REQ_OUT(MPI_Ireduce_scatter(fbuf(s), fbuf(r), rc, PMPI_Type_f2c(*dt), PMPI_Op_f2c(*op),
                                 PMPI_Comm_f2c(*comm), &q_));
 }
@@ -679,6 +722,7 @@ void mpi_ireduce_scatter_(void *s, void *r, MPI_Fint *rc, MPI_Fint *dt, MPI_Fint
     void fname(void *s, MPI_Fint *sc, MPI_Fint *sdt, void *r, MPI_Fint *rc, MPI_Fint *rdt,     \
                MPI_Fint *comm, MPI_Fint *req, MPI_Fint *ierr)                                  \
     {                                                                                          \
+        GUARD();                                                                               \
         REQ_OUT(cname(fbuf(s), *sc, PMPI_Type_f2c(*sdt), fbuf(r), *rc, PMPI_Type_f2c(*rdt),    \
                       PMPI_Comm_f2c(*comm), &q_));                                             \
     }
@@ -691,6 +735,7 @@ FIGATHERLIKE(mpi_ineighbor_alltoall_, MPI_Ineighbor_alltoall)
     void fname(void *s, MPI_Fint *sc, MPI_Fint *sdt, void *r, MPI_Fint *rc, MPI_Fint *rdt,     \
                MPI_Fint *root, MPI_Fint *comm, MPI_Fint *req, MPI_Fint *ierr)                  \
     {                                                                                          \
+        GUARD();                                                                               \
         REQ_OUT(cname(fbuf(s), *sc, PMPI_Type_f2c(*sdt), fbuf(r), *rc, PMPI_Type_f2c(*rdt),    \
                       *root, PMPI_Comm_f2c(*comm), &q_));                                      \
     }
@@ -703,6 +748,7 @@ FIROOTED(mpi_iscatter_, MPI_Iscatter)
     void fname(void *s, MPI_Fint *sc, MPI_Fint *sdt, void *r, MPI_Fint *rc, MPI_Fint *rd,      \
                MPI_Fint *rdt, MPI_Fint *comm, MPI_Fint *ierr)                                  \
     {                                                                                          \
+        GUARD();                                                                               \
         *ierr = cname(fbuf(s), *sc, PMPI_Type_f2c(*sdt), fbuf(r), rc, rd, PMPI_Type_f2c(*rdt), \
                       PMPI_Comm_f2c(*comm));                                                   \
     }
@@ -710,6 +756,7 @@ FIROOTED(mpi_iscatter_, MPI_Iscatter)
     void fname(void *s, MPI_Fint *sc, MPI_Fint *sdt, void *r, MPI_Fint *rc, MPI_Fint *rd,      \
                MPI_Fint *rdt, MPI_Fint *comm, MPI_Fint *req, MPI_Fint *ierr)                   \
     {                                                                                          \
+        GUARD();                                                                               \
         REQ_OUT(cname(fbuf(s), *sc, PMPI_Type_f2c(*sdt), fbuf(r), rc, rd, PMPI_Type_f2c(*rdt), \
                       PMPI_Comm_f2c(*comm), &q_));                                             \
     }
@@ -725,6 +772,7 @@ FIGATHERV(mpi_ineighbor_allgatherv_, MPI_Ineighbor_allgatherv)
     void fname(void *s, MPI_Fint *sc, MPI_Fint *sd, MPI_Fint *sdt, void *r, MPI_Fint *rc,      \
                MPI_Fint *rd, MPI_Fint *rdt, MPI_Fint *comm, MPI_Fint *ierr)                    \
     {                                                                                          \
+        GUARD();                                                                               \
         *ierr = cname(fbuf(s), sc, sd, PMPI_Type_f2c(*sdt), fbuf(r), rc, rd,                   \
                       PMPI_Type_f2c(*rdt), PMPI_Comm_f2c(*comm));                              \
     }
@@ -732,6 +780,7 @@ FIGATHERV(mpi_ineighbor_allgatherv_, MPI_Ineighbor_allgatherv)
     void fname(void *s, MPI_Fint *sc, MPI_Fint *sd, MPI_Fint *sdt, void *r, MPI_Fint *rc,      \
                MPI_Fint *rd, MPI_Fint *rdt, MPI_Fint *comm, MPI_Fint *req, MPI_Fint *ierr)     \
     {                                                                                          \
+        GUARD();                                                                               \
         REQ_OUT(cname(fbuf(s), sc, sd, PMPI_Type_f2c(*sdt), fbuf(r), rc, rd,                   \
                       PMPI_Type_f2c(*rdt), PMPI_Comm_f2c(*comm), &q_));                        \
     }
@@ -743,6 +792,7 @@ FIALLTOALLV(mpi_ineighbor_alltoallv_, MPI_Ineighbor_alltoallv)
 void mpi_igatherv_(void *s, MPI_Fint *sc, MPI_Fint *sdt, void *r, MPI_Fint *rc, MPI_Fint *rd,
                    MPI_Fint *rdt, MPI_Fint *root, MPI_Fint *comm, MPI_Fint *req, MPI_Fint *ierr)
 {
+    GUARD();
     REQ_OUT(MPI_Igatherv(fbuf(s), *sc, PMPI_Type_f2c(*sdt), fbuf(r), rc, rd,
                          PMPI_Type_f2c(*rdt), *root, PMPI_Comm_f2c(*comm), &q_));
 }
@@ -751,6 +801,7 @@ void mpi_iscatterv_(void *s, MPI_Fint *sc, MPI_Fint *sd, MPI_Fint *sdt, void *r,
                     MPI_Fint *rdt, MPI_Fint *root, MPI_Fint *comm, MPI_Fint *req,
                     MPI_Fint *ierr)
 {
+    GUARD();
     REQ_OUT(MPI_Iscatterv(fbuf(s), sc, sd, PMPI_Type_f2c(*sdt), fbuf(r), *rc,
                           PMPI_Type_f2c(*rdt), *root, PMPI_Comm_f2c(*comm), &q_));
 }
@@ -761,6 +812,7 @@ void mpi_iscatterv_(void *s, MPI_Fint *sc, MPI_Fint *sd, MPI_Fint *sdt, void *r,
 void mpi_alltoallw_(void *s, MPI_Fint *sc, MPI_Fint *sd, MPI_Fint *st, void *r, MPI_Fint *rc,
                     MPI_Fint *rd, MPI_Fint *rt, MPI_Fint *comm, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Comm c = PMPI_Comm_f2c(*comm);
     void *sb = fbuf(s);
     int ns, nr;
@@ -774,6 +826,7 @@ void mpi_alltoallw_(void *s, MPI_Fint *sc, MPI_Fint *sd, MPI_Fint *st, void *r, 
 void mpi_ialltoallw_(void *s, MPI_Fint *sc, MPI_Fint *sd, MPI_Fint *st, void *r, MPI_Fint *rc,
                      MPI_Fint *rd, MPI_Fint *rt, MPI_Fint *comm, MPI_Fint *req, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Comm c = PMPI_Comm_f2c(*comm);
     void *sb = fbuf(s);
     int ns, nr;
@@ -790,6 +843,7 @@ void mpi_neighbor_alltoallw_(void *s, MPI_Fint *sc, MPI_Aint *sd, MPI_Fint *st, 
                              MPI_Fint *rc, MPI_Aint *rd, MPI_Fint *rt, MPI_Fint *comm,
                              MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Comm c = PMPI_Comm_f2c(*comm);
     int ns, nr;
     peers(c, 1, &ns, &nr);
@@ -802,6 +856,7 @@ void mpi_ineighbor_alltoallw_(void *s, MPI_Fint *sc, MPI_Aint *sd, MPI_Fint *st,
                               MPI_Fint *rc, MPI_Aint *rd, MPI_Fint *rt, MPI_Fint *comm,
                               MPI_Fint *req, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Comm c = PMPI_Comm_f2c(*comm);
     int ns, nr;
     peers(c, 1, &ns, &nr);
@@ -814,6 +869,7 @@ void mpi_ineighbor_alltoallw_(void *s, MPI_Fint *sc, MPI_Aint *sd, MPI_Fint *st,
 
 void mpi_request_get_status_(MPI_Fint *req, MPI_Fint *flag, MPI_Fint *status, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Status c;
     int f = 0;
     *ierr = MPI_Request_get_status(PMPI_Request_f2c(*req), &f, FSTATUS(status, &c));
@@ -829,6 +885,7 @@ void mpi_request_get_status_(MPI_Fint *req, MPI_Fint *flag, MPI_Fint *status, MP
 
 void mpi_comm_dup_with_info_(MPI_Fint *comm, MPI_Fint *info, MPI_Fint *newcomm, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Comm c;
     *ierr = MPI_Comm_dup_with_info(PMPI_Comm_f2c(*comm), PMPI_Info_f2c(*info), &c);
     comm_out(*ierr, c, newcomm);
@@ -838,6 +895,7 @@ void mpi_comm_dup_with_info_(MPI_Fint *comm, MPI_Fint *info, MPI_Fint *newcomm, 
  * member has called it): its Fortran handle is written when the request completes. */
 void mpi_comm_idup_(MPI_Fint *comm, MPI_Fint *newcomm, MPI_Fint *req, MPI_Fint *ierr)
 {
+    GUARD();
     held *h = held_new(NULL);
     h->newcomm = newcomm;
     MPI_Request q;
@@ -848,6 +906,7 @@ void mpi_comm_idup_(MPI_Fint *comm, MPI_Fint *newcomm, MPI_Fint *req, MPI_Fint *
 void mpi_comm_split_type_(MPI_Fint *comm, MPI_Fint *type, MPI_Fint *key, MPI_Fint *info,
                           MPI_Fint *newcomm, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Comm c;
     *ierr = MPI_Comm_split_type(PMPI_Comm_f2c(*comm), *type, *key, PMPI_Info_f2c(*info), &c);
     comm_out(*ierr, c, newcomm);
@@ -856,6 +915,7 @@ void mpi_comm_split_type_(MPI_Fint *comm, MPI_Fint *type, MPI_Fint *key, MPI_Fin
 void mpi_comm_create_group_(MPI_Fint *comm, MPI_Fint *group, MPI_Fint *tag, MPI_Fint *newcomm,
                             MPI_Fint *ierr)
 {
+    GUARD_PASSAGE();
     MPI_Comm c;
     *ierr = MPI_Comm_create_group(PMPI_Comm_f2c(*comm), PMPI_Group_f2c(*group), *tag, &c);
     comm_out(*ierr, c, newcomm);
@@ -863,6 +923,7 @@ void mpi_comm_create_group_(MPI_Fint *comm, MPI_Fint *group, MPI_Fint *tag, MPI_
 
 void mpi_cart_sub_(MPI_Fint *comm, MPI_Fint *remain, MPI_Fint *newcomm, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Comm parent = PMPI_Comm_f2c(*comm), c;
     int ndims = 0, topo = MPI_UNDEFINED;
     if (parent != MPI_COMM_NULL)
@@ -878,6 +939,7 @@ void mpi_cart_sub_(MPI_Fint *comm, MPI_Fint *remain, MPI_Fint *newcomm, MPI_Fint
 void mpi_graph_create_(MPI_Fint *comm, MPI_Fint *nnodes, MPI_Fint *index, MPI_Fint *edges,
                        MPI_Fint *reorder, MPI_Fint *newcomm, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Comm c;
     *ierr = MPI_Graph_create(PMPI_Comm_f2c(*comm), *nnodes, index, edges, *reorder != 0, &c);
     comm_out(*ierr, c, newcomm);
@@ -888,6 +950,7 @@ void mpi_dist_graph_create_adjacent_(MPI_Fint *comm, MPI_Fint *indeg, MPI_Fint *
                                      MPI_Fint *dw, MPI_Fint *info, MPI_Fint *reorder,
                                      MPI_Fint *newcomm, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Comm c;
     *ierr = MPI_Dist_graph_create_adjacent(PMPI_Comm_f2c(*comm), *indeg, srcs, fweights(sw),
                                            *outdeg, dsts, fweights(dw), PMPI_Info_f2c(*info),
@@ -899,6 +962,7 @@ void mpi_dist_graph_create_(MPI_Fint *comm, MPI_Fint *n, MPI_Fint *srcs, MPI_Fin
                             MPI_Fint *dsts, MPI_Fint *weights, MPI_Fint *info,
                             MPI_Fint *reorder, MPI_Fint *newcomm, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Comm c;
     *ierr = MPI_Dist_graph_create(PMPI_Comm_f2c(*comm), *n, srcs, degrees, dsts,
                                   fweights(weights), PMPI_Info_f2c(*info), *reorder != 0, &c);
@@ -908,6 +972,7 @@ void mpi_dist_graph_create_(MPI_Fint *comm, MPI_Fint *n, MPI_Fint *srcs, MPI_Fin
 void mpi_intercomm_create_(MPI_Fint *local, MPI_Fint *lleader, MPI_Fint *peer,
                            MPI_Fint *rleader, MPI_Fint *tag, MPI_Fint *newcomm, MPI_Fint *ierr)
 {
+    GUARD_PASSAGE();
     MPI_Comm c;
     *ierr = MPI_Intercomm_create(PMPI_Comm_f2c(*local), *lleader, PMPI_Comm_f2c(*peer),
                                  *rleader, *tag, &c);
@@ -916,6 +981,7 @@ void mpi_intercomm_create_(MPI_Fint *local, MPI_Fint *lleader, MPI_Fint *peer,
 
 void mpi_intercomm_merge_(MPI_Fint *comm, MPI_Fint *high, MPI_Fint *newcomm, MPI_Fint *ierr)
 {
+    GUARD();
     MPI_Comm c;
     *ierr = MPI_Intercomm_merge(PMPI_Comm_f2c(*comm), *high != 0, &c);
     comm_out(*ierr, c, newcomm);

@@ -41,8 +41,19 @@ int symvirt_ctl_open(uint32_t rank, const char *socket, uint64_t timeout_ms);
 /* 1 when SIGUSR1 through the launcher cuts this process (odd signals cut, the next releases),
  * else 0; set by symvirt_ctl_open, agent or not. */
 int symvirt_ctl_signal_cuts(void);
-/* The epoch a migration is requested for, 0 when none: one atomic load. */
+/* The epoch a migration is requested for, 0 when none; or the last epoch this process asked
+ * for itself (symvirt_ctl_request_locally), if higher. A few atomic loads. */
 uint64_t symvirt_ctl_requested(void);
+/* Asks for a cut of epoch from inside this process (a rank that learnt of a cut from a peer
+ * before its own request arrived): symvirt_ctl_requested reports it from now on, and threads
+ * in symvirt_ctl_wait_requested wake. */
+void symvirt_ctl_request_locally(uint64_t epoch);
+/* Blocks until a cut is requested for an epoch above `above` (returns it), at most timeout_ms,
+ * or until symvirt_ctl_wake (then 0). Sleeps on a futex the request's publisher wakes (the
+ * agent watcher, or the SIGUSR1 handler): no polling. */
+uint64_t symvirt_ctl_wait_requested(uint64_t above, uint64_t timeout_ms);
+/* Wakes every thread in symvirt_ctl_wait_requested. Async-signal-safe. */
+void symvirt_ctl_wake(void);
 /* At the cut: report quiesced, wait for resume (SYMVIRT_RESUMED, *out filled) or abort. A rank
  * whose MPI uses RDMA verbs (a file under /dev/infiniband/ open; SYMVIRT_VERBS_DEVICE_DIR
  * replaces that directory, a test hook read at symvirt_ctl_open) reports unable instead and

@@ -192,10 +192,30 @@ pub extern "C" fn symvirt_ctl_signal_cuts() -> c_int {
     c_int::from(control::signal_trigger_ready())
 }
 
-/// The epoch a migration is requested for, 0 when none (one atomic load).
+/// The epoch a migration is requested for (or this process asked for itself), 0 when none.
 #[unsafe(no_mangle)]
 pub extern "C" fn symvirt_ctl_requested() -> u64 {
     control::requested_epoch()
+}
+
+/// Blocks until a cut is requested for an epoch above `above` (returns it), at most
+/// `timeout_ms`, or until [`symvirt_ctl_wake`] (then 0). Sleeps on a futex: no polling.
+#[unsafe(no_mangle)]
+pub extern "C" fn symvirt_ctl_wait_requested(above: u64, timeout_ms: u64) -> u64 {
+    control::wait_requested(above, Duration::from_millis(timeout_ms))
+}
+
+/// Asks for a cut of `epoch` from inside this process: [`symvirt_ctl_requested`] reports it
+/// from now on, and threads in [`symvirt_ctl_wait_requested`] wake.
+#[unsafe(no_mangle)]
+pub extern "C" fn symvirt_ctl_request_locally(epoch: u64) {
+    control::request_locally(epoch);
+}
+
+/// Wakes every thread in [`symvirt_ctl_wait_requested`].
+#[unsafe(no_mangle)]
+pub extern "C" fn symvirt_ctl_wake() {
+    control::wake_waiters();
 }
 
 /// How an epoch ended, for C: fills `out` (if given) and returns `SYMVIRT_RESUMED` or

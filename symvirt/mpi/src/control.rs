@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::verbs;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -32,19 +32,89 @@ static REQUESTED: AtomicU64 = AtomicU64::new(0);
 /// Whether a control plane is open in this process.
 static OPEN: AtomicBool = AtomicBool::new(false);
 
+/// Bumped whenever a cut is requested (by the agent or by SIGUSR1) and by [`wake_waiters`]:
+/// the futex word a thread in [`wait_requested`] sleeps on, so that waiting costs nothing
+/// between requests.
+static REQUESTS: AtomicU32 = AtomicU32::new(0);
+
+/// Wakes every thread in [`wait_requested`]. Async-signal-safe (an atomic and a system call).
+pub fn wake_waiters() {
+    REQUESTS.fetch_add(1, Ordering::AcqRel);
+    // SAFETY: FUTEX_WAKE on the address of a static AtomicU32; the kernel reads no memory of
+    // ours beyond that word and writes none.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            REQUESTS.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            i32::MAX,
+        );
+    }
+}
+
+/// Blocks until a cut is requested for an epoch above `above` (and returns it), or `timeout`
+/// passes, or [`wake_waiters`] is called (then 0: the caller looks at its own flags). Never
+/// spins: the thread sleeps on a futex the request's publisher wakes.
+pub fn wait_requested(above: u64, timeout: Duration) -> u64 {
+    let deadline = Instant::now() + timeout;
+    let seen = REQUESTS.load(Ordering::Acquire);
+    loop {
+        let e = requested_epoch();
+        if e > above {
+            return e;
+        }
+        if REQUESTS.load(Ordering::Acquire) != seen {
+            return 0;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return 0;
+        }
+        let ts = libc::timespec {
+            tv_sec: left.as_secs() as libc::time_t,
+            tv_nsec: left.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: FUTEX_WAIT on the address of a static AtomicU32 with a relative timeout that
+        // lives across the call; the kernel only reads both. It returns at once if the word
+        // changed since `seen` was read, so no wake between the checks above and here is lost.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                REQUESTS.as_ptr(),
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                seen,
+                &ts as *const libc::timespec,
+            );
+        }
+    }
+}
+
 /// SIGUSR1s received (the fallback trigger; see [`install_signal_trigger`]).
 static SIGNALS: AtomicU64 = AtomicU64::new(0);
 
 /// Cuts requested by SIGUSR1 have epochs above this (the agent's epochs count from 1).
 pub const SIGNAL_EPOCH_BASE: u64 = 1 << 48;
 
+/// The highest epoch this process asked a cut for itself ([`request_locally`]).
+static LOCAL: AtomicU64 = AtomicU64::new(0);
+
 /// The epoch a cut was requested for and not yet settled, 0 when none: the agent's request,
-/// else one made by SIGUSR1. One or two atomic loads.
+/// else one made by SIGUSR1; or the last one this process asked for itself, if higher (the
+/// caller compares with the last cut it made). Two or three atomic loads.
 pub fn requested_epoch() -> u64 {
-    match REQUESTED.load(Ordering::Acquire) {
+    let e = match REQUESTED.load(Ordering::Acquire) {
         0 => signal_epoch(),
         e => e,
-    }
+    };
+    e.max(LOCAL.load(Ordering::Acquire))
+}
+
+/// Asks for a cut of `epoch` from inside this process (an MPI layer whose rank learnt of a cut
+/// from a peer before its own request arrived): [`requested_epoch`] reports it from now on,
+/// and threads in [`wait_requested`] wake.
+pub fn request_locally(epoch: u64) {
+    LOCAL.fetch_max(epoch, Ordering::AcqRel);
+    wake_waiters();
 }
 
 /// The SIGUSR1 handler that was installed before ours (MPICH installs one), called after ours.
@@ -62,8 +132,9 @@ pub fn install_signal_trigger() -> Result<()> {
         info: *mut libc::siginfo_t,
         context: *mut libc::c_void,
     ) {
-        // Async-signal-safe: atomics, and a call to the chained handler.
+        // Async-signal-safe: atomics, a futex wake, and a call to the chained handler.
         SIGNALS.fetch_add(1, Ordering::AcqRel);
+        wake_waiters();
         let previous = PREVIOUS.load(Ordering::Acquire) as usize;
         if previous == libc::SIG_DFL || previous == libc::SIG_IGN {
             return;
@@ -253,6 +324,7 @@ impl Control {
             }
         };
         REQUESTED.store(0, Ordering::Release);
+        LOCAL.store(0, Ordering::Release);
         let shared = Arc::new(Shared {
             client: Mutex::new(client),
             state: Mutex::new(State::default()),
@@ -448,6 +520,7 @@ fn watch(shared: &Shared) {
                     RankEvent::Prepare { epoch, .. } => {
                         state.prepared = state.prepared.max(epoch);
                         REQUESTED.store(epoch, Ordering::Release);
+                        wake_waiters();
                     }
                     RankEvent::Resume {
                         epoch,
@@ -494,10 +567,38 @@ mod tests {
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixListener;
 
+    /// The tests share the process-wide request state.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    /// A thread waiting for a request sleeps until one above its last cut comes (here asked
+    /// locally, as a rank that learnt of a cut from a peer does), returns 0 when woken without
+    /// one or when its time is up, and never returns an epoch it has already served.
+    #[test]
+    fn waiting_for_a_request_wakes_on_a_local_one() {
+        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let base = requested_epoch();
+        let started = Instant::now();
+        assert_eq!(wait_requested(base, Duration::from_millis(50)), 0);
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        let waiter = std::thread::spawn(move || wait_requested(base, Duration::from_secs(30)));
+        std::thread::sleep(Duration::from_millis(50));
+        request_locally(base + 7);
+        assert_eq!(waiter.join().unwrap(), base + 7);
+        // Served: a wait above it sleeps again, and a bare wake returns 0 at once.
+        let waiter = std::thread::spawn(move || wait_requested(base + 7, Duration::from_secs(30)));
+        std::thread::sleep(Duration::from_millis(50));
+        let woken = Instant::now();
+        wake_waiters();
+        assert_eq!(waiter.join().unwrap(), 0);
+        assert!(woken.elapsed() < Duration::from_secs(10));
+        LOCAL.store(0, Ordering::Release);
+    }
+
     /// A fake agent on a real unix socket: registers the rank, asks for epoch 3, then sends a
     /// resume for epoch 2 (wrong) before the one for epoch 3.
     #[test]
     fn resume_for_another_epoch_is_ignored() {
+        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let dir = std::env::temp_dir().join(format!("symvirt-mpi-ctl-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();

@@ -177,9 +177,10 @@ int svp_align(int cid, coll *c)
         aligning = &p;
         for (unsigned long turns = 1; !align_step(&p); turns++) {
             /* Never start a cut here (peers may already be past this point); answer one. A
-             * peer may be waiting for a non-blocking collective this rank has to start. */
+             * peer may be waiting for a non-blocking collective this rank has to start. While
+             * the progress thread waits to make a cut, peers' cuts are looked for every turn. */
             svp_progress_deferred();
-            if ((turns & 63) == 0)
+            if ((turns & 63) == 0 || svp_cut_waiting())
                 svp_serve_peers();
             if (turns > 4096)
                 sched_yield();
@@ -193,6 +194,6 @@ int svp_align(int cid, coll *c)
         if (p.agreed == 0)
             return c != NULL ? svp_perform(c) : MPI_SUCCESS;
         if (p.agreed > svp.served)
-            svp_cut(p.agreed);
+            svp_make_cut(p.agreed);
     }
 }

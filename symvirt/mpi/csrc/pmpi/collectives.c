@@ -139,10 +139,12 @@
     RUN(run_##iname, PMPI_##iname(C_##shape, c->comm, c->req))                                 \
     int MPI_##name(P_##shape, MPI_Comm comm)                                                   \
     {                                                                                          \
+        GUARD();                                                                               \
         COLLECTIVE(comm, run_##name, I_##shape);                                               \
     }                                                                                          \
     int MPI_##iname(P_##shape, MPI_Comm comm, MPI_Request *req)                                \
     {                                                                                          \
+        GUARD();                                                                               \
         NONBLOCKING(comm, req, run_##iname, I_##shape);                                        \
     }
 
@@ -153,10 +155,12 @@ RUN(run_ibarrier, PMPI_Ibarrier(c->comm, c->req))
 
 int MPI_Barrier(MPI_Comm comm)
 {
+    GUARD();
     COLLECTIVE(comm, run_barrier);
 }
 
 int MPI_Ibarrier(MPI_Comm comm, MPI_Request *req)
 {
+    GUARD();
     NONBLOCKING(comm, req, run_ibarrier);
 }

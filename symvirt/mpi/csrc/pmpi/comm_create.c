@@ -20,46 +20,54 @@ RUN(run_merge, PMPI_Intercomm_merge(c->comm, c->high, c->newcomm))
 
 int MPI_Comm_dup(MPI_Comm comm, MPI_Comm *newcomm)
 {
+    GUARD();
     COLLECTIVE(comm, run_dup, .newcomm = newcomm);
 }
 
 int MPI_Comm_dup_with_info(MPI_Comm comm, MPI_Info info, MPI_Comm *newcomm)
 {
+    GUARD();
     COLLECTIVE(comm, run_dup_info, .info = info, .newcomm = newcomm);
 }
 
 int MPI_Comm_split(MPI_Comm comm, int color, int key, MPI_Comm *newcomm)
 {
+    GUARD();
     COLLECTIVE(comm, run_split, .color = color, .key = key, .newcomm = newcomm);
 }
 
 int MPI_Comm_split_type(MPI_Comm comm, int split_type, int key, MPI_Info info,
                         MPI_Comm *newcomm)
 {
+    GUARD();
     COLLECTIVE(comm, run_split_type, .split_type = split_type, .key = key, .info = info,
                .newcomm = newcomm);
 }
 
 int MPI_Comm_create(MPI_Comm comm, MPI_Group group, MPI_Comm *newcomm)
 {
+    GUARD();
     COLLECTIVE(comm, run_create, .group = group, .newcomm = newcomm);
 }
 
 int MPI_Cart_create(MPI_Comm comm, int ndims, const int dims[], const int periods[],
                     int reorder, MPI_Comm *newcomm)
 {
+    GUARD();
     COLLECTIVE(comm, run_cart, .ndims = ndims, .dims = dims, .periods = periods,
                .reorder = reorder, .newcomm = newcomm);
 }
 
 int MPI_Cart_sub(MPI_Comm comm, const int remain_dims[], MPI_Comm *newcomm)
 {
+    GUARD();
     COLLECTIVE(comm, run_cart_sub, .remain_dims = remain_dims, .newcomm = newcomm);
 }
 
 int MPI_Graph_create(MPI_Comm comm, int nnodes, const int index[], const int edges[],
                      int reorder, MPI_Comm *newcomm)
 {
+    GUARD();
     COLLECTIVE(comm, run_graph, .nnodes = nnodes, .index = index, .edges = edges,
                .reorder = reorder, .newcomm = newcomm);
 }
@@ -69,6 +77,7 @@ int MPI_Dist_graph_create_adjacent(MPI_Comm comm, int indegree, const int source
                                    const int destinations[], const int destweights[],
                                    MPI_Info info, int reorder, MPI_Comm *newcomm)
 {
+    GUARD();
     COLLECTIVE(comm, run_dist_adj, .indegree = indegree, .sources = sources,
                .sourceweights = sourceweights, .outdegree = outdegree,
                .destinations = destinations, .destweights = destweights, .info = info,
@@ -79,6 +88,7 @@ int MPI_Dist_graph_create(MPI_Comm comm, int n, const int sources[], const int d
                           const int destinations[], const int weights[], MPI_Info info,
                           int reorder, MPI_Comm *newcomm)
 {
+    GUARD();
     COLLECTIVE(comm, run_dist, .n = n, .sources = sources, .degrees = degrees,
                .destinations = destinations, .weights = weights, .info = info,
                .reorder = reorder, .newcomm = newcomm);
@@ -86,12 +96,15 @@ int MPI_Dist_graph_create(MPI_Comm comm, int n, const int sources[], const int d
 
 int MPI_Intercomm_merge(MPI_Comm comm, int high, MPI_Comm *newcomm)
 {
+    GUARD();
     COLLECTIVE(comm, run_merge, .high = high, .newcomm = newcomm);
 }
 
-/* Collective over a group only, or over two groups: not aligned (documented). */
+/* Collective over a group only, or over two groups: not aligned (documented); they get
+ * through a shut gate (GUARD_PASSAGE). */
 int MPI_Comm_create_group(MPI_Comm comm, MPI_Group group, int tag, MPI_Comm *newcomm)
 {
+    GUARD_PASSAGE();
     int rc = PMPI_Comm_create_group(comm, group, tag, newcomm);
     if (rc == MPI_SUCCESS && svp.ready && !svp.closed)
         svp_track_comm(*newcomm);
@@ -101,6 +114,7 @@ int MPI_Comm_create_group(MPI_Comm comm, MPI_Group group, int tag, MPI_Comm *new
 int MPI_Intercomm_create(MPI_Comm local, int lleader, MPI_Comm peer, int rleader, int tag,
                          MPI_Comm *newcomm)
 {
+    GUARD_PASSAGE();
     int rc = PMPI_Intercomm_create(local, lleader, peer, rleader, tag, newcomm);
     if (rc == MPI_SUCCESS && svp.ready && !svp.closed)
         svp_track_comm(*newcomm);
@@ -113,6 +127,7 @@ RUN(run_idup, PMPI_Comm_idup(c->comm, c->newcomm, c->req))
  * request completes, before the application can use it. */
 int MPI_Comm_idup(MPI_Comm comm, MPI_Comm *newcomm, MPI_Request *req)
 {
+    GUARD();
     NONBLOCKING(comm, req, run_idup, .newcomm = newcomm);
 }
 
@@ -123,6 +138,7 @@ int svp_run_comm_free(coll *c)
 
 int MPI_Comm_free(MPI_Comm *comm)
 {
+    GUARD();
     /* Collective: aligned (but not on WORLD, which cannot be freed: MPI reports that). The
      * slot is released by the attribute's delete callback (which also runs when the
      * communicator is freed by a path that is not wrapped). */

@@ -6,6 +6,7 @@
 
 int MPI_Test(MPI_Request *req, int *flag, MPI_Status *status)
 {
+    GUARD();
     if (svp_ndeferred)
         svp_progress_deferred();
     if (svp.subst.n && svp_take_substitute(*req, status)) {
@@ -26,6 +27,7 @@ int MPI_Test(MPI_Request *req, int *flag, MPI_Status *status)
 
 int MPI_Wait(MPI_Request *req, MPI_Status *status)
 {
+    GUARD();
     if (svp.subst.n && svp_take_substitute(*req, status))
         return MPI_SUCCESS;
     MPI_Request handle = *req;
@@ -39,6 +41,7 @@ int MPI_Wait(MPI_Request *req, MPI_Status *status)
 
 int MPI_Request_get_status(MPI_Request req, int *flag, MPI_Status *status)
 {
+    GUARD();
     if (svp_ndeferred)
         svp_progress_deferred();
     for (int i = 0; i < svp.subst.n; i++)
@@ -115,6 +118,7 @@ static int testall(int n, MPI_Request *reqs, int *flag, MPI_Status *sts)
 
 int MPI_Testall(int n, MPI_Request *reqs, int *flag, MPI_Status *sts)
 {
+    GUARD();
     int rc = testall(n, reqs, flag, sts);
     if (!*flag)
         svp_idle_test();
@@ -123,6 +127,7 @@ int MPI_Testall(int n, MPI_Request *reqs, int *flag, MPI_Status *sts)
 
 int MPI_Waitall(int n, MPI_Request *reqs, MPI_Status *sts)
 {
+    GUARD();
     unsigned long turns = 0;
     for (;;) {
         int flag = 0;
@@ -157,6 +162,7 @@ static int testany(int n, MPI_Request *reqs, int *idx, int *flag, MPI_Status *st
 
 int MPI_Testany(int n, MPI_Request *reqs, int *idx, int *flag, MPI_Status *status)
 {
+    GUARD();
     int rc = testany(n, reqs, idx, flag, status);
     if (!*flag)
         svp_idle_test();
@@ -165,6 +171,7 @@ int MPI_Testany(int n, MPI_Request *reqs, int *idx, int *flag, MPI_Status *statu
 
 int MPI_Waitany(int n, MPI_Request *reqs, int *idx, MPI_Status *status)
 {
+    GUARD();
     unsigned long turns = 0;
     for (;;) {
         int flag = 0;
@@ -206,6 +213,7 @@ static int testsome(int n, MPI_Request *reqs, int *outcount, int *idx, MPI_Statu
 
 int MPI_Testsome(int n, MPI_Request *reqs, int *outcount, int *idx, MPI_Status *sts)
 {
+    GUARD();
     int rc = testsome(n, reqs, outcount, idx, sts);
     if (*outcount == 0)
         svp_idle_test();
@@ -214,6 +222,7 @@ int MPI_Testsome(int n, MPI_Request *reqs, int *outcount, int *idx, MPI_Status *
 
 int MPI_Waitsome(int n, MPI_Request *reqs, int *outcount, int *idx, MPI_Status *sts)
 {
+    GUARD();
     unsigned long turns = 0;
     for (;;) {
         int rc = testsome(n, reqs, outcount, idx, sts);

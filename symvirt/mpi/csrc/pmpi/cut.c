@@ -83,7 +83,7 @@ void svp_serve_peers(void)
     take_counts(&st);
     uint64_t epoch = early_slot(st.MPI_SOURCE)[0];
     if (epoch > svp.served)
-        svp_cut(epoch);
+        svp_make_cut(epoch);
     else
         have_early[st.MPI_SOURCE] = 0; /* stale */
 }
@@ -99,7 +99,7 @@ __attribute__((noinline)) void svp_idle_check(unsigned long t)
         svp_progress_deferred();
     uint64_t e = symvirt_ctl_requested();
     if (e > svp.served)
-        svp_cut(e);
+        svp_make_cut(e);
     else if ((t & 63) == 0)
         svp_serve_peers();
 }
@@ -125,6 +125,17 @@ static void dump_drain(uint64_t epoch, const int *have, int open_colls)
                 (unsigned long long)(p == svp.me ? svp.sent[svp.me] : early_slot(p)[1]),
                 (unsigned long long)svp.recv[p]);
     fflush(stderr);
+}
+
+void svp_make_cut(uint64_t epoch)
+{
+    /* With a window open the progress thread makes no cut (see init.c): this thread does. */
+    if (svp_gated && !svp_in_progress_thread && svp.windows.n == 0) {
+        symvirt_ctl_request_locally(epoch); /* wakes the progress thread */
+        svp_park(epoch);
+    } else {
+        svp_cut(epoch);
+    }
 }
 
 void svp_cut(uint64_t epoch)
@@ -200,7 +211,7 @@ void svp_cut(uint64_t epoch)
         if (flag)
             take_counts(&st);
         else
-            sched_yield();
+            svp_pause();
     }
     for (int p = 0; p < svp.np; p++)
         have_early[p] = 0;
@@ -212,13 +223,13 @@ void svp_cut(uint64_t epoch)
         if (svp_ndeferred)
             svp_progress_deferred();
         svp_poll_pending();
-        sched_yield();
+        svp_pause();
     }
     PMPI_Waitall(nrq, rq, MPI_STATUSES_IGNORE);
     free(out);
     free(rq);
     free(have);
-    svp.served = epoch;
+    __atomic_store_n(&svp.served, epoch, __ATOMIC_RELEASE); /* the progress thread reads it */
 
     /* 3. report, wait, resume */
     log_cut(epoch);

@@ -138,7 +138,7 @@ void svp_start_deferred_on(int cid)
 {
     for (unsigned long turns = 1; unstarted_before(cid, NULL); turns++) {
         svp_progress_deferred();
-        if ((turns & 63) == 0)
+        if ((turns & 63) == 0 || svp_cut_waiting())
             svp_serve_peers();
         if (turns > 4096)
             sched_yield();

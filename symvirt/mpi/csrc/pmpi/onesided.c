@@ -46,6 +46,7 @@ RUN(run_win_fence, PMPI_Win_fence(c->assert_, *c->win))
 int MPI_Win_create(void *base, MPI_Aint size, int disp_unit, MPI_Info info, MPI_Comm comm,
                    MPI_Win *win)
 {
+    GUARD();
     coll c = {.run = run_win_create, .comm = comm, .base = base, .size = size,
               .disp_unit = disp_unit, .info = info, .win = win};
     return make_window(&c);
@@ -54,6 +55,7 @@ int MPI_Win_create(void *base, MPI_Aint size, int disp_unit, MPI_Info info, MPI_
 int MPI_Win_allocate(MPI_Aint size, int disp_unit, MPI_Info info, MPI_Comm comm, void *baseptr,
                      MPI_Win *win)
 {
+    GUARD();
     coll c = {.run = run_win_allocate, .comm = comm, .size = size, .disp_unit = disp_unit,
               .info = info, .baseptr = baseptr, .win = win};
     return make_window(&c);
@@ -62,6 +64,7 @@ int MPI_Win_allocate(MPI_Aint size, int disp_unit, MPI_Info info, MPI_Comm comm,
 int MPI_Win_allocate_shared(MPI_Aint size, int disp_unit, MPI_Info info, MPI_Comm comm,
                             void *baseptr, MPI_Win *win)
 {
+    GUARD();
     coll c = {.run = run_win_allocate_shared, .comm = comm, .size = size,
               .disp_unit = disp_unit, .info = info, .baseptr = baseptr, .win = win};
     return make_window(&c);
@@ -69,12 +72,14 @@ int MPI_Win_allocate_shared(MPI_Aint size, int disp_unit, MPI_Info info, MPI_Com
 
 int MPI_Win_create_dynamic(MPI_Info info, MPI_Comm comm, MPI_Win *win)
 {
+    GUARD();
     coll c = {.run = run_win_create_dynamic, .comm = comm, .info = info, .win = win};
     return make_window(&c);
 }
 
 int MPI_Win_free(MPI_Win *win)
 {
+    GUARD();
     MPI_Win freed = *win;
     int i = window_index(freed);
     if (i < 0)
@@ -89,6 +94,7 @@ int MPI_Win_free(MPI_Win *win)
 
 int MPI_Win_fence(int assert_, MPI_Win win)
 {
+    GUARD();
     int i = window_index(win);
     coll c = {.run = run_win_fence, .win = &win, .assert_ = assert_,
               .cid = i < 0 ? -1 : window_slot(i)};

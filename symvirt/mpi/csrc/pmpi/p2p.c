@@ -26,6 +26,7 @@
     int MPI_##name(const void *buf, int count, MPI_Datatype dt, int dest, int tag,             \
                    MPI_Comm comm)                                                              \
     {                                                                                          \
+        GUARD();                                                                               \
         svp_count_send(CID(comm), dest);                                                       \
         return pmpi(buf, count, dt, dest, tag, comm);                                          \
     }
@@ -34,6 +35,7 @@
     int MPI_##name(const void *buf, int count, MPI_Datatype dt, int dest, int tag,             \
                    MPI_Comm comm, MPI_Request *req)                                            \
     {                                                                                          \
+        GUARD();                                                                               \
         svp_count_send(CID(comm), dest);                                                       \
         return pmpi(buf, count, dt, dest, tag, comm, req);                                     \
     }
@@ -44,6 +46,7 @@ ISENDS(ISEND_WRAPPER)
 int MPI_Irecv(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_Comm comm,
               MPI_Request *req)
 {
+    GUARD();
     int cid = CID(comm);
     if (cid < 0 || src == MPI_PROC_NULL)
         return PMPI_Irecv(buf, count, dt, src, tag, comm, req);
@@ -59,6 +62,7 @@ int MPI_Irecv(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_Comm 
 int MPI_Recv(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_Comm comm,
              MPI_Status *status)
 {
+    GUARD();
     int cid = CID(comm);
     if (cid < 0 || src == MPI_PROC_NULL)
         return PMPI_Recv(buf, count, dt, src, tag, comm, status);
@@ -87,6 +91,7 @@ int MPI_Sendrecv(const void *sbuf, int scount, MPI_Datatype sdt, int dest, int s
                  int rcount, MPI_Datatype rdt, int src, int rtag, MPI_Comm comm,
                  MPI_Status *status)
 {
+    GUARD();
     if (CID(comm) < 0)
         return PMPI_Sendrecv(sbuf, scount, sdt, dest, stag, rbuf, rcount, rdt, src, rtag, comm,
                              status);
@@ -106,6 +111,7 @@ int MPI_Sendrecv(const void *sbuf, int scount, MPI_Datatype sdt, int dest, int s
 int MPI_Sendrecv_replace(void *buf, int count, MPI_Datatype dt, int dest, int stag, int src,
                          int rtag, MPI_Comm comm, MPI_Status *status)
 {
+    GUARD();
     if (CID(comm) < 0)
         return PMPI_Sendrecv_replace(buf, count, dt, dest, stag, src, rtag, comm, status);
     int psize = 0, tsize = 0;

@@ -64,6 +64,7 @@ SEND_INIT(MPI_Bsend_init, PMPI_Bsend_init)
 int MPI_Recv_init(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_Comm comm,
                   MPI_Request *req)
 {
+    GUARD();
     int cid = CID(comm);
     int rc = PMPI_Recv_init(buf, count, dt, src, tag, comm, req);
     if (rc == MPI_SUCCESS && cid >= 0)
@@ -73,6 +74,7 @@ int MPI_Recv_init(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_C
 
 int MPI_Start(MPI_Request *req)
 {
+    GUARD();
     int i = svp.ready && !svp.closed ? find_persistent(*req) : -1;
     if (i < 0)
         return PMPI_Start(req);
@@ -99,6 +101,7 @@ int MPI_Start(MPI_Request *req)
 
 int MPI_Startall(int n, MPI_Request reqs[])
 {
+    GUARD();
     for (int i = 0; i < n; i++) {
         int rc = MPI_Start(&reqs[i]);
         if (rc != MPI_SUCCESS)
@@ -109,6 +112,7 @@ int MPI_Startall(int n, MPI_Request reqs[])
 
 int MPI_Request_free(MPI_Request *req)
 {
+    GUARD();
     /* A freed receive can no longer be observed; stop tracking it (documented: it is then
      * not counted, so freeing a pending receive makes a cut wait for its deadline). */
     MPI_Request handle = *req;
@@ -124,6 +128,7 @@ int MPI_Request_free(MPI_Request *req)
 
 int MPI_Cancel(MPI_Request *req)
 {
+    GUARD();
     /* A receive served from the buffer is already complete: cancelling it has no effect and
      * the message is delivered. A real pending receive is cancelled only if MPI says so in
      * its status (then it is not counted). A send's count cannot be taken back. */

@@ -29,6 +29,41 @@
  * have to complete. Blocking sends stay blocking: a peer in a cut completes them by draining
  * (see the blocking sends in p2p.c).
  *
+ * A rank outside MPI (computing for seconds between calls) is brought into a cut at once by
+ * the layer's progress thread (init.c), not at its next MPI call. The thread sleeps on a
+ * futex until the agent (or SIGUSR1) requests a cut; it costs the normal run nothing else.
+ * The application's thread marks itself inside every wrapped call (the gate, svp_gate); the
+ * progress thread shuts the gate and waits until the application's thread is outside, which
+ * it then stays (a call it makes waits at its start while the gate is shut). It then makes the
+ * cut exactly as a wait loop of the layer would (steps 1 to 3 above, svp_cut), with the same
+ * state: the application's pending requests are the layer's watched requests, completed with
+ * MPI_Request_get_status (the application still owns them), a large Isend it left
+ * outstanding progresses because the thread makes MPI progress while draining, and the gate
+ * stays shut until resume, so an application call made meanwhile waits until the cut is over
+ * (the application itself may go on computing). The application's thread never makes a cut
+ * itself while the progress thread runs: where its wait loops would enter one (its own
+ * request, a peer's COUNTS, an agreed alignment) it hands the cut over (svp_make_cut: asks
+ * for it locally and parks), and a wait loop that finds the gate shut steps aside until the
+ * cut is made (svp_step_aside); alignments and deferred starts, which only answer cuts, look
+ * for peers' COUNTS every turn while the gate is shut. So every cut is made by a thread that
+ * sleeps between its turns (svp_pause) instead of yielding behind computing threads, with
+ * Open MPI's own yield off (see make_cut). The collectives the layer does not align
+ * (Comm_create_group, Intercomm_create) get through a shut gate between two turns of the
+ * cut (GUARD_PASSAGE): a peer inside one waits for this rank and answers no cut there.
+ * Safe for both MPIs because MPI is initialised at MPI_THREAD_SERIALIZED (the program's
+ * MPI_Init asks for it; an MPI_Init_thread for less is raised to it): two threads may call
+ * MPI, never at once, which the gate ensures; neither Open MPI nor MPICH takes locks below
+ * MPI_THREAD_MULTIPLE. The normal run pays two stores and a load per wrapped call (a mutex,
+ * tried first, cost Open MPI's 0.165 us ping-pong 21%): the store-load ordering the
+ * handshake needs is forced by membarrier(2) from the progress thread, once per cut.
+ * Not covered: programs that ask for MPI_THREAD_MULTIPLE (no gate, no thread: their threads
+ * would be serialised), SYMVIRT_PROGRESS_THREAD=0 (switched off), ranks with a window open
+ * (the application's thread answers, as before: it may be inside a one-sided call the layer
+ * does not wrap), and calls the layer does not wrap (MPI_Comm_rank, MPI_Wtime, datatype and
+ * attribute calls, MPI-IO...): they run outside the gate, which is safe for local calls that
+ * touch no request or communicator a cut works on, not for MPI-IO or MPI 4 calls that
+ * communicate.
+ *
  * Blocking collectives (and communicator creation and free) are aligned first among their
  * communicator's members: a maximum of "cut requested" (point to point, over a private
  * duplicate of MPI_COMM_WORLD: see agreement.c; an MPI_Iallreduce on an intercommunicator
@@ -76,7 +111,7 @@
  *
  * Environment: SYMVIRT_AGENT_SOCKET (agent's rank socket), SYMVIRT_CUT_LOG (a directory: each
  * rank writes cut-E-R with its per-peer sent and received counts at the cut, and resumed-E-R),
- * SYMVIRT_CONNECT_TIMEOUT_MS, SYMVIRT_QUIESCE_TIMEOUT_MS, SYMVIRT_VERBS_DEVICE_DIR (test hook: a
+ * SYMVIRT_PROGRESS_THREAD (0: no progress thread), SYMVIRT_CONNECT_TIMEOUT_MS, SYMVIRT_QUIESCE_TIMEOUT_MS, SYMVIRT_VERBS_DEVICE_DIR (test hook: a
  * directory standing in for /dev/infiniband/).
  *
  * The files (one room each; this header declares what they share):
@@ -86,7 +121,7 @@
  *   cut.c          the cut, and the idle turns of every wait loop that enter or answer one
  *   agreement.c    agreement among a communicator's members; collectives aligned, then run
  *   deferred.c     non-blocking collectives, started once every member has called them
- *   init.c         MPI_Init(_thread), MPI_Finalize
+ *   init.c         MPI_Init(_thread), MPI_Finalize, the progress thread and the rank's lock
  *   comm_create.c  communicator creation and MPI_Comm_free
  *   onesided.c     windows (observed, not their operations)
  *   p2p.c          sends, receives, Sendrecv(_replace)
@@ -109,6 +144,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #pragma GCC visibility push(hidden)
 
@@ -212,6 +248,112 @@ typedef struct {
 } svp_state;
 
 extern svp_state svp; /* comms.c */
+
+/* ---- the rank's MPI gate (init.c; see "A rank outside MPI" at the top) -------------------- */
+
+/* The application's thread marks itself inside a wrapped call (C and Fortran; nested calls
+ * once) with `in`; the progress thread shuts the gate (`shut`) before it makes a cut on the
+ * rank's behalf, and makes it only once it sees `in` clear: the application's thread is then
+ * outside every wrapped call, and a call it makes meanwhile waits at its start (slow path)
+ * until the gate opens after the cut. So the two threads never call MPI at once
+ * (MPI_THREAD_SERIALIZED). The fast path is two plain stores and a load: the ordering a
+ * Dekker-style handshake needs (the application's store of `in` before its load of `shut`) is
+ * forced from the progress thread's side by membarrier(2), at each cut, not on every call;
+ * where membarrier is missing, the entry store is a full fence instead (svp_fenced). */
+typedef struct {
+    int in;   /* written by the application's thread only */
+    int shut; /* written by the progress thread only; a futex word */
+    int cuts; /* bumped by the progress thread after each cut it made; a futex word */
+    int pass; /* a futex word: PASS_ASKED by the application's thread, PASS_GIVEN by the
+               * progress thread, 0 again when the call is over (see GUARD_PASSAGE) */
+} svp_gate_t;
+enum { PASS_ASKED = 1, PASS_GIVEN = 2 };
+extern svp_gate_t svp_gate;
+/* Set at MPI_Init when the progress thread runs (never for MPI_THREAD_MULTIPLE programs). */
+extern int svp_gated;
+extern int svp_fenced;
+/* Wrapped calls this thread is inside (initial-exec: the layer is preloaded, its TLS static). */
+extern __thread int svp_depth __attribute__((tls_model("initial-exec")));
+/* The gate was shut at entry: step out, wait for it to open, step in again. */
+void svp_wait_gate(void);
+/* The application's thread, inside a wrapped call, hands the cut of `epoch` to the progress
+ * thread: steps out of the gate, waits until the cut is made, steps in again. */
+void svp_park(uint64_t epoch);
+
+/* Marks the application's thread inside; returns whether the gate is shut. */
+static inline int svp_step_in(void)
+{
+    if (svp_fenced) {
+        __atomic_store_n(&svp_gate.in, 1, __ATOMIC_SEQ_CST);
+    } else {
+        __atomic_store_n(&svp_gate.in, 1, __ATOMIC_RELAXED);
+        __atomic_signal_fence(__ATOMIC_SEQ_CST); /* the CPU's order: membarrier's job */
+    }
+    return __atomic_load_n(&svp_gate.shut, __ATOMIC_ACQUIRE);
+}
+
+static inline void svp_enter(void)
+{
+    if (svp_gated && svp_depth++ == 0 && svp_step_in())
+        svp_wait_gate();
+}
+
+static inline void svp_leave(int *scope)
+{
+    (void)scope;
+    if (svp_gated && --svp_depth == 0)
+        __atomic_store_n(&svp_gate.in, 0, __ATOMIC_RELEASE);
+}
+
+/* Whether the progress thread has shut the gate to make a cut. */
+static inline int svp_cut_waiting(void)
+{
+    return __atomic_load_n(&svp_gate.shut, __ATOMIC_RELAXED);
+}
+
+/* A turn of a wait loop of the application's thread where a cut may start (svp_idle): if the
+ * progress thread shut the gate to make one, step out until it is made, as this thread would
+ * have made it here. Not in alignments and deferred starts, which only answer cuts (see
+ * agreement.c): there the progress thread waits until the call returns or a peer's cut is
+ * answered (handed to it). */
+static inline void svp_step_aside(void)
+{
+    if (svp_cut_waiting())
+        svp_wait_gate();
+}
+
+/* First statement of every wrapper: in at the gate, out when the wrapper returns. */
+#define GUARD() int svp_guard_ __attribute__((cleanup(svp_leave), unused)) = (svp_enter(), 0)
+
+/* The gate was shut at the start of a call that must get through (see GUARD_PASSAGE). */
+void svp_ask_passage(void);
+/* The end of a call that got through that way. */
+void svp_end_passage(void);
+/* The progress thread, between two turns of its cut: lets an asked passage through and waits
+ * until its call is over. */
+void svp_give_passage(void);
+
+static inline void svp_enter_passage(void)
+{
+    if (svp_gated && svp_depth++ == 0 && svp_step_in())
+        svp_ask_passage();
+}
+
+static inline void svp_leave_passage(int *scope)
+{
+    (void)scope;
+    if (svp_gated && --svp_depth == 0)
+        svp_end_passage();
+}
+
+/* GUARD for the collectives the layer does not align (MPI_Comm_create_group,
+ * MPI_Intercomm_create): a peer may already be inside one, waiting for this rank, and it
+ * answers no cut there, so the cut this rank's progress thread is making could not finish.
+ * Such a call gets through a shut gate: the progress thread stops between two turns of the
+ * cut while it runs (the two still never call MPI at once). */
+#define GUARD_PASSAGE()                                                                         \
+    int svp_guard_ __attribute__((cleanup(svp_leave_passage), unused)) =                       \
+        (svp_enter_passage(), 0)
 
 /* The request of the blocking receive in progress (MPI_Recv): the application never sees it,
  * so it is neither cancelled nor looked up, and a slot of its own keeps the list of pending
@@ -340,12 +482,34 @@ int svp_gq_cancel(void *extra, int complete);
 /* At MPI_Init: the per-peer COUNTS slots, the cut log directory and the quiesce timeout. */
 void svp_cut_setup(void);
 void svp_cut(uint64_t epoch);
+/* Where a wait loop of the application's thread enters a cut: with a progress thread, the cut
+ * is handed to it (see "A rank outside MPI" at the top); else made here. */
+void svp_make_cut(uint64_t epoch);
 /* Answers cuts started by peers (a COUNTS message is waiting). */
 void svp_serve_peers(void);
 /* The slow part of idle(): a requested cut, peers' COUNTS, deferred collectives, yielding. */
 void svp_idle_check(unsigned long t);
 /* For single-shot Test calls that found nothing: idle() with a process-wide turn count. */
 void svp_idle_test(void);
+
+/* Set in the progress thread (init.c). */
+extern __thread int svp_in_progress_thread __attribute__((tls_model("initial-exec")));
+
+/* Lets others run while a cut waits for peers. The application's thread yields; the progress
+ * thread sleeps 50 us instead: it makes cuts while the application's threads compute, and a
+ * yield would put it behind them for a whole time slice (milliseconds) at every turn, where a
+ * sleeper is run again as soon as it wakes. */
+static inline void svp_pause(void)
+{
+    if (svp_in_progress_thread) {
+        const struct timespec t = {0, 50000};
+        if (__atomic_load_n(&svp_gate.pass, __ATOMIC_ACQUIRE) == PASS_ASKED)
+            svp_give_passage();
+        nanosleep(&t, NULL);
+    } else {
+        sched_yield();
+    }
+}
 
 /* One idle turn of a wait loop. Cheap on the fast path, which is most turns of a receive that
  * waits a microsecond: the agent's request (an atomic load) is looked at every 8 turns and
@@ -354,6 +518,7 @@ void svp_idle_test(void);
 static inline void svp_idle(unsigned long *turns)
 {
     unsigned long t = ++*turns;
+    svp_step_aside();
     if ((t & 7) == 0)
         svp_idle_check(t);
 }

@@ -6,6 +6,7 @@
 
 int MPI_Iprobe(int src, int tag, MPI_Comm comm, int *flag, MPI_Status *status)
 {
+    GUARD();
     int cid = CID(comm);
     if (cid >= 0 && src != MPI_PROC_NULL) {
         buffered *m = svp_find_buffered(cid, src, tag, NULL);
@@ -24,6 +25,7 @@ int MPI_Iprobe(int src, int tag, MPI_Comm comm, int *flag, MPI_Status *status)
 
 int MPI_Probe(int src, int tag, MPI_Comm comm, MPI_Status *status)
 {
+    GUARD();
     int cid = CID(comm);
     if (cid < 0 || src == MPI_PROC_NULL)
         return PMPI_Probe(src, tag, comm, status);
@@ -158,6 +160,7 @@ static int improbe(int cid, int src, int tag, MPI_Comm comm, int *flag, MPI_Mess
 int MPI_Improbe(int src, int tag, MPI_Comm comm, int *flag, MPI_Message *msg,
                 MPI_Status *status)
 {
+    GUARD();
     int cid = CID(comm);
     if (cid < 0 || src == MPI_PROC_NULL)
         return PMPI_Improbe(src, tag, comm, flag, msg, status);
@@ -169,6 +172,7 @@ int MPI_Improbe(int src, int tag, MPI_Comm comm, int *flag, MPI_Message *msg,
 
 int MPI_Mprobe(int src, int tag, MPI_Comm comm, MPI_Message *msg, MPI_Status *status)
 {
+    GUARD();
     int cid = CID(comm);
     if (cid < 0 || src == MPI_PROC_NULL)
         return PMPI_Mprobe(src, tag, comm, msg, status);
@@ -185,6 +189,7 @@ int MPI_Mprobe(int src, int tag, MPI_Comm comm, MPI_Message *msg, MPI_Status *st
 
 int MPI_Imrecv(void *buf, int count, MPI_Datatype dt, MPI_Message *msg, MPI_Request *req)
 {
+    GUARD();
     int i = find_match(*msg);
     if (i < 0)
         return PMPI_Imrecv(buf, count, dt, msg, req);
@@ -204,6 +209,7 @@ int MPI_Imrecv(void *buf, int count, MPI_Datatype dt, MPI_Message *msg, MPI_Requ
 
 int MPI_Mrecv(void *buf, int count, MPI_Datatype dt, MPI_Message *msg, MPI_Status *status)
 {
+    GUARD();
     int i = find_match(*msg);
     if (i < 0)
         return PMPI_Mrecv(buf, count, dt, msg, status);

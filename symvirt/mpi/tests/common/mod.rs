@@ -255,13 +255,22 @@ impl Job {
                 continue;
             }
             let bt = Command::new("gdb")
-                .args(["-p", &pid.to_string(), "-batch", "-ex", "bt"])
+                .args([
+                    "-p",
+                    &pid.to_string(),
+                    "-batch",
+                    "-ex",
+                    "thread apply all bt",
+                ])
                 .stdin(Stdio::null())
                 .output();
             if let Ok(o) = bt {
                 let text = String::from_utf8_lossy(&o.stdout);
                 out.push_str(&format!("\n--- stack of {pid} {}\n", comm.trim()));
-                for l in text.lines().filter(|l| l.starts_with('#')) {
+                for l in text
+                    .lines()
+                    .filter(|l| l.starts_with('#') || l.starts_with("Thread "))
+                {
                     out.push_str(l);
                     out.push('\n');
                 }

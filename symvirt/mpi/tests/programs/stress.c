@@ -11,9 +11,9 @@
  *   collective Allreduce, Bcast, Alltoall, Reduce, Allgather, Barrier, all checked
  *   handoff    once (iteration 3): rank 0 sends three messages (tags 40, 41, 42) that rank 1
  *              receives only after a barrier; with STRESS_RAISE_SIGUSR1 set (transparent mode
- *              only: the layer's handler must be installed) every rank raises SIGUSR1 first,
- *              so the cut falls in that barrier and the messages are drained into the layer's
- *              buffer; rank 1 then checks probe order, tag matching and payloads from it
+ *              only: the layer's handler must be installed) every rank passes a barrier, then
+ *              raises SIGUSR1, so the cut falls before the second barrier and the messages are
+ *              drained into the layer's buffer; rank 1 then checks probe order, tag matching and payloads from it
  *   stall      one rank (rotating) computes for 20 ms while the others wait in a blocking
  *              receive from it, then everyone waits in a barrier: migration requests then
  *              land while ranks sit in a receive, in a collective, or between MPI calls
@@ -38,13 +38,23 @@
  *   cancel     a receive nothing matches is cancelled; a message sent before a barrier is
  *              received by an Irecv that is then cancelled: delivered, or received again
  *   replace    MPI_Sendrecv_replace around the ring
+ *   compute    every rank computes for about STRESS_COMPUTE_MS (default 5000; rank and iteration
+ *              vary it between 2/3 and 4/3 of that) without calling MPI, then calls MPI_Iprobe
+ *              on a communicator nobody sends on, timing it (see DIR/entries-R below)
+ *   compute_nb Irecv from the left and Isend of a large (rendezvous) message to the right,
+ *              the same compute phase with both outstanding, then Waitall and checks
  *   inter      an intercommunicator between the halves (Intercomm_create, merged once): a
  *              message to the remote rank with the same index, ANY_SOURCE receive, an Allreduce
  *              and a Barrier on it
  * Every message carries (source, destination, per-pair sequence number, tag) and a payload
  * derived from them; the receiver checks all of it: a lost, duplicated, reordered or corrupted
  * message fails the run. Some messages are large (rendezvous protocol).
- * Runs at least MIN_ITERS iterations, then until DIR/stop exists (all ranks agree).
+ * Runs at least MIN_ITERS iterations, then until DIR/stop exists (all ranks agree; looked at
+ * every 8 iterations, every iteration when a compute mode is in MODES).
+ * After each compute phase every rank appends "ENTER RETURN" to DIR/entries-R: the
+ * CLOCK_MONOTONIC nanoseconds at which its first MPI call after the phase was entered and
+ * returned (ENTER is written before the call: a call entered while a cut holds the rank
+ * returns after the resume).
  *
  * With -DSYMVIRT_EXPLICIT the program calls symvirt_safe_point every iteration; its quiesce hook
  * writes DIR/cut-E-R ("iteration sent received") and after a resume it writes DIR/resumed-E-R
@@ -60,6 +70,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #ifdef SYMVIRT_EXPLICIT
 #include "symvirt.h"
@@ -295,8 +306,12 @@ static void handoff(void)
             int n = fill(out[t], 1, 40 + t);
             MPI_Isend(out[t], n, MPI_UINT64_T, 1, 40 + t, MPI_COMM_WORLD, &rq[t]);
         }
-    if (getenv("STRESS_RAISE_SIGUSR1") != NULL)
+    if (getenv("STRESS_RAISE_SIGUSR1") != NULL) {
+        /* Every rank past its earlier traffic and rank 0's sends posted before any rank asks
+         * for the cut: the layer's progress thread makes it at once, so it falls here. */
+        MPI_Barrier(MPI_COMM_WORLD);
         raise(SIGUSR1);
+    }
     MPI_Barrier(MPI_COMM_WORLD);
     if (me == 1) {
         MPI_Status st;
@@ -488,6 +503,62 @@ static void check_fixed(const uint64_t *b, MPI_Status *st, int src, int tag, int
         if (b[i] != word((uint64_t)src, (uint64_t)me, b[2], (uint64_t)i))
             fail("corrupted payload", src);
     received++;
+}
+
+/* compute and compute_nb: long phases without MPI calls (see the top). */
+static double compute_ms = 5000;
+static MPI_Comm quiet_comm; /* nobody sends on it: an MPI_Iprobe there never waits for a peer */
+static double sink;
+
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+/* Computes (no MPI call) for 2/3 to 4/3 of compute_ms, then times its first MPI call. */
+static void compute_phase(void)
+{
+    double ms = compute_ms * (double)(2 + (me + iteration) % 3) / 3.0;
+    uint64_t until = now_ns() + (uint64_t)(ms * 1e6);
+    double x = 1.0 + me;
+    while (now_ns() < until)
+        for (int i = 0; i < 20000; i++)
+            x = x * 1.0000001 + 1e-9;
+    sink += x;
+    char path[4096];
+    snprintf(path, sizeof path, "%s/entries-%d", dir, me);
+    FILE *f = fopen(path, "a");
+    if (f == NULL)
+        fail("cannot write entries", -1);
+    /* ENTER is on disk before the call: a test can see a rank inside a call a cut holds. */
+    int flag = 0;
+    fprintf(f, "%llu ", (unsigned long long)now_ns());
+    fflush(f);
+    MPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, quiet_comm, &flag, MPI_STATUS_IGNORE);
+    fprintf(f, "%llu\n", (unsigned long long)now_ns());
+    fclose(f);
+    if (flag)
+        fail("a message on the quiet communicator", -1);
+}
+
+static void compute(void)
+{
+    compute_phase();
+}
+
+static void compute_nb(void)
+{
+    int right = (me + 1) % np, left = (me + np - 1) % np;
+    MPI_Request rq[2];
+    MPI_Status st[2];
+    MPI_Irecv(bufs[3], LARGE + 4, MPI_UINT64_T, left, 60, MPI_COMM_WORLD, &rq[0]);
+    fill_fixed(bufs[2], right, 60, LARGE + 4);
+    MPI_Isend(bufs[2], LARGE + 4, MPI_UINT64_T, right, 60, MPI_COMM_WORLD, &rq[1]);
+    compute_phase();
+    MPI_Waitall(2, rq, st);
+    check_fixed(bufs[3], &st[0], left, 60, LARGE + 4);
 }
 
 /* replace: MPI_Sendrecv_replace around the ring (large messages every other iteration). */
@@ -941,6 +1012,11 @@ int main(int argc, char **argv)
     dir = argv[2];
     MPI_Comm_dup(MPI_COMM_WORLD, &any_comm);
     MPI_Comm_dup(MPI_COMM_WORLD, &nbx_comm);
+    MPI_Comm_dup(MPI_COMM_WORLD, &quiet_comm);
+    const char *cms = getenv("STRESS_COMPUTE_MS");
+    if (cms != NULL)
+        compute_ms = atof(cms);
+    int stop_every = strstr(argv[1], "compute") != NULL ? 1 : 8;
     mp_comm = MPI_COMM_NULL;
     uint64_t min_iters = strtoull(argv[3], NULL, 10);
     next_seq_to = calloc((size_t)np, sizeof(uint64_t));
@@ -994,6 +1070,10 @@ int main(int argc, char **argv)
                 intercomm();
             else if (strcmp(m, "replace") == 0)
                 replace();
+            else if (strcmp(m, "compute") == 0)
+                compute();
+            else if (strcmp(m, "compute_nb") == 0)
+                compute_nb();
             else
                 fail("unknown mode", -1);
         }
@@ -1020,7 +1100,8 @@ int main(int argc, char **argv)
             fclose(f);
         }
 #endif
-        if (iteration + 1 >= min_iters && iteration % 8 == 7 && stop_requested())
+        if (iteration + 1 >= min_iters && iteration % stop_every == (uint64_t)stop_every - 1 &&
+            stop_requested())
             break;
     }
     /* Everything sent was received: totals agree across ranks. */
@@ -1035,6 +1116,7 @@ int main(int argc, char **argv)
 #endif
     MPI_Comm_free(&any_comm);
     MPI_Comm_free(&nbx_comm);
+    MPI_Comm_free(&quiet_comm);
     if (cart != MPI_COMM_NULL)
         MPI_Comm_free(&cart);
     persist_free();

@@ -1,0 +1,162 @@
+//! Transparent mode with ranks that compute for seconds between MPI calls (4 ranks, Open MPI
+//! and MPICH, real guest agent): the layer's progress thread brings a rank that is outside MPI
+//! into the cut at once, instead of at its next MPI call.
+//!
+//! The stress program alternates compute phases of 1.3-2.7 s (no MPI call) with a ring, a
+//! phase with a large Isend and an Irecv outstanding across it (Waitall afterwards), and
+//! collectives. Cuts are requested at random moments; each must be quiesced well before the
+//! compute phases end (1 s here, against phases of up to 2.7 s: without the progress thread a
+//! cut waits for the slowest rank's phase), with per-pair sent == received. Each cut is held
+//! until a rank has entered MPI during it (its compute phase ended; at most 4 s): that call
+//! must return only after the resume, and some cut must have held one. The program's own checks (payloads, order, collective results) pass
+//! at the end.
+
+mod common;
+
+use common::cut::{check_pairs, read_cut};
+use common::*;
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use symvirt::protocol::GuestMessage;
+use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
+
+/// Compute phases last 2/3 to 4/3 of this (the stress program's STRESS_COMPUTE_MS).
+const COMPUTE_MS: u64 = 2000;
+/// The bound each cut must meet (see the top).
+const QUIESCE_BOUND: Duration = Duration::from_secs(1);
+
+fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime(2) writes the one timespec passed, which lives across the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    assert_eq!(rc, 0);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// Every rank's MPI entries after its compute phases: (entered, returned), `returned` None for
+/// a call still in progress.
+fn entries(dir: &Path) -> Vec<(u32, u64, Option<u64>)> {
+    let mut out = Vec::new();
+    for rank in 0..RANKS {
+        let text = fs::read_to_string(dir.join(format!("entries-{rank}"))).unwrap_or_default();
+        for line in text.split_inclusive('\n') {
+            let mut v = line.split_whitespace().map(|x| x.parse::<u64>().unwrap());
+            let Some(enter) = v.next() else { continue };
+            let ret = if line.ends_with('\n') { v.next() } else { None };
+            out.push((rank, enter, ret));
+        }
+    }
+    out
+}
+
+fn run_computing(mpi: MpiImpl, tag: &str, epochs: u64) {
+    let rig = Rig::new(tag);
+    let prog = program(mpi, "stress.c", Linkage::Plain);
+    let cuts = rig.dir.0.join("cuts");
+    fs::create_dir_all(&cuts).unwrap();
+    let mut env = rig.transparent_env(mpi);
+    env.push(("SYMVIRT_CUT_LOG".into(), cuts.display().to_string()));
+    env.push(("STRESS_COMPUTE_MS".into(), COMPUTE_MS.to_string()));
+    let args = [
+        "compute,ring,compute_nb,collective",
+        cuts.to_str().unwrap(),
+        "2",
+    ];
+    let mut job = Job::start(mpi, &prog, &args, &env, &rig.dir.0);
+    // A moment that differs each run (no fixed phase relation to the compute phases).
+    let mut seed = u64::from(std::process::id()) ^ monotonic_ns();
+    let mut random_ms = |lo: u64, hi: u64| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        lo + (seed >> 33) % (hi - lo)
+    };
+    let mut holds = Vec::new();
+    let mut slowest = Duration::ZERO;
+    for epoch in 1..=epochs {
+        std::thread::sleep(Duration::from_millis(random_ms(800, 2800)));
+        let asked = Instant::now();
+        rig.prepare(epoch);
+        match outcome_while_running(&rig, &mut job) {
+            GuestMessage::Quiesced { epoch: e } if e == epoch => {}
+            other => panic!(
+                "epoch {epoch}: expected quiesced, got {other:?}\n{}",
+                job.logs()
+            ),
+        }
+        let took = asked.elapsed();
+        let from = monotonic_ns();
+        eprintln!("{tag}: epoch {epoch} quiesced in {took:?}");
+        slowest = slowest.max(took);
+        check_pairs(&read_cut(&cuts, epoch), epoch);
+        // Hold the cut until a rank is inside an MPI call entered during it (its compute
+        // phase ended; phases last at most 4/3 COMPUTE_MS), or for that long if every rank
+        // was inside MPI already. A call entered during the cut must not return.
+        let deadline = Instant::now() + Duration::from_millis(2 * COMPUTE_MS);
+        while Instant::now() < deadline {
+            let during: Vec<_> = entries(&cuts)
+                .into_iter()
+                .filter(|&(_, enter, _)| enter > from)
+                .collect();
+            if let Some((rank, _, Some(_))) = during.iter().find(|e| e.2.is_some()) {
+                panic!(
+                    "epoch {epoch}: rank {rank} entered MPI during the cut and returned before \
+                     the resume\n{}",
+                    job.logs()
+                );
+            }
+            if !during.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let until = monotonic_ns();
+        holds.push((epoch, from, until));
+        resume_and_confirm(&rig, &mut job, epoch, &interconnect_for(epoch));
+    }
+    fs::write(cuts.join("stop"), "").unwrap();
+    let (ok, out) = job.wait();
+    assert!(ok, "MPI job failed\n{}", job.logs());
+    assert_eq!(out.matches(" OK rank ").count(), RANKS as usize, "{out}");
+    assert!(
+        slowest < QUIESCE_BOUND,
+        "a cut took {slowest:?} to quiesce ranks that were computing\n{}",
+        job.logs()
+    );
+    // A call entered while a cut held the rank returned only after the resume.
+    let mut held = 0;
+    for (rank, enter, ret) in entries(&cuts) {
+        let ret = ret.expect("every call returned by the end");
+        for &(epoch, from, until) in &holds {
+            if enter > from && enter < until {
+                assert!(
+                    ret >= until,
+                    "rank {rank}: an MPI call entered during the cut of epoch {epoch} returned \
+                     {} ms before the resume",
+                    (until - ret) / 1_000_000
+                );
+                held += 1;
+            }
+        }
+    }
+    // Compute phases fill most of the run, so some cut finds a rank computing.
+    assert!(
+        held > 0,
+        "no MPI call was entered during any of {epochs} cuts"
+    );
+}
+
+#[test]
+fn openmpi_ranks_computing_between_calls_are_cut_at_once_and_held_until_resume() {
+    run_computing(MpiImpl::OpenMpi, "cmp-ompi", 4);
+}
+
+#[test]
+fn mpich_ranks_computing_between_calls_are_cut_at_once_and_held_until_resume() {
+    run_computing(MpiImpl::Mpich, "cmp-mpich", 4);
+}
