@@ -493,6 +493,9 @@ struct Core {
     /// The `resumed` of the last epoch that completed: sent again to a host that asks for it
     /// once more (a controller recovering an interrupted run cannot know it was sent).
     last_resumed: Option<GuestMessage>,
+    /// A rank left and none has registered since: the job has ended (or lost a rank, which an
+    /// MPI job does not get back), so a `prepare` that finds ranks missing fails at once.
+    ranks_left: bool,
     /// What the ranks counted at the last cuts, for the host's `report`.
     reports: CutReports,
 }
@@ -511,6 +514,7 @@ impl Core {
             host_away_since: Some(Instant::now()),
             resume_arrived: Instant::now(),
             last_resumed: None,
+            ranks_left: false,
             reports: CutReports::default(),
         }
     }
@@ -669,6 +673,7 @@ impl Core {
                 };
                 if let Some(rank) = conn.rank {
                     log::info!("rank {rank} left");
+                    self.ranks_left = true;
                     if let Some(epoch) = self.epoch_in_progress() {
                         self.fail(epoch, format!("rank {rank} left during epoch {epoch}"));
                     }
@@ -778,6 +783,21 @@ impl Core {
                         }
                     }
                 }
+                // Ranks that left do not come back: a job that ended between the host's last
+                // look and this prepare is no job to wait for until the deadline. (Ranks that
+                // have not registered yet, with none gone, are waited for: a starting job.)
+                let registered = self.registered().count();
+                if self.ranks_left && registered < self.config.ranks as usize {
+                    let reason = format!(
+                        "only {registered} of the {} ranks are registered, and ranks left since \
+                         the last one registered: the job has ended or lost a rank",
+                        self.config.ranks
+                    );
+                    log::warn!("prepare{{epoch={epoch}}} refused: {reason}");
+                    self.tell_all_ranks(&AgentNotice::Abort { epoch });
+                    self.tell_host(GuestMessage::Failed { epoch, reason });
+                    return;
+                }
                 self.phase = Phase::Preparing {
                     epoch,
                     deadline: Instant::now() + Duration::from_millis(deadline_ms),
@@ -870,6 +890,7 @@ impl Core {
                     c.rank = Some(rank);
                 }
                 log::info!("rank {rank} registered");
+                self.ranks_left = false;
                 let expected = self.config.ranks;
                 self.tell_rank(id, &AgentNotice::Registered { rank, expected });
                 // A rank that joins mid-epoch catches up.

@@ -527,6 +527,38 @@ fn a_rank_leaving_mid_epoch_fails_it() {
     expect_abort(&mut r0, 1);
 }
 
+/// A job whose ranks left between the host's last look and its prepare: the prepare fails at
+/// once with the reason (not at its deadline); the next job's ranks are waited for again.
+#[test]
+fn a_prepare_after_the_job_ended_fails_at_once_and_the_next_job_is_cut() {
+    let rig = Rig::new("ended", 2);
+    let r0 = rig.rank(0).unwrap();
+    let r1 = rig.rank(1).unwrap();
+    drop(r0);
+    drop(r1);
+    std::thread::sleep(Duration::from_millis(500)); // the agent sees both go
+    let asked = Instant::now();
+    rig.prepare(1, 60_000);
+    let reason = rig.failure(1);
+    assert!(reason.contains("ranks left"), "{reason}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        asked.elapsed()
+    );
+    rig.host.send(&HostMessage::Abort { epoch: 1 }).unwrap();
+    assert_eq!(rig.host.state(), SessionState::Running);
+    // A new job: its first rank registers, the prepare waits for the second.
+    let mut r0 = rig.rank_again(0);
+    rig.prepare(2, 60_000);
+    expect_prepare(&mut r0, 2);
+    let mut r1 = rig.rank(1).unwrap();
+    expect_prepare(&mut r1, 2);
+    r0.quiesced(2).unwrap();
+    r1.quiesced(2).unwrap();
+    assert_eq!(rig.wait_outcome(), GuestMessage::Quiesced { epoch: 2 });
+}
+
 #[test]
 fn rank_registration_is_checked_and_a_late_rank_catches_up() {
     let rig = Rig::new("register", 2);
