@@ -8,10 +8,15 @@
 //! destination VM is "held": it receives memory and state and is resumed, but its vCPU is not
 //! restarted, so its memory can be compared with the paused source afterwards (`verified`).
 //!
+//! Idle scenarios also run the engine with the destination's fresh memory faulted in ahead of
+//! the stream by a thread of its own (`MigrationConfig::populate_ahead`) instead of per batch by
+//! each receiver (the default), in alternating order: `populate_ahead_gain` is its throughput
+//! over the default's, order effects cancelled in pairs of repetitions (see `paired_gain`).
+//!
 //! Scenarios marked `tls` also run the engine over TLS 1.3 (mutual authentication, every
 //! connection encrypted) and in clear text once more in each repetition, both into destination
-//! memory faulted in before the clock starts, in alternating order: `tls_ratio` is the median
-//! of the per-repetition ratios of TLS to clear-text throughput. Pre-faulted, because on these
+//! memory faulted in before the clock starts, in alternating order: `tls_ratio` is TLS's
+//! throughput over clear text's, paired the same way. Pre-faulted, because on these
 //! machines (VMs whose host takes back memory the guest kernel reports free) what fresh memory
 //! costs varies fivefold from run to run, and would decide the ratio instead of TLS.
 //!
@@ -213,19 +218,31 @@ fn prefault(memory: &GuestMemory) {
     }
 }
 
-/// One migration of `src`; `tls` runs it over TLS, `prefaulted` faults the destination's
-/// memory in first.
+/// How the destination's memory starts out for one engine run.
+#[derive(Clone, Copy, PartialEq)]
+enum Fresh {
+    /// Fresh, faulted in by each receiver just before it copies a batch (the default).
+    PerBatch,
+    /// Fresh, faulted in ahead of the stream by a thread of the destination's own.
+    PopulateAhead,
+    /// Faulted in before the clock starts.
+    Prefaulted,
+}
+
+/// One migration of `src`; `tls` runs it over TLS into destination memory prepared as `fresh`.
 fn engine_run(
     w: &dyn Workload,
     src: &dyn MigratableVm,
     s: &Scenario,
     tls: Option<&Tls>,
-    prefaulted: bool,
+    fresh: Fresh,
 ) -> Run {
+    let prefaulted = fresh == Fresh::Prefaulted;
     let cfg = MigrationConfig {
         downtime_target: Duration::from_millis(50),
         timeout: Duration::from_secs(20),
         on_timeout: TimeoutStrategy::Force,
+        populate_ahead: fresh == Fresh::PopulateAhead,
         ..Default::default()
     };
     let any = Endpoint::Tcp("127.0.0.1:0".parse().unwrap());
@@ -342,6 +359,23 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The gain of A over B from per-repetition ratios A/B whose runs alternate order: the median
+/// over consecutive pairs of repetitions of the pair's geometric mean. Here the first engine
+/// run of a repetition is often 2-5x slower than the second (its fresh memory costs a host
+/// fault per page), whichever configuration it is; a pair has each configuration first once,
+/// so that cancels. An odd last repetition is left out.
+fn paired_gain(ratios: Vec<f64>) -> f64 {
+    if ratios.len() < 2 {
+        return median(ratios);
+    }
+    median(
+        ratios
+            .chunks_exact(2)
+            .map(|p| (p[0] * p[1]).sqrt())
+            .collect(),
+    )
+}
+
 fn main() {
     let reps: usize = std::env::var("PRECOPY_REPS")
         .ok()
@@ -454,15 +488,29 @@ fn main() {
         let mut runs = Vec::new();
         // (clear text, TLS), both into pre-faulted memory.
         let mut tls_pairs: Vec<(Run, Run)> = Vec::new();
+        // Idle scenarios: also populating ahead, in alternating order (what fresh memory
+        // costs varies from run to run here).
+        let mut ahead: Vec<Run> = Vec::new();
         for rep in 0..reps {
-            let mut r = engine_run(w, src.as_ref(), s, None, false);
+            let compare = s.dirty.is_none();
+            let mut r = if compare && rep % 2 == 1 {
+                ahead.push(engine_run(w, src.as_ref(), s, None, Fresh::PopulateAhead));
+                engine_run(w, src.as_ref(), s, None, Fresh::PerBatch)
+            } else {
+                let r = engine_run(w, src.as_ref(), s, None, Fresh::PerBatch);
+                if compare {
+                    ahead.push(engine_run(w, src.as_ref(), s, None, Fresh::PopulateAhead));
+                }
+                r
+            };
             if s.tls {
+                let pre = Fresh::Prefaulted;
                 let (clear, secure) = if rep % 2 == 0 {
-                    let c = engine_run(w, src.as_ref(), s, None, true);
-                    (c, engine_run(w, src.as_ref(), s, tls.as_ref(), true))
+                    let c = engine_run(w, src.as_ref(), s, None, pre);
+                    (c, engine_run(w, src.as_ref(), s, tls.as_ref(), pre))
                 } else {
-                    let t = engine_run(w, src.as_ref(), s, tls.as_ref(), true);
-                    (engine_run(w, src.as_ref(), s, None, true), t)
+                    let t = engine_run(w, src.as_ref(), s, tls.as_ref(), pre);
+                    (engine_run(w, src.as_ref(), s, None, pre), t)
                 };
                 tls_pairs.push((clear, secure));
             }
@@ -500,6 +548,16 @@ fn main() {
             "verified": runs.iter().all(|r| r.verified),
             "reps": reps,
         });
+        if !ahead.is_empty() {
+            let gains = ahead.iter().zip(&runs);
+            line["populate_ahead_gib_s"] =
+                median(ahead.iter().map(|r| r.throughput).collect()).into();
+            line["populate_ahead_dst_cpu_s"] =
+                median(ahead.iter().map(|r| r.dst_cpu).collect()).into();
+            line["populate_ahead_gain"] =
+                paired_gain(gains.map(|(a, b)| a.throughput / b.throughput).collect()).into();
+            line["populate_ahead_verified"] = ahead.iter().all(|r| r.verified).into();
+        }
         if s.tls {
             let cm = |f: fn(&Run) -> f64| median(tls_pairs.iter().map(|(c, _)| f(c)).collect());
             let tm = |f: fn(&Run) -> f64| median(tls_pairs.iter().map(|(_, t)| f(t)).collect());
@@ -509,7 +567,7 @@ fn main() {
                 "prefaulted_src_cpu_s": cm(|r| r.src_cpu),
                 "prefaulted_dst_cpu_s": cm(|r| r.dst_cpu),
                 "tls_throughput_gib_s": tm(|r| r.throughput),
-                "tls_ratio": median(ratios.collect()),
+                "tls_ratio": paired_gain(ratios.collect()),
                 "tls_total_ms": tm(|r| r.total_ms),
                 "tls_downtime_ms": tm(|r| r.downtime_ms),
                 "tls_src_cpu_s": tm(|r| r.src_cpu),

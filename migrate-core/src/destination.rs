@@ -62,7 +62,17 @@ pub fn receive<V: IncomingVm>(
     let failed = AtomicBool::new(false);
     let activity = AtomicU64::new(0);
     let mut rounds = 0u32;
+    let populate_stop = AtomicBool::new(false);
     let received = std::thread::scope(|s| {
+        // Fresh memory faulted in beside the receivers, until receiving ends either way.
+        let stop_populating = SetOnDrop(&populate_stop);
+        let populate = cfg.populate_ahead.then(|| {
+            s.spawn(|| {
+                let c0 = thread_cpu_seconds();
+                let bytes = pages.populate_ahead(stop_populating.0);
+                (bytes, thread_cpu_seconds() - c0)
+            })
+        });
         // (connection, result, CPU seconds, whether it was the first to fail)
         let (tx, rx) =
             crossbeam_channel::unbounded::<(usize, Result<ReceivedCounters>, f64, bool)>();
@@ -132,7 +142,9 @@ pub fn receive<V: IncomingVm>(
         // Errors first, the first connection to fail ahead of the others: it names the cause.
         results.sort_by_key(|(_, r, _, first)| (r.is_ok(), !first));
         let mut totals = vec![ReceivedCounters::default(); n];
-        let mut cpu = 0.0;
+        drop(stop_populating);
+        let (populated, mut cpu) = populate.map_or((0, 0.0), |t| t.join().unwrap_or((0, 0.0)));
+        log::debug!("faulted {} MiB in ahead of the stream", populated >> 20);
         for (i, r, c, _) in results {
             totals[i] = r.map_err(|e| Error::MemoryConnection {
                 index: i,
@@ -300,5 +312,14 @@ fn control_loop(
                 )));
             }
         }
+    }
+}
+
+/// Sets its flag when dropped: stops a helper thread however the scope that spawned it ends.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }

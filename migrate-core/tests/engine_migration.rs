@@ -51,12 +51,15 @@ enum How {
 }
 
 fn migrate_and_verify(how: How, fill: bool) {
+    migrate_and_verify_with(how, fill, config());
+}
+
+fn migrate_and_verify_with(how: How, fill: bool, cfg: MigrationConfig) {
     within(120, move || {
         let gcfg = guest_config(fill, 100.0);
         let src = SoftwareGuest::start(gcfg.clone()).unwrap();
         // Let the guest write for a while so memory holds history.
         std::thread::sleep(Duration::from_millis(100));
-        let cfg = config();
         let resumed = Arc::new(AtomicBool::new(false));
         let (src_conn, dst_thread) = match how {
             How::InProcess(n) => {
@@ -195,6 +198,20 @@ fn tcp_two_connections_byte_exact() {
     migrate_and_verify(
         How::Network(Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), 2),
         false,
+    );
+}
+
+/// The destination's populate thread (off by default) running beside two receivers of a
+/// filled, dirtying guest: every page arrives intact.
+#[test]
+fn populating_ahead_two_connections_byte_exact() {
+    migrate_and_verify_with(
+        How::Network(Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), 2),
+        true,
+        MigrationConfig {
+            populate_ahead: true,
+            ..config()
+        },
     );
 }
 
