@@ -151,7 +151,8 @@ fn cut_cycle_takes_cuts_of_a_running_job_under_both_mpis() {
         );
 
         // A job that ends while cuts keep coming: the cycle stops with the reason, in
-        // bounded time, and the job itself ends well.
+        // bounded time, and the job itself ends well. The end may fall before a prepare, during
+        // a quiesce, or during a resume (a rank resumed and left before it acknowledged).
         let short = mpi
             .launcher(2, &env)
             .arg(mpi_ring::build(mpi, &dir, 400, 1000))
@@ -188,7 +189,9 @@ fn cut_cycle_takes_cuts_of_a_running_job_under_both_mpis() {
         );
         let why = text(&cuts);
         assert!(
-            why.contains("have registered: no job there") || why.contains("did not reach the cut"),
+            why.contains("have registered: no job there")
+                || why.contains("did not reach the cut")
+                || (why.contains("did not resume") && why.contains("left during epoch")),
             "{}: {why}",
             mpi.name()
         );
