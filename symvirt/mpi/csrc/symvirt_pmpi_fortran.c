@@ -20,6 +20,7 @@
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #ifdef SYMVIRT_MPI_IMPL_OPENMPI
 
@@ -240,6 +241,81 @@ void mpi_comm_free_(MPI_Fint *comm, MPI_Fint *ierr)
     *ierr = MPI_Comm_free(&c);
     if (*ierr == MPI_SUCCESS)
         *comm = PMPI_Comm_c2f(c);
+}
+
+/* MPI-IO (see pmpi/files.c): open, close, and the collective calls below. */
+
+/* A Fortran string (blank-padded; gfortran passes its length after the other arguments) as a
+ * C string the caller frees. */
+static char *c_string(const char *f, size_t len)
+{
+    while (len > 0 && f[len - 1] == ' ')
+        len--;
+    char *s = malloc(len + 1);
+    if (s == NULL)
+        die("out of memory");
+    memcpy(s, f, len);
+    s[len] = '\0';
+    return s;
+}
+
+void mpi_file_open_(MPI_Fint *comm, const char *name, MPI_Fint *amode, MPI_Fint *info,
+                    MPI_Fint *fh, MPI_Fint *ierr, size_t name_len)
+{
+    GUARD();
+    char *path = c_string(name, name_len);
+    MPI_File f = MPI_FILE_NULL;
+    *ierr = MPI_File_open(PMPI_Comm_f2c(*comm), path, *amode, PMPI_Info_f2c(*info), &f);
+    free(path);
+    if (*ierr == MPI_SUCCESS)
+        *fh = PMPI_File_c2f(f);
+}
+
+void mpi_file_close_(MPI_Fint *fh, MPI_Fint *ierr)
+{
+    GUARD();
+    MPI_File f = PMPI_File_f2c(*fh);
+    *ierr = MPI_File_close(&f);
+    if (*ierr == MPI_SUCCESS)
+        *fh = PMPI_File_c2f(f);
+}
+
+/* The collective reads and writes of an open file: (fh, [offset,] buf, count, datatype,
+ * status); at_param and at_arg are empty, or the offset's (INTEGER(KIND=MPI_OFFSET_KIND)). */
+#define FFILE_DATA(fname, cname, at_param, at_arg)                                             \
+    void fname(MPI_Fint *fh, at_param void *buf, MPI_Fint *count, MPI_Fint *dt,                \
+               MPI_Fint *status, MPI_Fint *ierr)                                               \
+    {                                                                                          \
+        GUARD();                                                                               \
+        MPI_Status c;                                                                          \
+        *ierr = cname(PMPI_File_f2c(*fh), at_arg fbuf(buf), *count, PMPI_Type_f2c(*dt),       \
+                      FSTATUS(status, &c));                                                    \
+        if (*ierr == MPI_SUCCESS)                                                              \
+            status_out(&c, status);                                                            \
+    }
+FFILE_DATA(mpi_file_write_all_, MPI_File_write_all, , )
+FFILE_DATA(mpi_file_read_all_, MPI_File_read_all, , )
+FFILE_DATA(mpi_file_write_ordered_, MPI_File_write_ordered, , )
+FFILE_DATA(mpi_file_read_ordered_, MPI_File_read_ordered, , )
+#define OFFSET_PARAM MPI_Offset *offset,
+#define OFFSET_ARG *offset,
+FFILE_DATA(mpi_file_write_at_all_, MPI_File_write_at_all, OFFSET_PARAM, OFFSET_ARG)
+FFILE_DATA(mpi_file_read_at_all_, MPI_File_read_at_all, OFFSET_PARAM, OFFSET_ARG)
+
+void mpi_file_set_view_(MPI_Fint *fh, MPI_Offset *disp, MPI_Fint *etype, MPI_Fint *filetype,
+                        const char *datarep, MPI_Fint *info, MPI_Fint *ierr, size_t datarep_len)
+{
+    GUARD();
+    char *rep = c_string(datarep, datarep_len);
+    *ierr = MPI_File_set_view(PMPI_File_f2c(*fh), *disp, PMPI_Type_f2c(*etype),
+                              PMPI_Type_f2c(*filetype), rep, PMPI_Info_f2c(*info));
+    free(rep);
+}
+
+void mpi_file_sync_(MPI_Fint *fh, MPI_Fint *ierr)
+{
+    GUARD();
+    *ierr = MPI_File_sync(PMPI_File_f2c(*fh));
 }
 
 #define FSEND(fname, cname)                                                                    \

@@ -7,6 +7,8 @@
 //! sent N0 N1 ... N(n-1)        messages this rank had sent to each rank
 //! received N0 N1 ... N(n-1)    messages it had received from each (the layer's buffer included)
 //! drained D                    messages the layer took off the wire into its buffer to reach the cut
+//! made by the progress thread  or "the application's thread": which thread made the cut
+//! open files F                 MPI-IO files the rank had open (the progress thread makes no cut then)
 //! ```
 //!
 //! (a program recording its own cuts, through the explicit API's hooks, writes the first two

@@ -10,10 +10,14 @@
 //! until a rank has entered MPI during it (its compute phase ended; at most 4 s): that call
 //! must return only after the resume, and some cut must have held one. The program's own checks (payloads, order, collective results) pass
 //! at the end.
+//!
+//! With an MPI-IO file open the progress thread steps back (the application's thread may be
+//! inside an MPI-IO call the layer does not wrap): cuts are made by the application's thread,
+//! and the collective MPI-IO calls are aligned like other collectives.
 
 mod common;
 
-use common::cut::{check_pairs, read_cut};
+use common::cut::{check_pairs, cut_threads, read_cut};
 use common::*;
 use std::fs;
 use std::path::Path;
@@ -149,6 +153,60 @@ fn run_computing(mpi: MpiImpl, tag: &str, epochs: u64) {
         held > 0,
         "no MPI call was entered during any of {epochs} cuts"
     );
+    let by_thread = (1..=epochs)
+        .flat_map(|e| cut_makers(&cuts, e))
+        .filter(|m| m == "the progress thread")
+        .count();
+    assert!(by_thread > 0, "the progress thread made none of the cuts");
+}
+
+/// Which thread made each rank's cut of `epoch`.
+fn cut_makers(cuts: &Path, epoch: u64) -> Vec<String> {
+    cut_threads(cuts, epoch)
+        .into_iter()
+        .map(|(m, _)| m)
+        .collect()
+}
+
+/// With an MPI-IO file open the application's thread may be inside an MPI-IO call the layer
+/// does not wrap, so the progress thread steps back: every cut is made by the application's
+/// thread at its next wrapped call (after its compute phase at the latest) and is consistent,
+/// and the program's file checks pass (collective writes, through a view every 4th iteration,
+/// sync, and reads of the neighbour's block: aligned like other collectives).
+fn run_with_a_file_open(mpi: MpiImpl, tag: &str, epochs: u64) {
+    let rig = Rig::new(tag);
+    let prog = program(mpi, "stress.c", Linkage::Plain);
+    let cuts = rig.dir.0.join("cuts");
+    fs::create_dir_all(&cuts).unwrap();
+    let mut env = rig.transparent_env(mpi);
+    env.push(("SYMVIRT_CUT_LOG".into(), cuts.display().to_string()));
+    env.push(("STRESS_COMPUTE_MS".into(), "600".into()));
+    let args = ["io,compute,ring,collective", cuts.to_str().unwrap(), "8"];
+    let mut job = Job::start(mpi, &prog, &args, &env, &rig.dir.0);
+    for epoch in 1..=epochs {
+        std::thread::sleep(Duration::from_millis(300 + (epoch * 370) % 600));
+        rig.prepare(epoch);
+        match outcome_while_running(&rig, &mut job) {
+            GuestMessage::Quiesced { epoch: e } if e == epoch => {}
+            other => panic!(
+                "epoch {epoch}: expected quiesced, got {other:?}\n{}",
+                job.logs()
+            ),
+        }
+        check_pairs(&read_cut(&cuts, epoch), epoch);
+        let makers = cut_makers(&cuts, epoch);
+        assert!(
+            makers.iter().all(|m| m == "the application's thread"),
+            "epoch {epoch}: with a file open a cut was made by {makers:?}"
+        );
+        resume_and_confirm(&rig, &mut job, epoch, &interconnect_for(epoch));
+    }
+    fs::write(cuts.join("stop"), "").unwrap();
+    let (ok, out) = job.wait();
+    assert!(ok, "MPI job failed\n{}", job.logs());
+    assert_eq!(out.matches(" OK rank ").count(), RANKS as usize, "{out}");
+    let written = fs::metadata(cuts.join("io.dat")).unwrap().len();
+    assert_eq!(written, u64::from(RANKS) * 4096 * 8, "every rank's block");
 }
 
 #[test]
@@ -159,4 +217,14 @@ fn openmpi_ranks_computing_between_calls_are_cut_at_once_and_held_until_resume()
 #[test]
 fn mpich_ranks_computing_between_calls_are_cut_at_once_and_held_until_resume() {
     run_computing(MpiImpl::Mpich, "cmp-mpich", 4);
+}
+
+#[test]
+fn openmpi_ranks_with_a_file_open_are_cut_by_their_own_thread() {
+    run_with_a_file_open(MpiImpl::OpenMpi, "io-ompi", 3);
+}
+
+#[test]
+fn mpich_ranks_with_a_file_open_are_cut_by_their_own_thread() {
+    run_with_a_file_open(MpiImpl::Mpich, "io-mpich", 3);
 }

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::cut::{check_pairs, read_cut};
+use common::cut::{check_pairs, cut_threads, read_cut};
 use common::*;
 use std::fs;
 use std::time::Duration;
@@ -32,6 +32,7 @@ fn run_transparent(mpi: MpiImpl, modes: Option<&str>, tag: &str, epochs: u64) {
     args.extend([cuts.to_str().unwrap(), "16"]);
     let mut job = Job::start(mpi, &prog, &args, &env, &rig.dir.0);
     let mut last_total = 0;
+    let mut open_files_seen = false;
     for epoch in 1..=epochs {
         // Requests land wherever the ranks happen to be; vary the moment a little.
         std::thread::sleep(Duration::from_millis(37 * epoch));
@@ -48,6 +49,14 @@ fn run_transparent(mpi: MpiImpl, modes: Option<&str>, tag: &str, epochs: u64) {
             ),
         }
         let total = check_pairs(&read_cut(&cuts, epoch), epoch);
+        for (maker, files) in cut_threads(&cuts, epoch) {
+            // A rank with a file open may be inside an MPI-IO call the layer does not wrap.
+            assert!(
+                files == 0 || maker == "the application's thread",
+                "epoch {epoch}: a rank with {files} files open was cut by {maker}"
+            );
+            open_files_seen |= files > 0;
+        }
         assert!(total >= last_total, "counts went backwards");
         last_total = total;
         let ic = interconnect_for(epoch);
@@ -58,6 +67,11 @@ fn run_transparent(mpi: MpiImpl, modes: Option<&str>, tag: &str, epochs: u64) {
         }
     }
     assert!(last_total > 0, "no traffic observed");
+    if modes.is_none() {
+        // The Fortran program keeps its MPI-IO file open (opened through the layer's
+        // mpi_file_open_ with Open MPI) from its start to its end.
+        assert!(open_files_seen, "no cut saw the program's MPI-IO file open");
+    }
     fs::write(cuts.join("stop"), "").unwrap();
     let (ok, out) = job.wait();
     assert!(ok, "MPI job failed\n{}", job.logs());

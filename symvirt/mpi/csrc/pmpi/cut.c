@@ -42,7 +42,7 @@ static void write_log(const char *kind, uint64_t epoch, const char *text)
 
 static void log_cut(uint64_t epoch)
 {
-    size_t cap = (size_t)svp.np * 48 + 96;
+    size_t cap = (size_t)svp.np * 48 + 160;
     char *text = malloc(cap);
     if (text == NULL)
         return;
@@ -55,6 +55,11 @@ static void log_cut(uint64_t epoch)
         n += (size_t)snprintf(text + n, cap - n, "\n");
     }
     n += (size_t)snprintf(text + n, cap - n, "drained %llu\n", (unsigned long long)svp.drained);
+    /* Which thread made it, and with how many MPI-IO files open: tests see the progress
+     * thread step back while a file is open. */
+    n += (size_t)snprintf(text + n, cap - n, "made by %s thread\nopen files %d\n",
+                          svp_in_progress_thread ? "the progress" : "the application's",
+                          svp.files.n);
     write_log("cut", epoch, text);
     free(text);
 }
@@ -129,8 +134,9 @@ static void dump_drain(uint64_t epoch, const int *have, int open_colls)
 
 void svp_make_cut(uint64_t epoch)
 {
-    /* With a window open the progress thread makes no cut (see init.c): this thread does. */
-    if (svp_gated && !svp_in_progress_thread && svp.windows.n == 0) {
+    /* With a window or a file open the progress thread makes no cut (see init.c): this
+     * thread does. */
+    if (svp_gated && !svp_in_progress_thread && !svp_unwrapped_calls_possible()) {
         symvirt_ctl_request_locally(epoch); /* wakes the progress thread */
         svp_park(epoch);
     } else {

@@ -171,14 +171,15 @@ static void *progress_main(void *unused)
         if (e != 0 && shut_gate(e)) {
             closed = svp.closed;
             uint64_t now = symvirt_ctl_requested();
-            /* With a window open the application may be inside a one-sided call the layer
-             * does not wrap (PSCW, locks): its thread answers the cut ("unable", see
-             * onesided.c) at its next wait loop, as without a progress thread. */
-            int windows = svp.windows.n > 0;
-            if (!closed && !windows && now > svp.served)
+            /* With a window or a file open the application may be inside a call the layer
+             * does not wrap (PSCW, locks, MPI-IO): its thread makes the cut (or, with a
+             * window, answers "unable": see onesided.c) at its next wrapped call, as without
+             * a progress thread. */
+            int unwrapped = svp_unwrapped_calls_possible();
+            if (!closed && !unwrapped && now > svp.served)
                 make_cut(now);
             open_gate();
-            if (windows) {
+            if (unwrapped) {
                 served = e; /* not this epoch again */
                 continue;
             }

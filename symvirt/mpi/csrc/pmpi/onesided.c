@@ -13,12 +13,10 @@ static int window_index(MPI_Win win)
     return -1;
 }
 
-/* The slot a known window's collectives align on: its communicator's, while that one is
- * observed (else -1: not aligned). */
+/* The slot a known window's collectives align on. */
 static int window_slot(int index)
 {
-    const window *w = &svp.windows.v[index];
-    return w->cid >= 0 && svp.comms[w->cid].comm == w->comm ? w->cid : -1;
+    return svp_slot_holding(svp.windows.v[index].cid, svp.windows.v[index].comm);
 }
 
 /* Aligns on the window's communicator, runs c, and remembers the window it made. */

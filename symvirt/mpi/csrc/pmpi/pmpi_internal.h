@@ -57,12 +57,14 @@
  * tried first, cost Open MPI's 0.165 us ping-pong 21%): the store-load ordering the
  * handshake needs is forced by membarrier(2) from the progress thread, once per cut.
  * Not covered: programs that ask for MPI_THREAD_MULTIPLE (no gate, no thread: their threads
- * would be serialised), SYMVIRT_PROGRESS_THREAD=0 (switched off), ranks with a window open
- * (the application's thread answers, as before: it may be inside a one-sided call the layer
- * does not wrap), and calls the layer does not wrap (MPI_Comm_rank, MPI_Wtime, datatype and
- * attribute calls, MPI-IO...): they run outside the gate, which is safe for local calls that
- * touch no request or communicator a cut works on, not for MPI-IO or MPI 4 calls that
- * communicate.
+ * would be serialised), SYMVIRT_PROGRESS_THREAD=0 (switched off), and ranks with a window or
+ * an MPI-IO file open: the application's thread may be inside a one-sided or MPI-IO call the
+ * layer does not wrap, so it makes the cut itself at its next wrapped call, as without the
+ * thread (see svp_unwrapped_calls_possible). Other calls the layer does not wrap run outside
+ * the gate: safe for local calls that touch no request or communicator a cut works on
+ * (MPI_Comm_rank, MPI_Wtime, datatype and attribute calls), not for MPI 4 calls that
+ * communicate (MPI_Isendrecv, partitioned and persistent collective requests), which the
+ * layer does not count either.
  *
  * Blocking collectives (and communicator creation and free) are aligned first among their
  * communicator's members: a maximum of "cut requested" (point to point, over a private
@@ -124,6 +126,7 @@
  *   init.c         MPI_Init(_thread), MPI_Finalize, the progress thread and the rank's lock
  *   comm_create.c  communicator creation and MPI_Comm_free
  *   onesided.c     windows (observed, not their operations)
+ *   files.c        MPI-IO: open files observed, collective calls aligned
  *   p2p.c          sends, receives, Sendrecv(_replace)
  *   persistent.c   persistent requests, MPI_Request_free, MPI_Cancel
  *   probes.c       probes, matched probes and the held messages behind them
@@ -220,6 +223,15 @@ typedef struct {
     MPI_Comm comm; /* to see that the slot still holds it */
 } window;
 
+/* An MPI-IO file that is open, with the slot of the communicator it was opened on
+ * (MPI_File_close is collective over it). While there is one, the progress thread makes no
+ * cut (see files.c). */
+typedef struct {
+    MPI_File fh;
+    int cid;
+    MPI_Comm comm; /* to see that the slot still holds it */
+} open_file;
+
 #define LIST(type, name)                                                                       \
     struct {                                                                                   \
         type *v;                                                                               \
@@ -243,6 +255,7 @@ typedef struct {
     uint64_t served;  /* last epoch a cut was made for */
     uint64_t drained; /* messages taken into the buffer during the current cut */
     LIST(window, windows); /* alive (see onesided.c) */
+    LIST(open_file, files); /* open (see files.c) */
     /* Last: the hot fields above share a few cache lines. */
     tracked_comm comms[MAX_COMMS];
 } svp_state;
@@ -404,6 +417,21 @@ static inline int svp_comm_id(MPI_Comm c)
 }
 
 #define CID(comm) (svp.ready && !svp.closed ? svp_comm_id(comm) : -1)
+
+/* cid if that slot still holds comm (an object made on comm aligns its collectives there),
+ * else -1: not aligned. */
+static inline int svp_slot_holding(int cid, MPI_Comm comm)
+{
+    return cid >= 0 && svp.comms[cid].comm == comm ? cid : -1;
+}
+
+/* The application's thread may be inside a call the layer does not wrap (a one-sided
+ * operation on a live window, an MPI-IO call on an open file): the progress thread then makes
+ * no cut, the application's thread makes it at its next wrapped call. */
+static inline int svp_unwrapped_calls_possible(void)
+{
+    return svp.windows.n > 0 || svp.files.n > 0;
+}
 
 static inline void svp_count_send(int cid, int dest)
 {
@@ -578,6 +606,16 @@ typedef struct coll {
     void *baseptr;   /* MPI_Win_allocate(_shared) */
     int assert_;     /* MPI_Win_fence's assert */
     MPI_Win *win;    /* a window it makes, frees or fences */
+    /* Files. */
+    const char *filename; /* MPI_File_open */
+    int amode;
+    MPI_File *fh;         /* a file it opens or closes */
+    MPI_File file;        /* the file of a collective data or view call */
+    MPI_Offset offset;    /* also MPI_File_set_view's disp, set_size's and preallocate's size */
+    MPI_Status *status;
+    MPI_Datatype filetype; /* MPI_File_set_view (its etype is datatype) */
+    const char *datarep;
+    int flag;             /* MPI_File_set_atomicity */
 } coll;
 
 /* At MPI_Init: how many bits of a communicator's identity alignment tags can hold. */

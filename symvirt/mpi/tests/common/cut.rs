@@ -23,6 +23,27 @@ pub fn check_pairs(cut: &CutReport, epoch: u64) -> u64 {
     cut.messages()
 }
 
+/// Each rank's record of the cut of `epoch`: which thread made it ("the progress thread" or
+/// "the application's thread") and how many MPI-IO files the rank had open.
+pub fn cut_threads(dir: &Path, epoch: u64) -> Vec<(String, u32)> {
+    read_records(dir, "cut", epoch)
+        .iter()
+        .map(|record| {
+            let field = |name: &str| {
+                record
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .unwrap_or_else(|| panic!("epoch {epoch}: no {name:?} in {record:?}"))
+                    .to_string()
+            };
+            (
+                field("made by "),
+                field("open files ").parse().expect("a count"),
+            )
+        })
+        .collect()
+}
+
 /// The explicit safe point's cut records of `epoch` (`iteration sent received`, written by the
 /// stress program's quiesce hook): every rank at the same iteration, global sent == received.
 /// Returns the global sent count.

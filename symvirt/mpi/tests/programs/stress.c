@@ -46,6 +46,11 @@
  *   inter      an intercommunicator between the halves (Intercomm_create, merged once): a
  *              message to the remote rank with the same index, ANY_SOURCE receive, an Allreduce
  *              and a Barrier on it
+ *   io         an MPI-IO file (DIR/io.dat, opened at the first iteration, closed at the end):
+ *              every rank writes its block with MPI_File_write_at_all, the file is synced, and
+ *              every rank reads its right neighbour's block back with MPI_File_read_at_all
+ *              and checks it; every 4th iteration through a view (MPI_File_set_view,
+ *              MPI_File_write_all)
  * Every message carries (source, destination, per-pair sequence number, tag) and a payload
  * derived from them; the receiver checks all of it: a lost, duplicated, reordered or corrupted
  * message fails the run. Some messages are large (rendezvous protocol).
@@ -561,6 +566,54 @@ static void compute_nb(void)
     check_fixed(bufs[3], &st[0], left, 60, LARGE + 4);
 }
 
+/* io: see the top. Collective MPI-IO calls, which communicate among the ranks inside the
+ * call, with the file open across compute phases. */
+#define IO_WORDS 4096
+static MPI_File io_file = MPI_FILE_NULL;
+
+static void io(void)
+{
+    static uint64_t block[IO_WORDS], back[IO_WORDS];
+    if (io_file == MPI_FILE_NULL) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/io.dat", dir);
+        if (MPI_File_open(MPI_COMM_WORLD, path, MPI_MODE_CREATE | MPI_MODE_RDWR, MPI_INFO_NULL,
+                          &io_file) != MPI_SUCCESS)
+            fail("MPI_File_open", -1);
+    }
+    int right = (me + 1) % np;
+    for (int i = 0; i < IO_WORDS; i++)
+        block[i] = word((uint64_t)me, (uint64_t)me, iteration, (uint64_t)i);
+    const MPI_Offset bytes = IO_WORDS * sizeof(uint64_t);
+    MPI_Status st;
+    int rc;
+    if (iteration % 4 == 3) {
+        /* Each rank's view starts at its block: a plain write lands there. */
+        rc = MPI_File_set_view(io_file, me * bytes, MPI_UINT64_T, MPI_UINT64_T, "native",
+                               MPI_INFO_NULL);
+        if (rc == MPI_SUCCESS)
+            rc = MPI_File_write_all(io_file, block, IO_WORDS, MPI_UINT64_T, &st);
+        if (rc == MPI_SUCCESS)
+            rc = MPI_File_set_view(io_file, 0, MPI_BYTE, MPI_BYTE, "native", MPI_INFO_NULL);
+    } else {
+        rc = MPI_File_write_at_all(io_file, me * bytes, block, IO_WORDS, MPI_UINT64_T, &st);
+    }
+    /* sync, barrier, sync: the neighbour's writes are visible to this rank's reads. */
+    if (rc == MPI_SUCCESS)
+        rc = MPI_File_sync(io_file);
+    if (rc == MPI_SUCCESS)
+        rc = MPI_Barrier(MPI_COMM_WORLD);
+    if (rc == MPI_SUCCESS)
+        rc = MPI_File_sync(io_file);
+    if (rc == MPI_SUCCESS)
+        rc = MPI_File_read_at_all(io_file, right * bytes, back, IO_WORDS, MPI_UINT64_T, &st);
+    if (rc != MPI_SUCCESS)
+        fail("MPI-IO call failed", -1);
+    for (int i = 0; i < IO_WORDS; i++)
+        if (back[i] != word((uint64_t)right, (uint64_t)right, iteration, (uint64_t)i))
+            fail("MPI-IO read back another block than the neighbour wrote", right);
+}
+
 /* replace: MPI_Sendrecv_replace around the ring (large messages every other iteration). */
 static void replace(void)
 {
@@ -1074,6 +1127,8 @@ int main(int argc, char **argv)
                 compute();
             else if (strcmp(m, "compute_nb") == 0)
                 compute_nb();
+            else if (strcmp(m, "io") == 0)
+                io();
             else
                 fail("unknown mode", -1);
         }
@@ -1114,6 +1169,8 @@ int main(int argc, char **argv)
     if (rc != SYMVIRT_CONTINUE)
         fprintf(stderr, "symvirt_finalize: %d %s\n", rc, symvirt_last_error());
 #endif
+    if (io_file != MPI_FILE_NULL && MPI_File_close(&io_file) != MPI_SUCCESS)
+        fail("MPI_File_close", -1);
     MPI_Comm_free(&any_comm);
     MPI_Comm_free(&nbx_comm);
     MPI_Comm_free(&quiet_comm);

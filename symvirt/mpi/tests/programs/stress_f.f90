@@ -13,7 +13,11 @@
 ! 1-D cartesian ring and an MPI_Comm_idup (every 4 iterations), all outstanding together; a
 ! ring on the idup'd communicator (its receive polled with Request_get_status), on the row and
 ! on the node; Exscan and Neighbor_alltoall. The MPI-3 communicators are remade every 8
-! iterations, after the first iteration's traffic (so cuts land in their creation too). Every message carries (source, destination, per-pair sequence
+! iterations, after the first iteration's traffic (so cuts land in their creation too). Then
+! MPI-IO on a file open for the whole run (DIR/io_f.dat): the rank's block written with
+! mpi_file_write_at_all (every 4th iteration through mpi_file_set_view and
+! mpi_file_write_all), sync, barrier, sync, the right neighbour's block read back with
+! mpi_file_read_at_all and checked. Every message carries (source, destination, per-pair sequence
 ! number) and a derived payload that the receiver checks; every collective result is checked.
 ! Runs at least MIN_ITERS iterations, then until DIR/stop exists.
 ! Built with -DSYMVIRT_EXPLICIT it calls symvirt_safe_point_f every iteration and registers a
@@ -170,6 +174,9 @@ program stress_f
   integer(8) :: v(16), r(16), min_iters, tot(2), gtot(2)
   character(len=32) :: arg
   logical :: stop_file
+  integer :: io_fh
+  integer(kind=MPI_OFFSET_KIND) :: io_at, io_bytes
+  integer(8) :: io_block(1024), io_back(1024)
 
   call mpi_init(ierr)
   call mpi_comm_rank(MPI_COMM_WORLD, me, ierr)
@@ -183,6 +190,10 @@ program stress_f
   seq_from = 0
   call mpi_comm_dup(MPI_COMM_WORLD, any_comm, ierr)
   call mpi_comm_dup(MPI_COMM_WORLD, pcomm, ierr)
+  call mpi_file_open(MPI_COMM_WORLD, trim(dir)//'/io_f.dat', MPI_MODE_CREATE + MPI_MODE_RDWR, &
+                     MPI_INFO_NULL, io_fh, ierr)
+  if (ierr /= MPI_SUCCESS) call fail('mpi_file_open', -1)
+  io_bytes = 8 * size(io_block)
   ! two halves, ranks in WORLD order: WORLD rank = base + rank in the half
   call mpi_comm_split(MPI_COMM_WORLD, merge(1, 0, me < np / 2), me, half_comm, ierr)
   call mpi_comm_rank(half_comm, hr, ierr)
@@ -359,6 +370,32 @@ program stress_f
     call mpi_neighbor_alltoall(nb_s, 1, MPI_INTEGER8, nb_r, 1, MPI_INTEGER8, ring_comm, ierr)
     if (nb_r(1) /= word(left, me, iteration, 6)) call fail('Neighbor_alltoall result', left)
     if (nb_r(2) /= word(right, me, iteration, 5)) call fail('Neighbor_alltoall result', right)
+    ! MPI-IO (see the top)
+    io_block = [(word(me, me, iteration, q), q = 1, size(io_block))]
+    if (mod(iteration, 4_8) == 3_8) then
+      call mpi_file_set_view(io_fh, me * io_bytes, MPI_INTEGER8, MPI_INTEGER8, 'native', &
+                             MPI_INFO_NULL, ierr)
+      if (ierr == MPI_SUCCESS) &
+        call mpi_file_write_all(io_fh, io_block, size(io_block), MPI_INTEGER8, status, ierr)
+      if (ierr == MPI_SUCCESS) &
+        call mpi_file_set_view(io_fh, 0_MPI_OFFSET_KIND, MPI_BYTE, MPI_BYTE, 'native', &
+                               MPI_INFO_NULL, ierr)
+    else
+      io_at = me * io_bytes
+      call mpi_file_write_at_all(io_fh, io_at, io_block, size(io_block), MPI_INTEGER8, &
+                                 MPI_STATUS_IGNORE, ierr)
+    end if
+    if (ierr /= MPI_SUCCESS) call fail('MPI-IO write', -1)
+    call mpi_file_sync(io_fh, ierr)
+    call mpi_barrier(MPI_COMM_WORLD, ierr)
+    call mpi_file_sync(io_fh, ierr)
+    io_at = right * io_bytes
+    call mpi_file_read_at_all(io_fh, io_at, io_back, size(io_back), MPI_INTEGER8, status, ierr)
+    if (ierr /= MPI_SUCCESS) call fail('MPI-IO read', -1)
+    do q = 1, size(io_back)
+      if (io_back(q) /= word(right, right, iteration, q)) &
+        call fail('MPI-IO read back another block than the neighbour wrote', right)
+    end do
 #ifdef SYMVIRT_EXPLICIT
     call symvirt_safe_point_f(MPI_COMM_WORLD, result, epoch, rc)
     if (rc /= 0) call fail('symvirt_safe_point_f', rc)
@@ -390,6 +427,8 @@ program stress_f
 #ifdef SYMVIRT_EXPLICIT
   call symvirt_finalize_f(rc)
 #endif
+  call mpi_file_close(io_fh, ierr)
+  if (ierr /= MPI_SUCCESS) call fail('mpi_file_close', -1)
   call mpi_comm_free(any_comm, ierr)
   call mpi_comm_free(pcomm, ierr)
   call mpi_comm_free(half_comm, ierr)
