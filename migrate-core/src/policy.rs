@@ -38,9 +38,9 @@ pub struct MigrationConfig {
     /// A socket idle for longer than this fails the migration.
     pub io_timeout: Duration,
     /// Destination: fault fresh guest memory in on a thread of its own, ahead of the first
-    /// round's stream, instead of each receiver faulting a batch in just before it copies it.
-    /// Off by default: on a 2-core host, where the sender and the receiver have the cores, it
-    /// showed no consistent gain (the `precopy` bench's `populate_ahead_gain`, 0.82-1.57).
+    /// round's stream, instead of each receiver faulting a batch in just before it copies it
+    /// (off). On by default: 10 paired measurements on a 2-core host (the `precopy` bench's
+    /// `populate_ahead_gain`) had a median of 1.15, from 0.82 to 2.18.
     pub populate_ahead: bool,
 }
 
@@ -58,7 +58,7 @@ impl Default for MigrationConfig {
             handshake_timeout: Duration::from_secs(10),
             commit_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(30),
-            populate_ahead: false,
+            populate_ahead: true,
         }
     }
 }

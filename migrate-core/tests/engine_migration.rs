@@ -201,15 +201,16 @@ fn tcp_two_connections_byte_exact() {
     );
 }
 
-/// The destination's populate thread (off by default) running beside two receivers of a
-/// filled, dirtying guest: every page arrives intact.
+/// Without the destination's populate thread (on in every other test here: the default), each
+/// of two receivers of a filled, dirtying guest faults its batches in: every page arrives
+/// intact.
 #[test]
-fn populating_ahead_two_connections_byte_exact() {
+fn faulting_in_per_batch_two_connections_byte_exact() {
     migrate_and_verify_with(
         How::Network(Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), 2),
         true,
         MigrationConfig {
-            populate_ahead: true,
+            populate_ahead: false,
             ..config()
         },
     );
