@@ -39,8 +39,8 @@ pub struct MigrationConfig {
     pub io_timeout: Duration,
     /// Destination: fault fresh guest memory in on a thread of its own, ahead of the first
     /// round's stream, instead of each receiver faulting a batch in just before it copies it
-    /// (off). On by default: 10 paired measurements on a 2-core host (the `precopy` bench's
-    /// `populate_ahead_gain`) had a median of 1.15, from 0.82 to 2.18.
+    /// (off). On by default: 14 paired measurements on a 2-core host (the `precopy` bench's
+    /// `populate_ahead_gain`) had a median of 1.24, from 0.82 to 2.18.
     pub populate_ahead: bool,
 }
 
