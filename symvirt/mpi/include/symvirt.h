@@ -17,7 +17,10 @@
  * symvirt_safe_point is collective over comm and cheap when nothing is pending (one posted
  * MPI_Iallreduce of 8 bytes and one completed wait). When the agent asks for a migration, all
  * ranks stop at the same iteration (agreement pipelined two iterations deep: a rank only
- * waits for ranks two iterations behind it), run the quiesce hook, report quiesced through
+ * waits for ranks two iterations behind it, and a cut falls two or three safe points after the
+ * request; a program whose iterations take long sets SYMVIRT_SAFE_POINT_DEPTH=0 on every
+ * rank: each safe point then waits for every rank, and the cut falls at the first or second
+ * safe point after the request), run the quiesce hook, report quiesced through
  * the agent, wait for resume, run the resume hook, report resumed, pass a barrier, and return
  * SYMVIRT_RESUMED with the new interconnect (SYMVIRT_ABORTED when the migration was
  * cancelled, or refused: a rank whose MPI uses RDMA verbs reports unable instead of quiesced,

@@ -13,6 +13,14 @@
 //! anything that peer needs, so there is no deadlock; and at the agreed iteration every message
 //! sent has been received: the cut is consistent.
 //!
+//! **Depth.** The pipeline costs a cut up to `DEPTH + 1` safe points after the request: little
+//! when safe points come every few milliseconds, seconds for a program that calls its safe
+//! point rarely (an iteration of seconds). Such a program sets `SYMVIRT_SAFE_POINT_DEPTH=0`
+//! (the same on every rank; [`SafePoint::set_depth`] in Rust): each safe point then completes
+//! its own reduction before it returns (every rank waits there for the slowest, once per
+//! iteration), and the cut falls at the first or second safe point after the request (the
+//! second when every rank had already contributed to the first before the request arrived).
+//!
 //! The MPI operations come from an [`Agreement`] (the C library implements it with
 //! `MPI_Iallreduce` on a private duplicate of the communicator); the state machine is here only.
 
@@ -21,7 +29,7 @@ use crate::error::Result;
 use std::collections::VecDeque;
 use std::time::Duration;
 
-/// How many iterations the reduction of a request lags behind.
+/// How many iterations the reduction of a request lags behind, unless set lower (see the top).
 pub const DEPTH: usize = 2;
 /// Pipeline slots an [`Agreement`] must provide (requests in flight at once).
 pub const SLOTS: usize = DEPTH + 1;
@@ -66,6 +74,8 @@ pub struct SafePoint<A: Agreement> {
     agreement: A,
     control: Option<Control>,
     in_flight: VecDeque<usize>,
+    /// Reductions left in flight across safe points (at most [`DEPTH`]).
+    depth: usize,
     iteration: u64,
     /// The last epoch a cut was made for; requests up to it are settled.
     served: u64,
@@ -93,6 +103,7 @@ impl<A: Agreement> SafePoint<A> {
             agreement,
             control,
             in_flight: VecDeque::with_capacity(SLOTS),
+            depth: depth_from_env(),
             iteration: 0,
             served: 0,
             quiesce_timeout: Duration::from_secs(600),
@@ -105,6 +116,12 @@ impl<A: Agreement> SafePoint<A> {
     /// How long a rank waits at the cut for its agent (prepare, then resume or abort).
     pub fn set_quiesce_timeout(&mut self, timeout: Duration) {
         self.quiesce_timeout = timeout;
+    }
+
+    /// How many reductions stay in flight across safe points, 0 to [`DEPTH`] (larger values
+    /// are taken as [`DEPTH`]). Every rank must set the same, before its first safe point.
+    pub fn set_depth(&mut self, depth: usize) {
+        self.depth = depth.min(DEPTH);
     }
 
     /// Installs the hook run at the cut.
@@ -136,10 +153,10 @@ impl<A: Agreement> SafePoint<A> {
         self.agreement.start(slot, local)?;
         self.in_flight.push_back(slot);
         self.iteration += 1;
-        if self.in_flight.len() <= DEPTH {
+        if self.in_flight.len() <= self.depth {
             return Ok(SafePointResult::Continue);
         }
-        let oldest = self.in_flight.pop_front().expect("len > DEPTH");
+        let oldest = self.in_flight.pop_front().expect("len > depth");
         let agreed = self.agreement.finish(oldest)?;
         if agreed <= self.served {
             return Ok(SafePointResult::Continue);
@@ -200,6 +217,21 @@ impl<A: Agreement> SafePoint<A> {
     }
 }
 
+/// `SYMVIRT_SAFE_POINT_DEPTH` (0 to [`DEPTH`]), or [`DEPTH`]; a value that is not a number is
+/// reported and ignored.
+fn depth_from_env() -> usize {
+    match std::env::var("SYMVIRT_SAFE_POINT_DEPTH") {
+        Ok(v) => v.trim().parse::<usize>().map_or_else(
+            |_| {
+                log::warn!("SYMVIRT_SAFE_POINT_DEPTH={v:?} is not a number: depth {DEPTH}");
+                DEPTH
+            },
+            |d| d.min(DEPTH),
+        ),
+        Err(_) => DEPTH,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,7 +243,7 @@ mod tests {
         ranks: usize,
         round: [u64; SLOTS],
         next_round: u64,
-        board: Arc<Mutex<std::collections::HashMap<(u64, usize), u64>>>,
+        board: Board,
         gate: Arc<Barrier>,
     }
 
@@ -245,21 +277,73 @@ mod tests {
         }
     }
 
+    type Board = Arc<Mutex<std::collections::HashMap<(u64, usize), u64>>>;
+
+    /// One agreement per rank, over one board.
+    fn threads(ranks: usize) -> (Vec<Threads>, Board) {
+        let board: Board = Arc::new(Mutex::new(Default::default()));
+        let gate = Arc::new(Barrier::new(ranks));
+        let all = (0..ranks)
+            .map(|rank| Threads {
+                rank,
+                ranks,
+                round: [0; SLOTS],
+                next_round: 0,
+                board: board.clone(),
+                gate: gate.clone(),
+            })
+            .collect();
+        (all, board)
+    }
+
+    thread_local! {
+        /// The epoch this thread's rank sees requested (the stand-in for the agent's request).
+        static REQUESTED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A request that one rank sees from its safe point 4 on: every rank stops at the same
+    /// safe point, `depth` safe points later (without an agent the cut ends `Aborted`).
+    #[test]
+    fn every_rank_stops_depth_safe_points_after_one_sees_the_request() {
+        for depth in [0, 1, DEPTH] {
+            let handles: Vec<_> = threads(3)
+                .0
+                .into_iter()
+                .map(|a| {
+                    std::thread::spawn(move || {
+                        let rank = a.rank;
+                        let mut sp = SafePoint::new(a, None);
+                        sp.requests = || REQUESTED.with(|r| r.get());
+                        sp.set_depth(depth);
+                        let mut stopped = Vec::new();
+                        for i in 0..12 {
+                            if rank == 1 && i == 4 {
+                                REQUESTED.with(|r| r.set(7));
+                            }
+                            match sp.poll().unwrap() {
+                                SafePointResult::Continue => {}
+                                SafePointResult::Aborted { epoch: 7 } => stopped.push(i),
+                                other => panic!("{other:?}"),
+                            }
+                        }
+                        sp.finish().unwrap();
+                        stopped
+                    })
+                })
+                .collect();
+            for h in handles {
+                assert_eq!(h.join().unwrap(), [4 + depth], "depth {depth}");
+            }
+        }
+    }
+
     #[test]
     fn without_an_agent_the_pipeline_never_stops_and_settles_at_the_end() {
         let ranks = 3;
-        let board = Arc::new(Mutex::new(Default::default()));
-        let gate = Arc::new(Barrier::new(ranks));
-        let handles: Vec<_> = (0..ranks)
-            .map(|rank| {
-                let a = Threads {
-                    rank,
-                    ranks,
-                    round: [0; SLOTS],
-                    next_round: 0,
-                    board: board.clone(),
-                    gate: gate.clone(),
-                };
+        let (all, board) = threads(ranks);
+        let handles: Vec<_> = all
+            .into_iter()
+            .map(|a| {
                 std::thread::spawn(move || {
                     let mut sp = SafePoint::new(a, None);
                     // Isolated from the process-wide control plane other unit tests drive.

@@ -30,33 +30,6 @@ const COMPUTE_MS: u64 = 2000;
 /// The bound each cut must meet (see the top).
 const QUIESCE_BOUND: Duration = Duration::from_secs(1);
 
-fn monotonic_ns() -> u64 {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime(2) writes the one timespec passed, which lives across the call.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
-    assert_eq!(rc, 0);
-    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
-}
-
-/// Every rank's MPI entries after its compute phases: (entered, returned), `returned` None for
-/// a call still in progress.
-fn entries(dir: &Path) -> Vec<(u32, u64, Option<u64>)> {
-    let mut out = Vec::new();
-    for rank in 0..RANKS {
-        let text = fs::read_to_string(dir.join(format!("entries-{rank}"))).unwrap_or_default();
-        for line in text.split_inclusive('\n') {
-            let mut v = line.split_whitespace().map(|x| x.parse::<u64>().unwrap());
-            let Some(enter) = v.next() else { continue };
-            let ret = if line.ends_with('\n') { v.next() } else { None };
-            out.push((rank, enter, ret));
-        }
-    }
-    out
-}
-
 fn run_computing(mpi: MpiImpl, tag: &str, epochs: u64) {
     let rig = Rig::new(tag);
     let prog = program(mpi, "stress.c", Linkage::Plain);
@@ -123,10 +96,7 @@ fn run_computing(mpi: MpiImpl, tag: &str, epochs: u64) {
         holds.push((epoch, from, until));
         resume_and_confirm(&rig, &mut job, epoch, &interconnect_for(epoch));
     }
-    fs::write(cuts.join("stop"), "").unwrap();
-    let (ok, out) = job.wait();
-    assert!(ok, "MPI job failed\n{}", job.logs());
-    assert_eq!(out.matches(" OK rank ").count(), RANKS as usize, "{out}");
+    job.stop_and_check(&cuts);
     assert!(
         slowest < QUIESCE_BOUND,
         "a cut took {slowest:?} to quiesce ranks that were computing\n{}",
@@ -201,10 +171,7 @@ fn run_with_a_file_open(mpi: MpiImpl, tag: &str, epochs: u64) {
         );
         resume_and_confirm(&rig, &mut job, epoch, &interconnect_for(epoch));
     }
-    fs::write(cuts.join("stop"), "").unwrap();
-    let (ok, out) = job.wait();
-    assert!(ok, "MPI job failed\n{}", job.logs());
-    assert_eq!(out.matches(" OK rank ").count(), RANKS as usize, "{out}");
+    job.stop_and_check(&cuts);
     let written = fs::metadata(cuts.join("io.dat")).unwrap().len();
     assert_eq!(written, u64::from(RANKS) * 4096 * 8, "every rank's block");
 }

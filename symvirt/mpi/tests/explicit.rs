@@ -67,6 +67,63 @@ fn run_explicit(mpi: MpiImpl, source: &str, modes: Option<&str>, tag: &str, epoc
     }
 }
 
+/// A program that calls its safe point rarely (every iteration computes 0.47-0.93 s, then a
+/// ring) with `SYMVIRT_SAFE_POINT_DEPTH=0`: every cut falls at the first or second safe point
+/// after the request, so no rank ends more than two compute phases between the request and the
+/// cut (with the default depth, 2, it would be three or four), and the cut is consistent.
+fn run_rare_safe_points(mpi: MpiImpl, tag: &str, epochs: u64) {
+    let rig = Rig::new(tag);
+    let prog = program(mpi, "stress.c", Linkage::Explicit);
+    let cuts = rig.dir.0.join("cuts");
+    fs::create_dir_all(&cuts).unwrap();
+    let env = [
+        (
+            "SYMVIRT_AGENT_SOCKET".to_string(),
+            rig.rank_socket().display().to_string(),
+        ),
+        ("SYMVIRT_SAFE_POINT_DEPTH".to_string(), "0".to_string()),
+        ("STRESS_COMPUTE_MS".to_string(), "700".to_string()),
+    ];
+    let args = ["compute,ring", cuts.to_str().unwrap(), "2"];
+    let mut job = Job::start(mpi, &prog, &args, &env, &rig.dir.0);
+    for epoch in 1..=epochs {
+        std::thread::sleep(std::time::Duration::from_millis(200 + (epoch * 430) % 900));
+        let from = monotonic_ns();
+        rig.prepare(epoch);
+        match outcome_while_running(&rig, &mut job) {
+            GuestMessage::Quiesced { epoch: e } if e == epoch => {}
+            other => panic!(
+                "epoch {epoch}: expected quiesced, got {other:?}\n{}",
+                job.logs()
+            ),
+        }
+        check_iterations(&cuts, epoch);
+        for rank in 0..RANKS {
+            let phases = entries(&cuts)
+                .into_iter()
+                .filter(|&(r, enter, _)| r == rank && enter > from)
+                .count();
+            assert!(
+                phases <= 2,
+                "epoch {epoch}: rank {rank} ended {phases} compute phases between the request \
+                 and the cut"
+            );
+        }
+        resume_and_confirm(&rig, &mut job, epoch, &interconnect_for(epoch));
+    }
+    job.stop_and_check(&cuts);
+}
+
+#[test]
+fn explicit_openmpi_rare_safe_points_cut_at_the_next_one() {
+    run_rare_safe_points(MpiImpl::OpenMpi, "exp-rare-ompi", 3);
+}
+
+#[test]
+fn explicit_mpich_rare_safe_points_cut_at_the_next_one() {
+    run_rare_safe_points(MpiImpl::Mpich, "exp-rare-mpich", 3);
+}
+
 const ALL_MODES: &str = "ring,ring_nb,alltoall,anysource,collective";
 
 #[test]

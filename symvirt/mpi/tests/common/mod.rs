@@ -279,6 +279,16 @@ impl Job {
         out
     }
 
+    /// Asks the stress program to stop (DIR/stop in `dir`), waits for it, and checks that it
+    /// succeeded and every rank printed its OK line; returns its stdout.
+    pub fn stop_and_check(&mut self, dir: &Path) -> String {
+        fs::write(dir.join("stop"), "").unwrap();
+        let (ok, out) = self.wait();
+        assert!(ok, "MPI job failed\n{}", self.logs());
+        assert_eq!(out.matches(" OK rank ").count(), RANKS as usize, "{out}");
+        out
+    }
+
     /// Waits for the job to end (at most `PATIENCE`); returns (success, stdout).
     pub fn wait(&mut self) -> (bool, String) {
         let deadline = soon();
@@ -413,4 +423,32 @@ pub fn outcome_while_running(rig: &Rig, job: &mut Job) -> GuestMessage {
             job.logs()
         );
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of the stress program's entries.
+pub fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime(2) writes the one timespec passed, which lives across the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    assert_eq!(rc, 0);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// Every rank's MPI entries after its compute phases (the stress program's DIR/entries-R):
+/// (rank, entered, returned), `returned` None for a call still in progress.
+pub fn entries(dir: &Path) -> Vec<(u32, u64, Option<u64>)> {
+    let mut out = Vec::new();
+    for rank in 0..RANKS {
+        let text = fs::read_to_string(dir.join(format!("entries-{rank}"))).unwrap_or_default();
+        for line in text.split_inclusive('\n') {
+            let mut v = line.split_whitespace().map(|x| x.parse::<u64>().unwrap());
+            let Some(enter) = v.next() else { continue };
+            let ret = if line.ends_with('\n') { v.next() } else { None };
+            out.push((rank, enter, ret));
+        }
+    }
+    out
 }
