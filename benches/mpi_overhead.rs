@@ -21,7 +21,8 @@
 //!   `compute,collective`: every rank computes 2/3 to 4/3 of `NINJA_MPI_COMPUTE_MS`, default
 //!   5000, without an MPI call, then an Allreduce and friends), requests at random moments:
 //!   `quiesce_ms` with the layer's progress thread (`NINJA_MPI_COMPUTE_REQUESTS`, default 20;
-//!   target p95 <= 50 ms), and `quiesce_ms_without_progress_thread` (`SYMVIRT_PROGRESS_THREAD=0`,
+//!   `SYMVIRT_PROGRESS_THREAD=1`; target p95 <= 50 ms), and `quiesce_ms_without_progress_thread`
+//!   (the default,
 //!   `NINJA_MPI_COMPUTE_REQUESTS_WITHOUT`, default 5: what a cut cost before, the rest of the
 //!   slowest rank's compute phase).
 //!
@@ -420,17 +421,19 @@ fn quiesce_compute(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
         mpi,
         "qc",
         MODES,
-        std::slice::from_ref(&compute),
+        &[
+            compute.clone(),
+            ("SYMVIRT_PROGRESS_THREAD", "1".to_string()),
+        ],
         s.compute_requests,
         &mut random_gap,
     )?;
     let without = if s.compute_requests_without > 0 {
-        let off = ("SYMVIRT_PROGRESS_THREAD", "0".to_string());
         let times = quiesce_times(
             mpi,
             "qc0",
             MODES,
-            &[compute, off],
+            std::slice::from_ref(&compute),
             s.compute_requests_without,
             &mut random_gap,
         )?;

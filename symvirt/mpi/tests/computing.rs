@@ -38,6 +38,7 @@ fn run_computing(mpi: MpiImpl, tag: &str, epochs: u64) {
     let mut env = rig.transparent_env(mpi);
     env.push(("SYMVIRT_CUT_LOG".into(), cuts.display().to_string()));
     env.push(("STRESS_COMPUTE_MS".into(), COMPUTE_MS.to_string()));
+    env.push(("SYMVIRT_PROGRESS_THREAD".into(), "1".into()));
     let args = [
         "compute,ring,compute_nb,collective",
         cuts.to_str().unwrap(),
@@ -151,6 +152,7 @@ fn run_with_a_file_open(mpi: MpiImpl, tag: &str, epochs: u64) {
     let mut env = rig.transparent_env(mpi);
     env.push(("SYMVIRT_CUT_LOG".into(), cuts.display().to_string()));
     env.push(("STRESS_COMPUTE_MS".into(), "600".into()));
+    env.push(("SYMVIRT_PROGRESS_THREAD".into(), "1".into()));
     let args = ["io,compute,ring,collective", cuts.to_str().unwrap(), "8"];
     let mut job = Job::start(mpi, &prog, &args, &env, &rig.dir.0);
     for epoch in 1..=epochs {
