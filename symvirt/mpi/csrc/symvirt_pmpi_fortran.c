@@ -991,7 +991,7 @@ void mpi_comm_split_type_(MPI_Fint *comm, MPI_Fint *type, MPI_Fint *key, MPI_Fin
 void mpi_comm_create_group_(MPI_Fint *comm, MPI_Fint *group, MPI_Fint *tag, MPI_Fint *newcomm,
                             MPI_Fint *ierr)
 {
-    GUARD_PASSAGE();
+    GUARD();
     MPI_Comm c;
     *ierr = MPI_Comm_create_group(PMPI_Comm_f2c(*comm), PMPI_Group_f2c(*group), *tag, &c);
     comm_out(*ierr, c, newcomm);
@@ -1048,7 +1048,7 @@ void mpi_dist_graph_create_(MPI_Fint *comm, MPI_Fint *n, MPI_Fint *srcs, MPI_Fin
 void mpi_intercomm_create_(MPI_Fint *local, MPI_Fint *lleader, MPI_Fint *peer,
                            MPI_Fint *rleader, MPI_Fint *tag, MPI_Fint *newcomm, MPI_Fint *ierr)
 {
-    GUARD_PASSAGE();
+    GUARD();
     MPI_Comm c;
     *ierr = MPI_Intercomm_create(PMPI_Comm_f2c(*local), *lleader, PMPI_Comm_f2c(*peer),
                                  *rleader, *tag, &c);

@@ -38,7 +38,6 @@ fn run_computing(mpi: MpiImpl, tag: &str, epochs: u64) {
     let mut env = rig.transparent_env(mpi);
     env.push(("SYMVIRT_CUT_LOG".into(), cuts.display().to_string()));
     env.push(("STRESS_COMPUTE_MS".into(), COMPUTE_MS.to_string()));
-    env.push(("SYMVIRT_PROGRESS_THREAD".into(), "1".into()));
     let args = [
         "compute,ring,compute_nb,collective",
         cuts.to_str().unwrap(),
@@ -152,10 +151,14 @@ fn run_with_a_file_open(mpi: MpiImpl, tag: &str, epochs: u64) {
     let mut env = rig.transparent_env(mpi);
     env.push(("SYMVIRT_CUT_LOG".into(), cuts.display().to_string()));
     env.push(("STRESS_COMPUTE_MS".into(), "600".into()));
-    env.push(("SYMVIRT_PROGRESS_THREAD".into(), "1".into()));
     let args = ["io,compute,ring,collective", cuts.to_str().unwrap(), "8"];
     let mut job = Job::start(mpi, &prog, &args, &env, &rig.dir.0);
-    for epoch in 1..=epochs {
+    // A cut may fall before a rank has opened its file (the ranks start slowly on a loaded
+    // machine): the progress thread may make that one. Cuts go on until some found files open.
+    let (mut epoch, mut with_files) = (0, 0);
+    while epoch < epochs || with_files == 0 {
+        epoch += 1;
+        assert!(epoch <= epochs + 10, "no cut found a file open");
         std::thread::sleep(Duration::from_millis(300 + (epoch * 370) % 600));
         rig.prepare(epoch);
         match outcome_while_running(&rig, &mut job) {
@@ -166,11 +169,13 @@ fn run_with_a_file_open(mpi: MpiImpl, tag: &str, epochs: u64) {
             ),
         }
         check_pairs(&read_cut(&cuts, epoch), epoch);
-        let makers = cut_makers(&cuts, epoch);
-        assert!(
-            makers.iter().all(|m| m == "the application's thread"),
-            "epoch {epoch}: with a file open a cut was made by {makers:?}"
-        );
+        for (maker, files) in cut_threads(&cuts, epoch) {
+            assert!(
+                files == 0 || maker == "the application's thread",
+                "epoch {epoch}: a rank with {files} files open was cut by {maker}"
+            );
+            with_files += usize::from(files > 0);
+        }
         resume_and_confirm(&rig, &mut job, epoch, &interconnect_for(epoch));
     }
     job.stop_and_check(&cuts);

@@ -17,6 +17,17 @@ use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
 
 /// `modes`: the C program's first argument; `None` runs the Fortran program.
 fn run_transparent(mpi: MpiImpl, modes: Option<&str>, tag: &str, epochs: u64) {
+    run_transparent_with(mpi, modes, tag, epochs, &[]);
+}
+
+/// The same, with `extra` added to the ranks' environment.
+fn run_transparent_with(
+    mpi: MpiImpl,
+    modes: Option<&str>,
+    tag: &str,
+    epochs: u64,
+    extra: &[(&str, &str)],
+) {
     let rig = Rig::new(tag);
     let source = if modes.is_some() {
         "stress.c"
@@ -28,6 +39,7 @@ fn run_transparent(mpi: MpiImpl, modes: Option<&str>, tag: &str, epochs: u64) {
     fs::create_dir_all(&cuts).unwrap();
     let mut env = rig.transparent_env(mpi);
     env.push(("SYMVIRT_CUT_LOG".to_string(), cuts.display().to_string()));
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let mut args: Vec<&str> = modes.into_iter().collect();
     args.extend([cuts.to_str().unwrap(), "16"]);
     let mut job = Job::start(mpi, &prog, &args, &env, &rig.dir.0);
@@ -59,10 +71,11 @@ fn run_transparent(mpi: MpiImpl, modes: Option<&str>, tag: &str, epochs: u64) {
             ),
         }
         let total = check_pairs(&read_cut(&cuts, epoch), epoch);
+        let thread_off = extra.contains(&("SYMVIRT_PROGRESS_THREAD", "0"));
         for (maker, files) in cut_threads(&cuts, epoch) {
             // A rank with a file open may be inside an MPI-IO call the layer does not wrap.
             assert!(
-                files == 0 || maker == "the application's thread",
+                (files == 0 && !thread_off) || maker == "the application's thread",
                 "epoch {epoch}: a rank with {files} files open was cut by {maker}"
             );
             open_files_seen |= files > 0;
@@ -122,6 +135,22 @@ fn transparent_mpich_fortran_consistent_at_every_cut() {
 }
 
 /// Ranks mostly sit in a blocking receive from a computing rank, or in a barrier.
+/// With the progress thread switched off (`SYMVIRT_PROGRESS_THREAD=0`): every rank makes
+/// its cut itself, at its next MPI call, as the layer did before the thread.
+const NO_THREAD: &str = "stall,ring_nb,split,anysource,collective";
+
+#[test]
+fn transparent_openmpi_without_the_progress_thread_consistent_at_every_cut() {
+    let off = [("SYMVIRT_PROGRESS_THREAD", "0")];
+    run_transparent_with(MpiImpl::OpenMpi, Some(NO_THREAD), "tr-off-ompi", 4, &off);
+}
+
+#[test]
+fn transparent_mpich_without_the_progress_thread_consistent_at_every_cut() {
+    let off = [("SYMVIRT_PROGRESS_THREAD", "0")];
+    run_transparent_with(MpiImpl::Mpich, Some(NO_THREAD), "tr-off-mpich", 4, &off);
+}
+
 const STALL: &str = "stall,ring,stall,collective";
 
 #[test]

@@ -165,8 +165,14 @@ int svp_align(int cid, coll *c)
     if (aligning != NULL)
         svp_die("collective called while another one is being aligned (threads?)");
     svp_start_deferred_on(cid);
+    return svp_align_on(&svp.comms[cid], c);
+}
+
+int svp_align_on(tracked_comm *t, coll *c)
+{
+    if (aligning != NULL)
+        svp_die("collective called while another one is being aligned (threads?)");
     for (;;) {
-        tracked_comm *t = &svp.comms[cid];
         pending_align p = {.comm = t->comm, .inter = t->inter, .round = 1, .c = c};
         uint64_t want = symvirt_ctl_requested();
         p.mine = want > svp.served ? want : 0;

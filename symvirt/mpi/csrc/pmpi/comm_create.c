@@ -100,24 +100,137 @@ int MPI_Intercomm_merge(MPI_Comm comm, int high, MPI_Comm *newcomm)
     COLLECTIVE(comm, run_merge, .high = high, .newcomm = newcomm);
 }
 
-/* Collective over a group only, or over two groups: not aligned (documented); they get
- * through a shut gate (GUARD_PASSAGE). */
+/* ---- collectives over members no communicator holds together ------------------------------
+ * MPI_Comm_create_group is collective over a group of comm, MPI_Intercomm_create over two
+ * groups (a leader of each talking on the peer communicator). They are aligned like the other
+ * creations, over a stand-in for a communicator of their members (align_over): the members'
+ * WORLD ranks, in an order each member builds alike, named by their hash. Without it a cut
+ * requested while some members were inside the call, and another was held by the cut before
+ * reaching it, waited for the call and the call for the cut, for good. An MPI_Intercomm_create
+ * first learns the other group: its leader sends the leader of the other group this group's
+ * WORLD ranks, and forwards theirs to its members (svp.ctl, TAG_GROUP; waits that make or
+ * answer cuts). */
+
+RUN(run_create_group, PMPI_Comm_create_group(c->comm, c->group, c->tag, c->newcomm))
+RUN(run_intercomm, PMPI_Intercomm_create(c->comm, c->lleader, c->peer, c->rleader, c->tag,
+                                         c->newcomm))
+
+/* Aligns c over the n members with these WORLD ranks, then runs it. */
+static int align_over(const int *world, int n, uint32_t kind, coll *c)
+{
+    tracked_comm u = {.comm = MPI_COMM_NULL, .size = n, .world = (int *)world, .me = -1};
+    for (int i = 0; i < n; i++)
+        if (world[i] == svp.me)
+            u.me = i;
+    if (u.me < 0)
+        return svp_perform(c); /* not a member: MPI reports the error */
+    u.id = svp_hash_ranks(world, n) ^ kind;
+    return svp_align_on(&u, c);
+}
+
 int MPI_Comm_create_group(MPI_Comm comm, MPI_Group group, int tag, MPI_Comm *newcomm)
 {
-    GUARD_PASSAGE();
-    int rc = PMPI_Comm_create_group(comm, group, tag, newcomm);
-    if (rc == MPI_SUCCESS && svp.ready && !svp.closed)
-        svp_track_comm(*newcomm);
+    GUARD();
+    coll c = {.run = run_create_group, .cid = -1, .comm = comm, .group = group, .tag = tag,
+              .newcomm = newcomm};
+    int n = 0;
+    if (!svp.ready || svp.closed || PMPI_Group_size(group, &n) != MPI_SUCCESS || n <= 0)
+        return c.run(&c);
+    MPI_Group wgrp;
+    int *ranks = malloc((size_t)n * 2 * sizeof(int));
+    if (ranks == NULL)
+        svp_die("out of memory");
+    for (int i = 0; i < n; i++)
+        ranks[i] = i;
+    PMPI_Comm_group(MPI_COMM_WORLD, &wgrp);
+    PMPI_Group_translate_ranks(group, n, ranks, wgrp, ranks + n);
+    PMPI_Group_free(&wgrp);
+    int outside = 0;
+    for (int i = 0; i < n; i++)
+        outside |= ranks[n + i] == MPI_UNDEFINED;
+    int pc = CID(comm);
+    if (pc >= 0)
+        svp_start_deferred_on(pc);
+    int rc = outside ? svp_perform(&c) : align_over(ranks + n, n, 0x47524f55u, &c);
+    free(ranks);
     return rc;
+}
+
+/* Posts sending this rank's n ints to WORLD rank to on svp.ctl. */
+static MPI_Request send_ranks(const int *v, int n, int to)
+{
+    MPI_Request r;
+    PMPI_Isend(v, n, MPI_INT, to, TAG_GROUP, svp.ctl, &r);
+    return r;
+}
+
+/* Receives at most svp.np ints from WORLD rank from on svp.ctl into v, making or answering
+ * cuts meanwhile; returns how many. */
+static int receive_ranks(int *v, int from)
+{
+    MPI_Request r;
+    MPI_Status st;
+    int n = 0;
+    PMPI_Irecv(v, svp.np, MPI_INT, from, TAG_GROUP, svp.ctl, &r);
+    svp_wait_serving(&r, &st);
+    PMPI_Get_count(&st, MPI_INT, &n);
+    return n;
 }
 
 int MPI_Intercomm_create(MPI_Comm local, int lleader, MPI_Comm peer, int rleader, int tag,
                          MPI_Comm *newcomm)
 {
-    GUARD_PASSAGE();
-    int rc = PMPI_Intercomm_create(local, lleader, peer, rleader, tag, newcomm);
-    if (rc == MPI_SUCCESS && svp.ready && !svp.closed)
-        svp_track_comm(*newcomm);
+    GUARD();
+    coll c = {.run = run_intercomm, .cid = -1, .comm = local, .lleader = lleader,
+              .peer = peer, .rleader = rleader, .tag = tag, .newcomm = newcomm};
+    int lc = CID(local);
+    if (lc < 0 || svp.comms[lc].inter || lleader < 0 || lleader >= svp.comms[lc].size)
+        return c.run(&c); /* not observed, or erroneous: MPI reports it */
+    svp_start_deferred_on(lc);
+    const tracked_comm *l = &svp.comms[lc];
+    int nl = l->size, *mine = malloc((size_t)nl * sizeof(int));
+    int *theirs = malloc((size_t)svp.np * sizeof(int));
+    if (mine == NULL || theirs == NULL)
+        svp_die("out of memory");
+    memcpy(mine, l->world, (size_t)nl * sizeof(int)); /* the slot may move while cuts run */
+    int nr = 0;
+    if (l->me == lleader) {
+        int pc = CID(peer);
+        if (pc < 0 || rleader < 0 || rleader >= svp.comms[pc].size)
+            svp_die("MPI_Intercomm_create: the remote leader is not in an observed peer "
+                    "communicator");
+        MPI_Request sent = send_ranks(mine, nl, svp.comms[pc].world[rleader]);
+        nr = receive_ranks(theirs, svp.comms[pc].world[rleader]);
+        svp_wait_serving(&sent, MPI_STATUS_IGNORE);
+        MPI_Request *fwd = malloc((size_t)nl * sizeof(MPI_Request));
+        if (fwd == NULL)
+            svp_die("out of memory");
+        for (int i = 0; i < nl; i++)
+            fwd[i] = i == lleader ? MPI_REQUEST_NULL : send_ranks(theirs, nr, mine[i]);
+        for (int i = 0; i < nl; i++)
+            svp_wait_serving(&fwd[i], MPI_STATUS_IGNORE);
+        free(fwd);
+    } else {
+        nr = receive_ranks(theirs, mine[lleader]);
+    }
+    /* Both groups in one list: the one holding the lower WORLD rank first. */
+    int *all = malloc((size_t)(nl + nr) * sizeof(int));
+    if (all == NULL)
+        svp_die("out of memory");
+    int low_mine = svp.np, low_theirs = svp.np;
+    for (int i = 0; i < nl; i++)
+        low_mine = mine[i] < low_mine ? mine[i] : low_mine;
+    for (int i = 0; i < nr; i++)
+        low_theirs = theirs[i] < low_theirs ? theirs[i] : low_theirs;
+    const int *first = low_mine < low_theirs ? mine : theirs;
+    const int *second = low_mine < low_theirs ? theirs : mine;
+    int nfirst = low_mine < low_theirs ? nl : nr;
+    memcpy(all, first, (size_t)nfirst * sizeof(int));
+    memcpy(all + nfirst, second, (size_t)(nl + nr - nfirst) * sizeof(int));
+    int rc = align_over(all, nl + nr, 0x494e5452u, &c);
+    free(all);
+    free(mine);
+    free(theirs);
     return rc;
 }
 

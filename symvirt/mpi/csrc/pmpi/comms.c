@@ -45,7 +45,7 @@ static int slot_referenced(int cid)
     return svp_deferred_names(cid);
 }
 
-static uint32_t hash_ranks(const int *ranks, int n)
+uint32_t svp_hash_ranks(const int *ranks, int n)
 {
     uint32_t h = 2166136261u;
     for (int i = 0; i < n; i++)
@@ -67,7 +67,7 @@ static uint32_t hash_group(MPI_Comm c)
     for (int i = 0; i < size; i++)
         ranks[i] = i;
     PMPI_Group_translate_ranks(grp, size, ranks, wgrp, ranks + size);
-    uint32_t h = hash_ranks(ranks + size, size);
+    uint32_t h = svp_hash_ranks(ranks + size, size);
     free(ranks);
     PMPI_Group_free(&grp);
     PMPI_Group_free(&wgrp);
@@ -97,6 +97,8 @@ int svp_track_comm(MPI_Comm c)
     }
     tracked_comm *t = &svp.comms[cid];
     free(t->world);
+    free(t->sent);
+    free(t->recv);
     int inter = 0;
     PMPI_Comm_test_inter(c, &inter);
     MPI_Group grp, wgrp;
@@ -109,7 +111,9 @@ int svp_track_comm(MPI_Comm c)
     PMPI_Group_size(grp, &size);
     int *ranks = malloc((size_t)(size > 0 ? size : 1) * sizeof(int));
     t->world = malloc((size_t)(size > 0 ? size : 1) * sizeof(int));
-    if (ranks == NULL || t->world == NULL)
+    t->sent = calloc((size_t)(size > 0 ? size : 1), sizeof(uint64_t));
+    t->recv = calloc((size_t)(size > 0 ? size : 1), sizeof(uint64_t));
+    if (ranks == NULL || t->world == NULL || t->sent == NULL || t->recv == NULL)
         svp_die("out of memory");
     for (int i = 0; i < size; i++)
         ranks[i] = i;
@@ -132,7 +136,7 @@ int svp_track_comm(MPI_Comm c)
     PMPI_Comm_rank(c, &t->me);
     /* Until perform() names it from its parent: from the members' WORLD ranks (FNV-1a), for
      * an intercommunicator both groups' (combined alike on both sides). */
-    t->id = hash_ranks(t->world, size);
+    t->id = svp_hash_ranks(t->world, size);
     if (inter)
         t->id ^= hash_group(c);
     t->children = t->seq = 0;

@@ -6,17 +6,26 @@
  * resume hook); it runs on every rank before the rank reports resumed. */
 void symvirt_transport_reselect(const symvirt_interconnect *ic) __attribute__((weak));
 
-/* Per peer: the last COUNTS message received {epoch, sent to me}, and whether it is there. */
-static uint64_t *early;
+/* A COUNTS message from peer p: {epoch, messages p sent to this rank in all, then for each
+ * communicator p observes with this rank in it and a message sent there: its identity and
+ * how many}. */
+#define COUNTS_CAP (2 + 2 * MAX_COMMS)
+/* Per peer: its last COUNTS message (COUNTS_CAP entries, made on first use), how many entries
+ * it holds, and whether it is there. */
+static uint64_t **early;
+static int *early_len;
 static int *have_early;
+/* Per peer, during a cut: its COUNTS for this cut arrived. */
+static int *have;
 static const char *log_dir;
 static uint64_t quiesce_timeout_ms;
 
 void svp_cut_setup(void)
 {
-    early = calloc((size_t)svp.np * 2, sizeof(uint64_t));
+    early = calloc((size_t)svp.np, sizeof *early);
+    early_len = calloc((size_t)svp.np, sizeof(int));
     have_early = calloc((size_t)svp.np, sizeof(int));
-    if (early == NULL || have_early == NULL)
+    if (early == NULL || early_len == NULL || have_early == NULL)
         svp_die("out of memory");
     log_dir = getenv("SYMVIRT_CUT_LOG");
     quiesce_timeout_ms = symvirt_env_ms("SYMVIRT_QUIESCE_TIMEOUT_MS", 600000);
@@ -64,17 +73,23 @@ static void log_cut(uint64_t epoch)
     free(text);
 }
 
-/* The last COUNTS message from peer p: {epoch, messages p sent to this rank}. */
+/* The last COUNTS message from peer p (see COUNTS_CAP). */
 static uint64_t *early_slot(int p)
 {
-    return &early[(size_t)p * 2];
+    return early[p];
 }
 
 /* Receives one COUNTS message (already probed) into the early slot of its sender. */
 static void take_counts(const MPI_Status *probed)
 {
-    int p = probed->MPI_SOURCE;
-    PMPI_Recv(early_slot(p), 2, MPI_UINT64_T, p, TAG_COUNTS, svp.ctl, MPI_STATUS_IGNORE);
+    int p = probed->MPI_SOURCE, n = 0;
+    PMPI_Get_count(probed, MPI_UINT64_T, &n);
+    if (n < 2 || n > COUNTS_CAP || n % 2 != 0)
+        svp_die("a malformed COUNTS message");
+    if (early[p] == NULL && (early[p] = malloc(COUNTS_CAP * sizeof(uint64_t))) == NULL)
+        svp_die("out of memory");
+    PMPI_Recv(early[p], n, MPI_UINT64_T, p, TAG_COUNTS, svp.ctl, MPI_STATUS_IGNORE);
+    early_len[p] = n;
     have_early[p] = 1;
 }
 
@@ -118,7 +133,7 @@ void svp_idle_test(void)
 }
 
 /* Diagnostics for a drain that does not finish (printed once per cut, to stderr). */
-static void dump_drain(uint64_t epoch, const int *have, int open_colls)
+static void dump_drain(uint64_t epoch, int open_colls)
 {
     fprintf(stderr,
             "symvirt-pmpi rank %d: epoch %llu drain still waiting; %d pending requests, %d "
@@ -127,7 +142,9 @@ static void dump_drain(uint64_t epoch, const int *have, int open_colls)
     for (int p = 0; p < svp.np; p++)
         fprintf(stderr, "  peer %d: counts %s, want %llu, received %llu\n", p,
                 have[p] ? "in" : "missing",
-                (unsigned long long)(p == svp.me ? svp.sent[svp.me] : early_slot(p)[1]),
+                (unsigned long long)(p == svp.me ? svp.sent[svp.me]
+                                     : have[p]   ? early_slot(p)[1]
+                                                 : 0),
                 (unsigned long long)svp.recv[p]);
     fflush(stderr);
 }
@@ -144,57 +161,162 @@ void svp_make_cut(uint64_t epoch)
     }
 }
 
+/* Peer p's COUNTS, if they arrived, for this cut: have[p]. */
+static void absorb_counts(int p, uint64_t epoch)
+{
+    if (have[p] || !have_early[p])
+        return;
+    uint64_t e = early_slot(p)[0];
+    if (e > epoch)
+        svp_die("COUNTS for a later epoch during a cut");
+    have[p] = e == epoch;
+    have_early[p] = have[p]; /* stale ones are dropped; current ones kept for the checks */
+}
+
+/* Sends every peer this rank's COUNTS for the cut (see COUNTS_CAP): one buffer, *out, that
+ * the requests rq send from until they complete. Returns how many requests. */
+static int send_counts(uint64_t epoch, uint64_t **out, MPI_Request *rq)
+{
+    size_t *at = calloc((size_t)svp.np + 1, sizeof(size_t));
+    if (at == NULL)
+        svp_die("out of memory");
+    /* Entries per peer, then where each peer's message starts. */
+    for (int c = 0; c < svp.ncomms; c++) {
+        const tracked_comm *t = &svp.comms[c];
+        for (int r = 0; t->comm != MPI_COMM_NULL && r < t->size; r++)
+            if (t->sent[r] > 0)
+                at[t->world[r] + 1] += 2;
+    }
+    for (int p = 0; p < svp.np; p++)
+        at[p + 1] += at[p] + 2;
+    *out = malloc(at[svp.np] * sizeof(uint64_t));
+    if (*out == NULL)
+        svp_die("out of memory");
+    for (int p = 0; p < svp.np; p++) {
+        (*out)[at[p]] = epoch;
+        (*out)[at[p] + 1] = svp.sent[p];
+    }
+    size_t *fill = calloc((size_t)svp.np, sizeof(size_t));
+    if (fill == NULL)
+        svp_die("out of memory");
+    for (int p = 0; p < svp.np; p++)
+        fill[p] = at[p] + 2;
+    for (int c = 0; c < svp.ncomms; c++) {
+        const tracked_comm *t = &svp.comms[c];
+        for (int r = 0; t->comm != MPI_COMM_NULL && r < t->size; r++) {
+            if (t->sent[r] == 0)
+                continue;
+            size_t *f = &fill[t->world[r]];
+            (*out)[(*f)++] = t->id;
+            (*out)[(*f)++] = t->sent[r];
+        }
+    }
+    int nrq = 0;
+    for (int p = 0; p < svp.np; p++)
+        if (p != svp.me)
+            PMPI_Isend(*out + at[p], (int)(at[p + 1] - at[p]), MPI_UINT64_T, p, TAG_COUNTS,
+                       svp.ctl, &rq[nrq++]);
+    free(fill);
+    free(at);
+    return nrq;
+}
+
+/* Whether a cut's drain may take a message from rank r of slot c.
+ * From a peer whose COUNTS have not arrived: yes (it may be blocked in a send that only this
+ * rank's drain completes), after one more look for them (a peer in a cut posts its COUNTS
+ * before anything it sends later, so once a later message is here its COUNTS are too).
+ * From a peer that counted: only while it sent more on this communicator than arrived here
+ * (communicators are matched by their shared identity; slots that share one are summed). So
+ * a message the peer did not count (one MPI sends for a call of its own, on the program's
+ * communicator with the program's tag) stays where it is for the call that waits for it.
+ * Counting per WORLD peer only, a drain took the leaders' message of an MPI_Intercomm_create
+ * that had got through the peer's shut gate in the middle of its cut, when that call was not
+ * aligned, and found one more received than sent. */
+static int drainable(int c, int r, uint64_t epoch)
+{
+    const tracked_comm *t = &svp.comms[c];
+    int p = t->world[r];
+    if (p == svp.me)
+        return t->recv[r] < t->sent[r];
+    if (!have[p]) {
+        int flag = 0;
+        MPI_Status st;
+        PMPI_Iprobe(p, TAG_COUNTS, svp.ctl, &flag, &st);
+        if (flag) {
+            take_counts(&st);
+            absorb_counts(p, epoch);
+        }
+        if (!have[p])
+            return 1;
+    }
+    const uint64_t *e = early_slot(p);
+    uint64_t want = 0, got = 0;
+    for (int i = 2; i + 1 < early_len[p]; i += 2)
+        if (e[i] == t->id)
+            want += e[i + 1];
+    for (int s = 0; s < svp.ncomms; s++) {
+        const tracked_comm *u = &svp.comms[s];
+        if (u->comm == MPI_COMM_NULL || u->id != t->id)
+            continue;
+        for (int k = 0; k < u->size; k++)
+            if (s == c ? k == r : u->world[k] == p)
+                got += u->recv[k];
+    }
+    return got < want;
+}
+
+/* One turn of a cut's drain on slot c: takes into the buffer what drainable() allows. */
+static void drain_comm(int c, uint64_t epoch)
+{
+    const tracked_comm *t = &svp.comms[c];
+    int flag = 0;
+    MPI_Status st;
+    /* Whatever came first, while it may be taken (the common case: one probe). */
+    for (;;) {
+        if (t->comm == MPI_COMM_NULL)
+            return; /* freed */
+        PMPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, t->comm, &flag, &st);
+        if (!flag)
+            return;
+        if (!drainable(c, st.MPI_SOURCE, epoch))
+            break;
+        svp_drain_one(c, &st);
+    }
+    /* A message left in place hides the others behind it from MPI_ANY_SOURCE: one source at
+     * a time. */
+    for (int r = 0; r < t->size; r++) {
+        while (t->comm != MPI_COMM_NULL && drainable(c, r, epoch)) {
+            PMPI_Iprobe(r, MPI_ANY_TAG, t->comm, &flag, &st);
+            if (!flag)
+                break;
+            svp_drain_one(c, &st);
+        }
+    }
+}
+
 void svp_cut(uint64_t epoch)
 {
     /* 1. my counts to every peer */
-    uint64_t *out = malloc((size_t)svp.np * 2 * sizeof(uint64_t));
+    uint64_t *out = NULL;
     MPI_Request *rq = malloc((size_t)svp.np * sizeof(MPI_Request));
-    int *have = calloc((size_t)svp.np, sizeof(int));
-    if (out == NULL || rq == NULL || have == NULL)
+    have = calloc((size_t)svp.np, sizeof(int));
+    if (rq == NULL || have == NULL)
         svp_die("out of memory");
-    int nrq = 0;
-    for (int p = 0; p < svp.np; p++) {
-        if (p == svp.me)
-            continue;
-        out[2 * p] = epoch;
-        out[2 * p + 1] = svp.sent[p];
-        PMPI_Isend(&out[2 * p], 2, MPI_UINT64_T, p, TAG_COUNTS, svp.ctl, &rq[nrq++]);
-    }
+    int nrq = send_counts(epoch, &out, rq);
     /* 2. drain until every peer's count is met and my collectives are complete */
     have[svp.me] = 1;
     svp.drained = 0;
     svp_drain_matched();
     unsigned long spins = 0;
     for (;;) {
-        for (int p = 0; p < svp.np; p++) {
-            if (have[p] || !have_early[p])
-                continue;
-            uint64_t *e = early_slot(p);
-            have_early[p] = 0;
-            if (e[0] == epoch)
-                have[p] = 1;
-            else if (e[0] < epoch)
-                continue; /* stale */
-            else
-                svp_die("COUNTS for a later epoch during a cut");
-            have_early[p] = 1; /* keep the counts in the slot for the check below */
-        }
+        for (int p = 0; p < svp.np; p++)
+            absorb_counts(p, epoch);
         svp_finish_alignment();
         if (svp_ndeferred)
             svp_progress_deferred();
         int open_colls = svp_poll_pending();
-        for (int c = 0; c < svp.ncomms; c++) {
-            for (;;) {
-                int flag = 0;
-                MPI_Status st;
-                if (svp.comms[c].comm == MPI_COMM_NULL)
-                    break; /* freed */
-                PMPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, svp.comms[c].comm, &flag, &st);
-                if (!flag)
-                    break;
-                svp_drain_one(c, &st);
-            }
-        }
+        for (int c = 0; c < svp.ncomms; c++)
+            drain_comm(c, epoch);
         int done = open_colls == 0;
         for (int p = 0; p < svp.np; p++) {
             if (!have[p]) {
@@ -210,7 +332,7 @@ void svp_cut(uint64_t epoch)
         if (done)
             break;
         if (++spins == 2000000)
-            dump_drain(epoch, have, open_colls);
+            dump_drain(epoch, open_colls);
         int flag = 0;
         MPI_Status st;
         PMPI_Iprobe(MPI_ANY_SOURCE, TAG_COUNTS, svp.ctl, &flag, &st);
@@ -235,6 +357,7 @@ void svp_cut(uint64_t epoch)
     free(out);
     free(rq);
     free(have);
+    have = NULL;
     __atomic_store_n(&svp.served, epoch, __ATOMIC_RELEASE); /* the progress thread reads it */
 
     /* 3. report, wait, resume */

@@ -57,59 +57,12 @@ void svp_park(uint64_t epoch)
         svp_wait_gate();
 }
 
-void svp_ask_passage(void)
-{
-    __atomic_store_n(&svp_gate.in, 0, __ATOMIC_RELEASE);
-    __atomic_store_n(&svp_gate.pass, PASS_ASKED, __ATOMIC_RELEASE);
-    for (;;) {
-        if (__atomic_load_n(&svp_gate.pass, __ATOMIC_ACQUIRE) == PASS_GIVEN) {
-            /* The progress thread waits for the end of the call: no fence needed. */
-            __atomic_store_n(&svp_gate.in, 1, __ATOMIC_RELAXED);
-            return;
-        }
-        if (!__atomic_load_n(&svp_gate.shut, __ATOMIC_ACQUIRE)) {
-            /* The cut is over: take the passage back and come in as usual, unless the
-             * progress thread has just given it, or the gate shut again. */
-            int asked = PASS_ASKED;
-            if (!__atomic_compare_exchange_n(&svp_gate.pass, &asked, 0, 0, __ATOMIC_ACQ_REL,
-                                             __ATOMIC_ACQUIRE))
-                continue;
-            if (!svp_step_in())
-                return;
-            __atomic_store_n(&svp_gate.in, 0, __ATOMIC_RELEASE);
-            __atomic_store_n(&svp_gate.pass, PASS_ASKED, __ATOMIC_RELEASE);
-        }
-        futex_wait_ms(&svp_gate.pass, PASS_ASKED, 1);
-    }
-}
-
-void svp_end_passage(void)
-{
-    __atomic_store_n(&svp_gate.in, 0, __ATOMIC_RELEASE);
-    if (__atomic_load_n(&svp_gate.pass, __ATOMIC_ACQUIRE) == PASS_GIVEN) {
-        __atomic_store_n(&svp_gate.pass, 0, __ATOMIC_RELEASE);
-        futex_wake(&svp_gate.pass);
-    }
-}
-
-void svp_give_passage(void)
-{
-    int asked = PASS_ASKED;
-    if (!__atomic_compare_exchange_n(&svp_gate.pass, &asked, PASS_GIVEN, 0, __ATOMIC_ACQ_REL,
-                                     __ATOMIC_ACQUIRE))
-        return;
-    futex_wake(&svp_gate.pass);
-    while (__atomic_load_n(&svp_gate.pass, __ATOMIC_ACQUIRE) != 0)
-        futex_wait_ms(&svp_gate.pass, PASS_GIVEN, 1);
-}
-
 static void open_gate(void)
 {
     __atomic_store_n(&svp_gate.shut, 0, __ATOMIC_RELEASE);
     futex_wake(&svp_gate.shut);
     __atomic_fetch_add(&svp_gate.cuts, 1, __ATOMIC_RELEASE);
     futex_wake(&svp_gate.cuts);
-    futex_wake(&svp_gate.pass); /* an asked passage takes itself back */
 }
 
 /* Whether the cut of epoch e no longer needs making: made (by the application's thread inside
@@ -216,15 +169,14 @@ static void stop_progress(void)
 }
 
 /* The thread level the layer initialises MPI at for a program that asked for `required`:
- * with the progress thread (SYMVIRT_PROGRESS_THREAD=1), MPI_THREAD_SERIALIZED at least, so
- * that it may call MPI while the application's thread is outside it; otherwise, or for
- * MPI_THREAD_MULTIPLE (not covered: the gate would serialise the program's threads), what the
- * program asked. The thread is off unless asked for: a known race (see "A rank outside MPI"
- * at the top of pmpi_internal.h) can make a cut count a message MPI_Intercomm_create sends. */
+ * with the progress thread (the default; SYMVIRT_PROGRESS_THREAD=0 turns it off),
+ * MPI_THREAD_SERIALIZED at least, so that it may call MPI while the application's thread is
+ * outside it; otherwise, or for MPI_THREAD_MULTIPLE (not covered: the gate would serialise the
+ * program's threads), what the program asked. */
 static int progress_off(void)
 {
     const char *env = getenv("SYMVIRT_PROGRESS_THREAD");
-    return env == NULL || strcmp(env, "1") != 0;
+    return env != NULL && strcmp(env, "0") == 0;
 }
 
 static int wanted_level(int required)

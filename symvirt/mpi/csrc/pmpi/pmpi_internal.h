@@ -1,23 +1,26 @@
 /* SymVirt transparent mode: a PMPI interposition library (LD_PRELOAD) that brings an
  * unmodified MPI application to a consistent cut when the guest agent asks for one.
  *
- * Counting is per MPI_COMM_WORLD peer, whatever the communicator: every communicator the
+ * Counting is per MPI_COMM_WORLD peer, and per communicator: every communicator the
  * application uses has a slot with its ranks translated to WORLD ranks once (remote group for
- * intercommunicators). Slots are made when a communicator is created through a wrapped call
+ * intercommunicators) and its own counts per rank. Slots are made when a communicator is created through a wrapped call
  * (MPI_Comm_dup/_with_info, split, split_type, create, create_group, Cart_create, Cart_sub,
  * Graph_create, Dist_graph_create(_adjacent), Intercomm_create/_merge), or on first use for
  * any other; an attribute's delete callback releases the slot when the communicator is freed,
- * by any path. Every send counts sent[world peer] when it is started; every receive counts
- * received[world peer] when it completes (or, during a drain, when MPI_Request_get_status
- * sees it complete, without freeing the application's request).
+ * by any path. Every send counts sent[world peer] (and on its slot) when it is started; every
+ * receive counts received[world peer] (and on its slot) when it completes (or, during a drain,
+ * when MPI_Request_get_status sees it complete, without freeing the application's request).
  *
  * The cut for epoch E, entered from any wrapper's progress loop when the agent requested E
  * (watcher thread, one atomic load) or when a peer's COUNTS message arrives:
- *   1. send COUNTS{E, sent[p]} to every peer p (private communicator);
+ *   1. send COUNTS{E, sent[p], and per communicator: its identity, sent there} to every peer
+ *      p (private communicator);
  *   2. until every peer's COUNTS arrived and received[p] == its sent count, and every
  *      non-blocking collective this rank started has completed: complete the application's
- *      pending receives (get_status), receive every unexpected message on every communicator
- *      into the layer's buffer (delivered later, in arrival order, exactly once: a receive,
+ *      pending receives (get_status), receive the unexpected messages into the layer's buffer
+ *      (from a peer that counted, only on the communicators where it sent more than arrived:
+ *      a message it did not count is not the program's, see drainable() in cut.c; from one
+ *      that has not, any) (delivered later, in arrival order, exactly once: a receive,
  *      probe, matched probe, Irecv or a persistent receive's Start first looks in the buffer,
  *      honouring MPI matching rules: ANY_SOURCE, ANY_TAG, and non-overtaking per source), and
  *      receive into it too the messages a matched probe (MPI_Mprobe) handed to the
@@ -47,25 +50,16 @@
  * cut is made (svp_step_aside); alignments and deferred starts, which only answer cuts, look
  * for peers' COUNTS every turn while the gate is shut. So every cut is made by a thread that
  * sleeps between its turns (svp_pause) instead of yielding behind computing threads, with
- * Open MPI's own yield off (see make_cut). The collectives the layer does not align
- * (Comm_create_group, Intercomm_create) get through a shut gate between two turns of the
- * cut (GUARD_PASSAGE): a peer inside one waits for this rank and answers no cut there.
+ * Open MPI's own yield off (see make_cut).
  * Safe for both MPIs because MPI is initialised at MPI_THREAD_SERIALIZED (the program's
  * MPI_Init asks for it; an MPI_Init_thread for less is raised to it): two threads may call
  * MPI, never at once, which the gate ensures; neither Open MPI nor MPICH takes locks below
  * MPI_THREAD_MULTIPLE. The normal run pays two stores and a load per wrapped call (a mutex,
  * tried first, cost Open MPI's 0.165 us ping-pong 21%): the store-load ordering the
  * handshake needs is forced by membarrier(2) from the progress thread, once per cut.
- * The thread is off unless SYMVIRT_PROGRESS_THREAD=1. Known race, found under load
- * (transparent.rs *_intercommunicator_* with both cores busy: 5 failures in 6 runs with the
- * thread, 0 in 4 without): a passage lets the application's MPI_Intercomm_create run in the
- * middle of the progress thread's cut; its leaders exchange a message on the peer
- * communicator with the program's tag, which a peer's drain, still waiting for a message
- * from this rank on another communicator, can take as the program's (counts are per WORLD
- * peer, not per communicator): that peer then counts one more received than sent and aborts
- * the job. Counting per (peer, communicator) would close it; not done.
+ * The thread is on unless SYMVIRT_PROGRESS_THREAD=0.
  * Not covered: programs that ask for MPI_THREAD_MULTIPLE (no gate, no thread: their threads
- * would be serialised), the thread switched off (the default), and ranks with a window or
+ * would be serialised), the thread switched off, and ranks with a window or
  * an MPI-IO file open: the application's thread may be inside a one-sided or MPI-IO call the
  * layer does not wrap, so it makes the cut itself at its next wrapped call, as without the
  * thread (see svp_unwrapped_calls_possible). Other calls the layer does not wrap run outside
@@ -83,7 +77,9 @@
  * and enters it. A member that answers a peer's cut while its alignment is pending may learn
  * inside that cut that the members agreed on the collective (others may already be in it,
  * waiting for this rank): it then runs the collective there (a record of its arguments, see
- * coll below).
+ * coll below). MPI_Comm_create_group and MPI_Intercomm_create, collective over members no
+ * communicator holds together, are aligned the same way over a stand-in for one (see
+ * comm_create.c).
  * Non-blocking collectives return at once with a request of the layer's; the real one starts
  * once every member has called it (see deferred.c), so every real non-blocking collective in
  * flight was started by all its members and completes while they drain, and a rank never
@@ -112,8 +108,7 @@
  * src/verbs.rs), nowhere on the MPI calls' paths.
  *
  * Not covered (documented limits, also in symvirt/mpi/README.md): one-sided operations
- * (see above; PSCW and passive-target synchronization are not aligned); MPI_Comm_create_group
- * and intercommunicator creation are not aligned (their communicators are tracked);
+ * (see above; PSCW and passive-target synchronization are not aligned);
  * non-blocking collectives on intercommunicators are aligned at their start like blocking
  * ones (a rank waits there for its peers); persistent collectives (MPI 4); Open MPI Fortran
  * entry points other than those in ../symvirt_pmpi_fortran.c; the mpi_f08 bindings; processes
@@ -121,7 +116,8 @@
  *
  * Environment: SYMVIRT_AGENT_SOCKET (agent's rank socket), SYMVIRT_CUT_LOG (a directory: each
  * rank writes cut-E-R with its per-peer sent and received counts at the cut, and resumed-E-R),
- * SYMVIRT_PROGRESS_THREAD (1: the progress thread, see below), SYMVIRT_CONNECT_TIMEOUT_MS, SYMVIRT_QUIESCE_TIMEOUT_MS, SYMVIRT_VERBS_DEVICE_DIR (test hook: a
+ * SYMVIRT_PROGRESS_THREAD (0: no progress thread, see above), SYMVIRT_CONNECT_TIMEOUT_MS,
+ * SYMVIRT_QUIESCE_TIMEOUT_MS, SYMVIRT_VERBS_DEVICE_DIR (test hook: a
  * directory standing in for /dev/infiniband/).
  *
  * The files (one room each; this header declares what they share):
@@ -162,6 +158,7 @@
 #define MAX_COMMS 256
 #define TAG_COUNTS 1
 #define TAG_HOLD 2    /* zero-byte self messages that stand for held (drained) messages */
+#define TAG_GROUP 3   /* an MPI_Intercomm_create's groups, leader to leader to members */
 #define TAG_DRAINED 8 /* the post-drain barrier on the COUNTS communicator (rounds add) */
 #define TAG_ALIGN 64  /* alignments on the private MPI_COMM_WORLD duplicate (see agreement) */
 
@@ -180,6 +177,9 @@ typedef struct {
      * alignments it had. */
     uint32_t id;
     unsigned children, seq;
+    /* Messages counted on it, per rank in comm (remote group): a cut's drain takes from a peer
+     * only on the communicators where that peer sent more than arrived (see cut.c). */
+    uint64_t *sent, *recv;
 } tracked_comm;
 
 /* A request the layer watches until it completes. */
@@ -285,10 +285,7 @@ typedef struct {
     int in;   /* written by the application's thread only */
     int shut; /* written by the progress thread only; a futex word */
     int cuts; /* bumped by the progress thread after each cut it made; a futex word */
-    int pass; /* a futex word: PASS_ASKED by the application's thread, PASS_GIVEN by the
-               * progress thread, 0 again when the call is over (see GUARD_PASSAGE) */
 } svp_gate_t;
-enum { PASS_ASKED = 1, PASS_GIVEN = 2 };
 extern svp_gate_t svp_gate;
 /* Set at MPI_Init when the progress thread runs (never for MPI_THREAD_MULTIPLE programs). */
 extern int svp_gated;
@@ -346,36 +343,6 @@ static inline void svp_step_aside(void)
 /* First statement of every wrapper: in at the gate, out when the wrapper returns. */
 #define GUARD() int svp_guard_ __attribute__((cleanup(svp_leave), unused)) = (svp_enter(), 0)
 
-/* The gate was shut at the start of a call that must get through (see GUARD_PASSAGE). */
-void svp_ask_passage(void);
-/* The end of a call that got through that way. */
-void svp_end_passage(void);
-/* The progress thread, between two turns of its cut: lets an asked passage through and waits
- * until its call is over. */
-void svp_give_passage(void);
-
-static inline void svp_enter_passage(void)
-{
-    if (svp_gated && svp_depth++ == 0 && svp_step_in())
-        svp_ask_passage();
-}
-
-static inline void svp_leave_passage(int *scope)
-{
-    (void)scope;
-    if (svp_gated && --svp_depth == 0)
-        svp_end_passage();
-}
-
-/* GUARD for the collectives the layer does not align (MPI_Comm_create_group,
- * MPI_Intercomm_create): a peer may already be inside one, waiting for this rank, and it
- * answers no cut there, so the cut this rank's progress thread is making could not finish.
- * Such a call gets through a shut gate: the progress thread stops between two turns of the
- * cut while it runs (the two still never call MPI at once). */
-#define GUARD_PASSAGE()                                                                         \
-    int svp_guard_ __attribute__((cleanup(svp_leave_passage), unused)) =                       \
-        (svp_enter_passage(), 0)
-
 /* The request of the blocking receive in progress (MPI_Recv): the application never sees it,
  * so it is neither cancelled nor looked up, and a slot of its own keeps the list of pending
  * requests off the latency path. A cut counts it if it completes meanwhile. */
@@ -411,6 +378,8 @@ int svp_on_comm_delete(MPI_Comm c, int keyval, void *val, void *extra);
 /* Starts observing c: its ranks translated to WORLD ranks once. Returns its slot, or -1 (a
  * communicator reaching outside MPI_COMM_WORLD, or the table is full: warned once). */
 int svp_track_comm(MPI_Comm c);
+/* A hash of n WORLD ranks (FNV-1a), in their order. */
+uint32_t svp_hash_ranks(const int *ranks, int n);
 
 /* The wrappers' fast path (every call looks up its communicator, every message is counted):
  * inline, as it was when the layer was one file. */
@@ -443,14 +412,18 @@ static inline int svp_unwrapped_calls_possible(void)
 
 static inline void svp_count_send(int cid, int dest)
 {
-    if (cid >= 0 && dest >= 0 && dest < svp.comms[cid].size)
+    if (cid >= 0 && dest >= 0 && dest < svp.comms[cid].size) {
         svp.sent[svp.comms[cid].world[dest]]++;
+        svp.comms[cid].sent[dest]++;
+    }
 }
 
 static inline void svp_count_recv(int cid, const MPI_Status *st)
 {
-    if (st->MPI_SOURCE >= 0 && st->MPI_SOURCE < svp.comms[cid].size)
+    if (st->MPI_SOURCE >= 0 && st->MPI_SOURCE < svp.comms[cid].size) {
         svp.recv[svp.comms[cid].world[st->MPI_SOURCE]]++;
+        svp.comms[cid].recv[st->MPI_SOURCE]++;
+    }
 }
 
 /* ---- requests.c: pending requests, and waiting for one ------------------------------------ */
@@ -539,8 +512,6 @@ static inline void svp_pause(void)
 {
     if (svp_in_progress_thread) {
         const struct timespec t = {0, 50000};
-        if (__atomic_load_n(&svp_gate.pass, __ATOMIC_ACQUIRE) == PASS_ASKED)
-            svp_give_passage();
         nanosleep(&t, NULL);
     } else {
         sched_yield();
@@ -597,6 +568,9 @@ typedef struct coll {
     MPI_Info info;      /* also window creation's */
     MPI_Group group;    /* MPI_Comm_create */
     int color, key;     /* MPI_Comm_split(_type) */
+    int tag;            /* MPI_Comm_create_group, MPI_Intercomm_create */
+    int lleader, rleader; /* MPI_Intercomm_create (comm is its local communicator) */
+    MPI_Comm peer;
     int split_type;     /* MPI_Comm_split_type */
     int high;           /* MPI_Intercomm_merge */
     int reorder;        /* the topology constructors */
@@ -644,6 +618,9 @@ void svp_finish_alignment(void);
 /* Agreement before a collective (or finalize: c NULL) on the communicator in slot cid, then
  * the collective; see the top. */
 int svp_align(int cid, coll *c);
+/* The same among t's members (t->world, size, me, id, seq; an intracommunicator's slot, or a
+ * stand-in for members no communicator holds together: see comm_create.c). */
+int svp_align_on(tracked_comm *t, coll *c);
 
 /* ---- deferred.c: non-blocking collectives --------------------------------------------------- */
 

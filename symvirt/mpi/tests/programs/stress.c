@@ -43,9 +43,10 @@
  *              on a communicator nobody sends on, timing it (see DIR/entries-R below)
  *   compute_nb Irecv from the left and Isend of a large (rendezvous) message to the right,
  *              the same compute phase with both outstanding, then Waitall and checks
- *   inter      an intercommunicator between the halves (Intercomm_create, merged once): a
- *              message to the remote rank with the same index, ANY_SOURCE receive, an Allreduce
- *              and a Barrier on it
+ *   inter      an intercommunicator between the halves (Intercomm_create, remade every 4
+ *              iterations from halves made by Comm_split or Comm_create_group, merged each
+ *              time): a message to the remote rank with the same index, ANY_SOURCE receive, an
+ *              Allreduce and a Barrier on it
  *   io         an MPI-IO file (DIR/io.dat, opened at the first iteration, closed at the end):
  *              every rank writes its block with MPI_File_write_at_all, the file is synced, and
  *              every rank reads its right neighbour's block back with MPI_File_read_at_all
@@ -968,18 +969,36 @@ static void cancel(void)
     MPI_Wait(&s, MPI_STATUS_IGNORE);
 }
 
-/* inter: an intercommunicator between the two halves (made once, and merged once): each rank
- * sends to the remote rank with its own index and receives with ANY_SOURCE; an Allreduce (each
- * group gets the other's sum) and a Barrier on the intercommunicator. */
+/* inter: an intercommunicator between the two halves (remade every 4 iterations, its local
+ * halves made with MPI_Comm_split or, every other time, MPI_Comm_create_group; merged each
+ * time): each rank sends to the remote rank with its own index and receives with ANY_SOURCE;
+ * an Allreduce (each group gets the other's sum) and a Barrier on the intercommunicator. */
 static MPI_Comm inter = MPI_COMM_NULL, inter_local;
-static int inter_remote[MAXP], inter_rsize, inter_lrank;
+static int inter_remote[MAXP], inter_rsize, inter_lrank, inter_made;
 
 static void intercomm(void)
 {
     if (np % 2 != 0)
         fail("inter needs an even number of ranks", np);
+    if (inter != MPI_COMM_NULL && iteration % 4 == 0) {
+        /* The half last: a call over one half only, right before the next creation, lets the
+         * other half go ahead into it (a cut must not then wait for the creation, nor the
+         * creation for the cut). */
+        MPI_Comm_free(&inter);
+        MPI_Comm_free(&inter_local);
+    }
     if (inter == MPI_COMM_NULL) {
-        MPI_Comm_split(MPI_COMM_WORLD, me < np / 2, me, &inter_local);
+        if (inter_made++ % 2 == 0) {
+            MPI_Comm_split(MPI_COMM_WORLD, me < np / 2, me, &inter_local);
+        } else {
+            MPI_Group wg, half;
+            int range[1][3] = {{me < np / 2 ? 0 : np / 2, me < np / 2 ? np / 2 - 1 : np - 1, 1}};
+            MPI_Comm_group(MPI_COMM_WORLD, &wg);
+            MPI_Group_range_incl(wg, 1, range, &half);
+            MPI_Comm_create_group(MPI_COMM_WORLD, half, 92, &inter_local);
+            MPI_Group_free(&half);
+            MPI_Group_free(&wg);
+        }
         MPI_Comm_rank(inter_local, &inter_lrank);
         MPI_Intercomm_create(inter_local, 0, MPI_COMM_WORLD, me < np / 2 ? np / 2 : 0, 90,
                              &inter);
