@@ -74,6 +74,19 @@ static uint32_t hash_group(MPI_Comm c)
     return h;
 }
 
+void svp_sum_counts(void)
+{
+    memcpy(svp.sent, svp.retired_sent, (size_t)svp.np * sizeof(uint64_t));
+    memcpy(svp.recv, svp.retired_recv, (size_t)svp.np * sizeof(uint64_t));
+    for (int c = 0; c < svp.ncomms; c++) {
+        const tracked_comm *t = &svp.comms[c];
+        for (int r = 0; t->sent != NULL && r < t->size; r++) {
+            svp.sent[t->world[r]] += t->sent[r];
+            svp.recv[t->world[r]] += t->recv[r];
+        }
+    }
+}
+
 int svp_track_comm(MPI_Comm c)
 {
     if (c == MPI_COMM_NULL)
@@ -96,6 +109,13 @@ int svp_track_comm(MPI_Comm c)
         cid = svp.ncomms++;
     }
     tracked_comm *t = &svp.comms[cid];
+    /* The slot's counts stay in the totals. */
+    for (int r = 0; t->sent != NULL && r < t->size; r++) {
+        if (t->sent[r] > 0)
+            svp.retired_sent[t->world[r]] += t->sent[r];
+        if (t->recv[r] > 0)
+            svp.retired_recv[t->world[r]] += t->recv[r];
+    }
     free(t->world);
     free(t->sent);
     free(t->recv);
@@ -127,6 +147,7 @@ int svp_track_comm(MPI_Comm c)
             if (!warned++)
                 fprintf(stderr, "symvirt-pmpi rank %d: a communicator reaches processes "
                                 "outside MPI_COMM_WORLD; it passes through unobserved\n", svp.me);
+            t->size = 0; /* nothing counted on it */
             if (cid == svp.ncomms - 1)
                 svp.ncomms--;
             return -1;

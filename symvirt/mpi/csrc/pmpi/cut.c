@@ -302,6 +302,7 @@ void svp_cut(uint64_t epoch)
     have = calloc((size_t)svp.np, sizeof(int));
     if (rq == NULL || have == NULL)
         svp_die("out of memory");
+    svp_sum_counts();
     int nrq = send_counts(epoch, &out, rq);
     /* 2. drain until every peer's count is met and my collectives are complete */
     have[svp.me] = 1;
@@ -318,6 +319,7 @@ void svp_cut(uint64_t epoch)
         for (int c = 0; c < svp.ncomms; c++)
             drain_comm(c, epoch);
         int done = open_colls == 0;
+        svp_sum_counts();
         for (int p = 0; p < svp.np; p++) {
             if (!have[p]) {
                 done = 0;
@@ -361,6 +363,7 @@ void svp_cut(uint64_t epoch)
     __atomic_store_n(&svp.served, epoch, __ATOMIC_RELEASE); /* the progress thread reads it */
 
     /* 3. report, wait, resume */
+    svp_sum_counts();
     log_cut(epoch);
     symvirt_interconnect ic;
     memset(&ic, 0, sizeof ic);

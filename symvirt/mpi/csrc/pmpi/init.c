@@ -203,7 +203,10 @@ static void setup(void)
     svp_blocking.req = MPI_REQUEST_NULL;
     svp.sent = calloc((size_t)svp.np, sizeof(uint64_t));
     svp.recv = calloc((size_t)svp.np, sizeof(uint64_t));
-    if (svp.sent == NULL || svp.recv == NULL)
+    svp.retired_sent = calloc((size_t)svp.np, sizeof(uint64_t));
+    svp.retired_recv = calloc((size_t)svp.np, sizeof(uint64_t));
+    if (svp.sent == NULL || svp.recv == NULL || svp.retired_sent == NULL ||
+        svp.retired_recv == NULL)
         svp_die("out of memory");
     svp_cut_setup();
     if (svp_track_comm(MPI_COMM_WORLD) != 0)

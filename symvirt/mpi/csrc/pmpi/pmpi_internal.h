@@ -7,9 +7,10 @@
  * (MPI_Comm_dup/_with_info, split, split_type, create, create_group, Cart_create, Cart_sub,
  * Graph_create, Dist_graph_create(_adjacent), Intercomm_create/_merge), or on first use for
  * any other; an attribute's delete callback releases the slot when the communicator is freed,
- * by any path. Every send counts sent[world peer] (and on its slot) when it is started; every
- * receive counts received[world peer] (and on its slot) when it completes (or, during a drain,
- * when MPI_Request_get_status sees it complete, without freeing the application's request).
+ * by any path. Every send counts sent[rank] on its slot when it is started; every receive
+ * counts received[rank] on its slot when it completes (or, during a drain, when
+ * MPI_Request_get_status sees it complete, without freeing the application's request). A cut
+ * adds them up per WORLD peer (with the counts of slots reused since: svp_sum_counts).
  *
  * The cut for epoch E, entered from any wrapper's progress loop when the agent requested E
  * (watcher thread, one atomic load) or when a peer's COUNTS message arrives:
@@ -254,7 +255,9 @@ typedef struct {
     MPI_Comm self;  /* held messages (see matched) */
     int keyval;     /* attribute whose delete callback releases a communicator's slot */
     int ncomms;     /* slots in use are below this */
-    uint64_t *sent, *recv; /* per WORLD peer */
+    /* Per WORLD peer: what slots counted before they were reused (comms.c), and the totals
+     * with the slots' counts added (svp_sum_counts: the cut's). */
+    uint64_t *retired_sent, *retired_recv, *sent, *recv;
     LIST(tracked_req, reqs);
     LIST(persistent, pers);
     LIST(substitute, subst);
@@ -378,6 +381,8 @@ int svp_on_comm_delete(MPI_Comm c, int keyval, void *val, void *extra);
 /* Starts observing c: its ranks translated to WORLD ranks once. Returns its slot, or -1 (a
  * communicator reaching outside MPI_COMM_WORLD, or the table is full: warned once). */
 int svp_track_comm(MPI_Comm c);
+/* svp.sent and svp.recv, per WORLD peer: the retired counts plus every slot's. */
+void svp_sum_counts(void);
 /* A hash of n WORLD ranks (FNV-1a), in their order. */
 uint32_t svp_hash_ranks(const int *ranks, int n);
 
@@ -413,7 +418,6 @@ static inline int svp_unwrapped_calls_possible(void)
 static inline void svp_count_send(int cid, int dest)
 {
     if (cid >= 0 && dest >= 0 && dest < svp.comms[cid].size) {
-        svp.sent[svp.comms[cid].world[dest]]++;
         svp.comms[cid].sent[dest]++;
     }
 }
@@ -421,7 +425,6 @@ static inline void svp_count_send(int cid, int dest)
 static inline void svp_count_recv(int cid, const MPI_Status *st)
 {
     if (st->MPI_SOURCE >= 0 && st->MPI_SOURCE < svp.comms[cid].size) {
-        svp.recv[svp.comms[cid].world[st->MPI_SOURCE]]++;
         svp.comms[cid].recv[st->MPI_SOURCE]++;
     }
 }
