@@ -136,23 +136,14 @@ int MPI_Comm_create_group(MPI_Comm comm, MPI_Group group, int tag, MPI_Comm *new
     int n = 0;
     if (!svp.ready || svp.closed || PMPI_Group_size(group, &n) != MPI_SUCCESS || n <= 0)
         return c.run(&c);
-    MPI_Group wgrp;
-    int *ranks = malloc((size_t)n * 2 * sizeof(int));
-    if (ranks == NULL)
-        svp_die("out of memory");
+    int *world = svp_world_ranks(group, &n), outside = 0;
     for (int i = 0; i < n; i++)
-        ranks[i] = i;
-    PMPI_Comm_group(MPI_COMM_WORLD, &wgrp);
-    PMPI_Group_translate_ranks(group, n, ranks, wgrp, ranks + n);
-    PMPI_Group_free(&wgrp);
-    int outside = 0;
-    for (int i = 0; i < n; i++)
-        outside |= ranks[n + i] == MPI_UNDEFINED;
+        outside |= world[i] == MPI_UNDEFINED;
     int pc = CID(comm);
     if (pc >= 0)
         svp_start_deferred_on(pc);
-    int rc = outside ? svp_perform(&c) : align_over(ranks + n, n, 0x47524f55u, &c);
-    free(ranks);
+    int rc = outside ? svp_perform(&c) : align_over(world, n, 0x47524f55u, &c);
+    free(world);
     return rc;
 }
 

@@ -53,24 +53,34 @@ uint32_t svp_hash_ranks(const int *ranks, int n)
     return h;
 }
 
+int *svp_world_ranks(MPI_Group grp, int *size)
+{
+    MPI_Group wgrp;
+    PMPI_Comm_group(MPI_COMM_WORLD, &wgrp);
+    *size = 0;
+    PMPI_Group_size(grp, size);
+    int n = *size > 0 ? *size : 1;
+    int *ranks = malloc((size_t)n * sizeof(int)), *world = malloc((size_t)n * sizeof(int));
+    if (ranks == NULL || world == NULL)
+        svp_die("out of memory");
+    for (int i = 0; i < *size; i++)
+        ranks[i] = i;
+    PMPI_Group_translate_ranks(grp, *size, ranks, wgrp, world);
+    free(ranks);
+    PMPI_Group_free(&wgrp);
+    return world;
+}
+
 /* The hash of the WORLD ranks of c's local group. */
 static uint32_t hash_group(MPI_Comm c)
 {
-    MPI_Group grp, wgrp;
+    MPI_Group grp;
     PMPI_Comm_group(c, &grp);
-    PMPI_Comm_group(MPI_COMM_WORLD, &wgrp);
     int size = 0;
-    PMPI_Group_size(grp, &size);
-    int *ranks = malloc((size_t)(size > 0 ? size : 1) * 2 * sizeof(int));
-    if (ranks == NULL)
-        svp_die("out of memory");
-    for (int i = 0; i < size; i++)
-        ranks[i] = i;
-    PMPI_Group_translate_ranks(grp, size, ranks, wgrp, ranks + size);
-    uint32_t h = svp_hash_ranks(ranks + size, size);
-    free(ranks);
+    int *world = svp_world_ranks(grp, &size);
+    uint32_t h = svp_hash_ranks(world, size);
+    free(world);
     PMPI_Group_free(&grp);
-    PMPI_Group_free(&wgrp);
     return h;
 }
 
@@ -121,26 +131,18 @@ int svp_track_comm(MPI_Comm c)
     free(t->recv);
     int inter = 0;
     PMPI_Comm_test_inter(c, &inter);
-    MPI_Group grp, wgrp;
+    MPI_Group grp;
     if (inter)
         PMPI_Comm_remote_group(c, &grp);
     else
         PMPI_Comm_group(c, &grp);
-    PMPI_Comm_group(MPI_COMM_WORLD, &wgrp);
     int size = 0;
-    PMPI_Group_size(grp, &size);
-    int *ranks = malloc((size_t)(size > 0 ? size : 1) * sizeof(int));
-    t->world = malloc((size_t)(size > 0 ? size : 1) * sizeof(int));
+    t->world = svp_world_ranks(grp, &size);
+    PMPI_Group_free(&grp);
     t->sent = calloc((size_t)(size > 0 ? size : 1), sizeof(uint64_t));
     t->recv = calloc((size_t)(size > 0 ? size : 1), sizeof(uint64_t));
-    if (ranks == NULL || t->world == NULL || t->sent == NULL || t->recv == NULL)
+    if (t->sent == NULL || t->recv == NULL)
         svp_die("out of memory");
-    for (int i = 0; i < size; i++)
-        ranks[i] = i;
-    PMPI_Group_translate_ranks(grp, size, ranks, wgrp, t->world);
-    free(ranks);
-    PMPI_Group_free(&grp);
-    PMPI_Group_free(&wgrp);
     for (int i = 0; i < size; i++)
         if (t->world[i] == MPI_UNDEFINED) {
             static int warned;

@@ -383,6 +383,9 @@ int svp_on_comm_delete(MPI_Comm c, int keyval, void *val, void *extra);
 int svp_track_comm(MPI_Comm c);
 /* svp.sent and svp.recv, per WORLD peer: the retired counts plus every slot's. */
 void svp_sum_counts(void);
+/* The WORLD rank of each member of grp (MPI_UNDEFINED: outside MPI_COMM_WORLD), malloc'd;
+ * *size gets how many. */
+int *svp_world_ranks(MPI_Group grp, int *size);
 /* A hash of n WORLD ranks (FNV-1a), in their order. */
 uint32_t svp_hash_ranks(const int *ranks, int n);
 

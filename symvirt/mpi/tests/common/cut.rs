@@ -23,6 +23,21 @@ pub fn check_pairs(cut: &CutReport, epoch: u64) -> u64 {
     cut.messages()
 }
 
+/// The cut of `epoch` was made by each rank's own thread where a rank had an MPI-IO file open
+/// (it may have been inside an MPI-IO call the layer does not wrap), and everywhere when
+/// `own_thread_only` (the progress thread switched off). Returns how many ranks had a file open.
+pub fn check_cut_makers(dir: &Path, epoch: u64, own_thread_only: bool) -> usize {
+    let mut with_files = 0;
+    for (maker, files) in cut_threads(dir, epoch) {
+        assert!(
+            (files == 0 && !own_thread_only) || maker == "the application's thread",
+            "epoch {epoch}: a rank with {files} files open was cut by {maker}"
+        );
+        with_files += usize::from(files > 0);
+    }
+    with_files
+}
+
 /// Each rank's record of the cut of `epoch`: which thread made it ("the progress thread" or
 /// "the application's thread") and how many MPI-IO files the rank had open.
 pub fn cut_threads(dir: &Path, epoch: u64) -> Vec<(String, u32)> {
