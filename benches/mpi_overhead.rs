@@ -24,6 +24,11 @@
 //!   default 20; target p95 <= 50 ms), and `quiesce_ms_without_progress_thread`
 //!   (`SYMVIRT_PROGRESS_THREAD=0`, `NINJA_MPI_COMPUTE_REQUESTS_WITHOUT`, default 5: what a cut
 //!   cost before, the rest of the slowest rank's compute phase).
+//! - `quiesce_compute_explicit`: the same program linked with the explicit library instead,
+//!   its compute phases declared quiet (`symvirt_quiet_begin/end`, `STRESS_QUIET=1`; the
+//!   library's thread cuts them): `quiesce_ms` (same requests and target), and
+//!   `quiesce_ms_safe_points_only` (no quiet phases, `SYMVIRT_SAFE_POINT_DEPTH=0`: the cut
+//!   waits for a safe point; `NINJA_MPI_COMPUTE_REQUESTS_WITHOUT` requests).
 //!
 //! One JSON line per (mpi, scenario); a failed scenario prints a line with `error`. An MPI
 //! implementation that is not installed prints `SKIPPED: ...`.
@@ -33,7 +38,8 @@
 //! `NINJA_MPI_SAMPLES` (per launch), `NINJA_MPI_LAT_BYTES`, `NINJA_MPI_LAT_ROUNDS`,
 //! `NINJA_MPI_BW_BYTES`, `NINJA_MPI_BW_ROUNDS`, `NINJA_MPI_QUIESCE_REQUESTS`,
 //! `NINJA_MPI_STRESS_MODES`, `NINJA_MPI_COMPUTE_MS`, `NINJA_MPI_COMPUTE_REQUESTS`,
-//! `NINJA_MPI_COMPUTE_REQUESTS_WITHOUT`, `NINJA_MPI_SCENARIOS` (`pingpong,quiesce,quiesce_compute`),
+//! `NINJA_MPI_COMPUTE_REQUESTS_WITHOUT`, `NINJA_MPI_SCENARIOS`
+//! (`pingpong,quiesce,quiesce_compute,quiesce_compute_explicit`),
 //! `NINJA_MPI_QUIET_WAIT_S` (default 60, 0 in quick mode: before each
 //! pair of launches, wait at most this long for the shared CPUs to be idle;
 //! `pairs_started_quiet` in the line says how many pairs got such a window).
@@ -43,7 +49,7 @@
 #[path = "../symvirt/mpi/tests/common/mod.rs"]
 mod common;
 
-use common::{Job, RANKS, Rig, ethernet, libraries, outcome_while_running, program};
+use common::{Jitter, Job, RANKS, Rig, ethernet, libraries, outcome_while_running, program};
 use serde_json::{Value, json};
 use std::panic::AssertUnwindSafe;
 use std::process::{Command, Stdio};
@@ -117,7 +123,9 @@ impl Settings {
                 pick(5, 2) as u64,
             ),
             scenarios: std::env::var("NINJA_MPI_SCENARIOS")
-                .unwrap_or_else(|_| "pingpong,quiesce,quiesce_compute".into())
+                .unwrap_or_else(|_| {
+                    "pingpong,quiesce,quiesce_compute,quiesce_compute_explicit".into()
+                })
                 .split(',')
                 .map(|x| x.trim().to_string())
                 .collect(),
@@ -345,22 +353,30 @@ fn quiesce_once(rig: &Rig, job: &mut Job, epoch: u64) -> Result<Duration, String
     }
 }
 
-/// Runs the stress program with `modes` (and `extra_env`) under the layer, sends `requests`
+/// Runs the stress program with `modes` (and `extra_env`) under the layer (`Linkage::Plain`)
+/// or linked with the explicit library (`Linkage::Explicit`), sends `requests`
 /// migration requests after the pauses `gap` picks, and returns the request-to-quiesced times
 /// in milliseconds; the program's own checks must pass at the end.
 fn quiesce_times(
     mpi: MpiImpl,
     label: &str,
+    linkage: Linkage,
     modes: &str,
     extra_env: &[(&str, String)],
     requests: u64,
     mut gap: impl FnMut(u64) -> Duration,
 ) -> Result<Vec<f64>, String> {
     let rig = Rig::new(&format!("bench-{label}-{}", mpi.name()));
-    let prog = program(mpi, "stress.c", Linkage::Plain);
+    let prog = program(mpi, "stress.c", linkage);
     let work = rig.dir.0.join("work");
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
-    let mut env = rig.transparent_env(mpi);
+    let mut env = match linkage {
+        Linkage::Explicit => vec![(
+            "SYMVIRT_AGENT_SOCKET".to_string(),
+            rig.rank_socket().display().to_string(),
+        )],
+        _ => rig.transparent_env(mpi),
+    };
     env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.clone())));
     let work_arg = work.display().to_string();
     let args = [modes, work_arg.as_str(), "2"];
@@ -388,6 +404,7 @@ fn quiesce(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
     let times = quiesce_times(
         mpi,
         "q",
+        Linkage::Plain,
         &s.stress_modes,
         &[],
         s.quiesce_requests,
@@ -406,33 +423,74 @@ fn quiesce(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
 }
 
 fn quiesce_compute(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
+    compute_bound(
+        mpi,
+        s,
+        Variants {
+            scenario: "quiesce_compute",
+            linkage: Linkage::Plain,
+            seed: 0x9e37_79b9_7f4a_7c15,
+            fast: ("SYMVIRT_PROGRESS_THREAD", "1"),
+            slow: ("SYMVIRT_PROGRESS_THREAD", "0"),
+            slow_field: "quiesce_ms_without_progress_thread",
+        },
+    )
+}
+
+/// `quiesce_compute` for a program linked with the explicit library: its compute phases are
+/// quiet phases (`STRESS_QUIET=1`), cut by the library's thread; next to it the same program
+/// without quiet phases, cut at a safe point (`SYMVIRT_SAFE_POINT_DEPTH=0`: the first or
+/// second after the request), as before.
+fn quiesce_compute_explicit(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
+    compute_bound(
+        mpi,
+        s,
+        Variants {
+            scenario: "quiesce_compute_explicit",
+            linkage: Linkage::Explicit,
+            seed: 0x51_7cc1_b727_220a,
+            fast: ("STRESS_QUIET", "1"),
+            slow: ("SYMVIRT_SAFE_POINT_DEPTH", "0"),
+            slow_field: "quiesce_ms_safe_points_only",
+        },
+    )
+}
+
+/// A compute-bound scenario: the stress program linked as `linkage`, cut at random moments
+/// with the `fast` setting (`compute_requests` times) and with the `slow` one
+/// (`compute_requests_without` times, reported as `slow_field`).
+struct Variants {
+    scenario: &'static str,
+    linkage: Linkage,
+    seed: u64,
+    fast: (&'static str, &'static str),
+    slow: (&'static str, &'static str),
+    slow_field: &'static str,
+}
+
+fn compute_bound(mpi: MpiImpl, s: &Settings, v: Variants) -> Result<Value, String> {
     const MODES: &str = "compute,collective";
     // Moments spread over the compute phases (a fixed pseudo-random sequence).
-    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-    let mut random_gap = move |_| {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        Duration::from_millis(300 + (seed >> 33) % 2700)
-    };
+    let mut jitter = Jitter::seeded(v.seed);
+    let mut random_gap = move |_| Duration::from_millis(jitter.ms(300, 3000));
     let compute = ("STRESS_COMPUTE_MS", s.compute_ms.to_string());
-    let with = quiesce_times(
+    let label = |suffix: &str| format!("{}{suffix}", v.scenario);
+    let fast = quiesce_times(
         mpi,
-        "qc",
+        &label(""),
+        v.linkage,
         MODES,
-        &[
-            compute.clone(),
-            ("SYMVIRT_PROGRESS_THREAD", "1".to_string()),
-        ],
+        &[compute.clone(), (v.fast.0, v.fast.1.to_string())],
         s.compute_requests,
         &mut random_gap,
     )?;
-    let without = if s.compute_requests_without > 0 {
+    let slow = if s.compute_requests_without > 0 {
         let times = quiesce_times(
             mpi,
-            "qc0",
+            &label("-slow"),
+            v.linkage,
             MODES,
-            &[compute, ("SYMVIRT_PROGRESS_THREAD", "0".to_string())],
+            &[compute, (v.slow.0, v.slow.1.to_string())],
             s.compute_requests_without,
             &mut random_gap,
         )?;
@@ -440,20 +498,21 @@ fn quiesce_compute(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
     } else {
         Value::Null
     };
-    Ok(json!({
+    let mut line = json!({
         "bench": "mpi_overhead",
         "mpi": mpi.name(),
-        "scenario": "quiesce_compute",
+        "scenario": v.scenario,
         "quick": s.quick,
         "ranks": RANKS,
         "stress_modes": MODES,
         "compute_ms": s.compute_ms,
         "requests": s.compute_requests,
-        "quiesce_ms": spread(&with),
-        "quiesce_ms_without_progress_thread": without,
+        "quiesce_ms": spread(&fast),
         "p95_target_max_ms": COMPUTE_QUIESCE_P95_MAX_MS,
-        "within_target": p95(&with) <= COMPUTE_QUIESCE_P95_MAX_MS,
-    }))
+        "within_target": p95(&fast) <= COMPUTE_QUIESCE_P95_MAX_MS,
+    });
+    line[v.slow_field] = slow;
+    Ok(line)
 }
 
 /// Runs one scenario; a failure (error or panic inside the rig) becomes an `error` line.
@@ -493,6 +552,11 @@ fn main() {
         }
         if wanted("quiesce_compute") {
             report(mpi, "quiesce_compute", || quiesce_compute(mpi, &s));
+        }
+        if wanted("quiesce_compute_explicit") {
+            report(mpi, "quiesce_compute_explicit", || {
+                quiesce_compute_explicit(mpi, &s)
+            });
         }
     }
     if ran == 0 {

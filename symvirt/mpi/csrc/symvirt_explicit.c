@@ -1,19 +1,78 @@
 /* Explicit safe points: the MPI glue of the safe-point state machine (Rust core, see
  * src/safepoint.rs). Compiled once per MPI implementation. Uses PMPI_* so that the layer's own
- * traffic is never counted or intercepted by a PMPI tool, and a private duplicate of the
- * user's communicator so it never matches the application's messages. */
+ * traffic is never counted or intercepted by a PMPI tool, and private duplicates of the
+ * user's communicator so it never matches the application's messages.
+ *
+ * Quiet phases (symvirt_quiet_begin/end, contract in symvirt.h) are run by one leader, rank 0
+ * of the communicator, which sends every other rank verdicts {phase, epoch} for the current
+ * phase: any number of "cut now for epoch" (epoch > 0), then one "go on" (epoch 0). The others
+ * send the leader reports {phase, kind}: "going into cut k" (kind k > 0) for each cut verdict
+ * that finds them before their phase's end, and "ended" (kind 0) once, at their phase's end.
+ * The leader sends "cut" whenever a request is pending while it is inside the phase (at its
+ * begin, from its thread, or at its end), and "go on" once every rank has ended the phase. A
+ * rank leaves the phase only with "go on" in hand, so every rank stays inside it until the
+ * last one ends it (the phase's end is a barrier), and a "cut" finds every rank inside it or
+ * stops a rank there on arriving: by the contract no message of the program is in flight. The
+ * leader makes its own cut only once every rank has reported going into that cut or ended,
+ * and a rank makes its own after receiving the verdict: no message of the protocol is in
+ * flight either (a rank sends nothing more until it is through the cut). The cut is
+ * consistent, and any number of them can fall in one phase.
+ *
+ * Who makes the cut: the rank's quiet thread (started at the first quiet phase when MPI gives
+ * MPI_THREAD_SERIALIZED or more) while the application computes inside the phase; otherwise
+ * the application's thread at the phase's begin (verdict already there) or end. The thread
+ * calls MPI only while the application is inside a quiet phase (no MPI call there, by the
+ * contract) and under `lock`, which symvirt_quiet_end and symvirt_safe_point also take: the two
+ * threads never call MPI at once. A cut holds `lock` until the resume, so the application
+ * waits in symvirt_quiet_end. No deadlock: every rank the leader waits for has finished the
+ * exchange before the phase (by the contract it needs nothing from a rank inside the phase),
+ * and a rank waiting for its verdict has reported. */
 #include "symvirt.h"
 
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+
+#define VERDICT_TAG 1 /* leader -> rank: {phase, epoch (0: go on)} */
+#define REPORT_TAG 2  /* rank -> leader: {phase, cut k reached (k > 0) or ended (0)} */
+#define LEADER 0
 
 static struct {
-    MPI_Comm comm; /* private duplicate */
+    MPI_Comm comm; /* private duplicate: the safe points' agreement */
     MPI_Request req[SYMVIRT_SLOTS];
     uint64_t send[SYMVIRT_SLOTS];
     uint64_t recv[SYMVIRT_SLOTS];
     symvirt_sp *sp;
-} g = {.comm = MPI_COMM_NULL};
+    /* Quiet phases. */
+    MPI_Comm qcomm; /* private duplicate: the verdicts */
+    int qrank, qsize;
+    int thread_level; /* what MPI provides */
+    pthread_mutex_t lock;
+    pthread_t thread;
+    int have_thread;
+    atomic_int stop;
+    uint64_t phase; /* quiet phases begun */
+    int inside;     /* between symvirt_quiet_begin and symvirt_quiet_end */
+    /* The others, for `phase`: */
+    int ended;         /* reported its end */
+    int go_on;         /* "go on" received */
+    uint64_t cut_due;  /* a "cut" received and not made yet: its epoch */
+    uint64_t cuts_told; /* "cut" verdicts received */
+    /* The leader, for `phase`: */
+    int *rank_ended;       /* per rank */
+    uint64_t *rank_in_cut; /* per rank: the last cut it reported going into */
+    int nended;
+    uint64_t cuts_decided;
+    /* Both, for `phase`: an error the quiet thread met (it then stops acting), */
+    int thread_rc;
+    /* and the last cut made. */
+    int cuts;
+    int cut_by_thread;
+    int cut_rc;
+    symvirt_interconnect cut_ic;
+} g = {.comm = MPI_COMM_NULL, .qcomm = MPI_COMM_NULL, .lock = PTHREAD_MUTEX_INITIALIZER};
 
 static int op_start(void *ctx, int slot, uint64_t value)
 {
@@ -49,6 +108,16 @@ int symvirt_init(MPI_Comm comm)
     if (PMPI_Comm_dup(comm, &g.comm) != MPI_SUCCESS)
         return SYMVIRT_ERR_MPI;
     PMPI_Comm_set_errhandler(g.comm, MPI_ERRORS_RETURN);
+    if (PMPI_Comm_dup(comm, &g.qcomm) != MPI_SUCCESS)
+        return SYMVIRT_ERR_MPI;
+    PMPI_Comm_set_errhandler(g.qcomm, MPI_ERRORS_RETURN);
+    PMPI_Comm_rank(g.qcomm, &g.qrank);
+    PMPI_Comm_size(g.qcomm, &g.qsize);
+    PMPI_Query_thread(&g.thread_level);
+    g.rank_ended = calloc((size_t)g.qsize, sizeof *g.rank_ended);
+    g.rank_in_cut = calloc((size_t)g.qsize, sizeof *g.rank_in_cut);
+    if (g.rank_ended == NULL || g.rank_in_cut == NULL)
+        return SYMVIRT_ERR_STATE;
     /* Connecting may fail (no agent): the safe point is set up anyway so that every rank
      * takes part in the same collectives. */
     int agent = symvirt_ctl_open((uint32_t)rank, NULL,
@@ -64,7 +133,247 @@ int symvirt_safe_point(MPI_Comm comm, symvirt_interconnect *ic)
     (void)comm; /* the private duplicate made at init carries the agreement */
     if (g.sp == NULL)
         return SYMVIRT_ERR_STATE;
-    return symvirt_sp_poll(g.sp, ic);
+    pthread_mutex_lock(&g.lock);
+    int rc = g.inside ? SYMVIRT_ERR_STATE : symvirt_sp_poll(g.sp, ic);
+    pthread_mutex_unlock(&g.lock);
+    return rc;
+}
+
+/* Quiet phases: see the top. The functions below run with g.lock held. */
+
+static void pause_us(long us)
+{
+    struct timespec t = {0, us * 1000};
+    nanosleep(&t, NULL);
+}
+
+static void make_cut(uint64_t epoch, int by_thread)
+{
+    memset(&g.cut_ic, 0, sizeof g.cut_ic);
+    g.cut_rc = symvirt_sp_cut(g.sp, epoch, &g.cut_ic);
+    g.cuts++;
+    g.cut_by_thread = by_thread;
+}
+
+static int verdict_to_all(uint64_t epoch)
+{
+    uint64_t msg[2] = {g.phase, epoch};
+    for (int r = 0; r < g.qsize; r++)
+        if (r != LEADER &&
+            PMPI_Send(msg, 2, MPI_UINT64_T, r, VERDICT_TAG, g.qcomm) != MPI_SUCCESS)
+            return SYMVIRT_ERR_MPI;
+    return SYMVIRT_CONTINUE;
+}
+
+/* The leader: takes the reports that have arrived. */
+static int take_reports(void)
+{
+    for (;;) {
+        int arrived = 0;
+        MPI_Status st;
+        if (PMPI_Iprobe(MPI_ANY_SOURCE, REPORT_TAG, g.qcomm, &arrived, &st) != MPI_SUCCESS)
+            return SYMVIRT_ERR_MPI;
+        if (!arrived)
+            return SYMVIRT_CONTINUE;
+        uint64_t msg[2];
+        int r = st.MPI_SOURCE;
+        if (PMPI_Recv(msg, 2, MPI_UINT64_T, r, REPORT_TAG, g.qcomm, MPI_STATUS_IGNORE) !=
+            MPI_SUCCESS)
+            return SYMVIRT_ERR_MPI;
+        if (msg[0] != g.phase)
+            return SYMVIRT_ERR_STATE; /* the ranks' quiet phases are out of step */
+        if (msg[1] != 0)
+            g.rank_in_cut[r] = msg[1];
+        else if (!g.rank_ended[r]) {
+            g.rank_ended[r] = 1;
+            g.nended++;
+        }
+    }
+}
+
+/* The leader, inside the phase with a request pending: "cut", then its own cut once every
+ * rank has reported going into it or ended (see the top). */
+static int leader_cut(uint64_t epoch, int by_thread)
+{
+    int rc = verdict_to_all(epoch);
+    g.cuts_decided++;
+    for (int r = 0; rc == SYMVIRT_CONTINUE && r < g.qsize;) {
+        if (r == LEADER || g.rank_ended[r] || g.rank_in_cut[r] == g.cuts_decided) {
+            r++;
+            continue;
+        }
+        rc = take_reports();
+        if (rc == SYMVIRT_CONTINUE && !g.rank_ended[r] && g.rank_in_cut[r] != g.cuts_decided)
+            pause_us(50); /* ranks computing: their threads answer within a turn */
+    }
+    if (rc == SYMVIRT_CONTINUE)
+        make_cut(epoch, by_thread);
+    return rc;
+}
+
+/* The leader at its phase's end: until every rank has ended it, cutting for the requests that
+ * come meanwhile; then "go on". */
+static int leader_end(void)
+{
+    for (;;) {
+        int rc = take_reports();
+        uint64_t pending = symvirt_sp_pending(g.sp);
+        if (rc == SYMVIRT_CONTINUE && pending != 0)
+            rc = leader_cut(pending, 0);
+        if (rc != SYMVIRT_CONTINUE)
+            return rc;
+        if (pending == 0 && g.nended == g.qsize - 1)
+            return verdict_to_all(0);
+        if (pending == 0)
+            pause_us(50); /* up to the slowest rank's phase: yield the core */
+    }
+}
+
+static int report(uint64_t kind)
+{
+    uint64_t msg[2] = {g.phase, kind};
+    return PMPI_Send(msg, 2, MPI_UINT64_T, LEADER, REPORT_TAG, g.qcomm) == MPI_SUCCESS
+               ? SYMVIRT_CONTINUE
+               : SYMVIRT_ERR_MPI;
+}
+
+/* The others: follows the verdicts that have arrived, making the cuts they call for when
+ * `may_cut`; `wait`: until "go on". */
+static int follow(int wait, int may_cut, int by_thread)
+{
+    while (!g.go_on) {
+        if (g.cut_due != 0) {
+            if (!may_cut)
+                return SYMVIRT_CONTINUE;
+            int rc = g.ended ? SYMVIRT_CONTINUE : report(g.cuts_told);
+            if (rc != SYMVIRT_CONTINUE)
+                return rc;
+            make_cut(g.cut_due, by_thread);
+            g.cut_due = 0;
+            continue;
+        }
+        int arrived = 0;
+        if (PMPI_Iprobe(LEADER, VERDICT_TAG, g.qcomm, &arrived, MPI_STATUS_IGNORE) !=
+            MPI_SUCCESS)
+            return SYMVIRT_ERR_MPI;
+        if (!arrived) {
+            if (!wait)
+                return SYMVIRT_CONTINUE;
+            pause_us(50); /* up to the slowest rank's phase: yield the core */
+            continue;
+        }
+        uint64_t msg[2];
+        if (PMPI_Recv(msg, 2, MPI_UINT64_T, LEADER, VERDICT_TAG, g.qcomm, MPI_STATUS_IGNORE) !=
+            MPI_SUCCESS)
+            return SYMVIRT_ERR_MPI;
+        if (msg[0] != g.phase)
+            return SYMVIRT_ERR_STATE; /* the ranks' quiet phases are out of step */
+        if (msg[1] == 0) {
+            g.go_on = 1;
+        } else {
+            g.cuts_told++;
+            g.cut_due = msg[1];
+            /* The leader's request may come before this rank's own: wake the quiet thread. */
+            symvirt_ctl_request_locally(msg[1]);
+        }
+    }
+    return SYMVIRT_CONTINUE;
+}
+
+static void *quiet_thread(void *arg)
+{
+    (void)arg;
+    while (!atomic_load(&g.stop)) {
+        pthread_mutex_lock(&g.lock);
+        uint64_t pending = symvirt_sp_pending(g.sp);
+        int act = g.inside && g.thread_rc == SYMVIRT_CONTINUE;
+        if (act && g.qrank == LEADER && pending != 0)
+            g.thread_rc = leader_cut(pending, 1);
+        else if (act && g.qrank != LEADER && (pending != 0 || g.cut_due != 0))
+            g.thread_rc = follow(0, 1, 1);
+        if (g.thread_rc != SYMVIRT_CONTINUE) /* for symvirt_quiet_end to return */
+            pending = 0;
+        else
+            pending = symvirt_sp_pending(g.sp);
+        uint64_t requested = symvirt_ctl_requested();
+        pthread_mutex_unlock(&g.lock);
+        if (pending != 0)
+            pause_us(200); /* until the application enters a quiet phase, or the verdict comes */
+        else /* requested <= served: sleep until a higher epoch is asked */
+            symvirt_ctl_wait_requested(requested, 1000);
+    }
+    return NULL;
+}
+
+int symvirt_quiet_begin(MPI_Comm comm)
+{
+    (void)comm; /* the private duplicate made at init carries the protocol */
+    if (g.sp == NULL)
+        return SYMVIRT_ERR_STATE;
+    pthread_mutex_lock(&g.lock);
+    int rc = SYMVIRT_ERR_STATE;
+    if (!g.inside) {
+        g.phase++;
+        g.inside = 1;
+        g.ended = g.go_on = 0;
+        g.cut_due = g.cuts_told = 0;
+        memset(g.rank_ended, 0, (size_t)g.qsize * sizeof *g.rank_ended);
+        memset(g.rank_in_cut, 0, (size_t)g.qsize * sizeof *g.rank_in_cut);
+        g.nended = 0;
+        g.cuts_decided = 0;
+        g.cuts = 0;
+        g.thread_rc = SYMVIRT_CONTINUE;
+        const char *off = getenv("SYMVIRT_PROGRESS_THREAD");
+        if (!g.have_thread && g.thread_level >= MPI_THREAD_SERIALIZED &&
+            (off == NULL || strcmp(off, "0") != 0))
+            g.have_thread = pthread_create(&g.thread, NULL, quiet_thread, NULL) == 0;
+        /* With a thread the cut is its job: the application goes on computing meanwhile. */
+        uint64_t pending = symvirt_sp_pending(g.sp);
+        if (g.qrank != LEADER)
+            rc = follow(0, !g.have_thread, 0);
+        else if (pending != 0 && !g.have_thread)
+            rc = leader_cut(pending, 0);
+        else
+            rc = SYMVIRT_CONTINUE;
+    }
+    pthread_mutex_unlock(&g.lock);
+    return rc;
+}
+
+int symvirt_quiet_end(MPI_Comm comm, symvirt_interconnect *ic)
+{
+    (void)comm;
+    if (g.sp == NULL)
+        return SYMVIRT_ERR_STATE;
+    pthread_mutex_lock(&g.lock); /* held by a cut the quiet thread is making: until resume */
+    if (!g.inside) {
+        pthread_mutex_unlock(&g.lock);
+        return SYMVIRT_ERR_STATE;
+    }
+    int rc = g.thread_rc;
+    if (rc != SYMVIRT_CONTINUE) {
+        /* The quiet thread's MPI call failed: the protocol cannot go on. */
+    } else if (g.qrank == LEADER) {
+        rc = leader_end();
+    } else {
+        rc = follow(0, 1, 0); /* a cut already due is made before the end is reported */
+        if (rc == SYMVIRT_CONTINUE) {
+            g.ended = 1;
+            rc = report(0);
+        }
+        if (rc == SYMVIRT_CONTINUE)
+            rc = follow(1, 1, 0);
+    }
+    g.inside = 0;
+    if (rc == SYMVIRT_CONTINUE && g.cuts > 0) {
+        rc = g.cut_rc;
+        if (ic != NULL)
+            *ic = g.cut_ic;
+        if (rc < 0 && g.cut_by_thread)
+            symvirt_sp_raise(g.sp);
+    }
+    pthread_mutex_unlock(&g.lock);
+    return rc;
 }
 
 int symvirt_on_quiesce(void (*hook)(uint64_t epoch, void *ctx), void *ctx)
@@ -79,12 +388,25 @@ int symvirt_on_resume(void (*hook)(const symvirt_interconnect *ic, void *ctx), v
 
 int symvirt_finalize(void)
 {
-    if (g.sp == NULL)
+    if (g.sp == NULL || g.inside)
         return SYMVIRT_ERR_STATE;
+    if (g.have_thread) {
+        atomic_store(&g.stop, 1);
+        symvirt_ctl_wake();
+        pthread_join(g.thread, NULL);
+        g.have_thread = 0;
+        atomic_store(&g.stop, 0);
+    }
     int rc = symvirt_sp_free(g.sp);
     g.sp = NULL;
     if (g.comm != MPI_COMM_NULL)
         PMPI_Comm_free(&g.comm);
+    if (g.qcomm != MPI_COMM_NULL)
+        PMPI_Comm_free(&g.qcomm);
+    free(g.rank_ended);
+    free(g.rank_in_cut);
+    g.rank_ended = NULL;
+    g.rank_in_cut = NULL;
     return rc;
 }
 
@@ -93,17 +415,35 @@ void symvirt_init_f_(MPI_Fint *comm, MPI_Fint *ierr)
     *ierr = symvirt_init(MPI_Comm_f2c(*comm));
 }
 
+/* A result and its interconnect's epoch as the Fortran calls return them. */
+static void fortran_result(int r, const symvirt_interconnect *ic, MPI_Fint *result,
+                           int64_t *epoch, MPI_Fint *ierr)
+{
+    *result = r < 0 ? 0 : r;
+    *epoch = (int64_t)ic->epoch;
+    *ierr = r < 0 ? r : 0;
+}
+
 void symvirt_safe_point_f_(MPI_Fint *comm, MPI_Fint *result, int64_t *epoch, MPI_Fint *ierr)
 {
     symvirt_interconnect ic;
     memset(&ic, 0, sizeof ic);
-    int r = symvirt_safe_point(MPI_Comm_f2c(*comm), &ic);
-    *result = r < 0 ? 0 : r;
-    *epoch = (int64_t)ic.epoch;
-    *ierr = r < 0 ? r : 0;
+    fortran_result(symvirt_safe_point(MPI_Comm_f2c(*comm), &ic), &ic, result, epoch, ierr);
 }
 
 void symvirt_finalize_f_(MPI_Fint *ierr)
 {
     *ierr = symvirt_finalize();
+}
+
+void symvirt_quiet_begin_f_(MPI_Fint *comm, MPI_Fint *ierr)
+{
+    *ierr = symvirt_quiet_begin(MPI_Comm_f2c(*comm));
+}
+
+void symvirt_quiet_end_f_(MPI_Fint *comm, MPI_Fint *result, int64_t *epoch, MPI_Fint *ierr)
+{
+    symvirt_interconnect ic;
+    memset(&ic, 0, sizeof ic);
+    fortran_result(symvirt_quiet_end(MPI_Comm_f2c(*comm), &ic), &ic, result, epoch, ierr);
 }

@@ -31,6 +31,32 @@
  * finalize and re-initialise an MPI Session where the runtime supports it). It runs on every
  * rank before any rank leaves the safe point.
  *
+ * Quiet phases: a cut in milliseconds while ranks compute between rare safe points.
+ *
+ *   for (;;) {
+ *       exchange();                        // every message of the iteration matched here
+ *       symvirt_quiet_begin(MPI_COMM_WORLD);
+ *       compute_for_seconds();             // no MPI call, no message in flight
+ *       int r = symvirt_quiet_end(MPI_COMM_WORLD, &ic);   // SYMVIRT_RESUMED: cut during it
+ *       symvirt_safe_point(MPI_COMM_WORLD, NULL);          // optional, as before
+ *   }
+ *
+ * Both are collective over the comm given to symvirt_init, in the same order on every rank.
+ * CONTRACT: between them the rank makes no MPI call, and a message a rank sends before its
+ * symvirt_quiet_begin is received before the receiver's symvirt_quiet_begin of the same
+ * phase (no request outstanding across the phase: such a phase is not quiet). A
+ * migration requested while the ranks are in the same quiet phase is cut there and then:
+ * rank 0 decides when to cut and tells the others; a thread of the
+ * library makes the cut on each rank's behalf while the rank goes on computing (quiesce hook
+ * included, which then runs on that thread), and symvirt_quiet_end waits until the resume
+ * (after the resume hook and a barrier) and returns SYMVIRT_RESUMED or SYMVIRT_ABORTED with
+ * the interconnect. The thread calls MPI, so it needs MPI_THREAD_SERIALIZED or more
+ * (MPI_Init_thread); at a lower level there is no thread and the cut is made at the phase's
+ * begin or end instead. A request arriving outside a quiet phase is cut at the next quiet
+ * phase's begin (or at a safe point, whichever comes first); several cuts may fall in one
+ * phase. Cost: symvirt_quiet_end waits until every rank has ended the phase (a barrier: each
+ * rank sends rank 0 one 16-byte message per phase and gets one back).
+ *
  * Errors are negative (SYMVIRT_ERR_*); symvirt_last_error() says why. Without an agent
  * (symvirt_init returned SYMVIRT_ERR_AGENT), or after the agent is lost, the safe point keeps
  * working as a collective no-op, so ranks never disagree. */
@@ -49,6 +75,13 @@ extern "C" {
 int symvirt_init(MPI_Comm comm);
 /* Collective over comm (the one given to symvirt_init); see above. ic may be NULL. */
 int symvirt_safe_point(MPI_Comm comm, symvirt_interconnect *ic);
+/* A quiet phase (see above): collective over comm, in the same order on every rank.
+ * symvirt_quiet_begin returns SYMVIRT_CONTINUE or an error; symvirt_quiet_end returns
+ * SYMVIRT_CONTINUE, or SYMVIRT_RESUMED / SYMVIRT_ABORTED (ic filled; ic may be NULL) when the
+ * ranks were cut during the phase (the last cut's, if several), or an error. Unbalanced or
+ * nested calls, and symvirt_safe_point inside a phase, return SYMVIRT_ERR_STATE. */
+int symvirt_quiet_begin(MPI_Comm comm);
+int symvirt_quiet_end(MPI_Comm comm, symvirt_interconnect *ic);
 /* Hooks; call after symvirt_init. */
 int symvirt_on_quiesce(void (*hook)(uint64_t epoch, void *ctx), void *ctx);
 int symvirt_on_resume(void (*hook)(const symvirt_interconnect *ic, void *ctx), void *ctx);
@@ -61,6 +94,9 @@ int symvirt_finalize(void);
 void symvirt_init_f_(MPI_Fint *comm, MPI_Fint *ierr);
 void symvirt_safe_point_f_(MPI_Fint *comm, MPI_Fint *result, int64_t *epoch, MPI_Fint *ierr);
 void symvirt_finalize_f_(MPI_Fint *ierr);
+/*   call symvirt_quiet_begin_f(comm, ierr); call symvirt_quiet_end_f(comm, result, epoch, ierr) */
+void symvirt_quiet_begin_f_(MPI_Fint *comm, MPI_Fint *ierr);
+void symvirt_quiet_end_f_(MPI_Fint *comm, MPI_Fint *result, int64_t *epoch, MPI_Fint *ierr);
 
 #ifdef __cplusplus
 }

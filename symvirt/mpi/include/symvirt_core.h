@@ -87,6 +87,15 @@ symvirt_sp *symvirt_sp_new(const symvirt_agreement_ops *ops, void *ctx, uint64_t
 int symvirt_sp_on_quiesce(symvirt_sp *sp, void (*hook)(uint64_t epoch, void *ctx), void *ctx);
 int symvirt_sp_on_resume(symvirt_sp *sp, void (*hook)(const symvirt_interconnect *ic, void *ctx), void *ctx);
 int symvirt_sp_poll(symvirt_sp *sp, symvirt_interconnect *out);
+/* The epoch requested and not yet cut for, 0 when none (no MPI call). */
+uint64_t symvirt_sp_pending(const symvirt_sp *sp);
+/* Makes the cut for epoch now, outside the agreement: for glue that brings every rank to the
+ * same point of its program by other means (every rank calls it there, for the same epoch).
+ * Returns as symvirt_sp_poll. */
+int symvirt_sp_cut(symvirt_sp *sp, uint64_t epoch, symvirt_interconnect *out);
+/* Raises on the calling thread the error of the last symvirt_sp_cut (made on another thread):
+ * its code, or SYMVIRT_CONTINUE if it did not fail; symvirt_last_error() then says why. */
+int symvirt_sp_raise(const symvirt_sp *sp);
 int symvirt_sp_free(symvirt_sp *sp);
 
 #ifdef __cplusplus

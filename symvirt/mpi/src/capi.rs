@@ -240,6 +240,24 @@ fn deliver(out: Option<&mut CInterconnect>, outcome: Outcome) -> c_int {
     }
 }
 
+/// A safe point's result, for C: the status code, `out` filled after a cut.
+fn answer(out: Option<&mut CInterconnect>, result: SafePointResult) -> c_int {
+    match result {
+        SafePointResult::Continue => SYMVIRT_CONTINUE,
+        SafePointResult::Resumed {
+            epoch,
+            interconnect,
+        } => deliver(
+            out,
+            Outcome::Resumed {
+                epoch,
+                interconnect,
+            },
+        ),
+        SafePointResult::Aborted { epoch } => deliver(out, Outcome::Aborted { epoch }),
+    }
+}
+
 /// An epoch's outcome (or the error waiting for it), for C: see [`deliver`] and [`fail`].
 ///
 /// # Safety
@@ -427,13 +445,16 @@ struct Callback<F> {
     f: F,
     ctx: *mut c_void,
 }
-// SAFETY: the hooks run on the thread that calls symvirt_sp_poll, the thread that installed
-// them (an MPI rank's main thread); the pointer is only handed back to the C callback.
+// SAFETY: the hooks run on the thread that calls symvirt_sp_poll or symvirt_sp_cut: the rank's
+// main thread, or the glue's quiet-phase thread while the main thread computes, never both at
+// once (the glue serialises them); the pointer is only handed back to the C callback.
 unsafe impl<F> Send for Callback<F> {}
 
 /// An explicit safe point (opaque to C).
 pub struct CSafePoint {
     inner: SafePoint<COps>,
+    /// The error of the last [`symvirt_sp_cut`], for [`symvirt_sp_raise`] on another thread.
+    cut_error: Option<Error>,
 }
 
 /// Creates a safe point over `ops`/`ctx`, taking over the control plane opened with
@@ -454,7 +475,10 @@ pub unsafe extern "C" fn symvirt_sp_new(
     };
     let mut inner = SafePoint::new(COps { ops: *ops, ctx }, control_slot().take());
     inner.set_quiesce_timeout(Duration::from_millis(quiesce_timeout_ms));
-    Box::into_raw(Box::new(CSafePoint { inner }))
+    Box::into_raw(Box::new(CSafePoint {
+        inner,
+        cut_error: None,
+    }))
 }
 
 /// Installs the hook run at the cut before `quiesced` is reported.
@@ -529,19 +553,62 @@ pub unsafe extern "C" fn symvirt_sp_poll(sp: *mut CSafePoint, out: *mut CInterco
     // SAFETY: the caller guarantees `out` is null or writable.
     let out = unsafe { out.as_mut() };
     match sp.inner.poll() {
-        Ok(SafePointResult::Continue) => SYMVIRT_CONTINUE,
-        Ok(SafePointResult::Resumed {
-            epoch,
-            interconnect,
-        }) => deliver(
-            out,
-            Outcome::Resumed {
-                epoch,
-                interconnect,
-            },
-        ),
-        Ok(SafePointResult::Aborted { epoch }) => deliver(out, Outcome::Aborted { epoch }),
+        Ok(result) => answer(out, result),
         Err(e) => fail(&e),
+    }
+}
+
+/// The epoch a migration is requested for and not yet cut for, 0 when none (no MPI call).
+///
+/// # Safety
+/// `sp` comes from [`symvirt_sp_new`]; no other thread uses it during the call.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn symvirt_sp_pending(sp: *const CSafePoint) -> u64 {
+    // SAFETY: the caller guarantees `sp` is null or live.
+    unsafe { sp.as_ref() }.map_or(0, |sp| sp.inner.pending().unwrap_or(0))
+}
+
+/// Makes the cut for `epoch` now (see `SafePoint::cut_at`): collective, every rank at the same
+/// point of its program. Returns as [`symvirt_sp_poll`]; an error is also kept for
+/// [`symvirt_sp_raise`].
+///
+/// # Safety
+/// As [`symvirt_sp_poll`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn symvirt_sp_cut(
+    sp: *mut CSafePoint,
+    epoch: u64,
+    out: *mut CInterconnect,
+) -> c_int {
+    // SAFETY: the caller guarantees `sp` is null or live.
+    let Some(sp) = (unsafe { sp.as_mut() }) else {
+        return fail(&Error::State("null safe point".into()));
+    };
+    // SAFETY: the caller guarantees `out` is null or writable.
+    let out = unsafe { out.as_mut() };
+    sp.cut_error = None;
+    match sp.inner.cut_at(epoch) {
+        Ok(result) => answer(out, result),
+        Err(e) => {
+            let code = fail(&e);
+            sp.cut_error = Some(e);
+            code
+        }
+    }
+}
+
+/// Raises on the calling thread the error of the last [`symvirt_sp_cut`] (made on another
+/// thread): [`symvirt_last_error`] then describes it. Returns its code, or `SYMVIRT_CONTINUE`
+/// when that cut did not fail.
+///
+/// # Safety
+/// As [`symvirt_sp_pending`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn symvirt_sp_raise(sp: *const CSafePoint) -> c_int {
+    // SAFETY: the caller guarantees `sp` is null or live.
+    match unsafe { sp.as_ref() }.and_then(|sp| sp.cut_error.as_ref()) {
+        Some(e) => fail(e),
+        None => SYMVIRT_CONTINUE,
     }
 }
 

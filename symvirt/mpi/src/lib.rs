@@ -5,7 +5,10 @@
 //! Two modes:
 //! - **explicit** (the supported one): every rank calls `symvirt_safe_point(comm, &ic)` once
 //!   per iteration of its main loop (C API in `include/symvirt.h`, library
-//!   `libsymvirt_mpi_<impl>.{so,a}`); the state machine is [`safepoint::SafePoint`].
+//!   `libsymvirt_mpi_<impl>.{so,a}`); the state machine is [`safepoint::SafePoint`]. Long
+//!   compute phases in between are declared quiet (`symvirt_quiet_begin/end`): a thread of
+//!   the C library cuts the ranks inside one in milliseconds (rank 0 decides, see
+//!   `csrc/symvirt_explicit.c`; the cut itself is [`safepoint::SafePoint::cut_at`]).
 //! - **transparent**: `libsymvirt_pmpi_<impl>.so` under `LD_PRELOAD` wraps MPI calls (PMPI),
 //!   counts messages per peer, drains in-flight messages into its own buffers at a cut and
 //!   delivers them later (`csrc/pmpi/`).

@@ -144,11 +144,24 @@ impl<A: Agreement> SafePoint<A> {
         self.iteration
     }
 
+    /// The epoch requested and not yet cut for, if any (no MPI call; a few atomic loads).
+    pub fn pending(&self) -> Option<u64> {
+        let local = (self.requests)();
+        (local > self.served).then_some(local)
+    }
+
+    /// Makes the cut for `epoch` here, outside the agreement: for glue that has its own way of
+    /// bringing every rank to the same point (the C library's quiet phases, where every rank
+    /// learns the epoch from one leader). Collective: every rank calls it for the same epoch,
+    /// at the same point of its program, and a later safe point agreeing on that epoch passes.
+    pub fn cut_at(&mut self, epoch: u64) -> Result<SafePointResult> {
+        self.cut(epoch)
+    }
+
     /// The safe point proper; see the module documentation. Collective over the ranks.
     pub fn poll(&mut self) -> Result<SafePointResult> {
         // The agent's request or a SIGUSR1 one (0 without either).
-        let local = (self.requests)();
-        let local = if local > self.served { local } else { 0 };
+        let local = self.pending().unwrap_or(0);
         let slot = (self.iteration % SLOTS as u64) as usize;
         self.agreement.start(slot, local)?;
         self.in_flight.push_back(slot);
@@ -334,6 +347,36 @@ mod tests {
             for h in handles {
                 assert_eq!(h.join().unwrap(), [4 + depth], "depth {depth}");
             }
+        }
+    }
+
+    /// A cut made outside the agreement (the C library's quiet phases) settles its epoch: the
+    /// reductions in flight that carry it, and later safe points, go on without a second cut.
+    #[test]
+    fn a_cut_made_outside_the_agreement_is_not_made_again_at_a_safe_point() {
+        let handles: Vec<_> = threads(3)
+            .0
+            .into_iter()
+            .map(|a| {
+                std::thread::spawn(move || {
+                    let mut sp = SafePoint::new(a, None);
+                    sp.requests = || REQUESTED.with(|r| r.get());
+                    assert_eq!(sp.poll().unwrap(), SafePointResult::Continue);
+                    REQUESTED.with(|r| r.set(9));
+                    assert_eq!(sp.pending(), Some(9));
+                    // In flight across the cut, carrying the request.
+                    assert_eq!(sp.poll().unwrap(), SafePointResult::Continue);
+                    assert_eq!(sp.cut_at(9).unwrap(), SafePointResult::Aborted { epoch: 9 });
+                    assert_eq!(sp.pending(), None);
+                    for _ in 0..6 {
+                        assert_eq!(sp.poll().unwrap(), SafePointResult::Continue);
+                    }
+                    sp.finish().unwrap();
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
         }
     }
 

@@ -21,8 +21,7 @@ use common::cut::{check_cut_makers, check_pairs, cut_threads, read_cut};
 use common::*;
 use std::fs;
 use std::path::Path;
-use std::time::{Duration, Instant};
-use symvirt::protocol::GuestMessage;
+use std::time::Duration;
 use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
 
 /// Compute phases last 2/3 to 4/3 of this (the stress program's STRESS_COMPUTE_MS).
@@ -44,56 +43,20 @@ fn run_computing(mpi: MpiImpl, tag: &str, epochs: u64) {
         "2",
     ];
     let mut job = Job::start(mpi, &prog, &args, &env, &rig.dir.0);
-    // A moment that differs each run (no fixed phase relation to the compute phases).
-    let mut seed = u64::from(std::process::id()) ^ monotonic_ns();
-    let mut random_ms = |lo: u64, hi: u64| {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        lo + (seed >> 33) % (hi - lo)
-    };
+    let mut jitter = Jitter::new();
     let mut holds = Vec::new();
     let mut slowest = Duration::ZERO;
     for epoch in 1..=epochs {
-        std::thread::sleep(Duration::from_millis(random_ms(800, 2800)));
-        let asked = Instant::now();
-        rig.prepare(epoch);
-        match outcome_while_running(&rig, &mut job) {
-            GuestMessage::Quiesced { epoch: e } if e == epoch => {}
-            other => panic!(
-                "epoch {epoch}: expected quiesced, got {other:?}\n{}",
-                job.logs()
-            ),
-        }
-        let took = asked.elapsed();
+        std::thread::sleep(Duration::from_millis(jitter.ms(800, 2800)));
+        let took = quiesce(&rig, &mut job, epoch);
         let from = monotonic_ns();
         eprintln!("{tag}: epoch {epoch} quiesced in {took:?}");
         slowest = slowest.max(took);
         check_pairs(&read_cut(&cuts, epoch), epoch);
         // Hold the cut until a rank is inside an MPI call entered during it (its compute
-        // phase ended; phases last at most 4/3 COMPUTE_MS), or for that long if every rank
-        // was inside MPI already. A call entered during the cut must not return.
-        let deadline = Instant::now() + Duration::from_millis(2 * COMPUTE_MS);
-        while Instant::now() < deadline {
-            let during: Vec<_> = entries(&cuts)
-                .into_iter()
-                .filter(|&(_, enter, _)| enter > from)
-                .collect();
-            if let Some((rank, _, Some(_))) = during.iter().find(|e| e.2.is_some()) {
-                panic!(
-                    "epoch {epoch}: rank {rank} entered MPI during the cut and returned before \
-                     the resume\n{}",
-                    job.logs()
-                );
-            }
-            if !during.is_empty() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        let until = monotonic_ns();
-        holds.push((epoch, from, until));
+        // phase ended; phases last at most 4/3 COMPUTE_MS).
+        let wait = Duration::from_millis(2 * COMPUTE_MS);
+        holds.push(hold_cut(&cuts, &job, epoch, from, wait));
         resume_and_confirm(&rig, &mut job, epoch, &interconnect_for(epoch));
     }
     job.stop_and_check(&cuts);
@@ -103,21 +66,7 @@ fn run_computing(mpi: MpiImpl, tag: &str, epochs: u64) {
         job.logs()
     );
     // A call entered while a cut held the rank returned only after the resume.
-    let mut held = 0;
-    for (rank, enter, ret) in entries(&cuts) {
-        let ret = ret.expect("every call returned by the end");
-        for &(epoch, from, until) in &holds {
-            if enter > from && enter < until {
-                assert!(
-                    ret >= until,
-                    "rank {rank}: an MPI call entered during the cut of epoch {epoch} returned \
-                     {} ms before the resume",
-                    (until - ret) / 1_000_000
-                );
-                held += 1;
-            }
-        }
-    }
+    let held = check_holds(&cuts, &holds);
     // Compute phases fill most of the run, so some cut finds a rank computing.
     assert!(
         held > 0,
@@ -160,14 +109,7 @@ fn run_with_a_file_open(mpi: MpiImpl, tag: &str, epochs: u64) {
         epoch += 1;
         assert!(epoch <= epochs + 10, "no cut found a file open");
         std::thread::sleep(Duration::from_millis(300 + (epoch * 370) % 600));
-        rig.prepare(epoch);
-        match outcome_while_running(&rig, &mut job) {
-            GuestMessage::Quiesced { epoch: e } if e == epoch => {}
-            other => panic!(
-                "epoch {epoch}: expected quiesced, got {other:?}\n{}",
-                job.logs()
-            ),
-        }
+        quiesce(&rig, &mut job, epoch);
         check_pairs(&read_cut(&cuts, epoch), epoch);
         with_files += check_cut_makers(&cuts, epoch, false);
         resume_and_confirm(&rig, &mut job, epoch, &interconnect_for(epoch));

@@ -6,11 +6,27 @@
 
 mod common;
 
-use common::cut::check_iterations;
+use common::cut::{check_iterations, explicit_cut_places};
 use common::*;
 use std::fs;
-use symvirt::protocol::GuestMessage;
+use std::time::Duration;
+use symvirt::protocol::Interconnect;
 use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
+
+/// Every rank recorded the resume of `epoch`, with the interconnect `ic` when given (the
+/// Fortran program's record carries none).
+fn check_resumed(cuts: &std::path::Path, epoch: u64, ic: Option<&Interconnect>) {
+    for rec in read_records(cuts, "resumed", epoch) {
+        assert!(rec.starts_with("resumed "), "{rec}");
+        if let Some(ic) = ic {
+            let json = serde_json::to_string(ic).unwrap();
+            assert!(
+                rec.trim_end().ends_with(&json),
+                "rank saw {rec}, want {json}"
+            );
+        }
+    }
+}
 
 /// `modes`: the C program's first argument; `None` for the Fortran program (no modes, and its
 /// resume record carries no interconnect JSON).
@@ -28,34 +44,16 @@ fn run_explicit(mpi: MpiImpl, source: &str, modes: Option<&str>, tag: &str, epoc
     let mut job = Job::start(mpi, &prog, &args, &env, &rig.dir.0);
     let mut last_sent = 0;
     for epoch in 1..=epochs {
-        let asked = std::time::Instant::now();
-        rig.prepare(epoch);
-        match outcome_while_running(&rig, &mut job) {
-            GuestMessage::Quiesced { epoch: e } if e == epoch => {
-                // Informational only (no timed assertions): request to all ranks quiesced.
-                eprintln!("{tag}: epoch {epoch} quiesced in {:?}", asked.elapsed());
-            }
-            other => panic!(
-                "epoch {epoch}: expected quiesced, got {other:?}\n{}",
-                job.logs()
-            ),
-        }
+        let took = quiesce(&rig, &mut job, epoch);
+        // Informational only (no timed assertions): request to all ranks quiesced.
+        eprintln!("{tag}: epoch {epoch} quiesced in {:?}", took);
         // The ranks are paused now: their records describe the cut.
         let sent = check_iterations(&cuts, epoch);
         assert!(sent > last_sent, "no traffic between cuts");
         last_sent = sent;
         let ic = interconnect_for(epoch);
         resume_and_confirm(&rig, &mut job, epoch, &ic);
-        let json = serde_json::to_string(&ic).unwrap();
-        for rec in read_records(&cuts, "resumed", epoch) {
-            assert!(rec.starts_with("resumed "), "{rec}");
-            if modes.is_some() {
-                assert!(
-                    rec.trim_end().ends_with(&json),
-                    "rank saw {rec}, want {json}"
-                );
-            }
-        }
+        check_resumed(&cuts, epoch, modes.is_some().then_some(&ic));
     }
     fs::write(cuts.join("stop"), "").unwrap();
     let (ok, out) = job.wait();
@@ -89,14 +87,7 @@ fn run_rare_safe_points(mpi: MpiImpl, tag: &str, epochs: u64) {
     for epoch in 1..=epochs {
         std::thread::sleep(std::time::Duration::from_millis(200 + (epoch * 430) % 900));
         let from = monotonic_ns();
-        rig.prepare(epoch);
-        match outcome_while_running(&rig, &mut job) {
-            GuestMessage::Quiesced { epoch: e } if e == epoch => {}
-            other => panic!(
-                "epoch {epoch}: expected quiesced, got {other:?}\n{}",
-                job.logs()
-            ),
-        }
+        quiesce(&rig, &mut job, epoch);
         check_iterations(&cuts, epoch);
         for rank in 0..RANKS {
             let phases = entries(&cuts)
@@ -122,6 +113,123 @@ fn explicit_openmpi_rare_safe_points_cut_at_the_next_one() {
 #[test]
 fn explicit_mpich_rare_safe_points_cut_at_the_next_one() {
     run_rare_safe_points(MpiImpl::Mpich, "exp-rare-mpich", 3);
+}
+
+/// Quiet phases: every iteration computes for 1.3-2.7 s inside `symvirt_quiet_begin/end`, then
+/// a ring and collectives, then a safe point (default depth). Cuts requested at random moments
+/// fall in a quiet phase on every rank, at the same iteration, consistent (global sent ==
+/// received). With the library's thread (`thread`) each is quiesced within 1 s while the ranks
+/// compute (a safe point would take up to three phases), some ranks' cuts made by that thread
+/// (a rank that has ended its phase waits at its end for the others and is cut from there),
+/// and a rank that reaches `symvirt_quiet_end` while the cut holds returns only after the
+/// resume; every other request comes right after the previous resume, so that several cuts
+/// fall in one phase. Without it (`SYMVIRT_PROGRESS_THREAD=0`) the application's thread makes
+/// the cut at the phase's begin or end.
+fn run_quiet_phases(mpi: MpiImpl, tag: &str, epochs: u64, thread: bool) {
+    const COMPUTE_MS: u64 = 2000;
+    let rig = Rig::new(tag);
+    let prog = program(mpi, "stress.c", Linkage::Explicit);
+    let cuts = rig.dir.0.join("cuts");
+    fs::create_dir_all(&cuts).unwrap();
+    let mut env = vec![
+        (
+            "SYMVIRT_AGENT_SOCKET".to_string(),
+            rig.rank_socket().display().to_string(),
+        ),
+        ("STRESS_QUIET".to_string(), "1".to_string()),
+        ("STRESS_COMPUTE_MS".to_string(), COMPUTE_MS.to_string()),
+    ];
+    if !thread {
+        env.push(("SYMVIRT_PROGRESS_THREAD".to_string(), "0".to_string()));
+    }
+    let args = ["compute,ring,collective", cuts.to_str().unwrap(), "2"];
+    let mut job = Job::start(mpi, &prog, &args, &env, &rig.dir.0);
+    let mut jitter = Jitter::new();
+    let (mut holds, mut slowest, mut by_thread) = (Vec::new(), Duration::ZERO, 0);
+    for epoch in 1..=epochs {
+        let back_to_back = thread && epoch % 2 == 0;
+        if !back_to_back {
+            std::thread::sleep(Duration::from_millis(jitter.ms(800, 2800)));
+        }
+        let took = quiesce(&rig, &mut job, epoch);
+        let from = monotonic_ns();
+        eprintln!("{tag}: epoch {epoch} quiesced in {took:?}");
+        slowest = slowest.max(took);
+        check_iterations(&cuts, epoch);
+        let places = explicit_cut_places(&cuts, epoch);
+        for (place, hook_thread) in &places {
+            assert_eq!(place, "quiet", "epoch {epoch}: {places:?}");
+            if !thread {
+                assert_eq!(hook_thread, "main", "epoch {epoch}: {places:?}");
+            }
+        }
+        // A rank that had ended its phase waits at its end for the others: cut from there.
+        by_thread += places.iter().filter(|(_, t)| t == "thread").count();
+        if thread && !back_to_back {
+            let wait = Duration::from_millis(2 * COMPUTE_MS);
+            holds.push(hold_cut(&cuts, &job, epoch, from, wait));
+        }
+        let ic = interconnect_for(epoch);
+        resume_and_confirm(&rig, &mut job, epoch, &ic);
+        check_resumed(&cuts, epoch, Some(&ic));
+    }
+    job.stop_and_check(&cuts);
+    if thread {
+        assert!(
+            slowest < Duration::from_secs(1),
+            "a cut took {slowest:?} to quiesce ranks in a quiet phase\n{}",
+            job.logs()
+        );
+        assert!(by_thread > 0, "the library's thread made no rank's cut");
+        assert!(
+            check_holds(&cuts, &holds) > 0,
+            "no rank reached symvirt_quiet_end during any of {epochs} cuts"
+        );
+    }
+}
+
+#[test]
+fn explicit_openmpi_quiet_phases_cut_at_once_while_ranks_compute() {
+    run_quiet_phases(MpiImpl::OpenMpi, "exp-quiet-ompi", 6, true);
+}
+
+#[test]
+fn explicit_mpich_quiet_phases_cut_at_once_while_ranks_compute() {
+    run_quiet_phases(MpiImpl::Mpich, "exp-quiet-mpich", 6, true);
+}
+
+#[test]
+fn explicit_openmpi_quiet_phases_without_the_thread_cut_at_their_ends() {
+    run_quiet_phases(MpiImpl::OpenMpi, "exp-quiet-nt-ompi", 3, false);
+}
+
+#[test]
+fn explicit_mpich_quiet_phases_without_the_thread_cut_at_their_ends() {
+    run_quiet_phases(MpiImpl::Mpich, "exp-quiet-nt-mpich", 3, false);
+}
+
+/// Misuse of quiet phases (an end outside a phase, a nested begin, a safe point or finalize
+/// inside one) is refused with SYMVIRT_ERR_STATE and changes nothing: the phases then end and
+/// the program finishes (`refusals.c`, explicit build).
+fn refuses_quiet_phase_misuse(mpi: MpiImpl, tag: &str) {
+    let rig = Rig::new(tag);
+    let prog = program(mpi, "refusals.c", Linkage::Explicit);
+    let env = [(
+        "SYMVIRT_AGENT_SOCKET".to_string(),
+        rig.rank_socket().display().to_string(),
+    )];
+    let mut job = Job::start(mpi, &prog, &[], &env, &rig.dir.0);
+    wait_every_rank_ok(&mut job, "refusals OK rank ");
+}
+
+#[test]
+fn explicit_openmpi_refuses_quiet_phase_misuse() {
+    refuses_quiet_phase_misuse(MpiImpl::OpenMpi, "exp-refuse-ompi");
+}
+
+#[test]
+fn explicit_mpich_refuses_quiet_phase_misuse() {
+    refuses_quiet_phase_misuse(MpiImpl::Mpich, "exp-refuse-mpich");
 }
 
 const ALL_MODES: &str = "ring,ring_nb,alltoall,anysource,collective";

@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
-use symvirt::protocol::GuestMessage;
 use symvirt_mpi::control::SIGNAL_EPOCH_BASE;
 use symvirt_mpi::mpi_build::MpiImpl;
 
@@ -223,18 +222,9 @@ fn rust_ring_consistent_at_every_cut_resumed_with_the_interconnect() {
     let aborted = 3;
     let mut last_sent = 0;
     for epoch in 1..=epochs {
-        let asked = std::time::Instant::now();
-        rig.prepare(epoch);
-        match outcome_while_running(&rig, &mut job) {
-            GuestMessage::Quiesced { epoch: e } if e == epoch => {
-                // Informational only (no timed assertions): request to all ranks quiesced.
-                eprintln!("rust_ring: epoch {epoch} quiesced in {:?}", asked.elapsed());
-            }
-            other => panic!(
-                "epoch {epoch}: expected quiesced, got {other:?}\n{}",
-                job.logs()
-            ),
-        }
+        let took = quiesce(&rig, &mut job, epoch);
+        // Informational only (no timed assertions): request to all ranks quiesced.
+        eprintln!("rust_ring: epoch {epoch} quiesced in {:?}", took);
         // The ranks are paused: their records describe the cut.
         let sent = check_cut(&cuts, epoch);
         assert!(

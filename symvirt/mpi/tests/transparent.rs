@@ -12,7 +12,6 @@ use common::cut::{check_cut_makers, check_pairs, read_cut};
 use common::*;
 use std::fs;
 use std::time::Duration;
-use symvirt::protocol::GuestMessage;
 use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
 
 /// `modes`: the C program's first argument; `None` runs the Fortran program.
@@ -58,18 +57,9 @@ fn run_transparent_with(
         );
         // Requests land wherever the ranks happen to be; vary the moment a little.
         std::thread::sleep(Duration::from_millis(37 * epoch));
-        let asked = std::time::Instant::now();
-        rig.prepare(epoch);
-        match outcome_while_running(&rig, &mut job) {
-            GuestMessage::Quiesced { epoch: e } if e == epoch => {
-                // Informational only (no timed assertions): request to all ranks quiesced.
-                eprintln!("{tag}: epoch {epoch} quiesced in {:?}", asked.elapsed());
-            }
-            other => panic!(
-                "epoch {epoch}: expected quiesced, got {other:?}\n{}",
-                job.logs()
-            ),
-        }
+        let took = quiesce(&rig, &mut job, epoch);
+        // Informational only (no timed assertions): request to all ranks quiesced.
+        eprintln!("{tag}: epoch {epoch} quiesced in {:?}", took);
         let total = check_pairs(&read_cut(&cuts, epoch), epoch);
         let thread_off = extra.contains(&("SYMVIRT_PROGRESS_THREAD", "0"));
         open_files_seen |= check_cut_makers(&cuts, epoch, thread_off) > 0;
@@ -267,13 +257,7 @@ fn refuses(mpi: MpiImpl, tag: &str) {
     let prog = program(mpi, "refusals.c", Linkage::Plain);
     let env = rig.transparent_env(mpi);
     let mut job = Job::start(mpi, &prog, &[], &env, &rig.dir.0);
-    let (ok, out) = job.wait();
-    assert!(ok, "refusals failed\n{}", job.logs());
-    let oks = out
-        .lines()
-        .filter(|l| l.starts_with("refusals OK rank "))
-        .count();
-    assert_eq!(oks, RANKS as usize, "{out}");
+    wait_every_rank_ok(&mut job, "refusals OK rank ");
     let err = fs::read_to_string(&job.stderr).unwrap();
     let refused = |why: &str| {
         err.lines()

@@ -59,15 +59,19 @@ pub fn cut_threads(dir: &Path, epoch: u64) -> Vec<(String, u32)> {
         .collect()
 }
 
-/// The explicit safe point's cut records of `epoch` (`iteration sent received`, written by the
-/// stress program's quiesce hook): every rank at the same iteration, global sent == received.
-/// Returns the global sent count.
+/// The explicit safe point's cut records of `epoch` (`iteration sent received WHERE BY`,
+/// written by the stress program's quiesce hook): every rank at the same iteration, global
+/// sent == received. Returns the global sent count.
 pub fn check_iterations(dir: &Path, epoch: u64) -> u64 {
     let recs = read_records(dir, "cut", epoch);
     let parsed: Vec<[u64; 3]> = recs
         .iter()
         .map(|r| {
-            let v: Vec<u64> = r.split_whitespace().map(|x| x.parse().unwrap()).collect();
+            let v: Vec<u64> = r
+                .split_whitespace()
+                .take(3)
+                .map(|x| x.parse().unwrap())
+                .collect();
             [v[0], v[1], v[2]]
         })
         .collect();
@@ -83,4 +87,17 @@ pub fn check_iterations(dir: &Path, epoch: u64) -> u64 {
         "epoch {epoch}: cut not consistent: {recs:?}"
     );
     sent
+}
+
+/// Where each rank's explicit cut of `epoch` fell and which thread ran its quiesce hook: the
+/// last two words of the stress program's record (`quiet` or `safe_point`; `main` or `thread`).
+pub fn explicit_cut_places(dir: &Path, epoch: u64) -> Vec<(String, String)> {
+    read_records(dir, "cut", epoch)
+        .iter()
+        .map(|r| {
+            let w: Vec<&str> = r.split_whitespace().collect();
+            assert_eq!(w.len(), 5, "epoch {epoch}: record {r:?}");
+            (w[3].to_string(), w[4].to_string())
+        })
+        .collect()
 }

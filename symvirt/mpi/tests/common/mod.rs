@@ -425,6 +425,30 @@ pub fn outcome_while_running(rig: &Rig, job: &mut Job) -> GuestMessage {
     }
 }
 
+/// Waits for the job, which must succeed with every rank printing a line that starts with
+/// `ok_prefix`; returns its standard output.
+pub fn wait_every_rank_ok(job: &mut Job, ok_prefix: &str) -> String {
+    let (ok, out) = job.wait();
+    assert!(ok, "the MPI job failed\n{}", job.logs());
+    let oks = out.lines().filter(|l| l.starts_with(ok_prefix)).count();
+    assert_eq!(oks, RANKS as usize, "{out}");
+    out
+}
+
+/// Asks the agent to cut the job for `epoch` and waits until every rank is quiesced (any other
+/// answer fails the test, with the job's logs); returns the time from request to quiesced.
+pub fn quiesce(rig: &Rig, job: &mut Job, epoch: u64) -> Duration {
+    let asked = Instant::now();
+    rig.prepare(epoch);
+    match outcome_while_running(rig, job) {
+        GuestMessage::Quiesced { epoch: e } if e == epoch => asked.elapsed(),
+        other => panic!(
+            "epoch {epoch}: expected quiesced, got {other:?}\n{}",
+            job.logs()
+        ),
+    }
+}
+
 /// CLOCK_MONOTONIC in nanoseconds, the clock of the stress program's entries.
 pub fn monotonic_ns() -> u64 {
     let mut t = libc::timespec {
@@ -451,4 +475,87 @@ pub fn entries(dir: &Path) -> Vec<(u32, u64, Option<u64>)> {
         }
     }
     out
+}
+
+/// Pseudo-random waits that differ each run (no fixed phase relation to a program's phases).
+pub struct Jitter(u64);
+
+impl Jitter {
+    pub fn new() -> Jitter {
+        Jitter(u64::from(std::process::id()) ^ monotonic_ns())
+    }
+
+    /// The same sequence every run (a bench's requests).
+    pub fn seeded(seed: u64) -> Jitter {
+        Jitter(seed)
+    }
+
+    /// Milliseconds in `lo..hi`.
+    pub fn ms(&mut self, lo: u64, hi: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        lo + (self.0 >> 33) % (hi - lo)
+    }
+}
+
+/// A cut held from `from` to `until` (CLOCK_MONOTONIC ns) while the ranks were paused.
+pub struct Hold {
+    pub epoch: u64,
+    pub from: u64,
+    pub until: u64,
+}
+
+/// Holds the cut of `epoch` (quiesced at `from`) until a rank of the stress program has
+/// entered its first MPI call after a compute phase (entries, see [`entries`]), or for `wait`
+/// if every rank was inside MPI already, then 200 ms more. A call entered during the cut must
+/// not return before the resume: checked here while holding, and by [`check_holds`] after.
+pub fn hold_cut(dir: &Path, job: &Job, epoch: u64, from: u64, wait: Duration) -> Hold {
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        let during: Vec<_> = entries(dir)
+            .into_iter()
+            .filter(|&(_, enter, _)| enter > from)
+            .collect();
+        if let Some((rank, _, Some(_))) = during.iter().find(|e| e.2.is_some()) {
+            panic!(
+                "epoch {epoch}: rank {rank} entered MPI during the cut and returned before the \
+                 resume\n{}",
+                job.logs()
+            );
+        }
+        if !during.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    Hold {
+        epoch,
+        from,
+        until: monotonic_ns(),
+    }
+}
+
+/// Every call entered while a cut held the ranks returned only after its resume; returns how
+/// many such calls there were.
+pub fn check_holds(dir: &Path, holds: &[Hold]) -> usize {
+    let mut held = 0;
+    for (rank, enter, ret) in entries(dir) {
+        let ret = ret.expect("every call returned by the end");
+        for h in holds {
+            if enter > h.from && enter < h.until {
+                assert!(
+                    ret >= h.until,
+                    "rank {rank}: an MPI call entered during the cut of epoch {} returned {} ms \
+                     before the resume",
+                    h.epoch,
+                    (h.until - ret) / 1_000_000
+                );
+                held += 1;
+            }
+        }
+    }
+    held
 }

@@ -3,6 +3,9 @@
  * collective, and of a pending send (its count was taken when it started). The program then
  * goes on: the collective and the send still complete, the message is received intact. A
  * receive too small for its message fails with MPI_ERR_TRUNCATE, as without the layer.
+ * With -DSYMVIRT_EXPLICIT (linked with the explicit library instead), misuse of quiet phases
+ * fails with SYMVIRT_ERR_STATE and changes nothing: symvirt_quiet_end outside a phase, a nested
+ * symvirt_quiet_begin, symvirt_safe_point inside a phase; the phase then ends normally.
  * Prints "refusals OK rank R".
  *
  *   refusals */
@@ -10,6 +13,9 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#ifdef SYMVIRT_EXPLICIT
+#include "symvirt.h"
+#endif
 
 #define WORDS (32 * 1024) /* rendezvous in both implementations */
 
@@ -22,6 +28,33 @@ static void fail(const char *what, int rc)
     MPI_Abort(MPI_COMM_WORLD, 3);
 }
 
+#ifdef SYMVIRT_EXPLICIT
+static void check_quiet_phase_misuse(void)
+{
+    int rc = symvirt_init(MPI_COMM_WORLD);
+    if (rc != SYMVIRT_CONTINUE)
+        fail("symvirt_init", rc);
+    for (int round = 0; round < 3; round++) {
+        if ((rc = symvirt_quiet_end(MPI_COMM_WORLD, NULL)) != SYMVIRT_ERR_STATE)
+            fail("symvirt_quiet_end outside a quiet phase was not refused", rc);
+        if ((rc = symvirt_quiet_begin(MPI_COMM_WORLD)) != SYMVIRT_CONTINUE)
+            fail("symvirt_quiet_begin", rc);
+        if ((rc = symvirt_quiet_begin(MPI_COMM_WORLD)) != SYMVIRT_ERR_STATE)
+            fail("a nested symvirt_quiet_begin was not refused", rc);
+        if ((rc = symvirt_safe_point(MPI_COMM_WORLD, NULL)) != SYMVIRT_ERR_STATE)
+            fail("symvirt_safe_point inside a quiet phase was not refused", rc);
+        if ((rc = symvirt_finalize()) != SYMVIRT_ERR_STATE)
+            fail("symvirt_finalize inside a quiet phase was not refused", rc);
+        if ((rc = symvirt_quiet_end(MPI_COMM_WORLD, NULL)) != SYMVIRT_CONTINUE)
+            fail("symvirt_quiet_end", rc);
+        if ((rc = symvirt_safe_point(MPI_COMM_WORLD, NULL)) != SYMVIRT_CONTINUE)
+            fail("symvirt_safe_point", rc);
+    }
+    if ((rc = symvirt_finalize()) != SYMVIRT_CONTINUE)
+        fail("symvirt_finalize", rc);
+}
+#endif
+
 int main(int argc, char **argv)
 {
     int np;
@@ -30,6 +63,13 @@ int main(int argc, char **argv)
     MPI_Comm_size(MPI_COMM_WORLD, &np);
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
     MPI_Comm_set_errhandler(MPI_COMM_SELF, MPI_ERRORS_RETURN);
+#ifdef SYMVIRT_EXPLICIT
+    check_quiet_phase_misuse();
+    printf("refusals OK rank %d\n", me);
+    fflush(stdout);
+    MPI_Finalize();
+    return 0;
+#endif
 
     /* Rank 0 starts the Ibarrier only once every other rank has cancelled its own, so theirs
      * are pending then; rank 0's may complete at once (cancelling it then does nothing). */

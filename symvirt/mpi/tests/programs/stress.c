@@ -62,9 +62,12 @@
  * returned (ENTER is written before the call: a call entered while a cut holds the rank
  * returns after the resume).
  *
- * With -DSYMVIRT_EXPLICIT the program calls symvirt_safe_point every iteration; its quiesce hook
- * writes DIR/cut-E-R ("iteration sent received") and after a resume it writes DIR/resumed-E-R
- * (the interconnect's JSON).
+ * With -DSYMVIRT_EXPLICIT the program initialises MPI at MPI_THREAD_SERIALIZED and calls
+ * symvirt_safe_point every iteration; with STRESS_QUIET=1 too, each compute phase is a quiet
+ * phase (symvirt_quiet_begin before it, symvirt_quiet_end as its first call after it). Its
+ * quiesce hook writes DIR/cut-E-R ("iteration sent received WHERE BY": WHERE quiet or
+ * safe_point, BY main or thread, the thread the hook ran on) and after a resume it writes
+ * DIR/resumed-E-R (the interconnect's JSON).
  * Prints "stress OK rank R iterations N sent S received V agent_errors A cuts C" and exits 0 on
  * success (an agent that went away is reported by the safe point and counted in A).
  * With STRESS_HOLD_OPEN=PATH every rank opens PATH before MPI_Init and keeps it open (a STAND-IN
@@ -79,6 +82,7 @@
 #include <time.h>
 #include <unistd.h>
 #ifdef SYMVIRT_EXPLICIT
+#include <pthread.h>
 #include "symvirt.h"
 #endif
 
@@ -523,9 +527,22 @@ static uint64_t now_ns(void)
     return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
 
+#ifdef SYMVIRT_EXPLICIT
+static int quiet;                  /* STRESS_QUIET=1: compute phases are quiet phases */
+static volatile int in_quiet;      /* inside one (read by the quiesce hook) */
+static pthread_t main_thread;
+static void after_cut_point(int rc, const symvirt_interconnect *ic, const char *call);
+#endif
+
 /* Computes (no MPI call) for 2/3 to 4/3 of compute_ms, then times its first MPI call. */
 static void compute_phase(void)
 {
+#ifdef SYMVIRT_EXPLICIT
+    if (quiet) {
+        in_quiet = 1; /* before: the library's thread may cut as soon as the phase begins */
+        after_cut_point(symvirt_quiet_begin(MPI_COMM_WORLD), NULL, "symvirt_quiet_begin");
+    }
+#endif
     double ms = compute_ms * (double)(2 + (me + iteration) % 3) / 3.0;
     uint64_t until = now_ns() + (uint64_t)(ms * 1e6);
     double x = 1.0 + me;
@@ -542,6 +559,14 @@ static void compute_phase(void)
     int flag = 0;
     fprintf(f, "%llu ", (unsigned long long)now_ns());
     fflush(f);
+#ifdef SYMVIRT_EXPLICIT
+    if (quiet) {
+        symvirt_interconnect ic;
+        int rc = symvirt_quiet_end(MPI_COMM_WORLD, &ic);
+        in_quiet = 0;
+        after_cut_point(rc, &ic, "symvirt_quiet_end");
+    }
+#endif
     MPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, quiet_comm, &flag, MPI_STATUS_IGNORE);
     fprintf(f, "%llu\n", (unsigned long long)now_ns());
     fclose(f);
@@ -1050,9 +1075,35 @@ static void at_cut(uint64_t epoch, void *ctx)
     FILE *f = fopen(path, "w");
     if (f == NULL)
         fail("cannot write cut record", -1);
-    fprintf(f, "%llu %llu %llu\n", (unsigned long long)iteration, (unsigned long long)sent,
-            (unsigned long long)received);
+    fprintf(f, "%llu %llu %llu %s %s\n", (unsigned long long)iteration,
+            (unsigned long long)sent, (unsigned long long)received,
+            in_quiet ? "quiet" : "safe_point",
+            pthread_equal(pthread_self(), main_thread) ? "main" : "thread");
     fclose(f);
+}
+
+/* After a safe point or a quiet phase's begin or end: counts a cut and records its outcome. */
+static void after_cut_point(int rc, const symvirt_interconnect *ic, const char *call)
+{
+    if (rc == SYMVIRT_ERR_AGENT) {
+        /* The agent went away: the safe point goes on as a no-op; so does the program. */
+        fprintf(stderr, "rank %d: %s: %s\n", me, call, symvirt_last_error());
+        agent_errors++;
+    } else if (rc < 0) {
+        fprintf(stderr, "%s: %d %s\n", call, rc, symvirt_last_error());
+        MPI_Abort(MPI_COMM_WORLD, 5);
+    }
+    if ((rc == SYMVIRT_RESUMED || rc == SYMVIRT_ABORTED) && ic != NULL) {
+        cuts++;
+        char path[4096];
+        snprintf(path, sizeof path, "%s/resumed-%llu-%d", dir, (unsigned long long)ic->epoch, me);
+        FILE *f = fopen(path, "w");
+        if (f == NULL)
+            fail("cannot write resume record", -1);
+        fprintf(f, "%s %llu %s\n", rc == SYMVIRT_RESUMED ? "resumed" : "aborted",
+                (unsigned long long)iteration, ic->json);
+        fclose(f);
+    }
 }
 #endif
 
@@ -1076,7 +1127,15 @@ int main(int argc, char **argv)
         perror(hold);
         return 3;
     }
+#ifdef SYMVIRT_EXPLICIT
+    /* Quiet phases' cuts are made by the library's thread, which calls MPI. */
+    int provided;
+    MPI_Init_thread(&argc, &argv, MPI_THREAD_SERIALIZED, &provided);
+    main_thread = pthread_self();
+    quiet = getenv("STRESS_QUIET") != NULL && strcmp(getenv("STRESS_QUIET"), "1") == 0;
+#else
     MPI_Init(&argc, &argv);
+#endif
     MPI_Comm_rank(MPI_COMM_WORLD, &me);
     MPI_Comm_size(MPI_COMM_WORLD, &np);
     if (np > MAXP || np < 2)
@@ -1153,26 +1212,7 @@ int main(int argc, char **argv)
         }
 #ifdef SYMVIRT_EXPLICIT
         symvirt_interconnect ic;
-        rc = symvirt_safe_point(MPI_COMM_WORLD, &ic);
-        if (rc == SYMVIRT_ERR_AGENT) {
-            /* The agent went away: the safe point goes on as a no-op; so does the program. */
-            fprintf(stderr, "rank %d: symvirt_safe_point: %s\n", me, symvirt_last_error());
-            agent_errors++;
-        } else if (rc < 0) {
-            fprintf(stderr, "symvirt_safe_point: %d %s\n", rc, symvirt_last_error());
-            MPI_Abort(MPI_COMM_WORLD, 5);
-        }
-        if (rc == SYMVIRT_RESUMED || rc == SYMVIRT_ABORTED) {
-            cuts++;
-            char path[4096];
-            snprintf(path, sizeof path, "%s/resumed-%llu-%d", dir, (unsigned long long)ic.epoch, me);
-            FILE *f = fopen(path, "w");
-            if (f == NULL)
-                fail("cannot write resume record", -1);
-            fprintf(f, "%s %llu %s\n", rc == SYMVIRT_RESUMED ? "resumed" : "aborted",
-                    (unsigned long long)iteration, ic.json);
-            fclose(f);
-        }
+        after_cut_point(symvirt_safe_point(MPI_COMM_WORLD, &ic), &ic, "symvirt_safe_point");
 #endif
         if (iteration + 1 >= min_iters && iteration % stop_every == (uint64_t)stop_every - 1 &&
             stop_requested())

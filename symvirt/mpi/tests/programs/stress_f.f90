@@ -20,9 +20,11 @@
 ! mpi_file_read_at_all and checked. Every message carries (source, destination, per-pair sequence
 ! number) and a derived payload that the receiver checks; every collective result is checked.
 ! Runs at least MIN_ITERS iterations, then until DIR/stop exists.
-! Built with -DSYMVIRT_EXPLICIT it calls symvirt_safe_point_f every iteration and registers a
-! quiesce hook (bind(c)) that writes DIR/cut-E-R ("iteration sent received"); after a resume
-! it writes DIR/resumed-E-R.
+! Built with -DSYMVIRT_EXPLICIT it calls symvirt_safe_point_f every iteration, then computes for
+! 20 ms inside a quiet phase (symvirt_quiet_begin_f / symvirt_quiet_end_f; MPI is initialised at
+! MPI_THREAD_SINGLE, so cuts are made at the phase's begin or end), and registers a quiesce
+! hook (bind(c)) that writes DIR/cut-E-R ("iteration sent received"); after a resume it writes
+! DIR/resumed-E-R.
 module stress_state
   use iso_c_binding
   implicit none
@@ -156,8 +158,7 @@ program stress_f
     end function
   end interface
   integer :: result, rc
-  integer(8) :: epoch
-  character(len=1100) :: path
+  integer(8) :: epoch, t0, t, rate
 #endif
   integer :: ierr, right, left, n, m, count, any_comm, root, p, mine, all
   integer :: half_comm, hr, hsize, base, pcomm, preq(2), msg
@@ -399,17 +400,18 @@ program stress_f
 #ifdef SYMVIRT_EXPLICIT
     call symvirt_safe_point_f(MPI_COMM_WORLD, result, epoch, rc)
     if (rc /= 0) call fail('symvirt_safe_point_f', rc)
-    if (result /= 0) then
-      cuts = cuts + 1
-      write (path, '(a,a,i0,a,i0)') trim(dir), '/resumed-', epoch, '-', me
-      open (unit=22, file=trim(path), status='replace', action='write')
-      if (result == 1) then
-        write (22, '(a,1x,i0)') 'resumed', iteration
-      else
-        write (22, '(a,1x,i0)') 'aborted', iteration
-      end if
-      close (22)
-    end if
+    call after_cut_point(result, epoch)
+    ! every message of the iteration is matched: a quiet phase may follow
+    call symvirt_quiet_begin_f(MPI_COMM_WORLD, rc)
+    if (rc /= 0) call fail('symvirt_quiet_begin_f', rc)
+    call system_clock(t0, rate)
+    t = t0
+    do while (t - t0 < rate / 50)
+      call system_clock(t)
+    end do
+    call symvirt_quiet_end_f(MPI_COMM_WORLD, result, epoch, rc)
+    if (rc /= 0) call fail('symvirt_quiet_end_f', rc)
+    call after_cut_point(result, epoch)
 #endif
     if (iteration + 1 >= min_iters .and. mod(iteration, 8_8) == 7_8) then
       inquire (file=trim(dir)//'/stop', exist=stop_file)
@@ -438,6 +440,25 @@ program stress_f
     ' sent ', sent, ' received ', received, ' cuts ', cuts
   call mpi_finalize(ierr)
 contains
+#ifdef SYMVIRT_EXPLICIT
+  ! After a safe point or a quiet phase's end: counts a cut and records its outcome.
+  subroutine after_cut_point(result, epoch)
+    integer, intent(in) :: result
+    integer(8), intent(in) :: epoch
+    character(len=1100) :: path
+    if (result == 0) return
+    cuts = cuts + 1
+    write (path, '(a,a,i0,a,i0)') trim(dir), '/resumed-', epoch, '-', me
+    open (unit=22, file=trim(path), status='replace', action='write')
+    if (result == 1) then
+      write (22, '(a,1x,i0)') 'resumed', iteration
+    else
+      write (22, '(a,1x,i0)') 'aborted', iteration
+    end if
+    close (22)
+  end subroutine
+#endif
+
   ! The MPI-3 communicators, (re)made every few iterations so that cuts land in their
   ! creation too; the previous ones are freed.
   subroutine make_mpi3_comms()
