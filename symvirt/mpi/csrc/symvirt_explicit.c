@@ -21,16 +21,20 @@
  * Who makes the cut: the rank's quiet thread (started at the first quiet phase when MPI gives
  * MPI_THREAD_SERIALIZED or more) while the application computes inside the phase; otherwise
  * the application's thread at the phase's begin (verdict already there) or end. The thread
+ * wakes on this rank's request, and inside a phase also every 5 ms to look for a verdict (a
+ * rank's request may come late, or not at all when only rank 0's agent asks). It
  * calls MPI only while the application is inside a quiet phase (no MPI call there, by the
  * contract) and under `lock`, which symvirt_quiet_end and symvirt_safe_point also take: the two
  * threads never call MPI at once. A cut holds `lock` until the resume, so the application
  * waits in symvirt_quiet_end. No deadlock: every rank the leader waits for has finished the
  * exchange before the phase (by the contract it needs nothing from a rank inside the phase),
- * and a rank waiting for its verdict has reported. */
+ * and a rank waiting for its verdict has reported. A failure of the protocol's own messages
+ * aborts the job (protocol_failed): the other ranks would wait forever. */
 #include "symvirt.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -65,9 +69,7 @@ static struct {
     uint64_t *rank_in_cut; /* per rank: the last cut it reported going into */
     int nended;
     uint64_t cuts_decided;
-    /* Both, for `phase`: an error the quiet thread met (it then stops acting), */
-    int thread_rc;
-    /* and the last cut made. */
+    /* Both: the last cut made in `phase`. */
     int cuts;
     int cut_by_thread;
     int cut_rc;
@@ -114,6 +116,7 @@ int symvirt_init(MPI_Comm comm)
     PMPI_Comm_rank(g.qcomm, &g.qrank);
     PMPI_Comm_size(g.qcomm, &g.qsize);
     PMPI_Query_thread(&g.thread_level);
+    g.phase = 0;
     g.rank_ended = calloc((size_t)g.qsize, sizeof *g.rank_ended);
     g.rank_in_cut = calloc((size_t)g.qsize, sizeof *g.rank_in_cut);
     if (g.rank_ended == NULL || g.rank_in_cut == NULL)
@@ -140,6 +143,19 @@ int symvirt_safe_point(MPI_Comm comm, symvirt_interconnect *ic)
 }
 
 /* Quiet phases: see the top. The functions below run with g.lock held. */
+
+/* The protocol cannot go on (an MPI call failed, or the ranks' quiet phases are out of step:
+ * the contract was broken): every other rank would wait forever, so the job ends here. */
+static void protocol_failed(const char *where, int rc)
+{
+    fprintf(stderr,
+            "symvirt: rank %d: quiet phase %llu: %s failed (%s): aborting the job, its ranks "
+            "would otherwise wait for each other forever\n",
+            g.qrank, (unsigned long long)g.phase, where,
+            rc == SYMVIRT_ERR_STATE ? "ranks out of step: quiet phases must be collective"
+                                    : "an MPI call");
+    PMPI_Abort(MPI_COMM_WORLD, 70);
+}
 
 static void pause_us(long us)
 {
@@ -286,21 +302,23 @@ static void *quiet_thread(void *arg)
     while (!atomic_load(&g.stop)) {
         pthread_mutex_lock(&g.lock);
         uint64_t pending = symvirt_sp_pending(g.sp);
-        int act = g.inside && g.thread_rc == SYMVIRT_CONTINUE;
-        if (act && g.qrank == LEADER && pending != 0)
-            g.thread_rc = leader_cut(pending, 1);
-        else if (act && g.qrank != LEADER && (pending != 0 || g.cut_due != 0))
-            g.thread_rc = follow(0, 1, 1);
-        if (g.thread_rc != SYMVIRT_CONTINUE) /* for symvirt_quiet_end to return */
-            pending = 0;
-        else
-            pending = symvirt_sp_pending(g.sp);
+        int rc = SYMVIRT_CONTINUE;
+        if (g.inside && g.qrank == LEADER && pending != 0)
+            rc = leader_cut(pending, 1);
+        else if (g.inside && g.qrank != LEADER)
+            rc = follow(0, 1, 1); /* a verdict may come before this rank's own request */
+        if (rc != SYMVIRT_CONTINUE)
+            protocol_failed("the quiet thread", rc);
+        /* Read before `pending`: a request published in between is then seen by the wait. */
         uint64_t requested = symvirt_ctl_requested();
+        pending = symvirt_sp_pending(g.sp);
+        /* Inside a phase the others look for a verdict every few milliseconds anyway. */
+        uint64_t wait_ms = g.inside && g.qrank != LEADER ? 5 : 1000;
         pthread_mutex_unlock(&g.lock);
         if (pending != 0)
             pause_us(200); /* until the application enters a quiet phase, or the verdict comes */
         else /* requested <= served: sleep until a higher epoch is asked */
-            symvirt_ctl_wait_requested(requested, 1000);
+            symvirt_ctl_wait_requested(requested, wait_ms);
     }
     return NULL;
 }
@@ -322,7 +340,6 @@ int symvirt_quiet_begin(MPI_Comm comm)
         g.nended = 0;
         g.cuts_decided = 0;
         g.cuts = 0;
-        g.thread_rc = SYMVIRT_CONTINUE;
         const char *off = getenv("SYMVIRT_PROGRESS_THREAD");
         if (!g.have_thread && g.thread_level >= MPI_THREAD_SERIALIZED &&
             (off == NULL || strcmp(off, "0") != 0))
@@ -335,6 +352,8 @@ int symvirt_quiet_begin(MPI_Comm comm)
             rc = leader_cut(pending, 0);
         else
             rc = SYMVIRT_CONTINUE;
+        if (rc != SYMVIRT_CONTINUE)
+            protocol_failed("symvirt_quiet_begin", rc);
     }
     pthread_mutex_unlock(&g.lock);
     return rc;
@@ -350,10 +369,8 @@ int symvirt_quiet_end(MPI_Comm comm, symvirt_interconnect *ic)
         pthread_mutex_unlock(&g.lock);
         return SYMVIRT_ERR_STATE;
     }
-    int rc = g.thread_rc;
-    if (rc != SYMVIRT_CONTINUE) {
-        /* The quiet thread's MPI call failed: the protocol cannot go on. */
-    } else if (g.qrank == LEADER) {
+    int rc;
+    if (g.qrank == LEADER) {
         rc = leader_end();
     } else {
         rc = follow(0, 1, 0); /* a cut already due is made before the end is reported */
@@ -364,8 +381,10 @@ int symvirt_quiet_end(MPI_Comm comm, symvirt_interconnect *ic)
         if (rc == SYMVIRT_CONTINUE)
             rc = follow(1, 1, 0);
     }
+    if (rc != SYMVIRT_CONTINUE)
+        protocol_failed("symvirt_quiet_end", rc);
     g.inside = 0;
-    if (rc == SYMVIRT_CONTINUE && g.cuts > 0) {
+    if (g.cuts > 0) {
         rc = g.cut_rc;
         if (ic != NULL)
             *ic = g.cut_ic;
@@ -378,12 +397,22 @@ int symvirt_quiet_end(MPI_Comm comm, symvirt_interconnect *ic)
 
 int symvirt_on_quiesce(void (*hook)(uint64_t epoch, void *ctx), void *ctx)
 {
-    return g.sp == NULL ? SYMVIRT_ERR_STATE : symvirt_sp_on_quiesce(g.sp, hook, ctx);
+    if (g.sp == NULL)
+        return SYMVIRT_ERR_STATE;
+    pthread_mutex_lock(&g.lock); /* the quiet thread may be using the safe point */
+    int rc = symvirt_sp_on_quiesce(g.sp, hook, ctx);
+    pthread_mutex_unlock(&g.lock);
+    return rc;
 }
 
 int symvirt_on_resume(void (*hook)(const symvirt_interconnect *ic, void *ctx), void *ctx)
 {
-    return g.sp == NULL ? SYMVIRT_ERR_STATE : symvirt_sp_on_resume(g.sp, hook, ctx);
+    if (g.sp == NULL)
+        return SYMVIRT_ERR_STATE;
+    pthread_mutex_lock(&g.lock);
+    int rc = symvirt_sp_on_resume(g.sp, hook, ctx);
+    pthread_mutex_unlock(&g.lock);
+    return rc;
 }
 
 int symvirt_finalize(void)

@@ -79,7 +79,10 @@ int symvirt_safe_point(MPI_Comm comm, symvirt_interconnect *ic);
  * symvirt_quiet_begin returns SYMVIRT_CONTINUE or an error; symvirt_quiet_end returns
  * SYMVIRT_CONTINUE, or SYMVIRT_RESUMED / SYMVIRT_ABORTED (ic filled; ic may be NULL) when the
  * ranks were cut during the phase (the last cut's, if several), or an error. Unbalanced or
- * nested calls, and symvirt_safe_point inside a phase, return SYMVIRT_ERR_STATE. */
+ * nested calls, and symvirt_safe_point inside a phase, return SYMVIRT_ERR_STATE. A failure of
+ * the phases' own messages (an MPI error, or ranks found out of step) aborts the job with a
+ * message on stderr: the other ranks would wait for this one forever. A rank that skips a
+ * phase the others make may also hang the job, as a missing collective does. */
 int symvirt_quiet_begin(MPI_Comm comm);
 int symvirt_quiet_end(MPI_Comm comm, symvirt_interconnect *ic);
 /* Hooks; call after symvirt_init. */

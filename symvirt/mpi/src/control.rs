@@ -313,6 +313,9 @@ impl Control {
             return Err(Error::State("already open in this process".into()));
         }
         verbs::device_dir(); // its environment is read at init, not at a cut
+        // A new control plane: no request from before it, agent or not.
+        REQUESTED.store(0, Ordering::Release);
+        LOCAL.store(0, Ordering::Release);
         let client = match RankClient::connect(path, rank, timeout) {
             Ok(c) => c,
             Err(source) => {
@@ -323,8 +326,6 @@ impl Control {
                 });
             }
         };
-        REQUESTED.store(0, Ordering::Release);
-        LOCAL.store(0, Ordering::Release);
         let shared = Arc::new(Shared {
             client: Mutex::new(client),
             state: Mutex::new(State::default()),
