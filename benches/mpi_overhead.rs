@@ -256,10 +256,7 @@ fn parse_samples(stdout: &str) -> Result<Launch, String> {
 fn pingpong_launch(mpi: MpiImpl, s: &Settings, rig: &Rig, preload: bool) -> Result<Launch, String> {
     let libs = libraries(mpi);
     let prog = program(mpi, "pingpong.c", Linkage::Plain);
-    let mut env = vec![(
-        "SYMVIRT_AGENT_SOCKET".to_string(),
-        rig.rank_socket().display().to_string(),
-    )];
+    let mut env = vec![rig.agent_env()];
     if preload {
         env.push((
             "LD_PRELOAD".to_string(),
@@ -371,10 +368,7 @@ fn quiesce_times(
     let work = rig.dir.0.join("work");
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
     let mut env = match linkage {
-        Linkage::Explicit => vec![(
-            "SYMVIRT_AGENT_SOCKET".to_string(),
-            rig.rank_socket().display().to_string(),
-        )],
+        Linkage::Explicit => vec![rig.agent_env()],
         _ => rig.transparent_env(mpi),
     };
     env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.clone())));

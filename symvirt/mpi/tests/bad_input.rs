@@ -35,10 +35,7 @@ fn start_with(
 ) -> (Job, PathBuf) {
     let cuts = rig.dir.0.join("cuts");
     fs::create_dir_all(&cuts).unwrap();
-    env.push((
-        "SYMVIRT_AGENT_SOCKET".to_string(),
-        rig.rank_socket().display().to_string(),
-    ));
+    env.push(rig.agent_env());
     let linkage = match mode {
         Mode::Explicit => Linkage::Explicit,
         Mode::Transparent => {

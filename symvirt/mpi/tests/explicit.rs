@@ -35,10 +35,7 @@ fn run_explicit(mpi: MpiImpl, source: &str, modes: Option<&str>, tag: &str, epoc
     let prog = program(mpi, source, Linkage::Explicit);
     let cuts = rig.dir.0.join("cuts");
     fs::create_dir_all(&cuts).unwrap();
-    let env = [(
-        "SYMVIRT_AGENT_SOCKET".to_string(),
-        rig.rank_socket().display().to_string(),
-    )];
+    let env = [rig.agent_env()];
     let mut args: Vec<&str> = modes.into_iter().collect();
     args.extend([cuts.to_str().unwrap(), "16"]);
     let mut job = Job::start(mpi, &prog, &args, &env, &rig.dir.0);
@@ -75,10 +72,7 @@ fn run_rare_safe_points(mpi: MpiImpl, tag: &str, epochs: u64) {
     let cuts = rig.dir.0.join("cuts");
     fs::create_dir_all(&cuts).unwrap();
     let env = [
-        (
-            "SYMVIRT_AGENT_SOCKET".to_string(),
-            rig.rank_socket().display().to_string(),
-        ),
+        rig.agent_env(),
         ("SYMVIRT_SAFE_POINT_DEPTH".to_string(), "0".to_string()),
         ("STRESS_COMPUTE_MS".to_string(), "700".to_string()),
     ];
@@ -132,10 +126,7 @@ fn run_quiet_phases(mpi: MpiImpl, tag: &str, epochs: u64, thread: bool) {
     let cuts = rig.dir.0.join("cuts");
     fs::create_dir_all(&cuts).unwrap();
     let mut env = vec![
-        (
-            "SYMVIRT_AGENT_SOCKET".to_string(),
-            rig.rank_socket().display().to_string(),
-        ),
+        rig.agent_env(),
         ("STRESS_QUIET".to_string(), "1".to_string()),
         ("STRESS_COMPUTE_MS".to_string(), COMPUTE_MS.to_string()),
     ];
@@ -214,10 +205,7 @@ fn explicit_mpich_quiet_phases_without_the_thread_cut_at_their_ends() {
 fn refuses_quiet_phase_misuse(mpi: MpiImpl, tag: &str) {
     let rig = Rig::new(tag);
     let prog = program(mpi, "refusals.c", Linkage::Explicit);
-    let env = [(
-        "SYMVIRT_AGENT_SOCKET".to_string(),
-        rig.rank_socket().display().to_string(),
-    )];
+    let env = [rig.agent_env()];
     let mut job = Job::start(mpi, &prog, &[], &env, &rig.dir.0);
     wait_every_rank_ok(&mut job, "refusals OK rank ");
 }

@@ -213,10 +213,7 @@ fn rust_ring_consistent_at_every_cut_resumed_with_the_interconnect() {
     let rig = Rig::new("rsmpi-agent");
     let cuts = rig.dir.0.join("cuts");
     fs::create_dir_all(&cuts).unwrap();
-    let env = [(
-        "SYMVIRT_AGENT_SOCKET".to_string(),
-        rig.rank_socket().display().to_string(),
-    )];
+    let env = [rig.agent_env()];
     let mut job = Job::start(mpi, prog, &[cuts.to_str().unwrap(), "16"], &env, &rig.dir.0);
     let epochs = 4;
     let aborted = 3;
@@ -444,10 +441,7 @@ fn one_rank_differs(tag: &str, rank1_socket: &str, rank1_says: &str, others_say:
     let mpi = rust_ring_mpi();
     let rig = Rig::new(tag);
     let env = [
-        (
-            "SYMVIRT_AGENT_SOCKET".to_string(),
-            rig.rank_socket().display().to_string(),
-        ),
+        rig.agent_env(),
         ("SYMVIRT_CONNECT_TIMEOUT_MS".into(), "2000".into()),
         ("RANK1_SOCKET".into(), rank1_socket.into()),
     ];

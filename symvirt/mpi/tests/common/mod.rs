@@ -137,15 +137,20 @@ impl Rig {
     /// The ranks' environment for the transparent layer of `mpi` against this rig's agent.
     pub fn transparent_env(&self, mpi: MpiImpl) -> Vec<(String, String)> {
         vec![
-            (
-                "SYMVIRT_AGENT_SOCKET".to_string(),
-                self.rank_socket().display().to_string(),
-            ),
+            self.agent_env(),
             (
                 "LD_PRELOAD".to_string(),
                 libraries(mpi).transparent.display().to_string(),
             ),
         ]
+    }
+
+    /// The ranks' variable naming this rig's agent socket (`SYMVIRT_AGENT_SOCKET`).
+    pub fn agent_env(&self) -> (String, String) {
+        (
+            "SYMVIRT_AGENT_SOCKET".to_string(),
+            self.rank_socket().display().to_string(),
+        )
     }
 
     pub fn rank_socket(&self) -> PathBuf {
