@@ -29,6 +29,10 @@
 //!   library's thread cuts them): `quiesce_ms` (same requests and target), and
 //!   `quiesce_ms_safe_points_only` (no quiet phases, `SYMVIRT_SAFE_POINT_DEPTH=0`: the cut
 //!   waits for a safe point; `NINJA_MPI_COMPUTE_REQUESTS_WITHOUT` requests).
+//! - `quiesce_compute_nb_explicit`: the same with a receive from the left and a large
+//!   (rendezvous) send to the right outstanding across every compute phase (`stress.c` mode
+//!   `compute_nb`), declared to the phase (`symvirt_quiet_begin_requests`): the library
+//!   completes them before each cut.
 //!
 //! One JSON line per (mpi, scenario); a failed scenario prints a line with `error`. An MPI
 //! implementation that is not installed prints `SKIPPED: ...`.
@@ -39,7 +43,7 @@
 //! `NINJA_MPI_BW_BYTES`, `NINJA_MPI_BW_ROUNDS`, `NINJA_MPI_QUIESCE_REQUESTS`,
 //! `NINJA_MPI_STRESS_MODES`, `NINJA_MPI_COMPUTE_MS`, `NINJA_MPI_COMPUTE_REQUESTS`,
 //! `NINJA_MPI_COMPUTE_REQUESTS_WITHOUT`, `NINJA_MPI_SCENARIOS`
-//! (`pingpong,quiesce,quiesce_compute,quiesce_compute_explicit`),
+//! (`pingpong,quiesce,quiesce_compute,quiesce_compute_explicit,quiesce_compute_nb_explicit`),
 //! `NINJA_MPI_QUIET_WAIT_S` (default 60, 0 in quick mode: before each
 //! pair of launches, wait at most this long for the shared CPUs to be idle;
 //! `pairs_started_quiet` in the line says how many pairs got such a window).
@@ -124,7 +128,9 @@ impl Settings {
             ),
             scenarios: std::env::var("NINJA_MPI_SCENARIOS")
                 .unwrap_or_else(|_| {
-                    "pingpong,quiesce,quiesce_compute,quiesce_compute_explicit".into()
+                    "pingpong,quiesce,quiesce_compute,quiesce_compute_explicit,\
+                     quiesce_compute_nb_explicit"
+                        .into()
                 })
                 .split(',')
                 .map(|x| x.trim().to_string())
@@ -422,6 +428,7 @@ fn quiesce_compute(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
         s,
         Variants {
             scenario: "quiesce_compute",
+            modes: "compute,collective",
             linkage: Linkage::Plain,
             seed: 0x9e37_79b9_7f4a_7c15,
             fast: ("SYMVIRT_PROGRESS_THREAD", "1"),
@@ -439,22 +446,47 @@ fn quiesce_compute_explicit(mpi: MpiImpl, s: &Settings) -> Result<Value, String>
     compute_bound(
         mpi,
         s,
-        Variants {
-            scenario: "quiesce_compute_explicit",
-            linkage: Linkage::Explicit,
-            seed: 0x51_7cc1_b727_220a,
-            fast: ("STRESS_QUIET", "1"),
-            slow: ("SYMVIRT_SAFE_POINT_DEPTH", "0"),
-            slow_field: "quiesce_ms_safe_points_only",
-        },
+        explicit_variants(
+            "quiesce_compute_explicit",
+            "compute,collective",
+            0x51_7cc1_b727_220a,
+        ),
     )
 }
 
-/// A compute-bound scenario: the stress program linked as `linkage`, cut at random moments
-/// with the `fast` setting (`compute_requests` times) and with the `slow` one
+/// `quiesce_compute_explicit` with requests outstanding across every compute phase, declared
+/// to it (`compute_nb`: `symvirt_quiet_begin_requests`).
+fn quiesce_compute_nb_explicit(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
+    compute_bound(
+        mpi,
+        s,
+        explicit_variants(
+            "quiesce_compute_nb_explicit",
+            "compute_nb,collective",
+            0x2545_f491_4f6c_dd1d,
+        ),
+    )
+}
+
+/// The explicit library's variants: quiet phases against safe points only.
+fn explicit_variants(scenario: &'static str, modes: &'static str, seed: u64) -> Variants {
+    Variants {
+        scenario,
+        modes,
+        linkage: Linkage::Explicit,
+        seed,
+        fast: ("STRESS_QUIET", "1"),
+        slow: ("SYMVIRT_SAFE_POINT_DEPTH", "0"),
+        slow_field: "quiesce_ms_safe_points_only",
+    }
+}
+
+/// A compute-bound scenario: the stress program (`modes`) linked as `linkage`, cut at random
+/// moments with the `fast` setting (`compute_requests` times) and with the `slow` one
 /// (`compute_requests_without` times, reported as `slow_field`).
 struct Variants {
     scenario: &'static str,
+    modes: &'static str,
     linkage: Linkage,
     seed: u64,
     fast: (&'static str, &'static str),
@@ -463,7 +495,6 @@ struct Variants {
 }
 
 fn compute_bound(mpi: MpiImpl, s: &Settings, v: Variants) -> Result<Value, String> {
-    const MODES: &str = "compute,collective";
     // Moments spread over the compute phases (a fixed pseudo-random sequence).
     let mut jitter = Jitter::seeded(v.seed);
     let mut random_gap = move |_| Duration::from_millis(jitter.ms(300, 3000));
@@ -473,7 +504,7 @@ fn compute_bound(mpi: MpiImpl, s: &Settings, v: Variants) -> Result<Value, Strin
         mpi,
         &label(""),
         v.linkage,
-        MODES,
+        v.modes,
         &[compute.clone(), (v.fast.0, v.fast.1.to_string())],
         s.compute_requests,
         &mut random_gap,
@@ -483,7 +514,7 @@ fn compute_bound(mpi: MpiImpl, s: &Settings, v: Variants) -> Result<Value, Strin
             mpi,
             &label("-slow"),
             v.linkage,
-            MODES,
+            v.modes,
             &[compute, (v.slow.0, v.slow.1.to_string())],
             s.compute_requests_without,
             &mut random_gap,
@@ -498,7 +529,7 @@ fn compute_bound(mpi: MpiImpl, s: &Settings, v: Variants) -> Result<Value, Strin
         "scenario": v.scenario,
         "quick": s.quick,
         "ranks": RANKS,
-        "stress_modes": MODES,
+        "stress_modes": v.modes,
         "compute_ms": s.compute_ms,
         "requests": s.compute_requests,
         "quiesce_ms": spread(&fast),
@@ -550,6 +581,11 @@ fn main() {
         if wanted("quiesce_compute_explicit") {
             report(mpi, "quiesce_compute_explicit", || {
                 quiesce_compute_explicit(mpi, &s)
+            });
+        }
+        if wanted("quiesce_compute_nb_explicit") {
+            report(mpi, "quiesce_compute_nb_explicit", || {
+                quiesce_compute_nb_explicit(mpi, &s)
             });
         }
     }

@@ -44,7 +44,21 @@
  * Both are collective over the comm given to symvirt_init, in the same order on every rank.
  * CONTRACT: between them the rank makes no MPI call, and a message a rank sends before its
  * symvirt_quiet_begin is received before the receiver's symvirt_quiet_begin of the same
- * phase (no request outstanding across the phase: such a phase is not quiet). A
+ * phase, unless the sender or the receiver declares its request outstanding across the
+ * phase:
+ *
+ *       MPI_Irecv(..., &rq[0]); MPI_Isend(..., &rq[1]);
+ *       symvirt_quiet_begin_requests(MPI_COMM_WORLD, 2, rq);
+ *       compute_for_seconds();
+ *       symvirt_quiet_end(MPI_COMM_WORLD, &ic);
+ *       MPI_Waitall(2, rq, st);             // as usual: statuses intact
+ *
+ * Such requests must complete without any MPI call made after the phase began, on any rank
+ * (their matching sends and receives are posted before the peers' phases begin). Before a cut
+ * the library completes them, on every rank, with MPI_Request_get_status: it makes progress
+ * and frees nothing, so the application's own wait after the phase completes them as usual. A
+ * request that cannot complete holds the cut until SYMVIRT_QUIESCE_TIMEOUT_MS, then aborts the
+ * job. symvirt_quiet_end also waits for them (as the application's wait would). A
  * migration requested while the ranks are in the same quiet phase is cut there and then:
  * rank 0 decides when to cut and tells the others; a thread of the
  * library makes the cut on each rank's behalf while the rank goes on computing (quiesce hook
@@ -55,7 +69,7 @@
  * begin or end instead. A request arriving outside a quiet phase is cut at the next quiet
  * phase's begin (or at a safe point, whichever comes first); several cuts may fall in one
  * phase. Cost: symvirt_quiet_end waits until every rank has ended the phase (a barrier: each
- * rank sends rank 0 one 16-byte message per phase and gets one back).
+ * rank sends rank 0 one 16-byte message per phase and gets one of 24 bytes back).
  *
  * Errors are negative (SYMVIRT_ERR_*); symvirt_last_error() says why. Without an agent
  * (symvirt_init returned SYMVIRT_ERR_AGENT), or after the agent is lost, the safe point keeps
@@ -84,6 +98,9 @@ int symvirt_safe_point(MPI_Comm comm, symvirt_interconnect *ic);
  * message on stderr: the other ranks would wait for this one forever. A rank that skips a
  * phase the others make may also hang the job, as a missing collective does. */
 int symvirt_quiet_begin(MPI_Comm comm);
+/* symvirt_quiet_begin with `count` requests outstanding across the phase (copied: the array
+ * may be reused; the requests stay the application's to wait for after the phase). */
+int symvirt_quiet_begin_requests(MPI_Comm comm, int count, const MPI_Request requests[]);
 int symvirt_quiet_end(MPI_Comm comm, symvirt_interconnect *ic);
 /* Hooks; call after symvirt_init. */
 int symvirt_on_quiesce(void (*hook)(uint64_t epoch, void *ctx), void *ctx);
@@ -99,6 +116,9 @@ void symvirt_safe_point_f_(MPI_Fint *comm, MPI_Fint *result, int64_t *epoch, MPI
 void symvirt_finalize_f_(MPI_Fint *ierr);
 /*   call symvirt_quiet_begin_f(comm, ierr); call symvirt_quiet_end_f(comm, result, epoch, ierr) */
 void symvirt_quiet_begin_f_(MPI_Fint *comm, MPI_Fint *ierr);
+/*   call symvirt_quiet_begin_requests_f(comm, count, requests, ierr) */
+void symvirt_quiet_begin_requests_f_(MPI_Fint *comm, MPI_Fint *count, MPI_Fint *requests,
+                                     MPI_Fint *ierr);
 void symvirt_quiet_end_f_(MPI_Fint *comm, MPI_Fint *result, int64_t *epoch, MPI_Fint *ierr);
 
 #ifdef __cplusplus

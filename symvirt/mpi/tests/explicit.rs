@@ -119,8 +119,19 @@ fn explicit_mpich_rare_safe_points_cut_at_the_next_one() {
 /// resume; every other request comes right after the previous resume, so that several cuts
 /// fall in one phase. Without it (`SYMVIRT_PROGRESS_THREAD=0`) the application's thread makes
 /// the cut at the phase's begin or end.
-fn run_quiet_phases(mpi: MpiImpl, tag: &str, epochs: u64, thread: bool) {
-    const COMPUTE_MS: u64 = 2000;
+///
+/// With `Requests::Outstanding` the iterations alternate a phase with a receive from the left
+/// and a large (rendezvous) send to the right outstanding across it
+/// (`symvirt_quiet_begin_requests`) and a plain one: at every cut inside the former each rank's
+/// receive buffer already holds its message (counted as received in the cut record only then,
+/// so that global sent == received proves it), and the program's own checks after its
+/// `MPI_Waitall` pass.
+fn run_quiet_phases(mpi: MpiImpl, tag: &str, epochs: u64, thread: bool, requests: Requests) {
+    let compute_ms: u64 = match requests {
+        Requests::None => 2000,
+        // Two phases an iteration.
+        Requests::Outstanding => 1000,
+    };
     let rig = Rig::new(tag);
     let prog = program(mpi, "stress.c", Linkage::Explicit);
     let cuts = rig.dir.0.join("cuts");
@@ -128,12 +139,16 @@ fn run_quiet_phases(mpi: MpiImpl, tag: &str, epochs: u64, thread: bool) {
     let mut env = vec![
         rig.agent_env(),
         ("STRESS_QUIET".to_string(), "1".to_string()),
-        ("STRESS_COMPUTE_MS".to_string(), COMPUTE_MS.to_string()),
+        ("STRESS_COMPUTE_MS".to_string(), compute_ms.to_string()),
     ];
     if !thread {
         env.push(("SYMVIRT_PROGRESS_THREAD".to_string(), "0".to_string()));
     }
-    let args = ["compute,ring,collective", cuts.to_str().unwrap(), "2"];
+    let modes = match requests {
+        Requests::None => "compute,ring,collective",
+        Requests::Outstanding => "compute_nb,ring,compute,collective",
+    };
+    let args = [modes, cuts.to_str().unwrap(), "2"];
     let mut job = Job::start(mpi, &prog, &args, &env, &rig.dir.0);
     let mut jitter = Jitter::new();
     let (mut holds, mut slowest, mut by_thread) = (Vec::new(), Duration::ZERO, 0);
@@ -157,7 +172,7 @@ fn run_quiet_phases(mpi: MpiImpl, tag: &str, epochs: u64, thread: bool) {
         // A rank that had ended its phase waits at its end for the others: cut from there.
         by_thread += places.iter().filter(|(_, t)| t == "thread").count();
         if thread && !back_to_back {
-            let wait = Duration::from_millis(2 * COMPUTE_MS);
+            let wait = Duration::from_millis(2 * compute_ms);
             holds.push(hold_cut(&cuts, &job, epoch, from, wait));
         }
         let ic = interconnect_for(epoch);
@@ -179,24 +194,87 @@ fn run_quiet_phases(mpi: MpiImpl, tag: &str, epochs: u64, thread: bool) {
     }
 }
 
+/// Whether the quiet phases of [`run_quiet_phases`] have requests outstanding across them.
+#[derive(Clone, Copy)]
+enum Requests {
+    None,
+    Outstanding,
+}
+
 #[test]
 fn explicit_openmpi_quiet_phases_cut_at_once_while_ranks_compute() {
-    run_quiet_phases(MpiImpl::OpenMpi, "exp-quiet-ompi", 6, true);
+    run_quiet_phases(MpiImpl::OpenMpi, "exp-quiet-ompi", 6, true, Requests::None);
 }
 
 #[test]
 fn explicit_mpich_quiet_phases_cut_at_once_while_ranks_compute() {
-    run_quiet_phases(MpiImpl::Mpich, "exp-quiet-mpich", 6, true);
+    run_quiet_phases(MpiImpl::Mpich, "exp-quiet-mpich", 6, true, Requests::None);
 }
 
 #[test]
 fn explicit_openmpi_quiet_phases_without_the_thread_cut_at_their_ends() {
-    run_quiet_phases(MpiImpl::OpenMpi, "exp-quiet-nt-ompi", 3, false);
+    run_quiet_phases(
+        MpiImpl::OpenMpi,
+        "exp-quiet-nt-ompi",
+        3,
+        false,
+        Requests::None,
+    );
 }
 
 #[test]
 fn explicit_mpich_quiet_phases_without_the_thread_cut_at_their_ends() {
-    run_quiet_phases(MpiImpl::Mpich, "exp-quiet-nt-mpich", 3, false);
+    run_quiet_phases(
+        MpiImpl::Mpich,
+        "exp-quiet-nt-mpich",
+        3,
+        false,
+        Requests::None,
+    );
+}
+
+#[test]
+fn explicit_openmpi_quiet_phases_with_requests_outstanding_cut_at_once() {
+    run_quiet_phases(
+        MpiImpl::OpenMpi,
+        "exp-quiet-rq-ompi",
+        6,
+        true,
+        Requests::Outstanding,
+    );
+}
+
+#[test]
+fn explicit_mpich_quiet_phases_with_requests_outstanding_cut_at_once() {
+    run_quiet_phases(
+        MpiImpl::Mpich,
+        "exp-quiet-rq-mpich",
+        6,
+        true,
+        Requests::Outstanding,
+    );
+}
+
+#[test]
+fn explicit_openmpi_quiet_phases_with_requests_outstanding_without_the_thread() {
+    run_quiet_phases(
+        MpiImpl::OpenMpi,
+        "exp-quiet-rqnt-ompi",
+        3,
+        false,
+        Requests::Outstanding,
+    );
+}
+
+#[test]
+fn explicit_mpich_quiet_phases_with_requests_outstanding_without_the_thread() {
+    run_quiet_phases(
+        MpiImpl::Mpich,
+        "exp-quiet-rqnt-mpich",
+        3,
+        false,
+        Requests::Outstanding,
+    );
 }
 
 /// Misuse of quiet phases (an end outside a phase, a nested begin, a safe point or finalize

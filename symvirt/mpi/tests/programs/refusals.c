@@ -4,8 +4,9 @@
  * goes on: the collective and the send still complete, the message is received intact. A
  * receive too small for its message fails with MPI_ERR_TRUNCATE, as without the layer.
  * With -DSYMVIRT_EXPLICIT (linked with the explicit library instead), misuse of quiet phases
- * fails with SYMVIRT_ERR_STATE and changes nothing: symvirt_quiet_end outside a phase, a nested
- * symvirt_quiet_begin, symvirt_safe_point inside a phase; the phase then ends normally.
+ * fails with SYMVIRT_ERR_STATE and changes nothing: symvirt_quiet_end outside a phase, a
+ * negative request count or a missing request array, a nested symvirt_quiet_begin(_requests),
+ * symvirt_safe_point inside a phase; the phase then ends normally.
  * Prints "refusals OK rank R".
  *
  *   refusals */
@@ -37,10 +38,17 @@ static void check_quiet_phase_misuse(void)
     for (int round = 0; round < 3; round++) {
         if ((rc = symvirt_quiet_end(MPI_COMM_WORLD, NULL)) != SYMVIRT_ERR_STATE)
             fail("symvirt_quiet_end outside a quiet phase was not refused", rc);
+        if ((rc = symvirt_quiet_begin_requests(MPI_COMM_WORLD, -1, NULL)) != SYMVIRT_ERR_STATE)
+            fail("a negative request count was not refused", rc);
+        if ((rc = symvirt_quiet_begin_requests(MPI_COMM_WORLD, 2, NULL)) != SYMVIRT_ERR_STATE)
+            fail("requests without their array were not refused", rc);
         if ((rc = symvirt_quiet_begin(MPI_COMM_WORLD)) != SYMVIRT_CONTINUE)
             fail("symvirt_quiet_begin", rc);
         if ((rc = symvirt_quiet_begin(MPI_COMM_WORLD)) != SYMVIRT_ERR_STATE)
             fail("a nested symvirt_quiet_begin was not refused", rc);
+        MPI_Request none = MPI_REQUEST_NULL;
+        if ((rc = symvirt_quiet_begin_requests(MPI_COMM_WORLD, 1, &none)) != SYMVIRT_ERR_STATE)
+            fail("a nested symvirt_quiet_begin_requests was not refused", rc);
         if ((rc = symvirt_safe_point(MPI_COMM_WORLD, NULL)) != SYMVIRT_ERR_STATE)
             fail("symvirt_safe_point inside a quiet phase was not refused", rc);
         if ((rc = symvirt_finalize()) != SYMVIRT_ERR_STATE)

@@ -21,9 +21,11 @@
 ! number) and a derived payload that the receiver checks; every collective result is checked.
 ! Runs at least MIN_ITERS iterations, then until DIR/stop exists.
 ! Built with -DSYMVIRT_EXPLICIT it calls symvirt_safe_point_f every iteration, then computes for
-! 20 ms inside a quiet phase (symvirt_quiet_begin_f / symvirt_quiet_end_f; MPI is initialised at
-! MPI_THREAD_SINGLE, so cuts are made at the phase's begin or end), and registers a quiesce
-! hook (bind(c)) that writes DIR/cut-E-R ("iteration sent received"); after a resume it writes
+! 20 ms inside a quiet phase with a non-blocking ring outstanding across it
+! (symvirt_quiet_begin_requests_f / symvirt_quiet_end_f, then Waitall and checks; MPI is
+! initialised at MPI_THREAD_SINGLE, so cuts are made at the phase's begin or end), and
+! registers a quiesce hook (bind(c)) that writes DIR/cut-E-R ("iteration sent received", the
+! ring's receive counted once its message is in the buffer); after a resume it writes
 ! DIR/resumed-E-R.
 module stress_state
   use iso_c_binding
@@ -33,6 +35,10 @@ module stress_state
   integer(8) :: sent = 0, received = 0, iteration = 0, cuts = 0
   character(len=1024) :: dir
   integer(8), allocatable :: seq_to(:), seq_from(:)
+  ! The receive outstanding across the quiet phase: its buffer, sender, and whether it is.
+  integer(8), allocatable, asynchronous :: qbuf(:)
+  integer :: q_from = -1
+  logical :: q_pending = .false.
 contains
   integer(8) function word(src, dst, seq, i)
     integer, intent(in) :: src, dst, i
@@ -134,13 +140,31 @@ contains
     call mpi_abort(MPI_COMM_WORLD, 3, ierr)
   end subroutine
 
+  ! Whether qbuf holds the message expected next from q_from, payload intact.
+  logical function q_arrived()
+    integer :: i, n
+    integer(8) :: seq
+    seq = seq_from(q_from)
+    n = len_for(seq)
+    q_arrived = qbuf(1) == q_from .and. qbuf(2) == me .and. qbuf(3) == seq
+    do i = 4, n
+      if (.not. q_arrived) exit
+      q_arrived = qbuf(i) == word(q_from, me, seq, i)
+    end do
+  end function
+
   subroutine at_cut(epoch, ctx) bind(c)
     integer(c_int64_t), value :: epoch
     type(c_ptr), value :: ctx
     character(len=1100) :: path
+    integer(8) :: got
+    got = received
+    if (q_pending) then
+      if (q_arrived()) got = got + 1
+    end if
     write (path, '(a,a,i0,a,i0)') trim(dir), '/cut-', epoch, '-', me
     open (unit=21, file=trim(path), status='replace', action='write')
-    write (21, '(i0,1x,i0,1x,i0)') iteration, sent, received
+    write (21, '(i0,1x,i0,1x,i0)') iteration, sent, got
     close (21)
   end subroutine
 end module
@@ -186,7 +210,7 @@ program stress_f
   call get_command_argument(2, arg)
   read (arg, *) min_iters
   allocate (seq_to(0:np - 1), seq_from(0:np - 1), sbuf(large + 3), rbuf(large + 3))
-  allocate (many(large + 3, 0:np - 1), mreq(0:np - 1))
+  allocate (many(large + 3, 0:np - 1), mreq(0:np - 1), qbuf(large + 3))
   seq_to = 0
   seq_from = 0
   call mpi_comm_dup(MPI_COMM_WORLD, any_comm, ierr)
@@ -401,9 +425,15 @@ program stress_f
     call symvirt_safe_point_f(MPI_COMM_WORLD, result, epoch, rc)
     if (rc /= 0) call fail('symvirt_safe_point_f', rc)
     call after_cut_point(result, epoch)
-    ! every message of the iteration is matched: a quiet phase may follow
-    call symvirt_quiet_begin_f(MPI_COMM_WORLD, rc)
-    if (rc /= 0) call fail('symvirt_quiet_begin_f', rc)
+    ! every message of the iteration is matched but a ring's, declared outstanding across the
+    ! quiet phase that follows
+    call mpi_irecv(qbuf, large + 3, MPI_INTEGER8, left, 12, MPI_COMM_WORLD, req(1), ierr)
+    call fill(sbuf, right, n)
+    call mpi_isend(sbuf, n, MPI_INTEGER8, right, 12, MPI_COMM_WORLD, req(2), ierr)
+    q_from = left
+    q_pending = .true.
+    call symvirt_quiet_begin_requests_f(MPI_COMM_WORLD, 2, req, rc)
+    if (rc /= 0) call fail('symvirt_quiet_begin_requests_f', rc)
     call system_clock(t0, rate)
     t = t0
     do while (t - t0 < rate / 50)
@@ -411,7 +441,11 @@ program stress_f
     end do
     call symvirt_quiet_end_f(MPI_COMM_WORLD, result, epoch, rc)
     if (rc /= 0) call fail('symvirt_quiet_end_f', rc)
+    q_pending = .false.
     call after_cut_point(result, epoch)
+    call mpi_waitall(2, req, statuses, ierr)
+    call mpi_get_count(statuses(:, 1), MPI_INTEGER8, count, ierr)
+    call check(qbuf, left, count)
 #endif
     if (iteration + 1 >= min_iters .and. mod(iteration, 8_8) == 7_8) then
       inquire (file=trim(dir)//'/stop', exist=stop_file)
