@@ -231,11 +231,22 @@ fn guest_pci(
     guest_pci_until_on(&chan, &rig.serial(&name), &name, epoch, interconnect, done)
 }
 
-/// Whether the domain's live XML at `host` has a device aliased `alias`.
+/// Whether the domain's live XML at `host` has a device aliased `alias`. A daemon that cannot
+/// give the XML (three tries, half a second apart) fails the test with its error and log:
+/// that is no answer, either way.
 fn has_device(host: &LibvirtHost, vm: &str, alias: &str) -> bool {
-    host.dumpxml(vm)
-        .unwrap_or_default()
-        .contains(&format!("<alias name='{alias}'/>"))
+    let mut error = None;
+    for _ in 0..3 {
+        match host.dumpxml(vm) {
+            Ok(xml) => return xml.contains(&format!("<alias name='{alias}'/>")),
+            Err(e) => error = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!(
+        "{vm}: no live XML to look for {alias}: {error:?}\n{}",
+        host.log()
+    );
 }
 
 #[test]
@@ -460,7 +471,9 @@ fn rollback_case(test: &str, how: Break, expect_phase: Phase) {
         assert_eq!(rig.a.domain_state(vm).as_deref(), Some("running"), "{vm}");
         assert!(
             has_device(&rig.a, vm, "ua-hca0"),
-            "{vm}: HCA not re-attached"
+            "{vm}: HCA not re-attached: {:?}\n{}",
+            rig.a.dumpxml(vm),
+            rig.a.log()
         );
         assert!(
             !has_device(&rig.a, vm, "ua-net0"),

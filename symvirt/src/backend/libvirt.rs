@@ -7,7 +7,12 @@
 //!   threads copy between the libvirt stream and one end of a socket pair; the other end is the
 //!   [`HostChannel`]'s.
 //! - Devices are plugged and unplugged as device XML ([`super::libvirt_xml`]); an unplug is
-//!   waited for until the device is gone from the live XML.
+//!   waited for until the device is gone from the live XML. Nothing is plugged into a slot the
+//!   run has unplugged a device from (on an i440fx root bus; elsewhere libvirt chooses): a
+//!   guest asked to eject twice before it ejected once (a NIC plugged and unplugged within
+//!   milliseconds, as a rollback does) holds a stale eject request for the slot, and Linux
+//!   ejects whatever sits there when it gets to it. Seen here: the HCA re-attached by a
+//!   rollback disappeared from the guest a moment later, in about one rollback in eight.
 //! - The migration is libvirt's peer-to-peer live migration: the source daemon makes the
 //!   destination domain from the source's XML (its passthrough devices are unplugged by then)
 //!   on the daemon the plan's destination URI names.
@@ -22,8 +27,8 @@
 //! migrates it back (paused, so a single pass) and re-attaches its devices there.
 
 use super::libvirt_xml::{
-    alias, blocking_devices, check_device, device_xml, find_device, mac_of, with_link,
-    without_address, without_devices,
+    PciSlot, alias, at_root_slot, blocking_devices, check_device, device_xml, find_device,
+    free_root_slot, mac_of, pci_slot, with_link, without_address, without_devices,
 };
 use super::{MigrationProgress, MigrationResult, VmBackend};
 use crate::cluster::{LibvirtDomain, MigrationSettings, VmSpec};
@@ -60,6 +65,9 @@ pub struct LibvirtVm {
     moved: bool,
     /// Aliases of the devices plugged at the destination.
     attached: Vec<String>,
+    /// The guest's PCI slots this run unplugged a device from, at either end: nothing is
+    /// plugged into them again (see [`free_root_slot`]).
+    vacated: Vec<PciSlot>,
     /// Aliases of the source's standby NICs whose link this run took down.
     links_down: Vec<String>,
     /// Aliases of the destination's standby NICs whose link this run brought up.
@@ -119,6 +127,7 @@ impl LibvirtVm {
             migration: None,
             moved: false,
             attached: Vec::new(),
+            vacated: Vec::new(),
             links_down: Vec::new(),
             links_up: Vec::new(),
             source_definition: None,
@@ -208,6 +217,34 @@ impl LibvirtVm {
         Ok(())
     }
 
+    /// Plugs the device `element` into the running domain (and, with `flags`, its definition):
+    /// on a `pci-root` bus at a slot this run has not vacated ([`free_root_slot`]); elsewhere
+    /// where `element` says, or where libvirt finds room.
+    fn plug(
+        &self,
+        at: &LibvirtDomain,
+        domain: &Domain,
+        element: &str,
+        flags: u32,
+        what: &str,
+    ) -> Result<()> {
+        let refused = |e: String| Error::Refused(format!("{}: {what}: {e}", self.spec.name));
+        let xml = self.live_xml(at, domain)?;
+        let placed = match free_root_slot(&xml, &self.vacated).map_err(refused)? {
+            Some(slot) => at_root_slot(element, slot).map_err(refused)?,
+            None => element.to_owned(),
+        };
+        let plugged = domain.attach_device_flags(&placed, flags);
+        if plugged.is_err() && pci_slot(&placed).is_some() {
+            // Its slot is taken: wherever there is room.
+            let bare = without_address(&placed).map_err(refused)?;
+            if domain.attach_device_flags(&bare, flags).is_ok() {
+                return Ok(());
+            }
+        }
+        plugged.map(drop).map_err(|e| self.err(at, what, e))
+    }
+
     /// Switches the link of the standby NIC aliased `alias` (the domain's from boot).
     fn set_link(&self, at: &LibvirtDomain, domain: &Domain, alias: &str, up: bool) -> Result<()> {
         let element = self.find(at, domain, alias)?.ok_or_else(|| {
@@ -283,6 +320,7 @@ impl LibvirtVm {
         for alias in std::mem::take(&mut self.attached) {
             if let Some(element) = self.find(&at, &domain, &alias)? {
                 self.unplug(&at, &domain, &alias, &element, deadline)?;
+                self.vacated.extend(pci_slot(&element));
             }
         }
         for alias in std::mem::take(&mut self.links_up) {
@@ -516,6 +554,7 @@ impl VmBackend for LibvirtVm {
                 continue;
             };
             self.unplug(&at, &domain, &a, &element, deadline)?;
+            self.vacated.extend(pci_slot(&element));
             self.detached.push(element);
         }
         Ok(())
@@ -670,9 +709,14 @@ impl VmBackend for LibvirtVm {
             } else {
                 0
             };
-            domain
-                .attach_device_flags(&xml, sys::VIR_DOMAIN_AFFECT_LIVE | config)
-                .map_err(|e| self.err(&at, &format!("attach {}", d.describe()), e))?;
+            let what = format!("attach {}", d.describe());
+            self.plug(
+                &at,
+                &domain,
+                &xml,
+                sys::VIR_DOMAIN_AFFECT_LIVE | config,
+                &what,
+            )?;
             self.attached.push(alias(d.id()));
         }
         Ok(())
@@ -727,14 +771,16 @@ impl VmBackend for LibvirtVm {
             if self.find(&at, &domain, &a)?.is_some() {
                 continue;
             }
-            // Its old slot first; if that is taken, wherever there is room.
-            let plugged = domain.attach_device_flags(&element, sys::VIR_DOMAIN_AFFECT_LIVE);
-            if plugged.is_err() {
-                let bare = without_address(&element)
-                    .map_err(|e| Error::Refused(format!("{}: {e}", self.spec.name)))?;
-                domain
-                    .attach_device_flags(&bare, sys::VIR_DOMAIN_AFFECT_LIVE)
-                    .map_err(|e| self.err(&at, &format!("re-attach {a}"), e))?;
+            // Not into a slot this run vacated (its own included): the guest may still hold a
+            // stale eject request for it, which would take the device out again.
+            let what = format!("re-attach {a}");
+            self.plug(&at, &domain, &element, sys::VIR_DOMAIN_AFFECT_LIVE, &what)?;
+            // A rollback that says "ok" has given the guest its device back.
+            if self.find(&at, &domain, &a)?.is_none() {
+                return Err(Error::Refused(format!(
+                    "{}: {a} re-attached at {}, but not in the domain's live XML",
+                    self.spec.name, at.uri
+                )));
             }
         }
         for a in std::mem::take(&mut self.links_down) {

@@ -254,6 +254,64 @@ pub fn without_address(element: &str) -> Result<String, String> {
     ))
 }
 
+/// A PCI address's bus and slot.
+pub type PciSlot = (u32, u32);
+
+fn hex_attr(node: roxmltree::Node<'_, '_>, name: &str) -> Option<u32> {
+    let v = node.attribute(name)?;
+    u32::from_str_radix(v.trim_start_matches("0x"), 16).ok()
+}
+
+/// The guest-side PCI bus and slot of a device element (its `<address type='pci'>` child).
+pub fn pci_slot(element: &str) -> Option<PciSlot> {
+    let doc = roxmltree::Document::parse(element).ok()?;
+    let address = doc
+        .root_element()
+        .children()
+        .find(|c| c.has_tag_name("address") && c.attribute("type") == Some("pci"))?;
+    Some((hex_attr(address, "bus")?, hex_attr(address, "slot")?))
+}
+
+/// A slot of the root bus for a hot-plug into a domain on a `pci-root` bus (an i440fx
+/// machine, ACPI hot-plug): the lowest slot no device uses and not in `avoid`. None when the
+/// root bus is not `pci-root` (PCIe root ports: libvirt places the device) or is full.
+///
+/// Why avoid: a guest that was asked to eject a device may hold a second, stale eject request
+/// for its slot (Linux queues one per notification, and ejects whatever sits in the slot when
+/// it runs it); a device plugged into that slot right away can be ejected by it.
+pub fn free_root_slot(domain_xml: &str, avoid: &[PciSlot]) -> Result<Option<u32>, String> {
+    let doc = parse(domain_xml)?;
+    let pci_root = devices(&doc).any(|n| {
+        n.has_tag_name("controller")
+            && n.attribute("type") == Some("pci")
+            && n.attribute("model") == Some("pci-root")
+    });
+    if !pci_root {
+        return Ok(None);
+    }
+    let used: Vec<u32> = devices(&doc)
+        .flat_map(|n| n.children())
+        .filter(|c| c.has_tag_name("address") && c.attribute("type") == Some("pci"))
+        .filter(|a| hex_attr(*a, "bus") == Some(0))
+        .filter_map(|a| hex_attr(a, "slot"))
+        .collect();
+    Ok((1..32).find(|slot| !used.contains(slot) && !avoid.contains(&(0, *slot))))
+}
+
+/// `element` plugged at slot `slot` of the root bus (its own address, if any, replaced).
+pub fn at_root_slot(element: &str, slot: u32) -> Result<String, String> {
+    let bare = without_address(element)?;
+    let at = bare
+        .rfind("</")
+        .ok_or_else(|| format!("device XML: not a device element: {bare}"))?;
+    Ok(format!(
+        "{}<address type='pci' domain='0x0000' bus='0x00' slot='{slot:#04x}' \
+         function='0x0'/>{}",
+        &bare[..at],
+        &bare[at..]
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,5 +447,43 @@ mod tests {
             blocking_devices(DOMAIN, &[]).unwrap(),
             vec!["shmem ua-hca0".to_owned(), "hostdev hostdev0".to_owned()]
         );
+    }
+
+    /// An i440fx domain's root bus: slots 1 (USB), 2 (virtio-serial) and 3 (the HCA) taken.
+    const I440FX: &str = "<domain type='qemu'><devices>
+    <controller type='usb' index='0' model='piix3-uhci'>
+      <address type='pci' domain='0x0000' bus='0x00' slot='0x01' function='0x2'/>
+    </controller>
+    <controller type='virtio-serial' index='0'>
+      <address type='pci' domain='0x0000' bus='0x00' slot='0x02' function='0x0'/>
+    </controller>
+    <controller type='pci' index='0' model='pci-root'/>
+    <shmem name='ninja-hca0'><alias name='ua-hca0'/>
+      <address type='pci' domain='0x0000' bus='0x00' slot='0x03' function='0x0'/>
+    </shmem>
+  </devices></domain>";
+
+    #[test]
+    fn a_hot_plug_avoids_the_slots_just_vacated() {
+        let hca = find_device(I440FX, "ua-hca0").unwrap().unwrap();
+        assert_eq!(pci_slot(&hca), Some((0, 3)));
+        // The host address of a passthrough device is not where the guest sees it.
+        let vf = find_device(DOMAIN, "hostdev0").unwrap().unwrap();
+        assert_eq!(pci_slot(&vf), None);
+        assert_eq!(free_root_slot(I440FX, &[]).unwrap(), Some(4));
+        assert_eq!(free_root_slot(I440FX, &[(0, 4), (0, 5)]).unwrap(), Some(6));
+        // Without the HCA, its slot is free again, unless it was just vacated.
+        let without = without_devices(I440FX, &["ua-hca0".into()]).unwrap();
+        assert_eq!(free_root_slot(&without, &[]).unwrap(), Some(3));
+        assert_eq!(free_root_slot(&without, &[(0, 3)]).unwrap(), Some(4));
+        // PCIe root ports: libvirt places the device.
+        let q35 = I440FX.replace("pci-root", "pcie-root");
+        assert_eq!(free_root_slot(&q35, &[]).unwrap(), None);
+        let moved = at_root_slot(&hca, 6).unwrap();
+        assert_eq!(pci_slot(&moved), Some((0, 6)));
+        assert!(moved.contains("<alias name='ua-hca0'/>"), "{moved}");
+        assert_eq!(moved.matches("<address").count(), 1, "{moved}");
+        let nic = "<interface type='bridge'><mac address='52:54:00:00:00:07'/></interface>";
+        assert_eq!(pci_slot(&at_root_slot(nic, 31).unwrap()), Some((0, 31)));
     }
 }
