@@ -43,8 +43,10 @@
  * (protocol_failed): the other ranks would wait forever. */
 #include "symvirt.h"
 
+#include <dlfcn.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -95,6 +97,26 @@ static struct {
     symvirt_interconnect cut_ic;
 } g = {.comm = MPI_COMM_NULL, .qcomm = MPI_COMM_NULL, .lock = PTHREAD_MUTEX_INITIALIZER};
 
+/* Open MPI, when it runs oversubscribed, yields the CPU in every progress turn that finds
+ * nothing; behind computing threads each yield costs a time slice, and the protocol's waits
+ * (an Iprobe for a verdict or a report, a request's status, the cut's barrier) are such
+ * turns. The protocol sleeps between its turns instead (pause_us), so Open MPI's yield is off
+ * while it runs: the application is inside the phase, outside MPI, or waits in
+ * symvirt_quiet_end. Found at run time (Open MPI's libopen-pal, loaded with libmpi), so that
+ * the library links as before; NULL with MPICH. */
+static bool (*set_yield_when_idle)(bool);
+
+static bool yield_off(void)
+{
+    return set_yield_when_idle != NULL && set_yield_when_idle(false);
+}
+
+static void yield_restore(bool was)
+{
+    if (set_yield_when_idle != NULL)
+        set_yield_when_idle(was);
+}
+
 static int op_start(void *ctx, int slot, uint64_t value)
 {
     (void)ctx;
@@ -135,6 +157,7 @@ int symvirt_init(MPI_Comm comm)
     PMPI_Comm_rank(g.qcomm, &g.qrank);
     PMPI_Comm_size(g.qcomm, &g.qsize);
     PMPI_Query_thread(&g.thread_level);
+    *(void **)&set_yield_when_idle = dlsym(RTLD_DEFAULT, "opal_progress_set_yield_when_idle");
     g.phase = 0;
     g.complete_timeout_ms = symvirt_env_ms("SYMVIRT_QUIESCE_TIMEOUT_MS", 600000);
     g.rank_ended = calloc((size_t)g.qsize, sizeof *g.rank_ended);
@@ -389,6 +412,7 @@ static void *quiet_thread(void *arg)
         pthread_mutex_lock(&g.lock);
         uint64_t pending = symvirt_sp_pending(g.sp);
         int rc = SYMVIRT_CONTINUE;
+        bool yielding = g.inside && yield_off();
         if (g.inside && g.qrank == LEADER && pending != 0)
             rc = leader_cut(pending, 1);
         else if (g.inside && g.qrank != LEADER)
@@ -397,6 +421,8 @@ static void *quiet_thread(void *arg)
          * moves a large message only inside its calls): a cut then finds them complete, and
          * the transfer overlaps the computation. */
         int driving = g.inside && rc == SYMVIRT_CONTINUE && !requests_complete(&rc);
+        if (g.inside)
+            yield_restore(yielding);
         if (rc != SYMVIRT_CONTINUE)
             protocol_failed("the quiet thread", rc);
         /* Read before `pending`: a request published in between is then seen by the wait. */
@@ -453,12 +479,14 @@ int symvirt_quiet_begin_requests(MPI_Comm comm, int count, const MPI_Request req
             g.have_thread = pthread_create(&g.thread, NULL, quiet_thread, NULL) == 0;
         /* With a thread the cut is its job: the application goes on computing meanwhile. */
         uint64_t pending = symvirt_sp_pending(g.sp);
+        bool yielding = yield_off();
         if (g.qrank != LEADER)
             rc = follow(0, !g.have_thread, 0);
         else if (pending != 0 && !g.have_thread)
             rc = leader_cut(pending, 0);
         else
             rc = SYMVIRT_CONTINUE;
+        yield_restore(yielding);
         if (rc != SYMVIRT_CONTINUE)
             protocol_failed("symvirt_quiet_begin", rc);
     }
@@ -477,6 +505,7 @@ int symvirt_quiet_end(MPI_Comm comm, symvirt_interconnect *ic)
         return SYMVIRT_ERR_STATE;
     }
     int rc;
+    bool yielding = yield_off();
     if (g.qrank == LEADER) {
         rc = leader_end();
     } else {
@@ -490,6 +519,7 @@ int symvirt_quiet_end(MPI_Comm comm, symvirt_interconnect *ic)
         if (rc == SYMVIRT_CONTINUE)
             rc = follow(1, 1, 0);
     }
+    yield_restore(yielding);
     if (rc != SYMVIRT_CONTINUE)
         protocol_failed("symvirt_quiet_end", rc);
     g.inside = 0;

@@ -58,7 +58,7 @@
  * the library completes them, on every rank, with MPI_Request_get_status: it makes progress
  * and frees nothing, so the application's own wait after the phase completes them as usual. A
  * request that cannot complete holds the cut until SYMVIRT_QUIESCE_TIMEOUT_MS, then aborts the
- * job. symvirt_quiet_end also waits for them (as the application's wait would). A
+ * job. symvirt_quiet_end may wait for them too (as the application's wait would). A
  * migration requested while the ranks are in the same quiet phase is cut there and then:
  * rank 0 decides when to cut and tells the others; a thread of the
  * library makes the cut on each rank's behalf while the rank goes on computing (quiesce hook
