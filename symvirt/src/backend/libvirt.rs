@@ -12,7 +12,7 @@
 //!   guest asked to eject twice before it ejected once (a NIC plugged and unplugged within
 //!   milliseconds, as a rollback does) holds a stale eject request for the slot, and Linux
 //!   ejects whatever sits there when it gets to it. Seen here: the HCA re-attached by a
-//!   rollback disappeared from the guest a moment later, in about one rollback in eight.
+//!   rollback disappeared from the guest a moment later, in 4 of 38 runs of the test.
 //! - The migration is libvirt's peer-to-peer live migration: the source daemon makes the
 //!   destination domain from the source's XML (its passthrough devices are unplugged by then)
 //!   on the daemon the plan's destination URI names.
