@@ -1,6 +1,6 @@
 //! A checked ring over the `mpi` crate with an explicit SymVirt safe point every iteration.
 //!
-//!   mpirun -np 4 rust_ring DIR MIN_ITERS
+//!   mpirun -np 4 rust_ring DIR MIN_ITERS [QUIET_MS]
 //!   rust_ring --mpi-library
 //!
 //! `mpirun` stands for the launcher of the MPI it links (`mpirun.openmpi` or `mpiexec.mpich`).
@@ -20,6 +20,14 @@
 //! `DIR/hook-E-R` (the interconnect's JSON); after the safe point returns, `DIR/resumed-E-R`
 //! (`resumed ITERATION JSON` or `aborted ITERATION`).
 //!
+//! With QUIET_MS, each iteration also computes for QUIET_MS milliseconds inside a quiet phase
+//! (`SymVirt::quiet_with_requests`) with one 256 KiB message to the right neighbour outstanding
+//! across it (immediate send and receive posted before the phase, waited for after it); MPI is
+//! then initialized with `MPI_THREAD_SERIALIZED`, so the library's thread can make the cut
+//! while the rank computes. The cut record then counts the outstanding message as received
+//! only if the receive buffer already holds it whole, and adds `place quiet` or `place
+//! safe_point` (where the program was) and `thread NAME` (which thread ran the hook).
+//!
 //! Runs at least MIN_ITERS iterations, then until `DIR/stop` exists (the ranks agree), and
 //! prints `rust_ring OK rank R iterations N sent S received V cuts C`. An error from SymVirt
 //! is printed with its causes and the rank exits with status 4 (init) or 5 (safe point); a
@@ -33,7 +41,8 @@ use mpi::traits::*;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 use symvirt_mpi::rsmpi::{SafePointResult, SymVirt};
 
 const HEADER: usize = 4;
@@ -42,12 +51,20 @@ const SMALL: usize = 16;
 const LARGE: usize = 32 * 1024;
 const TO_RIGHT: i32 = 10;
 const TO_LEFT: i32 = 20;
+const ACROSS_QUIET: i32 = 30;
 
 /// Per-peer message counts, shared with the quiesce hook.
 struct Counts {
     sent: Vec<AtomicU64>,
     received: Vec<AtomicU64>,
     iteration: AtomicU64,
+    /// Inside a quiet phase.
+    quiet: AtomicBool,
+    /// The receive buffer of the message outstanding across the quiet phase (null: none),
+    /// its length and sequence number.
+    outstanding: AtomicPtr<u64>,
+    outstanding_len: AtomicUsize,
+    outstanding_seq: AtomicU64,
 }
 
 impl Counts {
@@ -56,12 +73,21 @@ impl Counts {
             sent: (0..np).map(|_| AtomicU64::new(0)).collect(),
             received: (0..np).map(|_| AtomicU64::new(0)).collect(),
             iteration: AtomicU64::new(0),
+            quiet: AtomicBool::new(false),
+            outstanding: AtomicPtr::new(std::ptr::null_mut()),
+            outstanding_len: AtomicUsize::new(0),
+            outstanding_seq: AtomicU64::new(0),
         }
     }
 
-    fn row(v: &[AtomicU64]) -> String {
-        v.iter()
-            .map(|c| c.load(Ordering::Relaxed).to_string())
+    fn counts(v: &[AtomicU64]) -> Vec<u64> {
+        v.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
+
+    fn row(counts: &[u64]) -> String {
+        counts
+            .iter()
+            .map(u64::to_string)
             .collect::<Vec<_>>()
             .join(" ")
     }
@@ -75,7 +101,7 @@ fn word(src: u64, dst: u64, seq: u64, i: u64) -> u64 {
     (src << 48) ^ (dst << 40) ^ seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i
 }
 
-/// The message `src` sends `dst` as their `seq`-th.
+/// The message `src` sends `dst` as their `seq`-th (every fourth one large).
 fn message(src: u64, dst: u64, seq: u64) -> Vec<u64> {
     let len = if seq % 4 == 3 { LARGE } else { SMALL };
     let mut m = vec![src, dst, seq, len as u64];
@@ -123,7 +149,7 @@ fn say(line: &str) {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let (dir, min_iters) = match args.as_slice() {
+    let (dir, min_iters, quiet_ms) = match args.as_slice() {
         [_, flag] if flag == "--mpi-library" => {
             return match mpi::environment::library_version() {
                 Ok(v) => {
@@ -140,31 +166,41 @@ fn main() -> ExitCode {
                 }
             };
         }
-        [_, dir, n] => match n.parse::<u64>() {
-            Ok(n) => (PathBuf::from(dir), n),
-            Err(_) => {
-                eprintln!("rust_ring: MIN_ITERS must be a number, got {n:?}");
-                return ExitCode::from(2);
+        [_, dir, n, rest @ ..] if rest.len() <= 1 => {
+            let numbers: Result<Vec<u64>, _> =
+                std::iter::once(n).chain(rest).map(|a| a.parse()).collect();
+            match numbers.as_deref() {
+                Ok([n]) => (PathBuf::from(dir), *n, None),
+                Ok([n, ms]) => (PathBuf::from(dir), *n, Some(*ms)),
+                _ => {
+                    eprintln!("rust_ring: MIN_ITERS and QUIET_MS must be numbers, got {args:?}");
+                    return ExitCode::from(2);
+                }
             }
-        },
+        }
         _ => {
-            eprintln!("usage: rust_ring DIR MIN_ITERS | rust_ring --mpi-library");
+            eprintln!("usage: rust_ring DIR MIN_ITERS [QUIET_MS] | rust_ring --mpi-library");
             return ExitCode::from(2);
         }
     };
-    // Funneled: only this thread calls MPI; SymVirt's watcher thread never does.
-    let Some((universe, _)) = mpi::initialize_with_threading(Threading::Funneled) else {
+    // Funneled: only this thread calls MPI; SymVirt's watcher thread never does. With quiet
+    // phases, serialized: SymVirt's quiet thread calls MPI while this one computes.
+    let threading = match quiet_ms {
+        Some(_) => Threading::Serialized,
+        None => Threading::Funneled,
+    };
+    let Some((universe, _)) = mpi::initialize_with_threading(threading) else {
         eprintln!("rust_ring: MPI was already initialized");
         return ExitCode::from(3);
     };
     let world = universe.world();
-    let code = run(&world, &dir, min_iters);
+    let code = run(&world, &dir, min_iters, quiet_ms);
     drop(world);
     drop(universe); // MPI_Finalize
     code
 }
 
-fn run(world: &SimpleCommunicator, dir: &Path, min_iters: u64) -> ExitCode {
+fn run(world: &SimpleCommunicator, dir: &Path, min_iters: u64, quiet_ms: Option<u64>) -> ExitCode {
     let me = world.rank();
     let np = world.size();
     let fail = |what: String| -> ! {
@@ -184,12 +220,43 @@ fn run(world: &SimpleCommunicator, dir: &Path, min_iters: u64) -> ExitCode {
         "rust_ring: rank {me} ready, agent: {}",
         sv.has_agent()
     ));
+    let right = (me + 1) % np;
+    let left = (me + np - 1) % np;
+    let (me_u, right_u, left_u) = (me as u64, right as u64, left as u64);
     let (c, d) = (counts.clone(), dir.to_path_buf());
     sv.on_quiesce(move |epoch| {
+        let mut received = Counts::counts(&c.received);
+        let mut extra = String::new();
+        if quiet_ms.is_some() {
+            let buf = c.outstanding.load(Ordering::Acquire);
+            if !buf.is_null() {
+                let len = c.outstanding_len.load(Ordering::Acquire);
+                // SAFETY: `buf` is the receive buffer of the message outstanding across the
+                // quiet phase this cut fell in, alive until the phase's end (which waits for
+                // this cut); the library completed its receive before the cut, so MPI no
+                // longer writes it, and the application's thread is computing.
+                let got = unsafe { std::slice::from_raw_parts(buf, len) };
+                let seq = c.outstanding_seq.load(Ordering::Acquire);
+                if check(got, left_u, me_u, seq).is_none() {
+                    // Received into the program: counted.
+                    received[left as usize] += 1;
+                }
+            }
+            let place = if c.quiet.load(Ordering::Acquire) {
+                "quiet"
+            } else {
+                "safe_point"
+            };
+            let thread = std::thread::current();
+            extra = format!(
+                "place {place}\nthread {}\n",
+                thread.name().unwrap_or("unnamed")
+            );
+        }
         let text = format!(
-            "sent {}\nreceived {}\niteration {}\n",
-            Counts::row(&c.sent),
-            Counts::row(&c.received),
+            "sent {}\nreceived {}\niteration {}\n{extra}",
+            Counts::row(&Counts::counts(&c.sent)),
+            Counts::row(&received),
             c.iteration.load(Ordering::Relaxed)
         );
         write_record(&d.join(format!("cut-{epoch}-{me}")), &text);
@@ -202,9 +269,6 @@ fn run(world: &SimpleCommunicator, dir: &Path, min_iters: u64) -> ExitCode {
     })
     .unwrap_or_else(|e| fail(format!("on_resume: {e}")));
 
-    let right = (me + 1) % np;
-    let left = (me + np - 1) % np;
-    let (me_u, right_u, left_u) = (me as u64, right as u64, left as u64);
     let mut cuts = 0u64;
     let mut iteration = 0u64;
     loop {
@@ -262,25 +326,25 @@ fn run(world: &SimpleCommunicator, dir: &Path, min_iters: u64) -> ExitCode {
             fail(format!("job sent {} messages, received {}", all[0], all[1]));
         }
 
+        if let Some(ms) = quiet_ms {
+            match quiet_phase(world, &mut sv, &counts, iteration, ms) {
+                Ok(SafePointResult::Continue) => {}
+                Ok(r) => {
+                    cuts += 1;
+                    record_resume(dir, me, iteration, &r);
+                }
+                Err(e) => {
+                    report(&format!("rank {me}: quiet phase"), &e);
+                    return ExitCode::from(5);
+                }
+            }
+        }
+
         match sv.safe_point() {
             Ok(SafePointResult::Continue) => {}
-            Ok(SafePointResult::Resumed {
-                epoch,
-                interconnect,
-            }) => {
+            Ok(r) => {
                 cuts += 1;
-                let json = serde_json::to_string(&interconnect).unwrap_or_default();
-                write_record(
-                    &dir.join(format!("resumed-{epoch}-{me}")),
-                    &format!("resumed {iteration} {json}\n"),
-                );
-            }
-            Ok(SafePointResult::Aborted { epoch }) => {
-                cuts += 1;
-                write_record(
-                    &dir.join(format!("resumed-{epoch}-{me}")),
-                    &format!("aborted {iteration}\n"),
-                );
+                record_resume(dir, me, iteration, &r);
             }
             Err(e) => {
                 report(&format!("rank {me}: safe point"), &e);
@@ -288,7 +352,8 @@ fn run(world: &SimpleCommunicator, dir: &Path, min_iters: u64) -> ExitCode {
             }
         }
 
-        if iteration + 1 >= min_iters && iteration % 8 == 7 {
+        // Iterations with a quiet phase take seconds: look for the stop file every time.
+        if iteration + 1 >= min_iters && (quiet_ms.is_some() || iteration % 8 == 7) {
             let stop = (me == 0 && dir.join("stop").exists()) as u8;
             let mut any = 0u8;
             world.all_reduce_into(&stop, &mut any, SystemOperation::max());
@@ -309,4 +374,92 @@ fn run(world: &SimpleCommunicator, dir: &Path, min_iters: u64) -> ExitCode {
         Counts::total(&counts.received)
     );
     ExitCode::SUCCESS
+}
+
+/// Writes `DIR/resumed-E-R` for a cut that returned `r` at `iteration`.
+fn record_resume(dir: &Path, me: i32, iteration: u64, r: &SafePointResult) {
+    let (epoch, text) = match r {
+        SafePointResult::Continue => return,
+        SafePointResult::Resumed {
+            epoch,
+            interconnect,
+        } => {
+            let json = serde_json::to_string(interconnect).unwrap_or_default();
+            (epoch, format!("resumed {iteration} {json}\n"))
+        }
+        SafePointResult::Aborted { epoch } => (epoch, format!("aborted {iteration}\n")),
+    };
+    write_record(&dir.join(format!("resumed-{epoch}-{me}")), &text);
+}
+
+/// Busy for `ms` milliseconds, no MPI call: a compute phase.
+fn compute(ms: u64) -> u64 {
+    let until = Instant::now() + Duration::from_millis(ms);
+    let mut x = 1u64;
+    while Instant::now() < until {
+        for _ in 0..10_000 {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+        }
+    }
+    x
+}
+
+/// One quiet phase of `ms` milliseconds of computation with a 256 KiB message to the right
+/// neighbour outstanding across it; checks the message afterwards.
+fn quiet_phase(
+    world: &SimpleCommunicator,
+    sv: &mut SymVirt,
+    counts: &Counts,
+    iteration: u64,
+    ms: u64,
+) -> symvirt_mpi::error::Result<SafePointResult> {
+    let me = world.rank();
+    let np = world.size();
+    let (right, left) = ((me + 1) % np, (me + np - 1) % np);
+    // Always a large message (seq = 3 mod 4): the rendezvous protocol, which needs MPI calls
+    // on both sides to move.
+    let seq = 4 * iteration + 3;
+    let out = message(me as u64, right as u64, seq);
+    let len = message(left as u64, me as u64, seq).len();
+    let buf: *mut u64 = Box::into_raw(vec![0u64; len].into_boxed_slice()).cast();
+    // SAFETY: `buf` points to `len` u64s just allocated; this slice is the only reference
+    // through which Rust code writes them (MPI fills it), until the Box is rebuilt below.
+    let got: &mut [u64] = unsafe { std::slice::from_raw_parts_mut(buf, len) };
+    let result = mpi::request::scope(|scope| {
+        let recv =
+            world
+                .process_at_rank(left)
+                .immediate_receive_into_with_tag(scope, got, ACROSS_QUIET);
+        let send =
+            world
+                .process_at_rank(right)
+                .immediate_send_with_tag(scope, &out[..], ACROSS_QUIET);
+        counts.sent[right as usize].fetch_add(1, Ordering::Relaxed);
+        counts.outstanding_seq.store(seq, Ordering::Release);
+        counts.outstanding_len.store(len, Ordering::Release);
+        counts.outstanding.store(buf, Ordering::Release);
+        counts.quiet.store(true, Ordering::Release);
+        let result = sv.quiet_with_requests(&[&recv, &send], || compute(ms));
+        counts.quiet.store(false, Ordering::Release);
+        counts
+            .outstanding
+            .store(std::ptr::null_mut(), Ordering::Release);
+        send.wait_without_status();
+        recv.wait_without_status();
+        result
+    });
+    // SAFETY: `buf` came from `Box::into_raw` of a boxed slice of `len` u64s above; the
+    // requests that used it are complete and the hook no longer reads it (cleared above,
+    // and a cut's hook runs before the phase's end returns).
+    let got = unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(buf, len)) };
+    if let Some(why) = check(&got, left as u64, me as u64, seq) {
+        say(&format!(
+            "rust_ring: rank {me}: across a quiet phase: {why}"
+        ));
+        world.abort(6);
+    }
+    counts.received[left as usize].fetch_add(1, Ordering::Relaxed);
+    result.map(|(_, cut)| cut)
 }

@@ -2,8 +2,10 @@
 //!
 //! [`SymVirt`] is the issue's API in Rust: [`SymVirt::init`] once after MPI is initialized,
 //! [`SymVirt::safe_point`] once per iteration of the main loop on every rank,
-//! [`SymVirt::finalize`] before MPI is finalized. [`MpiAgreement`] is the
-//! [`Agreement`] underneath: a MAX-reduction per pipeline slot with
+//! [`SymVirt::finalize`] before MPI is finalized; [`SymVirt::quiet`] and
+//! [`SymVirt::quiet_with_requests`] around a long computation, so that a cut requested during
+//! it falls within milliseconds (a thread of the library makes it; see the `quiet` module).
+//! [`MpiAgreement`] is the [`Agreement`] underneath: a MAX-reduction per pipeline slot with
 //! `immediate_all_reduce_into` and a barrier, on a private duplicate of the user's communicator
 //! (the same operations as the C glue's `MPI_Iallreduce`).
 //!
@@ -23,14 +25,22 @@ use crate::control::{self, Control, SOCKET_ENV};
 use crate::error::{Error, Result};
 pub use crate::safepoint::SafePointResult;
 use crate::safepoint::{Agreement, SLOTS, SafePoint};
+mod quiet;
+
+use mpi::Threading;
 use mpi::collective::SystemOperation;
+use mpi::ffi::MPI_Request;
+use mpi::raw::AsRaw;
 use mpi::request::{Request, StaticScope};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator, CommunicatorCollectives};
+use quiet::Quiet;
 use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::Duration;
 pub use symvirt_proto::protocol::Interconnect;
 
@@ -201,14 +211,42 @@ fn env_ms(name: &str, fallback: u64) -> Duration {
 static OPEN: AtomicBool = AtomicBool::new(false);
 
 /// A rank's explicit safe point: the issue's `symvirt_init` / `symvirt_safe_point` /
-/// `symvirt_finalize` for Rust.
+/// `symvirt_finalize` for Rust, and quiet phases ([`SymVirt::quiet`]) for programs that
+/// compute for long between safe points.
 pub struct SymVirt {
-    sp: Option<SafePoint<MpiAgreement>>,
+    shared: Option<Arc<Shared>>,
+    /// The quiet thread, started by the first quiet phase when MPI allows it.
+    thread: Option<JoinHandle<()>>,
 }
+
+/// What the application's thread and the quiet thread share.
+struct Shared {
+    state: Mutex<State>,
+    stop: AtomicBool,
+}
+
+struct State {
+    sp: SafePoint<MpiAgreement>,
+    quiet: Quiet,
+}
+
+// SAFETY: `State` holds MPI handles (communicators, requests, the application's declared
+// requests) that are valid on any thread of the process. They are used only with the mutex of
+// `Shared` held, and the only other thread that takes it, the quiet thread, exists only when
+// MPI provides MPI_THREAD_SERIALIZED or more and calls MPI only while the application is
+// inside a quiet phase, where by the contract it makes no MPI call: MPI calls never overlap.
+unsafe impl Send for State {}
 
 impl std::fmt::Debug for SymVirt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SymVirt").field("sp", &self.sp).finish()
+        let sp = self
+            .shared
+            .as_ref()
+            .and_then(|s| s.state.try_lock().ok().map(|st| format!("{:?}", st.sp)));
+        f.debug_struct("SymVirt")
+            .field("sp", &sp)
+            .field("quiet_thread", &self.thread.is_some())
+            .finish()
     }
 }
 
@@ -248,6 +286,7 @@ impl SymVirt {
             }
         }
         let agreement = MpiAgreement::new(comm);
+        let quiet = Quiet::new(comm, options.quiesce_timeout);
         let rank = SimpleCommunicator::world().rank();
         let connected = options
             .socket
@@ -280,7 +319,13 @@ impl SymVirt {
         };
         let mut sp = SafePoint::new(agreement, control);
         sp.set_quiesce_timeout(options.quiesce_timeout);
-        Ok(SymVirt { sp: Some(sp) })
+        Ok(SymVirt {
+            shared: Some(Arc::new(Shared {
+                state: Mutex::new(State { sp, quiet }),
+                stop: AtomicBool::new(false),
+            })),
+            thread: None,
+        })
     }
 
     /// The safe point: call it once per iteration of the main loop, on every rank of the
@@ -290,13 +335,85 @@ impl SymVirt {
     /// requested, every rank stops at the same safe point, the quiesce hook runs, the agent is
     /// told, and the call returns after resume (with the new interconnect) or abort.
     pub fn safe_point(&mut self) -> Result<SafePointResult> {
-        self.state()?.poll()
+        self.state()?.sp.poll()
+    }
+
+    /// A quiet phase: runs `work`, which makes no MPI call, while the library can bring this
+    /// rank into a cut on its behalf, so that a cut requested during a long computation falls
+    /// in milliseconds instead of at the next safe point. Collective over the communicator
+    /// given to [`SymVirt::init`]: every rank runs the same sequence of phases, and by the
+    /// contract every message sent before a phase is matched by a receive posted before it
+    /// (the iteration's exchange is done).
+    ///
+    /// When MPI provides `MPI_THREAD_SERIALIZED` or more (and `$SYMVIRT_PROGRESS_THREAD` is
+    /// not `0`), a thread of the library makes the cut while `work` runs; the hooks run on it
+    /// (thread name `symvirt-quiet`). Otherwise the cut falls at the phase's begin or end. The
+    /// end of a phase waits for every rank to end it, and for the resume of a cut in progress.
+    /// Returns what `work` returned and the result of the last cut made in the phase
+    /// ([`SafePointResult::Continue`] when none).
+    pub fn quiet<R>(&mut self, work: impl FnOnce() -> R) -> Result<(R, SafePointResult)> {
+        self.quiet_with_requests(&[], work)
+    }
+
+    /// A quiet phase with non-blocking requests outstanding across it (an `Isend`/`Irecv`
+    /// overlapped with the computation): as [`SymVirt::quiet`], and before every cut the
+    /// library completes `requests` on every rank, so every message is received when the cut
+    /// falls. They stay the application's (`MPI_Request_get_status`: progress, nothing freed):
+    /// wait for them after the phase as usual. Contract: each completes without any MPI call
+    /// made after the phase began. A request that does not complete within the quiesce
+    /// timeout (`$SYMVIRT_QUIESCE_TIMEOUT_MS`) aborts the job with a message.
+    ///
+    /// ```ignore
+    /// let recv = left.immediate_receive_into(scope, &mut buf[..]);
+    /// let send = right.immediate_send(scope, &out[..]);
+    /// let (sum, cut) = sv.quiet_with_requests(&[&recv, &send], || compute(&data))?;
+    /// send.wait();
+    /// recv.wait();
+    /// ```
+    pub fn quiet_with_requests<R>(
+        &mut self,
+        requests: &[&dyn AsRaw<Raw = MPI_Request>],
+        work: impl FnOnce() -> R,
+    ) -> Result<(R, SafePointResult)> {
+        let shared = Arc::clone(self.shared()?);
+        self.start_thread(&shared);
+        {
+            let mut guard = lock(&shared)?;
+            let State { sp, quiet } = &mut *guard;
+            let handles = requests.iter().map(|r| r.as_raw()).collect();
+            quiet.begin(sp, handles, self.thread.is_some());
+        }
+        // The quiet thread may cut and call MPI from here to the end: the application must not.
+        let value = work();
+        // Held by a cut the quiet thread is making: until the resume.
+        let mut guard = lock(&shared)?;
+        let State { sp, quiet } = &mut *guard;
+        Ok((value, quiet.end(sp)?))
+    }
+
+    /// Starts the quiet thread, once, when MPI allows a second thread to call it.
+    fn start_thread(&mut self, shared: &Arc<Shared>) {
+        let wanted = std::env::var("SYMVIRT_PROGRESS_THREAD").map_or(true, |v| v != "0");
+        if self.thread.is_some()
+            || !wanted
+            || mpi::environment::threading_support() < Threading::Serialized
+        {
+            return;
+        }
+        let shared = Arc::clone(shared);
+        match std::thread::Builder::new()
+            .name("symvirt-quiet".into())
+            .spawn(move || quiet_thread(&shared))
+        {
+            Ok(handle) => self.thread = Some(handle),
+            Err(e) => log::warn!("symvirt: no quiet thread ({e}): cuts fall at phase ends"),
+        }
     }
 
     /// Runs `hook(epoch)` at every cut, before the agent is told this rank is quiesced (record
     /// or flush state here; every rank is at the same safe point).
     pub fn on_quiesce(&mut self, hook: impl FnMut(u64) + Send + 'static) -> Result<()> {
-        self.state()?.on_quiesce(Box::new(hook));
+        self.state()?.sp.on_quiesce(Box::new(hook));
         Ok(())
     }
 
@@ -306,37 +423,60 @@ impl SymVirt {
         &mut self,
         hook: impl FnMut(u64, &Interconnect) + Send + 'static,
     ) -> Result<()> {
-        self.state()?.on_resume(Box::new(hook));
+        self.state()?.sp.on_resume(Box::new(hook));
         Ok(())
     }
 
     /// Whether this rank reports to a guest agent (else a cut comes only from SIGUSR1).
     pub fn has_agent(&self) -> bool {
-        self.sp.as_ref().is_some_and(|sp| sp.control().is_some())
+        self.shared
+            .as_ref()
+            .and_then(|s| lock(s).ok().map(|st| st.sp.control().is_some()))
+            .unwrap_or(false)
     }
 
     /// Safe points passed so far.
     pub fn iteration(&self) -> u64 {
-        self.sp.as_ref().map_or(0, SafePoint::iteration)
+        self.shared
+            .as_ref()
+            .and_then(|s| lock(s).ok().map(|st| st.sp.iteration()))
+            .unwrap_or(0)
     }
 
-    /// Settles the reductions still in flight, frees the private communicator and
+    /// Settles the reductions still in flight, frees the private communicators and
     /// unregisters from the agent. Collective; call it before MPI is finalized.
     pub fn finalize(mut self) -> Result<()> {
         self.close()
     }
 
     fn close(&mut self) -> Result<()> {
-        self.state()?;
-        let Some(sp) = self.sp.take() else {
+        drop(self.state()?);
+        let Some(shared) = self.shared.take() else {
             return Ok(());
         };
-        let control = sp.finish();
+        self.stop_thread(&shared, true);
         OPEN.store(false, Ordering::Release);
-        control.map(drop)
+        let state = Arc::into_inner(shared)
+            .ok_or_else(|| Error::State("the quiet thread still holds the safe point".into()))?
+            .state
+            .into_inner()
+            .map_err(|_| Error::State("a hook panicked during a cut".into()))?;
+        let State { sp, quiet } = state;
+        drop(quiet);
+        sp.finish().map(drop)
     }
 
-    fn state(&mut self) -> Result<&mut SafePoint<MpiAgreement>> {
+    fn stop_thread(&mut self, shared: &Shared, join: bool) {
+        shared.stop.store(true, Ordering::Release);
+        control::wake_waiters();
+        if let Some(handle) = self.thread.take()
+            && join
+        {
+            let _ = handle.join();
+        }
+    }
+
+    fn shared(&self) -> Result<&Arc<Shared>> {
         // One flag read in the MPI library: a clear error instead of an MPI call after
         // MPI_Finalize (which aborts).
         if mpi::environment::is_finalized() {
@@ -344,17 +484,53 @@ impl SymVirt {
                 "MPI is finalized: call SymVirt::finalize before dropping the Universe".into(),
             ));
         }
-        self.sp
-            .as_mut()
+        self.shared
+            .as_ref()
             .ok_or_else(|| Error::State("SymVirt already finalized".into()))
+    }
+
+    fn state(&mut self) -> Result<MutexGuard<'_, State>> {
+        lock(self.shared()?)
+    }
+}
+
+fn lock(shared: &Shared) -> Result<MutexGuard<'_, State>> {
+    shared
+        .state
+        .lock()
+        .map_err(|_| Error::State("a hook panicked during a cut".into()))
+}
+
+/// The quiet thread: sleeps until a cut is requested, or inside a phase for a few
+/// milliseconds; inside a phase runs the protocol's turn (see `quiet`).
+fn quiet_thread(shared: &Shared) {
+    while !shared.stop.load(Ordering::Acquire) {
+        let Ok(mut guard) = shared.state.lock() else {
+            return;
+        };
+        let State { sp, quiet } = &mut *guard;
+        let driving = quiet.inside() && quiet.thread_turn(sp);
+        // Read before `pending`: a request published in between is then seen by the wait.
+        let requested = control::requested_epoch();
+        let pending = sp.pending().is_some();
+        let sleep = quiet.thread_sleep(driving);
+        drop(guard);
+        if pending {
+            // Until the application enters a quiet phase, or the verdict comes.
+            std::thread::sleep(Duration::from_micros(200));
+        } else {
+            control::wait_requested(requested, sleep);
+        }
     }
 }
 
 impl Drop for SymVirt {
     /// Without [`SymVirt::finalize`] (an error path): nothing collective is waited for;
-    /// reductions in flight are left to MPI.
+    /// reductions in flight are left to MPI. The quiet thread is stopped (and joined unless
+    /// the thread is unwinding: a panic inside a phase may leave it in a cut).
     fn drop(&mut self) {
-        if self.sp.take().is_some() {
+        if let Some(shared) = self.shared.take() {
+            self.stop_thread(&shared, !std::thread::panicking());
             OPEN.store(false, Ordering::Release);
         }
     }

@@ -255,6 +255,88 @@ fn rust_ring_consistent_at_every_cut_resumed_with_the_interconnect() {
     ended_ok(&mut job, epochs);
 }
 
+/// The line of each rank's record of the cut of `epoch` that starts with `label`.
+fn record_lines(dir: &Path, epoch: u64, label: &str) -> Vec<String> {
+    read_records(dir, "cut", epoch)
+        .iter()
+        .map(|r| {
+            r.lines()
+                .find_map(|l| l.strip_prefix(label))
+                .unwrap_or_else(|| panic!("epoch {epoch}: no {label:?} line in {r:?}"))
+                .to_string()
+        })
+        .collect()
+}
+
+/// `rust_ring` with quiet phases of 2 s of computation, a 256 KiB message outstanding across
+/// each: cuts requested at random moments fall inside the phases; with the library's thread
+/// (MPI_THREAD_SERIALIZED) each within a second while the ranks compute, made by that thread;
+/// without it (`SYMVIRT_PROGRESS_THREAD=0`) at the phases' begins or ends, by the program's
+/// thread. Every cut is consistent pair by pair, the outstanding message counted received only
+/// where its buffer already held it whole; the ring's payload checks pass and the job ends.
+fn run_quiet_phases(tag: &str, thread: bool) {
+    let prog = rust_ring();
+    let mpi = rust_ring_mpi();
+    let rig = Rig::new(tag);
+    let cuts = rig.dir.0.join("cuts");
+    fs::create_dir_all(&cuts).unwrap();
+    let mut env = vec![rig.agent_env()];
+    if !thread {
+        env.push(("SYMVIRT_PROGRESS_THREAD".to_string(), "0".to_string()));
+    }
+    let compute_ms = 2000;
+    let args = [cuts.to_str().unwrap(), "2", &compute_ms.to_string()];
+    let mut job = Job::start(mpi, prog, &args, &env, &rig.dir.0);
+    wait_ready(&job);
+    let epochs = if thread { 4 } else { 2 };
+    let mut jitter = Jitter::new();
+    let (mut slowest, mut last_sent) = (Duration::ZERO, 0);
+    for epoch in 1..=epochs {
+        std::thread::sleep(Duration::from_millis(jitter.ms(300, 2300)));
+        let took = quiesce(&rig, &mut job, epoch);
+        eprintln!("{tag}: epoch {epoch} quiesced in {took:?}");
+        slowest = slowest.max(took);
+        let sent = check_cut(&cuts, epoch);
+        assert!(sent > last_sent, "no traffic between cuts");
+        last_sent = sent;
+        let places = record_lines(&cuts, epoch, "place ");
+        assert!(
+            places.iter().all(|p| p == "quiet"),
+            "epoch {epoch}: ranks cut at {places:?}"
+        );
+        let threads = record_lines(&cuts, epoch, "thread ");
+        let want = if thread { "symvirt-quiet" } else { "main" };
+        assert!(
+            threads.iter().all(|t| t == want),
+            "epoch {epoch}: cut made by {threads:?}, want {want}"
+        );
+        let ic = interconnect_for(epoch);
+        resume_and_confirm(&rig, &mut job, epoch, &ic);
+        let json = serde_json::to_string(&ic).unwrap();
+        for rec in read_records(&cuts, "resumed", epoch) {
+            assert!(rec.ends_with(&format!(" {json}\n")), "{rec:?}");
+        }
+    }
+    fs::write(cuts.join("stop"), "").unwrap();
+    ended_ok(&mut job, epochs);
+    if thread {
+        assert!(
+            slowest < Duration::from_secs(1),
+            "a cut took {slowest:?} to quiesce ranks computing in {compute_ms} ms quiet phases"
+        );
+    }
+}
+
+#[test]
+fn rust_ring_quiet_phases_cut_while_ranks_compute() {
+    run_quiet_phases("rsmpi-quiet", true);
+}
+
+#[test]
+fn rust_ring_quiet_phases_without_the_thread_cut_at_their_ends() {
+    run_quiet_phases("rsmpi-quiet-nt", false);
+}
+
 #[test]
 fn rust_ring_without_an_agent_stops_on_sigusr1() {
     let prog = rust_ring();
