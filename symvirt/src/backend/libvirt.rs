@@ -230,13 +230,16 @@ impl LibvirtVm {
     ) -> Result<()> {
         let refused = |e: String| Error::Refused(format!("{}: {what}: {e}", self.spec.name));
         let xml = self.live_xml(at, domain)?;
-        let placed = match free_root_slot(&xml, &self.vacated).map_err(refused)? {
+        let chosen = free_root_slot(&xml, &self.vacated).map_err(refused)?;
+        let placed = match chosen {
             Some(slot) => at_root_slot(element, slot).map_err(refused)?,
             None => element.to_owned(),
         };
         let plugged = domain.attach_device_flags(&placed, flags);
-        if plugged.is_err() && pci_slot(&placed).is_some() {
-            // Its slot is taken: wherever there is room.
+        // The element's own address (a device coming back where it was) may be taken by now:
+        // then wherever there is room. A slot chosen above was free; a failure there is the
+        // device's own, and without an address libvirt could pick a slot this run vacated.
+        if plugged.is_err() && chosen.is_none() && pci_slot(&placed).is_some() {
             let bare = without_address(&placed).map_err(refused)?;
             if domain.attach_device_flags(&bare, flags).is_ok() {
                 return Ok(());
