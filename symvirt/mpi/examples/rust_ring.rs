@@ -26,7 +26,9 @@
 //! then initialized with `MPI_THREAD_SERIALIZED`, so the library's thread can make the cut
 //! while the rank computes. The cut record then counts the outstanding message as received
 //! only if the receive buffer already holds it whole, and adds `place quiet` or `place
-//! safe_point` (where the program was) and `thread NAME` (which thread ran the hook).
+//! safe_point` (where the program was) and `thread NAME` (which thread ran the hook). With
+//! `RUST_RING_PANIC_AT=N`, rank 1 panics inside the quiet phase of iteration N and catches the
+//! panic after `quiet_with_requests` lets it go on (printing `caught the panic`).
 //!
 //! Runs at least MIN_ITERS iterations, then until `DIR/stop` exists (the ranks agree), and
 //! prints `rust_ring OK rank R iterations N sent S received V cuts C`. An error from SymVirt
@@ -38,6 +40,7 @@ use mpi::collective::SystemOperation;
 use mpi::point_to_point::send_receive_into_with_tags;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -270,6 +273,9 @@ fn run(world: &SimpleCommunicator, dir: &Path, min_iters: u64, quiet_ms: Option<
     .unwrap_or_else(|e| fail(format!("on_resume: {e}")));
 
     let mut cuts = 0u64;
+    let panic_at: Option<u64> = std::env::var("RUST_RING_PANIC_AT")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let mut iteration = 0u64;
     loop {
         counts.iteration.store(iteration, Ordering::Relaxed);
@@ -327,7 +333,7 @@ fn run(world: &SimpleCommunicator, dir: &Path, min_iters: u64, quiet_ms: Option<
         }
 
         if let Some(ms) = quiet_ms {
-            match quiet_phase(world, &mut sv, &counts, iteration, ms) {
+            match quiet_phase(world, &mut sv, &counts, iteration, ms, panic_at) {
                 Ok(SafePointResult::Continue) => {}
                 Ok(r) => {
                     cuts += 1;
@@ -414,6 +420,7 @@ fn quiet_phase(
     counts: &Counts,
     iteration: u64,
     ms: u64,
+    panic_at: Option<u64>,
 ) -> symvirt_mpi::error::Result<SafePointResult> {
     let me = world.rank();
     let np = world.size();
@@ -441,7 +448,23 @@ fn quiet_phase(
         counts.outstanding_len.store(len, Ordering::Release);
         counts.outstanding.store(buf, Ordering::Release);
         counts.quiet.store(true, Ordering::Release);
-        let result = sv.quiet_with_requests(&[&recv, &send], || compute(ms));
+        // Rank 1 panics inside the phase of iteration $RUST_RING_PANIC_AT, if set: the
+        // library ends the phase on every rank before the panic goes on, caught here.
+        let planned = me == 1 && panic_at == Some(iteration);
+        let phase = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            sv.quiet_with_requests(&[&recv, &send], || {
+                if planned {
+                    panic!("rust_ring: planned panic inside a quiet phase");
+                }
+                compute(ms)
+            })
+        }));
+        let result = phase.unwrap_or_else(|_| {
+            say(&format!(
+                "rust_ring: rank {me}: caught the panic of iteration {iteration}'s quiet phase"
+            ));
+            Ok((0, Ok(SafePointResult::Continue)))
+        });
         counts.quiet.store(false, Ordering::Release);
         counts
             .outstanding
@@ -461,5 +484,5 @@ fn quiet_phase(
         world.abort(6);
     }
     counts.received[left as usize].fetch_add(1, Ordering::Relaxed);
-    result.map(|(_, cut)| cut)
+    result.and_then(|(_, cut)| cut)
 }

@@ -35,7 +35,9 @@ use mpi::request::{Request, StaticScope};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator, CommunicatorCollectives};
 use quiet::Quiet;
+use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -217,6 +219,9 @@ pub struct SymVirt {
     shared: Option<Arc<Shared>>,
     /// The quiet thread, started by the first quiet phase when MPI allows it.
     thread: Option<JoinHandle<()>>,
+    /// Not `Send`: the application calls MPI through it from the thread that made it (MPI may
+    /// give only `MPI_THREAD_FUNNELED`); `State` is `Send` for the quiet thread only.
+    _funneled: PhantomData<*const ()>,
 }
 
 /// What the application's thread and the quiet thread share.
@@ -235,6 +240,8 @@ struct State {
 // `Shared` held, and the only other thread that takes it, the quiet thread, exists only when
 // MPI provides MPI_THREAD_SERIALIZED or more and calls MPI only while the application is
 // inside a quiet phase, where by the contract it makes no MPI call: MPI calls never overlap.
+// The quiet thread is joined before `SymVirt` lets go of `State` (finalize, drop), so it never
+// frees a communicator itself; `SymVirt` stays `!Send`.
 unsafe impl Send for State {}
 
 impl std::fmt::Debug for SymVirt {
@@ -325,6 +332,7 @@ impl SymVirt {
                 stop: AtomicBool::new(false),
             })),
             thread: None,
+            _funneled: PhantomData,
         })
     }
 
@@ -347,11 +355,14 @@ impl SymVirt {
     ///
     /// When MPI provides `MPI_THREAD_SERIALIZED` or more (and `$SYMVIRT_PROGRESS_THREAD` is
     /// not `0`), a thread of the library makes the cut while `work` runs; the hooks run on it
-    /// (thread name `symvirt-quiet`). Otherwise the cut falls at the phase's begin or end. The
-    /// end of a phase waits for every rank to end it, and for the resume of a cut in progress.
-    /// Returns what `work` returned and the result of the last cut made in the phase
-    /// ([`SafePointResult::Continue`] when none).
-    pub fn quiet<R>(&mut self, work: impl FnOnce() -> R) -> Result<(R, SafePointResult)> {
+    /// (thread name `symvirt-quiet`; a hook that panics there aborts the job). Otherwise the
+    /// cut falls at the phase's begin or end. The end of a phase waits for every rank to end
+    /// it, and for the resume of a cut in progress; a panic in `work` ends the phase too, then
+    /// goes on unwinding. Returns what `work` returned and the outcome of the phase's cuts: the
+    /// last one's result ([`SafePointResult::Continue`] when none fell in it), or the error of
+    /// one that failed (the value of `work` is kept either way). The outer error: the phase
+    /// could not begin (`work` did not run) or end.
+    pub fn quiet<R>(&mut self, work: impl FnOnce() -> R) -> Result<(R, Result<SafePointResult>)> {
         self.quiet_with_requests(&[], work)
     }
 
@@ -369,12 +380,13 @@ impl SymVirt {
     /// let (sum, cut) = sv.quiet_with_requests(&[&recv, &send], || compute(&data))?;
     /// send.wait();
     /// recv.wait();
+    /// if let SafePointResult::Resumed { interconnect, .. } = cut? { /* moved */ }
     /// ```
     pub fn quiet_with_requests<R>(
         &mut self,
         requests: &[&dyn AsRaw<Raw = MPI_Request>],
         work: impl FnOnce() -> R,
-    ) -> Result<(R, SafePointResult)> {
+    ) -> Result<(R, Result<SafePointResult>)> {
         let shared = Arc::clone(self.shared()?);
         self.start_thread(&shared);
         {
@@ -384,11 +396,18 @@ impl SymVirt {
             quiet.begin(sp, handles, self.thread.is_some());
         }
         // The quiet thread may cut and call MPI from here to the end: the application must not.
-        let value = work();
-        // Held by a cut the quiet thread is making: until the resume.
-        let mut guard = lock(&shared)?;
-        let State { sp, quiet } = &mut *guard;
-        Ok((value, quiet.end(sp)?))
+        let value = std::panic::catch_unwind(AssertUnwindSafe(work));
+        // Ended whatever `work` did: the thread stops using the requests before a panic can
+        // drop them, and no rank waits for this one's end. The lock is held by a cut the quiet
+        // thread is making: until the resume.
+        let ended = lock(&shared).map(|mut guard| {
+            let State { sp, quiet } = &mut *guard;
+            quiet.end(sp)
+        });
+        match value {
+            Ok(value) => Ok((value, ended?)),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     }
 
     /// Starts the quiet thread, once, when MPI allows a second thread to call it.
@@ -454,7 +473,7 @@ impl SymVirt {
         let Some(shared) = self.shared.take() else {
             return Ok(());
         };
-        self.stop_thread(&shared, true);
+        self.stop_thread(&shared);
         OPEN.store(false, Ordering::Release);
         let state = Arc::into_inner(shared)
             .ok_or_else(|| Error::State("the quiet thread still holds the safe point".into()))?
@@ -466,12 +485,10 @@ impl SymVirt {
         sp.finish().map(drop)
     }
 
-    fn stop_thread(&mut self, shared: &Shared, join: bool) {
+    fn stop_thread(&mut self, shared: &Shared) {
         shared.stop.store(true, Ordering::Release);
         control::wake_waiters();
-        if let Some(handle) = self.thread.take()
-            && join
-        {
+        if let Some(handle) = self.thread.take() {
             let _ = handle.join();
         }
     }
@@ -509,7 +526,15 @@ fn quiet_thread(shared: &Shared) {
             return;
         };
         let State { sp, quiet } = &mut *guard;
-        let driving = quiet.inside() && quiet.thread_turn(sp);
+        let turn =
+            std::panic::catch_unwind(AssertUnwindSafe(|| quiet.inside() && quiet.thread_turn(sp)));
+        let Ok(driving) = turn else {
+            // A hook panicked in a cut: the other ranks would wait for this one forever.
+            let line = "symvirt: a hook panicked in a cut made by the quiet thread: aborting the \
+                        job, its ranks would otherwise wait for this one forever\n";
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+            SimpleCommunicator::world().abort(71)
+        };
         // Read before `pending`: a request published in between is then seen by the wait.
         let requested = control::requested_epoch();
         let pending = sp.pending().is_some();
@@ -526,11 +551,11 @@ fn quiet_thread(shared: &Shared) {
 
 impl Drop for SymVirt {
     /// Without [`SymVirt::finalize`] (an error path): nothing collective is waited for;
-    /// reductions in flight are left to MPI. The quiet thread is stopped (and joined unless
-    /// the thread is unwinding: a panic inside a phase may leave it in a cut).
+    /// reductions in flight are left to MPI. The quiet thread is stopped and joined (outside a
+    /// phase, which even a panic in `work` ends, it holds the lock only for a few loads).
     fn drop(&mut self) {
         if let Some(shared) = self.shared.take() {
-            self.stop_thread(&shared, !std::thread::panicking());
+            self.stop_thread(&shared);
             OPEN.store(false, Ordering::Release);
         }
     }

@@ -337,6 +337,47 @@ fn rust_ring_quiet_phases_without_the_thread_cut_at_their_ends() {
     run_quiet_phases("rsmpi-quiet-nt", false);
 }
 
+/// Rank 1 panics inside a quiet phase (iteration 1) with a message outstanding across it: the
+/// library ends the phase on every rank before the panic goes on (the program catches it), so
+/// the job goes on: a later cut is consistent and every payload check passes to the end.
+#[test]
+fn rust_ring_a_panic_inside_a_quiet_phase_ends_it_on_every_rank() {
+    let prog = rust_ring();
+    let mpi = rust_ring_mpi();
+    let rig = Rig::new("rsmpi-quiet-panic");
+    let cuts = rig.dir.0.join("cuts");
+    fs::create_dir_all(&cuts).unwrap();
+    let env = [
+        rig.agent_env(),
+        ("RUST_RING_PANIC_AT".to_string(), "1".to_string()),
+    ];
+    let mut job = Job::start(
+        mpi,
+        prog,
+        &[cuts.to_str().unwrap(), "3", "300"],
+        &env,
+        &rig.dir.0,
+    );
+    wait_ready(&job);
+    // After the panic: iteration 1's phase ends 0.3-0.6 s after the start.
+    let deadline = soon();
+    while !fs::read_to_string(&job.stderr)
+        .unwrap_or_default()
+        .contains("caught the panic")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", job.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    quiesce(&rig, &mut job, 1);
+    check_cut(&cuts, 1);
+    let ic = interconnect_for(1);
+    resume_and_confirm(&rig, &mut job, 1, &ic);
+    fs::write(cuts.join("stop"), "").unwrap();
+    ended_ok(&mut job, 1);
+    let err = fs::read_to_string(&job.stderr).unwrap();
+    assert_eq!(err.matches("caught the panic").count(), 1, "{err}");
+}
+
 #[test]
 fn rust_ring_without_an_agent_stops_on_sigusr1() {
     let prog = rust_ring();

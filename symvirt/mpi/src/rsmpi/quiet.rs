@@ -45,6 +45,8 @@ enum Broken {
     OutOfStep,
     /// The phase's declared requests did not complete within the quiesce timeout.
     Timeout,
+    /// MPI could not give a declared request's status.
+    Mpi,
 }
 
 /// One rank's quiet-phase state (see the module documentation). Every method runs with the
@@ -193,12 +195,9 @@ impl Quiet {
         };
         // MPI moves a large message only inside its calls: driving the requests here lets
         // the transfer overlap the computation, and a cut then finds them complete.
-        let driving = step.is_ok() && !self.requests_complete();
+        let driving = step.and_then(|()| self.requests_complete().map(|done| !done));
         drop(yielding);
-        if let Err(why) = step {
-            self.protocol_failed("the quiet thread", why);
-        }
-        driving
+        driving.unwrap_or_else(|why| self.protocol_failed("the quiet thread", why))
     }
 
     /// How long the thread sleeps between turns when nothing is requested: inside a phase
@@ -221,6 +220,7 @@ impl Quiet {
                 "the phase's outstanding requests did not complete within \
                  SYMVIRT_QUIESCE_TIMEOUT_MS: each needs a call made after the phase began"
             }
+            Broken::Mpi => "MPI_Request_get_status on a declared request",
         };
         // One write: the ranks share the launcher's stderr.
         let line = format!(
@@ -229,12 +229,12 @@ impl Quiet {
             self.rank, self.phase
         );
         let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
-        self.comm.abort(70)
+        SimpleCommunicator::world().abort(70)
     }
 
     /// One pass over the declared requests (each call makes progress): whether all are
     /// complete. They stay the application's: nothing is freed.
-    fn requests_complete(&mut self) -> bool {
+    fn requests_complete(&mut self) -> std::result::Result<bool, Broken> {
         while let Some(&request) = self.requests.get(self.requests_done) {
             let mut flag = 0;
             let mut status = MaybeUninit::<mpi::ffi::MPI_Status>::uninit();
@@ -242,20 +242,25 @@ impl Quiet {
             // lends for the phase (`SymVirt::quiet_with_requests` borrows it, so it is neither
             // waited for nor dropped meanwhile); MPI_Request_get_status reads it without
             // freeing it and writes only `flag` and `status`, which live across the call.
-            unsafe { mpi::ffi::MPI_Request_get_status(request, &mut flag, status.as_mut_ptr()) };
+            let rc = unsafe {
+                mpi::ffi::MPI_Request_get_status(request, &mut flag, status.as_mut_ptr())
+            };
+            if rc != mpi::ffi::MPI_SUCCESS as i32 {
+                return Err(Broken::Mpi);
+            }
             if flag == 0 {
-                return false;
+                return Ok(false);
             }
             self.requests_done += 1;
         }
-        true
+        Ok(true)
     }
 
     /// Drives the declared requests until all are complete (by the contract nothing they
     /// need is still to be posted), or the timeout.
     fn complete_requests(&mut self) -> std::result::Result<(), Broken> {
         let until = Instant::now() + self.complete_timeout;
-        while !self.requests_complete() {
+        while !self.requests_complete()? {
             if Instant::now() >= until {
                 return Err(Broken::Timeout);
             }
@@ -321,7 +326,7 @@ impl Quiet {
         let mut mine = false;
         let mut r = 0;
         while r < self.size || !mine {
-            mine = mine || self.requests_complete();
+            mine = mine || self.requests_complete()?;
             if r < self.size {
                 let i = r as usize;
                 if r == LEADER || self.rank_ended[i] || self.rank_in_cut[i] == self.cuts_decided {
