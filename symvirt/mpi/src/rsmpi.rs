@@ -21,12 +21,12 @@
 //! matched within it; see [`crate::safepoint`]). MPI itself keeps its transport: a resume
 //! hands the new interconnect to the program's hook, which is where it would re-select one.
 
+mod quiet;
+
 use crate::control::{self, Control, SOCKET_ENV};
 use crate::error::{Error, Result};
 pub use crate::safepoint::SafePointResult;
 use crate::safepoint::{Agreement, SLOTS, SafePoint};
-mod quiet;
-
 use mpi::Threading;
 use mpi::collective::SystemOperation;
 use mpi::ffi::MPI_Request;
