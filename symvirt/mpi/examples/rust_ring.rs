@@ -332,30 +332,28 @@ fn run(world: &SimpleCommunicator, dir: &Path, min_iters: u64, quiet_ms: Option<
             fail(format!("job sent {} messages, received {}", all[0], all[1]));
         }
 
-        if let Some(ms) = quiet_ms {
-            match quiet_phase(world, &mut sv, &counts, iteration, ms, panic_at) {
-                Ok(SafePointResult::Continue) => {}
+        // A cut's result: counted and recorded; an error ends the rank.
+        let mut settle =
+            |what: &str, result: symvirt_mpi::error::Result<SafePointResult>| match result {
+                Ok(SafePointResult::Continue) => true,
                 Ok(r) => {
                     cuts += 1;
                     record_resume(dir, me, iteration, &r);
+                    true
                 }
                 Err(e) => {
-                    report(&format!("rank {me}: quiet phase"), &e);
-                    return ExitCode::from(5);
+                    report(&format!("rank {me}: {what}"), &e);
+                    false
                 }
-            }
-        }
-
-        match sv.safe_point() {
-            Ok(SafePointResult::Continue) => {}
-            Ok(r) => {
-                cuts += 1;
-                record_resume(dir, me, iteration, &r);
-            }
-            Err(e) => {
-                report(&format!("rank {me}: safe point"), &e);
+            };
+        if let Some(ms) = quiet_ms {
+            let result = quiet_phase(world, &mut sv, &counts, iteration, ms, panic_at);
+            if !settle("quiet phase", result) {
                 return ExitCode::from(5);
             }
+        }
+        if !settle("safe point", sv.safe_point()) {
+            return ExitCode::from(5);
         }
 
         // Iterations with a quiet phase take seconds: look for the stop file every time.

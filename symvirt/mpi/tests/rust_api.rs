@@ -360,14 +360,7 @@ fn rust_ring_a_panic_inside_a_quiet_phase_ends_it_on_every_rank() {
     );
     wait_ready(&job);
     // After the panic: iteration 1's phase ends 0.3-0.6 s after the start.
-    let deadline = soon();
-    while !fs::read_to_string(&job.stderr)
-        .unwrap_or_default()
-        .contains("caught the panic")
-    {
-        assert!(std::time::Instant::now() < deadline, "{}", job.logs());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    job.wait_for_stderr("caught the panic");
     quiesce(&rig, &mut job, 1);
     check_cut(&cuts, 1);
     let ic = interconnect_for(1);

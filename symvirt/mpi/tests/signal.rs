@@ -40,14 +40,7 @@ fn run(mpi: MpiImpl, linkage: Linkage, tag: &str) {
         &dir.0,
     );
     // Every rank must have installed its handler (after MPI_Init) before the first signal.
-    let deadline = soon();
-    while !fs::read_to_string(&job.stderr)
-        .unwrap_or_default()
-        .contains("rank 3")
-    {
-        assert!(std::time::Instant::now() < deadline, "{}", job.logs());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    job.wait_for_stderr("rank 3");
     std::thread::sleep(Duration::from_millis(300));
     for k in 1..=2u64 {
         let epoch = SIGNAL_EPOCH_BASE + k;

@@ -242,6 +242,18 @@ impl Job {
         )
     }
 
+    /// Waits (at most `PATIENCE`) until the job's stderr contains `needle`.
+    pub fn wait_for_stderr(&self, needle: &str) {
+        let deadline = soon();
+        while !fs::read_to_string(&self.stderr)
+            .unwrap_or_default()
+            .contains(needle)
+        {
+            assert!(Instant::now() < deadline, "no {needle:?}\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stacks of the job's ranks (gdb, when installed), to explain a hang.
     pub fn backtraces(&self) -> String {
         let Some(child) = self.child.as_ref() else {
