@@ -72,6 +72,7 @@ static struct {
     pthread_t thread;
     int have_thread;
     atomic_int stop;
+    int thread_ended; /* set (atomically) by the quiet thread as it returns */
     uint64_t phase; /* quiet phases begun */
     int inside;     /* between symvirt_quiet_begin and symvirt_quiet_end */
     MPI_Request *reqs; /* the phase's outstanding requests (copies of the handles) */
@@ -425,17 +426,19 @@ static void *quiet_thread(void *arg)
             yield_restore(yielding);
         if (rc != SYMVIRT_CONTINUE)
             protocol_failed("the quiet thread", rc);
-        /* Read before `pending`: a request published in between is then seen by the wait. */
-        uint64_t requested = symvirt_ctl_requested();
         pending = symvirt_sp_pending(g.sp);
+        /* A copy: the wait returns at once for a request published after it. */
+        symvirt_served served;
+        symvirt_sp_served(g.sp, &served);
         /* Inside a phase the others look for a verdict every few milliseconds anyway. */
         uint64_t wait_ms = driving ? 1 : g.inside && g.qrank != LEADER ? 5 : 1000;
         pthread_mutex_unlock(&g.lock);
         if (pending != 0)
             pause_us(200); /* until the application enters a quiet phase, or the verdict comes */
-        else /* requested <= served: sleep until a higher epoch is asked */
-            symvirt_ctl_wait_requested(requested, wait_ms);
+        else /* every request served: sleep until another is asked */
+            symvirt_ctl_wait_requested(&served, 0, wait_ms);
     }
+    __atomic_store_n(&g.thread_ended, 1, __ATOMIC_RELEASE);
     return NULL;
 }
 
@@ -475,8 +478,10 @@ int symvirt_quiet_begin_requests(MPI_Comm comm, int count, const MPI_Request req
         g.cuts = 0;
         const char *off = getenv("SYMVIRT_PROGRESS_THREAD");
         if (!g.have_thread && g.thread_level >= MPI_THREAD_SERIALIZED &&
-            (off == NULL || strcmp(off, "0") != 0))
+            (off == NULL || strcmp(off, "0") != 0)) {
+            g.thread_ended = 0;
             g.have_thread = pthread_create(&g.thread, NULL, quiet_thread, NULL) == 0;
+        }
         /* With a thread the cut is its job: the application goes on computing meanwhile. */
         uint64_t pending = symvirt_sp_pending(g.sp);
         bool yielding = yield_off();
@@ -561,7 +566,7 @@ int symvirt_finalize(void)
         return SYMVIRT_ERR_STATE;
     if (g.have_thread) {
         atomic_store(&g.stop, 1);
-        symvirt_ctl_wake();
+        symvirt_ctl_wake_until(&g.thread_ended);
         pthread_join(g.thread, NULL);
         g.have_thread = 0;
         atomic_store(&g.stop, 0);

@@ -41,17 +41,34 @@ int symvirt_ctl_open(uint32_t rank, const char *socket, uint64_t timeout_ms);
 /* 1 when SIGUSR1 through the launcher cuts this process (odd signals cut, the next releases),
  * else 0; set by symvirt_ctl_open, agent or not. */
 int symvirt_ctl_signal_cuts(void);
-/* The epoch a migration is requested for, 0 when none; or the last epoch this process asked
- * for itself (symvirt_ctl_request_locally), if higher. A few atomic loads. */
-uint64_t symvirt_ctl_requested(void);
+/* The last cut made, per kind of request (the agent's epochs count from 1, SIGUSR1's from
+ * 2^48: one number would hide the agent's later requests behind a signal cut). Whoever makes
+ * cuts keeps one, zero-initialised, and reads or changes it only through these functions
+ * (atomic: another thread may read it while the cut is recorded). */
+typedef struct symvirt_served {
+    uint64_t agent, signal;
+} symvirt_served;
+/* Whether the cut of epoch is made according to served: 1, else 0 (epoch 0 always is). */
+int symvirt_served_covers(const symvirt_served *served, uint64_t epoch);
+/* The cut of epoch is made. */
+void symvirt_served_record(symvirt_served *served, uint64_t epoch);
+/* The epoch a migration is requested for that served does not cover, 0 when none: the
+ * agent's, else SIGUSR1's; or the highest one this process asked for itself
+ * (symvirt_ctl_request_locally), if higher. A few atomic loads. */
+uint64_t symvirt_ctl_pending(const symvirt_served *served);
 /* Asks for a cut of epoch from inside this process (a rank that learnt of a cut from a peer
- * before its own request arrived): symvirt_ctl_requested reports it from now on, and threads
+ * before its own request arrived): symvirt_ctl_pending reports it from now on, and threads
  * in symvirt_ctl_wait_requested wake. */
 void symvirt_ctl_request_locally(uint64_t epoch);
-/* Blocks until a cut is requested for an epoch above `above` (returns it), at most timeout_ms,
- * or until symvirt_ctl_wake (then 0). Sleeps on a futex the request's publisher wakes (the
- * agent watcher, or the SIGUSR1 handler): no polling. */
-uint64_t symvirt_ctl_wait_requested(uint64_t above, uint64_t timeout_ms);
+/* Blocks until a cut served does not cover is requested, other than skip (0: none), and
+ * returns its epoch; at most timeout_ms, or until symvirt_ctl_wake (then 0). Sleeps on a futex
+ * the request's publisher wakes (the agent watcher, or the SIGUSR1 handler): no polling. */
+uint64_t symvirt_ctl_wait_requested(const symvirt_served *served, uint64_t skip,
+                                    uint64_t timeout_ms);
+/* Stops a thread in symvirt_ctl_wait_requested whose stop flag is set and which sets *ended
+ * (atomically) as it returns: wakes it until it has (one wake, sent just before its wait
+ * began, would be missed and it would sleep out its timeout). Then join it. */
+void symvirt_ctl_wake_until(const int *ended);
 /* Wakes every thread in symvirt_ctl_wait_requested. Async-signal-safe. */
 void symvirt_ctl_wake(void);
 /* At the cut: report quiesced, wait for resume (SYMVIRT_RESUMED, *out filled) or abort. A rank
@@ -89,6 +106,9 @@ int symvirt_sp_on_resume(symvirt_sp *sp, void (*hook)(const symvirt_interconnect
 int symvirt_sp_poll(symvirt_sp *sp, symvirt_interconnect *out);
 /* The epoch requested and not yet cut for, 0 when none (no MPI call). */
 uint64_t symvirt_sp_pending(const symvirt_sp *sp);
+/* Copies the cuts sp has made into *out: for symvirt_ctl_wait_requested on a thread that does
+ * not hold sp. */
+void symvirt_sp_served(const symvirt_sp *sp, symvirt_served *out);
 /* Makes the cut for epoch now, outside the agreement: for glue that brings every rank to the
  * same point of its program by other means (every rank calls it there, for the same epoch).
  * Returns as symvirt_sp_poll. */

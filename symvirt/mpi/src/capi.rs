@@ -5,13 +5,14 @@
 //! Every function returns a status code (`SYMVIRT_*`, negative on error) and never unwinds;
 //! [`symvirt_last_error`] describes the last error of the calling thread.
 
-use crate::control::{self, Control, Outcome};
+use crate::control::{self, Control, Outcome, Served};
 use crate::error::{Error, Result};
 use crate::safepoint::{Agreement, SafePoint, SafePointResult};
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 use symvirt_proto::protocol::Interconnect;
 
@@ -192,24 +193,74 @@ pub extern "C" fn symvirt_ctl_signal_cuts() -> c_int {
     c_int::from(control::signal_trigger_ready())
 }
 
-/// The epoch a migration is requested for (or this process asked for itself), 0 when none.
+/// The epoch a cut is requested for that `served` does not cover (see
+/// [`control::pending_epoch`]), 0 when none. A null `served` counts as no cut made.
+///
+/// # Safety
+/// `served` is null or points to a live `symvirt_served`.
 #[unsafe(no_mangle)]
-pub extern "C" fn symvirt_ctl_requested() -> u64 {
-    control::requested_epoch()
+pub unsafe extern "C" fn symvirt_ctl_pending(served: *const Served) -> u64 {
+    // SAFETY: the caller guarantees `served` is null or live.
+    control::pending_epoch(unsafe { served.as_ref() }.unwrap_or(&Served::new()))
 }
 
-/// Blocks until a cut is requested for an epoch above `above` (returns it), at most
-/// `timeout_ms`, or until [`symvirt_ctl_wake`] (then 0). Sleeps on a futex: no polling.
+/// Blocks until a cut `served` does not cover is requested, other than `skip` (returns its
+/// epoch), at most `timeout_ms`, or until [`symvirt_ctl_wake`] (then 0). Sleeps on a futex:
+/// no polling.
+///
+/// # Safety
+/// As [`symvirt_ctl_pending`].
 #[unsafe(no_mangle)]
-pub extern "C" fn symvirt_ctl_wait_requested(above: u64, timeout_ms: u64) -> u64 {
-    control::wait_requested(above, Duration::from_millis(timeout_ms))
+pub unsafe extern "C" fn symvirt_ctl_wait_requested(
+    served: *const Served,
+    skip: u64,
+    timeout_ms: u64,
+) -> u64 {
+    // SAFETY: the caller guarantees `served` is null or live.
+    let served = unsafe { served.as_ref() }.unwrap_or(&Served::new()).clone();
+    control::wait_requested(&served, skip, Duration::from_millis(timeout_ms))
 }
 
-/// Asks for a cut of `epoch` from inside this process: [`symvirt_ctl_requested`] reports it
+/// Whether the cut of `epoch` is made according to `served` (1) or not (0).
+///
+/// # Safety
+/// As [`symvirt_ctl_pending`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn symvirt_served_covers(served: *const Served, epoch: u64) -> c_int {
+    // SAFETY: the caller guarantees `served` is null or live.
+    c_int::from(unsafe { served.as_ref() }.is_some_and(|s| s.covers(epoch)) || epoch == 0)
+}
+
+/// Records in `served` that the cut of `epoch` is made (atomic: other threads may read it).
+///
+/// # Safety
+/// As [`symvirt_ctl_pending`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn symvirt_served_record(served: *const Served, epoch: u64) {
+    // SAFETY: the caller guarantees `served` is null or live.
+    if let Some(s) = unsafe { served.as_ref() } {
+        s.record(epoch);
+    }
+}
+
+/// Asks for a cut of `epoch` from inside this process: [`symvirt_ctl_pending`] reports it
 /// from now on, and threads in [`symvirt_ctl_wait_requested`] wake.
 #[unsafe(no_mangle)]
 pub extern "C" fn symvirt_ctl_request_locally(epoch: u64) {
     control::request_locally(epoch);
+}
+
+/// Wakes every thread in [`symvirt_ctl_wait_requested`] until `*ended` (read atomically) is not
+/// 0: for stopping one of them (see [`control::wake_until`]).
+///
+/// # Safety
+/// `ended` points to a live, aligned `int` that other threads change only atomically.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn symvirt_ctl_wake_until(ended: *const c_int) {
+    // SAFETY: the caller guarantees a live, aligned int only changed atomically; AtomicI32 has
+    // the layout of an int.
+    let ended = unsafe { AtomicI32::from_ptr(ended.cast_mut()) };
+    control::wake_until(|| ended.load(Ordering::Acquire) != 0);
 }
 
 /// Wakes every thread in [`symvirt_ctl_wait_requested`].
@@ -566,6 +617,22 @@ pub unsafe extern "C" fn symvirt_sp_poll(sp: *mut CSafePoint, out: *mut CInterco
 pub unsafe extern "C" fn symvirt_sp_pending(sp: *const CSafePoint) -> u64 {
     // SAFETY: the caller guarantees `sp` is null or live.
     unsafe { sp.as_ref() }.map_or(0, |sp| sp.inner.pending().unwrap_or(0))
+}
+
+/// Copies the cuts `sp` has made into `out` (for [`symvirt_ctl_wait_requested`] on a thread
+/// that does not hold `sp`).
+///
+/// # Safety
+/// As [`symvirt_sp_pending`]; `out` points to a writable `symvirt_served`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn symvirt_sp_served(sp: *const CSafePoint, out: *mut Served) {
+    // SAFETY: the caller guarantees `sp` is null or live.
+    let served = unsafe { sp.as_ref() }.map_or_else(Served::new, |sp| sp.inner.served().clone());
+    if !out.is_null() {
+        // SAFETY: the caller guarantees `out` is writable; a `Served` holds no resource, so
+        // the old value needs no drop.
+        unsafe { out.write(served) };
+    }
 }
 
 /// Makes the cut for `epoch` now (see `SafePoint::cut_at`): collective, every rank at the same

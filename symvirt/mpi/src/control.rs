@@ -2,7 +2,7 @@
 //!
 //! MPI code must learn about a migration request without a system call on its fast path, so a
 //! watcher thread owns the [`RankClient`] and publishes the requested epoch in an atomic
-//! ([`requested_epoch`]): checking it is one load. The thread never calls MPI. At the cut the
+//! ([`pending_epoch`]): checking it is a few loads. The thread never calls MPI. At the cut the
 //! rank calls [`Control::quiesce`], which reports `quiesced` and blocks until the agent says
 //! `resume` (with the new interconnect) or `abort`; after re-selecting its transport the rank
 //! calls [`Control::resumed`].
@@ -52,15 +52,26 @@ pub fn wake_waiters() {
     }
 }
 
-/// Blocks until a cut is requested for an epoch above `above` (and returns it), or `timeout`
-/// passes, or [`wake_waiters`] is called (then 0: the caller looks at its own flags). Never
-/// spins: the thread sleeps on a futex the request's publisher wakes.
-pub fn wait_requested(above: u64, timeout: Duration) -> u64 {
+/// Wakes the threads in [`wait_requested`] until `ended()` says the one being stopped (its
+/// stop flag already set) has returned: one wake, sent just before its wait began, would be
+/// missed, and it would sleep out its timeout (up to a second at a job's end).
+pub fn wake_until(ended: impl Fn() -> bool) {
+    while !ended() {
+        wake_waiters();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Blocks until a cut `served` does not cover is requested, other than `skip` (0: none), and
+/// returns its epoch; or until `timeout` passes, or [`wake_waiters`] is called (then 0: the
+/// caller looks at its own flags). Never spins: the thread sleeps on a futex the request's
+/// publisher wakes.
+pub fn wait_requested(served: &Served, skip: u64, timeout: Duration) -> u64 {
     let deadline = Instant::now() + timeout;
     let seen = REQUESTS.load(Ordering::Acquire);
     loop {
-        let e = requested_epoch();
-        if e > above {
+        let e = pending_epoch(served);
+        if e != 0 && e != skip {
             return e;
         }
         if REQUESTS.load(Ordering::Acquire) != seen {
@@ -95,25 +106,83 @@ static SIGNALS: AtomicU64 = AtomicU64::new(0);
 /// Cuts requested by SIGUSR1 have epochs above this (the agent's epochs count from 1).
 pub const SIGNAL_EPOCH_BASE: u64 = 1 << 48;
 
-/// The highest epoch this process asked a cut for itself ([`request_locally`]).
-static LOCAL: AtomicU64 = AtomicU64::new(0);
+/// The highest epoch of each kind this process asked a cut for itself ([`request_locally`]).
+static LOCAL: Served = Served::new();
 
-/// The epoch a cut was requested for and not yet settled, 0 when none: the agent's request,
-/// else one made by SIGUSR1; or the last one this process asked for itself, if higher (the
-/// caller compares with the last cut it made). Two or three atomic loads.
-pub fn requested_epoch() -> u64 {
-    let e = match REQUESTED.load(Ordering::Acquire) {
-        0 => signal_epoch(),
+/// The last cut made, counted apart for the agent's epochs and for SIGUSR1's: signal epochs lie
+/// above [`SIGNAL_EPOCH_BASE`], so one number would hide every later request of the agent
+/// behind the first signal cut. Whoever makes cuts keeps one (the transparent layer, a safe
+/// point) and asks [`pending_epoch`] with it. Atomic: the layer's progress thread reads the
+/// one the application's thread records into. `#[repr(C)]`: the C layer embeds it.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct Served {
+    agent: AtomicU64,
+    signal: AtomicU64,
+}
+
+impl Served {
+    /// No cut made yet.
+    pub const fn new() -> Served {
+        Served {
+            agent: AtomicU64::new(0),
+            signal: AtomicU64::new(0),
+        }
+    }
+
+    fn of(&self, epoch: u64) -> &AtomicU64 {
+        if is_signal_epoch(epoch) {
+            &self.signal
+        } else {
+            &self.agent
+        }
+    }
+
+    /// Whether the cut of `epoch` is made (epoch 0, no request, always is).
+    pub fn covers(&self, epoch: u64) -> bool {
+        epoch <= self.of(epoch).load(Ordering::Acquire)
+    }
+
+    /// The cut of `epoch` is made: requests of its kind up to it are settled.
+    pub fn record(&self, epoch: u64) {
+        self.of(epoch).fetch_max(epoch, Ordering::AcqRel);
+    }
+
+    /// Forgets every cut.
+    fn clear(&self) {
+        self.agent.store(0, Ordering::Release);
+        self.signal.store(0, Ordering::Release);
+    }
+}
+
+impl Clone for Served {
+    fn clone(&self) -> Served {
+        Served {
+            agent: AtomicU64::new(self.agent.load(Ordering::Acquire)),
+            signal: AtomicU64::new(self.signal.load(Ordering::Acquire)),
+        }
+    }
+}
+
+/// The epoch a cut was requested for that `served` does not cover, 0 when none: the agent's
+/// request, else one made by SIGUSR1; or the highest one this process asked for itself (a
+/// peer is already cutting for it), if higher. A few atomic loads.
+pub fn pending_epoch(served: &Served) -> u64 {
+    let open = |e: u64| if served.covers(e) { 0 } else { e };
+    let e = match open(REQUESTED.load(Ordering::Acquire)) {
+        0 => open(signal_epoch()),
         e => e,
     };
-    e.max(LOCAL.load(Ordering::Acquire))
+    let local =
+        open(LOCAL.agent.load(Ordering::Acquire)).max(open(LOCAL.signal.load(Ordering::Acquire)));
+    e.max(local)
 }
 
 /// Asks for a cut of `epoch` from inside this process (an MPI layer whose rank learnt of a cut
-/// from a peer before its own request arrived): [`requested_epoch`] reports it from now on,
+/// from a peer before its own request arrived): [`pending_epoch`] reports it from now on,
 /// and threads in [`wait_requested`] wake.
 pub fn request_locally(epoch: u64) {
-    LOCAL.fetch_max(epoch, Ordering::AcqRel);
+    LOCAL.record(epoch);
     wake_waiters();
 }
 
@@ -315,7 +384,7 @@ impl Control {
         verbs::device_dir(); // its environment is read at init, not at a cut
         // A new control plane: no request from before it, agent or not.
         REQUESTED.store(0, Ordering::Release);
-        LOCAL.store(0, Ordering::Release);
+        LOCAL.clear();
         let client = match RankClient::connect(path, rank, timeout) {
             Ok(c) => c,
             Err(source) => {
@@ -571,28 +640,56 @@ mod tests {
     /// The tests share the process-wide request state.
     static SERIAL: Mutex<()> = Mutex::new(());
 
-    /// A thread waiting for a request sleeps until one above its last cut comes (here asked
+    /// A thread waiting for a request sleeps until one its cuts do not cover comes (here asked
     /// locally, as a rank that learnt of a cut from a peer does), returns 0 when woken without
     /// one or when its time is up, and never returns an epoch it has already served.
     #[test]
     fn waiting_for_a_request_wakes_on_a_local_one() {
         let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-        let base = requested_epoch();
+        LOCAL.clear();
+        let served = Served::new();
         let started = Instant::now();
-        assert_eq!(wait_requested(base, Duration::from_millis(50)), 0);
+        assert_eq!(wait_requested(&served, 0, Duration::from_millis(50)), 0);
         assert!(started.elapsed() >= Duration::from_millis(50));
-        let waiter = std::thread::spawn(move || wait_requested(base, Duration::from_secs(30)));
+        let before = served.clone();
+        let waiter =
+            std::thread::spawn(move || wait_requested(&before, 0, Duration::from_secs(30)));
         std::thread::sleep(Duration::from_millis(50));
-        request_locally(base + 7);
-        assert_eq!(waiter.join().unwrap(), base + 7);
-        // Served: a wait above it sleeps again, and a bare wake returns 0 at once.
-        let waiter = std::thread::spawn(move || wait_requested(base + 7, Duration::from_secs(30)));
+        request_locally(7);
+        assert_eq!(waiter.join().unwrap(), 7);
+        // Skipped, or served: a wait sleeps again, and a bare wake returns 0 at once.
+        assert_eq!(wait_requested(&served, 7, Duration::from_millis(20)), 0);
+        served.record(7);
+        let after = served.clone();
+        let waiter = std::thread::spawn(move || wait_requested(&after, 0, Duration::from_secs(30)));
         std::thread::sleep(Duration::from_millis(50));
         let woken = Instant::now();
         wake_waiters();
         assert_eq!(waiter.join().unwrap(), 0);
         assert!(woken.elapsed() < Duration::from_secs(10));
-        LOCAL.store(0, Ordering::Release);
+        LOCAL.clear();
+    }
+
+    /// The agent's epochs count from 1 and SIGUSR1's from 2^48: a signal cut, served and
+    /// still remembered as a peer's, does not hide the agent's next, smaller epoch; and a cut
+    /// of one kind does not cover the other's.
+    #[test]
+    fn a_signal_cut_does_not_hide_the_agents_next_request() {
+        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        LOCAL.clear();
+        let served = Served::new();
+        let signalled = SIGNAL_EPOCH_BASE + 1;
+        request_locally(signalled);
+        assert_eq!(pending_epoch(&served), signalled);
+        served.record(signalled);
+        assert_eq!(pending_epoch(&served), 0);
+        assert!(served.covers(signalled) && !served.covers(2));
+        request_locally(2);
+        assert_eq!(pending_epoch(&served), 2);
+        served.record(2);
+        assert_eq!(pending_epoch(&served), 0);
+        assert!(!served.covers(SIGNAL_EPOCH_BASE + 2) && !served.covers(3));
+        LOCAL.clear();
     }
 
     /// A fake agent on a real unix socket: registers the rank, asks for epoch 3, then sends a
@@ -637,7 +734,7 @@ mod tests {
         });
         let control = Control::connect(&path, 5, Duration::from_secs(30)).unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while requested_epoch() != 3 {
+        while pending_epoch(&Served::new()) != 3 {
             assert!(Instant::now() < deadline, "prepare never published");
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -655,7 +752,7 @@ mod tests {
         );
         control.resumed(3).unwrap();
         agent.join().unwrap();
-        assert_eq!(requested_epoch(), 0);
+        assert_eq!(pending_epoch(&Served::new()), 0);
         // The fake agent hung up: the control plane notices, and a cut now fails clearly.
         let err = control.quiesce(4, Duration::from_secs(30)).unwrap_err();
         assert!(matches!(err, Error::AgentLost(_)), "{err}");

@@ -43,7 +43,7 @@
 //! The flow of one epoch for a rank (explicit mode):
 //!
 //! ```text
-//! agent --prepare{E}--> watcher thread: requested_epoch() = E
+//! agent --prepare{E}--> watcher thread: pending_epoch() = E
 //! rank, safe point k:   start MAX-reduce(E) ... finish the reduce of k-2 -> E: cut here
 //!                       on_quiesce hook -> quiesced{E} -> wait -> resume{E, interconnect}
 //!                       on_resume hook (re-select transport) -> resumed{E} -> barrier

@@ -487,8 +487,8 @@ impl SymVirt {
 
     fn stop_thread(&mut self, shared: &Shared) {
         shared.stop.store(true, Ordering::Release);
-        control::wake_waiters();
         if let Some(handle) = self.thread.take() {
+            control::wake_until(|| handle.is_finished());
             let _ = handle.join();
         }
     }
@@ -535,16 +535,16 @@ fn quiet_thread(shared: &Shared) {
             let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             SimpleCommunicator::world().abort(71)
         };
-        // Read before `pending`: a request published in between is then seen by the wait.
-        let requested = control::requested_epoch();
         let pending = sp.pending().is_some();
+        // A copy: the wait returns at once for a request published after it.
+        let served = sp.served().clone();
         let sleep = quiet.thread_sleep(driving);
         drop(guard);
         if pending {
             // Until the application enters a quiet phase, or the verdict comes.
             std::thread::sleep(Duration::from_micros(200));
         } else {
-            control::wait_requested(requested, sleep);
+            control::wait_requested(&served, 0, sleep);
         }
     }
 }

@@ -24,7 +24,7 @@
 //! The MPI operations come from an [`Agreement`] (the C library implements it with
 //! `MPI_Iallreduce` on a private duplicate of the communicator); the state machine is here only.
 
-use crate::control::{self, Control, Outcome};
+use crate::control::{self, Control, Outcome, Served};
 use crate::error::Result;
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -77,13 +77,13 @@ pub struct SafePoint<A: Agreement> {
     /// Reductions left in flight across safe points (at most [`DEPTH`]).
     depth: usize,
     iteration: u64,
-    /// The last epoch a cut was made for; requests up to it are settled.
-    served: u64,
+    /// The last cut made, per kind of request; requests up to it are settled.
+    served: Served,
     quiesce_timeout: Duration,
     on_quiesce: Option<QuiesceHook>,
     on_resume: Option<ResumeHook>,
     /// Where this rank's request comes from (the process-wide control plane).
-    requests: fn() -> u64,
+    requests: fn(&Served) -> u64,
 }
 
 impl<A: Agreement> std::fmt::Debug for SafePoint<A> {
@@ -105,11 +105,11 @@ impl<A: Agreement> SafePoint<A> {
             in_flight: VecDeque::with_capacity(SLOTS),
             depth: depth_from_env(),
             iteration: 0,
-            served: 0,
+            served: Served::new(),
             quiesce_timeout: Duration::from_secs(600),
             on_quiesce: None,
             on_resume: None,
-            requests: control::requested_epoch,
+            requests: control::pending_epoch,
         }
     }
 
@@ -144,10 +144,16 @@ impl<A: Agreement> SafePoint<A> {
         self.iteration
     }
 
+    /// The cuts made so far (what a thread waiting for the next request passes to
+    /// [`control::wait_requested`], as a copy).
+    pub fn served(&self) -> &Served {
+        &self.served
+    }
+
     /// The epoch requested and not yet cut for, if any (no MPI call; a few atomic loads).
     pub fn pending(&self) -> Option<u64> {
-        let local = (self.requests)();
-        (local > self.served).then_some(local)
+        let local = (self.requests)(&self.served);
+        (!self.served.covers(local)).then_some(local)
     }
 
     /// Makes the cut for `epoch` here, outside the agreement: for glue that has its own way of
@@ -171,7 +177,7 @@ impl<A: Agreement> SafePoint<A> {
         }
         let oldest = self.in_flight.pop_front().expect("len > depth");
         let agreed = self.agreement.finish(oldest)?;
-        if agreed <= self.served {
+        if self.served.covers(agreed) {
             return Ok(SafePointResult::Continue);
         }
         self.cut(agreed)
@@ -184,7 +190,7 @@ impl<A: Agreement> SafePoint<A> {
         while let Some(slot) = self.in_flight.pop_front() {
             self.agreement.finish(slot)?;
         }
-        self.served = epoch;
+        self.served.record(epoch);
         if let Some(hook) = self.on_quiesce.as_mut() {
             hook(epoch);
         }
@@ -326,7 +332,7 @@ mod tests {
                     std::thread::spawn(move || {
                         let rank = a.rank;
                         let mut sp = SafePoint::new(a, None);
-                        sp.requests = || REQUESTED.with(|r| r.get());
+                        sp.requests = |_| REQUESTED.with(|r| r.get());
                         sp.set_depth(depth);
                         let mut stopped = Vec::new();
                         for i in 0..12 {
@@ -360,7 +366,7 @@ mod tests {
             .map(|a| {
                 std::thread::spawn(move || {
                     let mut sp = SafePoint::new(a, None);
-                    sp.requests = || REQUESTED.with(|r| r.get());
+                    sp.requests = |_| REQUESTED.with(|r| r.get());
                     assert_eq!(sp.poll().unwrap(), SafePointResult::Continue);
                     REQUESTED.with(|r| r.set(9));
                     assert_eq!(sp.pending(), Some(9));
@@ -390,7 +396,7 @@ mod tests {
                 std::thread::spawn(move || {
                     let mut sp = SafePoint::new(a, None);
                     // Isolated from the process-wide control plane other unit tests drive.
-                    sp.requests = || 0;
+                    sp.requests = |_| 0;
                     for _ in 0..50 {
                         assert_eq!(sp.poll().unwrap(), SafePointResult::Continue);
                     }

@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::cut::{check_iterations, check_pairs, read_cut};
 use common::*;
 use std::fs;
 use std::time::Duration;
@@ -74,14 +75,7 @@ fn run(mpi: MpiImpl, linkage: Linkage, tag: &str) {
             assert!(rec.starts_with("aborted"), "{rec}");
         }
     }
-    fs::write(cuts.join("stop"), "").unwrap();
-    let (ok, out) = job.wait();
-    assert!(ok, "MPI job failed\n{}", job.logs());
-    assert_eq!(
-        out.lines().filter(|l| l.contains(" OK rank ")).count(),
-        4,
-        "{out}"
-    );
+    job.stop_and_check(&cuts);
 }
 
 #[test]
@@ -139,14 +133,7 @@ fn drained_then_delivered(mpi: MpiImpl, tag: &str) {
         "rank 1 drained too little: {recs:?}"
     );
     job.signal(libc::SIGUSR1); // release
-    fs::write(cuts.join("stop"), "").unwrap();
-    let (ok, out) = job.wait();
-    assert!(ok, "MPI job failed\n{}", job.logs());
-    assert_eq!(
-        out.lines().filter(|l| l.contains(" OK rank ")).count(),
-        4,
-        "{out}"
-    );
+    job.stop_and_check(&cuts);
 }
 
 #[test]
@@ -157,4 +144,64 @@ fn drained_messages_are_delivered_from_the_buffer_openmpi() {
 #[test]
 fn drained_messages_are_delivered_from_the_buffer_mpich() {
     drained_then_delivered(MpiImpl::Mpich, "drain-mpich");
+}
+
+/// The agent's cuts and SIGUSR1's share one job: the agent cuts epoch 1, SIGUSR1 cuts and
+/// releases, then the agent cuts epoch 2. A signal epoch (above 2^48) must not hide the
+/// agent's later, smaller ones: each cut is made, consistent, and the job ends correctly.
+fn agent_and_signal_cuts(mpi: MpiImpl, linkage: Linkage, tag: &str) {
+    let rig = Rig::new(tag);
+    let cuts = rig.dir.0.join("cuts");
+    fs::create_dir_all(&cuts).unwrap();
+    let mut env = vec![rig.agent_env()];
+    if linkage == Linkage::Plain {
+        env = rig.transparent_env(mpi);
+        env.push(("SYMVIRT_CUT_LOG".into(), cuts.display().to_string()));
+    }
+    let prog = program(mpi, "stress.c", linkage);
+    let mut job = Job::start(
+        mpi,
+        &prog,
+        &["ring,anysource,collective", cuts.to_str().unwrap(), "16"],
+        &env,
+        &rig.dir.0,
+    );
+    let check = |epoch: u64| {
+        if linkage == Linkage::Plain {
+            check_pairs(&read_cut(&cuts, epoch), epoch);
+        } else {
+            check_iterations(&cuts, epoch);
+        }
+    };
+    let agent_cut = |job: &mut Job, epoch: u64| {
+        quiesce(&rig, job, epoch);
+        check(epoch);
+        resume_and_confirm(&rig, job, epoch, &interconnect_for(epoch));
+    };
+    // Every rank has installed its SIGUSR1 handler (at init) once it has taken a cut.
+    agent_cut(&mut job, 1);
+    let signalled = SIGNAL_EPOCH_BASE + 1;
+    job.signal(libc::SIGUSR1);
+    check(signalled);
+    job.signal(libc::SIGUSR1); // release
+    for rec in read_records(&cuts, "resumed", signalled) {
+        assert!(rec.starts_with("aborted"), "{rec}");
+    }
+    agent_cut(&mut job, 2);
+    job.stop_and_check(&cuts);
+}
+
+#[test]
+fn agent_cut_after_a_signal_cut_transparent_openmpi() {
+    agent_and_signal_cuts(MpiImpl::OpenMpi, Linkage::Plain, "agsig-tr-ompi");
+}
+
+#[test]
+fn agent_cut_after_a_signal_cut_transparent_mpich() {
+    agent_and_signal_cuts(MpiImpl::Mpich, Linkage::Plain, "agsig-tr-mpich");
+}
+
+#[test]
+fn agent_cut_after_a_signal_cut_explicit_openmpi() {
+    agent_and_signal_cuts(MpiImpl::OpenMpi, Linkage::Explicit, "agsig-exp-ompi");
 }

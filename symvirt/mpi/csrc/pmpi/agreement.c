@@ -174,8 +174,7 @@ int svp_align_on(tracked_comm *t, coll *c)
         svp_die("collective called while another one is being aligned (threads?)");
     for (;;) {
         pending_align p = {.comm = t->comm, .inter = t->inter, .round = 1, .c = c};
-        uint64_t want = symvirt_ctl_requested();
-        p.mine = want > svp.served ? want : 0;
+        p.mine = symvirt_ctl_pending(&svp.served);
         if (t->inter)
             PMPI_Iallreduce(&p.mine, &p.agreed, 1, MPI_UINT64_T, MPI_MAX, p.comm, &p.req);
         else
@@ -199,7 +198,7 @@ int svp_align_on(tracked_comm *t, coll *c)
          * then aligns again, so all leave through the same round. */
         if (p.agreed == 0)
             return c != NULL ? svp_perform(c) : MPI_SUCCESS;
-        if (p.agreed > svp.served)
+        if (!symvirt_served_covers(&svp.served, p.agreed))
             svp_make_cut(p.agreed);
     }
 }

@@ -102,7 +102,7 @@ void svp_serve_peers(void)
         return;
     take_counts(&st);
     uint64_t epoch = early_slot(st.MPI_SOURCE)[0];
-    if (epoch > svp.served)
+    if (!symvirt_served_covers(&svp.served, epoch))
         svp_make_cut(epoch);
     else
         have_early[st.MPI_SOURCE] = 0; /* stale */
@@ -117,8 +117,8 @@ __attribute__((noinline)) void svp_idle_check(unsigned long t)
         return;
     if (svp_ndeferred)
         svp_progress_deferred();
-    uint64_t e = symvirt_ctl_requested();
-    if (e > svp.served)
+    uint64_t e = symvirt_ctl_pending(&svp.served);
+    if (e != 0)
         svp_make_cut(e);
     else if ((t & 63) == 0)
         svp_serve_peers();
@@ -360,7 +360,7 @@ void svp_cut(uint64_t epoch)
     free(rq);
     free(have);
     have = NULL;
-    __atomic_store_n(&svp.served, epoch, __ATOMIC_RELEASE); /* the progress thread reads it */
+    symvirt_served_record(&svp.served, epoch); /* the progress thread reads it */
 
     /* 3. report, wait, resume */
     svp_sum_counts();

@@ -23,6 +23,7 @@ __thread int svp_in_progress_thread __attribute__((tls_model("initial-exec")));
 
 static pthread_t progress;
 static int progress_stop;
+static int progress_ended;
 
 static void futex_wake(int *word)
 {
@@ -49,7 +50,7 @@ void svp_park(uint64_t epoch)
     __atomic_store_n(&svp_gate.in, 0, __ATOMIC_RELEASE);
     for (;;) {
         int cuts = __atomic_load_n(&svp_gate.cuts, __ATOMIC_ACQUIRE);
-        if (__atomic_load_n(&svp.served, __ATOMIC_ACQUIRE) >= epoch)
+        if (symvirt_served_covers(&svp.served, epoch))
             break;
         futex_wait_ms(&svp_gate.cuts, cuts, 100);
     }
@@ -65,11 +66,11 @@ static void open_gate(void)
     futex_wake(&svp_gate.cuts);
 }
 
-/* Whether the cut of epoch e no longer needs making: made (by the application's thread inside
- * a call), or no longer requested (aborted). */
+/* Whether the cut of epoch e no longer needs making now: made (by the application's thread
+ * inside a call), no longer requested (aborted), or another is pending first. */
 static int settled(uint64_t e)
 {
-    return __atomic_load_n(&svp.served, __ATOMIC_ACQUIRE) >= e || symvirt_ctl_requested() < e;
+    return symvirt_ctl_pending(&svp.served) != e;
 }
 
 /* Shuts the gate and waits until the application's thread is outside every wrapped call: 1.
@@ -117,28 +118,29 @@ static void *progress_main(void *unused)
 {
     (void)unused;
     svp_in_progress_thread = 1;
-    uint64_t served = 0;
+    uint64_t skip = 0; /* an epoch left to the application's thread */
     int closed = 0;
     while (!closed && !__atomic_load_n(&progress_stop, __ATOMIC_ACQUIRE)) {
-        uint64_t e = symvirt_ctl_wait_requested(served, 1000);
+        uint64_t e = symvirt_ctl_wait_requested(&svp.served, skip, 1000);
         if (e != 0 && shut_gate(e)) {
             closed = svp.closed;
-            uint64_t now = symvirt_ctl_requested();
+            uint64_t now = symvirt_ctl_pending(&svp.served);
             /* With a window or a file open the application may be inside a call the layer
              * does not wrap (PSCW, locks, MPI-IO): its thread makes the cut (or, with a
              * window, answers "unable": see onesided.c) at its next wrapped call, as without
              * a progress thread. */
             int unwrapped = svp_unwrapped_calls_possible();
-            if (!closed && !unwrapped && now > svp.served)
+            if (!closed && !unwrapped && now != 0)
                 make_cut(now);
             open_gate();
             if (unwrapped) {
-                served = e; /* not this epoch again */
+                skip = e; /* not this epoch again */
                 continue;
             }
         }
-        served = __atomic_load_n(&svp.served, __ATOMIC_ACQUIRE);
+        skip = 0;
     }
+    __atomic_store_n(&progress_ended, 1, __ATOMIC_RELEASE);
     return NULL;
 }
 
@@ -163,7 +165,7 @@ static void start_progress(void)
 static void stop_progress(void)
 {
     __atomic_store_n(&progress_stop, 1, __ATOMIC_RELEASE);
-    symvirt_ctl_wake();
+    symvirt_ctl_wake_until(&progress_ended);
     pthread_join(progress, NULL);
     svp_gated = 0;
 }

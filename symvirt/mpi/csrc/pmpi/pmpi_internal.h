@@ -263,7 +263,7 @@ typedef struct {
     LIST(substitute, subst);
     LIST(matched, matches);
     buffered *head, **tail;
-    uint64_t served;  /* last epoch a cut was made for */
+    symvirt_served served; /* the last cut made, per kind of request */
     uint64_t drained; /* messages taken into the buffer during the current cut */
     LIST(window, windows); /* alive (see onesided.c) */
     LIST(open_file, files); /* open (see files.c) */

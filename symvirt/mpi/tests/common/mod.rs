@@ -339,11 +339,23 @@ impl Job {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
+    /// Ends the job: SIGTERM to the launcher first, which ends the ranks and removes their
+    /// shared-memory files (Open MPI's `/dev/shm/vader_segment.*` stay behind a SIGKILL), then,
+    /// after at most 5 s, SIGKILL to whatever is left of the process group.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let pid = c.id() as i32;
+            // SAFETY: kill(2) on the launcher this job started.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             // SAFETY: kill(2) on the process group this job created (process_group(0)).
             unsafe {
-                libc::kill(-(c.id() as i32), libc::SIGKILL);
+                libc::kill(-pid, libc::SIGKILL);
             }
             let _ = c.wait();
         }
