@@ -273,9 +273,6 @@ int MPI_Finalize(void)
     if (svp.ready && !svp.closed) {
         svp_enter();
         svp_align(0, NULL);
-#ifdef SYMVIRT_MPI_IMPL_MPICH
-        svp_free_spent();
-#endif
         /* From here no rank serves cuts: a request now fails the epoch at the agent. */
         svp.closed = 1;
         symvirt_ctl_close();

@@ -451,10 +451,6 @@ int svp_wait_serving(MPI_Request *req, MPI_Status *st);
 /* Waits for the layer's own receive request (the blocking receive's, a plain point-to-point
  * receive that is neither persistent nor generalized) and frees it. */
 int svp_wait_own_receive(MPI_Request *req, MPI_Status *st);
-#ifdef SYMVIRT_MPI_IMPL_MPICH
-/* Frees the complete requests of the layer's own receives not freed yet. */
-void svp_free_spent(void);
-#endif
 
 /* ---- buffer.c: the layer's buffer of drained messages ------------------------------------- */
 
