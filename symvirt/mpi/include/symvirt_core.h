@@ -46,7 +46,8 @@ int symvirt_ctl_signal_cuts(void);
  * cuts keeps one, zero-initialised, and reads or changes it only through these functions
  * (atomic: another thread may read it while the cut is recorded). */
 typedef struct symvirt_served {
-    uint64_t agent, signal;
+    _Alignas(8) uint64_t agent; /* 8-aligned everywhere: the Rust side's atomics need it */
+    _Alignas(8) uint64_t signal;
 } symvirt_served;
 /* Whether the cut of epoch is made according to served: 1, else 0 (epoch 0 always is). */
 int symvirt_served_covers(const symvirt_served *served, uint64_t epoch);
@@ -61,8 +62,9 @@ uint64_t symvirt_ctl_pending(const symvirt_served *served);
  * in symvirt_ctl_wait_requested wake. */
 void symvirt_ctl_request_locally(uint64_t epoch);
 /* Blocks until a cut served does not cover is requested, other than skip (0: none), and
- * returns its epoch; at most timeout_ms, or until symvirt_ctl_wake (then 0). Sleeps on a futex
- * the request's publisher wakes (the agent watcher, or the SIGUSR1 handler): no polling. */
+ * returns its epoch; at most timeout_ms, or until symvirt_ctl_wake (then 0). served is read
+ * throughout (it may be a live record another thread updates). Sleeps on a futex the
+ * request's publisher wakes (the agent watcher, or the SIGUSR1 handler): no polling. */
 uint64_t symvirt_ctl_wait_requested(const symvirt_served *served, uint64_t skip,
                                     uint64_t timeout_ms);
 /* Stops a thread in symvirt_ctl_wait_requested whose stop flag is set and which sets *ended

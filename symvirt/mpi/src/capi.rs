@@ -193,6 +193,9 @@ pub extern "C" fn symvirt_ctl_signal_cuts() -> c_int {
     c_int::from(control::signal_trigger_ready())
 }
 
+/// What a null `symvirt_served` pointer stands for: no cut made.
+static NO_CUT: Served = Served::new();
+
 /// The epoch a cut is requested for that `served` does not cover (see
 /// [`control::pending_epoch`]), 0 when none. A null `served` counts as no cut made.
 ///
@@ -201,12 +204,12 @@ pub extern "C" fn symvirt_ctl_signal_cuts() -> c_int {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn symvirt_ctl_pending(served: *const Served) -> u64 {
     // SAFETY: the caller guarantees `served` is null or live.
-    control::pending_epoch(unsafe { served.as_ref() }.unwrap_or(&Served::new()))
+    control::pending_epoch(unsafe { served.as_ref() }.unwrap_or(&NO_CUT))
 }
 
 /// Blocks until a cut `served` does not cover is requested, other than `skip` (returns its
 /// epoch), at most `timeout_ms`, or until [`symvirt_ctl_wake`] (then 0). Sleeps on a futex:
-/// no polling.
+/// no polling. `served` is read throughout: it may be a live record another thread updates.
 ///
 /// # Safety
 /// As [`symvirt_ctl_pending`].
@@ -217,8 +220,8 @@ pub unsafe extern "C" fn symvirt_ctl_wait_requested(
     timeout_ms: u64,
 ) -> u64 {
     // SAFETY: the caller guarantees `served` is null or live.
-    let served = unsafe { served.as_ref() }.unwrap_or(&Served::new()).clone();
-    control::wait_requested(&served, skip, Duration::from_millis(timeout_ms))
+    let served = unsafe { served.as_ref() }.unwrap_or(&NO_CUT);
+    control::wait_requested(served, skip, Duration::from_millis(timeout_ms))
 }
 
 /// Whether the cut of `epoch` is made according to `served` (1) or not (0).

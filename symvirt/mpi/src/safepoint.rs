@@ -186,7 +186,8 @@ impl<A: Agreement> SafePoint<A> {
     /// Every rank is here, at the same iteration, for `epoch`.
     fn cut(&mut self, epoch: u64) -> Result<SafePointResult> {
         // Settle the reductions still in flight: no collective stays open across the cut
-        // (every rank started the same ones). Their values are this epoch or nothing new.
+        // (every rank started the same ones). Their values are this epoch, nothing new, or a
+        // request of the other kind (agent or SIGUSR1), which the next safe point brings again.
         while let Some(slot) = self.in_flight.pop_front() {
             self.agreement.finish(slot)?;
         }
