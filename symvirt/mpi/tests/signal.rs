@@ -8,6 +8,7 @@ mod common;
 use common::cut::{check_iterations, check_pairs, read_cut};
 use common::*;
 use std::fs;
+use std::path::Path;
 use std::time::Duration;
 use symvirt_mpi::control::SIGNAL_EPOCH_BASE;
 use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
@@ -49,33 +50,23 @@ fn run(mpi: MpiImpl, linkage: Linkage, tag: &str) {
         let recs = read_records(&cuts, "cut", epoch);
         assert!(job.running(), "{}", job.logs());
         if linkage == Linkage::Plain {
-            let rows: Vec<(Vec<u64>, Vec<u64>)> = recs
-                .iter()
-                .map(|r| {
-                    let mut l = r.lines().map(|l| {
-                        l.split_whitespace()
-                            .skip(1)
-                            .map(|x| x.parse::<u64>().unwrap())
-                            .collect::<Vec<_>>()
-                    });
-                    (l.next().unwrap(), l.next().unwrap())
-                })
-                .collect();
-            for i in 0..rows.len() {
-                for j in 0..rows.len() {
-                    assert_eq!(rows[i].0[j], rows[j].1[i], "cut {k}: {recs:?}");
-                }
-            }
+            check_pairs(&read_cut(&cuts, epoch), epoch);
         } else {
             let iters: Vec<&str> = recs.iter().map(|r| r.split(' ').next().unwrap()).collect();
             assert!(iters.iter().all(|i| *i == iters[0]), "cut {k}: {recs:?}");
         }
-        job.signal(libc::SIGUSR1); // release
-        for rec in read_records(&cuts, "resumed", epoch) {
-            assert!(rec.starts_with("aborted"), "{rec}");
-        }
+        release(&job, &cuts, epoch);
     }
     job.stop_and_check(&cuts);
+}
+
+/// The next SIGUSR1 releases the signal cut of `epoch`: every rank goes on with the old
+/// interconnect (its record says "aborted").
+fn release(job: &Job, cuts: &Path, epoch: u64) {
+    job.signal(libc::SIGUSR1);
+    for rec in read_records(cuts, "resumed", epoch) {
+        assert!(rec.starts_with("aborted"), "{rec}");
+    }
 }
 
 #[test]
@@ -183,10 +174,7 @@ fn agent_and_signal_cuts(mpi: MpiImpl, linkage: Linkage, tag: &str) {
     let signalled = SIGNAL_EPOCH_BASE + 1;
     job.signal(libc::SIGUSR1);
     check(signalled);
-    job.signal(libc::SIGUSR1); // release
-    for rec in read_records(&cuts, "resumed", signalled) {
-        assert!(rec.starts_with("aborted"), "{rec}");
-    }
+    release(&job, &cuts, signalled);
     agent_cut(&mut job, 2);
     job.stop_and_check(&cuts);
 }
