@@ -343,6 +343,14 @@ pub fn clear_forwards(dir: &Path, deadline: Instant) -> Result<usize> {
     }
 }
 
+/// Creates `dir`, mode 0700; it must not exist.
+fn make_private_dir(dir: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io(format!("create {}", dir.display()), e))
+}
+
 /// Whether live process `pid` is an ssh forward whose local end starts with `prefix`.
 fn forwards_into(pid: u32, prefix: &[u8]) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
@@ -446,7 +454,10 @@ impl Forwards {
 /// channel, a monitor reached again for a rollback) gets through once the host answers.
 #[derive(Debug)]
 pub struct Connector {
-    dir: PathBuf,
+    /// Where the forwards' sockets and logs go: made at the first forward when the connector
+    /// was made by [`Connector::new`] (`None` until then), so that a run with no remote
+    /// address, even one killed, leaves no directory behind.
+    dir: Mutex<Option<PathBuf>>,
     next: AtomicU32,
     forwards: Arc<Forwards>,
     keeper: Mutex<Option<Keeper>>,
@@ -461,18 +472,47 @@ struct Keeper {
 
 impl Connector {
     /// A connector that runs `ssh_program` for remote addresses and puts forwarded sockets in
-    /// a fresh private directory under the temporary directory.
+    /// a fresh private directory under the temporary directory, made at the first forward.
     pub fn new(ssh_program: impl Into<String>) -> Result<Connector> {
+        Ok(Connector::with_dir(ssh_program, None))
+    }
+
+    /// A connector whose forwards live in `dir`, which it creates (mode 0700; it must not
+    /// exist) and removes when dropped. A run journals `dir`, so that after the run's death
+    /// [`clear_forwards`] can end what it left.
+    pub fn in_dir(ssh_program: impl Into<String>, dir: PathBuf) -> Result<Connector> {
+        make_private_dir(&dir)?;
+        Ok(Connector::with_dir(ssh_program, Some(dir)))
+    }
+
+    fn with_dir(ssh_program: impl Into<String>, dir: Option<PathBuf>) -> Connector {
+        Connector {
+            dir: Mutex::new(dir),
+            next: AtomicU32::new(0),
+            forwards: Arc::new(Forwards {
+                ssh_program: ssh_program.into(),
+                list: Mutex::new(Vec::new()),
+            }),
+            keeper: Mutex::new(None),
+        }
+    }
+
+    /// The forwards' directory, made now if it is not yet.
+    fn dir(&self) -> Result<PathBuf> {
+        let mut dir = self.dir.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = &*dir {
+            return Ok(d.clone());
+        }
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let ssh_program = ssh_program.into();
         let mut skipped = 0;
         loop {
-            let dir = std::env::temp_dir().join(format!(
+            let fresh = std::env::temp_dir().join(format!(
                 "symvirt-fwd-{}-{}",
                 std::process::id(),
                 NEXT.fetch_add(1, Ordering::Relaxed)
             ));
-            match Connector::in_dir(ssh_program.clone(), dir) {
+            match make_private_dir(&fresh) {
+                Ok(()) => return Ok(dir.insert(fresh).clone()),
                 // Taken by a killed process that had this pid: skip such leftovers (never
                 // touching them), a bounded number of times.
                 Err(Error::Io { source, .. })
@@ -480,28 +520,9 @@ impl Connector {
                 {
                     skipped += 1;
                 }
-                made => return made,
+                Err(e) => return Err(e),
             }
         }
-    }
-
-    /// A connector whose forwards live in `dir`, which it creates (mode 0700; it must not
-    /// exist) and removes when dropped. A run journals `dir`, so that after the run's death
-    /// [`clear_forwards`] can end what it left.
-    pub fn in_dir(ssh_program: impl Into<String>, dir: PathBuf) -> Result<Connector> {
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
-        Ok(Connector {
-            dir,
-            next: AtomicU32::new(0),
-            forwards: Arc::new(Forwards {
-                ssh_program: ssh_program.into(),
-                list: Mutex::new(Vec::new()),
-            }),
-            keeper: Mutex::new(None),
-        })
     }
 
     /// A local unix socket path for `address`: the path itself, or the local end of an ssh
@@ -620,10 +641,11 @@ impl Connector {
         }
         // A new forward, started without the lock held: several VMs' come up in parallel.
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let local = self.dir.join(format!("fwd-{n}.sock"));
+        let dir = self.dir()?;
+        let local = dir.join(format!("fwd-{n}.sock"));
         check_socket_path_len(&local)
             .map_err(|e| Error::Config(format!("{what}: local end: {e}")))?;
-        let log = self.dir.join(format!("fwd-{n}.log"));
+        let log = dir.join(format!("fwd-{n}.log"));
         let child = Forward::spawn(&self.forwards.ssh_program, host, remote, &local, &log)?;
         let mut forward = Forward {
             host: host.to_owned(),
@@ -707,7 +729,9 @@ impl Drop for Connector {
             let _ = thread.join();
         }
         self.forwards.lock().clear();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(dir) = self.dir.get_mut().unwrap_or_else(|p| p.into_inner()) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -780,11 +804,16 @@ mod tests {
         assert!(args.contains(&"ExitOnForwardFailure=yes".to_owned()));
     }
 
+    /// Held by the tests that make fresh forward directories: one predicts the names the next
+    /// ones take.
+    static FRESH_DIRS: Mutex<()> = Mutex::new(());
+
     /// A directory left by a killed process that had this pid is skipped, and left alone.
     #[test]
     fn a_leftover_forward_directory_is_skipped() {
+        let _fresh = FRESH_DIRS.lock().unwrap_or_else(|p| p.into_inner());
         let first = Connector::new("false").unwrap();
-        let taken = first.dir.clone();
+        let taken = first.dir().unwrap();
         std::mem::forget(first);
         // The next names, as a dead process with this pid would have left them.
         let (prefix, n) = taken.to_str().unwrap().rsplit_once('-').unwrap();
@@ -797,21 +826,35 @@ mod tests {
             std::fs::write(d.join("mine"), "x").unwrap();
         }
         let c = Connector::new("false").unwrap();
-        assert!(
-            !left.contains(&c.dir) && c.dir != taken,
-            "{}",
-            c.dir.display()
-        );
+        let made = c.dir().unwrap();
+        assert!(!left.contains(&made) && made != taken, "{}", made.display());
+        drop(c);
+        assert!(!made.exists(), "{} left behind", made.display());
         for d in left.iter().chain([&taken]) {
             let _ = std::fs::remove_file(d.join("mine"));
             std::fs::remove_dir(d).unwrap();
         }
     }
 
+    /// A connector used for local addresses only makes no directory: a run killed before it
+    /// could drop it (a controller's death is part of the tests) leaves nothing behind.
+    #[test]
+    fn no_forward_no_directory() {
+        let c = Connector::new("false").unwrap();
+        let local: Address = "unix:/run/q.sock".parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(1);
+        assert_eq!(
+            c.local_path(&local, deadline).unwrap(),
+            PathBuf::from("/run/q.sock")
+        );
+        assert!(c.dir.lock().unwrap().is_none());
+    }
+
     /// A forward whose ssh exits is reported, not awaited (the real sshd cases are in
     /// `tests/controller_ssh.rs`).
     #[test]
     fn failing_ssh_is_reported() {
+        let _fresh = FRESH_DIRS.lock().unwrap_or_else(|p| p.into_inner());
         let c = Connector::new("false").unwrap();
         let addr: Address = "ssh:node7:/run/q.sock".parse().unwrap();
         let err = c
