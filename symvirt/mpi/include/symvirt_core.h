@@ -43,8 +43,9 @@ int symvirt_ctl_open(uint32_t rank, const char *socket, uint64_t timeout_ms);
 int symvirt_ctl_signal_cuts(void);
 /* The last cut made, per kind of request (the agent's epochs count from 1, SIGUSR1's from
  * 2^48: one number would hide the agent's later requests behind a signal cut). Whoever makes
- * cuts keeps one, zero-initialised, and reads or changes it only through these functions
- * (atomic: another thread may read it while the cut is recorded). */
+ * cuts keeps one, zero-initialised, and changes it only through these functions (atomic:
+ * another thread may read it while the cut is recorded); the fields are the highest epoch of
+ * each kind recorded, for the thread that records to read. */
 typedef struct symvirt_served {
     _Alignas(8) uint64_t agent; /* 8-aligned everywhere: the Rust side's atomics need it */
     _Alignas(8) uint64_t signal;

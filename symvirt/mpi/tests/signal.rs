@@ -9,7 +9,8 @@ use common::cut::{check_iterations, check_pairs, read_cut};
 use common::*;
 use std::fs;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use symvirt::protocol::GuestMessage;
 use symvirt_mpi::control::SIGNAL_EPOCH_BASE;
 use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
 
@@ -192,4 +193,130 @@ fn agent_cut_after_a_signal_cut_transparent_mpich() {
 #[test]
 fn agent_cut_after_a_signal_cut_explicit_openmpi() {
     agent_and_signal_cuts(MpiImpl::OpenMpi, Linkage::Explicit, "agsig-exp-ompi");
+}
+
+/// Requests of both kinds at once: the agent asks for epoch k while SIGUSR1 asks for a signal
+/// cut, at most a millisecond apart in either order, so some ranks start one cut while their
+/// peers start the other. Whatever the ranks make of it (one cut serving both, or one after
+/// the other), the agent's epoch is quiesced and resumed, the signal's cut is made and
+/// released, every cut is consistent pair by pair, and the job ends correctly. Without the
+/// progress thread (`thread` false) each rank's own thread makes its cuts.
+fn simultaneous_agent_and_signal_cuts(mpi: MpiImpl, thread: bool, tag: &str) {
+    let rig = Rig::new(tag);
+    let cuts = rig.dir.0.join("cuts");
+    fs::create_dir_all(&cuts).unwrap();
+    let mut env = rig.transparent_env(mpi);
+    env.push(("SYMVIRT_CUT_LOG".into(), cuts.display().to_string()));
+    if !thread {
+        env.push(("SYMVIRT_PROGRESS_THREAD".into(), "0".into()));
+    }
+    let prog = program(mpi, "stress.c", Linkage::Plain);
+    let mut job = Job::start(
+        mpi,
+        &prog,
+        &["ring,anysource,collective", cuts.to_str().unwrap(), "24"],
+        &env,
+        &rig.dir.0,
+    );
+    // Every rank has installed its SIGUSR1 handler (at init) once it has taken a cut.
+    quiesce(&rig, &mut job, 1);
+    check_pairs(&read_cut(&cuts, 1), 1);
+    resume_and_confirm(&rig, &mut job, 1, &interconnect_for(1));
+    let mut jitter = Jitter::new();
+    for k in 1..=6u64 {
+        let epoch = 1 + k;
+        let signalled = SIGNAL_EPOCH_BASE + k;
+        let gap = Duration::from_millis(jitter.ms(0, 2));
+        if k % 2 == 0 {
+            job.signal(libc::SIGUSR1);
+            std::thread::sleep(gap);
+            rig.prepare(epoch);
+        } else {
+            rig.prepare(epoch);
+            std::thread::sleep(gap);
+            job.signal(libc::SIGUSR1);
+        }
+        // Either cut may come first, and a rank holds the second until the first is
+        // released: answer each as it shows up.
+        let (mut resumed, mut released) = (false, false);
+        let deadline = soon();
+        while !(resumed && released) {
+            assert!(job.running(), "round {k}: the job died\n{}", job.logs());
+            assert!(
+                Instant::now() < deadline,
+                "round {k}: resumed {resumed}, released {released}\n{}",
+                job.logs()
+            );
+            if !released && every_rank_wrote(&cuts, "cut", signalled) {
+                check_pairs(&read_cut(&cuts, signalled), signalled);
+                job.signal(libc::SIGUSR1);
+                released = true;
+            }
+            let report = rig.host.wait_for(
+                |m| !matches!(m, GuestMessage::Hello { .. }),
+                Instant::now() + Duration::from_millis(50),
+            );
+            match report {
+                Ok(GuestMessage::Quiesced { epoch: e }) if !resumed && e == epoch => {
+                    check_pairs(&read_cut(&cuts, epoch), epoch);
+                    rig.resume(epoch, interconnect_for(epoch));
+                }
+                Ok(GuestMessage::Resumed {
+                    epoch: e,
+                    interconnect,
+                    ..
+                }) if !resumed && e == epoch => {
+                    assert_eq!(interconnect, interconnect_for(epoch));
+                    resumed = true;
+                }
+                Err(symvirt::Error::Timeout) => {}
+                other => panic!("round {k}: unexpected {other:?}\n{}", job.logs()),
+            }
+        }
+        for rec in read_records(&cuts, "resumed", signalled) {
+            assert!(rec.starts_with("aborted"), "round {k}: {rec}");
+        }
+        // Every rank served the same epochs, and a cut that served both wrote one record
+        // for each.
+        let agents = read_records(&cuts, "cut", epoch);
+        let served: Vec<&str> = agents.iter().map(|r| serves(r)).collect();
+        assert!(
+            served.iter().all(|s| *s == served[0]),
+            "round {k}: {agents:?}"
+        );
+        let both = served[0] == format!("{epoch} {signalled}");
+        if both {
+            assert_eq!(agents, read_records(&cuts, "cut", signalled), "round {k}");
+        }
+        eprintln!("round {k}: one cut for both: {both}");
+    }
+    job.stop_and_check(&cuts);
+}
+
+/// The epochs a cut record says its cut served (its `serves` line).
+fn serves(record: &str) -> &str {
+    record
+        .lines()
+        .find_map(|l| l.strip_prefix("serves "))
+        .unwrap_or_else(|| panic!("no serves line in {record:?}"))
+}
+
+/// Whether every rank has written its record `DIR/<prefix>-<epoch>-<rank>` (no waiting).
+fn every_rank_wrote(dir: &Path, prefix: &str, epoch: u64) -> bool {
+    (0..RANKS).all(|r| dir.join(format!("{prefix}-{epoch}-{r}")).exists())
+}
+
+#[test]
+fn agent_and_signal_cuts_at_once_transparent_openmpi() {
+    simultaneous_agent_and_signal_cuts(MpiImpl::OpenMpi, true, "agsig-once-ompi");
+}
+
+#[test]
+fn agent_and_signal_cuts_at_once_transparent_mpich() {
+    simultaneous_agent_and_signal_cuts(MpiImpl::Mpich, true, "agsig-once-mpich");
+}
+
+#[test]
+fn agent_and_signal_cuts_at_once_transparent_without_progress_thread_mpich() {
+    simultaneous_agent_and_signal_cuts(MpiImpl::Mpich, false, "agsig-once-nothr-mpich");
 }

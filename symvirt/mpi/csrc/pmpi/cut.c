@@ -17,6 +17,10 @@ static int *early_len;
 static int *have_early;
 /* Per peer, during a cut: its COUNTS for this cut arrived. */
 static int *have;
+/* The epochs this cut serves, the highest of each kind (the agent's, SIGUSR1's): the rank's
+ * own and those of the peers' COUNTS (see "Requests of both kinds at once" in
+ * pmpi_internal.h). */
+static symvirt_served joined;
 static const char *log_dir;
 static uint64_t quiesce_timeout_ms;
 
@@ -51,7 +55,7 @@ static void write_log(const char *kind, uint64_t epoch, const char *text)
 
 static void log_cut(uint64_t epoch)
 {
-    size_t cap = (size_t)svp.np * 48 + 160;
+    size_t cap = (size_t)svp.np * 48 + 256;
     char *text = malloc(cap);
     if (text == NULL)
         return;
@@ -64,6 +68,13 @@ static void log_cut(uint64_t epoch)
         n += (size_t)snprintf(text + n, cap - n, "\n");
     }
     n += (size_t)snprintf(text + n, cap - n, "drained %llu\n", (unsigned long long)svp.drained);
+    /* The epochs this one cut served: the same on every rank. */
+    n += (size_t)snprintf(text + n, cap - n, "serves");
+    const uint64_t epochs[2] = {joined.agent, joined.signal};
+    for (int k = 0; k < 2; k++)
+        if (epochs[k] != 0)
+            n += (size_t)snprintf(text + n, cap - n, " %llu", (unsigned long long)epochs[k]);
+    n += (size_t)snprintf(text + n, cap - n, "\n");
     /* Which thread made it, and with how many MPI-IO files open: tests see the progress
      * thread step back while a file is open. */
     n += (size_t)snprintf(text + n, cap - n, "made by %s thread\nopen files %d\n",
@@ -161,16 +172,20 @@ void svp_make_cut(uint64_t epoch)
     }
 }
 
-/* Peer p's COUNTS, if they arrived, for this cut: have[p]. */
-static void absorb_counts(int p, uint64_t epoch)
+/* Peer p's COUNTS, if they arrived, for this cut: have[p]. Those of a cut already made are
+ * stale (dropped); any other is p's one COUNTS of this cut, whatever epoch p started it for
+ * (kept for the checks; its epoch joins the cut's). */
+static void absorb_counts(int p)
 {
     if (have[p] || !have_early[p])
         return;
     uint64_t e = early_slot(p)[0];
-    if (e > epoch)
-        svp_die("COUNTS for a later epoch during a cut");
-    have[p] = e == epoch;
-    have_early[p] = have[p]; /* stale ones are dropped; current ones kept for the checks */
+    if (symvirt_served_covers(&svp.served, e)) {
+        have_early[p] = 0;
+        return;
+    }
+    have[p] = 1;
+    symvirt_served_record(&joined, e);
 }
 
 /* Sends every peer this rank's COUNTS for the cut (see COUNTS_CAP): one buffer, *out, that
@@ -232,7 +247,7 @@ static int send_counts(uint64_t epoch, uint64_t **out, MPI_Request *rq)
  * Counting per WORLD peer only, a drain took the leaders' message of an MPI_Intercomm_create
  * that had got through the peer's shut gate in the middle of its cut, when that call was not
  * aligned, and found one more received than sent. */
-static int drainable(int c, int r, uint64_t epoch)
+static int drainable(int c, int r)
 {
     const tracked_comm *t = &svp.comms[c];
     int p = t->world[r];
@@ -244,7 +259,7 @@ static int drainable(int c, int r, uint64_t epoch)
         PMPI_Iprobe(p, TAG_COUNTS, svp.ctl, &flag, &st);
         if (flag) {
             take_counts(&st);
-            absorb_counts(p, epoch);
+            absorb_counts(p);
         }
         if (!have[p])
             return 1;
@@ -266,7 +281,7 @@ static int drainable(int c, int r, uint64_t epoch)
 }
 
 /* One turn of a cut's drain on slot c: takes into the buffer what drainable() allows. */
-static void drain_comm(int c, uint64_t epoch)
+static void drain_comm(int c)
 {
     const tracked_comm *t = &svp.comms[c];
     int flag = 0;
@@ -278,20 +293,58 @@ static void drain_comm(int c, uint64_t epoch)
         PMPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, t->comm, &flag, &st);
         if (!flag)
             return;
-        if (!drainable(c, st.MPI_SOURCE, epoch))
+        if (!drainable(c, st.MPI_SOURCE))
             break;
         svp_drain_one(c, &st);
     }
     /* A message left in place hides the others behind it from MPI_ANY_SOURCE: one source at
      * a time. */
     for (int r = 0; r < t->size; r++) {
-        while (t->comm != MPI_COMM_NULL && drainable(c, r, epoch)) {
+        while (t->comm != MPI_COMM_NULL && drainable(c, r)) {
             PMPI_Iprobe(r, MPI_ANY_TAG, t->comm, &flag, &st);
             if (!flag)
                 break;
             svp_drain_one(c, &st);
         }
     }
+}
+
+/* At the cut, for one epoch it serves: the record, the report, the wait for resume (or for
+ * the releasing SIGUSR1), the transport hook. */
+static void settle(uint64_t epoch)
+{
+    log_cut(epoch);
+    symvirt_interconnect ic;
+    memset(&ic, 0, sizeof ic);
+    int r;
+    if (svp.windows.n > 0) {
+        /* One-sided operations are not counted: a cut with a window open may leave some in
+         * flight, so this rank tells the agent it cannot be migrated (the host sees the epoch
+         * fail, with this reason, and keeps the job where it is). */
+        char why[200];
+        snprintf(why, sizeof why,
+                 "MPI one-sided communication is not covered by the transparent layer (%d "
+                 "window%s open)",
+                 svp.windows.n, svp.windows.n == 1 ? "" : "s");
+        r = symvirt_ctl_unable(epoch, why, quiesce_timeout_ms, &ic);
+    } else {
+        symvirt_ctl_counts(epoch, svp.np, svp.sent, svp.recv, svp.drained);
+        r = symvirt_ctl_quiesce(epoch, quiesce_timeout_ms, &ic);
+    }
+    char text[1200];
+    if (r == SYMVIRT_RESUMED) {
+        if (symvirt_transport_reselect)
+            symvirt_transport_reselect(&ic);
+        symvirt_ctl_resumed(epoch);
+        snprintf(text, sizeof text, "resumed %s\n", ic.json);
+    } else if (r == SYMVIRT_ABORTED) {
+        snprintf(text, sizeof text, "aborted\n");
+    } else {
+        snprintf(text, sizeof text, "error %d %s\n", r, symvirt_last_error());
+        fprintf(stderr, "symvirt-pmpi rank %d: epoch %llu: %s", svp.me,
+                (unsigned long long)epoch, text);
+    }
+    write_log("resumed", epoch, text);
 }
 
 void svp_cut(uint64_t epoch)
@@ -304,6 +357,8 @@ void svp_cut(uint64_t epoch)
         svp_die("out of memory");
     svp_sum_counts();
     int nrq = send_counts(epoch, &out, rq);
+    memset(&joined, 0, sizeof joined);
+    symvirt_served_record(&joined, epoch);
     /* 2. drain until every peer's count is met and my collectives are complete */
     have[svp.me] = 1;
     svp.drained = 0;
@@ -311,13 +366,13 @@ void svp_cut(uint64_t epoch)
     unsigned long spins = 0;
     for (;;) {
         for (int p = 0; p < svp.np; p++)
-            absorb_counts(p, epoch);
+            absorb_counts(p);
         svp_finish_alignment();
         if (svp_ndeferred)
             svp_progress_deferred();
         int open_colls = svp_poll_pending();
         for (int c = 0; c < svp.ncomms; c++)
-            drain_comm(c, epoch);
+            drain_comm(c);
         int done = open_colls == 0;
         svp_sum_counts();
         for (int p = 0; p < svp.np; p++) {
@@ -360,42 +415,18 @@ void svp_cut(uint64_t epoch)
     free(rq);
     free(have);
     have = NULL;
-    symvirt_served_record(&svp.served, epoch); /* the progress thread reads it */
+    /* Every rank serves the same epochs: each started its cut for one and sent its COUNTS
+     * once, and every rank took every peer's. The progress thread reads the record. */
+    const uint64_t epochs[2] = {joined.agent, joined.signal};
+    for (int k = 0; k < 2; k++)
+        symvirt_served_record(&svp.served, epochs[k]);
 
-    /* 3. report, wait, resume */
+    /* 3. report, wait, resume: the agent's epoch first (the host migrates, the transport may
+     * change), then the signal's (held until the releasing SIGUSR1) */
     svp_sum_counts();
-    log_cut(epoch);
-    symvirt_interconnect ic;
-    memset(&ic, 0, sizeof ic);
-    int r;
-    if (svp.windows.n > 0) {
-        /* One-sided operations are not counted: a cut with a window open may leave some in
-         * flight, so this rank tells the agent it cannot be migrated (the host sees the epoch
-         * fail, with this reason, and keeps the job where it is). */
-        char why[200];
-        snprintf(why, sizeof why,
-                 "MPI one-sided communication is not covered by the transparent layer (%d "
-                 "window%s open)",
-                 svp.windows.n, svp.windows.n == 1 ? "" : "s");
-        r = symvirt_ctl_unable(epoch, why, quiesce_timeout_ms, &ic);
-    } else {
-        symvirt_ctl_counts(epoch, svp.np, svp.sent, svp.recv, svp.drained);
-        r = symvirt_ctl_quiesce(epoch, quiesce_timeout_ms, &ic);
-    }
-    char text[1200];
-    if (r == SYMVIRT_RESUMED) {
-        if (symvirt_transport_reselect)
-            symvirt_transport_reselect(&ic);
-        symvirt_ctl_resumed(epoch);
-        snprintf(text, sizeof text, "resumed %s\n", ic.json);
-    } else if (r == SYMVIRT_ABORTED) {
-        snprintf(text, sizeof text, "aborted\n");
-    } else {
-        snprintf(text, sizeof text, "error %d %s\n", r, symvirt_last_error());
-        fprintf(stderr, "symvirt-pmpi rank %d: epoch %llu: %s", svp.me,
-                (unsigned long long)epoch, text);
-    }
-    write_log("resumed", epoch, text);
+    for (int k = 0; k < 2; k++)
+        if (epochs[k] != 0)
+            settle(epochs[k]);
     /* Nobody sends on the (possibly new) transport before every rank is back. On the COUNTS
      * communicator: an alignment reduction may be pending (cut served from align). */
     PMPI_Barrier(svp.ctl);

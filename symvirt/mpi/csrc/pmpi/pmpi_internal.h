@@ -69,6 +69,16 @@
  * communicate (MPI_Isendrecv, partitioned and persistent collective requests), which the
  * layer does not count either.
  *
+ * Requests of both kinds at once (the agent's epoch E and SIGUSR1's F, counted apart: see
+ * symvirt_served): a rank may start its cut for E while a peer starts its cut for F. Every
+ * rank sends its COUNTS once per cut, for the epoch it started with, and sends no message of
+ * the application's until the cut is over, so a peer's COUNTS for either epoch hold for the
+ * other: any COUNTS of an epoch not yet made is the peer's one COUNTS of this cut, and its
+ * epoch joins the cut's. Every rank takes every peer's COUNTS before its drain ends, so all
+ * end with the same epochs (the highest of each kind that some rank started with): one cut
+ * serves them all, reported to the agent for E (resume, transport hook), then held for F's
+ * releasing signal. An epoch no rank started with stays pending for the next cut.
+ *
  * Blocking collectives (and communicator creation and free) are aligned first among their
  * communicator's members: a maximum of "cut requested" (point to point, over a private
  * duplicate of MPI_COMM_WORLD: see agreement.c; an MPI_Iallreduce on an intercommunicator
