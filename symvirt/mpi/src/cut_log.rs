@@ -35,7 +35,8 @@ fn bad(path: &Path, what: impl Into<String>) -> Error {
     }
 }
 
-/// Parses one record (the three lines above) of `rank` in a job of `ranks` ranks.
+/// Parses one record (its `sent`, `received` and `drained` lines; the others are skipped) of
+/// `rank` in a job of `ranks` ranks.
 fn parse(text: &str, rank: u32, ranks: Option<usize>, path: &Path) -> Result<RankCut> {
     let mut lines = text.lines();
     let mut row = |label: &str| -> Result<Vec<u64>> {

@@ -309,11 +309,10 @@ static void drain_comm(int c)
     }
 }
 
-/* At the cut, for one epoch it serves: the record, the report, the wait for resume (or for
- * the releasing SIGUSR1), the transport hook. */
+/* At the cut, for one epoch it serves: the report, the wait for resume (or for the releasing
+ * SIGUSR1), the transport hook. */
 static void settle(uint64_t epoch)
 {
-    log_cut(epoch);
     symvirt_interconnect ic;
     memset(&ic, 0, sizeof ic);
     int r;
@@ -393,6 +392,8 @@ void svp_cut(uint64_t epoch)
         int flag = 0;
         MPI_Status st;
         PMPI_Iprobe(MPI_ANY_SOURCE, TAG_COUNTS, svp.ctl, &flag, &st);
+        if (flag && have[st.MPI_SOURCE])
+            svp_die("a second COUNTS from one peer during a cut"); /* its first is in use */
         if (flag)
             take_counts(&st);
         else
@@ -422,8 +423,12 @@ void svp_cut(uint64_t epoch)
         symvirt_served_record(&svp.served, epochs[k]);
 
     /* 3. report, wait, resume: the agent's epoch first (the host migrates, the transport may
-     * change), then the signal's (held until the releasing SIGUSR1) */
+     * change), then the signal's (held until the releasing SIGUSR1). The records of both are
+     * written first: whoever releases the signal's cut may be waiting for them. */
     svp_sum_counts();
+    for (int k = 0; k < 2; k++)
+        if (epochs[k] != 0)
+            log_cut(epochs[k]);
     for (int k = 0; k < 2; k++)
         if (epochs[k] != 0)
             settle(epochs[k]);

@@ -71,10 +71,11 @@
  *
  * Requests of both kinds at once (the agent's epoch E and SIGUSR1's F, counted apart: see
  * symvirt_served): a rank may start its cut for E while a peer starts its cut for F. Every
- * rank sends its COUNTS once per cut, for the epoch it started with, and sends no message of
- * the application's until the cut is over, so a peer's COUNTS for either epoch hold for the
- * other: any COUNTS of an epoch not yet made is the peer's one COUNTS of this cut, and its
- * epoch joins the cut's. Every rank takes every peer's COUNTS before its drain ends, so all
+ * rank sends its COUNTS once per cut, for the epoch it started with, and what they count does
+ * not change until the cut is over (the application sends nothing meanwhile: its thread makes
+ * the cut or waits at the gate; collectives a cut runs are not counted), so a peer's COUNTS for either epoch hold for the other: any
+ * COUNTS of an epoch not yet made is the peer's one COUNTS of this cut, and its epoch joins
+ * the cut's. Every rank takes every peer's COUNTS before its drain ends, so all
  * end with the same epochs (the highest of each kind that some rank started with): one cut
  * serves them all, reported to the agent for E (resume, transport hook), then held for F's
  * releasing signal. An epoch no rank started with stays pending for the next cut.
@@ -126,7 +127,8 @@
  * outside MPI_COMM_WORLD (spawn); MPI_THREAD_MULTIPLE.
  *
  * Environment: SYMVIRT_AGENT_SOCKET (agent's rank socket), SYMVIRT_CUT_LOG (a directory: each
- * rank writes cut-E-R with its per-peer sent and received counts at the cut, and resumed-E-R),
+ * rank writes cut-E-R with its per-peer sent and received counts at the cut and the epochs
+ * the cut served, one record for each of them, and resumed-E-R),
  * SYMVIRT_PROGRESS_THREAD (0: no progress thread, see above), SYMVIRT_CONNECT_TIMEOUT_MS,
  * SYMVIRT_QUIESCE_TIMEOUT_MS, SYMVIRT_VERBS_DEVICE_DIR (test hook: a
  * directory standing in for /dev/infiniband/).
