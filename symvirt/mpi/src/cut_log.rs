@@ -7,6 +7,7 @@
 //! sent N0 N1 ... N(n-1)        messages this rank had sent to each rank
 //! received N0 N1 ... N(n-1)    messages it had received from each (the layer's buffer included)
 //! drained D                    messages the layer took off the wire into its buffer to reach the cut
+//! started E                    the epoch this rank started its cut for
 //! serves E [F]                 the epochs this cut served: E, or the agent's and SIGUSR1's
 //!                              requested at once (the same line on every rank, a record each)
 //! made by the progress thread  or "the application's thread": which thread made the cut

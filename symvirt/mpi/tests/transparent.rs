@@ -12,6 +12,7 @@ use common::cut::{check_cut_makers, check_pairs, read_cut};
 use common::*;
 use std::fs;
 use std::time::Duration;
+use symvirt::protocol::GuestMessage;
 use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
 
 /// `modes`: the C program's first argument; `None` runs the Fortran program.
@@ -281,4 +282,76 @@ fn transparent_openmpi_refuses_calls_it_cannot_make_correct() {
 #[test]
 fn transparent_mpich_refuses_calls_it_cannot_make_correct() {
     refuses(MpiImpl::Mpich, "tr-refuse-mpich");
+}
+
+/// A new host's prepare while the ranks are in a cut: the host that asked for epoch E dies and
+/// a new one asks for E+1 (the agent gives E up). Without the progress thread a rank joins a
+/// cut at its next MPI call, so some ranks may have started their cut for E while a peer,
+/// computing (0.2-0.4 s between calls), starts it for E+1: one cut then serves E+1 (a rank's
+/// record says which epoch it started with). Before that shared cut, the first rank died
+/// ("COUNTS for a later epoch during a cut") within 3 to 10 rounds. Rounds go on until it
+/// happened (3 to 15 rounds here, at most 300); every cut is consistent pair by pair and the
+/// job ends correctly.
+fn new_host_during_a_cut(mpi: MpiImpl, tag: &str) {
+    let mut rig = Rig::new(tag);
+    let prog = program(mpi, "stress.c", Linkage::Plain);
+    let cuts = rig.dir.0.join("cuts");
+    fs::create_dir_all(&cuts).unwrap();
+    let mut env = rig.transparent_env(mpi);
+    env.push(("SYMVIRT_CUT_LOG".to_string(), cuts.display().to_string()));
+    env.push(("SYMVIRT_PROGRESS_THREAD".to_string(), "0".to_string()));
+    env.push(("STRESS_COMPUTE_MS".to_string(), "300".to_string()));
+    let args = ["compute,ring", cuts.to_str().unwrap(), "16"];
+    let mut job = Job::start(mpi, &prog, &args, &env, &rig.dir.0);
+    quiesce(&rig, &mut job, 1);
+    resume_and_confirm(&rig, &mut job, 1, &interconnect_for(1));
+    let mut jitter = Jitter::new();
+    let (mut joined, mut rounds) = (0, 0);
+    for k in 1..=300u64 {
+        if joined > 0 {
+            break;
+        }
+        rounds = k;
+        let (given_up, epoch) = (2 * k, 2 * k + 1);
+        rig.prepare(given_up);
+        std::thread::sleep(Duration::from_millis(jitter.ms(0, 15)));
+        rig.new_host(tag);
+        rig.prepare(epoch);
+        match outcome_while_running(&rig, &mut job) {
+            GuestMessage::Quiesced { epoch: e } if e == epoch => {}
+            other => panic!(
+                "epoch {epoch}: expected quiesced, got {other:?}\n{}",
+                job.logs()
+            ),
+        }
+        let records = read_records(&cuts, "cut", epoch);
+        check_pairs(&read_cut(&cuts, epoch), epoch);
+        resume_and_confirm(&rig, &mut job, epoch, &interconnect_for(epoch));
+        let started_with_given_up = format!("started {given_up}\n");
+        if records.iter().any(|r| r.contains(&started_with_given_up)) {
+            joined += 1;
+            assert!(
+                records
+                    .iter()
+                    .all(|r| r.contains(&format!("serves {epoch}\n"))),
+                "round {k}: {records:?}"
+            );
+        }
+    }
+    assert!(
+        joined > 0,
+        "300 rounds and no cut begun for a given-up epoch served the next"
+    );
+    eprintln!("{tag}: after {rounds} rounds");
+    job.stop_and_check(&cuts);
+}
+
+#[test]
+fn transparent_openmpi_new_host_during_a_cut() {
+    new_host_during_a_cut(MpiImpl::OpenMpi, "newhost-ompi");
+}
+
+#[test]
+fn transparent_mpich_new_host_during_a_cut() {
+    new_host_during_a_cut(MpiImpl::Mpich, "newhost-mpich");
 }

@@ -21,6 +21,8 @@ static int *have;
  * own and those of the peers' COUNTS (see "Requests of both kinds at once" in
  * pmpi_internal.h). */
 static symvirt_served joined;
+/* The epoch this rank started the cut for (its COUNTS carry it). */
+static uint64_t started;
 static const char *log_dir;
 static uint64_t quiesce_timeout_ms;
 
@@ -68,8 +70,9 @@ static void log_cut(uint64_t epoch)
         n += (size_t)snprintf(text + n, cap - n, "\n");
     }
     n += (size_t)snprintf(text + n, cap - n, "drained %llu\n", (unsigned long long)svp.drained);
-    /* The epochs this one cut served: the same on every rank. */
-    n += (size_t)snprintf(text + n, cap - n, "serves");
+    /* The epochs this one cut served: the same on every rank; and the one this rank started
+     * it for. */
+    n += (size_t)snprintf(text + n, cap - n, "started %llu\nserves", (unsigned long long)started);
     const uint64_t epochs[2] = {joined.agent, joined.signal};
     for (int k = 0; k < 2; k++)
         if (epochs[k] != 0)
@@ -358,6 +361,7 @@ void svp_cut(uint64_t epoch)
     int nrq = send_counts(epoch, &out, rq);
     memset(&joined, 0, sizeof joined);
     symvirt_served_record(&joined, epoch);
+    started = epoch;
     /* 2. drain until every peer's count is met and my collectives are complete */
     have[svp.me] = 1;
     svp.drained = 0;

@@ -78,7 +78,9 @@
  * the cut's. Every rank takes every peer's COUNTS before its drain ends, so all
  * end with the same epochs (the highest of each kind that some rank started with): one cut
  * serves them all, reported to the agent for E (resume, transport hook), then held for F's
- * releasing signal. An epoch no rank started with stays pending for the next cut.
+ * releasing signal. An epoch no rank started with stays pending for the next cut. The same
+ * holds for two of the agent's epochs (a new host asked for E+1 while ranks were cutting for
+ * the E its dead predecessor asked for): the cut serves E+1.
  *
  * Blocking collectives (and communicator creation and free) are aligned first among their
  * communicator's members: a maximum of "cut requested" (point to point, over a private

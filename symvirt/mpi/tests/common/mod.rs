@@ -153,6 +153,17 @@ impl Rig {
         )
     }
 
+    /// The host goes away (its controller died) and a new one listens where it did: returns
+    /// once the agent has reconnected and said hello to it.
+    pub fn new_host(&mut self, tag: &str) {
+        let nowhere =
+            HostChannel::connect(self.dir.0.join("nowhere.sock"), ChannelOptions::default());
+        drop(std::mem::replace(&mut self.host, nowhere.unwrap()));
+        let path = self.dir.0.join("host.sock");
+        self.host = HostChannel::listen(&path, ChannelOptions::labelled(tag)).unwrap();
+        self.host.wait_hello(soon()).unwrap();
+    }
+
     pub fn rank_socket(&self) -> PathBuf {
         self.dir.0.join("agent.sock")
     }
