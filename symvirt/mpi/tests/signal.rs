@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::cut::{check_iterations, check_pairs, read_cut};
+use common::cut::{check_iterations, check_pairs, read_cut, record_line};
 use common::*;
 use std::fs;
 use std::path::Path;
@@ -114,13 +114,7 @@ fn drained_then_delivered(mpi: MpiImpl, tag: &str) {
     let epoch = SIGNAL_EPOCH_BASE + 1;
     let recs = read_records(&cuts, "cut", epoch);
     assert!(job.running(), "{}", job.logs());
-    let drained = |rec: &str| -> u64 {
-        rec.lines()
-            .find_map(|l| l.strip_prefix("drained "))
-            .unwrap_or_else(|| panic!("no drained count in {rec:?}"))
-            .parse()
-            .unwrap()
-    };
+    let drained = |rec: &str| -> u64 { record_line(rec, "drained ").parse().unwrap() };
     assert!(
         drained(&recs[1]) >= 3,
         "rank 1 drained too little: {recs:?}"
@@ -280,7 +274,7 @@ fn simultaneous_agent_and_signal_cuts(mpi: MpiImpl, by: CutBy, tag: &str) {
                 "round {k}: resumed {resumed}, released {released}\n{}",
                 job.logs()
             );
-            if !released && every_rank_wrote(&cuts, "cut", signalled) {
+            if !released && records_now(&cuts, "cut", signalled).is_some() {
                 check(signalled);
                 job.signal(libc::SIGUSR1);
                 released = true;
@@ -319,7 +313,11 @@ fn simultaneous_agent_and_signal_cuts(mpi: MpiImpl, by: CutBy, tag: &str) {
             read_records(&cuts, "cut", epoch),
             read_records(&cuts, "cut", signalled),
         );
-        let served = |recs: &[String]| recs.iter().map(|r| serves(r).to_owned()).collect();
+        let served = |recs: &[String]| {
+            recs.iter()
+                .map(|r| record_line(r, "serves ").to_owned())
+                .collect()
+        };
         let (by_agent, by_signal): (Vec<String>, Vec<String>) = (served(&agents), served(&signals));
         if by_agent[0] == both {
             assert_eq!(agents, signals, "round {k}");
@@ -340,19 +338,6 @@ fn simultaneous_agent_and_signal_cuts(mpi: MpiImpl, by: CutBy, tag: &str) {
         eprintln!("{tag}: {shared} of {rounds} rounds served by one cut");
     }
     job.stop_and_check(&cuts);
-}
-
-/// The epochs a cut record says its cut served (its `serves` line).
-fn serves(record: &str) -> &str {
-    record
-        .lines()
-        .find_map(|l| l.strip_prefix("serves "))
-        .unwrap_or_else(|| panic!("no serves line in {record:?}"))
-}
-
-/// Whether every rank has written its record `DIR/<prefix>-<epoch>-<rank>` (no waiting).
-fn every_rank_wrote(dir: &Path, prefix: &str, epoch: u64) -> bool {
-    (0..RANKS).all(|r| dir.join(format!("{prefix}-{epoch}-{r}")).exists())
 }
 
 #[test]

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::cut::{check_cut_makers, check_pairs, read_cut};
+use common::cut::{check_cut_makers, check_pairs, read_cut, record_line};
 use common::*;
 use std::fs;
 use std::time::Duration;
@@ -327,13 +327,15 @@ fn new_host_during_a_cut(mpi: MpiImpl, tag: &str) {
         let records = read_records(&cuts, "cut", epoch);
         check_pairs(&read_cut(&cuts, epoch), epoch);
         resume_and_confirm(&rig, &mut job, epoch, &interconnect_for(epoch));
-        let started_with_given_up = format!("started {given_up}\n");
-        if records.iter().any(|r| r.contains(&started_with_given_up)) {
+        if records
+            .iter()
+            .any(|r| record_line(r, "started ") == given_up.to_string())
+        {
             joined += 1;
             assert!(
                 records
                     .iter()
-                    .all(|r| r.contains(&format!("serves {epoch}\n"))),
+                    .all(|r| record_line(r, "serves ") == epoch.to_string()),
                 "round {k}: {records:?}"
             );
         }

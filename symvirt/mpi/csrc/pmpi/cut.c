@@ -23,6 +23,17 @@ static int *have;
 static symvirt_served joined;
 /* The epoch this rank started the cut for (its COUNTS carry it). */
 static uint64_t started;
+
+/* The epochs the cut serves, the agent's first: how many (1 or 2) into out. */
+static int joined_epochs(uint64_t out[2])
+{
+    int n = 0;
+    if (joined.agent != 0)
+        out[n++] = joined.agent;
+    if (joined.signal != 0)
+        out[n++] = joined.signal;
+    return n;
+}
 static const char *log_dir;
 static uint64_t quiesce_timeout_ms;
 
@@ -73,10 +84,9 @@ static void log_cut(uint64_t epoch)
     /* The epochs this one cut served: the same on every rank; and the one this rank started
      * it for. */
     n += (size_t)snprintf(text + n, cap - n, "started %llu\nserves", (unsigned long long)started);
-    const uint64_t epochs[2] = {joined.agent, joined.signal};
-    for (int k = 0; k < 2; k++)
-        if (epochs[k] != 0)
-            n += (size_t)snprintf(text + n, cap - n, " %llu", (unsigned long long)epochs[k]);
+    uint64_t epochs[2];
+    for (int k = 0, ne = joined_epochs(epochs); k < ne; k++)
+        n += (size_t)snprintf(text + n, cap - n, " %llu", (unsigned long long)epochs[k]);
     n += (size_t)snprintf(text + n, cap - n, "\n");
     /* Which thread made it, and with how many MPI-IO files open: tests see the progress
      * thread step back while a file is open. */
@@ -422,20 +432,19 @@ void svp_cut(uint64_t epoch)
     have = NULL;
     /* Every rank serves the same epochs: each started its cut for one and sent its COUNTS
      * once, and every rank took every peer's. The progress thread reads the record. */
-    const uint64_t epochs[2] = {joined.agent, joined.signal};
-    for (int k = 0; k < 2; k++)
+    uint64_t epochs[2];
+    int ne = joined_epochs(epochs);
+    for (int k = 0; k < ne; k++)
         symvirt_served_record(&svp.served, epochs[k]);
 
     /* 3. report, wait, resume: the agent's epoch first (the host migrates, the transport may
      * change), then the signal's (held until the releasing SIGUSR1). The records of both are
      * written first: whoever releases the signal's cut may be waiting for them. */
     svp_sum_counts();
-    for (int k = 0; k < 2; k++)
-        if (epochs[k] != 0)
-            log_cut(epochs[k]);
-    for (int k = 0; k < 2; k++)
-        if (epochs[k] != 0)
-            settle(epochs[k]);
+    for (int k = 0; k < ne; k++)
+        log_cut(epochs[k]);
+    for (int k = 0; k < ne; k++)
+        settle(epochs[k]);
     /* Nobody sends on the (possibly new) transport before every rank is back. On the COUNTS
      * communicator: an alignment reduction may be pending (cut served from align). */
     PMPI_Barrier(svp.ctl);

@@ -73,14 +73,15 @@
  * symvirt_served): a rank may start its cut for E while a peer starts its cut for F. Every
  * rank sends its COUNTS once per cut, for the epoch it started with, and what they count does
  * not change until the cut is over (the application sends nothing meanwhile: its thread makes
- * the cut or waits at the gate; collectives a cut runs are not counted), so a peer's COUNTS for either epoch hold for the other: any
- * COUNTS of an epoch not yet made is the peer's one COUNTS of this cut, and its epoch joins
- * the cut's. Every rank takes every peer's COUNTS before its drain ends, so all
- * end with the same epochs (the highest of each kind that some rank started with): one cut
- * serves them all, reported to the agent for E (resume, transport hook), then held for F's
- * releasing signal. An epoch no rank started with stays pending for the next cut. The same
- * holds for two of the agent's epochs (a new host asked for E+1 while ranks were cutting for
- * the E its dead predecessor asked for): the cut serves E+1.
+ * the cut or waits at the gate; collectives a cut runs are not counted), so a peer's COUNTS
+ * for either epoch hold for the other: any COUNTS of an epoch not yet made is the peer's one
+ * COUNTS of this cut, and its epoch joins the cut's. Every rank takes every peer's COUNTS
+ * before its drain ends, so all end with the same epochs (the highest of each kind that some
+ * rank started with): one cut serves them all, reported to the agent for E (resume,
+ * transport hook), then held for F's releasing signal. An epoch no rank started with stays
+ * pending for the next cut. The same holds for two of the agent's epochs (a new host asked
+ * for E+1 while ranks were cutting for the E its dead predecessor asked for): the cut serves
+ * E+1.
  *
  * Blocking collectives (and communicator creation and free) are aligned first among their
  * communicator's members: a maximum of "cut requested" (point to point, over a private

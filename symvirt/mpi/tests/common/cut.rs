@@ -38,22 +38,25 @@ pub fn check_cut_makers(dir: &Path, epoch: u64, own_thread_only: bool) -> usize 
     with_files
 }
 
+/// What a record's line `<label><value>` says (`label` with its trailing space, e.g. `"serves "`).
+pub fn record_line<'a>(record: &'a str, label: &str) -> &'a str {
+    record
+        .lines()
+        .find_map(|l| l.strip_prefix(label))
+        .unwrap_or_else(|| panic!("no {label:?} line in {record:?}"))
+}
+
 /// Each rank's record of the cut of `epoch`: which thread made it ("the progress thread" or
 /// "the application's thread") and how many MPI-IO files the rank had open.
 pub fn cut_threads(dir: &Path, epoch: u64) -> Vec<(String, u32)> {
     read_records(dir, "cut", epoch)
         .iter()
         .map(|record| {
-            let field = |name: &str| {
-                record
-                    .lines()
-                    .find_map(|l| l.strip_prefix(name))
-                    .unwrap_or_else(|| panic!("epoch {epoch}: no {name:?} in {record:?}"))
-                    .to_string()
-            };
             (
-                field("made by "),
-                field("open files ").parse().expect("a count"),
+                record_line(record, "made by ").to_string(),
+                record_line(record, "open files ")
+                    .parse()
+                    .unwrap_or_else(|_| panic!("epoch {epoch}: open files in {record:?}")),
             )
         })
         .collect()

@@ -383,15 +383,8 @@ impl Drop for Job {
 pub fn read_records(dir: &Path, prefix: &str, epoch: u64) -> Vec<String> {
     let deadline = soon();
     loop {
-        let recs: Vec<Option<String>> = (0..RANKS)
-            .map(|r| {
-                fs::read_to_string(dir.join(format!("{prefix}-{epoch}-{r}")))
-                    .ok()
-                    .filter(|s| s.ends_with('\n'))
-            })
-            .collect();
-        if recs.iter().all(Option::is_some) {
-            return recs.into_iter().map(Option::unwrap).collect();
+        if let Some(recs) = records_now(dir, prefix, epoch) {
+            return recs;
         }
         assert!(
             Instant::now() < deadline,
@@ -399,6 +392,17 @@ pub fn read_records(dir: &Path, prefix: &str, epoch: u64) -> Vec<String> {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The cut records `DIR/<prefix>-<epoch>-<rank>` if every rank has written its own, now.
+pub fn records_now(dir: &Path, prefix: &str, epoch: u64) -> Option<Vec<String>> {
+    (0..RANKS)
+        .map(|r| {
+            fs::read_to_string(dir.join(format!("{prefix}-{epoch}-{r}")))
+                .ok()
+                .filter(|s| s.ends_with('\n'))
+        })
+        .collect()
 }
 
 pub fn ethernet(n: u8) -> Interconnect {
