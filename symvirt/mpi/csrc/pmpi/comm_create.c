@@ -139,7 +139,7 @@ int MPI_Comm_create_group(MPI_Comm comm, MPI_Group group, int tag, MPI_Comm *new
     int *world = svp_world_ranks(group, &n), outside = 0;
     for (int i = 0; i < n; i++)
         outside |= world[i] == MPI_UNDEFINED;
-    int pc = CID(comm);
+    int pc = svp_cid(comm);
     if (pc >= 0)
         svp_start_deferred_on(pc);
     int rc = outside ? svp_perform(&c) : align_over(world, n, 0x47524f55u, &c);
@@ -174,7 +174,7 @@ int MPI_Intercomm_create(MPI_Comm local, int lleader, MPI_Comm peer, int rleader
     GUARD();
     coll c = {.run = run_intercomm, .cid = -1, .comm = local, .lleader = lleader,
               .peer = peer, .rleader = rleader, .tag = tag, .newcomm = newcomm};
-    int lc = CID(local);
+    int lc = svp_cid(local);
     if (lc < 0 || svp.comms[lc].inter || lleader < 0 || lleader >= svp.comms[lc].size)
         return c.run(&c); /* not observed, or erroneous: MPI reports it */
     svp_start_deferred_on(lc);
@@ -186,7 +186,7 @@ int MPI_Intercomm_create(MPI_Comm local, int lleader, MPI_Comm peer, int rleader
     memcpy(mine, l->world, (size_t)nl * sizeof(int)); /* the slot may move while cuts run */
     int nr = 0;
     if (l->me == lleader) {
-        int pc = CID(peer);
+        int pc = svp_cid(peer);
         if (pc < 0 || rleader < 0 || rleader >= svp.comms[pc].size)
             svp_die("MPI_Intercomm_create: the remote leader is not in an observed peer "
                     "communicator");
@@ -247,6 +247,6 @@ int MPI_Comm_free(MPI_Comm *comm)
      * slot is released by the attribute's delete callback (which also runs when the
      * communicator is freed by a path that is not wrapped). */
     coll c = {.run = svp_run_comm_free, .comm = *comm, .newcomm = comm};
-    c.cid = CID(*comm);
+    c.cid = svp_cid(*comm);
     return svp_align(c.cid > 0 ? c.cid : -1, &c);
 }

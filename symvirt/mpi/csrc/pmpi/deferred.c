@@ -106,7 +106,7 @@ int svp_is_deferred(MPI_Request h)
 
 int svp_nonblocking(coll *c, MPI_Request *req)
 {
-    c->cid = CID(c->comm);
+    c->cid = svp_cid(c->comm);
     if (c->cid < 0 || svp.comms[c->cid].inter) {
         c->req = req;
         return svp_align(c->cid, c);

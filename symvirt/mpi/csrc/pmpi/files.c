@@ -28,7 +28,7 @@ int MPI_File_open(MPI_Comm comm, const char *filename, int amode, MPI_Info info,
 {
     GUARD();
     coll c = {.run = run_file_open, .comm = comm, .filename = filename, .amode = amode,
-              .info = info, .fh = fh, .cid = CID(comm)};
+              .info = info, .fh = fh, .cid = svp_cid(comm)};
     int rc = svp_align(c.cid, &c);
     if (rc == MPI_SUCCESS && *fh != MPI_FILE_NULL && svp.ready && !svp.closed) {
         GROW(svp.files);

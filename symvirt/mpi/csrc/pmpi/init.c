@@ -18,7 +18,6 @@
 svp_gate_t svp_gate;
 int svp_gated;
 int svp_fenced;
-__thread int svp_depth __attribute__((tls_model("initial-exec")));
 __thread int svp_in_progress_thread __attribute__((tls_model("initial-exec")));
 
 static pthread_t progress;
@@ -36,17 +35,21 @@ static void futex_wait_ms(int *word, int value, long ms)
     syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, value, &t, NULL, 0);
 }
 
+/* Both step out at any depth of wrapped calls, and in again at the same depth. */
 void svp_wait_gate(void)
 {
+    int depth = __atomic_load_n(&svp_gate.in, __ATOMIC_RELAXED);
     do {
         __atomic_store_n(&svp_gate.in, 0, __ATOMIC_RELEASE);
         while (__atomic_load_n(&svp_gate.shut, __ATOMIC_ACQUIRE))
             futex_wait_ms(&svp_gate.shut, 1, 100);
     } while (svp_step_in());
+    __atomic_store_n(&svp_gate.in, depth > 1 ? depth : 1, __ATOMIC_RELAXED);
 }
 
 void svp_park(uint64_t epoch)
 {
+    int depth = __atomic_load_n(&svp_gate.in, __ATOMIC_RELAXED);
     __atomic_store_n(&svp_gate.in, 0, __ATOMIC_RELEASE);
     for (;;) {
         int cuts = __atomic_load_n(&svp_gate.cuts, __ATOMIC_ACQUIRE);
@@ -56,6 +59,7 @@ void svp_park(uint64_t epoch)
     }
     if (svp_step_in())
         svp_wait_gate();
+    __atomic_store_n(&svp_gate.in, depth > 1 ? depth : 1, __ATOMIC_RELAXED);
 }
 
 static void open_gate(void)

@@ -22,7 +22,7 @@ static int window_slot(int index)
 /* Aligns on the window's communicator, runs c, and remembers the window it made. */
 static int make_window(coll *c)
 {
-    c->cid = CID(c->comm);
+    c->cid = svp_cid(c->comm);
     int rc = svp_align(c->cid, c);
     if (rc == MPI_SUCCESS && *c->win != MPI_WIN_NULL && svp.ready && !svp.closed) {
         GROW(svp.windows);

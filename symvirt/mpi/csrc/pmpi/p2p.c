@@ -27,7 +27,7 @@
                    MPI_Comm comm)                                                              \
     {                                                                                          \
         GUARD();                                                                               \
-        svp_count_send(CID(comm), dest);                                                       \
+        svp_count_send(svp_cid(comm), dest);                                                       \
         return pmpi(buf, count, dt, dest, tag, comm);                                          \
     }
 
@@ -36,7 +36,7 @@
                    MPI_Comm comm, MPI_Request *req)                                            \
     {                                                                                          \
         GUARD();                                                                               \
-        svp_count_send(CID(comm), dest);                                                       \
+        svp_count_send(svp_cid(comm), dest);                                                       \
         return pmpi(buf, count, dt, dest, tag, comm, req);                                     \
     }
 
@@ -47,7 +47,7 @@ int MPI_Irecv(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_Comm 
               MPI_Request *req)
 {
     GUARD();
-    int cid = CID(comm);
+    int cid = svp_cid(comm);
     if (cid < 0 || src == MPI_PROC_NULL)
         return PMPI_Irecv(buf, count, dt, src, tag, comm, req);
     buffered **link;
@@ -63,7 +63,7 @@ int MPI_Recv(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_Comm c
              MPI_Status *status)
 {
     GUARD();
-    int cid = CID(comm);
+    int cid = svp_cid(comm);
     if (cid < 0 || src == MPI_PROC_NULL)
         return PMPI_Recv(buf, count, dt, src, tag, comm, status);
     buffered **link;
@@ -92,7 +92,7 @@ int MPI_Sendrecv(const void *sbuf, int scount, MPI_Datatype sdt, int dest, int s
                  MPI_Status *status)
 {
     GUARD();
-    if (CID(comm) < 0)
+    if (svp_cid(comm) < 0)
         return PMPI_Sendrecv(sbuf, scount, sdt, dest, stag, rbuf, rcount, rdt, src, rtag, comm,
                              status);
     MPI_Request rq[2];
@@ -112,7 +112,7 @@ int MPI_Sendrecv_replace(void *buf, int count, MPI_Datatype dt, int dest, int st
                          int rtag, MPI_Comm comm, MPI_Status *status)
 {
     GUARD();
-    if (CID(comm) < 0)
+    if (svp_cid(comm) < 0)
         return PMPI_Sendrecv_replace(buf, count, dt, dest, stag, src, rtag, comm, status);
     int psize = 0, tsize = 0;
     PMPI_Pack_size(count, dt, comm, &psize);

@@ -50,7 +50,7 @@ static void add_persistent(MPI_Request r, int cid, int is_recv, int peer, int ta
     int name(const void *buf, int count, MPI_Datatype dt, int dest, int tag, MPI_Comm comm,    \
              MPI_Request *req)                                                                 \
     {                                                                                          \
-        int cid = CID(comm);                                                                   \
+        int cid = svp_cid(comm);                                                                   \
         int rc = pname(buf, count, dt, dest, tag, comm, req);                                  \
         if (rc == MPI_SUCCESS && cid >= 0)                                                     \
             add_persistent(*req, cid, 0, dest, tag, (void *)buf, count, dt);                   \
@@ -65,7 +65,7 @@ int MPI_Recv_init(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_C
                   MPI_Request *req)
 {
     GUARD();
-    int cid = CID(comm);
+    int cid = svp_cid(comm);
     int rc = PMPI_Recv_init(buf, count, dt, src, tag, comm, req);
     if (rc == MPI_SUCCESS && cid >= 0)
         add_persistent(*req, cid, 1, src, tag, buf, count, dt);

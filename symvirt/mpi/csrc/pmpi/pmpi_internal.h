@@ -55,9 +55,15 @@
  * Safe for both MPIs because MPI is initialised at MPI_THREAD_SERIALIZED (the program's
  * MPI_Init asks for it; an MPI_Init_thread for less is raised to it): two threads may call
  * MPI, never at once, which the gate ensures; neither Open MPI nor MPICH takes locks below
- * MPI_THREAD_MULTIPLE. The normal run pays two stores and a load per wrapped call (a mutex,
- * tried first, cost Open MPI's 0.165 us ping-pong 21%): the store-load ordering the
- * handshake needs is forced by membarrier(2) from the progress thread, once per cut.
+ * MPI_THREAD_MULTIPLE. The normal run pays a load and a store at the entry and the exit of a
+ * wrapped call and a load of the gate (a mutex, tried first, cost Open MPI's 0.165 us
+ * ping-pong 21%): the store-load ordering the handshake needs is forced by membarrier(2)
+ * from the progress thread, once per cut. What the whole layer costs an 8-byte ping-pong,
+ * measured in one process against PMPI_Send and PMPI_Recv (benches/mpi_overhead.rs
+ * latency_ratio_in_process, 21 launches): Open MPI 4.5 % when its ping-pong takes 0.13 us,
+ * 2 % at 0.36 us; MPICH 6.5 % at 0.165 us (about 11 ns: the send wrapper, and a blocking
+ * receive made of MPI_Irecv and an MPI_Test loop), and 5 % less than PMPI_Recv at 0.66 us,
+ * where MPICH's own blocking wait is the slower loop.
  * The thread is on unless SYMVIRT_PROGRESS_THREAD=0.
  * Not covered: programs that ask for MPI_THREAD_MULTIPLE (no gate, no thread: their threads
  * would be serialised), the thread switched off, and ranks with a window or
@@ -290,17 +296,18 @@ extern svp_state svp; /* comms.c */
 
 /* ---- the rank's MPI gate (init.c; see "A rank outside MPI" at the top) -------------------- */
 
-/* The application's thread marks itself inside a wrapped call (C and Fortran; nested calls
- * once) with `in`; the progress thread shuts the gate (`shut`) before it makes a cut on the
- * rank's behalf, and makes it only once it sees `in` clear: the application's thread is then
- * outside every wrapped call, and a call it makes meanwhile waits at its start (slow path)
- * until the gate opens after the cut. So the two threads never call MPI at once
- * (MPI_THREAD_SERIALIZED). The fast path is two plain stores and a load: the ordering a
- * Dekker-style handshake needs (the application's store of `in` before its load of `shut`) is
- * forced from the progress thread's side by membarrier(2), at each cut, not on every call;
- * where membarrier is missing, the entry store is a full fence instead (svp_fenced). */
+/* The application's thread marks itself inside a wrapped call (C and Fortran) with `in`, the
+ * depth of its wrapped calls (nested ones count once more); the progress thread shuts the
+ * gate (`shut`) before it makes a cut on the rank's behalf, and makes it only once it sees
+ * `in` clear: the application's thread is then outside every wrapped call, and a call it
+ * makes meanwhile waits at its start (slow path) until the gate opens after the cut. So the
+ * two threads never call MPI at once (MPI_THREAD_SERIALIZED). The fast path is plain loads
+ * and stores of `in` and a load of `shut`: the ordering a Dekker-style handshake needs (the
+ * application's store of `in` before its load of `shut`) is forced from the progress
+ * thread's side by membarrier(2), at each cut, not on every call; where membarrier is
+ * missing, the entry store is a full fence instead (svp_fenced). */
 typedef struct {
-    int in;   /* written by the application's thread only */
+    int in;   /* written by the application's thread only; the progress thread reads 0 or not */
     int shut; /* written by the progress thread only; a futex word */
     int cuts; /* bumped by the progress thread after each cut it made; a futex word */
 } svp_gate_t;
@@ -308,8 +315,6 @@ extern svp_gate_t svp_gate;
 /* Set at MPI_Init when the progress thread runs (never for MPI_THREAD_MULTIPLE programs). */
 extern int svp_gated;
 extern int svp_fenced;
-/* Wrapped calls this thread is inside (initial-exec: the layer is preloaded, its TLS static). */
-extern __thread int svp_depth __attribute__((tls_model("initial-exec")));
 /* The gate was shut at entry: step out, wait for it to open, step in again. */
 void svp_wait_gate(void);
 /* The application's thread, inside a wrapped call, hands the cut of `epoch` to the progress
@@ -328,17 +333,25 @@ static inline int svp_step_in(void)
     return __atomic_load_n(&svp_gate.shut, __ATOMIC_ACQUIRE);
 }
 
+/* The depth is kept in `in` itself, not in a thread-local counter: one load fewer on every
+ * call, and the program's threads call MPI one at a time (MPI_THREAD_MULTIPLE is not gated). */
 static inline void svp_enter(void)
 {
-    if (svp_gated && svp_depth++ == 0 && svp_step_in())
+    if (!svp_gated)
+        return;
+    int depth = __atomic_load_n(&svp_gate.in, __ATOMIC_RELAXED);
+    if (depth > 0)
+        __atomic_store_n(&svp_gate.in, depth + 1, __ATOMIC_RELAXED);
+    else if (svp_step_in())
         svp_wait_gate();
 }
 
 static inline void svp_leave(int *scope)
 {
     (void)scope;
-    if (svp_gated && --svp_depth == 0)
-        __atomic_store_n(&svp_gate.in, 0, __ATOMIC_RELEASE);
+    if (svp_gated)
+        __atomic_store_n(&svp_gate.in, __atomic_load_n(&svp_gate.in, __ATOMIC_RELAXED) - 1,
+                         __ATOMIC_RELEASE);
 }
 
 /* Whether the progress thread has shut the gate to make a cut. */
@@ -416,7 +429,15 @@ static inline int svp_comm_id(MPI_Comm c)
     return svp_track_comm(c);
 }
 
-#define CID(comm) (svp.ready && !svp.closed ? svp_comm_id(comm) : -1)
+/* The slot of comm, -1 if untracked or before MPI_Init's setup or after MPI_Finalize. */
+static inline int svp_cid(MPI_Comm comm)
+{
+    if (!svp.ready || svp.closed)
+        return -1;
+    return svp.comms[0].comm == comm ? 0 : svp_comm_id(comm); /* slot 0: MPI_COMM_WORLD */
+}
+
+#define svp_cid(comm) svp_cid(comm)
 
 /* cid if that slot still holds comm (an object made on comm aligns its collectives there),
  * else -1: not aligned. */
@@ -536,14 +557,17 @@ static inline void svp_pause(void)
 }
 
 /* One idle turn of a wait loop. Cheap on the fast path, which is most turns of a receive that
- * waits a microsecond: the agent's request (an atomic load) is looked at every 8 turns and
- * peers' COUNTS probed every 64; the CPU is yielded only after a while (ranks may share
- * cores), so a message that arrives soon is seen at full speed. */
+ * waits a microsecond: a load of the gate (the progress thread's cut) every turn; the agent's
+ * request and peers' COUNTS every 64 turns (microseconds), or every 8 while the application
+ * has non-blocking collectives the layer must start; the CPU is yielded only after a while
+ * (ranks may share cores), so a message that arrives soon is seen at full speed. Looking at
+ * the request every 8 turns instead cost MPICH's 8-byte ping-pong 0.6 to 3 % (measured in
+ * one process against PMPI_Recv, benches/mpi_overhead.rs; launches differ by about 1 %). */
 static inline void svp_idle(unsigned long *turns)
 {
     unsigned long t = ++*turns;
     svp_step_aside();
-    if ((t & 7) == 0)
+    if ((t & 63) == 0 || ((t & 7) == 0 && svp_ndeferred))
         svp_idle_check(t);
 }
 
@@ -684,7 +708,7 @@ void svp_drain_matched(void);
 #define COLLECTIVE(comm_, run_, ...)                                                           \
     do {                                                                                       \
         coll c_ = {.run = run_, .comm = comm_, __VA_ARGS__};                                   \
-        c_.cid = CID(comm_);                                                                   \
+        c_.cid = svp_cid(comm_);                                                                   \
         return svp_align(c_.cid, &c_);                                                         \
     } while (0)
 

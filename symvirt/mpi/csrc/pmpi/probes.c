@@ -7,7 +7,7 @@
 int MPI_Iprobe(int src, int tag, MPI_Comm comm, int *flag, MPI_Status *status)
 {
     GUARD();
-    int cid = CID(comm);
+    int cid = svp_cid(comm);
     if (cid >= 0 && src != MPI_PROC_NULL) {
         buffered *m = svp_find_buffered(cid, src, tag, NULL);
         if (m != NULL) {
@@ -26,7 +26,7 @@ int MPI_Iprobe(int src, int tag, MPI_Comm comm, int *flag, MPI_Status *status)
 int MPI_Probe(int src, int tag, MPI_Comm comm, MPI_Status *status)
 {
     GUARD();
-    int cid = CID(comm);
+    int cid = svp_cid(comm);
     if (cid < 0 || src == MPI_PROC_NULL)
         return PMPI_Probe(src, tag, comm, status);
     for (;;) {
@@ -161,7 +161,7 @@ int MPI_Improbe(int src, int tag, MPI_Comm comm, int *flag, MPI_Message *msg,
                 MPI_Status *status)
 {
     GUARD();
-    int cid = CID(comm);
+    int cid = svp_cid(comm);
     if (cid < 0 || src == MPI_PROC_NULL)
         return PMPI_Improbe(src, tag, comm, flag, msg, status);
     int rc = improbe(cid, src, tag, comm, flag, msg, status);
@@ -173,7 +173,7 @@ int MPI_Improbe(int src, int tag, MPI_Comm comm, int *flag, MPI_Message *msg,
 int MPI_Mprobe(int src, int tag, MPI_Comm comm, MPI_Message *msg, MPI_Status *status)
 {
     GUARD();
-    int cid = CID(comm);
+    int cid = svp_cid(comm);
     if (cid < 0 || src == MPI_PROC_NULL)
         return PMPI_Mprobe(src, tag, comm, msg, status);
     unsigned long turns = 0;

@@ -1,13 +1,24 @@
 /* Ping-pong between ranks 0 and 1 (other ranks wait in a barrier): the normal-run cost of the
  * transparent layer (benches/mpi_overhead.rs runs it with and without LD_PRELOAD, interleaved).
  *
- *   pingpong SAMPLES LAT_BYTES LAT_ROUNDS BW_BYTES BW_ROUNDS
+ *   pingpong SAMPLES LAT_BYTES LAT_ROUNDS BW_BYTES BW_ROUNDS [AB_PAIRS]
  *
  * After untimed warm-up rounds of both sizes, every sample times LAT_ROUNDS round trips of
  * LAT_BYTES, then BW_ROUNDS round trips of BW_BYTES, each with MPI_Wtime between two barriers
  * (so only the ping-pong itself is timed). Rank 0 prints one line per timed phase:
  *
  *   sample N latency|bandwidth bytes=B rounds=R seconds=S
+ *
+ * With AB_PAIRS, the samples are followed by that many pairs of latency blocks of AB_ROUNDS
+ * (LAT_ROUNDS / 25, at least 100) round trips each, one block through MPI_Send and MPI_Recv
+ * (the layer's wrappers when it is preloaded), the other around them through PMPI_Send and
+ * PMPI_Recv, in alternating order; rank 0 prints one line per pair:
+ *
+ *   ab N bytes=B rounds=R through=S around=S
+ *
+ * The two blocks of a pair run a millisecond apart in one process, so they share the machine's
+ * speed regime, which launches do not; without the layer both are the same MPI functions, and
+ * their ratio shows what this estimate's noise is.
  *
  * Every round checks the first and last byte of the payload (the peer increments both), so a
  * layer that lost or truncated a message fails the run (exit through MPI_Abort). */
@@ -18,9 +29,13 @@
 
 static int me;
 
-/* `rounds` round trips of `bytes` between ranks 0 and 1; `seq` numbers the rounds across calls
- * so every round's payload differs from the last one's. */
-static void rounds_of(unsigned char *buf, int bytes, int rounds, unsigned *seq)
+typedef int (*send_fn)(const void *, int, MPI_Datatype, int, int, MPI_Comm);
+typedef int (*recv_fn)(void *, int, MPI_Datatype, int, int, MPI_Comm, MPI_Status *);
+
+/* `rounds` round trips of `bytes` between ranks 0 and 1 through `send` and `recv`; `seq`
+ * numbers the rounds across calls so every round's payload differs from the last one's. */
+static void rounds_via(send_fn send, recv_fn recv, unsigned char *buf, int bytes, int rounds,
+                       unsigned *seq)
 {
     int last = bytes > 0 ? bytes - 1 : 0;
     for (int i = 0; i < rounds; i++, (*seq)++) {
@@ -28,23 +43,38 @@ static void rounds_of(unsigned char *buf, int bytes, int rounds, unsigned *seq)
         if (me == 0) {
             if (bytes > 0)
                 buf[0] = buf[last] = mark;
-            MPI_Send(buf, bytes, MPI_BYTE, 1, 1, MPI_COMM_WORLD);
-            MPI_Recv(buf, bytes, MPI_BYTE, 1, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+            send(buf, bytes, MPI_BYTE, 1, 1, MPI_COMM_WORLD);
+            recv(buf, bytes, MPI_BYTE, 1, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
             if (bytes > 0 &&
                 (buf[0] != (unsigned char)(mark + 1) || buf[last] != (unsigned char)(mark + 1))) {
                 fprintf(stderr, "pingpong: round %u of %d bytes came back wrong\n", *seq, bytes);
                 MPI_Abort(MPI_COMM_WORLD, 3);
             }
         } else if (me == 1) {
-            MPI_Recv(buf, bytes, MPI_BYTE, 0, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+            recv(buf, bytes, MPI_BYTE, 0, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
             if (bytes > 0) {
                 buf[0] = (unsigned char)(buf[0] + 1);
                 if (last > 0)
                     buf[last] = (unsigned char)(buf[last] + 1);
             }
-            MPI_Send(buf, bytes, MPI_BYTE, 0, 1, MPI_COMM_WORLD);
+            send(buf, bytes, MPI_BYTE, 0, 1, MPI_COMM_WORLD);
         }
     }
+}
+
+static void rounds_of(unsigned char *buf, int bytes, int rounds, unsigned *seq)
+{
+    rounds_via(MPI_Send, MPI_Recv, buf, bytes, rounds, seq);
+}
+
+/* One block of `rounds` round trips, timed on rank 0 (a round trip needs both ranks, so the
+ * blocks need no barrier between them). */
+static double block_via(send_fn send, recv_fn recv, unsigned char *buf, int bytes, int rounds,
+                        unsigned *seq)
+{
+    double start = MPI_Wtime();
+    rounds_via(send, recv, buf, bytes, rounds, seq);
+    return MPI_Wtime() - start;
 }
 
 static double timed(unsigned char *buf, int bytes, int rounds, unsigned *seq)
@@ -72,16 +102,18 @@ int main(int argc, char **argv)
     int np;
     MPI_Comm_rank(MPI_COMM_WORLD, &me);
     MPI_Comm_size(MPI_COMM_WORLD, &np);
-    int samples = argc == 6 ? positive(argv[1], 0) : -1;
-    int lat_bytes = argc == 6 ? positive(argv[2], 1) : -1;
-    int lat_rounds = argc == 6 ? positive(argv[3], 0) : -1;
-    int bw_bytes = argc == 6 ? positive(argv[4], 1) : -1;
-    int bw_rounds = argc == 6 ? positive(argv[5], 0) : -1;
+    int args = argc == 6 || argc == 7;
+    int samples = args ? positive(argv[1], 0) : -1;
+    int lat_bytes = args ? positive(argv[2], 1) : -1;
+    int lat_rounds = args ? positive(argv[3], 0) : -1;
+    int bw_bytes = args ? positive(argv[4], 1) : -1;
+    int bw_rounds = args ? positive(argv[5], 0) : -1;
+    int ab_pairs = argc == 7 ? positive(argv[6], 1) : 0;
     if (samples < 0 || lat_bytes < 0 || lat_rounds < 0 || bw_bytes < 0 || bw_rounds < 0 ||
-        np < 2) {
+        ab_pairs < 0 || np < 2) {
         if (me == 0)
             fprintf(stderr, "usage: pingpong SAMPLES LAT_BYTES LAT_ROUNDS BW_BYTES BW_ROUNDS "
-                            "(positive integers, 2+ ranks)\n");
+                            "[AB_PAIRS] (positive integers, 2+ ranks)\n");
         MPI_Abort(MPI_COMM_WORLD, 2);
     }
     size_t size = (size_t)(lat_bytes > bw_bytes ? lat_bytes : bw_bytes) + 1;
@@ -108,6 +140,23 @@ int main(int argc, char **argv)
             fflush(stdout);
         }
     }
+
+    int ab_rounds = lat_rounds / 25 > 100 ? lat_rounds / 25 : 100;
+    for (int p = 0; p < ab_pairs; p++) {
+        double through = 0, around = 0;
+        if (p % 2 == 0) {
+            through = block_via(MPI_Send, MPI_Recv, buf, lat_bytes, ab_rounds, &seq);
+            around = block_via(PMPI_Send, PMPI_Recv, buf, lat_bytes, ab_rounds, &seq);
+        } else {
+            around = block_via(PMPI_Send, PMPI_Recv, buf, lat_bytes, ab_rounds, &seq);
+            through = block_via(MPI_Send, MPI_Recv, buf, lat_bytes, ab_rounds, &seq);
+        }
+        if (me == 0)
+            printf("ab %d bytes=%d rounds=%d through=%.9f around=%.9f\n", p, lat_bytes, ab_rounds,
+                   through, around);
+    }
+    if (me == 0)
+        fflush(stdout);
     free(buf);
     MPI_Finalize();
     return 0;
