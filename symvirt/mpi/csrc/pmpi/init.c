@@ -44,7 +44,7 @@ void svp_wait_gate(void)
         while (__atomic_load_n(&svp_gate.shut, __ATOMIC_ACQUIRE))
             futex_wait_ms(&svp_gate.shut, 1, 100);
     } while (svp_step_in());
-    __atomic_store_n(&svp_gate.in, depth > 1 ? depth : 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&svp_gate.in, depth, __ATOMIC_RELAXED);
 }
 
 void svp_park(uint64_t epoch)
@@ -59,7 +59,7 @@ void svp_park(uint64_t epoch)
     }
     if (svp_step_in())
         svp_wait_gate();
-    __atomic_store_n(&svp_gate.in, depth > 1 ? depth : 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&svp_gate.in, depth, __ATOMIC_RELAXED);
 }
 
 static void open_gate(void)
@@ -235,18 +235,20 @@ static void setup_threads(int required, int asked, int provided)
 {
     if (progress_off() || asked != MPI_THREAD_SERIALIZED || provided < MPI_THREAD_SERIALIZED)
         return;
-    start_progress();
 #ifdef SYMVIRT_MPI_IMPL_OPENMPI
     /* Open MPI 4.1 turns its internal locks and atomics on for every level above
      * MPI_THREAD_SINGLE, which cost its 0.16 us shared-memory ping-pong 5 to 8 % here. The
-     * gate already keeps the two threads out of MPI at the same time (and orders their memory
+     * gate keeps the two threads out of MPI at the same time (and orders their memory
      * accesses), so for a program that asked for MPI_THREAD_SINGLE they go back off, as they
-     * would have been without the layer. */
-    if (svp_gated && required == MPI_THREAD_SINGLE)
+     * would have been without the layer (and stay off if the thread cannot start: the
+     * program then has one thread in MPI). Before the thread starts: it may make a cut at
+     * once (a request already waiting), inside Open MPI. */
+    if (required == MPI_THREAD_SINGLE)
         opal_set_using_threads(false);
 #else
     (void)required;
 #endif
+    start_progress();
 }
 
 int MPI_Init(int *argc, char ***argv)

@@ -27,7 +27,7 @@
                    MPI_Comm comm)                                                              \
     {                                                                                          \
         GUARD();                                                                               \
-        svp_count_send(svp_cid(comm), dest);                                                       \
+        svp_count_send(svp_cid(comm), dest);                                                   \
         return pmpi(buf, count, dt, dest, tag, comm);                                          \
     }
 
@@ -36,7 +36,7 @@
                    MPI_Comm comm, MPI_Request *req)                                            \
     {                                                                                          \
         GUARD();                                                                               \
-        svp_count_send(svp_cid(comm), dest);                                                       \
+        svp_count_send(svp_cid(comm), dest);                                                   \
         return pmpi(buf, count, dt, dest, tag, comm, req);                                     \
     }
 

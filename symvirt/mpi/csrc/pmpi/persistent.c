@@ -50,7 +50,8 @@ static void add_persistent(MPI_Request r, int cid, int is_recv, int peer, int ta
     int name(const void *buf, int count, MPI_Datatype dt, int dest, int tag, MPI_Comm comm,    \
              MPI_Request *req)                                                                 \
     {                                                                                          \
-        int cid = svp_cid(comm);                                                                   \
+        GUARD();                                                                               \
+        int cid = svp_cid(comm);                                                               \
         int rc = pname(buf, count, dt, dest, tag, comm, req);                                  \
         if (rc == MPI_SUCCESS && cid >= 0)                                                     \
             add_persistent(*req, cid, 0, dest, tag, (void *)buf, count, dt);                   \

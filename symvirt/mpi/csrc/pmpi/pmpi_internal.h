@@ -708,7 +708,7 @@ void svp_drain_matched(void);
 #define COLLECTIVE(comm_, run_, ...)                                                           \
     do {                                                                                       \
         coll c_ = {.run = run_, .comm = comm_, __VA_ARGS__};                                   \
-        c_.cid = svp_cid(comm_);                                                                   \
+        c_.cid = svp_cid(comm_);                                                               \
         return svp_align(c_.cid, &c_);                                                         \
     } while (0)
 
