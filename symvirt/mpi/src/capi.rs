@@ -266,6 +266,20 @@ pub unsafe extern "C" fn symvirt_ctl_wake_until(ended: *const c_int) {
     control::wake_until(|| ended.load(Ordering::Acquire) != 0);
 }
 
+/// Prints to stderr why this rank's cut threads may wait tens of milliseconds to run when ranks
+/// share cores ([`crate::placement::hazard`]); 1 if it printed, else 0. For one rank to call
+/// once a cut thread has started.
+#[unsafe(no_mangle)]
+pub extern "C" fn symvirt_warn_placement() -> c_int {
+    match crate::placement::hazard() {
+        Some(why) => {
+            eprintln!("symvirt: {why}");
+            1
+        }
+        None => 0,
+    }
+}
+
 /// Wakes every thread in [`symvirt_ctl_wait_requested`].
 #[unsafe(no_mangle)]
 pub extern "C" fn symvirt_ctl_wake() {

@@ -31,6 +31,10 @@
 //! every cut with `unable`, in both modes (checked in [`control::Control::quiesce`], at the cut
 //! only); the transparent layer does the same while an RMA window is open.
 //!
+//! Placement: where ranks share cores unbound and each is a scheduling group of its own, the
+//! kernel may leave a cut thread unrun for tens of milliseconds; the transparent layer's rank 0
+//! says so at start ([`placement`]).
+//!
 //! After resume, the runtime's transport hook runs on every rank before any rank continues:
 //! `symvirt_on_resume` (explicit mode) or a `symvirt_transport_reselect` function the runtime
 //! defines (transparent mode); that is where MPI Sessions finalize/re-init would go where the
@@ -104,6 +108,7 @@ pub mod control;
 pub mod cut_log;
 pub mod error;
 pub mod mpi_build;
+pub mod placement;
 #[cfg(feature = "rsmpi")]
 pub mod rsmpi;
 pub mod safepoint;

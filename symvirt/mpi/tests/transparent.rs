@@ -357,3 +357,62 @@ fn transparent_openmpi_new_host_during_a_cut() {
 fn transparent_mpich_new_host_during_a_cut() {
     new_host_during_a_cut(MpiImpl::Mpich, "newhost-mpich");
 }
+
+/// What rank 0 prints at start when the kernel may leave a cut thread unrun for tens of
+/// milliseconds (see `symvirt_mpi::placement`).
+const PLACEMENT_WARNING: &str = "symvirt: this rank is not bound to a core";
+
+/// A short run of the stress program under the layer, launched by `launcher` (its program and
+/// arguments added here); returns the job's stderr.
+fn stderr_of_short_run(
+    mpi: MpiImpl,
+    tag: &str,
+    launcher: impl FnOnce(&[(String, String)]) -> std::process::Command,
+) -> String {
+    let rig = Rig::new(tag);
+    let prog = program(mpi, "stress.c", Linkage::Plain);
+    let work = rig.dir.0.join("work");
+    fs::create_dir_all(&work).unwrap();
+    fs::write(work.join("stop"), "").unwrap(); // 2 iterations, then out
+    let mut cmd = launcher(&rig.transparent_env(mpi));
+    cmd.arg(&prog).args(["ring", work.to_str().unwrap(), "2"]);
+    let mut job = Job::spawn(cmd, &rig.dir.0);
+    let (ok, out) = job.wait();
+    assert!(ok, "MPI job failed\n{}", job.logs());
+    assert_eq!(
+        out.lines().filter(|l| l.contains(" OK rank ")).count(),
+        RANKS as usize
+    );
+    fs::read_to_string(&job.stderr).unwrap()
+}
+
+/// Unbound MPICH ranks, each in a session of its own, are each a scheduling group of their own
+/// where the kernel's autogroups apply: rank 0 (and only it) says so at start, naming the cure.
+/// Bound (`-bind-to core`) they get no warning, nor do Open MPI's ranks (one session).
+#[test]
+fn rank_zero_warns_when_unbound_ranks_are_scheduling_groups_of_their_own() {
+    let applies = symvirt_mpi::placement::autogroups_apply()
+        && std::thread::available_parallelism().map_or(1, |n| n.get()) > 1;
+    let unbound = stderr_of_short_run(MpiImpl::Mpich, "place-mpich", |env| {
+        MpiImpl::Mpich.launcher(RANKS, env)
+    });
+    let warnings = unbound.matches(PLACEMENT_WARNING).count();
+    assert_eq!(
+        warnings,
+        usize::from(applies),
+        "autogroups apply: {applies}\n{unbound}"
+    );
+    if applies {
+        assert!(unbound.contains("-bind-to core"), "{unbound}");
+    }
+    let bound = stderr_of_short_run(MpiImpl::Mpich, "place-mpich-bound", |env| {
+        let mut c = MpiImpl::Mpich.launcher(RANKS, env);
+        c.args(["-bind-to", "core"]);
+        c
+    });
+    assert!(!bound.contains(PLACEMENT_WARNING), "{bound}");
+    let ompi = stderr_of_short_run(MpiImpl::OpenMpi, "place-ompi", |env| {
+        MpiImpl::OpenMpi.launcher(RANKS, env)
+    });
+    assert!(!ompi.contains(PLACEMENT_WARNING), "{ompi}");
+}

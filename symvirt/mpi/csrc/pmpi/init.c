@@ -158,12 +158,15 @@ static void start_progress(void)
     pthread_sigmask(SIG_SETMASK, &all, &old);
     int rc = pthread_create(&progress, NULL, progress_main, NULL);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (rc != 0)
+    if (rc != 0) {
         fprintf(stderr,
                 "symvirt-pmpi: no progress thread (%s): a rank joins a cut at its next MPI call\n",
                 strerror(rc));
-    else
-        svp_gated = 1;
+        return;
+    }
+    svp_gated = 1;
+    if (svp.me == 0)
+        symvirt_warn_placement(); /* launchers place every rank alike: once for the job */
 }
 
 static void stop_progress(void)

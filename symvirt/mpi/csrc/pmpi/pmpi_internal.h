@@ -51,7 +51,11 @@
  * cut is made (svp_step_aside); alignments and deferred starts, which only answer cuts, look
  * for peers' COUNTS every turn while the gate is shut. So every cut is made by a thread that
  * sleeps between its turns (svp_pause) instead of yielding behind computing threads, with
- * Open MPI's own yield off (see make_cut).
+ * Open MPI's own yield off (see make_cut). Where ranks share cores unbound and each rank is a
+ * scheduling group of its own (MPICH's launcher gives every rank a session, the kernel an
+ * autogroup per session), the kernel may leave a woken progress thread unrun for 50-130 ms
+ * while another rank's threads hold the core; bound ranks do not see it (symvirt/mpi/README.md).
+ * Rank 0 says so at start when its placement allows it (symvirt_warn_placement).
  * Safe for both MPIs because MPI is initialised at MPI_THREAD_SERIALIZED (the program's
  * MPI_Init asks for it; an MPI_Init_thread for less is raised to it): two threads may call
  * MPI, never at once, which the gate ensures; neither Open MPI nor MPICH takes locks below

@@ -227,12 +227,16 @@ impl Job {
         env: &[(String, String)],
         logs: &Path,
     ) -> Job {
+        let mut cmd = mpi.launcher(ranks, env);
+        cmd.arg(program).args(args);
+        Job::spawn(cmd, logs)
+    }
+
+    /// Starts `cmd` (a launcher with its program) as a job, its output in `logs`.
+    pub fn spawn(mut cmd: Command, logs: &Path) -> Job {
         let stdout = logs.join("stdout");
         let stderr = logs.join("stderr");
-        let mut cmd = mpi.launcher(ranks, env);
-        cmd.arg(program)
-            .args(args)
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(fs::File::create(&stdout).unwrap())
             .stderr(fs::File::create(&stderr).unwrap());
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);

@@ -1,0 +1,139 @@
+//! Whether this rank's placement lets the kernel leave its cut thread unrun for a long time.
+//!
+//! A thread that takes cuts while the application computes (the transparent layer's progress
+//! thread, the agent watcher, the explicit libraries' quiet threads) sleeps until a request,
+//! then must run within milliseconds. Measured with 4 MPICH ranks on 2 cores (a kernel
+//! scheduler trace, `symvirt/mpi/README.md`): when each rank is a scheduling group of its own
+//! and ranks are not bound to cores, such a thread, woken onto a core where another rank's
+//! computing thread and polling cut thread ran, waited 50-130 ms; 1 to 5 cuts in 60-70 were that
+//! slow. Each rank is a group of its own when it leads its own session (MPICH's launcher makes
+//! one per rank; Open MPI's ranks share the launcher's) and the kernel's autogroups are on and
+//! apply (the process is in the root CPU cgroup). Bound to cores, or with autogroups off, no
+//! cut was slow. The layer says so at start ([`hazard`]); it cannot change either itself.
+
+use std::path::Path;
+
+/// The kernel's switch for autogroups.
+const AUTOGROUP_SWITCH: &str = "/proc/sys/kernel/sched_autogroup_enabled";
+
+/// Why this process's cut threads may wait tens of milliseconds to run when ranks share cores,
+/// or `None` when its placement does not make it so: it leads its own session, the kernel's
+/// autogroups are on and apply to it, and it may run on more than one CPU.
+pub fn hazard() -> Option<String> {
+    if !autogroups_apply() {
+        return None;
+    }
+    // SAFETY: getsid and getpid take no pointers and only read the calling process's ids.
+    let own_session = unsafe { libc::getsid(0) == libc::getpid() };
+    if !own_session {
+        return None;
+    }
+    let cpus = allowed_cpus()?;
+    (cpus > 1).then(|| {
+        format!(
+            "this rank is not bound to a core ({cpus} CPUs allowed) and is a scheduling group of \
+             its own (its own session, with the kernel's autogroups on): where ranks share cores, \
+             a cut may wait 50-200 ms for the kernel to run this rank's cut thread; bind ranks to \
+             cores (mpiexec -bind-to core) or set kernel.sched_autogroup_enabled=0"
+        )
+    })
+}
+
+/// Whether the kernel's autogroups are on and apply to this process (it is in the root CPU
+/// group): then every session is a scheduling group of its own.
+pub fn autogroups_apply() -> bool {
+    std::fs::read_to_string(AUTOGROUP_SWITCH).is_ok_and(|s| s.trim() == "1") && in_root_cpu_group()
+}
+
+/// How many CPUs this thread may run on.
+fn allowed_cpus() -> Option<u32> {
+    // SAFETY: cpu_set_t is plain data, valid all zeroes.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sched_getaffinity writes at most size_of::<cpu_set_t>() bytes into `set`, a live
+    // cpu_set_t of that size.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    // SAFETY: CPU_COUNT only reads the set sched_getaffinity filled.
+    (rc == 0).then(|| unsafe { libc::CPU_COUNT(&set) } as u32)
+}
+
+/// Whether the kernel schedules this process in its root CPU group, where autogroups apply:
+/// not in a cgroup (v1 `cpu` hierarchy, or v2 with the `cpu` controller on) below the root.
+fn in_root_cpu_group() -> bool {
+    let Ok(groups) = std::fs::read_to_string("/proc/self/cgroup") else {
+        return true;
+    };
+    in_root_cpu_group_of(&groups, Path::new("/sys/fs/cgroup"))
+}
+
+/// [`in_root_cpu_group`] for `groups` (the text of `/proc/self/cgroup`) with cgroup v2 mounted
+/// at `v2_root`.
+fn in_root_cpu_group_of(groups: &str, v2_root: &Path) -> bool {
+    for line in groups.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if id != "0" && controllers.split(',').any(|c| c == "cpu") {
+            return path == "/";
+        }
+        if id == "0" && controllers.is_empty() && path != "/" {
+            // cgroup v2: the cpu controller governs this group if its parent hands it down.
+            let parent = Path::new(path.trim_start_matches('/'))
+                .parent()
+                .map_or_else(|| v2_root.to_path_buf(), |p| v2_root.join(p));
+            let handed =
+                std::fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
+            if handed.split_whitespace().any(|c| c == "cpu") {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// cgroup v1: a `cpu` group below the root takes autogroups out; the root keeps them.
+    /// cgroup v2: a group whose parent hands the cpu controller down takes them out.
+    #[test]
+    fn cpu_groups_below_the_root_take_autogroups_out() {
+        let none = Path::new("/nonexistent");
+        assert!(in_root_cpu_group_of(
+            "4:memory:/x\n2:cpu,cpuacct:/\n0::/\n",
+            none
+        ));
+        assert!(!in_root_cpu_group_of("2:cpu,cpuacct:/slurm/job1\n", none));
+        assert!(in_root_cpu_group_of("0::/\n", none));
+        // No cpu controller handed down (the parent's subtree_control is missing here).
+        assert!(in_root_cpu_group_of(
+            "0::/user.slice/session-1.scope\n",
+            none
+        ));
+        let dir = std::env::temp_dir().join(format!("symvirt-cg-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("user.slice")).unwrap();
+        std::fs::write(
+            dir.join("user.slice/cgroup.subtree_control"),
+            "cpu memory\n",
+        )
+        .unwrap();
+        assert!(!in_root_cpu_group_of(
+            "0::/user.slice/session-1.scope\n",
+            &dir
+        ));
+        std::fs::write(
+            dir.join("user.slice/cgroup.subtree_control"),
+            "memory pids\n",
+        )
+        .unwrap();
+        assert!(in_root_cpu_group_of(
+            "0::/user.slice/session-1.scope\n",
+            &dir
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
