@@ -44,7 +44,7 @@ pub fn hazard() -> Option<String> {
 
 /// Whether the kernel's autogroups are on and apply to this process (it is in the root CPU
 /// group): then every session is a scheduling group of its own.
-pub fn autogroups_apply() -> bool {
+fn autogroups_apply() -> bool {
     std::fs::read_to_string(AUTOGROUP_SWITCH).is_ok_and(|s| s.trim() == "1") && in_root_cpu_group()
 }
 

@@ -377,12 +377,7 @@ fn stderr_of_short_run(
     let mut cmd = launcher(&rig.transparent_env(mpi));
     cmd.arg(&prog).args(["ring", work.to_str().unwrap(), "2"]);
     let mut job = Job::spawn(cmd, &rig.dir.0);
-    let (ok, out) = job.wait();
-    assert!(ok, "MPI job failed\n{}", job.logs());
-    assert_eq!(
-        out.lines().filter(|l| l.contains(" OK rank ")).count(),
-        RANKS as usize
-    );
+    wait_every_rank_ok(&mut job, "stress OK rank ");
     fs::read_to_string(&job.stderr).unwrap()
 }
 
