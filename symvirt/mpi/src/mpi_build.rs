@@ -4,12 +4,14 @@
 //! implementation's `mpicc` and links it with this crate's staticlib (`libsymvirt_mpi.a`,
 //! built by cargo) into:
 //! - `libsymvirt_mpi_<impl>.so` and `.a`: the explicit safe-point API (`include/symvirt.h`,
-//!   `symvirt_explicit.c`);
+//!   `symvirt_explicit.c`), with `ucx_finalize.c`;
 //! - `libsymvirt_pmpi_<impl>.so`: the transparent layer, for `LD_PRELOAD`: every `.c` file in
 //!   `csrc/pmpi/` (one per part of the layer; what they share is declared, hidden, in
 //!   `csrc/pmpi/pmpi_internal.h`, whose header comment describes the design), plus
-//!   `symvirt_pmpi_fortran.c`: Open MPI's Fortran entry points. Of the layer's own symbols
-//!   only the `MPI_*` and `mpi_*_` wrappers are exported (besides what the core exports).
+//!   `ucx_finalize.c`, and `symvirt_pmpi_fortran.c`: Open MPI's Fortran entry points. Of the
+//!   layer's own symbols only the `MPI_*` and `mpi_*_` wrappers are exported (besides what
+//!   the core exports, and the two UCX calls `ucx_finalize.c` interposes for MPICH before
+//!   4.2: it cures that MPICH's deadlock in `MPI_Finalize` over UCX's TCP transport).
 //!
 //! The transparent layer's files are compiled in parallel (as many `mpicc` at once as there
 //! are CPUs). Outputs are written under a temporary name and renamed, so a reader never sees
@@ -168,8 +170,11 @@ fn rename(tmp: &Path, dst: &Path) -> Result<()> {
     })
 }
 
+/// The glue both libraries carry besides their own sources.
+const SHARED_SOURCES: &[&str] = &["ucx_finalize.c"];
+
 /// The transparent layer's sources, as paths under `csrc/`: every `.c` file in `csrc/pmpi/`
-/// (sorted), then `symvirt_pmpi_fortran.c`.
+/// (sorted), then [`SHARED_SOURCES`], then `symvirt_pmpi_fortran.c`.
 fn transparent_sources() -> Result<Vec<String>> {
     let dir = crate_dir().join("csrc").join("pmpi");
     let listing_failed = |e| Error::Build {
@@ -191,6 +196,7 @@ fn transparent_sources() -> Result<Vec<String>> {
         });
     }
     sources.sort();
+    sources.extend(SHARED_SOURCES.iter().map(|s| s.to_string()));
     sources.push("symvirt_pmpi_fortran.c".to_string());
     Ok(sources)
 }
@@ -283,17 +289,24 @@ pub fn build_libraries(mpi: MpiImpl, core: &Path, out_dir: &Path) -> Result<Libr
         source: Some(e),
     })?;
     let n = mpi.name();
-    let explicit = compile_object(mpi, "symvirt_explicit.c", out_dir)?;
-    let transparent = compile_objects(mpi, &transparent_sources()?, out_dir)?;
+    // Every source once: the transparent layer's (the shared glue among them), then the
+    // explicit API's own.
+    let mut sources = transparent_sources()?;
+    sources.push("symvirt_explicit.c".to_string());
+    let mut transparent = compile_objects(mpi, &sources, out_dir)?;
+    let explicit_own = transparent.pop().expect("symvirt_explicit.c's object");
+    let explicit: Vec<PathBuf> = std::iter::once(explicit_own)
+        .chain(
+            sources
+                .iter()
+                .zip(&transparent)
+                .filter(|(s, _)| SHARED_SOURCES.contains(&s.as_str()))
+                .map(|(_, o)| o.clone()),
+        )
+        .collect();
 
     let explicit_shared = out_dir.join(format!("libsymvirt_mpi_{n}.so"));
-    link_shared(
-        mpi,
-        std::slice::from_ref(&explicit),
-        core,
-        &[],
-        &explicit_shared,
-    )?;
+    link_shared(mpi, &explicit, core, &[], &explicit_shared)?;
     let transparent_so = transparent_path(mpi, out_dir);
     link_shared(
         mpi,
@@ -313,7 +326,7 @@ pub fn build_libraries(mpi: MpiImpl, core: &Path, out_dir: &Path) -> Result<Libr
             .arg("-r")
             .arg("-o")
             .arg(&combined)
-            .arg(&explicit)
+            .args(&explicit)
             .arg("--whole-archive")
             .arg(core)
             .arg("--no-whole-archive"),
@@ -394,10 +407,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn transparent_sources_are_the_layer_files_then_fortran() {
+    fn transparent_sources_are_the_layer_files_then_shared_then_fortran() {
         let sources = transparent_sources().unwrap();
-        let (fortran, layer) = sources.split_last().unwrap();
+        let (fortran, rest) = sources.split_last().unwrap();
         assert_eq!(fortran, "symvirt_pmpi_fortran.c");
+        let (layer, shared) = rest.split_at(rest.len() - SHARED_SOURCES.len());
+        assert_eq!(shared, SHARED_SOURCES);
         assert!(layer.iter().any(|s| s == "pmpi/init.c"), "{layer:?}");
         assert!(layer.iter().any(|s| s == "pmpi/collectives.c"), "{layer:?}");
         assert!(

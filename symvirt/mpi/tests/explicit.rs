@@ -319,3 +319,10 @@ fn explicit_openmpi_fortran_stress_consistent_at_every_cut() {
 fn explicit_mpich_fortran_stress_consistent_at_every_cut() {
     run_explicit(MpiImpl::Mpich, "stress_f.f90", None, "exp-f-mpich", 3);
 }
+
+/// MPICH 4.0's MPI_Finalize over UCX's TCP transport with rank 0 late to its closes, in a
+/// program linked with the explicit API (statically): every job ends (`csrc/ucx_finalize.c`).
+#[test]
+fn explicit_mpich_jobs_over_tcp_end_without_deadlock_in_finalize() {
+    mpich_jobs_over_tcp_end(Linkage::Explicit, "fin-tcp-x", 3);
+}

@@ -440,3 +440,10 @@ fn rank_zero_warns_when_unbound_ranks_are_scheduling_groups_of_their_own() {
     });
     assert!(!ompi.contains(PLACEMENT_WARNING), "{ompi}");
 }
+
+/// MPICH 4.0's MPI_Finalize over UCX's TCP transport with rank 0 late to its closes, under the
+/// layer: every job ends (the layer's cure for MPICH's deadlock there, `csrc/ucx_finalize.c`).
+#[test]
+fn transparent_mpich_jobs_over_tcp_end_without_deadlock_in_finalize() {
+    mpich_jobs_over_tcp_end(Linkage::Plain, "fin-tcp-t", 3);
+}
