@@ -26,12 +26,13 @@
  * MPICH's built-in client speaks it there between its own requests (every rank adds the
  * same one barrier). Not applied without PMI_FD and PMI_SIZE (process managers that connect
  * otherwise), nor with SYMVIRT_MPICH_FINALIZE_BARRIER=0; it costs the normal run nothing
- * (one call per worker at MPI_Init, the interposed closes at MPI_Finalize). Compiled for
- * MPICH before 4.2 with UCX's headers present; empty otherwise. */
+ * (one call per worker at MPI_Init, the interposed closes at MPI_Finalize). Part of both C
+ * libraries (mpi_build.rs) and, with the feature rsmpi, of every Rust program (build.rs);
+ * empty unless mpi.h is MPICH's before 4.2 and UCX's headers are present. */
 #define _GNU_SOURCE /* RTLD_NEXT */
 #include <mpi.h>
 
-#if defined(SYMVIRT_MPI_IMPL_MPICH) && defined(MPICH_CALC_VERSION) && __has_include(<ucp/api/ucp.h>)
+#if defined(MPICH_CALC_VERSION) && __has_include(<ucp/api/ucp.h>)
 #if MPICH_NUMVERSION < MPICH_CALC_VERSION(4, 2, 0, MPICH_RELEASE_TYPE_ALPHA, 0)
 
 #include <dlfcn.h>

@@ -620,3 +620,25 @@ fn one_rank_with_no_agent_configured_fails_init_on_every_rank() {
         "some ranks have a guest agent and some have none",
     );
 }
+
+/// The Rust API carries the cure for MPICH 4.0's deadlock in MPI_Finalize over UCX's TCP
+/// transport (`csrc/ucx_finalize.c`, compiled by the build script): linked with MPICH,
+/// `rust_ring` exports the two UCX calls it interposes and its jobs over TCP end, rank 0 made
+/// late to its closes; linked with Open MPI (not affected) it carries no such symbol.
+#[test]
+fn rust_ring_over_tcp_ends_without_deadlock_in_finalize_with_mpich() {
+    let prog = rust_ring();
+    let symbols = bounded_output(Command::new("nm").args(["-D", "--defined-only"]).arg(prog));
+    let interposes =
+        symbols.contains(" ucp_disconnect_nb") && symbols.contains(" ucp_worker_create");
+    match rust_ring_mpi() {
+        MpiImpl::Mpich => {
+            assert!(interposes, "rust_ring exports no UCX cure:\n{symbols}");
+            for run in 0..3 {
+                let tag = format!("rsmpi-fin-tcp-{run}");
+                mpich_job_over_tcp_ends(prog, &[], None, "rust_ring OK", &tag);
+            }
+        }
+        MpiImpl::OpenMpi => assert!(!interposes, "an Open MPI build interposes UCX"),
+    }
+}

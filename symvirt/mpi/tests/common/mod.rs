@@ -495,9 +495,10 @@ fn late_finalize_library() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let libs = libraries(MpiImpl::Mpich);
             let src = mpi_build::crate_dir().join("tests/programs/late_finalize.c");
-            let out = libs.dir.join("late_finalize.so");
+            let dir = target_profile_dir().join("symvirt-mpi");
+            fs::create_dir_all(&dir).unwrap();
+            let out = dir.join("late_finalize.so");
             let st = Command::new(MpiImpl::Mpich.mpicc())
                 .args([
                     "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", "-o",
@@ -512,46 +513,69 @@ fn late_finalize_library() -> PathBuf {
         .clone()
 }
 
-/// Runs `runs` short jobs of the stress program, MPICH ranks under `linkage` (against a rig's
-/// agent), with all their traffic over UCX's TCP transport on the loopback (MPICH's shared
-/// memory between local ranks off) and rank 0 made late in MPI_Finalize by
-/// `tests/programs/late_finalize.c`: every job must end within 30 s with every rank's OK.
-/// Without the cure in `csrc/ucx_finalize.c` (SYMVIRT_MPICH_FINALIZE_BARRIER=0) every such
-/// launch deadlocks inside MPICH 4.0's MPI_Finalize (measured: 5 of 5, transparent and
-/// explicit; and 3 of 12 plain launches without the harness).
+/// Runs `runs` short jobs of the stress program, MPICH ranks under `linkage`, through
+/// [`mpich_job_over_tcp_ends`].
 pub fn mpich_jobs_over_tcp_end(linkage: Linkage, tag: &str, runs: u32) {
     let mpi = MpiImpl::Mpich;
     let prog = program(mpi, "stress.c", linkage);
-    let late = late_finalize_library().display().to_string();
+    let layer = (linkage == Linkage::Plain).then(|| libraries(mpi).transparent);
     for run in 0..runs {
-        let rig = Rig::new(&format!("{tag}-{run}"));
-        let work = rig.dir.0.join("work");
-        fs::create_dir_all(&work).unwrap();
-        fs::write(work.join("stop"), "").unwrap(); // out at the first look (8 iterations)
-        let mut env = vec![rig.agent_env()];
-        // The harness first: its closes pass on to the layer's, then to libucp's.
-        let preload = match linkage {
-            Linkage::Plain => format!("{late} {}", libraries(mpi).transparent.display()),
-            Linkage::Explicit => late.clone(),
-        };
-        for (k, v) in [
-            ("LD_PRELOAD", preload.as_str()),
-            ("UCX_TLS", "tcp,self"),
-            ("UCX_NET_DEVICES", "lo"),
-            ("MPIR_CVAR_NOLOCAL", "1"),
-        ] {
-            env.push((k.to_string(), v.to_string()));
-        }
-        let args = ["ring,collective", work.to_str().unwrap(), "2"];
-        let mut job = Job::start(mpi, &prog, &args, &env, &rig.dir.0);
-        let (ok, out) = job.wait_at_most(Duration::from_secs(30));
-        assert!(ok, "run {run}: the MPI job failed\n{}", job.logs());
-        let oks = out
-            .lines()
-            .filter(|l| l.starts_with("stress OK rank "))
-            .count();
-        assert_eq!(oks, RANKS as usize, "run {run}: {out}");
+        let tag = format!("{tag}-{run}");
+        mpich_job_over_tcp_ends(
+            &prog,
+            &["ring,collective"],
+            layer.as_deref(),
+            "stress OK",
+            &tag,
+        );
     }
+}
+
+/// One short MPICH job of `prog` (`args`, then a work directory that holds `stop`, then a
+/// minimum of 2 iterations) against a rig's agent, `layer` preloaded when given, with all its
+/// traffic over UCX's TCP transport on the loopback (MPICH's shared memory between local
+/// ranks off) and rank 0 made late to its closes in MPI_Finalize by
+/// `tests/programs/late_finalize.c`: the job must end within 30 s, every rank printing a line
+/// that starts with `ok_prefix` and its rank. Without the cure of `csrc/ucx_finalize.c`
+/// (SYMVIRT_MPICH_FINALIZE_BARRIER=0) every such launch deadlocks inside MPICH 4.0's
+/// MPI_Finalize (measured: 5 of 5 with the stress program under the layer, 5 of 5 with it
+/// linked with the explicit API, 4 of 4 with the Rust API's `rust_ring`; without the harness,
+/// 3 of 12 plain launches of the stress program).
+pub fn mpich_job_over_tcp_ends(
+    prog: &Path,
+    args: &[&str],
+    layer: Option<&Path>,
+    ok_prefix: &str,
+    tag: &str,
+) {
+    let rig = Rig::new(tag);
+    let work = rig.dir.0.join("work");
+    fs::create_dir_all(&work).unwrap();
+    fs::write(work.join("stop"), "").unwrap(); // out at the first look
+    // The harness first: its closes pass on to the layer's (or the program's), then libucp's.
+    let mut preload = late_finalize_library().display().to_string();
+    if let Some(layer) = layer {
+        preload = format!("{preload} {}", layer.display());
+    }
+    let mut env = vec![rig.agent_env()];
+    for (k, v) in [
+        ("LD_PRELOAD", preload.as_str()),
+        ("UCX_TLS", "tcp,self"),
+        ("UCX_NET_DEVICES", "lo"),
+        ("MPIR_CVAR_NOLOCAL", "1"),
+    ] {
+        env.push((k.to_string(), v.to_string()));
+    }
+    let mut args = args.to_vec();
+    args.extend([work.to_str().unwrap(), "2"]);
+    let mut job = Job::start(MpiImpl::Mpich, prog, &args, &env, &rig.dir.0);
+    let (ok, out) = job.wait_at_most(Duration::from_secs(30));
+    assert!(ok, "{tag}: the MPI job failed\n{}", job.logs());
+    let oks = out
+        .lines()
+        .filter(|l| l.starts_with(&format!("{ok_prefix} rank ")))
+        .count();
+    assert_eq!(oks, RANKS as usize, "{tag}: {out}");
 }
 
 /// Asks the agent to cut the job for `epoch` and waits until every rank is quiesced (any other
