@@ -73,8 +73,9 @@ uint64_t symvirt_ctl_wait_requested(const symvirt_served *served, uint64_t skip,
  * began, would be missed and it would sleep out its timeout). Then join it. */
 void symvirt_ctl_wake_until(const int *ended);
 /* Prints to stderr why this rank's cut threads may wait tens of milliseconds to run when
- * ranks share cores (not bound to a core, a scheduling group of its own: see placement.rs);
- * 1 if it printed, else 0. For one rank to call once a cut thread has started. */
+ * ranks share cores (not bound to a core, a scheduling group of its own: see placement.rs),
+ * once per process; 1 if it printed, else 0. For one rank to call once a cut thread has
+ * started. */
 int symvirt_warn_placement(void);
 /* Wakes every thread in symvirt_ctl_wait_requested. Async-signal-safe. */
 void symvirt_ctl_wake(void);

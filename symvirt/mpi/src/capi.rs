@@ -267,17 +267,11 @@ pub unsafe extern "C" fn symvirt_ctl_wake_until(ended: *const c_int) {
 }
 
 /// Prints to stderr why this rank's cut threads may wait tens of milliseconds to run when ranks
-/// share cores ([`crate::placement::hazard`]); 1 if it printed, else 0. For one rank to call
-/// once a cut thread has started.
+/// share cores ([`crate::placement::warn`]: once per process); 1 if it printed, else 0. For one
+/// rank to call once a cut thread has started.
 #[unsafe(no_mangle)]
 pub extern "C" fn symvirt_warn_placement() -> c_int {
-    match crate::placement::hazard() {
-        Some(why) => {
-            eprintln!("symvirt: {why}");
-            1
-        }
-        None => 0,
-    }
+    c_int::from(crate::placement::warn())
 }
 
 /// Wakes every thread in [`symvirt_ctl_wait_requested`].

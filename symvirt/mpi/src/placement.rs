@@ -9,10 +9,25 @@
 //! 40-220 ms. Each rank is a group of its own when it leads its own session (MPICH's launcher
 //! makes one per rank; Open MPI's ranks share the launcher's) and the kernel's autogroups are
 //! on and apply (the process is in the root CPU cgroup). Bound to cores, or with autogroups
-//! off, no cut was slow. The layer says so at start ([`hazard`]); it cannot change either
-//! itself.
+//! off, no cut was slow. Rank 0 says so when its cut thread starts ([`warn`]: the layer at
+//! start, the explicit libraries at their first quiet phase); it cannot change either itself.
 
 use std::path::Path;
+
+/// Prints to stderr why this rank's cut threads may wait to run ([`hazard`]), once per process;
+/// whether it printed. For one rank of a job to call when its cut thread starts (launchers
+/// place every rank alike).
+pub fn warn() -> bool {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let mut printed = false;
+    WARNED.call_once(|| {
+        if let Some(why) = hazard() {
+            eprintln!("symvirt: {why}");
+            printed = true;
+        }
+    });
+    printed
+}
 
 /// The kernel's switch for autogroups.
 const AUTOGROUP_SWITCH: &str = "/proc/sys/kernel/sched_autogroup_enabled";

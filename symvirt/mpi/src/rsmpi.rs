@@ -424,7 +424,12 @@ impl SymVirt {
             .name("symvirt-quiet".into())
             .spawn(move || quiet_thread(&shared))
         {
-            Ok(handle) => self.thread = Some(handle),
+            Ok(handle) => {
+                self.thread = Some(handle);
+                if SimpleCommunicator::world().rank() == 0 {
+                    crate::placement::warn();
+                }
+            }
             Err(e) => log::warn!("symvirt: no quiet thread ({e}): cuts fall at phase ends"),
         }
     }

@@ -326,3 +326,31 @@ fn explicit_mpich_fortran_stress_consistent_at_every_cut() {
 fn explicit_mpich_jobs_over_tcp_end_without_deadlock_in_finalize() {
     mpich_jobs_over_tcp_end(Linkage::Explicit, "fin-tcp-x", 3);
 }
+
+/// The explicit library's quiet thread, like the layer's progress thread, waits to run where
+/// unbound ranks are each a scheduling group of their own: rank 0 (and only it) says so when
+/// the thread starts (its first quiet phase) with MPICH; Open MPI's ranks share one session.
+#[test]
+fn explicit_rank_zero_warns_at_its_first_quiet_phase_when_unbound_ranks_are_groups() {
+    if !placement_warnings_testable() {
+        return;
+    }
+    let short_run = |mpi: MpiImpl, tag: &str| {
+        let rig = Rig::new(tag);
+        let prog = program(mpi, "stress.c", Linkage::Explicit);
+        let env = [
+            rig.agent_env(),
+            ("STRESS_QUIET".to_string(), "1".to_string()),
+            ("STRESS_COMPUTE_MS".to_string(), "30".to_string()),
+        ];
+        let cmd = mpi.launcher(RANKS, &env);
+        stderr_of_short_run(&rig, cmd, "stress OK rank ", |work| {
+            let prog = prog.display().to_string();
+            vec![prog, "compute,ring".into(), work.into(), "2".into()]
+        })
+    };
+    let mpich = short_run(MpiImpl::Mpich, "place-x-mpich");
+    assert_eq!(mpich.matches(PLACEMENT_WARNING).count(), 1, "{mpich}");
+    let ompi = short_run(MpiImpl::OpenMpi, "place-x-ompi");
+    assert!(!ompi.contains(PLACEMENT_WARNING), "{ompi}");
+}

@@ -642,3 +642,24 @@ fn rust_ring_over_tcp_ends_without_deadlock_in_finalize_with_mpich() {
         MpiImpl::OpenMpi => assert!(!interposes, "an Open MPI build interposes UCX"),
     }
 }
+
+/// The Rust API's quiet thread: rank 0 (and only it) warns when the thread starts (its first
+/// quiet phase) where unbound ranks are each a scheduling group of their own, which MPICH's
+/// ranks are (a session each) and Open MPI's are not (one session).
+#[test]
+fn rust_ring_rank_zero_warns_at_its_first_quiet_phase_when_unbound_ranks_are_groups() {
+    if !placement_warnings_testable() {
+        return;
+    }
+    let prog = rust_ring();
+    let mpi = rust_ring_mpi();
+    let rig = Rig::new("rsmpi-place");
+    let cmd = mpi.launcher(RANKS, &[rig.agent_env()]);
+    let stderr = stderr_of_short_run(&rig, cmd, "rust_ring OK rank ", |work| {
+        let prog = prog.display().to_string();
+        vec![prog, work.into(), "2".into(), "30".into()]
+    });
+    let warnings = stderr.matches(PLACEMENT_WARNING).count();
+    let expected = usize::from(mpi == MpiImpl::Mpich);
+    assert_eq!(warnings, expected, "{mpi:?}: {stderr}");
+}

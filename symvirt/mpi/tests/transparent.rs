@@ -358,86 +358,36 @@ fn transparent_mpich_new_host_during_a_cut() {
     new_host_during_a_cut(MpiImpl::Mpich, "newhost-mpich");
 }
 
-/// What rank 0 prints at start when the kernel may leave a cut thread unrun for tens of
-/// milliseconds (see `symvirt_mpi::placement`).
-const PLACEMENT_WARNING: &str = "symvirt: this rank is not bound to a core";
-
-/// A short run of the stress program under the layer, launched by `launcher` (its program and
-/// arguments added here); returns the job's stderr.
-fn stderr_of_short_run(
-    mpi: MpiImpl,
-    tag: &str,
-    launcher: impl FnOnce(&[(String, String)]) -> std::process::Command,
-) -> String {
-    let rig = Rig::new(tag);
-    let prog = program(mpi, "stress.c", Linkage::Plain);
-    let work = rig.dir.0.join("work");
-    fs::create_dir_all(&work).unwrap();
-    fs::write(work.join("stop"), "").unwrap(); // out at the first look (8 iterations)
-    let mut cmd = launcher(&rig.transparent_env(mpi));
-    cmd.arg(&prog).args(["ring", work.to_str().unwrap(), "2"]);
-    let mut job = Job::spawn(cmd, &rig.dir.0);
-    wait_every_rank_ok(&mut job, "stress OK rank ");
-    fs::read_to_string(&job.stderr).unwrap()
-}
-
-/// Whether every session is a scheduling group of its own here, read directly rather than
-/// through the code under test, for the plain case: autogroups on, the test in the root CPU
-/// cgroup (v1 `cpu:/`, or v2 `0::/`), and more than one core.
-fn sessions_are_groups_here() -> bool {
-    let read = |path: &str| fs::read_to_string(path).unwrap_or_default();
-    let on = read("/proc/sys/kernel/sched_autogroup_enabled");
-    let groups = read("/proc/self/cgroup");
-    // The v1 cpu hierarchy's line if there is one (a hybrid system has both), else v2's.
-    let lines: Vec<Vec<&str>> = groups.lines().map(|l| l.splitn(3, ':').collect()).collect();
-    let cpu_line = lines
-        .iter()
-        .find(|f| f.len() == 3 && f[0] != "0" && f[1].split(',').any(|c| c == "cpu"))
-        .or_else(|| lines.iter().find(|f| f.len() == 3 && f[0] == "0"));
-    let root = cpu_line.is_some_and(|f| f[2] == "/");
-    // The hardware threads of cpu0's core: a list such as "0-1" or "0,4".
-    let siblings = read("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list");
-    let threads_of_cpu0: usize = siblings
-        .trim()
-        .split(',')
-        .map(|part| match part.split_once('-') {
-            Some((lo, hi)) => {
-                hi.parse::<usize>().unwrap_or(0) + 1 - lo.parse::<usize>().unwrap_or(0)
-            }
-            None => 1,
-        })
-        .sum::<usize>()
-        .max(1);
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    on.trim() == "1" && root && cpus > threads_of_cpu0
-}
-
 /// Unbound MPICH ranks, each in a session of its own, are each a scheduling group of their own
 /// where the kernel's autogroups apply: rank 0 (and only it) says so at start, naming the cure.
 /// Bound (`-bind-to core`) they get no warning, nor do Open MPI's ranks (one session).
 #[test]
 fn rank_zero_warns_when_unbound_ranks_are_scheduling_groups_of_their_own() {
-    if !sessions_are_groups_here() {
-        println!(
-            "SKIPPED: autogroups off, or not in the root CPU cgroup, or a single core: no \
-             placement to warn about"
-        );
+    if !placement_warnings_testable() {
         return;
     }
-    let unbound = stderr_of_short_run(MpiImpl::Mpich, "place-mpich", |env| {
-        MpiImpl::Mpich.launcher(RANKS, env)
-    });
+    let short_run = |mpi: MpiImpl, tag: &str, bind: bool| {
+        let rig = Rig::new(tag);
+        let prog = program(mpi, "stress.c", Linkage::Plain);
+        let mut cmd = mpi.launcher(RANKS, &rig.transparent_env(mpi));
+        if bind {
+            cmd.args(["-bind-to", "core"]);
+        }
+        stderr_of_short_run(&rig, cmd, "stress OK rank ", |work| {
+            vec![
+                prog.display().to_string(),
+                "ring".into(),
+                work.into(),
+                "2".into(),
+            ]
+        })
+    };
+    let unbound = short_run(MpiImpl::Mpich, "place-mpich", false);
     assert_eq!(unbound.matches(PLACEMENT_WARNING).count(), 1, "{unbound}");
     assert!(unbound.contains("-bind-to core"), "{unbound}");
-    let bound = stderr_of_short_run(MpiImpl::Mpich, "place-mpich-bound", |env| {
-        let mut c = MpiImpl::Mpich.launcher(RANKS, env);
-        c.args(["-bind-to", "core"]);
-        c
-    });
+    let bound = short_run(MpiImpl::Mpich, "place-mpich-bound", true);
     assert!(!bound.contains(PLACEMENT_WARNING), "{bound}");
-    let ompi = stderr_of_short_run(MpiImpl::OpenMpi, "place-ompi", |env| {
-        MpiImpl::OpenMpi.launcher(RANKS, env)
-    });
+    let ompi = short_run(MpiImpl::OpenMpi, "place-ompi", false);
     assert!(!ompi.contains(PLACEMENT_WARNING), "{ompi}");
 }
 

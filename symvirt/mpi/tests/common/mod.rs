@@ -489,6 +489,73 @@ pub fn wait_every_rank_ok(job: &mut Job, ok_prefix: &str) -> String {
     out
 }
 
+/// What rank 0 prints at start when the kernel may leave a cut thread unrun for tens of
+/// milliseconds (see `symvirt_mpi::placement`).
+pub const PLACEMENT_WARNING: &str = "symvirt: this rank is not bound to a core";
+
+/// Whether placement warnings can be tested here ([`sessions_are_groups_here`]); prints why
+/// not (a SKIPPED line) when they cannot.
+pub fn placement_warnings_testable() -> bool {
+    let here = sessions_are_groups_here();
+    if !here {
+        println!(
+            "SKIPPED: autogroups off, or not in the root CPU cgroup, or a single core: no \
+             placement to warn about"
+        );
+    }
+    here
+}
+
+/// A short run started by `cmd` (a launcher, with its environment) against `rig`'s agent: the
+/// program and its arguments are `args(work)`, for a work directory that holds `stop` (so the
+/// stress program and `rust_ring` end at their first look); every rank must print a line
+/// starting with `ok_prefix`. Returns the job's stderr.
+pub fn stderr_of_short_run(
+    rig: &Rig,
+    mut cmd: Command,
+    ok_prefix: &str,
+    args: impl FnOnce(&str) -> Vec<String>,
+) -> String {
+    let work = rig.dir.0.join("work");
+    fs::create_dir_all(&work).unwrap();
+    fs::write(work.join("stop"), "").unwrap();
+    cmd.args(args(work.to_str().unwrap()));
+    let mut job = Job::spawn(cmd, &rig.dir.0);
+    wait_every_rank_ok(&mut job, ok_prefix);
+    fs::read_to_string(&job.stderr).unwrap()
+}
+
+/// Whether every session is a scheduling group of its own here, read directly rather than
+/// through the code under test, for the plain case: autogroups on, the test in the root CPU
+/// cgroup (v1 `cpu:/`, or v2 `0::/`), and more than one core.
+fn sessions_are_groups_here() -> bool {
+    let read = |path: &str| fs::read_to_string(path).unwrap_or_default();
+    let on = read("/proc/sys/kernel/sched_autogroup_enabled");
+    let groups = read("/proc/self/cgroup");
+    // The v1 cpu hierarchy's line if there is one (a hybrid system has both), else v2's.
+    let lines: Vec<Vec<&str>> = groups.lines().map(|l| l.splitn(3, ':').collect()).collect();
+    let cpu_line = lines
+        .iter()
+        .find(|f| f.len() == 3 && f[0] != "0" && f[1].split(',').any(|c| c == "cpu"))
+        .or_else(|| lines.iter().find(|f| f.len() == 3 && f[0] == "0"));
+    let root = cpu_line.is_some_and(|f| f[2] == "/");
+    // The hardware threads of cpu0's core: a list such as "0-1" or "0,4".
+    let siblings = read("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list");
+    let threads_of_cpu0: usize = siblings
+        .trim()
+        .split(',')
+        .map(|part| match part.split_once('-') {
+            Some((lo, hi)) => {
+                hi.parse::<usize>().unwrap_or(0) + 1 - lo.parse::<usize>().unwrap_or(0)
+            }
+            None => 1,
+        })
+        .sum::<usize>()
+        .max(1);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    on.trim() == "1" && root && cpus > threads_of_cpu0
+}
+
 /// `tests/programs/late_finalize.c` built as a library to preload into MPICH ranks (once per
 /// test process).
 fn late_finalize_library() -> PathBuf {
