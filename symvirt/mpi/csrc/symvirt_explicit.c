@@ -482,7 +482,7 @@ int symvirt_quiet_begin_requests(MPI_Comm comm, int count, const MPI_Request req
             g.thread_ended = 0;
             g.have_thread = pthread_create(&g.thread, NULL, quiet_thread, NULL) == 0;
             int world_rank = -1;
-            MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+            PMPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
             if (g.have_thread && world_rank == 0)
                 symvirt_warn_placement(); /* launchers place every rank alike: once a job */
         }

@@ -420,13 +420,15 @@ impl SymVirt {
             return;
         }
         let shared = Arc::clone(shared);
+        // Read before the thread exists: it may call MPI once it runs.
+        let first_rank = SimpleCommunicator::world().rank() == 0;
         match std::thread::Builder::new()
             .name("symvirt-quiet".into())
             .spawn(move || quiet_thread(&shared))
         {
             Ok(handle) => {
                 self.thread = Some(handle);
-                if SimpleCommunicator::world().rank() == 0 {
+                if first_rank {
                     crate::placement::warn();
                 }
             }

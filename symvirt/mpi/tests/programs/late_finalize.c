@@ -4,8 +4,9 @@
  * endpoints: it answers the peers' flushes, so their closes complete and, without the cure,
  * they wait in MPICH's PMI barrier, never answering the flushes rank 0 then sends. Seen
  * without the harness (a rank that reaches the closes later than its peers), it makes every
- * launch meet the deadlock instead of some. Everything else passes through to the next
- * definition (the layer's, or libucp's). */
+ * launch meet the deadlock instead of some. Preloaded after the cure's definitions (the
+ * layer's, or the program's own), so that MPICH's calls still reach the cure first; everything
+ * passes through to the next definition (libucp's). */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <stdlib.h>
