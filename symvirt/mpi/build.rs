@@ -8,34 +8,26 @@
 fn main() {
     // Like mpi-sys, probes once per target directory: a later MPICC does not rebuild either.
     println!("cargo:rerun-if-changed=csrc/ucx_finalize.c");
-    if std::env::var_os("CARGO_FEATURE_RSMPI").is_some() {
-        rsmpi::compile_cure();
-    }
+    #[cfg(feature = "rsmpi")]
+    compile_cure();
 }
 
 #[cfg(feature = "rsmpi")]
-mod rsmpi {
-    pub fn compile_cure() {
-        let mpi = build_probe_mpi::probe().unwrap_or_else(|errs| {
-            panic!("no MPI found for the Rust API: {errs:?}");
-        });
-        let mut build = cc::Build::new();
-        build
-            .file("csrc/ucx_finalize.c")
-            .flag("-std=gnu11")
-            // Weak: this crate's staticlib may meet the C libraries' own copy (`ld -r`).
-            .define("SYMVIRT_UCX_CURE_WEAK", None)
-            .warnings_into_errors(true)
-            // Linked whole: nothing in Rust calls it, MPICH's library does.
-            .link_lib_modifier("+whole-archive");
-        for dir in &mpi.include_paths {
-            build.include(dir);
-        }
-        build.compile("symvirt_ucx_finalize");
+fn compile_cure() {
+    let mpi = build_probe_mpi::probe().unwrap_or_else(|errs| {
+        panic!("no MPI found for the Rust API: {errs:?}");
+    });
+    let mut build = cc::Build::new();
+    build
+        .file("csrc/ucx_finalize.c")
+        .flag("-std=gnu11")
+        // Weak: this crate's staticlib may meet the C libraries' own copy (`ld -r`).
+        .define("SYMVIRT_UCX_CURE_WEAK", None)
+        .warnings_into_errors(true)
+        // Linked whole: nothing in Rust calls it, MPICH's library does.
+        .link_lib_modifier("+whole-archive");
+    for dir in &mpi.include_paths {
+        build.include(dir);
     }
-}
-
-#[cfg(not(feature = "rsmpi"))]
-mod rsmpi {
-    pub fn compile_cure() {}
+    build.compile("symvirt_ucx_finalize");
 }

@@ -201,10 +201,15 @@ fn transparent_sources() -> Result<Vec<String>> {
     Ok(sources)
 }
 
-/// Compiles `source` (a path under `csrc/`) into `out_dir`, as `pmpi_cut.o` for `pmpi/cut.c`.
+/// Where [`compile_object`] puts the object of `source`: `pmpi_cut.o` for `pmpi/cut.c`.
+fn object_path(source: &str, out_dir: &Path) -> PathBuf {
+    out_dir.join(source.replace('/', "_").replace(".c", ".o"))
+}
+
+/// Compiles `source` (a path under `csrc/`) into `out_dir`, as [`object_path`] names it.
 fn compile_object(mpi: MpiImpl, source: &str, out_dir: &Path) -> Result<PathBuf> {
     let src = crate_dir().join("csrc").join(source);
-    let obj = out_dir.join(source.replace('/', "_").replace(".c", ".o"));
+    let obj = object_path(source, out_dir);
     let tmp = obj.with_extension(format!("o.{}.tmp", std::process::id()));
     run(
         Command::new(mpi.mpicc())
@@ -289,21 +294,10 @@ pub fn build_libraries(mpi: MpiImpl, core: &Path, out_dir: &Path) -> Result<Libr
         source: Some(e),
     })?;
     let n = mpi.name();
-    // Every source once: the transparent layer's (the shared glue among them), then the
-    // explicit API's own.
-    let mut sources = transparent_sources()?;
-    sources.push("symvirt_explicit.c".to_string());
-    let mut transparent = compile_objects(mpi, &sources, out_dir)?;
-    let explicit_own = transparent.pop().expect("symvirt_explicit.c's object");
-    let explicit: Vec<PathBuf> = std::iter::once(explicit_own)
-        .chain(
-            sources
-                .iter()
-                .zip(&transparent)
-                .filter(|(s, _)| SHARED_SOURCES.contains(&s.as_str()))
-                .map(|(_, o)| o.clone()),
-        )
-        .collect();
+    // The shared glue is among the transparent layer's sources: compiled once, used by both.
+    let transparent = compile_objects(mpi, &transparent_sources()?, out_dir)?;
+    let mut explicit = vec![compile_object(mpi, "symvirt_explicit.c", out_dir)?];
+    explicit.extend(SHARED_SOURCES.iter().map(|s| object_path(s, out_dir)));
 
     let explicit_shared = out_dir.join(format!("libsymvirt_mpi_{n}.so"));
     link_shared(mpi, &explicit, core, &[], &explicit_shared)?;
