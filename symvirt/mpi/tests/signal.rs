@@ -81,12 +81,12 @@ fn sigusr1_cut_and_release_explicit_mpich() {
     run(MpiImpl::Mpich, Linkage::Explicit, "sig-exp-mpich");
 }
 
-/// A deterministic drain: every rank raises SIGUSR1 itself right after rank 0 has sent three
-/// messages that rank 1 receives only after the following barrier, so the cut falls in that
+/// A deterministic drain: every rank raises SIGUSR1 itself right after messages were sent
+/// that their receivers take only after the following barrier, so the cut falls in that
 /// barrier with the messages in flight. The layer drains them into its buffer (its cut record
-/// says so); after the release rank 1 probes and receives them from the buffer, checking
-/// non-overtaking, tag matching and payloads.
-fn drained_then_delivered(mpi: MpiImpl, tag: &str) {
+/// says so: at least `drained[r]` on rank r); after the release the receivers take them from
+/// the buffer, and the program checks order, matching and payloads.
+fn drained_then_delivered(mpi: MpiImpl, tag: &str, modes: &str, drained: [u64; 4]) {
     let dir = TempDir::new(tag);
     let cuts = dir.0.join("cuts");
     fs::create_dir_all(&cuts).unwrap();
@@ -107,30 +107,45 @@ fn drained_then_delivered(mpi: MpiImpl, tag: &str) {
     let mut job = Job::start(
         mpi,
         &prog,
-        &["ring,handoff,collective", cuts.to_str().unwrap(), "8"],
+        &[modes, cuts.to_str().unwrap(), "8"],
         &env,
         &dir.0,
     );
     let epoch = SIGNAL_EPOCH_BASE + 1;
     let recs = read_records(&cuts, "cut", epoch);
     assert!(job.running(), "{}", job.logs());
-    let drained = |rec: &str| -> u64 { record_line(rec, "drained ").parse().unwrap() };
-    assert!(
-        drained(&recs[1]) >= 3,
-        "rank 1 drained too little: {recs:?}"
-    );
+    for (rank, want) in drained.iter().enumerate() {
+        let got: u64 = record_line(&recs[rank], "drained ").parse().unwrap();
+        assert!(got >= *want, "rank {rank} drained too little: {recs:?}");
+    }
     job.signal(libc::SIGUSR1); // release
     job.stop_and_check(&cuts);
 }
 
+/// Rank 0 sends three messages that rank 1 probes for and receives after the barrier
+/// (non-overtaking, tag matching).
+const HANDOFF: &str = "ring,handoff,collective";
+
 #[test]
 fn drained_messages_are_delivered_from_the_buffer_openmpi() {
-    drained_then_delivered(MpiImpl::OpenMpi, "drain-ompi");
+    drained_then_delivered(MpiImpl::OpenMpi, "drain-ompi", HANDOFF, [0, 3, 0, 0]);
 }
 
 #[test]
 fn drained_messages_are_delivered_from_the_buffer_mpich() {
-    drained_then_delivered(MpiImpl::Mpich, "drain-mpich");
+    drained_then_delivered(MpiImpl::Mpich, "drain-mpich", HANDOFF, [0, 3, 0, 0]);
+}
+
+/// Every rank's message to its right neighbour is drained there, then received by that
+/// neighbour's MPI_Isendrecv (MPI 4: MPICH only) from the buffer.
+#[test]
+fn drained_messages_are_received_by_isendrecv_from_the_buffer_mpich() {
+    drained_then_delivered(
+        MpiImpl::Mpich,
+        "drain-isr-mpich",
+        "ring,isendrecv,collective",
+        [1, 1, 1, 1],
+    );
 }
 
 /// The agent's cuts and SIGUSR1's share one job: the agent cuts epoch 1, SIGUSR1 cuts and

@@ -164,3 +164,29 @@ int MPI_Ibarrier(MPI_Comm comm, MPI_Request *req)
     GUARD();
     NONBLOCKING(comm, req, run_ibarrier);
 }
+
+#if MPI_VERSION >= 4
+/* MPI 4's persistent collectives (MPICH 4; Open MPI 4.1 has none): the initialization is
+ * collective, so aligned like a blocking collective; the collective itself is observed, not
+ * covered (its traffic is neither counted nor drained): while one this rank started has not
+ * completed, a cut is answered "unable" with the call's name (see persistent.c). */
+#define PERSISTENT_WRAPPER(name, iname, shape)                                                 \
+    RUN(run_##name##_init, PMPI_##name##_init(C_##shape, c->comm, c->info, c->req))            \
+    int MPI_##name##_init(P_##shape, MPI_Comm comm, MPI_Info info, MPI_Request *req)           \
+    {                                                                                          \
+        GUARD();                                                                               \
+        coll c = {.run = run_##name##_init, .comm = comm, .info = info, .req = req, I_##shape}; \
+        return svp_persistent_collective(&c, "MPI_" #name "_init");                           \
+    }
+
+COLLECTIVES(PERSISTENT_WRAPPER)
+
+RUN(run_barrier_init, PMPI_Barrier_init(c->comm, c->info, c->req))
+
+int MPI_Barrier_init(MPI_Comm comm, MPI_Info info, MPI_Request *req)
+{
+    GUARD();
+    coll c = {.run = run_barrier_init, .comm = comm, .info = info, .req = req};
+    return svp_persistent_collective(&c, "MPI_Barrier_init");
+}
+#endif

@@ -235,6 +235,17 @@ int MPI_Comm_idup(MPI_Comm comm, MPI_Comm *newcomm, MPI_Request *req)
     NONBLOCKING(comm, req, run_idup, .newcomm = newcomm);
 }
 
+#if MPI_VERSION >= 4
+RUN(run_idup_info, PMPI_Comm_idup_with_info(c->comm, c->info, c->newcomm, c->req))
+
+/* MPI 4's (MPICH 4; Open MPI 4.1 does not have it): as MPI_Comm_idup. */
+int MPI_Comm_idup_with_info(MPI_Comm comm, MPI_Info info, MPI_Comm *newcomm, MPI_Request *req)
+{
+    GUARD();
+    NONBLOCKING(comm, req, run_idup_info, .info = info, .newcomm = newcomm);
+}
+#endif
+
 int svp_run_comm_free(coll *c)
 {
     return PMPI_Comm_free(c->newcomm);

@@ -329,7 +329,16 @@ static void settle(uint64_t epoch)
     symvirt_interconnect ic;
     memset(&ic, 0, sizeof ic);
     int r;
-    if (svp.windows.n > 0) {
+    const char *uncovered = svp_uncovered_in_progress();
+    if (uncovered != NULL) {
+        /* MPI 4 traffic the layer neither counts nor drains may be in flight. */
+        char why[200];
+        snprintf(why, sizeof why,
+                 "an MPI 4 request made by %s is in progress; it is not covered by the "
+                 "transparent layer",
+                 uncovered);
+        r = symvirt_ctl_unable(epoch, why, quiesce_timeout_ms, &ic);
+    } else if (svp.windows.n > 0) {
         /* One-sided operations are not counted: a cut with a window open may leave some in
          * flight, so this rank tells the agent it cannot be migrated (the host sees the epoch
          * fail, with this reason, and keeps the job where it is). */

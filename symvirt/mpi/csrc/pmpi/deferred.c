@@ -6,7 +6,11 @@
  * communicator, and completes the application's request with the real one's status. So no
  * rank waits at the start of a non-blocking collective (a program may keep receiving while
  * it is pending: the NBX pattern), and a cut only ever waits for collectives that every
- * member has started: each member in a cut starts those that became ready. */
+ * member has started: each member in a cut starts those that became ready.
+ *
+ * The same list carries compounds (MPI 4's MPI_Isendrecv and _replace): an application's
+ * request made of the layer's own receive and send, started at once, completed with the
+ * receive's status when both parts have, progressed in the same places. */
 #include "pmpi_internal.h"
 
 typedef struct deferred {
@@ -17,6 +21,13 @@ typedef struct deferred {
     MPI_Status *st;        /* the real one's status, for the application's request */
     agreement a;
     int started;
+    /* A compound's: its send part (real is its receive), and what turns the receive's status
+     * into the application's once both completed (NULL: nothing); MPI_REQUEST_NULL and NULL
+     * for a collective. */
+    MPI_Request send;
+    void (*finish)(const coll *c, MPI_Status *st);
+    int err;      /* a compound's first failed part */
+    int compound; /* a compound, not a collective */
 } deferred;
 
 static deferred *deferred_head;
@@ -45,6 +56,39 @@ static void finish_deferred(deferred *d, int err)
     PMPI_Grequest_complete(d->app);
 }
 
+/* One turn of a compound: tests the parts still open; once both completed, completes the
+ * application's request. Returns whether it is done. */
+static int progress_compound(deferred *d)
+{
+    if (d->real != MPI_REQUEST_NULL) {
+        int flag = 0;
+        MPI_Request h = d->real;
+        int rc = PMPI_Test(&d->real, &flag, d->st);
+        if (rc != MPI_SUCCESS || flag) {
+            svp_completed(h, d->st); /* counts the receive, as MPI_Test would */
+            d->real = MPI_REQUEST_NULL;
+            if (d->err == MPI_SUCCESS)
+                d->err = rc != MPI_SUCCESS ? rc : d->st->MPI_ERROR;
+        }
+    }
+    if (d->send != MPI_REQUEST_NULL) {
+        int flag = 0;
+        MPI_Status st;
+        int rc = PMPI_Test(&d->send, &flag, &st);
+        if (rc != MPI_SUCCESS || flag) {
+            d->send = MPI_REQUEST_NULL;
+            if (d->err == MPI_SUCCESS && rc != MPI_SUCCESS)
+                d->err = rc;
+        }
+    }
+    if (d->real != MPI_REQUEST_NULL || d->send != MPI_REQUEST_NULL)
+        return 0;
+    if (d->finish != NULL)
+        d->finish(&d->c, d->st);
+    finish_deferred(d, d->err);
+    return 1;
+}
+
 void svp_progress_deferred(void)
 {
     static int busy; /* perform() and PMPI calls never come back here; be sure */
@@ -54,28 +98,34 @@ void svp_progress_deferred(void)
     deferred **link = &deferred_head;
     while (*link != NULL) {
         deferred *d = *link;
-        if (!d->started && svp_agree_step(&d->a) && !unstarted_before(d->c.cid, d)) {
-            d->started = 1;
-            d->c.req = &d->real;
-            int rc = svp_perform(&d->c);
-            if (rc != MPI_SUCCESS) {
-                d->real = MPI_REQUEST_NULL;
-                finish_deferred(d, rc);
+        int done;
+        if (d->compound) {
+            done = progress_compound(d);
+        } else {
+            if (!d->started && svp_agree_step(&d->a) && !unstarted_before(d->c.cid, d)) {
+                d->started = 1;
+                d->c.req = &d->real;
+                int rc = svp_perform(&d->c);
+                if (rc != MPI_SUCCESS) {
+                    d->real = MPI_REQUEST_NULL;
+                    finish_deferred(d, rc);
+                }
             }
-        }
-        if (d->started && d->real != MPI_REQUEST_NULL) {
-            int flag = 0;
-            MPI_Request h = d->real;
-            int rc = PMPI_Test(&d->real, &flag, d->st);
-            if (rc != MPI_SUCCESS || flag) {
-                svp_forget_req(h);
-                d->real = MPI_REQUEST_NULL;
-                if (rc == MPI_SUCCESS && d->c.newcomm != NULL)
-                    svp_adopt(*d->c.newcomm, d->c.cid, d->c.child_id); /* before the app sees it */
-                finish_deferred(d, rc != MPI_SUCCESS ? rc : d->st->MPI_ERROR);
+            if (d->started && d->real != MPI_REQUEST_NULL) {
+                int flag = 0;
+                MPI_Request h = d->real;
+                int rc = PMPI_Test(&d->real, &flag, d->st);
+                if (rc != MPI_SUCCESS || flag) {
+                    svp_forget_req(h);
+                    d->real = MPI_REQUEST_NULL;
+                    if (rc == MPI_SUCCESS && d->c.newcomm != NULL)
+                        svp_adopt(*d->c.newcomm, d->c.cid, d->c.child_id); /* before the app sees it */
+                    finish_deferred(d, rc != MPI_SUCCESS ? rc : d->st->MPI_ERROR);
+                }
             }
+            done = d->started && d->real == MPI_REQUEST_NULL;
         }
-        if (d->started && d->real == MPI_REQUEST_NULL) {
+        if (done) {
             *link = d->next;
             if (deferred_tail == &d->next)
                 deferred_tail = link;
@@ -100,8 +150,33 @@ int svp_is_deferred(MPI_Request h)
 {
     for (const deferred *d = deferred_head; d != NULL; d = d->next)
         if (d->app == h)
-            return 1;
+            return d->compound ? DEFERRED_COMPOUND : DEFERRED_COLLECTIVE;
     return 0;
+}
+
+/* A new entry at the end of the list, its application's request returned in req; NULL if
+ * MPI refused the generalized request (its code in *rc). */
+static deferred *append(const coll *c, MPI_Request *req, int *rc)
+{
+    deferred *d = calloc(1, sizeof *d);
+    MPI_Status *st = calloc(1, sizeof *st);
+    if (d == NULL || st == NULL)
+        svp_die("out of memory");
+    d->c = *c;
+    d->real = MPI_REQUEST_NULL;
+    d->send = MPI_REQUEST_NULL;
+    d->st = st;
+    *rc = PMPI_Grequest_start(deferred_query, svp_gq_free, svp_gq_cancel, st, &d->app);
+    if (*rc != MPI_SUCCESS) {
+        free(d);
+        free(st);
+        return NULL;
+    }
+    *req = d->app;
+    *deferred_tail = d;
+    deferred_tail = &d->next;
+    svp_ndeferred++;
+    return d;
 }
 
 int svp_nonblocking(coll *c, MPI_Request *req)
@@ -111,24 +186,27 @@ int svp_nonblocking(coll *c, MPI_Request *req)
         c->req = req;
         return svp_align(c->cid, c);
     }
-    deferred *d = calloc(1, sizeof *d);
-    MPI_Status *st = calloc(1, sizeof *st);
-    if (d == NULL || st == NULL)
-        svp_die("out of memory");
-    d->c = *c;
-    d->real = MPI_REQUEST_NULL;
-    d->st = st;
-    d->a = svp_alignment_of(&svp.comms[c->cid], 0);
-    int rc = PMPI_Grequest_start(deferred_query, svp_gq_free, svp_gq_cancel, st, &d->app);
-    if (rc != MPI_SUCCESS) {
-        free(d);
-        free(st);
+    int rc;
+    deferred *d = append(c, req, &rc);
+    if (d == NULL)
         return rc;
-    }
-    *req = d->app;
-    *deferred_tail = d;
-    deferred_tail = &d->next;
-    svp_ndeferred++;
+    d->a = svp_alignment_of(&svp.comms[c->cid], 0);
+    svp_progress_deferred();
+    return MPI_SUCCESS;
+}
+
+int svp_compound(MPI_Request recv, MPI_Request send, void (*finish)(const coll *c, MPI_Status *st),
+                 const coll *c, MPI_Request *req)
+{
+    int rc;
+    deferred *d = append(c, req, &rc);
+    if (d == NULL)
+        return rc;
+    d->compound = 1;
+    d->started = 1;
+    d->real = recv;
+    d->send = send;
+    d->finish = finish;
     svp_progress_deferred();
     return MPI_SUCCESS;
 }

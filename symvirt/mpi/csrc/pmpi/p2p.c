@@ -107,37 +107,117 @@ int MPI_Sendrecv(const void *sbuf, int scount, MPI_Datatype sdt, int dest, int s
     return rc;
 }
 
-/* Through a packed copy of the incoming message, so the send may leave buf first. */
+/* Sendrecv_replace (blocking or not) goes through a copy: its receive arrives as bytes in
+ * c->recvbuf, a buffer of the layer's, so that the send may still read the application's.
+ * Once both completed they are unpacked into c->buffer, the status counting elements of
+ * c->datatype, and the copy is freed. */
+static void unpack_replaced(const coll *c, MPI_Status *st)
+{
+    int tsize = 0, nbytes = 0, pos = 0;
+    PMPI_Type_size(c->datatype, &tsize);
+    PMPI_Get_count(st, MPI_BYTE, &nbytes);
+    int elems = tsize > 0 ? nbytes / tsize : 0;
+    if (elems > 0 && st->MPI_SOURCE != MPI_PROC_NULL)
+        PMPI_Unpack(c->recvbuf, nbytes, &pos, c->buffer, elems, c->datatype, c->comm);
+    PMPI_Status_set_elements(st, c->datatype, elems);
+    free(c->recvbuf);
+}
+
+/* The send could not start: the receive is taken back. One that completed meanwhile keeps its
+ * message (finish, if not NULL, unpacks it into the application's buffer); the call fails. */
+static int undo_receive(MPI_Request *recv, void (*finish)(const coll *c, MPI_Status *st),
+                        const coll *c, int rc)
+{
+    MPI_Status st;
+    int cancelled = 0;
+    MPI_Cancel(recv);
+    MPI_Wait(recv, &st);
+    PMPI_Test_cancelled(&st, &cancelled);
+    if (finish != NULL && !cancelled)
+        finish(c, &st);
+    else if (finish != NULL)
+        free(c->recvbuf);
+    return rc;
+}
+
+/* A Sendrecv_replace's receive, into a buffer of the layer's (c->recvbuf, freed by
+ * unpack_replaced), then its send; nothing is left started if either fails. */
+static int start_replace(coll *c, int dest, int stag, int src, int rtag, MPI_Request rq[2])
+{
+    int psize = 0;
+    PMPI_Pack_size(c->count, c->datatype, c->comm, &psize);
+    c->recvbuf = malloc((size_t)(psize > 0 ? psize : 1));
+    if (c->recvbuf == NULL)
+        svp_die("out of memory");
+    int rc = MPI_Irecv(c->recvbuf, psize, MPI_BYTE, src, rtag, c->comm, &rq[0]);
+    if (rc != MPI_SUCCESS) {
+        free(c->recvbuf);
+        return rc;
+    }
+    rc = MPI_Isend(c->buffer, c->count, c->datatype, dest, stag, c->comm, &rq[1]);
+    if (rc != MPI_SUCCESS)
+        return undo_receive(&rq[0], unpack_replaced, c, rc);
+    return rc;
+}
+
 int MPI_Sendrecv_replace(void *buf, int count, MPI_Datatype dt, int dest, int stag, int src,
                          int rtag, MPI_Comm comm, MPI_Status *status)
 {
     GUARD();
     if (svp_cid(comm) < 0)
         return PMPI_Sendrecv_replace(buf, count, dt, dest, stag, src, rtag, comm, status);
-    int psize = 0, tsize = 0;
-    PMPI_Pack_size(count, dt, comm, &psize);
-    PMPI_Type_size(dt, &tsize);
-    char *tmp = malloc((size_t)(psize > 0 ? psize : 1));
-    if (tmp == NULL)
-        svp_die("out of memory");
+    coll c = {.comm = comm, .buffer = buf, .count = count, .datatype = dt};
     MPI_Request rq[2];
     MPI_Status st[2];
-    int rc = MPI_Irecv(tmp, psize, MPI_BYTE, src, rtag, comm, &rq[0]);
-    if (rc == MPI_SUCCESS)
-        rc = MPI_Isend(buf, count, dt, dest, stag, comm, &rq[1]);
-    if (rc == MPI_SUCCESS)
-        rc = MPI_Waitall(2, rq, st);
-    if (rc == MPI_SUCCESS) {
-        int nbytes = 0, pos = 0;
-        PMPI_Get_count(&st[0], MPI_BYTE, &nbytes);
-        int elems = tsize > 0 ? nbytes / tsize : 0;
-        if (elems > 0 && src != MPI_PROC_NULL)
-            PMPI_Unpack(tmp, nbytes, &pos, buf, elems, dt, comm);
-        if (status != MPI_STATUS_IGNORE) {
-            *status = st[0];
-            PMPI_Status_set_elements(status, dt, elems);
-        }
+    int rc = start_replace(&c, dest, stag, src, rtag, rq);
+    if (rc != MPI_SUCCESS)
+        return rc;
+    rc = MPI_Waitall(2, rq, st);
+    if (rc != MPI_SUCCESS) {
+        free(c.recvbuf);
+        return rc;
     }
-    free(tmp);
+    unpack_replaced(&c, &st[0]);
+    if (status != MPI_STATUS_IGNORE)
+        *status = st[0];
     return rc;
 }
+
+#if MPI_VERSION >= 4
+/* MPI 4's non-blocking MPI_Sendrecv(_replace) (MPICH 4; Open MPI 4.1 has neither): made of
+ * the layer's own receive (which looks in the buffer first, and is counted when it completes)
+ * and send (counted when it starts), completed together as one request (a compound, see
+ * deferred.c). A PMPI_Isendrecv would neither be counted nor find a message a cut drained. */
+int MPI_Isendrecv(const void *sbuf, int scount, MPI_Datatype sdt, int dest, int stag,
+                  void *rbuf, int rcount, MPI_Datatype rdt, int src, int rtag, MPI_Comm comm,
+                  MPI_Request *req)
+{
+    GUARD();
+    coll c = {.comm = comm, .cid = svp_cid(comm)};
+    if (c.cid < 0)
+        return PMPI_Isendrecv(sbuf, scount, sdt, dest, stag, rbuf, rcount, rdt, src, rtag, comm,
+                              req);
+    MPI_Request rq[2];
+    int rc = MPI_Irecv(rbuf, rcount, rdt, src, rtag, comm, &rq[0]);
+    if (rc != MPI_SUCCESS)
+        return rc;
+    rc = MPI_Isend(sbuf, scount, sdt, dest, stag, comm, &rq[1]);
+    if (rc != MPI_SUCCESS)
+        return undo_receive(&rq[0], NULL, &c, rc);
+    return svp_compound(rq[0], rq[1], NULL, &c, req);
+}
+
+int MPI_Isendrecv_replace(void *buf, int count, MPI_Datatype dt, int dest, int stag, int src,
+                          int rtag, MPI_Comm comm, MPI_Request *req)
+{
+    GUARD();
+    coll c = {.comm = comm, .cid = svp_cid(comm), .buffer = buf, .count = count, .datatype = dt};
+    if (c.cid < 0)
+        return PMPI_Isendrecv_replace(buf, count, dt, dest, stag, src, rtag, comm, req);
+    MPI_Request rq[2];
+    int rc = start_replace(&c, dest, stag, src, rtag, rq);
+    if (rc != MPI_SUCCESS)
+        return rc;
+    return svp_compound(rq[0], rq[1], unpack_replaced, &c, req);
+}
+#endif

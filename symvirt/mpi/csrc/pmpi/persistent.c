@@ -43,7 +43,39 @@ static void add_persistent(MPI_Request r, int cid, int is_recv, int peer, int ta
                            int count, MPI_Datatype dt)
 {
     GROW(svp.pers);
-    svp.pers.v[svp.pers.n++] = (persistent){r, cid, is_recv, peer, tag, count, buf, dt};
+    svp.pers.v[svp.pers.n++] = (persistent){r, cid, is_recv, peer, tag, count, buf, dt, NULL};
+}
+
+void svp_add_uncovered(MPI_Request r, int cid, const char *call)
+{
+    GROW(svp.pers);
+    svp.pers.v[svp.pers.n++] = (persistent){.req = r, .cid = cid, .uncovered = call};
+}
+
+int svp_persistent_collective(coll *c, const char *call)
+{
+    c->cid = svp_cid(c->comm);
+    MPI_Request *req = c->req;
+    int rc = svp_align(c->cid, c);
+    if (rc == MPI_SUCCESS && svp.ready && !svp.closed) {
+        svp_forget_req(*req); /* made, not started: watched from its starts on */
+        svp_add_uncovered(*req, c->cid, call);
+    }
+    return rc;
+}
+
+const char *svp_uncovered_in_progress(void)
+{
+    for (int i = 0; i < svp.reqs.n; i++) {
+        if (svp.reqs.v[i].kind != REQ_UNCOVERED)
+            continue;
+        int flag = 0;
+        PMPI_Request_get_status(svp.reqs.v[i].req, &flag, MPI_STATUS_IGNORE);
+        int p = find_persistent(svp.reqs.v[i].req);
+        if (!flag && p >= 0)
+            return svp.pers.v[p].uncovered;
+    }
+    return NULL;
 }
 
 #define SEND_INIT(name, pname)                                                                 \
@@ -73,6 +105,50 @@ int MPI_Recv_init(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_C
     return rc;
 }
 
+#if MPI_VERSION >= 4
+/* MPI 4's partitioned communication (MPICH 4): observed, not covered, like persistent
+ * collectives (see svp_add_uncovered); the calls that move partitions are wrapped so that
+ * they, too, run inside the gate (never while the progress thread makes a cut). */
+#define PARTITIONED_INIT(name, buf_type)                                                        \
+    int MPI_##name(buf_type buf, int partitions, MPI_Count count, MPI_Datatype dt, int peer,   \
+                   int tag, MPI_Comm comm, MPI_Info info, MPI_Request *req)                    \
+    {                                                                                          \
+        GUARD();                                                                               \
+        int cid = svp_cid(comm);                                                               \
+        int rc = PMPI_##name(buf, partitions, count, dt, peer, tag, comm, info, req);          \
+        if (rc == MPI_SUCCESS && svp.ready && !svp.closed)                                     \
+            svp_add_uncovered(*req, cid, "MPI_" #name);                                        \
+        return rc;                                                                             \
+    }
+
+PARTITIONED_INIT(Psend_init, const void *)
+PARTITIONED_INIT(Precv_init, void *)
+
+int MPI_Pready(int partition, MPI_Request req)
+{
+    GUARD();
+    return PMPI_Pready(partition, req);
+}
+
+int MPI_Pready_range(int low, int high, MPI_Request req)
+{
+    GUARD();
+    return PMPI_Pready_range(low, high, req);
+}
+
+int MPI_Pready_list(int length, int partitions[], MPI_Request req)
+{
+    GUARD();
+    return PMPI_Pready_list(length, partitions, req);
+}
+
+int MPI_Parrived(MPI_Request req, int partition, int *flag)
+{
+    GUARD();
+    return PMPI_Parrived(req, partition, flag);
+}
+#endif
+
 int MPI_Start(MPI_Request *req)
 {
     GUARD();
@@ -80,6 +156,12 @@ int MPI_Start(MPI_Request *req)
     if (i < 0)
         return PMPI_Start(req);
     persistent *p = &svp.pers.v[i];
+    if (p->uncovered != NULL) {
+        int rc = PMPI_Start(req);
+        if (rc == MPI_SUCCESS)
+            svp_track_req(*req, p->cid, REQ_UNCOVERED);
+        return rc;
+    }
     if (!p->is_recv) {
         svp_count_send(p->cid, p->peer);
         return PMPI_Start(req);
@@ -137,7 +219,12 @@ int MPI_Cancel(MPI_Request *req)
     for (int i = 0; i < svp.subst.n; i++)
         if (svp.subst.v[i].req == h)
             return MPI_SUCCESS;
-    if (svp_ndeferred && svp_is_deferred(h))
+    int deferred = svp_ndeferred ? svp_is_deferred(h) : 0;
+    if (deferred == DEFERRED_COMPOUND)
+        return svp_refuse(MPI_COMM_SELF, "MPI_Cancel",
+                          "cancelling MPI_Isendrecv is not supported (its send was counted "
+                          "when it started)");
+    if (deferred)
         return svp_refuse(MPI_COMM_SELF, "MPI_Cancel",
                           "a non-blocking collective cannot be cancelled");
     for (int i = 0; i < svp.reqs.n; i++)
@@ -147,8 +234,8 @@ int MPI_Cancel(MPI_Request *req)
                        : svp_refuse(MPI_COMM_SELF, "MPI_Cancel",
                                     "a non-blocking collective cannot be cancelled");
     int p = find_persistent(h);
-    if (p >= 0 && svp.pers.v[p].is_recv)
-        return PMPI_Cancel(req); /* inactive: MPI decides */
+    if (p >= 0 && (svp.pers.v[p].is_recv || svp.pers.v[p].uncovered != NULL))
+        return PMPI_Cancel(req); /* inactive, or not the layer's to refuse: MPI decides */
     if (p >= 0)
         return svp_refuse(MPI_COMM_SELF, "MPI_Cancel", SEND_CANCEL);
     if (!svp.ready || svp.closed)

@@ -75,9 +75,10 @@
  * layer does not wrap, so it makes the cut itself at its next wrapped call, as without the
  * thread (see svp_unwrapped_calls_possible). Other calls the layer does not wrap run outside
  * the gate: safe for local calls that touch no request or communicator a cut works on
- * (MPI_Comm_rank, MPI_Wtime, datatype and attribute calls), not for MPI 4 calls that
- * communicate (MPI_Isendrecv, partitioned and persistent collective requests), which the
- * layer does not count either.
+ * (MPI_Comm_rank, MPI_Wtime, datatype and attribute calls), not for MPI 4's large-count _c
+ * calls, which the layer does not count either. MPI 4's persistent collectives and
+ * partitioned requests are wrapped (inside the gate) and observed, not covered: a rank with
+ * one started and incomplete answers cuts "unable" (persistent.c).
  *
  * Requests of both kinds at once (the agent's epoch E and SIGUSR1's F, counted apart: see
  * symvirt_served): a rank may start its cut for E while a peer starts its cut for F. Every
@@ -152,12 +153,13 @@
  *   buffer.c       the layer's buffer of drained messages, and delivering from it
  *   cut.c          the cut, and the idle turns of every wait loop that enter or answer one
  *   agreement.c    agreement among a communicator's members; collectives aligned, then run
- *   deferred.c     non-blocking collectives, started once every member has called them
+ *   deferred.c     non-blocking collectives, started once every member has called them;
+ *                  compounds (MPI_Isendrecv: a receive and a send as one request)
  *   init.c         MPI_Init(_thread), MPI_Finalize, the progress thread and the rank's lock
  *   comm_create.c  communicator creation and MPI_Comm_free
  *   onesided.c     windows (observed, not their operations)
  *   files.c        MPI-IO: open files observed, collective calls aligned
- *   p2p.c          sends, receives, Sendrecv(_replace)
+ *   p2p.c          sends, receives, Sendrecv(_replace), MPI 4's Isendrecv(_replace)
  *   persistent.c   persistent requests, MPI_Request_free, MPI_Cancel
  *   probes.c       probes, matched probes and the held messages behind them
  *   completion.c   the test and wait families
@@ -209,20 +211,25 @@ typedef struct {
 } tracked_comm;
 
 /* A request the layer watches until it completes. */
-enum { REQ_RECV, REQ_COLL };
+enum { REQ_RECV, REQ_COLL, REQ_UNCOVERED };
 typedef struct {
     MPI_Request req;
     int cid;
-    int kind;    /* REQ_RECV: counted on completion; REQ_COLL: a cut waits for it */
+    /* REQ_RECV: counted on completion; REQ_COLL: a cut waits for it; REQ_UNCOVERED: an MPI 4
+     * persistent collective or partitioned request started, whose traffic the layer neither
+     * counts nor drains: while one is incomplete, cuts are answered "unable" */
+    int kind;
     int counted; /* completed (and counted) during a cut, not yet seen by the application */
 } tracked_req;
 
-/* A persistent request on a tracked communicator. */
+/* A persistent request on a tracked communicator; or an MPI 4 persistent collective or
+ * partitioned request (uncovered: the call that made it), watched only while started. */
 typedef struct {
     MPI_Request req;
     int cid, is_recv, peer, tag, count;
     void *buf;
     MPI_Datatype dt;
+    const char *uncovered;
 } persistent;
 
 /* A persistent receive served from the buffer: the next test/wait returns this status. */
@@ -667,14 +674,22 @@ int svp_align(int cid, coll *c);
  * stand-in for members no communicator holds together: see comm_create.c). */
 int svp_align_on(tracked_comm *t, coll *c);
 
-/* ---- deferred.c: non-blocking collectives --------------------------------------------------- */
+/* ---- deferred.c: non-blocking collectives and compounds --------------------------------------- */
 
-/* Starts the collectives every member has called, completes those MPI has completed. */
+/* Starts the collectives every member has called, completes those MPI has completed, and the
+ * compounds whose parts have. */
 void svp_progress_deferred(void);
-/* Whether a non-blocking collective not yet completed names slot cid. */
+/* Whether a non-blocking collective or compound not yet completed names slot cid. */
 int svp_deferred_names(int cid);
-/* Whether h is the request of a non-blocking collective not yet completed. */
+enum { DEFERRED_COLLECTIVE = 1, DEFERRED_COMPOUND };
+/* What h is the request of, if a non-blocking collective or compound not yet completed (0:
+ * neither). */
 int svp_is_deferred(MPI_Request h);
+/* A compound (MPI_Isendrecv and _replace): an application's request, returned in req, that
+ * completes when both recv (a receive made through the layer's MPI_Irecv) and send (through
+ * its MPI_Isend) have, with recv's status, passed first to finish (with c) if not NULL. */
+int svp_compound(MPI_Request recv, MPI_Request send, void (*finish)(const coll *c, MPI_Status *st),
+                 const coll *c, MPI_Request *req);
 /* A non-blocking collective: deferred on a tracked intracommunicator, else aligned and started
  * at once (intercommunicators, communicators the layer does not observe). */
 int svp_nonblocking(coll *c, MPI_Request *req);
@@ -686,6 +701,15 @@ void svp_start_deferred_on(int cid);
 
 /* MPI_Comm_free's run function (comm_create.c): perform() tells a free from a creation. */
 int svp_run_comm_free(coll *c);
+/* persistent.c: MPI 4 persistent collectives and partitioned requests, which the layer
+ * observes but does not cover. A persistent collective's initialization is collective, so
+ * aligned like one (c: its record; call: its name). */
+int svp_persistent_collective(coll *c, const char *call);
+/* Watches the persistent request r (made by call) that the layer does not cover. */
+void svp_add_uncovered(MPI_Request r, int cid, const char *call);
+/* The call that made an uncovered request this rank started and that has not completed, or
+ * NULL: a cut is then answered "unable". */
+const char *svp_uncovered_in_progress(void);
 /* persistent.c: persistent receives served from the buffer (substitutes). */
 int svp_take_substitute(MPI_Request h, MPI_Status *st);
 int svp_find_substitute(int n, const MPI_Request *reqs);

@@ -1,6 +1,7 @@
 /* Under the transparent layer, calls it cannot make correct fail at the call, through the
  * error handler, with MPI_ERR_UNSUPPORTED_OPERATION: MPI_Cancel of a pending non-blocking
- * collective, and of a pending send (its count was taken when it started). The program then
+ * collective, of a pending send (its count was taken when it started), and of a pending
+ * MPI_Isendrecv (MPI 4, for the same reason). The program then
  * goes on: the collective and the send still complete, the message is received intact. A
  * receive too small for its message fails with MPI_ERR_TRUNCATE, as without the layer.
  * With -DSYMVIRT_EXPLICIT (linked with the explicit library instead), misuse of quiet phases
@@ -115,6 +116,26 @@ int main(int argc, char **argv)
     for (int i = 0; i < WORDS; i++)
         if (in[i] != (((uint64_t)left << 32) | (uint64_t)i))
             fail("payload", i);
+#if MPI_VERSION >= 4
+    /* MPI 4: cancelling a pending MPI_Isendrecv is refused as well (its send was counted);
+     * the request still completes, with its receive's message and status. */
+    uint64_t mine = (uint64_t)me, got = UINT64_MAX, passed = UINT64_MAX;
+    MPI_Request sr;
+    MPI_Isendrecv(&mine, 1, MPI_UINT64_T, right, 7, &got, 1, MPI_UINT64_T, left, 8,
+                  MPI_COMM_WORLD, &sr);
+    rc = MPI_Cancel(&sr);
+    if (rc != MPI_ERR_UNSUPPORTED_OPERATION)
+        fail("MPI_Cancel of a pending MPI_Isendrecv was not refused", rc);
+    MPI_Barrier(MPI_COMM_WORLD);
+    MPI_Send(&mine, 1, MPI_UINT64_T, right, 8, MPI_COMM_WORLD);
+    MPI_Recv(&passed, 1, MPI_UINT64_T, left, 7, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+    MPI_Wait(&sr, &st);
+    cancelled = 1;
+    MPI_Test_cancelled(&st, &cancelled);
+    if (cancelled || got != (uint64_t)left || passed != (uint64_t)left ||
+        st.MPI_SOURCE != left || st.MPI_TAG != 8)
+        fail("the MPI_Isendrecv after a refused cancel", 0);
+#endif
     /* A receive too small for its message fails as MPI makes it fail (the layer's own receive
      * path must pass the error on), and the next message arrives intact. */
     uint64_t big[4] = {1, 2, 3, (uint64_t)me}, small[2] = {0, 0};

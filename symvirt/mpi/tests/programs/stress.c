@@ -38,6 +38,15 @@
  *   cancel     a receive nothing matches is cancelled; a message sent before a barrier is
  *              received by an Irecv that is then cancelled: delivered, or received again
  *   replace    MPI_Sendrecv_replace around the ring
+ *   isendrecv  (MPI 4) around the ring: a message sent before a barrier that the right
+ *              neighbour receives after it through MPI_Isendrecv (a cut in the barrier drains it
+ *              into the layer's buffer; with STRESS_RAISE_SIGUSR1 set, at iteration 3 every
+ *              rank raises SIGUSR1 after a first barrier, so the cut falls there), an Irecv
+ *              for that Isendrecv's own send, completed by Waitall, a Testall loop or Waitany;
+ *              then MPI_Isendrecv_replace (large messages every other iteration), completed by
+ *              Wait or a Test loop; then a ring on a communicator MPI_Comm_idup_with_info made
+ *              while ring traffic went on. MPICH 4.0's own MPI_Isendrecv leaves its status
+ *              empty; the layer's gives the receive's, as MPI 4 says, and the mode checks it
  *   compute    every rank computes for about STRESS_COMPUTE_MS (default 5000; rank and iteration
  *              vary it between 2/3 and 4/3 of that) without calling MPI, then calls MPI_Iprobe
  *              on a communicator nobody sends on, timing it (see DIR/entries-R below)
@@ -666,6 +675,68 @@ static void replace(void)
     check_fixed(bufs[2], &st, left, 53, words);
 }
 
+/* isendrecv: MPI 4's non-blocking Sendrecv and Sendrecv_replace (see the top). */
+static void isendrecv(void)
+{
+#if MPI_VERSION >= 4
+    int right = (me + 1) % np, left = (me + np - 1) % np;
+    MPI_Request rq[3];
+    MPI_Status st[3];
+    int n = fill(bufs[0], right, 56);
+    MPI_Isend(bufs[0], n, MPI_UINT64_T, right, 56, MPI_COMM_WORLD, &rq[0]);
+    if (iteration == 3 && getenv("STRESS_RAISE_SIGUSR1") != NULL) {
+        MPI_Barrier(MPI_COMM_WORLD); /* every rank's message to the right is out */
+        raise(SIGUSR1);
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    n = fill(bufs[2], right, 57);
+    MPI_Isendrecv(bufs[2], n, MPI_UINT64_T, right, 57, bufs[1], LARGE + 4, MPI_UINT64_T, left, 56,
+                  MPI_COMM_WORLD, &rq[1]);
+    MPI_Irecv(bufs[3], LARGE + 4, MPI_UINT64_T, left, 57, MPI_COMM_WORLD, &rq[2]);
+    if (iteration % 3 == 0) {
+        MPI_Waitall(3, rq, st);
+    } else if (iteration % 3 == 1) {
+        int done = 0;
+        while (!done)
+            MPI_Testall(3, rq, &done, st);
+    } else {
+        for (int k = 0; k < 3; k++) {
+            int i;
+            MPI_Status one;
+            MPI_Waitany(3, rq, &i, &one);
+            st[i] = one;
+        }
+    }
+    if (st[1].MPI_TAG != 56)
+        fail("MPI_Isendrecv's status is not its receive's", left);
+    check(bufs[1], &st[1], left);
+    check(bufs[3], &st[2], left);
+    int words = iteration % 2 ? LARGE + 4 : SMALL + 4;
+    MPI_Request r;
+    fill_fixed(bufs[4], right, 58, words);
+    MPI_Isendrecv_replace(bufs[4], words, MPI_UINT64_T, right, 58, left, 58, MPI_COMM_WORLD, &r);
+    if (iteration % 2 == 0) {
+        MPI_Wait(&r, &st[0]);
+    } else {
+        int done = 0;
+        while (!done)
+            MPI_Test(&r, &done, &st[0]);
+    }
+    check_fixed(bufs[4], &st[0], left, 58, words);
+    /* A communicator from MPI_Comm_idup_with_info, made while ring traffic goes on, carries
+     * counted, checked messages like any other. */
+    MPI_Comm dup;
+    MPI_Request made;
+    MPI_Comm_idup_with_info(MPI_COMM_WORLD, MPI_INFO_NULL, &dup, &made);
+    ring_nb();
+    MPI_Wait(&made, MPI_STATUS_IGNORE);
+    ring_nb_on(dup, 13);
+    MPI_Comm_free(&dup);
+#else
+    fail("mode isendrecv needs MPI 4 (MPI_Isendrecv)", -1);
+#endif
+}
+
 /* persist: persistent sends and receives to both ring neighbours, made once on a duplicate of
  * WORLD; each iteration starts the sends, sometimes waits in a barrier (a cut there drains
  * the neighbours' messages, so the receives' Start must find them in the layer's buffer),
@@ -1231,6 +1302,8 @@ int main(int argc, char **argv)
                 intercomm();
             else if (strcmp(m, "replace") == 0)
                 replace();
+            else if (strcmp(m, "isendrecv") == 0)
+                isendrecv();
             else if (strcmp(m, "compute") == 0)
                 compute();
             else if (strcmp(m, "compute_nb") == 0)
