@@ -188,6 +188,16 @@ fn transparent_mpich_isendrecv_consistent_at_every_cut() {
     run_transparent(MpiImpl::Mpich, Some(ISENDRECV), "tr-isr-mpich", 4);
 }
 
+/// MPI 4's large-count (_c) forms of point-to-point calls, a matched receive and collectives
+/// (blocking, non-blocking, v variant), counted and aligned like the int forms, next to ring
+/// traffic.
+const LARGE_COUNT: &str = "large_count,ring,large_count,ring_nb";
+
+#[test]
+fn transparent_mpich_large_count_calls_consistent_at_every_cut() {
+    run_transparent(MpiImpl::Mpich, Some(LARGE_COUNT), "tr-lc-mpich", 4);
+}
+
 /// Matched probes (Mprobe/Improbe with Mrecv/Imrecv, ANY_SOURCE and ANY_TAG) next to
 /// ordinary ANY_SOURCE traffic.
 const MPROBE: &str = "mprobe,anysource,mprobe";
@@ -284,13 +294,18 @@ fn refuses(mpi: MpiImpl, tag: &str) {
         "{collective} collective refusals: {err}"
     );
     assert_eq!(refused("cancelling a send"), RANKS as usize, "{err}");
-    // MPI 4's MPI_Isendrecv: MPICH 4 has it, Open MPI 4.1 does not.
+    // MPI 4's MPI_Isendrecv and _c calls: MPICH 4 has them, Open MPI 4.1 does not.
     let isendrecv = if mpi == MpiImpl::Mpich {
         RANKS as usize
     } else {
         0
     };
     assert_eq!(refused("cancelling MPI_Isendrecv"), isendrecv, "{err}");
+    let too_large = err
+        .lines()
+        .filter(|l| l.contains("MPI_Sendrecv_replace_c refused: a count above INT_MAX"))
+        .count();
+    assert_eq!(too_large, isendrecv, "{err}");
 }
 
 #[test]

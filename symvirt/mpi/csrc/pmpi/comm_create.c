@@ -236,13 +236,27 @@ int MPI_Comm_idup(MPI_Comm comm, MPI_Comm *newcomm, MPI_Request *req)
 }
 
 #if MPI_VERSION >= 4
-RUN(run_idup_info, PMPI_Comm_idup_with_info(c->comm, c->info, c->newcomm, c->req))
+/* The real call may start after the application freed its info (legal once the call
+ * returned): it takes the layer's copy, freed once started. */
+static int run_idup_info(coll *c)
+{
+    int rc = PMPI_Comm_idup_with_info(c->comm, c->info, c->newcomm, c->req);
+    if (c->info != MPI_INFO_NULL)
+        PMPI_Info_free(&c->info);
+    return rc;
+}
 
 /* MPI 4's (MPICH 4; Open MPI 4.1 does not have it): as MPI_Comm_idup. */
 int MPI_Comm_idup_with_info(MPI_Comm comm, MPI_Info info, MPI_Comm *newcomm, MPI_Request *req)
 {
     GUARD();
-    NONBLOCKING(comm, req, run_idup_info, .info = info, .newcomm = newcomm);
+    MPI_Info copy = MPI_INFO_NULL;
+    if (info != MPI_INFO_NULL) {
+        int rc = PMPI_Info_dup(info, &copy);
+        if (rc != MPI_SUCCESS)
+            return rc;
+    }
+    NONBLOCKING(comm, req, run_idup_info, .info = copy, .newcomm = newcomm);
 }
 #endif
 

@@ -329,13 +329,13 @@ static void settle(uint64_t epoch)
     symvirt_interconnect ic;
     memset(&ic, 0, sizeof ic);
     int r;
-    const char *uncovered = svp_uncovered_in_progress();
+    const char *uncovered = svp_uncovered_alive();
     if (uncovered != NULL) {
         /* MPI 4 traffic the layer neither counts nor drains may be in flight. */
         char why[200];
         snprintf(why, sizeof why,
-                 "an MPI 4 request made by %s is in progress; it is not covered by the "
-                 "transparent layer",
+                 "an MPI 4 request made by %s exists (until it is freed); its traffic is not "
+                 "covered by the transparent layer",
                  uncovered);
         r = symvirt_ctl_unable(epoch, why, quiesce_timeout_ms, &ic);
     } else if (svp.windows.n > 0) {

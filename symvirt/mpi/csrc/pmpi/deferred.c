@@ -18,7 +18,10 @@ typedef struct deferred {
     coll c;                /* its arguments; c.req points at real once started */
     MPI_Request app;       /* the generalized request the application holds */
     MPI_Request real;
-    MPI_Status *st;        /* the real one's status, for the application's request */
+    MPI_Status work;       /* the real one's status (a compound's: its receive's) */
+    MPI_Status *st;        /* the application's request's, copied from work at completion */
+    int detached;          /* the application freed its request (MPI_Request_free): MPICH
+                            * freed st then; the request is still completed, st untouched */
     agreement a;
     int started;
     /* A compound's: its send part (real is its receive), and what turns the receive's status
@@ -52,7 +55,10 @@ static int unstarted_before(int cid, const deferred *d)
 
 static void finish_deferred(deferred *d, int err)
 {
-    d->st->MPI_ERROR = err;
+    if (!d->detached) {
+        *d->st = d->work;
+        d->st->MPI_ERROR = err;
+    }
     PMPI_Grequest_complete(d->app);
 }
 
@@ -63,12 +69,12 @@ static int progress_compound(deferred *d)
     if (d->real != MPI_REQUEST_NULL) {
         int flag = 0;
         MPI_Request h = d->real;
-        int rc = PMPI_Test(&d->real, &flag, d->st);
+        int rc = PMPI_Test(&d->real, &flag, &d->work);
         if (rc != MPI_SUCCESS || flag) {
-            svp_completed(h, d->st); /* counts the receive, as MPI_Test would */
+            svp_completed(h, &d->work); /* counts the receive, as MPI_Test would */
             d->real = MPI_REQUEST_NULL;
             if (d->err == MPI_SUCCESS)
-                d->err = rc != MPI_SUCCESS ? rc : d->st->MPI_ERROR;
+                d->err = rc != MPI_SUCCESS ? rc : d->work.MPI_ERROR;
         }
     }
     if (d->send != MPI_REQUEST_NULL) {
@@ -84,7 +90,7 @@ static int progress_compound(deferred *d)
     if (d->real != MPI_REQUEST_NULL || d->send != MPI_REQUEST_NULL)
         return 0;
     if (d->finish != NULL)
-        d->finish(&d->c, d->st);
+        d->finish(&d->c, &d->work);
     finish_deferred(d, d->err);
     return 1;
 }
@@ -114,13 +120,13 @@ void svp_progress_deferred(void)
             if (d->started && d->real != MPI_REQUEST_NULL) {
                 int flag = 0;
                 MPI_Request h = d->real;
-                int rc = PMPI_Test(&d->real, &flag, d->st);
+                int rc = PMPI_Test(&d->real, &flag, &d->work);
                 if (rc != MPI_SUCCESS || flag) {
                     svp_forget_req(h);
                     d->real = MPI_REQUEST_NULL;
                     if (rc == MPI_SUCCESS && d->c.newcomm != NULL)
                         svp_adopt(*d->c.newcomm, d->c.cid, d->c.child_id); /* before the app sees it */
-                    finish_deferred(d, rc != MPI_SUCCESS ? rc : d->st->MPI_ERROR);
+                    finish_deferred(d, rc != MPI_SUCCESS ? rc : d->work.MPI_ERROR);
                 }
             }
             done = d->started && d->real == MPI_REQUEST_NULL;
@@ -144,6 +150,13 @@ int svp_deferred_names(int cid)
         if (d->c.cid == cid)
             return 1;
     return 0;
+}
+
+void svp_detach_deferred(MPI_Request h)
+{
+    for (deferred *d = deferred_head; d != NULL; d = d->next)
+        if (d->app == h)
+            d->detached = 1;
 }
 
 int svp_is_deferred(MPI_Request h)

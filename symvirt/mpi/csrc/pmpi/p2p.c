@@ -1,6 +1,8 @@
 /* ---- point to point ---------------------------------------------------------------------
  * Sends are counted when they start; receives when they complete, after looking in the
  * layer's buffer first. */
+#include <limits.h>
+
 #include "pmpi_internal.h"
 
 /* The sends: one wrapper per (MPI call, PMPI function it goes out through). A blocking send
@@ -43,34 +45,67 @@
 SENDS(SEND_WRAPPER)
 ISENDS(ISEND_WRAPPER)
 
-int MPI_Irecv(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_Comm comm,
-              MPI_Request *req)
+/* The receives' bodies serve the int calls and MPI 4's large-count (_c) ones alike: an int
+ * count goes out through the int PMPI call (the compiler drops the other branch). */
+#if MPI_VERSION >= 4
+typedef MPI_Count count_t;
+#define PMPI_COUNTED(call, count, ...)                                                         \
+    ((count) <= INT_MAX ? call(__VA_ARGS__) : call##_c(__VA_ARGS__))
+#else
+typedef int count_t;
+#define PMPI_COUNTED(call, count, ...) call(__VA_ARGS__)
+#endif
+#define POST_IRECV(buf, count, dt, src, tag, comm, req)                                        \
+    PMPI_COUNTED(PMPI_Irecv, count, buf, count, dt, src, tag, comm, req)
+
+/* A message from the buffer is shorter than INT_MAX bytes: INT_MAX elements hold it. */
+static inline int buffered_count(count_t count)
 {
-    GUARD();
+#if MPI_VERSION >= 4
+    return count > INT_MAX ? INT_MAX : (int)count;
+#else
+    return count;
+#endif
+}
+
+/* MPI_Irecv and MPI_Irecv_c (inlined in each: the latency path takes no extra call). */
+static inline __attribute__((always_inline)) int irecv(void *buf, count_t count,
+                                                       MPI_Datatype dt, int src, int tag,
+                                                       MPI_Comm comm, MPI_Request *req)
+{
     int cid = svp_cid(comm);
     if (cid < 0 || src == MPI_PROC_NULL)
-        return PMPI_Irecv(buf, count, dt, src, tag, comm, req);
+        return POST_IRECV(buf, count, dt, src, tag, comm, req);
     buffered **link;
     if (svp_find_buffered(cid, src, tag, &link) != NULL)
-        return svp_deliver_request(svp_unlink_buffered(link), buf, count, dt, req);
-    int rc = PMPI_Irecv(buf, count, dt, src, tag, comm, req);
+        return svp_deliver_request(svp_unlink_buffered(link), buf, buffered_count(count), dt,
+                                   req);
+    int rc = POST_IRECV(buf, count, dt, src, tag, comm, req);
     if (rc == MPI_SUCCESS)
         svp_track_req(*req, cid, REQ_RECV);
     return rc;
 }
 
-int MPI_Recv(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_Comm comm,
-             MPI_Status *status)
+int MPI_Irecv(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_Comm comm,
+              MPI_Request *req)
 {
     GUARD();
+    return irecv(buf, count, dt, src, tag, comm, req);
+}
+
+/* MPI_Recv and MPI_Recv_c (inlined in each, as irecv). */
+static inline __attribute__((always_inline)) int recv(void *buf, count_t count,
+                                                      MPI_Datatype dt, int src, int tag,
+                                                      MPI_Comm comm, MPI_Status *status)
+{
     int cid = svp_cid(comm);
     if (cid < 0 || src == MPI_PROC_NULL)
-        return PMPI_Recv(buf, count, dt, src, tag, comm, status);
+        return PMPI_COUNTED(PMPI_Recv, count, buf, count, dt, src, tag, comm, status);
     buffered **link;
     if (svp_find_buffered(cid, src, tag, &link) != NULL)
-        return svp_deliver(link, buf, count, dt, status);
+        return svp_deliver(link, buf, buffered_count(count), dt, status);
     MPI_Request r;
-    int rc = PMPI_Irecv(buf, count, dt, src, tag, comm, &r);
+    int rc = POST_IRECV(buf, count, dt, src, tag, comm, &r);
     if (rc != MPI_SUCCESS)
         return rc;
     if (svp_blocking.req != MPI_REQUEST_NULL)
@@ -87,40 +122,11 @@ int MPI_Recv(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_Comm c
     return rc;
 }
 
-int MPI_Sendrecv(const void *sbuf, int scount, MPI_Datatype sdt, int dest, int stag, void *rbuf,
-                 int rcount, MPI_Datatype rdt, int src, int rtag, MPI_Comm comm,
-                 MPI_Status *status)
+int MPI_Recv(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_Comm comm,
+             MPI_Status *status)
 {
     GUARD();
-    if (svp_cid(comm) < 0)
-        return PMPI_Sendrecv(sbuf, scount, sdt, dest, stag, rbuf, rcount, rdt, src, rtag, comm,
-                             status);
-    MPI_Request rq[2];
-    MPI_Status st[2];
-    int rc = MPI_Irecv(rbuf, rcount, rdt, src, rtag, comm, &rq[0]);
-    if (rc == MPI_SUCCESS)
-        rc = MPI_Isend(sbuf, scount, sdt, dest, stag, comm, &rq[1]);
-    if (rc == MPI_SUCCESS)
-        rc = MPI_Waitall(2, rq, st);
-    if (status != MPI_STATUS_IGNORE)
-        *status = st[0];
-    return rc;
-}
-
-/* Sendrecv_replace (blocking or not) goes through a copy: its receive arrives as bytes in
- * c->recvbuf, a buffer of the layer's, so that the send may still read the application's.
- * Once both completed they are unpacked into c->buffer, the status counting elements of
- * c->datatype, and the copy is freed. */
-static void unpack_replaced(const coll *c, MPI_Status *st)
-{
-    int tsize = 0, nbytes = 0, pos = 0;
-    PMPI_Type_size(c->datatype, &tsize);
-    PMPI_Get_count(st, MPI_BYTE, &nbytes);
-    int elems = tsize > 0 ? nbytes / tsize : 0;
-    if (elems > 0 && st->MPI_SOURCE != MPI_PROC_NULL)
-        PMPI_Unpack(c->recvbuf, nbytes, &pos, c->buffer, elems, c->datatype, c->comm);
-    PMPI_Status_set_elements(st, c->datatype, elems);
-    free(c->recvbuf);
+    return recv(buf, count, dt, src, tag, comm, status);
 }
 
 /* The send could not start: the receive is taken back. One that completed meanwhile keeps its
@@ -133,15 +139,81 @@ static int undo_receive(MPI_Request *recv, void (*finish)(const coll *c, MPI_Sta
     MPI_Cancel(recv);
     MPI_Wait(recv, &st);
     PMPI_Test_cancelled(&st, &cancelled);
-    if (finish != NULL && !cancelled)
+    if (cancelled)
+        PMPI_Status_set_elements(&st, MPI_BYTE, 0); /* nothing arrived */
+    if (finish != NULL)
         finish(c, &st);
-    else if (finish != NULL)
-        free(c->recvbuf);
     return rc;
 }
 
-/* A Sendrecv_replace's receive, into a buffer of the layer's (c->recvbuf, freed by
- * unpack_replaced), then its send; nothing is left started if either fails. */
+/* The receive and the send of a Sendrecv or an Isendrecv, the layer's own (counted; the
+ * receive served from the buffer first); nothing is left started if either fails. */
+static int start_sendrecv(const void *sbuf, count_t scount, MPI_Datatype sdt, int dest,
+                          int stag, void *rbuf, count_t rcount, MPI_Datatype rdt, int src,
+                          int rtag, MPI_Comm comm, MPI_Request rq[2])
+{
+    int rc = irecv(rbuf, rcount, rdt, src, rtag, comm, &rq[0]);
+    if (rc != MPI_SUCCESS)
+        return rc;
+    svp_count_send(svp_cid(comm), dest);
+    rc = PMPI_COUNTED(PMPI_Isend, scount, sbuf, scount, sdt, dest, stag, comm, &rq[1]);
+    if (rc != MPI_SUCCESS)
+        return undo_receive(&rq[0], NULL, NULL, rc);
+    return rc;
+}
+
+/* MPI_Sendrecv and MPI_Sendrecv_c. */
+static int sendrecv(const void *sbuf, count_t scount, MPI_Datatype sdt, int dest, int stag,
+                    void *rbuf, count_t rcount, MPI_Datatype rdt, int src, int rtag,
+                    MPI_Comm comm, MPI_Status *status)
+{
+    if (svp_cid(comm) < 0)
+        return PMPI_COUNTED(PMPI_Sendrecv, scount > rcount ? scount : rcount, sbuf, scount, sdt,
+                            dest, stag, rbuf, rcount, rdt, src, rtag, comm, status);
+    MPI_Request rq[2];
+    MPI_Status st[2];
+    int rc = start_sendrecv(sbuf, scount, sdt, dest, stag, rbuf, rcount, rdt, src, rtag, comm, rq);
+    if (rc == MPI_SUCCESS)
+        rc = MPI_Waitall(2, rq, st);
+    if (rc == MPI_SUCCESS && status != MPI_STATUS_IGNORE)
+        *status = st[0];
+    return rc;
+}
+
+int MPI_Sendrecv(const void *sbuf, int scount, MPI_Datatype sdt, int dest, int stag, void *rbuf,
+                 int rcount, MPI_Datatype rdt, int src, int rtag, MPI_Comm comm,
+                 MPI_Status *status)
+{
+    GUARD();
+    return sendrecv(sbuf, scount, sdt, dest, stag, rbuf, rcount, rdt, src, rtag, comm, status);
+}
+
+/* Sendrecv_replace (blocking or not) goes through a copy: its receive arrives as bytes in
+ * c->recvbuf, a buffer of the layer's, so that the send may still read the application's.
+ * Once both completed they are unpacked into c->buffer, the status counting elements of
+ * c->datatype (the layer's duplicate: the application may free its own while an
+ * Isendrecv_replace is pending), and the copy and the duplicate are freed. */
+static void release_replace(coll *c)
+{
+    free(c->recvbuf);
+    PMPI_Type_free(&c->datatype);
+}
+
+static void unpack_replaced(const coll *c, MPI_Status *st)
+{
+    int tsize = 0, nbytes = 0, pos = 0;
+    PMPI_Type_size(c->datatype, &tsize);
+    PMPI_Get_count(st, MPI_BYTE, &nbytes);
+    int elems = tsize > 0 ? nbytes / tsize : 0;
+    if (elems > 0 && st->MPI_SOURCE != MPI_PROC_NULL)
+        PMPI_Unpack(c->recvbuf, nbytes, &pos, c->buffer, elems, c->datatype, MPI_COMM_SELF);
+    PMPI_Status_set_elements(st, c->datatype, elems);
+    coll done = *c;
+    release_replace(&done);
+}
+
+/* A Sendrecv_replace's receive, into a buffer of the layer's, then its send (see
+ * unpack_replaced, which releases what this takes); nothing is left started if either fails. */
 static int start_replace(coll *c, int dest, int stag, int src, int rtag, MPI_Request rq[2])
 {
     int psize = 0;
@@ -149,9 +221,14 @@ static int start_replace(coll *c, int dest, int stag, int src, int rtag, MPI_Req
     c->recvbuf = malloc((size_t)(psize > 0 ? psize : 1));
     if (c->recvbuf == NULL)
         svp_die("out of memory");
-    int rc = MPI_Irecv(c->recvbuf, psize, MPI_BYTE, src, rtag, c->comm, &rq[0]);
+    int rc = PMPI_Type_dup(c->datatype, &c->datatype);
     if (rc != MPI_SUCCESS) {
         free(c->recvbuf);
+        return rc;
+    }
+    rc = MPI_Irecv(c->recvbuf, psize, MPI_BYTE, src, rtag, c->comm, &rq[0]);
+    if (rc != MPI_SUCCESS) {
+        release_replace(c);
         return rc;
     }
     rc = MPI_Isend(c->buffer, c->count, c->datatype, dest, stag, c->comm, &rq[1]);
@@ -174,7 +251,7 @@ int MPI_Sendrecv_replace(void *buf, int count, MPI_Datatype dt, int dest, int st
         return rc;
     rc = MPI_Waitall(2, rq, st);
     if (rc != MPI_SUCCESS) {
-        free(c.recvbuf);
+        release_replace(&c);
         return rc;
     }
     unpack_replaced(&c, &st[0]);
@@ -188,23 +265,27 @@ int MPI_Sendrecv_replace(void *buf, int count, MPI_Datatype dt, int dest, int st
  * the layer's own receive (which looks in the buffer first, and is counted when it completes)
  * and send (counted when it starts), completed together as one request (a compound, see
  * deferred.c). A PMPI_Isendrecv would neither be counted nor find a message a cut drained. */
+static int isendrecv(const void *sbuf, count_t scount, MPI_Datatype sdt, int dest, int stag,
+                     void *rbuf, count_t rcount, MPI_Datatype rdt, int src, int rtag,
+                     MPI_Comm comm, MPI_Request *req)
+{
+    coll c = {.comm = comm, .cid = svp_cid(comm)};
+    if (c.cid < 0)
+        return PMPI_COUNTED(PMPI_Isendrecv, scount > rcount ? scount : rcount, sbuf, scount,
+                            sdt, dest, stag, rbuf, rcount, rdt, src, rtag, comm, req);
+    MPI_Request rq[2];
+    int rc = start_sendrecv(sbuf, scount, sdt, dest, stag, rbuf, rcount, rdt, src, rtag, comm, rq);
+    if (rc != MPI_SUCCESS)
+        return rc;
+    return svp_compound(rq[0], rq[1], NULL, &c, req);
+}
+
 int MPI_Isendrecv(const void *sbuf, int scount, MPI_Datatype sdt, int dest, int stag,
                   void *rbuf, int rcount, MPI_Datatype rdt, int src, int rtag, MPI_Comm comm,
                   MPI_Request *req)
 {
     GUARD();
-    coll c = {.comm = comm, .cid = svp_cid(comm)};
-    if (c.cid < 0)
-        return PMPI_Isendrecv(sbuf, scount, sdt, dest, stag, rbuf, rcount, rdt, src, rtag, comm,
-                              req);
-    MPI_Request rq[2];
-    int rc = MPI_Irecv(rbuf, rcount, rdt, src, rtag, comm, &rq[0]);
-    if (rc != MPI_SUCCESS)
-        return rc;
-    rc = MPI_Isend(sbuf, scount, sdt, dest, stag, comm, &rq[1]);
-    if (rc != MPI_SUCCESS)
-        return undo_receive(&rq[0], NULL, &c, rc);
-    return svp_compound(rq[0], rq[1], NULL, &c, req);
+    return isendrecv(sbuf, scount, sdt, dest, stag, rbuf, rcount, rdt, src, rtag, comm, req);
 }
 
 int MPI_Isendrecv_replace(void *buf, int count, MPI_Datatype dt, int dest, int stag, int src,
@@ -219,5 +300,77 @@ int MPI_Isendrecv_replace(void *buf, int count, MPI_Datatype dt, int dest, int s
     if (rc != MPI_SUCCESS)
         return rc;
     return svp_compound(rq[0], rq[1], unpack_replaced, &c, req);
+}
+
+/* ---- MPI 4's large-count point-to-point calls (the _c forms) --------------------------------
+ * The same wrappers' work with MPI_Count counts. The replacing forms copy through a packed
+ * buffer of int size, so a count above INT_MAX is refused there (nothing is started). */
+#define SEND_C_WRAPPER(name, pmpi)                                                             \
+    int MPI_##name##_c(const void *buf, MPI_Count count, MPI_Datatype dt, int dest, int tag,   \
+                       MPI_Comm comm)                                                          \
+    {                                                                                          \
+        GUARD();                                                                               \
+        svp_count_send(svp_cid(comm), dest);                                                   \
+        return pmpi##_c(buf, count, dt, dest, tag, comm);                                      \
+    }
+
+#define ISEND_C_WRAPPER(name, pmpi)                                                            \
+    int MPI_##name##_c(const void *buf, MPI_Count count, MPI_Datatype dt, int dest, int tag,   \
+                       MPI_Comm comm, MPI_Request *req)                                        \
+    {                                                                                          \
+        GUARD();                                                                               \
+        svp_count_send(svp_cid(comm), dest);                                                   \
+        return pmpi##_c(buf, count, dt, dest, tag, comm, req);                                 \
+    }
+
+SENDS(SEND_C_WRAPPER)
+ISENDS(ISEND_C_WRAPPER)
+
+int MPI_Irecv_c(void *buf, MPI_Count count, MPI_Datatype dt, int src, int tag, MPI_Comm comm,
+                MPI_Request *req)
+{
+    GUARD();
+    return irecv(buf, count, dt, src, tag, comm, req);
+}
+
+int MPI_Recv_c(void *buf, MPI_Count count, MPI_Datatype dt, int src, int tag, MPI_Comm comm,
+               MPI_Status *status)
+{
+    GUARD();
+    return recv(buf, count, dt, src, tag, comm, status);
+}
+
+int MPI_Sendrecv_c(const void *sbuf, MPI_Count scount, MPI_Datatype sdt, int dest, int stag,
+                   void *rbuf, MPI_Count rcount, MPI_Datatype rdt, int src, int rtag,
+                   MPI_Comm comm, MPI_Status *status)
+{
+    GUARD();
+    return sendrecv(sbuf, scount, sdt, dest, stag, rbuf, rcount, rdt, src, rtag, comm, status);
+}
+
+int MPI_Isendrecv_c(const void *sbuf, MPI_Count scount, MPI_Datatype sdt, int dest, int stag,
+                    void *rbuf, MPI_Count rcount, MPI_Datatype rdt, int src, int rtag,
+                    MPI_Comm comm, MPI_Request *req)
+{
+    GUARD();
+    return isendrecv(sbuf, scount, sdt, dest, stag, rbuf, rcount, rdt, src, rtag, comm, req);
+}
+
+int MPI_Sendrecv_replace_c(void *buf, MPI_Count count, MPI_Datatype dt, int dest, int stag,
+                           int src, int rtag, MPI_Comm comm, MPI_Status *status)
+{
+    GUARD();
+    if (!svp_fits_int(count))
+        return svp_refuse(comm, "MPI_Sendrecv_replace_c", SVP_COUNT_ABOVE_INT);
+    return MPI_Sendrecv_replace(buf, (int)count, dt, dest, stag, src, rtag, comm, status);
+}
+
+int MPI_Isendrecv_replace_c(void *buf, MPI_Count count, MPI_Datatype dt, int dest, int stag,
+                            int src, int rtag, MPI_Comm comm, MPI_Request *req)
+{
+    GUARD();
+    if (!svp_fits_int(count))
+        return svp_refuse(comm, "MPI_Isendrecv_replace_c", SVP_COUNT_ABOVE_INT);
+    return MPI_Isendrecv_replace(buf, (int)count, dt, dest, stag, src, rtag, comm, req);
 }
 #endif

@@ -58,23 +58,17 @@ int svp_persistent_collective(coll *c, const char *call)
     MPI_Request *req = c->req;
     int rc = svp_align(c->cid, c);
     if (rc == MPI_SUCCESS && svp.ready && !svp.closed) {
-        svp_forget_req(*req); /* made, not started: watched from its starts on */
+        svp_forget_req(*req); /* a persistent request, not a started collective */
         svp_add_uncovered(*req, c->cid, call);
     }
     return rc;
 }
 
-const char *svp_uncovered_in_progress(void)
+const char *svp_uncovered_alive(void)
 {
-    for (int i = 0; i < svp.reqs.n; i++) {
-        if (svp.reqs.v[i].kind != REQ_UNCOVERED)
-            continue;
-        int flag = 0;
-        PMPI_Request_get_status(svp.reqs.v[i].req, &flag, MPI_STATUS_IGNORE);
-        int p = find_persistent(svp.reqs.v[i].req);
-        if (!flag && p >= 0)
-            return svp.pers.v[p].uncovered;
-    }
+    for (int i = 0; i < svp.pers.n; i++)
+        if (svp.pers.v[i].uncovered != NULL)
+            return svp.pers.v[i].uncovered;
     return NULL;
 }
 
@@ -93,6 +87,26 @@ SEND_INIT(MPI_Send_init, PMPI_Send_init)
 SEND_INIT(MPI_Ssend_init, PMPI_Ssend_init)
 SEND_INIT(MPI_Rsend_init, PMPI_Rsend_init)
 SEND_INIT(MPI_Bsend_init, PMPI_Bsend_init)
+
+#if MPI_VERSION >= 4
+/* MPI 4's large-count forms: through the int ones (the layer serves a persistent receive from
+ * its buffer with the count it was made with); a count beyond an int is refused. */
+#define INIT_C(name, buf_type)                                                                 \
+    int MPI_##name##_c(buf_type buf, MPI_Count count, MPI_Datatype dt, int peer, int tag,      \
+                       MPI_Comm comm, MPI_Request *req)                                        \
+    {                                                                                          \
+        GUARD();                                                                               \
+        if (!svp_fits_int(count))                                                              \
+            return svp_refuse(comm, "MPI_" #name "_c", SVP_COUNT_ABOVE_INT);                  \
+        return MPI_##name(buf, (int)count, dt, peer, tag, comm, req);                          \
+    }
+
+INIT_C(Send_init, const void *)
+INIT_C(Ssend_init, const void *)
+INIT_C(Rsend_init, const void *)
+INIT_C(Bsend_init, const void *)
+INIT_C(Recv_init, void *)
+#endif
 
 int MPI_Recv_init(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_Comm comm,
                   MPI_Request *req)
@@ -156,12 +170,8 @@ int MPI_Start(MPI_Request *req)
     if (i < 0)
         return PMPI_Start(req);
     persistent *p = &svp.pers.v[i];
-    if (p->uncovered != NULL) {
-        int rc = PMPI_Start(req);
-        if (rc == MPI_SUCCESS)
-            svp_track_req(*req, p->cid, REQ_UNCOVERED);
-        return rc;
-    }
+    if (p->uncovered != NULL)
+        return PMPI_Start(req);
     if (!p->is_recv) {
         svp_count_send(p->cid, p->peer);
         return PMPI_Start(req);
@@ -199,6 +209,8 @@ int MPI_Request_free(MPI_Request *req)
     /* A freed receive can no longer be observed; stop tracking it (documented: it is then
      * not counted, so freeing a pending receive makes a cut wait for its deadline). */
     MPI_Request handle = *req;
+    if (svp_ndeferred)
+        svp_detach_deferred(handle); /* a compound's (see deferred.c) */
     svp_forget_req(handle);
     svp_take_substitute(handle, MPI_STATUS_IGNORE);
     int i = find_persistent(handle);

@@ -75,10 +75,9 @@
  * layer does not wrap, so it makes the cut itself at its next wrapped call, as without the
  * thread (see svp_unwrapped_calls_possible). Other calls the layer does not wrap run outside
  * the gate: safe for local calls that touch no request or communicator a cut works on
- * (MPI_Comm_rank, MPI_Wtime, datatype and attribute calls), not for MPI 4's large-count _c
- * calls, which the layer does not count either. MPI 4's persistent collectives and
- * partitioned requests are wrapped (inside the gate) and observed, not covered: a rank with
- * one started and incomplete answers cuts "unable" (persistent.c).
+ * (MPI_Comm_rank, MPI_Wtime, datatype and attribute calls). MPI 4's persistent collectives
+ * and partitioned requests are wrapped (inside the gate) and observed, not covered: a rank
+ * that holds one answers cuts "unable" until it frees it (persistent.c).
  *
  * Requests of both kinds at once (the agent's epoch E and SIGUSR1's F, counted apart: see
  * symvirt_served): a rank may start its cut for E while a peer starts its cut for F. Every
@@ -211,19 +210,17 @@ typedef struct {
 } tracked_comm;
 
 /* A request the layer watches until it completes. */
-enum { REQ_RECV, REQ_COLL, REQ_UNCOVERED };
+enum { REQ_RECV, REQ_COLL };
 typedef struct {
     MPI_Request req;
     int cid;
-    /* REQ_RECV: counted on completion; REQ_COLL: a cut waits for it; REQ_UNCOVERED: an MPI 4
-     * persistent collective or partitioned request started, whose traffic the layer neither
-     * counts nor drains: while one is incomplete, cuts are answered "unable" */
-    int kind;
+    int kind;    /* REQ_RECV: counted on completion; REQ_COLL: a cut waits for it */
     int counted; /* completed (and counted) during a cut, not yet seen by the application */
 } tracked_req;
 
 /* A persistent request on a tracked communicator; or an MPI 4 persistent collective or
- * partitioned request (uncovered: the call that made it), watched only while started. */
+ * partitioned request (uncovered: the call that made it), whose traffic the layer neither
+ * counts nor drains: while one exists, cuts are answered "unable". */
 typedef struct {
     MPI_Request req;
     int cid, is_recv, peer, tag, count;
@@ -415,6 +412,14 @@ void svp_die(const char *what);
 /* Refuses a call the layer cannot make correct: a clear error at the call, raised through
  * comm's error handler as MPI raises its own (fatal unless the program chose to get codes). */
 int svp_refuse(MPI_Comm comm, const char *call, const char *why);
+#if MPI_VERSION >= 4
+/* A large-count (_c) call the layer serves through its int form, refused beyond an int. */
+#define SVP_COUNT_ABOVE_INT "a count above INT_MAX is not supported by the transparent layer here"
+static inline int svp_fits_int(MPI_Count n)
+{
+    return n >= 0 && n <= 2147483647;
+}
+#endif
 /* The delete callback of the attribute svp.keyval: releases the communicator's slot. */
 int svp_on_comm_delete(MPI_Comm c, int keyval, void *val, void *extra);
 /* Starts observing c: its ranks translated to WORLD ranks once. Returns its slot, or -1 (a
@@ -614,6 +619,13 @@ typedef struct coll {
     const int *sdispls, *rdispls;       /* Alltoallv, Alltoallw, Neighbor_alltoallv */
     const MPI_Aint *sdispls_aint, *rdispls_aint; /* Neighbor_alltoallw's (bytes, MPI_Aint) */
     const MPI_Datatype *sendtypes, *recvtypes;   /* per peer: the w variants */
+#if MPI_VERSION >= 4
+    /* MPI 4's large-count forms (the _c calls): their counts, and the v variants' byte
+     * displacements (the w variants' are sdispls_aint and rdispls_aint). */
+    MPI_Count count_c, sendcount_c, recvcount_c;
+    const MPI_Count *sendcounts_c, *recvcounts_c;
+    const MPI_Aint *displs_aint;
+#endif
     /* Communicator creation and free. */
     MPI_Comm *newcomm;  /* a communicator it makes (tracked), or frees */
     uint32_t child_id;  /* MPI_Comm_idup: the identity its communicator gets on completion */
@@ -685,6 +697,9 @@ enum { DEFERRED_COLLECTIVE = 1, DEFERRED_COMPOUND };
 /* What h is the request of, if a non-blocking collective or compound not yet completed (0:
  * neither). */
 int svp_is_deferred(MPI_Request h);
+/* The application freed h (MPI_Request_free), legal for a compound: its operation still
+ * completes, and the request's status is no longer written. */
+void svp_detach_deferred(MPI_Request h);
 /* A compound (MPI_Isendrecv and _replace): an application's request, returned in req, that
  * completes when both recv (a receive made through the layer's MPI_Irecv) and send (through
  * its MPI_Isend) have, with recv's status, passed first to finish (with c) if not NULL. */
@@ -707,9 +722,10 @@ int svp_run_comm_free(coll *c);
 int svp_persistent_collective(coll *c, const char *call);
 /* Watches the persistent request r (made by call) that the layer does not cover. */
 void svp_add_uncovered(MPI_Request r, int cid, const char *call);
-/* The call that made an uncovered request this rank started and that has not completed, or
- * NULL: a cut is then answered "unable". */
-const char *svp_uncovered_in_progress(void);
+/* The call that made an uncovered request this rank holds (made, not freed yet), or NULL: a
+ * cut is answered "unable" while there is one. Not only while one is started: a member's part
+ * may complete while another's has not started, with its messages in flight. */
+const char *svp_uncovered_alive(void);
 /* persistent.c: persistent receives served from the buffer (substitutes). */
 int svp_take_substitute(MPI_Request h, MPI_Status *st);
 int svp_find_substitute(int n, const MPI_Request *reqs);

@@ -233,3 +233,25 @@ int MPI_Mrecv(void *buf, int count, MPI_Datatype dt, MPI_Message *msg, MPI_Statu
         *status = local;
     return rc;
 }
+
+#if MPI_VERSION >= 4
+/* MPI 4's large-count forms: through the int ones (a matched message may be one the layer's
+ * buffer holds, which stays below INT_MAX bytes); a count beyond an int is refused. */
+int MPI_Imrecv_c(void *buf, MPI_Count count, MPI_Datatype dt, MPI_Message *msg,
+                 MPI_Request *req)
+{
+    GUARD();
+    if (!svp_fits_int(count))
+        return svp_refuse(MPI_COMM_SELF, "MPI_Imrecv_c", SVP_COUNT_ABOVE_INT);
+    return MPI_Imrecv(buf, (int)count, dt, msg, req);
+}
+
+int MPI_Mrecv_c(void *buf, MPI_Count count, MPI_Datatype dt, MPI_Message *msg,
+                MPI_Status *status)
+{
+    GUARD();
+    if (!svp_fits_int(count))
+        return svp_refuse(MPI_COMM_SELF, "MPI_Mrecv_c", SVP_COUNT_ABOVE_INT);
+    return MPI_Mrecv(buf, (int)count, dt, msg, status);
+}
+#endif

@@ -1,7 +1,8 @@
 /* Under the transparent layer, calls it cannot make correct fail at the call, through the
  * error handler, with MPI_ERR_UNSUPPORTED_OPERATION: MPI_Cancel of a pending non-blocking
  * collective, of a pending send (its count was taken when it started), and of a pending
- * MPI_Isendrecv (MPI 4, for the same reason). The program then
+ * MPI_Isendrecv (MPI 4, for the same reason); MPI_Sendrecv_replace_c with a count above
+ * INT_MAX (MPI 4). The program then
  * goes on: the collective and the send still complete, the message is received intact. A
  * receive too small for its message fails with MPI_ERR_TRUNCATE, as without the layer.
  * With -DSYMVIRT_EXPLICIT (linked with the explicit library instead), misuse of quiet phases
@@ -11,6 +12,7 @@
  * Prints "refusals OK rank R".
  *
  *   refusals */
+#include <limits.h>
 #include <mpi.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -135,6 +137,12 @@ int main(int argc, char **argv)
     if (cancelled || got != (uint64_t)left || passed != (uint64_t)left ||
         st.MPI_SOURCE != left || st.MPI_TAG != 8)
         fail("the MPI_Isendrecv after a refused cancel", 0);
+    /* A large-count call the layer serves through its int form fails beyond an int, before
+     * touching anything. */
+    rc = MPI_Sendrecv_replace_c(&mine, (MPI_Count)INT_MAX + 1, MPI_BYTE, right, 9, left, 9,
+                                MPI_COMM_WORLD, &st);
+    if (rc != MPI_ERR_UNSUPPORTED_OPERATION)
+        fail("MPI_Sendrecv_replace_c above INT_MAX was not refused", rc);
 #endif
     /* A receive too small for its message fails as MPI makes it fail (the layer's own receive
      * path must pass the error on), and the next message arrives intact. */

@@ -44,9 +44,15 @@
  *              rank raises SIGUSR1 after a first barrier, so the cut falls there), an Irecv
  *              for that Isendrecv's own send, completed by Waitall, a Testall loop or Waitany;
  *              then MPI_Isendrecv_replace (large messages every other iteration), completed by
- *              Wait or a Test loop; then a ring on a communicator MPI_Comm_idup_with_info made
- *              while ring traffic went on. MPICH 4.0's own MPI_Isendrecv leaves its status
- *              empty; the layer's gives the receive's, as MPI 4 says, and the mode checks it
+ *              Wait or a Test loop, through a datatype freed while it is pending; an Isendrecv
+ *              used as a send whose request is freed at once; then a ring on a communicator
+ *              MPI_Comm_idup_with_info made while ring traffic went on (its info freed at
+ *              once). MPICH 4.0's own MPI_Isendrecv leaves its status empty; the layer's gives
+ *              the receive's, as MPI 4 says, and the mode checks it
+ *   large_count (MPI 4) the large-count (_c) forms: a ring through Send_c/Recv_c (even ranks
+ *              send first), Isend_c/Irecv_c, Sendrecv_c and Isendrecv_c; a message received
+ *              through Mprobe + Mrecv_c; Allreduce_c, Bcast_c, Alltoallv_c and Iallgatherv_c,
+ *              every result checked
  *   compute    every rank computes for about STRESS_COMPUTE_MS (default 5000; rank and iteration
  *              vary it between 2/3 and 4/3 of that) without calling MPI, then calls MPI_Iprobe
  *              on a communicator nobody sends on, timing it (see DIR/entries-R below)
@@ -711,10 +717,15 @@ static void isendrecv(void)
         fail("MPI_Isendrecv's status is not its receive's", left);
     check(bufs[1], &st[1], left);
     check(bufs[3], &st[2], left);
+    /* Through a datatype of the program's, freed while the call is pending (legal). */
     int words = iteration % 2 ? LARGE + 4 : SMALL + 4;
     MPI_Request r;
+    MPI_Datatype block;
+    MPI_Type_contiguous(words, MPI_UINT64_T, &block);
+    MPI_Type_commit(&block);
     fill_fixed(bufs[4], right, 58, words);
-    MPI_Isendrecv_replace(bufs[4], words, MPI_UINT64_T, right, 58, left, 58, MPI_COMM_WORLD, &r);
+    MPI_Isendrecv_replace(bufs[4], 1, block, right, 58, left, 58, MPI_COMM_WORLD, &r);
+    MPI_Type_free(&block);
     if (iteration % 2 == 0) {
         MPI_Wait(&r, &st[0]);
     } else {
@@ -723,17 +734,122 @@ static void isendrecv(void)
             MPI_Test(&r, &done, &st[0]);
     }
     check_fixed(bufs[4], &st[0], left, 58, words);
+    /* An Isendrecv used as a send (its receive from MPI_PROC_NULL) whose request the program
+     * frees at once (legal: it still completes); the neighbour receives the message. */
+    n = fill(bufs[5], right, 59);
+    MPI_Isendrecv(bufs[5], n, MPI_UINT64_T, right, 59, NULL, 0, MPI_UINT64_T, MPI_PROC_NULL, 59,
+                  MPI_COMM_WORLD, &r);
+    MPI_Request_free(&r);
+    MPI_Recv(bufs[6], LARGE + 4, MPI_UINT64_T, left, 59, MPI_COMM_WORLD, &st[0]);
+    check(bufs[6], &st[0], left);
+    MPI_Barrier(MPI_COMM_WORLD); /* every freed send has been received: bufs[5] is free */
     /* A communicator from MPI_Comm_idup_with_info, made while ring traffic goes on, carries
-     * counted, checked messages like any other. */
+     * counted, checked messages like any other; the program frees its info at once. */
     MPI_Comm dup;
     MPI_Request made;
-    MPI_Comm_idup_with_info(MPI_COMM_WORLD, MPI_INFO_NULL, &dup, &made);
+    MPI_Info info;
+    MPI_Info_create(&info);
+    MPI_Info_set(info, "mpi_assert_no_any_tag", "false");
+    MPI_Comm_idup_with_info(MPI_COMM_WORLD, info, &dup, &made);
+    MPI_Info_free(&info);
     ring_nb();
     MPI_Wait(&made, MPI_STATUS_IGNORE);
     ring_nb_on(dup, 13);
     MPI_Comm_free(&dup);
 #else
     fail("mode isendrecv needs MPI 4 (MPI_Isendrecv)", -1);
+#endif
+}
+
+/* large_count: MPI 4's _c forms (see the top). */
+static void large_count(void)
+{
+#if MPI_VERSION >= 4
+    int right = (me + 1) % np, left = (me + np - 1) % np;
+    MPI_Status st[2];
+    MPI_Request rq[2];
+    MPI_Count n;
+    if (me % 2 == 0) {
+        n = fill(bufs[0], right, 60);
+        MPI_Send_c(bufs[0], n, MPI_UINT64_T, right, 60, MPI_COMM_WORLD);
+        MPI_Recv_c(bufs[1], LARGE + 4, MPI_UINT64_T, left, 60, MPI_COMM_WORLD, &st[0]);
+    } else {
+        MPI_Recv_c(bufs[1], LARGE + 4, MPI_UINT64_T, left, 60, MPI_COMM_WORLD, &st[0]);
+        n = fill(bufs[0], right, 60);
+        MPI_Send_c(bufs[0], n, MPI_UINT64_T, right, 60, MPI_COMM_WORLD);
+    }
+    check(bufs[1], &st[0], left);
+    MPI_Irecv_c(bufs[1], LARGE + 4, MPI_UINT64_T, left, 61, MPI_COMM_WORLD, &rq[0]);
+    n = fill(bufs[0], right, 61);
+    MPI_Isend_c(bufs[0], n, MPI_UINT64_T, right, 61, MPI_COMM_WORLD, &rq[1]);
+    MPI_Waitall(2, rq, st);
+    check(bufs[1], &st[0], left);
+    n = fill(bufs[0], right, 62);
+    MPI_Sendrecv_c(bufs[0], n, MPI_UINT64_T, right, 62, bufs[1], LARGE + 4, MPI_UINT64_T, left,
+                   62, MPI_COMM_WORLD, &st[0]);
+    check(bufs[1], &st[0], left);
+    n = fill(bufs[0], right, 63);
+    MPI_Isendrecv_c(bufs[0], n, MPI_UINT64_T, right, 63, bufs[1], LARGE + 4, MPI_UINT64_T, left,
+                    63, MPI_COMM_WORLD, &rq[0]);
+    MPI_Wait(&rq[0], &st[0]);
+    check(bufs[1], &st[0], left);
+    MPI_Message msg;
+    n = fill(bufs[0], right, 64);
+    MPI_Isend_c(bufs[0], n, MPI_UINT64_T, right, 64, MPI_COMM_WORLD, &rq[1]);
+    MPI_Mprobe(left, 64, MPI_COMM_WORLD, &msg, &st[0]);
+    MPI_Mrecv_c(bufs[1], LARGE + 4, MPI_UINT64_T, &msg, &st[0]);
+    MPI_Wait(&rq[1], MPI_STATUS_IGNORE);
+    check(bufs[1], &st[0], left);
+
+    enum { N = 16 };
+    uint64_t v[N], r[N], a[MAXP * 2], b[MAXP * 2], g[MAXP * 3];
+    for (int i = 0; i < N; i++)
+        v[i] = word((uint64_t)me, 5, iteration, (uint64_t)i) >> 8;
+    MPI_Allreduce_c(v, r, N, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD);
+    for (int i = 0; i < N; i++) {
+        uint64_t want = 0;
+        for (int p = 0; p < np; p++)
+            want += word((uint64_t)p, 5, iteration, (uint64_t)i) >> 8;
+        if (r[i] != want)
+            fail("Allreduce_c result", -1);
+    }
+    int root = (int)(iteration % (uint64_t)np);
+    for (int i = 0; i < N; i++)
+        r[i] = me == root ? word(98, (uint64_t)root, iteration, (uint64_t)i) : 0;
+    MPI_Bcast_c(r, N, MPI_UINT64_T, root, MPI_COMM_WORLD);
+    for (int i = 0; i < N; i++)
+        if (r[i] != word(98, (uint64_t)root, iteration, (uint64_t)i))
+            fail("Bcast_c result", root);
+    /* Alltoallv_c: two words to every peer; Iallgatherv_c: rank p gives p % 3 + 1 words. */
+    MPI_Count sc[MAXP], rc_[MAXP], gc[MAXP];
+    MPI_Aint sd[MAXP], rd[MAXP], gd[MAXP];
+    MPI_Aint at = 0;
+    for (int p = 0; p < np; p++) {
+        sc[p] = rc_[p] = 2;
+        sd[p] = rd[p] = 2 * p;
+        a[2 * p] = word((uint64_t)me, (uint64_t)p, iteration, 7);
+        a[2 * p + 1] = word((uint64_t)me, (uint64_t)p, iteration, 8);
+        gc[p] = p % 3 + 1;
+        gd[p] = at;
+        at += gc[p];
+    }
+    MPI_Alltoallv_c(a, sc, sd, MPI_UINT64_T, b, rc_, rd, MPI_UINT64_T, MPI_COMM_WORLD);
+    for (int p = 0; p < np; p++)
+        if (b[2 * p] != word((uint64_t)p, (uint64_t)me, iteration, 7) ||
+            b[2 * p + 1] != word((uint64_t)p, (uint64_t)me, iteration, 8))
+            fail("Alltoallv_c result", p);
+    uint64_t mine[3];
+    for (int i = 0; i < 3; i++)
+        mine[i] = word((uint64_t)me, 9, iteration, (uint64_t)i);
+    MPI_Request gr;
+    MPI_Iallgatherv_c(mine, gc[me], MPI_UINT64_T, g, gc, gd, MPI_UINT64_T, MPI_COMM_WORLD, &gr);
+    MPI_Wait(&gr, MPI_STATUS_IGNORE);
+    for (int p = 0; p < np; p++)
+        for (int i = 0; i < gc[p]; i++)
+            if (g[gd[p] + i] != word((uint64_t)p, 9, iteration, (uint64_t)i))
+                fail("Iallgatherv_c result", p);
+#else
+    fail("mode large_count needs MPI 4 (the _c calls)", -1);
 #endif
 }
 
@@ -1253,7 +1369,7 @@ int main(int argc, char **argv)
     uint64_t min_iters = strtoull(argv[3], NULL, 10);
     next_seq_to = calloc((size_t)np, sizeof(uint64_t));
     next_seq_from = calloc((size_t)np, sizeof(uint64_t));
-    for (int i = 0; i < 2 * np; i++)
+    for (int i = 0; i < 2 * np || i < 8; i++) /* modes use up to 8, alltoall 2 per rank */
         bufs[i] = malloc((LARGE + 4) * sizeof(uint64_t));
 #ifdef SYMVIRT_EXPLICIT
     int rc = symvirt_init(MPI_COMM_WORLD);
@@ -1304,6 +1420,8 @@ int main(int argc, char **argv)
                 replace();
             else if (strcmp(m, "isendrecv") == 0)
                 isendrecv();
+            else if (strcmp(m, "large_count") == 0)
+                large_count();
             else if (strcmp(m, "compute") == 0)
                 compute();
             else if (strcmp(m, "compute_nb") == 0)
