@@ -259,16 +259,18 @@ fn wait_for_file(job: &mut Job, path: &std::path::Path) {
     }
 }
 
-/// A program in a state the transparent layer does not cover (`program`, run with a work
-/// directory): once it creates `refused_at` there, a migration request fails the epoch with a
-/// reason containing every one of `reason` (the host keeps the job where it is) and the job
-/// goes on; once the test creates `leave` and the program `served_at`, a request is served.
-/// Then the job ends on `stop`, its own checks passing (a line `<name> OK rank R` per rank).
+/// A program in states the transparent layer does not cover (`program`, run with a work
+/// directory): each time it creates a `refused` file there, a migration request fails the
+/// epoch with a reason containing every one of `reason` (the host keeps the job where it is),
+/// and the test creates the file that lets the job go on; once the program creates
+/// `served_at`, a request is served. Then the job ends on `stop`, its own checks passing (a
+/// line `<name> OK rank R` per rank).
 struct Uncovered<'a> {
     program: &'a str,
-    refused_at: &'a str,
+    /// Where the program is refused migration, and the file that lets it go on from there:
+    /// (created by the program, created by the test), in order.
+    refused: &'a [(&'a str, &'a str)],
     reason: &'a [&'a str],
-    leave: &'a str,
     served_at: &'a str,
 }
 
@@ -279,25 +281,29 @@ fn refused_until_left(mpi: MpiImpl, tag: &str, u: Uncovered) {
     fs::create_dir_all(&work).unwrap();
     let env = rig.transparent_env(mpi);
     let mut job = Job::start(mpi, &prog, &[work.to_str().unwrap()], &env, &rig.dir.0);
-    wait_for_file(&mut job, &work.join(u.refused_at));
-    rig.prepare(1);
-    match outcome_while_running(&rig, &mut job) {
-        GuestMessage::Failed { epoch: 1, reason } => assert!(
-            reason.contains("cannot quiesce") && u.reason.iter().all(|r| reason.contains(r)),
-            "{reason}"
-        ),
-        other => panic!("expected failed, got {other:?}\n{}", job.logs()),
+    let mut epoch = 0;
+    for (at, leave) in u.refused {
+        epoch += 1;
+        wait_for_file(&mut job, &work.join(at));
+        rig.prepare(epoch);
+        match outcome_while_running(&rig, &mut job) {
+            GuestMessage::Failed { epoch: e, reason } if e == epoch => assert!(
+                reason.contains("cannot quiesce") && u.reason.iter().all(|r| reason.contains(r)),
+                "{reason}"
+            ),
+            other => panic!("expected failed at {at}, got {other:?}\n{}", job.logs()),
+        }
+        rig.host.send(&HostMessage::Abort { epoch }).unwrap();
+        fs::write(work.join(leave), "").unwrap();
     }
-    rig.host.send(&HostMessage::Abort { epoch: 1 }).unwrap();
-
-    fs::write(work.join(u.leave), "").unwrap();
+    epoch += 1;
     wait_for_file(&mut job, &work.join(u.served_at));
-    rig.prepare(2);
+    rig.prepare(epoch);
     match outcome_while_running(&rig, &mut job) {
-        GuestMessage::Quiesced { epoch: 2 } => {}
+        GuestMessage::Quiesced { epoch: e } if e == epoch => {}
         other => panic!("expected quiesced, got {other:?}\n{}", job.logs()),
     }
-    resume_and_confirm(&rig, &mut job, 2, &interconnect_for(2));
+    resume_and_confirm(&rig, &mut job, epoch, &interconnect_for(epoch));
     fs::write(work.join("stop"), "").unwrap();
     let (ok, out) = job.wait();
     assert!(ok, "{} job failed\n{}", u.program, job.logs());
@@ -315,9 +321,8 @@ fn refused_until_left(mpi: MpiImpl, tag: &str, u: Uncovered) {
 /// exists is served too: the window's creation is aligned).
 const WINDOWS: Uncovered = Uncovered {
     program: "rma.c",
-    refused_at: "open",
+    refused: &[("open", "phase2")],
     reason: &["one-sided communication is not covered", "1 window open"],
-    leave: "phase2",
     served_at: "freed",
 };
 
@@ -332,11 +337,12 @@ fn mpich_one_sided_windows_refuse_migration_until_freed() {
 }
 
 /// MPI 4's persistent collectives and partitioned requests are observed, not covered: while a
-/// rank holds one (here an Allreduce_init that some ranks started, rank 0 waiting outside MPI
-/// before starting its own), a migration request fails the epoch with a reason naming the call,
-/// and the job goes on: the collective runs 9 times and a partitioned message (MPI_Psend_init,
-/// MPI_Pready, MPI_Parrived) passes, checked; once every such request is freed a request is
-/// served. MPICH 4 only: Open MPI 4.1 has no MPI 4 calls.
+/// rank holds one, a migration request fails the epoch with a reason naming the call (here an
+/// Allreduce_init that some ranks started while rank 0 waits outside MPI before starting its
+/// own, then the same request inactive on every rank), and the job goes on: the collective
+/// runs 9 times and a partitioned message (MPI_Psend_init, MPI_Pready, MPI_Parrived) passes,
+/// checked; once every such request is freed a request is served. MPICH 4 only: Open MPI 4.1
+/// has no MPI 4 calls.
 #[test]
 fn mpich_persistent_collective_in_progress_refuses_migration() {
     refused_until_left(
@@ -344,10 +350,29 @@ fn mpich_persistent_collective_in_progress_refuses_migration() {
         "bad-pcoll-mpich",
         Uncovered {
             program: "persistent_coll.c",
-            refused_at: "started",
+            refused: &[("started", "go"), ("idle", "go2")],
             reason: &["made by MPI_Allreduce_init exists", "not covered"],
-            leave: "go",
             served_at: "done",
+        },
+    );
+}
+
+/// A message of over 2 GiB in flight at a cut cannot be held in the layer's buffer: the cut is
+/// answered "unable" with a reason saying so (not a rank aborted, nor a cut that leaves the
+/// message uncounted), the job goes on, receives the message (truncated on purpose: the
+/// program stays small; the message's pages are never written), and a later request is served
+/// with consistent counts. MPICH: Open MPI 4.1 itself crashes (a segfault in its shared-memory
+/// copy) when a message this large is truncated, with or without the layer.
+#[test]
+fn mpich_message_over_2_gib_in_flight_refuses_migration() {
+    refused_until_left(
+        MpiImpl::Mpich,
+        "bad-oversized-mpich",
+        Uncovered {
+            program: "oversized.c",
+            refused: &[("sent", "go")],
+            reason: &["over 2 GiB from rank 0", "cannot hold it"],
+            served_at: "received",
         },
     );
 }

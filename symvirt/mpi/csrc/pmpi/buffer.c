@@ -12,10 +12,12 @@ buffered *svp_new_buffered(int cid, int src, int tag, int nbytes)
     return m;
 }
 
-void svp_drain_one(int cid, const MPI_Status *probed)
+int svp_drain_one(int cid, const MPI_Status *probed)
 {
     int nbytes = 0;
     PMPI_Get_count(probed, MPI_BYTE, &nbytes);
+    if (nbytes < 0)
+        return 0; /* MPI_UNDEFINED: over INT_MAX bytes */
     buffered *m = svp_new_buffered(cid, probed->MPI_SOURCE, probed->MPI_TAG, nbytes);
     MPI_Status st;
     if (PMPI_Recv(m->data, nbytes, MPI_BYTE, m->src, m->tag, svp.comms[cid].comm, &st) !=
@@ -25,6 +27,7 @@ void svp_drain_one(int cid, const MPI_Status *probed)
     svp.drained++;
     *svp.tail = m;
     svp.tail = &m->next;
+    return 1;
 }
 
 buffered *svp_unlink_buffered(buffered **link)

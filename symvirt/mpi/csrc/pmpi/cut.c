@@ -17,6 +17,10 @@ static int *early_len;
 static int *have_early;
 /* Per peer, during a cut: its COUNTS for this cut arrived. */
 static int *have;
+/* Per peer, during a cut: a message from it is too large for the buffer (over INT_MAX bytes),
+ * so it is left in place and the cut is answered "unable"; the first such peer, or -1. */
+static int *oversized;
+static int oversized_from = -1;
 /* The epochs this cut serves, the highest of each kind (the agent's, SIGUSR1's): the rank's
  * own and those of the peers' COUNTS (see "Requests of both kinds at once" in
  * pmpi_internal.h). */
@@ -264,6 +268,8 @@ static int drainable(int c, int r)
 {
     const tracked_comm *t = &svp.comms[c];
     int p = t->world[r];
+    if (oversized[p])
+        return 0;
     if (p == svp.me)
         return t->recv[r] < t->sent[r];
     if (!have[p]) {
@@ -293,6 +299,18 @@ static int drainable(int c, int r)
     return got < want;
 }
 
+/* Takes a probed message from rank r of slot c into the buffer, or marks its peer oversized. */
+static int drain_from(int c, int r, const MPI_Status *st)
+{
+    if (svp_drain_one(c, st))
+        return 1;
+    int p = svp.comms[c].world[r];
+    oversized[p] = 1;
+    if (oversized_from < 0)
+        oversized_from = p;
+    return 0;
+}
+
 /* One turn of a cut's drain on slot c: takes into the buffer what drainable() allows. */
 static void drain_comm(int c)
 {
@@ -306,18 +324,16 @@ static void drain_comm(int c)
         PMPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, t->comm, &flag, &st);
         if (!flag)
             return;
-        if (!drainable(c, st.MPI_SOURCE))
+        if (!drainable(c, st.MPI_SOURCE) || !drain_from(c, st.MPI_SOURCE, &st))
             break;
-        svp_drain_one(c, &st);
     }
     /* A message left in place hides the others behind it from MPI_ANY_SOURCE: one source at
      * a time. */
     for (int r = 0; r < t->size; r++) {
         while (t->comm != MPI_COMM_NULL && drainable(c, r)) {
             PMPI_Iprobe(r, MPI_ANY_TAG, t->comm, &flag, &st);
-            if (!flag)
+            if (!flag || !drain_from(c, r, &st))
                 break;
-            svp_drain_one(c, &st);
         }
     }
 }
@@ -330,7 +346,15 @@ static void settle(uint64_t epoch)
     memset(&ic, 0, sizeof ic);
     int r;
     const char *uncovered = svp_uncovered_alive();
-    if (uncovered != NULL) {
+    if (oversized_from >= 0) {
+        /* Left in place: the cut is not consistent, and the message stays MPI's. */
+        char why[200];
+        snprintf(why, sizeof why,
+                 "a message of over 2 GiB from rank %d is in flight; the transparent layer's "
+                 "buffer cannot hold it",
+                 oversized_from);
+        r = symvirt_ctl_unable(epoch, why, quiesce_timeout_ms, &ic);
+    } else if (uncovered != NULL) {
         /* MPI 4 traffic the layer neither counts nor drains may be in flight. */
         char why[200];
         snprintf(why, sizeof why,
@@ -374,7 +398,9 @@ void svp_cut(uint64_t epoch)
     uint64_t *out = NULL;
     MPI_Request *rq = malloc((size_t)svp.np * sizeof(MPI_Request));
     have = calloc((size_t)svp.np, sizeof(int));
-    if (rq == NULL || have == NULL)
+    oversized = calloc((size_t)svp.np, sizeof(int));
+    oversized_from = -1;
+    if (rq == NULL || have == NULL || oversized == NULL)
         svp_die("out of memory");
     svp_sum_counts();
     int nrq = send_counts(epoch, &out, rq);
@@ -403,7 +429,7 @@ void svp_cut(uint64_t epoch)
                 continue;
             }
             uint64_t want = p == svp.me ? svp.sent[svp.me] : early_slot(p)[1];
-            if (svp.recv[p] < want)
+            if (svp.recv[p] < want && !oversized[p])
                 done = 0;
             else if (svp.recv[p] > want)
                 svp_die("received more messages than were sent: counting is broken");
@@ -439,6 +465,8 @@ void svp_cut(uint64_t epoch)
     free(rq);
     free(have);
     have = NULL;
+    free(oversized);
+    oversized = NULL;
     /* Every rank serves the same epochs: each started its cut for one and sent its COUNTS
      * once, and every rank took every peer's. The progress thread reads the record. */
     uint64_t epochs[2];

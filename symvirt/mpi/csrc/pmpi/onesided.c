@@ -31,42 +31,53 @@ static int make_window(coll *c)
     return rc;
 }
 
-RUN(run_win_create,
-    PMPI_Win_create(c->base, c->size, c->disp_unit, c->info, c->comm, c->win))
-RUN(run_win_allocate,
-    PMPI_Win_allocate(c->size, c->disp_unit, c->info, c->comm, c->baseptr, c->win))
-RUN(run_win_allocate_shared,
-    PMPI_Win_allocate_shared(c->size, c->disp_unit, c->info, c->comm, c->baseptr, c->win))
+/* The constructors with a displacement unit, in their int form (I) and in MPI 4's
+ * large-count one (L: an MPI_Aint unit, kept in disp_unit_c; MPICH 4). */
+#define DISP_UNIT_I int
+#define DISP_UNIT_L MPI_Aint
+#define FIELD_I disp_unit
+#define FIELD_L disp_unit_c
+#define WINDOW_CONSTRUCTORS(K, sfx)                                                            \
+    RUN(run_win_create##sfx, PMPI_Win_create##sfx(c->base, c->size, c->FIELD_##K, c->info,    \
+                                                  c->comm, c->win))                            \
+    RUN(run_win_allocate##sfx, PMPI_Win_allocate##sfx(c->size, c->FIELD_##K, c->info,         \
+                                                      c->comm, c->baseptr, c->win))            \
+    RUN(run_win_allocate_shared##sfx,                                                          \
+        PMPI_Win_allocate_shared##sfx(c->size, c->FIELD_##K, c->info, c->comm, c->baseptr,     \
+                                      c->win))                                                 \
+    int MPI_Win_create##sfx(void *base, MPI_Aint size, DISP_UNIT_##K disp_unit, MPI_Info info, \
+                            MPI_Comm comm, MPI_Win *win)                                       \
+    {                                                                                          \
+        GUARD();                                                                               \
+        coll c = {.run = run_win_create##sfx, .comm = comm, .base = base, .size = size,        \
+                  .FIELD_##K = disp_unit, .info = info, .win = win};                           \
+        return make_window(&c);                                                                \
+    }                                                                                          \
+    int MPI_Win_allocate##sfx(MPI_Aint size, DISP_UNIT_##K disp_unit, MPI_Info info,           \
+                              MPI_Comm comm, void *baseptr, MPI_Win *win)                      \
+    {                                                                                          \
+        GUARD();                                                                               \
+        coll c = {.run = run_win_allocate##sfx, .comm = comm, .size = size,                    \
+                  .FIELD_##K = disp_unit, .info = info, .baseptr = baseptr, .win = win};       \
+        return make_window(&c);                                                                \
+    }                                                                                          \
+    int MPI_Win_allocate_shared##sfx(MPI_Aint size, DISP_UNIT_##K disp_unit, MPI_Info info,    \
+                                     MPI_Comm comm, void *baseptr, MPI_Win *win)               \
+    {                                                                                          \
+        GUARD();                                                                               \
+        coll c = {.run = run_win_allocate_shared##sfx, .comm = comm, .size = size,             \
+                  .FIELD_##K = disp_unit, .info = info, .baseptr = baseptr, .win = win};       \
+        return make_window(&c);                                                                \
+    }
+
+WINDOW_CONSTRUCTORS(I, )
+#if MPI_VERSION >= 4
+WINDOW_CONSTRUCTORS(L, _c)
+#endif
+
 RUN(run_win_create_dynamic, PMPI_Win_create_dynamic(c->info, c->comm, c->win))
 RUN(run_win_free, PMPI_Win_free(c->win))
 RUN(run_win_fence, PMPI_Win_fence(c->assert_, *c->win))
-
-int MPI_Win_create(void *base, MPI_Aint size, int disp_unit, MPI_Info info, MPI_Comm comm,
-                   MPI_Win *win)
-{
-    GUARD();
-    coll c = {.run = run_win_create, .comm = comm, .base = base, .size = size,
-              .disp_unit = disp_unit, .info = info, .win = win};
-    return make_window(&c);
-}
-
-int MPI_Win_allocate(MPI_Aint size, int disp_unit, MPI_Info info, MPI_Comm comm, void *baseptr,
-                     MPI_Win *win)
-{
-    GUARD();
-    coll c = {.run = run_win_allocate, .comm = comm, .size = size, .disp_unit = disp_unit,
-              .info = info, .baseptr = baseptr, .win = win};
-    return make_window(&c);
-}
-
-int MPI_Win_allocate_shared(MPI_Aint size, int disp_unit, MPI_Info info, MPI_Comm comm,
-                            void *baseptr, MPI_Win *win)
-{
-    GUARD();
-    coll c = {.run = run_win_allocate_shared, .comm = comm, .size = size,
-              .disp_unit = disp_unit, .info = info, .baseptr = baseptr, .win = win};
-    return make_window(&c);
-}
 
 int MPI_Win_create_dynamic(MPI_Info info, MPI_Comm comm, MPI_Win *win)
 {
@@ -74,6 +85,7 @@ int MPI_Win_create_dynamic(MPI_Info info, MPI_Comm comm, MPI_Win *win)
     coll c = {.run = run_win_create_dynamic, .comm = comm, .info = info, .win = win};
     return make_window(&c);
 }
+
 
 int MPI_Win_free(MPI_Win *win)
 {

@@ -50,7 +50,7 @@ ISENDS(ISEND_WRAPPER)
 #if MPI_VERSION >= 4
 typedef MPI_Count count_t;
 #define PMPI_COUNTED(call, count, ...)                                                         \
-    ((count) <= INT_MAX ? call(__VA_ARGS__) : call##_c(__VA_ARGS__))
+    ((count) == (int)(count) ? call(__VA_ARGS__) : call##_c(__VA_ARGS__))
 #else
 typedef int count_t;
 #define PMPI_COUNTED(call, count, ...) call(__VA_ARGS__)
@@ -93,6 +93,14 @@ int MPI_Irecv(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_Comm 
     return irecv(buf, count, dt, src, tag, comm, req);
 }
 
+/* Whether a receive's error left its message taken (MPI_ERR_TRUNCATE): counted then. */
+static int truncated(int rc)
+{
+    int class = MPI_SUCCESS;
+    PMPI_Error_class(rc, &class);
+    return class == MPI_ERR_TRUNCATE;
+}
+
 /* MPI_Recv and MPI_Recv_c (inlined in each, as irecv). */
 static inline __attribute__((always_inline)) int recv(void *buf, count_t count,
                                                       MPI_Datatype dt, int src, int tag,
@@ -116,8 +124,8 @@ static inline __attribute__((always_inline)) int recv(void *buf, count_t count,
     MPI_Status local;
     MPI_Status *st = status == MPI_STATUS_IGNORE ? &local : status;
     rc = svp_wait_own_receive(&r, st);
-    if (rc == MPI_SUCCESS && !svp_blocking.counted)
-        svp_count_recv(cid, st);
+    if (!svp_blocking.counted && (rc == MPI_SUCCESS || truncated(rc)))
+        svp_count_recv(cid, st); /* a truncated message was taken too */
     svp_blocking.req = MPI_REQUEST_NULL;
     return rc;
 }
@@ -144,6 +152,22 @@ static int undo_receive(MPI_Request *recv, void (*finish)(const coll *c, MPI_Sta
     if (finish != NULL)
         finish(c, &st);
     return rc;
+}
+
+/* Completes the receive (rq[0]) and the send (rq[1]) of a Sendrecv: both, even when one
+ * fails (a receive still pending is cancelled), so that no part outlives the call; returns the
+ * first part's error, as MPI_Sendrecv reports it (not MPI_ERR_IN_STATUS). */
+static int waitall_parts(MPI_Request rq[2], MPI_Status st[2])
+{
+    int rc = MPI_Waitall(2, rq, st);
+    if (rc != MPI_ERR_IN_STATUS)
+        return rc;
+    if (rq[0] != MPI_REQUEST_NULL)
+        MPI_Cancel(&rq[0]);
+    for (int i = 0; i < 2; i++)
+        if (rq[i] != MPI_REQUEST_NULL)
+            MPI_Wait(&rq[i], &st[i]);
+    return st[0].MPI_ERROR != MPI_SUCCESS ? st[0].MPI_ERROR : st[1].MPI_ERROR;
 }
 
 /* The receive and the send of a Sendrecv or an Isendrecv, the layer's own (counted; the
@@ -173,9 +197,10 @@ static int sendrecv(const void *sbuf, count_t scount, MPI_Datatype sdt, int dest
     MPI_Request rq[2];
     MPI_Status st[2];
     int rc = start_sendrecv(sbuf, scount, sdt, dest, stag, rbuf, rcount, rdt, src, rtag, comm, rq);
-    if (rc == MPI_SUCCESS)
-        rc = MPI_Waitall(2, rq, st);
-    if (rc == MPI_SUCCESS && status != MPI_STATUS_IGNORE)
+    if (rc != MPI_SUCCESS)
+        return rc;
+    rc = waitall_parts(rq, st);
+    if (status != MPI_STATUS_IGNORE)
         *status = st[0];
     return rc;
 }
@@ -249,7 +274,7 @@ int MPI_Sendrecv_replace(void *buf, int count, MPI_Datatype dt, int dest, int st
     int rc = start_replace(&c, dest, stag, src, rtag, rq);
     if (rc != MPI_SUCCESS)
         return rc;
-    rc = MPI_Waitall(2, rq, st);
+    rc = waitall_parts(rq, st);
     if (rc != MPI_SUCCESS) {
         release_replace(&c);
         return rc;

@@ -414,10 +414,10 @@ void svp_die(const char *what);
 int svp_refuse(MPI_Comm comm, const char *call, const char *why);
 #if MPI_VERSION >= 4
 /* A large-count (_c) call the layer serves through its int form, refused beyond an int. */
-#define SVP_COUNT_ABOVE_INT "a count above INT_MAX is not supported by the transparent layer here"
+#define SVP_COUNT_ABOVE_INT "a count beyond an int is not supported by the transparent layer here"
 static inline int svp_fits_int(MPI_Count n)
 {
-    return n >= 0 && n <= 2147483647;
+    return n == (int)n; /* a negative one too: the int form reports it */
 }
 #endif
 /* The delete callback of the attribute svp.keyval: releases the communicator's slot. */
@@ -523,8 +523,9 @@ static inline buffered *svp_find_buffered(int cid, int src, int tag, buffered **
 }
 
 buffered *svp_new_buffered(int cid, int src, int tag, int nbytes);
-/* Receives a probed message on slot cid into the buffer (counted, and counted as drained). */
-void svp_drain_one(int cid, const MPI_Status *probed);
+/* Receives a probed message on slot cid into the buffer (counted, and counted as drained);
+ * returns 0, taking nothing, for one the buffer cannot hold (over INT_MAX bytes). */
+int svp_drain_one(int cid, const MPI_Status *probed);
 /* Takes a buffered message out of the list (the caller owns it). */
 buffered *svp_unlink_buffered(buffered **link);
 void svp_fill_status(MPI_Status *st, const buffered *m, MPI_Datatype dt, int elems, int err);
@@ -622,9 +623,10 @@ typedef struct coll {
 #if MPI_VERSION >= 4
     /* MPI 4's large-count forms (the _c calls): their counts, and the v variants' byte
      * displacements (the w variants' are sdispls_aint and rdispls_aint). */
-    MPI_Count count_c, sendcount_c, recvcount_c;
+    MPI_Count count_c, sendcount_c, recvcount_c; /* also the MPI-IO data calls' count_c */
     const MPI_Count *sendcounts_c, *recvcounts_c;
     const MPI_Aint *displs_aint;
+    MPI_Aint disp_unit_c; /* the window calls' */
 #endif
     /* Communicator creation and free. */
     MPI_Comm *newcomm;  /* a communicator it makes (tracked), or frees */

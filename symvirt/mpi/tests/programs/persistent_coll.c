@@ -1,14 +1,16 @@
 /* MPI 4's persistent collectives and partitioned communication (MPICH 4) under the
- * transparent layer, which observes them but does not cover their traffic: while one this
- * rank started has not completed, a migration request fails with a reason naming the call;
- * once every such request is freed, migrations work again.
+ * transparent layer, which observes them but does not cover their traffic: while a rank holds
+ * one (made, not freed), a migration request fails with a reason naming the call, even when
+ * none is in progress; once every such request is freed, migrations work again.
  *
  *   persistent_coll DIR
  *
  * Phase 1: every rank makes an MPI_Allreduce_init on MPI_COMM_WORLD; ranks 1.. start it and
  * tell rank 0 (a message each), which creates DIR/started and waits, outside MPI, until
  * DIR/go exists before it starts its own: meanwhile the others' are in progress. The result
- * is checked; the collective runs 8 more times, checked; rank 0 sends rank 1 a partitioned
+ * is checked; once every rank's completed, rank 0 creates DIR/idle and waits, outside MPI,
+ * until DIR/go2 exists (every request inactive, none freed); the collective runs 8 more times,
+ * checked; rank 0 sends rank 1 a partitioned
  * message (MPI_Psend_init / MPI_Precv_init, partitions marked ready one at a time,
  * MPI_Parrived), checked; every request is freed, and rank 0 creates DIR/done once every
  * rank's are. Phase 2: ring traffic (Send/Recv, checked) until DIR/stop exists. Prints
@@ -18,6 +20,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
+
+#include "work_dir.h"
 
 #define PARTS 4
 #define PART_WORDS 1024
@@ -30,22 +34,6 @@ static void fail(const char *what, uint64_t got, uint64_t want)
             (unsigned long long)got, (unsigned long long)want);
     fflush(stderr);
     MPI_Abort(MPI_COMM_WORLD, 3);
-}
-
-static int exists(const char *dir, const char *name)
-{
-    char path[4096];
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    return access(path, F_OK) == 0;
-}
-
-static void touch(const char *dir, const char *name)
-{
-    char path[4096];
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    FILE *f = fopen(path, "w");
-    if (f != NULL)
-        fclose(f);
 }
 
 /* Whether DIR/name exists on rank 0's view (all agree). */
@@ -127,6 +115,13 @@ int main(int argc, char **argv)
     }
     MPI_Wait(&all, MPI_STATUS_IGNORE);
     check_sum(sum, round++);
+    MPI_Barrier(MPI_COMM_WORLD);
+    if (me == 0) {
+        touch(dir, "idle");
+        while (!exists(dir, "go2"))
+            usleep(1000);
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
     while (round < 9) {
         mine = (uint64_t)me + round + 1;
         MPI_Start(&all);

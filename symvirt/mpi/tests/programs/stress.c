@@ -49,8 +49,8 @@
  *              MPI_Comm_idup_with_info made while ring traffic went on (its info freed at
  *              once). MPICH 4.0's own MPI_Isendrecv leaves its status empty; the layer's gives
  *              the receive's, as MPI 4 says, and the mode checks it
- *   large_count (MPI 4) the large-count (_c) forms: a ring through Send_c/Recv_c (even ranks
- *              send first), Isend_c/Irecv_c, Sendrecv_c and Isendrecv_c; a message received
+ *   large_count (MPI 4) the large-count (_c) forms: a ring through Send_c and Recv (even
+ *              ranks, sending first) and Recv_c and Send (odd ranks), Isend_c/Irecv_c, Sendrecv_c and Isendrecv_c; a message received
  *              through Mprobe + Mrecv_c; Allreduce_c, Bcast_c, Alltoallv_c and Iallgatherv_c,
  *              every result checked
  *   compute    every rank computes for about STRESS_COMPUTE_MS (default 5000; rank and iteration
@@ -769,14 +769,17 @@ static void large_count(void)
     MPI_Status st[2];
     MPI_Request rq[2];
     MPI_Count n;
+    /* Even ranks send with MPI_Send_c and receive with MPI_Recv, odd ranks the other way
+     * round: every message goes between a _c call and an int one, so counting either alone
+     * would not balance. */
     if (me % 2 == 0) {
         n = fill(bufs[0], right, 60);
         MPI_Send_c(bufs[0], n, MPI_UINT64_T, right, 60, MPI_COMM_WORLD);
-        MPI_Recv_c(bufs[1], LARGE + 4, MPI_UINT64_T, left, 60, MPI_COMM_WORLD, &st[0]);
+        MPI_Recv(bufs[1], LARGE + 4, MPI_UINT64_T, left, 60, MPI_COMM_WORLD, &st[0]);
     } else {
         MPI_Recv_c(bufs[1], LARGE + 4, MPI_UINT64_T, left, 60, MPI_COMM_WORLD, &st[0]);
         n = fill(bufs[0], right, 60);
-        MPI_Send_c(bufs[0], n, MPI_UINT64_T, right, 60, MPI_COMM_WORLD);
+        MPI_Send(bufs[0], (int)n, MPI_UINT64_T, right, 60, MPI_COMM_WORLD);
     }
     check(bufs[1], &st[0], left);
     MPI_Irecv_c(bufs[1], LARGE + 4, MPI_UINT64_T, left, 61, MPI_COMM_WORLD, &rq[0]);
