@@ -492,6 +492,25 @@ void mpi_waitany_(MPI_Fint *n, MPI_Fint *reqs, MPI_Fint *idx, MPI_Fint *status, 
     free(r);
 }
 
+/* A datatype or operation a non-blocking collective may still use (see MPI_Type_free). */
+void mpi_type_free_(MPI_Fint *dt, MPI_Fint *ierr)
+{
+    GUARD();
+    MPI_Datatype t = PMPI_Type_f2c(*dt);
+    *ierr = MPI_Type_free(&t);
+    if (*ierr == MPI_SUCCESS)
+        *dt = PMPI_Type_c2f(t);
+}
+
+void mpi_op_free_(MPI_Fint *op, MPI_Fint *ierr)
+{
+    GUARD();
+    MPI_Op o = PMPI_Op_f2c(*op);
+    *ierr = MPI_Op_free(&o);
+    if (*ierr == MPI_SUCCESS)
+        *op = PMPI_Op_c2f(o);
+}
+
 void mpi_request_free_(MPI_Fint *req, MPI_Fint *ierr)
 {
     GUARD();

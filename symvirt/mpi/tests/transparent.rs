@@ -212,9 +212,11 @@ fn transparent_mpich_matched_probes_consistent_at_every_cut() {
     run_transparent(MpiImpl::Mpich, Some(MPROBE), "tr-mprobe-mpich", 4);
 }
 
-/// Non-blocking collectives outstanding while point-to-point traffic goes on, and cancelled
-/// receives (one that nothing matches, one whose message a cut may have drained).
-const NBCOLL: &str = "nbcoll,cancel,split";
+/// Non-blocking collectives outstanding while point-to-point traffic goes on, one rank's
+/// freeing their datatype and operation before the others have called them (the layer starts
+/// them later), and cancelled receives (one that nothing matches, one whose message a cut may
+/// have drained).
+const NBCOLL: &str = "nbcoll,nbfree,cancel,split";
 
 #[test]
 fn transparent_openmpi_nonblocking_collectives_and_cancel_consistent_at_every_cut() {

@@ -95,6 +95,59 @@ static int progress_compound(deferred *d)
     return 1;
 }
 
+/* Datatypes and operations the application freed while a non-blocking collective it called
+ * had not started (MPI lets a program free them as soon as the call returned, and the real
+ * collective may use them when it starts): freed for real once no collective is left
+ * unstarted. */
+static LIST(MPI_Datatype, held_types);
+static LIST(MPI_Op, held_ops);
+
+static int any_unstarted(void)
+{
+    for (const deferred *d = deferred_head; d != NULL; d = d->next)
+        if (!d->started)
+            return 1;
+    return 0;
+}
+
+static void release_held(void)
+{
+    if ((held_types.n == 0 && held_ops.n == 0) || any_unstarted())
+        return;
+    for (int i = 0; i < held_types.n; i++)
+        PMPI_Type_free(&held_types.v[i]);
+    for (int i = 0; i < held_ops.n; i++)
+        PMPI_Op_free(&held_ops.v[i]);
+    held_types.n = held_ops.n = 0;
+}
+
+int MPI_Type_free(MPI_Datatype *t)
+{
+    GUARD();
+    int ni = 0, na = 0, nd = 0, combiner = MPI_COMBINER_NAMED;
+    if (svp_ndeferred && any_unstarted() && *t != MPI_DATATYPE_NULL &&
+        PMPI_Type_get_envelope(*t, &ni, &na, &nd, &combiner) == MPI_SUCCESS &&
+        combiner != MPI_COMBINER_NAMED) {
+        GROW(held_types);
+        held_types.v[held_types.n++] = *t;
+        *t = MPI_DATATYPE_NULL;
+        return MPI_SUCCESS;
+    }
+    return PMPI_Type_free(t);
+}
+
+int MPI_Op_free(MPI_Op *op)
+{
+    GUARD();
+    if (svp_ndeferred && any_unstarted() && *op != MPI_OP_NULL) {
+        GROW(held_ops);
+        held_ops.v[held_ops.n++] = *op;
+        *op = MPI_OP_NULL;
+        return MPI_SUCCESS;
+    }
+    return PMPI_Op_free(op);
+}
+
 void svp_progress_deferred(void)
 {
     static int busy; /* perform() and PMPI calls never come back here; be sure */
@@ -141,6 +194,7 @@ void svp_progress_deferred(void)
         }
         link = &d->next;
     }
+    release_held();
     busy = 0;
 }
 

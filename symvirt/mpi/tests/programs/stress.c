@@ -35,6 +35,10 @@
  *              (blocking), Ineighbor_alltoall; on WORLD: Ialltoallv, Iallgatherv, Igatherv,
  *              Iscatterv, Ireduce_scatter, Iexscan; the non-blocking ones completed by one
  *              Waitall after ring traffic; every result checked
+ *   nbfree     rank 0 calls Ibcast with a derived datatype and Iallreduce with an operation
+ *              of its own, frees both at once, and only then lets the other ranks call theirs
+ *              (a message each): its collectives cannot have started when it freed them (MPI
+ *              allows the free); results checked
  *   cancel     a receive nothing matches is cancelled; a message sent before a barrier is
  *              received by an Irecv that is then cancelled: delivered, or received again
  *   replace    MPI_Sendrecv_replace around the ring
@@ -1020,6 +1024,48 @@ static void nbcoll(void)
         MPI_Test(&r, &done, MPI_STATUS_IGNORE);
 }
 
+/* nbfree's operation: a sum. */
+static void sum_words(void *in, void *inout, int *len, MPI_Datatype *dt)
+{
+    (void)dt;
+    for (int i = 0; i < *len; i++)
+        ((uint64_t *)inout)[i] += ((const uint64_t *)in)[i];
+}
+
+/* nbfree: see the top. */
+static void nbfree(void)
+{
+    enum { N = 8 };
+    uint64_t b[N], v = (uint64_t)me + iteration, sum = 0, want = 0;
+    for (int i = 0; i < N; i++)
+        b[i] = me == 0 ? word(97, 0, iteration, (uint64_t)i) : 0;
+    MPI_Datatype block;
+    MPI_Op op;
+    MPI_Request rq[2];
+    MPI_Type_contiguous(N, MPI_UINT64_T, &block);
+    MPI_Type_commit(&block);
+    MPI_Op_create(sum_words, 1, &op);
+    if (me != 0)
+        MPI_Recv(NULL, 0, MPI_BYTE, 0, 70, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+    MPI_Ibcast(b, 1, block, 0, MPI_COMM_WORLD, &rq[0]);
+    MPI_Iallreduce(&v, &sum, 1, MPI_UINT64_T, op, MPI_COMM_WORLD, &rq[1]);
+    MPI_Type_free(&block);
+    MPI_Op_free(&op);
+    if (block != MPI_DATATYPE_NULL || op != MPI_OP_NULL)
+        fail("a freed handle was not set to null", -1);
+    if (me == 0)
+        for (int p = 1; p < np; p++)
+            MPI_Send(NULL, 0, MPI_BYTE, p, 70, MPI_COMM_WORLD);
+    MPI_Waitall(2, rq, MPI_STATUSES_IGNORE);
+    for (int i = 0; i < N; i++)
+        if (b[i] != word(97, 0, iteration, (uint64_t)i))
+            fail("Ibcast result through a freed datatype", 0);
+    for (int p = 0; p < np; p++)
+        want += (uint64_t)p + iteration;
+    if (sum != want)
+        fail("Iallreduce result through a freed operation", -1);
+}
+
 /* nbx: see the top. Every NBX message is received before any rank leaves the Ibarrier, but a
  * rank may start the next exchange while a peer is still in another mode: nbx_comm. */
 static void nbx(void)
@@ -1415,6 +1461,8 @@ int main(int argc, char **argv)
                 vcoll();
             else if (strcmp(m, "nbx") == 0)
                 nbx();
+            else if (strcmp(m, "nbfree") == 0)
+                nbfree();
             else if (strcmp(m, "cancel") == 0)
                 cancel();
             else if (strcmp(m, "inter") == 0)

@@ -7,6 +7,7 @@
 ! Waitall), ANY_SOURCE receives on a duplicated communicator, a ring and an Allreduce on each
 ! half of an MPI_Comm_split, persistent requests (Recv_init, Send_init, Startall, Waitall,
 ! Request_free), a matched probe (Mprobe + Mrecv), Sendrecv_replace, Iallreduce + Ibarrier,
+! an Ibcast through a derived datatype rank 0 frees before the others have called theirs,
 ! Allreduce + Bcast; then MPI-3 calls: Ialltoall, Ialltoallw, Iallgather on the shared-memory
 ! node (Comm_split_type; the tests run every rank on one machine), Ireduce on a row of a 2-D
 ! cartesian grid (Cart_sub), Iscan, Ineighbor_allgather and Ineighbor_alltoallw on a periodic
@@ -197,6 +198,8 @@ program stress_f
   integer(8), allocatable :: sbuf(:), rbuf(:), many(:, :)
   integer, allocatable :: mreq(:)
   integer(8) :: v(16), r(16), min_iters, tot(2), gtot(2)
+  integer(8), asynchronous :: bv(16)
+  integer :: blk, tok
   character(len=32) :: arg
   logical :: stop_file
   integer :: io_fh
@@ -311,6 +314,28 @@ program stress_f
     call mpi_ibarrier(MPI_COMM_WORLD, req(2), ierr)
     call mpi_waitall(2, req, statuses, ierr)
     if (all /= hsize * (base + 1) + hsize * (hsize - 1) / 2) call fail('Iallreduce on a half', -1)
+    ! an Ibcast through a derived datatype that rank 0 frees before the others have called
+    ! theirs (it lets them go on only then): its Ibcast cannot have started at the free
+    if (me /= 0) call mpi_recv(tok, 0, MPI_INTEGER, 0, 34, MPI_COMM_WORLD, MPI_STATUS_IGNORE, ierr)
+    call mpi_type_contiguous(16, MPI_INTEGER8, blk, ierr)
+    call mpi_type_commit(blk, ierr)
+    if (me == 0) then
+      bv = [(iteration * 5_8 + int(n, 8), n = 1, 16)]
+    else
+      bv = 0
+    end if
+    call mpi_ibcast(bv, 1, blk, 0, MPI_COMM_WORLD, req(1), ierr)
+    call mpi_type_free(blk, ierr)
+    if (blk /= MPI_DATATYPE_NULL) call fail('a freed datatype is not null', -1)
+    if (me == 0) then
+      do p = 1, np - 1
+        call mpi_send(tok, 0, MPI_INTEGER, p, 34, MPI_COMM_WORLD, ierr)
+      end do
+    end if
+    call mpi_wait(req(1), MPI_STATUS_IGNORE, ierr)
+    do n = 1, 16
+      if (bv(n) /= iteration * 5_8 + int(n, 8)) call fail('Ibcast through a freed datatype', 0)
+    end do
     ! collectives
     v = [(int(me, 8) * 100_8 + int(n, 8) + iteration, n = 1, 16)]
     call mpi_allreduce(v, r, 16, MPI_INTEGER8, MPI_SUM, MPI_COMM_WORLD, ierr)
