@@ -152,17 +152,21 @@
  *   buffer.c       the layer's buffer of drained messages, and delivering from it
  *   cut.c          the cut, and the idle turns of every wait loop that enter or answer one
  *   agreement.c    agreement among a communicator's members; collectives aligned, then run
- *   deferred.c     non-blocking collectives, started once every member has called them;
- *                  compounds (MPI_Isendrecv: a receive and a send as one request)
+ *   deferred.c     non-blocking collectives, started once every member has called them
+ *                  (datatypes and operations freed meanwhile held until then); compounds
+ *                  (MPI_Isendrecv: a receive and a send as one request)
  *   init.c         MPI_Init(_thread), MPI_Finalize, the progress thread and the rank's lock
  *   comm_create.c  communicator creation and MPI_Comm_free
  *   onesided.c     windows (observed, not their operations)
  *   files.c        MPI-IO: open files observed, collective calls aligned
- *   p2p.c          sends, receives, Sendrecv(_replace), MPI 4's Isendrecv(_replace)
- *   persistent.c   persistent requests, MPI_Request_free, MPI_Cancel
+ *   p2p.c          sends, receives, Sendrecv(_replace), MPI 4's Isendrecv(_replace); their
+ *                  large-count (_c) forms
+ *   persistent.c   persistent requests, MPI_Request_free, MPI_Cancel; MPI 4's persistent
+ *                  collectives and partitioned requests (observed, not covered)
  *   probes.c       probes, matched probes and the held messages behind them
  *   completion.c   the test and wait families
- *   collectives.c  blocking and non-blocking collectives (generated from one table)
+ *   collectives.c  blocking, non-blocking, persistent and large-count collectives (generated
+ *                  from one table)
  *
  * Everything the files share is declared below, hidden: internal to the library, neither
  * exported from it nor bound to a symbol of the application's (prefix svp_). Everything else
