@@ -260,15 +260,18 @@ fn wait_for_file(job: &mut Job, path: &std::path::Path) {
 }
 
 /// A program in states the transparent layer does not cover (`program`, run with a work
-/// directory): each time it creates a `refused` file there, a migration request fails the
-/// epoch with a reason containing every one of `reason` (the host keeps the job where it is),
-/// and the test creates the file that lets the job go on; once the program creates
-/// `served_at`, a request is served. Then the job ends on `stop`, its own checks passing (a
-/// line `<name> OK rank R` per rank).
+/// directory): each time it creates a `served` file there, a migration request is served (a
+/// covered state next to the uncovered ones); each time it creates a `refused` file, a request
+/// fails the epoch with a reason containing every one of `reason` (the host keeps the job
+/// where it is); after each, the test creates the file that lets the job go on. Once the
+/// program creates `served_at`, a request is served. Then the job ends on `stop`, its own
+/// checks passing (a line `<name> OK rank R` per rank).
 struct Uncovered<'a> {
     program: &'a str,
-    /// Where the program is refused migration, and the file that lets it go on from there:
-    /// (created by the program, created by the test), in order.
+    /// Where the program is served migration first, and the file that lets it go on from
+    /// there: (created by the program, created by the test), in order.
+    served: &'a [(&'a str, &'a str)],
+    /// Where it is refused migration next, the same way.
     refused: &'a [(&'a str, &'a str)],
     reason: &'a [&'a str],
     served_at: &'a str,
@@ -282,6 +285,17 @@ fn refused_until_left(mpi: MpiImpl, tag: &str, u: Uncovered) {
     let env = rig.transparent_env(mpi);
     let mut job = Job::start(mpi, &prog, &[work.to_str().unwrap()], &env, &rig.dir.0);
     let mut epoch = 0;
+    for (at, leave) in u.served {
+        epoch += 1;
+        wait_for_file(&mut job, &work.join(at));
+        rig.prepare(epoch);
+        match outcome_while_running(&rig, &mut job) {
+            GuestMessage::Quiesced { epoch: e } if e == epoch => {}
+            other => panic!("expected quiesced at {at}, got {other:?}\n{}", job.logs()),
+        }
+        resume_and_confirm(&rig, &mut job, epoch, &interconnect_for(epoch));
+        fs::write(work.join(leave), "").unwrap();
+    }
     for (at, leave) in u.refused {
         epoch += 1;
         wait_for_file(&mut job, &work.join(at));
@@ -321,6 +335,7 @@ fn refused_until_left(mpi: MpiImpl, tag: &str, u: Uncovered) {
 /// exists is served too: the window's creation is aligned).
 const WINDOWS: Uncovered = Uncovered {
     program: "rma.c",
+    served: &[],
     refused: &[("open", "phase2")],
     reason: &["one-sided communication is not covered", "1 window open"],
     served_at: "freed",
@@ -336,22 +351,24 @@ fn mpich_one_sided_windows_refuse_migration_until_freed() {
     refused_until_left(MpiImpl::Mpich, "bad-rma-mpich", WINDOWS);
 }
 
-/// MPI 4's persistent collectives and partitioned requests are observed, not covered: while a
-/// rank holds one, a migration request fails the epoch with a reason naming the call (here an
-/// Allreduce_init that some ranks started while rank 0 waits outside MPI before starting its
-/// own, then the same request inactive on every rank), and the job goes on: the collective
-/// runs 9 times and a partitioned message (MPI_Psend_init, MPI_Pready, MPI_Parrived) passes,
-/// checked; once every such request is freed a request is served. MPICH 4 only: Open MPI 4.1
-/// has no MPI 4 calls.
+/// MPI 4's persistent collectives are covered, partitioned requests only observed. A request
+/// is served while ranks 1.. have started an MPI_Allreduce_init's request and rank 0, outside
+/// MPI, has not (the layer defers the starts until every member has started: nothing is in
+/// flight), and while the request is inactive everywhere; the collective runs 9 times,
+/// checked. While ranks 0 and 1 hold a partitioned send and receive (MPI_Psend_init,
+/// MPI_Precv_init) a request fails the epoch with a reason naming the call, and the job goes
+/// on: the message passes (MPI_Pready, MPI_Parrived), checked; once both are freed a request
+/// is served. MPICH 4 only: Open MPI 4.1 has no MPI 4 calls.
 #[test]
-fn mpich_persistent_collective_in_progress_refuses_migration() {
+fn mpich_persistent_collectives_served_partitioned_requests_refused() {
     refused_until_left(
         MpiImpl::Mpich,
         "bad-pcoll-mpich",
         Uncovered {
             program: "persistent_coll.c",
-            refused: &[("started", "go"), ("idle", "go2")],
-            reason: &["made by MPI_Allreduce_init exists", "not covered"],
+            served: &[("started", "go"), ("idle", "go2")],
+            refused: &[("partitioned", "go3")],
+            reason: &["made by MPI_P", "_init exists", "not covered"],
             served_at: "done",
         },
     );
@@ -370,6 +387,7 @@ fn mpich_message_over_2_gib_in_flight_refuses_migration() {
         "bad-oversized-mpich",
         Uncovered {
             program: "oversized.c",
+            served: &[],
             refused: &[("sent", "go")],
             reason: &["over 2 GiB from rank 0", "cannot hold it"],
             served_at: "received",

@@ -163,9 +163,10 @@ fn transparent_mpich_sub_communicators_consistent_at_every_cut() {
 }
 
 /// Persistent requests (Send_init, Recv_init, Startall; a receive started after a cut drained
-/// its message is served from the layer's buffer) next to non-blocking ring traffic and
-/// MPI_Sendrecv_replace.
-const PERSIST: &str = "persist,ring_nb,replace,persist";
+/// its message is served from the layer's buffer) next to non-blocking ring traffic,
+/// MPI_Sendrecv_replace and a receive the program frees while it is pending (its message is
+/// counted when it lands: otherwise every later cut waits for it).
+const PERSIST: &str = "persist,ring_nb,freerecv,replace,persist";
 
 #[test]
 fn transparent_openmpi_persistent_requests_consistent_at_every_cut() {
@@ -186,6 +187,17 @@ const ISENDRECV: &str = "isendrecv,ring,isendrecv,collective";
 #[test]
 fn transparent_mpich_isendrecv_consistent_at_every_cut() {
     run_transparent(MpiImpl::Mpich, Some(ISENDRECV), "tr-isr-mpich", 4);
+}
+
+/// MPI 4's persistent collectives (MPICH 4): started by MPI_Startall while a rank computes
+/// outside MPI (the others' starts wait for it, deferred by the layer), with ring traffic
+/// in flight, completed through every completion call; a cut waits only for collectives every
+/// member has started. Results checked.
+const PCOLL: &str = "pcoll,ring,pcoll,collective";
+
+#[test]
+fn transparent_mpich_persistent_collectives_consistent_at_every_cut() {
+    run_transparent(MpiImpl::Mpich, Some(PCOLL), "tr-pcoll-mpich", 4);
 }
 
 /// MPI 4's large-count (_c) forms of point-to-point calls, a matched receive and collectives
@@ -308,6 +320,16 @@ fn refuses(mpi: MpiImpl, tag: &str) {
         .filter(|l| l.contains("MPI_Sendrecv_replace_c refused: a count beyond an int"))
         .count();
     assert_eq!(too_large, isendrecv, "{err}");
+    let freed_started = err
+        .lines()
+        .filter(|l| l.contains("MPI_Request_free refused: a started persistent collective"))
+        .count();
+    let others = if mpi == MpiImpl::Mpich {
+        RANKS as usize - 1
+    } else {
+        0
+    };
+    assert_eq!(freed_started, others, "{err}");
 }
 
 #[test]

@@ -1,5 +1,7 @@
 /* ---- completion: test and wait families --------------------------------------------------
- * Persistent receives served from the buffer (substitutes) complete here without MPI. The
+ * Persistent receives served from the buffer (substitutes) complete here without MPI; a
+ * persistent collective whose start the layer deferred (svp_start_pending) is incomplete here
+ * until it starts, though MPI would take the still inactive request as complete. The
  * all, any and some families have one test function each, which both their Test (one turn of
  * svp_idle_test() when nothing completed) and their Wait (svp_idle() between tries) call. */
 #include "pmpi_internal.h"
@@ -7,8 +9,14 @@
 int MPI_Test(MPI_Request *req, int *flag, MPI_Status *status)
 {
     GUARD();
-    if (svp_ndeferred)
+    if (svp_ndeferred) {
         svp_progress_deferred();
+        if (svp_start_pending(*req)) {
+            *flag = 0;
+            svp_idle_test();
+            return MPI_SUCCESS;
+        }
+    }
     if (svp.subst.n && svp_take_substitute(*req, status)) {
         *flag = 1;
         return MPI_SUCCESS;
@@ -30,6 +38,8 @@ int MPI_Wait(MPI_Request *req, MPI_Status *status)
     GUARD();
     if (svp.subst.n && svp_take_substitute(*req, status))
         return MPI_SUCCESS;
+    for (unsigned long turns = 0; svp_ndeferred && svp_start_pending(*req);)
+        svp_idle(&turns);
     MPI_Request handle = *req;
     MPI_Status local;
     int rc = svp_wait_serving(req, &local);
@@ -42,8 +52,14 @@ int MPI_Wait(MPI_Request *req, MPI_Status *status)
 int MPI_Request_get_status(MPI_Request req, int *flag, MPI_Status *status)
 {
     GUARD();
-    if (svp_ndeferred)
+    if (svp_ndeferred) {
         svp_progress_deferred();
+        if (svp_start_pending(req)) {
+            *flag = 0;
+            svp_idle_test();
+            return MPI_SUCCESS;
+        }
+    }
     for (int i = 0; i < svp.subst.n; i++)
         if (svp.subst.v[i].req == req) {
             *flag = 1;
@@ -83,6 +99,96 @@ static int is_substitute(MPI_Request h)
     return 0;
 }
 
+/* ---- persistent collectives (MPI 4) in the array calls ------------------------------------
+ * MPICH 4.0's MPI_Waitany and MPI_Testany return a completed persistent collective's request
+ * again at every call (it stays active to them), and its MPI_Testall fails (MPI_ERR_IN_STATUS,
+ * MPI_SUCCESS in every status) whenever it completes one; its MPI_Wait and MPI_Test are right.
+ * So in the array calls the layer hides them from MPI (a null handle: skipped) and looks at
+ * them itself, knowing their state (svp_pcoll_state): one whose start is deferred is
+ * incomplete, an inactive one is skipped, a started one is complete once
+ * MPI_Request_get_status says so, and is then completed by MPI_Wait. */
+
+/* How many complete persistent collectives take_pcolls completes. */
+enum { TAKE_ONE, TAKE_ALL, TAKE_ALL_OR_NONE /* none unless every one is complete */ };
+
+/* Hides reqs' persistent collectives from MPI and completes (MPI_Wait) the complete ones, as
+ * many as `take` says, their indices and statuses in done_idx and done_st (n entries each),
+ * their count in *ndone; *rc becomes MPI_ERR_IN_STATUS if one failed. h: the handles before.
+ * Returns how many are incomplete. */
+static int take_pcolls(int n, MPI_Request *reqs, const MPI_Request *h, int take, int *done_idx,
+                       MPI_Status *done_st, int *ndone, int *rc)
+{
+    int open = 0;
+    *ndone = 0;
+    for (int i = 0; i < n; i++) {
+        int state = svp_pcoll_state(reqs[i]);
+        if (state == PCOLL_NOT)
+            continue;
+        int complete = 0;
+        if (state == PCOLL_STARTED)
+            PMPI_Request_get_status(reqs[i], &complete, MPI_STATUS_IGNORE);
+        open += state != PCOLL_INACTIVE && !complete;
+        reqs[i] = MPI_REQUEST_NULL;
+        if (complete && !(take == TAKE_ONE && *ndone == 1))
+            done_idx[(*ndone)++] = i;
+    }
+    if (take == TAKE_ALL_OR_NONE && open > 0)
+        *ndone = 0;
+    for (int k = 0; k < *ndone; k++) {
+        MPI_Request r = h[done_idx[k]]; /* persistent: the application's handle stays */
+        int e = PMPI_Wait(&r, &done_st[k]);
+        if (e != MPI_SUCCESS) {
+            done_st[k].MPI_ERROR = e;
+            *rc = MPI_ERR_IN_STATUS;
+        }
+    }
+    return open;
+}
+
+/* Puts back the handles take_pcolls hid (h: reqs before; persistent handles stay). */
+static void restore_pcolls(int n, MPI_Request *reqs, const MPI_Request *h)
+{
+    for (int i = 0; i < n; i++)
+        if (reqs[i] == MPI_REQUEST_NULL && svp_pcoll_state(h[i]) != PCOLL_NOT)
+            reqs[i] = h[i];
+}
+
+/* MPI_Testall over reqs holding persistent collectives: every other request's completion is
+ * looked at first without freeing it (MPI_Request_get_status), so that nothing changes when
+ * not all are complete; then all are completed. */
+static int testall_with_pcolls(int n, MPI_Request *reqs, const MPI_Request *h, int *flag,
+                               MPI_Status *sts)
+{
+    for (int i = 0; i < n; i++) {
+        if (svp_pcoll_state(reqs[i]) != PCOLL_NOT)
+            continue;
+        int done = 0;
+        int rc = PMPI_Request_get_status(reqs[i], &done, MPI_STATUS_IGNORE);
+        if (rc != MPI_SUCCESS || !done) {
+            *flag = 0;
+            return rc;
+        }
+    }
+    int *idx = malloc((size_t)(n > 0 ? n : 1) * sizeof *idx), ndone = 0, rc = MPI_SUCCESS;
+    MPI_Status *st = statuses(n);
+    if (idx == NULL)
+        svp_die("out of memory");
+    *flag = take_pcolls(n, reqs, h, TAKE_ALL_OR_NONE, idx, st, &ndone, &rc) == 0;
+    for (int i = 0; i < n && *flag; i++) {
+        int r = PMPI_Wait(&reqs[i], &sts[i]); /* the hidden ones are null: at once */
+        if (r != MPI_SUCCESS) {
+            sts[i].MPI_ERROR = r;
+            rc = MPI_ERR_IN_STATUS;
+        }
+    }
+    for (int k = 0; k < ndone; k++)
+        sts[idx[k]] = st[k];
+    restore_pcolls(n, reqs, h);
+    free(idx);
+    free(st);
+    return rc;
+}
+
 static int testall(int n, MPI_Request *reqs, int *flag, MPI_Status *sts)
 {
     if (svp_ndeferred)
@@ -97,7 +203,8 @@ static int testall(int n, MPI_Request *reqs, int *flag, MPI_Status *sts)
                 reqs[i] = MPI_REQUEST_NULL;
                 nsub++;
             }
-    int rc = PMPI_Testall(n, reqs, flag, local);
+    int rc = svp_npcoll ? testall_with_pcolls(n, reqs, h, flag, local)
+                        : PMPI_Testall(n, reqs, flag, local);
     for (int i = 0; i < n; i++) {
         if (h[i] == MPI_REQUEST_NULL)
             continue;
@@ -151,7 +258,22 @@ static int testany(int n, MPI_Request *reqs, int *idx, int *flag, MPI_Status *st
     }
     MPI_Request *h = snapshot(n, reqs);
     MPI_Status local;
-    int rc = PMPI_Testany(n, reqs, idx, flag, &local);
+    int rc = MPI_SUCCESS;
+    if (svp_npcoll) {
+        int ndone = 0;
+        int open = take_pcolls(n, reqs, h, TAKE_ONE, idx, &local, &ndone, &rc);
+        if (ndone == 0)
+            rc = PMPI_Testany(n, reqs, idx, flag, &local);
+        else
+            *flag = 1;
+        if (rc == MPI_ERR_IN_STATUS)
+            rc = local.MPI_ERROR;
+        restore_pcolls(n, reqs, h);
+        if (*flag && *idx == MPI_UNDEFINED && open)
+            *flag = 0; /* not "nothing active": a hidden one is */
+    } else {
+        rc = PMPI_Testany(n, reqs, idx, flag, &local);
+    }
     if (*flag && *idx != MPI_UNDEFINED)
         svp_completed(h[*idx], &local);
     if (status != MPI_STATUS_IGNORE)
@@ -200,7 +322,30 @@ static int testsome(int n, MPI_Request *reqs, int *outcount, int *idx, MPI_Statu
     }
     MPI_Request *h = snapshot(n, reqs);
     MPI_Status *local = statuses(n);
-    int rc = PMPI_Testsome(n, reqs, outcount, idx, local);
+    int rc;
+    if (svp_npcoll) {
+        /* MPI's first, then the layer's after them (idx and local have room for all n). */
+        int *own = malloc((size_t)(n > 0 ? n : 1) * sizeof *own), nown = 0, err = MPI_SUCCESS;
+        MPI_Status *own_st = statuses(n);
+        if (own == NULL)
+            svp_die("out of memory");
+        int open = take_pcolls(n, reqs, h, TAKE_ALL, own, own_st, &nown, &err);
+        rc = PMPI_Testsome(n, reqs, outcount, idx, local);
+        int k = *outcount == MPI_UNDEFINED ? 0 : *outcount;
+        for (int j = 0; j < nown; j++, k++) {
+            idx[k] = own[j];
+            local[k] = own_st[j];
+        }
+        if (k > 0 || open > 0)
+            *outcount = k; /* not "nothing active" while a hidden one is */
+        if (err != MPI_SUCCESS)
+            rc = MPI_ERR_IN_STATUS;
+        restore_pcolls(n, reqs, h);
+        free(own);
+        free(own_st);
+    } else {
+        rc = PMPI_Testsome(n, reqs, outcount, idx, local);
+    }
     if (*outcount != MPI_UNDEFINED)
         for (int i = 0; i < *outcount; i++)
             svp_completed(h[idx[i]], &local[i]);

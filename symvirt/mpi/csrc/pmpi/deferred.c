@@ -10,7 +10,14 @@
  *
  * The same list carries compounds (MPI 4's MPI_Isendrecv and _replace): an application's
  * request made of the layer's own receive and send, started at once, completed with the
- * receive's status when both parts have, progressed in the same places. */
+ * receive's status when both parts have, progressed in the same places.
+ *
+ * And the starts of MPI 4's persistent collectives (MPI_Start of an MPI_Allreduce_init's
+ * request...): deferred the same way, so a persistent collective is in flight only once every
+ * member has started it, and a cut waits only for such ones. The application holds MPI's own
+ * request: until its deferred start is made, the completion calls take it as incomplete (MPI
+ * would take an inactive one as complete: svp_start_pending); once made it is watched like a
+ * started collective (svp_perform), and completes through MPI. */
 #include "pmpi_internal.h"
 
 typedef struct deferred {
@@ -29,8 +36,9 @@ typedef struct deferred {
      * for a collective. */
     MPI_Request send;
     void (*finish)(const coll *c, MPI_Status *st);
-    int err;      /* a compound's first failed part */
-    int compound; /* a compound, not a collective */
+    int err;        /* a compound's first failed part */
+    int compound;   /* a compound, not a collective */
+    int persistent; /* the start of a persistent collective: app is MPI's own request */
 } deferred;
 
 static deferred *deferred_head;
@@ -165,12 +173,15 @@ void svp_progress_deferred(void)
                 d->started = 1;
                 d->c.req = &d->real;
                 int rc = svp_perform(&d->c);
-                if (rc != MPI_SUCCESS) {
+                if (rc != MPI_SUCCESS && d->persistent) {
+                    /* No request of the layer's to carry it: raised as MPI_Start would. */
+                    PMPI_Comm_call_errhandler(d->c.comm, rc);
+                } else if (rc != MPI_SUCCESS) {
                     d->real = MPI_REQUEST_NULL;
                     finish_deferred(d, rc);
                 }
             }
-            if (d->started && d->real != MPI_REQUEST_NULL) {
+            if (d->started && d->real != MPI_REQUEST_NULL && !d->persistent) {
                 int flag = 0;
                 MPI_Request h = d->real;
                 int rc = PMPI_Test(&d->real, &flag, &d->work);
@@ -182,7 +193,9 @@ void svp_progress_deferred(void)
                     finish_deferred(d, rc != MPI_SUCCESS ? rc : d->work.MPI_ERROR);
                 }
             }
-            done = d->started && d->real == MPI_REQUEST_NULL;
+            /* A persistent one, once started, is watched by svp_perform's tracking and
+             * completed by the application through MPI. */
+            done = d->started && (d->persistent || d->real == MPI_REQUEST_NULL);
         }
         if (done) {
             *link = d->next;
@@ -218,6 +231,14 @@ int svp_is_deferred(MPI_Request h)
     for (const deferred *d = deferred_head; d != NULL; d = d->next)
         if (d->app == h)
             return d->compound ? DEFERRED_COMPOUND : DEFERRED_COLLECTIVE;
+    return 0;
+}
+
+int svp_start_pending(MPI_Request h)
+{
+    for (const deferred *d = deferred_head; d != NULL; d = d->next)
+        if (d->persistent && !d->started && d->app == h && h != MPI_REQUEST_NULL)
+            return 1;
     return 0;
 }
 
@@ -277,6 +298,30 @@ int svp_compound(MPI_Request recv, MPI_Request send, void (*finish)(const coll *
     svp_progress_deferred();
     return MPI_SUCCESS;
 }
+
+#if MPI_VERSION >= 4
+static int run_start(coll *c)
+{
+    return PMPI_Start(c->req);
+}
+
+int svp_start_persistent(int cid, MPI_Request req)
+{
+    deferred *d = calloc(1, sizeof *d);
+    if (d == NULL)
+        svp_die("out of memory");
+    d->c = (coll){.run = run_start, .cid = cid, .comm = svp.comms[cid].comm};
+    d->app = d->real = req;
+    d->send = MPI_REQUEST_NULL;
+    d->persistent = 1;
+    d->a = svp_alignment_of(&svp.comms[cid], 0);
+    *deferred_tail = d;
+    deferred_tail = &d->next;
+    svp_ndeferred++;
+    svp_progress_deferred();
+    return MPI_SUCCESS;
+}
+#endif
 
 /* Collectives start in the same order on every member. */
 void svp_start_deferred_on(int cid)

@@ -284,6 +284,7 @@ int MPI_Finalize(void)
         svp_align(0, NULL);
         /* From here no rank serves cuts: a request now fails the epoch at the agent. */
         svp.closed = 1;
+        svp_free_held();
         symvirt_ctl_close();
         PMPI_Comm_free(&svp.ctl);
         PMPI_Comm_free(&svp.align);

@@ -1,7 +1,9 @@
 /* ---- persistent requests ----------------------------------------------------------------
  * A send counts at each MPI_Start; a receive's Start is served from the buffer when a drained
  * message matches (a substitute: the next test or wait returns its status), else it is a
- * pending receive like an Irecv. Also MPI_Request_free and MPI_Cancel. */
+ * pending receive like an Irecv. A persistent collective's Start (MPI 4) is deferred until
+ * every member has called it (deferred.c). Also MPI_Request_free (a pending receive is held
+ * until it completes, see tracked_req) and MPI_Cancel. */
 #include "pmpi_internal.h"
 
 /* ---- persistent requests served from the buffer ------------------------------------------ */
@@ -43,13 +45,34 @@ static void add_persistent(MPI_Request r, int cid, int is_recv, int peer, int ta
                            int count, MPI_Datatype dt)
 {
     GROW(svp.pers);
-    svp.pers.v[svp.pers.n++] = (persistent){r, cid, is_recv, peer, tag, count, buf, dt, NULL};
+    svp.pers.v[svp.pers.n++] = (persistent){.req = r, .cid = cid, .is_recv = is_recv,
+                                            .peer = peer, .tag = tag, .count = count,
+                                            .buf = buf, .dt = dt};
 }
 
 void svp_add_uncovered(MPI_Request r, int cid, const char *call)
 {
     GROW(svp.pers);
     svp.pers.v[svp.pers.n++] = (persistent){.req = r, .cid = cid, .uncovered = call};
+}
+
+int svp_npcoll;
+
+int svp_pcoll_state(MPI_Request h)
+{
+    int p = h == MPI_REQUEST_NULL ? -1 : find_persistent(h);
+    if (p < 0 || !svp.pers.v[p].collective)
+        return PCOLL_NOT;
+    if (!svp.pers.v[p].active)
+        return PCOLL_INACTIVE;
+    return svp_ndeferred && svp_start_pending(h) ? PCOLL_UNSTARTED : PCOLL_STARTED;
+}
+
+void svp_pcoll_completed(MPI_Request h)
+{
+    int p = find_persistent(h);
+    if (p >= 0)
+        svp.pers.v[p].active = 0;
 }
 
 int svp_persistent_collective(coll *c, const char *call)
@@ -59,7 +82,13 @@ int svp_persistent_collective(coll *c, const char *call)
     int rc = svp_align(c->cid, c);
     if (rc == MPI_SUCCESS && svp.ready && !svp.closed) {
         svp_forget_req(*req); /* a persistent request, not a started collective */
-        svp_add_uncovered(*req, c->cid, call);
+        if (c->cid < 0 || svp.comms[c->cid].inter) {
+            svp_add_uncovered(*req, c->cid, call);
+        } else {
+            GROW(svp.pers);
+            svp.pers.v[svp.pers.n++] = (persistent){.req = *req, .cid = c->cid, .collective = 1};
+            svp_npcoll++;
+        }
     }
     return rc;
 }
@@ -172,6 +201,12 @@ int MPI_Start(MPI_Request *req)
     persistent *p = &svp.pers.v[i];
     if (p->uncovered != NULL)
         return PMPI_Start(req);
+#if MPI_VERSION >= 4
+    if (p->collective) {
+        p->active = 1;
+        return svp_start_persistent(p->cid, *req);
+    }
+#endif
     if (!p->is_recv) {
         svp_count_send(p->cid, p->peer);
         return PMPI_Start(req);
@@ -206,16 +241,25 @@ int MPI_Startall(int n, MPI_Request reqs[])
 int MPI_Request_free(MPI_Request *req)
 {
     GUARD();
-    /* A freed receive can no longer be observed; stop tracking it (documented: it is then
-     * not counted, so freeing a pending receive makes a cut wait for its deadline). */
     MPI_Request handle = *req;
+    if (svp_ndeferred && svp_start_pending(handle))
+        return svp_refuse(MPI_COMM_SELF, "MPI_Request_free",
+                          "a started persistent collective cannot be freed before it completes");
     if (svp_ndeferred)
         svp_detach_deferred(handle); /* a compound's (see deferred.c) */
-    svp_forget_req(handle);
     svp_take_substitute(handle, MPI_STATUS_IGNORE);
     int i = find_persistent(handle);
-    if (i >= 0)
+    if (i >= 0) {
+        svp_npcoll -= svp.pers.v[i].collective;
         svp.pers.v[i] = svp.pers.v[--svp.pers.n];
+    }
+    /* A pending receive still takes its message, which its sender counted: the layer keeps
+     * watching it (a cut counts it when it completes) and frees it then. */
+    if (svp_hold_freed(handle)) {
+        *req = MPI_REQUEST_NULL;
+        return MPI_SUCCESS;
+    }
+    svp_forget_req(handle);
     return PMPI_Request_free(req);
 }
 
@@ -246,7 +290,8 @@ int MPI_Cancel(MPI_Request *req)
                        : svp_refuse(MPI_COMM_SELF, "MPI_Cancel",
                                     "a non-blocking collective cannot be cancelled");
     int p = find_persistent(h);
-    if (p >= 0 && (svp.pers.v[p].is_recv || svp.pers.v[p].uncovered != NULL))
+    if (p >= 0 && (svp.pers.v[p].is_recv || svp.pers.v[p].uncovered != NULL ||
+                   svp.pers.v[p].collective)) /* a started collective is deferred or tracked */
         return PMPI_Cancel(req); /* inactive, or not the layer's to refuse: MPI decides */
     if (p >= 0)
         return svp_refuse(MPI_COMM_SELF, "MPI_Cancel", SEND_CANCEL);

@@ -75,9 +75,10 @@
  * layer does not wrap, so it makes the cut itself at its next wrapped call, as without the
  * thread (see svp_unwrapped_calls_possible). Other calls the layer does not wrap run outside
  * the gate: safe for local calls that touch no request or communicator a cut works on
- * (MPI_Comm_rank, MPI_Wtime, datatype and attribute calls). MPI 4's persistent collectives
- * and partitioned requests are wrapped (inside the gate) and observed, not covered: a rank
- * that holds one answers cuts "unable" until it frees it (persistent.c).
+ * (MPI_Comm_rank, MPI_Wtime, datatype and attribute calls). MPI 4's partitioned requests
+ * (and persistent collectives on intercommunicators) are wrapped (inside the gate) and
+ * observed, not covered: a rank that holds one answers cuts "unable" until it frees it
+ * (persistent.c).
  *
  * Requests of both kinds at once (the agent's epoch E and SIGUSR1's F, counted apart: see
  * symvirt_served): a rank may start its cut for E while a peer starts its cut for F. Every
@@ -114,7 +115,10 @@
  *
  * Persistent requests: a send counts at each MPI_Start; a receive's Start is served from the
  * buffer when a drained message matches (the request then completes in the test/wait call
- * with that message's status), else it is a pending receive like an Irecv.
+ * with that message's status), else it is a pending receive like an Irecv. A persistent
+ * collective's MPI_Start (MPI 4) is deferred like a non-blocking collective (deferred.c).
+ * A pending receive the application frees (MPI_Request_free) is held by the layer until it
+ * completes: its message, counted by its sender, is counted when it lands.
  * Matched probes: a drained message is handed out through a real message handle (a zero-byte
  * message to self on a private communicator, held until MPI_Mrecv/Imrecv); a message the
  * application matched but has not received at a cut is received into the buffer and its
@@ -135,7 +139,8 @@
  * Not covered (documented limits, also in symvirt/mpi/README.md): one-sided operations
  * (see above; PSCW and passive-target synchronization are not aligned);
  * non-blocking collectives on intercommunicators are aligned at their start like blocking
- * ones (a rank waits there for its peers); persistent collectives (MPI 4); Open MPI Fortran
+ * ones (a rank waits there for its peers); partitioned communication and persistent
+ * collectives on intercommunicators (MPI 4), refused while held; Open MPI Fortran
  * entry points other than those in ../symvirt_pmpi_fortran.c; the mpi_f08 bindings; processes
  * outside MPI_COMM_WORLD (spawn); MPI_THREAD_MULTIPLE.
  *
@@ -220,17 +225,23 @@ typedef struct {
     int cid;
     int kind;    /* REQ_RECV: counted on completion; REQ_COLL: a cut waits for it */
     int counted; /* completed (and counted) during a cut, not yet seen by the application */
+    int freed;   /* a receive the application freed while pending (MPI_Request_free): the
+                  * layer holds the handle, counts it when it completes, then frees it */
 } tracked_req;
 
-/* A persistent request on a tracked communicator; or an MPI 4 persistent collective or
- * partitioned request (uncovered: the call that made it), whose traffic the layer neither
- * counts nor drains: while one exists, cuts are answered "unable". */
+/* A persistent request on a tracked communicator: point to point, or an MPI 4 persistent
+ * collective on an intracommunicator (its starts deferred, see deferred.c); or one the layer
+ * does not cover (uncovered: the call that made it: a partitioned request, a persistent
+ * collective on an intercommunicator), whose traffic it neither counts nor drains: while one
+ * exists, cuts are answered "unable". */
 typedef struct {
     MPI_Request req;
     int cid, is_recv, peer, tag, count;
     void *buf;
     MPI_Datatype dt;
     const char *uncovered;
+    int collective; /* a persistent collective on a tracked intracommunicator (covered) */
+    int active;     /* a collective's: started by the application, not completed yet */
 } persistent;
 
 /* A persistent receive served from the buffer: the next test/wait returns this status. */
@@ -493,7 +504,7 @@ static inline void svp_count_recv(int cid, const MPI_Status *st)
 static inline void svp_track_req(MPI_Request r, int cid, int kind)
 {
     GROW(svp.reqs);
-    svp.reqs.v[svp.reqs.n++] = (tracked_req){r, cid, kind, 0};
+    svp.reqs.v[svp.reqs.n++] = (tracked_req){r, cid, kind, 0, 0};
 }
 
 /* The request that was `handle` completed with `st`: count it unless already counted. */
@@ -502,6 +513,11 @@ void svp_completed(MPI_Request handle, const MPI_Status *st);
  * Returns how many watched requests (receives and collectives) are still incomplete. */
 int svp_poll_pending(void);
 void svp_forget_req(MPI_Request handle);
+/* MPI_Request_free of `handle`: a pending receive is held instead (see tracked_req.freed);
+ * returns whether it was. */
+int svp_hold_freed(MPI_Request handle);
+/* Hands every held receive to MPI_Request_free (at MPI_Finalize). */
+void svp_free_held(void);
 /* Waits for one request, serving cuts meanwhile. */
 int svp_wait_serving(MPI_Request *req, MPI_Status *st);
 /* Waits for the layer's own receive request (the blocking receive's, a plain point-to-point
@@ -703,6 +719,12 @@ enum { DEFERRED_COLLECTIVE = 1, DEFERRED_COMPOUND };
 /* What h is the request of, if a non-blocking collective or compound not yet completed (0:
  * neither). */
 int svp_is_deferred(MPI_Request h);
+/* Whether h is a persistent collective's request whose MPI_Start the layer has deferred and
+ * not made yet: incomplete, whatever MPI would say of the still inactive request. */
+int svp_start_pending(MPI_Request h);
+/* MPI_Start of a persistent collective's request on tracked intracommunicator slot cid:
+ * deferred like a non-blocking collective (started once every member has called it). */
+int svp_start_persistent(int cid, MPI_Request req);
 /* The application freed h (MPI_Request_free), legal for a compound: its operation still
  * completes, and the request's status is no longer written. */
 void svp_detach_deferred(MPI_Request h);
@@ -722,10 +744,18 @@ void svp_start_deferred_on(int cid);
 
 /* MPI_Comm_free's run function (comm_create.c): perform() tells a free from a creation. */
 int svp_run_comm_free(coll *c);
-/* persistent.c: MPI 4 persistent collectives and partitioned requests, which the layer
- * observes but does not cover. A persistent collective's initialization is collective, so
- * aligned like one (c: its record; call: its name). */
+/* persistent.c: MPI 4 persistent collectives and partitioned requests. A persistent
+ * collective's initialization is collective, so aligned like one (c: its record; call: its
+ * name); on a tracked intracommunicator its starts are then deferred (svp_start_persistent),
+ * elsewhere it is uncovered. */
 int svp_persistent_collective(coll *c, const char *call);
+/* Covered persistent collectives (see completion.c: the layer completes them itself in the
+ * array calls), and the state of one's request h as the application sees it. */
+extern int svp_npcoll;
+enum { PCOLL_NOT, PCOLL_INACTIVE, PCOLL_UNSTARTED, PCOLL_STARTED };
+int svp_pcoll_state(MPI_Request h);
+/* The persistent collective h completed (a completion call returned it): inactive again. */
+void svp_pcoll_completed(MPI_Request h);
 /* Watches the persistent request r (made by call) that the layer does not cover. */
 void svp_add_uncovered(MPI_Request r, int cid, const char *call);
 /* The call that made an uncovered request this rank holds (made, not freed yet), or NULL: a

@@ -15,6 +15,8 @@
 
 void svp_completed(MPI_Request handle, const MPI_Status *st)
 {
+    if (svp_npcoll)
+        svp_pcoll_completed(handle);
     /* Newest first: a blocking call's own request is the last one tracked. */
     for (int i = svp.reqs.n - 1; i >= 0; i--) {
         tracked_req *t = &svp.reqs.v[i];
@@ -30,6 +32,9 @@ void svp_completed(MPI_Request handle, const MPI_Status *st)
 }
 
 blocking_recv svp_blocking;
+
+/* Receives held since the application freed them (tracked_req.freed). */
+static int nheld;
 
 int svp_poll_pending(void)
 {
@@ -59,8 +64,67 @@ int svp_poll_pending(void)
         if (t->kind == REQ_RECV && !cancelled)
             svp_count_recv(t->cid, &st);
         t->counted = 1;
+        if (t->freed) {
+            /* Nobody waits for it: MPI may have it now, as the application asked. */
+            PMPI_Request_free(&t->req);
+            svp.reqs.v[i--] = svp.reqs.v[--svp.reqs.n];
+            nheld--;
+        }
     }
     return open;
+}
+
+/* Counts and frees the held receives that have completed. */
+static void sweep_held(void)
+{
+    for (int i = svp.reqs.n - 1; i >= 0 && nheld > 0; i--) {
+        tracked_req *t = &svp.reqs.v[i];
+        if (!t->freed)
+            continue;
+        int flag = 0;
+        MPI_Status st;
+        PMPI_Request_get_status(t->req, &flag, &st);
+        if (!flag)
+            continue;
+        MPI_Request h = t->req;
+        svp_completed(h, &st); /* counts it and drops t */
+        PMPI_Request_free(&h);
+        nheld--;
+    }
+}
+
+int svp_hold_freed(MPI_Request handle)
+{
+    if (nheld > 0)
+        sweep_held(); /* a program that frees every receive it posts holds few */
+    for (int i = 0; i < svp.reqs.n; i++) {
+        tracked_req *t = &svp.reqs.v[i];
+        if (t->req != handle)
+            continue;
+        if (t->kind != REQ_RECV || t->counted)
+            return 0;
+        int flag = 0;
+        MPI_Status st;
+        PMPI_Request_get_status(handle, &flag, &st);
+        if (flag) {
+            svp_completed(handle, &st); /* complete already: counted, freed by MPI now */
+            return 0;
+        }
+        t->freed = 1;
+        nheld++;
+        return 1;
+    }
+    return 0;
+}
+
+void svp_free_held(void)
+{
+    for (int i = svp.reqs.n - 1; i >= 0; i--)
+        if (svp.reqs.v[i].freed) {
+            PMPI_Request_free(&svp.reqs.v[i].req);
+            svp.reqs.v[i] = svp.reqs.v[--svp.reqs.n];
+        }
+    nheld = 0;
 }
 
 void svp_forget_req(MPI_Request handle)

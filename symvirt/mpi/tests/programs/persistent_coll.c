@@ -1,19 +1,22 @@
 /* MPI 4's persistent collectives and partitioned communication (MPICH 4) under the
- * transparent layer, which observes them but does not cover their traffic: while a rank holds
- * one (made, not freed), a migration request fails with a reason naming the call, even when
- * none is in progress; once every such request is freed, migrations work again.
+ * transparent layer: persistent collectives are covered (their starts deferred until every
+ * member has started), so a migration request is served even while some ranks have started
+ * one and a peer has not; partitioned requests are observed, not covered: while a rank holds
+ * one (made, not freed), a request fails with a reason naming the call; once freed, requests
+ * are served again.
  *
  *   persistent_coll DIR
  *
  * Phase 1: every rank makes an MPI_Allreduce_init on MPI_COMM_WORLD; ranks 1.. start it and
  * tell rank 0 (a message each), which creates DIR/started and waits, outside MPI, until
- * DIR/go exists before it starts its own: meanwhile the others' are in progress. The result
- * is checked; once every rank's completed, rank 0 creates DIR/idle and waits, outside MPI,
+ * DIR/go exists before it starts its own: meanwhile the others wait for it. The result is
+ * checked; once every rank's completed, rank 0 creates DIR/idle and waits, outside MPI,
  * until DIR/go2 exists (every request inactive, none freed); the collective runs 8 more times,
- * checked; rank 0 sends rank 1 a partitioned
- * message (MPI_Psend_init / MPI_Precv_init, partitions marked ready one at a time,
- * MPI_Parrived), checked; every request is freed, and rank 0 creates DIR/done once every
- * rank's are. Phase 2: ring traffic (Send/Recv, checked) until DIR/stop exists. Prints
+ * checked, and is freed. Phase 2: ranks 0 and 1 make a partitioned send and receive
+ * (MPI_Psend_init / MPI_Precv_init); rank 0 creates DIR/partitioned and waits, outside MPI,
+ * until DIR/go3 exists; then the message goes (partitions marked ready one at a time,
+ * MPI_Parrived), checked; both requests are freed, and rank 0 creates DIR/done once every
+ * rank's are. Phase 3: ring traffic (Send/Recv, checked) until DIR/stop exists. Prints
  * "persistent_coll OK rank R ring N". */
 #include <mpi.h>
 #include <stdint.h>
@@ -54,7 +57,7 @@ static void check_sum(uint64_t sum, uint64_t round)
         fail("persistent Allreduce result", sum, want);
 }
 
-static void partitioned(void)
+static void partitioned(const char *dir)
 {
     uint64_t *buf = malloc(PARTS * PART_WORDS * sizeof *buf);
     MPI_Request r;
@@ -63,6 +66,9 @@ static void partitioned(void)
             buf[i] = ((uint64_t)7 << 40) | (uint64_t)i;
         MPI_Psend_init(buf, PARTS, PART_WORDS, MPI_UINT64_T, 1, 9, MPI_COMM_WORLD, MPI_INFO_NULL,
                        &r);
+        touch(dir, "partitioned");
+        while (!exists(dir, "go3"))
+            usleep(1000);
         MPI_Start(&r);
         for (int p = PARTS - 1; p >= 0; p--)
             MPI_Pready(p, r);
@@ -129,7 +135,7 @@ int main(int argc, char **argv)
         check_sum(sum, round++);
     }
     MPI_Request_free(&all);
-    partitioned();
+    partitioned(dir);
     MPI_Barrier(MPI_COMM_WORLD);
     if (me == 0)
         touch(dir, "done");

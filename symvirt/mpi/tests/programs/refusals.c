@@ -2,7 +2,8 @@
  * error handler, with MPI_ERR_UNSUPPORTED_OPERATION: MPI_Cancel of a pending non-blocking
  * collective, of a pending send (its count was taken when it started), and of a pending
  * MPI_Isendrecv (MPI 4, for the same reason); MPI_Sendrecv_replace_c with a count above
- * INT_MAX (MPI 4). The program then
+ * INT_MAX (MPI 4); MPI_Request_free of a persistent collective started while a member has
+ * not started it yet (MPI 4: erroneous for an active one). The program then
  * goes on: the collective and the send still complete, the message is received intact. A
  * receive too small for its message fails with MPI_ERR_TRUNCATE, as without the layer.
  * With -DSYMVIRT_EXPLICIT (linked with the explicit library instead), misuse of quiet phases
@@ -143,6 +144,28 @@ int main(int argc, char **argv)
                                 MPI_COMM_WORLD, &st);
     if (rc != MPI_ERR_UNSUPPORTED_OPERATION)
         fail("MPI_Sendrecv_replace_c above INT_MAX was not refused", rc);
+    /* A persistent collective that every rank but 0 starts before a barrier (on another
+     * communicator) and rank 0 after it: the others' starts wait for rank 0's, and freeing one
+     * meanwhile is refused; then it completes. */
+    MPI_Comm pc;
+    MPI_Comm_dup(MPI_COMM_WORLD, &pc);
+    uint64_t word = me == 0 ? 42 : 0;
+    MPI_Request pb;
+    MPI_Bcast_init(&word, 1, MPI_UINT64_T, 0, pc, MPI_INFO_NULL, &pb);
+    if (me != 0) {
+        MPI_Start(&pb);
+        rc = MPI_Request_free(&pb);
+        if (rc != MPI_ERR_UNSUPPORTED_OPERATION || pb == MPI_REQUEST_NULL)
+            fail("MPI_Request_free of a started persistent collective was not refused", rc);
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    if (me == 0)
+        MPI_Start(&pb);
+    MPI_Wait(&pb, MPI_STATUS_IGNORE);
+    if (word != 42)
+        fail("the persistent Bcast after a refused free", (int)word);
+    MPI_Request_free(&pb);
+    MPI_Comm_free(&pc);
 #endif
     /* A receive too small for its message fails as MPI makes it fail (the layer's own receive
      * path must pass the error on), and the next message arrives intact. */

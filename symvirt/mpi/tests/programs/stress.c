@@ -42,6 +42,17 @@
  *   cancel     a receive nothing matches is cancelled; a message sent before a barrier is
  *              received by an Irecv that is then cancelled: delivered, or received again
  *   replace    MPI_Sendrecv_replace around the ring
+ *   pcoll      (MPI 4) persistent collectives made once (MPI_Allreduce_init and MPI_Barrier_init
+ *              on WORLD, MPI_Bcast_init of a large message on a duplicate of it), started
+ *              every iteration by MPI_Startall, one rank (rotating) computing for 20 ms
+ *              first so the others' starts wait for it; ring traffic while they are in
+ *              flight; completed by Waitall, a Testall loop, Waitany (three calls, then a
+ *              fourth finds none active), a Waitsome loop or Test loops in turn; results checked
+ *   freerecv   a receive from the left neighbour freed at once (MPI_Request_free: its message
+ *              still lands), the message sent after a barrier, a second one with the same tag
+ *              taken by a blocking receive (the freed one matched the first: MPI matches in
+ *              order); the freed receive's payload checked once it has landed. Every cut
+ *              after one is made with the freed receive's message counted or not yet sent
  *   isendrecv  (MPI 4) around the ring: a message sent before a barrier that the right
  *              neighbour receives after it through MPI_Isendrecv (a cut in the barrier drains it
  *              into the layer's buffer; with STRESS_RAISE_SIGUSR1 set, at iteration 3 every
@@ -1245,6 +1256,126 @@ static void cancel(void)
     MPI_Wait(&s, MPI_STATUS_IGNORE);
 }
 
+static MPI_Request pcoll_req[3] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+static MPI_Comm pcoll_comm = MPI_COMM_NULL;
+static uint64_t *pcoll_bcast;
+
+static void pcoll(void)
+{
+#if MPI_VERSION >= 4
+    enum { WORDS = LARGE + 4 };
+    static uint64_t pcoll_in[4], pcoll_out[4]; /* the requests name them */
+    int root = 1 % np, slow = (int)(iteration % (uint64_t)np);
+    if (pcoll_comm == MPI_COMM_NULL) {
+        MPI_Comm_dup(MPI_COMM_WORLD, &pcoll_comm);
+        pcoll_bcast = malloc(WORDS * sizeof *pcoll_bcast);
+        MPI_Allreduce_init(pcoll_in, pcoll_out, 4, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD,
+                           MPI_INFO_NULL, &pcoll_req[0]);
+        MPI_Bcast_init(pcoll_bcast, WORDS, MPI_UINT64_T, root, pcoll_comm, MPI_INFO_NULL,
+                       &pcoll_req[1]);
+        MPI_Barrier_init(MPI_COMM_WORLD, MPI_INFO_NULL, &pcoll_req[2]);
+    }
+    for (int i = 0; i < 4; i++)
+        pcoll_in[i] = (uint64_t)me * 1000 + iteration + (uint64_t)i;
+    for (int i = 0; i < WORDS; i++)
+        pcoll_bcast[i] = me == root ? word((uint64_t)root, 99, iteration, (uint64_t)i) : 0;
+    if (me == slow)
+        usleep(20000);
+    MPI_Startall(3, pcoll_req);
+    ring_nb_on(MPI_COMM_WORLD, 87);
+    int seen[3] = {0, 0, 0}, idx[3], n = 0, flag = 0;
+    switch (iteration % 5) {
+    case 0:
+        MPI_Waitall(3, pcoll_req, MPI_STATUSES_IGNORE);
+        break;
+    case 1:
+        while (!flag)
+            MPI_Testall(3, pcoll_req, &flag, MPI_STATUSES_IGNORE);
+        break;
+    case 2:
+        for (int k = 0; k < 4; k++) {
+            int i;
+            MPI_Waitany(3, pcoll_req, &i, MPI_STATUS_IGNORE);
+            if (k == 3 ? i != MPI_UNDEFINED : i < 0 || i > 2 || seen[i]++)
+                fail("MPI_Waitany over persistent collectives", i);
+        }
+        break;
+    case 3:
+        while (n < 3) {
+            int got = 0;
+            MPI_Waitsome(3, pcoll_req, &got, idx, MPI_STATUSES_IGNORE);
+            if (got == MPI_UNDEFINED || got < 1)
+                fail("MPI_Waitsome over persistent collectives", got);
+            for (int k = 0; k < got; k++)
+                if (idx[k] < 0 || idx[k] > 2 || seen[idx[k]]++)
+                    fail("MPI_Waitsome index", idx[k]);
+            n += got;
+        }
+        break;
+    default:
+        for (int k = 2; k >= 0; k--)
+            for (flag = 0; !flag;)
+                MPI_Test(&pcoll_req[k], &flag, MPI_STATUS_IGNORE);
+    }
+    for (int i = 0; i < 4; i++) {
+        uint64_t want = 0;
+        for (int p = 0; p < np; p++)
+            want += (uint64_t)p * 1000 + iteration + (uint64_t)i;
+        expect(pcoll_out[i], want, "persistent Allreduce", -1);
+    }
+    for (int i = 0; i < WORDS; i++)
+        if (pcoll_bcast[i] != word((uint64_t)root, 99, iteration, (uint64_t)i))
+            fail("persistent Bcast payload", root);
+#else
+    fail("mode pcoll needs MPI 4 (persistent collectives)", -1);
+#endif
+}
+
+static void pcoll_free(void)
+{
+    if (pcoll_comm == MPI_COMM_NULL)
+        return;
+    for (int i = 0; i < 3; i++)
+        MPI_Request_free(&pcoll_req[i]);
+    MPI_Comm_free(&pcoll_comm);
+    free(pcoll_bcast);
+}
+
+static void freerecv(void)
+{
+    enum { WORDS = SMALL + 4, TAG = 85 };
+    int right = (me + 1) % np, left = (me + np - 1) % np;
+    volatile uint64_t *freed = bufs[2];
+    for (int i = 0; i < WORDS; i++)
+        freed[i] = UINT64_MAX;
+    MPI_Request r;
+    MPI_Irecv(bufs[2], WORDS, MPI_UINT64_T, left, TAG, MPI_COMM_WORLD, &r);
+    MPI_Request_free(&r);
+    if (r != MPI_REQUEST_NULL)
+        fail("MPI_Request_free left the handle", left);
+    MPI_Barrier(MPI_COMM_WORLD);
+    for (int k = 0; k < 2; k++) {
+        fill_fixed(bufs[0], right, TAG, WORDS);
+        MPI_Send(bufs[0], WORDS, MPI_UINT64_T, right, TAG, MPI_COMM_WORLD);
+    }
+    MPI_Status second;
+    MPI_Recv(bufs[1], WORDS, MPI_UINT64_T, left, TAG, MPI_COMM_WORLD, &second);
+    /* Nothing says when a freed receive's data has landed: MPI progress until it has. */
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    while (freed[2] == UINT64_MAX) {
+        int flag;
+        MPI_Iprobe(MPI_ANY_SOURCE, 999, nbx_comm, &flag, MPI_STATUS_IGNORE);
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        if (t.tv_sec - t0.tv_sec > 20)
+            fail("a freed receive's message never landed", left);
+    }
+    MPI_Status first = second; /* what the freed receive's status would say */
+    MPI_Status_set_elements(&first, MPI_UINT64_T, WORDS);
+    check_fixed(bufs[2], &first, left, TAG, WORDS);
+    check_fixed(bufs[1], &second, left, TAG, WORDS);
+}
+
 /* inter: an intercommunicator between the two halves (remade every 4 iterations, its local
  * halves made with MPI_Comm_split or, every other time, MPI_Comm_create_group; merged each
  * time): each rank sends to the remote rank with its own index and receives with ANY_SOURCE;
@@ -1469,6 +1600,10 @@ int main(int argc, char **argv)
                 intercomm();
             else if (strcmp(m, "replace") == 0)
                 replace();
+            else if (strcmp(m, "freerecv") == 0)
+                freerecv();
+            else if (strcmp(m, "pcoll") == 0)
+                pcoll();
             else if (strcmp(m, "isendrecv") == 0)
                 isendrecv();
             else if (strcmp(m, "large_count") == 0)
@@ -1508,6 +1643,7 @@ int main(int argc, char **argv)
     if (cart != MPI_COMM_NULL)
         MPI_Comm_free(&cart);
     persist_free();
+    pcoll_free();
     if (mp_comm != MPI_COMM_NULL)
         MPI_Comm_free(&mp_comm);
     if (half != MPI_COMM_NULL)
