@@ -19,8 +19,13 @@ agreement svp_agreement_of(MPI_Comm comm, const int *world, int n, int me, int t
                        .value = value, .sreq = MPI_REQUEST_NULL, .rreq = MPI_REQUEST_NULL};
 }
 
-/* Bits of a communicator's identity in its alignment tags: as many as MPI_TAG_UB leaves. */
-static uint32_t id_mask;
+/* Bits of a communicator's identity in its alignment tags, and in its persistent
+ * collectives' start tags: as many as MPI_TAG_UB leaves. */
+static uint32_t id_mask, start_id_mask;
+/* A start tag: the communicator's identity, the request's ordinal on it (8 bits), the round
+ * (5 bits). */
+#define START_ORDINAL_BITS 8
+#define START_LOW_BITS (START_ORDINAL_BITS + 5)
 
 void svp_agreement_setup(void)
 {
@@ -30,6 +35,11 @@ void svp_agreement_setup(void)
     id_mask = 0;
     while (TAG_ALIGN + (((long)id_mask << 1 | 1) << 10) + 1023 <= ub && id_mask < 0xffffu)
         id_mask = id_mask << 1 | 1;
+    start_id_mask = 0;
+    while ((((long)start_id_mask << 1 | 1) << START_LOW_BITS) + (1L << START_LOW_BITS) - 1 <=
+               ub &&
+           start_id_mask < 0xffffu)
+        start_id_mask = start_id_mask << 1 | 1;
 }
 
 /* Its tag names the communicator and the alignment's number on it (both the same on every
@@ -42,6 +52,18 @@ agreement svp_alignment_of(tracked_comm *t, uint64_t value)
     unsigned seq = t->seq++;
     int tag = TAG_ALIGN + (int)(((t->id & id_mask) << 10) | ((seq & 31u) << 5));
     return svp_agreement_of(svp.align, t->world, t->size, t->me, tag, value);
+}
+
+/* Each start of one request is agreed under the same tag: a member starts it again only once
+ * its last start completed, and messages between two members with one tag arrive in order, so
+ * the k-th starts pair up. Requests whose ordinals share their low 8 bits on one communicator
+ * (or communicators whose identities share their low bits), started in different orders on
+ * different members, could take each other's messages. */
+agreement svp_start_agreement(tracked_comm *t, unsigned ordinal)
+{
+    unsigned low = (ordinal & ((1u << START_ORDINAL_BITS) - 1)) << 5;
+    int tag = (int)(((t->id & start_id_mask) << START_LOW_BITS) | low);
+    return svp_agreement_of(svp.starts, t->world, t->size, t->me, tag, 0);
 }
 
 int svp_agree_step(agreement *a)

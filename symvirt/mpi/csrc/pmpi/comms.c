@@ -162,7 +162,7 @@ int svp_track_comm(MPI_Comm c)
     t->id = svp_hash_ranks(t->world, size);
     if (inter)
         t->id ^= hash_group(c);
-    t->children = t->seq = 0;
+    t->children = t->seq = t->pcolls = 0;
     t->comm = c;
     PMPI_Comm_set_attr(c, svp.keyval, (void *)(intptr_t)cid);
     return cid;

@@ -17,6 +17,10 @@ int MPI_Test(MPI_Request *req, int *flag, MPI_Status *status)
             return MPI_SUCCESS;
         }
     }
+    if (svp_npcoll && svp_pcoll_state(*req) == PCOLL_FAILED) {
+        *flag = 1;
+        return svp_pcoll_take_error(*req, status);
+    }
     if (svp.subst.n && svp_take_substitute(*req, status)) {
         *flag = 1;
         return MPI_SUCCESS;
@@ -40,6 +44,8 @@ int MPI_Wait(MPI_Request *req, MPI_Status *status)
         return MPI_SUCCESS;
     for (unsigned long turns = 0; svp_ndeferred && svp_start_pending(*req);)
         svp_idle(&turns);
+    if (svp_npcoll && svp_pcoll_state(*req) == PCOLL_FAILED)
+        return svp_pcoll_take_error(*req, status);
     MPI_Request handle = *req;
     MPI_Status local;
     int rc = svp_wait_serving(req, &local);
@@ -124,9 +130,10 @@ static int take_pcolls(int n, MPI_Request *reqs, const MPI_Request *h, int take,
         int state = svp_pcoll_state(reqs[i]);
         if (state == PCOLL_NOT)
             continue;
-        int complete = 0;
-        if (state == PCOLL_STARTED)
-            PMPI_Request_get_status(reqs[i], &complete, MPI_STATUS_IGNORE);
+        int complete = state == PCOLL_FAILED;
+        if (state == PCOLL_STARTED &&
+            PMPI_Request_get_status(reqs[i], &complete, MPI_STATUS_IGNORE) != MPI_SUCCESS)
+            complete = 1; /* its MPI_Wait says what failed */
         open += state != PCOLL_INACTIVE && !complete;
         reqs[i] = MPI_REQUEST_NULL;
         if (complete && !(take == TAKE_ONE && *ndone == 1))
@@ -136,11 +143,11 @@ static int take_pcolls(int n, MPI_Request *reqs, const MPI_Request *h, int take,
         *ndone = 0;
     for (int k = 0; k < *ndone; k++) {
         MPI_Request r = h[done_idx[k]]; /* persistent: the application's handle stays */
-        int e = PMPI_Wait(&r, &done_st[k]);
-        if (e != MPI_SUCCESS) {
-            done_st[k].MPI_ERROR = e;
+        int e = svp_pcoll_state(r) == PCOLL_FAILED ? svp_pcoll_take_error(r, &done_st[k])
+                                                   : PMPI_Wait(&r, &done_st[k]);
+        done_st[k].MPI_ERROR = e; /* every status carries its code (MPI_ERR_IN_STATUS) */
+        if (e != MPI_SUCCESS)
             *rc = MPI_ERR_IN_STATUS;
-        }
     }
     return open;
 }
@@ -163,10 +170,10 @@ static int testall_with_pcolls(int n, MPI_Request *reqs, const MPI_Request *h, i
         if (svp_pcoll_state(reqs[i]) != PCOLL_NOT)
             continue;
         int done = 0;
-        int rc = PMPI_Request_get_status(reqs[i], &done, MPI_STATUS_IGNORE);
-        if (rc != MPI_SUCCESS || !done) {
-            *flag = 0;
-            return rc;
+        if (PMPI_Request_get_status(reqs[i], &done, MPI_STATUS_IGNORE) == MPI_SUCCESS &&
+            !done) {
+            *flag = 0; /* (one whose status query failed is done: its MPI_Wait says why) */
+            return MPI_SUCCESS;
         }
     }
     int *idx = malloc((size_t)(n > 0 ? n : 1) * sizeof *idx), ndone = 0, rc = MPI_SUCCESS;
@@ -176,10 +183,9 @@ static int testall_with_pcolls(int n, MPI_Request *reqs, const MPI_Request *h, i
     *flag = take_pcolls(n, reqs, h, TAKE_ALL_OR_NONE, idx, st, &ndone, &rc) == 0;
     for (int i = 0; i < n && *flag; i++) {
         int r = PMPI_Wait(&reqs[i], &sts[i]); /* the hidden ones are null: at once */
-        if (r != MPI_SUCCESS) {
-            sts[i].MPI_ERROR = r;
+        sts[i].MPI_ERROR = r; /* every status carries its code (MPI_ERR_IN_STATUS) */
+        if (r != MPI_SUCCESS)
             rc = MPI_ERR_IN_STATUS;
-        }
     }
     for (int k = 0; k < ndone; k++)
         sts[idx[k]] = st[k];
@@ -203,8 +209,8 @@ static int testall(int n, MPI_Request *reqs, int *flag, MPI_Status *sts)
                 reqs[i] = MPI_REQUEST_NULL;
                 nsub++;
             }
-    int rc = svp_npcoll ? testall_with_pcolls(n, reqs, h, flag, local)
-                        : PMPI_Testall(n, reqs, flag, local);
+    int rc = svp_any_pcoll(n, reqs) ? testall_with_pcolls(n, reqs, h, flag, local)
+                                    : PMPI_Testall(n, reqs, flag, local);
     for (int i = 0; i < n; i++) {
         if (h[i] == MPI_REQUEST_NULL)
             continue;
@@ -259,7 +265,7 @@ static int testany(int n, MPI_Request *reqs, int *idx, int *flag, MPI_Status *st
     MPI_Request *h = snapshot(n, reqs);
     MPI_Status local;
     int rc = MPI_SUCCESS;
-    if (svp_npcoll) {
+    if (svp_any_pcoll(n, reqs)) {
         int ndone = 0;
         int open = take_pcolls(n, reqs, h, TAKE_ONE, idx, &local, &ndone, &rc);
         if (ndone == 0)
@@ -323,7 +329,7 @@ static int testsome(int n, MPI_Request *reqs, int *outcount, int *idx, MPI_Statu
     MPI_Request *h = snapshot(n, reqs);
     MPI_Status *local = statuses(n);
     int rc;
-    if (svp_npcoll) {
+    if (svp_any_pcoll(n, reqs)) {
         /* MPI's first, then the layer's after them (idx and local have room for all n). */
         int *own = malloc((size_t)(n > 0 ? n : 1) * sizeof *own), nown = 0, err = MPI_SUCCESS;
         MPI_Status *own_st = statuses(n);
@@ -332,6 +338,8 @@ static int testsome(int n, MPI_Request *reqs, int *outcount, int *idx, MPI_Statu
         int open = take_pcolls(n, reqs, h, TAKE_ALL, own, own_st, &nown, &err);
         rc = PMPI_Testsome(n, reqs, outcount, idx, local);
         int k = *outcount == MPI_UNDEFINED ? 0 : *outcount;
+        for (int j = 0; j < k && rc == MPI_SUCCESS && err != MPI_SUCCESS; j++)
+            local[j].MPI_ERROR = MPI_SUCCESS; /* MPI_ERR_IN_STATUS: every status its code */
         for (int j = 0; j < nown; j++, k++) {
             idx[k] = own[j];
             local[k] = own_st[j];

@@ -13,11 +13,15 @@
  * receive's status when both parts have, progressed in the same places.
  *
  * And the starts of MPI 4's persistent collectives (MPI_Start of an MPI_Allreduce_init's
- * request...): deferred the same way, so a persistent collective is in flight only once every
- * member has started it, and a cut waits only for such ones. The application holds MPI's own
- * request: until its deferred start is made, the completion calls take it as incomplete (MPI
- * would take an inactive one as complete: svp_start_pending); once made it is watched like a
- * started collective (svp_perform), and completes through MPI. */
+ * request...): deferred until every member has started that request as often, so a
+ * persistent collective is in flight only once every member has started it, and a cut waits
+ * only for such ones. MPI 4 lets members start persistent collectives in any order, so each
+ * start has its own agreement (svp_start_agreement: the request's ordinal on its
+ * communicator, not the order of calls) and waits for no other collective, nor another for
+ * it. The application holds MPI's own request: until its deferred start is made, the
+ * completion calls take it as incomplete (MPI would take an inactive one as complete:
+ * svp_start_pending); once made it is watched like a started collective (svp_perform), and
+ * completes through MPI. */
 #include "pmpi_internal.h"
 
 typedef struct deferred {
@@ -52,11 +56,11 @@ static int deferred_query(void *extra, MPI_Status *st)
 }
 
 /* Whether a non-blocking collective called on slot cid before d (or at all, d NULL) has not
- * started yet. */
+ * started yet (persistent collectives' starts do not count: they keep no order). */
 static int unstarted_before(int cid, const deferred *d)
 {
     for (const deferred *e = deferred_head; e != NULL && e != d; e = e->next)
-        if (!e->started && e->c.cid == cid)
+        if (!e->started && !e->persistent && e->c.cid == cid)
             return 1;
     return 0;
 }
@@ -169,13 +173,13 @@ void svp_progress_deferred(void)
         if (d->compound) {
             done = progress_compound(d);
         } else {
-            if (!d->started && svp_agree_step(&d->a) && !unstarted_before(d->c.cid, d)) {
+            if (!d->started && svp_agree_step(&d->a) &&
+                (d->persistent || !unstarted_before(d->c.cid, d))) {
                 d->started = 1;
                 d->c.req = &d->real;
                 int rc = svp_perform(&d->c);
                 if (rc != MPI_SUCCESS && d->persistent) {
-                    /* No request of the layer's to carry it: raised as MPI_Start would. */
-                    PMPI_Comm_call_errhandler(d->c.comm, rc);
+                    svp_pcoll_start_failed(d->app, rc); /* its next completion says so */
                 } else if (rc != MPI_SUCCESS) {
                     d->real = MPI_REQUEST_NULL;
                     finish_deferred(d, rc);
@@ -305,7 +309,7 @@ static int run_start(coll *c)
     return PMPI_Start(c->req);
 }
 
-int svp_start_persistent(int cid, MPI_Request req)
+int svp_start_persistent(int cid, MPI_Request req, unsigned ordinal)
 {
     deferred *d = calloc(1, sizeof *d);
     if (d == NULL)
@@ -314,7 +318,7 @@ int svp_start_persistent(int cid, MPI_Request req)
     d->app = d->real = req;
     d->send = MPI_REQUEST_NULL;
     d->persistent = 1;
-    d->a = svp_alignment_of(&svp.comms[cid], 0);
+    d->a = svp_start_agreement(&svp.comms[cid], ordinal);
     *deferred_tail = d;
     deferred_tail = &d->next;
     svp_ndeferred++;

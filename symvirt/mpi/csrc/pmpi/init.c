@@ -206,6 +206,7 @@ static void setup(void)
     PMPI_Comm_group(MPI_COMM_WORLD, &world);
     PMPI_Comm_create_group(MPI_COMM_WORLD, world, 1, &svp.ctl);
     PMPI_Comm_create_group(MPI_COMM_WORLD, world, 2, &svp.align);
+    PMPI_Comm_create_group(MPI_COMM_WORLD, world, 3, &svp.starts);
     PMPI_Group_free(&world);
     PMPI_Comm_dup(MPI_COMM_SELF, &svp.self);
     PMPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, svp_on_comm_delete, &svp.keyval, NULL);
@@ -288,6 +289,7 @@ int MPI_Finalize(void)
         symvirt_ctl_close();
         PMPI_Comm_free(&svp.ctl);
         PMPI_Comm_free(&svp.align);
+        PMPI_Comm_free(&svp.starts);
         PMPI_Comm_free(&svp.self);
         svp_leave(NULL);
     }

@@ -58,21 +58,61 @@ void svp_add_uncovered(MPI_Request r, int cid, const char *call)
 
 int svp_npcoll;
 
-int svp_pcoll_state(MPI_Request h)
+static int find_pcoll(MPI_Request h)
 {
     int p = h == MPI_REQUEST_NULL ? -1 : find_persistent(h);
-    if (p < 0 || !svp.pers.v[p].collective)
+    return p >= 0 && svp.pers.v[p].collective ? p : -1;
+}
+
+int svp_pcoll_state(MPI_Request h)
+{
+    int p = find_pcoll(h);
+    if (p < 0)
         return PCOLL_NOT;
     if (!svp.pers.v[p].active)
         return PCOLL_INACTIVE;
+    if (svp.pers.v[p].start_err != MPI_SUCCESS)
+        return PCOLL_FAILED;
     return svp_ndeferred && svp_start_pending(h) ? PCOLL_UNSTARTED : PCOLL_STARTED;
+}
+
+int svp_any_pcoll(int n, const MPI_Request *reqs)
+{
+    for (int i = 0; i < n && svp_npcoll; i++)
+        if (find_pcoll(reqs[i]) >= 0)
+            return 1;
+    return 0;
 }
 
 void svp_pcoll_completed(MPI_Request h)
 {
-    int p = find_persistent(h);
+    int p = find_pcoll(h);
     if (p >= 0)
         svp.pers.v[p].active = 0;
+}
+
+void svp_pcoll_start_failed(MPI_Request h, int rc)
+{
+    int p = find_pcoll(h);
+    if (p >= 0)
+        svp.pers.v[p].start_err = rc;
+}
+
+int svp_pcoll_take_error(MPI_Request h, MPI_Status *st)
+{
+    int p = find_pcoll(h);
+    if (p < 0)
+        return MPI_SUCCESS;
+    persistent *x = &svp.pers.v[p];
+    int rc = x->start_err;
+    x->start_err = MPI_SUCCESS;
+    x->active = 0;
+    if (st != MPI_STATUS_IGNORE) {
+        memset(st, 0, sizeof *st);
+        st->MPI_ERROR = rc;
+    }
+    PMPI_Comm_call_errhandler(svp.comms[x->cid].comm, rc);
+    return rc;
 }
 
 int svp_persistent_collective(coll *c, const char *call)
@@ -86,7 +126,9 @@ int svp_persistent_collective(coll *c, const char *call)
             svp_add_uncovered(*req, c->cid, call);
         } else {
             GROW(svp.pers);
-            svp.pers.v[svp.pers.n++] = (persistent){.req = *req, .cid = c->cid, .collective = 1};
+            svp.pers.v[svp.pers.n++] = (persistent){
+                .req = *req, .cid = c->cid, .collective = 1,
+                .ordinal = svp.comms[c->cid].pcolls++}; /* the _init calls keep their order */
             svp_npcoll++;
         }
     }
@@ -204,7 +246,7 @@ int MPI_Start(MPI_Request *req)
 #if MPI_VERSION >= 4
     if (p->collective) {
         p->active = 1;
-        return svp_start_persistent(p->cid, *req);
+        return svp_start_persistent(p->cid, *req, p->ordinal);
     }
 #endif
     if (!p->is_recv) {

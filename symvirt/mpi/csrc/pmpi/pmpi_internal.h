@@ -116,7 +116,8 @@
  * Persistent requests: a send counts at each MPI_Start; a receive's Start is served from the
  * buffer when a drained message matches (the request then completes in the test/wait call
  * with that message's status), else it is a pending receive like an Irecv. A persistent
- * collective's MPI_Start (MPI 4) is deferred like a non-blocking collective (deferred.c).
+ * collective's MPI_Start (MPI 4) is deferred until every member has started that request
+ * (deferred.c; agreed per request, since members may start them in different orders).
  * A pending receive the application frees (MPI_Request_free) is held by the layer until it
  * completes: its message, counted by its sender, is counted when it lands.
  * Matched probes: a drained message is handed out through a real message handle (a zero-byte
@@ -213,6 +214,7 @@ typedef struct {
      * alignments it had. */
     uint32_t id;
     unsigned children, seq;
+    unsigned pcolls; /* persistent collectives made on it: their ordinals (see persistent.c) */
     /* Messages counted on it, per rank in comm (remote group): a cut's drain takes from a peer
      * only on the communicators where that peer sent more than arrived (see cut.c). */
     uint64_t *sent, *recv;
@@ -240,8 +242,10 @@ typedef struct {
     void *buf;
     MPI_Datatype dt;
     const char *uncovered;
-    int collective; /* a persistent collective on a tracked intracommunicator (covered) */
-    int active;     /* a collective's: started by the application, not completed yet */
+    int collective;   /* a persistent collective on a tracked intracommunicator (covered) */
+    unsigned ordinal; /* a collective's: made the ordinal-th on its communicator */
+    int active;       /* a collective's: started by the application, not completed yet */
+    int start_err;    /* a collective's: its deferred start failed with this code */
 } persistent;
 
 /* A persistent receive served from the buffer: the next test/wait returns this status. */
@@ -296,6 +300,7 @@ typedef struct {
     int me, np;
     MPI_Comm ctl;   /* COUNTS messages, post-drain and post-resume barriers */
     MPI_Comm align; /* alignment reductions on MPI_COMM_WORLD */
+    MPI_Comm starts; /* the agreements of persistent collectives' starts (MPI 4) */
     MPI_Comm self;  /* held messages (see matched) */
     int keyval;     /* attribute whose delete callback releases a communicator's slot */
     int ncomms;     /* slots in use are below this */
@@ -692,6 +697,8 @@ agreement svp_agreement_of(MPI_Comm comm, const int *world, int n, int me, int t
                            uint64_t value);
 /* The next alignment among t's members, over svp.align. */
 agreement svp_alignment_of(tracked_comm *t, uint64_t value);
+/* The agreement of a start of the ordinal-th persistent collective made on t (svp.starts). */
+agreement svp_start_agreement(tracked_comm *t, unsigned ordinal);
 /* Advances a; 1 once a.value is the maximum over all members. */
 int svp_agree_step(agreement *a);
 /* Starts observing a communicator made from slot parent (-1: not observed) under identity id
@@ -722,9 +729,11 @@ int svp_is_deferred(MPI_Request h);
 /* Whether h is a persistent collective's request whose MPI_Start the layer has deferred and
  * not made yet: incomplete, whatever MPI would say of the still inactive request. */
 int svp_start_pending(MPI_Request h);
-/* MPI_Start of a persistent collective's request on tracked intracommunicator slot cid:
- * deferred like a non-blocking collective (started once every member has called it). */
-int svp_start_persistent(int cid, MPI_Request req);
+/* MPI_Start of a persistent collective's request, made the ordinal-th on tracked
+ * intracommunicator slot cid: deferred until every member has started that request as often
+ * (MPI 4 lets members start persistent collectives in different orders, so each request has
+ * its own agreement, svp_start_agreement, and waits for no other collective). */
+int svp_start_persistent(int cid, MPI_Request req, unsigned ordinal);
 /* The application freed h (MPI_Request_free), legal for a compound: its operation still
  * completes, and the request's status is no longer written. */
 void svp_detach_deferred(MPI_Request h);
@@ -752,10 +761,17 @@ int svp_persistent_collective(coll *c, const char *call);
 /* Covered persistent collectives (see completion.c: the layer completes them itself in the
  * array calls), and the state of one's request h as the application sees it. */
 extern int svp_npcoll;
-enum { PCOLL_NOT, PCOLL_INACTIVE, PCOLL_UNSTARTED, PCOLL_STARTED };
+enum { PCOLL_NOT, PCOLL_INACTIVE, PCOLL_UNSTARTED, PCOLL_STARTED, PCOLL_FAILED };
 int svp_pcoll_state(MPI_Request h);
 /* The persistent collective h completed (a completion call returned it): inactive again. */
 void svp_pcoll_completed(MPI_Request h);
+/* Whether reqs hold a covered persistent collective's request. */
+int svp_any_pcoll(int n, const MPI_Request *reqs);
+/* A deferred start of h failed with rc: its next completion returns rc (PCOLL_FAILED). */
+void svp_pcoll_start_failed(MPI_Request h, int rc);
+/* Completes a PCOLL_FAILED h: its code (raised through its communicator's error handler, as
+ * MPI raises a failed completion's), with st (if not MPI_STATUS_IGNORE) empty but for it. */
+int svp_pcoll_take_error(MPI_Request h, MPI_Status *st);
 /* Watches the persistent request r (made by call) that the layer does not cover. */
 void svp_add_uncovered(MPI_Request r, int cid, const char *call);
 /* The call that made an uncovered request this rank holds (made, not freed yet), or NULL: a

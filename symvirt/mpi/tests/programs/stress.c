@@ -44,10 +44,13 @@
  *   replace    MPI_Sendrecv_replace around the ring
  *   pcoll      (MPI 4) persistent collectives made once (MPI_Allreduce_init and MPI_Barrier_init
  *              on WORLD, MPI_Bcast_init of a large message on a duplicate of it), started
- *              every iteration by MPI_Startall, one rank (rotating) computing for 20 ms
- *              first so the others' starts wait for it; ring traffic while they are in
- *              flight; completed by Waitall, a Testall loop, Waitany (three calls, then a
- *              fourth finds none active), a Waitsome loop or Test loops in turn; results checked
+ *              every iteration, one rank (rotating) computing for 20 ms first so the others'
+ *              starts wait for it, in different orders on different ranks (MPI 4 allows it):
+ *              odd ranks start the Bcast before the Allreduce (MPI_Startall), the slow rank
+ *              starts the Barrier_init's request after a blocking MPI_Barrier, the others
+ *              before it; then completed together with a ring receive, by Waitall, a Testall
+ *              loop, Waitany (four calls, then a fifth finds none active), a Waitsome loop or
+ *              Test loops in turn, with statuses (the receive's checked); results checked
  *   freerecv   a receive from the left neighbour freed at once (MPI_Request_free: its message
  *              still lands), the message sent after a barrier, a second one with the same tag
  *              taken by a blocking receive (the freed one matched the first: MPI matches in
@@ -1263,9 +1266,10 @@ static uint64_t *pcoll_bcast;
 static void pcoll(void)
 {
 #if MPI_VERSION >= 4
-    enum { WORDS = LARGE + 4 };
+    enum { WORDS = LARGE + 4, N = 4 };
     static uint64_t pcoll_in[4], pcoll_out[4]; /* the requests name them */
     int root = 1 % np, slow = (int)(iteration % (uint64_t)np);
+    int right = (me + 1) % np, left = (me + np - 1) % np;
     if (pcoll_comm == MPI_COMM_NULL) {
         MPI_Comm_dup(MPI_COMM_WORLD, &pcoll_comm);
         pcoll_bcast = malloc(WORDS * sizeof *pcoll_bcast);
@@ -1281,42 +1285,75 @@ static void pcoll(void)
         pcoll_bcast[i] = me == root ? word((uint64_t)root, 99, iteration, (uint64_t)i) : 0;
     if (me == slow)
         usleep(20000);
-    MPI_Startall(3, pcoll_req);
-    ring_nb_on(MPI_COMM_WORLD, 87);
-    int seen[3] = {0, 0, 0}, idx[3], n = 0, flag = 0;
+    /* MPI 4 lets ranks start persistent collectives in different orders: odd ranks start
+     * the Bcast first; the slow rank starts the Barrier_init's request after a blocking
+     * barrier on WORLD, the others before it. */
+    if (me % 2 == 0) {
+        MPI_Start(&pcoll_req[0]);
+        MPI_Start(&pcoll_req[1]);
+    } else {
+        MPI_Startall(2, (MPI_Request[]){pcoll_req[1], pcoll_req[0]});
+    }
+    if (me != slow)
+        MPI_Start(&pcoll_req[2]);
+    MPI_Barrier(MPI_COMM_WORLD);
+    if (me == slow)
+        MPI_Start(&pcoll_req[2]);
+    /* With a receive and its send in the same completion calls (statuses checked). */
+    MPI_Request rq[N] = {pcoll_req[0], pcoll_req[1], pcoll_req[2]}, send;
+    MPI_Irecv(bufs[1], LARGE + 4, MPI_UINT64_T, left, 87, MPI_COMM_WORLD, &rq[3]);
+    int n = fill(bufs[0], right, 87);
+    MPI_Isend(bufs[0], n, MPI_UINT64_T, right, 87, MPI_COMM_WORLD, &send);
+    MPI_Status st[N], recv_st;
+    int seen[N] = {0, 0, 0, 0}, idx[N], done = 0, flag = 0;
     switch (iteration % 5) {
     case 0:
-        MPI_Waitall(3, pcoll_req, MPI_STATUSES_IGNORE);
+        MPI_Waitall(N, rq, st);
+        recv_st = st[3];
         break;
     case 1:
         while (!flag)
-            MPI_Testall(3, pcoll_req, &flag, MPI_STATUSES_IGNORE);
+            MPI_Testall(N, rq, &flag, st);
+        recv_st = st[3];
         break;
     case 2:
-        for (int k = 0; k < 4; k++) {
+        for (int k = 0; k <= N; k++) {
             int i;
-            MPI_Waitany(3, pcoll_req, &i, MPI_STATUS_IGNORE);
-            if (k == 3 ? i != MPI_UNDEFINED : i < 0 || i > 2 || seen[i]++)
-                fail("MPI_Waitany over persistent collectives", i);
+            MPI_Status one;
+            MPI_Waitany(N, rq, &i, &one);
+            if (k == N ? i != MPI_UNDEFINED : i < 0 || i >= N || seen[i]++)
+                fail("MPI_Waitany over persistent collectives and a receive", i);
+            if (i == 3)
+                recv_st = one;
         }
         break;
     case 3:
-        while (n < 3) {
+        while (done < N) {
             int got = 0;
-            MPI_Waitsome(3, pcoll_req, &got, idx, MPI_STATUSES_IGNORE);
+            MPI_Waitsome(N, rq, &got, idx, st);
             if (got == MPI_UNDEFINED || got < 1)
-                fail("MPI_Waitsome over persistent collectives", got);
-            for (int k = 0; k < got; k++)
-                if (idx[k] < 0 || idx[k] > 2 || seen[idx[k]]++)
+                fail("MPI_Waitsome over persistent collectives and a receive", got);
+            for (int k = 0; k < got; k++) {
+                if (idx[k] < 0 || idx[k] >= N || seen[idx[k]]++)
                     fail("MPI_Waitsome index", idx[k]);
-            n += got;
+                if (idx[k] == 3)
+                    recv_st = st[k];
+            }
+            done += got;
         }
         break;
     default:
-        for (int k = 2; k >= 0; k--)
+        for (int k = N - 1; k >= 0; k--)
             for (flag = 0; !flag;)
-                MPI_Test(&pcoll_req[k], &flag, MPI_STATUS_IGNORE);
+                MPI_Test(&rq[k], &flag, k == 3 ? &recv_st : MPI_STATUS_IGNORE);
     }
+    for (int i = 0; i < 3; i++)
+        if (rq[i] != pcoll_req[i])
+            fail("a persistent request's handle changed", i);
+    if (rq[3] != MPI_REQUEST_NULL)
+        fail("a completed receive's handle is not null", left);
+    check(bufs[1], &recv_st, left);
+    MPI_Wait(&send, MPI_STATUS_IGNORE);
     for (int i = 0; i < 4; i++) {
         uint64_t want = 0;
         for (int p = 0; p < np; p++)
@@ -1363,7 +1400,7 @@ static void freerecv(void)
     /* Nothing says when a freed receive's data has landed: MPI progress until it has. */
     struct timespec t0, t;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    while (freed[2] == UINT64_MAX) {
+    while (freed[WORDS - 1] == UINT64_MAX) { /* until the message has landed */
         int flag;
         MPI_Iprobe(MPI_ANY_SOURCE, 999, nbx_comm, &flag, MPI_STATUS_IGNORE);
         clock_gettime(CLOCK_MONOTONIC, &t);
