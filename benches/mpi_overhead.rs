@@ -31,6 +31,14 @@
 //!   MPI at, its sleeping progress thread): `latency_ratio_around` pairs the blocks around the
 //!   layer of the two launches of a pair, with the noise of launches. `within_targets`: the
 //!   in-process ratio <= 1.05 in every regime seen, and `bandwidth_ratio` >= 0.98.
+//! - `collectives`: what the layer costs an 8-byte `MPI_Allreduce` (2 ranks,
+//!   `symvirt/mpi/tests/programs/collbench.c`), blocking (aligned first), non-blocking
+//!   (`MPI_Iallreduce` + `MPI_Wait`: started once both ranks called it) and persistent (MPI 4:
+//!   `MPI_Start` + `MPI_Wait`, the start deferred the same way): per form, blocks through the
+//!   `MPI_` functions and around them (`PMPI_`) a millisecond apart in one process, as
+//!   `latency_ratio_in_process`; `ratio` is the median over the launches with the layer of
+//!   their median ratio (through / around), `ratio_control` the same for launches without it
+//!   (the estimate's noise), with the microseconds per collective of both.
 //! - `quiesce`: 4 ranks run `stress.c` (point-to-point and collectives) under the layer with a
 //!   real guest agent; the bench sends migration requests (`prepare`) on the agent's host
 //!   channel, as the tests do, at varying moments; `quiesce_ms` is request to the agent's
@@ -61,8 +69,9 @@
 //! `NINJA_MPI_SAMPLES` (per launch), `NINJA_MPI_LAT_BYTES`, `NINJA_MPI_LAT_ROUNDS`,
 //! `NINJA_MPI_AB_PAIRS`, `NINJA_MPI_BW_BYTES`, `NINJA_MPI_BW_ROUNDS`, `NINJA_MPI_QUIESCE_REQUESTS`,
 //! `NINJA_MPI_STRESS_MODES`, `NINJA_MPI_COMPUTE_MS`, `NINJA_MPI_COMPUTE_REQUESTS`,
-//! `NINJA_MPI_COMPUTE_REQUESTS_WITHOUT`, `NINJA_MPI_SCENARIOS`
-//! (`pingpong,quiesce,quiesce_compute,quiesce_compute_explicit,quiesce_compute_nb_explicit`),
+//! `NINJA_MPI_COMPUTE_REQUESTS_WITHOUT`, `NINJA_MPI_COLL_LAUNCHES`, `NINJA_MPI_COLL_PAIRS`,
+//! `NINJA_MPI_COLL_ROUNDS`, `NINJA_MPI_SCENARIOS` (`pingpong,collectives,quiesce,
+//! quiesce_compute,quiesce_compute_explicit,quiesce_compute_nb_explicit`),
 //! `NINJA_MPI_QUIET_WAIT_S` (default 60, 0 in quick mode: before each
 //! pair of launches, wait at most this long for the shared CPUs to be idle;
 //! `pairs_started_quiet` in the line says how many pairs got such a window).
@@ -104,6 +113,9 @@ struct Settings {
     compute_requests_without: u64,
     scenarios: Vec<String>,
     quiet_wait: Duration,
+    coll_launches: usize,
+    coll_pairs: usize,
+    coll_rounds: usize,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, fallback: T) -> T {
@@ -149,7 +161,7 @@ impl Settings {
             ),
             scenarios: std::env::var("NINJA_MPI_SCENARIOS")
                 .unwrap_or_else(|_| {
-                    "pingpong,quiesce,quiesce_compute,quiesce_compute_explicit,\
+                    "pingpong,collectives,quiesce,quiesce_compute,quiesce_compute_explicit,\
                      quiesce_compute_nb_explicit"
                         .into()
                 })
@@ -157,6 +169,9 @@ impl Settings {
                 .map(|x| x.trim().to_string())
                 .collect(),
             quiet_wait: Duration::from_secs(env_or("NINJA_MPI_QUIET_WAIT_S", pick(60, 0) as u64)),
+            coll_launches: env_or("NINJA_MPI_COLL_LAUNCHES", pick(6, 2)).max(1),
+            coll_pairs: env_or("NINJA_MPI_COLL_PAIRS", pick(40, 10)).max(1),
+            coll_rounds: env_or("NINJA_MPI_COLL_ROUNDS", pick(2000, 500)).max(1),
         }
     }
 }
@@ -256,17 +271,30 @@ struct Launch {
     around_us: Vec<f64>,
 }
 
+/// The number after `key=` in a line of a program's output.
+fn field_of(line: &str, key: &str) -> Result<f64, String> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("no {key}= in {line:?}"))
+}
+
+/// Without and with the layer, or the other way round: A B, B A, ... (neither variant always
+/// runs first).
+fn preload_order(i: usize) -> [bool; 2] {
+    if i % 2 == 0 {
+        [false, true]
+    } else {
+        [true, false]
+    }
+}
+
 /// Parses `sample N latency|bandwidth bytes=B rounds=R seconds=S` and
 /// `ab N bytes=B rounds=R through=S around=S` lines.
 fn parse_samples(stdout: &str) -> Result<Launch, String> {
     let mut out = Launch::default();
     for line in stdout.lines() {
-        let field = |key: &str| -> Result<f64, String> {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| format!("no {key}= in {line:?}"))
-        };
+        let field = |key: &str| field_of(line, key);
         let one_way_us = |seconds: f64, rounds: f64| -> Result<f64, String> {
             if seconds <= 0.0 {
                 return Err(format!("non-positive time in {line:?}"));
@@ -360,15 +388,9 @@ fn pingpong(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
     let mut quiet_pairs = 0;
     for pair in 0..s.pairs {
         quiet_pairs += wait_quiet(s.quiet_wait) as usize;
-        // A B, B A, ...: neither variant always runs first.
-        let order = if pair % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
         let mut pair_median = [(0.0, 0.0); 2];
         let mut pair_fastest = [0.0; 2];
-        for preload in order {
+        for preload in preload_order(pair) {
             let run = pingpong_launch(mpi, s, &rig, preload)?;
             let i = preload as usize;
             pair_median[i] = (median(&run.latency_us), median(&run.bandwidth_mib_s));
@@ -442,6 +464,102 @@ fn pingpong(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
         "latency_ratio_target_max": LATENCY_RATIO_MAX,
         "bandwidth_ratio_target_min": BANDWIDTH_RATIO_MIN,
         "within_targets": regimes_within && bandwidth_ratio >= BANDWIDTH_RATIO_MIN,
+    }))
+}
+
+/// One collbench launch: per form, per pair, (seconds through, seconds around) per collective.
+fn collbench_launch(
+    mpi: MpiImpl,
+    s: &Settings,
+    rig: &Rig,
+    preload: bool,
+) -> Result<std::collections::BTreeMap<String, Vec<(f64, f64)>>, String> {
+    let prog = program(mpi, "collbench.c", Linkage::Plain);
+    let mut env = vec![rig.agent_env()];
+    if preload {
+        env.push((
+            "LD_PRELOAD".to_string(),
+            libraries(mpi).transparent.display().to_string(),
+        ));
+    }
+    let args = [s.coll_pairs.to_string(), s.coll_rounds.to_string()];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut job = Job::start_ranks(mpi, 2, &prog, &args, &env, &rig.dir.0);
+    let (ok, stdout) = job.wait();
+    if !ok {
+        return Err(format!("collbench failed\n{}", job.logs()));
+    }
+    let mut forms = std::collections::BTreeMap::<String, Vec<(f64, f64)>>::new();
+    for line in stdout.lines().filter(|l| l.starts_with("ab ")) {
+        let field = |key: &str| field_of(line, key);
+        let form = line.split_whitespace().nth(1).unwrap_or("?").to_string();
+        let rounds = field("rounds")?;
+        let (through, around) = (field("through")? / rounds, field("around")? / rounds);
+        if through <= 0.0 || around <= 0.0 {
+            return Err(format!("non-positive time in {line:?}"));
+        }
+        forms.entry(form).or_default().push((through, around));
+    }
+    if forms.is_empty() {
+        return Err(format!("no samples in the output:\n{stdout}"));
+    }
+    Ok(forms)
+}
+
+/// What the layer costs an 8-byte Allreduce, blocking, non-blocking and persistent (MPI 4):
+/// 2 ranks, in one process through the layer's wrappers and around them (PMPI), as the
+/// in-process latency estimate; launches with the layer alternate with launches without it
+/// (their ratio is the estimate's own noise, `_control`).
+fn collectives(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
+    let rig = Rig::new(&format!("bench-coll-{}", mpi.name()));
+    // Per form: per launch with / without the layer, (median ratio, median µs through, median
+    // µs around).
+    let mut per_form = std::collections::BTreeMap::<String, [Vec<(f64, f64, f64)>; 2]>::new();
+    let mut quiet = 0;
+    for launch in 0..s.coll_launches {
+        quiet += wait_quiet(s.quiet_wait) as usize;
+        for preload in preload_order(launch) {
+            for (form, pairs) in collbench_launch(mpi, s, &rig, preload)? {
+                let ratios: Vec<f64> = pairs.iter().map(|p| p.0 / p.1).collect();
+                let through: Vec<f64> = pairs.iter().map(|p| p.0 * 1e6).collect();
+                let around: Vec<f64> = pairs.iter().map(|p| p.1 * 1e6).collect();
+                per_form.entry(form).or_default()[preload as usize].push((
+                    median(&ratios),
+                    median(&through),
+                    median(&around),
+                ));
+            }
+        }
+    }
+    let forms: serde_json::Map<String, Value> = per_form
+        .into_iter()
+        .map(|(form, [without, with])| {
+            let col = |v: &[(f64, f64, f64)], k: usize| -> Vec<f64> {
+                v.iter().map(|l| [l.0, l.1, l.2][k]).collect::<Vec<f64>>()
+            };
+            (
+                form,
+                json!({
+                    "ratio": round(median(&col(&with, 0))),
+                    "ratio_per_launch": spread(&col(&with, 0)),
+                    "us_through": spread(&col(&with, 1)),
+                    "us_around": spread(&col(&with, 2)),
+                    "ratio_control": round(median(&col(&without, 0))),
+                }),
+            )
+        })
+        .collect();
+    Ok(json!({
+        "bench": "mpi_overhead",
+        "mpi": mpi.name(),
+        "scenario": "collectives",
+        "quick": s.quick,
+        "ranks": 2,
+        "launches": s.coll_launches,
+        "launches_started_quiet": quiet,
+        "pairs_per_launch": s.coll_pairs,
+        "rounds_per_block": s.coll_rounds,
+        "forms": forms,
     }))
 }
 
@@ -676,6 +794,9 @@ fn main() {
         let wanted = |name: &str| s.scenarios.iter().any(|x| x == name);
         if wanted("pingpong") {
             report(mpi, "pingpong", || pingpong(mpi, &s));
+        }
+        if wanted("collectives") {
+            report(mpi, "collectives", || collectives(mpi, &s));
         }
         if wanted("quiesce") {
             report(mpi, "quiesce", || quiesce(mpi, &s));
