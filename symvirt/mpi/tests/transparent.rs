@@ -226,9 +226,11 @@ fn transparent_mpich_matched_probes_consistent_at_every_cut() {
 
 /// Non-blocking collectives outstanding while point-to-point traffic goes on, one rank's
 /// freeing their datatype and operation before the others have called them (the layer starts
-/// them later), and cancelled receives (one that nothing matches, one whose message a cut may
+/// them later), one in flight across a blocking send whose receiver waits for it first (and,
+/// with MPI 4, a persistent one: without the layer's progress in that send, the job
+/// deadlocked), and cancelled receives (one that nothing matches, one whose message a cut may
 /// have drained).
-const NBCOLL: &str = "nbcoll,nbfree,cancel,split";
+const NBCOLL: &str = "nbcoll,nbfree,nbsend,cancel,split";
 
 #[test]
 fn transparent_openmpi_nonblocking_collectives_and_cancel_consistent_at_every_cut() {

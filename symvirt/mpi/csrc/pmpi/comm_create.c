@@ -115,6 +115,35 @@ RUN(run_create_group, PMPI_Comm_create_group(c->comm, c->group, c->tag, c->newco
 RUN(run_intercomm, PMPI_Intercomm_create(c->comm, c->lleader, c->peer, c->rleader, c->tag,
                                          c->newcomm))
 
+/* A communicator made over members rather than from a parent is first named by its members
+ * alone (svp_track_comm), so two made over one group would share their name, and their
+ * alignments' and persistent collectives' tags. It is renamed from its members, the call
+ * (kind), its tag, and how many such communicators this rank made before with those: members
+ * make them in the same order, so every member names each alike. */
+typedef struct {
+    uint32_t key;
+    unsigned made;
+} made_over;
+static LIST(made_over, made_before);
+
+static void name_made_over(MPI_Comm made, const int *world, int n, uint32_t kind, int tag)
+{
+    if (made == MPI_COMM_NULL)
+        return;
+    uint32_t key = svp_hash_ranks(world, n) ^ kind ^ ((uint32_t)tag * 2654435761u);
+    int i = 0;
+    while (i < made_before.n && made_before.v[i].key != key)
+        i++;
+    if (i == made_before.n) {
+        GROW(made_before);
+        made_before.v[made_before.n++] = (made_over){key, 0};
+    }
+    unsigned before = made_before.v[i].made++;
+    int nc = svp_cid(made);
+    if (nc >= 0)
+        svp.comms[nc].id = (key * 16777619u) ^ (before * 2246822519u);
+}
+
 /* Aligns c over the n members with these WORLD ranks, then runs it. */
 static int align_over(const int *world, int n, uint32_t kind, coll *c)
 {
@@ -143,6 +172,8 @@ int MPI_Comm_create_group(MPI_Comm comm, MPI_Group group, int tag, MPI_Comm *new
     if (pc >= 0)
         svp_start_deferred_on(pc);
     int rc = outside ? svp_perform(&c) : align_over(world, n, 0x47524f55u, &c);
+    if (rc == MPI_SUCCESS && !outside)
+        name_made_over(*newcomm, world, n, 0x47524f55u, tag);
     free(world);
     return rc;
 }
@@ -219,6 +250,8 @@ int MPI_Intercomm_create(MPI_Comm local, int lleader, MPI_Comm peer, int rleader
     memcpy(all, first, (size_t)nfirst * sizeof(int));
     memcpy(all + nfirst, second, (size_t)(nl + nr - nfirst) * sizeof(int));
     int rc = align_over(all, nl + nr, 0x494e5452u, &c);
+    if (rc == MPI_SUCCESS)
+        name_made_over(*newcomm, all, nl + nr, 0x494e5452u, tag);
     free(all);
     free(mine);
     free(theirs);

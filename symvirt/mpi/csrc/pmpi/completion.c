@@ -19,7 +19,7 @@ int MPI_Test(MPI_Request *req, int *flag, MPI_Status *status)
     }
     if (svp_npcoll && svp_pcoll_state(*req) == PCOLL_FAILED) {
         *flag = 1;
-        return svp_pcoll_take_error(*req, status);
+        return svp_pcoll_take_error(*req, status, 0);
     }
     if (svp.subst.n && svp_take_substitute(*req, status)) {
         *flag = 1;
@@ -45,7 +45,7 @@ int MPI_Wait(MPI_Request *req, MPI_Status *status)
     for (unsigned long turns = 0; svp_ndeferred && svp_start_pending(*req);)
         svp_idle(&turns);
     if (svp_npcoll && svp_pcoll_state(*req) == PCOLL_FAILED)
-        return svp_pcoll_take_error(*req, status);
+        return svp_pcoll_take_error(*req, status, 0);
     MPI_Request handle = *req;
     MPI_Status local;
     int rc = svp_wait_serving(req, &local);
@@ -65,6 +65,10 @@ int MPI_Request_get_status(MPI_Request req, int *flag, MPI_Status *status)
             svp_idle_test();
             return MPI_SUCCESS;
         }
+    }
+    if (svp_npcoll && svp_pcoll_state(req) == PCOLL_FAILED) {
+        *flag = 1; /* done, failed: the next completion returns the code */
+        return svp_pcoll_take_error(req, status, 1);
     }
     for (int i = 0; i < svp.subst.n; i++)
         if (svp.subst.v[i].req == req) {
@@ -143,7 +147,7 @@ static int take_pcolls(int n, MPI_Request *reqs, const MPI_Request *h, int take,
         *ndone = 0;
     for (int k = 0; k < *ndone; k++) {
         MPI_Request r = h[done_idx[k]]; /* persistent: the application's handle stays */
-        int e = svp_pcoll_state(r) == PCOLL_FAILED ? svp_pcoll_take_error(r, &done_st[k])
+        int e = svp_pcoll_state(r) == PCOLL_FAILED ? svp_pcoll_take_error(r, &done_st[k], 0)
                                                    : PMPI_Wait(&r, &done_st[k]);
         done_st[k].MPI_ERROR = e; /* every status carries its code (MPI_ERR_IN_STATUS) */
         if (e != MPI_SUCCESS)

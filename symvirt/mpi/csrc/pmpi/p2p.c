@@ -11,12 +11,17 @@
  * receives every unexpected message on every communicator into the buffer (step 2 of the
  * cut), which completes the send; the sender then joins the cut at its next MPI call, as it
  * would had the request come while it computed. MPI_Bsend completes locally. MPI_Rsend goes
- * out as a standard send (PMPI_Send), which MPI allows for a ready send. */
+ * out as a standard send (PMPI_Send), which MPI allows for a ready send.
+ * Except while a non-blocking or persistent collective of the layer's is deferred: MPI
+ * progresses a collective inside any blocking call, and a program may rely on that (start a
+ * collective, send to a peer that receives only after completing it), but only the layer
+ * moves a deferred one towards its start. The send then goes out non-blocking (the matching
+ * PMPI_I call) and waits in the layer's loop, which does. */
 #define SENDS(X)                                                                               \
-    X(Send, PMPI_Send)                                                                         \
-    X(Ssend, PMPI_Ssend)                                                                       \
-    X(Rsend, PMPI_Send)                                                                        \
-    X(Bsend, PMPI_Bsend)
+    X(Send, PMPI_Send, PMPI_Isend)                                                             \
+    X(Ssend, PMPI_Ssend, PMPI_Issend)                                                          \
+    X(Rsend, PMPI_Send, PMPI_Isend)                                                            \
+    X(Bsend, PMPI_Bsend, PMPI_Ibsend)
 
 #define ISENDS(X)                                                                              \
     X(Isend, PMPI_Isend)                                                                       \
@@ -24,12 +29,27 @@
     X(Irsend, PMPI_Irsend)                                                                     \
     X(Ibsend, PMPI_Ibsend)
 
-#define SEND_WRAPPER(name, pmpi)                                                               \
+typedef int (*isend_fn)(const void *, int, MPI_Datatype, int, int, MPI_Comm, MPI_Request *);
+
+/* A blocking send while a deferred collective is pending (out of line: the latency path keeps
+ * its small frame). */
+static __attribute__((noinline)) int send_progressing(isend_fn isend, const void *buf,
+                                                      int count, MPI_Datatype dt, int dest,
+                                                      int tag, MPI_Comm comm)
+{
+    MPI_Request r;
+    int rc = isend(buf, count, dt, dest, tag, comm, &r);
+    return rc != MPI_SUCCESS ? rc : svp_wait_serving(&r, MPI_STATUS_IGNORE);
+}
+
+#define SEND_WRAPPER(name, pmpi, ipmpi)                                                        \
     int MPI_##name(const void *buf, int count, MPI_Datatype dt, int dest, int tag,             \
                    MPI_Comm comm)                                                              \
     {                                                                                          \
         GUARD();                                                                               \
         svp_count_send(svp_cid(comm), dest);                                                   \
+        if (__builtin_expect(svp_ndeferred != 0, 0))                                           \
+            return send_progressing(ipmpi, buf, count, dt, dest, tag, comm);                   \
         return pmpi(buf, count, dt, dest, tag, comm);                                          \
     }
 
@@ -330,12 +350,17 @@ int MPI_Isendrecv_replace(void *buf, int count, MPI_Datatype dt, int dest, int s
 /* ---- MPI 4's large-count point-to-point calls (the _c forms) --------------------------------
  * The same wrappers' work with MPI_Count counts. The replacing forms copy through a packed
  * buffer of int size, so a count above INT_MAX is refused there (nothing is started). */
-#define SEND_C_WRAPPER(name, pmpi)                                                             \
+#define SEND_C_WRAPPER(name, pmpi, ipmpi)                                                      \
     int MPI_##name##_c(const void *buf, MPI_Count count, MPI_Datatype dt, int dest, int tag,   \
                        MPI_Comm comm)                                                          \
     {                                                                                          \
         GUARD();                                                                               \
         svp_count_send(svp_cid(comm), dest);                                                   \
+        if (svp_ndeferred != 0) { /* as the int forms (see SENDS) */                           \
+            MPI_Request r;                                                                     \
+            int rc = ipmpi##_c(buf, count, dt, dest, tag, comm, &r);                           \
+            return rc != MPI_SUCCESS ? rc : svp_wait_serving(&r, MPI_STATUS_IGNORE);           \
+        }                                                                                      \
         return pmpi##_c(buf, count, dt, dest, tag, comm);                                      \
     }
 

@@ -98,20 +98,24 @@ void svp_pcoll_start_failed(MPI_Request h, int rc)
         svp.pers.v[p].start_err = rc;
 }
 
-int svp_pcoll_take_error(MPI_Request h, MPI_Status *st)
+int svp_pcoll_take_error(MPI_Request h, MPI_Status *st, int keep)
 {
     int p = find_pcoll(h);
     if (p < 0)
         return MPI_SUCCESS;
     persistent *x = &svp.pers.v[p];
     int rc = x->start_err;
-    x->start_err = MPI_SUCCESS;
-    x->active = 0;
     if (st != MPI_STATUS_IGNORE) {
         memset(st, 0, sizeof *st);
+        st->MPI_SOURCE = MPI_ANY_SOURCE;
+        st->MPI_TAG = MPI_ANY_TAG;
         st->MPI_ERROR = rc;
     }
-    PMPI_Comm_call_errhandler(svp.comms[x->cid].comm, rc);
+    if (keep)
+        return MPI_SUCCESS;
+    x->start_err = MPI_SUCCESS;
+    x->active = 0;
+    PMPI_Comm_call_errhandler(x->comm, rc);
     return rc;
 }
 
@@ -127,7 +131,7 @@ int svp_persistent_collective(coll *c, const char *call)
         } else {
             GROW(svp.pers);
             svp.pers.v[svp.pers.n++] = (persistent){
-                .req = *req, .cid = c->cid, .collective = 1,
+                .req = *req, .cid = c->cid, .collective = 1, .comm = c->comm,
                 .ordinal = svp.comms[c->cid].pcolls++}; /* the _init calls keep their order */
             svp_npcoll++;
         }

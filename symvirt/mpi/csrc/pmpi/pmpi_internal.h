@@ -31,7 +31,8 @@
  * Blocking receives, probes, waits and collectives are turned into non-blocking ones plus a
  * progress loop that serves cuts, so no rank sits in an MPI call that a quiescing peer would
  * have to complete. Blocking sends stay blocking: a peer in a cut completes them by draining
- * (see the blocking sends in p2p.c).
+ * (see the blocking sends in p2p.c), unless a deferred collective is pending (then they wait
+ * in the layer's loop, which moves it).
  *
  * A rank outside MPI (computing for seconds between calls) is brought into a cut at once by
  * the layer's progress thread (init.c), not at its next MPI call. The thread sleeps on a
@@ -246,6 +247,7 @@ typedef struct {
     unsigned ordinal; /* a collective's: made the ordinal-th on its communicator */
     int active;       /* a collective's: started by the application, not completed yet */
     int start_err;    /* a collective's: its deferred start failed with this code */
+    MPI_Comm comm;    /* a collective's: its communicator (whose error handler raises that) */
 } persistent;
 
 /* A persistent receive served from the buffer: the next test/wait returns this status. */
@@ -770,8 +772,9 @@ int svp_any_pcoll(int n, const MPI_Request *reqs);
 /* A deferred start of h failed with rc: its next completion returns rc (PCOLL_FAILED). */
 void svp_pcoll_start_failed(MPI_Request h, int rc);
 /* Completes a PCOLL_FAILED h: its code (raised through its communicator's error handler, as
- * MPI raises a failed completion's), with st (if not MPI_STATUS_IGNORE) empty but for it. */
-int svp_pcoll_take_error(MPI_Request h, MPI_Status *st);
+ * MPI raises a failed completion's), with st (if not MPI_STATUS_IGNORE) empty but for it;
+ * with keep, only reports it (MPI_Request_get_status). */
+int svp_pcoll_take_error(MPI_Request h, MPI_Status *st, int keep);
 /* Watches the persistent request r (made by call) that the layer does not cover. */
 void svp_add_uncovered(MPI_Request r, int cid, const char *call);
 /* The call that made an uncovered request this rank holds (made, not freed yet), or NULL: a

@@ -50,7 +50,16 @@
  *              starts the Barrier_init's request after a blocking MPI_Barrier, the others
  *              before it; then completed together with a ring receive, by Waitall, a Testall
  *              loop, Waitany (four calls, then a fifth finds none active), a Waitsome loop or
- *              Test loops in turn, with statuses (the receive's checked); results checked
+ *              Test loops in turn, with statuses (the receive's checked); results checked.
+ *              And a persistent barrier on each of two communicators MPI_Comm_create_group
+ *              made over all ranks with one tag: even ranks start both, odd ranks start the
+ *              second, wait for it, then start the first
+ *   nbsend     a collective in flight across a blocking send that needs it: even ranks start an
+ *              Iallreduce (and, with MPI 4, a persistent Allreduce_init's request), then
+ *              MPI_Send a large (rendezvous) message to the right neighbour, then wait for
+ *              the collective; odd ranks start it, wait for it, and only then receive. Legal:
+ *              MPI progresses the collective inside the send (the layer must too, or the
+ *              job deadlocks)
  *   freerecv   a receive from the left neighbour freed at once (MPI_Request_free: its message
  *              still lands), the message sent after a barrier, a second one with the same tag
  *              taken by a blocking receive (the freed one matched the first: MPI matches in
@@ -1262,6 +1271,10 @@ static void cancel(void)
 static MPI_Request pcoll_req[3] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL, MPI_REQUEST_NULL};
 static MPI_Comm pcoll_comm = MPI_COMM_NULL;
 static uint64_t *pcoll_bcast;
+/* Two communicators made by MPI_Comm_create_group over all of WORLD with one tag, and a
+ * persistent barrier on each (see pcoll). */
+static MPI_Comm pcoll_group_comm[2] = {MPI_COMM_NULL, MPI_COMM_NULL};
+static MPI_Request pcoll_group_req[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
 
 static void pcoll(void)
 {
@@ -1278,6 +1291,23 @@ static void pcoll(void)
         MPI_Bcast_init(pcoll_bcast, WORDS, MPI_UINT64_T, root, pcoll_comm, MPI_INFO_NULL,
                        &pcoll_req[1]);
         MPI_Barrier_init(MPI_COMM_WORLD, MPI_INFO_NULL, &pcoll_req[2]);
+        MPI_Group all;
+        MPI_Comm_group(MPI_COMM_WORLD, &all);
+        for (int k = 0; k < 2; k++) {
+            MPI_Comm_create_group(MPI_COMM_WORLD, all, 95, &pcoll_group_comm[k]);
+            MPI_Barrier_init(pcoll_group_comm[k], MPI_INFO_NULL, &pcoll_group_req[k]);
+        }
+        MPI_Group_free(&all);
+    }
+    /* Even ranks start both; odd ranks start the second, wait for it, then start the first
+     * (legal: the even ranks started both). */
+    if (me % 2 == 0) {
+        MPI_Start(&pcoll_group_req[0]);
+        MPI_Start(&pcoll_group_req[1]);
+    } else {
+        MPI_Start(&pcoll_group_req[1]);
+        MPI_Wait(&pcoll_group_req[1], MPI_STATUS_IGNORE);
+        MPI_Start(&pcoll_group_req[0]);
     }
     for (int i = 0; i < 4; i++)
         pcoll_in[i] = (uint64_t)me * 1000 + iteration + (uint64_t)i;
@@ -1350,6 +1380,7 @@ static void pcoll(void)
     for (int i = 0; i < 3; i++)
         if (rq[i] != pcoll_req[i])
             fail("a persistent request's handle changed", i);
+    MPI_Waitall(2, pcoll_group_req, MPI_STATUSES_IGNORE);
     if (rq[3] != MPI_REQUEST_NULL)
         fail("a completed receive's handle is not null", left);
     check(bufs[1], &recv_st, left);
@@ -1375,7 +1406,47 @@ static void pcoll_free(void)
     for (int i = 0; i < 3; i++)
         MPI_Request_free(&pcoll_req[i]);
     MPI_Comm_free(&pcoll_comm);
+    for (int k = 0; k < 2; k++) {
+        MPI_Request_free(&pcoll_group_req[k]);
+        MPI_Comm_free(&pcoll_group_comm[k]);
+    }
     free(pcoll_bcast);
+}
+
+static void nbsend(void)
+{
+    if (np % 2 != 0)
+        fail("nbsend needs an even number of ranks", np);
+    int partner = me % 2 == 0 ? me + 1 : me - 1;
+    uint64_t in = (uint64_t)me + iteration, sum = 0, want = 0;
+    for (int p = 0; p < np; p++)
+        want += (uint64_t)p + iteration;
+    MPI_Request r[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+    MPI_Iallreduce(&in, &sum, 1, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD, &r[0]);
+#if MPI_VERSION >= 4
+    static MPI_Request persistent = MPI_REQUEST_NULL;
+    static uint64_t p_in, p_sum;
+    if (persistent == MPI_REQUEST_NULL)
+        MPI_Allreduce_init(&p_in, &p_sum, 1, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD,
+                           MPI_INFO_NULL, &persistent);
+    p_in = in;
+    r[1] = persistent;
+    MPI_Start(&r[1]);
+#endif
+    MPI_Status st;
+    if (me % 2 == 0) {
+        fill_fixed(bufs[0], partner, 88, LARGE + 4);
+        MPI_Send(bufs[0], LARGE + 4, MPI_UINT64_T, partner, 88, MPI_COMM_WORLD);
+        MPI_Waitall(2, r, MPI_STATUSES_IGNORE);
+    } else {
+        MPI_Waitall(2, r, MPI_STATUSES_IGNORE);
+        MPI_Recv(bufs[1], LARGE + 4, MPI_UINT64_T, partner, 88, MPI_COMM_WORLD, &st);
+        check_fixed(bufs[1], &st, partner, 88, LARGE + 4);
+    }
+    expect(sum, want, "Iallreduce across a blocking send", -1);
+#if MPI_VERSION >= 4
+    expect(p_sum, want, "persistent Allreduce across a blocking send", -1);
+#endif
 }
 
 static void freerecv(void)
@@ -1639,6 +1710,8 @@ int main(int argc, char **argv)
                 replace();
             else if (strcmp(m, "freerecv") == 0)
                 freerecv();
+            else if (strcmp(m, "nbsend") == 0)
+                nbsend();
             else if (strcmp(m, "pcoll") == 0)
                 pcoll();
             else if (strcmp(m, "isendrecv") == 0)
