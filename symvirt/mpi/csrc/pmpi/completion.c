@@ -1,26 +1,40 @@
 /* ---- completion: test and wait families --------------------------------------------------
  * Persistent receives served from the buffer (substitutes) complete here without MPI; a
- * persistent collective whose start the layer deferred (svp_start_pending) is incomplete here
+ * persistent collective whose start the layer deferred (svp_pcoll_state) is incomplete here
  * until it starts, though MPI would take the still inactive request as complete. The
  * all, any and some families have one test function each, which both their Test (one turn of
  * svp_idle_test() when nothing completed) and their Wait (svp_idle() between tries) call. */
 #include "pmpi_internal.h"
 
+/* A test of h (MPI_Test, MPI_Request_get_status) when h is a persistent collective the layer
+ * answers for: one whose deferred start is not made yet is incomplete, one whose start failed
+ * is complete with its code (kept for the next completion with keep). Returns whether it did,
+ * its code in *rc. */
+static int pcoll_tested(MPI_Request h, int *flag, MPI_Status *status, int keep, int *rc)
+{
+    switch (svp_npcoll ? svp_pcoll_state(h) : PCOLL_NOT) {
+    case PCOLL_UNSTARTED:
+        *flag = 0;
+        svp_idle_test();
+        *rc = MPI_SUCCESS;
+        return 1;
+    case PCOLL_FAILED:
+        *flag = 1;
+        *rc = svp_pcoll_take_error(h, status, keep);
+        return 1;
+    default:
+        return 0;
+    }
+}
+
 int MPI_Test(MPI_Request *req, int *flag, MPI_Status *status)
 {
     GUARD();
-    if (svp_ndeferred) {
+    if (svp_ndeferred)
         svp_progress_deferred();
-        if (svp_start_pending(*req)) {
-            *flag = 0;
-            svp_idle_test();
-            return MPI_SUCCESS;
-        }
-    }
-    if (svp_npcoll && svp_pcoll_state(*req) == PCOLL_FAILED) {
-        *flag = 1;
-        return svp_pcoll_take_error(*req, status, 0);
-    }
+    int pc;
+    if (pcoll_tested(*req, flag, status, 0, &pc))
+        return pc;
     if (svp.subst.n && svp_take_substitute(*req, status)) {
         *flag = 1;
         return MPI_SUCCESS;
@@ -42,7 +56,7 @@ int MPI_Wait(MPI_Request *req, MPI_Status *status)
     GUARD();
     if (svp.subst.n && svp_take_substitute(*req, status))
         return MPI_SUCCESS;
-    for (unsigned long turns = 0; svp_ndeferred && svp_start_pending(*req);)
+    for (unsigned long turns = 0; svp_npcoll && svp_pcoll_state(*req) == PCOLL_UNSTARTED;)
         svp_idle(&turns);
     if (svp_npcoll && svp_pcoll_state(*req) == PCOLL_FAILED)
         return svp_pcoll_take_error(*req, status, 0);
@@ -58,18 +72,11 @@ int MPI_Wait(MPI_Request *req, MPI_Status *status)
 int MPI_Request_get_status(MPI_Request req, int *flag, MPI_Status *status)
 {
     GUARD();
-    if (svp_ndeferred) {
+    if (svp_ndeferred)
         svp_progress_deferred();
-        if (svp_start_pending(req)) {
-            *flag = 0;
-            svp_idle_test();
-            return MPI_SUCCESS;
-        }
-    }
-    if (svp_npcoll && svp_pcoll_state(req) == PCOLL_FAILED) {
-        *flag = 1; /* done, failed: the next completion returns the code */
-        return svp_pcoll_take_error(req, status, 1);
-    }
+    int pc; /* a failed start is kept: the next completion returns its code */
+    if (pcoll_tested(req, flag, status, 1, &pc))
+        return pc;
     for (int i = 0; i < svp.subst.n; i++)
         if (svp.subst.v[i].req == req) {
             *flag = 1;
