@@ -31,6 +31,11 @@
 //!   MPI at, its sleeping progress thread): `latency_ratio_around` pairs the blocks around the
 //!   layer of the two launches of a pair, with the noise of launches. `within_targets`: the
 //!   in-process ratio <= 1.05 in every regime seen, and `bandwidth_ratio` >= 0.98.
+//!   `arrived_receive_*`: what the layer adds to a receive whose 8-byte message has arrived
+//!   before it was posted (as in most halo exchanges): blocks of 16 such receives through and
+//!   around the wrappers, paired in one process as above (`_ratio`, median over launches with
+//!   the layer of their median through / around; `_ratio_control` without it), with the
+//!   nanoseconds per receive. No waiting is in this path, so it does not depend on the regime.
 //! - `collectives`: what the layer costs an 8-byte `MPI_Allreduce` (2 ranks,
 //!   `symvirt/mpi/tests/programs/collbench.c`), blocking (aligned first), non-blocking
 //!   (`MPI_Iallreduce` + `MPI_Wait`: started once both ranks called it) and persistent (MPI 4:
@@ -262,13 +267,16 @@ fn wait_quiet(max: Duration) -> bool {
 
 /// One launch's samples: one-way latency (µs) and bandwidth (MiB/s, bytes moved both ways);
 /// per pair of blocks, the ratio through / around the layer's wrappers and the one-way
-/// latency around them (µs).
+/// latency around them (µs); per pair of blocks of receives of arrived messages, the ratio
+/// and the nanoseconds per receive around and through the wrappers.
 #[derive(Default)]
 struct Launch {
     latency_us: Vec<f64>,
     bandwidth_mib_s: Vec<f64>,
     through_around: Vec<f64>,
     around_us: Vec<f64>,
+    arrived_ratio: Vec<f64>,
+    arrived_ns: [Vec<f64>; 2],
 }
 
 /// The number after `key=` in a line of a program's output.
@@ -289,8 +297,8 @@ fn preload_order(i: usize) -> [bool; 2] {
     }
 }
 
-/// Parses `sample N latency|bandwidth bytes=B rounds=R seconds=S` and
-/// `ab N bytes=B rounds=R through=S around=S` lines.
+/// Parses `sample N latency|bandwidth bytes=B rounds=R seconds=S`,
+/// `ab N bytes=B rounds=R through=S around=S` and `arrived N count=K through=S around=S` lines.
 fn parse_samples(stdout: &str) -> Result<Launch, String> {
     let mut out = Launch::default();
     for line in stdout.lines() {
@@ -301,7 +309,16 @@ fn parse_samples(stdout: &str) -> Result<Launch, String> {
             }
             Ok(seconds / rounds / 2.0 * 1e6)
         };
-        if line.starts_with("ab ") {
+        if line.starts_with("arrived ") {
+            let count = field("count")?;
+            let (through, around) = (field("through")?, field("around")?);
+            if through <= 0.0 || around <= 0.0 || count <= 0.0 {
+                return Err(format!("non-positive time or count in {line:?}"));
+            }
+            out.arrived_ratio.push(through / around);
+            out.arrived_ns[0].push(around / count * 1e9);
+            out.arrived_ns[1].push(through / count * 1e9);
+        } else if line.starts_with("ab ") {
             let rounds = field("rounds")?;
             let through = one_way_us(field("through")?, rounds)?;
             let around = one_way_us(field("around")?, rounds)?;
@@ -319,7 +336,11 @@ fn parse_samples(stdout: &str) -> Result<Launch, String> {
             }
         }
     }
-    if out.latency_us.is_empty() || out.bandwidth_mib_s.is_empty() || out.around_us.is_empty() {
+    if out.latency_us.is_empty()
+        || out.bandwidth_mib_s.is_empty()
+        || out.around_us.is_empty()
+        || out.arrived_ratio.is_empty()
+    {
         return Err(format!("no samples in the output:\n{stdout}"));
     }
     Ok(out)
@@ -384,6 +405,9 @@ fn pingpong(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
     let mut lat_fastest_pairs = Vec::new();
     // Per launch, without and with the layer: (median through / around, median around, µs).
     let mut ab: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
+    // Per launch, without and with the layer: median (through / around, ns around, ns through)
+    // of the receives of arrived messages.
+    let mut arrived: [Vec<[f64; 3]>; 2] = [Vec::new(), Vec::new()];
     let mut around_pairs = Vec::new();
     let mut quiet_pairs = 0;
     for pair in 0..s.pairs {
@@ -396,6 +420,11 @@ fn pingpong(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
             pair_median[i] = (median(&run.latency_us), median(&run.bandwidth_mib_s));
             pair_fastest[i] = run.latency_us.iter().copied().fold(f64::INFINITY, f64::min);
             ab[i].push((median(&run.through_around), median(&run.around_us)));
+            arrived[i].push([
+                median(&run.arrived_ratio),
+                median(&run.arrived_ns[0]),
+                median(&run.arrived_ns[1]),
+            ]);
             lat[i].extend(run.latency_us);
             bw[i].extend(run.bandwidth_mib_s);
         }
@@ -427,6 +456,8 @@ fn pingpong(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
             .as_f64()
             .is_none_or(|m| m <= LATENCY_RATIO_MAX)
     });
+    let arrived_of =
+        |with: usize, k: usize| -> Vec<f64> { arrived[with].iter().map(|a| a[k]).collect() };
     Ok(json!({
         "bench": "mpi_overhead",
         "mpi": mpi.name(),
@@ -461,6 +492,10 @@ fn pingpong(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
         "latency_us_around_with": spread(&ab[1].iter().map(|l| l.1).collect::<Vec<_>>()),
         "latency_ratio_around": round(median(&around_pairs)),
         "bandwidth_ratio_per_pair": spread(&bw_pairs),
+        "arrived_receive_ratio": round(median(&arrived_of(1, 0))),
+        "arrived_receive_ratio_control": round(median(&arrived_of(0, 0))),
+        "arrived_receive_ns_around_with": spread(&arrived_of(1, 1)),
+        "arrived_receive_ns_through": spread(&arrived_of(1, 2)),
         "latency_ratio_target_max": LATENCY_RATIO_MAX,
         "bandwidth_ratio_target_min": BANDWIDTH_RATIO_MIN,
         "within_targets": regimes_within && bandwidth_ratio >= BANDWIDTH_RATIO_MIN,

@@ -163,7 +163,14 @@ int svp_wait_serving(MPI_Request *req, MPI_Status *st)
 #else
     /* MPICH: MPI_Test, which frees the request once complete. Measured in one process,
      * ping-pong rounds interleaved: as fast as a blocking MPI_Recv, where a loop of
-     * MPI_Request_get_status (then freeing the requests in batches) was 7-10 % slower. */
+     * MPI_Request_get_status (then freeing the requests in batches) was 7-10 % slower.
+     * But MPICH 4's MPI_Test progresses before it looks at the request, and
+     * MPI_Request_get_status looks first: a request complete already (a message that arrived
+     * before its receive was posted) is finished by PMPI_Wait, which then does not progress
+     * either (instructions counted: 493 for MPI_Test, 108 + 206 for the two). */
+    int flag = 0;
+    if (PMPI_Request_get_status(*req, &flag, st) == MPI_SUCCESS && flag)
+        return PMPI_Wait(req, st);
     unsigned long turns = 0;
     for (;;) {
         int flag = 0;

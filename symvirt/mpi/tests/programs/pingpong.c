@@ -20,6 +20,14 @@
  * speed regime, which launches do not; without the layer both are the same MPI functions, and
  * their ratio shows what this estimate's noise is.
  *
+ * Then as many pairs of blocks of receives whose message has arrived already (a message sent
+ * before its receive is posted, as in most halo exchanges): rank 1 sends ARRIVED 8-byte
+ * messages, both ranks pass a barrier, rank 0 times receiving them; through the wrappers, then
+ * around them (MPI_Send with MPI_Recv, PMPI_Send with PMPI_Recv), in alternating order. This
+ * path has no waiting in it, so it is the same in every speed regime. Rank 0 prints:
+ *
+ *   arrived N count=K through=S around=S
+ *
  * Every round checks the first and last byte of the payload (the peer increments both), so a
  * layer that lost or truncated a message fails the run (exit through MPI_Abort). */
 #include <mpi.h>
@@ -83,6 +91,36 @@ static double timed(unsigned char *buf, int bytes, int rounds, unsigned *seq)
     double start = MPI_Wtime();
     rounds_of(buf, bytes, rounds, seq);
     double seconds = MPI_Wtime() - start;
+    MPI_Barrier(MPI_COMM_WORLD);
+    return seconds;
+}
+
+enum { ARRIVED = 16 };
+
+/* ARRIVED messages sent by rank 1 and, once they are there, received by rank 0 through
+ * `recv`; returns rank 0's time for the receives. */
+static double arrived_via(send_fn send, recv_fn recv, unsigned *seq)
+{
+    unsigned char msg[8] = {0};
+    if (me == 1)
+        for (int i = 0; i < ARRIVED; i++) {
+            msg[0] = (unsigned char)(*seq + (unsigned)i);
+            send(msg, 8, MPI_BYTE, 0, 2, MPI_COMM_WORLD);
+        }
+    MPI_Barrier(MPI_COMM_WORLD);
+    double seconds = 0;
+    if (me == 0) {
+        double start = MPI_Wtime();
+        for (int i = 0; i < ARRIVED; i++) {
+            recv(msg, 8, MPI_BYTE, 1, 2, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+            if (msg[0] != (unsigned char)(*seq + (unsigned)i)) {
+                fprintf(stderr, "pingpong: arrived message %d came back wrong\n", i);
+                MPI_Abort(MPI_COMM_WORLD, 3);
+            }
+        }
+        seconds = MPI_Wtime() - start;
+    }
+    *seq += ARRIVED;
     MPI_Barrier(MPI_COMM_WORLD);
     return seconds;
 }
@@ -154,6 +192,18 @@ int main(int argc, char **argv)
         if (me == 0)
             printf("ab %d bytes=%d rounds=%d through=%.9f around=%.9f\n", p, lat_bytes, ab_rounds,
                    through, around);
+    }
+    for (int p = 0; p < ab_pairs; p++) {
+        double through = 0, around = 0;
+        if (p % 2 == 0) {
+            through = arrived_via(MPI_Send, MPI_Recv, &seq);
+            around = arrived_via(PMPI_Send, PMPI_Recv, &seq);
+        } else {
+            around = arrived_via(PMPI_Send, PMPI_Recv, &seq);
+            through = arrived_via(MPI_Send, MPI_Recv, &seq);
+        }
+        if (me == 0)
+            printf("arrived %d count=%d through=%.9f around=%.9f\n", p, ARRIVED, through, around);
     }
     if (me == 0)
         fflush(stdout);

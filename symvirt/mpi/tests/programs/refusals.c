@@ -172,6 +172,7 @@ int main(int argc, char **argv)
     uint64_t big[4] = {1, 2, 3, (uint64_t)me}, small[2] = {0, 0};
     MPI_Send(big, 4, MPI_UINT64_T, right, 6, MPI_COMM_WORLD);
     MPI_Send(&big[3], 1, MPI_UINT64_T, right, 6, MPI_COMM_WORLD);
+    MPI_Barrier(MPI_COMM_WORLD); /* both there before the receives: the arrived-message path */
     rc = MPI_Recv(small, 2, MPI_UINT64_T, left, 6, MPI_COMM_WORLD, &st);
     int klass = 0;
     MPI_Error_class(rc, &klass);
