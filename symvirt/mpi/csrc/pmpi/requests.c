@@ -36,6 +36,15 @@ blocking_recv svp_blocking;
 /* Receives held since the application freed them (tracked_req.freed). */
 static int nheld;
 
+/* Gives held receive i back to MPI (the application freed it; counted already if it
+ * completed) and drops it from the list, whose last entry takes its place. */
+static void release_held(int i)
+{
+    PMPI_Request_free(&svp.reqs.v[i].req);
+    svp.reqs.v[i] = svp.reqs.v[--svp.reqs.n];
+    nheld--;
+}
+
 int svp_poll_pending(void)
 {
     int open = 0;
@@ -64,12 +73,8 @@ int svp_poll_pending(void)
         if (t->kind == REQ_RECV && !cancelled)
             svp_count_recv(t->cid, &st);
         t->counted = 1;
-        if (t->freed) {
-            /* Nobody waits for it: MPI may have it now, as the application asked. */
-            PMPI_Request_free(&t->req);
-            svp.reqs.v[i--] = svp.reqs.v[--svp.reqs.n];
-            nheld--;
-        }
+        if (t->freed)
+            release_held(i--); /* nobody waits for it: MPI may have it, as the program asked */
     }
     return open;
 }
@@ -86,10 +91,8 @@ static void sweep_held(void)
         PMPI_Request_get_status(t->req, &flag, &st);
         if (!flag)
             continue;
-        MPI_Request h = t->req;
-        svp_completed(h, &st); /* counts it and drops t */
-        PMPI_Request_free(&h);
-        nheld--;
+        svp_count_recv(t->cid, &st); /* not counted: the drain frees what it counts */
+        release_held(i);
     }
 }
 
@@ -119,12 +122,9 @@ int svp_hold_freed(MPI_Request handle)
 
 void svp_free_held(void)
 {
-    for (int i = svp.reqs.n - 1; i >= 0; i--)
-        if (svp.reqs.v[i].freed) {
-            PMPI_Request_free(&svp.reqs.v[i].req);
-            svp.reqs.v[i] = svp.reqs.v[--svp.reqs.n];
-        }
-    nheld = 0;
+    for (int i = svp.reqs.n - 1; i >= 0 && nheld > 0; i--)
+        if (svp.reqs.v[i].freed)
+            release_held(i);
 }
 
 void svp_forget_req(MPI_Request handle)
