@@ -5,7 +5,8 @@
  * INT_MAX (MPI 4); MPI_Request_free of a persistent collective started while a member has
  * not started it yet (MPI 4: erroneous for an active one). The program then
  * goes on: the collective and the send still complete, the message is received intact. A
- * receive too small for its message fails with MPI_ERR_TRUNCATE, as without the layer.
+ * receive too small for its message fails with MPI_ERR_TRUNCATE, as without the layer, and
+ * reaches a program's error handler once.
  * With -DSYMVIRT_EXPLICIT (linked with the explicit library instead), misuse of quiet phases
  * fails with SYMVIRT_ERR_STATE and changes nothing: symvirt_quiet_end outside a phase, a
  * negative request count or a missing request array, a nested symvirt_quiet_begin(_requests),
@@ -25,6 +26,14 @@
 #define WORDS (32 * 1024) /* rendezvous in both implementations */
 
 static int me;
+static int handled; /* errors the counting error handler saw */
+
+static void count_error(MPI_Comm *comm, int *code, ...)
+{
+    (void)comm;
+    (void)code;
+    handled++;
+}
 
 static void fail(const char *what, int rc)
 {
@@ -183,6 +192,26 @@ int main(int argc, char **argv)
     MPI_Get_count(&st, MPI_UINT64_T, &n);
     if (rc != MPI_SUCCESS || n != 1 || small[0] != (uint64_t)left)
         fail("the message after a truncated one", rc);
+    /* That error reaches the program's error handler once, through the layer's blocking
+     * receive and through MPI_Irecv + MPI_Wait alike. */
+    MPI_Errhandler counting;
+    MPI_Comm_create_errhandler(count_error, &counting);
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, counting);
+    MPI_Send(big, 4, MPI_UINT64_T, right, 7, MPI_COMM_WORLD);
+    MPI_Send(big, 4, MPI_UINT64_T, right, 7, MPI_COMM_WORLD);
+    MPI_Barrier(MPI_COMM_WORLD);
+    handled = 0;
+    MPI_Recv(small, 2, MPI_UINT64_T, left, 7, MPI_COMM_WORLD, &st);
+    if (handled != 1)
+        fail("a truncated receive did not reach the error handler once", handled);
+    MPI_Request truncated;
+    MPI_Irecv(small, 2, MPI_UINT64_T, left, 7, MPI_COMM_WORLD, &truncated);
+    handled = 0;
+    MPI_Wait(&truncated, &st);
+    if (handled != 1)
+        fail("a truncated MPI_Wait did not reach the error handler once", handled);
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+    MPI_Errhandler_free(&counting);
     MPI_Barrier(MPI_COMM_WORLD);
     printf("refusals OK rank %d\n", me);
     fflush(stdout);
