@@ -128,12 +128,12 @@ const HANDOFF: &str = "ring,handoff,collective";
 
 #[test]
 fn drained_messages_are_delivered_from_the_buffer_openmpi() {
-    drained_then_delivered(MpiImpl::OpenMpi, "drain-ompi", HANDOFF, [0, 3, 0, 0]);
+    drained_then_delivered(MpiImpl::OpenMpi, "drain-ompi", HANDOFF, [0, 7, 0, 0]);
 }
 
 #[test]
 fn drained_messages_are_delivered_from_the_buffer_mpich() {
-    drained_then_delivered(MpiImpl::Mpich, "drain-mpich", HANDOFF, [0, 3, 0, 0]);
+    drained_then_delivered(MpiImpl::Mpich, "drain-mpich", HANDOFF, [0, 8, 0, 0]);
 }
 
 /// Every rank's message to its right neighbour is drained there, then received by that

@@ -19,6 +19,13 @@ int svp_refuse(MPI_Comm comm, const char *call, const char *why)
     return MPI_ERR_UNSUPPORTED_OPERATION;
 }
 
+int svp_raised(MPI_Comm comm, int rc)
+{
+    if (rc != MPI_SUCCESS)
+        PMPI_Comm_call_errhandler(comm, rc);
+    return rc;
+}
+
 /* ---- communicators ---------------------------------------------------------------------- */
 
 int svp_on_comm_delete(MPI_Comm c, int keyval, void *val, void *extra)

@@ -35,9 +35,10 @@ int MPI_Test(MPI_Request *req, int *flag, MPI_Status *status)
     int pc;
     if (pcoll_tested(*req, flag, status, 0, &pc))
         return pc;
-    if (svp.subst.n && svp_take_substitute(*req, status)) {
+    int err;
+    if (svp.subst.n && svp_take_substitute(*req, status, &err)) {
         *flag = 1;
-        return MPI_SUCCESS;
+        return err;
     }
     MPI_Request handle = *req;
     MPI_Status local;
@@ -54,8 +55,9 @@ int MPI_Test(MPI_Request *req, int *flag, MPI_Status *status)
 int MPI_Wait(MPI_Request *req, MPI_Status *status)
 {
     GUARD();
-    if (svp.subst.n && svp_take_substitute(*req, status))
-        return MPI_SUCCESS;
+    int err;
+    if (svp.subst.n && svp_take_substitute(*req, status, &err))
+        return err;
     for (unsigned long turns = 0; svp_npcoll && svp_pcoll_state(*req) == PCOLL_UNSTARTED;)
         svp_idle(&turns);
     if (svp_npcoll && svp_pcoll_state(*req) == PCOLL_FAILED)
@@ -228,7 +230,7 @@ static int testall(int n, MPI_Request *reqs, int *flag, MPI_Status *sts)
         if (nsub && is_substitute(h[i])) {
             reqs[i] = h[i]; /* persistent: the handle stays */
             if (*flag)
-                svp_take_substitute(h[i], &local[i]);
+                svp_take_substitute(h[i], &local[i], NULL);
         } else if (*flag || (rc == MPI_ERR_IN_STATUS && reqs[i] == MPI_REQUEST_NULL)) {
             svp_completed(h[i], &local[i]); /* persistent handles stay non-null */
         }
@@ -270,8 +272,9 @@ static int testany(int n, MPI_Request *reqs, int *idx, int *flag, MPI_Status *st
     if (s >= 0) {
         *idx = s;
         *flag = 1;
-        svp_take_substitute(reqs[s], status);
-        return MPI_SUCCESS;
+        int err;
+        svp_take_substitute(reqs[s], status, &err);
+        return err;
     }
     MPI_Request *h = snapshot(n, reqs);
     MPI_Status local;
@@ -331,7 +334,8 @@ static int testsome(int n, MPI_Request *reqs, int *outcount, int *idx, MPI_Statu
             if (is_substitute(reqs[i])) {
                 idx[k] = i;
                 svp_take_substitute(reqs[i], sts == MPI_STATUSES_IGNORE ? MPI_STATUS_IGNORE
-                                                                    : &sts[k]);
+                                                                    : &sts[k],
+                                    NULL);
                 k++;
             }
         *outcount = k;

@@ -209,6 +209,7 @@ static void setup(void)
     PMPI_Comm_create_group(MPI_COMM_WORLD, world, 3, &svp.starts);
     PMPI_Group_free(&world);
     PMPI_Comm_dup(MPI_COMM_SELF, &svp.self);
+    PMPI_Comm_set_errhandler(svp.self, MPI_ERRORS_RETURN); /* svp_unpack_received's errors */
     PMPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, svp_on_comm_delete, &svp.keyval, NULL);
     svp_blocking.req = MPI_REQUEST_NULL;
     svp.sent = calloc((size_t)svp.np, sizeof(uint64_t));

@@ -131,7 +131,7 @@ static inline __attribute__((always_inline)) int recv(void *buf, count_t count,
         return PMPI_COUNTED(PMPI_Recv, count, buf, count, dt, src, tag, comm, status);
     buffered **link;
     if (svp_find_buffered(cid, src, tag, &link) != NULL)
-        return svp_deliver(link, buf, buffered_count(count), dt, status);
+        return svp_raised(comm, svp_deliver(link, buf, buffered_count(count), dt, status));
     MPI_Request r;
     int rc = POST_IRECV(buf, count, dt, src, tag, comm, &r);
     if (rc != MPI_SUCCESS)
@@ -246,13 +246,16 @@ static void release_replace(coll *c)
 
 static void unpack_replaced(const coll *c, MPI_Status *st)
 {
-    int tsize = 0, nbytes = 0, pos = 0;
-    PMPI_Type_size(c->datatype, &tsize);
-    PMPI_Get_count(st, MPI_BYTE, &nbytes);
-    int elems = tsize > 0 ? nbytes / tsize : 0;
-    if (elems > 0 && st->MPI_SOURCE != MPI_PROC_NULL)
-        PMPI_Unpack(c->recvbuf, nbytes, &pos, c->buffer, elems, c->datatype, MPI_COMM_SELF);
-    PMPI_Status_set_elements(st, c->datatype, elems);
+    if (st->MPI_SOURCE != MPI_PROC_NULL) {
+        int nbytes = 0;
+        PMPI_Get_count(st, MPI_BYTE, &nbytes);
+        MPI_Status got; /* counts what arrived in c->datatype */
+        svp_unpack_received(c->recvbuf, nbytes, c->buffer, c->count, c->datatype, &got);
+        got.MPI_SOURCE = st->MPI_SOURCE;
+        got.MPI_TAG = st->MPI_TAG;
+        got.MPI_ERROR = st->MPI_ERROR;
+        *st = got;
+    }
     coll done = *c;
     release_replace(&done);
 }

@@ -8,13 +8,16 @@
 
 /* ---- persistent requests served from the buffer ------------------------------------------ */
 
-int svp_take_substitute(MPI_Request h, MPI_Status *st)
+int svp_take_substitute(MPI_Request h, MPI_Status *st, int *err)
 {
     for (int i = 0; i < svp.subst.n; i++)
         if (svp.subst.v[i].req == h) {
-            if (st != MPI_STATUS_IGNORE)
-                *st = svp.subst.v[i].st;
+            substitute s = svp.subst.v[i];
             svp.subst.v[i] = svp.subst.v[--svp.subst.n];
+            if (st != MPI_STATUS_IGNORE)
+                *st = s.st;
+            if (err != NULL)
+                *err = svp_raised(s.comm, s.st.MPI_ERROR);
             return 1;
         }
     return 0;
@@ -264,6 +267,7 @@ int MPI_Start(MPI_Request *req)
         GROW(svp.subst);
         substitute *s = &svp.subst.v[svp.subst.n++];
         s->req = *req;
+        s->comm = svp.comms[p->cid].comm;
         svp_deliver(link, p->buf, p->count, p->dt, &s->st);
         return MPI_SUCCESS;
     }
@@ -293,7 +297,7 @@ int MPI_Request_free(MPI_Request *req)
                           "a started persistent collective cannot be freed before it completes");
     if (svp_ndeferred)
         svp_detach_deferred(handle); /* a compound's (see deferred.c) */
-    svp_take_substitute(handle, MPI_STATUS_IGNORE);
+    svp_take_substitute(handle, MPI_STATUS_IGNORE, NULL);
     int i = find_persistent(handle);
     if (i >= 0) {
         svp_npcoll -= svp.pers.v[i].collective;

@@ -196,6 +196,7 @@
 #define MAX_COMMS 256
 #define TAG_COUNTS 1
 #define TAG_HOLD 2    /* zero-byte self messages that stand for held (drained) messages */
+#define TAG_UNPACK 4  /* a drained message to self, received as the application receives it */
 #define TAG_GROUP 3   /* an MPI_Intercomm_create's groups, leader to leader to members */
 #define TAG_DRAINED 8 /* the post-drain barrier on the COUNTS communicator (rounds add) */
 #define TAG_ALIGN 64  /* alignments on the private MPI_COMM_WORLD duplicate (see agreement) */
@@ -254,6 +255,7 @@ typedef struct {
 typedef struct {
     MPI_Request req;
     MPI_Status st;
+    MPI_Comm comm; /* the request's, whose error handler raises a truncation */
 } substitute;
 
 typedef struct buffered {
@@ -434,6 +436,8 @@ void svp_die(const char *what);
 /* Refuses a call the layer cannot make correct: a clear error at the call, raised through
  * comm's error handler as MPI raises its own (fatal unless the program chose to get codes). */
 int svp_refuse(MPI_Comm comm, const char *call, const char *why);
+/* rc, raised first through comm's error handler if it is an error (as MPI raises its own). */
+int svp_raised(MPI_Comm comm, int rc);
 #if MPI_VERSION >= 4
 /* A large-count (_c) call the layer serves through its int form, refused beyond an int. */
 #define SVP_COUNT_ABOVE_INT "a count beyond an int is not supported by the transparent layer here"
@@ -557,6 +561,12 @@ int svp_drain_one(int cid, const MPI_Status *probed);
 buffered *svp_unlink_buffered(buffered **link);
 void svp_fill_status(MPI_Status *st, const buffered *m, MPI_Datatype dt, int elems, int err);
 /* Copies a buffered message into the application's buffer and frees it. */
+/* Receives nbytes of a message taken as bytes into (buf, count, dt) as the original receive
+ * would have: whole elements that fit are unpacked; otherwise through MPI (a message to self
+ * on svp.self, whose errors return), which writes a last element in part; truncation is
+ * MPI_ERR_TRUNCATE. st counts what arrived, for any datatype. */
+int svp_unpack_received(const void *data, int nbytes, void *buf, int count, MPI_Datatype dt,
+                        MPI_Status *st);
 int svp_deliver_msg(buffered *m, void *buf, int count, MPI_Datatype dt, MPI_Status *st);
 /* The same for the message at link, which it unlinks. */
 int svp_deliver(buffered **link, void *buf, int count, MPI_Datatype dt, MPI_Status *st);
@@ -659,7 +669,9 @@ typedef struct coll {
     MPI_Comm *newcomm;  /* a communicator it makes (tracked), or frees */
     uint32_t child_id;  /* MPI_Comm_idup: the identity its communicator gets on completion */
     MPI_Info info;      /* also window creation's */
-    MPI_Group group;    /* MPI_Comm_create */
+    MPI_Group group;    /* MPI_Comm_create, MPI_Comm_create_from_group */
+    const char *stringtag;     /* MPI_Comm_create_from_group */
+    MPI_Errhandler errhandler; /* MPI_Comm_create_from_group */
     int color, key;     /* MPI_Comm_split(_type) */
     int tag;            /* MPI_Comm_create_group, MPI_Intercomm_create */
     int lleader, rleader; /* MPI_Intercomm_create (comm is its local communicator) */
@@ -782,7 +794,7 @@ void svp_add_uncovered(MPI_Request r, int cid, const char *call);
  * may complete while another's has not started, with its messages in flight. */
 const char *svp_uncovered_alive(void);
 /* persistent.c: persistent receives served from the buffer (substitutes). */
-int svp_take_substitute(MPI_Request h, MPI_Status *st);
+int svp_take_substitute(MPI_Request h, MPI_Status *st, int *err);
 int svp_find_substitute(int n, const MPI_Request *reqs);
 /* probes.c: during a cut, messages matched by the application's Mprobe but not received yet
  * are received into the buffer; the application's handle keeps naming them. */

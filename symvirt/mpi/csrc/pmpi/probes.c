@@ -219,7 +219,9 @@ int MPI_Mrecv(void *buf, int count, MPI_Datatype dt, MPI_Message *msg, MPI_Statu
         if (x.standin != MPI_MESSAGE_NULL)
             PMPI_Mrecv(NULL, 0, MPI_BYTE, &x.standin, MPI_STATUS_IGNORE);
         *msg = MPI_MESSAGE_NULL;
-        return svp_deliver_msg(x.m, buf, count, dt, status);
+        MPI_Comm comm = x.cid >= 0 ? svp.comms[x.cid].comm : MPI_COMM_NULL; /* freed: NULL */
+        return svp_raised(comm != MPI_COMM_NULL ? comm : MPI_COMM_WORLD,
+                          svp_deliver_msg(x.m, buf, count, dt, status));
     }
     MPI_Request r;
     int rc = MPI_Imrecv(buf, count, dt, msg, &r);

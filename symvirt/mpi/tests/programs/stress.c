@@ -13,7 +13,13 @@
  *              receives only after a barrier; with STRESS_RAISE_SIGUSR1 set (transparent mode
  *              only: the layer's handler must be installed) every rank passes a barrier, then
  *              raises SIGUSR1, so the cut falls before the second barrier and the messages are
- *              drained into the layer's buffer; rank 1 then checks probe order, tag matching and payloads from it
+ *              drained into the layer's buffer; rank 1 then checks probe order, tag matching and payloads from it;
+ *              four more small ones check what a receive from the buffer writes and reports:
+ *              a last element in part (3 ints into pairs of ints), a derived type's count
+ *              (4 ints as one quadruple, Irecv + Wait), and truncation (MPI_ERR_TRUNCATE
+ *              through Recv and through Irecv + Wait, each raised once through the handler);
+ *              with MPI 4, one more on a communicator made from a group (MPI_Comm_create_from_group)
+ *              that rank 1 has not used before the cut
  *   stall      one rank (rotating) computes for 20 ms while the others wait in a blocking
  *              receive from it, then everyone waits in a barrier: migration requests then
  *              land while ranks sit in a receive, in a collective, or between MPI calls
@@ -346,18 +352,99 @@ static void anysource(void)
         free(out[i]);
 }
 
+static int handled; /* calls of the counting error handler */
+
+static void count_error(MPI_Comm *comm, int *code, ...)
+{
+    (void)comm;
+    (void)code;
+    handled++;
+}
+
+static void expect_truncated(int rc, const char *what)
+{
+    int klass = MPI_SUCCESS;
+    MPI_Error_class(rc, &klass);
+    if (klass != MPI_ERR_TRUNCATE || handled != 1) {
+        fprintf(stderr, "stress: %s: error class %d, handler called %d times\n", what, klass,
+                handled);
+        fail(what, 0);
+    }
+}
+
+/* Rank 1's receives of handoff's small messages (tags 43 to 46, ints 10 * tag + i). */
+static void handoff_small(void)
+{
+    MPI_Datatype pair, quad;
+    MPI_Type_contiguous(2, MPI_INT, &pair);
+    MPI_Type_commit(&pair);
+    MPI_Type_contiguous(4, MPI_INT, &quad);
+    MPI_Type_commit(&quad);
+    MPI_Status st;
+    int got[8] = {0}, n = 0, elems = 0;
+    /* 3 ints into 2 pairs: MPI writes all 3; the count is undefined, the elements 3. */
+    MPI_Recv(got, 2, pair, 0, 43, MPI_COMM_WORLD, &st);
+    MPI_Get_count(&st, pair, &n);
+    MPI_Get_elements(&st, pair, &elems);
+    if (got[0] != 430 || got[1] != 431 || got[2] != 432 || got[3] != 0 || n != MPI_UNDEFINED ||
+        elems != 3)
+        fail("a message ending in part of an element", 0);
+    MPI_Request r;
+    MPI_Irecv(got, 1, quad, 0, 44, MPI_COMM_WORLD, &r);
+    MPI_Wait(&r, &st);
+    MPI_Get_count(&st, quad, &n);
+    MPI_Get_elements(&st, quad, &elems);
+    if (got[0] != 440 || got[3] != 443 || n != 1 || elems != 4)
+        fail("a message of a derived type: its count", 0);
+    MPI_Errhandler counting;
+    MPI_Comm_create_errhandler(count_error, &counting);
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, counting);
+    handled = 0;
+    expect_truncated(MPI_Recv(got, 2, MPI_INT, 0, 45, MPI_COMM_WORLD, &st), "truncated Recv");
+    MPI_Irecv(got, 2, MPI_INT, 0, 46, MPI_COMM_WORLD, &r);
+    handled = 0;
+    expect_truncated(MPI_Wait(&r, &st), "truncated Irecv + Wait");
+    if (got[0] != 460 || got[1] != 461)
+        fail("a truncated message's first ints", 0);
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_ARE_FATAL);
+    MPI_Errhandler_free(&counting);
+    MPI_Type_free(&pair);
+    MPI_Type_free(&quad);
+}
+
 static void handoff(void)
 {
     if (iteration != 3 || np < 2)
         return;
-    MPI_Request rq[3];
+    MPI_Request rq[3], small_rq[4];
     uint64_t *out[3] = {0};
-    if (me == 0)
+    int small[4][4];
+    if (me == 0) {
         for (int t = 0; t < 3; t++) {
             out[t] = malloc((LARGE + 4) * sizeof(uint64_t));
             int n = fill(out[t], 1, 40 + t);
             MPI_Isend(out[t], n, MPI_UINT64_T, 1, 40 + t, MPI_COMM_WORLD, &rq[t]);
         }
+        for (int t = 0; t < 4; t++) {
+            for (int i = 0; i < 4; i++)
+                small[t][i] = 10 * (43 + t) + i;
+            MPI_Isend(small[t], t == 0 ? 3 : 4, MPI_INT, 1, 43 + t, MPI_COMM_WORLD, &small_rq[t]);
+        }
+    }
+#if MPI_VERSION >= 4
+    /* MPI 4: a communicator made from a group, on which rank 0 sends before rank 1 has used
+     * it (the cut must still drain it). */
+    MPI_Group world_group;
+    MPI_Comm from_group;
+    MPI_Comm_group(MPI_COMM_WORLD, &world_group);
+    MPI_Comm_create_from_group(world_group, "stress.handoff", MPI_INFO_NULL, MPI_ERRORS_ARE_FATAL,
+                               &from_group);
+    MPI_Group_free(&world_group);
+    MPI_Request group_rq = MPI_REQUEST_NULL;
+    int group_word = 4747;
+    if (me == 0)
+        MPI_Isend(&group_word, 1, MPI_INT, 1, 47, from_group, &group_rq);
+#endif
     if (getenv("STRESS_RAISE_SIGUSR1") != NULL) {
         /* Every rank past its earlier traffic and rank 0's sends posted before any rank asks
          * for the cut: the layer's progress thread makes it at once, so it falls here. */
@@ -386,8 +473,20 @@ static void handoff(void)
         check(bufs[1], &st, 0);
         MPI_Recv(bufs[1], LARGE + 4, MPI_UINT64_T, MPI_ANY_SOURCE, 42, MPI_COMM_WORLD, &st);
         check(bufs[1], &st, 0);
+        handoff_small();
+#if MPI_VERSION >= 4
+        group_word = 0;
+        MPI_Recv(&group_word, 1, MPI_INT, 0, 47, from_group, &st);
+        if (group_word != 4747)
+            fail("the message on a communicator made from a group", 0);
+#endif
     }
+#if MPI_VERSION >= 4
+    MPI_Wait(&group_rq, MPI_STATUS_IGNORE);
+    MPI_Comm_free(&from_group);
+#endif
     if (me == 0) {
+        MPI_Waitall(4, small_rq, MPI_STATUSES_IGNORE);
         MPI_Waitall(3, rq, MPI_STATUSES_IGNORE);
         for (int t = 0; t < 3; t++)
             free(out[t]);
