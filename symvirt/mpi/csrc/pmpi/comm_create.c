@@ -157,25 +157,32 @@ static int align_over(const int *world, int n, uint32_t kind, coll *c)
     return svp_align_on(&u, c);
 }
 
+/* Runs c, which makes a communicator over group's members, aligned over them (unaligned when
+ * one is outside MPI_COMM_WORLD), after the collectives deferred on its parent's slot (-1:
+ * none); the new communicator is named from the members, kind and tag. */
+static int make_over_group(coll *c, MPI_Group group, int parent, uint32_t kind, int tag)
+{
+    int n = 0;
+    if (!svp.ready || svp.closed || PMPI_Group_size(group, &n) != MPI_SUCCESS || n <= 0)
+        return c->run(c);
+    int *world = svp_world_ranks(group, &n), outside = 0;
+    for (int i = 0; i < n; i++)
+        outside |= world[i] == MPI_UNDEFINED;
+    if (parent >= 0)
+        svp_start_deferred_on(parent);
+    int rc = outside ? svp_perform(c) : align_over(world, n, kind, c);
+    if (rc == MPI_SUCCESS && !outside)
+        name_made_over(*c->newcomm, world, n, kind, tag);
+    free(world);
+    return rc;
+}
+
 int MPI_Comm_create_group(MPI_Comm comm, MPI_Group group, int tag, MPI_Comm *newcomm)
 {
     GUARD();
     coll c = {.run = run_create_group, .cid = -1, .comm = comm, .group = group, .tag = tag,
               .newcomm = newcomm};
-    int n = 0;
-    if (!svp.ready || svp.closed || PMPI_Group_size(group, &n) != MPI_SUCCESS || n <= 0)
-        return c.run(&c);
-    int *world = svp_world_ranks(group, &n), outside = 0;
-    for (int i = 0; i < n; i++)
-        outside |= world[i] == MPI_UNDEFINED;
-    int pc = svp_cid(comm);
-    if (pc >= 0)
-        svp_start_deferred_on(pc);
-    int rc = outside ? svp_perform(&c) : align_over(world, n, 0x47524f55u, &c);
-    if (rc == MPI_SUCCESS && !outside)
-        name_made_over(*newcomm, world, n, 0x47524f55u, tag);
-    free(world);
-    return rc;
+    return make_over_group(&c, group, svp_cid(comm), 0x47524f55u, tag);
 }
 
 /* Posts sending this rank's n ints to WORLD rank to on svp.ctl. */
@@ -299,21 +306,10 @@ int MPI_Comm_create_from_group(MPI_Group group, const char *stringtag, MPI_Info 
     GUARD();
     coll c = {.run = run_from_group, .cid = -1, .group = group, .stringtag = stringtag,
               .info = info, .errhandler = errhandler, .newcomm = newcomm};
-    int n = 0;
-    if (!svp.ready || svp.closed || PMPI_Group_size(group, &n) != MPI_SUCCESS || n <= 0)
-        return c.run(&c);
-    int *world = svp_world_ranks(group, &n), outside = 0;
-    for (int i = 0; i < n; i++)
-        outside |= world[i] == MPI_UNDEFINED;
-    int rc = outside ? svp_perform(&c) : align_over(world, n, 0x46524f4du, &c);
-    if (rc == MPI_SUCCESS && !outside) {
-        uint32_t tag = 2166136261u; /* FNV-1a of the string tag: the same on every member */
-        for (const char *p = stringtag; p != NULL && *p != '\0'; p++)
-            tag = (tag ^ (unsigned char)*p) * 16777619u;
-        name_made_over(*newcomm, world, n, 0x46524f4du, (int)(tag & 0x7fffffff));
-    }
-    free(world);
-    return rc;
+    uint32_t tag = 2166136261u; /* FNV-1a of the string tag: the same on every member */
+    for (const char *p = stringtag; p != NULL && *p != '\0'; p++)
+        tag = (tag ^ (unsigned char)*p) * 16777619u;
+    return make_over_group(&c, group, -1, 0x46524f4du, (int)(tag & 0x7fffffff));
 }
 
 int MPI_Intercomm_create_from_groups(MPI_Group local_group, int local_leader,
