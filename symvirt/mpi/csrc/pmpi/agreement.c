@@ -110,7 +110,7 @@ int svp_perform(coll *c)
 {
     /* Every member of the parent counts the child when the call starts, also one that gets
      * MPI_COMM_NULL, so the members of a new communicator name it alike. */
-    int makes = c->newcomm != NULL && c->run != svp_run_comm_free;
+    int makes = c->newcomm != NULL && !c->frees;
     uint32_t id = 0;
     if (makes && c->cid >= 0) {
         tracked_comm *parent = &svp.comms[c->cid];

@@ -340,10 +340,7 @@ int MPI_Comm_idup_with_info(MPI_Comm comm, MPI_Info info, MPI_Comm *newcomm, MPI
 }
 #endif
 
-int svp_run_comm_free(coll *c)
-{
-    return PMPI_Comm_free(c->newcomm);
-}
+RUN(run_comm_free, PMPI_Comm_free(c->newcomm))
 
 int MPI_Comm_free(MPI_Comm *comm)
 {
@@ -351,7 +348,20 @@ int MPI_Comm_free(MPI_Comm *comm)
     /* Collective: aligned (but not on WORLD, which cannot be freed: MPI reports that). The
      * slot is released by the attribute's delete callback (which also runs when the
      * communicator is freed by a path that is not wrapped). */
-    coll c = {.run = svp_run_comm_free, .comm = *comm, .newcomm = comm};
+    coll c = {.run = run_comm_free, .comm = *comm, .newcomm = comm, .frees = 1};
+    c.cid = svp_cid(*comm);
+    return svp_align(c.cid > 0 ? c.cid : -1, &c);
+}
+
+RUN(run_comm_disconnect, PMPI_Comm_disconnect(c->newcomm))
+
+/* Collective, and it waits for the communicator's pending traffic: aligned as MPI_Comm_free
+ * (unwrapped, it ran outside the gate, so the progress thread could make a cut while the
+ * application's thread was inside it). */
+int MPI_Comm_disconnect(MPI_Comm *comm)
+{
+    GUARD();
+    coll c = {.run = run_comm_disconnect, .comm = *comm, .newcomm = comm, .frees = 1};
     c.cid = svp_cid(*comm);
     return svp_align(c.cid > 0 ? c.cid : -1, &c);
 }

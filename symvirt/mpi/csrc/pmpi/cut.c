@@ -410,7 +410,11 @@ void svp_cut(uint64_t epoch)
     /* 2. drain until every peer's count is met and my collectives are complete */
     have[svp.me] = 1;
     svp.drained = 0;
-    svp_drain_matched();
+    int matched_too_large = svp_drain_matched();
+    if (matched_too_large >= 0) {
+        oversized[matched_too_large] = 1;
+        oversized_from = matched_too_large;
+    }
     unsigned long spins = 0;
     for (;;) {
         for (int p = 0; p < svp.np; p++)

@@ -163,7 +163,7 @@
  *                  (datatypes and operations freed meanwhile held until then); compounds
  *                  (MPI_Isendrecv: a receive and a send as one request)
  *   init.c         MPI_Init(_thread), MPI_Finalize, the progress thread and the rank's lock
- *   comm_create.c  communicator creation and MPI_Comm_free
+ *   comm_create.c  communicator creation, MPI_Comm_free and MPI_Comm_disconnect
  *   onesided.c     windows (observed, not their operations)
  *   files.c        MPI-IO: open files observed, collective calls aligned
  *   p2p.c          sends, receives, Sendrecv(_replace), MPI 4's Isendrecv(_replace); their
@@ -193,11 +193,11 @@
 
 #pragma GCC visibility push(hidden)
 
-#define MAX_COMMS 256
+#define MAX_COMMS 1024
 #define TAG_COUNTS 1
 #define TAG_HOLD 2    /* zero-byte self messages that stand for held (drained) messages */
-#define TAG_UNPACK 4  /* a drained message to self, received as the application receives it */
 #define TAG_GROUP 3   /* an MPI_Intercomm_create's groups, leader to leader to members */
+#define TAG_UNPACK 4  /* a drained message to self, received as the application receives it */
 #define TAG_DRAINED 8 /* the post-drain barrier on the COUNTS communicator (rounds add) */
 #define TAG_ALIGN 64  /* alignments on the private MPI_COMM_WORLD duplicate (see agreement) */
 
@@ -465,6 +465,8 @@ uint32_t svp_hash_ranks(const int *ranks, int n);
 /* The slot of c, made on first use for communicators created by unwrapped calls. */
 static inline int svp_comm_id(MPI_Comm c)
 {
+    if (c == MPI_COMM_NULL)
+        return -1; /* not a freed slot's: MPI reports the error */
     for (int i = 0; i < svp.ncomms; i++)
         if (svp.comms[i].comm == c)
             return i;
@@ -560,13 +562,14 @@ int svp_drain_one(int cid, const MPI_Status *probed);
 /* Takes a buffered message out of the list (the caller owns it). */
 buffered *svp_unlink_buffered(buffered **link);
 void svp_fill_status(MPI_Status *st, const buffered *m, MPI_Datatype dt, int elems, int err);
-/* Copies a buffered message into the application's buffer and frees it. */
 /* Receives nbytes of a message taken as bytes into (buf, count, dt) as the original receive
  * would have: whole elements that fit are unpacked; otherwise through MPI (a message to self
  * on svp.self, whose errors return), which writes a last element in part; truncation is
  * MPI_ERR_TRUNCATE. st counts what arrived, for any datatype. */
 int svp_unpack_received(const void *data, int nbytes, void *buf, int count, MPI_Datatype dt,
                         MPI_Status *st);
+/* Copies a buffered message into the application's buffer (svp_unpack_received) and frees
+ * it; the status names its source and tag. */
 int svp_deliver_msg(buffered *m, void *buf, int count, MPI_Datatype dt, MPI_Status *st);
 /* The same for the message at link, which it unlinks. */
 int svp_deliver(buffered **link, void *buf, int count, MPI_Datatype dt, MPI_Status *st);
@@ -666,7 +669,8 @@ typedef struct coll {
     MPI_Aint disp_unit_c; /* the window calls' */
 #endif
     /* Communicator creation and free. */
-    MPI_Comm *newcomm;  /* a communicator it makes (tracked), or frees */
+    MPI_Comm *newcomm;  /* a communicator it makes (tracked), or frees (frees set) */
+    int frees;          /* MPI_Comm_free, MPI_Comm_disconnect */
     uint32_t child_id;  /* MPI_Comm_idup: the identity its communicator gets on completion */
     MPI_Info info;      /* also window creation's */
     MPI_Group group;    /* MPI_Comm_create, MPI_Comm_create_from_group */
@@ -765,8 +769,6 @@ void svp_start_deferred_on(int cid);
 
 /* ---- the wrappers' shared pieces ----------------------------------------------------------- */
 
-/* MPI_Comm_free's run function (comm_create.c): perform() tells a free from a creation. */
-int svp_run_comm_free(coll *c);
 /* persistent.c: MPI 4 persistent collectives and partitioned requests. A persistent
  * collective's initialization is collective, so aligned like one (c: its record; call: its
  * name); on a tracked intracommunicator its starts are then deferred (svp_start_persistent),
@@ -797,8 +799,10 @@ const char *svp_uncovered_alive(void);
 int svp_take_substitute(MPI_Request h, MPI_Status *st, int *err);
 int svp_find_substitute(int n, const MPI_Request *reqs);
 /* probes.c: during a cut, messages matched by the application's Mprobe but not received yet
- * are received into the buffer; the application's handle keeps naming them. */
-void svp_drain_matched(void);
+ * are received into the buffer; the application's handle keeps naming them. One of over
+ * INT_MAX bytes stays MPI's: returns the WORLD rank that sent it (the cut cannot be made),
+ * else -1. */
+int svp_drain_matched(void);
 
 /* A run function: calls PMPI with the record's fields. */
 #define RUN(name, expr)                                                                        \

@@ -106,12 +106,17 @@ static buffered *receive_matched(MPI_Message *msg, int cid, const MPI_Status *pr
     return m;
 }
 
-void svp_drain_matched(void)
+int svp_drain_matched(void)
 {
+    int too_large = -1;
     for (int i = 0; i < svp.matches.n; i++) {
         matched *x = &svp.matches.v[i];
         if (x->m != NULL)
             continue;
+        if (x->nbytes < 0) { /* MPI_UNDEFINED: over INT_MAX bytes, more than the buffer holds */
+            too_large = svp.comms[x->cid].world[x->src];
+            continue;
+        }
         MPI_Status probed;
         probed.MPI_SOURCE = x->src;
         probed.MPI_TAG = x->tag;
@@ -120,6 +125,7 @@ void svp_drain_matched(void)
         x->m = receive_matched(&h, x->cid, &probed);
         svp.drained++;
     }
+    return too_large;
 }
 
 /* ---- matched probes --------------------------------------------------------------------- */

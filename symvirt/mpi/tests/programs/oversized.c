@@ -1,12 +1,15 @@
-/* A message of over 2 GiB in flight at a cut: the transparent layer's buffer cannot hold it,
- * so the cut is answered "unable" (the job is neither aborted nor cut inconsistently) and the
- * job goes on; the message is then received, truncated on purpose into 8 words so that the
- * program stays small, which takes it all the same; a later cut is served, its counts
- * consistent.
+/* A message of over 2 GiB in flight at a cut, or matched by MPI_Mprobe and not received yet:
+ * the transparent layer's buffer cannot hold it, so the cut is answered "unable" (the job is
+ * neither aborted nor cut inconsistently) and the job goes on; the message is then received,
+ * truncated on purpose into 8 words so that the program stays small, which takes it all the
+ * same; a later cut is served, its counts consistent.
  *
  *   oversized DIR
  *
- * Rank 0 starts an Isend of 2^31 + 8 bytes (zero pages, never written) to rank 1; once every
+ * First the matched one: rank 0 starts an Isend of 2^31 + 8 bytes to rank 1 (tag 4), rank 1
+ * matches it (MPI_Mprobe), every rank passes a barrier, rank 0 creates DIR/matched and every
+ * rank waits, outside MPI, until DIR/go1 exists; rank 1 receives it (MPI_Mrecv, truncated),
+ * rank 0 completes its send, all pass a barrier. Then the one in flight: rank 0 starts an Isend of 2^31 + 8 bytes (zero pages, never written) to rank 1; once every
  * rank has passed a barrier after it, rank 0 creates DIR/sent and every rank waits, outside
  * MPI, until DIR/go exists. Rank 1 receives the message into 8 words (MPI_ERR_TRUNCATE
  * expected: MPI_ERRORS_RETURN), rank 0 completes its send, and rank 0 creates DIR/received
@@ -45,17 +48,37 @@ int main(int argc, char **argv)
     const char *dir = argv[1];
     uint64_t *big = NULL;
     MPI_Request r = MPI_REQUEST_NULL;
+    MPI_Datatype words8; /* an int count of a contiguous type: the same on every MPI */
+    MPI_Type_contiguous(8, MPI_UINT64_T, &words8);
+    MPI_Type_commit(&words8);
     if (me == 0) {
         big = calloc((size_t)BIG_WORDS, sizeof *big);
         if (big == NULL)
             fail("cannot allocate the large message", BIG_WORDS);
-        /* Through an int count of a contiguous type: the same on every MPI. */
-        MPI_Datatype words8;
-        MPI_Type_contiguous(8, MPI_UINT64_T, &words8);
-        MPI_Type_commit(&words8);
-        MPI_Isend(big, (int)(BIG_WORDS / 8), words8, 1, 5, MPI_COMM_WORLD, &r);
-        MPI_Type_free(&words8);
+        MPI_Isend(big, (int)(BIG_WORDS / 8), words8, 1, 4, MPI_COMM_WORLD, &r);
     }
+    MPI_Message matched = MPI_MESSAGE_NULL;
+    if (me == 1)
+        MPI_Mprobe(0, 4, MPI_COMM_WORLD, &matched, MPI_STATUS_IGNORE);
+    MPI_Barrier(MPI_COMM_WORLD);
+    if (me == 0)
+        touch(dir, "matched");
+    while (!exists(dir, "go1"))
+        usleep(1000);
+    if (me == 1) {
+        uint64_t small[8];
+        int rc = MPI_Mrecv(small, 8, MPI_UINT64_T, &matched, MPI_STATUS_IGNORE);
+        int class = MPI_SUCCESS;
+        MPI_Error_class(rc, &class);
+        if (class != MPI_ERR_TRUNCATE)
+            fail("the matched large message was not truncated", rc);
+    }
+    if (me == 0)
+        MPI_Wait(&r, MPI_STATUS_IGNORE);
+    MPI_Barrier(MPI_COMM_WORLD);
+    if (me == 0)
+        MPI_Isend(big, (int)(BIG_WORDS / 8), words8, 1, 5, MPI_COMM_WORLD, &r);
+    MPI_Type_free(&words8);
     MPI_Barrier(MPI_COMM_WORLD);
     if (me == 0)
         touch(dir, "sent");

@@ -24,8 +24,9 @@
  *              receive from it, then everyone waits in a barrier: migration requests then
  *              land while ranks sit in a receive, in a collective, or between MPI calls
  *   split      MPI_Comm_split into two halves (remade every 4 iterations, sometimes from a
- *              duplicate): a ring on each half (blocking, then ANY_SOURCE Irecv + Waitall), an
- *              Allreduce and a Bcast on the halves
+ *              duplicate; the old halves freed, or disconnected every 8): a ring on each half
+ *              (blocking, then ANY_SOURCE Irecv + Waitall), an Allreduce and a Bcast on the
+ *              halves
  *   persist    persistent sends and receives to both ring neighbours (Send_init, Recv_init,
  *              Startall; sometimes a barrier between starting the sends and the receives;
  *              completed by Waitall, Testall or Waitany)
@@ -561,7 +562,11 @@ static int half_world[MAXP], half_rank, half_size;
 
 static void make_half(void)
 {
-    if (half != MPI_COMM_NULL)
+    /* Freed, or every other time disconnected (collective too, and it waits for the
+     * communicator's traffic). */
+    if (half != MPI_COMM_NULL && iteration % 8 == 0)
+        MPI_Comm_disconnect(&half);
+    else if (half != MPI_COMM_NULL)
         MPI_Comm_free(&half);
     MPI_Comm parent;
     /* Sometimes split a duplicate (a communicator made from a tracked one), sometimes WORLD. */
