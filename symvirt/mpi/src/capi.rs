@@ -430,6 +430,19 @@ pub unsafe extern "C" fn symvirt_ctl_unable(
     unsafe { settle(out, outcome) }
 }
 
+/// During a cut, without waiting: milliseconds until the agent gives up its latest `prepare`,
+/// if that was for `epoch` or a newer epoch; `u64::MAX` when there is no such deadline (not
+/// prepared here yet, an epoch requested by SIGUSR1, no agent). A drain that cannot finish
+/// leaves by it.
+#[unsafe(no_mangle)]
+pub extern "C" fn symvirt_ctl_time_left_ms(epoch: u64) -> u64 {
+    let left = match control_slot().as_ref() {
+        Some(c) if !control::is_signal_epoch(epoch) => c.time_left(epoch),
+        _ => None,
+    };
+    left.map_or(u64::MAX, |d| d.as_millis().min(u64::MAX as u128 - 1) as u64)
+}
+
 /// After re-selecting the transport: reports this rank running again for `epoch`.
 #[unsafe(no_mangle)]
 pub extern "C" fn symvirt_ctl_resumed(epoch: u64) -> c_int {

@@ -309,6 +309,8 @@ pub enum Outcome {
 struct State {
     /// The last `prepare` epoch received.
     prepared: u64,
+    /// When the agent gives the last prepared epoch up (this rank's clock).
+    deadline: Option<Instant>,
     /// The outcome of the last settled epoch.
     settled: Option<Outcome>,
     /// Why the agent connection ended, once it has.
@@ -504,6 +506,18 @@ impl Control {
         Ok(state.outcome_of(epoch).expect("checked by wait_until"))
     }
 
+    /// How long until the agent gives up its latest `prepare`, if that was for `epoch` or a
+    /// newer epoch (`None`: `epoch` not prepared here yet). A cut that cannot finish leaves
+    /// in time to tell the host why; a newer `prepare` (a new host, which gave `epoch` up)
+    /// brings its own deadline, and the cut may go on to serve it.
+    pub fn time_left(&self, epoch: u64) -> Option<Duration> {
+        let state = self.shared.state();
+        match state.deadline {
+            Some(d) if state.prepared >= epoch => Some(d.saturating_duration_since(Instant::now())),
+            _ => None,
+        }
+    }
+
     /// Reports that this rank continues after `resume` for `epoch`.
     pub fn resumed(&self, epoch: u64) -> Result<()> {
         self.shared
@@ -587,7 +601,10 @@ fn watch(shared: &Shared) {
             Ok(Some(event)) => {
                 let mut state = shared.state();
                 match event {
-                    RankEvent::Prepare { epoch, .. } => {
+                    RankEvent::Prepare { epoch, deadline } => {
+                        if epoch > state.prepared {
+                            state.deadline = Some(deadline);
+                        }
                         state.prepared = state.prepared.max(epoch);
                         REQUESTED.store(epoch, Ordering::Release);
                         wake_waiters();
@@ -692,16 +709,22 @@ mod tests {
         LOCAL.clear();
     }
 
+    /// A fresh directory for a fake agent, the path of its rank socket, and the socket bound.
+    fn agent_socket(tag: &str) -> (PathBuf, PathBuf, UnixListener) {
+        let dir = std::env::temp_dir().join(format!("symvirt-mpi-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        (dir, path, listener)
+    }
+
     /// A fake agent on a real unix socket: registers the rank, asks for epoch 3, then sends a
     /// resume for epoch 2 (wrong) before the one for epoch 3.
     #[test]
     fn resume_for_another_epoch_is_ignored() {
         let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-        let dir = std::env::temp_dir().join(format!("symvirt-mpi-ctl-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("agent.sock");
-        let listener = UnixListener::bind(&path).unwrap();
+        let (dir, path, listener) = agent_socket("ctl");
         let agent = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
             let mut lines = BufReader::new(s.try_clone().unwrap()).lines();
@@ -756,6 +779,61 @@ mod tests {
         // The fake agent hung up: the control plane notices, and a cut now fails clearly.
         let err = control.quiesce(4, Duration::from_secs(30)).unwrap_err();
         assert!(matches!(err, Error::AgentLost(_)), "{err}");
+        drop(control);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A cut that cannot finish leaves by [`Control::time_left`], without waiting: nothing
+    /// before the `prepare`, then the time the agent gives (never more); a `prepare` for an
+    /// older epoch changes nothing, a newer one's deadline replaces it.
+    #[test]
+    fn time_left_follows_the_latest_prepare() {
+        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let (dir, path, listener) = agent_socket("left");
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<&'static [u8]>();
+        let agent = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut lines = BufReader::new(s.try_clone().unwrap()).lines();
+            lines.next().unwrap().unwrap(); // register
+            s.write_all(b"{\"type\":\"registered\",\"rank\":2,\"expected\":1}\n")
+                .unwrap();
+            while let Ok(line) = go_rx.recv() {
+                s.write_all(line).unwrap();
+            }
+        });
+        let control = Control::connect(&path, 2, Duration::from_secs(30)).unwrap();
+        let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+            let until = Instant::now() + Duration::from_secs(30);
+            while !done() {
+                assert!(Instant::now() < until, "{what} never seen");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        let within = |left: Option<Duration>, lo: u64, hi: u64| {
+            let left = left.expect("a deadline");
+            assert!(
+                left > Duration::from_secs(lo) && left <= Duration::from_secs(hi),
+                "{left:?}"
+            );
+        };
+        assert_eq!(control.time_left(4), None);
+        go_tx
+            .send(b"{\"type\":\"prepare\",\"epoch\":4,\"deadline_ms\":60000}\n")
+            .unwrap();
+        wait_for("prepare", &|| control.time_left(4).is_some());
+        within(control.time_left(4), 50, 60);
+        assert_eq!(control.time_left(5), None, "not prepared yet");
+        go_tx
+            .send(b"{\"type\":\"prepare\",\"epoch\":3,\"deadline_ms\":1}\n")
+            .unwrap();
+        go_tx
+            .send(b"{\"type\":\"prepare\",\"epoch\":6,\"deadline_ms\":5000}\n")
+            .unwrap();
+        wait_for("prepare 6", &|| control.time_left(6).is_some());
+        within(control.time_left(4), 1, 5);
+        within(control.time_left(6), 1, 5);
+        drop(go_tx);
+        agent.join().unwrap();
         drop(control);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -12,6 +12,8 @@
 //!                              requested at once (the same line on every rank, a record each)
 //! made by the progress thread  or "the application's thread": which thread made the cut
 //! open files F                 MPI-IO files the rank had open (the progress thread makes no cut then)
+//! given up by rank K           only when the cut was given up (a drain that could not finish):
+//!                              the epoch failed, and the counts need not agree
 //! ```
 //!
 //! (a program recording its own cuts, through the explicit API's hooks, writes the first two

@@ -81,6 +81,52 @@ fn sigusr1_cut_and_release_explicit_mpich() {
     run(MpiImpl::Mpich, Linkage::Explicit, "sig-exp-mpich");
 }
 
+/// Without an agent, a cut whose drain cannot finish (see `stuck_drain_given_up` in
+/// bad_input.rs) is given up at `SYMVIRT_DRAIN_TIMEOUT_MS`: every rank's record says by whom,
+/// the release lets every rank go on, the message is then received (checked) and the next
+/// signal cut is consistent.
+#[test]
+fn sigusr1_cut_whose_drain_cannot_finish_is_given_up_mpich() {
+    let mpi = MpiImpl::Mpich;
+    let dir = TempDir::new("sig-stuck-mpich");
+    let (cuts, work) = (dir.0.join("cuts"), dir.0.join("work"));
+    fs::create_dir_all(&cuts).unwrap();
+    fs::create_dir_all(&work).unwrap();
+    let env = vec![
+        (
+            "SYMVIRT_AGENT_SOCKET".to_string(),
+            dir.0.join("no-agent.sock").display().to_string(),
+        ),
+        ("SYMVIRT_CONNECT_TIMEOUT_MS".into(), "100".into()),
+        ("SYMVIRT_DRAIN_TIMEOUT_MS".into(), "1000".into()),
+        ("SYMVIRT_CUT_LOG".into(), cuts.display().to_string()),
+        (
+            "LD_PRELOAD".into(),
+            libraries(mpi).transparent.display().to_string(),
+        ),
+    ];
+    let prog = program(mpi, "stuck_drain.c", Linkage::Plain);
+    let mut job = Job::start(mpi, &prog, &[work.to_str().unwrap()], &env, &dir.0);
+    wait_for_file(&mut job, &work.join("sent"));
+    let epoch = SIGNAL_EPOCH_BASE + 1;
+    job.signal(libc::SIGUSR1);
+    for (rank, record) in read_records(&cuts, "cut", epoch).iter().enumerate() {
+        assert!(
+            record.contains("given up by rank 1\n"),
+            "rank {rank}: {record}"
+        );
+    }
+    job.wait_for_stderr("this rank cannot be migrated: gave the cut up: its drain waited");
+    release(&job, &cuts, epoch);
+    fs::write(work.join("go"), "").unwrap();
+    wait_for_file(&mut job, &work.join("received"));
+    job.signal(libc::SIGUSR1);
+    check_pairs(&read_cut(&cuts, epoch + 1), epoch + 1);
+    release(&job, &cuts, epoch + 1);
+    fs::write(work.join("stop"), "").unwrap();
+    wait_every_rank_ok(&mut job, "stuck_drain OK rank ");
+}
+
 /// A deterministic drain: every rank raises SIGUSR1 itself right after messages were sent
 /// that their receivers take only after the following barrier, so the cut falls in that
 /// barrier with the messages in flight. The layer drains them into its buffer (its cut record

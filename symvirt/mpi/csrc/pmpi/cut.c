@@ -40,6 +40,8 @@ static int joined_epochs(uint64_t out[2])
 }
 static const char *log_dir;
 static uint64_t quiesce_timeout_ms;
+/* How long a drain may wait before this rank gives its cut up (see give_up_now). */
+static uint64_t drain_timeout_ms;
 
 void svp_cut_setup(void)
 {
@@ -50,6 +52,7 @@ void svp_cut_setup(void)
         svp_die("out of memory");
     log_dir = getenv("SYMVIRT_CUT_LOG");
     quiesce_timeout_ms = symvirt_env_ms("SYMVIRT_QUIESCE_TIMEOUT_MS", 600000);
+    drain_timeout_ms = symvirt_env_ms("SYMVIRT_DRAIN_TIMEOUT_MS", 60000);
 }
 
 /* ---- the cut ---------------------------------------------------------------------------- */
@@ -70,7 +73,7 @@ static void write_log(const char *kind, uint64_t epoch, const char *text)
     rename(tmp, path);
 }
 
-static void log_cut(uint64_t epoch)
+static void log_cut(uint64_t epoch, int given_up_by)
 {
     size_t cap = (size_t)svp.np * 48 + 256;
     char *text = malloc(cap);
@@ -97,6 +100,8 @@ static void log_cut(uint64_t epoch)
     n += (size_t)snprintf(text + n, cap - n, "made by %s thread\nopen files %d\n",
                           svp_in_progress_thread ? "the progress" : "the application's",
                           svp.files.n);
+    if (given_up_by >= 0)
+        n += (size_t)snprintf(text + n, cap - n, "given up by rank %d\n", given_up_by);
     write_log("cut", epoch, text);
     free(text);
 }
@@ -338,15 +343,111 @@ static void drain_comm(int c)
     }
 }
 
+/* ---- a cut given up -----------------------------------------------------------------------
+ * A drain that cannot finish (a message counted by its sender on a communicator this rank has
+ * no slot for; a peer that never enters the cut) must not hold the job for ever. A rank gives
+ * its cut up when its time is up: SYMVIRT_DRAIN_TIMEOUT_MS after its drain began, and at
+ * most three quarters of the time the agent's latest prepare left, so that its reason reaches
+ * the host before the agent's deadline. Not at the agent's abort of the epoch: a new host's
+ * prepare aborts the old epoch first, and the cut then goes on to serve the new one (peers
+ * that start their cut for it join this one), which the abort alone cannot tell from a host
+ * that gave up. It reports "unable" at once (for the agent's epoch: the host hears why from
+ * the rank that knows) and enters the post-drain agreement with its rank; the agreement's
+ * maximum tells every rank that the cut was given up, and by whom, so all of them report
+ * "unable" and leave through the same final barrier. What was drained stays in the layer's buffer, what was not
+ * stays MPI's: the program receives both later, in order, as after any cut. */
+
+/* The cut in progress: when its drain began, when it is given up (0: not known yet), and why
+ * this rank gave it up (empty: it did not). */
+static uint64_t drain_began_ms, give_up_at_ms;
+static char given_up_why[256];
+
+static uint64_t now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000u + (uint64_t)t.tv_nsec / 1000000u;
+}
+
+/* What this rank's drain still waits for, in a few words, into why. */
+static void drain_missing(char *why, size_t cap, int open_colls)
+{
+    size_t n = 0;
+    int named = 0;
+    for (int p = 0; p < svp.np && named < 2; p++) {
+        uint64_t want = p == svp.me ? svp.sent[svp.me] : have[p] ? early_slot(p)[1] : 0;
+        if (!have[p])
+            n += (size_t)snprintf(why + n, cap - n, "%sthe counts of rank %d",
+                                  named++ ? ", " : "", p);
+        else if (svp.recv[p] < want && !oversized[p])
+            n += (size_t)snprintf(why + n, cap - n, "%s%llu of %llu messages from rank %d",
+                                  named++ ? ", " : "", (unsigned long long)svp.recv[p],
+                                  (unsigned long long)want, p);
+        if (n >= cap)
+            return;
+    }
+    if (open_colls > 0 && n < cap)
+        snprintf(why + n, cap - n, "%s%d non-blocking collectives open", named ? ", " : "",
+                 open_colls);
+}
+
+/* Whether this rank gives the cut up now (see above); if so, given_up_why says why. */
+static int give_up_now(int open_colls)
+{
+    uint64_t now = now_ms(), epochs[2];
+    if (give_up_at_ms == 0)
+        give_up_at_ms = drain_began_ms + drain_timeout_ms;
+    for (int k = 0, ne = joined_epochs(epochs); k < ne; k++) {
+        uint64_t left = symvirt_ctl_time_left_ms(epochs[k]);
+        if (left != UINT64_MAX && now + left / 4 * 3 < give_up_at_ms)
+            give_up_at_ms = now + left / 4 * 3;
+    }
+    if (now < give_up_at_ms)
+        return 0;
+    char missing[160] = "";
+    drain_missing(missing, sizeof missing, open_colls);
+    snprintf(given_up_why, sizeof given_up_why,
+             "gave the cut up: its drain waited %llu ms for %s",
+             (unsigned long long)(now - drain_began_ms), missing);
+    fprintf(stderr, "symvirt-pmpi rank %d: %s\n", svp.me, given_up_why);
+    fflush(stderr);
+    return 1;
+}
+
+/* After the post-drain agreement of a cut given up: the COUNTS of the peers whose COUNTS had
+ * not arrived. Each peer sent them before it entered the agreement, so they come; taken now,
+ * they join their epochs to the cut's (recorded as served on every rank alike) and none is
+ * left behind for the next cut. */
+static void take_missing_counts(void)
+{
+    for (int p = 0; p < svp.np; p++) {
+        while (!have[p]) {
+            MPI_Status st;
+            PMPI_Probe(p, TAG_COUNTS, svp.ctl, &st);
+            take_counts(&st);
+            absorb_counts(p);
+        }
+    }
+}
+
 /* At the cut, for one epoch it serves: the report, the wait for resume (or for the releasing
  * SIGUSR1), the transport hook. */
-static void settle(uint64_t epoch)
+static void settle(uint64_t epoch, int given_up_by)
 {
     symvirt_interconnect ic;
     memset(&ic, 0, sizeof ic);
     int r;
     const char *uncovered = svp_uncovered_alive();
-    if (oversized_from >= 0) {
+    if (given_up_by >= 0) {
+        /* This rank's reason was reported already for the agent's epoch (then this returns
+         * the outcome at once). */
+        char why[300];
+        if (given_up_why[0] != '\0')
+            snprintf(why, sizeof why, "%s", given_up_why);
+        else
+            snprintf(why, sizeof why, "the cut was given up by rank %d", given_up_by);
+        r = symvirt_ctl_unable(epoch, why, quiesce_timeout_ms, &ic);
+    } else if (oversized_from >= 0) {
         /* Left in place: the cut is not consistent, and the message stays MPI's. */
         char why[200];
         snprintf(why, sizeof why,
@@ -416,6 +517,10 @@ void svp_cut(uint64_t epoch)
         oversized_from = matched_too_large;
     }
     unsigned long spins = 0;
+    drain_began_ms = now_ms();
+    give_up_at_ms = 0;
+    given_up_why[0] = '\0';
+    int gave_up = 0;
     for (;;) {
         for (int p = 0; p < svp.np; p++)
             absorb_counts(p);
@@ -442,6 +547,10 @@ void svp_cut(uint64_t epoch)
             break;
         if (++spins == 2000000)
             dump_drain(epoch, open_colls);
+        if ((spins & 63) == 0 && give_up_now(open_colls)) {
+            gave_up = 1;
+            break;
+        }
         int flag = 0;
         MPI_Status st;
         PMPI_Iprobe(MPI_ANY_SOURCE, TAG_COUNTS, svp.ctl, &flag, &st);
@@ -452,11 +561,15 @@ void svp_cut(uint64_t epoch)
         else
             svp_pause();
     }
-    for (int p = 0; p < svp.np; p++)
-        have_early[p] = 0;
-    /* Keep progressing until every rank has drained: a receiver may still need this rank's
-     * help to finish a large (rendezvous) transfer it has already matched. */
-    agreement drained = svp_agreement_of(svp.ctl, NULL, svp.np, svp.me, TAG_DRAINED, 0);
+    /* Given up: the host hears this rank's reason now, for the agent's epoch (it then aborts
+     * the epoch everywhere). A SIGUSR1 epoch has nobody to tell before its settle. */
+    if (gave_up && joined.agent != 0)
+        symvirt_ctl_unable(joined.agent, given_up_why, quiesce_timeout_ms, NULL);
+    /* Keep progressing until every rank has drained (or given up): a receiver may still need
+     * this rank's help to finish a large (rendezvous) transfer it has already matched. The
+     * maximum agreed is 1 + the highest rank that gave the cut up, or 0. */
+    agreement drained = svp_agreement_of(svp.ctl, NULL, svp.np, svp.me, TAG_DRAINED,
+                                         gave_up ? (uint64_t)svp.me + 1 : 0);
     while (!svp_agree_step(&drained)) {
         svp_finish_alignment();
         if (svp_ndeferred)
@@ -464,6 +577,11 @@ void svp_cut(uint64_t epoch)
         svp_poll_pending();
         svp_pause();
     }
+    int given_up_by = (int)drained.value - 1;
+    if (given_up_by >= 0)
+        take_missing_counts();
+    for (int p = 0; p < svp.np; p++)
+        have_early[p] = 0;
     PMPI_Waitall(nrq, rq, MPI_STATUSES_IGNORE);
     free(out);
     free(rq);
@@ -483,9 +601,9 @@ void svp_cut(uint64_t epoch)
      * written first: whoever releases the signal's cut may be waiting for them. */
     svp_sum_counts();
     for (int k = 0; k < ne; k++)
-        log_cut(epochs[k]);
+        log_cut(epochs[k], given_up_by);
     for (int k = 0; k < ne; k++)
-        settle(epochs[k]);
+        settle(epochs[k], given_up_by);
     /* Nobody sends on the (possibly new) transport before every rank is back. On the COUNTS
      * communicator: an alignment reduction may be pending (cut served from align). */
     PMPI_Barrier(svp.ctl);

@@ -28,6 +28,9 @@
  *      application but that it has not received yet;
  *   3. report quiesced through the agent, wait for resume or abort, run the transport hook,
  *      report resumed, barrier.
+ * A drain that cannot finish is given up (SYMVIRT_DRAIN_TIMEOUT_MS, or before the agent's
+ * deadline: see "a cut given up" in cut.c): every rank learns it from the post-drain
+ * agreement and reports unable instead of quiesced; the job goes on where it is.
  * Blocking receives, probes, waits and collectives are turned into non-blocking ones plus a
  * progress loop that serves cuts, so no rank sits in an MPI call that a quiescing peer would
  * have to complete. Blocking sends stay blocking: a peer in a cut completes them by draining
@@ -150,7 +153,7 @@
  * rank writes cut-E-R with its per-peer sent and received counts at the cut and the epochs
  * the cut served, one record for each of them, and resumed-E-R),
  * SYMVIRT_PROGRESS_THREAD (0: no progress thread, see above), SYMVIRT_CONNECT_TIMEOUT_MS,
- * SYMVIRT_QUIESCE_TIMEOUT_MS, SYMVIRT_VERBS_DEVICE_DIR (test hook: a
+ * SYMVIRT_QUIESCE_TIMEOUT_MS, SYMVIRT_DRAIN_TIMEOUT_MS, SYMVIRT_VERBS_DEVICE_DIR (test hook: a
  * directory standing in for /dev/infiniband/).
  *
  * The files (one room each; this header declares what they share):

@@ -441,6 +441,22 @@ pub fn interconnect_for(epoch: u64) -> Interconnect {
     }
 }
 
+/// Waits until the job creates `path` (a test program's handshake file), failing early with
+/// the job's logs if it ends first.
+pub fn wait_for_file(job: &mut Job, path: &std::path::Path) {
+    let until = Instant::now() + Duration::from_secs(60);
+    while !path.exists() {
+        assert!(job.running(), "job ended early\n{}", job.logs());
+        assert!(
+            Instant::now() < until,
+            "{} never came\n{}",
+            path.display(),
+            job.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Resumes the quiesced ranks of `epoch` on `ic` and waits until the agent reports them
 /// resumed on it.
 pub fn resume_and_confirm(rig: &Rig, job: &mut Job, epoch: u64, ic: &Interconnect) {
