@@ -92,10 +92,11 @@ int symvirt_ctl_counts(uint64_t epoch, int np, const uint64_t *sent, const uint6
  * goes to the host, which then sees the epoch fail); waits for the outcome (SYMVIRT_ABORTED). */
 int symvirt_ctl_unable(uint64_t epoch, const char *reason, uint64_t timeout_ms,
                        symvirt_interconnect *out);
-/* During a cut, without waiting: milliseconds until the agent gives up its latest prepare, if
- * that was for epoch or a newer one; UINT64_MAX without such a deadline (not prepared yet,
- * SIGUSR1's epoch, no agent). */
-uint64_t symvirt_ctl_time_left_ms(uint64_t epoch);
+/* During a cut, without waiting: milliseconds until a cut for epoch that cannot finish is given
+ * up, by the agent's latest prepare (if for epoch or newer: three quarters of the time it
+ * allowed, or half a second after its abort); UINT64_MAX when there is none (not prepared
+ * yet, SIGUSR1's epoch, no agent). */
+uint64_t symvirt_ctl_give_up_in_ms(uint64_t epoch);
 /* Milliseconds from the environment variable name (decimal digits), else fallback. */
 uint64_t symvirt_env_ms(const char *name, uint64_t fallback);
 /* After re-selecting the transport. */

@@ -430,14 +430,13 @@ pub unsafe extern "C" fn symvirt_ctl_unable(
     unsafe { settle(out, outcome) }
 }
 
-/// During a cut, without waiting: milliseconds until the agent gives up its latest `prepare`,
-/// if that was for `epoch` or a newer epoch; `u64::MAX` when there is no such deadline (not
-/// prepared here yet, an epoch requested by SIGUSR1, no agent). A drain that cannot finish
-/// leaves by it.
+/// During a cut, without waiting: milliseconds until a cut for `epoch` that cannot finish is
+/// given up, by the agent's latest `prepare` (see [`Control::give_up_in`]); `u64::MAX` when
+/// there is none (not prepared here yet, an epoch requested by SIGUSR1, no agent).
 #[unsafe(no_mangle)]
-pub extern "C" fn symvirt_ctl_time_left_ms(epoch: u64) -> u64 {
+pub extern "C" fn symvirt_ctl_give_up_in_ms(epoch: u64) -> u64 {
     let left = match control_slot().as_ref() {
-        Some(c) if !control::is_signal_epoch(epoch) => c.time_left(epoch),
+        Some(c) if !control::is_signal_epoch(epoch) => c.give_up_in(epoch),
         _ => None,
     };
     left.map_or(u64::MAX, |d| d.as_millis().min(u64::MAX as u128 - 1) as u64)

@@ -27,6 +27,11 @@ pub const SOCKET_ENV: &str = "SYMVIRT_AGENT_SOCKET";
 /// (dropping a [`Control`] also wakes it at once by shutting the socket's read side).
 const WATCH_TIMEOUT_MS: i32 = 500;
 
+/// How long a cut for an epoch the agent aborted waits for a newer `prepare` before it is given
+/// up ([`Control::give_up_in`]): a new host's `prepare` follows the old epoch's `abort` at once
+/// (the agent ends the old epoch for it), and the cut may then go on to serve the new epoch.
+pub const ABORT_GRACE: Duration = Duration::from_millis(500);
+
 /// The epoch the agent asked this rank to reach a cut for (0: none). Read on MPI fast paths.
 static REQUESTED: AtomicU64 = AtomicU64::new(0);
 /// Whether a control plane is open in this process.
@@ -309,8 +314,9 @@ pub enum Outcome {
 struct State {
     /// The last `prepare` epoch received.
     prepared: u64,
-    /// When the agent gives the last prepared epoch up (this rank's clock).
-    deadline: Option<Instant>,
+    /// When a cut for the last prepared epoch that cannot finish is given up (this rank's
+    /// clock): see [`Control::give_up_in`].
+    give_up_at: Option<Instant>,
     /// The outcome of the last settled epoch.
     settled: Option<Outcome>,
     /// Why the agent connection ended, once it has.
@@ -318,10 +324,23 @@ struct State {
 }
 
 impl State {
+    /// How `epoch` ended, if it has: its own outcome, or an abort once the agent has gone on to
+    /// a newer epoch (it keeps one epoch at a time, so a report for `epoch` would be ignored,
+    /// and a rank waiting for an answer would wait out its timeout).
     fn outcome_of(&self, epoch: u64) -> Option<Outcome> {
-        self.settled.clone().filter(|o| match o {
-            Outcome::Resumed { epoch: e, .. } | Outcome::Aborted { epoch: e } => *e == epoch,
-        })
+        let (settled, e) = match &self.settled {
+            Some(o @ (Outcome::Resumed { epoch: e, .. } | Outcome::Aborted { epoch: e })) => {
+                (Some(o), *e)
+            }
+            None => (None, 0),
+        };
+        if e == epoch {
+            settled.cloned()
+        } else if self.prepared.max(e) > epoch {
+            Some(Outcome::Aborted { epoch })
+        } else {
+            None
+        }
     }
 }
 
@@ -506,14 +525,16 @@ impl Control {
         Ok(state.outcome_of(epoch).expect("checked by wait_until"))
     }
 
-    /// How long until the agent gives up its latest `prepare`, if that was for `epoch` or a
-    /// newer epoch (`None`: `epoch` not prepared here yet). A cut that cannot finish leaves
-    /// in time to tell the host why; a newer `prepare` (a new host, which gave `epoch` up)
-    /// brings its own deadline, and the cut may go on to serve it.
-    pub fn time_left(&self, epoch: u64) -> Option<Duration> {
+    /// How long a cut for `epoch` that cannot finish may still wait before this rank gives it
+    /// up, by the agent's latest `prepare`, if that was for `epoch` or a newer epoch (`None`:
+    /// not prepared here yet). Three quarters of the time the `prepare` allowed, so that the
+    /// rank's reason reaches the host before the agent's deadline; [`ABORT_GRACE`] after the
+    /// agent's `abort` of that epoch. A newer `prepare` (a new host, which gave `epoch` up, and
+    /// whose epoch the cut may go on to serve) brings its own time.
+    pub fn give_up_in(&self, epoch: u64) -> Option<Duration> {
         let state = self.shared.state();
-        match state.deadline {
-            Some(d) if state.prepared >= epoch => Some(d.saturating_duration_since(Instant::now())),
+        match state.give_up_at {
+            Some(t) if state.prepared >= epoch => Some(t.saturating_duration_since(Instant::now())),
             _ => None,
         }
     }
@@ -603,7 +624,9 @@ fn watch(shared: &Shared) {
                 match event {
                     RankEvent::Prepare { epoch, deadline } => {
                         if epoch > state.prepared {
-                            state.deadline = Some(deadline);
+                            let now = Instant::now();
+                            let allowed = deadline.saturating_duration_since(now);
+                            state.give_up_at = Some(now + allowed / 4 * 3);
                         }
                         state.prepared = state.prepared.max(epoch);
                         REQUESTED.store(epoch, Ordering::Release);
@@ -626,6 +649,10 @@ fn watch(shared: &Shared) {
                     }
                     RankEvent::Abort { epoch } => {
                         state.settled = Some(Outcome::Aborted { epoch });
+                        if epoch == state.prepared {
+                            let soon = Instant::now() + ABORT_GRACE;
+                            state.give_up_at = state.give_up_at.map(|t| t.min(soon));
+                        }
                         let _ = REQUESTED.compare_exchange(
                             epoch,
                             0,
@@ -783,13 +810,14 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// A cut that cannot finish leaves by [`Control::time_left`], without waiting: nothing
-    /// before the `prepare`, then the time the agent gives (never more); a `prepare` for an
-    /// older epoch changes nothing, a newer one's deadline replaces it.
+    /// A cut that cannot finish is given up by [`Control::give_up_in`], read without waiting:
+    /// nothing before the `prepare`, then three quarters of the time the agent gives; a
+    /// `prepare` for an older epoch changes nothing, the `abort` shortens it to
+    /// [`ABORT_GRACE`], a newer `prepare` replaces it.
     #[test]
-    fn time_left_follows_the_latest_prepare() {
+    fn give_up_follows_the_latest_prepare_and_abort() {
         let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-        let (dir, path, listener) = agent_socket("left");
+        let (dir, path, listener) = agent_socket("giveup");
         let (go_tx, go_rx) = std::sync::mpsc::channel::<&'static [u8]>();
         let agent = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
@@ -800,6 +828,8 @@ mod tests {
             while let Ok(line) = go_rx.recv() {
                 s.write_all(line).unwrap();
             }
+            // Nothing reported after the registration, until the rank hangs up.
+            assert!(lines.next().is_none());
         });
         let control = Control::connect(&path, 2, Duration::from_secs(30)).unwrap();
         let wait_for = |what: &str, done: &dyn Fn() -> bool| {
@@ -810,31 +840,44 @@ mod tests {
             }
         };
         let within = |left: Option<Duration>, lo: u64, hi: u64| {
-            let left = left.expect("a deadline");
+            let left = left.expect("a time");
             assert!(
-                left > Duration::from_secs(lo) && left <= Duration::from_secs(hi),
+                left > Duration::from_millis(lo) && left <= Duration::from_millis(hi),
                 "{left:?}"
             );
         };
-        assert_eq!(control.time_left(4), None);
+        assert_eq!(control.give_up_in(4), None);
         go_tx
             .send(b"{\"type\":\"prepare\",\"epoch\":4,\"deadline_ms\":60000}\n")
             .unwrap();
-        wait_for("prepare", &|| control.time_left(4).is_some());
-        within(control.time_left(4), 50, 60);
-        assert_eq!(control.time_left(5), None, "not prepared yet");
+        wait_for("prepare", &|| control.give_up_in(4).is_some());
+        within(control.give_up_in(4), 40_000, 45_000);
+        assert_eq!(control.give_up_in(5), None, "not prepared yet");
         go_tx
             .send(b"{\"type\":\"prepare\",\"epoch\":3,\"deadline_ms\":1}\n")
             .unwrap();
+        wait_for("prepare 3", &|| pending_epoch(&Served::new()) == 3);
+        within(control.give_up_in(4), 40_000, 45_000);
+        go_tx.send(b"{\"type\":\"abort\",\"epoch\":4}\n").unwrap();
+        wait_for(
+            "abort",
+            &|| matches!(control.give_up_in(4), Some(d) if d <= ABORT_GRACE),
+        );
         go_tx
-            .send(b"{\"type\":\"prepare\",\"epoch\":6,\"deadline_ms\":5000}\n")
+            .send(b"{\"type\":\"prepare\",\"epoch\":6,\"deadline_ms\":8000}\n")
             .unwrap();
-        wait_for("prepare 6", &|| control.time_left(6).is_some());
-        within(control.time_left(4), 1, 5);
-        within(control.time_left(6), 1, 5);
+        wait_for("prepare 6", &|| control.give_up_in(6).is_some());
+        within(control.give_up_in(4), 4000, 6000);
+        within(control.give_up_in(6), 4000, 6000);
+        // An epoch the agent has gone past is over: a report for it would be ignored, so
+        // none is sent and the answer is an abort, at once.
+        let started = Instant::now();
+        let over = control.unable(4, "late", Duration::from_secs(30)).unwrap();
+        assert_eq!(over, Outcome::Aborted { epoch: 4 });
+        assert!(started.elapsed() < Duration::from_secs(10));
         drop(go_tx);
+        drop(control); // hangs up: the fake agent's last read ends
         agent.join().unwrap();
-        drop(control);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

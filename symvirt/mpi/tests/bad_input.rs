@@ -8,7 +8,7 @@ mod common;
 use common::cut::{check_pairs, read_cut};
 use common::*;
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use symvirt::protocol::{GuestMessage, HostMessage};
 use symvirt_mpi::mpi_build::{Linkage, MpiImpl};
@@ -392,45 +392,79 @@ fn mpich_message_over_2_gib_in_flight_refuses_migration() {
     );
 }
 
-/// A cut whose drain cannot finish is given up by every rank, and the job goes on where it
-/// is. `stuck_drain.c` makes one: rank 0 sends rank 1 a message on a communicator rank 1 has
-/// no slot for yet (an `MPI_Comm_idup` of an intercommunicator, a gap the README lists; once
-/// it is closed this test needs another way to stall a drain), then every rank computes.
-/// - Epoch 1, the host allowing 4 s: rank 1 gives up at three quarters of that and tells the
-///   host why (its drain waited for rank 0's message), before the agent's own deadline.
-/// - Epoch 2, the host allowing 120 s, dies after 1 s; a new host asks for epoch 3 with 16 s
-///   (the agent gives 2 up). The cut goes on, now bound by epoch 3's deadline, and is given
-///   up at three quarters of it; the ranks then cut for 3, which is given up too, in time to
-///   tell the new host why.
-///
-/// Each time every rank's cut record says who gave it up, and every rank goes on (its resume
-/// record says aborted). Then the message is received (checked), ring traffic passes
-/// (checked), and epoch 4 is served with every pair's counts agreeing: nothing the given-up
-/// cuts left behind (a peer's counts, a drained message) confuses a later one. Before, rank
-/// 1's drain waited for ever and the job with it.
-fn stuck_drain_given_up(mpi: MpiImpl, tag: &str) {
-    let mut rig = Rig::new(tag);
+/// `stuck_drain.c` (with `mode`, if any) against a new rig, with cut records: the rig, the
+/// job once rank 0 has sent its message, the program's work directory and the records'.
+fn start_stuck_drain(mpi: MpiImpl, tag: &str, mode: &[&str]) -> (Rig, Job, PathBuf, PathBuf) {
+    let rig = Rig::new(tag);
     let prog = program(mpi, "stuck_drain.c", Linkage::Plain);
-    let work = rig.dir.0.join("work");
-    let cuts = rig.dir.0.join("cuts");
+    let (work, cuts) = (rig.dir.0.join("work"), rig.dir.0.join("cuts"));
     fs::create_dir_all(&work).unwrap();
     fs::create_dir_all(&cuts).unwrap();
     let mut env = rig.transparent_env(mpi);
     env.push(("SYMVIRT_CUT_LOG".into(), cuts.display().to_string()));
-    let mut job = Job::start(mpi, &prog, &[work.to_str().unwrap()], &env, &rig.dir.0);
+    let mut args = vec![work.to_str().unwrap()];
+    args.extend_from_slice(mode);
+    let mut job = Job::start(mpi, &prog, &args, &env, &rig.dir.0);
     wait_for_file(&mut job, &work.join("sent"));
-    let given_up = |epoch: u64| {
-        for (rank, record) in read_records(&cuts, "cut", epoch).iter().enumerate() {
-            assert!(
-                record.contains("given up by rank 1\n"),
-                "epoch {epoch} rank {rank}: {record}"
-            );
-        }
-        for (rank, record) in read_records(&cuts, "resumed", epoch).iter().enumerate() {
-            assert_eq!(record, "aborted\n", "epoch {epoch} rank {rank}");
-        }
-    };
+    (rig, job, work, cuts)
+}
 
+/// After the given-up cuts: `stuck_drain.c` goes on (its message received and checked), a cut
+/// for `epoch` is served with every pair agreeing, and the job ends with every rank's checks
+/// passed.
+fn stuck_drain_ends_well(rig: &Rig, job: &mut Job, work: &Path, cuts: &Path, epoch: u64) {
+    fs::write(work.join("go"), "").unwrap();
+    wait_for_file(job, &work.join("received"));
+    rig.prepare(epoch);
+    expect_quiesced(rig, job, epoch);
+    check_pairs(&read_cut(cuts, epoch), epoch);
+    resume_and_confirm(rig, job, epoch, &interconnect_for(epoch));
+    fs::write(work.join("stop"), "").unwrap();
+    wait_every_rank_ok(job, "stuck_drain OK rank ");
+}
+
+/// Every rank's record of the cut of `epoch` says it was given up by rank `by` (a prefix of
+/// the rank's number, "" for any), and its resume record says aborted: they come within 30 s.
+fn expect_given_up(job: &Job, cuts: &Path, epoch: u64, by: &str) {
+    let until = Instant::now() + Duration::from_secs(30);
+    let cut = loop {
+        if let Some(records) = records_now(cuts, "cut", epoch) {
+            break records;
+        }
+        assert!(Instant::now() < until, "epoch {epoch} held\n{}", job.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for (rank, record) in cut.iter().enumerate() {
+        assert!(
+            record.contains(&format!("given up by rank {by}")),
+            "epoch {epoch} rank {rank}: {record}"
+        );
+    }
+    for (rank, record) in read_records(cuts, "resumed", epoch).iter().enumerate() {
+        assert_eq!(record, "aborted\n", "epoch {epoch} rank {rank}");
+    }
+}
+
+/// A cut whose drain cannot finish is given up by every rank, and the job goes on where it
+/// is. `stuck_drain.c` makes one: rank 0 sends rank 1 a message on a communicator rank 1 has
+/// no slot for yet (an `MPI_Comm_idup` of an intercommunicator, a gap the README lists; once
+/// it is closed this test needs another way to stall a drain), then every rank computes.
+/// - Epoch 1, the host allowing 8 s: rank 1 gives up at three quarters of that and tells the
+///   host why (its drain waited for rank 0's message), before the agent's own deadline.
+/// - Epoch 2, the host allowing 120 s, dies after 1 s; a new host asks for epoch 3 with 8 s
+///   (the agent gives 2 up). The cut goes on, now bound by epoch 3's time, and is given up at
+///   three quarters of it; the ranks then cut for 3, which is given up at once, in time to
+///   tell the new host why.
+/// - Epoch 4, the host allowing 120 s, aborts it after 1 s: the ranks leave half a second
+///   later (long before three quarters of 120 s).
+///
+/// Each time every rank's cut record says who gave it up, and every rank goes on (its resume
+/// record says aborted). Then the message is received (checked), ring traffic passes
+/// (checked), and epoch 5 is served with every pair's counts agreeing: nothing the given-up
+/// cuts left behind (a peer's counts, a drained message) confuses a later one. Before, rank
+/// 1's drain waited for ever and the job with it.
+fn stuck_drain_given_up(mpi: MpiImpl, tag: &str) {
+    let (mut rig, mut job, work, cuts) = start_stuck_drain(mpi, tag, &[]);
     // The host allows deadline_ms for epoch; the agent fails it with rank 1's reason.
     let prepare_given_up = |rig: &Rig, job: &mut Job, epoch: u64, deadline_ms: u64| {
         let prepare = HostMessage::Prepare { epoch, deadline_ms };
@@ -442,24 +476,21 @@ fn stuck_drain_given_up(mpi: MpiImpl, tag: &str) {
         expect_failed_then_abort(rig, job, epoch, &why);
     };
 
-    prepare_given_up(&rig, &mut job, 1, 4000);
-    given_up(1);
+    prepare_given_up(&rig, &mut job, 1, 8000);
+    expect_given_up(&job, &cuts, 1, "1");
 
     rig.prepare(2);
     std::thread::sleep(Duration::from_secs(1));
     rig.new_host(tag);
-    prepare_given_up(&rig, &mut job, 3, 16_000);
-    given_up(2);
-    given_up(3);
+    prepare_given_up(&rig, &mut job, 3, 8000);
+    expect_given_up(&job, &cuts, 2, "1");
+    expect_given_up(&job, &cuts, 3, "1");
 
-    fs::write(work.join("go"), "").unwrap();
-    wait_for_file(&mut job, &work.join("received"));
     rig.prepare(4);
-    expect_quiesced(&rig, &mut job, 4);
-    check_pairs(&read_cut(&cuts, 4), 4);
-    resume_and_confirm(&rig, &mut job, 4, &interconnect_for(4));
-    fs::write(work.join("stop"), "").unwrap();
-    wait_every_rank_ok(&mut job, "stuck_drain OK rank ");
+    std::thread::sleep(Duration::from_secs(1));
+    rig.host.send(&HostMessage::Abort { epoch: 4 }).unwrap();
+    expect_given_up(&job, &cuts, 4, "1");
+    stuck_drain_ends_well(&rig, &mut job, &work, &cuts, 5);
 }
 
 #[test]
@@ -470,6 +501,38 @@ fn openmpi_cut_whose_drain_cannot_finish_is_given_up() {
 #[test]
 fn mpich_cut_whose_drain_cannot_finish_is_given_up() {
     stuck_drain_given_up(MpiImpl::Mpich, "bad-stuck-mpich");
+}
+
+/// A rank that enters a given-up cut late must still get in: rank 3 of `stuck_drain.c late`
+/// holds an MPI-IO file open (so the layer's progress thread makes no cut for it) and sends
+/// rank 1 a 1 MiB message (`MPI_Ssend`) only once ranks 0-2 have given the cut up (the host
+/// allowing 8 s, they wait for rank 3's counts) and wait in the post-drain agreement. Rank 1
+/// drains the message there, so the send returns and rank 3 enters the cut at its next MPI
+/// call; every rank leaves it; rank 1 then receives the message from the buffer (checked) and
+/// a second cut is served with every pair agreeing. Without the drain in the agreement the
+/// send, and so the job, waited for ever.
+fn late_peer_gets_into_given_up_cut(mpi: MpiImpl, tag: &str) {
+    let (rig, mut job, work, cuts) = start_stuck_drain(mpi, tag, &["late"]);
+    let prepare = HostMessage::Prepare {
+        epoch: 1,
+        deadline_ms: 8000,
+    };
+    rig.host.send(&prepare).unwrap();
+    let why = ["gave the cut up: its drain waited", "the counts of rank 3"];
+    expect_failed_then_abort(&rig, &mut job, 1, &why);
+    fs::write(work.join("late"), "").unwrap();
+    expect_given_up(&job, &cuts, 1, "");
+    stuck_drain_ends_well(&rig, &mut job, &work, &cuts, 2);
+}
+
+#[test]
+fn openmpi_late_peer_gets_into_a_given_up_cut() {
+    late_peer_gets_into_given_up_cut(MpiImpl::OpenMpi, "bad-late-ompi");
+}
+
+#[test]
+fn mpich_late_peer_gets_into_a_given_up_cut() {
+    late_peer_gets_into_given_up_cut(MpiImpl::Mpich, "bad-late-mpich");
 }
 
 /// A rank whose MPI uses RDMA verbs cannot be migrated (its endpoints would not survive the

@@ -345,21 +345,25 @@ static void drain_comm(int c)
 
 /* ---- a cut given up -----------------------------------------------------------------------
  * A drain that cannot finish (a message counted by its sender on a communicator this rank has
- * no slot for; a peer that never enters the cut) must not hold the job for ever. A rank gives
- * its cut up when its time is up: SYMVIRT_DRAIN_TIMEOUT_MS after its drain began, and at
- * most three quarters of the time the agent's latest prepare left, so that its reason reaches
- * the host before the agent's deadline. Not at the agent's abort of the epoch: a new host's
- * prepare aborts the old epoch first, and the cut then goes on to serve the new one (peers
- * that start their cut for it join this one), which the abort alone cannot tell from a host
- * that gave up. It reports "unable" at once (for the agent's epoch: the host hears why from
- * the rank that knows) and enters the post-drain agreement with its rank; the agreement's
- * maximum tells every rank that the cut was given up, and by whom, so all of them report
- * "unable" and leave through the same final barrier. What was drained stays in the layer's buffer, what was not
- * stays MPI's: the program receives both later, in order, as after any cut. */
+ * no slot for; a peer that enters the cut late, or never) must not hold the job for ever. A
+ * rank gives its cut up when its time is up: SYMVIRT_DRAIN_TIMEOUT_MS after its drain began
+ * (0: no such limit), or three quarters of the time the agent's latest prepare allowed (so
+ * that its reason reaches the host before the agent's deadline), or half a second after the
+ * agent's abort of that epoch (symvirt_ctl_give_up_in_ms). Not at the abort itself: a new
+ * host's prepare aborts the old epoch first, and the cut then goes on to serve the new one
+ * (peers that start their cut for it join this one) under the new prepare's time. It reports
+ * "unable" at once (for the agent's epoch: the host hears why from the rank that knows) and
+ * enters the post-drain agreement with its rank, draining on meanwhile (keep_draining); the
+ * agreement's maximum tells every rank that the cut was given up, and by whom, so all of them
+ * report "unable" and leave through the same final barrier. What was drained stays in the
+ * layer's buffer, what was not stays MPI's: the program receives both later, in order, as
+ * after any cut. A peer that never enters the cut still holds the others in the agreement. */
 
-/* The cut in progress: when its drain began, when it is given up (0: not known yet), and why
- * this rank gave it up (empty: it did not). */
-static uint64_t drain_began_ms, give_up_at_ms;
+/* The shortest drain given up by the agent's time (a cut entered after three quarters of it). */
+#define MIN_DRAIN_MS 200
+/* The cut in progress: when its drain began, and why this rank gave it up (empty: it did
+ * not). */
+static uint64_t drain_began_ms;
 static char given_up_why[256];
 
 static uint64_t now_ms(void)
@@ -394,24 +398,40 @@ static void drain_missing(char *why, size_t cap, int open_colls)
 /* Whether this rank gives the cut up now (see above); if so, given_up_why says why. */
 static int give_up_now(int open_colls)
 {
-    uint64_t now = now_ms(), epochs[2];
-    if (give_up_at_ms == 0)
-        give_up_at_ms = drain_began_ms + drain_timeout_ms;
-    for (int k = 0, ne = joined_epochs(epochs); k < ne; k++) {
-        uint64_t left = symvirt_ctl_time_left_ms(epochs[k]);
-        if (left != UINT64_MAX && now + left / 4 * 3 < give_up_at_ms)
-            give_up_at_ms = now + left / 4 * 3;
-    }
-    if (now < give_up_at_ms)
+    uint64_t now = now_ms(), epochs[2], waited = now - drain_began_ms;
+    int due = drain_timeout_ms > 0 && waited >= drain_timeout_ms;
+    /* A cut entered late (its prepare's time already spent) still gets a moment to finish. */
+    for (int k = 0, ne = joined_epochs(epochs); k < ne && !due && waited >= MIN_DRAIN_MS; k++)
+        due = symvirt_ctl_give_up_in_ms(epochs[k]) == 0;
+    if (!due)
         return 0;
     char missing[160] = "";
     drain_missing(missing, sizeof missing, open_colls);
     snprintf(given_up_why, sizeof given_up_why,
              "gave the cut up: its drain waited %llu ms for %s",
-             (unsigned long long)(now - drain_began_ms), missing);
+             (unsigned long long)waited, missing);
     fprintf(stderr, "symvirt-pmpi rank %d: %s\n", svp.me, given_up_why);
     fflush(stderr);
     return 1;
+}
+
+/* While a rank that gave its cut up waits in the post-drain agreement: a peer that has not
+ * entered the cut yet may be blocked in a send to this rank that only a drain completes (a
+ * large or synchronous MPI_Send), and enters only once it returns; so its COUNTS are taken and
+ * its messages drained here as in the drain, or the agreement would wait for it for ever. */
+static void keep_draining(void)
+{
+    for (int p = 0; p < svp.np; p++)
+        absorb_counts(p);
+    for (int c = 0; c < svp.ncomms; c++)
+        drain_comm(c);
+    int flag = 0;
+    MPI_Status st;
+    PMPI_Iprobe(MPI_ANY_SOURCE, TAG_COUNTS, svp.ctl, &flag, &st);
+    if (flag && !have[st.MPI_SOURCE]) {
+        take_counts(&st);
+        absorb_counts(st.MPI_SOURCE);
+    }
 }
 
 /* After the post-drain agreement of a cut given up: the COUNTS of the peers whose COUNTS had
@@ -421,6 +441,7 @@ static int give_up_now(int open_colls)
 static void take_missing_counts(void)
 {
     for (int p = 0; p < svp.np; p++) {
+        absorb_counts(p); /* taken already, perhaps */
         while (!have[p]) {
             MPI_Status st;
             PMPI_Probe(p, TAG_COUNTS, svp.ctl, &st);
@@ -518,7 +539,6 @@ void svp_cut(uint64_t epoch)
     }
     unsigned long spins = 0;
     drain_began_ms = now_ms();
-    give_up_at_ms = 0;
     given_up_why[0] = '\0';
     int gave_up = 0;
     for (;;) {
@@ -575,6 +595,8 @@ void svp_cut(uint64_t epoch)
         if (svp_ndeferred)
             svp_progress_deferred();
         svp_poll_pending();
+        if (gave_up)
+            keep_draining();
         svp_pause();
     }
     int given_up_by = (int)drained.value - 1;

@@ -28,9 +28,9 @@
  *      application but that it has not received yet;
  *   3. report quiesced through the agent, wait for resume or abort, run the transport hook,
  *      report resumed, barrier.
- * A drain that cannot finish is given up (SYMVIRT_DRAIN_TIMEOUT_MS, or before the agent's
- * deadline: see "a cut given up" in cut.c): every rank learns it from the post-drain
- * agreement and reports unable instead of quiesced; the job goes on where it is.
+ * A drain that cannot finish is given up (SYMVIRT_DRAIN_TIMEOUT_MS, before the agent's
+ * deadline, or after its abort: see "a cut given up" in cut.c): every rank learns it from the
+ * post-drain agreement and reports unable instead of quiesced; the job goes on where it is.
  * Blocking receives, probes, waits and collectives are turned into non-blocking ones plus a
  * progress loop that serves cuts, so no rank sits in an MPI call that a quiescing peer would
  * have to complete. Blocking sends stay blocking: a peer in a cut completes them by draining
