@@ -93,10 +93,14 @@ int symvirt_ctl_counts(uint64_t epoch, int np, const uint64_t *sent, const uint6
 int symvirt_ctl_unable(uint64_t epoch, const char *reason, uint64_t timeout_ms,
                        symvirt_interconnect *out);
 /* During a cut, without waiting: milliseconds until a cut for epoch that cannot finish is given
- * up, by the agent's latest prepare (if for epoch or newer: three quarters of the time it
- * allowed, or half a second after its abort); UINT64_MAX when there is none (not prepared
- * yet, SIGUSR1's epoch, no agent). */
+ * up, by the newest epoch the agent prepared or aborted (if epoch or newer: three quarters of
+ * the time its prepare allowed, or half a second after its abort); UINT64_MAX when there is
+ * none (neither yet, SIGUSR1's epoch, no agent). */
 uint64_t symvirt_ctl_give_up_in_ms(uint64_t epoch);
+/* During a cut, without waiting: reports this rank unable for epoch (reason to the host) if the
+ * agent prepared it and has not ended it; a later symvirt_ctl_unable only waits for the
+ * outcome. 1 if sent, 0 if not (SIGUSR1's epochs, no agent), or an error. */
+int symvirt_ctl_tell_unable(uint64_t epoch, const char *reason);
 /* Milliseconds from the environment variable name (decimal digits), else fallback. */
 uint64_t symvirt_env_ms(const char *name, uint64_t fallback);
 /* After re-selecting the transport. */

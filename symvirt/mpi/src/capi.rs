@@ -393,6 +393,20 @@ pub unsafe extern "C" fn symvirt_ctl_quiesce(
     unsafe { settle(out, outcome) }
 }
 
+/// A rank's reason for the host, from a C string (null: "no reason given").
+///
+/// # Safety
+/// `reason` is null or a NUL-terminated string.
+unsafe fn reason_text(reason: *const c_char) -> String {
+    if reason.is_null() {
+        return String::from("no reason given");
+    }
+    // SAFETY: the caller guarantees a NUL-terminated string.
+    unsafe { CStr::from_ptr(reason) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// At the cut, instead of [`symvirt_ctl_quiesce`]: reports that this rank cannot be migrated
 /// for `epoch` (`reason`, a C string, goes to the host) and waits for the outcome, normally
 /// `SYMVIRT_ABORTED`. For an epoch requested by SIGUSR1 (no agent) the reason goes to stderr
@@ -408,14 +422,8 @@ pub unsafe extern "C" fn symvirt_ctl_unable(
     timeout_ms: u64,
     out: *mut CInterconnect,
 ) -> c_int {
-    let reason = if reason.is_null() {
-        String::from("no reason given")
-    } else {
-        // SAFETY: the caller guarantees a NUL-terminated string.
-        unsafe { CStr::from_ptr(reason) }
-            .to_string_lossy()
-            .into_owned()
-    };
+    // SAFETY: the caller guarantees a null or NUL-terminated string.
+    let reason = unsafe { reason_text(reason) };
     let slot = control_slot();
     let timeout = Duration::from_millis(timeout_ms);
     let outcome = match slot.as_ref() {
@@ -440,6 +448,31 @@ pub extern "C" fn symvirt_ctl_give_up_in_ms(epoch: u64) -> u64 {
         _ => None,
     };
     left.map_or(u64::MAX, |d| d.as_millis().min(u64::MAX as u128 - 1) as u64)
+}
+
+/// During a cut, without waiting: reports that this rank cannot be migrated for `epoch`
+/// (`reason`, a C string, goes to the host) if the agent has prepared `epoch` and not ended it
+/// (see [`Control::tell_unable`]); a later [`symvirt_ctl_unable`] then waits for the outcome
+/// without reporting again. Returns 1 if sent, 0 if not (SIGUSR1's epochs, no agent), or an
+/// error.
+///
+/// # Safety
+/// `reason` is null or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn symvirt_ctl_tell_unable(epoch: u64, reason: *const c_char) -> c_int {
+    if control::is_signal_epoch(epoch) {
+        return 0;
+    }
+    // SAFETY: the caller guarantees a null or NUL-terminated string.
+    let reason = unsafe { reason_text(reason) };
+    match control_slot()
+        .as_ref()
+        .map(|c| c.tell_unable(epoch, &reason))
+    {
+        Some(Ok(sent)) => c_int::from(sent),
+        Some(Err(e)) => fail(&e),
+        None => 0,
+    }
 }
 
 /// After re-selecting the transport: reports this rank running again for `epoch`.

@@ -314,11 +314,16 @@ pub enum Outcome {
 struct State {
     /// The last `prepare` epoch received.
     prepared: u64,
-    /// When a cut for the last prepared epoch that cannot finish is given up (this rank's
-    /// clock): see [`Control::give_up_in`].
-    give_up_at: Option<Instant>,
+    /// The newest epoch the agent prepared or aborted, and when a cut for it that cannot
+    /// finish is given up (this rank's clock): see [`Control::give_up_in`].
+    give_up: Option<(u64, Instant)>,
     /// The outcome of the last settled epoch.
     settled: Option<Outcome>,
+    /// The last resume (kept apart: an abort of a newer epoch, refused at once, must not hide
+    /// it from a rank that has not woken to it yet).
+    resumed: Option<Outcome>,
+    /// The epoch this rank last reported unable for ([`Control::tell_unable`]).
+    told_unable: u64,
     /// Why the agent connection ended, once it has.
     lost: Option<String>,
 }
@@ -328,6 +333,11 @@ impl State {
     /// a newer epoch (it keeps one epoch at a time, so a report for `epoch` would be ignored,
     /// and a rank waiting for an answer would wait out its timeout).
     fn outcome_of(&self, epoch: u64) -> Option<Outcome> {
+        if let Some(o @ Outcome::Resumed { epoch: e, .. }) = &self.resumed {
+            if *e == epoch {
+                return Some(o.clone());
+            }
+        }
         let (settled, e) = match &self.settled {
             Some(o @ (Outcome::Resumed { epoch: e, .. } | Outcome::Aborted { epoch: e })) => {
                 (Some(o), *e)
@@ -499,6 +509,30 @@ impl Control {
         self.report_and_wait(epoch, timeout, "unable", |c| c.unable(epoch, reason))
     }
 
+    /// Reports that this rank cannot reach a quiescent point for `epoch`, without waiting: only
+    /// if the agent has prepared `epoch` and not ended it yet (else the report would be
+    /// ignored), once. A later [`Control::unable`] for `epoch` then only waits for the outcome.
+    /// Returns whether it was sent.
+    pub fn tell_unable(&self, epoch: u64, reason: &str) -> Result<bool> {
+        let mut state = self.shared.state();
+        if state.prepared != epoch
+            || state.outcome_of(epoch).is_some()
+            || state.told_unable == epoch
+        {
+            return Ok(false);
+        }
+        state.told_unable = epoch;
+        drop(state);
+        self.shared
+            .client()
+            .unable(epoch, reason)
+            .map_err(|source| Error::Agent {
+                what: format!("report unable for epoch {epoch}"),
+                source,
+            })?;
+        Ok(true)
+    }
+
     /// Waits for this rank's `prepare` for `epoch`, reports with `send`, waits for the outcome.
     fn report_and_wait(
         &self,
@@ -514,11 +548,14 @@ impl Control {
         if let Some(o) = state.outcome_of(epoch) {
             return Ok(o); // aborted before this rank got here
         }
+        let told = what == "unable" && state.told_unable == epoch;
         drop(state);
-        send(&mut self.shared.client()).map_err(|source| Error::Agent {
-            what: format!("report {what} for epoch {epoch}"),
-            source,
-        })?;
+        if !told {
+            send(&mut self.shared.client()).map_err(|source| Error::Agent {
+                what: format!("report {what} for epoch {epoch}"),
+                source,
+            })?;
+        }
         let state = self.wait_until(deadline, "resume or abort", |s| {
             s.outcome_of(epoch).is_some()
         })?;
@@ -526,15 +563,14 @@ impl Control {
     }
 
     /// How long a cut for `epoch` that cannot finish may still wait before this rank gives it
-    /// up, by the agent's latest `prepare`, if that was for `epoch` or a newer epoch (`None`:
-    /// not prepared here yet). Three quarters of the time the `prepare` allowed, so that the
-    /// rank's reason reaches the host before the agent's deadline; [`ABORT_GRACE`] after the
-    /// agent's `abort` of that epoch. A newer `prepare` (a new host, which gave `epoch` up, and
+    /// up, by the newest epoch the agent prepared or aborted, if that is `epoch` or newer
+    /// (`None`: neither yet). Three quarters of the time its `prepare` allowed, so that the
+    /// rank's reason reaches the host before the agent's deadline; [`ABORT_GRACE`] after its
+    /// `abort` (prepared here or not). A newer `prepare` (a new host, which gave `epoch` up, and
     /// whose epoch the cut may go on to serve) brings its own time.
     pub fn give_up_in(&self, epoch: u64) -> Option<Duration> {
-        let state = self.shared.state();
-        match state.give_up_at {
-            Some(t) if state.prepared >= epoch => Some(t.saturating_duration_since(Instant::now())),
+        match self.shared.state().give_up {
+            Some((e, t)) if e >= epoch => Some(t.saturating_duration_since(Instant::now())),
             _ => None,
         }
     }
@@ -623,10 +659,10 @@ fn watch(shared: &Shared) {
                 let mut state = shared.state();
                 match event {
                     RankEvent::Prepare { epoch, deadline } => {
-                        if epoch > state.prepared {
+                        if state.give_up.is_none_or(|(e, _)| epoch > e) {
                             let now = Instant::now();
                             let allowed = deadline.saturating_duration_since(now);
-                            state.give_up_at = Some(now + allowed / 4 * 3);
+                            state.give_up = Some((epoch, now + allowed / 4 * 3));
                         }
                         state.prepared = state.prepared.max(epoch);
                         REQUESTED.store(epoch, Ordering::Release);
@@ -636,10 +672,12 @@ fn watch(shared: &Shared) {
                         epoch,
                         interconnect,
                     } => {
-                        state.settled = Some(Outcome::Resumed {
+                        let resumed = Outcome::Resumed {
                             epoch,
                             interconnect,
-                        });
+                        };
+                        state.resumed = Some(resumed.clone());
+                        state.settled = Some(resumed);
                         let _ = REQUESTED.compare_exchange(
                             epoch,
                             0,
@@ -649,10 +687,12 @@ fn watch(shared: &Shared) {
                     }
                     RankEvent::Abort { epoch } => {
                         state.settled = Some(Outcome::Aborted { epoch });
-                        if epoch == state.prepared {
-                            let soon = Instant::now() + ABORT_GRACE;
-                            state.give_up_at = state.give_up_at.map(|t| t.min(soon));
-                        }
+                        let soon = Instant::now() + ABORT_GRACE;
+                        state.give_up = match state.give_up {
+                            Some((e, t)) if e == epoch => Some((e, t.min(soon))),
+                            Some((e, t)) if e > epoch => Some((e, t)),
+                            _ => Some((epoch, soon)),
+                        };
                         let _ = REQUESTED.compare_exchange(
                             epoch,
                             0,
@@ -828,8 +868,8 @@ mod tests {
             while let Ok(line) = go_rx.recv() {
                 s.write_all(line).unwrap();
             }
-            // Nothing reported after the registration, until the rank hangs up.
-            assert!(lines.next().is_none());
+            // What the rank reported after its registration, until it hung up.
+            lines.map(|l| l.unwrap()).collect::<Vec<String>>()
         });
         let control = Control::connect(&path, 2, Duration::from_secs(30)).unwrap();
         let wait_for = |what: &str, done: &dyn Fn() -> bool| {
@@ -869,15 +909,52 @@ mod tests {
         wait_for("prepare 6", &|| control.give_up_in(6).is_some());
         within(control.give_up_in(4), 4000, 6000);
         within(control.give_up_in(6), 4000, 6000);
-        // An epoch the agent has gone past is over: a report for it would be ignored, so
-        // none is sent and the answer is an abort, at once.
+        // An epoch the agent has gone past is over, aborted (4) or never prepared here (5): a
+        // report for it would be ignored, so none is sent and the answer is an abort, at once.
         let started = Instant::now();
-        let over = control.unable(4, "late", Duration::from_secs(30)).unwrap();
-        assert_eq!(over, Outcome::Aborted { epoch: 4 });
+        for epoch in [4, 5] {
+            let over = control
+                .unable(epoch, "late", Duration::from_secs(30))
+                .unwrap();
+            assert_eq!(over, Outcome::Aborted { epoch });
+        }
         assert!(started.elapsed() < Duration::from_secs(10));
+        // Told without waiting, once; the wait that follows sends nothing more.
+        assert!(
+            !control.tell_unable(5, "stuck").unwrap(),
+            "not the prepared epoch"
+        );
+        assert!(control.tell_unable(6, "stuck").unwrap());
+        assert!(!control.tell_unable(6, "stuck").unwrap());
+        go_tx.send(b"{\"type\":\"abort\",\"epoch\":6}\n").unwrap();
+        let aborted = control.unable(6, "stuck", Duration::from_secs(30)).unwrap();
+        assert_eq!(aborted, Outcome::Aborted { epoch: 6 });
+        // An abort of an epoch never prepared here (the agent refused it) gives up a cut for it
+        // half a second later, and does not hide the resume of the one before.
+        go_tx
+            .send(b"{\"type\":\"prepare\",\"epoch\":9,\"deadline_ms\":8000}\n")
+            .unwrap();
+        let ic = r#"{"kind":"ethernet","mac":"52:54:00:00:00:09","iface":"eth9"}"#;
+        let resume = format!("{{\"type\":\"resume\",\"epoch\":9,\"interconnect\":{ic}}}\n");
+        go_tx
+            .send(Box::leak(resume.into_bytes().into_boxed_slice()))
+            .unwrap();
+        go_tx.send(b"{\"type\":\"abort\",\"epoch\":10}\n").unwrap();
+        wait_for("abort 10", &|| control.give_up_in(10).is_some());
+        assert!(control.give_up_in(10) <= Some(ABORT_GRACE));
+        let resumed = control.quiesce(9, Duration::from_secs(30)).unwrap();
+        assert!(
+            matches!(resumed, Outcome::Resumed { epoch: 9, .. }),
+            "{resumed:?}"
+        );
         drop(go_tx);
         drop(control); // hangs up: the fake agent's last read ends
-        agent.join().unwrap();
+        let reported = agent.join().unwrap();
+        assert_eq!(
+            reported,
+            [r#"{"type":"unable","epoch":6,"reason":"stuck"}"#],
+            "one report, the one told"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

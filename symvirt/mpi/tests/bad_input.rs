@@ -451,9 +451,9 @@ fn expect_given_up(job: &Job, cuts: &Path, epoch: u64, by: &str) {
 /// it is closed this test needs another way to stall a drain), then every rank computes.
 /// - Epoch 1, the host allowing 8 s: rank 1 gives up at three quarters of that and tells the
 ///   host why (its drain waited for rank 0's message), before the agent's own deadline.
-/// - Epoch 2, the host allowing 120 s, dies after 1 s; a new host asks for epoch 3 with 8 s
+/// - Epoch 2, the host allowing 120 s, dies after 1 s; a new host asks for epoch 3 with 12 s
 ///   (the agent gives 2 up). The cut goes on, now bound by epoch 3's time, and is given up at
-///   three quarters of it; the ranks then cut for 3, which is given up at once, in time to
+///   three quarters of it; the ranks then cut for 3, which is given up after 1 s, in time to
 ///   tell the new host why.
 /// - Epoch 4, the host allowing 120 s, aborts it after 1 s: the ranks leave half a second
 ///   later (long before three quarters of 120 s).
@@ -465,26 +465,35 @@ fn expect_given_up(job: &Job, cuts: &Path, epoch: u64, by: &str) {
 /// 1's drain waited for ever and the job with it.
 fn stuck_drain_given_up(mpi: MpiImpl, tag: &str) {
     let (mut rig, mut job, work, cuts) = start_stuck_drain(mpi, tag, &[]);
-    // The host allows deadline_ms for epoch; the agent fails it with rank 1's reason.
-    let prepare_given_up = |rig: &Rig, job: &mut Job, epoch: u64, deadline_ms: u64| {
-        let prepare = HostMessage::Prepare { epoch, deadline_ms };
-        rig.host.send(&prepare).unwrap();
-        let why = [
-            "rank 1 cannot quiesce: gave the cut up: its drain waited",
-            "for 0 of 1 messages from rank 0",
-        ];
-        expect_failed_then_abort(rig, job, epoch, &why);
-    };
+    // The host allows deadline_ms for epoch; the agent fails it with a rank's reason.
+    let prepare_given_up =
+        |rig: &Rig, job: &mut Job, epoch: u64, deadline_ms: u64, why: &[&str]| {
+            let prepare = HostMessage::Prepare { epoch, deadline_ms };
+            rig.host.send(&prepare).unwrap();
+            expect_failed_then_abort(rig, job, epoch, why);
+        };
+    let stuck = [
+        "rank 1 cannot quiesce: gave the cut up: its drain waited",
+        "for 0 of 1 messages from rank 0",
+    ];
 
-    prepare_given_up(&rig, &mut job, 1, 8000);
+    prepare_given_up(&rig, &mut job, 1, 8000, &stuck);
     expect_given_up(&job, &cuts, 1, "1");
 
     rig.prepare(2);
     std::thread::sleep(Duration::from_secs(1));
     rig.new_host(tag);
-    prepare_given_up(&rig, &mut job, 3, 8000);
+    // Epoch 3's own cut begins after three quarters of its time: every rank drains for 1 s,
+    // and any of them may give up first (a peer still leaving the cut before).
+    prepare_given_up(
+        &rig,
+        &mut job,
+        3,
+        12_000,
+        &["gave the cut up: its drain waited"],
+    );
     expect_given_up(&job, &cuts, 2, "1");
-    expect_given_up(&job, &cuts, 3, "1");
+    expect_given_up(&job, &cuts, 3, "");
 
     rig.prepare(4);
     std::thread::sleep(Duration::from_secs(1));

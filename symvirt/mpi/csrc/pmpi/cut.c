@@ -360,7 +360,7 @@ static void drain_comm(int c)
  * after any cut. A peer that never enters the cut still holds the others in the agreement. */
 
 /* The shortest drain given up by the agent's time (a cut entered after three quarters of it). */
-#define MIN_DRAIN_MS 200
+#define MIN_DRAIN_MS 1000
 /* The cut in progress: when its drain began, and why this rank gave it up (empty: it did
  * not). */
 static uint64_t drain_began_ms;
@@ -460,8 +460,8 @@ static void settle(uint64_t epoch, int given_up_by)
     int r;
     const char *uncovered = svp_uncovered_alive();
     if (given_up_by >= 0) {
-        /* This rank's reason was reported already for the agent's epoch (then this returns
-         * the outcome at once). */
+        /* This rank's reason was told already for the agent's epoch (then this only waits for
+         * the outcome). */
         char why[300];
         if (given_up_why[0] != '\0')
             snprintf(why, sizeof why, "%s", given_up_why);
@@ -582,9 +582,11 @@ void svp_cut(uint64_t epoch)
             svp_pause();
     }
     /* Given up: the host hears this rank's reason now, for the agent's epoch (it then aborts
-     * the epoch everywhere). A SIGUSR1 epoch has nobody to tell before its settle. */
+     * the epoch everywhere), without waiting for its answer: a late peer may need this rank's
+     * drain to get into the cut (settle waits for the answer). A SIGUSR1 epoch has nobody to
+     * tell before its settle. */
     if (gave_up && joined.agent != 0)
-        symvirt_ctl_unable(joined.agent, given_up_why, quiesce_timeout_ms, NULL);
+        symvirt_ctl_tell_unable(joined.agent, given_up_why);
     /* Keep progressing until every rank has drained (or given up): a receiver may still need
      * this rank's help to finish a large (rendezvous) transfer it has already matched. The
      * maximum agreed is 1 + the highest rank that gave the cut up, or 0. */
