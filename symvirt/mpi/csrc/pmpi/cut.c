@@ -365,6 +365,8 @@ static void drain_comm(int c)
  * not). */
 static uint64_t drain_began_ms;
 static char given_up_why[256];
+/* The reason of the rank that gave the cut up, the same on every rank. */
+static char cut_given_up_why[256];
 
 static uint64_t now_ms(void)
 {
@@ -462,11 +464,11 @@ static void settle(uint64_t epoch, int given_up_by)
     if (given_up_by >= 0) {
         /* This rank's reason was told already for the agent's epoch (then this only waits for
          * the outcome). */
-        char why[300];
-        if (given_up_why[0] != '\0')
+        char why[256]; /* at most what the agent takes */
+        if (given_up_by == svp.me)
             snprintf(why, sizeof why, "%s", given_up_why);
         else
-            snprintf(why, sizeof why, "the cut was given up by rank %d", given_up_by);
+            snprintf(why, sizeof why, "rank %d %.200s", given_up_by, cut_given_up_why);
         r = symvirt_ctl_unable(epoch, why, quiesce_timeout_ms, &ic);
     } else if (oversized_from >= 0) {
         /* Left in place: the cut is not consistent, and the message stays MPI's. */
@@ -602,8 +604,13 @@ void svp_cut(uint64_t epoch)
         svp_pause();
     }
     int given_up_by = (int)drained.value - 1;
-    if (given_up_by >= 0)
+    if (given_up_by >= 0) {
         take_missing_counts();
+        /* Every rank reports the reason of the rank that gave up: the agent passes on the first
+         * report it gets, whichever rank's connection that comes on. */
+        memcpy(cut_given_up_why, given_up_why, sizeof given_up_why);
+        PMPI_Bcast(cut_given_up_why, sizeof cut_given_up_why, MPI_CHAR, given_up_by, svp.ctl);
+    }
     for (int p = 0; p < svp.np; p++)
         have_early[p] = 0;
     PMPI_Waitall(nrq, rq, MPI_STATUSES_IGNORE);
