@@ -165,6 +165,13 @@ void svp_idle_test(void)
         turns = 0; /* no yield inside an application's own polling loop */
 }
 
+/* How many messages peer p counted to this rank for the cut (itself: what it sent itself); 0
+ * while p's COUNTS have not arrived. */
+static uint64_t counted_to_me(int p)
+{
+    return p == svp.me ? svp.sent[svp.me] : have[p] ? early_slot(p)[1] : 0;
+}
+
 /* Diagnostics for a drain that does not finish (printed once per cut, to stderr). */
 static void dump_drain(uint64_t epoch, int open_colls)
 {
@@ -175,10 +182,7 @@ static void dump_drain(uint64_t epoch, int open_colls)
     for (int p = 0; p < svp.np; p++)
         fprintf(stderr, "  peer %d: counts %s, want %llu, received %llu\n", p,
                 have[p] ? "in" : "missing",
-                (unsigned long long)(p == svp.me ? svp.sent[svp.me]
-                                     : have[p]   ? early_slot(p)[1]
-                                                 : 0),
-                (unsigned long long)svp.recv[p]);
+                (unsigned long long)counted_to_me(p), (unsigned long long)svp.recv[p]);
     fflush(stderr);
 }
 
@@ -381,7 +385,7 @@ static void drain_missing(char *why, size_t cap, int open_colls)
     size_t n = 0;
     int named = 0;
     for (int p = 0; p < svp.np && named < 2; p++) {
-        uint64_t want = p == svp.me ? svp.sent[svp.me] : have[p] ? early_slot(p)[1] : 0;
+        uint64_t want = counted_to_me(p);
         if (!have[p])
             n += (size_t)snprintf(why + n, cap - n, "%sthe counts of rank %d",
                                   named++ ? ", " : "", p);
@@ -559,7 +563,7 @@ void svp_cut(uint64_t epoch)
                 done = 0;
                 continue;
             }
-            uint64_t want = p == svp.me ? svp.sent[svp.me] : early_slot(p)[1];
+            uint64_t want = counted_to_me(p);
             if (svp.recv[p] < want && !oversized[p])
                 done = 0;
             else if (svp.recv[p] > want)
