@@ -243,6 +243,29 @@ void mpi_comm_free_(MPI_Fint *comm, MPI_Fint *ierr)
         *comm = PMPI_Comm_c2f(c);
 }
 
+/* As Open MPI's binding: Fortran gets the size, not the buffer's address. */
+void mpi_buffer_detach_(void *buffer, MPI_Fint *size, MPI_Fint *ierr)
+{
+    (void)buffer;
+    GUARD();
+    void *attached = NULL;
+    int n = 0;
+    *ierr = MPI_Buffer_detach(&attached, &n);
+    if (*ierr == MPI_SUCCESS)
+        *size = n;
+}
+
+/* Unwrapped, Open MPI's binding ran PMPI_Comm_disconnect (a barrier) outside the gate, where
+ * the progress thread could make a cut while this thread was inside MPI. */
+void mpi_comm_disconnect_(MPI_Fint *comm, MPI_Fint *ierr)
+{
+    GUARD();
+    MPI_Comm c = PMPI_Comm_f2c(*comm);
+    *ierr = MPI_Comm_disconnect(&c);
+    if (*ierr == MPI_SUCCESS)
+        *comm = PMPI_Comm_c2f(c);
+}
+
 /* MPI-IO (see pmpi/files.c): open, close, and the collective calls below. */
 
 /* A Fortran string (blank-padded; gfortran passes its length after the other arguments) as a

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::cut::{check_pairs, read_cut};
+use common::cut::{check_pairs, read_cut, record_line};
 use common::*;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -395,17 +395,30 @@ fn mpich_message_over_2_gib_in_flight_refuses_migration() {
 /// `stuck_drain.c` (with `mode`, if any) against a new rig, with cut records: the rig, the
 /// job once rank 0 has sent its message, the program's work directory and the records'.
 fn start_stuck_drain(mpi: MpiImpl, tag: &str, mode: &[&str]) -> (Rig, Job, PathBuf, PathBuf) {
+    start_in_work_dir(mpi, tag, "stuck_drain.c", mode, "sent")
+}
+
+/// Starts the test program `source` under the transparent layer, its work directory WORK
+/// (its first argument, then `args`) beside its cut records CUTS, and waits until it creates
+/// WORK/`first`. Returns the rig, the job, WORK and CUTS.
+fn start_in_work_dir(
+    mpi: MpiImpl,
+    tag: &str,
+    source: &str,
+    args: &[&str],
+    first: &str,
+) -> (Rig, Job, PathBuf, PathBuf) {
     let rig = Rig::new(tag);
-    let prog = program(mpi, "stuck_drain.c", Linkage::Plain);
+    let prog = program(mpi, source, Linkage::Plain);
     let (work, cuts) = (rig.dir.0.join("work"), rig.dir.0.join("cuts"));
     fs::create_dir_all(&work).unwrap();
     fs::create_dir_all(&cuts).unwrap();
     let mut env = rig.transparent_env(mpi);
     env.push(("SYMVIRT_CUT_LOG".into(), cuts.display().to_string()));
-    let mut args = vec![work.to_str().unwrap()];
-    args.extend_from_slice(mode);
-    let mut job = Job::start(mpi, &prog, &args, &env, &rig.dir.0);
-    wait_for_file(&mut job, &work.join("sent"));
+    let mut all = vec![work.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let mut job = Job::start(mpi, &prog, &all, &env, &rig.dir.0);
+    wait_for_file(&mut job, &work.join(first));
     (rig, job, work, cuts)
 }
 
@@ -551,6 +564,60 @@ fn mpich_late_peer_gets_into_a_given_up_cut() {
 /// plain file in a temporary directory that SYMVIRT_VERBS_DEVICE_DIR names in place of
 /// /dev/infiniband/, held open by every rank (stress.c's STRESS_HOLD_OPEN). A job holding
 /// nothing is served normally: every other test here.
+/// `count_edges.c` in `mode`: a cut while every rank waits outside MPI is served with every
+/// pair agreeing, and afterwards every rank's checks pass. Returns the cut's records.
+fn count_edge(mpi: MpiImpl, tag: &str, mode: &str) -> Vec<String> {
+    let (rig, mut job, work, cuts) = start_in_work_dir(mpi, tag, "count_edges.c", &[mode], "ready");
+    rig.prepare(1);
+    expect_quiesced(&rig, &mut job, 1);
+    check_pairs(&read_cut(&cuts, 1), 1);
+    resume_and_confirm(&rig, &mut job, 1, &interconnect_for(1));
+    fs::write(work.join("go"), "").unwrap();
+    wait_every_rank_ok(&mut job, "count_edges OK rank ");
+    read_records(&cuts, "cut", 1)
+}
+
+/// Sends that MPI refused (a negative tag under `MPI_ERRORS_RETURN`: `MPI_Send`, `MPI_Isend`,
+/// `MPI_Ssend`) are not counted: a later cut finds every pair even. Counted, they held every
+/// later cut until the rank waiting for them gave it up.
+fn refused_send_not_counted(mpi: MpiImpl, tag: &str) {
+    count_edge(mpi, tag, "refused_send");
+}
+
+#[test]
+fn openmpi_refused_send_is_not_counted() {
+    refused_send_not_counted(MpiImpl::OpenMpi, "bad-refused-ompi");
+}
+
+#[test]
+fn mpich_refused_send_is_not_counted() {
+    refused_send_not_counted(MpiImpl::Mpich, "bad-refused-mpich");
+}
+
+/// A message a cut drained for a persistent receive not started yet is still delivered when
+/// the program frees the communicator and then starts the receive (MPI keeps the
+/// communicator for its persistent requests). Freeing it dropped the message before, and the
+/// receive waited for ever.
+fn persistent_receive_outlives_free(mpi: MpiImpl, tag: &str) {
+    let cut = count_edge(mpi, tag, "persistent_after_free");
+    assert_eq!(
+        record_line(&cut[1], "drained "),
+        "1",
+        "rank 1's cut: {}",
+        cut[1]
+    );
+}
+
+#[test]
+fn openmpi_persistent_receive_outlives_its_communicator() {
+    persistent_receive_outlives_free(MpiImpl::OpenMpi, "bad-persfree-ompi");
+}
+
+#[test]
+fn mpich_persistent_receive_outlives_its_communicator() {
+    persistent_receive_outlives_free(MpiImpl::Mpich, "bad-persfree-mpich");
+}
+
 fn verbs_standin_refuses_migration(mpi: MpiImpl, mode: Mode, tag: &str) {
     let rig = Rig::new(tag);
     let standin_dir = rig.dir.0.join("standin-infiniband");

@@ -92,11 +92,28 @@ int svp_deliver(buffered **link, void *buf, int count, MPI_Datatype dt, MPI_Stat
     return svp_deliver_msg(svp_unlink_buffered(link), buf, count, dt, st);
 }
 
+/* Whether a persistent receive names slot cid: MPI keeps a communicator for the persistent
+ * requests made on it after MPI_Comm_free, and the program may start them again. */
+static int persistent_receive_on(int cid)
+{
+    for (int i = 0; i < svp.pers.n; i++)
+        if (svp.pers.v[i].cid == cid && svp.pers.v[i].is_recv)
+            return 1;
+    return 0;
+}
+
 void svp_untrack_slot(int cid)
 {
     if (cid < 0 || cid >= svp.ncomms || svp.comms[cid].comm == MPI_COMM_NULL)
         return;
     svp.comms[cid].comm = MPI_COMM_NULL;
+    /* Kept for the receive's next start (the slot is not reused meanwhile). */
+    if (!persistent_receive_on(cid))
+        svp_drop_buffered(cid);
+}
+
+void svp_drop_buffered(int cid)
+{
     int dropped = 0;
     for (buffered **l = &svp.head; *l != NULL;) {
         if ((*l)->cid == cid) {

@@ -125,6 +125,7 @@ int svp_track_comm(MPI_Comm c)
         }
         cid = svp.ncomms++;
     }
+    svp_drop_buffered(cid); /* a freed communicator's that a persistent receive kept */
     tracked_comm *t = &svp.comms[cid];
     /* The slot's counts stay in the totals. */
     for (int r = 0; t->sent != NULL && r < t->size; r++) {

@@ -33,12 +33,13 @@ typedef int (*isend_fn)(const void *, int, MPI_Datatype, int, int, MPI_Comm, MPI
 
 /* A blocking send while a deferred collective is pending (out of line: the latency path keeps
  * its small frame). */
-static __attribute__((noinline)) int send_progressing(isend_fn isend, const void *buf,
-                                                      int count, MPI_Datatype dt, int dest,
-                                                      int tag, MPI_Comm comm)
+static __attribute__((noinline)) int send_progressing(isend_fn isend, int cid,
+                                                      const void *buf, int count,
+                                                      MPI_Datatype dt, int dest, int tag,
+                                                      MPI_Comm comm)
 {
     MPI_Request r;
-    int rc = isend(buf, count, dt, dest, tag, comm, &r);
+    int rc = svp_send_started(cid, dest, isend(buf, count, dt, dest, tag, comm, &r));
     return rc != MPI_SUCCESS ? rc : svp_wait_serving(&r, MPI_STATUS_IGNORE);
 }
 
@@ -47,10 +48,11 @@ static __attribute__((noinline)) int send_progressing(isend_fn isend, const void
                    MPI_Comm comm)                                                              \
     {                                                                                          \
         GUARD();                                                                               \
-        svp_count_send(svp_cid(comm), dest);                                                   \
+        int cid = svp_cid(comm);                                                               \
+        svp_count_send(cid, dest);                                                             \
         if (__builtin_expect(svp_ndeferred != 0, 0))                                           \
-            return send_progressing(ipmpi, buf, count, dt, dest, tag, comm);                   \
-        return pmpi(buf, count, dt, dest, tag, comm);                                          \
+            return send_progressing(ipmpi, cid, buf, count, dt, dest, tag, comm);              \
+        return svp_send_started(cid, dest, pmpi(buf, count, dt, dest, tag, comm));             \
     }
 
 #define ISEND_WRAPPER(name, pmpi)                                                              \
@@ -58,12 +60,31 @@ static __attribute__((noinline)) int send_progressing(isend_fn isend, const void
                    MPI_Comm comm, MPI_Request *req)                                            \
     {                                                                                          \
         GUARD();                                                                               \
-        svp_count_send(svp_cid(comm), dest);                                                   \
-        return pmpi(buf, count, dt, dest, tag, comm, req);                                     \
+        int cid = svp_cid(comm);                                                               \
+        svp_count_send(cid, dest);                                                             \
+        return svp_send_started(cid, dest, pmpi(buf, count, dt, dest, tag, comm, req));        \
     }
 
 SENDS(SEND_WRAPPER)
 ISENDS(ISEND_WRAPPER)
+
+/* MPI_Buffer_detach waits, progressing, until the buffered sends still using the buffer are
+ * done: inside the gate, so the progress thread makes no cut while this thread is in MPI (it
+ * did, unwrapped). A receiver in a cut drains those messages, so the call returns, and this
+ * rank joins the cut at its next call, as after a blocking send. */
+int MPI_Buffer_detach(void *buf, int *size)
+{
+    GUARD();
+    return PMPI_Buffer_detach(buf, size);
+}
+
+#if MPI_VERSION >= 4
+int MPI_Buffer_detach_c(void *buf, MPI_Count *size)
+{
+    GUARD();
+    return PMPI_Buffer_detach_c(buf, size);
+}
+#endif
 
 /* The receives' bodies serve the int calls and MPI 4's large-count (_c) ones alike: an int
  * count goes out through the int PMPI call (the compiler drops the other branch). */
@@ -199,8 +220,10 @@ static int start_sendrecv(const void *sbuf, count_t scount, MPI_Datatype sdt, in
     int rc = irecv(rbuf, rcount, rdt, src, rtag, comm, &rq[0]);
     if (rc != MPI_SUCCESS)
         return rc;
-    svp_count_send(svp_cid(comm), dest);
-    rc = PMPI_COUNTED(PMPI_Isend, scount, sbuf, scount, sdt, dest, stag, comm, &rq[1]);
+    int cid = svp_cid(comm);
+    svp_count_send(cid, dest);
+    rc = svp_send_started(
+        cid, dest, PMPI_COUNTED(PMPI_Isend, scount, sbuf, scount, sdt, dest, stag, comm, &rq[1]));
     if (rc != MPI_SUCCESS)
         return undo_receive(&rq[0], NULL, NULL, rc);
     return rc;
@@ -358,13 +381,15 @@ int MPI_Isendrecv_replace(void *buf, int count, MPI_Datatype dt, int dest, int s
                        MPI_Comm comm)                                                          \
     {                                                                                          \
         GUARD();                                                                               \
-        svp_count_send(svp_cid(comm), dest);                                                   \
+        int cid = svp_cid(comm);                                                               \
+        svp_count_send(cid, dest);                                                             \
         if (svp_ndeferred != 0) { /* as the int forms (see SENDS) */                           \
             MPI_Request r;                                                                     \
             int rc = ipmpi##_c(buf, count, dt, dest, tag, comm, &r);                           \
+            rc = svp_send_started(cid, dest, rc);                                              \
             return rc != MPI_SUCCESS ? rc : svp_wait_serving(&r, MPI_STATUS_IGNORE);           \
         }                                                                                      \
-        return pmpi##_c(buf, count, dt, dest, tag, comm);                                      \
+        return svp_send_started(cid, dest, pmpi##_c(buf, count, dt, dest, tag, comm));         \
     }
 
 #define ISEND_C_WRAPPER(name, pmpi)                                                            \
@@ -372,8 +397,9 @@ int MPI_Isendrecv_replace(void *buf, int count, MPI_Datatype dt, int dest, int s
                        MPI_Comm comm, MPI_Request *req)                                        \
     {                                                                                          \
         GUARD();                                                                               \
-        svp_count_send(svp_cid(comm), dest);                                                   \
-        return pmpi##_c(buf, count, dt, dest, tag, comm, req);                                 \
+        int cid = svp_cid(comm);                                                               \
+        svp_count_send(cid, dest);                                                             \
+        return svp_send_started(cid, dest, pmpi##_c(buf, count, dt, dest, tag, comm, req));    \
     }
 
 SENDS(SEND_C_WRAPPER)

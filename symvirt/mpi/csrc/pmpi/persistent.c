@@ -258,7 +258,7 @@ int MPI_Start(MPI_Request *req)
 #endif
     if (!p->is_recv) {
         svp_count_send(p->cid, p->peer);
-        return PMPI_Start(req);
+        return svp_send_started(p->cid, p->peer, PMPI_Start(req));
     }
     buffered **link;
     if (p->peer != MPI_PROC_NULL && svp_find_buffered(p->cid, p->peer, p->tag, &link) != NULL) {
@@ -268,6 +268,8 @@ int MPI_Start(MPI_Request *req)
         substitute *s = &svp.subst.v[svp.subst.n++];
         s->req = *req;
         s->comm = svp.comms[p->cid].comm;
+        if (s->comm == MPI_COMM_NULL)
+            s->comm = MPI_COMM_SELF; /* freed: MPI 4 raises errors without one there */
         svp_deliver(link, p->buf, p->count, p->dt, &s->st);
         return MPI_SUCCESS;
     }

@@ -360,7 +360,10 @@ void svp_park(uint64_t epoch);
 static inline int svp_step_in(void)
 {
     if (svp_fenced) {
+        /* Both sequentially consistent: C11 orders a seq_cst store before a later load only
+         * if that load is seq_cst too (an acquire load may pass it on POWER or ARM). */
         __atomic_store_n(&svp_gate.in, 1, __ATOMIC_SEQ_CST);
+        return __atomic_load_n(&svp_gate.shut, __ATOMIC_SEQ_CST);
     } else {
         __atomic_store_n(&svp_gate.in, 1, __ATOMIC_RELAXED);
         __atomic_signal_fence(__ATOMIC_SEQ_CST); /* the CPU's order: membarrier's job */
@@ -508,6 +511,18 @@ static inline void svp_count_send(int cid, int dest)
     }
 }
 
+/* A send MPI refused when it was called (rc not MPI_SUCCESS: its arguments, under
+ * MPI_ERRORS_RETURN) sent nothing: its count is taken back, or every later cut would wait for
+ * it. Returns rc. A blocking send that fails once its message left means the job's
+ * communication failed; no cut can succeed then either way. */
+static inline int svp_send_started(int cid, int dest, int rc)
+{
+    if (__builtin_expect(rc != MPI_SUCCESS, 0) && cid >= 0 && dest >= 0 &&
+        dest < svp.comms[cid].size)
+        svp.comms[cid].sent[dest]--;
+    return rc;
+}
+
 static inline void svp_count_recv(int cid, const MPI_Status *st)
 {
     if (st->MPI_SOURCE >= 0 && st->MPI_SOURCE < svp.comms[cid].size) {
@@ -580,6 +595,8 @@ int svp_deliver(buffered **link, void *buf, int count, MPI_Datatype dt, MPI_Stat
 int svp_deliver_request(buffered *m, void *buf, int count, MPI_Datatype dt, MPI_Request *req);
 /* A slot's communicator was freed: drop what it can no longer deliver. */
 void svp_untrack_slot(int cid);
+/* Drops the drained messages of slot cid, a freed communicator's, saying how many. */
+void svp_drop_buffered(int cid);
 /* Generalized requests' free and cancel functions: the extra state is a malloc'd status. */
 int svp_gq_free(void *extra);
 int svp_gq_cancel(void *extra, int complete);

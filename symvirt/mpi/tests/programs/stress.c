@@ -67,6 +67,12 @@
  *              the collective; odd ranks start it, wait for it, and only then receive. Legal:
  *              MPI progresses the collective inside the send (the layer must too, or the
  *              job deadlocks)
+ *   attrfree   two duplicates of MPI_COMM_WORLD with a ring on each; the first is freed by the
+ *              delete callback of an attribute on the second when the second is freed (a
+ *              collective called inside another, as libraries with inner communicators do)
+ *   bsend      a large buffered send (MPI_Bsend) to the right neighbour through a buffer
+ *              attached for it, then MPI_Buffer_detach, which waits until the neighbour has
+ *              taken the message (even ranks send first, odd ranks receive first)
  *   freerecv   a receive from the left neighbour freed at once (MPI_Request_free: its message
  *              still lands), the message sent after a barrier, a second one with the same tag
  *              taken by a blocking receive (the freed one matched the first: MPI matches in
@@ -1553,6 +1559,73 @@ static void nbsend(void)
 #endif
 }
 
+/* attrfree: the delete callback of an attribute on one duplicate of MPI_COMM_WORLD frees
+ * another (as libraries that keep an inner communicator per user communicator do), so a
+ * collective runs inside the layer's MPI_Comm_free. */
+static int free_inner(MPI_Comm comm, int keyval, void *value, void *extra)
+{
+    (void)comm;
+    (void)keyval;
+    (void)extra;
+    return MPI_Comm_free((MPI_Comm *)value);
+}
+
+static void attrfree(void)
+{
+    static int keyval = MPI_KEYVAL_INVALID;
+    static MPI_Comm inner;
+    if (keyval == MPI_KEYVAL_INVALID)
+        MPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, free_inner, &keyval, NULL);
+    MPI_Comm outer;
+    MPI_Comm_dup(MPI_COMM_WORLD, &inner);
+    MPI_Comm_dup(MPI_COMM_WORLD, &outer);
+    MPI_Comm_set_attr(outer, keyval, &inner);
+    int right = (me + 1) % np, left = (me + np - 1) % np;
+    MPI_Status st;
+    MPI_Comm on[2] = {inner, outer};
+    for (int k = 0; k < 2; k++) {
+        MPI_Request r;
+        MPI_Irecv(bufs[1], LARGE + 4, MPI_UINT64_T, left, 90 + k, on[k], &r);
+        int n = fill(bufs[0], right, 90 + k);
+        MPI_Send(bufs[0], n, MPI_UINT64_T, right, 90 + k, on[k]);
+        MPI_Wait(&r, &st);
+        check(bufs[1], &st, left);
+    }
+    MPI_Comm_free(&outer);
+    if (inner != MPI_COMM_NULL)
+        fail("the attribute's delete callback did not free the inner communicator", -1);
+}
+
+/* Buffered sends around the ring through a buffer attached for the iteration: a large
+ * (rendezvous) message, so MPI_Buffer_detach waits for the right neighbour to take it. Even
+ * ranks send, detach, then receive; odd ranks receive first. */
+static void bsend(void)
+{
+    enum { WORDS = LARGE + 4, TAG = 89 };
+    int right = (me + 1) % np, left = (me + np - 1) % np, size = 0;
+    int space = WORDS * (int)sizeof(uint64_t) + MPI_BSEND_OVERHEAD;
+    char *attached = malloc((size_t)space);
+    void *detached = NULL;
+    MPI_Status st;
+    if (attached == NULL)
+        fail("out of memory", space);
+    if (me % 2 != 0) {
+        MPI_Recv(bufs[1], WORDS, MPI_UINT64_T, left, TAG, MPI_COMM_WORLD, &st);
+        check_fixed(bufs[1], &st, left, TAG, WORDS);
+    }
+    MPI_Buffer_attach(attached, space);
+    fill_fixed(bufs[0], right, TAG, WORDS);
+    MPI_Bsend(bufs[0], WORDS, MPI_UINT64_T, right, TAG, MPI_COMM_WORLD);
+    MPI_Buffer_detach(&detached, &size);
+    if (detached != attached || size != space)
+        fail("MPI_Buffer_detach returned another buffer", size);
+    free(attached);
+    if (me % 2 == 0) {
+        MPI_Recv(bufs[1], WORDS, MPI_UINT64_T, left, TAG, MPI_COMM_WORLD, &st);
+        check_fixed(bufs[1], &st, left, TAG, WORDS);
+    }
+}
+
 static void freerecv(void)
 {
     enum { WORDS = SMALL + 4, TAG = 85 };
@@ -1816,6 +1889,10 @@ int main(int argc, char **argv)
                 freerecv();
             else if (strcmp(m, "nbsend") == 0)
                 nbsend();
+            else if (strcmp(m, "bsend") == 0)
+                bsend();
+            else if (strcmp(m, "attrfree") == 0)
+                attrfree();
             else if (strcmp(m, "pcoll") == 0)
                 pcoll();
             else if (strcmp(m, "isendrecv") == 0)

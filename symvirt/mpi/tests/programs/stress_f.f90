@@ -11,7 +11,8 @@
 ! Allreduce + Bcast; then MPI-3 calls: Ialltoall, Ialltoallw, Iallgather on the shared-memory
 ! node (Comm_split_type; the tests run every rank on one machine), Ireduce on a row of a 2-D
 ! cartesian grid (Cart_sub), Iscan, Ineighbor_allgather and Ineighbor_alltoallw on a periodic
-! 1-D cartesian ring and an MPI_Comm_idup (every 4 iterations), all outstanding together; a
+! 1-D cartesian ring and an MPI_Comm_idup (every 4 iterations; the previous one freed, or
+! every 8 disconnected), all outstanding together; a
 ! ring on the idup'd communicator (its receive polled with Request_get_status), on the row and
 ! on the node; Exscan and Neighbor_alltoall. The MPI-3 communicators are remade every 8
 ! iterations, after the first iteration's traffic (so cuts land in their creation too). Then
@@ -395,7 +396,13 @@ program stress_f
     if (nb_wr(1) /= word(left, me, iteration, 4)) call fail('Ineighbor_alltoallw result', left)
     if (nb_wr(2) /= word(right, me, iteration, 3)) call fail('Ineighbor_alltoallw result', right)
     if (mod(iteration, 4_8) == 0) then
-      if (iteration > 0) call mpi_comm_free(dup_comm, ierr)
+      ! the old one freed, or every 8 iterations disconnected (collective, and it waits for
+      ! the communicator's traffic)
+      if (iteration > 0 .and. mod(iteration, 8_8) == 0) then
+        call mpi_comm_disconnect(dup_comm, ierr)
+      else if (iteration > 0) then
+        call mpi_comm_free(dup_comm, ierr)
+      end if
       dup_comm = new_dup
     end if
     ! point to point on the communicators those calls made (counted per WORLD peer at a cut):
