@@ -266,6 +266,82 @@ void mpi_comm_disconnect_(MPI_Fint *comm, MPI_Fint *ierr)
         *comm = PMPI_Comm_c2f(c);
 }
 
+/* One-sided (see pmpi/onesided.c): the calls that make, fence and free a window, so that a
+ * Fortran program's open window is seen (a cut is answered "unable" for it, and the progress
+ * thread steps back) and those collective calls are aligned. Unwrapped until session 27: the
+ * window went unseen, and the progress thread could make a cut while this thread was inside
+ * a fence. The baseptr of the allocating calls (an address-sized INTEGER, or a C_PTR through
+ * the _cptr_ entry points) receives the window's memory, as in Open MPI's own bindings. */
+void mpi_win_create_(void *base, MPI_Aint *size, MPI_Fint *disp_unit, MPI_Fint *info,
+                     MPI_Fint *comm, MPI_Fint *win, MPI_Fint *ierr)
+{
+    GUARD();
+    MPI_Win w;
+    *ierr = MPI_Win_create(base, *size, *disp_unit, PMPI_Info_f2c(*info), PMPI_Comm_f2c(*comm),
+                           &w);
+    if (*ierr == MPI_SUCCESS)
+        *win = PMPI_Win_c2f(w);
+}
+
+void mpi_win_allocate_(MPI_Aint *size, MPI_Fint *disp_unit, MPI_Fint *info, MPI_Fint *comm,
+                       void *baseptr, MPI_Fint *win, MPI_Fint *ierr)
+{
+    GUARD();
+    MPI_Win w;
+    *ierr = MPI_Win_allocate(*size, *disp_unit, PMPI_Info_f2c(*info), PMPI_Comm_f2c(*comm),
+                             baseptr, &w);
+    if (*ierr == MPI_SUCCESS)
+        *win = PMPI_Win_c2f(w);
+}
+
+void mpi_win_allocate_cptr_(MPI_Aint *size, MPI_Fint *disp_unit, MPI_Fint *info,
+                            MPI_Fint *comm, void *baseptr, MPI_Fint *win, MPI_Fint *ierr)
+{
+    mpi_win_allocate_(size, disp_unit, info, comm, baseptr, win, ierr);
+}
+
+void mpi_win_allocate_shared_(MPI_Aint *size, MPI_Fint *disp_unit, MPI_Fint *info,
+                              MPI_Fint *comm, void *baseptr, MPI_Fint *win, MPI_Fint *ierr)
+{
+    GUARD();
+    MPI_Win w;
+    *ierr = MPI_Win_allocate_shared(*size, *disp_unit, PMPI_Info_f2c(*info),
+                                    PMPI_Comm_f2c(*comm), baseptr, &w);
+    if (*ierr == MPI_SUCCESS)
+        *win = PMPI_Win_c2f(w);
+}
+
+void mpi_win_allocate_shared_cptr_(MPI_Aint *size, MPI_Fint *disp_unit, MPI_Fint *info,
+                                   MPI_Fint *comm, void *baseptr, MPI_Fint *win,
+                                   MPI_Fint *ierr)
+{
+    mpi_win_allocate_shared_(size, disp_unit, info, comm, baseptr, win, ierr);
+}
+
+void mpi_win_create_dynamic_(MPI_Fint *info, MPI_Fint *comm, MPI_Fint *win, MPI_Fint *ierr)
+{
+    GUARD();
+    MPI_Win w;
+    *ierr = MPI_Win_create_dynamic(PMPI_Info_f2c(*info), PMPI_Comm_f2c(*comm), &w);
+    if (*ierr == MPI_SUCCESS)
+        *win = PMPI_Win_c2f(w);
+}
+
+void mpi_win_fence_(MPI_Fint *assert_, MPI_Fint *win, MPI_Fint *ierr)
+{
+    GUARD();
+    *ierr = MPI_Win_fence(*assert_, PMPI_Win_f2c(*win));
+}
+
+void mpi_win_free_(MPI_Fint *win, MPI_Fint *ierr)
+{
+    GUARD();
+    MPI_Win w = PMPI_Win_f2c(*win);
+    *ierr = MPI_Win_free(&w);
+    if (*ierr == MPI_SUCCESS)
+        *win = PMPI_Win_c2f(w);
+}
+
 /* MPI-IO (see pmpi/files.c): open, close, and the collective calls below. */
 
 /* A Fortran string (blank-padded; gfortran passes its length after the other arguments) as a

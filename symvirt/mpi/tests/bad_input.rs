@@ -317,7 +317,7 @@ fn refused_until_left(mpi: MpiImpl, tag: &str, u: Uncovered) {
     fs::write(work.join("stop"), "").unwrap();
     let (ok, out) = job.wait();
     assert!(ok, "{} job failed\n{}", u.program, job.logs());
-    let name = u.program.trim_end_matches(".c");
+    let name = u.program.split('.').next().unwrap();
     let oks = out
         .lines()
         .filter(|l| l.starts_with(&format!("{name} OK rank ")))
@@ -345,6 +345,24 @@ fn openmpi_one_sided_windows_refuse_migration_until_freed() {
 #[test]
 fn mpich_one_sided_windows_refuse_migration_until_freed() {
     refused_until_left(MpiImpl::Mpich, "bad-rma-mpich", WINDOWS);
+}
+
+/// The same from Fortran (`rma_f.f90`): Open MPI's Fortran window calls reach the layer only
+/// through its Fortran entry points. Without them the window went unseen and the cut was
+/// served while it was open.
+const FORTRAN_WINDOWS: Uncovered = Uncovered {
+    program: "rma_f.f90",
+    ..WINDOWS
+};
+
+#[test]
+fn openmpi_fortran_one_sided_windows_refuse_migration_until_freed() {
+    refused_until_left(MpiImpl::OpenMpi, "bad-rmaf-ompi", FORTRAN_WINDOWS);
+}
+
+#[test]
+fn mpich_fortran_one_sided_windows_refuse_migration_until_freed() {
+    refused_until_left(MpiImpl::Mpich, "bad-rmaf-mpich", FORTRAN_WINDOWS);
 }
 
 /// MPI 4's persistent collectives are covered, partitioned requests only observed. A request
