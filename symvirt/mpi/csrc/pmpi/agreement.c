@@ -106,14 +106,6 @@ void svp_adopt(MPI_Comm made, int parent, uint32_t id)
         svp.comms[nc].id = id;
 }
 
-/* How deep this rank is in collectives the layer runs (c->run). A collective called from
- * there (a copy or delete callback of an attribute, an error handler: a library's inner
- * communicator freed when the program frees its own) is run at once, not aligned: every
- * member calls it at the same point of a collective that all of them agreed to run, so no
- * cut can come between them. Aligned, it nested an alignment in the one a cut finishes
- * (svp_finish_alignment), and the rank aborted, or hung at its progress thread's own gate. */
-static int performing;
-
 int svp_perform(coll *c)
 {
     /* Every member of the parent counts the child when the call starts, also one that gets
@@ -124,9 +116,7 @@ int svp_perform(coll *c)
         tracked_comm *parent = &svp.comms[c->cid];
         id = (parent->id * 16777619u) ^ (2654435761u * ++parent->children);
     }
-    performing++;
     int rc = c->run(c);
-    performing--;
     if (rc != MPI_SUCCESS || !svp.ready || svp.closed)
         return rc;
     if (makes && c->req == NULL)
@@ -192,7 +182,7 @@ void svp_finish_alignment(void)
 
 int svp_align(int cid, coll *c)
 {
-    if (cid < 0 || performing)
+    if (cid < 0)
         return c != NULL ? svp_perform(c) : MPI_SUCCESS;
     if (aligning != NULL)
         svp_die("collective called while another one is being aligned (threads?)");
@@ -202,8 +192,6 @@ int svp_align(int cid, coll *c)
 
 int svp_align_on(tracked_comm *t, coll *c)
 {
-    if (performing)
-        return c != NULL ? svp_perform(c) : MPI_SUCCESS;
     if (aligning != NULL)
         svp_die("collective called while another one is being aligned (threads?)");
     for (;;) {

@@ -353,23 +353,6 @@ int MPI_Comm_free(MPI_Comm *comm)
     return svp_align(c.cid > 0 ? c.cid : -1, &c);
 }
 
-/* MPI_Comm_accept and MPI_Comm_connect wait, progressing, for the other side: inside the gate,
- * so the progress thread makes no cut while this thread is in MPI (it did, unwrapped). Not
- * aligned: a cut requested meanwhile waits until the call returns (the host's deadline, or
- * the ranks' give-up, fails it if the other side is held by the cut). The communicator they
- * make is tracked at its first use (see README: communicators first seen in use). */
-int MPI_Comm_accept(const char *port, MPI_Info info, int root, MPI_Comm comm, MPI_Comm *newcomm)
-{
-    GUARD();
-    return PMPI_Comm_accept(port, info, root, comm, newcomm);
-}
-
-int MPI_Comm_connect(const char *port, MPI_Info info, int root, MPI_Comm comm, MPI_Comm *newcomm)
-{
-    GUARD();
-    return PMPI_Comm_connect(port, info, root, comm, newcomm);
-}
-
 RUN(run_comm_disconnect, PMPI_Comm_disconnect(c->newcomm))
 
 /* Collective, and it waits for the communicator's pending traffic: aligned as MPI_Comm_free

@@ -38,8 +38,6 @@ static void futex_wait_ms(int *word, int value, long ms)
 /* Both step out at any depth of wrapped calls, and in again at the same depth. */
 void svp_wait_gate(void)
 {
-    if (svp_in_progress_thread)
-        return; /* a callback MPI runs inside the progress thread's cut: it holds the gate */
     int depth = __atomic_load_n(&svp_gate.in, __ATOMIC_RELAXED);
     do {
         __atomic_store_n(&svp_gate.in, 0, __ATOMIC_RELEASE);
