@@ -176,6 +176,13 @@ void svp_finish_alignment(void)
     pending_align *p = aligning;
     if (p == NULL || p->ran || !align_step(p) || p->agreed != 0 || p->c == NULL)
         return;
+    /* MPI_Comm_free waits for no member, so none is held in it: it runs once the cut is over,
+     * at the top of its wrapper, where a collective called by its attributes' delete
+     * callbacks (a library freeing its inner communicator) is aligned like any other. Run
+     * here, that collective's alignment nested in this one: the rank aborted, or, the cut
+     * made by the progress thread, waited at its own gate for good. */
+    if (p->c->local)
+        return;
     p->ran = 1;
     p->rc = svp_perform(p->c);
 }

@@ -348,7 +348,7 @@ int MPI_Comm_free(MPI_Comm *comm)
     /* Collective: aligned (but not on WORLD, which cannot be freed: MPI reports that). The
      * slot is released by the attribute's delete callback (which also runs when the
      * communicator is freed by a path that is not wrapped). */
-    coll c = {.run = run_comm_free, .comm = *comm, .newcomm = comm, .frees = 1};
+    coll c = {.run = run_comm_free, .comm = *comm, .newcomm = comm, .frees = 1, .local = 1};
     c.cid = svp_cid(*comm);
     return svp_align(c.cid > 0 ? c.cid : -1, &c);
 }

@@ -691,6 +691,7 @@ typedef struct coll {
     /* Communicator creation and free. */
     MPI_Comm *newcomm;  /* a communicator it makes (tracked), or frees (frees set) */
     int frees;          /* MPI_Comm_free, MPI_Comm_disconnect */
+    int local;          /* MPI_Comm_free: MPI runs it without waiting for the other members */
     uint32_t child_id;  /* MPI_Comm_idup: the identity its communicator gets on completion */
     MPI_Info info;      /* also window creation's */
     MPI_Group group;    /* MPI_Comm_create, MPI_Comm_create_from_group */

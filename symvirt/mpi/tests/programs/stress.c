@@ -69,10 +69,7 @@
  *              job deadlocks)
  *   attrfree   two duplicates of MPI_COMM_WORLD with a ring on each; the first is freed by the
  *              delete callback of an attribute on the second when the second is freed (a
- *              collective called inside another, as libraries with inner communicators do).
- *              No test runs it: with cuts requested every few ms it reproduces a known limit
- *              of the transparent layer (README: a collective called inside another one that
- *              a cut finishes)
+ *              collective called inside another, as libraries with inner communicators do)
  *   bsend      a large buffered send (MPI_Bsend) to the right neighbour through a buffer
  *              attached for it, then MPI_Buffer_detach, which waits until the neighbour has
  *              taken the message (even ranks send first, odd ranks receive first)
