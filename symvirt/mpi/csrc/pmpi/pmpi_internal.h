@@ -107,7 +107,8 @@
  * and enters it. A member that answers a peer's cut while its alignment is pending may learn
  * inside that cut that the members agreed on the collective (others may already be in it,
  * waiting for this rank): it then runs the collective there (a record of its arguments, see
- * coll below). MPI_Comm_create_group and MPI_Intercomm_create, collective over members no
+ * coll below), except MPI_Comm_free, which waits for no member: it runs after the cut, so
+ * that a collective its delete callbacks call aligns like any other. MPI_Comm_create_group and MPI_Intercomm_create, collective over members no
  * communicator holds together, are aligned the same way over a stand-in for one (see
  * comm_create.c).
  * Non-blocking collectives return at once with a request of the layer's; the real one starts
