@@ -108,9 +108,9 @@
  * inside that cut that the members agreed on the collective (others may already be in it,
  * waiting for this rank): it then runs the collective there (a record of its arguments, see
  * coll below), except MPI_Comm_free, which waits for no member: it runs after the cut, so
- * that a collective its delete callbacks call aligns like any other. MPI_Comm_create_group and MPI_Intercomm_create, collective over members no
- * communicator holds together, are aligned the same way over a stand-in for one (see
- * comm_create.c).
+ * that a collective its delete callbacks call aligns like any other. MPI_Comm_create_group
+ * and MPI_Intercomm_create, collective over members no communicator holds together, are
+ * aligned the same way over a stand-in for one (see comm_create.c).
  * Non-blocking collectives return at once with a request of the layer's; the real one starts
  * once every member has called it (see deferred.c), so every real non-blocking collective in
  * flight was started by all its members and completes while they drain, and a rank never
