@@ -6,31 +6,45 @@
 //!   inside the program after untimed warm-up rounds. Launches without and with the layer
 //!   alternate (A B, B A, A B, ...: drift on this shared machine hits both alike), each launch
 //!   timing several samples. `latency_ratio` and `bandwidth_ratio` are paired: the median over
-//!   pairs of (launch median with / launch median without). This machine switches between
+//!   pairs of (launch median with / launch median without). `bandwidth_ratio_in_process`, the
+//!   one the bandwidth target is judged on: every launch also runs pairs of 1 MiB ping-pong
+//!   blocks through and around the wrappers in one process (bandwidth through / around;
+//!   median over the launch's pairs, then over the launches with the layer; `_control`
+//!   without it), as the latency blocks below, since launches differ by up to 20 %. This machine switches between
 //!   speed regimes for seconds at a time (the same ping-pong takes 135 or 360 ns one way), so
 //!   the ratio of the pooled medians (`*_ratio_pooled`, also reported) compares regimes
 //!   whenever the two variants' samples landed in them unevenly. Also reported: medians with
 //!   min/max of both variants, per-pair ratios (median, min, max), and whether the issue's
-//!   targets hold (latency ratio <= 1.05, bandwidth ratio >= 0.98) on the paired ratios.
+//!   targets hold (latency ratio <= 1.05, bandwidth ratio >= 0.98; `within_targets`, below).
 //!   `latency_ratio_fastest` pairs the launches' fastest samples instead of their medians
 //!   (median over pairs): the machine's noise only adds time, so the fastest sample of a
 //!   launch is the one least blurred by it.
 //!   `latency_ratio_in_process`, the estimate the latency target is judged on: every launch
-//!   also runs `NINJA_MPI_AB_PAIRS` pairs of short latency blocks, one through `MPI_Send` and
+//!   also runs `NINJA_MPI_AB_PAIRS` sets of short latency blocks, one through `MPI_Send` and
 //!   `MPI_Recv` (the layer's wrappers when preloaded), one through `PMPI_Send` and `PMPI_Recv`
 //!   (around them), a millisecond apart in one process; a launch's ratio is the median over its
-//!   pairs of (through / around), and the estimate the median over the launches with the
-//!   layer. The two blocks share the speed regime that launches do not, so this ratio moves by
+//!   sets of (through / around), and the estimate the median over the launches with the
+//!   layer. The blocks share the speed regime that launches do not, so this ratio moves by
 //!   about 1 % between launches where the paired one moves by 20 %. It is also reported per
-//!   regime (`_by_regime`: `fast` are launches whose blocks around the layer ran faster than
-//!   `_slow_from_us`, the geometric mean of the fastest and slowest launch when they differ by
-//!   more than 2x; the layer's cost in nanoseconds is a larger share there), and
+//!   speed regime (`_by_regime`), over sets rather than launches: a fast episode of this
+//!   machine lasts a second or less, so a few sets see it where a launch's median does not.
+//!   Only steady sets count there (no block over 1.5x another: none preempted, no regime
+//!   switch inside): `fast` are those whose fastest block ran faster than `_fast_below_us`,
+//!   the boundary between two clusters of their latencies more than 2x apart (at least 20
+//!   sets each), else all are `single`; the layer's cost in nanoseconds is a larger share in the fast
+//!   regime. `latency_floors_in_process`: the same, over sets, for the two other blocks of each
+//!   set, the floors of any blocking receive that can leave MPI while it waits (which a
+//!   receive must, to answer a cut), made of MPI's own calls without the layer: `request`
+//!   (`PMPI_Irecv` then `PMPI_Wait`: the price of a request instead of `MPI_Recv`'s own) and
+//!   `polled` (`PMPI_Irecv` then `PMPI_Test` until it completes). What the layer adds over
+//!   these is its own; and
 //!   for the launches without the layer (`_control`: both blocks are then the same MPI
 //!   functions, so it shows the estimate's own bias, 1.000 +- 0.003 here). What it leaves out
 //!   is what loading the layer costs calls it does not wrap (the thread level it initialises
 //!   MPI at, its sleeping progress thread): `latency_ratio_around` pairs the blocks around the
 //!   layer of the two launches of a pair, with the noise of launches. `within_targets`: the
-//!   in-process ratio <= 1.05 in every regime seen, and `bandwidth_ratio` >= 0.98.
+//!   in-process ratio over sets at most 1.05 in every regime seen, and
+//!   `bandwidth_ratio_in_process` at least 0.98.
 //!   `arrived_receive_*`: what the layer adds to a receive whose 8-byte message has arrived
 //!   before it was posted (as in most halo exchanges): blocks of 16 such receives through and
 //!   around the wrappers, paired in one process as above (`_ratio`, median over launches with
@@ -80,6 +94,9 @@
 //! `NINJA_MPI_QUIET_WAIT_S` (default 60, 0 in quick mode: before each
 //! pair of launches, wait at most this long for the shared CPUs to be idle;
 //! `pairs_started_quiet` in the line says how many pairs got such a window).
+
+// The pingpong scenario's JSON line has more fields than json!'s default recursion allows.
+#![recursion_limit = "256"]
 
 // The symvirt-mpi tests' rig (library and program builds, guest agent with a host channel,
 // MPI jobs killed on drop): one copy, used by those tests and by this bench.
@@ -266,15 +283,17 @@ fn wait_quiet(max: Duration) -> bool {
 }
 
 /// One launch's samples: one-way latency (µs) and bandwidth (MiB/s, bytes moved both ways);
-/// per pair of blocks, the ratio through / around the layer's wrappers and the one-way
-/// latency around them (µs); per pair of blocks of receives of arrived messages, the ratio
-/// and the nanoseconds per receive around and through the wrappers.
+/// per set of blocks, the ratio through / around the layer's wrappers and the one-way latency
+/// around them (µs), and the whole set (`sets`); per pair of blocks of receives of arrived
+/// messages, the ratio and the nanoseconds per receive around and through the wrappers.
 #[derive(Default)]
 struct Launch {
     latency_us: Vec<f64>,
     bandwidth_mib_s: Vec<f64>,
     through_around: Vec<f64>,
     around_us: Vec<f64>,
+    sets: Vec<Set>,
+    bandwidth_through_around: Vec<f64>,
     arrived_ratio: Vec<f64>,
     arrived_ns: [Vec<f64>; 2],
 }
@@ -298,7 +317,7 @@ fn preload_order(i: usize) -> [bool; 2] {
 }
 
 /// Parses `sample N latency|bandwidth bytes=B rounds=R seconds=S`,
-/// `ab N bytes=B rounds=R through=S around=S` and `arrived N count=K through=S around=S` lines.
+/// `ab N bytes=B rounds=R through=S around=S request=S polled=S` and `arrived N count=K through=S around=S` lines.
 fn parse_samples(stdout: &str) -> Result<Launch, String> {
     let mut out = Launch::default();
     for line in stdout.lines() {
@@ -318,12 +337,27 @@ fn parse_samples(stdout: &str) -> Result<Launch, String> {
             out.arrived_ratio.push(through / around);
             out.arrived_ns[0].push(around / count * 1e9);
             out.arrived_ns[1].push(through / count * 1e9);
+        } else if line.starts_with("bw ") {
+            let (through, around) = (field("through")?, field("around")?);
+            if through <= 0.0 || around <= 0.0 {
+                return Err(format!("non-positive time in {line:?}"));
+            }
+            // Bandwidth through / around the wrappers: the inverse ratio of the times.
+            out.bandwidth_through_around.push(around / through);
         } else if line.starts_with("ab ") {
             let rounds = field("rounds")?;
             let through = one_way_us(field("through")?, rounds)?;
             let around = one_way_us(field("around")?, rounds)?;
             out.through_around.push(through / around);
             out.around_us.push(around);
+            out.sets.push(Set {
+                around_us: around,
+                ratios: [
+                    through / around,
+                    one_way_us(field("request")?, rounds)? / around,
+                    one_way_us(field("polled")?, rounds)? / around,
+                ],
+            });
         } else if line.starts_with("sample ") {
             let (bytes, rounds) = (field("bytes")?, field("rounds")?);
             let seconds = field("seconds")?;
@@ -340,22 +374,89 @@ fn parse_samples(stdout: &str) -> Result<Launch, String> {
         || out.bandwidth_mib_s.is_empty()
         || out.around_us.is_empty()
         || out.arrived_ratio.is_empty()
+        || out.bandwidth_through_around.is_empty()
     {
         return Err(format!("no samples in the output:\n{stdout}"));
     }
     Ok(out)
 }
 
-/// The in-process estimate over launches, each launch's (median ratio, median latency around
-/// the wrappers): overall, and per speed regime (`fast`: launches that ran around the wrappers
-/// faster than `slow_from_us`).
-fn in_process(launches: &[(f64, f64)], slow_from_us: f64) -> (f64, Value) {
-    let ratios: Vec<f64> = launches.iter().map(|l| l.0).collect();
-    let regime = |fast: bool| -> Value {
-        let r: Vec<f64> = launches
+/// One set of latency blocks a millisecond apart in one process: the one-way latency around
+/// the layer's wrappers (µs), and the ratios to it of the blocks through them (`THROUGH`) and
+/// of the receive's two floors (`REQUEST`, `POLLED`).
+struct Set {
+    around_us: f64,
+    ratios: [f64; 3],
+}
+
+impl Set {
+    /// The set's fastest block, one way (µs).
+    fn fastest_us(&self) -> f64 {
+        self.around_us * self.ratios.iter().copied().fold(1.0, f64::min)
+    }
+
+    /// Whether the set's blocks ran in one regime, undisturbed: none over 1.5x another (the
+    /// layer's cost is well below that; a block the scheduler preempted, or a regime switch
+    /// within the set, is not). The regimes are found and reported from such sets only.
+    fn steady(&self) -> bool {
+        let slowest = self.ratios.iter().copied().fold(1.0, f64::max);
+        self.around_us * slowest <= 1.5 * self.fastest_us()
+    }
+}
+
+const THROUGH: usize = 0;
+const REQUEST: usize = 1;
+const POLLED: usize = 2;
+
+/// Where the machine's fast speed regime ends (µs one way, a steady set's fastest block): two
+/// clusters of the steady sets' latencies (2-means on their logarithms), when their centres
+/// are more than 2x apart and each holds at least `MIN_REGIME_SETS` sets (they were about
+/// 0.17 and 0.45 us here); the boundary is the geometric mean of the centres. Else infinite:
+/// one regime. A fast episode of this machine lasts a second or less, so sets (milliseconds)
+/// see it where whole launches mostly do not.
+fn fast_below_us(sets: &[&Set]) -> f64 {
+    let logs: Vec<f64> = sets
+        .iter()
+        .filter(|s| s.steady())
+        .map(|s| s.fastest_us().ln())
+        .collect();
+    let (Some(lo), Some(hi)) = (
+        logs.iter().copied().reduce(f64::min),
+        logs.iter().copied().reduce(f64::max),
+    ) else {
+        return f64::INFINITY;
+    };
+    let (mut fast, mut slow) = (lo, hi);
+    let mut counts = (0, 0);
+    for _ in 0..50 {
+        let split = (fast + slow) / 2.0;
+        let (f, s): (Vec<f64>, Vec<f64>) = logs.iter().partition(|&&l| l < split);
+        if f.is_empty() || s.is_empty() {
+            return f64::INFINITY;
+        }
+        fast = f.iter().sum::<f64>() / f.len() as f64;
+        slow = s.iter().sum::<f64>() / s.len() as f64;
+        counts = (f.len(), s.len());
+    }
+    let apart = slow - fast > 2f64.ln();
+    if apart && counts.0 >= MIN_REGIME_SETS && counts.1 >= MIN_REGIME_SETS {
+        ((fast + slow) / 2.0).exp()
+    } else {
+        f64::INFINITY
+    }
+}
+
+/// The fewest sets a speed regime is reported from: fewer have no meaningful median.
+const MIN_REGIME_SETS: usize = 20;
+
+/// Ratio `k` of the steady ones of `sets`, per speed regime: `fast` and `slow` split at
+/// `fast_below_us`, or `single`.
+fn by_regime(sets: &[&Set], k: usize, fast_below_us: f64) -> Value {
+    let ratios = |keep: &dyn Fn(&Set) -> bool| -> Value {
+        let r: Vec<f64> = sets
             .iter()
-            .filter(|l| (l.1 < slow_from_us) == fast)
-            .map(|l| l.0)
+            .filter(|s| s.steady() && keep(s))
+            .map(|s| s.ratios[k])
             .collect();
         if r.is_empty() {
             Value::Null
@@ -363,10 +464,14 @@ fn in_process(launches: &[(f64, f64)], slow_from_us: f64) -> (f64, Value) {
             spread(&r)
         }
     };
-    (
-        median(&ratios),
-        json!({"fast": regime(true), "slow": regime(false)}),
-    )
+    if fast_below_us.is_infinite() {
+        json!({"single": ratios(&|_| true)})
+    } else {
+        json!({
+            "fast": ratios(&|s| s.fastest_us() < fast_below_us),
+            "slow": ratios(&|s| s.fastest_us() >= fast_below_us),
+        })
+    }
 }
 
 /// Runs the 2-rank ping-pong once, with or without the layer preloaded.
@@ -405,6 +510,10 @@ fn pingpong(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
     let mut lat_fastest_pairs = Vec::new();
     // Per launch, without and with the layer: (median through / around, median around, µs).
     let mut ab: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
+    // Every set of blocks, without and with the layer.
+    let mut sets: [Vec<Set>; 2] = [Vec::new(), Vec::new()];
+    // Per launch, without and with the layer: median bandwidth through / around the wrappers.
+    let mut bw_in_process: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     // Per launch, without and with the layer: median (through / around, ns around, ns through)
     // of the receives of arrived messages.
     let mut arrived: [Vec<[f64; 3]>; 2] = [Vec::new(), Vec::new()];
@@ -420,6 +529,8 @@ fn pingpong(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
             pair_median[i] = (median(&run.latency_us), median(&run.bandwidth_mib_s));
             pair_fastest[i] = run.latency_us.iter().copied().fold(f64::INFINITY, f64::min);
             ab[i].push((median(&run.through_around), median(&run.around_us)));
+            sets[i].extend(run.sets);
+            bw_in_process[i].push(median(&run.bandwidth_through_around));
             arrived[i].push([
                 median(&run.arrived_ratio),
                 median(&run.arrived_ns[0]),
@@ -436,26 +547,24 @@ fn pingpong(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
     }
     let latency_ratio = median(&lat_pairs);
     let bandwidth_ratio = median(&bw_pairs);
-    // The regimes: launches around the wrappers below the geometric mean of the fastest and
-    // the slowest launch of either variant, when those differ by more than 2x (they were
-    // 0.11-0.18 and 0.62-0.69 us with MPICH); else one regime.
-    let around = || ab.iter().flatten().map(|l| l.1);
-    let (fastest_us, slowest_us) = (
-        around().fold(f64::INFINITY, f64::min),
-        around().fold(0.0, f64::max),
-    );
-    let slow_from_us = if slowest_us > 2.0 * fastest_us {
-        (fastest_us * slowest_us).sqrt()
-    } else {
-        f64::INFINITY
-    };
-    let (in_process_ratio, by_regime) = in_process(&ab[1], slow_from_us);
-    let (control_ratio, _) = in_process(&ab[0], slow_from_us);
-    let regimes_within = ["fast", "slow"].iter().all(|r| {
-        by_regime[r]["median"]
-            .as_f64()
-            .is_none_or(|m| m <= LATENCY_RATIO_MAX)
+    let bandwidth_in_process = median(&bw_in_process[1]);
+    // The speed regimes, from every set of either variant.
+    let all_sets: Vec<&Set> = sets.iter().flatten().collect();
+    let fast_below = fast_below_us(&all_sets);
+    let with: Vec<&Set> = sets[1].iter().collect();
+    let without: Vec<&Set> = sets[0].iter().collect();
+    let launch_ratios = |i: usize| ab[i].iter().map(|l| l.0).collect::<Vec<_>>();
+    let through_by_regime = by_regime(&with, THROUGH, fast_below);
+    let regimes_within = through_by_regime.as_object().is_some_and(|regimes| {
+        regimes
+            .values()
+            .all(|r| r["median"].as_f64().is_none_or(|m| m <= LATENCY_RATIO_MAX))
     });
+    let floor = |k: usize| {
+        let ratios: Vec<f64> = with.iter().map(|s| s.ratios[k]).collect();
+        json!({"ratio": round(median(&ratios)), "by_regime": by_regime(&with, k, fast_below)})
+    };
+    let latency_floors = json!({"request": floor(REQUEST), "polled": floor(POLLED)});
     let arrived_of =
         |with: usize, k: usize| -> Vec<f64> { arrived[with].iter().map(|a| a[k]).collect() };
     Ok(json!({
@@ -477,16 +586,20 @@ fn pingpong(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
         "bandwidth_mib_s_with": spread(&bw[1]),
         "latency_ratio": round(latency_ratio),
         "bandwidth_ratio": round(bandwidth_ratio),
+        "bandwidth_ratio_in_process": round(bandwidth_in_process),
+        "bandwidth_ratio_in_process_control": round(median(&bw_in_process[0])),
         "latency_ratio_pooled": round(median(&lat[1]) / median(&lat[0])),
         "bandwidth_ratio_pooled": round(median(&bw[1]) / median(&bw[0])),
         "latency_ratio_per_pair": spread(&lat_pairs),
         "latency_ratio_fastest": round(median(&lat_fastest_pairs)),
         "latency_ratio_fastest_per_pair": spread(&lat_fastest_pairs),
-        "latency_ratio_in_process": round(in_process_ratio),
-        "latency_ratio_in_process_by_regime": by_regime,
-        "latency_ratio_in_process_per_launch": spread(&ab[1].iter().map(|l| l.0).collect::<Vec<_>>()),
-        "latency_ratio_in_process_control": round(control_ratio),
-        "latency_ratio_in_process_slow_from_us": round(slow_from_us.min(1e9)),
+        "latency_ratio_in_process": round(median(&launch_ratios(1))),
+        "latency_ratio_in_process_by_regime": through_by_regime,
+        "latency_ratio_in_process_per_launch": spread(&launch_ratios(1)),
+        "latency_ratio_in_process_control": round(median(&launch_ratios(0))),
+        "latency_ratio_in_process_control_by_regime": by_regime(&without, THROUGH, fast_below),
+        "latency_ratio_in_process_fast_below_us": round(fast_below.min(1e9)),
+        "latency_floors_in_process": latency_floors,
         // Per launch with the layer: [latency around the wrappers (µs), ratio].
         "latency_in_process_launches": ab[1].iter().map(|l| [round(l.1), round(l.0)]).collect::<Vec<_>>(),
         "latency_us_around_with": spread(&ab[1].iter().map(|l| l.1).collect::<Vec<_>>()),
@@ -498,7 +611,7 @@ fn pingpong(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
         "arrived_receive_ns_through": spread(&arrived_of(1, 2)),
         "latency_ratio_target_max": LATENCY_RATIO_MAX,
         "bandwidth_ratio_target_min": BANDWIDTH_RATIO_MIN,
-        "within_targets": regimes_within && bandwidth_ratio >= BANDWIDTH_RATIO_MIN,
+        "within_targets": regimes_within && bandwidth_in_process >= BANDWIDTH_RATIO_MIN,
     }))
 }
 

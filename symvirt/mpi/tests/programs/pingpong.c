@@ -9,18 +9,27 @@
  *
  *   sample N latency|bandwidth bytes=B rounds=R seconds=S
  *
- * With AB_PAIRS, the samples are followed by that many pairs of latency blocks of AB_ROUNDS
- * (LAT_ROUNDS / 25, at least 100) round trips each, one block through MPI_Send and MPI_Recv
- * (the layer's wrappers when it is preloaded), the other around them through PMPI_Send and
- * PMPI_Recv, in alternating order; rank 0 prints one line per pair:
+ * With AB_PAIRS, the samples are followed by that many sets of latency blocks of AB_ROUNDS
+ * (LAT_ROUNDS / 25, at least 100) round trips each, a millisecond apart, each block in each
+ * place of the set in turn: one through MPI_Send and MPI_Recv (the layer's wrappers when it is
+ * preloaded), one around them through PMPI_Send and PMPI_Recv, and the two floors of any
+ * blocking receive that can answer a cut while it waits (PMPI_Send with PMPI_Irecv then
+ * PMPI_Wait: `request`; with PMPI_Irecv then PMPI_Test until it completes: `polled`). Rank 0
+ * prints one line per set:
  *
- *   ab N bytes=B rounds=R through=S around=S
+ *   ab N bytes=B rounds=R through=S around=S request=S polled=S
  *
- * The two blocks of a pair run a millisecond apart in one process, so they share the machine's
- * speed regime, which launches do not; without the layer both are the same MPI functions, and
+ * The blocks of a set run in one process, so they share the machine's speed regime, which
+ * launches do not; without the layer `through` and `around` are the same MPI functions, and
  * their ratio shows what this estimate's noise is.
  *
- * Then as many pairs of blocks of receives whose message has arrived already (a message sent
+ * Then AB_PAIRS / 10 (rounded up) pairs of bandwidth blocks of BW_ROUNDS / 10 (at least 2)
+ * round trips of BW_BYTES, through the wrappers and around them (MPI_Send with MPI_Recv,
+ * PMPI_Send with PMPI_Recv), in alternating order; rank 0 prints:
+ *
+ *   bw N bytes=B rounds=R through=S around=S
+ *
+ * Then AB_PAIRS pairs of blocks of receives whose message has arrived already (a message sent
  * before its receive is posted, as in most halo exchanges): rank 1 sends ARRIVED 8-byte
  * messages, both ranks pass a barrier, rank 0 times receiving them; through the wrappers, then
  * around them (MPI_Send with MPI_Recv, PMPI_Send with PMPI_Recv), in alternating order. This
@@ -74,6 +83,31 @@ static void rounds_of(unsigned char *buf, int bytes, int rounds, unsigned *seq)
 {
     rounds_via(MPI_Send, MPI_Recv, buf, bytes, rounds, seq);
 }
+
+/* The two floors of a blocking receive that can answer a cut while it waits (it must be able
+ * to return to the layer, so it cannot be MPI's own blocking receive), through MPI's
+ * interface and without the layer: a request (PMPI_Irecv, then PMPI_Wait, which does not
+ * return early: the price of the request alone), and a request polled (PMPI_Test until it
+ * completes: a loop the layer could leave between turns). */
+static int request_recv(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_Comm comm,
+                        MPI_Status *st)
+{
+    MPI_Request r;
+    int rc = PMPI_Irecv(buf, count, dt, src, tag, comm, &r);
+    return rc != MPI_SUCCESS ? rc : PMPI_Wait(&r, st);
+}
+
+static int polled_recv(void *buf, int count, MPI_Datatype dt, int src, int tag, MPI_Comm comm,
+                       MPI_Status *st)
+{
+    MPI_Request r;
+    int flag = 0, rc = PMPI_Irecv(buf, count, dt, src, tag, comm, &r);
+    while (rc == MPI_SUCCESS && !flag)
+        rc = PMPI_Test(&r, &flag, st);
+    return rc;
+}
+
+enum { AB_BLOCKS = 4 };
 
 /* One block of `rounds` round trips, timed on rank 0 (a round trip needs both ranks, so the
  * blocks need no barrier between them). */
@@ -180,18 +214,32 @@ int main(int argc, char **argv)
     }
 
     int ab_rounds = lat_rounds / 25 > 100 ? lat_rounds / 25 : 100;
+    const recv_fn recvs[AB_BLOCKS] = {MPI_Recv, PMPI_Recv, request_recv, polled_recv};
+    const send_fn sends[AB_BLOCKS] = {MPI_Send, PMPI_Send, PMPI_Send, PMPI_Send};
     for (int p = 0; p < ab_pairs; p++) {
-        double through = 0, around = 0;
-        if (p % 2 == 0) {
-            through = block_via(MPI_Send, MPI_Recv, buf, lat_bytes, ab_rounds, &seq);
-            around = block_via(PMPI_Send, PMPI_Recv, buf, lat_bytes, ab_rounds, &seq);
-        } else {
-            around = block_via(PMPI_Send, PMPI_Recv, buf, lat_bytes, ab_rounds, &seq);
-            through = block_via(MPI_Send, MPI_Recv, buf, lat_bytes, ab_rounds, &seq);
+        double t[AB_BLOCKS];
+        for (int b = 0; b < AB_BLOCKS; b++) { /* each block in each place in turn */
+            int v = (b + p) % AB_BLOCKS;
+            t[v] = block_via(sends[v], recvs[v], buf, lat_bytes, ab_rounds, &seq);
         }
         if (me == 0)
-            printf("ab %d bytes=%d rounds=%d through=%.9f around=%.9f\n", p, lat_bytes, ab_rounds,
-                   through, around);
+            printf("ab %d bytes=%d rounds=%d through=%.9f around=%.9f request=%.9f "
+                   "polled=%.9f\n",
+                   p, lat_bytes, ab_rounds, t[0], t[1], t[2], t[3]);
+    }
+    int bw_ab_rounds = bw_rounds / 10 > 2 ? bw_rounds / 10 : 2;
+    for (int p = 0; p < (ab_pairs + 9) / 10; p++) {
+        double through = 0, around = 0;
+        if (p % 2 == 0) {
+            through = block_via(MPI_Send, MPI_Recv, buf, bw_bytes, bw_ab_rounds, &seq);
+            around = block_via(PMPI_Send, PMPI_Recv, buf, bw_bytes, bw_ab_rounds, &seq);
+        } else {
+            around = block_via(PMPI_Send, PMPI_Recv, buf, bw_bytes, bw_ab_rounds, &seq);
+            through = block_via(MPI_Send, MPI_Recv, buf, bw_bytes, bw_ab_rounds, &seq);
+        }
+        if (me == 0)
+            printf("bw %d bytes=%d rounds=%d through=%.9f around=%.9f\n", p, bw_bytes,
+                   bw_ab_rounds, through, around);
     }
     for (int p = 0; p < ab_pairs; p++) {
         double through = 0, around = 0;
