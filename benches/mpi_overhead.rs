@@ -287,15 +287,13 @@ fn wait_quiet(max: Duration) -> bool {
 }
 
 /// One launch's samples: one-way latency (µs) and bandwidth (MiB/s, bytes moved both ways);
-/// per set of blocks, the ratio through / around the layer's wrappers and the one-way latency
-/// around them (µs), and the whole set (`sets`); per pair of blocks of receives of arrived
-/// messages, the ratio and the nanoseconds per receive around and through the wrappers.
+/// its sets of latency blocks; per pair of bandwidth blocks, bandwidth through / around the
+/// wrappers; per pair of blocks of receives of arrived messages, the ratio and the nanoseconds
+/// per receive around and through the wrappers.
 #[derive(Default)]
 struct Launch {
     latency_us: Vec<f64>,
     bandwidth_mib_s: Vec<f64>,
-    through_around: Vec<f64>,
-    around_us: Vec<f64>,
     sets: Vec<Set>,
     bandwidth_through_around: Vec<f64>,
     arrived_ratio: Vec<f64>,
@@ -353,8 +351,6 @@ fn parse_samples(stdout: &str) -> Result<Launch, String> {
             let rounds = field("rounds")?;
             let through = one_way_us(field("through")?, rounds)?;
             let around = one_way_us(field("around")?, rounds)?;
-            out.through_around.push(through / around);
-            out.around_us.push(around);
             out.sets.push(Set {
                 around_us: around,
                 ratios: [
@@ -377,7 +373,7 @@ fn parse_samples(stdout: &str) -> Result<Launch, String> {
     }
     if out.latency_us.is_empty()
         || out.bandwidth_mib_s.is_empty()
-        || out.around_us.is_empty()
+        || out.sets.is_empty()
         || out.arrived_ratio.is_empty()
         || out.bandwidth_through_around.is_empty()
     {
@@ -542,7 +538,11 @@ fn pingpong(mpi: MpiImpl, s: &Settings) -> Result<Value, String> {
             let i = preload as usize;
             pair_median[i] = (median(&run.latency_us), median(&run.bandwidth_mib_s));
             pair_fastest[i] = run.latency_us.iter().copied().fold(f64::INFINITY, f64::min);
-            ab[i].push((median(&run.through_around), median(&run.around_us)));
+            let of_sets = |f: fn(&Set) -> f64| run.sets.iter().map(f).collect::<Vec<_>>();
+            ab[i].push((
+                median(&of_sets(|s| s.ratios[THROUGH])),
+                median(&of_sets(|s| s.around_us)),
+            ));
             sets[i].extend(run.sets);
             bw_in_process[i].push(median(&run.bandwidth_through_around));
             arrived[i].push([

@@ -107,8 +107,6 @@ static int polled_recv(void *buf, int count, MPI_Datatype dt, int src, int tag, 
     return rc;
 }
 
-enum { AB_BLOCKS = 4 };
-
 /* One block of `rounds` round trips, timed on rank 0 (a round trip needs both ranks, so the
  * blocks need no barrier between them). */
 static double block_via(send_fn send, recv_fn recv, unsigned char *buf, int bytes, int rounds,
@@ -117,6 +115,19 @@ static double block_via(send_fn send, recv_fn recv, unsigned char *buf, int byte
     double start = MPI_Wtime();
     rounds_via(send, recv, buf, bytes, rounds, seq);
     return MPI_Wtime() - start;
+}
+
+enum { AB_BLOCKS = 4 };
+
+/* Set p of n blocks (n <= AB_BLOCKS), block v through sends[v] and recvs[v]: each block in
+ * each place of the set in turn as p goes on. t[v] gets block v's time on rank 0. */
+static void set_via(int n, const send_fn *sends, const recv_fn *recvs, unsigned char *buf,
+                    int bytes, int rounds, int p, unsigned *seq, double *t)
+{
+    for (int b = 0; b < n; b++) {
+        int v = (b + p) % n;
+        t[v] = block_via(sends[v], recvs[v], buf, bytes, rounds, seq);
+    }
 }
 
 static double timed(unsigned char *buf, int bytes, int rounds, unsigned *seq)
@@ -216,12 +227,9 @@ int main(int argc, char **argv)
     int ab_rounds = lat_rounds / 25 > 100 ? lat_rounds / 25 : 100;
     const recv_fn recvs[AB_BLOCKS] = {MPI_Recv, PMPI_Recv, request_recv, polled_recv};
     const send_fn sends[AB_BLOCKS] = {MPI_Send, PMPI_Send, PMPI_Send, PMPI_Send};
+    double t[AB_BLOCKS];
     for (int p = 0; p < ab_pairs; p++) {
-        double t[AB_BLOCKS];
-        for (int b = 0; b < AB_BLOCKS; b++) { /* each block in each place in turn */
-            int v = (b + p) % AB_BLOCKS;
-            t[v] = block_via(sends[v], recvs[v], buf, lat_bytes, ab_rounds, &seq);
-        }
+        set_via(AB_BLOCKS, sends, recvs, buf, lat_bytes, ab_rounds, p, &seq, t);
         if (me == 0)
             printf("ab %d bytes=%d rounds=%d through=%.9f around=%.9f request=%.9f "
                    "polled=%.9f\n",
@@ -229,17 +237,10 @@ int main(int argc, char **argv)
     }
     int bw_ab_rounds = bw_rounds / 10 > 2 ? bw_rounds / 10 : 2;
     for (int p = 0; p < (ab_pairs + 9) / 10; p++) {
-        double through = 0, around = 0;
-        if (p % 2 == 0) {
-            through = block_via(MPI_Send, MPI_Recv, buf, bw_bytes, bw_ab_rounds, &seq);
-            around = block_via(PMPI_Send, PMPI_Recv, buf, bw_bytes, bw_ab_rounds, &seq);
-        } else {
-            around = block_via(PMPI_Send, PMPI_Recv, buf, bw_bytes, bw_ab_rounds, &seq);
-            through = block_via(MPI_Send, MPI_Recv, buf, bw_bytes, bw_ab_rounds, &seq);
-        }
+        set_via(2, sends, recvs, buf, bw_bytes, bw_ab_rounds, p, &seq, t); /* through, around */
         if (me == 0)
             printf("bw %d bytes=%d rounds=%d through=%.9f around=%.9f\n", p, bw_bytes,
-                   bw_ab_rounds, through, around);
+                   bw_ab_rounds, t[0], t[1]);
     }
     for (int p = 0; p < ab_pairs; p++) {
         double through = 0, around = 0;
