@@ -123,7 +123,7 @@ int svp_perform(coll *c)
         svp_adopt(*c->newcomm, c->cid, id);
     else if (makes)
         c->child_id = id; /* MPI_Comm_idup: the communicator exists once the request completes */
-    if (c->req != NULL && c->cid >= 0)
+    if (c->req != NULL && c->cid >= 0 && !c->makes_persistent)
         svp_track_req(*c->req, c->cid, REQ_COLL);
     return rc;
 }

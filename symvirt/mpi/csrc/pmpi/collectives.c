@@ -189,9 +189,11 @@ int MPI_Ibarrier(MPI_Comm comm, MPI_Request *req)
 #if MPI_VERSION >= 4
 /* MPI 4 (MPICH 4; Open MPI 4.1 has none of these). The large-count forms (_c) are wrapped like
  * the int ones. Persistent collectives (_init, _init_c): the initialization is collective, so
- * aligned like a blocking collective; the collective itself is observed, not covered (its
- * traffic is neither counted nor drained): while the rank holds the request, a cut is answered
- * "unable" with the call's name (see persistent.c). */
+ * aligned like a blocking collective (the request it makes is inactive: nothing for a cut to
+ * wait for, even when a rank makes it inside one); each MPI_Start of it is deferred until
+ * every member has started it (deferred.c). On an intercommunicator, or one the layer does
+ * not track, the collective is observed, not covered: while the rank holds the request, a cut
+ * is answered "unable" with the call's name (see persistent.c). */
 #define PERSISTENT_WRAPPER(name, suffix, K, shape)                                             \
     RUN(run_##name##suffix, PMPI_##name##suffix(C_##shape(K), c->comm, c->info, c->req))       \
     int MPI_##name##suffix(P_##shape(K), MPI_Comm comm, MPI_Info info, MPI_Request *req)       \

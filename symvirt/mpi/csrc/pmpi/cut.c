@@ -183,6 +183,8 @@ static void dump_drain(uint64_t epoch, int open_colls)
         fprintf(stderr, "  peer %d: counts %s, want %llu, received %llu\n", p,
                 have[p] ? "in" : "missing",
                 (unsigned long long)counted_to_me(p), (unsigned long long)svp.recv[p]);
+    svp_report_open_colls(stderr);
+    svp_report_deferred(stderr);
     fflush(stderr);
 }
 
@@ -417,6 +419,8 @@ static int give_up_now(int open_colls)
              "gave the cut up: its drain waited %llu ms for %s",
              (unsigned long long)waited, missing);
     fprintf(stderr, "symvirt-pmpi rank %d: %s\n", svp.me, given_up_why);
+    svp_report_open_colls(stderr);
+    svp_report_deferred(stderr);
     fflush(stderr);
     return 1;
 }

@@ -215,6 +215,20 @@ void svp_progress_deferred(void)
     busy = 0;
 }
 
+void svp_report_deferred(FILE *to)
+{
+    for (const deferred *d = deferred_head; d != NULL; d = d->next) {
+        if (d->compound || d->started)
+            continue;
+        fprintf(to,
+                "  collective not started: %s on slot %d (communicator %#x), its agreement "
+                "in round %d of %d%s\n",
+                d->persistent ? "a persistent collective's start" : "a non-blocking collective",
+                d->c.cid, d->c.cid >= 0 ? svp.comms[d->c.cid].id : 0u, d->a.round, d->a.n,
+                !d->persistent && unstarted_before(d->c.cid, d) ? ", after an earlier one" : "");
+    }
+}
+
 int svp_deferred_names(int cid)
 {
     for (const deferred *d = deferred_head; d != NULL; d = d->next)

@@ -125,10 +125,10 @@ int svp_pcoll_take_error(MPI_Request h, MPI_Status *st, int keep)
 int svp_persistent_collective(coll *c, const char *call)
 {
     c->cid = svp_cid(c->comm);
+    c->makes_persistent = 1;
     MPI_Request *req = c->req;
     int rc = svp_align(c->cid, c);
     if (rc == MPI_SUCCESS && svp.ready && !svp.closed) {
-        svp_forget_req(*req); /* a persistent request, not a started collective */
         if (c->cid < 0 || svp.comms[c->cid].inter) {
             svp_add_uncovered(*req, c->cid, call);
         } else {

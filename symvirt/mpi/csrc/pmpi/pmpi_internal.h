@@ -544,6 +544,9 @@ void svp_completed(MPI_Request handle, const MPI_Status *st);
 /* During a drain: counts pending receives that have completed, without freeing them.
  * Returns how many watched requests (receives and collectives) are still incomplete. */
 int svp_poll_pending(void);
+/* Names, one line each, the watched collectives MPI has not completed (a drain given up).
+ */
+void svp_report_open_colls(FILE *to);
 void svp_forget_req(MPI_Request handle);
 /* MPI_Request_free of `handle`: a pending receive is held instead (see tracked_req.freed);
  * returns whether it was. */
@@ -669,6 +672,8 @@ typedef struct coll {
     int cid; /* its communicator's slot */
     MPI_Comm comm;
     MPI_Request *req; /* non-blocking: watched once started */
+    int makes_persistent; /* an _init call: *req is an inactive persistent request, not
+                           * a started collective to watch (MPICH never calls it complete) */
     /* Collectives. */
     const void *sendbuf;
     void *recvbuf;
@@ -760,6 +765,8 @@ int svp_align_on(tracked_comm *t, coll *c);
 /* Starts the collectives every member has called, completes those MPI has completed, and the
  * compounds whose parts have. */
 void svp_progress_deferred(void);
+/* Names, one line each, the collectives whose start waits for the other members. */
+void svp_report_deferred(FILE *to);
 /* Whether a non-blocking collective or compound not yet completed names slot cid. */
 int svp_deferred_names(int cid);
 enum { DEFERRED_COLLECTIVE = 1, DEFERRED_COMPOUND };

@@ -83,6 +83,24 @@ int svp_poll_pending(void)
     return open;
 }
 
+void svp_report_open_colls(FILE *to)
+{
+    for (int i = 0; i < svp.reqs.n; i++) {
+        const tracked_req *t = &svp.reqs.v[i];
+        if (t->kind != REQ_COLL || t->counted)
+            continue;
+        int flag = 0;
+        PMPI_Request_get_status(t->req, &flag, MPI_STATUS_IGNORE);
+        if (flag)
+            continue;
+        const tracked_comm *c = t->cid >= 0 ? &svp.comms[t->cid] : NULL;
+        fprintf(to, "  collective open: %s on slot %d (communicator %#x)\n",
+                svp_npcoll && svp_pcoll_state(t->req) != PCOLL_NOT ? "a persistent one"
+                                                                   : "a non-blocking one",
+                t->cid, c != NULL ? c->id : 0u);
+    }
+}
+
 /* Counts and frees the held receives that have completed. */
 static void sweep_held(void)
 {

@@ -61,6 +61,10 @@
  *              And a persistent barrier on each of two communicators MPI_Comm_create_group
  *              made over all ranks with one tag: even ranks start both, odd ranks start the
  *              second, wait for it, then start the first
+ *   pinit      (MPI 4) persistent collectives made, started, completed and freed every
+ *              iteration (MPI_Barrier_init and MPI_Allreduce_init on WORLD; the result
+ *              checked): cuts land while some ranks are still agreeing on an _init and others
+ *              already wait for its start
  *   nbsend     a collective in flight across a blocking send that needs it: even ranks start an
  *              Iallreduce (and, with MPI 4, a persistent Allreduce_init's request), then
  *              MPI_Send a large (rendezvous) message to the right neighbour, then wait for
@@ -1523,6 +1527,27 @@ static void pcoll_free(void)
     free(pcoll_bcast);
 }
 
+static void pinit(void)
+{
+#if MPI_VERSION >= 4
+    MPI_Request r[2];
+    uint64_t in = (uint64_t)me + iteration, out = 0, want = 0;
+    MPI_Barrier_init(MPI_COMM_WORLD, MPI_INFO_NULL, &r[0]);
+    MPI_Allreduce_init(&in, &out, 1, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD, MPI_INFO_NULL,
+                       &r[1]);
+    MPI_Startall(2, r);
+    MPI_Waitall(2, r, MPI_STATUSES_IGNORE);
+    for (int p = 0; p < np; p++)
+        want += (uint64_t)p + iteration;
+    if (out != want)
+        fail("a persistent Allreduce_init's result", -1);
+    MPI_Request_free(&r[0]);
+    MPI_Request_free(&r[1]);
+#else
+    fail("pinit needs MPI 4", -1);
+#endif
+}
+
 static void nbsend(void)
 {
     if (np % 2 != 0)
@@ -1895,6 +1920,8 @@ int main(int argc, char **argv)
                 attrfree();
             else if (strcmp(m, "pcoll") == 0)
                 pcoll();
+            else if (strcmp(m, "pinit") == 0)
+                pinit();
             else if (strcmp(m, "isendrecv") == 0)
                 isendrecv();
             else if (strcmp(m, "large_count") == 0)
