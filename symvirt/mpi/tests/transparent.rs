@@ -89,12 +89,24 @@ fn run_transparent_with(
 /// while a rank is still agreeing on a collective that others have already run: every cut
 /// consistent, every check passed. Probabilistic: such a test may pass without its fix.
 fn cuts_close_together(mpi: MpiImpl, modes: &str, tag: &str, cuts_wanted: u64) {
+    cuts_close_together_with(mpi, modes, tag, cuts_wanted, &[]);
+}
+
+/// The same, with `extra` added to the ranks' environment.
+fn cuts_close_together_with(
+    mpi: MpiImpl,
+    modes: &str,
+    tag: &str,
+    cuts_wanted: u64,
+    extra: &[(&str, &str)],
+) {
     let rig = Rig::new(tag);
     let prog = program(mpi, "stress.c", Linkage::Plain);
     let cuts = rig.dir.0.join("cuts");
     fs::create_dir_all(&cuts).unwrap();
     let mut env = rig.transparent_env(mpi);
     env.push(("SYMVIRT_CUT_LOG".to_string(), cuts.display().to_string()));
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let args = [modes, cuts.to_str().unwrap(), "16"];
     let mut job = Job::start(mpi, &prog, &args, &env, &rig.dir.0);
     for epoch in 1..=cuts_wanted {
@@ -244,6 +256,27 @@ fn transparent_mpich_persistent_collectives_consistent_at_every_cut() {
 #[test]
 fn transparent_mpich_persistent_collectives_made_while_cuts_land() {
     cuts_close_together(MpiImpl::Mpich, "pinit,ring", "tr-pinit-mpich", 150);
+}
+
+/// `MPI_Comm_create_group` over every rank but the last, which starts cuts meanwhile from a
+/// receive (mode `cgroup`), with rank 0 slowed down in its alignments (a test hook): the other
+/// members are inside the call while rank 0 still agrees on it, in the cut it answers. Open
+/// MPI's members send their parts of the call with the program's tag on the parent
+/// communicator; the cut's drain took them into the layer's buffer, rank 0 then ran the call
+/// inside the cut and waited for them for good, and the others with it.
+fn group_made_while_a_cut_lands(mpi: MpiImpl, tag: &str) {
+    let slow = [("SYMVIRT_TEST_SLOW_ALIGN_RANK", "0")];
+    cuts_close_together_with(mpi, "cgroup,ring", tag, 60, &slow);
+}
+
+#[test]
+fn transparent_openmpi_group_made_while_a_cut_lands() {
+    group_made_while_a_cut_lands(MpiImpl::OpenMpi, "tr-cgroup-ompi");
+}
+
+#[test]
+fn transparent_mpich_group_made_while_a_cut_lands() {
+    group_made_while_a_cut_lands(MpiImpl::Mpich, "tr-cgroup-mpich");
 }
 
 /// MPI 4's large-count (_c) forms of point-to-point calls, a matched receive and collectives

@@ -22,6 +22,12 @@ agreement svp_agreement_of(MPI_Comm comm, const int *world, int n, int me, int t
 /* Bits of a communicator's identity in its alignment tags, and in its persistent
  * collectives' start tags: as many as MPI_TAG_UB leaves. */
 static uint32_t id_mask, start_id_mask;
+
+/* Test hook (SYMVIRT_TEST_SLOW_ALIGN_RANK): this rank leaves the last round of each of its
+ * alignments on an intracommunicator unread for 20 ms, answering peers' cuts at every turn
+ * meanwhile, as a rank whose last agreement message comes late would: the other members are
+ * then inside the call while this rank is still aligning it, in a cut if one comes. */
+static int slow_align;
 /* A start tag: the communicator's identity, the request's ordinal on it (8 bits), the round
  * (5 bits). */
 #define START_ORDINAL_BITS 8
@@ -29,6 +35,8 @@ static uint32_t id_mask, start_id_mask;
 
 void svp_agreement_setup(void)
 {
+    const char *slow = getenv("SYMVIRT_TEST_SLOW_ALIGN_RANK");
+    slow_align = slow != NULL && *slow != '\0' && atoi(slow) == svp.me;
     int *tag_ub = NULL, has_ub = 0;
     PMPI_Comm_get_attr(MPI_COMM_WORLD, MPI_TAG_UB, &tag_ub, &has_ub);
     long ub = has_ub && tag_ub != NULL ? *tag_ub : 32767;
@@ -139,15 +147,28 @@ typedef struct {
     int inter, round, resolved, ran, rc;
     uint64_t mine, second, agreed;
     coll *c;
+    uint64_t held_since; /* the test hook's (slow_align) */
 } pending_align;
 
 static pending_align *aligning;
+
+static int held_by_slow_align(pending_align *p)
+{
+    if (!slow_align || p->inter || !p->a.posted || (1L << (p->a.round + 1)) < p->a.n)
+        return 0;
+    uint64_t now = svp_now_ms();
+    if (p->held_since == 0)
+        p->held_since = now;
+    return now - p->held_since < 20;
+}
 
 /* Advances an alignment; 1 once its agreed value is known. */
 static int align_step(pending_align *p)
 {
     if (p->resolved)
         return 1;
+    if (held_by_slow_align(p))
+        return 0;
     if (!p->inter) {
         if (!svp_agree_step(&p->a))
             return 0;
@@ -187,6 +208,21 @@ void svp_finish_alignment(void)
     p->rc = svp_perform(p->c);
 }
 
+/* A member already inside such a call (its alignment done) may have sent this rank its part:
+ * drained into the layer's buffer, it would be lost to the call, which then waits for it for
+ * ever, here (run inside the cut) and on the members it holds. */
+int svp_withheld(MPI_Comm comm, int src, int tag)
+{
+    const pending_align *p = aligning;
+    if (p == NULL || p->ran || p->c == NULL || !p->c->tagged || tag != p->c->tag ||
+        comm != p->c->tagged_comm)
+        return 0;
+    for (int i = 0; i < p->a.n; i++)
+        if ((p->a.world != NULL ? p->a.world[i] : i) == src)
+            return 1;
+    return 0;
+}
+
 int svp_align(int cid, coll *c)
 {
     if (cid < 0)
@@ -214,7 +250,7 @@ int svp_align_on(tracked_comm *t, coll *c)
              * peer may be waiting for a non-blocking collective this rank has to start. While
              * the progress thread waits to make a cut, peers' cuts are looked for every turn. */
             svp_progress_deferred();
-            if ((turns & 63) == 0 || svp_cut_waiting())
+            if ((turns & 63) == 0 || svp_cut_waiting() || slow_align)
                 svp_serve_peers();
             if (turns > 4096)
                 sched_yield();

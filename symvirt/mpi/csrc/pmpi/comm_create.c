@@ -181,7 +181,7 @@ int MPI_Comm_create_group(MPI_Comm comm, MPI_Group group, int tag, MPI_Comm *new
 {
     GUARD();
     coll c = {.run = run_create_group, .cid = -1, .comm = comm, .group = group, .tag = tag,
-              .newcomm = newcomm};
+              .newcomm = newcomm, .tagged_comm = comm, .tagged = 1};
     return make_over_group(&c, group, svp_cid(comm), 0x47524f55u, tag);
 }
 
@@ -224,6 +224,8 @@ int MPI_Intercomm_create(MPI_Comm local, int lleader, MPI_Comm peer, int rleader
     memcpy(mine, l->world, (size_t)nl * sizeof(int)); /* the slot may move while cuts run */
     int nr = 0;
     if (l->me == lleader) {
+        c.tagged_comm = peer; /* the leaders' exchange: significant only here */
+        c.tagged = 1;
         int pc = svp_cid(peer);
         if (pc < 0 || rleader < 0 || rleader >= svp.comms[pc].size)
             svp_die("MPI_Intercomm_create: the remote leader is not in an observed peer "

@@ -335,7 +335,8 @@ static void drain_comm(int c)
         PMPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, t->comm, &flag, &st);
         if (!flag)
             return;
-        if (!drainable(c, st.MPI_SOURCE) || !drain_from(c, st.MPI_SOURCE, &st))
+        if (svp_withheld(t->comm, t->world[st.MPI_SOURCE], st.MPI_TAG) ||
+            !drainable(c, st.MPI_SOURCE) || !drain_from(c, st.MPI_SOURCE, &st))
             break;
     }
     /* A message left in place hides the others behind it from MPI_ANY_SOURCE: one source at
@@ -343,7 +344,7 @@ static void drain_comm(int c)
     for (int r = 0; r < t->size; r++) {
         while (t->comm != MPI_COMM_NULL && drainable(c, r)) {
             PMPI_Iprobe(r, MPI_ANY_TAG, t->comm, &flag, &st);
-            if (!flag || !drain_from(c, r, &st))
+            if (!flag || svp_withheld(t->comm, t->world[r], st.MPI_TAG) || !drain_from(c, r, &st))
                 break;
         }
     }
@@ -374,7 +375,7 @@ static char given_up_why[256];
 /* The reason of the rank that gave the cut up, the same on every rank. */
 static char cut_given_up_why[256];
 
-static uint64_t now_ms(void)
+uint64_t svp_now_ms(void)
 {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
@@ -406,7 +407,7 @@ static void drain_missing(char *why, size_t cap, int open_colls)
 /* Whether this rank gives the cut up now (see above); if so, given_up_why says why. */
 static int give_up_now(int open_colls)
 {
-    uint64_t now = now_ms(), epochs[2], waited = now - drain_began_ms;
+    uint64_t now = svp_now_ms(), epochs[2], waited = now - drain_began_ms;
     int due = drain_timeout_ms > 0 && waited >= drain_timeout_ms;
     /* A cut entered late (its prepare's time already spent) still gets a moment to finish. */
     for (int k = 0, ne = joined_epochs(epochs); k < ne && !due && waited >= MIN_DRAIN_MS; k++)
@@ -548,7 +549,7 @@ void svp_cut(uint64_t epoch)
         oversized_from = matched_too_large;
     }
     unsigned long spins = 0;
-    drain_began_ms = now_ms();
+    drain_began_ms = svp_now_ms();
     given_up_why[0] = '\0';
     int gave_up = 0;
     for (;;) {

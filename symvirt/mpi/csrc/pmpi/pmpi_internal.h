@@ -705,6 +705,12 @@ typedef struct coll {
     MPI_Errhandler errhandler; /* MPI_Comm_create_from_group */
     int color, key;     /* MPI_Comm_split(_type) */
     int tag;            /* MPI_Comm_create_group, MPI_Intercomm_create */
+    /* The communicator on which the call's MPI may send messages of its own with the program's
+     * tag (Open MPI: MPI_Comm_create_group on its parent, MPI_Intercomm_create between the
+     * leaders on the peer communicator); a cut's drain leaves them in place while the call
+     * is aligned (svp_withheld). Only where tagged is set. */
+    MPI_Comm tagged_comm;
+    int tagged;
     int lleader, rleader; /* MPI_Intercomm_create (comm is its local communicator) */
     MPI_Comm peer;
     int split_type;     /* MPI_Comm_split_type */
@@ -752,7 +758,12 @@ void svp_adopt(MPI_Comm made, int parent, uint32_t id);
 /* Runs c and observes what it made: a communicator, or a collective a cut must wait for. */
 int svp_perform(coll *c);
 /* Inside a cut: finishes the pending alignment's collective if its members agreed on it. */
+/* Milliseconds on the monotonic clock. */
+uint64_t svp_now_ms(void);
 void svp_finish_alignment(void);
+/* Whether a cut's drain leaves a message on comm from WORLD rank src with this tag where it
+ * is: one the call this rank is aligning may be waiting for (see coll.tagged_comm). */
+int svp_withheld(MPI_Comm comm, int src, int tag);
 /* Agreement before a collective (or finalize: c NULL) on the communicator in slot cid, then
  * the collective; see the top. */
 int svp_align(int cid, coll *c);

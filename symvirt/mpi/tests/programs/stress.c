@@ -106,6 +106,10 @@
  *              iterations from halves made by Comm_split or Comm_create_group, merged each
  *              time): a message to the remote rank with the same index, ANY_SOURCE receive, an
  *              Allreduce and a Barrier on it
+ *   cgroup     MPI_Comm_create_group over every rank but the last (tag 7, on WORLD), an
+ *              Allreduce on the new communicator (checked), then MPI_Comm_free; the last rank
+ *              waits meanwhile in a receive from rank 0, sent after the free: cuts it starts
+ *              there land while the members are inside the call, or still agreeing on it
  *   io         an MPI-IO file (DIR/io.dat, opened at the first iteration, closed at the end):
  *              every rank writes its block with MPI_File_write_at_all, the file is synced, and
  *              every rank reads its right neighbour's block back with MPI_File_read_at_all
@@ -1527,6 +1531,38 @@ static void pcoll_free(void)
     free(pcoll_bcast);
 }
 
+static void cgroup(void)
+{
+    if (np < 3)
+        fail("cgroup needs 3 ranks or more", np);
+    int last = np - 1, n = 0;
+    MPI_Status st;
+    if (me == last) {
+        MPI_Recv(bufs[1], LARGE + 4, MPI_UINT64_T, 0, 11, MPI_COMM_WORLD, &st);
+        check(bufs[1], &st, 0);
+        return;
+    }
+    MPI_Group world, members;
+    MPI_Comm_group(MPI_COMM_WORLD, &world);
+    int range[1][3] = {{0, last - 1, 1}};
+    MPI_Group_range_incl(world, 1, range, &members);
+    MPI_Comm made;
+    MPI_Comm_create_group(MPI_COMM_WORLD, members, 7, &made);
+    uint64_t in = (uint64_t)me + iteration, out = 0, want = 0;
+    MPI_Allreduce(&in, &out, 1, MPI_UINT64_T, MPI_SUM, made);
+    for (int p = 0; p < last; p++)
+        want += (uint64_t)p + iteration;
+    if (out != want)
+        fail("an Allreduce on a communicator MPI_Comm_create_group made", -1);
+    MPI_Comm_free(&made);
+    MPI_Group_free(&members);
+    MPI_Group_free(&world);
+    if (me == 0) {
+        n = fill(bufs[0], last, 11);
+        MPI_Send(bufs[0], n, MPI_UINT64_T, last, 11, MPI_COMM_WORLD);
+    }
+}
+
 static void pinit(void)
 {
 #if MPI_VERSION >= 4
@@ -1922,6 +1958,8 @@ int main(int argc, char **argv)
                 pcoll();
             else if (strcmp(m, "pinit") == 0)
                 pinit();
+            else if (strcmp(m, "cgroup") == 0)
+                cgroup();
             else if (strcmp(m, "isendrecv") == 0)
                 isendrecv();
             else if (strcmp(m, "large_count") == 0)
