@@ -90,6 +90,8 @@ int svp_agree_step(agreement *a)
             PMPI_Irecv(&a->in, 1, MPI_UINT64_T, from, a->tag + a->round, a->comm, &a->rreq);
             PMPI_Isend(&a->out, 1, MPI_UINT64_T, to, a->tag + a->round, a->comm, &a->sreq);
             a->posted = 1;
+            if (a->hold && (1L << (a->round + 1)) >= a->n)
+                return 0;
         }
         int done = 0;
         if (a->rreq != MPI_REQUEST_NULL)
@@ -154,12 +156,15 @@ static pending_align *aligning;
 
 static int held_by_slow_align(pending_align *p)
 {
-    if (!slow_align || p->inter || !p->a.posted || (1L << (p->a.round + 1)) < p->a.n)
-        return 0;
+    if (!p->a.hold || !p->a.posted || (1L << (p->a.round + 1)) < p->a.n)
+        return 0; /* no hold, or the last round not reached yet */
     uint64_t now = svp_now_ms();
     if (p->held_since == 0)
         p->held_since = now;
-    return now - p->held_since < 20;
+    if (now - p->held_since < 20)
+        return 1;
+    p->a.hold = 0;
+    return 0;
 }
 
 /* Advances an alignment; 1 once its agreed value is known. */
@@ -213,14 +218,24 @@ void svp_finish_alignment(void)
  * ever, here (run inside the cut) and on the members it holds. */
 int svp_withheld(MPI_Comm comm, int src, int tag)
 {
+#ifndef SYMVIRT_MPI_IMPL_OPENMPI
+    /* MPICH sends those messages on the communicator's collective context, out of a probe's
+     * reach. */
+    (void)comm;
+    (void)src;
+    (void)tag;
+    return 0;
+#else
     const pending_align *p = aligning;
+    /* Agreed on a cut: nobody runs the call this round. */
     if (p == NULL || p->ran || p->c == NULL || !p->c->tagged || tag != p->c->tag ||
-        comm != p->c->tagged_comm)
+        comm != p->c->tagged_comm || (p->resolved && p->agreed != 0))
         return 0;
     for (int i = 0; i < p->a.n; i++)
         if ((p->a.world != NULL ? p->a.world[i] : i) == src)
             return 1;
     return 0;
+#endif
 }
 
 int svp_align(int cid, coll *c)
@@ -244,6 +259,7 @@ int svp_align_on(tracked_comm *t, coll *c)
             PMPI_Iallreduce(&p.mine, &p.agreed, 1, MPI_UINT64_T, MPI_MAX, p.comm, &p.req);
         else
             p.a = svp_alignment_of(t, p.mine);
+        p.a.hold = slow_align && !t->inter;
         aligning = &p;
         for (unsigned long turns = 1; !align_step(&p); turns++) {
             /* Never start a cut here (peers may already be past this point); answer one. A

@@ -322,6 +322,16 @@ static int drain_from(int c, int r, const MPI_Status *st)
     return 0;
 }
 
+/* Whether a message with this tag from rank r of t stays where it is for a call this rank is
+ * aligning (svp_withheld). Only while the sender's COUNTS have not arrived: a sender in the
+ * cut sent its part of such a call (run inside its cut) after everything it counted, and
+ * drainable() stops at its count. */
+static int withheld(const tracked_comm *t, int r, int tag)
+{
+    int p = t->world[r];
+    return !have[p] && svp_withheld(t->comm, p, tag);
+}
+
 /* One turn of a cut's drain on slot c: takes into the buffer what drainable() allows. */
 static void drain_comm(int c)
 {
@@ -335,8 +345,8 @@ static void drain_comm(int c)
         PMPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, t->comm, &flag, &st);
         if (!flag)
             return;
-        if (svp_withheld(t->comm, t->world[st.MPI_SOURCE], st.MPI_TAG) ||
-            !drainable(c, st.MPI_SOURCE) || !drain_from(c, st.MPI_SOURCE, &st))
+        if (withheld(t, st.MPI_SOURCE, st.MPI_TAG) || !drainable(c, st.MPI_SOURCE) ||
+            !drain_from(c, st.MPI_SOURCE, &st))
             break;
     }
     /* A message left in place hides the others behind it from MPI_ANY_SOURCE: one source at
@@ -344,7 +354,7 @@ static void drain_comm(int c)
     for (int r = 0; r < t->size; r++) {
         while (t->comm != MPI_COMM_NULL && drainable(c, r)) {
             PMPI_Iprobe(r, MPI_ANY_TAG, t->comm, &flag, &st);
-            if (!flag || svp_withheld(t->comm, t->world[r], st.MPI_TAG) || !drain_from(c, r, &st))
+            if (!flag || withheld(t, r, st.MPI_TAG) || !drain_from(c, r, &st))
                 break;
         }
     }

@@ -607,6 +607,9 @@ int svp_gq_cancel(void *extra, int complete);
 
 /* ---- cut.c: the cut, and the idle turns of wait loops ------------------------------------- */
 
+/* Milliseconds on the monotonic clock. */
+uint64_t svp_now_ms(void);
+
 /* At MPI_Init: the per-peer COUNTS slots, the cut log directory and the quiesce timeout. */
 void svp_cut_setup(void);
 void svp_cut(uint64_t epoch);
@@ -661,6 +664,7 @@ typedef struct {
     int n, me, tag, round, posted;
     uint64_t value, out, in;
     MPI_Request sreq, rreq;
+    int hold; /* test hook (agreement.c, slow_align): stop once the last round is posted */
 } agreement;
 
 /* A collective (or communicator creation or free, or a window's collective) to run once its
@@ -758,8 +762,6 @@ void svp_adopt(MPI_Comm made, int parent, uint32_t id);
 /* Runs c and observes what it made: a communicator, or a collective a cut must wait for. */
 int svp_perform(coll *c);
 /* Inside a cut: finishes the pending alignment's collective if its members agreed on it. */
-/* Milliseconds on the monotonic clock. */
-uint64_t svp_now_ms(void);
 void svp_finish_alignment(void);
 /* Whether a cut's drain leaves a message on comm from WORLD rank src with this tag where it
  * is: one the call this rank is aligning may be waiting for (see coll.tagged_comm). */
