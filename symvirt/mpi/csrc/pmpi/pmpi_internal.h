@@ -664,7 +664,10 @@ typedef struct {
     int n, me, tag, round, posted;
     uint64_t value, out, in;
     MPI_Request sreq, rreq;
-    int hold; /* test hook (agreement.c, slow_align): stop once the last round is posted */
+    /* Test hook (agreement.c, slow_align): leave the last round unread for 20 ms once posted
+     * (hold), since held_at. */
+    int hold;
+    uint64_t held_at;
 } agreement;
 
 /* A collective (or communicator creation or free, or a window's collective) to run once its

@@ -1535,7 +1535,7 @@ static void cgroup(void)
 {
     if (np < 3)
         fail("cgroup needs 3 ranks or more", np);
-    int last = np - 1, n = 0;
+    int last = np - 1;
     MPI_Status st;
     if (me == last) {
         MPI_Recv(bufs[1], LARGE + 4, MPI_UINT64_T, 0, 11, MPI_COMM_WORLD, &st);
@@ -1558,7 +1558,7 @@ static void cgroup(void)
     MPI_Group_free(&members);
     MPI_Group_free(&world);
     if (me == 0) {
-        n = fill(bufs[0], last, 11);
+        int n = fill(bufs[0], last, 11);
         MPI_Send(bufs[0], n, MPI_UINT64_T, last, 11, MPI_COMM_WORLD);
     }
 }
